@@ -1,0 +1,6 @@
+"""Python clients for wavecast: async (:func:`connect`) and blocking (:class:`SyncClient`)."""
+
+from .client import Client, GenerationResult, RequestStream, connect
+from .sync import SyncClient, SyncRequest
+
+__all__ = ["Client", "GenerationResult", "RequestStream", "SyncClient", "SyncRequest", "connect"]

@@ -1,0 +1,171 @@
+"""The ``wavecast`` command: ``serve`` (the server) and ``generate`` (a client)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from wavecast.protocol import Audio, Done, Progress, Queued, Started
+
+from .client import GenerationResult, connect
+
+__all__ = ["main"]
+
+DEFAULT_URL = "ws://127.0.0.1:5555/v1/stream"
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal (plain lines otherwise)."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.perf_counter()
+        self.last_line = ""
+
+    def show(self, fraction: float, seconds: float, note: str = "") -> None:
+        width = 30
+        filled = int(round(fraction * width))
+        elapsed = time.perf_counter() - self.started
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}% "
+                f"{seconds:6.2f} s of audio, {elapsed:5.1f} s elapsed {note}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self.last_line)))
+        elif int(fraction * 10) != int(self._last_fraction() * 10) or fraction >= 1.0:
+            self.stream.write(line + "\n")
+        self.last_line = line
+        self.stream.flush()
+
+    def _last_fraction(self) -> float:
+        try:
+            return float(self.last_line.split("]")[1].split("%")[0]) / 100
+        except (IndexError, ValueError):
+            return -1.0
+
+    def message(self, text: str) -> None:
+        if self.tty and self.last_line:
+            self.stream.write("\n")
+            self.last_line = ""
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    bar = ProgressBar()
+    params: dict[str, int | float | bool | str | None] = {}
+    for name in ("duration", "top_k", "top_p", "temperature", "cfg_coef", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = value
+    async with connect(args.url) as client:
+        models = client.models
+        model = args.model or next(iter(models), None)
+        if model is None:
+            bar.message("the server serves no model")
+            return 1
+        if model in models and models[model].test_model:
+            bar.message(f"note: {model} is a random-weight test model; it makes noise")
+        stream = await client.generate(model, args.prompt, params=params, format=args.format)
+        loop = asyncio.get_running_loop()
+        cancel_sent = False
+
+        def on_interrupt() -> None:
+            nonlocal cancel_sent
+            if not cancel_sent:
+                cancel_sent = True
+                bar.message("cancelling…")
+                loop.create_task(stream.cancel())
+
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        pcm = bytearray()
+        sample_rate = channels = 0
+        seed = None
+        try:
+            async for event in stream:
+                if isinstance(event, Queued):
+                    bar.message(f"queued at position {event.position}")
+                elif isinstance(event, Started):
+                    sample_rate, channels, seed = event.sample_rate, event.channels, event.seed
+                elif isinstance(event, Audio):
+                    pcm += event.data
+                elif isinstance(event, Progress):
+                    bar.show(event.fraction, event.seconds)
+        finally:
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(signal.SIGINT)
+        done = stream.done
+        assert isinstance(done, Done)
+        result = GenerationResult(stream.id, done.status, bytes(pcm), sample_rate, channels,
+                                  args.format, done.stats, None, seed)
+        if done.status == "error" and done.error is not None:
+            bar.message(f"error: {done.error.code}: {done.error.message}")
+            return 1
+        if result.frames and args.output is not None:
+            _write_wav(args.output, result)
+            bar.message(f"wrote {args.output} ({result.frames / sample_rate:.2f} s, "
+                        f"{sample_rate} Hz, {channels} ch, seed {seed})")
+        if done.stats is not None:
+            s = done.stats
+            first = f"{s.first_audio_seconds * 1000:.0f} ms" if s.first_audio_seconds else "-"
+            bar.message(f"{done.status}: {s.audio_seconds:.2f} s of audio in "
+                        f"{s.wall_seconds:.2f} s (x{s.real_time_factor:.2f} real time), "
+                        f"first audio after {first}")
+        return 130 if done.status == "cancelled" else 0
+
+
+def _write_wav(path: Path, result: GenerationResult) -> None:
+    import soundfile
+
+    subtype = "FLOAT" if result.format == "pcm_f32le" else "PCM_16"
+    soundfile.write(path, result.to_numpy(), result.sample_rate, subtype=subtype, format="WAV")
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="text description of the music")
+    parser.add_argument("--url", default=DEFAULT_URL, help="server URL (default %(default)s)")
+    parser.add_argument("--model", help="model name (default: the server's first)")
+    parser.add_argument("--duration", type=float, help="seconds of audio")
+    parser.add_argument("--top-k", type=int, dest="top_k")
+    parser.add_argument("--top-p", type=float, dest="top_p")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--cfg-coef", type=float, dest="cfg_coef")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--format", choices=("pcm_s16le", "pcm_f32le"), default="pcm_s16le",
+                        help="sample format on the wire and in the WAV file")
+    parser.add_argument("-o", "--output", type=Path, default=Path("out.wav"),
+                        help="WAV file to write (default %(default)s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wavecast",
+                                     description="Real-time audio generation over WebSocket")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the server (demo page at /)")
+    generate = commands.add_parser("generate", help="generate music and write a WAV file")
+    _add_generate_arguments(generate)
+    # The server's flags are defined next to its config; importing them pulls in
+    # no model code.
+    from wavecast.server.cli import add_serve_arguments
+
+    add_serve_arguments(serve)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from wavecast.server.cli import run_serve
+
+        return run_serve(args)
+    try:
+        return asyncio.run(_generate(args))
+    except OSError as exc:
+        print(f"wavecast: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

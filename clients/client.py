@@ -1,0 +1,301 @@
+"""Async Python client for wavecast.
+
+Example::
+
+    async with connect("ws://127.0.0.1:5555/v1/stream") as client:
+        stream = await client.generate("tiny-musicgen", "lofi beat", duration=5)
+        async for event in stream:
+            if isinstance(event, Audio):
+                play(event.data)
+
+Every message of a request, ``queued`` through ``done``, comes out of its
+:class:`RequestStream` in order; iteration ends after ``done``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from wavecast.protocol import (
+    BYTES_PER_SAMPLE,
+    Audio,
+    Cancel,
+    Done,
+    ErrorMessage,
+    Generate,
+    Hello,
+    ParamValue,
+    ServerMessage,
+    Started,
+    Stats,
+    WavecastError,
+    decode,
+    encode,
+    error_class,
+)
+
+__all__ = ["Client", "GenerationResult", "RequestStream", "connect"]
+
+_QUEUE_LIMIT = 1024
+
+
+@dataclass
+class GenerationResult:
+    """Everything a finished request produced.
+
+    Attributes:
+        id: The request id.
+        status: ``completed``, ``cancelled`` or ``error``.
+        pcm: The concatenated PCM of every ``audio`` message.
+        sample_rate: Hz.
+        channels: Interleaved channel count.
+        format: ``pcm_s16le`` or ``pcm_f32le``.
+        stats: The server's statistics, if any.
+        error: The error, when ``status`` is ``error``.
+        seed: The seed the server used.
+        chunks: Number of ``audio`` messages.
+    """
+
+    id: str
+    status: str
+    pcm: bytes
+    sample_rate: int
+    channels: int
+    format: str
+    stats: Stats | None = None
+    error: WavecastError | None = None
+    seed: int | None = None
+    chunks: int = 0
+
+    @property
+    def frames(self) -> int:
+        """Sample frames received (per channel)."""
+        if not self.channels:
+            return 0
+        return len(self.pcm) // (BYTES_PER_SAMPLE[self.format] * self.channels)
+
+    def to_numpy(self) -> Any:
+        """The audio as a ``[frames, channels]`` numpy array (float32 or int16)."""
+        import numpy as np
+
+        dtype = "<f4" if self.format == "pcm_f32le" else "<i2"
+        return np.frombuffer(self.pcm, dtype=dtype).reshape(-1, max(1, self.channels))
+
+
+@dataclass
+class RequestStream:
+    """The events of one request, in order."""
+
+    id: str
+    client: Client
+    _queue: asyncio.Queue[ServerMessage | BaseException] = field(
+        default_factory=lambda: asyncio.Queue(_QUEUE_LIMIT)
+    )
+    done: Done | None = None
+
+    def __aiter__(self) -> AsyncIterator[ServerMessage]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ServerMessage]:
+        while self.done is None:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Done):
+                self.done = item
+            yield item
+
+    async def cancel(self) -> None:
+        """Ask the server to stop this request; its ``done`` still follows."""
+        if self.done is None:
+            await self.client._send(Cancel(id=self.id))
+
+    async def collect(self) -> GenerationResult:
+        """Consume the stream and return everything it carried."""
+        pcm = bytearray()
+        sample_rate = channels = 0
+        fmt = "pcm_s16le"
+        seed = None
+        chunks = 0
+        async for event in self:
+            if isinstance(event, Started):
+                sample_rate, channels, fmt, seed = (
+                    event.sample_rate, event.channels, event.format, event.seed)
+            elif isinstance(event, Audio):
+                if event.offset * channels * BYTES_PER_SAMPLE[fmt] != len(pcm):
+                    raise RuntimeError(f"audio chunk {event.seq} is not contiguous")
+                pcm += event.data
+                chunks += 1
+        assert self.done is not None
+        error = None
+        if self.done.error is not None:
+            info = self.done.error
+            error = error_class(info.code)(info.message, field=info.field, id=self.id)
+        return GenerationResult(
+            id=self.id, status=self.done.status, pcm=bytes(pcm), sample_rate=sample_rate,
+            channels=channels, format=fmt, stats=self.done.stats, error=error, seed=seed,
+            chunks=chunks,
+        )
+
+
+class Client:
+    """A connection to a wavecast server; use :func:`connect`."""
+
+    def __init__(self, websocket: ClientConnection, hello: Hello, *, text: bool = False) -> None:
+        self.ws = websocket
+        self.hello = hello
+        self.text = text
+        self._streams: dict[str, RequestStream] = {}
+        self._reader: asyncio.Task[None] | None = None
+        #: ``error`` messages that belong to no request of this client (newest last).
+        self.errors: list[ErrorMessage] = []
+
+    @property
+    def models(self) -> dict[str, Any]:
+        """Models the server serves, by name."""
+        return {model.name: model for model in self.hello.models}
+
+    def _start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        error: BaseException
+        try:
+            async for frame in self.ws:
+                message = decode(frame)
+                target = getattr(message, "id", None)
+                stream = self._streams.get(target) if isinstance(target, str) else None
+                if isinstance(message, ErrorMessage) and (stream is None or
+                                                          message.code == "duplicate_id"):
+                    self.errors = [*self.errors[-99:], message]
+                    continue
+                if stream is None:
+                    continue
+                if isinstance(message, Done):
+                    del self._streams[message.id]
+                await stream._queue.put(message)
+            error = self.ws.protocol.close_exc
+        except ConnectionClosed as exc:
+            error = exc
+        except WavecastError as exc:  # the server sent something off-spec
+            error = exc
+        for stream in self._streams.values():
+            with contextlib.suppress(asyncio.QueueFull):
+                stream._queue.put_nowait(error)
+        self._streams.clear()
+
+    async def _send(self, message: Generate | Cancel) -> None:
+        await self.ws.send(encode(message, text=self.text))
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str = "",
+        *,
+        id: str | None = None,
+        format: str = "pcm_s16le",
+        params: Mapping[str, ParamValue] | None = None,
+        **kwargs: ParamValue,
+    ) -> RequestStream:
+        """Start a generation.
+
+        Args:
+            model: A model name from the greeting.
+            prompt: The text prompt.
+            id: Request id (default: a fresh random one).
+            format: ``pcm_s16le`` or ``pcm_f32le``.
+            params: Model parameters; keyword arguments are added to them.
+
+        Returns:
+            The request's event stream.
+        """
+        request_id = id or uuid.uuid4().hex[:12]
+        if request_id in self._streams:
+            raise ValueError(f"request {request_id!r} is already in flight")
+        stream = RequestStream(request_id, self)
+        self._streams[request_id] = stream
+        merged = {**(params or {}), **kwargs}
+        message = Generate(id=request_id, model=model, prompt=prompt, params=merged,
+                           format=format)  # type: ignore[arg-type]
+        try:
+            await self._send(message)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self._reader is not None:
+            await self._reader
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class connect:  # noqa: N801 - used like a function, as websockets' connect
+    """Connect to a server: ``async with connect(url) as client`` or ``await connect(url)``.
+
+    Args:
+        url: ``ws://host:port/v1/stream``.
+        text: Speak JSON text frames instead of msgpack.
+        open_timeout: Seconds to wait for the connection and the greeting.
+    """
+
+    def __init__(self, url: str, *, text: bool = False, open_timeout: float = 10.0) -> None:
+        self.url = url
+        self.text = text
+        self.open_timeout = open_timeout
+        self._client: Client | None = None
+
+    async def _connect(self) -> Client:
+        url = self.url
+        if self.text:
+            url += ("&" if "?" in url else "?") + "encoding=json"
+        ws = await ws_connect(url, max_size=64 << 20, compression=None,
+                              open_timeout=self.open_timeout)
+        try:
+            first = await asyncio.wait_for(ws.recv(), self.open_timeout)
+            hello = decode(first)
+            if not isinstance(hello, Hello):
+                raise RuntimeError(f"expected a greeting, got {hello.type!r}")
+        except BaseException:
+            await ws.close()
+            raise
+        client = Client(ws, hello, text=self.text)
+        client._start()
+        return client
+
+    def __await__(self) -> Any:
+        return self._connect().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._connect()
+        return self._client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._client is not None
+        await self._client.close()

@@ -1,0 +1,442 @@
+"""Encoding and decoding of frames (PROTOCOL.md §2).
+
+Binary frames carry msgpack maps; text frames carry the same maps as JSON, with
+``audio.data`` as base64. Both functions are pure and validate everything:
+:func:`decode` raises a :class:`~wavecast.protocol.errors.ClientError` subclass
+for anything that does not follow the spec.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
+
+import msgpack
+
+from .errors import BadFrame, InvalidField, UnknownType
+from .messages import (
+    AUDIO_FORMATS,
+    DONE_STATUSES,
+    Audio,
+    Cancel,
+    Done,
+    ErrorInfo,
+    ErrorMessage,
+    Generate,
+    Hello,
+    Limits,
+    Message,
+    ModelInfo,
+    ParamSpec,
+    ParamValue,
+    Progress,
+    Queued,
+    Started,
+    Stats,
+)
+
+__all__ = ["MAX_ID_LENGTH", "MAX_PARAMS", "MAX_PROMPT_CHARS", "decode", "encode", "to_wire"]
+
+# Hard protocol bounds (§7); the server may announce tighter ones.
+MAX_ID_LENGTH = 64
+MAX_PARAMS = 32
+MAX_PARAM_NAME = 64
+MAX_STRING_PARAM = 4096
+MAX_PROMPT_CHARS = 16384
+_MAX_FRAME = 64 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+# -- encoding ----------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass -> plain map, dropping ``None`` fields (§2.2)."""
+    if hasattr(value, "__dataclass_fields__"):
+        out: dict[str, Any] = {}
+        type_tag = getattr(type(value), "type", None)
+        if isinstance(type_tag, str):
+            out["type"] = type_tag
+        for name in value.__dataclass_fields__:
+            item = getattr(value, name)
+            if item is not None:
+                out[name] = _plain(item)
+        return out
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def to_wire(message: Message) -> dict[str, Any]:
+    """Return the map that represents ``message`` on the wire."""
+    result: dict[str, Any] = _plain(message)
+    return result
+
+
+def encode(message: Message, *, text: bool = False) -> bytes | str:
+    """Encode a message into a frame.
+
+    Args:
+        message: Any protocol message.
+        text: Produce a JSON text frame instead of a msgpack binary frame.
+
+    Returns:
+        ``bytes`` for a binary frame, ``str`` for a text frame.
+    """
+    wire = to_wire(message)
+    if text:
+        if isinstance(message, Audio):
+            wire["data"] = base64.b64encode(message.data).decode("ascii")
+        return json.dumps(wire, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    packed: bytes = msgpack.packb(wire, use_bin_type=True)
+    return packed
+
+
+# -- decoding ----------------------------------------------------------------------
+
+
+def decode(frame: bytes | str) -> Message:
+    """Decode and validate a frame.
+
+    Args:
+        frame: A binary (msgpack) or text (JSON) frame.
+
+    Returns:
+        The message it holds.
+
+    Raises:
+        BadFrame: The frame does not hold a msgpack / JSON map.
+        UnknownType: ``type`` is missing or unknown.
+        InvalidField: A field is missing, mistyped or out of range.
+    """
+    text = isinstance(frame, str)
+    wire = _load_json(frame) if isinstance(frame, str) else _load_msgpack(frame)
+    if not isinstance(wire, dict):
+        raise BadFrame("a frame must hold a map")
+    kind = wire.get("type")
+    if not isinstance(kind, str):
+        raise UnknownType("missing or non-string 'type'", field="type", id=_maybe_id(wire))
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise UnknownType(f"unknown message type {kind[:40]!r}", field="type", id=_maybe_id(wire))
+    try:
+        return parser(_Fields(wire, text))
+    except InvalidField as exc:
+        exc.message_type = kind
+        raise
+
+
+def _load_msgpack(frame: bytes) -> Any:
+    if len(frame) > _MAX_FRAME:
+        raise BadFrame("frame too large")
+    try:
+        return msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=len(frame),
+            max_bin_len=len(frame),
+            max_array_len=len(frame),
+            max_map_len=len(frame),
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        # ExtraData, FormatError, StackError, ValueError for bad UTF-8 or ext types.
+        raise BadFrame("frame is not a valid msgpack map") from exc
+
+
+def _load_json(frame: str) -> Any:
+    if len(frame) > _MAX_FRAME:
+        raise BadFrame("frame too large")
+    try:
+        return json.loads(frame, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadFrame("frame is not valid JSON") from exc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _maybe_id(wire: Mapping[str, Any]) -> str | None:
+    value = wire.get("id")
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH:
+        return value
+    return None
+
+
+class _Fields:
+    """Typed access to a wire map; every getter raises ``InvalidField``."""
+
+    def __init__(self, wire: dict[str, Any], text: bool) -> None:
+        self.wire = wire
+        self.text = text
+        self.id = _maybe_id(wire)
+
+    def _fail(self, name: str, problem: str) -> InvalidField:
+        return InvalidField(f"field {name!r} {problem}", field=name, id=self.id)
+
+    def _get(self, name: str, required: bool) -> Any:
+        if name not in self.wire or self.wire[name] is None:
+            if required:
+                raise self._fail(name, "is required")
+            return None
+        return self.wire[name]
+
+    def str(self, name: str, *, max_len: int, required: bool = True, min_len: int = 0) -> Any:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self._fail(name, "must be a string")
+        if not min_len <= len(value) <= max_len:
+            raise self._fail(name, f"must have {min_len} to {max_len} characters")
+        return value
+
+    def ident(self, name: str = "id") -> str:
+        value: str = self.str(name, max_len=MAX_ID_LENGTH, min_len=1)
+        if not value.isprintable():
+            raise self._fail(name, "must be printable")
+        return value
+
+    def int(self, name: str, *, lo: int = 0, required: bool = True) -> Any:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(name, "must be an integer")
+        if value < lo:
+            raise self._fail(name, f"must be >= {lo}")
+        return value
+
+    def float(self, name: str, *, required: bool = True) -> Any:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._fail(name, "must be a number")
+        if not math.isfinite(value):
+            raise self._fail(name, "must be finite")
+        return float(value)
+
+    def bool(self, name: str) -> bool:
+        value = self._get(name, True)
+        if not isinstance(value, bool):
+            raise self._fail(name, "must be a boolean")
+        return value
+
+    def choice(self, name: str, choices: tuple[T, ...], default: T | None = None) -> T:
+        value = self._get(name, default is None)
+        if value is None:
+            assert default is not None
+            return default
+        if value not in choices:
+            raise self._fail(name, f"must be one of {', '.join(map(repr, choices))}")
+        return cast(T, value)
+
+    def bytes(self, name: str) -> bytes:
+        value = self._get(name, True)
+        if self.text:
+            if not isinstance(value, str):
+                raise self._fail(name, "must be a base64 string")
+            try:
+                return base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise self._fail(name, "is not valid base64") from exc
+        if not isinstance(value, bytes):
+            raise self._fail(name, "must be binary")
+        return value
+
+    def map(self, name: str, *, required: bool = True) -> Any:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self._fail(name, "must be a map")
+        return value
+
+    def list(self, name: str) -> list[Any]:
+        value = self._get(name, False)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self._fail(name, "must be a list")
+        return value
+
+    def sub(self, name: str, value: Any) -> _Fields:
+        if not isinstance(value, dict):
+            raise self._fail(name, "must be a map")
+        sub = _Fields(value, self.text)
+        sub.id = self.id
+        return sub
+
+
+def _params(f: _Fields) -> dict[str, ParamValue]:
+    raw = f.map("params", required=False) or {}
+    if len(raw) > MAX_PARAMS:
+        raise InvalidField(f"at most {MAX_PARAMS} params", field="params", id=f.id)
+    out: dict[str, ParamValue] = {}
+    for key, value in raw.items():
+        name = f"params.{key}"
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_PARAM_NAME:
+            raise InvalidField("param names must be short strings", field="params", id=f.id)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidField(f"field {name!r} must be finite", field=name, id=f.id)
+        if isinstance(value, str) and len(value) > MAX_STRING_PARAM:
+            raise InvalidField(f"field {name!r} is too long", field=name, id=f.id)
+        if value is not None and not isinstance(value, bool | int | float | str):
+            raise InvalidField(f"field {name!r} must be a scalar", field=name, id=f.id)
+        out[key] = value
+    return out
+
+
+def _generate(f: _Fields) -> Generate:
+    return Generate(
+        id=f.ident(),
+        model=f.str("model", max_len=256, min_len=1),
+        prompt=f.str("prompt", max_len=MAX_PROMPT_CHARS, required=False) or "",
+        params=_params(f),
+        format=f.choice("format", AUDIO_FORMATS, default="pcm_s16le"),
+    )
+
+
+def _cancel(f: _Fields) -> Cancel:
+    return Cancel(id=f.ident())
+
+
+def _param_spec(f: _Fields) -> ParamSpec:
+    choices = f.list("choices")
+    return ParamSpec(
+        name=f.str("name", max_len=MAX_PARAM_NAME, min_len=1),
+        kind=f.choice("kind", ("int", "float", "bool", "str")),
+        default=f.wire.get("default"),
+        min=f.float("min", required=False),
+        max=f.float("max", required=False),
+        choices=tuple(str(c) for c in choices) if choices else None,
+        description=f.str("description", max_len=4096, required=False) or "",
+    )
+
+
+def _model_info(f: _Fields) -> ModelInfo:
+    return ModelInfo(
+        name=f.str("name", max_len=256, min_len=1),
+        family=f.str("family", max_len=64),
+        description=f.str("description", max_len=4096, required=False) or "",
+        sample_rate=f.int("sample_rate", lo=1),
+        channels=f.int("channels", lo=1),
+        test_model=f.bool("test_model"),
+        max_duration=f.float("max_duration"),
+        params=tuple(_param_spec(f.sub("params", p)) for p in f.list("params")),
+        capabilities=tuple(str(c) for c in f.list("capabilities")),
+    )
+
+
+def _limits(f: _Fields) -> Limits:
+    return Limits(
+        max_frame_bytes=f.int("max_frame_bytes", lo=1),
+        max_requests_per_connection=f.int("max_requests_per_connection", lo=1),
+        max_queue=f.int("max_queue"),
+        max_active=f.int("max_active", lo=1),
+        max_prompt_chars=f.int("max_prompt_chars", lo=1),
+        send_buffer_bytes=f.int("send_buffer_bytes", lo=1),
+    )
+
+
+def _hello(f: _Fields) -> Hello:
+    return Hello(
+        server=f.str("server", max_len=256),
+        version=f.str("version", max_len=64),
+        protocol=f.int("protocol", lo=1),
+        models=tuple(_model_info(f.sub("models", m)) for m in f.list("models")),
+        limits=_limits(f.sub("limits", f.map("limits"))),
+    )
+
+
+def _queued(f: _Fields) -> Queued:
+    return Queued(id=f.ident(), position=f.int("position", lo=1))
+
+
+def _started(f: _Fields) -> Started:
+    return Started(
+        id=f.ident(),
+        model=f.str("model", max_len=256, min_len=1),
+        sample_rate=f.int("sample_rate", lo=1),
+        channels=f.int("channels", lo=1),
+        format=f.choice("format", AUDIO_FORMATS),
+        seed=f.int("seed", required=False),
+    )
+
+
+def _progress(f: _Fields) -> Progress:
+    return Progress(id=f.ident(), fraction=f.float("fraction"), seconds=f.float("seconds"))
+
+
+def _audio(f: _Fields) -> Audio:
+    return Audio(
+        id=f.ident(),
+        seq=f.int("seq"),
+        offset=f.int("offset"),
+        sample_rate=f.int("sample_rate", lo=1),
+        channels=f.int("channels", lo=1),
+        format=f.choice("format", AUDIO_FORMATS),
+        data=f.bytes("data"),
+    )
+
+
+def _stats(f: _Fields) -> Stats:
+    return Stats(
+        audio_seconds=f.float("audio_seconds"),
+        wall_seconds=f.float("wall_seconds"),
+        first_audio_seconds=f.float("first_audio_seconds", required=False),
+        real_time_factor=f.float("real_time_factor"),
+        samples=f.int("samples"),
+        queued_seconds=f.float("queued_seconds", required=False) or 0.0,
+    )
+
+
+def _error_info(f: _Fields) -> ErrorInfo:
+    return ErrorInfo(
+        code=f.str("code", max_len=64, min_len=1),
+        message=f.str("message", max_len=4096),
+        field=f.str("field", max_len=256, required=False),
+    )
+
+
+def _done(f: _Fields) -> Done:
+    stats = f.map("stats", required=False)
+    error = f.map("error", required=False)
+    return Done(
+        id=f.ident(),
+        status=f.choice("status", DONE_STATUSES),
+        stats=_stats(f.sub("stats", stats)) if stats is not None else None,
+        error=_error_info(f.sub("error", error)) if error is not None else None,
+    )
+
+
+def _error(f: _Fields) -> ErrorMessage:
+    return ErrorMessage(
+        code=f.str("code", max_len=64, min_len=1),
+        message=f.str("message", max_len=4096),
+        field=f.str("field", max_len=256, required=False),
+        id=f.str("id", max_len=MAX_ID_LENGTH, required=False),
+    )
+
+
+_PARSERS: dict[str, Callable[[_Fields], Message]] = {
+    "generate": _generate,
+    "cancel": _cancel,
+    "hello": _hello,
+    "queued": _queued,
+    "started": _started,
+    "progress": _progress,
+    "audio": _audio,
+    "done": _done,
+    "error": _error,
+}

@@ -1,0 +1,281 @@
+"""Messages of the wavecast protocol (PROTOCOL.md §3 and §4).
+
+Every message is a frozen, slotted dataclass whose ``type`` tag names it on the
+wire. Use :func:`wavecast.protocol.codec.encode` and
+:func:`wavecast.protocol.codec.decode` to turn them into frames and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+__all__ = [
+    "AUDIO_FORMATS",
+    "DONE_STATUSES",
+    "Audio",
+    "Cancel",
+    "ClientMessage",
+    "Done",
+    "ErrorInfo",
+    "ErrorMessage",
+    "Generate",
+    "Hello",
+    "Limits",
+    "Message",
+    "ModelInfo",
+    "ParamSpec",
+    "ParamValue",
+    "Progress",
+    "Queued",
+    "ServerMessage",
+    "Started",
+    "Stats",
+]
+
+PROTOCOL_VERSION = 1
+
+AudioFormat = Literal["pcm_s16le", "pcm_f32le"]
+AUDIO_FORMATS: tuple[AudioFormat, ...] = ("pcm_s16le", "pcm_f32le")
+BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
+
+DoneStatus = Literal["completed", "cancelled", "error"]
+DONE_STATUSES: tuple[DoneStatus, ...] = ("completed", "cancelled", "error")
+
+ParamValue = int | float | bool | str | None
+ParamKind = Literal["int", "float", "bool", "str"]
+
+
+# -- descriptions carried by the greeting (§4.1) ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    """One generation parameter a model accepts (PROTOCOL.md §5).
+
+    Args:
+        name: Key in ``generate.params``.
+        kind: ``int``, ``float``, ``bool`` or ``str``.
+        default: Value used when the client leaves the parameter out
+            (``None``: the model decides, e.g. a random seed).
+        min: Smallest accepted value (numbers only).
+        max: Largest accepted value (numbers only).
+        choices: Accepted values (strings only).
+        description: One line for humans.
+    """
+
+    name: str
+    kind: ParamKind
+    default: ParamValue = None
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model the server serves.
+
+    Args:
+        name: The name ``generate.model`` uses.
+        family: ``musicgen`` (or later families).
+        description: One line for humans.
+        sample_rate: Output sample rate in Hz.
+        channels: Output channel count (PCM is interleaved).
+        test_model: True for random-weight test models that make noise.
+        max_duration: Longest audio one request may ask for, in seconds.
+        params: The parameters ``generate.params`` accepts.
+        capabilities: Feature names, e.g. ``text``.
+    """
+
+    name: str
+    family: str
+    description: str
+    sample_rate: int
+    channels: int
+    test_model: bool
+    max_duration: float
+    params: tuple[ParamSpec, ...] = ()
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Server limits announced in the greeting (PROTOCOL.md §7)."""
+
+    max_frame_bytes: int
+    max_requests_per_connection: int
+    max_queue: int
+    max_active: int
+    max_prompt_chars: int
+    send_buffer_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Statistics of a finished request (all times in seconds).
+
+    Args:
+        audio_seconds: Audio produced.
+        wall_seconds: From ``started`` to the end of the request.
+        first_audio_seconds: From ``started`` to the first ``audio``
+            (``None`` if no audio was sent).
+        real_time_factor: ``audio_seconds / wall_seconds`` (above 1 is faster
+            than real time).
+        samples: Sample frames produced (per channel).
+        queued_seconds: Time spent waiting in the queue.
+    """
+
+    audio_seconds: float
+    wall_seconds: float
+    first_audio_seconds: float | None
+    real_time_factor: float
+    samples: int
+    queued_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A typed error: stable ``code``, message, offending ``field`` if any."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+# -- client -> server (§3) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Generate:
+    """Start a generation (PROTOCOL.md §3.1).
+
+    Args:
+        id: Client-chosen request id, unique among the connection's requests
+            in flight (1 to 64 printable characters).
+        model: A model name from the greeting.
+        prompt: The text prompt.
+        params: Model parameters (see the model's ``params`` in the greeting).
+        format: PCM encoding of the ``audio`` messages.
+    """
+
+    type: ClassVar[str] = "generate"
+    id: str
+    model: str
+    prompt: str = ""
+    params: dict[str, ParamValue] = field(default_factory=dict)
+    format: AudioFormat = "pcm_s16le"
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Cancel a request in flight (PROTOCOL.md §3.2)."""
+
+    type: ClassVar[str] = "cancel"
+    id: str
+
+
+# -- server -> client (§4) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The greeting, sent once right after the connection opens (§4.1)."""
+
+    type: ClassVar[str] = "hello"
+    server: str
+    version: str
+    protocol: int
+    models: tuple[ModelInfo, ...]
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """The request waits; ``position`` 1 is next in line (§4.2)."""
+
+    type: ClassVar[str] = "queued"
+    id: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The request left the queue and is being generated (§4.3).
+
+    ``seed`` is the random seed in use, so that a result can be reproduced.
+    """
+
+    type: ClassVar[str] = "started"
+    id: str
+    model: str
+    sample_rate: int
+    channels: int
+    format: AudioFormat
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Generation progress: ``fraction`` in [0, 1], ``seconds`` generated (§4.4)."""
+
+    type: ClassVar[str] = "progress"
+    id: str
+    fraction: float
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Audio:
+    """A chunk of audio (§4.5).
+
+    ``seq`` counts the request's chunks from 0 without gaps; ``offset`` is the
+    index of the chunk's first sample frame in the whole stream; ``data`` holds
+    interleaved PCM in ``format``.
+    """
+
+    type: ClassVar[str] = "audio"
+    id: str
+    seq: int
+    offset: int
+    sample_rate: int
+    channels: int
+    format: AudioFormat
+    data: bytes
+
+    @property
+    def frames(self) -> int:
+        """Number of sample frames in ``data``."""
+        return len(self.data) // (BYTES_PER_SAMPLE[self.format] * self.channels)
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The one terminal message of every request (§4.6)."""
+
+    type: ClassVar[str] = "done"
+    id: str
+    status: DoneStatus
+    stats: Stats | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage:
+    """An error that belongs to no request's ``done`` (§4.7).
+
+    Sent for frames that cannot be tied to a request, or that would clash with
+    one in flight (duplicate ids, unknown ids in ``cancel``).
+    """
+
+    type: ClassVar[str] = "error"
+    code: str
+    message: str
+    field: str | None = None
+    id: str | None = None
+
+
+ClientMessage = Generate | Cancel
+ServerMessage = Hello | Queued | Started | Progress | Audio | Done | ErrorMessage
+Message = ClientMessage | ServerMessage

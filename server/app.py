@@ -1,0 +1,155 @@
+"""The server's lifecycle: start the inference thread, serve, shut down.
+
+Shutdown follows websockets' ``Server.close()``: stop accepting, refuse new
+requests, give the ones in flight ``shutdown_grace`` seconds, then end them with
+``shutting_down`` and close every connection with 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from wavecast.protocol import ShuttingDown, __version__
+
+from .config import Config
+from .engines import load_engines
+from .engines.base import Engine
+from .http import STREAM_PATH, HttpRoutes, load_static
+from .scheduler import EngineFactory, Scheduler
+from .session import Session
+
+__all__ = ["WavecastServer"]
+
+log = logging.getLogger(__name__)
+
+WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
+
+
+class WavecastServer:
+    """A running wavecast server.
+
+    Args:
+        config: The configuration.
+        engine_factory: Loads the engines on the inference thread; by default
+            the models named in ``config.models``.
+    """
+
+    def __init__(self, config: Config, engine_factory: EngineFactory | None = None) -> None:
+        self.config = config
+        self._factory = engine_factory or self._default_factory
+        self.scheduler: Scheduler | None = None
+        self.sessions: set[Session] = set()
+        self._server: Server | None = None
+        self._started = time.monotonic()
+
+    def _default_factory(self) -> Mapping[str, Engine]:
+        models = self.config.models
+        return load_engines(
+            models.names,
+            models.device,
+            left_context=models.left_context_frames,
+            holdback=models.holdback_frames,
+            first_frames=models.first_chunk_frames,
+            chunk_frames=models.chunk_frames,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        sockname = next(iter(self._server.sockets)).getsockname()
+        return int(sockname[1])
+
+    @property
+    def url(self) -> str:
+        host = self.config.network.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}{STREAM_PATH}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        limits = self.config.limits
+        self.scheduler = Scheduler(
+            loop, self._factory, max_queue=limits.max_queue, max_active=limits.max_active
+        )
+        await self.scheduler.start()
+        web_root = self.config.network.web_demo or WEB_DEMO
+        routes = HttpRoutes(load_static(web_root), self.info, self._healthy)
+        timeouts = self.config.timeouts
+        self._server = await serve(
+            self._handle,
+            self.config.network.host,
+            self.config.network.port,
+            process_request=routes,
+            compression=None,  # PCM does not compress; save the CPU
+            max_size=limits.max_frame_bytes,
+            max_queue=16,
+            write_limit=1 << 16,
+            ping_interval=timeouts.ping_interval,
+            ping_timeout=timeouts.ping_timeout,
+            open_timeout=timeouts.open_timeout,
+            server_header=f"wavecast/{__version__}",
+        )
+        names = ", ".join(self.scheduler.models)
+        log.info("serving %s at %s (demo page: http://%s:%d/)", names, self.url,
+                 self.config.network.host, self.port)
+
+    def _healthy(self) -> bool:
+        return self.scheduler is not None and self._server is not None
+
+    def info(self) -> dict[str, Any]:
+        from wavecast.protocol import to_wire
+
+        from .session import hello_message
+
+        assert self.scheduler is not None
+        hello = to_wire(hello_message(self.config, self.scheduler.models))
+        hello.pop("type")
+        hello["uptime_seconds"] = round(time.monotonic() - self._started, 3)
+        hello["connections"] = len(self.sessions)
+        hello["scheduler"] = self.scheduler.snapshot()
+        return hello
+
+    async def _handle(self, websocket: ServerConnection) -> None:
+        assert self.scheduler is not None
+        if len(self.sessions) >= self.config.limits.max_connections:
+            await websocket.close(1013, "too many connections")
+            return
+        session = Session(websocket, self.scheduler, self.config,
+                          on_close=self.sessions.discard)
+        self.sessions.add(session)
+        await session.run()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.wait_closed()
+
+    async def stop(self) -> None:
+        """Graceful shutdown (see the module docstring)."""
+        scheduler = self.scheduler
+        server = self._server
+        if server is not None:
+            server.close(close_connections=False)
+        if scheduler is not None:
+            scheduler.refuse_new()
+            deadline = time.monotonic() + self.config.timeouts.shutdown_grace
+            while not scheduler.idle and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            for session in list(self.sessions):
+                for request in list(session.requests.values()):
+                    scheduler.cancel(request, ShuttingDown("the server is shutting down"))
+            while not scheduler.idle and time.monotonic() < deadline + 2.0:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)  # let the last `done` frames reach the writers
+        if server is not None:
+            server.close(close_connections=True)
+            await server.wait_closed()
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.stop, 10.0)

@@ -1,0 +1,119 @@
+"""``wavecast serve``: flags and ``WAVECAST_*`` environment variables -> Config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .config import (
+    DEFAULT_MODEL,
+    Config,
+    LimitsConfig,
+    LoggingConfig,
+    ModelsConfig,
+    NetworkConfig,
+    TimeoutsConfig,
+)
+
+__all__ = ["add_serve_arguments", "config_from_args", "run_serve"]
+
+log = logging.getLogger("wavecast.server")
+
+
+def _env(name: str, default: str | None) -> str | None:
+    return os.environ.get(f"WAVECAST_{name}", default)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    limits = LimitsConfig()
+    parser.add_argument("--host", default=_env("HOST", NetworkConfig().host),
+                        help="address to listen on (env WAVECAST_HOST; default %(default)s)")
+    parser.add_argument("--port", type=int, default=int(_env("PORT", "5555") or 5555),
+                        help="port; 0 picks a free one (env WAVECAST_PORT; default %(default)s)")
+    parser.add_argument("--model", action="append", dest="models", metavar="NAME",
+                        help="model to serve, repeatable: a Hugging Face name such as "
+                        f"{DEFAULT_MODEL}, a local checkpoint folder, or tiny-musicgen "
+                        "(offline random-weight test model) (env WAVECAST_MODEL, "
+                        f"comma-separated; default {DEFAULT_MODEL})")
+    parser.add_argument("--device", default=_env("DEVICE", "auto"),
+                        help="auto | cpu | cuda | cuda:N (env WAVECAST_DEVICE)")
+    parser.add_argument("--max-queue", type=int,
+                        default=int(_env("MAX_QUEUE", str(limits.max_queue)) or 0))
+    parser.add_argument("--max-active", type=int,
+                        default=int(_env("MAX_ACTIVE", str(limits.max_active)) or 1),
+                        help="requests generated at once per device, interleaved step by step")
+    parser.add_argument("--max-requests-per-connection", type=int,
+                        default=limits.max_requests_per_connection)
+    parser.add_argument("--max-frame-bytes", type=int, default=limits.max_frame_bytes)
+    parser.add_argument("--send-buffer-bytes", type=int, default=limits.send_buffer_bytes)
+    parser.add_argument("--chunk-frames", type=int, default=ModelsConfig().chunk_frames,
+                        help="codec frames per audio chunk after the first")
+    parser.add_argument("--web-demo", type=Path, default=None, help="serve this folder at /")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        default=_env("LOG_FORMAT", "text"))
+    parser.add_argument("--log-file", type=Path, default=_env("LOG_FILE", None))
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    env_models = _env("MODEL", None)
+    names = tuple(args.models or (env_models.split(",") if env_models else [DEFAULT_MODEL]))
+    return Config(
+        network=NetworkConfig(host=args.host, port=args.port, web_demo=args.web_demo),
+        limits=LimitsConfig(
+            max_frame_bytes=args.max_frame_bytes,
+            max_requests_per_connection=args.max_requests_per_connection,
+            max_queue=args.max_queue,
+            max_active=args.max_active,
+            send_buffer_bytes=args.send_buffer_bytes,
+        ),
+        timeouts=TimeoutsConfig(),
+        models=ModelsConfig(names=names, device=args.device, chunk_frames=args.chunk_frames),
+        logging=LoggingConfig(format=args.log_format, file=args.log_file, level=args.log_level),
+    )
+
+
+async def _serve(config: Config) -> None:
+    from .app import WavecastServer
+    from .engines import ModelLoadError
+
+    server = WavecastServer(config)
+    try:
+        await server.start()
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+
+    config = config_from_args(args)
+    setup_logging(config.logging.format, config.logging.file, config.logging.level)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is not available on every platform
+        asyncio.run(_serve(config))
+    else:
+        uvloop.run(_serve(config))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="wavecast serve")
+    add_serve_arguments(parser)
+    sys.exit(run_serve(parser.parse_args()))

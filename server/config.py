@@ -1,0 +1,75 @@
+"""Server configuration: one frozen dataclass with grouped fields.
+
+The CLI maps flags and ``WAVECAST_*`` environment variables onto it; nothing
+else parses arguments. Every limit here is documented in PROTOCOL.md §7.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "Config",
+    "LimitsConfig",
+    "LoggingConfig",
+    "ModelsConfig",
+    "NetworkConfig",
+    "TimeoutsConfig",
+]
+
+DEFAULT_MODEL = "facebook/musicgen-small"
+TEST_MODEL = "tiny-musicgen"
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    host: str = "127.0.0.1"
+    port: int = 5555
+    web_demo: Path | None = None  # folder served at /; None: the bundled page
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_frame_bytes: int = 1 << 20
+    max_requests_per_connection: int = 8
+    max_queue: int = 32
+    max_active: int = 4
+    max_prompt_chars: int = 2000
+    send_buffer_bytes: int = 8 << 20
+    max_connections: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    shutdown_grace: float = 5.0
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    open_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsConfig:
+    names: tuple[str, ...] = (DEFAULT_MODEL,)
+    device: str = "auto"
+    # Exact streaming geometry (frames of codes): see engines/codec_stream.py.
+    left_context_frames: int = 25
+    holdback_frames: int = 4
+    first_chunk_frames: int = 1
+    chunk_frames: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: str = "text"  # text | json
+    file: Path | None = None
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,66 @@
+"""Engines: the models behind the step interface.
+
+``load_engines`` runs on the inference thread; it is the only place that
+decides which engine serves a model name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from .base import Engine, EngineRequest, Job, StepOutput
+
+__all__ = ["Engine", "EngineRequest", "Job", "ModelLoadError", "StepOutput", "load_engines"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message is one line for the operator."""
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for but CUDA is not available")
+    return device
+
+
+def load_engines(
+    names: Sequence[str],
+    device: str,
+    *,
+    left_context: int = 25,
+    holdback: int = 4,
+    first_frames: int = 1,
+    chunk_frames: int = 10,
+) -> dict[str, Engine]:
+    """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``)."""
+    import torch
+
+    from .musicgen import MusicGenEngine, StreamSettings, load_musicgen
+    from .tiny import TINY_MUSICGEN
+
+    torch.set_grad_enabled(False)
+    resolved = resolve_device(device)
+    stream = StreamSettings(left_context, holdback, first_frames, chunk_frames)
+    engines: dict[str, Engine] = {}
+    for name in names:
+        log.info("loading %s on %s", name, resolved)
+        try:
+            model, test_model = load_musicgen(name, resolved)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"could not load model {name!r} ({type(exc).__name__}: {reason}); "
+                f"without network access, try the offline test model: "
+                f"wavecast serve --model {TINY_MUSICGEN}"
+            ) from exc
+        engines[name] = MusicGenEngine(model, name=name, test_model=test_model, stream=stream)
+        if test_model:
+            log.warning("%s is a random-weight test model: it makes noise", name)
+    return engines

@@ -1,0 +1,78 @@
+"""The one small interface every engine implements.
+
+Engines know nothing of WebSockets or asyncio: a request goes in, audio chunks
+and progress come out of ``step``, and the scheduler checks each request's cancel
+flag between steps. Only the inference thread calls these methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from wavecast.protocol import ModelInfo, ParamValue
+
+__all__ = ["Engine", "EngineRequest", "Job", "StepOutput"]
+
+FloatAudio = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """What an engine needs to know about a request (params already validated)."""
+
+    request_id: str
+    prompt: str
+    params: Mapping[str, ParamValue]
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step produced for one job.
+
+    Args:
+        audio: New audio, float32 of shape ``[frames, channels]`` (may be empty).
+        fraction: Progress in [0, 1].
+        seconds: Seconds of audio generated so far (tokens, not yet all decoded).
+        done: The job is finished; ``audio`` holds its last samples.
+    """
+
+    audio: FloatAudio | None
+    fraction: float
+    seconds: float
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Job:
+    """One request's generation state, owned by its engine."""
+
+    request: EngineRequest
+    state: Any = None
+    steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """A model behind the step interface."""
+
+    @property
+    def info(self) -> ModelInfo:
+        """What the greeting says about this model."""
+        ...
+
+    def prepare(self, request: EngineRequest) -> Job:
+        """Set up a request (conditioning, buffers). May raise ``WavecastError``."""
+        ...
+
+    def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        """Advance every job by one decoding step; one output per job, in order."""
+        ...
+
+    def finish(self, job: Job) -> None:
+        """Release a job's resources (completed, cancelled or failed)."""
+        ...

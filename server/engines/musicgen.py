@@ -1,0 +1,368 @@
+"""MusicGen (audiocraft) behind the step interface.
+
+``LMModel.generate`` returns nothing until the whole clip is done, so the LM is
+stepped here by hand: the same delay pattern, streaming KV state and
+classifier-free guidance as ``LMModel.generate``, one sequence step per
+``step`` call. As soon as a timestep has all its codebooks it goes to the
+``StreamDecoder``, which emits exact audio chunks.
+
+Each job keeps its own streaming state, swapped into the LM for its step, so
+several requests can interleave step by step on one model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from audiocraft.models.musicgen import MusicGen
+from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
+
+from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
+
+from .base import EngineRequest, Job, StepOutput
+from .codec_stream import StreamDecoder
+from .tiny import TINY_MUSICGEN, build_tiny_musicgen, load_musicgen_dir
+
+__all__ = ["MusicGenEngine", "StreamSettings", "load_musicgen", "sample_next_token"]
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_TOKEN = -1
+MAX_SEED = 2**63 - 1
+
+HUB_MODELS = (
+    "facebook/musicgen-small",
+    "facebook/musicgen-medium",
+    "facebook/musicgen-large",
+    "facebook/musicgen-stereo-small",
+    "facebook/musicgen-stereo-medium",
+    "facebook/musicgen-stereo-large",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """How codes become audio chunks (see ``StreamDecoder``)."""
+
+    left_context: int = 25
+    holdback: int = 4
+    first_frames: int = 1
+    chunk_frames: int = 10
+
+
+def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
+    """Load a MusicGen model by name.
+
+    Args:
+        name: ``tiny-musicgen``, a local checkpoint directory, or a Hugging Face
+            name such as ``facebook/musicgen-small``.
+        device: torch device string.
+
+    Returns:
+        The model and whether it is a random-weight test model.
+    """
+    if name == TINY_MUSICGEN:
+        return build_tiny_musicgen(device=device), True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        model = load_musicgen_dir(path, device=device)
+        return model, model.lm.cfg.get("wavecast_test_model", False) is True
+    return MusicGen.get_pretrained(name, device=device), False
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Sample ``[B, K, 1]`` tokens from ``[B, K, card]`` logits.
+
+    The same rules as ``LMModel._sample_next_token`` (greedy at temperature 0,
+    top-p when set, else top-k, else the full distribution), drawn from the
+    request's own generator so a seed reproduces whatever else runs.
+    """
+    if temperature <= 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    if top_p > 0.0:
+        probs_sort, probs_idx = torch.sort(flat, dim=-1, descending=True)
+        probs_sum = torch.cumsum(probs_sort, dim=-1)
+        probs_sort *= (~(probs_sum - probs_sort > top_p)).float()
+        probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+        choice = torch.multinomial(probs_sort, 1, generator=generator)
+        tokens = torch.gather(probs_idx, -1, choice)
+    elif top_k > 0:
+        top_values, _ = torch.topk(flat, min(top_k, flat.shape[-1]), dim=-1)
+        flat = flat * (flat >= top_values[..., [-1]]).float()
+        flat.div_(flat.sum(dim=-1, keepdim=True))
+        tokens = torch.multinomial(flat, 1, generator=generator)
+    else:
+        tokens = torch.multinomial(flat, 1, generator=generator)
+    return tokens.reshape(*probs.shape[:-1], 1)
+
+
+@dataclass(slots=True)
+class _Layout:
+    """Where each timestep's codes land in the pattern sequence."""
+
+    positions: torch.Tensor  # [K, T]: sequence step holding codebook k of timestep t
+    ready_after: list[int]  # timesteps complete once sequence step s is written
+
+
+class _MusicGenJob:
+    __slots__ = (
+        "cfg_coef",
+        "cfg_conditions",
+        "decoder",
+        "end_offset",
+        "gen_len",
+        "gen_sequence",
+        "generator",
+        "kv_state",
+        "layout",
+        "mask",
+        "offset",
+        "prev_offset",
+        "ready",
+        "seed",
+        "start_offset",
+        "temperature",
+        "top_k",
+        "top_p",
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+
+class MusicGenEngine:
+    """A loaded MusicGen model served through the step interface."""
+
+    family = "musicgen"
+
+    def __init__(
+        self,
+        model: MusicGen,
+        *,
+        name: str,
+        test_model: bool,
+        max_duration: float | None = None,
+        stream: StreamSettings | None = None,
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.lm = model.lm
+        self.test_model = test_model
+        self.device = next(iter(self.lm.parameters())).device
+        self.stream = stream or StreamSettings()
+        self.max_duration = float(max_duration or model.max_duration)
+        self.frame_rate = float(model.frame_rate)
+        self.hop = int(round(model.sample_rate / model.frame_rate))
+        self._layouts: dict[int, _Layout] = {}
+        card = int(self.lm.card)
+        default_duration = min(10.0, self.max_duration)
+        self._params = (
+            ParamSpec("duration", "float", default_duration, 0.1, self.max_duration,
+                      description="seconds of audio to generate"),
+            ParamSpec("top_k", "int", 250, 0, card,
+                      description="sample among the k most likely tokens (0: all)"),
+            ParamSpec("top_p", "float", 0.0, 0.0, 1.0,
+                      description="nucleus sampling threshold (0: use top_k)"),
+            ParamSpec("temperature", "float", 1.0, 0.0, 10.0,
+                      description="softmax temperature (0: greedy)"),
+            ParamSpec("cfg_coef", "float", 3.0, 0.0, 30.0,
+                      description="classifier-free guidance strength"),
+            ParamSpec("seed", "int", None, 0, MAX_SEED,
+                      description="random seed (empty: a fresh one, reported in started)"),
+        )
+        label = "random-weight test model, makes noise" if test_model else "text to music"
+        self._info = ModelInfo(
+            name=name,
+            family=self.family,
+            description=f"MusicGen {name} ({label})",
+            sample_rate=int(model.sample_rate),
+            channels=int(model.audio_channels),
+            test_model=test_model,
+            max_duration=self.max_duration,
+            params=self._params,
+            capabilities=("text",),
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    # -- preparation ---------------------------------------------------------------
+
+    def _layout(self, gen_len: int) -> _Layout:
+        layout = self._layouts.get(gen_len)
+        if layout is None:
+            pattern = self.lm.pattern_provider.get_pattern(gen_len)
+            k = self.lm.num_codebooks
+            positions = torch.zeros((k, gen_len), dtype=torch.long)
+            last = [0] * gen_len
+            for step, coords in enumerate(pattern.layout):
+                for coord in coords:
+                    if coord.t < gen_len:
+                        positions[coord.q, coord.t] = step
+                        last[coord.t] = max(last[coord.t], step)
+            ready_after = []
+            done = 0
+            for step in range(len(pattern.layout)):
+                while done < gen_len and last[done] <= step:
+                    done += 1
+                ready_after.append(done)
+            layout = _Layout(positions.to(self.device), ready_after)
+            if len(self._layouts) > 64:
+                self._layouts.clear()
+            self._layouts[gen_len] = layout
+        return layout
+
+    @torch.no_grad()
+    def prepare(self, request: EngineRequest) -> Job:
+        params = request.params
+        duration = float(params["duration"])  # type: ignore[arg-type]
+        gen_len = max(1, int(duration * self.frame_rate))
+        if gen_len < 1:
+            raise InvalidField("duration is too short", field="params.duration")
+        seed = params.get("seed")
+        seed = secrets.randbelow(2**31) if seed is None else int(seed)  # type: ignore[arg-type]
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+
+        lm = self.lm
+        with self.model.autocast:
+            attributes, _ = self.model._prepare_tokens_and_attributes([request.prompt], None)
+            null = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
+            tokenized = lm.condition_provider.tokenize(attributes + null)
+            cfg_conditions = lm.condition_provider(tokenized)
+
+        pattern = lm.pattern_provider.get_pattern(gen_len)
+        gen_codes = torch.full(
+            (1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long, device=self.device
+        )
+        gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
+        start_offset = pattern.get_first_step_with_timesteps(0)
+        assert start_offset is not None
+        decoder = StreamDecoder(
+            self._decode,
+            self.hop,
+            left_context=self.stream.left_context,
+            holdback=self.stream.holdback,
+            first_frames=self.stream.first_frames,
+            chunk_frames=self.stream.chunk_frames,
+        )
+        state = _MusicGenJob(
+            cfg_conditions=cfg_conditions,
+            cfg_coef=float(params["cfg_coef"]),  # type: ignore[arg-type]
+            decoder=decoder,
+            end_offset=gen_sequence.shape[-1],
+            gen_len=gen_len,
+            gen_sequence=gen_sequence,
+            generator=generator,
+            kv_state={},
+            layout=self._layout(gen_len),
+            mask=mask,
+            offset=start_offset,
+            prev_offset=0,
+            ready=0,
+            seed=seed,
+            start_offset=start_offset,
+            temperature=float(params["temperature"]),  # type: ignore[arg-type]
+            top_k=int(params["top_k"]),  # type: ignore[arg-type]
+            top_p=float(params["top_p"]),  # type: ignore[arg-type]
+        )
+        return Job(request=request, state=state, extra={"seed": seed})
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model.compression_model.decode(codes, None)
+        return out
+
+    # -- stepping ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        return [self._step_one(job) for job in jobs]
+
+    def _step_one(self, job: Job) -> StepOutput:
+        st: _MusicGenJob = job.state
+        lm = self.lm
+        offset = st.offset
+        with self.model.autocast, lm.streaming():
+            lm.set_streaming_state(st.kv_state)
+            current = st.gen_sequence[..., st.prev_offset : offset]
+            # One forward for the conditional and the unconditional half (CFG).
+            all_logits = lm(
+                torch.cat([current, current], dim=0),
+                conditions=[],
+                condition_tensors=st.cfg_conditions,
+            )
+            st.kv_state = lm.get_streaming_state()
+        cond_logits, uncond_logits = all_logits.split(1, dim=0)
+        logits = uncond_logits + (cond_logits - uncond_logits) * st.cfg_coef
+        logits = logits.permute(0, 1, 3, 2)[..., -1]  # [1, K, card]
+        next_token = sample_next_token(
+            logits, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p,
+            generator=st.generator,
+        )
+        valid = st.mask[..., offset : offset + 1].expand(1, -1, -1)
+        next_token[~valid] = lm.special_token_id
+        column = st.gen_sequence[..., offset : offset + 1]
+        st.gen_sequence[..., offset : offset + 1] = torch.where(
+            column == UNKNOWN_TOKEN, next_token, column
+        )
+        st.prev_offset = offset
+        st.offset = offset + 1
+        job.steps += 1
+
+        audio = None
+        ready = st.layout.ready_after[offset]
+        if ready > st.ready:
+            positions = st.layout.positions[:, st.ready : ready]
+            codes = torch.gather(st.gen_sequence[0], 1, positions).unsqueeze(0)
+            st.ready = ready
+            audio = st.decoder.push(codes)
+        done = st.offset >= st.end_offset
+        if done:
+            tail = st.decoder.flush()
+            if tail is not None:
+                audio = tail if audio is None else _concat(audio, tail)
+        total = st.end_offset - st.start_offset
+        fraction = min(1.0, (st.offset - st.start_offset) / total) if total > 0 else 1.0
+        return StepOutput(audio=audio, fraction=fraction, seconds=st.ready / self.frame_rate,
+                          done=done)
+
+    def finish(self, job: Job) -> None:
+        # Drop the KV cache and buffers now rather than when the Job is collected.
+        job.state = None
+
+    # -- reference path, for tests and benchmarks ----------------------------------
+
+    def codes_of(self, job: Job) -> torch.Tensor:
+        """The codes ``[1, K, T]`` a finished (or running) job has produced so far."""
+        st: _MusicGenJob = job.state
+        positions = st.layout.positions[:, : st.ready]
+        return torch.gather(st.gen_sequence[0], 1, positions).unsqueeze(0)
+
+
+def _concat(a: Any, b: Any) -> Any:
+    import numpy as np
+
+    return np.concatenate([a, b], axis=0)
+
+
+def frames_for(duration: float, frame_rate: float) -> int:
+    """Frames the engine generates for ``duration`` seconds."""
+    return max(1, int(duration * frame_rate)) if math.isfinite(duration) else 0

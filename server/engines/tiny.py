@@ -1,0 +1,284 @@
+"""Tiny random-weight MusicGen for tests and offline runs.
+
+The real architecture (audiocraft's EnCodec with a SEANet autoencoder and RVQ,
+the delay-pattern transformer LM with cross-attention on a T5 text encoder), at
+tiny sizes and random weights, built in-process with no network. It makes noise
+and is always announced as a test model.
+
+``save_musicgen`` writes a model in audiocraft's checkpoint layout
+(``state_dict.bin`` and ``compression_state_dict.bin``, each with ``xp.cfg`` and
+``best_state``), plus ``text_encoder/`` holding the T5 encoder and its tokenizer,
+since real checkpoints fetch T5 from the hub by name.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from audiocraft.models import builders
+from audiocraft.models.encodec import CompressionModel
+from audiocraft.models.lm import LMModel
+from audiocraft.models.musicgen import MusicGen
+from audiocraft.modules.conditioners import TextConditioner, T5Conditioner
+from audiocraft.utils.autocast import TorchAutocast
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+__all__ = [
+    "TINY_MUSICGEN",
+    "OfflineT5Conditioner",
+    "build_tiny_musicgen",
+    "load_musicgen_dir",
+    "save_musicgen",
+]
+
+TINY_MUSICGEN = "tiny-musicgen"
+TEXT_ENCODER_DIR = "text_encoder"
+
+# Shaped like facebook/musicgen-small's xp.cfg (32 kHz mono EnCodec at 50 Hz,
+# 4 codebooks, delay pattern, T5 cross-attention), scaled down.
+_TINY_CFG: dict[str, Any] = {
+    "device": "cpu",
+    "dtype": "float32",
+    "sample_rate": 32000,
+    "channels": 1,
+    "compression_model": "encodec",
+    "encodec": {
+        "autoencoder": "seanet",
+        "quantizer": "rvq",
+        "sample_rate": 32000,
+        "channels": 1,
+        "causal": False,
+        "renormalize": False,
+    },
+    "seanet": {
+        "dimension": 16,
+        "channels": 1,
+        "causal": False,
+        "n_filters": 4,
+        "n_residual_layers": 1,
+        "ratios": [8, 5, 4, 4],
+        "activation": "ELU",
+        "activation_params": {"alpha": 1.0},
+        "norm": "weight_norm",
+        "norm_params": {},
+        "kernel_size": 7,
+        "residual_kernel_size": 3,
+        "last_kernel_size": 7,
+        "dilation_base": 2,
+        "pad_mode": "constant",
+        "true_skip": True,
+        "compress": 2,
+        "lstm": 2,
+        "disable_norm_outer_blocks": 0,
+        "decoder": {
+            "trim_right_ratio": 1.0,
+            "final_activation": None,
+            "final_activation_params": None,
+        },
+        "encoder": {},
+    },
+    "rvq": {
+        "n_q": 4,
+        "q_dropout": False,
+        "bins": 64,
+        "decay": 0.99,
+        "kmeans_init": False,
+        "kmeans_iters": 50,
+        "threshold_ema_dead_code": 2,
+        "orthogonal_reg_weight": 0.0,
+        "orthogonal_reg_active_codes_only": False,
+    },
+    "lm_model": "transformer_lm",
+    "codebooks_pattern": {
+        "modeling": "delay",
+        "delay": {"delays": [0, 1, 2, 3], "flatten_first": 0, "empty_initial": 0},
+    },
+    "transformer_lm": {
+        "dim": 32,
+        "num_heads": 2,
+        "num_layers": 2,
+        "hidden_scale": 4,
+        "n_q": 4,
+        "card": 64,
+        "dropout": 0.0,
+        "emb_lr": None,
+        "activation": "gelu",
+        "norm_first": True,
+        "bias_ff": False,
+        "bias_attn": False,
+        "bias_proj": False,
+        "past_context": None,
+        "causal": True,
+        "custom": False,
+        "memory_efficient": True,
+        "attention_as_float32": False,
+        "layer_scale": None,
+        "positional_embedding": "sin",
+        "xpos": False,
+        "checkpointing": "none",
+        "weight_init": "gaussian",
+        "depthwise_init": "current",
+        "zero_bias_init": True,
+        "norm": "layer_norm",
+        "cross_attention": False,
+        "qk_layer_norm": False,
+        "qk_layer_norm_cross": False,
+        "attention_dropout": None,
+        "kv_repeat": 1,
+        "two_step_cfg": False,
+    },
+    "classifier_free_guidance": {"training_dropout": 0.3, "inference_coef": 3.0},
+    "attribute_dropout": {},
+    "dataset": {"segment_duration": 30.0},
+    "fuser": {
+        "cross_attention_pos_emb": False,
+        "cross_attention_pos_emb_scale": 1,
+        "sum": [],
+        "prepend": [],
+        "cross": ["description"],
+        "input_interpolate": [],
+    },
+    # Real checkpoints name a hub T5 here; tiny ones carry theirs in text_encoder/.
+    "conditioners": {
+        "description": {
+            "model": "t5",
+            "t5": {"name": "t5-base", "finetune": False, "word_dropout": 0.0},
+        }
+    },
+}
+
+_T5_CONFIG = {
+    "vocab_size": 260,
+    "d_model": 16,
+    "d_kv": 8,
+    "d_ff": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "relative_attention_num_buckets": 8,
+    "dropout_rate": 0.0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+def _byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A T5-style tokenizer over bytes: any text, any language, no download."""
+    specials = ["<pad>", "</s>", "<unk>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+class OfflineT5Conditioner(T5Conditioner):
+    """audiocraft's T5 text conditioner over a T5 encoder given in memory.
+
+    ``T5Conditioner.__init__`` fetches T5 from the hub by name; this builds the
+    same module (T5 encoder, output projection, attention mask handling) around
+    an encoder and tokenizer that are already loaded.
+    """
+
+    def __init__(
+        self,
+        t5: T5EncoderModel,
+        tokenizer: PreTrainedTokenizerFast,
+        output_dim: int,
+        device: str,
+    ) -> None:
+        TextConditioner.__init__(self, t5.config.d_model, output_dim)
+        self.device = device
+        self.name = "offline-t5"
+        self.finetune = False
+        self.word_dropout = 0.0
+        self.autocast = TorchAutocast(enabled=False)
+        self.t5_tokenizer = tokenizer
+        self.__dict__["t5"] = t5.eval().to(device)
+        self.normalize_text = False
+
+
+def _lm_from_cfg(cfg: Any, text_encoder: Path | tuple[T5EncoderModel, Any]) -> LMModel:
+    """Build the LM with audiocraft's builder, the T5 conditioner given offline."""
+    build_cfg = copy.deepcopy(cfg)
+    # The builder would fetch T5 by name: build with a lookup-table stand-in, then
+    # put the real T5 conditioner in its place before any weights are loaded.
+    build_cfg.conditioners.description = OmegaConf.create(
+        {"model": "lut", "lut": {"n_bins": 4, "dim": 4, "tokenizer": "noop"}}
+    )
+    lm = builders.get_lm_model(build_cfg)
+    if isinstance(text_encoder, Path):
+        t5 = T5EncoderModel.from_pretrained(text_encoder)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(text_encoder)
+    else:
+        t5, tokenizer = text_encoder
+    lm.condition_provider.conditioners["description"] = OfflineT5Conditioner(
+        t5, tokenizer, output_dim=cfg.transformer_lm.dim, device=str(cfg.device)
+    ).to(cfg.device)
+    lm.cfg = cfg
+    return lm.eval()
+
+
+def build_tiny_musicgen(seed: int = 0, device: str = "cpu") -> MusicGen:
+    """Build the tiny random-weight MusicGen (same weights for the same seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cfg = OmegaConf.create(_TINY_CFG)
+        cfg.device = device
+        compression = builders.get_compression_model(cfg).eval()
+        compression.cfg = cfg
+        t5 = T5EncoderModel(T5Config(**_T5_CONFIG))
+        lm = _lm_from_cfg(cfg, (t5, _byte_tokenizer()))
+    return MusicGen(TINY_MUSICGEN, compression, lm, max_duration=30.0)
+
+
+def save_musicgen(model: MusicGen, directory: Path) -> None:
+    """Write ``model`` in audiocraft's checkpoint layout under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lm_cfg = OmegaConf.to_container(model.lm.cfg, resolve=True)
+    compression: CompressionModel = model.compression_model
+    torch.save(
+        {"xp.cfg": OmegaConf.to_yaml(lm_cfg), "best_state": model.lm.state_dict()},
+        directory / "state_dict.bin",
+    )
+    comp_cfg = OmegaConf.to_container(compression.cfg, resolve=True)
+    torch.save(
+        {"xp.cfg": OmegaConf.to_yaml(comp_cfg), "best_state": compression.state_dict()},
+        directory / "compression_state_dict.bin",
+    )
+    conditioner = model.lm.condition_provider.conditioners["description"]
+    conditioner.t5.save_pretrained(directory / TEXT_ENCODER_DIR)
+    conditioner.t5_tokenizer.save_pretrained(directory / TEXT_ENCODER_DIR)
+
+
+def load_musicgen_dir(directory: Path, device: str = "cpu") -> MusicGen:
+    """Load a local checkpoint directory.
+
+    Uses audiocraft's loaders; a ``text_encoder/`` folder, when present, supplies
+    T5 instead of the hub.
+    """
+    from audiocraft.models import loaders
+
+    compression = loaders.load_compression_model(str(directory), device=device)
+    text_encoder = directory / TEXT_ENCODER_DIR
+    if text_encoder.is_dir():
+        pkg = loaders.load_lm_model_ckpt(str(directory))
+        cfg = OmegaConf.create(pkg["xp.cfg"])
+        cfg.device = device
+        cfg.dtype = "float32" if device == "cpu" else "float16"
+        lm = _lm_from_cfg(cfg, text_encoder)
+        lm.load_state_dict(pkg["best_state"])
+    else:
+        lm = loaders.load_lm_model(str(directory), device=device)
+    name = directory.name
+    return MusicGen(name, compression, lm.eval(), max_duration=30.0)

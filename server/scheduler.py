@@ -1,0 +1,350 @@
+"""The inference thread: admission, queue positions, the step loop.
+
+One ``Scheduler`` owns one device. Its thread loads the models, then loops:
+admit queued requests while there is room (FIFO), step every active request
+once, hand the results to each request's sink on the event loop, and drop any
+request whose cancel flag is set, all between two decoding steps. Only this
+thread touches torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from wavecast.protocol import (
+    Audio,
+    Busy,
+    Done,
+    ErrorInfo,
+    InternalError,
+    ModelInfo,
+    Progress,
+    Queued,
+    ServerMessage,
+    ShuttingDown,
+    Started,
+    Stats,
+    WavecastError,
+)
+
+from .audio import to_pcm
+from .engines.base import Engine, EngineRequest, Job, StepOutput
+
+__all__ = ["Request", "Scheduler"]
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[ServerMessage], None]
+EngineFactory = Callable[[], Mapping[str, Engine]]
+
+
+@dataclass(eq=False)
+class Request:
+    """A request as the scheduler sees it. ``sink`` runs on the event loop."""
+
+    id: str
+    model: str
+    engine_request: EngineRequest
+    format: str
+    sink: Sink
+    log: logging.LoggerAdapter[logging.Logger]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_error: WavecastError | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    # Inference-thread bookkeeping.
+    job: Job | None = None
+    position: int = 0
+    started_at: float = 0.0
+    first_audio_at: float | None = None
+    seq: int = 0
+    samples: int = 0
+    last_fraction: float = -1.0
+
+    def cancel(self, error: WavecastError | None = None) -> None:
+        """Ask for the request to stop; ``error`` makes it end in ``error``."""
+        if error is not None and self.cancel_error is None:
+            self.cancel_error = error
+        self.cancelled.set()
+
+
+class Scheduler:
+    """Runs engines on a dedicated thread and streams their output back."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        engine_factory: EngineFactory,
+        *,
+        max_queue: int,
+        max_active: int,
+        name: str = "inference",
+    ) -> None:
+        self._loop = loop
+        self._factory = engine_factory
+        self.max_queue = max_queue
+        self.max_active = max_active
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._stopping = False
+        self._engines: Mapping[str, Engine] = {}
+        self._ready: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # Counters, read by /v1/info and the tests.
+        self.steps_total = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.failed = 0
+
+    # -- event-loop side -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the thread; return once every model is loaded (or raise)."""
+        self._thread.start()
+        await self._ready
+
+    @property
+    def models(self) -> dict[str, ModelInfo]:
+        return {name: engine.info for name, engine in self._engines.items()}
+
+    def submit(self, request: Request) -> None:
+        """Queue a request. Raises ``Busy`` when the queue is full."""
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down", id=request.id)
+            if len(self._pending) + len(self._active) >= self.max_active + self.max_queue:
+                raise Busy("the request queue is full, try again later", id=request.id)
+            self._pending.append(request)
+            request.position = len(self._pending)
+            self._emit(request, Queued(id=request.id, position=request.position))
+            self._cond.notify()
+
+    def cancel(self, request: Request, error: WavecastError | None = None) -> None:
+        request.cancel(error)
+        with self._cond:
+            self._cond.notify()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "queued": len(self._pending),
+                "active": len(self._active),
+                "steps_total": self.steps_total,
+                "completed": self.completed,
+                "cancelled": self.cancelled,
+                "failed": self.failed,
+            }
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread; requests still pending or active end in ``shutting_down``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def refuse_new(self) -> None:
+        with self._cond:
+            self._stopping = True
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._active
+
+    # -- inference thread ------------------------------------------------------------
+
+    def _emit(self, request: Request, message: ServerMessage) -> None:
+        self._loop.call_soon_threadsafe(request.sink, message)
+
+    def _run(self) -> None:
+        try:
+            self._engines = dict(self._factory())
+        except BaseException as exc:  # report any load failure to the loop
+            self._loop.call_soon_threadsafe(_set_exception, self._ready, exc)
+            return
+        self._loop.call_soon_threadsafe(_set_result, self._ready)
+        try:
+            while self._loop_once():
+                pass
+        except Exception:
+            log.exception("inference thread crashed")
+            for request in [*self._active, *self._pending]:
+                self._finish(request, "error", InternalError("the server failed"))
+        finally:
+            with self._cond:
+                leftover = [*self._active, *self._pending]
+                self._active.clear()
+                self._pending.clear()
+            for request in leftover:
+                self._finish(request, "error", ShuttingDown("the server is shutting down"))
+
+    def _loop_once(self) -> bool:
+        with self._cond:
+            while not self._pending and not self._active and not self._stopping:
+                self._cond.wait()
+            if self._stopping and not self._pending and not self._active:
+                return False
+            dropped = [r for r in self._pending if r.cancelled.is_set()]
+            for request in dropped:
+                self._pending.remove(request)
+            admitted: list[Request] = []
+            while self._pending and len(self._active) + len(admitted) < self.max_active:
+                admitted.append(self._pending.popleft())
+            moved = bool(dropped or admitted)
+            pending = list(self._pending)
+        for request in dropped:
+            self._finish(request, "cancelled")
+        if moved:
+            for position, request in enumerate(pending, start=1):
+                if request.position != position:
+                    request.position = position
+                    self._emit(request, Queued(id=request.id, position=position))
+        for request in admitted:
+            self._admit(request)
+        self._step_active()
+        return True
+
+    def _admit(self, request: Request) -> None:
+        if request.cancelled.is_set():
+            self._finish(request, "cancelled")
+            return
+        engine = self._engines[request.model]
+        request.started_at = time.perf_counter()
+        try:
+            request.job = engine.prepare(request.engine_request)
+        except WavecastError as exc:
+            exc.id = request.id
+            self._finish(request, "error", exc)
+            return
+        except Exception:
+            request.log.exception("prepare failed")
+            self._finish(request, "error", InternalError("the model failed on this request"))
+            return
+        info = engine.info
+        seed = request.job.extra.get("seed")
+        self._emit(
+            request,
+            Started(
+                id=request.id,
+                model=request.model,
+                sample_rate=info.sample_rate,
+                channels=info.channels,
+                format=request.format,  # type: ignore[arg-type]
+                seed=seed if isinstance(seed, int) else None,
+            ),
+        )
+        request.log.info("started (queued %.3f s)", request.started_at - request.submitted_at)
+        with self._cond:
+            self._active.append(request)
+
+    def _step_active(self) -> None:
+        with self._cond:
+            active = list(self._active)
+        runnable: dict[str, list[Request]] = {}
+        for request in active:
+            if request.cancelled.is_set():
+                self._release(request)
+                self._finish(request, "error" if request.cancel_error else "cancelled",
+                             request.cancel_error)
+            else:
+                runnable.setdefault(request.model, []).append(request)
+        for model, requests in runnable.items():
+            engine = self._engines[model]
+            jobs = [r.job for r in requests if r.job is not None]
+            try:
+                outputs = engine.step(jobs)
+            except Exception:
+                log.exception("step failed for model %s", model)
+                for request in requests:
+                    self._release(request)
+                    self._finish(request, "error", InternalError("the model failed"))
+                continue
+            self.steps_total += 1
+            for request, output in zip(requests, outputs, strict=True):
+                self._deliver(request, output)
+
+    def _deliver(self, request: Request, output: StepOutput) -> None:
+        info = self._engines[request.model].info
+        now = time.perf_counter()
+        if output.audio is not None and output.audio.shape[0] > 0:
+            if request.first_audio_at is None:
+                request.first_audio_at = now
+            self._emit(
+                request,
+                Audio(
+                    id=request.id,
+                    seq=request.seq,
+                    offset=request.samples,
+                    sample_rate=info.sample_rate,
+                    channels=info.channels,
+                    format=request.format,  # type: ignore[arg-type]
+                    data=to_pcm(output.audio, request.format),
+                ),
+            )
+            request.seq += 1
+            request.samples += int(output.audio.shape[0])
+        if output.done or output.fraction - request.last_fraction >= 0.01:
+            request.last_fraction = output.fraction
+            self._emit(request, Progress(id=request.id, fraction=output.fraction,
+                                         seconds=round(output.seconds, 4)))
+        if output.done:
+            self._release(request)
+            self._finish(request, "completed")
+
+    def _release(self, request: Request) -> None:
+        with self._cond:
+            if request in self._active:
+                self._active.remove(request)
+        if request.job is not None:
+            try:
+                self._engines[request.model].finish(request.job)
+            finally:
+                request.job = None
+
+    def _finish(self, request: Request, status: str, error: WavecastError | None = None) -> None:
+        now = time.perf_counter()
+        stats = None
+        if request.started_at:
+            sample_rate = self._engines[request.model].info.sample_rate
+            wall = now - request.started_at
+            audio_seconds = request.samples / sample_rate
+            stats = Stats(
+                audio_seconds=round(audio_seconds, 6),
+                wall_seconds=round(wall, 6),
+                first_audio_seconds=(
+                    round(request.first_audio_at - request.started_at, 6)
+                    if request.first_audio_at is not None
+                    else None
+                ),
+                real_time_factor=round(audio_seconds / wall, 4) if wall > 0 else 0.0,
+                samples=request.samples,
+                queued_seconds=round(request.started_at - request.submitted_at, 6),
+            )
+        info = ErrorInfo(code=error.code, message=error.message, field=error.field) if error else None
+        if status == "completed":
+            self.completed += 1
+        elif status == "cancelled":
+            self.cancelled += 1
+        else:
+            self.failed += 1
+        request.log.info("%s%s", status, f" ({error.code})" if error else "")
+        self._emit(request, Done(id=request.id, status=status, stats=stats,  # type: ignore[arg-type]
+                                 error=info))
+
+
+def _set_result(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _set_exception(future: asyncio.Future[None], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,265 @@
+"""One WebSocket connection: decode, validate, track requests, send.
+
+The reader decodes each frame (PROTOCOL.md §2), validates it and hands
+``generate`` to the scheduler; the scheduler's events come back through
+``_on_event`` on the event loop and wait in a send queue bounded by bytes
+(§7 ``send_buffer_bytes``) for the writer task. A client that does not read
+fast enough loses its requests (``slow_consumer``) rather than the server its
+memory. On disconnect every request of the connection is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from wavecast.protocol import (
+    PROTOCOL_VERSION,
+    Audio,
+    Cancel,
+    ClientError,
+    Done,
+    DuplicateId,
+    ErrorInfo,
+    ErrorMessage,
+    Generate,
+    Hello,
+    InvalidField,
+    Limits,
+    ModelInfo,
+    ServerMessage,
+    SlowConsumer,
+    TooManyRequests,
+    UnknownId,
+    UnknownModel,
+    WavecastError,
+    __version__,
+    decode,
+    encode,
+    resolve_params,
+)
+from wavecast.protocol.errors import CLOSE_POLICY_VIOLATION
+
+from .config import Config
+from .engines.base import EngineRequest
+from .scheduler import Request, Scheduler
+
+__all__ = ["Session"]
+
+log = logging.getLogger(__name__)
+_ids = itertools.count(1)
+
+
+class ContextAdapter(logging.LoggerAdapter[logging.Logger]):
+    """Puts the connection and request ids on every line."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = dict(self.extra or {})
+        kwargs.setdefault("extra", {}).update(extra)
+        tags = " ".join(f"{k}={v}" for k, v in extra.items())
+        return f"[{tags}] {msg}", kwargs
+
+
+def hello_message(config: Config, models: dict[str, ModelInfo]) -> Hello:
+    limits = config.limits
+    return Hello(
+        server="wavecast",
+        version=__version__,
+        protocol=PROTOCOL_VERSION,
+        models=tuple(models.values()),
+        limits=Limits(
+            max_frame_bytes=limits.max_frame_bytes,
+            max_requests_per_connection=limits.max_requests_per_connection,
+            max_queue=limits.max_queue,
+            max_active=limits.max_active,
+            max_prompt_chars=limits.max_prompt_chars,
+            send_buffer_bytes=limits.send_buffer_bytes,
+        ),
+    )
+
+
+class Session:
+    """Serves one connection until it closes."""
+
+    def __init__(
+        self,
+        websocket: ServerConnection,
+        scheduler: Scheduler,
+        config: Config,
+        *,
+        on_close: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.ws = websocket
+        self.scheduler = scheduler
+        self.config = config
+        self.conn_id = f"c{next(_ids)}"
+        self.log = ContextAdapter(log, {"conn": self.conn_id})
+        self.requests: dict[str, Request] = {}
+        self._queue: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self._queued_bytes = 0
+        self._closing = False
+        self._on_close = on_close
+        query = websocket.request.path.partition("?")[2] if websocket.request else ""
+        # Answers follow the client's encoding; ?encoding=json picks JSON from the start.
+        self.text = "encoding=json" in query.split("&")
+
+    async def run(self) -> None:
+        self.log.info("connected from %s", _peer(self.ws))
+        self._send(hello_message(self.config, self.scheduler.models))
+        try:
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self._writer())
+                try:
+                    await self._reader()
+                finally:
+                    self._cancel_all()
+                    self._queue.put_nowait(None)
+                    if self._closing:
+                        writer.cancel()
+        except* ConnectionClosed:
+            pass
+        finally:
+            if self._on_close is not None:
+                self._on_close(self)
+            self.log.info("disconnected (%s)", self.ws.close_code)
+
+    # -- reading -------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        try:
+            async for frame in self.ws:
+                self._handle(frame)
+        except ConnectionClosed:
+            pass
+
+    def _handle(self, frame: bytes | str) -> None:
+        self.text = isinstance(frame, str)
+        try:
+            message = decode(frame)
+        except ClientError as exc:
+            self._refuse(exc, frame_type=exc.message_type)
+            return
+        if isinstance(message, Generate):
+            self._generate(message)
+        elif isinstance(message, Cancel):
+            self._cancel(message)
+        else:
+            self._send(ErrorMessage(code="unknown_type", field="type",
+                                    message=f"{message.type!r} is sent by servers, not clients"))
+
+    def _refuse(self, exc: WavecastError, *, frame_type: str | None) -> None:
+        """Answer a bad frame: a ``done`` if it opened a request, else an ``error``."""
+        if frame_type == "generate" and exc.id is not None and exc.id not in self.requests:
+            self._send(Done(id=exc.id, status="error",
+                            error=ErrorInfo(exc.code, exc.message, exc.field)))
+        else:
+            self._send(ErrorMessage(code=exc.code, message=exc.message, field=exc.field,
+                                    id=exc.id))
+
+    def _generate(self, message: Generate) -> None:
+        limits = self.config.limits
+        if message.id in self.requests:
+            self._refuse(DuplicateId(f"request {message.id!r} is already in flight",
+                                     field="id", id=message.id), frame_type=None)
+            return
+        try:
+            if len(self.requests) >= limits.max_requests_per_connection:
+                raise TooManyRequests(
+                    f"at most {limits.max_requests_per_connection} requests in flight "
+                    "per connection", id=message.id)
+            models = self.scheduler.models
+            if message.model not in models:
+                raise UnknownModel(
+                    f"model {message.model[:100]!r} is not served here "
+                    f"(available: {', '.join(models)})", field="model", id=message.id)
+            if len(message.prompt) > limits.max_prompt_chars:
+                raise InvalidField(f"prompt is longer than {limits.max_prompt_chars} characters",
+                                   field="prompt", id=message.id)
+            params = resolve_params(models[message.model].params, message.params,
+                                    request_id=message.id)
+            request = Request(
+                id=message.id,
+                model=message.model,
+                engine_request=EngineRequest(message.id, message.prompt, params),
+                format=message.format,
+                sink=self._on_event,
+                log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
+            )
+            self.requests[message.id] = request
+            try:
+                self.scheduler.submit(request)
+            except WavecastError:
+                del self.requests[message.id]
+                raise
+        except WavecastError as exc:
+            exc.id = message.id
+            self._refuse(exc, frame_type="generate")
+            return
+        request.log.info("generate model=%s params=%s", message.model, params)
+
+    def _cancel(self, message: Cancel) -> None:
+        request = self.requests.get(message.id)
+        if request is None:
+            self._send(ErrorMessage(code=UnknownId.code, field="id", id=message.id,
+                                    message=f"no request {message.id!r} in flight"))
+            return
+        request.log.info("cancel requested")
+        self.scheduler.cancel(request)
+
+    def _cancel_all(self, error: WavecastError | None = None) -> None:
+        for request in self.requests.values():
+            self.scheduler.cancel(request, error)
+
+    # -- writing -------------------------------------------------------------------
+
+    def _on_event(self, message: ServerMessage) -> None:
+        if isinstance(message, Done):
+            self.requests.pop(message.id, None)
+        elif isinstance(message, Audio) and message.id not in self.requests:
+            return
+        self._send(message)
+
+    def _send(self, message: ServerMessage) -> None:
+        if self._closing:
+            return
+        frame = encode(message, text=self.text)
+        size = len(frame)
+        if isinstance(message, Audio) and self._queued_bytes + size > (
+            self.config.limits.send_buffer_bytes
+        ):
+            self._slow_consumer()
+            return
+        self._queued_bytes += size
+        self._queue.put_nowait(frame)
+
+    def _slow_consumer(self) -> None:
+        self.log.warning("send buffer full (%d bytes): closing", self._queued_bytes)
+        error = SlowConsumer("the client does not read audio as fast as it is produced")
+        self._cancel_all(error)
+        self._closing = True
+        self._queue.put_nowait(None)
+        asyncio.get_running_loop().create_task(
+            self.ws.close(CLOSE_POLICY_VIOLATION, "slow consumer")
+        )
+
+    async def _writer(self) -> None:
+        while True:
+            frame = await self._queue.get()
+            if frame is None:
+                return
+            self._queued_bytes -= len(frame)
+            await self.ws.send(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if address else "?"
