@@ -31,10 +31,12 @@ class ProgressBar:
 
     def show(self, fraction: float, seconds: float, note: str = "") -> None:
         width = 30
-        filled = int(round(fraction * width))
+        filled = round(fraction * width)
         elapsed = time.perf_counter() - self.started
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}% "
-                f"{seconds:6.2f} s of audio, {elapsed:5.1f} s elapsed {note}")
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}% "
+            f"{seconds:6.2f} s of audio, {elapsed:5.1f} s elapsed {note}"
+        )
         if self.tty:
             self.stream.write("\r" + line.ljust(len(self.last_line)))
         elif int(fraction * 10) != int(self._last_fraction() * 10) or fraction >= 1.0:
@@ -74,13 +76,16 @@ async def _generate(args: argparse.Namespace) -> int:
         stream = await client.generate(model, args.prompt, params=params, format=args.format)
         loop = asyncio.get_running_loop()
         cancel_sent = False
+        tasks: set[asyncio.Task[None]] = set()
 
         def on_interrupt() -> None:
             nonlocal cancel_sent
             if not cancel_sent:
                 cancel_sent = True
                 bar.message("cancelling…")
-                loop.create_task(stream.cancel())
+                task = loop.create_task(stream.cancel())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
 
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGINT, on_interrupt)
@@ -102,21 +107,34 @@ async def _generate(args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(signal.SIGINT)
         done = stream.done
         assert isinstance(done, Done)
-        result = GenerationResult(stream.id, done.status, bytes(pcm), sample_rate, channels,
-                                  args.format, done.stats, None, seed)
+        result = GenerationResult(
+            stream.id,
+            done.status,
+            bytes(pcm),
+            sample_rate,
+            channels,
+            args.format,
+            done.stats,
+            None,
+            seed,
+        )
         if done.status == "error" and done.error is not None:
             bar.message(f"error: {done.error.code}: {done.error.message}")
             return 1
         if result.frames and args.output is not None:
             _write_wav(args.output, result)
-            bar.message(f"wrote {args.output} ({result.frames / sample_rate:.2f} s, "
-                        f"{sample_rate} Hz, {channels} ch, seed {seed})")
+            bar.message(
+                f"wrote {args.output} ({result.frames / sample_rate:.2f} s, "
+                f"{sample_rate} Hz, {channels} ch, seed {seed})"
+            )
         if done.stats is not None:
             s = done.stats
             first = f"{s.first_audio_seconds * 1000:.0f} ms" if s.first_audio_seconds else "-"
-            bar.message(f"{done.status}: {s.audio_seconds:.2f} s of audio in "
-                        f"{s.wall_seconds:.2f} s (x{s.real_time_factor:.2f} real time), "
-                        f"first audio after {first}")
+            bar.message(
+                f"{done.status}: {s.audio_seconds:.2f} s of audio in "
+                f"{s.wall_seconds:.2f} s (x{s.real_time_factor:.2f} real time), "
+                f"first audio after {first}"
+            )
         return 130 if done.status == "cancelled" else 0
 
 
@@ -137,15 +155,25 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--cfg-coef", type=float, dest="cfg_coef")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--format", choices=("pcm_s16le", "pcm_f32le"), default="pcm_s16le",
-                        help="sample format on the wire and in the WAV file")
-    parser.add_argument("-o", "--output", type=Path, default=Path("out.wav"),
-                        help="WAV file to write (default %(default)s)")
+    parser.add_argument(
+        "--format",
+        choices=("pcm_s16le", "pcm_f32le"),
+        default="pcm_s16le",
+        help="sample format on the wire and in the WAV file",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.wav"),
+        help="WAV file to write (default %(default)s)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wavecast",
-                                     description="Real-time audio generation over WebSocket")
+    parser = argparse.ArgumentParser(
+        prog="wavecast", description="Real-time audio generation over WebSocket"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the server (demo page at /)")
     generate = commands.add_parser("generate", help="generate music and write a WAV file")

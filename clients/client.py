@@ -130,7 +130,11 @@ class RequestStream:
         async for event in self:
             if isinstance(event, Started):
                 sample_rate, channels, fmt, seed = (
-                    event.sample_rate, event.channels, event.format, event.seed)
+                    event.sample_rate,
+                    event.channels,
+                    event.format,
+                    event.seed,
+                )
             elif isinstance(event, Audio):
                 if event.offset * channels * BYTES_PER_SAMPLE[fmt] != len(pcm):
                     raise RuntimeError(f"audio chunk {event.seq} is not contiguous")
@@ -142,8 +146,15 @@ class RequestStream:
             info = self.done.error
             error = error_class(info.code)(info.message, field=info.field, id=self.id)
         return GenerationResult(
-            id=self.id, status=self.done.status, pcm=bytes(pcm), sample_rate=sample_rate,
-            channels=channels, format=fmt, stats=self.done.stats, error=error, seed=seed,
+            id=self.id,
+            status=self.done.status,
+            pcm=bytes(pcm),
+            sample_rate=sample_rate,
+            channels=channels,
+            format=fmt,
+            stats=self.done.stats,
+            error=error,
+            seed=seed,
             chunks=chunks,
         )
 
@@ -173,10 +184,13 @@ class Client:
         try:
             async for frame in self.ws:
                 message = decode(frame)
+                if isinstance(message, Generate | Cancel):
+                    continue  # a client message coming back: not ours to handle
                 target = getattr(message, "id", None)
                 stream = self._streams.get(target) if isinstance(target, str) else None
-                if isinstance(message, ErrorMessage) and (stream is None or
-                                                          message.code == "duplicate_id"):
+                if isinstance(message, ErrorMessage) and (
+                    stream is None or message.code == "duplicate_id"
+                ):
                     self.errors = [*self.errors[-99:], message]
                     continue
                 if stream is None:
@@ -225,8 +239,7 @@ class Client:
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         merged = {**(params or {}), **kwargs}
-        message = Generate(id=request_id, model=model, prompt=prompt, params=merged,
-                           format=format)  # type: ignore[arg-type]
+        message = Generate(id=request_id, model=model, prompt=prompt, params=merged, format=format)  # type: ignore[arg-type]
         try:
             await self._send(message)
         except BaseException:
@@ -251,7 +264,7 @@ class Client:
         await self.close()
 
 
-class connect:  # noqa: N801 - used like a function, as websockets' connect
+class connect:
     """Connect to a server: ``async with connect(url) as client`` or ``await connect(url)``.
 
     Args:
@@ -270,8 +283,9 @@ class connect:  # noqa: N801 - used like a function, as websockets' connect
         url = self.url
         if self.text:
             url += ("&" if "?" in url else "?") + "encoding=json"
-        ws = await ws_connect(url, max_size=64 << 20, compression=None,
-                              open_timeout=self.open_timeout)
+        ws = await ws_connect(
+            url, max_size=64 << 20, compression=None, open_timeout=self.open_timeout
+        )
         try:
             first = await asyncio.wait_for(ws.recv(), self.open_timeout)
             hello = decode(first)

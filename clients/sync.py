@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -21,6 +21,10 @@ from .client import Client, GenerationResult, RequestStream, connect
 __all__ = ["SyncClient", "SyncRequest"]
 
 T = TypeVar("T")
+
+
+async def _next(iterator: AsyncIterator[ServerMessage]) -> ServerMessage:
+    return await anext(iterator)
 
 
 class SyncRequest:
@@ -35,7 +39,7 @@ class SyncRequest:
         iterator = self._stream.__aiter__()
         while True:
             try:
-                yield self._owner._run(anext(iterator))
+                yield self._owner._run(_next(iterator))
             except StopAsyncIteration:
                 return
 
@@ -51,12 +55,14 @@ class SyncClient:
 
     def __init__(self, url: str, *, text: bool = False, open_timeout: float = 10.0) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="wavecast-client",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="wavecast-client", daemon=True
+        )
         self._thread.start()
         try:
-            self._client: Client = self._run(connect(url, text=text,
-                                                     open_timeout=open_timeout)._connect())
+            self._client: Client = self._run(
+                connect(url, text=text, open_timeout=open_timeout)._connect()
+            )
         except BaseException:
             self._stop_loop()
             raise

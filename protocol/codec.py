@@ -48,6 +48,7 @@ MAX_PARAM_NAME = 64
 MAX_STRING_PARAM = 4096
 MAX_PROMPT_CHARS = 16384
 _MAX_FRAME = 64 * 1024 * 1024
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # what msgpack carries
 
 T = TypeVar("T")
 
@@ -190,7 +191,7 @@ class _Fields:
             return None
         return self.wire[name]
 
-    def str(self, name: str, *, max_len: int, required: bool = True, min_len: int = 0) -> Any:
+    def string(self, name: str, *, max_len: int, required: bool = True, min_len: int = 0) -> Any:
         value = self._get(name, required)
         if value is None:
             return None
@@ -201,12 +202,12 @@ class _Fields:
         return value
 
     def ident(self, name: str = "id") -> str:
-        value: str = self.str(name, max_len=MAX_ID_LENGTH, min_len=1)
+        value: str = self.string(name, max_len=MAX_ID_LENGTH, min_len=1)
         if not value.isprintable():
             raise self._fail(name, "must be printable")
         return value
 
-    def int(self, name: str, *, lo: int = 0, required: bool = True) -> Any:
+    def integer(self, name: str, *, lo: int = 0, required: bool = True) -> Any:
         value = self._get(name, required)
         if value is None:
             return None
@@ -214,9 +215,11 @@ class _Fields:
             raise self._fail(name, "must be an integer")
         if value < lo:
             raise self._fail(name, f"must be >= {lo}")
+        if value > _INT_MAX:
+            raise self._fail(name, f"must be <= {_INT_MAX}")
         return value
 
-    def float(self, name: str, *, required: bool = True) -> Any:
+    def number(self, name: str, *, required: bool = True) -> Any:
         value = self._get(name, required)
         if value is None:
             return None
@@ -226,7 +229,7 @@ class _Fields:
             raise self._fail(name, "must be finite")
         return float(value)
 
-    def bool(self, name: str) -> bool:
+    def boolean(self, name: str) -> bool:
         value = self._get(name, True)
         if not isinstance(value, bool):
             raise self._fail(name, "must be a boolean")
@@ -241,7 +244,7 @@ class _Fields:
             raise self._fail(name, f"must be one of {', '.join(map(repr, choices))}")
         return cast(T, value)
 
-    def bytes(self, name: str) -> bytes:
+    def binary(self, name: str) -> bytes:
         value = self._get(name, True)
         if self.text:
             if not isinstance(value, str):
@@ -254,7 +257,7 @@ class _Fields:
             raise self._fail(name, "must be binary")
         return value
 
-    def map(self, name: str, *, required: bool = True) -> Any:
+    def mapping(self, name: str, *, required: bool = True) -> Any:
         value = self._get(name, required)
         if value is None:
             return None
@@ -262,7 +265,7 @@ class _Fields:
             raise self._fail(name, "must be a map")
         return value
 
-    def list(self, name: str) -> list[Any]:
+    def array(self, name: str) -> list[Any]:
         value = self._get(name, False)
         if value is None:
             return []
@@ -279,7 +282,7 @@ class _Fields:
 
 
 def _params(f: _Fields) -> dict[str, ParamValue]:
-    raw = f.map("params", required=False) or {}
+    raw = f.mapping("params", required=False) or {}
     if len(raw) > MAX_PARAMS:
         raise InvalidField(f"at most {MAX_PARAMS} params", field="params", id=f.id)
     out: dict[str, ParamValue] = {}
@@ -289,6 +292,8 @@ def _params(f: _Fields) -> dict[str, ParamValue]:
             raise InvalidField("param names must be short strings", field="params", id=f.id)
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidField(f"field {name!r} must be finite", field=name, id=f.id)
+        if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+            raise InvalidField(f"field {name!r} is out of the 64-bit range", field=name, id=f.id)
         if isinstance(value, str) and len(value) > MAX_STRING_PARAM:
             raise InvalidField(f"field {name!r} is too long", field=name, id=f.id)
         if value is not None and not isinstance(value, bool | int | float | str):
@@ -300,8 +305,8 @@ def _params(f: _Fields) -> dict[str, ParamValue]:
 def _generate(f: _Fields) -> Generate:
     return Generate(
         id=f.ident(),
-        model=f.str("model", max_len=256, min_len=1),
-        prompt=f.str("prompt", max_len=MAX_PROMPT_CHARS, required=False) or "",
+        model=f.string("model", max_len=256, min_len=1),
+        prompt=f.string("prompt", max_len=MAX_PROMPT_CHARS, required=False) or "",
         params=_params(f),
         format=f.choice("format", AUDIO_FORMATS, default="pcm_s16le"),
     )
@@ -312,106 +317,106 @@ def _cancel(f: _Fields) -> Cancel:
 
 
 def _param_spec(f: _Fields) -> ParamSpec:
-    choices = f.list("choices")
+    choices = f.array("choices")
     return ParamSpec(
-        name=f.str("name", max_len=MAX_PARAM_NAME, min_len=1),
+        name=f.string("name", max_len=MAX_PARAM_NAME, min_len=1),
         kind=f.choice("kind", ("int", "float", "bool", "str")),
         default=f.wire.get("default"),
-        min=f.float("min", required=False),
-        max=f.float("max", required=False),
+        min=f.number("min", required=False),
+        max=f.number("max", required=False),
         choices=tuple(str(c) for c in choices) if choices else None,
-        description=f.str("description", max_len=4096, required=False) or "",
+        description=f.string("description", max_len=4096, required=False) or "",
     )
 
 
 def _model_info(f: _Fields) -> ModelInfo:
     return ModelInfo(
-        name=f.str("name", max_len=256, min_len=1),
-        family=f.str("family", max_len=64),
-        description=f.str("description", max_len=4096, required=False) or "",
-        sample_rate=f.int("sample_rate", lo=1),
-        channels=f.int("channels", lo=1),
-        test_model=f.bool("test_model"),
-        max_duration=f.float("max_duration"),
-        params=tuple(_param_spec(f.sub("params", p)) for p in f.list("params")),
-        capabilities=tuple(str(c) for c in f.list("capabilities")),
+        name=f.string("name", max_len=256, min_len=1),
+        family=f.string("family", max_len=64),
+        description=f.string("description", max_len=4096, required=False) or "",
+        sample_rate=f.integer("sample_rate", lo=1),
+        channels=f.integer("channels", lo=1),
+        test_model=f.boolean("test_model"),
+        max_duration=f.number("max_duration"),
+        params=tuple(_param_spec(f.sub("params", p)) for p in f.array("params")),
+        capabilities=tuple(str(c) for c in f.array("capabilities")),
     )
 
 
 def _limits(f: _Fields) -> Limits:
     return Limits(
-        max_frame_bytes=f.int("max_frame_bytes", lo=1),
-        max_requests_per_connection=f.int("max_requests_per_connection", lo=1),
-        max_queue=f.int("max_queue"),
-        max_active=f.int("max_active", lo=1),
-        max_prompt_chars=f.int("max_prompt_chars", lo=1),
-        send_buffer_bytes=f.int("send_buffer_bytes", lo=1),
+        max_frame_bytes=f.integer("max_frame_bytes", lo=1),
+        max_requests_per_connection=f.integer("max_requests_per_connection", lo=1),
+        max_queue=f.integer("max_queue"),
+        max_active=f.integer("max_active", lo=1),
+        max_prompt_chars=f.integer("max_prompt_chars", lo=1),
+        send_buffer_bytes=f.integer("send_buffer_bytes", lo=1),
     )
 
 
 def _hello(f: _Fields) -> Hello:
     return Hello(
-        server=f.str("server", max_len=256),
-        version=f.str("version", max_len=64),
-        protocol=f.int("protocol", lo=1),
-        models=tuple(_model_info(f.sub("models", m)) for m in f.list("models")),
-        limits=_limits(f.sub("limits", f.map("limits"))),
+        server=f.string("server", max_len=256),
+        version=f.string("version", max_len=64),
+        protocol=f.integer("protocol", lo=1),
+        models=tuple(_model_info(f.sub("models", m)) for m in f.array("models")),
+        limits=_limits(f.sub("limits", f.mapping("limits"))),
     )
 
 
 def _queued(f: _Fields) -> Queued:
-    return Queued(id=f.ident(), position=f.int("position", lo=1))
+    return Queued(id=f.ident(), position=f.integer("position", lo=1))
 
 
 def _started(f: _Fields) -> Started:
     return Started(
         id=f.ident(),
-        model=f.str("model", max_len=256, min_len=1),
-        sample_rate=f.int("sample_rate", lo=1),
-        channels=f.int("channels", lo=1),
+        model=f.string("model", max_len=256, min_len=1),
+        sample_rate=f.integer("sample_rate", lo=1),
+        channels=f.integer("channels", lo=1),
         format=f.choice("format", AUDIO_FORMATS),
-        seed=f.int("seed", required=False),
+        seed=f.integer("seed", required=False),
     )
 
 
 def _progress(f: _Fields) -> Progress:
-    return Progress(id=f.ident(), fraction=f.float("fraction"), seconds=f.float("seconds"))
+    return Progress(id=f.ident(), fraction=f.number("fraction"), seconds=f.number("seconds"))
 
 
 def _audio(f: _Fields) -> Audio:
     return Audio(
         id=f.ident(),
-        seq=f.int("seq"),
-        offset=f.int("offset"),
-        sample_rate=f.int("sample_rate", lo=1),
-        channels=f.int("channels", lo=1),
+        seq=f.integer("seq"),
+        offset=f.integer("offset"),
+        sample_rate=f.integer("sample_rate", lo=1),
+        channels=f.integer("channels", lo=1),
         format=f.choice("format", AUDIO_FORMATS),
-        data=f.bytes("data"),
+        data=f.binary("data"),
     )
 
 
 def _stats(f: _Fields) -> Stats:
     return Stats(
-        audio_seconds=f.float("audio_seconds"),
-        wall_seconds=f.float("wall_seconds"),
-        first_audio_seconds=f.float("first_audio_seconds", required=False),
-        real_time_factor=f.float("real_time_factor"),
-        samples=f.int("samples"),
-        queued_seconds=f.float("queued_seconds", required=False) or 0.0,
+        audio_seconds=f.number("audio_seconds"),
+        wall_seconds=f.number("wall_seconds"),
+        first_audio_seconds=f.number("first_audio_seconds", required=False),
+        real_time_factor=f.number("real_time_factor"),
+        samples=f.integer("samples"),
+        queued_seconds=f.number("queued_seconds", required=False) or 0.0,
     )
 
 
 def _error_info(f: _Fields) -> ErrorInfo:
     return ErrorInfo(
-        code=f.str("code", max_len=64, min_len=1),
-        message=f.str("message", max_len=4096),
-        field=f.str("field", max_len=256, required=False),
+        code=f.string("code", max_len=64, min_len=1),
+        message=f.string("message", max_len=4096),
+        field=f.string("field", max_len=256, required=False),
     )
 
 
 def _done(f: _Fields) -> Done:
-    stats = f.map("stats", required=False)
-    error = f.map("error", required=False)
+    stats = f.mapping("stats", required=False)
+    error = f.mapping("error", required=False)
     return Done(
         id=f.ident(),
         status=f.choice("status", DONE_STATUSES),
@@ -422,10 +427,10 @@ def _done(f: _Fields) -> Done:
 
 def _error(f: _Fields) -> ErrorMessage:
     return ErrorMessage(
-        code=f.str("code", max_len=64, min_len=1),
-        message=f.str("message", max_len=4096),
-        field=f.str("field", max_len=256, required=False),
-        id=f.str("id", max_len=MAX_ID_LENGTH, required=False),
+        code=f.string("code", max_len=64, min_len=1),
+        message=f.string("message", max_len=4096),
+        field=f.string("field", max_len=256, required=False),
+        id=f.string("id", max_len=MAX_ID_LENGTH, required=False),
     )
 
 

@@ -98,8 +98,13 @@ class WavecastServer:
             server_header=f"wavecast/{__version__}",
         )
         names = ", ".join(self.scheduler.models)
-        log.info("serving %s at %s (demo page: http://%s:%d/)", names, self.url,
-                 self.config.network.host, self.port)
+        log.info(
+            "serving %s at %s (demo page: http://%s:%d/)",
+            names,
+            self.url,
+            self.config.network.host,
+            self.port,
+        )
 
     def _healthy(self) -> bool:
         return self.scheduler is not None and self._server is not None
@@ -122,8 +127,7 @@ class WavecastServer:
         if len(self.sessions) >= self.config.limits.max_connections:
             await websocket.close(1013, "too many connections")
             return
-        session = Session(websocket, self.scheduler, self.config,
-                          on_close=self.sessions.discard)
+        session = Session(websocket, self.scheduler, self.config, on_close=self.sessions.discard)
         self.sessions.add(session)
         await session.run()
 
@@ -139,14 +143,12 @@ class WavecastServer:
             server.close(close_connections=False)
         if scheduler is not None:
             scheduler.refuse_new()
-            deadline = time.monotonic() + self.config.timeouts.shutdown_grace
-            while not scheduler.idle and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            for session in list(self.sessions):
-                for request in list(session.requests.values()):
-                    scheduler.cancel(request, ShuttingDown("the server is shutting down"))
-            while not scheduler.idle and time.monotonic() < deadline + 2.0:
-                await asyncio.sleep(0.02)
+            grace = self.config.timeouts.shutdown_grace
+            if not await scheduler.wait_idle(grace):
+                for session in list(self.sessions):
+                    for request in list(session.requests.values()):
+                        scheduler.cancel(request, ShuttingDown("the server is shutting down"))
+                await scheduler.wait_idle(2.0)
             await asyncio.sleep(0.05)  # let the last `done` frames reach the writers
         if server is not None:
             server.close(close_connections=True)

@@ -32,31 +32,56 @@ def _env(name: str, default: str | None) -> str | None:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits = LimitsConfig()
-    parser.add_argument("--host", default=_env("HOST", NetworkConfig().host),
-                        help="address to listen on (env WAVECAST_HOST; default %(default)s)")
-    parser.add_argument("--port", type=int, default=int(_env("PORT", "5555") or 5555),
-                        help="port; 0 picks a free one (env WAVECAST_PORT; default %(default)s)")
-    parser.add_argument("--model", action="append", dest="models", metavar="NAME",
-                        help="model to serve, repeatable: a Hugging Face name such as "
-                        f"{DEFAULT_MODEL}, a local checkpoint folder, or tiny-musicgen "
-                        "(offline random-weight test model) (env WAVECAST_MODEL, "
-                        f"comma-separated; default {DEFAULT_MODEL})")
-    parser.add_argument("--device", default=_env("DEVICE", "auto"),
-                        help="auto | cpu | cuda | cuda:N (env WAVECAST_DEVICE)")
-    parser.add_argument("--max-queue", type=int,
-                        default=int(_env("MAX_QUEUE", str(limits.max_queue)) or 0))
-    parser.add_argument("--max-active", type=int,
-                        default=int(_env("MAX_ACTIVE", str(limits.max_active)) or 1),
-                        help="requests generated at once per device, interleaved step by step")
-    parser.add_argument("--max-requests-per-connection", type=int,
-                        default=limits.max_requests_per_connection)
+    parser.add_argument(
+        "--host",
+        default=_env("HOST", NetworkConfig().host),
+        help="address to listen on (env WAVECAST_HOST; default %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("PORT", "5555") or 5555),
+        help="port; 0 picks a free one (env WAVECAST_PORT; default %(default)s)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="model to serve, repeatable: a Hugging Face name such as "
+        f"{DEFAULT_MODEL}, a local checkpoint folder, or tiny-musicgen "
+        "(offline random-weight test model) (env WAVECAST_MODEL, "
+        f"comma-separated; default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--device",
+        default=_env("DEVICE", "auto"),
+        help="auto | cpu | cuda | cuda:N (env WAVECAST_DEVICE)",
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=int(_env("MAX_QUEUE", str(limits.max_queue)) or 0)
+    )
+    parser.add_argument(
+        "--max-active",
+        type=int,
+        default=int(_env("MAX_ACTIVE", str(limits.max_active)) or 1),
+        help="requests generated at once per device, interleaved step by step",
+    )
+    parser.add_argument(
+        "--max-requests-per-connection", type=int, default=limits.max_requests_per_connection
+    )
     parser.add_argument("--max-frame-bytes", type=int, default=limits.max_frame_bytes)
     parser.add_argument("--send-buffer-bytes", type=int, default=limits.send_buffer_bytes)
-    parser.add_argument("--chunk-frames", type=int, default=ModelsConfig().chunk_frames,
-                        help="codec frames per audio chunk after the first")
+    parser.add_argument(
+        "--chunk-frames",
+        type=int,
+        default=ModelsConfig().chunk_frames,
+        help="codec frames per audio chunk after the first",
+    )
     parser.add_argument("--web-demo", type=Path, default=None, help="serve this folder at /")
-    parser.add_argument("--log-format", choices=("text", "json"),
-                        default=_env("LOG_FORMAT", "text"))
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text")
+    )
     parser.add_argument("--log-file", type=Path, default=_env("LOG_FILE", None))
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 

@@ -80,8 +80,11 @@ class HttpRoutes:
         path = request.path.partition("?")[0]
         if path == STREAM_PATH:
             if "upgrade" not in request.headers.get("Connection", "").lower():
-                return _response(http.HTTPStatus.UPGRADE_REQUIRED,
-                                 b"connect with a WebSocket client\n", "text/plain")
+                return _response(
+                    http.HTTPStatus.UPGRADE_REQUIRED,
+                    b"connect with a WebSocket client\n",
+                    "text/plain",
+                )
             return None  # the WebSocket handshake goes on
         if path == "/healthz":
             if self.healthy():

@@ -33,6 +33,7 @@ from wavecast.protocol import (
     Stats,
     WavecastError,
 )
+from wavecast.protocol.messages import AudioFormat, DoneStatus
 
 from .audio import to_pcm
 from .engines.base import Engine, EngineRequest, Job, StepOutput
@@ -52,7 +53,7 @@ class Request:
     id: str
     model: str
     engine_request: EngineRequest
-    format: str
+    format: AudioFormat
     sink: Sink
     log: logging.LoggerAdapter[logging.Logger]
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -97,6 +98,7 @@ class Scheduler:
         self._engines: Mapping[str, Engine] = {}
         self._ready: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._idle_event = asyncio.Event()  # set on the loop when nothing is queued or running
         # Counters, read by /v1/info and the tests.
         self.steps_total = 0
         self.completed = 0
@@ -150,6 +152,21 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until no request is queued or running; False on timeout."""
+        if self.idle:
+            return True
+        self._idle_event.clear()
+        try:
+            await asyncio.wait_for(self._idle_event.wait(), timeout)
+        except TimeoutError:
+            return self.idle
+        return True
+
+    def _notify_idle(self) -> None:
+        if self.idle:
+            self._idle_event.set()
+
     def refuse_new(self) -> None:
         with self._cond:
             self._stopping = True
@@ -188,6 +205,8 @@ class Scheduler:
 
     def _loop_once(self) -> bool:
         with self._cond:
+            if not self._pending and not self._active:
+                self._loop.call_soon_threadsafe(self._notify_idle)
             while not self._pending and not self._active and not self._stopping:
                 self._cond.wait()
             if self._stopping and not self._pending and not self._active:
@@ -237,7 +256,7 @@ class Scheduler:
                 model=request.model,
                 sample_rate=info.sample_rate,
                 channels=info.channels,
-                format=request.format,  # type: ignore[arg-type]
+                format=request.format,
                 seed=seed if isinstance(seed, int) else None,
             ),
         )
@@ -252,8 +271,9 @@ class Scheduler:
         for request in active:
             if request.cancelled.is_set():
                 self._release(request)
-                self._finish(request, "error" if request.cancel_error else "cancelled",
-                             request.cancel_error)
+                self._finish(
+                    request, "error" if request.cancel_error else "cancelled", request.cancel_error
+                )
             else:
                 runnable.setdefault(request.model, []).append(request)
         for model, requests in runnable.items():
@@ -285,7 +305,7 @@ class Scheduler:
                     offset=request.samples,
                     sample_rate=info.sample_rate,
                     channels=info.channels,
-                    format=request.format,  # type: ignore[arg-type]
+                    format=request.format,
                     data=to_pcm(output.audio, request.format),
                 ),
             )
@@ -293,8 +313,10 @@ class Scheduler:
             request.samples += int(output.audio.shape[0])
         if output.done or output.fraction - request.last_fraction >= 0.01:
             request.last_fraction = output.fraction
-            self._emit(request, Progress(id=request.id, fraction=output.fraction,
-                                         seconds=round(output.seconds, 4)))
+            self._emit(
+                request,
+                Progress(id=request.id, fraction=output.fraction, seconds=round(output.seconds, 4)),
+            )
         if output.done:
             self._release(request)
             self._finish(request, "completed")
@@ -309,7 +331,9 @@ class Scheduler:
             finally:
                 request.job = None
 
-    def _finish(self, request: Request, status: str, error: WavecastError | None = None) -> None:
+    def _finish(
+        self, request: Request, status: DoneStatus, error: WavecastError | None = None
+    ) -> None:
         now = time.perf_counter()
         stats = None
         if request.started_at:
@@ -328,7 +352,9 @@ class Scheduler:
                 samples=request.samples,
                 queued_seconds=round(request.started_at - request.submitted_at, 6),
             )
-        info = ErrorInfo(code=error.code, message=error.message, field=error.field) if error else None
+        info = (
+            ErrorInfo(code=error.code, message=error.message, field=error.field) if error else None
+        )
         if status == "completed":
             self.completed += 1
         elif status == "cancelled":
@@ -336,8 +362,15 @@ class Scheduler:
         else:
             self.failed += 1
         request.log.info("%s%s", status, f" ({error.code})" if error else "")
-        self._emit(request, Done(id=request.id, status=status, stats=stats,  # type: ignore[arg-type]
-                                 error=info))
+        self._emit(
+            request,
+            Done(
+                id=request.id,
+                status=status,
+                stats=stats,
+                error=info,
+            ),
+        )
 
 
 def _set_result(future: asyncio.Future[None]) -> None:

@@ -104,6 +104,7 @@ class Session:
         self._queue: asyncio.Queue[bytes | str | None] = asyncio.Queue()
         self._queued_bytes = 0
         self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
         self._on_close = on_close
         query = websocket.request.path.partition("?")[2] if websocket.request else ""
         # Answers follow the client's encoding; ?encoding=json picks JSON from the start.
@@ -150,39 +151,57 @@ class Session:
         elif isinstance(message, Cancel):
             self._cancel(message)
         else:
-            self._send(ErrorMessage(code="unknown_type", field="type",
-                                    message=f"{message.type!r} is sent by servers, not clients"))
+            self._send(
+                ErrorMessage(
+                    code="unknown_type",
+                    field="type",
+                    message=f"{message.type!r} is sent by servers, not clients",
+                )
+            )
 
     def _refuse(self, exc: WavecastError, *, frame_type: str | None) -> None:
         """Answer a bad frame: a ``done`` if it opened a request, else an ``error``."""
         if frame_type == "generate" and exc.id is not None and exc.id not in self.requests:
-            self._send(Done(id=exc.id, status="error",
-                            error=ErrorInfo(exc.code, exc.message, exc.field)))
+            self._send(
+                Done(id=exc.id, status="error", error=ErrorInfo(exc.code, exc.message, exc.field))
+            )
         else:
-            self._send(ErrorMessage(code=exc.code, message=exc.message, field=exc.field,
-                                    id=exc.id))
+            self._send(ErrorMessage(code=exc.code, message=exc.message, field=exc.field, id=exc.id))
 
     def _generate(self, message: Generate) -> None:
         limits = self.config.limits
         if message.id in self.requests:
-            self._refuse(DuplicateId(f"request {message.id!r} is already in flight",
-                                     field="id", id=message.id), frame_type=None)
+            self._refuse(
+                DuplicateId(
+                    f"request {message.id!r} is already in flight", field="id", id=message.id
+                ),
+                frame_type=None,
+            )
             return
         try:
             if len(self.requests) >= limits.max_requests_per_connection:
                 raise TooManyRequests(
                     f"at most {limits.max_requests_per_connection} requests in flight "
-                    "per connection", id=message.id)
+                    "per connection",
+                    id=message.id,
+                )
             models = self.scheduler.models
             if message.model not in models:
                 raise UnknownModel(
                     f"model {message.model[:100]!r} is not served here "
-                    f"(available: {', '.join(models)})", field="model", id=message.id)
+                    f"(available: {', '.join(models)})",
+                    field="model",
+                    id=message.id,
+                )
             if len(message.prompt) > limits.max_prompt_chars:
-                raise InvalidField(f"prompt is longer than {limits.max_prompt_chars} characters",
-                                   field="prompt", id=message.id)
-            params = resolve_params(models[message.model].params, message.params,
-                                    request_id=message.id)
+                raise InvalidField(
+                    f"prompt is longer than {limits.max_prompt_chars} characters",
+                    field="prompt",
+                    id=message.id,
+                )
+            params = resolve_params(
+                models[message.model].params, message.params, request_id=message.id
+            )
             request = Request(
                 id=message.id,
                 model=message.model,
@@ -206,8 +225,14 @@ class Session:
     def _cancel(self, message: Cancel) -> None:
         request = self.requests.get(message.id)
         if request is None:
-            self._send(ErrorMessage(code=UnknownId.code, field="id", id=message.id,
-                                    message=f"no request {message.id!r} in flight"))
+            self._send(
+                ErrorMessage(
+                    code=UnknownId.code,
+                    field="id",
+                    id=message.id,
+                    message=f"no request {message.id!r} in flight",
+                )
+            )
             return
         request.log.info("cancel requested")
         self.scheduler.cancel(request)
@@ -244,7 +269,7 @@ class Session:
         self._cancel_all(error)
         self._closing = True
         self._queue.put_nowait(None)
-        asyncio.get_running_loop().create_task(
+        self._close_task = asyncio.get_running_loop().create_task(
             self.ws.close(CLOSE_POLICY_VIOLATION, "slow consumer")
         )
 

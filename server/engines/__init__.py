@@ -54,7 +54,9 @@ def load_engines(
         try:
             model, test_model = load_musicgen(name, resolved)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            reason = (
+                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            )
             raise ModelLoadError(
                 f"could not load model {name!r} ({type(exc).__name__}: {reason}); "
                 f"without network access, try the offline test model: "

@@ -13,20 +13,20 @@ several requests can interleave step by step on one model.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from audiocraft.models.musicgen import MusicGen
 from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
-from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
+from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
 
-from .base import EngineRequest, Job, StepOutput
+from .base import EngineRequest, FloatAudio, Job, StepOutput
 from .codec_stream import StreamDecoder
 from .tiny import TINY_MUSICGEN, build_tiny_musicgen, load_musicgen_dir
 
@@ -120,31 +120,27 @@ class _Layout:
     ready_after: list[int]  # timesteps complete once sequence step s is written
 
 
+@dataclass(slots=True)
 class _MusicGenJob:
-    __slots__ = (
-        "cfg_coef",
-        "cfg_conditions",
-        "decoder",
-        "end_offset",
-        "gen_len",
-        "gen_sequence",
-        "generator",
-        "kv_state",
-        "layout",
-        "mask",
-        "offset",
-        "prev_offset",
-        "ready",
-        "seed",
-        "start_offset",
-        "temperature",
-        "top_k",
-        "top_p",
-    )
+    """The stepping state of one request (tensors live on the model's device)."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        for key, value in kwargs.items():
-            setattr(self, key, value)
+    cfg_conditions: Any  # conditional + unconditional condition tensors (CFG)
+    cfg_coef: float
+    decoder: StreamDecoder
+    gen_sequence: Any  # [1, K, S] pattern sequence being filled
+    mask: Any  # [K, S] valid positions of the pattern
+    layout: _Layout
+    generator: Any  # torch.Generator: this request's own random stream
+    seed: int
+    temperature: float
+    top_k: int
+    top_p: float
+    start_offset: int
+    end_offset: int
+    offset: int
+    prev_offset: int = 0
+    ready: int = 0  # timesteps with every codebook known
+    kv_state: dict[str, Any] = field(default_factory=dict)
 
 
 class MusicGenEngine:
@@ -169,23 +165,54 @@ class MusicGenEngine:
         self.stream = stream or StreamSettings()
         self.max_duration = float(max_duration or model.max_duration)
         self.frame_rate = float(model.frame_rate)
-        self.hop = int(round(model.sample_rate / model.frame_rate))
+        self.hop = round(model.sample_rate / model.frame_rate)
         self._layouts: dict[int, _Layout] = {}
         card = int(self.lm.card)
         default_duration = min(10.0, self.max_duration)
         self._params = (
-            ParamSpec("duration", "float", default_duration, 0.1, self.max_duration,
-                      description="seconds of audio to generate"),
-            ParamSpec("top_k", "int", 250, 0, card,
-                      description="sample among the k most likely tokens (0: all)"),
-            ParamSpec("top_p", "float", 0.0, 0.0, 1.0,
-                      description="nucleus sampling threshold (0: use top_k)"),
-            ParamSpec("temperature", "float", 1.0, 0.0, 10.0,
-                      description="softmax temperature (0: greedy)"),
-            ParamSpec("cfg_coef", "float", 3.0, 0.0, 30.0,
-                      description="classifier-free guidance strength"),
-            ParamSpec("seed", "int", None, 0, MAX_SEED,
-                      description="random seed (empty: a fresh one, reported in started)"),
+            ParamSpec(
+                "duration",
+                "float",
+                default_duration,
+                0.1,
+                self.max_duration,
+                description="seconds of audio to generate",
+            ),
+            ParamSpec(
+                "top_k",
+                "int",
+                250,
+                0,
+                card,
+                description="sample among the k most likely tokens (0: all)",
+            ),
+            ParamSpec(
+                "top_p",
+                "float",
+                0.0,
+                0.0,
+                1.0,
+                description="nucleus sampling threshold (0: use top_k)",
+            ),
+            ParamSpec(
+                "temperature",
+                "float",
+                1.0,
+                0.0,
+                10.0,
+                description="softmax temperature (0: greedy)",
+            ),
+            ParamSpec(
+                "cfg_coef", "float", 3.0, 0.0, 30.0, description="classifier-free guidance strength"
+            ),
+            ParamSpec(
+                "seed",
+                "int",
+                None,
+                0,
+                MAX_SEED,
+                description="random seed (empty: a fresh one, reported in started)",
+            ),
         )
         label = "random-weight test model, makes noise" if test_model else "text to music"
         self._info = ModelInfo(
@@ -230,15 +257,16 @@ class MusicGenEngine:
             self._layouts[gen_len] = layout
         return layout
 
-    @torch.no_grad()
     def prepare(self, request: EngineRequest) -> Job:
+        with torch.no_grad():
+            return self._prepare(request)
+
+    def _prepare(self, request: EngineRequest) -> Job:
         params = request.params
-        duration = float(params["duration"])  # type: ignore[arg-type]
+        duration = _number(params["duration"])
         gen_len = max(1, int(duration * self.frame_rate))
-        if gen_len < 1:
-            raise InvalidField("duration is too short", field="params.duration")
-        seed = params.get("seed")
-        seed = secrets.randbelow(2**31) if seed is None else int(seed)  # type: ignore[arg-type]
+        given_seed = params.get("seed")
+        seed = secrets.randbelow(2**31) if given_seed is None else int(_number(given_seed))
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
 
@@ -266,23 +294,19 @@ class MusicGenEngine:
         )
         state = _MusicGenJob(
             cfg_conditions=cfg_conditions,
-            cfg_coef=float(params["cfg_coef"]),  # type: ignore[arg-type]
+            cfg_coef=_number(params["cfg_coef"]),
             decoder=decoder,
-            end_offset=gen_sequence.shape[-1],
-            gen_len=gen_len,
             gen_sequence=gen_sequence,
-            generator=generator,
-            kv_state={},
-            layout=self._layout(gen_len),
             mask=mask,
-            offset=start_offset,
-            prev_offset=0,
-            ready=0,
+            layout=self._layout(gen_len),
+            generator=generator,
             seed=seed,
+            temperature=_number(params["temperature"]),
+            top_k=int(_number(params["top_k"])),
+            top_p=_number(params["top_p"]),
             start_offset=start_offset,
-            temperature=float(params["temperature"]),  # type: ignore[arg-type]
-            top_k=int(params["top_k"]),  # type: ignore[arg-type]
-            top_p=float(params["top_p"]),  # type: ignore[arg-type]
+            end_offset=int(gen_sequence.shape[-1]),
+            offset=start_offset,
         )
         return Job(request=request, state=state, extra={"seed": seed})
 
@@ -292,9 +316,9 @@ class MusicGenEngine:
 
     # -- stepping ------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
-        return [self._step_one(job) for job in jobs]
+        with torch.no_grad():
+            return [self._step_one(job) for job in jobs]
 
     def _step_one(self, job: Job) -> StepOutput:
         st: _MusicGenJob = job.state
@@ -314,7 +338,10 @@ class MusicGenEngine:
         logits = uncond_logits + (cond_logits - uncond_logits) * st.cfg_coef
         logits = logits.permute(0, 1, 3, 2)[..., -1]  # [1, K, card]
         next_token = sample_next_token(
-            logits, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p,
+            logits,
+            temperature=st.temperature,
+            top_k=st.top_k,
+            top_p=st.top_p,
             generator=st.generator,
         )
         valid = st.mask[..., offset : offset + 1].expand(1, -1, -1)
@@ -341,8 +368,9 @@ class MusicGenEngine:
                 audio = tail if audio is None else _concat(audio, tail)
         total = st.end_offset - st.start_offset
         fraction = min(1.0, (st.offset - st.start_offset) / total) if total > 0 else 1.0
-        return StepOutput(audio=audio, fraction=fraction, seconds=st.ready / self.frame_rate,
-                          done=done)
+        return StepOutput(
+            audio=audio, fraction=fraction, seconds=st.ready / self.frame_rate, done=done
+        )
 
     def finish(self, job: Job) -> None:
         # Drop the KV cache and buffers now rather than when the Job is collected.
@@ -357,12 +385,12 @@ class MusicGenEngine:
         return torch.gather(st.gen_sequence[0], 1, positions).unsqueeze(0)
 
 
-def _concat(a: Any, b: Any) -> Any:
-    import numpy as np
-
+def _concat(a: FloatAudio, b: FloatAudio) -> FloatAudio:
     return np.concatenate([a, b], axis=0)
 
 
-def frames_for(duration: float, frame_rate: float) -> int:
-    """Frames the engine generates for ``duration`` seconds."""
-    return max(1, int(duration * frame_rate)) if math.isfinite(duration) else 0
+def _number(value: ParamValue) -> float:
+    """A validated numeric parameter (resolve_params has checked the type)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidField(f"expected a number, got {value!r}")
+    return float(value)

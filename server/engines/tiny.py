@@ -22,7 +22,7 @@ from audiocraft.models import builders
 from audiocraft.models.encodec import CompressionModel
 from audiocraft.models.lm import LMModel
 from audiocraft.models.musicgen import MusicGen
-from audiocraft.modules.conditioners import TextConditioner, T5Conditioner
+from audiocraft.modules.conditioners import T5Conditioner, TextConditioner
 from audiocraft.utils.autocast import TorchAutocast
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -182,7 +182,7 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-class OfflineT5Conditioner(T5Conditioner):
+class OfflineT5Conditioner(T5Conditioner):  # type: ignore[misc]
     """audiocraft's T5 text conditioner over a T5 encoder given in memory.
 
     ``T5Conditioner.__init__`` fetches T5 from the hub by name; this builds the

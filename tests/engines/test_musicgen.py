@@ -1,0 +1,185 @@
+"""The MusicGen engine on the tiny random-weight model: fidelity and exactness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from wavecast.protocol import InvalidField, resolve_params
+from wavecast.server.engines import ModelLoadError, load_engines
+from wavecast.server.engines.base import EngineRequest
+from wavecast.server.engines.codec_stream import StreamDecoder
+from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.tiny import build_tiny_musicgen, load_musicgen_dir, save_musicgen
+
+
+def run(engine: Any, prompt: str, **params: Any) -> tuple[Any, list[np.ndarray], int]:
+    resolved = resolve_params(engine.info.params, params)
+    job = engine.prepare(EngineRequest("t", prompt, resolved))
+    chunks, steps = [], 0
+    while True:
+        out = engine.step([job])[0]
+        steps += 1
+        if out.audio is not None:
+            chunks.append(out.audio)
+        if out.done:
+            break
+    return job, chunks, steps
+
+
+def test_greedy_codes_equal_lm_generate(engine: Any) -> None:
+    job, _, _ = run(engine, "a calm piano", duration=2.0, top_k=1, seed=3)
+    codes = engine.codes_of(job)
+    model = engine.model
+    model.set_generation_params(duration=2.0, top_k=1, cfg_coef=3.0)
+    _, reference = model.generate(["a calm piano"], return_tokens=True)
+    assert codes.shape == reference.shape == (1, 4, 100)
+    assert torch.equal(codes, reference)
+
+
+def test_incremental_audio_equals_one_shot_decode(engine: Any) -> None:
+    job, chunks, _ = run(engine, "drums", duration=3.0, seed=11)
+    streamed = np.concatenate(chunks)
+    full = engine.model.compression_model.decode(engine.codes_of(job), None)
+    full = full[0].transpose(0, 1).numpy()
+    assert streamed.shape == full.shape == (150 * 640, 1)
+    assert np.abs(streamed - full).max() <= 1e-4
+    assert len(chunks) > 5  # it really streamed
+
+
+def test_first_audio_comes_early(engine: Any) -> None:
+    resolved = resolve_params(engine.info.params, {"duration": 5.0})
+    job = engine.prepare(EngineRequest("t", "x", resolved))
+    for step in range(1, 20):
+        if engine.step([job])[0].audio is not None:
+            break
+    # delay pattern (K=4) + 4 held-back frames + the first frame: the 8th LM step.
+    assert step == 8
+
+
+def test_same_seed_same_audio_other_seed_differs(engine: Any) -> None:
+    a = np.concatenate(run(engine, "jazz", duration=1.0, seed=5)[1])
+    b = np.concatenate(run(engine, "jazz", duration=1.0, seed=5)[1])
+    c = np.concatenate(run(engine, "jazz", duration=1.0, seed=6)[1])
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_interleaved_jobs_match_solo_runs(engine: Any) -> None:
+    """Per-job KV state: stepping two requests in turn changes neither."""
+    solo_a = np.concatenate(run(engine, "rock", duration=1.5, seed=1)[1])
+    solo_b = np.concatenate(run(engine, "ambient pads", duration=1.0, seed=2)[1])
+    params_a = resolve_params(engine.info.params, {"duration": 1.5, "seed": 1})
+    params_b = resolve_params(engine.info.params, {"duration": 1.0, "seed": 2})
+    job_a = engine.prepare(EngineRequest("a", "rock", params_a))
+    job_b = engine.prepare(EngineRequest("b", "ambient pads", params_b))
+    out: dict[str, list[np.ndarray]] = {"a": [], "b": []}
+    active = {"a": job_a, "b": job_b}
+    while active:
+        names = list(active)
+        for name, result in zip(names, engine.step([active[n] for n in names]), strict=True):
+            if result.audio is not None:
+                out[name].append(result.audio)
+            if result.done:
+                del active[name]
+    assert np.array_equal(np.concatenate(out["a"]), solo_a)
+    assert np.array_equal(np.concatenate(out["b"]), solo_b)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 0.0), (0.7, 5, 0.0),
+                                                              (1.0, 250, 0.9), (0.0, 250, 0.0)])
+def test_sampling_modes_produce_valid_audio(
+    engine: Any, temperature: float, top_k: int, top_p: float
+) -> None:
+    job, chunks, _ = run(engine, "x", duration=0.5, temperature=temperature, top_k=min(top_k, 64),
+                         top_p=top_p, seed=0)
+    codes = engine.codes_of(job)
+    assert codes.min() >= 0 and codes.max() < engine.model.lm.card
+    assert sum(c.shape[0] for c in chunks) == 25 * 640
+
+
+def test_out_of_range_params_are_refused(engine: Any) -> None:
+    with pytest.raises(InvalidField) as info:
+        resolve_params(engine.info.params, {"duration": 31.0})
+    assert info.value.field == "params.duration"
+    with pytest.raises(InvalidField):
+        resolve_params(engine.info.params, {"top_k": 1.5})
+    with pytest.raises(InvalidField):
+        resolve_params(engine.info.params, {"mbd_steps": 1})
+
+
+def test_checkpoint_directory_round_trip(tmp_path: Path) -> None:
+    """Save in audiocraft's layout, load back through audiocraft's loaders."""
+    model = build_tiny_musicgen(seed=4)
+    save_musicgen(model, tmp_path / "tiny-ckpt")
+    assert {p.name for p in (tmp_path / "tiny-ckpt").iterdir()} >= {
+        "state_dict.bin", "compression_state_dict.bin", "text_encoder"}
+    loaded = load_musicgen_dir(tmp_path / "tiny-ckpt")
+    original = MusicGenEngine(model, name="a", test_model=True)
+    again = MusicGenEngine(loaded, name="b", test_model=True)
+    a = np.concatenate(run(original, "same", duration=1.0, seed=9)[1])
+    b = np.concatenate(run(again, "same", duration=1.0, seed=9)[1])
+    assert np.array_equal(a, b)
+
+
+def test_load_engines_serves_a_checkpoint_directory(tmp_path: Path) -> None:
+    save_musicgen(build_tiny_musicgen(seed=1), tmp_path / "mine")
+    engines = load_engines([str(tmp_path / "mine")], "cpu")
+    info = engines[str(tmp_path / "mine")].info
+    assert info.sample_rate == 32000 and info.channels == 1
+
+
+def test_unreachable_hub_model_names_the_test_model(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    import huggingface_hub.constants
+
+    # The hub reads HF_HUB_OFFLINE at import; set the switch itself so no retries run.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("AUDIOCRAFT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ModelLoadError) as info:
+        load_engines(["facebook/musicgen-small"], "cpu")
+    message = str(info.value)
+    assert "facebook/musicgen-small" in message and "tiny-musicgen" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("left", "hold", "first", "chunk"),
+                         [(25, 4, 1, 10), (10, 4, 3, 7), (40, 6, 1, 1), (25, 4, 50, 50)])
+def test_stream_decoder_geometries(engine: Any, left: int, hold: int, first: int,
+                                   chunk: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 64, (1, 4, 173), generator=gen)
+    decode = engine.model.compression_model.decode
+    full = decode(codes, None)[0].transpose(0, 1).numpy()
+    stream = StreamDecoder(lambda c: decode(c, None), 640, left_context=left, holdback=hold,
+                           first_frames=first, chunk_frames=chunk)
+    pieces = []
+    sizes = torch.randint(1, 9, (200,), generator=gen).tolist()
+    start = 0
+    for size in sizes:
+        if start >= 173:
+            break
+        out = stream.push(codes[..., start : start + size])
+        start += size
+        if out is not None:
+            pieces.append(out)
+        # bounded work: never more than left context + held back + new frames kept
+        assert stream._codes is not None
+        assert stream._codes.shape[-1] <= left + hold + max(first, chunk) + 8
+    tail = stream.flush()
+    if tail is not None:
+        pieces.append(tail)
+    streamed = np.concatenate(pieces)
+    assert streamed.shape == full.shape
+    assert np.abs(streamed - full).max() <= 1e-4
+
+
+def test_max_duration_job_streams_whole_clip(engine: Any) -> None:
+    _, chunks, steps = run(engine, "long", duration=30.0, seed=0)
+    assert sum(c.shape[0] for c in chunks) == 1500 * 640
+    assert steps == 1500 + 3  # one LM step per timestep, plus the codebook delays

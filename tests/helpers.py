@@ -1,0 +1,56 @@
+"""Test helpers: the tiny model, a real server on 127.0.0.1 port 0, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+from wavecast.server.config import Config, LimitsConfig, ModelsConfig, NetworkConfig, TimeoutsConfig
+
+# Every timeout in the tests scales with this one variable (slow machines: raise it).
+TIMEOUT_SCALE = float(os.environ.get("WAVECAST_TEST_TIMEOUT_SCALE", "1"))
+
+
+def timeout(seconds: float) -> float:
+    return seconds * TIMEOUT_SCALE
+
+
+_ENGINES: dict[str, Any] = {}
+
+
+def tiny_engines() -> Mapping[str, Any]:
+    """The tiny-musicgen engine, built once per test session (same seed, same weights)."""
+    if not _ENGINES:
+        from wavecast.server.engines import load_engines
+
+        _ENGINES.update(load_engines(["tiny-musicgen"], "cpu"))
+    return _ENGINES
+
+
+def make_config(**limits: Any) -> Config:
+    return Config(
+        network=NetworkConfig(host="127.0.0.1", port=0),
+        limits=replace(LimitsConfig(), **limits),
+        timeouts=TimeoutsConfig(shutdown_grace=1.0),
+        models=ModelsConfig(names=("tiny-musicgen",), device="cpu"),
+    )
+
+
+@asynccontextmanager
+async def running_server(
+    config: Config | None = None, factory: Callable[[], Mapping[str, Any]] | None = None
+) -> AsyncIterator[Any]:
+    from wavecast.server.app import WavecastServer
+
+    server = WavecastServer(config or make_config(), factory or tiny_engines)
+    await asyncio.wait_for(server.start(), timeout(120))
+    try:
+        yield server
+    finally:
+        await asyncio.wait_for(server.stop(), timeout(30))
+
+

@@ -1,0 +1,229 @@
+"""Protocol: round trips, golden frames, validation errors, fuzzing. No event loop."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wavecast.protocol import (
+    Audio,
+    BadFrame,
+    Cancel,
+    ClientError,
+    Done,
+    ErrorInfo,
+    ErrorMessage,
+    Generate,
+    Hello,
+    InvalidField,
+    Limits,
+    ModelInfo,
+    ParamSpec,
+    Progress,
+    Queued,
+    Started,
+    Stats,
+    UnknownType,
+    decode,
+    encode,
+)
+
+GOLDEN = Path(__file__).parent / "golden.json"
+
+MESSAGES = [
+    Generate(id="r1", model="tiny-musicgen", prompt="lofi beat", params={"duration": 2.5}),
+    Generate(id="r2", model="m", params={"top_k": 1, "seed": 7}, format="pcm_f32le"),
+    Cancel(id="r1"),
+    Hello(
+        server="wavecast",
+        version="0.1.0",
+        protocol=1,
+        models=(
+            ModelInfo(
+                name="tiny-musicgen",
+                family="musicgen",
+                description="test",
+                sample_rate=32000,
+                channels=1,
+                test_model=True,
+                max_duration=30.0,
+                params=(
+                    ParamSpec("duration", "float", 10.0, 0.1, 30.0, None, "seconds"),
+                    ParamSpec("mode", "str", "a", choices=("a", "b")),
+                ),
+                capabilities=("text",),
+            ),
+        ),
+        limits=Limits(1048576, 8, 32, 4, 2000, 8388608),
+    ),
+    Queued(id="r1", position=3),
+    Started(id="r1", model="tiny-musicgen", sample_rate=32000, channels=1,
+            format="pcm_s16le", seed=42),
+    Progress(id="r1", fraction=0.5, seconds=1.25),
+    Audio(id="r1", seq=0, offset=0, sample_rate=32000, channels=1, format="pcm_s16le",
+          data=b"\x01\x00\xff\x7f"),
+    Done(id="r1", status="completed",
+         stats=Stats(2.0, 0.5, 0.08, 4.0, 64000, 0.0)),
+    Done(id="r2", status="error", error=ErrorInfo("invalid_field", "bad", "params.top_k")),
+    ErrorMessage(code="unknown_id", message="no request", field="id", id="zz"),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("text", [False, True], ids=["msgpack", "json"])
+def test_round_trip(message: object, text: bool) -> None:
+    frame = encode(message, text=text)  # type: ignore[arg-type]
+    assert isinstance(frame, str if text else bytes)
+    assert decode(frame) == message
+
+
+def test_golden_frames() -> None:
+    """The bytes on the wire are fixed; web_demo's JS is checked against the same file."""
+    golden = json.loads(GOLDEN.read_text())
+    assert len(golden) == len(MESSAGES)
+    for entry, message in zip(golden, MESSAGES, strict=True):
+        assert encode(message).hex() == entry["msgpack"], entry["name"]  # type: ignore[union-attr]
+        assert decode(bytes.fromhex(entry["msgpack"])) == message
+        assert json.loads(encode(message, text=True)) == entry["json"]  # type: ignore[arg-type]
+
+
+def test_audio_json_uses_base64() -> None:
+    audio = MESSAGES[7]
+    wire = json.loads(encode(audio, text=True))  # type: ignore[arg-type]
+    assert base64.b64decode(wire["data"]) == b"\x01\x00\xff\x7f"
+
+
+def test_none_fields_are_left_out() -> None:
+    wire = msgpack.unpackb(encode(Done(id="x", status="cancelled")))  # type: ignore[arg-type]
+    assert wire == {"type": "done", "id": "x", "status": "cancelled"}
+
+
+@pytest.mark.parametrize(
+    ("frame", "error", "field"),
+    [
+        (b"\xc1", BadFrame, None),  # never-used msgpack byte
+        (b"", BadFrame, None),
+        (msgpack.packb([1, 2]), BadFrame, None),
+        (msgpack.packb({"type": "generate", "id": "a", "model": "m"}) + b"\x00", BadFrame, None),
+        ("{not json", BadFrame, None),
+        ('{"type": "cancel", "id": NaN}', BadFrame, None),
+        (msgpack.packb({"id": "a"}), UnknownType, "type"),
+        (msgpack.packb({"type": "dance"}), UnknownType, "type"),
+        (msgpack.packb({"type": 5}), UnknownType, "type"),
+        (msgpack.packb({"type": "cancel"}), InvalidField, "id"),
+        (msgpack.packb({"type": "cancel", "id": ""}), InvalidField, "id"),
+        (msgpack.packb({"type": "cancel", "id": "x" * 65}), InvalidField, "id"),
+        (msgpack.packb({"type": "cancel", "id": "a\nb"}), InvalidField, "id"),
+        (msgpack.packb({"type": "cancel", "id": 5}), InvalidField, "id"),
+        (msgpack.packb({"type": "generate", "id": "a"}), InvalidField, "model"),
+        (msgpack.packb({"type": "generate", "id": "a", "model": "m", "prompt": 3}),
+         InvalidField, "prompt"),
+        (msgpack.packb({"type": "generate", "id": "a", "model": "m", "format": "mp3"}),
+         InvalidField, "format"),
+        (msgpack.packb({"type": "generate", "id": "a", "model": "m", "params": [1]}),
+         InvalidField, "params"),
+        (msgpack.packb({"type": "generate", "id": "a", "model": "m",
+                        "params": {"top_k": [1]}}), InvalidField, "params.top_k"),
+        (msgpack.packb({"type": "generate", "id": "a", "model": "m",
+                        "params": {"t": math.inf}}), InvalidField, "params.t"),
+        (msgpack.packb({"type": "generate", "id": "a", "model": "m",
+                        "params": {str(i): i for i in range(40)}}), InvalidField, "params"),
+        ('{"type": "audio", "id": "a", "seq": 0, "offset": 0, "sample_rate": 1, '
+         '"channels": 1, "format": "pcm_s16le", "data": "!!"}', InvalidField, "data"),
+        (msgpack.packb({"type": "queued", "id": "a", "position": True}), InvalidField,
+         "position"),
+    ],
+)
+def test_invalid_frames(frame: bytes | str, error: type[ClientError], field: str | None) -> None:
+    with pytest.raises(error) as info:
+        decode(frame)
+    assert type(info.value) is error
+    assert info.value.field == field
+    assert info.value.code  # every error has its stable code
+
+
+def test_error_carries_request_id_and_type() -> None:
+    frame = msgpack.packb({"type": "generate", "id": "abc", "model": 1})
+    with pytest.raises(InvalidField) as info:
+        decode(frame)
+    assert info.value.id == "abc"
+    assert info.value.message_type == "generate"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=256))
+def test_fuzz_bytes_only_raise_client_errors(data: bytes) -> None:
+    try:
+        decode(data)
+    except ClientError:
+        pass
+
+
+_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+_values = st.recursive(
+    _scalars | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+_types = st.sampled_from(["generate", "cancel", "hello", "queued", "started", "progress",
+                          "audio", "done", "error", "nope"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(_types, st.dictionaries(st.sampled_from(
+    ["id", "model", "prompt", "params", "format", "position", "seq", "offset", "data",
+     "status", "stats", "error", "models", "limits", "fraction", "seconds", "code",
+     "message", "sample_rate", "channels", "seed", "server", "version", "protocol"]),
+    _values, max_size=10))
+def test_fuzz_structured_maps(kind: str, fields: dict[str, object]) -> None:
+    """Maps of plausible shape: decode returns a message or raises a ClientError."""
+    wire = {"type": kind, **fields}
+    for frame in (msgpack.packb(wire), _json_or_none(wire), _json_or_none({**wire, "params": {"seed": 2**70}})):
+        if frame is None:
+            continue
+        try:
+            message = decode(frame)
+        except ClientError:
+            continue
+        assert decode(encode(message)) == message
+
+
+def _json_or_none(wire: dict[str, object]) -> str | None:
+    try:
+        return json.dumps(wire, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(min_size=1, max_size=64).filter(str.isprintable),
+    st.text(max_size=200),
+    st.dictionaries(st.text(min_size=1, max_size=10),
+                    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+                    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
+                    max_size=8),
+)
+def test_generate_round_trip_property(rid: str, prompt: str, params: dict[str, object]) -> None:
+    message = Generate(id=rid, model="m", prompt=prompt, params=params)  # type: ignore[arg-type]
+    for text in (False, True):
+        assert decode(encode(message, text=text)) == message
+
+
+def test_protocol_imports_no_io_libraries() -> None:
+    code = (
+        "import sys, wavecast.protocol\n"
+        "bad = {'asyncio', 'websockets', 'numpy', 'torch'} & set(sys.modules)\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
