@@ -102,6 +102,7 @@ class RequestStream:
         default_factory=lambda: asyncio.Queue(_QUEUE_LIMIT)
     )
     done: Done | None = None
+    started: Started | None = None
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
         return self._iterate()
@@ -113,6 +114,8 @@ class RequestStream:
                 raise item
             if isinstance(item, Done):
                 self.done = item
+            elif isinstance(item, Started):
+                self.started = item
             yield item
 
     async def cancel(self) -> None:
@@ -121,22 +124,20 @@ class RequestStream:
             await self.client._send(Cancel(id=self.id))
 
     async def collect(self) -> GenerationResult:
-        """Consume the stream and return everything it carried."""
+        """Consume the rest of the stream and return the audio it carried.
+
+        Raises:
+            RuntimeError: The audio chunks were not contiguous.
+        """
+        first_offset = 0
         pcm = bytearray()
-        sample_rate = channels = 0
-        fmt = "pcm_s16le"
-        seed = None
         chunks = 0
         async for event in self:
-            if isinstance(event, Started):
-                sample_rate, channels, fmt, seed = (
-                    event.sample_rate,
-                    event.channels,
-                    event.format,
-                    event.seed,
-                )
-            elif isinstance(event, Audio):
-                if event.offset * channels * BYTES_PER_SAMPLE[fmt] != len(pcm):
+            if isinstance(event, Audio):
+                size = BYTES_PER_SAMPLE[event.format] * event.channels
+                if chunks == 0:
+                    first_offset = event.offset
+                if (event.offset - first_offset) * size != len(pcm):
                     raise RuntimeError(f"audio chunk {event.seq} is not contiguous")
                 pcm += event.data
                 chunks += 1
@@ -145,16 +146,17 @@ class RequestStream:
         if self.done.error is not None:
             info = self.done.error
             error = error_class(info.code)(info.message, field=info.field, id=self.id)
+        started = self.started
         return GenerationResult(
             id=self.id,
             status=self.done.status,
             pcm=bytes(pcm),
-            sample_rate=sample_rate,
-            channels=channels,
-            format=fmt,
+            sample_rate=started.sample_rate if started else 0,
+            channels=started.channels if started else 0,
+            format=started.format if started else "pcm_s16le",
             stats=self.done.stats,
             error=error,
-            seed=seed,
+            seed=started.seed if started else None,
             chunks=chunks,
         )
 

@@ -4,7 +4,7 @@ A library with no I/O: it imports only the standard library and msgpack. The
 contract is ``PROTOCOL.md`` beside this file.
 """
 
-from .codec import decode, encode, to_wire
+from .codec import decode, decode_client, encode, to_wire
 from .errors import (
     BadFrame,
     Busy,
@@ -89,6 +89,7 @@ __all__ = [
     "WavecastError",
     "__version__",
     "decode",
+    "decode_client",
     "encode",
     "error_class",
     "resolve_params",

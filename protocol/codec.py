@@ -39,7 +39,15 @@ from .messages import (
     Stats,
 )
 
-__all__ = ["MAX_ID_LENGTH", "MAX_PARAMS", "MAX_PROMPT_CHARS", "decode", "encode", "to_wire"]
+__all__ = [
+    "MAX_ID_LENGTH",
+    "MAX_PARAMS",
+    "MAX_PROMPT_CHARS",
+    "decode",
+    "decode_client",
+    "encode",
+    "to_wire",
+]
 
 # Hard protocol bounds (§7); the server may announce tighter ones.
 MAX_ID_LENGTH = 64
@@ -103,7 +111,18 @@ def encode(message: Message, *, text: bool = False) -> bytes | str:
 # -- decoding ----------------------------------------------------------------------
 
 
-def decode(frame: bytes | str) -> Message:
+def decode_client(frame: bytes | str) -> Generate | Cancel:
+    """Decode a frame a client sent; server-only types are ``UnknownType``.
+
+    Raises:
+        BadFrame, UnknownType, InvalidField: As :func:`decode`.
+    """
+    message = decode(frame, _only=_CLIENT_TYPES)
+    assert isinstance(message, Generate | Cancel)
+    return message
+
+
+def decode(frame: bytes | str, *, _only: frozenset[str] | None = None) -> Message:
     """Decode and validate a frame.
 
     Args:
@@ -124,7 +143,7 @@ def decode(frame: bytes | str) -> Message:
     kind = wire.get("type")
     if not isinstance(kind, str):
         raise UnknownType("missing or non-string 'type'", field="type", id=_maybe_id(wire))
-    parser = _PARSERS.get(kind)
+    parser = _PARSERS.get(kind) if _only is None or kind in _only else None
     if parser is None:
         raise UnknownType(f"unknown message type {kind[:40]!r}", field="type", id=_maybe_id(wire))
     try:
@@ -434,6 +453,7 @@ def _error(f: _Fields) -> ErrorMessage:
     )
 
 
+_CLIENT_TYPES = frozenset({"generate", "cancel"})
 _PARSERS: dict[str, Callable[[_Fields], Message]] = {
     "generate": _generate,
     "cancel": _cancel,

@@ -140,7 +140,7 @@ class WavecastServer:
         scheduler = self.scheduler
         server = self._server
         if server is not None:
-            server.close(close_connections=False)
+            server.server.close()  # stop listening; open connections carry on for now
         if scheduler is not None:
             scheduler.refuse_new()
             grace = self.config.timeouts.shutdown_grace

@@ -40,7 +40,7 @@ from wavecast.protocol import (
     UnknownModel,
     WavecastError,
     __version__,
-    decode,
+    decode_client,
     encode,
     resolve_params,
 )
@@ -142,22 +142,14 @@ class Session:
     def _handle(self, frame: bytes | str) -> None:
         self.text = isinstance(frame, str)
         try:
-            message = decode(frame)
+            message = decode_client(frame)
         except ClientError as exc:
             self._refuse(exc, frame_type=exc.message_type)
             return
         if isinstance(message, Generate):
             self._generate(message)
-        elif isinstance(message, Cancel):
-            self._cancel(message)
         else:
-            self._send(
-                ErrorMessage(
-                    code="unknown_type",
-                    field="type",
-                    message=f"{message.type!r} is sent by servers, not clients",
-                )
-            )
+            self._cancel(message)
 
     def _refuse(self, exc: WavecastError, *, frame_type: str | None) -> None:
         """Answer a bad frame: a ``done`` if it opened a request, else an ``error``."""

@@ -52,5 +52,3 @@ async def running_server(
         yield server
     finally:
         await asyncio.wait_for(server.stop(), timeout(30))
-
-

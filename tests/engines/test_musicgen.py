@@ -54,11 +54,9 @@ def test_incremental_audio_equals_one_shot_decode(engine: Any) -> None:
 def test_first_audio_comes_early(engine: Any) -> None:
     resolved = resolve_params(engine.info.params, {"duration": 5.0})
     job = engine.prepare(EngineRequest("t", "x", resolved))
-    for step in range(1, 20):
-        if engine.step([job])[0].audio is not None:
-            break
+    first = next(n for n in range(1, 20) if engine.step([job])[0].audio is not None)
     # delay pattern (K=4) + 4 held-back frames + the first frame: the 8th LM step.
-    assert step == 8
+    assert first == 8
 
 
 def test_same_seed_same_audio_other_seed_differs(engine: Any) -> None:
@@ -90,13 +88,22 @@ def test_interleaved_jobs_match_solo_runs(engine: Any) -> None:
     assert np.array_equal(np.concatenate(out["b"]), solo_b)
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 0.0), (0.7, 5, 0.0),
-                                                              (1.0, 250, 0.9), (0.0, 250, 0.0)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, 0, 0.0), (0.7, 5, 0.0), (1.0, 250, 0.9), (0.0, 250, 0.0)],
+)
 def test_sampling_modes_produce_valid_audio(
     engine: Any, temperature: float, top_k: int, top_p: float
 ) -> None:
-    job, chunks, _ = run(engine, "x", duration=0.5, temperature=temperature, top_k=min(top_k, 64),
-                         top_p=top_p, seed=0)
+    job, chunks, _ = run(
+        engine,
+        "x",
+        duration=0.5,
+        temperature=temperature,
+        top_k=min(top_k, 64),
+        top_p=top_p,
+        seed=0,
+    )
     codes = engine.codes_of(job)
     assert codes.min() >= 0 and codes.max() < engine.model.lm.card
     assert sum(c.shape[0] for c in chunks) == 25 * 640
@@ -117,7 +124,10 @@ def test_checkpoint_directory_round_trip(tmp_path: Path) -> None:
     model = build_tiny_musicgen(seed=4)
     save_musicgen(model, tmp_path / "tiny-ckpt")
     assert {p.name for p in (tmp_path / "tiny-ckpt").iterdir()} >= {
-        "state_dict.bin", "compression_state_dict.bin", "text_encoder"}
+        "state_dict.bin",
+        "compression_state_dict.bin",
+        "text_encoder",
+    }
     loaded = load_musicgen_dir(tmp_path / "tiny-ckpt")
     original = MusicGenEngine(model, name="a", test_model=True)
     again = MusicGenEngine(loaded, name="b", test_model=True)
@@ -133,8 +143,9 @@ def test_load_engines_serves_a_checkpoint_directory(tmp_path: Path) -> None:
     assert info.sample_rate == 32000 and info.channels == 1
 
 
-def test_unreachable_hub_model_names_the_test_model(monkeypatch: pytest.MonkeyPatch,
-                                                    tmp_path: Path) -> None:
+def test_unreachable_hub_model_names_the_test_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import huggingface_hub.constants
 
     # The hub reads HF_HUB_OFFLINE at import; set the switch itself so no retries run.
@@ -148,16 +159,25 @@ def test_unreachable_hub_model_names_the_test_model(monkeypatch: pytest.MonkeyPa
     assert "\n" not in message
 
 
-@pytest.mark.parametrize(("left", "hold", "first", "chunk"),
-                         [(25, 4, 1, 10), (10, 4, 3, 7), (40, 6, 1, 1), (25, 4, 50, 50)])
-def test_stream_decoder_geometries(engine: Any, left: int, hold: int, first: int,
-                                   chunk: int) -> None:
+@pytest.mark.parametrize(
+    ("left", "hold", "first", "chunk"),
+    [(25, 4, 1, 10), (10, 4, 3, 7), (40, 6, 1, 1), (25, 4, 50, 50)],
+)
+def test_stream_decoder_geometries(
+    engine: Any, left: int, hold: int, first: int, chunk: int
+) -> None:
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 64, (1, 4, 173), generator=gen)
     decode = engine.model.compression_model.decode
     full = decode(codes, None)[0].transpose(0, 1).numpy()
-    stream = StreamDecoder(lambda c: decode(c, None), 640, left_context=left, holdback=hold,
-                           first_frames=first, chunk_frames=chunk)
+    stream = StreamDecoder(
+        lambda c: decode(c, None),
+        640,
+        left_context=left,
+        holdback=hold,
+        first_frames=first,
+        chunk_frames=chunk,
+    )
     pieces = []
     sizes = torch.randint(1, 9, (200,), generator=gen).tolist()
     start = 0

@@ -1,0 +1,137 @@
+"""The `wavecast` command and the blocking client, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import soundfile
+from helpers import timeout
+
+from wavecast.clients import SyncClient
+from wavecast.protocol import Audio, Done, Started
+
+WAVECAST = [sys.executable, "-m", "wavecast.clients.cli"]
+
+
+async def run_cli(*args: str, interrupt_after: str | None = None) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *WAVECAST, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    assert process.stdout is not None
+    output = []
+    while line := await asyncio.wait_for(process.stdout.readline(), timeout(60)):
+        text = line.decode()
+        output.append(text)
+        if interrupt_after is not None and interrupt_after in text:
+            process.send_signal(signal.SIGINT)
+            interrupt_after = None
+    return await asyncio.wait_for(process.wait(), timeout(30)), "".join(output)
+
+
+async def test_generate_writes_a_wav(server: Any, tmp_path: Path) -> None:
+    out = tmp_path / "clip.wav"
+    code, output = await run_cli("generate", "--url", server.url, "--duration", "1.5",
+                                 "--seed", "3", "-o", str(out), "warm synth pads")
+    assert code == 0, output
+    assert "random-weight test model" in output
+    assert "100.0%" in output and "first audio after" in output
+    info = soundfile.info(str(out))
+    assert (info.samplerate, info.channels, info.frames) == (32000, 1, 75 * 640)
+    assert info.subtype == "PCM_16"
+
+
+async def test_generate_float_wav(server: Any, tmp_path: Path) -> None:
+    out = tmp_path / "clip.wav"
+    code, output = await run_cli("generate", "--url", server.url, "--duration", "0.5",
+                                 "--format", "pcm_f32le", "-o", str(out), "x")
+    assert code == 0, output
+    assert soundfile.info(str(out)).subtype == "FLOAT"
+
+
+async def test_ctrl_c_cancels_the_request(server: Any, tmp_path: Path) -> None:
+    code, output = await run_cli("generate", "--url", server.url, "--duration", "30",
+                                 "-o", str(tmp_path / "x.wav"), "x", interrupt_after="%")
+    assert code == 130, output
+    assert "cancelling" in output and "cancelled" in output
+    await server.scheduler.wait_idle(timeout(5))
+    assert server.scheduler.snapshot()["cancelled"] == 1
+
+
+async def test_cli_reports_server_errors(server: Any) -> None:
+    code, output = await run_cli("generate", "--url", server.url, "--model", "nope", "x")
+    assert code == 1
+    assert "unknown_model" in output
+
+
+async def test_cli_unreachable_server() -> None:
+    code, output = await run_cli("generate", "--url", "ws://127.0.0.1:9/v1/stream", "x")
+    assert code == 2 and "cannot reach" in output
+
+
+async def test_sync_client(server: Any) -> None:
+    def work() -> tuple[list[str], Any]:
+        with SyncClient(server.url) as client:
+            assert "tiny-musicgen" in [m.name for m in client.hello.models]
+            request = client.generate("tiny-musicgen", "x", duration=0.5, seed=2)
+            kinds = [type(event).__name__ for event in request]
+            again = client.generate("tiny-musicgen", "x", duration=0.5, seed=2).collect()
+            return kinds, again
+
+    kinds, result = await asyncio.to_thread(work)
+    assert kinds[:2] == ["Queued", "Started"] and kinds[-1] == "Done"
+    assert Audio.__name__ in kinds and Started.__name__ in kinds and Done.__name__ in kinds
+    assert result.status == "completed" and result.frames == 25 * 640
+
+
+def test_serve_command_starts_and_stops(tmp_path: Path) -> None:
+    log_file = tmp_path / "server.log"
+    env = {**os.environ, "WAVECAST_LOG_FORMAT": "json"}
+    process = subprocess.Popen(
+        [*WAVECAST, "serve", "--model", "tiny-musicgen", "--port", "0",
+         "--log-file", str(log_file)],
+        env=env,
+    )
+    try:
+        port = None
+        for _ in range(int(timeout(120) * 10)):
+            if log_file.exists():
+                match = re.search(r"ws://127\.0\.0\.1:(\d+)/v1/stream", log_file.read_text())
+                if match:
+                    port = int(match.group(1))
+                    break
+            if process.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.1)
+        assert port is not None, log_file.read_text() if log_file.exists() else "no log"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.read() == b"ok\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout(30)) == 0
+        lines = log_file.read_text().splitlines()
+        assert any('"message":"shutting down"' in line for line in lines)
+        assert all(line.startswith("{") for line in lines if line.strip())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_without_the_model_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path),
+           "AUDIOCRAFT_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([*WAVECAST, "serve", "--port", "0"], env=env, capture_output=True,
+                            text=True, timeout=timeout(120))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert "facebook/musicgen-small" in errors[0] and "--model tiny-musicgen" in errors[0]

@@ -1,0 +1,139 @@
+"""Every documented error, through the real server (PROTOCOL.md §6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from helpers import make_config, running_server
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from wavecast.clients import connect
+from wavecast.protocol import Done, ErrorMessage, Generate, Progress, decode, encode
+
+
+async def raw_exchange(url: str, frame: bytes | str) -> Any:
+    async with ws_connect(url) as ws:
+        await ws.recv()  # hello
+        await ws.send(frame)
+        return decode(await ws.recv())
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "field"),
+    [
+        (b"\xc1\x00", "bad_frame", None),
+        ("[1, 2]", "bad_frame", None),
+        (msgpack.packb({"type": "dance", "id": "a"}), "unknown_type", "type"),
+        (msgpack.packb({"type": "hello", "server": "x"}), "unknown_type", "type"),
+        (msgpack.packb({"type": "cancel", "id": 7}), "invalid_field", "id"),
+        (msgpack.packb({"type": "cancel", "id": "nobody"}), "unknown_id", "id"),
+    ],
+)
+async def test_frames_that_open_no_request_get_an_error(
+    server: Any, frame: bytes | str, code: str, field: str | None
+) -> None:
+    message = await raw_exchange(server.url, frame)
+    assert isinstance(message, ErrorMessage)
+    assert (message.code, message.field) == (code, field)
+
+
+@pytest.mark.parametrize(
+    ("model", "params", "prompt", "code", "field"),
+    [
+        ("tiny-musicgen", {"top_k": -1}, "", "invalid_field", "params.top_k"),
+        ("tiny-musicgen", {"duration": 0}, "", "invalid_field", "params.duration"),
+        ("tiny-musicgen", {"duration": "long"}, "", "invalid_field", "params.duration"),
+        ("tiny-musicgen", {"temperature": True}, "", "invalid_field", "params.temperature"),
+        ("tiny-musicgen", {"volume": 3}, "", "invalid_field", "params.volume"),
+        ("tiny-musicgen", {}, "x" * 2001, "invalid_field", "prompt"),
+        ("no-such-model", {}, "", "unknown_model", "model"),
+    ],
+)
+async def test_bad_generate_ends_in_done_error(
+    server: Any, model: str, params: dict[str, Any], prompt: str, code: str, field: str
+) -> None:
+    async with connect(server.url) as client:
+        result = await (await client.generate(model, prompt, params=params)).collect()
+        assert result.status == "error" and result.error is not None
+        assert (result.error.code, result.error.field) == (code, field)
+        assert result.frames == 0
+        # the connection stays open: a good request still works
+        ok = await (await client.generate("tiny-musicgen", "x", duration=0.2)).collect()
+        assert ok.status == "completed"
+
+
+async def test_malformed_generate_with_an_id_gets_its_done(server: Any) -> None:
+    frame = msgpack.packb(
+        {"type": "generate", "id": "g1", "model": "tiny-musicgen", "format": "mp3"}
+    )
+    message = await raw_exchange(server.url, frame)
+    assert isinstance(message, Done) and message.id == "g1" and message.status == "error"
+    assert message.error is not None and message.error.field == "format"
+
+
+async def test_duplicate_id_leaves_the_first_request_alone(server: Any) -> None:
+    async with ws_connect(server.url) as ws:
+        await ws.recv()
+        request = Generate(id="dup", model="tiny-musicgen", params={"duration": 1.0})
+        await ws.send(encode(request))
+        await ws.send(encode(request))
+        errors, done = [], None
+        while done is None:
+            message = decode(await ws.recv())
+            if isinstance(message, ErrorMessage):
+                errors.append(message)
+            elif isinstance(message, Done):
+                done = message
+    assert [(e.code, e.id) for e in errors] == [("duplicate_id", "dup")]
+    assert done.status == "completed"
+
+
+async def test_too_many_requests_per_connection() -> None:
+    async with (
+        running_server(make_config(max_requests_per_connection=2)) as srv,
+        connect(srv.url) as client,
+    ):
+        streams = [await client.generate("tiny-musicgen", "x", duration=5.0) for _ in range(3)]
+        third = await streams[2].collect()
+        assert third.error is not None and third.error.code == "too_many_requests"
+        for stream in streams[:2]:
+            await stream.cancel()
+            assert (await stream.collect()).status == "cancelled"
+
+
+async def test_oversized_frame_closes_with_1009() -> None:
+    async with running_server(make_config(max_frame_bytes=4096)) as srv:
+        async with ws_connect(srv.url) as ws:
+            await ws.recv()
+            await ws.send(b"\x80" + b"x" * 5000)
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1009
+        # the server is still there for everyone else
+        async with connect(srv.url) as client:
+            assert (
+                await (await client.generate("tiny-musicgen", "x", duration=0.2)).collect()
+            ).status == "completed"
+
+
+async def test_slow_consumer_is_disconnected_not_buffered() -> None:
+    async with running_server(make_config(send_buffer_bytes=4096)) as srv:
+        async with ws_connect(srv.url) as ws:
+            await ws.recv()
+            await ws.send(encode(Generate(id="s", model="tiny-musicgen", params={"duration": 5.0})))
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await ws.recv()
+            assert ws.close_code == 1008
+        await srv.scheduler.wait_idle(5.0)
+        assert srv.scheduler.snapshot()["active"] == 0
+
+
+async def test_progress_is_bounded(server: Any) -> None:
+    async with connect(server.url) as client:
+        stream = await client.generate("tiny-musicgen", "x", duration=10.0)
+        progress = [e async for e in stream if isinstance(e, Progress)]
+    assert 50 <= len(progress) <= 101

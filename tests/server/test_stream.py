@@ -1,0 +1,248 @@
+"""The real server on 127.0.0.1 port 0, driven by the real client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from helpers import make_config, running_server, timeout
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from wavecast.clients import connect
+from wavecast.protocol import Audio, Done, Progress, Queued, Started, decode, encode
+from wavecast.protocol.messages import Cancel, Generate, Hello
+
+HOP = 640  # tiny-musicgen: 32 kHz at 50 frames per second
+
+
+def samples_for(duration: float) -> int:
+    return int(duration * 50) * HOP
+
+
+async def http_get(url: str) -> tuple[int, str, bytes]:
+    def get() -> tuple[int, str, bytes]:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout(10)) as response:
+                return response.status, response.headers["Content-Type"], response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers["Content-Type"], error.read()
+
+    return await asyncio.to_thread(get)
+
+
+async def test_greeting_lists_the_test_model(server: Any) -> None:
+    async with connect(server.url) as client:
+        model = client.models["tiny-musicgen"]
+        assert model.test_model is True
+        assert "test model" in model.description
+        assert (model.sample_rate, model.channels) == (32000, 1)
+        names = [p.name for p in model.params]
+        assert names == ["duration", "top_k", "top_p", "temperature", "cfg_coef", "seed"]
+        assert client.hello.limits.max_queue == 32
+
+
+async def test_http_routes(server: Any) -> None:
+    base = f"http://127.0.0.1:{server.port}"
+    status, kind, body = await http_get(base + "/healthz")
+    assert (status, body) == (200, b"ok\n")
+    status, kind, body = await http_get(base + "/v1/info")
+    info = json.loads(body)
+    assert status == 200 and kind == "application/json"
+    assert info["models"][0]["name"] == "tiny-musicgen"
+    assert info["scheduler"]["active"] == 0
+    status, kind, body = await http_get(base + "/")
+    assert status == 200 and kind.startswith("text/html") and b"wavecast" in body
+    status, _, _ = await http_get(base + "/nope")
+    assert status == 404
+    status, _, _ = await http_get(base + "/v1/stream")
+    assert status == 426
+
+
+async def test_completed_stream_is_exact_and_contiguous(server: Any) -> None:
+    async with connect(server.url) as client:
+        stream = await client.generate("tiny-musicgen", "lofi", duration=2.0, seed=1)
+        events = [event async for event in stream]
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "Queued" and kinds[1] == "Started" and kinds[-1] == "Done"
+    audio = [e for e in events if isinstance(e, Audio)]
+    assert [a.seq for a in audio] == list(range(len(audio)))
+    offsets = np.cumsum([0] + [a.frames for a in audio[:-1]])
+    assert [a.offset for a in audio] == offsets.tolist()
+    total = sum(a.frames for a in audio)
+    assert total == samples_for(2.0)
+    progress = [e.fraction for e in events if isinstance(e, Progress)]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    done = events[-1]
+    assert isinstance(done, Done) and done.status == "completed" and done.stats is not None
+    assert done.stats.samples == total
+    assert done.stats.audio_seconds == pytest.approx(2.0)
+    assert done.stats.first_audio_seconds is not None
+    assert 0 < done.stats.first_audio_seconds < done.stats.wall_seconds
+    started = events[1]
+    assert isinstance(started, Started) and started.seed == 1
+
+
+async def test_seed_reproduces_and_formats_agree(server: Any) -> None:
+    async with connect(server.url) as client:
+        runs = [
+            await (
+                await client.generate("tiny-musicgen", "x", duration=1.0, seed=42, format=fmt)
+            ).collect()
+            for fmt in ("pcm_f32le", "pcm_f32le", "pcm_s16le")
+        ]
+    a, b, c = (r.to_numpy() for r in runs)
+    assert np.array_equal(a, b)
+    expected = np.rint(np.clip(a, -1, 1) * 32767).astype(np.int16)
+    assert np.array_equal(c, expected)
+
+
+async def test_cancel_mid_generation(server: Any) -> None:
+    async with connect(server.url) as client:
+        stream = await client.generate("tiny-musicgen", "x", duration=30.0)
+        seen_audio = 0
+        async for event in stream:
+            if isinstance(event, Audio):
+                seen_audio += 1
+                if seen_audio == 2:
+                    await stream.cancel()
+        assert stream.done is not None and stream.done.status == "cancelled"
+        assert stream.done.stats is not None and stream.done.stats.audio_seconds < 30.0
+    assert server.scheduler.snapshot()["active"] == 0
+
+
+async def test_disconnect_stops_the_inference_thread(server: Any) -> None:
+    scheduler = server.scheduler
+    async with connect(server.url) as client:
+        stream = await client.generate("tiny-musicgen", "x", duration=30.0)
+        async for event in stream:
+            if isinstance(event, Audio):
+                break
+        await client.ws.close()
+    await asyncio.wait_for(scheduler.wait_idle(timeout(10)), timeout(11))
+    steps = scheduler.steps_total
+    await asyncio.sleep(0.3)
+    assert scheduler.steps_total == steps
+    assert scheduler.snapshot()["cancelled"] >= 1
+    # well under the 1503 steps the request would have taken
+    assert steps < 1000
+
+
+async def test_two_requests_on_one_connection(server: Any) -> None:
+    async with connect(server.url) as client:
+        first = await client.generate("tiny-musicgen", "a", duration=1.0, seed=1)
+        second = await client.generate("tiny-musicgen", "b", duration=1.5, seed=2)
+        a, b = await asyncio.gather(first.collect(), second.collect())
+    assert (a.status, b.status) == ("completed", "completed")
+    assert (a.frames, b.frames) == (samples_for(1.0), samples_for(1.5))
+
+
+async def test_queue_positions_and_busy() -> None:
+    async with (
+        running_server(make_config(max_active=1, max_queue=2)) as srv,
+        connect(srv.url) as client,
+    ):
+        running = await client.generate("tiny-musicgen", "a", duration=30.0)
+        assert isinstance(await anext(aiter(running)), Queued)
+        assert isinstance(await anext(aiter(running)), Started)
+        second = await client.generate("tiny-musicgen", "b", duration=0.5)
+        third = await client.generate("tiny-musicgen", "c", duration=0.5)
+        busy = await client.generate("tiny-musicgen", "d", duration=0.5)
+        result = await busy.collect()
+        assert result.status == "error" and result.error is not None
+        assert result.error.code == "busy"
+        q2 = await anext(aiter(second))
+        q3 = await anext(aiter(third))
+        assert isinstance(q2, Queued) and q2.position == 1
+        assert isinstance(q3, Queued) and q3.position == 2
+        await running.cancel()
+        # The freed slot goes to the next in line at once, and positions move up.
+        assert isinstance(await anext(aiter(second)), Started)
+        moved = await anext(aiter(third))
+        assert isinstance(moved, Queued) and moved.position == 1
+        results = await asyncio.gather(running.collect(), second.collect(), third.collect())
+        assert [r.status for r in results] == ["cancelled", "completed", "completed"]
+
+
+async def test_cancel_while_queued() -> None:
+    async with running_server(make_config(max_active=1)) as srv, connect(srv.url) as client:
+        running = await client.generate("tiny-musicgen", "a", duration=5.0)
+        waiting = await client.generate("tiny-musicgen", "b", duration=5.0)
+        assert isinstance(await anext(aiter(waiting)), Queued)
+        await waiting.cancel()
+        result = await waiting.collect()
+        assert result.status == "cancelled" and result.frames == 0
+        await running.cancel()
+        await running.collect()
+
+
+async def test_other_clients_are_unaffected_by_a_bad_one(server: Any) -> None:
+    async with connect(server.url) as good:
+        stream = await good.generate("tiny-musicgen", "ok", duration=2.0, seed=3)
+        async with ws_connect(server.url) as bad:
+            await bad.recv()
+            for frame in (b"\xc1", b"garbage", "not json", msgpack.packb({"type": "x"})):
+                await bad.send(frame)
+            with pytest.raises(ConnectionClosed):
+                await bad.send(b"x" * (2 << 20))
+                await bad.recv()
+        result = await stream.collect()
+    assert result.status == "completed" and result.frames == samples_for(2.0)
+
+
+async def test_json_text_frames(server: Any) -> None:
+    async with ws_connect(server.url + "?encoding=json") as ws:
+        hello = decode(await ws.recv())
+        assert isinstance(hello, Hello)
+        request = Generate(
+            id="j1", model="tiny-musicgen", prompt="x", params={"duration": 0.5, "seed": 1}
+        )
+        await ws.send(encode(request, text=True))
+        frames = []
+        while True:
+            frame = await ws.recv()
+            assert isinstance(frame, str)  # answers come in the client's encoding
+            message = decode(frame)
+            frames.append(message)
+            if isinstance(message, Done):
+                break
+    audio = b"".join(m.data for m in frames if isinstance(m, Audio))
+    assert len(audio) == samples_for(0.5) * 2
+
+
+async def test_json_and_msgpack_give_the_same_audio(server: Any) -> None:
+    async with connect(server.url, text=True) as text_client:
+        a = await (await text_client.generate("tiny-musicgen", "y", duration=0.5, seed=8)).collect()
+    async with connect(server.url) as bin_client:
+        b = await (await bin_client.generate("tiny-musicgen", "y", duration=0.5, seed=8)).collect()
+    assert a.pcm == b.pcm and len(a.pcm) > 0
+
+
+async def test_shutdown_ends_requests_and_closes_1001() -> None:
+    async with running_server(make_config()) as srv:
+        client = await connect(srv.url)
+        stream = await client.generate("tiny-musicgen", "x", duration=30.0)
+        async for event in stream:
+            if isinstance(event, Audio):
+                break
+        stop = asyncio.create_task(srv.stop())
+        result = await stream.collect()
+        await stop
+        assert result.status == "error" and result.error is not None
+        assert result.error.code == "shutting_down"
+        await client.ws.wait_closed()
+        assert client.ws.close_code == 1001
+        await client.close()
+
+
+async def test_raw_cancel_frame_of_unknown_id(server: Any) -> None:
+    async with ws_connect(server.url) as ws:
+        await ws.recv()
+        await ws.send(encode(Cancel(id="ghost")))
+        message = decode(await ws.recv())
+    assert message.type == "error" and message.code == "unknown_id"  # type: ignore[union-attr]
