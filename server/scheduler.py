@@ -215,8 +215,11 @@ class Scheduler:
             for request in dropped:
                 self._pending.remove(request)
             admitted: list[Request] = []
-            while self._pending and len(self._active) + len(admitted) < self.max_active:
-                admitted.append(self._pending.popleft())
+            while self._pending and len(self._active) < self.max_active:
+                # Active from now on, so that submit() counts it while it prepares.
+                request = self._pending.popleft()
+                self._active.append(request)
+                admitted.append(request)
             moved = bool(dropped or admitted)
             pending = list(self._pending)
         for request in dropped:
@@ -233,6 +236,7 @@ class Scheduler:
 
     def _admit(self, request: Request) -> None:
         if request.cancelled.is_set():
+            self._release(request)
             self._finish(request, "cancelled")
             return
         engine = self._engines[request.model]
@@ -241,10 +245,12 @@ class Scheduler:
             request.job = engine.prepare(request.engine_request)
         except WavecastError as exc:
             exc.id = request.id
+            self._release(request)
             self._finish(request, "error", exc)
             return
         except Exception:
             request.log.exception("prepare failed")
+            self._release(request)
             self._finish(request, "error", InternalError("the model failed on this request"))
             return
         info = engine.info
@@ -261,8 +267,6 @@ class Scheduler:
             ),
         )
         request.log.info("started (queued %.3f s)", request.started_at - request.submitted_at)
-        with self._cond:
-            self._active.append(request)
 
     def _step_active(self) -> None:
         with self._cond:
@@ -274,11 +278,12 @@ class Scheduler:
                 self._finish(
                     request, "error" if request.cancel_error else "cancelled", request.cancel_error
                 )
-            else:
+            elif request.job is not None:
                 runnable.setdefault(request.model, []).append(request)
         for model, requests in runnable.items():
             engine = self._engines[model]
             jobs = [r.job for r in requests if r.job is not None]
+            assert len(jobs) == len(requests)
             try:
                 outputs = engine.step(jobs)
             except Exception:

@@ -38,8 +38,18 @@ async def run_cli(*args: str, interrupt_after: str | None = None) -> tuple[int, 
 
 async def test_generate_writes_a_wav(server: Any, tmp_path: Path) -> None:
     out = tmp_path / "clip.wav"
-    code, output = await run_cli("generate", "--url", server.url, "--duration", "1.5",
-                                 "--seed", "3", "-o", str(out), "warm synth pads")
+    code, output = await run_cli(
+        "generate",
+        "--url",
+        server.url,
+        "--duration",
+        "1.5",
+        "--seed",
+        "3",
+        "-o",
+        str(out),
+        "warm synth pads",
+    )
     assert code == 0, output
     assert "random-weight test model" in output
     assert "100.0%" in output and "first audio after" in output
@@ -50,15 +60,34 @@ async def test_generate_writes_a_wav(server: Any, tmp_path: Path) -> None:
 
 async def test_generate_float_wav(server: Any, tmp_path: Path) -> None:
     out = tmp_path / "clip.wav"
-    code, output = await run_cli("generate", "--url", server.url, "--duration", "0.5",
-                                 "--format", "pcm_f32le", "-o", str(out), "x")
+    code, output = await run_cli(
+        "generate",
+        "--url",
+        server.url,
+        "--duration",
+        "0.5",
+        "--format",
+        "pcm_f32le",
+        "-o",
+        str(out),
+        "x",
+    )
     assert code == 0, output
     assert soundfile.info(str(out)).subtype == "FLOAT"
 
 
 async def test_ctrl_c_cancels_the_request(server: Any, tmp_path: Path) -> None:
-    code, output = await run_cli("generate", "--url", server.url, "--duration", "30",
-                                 "-o", str(tmp_path / "x.wav"), "x", interrupt_after="%")
+    code, output = await run_cli(
+        "generate",
+        "--url",
+        server.url,
+        "--duration",
+        "30",
+        "-o",
+        str(tmp_path / "x.wav"),
+        "x",
+        interrupt_after="%",
+    )
     assert code == 130, output
     assert "cancelling" in output and "cancelled" in output
     await server.scheduler.wait_idle(timeout(5))
@@ -95,8 +124,16 @@ def test_serve_command_starts_and_stops(tmp_path: Path) -> None:
     log_file = tmp_path / "server.log"
     env = {**os.environ, "WAVECAST_LOG_FORMAT": "json"}
     process = subprocess.Popen(
-        [*WAVECAST, "serve", "--model", "tiny-musicgen", "--port", "0",
-         "--log-file", str(log_file)],
+        [
+            *WAVECAST,
+            "serve",
+            "--model",
+            "tiny-musicgen",
+            "--port",
+            "0",
+            "--log-file",
+            str(log_file),
+        ],
         env=env,
     )
     try:
@@ -127,10 +164,19 @@ def test_serve_command_starts_and_stops(tmp_path: Path) -> None:
 
 
 def test_serve_without_the_model_says_so_in_one_line(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path),
-           "AUDIOCRAFT_CACHE_DIR": str(tmp_path)}
-    result = subprocess.run([*WAVECAST, "serve", "--port", "0"], env=env, capture_output=True,
-                            text=True, timeout=timeout(120))
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path),
+        "AUDIOCRAFT_CACHE_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        [*WAVECAST, "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout(120),
+    )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1
