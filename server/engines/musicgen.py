@@ -181,7 +181,7 @@ class MusicGenEngine:
             ParamSpec(
                 "top_k",
                 "int",
-                250,
+                min(250, card),
                 0,
                 card,
                 description="sample among the k most likely tokens (0: all)",

@@ -1,0 +1,230 @@
+"""The demo page in real headless Chromium (Debian's), against the real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import soundfile
+from helpers import make_config, running_server, timeout
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("WAVECAST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+GOLDEN = Path(__file__).resolve().parents[1] / "protocol" / "golden.json"
+MS = 1000
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 - a stat before the browser starts
+        pytest.fail(f"Chromium not found at {CHROMIUM}: scripts/setup-venv --test installs it")
+    async with playwright_api.async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--autoplay-policy=no-user-gesture-required",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+            ],
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def open_page(browser: Any, server: Any, **context: Any) -> Any:
+    ctx = await browser.new_context(accept_downloads=True, **context)
+    page = await ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors
+    await page.goto(f"http://127.0.0.1:{server.port}/")
+    await page.wait_for_function(
+        "window.wavecast && window.wavecast.connected", timeout=timeout(20) * MS
+    )
+    return page
+
+
+async def generate(page: Any, prompt: str, duration: float) -> str:
+    await page.fill("#prompt", prompt)
+    await page.fill("#param-duration", str(duration))
+    await page.click("#generate")
+    return str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+
+
+async def card(page: Any, rid: str) -> dict[str, Any]:
+    result: dict[str, Any] = await page.evaluate(
+        """(id) => { const c = window.wavecast.cards.get(id);
+             return {status: c.status, frames: c.frames, consumed: c.consumed,
+                     serverSamples: c.serverSamples ?? null,
+                     error: c.el.querySelector('.error').textContent}; }""",
+        rid,
+    )
+    return result
+
+
+async def test_page_lists_models_and_params(browser: Any, server: Any) -> None:
+    page = await open_page(browser, server)
+    options = await page.eval_on_selector_all("#model option", "els => els.map(e => e.textContent)")
+    assert options == ["tiny-musicgen — TEST MODEL (noise)"]
+    assert "random weights" in await page.text_content("#model-note")
+    assert await page.input_value("#param-duration") == "10"
+    assert await page.get_attribute("#param-duration", "max") == "30"
+    assert await page.get_attribute("#param-seed", "placeholder") == "random"
+    assert await page.text_content("#conn-text") == "connected"
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "demo-empty.png"), full_page=True)
+    assert page.errors == []
+
+
+async def test_playback_starts_before_generation_ends(
+    browser: Any, server: Any, tmp_path: Path
+) -> None:
+    page = await open_page(browser, server)
+    rid = await generate(page, "slow evolving pads", 20)
+    # The worklet has played audio while the server is still generating.
+    await page.wait_for_function(
+        """(id) => { const c = window.wavecast.cards.get(id);
+             return c.consumed > 0 && c.status === 'generating'; }""",
+        arg=rid,
+        timeout=timeout(30) * MS,
+    )
+    during = await card(page, rid)
+    assert during["consumed"] > 0 and during["status"] == "generating"
+    await page.wait_for_function(
+        "(id) => window.wavecast.cards.get(id).status === 'completed'",
+        arg=rid,
+        timeout=timeout(60) * MS,
+    )
+    done = await card(page, rid)
+    assert done["frames"] == done["serverSamples"] == 20 * 32000
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "demo-completed.png"), full_page=True)
+    # Download the finished clip.
+    async with page.expect_download() as info:
+        await page.click("article[data-status=completed] .download")
+    download = await info.value
+    path = tmp_path / "clip.wav"
+    await download.save_as(path)
+    wav = soundfile.info(str(path))
+    assert (wav.samplerate, wav.channels, wav.frames) == (32000, 1, 20 * 32000)
+    assert page.errors == []
+
+
+async def test_cancel_stops_server_and_playback(browser: Any, server: Any) -> None:
+    page = await open_page(browser, server)
+    rid = await generate(page, "cancel me", 30)
+    await page.wait_for_function(
+        "(id) => window.wavecast.cards.get(id).consumed > 0", arg=rid, timeout=timeout(30) * MS
+    )
+    await page.click("#cards article:first-child .cancel")
+    await page.wait_for_function(
+        "(id) => window.wavecast.cards.get(id).status === 'cancelled'",
+        arg=rid,
+        timeout=timeout(20) * MS,
+    )
+    first = await card(page, rid)
+    await page.wait_for_timeout(400)
+    later = await card(page, rid)
+    assert later["consumed"] == first["consumed"]  # silence after cancel
+    assert later["frames"] < 30 * 32000
+    assert await page.text_content("#cards article:first-child .status") == "cancelled"
+    await server.scheduler.wait_idle(timeout(5))
+    assert server.scheduler.snapshot()["cancelled"] == 1
+
+
+async def test_server_errors_are_shown(browser: Any) -> None:
+    async with running_server(make_config(max_active=1, max_queue=0)) as srv:
+        page = await open_page(browser, srv)
+        first = await generate(page, "keeps the only slot", 30)
+        await page.wait_for_function(
+            "(id) => window.wavecast.cards.get(id).frames > 0", arg=first, timeout=timeout(30) * MS
+        )
+        second = await generate(page, "no room", 2)
+        await page.wait_for_function(
+            "(id) => window.wavecast.cards.get(id).status === 'error'",
+            arg=second,
+            timeout=timeout(20) * MS,
+        )
+        shown = await card(page, second)
+        assert "busy" in shown["error"]
+        await page.click("#cards article:nth-child(2) .cancel")
+        await page.wait_for_function(
+            "(id) => window.wavecast.cards.get(id).status === 'cancelled'",
+            arg=first,
+            timeout=timeout(20) * MS,
+        )
+
+
+async def test_phone_sized_screen_and_keyboard(browser: Any, server: Any) -> None:
+    page = await open_page(
+        browser, server, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # nothing overflows sideways
+    await page.focus("#prompt")
+    await page.keyboard.type("keyboard only")
+    await page.fill("#param-duration", "1")
+    await page.focus("#prompt")
+    await page.keyboard.press("Control+Enter")
+    await page.wait_for_function(
+        "[...window.wavecast.cards.values()].some(c => c.status === 'completed')",
+        timeout=timeout(30) * MS,
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "demo-phone.png"), full_page=True)
+
+
+async def test_js_protocol_matches_golden_frames(browser: Any, server: Any) -> None:
+    page = await open_page(browser, server)
+    golden = json.loads(GOLDEN.read_text())
+    results = await page.evaluate(
+        """async (golden) => {
+          const p = await import('/protocol.js');
+          const hex = (b) => [...b].map(x => x.toString(16).padStart(2, '0')).join('');
+          const unhex = (h) => new Uint8Array(h.match(/../g).map(x => parseInt(x, 16)));
+          const b64 = (bytes) => btoa(String.fromCharCode(...bytes));
+          return golden.map((g) => {
+            const m = p.decodeMessage(unhex(g.msgpack));
+            if (m.data instanceof Uint8Array) m.data = b64(m.data);
+            const fromJson = p.decodeMessage(JSON.stringify(g.json));
+            if (fromJson.data instanceof Uint8Array) fromJson.data = b64(fromJson.data);
+            const out = {decoded: m, fromJson};
+            if (g.json.type === 'generate' || g.json.type === 'cancel') {
+              out.encoded = hex(p.encodeMessage(g.json));
+            }
+            return out;
+          });
+        }""",
+        golden,
+    )
+    for entry, result in zip(golden, results, strict=True):
+        assert result["decoded"] == entry["json"], entry["name"]
+        assert result["fromJson"] == entry["json"], entry["name"]
+        if "encoded" in result:
+            assert result["encoded"] == entry["msgpack"], entry["name"]
+
+
+def test_vendored_msgpack_is_the_pinned_version() -> None:
+    root = Path(__file__).resolve().parents[2] / "web_demo"
+    pinned = json.loads((root / "package.json").read_text())["dependencies"]["@msgpack/msgpack"]
+    assert (root / "vendor" / "msgpack" / "VERSION").read_text().strip() == pinned
+    assert (
+        "ISC" in (root / "vendor" / "msgpack" / "LICENSE").read_text()
+        or "Permission" in (root / "vendor" / "msgpack" / "LICENSE").read_text()
+    )

@@ -1,0 +1,483 @@
+// The wavecast demo page: connect, pick a model, generate, listen while it
+// generates. Protocol: protocol/PROTOCOL.md; messages via ./protocol.js.
+import { STREAM_PATH, encodeMessage, decodeMessage, pcmToFloat32 } from "./protocol.js";
+import { encodeWav } from "./wav.js";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const JITTER_SECONDS = 0.15; // audio buffered before playback starts or resumes
+
+// State visible to the end-to-end tests (tests/browser) and to curious users.
+const state = {
+  connected: false,
+  hello: null,
+  cards: new Map(), // id -> Card
+};
+window.wavecast = state;
+
+// -- connection (§1) --------------------------------------------------------------
+
+class Connection {
+  constructor(onMessage, onState) {
+    this.onMessage = onMessage;
+    this.onState = onState;
+    this.ws = null;
+    this.retry = 0;
+    this.connect();
+  }
+
+  connect() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const ws = new WebSocket(`${scheme}//${location.host}${STREAM_PATH}`);
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    this.onState("connecting");
+    ws.onopen = () => { this.retry = 0; };
+    ws.onmessage = (event) => {
+      let message;
+      try {
+        message = decodeMessage(event.data);
+      } catch (err) {
+        console.error("undecodable frame", err);
+        return;
+      }
+      this.onMessage(message);
+    };
+    ws.onclose = (event) => {
+      this.onState("disconnected", event);
+      const delay = Math.min(5000, 500 * 2 ** this.retry++);
+      setTimeout(() => this.connect(), delay);
+    };
+  }
+
+  send(message) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(encodeMessage(message));
+    return true;
+  }
+}
+
+// -- audio ------------------------------------------------------------------------
+
+const contexts = new Map(); // sample rate -> Promise<AudioContext> with the worklet loaded
+
+function audioContext(sampleRate) {
+  if (!contexts.has(sampleRate)) {
+    contexts.set(sampleRate, (async () => {
+      const ctx = new AudioContext({ sampleRate, latencyHint: "interactive" });
+      await ctx.audioWorklet.addModule("worklet.js");
+      return ctx;
+    })());
+  }
+  return contexts.get(sampleRate);
+}
+
+// -- a generation -----------------------------------------------------------------
+
+let counter = 0;
+
+class Card {
+  constructor(id, model, prompt, params) {
+    this.id = id;
+    this.model = model;
+    this.prompt = prompt;
+    this.duration = params.duration ?? paramDefault(model, "duration") ?? 10;
+    this.status = "queued";
+    this.frames = 0; // received
+    this.consumed = 0; // played by the worklet
+    this.chunks = [];
+    this.sampleRate = model.sample_rate;
+    this.channels = model.channels;
+    this.sentAt = performance.now();
+    this.firstAudioAt = null;
+    this.node = null;
+    this.pending = []; // chunks that arrived before the worklet was ready
+    this.ended = false;
+    this.peakX = 0;
+
+    const el = $("#card-template").content.firstElementChild.cloneNode(true);
+    this.el = el;
+    $(".title", el).textContent = prompt || "(no prompt)";
+    const note = model.test_model ? " · test model (random weights: noise)" : "";
+    $(".meta", el).textContent = `${model.name}${note} · ${this.duration} s · ${this.sampleRate} Hz · ${this.channels === 2 ? "stereo" : "mono"}`;
+    $(".cancel", el).addEventListener("click", () => this.cancel());
+    this.canvas = $(".wave", el);
+    this.ctx2d = this.canvas.getContext("2d");
+    $("#cards").prepend(el);
+    this.timer = setInterval(() => this.tick(), 100);
+  }
+
+  setStatus(status, text = status) {
+    this.status = status;
+    const badge = $(".status", this.el);
+    badge.textContent = text;
+    badge.dataset.status = status;
+    this.el.dataset.status = status;
+  }
+
+  async onStarted(message) {
+    this.sampleRate = message.sample_rate;
+    this.channels = message.channels;
+    this.seed = message.seed;
+    this.setStatus("generating");
+    if (message.seed !== undefined) {
+      $(".meta", this.el).textContent += ` · seed ${message.seed}`;
+    }
+    try {
+      const ctx = await audioContext(this.sampleRate);
+      if (ctx.state === "suspended") await ctx.resume();
+      if (this.status === "cancelled" || this.status === "error") return;
+      const node = new AudioWorkletNode(ctx, "wavecast-stream-player", {
+        numberOfInputs: 0,
+        outputChannelCount: [this.channels],
+        processorOptions: {
+          channels: this.channels,
+          capacityFrames: Math.ceil((this.duration + 1) * this.sampleRate),
+          startFrames: Math.round(JITTER_SECONDS * this.sampleRate),
+        },
+      });
+      node.port.onmessage = (event) => this.onPlayer(event.data);
+      node.connect(ctx.destination);
+      this.node = node;
+      for (const samples of this.pending) this.feed(samples);
+      this.pending = [];
+      if (this.ended) node.port.postMessage({ kind: "end" });
+    } catch (err) {
+      console.error("audio output unavailable", err);
+      this.showError("audio", "live playback is unavailable in this browser: " + err.message);
+    }
+  }
+
+  feed(samples) {
+    this.node.port.postMessage({ kind: "chunk", samples }, [samples.buffer]);
+  }
+
+  onAudio(message) {
+    if (this.firstAudioAt === null) this.firstAudioAt = performance.now();
+    const samples = pcmToFloat32(message);
+    this.chunks.push(samples);
+    this.frames += samples.length / this.channels;
+    this.draw(samples);
+    const copy = samples.slice();
+    if (this.node) this.feed(copy);
+    else this.pending.push(copy);
+  }
+
+  onProgress(message) {
+    const pct = Math.round(message.fraction * 100);
+    const progress = $(".progress", this.el);
+    progress.setAttribute("aria-valuenow", String(pct));
+    $(".bar", progress).style.width = `${pct}%`;
+    $(".s-generated", this.el).textContent = `${message.seconds.toFixed(2)} s`;
+  }
+
+  onPlayer(msg) {
+    if (msg.consumed !== undefined) this.consumed = msg.consumed;
+    if (msg.kind === "state" && this.status === "generating" && msg.state === "buffering") {
+      this.setStatus("generating", "buffering…");
+    } else if (msg.kind === "state" && msg.state === "playing" && this.status === "generating") {
+      this.setStatus("generating", "playing live");
+    }
+    const played = this.consumed / this.sampleRate;
+    $(".s-played", this.el).textContent = `${played.toFixed(2)} s`;
+    $(".played", this.el).style.width = `${Math.min(100, (played / this.duration) * 100)}%`;
+  }
+
+  onDone(message) {
+    clearInterval(this.timer);
+    this.tick();
+    this.ended = true;
+    $(".cancel", this.el).hidden = true;
+    const stats = message.stats;
+    if (stats) {
+      $(".s-elapsed", this.el).textContent = `${stats.wall_seconds.toFixed(1)} s`;
+      if (stats.first_audio_seconds !== undefined) {
+        $(".s-first", this.el).textContent = `${Math.round(stats.first_audio_seconds * 1000)} ms`;
+      }
+      $(".s-rtf", this.el).textContent = `×${stats.real_time_factor.toFixed(2)} real time`;
+      this.serverSamples = stats.samples;
+    }
+    if (message.status === "completed") {
+      this.setStatus("completed");
+      if (this.node) this.node.port.postMessage({ kind: "end" });
+      this.finishClip();
+    } else if (message.status === "cancelled") {
+      this.setStatus("cancelled");
+      this.stopPlayback();
+    } else {
+      this.setStatus("error");
+      this.stopPlayback();
+      const err = message.error || { code: "error", message: "failed" };
+      this.showError(err.code, err.message);
+    }
+  }
+
+  finishClip() {
+    const total = this.chunks.reduce((n, c) => n + c.length, 0);
+    const all = new Float32Array(total);
+    let at = 0;
+    for (const c of this.chunks) { all.set(c, at); at += c.length; }
+    this.clip = all;
+    const blob = encodeWav(all, this.sampleRate, this.channels);
+    const url = URL.createObjectURL(blob);
+    const audio = $(".clip", this.el);
+    audio.src = url;
+    audio.hidden = false;
+    // The finished clip replaces the live stream when the user presses play.
+    audio.addEventListener("play", () => this.stopPlayback());
+    const link = $(".download", this.el);
+    link.href = url;
+    link.download = `wavecast-${this.id}.wav`;
+    link.hidden = false;
+  }
+
+  stopPlayback() {
+    if (this.node) {
+      this.node.port.postMessage({ kind: "stop" });
+      this.node.disconnect();
+      this.node = null;
+    }
+    this.pending = [];
+  }
+
+  cancel() {
+    this.stopPlayback();
+    this.setStatus("cancelling", "cancelling…");
+    connection.send({ type: "cancel", id: this.id });
+  }
+
+  showError(code, text) {
+    const p = $(".error", this.el);
+    p.hidden = false;
+    p.textContent = code === "busy"
+      ? "The server is busy (its queue is full). Try again in a moment."
+      : `${code}: ${text}`;
+    this.errorCode = code;
+  }
+
+  tick() {
+    const elapsed = (performance.now() - this.sentAt) / 1000;
+    $(".s-elapsed", this.el).textContent = `${elapsed.toFixed(1)} s`;
+    if (this.firstAudioAt !== null && $(".s-first", this.el).textContent === "–") {
+      $(".s-first", this.el).textContent = `${Math.round(this.firstAudioAt - this.sentAt)} ms`;
+    }
+  }
+
+  draw(samples) {
+    // One min/max column per pixel over the whole clip, filled as chunks arrive
+    // and redrawn with automatic gain (quiet clips stay visible).
+    const { width, height } = this.canvas;
+    if (!this.cols) {
+      this.cols = { lo: new Float32Array(width).fill(1), hi: new Float32Array(width).fill(-1) };
+      this.peak = 1e-4;
+    }
+    const perPixel = (this.duration * this.sampleRate) / width;
+    const frames = samples.length / this.channels;
+    const start = this.frames - frames;
+    for (let f = 0; f < frames; f++) {
+      const x = Math.min(width - 1, Math.floor((start + f) / perPixel));
+      const v = samples[f * this.channels];
+      if (v < this.cols.lo[x]) this.cols.lo[x] = v;
+      if (v > this.cols.hi[x]) this.cols.hi[x] = v;
+      const a = Math.abs(v);
+      if (a > this.peak) this.peak = a;
+    }
+    const ctx = this.ctx2d;
+    ctx.clearRect(0, 0, width, height);
+    ctx.fillStyle = getComputedStyle(this.el).getPropertyValue("--wave") || "#7cf";
+    const gain = 0.95 / this.peak;
+    for (let x = 0; x < width; x++) {
+      const hi = this.cols.hi[x], lo = this.cols.lo[x];
+      if (hi < lo) continue;
+      const y0 = ((1 - hi * gain) / 2) * height;
+      const y1 = ((1 - lo * gain) / 2) * height;
+      ctx.fillRect(x, y0, 1, Math.max(1, y1 - y0));
+    }
+  }
+}
+
+function paramDefault(model, name) {
+  const spec = (model.params || []).find((p) => p.name === name);
+  return spec ? spec.default : undefined;
+}
+
+// -- the form ---------------------------------------------------------------------
+
+function renderModels(models) {
+  const select = $("#model");
+  const previous = select.value;
+  select.replaceChildren();
+  for (const model of models) {
+    const option = document.createElement("option");
+    option.value = model.name;
+    option.textContent = model.test_model ? `${model.name} — TEST MODEL (noise)` : model.name;
+    select.append(option);
+  }
+  if (models.some((m) => m.name === previous)) select.value = previous;
+  renderParams();
+}
+
+function currentModel() {
+  return state.hello?.models.find((m) => m.name === $("#model").value);
+}
+
+function renderParams() {
+  const model = currentModel();
+  const box = $("#params");
+  box.querySelectorAll(".param").forEach((n) => n.remove());
+  const note = $("#model-note");
+  if (!model) return;
+  note.hidden = !model.test_model;
+  note.textContent = model.test_model
+    ? "This is a test model with random weights: it makes noise, by design."
+    : model.description;
+  for (const spec of model.params || []) {
+    const id = `param-${spec.name}`;
+    const wrap = document.createElement("div");
+    wrap.className = "param";
+    const label = document.createElement("label");
+    label.htmlFor = id;
+    label.textContent = spec.name.replace("_", " ");
+    label.title = spec.description || "";
+    let input;
+    if (spec.kind === "bool") {
+      input = document.createElement("input");
+      input.type = "checkbox";
+      input.checked = Boolean(spec.default);
+    } else if (spec.choices) {
+      input = document.createElement("select");
+      for (const c of spec.choices) input.append(new Option(c, c));
+      if (spec.default != null) input.value = spec.default;
+    } else {
+      input = document.createElement("input");
+      input.type = spec.kind === "str" ? "text" : "number";
+      if (spec.kind !== "str") {
+        input.step = spec.kind === "int" ? "1" : "any";
+        if (spec.min != null) input.min = String(spec.min);
+        if (spec.max != null) input.max = String(spec.max);
+        input.inputMode = spec.kind === "int" ? "numeric" : "decimal";
+      }
+      if (spec.default != null) input.value = String(spec.default);
+      else input.placeholder = spec.name === "seed" ? "random" : "default";
+    }
+    input.id = id;
+    input.name = spec.name;
+    input.dataset.kind = spec.kind;
+    const hint = document.createElement("small");
+    const ranged = spec.min != null && spec.max != null && spec.max < 1e9;
+    hint.textContent = ranged ? `${spec.min} – ${spec.max}` : "";
+    wrap.append(label, input, hint);
+    box.append(wrap);
+  }
+}
+
+function readParams() {
+  const params = {};
+  for (const input of $("#params").querySelectorAll("input, select")) {
+    const kind = input.dataset.kind;
+    if (kind === "bool") { params[input.name] = input.checked; continue; }
+    if (input.value === "") continue;
+    if (kind === "int" || kind === "float") {
+      const value = Number(input.value);
+      if (!Number.isFinite(value)) throw new Error(`${input.name} must be a number`);
+      params[input.name] = value;
+    } else {
+      params[input.name] = input.value;
+    }
+  }
+  return params;
+}
+
+function submit(event) {
+  event?.preventDefault();
+  const model = currentModel();
+  const formError = $("#form-error");
+  formError.textContent = "";
+  if (!model || !state.connected) {
+    formError.textContent = "Not connected to the server.";
+    return;
+  }
+  let params;
+  try {
+    params = readParams();
+  } catch (err) {
+    formError.textContent = err.message;
+    return;
+  }
+  // Audio output may only start after a user gesture: this click is one.
+  audioContext(model.sample_rate).then((ctx) => ctx.resume()).catch(() => {});
+  const id = `w${++counter}-${Math.random().toString(36).slice(2, 8)}`;
+  const prompt = $("#prompt").value.trim();
+  const card = new Card(id, model, prompt, params);
+  state.cards.set(id, card);
+  connection.send({ type: "generate", id, model: model.name, prompt, params, format: "pcm_f32le" });
+}
+
+// -- wiring -----------------------------------------------------------------------
+
+function onMessage(message) {
+  if (message.type === "hello") {
+    state.hello = message;
+    renderModels(message.models);
+    $("#generate").disabled = message.models.length === 0;
+    return;
+  }
+  if (message.type === "error" && !(message.id && state.cards.has(message.id))) {
+    $("#form-error").textContent = `${message.code}: ${message.message}`;
+    return;
+  }
+  const card = state.cards.get(message.id);
+  if (!card) return;
+  switch (message.type) {
+    case "queued":
+      card.setStatus("queued", `queued #${message.position}`);
+      break;
+    case "started":
+      card.onStarted(message);
+      break;
+    case "audio":
+      card.onAudio(message);
+      break;
+    case "progress":
+      card.onProgress(message);
+      break;
+    case "done":
+      card.onDone(message);
+      break;
+    case "error":
+      card.showError(message.code, message.message);
+      break;
+  }
+}
+
+function onConnState(status) {
+  state.connected = status === "open";
+  const conn = $("#conn");
+  conn.dataset.state = status;
+  $("#conn-text").textContent = {
+    connecting: "connecting…",
+    open: "connected",
+    disconnected: "disconnected — reconnecting…",
+  }[status];
+  $("#generate").disabled = !state.connected;
+  if (status === "disconnected") {
+    for (const card of state.cards.values()) {
+      if (!card.ended) {
+        card.onDone({ status: "error", error: { code: "disconnected", message: "the connection to the server was lost" } });
+      }
+    }
+  }
+}
+
+const connection = new Connection(onMessage, (s) => onConnState(s));
+// "open" is only true once the greeting arrived.
+const origOnMessage = connection.onMessage;
+connection.onMessage = (m) => {
+  if (m.type === "hello") onConnState("open");
+  origOnMessage(m);
+};
+
+$("#compose").addEventListener("submit", submit);
+$("#model").addEventListener("change", renderParams);
+$("#prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) submit(event);
+});
