@@ -12,9 +12,10 @@ several requests can interleave step by step on one model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,19 @@ import numpy as np
 import torch
 from audiocraft.models.musicgen import MusicGen
 from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
+from audiocraft.modules.streaming import StreamingModule
 
 from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
 
 from .base import EngineRequest, FloatAudio, Job, StepOutput
 from .codec_stream import StreamDecoder
-from .tiny import TINY_MUSICGEN, build_tiny_musicgen, load_musicgen_dir
+from .tiny import (
+    RANDOM_MUSICGEN_SCALES,
+    TINY_MUSICGEN,
+    build_random_musicgen,
+    build_tiny_musicgen,
+    load_musicgen_dir,
+)
 
 __all__ = ["MusicGenEngine", "StreamSettings", "load_musicgen", "sample_next_token"]
 
@@ -61,8 +69,9 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     """Load a MusicGen model by name.
 
     Args:
-        name: ``tiny-musicgen``, a local checkpoint directory, or a Hugging Face
-            name such as ``facebook/musicgen-small``.
+        name: ``tiny-musicgen``, ``random-musicgen-{small,medium,large}`` (real
+            shapes, random weights: for benchmarks), a local checkpoint directory,
+            or a Hugging Face name such as ``facebook/musicgen-small``.
         device: torch device string.
 
     Returns:
@@ -70,6 +79,8 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     """
     if name == TINY_MUSICGEN:
         return build_tiny_musicgen(device=device), True
+    if name.startswith("random-musicgen-") and name[16:] in RANDOM_MUSICGEN_SCALES:
+        return build_random_musicgen(name[16:], device=device), True
     path = Path(name).expanduser()
     if path.is_dir():
         model = load_musicgen_dir(path, device=device)
@@ -140,7 +151,7 @@ class _MusicGenJob:
     offset: int
     prev_offset: int = 0
     ready: int = 0  # timesteps with every codebook known
-    kv_state: dict[str, Any] = field(default_factory=dict)
+    kv_state: list[dict[str, Any]] = field(default_factory=list)  # one per streaming module
 
 
 class MusicGenEngine:
@@ -167,6 +178,7 @@ class MusicGenEngine:
         self.frame_rate = float(model.frame_rate)
         self.hop = round(model.sample_rate / model.frame_rate)
         self._layouts: dict[int, _Layout] = {}
+        self._streaming_modules = [m for m in self.lm.modules() if isinstance(m, StreamingModule)]
         card = int(self.lm.card)
         default_duration = min(10.0, self.max_duration)
         self._params = (
@@ -320,12 +332,32 @@ class MusicGenEngine:
         with torch.no_grad():
             return [self._step_one(job) for job in jobs]
 
+    @contextlib.contextmanager
+    def _job_streaming(self, st: _MusicGenJob) -> Iterator[None]:
+        """Put a job's KV caches into the LM's streaming modules for one step.
+
+        The same as ``lm.streaming()`` with ``set_streaming_state`` and
+        ``get_streaming_state``, without walking the module tree at every step:
+        each module gets the job's own state dict, which it updates in place.
+        """
+        modules = self._streaming_modules
+        if not st.kv_state:
+            st.kv_state = [{} for _ in modules]
+        for module, state in zip(modules, st.kv_state, strict=True):
+            module._streaming_state = state
+            module._is_streaming = True
+        try:
+            yield
+        finally:
+            for module in modules:
+                module._streaming_state = {}
+                module._is_streaming = False
+
     def _step_one(self, job: Job) -> StepOutput:
         st: _MusicGenJob = job.state
         lm = self.lm
         offset = st.offset
-        with self.model.autocast, lm.streaming():
-            lm.set_streaming_state(st.kv_state)
+        with self.model.autocast, self._job_streaming(st):
             current = st.gen_sequence[..., st.prev_offset : offset]
             # One forward for the conditional and the unconditional half (CFG).
             all_logits = lm(
@@ -333,7 +365,6 @@ class MusicGenEngine:
                 conditions=[],
                 condition_tensors=st.cfg_conditions,
             )
-            st.kv_state = lm.get_streaming_state()
         cond_logits, uncond_logits = all_logits.split(1, dim=0)
         logits = uncond_logits + (cond_logits - uncond_logits) * st.cfg_coef
         logits = logits.permute(0, 1, 3, 2)[..., -1]  # [1, K, card]

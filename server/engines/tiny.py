@@ -29,6 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 __all__ = [
+    "RANDOM_MUSICGEN_SCALES",
     "TINY_MUSICGEN",
     "OfflineT5Conditioner",
     "build_tiny_musicgen",
@@ -240,6 +241,45 @@ def build_tiny_musicgen(seed: int = 0, device: str = "cpu") -> MusicGen:
         t5 = T5EncoderModel(T5Config(**_T5_CONFIG))
         lm = _lm_from_cfg(cfg, (t5, _byte_tokenizer()))
     return MusicGen(TINY_MUSICGEN, compression, lm, max_duration=30.0)
+
+
+# Real MusicGen shapes (facebook/musicgen-small/-medium/-large) for benchmarks:
+# LM scale, and T5 (t5-base) and EnCodec 32 kHz at their real sizes.
+RANDOM_MUSICGEN_SCALES: dict[str, dict[str, int]] = {
+    "small": {"dim": 1024, "num_heads": 16, "num_layers": 24},
+    "medium": {"dim": 1536, "num_heads": 24, "num_layers": 48},
+    "large": {"dim": 2048, "num_heads": 32, "num_layers": 48},
+}
+_T5_BASE = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12,
+            "num_heads": 12, "dropout_rate": 0.0, "pad_token_id": 0, "eos_token_id": 1}
+
+
+def build_random_musicgen(scale: str, device: str = "cpu", seed: int = 0) -> MusicGen:
+    """MusicGen at a real size with random weights (``random-musicgen-small`` etc.).
+
+    For measuring speed where the real weights cannot be downloaded: the work per
+    step is the real model's; the sound is noise.
+    """
+    cfg = OmegaConf.create(_TINY_CFG)
+    cfg.device = device
+    cfg.seanet.n_filters = 64
+    cfg.seanet.dimension = 128
+    cfg.rvq.bins = 2048
+    cfg.transformer_lm.card = 2048
+    for key, value in RANDOM_MUSICGEN_SCALES[scale].items():
+        cfg.transformer_lm[key] = value
+    t5_cfg = dict(_T5_BASE)
+    t5_cfg["vocab_size"] = max(t5_cfg["vocab_size"], 260)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if device != "cpu":
+            cfg.dtype = "float16"
+        compression = builders.get_compression_model(cfg).eval()
+        compression.cfg = cfg
+        t5 = T5EncoderModel(T5Config(**t5_cfg))
+        lm = _lm_from_cfg(cfg, (t5, _byte_tokenizer()))
+    name = f"random-musicgen-{scale}"
+    return MusicGen(name, compression, lm, max_duration=30.0)
 
 
 def save_musicgen(model: MusicGen, directory: Path) -> None:

@@ -1,0 +1,183 @@
+"""Real-time factor and time to first audio through the server, against
+audiocraft's own ``MusicGen.generate`` on the same model in the same run.
+
+The server runs as its own process (``wavecast serve``), as in production, so
+that the measuring client does not share its interpreter.
+
+    .venv/bin/python bench/bench_stream.py --model tiny-musicgen --duration 10
+    .venv/bin/python bench/bench_stream.py --model random-musicgen-small --device cuda
+
+Prints a Markdown section for bench/RESULTS.md. Times on the client side are from
+sending ``generate`` to the first ``audio`` frame and to ``done``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wavecast.clients import connect
+from wavecast.protocol import Audio, Done
+from wavecast.server.engines import resolve_device
+from wavecast.server.engines.musicgen import load_musicgen
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    text = f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}"
+    if device.startswith("cuda"):
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def baseline(model: Any, prompt: str, duration: float, runs: int, device: str) -> list[float]:
+    """Wall seconds of audiocraft's MusicGen.generate (tokens and decode)."""
+    top_k = min(250, int(model.lm.card))  # the server's default, as the stream uses
+    model.set_generation_params(duration=duration, top_k=top_k, cfg_coef=3.0)
+    times = []
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        model.generate([prompt])
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def one(url: str, model: str, prompt: str, duration: float) -> dict[str, float]:
+    async with connect(url) as client:
+        start = time.perf_counter()
+        stream = await client.generate(model, prompt, duration=duration)
+        first = None
+        async for event in stream:
+            if isinstance(event, Audio) and first is None:
+                first = time.perf_counter() - start
+            if isinstance(event, Done):
+                assert event.status == "completed", event
+        wall = time.perf_counter() - start
+    assert first is not None
+    return {"ttfa": first, "wall": wall, "rtf": duration / wall}
+
+
+def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    command = [
+        sys.executable,
+        "-m",
+        "wavecast.clients.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--port",
+        "0",
+        "--max-active",
+        str(max(args.concurrency)),
+        "--log-file",
+        str(log),
+    ]
+    process = subprocess.Popen(command)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        match = (
+            re.search(r"ws://127\.0\.0\.1:(\d+)/v1/stream", log.read_text())
+            if (log.exists())
+            else None
+        )
+        if match:
+            return process, match.group(0)
+        if process.poll() is not None:
+            raise SystemExit("the server did not start")
+        time.sleep(0.2)
+    raise SystemExit("the server did not start in time")
+
+
+async def bench(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    model, _ = load_musicgen(args.model, device)
+    base = baseline(model, args.prompt, args.duration, args.runs, device)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as tmp:
+        process, url = start_server(args, Path(tmp) / "server.log")
+        try:
+            await one(url, args.model, args.prompt, min(args.duration, 2.0))  # warm-up
+            seq = [await one(url, args.model, args.prompt, args.duration) for _ in range(args.runs)]
+            conc = {}
+            for k in args.concurrency:
+                start = time.perf_counter()
+                results = await asyncio.gather(
+                    *(one(url, args.model, args.prompt, args.duration) for _ in range(k))
+                )
+                conc[k] = (results, time.perf_counter() - start)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+    med = statistics.median
+    base_rtf = args.duration / med(base)
+    seq_rtf = med(r["rtf"] for r in seq)
+    print(f"### {args.model} on {device}, {args.duration:g} s clips, {args.runs} runs (median)\n")
+    print(f"- machine: {machine(device)}")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}\n")
+    print("| path | time to first audio | wall | real-time factor |")
+    print("| --- | --- | --- | --- |")
+    print(
+        f"| audiocraft `MusicGen.generate` | {med(base):.3f} s (all at the end) | "
+        f"{med(base):.3f} s | x{base_rtf:.2f} |"
+    )
+    print(
+        f"| wavecast stream, 1 client | {med(r['ttfa'] for r in seq) * 1000:.0f} ms | "
+        f"{med(r['wall'] for r in seq):.3f} s | x{seq_rtf:.2f} |"
+    )
+    for k, (results, wall) in conc.items():
+        total = k * args.duration
+        print(
+            f"| wavecast, {k} concurrent | {med(r['ttfa'] for r in results) * 1000:.0f} ms "
+            f"(max {max(r['ttfa'] for r in results) * 1000:.0f} ms) | {wall:.3f} s | "
+            f"x{min(r['rtf'] for r in results):.2f} per stream (slowest), "
+            f"x{total / wall:.2f} aggregate |"
+        )
+    print(f"\nwavecast / audiocraft real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-musicgen")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--prompt", default="warm lofi hip hop with soft keys")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()
