@@ -250,8 +250,17 @@ RANDOM_MUSICGEN_SCALES: dict[str, dict[str, int]] = {
     "medium": {"dim": 1536, "num_heads": 24, "num_layers": 48},
     "large": {"dim": 2048, "num_heads": 32, "num_layers": 48},
 }
-_T5_BASE = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12,
-            "num_heads": 12, "dropout_rate": 0.0, "pad_token_id": 0, "eos_token_id": 1}
+_T5_BASE = {
+    "vocab_size": 32128,
+    "d_model": 768,
+    "d_kv": 64,
+    "d_ff": 3072,
+    "num_layers": 12,
+    "num_heads": 12,
+    "dropout_rate": 0.0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
 
 
 def build_random_musicgen(scale: str, device: str = "cpu", seed: int = 0) -> MusicGen:
