@@ -61,10 +61,19 @@ class ProgressBar:
 async def _generate(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     params: dict[str, int | float | bool | str | None] = {}
-    for name in ("duration", "top_k", "top_p", "temperature", "cfg_coef", "seed"):
+    for name in ("duration", "top_k", "top_p", "temperature", "cfg_coef", "seed", "extend_stride"):
         value = getattr(args, name)
         if value is not None:
             params[name] = value
+    if args.include_prompt:
+        params["include_prompt"] = True
+    inputs = {}
+    if args.continue_from is not None:
+        try:
+            inputs["continuation"] = args.continue_from.read_bytes()
+        except OSError as exc:
+            bar.message(f"cannot read {args.continue_from}: {exc.strerror}")
+            return 2
     async with connect(args.url) as client:
         models = client.models
         model = args.model or next(iter(models), None)
@@ -73,7 +82,9 @@ async def _generate(args: argparse.Namespace) -> int:
             return 1
         if model in models and models[model].test_model:
             bar.message(f"note: {model} is a random-weight test model; it makes noise")
-        stream = await client.generate(model, args.prompt, params=params, format=args.format)
+        stream = await client.generate(
+            model, args.prompt, params=params, format=args.format, inputs=inputs
+        )
         loop = asyncio.get_running_loop()
         cancel_sent = False
         tasks: set[asyncio.Task[None]] = set()
@@ -155,6 +166,25 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--cfg-coef", type=float, dest="cfg_coef")
     parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--extend-stride",
+        type=float,
+        dest="extend_stride",
+        help="long form: seconds each new window moves on by",
+    )
+    parser.add_argument(
+        "--continue",
+        type=Path,
+        dest="continue_from",
+        metavar="FILE",
+        help="continue this audio file (WAV, FLAC, OGG, MP3); --duration "
+        "then counts the prompt too",
+    )
+    parser.add_argument(
+        "--include-prompt",
+        action="store_true",
+        help="with --continue: put the prompt's audio in the output too",
+    )
     parser.add_argument(
         "--format",
         choices=("pcm_s16le", "pcm_f32le"),

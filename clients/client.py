@@ -221,6 +221,7 @@ class Client:
         id: str | None = None,
         format: str = "pcm_s16le",
         params: Mapping[str, ParamValue] | None = None,
+        inputs: Mapping[str, bytes] | None = None,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start a generation.
@@ -231,6 +232,8 @@ class Client:
             id: Request id (default: a fresh random one).
             format: ``pcm_s16le`` or ``pcm_f32le``.
             params: Model parameters; keyword arguments are added to them.
+            inputs: Audio files by role, as bytes: ``continuation`` (continue this
+                clip) where the model's capabilities list it.
 
         Returns:
             The request's event stream.
@@ -241,7 +244,14 @@ class Client:
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         merged = {**(params or {}), **kwargs}
-        message = Generate(id=request_id, model=model, prompt=prompt, params=merged, format=format)  # type: ignore[arg-type]
+        message = Generate(
+            id=request_id,
+            model=model,
+            prompt=prompt,
+            params=merged,
+            format=format,  # type: ignore[arg-type]
+            inputs=dict(inputs) if inputs else None,
+        )
         try:
             await self._send(message)
         except BaseException:

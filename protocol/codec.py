@@ -52,10 +52,11 @@ __all__ = [
 # Hard protocol bounds (§7); the server may announce tighter ones.
 MAX_ID_LENGTH = 64
 MAX_PARAMS = 32
+MAX_INPUTS = 4
 MAX_PARAM_NAME = 64
 MAX_STRING_PARAM = 4096
 MAX_PROMPT_CHARS = 16384
-_MAX_FRAME = 64 * 1024 * 1024
+_MAX_FRAME = 256 * 1024 * 1024
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # what msgpack carries
 
 T = TypeVar("T")
@@ -103,6 +104,11 @@ def encode(message: Message, *, text: bool = False) -> bytes | str:
     if text:
         if isinstance(message, Audio):
             wire["data"] = base64.b64encode(message.data).decode("ascii")
+        elif isinstance(message, Generate) and message.inputs:
+            wire["inputs"] = {
+                key: base64.b64encode(value).decode("ascii")
+                for key, value in message.inputs.items()
+            }
         return json.dumps(wire, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     packed: bytes = msgpack.packb(wire, use_bin_type=True)
     return packed
@@ -263,17 +269,18 @@ class _Fields:
             raise self._fail(name, f"must be one of {', '.join(map(repr, choices))}")
         return cast(T, value)
 
-    def binary(self, name: str) -> bytes:
+    def binary(self, name: str, *, field: str | None = None) -> bytes:
+        label = field or name
         value = self._get(name, True)
         if self.text:
             if not isinstance(value, str):
-                raise self._fail(name, "must be a base64 string")
+                raise self._fail(label, "must be a base64 string")
             try:
                 return base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError) as exc:
-                raise self._fail(name, "is not valid base64") from exc
+                raise self._fail(label, "is not valid base64") from exc
         if not isinstance(value, bytes):
-            raise self._fail(name, "must be binary")
+            raise self._fail(label, "must be binary")
         return value
 
     def mapping(self, name: str, *, required: bool = True) -> Any:
@@ -321,6 +328,20 @@ def _params(f: _Fields) -> dict[str, ParamValue]:
     return out
 
 
+def _inputs(f: _Fields) -> dict[str, bytes] | None:
+    raw = f.mapping("inputs", required=False)
+    if raw is None:
+        return None
+    if len(raw) > MAX_INPUTS:
+        raise InvalidField(f"at most {MAX_INPUTS} inputs", field="inputs", id=f.id)
+    out: dict[str, bytes] = {}
+    for key in raw:
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_PARAM_NAME:
+            raise InvalidField("input names must be short strings", field="inputs", id=f.id)
+        out[key] = f.sub("inputs", raw).binary(key, field=f"inputs.{key}")
+    return out
+
+
 def _generate(f: _Fields) -> Generate:
     return Generate(
         id=f.ident(),
@@ -328,6 +349,7 @@ def _generate(f: _Fields) -> Generate:
         prompt=f.string("prompt", max_len=MAX_PROMPT_CHARS, required=False) or "",
         params=_params(f),
         format=f.choice("format", AUDIO_FORMATS, default="pcm_s16le"),
+        inputs=_inputs(f),
     )
 
 
@@ -370,6 +392,8 @@ def _limits(f: _Fields) -> Limits:
         max_active=f.integer("max_active", lo=1),
         max_prompt_chars=f.integer("max_prompt_chars", lo=1),
         send_buffer_bytes=f.integer("send_buffer_bytes", lo=1),
+        max_upload_bytes=f.integer("max_upload_bytes", required=False) or 0,
+        max_upload_seconds=f.number("max_upload_seconds", required=False) or 0.0,
     )
 
 

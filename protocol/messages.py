@@ -86,7 +86,8 @@ class ModelInfo:
         test_model: True for random-weight test models that make noise.
         max_duration: Longest audio one request may ask for, in seconds.
         params: The parameters ``generate.params`` accepts.
-        capabilities: Feature names, e.g. ``text``.
+        capabilities: Feature names: ``text``, ``continuation``, ``melody``,
+            ``long_form``, ``stereo`` (PROTOCOL.md §4.1).
     """
 
     name: str
@@ -110,6 +111,8 @@ class Limits:
     max_active: int
     max_prompt_chars: int
     send_buffer_bytes: int
+    max_upload_bytes: int = 0
+    max_upload_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +161,8 @@ class Generate:
         prompt: The text prompt.
         params: Model parameters (see the model's ``params`` in the greeting).
         format: PCM encoding of the ``audio`` messages.
+        inputs: Uploaded audio files by role (``continuation``, ``melody``), as
+            the bytes of a WAV, FLAC, OGG or MP3 file (PROTOCOL.md §3.1).
     """
 
     type: ClassVar[str] = "generate"
@@ -166,6 +171,7 @@ class Generate:
     prompt: str = ""
     params: dict[str, ParamValue] = field(default_factory=dict)
     format: AudioFormat = "pcm_s16le"
+    inputs: dict[str, bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,8 @@ class WavecastServer:
             holdback=models.holdback_frames,
             first_frames=models.first_chunk_frames,
             chunk_frames=models.chunk_frames,
+            max_duration=self.config.limits.max_duration,
+            max_upload_seconds=self.config.limits.max_upload_seconds,
         )
 
     @property

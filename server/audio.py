@@ -1,11 +1,16 @@
-"""PCM conversion of float audio (PROTOCOL.md §4.5)."""
+"""Audio in and out: PCM conversion (PROTOCOL.md §4.5), uploaded files (§3.1)."""
 
 from __future__ import annotations
+
+import io
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["to_pcm"]
+from wavecast.protocol import InvalidField
+
+__all__ = ["decode_upload", "to_pcm"]
 
 
 def to_pcm(audio: npt.NDArray[np.float32], fmt: str) -> bytes:
@@ -16,3 +21,69 @@ def to_pcm(audio: npt.NDArray[np.float32], fmt: str) -> bytes:
         scaled = np.rint(np.clip(audio, -1.0, 1.0) * 32767.0)
         return np.ascontiguousarray(scaled, dtype="<i2").tobytes()
     raise ValueError(f"unknown PCM format {fmt!r}")
+
+
+def decode_upload(
+    data: bytes, *, field: str, max_seconds: float
+) -> tuple[npt.NDArray[np.float32], int]:
+    """Decode an uploaded audio file into float32 ``[frames, channels]`` and its rate.
+
+    WAV, FLAC, OGG/Vorbis/Opus and MP3 go through libsndfile (soundfile); other
+    containers (M4A/AAC, WebM from a browser's recorder) through FFmpeg (av).
+
+    Raises:
+        InvalidField: The bytes are not audio, hold no samples, or last longer
+            than ``max_seconds``.
+    """
+    try:
+        audio, rate = _decode_soundfile(data)
+    except Exception:
+        try:
+            audio, rate = _decode_av(data)
+        except Exception as exc:
+            raise InvalidField(
+                f"{field} could not be decoded as audio (WAV, FLAC, OGG, MP3, M4A or WebM)",
+                field=field,
+            ) from exc
+    if audio.shape[0] == 0 or rate <= 0:
+        raise InvalidField(f"{field} holds no audio", field=field)
+    seconds = audio.shape[0] / rate
+    if seconds > max_seconds:
+        raise InvalidField(
+            f"{field} lasts {seconds:.1f} s; at most {max_seconds:g} s are accepted", field=field
+        )
+    if not np.isfinite(audio).all():
+        raise InvalidField(f"{field} holds non-finite samples", field=field)
+    return np.ascontiguousarray(audio, dtype=np.float32), int(rate)
+
+
+def _decode_soundfile(data: bytes) -> tuple[npt.NDArray[np.float32], int]:
+    import soundfile
+
+    audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return audio, int(rate)
+
+
+def _decode_av(data: bytes) -> tuple[npt.NDArray[np.float32], int]:
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.audio[0]
+        rate = 0
+        chunks: list[npt.NDArray[np.float32]] = []
+        for frame in container.decode(stream):
+            if not isinstance(frame, av.AudioFrame):
+                continue
+            rate = rate or int(frame.sample_rate)
+            array: npt.NDArray[Any] = frame.to_ndarray()
+            if frame.format.is_planar:
+                array = array.T  # [samples, channels]
+            else:
+                array = array.reshape(-1, len(frame.layout.channels))
+            if array.dtype.kind == "i":
+                scale = float(2 ** (8 * array.dtype.itemsize - 1))
+                array = array.astype(np.float32) / scale
+            chunks.append(array.astype(np.float32))
+    if not chunks:
+        raise ValueError("no audio frames")
+    return np.concatenate(chunks), rate

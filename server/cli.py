@@ -73,6 +73,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frame-bytes", type=int, default=limits.max_frame_bytes)
     parser.add_argument("--send-buffer-bytes", type=int, default=limits.send_buffer_bytes)
     parser.add_argument(
+        "--max-duration",
+        type=float,
+        default=float(_env("MAX_DURATION", str(limits.max_duration)) or 0),
+        help="longest request in seconds; past a model's window it is "
+        "generated in windows (env WAVECAST_MAX_DURATION; default %(default)s)",
+    )
+    parser.add_argument("--max-upload-bytes", type=int, default=limits.max_upload_bytes)
+    parser.add_argument("--max-upload-seconds", type=float, default=limits.max_upload_seconds)
+    parser.add_argument(
         "--chunk-frames",
         type=int,
         default=ModelsConfig().chunk_frames,
@@ -97,6 +106,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_queue=args.max_queue,
             max_active=args.max_active,
             send_buffer_bytes=args.send_buffer_bytes,
+            max_duration=args.max_duration,
+            max_upload_bytes=args.max_upload_bytes,
+            max_upload_seconds=args.max_upload_seconds,
         ),
         timeouts=TimeoutsConfig(),
         models=ModelsConfig(names=names, device=args.device, chunk_frames=args.chunk_frames),

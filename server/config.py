@@ -31,13 +31,16 @@ class NetworkConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    max_frame_bytes: int = 1 << 20
+    max_frame_bytes: int = 24 << 20
     max_requests_per_connection: int = 8
     max_queue: int = 32
     max_active: int = 4
     max_prompt_chars: int = 2000
     send_buffer_bytes: int = 8 << 20
     max_connections: int = 256
+    max_upload_bytes: int = 16 << 20
+    max_upload_seconds: float = 60.0
+    max_duration: float = 300.0  # long form: beyond a model's window, by extension
 
 
 @dataclass(frozen=True, slots=True)

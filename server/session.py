@@ -38,6 +38,7 @@ from wavecast.protocol import (
     TooManyRequests,
     UnknownId,
     UnknownModel,
+    Unsupported,
     WavecastError,
     __version__,
     decode_client,
@@ -51,6 +52,8 @@ from .engines.base import EngineRequest
 from .scheduler import Request, Scheduler
 
 __all__ = ["Session"]
+
+UPLOAD_ROLES = ("continuation", "melody")
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -80,6 +83,8 @@ def hello_message(config: Config, models: dict[str, ModelInfo]) -> Hello:
             max_active=limits.max_active,
             max_prompt_chars=limits.max_prompt_chars,
             send_buffer_bytes=limits.send_buffer_bytes,
+            max_upload_bytes=limits.max_upload_bytes,
+            max_upload_seconds=limits.max_upload_seconds,
         ),
     )
 
@@ -191,13 +196,27 @@ class Session:
                     field="prompt",
                     id=message.id,
                 )
-            params = resolve_params(
-                models[message.model].params, message.params, request_id=message.id
-            )
+            info = models[message.model]
+            params = resolve_params(info.params, message.params, request_id=message.id)
+            inputs = message.inputs or {}
+            for role, data in inputs.items():
+                if role not in UPLOAD_ROLES or role not in info.capabilities:
+                    raise Unsupported(
+                        f"{message.model} takes no {role[:64]!r} input "
+                        f"(its capabilities: {', '.join(info.capabilities)})",
+                        field=f"inputs.{role[:64]}",
+                        id=message.id,
+                    )
+                if len(data) > limits.max_upload_bytes:
+                    raise InvalidField(
+                        f"inputs.{role} is larger than {limits.max_upload_bytes} bytes",
+                        field=f"inputs.{role}",
+                        id=message.id,
+                    )
             request = Request(
                 id=message.id,
                 model=message.model,
-                engine_request=EngineRequest(message.id, message.prompt, params),
+                engine_request=EngineRequest(message.id, message.prompt, params, inputs),
                 format=message.format,
                 sink=self._on_event,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -52,3 +54,21 @@ async def running_server(
         yield server
     finally:
         await asyncio.wait_for(server.stop(), timeout(30))
+
+
+WAVECAST = [sys.executable, "-m", "wavecast.clients.cli"]
+
+
+async def run_cli(*args: str, interrupt_after: str | None = None) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *WAVECAST, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    assert process.stdout is not None
+    output = []
+    while line := await asyncio.wait_for(process.stdout.readline(), timeout(60)):
+        text = line.decode()
+        output.append(text)
+        if interrupt_after is not None and interrupt_after in text:
+            process.send_signal(signal.SIGINT)
+            interrupt_after = None
+    return await asyncio.wait_for(process.wait(), timeout(30)), "".join(output)

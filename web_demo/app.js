@@ -320,12 +320,71 @@ function currentModel() {
   return state.hello?.models.find((m) => m.name === $("#model").value);
 }
 
+// -- uploads (continuation) --------------------------------------------------------
+
+const upload = { bytes: null, label: "" };
+
+function setUpload(bytes, label) {
+  upload.bytes = bytes;
+  upload.label = label;
+  $("#clear-upload").hidden = bytes === null;
+  $("#upload-note").textContent = bytes === null
+    ? "The model continues this clip; duration counts the clip too."
+    : `Continuing ${label} (${Math.round(bytes.length / 1024)} KiB).`;
+}
+
+$("#continuation").addEventListener("change", async (event) => {
+  const file = event.target.files[0];
+  if (!file) return setUpload(null, "");
+  const limit = state.hello?.limits.max_upload_bytes || Infinity;
+  if (file.size > limit) {
+    event.target.value = "";
+    $("#form-error").textContent = `That file is larger than the server accepts (${limit} bytes).`;
+    return setUpload(null, "");
+  }
+  setUpload(new Uint8Array(await file.arrayBuffer()), file.name);
+});
+
+$("#clear-upload").addEventListener("click", () => {
+  $("#continuation").value = "";
+  setUpload(null, "");
+});
+
+let recorder = null;
+$("#record").addEventListener("click", async () => {
+  const button = $("#record");
+  if (recorder) {
+    recorder.stop();
+    return;
+  }
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    const parts = [];
+    recorder = new MediaRecorder(stream);
+    recorder.ondataavailable = (e) => parts.push(e.data);
+    recorder.onstop = async () => {
+      stream.getTracks().forEach((t) => t.stop());
+      const blob = new Blob(parts, { type: recorder.mimeType });
+      recorder = null;
+      button.textContent = "● Record";
+      button.setAttribute("aria-pressed", "false");
+      setUpload(new Uint8Array(await blob.arrayBuffer()), "your recording");
+    };
+    recorder.start();
+    button.textContent = "■ Stop";
+    button.setAttribute("aria-pressed", "true");
+  } catch (err) {
+    $("#form-error").textContent = `Microphone unavailable: ${err.message}`;
+  }
+});
+
 function renderParams() {
   const model = currentModel();
   const box = $("#params");
   box.querySelectorAll(".param").forEach((n) => n.remove());
   const note = $("#model-note");
   if (!model) return;
+  $("#upload").hidden = !(model.capabilities || []).includes("continuation");
   note.hidden = !model.test_model;
   note.textContent = model.test_model
     ? "This is a test model with random weights: it makes noise, by design."
@@ -409,7 +468,9 @@ function submit(event) {
   const prompt = $("#prompt").value.trim();
   const card = new Card(id, model, prompt, params);
   state.cards.set(id, card);
-  connection.send({ type: "generate", id, model: model.name, prompt, params, format: "pcm_f32le" });
+  const message = { type: "generate", id, model: model.name, prompt, params, format: "pcm_f32le" };
+  if (upload.bytes && !$("#upload").hidden) message.inputs = { continuation: upload.bytes };
+  connection.send(message);
 }
 
 // -- wiring -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ export const PROTOCOL_VERSION = 1;
 export const STREAM_PATH = "/v1/stream";
 
 const FIELD_ORDER = {
-  generate: ["id", "model", "prompt", "params", "format"],
+  generate: ["id", "model", "prompt", "params", "format", "inputs"],
   cancel: ["id"],
 };
 
@@ -30,6 +30,9 @@ export function decodeMessage(frame) {
     wire = JSON.parse(frame);
     if (wire && wire.type === "audio" && typeof wire.data === "string") {
       wire.data = base64ToBytes(wire.data);
+    }
+    if (wire && wire.type === "generate" && wire.inputs) {
+      for (const key of Object.keys(wire.inputs)) wire.inputs[key] = base64ToBytes(wire.inputs[key]);
     }
   } else {
     wire = decode(frame instanceof ArrayBuffer ? new Uint8Array(frame) : frame);

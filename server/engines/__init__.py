@@ -38,6 +38,8 @@ def load_engines(
     holdback: int = 4,
     first_frames: int = 1,
     chunk_frames: int = 10,
+    max_duration: float = 300.0,
+    max_upload_seconds: float = 60.0,
 ) -> dict[str, Engine]:
     """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``)."""
     import torch
@@ -62,7 +64,14 @@ def load_engines(
                 f"without network access, try the offline test model: "
                 f"wavecast serve --model {TINY_MUSICGEN}"
             ) from exc
-        engines[name] = MusicGenEngine(model, name=name, test_model=test_model, stream=stream)
+        engines[name] = MusicGenEngine(
+            model,
+            name=name,
+            test_model=test_model,
+            stream=stream,
+            max_duration=max_duration,
+            max_upload_seconds=max_upload_seconds,
+        )
         if test_model:
             log.warning("%s is a random-weight test model: it makes noise", name)
     return engines

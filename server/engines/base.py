@@ -28,6 +28,7 @@ class EngineRequest:
     request_id: str
     prompt: str
     params: Mapping[str, ParamValue]
+    inputs: Mapping[str, bytes] = field(default_factory=dict)  # uploaded files by role
 
 
 @dataclass(slots=True)

@@ -75,6 +75,14 @@ class StreamDecoder:
             return self._decode_until(self.total - self.holdback)
         return None
 
+    def prime(self, codes: torch.Tensor) -> None:
+        """Add frames ``[1, K, n]`` as context only: their audio is never emitted."""
+        if self.total != self.emitted:
+            raise RuntimeError("prime() must come before frames that are to be emitted")
+        self._codes = codes if self._codes is None else torch.cat([self._codes, codes], dim=-1)
+        self.total += codes.shape[-1]
+        self.emitted = self.total
+
     def flush(self) -> FloatAudio | None:
         """The end of the stream: return the audio of every frame not yet emitted."""
         if self.total == self.emitted:

@@ -8,6 +8,13 @@ classifier-free guidance as ``LMModel.generate``, one sequence step per
 
 Each job keeps its own streaming state, swapped into the LM for its step, so
 several requests can interleave step by step on one model.
+
+Beyond the model's window (30 s for the released checkpoints) a request goes
+on in windows exactly as ``MusicGen.generate`` extends audio: each new window
+is prompted with the last ``window - extend_stride`` seconds of codes, and only
+its new codes join the stream, so the stream runs on across window boundaries
+with no gap and no repeat. Continuation prompts an uploaded clip's codes the
+same way.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from .codec_stream import StreamDecoder
 from .tiny import (
     RANDOM_MUSICGEN_SCALES,
     TINY_MUSICGEN,
+    TINY_MUSICGEN_STEREO,
     build_random_musicgen,
     build_tiny_musicgen,
     load_musicgen_dir,
@@ -69,7 +77,8 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     """Load a MusicGen model by name.
 
     Args:
-        name: ``tiny-musicgen``, ``random-musicgen-{small,medium,large}`` (real
+        name: ``tiny-musicgen``, ``tiny-musicgen-stereo``,
+            ``random-musicgen-{small,medium,large}`` (real
             shapes, random weights: for benchmarks), a local checkpoint directory,
             or a Hugging Face name such as ``facebook/musicgen-small``.
         device: torch device string.
@@ -77,8 +86,8 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     Returns:
         The model and whether it is a random-weight test model.
     """
-    if name == TINY_MUSICGEN:
-        return build_tiny_musicgen(device=device), True
+    if name in (TINY_MUSICGEN, TINY_MUSICGEN_STEREO):
+        return build_tiny_musicgen(device=device, stereo=name == TINY_MUSICGEN_STEREO), True
     if name.startswith("random-musicgen-") and name[16:] in RANDOM_MUSICGEN_SCALES:
         return build_random_musicgen(name[16:], device=device), True
     path = Path(name).expanduser()
@@ -132,30 +141,55 @@ class _Layout:
 
 
 @dataclass(slots=True)
+class _Window:
+    """One ``LMModel.generate`` run: a pattern sequence filled step by step."""
+
+    gen_sequence: Any  # [1, K, S] pattern sequence being filled
+    mask: Any  # [K, S] valid positions of the pattern
+    layout: _Layout
+    start_offset: int
+    end_offset: int
+    offset: int
+    prompt_len: int  # timesteps given as prompt (known before the first step)
+    prev_offset: int = 0
+    ready: int = 0  # timesteps with every codebook known
+    kv_state: list[dict[str, Any]] = field(default_factory=list)  # one per streaming module
+
+
+@dataclass(slots=True)
 class _MusicGenJob:
     """The stepping state of one request (tensors live on the model's device)."""
 
     cfg_conditions: Any  # conditional + unconditional condition tensors (CFG)
     cfg_coef: float
     decoder: StreamDecoder
-    gen_sequence: Any  # [1, K, S] pattern sequence being filled
-    mask: Any  # [K, S] valid positions of the pattern
-    layout: _Layout
     generator: Any  # torch.Generator: this request's own random stream
-    seed: int
     temperature: float
     top_k: int
     top_p: float
-    start_offset: int
-    end_offset: int
-    offset: int
-    prev_offset: int = 0
-    ready: int = 0  # timesteps with every codebook known
-    kv_state: list[dict[str, Any]] = field(default_factory=list)  # one per streaming module
+    duration: float  # seconds, prompt included (audiocraft's meaning)
+    total_len: int  # timesteps, prompt included
+    first_prompt_len: int  # timesteps of the uploaded continuation prompt
+    stride: int  # timesteps a window moves on by (long form)
+    window: _Window
+    gen_offset: int = 0  # audiocraft's current_gen_offset
+    produced: int = 0  # new timesteps generated so far
+    codes: list[Any] = field(default_factory=list)  # every timestep's codes, in order
+    pending_audio: FloatAudio | None = None  # the prompt's audio, with include_prompt
 
 
 class MusicGenEngine:
-    """A loaded MusicGen model served through the step interface."""
+    """A loaded MusicGen model served through the step interface.
+
+    Args:
+        model: The audiocraft model.
+        name: The name clients use.
+        test_model: Random weights (announced to clients).
+        max_duration: Longest request in seconds; beyond the model's window it is
+            generated in windows (long form). Default: the model's window.
+        stream: Geometry of the exact incremental decoder.
+        max_upload_seconds: Longest uploaded clip accepted.
+    """
 
     family = "musicgen"
 
@@ -167,6 +201,7 @@ class MusicGenEngine:
         test_model: bool,
         max_duration: float | None = None,
         stream: StreamSettings | None = None,
+        max_upload_seconds: float = 60.0,
     ) -> None:
         self.model = model
         self.name = name
@@ -174,21 +209,23 @@ class MusicGenEngine:
         self.test_model = test_model
         self.device = next(iter(self.lm.parameters())).device
         self.stream = stream or StreamSettings()
-        self.max_duration = float(max_duration or model.max_duration)
+        self.window = float(model.max_duration)
+        self.max_duration = float(max(max_duration or self.window, self.window))
+        self.max_upload_seconds = max_upload_seconds
         self.frame_rate = float(model.frame_rate)
         self.hop = round(model.sample_rate / model.frame_rate)
         self._layouts: dict[int, _Layout] = {}
         self._streaming_modules = [m for m in self.lm.modules() if isinstance(m, StreamingModule)]
         card = int(self.lm.card)
-        default_duration = min(10.0, self.max_duration)
-        self._params = (
+        long_form = self.max_duration > self.window
+        params = [
             ParamSpec(
                 "duration",
                 "float",
-                default_duration,
+                min(10.0, self.window),
                 0.1,
                 self.max_duration,
-                description="seconds of audio to generate",
+                description="seconds of audio to generate (with continuation: in all)",
             ),
             ParamSpec(
                 "top_k",
@@ -215,7 +252,12 @@ class MusicGenEngine:
                 description="softmax temperature (0: greedy)",
             ),
             ParamSpec(
-                "cfg_coef", "float", 3.0, 0.0, 30.0, description="classifier-free guidance strength"
+                "cfg_coef",
+                "float",
+                3.0,
+                0.0,
+                30.0,
+                description="classifier-free guidance strength",
             ),
             ParamSpec(
                 "seed",
@@ -225,7 +267,30 @@ class MusicGenEngine:
                 MAX_SEED,
                 description="random seed (empty: a fresh one, reported in started)",
             ),
-        )
+            ParamSpec(
+                "include_prompt",
+                "bool",
+                False,
+                description="with continuation: stream the prompt's audio too",
+            ),
+        ]
+        capabilities = ["text", "continuation"]
+        if long_form:
+            stride = min(18.0, round(self.window * 0.6, 3))
+            params.append(
+                ParamSpec(
+                    "extend_stride",
+                    "float",
+                    stride,
+                    round(self.window * 0.1, 3),
+                    round(self.window - 1.0 / self.frame_rate, 3),
+                    description="long form: seconds each new window moves on by",
+                )
+            )
+            capabilities.append("long_form")
+        if int(model.audio_channels) == 2:
+            capabilities.append("stereo")
+        self._params = tuple(params)
         label = "random-weight test model, makes noise" if test_model else "text to music"
         self._info = ModelInfo(
             name=name,
@@ -236,7 +301,7 @@ class MusicGenEngine:
             test_model=test_model,
             max_duration=self.max_duration,
             params=self._params,
-            capabilities=("text",),
+            capabilities=tuple(capabilities),
         )
 
     @property
@@ -273,14 +338,42 @@ class MusicGenEngine:
         with torch.no_grad():
             return self._prepare(request)
 
+    def _prompt_tokens(self, data: bytes) -> torch.Tensor:
+        """Encode an uploaded clip into codes ``[1, K, T]`` (audiocraft's continuation)."""
+        from audiocraft.data.audio_utils import convert_audio
+
+        from ..audio import decode_upload
+
+        audio, rate = decode_upload(
+            data, field="inputs.continuation", max_seconds=self.max_upload_seconds
+        )
+        wav = torch.from_numpy(audio.T.copy()).unsqueeze(0).to(self.device)
+        wav = convert_audio(wav, rate, self.model.sample_rate, self.model.audio_channels)
+        with self.model.autocast:
+            tokens, scale = self.model.compression_model.encode(wav)
+        assert scale is None
+        return tokens
+
     def _prepare(self, request: EngineRequest) -> Job:
         params = request.params
         duration = _number(params["duration"])
-        gen_len = max(1, int(duration * self.frame_rate))
         given_seed = params.get("seed")
         seed = secrets.randbelow(2**31) if given_seed is None else int(_number(given_seed))
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
+        total_len = max(1, int(duration * self.frame_rate))
+
+        prompt = None
+        if "continuation" in request.inputs:
+            prompt = self._prompt_tokens(request.inputs["continuation"])
+            max_prompt = int(min(duration, self.window) * self.frame_rate)
+            if prompt.shape[-1] >= min(total_len, max_prompt):
+                prompt_seconds = prompt.shape[-1] / self.frame_rate
+                raise InvalidField(
+                    f"the continuation prompt ({prompt_seconds:.2f} s) must be shorter than "
+                    f"duration and than the model's {self.window:g} s window",
+                    field="inputs.continuation",
+                )
 
         lm = self.lm
         with self.model.autocast:
@@ -289,13 +382,7 @@ class MusicGenEngine:
             tokenized = lm.condition_provider.tokenize(attributes + null)
             cfg_conditions = lm.condition_provider(tokenized)
 
-        pattern = lm.pattern_provider.get_pattern(gen_len)
-        gen_codes = torch.full(
-            (1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long, device=self.device
-        )
-        gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
-        start_offset = pattern.get_first_step_with_timesteps(0)
-        assert start_offset is not None
+        stride_seconds = _number(params.get("extend_stride") or 18.0)
         decoder = StreamDecoder(
             self._decode,
             self.hop,
@@ -304,23 +391,56 @@ class MusicGenEngine:
             first_frames=self.stream.first_frames,
             chunk_frames=self.stream.chunk_frames,
         )
-        state = _MusicGenJob(
+        first_prompt_len = 0 if prompt is None else int(prompt.shape[-1])
+        job = _MusicGenJob(
             cfg_conditions=cfg_conditions,
             cfg_coef=_number(params["cfg_coef"]),
             decoder=decoder,
-            gen_sequence=gen_sequence,
-            mask=mask,
-            layout=self._layout(gen_len),
             generator=generator,
-            seed=seed,
             temperature=_number(params["temperature"]),
             top_k=int(_number(params["top_k"])),
             top_p=_number(params["top_p"]),
+            duration=duration,
+            total_len=total_len,
+            first_prompt_len=first_prompt_len,
+            stride=int(self.frame_rate * stride_seconds),
+            window=self._new_window(duration, 0, prompt),
+        )
+        if prompt is not None:
+            job.codes.append(prompt)
+            if params.get("include_prompt"):
+                job.pending_audio = decoder.push(prompt)
+            else:
+                decoder.prime(prompt)
+        return Job(request=request, state=job, extra={"seed": seed})
+
+    def _new_window(self, duration: float, gen_offset: int, prompt: Any) -> _Window:
+        """A window as ``MusicGen._generate_tokens`` starts one (same lengths)."""
+        time_offset = gen_offset / self.frame_rate
+        chunk_duration = min(duration - time_offset, self.window)
+        gen_len = int(chunk_duration * self.frame_rate)
+        lm = self.lm
+        pattern = lm.pattern_provider.get_pattern(gen_len)
+        gen_codes = torch.full(
+            (1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long, device=self.device
+        )
+        prompt_len = 0
+        if prompt is not None:
+            prompt_len = int(prompt.shape[-1])
+            gen_codes[..., :prompt_len] = prompt
+        gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
+        start_offset = pattern.get_first_step_with_timesteps(prompt_len)
+        assert start_offset is not None
+        return _Window(
+            gen_sequence=gen_sequence,
+            mask=mask,
+            layout=self._layout(gen_len),
             start_offset=start_offset,
             end_offset=int(gen_sequence.shape[-1]),
             offset=start_offset,
+            prompt_len=prompt_len,
+            ready=prompt_len,
         )
-        return Job(request=request, state=state, extra={"seed": seed})
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.model.compression_model.decode(codes, None)
@@ -333,17 +453,17 @@ class MusicGenEngine:
             return [self._step_one(job) for job in jobs]
 
     @contextlib.contextmanager
-    def _job_streaming(self, st: _MusicGenJob) -> Iterator[None]:
-        """Put a job's KV caches into the LM's streaming modules for one step.
+    def _job_streaming(self, window: _Window) -> Iterator[None]:
+        """Put a window's KV caches into the LM's streaming modules for one step.
 
         The same as ``lm.streaming()`` with ``set_streaming_state`` and
         ``get_streaming_state``, without walking the module tree at every step:
-        each module gets the job's own state dict, which it updates in place.
+        each module gets the window's own state dict, which it updates in place.
         """
         modules = self._streaming_modules
-        if not st.kv_state:
-            st.kv_state = [{} for _ in modules]
-        for module, state in zip(modules, st.kv_state, strict=True):
+        if not window.kv_state:
+            window.kv_state = [{} for _ in modules]
+        for module, state in zip(modules, window.kv_state, strict=True):
             module._streaming_state = state
             module._is_streaming = True
         try:
@@ -355,10 +475,11 @@ class MusicGenEngine:
 
     def _step_one(self, job: Job) -> StepOutput:
         st: _MusicGenJob = job.state
+        win = st.window
         lm = self.lm
-        offset = st.offset
-        with self.model.autocast, self._job_streaming(st):
-            current = st.gen_sequence[..., st.prev_offset : offset]
+        offset = win.offset
+        with self.model.autocast, self._job_streaming(win):
+            current = win.gen_sequence[..., win.prev_offset : offset]
             # One forward for the conditional and the unconditional half (CFG).
             all_logits = lm(
                 torch.cat([current, current], dim=0),
@@ -375,33 +496,58 @@ class MusicGenEngine:
             top_p=st.top_p,
             generator=st.generator,
         )
-        valid = st.mask[..., offset : offset + 1].expand(1, -1, -1)
+        valid = win.mask[..., offset : offset + 1].expand(1, -1, -1)
         next_token[~valid] = lm.special_token_id
-        column = st.gen_sequence[..., offset : offset + 1]
-        st.gen_sequence[..., offset : offset + 1] = torch.where(
+        column = win.gen_sequence[..., offset : offset + 1]
+        win.gen_sequence[..., offset : offset + 1] = torch.where(
             column == UNKNOWN_TOKEN, next_token, column
         )
-        st.prev_offset = offset
-        st.offset = offset + 1
+        win.prev_offset = offset
+        win.offset = offset + 1
         job.steps += 1
 
-        audio = None
-        ready = st.layout.ready_after[offset]
-        if ready > st.ready:
-            positions = st.layout.positions[:, st.ready : ready]
-            codes = torch.gather(st.gen_sequence[0], 1, positions).unsqueeze(0)
-            st.ready = ready
-            audio = st.decoder.push(codes)
-        done = st.offset >= st.end_offset
-        if done:
-            tail = st.decoder.flush()
-            if tail is not None:
-                audio = tail if audio is None else _concat(audio, tail)
-        total = st.end_offset - st.start_offset
-        fraction = min(1.0, (st.offset - st.start_offset) / total) if total > 0 else 1.0
+        pieces = []
+        if st.pending_audio is not None:
+            pieces.append(st.pending_audio)
+            st.pending_audio = None
+        ready = win.layout.ready_after[offset]
+        if ready > win.ready:
+            codes = torch.gather(win.gen_sequence[0], 1, win.layout.positions[:, win.ready : ready])
+            codes = codes.unsqueeze(0)
+            st.produced += ready - win.ready
+            win.ready = ready
+            st.codes.append(codes)
+            chunk = st.decoder.push(codes)
+            if chunk is not None:
+                pieces.append(chunk)
+        done = False
+        if win.offset >= win.end_offset:
+            done = self._next_window(st)
+            if done:
+                tail = st.decoder.flush()
+                if tail is not None:
+                    pieces.append(tail)
+        audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        target = st.total_len - st.first_prompt_len
+        fraction = 1.0 if done else min(0.999, st.produced / target) if target > 0 else 0.0
         return StepOutput(
-            audio=audio, fraction=fraction, seconds=st.ready / self.frame_rate, done=done
+            audio=audio, fraction=fraction, seconds=st.produced / self.frame_rate, done=done
         )
+
+    def _next_window(self, st: _MusicGenJob) -> bool:
+        """The current window is complete: start the next one, or report the end.
+
+        Mirrors the loop of ``MusicGen._generate_tokens``: move on by ``stride``
+        timesteps and prompt the next window with what follows in this one.
+        """
+        win = st.window
+        window_codes = torch.gather(win.gen_sequence[0], 1, win.layout.positions).unsqueeze(0)
+        st.gen_offset += st.stride
+        prompt = window_codes[..., st.stride :]
+        if st.gen_offset + prompt.shape[-1] >= st.total_len or st.duration <= self.window:
+            return True
+        st.window = self._new_window(st.duration, st.gen_offset, prompt)
+        return False
 
     def finish(self, job: Job) -> None:
         # Drop the KV cache and buffers now rather than when the Job is collected.
@@ -410,10 +556,9 @@ class MusicGenEngine:
     # -- reference path, for tests and benchmarks ----------------------------------
 
     def codes_of(self, job: Job) -> torch.Tensor:
-        """The codes ``[1, K, T]`` a finished (or running) job has produced so far."""
+        """Every code ``[1, K, T]`` of a job so far (prompt included), as audiocraft returns."""
         st: _MusicGenJob = job.state
-        positions = st.layout.positions[:, : st.ready]
-        return torch.gather(st.gen_sequence[0], 1, positions).unsqueeze(0)
+        return torch.cat(st.codes, dim=-1)
 
 
 def _concat(a: FloatAudio, b: FloatAudio) -> FloatAudio:

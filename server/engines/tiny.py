@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 __all__ = [
     "RANDOM_MUSICGEN_SCALES",
     "TINY_MUSICGEN",
+    "TINY_MUSICGEN_STEREO",
     "OfflineT5Conditioner",
     "build_tiny_musicgen",
     "load_musicgen_dir",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 TINY_MUSICGEN = "tiny-musicgen"
+TINY_MUSICGEN_STEREO = "tiny-musicgen-stereo"
 TEXT_ENCODER_DIR = "text_encoder"
 
 # Shaped like facebook/musicgen-small's xp.cfg (32 kHz mono EnCodec at 50 Hz,
@@ -230,17 +232,46 @@ def _lm_from_cfg(cfg: Any, text_encoder: Path | tuple[T5EncoderModel, Any]) -> L
     return lm.eval()
 
 
-def build_tiny_musicgen(seed: int = 0, device: str = "cpu") -> MusicGen:
-    """Build the tiny random-weight MusicGen (same weights for the same seed)."""
+def build_tiny_musicgen(
+    seed: int = 0, device: str = "cpu", *, stereo: bool = False, window: float = 30.0
+) -> MusicGen:
+    """Build the tiny random-weight MusicGen (same weights for the same seed).
+
+    Args:
+        seed: Weight seed.
+        device: torch device.
+        stereo: Shaped like musicgen-stereo-*: a mono EnCodec applied to each
+            channel, 8 interleaved codebooks, delays ``[0, 0, 1, 1, 2, 2, 3, 3]``.
+        window: Longest audio of one LM run (the released models: 30 s); longer
+            requests go on in windows.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         cfg = OmegaConf.create(_TINY_CFG)
         cfg.device = device
+        cfg.dataset.segment_duration = window
         compression = builders.get_compression_model(cfg).eval()
-        compression.cfg = cfg
+        compression.cfg = copy.deepcopy(cfg)
+        if stereo:
+            cfg.channels = 2
+            cfg.interleave_stereo_codebooks = {"use": True, "per_timestep": False}
+            cfg.transformer_lm.n_q = 8
+            cfg.codebooks_pattern.delay.delays = [0, 0, 1, 1, 2, 2, 3, 3]
         t5 = T5EncoderModel(T5Config(**_T5_CONFIG))
         lm = _lm_from_cfg(cfg, (t5, _byte_tokenizer()))
-    return MusicGen(TINY_MUSICGEN, compression, lm, max_duration=30.0)
+    name = TINY_MUSICGEN_STEREO if stereo else TINY_MUSICGEN
+    # MusicGen wraps the compression model for stereo, as lm.cfg asks.
+    return _musicgen(name, compression, lm, window)
+
+
+def _musicgen(name: str, compression: Any, lm: LMModel, window: float) -> MusicGen:
+    # MusicGen.__init__ checks its default extend_stride (18 s) against the
+    # window, so short test windows are set after construction.
+    model = MusicGen(name, compression, lm, max_duration=max(window, 30.0))
+    if window < 30.0:
+        model.max_duration = window
+        model.set_generation_params(duration=window, extend_stride=round(window * 0.6, 3))
+    return model
 
 
 # Real MusicGen shapes (facebook/musicgen-small/-medium/-large) for benchmarks:
@@ -296,6 +327,7 @@ def save_musicgen(model: MusicGen, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     lm_cfg = OmegaConf.to_container(model.lm.cfg, resolve=True)
     compression: CompressionModel = model.compression_model
+    compression = getattr(compression, "model", compression)  # the mono codec of a stereo model
     torch.save(
         {"xp.cfg": OmegaConf.to_yaml(lm_cfg), "best_state": model.lm.state_dict()},
         directory / "state_dict.bin",
@@ -330,4 +362,5 @@ def load_musicgen_dir(directory: Path, device: str = "cpu") -> MusicGen:
     else:
         lm = loaders.load_lm_model(str(directory), device=device)
     name = directory.name
-    return MusicGen(name, compression, lm.eval(), max_duration=30.0)
+    window = float(lm.cfg.dataset.segment_duration)
+    return _musicgen(name, compression, lm.eval(), window)

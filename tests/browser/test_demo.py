@@ -39,6 +39,9 @@ async def browser() -> AsyncIterator[Any]:
                 "--disable-sync",
                 "--no-first-run",
                 "--disable-quic",
+                # a fake microphone (a beep) that needs no permission prompt
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
             ],
         )
         try:
@@ -84,7 +87,7 @@ async def test_page_lists_models_and_params(browser: Any, server: Any) -> None:
     assert options == ["tiny-musicgen — TEST MODEL (noise)"]
     assert "random weights" in await page.text_content("#model-note")
     assert await page.input_value("#param-duration") == "10"
-    assert await page.get_attribute("#param-duration", "max") == "30"
+    assert await page.get_attribute("#param-duration", "max") == "300"
     assert await page.get_attribute("#param-seed", "placeholder") == "random"
     assert await page.text_content("#conn-text") == "connected"
     ARTIFACTS.mkdir(exist_ok=True)
@@ -200,13 +203,17 @@ async def test_js_protocol_matches_golden_frames(browser: Any, server: Any) -> N
           const unhex = (h) => new Uint8Array(h.match(/../g).map(x => parseInt(x, 16)));
           const b64 = (bytes) => btoa(String.fromCharCode(...bytes));
           return golden.map((g) => {
-            const m = p.decodeMessage(unhex(g.msgpack));
-            if (m.data instanceof Uint8Array) m.data = b64(m.data);
-            const fromJson = p.decodeMessage(JSON.stringify(g.json));
-            if (fromJson.data instanceof Uint8Array) fromJson.data = b64(fromJson.data);
+            const unbin = (m) => {  // bytes -> base64, as the golden JSON holds them
+              if (m.data instanceof Uint8Array) m.data = b64(m.data);
+              for (const k of Object.keys(m.inputs || {})) m.inputs[k] = b64(m.inputs[k]);
+              return m;
+            };
+            const m = unbin(p.decodeMessage(unhex(g.msgpack)));
+            const fromJson = unbin(p.decodeMessage(JSON.stringify(g.json)));
             const out = {decoded: m, fromJson};
             if (g.json.type === 'generate' || g.json.type === 'cancel') {
-              out.encoded = hex(p.encodeMessage(g.json));
+              const msg = p.decodeMessage(JSON.stringify(g.json));  // inputs as bytes
+              out.encoded = hex(p.encodeMessage(msg));
             }
             return out;
           });
@@ -218,6 +225,53 @@ async def test_js_protocol_matches_golden_frames(browser: Any, server: Any) -> N
         assert result["fromJson"] == entry["json"], entry["name"]
         if "encoded" in result:
             assert result["encoded"] == entry["msgpack"], entry["name"]
+
+
+async def test_continue_an_uploaded_file(browser: Any, server: Any, tmp_path: Path) -> None:
+    import numpy as np
+
+    source = tmp_path / "riff.wav"
+    t = np.arange(44100) / 44100
+    soundfile.write(str(source), (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 44100)
+    page = await open_page(browser, server)
+    assert await page.is_visible("#upload")
+    await page.set_input_files("#continuation", str(source))
+    await page.wait_for_function(
+        "document.querySelector('#upload-note').textContent.includes('riff.wav')",
+        timeout=timeout(10) * MS,
+    )
+    rid = await generate(page, "continue this", 3)
+    await page.wait_for_function(
+        "(id) => window.wavecast.cards.get(id).status === 'completed'",
+        arg=rid,
+        timeout=timeout(30) * MS,
+    )
+    done = await card(page, rid)
+    assert done["frames"] == done["serverSamples"] == 2 * 32000  # 3 s in all, 1 s was ours
+
+
+async def test_record_from_the_microphone(browser: Any, server: Any) -> None:
+    page = await open_page(browser, server)
+    await page.click("#record")
+    await page.wait_for_function(
+        "document.querySelector('#record').getAttribute('aria-pressed') === 'true'",
+        timeout=timeout(10) * MS,
+    )
+    await page.wait_for_timeout(1200)
+    await page.click("#record")
+    await page.wait_for_function(
+        "document.querySelector('#upload-note').textContent.includes('your recording')",
+        timeout=timeout(10) * MS,
+    )
+    rid = await generate(page, "continue my humming", 3)
+    await page.wait_for_function(
+        "(id) => ['completed', 'error'].includes(window.wavecast.cards.get(id).status)",
+        arg=rid,
+        timeout=timeout(30) * MS,
+    )
+    done = await card(page, rid)
+    assert done["status"] == "completed", done["error"]
+    assert 0 < done["frames"] < 3 * 32000
 
 
 def test_vendored_msgpack_is_the_pinned_version() -> None:

@@ -7,33 +7,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import soundfile
-from helpers import timeout
+from helpers import WAVECAST, run_cli, timeout
 
 from wavecast.clients import SyncClient
 from wavecast.protocol import Audio, Done, Started
-
-WAVECAST = [sys.executable, "-m", "wavecast.clients.cli"]
-
-
-async def run_cli(*args: str, interrupt_after: str | None = None) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        *WAVECAST, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    assert process.stdout is not None
-    output = []
-    while line := await asyncio.wait_for(process.stdout.readline(), timeout(60)):
-        text = line.decode()
-        output.append(text)
-        if interrupt_after is not None and interrupt_after in text:
-            process.send_signal(signal.SIGINT)
-            interrupt_after = None
-    return await asyncio.wait_for(process.wait(), timeout(30)), "".join(output)
 
 
 async def test_generate_writes_a_wav(server: Any, tmp_path: Path) -> None:

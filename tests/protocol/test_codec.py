@@ -43,6 +43,13 @@ GOLDEN = Path(__file__).parent / "golden.json"
 MESSAGES = [
     Generate(id="r1", model="tiny-musicgen", prompt="lofi beat", params={"duration": 2.5}),
     Generate(id="r2", model="m", params={"top_k": 1, "seed": 7}, format="pcm_f32le"),
+    Generate(
+        id="r3",
+        model="m",
+        prompt="go on",
+        params={"include_prompt": True},
+        inputs={"continuation": b"RIFF\x00\x01"},
+    ),
     Cancel(id="r1"),
     Hello(
         server="wavecast",
@@ -64,7 +71,7 @@ MESSAGES = [
                 capabilities=("text",),
             ),
         ),
-        limits=Limits(1048576, 8, 32, 4, 2000, 8388608),
+        limits=Limits(25165824, 8, 32, 4, 2000, 8388608, 16777216, 60.5),
     ),
     Queued(id="r1", position=3),
     Started(
@@ -105,7 +112,7 @@ def test_golden_frames() -> None:
 
 
 def test_audio_json_uses_base64() -> None:
-    audio = MESSAGES[7]
+    audio = MESSAGES[8]
     wire = json.loads(encode(audio, text=True))  # type: ignore[arg-type]
     assert base64.b64decode(wire["data"]) == b"\x01\x00\xff\x7f"
 

@@ -43,7 +43,16 @@ async def test_greeting_lists_the_test_model(server: Any) -> None:
         assert "test model" in model.description
         assert (model.sample_rate, model.channels) == (32000, 1)
         names = [p.name for p in model.params]
-        assert names == ["duration", "top_k", "top_p", "temperature", "cfg_coef", "seed"]
+        assert names == [
+            "duration",
+            "top_k",
+            "top_p",
+            "temperature",
+            "cfg_coef",
+            "seed",
+            "include_prompt",
+            "extend_stride",
+        ]
         assert client.hello.limits.max_queue == 32
 
 
@@ -181,16 +190,21 @@ async def test_cancel_while_queued() -> None:
         await running.collect()
 
 
-async def test_other_clients_are_unaffected_by_a_bad_one(server: Any) -> None:
-    async with connect(server.url) as good:
+async def test_other_clients_are_unaffected_by_a_bad_one() -> None:
+    async with (
+        running_server(make_config(max_frame_bytes=1 << 20)) as server,
+        connect(server.url) as good,
+    ):
         stream = await good.generate("tiny-musicgen", "ok", duration=2.0, seed=3)
         async with ws_connect(server.url) as bad:
             await bad.recv()
             for frame in (b"\xc1", b"garbage", "not json", msgpack.packb({"type": "x"})):
                 await bad.send(frame)
+            await bad.send(b"x" * (2 << 20))
             with pytest.raises(ConnectionClosed):
-                await bad.send(b"x" * (2 << 20))
-                await bad.recv()
+                while True:  # the four errors, then the close
+                    await bad.recv()
+            assert bad.close_code == 1009
         result = await stream.collect()
     assert result.status == "completed" and result.frames == samples_for(2.0)
 

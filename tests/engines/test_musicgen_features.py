@@ -1,0 +1,175 @@
+"""Stereo, long form and continuation on tiny random-weight models, against
+audiocraft's own MusicGen (bit-exact codes with greedy sampling, exact audio)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from wavecast.protocol import InvalidField, resolve_params
+from wavecast.server.engines.base import EngineRequest
+from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.tiny import build_tiny_musicgen
+
+HOP = 640
+
+
+def run(engine: Any, prompt: str, inputs: dict[str, bytes] | None = None, **params: Any) -> Any:
+    resolved = resolve_params(engine.info.params, params)
+    job = engine.prepare(EngineRequest("t", prompt, resolved, inputs or {}))
+    chunks, fractions = [], []
+    while True:
+        out = engine.step([job])[0]
+        fractions.append(out.fraction)
+        if out.audio is not None:
+            chunks.append(out.audio)
+        if out.done:
+            break
+    return job, np.concatenate(chunks), fractions
+
+
+def decode(model: Any, codes: torch.Tensor) -> np.ndarray:
+    result: np.ndarray = model.compression_model.decode(codes, None)[0].transpose(0, 1).numpy()
+    return result
+
+
+def wav_bytes(audio: np.ndarray, rate: int, fmt: str = "WAV") -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, rate, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stereo() -> tuple[Any, MusicGenEngine]:
+    model = build_tiny_musicgen(stereo=True)
+    return model, MusicGenEngine(model, name="tiny-musicgen-stereo", test_model=True)
+
+
+@pytest.fixture(scope="module")
+def windowed() -> tuple[Any, MusicGenEngine]:
+    """A 2-second window, so that long form needs several windows quickly."""
+    model = build_tiny_musicgen(window=2.0, seed=3)
+    return model, MusicGenEngine(model, name="tiny-2s", test_model=True, max_duration=12.0)
+
+
+def test_stereo_streams_two_interleaved_channels(stereo: Any) -> None:
+    model, engine = stereo
+    assert engine.info.channels == 2 and "stereo" in engine.info.capabilities
+    job, audio, _ = run(engine, "wide pads", duration=1.0, top_k=1)
+    codes = engine.codes_of(job)
+    model.set_generation_params(duration=1.0, top_k=1)
+    _, reference = model.generate(["wide pads"], return_tokens=True)
+    assert codes.shape == (1, 8, 50) and torch.equal(codes, reference)
+    full = decode(model, codes)
+    assert audio.shape == full.shape == (50 * HOP, 2)
+    assert np.abs(audio - full).max() <= 1e-4
+    assert not np.array_equal(audio[:, 0], audio[:, 1])  # really two channels
+
+
+@pytest.mark.parametrize(("duration", "stride"), [(5.0, 1.0), (7.3, 1.5), (4.0, 0.5)])
+def test_long_form_equals_audiocraft_extension(
+    windowed: Any, duration: float, stride: float
+) -> None:
+    model, engine = windowed
+    assert "long_form" in engine.info.capabilities
+    job, audio, fractions = run(
+        engine, "a long piece", duration=duration, top_k=1, extend_stride=stride
+    )
+    codes = engine.codes_of(job)
+    model.set_generation_params(duration=duration, top_k=1, extend_stride=stride)
+    _, reference = model.generate(["a long piece"], return_tokens=True)
+    assert torch.equal(codes, reference)
+    frames = codes.shape[-1]
+    # audiocraft's window arithmetic in floats can end one frame short (7.3 s: 364)
+    assert abs(frames - duration * 50) <= 1
+    # streamed across every window boundary: no gap, no repeat, no seam
+    full = decode(model, codes)
+    assert audio.shape == full.shape == (frames * HOP, 1)
+    assert np.abs(audio - full).max() <= 1e-4
+    # progress covers the whole length
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert max(fractions[:-1]) < 1.0
+
+
+def test_long_form_sampled_is_reproducible(windowed: Any) -> None:
+    _, engine = windowed
+    _, a, _ = run(engine, "x", duration=4.5, seed=12, extend_stride=1.0)
+    _, b, _ = run(engine, "x", duration=4.5, seed=12, extend_stride=1.0)
+    assert np.array_equal(a, b) and a.shape == (225 * HOP, 1)
+
+
+def test_duration_beyond_the_server_limit_is_refused(windowed: Any) -> None:
+    _, engine = windowed
+    with pytest.raises(InvalidField) as info:
+        resolve_params(engine.info.params, {"duration": 12.5})
+    assert info.value.field == "params.duration"
+
+
+@pytest.mark.parametrize("include_prompt", [False, True])
+def test_continuation_matches_generate_continuation(windowed: Any, include_prompt: bool) -> None:
+    model, engine = windowed
+    t = np.arange(44100) / 44100
+    clip = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[:, None]
+    job, audio, _ = run(
+        engine,
+        "go on",
+        {"continuation": wav_bytes(clip, 44100)},
+        duration=4.0,
+        top_k=1,
+        extend_stride=1.0,
+        include_prompt=include_prompt,
+    )
+    codes = engine.codes_of(job)
+    model.set_generation_params(duration=4.0, top_k=1, extend_stride=1.0)
+    _, reference = model.generate_continuation(
+        torch.from_numpy(clip.T.copy())[None], 44100, ["go on"], return_tokens=True
+    )
+    assert torch.equal(codes, reference)
+    full = decode(model, codes)
+    skip = 0 if include_prompt else 50 * HOP  # the 1 s prompt is not re-sent unless asked
+    assert audio.shape == full[skip:].shape
+    assert np.abs(audio - full[skip:]).max() <= 1e-4
+
+
+def test_continuation_accepts_stereo_flac_and_mp3(windowed: Any) -> None:
+    _, engine = windowed
+    t = np.arange(24000) / 48000
+    stereo_clip = np.stack([np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 500 * t)], 1) * 0.2
+    for fmt in ("FLAC", "MP3"):
+        data = wav_bytes(stereo_clip.astype(np.float32), 48000, fmt)
+        _, audio, _ = run(engine, "x", {"continuation": data}, duration=1.0, top_k=1)
+        assert audio.shape == (25 * HOP, 1), fmt  # 1 s in all, 0.5 s of it new
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"not audio at all", "could not be decoded"),
+        (b"RIFF\x00\x00\x00\x00WAVEfmt ", "could not be decoded"),
+    ],
+)
+def test_bad_uploads_are_clear_errors(windowed: Any, data: bytes, message: str) -> None:
+    _, engine = windowed
+    params = resolve_params(engine.info.params, {"duration": 2.0})
+    with pytest.raises(InvalidField) as info:
+        engine.prepare(EngineRequest("t", "x", params, {"continuation": data}))
+    assert info.value.field == "inputs.continuation" and message in info.value.message
+
+
+def test_too_long_and_empty_uploads(windowed: Any) -> None:
+    _, engine = windowed
+    params = resolve_params(engine.info.params, {"duration": 3.0})
+    too_long = wav_bytes(np.zeros((16000 * 61, 1), np.float32), 16000)
+    with pytest.raises(InvalidField, match="at most 60 s"):
+        engine.prepare(EngineRequest("t", "x", params, {"continuation": too_long}))
+    longer_than_duration = wav_bytes(np.zeros((32000 * 3, 1), np.float32), 32000)
+    with pytest.raises(InvalidField, match="must be shorter"):
+        engine.prepare(EngineRequest("t", "x", params, {"continuation": longer_than_duration}))
+    empty = wav_bytes(np.zeros((0, 1), np.float32), 32000)
+    with pytest.raises(InvalidField):
+        engine.prepare(EngineRequest("t", "x", params, {"continuation": empty}))

@@ -1,0 +1,157 @@
+"""Continuation uploads, long form and stereo through the real server."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+from helpers import make_config, run_cli, running_server, tiny_engines
+
+from wavecast.clients import connect
+from wavecast.protocol import Audio, Progress
+from wavecast.server.engines import load_engines
+
+HOP = 640
+_STEREO: dict[str, Any] = {}
+
+
+def with_stereo() -> Mapping[str, Any]:
+    if not _STEREO:
+        _STEREO.update(tiny_engines())
+        _STEREO.update(load_engines(["tiny-musicgen-stereo"], "cpu"))
+    return _STEREO
+
+
+def clip_bytes(seconds: float, rate: int = 22050, fmt: str = "WAV") -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buffer = io.BytesIO()
+    soundfile.write(
+        buffer, (0.25 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), rate, format=fmt
+    )
+    return buffer.getvalue()
+
+
+async def test_greeting_declares_capabilities() -> None:
+    async with running_server(factory=with_stereo) as srv, connect(srv.url) as client:
+        mono = client.models["tiny-musicgen"]
+        stereo = client.models["tiny-musicgen-stereo"]
+        assert set(mono.capabilities) == {"text", "continuation", "long_form"}
+        assert "stereo" in stereo.capabilities and stereo.channels == 2
+        assert client.hello.limits.max_upload_bytes == 16 << 20
+        assert "extend_stride" in [p.name for p in mono.params]
+
+
+async def test_stereo_pcm_is_interleaved() -> None:
+    async with running_server(factory=with_stereo) as srv, connect(srv.url) as client:
+        stream = await client.generate(
+            "tiny-musicgen-stereo", "wide", duration=1.0, seed=1, format="pcm_f32le"
+        )
+        result = await stream.collect()
+    audio = result.to_numpy()
+    assert result.channels == 2 and audio.shape == (50 * HOP, 2)
+    assert not np.array_equal(audio[:, 0], audio[:, 1])
+
+
+async def test_continuation_upload(server: Any) -> None:
+    async with connect(server.url) as client:
+        upload = clip_bytes(2.0)
+        plain = await (
+            await client.generate(
+                "tiny-musicgen",
+                "go on",
+                duration=5.0,
+                seed=4,
+                inputs={"continuation": upload},
+                format="pcm_f32le",
+            )
+        ).collect()
+        with_prompt = await (
+            await client.generate(
+                "tiny-musicgen",
+                "go on",
+                duration=5.0,
+                seed=4,
+                include_prompt=True,
+                inputs={"continuation": upload},
+                format="pcm_f32le",
+            )
+        ).collect()
+    assert plain.status == "completed" and plain.frames == 150 * HOP  # 5 s minus the 2 s prompt
+    assert with_prompt.frames == 250 * HOP
+    # the new part is the same audio whether or not the prompt is re-sent (the chunk
+    # boundaries differ, so equal up to float rounding)
+    new = with_prompt.to_numpy()[100 * HOP :]
+    assert np.abs(new - plain.to_numpy()).max() <= 1e-4
+
+
+async def test_long_form_streams_past_the_window(server: Any) -> None:
+    async with connect(server.url) as client:
+        stream = await client.generate(
+            "tiny-musicgen", "long", duration=34.0, seed=2, extend_stride=18.0
+        )
+        events = [e async for e in stream]
+    audio = [e for e in events if isinstance(e, Audio)]
+    assert sum(a.frames for a in audio) == 1700 * HOP
+    assert [a.seq for a in audio] == list(range(len(audio)))
+    fractions = [e.fraction for e in events if isinstance(e, Progress)]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+async def test_upload_errors(server: Any) -> None:
+    async with connect(server.url) as client:
+        bad = await (
+            await client.generate(
+                "tiny-musicgen", "x", duration=2.0, inputs={"continuation": b"garbage"}
+            )
+        ).collect()
+        melody = await (
+            await client.generate(
+                "tiny-musicgen", "x", duration=2.0, inputs={"melody": clip_bytes(1.0)}
+            )
+        ).collect()
+        too_long = await (
+            await client.generate(
+                "tiny-musicgen", "x", duration=2.0, inputs={"continuation": clip_bytes(3.0)}
+            )
+        ).collect()
+    assert (bad.error.code, bad.error.field) == ("invalid_field", "inputs.continuation")  # type: ignore[union-attr]
+    assert (melody.error.code, melody.error.field) == ("unsupported", "inputs.melody")  # type: ignore[union-attr]
+    assert too_long.error is not None and "shorter" in too_long.error.message
+
+
+async def test_upload_size_limit() -> None:
+    async with (
+        running_server(make_config(max_upload_bytes=1000)) as srv,
+        connect(srv.url) as client,
+    ):
+        result = await (
+            await client.generate(
+                "tiny-musicgen", "x", duration=2.0, inputs={"continuation": clip_bytes(1.0)}
+            )
+        ).collect()
+    assert result.error is not None
+    assert (result.error.code, result.error.field) == ("invalid_field", "inputs.continuation")
+
+
+async def test_cli_continue_flag(server: Any, tmp_path: Path) -> None:
+    source = tmp_path / "in.flac"
+    source.write_bytes(clip_bytes(1.0, fmt="FLAC"))
+    out = tmp_path / "out.wav"
+    code, output = await run_cli(
+        "generate",
+        "--url",
+        server.url,
+        "--duration",
+        "3",
+        "--continue",
+        str(source),
+        "-o",
+        str(out),
+        "more of this",
+    )
+    assert code == 0, output
+    assert soundfile.info(str(out)).frames == 100 * HOP
