@@ -68,11 +68,13 @@ async def _generate(args: argparse.Namespace) -> int:
     if args.include_prompt:
         params["include_prompt"] = True
     inputs = {}
-    if args.continue_from is not None:
+    for role, path in (("continuation", args.continue_from), ("melody", args.melody)):
+        if path is None:
+            continue
         try:
-            inputs["continuation"] = args.continue_from.read_bytes()
+            inputs[role] = path.read_bytes()
         except OSError as exc:
-            bar.message(f"cannot read {args.continue_from}: {exc.strerror}")
+            bar.message(f"cannot read {path}: {exc.strerror}")
             return 2
     async with connect(args.url) as client:
         models = client.models
@@ -179,6 +181,12 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="continue this audio file (WAV, FLAC, OGG, MP3); --duration "
         "then counts the prompt too",
+    )
+    parser.add_argument(
+        "--melody",
+        type=Path,
+        metavar="FILE",
+        help="melody reference (models with the melody capability)",
     )
     parser.add_argument(
         "--include-prompt",

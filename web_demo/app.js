@@ -320,63 +320,66 @@ function currentModel() {
   return state.hello?.models.find((m) => m.name === $("#model").value);
 }
 
-// -- uploads (continuation) --------------------------------------------------------
+// -- uploads (melody, continuation: PROTOCOL.md §3.3) ------------------------------
 
-const upload = { bytes: null, label: "" };
+const uploads = {}; // role -> { bytes, label }
 
-function setUpload(bytes, label) {
-  upload.bytes = bytes;
-  upload.label = label;
-  $("#clear-upload").hidden = bytes === null;
-  $("#upload-note").textContent = bytes === null
-    ? "The model continues this clip; duration counts the clip too."
-    : `Continuing ${label} (${Math.round(bytes.length / 1024)} KiB).`;
+for (const box of document.querySelectorAll("fieldset.upload")) {
+  const role = box.dataset.role;
+  const note = $(".hint", box);
+  const clear = $(".clear", box);
+  const fileInput = $("input[type=file]", box);
+  const record = $(".record", box);
+  const set = (bytes, label) => {
+    if (bytes === null) delete uploads[role];
+    else uploads[role] = { bytes, label };
+    clear.hidden = bytes === null;
+    note.textContent = bytes === null
+      ? note.dataset.empty
+      : `Using ${label} (${Math.round(bytes.length / 1024)} KiB).`;
+  };
+  fileInput.addEventListener("change", async () => {
+    const file = fileInput.files[0];
+    if (!file) return set(null, "");
+    const limit = state.hello?.limits.max_upload_bytes || Infinity;
+    if (file.size > limit) {
+      fileInput.value = "";
+      $("#form-error").textContent = `That file is larger than the server accepts (${limit} bytes).`;
+      return set(null, "");
+    }
+    set(new Uint8Array(await file.arrayBuffer()), file.name);
+  });
+  clear.addEventListener("click", () => {
+    fileInput.value = "";
+    set(null, "");
+  });
+  let recorder = null;
+  record.addEventListener("click", async () => {
+    if (recorder) {
+      recorder.stop();
+      return;
+    }
+    try {
+      const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+      const parts = [];
+      recorder = new MediaRecorder(stream);
+      recorder.ondataavailable = (e) => parts.push(e.data);
+      recorder.onstop = async () => {
+        stream.getTracks().forEach((t) => t.stop());
+        const blob = new Blob(parts, { type: recorder.mimeType });
+        recorder = null;
+        record.textContent = "● Record";
+        record.setAttribute("aria-pressed", "false");
+        set(new Uint8Array(await blob.arrayBuffer()), "your recording");
+      };
+      recorder.start();
+      record.textContent = "■ Stop";
+      record.setAttribute("aria-pressed", "true");
+    } catch (err) {
+      $("#form-error").textContent = `Microphone unavailable: ${err.message}`;
+    }
+  });
 }
-
-$("#continuation").addEventListener("change", async (event) => {
-  const file = event.target.files[0];
-  if (!file) return setUpload(null, "");
-  const limit = state.hello?.limits.max_upload_bytes || Infinity;
-  if (file.size > limit) {
-    event.target.value = "";
-    $("#form-error").textContent = `That file is larger than the server accepts (${limit} bytes).`;
-    return setUpload(null, "");
-  }
-  setUpload(new Uint8Array(await file.arrayBuffer()), file.name);
-});
-
-$("#clear-upload").addEventListener("click", () => {
-  $("#continuation").value = "";
-  setUpload(null, "");
-});
-
-let recorder = null;
-$("#record").addEventListener("click", async () => {
-  const button = $("#record");
-  if (recorder) {
-    recorder.stop();
-    return;
-  }
-  try {
-    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-    const parts = [];
-    recorder = new MediaRecorder(stream);
-    recorder.ondataavailable = (e) => parts.push(e.data);
-    recorder.onstop = async () => {
-      stream.getTracks().forEach((t) => t.stop());
-      const blob = new Blob(parts, { type: recorder.mimeType });
-      recorder = null;
-      button.textContent = "● Record";
-      button.setAttribute("aria-pressed", "false");
-      setUpload(new Uint8Array(await blob.arrayBuffer()), "your recording");
-    };
-    recorder.start();
-    button.textContent = "■ Stop";
-    button.setAttribute("aria-pressed", "true");
-  } catch (err) {
-    $("#form-error").textContent = `Microphone unavailable: ${err.message}`;
-  }
-});
 
 function renderParams() {
   const model = currentModel();
@@ -384,7 +387,9 @@ function renderParams() {
   box.querySelectorAll(".param").forEach((n) => n.remove());
   const note = $("#model-note");
   if (!model) return;
-  $("#upload").hidden = !(model.capabilities || []).includes("continuation");
+  for (const box of document.querySelectorAll("fieldset.upload")) {
+    box.hidden = !(model.capabilities || []).includes(box.dataset.role);
+  }
   note.hidden = !model.test_model;
   note.textContent = model.test_model
     ? "This is a test model with random weights: it makes noise, by design."
@@ -469,7 +474,11 @@ function submit(event) {
   const card = new Card(id, model, prompt, params);
   state.cards.set(id, card);
   const message = { type: "generate", id, model: model.name, prompt, params, format: "pcm_f32le" };
-  if (upload.bytes && !$("#upload").hidden) message.inputs = { continuation: upload.bytes };
+  const inputs = {};
+  for (const [role, item] of Object.entries(uploads)) {
+    if (!$(`fieldset.upload[data-role=${role}]`).hidden) inputs[role] = item.bytes;
+  }
+  if (Object.keys(inputs).length) message.inputs = inputs;
   connection.send(message);
 }
 

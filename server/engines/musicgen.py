@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .codec_stream import StreamDecoder
 from .tiny import (
     RANDOM_MUSICGEN_SCALES,
     TINY_MUSICGEN,
+    TINY_MUSICGEN_MELODY,
     TINY_MUSICGEN_STEREO,
     build_random_musicgen,
     build_tiny_musicgen,
@@ -77,7 +79,7 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     """Load a MusicGen model by name.
 
     Args:
-        name: ``tiny-musicgen``, ``tiny-musicgen-stereo``,
+        name: ``tiny-musicgen``, ``tiny-musicgen-stereo``, ``tiny-musicgen-melody``,
             ``random-musicgen-{small,medium,large}`` (real
             shapes, random weights: for benchmarks), a local checkpoint directory,
             or a Hugging Face name such as ``facebook/musicgen-small``.
@@ -86,8 +88,9 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     Returns:
         The model and whether it is a random-weight test model.
     """
-    if name in (TINY_MUSICGEN, TINY_MUSICGEN_STEREO):
-        return build_tiny_musicgen(device=device, stereo=name == TINY_MUSICGEN_STEREO), True
+    if name in (TINY_MUSICGEN, TINY_MUSICGEN_STEREO, TINY_MUSICGEN_MELODY):
+        stereo, melody = name == TINY_MUSICGEN_STEREO, name == TINY_MUSICGEN_MELODY
+        return build_tiny_musicgen(device=device, stereo=stereo, melody=melody), True
     if name.startswith("random-musicgen-") and name[16:] in RANDOM_MUSICGEN_SCALES:
         return build_random_musicgen(name[16:], device=device), True
     path = Path(name).expanduser()
@@ -175,6 +178,9 @@ class _MusicGenJob:
     gen_offset: int = 0  # audiocraft's current_gen_offset
     produced: int = 0  # new timesteps generated so far
     codes: list[Any] = field(default_factory=list)  # every timestep's codes, in order
+    attributes: list[Any] = field(default_factory=list)  # audiocraft ConditioningAttributes
+    melody: Any = None  # the reference clip's WavCondition (melody models)
+    py_random: Any = None  # state of Python's `random` for this request (Demucs' shifts)
     pending_audio: FloatAudio | None = None  # the prompt's audio, with include_prompt
 
 
@@ -288,10 +294,19 @@ class MusicGenEngine:
                 )
             )
             capabilities.append("long_form")
+        self.melody = "self_wav" in self.lm.condition_provider.conditioners
+        if self.melody:
+            capabilities.insert(1, "melody")
         if int(model.audio_channels) == 2:
             capabilities.append("stereo")
         self._params = tuple(params)
-        label = "random-weight test model, makes noise" if test_model else "text to music"
+        label = (
+            "random-weight test model, makes noise"
+            if test_model
+            else "text and melody to music"
+            if self.melody
+            else "text to music"
+        )
         self._info = ModelInfo(
             name=name,
             family=self.family,
@@ -375,12 +390,19 @@ class MusicGenEngine:
                     field="inputs.continuation",
                 )
 
-        lm = self.lm
-        with self.model.autocast:
+        melody_wavs = None
+        if "melody" in request.inputs:
+            melody_wavs = [self._melody_wav(request.inputs["melody"])]
+        if self.melody:
+            attributes, _ = self.model._prepare_tokens_and_attributes(
+                [request.prompt], None, melody_wavs=melody_wavs
+            )
+        else:
             attributes, _ = self.model._prepare_tokens_and_attributes([request.prompt], None)
-            null = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
-            tokenized = lm.condition_provider.tokenize(attributes + null)
-            cfg_conditions = lm.condition_provider(tokenized)
+        melody = attributes[0].wav.get("self_wav")
+        if duration > self.window and melody is not None:
+            self._wrap_melody(attributes, melody, 0)
+        cfg_conditions, py_random = self._cfg_conditions(attributes, _seeded_state(seed))
 
         stride_seconds = _number(params.get("extend_stride") or 18.0)
         decoder = StreamDecoder(
@@ -405,6 +427,9 @@ class MusicGenEngine:
             first_prompt_len=first_prompt_len,
             stride=int(self.frame_rate * stride_seconds),
             window=self._new_window(duration, 0, prompt),
+            attributes=attributes,
+            melody=melody,
+            py_random=py_random,
         )
         if prompt is not None:
             job.codes.append(prompt)
@@ -413,6 +438,61 @@ class MusicGenEngine:
             else:
                 decoder.prime(prompt)
         return Job(request=request, state=job, extra={"seed": seed})
+
+    def _melody_wav(self, data: bytes) -> torch.Tensor:
+        """Decode a melody reference clip to ``[C, T]`` at the model's rate."""
+        from audiocraft.data.audio_utils import convert_audio
+
+        from ..audio import decode_upload
+
+        audio, rate = decode_upload(
+            data, field="inputs.melody", max_seconds=self.max_upload_seconds
+        )
+        wav = torch.from_numpy(audio.T.copy()).to(self.device)
+        converted: torch.Tensor = convert_audio(
+            wav, rate, self.model.sample_rate, self.model.audio_channels
+        )
+        return converted
+
+    def _cfg_conditions(self, attributes: list[Any], py_random: Any) -> tuple[Any, Any]:
+        """Condition tensors for the conditional and the null half, as LMModel.generate.
+
+        Demucs (melody models) shifts its input at random with Python's ``random``:
+        each request keeps its own state of it, so that its seed reproduces it.
+        Returns the tensors and the new state.
+        """
+        lm = self.lm
+        random.setstate(py_random)
+        with self.model.autocast:
+            null = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
+            tokenized = lm.condition_provider.tokenize(attributes + null)
+            conditions = lm.condition_provider(tokenized)
+        return conditions, random.getstate()
+
+    def _wrap_melody(self, attributes: list[Any], melody: Any, gen_offset: int) -> None:
+        """Long form: the melody for the window at ``gen_offset``, repeated as needed.
+
+        The same as ``MusicGen._generate_tokens``: each window sees the reference
+        from its own start time on, wrapped around when the reference is shorter.
+        """
+        from audiocraft.modules.conditioners import WavCondition
+
+        wav_length = int(melody.length.item())
+        if wav_length == 0:
+            return
+        time_offset = gen_offset / self.frame_rate
+        initial_position = int(time_offset * self.model.sample_rate)
+        target_length = int(self.window * self.model.sample_rate)
+        positions = torch.arange(
+            initial_position, initial_position + target_length, device=self.device
+        )
+        attributes[0].wav["self_wav"] = WavCondition(
+            melody[0][..., positions % wav_length],
+            torch.full_like(melody[1], target_length),
+            [self.model.sample_rate] * melody[0].size(0),
+            [None],
+            [0.0],
+        )
 
     def _new_window(self, duration: float, gen_offset: int, prompt: Any) -> _Window:
         """A window as ``MusicGen._generate_tokens`` starts one (same lengths)."""
@@ -547,6 +627,9 @@ class MusicGenEngine:
         if st.gen_offset + prompt.shape[-1] >= st.total_len or st.duration <= self.window:
             return True
         st.window = self._new_window(st.duration, st.gen_offset, prompt)
+        if st.melody is not None and int(st.melody.length.item()) > 0:
+            self._wrap_melody(st.attributes, st.melody, st.gen_offset)
+            st.cfg_conditions, st.py_random = self._cfg_conditions(st.attributes, st.py_random)
         return False
 
     def finish(self, job: Job) -> None:
@@ -563,6 +646,10 @@ class MusicGenEngine:
 
 def _concat(a: FloatAudio, b: FloatAudio) -> FloatAudio:
     return np.concatenate([a, b], axis=0)
+
+
+def _seeded_state(seed: int) -> Any:
+    return random.Random(seed).getstate()
 
 
 def _number(value: ParamValue) -> float:

@@ -22,7 +22,13 @@ from audiocraft.models import builders
 from audiocraft.models.encodec import CompressionModel
 from audiocraft.models.lm import LMModel
 from audiocraft.models.musicgen import MusicGen
-from audiocraft.modules.conditioners import T5Conditioner, TextConditioner
+from audiocraft.modules.chroma import ChromaExtractor
+from audiocraft.modules.conditioners import (
+    ChromaStemConditioner,
+    T5Conditioner,
+    TextConditioner,
+    WaveformConditioner,
+)
 from audiocraft.utils.autocast import TorchAutocast
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -31,6 +37,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 __all__ = [
     "RANDOM_MUSICGEN_SCALES",
     "TINY_MUSICGEN",
+    "TINY_MUSICGEN_MELODY",
     "TINY_MUSICGEN_STEREO",
     "OfflineT5Conditioner",
     "build_tiny_musicgen",
@@ -40,6 +47,7 @@ __all__ = [
 
 TINY_MUSICGEN = "tiny-musicgen"
 TINY_MUSICGEN_STEREO = "tiny-musicgen-stereo"
+TINY_MUSICGEN_MELODY = "tiny-musicgen-melody"
 TEXT_ENCODER_DIR = "text_encoder"
 
 # Shaped like facebook/musicgen-small's xp.cfg (32 kHz mono EnCodec at 50 Hz,
@@ -211,15 +219,91 @@ class OfflineT5Conditioner(T5Conditioner):  # type: ignore[misc]
         self.normalize_text = False
 
 
-def _lm_from_cfg(cfg: Any, text_encoder: Path | tuple[T5EncoderModel, Any]) -> LMModel:
-    """Build the LM with audiocraft's builder, the T5 conditioner given offline."""
-    build_cfg = copy.deepcopy(cfg)
-    # The builder would fetch T5 by name: build with a lookup-table stand-in, then
-    # put the real T5 conditioner in its place before any weights are loaded.
-    build_cfg.conditioners.description = OmegaConf.create(
-        {"model": "lut", "lut": {"n_bins": 4, "dim": 4, "tokenizer": "noop"}}
+class OfflineChromaStemConditioner(ChromaStemConditioner):  # type: ignore[misc]
+    """audiocraft's chroma-of-stems melody conditioner over a Demucs given in memory.
+
+    ``ChromaStemConditioner.__init__`` fetches ``htdemucs`` by name; this builds
+    the same module (Demucs stem separation, chroma extractor, projection).
+    """
+
+    def __init__(
+        self,
+        demucs: Any,
+        output_dim: int,
+        sample_rate: int,
+        n_chroma: int,
+        radix2_exp: int,
+        duration: float,
+        device: str,
+        **kwargs: Any,
+    ) -> None:
+        WaveformConditioner.__init__(self, dim=n_chroma, output_dim=output_dim, device=device)
+        self.autocast = TorchAutocast(
+            enabled=device != "cpu", device_type=self.device, dtype=torch.float32
+        )
+        self.sample_rate = sample_rate
+        self.match_len_on_eval = True
+        self._use_masking = False
+        self.duration = duration
+        self.__dict__["demucs"] = demucs.eval().to(device)
+        sources: list[str] = demucs.sources
+        self.stem_indices = torch.LongTensor([sources.index("vocals"), sources.index("other")]).to(
+            device
+        )
+        self.chroma = ChromaExtractor(
+            sample_rate=sample_rate, n_chroma=n_chroma, radix2_exp=radix2_exp, **kwargs
+        ).to(device)
+        self.chroma_len = self._get_chroma_len()
+        self.eval_wavs = None
+        self.cache = None
+
+
+def tiny_demucs() -> Any:
+    """HTDemucs (the architecture of ``htdemucs``) at a tiny size, random weights."""
+    from demucs.htdemucs import HTDemucs
+
+    return HTDemucs(
+        sources=["drums", "bass", "other", "vocals"],
+        audio_channels=2,
+        channels=4,
+        depth=2,
+        nfft=512,
+        t_layers=1,
+        t_heads=2,
+        t_hidden_scale=1.0,
+        dconv_comp=2,
+        samplerate=44100,
+        segment=2,
     )
+
+
+_STAND_IN = {"model": "lut", "lut": {"n_bins": 4, "dim": 4, "tokenizer": "noop"}}
+
+
+def _lm_from_cfg(
+    cfg: Any, text_encoder: Path | tuple[T5EncoderModel, Any], demucs: Any = None
+) -> LMModel:
+    """Build the LM with audiocraft's builder, T5 (and Demucs) given offline."""
+    build_cfg = copy.deepcopy(cfg)
+    # The builder would fetch T5 (and Demucs) by name: build with lookup-table
+    # stand-ins, then put the real conditioners in their place before any weights
+    # are loaded.
+    build_cfg.conditioners.description = OmegaConf.create(_STAND_IN)
+    melody = "self_wav" in cfg.conditioners
+    if melody:
+        build_cfg.conditioners.self_wav = OmegaConf.create(_STAND_IN)
     lm = builders.get_lm_model(build_cfg)
+    if melody:
+        chroma_cfg = dict(OmegaConf.to_container(cfg.conditioners.self_wav.chroma_stem))
+        for unused in ("match_len_on_eval", "eval_wavs", "n_eval_wavs", "cache_path"):
+            chroma_cfg.pop(unused, None)
+        lm.condition_provider.conditioners["self_wav"] = OfflineChromaStemConditioner(
+            demucs if demucs is not None else tiny_demucs(),
+            output_dim=cfg.transformer_lm.dim,
+            duration=float(cfg.dataset.segment_duration),
+            device=str(cfg.device),
+            **chroma_cfg,
+        ).to(cfg.device)
     if isinstance(text_encoder, Path):
         t5 = T5EncoderModel.from_pretrained(text_encoder)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(text_encoder)
@@ -233,7 +317,12 @@ def _lm_from_cfg(cfg: Any, text_encoder: Path | tuple[T5EncoderModel, Any]) -> L
 
 
 def build_tiny_musicgen(
-    seed: int = 0, device: str = "cpu", *, stereo: bool = False, window: float = 30.0
+    seed: int = 0,
+    device: str = "cpu",
+    *,
+    stereo: bool = False,
+    melody: bool = False,
+    window: float = 30.0,
 ) -> MusicGen:
     """Build the tiny random-weight MusicGen (same weights for the same seed).
 
@@ -242,6 +331,8 @@ def build_tiny_musicgen(
         device: torch device.
         stereo: Shaped like musicgen-stereo-*: a mono EnCodec applied to each
             channel, 8 interleaved codebooks, delays ``[0, 0, 1, 1, 2, 2, 3, 3]``.
+        melody: Shaped like musicgen-melody: the chroma of Demucs' melodic stems
+            of a reference clip, prepended to the LM's input.
         window: Longest audio of one LM run (the released models: 30 s); longer
             requests go on in windows.
     """
@@ -257,9 +348,24 @@ def build_tiny_musicgen(
             cfg.interleave_stereo_codebooks = {"use": True, "per_timestep": False}
             cfg.transformer_lm.n_q = 8
             cfg.codebooks_pattern.delay.delays = [0, 0, 1, 1, 2, 2, 3, 3]
+        if melody:
+            cfg.conditioners.self_wav = {
+                "model": "chroma_stem",
+                "chroma_stem": {
+                    "sample_rate": 32000,
+                    "n_chroma": 12,
+                    "radix2_exp": 12,
+                    "argmax": True,
+                    "match_len_on_eval": True,
+                    "eval_wavs": None,
+                    "n_eval_wavs": 0,
+                    "cache_path": None,
+                },
+            }
+            cfg.fuser.prepend = ["self_wav"]
         t5 = T5EncoderModel(T5Config(**_T5_CONFIG))
-        lm = _lm_from_cfg(cfg, (t5, _byte_tokenizer()))
-    name = TINY_MUSICGEN_STEREO if stereo else TINY_MUSICGEN
+        lm = _lm_from_cfg(cfg, (t5, _byte_tokenizer()), tiny_demucs() if melody else None)
+    name = TINY_MUSICGEN_STEREO if stereo else TINY_MUSICGEN_MELODY if melody else TINY_MUSICGEN
     # MusicGen wraps the compression model for stereo, as lm.cfg asks.
     return _musicgen(name, compression, lm, window)
 

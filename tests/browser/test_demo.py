@@ -274,6 +274,32 @@ async def test_record_from_the_microphone(browser: Any, server: Any) -> None:
     assert 0 < done["frames"] < 3 * 32000
 
 
+async def test_melody_picker_only_for_melody_models(browser: Any, tmp_path: Path) -> None:
+    import numpy as np
+    from test_features import with_stereo
+
+    source = tmp_path / "hum.wav"
+    soundfile.write(str(source), (0.2 * np.random.default_rng(0).standard_normal(22050)), 22050)
+    async with running_server(factory=with_stereo) as srv:
+        page = await open_page(browser, srv)
+        await page.select_option("#model", "tiny-musicgen")
+        assert not await page.is_visible("#upload-melody")
+        await page.select_option("#model", "tiny-musicgen-melody")
+        assert await page.is_visible("#upload-melody")
+        await page.set_input_files("#melody", str(source))
+        await page.wait_for_function(
+            "document.querySelector('#note-melody').textContent.includes('hum.wav')",
+            timeout=timeout(10) * MS,
+        )
+        rid = await generate(page, "follow the humming", 1)
+        await page.wait_for_function(
+            "(id) => window.wavecast.cards.get(id).status === 'completed'",
+            arg=rid,
+            timeout=timeout(60) * MS,
+        )
+        assert (await card(page, rid))["frames"] == 32000
+
+
 def test_vendored_msgpack_is_the_pinned_version() -> None:
     root = Path(__file__).resolve().parents[2] / "web_demo"
     pinned = json.loads((root / "package.json").read_text())["dependencies"]["@msgpack/msgpack"]

@@ -20,9 +20,10 @@ _STEREO: dict[str, Any] = {}
 
 
 def with_stereo() -> Mapping[str, Any]:
+    """tiny-musicgen, -stereo and -melody, built once."""
     if not _STEREO:
         _STEREO.update(tiny_engines())
-        _STEREO.update(load_engines(["tiny-musicgen-stereo"], "cpu"))
+        _STEREO.update(load_engines(["tiny-musicgen-stereo", "tiny-musicgen-melody"], "cpu"))
     return _STEREO
 
 
@@ -43,6 +44,37 @@ async def test_greeting_declares_capabilities() -> None:
         assert "stereo" in stereo.capabilities and stereo.channels == 2
         assert client.hello.limits.max_upload_bytes == 16 << 20
         assert "extend_stride" in [p.name for p in mono.params]
+
+
+async def test_melody_upload_and_cli_flag(tmp_path: Path) -> None:
+    async with running_server(factory=with_stereo) as srv, connect(srv.url) as client:
+        melody_model = client.models["tiny-musicgen-melody"]
+        assert "melody" in melody_model.capabilities
+        result = await (
+            await client.generate(
+                "tiny-musicgen-melody", "hum", duration=1.0, inputs={"melody": clip_bytes(1.0)}
+            )
+        ).collect()
+        assert result.status == "completed" and result.frames == 50 * HOP
+        source = tmp_path / "hum.ogg"
+        source.write_bytes(clip_bytes(1.0, fmt="OGG"))
+        out = tmp_path / "out.wav"
+        code, output = await run_cli(
+            "generate",
+            "--url",
+            srv.url,
+            "--model",
+            "tiny-musicgen-melody",
+            "--duration",
+            "1",
+            "--melody",
+            str(source),
+            "-o",
+            str(out),
+            "follow this",
+        )
+        assert code == 0, output
+        assert soundfile.info(str(out)).frames == 50 * HOP
 
 
 async def test_stereo_pcm_is_interleaved() -> None:
