@@ -67,6 +67,8 @@ async def _generate(args: argparse.Namespace) -> int:
             params[name] = value
     if args.include_prompt:
         params["include_prompt"] = True
+    if args.mbd:
+        params["mbd"] = True
     inputs = {}
     for role, path in (("continuation", args.continue_from), ("melody", args.melody)):
         if path is None:
@@ -103,6 +105,7 @@ async def _generate(args: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGINT, on_interrupt)
         pcm = bytearray()
+        mbd_pcm = bytearray()
         sample_rate = channels = 0
         seed = None
         try:
@@ -112,9 +115,12 @@ async def _generate(args: argparse.Namespace) -> int:
                 elif isinstance(event, Started):
                     sample_rate, channels, seed = event.sample_rate, event.channels, event.seed
                 elif isinstance(event, Audio):
-                    pcm += event.data
+                    (pcm if event.rendition is None else mbd_pcm).extend(event.data)
                 elif isinstance(event, Progress):
-                    bar.show(event.fraction, event.seconds)
+                    if event.stage == "mbd":
+                        bar.show(event.fraction, event.seconds, "(Multi-Band Diffusion)")
+                    else:
+                        bar.show(event.fraction, event.seconds)
         finally:
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(signal.SIGINT)
@@ -134,12 +140,29 @@ async def _generate(args: argparse.Namespace) -> int:
         if done.status == "error" and done.error is not None:
             bar.message(f"error: {done.error.code}: {done.error.message}")
             return 1
-        if result.frames and args.output is not None:
-            _write_wav(args.output, result)
-            bar.message(
-                f"wrote {args.output} ({result.frames / sample_rate:.2f} s, "
-                f"{sample_rate} Hz, {channels} ch, seed {seed})"
+        outputs = [(args.output, result)]
+        if mbd_pcm:
+            # -o gets the diffusion version; the live (EnCodec) one goes beside it.
+            live_path = args.output.with_suffix(".encodec.wav")
+            mbd = GenerationResult(
+                stream.id,
+                done.status,
+                bytes(mbd_pcm),
+                sample_rate,
+                channels,
+                args.format,
+                done.stats,
+                None,
+                seed,
             )
+            outputs = [(args.output, mbd), (live_path, result)]
+        for path, clip in outputs:
+            if clip.frames:
+                _write_wav(path, clip)
+                bar.message(
+                    f"wrote {path} ({clip.frames / sample_rate:.2f} s, "
+                    f"{sample_rate} Hz, {channels} ch, seed {seed})"
+                )
         if done.stats is not None:
             s = done.stats
             first = f"{s.first_audio_seconds * 1000:.0f} ms" if s.first_audio_seconds else "-"
@@ -187,6 +210,12 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="melody reference (models with the melody capability)",
+    )
+    parser.add_argument(
+        "--mbd",
+        action="store_true",
+        help="also render with Multi-Band Diffusion and write that version to -o "
+        "(the live EnCodec version goes to NAME.encodec.wav)",
     )
     parser.add_argument(
         "--include-prompt",

@@ -63,7 +63,9 @@ class GenerationResult:
         stats: The server's statistics, if any.
         error: The error, when ``status`` is ``error``.
         seed: The seed the server used.
-        chunks: Number of ``audio`` messages.
+        chunks: Number of ``audio`` messages of the live stream.
+        renditions: Complete alternative versions by name (``mbd``: the
+            Multi-Band Diffusion version), PCM in the same format.
     """
 
     id: str
@@ -76,6 +78,7 @@ class GenerationResult:
     error: WavecastError | None = None
     seed: int | None = None
     chunks: int = 0
+    renditions: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def frames(self) -> int:
@@ -84,12 +87,17 @@ class GenerationResult:
             return 0
         return len(self.pcm) // (BYTES_PER_SAMPLE[self.format] * self.channels)
 
-    def to_numpy(self) -> Any:
-        """The audio as a ``[frames, channels]`` numpy array (float32 or int16)."""
+    def to_numpy(self, rendition: str | None = None) -> Any:
+        """The audio as a ``[frames, channels]`` numpy array (float32 or int16).
+
+        Args:
+            rendition: ``None`` for the live stream, or a name in ``renditions``.
+        """
         import numpy as np
 
         dtype = "<f4" if self.format == "pcm_f32le" else "<i2"
-        return np.frombuffer(self.pcm, dtype=dtype).reshape(-1, max(1, self.channels))
+        data = self.pcm if rendition is None else self.renditions[rendition]
+        return np.frombuffer(data, dtype=dtype).reshape(-1, max(1, self.channels))
 
 
 @dataclass
@@ -132,8 +140,15 @@ class RequestStream:
         first_offset = 0
         pcm = bytearray()
         chunks = 0
+        renditions: dict[str, bytearray] = {}
         async for event in self:
-            if isinstance(event, Audio):
+            if isinstance(event, Audio) and event.rendition is not None:
+                version = renditions.setdefault(event.rendition, bytearray())
+                size = BYTES_PER_SAMPLE[event.format] * event.channels
+                if event.offset * size != len(version):
+                    raise RuntimeError(f"{event.rendition} chunk {event.seq} is not contiguous")
+                version += event.data
+            elif isinstance(event, Audio):
                 size = BYTES_PER_SAMPLE[event.format] * event.channels
                 if chunks == 0:
                     first_offset = event.offset
@@ -158,6 +173,7 @@ class RequestStream:
             error=error,
             seed=started.seed if started else None,
             chunks=chunks,
+            renditions={name: bytes(data) for name, data in renditions.items()},
         )
 
 

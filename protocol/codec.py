@@ -423,7 +423,12 @@ def _started(f: _Fields) -> Started:
 
 
 def _progress(f: _Fields) -> Progress:
-    return Progress(id=f.ident(), fraction=f.number("fraction"), seconds=f.number("seconds"))
+    return Progress(
+        id=f.ident(),
+        fraction=f.number("fraction"),
+        seconds=f.number("seconds"),
+        stage=f.string("stage", max_len=32, required=False),
+    )
 
 
 def _audio(f: _Fields) -> Audio:
@@ -435,6 +440,7 @@ def _audio(f: _Fields) -> Audio:
         channels=f.integer("channels", lo=1),
         format=f.choice("format", AUDIO_FORMATS),
         data=f.binary("data"),
+        rendition=f.string("rendition", max_len=32, required=False),
     )
 
 

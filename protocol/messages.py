@@ -224,12 +224,17 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """Generation progress: ``fraction`` in [0, 1], ``seconds`` generated (§4.4)."""
+    """Generation progress: ``fraction`` in [0, 1], ``seconds`` generated (§4.4).
+
+    ``stage`` is absent while the model generates, ``"mbd"`` while Multi-Band
+    Diffusion renders the final version; ``fraction`` counts within the stage.
+    """
 
     type: ClassVar[str] = "progress"
     id: str
     fraction: float
     seconds: float
+    stage: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +243,9 @@ class Audio:
 
     ``seq`` counts the request's chunks from 0 without gaps; ``offset`` is the
     index of the chunk's first sample frame in the whole stream; ``data`` holds
-    interleaved PCM in ``format``.
+    interleaved PCM in ``format``. ``rendition`` is absent for the live stream;
+    ``"mbd"`` marks a second, complete version of the clip (Multi-Band
+    Diffusion) with its own ``seq`` and ``offset`` counting from 0.
     """
 
     type: ClassVar[str] = "audio"
@@ -249,6 +256,7 @@ class Audio:
     channels: int
     format: AudioFormat
     data: bytes
+    rendition: str | None = None
 
     @property
     def frames(self) -> int:

@@ -60,6 +60,7 @@ class WavecastServer:
             chunk_frames=models.chunk_frames,
             max_duration=self.config.limits.max_duration,
             max_upload_seconds=self.config.limits.max_upload_seconds,
+            mbd=models.mbd,
         )
 
     @property

@@ -87,6 +87,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=ModelsConfig().chunk_frames,
         help="codec frames per audio chunk after the first",
     )
+    parser.add_argument(
+        "--mbd",
+        action="store_true",
+        default=_env("MBD", "") == "1",
+        help="load Multi-Band Diffusion (from the hub) so that requests may ask for mbd "
+        "(env WAVECAST_MBD=1)",
+    )
     parser.add_argument("--web-demo", type=Path, default=None, help="serve this folder at /")
     parser.add_argument(
         "--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text")
@@ -111,7 +118,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_upload_seconds=args.max_upload_seconds,
         ),
         timeouts=TimeoutsConfig(),
-        models=ModelsConfig(names=names, device=args.device, chunk_frames=args.chunk_frames),
+        models=ModelsConfig(
+            names=names, device=args.device, chunk_frames=args.chunk_frames, mbd=args.mbd
+        ),
         logging=LoggingConfig(format=args.log_format, file=args.log_file, level=args.log_level),
     )
 

@@ -36,7 +36,7 @@ from wavecast.protocol import (
 from wavecast.protocol.messages import AudioFormat, DoneStatus
 
 from .audio import to_pcm
-from .engines.base import Engine, EngineRequest, Job, StepOutput
+from .engines.base import Engine, EngineRequest, FloatAudio, Job, StepOutput
 
 __all__ = ["Request", "Scheduler"]
 
@@ -67,6 +67,7 @@ class Request:
     seq: int = 0
     samples: int = 0
     last_fraction: float = -1.0
+    stage: str | None = None
 
     def cancel(self, error: WavecastError | None = None) -> None:
         """Ask for the request to stop; ``error`` makes it end in ``error``."""
@@ -316,15 +317,44 @@ class Scheduler:
             )
             request.seq += 1
             request.samples += int(output.audio.shape[0])
+        if output.stage != request.stage:
+            request.stage = output.stage
+            request.last_fraction = -1.0
         if output.done or output.fraction - request.last_fraction >= 0.01:
             request.last_fraction = output.fraction
             self._emit(
                 request,
-                Progress(id=request.id, fraction=output.fraction, seconds=round(output.seconds, 4)),
+                Progress(
+                    id=request.id,
+                    fraction=output.fraction,
+                    seconds=round(output.seconds, 4),
+                    stage=output.stage,
+                ),
             )
+        if output.rendition is not None:
+            self._emit_rendition(request, output.rendition, "mbd")
         if output.done:
             self._release(request)
             self._finish(request, "completed")
+
+    def _emit_rendition(self, request: Request, audio: FloatAudio, name: str) -> None:
+        """A complete alternative version of the clip, in chunks of at most a second."""
+        info = self._engines[request.model].info
+        step = info.sample_rate
+        for seq, start in enumerate(range(0, audio.shape[0], step)):
+            self._emit(
+                request,
+                Audio(
+                    id=request.id,
+                    seq=seq,
+                    offset=start,
+                    sample_rate=info.sample_rate,
+                    channels=info.channels,
+                    format=request.format,
+                    data=to_pcm(audio[start : start + step], request.format),
+                    rendition=name,
+                ),
+            )
 
     def _release(self, request: Request) -> None:
         with self._cond:

@@ -72,3 +72,16 @@ async def run_cli(*args: str, interrupt_after: str | None = None) -> tuple[int, 
             process.send_signal(signal.SIGINT)
             interrupt_after = None
     return await asyncio.wait_for(process.wait(), timeout(30)), "".join(output)
+
+
+_STEREO: dict[str, Any] = {}
+
+
+def with_stereo() -> Mapping[str, Any]:
+    """tiny-musicgen, -stereo and -melody, built once."""
+    if not _STEREO:
+        from wavecast.server.engines import load_engines
+
+        _STEREO.update(tiny_engines())
+        _STEREO.update(load_engines(["tiny-musicgen-stereo", "tiny-musicgen-melody"], "cpu"))
+    return _STEREO

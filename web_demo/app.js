@@ -91,6 +91,7 @@ class Card {
     this.firstAudioAt = null;
     this.node = null;
     this.pending = []; // chunks that arrived before the worklet was ready
+    this.renditions = {}; // name -> Float32Array chunks
     this.ended = false;
     this.peakX = 0;
 
@@ -152,6 +153,11 @@ class Card {
   }
 
   onAudio(message) {
+    if (message.rendition) {
+      // A complete second version (Multi-Band Diffusion), offered once it is whole.
+      (this.renditions[message.rendition] ??= []).push(pcmToFloat32(message));
+      return;
+    }
     if (this.firstAudioAt === null) this.firstAudioAt = performance.now();
     const samples = pcmToFloat32(message);
     this.chunks.push(samples);
@@ -163,6 +169,10 @@ class Card {
   }
 
   onProgress(message) {
+    if (message.stage === "mbd") {
+      this.setStatus("generating", `rendering MBD ${Math.round(message.fraction * 100)}%`);
+      return;
+    }
     const pct = Math.round(message.fraction * 100);
     const progress = $(".progress", this.el);
     progress.setAttribute("aria-valuenow", String(pct));
@@ -212,11 +222,34 @@ class Card {
   }
 
   finishClip() {
-    const total = this.chunks.reduce((n, c) => n + c.length, 0);
-    const all = new Float32Array(total);
-    let at = 0;
-    for (const c of this.chunks) { all.set(c, at); at += c.length; }
+    const join = (chunks) => {
+      const all = new Float32Array(chunks.reduce((n, c) => n + c.length, 0));
+      let at = 0;
+      for (const c of chunks) { all.set(c, at); at += c.length; }
+      return all;
+    };
+    const all = join(this.chunks);
     this.clip = all;
+    if (this.renditions.mbd) {
+      const mbd = join(this.renditions.mbd);
+      this.mbdFrames = mbd.length / this.channels;
+      const url = URL.createObjectURL(encodeWav(mbd, this.sampleRate, this.channels));
+      const box = document.createElement("div");
+      box.className = "rendition";
+      box.innerHTML = '<span class="badge">Multi-Band Diffusion</span>';
+      const player = document.createElement("audio");
+      player.controls = true;
+      player.src = url;
+      player.className = "clip-mbd";
+      player.addEventListener("play", () => this.stopPlayback());
+      const link = document.createElement("a");
+      link.href = url;
+      link.download = `wavecast-${this.id}-mbd.wav`;
+      link.className = "download-mbd";
+      link.textContent = "Download MBD WAV";
+      box.append(player, link);
+      $(".card-actions", this.el).after(box);
+    }
     const blob = encodeWav(all, this.sampleRate, this.channels);
     const url = URL.createObjectURL(blob);
     const audio = $(".clip", this.el);

@@ -40,10 +40,16 @@ def load_engines(
     chunk_frames: int = 10,
     max_duration: float = 300.0,
     max_upload_seconds: float = 60.0,
+    mbd: bool = False,
 ) -> dict[str, Engine]:
-    """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``)."""
+    """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``).
+
+    Test models come with a tiny Multi-Band Diffusion; with ``mbd``, the released
+    one (from the hub) serves the released mono 32 kHz models.
+    """
     import torch
 
+    from .mbd import build_tiny_mbd, load_mbd_musicgen
     from .musicgen import MusicGenEngine, StreamSettings, load_musicgen
     from .tiny import TINY_MUSICGEN
 
@@ -51,6 +57,7 @@ def load_engines(
     resolved = resolve_device(device)
     stream = StreamSettings(left_context, holdback, first_frames, chunk_frames)
     engines: dict[str, Engine] = {}
+    shared_mbd = None
     for name in names:
         log.info("loading %s on %s", name, resolved)
         try:
@@ -64,6 +71,20 @@ def load_engines(
                 f"without network access, try the offline test model: "
                 f"wavecast serve --model {TINY_MUSICGEN}"
             ) from exc
+        diffusion = None
+        mono_32k = int(model.audio_channels) == 1 and int(model.sample_rate) == 32000
+        if mono_32k and test_model:
+            diffusion = build_tiny_mbd(model.compression_model, device=resolved)
+        elif mono_32k and mbd:
+            if shared_mbd is None:
+                try:
+                    shared_mbd = load_mbd_musicgen(resolved)
+                except Exception as exc:
+                    raise ModelLoadError(
+                        f"could not load Multi-Band Diffusion ({type(exc).__name__}); "
+                        "serve without --mbd, or with network access to the model hub"
+                    ) from exc
+            diffusion = shared_mbd
         engines[name] = MusicGenEngine(
             model,
             name=name,
@@ -71,6 +92,7 @@ def load_engines(
             stream=stream,
             max_duration=max_duration,
             max_upload_seconds=max_upload_seconds,
+            mbd=diffusion,
         )
         if test_model:
             log.warning("%s is a random-weight test model: it makes noise", name)

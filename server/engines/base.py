@@ -40,12 +40,16 @@ class StepOutput:
         fraction: Progress in [0, 1].
         seconds: Seconds of audio generated so far (tokens, not yet all decoded).
         done: The job is finished; ``audio`` holds its last samples.
+        stage: ``None`` while generating, ``"mbd"`` while diffusion renders.
+        rendition: The whole Multi-Band Diffusion version, on its last step.
     """
 
     audio: FloatAudio | None
     fraction: float
     seconds: float
     done: bool = False
+    stage: str | None = None  # None: generating; "mbd": rendering the diffusion version
+    rendition: FloatAudio | None = None  # the complete "mbd" version, when ready
 
 
 @dataclass(slots=True)

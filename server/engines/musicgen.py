@@ -38,6 +38,7 @@ from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
 
 from .base import EngineRequest, FloatAudio, Job, StepOutput
 from .codec_stream import StreamDecoder
+from .mbd import MBDRun
 from .tiny import (
     RANDOM_MUSICGEN_SCALES,
     TINY_MUSICGEN,
@@ -181,6 +182,10 @@ class _MusicGenJob:
     attributes: list[Any] = field(default_factory=list)  # audiocraft ConditioningAttributes
     melody: Any = None  # the reference clip's WavCondition (melody models)
     py_random: Any = None  # state of Python's `random` for this request (Demucs' shifts)
+    seed: int = 0
+    mbd: bool = False  # render a Multi-Band Diffusion version once the codes are known
+    mbd_run: MBDRun | None = None
+    skip_frames: int = 0  # prompt frames not streamed (continuation without include_prompt)
     pending_audio: FloatAudio | None = None  # the prompt's audio, with include_prompt
 
 
@@ -195,6 +200,8 @@ class MusicGenEngine:
             generated in windows (long form). Default: the model's window.
         stream: Geometry of the exact incremental decoder.
         max_upload_seconds: Longest uploaded clip accepted.
+        mbd: An audiocraft ``MultiBandDiffusion`` over this model's codec, to
+            offer the ``mbd`` parameter.
     """
 
     family = "musicgen"
@@ -208,8 +215,10 @@ class MusicGenEngine:
         max_duration: float | None = None,
         stream: StreamSettings | None = None,
         max_upload_seconds: float = 60.0,
+        mbd: Any = None,
     ) -> None:
         self.model = model
+        self.mbd = mbd
         self.name = name
         self.lm = model.lm
         self.test_model = test_model
@@ -280,6 +289,16 @@ class MusicGenEngine:
                 description="with continuation: stream the prompt's audio too",
             ),
         ]
+        if mbd is not None:
+            params.append(
+                ParamSpec(
+                    "mbd",
+                    "bool",
+                    False,
+                    description="also render a Multi-Band Diffusion version (higher quality, "
+                    "sent when generation ends)",
+                )
+            )
         capabilities = ["text", "continuation"]
         if long_form:
             stride = min(18.0, round(self.window * 0.6, 3))
@@ -299,6 +318,8 @@ class MusicGenEngine:
             capabilities.insert(1, "melody")
         if int(model.audio_channels) == 2:
             capabilities.append("stereo")
+        if mbd is not None:
+            capabilities.append("mbd")
         self._params = tuple(params)
         label = (
             "random-weight test model, makes noise"
@@ -430,6 +451,8 @@ class MusicGenEngine:
             attributes=attributes,
             melody=melody,
             py_random=py_random,
+            seed=seed,
+            mbd=bool(params.get("mbd")) and self.mbd is not None,
         )
         if prompt is not None:
             job.codes.append(prompt)
@@ -437,6 +460,7 @@ class MusicGenEngine:
                 job.pending_audio = decoder.push(prompt)
             else:
                 decoder.prime(prompt)
+                job.skip_frames = first_prompt_len
         return Job(request=request, state=job, extra={"seed": seed})
 
     def _melody_wav(self, data: bytes) -> torch.Tensor:
@@ -553,8 +577,27 @@ class MusicGenEngine:
                 module._streaming_state = {}
                 module._is_streaming = False
 
+    def _step_mbd(self, job: Job, run: MBDRun) -> StepOutput:
+        st: _MusicGenJob = job.state
+        job.steps += 1
+        wav = run.step()
+        rendition = None
+        if wav is not None:
+            audio = wav[0].transpose(0, 1)[st.skip_frames * self.hop :]
+            rendition = np.ascontiguousarray(audio.float().cpu().numpy(), dtype=np.float32)
+        return StepOutput(
+            audio=None,
+            fraction=run.fraction,
+            seconds=st.produced / self.frame_rate,
+            done=wav is not None,
+            stage="mbd",
+            rendition=rendition,
+        )
+
     def _step_one(self, job: Job) -> StepOutput:
         st: _MusicGenJob = job.state
+        if st.mbd_run is not None:
+            return self._step_mbd(job, st.mbd_run)
         win = st.window
         lm = self.lm
         offset = win.offset
@@ -608,6 +651,14 @@ class MusicGenEngine:
                 if tail is not None:
                     pieces.append(tail)
         audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        if done and st.mbd:
+            # The live stream is complete; the diffusion version follows, step by step.
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(st.seed)
+            st.mbd_run = MBDRun(self.mbd, torch.cat(st.codes, dim=-1), generator)
+            return StepOutput(
+                audio=audio, fraction=1.0, seconds=st.produced / self.frame_rate, done=False
+            )
         target = st.total_len - st.first_prompt_len
         fraction = 1.0 if done else min(0.999, st.produced / target) if target > 0 else 0.0
         return StepOutput(

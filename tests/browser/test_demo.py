@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import soundfile
-from helpers import make_config, running_server, timeout
+from helpers import make_config, running_server, timeout, with_stereo
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -274,9 +274,23 @@ async def test_record_from_the_microphone(browser: Any, server: Any) -> None:
     assert 0 < done["frames"] < 3 * 32000
 
 
+async def test_mbd_version_is_offered(browser: Any, server: Any) -> None:
+    page = await open_page(browser, server)
+    await page.check("#param-mbd")
+    rid = await generate(page, "polish it", 1)
+    await page.wait_for_function(
+        "(id) => window.wavecast.cards.get(id).status === 'completed'",
+        arg=rid,
+        timeout=timeout(60) * MS,
+    )
+    frames = await page.evaluate("(id) => window.wavecast.cards.get(id).mbdFrames", rid)
+    assert frames == 32000
+    assert await page.is_visible("#cards article:first-child .clip-mbd")
+    assert await page.get_attribute("#cards article:first-child .download-mbd", "download")
+
+
 async def test_melody_picker_only_for_melody_models(browser: Any, tmp_path: Path) -> None:
     import numpy as np
-    from test_features import with_stereo
 
     source = tmp_path / "hum.wav"
     soundfile.write(str(source), (0.2 * np.random.default_rng(0).standard_normal(22050)), 22050)

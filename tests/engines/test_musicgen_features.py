@@ -233,3 +233,55 @@ def test_bad_melody_upload(melodic: Any) -> None:
     with pytest.raises(InvalidField) as info:
         engine.prepare(EngineRequest("t", "x", params, {"melody": b"\x00" * 100}))
     assert info.value.field == "inputs.melody"
+
+
+def test_mbd_rendition_equals_tokens_to_wav(windowed: Any) -> None:
+    """The stepped diffusion is audiocraft's MultiBandDiffusion.tokens_to_wav."""
+    from wavecast.server.engines.mbd import MBD_STEPS, build_tiny_mbd
+
+    model, _ = windowed
+    mbd = build_tiny_mbd(model.compression_model)
+    engine = MusicGenEngine(model, name="m", test_model=True, max_duration=12.0, mbd=mbd)
+    assert "mbd" in engine.info.capabilities
+    resolved = resolve_params(
+        engine.info.params, {"duration": 3.0, "seed": 21, "mbd": True, "extend_stride": 1.0}
+    )
+    job = engine.prepare(EngineRequest("t", "x", resolved))
+    live, stages, rendition = [], [], None
+    while True:
+        out = engine.step([job])[0]
+        stages.append(out.stage)
+        if out.audio is not None:
+            live.append(out.audio)
+        if out.rendition is not None:
+            rendition = out.rendition
+        if out.done:
+            break
+    codes = engine.codes_of(job)
+    torch.manual_seed(21)
+    expected = mbd.tokens_to_wav(codes)[0].transpose(0, 1).numpy()
+    assert rendition is not None and rendition.shape == expected.shape == (150 * HOP, 1)
+    assert np.array_equal(rendition, expected)
+    # the live stream came first and is whole; diffusion steps followed, one per call
+    assert np.concatenate(live).shape == (150 * HOP, 1)
+    assert stages.count("mbd") == len(mbd.DPs) * (len(MBD_STEPS) - 1)
+    assert stages[-1] == "mbd" and stages[0] is None
+
+
+def test_mbd_follows_the_streamed_span_of_a_continuation(windowed: Any) -> None:
+    from wavecast.server.engines.mbd import build_tiny_mbd
+
+    model, _ = windowed
+    engine = MusicGenEngine(
+        model,
+        name="m",
+        test_model=True,
+        max_duration=12.0,
+        mbd=build_tiny_mbd(model.compression_model),
+    )
+    clip = wav_bytes((0.2 * np.ones((16000, 1))).astype(np.float32), 16000)
+    resolved = resolve_params(engine.info.params, {"duration": 2.0, "mbd": True})
+    job = engine.prepare(EngineRequest("t", "x", resolved, {"continuation": clip}))
+    while not (out := engine.step([job])[0]).done:
+        pass
+    assert out.rendition is not None and out.rendition.shape == (50 * HOP, 1)  # prompt cut

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile
-from helpers import make_config, run_cli, running_server, tiny_engines
+from helpers import make_config, run_cli, running_server, with_stereo
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Progress
-from wavecast.server.engines import load_engines
 
 HOP = 640
-_STEREO: dict[str, Any] = {}
-
-
-def with_stereo() -> Mapping[str, Any]:
-    """tiny-musicgen, -stereo and -melody, built once."""
-    if not _STEREO:
-        _STEREO.update(tiny_engines())
-        _STEREO.update(load_engines(["tiny-musicgen-stereo", "tiny-musicgen-melody"], "cpu"))
-    return _STEREO
 
 
 def clip_bytes(seconds: float, rate: int = 22050, fmt: str = "WAV") -> bytes:
@@ -40,8 +29,9 @@ async def test_greeting_declares_capabilities() -> None:
     async with running_server(factory=with_stereo) as srv, connect(srv.url) as client:
         mono = client.models["tiny-musicgen"]
         stereo = client.models["tiny-musicgen-stereo"]
-        assert set(mono.capabilities) == {"text", "continuation", "long_form"}
+        assert set(mono.capabilities) == {"text", "continuation", "long_form", "mbd"}
         assert "stereo" in stereo.capabilities and stereo.channels == 2
+        assert "mbd" not in stereo.capabilities  # the released MBD is for mono 32 kHz
         assert client.hello.limits.max_upload_bytes == 16 << 20
         assert "extend_stride" in [p.name for p in mono.params]
 
@@ -187,3 +177,27 @@ async def test_cli_continue_flag(server: Any, tmp_path: Path) -> None:
     )
     assert code == 0, output
     assert soundfile.info(str(out)).frames == 100 * HOP
+
+
+async def test_mbd_rendition_and_cancel_during_diffusion(server: Any, tmp_path: Path) -> None:
+    async with connect(server.url) as client:
+        result = await (
+            await client.generate("tiny-musicgen", "x", duration=2.0, mbd=True, seed=1)
+        ).collect()
+        assert result.status == "completed" and result.frames == 100 * HOP
+        assert result.to_numpy("mbd").shape == (100 * HOP, 1)
+        # cancel while the diffusion runs: the request ends within a step
+        stream = await client.generate("tiny-musicgen", "x", duration=8.0, mbd=True)
+        async for event in stream:
+            if isinstance(event, Progress) and event.stage == "mbd":
+                await stream.cancel()
+        assert stream.done is not None and stream.done.status == "cancelled"
+    await server.scheduler.wait_idle(5.0)
+    out = tmp_path / "clip.wav"
+    code, output = await run_cli(
+        "generate", "--url", server.url, "--duration", "1", "--mbd", "-o", str(out), "x"
+    )
+    assert code == 0, output
+    assert "Multi-Band Diffusion" in output
+    assert soundfile.info(str(out)).frames == 50 * HOP
+    assert soundfile.info(str(tmp_path / "clip.encodec.wav")).frames == 50 * HOP

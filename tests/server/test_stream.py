@@ -51,6 +51,7 @@ async def test_greeting_lists_the_test_model(server: Any) -> None:
             "cfg_coef",
             "seed",
             "include_prompt",
+            "mbd",
             "extend_stride",
         ]
         assert client.hello.limits.max_queue == 32

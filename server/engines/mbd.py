@@ -1,0 +1,158 @@
+"""Multi-Band Diffusion (audiocraft) as resumable steps.
+
+``MultiBandDiffusion.tokens_to_wav`` runs every band's whole reverse diffusion
+in one call. Here the same computation (``NoiseSchedule.generate_subsampled``
+for each band, then ``re_eq`` against the EnCodec decode) advances one
+diffusion step per call, so the scheduler can interleave it with other
+requests and cancel it between two steps. Noise comes from the request's own
+generator, drawn in the same order as audiocraft draws from the global one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from audiocraft.models import builders
+from audiocraft.models.multibanddiffusion import DiffusionProcess, MultiBandDiffusion
+from audiocraft.modules.diffusion_schedule import NoiseSchedule, betas_from_alpha_bar
+from omegaconf import OmegaConf
+
+__all__ = ["MBD_STEPS", "MBDRun", "build_tiny_mbd", "load_mbd_musicgen"]
+
+# audiocraft's default sub-sampled chain: 1000 -> 0 in strides of 50.
+MBD_STEPS: list[int] = [*list(range(1000))[::-50], 0]
+
+# Shaped like facebook/multiband-diffusion's mbd_musicgen_32khz bands, scaled down.
+_TINY_BAND_CFG: dict[str, Any] = {
+    "channels": 1,
+    "schedule": {
+        "beta_t0": 1.0e-5,
+        "beta_t1": 2.5e-2,
+        "beta_exp": 7.5,
+        "num_steps": 1000,
+        "variance": "beta",
+        "clip": 5.0,
+        "rescale": 1.0,
+        "repartition": "power",
+        "noise_scale": 1.0,
+    },
+    "diffusion_unet": {
+        "hidden": 4,
+        "depth": 2,
+        "growth": 2.0,
+        "max_channels": 64,
+        "emb_all_layers": False,
+        "cross_attention": False,
+        "bilstm": False,
+        "transformer": False,
+        "codec_dim": None,
+    },
+    "processor": {
+        "use": True,
+        "name": "multi_band_processor",
+        "n_bands": 4,
+        "num_samples": 10000,
+        "power_std": 1.0,
+    },
+}
+
+
+def build_tiny_mbd(codec_model: Any, device: str = "cpu", seed: int = 0, bands: int = 4) -> Any:
+    """MBD for a (tiny) MusicGen: ``bands`` random-weight diffusion U-Nets built from
+    a config shaped like the released one, over the model's own EnCodec."""
+    DPs = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(bands):
+            cfg = OmegaConf.create(_TINY_BAND_CFG)
+            cfg.diffusion_unet.codec_dim = int(codec_model.quantizer.dimension)
+            model = builders.get_diffusion_model(cfg).to(device).eval()
+            processor = builders.get_processor(cfg.processor, sample_rate=codec_model.sample_rate)
+            # Statistics as if fitted (the released ones are in its checkpoint): zero mean,
+            # audio bands with std 0.1 mapped to unit-variance noise.
+            processor.counts.fill_(processor.num_samples)
+            processor.sum_x2.fill_(processor.num_samples * 0.01)
+            processor.sum_target_x2.fill_(processor.num_samples)
+            processor = processor.to(device)
+            schedule_cfg = dict(OmegaConf.to_container(cfg.schedule))
+            schedule = NoiseSchedule(**schedule_cfg, sample_processor=processor, device=device)
+            DPs.append(DiffusionProcess(model=model, noise_schedule=schedule))
+    return MultiBandDiffusion(DPs=DPs, codec_model=codec_model)
+
+
+def load_mbd_musicgen(device: str) -> Any:
+    """The released MBD for MusicGen (from the hub)."""
+    return MultiBandDiffusion.get_mbd_musicgen(device=device)
+
+
+class MBDRun:
+    """One ``tokens_to_wav`` computation, one diffusion step at a time."""
+
+    def __init__(self, mbd: Any, tokens: torch.Tensor, generator: torch.Generator) -> None:
+        self.mbd = mbd
+        self.generator = generator
+        self.reference = mbd.codec_model.decode(tokens)  # EnCodec decode, for re_eq
+        self.condition = mbd.get_emb(tokens)
+        self.out = torch.zeros(self.reference.size(), device=mbd.device)
+        self.band = -1
+        self.index = 0
+        self.total = len(mbd.DPs) * (len(MBD_STEPS) - 1)
+        self.done_steps = 0
+        self._next_band()
+
+    @property
+    def fraction(self) -> float:
+        return self.done_steps / self.total
+
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(
+            like.shape, generator=self.generator, device=like.device, dtype=like.dtype
+        )
+
+    def _next_band(self) -> None:
+        self.band += 1
+        self.index = 0
+        if self.band >= len(self.mbd.DPs):
+            return
+        schedule: NoiseSchedule = self.mbd.DPs[self.band].schedule
+        self.alpha_bar = schedule.get_alpha_bar(step=schedule.num_steps - 1)
+        subsampled = (1 - schedule.betas).cumprod(dim=0)[list(reversed(MBD_STEPS))].cpu()
+        self.betas = betas_from_alpha_bar(subsampled)
+        self.current = self._noise(self.out) * schedule.noise_scale
+
+    def step(self) -> torch.Tensor | None:
+        """One reverse-diffusion step; at the very end, the equalised waveform."""
+        process = self.mbd.DPs[self.band]
+        schedule: NoiseSchedule = process.schedule
+        idx, step = self.index, MBD_STEPS[self.index]
+        with torch.no_grad():
+            estimate = process.model(self.current, step, condition=self.condition).sample
+            estimate = estimate * schedule.noise_scale
+        alpha = 1 - self.betas[-1 - idx]
+        previous = (
+            self.current - (1 - alpha) / (1 - self.alpha_bar).sqrt() * estimate
+        ) / alpha.sqrt()
+        previous_alpha_bar = schedule.get_alpha_bar(MBD_STEPS[idx + 1])
+        if step == MBD_STEPS[-2]:
+            sigma2: Any = 0
+            previous_alpha_bar = torch.tensor(1.0)
+        else:
+            sigma2 = (1 - previous_alpha_bar) / (1 - self.alpha_bar) * (1 - alpha)
+        if sigma2 > 0:
+            previous += sigma2**0.5 * self._noise(previous) * schedule.noise_scale
+        if schedule.clip:
+            previous = previous.clamp(-schedule.clip, schedule.clip)
+        self.current = previous
+        self.alpha_bar = previous_alpha_bar
+        if step == 0:
+            previous *= schedule.rescale
+        self.index += 1
+        self.done_steps += 1
+        if self.index == len(MBD_STEPS) - 1:
+            self.out += schedule.sample_processor.return_sample(previous)
+            self._next_band()
+            if self.band >= len(self.mbd.DPs):
+                result: torch.Tensor = self.mbd.re_eq(wav=self.out, ref=self.reference)
+                return result
+        return None
