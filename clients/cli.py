@@ -126,28 +126,12 @@ async def _generate(args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(signal.SIGINT)
         done = stream.done
         assert isinstance(done, Done)
-        result = GenerationResult(
-            stream.id,
-            done.status,
-            bytes(pcm),
-            sample_rate,
-            channels,
-            args.format,
-            done.stats,
-            None,
-            seed,
-        )
-        if done.status == "error" and done.error is not None:
-            bar.message(f"error: {done.error.code}: {done.error.message}")
-            return 1
-        outputs = [(args.output, result)]
-        if mbd_pcm:
-            # -o gets the diffusion version; the live (EnCodec) one goes beside it.
-            live_path = args.output.with_suffix(".encodec.wav")
-            mbd = GenerationResult(
+
+        def clip(data: bytearray) -> GenerationResult:
+            return GenerationResult(
                 stream.id,
                 done.status,
-                bytes(mbd_pcm),
+                bytes(data),
                 sample_rate,
                 channels,
                 args.format,
@@ -155,12 +139,21 @@ async def _generate(args: argparse.Namespace) -> int:
                 None,
                 seed,
             )
-            outputs = [(args.output, mbd), (live_path, result)]
-        for path, clip in outputs:
-            if clip.frames:
-                _write_wav(path, clip)
+
+        result = clip(pcm)
+        if done.status == "error" and done.error is not None:
+            bar.message(f"error: {done.error.code}: {done.error.message}")
+            return 1
+        outputs = [(args.output, result)]
+        if mbd_pcm:
+            # -o gets the diffusion version; the live (EnCodec) one goes beside it.
+            live_path = args.output.with_suffix(".encodec.wav")
+            outputs = [(args.output, clip(mbd_pcm)), (live_path, result)]
+        for path, version in outputs:
+            if version.frames:
+                _write_wav(path, version)
                 bar.message(
-                    f"wrote {path} ({clip.frames / sample_rate:.2f} s, "
+                    f"wrote {path} ({version.frames / sample_rate:.2f} s, "
                     f"{sample_rate} Hz, {channels} ch, seed {seed})"
                 )
         if done.stats is not None:

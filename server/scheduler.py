@@ -298,23 +298,11 @@ class Scheduler:
                 self._deliver(request, output)
 
     def _deliver(self, request: Request, output: StepOutput) -> None:
-        info = self._engines[request.model].info
         now = time.perf_counter()
         if output.audio is not None and output.audio.shape[0] > 0:
             if request.first_audio_at is None:
                 request.first_audio_at = now
-            self._emit(
-                request,
-                Audio(
-                    id=request.id,
-                    seq=request.seq,
-                    offset=request.samples,
-                    sample_rate=info.sample_rate,
-                    channels=info.channels,
-                    format=request.format,
-                    data=to_pcm(output.audio, request.format),
-                ),
-            )
+            self._emit(request, self._audio(request, request.seq, request.samples, output.audio))
             request.seq += 1
             request.samples += int(output.audio.shape[0])
         if output.stage != request.stage:
@@ -339,22 +327,30 @@ class Scheduler:
 
     def _emit_rendition(self, request: Request, audio: FloatAudio, name: str) -> None:
         """A complete alternative version of the clip, in chunks of at most a second."""
-        info = self._engines[request.model].info
-        step = info.sample_rate
+        step = self._engines[request.model].info.sample_rate
         for seq, start in enumerate(range(0, audio.shape[0], step)):
-            self._emit(
-                request,
-                Audio(
-                    id=request.id,
-                    seq=seq,
-                    offset=start,
-                    sample_rate=info.sample_rate,
-                    channels=info.channels,
-                    format=request.format,
-                    data=to_pcm(audio[start : start + step], request.format),
-                    rendition=name,
-                ),
-            )
+            chunk = audio[start : start + step]
+            self._emit(request, self._audio(request, seq, start, chunk, rendition=name))
+
+    def _audio(
+        self,
+        request: Request,
+        seq: int,
+        offset: int,
+        audio: FloatAudio,
+        rendition: str | None = None,
+    ) -> Audio:
+        info = self._engines[request.model].info
+        return Audio(
+            id=request.id,
+            seq=seq,
+            offset=offset,
+            sample_rate=info.sample_rate,
+            channels=info.channels,
+            format=request.format,
+            data=to_pcm(audio, request.format),
+            rendition=rendition,
+        )
 
     def _release(self, request: Request) -> None:
         with self._cond:
