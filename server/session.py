@@ -54,6 +54,8 @@ from .scheduler import Request, Scheduler
 __all__ = ["Session"]
 
 UPLOAD_ROLES = ("continuation", "melody")
+# Parameters that belong to a capability: asking a model without it is `unsupported`.
+FEATURE_PARAMS = {"mbd": "mbd", "extend_stride": "long_form", "include_prompt": "continuation"}
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -197,6 +199,15 @@ class Session:
                     id=message.id,
                 )
             info = models[message.model]
+            for name in message.params:
+                needs = FEATURE_PARAMS.get(name)
+                if needs is not None and needs not in info.capabilities:
+                    raise Unsupported(
+                        f"{message.model} does not support {name!r} "
+                        f"(its capabilities: {', '.join(info.capabilities)})",
+                        field=f"params.{name}",
+                        id=message.id,
+                    )
             params = resolve_params(info.params, message.params, request_id=message.id)
             inputs = message.inputs or {}
             for role, data in inputs.items():

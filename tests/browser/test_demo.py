@@ -174,6 +174,26 @@ async def test_server_errors_are_shown(browser: Any) -> None:
         )
 
 
+async def test_reconnects_after_the_connection_drops(browser: Any, server: Any) -> None:
+    page = await open_page(browser, server)
+    for session in list(server.sessions):
+        await session.ws.close(1012, "restart")
+    await page.wait_for_function(
+        "document.querySelector('#conn').dataset.state === 'disconnected'",
+        timeout=timeout(10) * MS,
+    )
+    assert "reconnecting" in await page.text_content("#conn-text")
+    await page.wait_for_function(
+        "document.querySelector('#conn').dataset.state === 'open'", timeout=timeout(20) * MS
+    )
+    rid = await generate(page, "after the reconnect", 1)
+    await page.wait_for_function(
+        "(id) => window.wavecast.cards.get(id).status === 'completed'",
+        arg=rid,
+        timeout=timeout(30) * MS,
+    )
+
+
 async def test_phone_sized_screen_and_keyboard(browser: Any, server: Any) -> None:
     page = await open_page(
         browser, server, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True

@@ -201,3 +201,12 @@ async def test_mbd_rendition_and_cancel_during_diffusion(server: Any, tmp_path: 
     assert "Multi-Band Diffusion" in output
     assert soundfile.info(str(out)).frames == 50 * HOP
     assert soundfile.info(str(tmp_path / "clip.encodec.wav")).frames == 50 * HOP
+
+
+async def test_features_a_model_lacks_are_unsupported() -> None:
+    async with running_server(factory=with_stereo) as srv, connect(srv.url) as client:
+        result = await (
+            await client.generate("tiny-musicgen-stereo", "x", duration=1.0, mbd=True)
+        ).collect()
+    assert result.error is not None
+    assert (result.error.code, result.error.field) == ("unsupported", "params.mbd")
