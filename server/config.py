@@ -55,7 +55,7 @@ class TimeoutsConfig:
 class ModelsConfig:
     names: tuple[str, ...] = (DEFAULT_MODEL,)
     device: str = "auto"
-    mbd: bool = False  # load Multi-Band Diffusion for the released mono models
+    mbd: bool = False  # load the released Multi-Band Diffusion for the 32 kHz models
     # Exact streaming geometry (frames of codes): see engines/codec_stream.py.
     left_context_frames: int = 25
     holdback_frames: int = 4

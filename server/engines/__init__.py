@@ -45,7 +45,7 @@ def load_engines(
     """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``).
 
     Test models come with a tiny Multi-Band Diffusion; with ``mbd``, the released
-    one (from the hub) serves the released mono 32 kHz models.
+    one (from the hub) serves the released 32 kHz models, mono and stereo.
     """
     import torch
 
@@ -72,10 +72,13 @@ def load_engines(
                 f"wavecast serve --model {TINY_MUSICGEN}"
             ) from exc
         diffusion = None
-        mono_32k = int(model.audio_channels) == 1 and int(model.sample_rate) == 32000
-        if mono_32k and test_model:
-            diffusion = build_tiny_mbd(model.compression_model, device=resolved)
-        elif mono_32k and mbd:
+        # The released MBD decodes musicgen's 32 kHz EnCodec codes (each channel of a
+        # stereo model separately, as audiocraft's demo does).
+        codec = getattr(model.compression_model, "model", model.compression_model)
+        at_32k = int(model.sample_rate) == 32000
+        if at_32k and test_model:
+            diffusion = build_tiny_mbd(codec, device=resolved)
+        elif at_32k and mbd:
             if shared_mbd is None:
                 try:
                     shared_mbd = load_mbd_musicgen(resolved)

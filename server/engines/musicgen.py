@@ -583,7 +583,8 @@ class MusicGenEngine:
         wav = run.step()
         rendition = None
         if wav is not None:
-            audio = wav[0].transpose(0, 1)[st.skip_frames * self.hop :]
+            # [channels (batch), 1, T] for stereo; [1, 1, T] for mono -> [T, channels]
+            audio = wav[:, 0].transpose(0, 1)[st.skip_frames * self.hop :]
             rendition = np.ascontiguousarray(audio.float().cpu().numpy(), dtype=np.float32)
         return StepOutput(
             audio=None,
@@ -655,7 +656,13 @@ class MusicGenEngine:
             # The live stream is complete; the diffusion version follows, step by step.
             generator = torch.Generator(device=self.device)
             generator.manual_seed(st.seed)
-            st.mbd_run = MBDRun(self.mbd, torch.cat(st.codes, dim=-1), generator)
+            codes = torch.cat(st.codes, dim=-1)
+            if int(self.model.audio_channels) == 2:
+                # As audiocraft's MusicGen demo: each channel's codes through the
+                # mono MBD, as a batch of two.
+                left, right = self.model.compression_model.get_left_right_codes(codes)
+                codes = torch.cat([left, right])
+            st.mbd_run = MBDRun(self.mbd, codes, generator)
             return StepOutput(
                 audio=audio, fraction=1.0, seconds=st.produced / self.frame_rate, done=False
             )

@@ -285,3 +285,22 @@ def test_mbd_follows_the_streamed_span_of_a_continuation(windowed: Any) -> None:
     while not (out := engine.step([job])[0]).done:
         pass
     assert out.rendition is not None and out.rendition.shape == (50 * HOP, 1)  # prompt cut
+
+
+def test_mbd_for_stereo_renders_each_channel(stereo: Any) -> None:
+    """Left and right codes through the mono MBD as a batch, as audiocraft's demo does."""
+    from wavecast.server.engines.mbd import build_tiny_mbd
+
+    model, _ = stereo
+    mbd = build_tiny_mbd(model.compression_model.model)
+    engine = MusicGenEngine(model, name="s", test_model=True, mbd=mbd)
+    resolved = resolve_params(engine.info.params, {"duration": 1.0, "seed": 4, "mbd": True})
+    job = engine.prepare(EngineRequest("t", "x", resolved))
+    while not (out := engine.step([job])[0]).done:
+        pass
+    left, right = model.compression_model.get_left_right_codes(engine.codes_of(job))
+    torch.manual_seed(4)
+    both = mbd.tokens_to_wav(torch.cat([left, right]))  # [2, 1, T]
+    expected = both[:, 0].transpose(0, 1).numpy()
+    assert out.rendition is not None and out.rendition.shape == (50 * HOP, 2)
+    assert np.array_equal(out.rendition, expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ async def test_greeting_declares_capabilities() -> None:
         stereo = client.models["tiny-musicgen-stereo"]
         assert set(mono.capabilities) == {"text", "continuation", "long_form", "mbd"}
         assert "stereo" in stereo.capabilities and stereo.channels == 2
-        assert "mbd" not in stereo.capabilities  # the released MBD is for mono 32 kHz
+        assert "mbd" in stereo.capabilities
         assert client.hello.limits.max_upload_bytes == 16 << 20
         assert "extend_stride" in [p.name for p in mono.params]
 
@@ -204,9 +205,14 @@ async def test_mbd_rendition_and_cancel_during_diffusion(server: Any, tmp_path: 
 
 
 async def test_features_a_model_lacks_are_unsupported() -> None:
-    async with running_server(factory=with_stereo) as srv, connect(srv.url) as client:
+    from wavecast.server.engines import load_engines
+
+    def window_only() -> Mapping[str, Any]:  # no long form: max_duration = the window
+        return load_engines(["tiny-musicgen"], "cpu", max_duration=30.0)
+
+    async with running_server(factory=window_only) as srv, connect(srv.url) as client:
         result = await (
-            await client.generate("tiny-musicgen-stereo", "x", duration=1.0, mbd=True)
+            await client.generate("tiny-musicgen", "x", duration=1.0, extend_stride=10.0)
         ).collect()
     assert result.error is not None
-    assert (result.error.code, result.error.field) == ("unsupported", "params.mbd")
+    assert (result.error.code, result.error.field) == ("unsupported", "params.extend_stride")
