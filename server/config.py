@@ -19,7 +19,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "facebook/musicgen-small"
-TEST_MODEL = "tiny-musicgen"
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,15 +56,6 @@ log = logging.getLogger(__name__)
 UNKNOWN_TOKEN = -1
 MAX_SEED = 2**63 - 1
 
-HUB_MODELS = (
-    "facebook/musicgen-small",
-    "facebook/musicgen-medium",
-    "facebook/musicgen-large",
-    "facebook/musicgen-stereo-small",
-    "facebook/musicgen-stereo-medium",
-    "facebook/musicgen-stereo-large",
-)
-
 
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
@@ -700,10 +691,6 @@ class MusicGenEngine:
         """Every code ``[1, K, T]`` of a job so far (prompt included), as audiocraft returns."""
         st: _MusicGenJob = job.state
         return torch.cat(st.codes, dim=-1)
-
-
-def _concat(a: FloatAudio, b: FloatAudio) -> FloatAudio:
-    return np.concatenate([a, b], axis=0)
 
 
 def _seeded_state(seed: int) -> Any:
