@@ -174,6 +174,50 @@ async def test_server_errors_are_shown(browser: Any) -> None:
         )
 
 
+async def test_player_waits_when_it_catches_up_and_resumes(browser: Any, server: Any) -> None:
+    """The AudioWorklet player on its own: jitter buffer, buffering, resume, end."""
+    page = await open_page(browser, server)
+    result = await page.evaluate(
+        """async () => {
+          const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+          const waitFor = async (test) => {  // polls; a loaded machine only makes it slower
+            for (let i = 0; i < 200 && !test(); i++) await sleep(50);
+          };
+          const ctx = new AudioContext({ sampleRate: 32000 });
+          await ctx.audioWorklet.addModule('/worklet.js');
+          await ctx.resume();
+          const node = new AudioWorkletNode(ctx, 'wavecast-stream-player', {
+            numberOfInputs: 0, outputChannelCount: [1],
+            processorOptions: { channels: 1, capacityFrames: 32000 * 5, startFrames: 4800 },
+          });
+          node.connect(ctx.destination);
+          const states = [];
+          let consumed = 0;
+          node.port.onmessage = (e) => {
+            if (e.data.kind === 'state') states.push(e.data.state);
+            if (e.data.consumed !== undefined) consumed = e.data.consumed;
+          };
+          const feed = (n) => node.port.postMessage(
+            { kind: 'chunk', samples: new Float32Array(n).fill(0.1) });
+          feed(3200);                 // 0.1 s: less than the 0.15 s jitter buffer
+          await sleep(400);
+          const beforeStart = [...states];
+          feed(6400);                 // 0.3 s in all: plays, then runs dry
+          await waitFor(() => states.includes('buffering'));
+          const afterDry = [...states];
+          feed(6400);                 // more arrives: resumes
+          node.port.postMessage({ kind: 'end' });
+          await waitFor(() => states.includes('finished'));
+          await sleep(200);  // the last position report
+          return { beforeStart, afterDry, states, consumed };
+        }"""
+    )
+    assert result["beforeStart"] == []
+    assert result["afterDry"] == ["playing", "buffering"]
+    assert result["states"] == ["playing", "buffering", "playing", "finished"]
+    assert result["consumed"] == 16000  # every sample played once, none dropped
+
+
 async def test_reconnects_after_the_connection_drops(browser: Any, server: Any) -> None:
     page = await open_page(browser, server)
     for session in list(server.sessions):
