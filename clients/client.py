@@ -137,25 +137,20 @@ class RequestStream:
         Raises:
             RuntimeError: The audio chunks were not contiguous.
         """
-        first_offset = 0
-        pcm = bytearray()
+        # rendition (None: the live stream) -> (offset of its first chunk seen, PCM)
+        streams: dict[str | None, tuple[int, bytearray]] = {}
         chunks = 0
-        renditions: dict[str, bytearray] = {}
         async for event in self:
-            if isinstance(event, Audio) and event.rendition is not None:
-                version = renditions.setdefault(event.rendition, bytearray())
-                size = BYTES_PER_SAMPLE[event.format] * event.channels
-                if event.offset * size != len(version):
-                    raise RuntimeError(f"{event.rendition} chunk {event.seq} is not contiguous")
-                version += event.data
-            elif isinstance(event, Audio):
-                size = BYTES_PER_SAMPLE[event.format] * event.channels
-                if chunks == 0:
-                    first_offset = event.offset
-                if (event.offset - first_offset) * size != len(pcm):
-                    raise RuntimeError(f"audio chunk {event.seq} is not contiguous")
-                pcm += event.data
-                chunks += 1
+            if not isinstance(event, Audio):
+                continue
+            first_offset, data = streams.setdefault(event.rendition, (event.offset, bytearray()))
+            size = BYTES_PER_SAMPLE[event.format] * event.channels
+            if (event.offset - first_offset) * size != len(data):
+                raise RuntimeError(f"audio chunk {event.seq} is not contiguous")
+            data += event.data
+            chunks += event.rendition is None
+        pcm = streams.pop(None, (0, bytearray()))[1]
+        renditions = {name: data for name, (_, data) in streams.items() if name is not None}
         assert self.done is not None
         error = None
         if self.done.error is not None:

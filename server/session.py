@@ -202,22 +202,12 @@ class Session:
             for name in message.params:
                 needs = FEATURE_PARAMS.get(name)
                 if needs is not None and needs not in info.capabilities:
-                    raise Unsupported(
-                        f"{message.model} does not support {name!r} "
-                        f"(its capabilities: {', '.join(info.capabilities)})",
-                        field=f"params.{name}",
-                        id=message.id,
-                    )
+                    raise _unsupported(message, info, f"params.{name}")
             params = resolve_params(info.params, message.params, request_id=message.id)
             inputs = message.inputs or {}
             for role, data in inputs.items():
                 if role not in UPLOAD_ROLES or role not in info.capabilities:
-                    raise Unsupported(
-                        f"{message.model} takes no {role[:64]!r} input "
-                        f"(its capabilities: {', '.join(info.capabilities)})",
-                        field=f"inputs.{role[:64]}",
-                        id=message.id,
-                    )
+                    raise _unsupported(message, info, f"inputs.{role[:64]}")
                 if len(data) > limits.max_upload_bytes:
                     raise InvalidField(
                         f"inputs.{role} is larger than {limits.max_upload_bytes} bytes",
@@ -305,6 +295,15 @@ class Session:
 
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code, reason)
+
+
+def _unsupported(message: Generate, info: ModelInfo, field: str) -> Unsupported:
+    return Unsupported(
+        f"{message.model} does not support {field} "
+        f"(its capabilities: {', '.join(info.capabilities)})",
+        field=field,
+        id=message.id,
+    )
 
 
 def _peer(ws: ServerConnection) -> str:

@@ -365,17 +365,24 @@ class MusicGenEngine:
         with torch.no_grad():
             return self._prepare(request)
 
-    def _prompt_tokens(self, data: bytes) -> torch.Tensor:
-        """Encode an uploaded clip into codes ``[1, K, T]`` (audiocraft's continuation)."""
+    def _upload_wav(self, data: bytes, role: str) -> torch.Tensor:
+        """Decode an uploaded clip to ``[C, T]`` at the model's rate and channel count."""
         from audiocraft.data.audio_utils import convert_audio
 
         from ..audio import decode_upload
 
         audio, rate = decode_upload(
-            data, field="inputs.continuation", max_seconds=self.max_upload_seconds
+            data, field=f"inputs.{role}", max_seconds=self.max_upload_seconds
         )
-        wav = torch.from_numpy(audio.T.copy()).unsqueeze(0).to(self.device)
-        wav = convert_audio(wav, rate, self.model.sample_rate, self.model.audio_channels)
+        wav = torch.from_numpy(audio.T.copy()).to(self.device)
+        converted: torch.Tensor = convert_audio(
+            wav, rate, self.model.sample_rate, self.model.audio_channels
+        )
+        return converted
+
+    def _prompt_tokens(self, data: bytes) -> torch.Tensor:
+        """Encode an uploaded clip into codes ``[1, K, T]`` (audiocraft's continuation)."""
+        wav = self._upload_wav(data, "continuation").unsqueeze(0)
         with self.model.autocast:
             tokens, scale = self.model.compression_model.encode(wav)
         assert scale is None
@@ -404,7 +411,7 @@ class MusicGenEngine:
 
         melody_wavs = None
         if "melody" in request.inputs:
-            melody_wavs = [self._melody_wav(request.inputs["melody"])]
+            melody_wavs = [self._upload_wav(request.inputs["melody"], "melody")]
         if self.melody:
             attributes, _ = self.model._prepare_tokens_and_attributes(
                 [request.prompt], None, melody_wavs=melody_wavs
@@ -453,21 +460,6 @@ class MusicGenEngine:
                 decoder.prime(prompt)
                 job.skip_frames = first_prompt_len
         return Job(request=request, state=job, extra={"seed": seed})
-
-    def _melody_wav(self, data: bytes) -> torch.Tensor:
-        """Decode a melody reference clip to ``[C, T]`` at the model's rate."""
-        from audiocraft.data.audio_utils import convert_audio
-
-        from ..audio import decode_upload
-
-        audio, rate = decode_upload(
-            data, field="inputs.melody", max_seconds=self.max_upload_seconds
-        )
-        wav = torch.from_numpy(audio.T.copy()).to(self.device)
-        converted: torch.Tensor = convert_audio(
-            wav, rate, self.model.sample_rate, self.model.audio_channels
-        )
-        return converted
 
     def _cfg_conditions(self, attributes: list[Any], py_random: Any) -> tuple[Any, Any]:
         """Condition tensors for the conditional and the null half, as LMModel.generate.
