@@ -381,7 +381,15 @@ def _model_info(f: _Fields) -> ModelInfo:
         max_duration=f.number("max_duration"),
         params=tuple(_param_spec(f.sub("params", p)) for p in f.array("params")),
         capabilities=tuple(str(c) for c in f.array("capabilities")),
+        voices=_names(f, "voices"),
+        scenes=_names(f, "scenes"),
     )
+
+
+def _names(f: _Fields, key: str) -> tuple[str, ...] | None:
+    if f.wire.get(key) is None:
+        return None
+    return tuple(str(name) for name in f.array(key))
 
 
 def _limits(f: _Fields) -> Limits:

@@ -87,7 +87,10 @@ class ModelInfo:
         max_duration: Longest audio one request may ask for, in seconds.
         params: The parameters ``generate.params`` accepts.
         capabilities: Feature names: ``text``, ``continuation``, ``melody``,
-            ``long_form``, ``stereo`` (PROTOCOL.md §4.1).
+            ``long_form``, ``stereo``, ``mbd``; for speech ``tts``, ``voices``,
+            ``reference``, ``scene``, ``dialogue`` (PROTOCOL.md §4.1).
+        voices: Named voices ``params.voice`` accepts (speech models).
+        scenes: Named scenes ``params.scene`` accepts (speech models).
     """
 
     name: str
@@ -99,6 +102,8 @@ class ModelInfo:
     max_duration: float
     params: tuple[ParamSpec, ...] = ()
     capabilities: tuple[str, ...] = ()
+    voices: tuple[str, ...] | None = None
+    scenes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from .engines.base import Engine
 from .http import STREAM_PATH, HttpRoutes, load_static
 from .scheduler import EngineFactory, Scheduler
 from .session import Session
+from .voices import BUILTIN_SCENES, Scene, Voice, load_scenes, load_voices
 
 __all__ = ["WavecastServer"]
 
@@ -48,6 +49,8 @@ class WavecastServer:
         self.sessions: set[Session] = set()
         self._server: Server | None = None
         self._started = time.monotonic()
+        self.voices: dict[str, Voice] = {}
+        self.scenes: dict[str, Scene] = {}
 
     def _default_factory(self) -> Mapping[str, Engine]:
         models = self.config.models
@@ -61,6 +64,10 @@ class WavecastServer:
             max_duration=self.config.limits.max_duration,
             max_upload_seconds=self.config.limits.max_upload_seconds,
             mbd=models.mbd,
+            higgs_codec=models.higgs_codec,
+            voices=self.voices,
+            scenes=self.scenes,
+            max_new_tokens=models.max_new_tokens,
         )
 
     @property
@@ -79,12 +86,20 @@ class WavecastServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         limits = self.config.limits
+        models = self.config.models
+        self.voices = await asyncio.to_thread(load_voices, models.voices_dir)
+        self.scenes = await asyncio.to_thread(load_scenes, models.scenes_dir or BUILTIN_SCENES)
         self.scheduler = Scheduler(
             loop, self._factory, max_queue=limits.max_queue, max_active=limits.max_active
         )
         await self.scheduler.start()
         web_root = self.config.network.web_demo or WEB_DEMO
-        routes = HttpRoutes(load_static(web_root), self.info, self._healthy)
+        routes = HttpRoutes(
+            load_static(web_root),
+            self.info,
+            self._healthy,
+            listings={"/v1/voices": self._voice_list, "/v1/scenes": self._scene_list},
+        )
         timeouts = self.config.timeouts
         self._server = await serve(
             self._handle,
@@ -111,6 +126,14 @@ class WavecastServer:
 
     def _healthy(self) -> bool:
         return self.scheduler is not None and self._server is not None
+
+    def _voice_list(self) -> dict[str, Any]:
+        voices = [voice.describe() for voice in self.voices.values()]
+        return {"voices": voices, "count": len(voices)}
+
+    def _scene_list(self) -> dict[str, Any]:
+        scenes = [scene.describe() for scene in self.scenes.values()]
+        return {"scenes": scenes, "count": len(scenes)}
 
     def info(self) -> dict[str, Any]:
         from wavecast.protocol import to_wire

@@ -49,8 +49,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         dest="models",
         metavar="NAME",
         help="model to serve, repeatable: a Hugging Face name such as "
-        f"{DEFAULT_MODEL}, a local checkpoint folder, or tiny-musicgen "
-        "(offline random-weight test model) (env WAVECAST_MODEL, "
+        f"{DEFAULT_MODEL} or bosonai/higgs-audio-v2-generation-3B-base, a local "
+        "checkpoint folder, or tiny-musicgen / tiny-higgs "
+        "(offline random-weight test models) (env WAVECAST_MODEL, "
         f"comma-separated; default {DEFAULT_MODEL})",
     )
     parser.add_argument(
@@ -94,6 +95,34 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="load Multi-Band Diffusion (from the hub) so that requests may ask for mbd "
         "(env WAVECAST_MBD=1)",
     )
+    parser.add_argument(
+        "--voices-dir",
+        type=Path,
+        default=_env("VOICES_DIR", None),
+        help="text to speech: a folder of NAME.wav reference voices, each with an optional "
+        "NAME.txt transcript (env WAVECAST_VOICES_DIR)",
+    )
+    parser.add_argument(
+        "--scenes-dir",
+        type=Path,
+        default=_env("SCENES_DIR", None),
+        help="text to speech: a folder of NAME.txt scene descriptions "
+        "(env WAVECAST_SCENES_DIR; default: the built-in scenes)",
+    )
+    parser.add_argument(
+        "--higgs-codec",
+        default=_env("HIGGS_CODEC", None),
+        metavar="NAME",
+        help="HiggsAudio audio tokenizer: a Hugging Face name or folder (default: the model "
+        "folder's audio_tokenizer/, else bosonai/higgs-audio-v2-tokenizer)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=int(_env("MAX_NEW_TOKENS", "2048") or 2048),
+        help="text to speech: largest max_new_tokens a request may ask for (audio frames "
+        "per chunk; default %(default)s)",
+    )
     parser.add_argument("--web-demo", type=Path, default=None, help="serve this folder at /")
     parser.add_argument(
         "--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text")
@@ -119,7 +148,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         ),
         timeouts=TimeoutsConfig(),
         models=ModelsConfig(
-            names=names, device=args.device, chunk_frames=args.chunk_frames, mbd=args.mbd
+            names=names,
+            device=args.device,
+            chunk_frames=args.chunk_frames,
+            mbd=args.mbd,
+            higgs_codec=args.higgs_codec,
+            voices_dir=args.voices_dir,
+            scenes_dir=args.scenes_dir,
+            max_new_tokens=args.max_new_tokens,
         ),
         logging=LoggingConfig(format=args.log_format, file=args.log_file, level=args.log_level),
     )
@@ -128,11 +164,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
 async def _serve(config: Config) -> None:
     from .app import WavecastServer
     from .engines import ModelLoadError
+    from .voices import VoiceLoadError
 
     server = WavecastServer(config)
     try:
         await server.start()
-    except ModelLoadError as exc:
+    except (ModelLoadError, VoiceLoadError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
     stop = asyncio.Event()

@@ -60,6 +60,11 @@ class ModelsConfig:
     holdback_frames: int = 4
     first_chunk_frames: int = 1
     chunk_frames: int = 10
+    # Text to speech (HiggsAudio v2).
+    higgs_codec: str | None = None  # audio tokenizer; default: the model folder's or released
+    voices_dir: Path | None = None  # NAME.wav (+ NAME.txt transcript) per voice
+    scenes_dir: Path | None = None  # NAME.txt per scene; None: the built-in scenes
+    max_new_tokens: int = 2048  # largest params.max_new_tokens (frames per chunk)
 
 
 @dataclass(frozen=True, slots=True)

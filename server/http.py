@@ -71,10 +71,12 @@ class HttpRoutes:
         static: dict[str, tuple[bytes, str]],
         info: Callable[[], dict[str, Any]],
         healthy: Callable[[], bool],
+        listings: dict[str, Callable[[], dict[str, Any]]] | None = None,
     ) -> None:
         self.static = static
         self.info = info
         self.healthy = healthy
+        self.listings = listings or {}
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
@@ -92,6 +94,9 @@ class HttpRoutes:
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"unavailable\n", "text/plain")
         if path == "/v1/info":
             return _response(http.HTTPStatus.OK, orjson.dumps(self.info()), "application/json")
+        listing = self.listings.get(path)
+        if listing is not None:
+            return _response(http.HTTPStatus.OK, orjson.dumps(listing()), "application/json")
         found = self.static.get(path)
         if found is not None:
             return _response(http.HTTPStatus.OK, *found)

@@ -53,7 +53,13 @@ from .scheduler import Request, Scheduler
 
 __all__ = ["Session"]
 
-UPLOAD_ROLES = ("continuation", "melody")
+# Uploaded file roles and the capability each needs (PROTOCOL.md §3.3).
+UPLOAD_ROLES = {
+    "continuation": "continuation",
+    "melody": "melody",
+    "reference": "reference",
+    "reference_1": "reference",
+}
 # Parameters that belong to a capability: asking a model without it is `unsupported`.
 FEATURE_PARAMS = {"mbd": "mbd", "extend_stride": "long_form", "include_prompt": "continuation"}
 
@@ -206,7 +212,7 @@ class Session:
             params = resolve_params(info.params, message.params, request_id=message.id)
             inputs = message.inputs or {}
             for role, data in inputs.items():
-                if role not in UPLOAD_ROLES or role not in info.capabilities:
+                if UPLOAD_ROLES.get(role) not in info.capabilities:
                     raise _unsupported(message, info, f"inputs.{role[:64]}")
                 if len(data) > limits.max_upload_bytes:
                     raise InvalidField(

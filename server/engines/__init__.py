@@ -7,8 +7,10 @@ decides which engine serves a model name.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from ..voices import Scene, Voice
 from .base import Engine, EngineRequest, Job, StepOutput
 
 __all__ = ["Engine", "EngineRequest", "Job", "ModelLoadError", "StepOutput", "load_engines"]
@@ -41,11 +43,18 @@ def load_engines(
     max_duration: float = 300.0,
     max_upload_seconds: float = 60.0,
     mbd: bool = False,
+    higgs_codec: str | None = None,
+    voices: Mapping[str, Voice] | None = None,
+    scenes: Mapping[str, Scene] | None = None,
+    max_new_tokens: int = 2048,
 ) -> dict[str, Engine]:
     """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``).
 
     Test models come with a tiny Multi-Band Diffusion; with ``mbd``, the released
     one (from the hub) serves the released 32 kHz models, mono and stereo.
+    HiggsAudio v2 names (``tiny-higgs``, ``bosonai/higgs-audio-…``, or a folder
+    whose config says ``higgs_audio_v2``) get the text-to-speech engine, with
+    ``voices`` and ``scenes``.
     """
     import torch
 
@@ -60,6 +69,18 @@ def load_engines(
     shared_mbd = None
     for name in names:
         log.info("loading %s on %s", name, resolved)
+        if is_higgs_name(name):
+            engines[name] = _load_higgs_engine(
+                name,
+                resolved,
+                codec=higgs_codec,
+                voices=voices,
+                scenes=scenes,
+                max_new_tokens=max_new_tokens,
+                max_duration=max_duration,
+                max_upload_seconds=max_upload_seconds,
+            )
+            continue
         try:
             model, test_model = load_musicgen(name, resolved)
         except Exception as exc:
@@ -100,3 +121,27 @@ def load_engines(
         if test_model:
             log.warning("%s is a random-weight test model: it makes noise", name)
     return engines
+
+
+def is_higgs_name(name: str) -> bool:
+    from .higgs import is_higgs_name as check
+
+    return check(name)
+
+
+def _load_higgs_engine(name: str, device: str, *, codec: str | None, **kwargs: Any) -> Engine:
+    from .higgs import HiggsEngine, load_higgs
+    from .tiny_higgs import TINY_HIGGS
+
+    try:
+        loaded = load_higgs(name, codec, device)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"could not load model {name!r} ({type(exc).__name__}: {reason}); "
+            f"without network access, try the offline test model: "
+            f"wavecast serve --model {TINY_HIGGS}"
+        ) from exc
+    if loaded.test_model:
+        log.warning("%s is a random-weight test model: it makes noise", name)
+    return HiggsEngine(loaded, name=name, **kwargs)

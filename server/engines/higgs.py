@@ -1,0 +1,843 @@
+"""HiggsAudio v2 text-to-speech behind the step interface.
+
+transformers' ``HiggsAudioV2ForConditionalGeneration.generate`` returns the
+audio codes only when the whole utterance is done, so its decoding loop is
+stepped here by hand, one audio frame per ``step``: the same prompt layout as
+``HiggsAudioV2Processor`` (reference audio as delay-pattern code blocks behind
+``<|AUDIO_OUT|>`` placeholders), the same ``HiggsAudioV2DelayPatternLogitsProcessor``
+and sampling warpers, the same repetition-aware sampling (RAS) and stopping. With
+the same seed the codes equal ``generate``'s (tested).
+
+A frame of audio is complete once its last codebook has been sampled (the
+delay pattern puts codebook ``k`` ``k`` steps late); complete frames go to the
+``StreamDecoder`` at once, which emits exact audio chunks.
+
+Long texts are split into chunks (by speaker turn or by word count) and spoken
+one after another as the original HiggsAudio generation loop does: each chunk is
+a new user turn, and the audio generated for earlier chunks stays in the
+context as the assistant's answers, so the voice carries on. The codes of every
+chunk go through one decoder, so the stream runs on across chunks with no seam.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoTokenizer,
+    DynamicCache,
+    HiggsAudioV2ForConditionalGeneration,
+    HiggsAudioV2TokenizerModel,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+)
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
+    HiggsAudioV2DelayPatternLogitsProcessor,
+)
+
+from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
+
+from ..voices import Scene, Voice, scene_text
+from .base import EngineRequest, FloatAudio, Job, StepOutput
+from .codec_stream import StreamDecoder
+from .tiny_higgs import CODEC_DIR, TEST_MARKER, TINY_HIGGS, build_tiny_higgs
+
+__all__ = [
+    "DEFAULT_CODEC",
+    "HiggsEngine",
+    "HiggsModel",
+    "HiggsStream",
+    "PromptAudio",
+    "build_prompt",
+    "chunk_text",
+    "is_higgs_name",
+    "load_higgs",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "bosonai/higgs-audio-v2-generation-3B-base"
+DEFAULT_CODEC = "bosonai/higgs-audio-v2-tokenizer"
+MAX_SEED = 2**63 - 1
+REFERENCE_ROLES = ("reference", "reference_1")
+CHUNK_METHODS = ("none", "speaker", "word")
+
+SYSTEM = "Generate audio following instruction."
+MULTISPEAKER_SYSTEM = (
+    "You are an AI assistant designed to convert text into speech.\n"
+    "If the user's message includes a [SPEAKER*] tag, do not read out the tag and generate "
+    "speech for the following text, using the specified voice.\n"
+    "If no speaker tag is present, select a suitable voice on your own."
+)
+SPEAKER_TAG = re.compile(r"\[SPEAKER(\d+)\]")
+# Scripts written without spaces between words: each character counts as a word
+# when chunking by words.
+_UNSPACED = re.compile(
+    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]"
+)
+
+AUDIO_OUT = "<|AUDIO_OUT|>"
+AUDIO_DELAY = "<|reserved_special_token_6|>"
+
+
+def is_higgs_name(name: str) -> bool:
+    """Whether a ``--model`` value names a HiggsAudio v2 model."""
+    if name == TINY_HIGGS or "higgs-audio" in name.lower():
+        return True
+    config = Path(name) / "config.json"
+    if config.is_file():
+        try:
+            return '"higgs_audio_v2"' in config.read_text(encoding="utf-8")
+        except OSError:
+            return False
+    return False
+
+
+@dataclass(slots=True)
+class HiggsModel:
+    """A loaded generator, its text tokenizer and its audio codec."""
+
+    model: HiggsAudioV2ForConditionalGeneration
+    tokenizer: PreTrainedTokenizerBase
+    codec: HiggsAudioV2TokenizerModel
+    test_model: bool
+
+
+def load_higgs(name: str, codec_name: str | None, device: str) -> HiggsModel:
+    """Load ``tiny-higgs``, a hub name or a local folder (with ``audio_tokenizer/``).
+
+    Args:
+        name: The generation model.
+        codec_name: The audio tokenizer; by default ``NAME/audio_tokenizer`` for a
+            folder that has one, else the released codec.
+        device: ``cpu`` or ``cuda[:N]``.
+    """
+    if name == TINY_HIGGS:
+        tiny = build_tiny_higgs()
+        model, tokenizer, codec = tiny.model, tiny.tokenizer, tiny.codec
+        test_model = True
+    else:
+        if codec_name is None:
+            local = Path(name) / CODEC_DIR
+            codec_name = str(local) if local.is_dir() else DEFAULT_CODEC
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model = HiggsAudioV2ForConditionalGeneration.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        codec = HiggsAudioV2TokenizerModel.from_pretrained(codec_name)
+        test_model = (Path(name) / TEST_MARKER).is_file()
+    model = model.to(device).eval()
+    codec = codec.to(device).eval()
+    return HiggsModel(model, tokenizer, codec, test_model)
+
+
+# -- prompt --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PromptAudio:
+    """Audio codes ``[K, n]`` (codec frames, no stream markers) in a prompt."""
+
+    codes: torch.Tensor
+
+
+PromptPart = str | PromptAudio
+
+
+def build_prompt(
+    system: str,
+    scene: Sequence[PromptPart],
+    turns: Sequence[tuple[str, PromptAudio]],
+    text: str,
+) -> list[PromptPart]:
+    """The HiggsAudio v2 chat layout, as its processor's chat template renders it.
+
+    Args:
+        system: The system instruction.
+        scene: The scene description's items (text, or a voice's audio).
+        turns: Earlier (user text, assistant audio) exchanges: reference voices
+            with their transcripts, and chunks already spoken.
+        text: What to say now.
+
+    Returns:
+        Text and audio parts; each audio part stands for its code block.
+    """
+    parts: list[PromptPart] = [
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + system.strip()
+    ]
+    if scene:
+        parts.append("\n\n<|scene_desc_start|>\n")
+        for i, item in enumerate(scene):
+            if isinstance(item, PromptAudio):
+                parts += [" <|audio_out_bos|>", item, "<|audio_eos|>"]
+                if i < len(scene) - 1:
+                    parts.append("\n")
+            else:
+                parts.append(item.strip())
+                if i < len(scene) - 1:
+                    following = scene[i + 1]
+                    if i == 0:
+                        parts.append("\n\n")
+                    elif not isinstance(following, PromptAudio):
+                        parts.append("\n")
+        parts.append("\n<|scene_desc_end|>")
+    parts.append("<|eot_id|>")
+    for user, audio in turns:
+        parts += [
+            "<|start_header_id|>user<|end_header_id|>\n\n" + user.strip() + "<|eot_id|>",
+            "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>",
+            audio,
+            "<|audio_eos|><|eot_id|>",
+        ]
+    parts.append(
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+        + text.strip()
+        + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
+    )
+    return parts
+
+
+def delay_block(codes: torch.Tensor, bos: int, eos: int) -> torch.Tensor:
+    """Codes ``[K, n]`` -> ``[n + 2 + K - 1, K]``: stream BOS and EOS added, codebook
+    ``k`` shifted ``k`` frames late (``HiggsAudioV2Processor.build_delay_pattern``)."""
+    k, n = codes.shape
+    full = torch.cat(
+        [codes.new_full((k, 1), bos), codes, codes.new_full((k, 1), eos)], dim=1
+    )  # [K, n + 2]
+    out = codes.new_full((k, n + 2 + k - 1), bos)
+    for i in range(k):
+        out[i, i : i + n + 2] = full[i]
+        out[i, i + n + 2 :] = eos
+    return out.transpose(0, 1)
+
+
+def chunk_text(text: str, method: str, max_words: int, max_turns: int) -> list[str]:
+    """Split a text as the original HiggsAudio generation script does.
+
+    ``speaker``: one chunk per speaker turn (a line starting with ``[SPEAKERn]``),
+    ``max_turns`` turns merged per chunk. ``word``: paragraphs (split on blank
+    lines) cut every ``max_words`` words; in scripts written without spaces
+    (Chinese, Japanese) each character counts as a word.
+    """
+    if method == "speaker":
+        turns: list[str] = []
+        current = ""
+        for raw in text.split("\n"):
+            line = raw.strip()
+            if SPEAKER_TAG.match(line):
+                if current:
+                    turns.append(current.strip())
+                current = line
+            else:
+                current = f"{current}\n{line}" if current else line
+        if current.strip():
+            turns.append(current.strip())
+        if max_turns > 1:
+            return ["\n".join(turns[i : i + max_turns]) for i in range(0, len(turns), max_turns)]
+        return turns
+    if method == "word":
+        chunks: list[str] = []
+        for paragraph in text.split("\n\n"):
+            if not paragraph.strip():
+                continue
+            unspaced = len(_UNSPACED.findall(paragraph)) > len(paragraph.split())
+            if unspaced:
+                chars = list(paragraph)
+                chunks += [
+                    "".join(chars[i : i + max_words]) for i in range(0, len(chars), max_words)
+                ]
+            else:
+                words = paragraph.split(" ")
+                chunks += [
+                    " ".join(words[i : i + max_words]) for i in range(0, len(words), max_words)
+                ]
+            chunks[-1] += "\n\n"
+        return [c for c in chunks if c.strip()] or [text]
+    return [text]
+
+
+def normalize_text(text: str) -> str:
+    """Collapse runs of spaces and drop blank lines (paragraph breaks are kept for
+    word chunking by the caller); every script passes through unchanged."""
+    paragraphs = []
+    for paragraph in re.split(r"\n\s*\n", text.strip()):
+        lines = [" ".join(line.split()) for line in paragraph.split("\n") if line.strip()]
+        if lines:
+            paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+# -- per-request state ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class HiggsStream:
+    """Sampling state for one utterance (one chunk): mirrors ``generate``'s loop."""
+
+    processors: LogitsProcessorList
+    cache: DynamicCache
+    input_ids: torch.Tensor  # [1, L] text tokens (only the tail matters once prefilled)
+    audio_ids: torch.Tensor | None  # [1, N, K] context audio + generated rows
+    rows: list[torch.Tensor] = field(default_factory=list)  # generated rows [K]
+    steps: int = 0
+    prefilled: bool = False
+    ended: bool = False
+
+
+@dataclass(slots=True)
+class _HiggsJob:
+    chunks: list[str]
+    system: str
+    scene: list[PromptPart]
+    references: list[tuple[str, PromptAudio]]
+    history: list[tuple[str, PromptAudio]]
+    buffer_size: int | None
+    generator: torch.Generator
+    seed: int
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new_tokens: int
+    ras_win_len: int
+    ras_max_repeat: int
+    decoder: StreamDecoder
+    max_frames: int
+    index: int = 0
+    stream: HiggsStream | None = None
+    chunk_frames: list[torch.Tensor] = field(default_factory=list)  # frames [K] of this chunk
+    codes: list[torch.Tensor] = field(default_factory=list)  # every frame [K, 1] streamed
+    produced: int = 0
+    expected: float = 1.0
+    fraction: float = 0.0
+
+
+class HiggsEngine:
+    """A loaded HiggsAudio v2 model served through the step interface.
+
+    Args:
+        loaded: The model, tokenizer and codec.
+        name: The name clients use.
+        voices: Named reference voices.
+        scenes: Named scene descriptions.
+        max_new_tokens: Largest ``max_new_tokens`` a request may ask for.
+        max_duration: Longest audio one request may produce, in seconds.
+        max_upload_seconds: Longest uploaded reference clip.
+        left_context, holdback, first_frames, chunk_frames: Geometry of the
+            exact incremental decoder (see ``codec_stream``).
+    """
+
+    family = "higgs"
+
+    def __init__(
+        self,
+        loaded: HiggsModel,
+        *,
+        name: str,
+        voices: Mapping[str, Voice] | None = None,
+        scenes: Mapping[str, Scene] | None = None,
+        max_new_tokens: int = 2048,
+        max_duration: float = 300.0,
+        max_upload_seconds: float = 60.0,
+        left_context: int = 12,
+        holdback: int = 11,
+        first_frames: int = 1,
+        chunk_frames: int = 8,
+    ) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.codec = loaded.codec
+        self.name = name
+        self.voices = dict(voices or {})
+        self.scenes = dict(scenes or {})
+        self.max_upload_seconds = max_upload_seconds
+        self.geometry = (left_context, holdback, first_frames, chunk_frames)
+        config = self.model.config
+        self.device = next(iter(self.model.parameters())).device
+        self.num_codebooks = int(config.num_codebooks)
+        self.stream_bos = int(config.audio_stream_bos_id)
+        self.stream_eos = int(config.audio_stream_eos_id)
+        self.sample_rate = int(self.codec.config.sample_rate)
+        self.hop = int(self.codec.config.hop_length)
+        self.frame_rate = self.sample_rate / self.hop
+        self.max_duration = float(max_duration)
+        self._voice_codes: dict[str, torch.Tensor] = {}
+        self._ids = {
+            token: int(self.tokenizer.convert_tokens_to_ids(token))
+            for token in (AUDIO_OUT, AUDIO_DELAY)
+        }
+        if self._ids[AUDIO_OUT] != int(config.audio_token_id):
+            raise ValueError("the tokenizer's <|AUDIO_OUT|> id differs from the model's")
+        card = int(config.codebook_size)
+        default_scene = "quiet_indoor" if "quiet_indoor" in self.scenes else ""
+        scene_names = ", ".join(self.scenes) or "none configured"
+        self._params = (
+            ParamSpec(
+                "voice",
+                "str",
+                "",
+                description="named voice (GET /v1/voices); for dialogue one per speaker, "
+                "comma-separated: SPEAKER0,SPEAKER1 (empty: the model picks)",
+            ),
+            ParamSpec(
+                "reference_text",
+                "str",
+                "",
+                description="transcript of inputs.reference (better cloning when given)",
+            ),
+            ParamSpec(
+                "reference_1_text",
+                "str",
+                "",
+                description="transcript of inputs.reference_1 (SPEAKER1's voice)",
+            ),
+            ParamSpec(
+                "scene",
+                "str",
+                default_scene,
+                description=f"scene name ({scene_names}) or a free-text description",
+            ),
+            ParamSpec("temperature", "float", 0.7, 0.0, 2.0, description="0: greedy"),
+            ParamSpec("top_k", "int", 50, 0, card, description="0: all tokens"),
+            ParamSpec("top_p", "float", 0.95, 0.0, 1.0, description="nucleus sampling"),
+            ParamSpec(
+                "max_new_tokens",
+                "int",
+                min(2048, max_new_tokens),
+                1,
+                max_new_tokens,
+                description=f"audio frames per chunk at most ({self.frame_rate:g} per second)",
+            ),
+            ParamSpec(
+                "seed",
+                "int",
+                None,
+                0,
+                MAX_SEED,
+                description="random seed (empty: a fresh one, reported in started)",
+            ),
+            ParamSpec(
+                "ras_win_len",
+                "int",
+                7,
+                0,
+                64,
+                description="repetition-aware sampling window in frames (0: off)",
+            ),
+            ParamSpec(
+                "ras_win_max_num_repeat",
+                "int",
+                2,
+                1,
+                64,
+                description="repeats within the window that trigger resampling",
+            ),
+            ParamSpec(
+                "chunk_method",
+                "str",
+                "none",
+                choices=CHUNK_METHODS,
+                description="split long texts by speaker turn or by word count",
+            ),
+            ParamSpec("chunk_max_word_num", "int", 200, 1, 10000, description="word chunks"),
+            ParamSpec("chunk_max_num_turns", "int", 1, 1, 100, description="speaker chunks"),
+            ParamSpec(
+                "generation_chunk_buffer_size",
+                "int",
+                None,
+                1,
+                1000,
+                description="spoken chunks kept as context (empty: all)",
+            ),
+        )
+        label = "random-weight test model, makes noise" if loaded.test_model else "text to speech"
+        self._info = ModelInfo(
+            name=name,
+            family=self.family,
+            description=f"HiggsAudio v2 {name} ({label})",
+            sample_rate=self.sample_rate,
+            channels=1,
+            test_model=loaded.test_model,
+            max_duration=self.max_duration,
+            params=self._params,
+            capabilities=("tts", "voices", "reference", "scene", "dialogue"),
+            voices=tuple(self.voices),
+            scenes=tuple(self.scenes),
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    # -- preparation ---------------------------------------------------------------
+
+    def prepare(self, request: EngineRequest) -> Job:
+        with torch.no_grad():
+            return self._prepare(request)
+
+    def _prepare(self, request: EngineRequest) -> Job:
+        params = request.params
+        text = normalize_text(request.prompt)
+        if not text:
+            raise InvalidField("prompt: the text to speak is empty", field="prompt")
+        speakers = sorted({int(n) for n in SPEAKER_TAG.findall(text)})
+        names = [v.strip() for v in str(params["voice"] or "").split(",")]
+        names = names if any(names) else []
+        voices: dict[int, tuple[str | None, torch.Tensor]] = {}
+        for index, voice_name in enumerate(names):
+            if not voice_name:
+                continue
+            voice = self.voices.get(voice_name)
+            if voice is None:
+                known = ", ".join(self.voices) or "none configured"
+                raise InvalidField(
+                    f"params.voice: no voice named {voice_name[:64]!r} (voices: {known})",
+                    field="params.voice",
+                )
+            voices[index] = (voice.transcript, self._voice_codes_of(voice))
+        for index, role in enumerate(REFERENCE_ROLES):
+            data = request.inputs.get(role)
+            if data is not None:
+                transcript = str(params[f"{role}_text"] or "").strip() or None
+                voices[index] = (transcript, self._encode_upload(data, role))
+        scene_value = str(params["scene"] or "")
+        scene = scene_text(self.scenes, scene_value) if scene_value.strip() else ""
+
+        system = SYSTEM
+        scene_parts: list[PromptPart] = []
+        references: list[tuple[str, PromptAudio]] = []
+        multi = len(voices) > 1 or len(speakers) > 1
+        if voices:
+            if all(transcript is not None for transcript, _ in voices.values()):
+                # Each voice as an earlier exchange: its transcript, then its audio.
+                for index in sorted(voices):
+                    transcript, codes = voices[index]
+                    assert transcript is not None
+                    said = f"[SPEAKER{index}] {transcript}" if multi else transcript
+                    references.append((said, PromptAudio(codes)))
+                if scene:
+                    scene_parts = [scene]
+            else:
+                # Without transcripts the voices go into the scene description.
+                scene_parts = [scene] if scene else []
+                for index in sorted(voices):
+                    scene_parts += [f"SPEAKER{index}:", PromptAudio(voices[index][1])]
+        elif len(speakers) > 1:
+            system = MULTISPEAKER_SYSTEM
+            roles = "\n".join(
+                f"SPEAKER{n}: {'feminine' if i % 2 == 0 else 'masculine'}"
+                for i, n in enumerate(speakers)
+            )
+            scene_parts = [f"{scene}\n\n{roles}" if scene else roles]
+        elif scene:
+            scene_parts = [scene]
+
+        method = str(params["chunk_method"])
+        chunks = chunk_text(
+            text,
+            method,
+            int(_number(params["chunk_max_word_num"])),
+            int(_number(params["chunk_max_num_turns"])),
+        )
+        given_seed = params.get("seed")
+        seed = secrets.randbelow(2**31) if given_seed is None else int(_number(given_seed))
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        buffer = params.get("generation_chunk_buffer_size")
+        left, hold, first, every = self.geometry
+        state = _HiggsJob(
+            chunks=chunks,
+            system=system,
+            scene=scene_parts,
+            references=references,
+            history=[],
+            buffer_size=None if buffer is None else int(_number(buffer)),
+            generator=generator,
+            seed=seed,
+            temperature=_number(params["temperature"]),
+            top_k=int(_number(params["top_k"])),
+            top_p=_number(params["top_p"]),
+            max_new_tokens=int(_number(params["max_new_tokens"])),
+            ras_win_len=int(_number(params["ras_win_len"])),
+            ras_max_repeat=int(_number(params["ras_win_max_num_repeat"])),
+            decoder=StreamDecoder(
+                self._decode,
+                self.hop,
+                left_context=left,
+                holdback=hold,
+                first_frames=first,
+                chunk_frames=every,
+            ),
+            max_frames=max(1, int(self.max_duration * self.frame_rate)),
+        )
+        # About 14 characters a second of speech: a rough guide for progress.
+        state.expected = max(
+            1.0, min(len(text) / 14.0 * self.frame_rate, state.max_new_tokens * len(chunks))
+        )
+        job = Job(request=request, state=state)
+        job.extra["seed"] = seed
+        return job
+
+    def _voice_codes_of(self, voice: Voice) -> torch.Tensor:
+        codes = self._voice_codes.get(voice.name)
+        if codes is None:
+            codes = self.encode_audio(voice.audio, voice.sample_rate)
+            self._voice_codes[voice.name] = codes
+        return codes
+
+    def _encode_upload(self, data: bytes, role: str) -> torch.Tensor:
+        from ..audio import decode_upload
+
+        audio, rate = decode_upload(
+            data, field=f"inputs.{role}", max_seconds=self.max_upload_seconds
+        )
+        if audio.shape[0] / rate < 2.0 / self.frame_rate:
+            raise InvalidField(
+                f"inputs.{role} is too short to carry a voice", field=f"inputs.{role}"
+            )
+        return self.encode_audio(audio.mean(axis=1), rate)
+
+    def encode_audio(self, audio: np.ndarray, rate: int) -> torch.Tensor:
+        """Mono float samples at any rate -> codec codes ``[K, n]`` (resampled to the
+        codec's rate as the processor's feature extractor expects)."""
+        wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+        if rate != self.sample_rate:
+            import torchaudio.functional as AF
+
+            wav = AF.resample(wav, rate, self.sample_rate)
+        wav = wav.to(self.device).view(1, 1, -1)
+        codes: torch.Tensor = self.codec.encode(wav).audio_codes
+        return codes[0]
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        audio: torch.Tensor = self.codec.decode(codes).audio_values
+        return audio
+
+    # -- one chunk -----------------------------------------------------------------
+
+    def start_stream(
+        self,
+        parts: Sequence[PromptPart],
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+    ) -> HiggsStream:
+        """Tokenize a prompt and set up sampling for it (no forward pass yet)."""
+        texts: list[str] = []
+        blocks: list[torch.Tensor] = []
+        k = self.num_codebooks
+        for part in parts:
+            if isinstance(part, PromptAudio):
+                block = delay_block(part.codes.to(self.device), self.stream_bos, self.stream_eos)
+                blocks.append(block)
+                texts.append(AUDIO_OUT * (block.shape[0] - (k - 1)) + AUDIO_DELAY * (k - 1))
+            else:
+                texts.append(part)
+        encoded = self.tokenizer("".join(texts), add_special_tokens=False, return_tensors="pt")
+        input_ids = encoded["input_ids"].to(self.device)
+        audio_ids = torch.cat(blocks).unsqueeze(0) if blocks else None
+        processors = LogitsProcessorList(
+            [
+                HiggsAudioV2DelayPatternLogitsProcessor(
+                    delay_pattern=[i + 1 for i in range(k)],
+                    audio_bos_token_id=int(self.model.config.audio_bos_token_id),
+                    audio_eos_token_id=int(self.model.config.audio_delay_token_id),
+                    audio_stream_bos_id=self.stream_bos,
+                    audio_stream_eos_id=self.stream_eos,
+                    num_codebooks=k,
+                    codebook_size=int(self.model.config.codebook_size),
+                )
+            ]
+        )
+        if temperature > 0:
+            # generate()'s order: temperature, top-k, top-p (each only when it acts).
+            if temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                processors.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        return HiggsStream(
+            processors=processors,
+            cache=DynamicCache(config=self.model.config),
+            input_ids=input_ids,
+            audio_ids=audio_ids,
+        )
+
+    def sample_row(
+        self,
+        stream: HiggsStream,
+        *,
+        do_sample: bool,
+        generator: torch.Generator | None,
+        ras_win_len: int,
+        ras_max_repeat: int,
+        max_new_tokens: int,
+    ) -> torch.Tensor | None:
+        """One decoding step: a new row ``[K]`` of delayed codes, or ``None`` once the
+        utterance is over (all codebooks at stream EOS, or ``max_new_tokens``)."""
+        if stream.ended:
+            return None
+        model = self.model
+        config = model.config
+        if not stream.prefilled:
+            mask = None
+            if stream.audio_ids is not None:
+                mask = torch.ones(stream.audio_ids.shape[:2], dtype=torch.bool, device=self.device)
+            out = model(
+                input_ids=stream.input_ids,
+                audio_input_ids=stream.audio_ids,
+                audio_input_ids_mask=mask,
+                past_key_values=stream.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            stream.prefilled = True
+        else:
+            assert stream.audio_ids is not None
+            out = model(
+                audio_input_ids=stream.audio_ids[:, -1:, :],
+                past_key_values=stream.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+        scores = stream.processors(stream.input_ids, logits)
+        if do_sample:
+            probs = torch.nn.functional.softmax(scores, dim=-1)
+            tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        k = self.num_codebooks
+        raw = logits.reshape(-1, k, int(config.codebook_size))
+        tokens = tokens.reshape(1, k)
+        if ras_win_len > 0 and stream.audio_ids is not None:
+            # Repetition-aware sampling: a code repeated too often in the last frames
+            # is drawn again from the untempered distribution.
+            window = stream.audio_ids[:, -ras_win_len:, :]
+            repeated = (window == tokens.unsqueeze(1)) & (
+                (window != self.stream_bos) & (window != self.stream_eos)
+            )
+            replace = repeated.sum(dim=1) >= ras_max_repeat
+            redraw = (
+                raw[replace]
+                .softmax(dim=-1)
+                .multinomial(1, replacement=True, generator=generator)
+                .view(-1)
+            )
+            tokens[replace] = redraw
+        all_eos = bool((tokens == self.stream_eos).all())
+        any_eos = bool((tokens == self.stream_eos).any())
+        row = tokens[:, None, :]
+        stream.audio_ids = (
+            row if stream.audio_ids is None else torch.cat([stream.audio_ids, row], 1)
+        )
+        last = int(stream.input_ids[0, -1])
+        delay_id = int(config.audio_delay_token_id)
+        next_text = delay_id if any_eos or last == delay_id else int(config.audio_token_id)
+        if all_eos and config.eos_token_id is not None:
+            eos = config.eos_token_id
+            next_text = int(eos if isinstance(eos, int) else eos[0])
+        stream.input_ids = torch.cat(
+            [stream.input_ids, stream.input_ids.new_full((1, 1), next_text)], dim=1
+        )
+        stream.steps += 1
+        if all_eos or stream.steps >= max_new_tokens:
+            stream.ended = True
+        if all_eos:
+            return None
+        stream.rows.append(tokens[0])
+        return tokens[0]
+
+    # -- stepping ------------------------------------------------------------------
+
+    def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        with torch.no_grad():
+            return [self._step_one(job) for job in jobs]
+
+    def _open_chunk(self, st: _HiggsJob) -> HiggsStream:
+        history = st.history
+        if st.buffer_size is not None:
+            history = history[-st.buffer_size :]
+        parts = build_prompt(st.system, st.scene, st.references + history, st.chunks[st.index])
+        return self.start_stream(parts, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p)
+
+    def _step_one(self, job: Job) -> StepOutput:
+        st: _HiggsJob = job.state
+        if st.stream is None:
+            st.stream = self._open_chunk(st)
+            st.chunk_frames = []
+        stream = st.stream
+        row = self.sample_row(
+            stream,
+            do_sample=st.temperature > 0,
+            generator=st.generator,
+            ras_win_len=st.ras_win_len,
+            ras_max_repeat=st.ras_max_repeat,
+            max_new_tokens=st.max_new_tokens,
+        )
+        job.steps += 1
+        pieces: list[FloatAudio] = []
+        k = self.num_codebooks
+        # rows[0] is the all-BOS row; frame j needs rows 1 + j ... 1 + j + K - 1.
+        rows = stream.rows
+        if row is not None and len(rows) - 1 >= k:
+            j = len(rows) - 1 - k
+            frame = torch.stack([rows[1 + j + i][i] for i in range(k)])
+            frame = frame.clamp(0, self.stream_bos - 1)
+            st.chunk_frames.append(frame)
+            st.codes.append(frame.view(1, k, 1))
+            st.produced += 1
+            chunk = st.decoder.push(frame.view(1, k, 1))
+            if chunk is not None:
+                pieces.append(chunk)
+        done = False
+        if stream.ended or st.produced >= st.max_frames:
+            spoken = st.chunks[st.index]
+            if st.chunk_frames:
+                codes = torch.stack(st.chunk_frames, dim=1)
+                st.history.append((spoken, PromptAudio(codes)))
+            st.index += 1
+            st.stream = None
+            if st.index >= len(st.chunks) or st.produced >= st.max_frames:
+                done = True
+                tail = st.decoder.flush()
+                if tail is not None:
+                    pieces.append(tail)
+        audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        if done:
+            st.fraction = 1.0
+        else:
+            base = st.index / len(st.chunks)
+            within = min(0.95, st.produced / st.expected)
+            st.fraction = max(st.fraction, min(0.999, max(base, within)))
+        return StepOutput(
+            audio=audio, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
+        )
+
+    def finish(self, job: Job) -> None:
+        job.state = None
+
+    # -- reference path, for tests and benchmarks ----------------------------------
+
+    def codes_of(self, job: Job) -> torch.Tensor:
+        """Every frame ``[1, K, T]`` the job has streamed so far."""
+        st: _HiggsJob = job.state
+        return torch.cat(st.codes, dim=-1)
+
+
+def _number(value: ParamValue) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidField(f"expected a number, got {value!r}")
+    return float(value)

@@ -1,0 +1,212 @@
+"""Tiny random-weight HiggsAudio v2 for tests and offline runs.
+
+transformers' native ``HiggsAudioV2ForConditionalGeneration`` (a Llama-style
+decoder with a second, audio feed-forward path and an 8-codebook delay-pattern
+audio head) and its ``HiggsAudioV2TokenizerModel`` codec (DAC acoustic encoder
+and decoder, HuBERT semantic features, residual VQ), at tiny sizes with random
+weights, built in-process with no network. The text tokenizer is byte-level
+(any language) with the special tokens the HiggsAudio prompt format uses. It
+makes noise and is always announced as a test model.
+
+``save_tiny_higgs`` writes the three parts in the layout of the released
+checkpoints (a generation model folder with its tokenizer, and a separate codec
+folder), so the loading code under test is the one that loads the real models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    DacConfig,
+    HiggsAudioV2Config,
+    HiggsAudioV2ForConditionalGeneration,
+    HiggsAudioV2TokenizerConfig,
+    HiggsAudioV2TokenizerModel,
+    HubertConfig,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "CODEC_DIR",
+    "SPECIAL_TOKENS",
+    "TEST_MARKER",
+    "TINY_HIGGS",
+    "TinyHiggs",
+    "build_tiny_higgs",
+    "save_tiny_higgs",
+]
+
+TINY_HIGGS = "tiny-higgs"
+CODEC_DIR = "audio_tokenizer"
+# Marks a saved folder as random weights, so that it is announced as a test model.
+TEST_MARKER = "WAVECAST_TEST_MODEL"
+
+# The special tokens of the HiggsAudio v2 prompt format (Llama 3 headers plus the
+# scene and audio markers; the delay token is a reserved Llama 3 special token).
+SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|scene_desc_start|>",
+    "<|scene_desc_end|>",
+    "<|audio_out_bos|>",
+    "<|AUDIO_OUT|>",
+    "<|audio_eos|>",
+    "<|reserved_special_token_6|>",
+    "<|finetune_right_pad_id|>",
+)
+
+_CODEC_CODEBOOK = 64
+_SEED = 1234
+
+
+class TinyHiggs:
+    """The three parts of a tiny model: generator, text tokenizer, codec."""
+
+    def __init__(
+        self,
+        model: HiggsAudioV2ForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerFast,
+        codec: HiggsAudioV2TokenizerModel,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.codec = codec
+
+
+def _byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Bytes as tokens (any script), plus the prompt format's special tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+    )
+
+
+def _tiny_codec() -> HiggsAudioV2TokenizerModel:
+    # The released codec's shape: 24 kHz, hop 960 (25 frames/s), HuBERT features
+    # at 16 kHz downsampled to the same 25 Hz; here 4 codebooks of 64 entries.
+    ratios = [8, 5, 4, 2, 3]
+    acoustic = DacConfig(
+        encoder_hidden_size=4,
+        decoder_hidden_size=32,
+        downsampling_ratios=ratios,
+        upsampling_ratios=ratios,
+        codebook_size=_CODEC_CODEBOOK,
+        n_codebooks=4,
+        codebook_dim=8,
+    )
+    semantic = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        mask_time_prob=0.0,
+    )
+    config = HiggsAudioV2TokenizerConfig(
+        acoustic_model_config=acoustic,
+        semantic_model_config=semantic,
+        codebook_size=_CODEC_CODEBOOK,
+        codebook_dim=16,
+        # 4 codebooks: 1000 * 0.6 // (25 frames/s * 6 bits)
+        target_bandwidths=[0.6],
+        sample_rate=24000,
+    )
+    codec = HiggsAudioV2TokenizerModel(config).eval()
+    # Released codebooks are trained; zero-initialised ones would make silence.
+    gen = torch.Generator().manual_seed(_SEED)
+    with torch.no_grad():
+        for layer in codec.quantizer.quantizers:
+            codebook = layer.codebook
+            codebook.embed.copy_(torch.randn(codebook.embed.shape, generator=gen))
+            codebook.embed_avg.copy_(codebook.embed)
+            codebook.cluster_size.fill_(1.0)
+    return codec
+
+
+def build_tiny_higgs(*, quiet_eos: bool = True) -> TinyHiggs:
+    """Build the tiny model (deterministic: the same weights every time).
+
+    Args:
+        quiet_eos: Make stream EOS rare (see ``_quiet_eos``); without it the
+            random head ends most utterances within a second.
+    """
+    torch.manual_seed(_SEED)
+    tokenizer = _byte_tokenizer()
+    codec = _tiny_codec()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    codebooks = int(codec.config.num_quantizers)
+    config = HiggsAudioV2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=8192,
+        pad_token_id=ids["<|finetune_right_pad_id|>"],
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=ids["<|eot_id|>"],
+        num_codebooks=codebooks,
+        # The audio head's vocabulary is the codec's plus stream BOS and EOS.
+        codebook_size=_CODEC_CODEBOOK + 2,
+        audio_token_id=ids["<|AUDIO_OUT|>"],
+        audio_bos_token_id=ids["<|audio_out_bos|>"],
+        audio_delay_token_id=ids["<|reserved_special_token_6|>"],
+        audio_stream_bos_id=_CODEC_CODEBOOK,
+        audio_stream_eos_id=_CODEC_CODEBOOK + 1,
+    )
+    model = HiggsAudioV2ForConditionalGeneration(config).eval()
+    if quiet_eos:
+        _quiet_eos(model)
+    return TinyHiggs(model, tokenizer, codec)
+
+
+def _quiet_eos(model: HiggsAudioV2ForConditionalGeneration) -> None:
+    """Make stream EOS unlikely, so the test model speaks until ``max_new_tokens``.
+
+    A random head picks EOS about once in ``codebook_size`` draws per codebook,
+    which ends most utterances within a second. Every embedding gets a small
+    positive first coordinate, which survives to the last norm, and each
+    codebook's EOS row a negative weight on it: EOS falls to the bottom of the
+    ranking (top-k sampling never reaches it; unfiltered sampling rarely).
+    """
+    config = model.config
+    k, card = int(config.num_codebooks), int(config.codebook_size)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 0.1
+        model.model.embed_audio_tokens.embed_audio_tokens.weight[:, 0] = 0.1 / k
+        head = model.audio_lm_head.weight.view(k, card, -1)
+        head[:, int(config.audio_stream_eos_id), 0] = -0.5
+
+
+def save_tiny_higgs(tiny: TinyHiggs, folder: Path) -> tuple[Path, Path]:
+    """Write ``folder/`` (model and tokenizer) and ``folder/audio_tokenizer/``.
+
+    Returns:
+        The model folder and the codec folder, as ``--model`` and
+        ``--higgs-codec`` take them.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    codec_dir = folder / CODEC_DIR
+    tiny.codec.save_pretrained(codec_dir)
+    (folder / TEST_MARKER).write_text("random weights: this model makes noise\n")
+    return folder, codec_dir
