@@ -1,4 +1,5 @@
-"""The ``wavecast`` command: ``serve`` (the server) and ``generate`` (a client)."""
+"""The ``wavecast`` command: ``serve`` (the server), ``generate`` (music) and
+``speak`` (text to speech), the last two as clients of a running server."""
 
 from __future__ import annotations
 
@@ -58,9 +59,39 @@ class ProgressBar:
         self.stream.flush()
 
 
+Params = dict[str, int | float | bool | str | None]
+SPEAK_PARAMS = (
+    "scene",
+    "temperature",
+    "top_k",
+    "top_p",
+    "max_new_tokens",
+    "seed",
+    "ras_win_len",
+    "ras_win_max_num_repeat",
+    "chunk_method",
+    "chunk_max_word_num",
+    "chunk_max_num_turns",
+    "generation_chunk_buffer_size",
+)
+
+
+def _read_inputs(bar: ProgressBar, files: dict[str, Path | None]) -> dict[str, bytes] | None:
+    inputs = {}
+    for role, path in files.items():
+        if path is None:
+            continue
+        try:
+            inputs[role] = path.read_bytes()
+        except OSError as exc:
+            bar.message(f"cannot read {path}: {exc.strerror}")
+            return None
+    return inputs
+
+
 async def _generate(args: argparse.Namespace) -> int:
     bar = ProgressBar()
-    params: dict[str, int | float | bool | str | None] = {}
+    params: Params = {}
     for name in ("duration", "top_k", "top_p", "temperature", "cfg_coef", "seed", "extend_stride"):
         value = getattr(args, name)
         if value is not None:
@@ -69,25 +100,61 @@ async def _generate(args: argparse.Namespace) -> int:
         params["include_prompt"] = True
     if args.mbd:
         params["mbd"] = True
-    inputs = {}
-    for role, path in (("continuation", args.continue_from), ("melody", args.melody)):
-        if path is None:
-            continue
+    inputs = _read_inputs(bar, {"continuation": args.continue_from, "melody": args.melody})
+    if inputs is None:
+        return 2
+    return await _run(args, bar, args.prompt, params, inputs, capability="text")
+
+
+async def _speak(args: argparse.Namespace) -> int:
+    bar = ProgressBar()
+    text = args.text
+    if args.text_file is not None:
         try:
-            inputs[role] = path.read_bytes()
-        except OSError as exc:
-            bar.message(f"cannot read {path}: {exc.strerror}")
+            text = args.text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            bar.message(f"cannot read {args.text_file}: {exc}")
             return 2
+    if not text:
+        bar.message("nothing to say: give TEXT or --text-file")
+        return 2
+    params: Params = {}
+    for name in SPEAK_PARAMS:
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = value
+    if args.voice:
+        params["voice"] = ",".join(args.voice)
+    if args.ref_text is not None:
+        params["reference_text"] = args.ref_text
+    if args.ref1_text is not None:
+        params["reference_1_text"] = args.ref1_text
+    inputs = _read_inputs(bar, {"reference": args.ref, "reference_1": args.ref1})
+    if inputs is None:
+        return 2
+    return await _run(args, bar, text, params, inputs, capability="tts")
+
+
+async def _run(
+    args: argparse.Namespace,
+    bar: ProgressBar,
+    prompt: str,
+    params: Params,
+    inputs: dict[str, bytes],
+    *,
+    capability: str,
+) -> int:
     async with connect(args.url) as client:
         models = client.models
-        model = args.model or next(iter(models), None)
+        fitting = [name for name, info in models.items() if capability in info.capabilities]
+        model = args.model or next(iter(fitting), None)
         if model is None:
-            bar.message("the server serves no model")
+            bar.message(f"the server serves no model with the {capability!r} capability")
             return 1
         if model in models and models[model].test_model:
             bar.message(f"note: {model} is a random-weight test model; it makes noise")
         stream = await client.generate(
-            model, args.prompt, params=params, format=args.format, inputs=inputs
+            model, prompt, params=params, format=args.format, inputs=inputs
         )
         loop = asyncio.get_running_loop()
         cancel_sent = False
@@ -174,10 +241,72 @@ def _write_wav(path: Path, result: GenerationResult) -> None:
     soundfile.write(path, result.to_numpy(), result.sample_rate, subtype=subtype, format="WAV")
 
 
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help="server URL (default %(default)s)")
+    parser.add_argument(
+        "--format",
+        choices=("pcm_s16le", "pcm_f32le"),
+        default="pcm_s16le",
+        help="sample format on the wire and in the WAV file",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.wav"),
+        help="WAV file to write (default %(default)s)",
+    )
+
+
+def _add_speak_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "text",
+        nargs="?",
+        default="",
+        help="what to say; [SPEAKER0] / [SPEAKER1] tags at line starts make a dialogue",
+    )
+    parser.add_argument("--text-file", type=Path, metavar="FILE", help="read the text from FILE")
+    _add_common_arguments(parser)
+    parser.add_argument("--model", help="model name (default: the server's first speech model)")
+    parser.add_argument(
+        "--voice",
+        action="append",
+        metavar="NAME",
+        help="a named voice from the server (GET /v1/voices); repeat for SPEAKER0, SPEAKER1, ...",
+    )
+    parser.add_argument(
+        "--ref", type=Path, metavar="FILE", help="clone the voice of this recording (SPEAKER0)"
+    )
+    parser.add_argument("--ref-text", metavar="TEXT", help="what the --ref recording says")
+    parser.add_argument(
+        "--ref1", type=Path, metavar="FILE", help="a second reference voice, for SPEAKER1"
+    )
+    parser.add_argument("--ref1-text", metavar="TEXT", help="what the --ref1 recording says")
+    parser.add_argument("--scene", help="a scene name (GET /v1/scenes) or a free description")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=int, dest="top_k")
+    parser.add_argument("--top-p", type=float, dest="top_p")
+    parser.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--ras-win-len", type=int, dest="ras_win_len")
+    parser.add_argument("--ras-win-max-num-repeat", type=int, dest="ras_win_max_num_repeat")
+    parser.add_argument(
+        "--chunk-method",
+        choices=("none", "speaker", "word"),
+        dest="chunk_method",
+        help="speak long texts chunk by chunk, by speaker turn or by word count",
+    )
+    parser.add_argument("--chunk-max-word-num", type=int, dest="chunk_max_word_num")
+    parser.add_argument("--chunk-max-num-turns", type=int, dest="chunk_max_num_turns")
+    parser.add_argument(
+        "--generation-chunk-buffer-size", type=int, dest="generation_chunk_buffer_size"
+    )
+
+
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="text description of the music")
-    parser.add_argument("--url", default=DEFAULT_URL, help="server URL (default %(default)s)")
-    parser.add_argument("--model", help="model name (default: the server's first)")
+    _add_common_arguments(parser)
+    parser.add_argument("--model", help="model name (default: the server's first music model)")
     parser.add_argument("--duration", type=float, help="seconds of audio")
     parser.add_argument("--top-k", type=int, dest="top_k")
     parser.add_argument("--top-p", type=float, dest="top_p")
@@ -215,19 +344,6 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --continue: put the prompt's audio in the output too",
     )
-    parser.add_argument(
-        "--format",
-        choices=("pcm_s16le", "pcm_f32le"),
-        default="pcm_s16le",
-        help="sample format on the wire and in the WAV file",
-    )
-    parser.add_argument(
-        "-o",
-        "--output",
-        type=Path,
-        default=Path("out.wav"),
-        help="WAV file to write (default %(default)s)",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the server (demo page at /)")
     generate = commands.add_parser("generate", help="generate music and write a WAV file")
     _add_generate_arguments(generate)
+    speak = commands.add_parser("speak", help="text to speech: say TEXT and write a WAV file")
+    _add_speak_arguments(speak)
     # The server's flags are defined next to its config; importing them pulls in
     # no model code.
     from wavecast.server.cli import add_serve_arguments
@@ -249,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_serve(args)
     try:
-        return asyncio.run(_generate(args))
+        return asyncio.run(_speak(args) if args.command == "speak" else _generate(args))
     except OSError as exc:
         print(f"wavecast: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2

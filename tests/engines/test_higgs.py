@@ -1,0 +1,267 @@
+"""The HiggsAudio v2 engine against transformers' own generate, processor and codec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import DacFeatureExtractor, GenerationConfig, HiggsAudioV2Processor
+
+from wavecast.protocol import InvalidField
+from wavecast.server.engines.base import EngineRequest
+from wavecast.server.engines.higgs import (
+    MULTISPEAKER_SYSTEM,
+    SYSTEM,
+    HiggsEngine,
+    HiggsModel,
+    PromptAudio,
+    build_prompt,
+    chunk_text,
+    delay_block,
+    load_higgs,
+)
+from wavecast.server.engines.tiny_higgs import build_tiny_higgs, save_tiny_higgs
+
+K = 4  # tiny-higgs codebooks
+BOS, EOS = 64, 65
+
+
+@pytest.fixture(scope="module")
+def loaded() -> HiggsModel:
+    return load_higgs("tiny-higgs", None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(loaded: HiggsModel) -> HiggsEngine:
+    return HiggsEngine(loaded, name="tiny-higgs")
+
+
+def defaults(engine: HiggsEngine, **given: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {spec.name: spec.default for spec in engine.info.params}
+    params.update(given)
+    return params
+
+
+def reference_prompt(engine: HiggsEngine) -> list[Any]:
+    codes = torch.randint(0, BOS, (K, 30), generator=torch.Generator().manual_seed(1))
+    return build_prompt(
+        SYSTEM,
+        ["Audio is recorded from a quiet room."],
+        [("This is the reference.", PromptAudio(codes))],
+        "The sun rises in the east and sets in the west.",
+    )
+
+
+def run_stream(engine: HiggsEngine, parts: list[Any], temperature: float, seed: int) -> Any:
+    stream = engine.start_stream(parts, temperature=temperature, top_k=50, top_p=0.95)
+    prompt = (stream.input_ids.clone(), stream.audio_ids.clone())
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    while True:
+        row = engine.sample_row(
+            stream,
+            do_sample=temperature > 0,
+            generator=generator,
+            ras_win_len=7,
+            ras_max_repeat=2,
+            max_new_tokens=60,
+        )
+        if row is None:
+            break
+        rows.append(row)
+    return prompt, torch.stack(rows)
+
+
+def reference_generate(model: Any, prompt: Any, temperature: float, seed: int) -> torch.Tensor:
+    input_ids, audio_ids = prompt
+    sampling = temperature > 0
+    config = GenerationConfig(
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_k=50 if sampling else None,
+        top_p=0.95 if sampling else None,
+        max_new_tokens=60,
+        ras_win_len=7,
+        ras_win_max_num_repeat=2,
+        return_dict_in_generate=True,
+    )
+    torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        audio_input_ids=audio_ids,
+        audio_input_ids_mask=torch.ones(audio_ids.shape[:2], dtype=torch.bool),
+        generation_config=config,
+    )
+    rows: torch.Tensor = out.audio_sequences[0, audio_ids.shape[1] :]
+    return rows
+
+
+@pytest.mark.parametrize(("temperature", "seed"), [(0.0, 0), (0.7, 5), (1.0, 11)])
+def test_rows_equal_generate(engine: HiggsEngine, temperature: float, seed: int) -> None:
+    prompt, rows = run_stream(engine, reference_prompt(engine), temperature, seed)
+    expected = reference_generate(engine.model, prompt, temperature, seed)
+    assert rows.shape == (60, K)  # tiny-higgs speaks until max_new_tokens
+    assert torch.equal(rows, expected)
+
+
+def test_natural_end_equals_generate() -> None:
+    # The plain random head ends utterances early: the EOS path, delay pattern and all.
+    tiny = build_tiny_higgs(quiet_eos=False)
+    engine = HiggsEngine(HiggsModel(tiny.model, tiny.tokenizer, tiny.codec, True), name="t")
+    ended = 0
+    for seed in range(6):
+        prompt, rows = run_stream(engine, reference_prompt(engine), 0.7, seed)
+        expected = reference_generate(engine.model, prompt, 0.7, seed)
+        if len(rows) < 60:
+            ended += 1
+            # generate's last row is the all-EOS row that ends the utterance
+            assert torch.equal(expected[-1], torch.full((K,), EOS))
+            expected = expected[:-1]
+        assert torch.equal(rows, expected)
+    assert ended >= 3
+
+
+def test_delay_block_matches_processor() -> None:
+    codes = torch.randint(0, BOS, (K, 9))
+    processor = SimpleNamespace(audio_stream_bos_id=BOS, audio_stream_eos_id=EOS)
+    with_markers = torch.cat([torch.full((K, 1), BOS), codes, torch.full((K, 1), EOS)], 1)
+    expected = HiggsAudioV2Processor.build_delay_pattern(processor, with_markers[None])[0]
+    assert torch.equal(delay_block(codes, BOS, EOS), expected.transpose(0, 1))
+
+
+def test_prompt_tokens_match_processor(engine: HiggsEngine) -> None:
+    """The processor, given the same layout and the reference waveform, builds the
+    same text tokens and the same audio code blocks."""
+    wav = 0.3 * np.sin(np.linspace(0, 400, 24000)).astype(np.float32)
+    codes = engine.encode_audio(wav, 24000)
+    parts = build_prompt(SYSTEM, ["A quiet room."], [("Reference.", PromptAudio(codes))], "Hi!")
+    stream = engine.start_stream(parts, temperature=0.7, top_k=50, top_p=0.95)
+    processor = HiggsAudioV2Processor(
+        DacFeatureExtractor(sampling_rate=24000),
+        engine.tokenizer,
+        engine.codec,
+        audio_stream_bos_id=BOS,
+        audio_stream_eos_id=EOS,
+    )
+    text = "".join(p if isinstance(p, str) else "<|AUDIO_OUT|>" for p in parts)
+    expected = processor(text=text, audio=[wav], return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(stream.input_ids, expected["input_ids"])
+    assert stream.audio_ids is not None
+    assert torch.equal(stream.audio_ids, expected["audio_input_ids"])
+
+
+def test_prompt_layout() -> None:
+    audio = PromptAudio(torch.zeros(K, 2, dtype=torch.long))
+    parts = build_prompt(MULTISPEAKER_SYSTEM, ["In a cafe.", "SPEAKER0:", audio], [], "Hello.")
+    text = "".join(p if isinstance(p, str) else "<A>" for p in parts)
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        + MULTISPEAKER_SYSTEM
+        + "\n\n<|scene_desc_start|>\nIn a cafe.\n\nSPEAKER0: <|audio_out_bos|><A><|audio_eos|>"
+        "\n<|scene_desc_end|><|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHello."
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
+    )
+
+
+def test_chunking() -> None:
+    dialogue = "[SPEAKER0] Hi there.\n[SPEAKER1] Hello!\nHow are you?\n[SPEAKER0] Fine."
+    assert chunk_text(dialogue, "speaker", 200, 1) == [
+        "[SPEAKER0] Hi there.",
+        "[SPEAKER1] Hello!\nHow are you?",
+        "[SPEAKER0] Fine.",
+    ]
+    assert chunk_text(dialogue, "speaker", 200, 2) == [
+        "[SPEAKER0] Hi there.\n[SPEAKER1] Hello!\nHow are you?",
+        "[SPEAKER0] Fine.",
+    ]
+    words = " ".join(f"w{i}" for i in range(7))
+    assert chunk_text(f"{words}\n\nnext one", "word", 3, 1) == [
+        "w0 w1 w2",
+        "w3 w4 w5",
+        "w6\n\n",
+        "next one\n\n",
+    ]
+    # Chinese has no spaces: characters count as words, and pass through unchanged.
+    assert chunk_text("今天天气很好我们去公园", "word", 4, 1) == [
+        "今天天气",
+        "很好我们",
+        "去公园\n\n",
+    ]
+    assert chunk_text(dialogue, "none", 1, 1) == [dialogue]
+
+
+def test_streamed_audio_equals_one_shot_decode(engine: HiggsEngine) -> None:
+    """Chunks from the incremental decoder, across text chunks, equal decoding every
+    frame at once (float32)."""
+    request = EngineRequest(
+        "r",
+        "[SPEAKER0] One two three.\n[SPEAKER1] Four five six.\n[SPEAKER0] Seven.",
+        defaults(engine, seed=3, max_new_tokens=40, chunk_method="speaker"),
+    )
+    job = engine.prepare(request)
+    pieces = []
+    for _ in range(1000):
+        (out,) = engine.step([job])
+        if out.audio is not None:
+            pieces.append(out.audio)
+        if out.done:
+            break
+    assert out.done
+    streamed = np.concatenate(pieces)[:, 0]
+    codes = engine.codes_of(job)
+    assert codes.shape == (1, K, 3 * (40 - K))  # three turns, each to max_new_tokens
+    whole = engine.codec.decode(codes).audio_values[0, 0].numpy()
+    assert streamed.shape == whole.shape
+    assert np.abs(whole).max() > 1e-3
+    assert np.abs(streamed - whole).max() < 1e-6
+    engine.finish(job)
+
+
+def test_seed_reproduces_and_differs(engine: HiggsEngine) -> None:
+    def codes(seed: int) -> torch.Tensor:
+        job = engine.prepare(
+            EngineRequest("r", "Hello.", defaults(engine, seed=seed, max_new_tokens=20))
+        )
+        while not engine.step([job])[0].done:
+            pass
+        return engine.codes_of(job)
+
+    assert torch.equal(codes(7), codes(7))
+    assert not torch.equal(codes(7), codes(8))
+
+
+def test_prepare_refuses_bad_requests(engine: HiggsEngine) -> None:
+    with pytest.raises(InvalidField) as info:
+        engine.prepare(EngineRequest("r", "Hi.", defaults(engine, voice="nobody")))
+    assert info.value.field == "params.voice"
+    with pytest.raises(InvalidField) as info:
+        engine.prepare(EngineRequest("r", "  \n ", defaults(engine)))
+    assert info.value.field == "prompt"
+    with pytest.raises(InvalidField) as info:
+        engine.prepare(
+            EngineRequest("r", "Hi.", defaults(engine), {"reference": b"not audio at all"})
+        )
+    assert info.value.field == "inputs.reference"
+
+
+def test_saved_model_loads_back(tmp_path: Path, engine: HiggsEngine) -> None:
+    """save_tiny_higgs writes the released layout; load_higgs reads it as it reads a
+    downloaded checkpoint, and the result is the same model."""
+    folder, codec_dir = save_tiny_higgs(build_tiny_higgs(), tmp_path / "tiny")
+    assert (folder / "config.json").is_file() and (codec_dir / "config.json").is_file()
+    again = load_higgs(str(folder), None, "cpu")
+    assert again.test_model
+    reloaded = HiggsEngine(again, name="saved")
+    parts = reference_prompt(engine)
+    _, a = run_stream(engine, parts, 0.7, 4)
+    _, b = run_stream(reloaded, parts, 0.7, 4)
+    assert torch.equal(a, b)
+    codes = torch.randint(0, BOS, (1, K, 12))
+    assert torch.equal(
+        engine.codec.decode(codes).audio_values, reloaded.codec.decode(codes).audio_values
+    )
