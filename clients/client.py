@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -269,6 +269,42 @@ class Client:
             self._streams.pop(request_id, None)
             raise
         return stream
+
+    async def speak(
+        self,
+        model: str,
+        text: str,
+        *,
+        voice: str | Sequence[str] | None = None,
+        reference: bytes | None = None,
+        reference_text: str | None = None,
+        scene: str | None = None,
+        id: str | None = None,
+        format: str = "pcm_s16le",
+        params: Mapping[str, ParamValue] | None = None,
+        **kwargs: ParamValue,
+    ) -> RequestStream:
+        """Start text to speech on a model with the ``tts`` capability.
+
+        Args:
+            model: A speech model's name.
+            text: What to say; lines starting with ``[SPEAKER0]``, ``[SPEAKER1]``
+                make a dialogue.
+            voice: A named voice, or one per speaker (SPEAKER0, SPEAKER1, ...).
+            reference: An audio file whose voice to clone (SPEAKER0).
+            reference_text: What ``reference`` says.
+            scene: A scene name or a free description of the setting.
+            id, format, params, kwargs: As :meth:`generate`.
+        """
+        merged: dict[str, ParamValue] = {**(params or {}), **kwargs}
+        if voice is not None:
+            merged["voice"] = voice if isinstance(voice, str) else ",".join(voice)
+        if reference_text is not None:
+            merged["reference_text"] = reference_text
+        if scene is not None:
+            merged["scene"] = scene
+        inputs = {"reference": reference} if reference is not None else None
+        return await self.generate(model, text, id=id, format=format, params=merged, inputs=inputs)
 
     async def close(self) -> None:
         await self.ws.close()

@@ -79,6 +79,11 @@ class SyncClient:
         stream = self._run(self._client.generate(model, prompt, **kwargs))  # type: ignore[arg-type]
         return SyncRequest(self, stream)
 
+    def speak(self, model: str, text: str, **kwargs: Any) -> SyncRequest:
+        """Start text to speech; see :meth:`Client.speak`."""
+        stream = self._run(self._client.speak(model, text, **kwargs))
+        return SyncRequest(self, stream)
+
     def close(self) -> None:
         try:
             self._run(self._client.close())

@@ -85,3 +85,23 @@ def with_stereo() -> Mapping[str, Any]:
         _STEREO.update(tiny_engines())
         _STEREO.update(load_engines(["tiny-musicgen-stereo", "tiny-musicgen-melody"], "cpu"))
     return _STEREO
+
+
+_HIGGS: dict[str, Any] = {}
+
+
+def higgs_engines(voices_dir: Any = None) -> Mapping[str, Any]:
+    """tiny-higgs (the model built once per session) with the built-in scenes and the
+    voices in ``voices_dir``, plus tiny-musicgen."""
+    from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+    from wavecast.server.voices import BUILTIN_SCENES, load_scenes, load_voices
+
+    if not _HIGGS:
+        _HIGGS["model"] = load_higgs("tiny-higgs", None, "cpu")
+    engine = HiggsEngine(
+        _HIGGS["model"],
+        name="tiny-higgs",
+        voices=load_voices(voices_dir),
+        scenes=load_scenes(BUILTIN_SCENES),
+    )
+    return {"tiny-higgs": engine, **tiny_engines()}

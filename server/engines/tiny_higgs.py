@@ -160,6 +160,9 @@ def build_tiny_higgs(*, quiet_eos: bool = True) -> TinyHiggs:
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=8192,
+        # Larger than the default 0.02, so that the context (text, voices, earlier
+        # chunks) visibly steers what the random model generates.
+        initializer_range=0.08,
         pad_token_id=ids["<|finetune_right_pad_id|>"],
         bos_token_id=ids["<|begin_of_text|>"],
         eos_token_id=ids["<|eot_id|>"],
@@ -190,10 +193,10 @@ def _quiet_eos(model: HiggsAudioV2ForConditionalGeneration) -> None:
     config = model.config
     k, card = int(config.num_codebooks), int(config.codebook_size)
     with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 0.1
-        model.model.embed_audio_tokens.embed_audio_tokens.weight[:, 0] = 0.1 / k
+        model.model.embed_tokens.weight[:, 0] = 2.0
+        model.model.embed_audio_tokens.embed_audio_tokens.weight[:, 0] = 2.0 / k
         head = model.audio_lm_head.weight.view(k, card, -1)
-        head[:, int(config.audio_stream_eos_id), 0] = -0.5
+        head[:, int(config.audio_stream_eos_id), 0] = -1.0
 
 
 def save_tiny_higgs(tiny: TinyHiggs, folder: Path) -> tuple[Path, Path]:

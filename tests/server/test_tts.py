@@ -1,0 +1,323 @@
+"""Text to speech (HiggsAudio v2, tiny-higgs) through the real server and client."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+from helpers import higgs_engines, make_config, run_cli, running_server, timeout
+
+from wavecast.clients import connect
+from wavecast.protocol import Audio, Progress, Started
+
+HOP = 960  # tiny-higgs: 24 kHz, 25 frames per second
+K = 4  # codebooks: an utterance of max_new_tokens rows holds max_new_tokens - K frames
+
+
+def tone(seconds: float, rate: int = 24000, freq: float = 220.0, fmt: str = "WAV") -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buffer = io.BytesIO()
+    wave = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))
+    soundfile.write(buffer, wave.astype(np.float32), rate, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def voices_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    (folder / "belinda.wav").write_bytes(tone(1.5, freq=200))
+    (folder / "belinda.txt").write_text("Twas the night before my birthday.\n")
+    (folder / "broom_salesman.wav").write_bytes(tone(1.2, rate=16000, freq=120))
+    (folder / "broom_salesman.txt").write_text("I sell the finest brooms.")
+    (folder / "no_transcript.flac").write_bytes(tone(1.0, freq=300, fmt="FLAC"))
+    return folder
+
+
+@pytest.fixture
+async def server(voices_dir: Path) -> AsyncIterator[Any]:
+    config = make_config()
+    config = replace(config, models=replace(config.models, voices_dir=voices_dir))
+    async with running_server(config, lambda: higgs_engines(voices_dir)) as srv:
+        yield srv
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"] == "application/json"
+        return json.loads(response.read())
+
+
+async def test_greeting_voices_and_scenes_endpoints(server: Any) -> None:
+    async with connect(server.url) as client:
+        info = client.models["tiny-higgs"]
+        assert info.family == "higgs" and info.test_model
+        assert "test model" in info.description
+        assert set(info.capabilities) == {"tts", "voices", "reference", "scene", "dialogue"}
+        assert info.voices == ("belinda", "broom_salesman", "no_transcript")
+        assert info.scenes is not None and "quiet_indoor" in info.scenes
+        assert client.models["tiny-musicgen"].voices is None
+        specs = {spec.name: spec for spec in info.params}
+        # the original server's defaults
+        assert (specs["temperature"].default, specs["top_k"].default) == (0.7, 50)
+        assert (specs["top_p"].default, specs["max_new_tokens"].default) == (0.95, 2048)
+        assert (specs["ras_win_len"].default, specs["ras_win_max_num_repeat"].default) == (7, 2)
+        assert specs["chunk_method"].choices == ("none", "speaker", "word")
+        assert (specs["chunk_max_word_num"].default, specs["chunk_max_num_turns"].default) == (
+            200,
+            1,
+        )
+        assert specs["scene"].default == "quiet_indoor"
+    base = server.url.replace("ws://", "http://").removesuffix("/v1/stream")
+    loop = asyncio.get_running_loop()
+    voices = await loop.run_in_executor(None, get_json, base + "/v1/voices")
+    assert voices["count"] == 3
+    belinda = voices["voices"][0]
+    assert belinda["name"] == "belinda" and belinda["type"] == "wav"
+    assert belinda["transcript"] == "Twas the night before my birthday."
+    assert belinda["seconds"] == 1.5
+    assert voices["voices"][2]["transcript"] is None
+    scenes = await loop.run_in_executor(None, get_json, base + "/v1/scenes")
+    quiet = next(s for s in scenes["scenes"] if s["name"] == "quiet_indoor")
+    assert quiet["content"] == "Audio is recorded from a quiet room."
+    info_json = await loop.run_in_executor(None, get_json, base + "/v1/info")
+    higgs = next(m for m in info_json["models"] if m["name"] == "tiny-higgs")
+    assert higgs["voices"] == ["belinda", "broom_salesman", "no_transcript"]
+
+
+async def speak(client: Any, text: str, **kwargs: Any) -> Any:
+    return await (await client.speak("tiny-higgs", text, **kwargs)).collect()
+
+
+async def test_named_voice_streams_audio(server: Any) -> None:
+    async with connect(server.url) as client:
+        stream = await client.speak(
+            "tiny-higgs", "Hello there, how are you?", voice="belinda", max_new_tokens=30, seed=1
+        )
+        events = [event async for event in stream]
+        started = next(e for e in events if isinstance(e, Started))
+        assert (started.sample_rate, started.channels, started.seed) == (24000, 1, 1)
+        chunks = [e for e in events if isinstance(e, Audio)]
+        assert len(chunks) > 2  # streamed as it is made, not at the end
+        offsets = [c.offset for c in chunks]
+        sizes = [len(c.data) // 2 for c in chunks]
+        assert offsets == list(np.cumsum([0, *sizes[:-1]]))
+        assert sum(sizes) == (30 - K) * HOP
+        fractions = [e.fraction for e in events if isinstance(e, Progress)]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+        assert stream.done.status == "completed"
+
+
+async def test_voices_with_and_without_transcript_and_free_scene(server: Any) -> None:
+    async with connect(server.url) as client:
+        for voice in ("belinda", "no_transcript"):
+            result = await speak(
+                client, "Good morning.", voice=voice, scene="On a windy beach.", max_new_tokens=12
+            )
+            assert result.status == "completed" and result.frames == (12 - K) * HOP
+
+
+async def test_uploaded_reference_voice(server: Any) -> None:
+    async with connect(server.url) as client:
+        with_text = await speak(
+            client,
+            "Nice to meet you.",
+            reference=tone(1.0, rate=44100, fmt="OGG"),
+            reference_text="This is my voice.",
+            max_new_tokens=16,
+            seed=2,
+        )
+        without = await speak(
+            client, "Nice to meet you.", reference=tone(1.0, rate=8000), max_new_tokens=16, seed=2
+        )
+        assert with_text.status == without.status == "completed"
+        assert with_text.frames == without.frames == (16 - K) * HOP
+        # the reference is in the prompt: a different voice, different audio
+        plain = await speak(client, "Nice to meet you.", max_new_tokens=16, seed=2)
+        assert plain.pcm != with_text.pcm
+
+
+async def test_dialogue_chunked_by_speaker_streams_across_chunks(server: Any) -> None:
+    text = "[SPEAKER0] Hi, are you there?\n[SPEAKER1] Yes! Over here.\n[SPEAKER0] Great."
+    async with connect(server.url) as client:
+        stream = await client.speak(
+            "tiny-higgs",
+            text,
+            voice=["belinda", "broom_salesman"],
+            chunk_method="speaker",
+            max_new_tokens=20,
+            seed=5,
+            format="pcm_f32le",
+        )
+        chunks = [e async for e in stream if isinstance(e, Audio)]
+        assert stream.done.status == "completed"
+        # three turns, one after another in one contiguous stream
+        assert [c.seq for c in chunks] == list(range(len(chunks)))
+        total = sum(len(c.data) // 4 for c in chunks)
+        assert total == 3 * (20 - K) * HOP
+        assert [c.offset for c in chunks] == list(
+            np.cumsum([0, *[len(c.data) // 4 for c in chunks[:-1]]])
+        )
+        # two turns merged per chunk: two chunks
+        merged = await speak(
+            client, text, chunk_method="speaker", chunk_max_num_turns=2, max_new_tokens=20
+        )
+        assert merged.frames == 2 * (20 - K) * HOP
+        # no voices: the model picks them (multi-speaker system prompt)
+        plain = await speak(client, text, max_new_tokens=10)
+        assert plain.status == "completed" and plain.frames == (10 - K) * HOP
+
+
+async def test_word_chunks_and_chunk_buffer(server: Any) -> None:
+    text = "one two three four five six seven\n\n今天天气很好"
+    async with connect(server.url) as client:
+        result = await speak(
+            client, text, chunk_method="word", chunk_max_word_num=3, max_new_tokens=10
+        )
+        # "one two three", "four five six", "seven", "今天天", "气很好"
+        assert result.frames == 5 * (10 - K) * HOP
+        buffered = await speak(
+            client,
+            text,
+            chunk_method="word",
+            chunk_max_word_num=3,
+            max_new_tokens=10,
+            generation_chunk_buffer_size=1,
+            seed=9,
+        )
+        full = await speak(
+            client, text, chunk_method="word", chunk_max_word_num=3, max_new_tokens=10, seed=9
+        )
+        assert buffered.frames == full.frames
+        # the first two chunks see the same context; later ones see less with a buffer of 1
+        two = 2 * (10 - K) * HOP * 2
+        assert buffered.pcm[:two] == full.pcm[:two]
+        assert buffered.pcm != full.pcm
+
+
+async def test_seeds_reproduce(server: Any) -> None:
+    async with connect(server.url) as client:
+        a = await speak(client, "Same words.", voice="belinda", seed=42, max_new_tokens=15)
+        b = await speak(client, "Same words.", voice="belinda", seed=42, max_new_tokens=15)
+        c = await speak(client, "Same words.", voice="belinda", seed=43, max_new_tokens=15)
+        assert a.pcm == b.pcm and a.seed == 42
+        assert a.pcm != c.pcm
+
+
+async def test_cancel_stops_within_a_step(server: Any) -> None:
+    async with connect(server.url) as client:
+        stream = await client.speak("tiny-higgs", "A very long story. " * 20)
+        async for event in stream:
+            if isinstance(event, Audio):
+                await stream.cancel()
+                break
+        result = await asyncio.wait_for(stream.collect(), timeout(10))
+        assert result.status == "cancelled"
+        assert result.stats is not None and result.stats.audio_seconds < 30
+        # the server goes on serving
+        ok = await speak(client, "Still here.", max_new_tokens=8)
+        assert ok.status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "inputs", "code", "field"),
+    [
+        ({"voice": "nobody"}, None, "invalid_field", "params.voice"),
+        ({"chunk_method": "sentence"}, None, "invalid_field", "params.chunk_method"),
+        ({"temperature": 3.0}, None, "invalid_field", "params.temperature"),
+        ({}, {"reference": b"RIFF....not a wav"}, "invalid_field", "inputs.reference"),
+        ({}, {"reference": tone(70.0, rate=8000)}, "invalid_field", "inputs.reference"),
+        ({}, {"reference": tone(0.01)}, "invalid_field", "inputs.reference"),
+        ({}, {"melody": tone(1.0)}, "unsupported", "inputs.melody"),
+        ({"duration": 3.0}, None, "invalid_field", "params.duration"),
+    ],
+)
+async def test_bad_requests_get_typed_errors(
+    server: Any, kwargs: dict[str, Any], inputs: Any, code: str, field: str
+) -> None:
+    async with connect(server.url) as client:
+        stream = await client.generate(
+            "tiny-higgs", "Hello.", params={"max_new_tokens": 8, **kwargs}, inputs=inputs
+        )
+        result = await stream.collect()
+        assert result.status == "error" and result.error is not None
+        assert (result.error.code, result.error.field) == (code, field)
+        ok = await speak(client, "Hello.", max_new_tokens=8)
+        assert ok.status == "completed"
+
+
+async def test_empty_text_and_reference_on_music_model(server: Any) -> None:
+    async with connect(server.url) as client:
+        empty = await speak(client, "   ")
+        assert empty.error is not None and empty.error.field == "prompt"
+        music = await (
+            await client.generate("tiny-musicgen", "x", inputs={"reference": tone(1.0)})
+        ).collect()
+        assert music.error is not None
+        assert (music.error.code, music.error.field) == ("unsupported", "inputs.reference")
+
+
+async def test_two_speakers_interleave(server: Any) -> None:
+    async with connect(server.url) as client:
+        solo = await speak(client, "First.", seed=3, max_new_tokens=25)
+        streams = [
+            await client.speak("tiny-higgs", "First.", seed=3, max_new_tokens=25),
+            await client.speak("tiny-higgs", "Second.", seed=4, max_new_tokens=25),
+        ]
+        results = await asyncio.gather(*(s.collect() for s in streams))
+        assert all(r.status == "completed" for r in results)
+        assert results[0].pcm == solo.pcm
+
+
+async def test_cli_speak(server: Any, voices_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "speech.wav"
+    code, output = await run_cli(
+        "speak",
+        "--url",
+        server.url,
+        "--voice",
+        "belinda",
+        "--scene",
+        "quiet_indoor",
+        "--max-new-tokens",
+        "20",
+        "--seed",
+        "3",
+        "-o",
+        str(out),
+        "Hello from the command line.",
+    )
+    assert code == 0, output
+    assert "random-weight test model" in output
+    audio, rate = soundfile.read(out)
+    assert rate == 24000 and len(audio) == (20 - K) * HOP
+    ref = tmp_path / "me.wav"
+    ref.write_bytes(tone(1.0))
+    code, output = await run_cli(
+        "speak",
+        "--url",
+        server.url,
+        "--ref",
+        str(ref),
+        "--ref-text",
+        "It is me.",
+        "--max-new-tokens",
+        "10",
+        "-o",
+        str(out),
+        "Cloned.",
+    )
+    assert code == 0, output
+    code, output = await run_cli(
+        "speak", "--url", server.url, "--voice", "nobody", "-o", str(out), "Hi."
+    )
+    assert code == 1 and "params.voice" in output
