@@ -80,7 +80,13 @@ class Card {
     this.id = id;
     this.model = model;
     this.prompt = prompt;
-    this.duration = params.duration ?? paramDefault(model, "duration") ?? 10;
+    this.speech = (model.capabilities || []).includes("tts");
+    // Speech has no set length: a guess from the text (about 14 characters a
+    // second) that the waveform rescales past.
+    this.duration = this.speech
+      ? Math.min(model.max_duration, Math.max(2, Math.ceil(prompt.length / 14)))
+      : params.duration ?? paramDefault(model, "duration") ?? 10;
+    this.params = params;
     this.status = "queued";
     this.frames = 0; // received
     this.consumed = 0; // played by the worklet
@@ -99,7 +105,8 @@ class Card {
     this.el = el;
     $(".title", el).textContent = prompt || "(no prompt)";
     const note = model.test_model ? " · test model (random weights: noise)" : "";
-    $(".meta", el).textContent = `${model.name}${note} · ${this.duration} s · ${this.sampleRate} Hz · ${this.channels === 2 ? "stereo" : "mono"}`;
+    const length = this.speech ? (params.voice ? `voice ${params.voice}` : "speech") : `${this.duration} s`;
+    $(".meta", el).textContent = `${model.name}${note} · ${length} · ${this.sampleRate} Hz · ${this.channels === 2 ? "stereo" : "mono"}`;
     $(".cancel", el).addEventListener("click", () => this.cancel());
     this.canvas = $(".wave", el);
     this.ctx2d = this.canvas.getContext("2d");
@@ -132,7 +139,8 @@ class Card {
         outputChannelCount: [this.channels],
         processorOptions: {
           channels: this.channels,
-          capacityFrames: Math.ceil((this.duration + 1) * this.sampleRate),
+          // Speech: room for the longest request the server allows.
+          capacityFrames: Math.ceil(((this.speech ? this.model.max_duration : this.duration) + 1) * this.sampleRate),
           startFrames: Math.round(JITTER_SECONDS * this.sampleRate),
         },
       });
@@ -299,6 +307,22 @@ class Card {
     // One min/max column per pixel over the whole clip, filled as chunks arrive
     // and redrawn with automatic gain (quiet clips stay visible).
     const { width, height } = this.canvas;
+    if (this.frames > this.duration * this.sampleRate) {
+      // Longer than guessed (speech): double the time scale and redraw it all.
+      while (this.frames > this.duration * this.sampleRate) this.duration *= 2;
+      this.cols = null;
+      const chunks = this.chunks;
+      this.chunks = [];
+      const total = this.frames;
+      this.frames = 0;
+      for (const c of chunks) {
+        this.chunks.push(c);
+        this.frames += c.length / this.channels;
+        this.draw(c);
+      }
+      this.frames = total;
+      return;
+    }
     if (!this.cols) {
       this.cols = { lo: new Float32Array(width).fill(1), hi: new Float32Array(width).fill(-1) };
       this.peak = 1e-4;
@@ -421,8 +445,14 @@ function renderParams() {
   const note = $("#model-note");
   if (!model) return;
   for (const box of document.querySelectorAll("fieldset.upload")) {
-    box.hidden = !(model.capabilities || []).includes(box.dataset.role);
+    box.hidden = !(model.capabilities || []).includes(box.dataset.capability || box.dataset.role);
   }
+  const speech = (model.capabilities || []).includes("tts");
+  $("#dialogue").hidden = !(model.capabilities || []).includes("dialogue");
+  $("#prompt-label").textContent = speech ? "Text to speak" : "Describe the music";
+  $("#prompt").placeholder = speech
+    ? "Hello! This is wavecast, speaking while it thinks."
+    : "warm lofi hip hop with soft keys and vinyl crackle";
   note.hidden = !model.test_model;
   note.textContent = model.test_model
     ? "This is a test model with random weights: it makes noise, by design."
@@ -433,9 +463,31 @@ function renderParams() {
     wrap.className = "param";
     const label = document.createElement("label");
     label.htmlFor = id;
-    label.textContent = spec.name.replace("_", " ");
+    label.textContent = spec.name.replaceAll("_", " ");
     label.title = spec.description || "";
     let input;
+    if (spec.name === "voice" && model.voices) {
+      // One picker per speaker; params.voice joins them (SPEAKER0,SPEAKER1).
+      label.htmlFor = `${id}-0`;
+      label.textContent = "voices";
+      const pickers = document.createElement("span");
+      pickers.className = "voices";
+      for (const speaker of [0, 1]) {
+        const select = document.createElement("select");
+        select.id = `${id}-${speaker}`;
+        select.name = "voice";
+        select.dataset.kind = "voice";
+        select.title = `SPEAKER${speaker}`;
+        select.append(new Option(speaker === 0 ? "SPEAKER0: model picks" : "SPEAKER1: model picks", ""));
+        for (const name of model.voices) select.append(new Option(`SPEAKER${speaker}: ${name}`, name));
+        pickers.append(select);
+      }
+      const hint = document.createElement("small");
+      hint.textContent = model.voices.length ? "" : "no named voices on this server";
+      wrap.append(label, pickers, hint);
+      box.append(wrap);
+      continue;
+    }
     if (spec.kind === "bool") {
       input = document.createElement("input");
       input.type = "checkbox";
@@ -455,6 +507,15 @@ function renderParams() {
       }
       if (spec.default != null) input.value = String(spec.default);
       else input.placeholder = spec.name === "seed" ? "random" : "default";
+      if (spec.name === "scene" && model.scenes) {
+        // A named scene, or any description typed in.
+        const list = document.createElement("datalist");
+        list.id = `${id}-names`;
+        for (const name of model.scenes) list.append(new Option(name, name));
+        input.setAttribute("list", list.id);
+        input.placeholder = "a scene name or a description";
+        wrap.append(list);
+      }
     }
     input.id = id;
     input.name = spec.name;
@@ -469,8 +530,12 @@ function renderParams() {
 
 function readParams() {
   const params = {};
+  const voices = [...$("#params").querySelectorAll("select[data-kind=voice]")].map((s) => s.value);
+  while (voices.length && !voices.at(-1)) voices.pop();
+  if (voices.length) params.voice = voices.join(",");
   for (const input of $("#params").querySelectorAll("input, select")) {
     const kind = input.dataset.kind;
+    if (kind === "voice") continue;
     if (kind === "bool") { params[input.name] = input.checked; continue; }
     if (input.value === "") continue;
     if (kind === "int" || kind === "float") {
@@ -578,6 +643,56 @@ connection.onMessage = (m) => {
   if (m.type === "hello") onConnState("open");
   origOnMessage(m);
 };
+
+// -- the dialogue editor: lines of [SPEAKERn] text, written into the prompt --------
+
+function syncDialogue() {
+  const lines = [...document.querySelectorAll("#dialogue-lines .line")];
+  $("#clear-lines").hidden = lines.length === 0;
+  if (!lines.length) return;
+  $("#prompt").value = lines
+    .map((line) => [$(".speaker", line).value, $(".line-text", line).value.trim()])
+    .filter(([, text]) => text)
+    .map(([speaker, text]) => `[${speaker}] ${text}`)
+    .join("\n");
+}
+
+function addLine(speaker, text = "") {
+  const line = document.createElement("div");
+  line.className = "line";
+  const who = document.createElement("select");
+  who.className = "speaker";
+  who.setAttribute("aria-label", "speaker");
+  for (const s of ["SPEAKER0", "SPEAKER1"]) who.append(new Option(s, s));
+  who.value = speaker;
+  const said = document.createElement("input");
+  said.className = "line-text";
+  said.type = "text";
+  said.value = text;
+  said.placeholder = "what this speaker says";
+  said.setAttribute("aria-label", "line");
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "secondary remove";
+  remove.textContent = "×";
+  remove.setAttribute("aria-label", "remove line");
+  remove.addEventListener("click", () => { line.remove(); syncDialogue(); });
+  who.addEventListener("change", syncDialogue);
+  said.addEventListener("input", syncDialogue);
+  line.append(who, said, remove);
+  $("#dialogue-lines").append(line);
+  syncDialogue();
+  return said;
+}
+
+$("#add-line").addEventListener("click", () => {
+  const last = [...document.querySelectorAll("#dialogue-lines .speaker")].at(-1);
+  addLine(last?.value === "SPEAKER0" ? "SPEAKER1" : "SPEAKER0").focus();
+});
+$("#clear-lines").addEventListener("click", () => {
+  $("#dialogue-lines").replaceChildren();
+  syncDialogue();
+});
 
 $("#compose").addEventListener("submit", submit);
 $("#model").addEventListener("change", renderParams);
