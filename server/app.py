@@ -21,10 +21,10 @@ from wavecast.protocol import ShuttingDown, __version__
 from .config import Config
 from .engines import load_engines
 from .engines.base import Engine
+from .engines.voices import BUILTIN_SCENES, Scene, Voice, load_scenes, load_voices
 from .http import STREAM_PATH, HttpRoutes, load_static
 from .scheduler import EngineFactory, Scheduler
 from .session import Session
-from .voices import BUILTIN_SCENES, Scene, Voice, load_scenes, load_voices
 
 __all__ = ["WavecastServer"]
 

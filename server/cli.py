@@ -164,7 +164,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 async def _serve(config: Config) -> None:
     from .app import WavecastServer
     from .engines import ModelLoadError
-    from .voices import VoiceLoadError
+    from .engines.voices import VoiceLoadError
 
     server = WavecastServer(config)
     try:

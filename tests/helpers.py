@@ -94,7 +94,7 @@ def higgs_engines(voices_dir: Any = None) -> Mapping[str, Any]:
     """tiny-higgs (the model built once per session) with the built-in scenes and the
     voices in ``voices_dir``, plus tiny-musicgen."""
     from wavecast.server.engines.higgs import HiggsEngine, load_higgs
-    from wavecast.server.voices import BUILTIN_SCENES, load_scenes, load_voices
+    from wavecast.server.engines.voices import BUILTIN_SCENES, load_scenes, load_voices
 
     if not _HIGGS:
         _HIGGS["model"] = load_higgs("tiny-higgs", None, "cpu")

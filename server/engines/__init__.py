@@ -10,8 +10,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..voices import Scene, Voice
 from .base import Engine, EngineRequest, Job, StepOutput
+from .voices import Scene, Voice
 
 __all__ = ["Engine", "EngineRequest", "Job", "ModelLoadError", "StepOutput", "load_engines"]
 

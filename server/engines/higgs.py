@@ -49,10 +49,10 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
 
 from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
 
-from ..voices import Scene, Voice, scene_text
 from .base import EngineRequest, FloatAudio, Job, StepOutput
 from .codec_stream import StreamDecoder
 from .tiny_higgs import CODEC_DIR, TEST_MARKER, TINY_HIGGS, build_tiny_higgs
+from .voices import Scene, Voice, scene_text
 
 __all__ = [
     "DEFAULT_CODEC",

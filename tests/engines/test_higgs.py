@@ -265,3 +265,24 @@ def test_saved_model_loads_back(tmp_path: Path, engine: HiggsEngine) -> None:
     assert torch.equal(
         engine.codec.decode(codes).audio_values, reloaded.codec.decode(codes).audio_values
     )
+
+
+def test_max_duration_and_max_new_tokens_limits(loaded: HiggsModel) -> None:
+    """--max-duration ends a request (completed) once that much audio is made, however
+    many chunks remain; --max-new-tokens bounds the parameter."""
+    engine = HiggsEngine(loaded, name="tiny-higgs", max_duration=1.0, max_new_tokens=64)
+    spec = next(s for s in engine.info.params if s.name == "max_new_tokens")
+    assert (spec.default, spec.max) == (64, 64)
+    assert engine.info.max_duration == 1.0
+    text = "one two three four five six"
+    job = engine.prepare(
+        EngineRequest("r", text, defaults(engine, chunk_method="word", chunk_max_word_num=1))
+    )
+    frames = 0
+    for _ in range(1000):
+        (out,) = engine.step([job])
+        frames += 0 if out.audio is None else out.audio.shape[0]
+        if out.done:
+            break
+    assert out.done and out.fraction == 1.0
+    assert frames == 25 * engine.hop  # one second at 25 frames a second

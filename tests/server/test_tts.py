@@ -234,6 +234,7 @@ async def test_cancel_stops_within_a_step(server: Any) -> None:
         ({"voice": "nobody"}, None, "invalid_field", "params.voice"),
         ({"chunk_method": "sentence"}, None, "invalid_field", "params.chunk_method"),
         ({"temperature": 3.0}, None, "invalid_field", "params.temperature"),
+        ({"max_new_tokens": 2049}, None, "invalid_field", "params.max_new_tokens"),
         ({}, {"reference": b"RIFF....not a wav"}, "invalid_field", "inputs.reference"),
         ({}, {"reference": tone(70.0, rate=8000)}, "invalid_field", "inputs.reference"),
         ({}, {"reference": tone(0.01)}, "invalid_field", "inputs.reference"),
