@@ -72,6 +72,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-requests-per-connection", type=int, default=limits.max_requests_per_connection
     )
     parser.add_argument("--max-frame-bytes", type=int, default=limits.max_frame_bytes)
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=limits.max_prompt_chars,
+        help="longest prompt (music description or text to speak)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits.max_connections,
+        help="open connections at once (beyond: closed with 1013)",
+    )
     parser.add_argument("--send-buffer-bytes", type=int, default=limits.send_buffer_bytes)
     parser.add_argument(
         "--max-duration",
@@ -138,6 +150,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         network=NetworkConfig(host=args.host, port=args.port, web_demo=args.web_demo),
         limits=LimitsConfig(
             max_frame_bytes=args.max_frame_bytes,
+            max_prompt_chars=args.max_prompt_chars,
+            max_connections=args.max_connections,
             max_requests_per_connection=args.max_requests_per_connection,
             max_queue=args.max_queue,
             max_active=args.max_active,

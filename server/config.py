@@ -34,7 +34,7 @@ class LimitsConfig:
     max_requests_per_connection: int = 8
     max_queue: int = 32
     max_active: int = 4
-    max_prompt_chars: int = 2000
+    max_prompt_chars: int = 10000  # speech texts may be long (chunked)
     send_buffer_bytes: int = 8 << 20
     max_connections: int = 256
     max_upload_bytes: int = 16 << 20

@@ -51,7 +51,14 @@ from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
 
 from .base import EngineRequest, FloatAudio, Job, StepOutput
 from .codec_stream import StreamDecoder
-from .tiny_higgs import CODEC_DIR, TEST_MARKER, TINY_HIGGS, build_tiny_higgs
+from .tiny_higgs import (
+    CODEC_DIR,
+    RANDOM_HIGGS_3B,
+    TEST_MARKER,
+    TINY_HIGGS,
+    build_random_higgs,
+    build_tiny_higgs,
+)
 from .voices import Scene, Voice, scene_text
 
 __all__ = [
@@ -94,7 +101,7 @@ AUDIO_DELAY = "<|reserved_special_token_6|>"
 
 def is_higgs_name(name: str) -> bool:
     """Whether a ``--model`` value names a HiggsAudio v2 model."""
-    if name == TINY_HIGGS or "higgs-audio" in name.lower():
+    if name in (TINY_HIGGS, RANDOM_HIGGS_3B) or "higgs-audio" in name.lower():
         return True
     config = Path(name) / "config.json"
     if config.is_file():
@@ -124,8 +131,8 @@ def load_higgs(name: str, codec_name: str | None, device: str) -> HiggsModel:
             folder that has one, else the released codec.
         device: ``cpu`` or ``cuda[:N]``.
     """
-    if name == TINY_HIGGS:
-        tiny = build_tiny_higgs()
+    if name in (TINY_HIGGS, RANDOM_HIGGS_3B):
+        tiny = build_tiny_higgs() if name == TINY_HIGGS else build_random_higgs(device)
         model, tokenizer, codec = tiny.model, tiny.tokenizer, tiny.codec
         test_model = True
     else:

@@ -31,15 +31,19 @@ from transformers import (
 
 __all__ = [
     "CODEC_DIR",
+    "RANDOM_HIGGS_3B",
     "SPECIAL_TOKENS",
     "TEST_MARKER",
     "TINY_HIGGS",
     "TinyHiggs",
+    "build_random_higgs",
     "build_tiny_higgs",
     "save_tiny_higgs",
 ]
 
 TINY_HIGGS = "tiny-higgs"
+# The released 3B model's shape with random weights: for speed measurements.
+RANDOM_HIGGS_3B = "random-higgs-3b"
 CODEC_DIR = "audio_tokenizer"
 # Marks a saved folder as random weights, so that it is announced as a test model.
 TEST_MARKER = "WAVECAST_TEST_MODEL"
@@ -213,3 +217,57 @@ def save_tiny_higgs(tiny: TinyHiggs, folder: Path) -> tuple[Path, Path]:
     tiny.codec.save_pretrained(codec_dir)
     (folder / TEST_MARKER).write_text("random weights: this model makes noise\n")
     return folder, codec_dir
+
+
+def build_random_higgs(device: str) -> TinyHiggs:
+    """HiggsAudio v2 at the released shapes (the 3B generator: 28 layers of 3072
+    with the dual audio FFN, 8 codebooks of 1024; the codec: DAC 64/1024 with
+    HuBERT-base semantic features), random weights, built on ``device``.
+
+    The byte-level tokenizer stands in for Llama 3's; the embedding keeps the
+    released vocabulary size, so every matrix has its real shape.
+    """
+    torch.manual_seed(_SEED)
+    tokenizer = _byte_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    ratios = [8, 5, 4, 2, 3]
+    codec_config = HiggsAudioV2TokenizerConfig(
+        acoustic_model_config=DacConfig(
+            encoder_hidden_size=64,
+            decoder_hidden_size=1024,
+            downsampling_ratios=ratios,
+            upsampling_ratios=ratios,
+            codebook_size=1024,
+        ),
+        semantic_model_config=HubertConfig(mask_time_prob=0.0),
+        codebook_size=1024,
+        codebook_dim=64,
+        target_bandwidths=[0.5, 1, 1.5, 2],  # 8 codebooks at 25 frames a second
+        sample_rate=24000,
+    )
+    config = HiggsAudioV2Config(
+        pad_token_id=ids["<|finetune_right_pad_id|>"],
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=ids["<|eot_id|>"],
+        max_position_embeddings=8192,
+        num_codebooks=int(codec_config.num_quantizers),
+        codebook_size=1024 + 2,
+        audio_token_id=ids["<|AUDIO_OUT|>"],
+        audio_bos_token_id=ids["<|audio_out_bos|>"],
+        audio_delay_token_id=ids["<|reserved_special_token_6|>"],
+        audio_stream_bos_id=1024,
+        audio_stream_eos_id=1025,
+    )
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        codec = HiggsAudioV2TokenizerModel(codec_config).eval()
+        gen = torch.Generator(device=device).manual_seed(_SEED)
+        with torch.no_grad():
+            for layer in codec.quantizer.quantizers:
+                codebook = layer.codebook
+                codebook.embed.copy_(
+                    torch.randn(codebook.embed.shape, generator=gen, device=device)
+                )
+        model = HiggsAudioV2ForConditionalGeneration(config).to(dtype).eval()
+    _quiet_eos(model)
+    return TinyHiggs(model, tokenizer, codec)

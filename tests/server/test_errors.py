@@ -48,7 +48,7 @@ async def test_frames_that_open_no_request_get_an_error(
         ("tiny-musicgen", {"duration": "long"}, "", "invalid_field", "params.duration"),
         ("tiny-musicgen", {"temperature": True}, "", "invalid_field", "params.temperature"),
         ("tiny-musicgen", {"volume": 3}, "", "invalid_field", "params.volume"),
-        ("tiny-musicgen", {}, "x" * 2001, "invalid_field", "prompt"),
+        ("tiny-musicgen", {}, "x" * 10001, "invalid_field", "prompt"),
         ("no-such-model", {}, "", "unknown_model", "model"),
     ],
 )

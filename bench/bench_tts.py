@@ -1,0 +1,208 @@
+"""Text to speech: real-time factor and time to first audio through the server,
+against transformers' own ``generate`` plus a one-shot codec decode (what the
+replaced HTTP server did: the whole clip at the end) on the same model.
+
+The server runs as its own process (``wavecast serve``), as in production:
+
+    .venv/bin/python bench/bench_tts.py --model tiny-higgs --max-new-tokens 250
+    .venv/bin/python bench/bench_tts.py --model random-higgs-3b --device cuda
+
+``--engine-only`` steps the engine in the benchmark's own process instead of
+starting a server (for models too large to hold twice in memory).
+
+Prints a Markdown section for bench/RESULTS.md. Client-side times run from
+sending ``generate`` to the first ``audio`` frame and to ``done``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_stream import machine, start_server, sync
+from transformers import GenerationConfig
+
+from wavecast.clients import connect
+from wavecast.protocol import Audio, Done
+from wavecast.server.engines import resolve_device
+from wavecast.server.engines.base import EngineRequest
+from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+
+TEXT = (
+    "The sun rises in the east and sets in the west. This simple fact has been "
+    "observed by humans for thousands of years."
+)
+
+
+def params(engine: HiggsEngine, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    given: dict[str, Any] = {spec.name: spec.default for spec in engine.info.params}
+    given.update(max_new_tokens=args.max_new_tokens, seed=seed)
+    return given
+
+
+def baseline(engine: HiggsEngine, args: argparse.Namespace, device: str) -> list[float]:
+    """Wall seconds of ``generate`` with the server's defaults, then one decode."""
+    job = engine.prepare(EngineRequest("b", TEXT, params(engine, args, 0)))
+    st = job.state
+    stream = engine._open_chunk(st)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=st.temperature,
+        top_k=st.top_k,
+        top_p=st.top_p,
+        max_new_tokens=args.max_new_tokens,
+        ras_win_len=st.ras_win_len,
+        ras_win_max_num_repeat=st.ras_max_repeat,
+        return_dict_in_generate=True,
+    )
+    k = engine.num_codebooks
+    times = []
+    for _ in range(args.runs):
+        sync(device)
+        start = time.perf_counter()
+        kwargs: dict[str, Any] = {}
+        if stream.audio_ids is not None:
+            kwargs["audio_input_ids"] = stream.audio_ids
+            kwargs["audio_input_ids_mask"] = torch.ones(
+                stream.audio_ids.shape[:2], dtype=torch.bool, device=stream.audio_ids.device
+            )
+        out = engine.model.generate(
+            input_ids=stream.input_ids,
+            attention_mask=torch.ones_like(stream.input_ids),
+            generation_config=config,
+            **kwargs,
+        )
+        start_row = 0 if stream.audio_ids is None else stream.audio_ids.shape[1]
+        rows = out.audio_sequences[0, start_row + 1 :]
+        frames = rows.shape[0] - (k - 1)
+        codes = torch.stack([rows[i : i + frames, i] for i in range(k)]).clamp(
+            0, engine.stream_bos - 1
+        )
+        engine.codec.decode(codes.unsqueeze(0))
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def engine_run(engine: HiggsEngine, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    job = engine.prepare(EngineRequest("e", TEXT, params(engine, args, seed)))
+    start = time.perf_counter()
+    first = None
+    samples = 0
+    while True:
+        (out,) = engine.step([job])
+        if out.audio is not None:
+            samples += out.audio.shape[0]
+            if first is None:
+                first = time.perf_counter() - start
+        if out.done:
+            break
+    wall = time.perf_counter() - start
+    engine.finish(job)
+    assert first is not None
+    audio = samples / engine.sample_rate
+    return {"ttfa": first, "wall": wall, "audio": audio, "rtf": audio / wall}
+
+
+async def one(url: str, model: str, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    async with connect(url) as client:
+        start = time.perf_counter()
+        stream = await client.speak(model, TEXT, max_new_tokens=args.max_new_tokens, seed=seed)
+        first = None
+        audio = 0.0
+        async for event in stream:
+            if isinstance(event, Audio) and first is None:
+                first = time.perf_counter() - start
+            if isinstance(event, Done):
+                assert event.status == "completed", event
+                assert event.stats is not None
+                audio = event.stats.audio_seconds
+        wall = time.perf_counter() - start
+    assert first is not None
+    return {"ttfa": first, "wall": wall, "audio": audio, "rtf": audio / wall}
+
+
+async def bench(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    engine = HiggsEngine(load_higgs(args.model, None, device), name=args.model)
+    audio_seconds = (args.max_new_tokens - engine.num_codebooks) / engine.frame_rate
+    base = baseline(engine, args, device)
+    conc: dict[int, tuple[list[dict[str, float]], float]] = {}
+    if args.engine_only:
+        engine_run(engine, args, 0)  # warm-up
+        seq = [engine_run(engine, args, seed) for seed in range(args.runs)]
+    else:
+        del engine
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        with tempfile.TemporaryDirectory() as tmp:
+            process, url = start_server(args, Path(tmp) / "server.log")
+            try:
+                await one(url, args.model, args, 0)  # warm-up
+                seq = [await one(url, args.model, args, seed) for seed in range(args.runs)]
+                for k in args.concurrency:
+                    start = time.perf_counter()
+                    results = await asyncio.gather(
+                        *(one(url, args.model, args, seed) for seed in range(k))
+                    )
+                    conc[k] = (results, time.perf_counter() - start)
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(60)
+
+    med = statistics.median
+    base_rtf = audio_seconds / med(base)
+    seq_rtf = med(r["rtf"] for r in seq)
+    where = "engine in-process" if args.engine_only else "wavecast stream, 1 client"
+    print(
+        f"### {args.model} on {device}, speech, {args.max_new_tokens} frames "
+        f"({audio_seconds:g} s), {args.runs} runs (median)\n"
+    )
+    print(f"- machine: {machine(device)}")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}\n")
+    print("| path | time to first audio | wall | real-time factor |")
+    print("| --- | --- | --- | --- |")
+    print(
+        f"| transformers `generate` + decode | {med(base):.3f} s (all at the end) | "
+        f"{med(base):.3f} s | x{base_rtf:.2f} |"
+    )
+    print(
+        f"| {where} | {med(r['ttfa'] for r in seq) * 1000:.0f} ms | "
+        f"{med(r['wall'] for r in seq):.3f} s | x{seq_rtf:.2f} |"
+    )
+    for k, (results, wall) in conc.items():
+        total = sum(r["audio"] for r in results)
+        print(
+            f"| wavecast, {k} concurrent | {med(r['ttfa'] for r in results) * 1000:.0f} ms "
+            f"(max {max(r['ttfa'] for r in results) * 1000:.0f} ms) | {wall:.3f} s | "
+            f"x{min(r['rtf'] for r in results):.2f} per stream (slowest), "
+            f"x{total / wall:.2f} aggregate |"
+        )
+    print(f"\nwavecast / generate real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-higgs")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=250)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--engine-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""``wavecast serve`` as a process with a speech model loaded from a folder, its
+voices and scenes folders and its flags; the one-line startup errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import soundfile
+from helpers import WAVECAST, timeout
+
+from wavecast.clients import SyncClient
+from wavecast.server.engines.tiny_higgs import build_tiny_higgs, save_tiny_higgs
+
+
+def start(args: list[str], log_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+    process = subprocess.Popen(
+        [*WAVECAST, "serve", "--port", "0", "--log-file", str(log_file), *args]
+    )
+    for _ in range(int(timeout(120) * 10)):
+        if log_file.exists():
+            match = re.search(r"ws://127\.0\.0\.1:(\d+)/v1/stream", log_file.read_text())
+            if match:
+                return process, int(match.group(1))
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(log_file.read_text() if log_file.exists() else "no log")
+
+
+def get(port: int, path: str) -> object:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_serve_a_saved_speech_model_with_voices_and_scenes(tmp_path: Path) -> None:
+    folder, _ = save_tiny_higgs(build_tiny_higgs(), tmp_path / "higgs")
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    t = np.arange(16000) / 16000
+    soundfile.write(str(voices / "anna.wav"), (0.3 * np.sin(2 * np.pi * 180 * t)), 16000)
+    (voices / "anna.txt").write_text("Hello, I am Anna.")
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    (scenes / "stage.txt").write_text("Recorded on a theatre stage.\n")
+    process, port = start(
+        [
+            "--model",
+            str(folder),
+            "--voices-dir",
+            str(voices),
+            "--scenes-dir",
+            str(scenes),
+            "--max-new-tokens",
+            "100",
+            "--max-prompt-chars",
+            "60",
+        ],
+        tmp_path / "server.log",
+    )
+    try:
+        assert get(port, "/v1/voices") == {
+            "voices": [
+                {
+                    "name": "anna",
+                    "file": "anna.wav",
+                    "type": "wav",
+                    "seconds": 1.0,
+                    "transcript": "Hello, I am Anna.",
+                }
+            ],
+            "count": 1,
+        }
+        listed = get(port, "/v1/scenes")
+        assert listed == {
+            "scenes": [
+                {"name": "stage", "file": "stage.txt", "content": "Recorded on a theatre stage."}
+            ],
+            "count": 1,
+        }
+        with SyncClient(f"ws://127.0.0.1:{port}/v1/stream") as client:
+            (info,) = client.hello.models
+            assert info.name == str(folder) and info.test_model  # the folder's marker
+            assert info.voices == ("anna",) and info.scenes == ("stage",)
+            spec = next(s for s in info.params if s.name == "max_new_tokens")
+            assert (spec.default, spec.max) == (100, 100)
+            scene = next(s for s in info.params if s.name == "scene")
+            assert scene.default == ""  # no quiet_indoor in this scenes folder
+            result = client.speak(
+                info.name, "Hi there.", voice="anna", scene="stage", max_new_tokens=20
+            ).collect()
+            assert result.status == "completed" and result.frames == 16 * 960
+            long = client.speak(info.name, "x" * 61).collect()
+            assert long.error is not None and long.error.field == "prompt"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout(30)) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def run_serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    return subprocess.run(
+        [*WAVECAST, "serve", "--port", "0", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout(120),
+    )
+
+
+def test_unreachable_speech_model_says_so_in_one_line(tmp_path: Path) -> None:
+    result = run_serve(["--model", "bosonai/higgs-audio-v2-generation-3B-base"], tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert "higgs-audio-v2-generation-3B-base" in errors[0]
+    assert "--model tiny-higgs" in errors[0]
+
+
+def test_bad_voice_file_stops_the_server_with_its_name(tmp_path: Path) -> None:
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    (voices / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    result = run_serve(["--model", "tiny-higgs", "--voices-dir", str(voices)], tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "broken.wav" in errors[0]
