@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "bosonai/higgs-audio-v2-generation-3B-base"
 DEFAULT_CODEC = "bosonai/higgs-audio-v2-tokenizer"
 MAX_SEED = 2**63 - 1
+MAX_RAS_WINDOW = 64
 REFERENCE_ROLES = ("reference", "reference_1")
 CHUNK_METHODS = ("none", "speaker", "word")
 
@@ -295,7 +296,7 @@ class HiggsStream:
     processors: LogitsProcessorList
     cache: DynamicCache
     input_ids: torch.Tensor  # [1, L] text tokens (only the tail matters once prefilled)
-    audio_ids: torch.Tensor | None  # [1, N, K] context audio + generated rows
+    audio_ids: torch.Tensor | None  # [1, N, K] the prompt's audio rows, then the last rows
     rows: list[torch.Tensor] = field(default_factory=list)  # generated rows [K]
     steps: int = 0
     prefilled: bool = False
@@ -438,7 +439,7 @@ class HiggsEngine:
                 "int",
                 7,
                 0,
-                64,
+                MAX_RAS_WINDOW,
                 description="repetition-aware sampling window in frames (0: off)",
             ),
             ParamSpec(
@@ -759,6 +760,11 @@ class HiggsEngine:
         stream.input_ids = torch.cat(
             [stream.input_ids, stream.input_ids.new_full((1, 1), next_text)], dim=1
         )
+        # Past the prompt only the tails matter (the KV cache holds the rest): the
+        # last text token, and the RAS window of audio rows. Keeping them bounded
+        # keeps each step's work constant.
+        stream.input_ids = stream.input_ids[:, -(k + 1) :]
+        stream.audio_ids = stream.audio_ids[:, -MAX_RAS_WINDOW:]
         stream.steps += 1
         if all_eos or stream.steps >= max_new_tokens:
             stream.ended = True
