@@ -79,7 +79,7 @@ async def one(url: str, model: str, prompt: str, duration: float) -> dict[str, f
                 assert event.status == "completed", event
         wall = time.perf_counter() - start
     assert first is not None
-    return {"ttfa": first, "wall": wall, "rtf": duration / wall}
+    return {"ttfa": first, "wall": wall, "audio": duration, "rtf": duration / wall}
 
 
 def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -138,32 +138,57 @@ async def bench(args: argparse.Namespace) -> None:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
 
+    report(
+        f"{args.model} on {device}, {args.duration:g} s clips, {args.runs} runs (median)",
+        device,
+        ("audiocraft `MusicGen.generate`", "audiocraft"),
+        base,
+        args.duration,
+        ("wavecast stream, 1 client", seq),
+        conc,
+    )
+
+
+Run = dict[str, float]
+
+
+def report(
+    title: str,
+    device: str,
+    baseline_names: tuple[str, str],
+    base: list[float],
+    audio_seconds: float,
+    single: tuple[str, list[Run]],
+    conc: dict[int, tuple[list[Run], float]],
+) -> None:
+    """Print a RESULTS.md section: the baseline's wall times, then the runs."""
     med = statistics.median
-    base_rtf = args.duration / med(base)
+    base_rtf = audio_seconds / med(base)
+    label, seq = single
     seq_rtf = med(r["rtf"] for r in seq)
-    print(f"### {args.model} on {device}, {args.duration:g} s clips, {args.runs} runs (median)\n")
+    print(f"### {title}\n")
     print(f"- machine: {machine(device)}")
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
     print(f"- date: {time.strftime('%Y-%m-%d')}\n")
     print("| path | time to first audio | wall | real-time factor |")
     print("| --- | --- | --- | --- |")
     print(
-        f"| audiocraft `MusicGen.generate` | {med(base):.3f} s (all at the end) | "
+        f"| {baseline_names[0]} | {med(base):.3f} s (all at the end) | "
         f"{med(base):.3f} s | x{base_rtf:.2f} |"
     )
     print(
-        f"| wavecast stream, 1 client | {med(r['ttfa'] for r in seq) * 1000:.0f} ms | "
+        f"| {label} | {med(r['ttfa'] for r in seq) * 1000:.0f} ms | "
         f"{med(r['wall'] for r in seq):.3f} s | x{seq_rtf:.2f} |"
     )
     for k, (results, wall) in conc.items():
-        total = k * args.duration
+        total = sum(r["audio"] for r in results)
         print(
             f"| wavecast, {k} concurrent | {med(r['ttfa'] for r in results) * 1000:.0f} ms "
             f"(max {max(r['ttfa'] for r in results) * 1000:.0f} ms) | {wall:.3f} s | "
             f"x{min(r['rtf'] for r in results):.2f} per stream (slowest), "
             f"x{total / wall:.2f} aggregate |"
         )
-    print(f"\nwavecast / audiocraft real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
+    print(f"\nwavecast / {baseline_names[1]} real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
 
 
 def main() -> None:

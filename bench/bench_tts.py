@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_stream import machine, start_server, sync
+from bench_stream import report, start_server, sync
 from transformers import GenerationConfig
 
 from wavecast.clients import connect
@@ -159,36 +156,16 @@ async def bench(args: argparse.Namespace) -> None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(60)
 
-    med = statistics.median
-    base_rtf = audio_seconds / med(base)
-    seq_rtf = med(r["rtf"] for r in seq)
-    where = "engine in-process" if args.engine_only else "wavecast stream, 1 client"
-    print(
-        f"### {args.model} on {device}, speech, {args.max_new_tokens} frames "
-        f"({audio_seconds:g} s), {args.runs} runs (median)\n"
+    report(
+        f"{args.model} on {device}, speech, {args.max_new_tokens} frames "
+        f"({audio_seconds:g} s), {args.runs} runs (median)",
+        device,
+        ("transformers `generate` + decode", "generate"),
+        base,
+        audio_seconds,
+        ("engine in-process" if args.engine_only else "wavecast stream, 1 client", seq),
+        conc,
     )
-    print(f"- machine: {machine(device)}")
-    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
-    print(f"- date: {time.strftime('%Y-%m-%d')}\n")
-    print("| path | time to first audio | wall | real-time factor |")
-    print("| --- | --- | --- | --- |")
-    print(
-        f"| transformers `generate` + decode | {med(base):.3f} s (all at the end) | "
-        f"{med(base):.3f} s | x{base_rtf:.2f} |"
-    )
-    print(
-        f"| {where} | {med(r['ttfa'] for r in seq) * 1000:.0f} ms | "
-        f"{med(r['wall'] for r in seq):.3f} s | x{seq_rtf:.2f} |"
-    )
-    for k, (results, wall) in conc.items():
-        total = sum(r["audio"] for r in results)
-        print(
-            f"| wavecast, {k} concurrent | {med(r['ttfa'] for r in results) * 1000:.0f} ms "
-            f"(max {max(r['ttfa'] for r in results) * 1000:.0f} ms) | {wall:.3f} s | "
-            f"x{min(r['rtf'] for r in results):.2f} per stream (slowest), "
-            f"x{total / wall:.2f} aggregate |"
-        )
-    print(f"\nwavecast / generate real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
 
 
 def main() -> None:

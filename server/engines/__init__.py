@@ -84,14 +84,7 @@ def load_engines(
         try:
             model, test_model = load_musicgen(name, resolved)
         except Exception as exc:
-            reason = (
-                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            )
-            raise ModelLoadError(
-                f"could not load model {name!r} ({type(exc).__name__}: {reason}); "
-                f"without network access, try the offline test model: "
-                f"wavecast serve --model {TINY_MUSICGEN}"
-            ) from exc
+            raise _load_error(name, exc, TINY_MUSICGEN) from exc
         diffusion = None
         # The released MBD decodes musicgen's 32 kHz EnCodec codes (each channel of a
         # stereo model separately, as audiocraft's demo does).
@@ -136,12 +129,16 @@ def _load_higgs_engine(name: str, device: str, *, codec: str | None, **kwargs: A
     try:
         loaded = load_higgs(name, codec, device)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"could not load model {name!r} ({type(exc).__name__}: {reason}); "
-            f"without network access, try the offline test model: "
-            f"wavecast serve --model {TINY_HIGGS}"
-        ) from exc
+        raise _load_error(name, exc, TINY_HIGGS) from exc
     if loaded.test_model:
         log.warning("%s is a random-weight test model: it makes noise", name)
     return HiggsEngine(loaded, name=name, **kwargs)
+
+
+def _load_error(name: str, exc: Exception, offline: str) -> ModelLoadError:
+    """One line for the operator: what failed, why, and the offline alternative."""
+    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(
+        f"could not load model {name!r} ({type(exc).__name__}: {reason}); "
+        f"without network access, try the offline test model: wavecast serve --model {offline}"
+    )

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from wavecast.protocol import ModelInfo, ParamValue
+from wavecast.protocol import InvalidField, ModelInfo, ParamValue
 
-__all__ = ["Engine", "EngineRequest", "Job", "StepOutput"]
+__all__ = ["Engine", "EngineRequest", "Job", "StepOutput", "number", "request_seed"]
 
 FloatAudio = npt.NDArray[np.float32]
 
@@ -81,3 +81,18 @@ class Engine(Protocol):
     def finish(self, job: Job) -> None:
         """Release a job's resources (completed, cancelled or failed)."""
         ...
+
+
+def number(value: ParamValue) -> float:
+    """A numeric parameter that ``resolve_params`` has validated."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidField(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def request_seed(params: Mapping[str, ParamValue]) -> int:
+    """``params.seed``, or a fresh one (reported to the client in ``started``)."""
+    import secrets
+
+    given = params.get("seed")
+    return secrets.randbelow(2**31) if given is None else int(number(given))

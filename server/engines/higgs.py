@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +46,9 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
     HiggsAudioV2DelayPatternLogitsProcessor,
 )
 
-from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
+from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
 
-from .base import EngineRequest, FloatAudio, Job, StepOutput
+from .base import EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
 from .codec_stream import StreamDecoder
 from .tiny_higgs import (
     CODEC_DIR,
@@ -507,7 +506,9 @@ class HiggsEngine:
                 continue
             voice = self.voices.get(voice_name)
             if voice is None:
-                known = ", ".join(self.voices) or "none configured"
+                listed = list(self.voices)
+                known = ", ".join(listed[:20]) + (", …" if len(listed) > 20 else "")
+                known = known or "none configured"
                 raise InvalidField(
                     f"params.voice: no voice named {voice_name[:64]!r} (voices: {known})",
                     field="params.voice",
@@ -515,6 +516,11 @@ class HiggsEngine:
             voices[index] = (voice.transcript, self._voice_codes_of(voice))
         for index, role in enumerate(REFERENCE_ROLES):
             data = request.inputs.get(role)
+            if data is None and str(params[f"{role}_text"] or "").strip():
+                raise InvalidField(
+                    f"params.{role}_text is the transcript of inputs.{role}, which was not sent",
+                    field=f"params.{role}_text",
+                )
             if data is not None:
                 transcript = str(params[f"{role}_text"] or "").strip() or None
                 voices[index] = (transcript, self._encode_upload(data, role))
@@ -554,11 +560,10 @@ class HiggsEngine:
         chunks = chunk_text(
             text,
             method,
-            int(_number(params["chunk_max_word_num"])),
-            int(_number(params["chunk_max_num_turns"])),
+            int(number(params["chunk_max_word_num"])),
+            int(number(params["chunk_max_num_turns"])),
         )
-        given_seed = params.get("seed")
-        seed = secrets.randbelow(2**31) if given_seed is None else int(_number(given_seed))
+        seed = request_seed(params)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
         buffer = params.get("generation_chunk_buffer_size")
@@ -569,15 +574,15 @@ class HiggsEngine:
             scene=scene_parts,
             references=references,
             history=[],
-            buffer_size=None if buffer is None else int(_number(buffer)),
+            buffer_size=None if buffer is None else int(number(buffer)),
             generator=generator,
             seed=seed,
-            temperature=_number(params["temperature"]),
-            top_k=int(_number(params["top_k"])),
-            top_p=_number(params["top_p"]),
-            max_new_tokens=int(_number(params["max_new_tokens"])),
-            ras_win_len=int(_number(params["ras_win_len"])),
-            ras_max_repeat=int(_number(params["ras_win_max_num_repeat"])),
+            temperature=number(params["temperature"]),
+            top_k=int(number(params["top_k"])),
+            top_p=number(params["top_p"]),
+            max_new_tokens=int(number(params["max_new_tokens"])),
+            ras_win_len=int(number(params["ras_win_len"])),
+            ras_max_repeat=int(number(params["ras_win_max_num_repeat"])),
             decoder=StreamDecoder(
                 self._decode,
                 self.hop,
@@ -848,9 +853,3 @@ class HiggsEngine:
         """Every frame ``[1, K, T]`` the job has streamed so far."""
         st: _HiggsJob = job.state
         return torch.cat(st.codes, dim=-1)
-
-
-def _number(value: ParamValue) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidField(f"expected a number, got {value!r}")
-    return float(value)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +33,9 @@ from audiocraft.models.musicgen import MusicGen
 from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 from audiocraft.modules.streaming import StreamingModule
 
-from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
+from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
 
-from .base import EngineRequest, FloatAudio, Job, StepOutput
+from .base import EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
 from .codec_stream import StreamDecoder
 from .mbd import MBDRun
 from .tiny import (
@@ -390,9 +389,8 @@ class MusicGenEngine:
 
     def _prepare(self, request: EngineRequest) -> Job:
         params = request.params
-        duration = _number(params["duration"])
-        given_seed = params.get("seed")
-        seed = secrets.randbelow(2**31) if given_seed is None else int(_number(given_seed))
+        duration = number(params["duration"])
+        seed = request_seed(params)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
         total_len = max(1, int(duration * self.frame_rate))
@@ -423,7 +421,7 @@ class MusicGenEngine:
             self._wrap_melody(attributes, melody, 0)
         cfg_conditions, py_random = self._cfg_conditions(attributes, _seeded_state(seed))
 
-        stride_seconds = _number(params.get("extend_stride") or 18.0)
+        stride_seconds = number(params.get("extend_stride") or 18.0)
         decoder = StreamDecoder(
             self._decode,
             self.hop,
@@ -435,12 +433,12 @@ class MusicGenEngine:
         first_prompt_len = 0 if prompt is None else int(prompt.shape[-1])
         job = _MusicGenJob(
             cfg_conditions=cfg_conditions,
-            cfg_coef=_number(params["cfg_coef"]),
+            cfg_coef=number(params["cfg_coef"]),
             decoder=decoder,
             generator=generator,
-            temperature=_number(params["temperature"]),
-            top_k=int(_number(params["top_k"])),
-            top_p=_number(params["top_p"]),
+            temperature=number(params["temperature"]),
+            top_k=int(number(params["top_k"])),
+            top_p=number(params["top_p"]),
             duration=duration,
             total_len=total_len,
             first_prompt_len=first_prompt_len,
@@ -687,10 +685,3 @@ class MusicGenEngine:
 
 def _seeded_state(seed: int) -> Any:
     return random.Random(seed).getstate()
-
-
-def _number(value: ParamValue) -> float:
-    """A validated numeric parameter (resolve_params has checked the type)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidField(f"expected a number, got {value!r}")
-    return float(value)

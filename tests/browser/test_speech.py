@@ -24,6 +24,18 @@ def tone(path: Path, seconds: float, freq: float, rate: int = 24000) -> Path:
     return path
 
 
+async def submit_and_wait(page: Any) -> tuple[str, dict[str, Any]]:
+    """Press Generate; wait for the new card to complete or fail."""
+    await page.click("#generate")
+    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    await page.wait_for_function(
+        "(id) => ['completed', 'error'].includes(window.wavecast.cards.get(id).status)",
+        arg=rid,
+        timeout=timeout(60) * MS,
+    )
+    return rid, await card(page, rid)
+
+
 @pytest.fixture
 async def speech_server(tmp_path: Path) -> AsyncIterator[Any]:
     voices = tmp_path / "voices"
@@ -75,14 +87,7 @@ async def test_speech_form_dialogue_voices_and_upload(
     )
     await page.fill("#param-max_new_tokens", "20")
     await page.select_option("#param-chunk_method", "speaker")
-    await page.click("#generate")
-    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
-    await page.wait_for_function(
-        "(id) => ['completed', 'error'].includes(window.wavecast.cards.get(id).status)",
-        arg=rid,
-        timeout=timeout(60) * MS,
-    )
-    done = await card(page, rid)
+    rid, done = await submit_and_wait(page)
     assert done["status"] == "completed", done["error"]
     # two turns, each spoken to max_new_tokens, in one seamless stream
     assert done["frames"] == done["serverSamples"] == 2 * (20 - K) * HOP
@@ -123,25 +128,12 @@ async def test_speech_errors_and_recorded_reference(
     )
     await page.fill("#prompt", "Say it in my voice.")
     await page.fill("#param-max_new_tokens", "12")
-    await page.click("#generate")
-    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
-    await page.wait_for_function(
-        "(id) => ['completed', 'error'].includes(window.wavecast.cards.get(id).status)",
-        arg=rid,
-        timeout=timeout(60) * MS,
-    )
-    done = await card(page, rid)
+    _, done = await submit_and_wait(page)
     assert done["status"] == "completed", done["error"]
     assert done["frames"] == (12 - K) * HOP
     # A bad value is shown on its card with the server's typed error.
     # (the form's `required` check passes a blank line; the server refuses it)
     await page.fill("#prompt", " ")
-    await page.click("#generate")
-    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
-    await page.wait_for_function(
-        "(id) => window.wavecast.cards.get(id).status === 'error'",
-        arg=rid,
-        timeout=timeout(30) * MS,
-    )
-    assert "prompt" in (await card(page, rid))["error"]
+    _, failed = await submit_and_wait(page)
+    assert failed["status"] == "error" and "prompt" in failed["error"]
     assert page.errors == []

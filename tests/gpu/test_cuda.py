@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -35,3 +37,46 @@ def test_tiny_model_streams_exactly_on_cuda() -> None:
     assert torch.equal(codes, reference)
     full = model.compression_model.decode(codes, None)[0].transpose(0, 1).float().cpu().numpy()
     assert np.abs(np.concatenate(chunks) - full).max() <= 1e-3
+
+
+def _speak(engine: Any, text: str, **given: Any) -> tuple[Any, np.ndarray]:
+    params = resolve_params(engine.info.params, given)
+    job = engine.prepare(EngineRequest("g", text, params))
+    chunks = []
+    while True:
+        out = engine.step([job])[0]
+        if out.audio is not None:
+            chunks.append(out.audio)
+        if out.done:
+            return job, np.concatenate(chunks)[:, 0]
+
+
+def test_tiny_higgs_streams_exactly_on_cuda() -> None:
+    from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+
+    engine = HiggsEngine(load_higgs("tiny-higgs", None, "cuda"), name="tiny-higgs")
+    job, streamed = _speak(
+        engine,
+        "[SPEAKER0] Hello.\n[SPEAKER1] Hi!",
+        seed=1,
+        max_new_tokens=40,
+        chunk_method="speaker",
+    )
+    codes = engine.codes_of(job)
+    with torch.no_grad():
+        whole = engine.codec.decode(codes).audio_values[0, 0].float().cpu().numpy()
+    assert streamed.shape == whole.shape
+    assert np.abs(streamed - whole).max() <= 1e-4
+
+
+def test_random_higgs_3b_runs_on_cuda() -> None:
+    """The released shapes (bfloat16 generator, float32 codec) on the GPU."""
+    from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+
+    engine = HiggsEngine(load_higgs("random-higgs-3b", None, "cuda"), name="random-higgs-3b")
+    job, streamed = _speak(engine, "Hello there.", seed=1, max_new_tokens=40)
+    codes = engine.codes_of(job)
+    assert codes.shape == (1, 8, 40 - 8)
+    with torch.no_grad():
+        whole = engine.codec.decode(codes).audio_values[0, 0].float().cpu().numpy()
+    assert np.abs(streamed - whole).max() <= 1e-3

@@ -228,6 +228,22 @@ async def test_cancel_stops_within_a_step(server: Any) -> None:
         assert ok.status == "completed"
 
 
+async def test_disconnect_stops_speech(server: Any) -> None:
+    scheduler = server.scheduler
+    async with connect(server.url) as client:
+        stream = await client.speak("tiny-higgs", "A long story. " * 40, max_new_tokens=2048)
+        async for event in stream:
+            if isinstance(event, Audio):
+                break
+        await client.ws.close()
+    await asyncio.wait_for(scheduler.wait_idle(timeout(10)), timeout(11))
+    steps = scheduler.steps_total
+    await asyncio.sleep(0.3)
+    assert scheduler.steps_total == steps  # nothing runs on for the closed connection
+    assert scheduler.snapshot()["cancelled"] >= 1
+    assert steps < 1000  # of the 2048 the request would have taken
+
+
 @pytest.mark.parametrize(
     ("kwargs", "inputs", "code", "field"),
     [
@@ -235,6 +251,7 @@ async def test_cancel_stops_within_a_step(server: Any) -> None:
         ({"chunk_method": "sentence"}, None, "invalid_field", "params.chunk_method"),
         ({"temperature": 3.0}, None, "invalid_field", "params.temperature"),
         ({"max_new_tokens": 2049}, None, "invalid_field", "params.max_new_tokens"),
+        ({"reference_text": "hi"}, None, "invalid_field", "params.reference_text"),
         ({}, {"reference": b"RIFF....not a wav"}, "invalid_field", "inputs.reference"),
         ({}, {"reference": tone(70.0, rate=8000)}, "invalid_field", "inputs.reference"),
         ({}, {"reference": tone(0.01)}, "invalid_field", "inputs.reference"),
