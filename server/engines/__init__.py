@@ -128,11 +128,12 @@ def _load_higgs_engine(name: str, device: str, *, codec: str | None, **kwargs: A
 
     try:
         loaded = load_higgs(name, codec, device)
+        engine = HiggsEngine(loaded, name=name, **kwargs)
     except Exception as exc:
         raise _load_error(name, exc, TINY_HIGGS) from exc
     if loaded.test_model:
         log.warning("%s is a random-weight test model: it makes noise", name)
-    return HiggsEngine(loaded, name=name, **kwargs)
+    return engine
 
 
 def _load_error(name: str, exc: Exception, offline: str) -> ModelLoadError:

@@ -379,12 +379,21 @@ class HiggsEngine:
         self.frame_rate = self.sample_rate / self.hop
         self.max_duration = float(max_duration)
         self._voice_codes: dict[str, torch.Tensor] = {}
-        self._ids = {
-            token: int(self.tokenizer.convert_tokens_to_ids(token))
-            for token in (AUDIO_OUT, AUDIO_DELAY)
-        }
-        if self._ids[AUDIO_OUT] != int(config.audio_token_id):
-            raise ValueError("the tokenizer's <|AUDIO_OUT|> id differs from the model's")
+        # The prompt layout names these tokens; the model knows them by id.
+        for token, expected in (
+            (AUDIO_OUT, config.audio_token_id),
+            (AUDIO_DELAY, config.audio_delay_token_id),
+            ("<|audio_out_bos|>", config.audio_bos_token_id),
+            ("<|audio_eos|>", None),
+        ):
+            got = self.tokenizer.convert_tokens_to_ids(token)
+            unknown = got is None or got == self.tokenizer.unk_token_id
+            if unknown or (expected is not None and int(got) != int(expected)):
+                raise ValueError(
+                    f"the text tokenizer does not match the model: {token} is "
+                    f"{'unknown' if unknown else got}"
+                    + ("" if expected is None else f", the model expects id {expected}")
+                )
         card = int(config.codebook_size)
         default_scene = "quiet_indoor" if "quiet_indoor" in self.scenes else ""
         scene_names = ", ".join(self.scenes) or "none configured"

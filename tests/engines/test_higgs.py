@@ -286,3 +286,10 @@ def test_max_duration_and_max_new_tokens_limits(loaded: HiggsModel) -> None:
             break
     assert out.done and out.fraction == 1.0
     assert frames == 25 * engine.hop  # one second at 25 frames a second
+
+
+def test_tokenizer_that_does_not_match_the_model_is_refused() -> None:
+    tiny = build_tiny_higgs()
+    tiny.model.config.audio_token_id = 5  # a byte, not <|AUDIO_OUT|>
+    with pytest.raises(ValueError, match=r"<\|AUDIO_OUT\|> is 264, the model expects id 5"):
+        HiggsEngine(HiggsModel(tiny.model, tiny.tokenizer, tiny.codec, True), name="t")
