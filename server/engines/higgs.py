@@ -164,7 +164,8 @@ PromptPart = str | PromptAudio
 
 def build_prompt(
     system: str,
-    scene: Sequence[PromptPart],
+    scene: str,
+    speakers: Sequence[tuple[str, PromptAudio]],
     turns: Sequence[tuple[str, PromptAudio]],
     text: str,
 ) -> list[PromptPart]:
@@ -172,7 +173,9 @@ def build_prompt(
 
     Args:
         system: The system instruction.
-        scene: The scene description's items (text, or a voice's audio).
+        scene: The scene description (may be empty).
+        speakers: Voices described in the scene by their audio alone
+            (``("SPEAKER0", audio)``), as references without a transcript go.
         turns: Earlier (user text, assistant audio) exchanges: reference voices
             with their transcripts, and chunks already spoken.
         text: What to say now.
@@ -183,21 +186,14 @@ def build_prompt(
     parts: list[PromptPart] = [
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + system.strip()
     ]
-    if scene:
+    if scene.strip() or speakers:
         parts.append("\n\n<|scene_desc_start|>\n")
-        for i, item in enumerate(scene):
-            if isinstance(item, PromptAudio):
-                parts += [" <|audio_out_bos|>", item, "<|audio_eos|>"]
-                if i < len(scene) - 1:
-                    parts.append("\n")
-            else:
-                parts.append(item.strip())
-                if i < len(scene) - 1:
-                    following = scene[i + 1]
-                    if i == 0:
-                        parts.append("\n\n")
-                    elif not isinstance(following, PromptAudio):
-                        parts.append("\n")
+        if scene.strip():
+            parts.append(scene.strip() + ("\n\n" if speakers else ""))
+        for i, (label, audio) in enumerate(speakers):
+            parts += [f"{label}: <|audio_out_bos|>", audio, "<|audio_eos|>"]
+            if i < len(speakers) - 1:
+                parts.append("\n")
         parts.append("\n<|scene_desc_end|>")
     parts.append("<|eot_id|>")
     for user, audio in turns:
@@ -306,7 +302,8 @@ class HiggsStream:
 class _HiggsJob:
     chunks: list[str]
     system: str
-    scene: list[PromptPart]
+    scene: str
+    speakers: list[tuple[str, PromptAudio]]
     references: list[tuple[str, PromptAudio]]
     history: list[tuple[str, PromptAudio]]
     buffer_size: int | None
@@ -537,7 +534,7 @@ class HiggsEngine:
         scene = scene_text(self.scenes, scene_value) if scene_value.strip() else ""
 
         system = SYSTEM
-        scene_parts: list[PromptPart] = []
+        described: list[tuple[str, PromptAudio]] = []
         references: list[tuple[str, PromptAudio]] = []
         multi = len(voices) > 1 or len(speakers) > 1
         if voices:
@@ -548,22 +545,16 @@ class HiggsEngine:
                     assert transcript is not None
                     said = f"[SPEAKER{index}] {transcript}" if multi else transcript
                     references.append((said, PromptAudio(codes)))
-                if scene:
-                    scene_parts = [scene]
             else:
                 # Without transcripts the voices go into the scene description.
-                scene_parts = [scene] if scene else []
-                for index in sorted(voices):
-                    scene_parts += [f"SPEAKER{index}:", PromptAudio(voices[index][1])]
+                described = [(f"SPEAKER{i}", PromptAudio(voices[i][1])) for i in sorted(voices)]
         elif len(speakers) > 1:
             system = MULTISPEAKER_SYSTEM
             roles = "\n".join(
                 f"SPEAKER{n}: {'feminine' if i % 2 == 0 else 'masculine'}"
                 for i, n in enumerate(speakers)
             )
-            scene_parts = [f"{scene}\n\n{roles}" if scene else roles]
-        elif scene:
-            scene_parts = [scene]
+            scene = f"{scene}\n\n{roles}" if scene else roles
 
         method = str(params["chunk_method"])
         chunks = chunk_text(
@@ -580,7 +571,8 @@ class HiggsEngine:
         state = _HiggsJob(
             chunks=chunks,
             system=system,
-            scene=scene_parts,
+            scene=scene,
+            speakers=described,
             references=references,
             history=[],
             buffer_size=None if buffer is None else int(number(buffer)),
@@ -797,7 +789,9 @@ class HiggsEngine:
         history = st.history
         if st.buffer_size is not None:
             history = history[-st.buffer_size :]
-        parts = build_prompt(st.system, st.scene, st.references + history, st.chunks[st.index])
+        parts = build_prompt(
+            st.system, st.scene, st.speakers, st.references + history, st.chunks[st.index]
+        )
         return self.start_stream(parts, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p)
 
     def _step_one(self, job: Job) -> StepOutput:

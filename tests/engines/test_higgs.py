@@ -50,7 +50,8 @@ def reference_prompt(engine: HiggsEngine) -> list[Any]:
     codes = torch.randint(0, BOS, (K, 30), generator=torch.Generator().manual_seed(1))
     return build_prompt(
         SYSTEM,
-        ["Audio is recorded from a quiet room."],
+        "Audio is recorded from a quiet room.",
+        [],
         [("This is the reference.", PromptAudio(codes))],
         "The sun rises in the east and sets in the west.",
     )
@@ -139,7 +140,7 @@ def test_prompt_tokens_match_processor(engine: HiggsEngine) -> None:
     same text tokens and the same audio code blocks."""
     wav = 0.3 * np.sin(np.linspace(0, 400, 24000)).astype(np.float32)
     codes = engine.encode_audio(wav, 24000)
-    parts = build_prompt(SYSTEM, ["A quiet room."], [("Reference.", PromptAudio(codes))], "Hi!")
+    parts = build_prompt(SYSTEM, "A quiet room.", [], [("Reference.", PromptAudio(codes))], "Hi!")
     stream = engine.start_stream(parts, temperature=0.7, top_k=50, top_p=0.95)
     processor = HiggsAudioV2Processor(
         DacFeatureExtractor(sampling_rate=24000),
@@ -157,14 +158,33 @@ def test_prompt_tokens_match_processor(engine: HiggsEngine) -> None:
 
 def test_prompt_layout() -> None:
     audio = PromptAudio(torch.zeros(K, 2, dtype=torch.long))
-    parts = build_prompt(MULTISPEAKER_SYSTEM, ["In a cafe.", "SPEAKER0:", audio], [], "Hello.")
-    text = "".join(p if isinstance(p, str) else "<A>" for p in parts)
-    assert text == (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-        + MULTISPEAKER_SYSTEM
-        + "\n\n<|scene_desc_start|>\nIn a cafe.\n\nSPEAKER0: <|audio_out_bos|><A><|audio_eos|>"
-        "\n<|scene_desc_end|><|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHello."
-        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
+
+    def render(*args: Any) -> str:
+        return "".join(p if isinstance(p, str) else "<A>" for p in build_prompt(*args))
+
+    head = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    tail = (
+        "<|start_header_id|>user<|end_header_id|>\n\nHello.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
+    )
+    # As the processor's chat template renders a scene of [text, "SPEAKER0:", audio, ...].
+    assert render(
+        SYSTEM, "In a cafe.", [("SPEAKER0", audio), ("SPEAKER1", audio)], [], "Hello."
+    ) == (
+        head + SYSTEM + "\n\n<|scene_desc_start|>\nIn a cafe.\n\n"
+        "SPEAKER0: <|audio_out_bos|><A><|audio_eos|>\nSPEAKER1: <|audio_out_bos|><A><|audio_eos|>"
+        "\n<|scene_desc_end|><|eot_id|>" + tail
+    )
+    # No scene text: the voices alone, as the original examples write them.
+    assert render(SYSTEM, "", [("SPEAKER0", audio)], [], "Hello.") == (
+        head + SYSTEM + "\n\n<|scene_desc_start|>\nSPEAKER0: <|audio_out_bos|><A><|audio_eos|>"
+        "\n<|scene_desc_end|><|eot_id|>" + tail
+    )
+    # Earlier exchanges: a transcript, then its audio as the assistant's answer.
+    assert render(MULTISPEAKER_SYSTEM, "", [], [("Hi.", audio)], "Hello.") == (
+        head + MULTISPEAKER_SYSTEM + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi."
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|><A>"
+        "<|audio_eos|><|eot_id|>" + tail
     )
 
 
@@ -293,3 +313,16 @@ def test_tokenizer_that_does_not_match_the_model_is_refused() -> None:
     tiny.model.config.audio_token_id = 5  # a byte, not <|AUDIO_OUT|>
     with pytest.raises(ValueError, match=r"<\|AUDIO_OUT\|> is 264, the model expects id 5"):
         HiggsEngine(HiggsModel(tiny.model, tiny.tokenizer, tiny.codec, True), name="t")
+
+
+def test_text_in_any_script_reaches_the_model_unchanged(engine: HiggsEngine) -> None:
+    text = "Ça va? 你好，世界！ Привет — こんにちは。"
+    job = engine.prepare(EngineRequest("r", f"  {text}  ", defaults(engine, max_new_tokens=8)))
+    stream = engine.start_stream(
+        build_prompt(SYSTEM, "", [], [], job.state.chunks[0]),
+        temperature=0.7,
+        top_k=50,
+        top_p=0.95,
+    )
+    decoded = engine.tokenizer.decode(stream.input_ids[0])
+    assert f"user<|end_header_id|>\n\n{text}<|eot_id|>" in decoded
