@@ -474,6 +474,11 @@ class HiggsEngine:
             ),
         )
         label = "random-weight test model, makes noise" if loaded.test_model else "text to speech"
+        # Named voices are encoded once, here, so that a request naming one pays
+        # nothing for it (bounded: the voices folder is read once).
+        with torch.no_grad():
+            for voice in self.voices.values():
+                self._voice_codes[voice.name] = self.encode_audio(voice.audio, voice.sample_rate)
         self._info = ModelInfo(
             name=name,
             family=self.family,
@@ -603,11 +608,7 @@ class HiggsEngine:
         return job
 
     def _voice_codes_of(self, voice: Voice) -> torch.Tensor:
-        codes = self._voice_codes.get(voice.name)
-        if codes is None:
-            codes = self.encode_audio(voice.audio, voice.sample_rate)
-            self._voice_codes[voice.name] = codes
-        return codes
+        return self._voice_codes[voice.name]
 
     def _encode_upload(self, data: bytes, role: str) -> torch.Tensor:
         from ..audio import decode_upload
