@@ -14,11 +14,21 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from wavecast.protocol import InvalidField, ModelInfo, ParamValue
+from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
 
-__all__ = ["Engine", "EngineRequest", "Job", "StepOutput", "number", "request_seed"]
+__all__ = ["SEED_SPEC", "Engine", "EngineRequest", "Job", "StepOutput", "number", "request_seed"]
 
 FloatAudio = npt.NDArray[np.float32]
+
+MAX_SEED = 2**63 - 1
+SEED_SPEC = ParamSpec(
+    "seed",
+    "int",
+    None,
+    0,
+    MAX_SEED,
+    description="random seed (empty: a fresh one, reported in started)",
+)
 
 
 @dataclass(frozen=True, slots=True)

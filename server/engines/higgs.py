@@ -48,7 +48,7 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
 
 from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
 
-from .base import EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
+from .base import SEED_SPEC, EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
 from .codec_stream import StreamDecoder
 from .tiny_higgs import (
     CODEC_DIR,
@@ -76,7 +76,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "bosonai/higgs-audio-v2-generation-3B-base"
 DEFAULT_CODEC = "bosonai/higgs-audio-v2-tokenizer"
-MAX_SEED = 2**63 - 1
 MAX_RAS_WINDOW = 64
 REFERENCE_ROLES = ("reference", "reference_1")
 CHUNK_METHODS = ("none", "speaker", "word")
@@ -431,14 +430,7 @@ class HiggsEngine:
                 max_new_tokens,
                 description=f"audio frames per chunk at most ({self.frame_rate:g} per second)",
             ),
-            ParamSpec(
-                "seed",
-                "int",
-                None,
-                0,
-                MAX_SEED,
-                description="random seed (empty: a fresh one, reported in started)",
-            ),
+            SEED_SPEC,
             ParamSpec(
                 "ras_win_len",
                 "int",

@@ -35,7 +35,7 @@ from audiocraft.modules.streaming import StreamingModule
 
 from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
 
-from .base import EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
+from .base import SEED_SPEC, EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
 from .codec_stream import StreamDecoder
 from .mbd import MBDRun
 from .tiny import (
@@ -53,7 +53,6 @@ __all__ = ["MusicGenEngine", "StreamSettings", "load_musicgen", "sample_next_tok
 log = logging.getLogger(__name__)
 
 UNKNOWN_TOKEN = -1
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,14 +263,7 @@ class MusicGenEngine:
                 30.0,
                 description="classifier-free guidance strength",
             ),
-            ParamSpec(
-                "seed",
-                "int",
-                None,
-                0,
-                MAX_SEED,
-                description="random seed (empty: a fresh one, reported in started)",
-            ),
+            SEED_SPEC,
             ParamSpec(
                 "include_prompt",
                 "bool",

@@ -24,31 +24,30 @@ def test_tiny_model_streams_exactly_on_cuda() -> None:
     engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
     params = resolve_params(engine.info.params, {"duration": 2.0, "top_k": 1, "seed": 0})
     job = engine.prepare(EngineRequest("g", "gpu", params))
-    chunks = []
-    while True:
-        out = engine.step([job])[0]
-        if out.audio is not None:
-            chunks.append(out.audio)
-        if out.done:
-            break
+    chunks = _collect(engine, job)
     codes = engine.codes_of(job)
     model.set_generation_params(duration=2.0, top_k=1)
     _, reference = model.generate(["gpu"], return_tokens=True)
     assert torch.equal(codes, reference)
     full = model.compression_model.decode(codes, None)[0].transpose(0, 1).float().cpu().numpy()
-    assert np.abs(np.concatenate(chunks) - full).max() <= 1e-3
+    assert np.abs(chunks - full).max() <= 1e-3
 
 
-def _speak(engine: Any, text: str, **given: Any) -> tuple[Any, np.ndarray]:
-    params = resolve_params(engine.info.params, given)
-    job = engine.prepare(EngineRequest("g", text, params))
+def _collect(engine: Any, job: Any) -> np.ndarray:
+    """Step a job to its end; its audio ``[frames, channels]``."""
     chunks = []
     while True:
         out = engine.step([job])[0]
         if out.audio is not None:
             chunks.append(out.audio)
         if out.done:
-            return job, np.concatenate(chunks)[:, 0]
+            return np.concatenate(chunks)
+
+
+def _speak(engine: Any, text: str, **given: Any) -> tuple[Any, np.ndarray]:
+    params = resolve_params(engine.info.params, given)
+    job = engine.prepare(EngineRequest("g", text, params))
+    return job, _collect(engine, job)[:, 0]
 
 
 def test_tiny_higgs_streams_exactly_on_cuda() -> None:
