@@ -326,3 +326,13 @@ def test_text_in_any_script_reaches_the_model_unchanged(engine: HiggsEngine) -> 
     )
     decoded = engine.tokenizer.decode(stream.input_ids[0])
     assert f"user<|end_header_id|>\n\n{text}<|eot_id|>" in decoded
+
+
+def test_too_few_steps_for_a_frame_end_cleanly(engine: HiggsEngine) -> None:
+    # 1 BOS row + K - 1 delay rows: with max_new_tokens <= K no frame completes.
+    job = engine.prepare(EngineRequest("r", "Hi.", defaults(engine, max_new_tokens=K)))
+    outputs = [engine.step([job])[0] for _ in range(K)]
+    assert outputs[-1].done and all(o.audio is None for o in outputs)
+    job = engine.prepare(EngineRequest("r", "Hi.", defaults(engine, max_new_tokens=K + 1)))
+    audio = [o.audio for o in (engine.step([job])[0] for _ in range(K + 1)) if o.audio is not None]
+    assert sum(a.shape[0] for a in audio) == engine.hop  # one frame

@@ -339,3 +339,10 @@ async def test_cli_speak(server: Any, voices_dir: Path, tmp_path: Path) -> None:
         "speak", "--url", server.url, "--voice", "nobody", "-o", str(out), "Hi."
     )
     assert code == 1 and "params.voice" in output
+
+
+async def test_an_utterance_too_short_for_a_frame_completes_empty(server: Any) -> None:
+    async with connect(server.url) as client:
+        result = await speak(client, "Hi.", max_new_tokens=K)
+        assert result.status == "completed" and result.frames == 0
+        assert result.stats is not None and result.stats.first_audio_seconds is None
