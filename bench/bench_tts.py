@@ -32,7 +32,7 @@ from wavecast.clients import connect
 from wavecast.protocol import Audio, Done
 from wavecast.server.engines import resolve_device
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+from wavecast.server.engines.higgs import HiggsEngine, PromptAudio, load_higgs
 
 TEXT = (
     "The sun rises in the east and sets in the west. This simple fact has been "
@@ -43,48 +43,56 @@ TEXT = (
 def params(engine: HiggsEngine, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     given: dict[str, Any] = {spec.name: spec.default for spec in engine.info.params}
     given.update(max_new_tokens=args.max_new_tokens, seed=seed)
+    if args.chunk_words:
+        given.update(chunk_method="word", chunk_max_word_num=args.chunk_words)
     return given
 
 
 def baseline(engine: HiggsEngine, args: argparse.Namespace, device: str) -> list[float]:
-    """Wall seconds of ``generate`` with the server's defaults, then one decode."""
-    job = engine.prepare(EngineRequest("b", TEXT, params(engine, args, 0)))
-    st = job.state
-    stream = engine._open_chunk(st)
-    config = GenerationConfig(
-        do_sample=True,
-        temperature=st.temperature,
-        top_k=st.top_k,
-        top_p=st.top_p,
-        max_new_tokens=args.max_new_tokens,
-        ras_win_len=st.ras_win_len,
-        ras_win_max_num_repeat=st.ras_max_repeat,
-        return_dict_in_generate=True,
-    )
+    """Wall seconds of the original loop: ``generate`` per chunk, each prompted with
+    the chunks before it, with the server's defaults; then one decode of it all."""
+    config = None
     k = engine.num_codebooks
     times = []
     for _ in range(args.runs):
+        st = engine.prepare(EngineRequest("b", TEXT, params(engine, args, 0))).state
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=st.temperature,
+            top_k=st.top_k,
+            top_p=st.top_p,
+            max_new_tokens=args.max_new_tokens,
+            ras_win_len=st.ras_win_len,
+            ras_win_max_num_repeat=st.ras_max_repeat,
+            return_dict_in_generate=True,
+        )
         sync(device)
         start = time.perf_counter()
-        kwargs: dict[str, Any] = {}
-        if stream.audio_ids is not None:
-            kwargs["audio_input_ids"] = stream.audio_ids
-            kwargs["audio_input_ids_mask"] = torch.ones(
-                stream.audio_ids.shape[:2], dtype=torch.bool, device=stream.audio_ids.device
+        spoken = []
+        for index, chunk in enumerate(st.chunks):
+            st.index = index
+            stream = engine._open_chunk(st)
+            kwargs: dict[str, Any] = {}
+            if stream.audio_ids is not None:
+                kwargs["audio_input_ids"] = stream.audio_ids
+                kwargs["audio_input_ids_mask"] = torch.ones(
+                    stream.audio_ids.shape[:2], dtype=torch.bool, device=stream.audio_ids.device
+                )
+            out = engine.model.generate(
+                input_ids=stream.input_ids,
+                attention_mask=torch.ones_like(stream.input_ids),
+                generation_config=config,
+                **kwargs,
             )
-        out = engine.model.generate(
-            input_ids=stream.input_ids,
-            attention_mask=torch.ones_like(stream.input_ids),
-            generation_config=config,
-            **kwargs,
-        )
-        start_row = 0 if stream.audio_ids is None else stream.audio_ids.shape[1]
-        rows = out.audio_sequences[0, start_row + 1 :]
-        frames = rows.shape[0] - (k - 1)
-        codes = torch.stack([rows[i : i + frames, i] for i in range(k)]).clamp(
-            0, engine.stream_bos - 1
-        )
-        engine.codec.decode(codes.unsqueeze(0))
+            start_row = 0 if stream.audio_ids is None else stream.audio_ids.shape[1]
+            rows = out.audio_sequences[0, start_row + 1 :]
+            frames = rows.shape[0] - (k - 1)
+            codes = torch.stack([rows[i : i + frames, i] for i in range(k)]).clamp(
+                0, engine.stream_bos - 1
+            )
+            spoken.append(codes)
+            st.history.append((chunk, PromptAudio(codes)))
+        engine.codec.decode(torch.cat(spoken, dim=1).unsqueeze(0))
         sync(device)
         times.append(time.perf_counter() - start)
     return times
@@ -113,7 +121,12 @@ def engine_run(engine: HiggsEngine, args: argparse.Namespace, seed: int) -> dict
 async def one(url: str, model: str, args: argparse.Namespace, seed: int) -> dict[str, float]:
     async with connect(url) as client:
         start = time.perf_counter()
-        stream = await client.speak(model, TEXT, max_new_tokens=args.max_new_tokens, seed=seed)
+        chunking: dict[str, Any] = {}
+        if args.chunk_words:
+            chunking = {"chunk_method": "word", "chunk_max_word_num": args.chunk_words}
+        stream = await client.speak(
+            model, TEXT, max_new_tokens=args.max_new_tokens, seed=seed, **chunking
+        )
         first = None
         audio = 0.0
         async for event in stream:
@@ -131,7 +144,9 @@ async def one(url: str, model: str, args: argparse.Namespace, seed: int) -> dict
 async def bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     engine = HiggsEngine(load_higgs(args.model, None, device), name=args.model)
-    audio_seconds = (args.max_new_tokens - engine.num_codebooks) / engine.frame_rate
+    chunks = len(engine.prepare(EngineRequest("n", TEXT, params(engine, args, 0))).state.chunks)
+    # Random weights speak until max_new_tokens in every chunk.
+    audio_seconds = chunks * (args.max_new_tokens - engine.num_codebooks) / engine.frame_rate
     base = baseline(engine, args, device)
     conc: dict[int, tuple[list[dict[str, float]], float]] = {}
     if args.engine_only:
@@ -157,8 +172,8 @@ async def bench(args: argparse.Namespace) -> None:
                 process.wait(60)
 
     report(
-        f"{args.model} on {device}, speech, {args.max_new_tokens} frames "
-        f"({audio_seconds:g} s), {args.runs} runs (median)",
+        f"{args.model} on {device}, speech, {chunks} chunk(s) of {args.max_new_tokens} "
+        f"frames ({audio_seconds:g} s), {args.runs} runs (median)",
         device,
         ("transformers `generate` + decode", "generate"),
         base,
@@ -176,6 +191,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--engine-only", action="store_true")
+    parser.add_argument(
+        "--chunk-words",
+        type=int,
+        default=0,
+        help="speak the text in chunks of this many words (0: in one go)",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     asyncio.run(bench(args))

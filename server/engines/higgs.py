@@ -291,7 +291,12 @@ class HiggsStream:
     cache: DynamicCache
     input_ids: torch.Tensor  # [1, L] text tokens (only the tail matters once prefilled)
     audio_ids: torch.Tensor | None  # [1, N, K] the prompt's audio rows, then the last rows
+    prompt_ids: torch.Tensor  # [1, L] the whole prompt, as it was tokenized
+    prompt_audio: torch.Tensor | None  # [1, N, K] its audio rows
+    cached_tokens: int = 0  # prompt tokens already in ``cache`` (reused from a chunk)
+    cached_rows: int = 0  # of which audio rows
     rows: list[torch.Tensor] = field(default_factory=list)  # generated rows [K]
+    forwarded: int = 0  # generated rows fed back through the model (in the cache)
     steps: int = 0
     prefilled: bool = False
     ended: bool = False
@@ -318,6 +323,7 @@ class _HiggsJob:
     max_frames: int
     index: int = 0
     stream: HiggsStream | None = None
+    previous: HiggsStream | None = None  # the chunk just spoken (its cache is reused)
     chunk_frames: list[torch.Tensor] = field(default_factory=list)  # frames [K] of this chunk
     codes: list[torch.Tensor] = field(default_factory=list)  # every frame [K, 1] streamed
     produced: int = 0
@@ -639,8 +645,16 @@ class HiggsEngine:
         temperature: float,
         top_k: int,
         top_p: float,
+        after: HiggsStream | None = None,
     ) -> HiggsStream:
-        """Tokenize a prompt and set up sampling for it (no forward pass yet)."""
+        """Tokenize a prompt and set up sampling for it (no forward pass yet).
+
+        Args:
+            after: The utterance just finished, when this prompt extends its
+                prompt with its answer (the next chunk of a text): its KV cache
+                is reused as far as the new prompt agrees with what it holds,
+                so only the rest is prefilled.
+        """
         texts: list[str] = []
         blocks: list[torch.Tensor] = []
         k = self.num_codebooks
@@ -675,12 +689,54 @@ class HiggsEngine:
                 processors.append(TopKLogitsWarper(top_k))
             if top_p < 1.0:
                 processors.append(TopPLogitsWarper(top_p))
-        return HiggsStream(
+        stream = HiggsStream(
             processors=processors,
             cache=DynamicCache(config=self.model.config),
             input_ids=input_ids,
             audio_ids=audio_ids,
+            prompt_ids=input_ids,
+            prompt_audio=audio_ids,
         )
+        if after is not None:
+            self._reuse_cache(after, stream)
+        return stream
+
+    def _reuse_cache(self, old: HiggsStream, new: HiggsStream) -> None:
+        """Take over ``old``'s KV cache for the prefix ``new``'s prompt shares with it.
+
+        The cache holds ``old``'s prompt and the rows it generated and fed back.
+        When ``new``'s prompt starts with ``old``'s and goes on with those rows
+        (the spoken chunk as a delay-pattern block, which it is unless the
+        utterance was cut short or sampled a stream marker mid-way), only the
+        tokens past the common prefix need a forward pass.
+        """
+        length = old.prompt_ids.shape[1]
+        rows = 0 if old.prompt_audio is None else old.prompt_audio.shape[1]
+        if old.cache.get_seq_length() != length + old.forwarded or new.prompt_audio is None:
+            return
+        if new.prompt_ids.shape[1] <= length + old.forwarded or not torch.equal(
+            new.prompt_ids[:, :length], old.prompt_ids
+        ):
+            return
+        if old.prompt_audio is not None and not torch.equal(
+            new.prompt_audio[:, :rows], old.prompt_audio
+        ):
+            return
+        generated = torch.stack(old.rows[: old.forwarded]) if old.forwarded else None
+        upcoming = new.prompt_audio[0, rows : rows + old.forwarded]
+        same = 0
+        if generated is not None and upcoming.shape == generated.shape:
+            agree = (upcoming == generated).all(dim=1).long()
+            same = int(agree.cumprod(0).sum())
+        audio_token = int(self.model.config.audio_token_id)
+        delay_token = int(self.model.config.audio_delay_token_id)
+        placeholders = new.prompt_ids[0, length : length + same]
+        if not bool(((placeholders == audio_token) | (placeholders == delay_token)).all()):
+            return
+        old.cache.crop(-(old.forwarded - same))
+        new.cache = old.cache
+        new.cached_tokens = length + same
+        new.cached_rows = rows + same
 
     def sample_row(
         self,
@@ -699,12 +755,15 @@ class HiggsEngine:
         model = self.model
         config = model.config
         if not stream.prefilled:
+            audio = None if stream.audio_ids is None else stream.audio_ids[:, stream.cached_rows :]
             mask = None
-            if stream.audio_ids is not None:
-                mask = torch.ones(stream.audio_ids.shape[:2], dtype=torch.bool, device=self.device)
+            if audio is not None and audio.shape[1] == 0:
+                audio = None
+            if audio is not None:
+                mask = torch.ones(audio.shape[:2], dtype=torch.bool, device=self.device)
             out = model(
-                input_ids=stream.input_ids,
-                audio_input_ids=stream.audio_ids,
+                input_ids=stream.input_ids[:, stream.cached_tokens :],
+                audio_input_ids=audio,
                 audio_input_ids_mask=mask,
                 past_key_values=stream.cache,
                 use_cache=True,
@@ -719,6 +778,7 @@ class HiggsEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
+            stream.forwarded += 1
         logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
         scores = stream.processors(stream.input_ids, logits)
         if do_sample:
@@ -778,19 +838,22 @@ class HiggsEngine:
         with torch.no_grad():
             return [self._step_one(job) for job in jobs]
 
-    def _open_chunk(self, st: _HiggsJob) -> HiggsStream:
+    def _open_chunk(self, st: _HiggsJob, after: HiggsStream | None = None) -> HiggsStream:
         history = st.history
         if st.buffer_size is not None:
             history = history[-st.buffer_size :]
         parts = build_prompt(
             st.system, st.scene, st.speakers, st.references + history, st.chunks[st.index]
         )
-        return self.start_stream(parts, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p)
+        return self.start_stream(
+            parts, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p, after=after
+        )
 
     def _step_one(self, job: Job) -> StepOutput:
         st: _HiggsJob = job.state
         if st.stream is None:
-            st.stream = self._open_chunk(st)
+            st.stream = self._open_chunk(st, after=st.previous)
+            st.previous = None
             st.chunk_frames = []
         stream = st.stream
         row = self.sample_row(
@@ -823,6 +886,7 @@ class HiggsEngine:
                 codes = torch.stack(st.chunk_frames, dim=1)
                 st.history.append((spoken, PromptAudio(codes)))
             st.index += 1
+            st.previous = stream
             st.stream = None
             if st.index >= len(st.chunks) or st.produced >= st.max_frames:
                 done = True

@@ -336,3 +336,46 @@ def test_too_few_steps_for_a_frame_end_cleanly(engine: HiggsEngine) -> None:
     job = engine.prepare(EngineRequest("r", "Hi.", defaults(engine, max_new_tokens=K + 1)))
     audio = [o.audio for o in (engine.step([job])[0] for _ in range(K + 1)) if o.audio is not None]
     assert sum(a.shape[0] for a in audio) == engine.hop  # one frame
+
+
+def test_next_chunk_reuses_the_cache_and_agrees_with_a_fresh_prefill(
+    engine: HiggsEngine,
+) -> None:
+    codes = torch.randint(0, BOS, (K, 20), generator=torch.Generator().manual_seed(3))
+    refs = [("A reference.", PromptAudio(codes))]
+    first = engine.start_stream(
+        build_prompt(SYSTEM, "A room.", [], refs, "One."), temperature=0, top_k=0, top_p=1
+    )
+    rows = []
+    while (row := engine.sample_row(first, **GREEDY, max_new_tokens=30)) is not None:
+        rows.append(row)
+    spoken = torch.stack(rows)  # [30, K] delayed rows; frames = 30 - K
+    frames = torch.stack([spoken[1 + i : 1 + i + 30 - K, i] for i in range(K)])
+    history = [*refs, ("One.", PromptAudio(frames.clamp(0, BOS - 1)))]
+    parts = build_prompt(SYSTEM, "A room.", [], history, "Two.")
+    prompt_length = first.prompt_ids.shape[1]
+
+    reused = engine.start_stream(parts, temperature=0, top_k=0, top_p=1, after=first)
+    fresh = engine.start_stream(parts, temperature=0, top_k=0, top_p=1)
+    # The cache kept the old prompt and every generated row the block repeats: all
+    # 29 fed back except where codebook 0 ran past the last complete frame.
+    assert reused.cached_tokens == prompt_length + 1 + (30 - K)
+    assert fresh.cached_tokens == 0
+    a = [engine.sample_row(reused, **GREEDY, max_new_tokens=25) for _ in range(25)]
+    b = [engine.sample_row(fresh, **GREEDY, max_new_tokens=25) for _ in range(25)]
+    assert all(
+        x is not None and y is not None and torch.equal(x, y) for x, y in zip(a, b, strict=True)
+    )
+    # A prompt that does not extend the old one starts afresh.
+    other = build_prompt(SYSTEM, "Elsewhere.", [], history, "Two.")
+    assert (
+        engine.start_stream(other, temperature=0, top_k=0, top_p=1, after=reused).cached_tokens == 0
+    )
+
+
+GREEDY: dict[str, Any] = {
+    "do_sample": False,
+    "generator": None,
+    "ras_win_len": 0,
+    "ras_max_repeat": 2,
+}
