@@ -15,7 +15,9 @@ delay pattern puts codebook ``k`` ``k`` steps late); complete frames go to the
 Long texts are split into chunks (by speaker turn or by word count) and spoken
 one after another as the original HiggsAudio generation loop does: each chunk is
 a new user turn, and the audio generated for earlier chunks stays in the
-context as the assistant's answers, so the voice carries on. The codes of every
+context as the assistant's answers, so the voice carries on. The next chunk's
+prompt extends the last one's with its answer, so the KV cache is carried over
+as far as the two agree and only the new turn is prefilled. The codes of every
 chunk go through one decoder, so the stream runs on across chunks with no seam.
 """
 
