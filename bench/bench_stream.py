@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,21 +123,12 @@ async def bench(args: argparse.Namespace) -> None:
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    with tempfile.TemporaryDirectory() as tmp:
-        process, url = start_server(args, Path(tmp) / "server.log")
-        try:
-            await one(url, args.model, args.prompt, min(args.duration, 2.0))  # warm-up
-            seq = [await one(url, args.model, args.prompt, args.duration) for _ in range(args.runs)]
-            conc = {}
-            for k in args.concurrency:
-                start = time.perf_counter()
-                results = await asyncio.gather(
-                    *(one(url, args.model, args.prompt, args.duration) for _ in range(k))
-                )
-                conc[k] = (results, time.perf_counter() - start)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+
+    def run(url: str, index: int) -> Awaitable[Run]:
+        duration = min(args.duration, 2.0) if index < 0 else args.duration
+        return one(url, args.model, args.prompt, duration)
+
+    seq, conc = await measure_server(args, run)
 
     report(
         f"{args.model} on {device}, {args.duration:g} s clips, {args.runs} runs (median)",
@@ -150,6 +142,27 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 Run = dict[str, float]
+
+
+async def measure_server(
+    args: argparse.Namespace, run: Callable[[str, int], Awaitable[Run]]
+) -> tuple[list[Run], dict[int, tuple[list[Run], float]]]:
+    """Start ``wavecast serve``; ``run(url, -1)`` warms it up, then ``args.runs``
+    runs one after another, then ``k`` at once for each ``k`` in ``args.concurrency``."""
+    conc: dict[int, tuple[list[Run], float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        process, url = start_server(args, Path(tmp) / "server.log")
+        try:
+            await run(url, -1)
+            seq = [await run(url, index) for index in range(args.runs)]
+            for k in args.concurrency:
+                start = time.perf_counter()
+                results = await asyncio.gather(*(run(url, index) for index in range(k)))
+                conc[k] = (list(results), time.perf_counter() - start)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+    return seq, conc
 
 
 def report(

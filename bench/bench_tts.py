@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from bench_stream import report, start_server, sync
+from bench_stream import measure_server, report, sync
 from transformers import GenerationConfig
 
 from wavecast.clients import connect
@@ -156,20 +153,9 @@ async def bench(args: argparse.Namespace) -> None:
         del engine
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        with tempfile.TemporaryDirectory() as tmp:
-            process, url = start_server(args, Path(tmp) / "server.log")
-            try:
-                await one(url, args.model, args, 0)  # warm-up
-                seq = [await one(url, args.model, args, seed) for seed in range(args.runs)]
-                for k in args.concurrency:
-                    start = time.perf_counter()
-                    results = await asyncio.gather(
-                        *(one(url, args.model, args, seed) for seed in range(k))
-                    )
-                    conc[k] = (results, time.perf_counter() - start)
-            finally:
-                process.send_signal(signal.SIGTERM)
-                process.wait(60)
+        seq, conc = await measure_server(
+            args, lambda url, index: one(url, args.model, args, max(index, 0))
+        )
 
     report(
         f"{args.model} on {device}, speech, {chunks} chunk(s) of {args.max_new_tokens} "
