@@ -109,6 +109,8 @@ async def _generate(args: argparse.Namespace) -> int:
 async def _speak(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     text = args.text
+    if text == "-":
+        text = sys.stdin.read()
     if args.text_file is not None:
         try:
             text = args.text_file.read_text(encoding="utf-8")
@@ -263,7 +265,8 @@ def _add_speak_arguments(parser: argparse.ArgumentParser) -> None:
         "text",
         nargs="?",
         default="",
-        help="what to say; [SPEAKER0] / [SPEAKER1] tags at line starts make a dialogue",
+        help="what to say ('-': read it from standard input); [SPEAKER0] / [SPEAKER1] "
+        "tags at line starts make a dialogue",
     )
     parser.add_argument("--text-file", type=Path, metavar="FILE", help="read the text from FILE")
     _add_common_arguments(parser)

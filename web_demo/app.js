@@ -238,6 +238,11 @@ class Card {
     };
     const all = join(this.chunks);
     this.clip = all;
+    if (this.speech && this.frames > 0) {
+      // Now that the length is known, fit the waveform to it.
+      this.duration = this.frames / this.sampleRate;
+      this.redraw();
+    }
     if (this.renditions.mbd) {
       const mbd = join(this.renditions.mbd);
       this.mbdFrames = mbd.length / this.channels;
@@ -303,6 +308,21 @@ class Card {
     }
   }
 
+  redraw() {
+    // The waveform again from every chunk, after the time scale changed.
+    this.cols = null;
+    const chunks = this.chunks;
+    const total = this.frames;
+    this.chunks = [];
+    this.frames = 0;
+    for (const c of chunks) {
+      this.chunks.push(c);
+      this.frames += c.length / this.channels;
+      this.draw(c);
+    }
+    this.frames = total;
+  }
+
   draw(samples) {
     // One min/max column per pixel over the whole clip, filled as chunks arrive
     // and redrawn with automatic gain (quiet clips stay visible).
@@ -310,17 +330,7 @@ class Card {
     if (this.frames > this.duration * this.sampleRate) {
       // Longer than guessed (speech): double the time scale and redraw it all.
       while (this.frames > this.duration * this.sampleRate) this.duration *= 2;
-      this.cols = null;
-      const chunks = this.chunks;
-      this.chunks = [];
-      const total = this.frames;
-      this.frames = 0;
-      for (const c of chunks) {
-        this.chunks.push(c);
-        this.frames += c.length / this.channels;
-        this.draw(c);
-      }
-      this.frames = total;
+      this.redraw();
       return;
     }
     if (!this.cols) {
