@@ -314,7 +314,6 @@ class _HiggsJob:
     history: list[tuple[str, PromptAudio]]
     buffer_size: int | None
     generator: torch.Generator
-    seed: int
     temperature: float
     top_k: int
     top_p: float
@@ -582,7 +581,6 @@ class HiggsEngine:
             history=[],
             buffer_size=None if buffer is None else int(number(buffer)),
             generator=generator,
-            seed=seed,
             temperature=number(params["temperature"]),
             top_k=int(number(params["top_k"])),
             top_p=number(params["top_p"]),
