@@ -105,3 +105,25 @@ def higgs_engines(voices_dir: Any = None) -> Mapping[str, Any]:
         scenes=load_scenes(BUILTIN_SCENES),
     )
     return {"tiny-higgs": engine, **tiny_engines()}
+
+
+async def steps_after_disconnect(server: Any, start: Callable[[Any], Any]) -> int:
+    """Start a request with ``start(client)``, drop the connection at its first audio,
+    and return the scheduler's step count once it is idle; checks that nothing runs
+    on afterwards and that the request was cancelled."""
+    from wavecast.clients import connect
+    from wavecast.protocol import Audio
+
+    scheduler = server.scheduler
+    async with connect(server.url) as client:
+        stream = await start(client)
+        async for event in stream:
+            if isinstance(event, Audio):
+                break
+        await client.ws.close()
+    await asyncio.wait_for(scheduler.wait_idle(timeout(10)), timeout(11))
+    steps = int(scheduler.steps_total)
+    await asyncio.sleep(0.3)
+    assert scheduler.steps_total == steps  # nothing runs on for the closed connection
+    assert scheduler.snapshot()["cancelled"] >= 1
+    return steps

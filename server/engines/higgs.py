@@ -326,7 +326,6 @@ class _HiggsJob:
     stream: HiggsStream | None = None
     previous: HiggsStream | None = None  # the chunk just spoken (its cache is reused)
     chunk_frames: list[torch.Tensor] = field(default_factory=list)  # frames [K] of this chunk
-    codes: list[torch.Tensor] = field(default_factory=list)  # every frame [K, 1] streamed
     produced: int = 0
     expected: float = 1.0
     fraction: float = 0.0
@@ -874,7 +873,6 @@ class HiggsEngine:
             frame = torch.stack([rows[1 + j + i][i] for i in range(k)])
             frame = frame.clamp(0, self.stream_bos - 1)
             st.chunk_frames.append(frame)
-            st.codes.append(frame.view(1, k, 1))
             st.produced += 1
             chunk = st.decoder.push(frame.view(1, k, 1))
             if chunk is not None:
@@ -912,4 +910,7 @@ class HiggsEngine:
     def codes_of(self, job: Job) -> torch.Tensor:
         """Every frame ``[1, K, T]`` the job has streamed so far."""
         st: _HiggsJob = job.state
-        return torch.cat(st.codes, dim=-1)
+        spoken = [audio.codes for _, audio in st.history]
+        if st.stream is not None and st.chunk_frames:  # a chunk under way
+            spoken.append(torch.stack(st.chunk_frames, dim=1))
+        return torch.cat(spoken, dim=-1).unsqueeze(0)

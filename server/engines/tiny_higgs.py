@@ -132,15 +132,36 @@ def _tiny_codec() -> HiggsAudioV2TokenizerModel:
         sample_rate=24000,
     )
     codec = HiggsAudioV2TokenizerModel(config).eval()
-    # Released codebooks are trained; zero-initialised ones would make silence.
-    gen = torch.Generator().manual_seed(_SEED)
+    _random_codebooks(codec, "cpu")
+    return codec
+
+
+def _random_codebooks(codec: HiggsAudioV2TokenizerModel, device: str) -> None:
+    """Released codebooks are trained; zero-initialised ones would make silence."""
+    gen = torch.Generator(device=device).manual_seed(_SEED)
     with torch.no_grad():
         for layer in codec.quantizer.quantizers:
             codebook = layer.codebook
-            codebook.embed.copy_(torch.randn(codebook.embed.shape, generator=gen))
+            codebook.embed.copy_(torch.randn(codebook.embed.shape, generator=gen, device=device))
             codebook.embed_avg.copy_(codebook.embed)
             codebook.cluster_size.fill_(1.0)
-    return codec
+
+
+def _token_config(tokenizer: PreTrainedTokenizerFast, codec_codebook: int) -> dict[str, int]:
+    """The generator config's token ids: the tokenizer's special tokens, and the
+    audio head's vocabulary (the codec's plus stream BOS and EOS)."""
+    ids = {token: int(tokenizer.convert_tokens_to_ids(token)) for token in SPECIAL_TOKENS}
+    return {
+        "pad_token_id": ids["<|finetune_right_pad_id|>"],
+        "bos_token_id": ids["<|begin_of_text|>"],
+        "eos_token_id": ids["<|eot_id|>"],
+        "audio_token_id": ids["<|AUDIO_OUT|>"],
+        "audio_bos_token_id": ids["<|audio_out_bos|>"],
+        "audio_delay_token_id": ids["<|reserved_special_token_6|>"],
+        "codebook_size": codec_codebook + 2,
+        "audio_stream_bos_id": codec_codebook,
+        "audio_stream_eos_id": codec_codebook + 1,
+    }
 
 
 def build_tiny_higgs(*, quiet_eos: bool = True) -> TinyHiggs:
@@ -153,8 +174,6 @@ def build_tiny_higgs(*, quiet_eos: bool = True) -> TinyHiggs:
     torch.manual_seed(_SEED)
     tokenizer = _byte_tokenizer()
     codec = _tiny_codec()
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    codebooks = int(codec.config.num_quantizers)
     config = HiggsAudioV2Config(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -167,17 +186,8 @@ def build_tiny_higgs(*, quiet_eos: bool = True) -> TinyHiggs:
         # Larger than the default 0.02, so that the context (text, voices, earlier
         # chunks) visibly steers what the random model generates.
         initializer_range=0.08,
-        pad_token_id=ids["<|finetune_right_pad_id|>"],
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=ids["<|eot_id|>"],
-        num_codebooks=codebooks,
-        # The audio head's vocabulary is the codec's plus stream BOS and EOS.
-        codebook_size=_CODEC_CODEBOOK + 2,
-        audio_token_id=ids["<|AUDIO_OUT|>"],
-        audio_bos_token_id=ids["<|audio_out_bos|>"],
-        audio_delay_token_id=ids["<|reserved_special_token_6|>"],
-        audio_stream_bos_id=_CODEC_CODEBOOK,
-        audio_stream_eos_id=_CODEC_CODEBOOK + 1,
+        num_codebooks=int(codec.config.num_quantizers),
+        **_token_config(tokenizer, _CODEC_CODEBOOK),
     )
     model = HiggsAudioV2ForConditionalGeneration(config).eval()
     if quiet_eos:
@@ -229,7 +239,6 @@ def build_random_higgs(device: str) -> TinyHiggs:
     """
     torch.manual_seed(_SEED)
     tokenizer = _byte_tokenizer()
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     ratios = [8, 5, 4, 2, 3]
     codec_config = HiggsAudioV2TokenizerConfig(
         acoustic_model_config=DacConfig(
@@ -246,28 +255,14 @@ def build_random_higgs(device: str) -> TinyHiggs:
         sample_rate=24000,
     )
     config = HiggsAudioV2Config(
-        pad_token_id=ids["<|finetune_right_pad_id|>"],
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=ids["<|eot_id|>"],
         max_position_embeddings=8192,
         num_codebooks=int(codec_config.num_quantizers),
-        codebook_size=1024 + 2,
-        audio_token_id=ids["<|AUDIO_OUT|>"],
-        audio_bos_token_id=ids["<|audio_out_bos|>"],
-        audio_delay_token_id=ids["<|reserved_special_token_6|>"],
-        audio_stream_bos_id=1024,
-        audio_stream_eos_id=1025,
+        **_token_config(tokenizer, 1024),
     )
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with torch.device(device):
         codec = HiggsAudioV2TokenizerModel(codec_config).eval()
-        gen = torch.Generator(device=device).manual_seed(_SEED)
-        with torch.no_grad():
-            for layer in codec.quantizer.quantizers:
-                codebook = layer.codebook
-                codebook.embed.copy_(
-                    torch.randn(codebook.embed.shape, generator=gen, device=device)
-                )
+        _random_codebooks(codec, device)
         model = HiggsAudioV2ForConditionalGeneration(config).to(dtype).eval()
     _quiet_eos(model)
     return TinyHiggs(model, tokenizer, codec)
