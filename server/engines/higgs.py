@@ -764,7 +764,7 @@ class HiggsEngine:
                 input_ids=stream.input_ids[:, stream.cached_tokens :],
                 audio_input_ids=audio,
                 audio_input_ids_mask=mask,
-                past_key_values=stream.cache,
+                cache=stream.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -773,7 +773,7 @@ class HiggsEngine:
             assert stream.audio_ids is not None
             out = model(
                 audio_input_ids=stream.audio_ids[:, -1:, :],
-                past_key_values=stream.cache,
+                cache=stream.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
