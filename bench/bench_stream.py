@@ -199,7 +199,7 @@ def report(
             f"| wavecast, {k} concurrent | {med(r['ttfa'] for r in results) * 1000:.0f} ms "
             f"(max {max(r['ttfa'] for r in results) * 1000:.0f} ms) | {wall:.3f} s | "
             f"x{min(r['rtf'] for r in results):.2f} per stream (slowest), "
-            f"x{total / wall:.2f} aggregate |"
+            f"x{total / wall:.2f} aggregate ({total / wall / seq_rtf:.2f}x one stream) |"
         )
     print(f"\nwavecast / {baseline_names[1]} real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
 

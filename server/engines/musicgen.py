@@ -6,8 +6,13 @@ classifier-free guidance as ``LMModel.generate``, one sequence step per
 ``step`` call. As soon as a timestep has all its codebooks it goes to the
 ``StreamDecoder``, which emits exact audio chunks.
 
-Each job keeps its own streaming state, swapped into the LM for its step, so
-several requests can interleave step by step on one model.
+Every request holds a slot of ``MusicGenDecoder``'s table (two rows: the
+conditional and the unconditional half of classifier-free guidance), and one
+``step`` runs one batched forward for every request of the model, whatever their
+positions, prompts and lengths, then samples every row at once (``sampling``:
+per-row parameters, counter-based noise, so a seed gives the same codes alone or
+beside others). A new request or a new long-form window is prefilled into its
+slot first.
 
 Beyond the model's window (30 s for the released checkpoints) a request goes
 on in windows exactly as ``MusicGen.generate`` extends audio: each new window
@@ -19,10 +24,9 @@ same way.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +35,14 @@ import numpy as np
 import torch
 from audiocraft.models.musicgen import MusicGen
 from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
-from audiocraft.modules.streaming import StreamingModule
 
 from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
 
 from .base import SEED_SPEC, EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
 from .codec_stream import StreamDecoder
 from .mbd import MBDRun
+from .musicgen_decoder import MusicGenDecoder
+from .sampling import RowSampling, sample
 from .tiny import (
     RANDOM_MUSICGEN_SCALES,
     TINY_MUSICGEN,
@@ -48,7 +53,7 @@ from .tiny import (
     load_musicgen_dir,
 )
 
-__all__ = ["MusicGenEngine", "StreamSettings", "load_musicgen", "sample_next_token"]
+__all__ = ["MusicGenEngine", "StreamSettings", "load_musicgen"]
 
 log = logging.getLogger(__name__)
 
@@ -90,41 +95,6 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     return MusicGen.get_pretrained(name, device=device), False
 
 
-def sample_next_token(
-    logits: torch.Tensor,
-    *,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Sample ``[B, K, 1]`` tokens from ``[B, K, card]`` logits.
-
-    The same rules as ``LMModel._sample_next_token`` (greedy at temperature 0,
-    top-p when set, else top-k, else the full distribution), drawn from the
-    request's own generator so a seed reproduces whatever else runs.
-    """
-    if temperature <= 0.0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    if top_p > 0.0:
-        probs_sort, probs_idx = torch.sort(flat, dim=-1, descending=True)
-        probs_sum = torch.cumsum(probs_sort, dim=-1)
-        probs_sort *= (~(probs_sum - probs_sort > top_p)).float()
-        probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-        choice = torch.multinomial(probs_sort, 1, generator=generator)
-        tokens = torch.gather(probs_idx, -1, choice)
-    elif top_k > 0:
-        top_values, _ = torch.topk(flat, min(top_k, flat.shape[-1]), dim=-1)
-        flat = flat * (flat >= top_values[..., [-1]]).float()
-        flat.div_(flat.sum(dim=-1, keepdim=True))
-        tokens = torch.multinomial(flat, 1, generator=generator)
-    else:
-        tokens = torch.multinomial(flat, 1, generator=generator)
-    return tokens.reshape(*probs.shape[:-1], 1)
-
-
 @dataclass(slots=True)
 class _Layout:
     """Where each timestep's codes land in the pattern sequence."""
@@ -144,9 +114,8 @@ class _Window:
     end_offset: int
     offset: int
     prompt_len: int  # timesteps given as prompt (known before the first step)
-    prev_offset: int = 0
     ready: int = 0  # timesteps with every codebook known
-    kv_state: list[dict[str, Any]] = field(default_factory=list)  # one per streaming module
+    prefilled: bool = False  # its prompt is in the decoder's KV cache
 
 
 @dataclass(slots=True)
@@ -156,7 +125,6 @@ class _MusicGenJob:
     cfg_conditions: Any  # conditional + unconditional condition tensors (CFG)
     cfg_coef: float
     decoder: StreamDecoder
-    generator: Any  # torch.Generator: this request's own random stream
     temperature: float
     top_k: int
     top_p: float
@@ -176,6 +144,7 @@ class _MusicGenJob:
     mbd_run: MBDRun | None = None
     skip_frames: int = 0  # prompt frames not streamed (continuation without include_prompt)
     pending_audio: FloatAudio | None = None  # the prompt's audio, with include_prompt
+    slot: int | None = None  # rows 2 * slot (conditional) and 2 * slot + 1 of the decoder
 
 
 class MusicGenEngine:
@@ -219,7 +188,17 @@ class MusicGenEngine:
         self.frame_rate = float(model.frame_rate)
         self.hop = round(model.sample_rate / model.frame_rate)
         self._layouts: dict[int, _Layout] = {}
-        self._streaming_modules = [m for m in self.lm.modules() if isinstance(m, StreamingModule)]
+        autocast = getattr(model.autocast, "autocast", None)
+        dtype = autocast.fast_dtype if autocast is not None else next(self.lm.parameters()).dtype
+        window_steps = int(self.window * self.frame_rate) + int(self.lm.num_codebooks) + 1
+        self.decoder = MusicGenDecoder(
+            self.lm, rows=2, length=window_steps, cross_length=16, dtype=dtype
+        )
+        self._slots: list[_MusicGenJob | None] = [None]
+        self._sampling = RowSampling(1, self.device)
+        self._cfg = torch.zeros(1, device=self.device)
+        # Called with each step's guided logits by request id (tests compare rows).
+        self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         card = int(self.lm.card)
         long_form = self.max_duration > self.window
         params = [
@@ -383,8 +362,6 @@ class MusicGenEngine:
         params = request.params
         duration = number(params["duration"])
         seed = request_seed(params)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
         total_len = max(1, int(duration * self.frame_rate))
 
         prompt = None
@@ -427,7 +404,6 @@ class MusicGenEngine:
             cfg_conditions=cfg_conditions,
             cfg_coef=number(params["cfg_coef"]),
             decoder=decoder,
-            generator=generator,
             temperature=number(params["temperature"]),
             top_k=int(number(params["top_k"])),
             top_p=number(params["top_p"]),
@@ -526,29 +502,128 @@ class MusicGenEngine:
     # -- stepping ------------------------------------------------------------------
 
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
-        with torch.no_grad():
-            return [self._step_one(job) for job in jobs]
+        with torch.no_grad(), self.model.autocast:
+            outputs: list[StepOutput | None] = [None] * len(jobs)
+            generating: list[tuple[int, Job]] = []
+            for i, job in enumerate(jobs):
+                run = job.state.mbd_run
+                if run is not None:
+                    outputs[i] = self._step_mbd(job, run)
+                else:
+                    generating.append((i, job))
+            if generating:
+                states = [job.state for _, job in generating]
+                tokens, guided = self._sample_step(states)
+                if self.logits_observer is not None:
+                    self.logits_observer(
+                        {job.request.request_id: guided[job.state.slot] for _, job in generating}
+                    )
+                for (i, job), st in zip(generating, states, strict=True):
+                    assert st.slot is not None
+                    outputs[i] = self._advance(job, tokens[st.slot])
+        return [out for out in outputs if out is not None]
 
-    @contextlib.contextmanager
-    def _job_streaming(self, window: _Window) -> Iterator[None]:
-        """Put a window's KV caches into the LM's streaming modules for one step.
+    # -- the slot table --------------------------------------------------------------
 
-        The same as ``lm.streaming()`` with ``set_streaming_state`` and
-        ``get_streaming_state``, without walking the module tree at every step:
-        each module gets the window's own state dict, which it updates in place.
-        """
-        modules = self._streaming_modules
-        if not window.kv_state:
-            window.kv_state = [{} for _ in modules]
-        for module, state in zip(modules, window.kv_state, strict=True):
-            module._streaming_state = state
-            module._is_streaming = True
+    def _take_slot(self, st: _MusicGenJob) -> None:
         try:
-            yield
-        finally:
-            for module in modules:
-                module._streaming_state = {}
-                module._is_streaming = False
+            slot = self._slots.index(None)
+        except ValueError:
+            slot = len(self._slots)
+            self._grow(slot + 1)
+        self._slots[slot] = st
+        st.slot = slot
+        self._sampling.set_row(
+            slot,
+            temperature=st.temperature,
+            top_k=st.top_k,
+            top_p=st.top_p,
+            seed=st.seed,
+        )
+        self._cfg[slot] = st.cfg_coef
+
+    def _grow(self, slots: int) -> None:
+        self.decoder.ensure(rows=2 * slots)
+        count = self.decoder.rows // 2
+        old = len(self._slots)
+        self._slots.extend([None] * (count - old))
+        sampling = RowSampling(count, self.device)
+        for name in ("temperature", "top_k", "top_p", "seed", "step"):
+            getattr(sampling, name)[:old] = getattr(self._sampling, name)
+        self._sampling = sampling
+        self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old)])
+
+    def _release_slot(self, st: _MusicGenJob) -> None:
+        if st.slot is not None and self._slots[st.slot] is st:
+            self._slots[st.slot] = None
+        st.slot = None
+
+    def _prefill(self, st: _MusicGenJob) -> torch.Tensor:
+        """Load a window's conditioning and prompt into the request's rows.
+
+        Returns the pair's logits ``[2, K, card]`` for the window's next step.
+        """
+        assert st.slot is not None
+        win = st.window
+        rows = [2 * st.slot, 2 * st.slot + 1]
+        lm = self.lm
+        # The fuser prepends what it prepends (a melody's chroma) and returns the
+        # cross-attention source (the text), as at the first step of LMModel.generate.
+        empty = torch.zeros(2, 0, self.decoder.dim, device=self.device)
+        prepend, cross = lm.fuser(empty, st.cfg_conditions)
+        self.decoder.set_conditions(rows, cross)
+        codes = win.gen_sequence[..., : win.offset].expand(2, -1, -1)
+        inputs = torch.cat([prepend.to(empty.dtype), self.decoder.embed(codes)], dim=1)
+        self.decoder.ensure(length=int(prepend.shape[1]) + win.end_offset + 1)
+        logits = self.decoder.prefill(rows, inputs)
+        win.prefilled = True
+        return logits
+
+    def _sample_step(self, states: list[_MusicGenJob]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward for every request (prefilling new windows), one draw per row.
+
+        Returns the sampled codes ``[slots, K]`` and the guided logits
+        ``[slots, K, card]``; a request's are at its slot.
+        """
+        for st in states:
+            if st.slot is None:
+                self._take_slot(st)
+        prefilled: dict[int, torch.Tensor] = {}
+        for st in states:
+            if not st.window.prefilled:
+                assert st.slot is not None
+                prefilled[st.slot] = self._prefill(st)
+        decoder = self.decoder
+        k = decoder.codebooks
+        active = torch.zeros(decoder.rows, dtype=torch.bool, device=self.device)
+        if len(prefilled) < len(states):
+            codes = torch.zeros(decoder.rows, k, dtype=torch.long, device=self.device)
+            for st in states:
+                if st.slot is not None and st.slot not in prefilled:
+                    column = st.window.gen_sequence[0, :, st.window.offset - 1]
+                    codes[2 * st.slot : 2 * st.slot + 2] = column
+                    active[2 * st.slot : 2 * st.slot + 2] = True
+            logits = decoder.decode(codes, active).float()
+        else:
+            logits = torch.zeros(decoder.rows, k, int(self.lm.card), device=self.device)
+        for slot, pair in prefilled.items():
+            logits[2 * slot : 2 * slot + 2] = pair.float()
+        cond, uncond = logits[0::2], logits[1::2]
+        guided = uncond + (cond - uncond) * self._cfg[:, None, None]
+        sampling = self._sampling
+        tokens = sample(
+            guided,
+            sampling.temperature,
+            sampling.top_k,
+            sampling.top_p,
+            sampling.seed,
+            sampling.step,
+        )
+        stepped = torch.zeros(len(self._slots), dtype=torch.int64, device=self.device)
+        for st in states:
+            stepped[st.slot] = 1
+        sampling.step += stepped
+        return tokens, guided
 
     def _step_mbd(self, job: Job, run: MBDRun) -> StepOutput:
         st: _MusicGenJob = job.state
@@ -568,38 +643,19 @@ class MusicGenEngine:
             rendition=rendition,
         )
 
-    def _step_one(self, job: Job) -> StepOutput:
+    def _advance(self, job: Job, sampled: torch.Tensor) -> StepOutput:
+        """Write a request's sampled codes ``[K]`` into its window and stream what is ready."""
         st: _MusicGenJob = job.state
-        if st.mbd_run is not None:
-            return self._step_mbd(job, st.mbd_run)
         win = st.window
         lm = self.lm
         offset = win.offset
-        with self.model.autocast, self._job_streaming(win):
-            current = win.gen_sequence[..., win.prev_offset : offset]
-            # One forward for the conditional and the unconditional half (CFG).
-            all_logits = lm(
-                torch.cat([current, current], dim=0),
-                conditions=[],
-                condition_tensors=st.cfg_conditions,
-            )
-        cond_logits, uncond_logits = all_logits.split(1, dim=0)
-        logits = uncond_logits + (cond_logits - uncond_logits) * st.cfg_coef
-        logits = logits.permute(0, 1, 3, 2)[..., -1]  # [1, K, card]
-        next_token = sample_next_token(
-            logits,
-            temperature=st.temperature,
-            top_k=st.top_k,
-            top_p=st.top_p,
-            generator=st.generator,
-        )
+        next_token = sampled.view(1, -1, 1).clone()
         valid = win.mask[..., offset : offset + 1].expand(1, -1, -1)
         next_token[~valid] = lm.special_token_id
         column = win.gen_sequence[..., offset : offset + 1]
         win.gen_sequence[..., offset : offset + 1] = torch.where(
             column == UNKNOWN_TOKEN, next_token, column
         )
-        win.prev_offset = offset
         win.offset = offset + 1
         job.steps += 1
 
@@ -627,6 +683,7 @@ class MusicGenEngine:
         audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         if done and st.mbd:
             # The live stream is complete; the diffusion version follows, step by step.
+            self._release_slot(st)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(st.seed)
             codes = torch.cat(st.codes, dim=-1)
@@ -664,7 +721,9 @@ class MusicGenEngine:
         return False
 
     def finish(self, job: Job) -> None:
-        # Drop the KV cache and buffers now rather than when the Job is collected.
+        # Free the slot and drop the buffers now rather than when the Job is collected.
+        if job.state is not None:
+            self._release_slot(job.state)
         job.state = None
 
     # -- reference path, for tests and benchmarks ----------------------------------

@@ -1,0 +1,70 @@
+"""A static KV cache: preallocated keys and values for a table of rows.
+
+Keys and values live in ``[layers, rows, heads, T, head_dim]`` tensors allocated
+once; each row keeps its own length. A decode step writes one position per row
+and attends over all ``T`` positions with a per-row length mask, so its shapes
+never change with the rows' lengths (what a captured graph needs). Rows grow the
+table in powers of two; ``T`` grows when a row needs more (both copy, rarely).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["StaticKV"]
+
+
+class StaticKV:
+    """Keys and values of ``layers`` attention layers for ``rows`` rows."""
+
+    def __init__(
+        self,
+        layers: int,
+        heads: int,
+        head_dim: int,
+        *,
+        rows: int,
+        length: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (layers, rows, heads, length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def rows(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def length(self) -> int:
+        return int(self.k.shape[3])
+
+    def grow(self, *, rows: int | None = None, length: int | None = None) -> None:
+        """At least ``rows`` rows and ``length`` positions, keeping what is stored."""
+        layers, old_rows, heads, old_length, dim = self.k.shape
+        new_rows = max(old_rows, rows or 0)
+        if new_rows > old_rows:
+            new_rows = 1 << (new_rows - 1).bit_length()
+        new_length = max(old_length, length or 0)
+        if (new_rows, new_length) == (old_rows, old_length):
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((layers, new_rows, heads, new_length, dim))
+            new[:, :old_rows, :, :old_length] = old
+            setattr(self, name, new)
+
+    def write(
+        self,
+        layer: int,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """Store ``k``, ``v`` ``[R, H, S, d]`` of ``rows`` ``[R]`` at ``positions`` ``[R, S]``."""
+        heads = torch.arange(k.shape[1], device=k.device)
+        index = (rows[:, None, None], heads[None, :, None], positions[:, None, :])
+        self.k[layer].index_put_(index, k.to(self.k.dtype))
+        self.v[layer].index_put_(index, v.to(self.v.dtype))

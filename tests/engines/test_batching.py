@@ -1,0 +1,220 @@
+"""One batched decode step for every MusicGen request: each row as if alone.
+
+Requests with different prompts, parameters, lengths and join times share the
+slot table; each one's logits match its solo run (within 1e-5), its sampled codes
+are equal (same seed: the noise is per row), and a neighbour joining, finishing
+or being cancelled changes nothing. Long form windows and continuation prompts
+are re-prefilled inside the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_musicgen_features import decode, wav_bytes
+
+from wavecast.protocol import resolve_params
+from wavecast.server.engines.base import EngineRequest, Job
+from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.tiny import build_tiny_musicgen
+
+
+@dataclass
+class Run:
+    job: Job
+    logits: list[torch.Tensor] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)
+    done: bool = False
+
+
+def prepare(engine: MusicGenEngine, rid: str, prompt: str, **params: Any) -> Job:
+    inputs = params.pop("inputs", {})
+    resolved = resolve_params(engine.info.params, params)
+    return engine.prepare(EngineRequest(rid, prompt, resolved, inputs))
+
+
+def drive(
+    engine: MusicGenEngine,
+    joins: dict[int, list[tuple[str, Job]]],
+    cancels: dict[int, list[str]] | None = None,
+) -> tuple[dict[str, Run], int]:
+    """Step every joined job together until all are done; return runs and step count."""
+    runs: dict[str, Run] = {}
+    cancels = cancels or {}
+
+    def observe(logits: dict[str, torch.Tensor]) -> None:
+        for rid, row in logits.items():
+            runs[rid].logits.append(row.clone())
+
+    engine.logits_observer = observe
+    steps = 0
+    try:
+        while True:
+            for rid, job in joins.get(steps, []):
+                runs[rid] = Run(job)
+            for rid in cancels.get(steps, []):
+                engine.finish(runs[rid].job)
+                runs[rid].done = True
+            live = [rid for rid, run in runs.items() if not run.done]
+            if not live and steps > max(joins):
+                return runs, steps
+            outputs = engine.step([runs[rid].job for rid in live])
+            for rid, out in zip(live, outputs, strict=True):
+                if out.audio is not None:
+                    runs[rid].audio.append(out.audio)
+                runs[rid].done = out.done
+            steps += 1
+    finally:
+        engine.logits_observer = None
+
+
+def codes(engine: MusicGenEngine, run: Run) -> torch.Tensor:
+    return engine.codes_of(run.job).clone()
+
+
+@pytest.fixture(scope="module")
+def windowed() -> tuple[Any, MusicGenEngine]:
+    model = build_tiny_musicgen(window=2.0, seed=3)
+    return model, MusicGenEngine(model, name="tiny-2s", test_model=True, max_duration=12.0)
+
+
+REQUESTS: dict[str, dict[str, Any]] = {
+    "a": {"prompt": "rock", "duration": 1.5, "seed": 1},
+    "b": {
+        "prompt": "ambient pads and a long prompt " * 3,
+        "duration": 3.3,
+        "seed": 2,
+        "temperature": 0.7,
+        "top_k": 5,
+        "cfg_coef": 1.5,
+    },
+    "c": {"prompt": "jazz", "duration": 1.0, "seed": 3, "top_p": 0.9},
+    "d": {"prompt": "drums", "duration": 2.5, "seed": 4, "temperature": 0.0, "extend_stride": 1.0},
+}
+
+
+def make(engine: MusicGenEngine, rid: str, **extra: Any) -> Job:
+    spec = dict(REQUESTS[rid], **extra)
+    return prepare(engine, rid, spec.pop("prompt"), **spec)
+
+
+def test_rows_in_a_batch_equal_their_solo_runs(windowed: Any) -> None:
+    model, engine = windowed
+    clip = decode(model, torch.randint(0, 64, (1, 4, 40)))
+    continuation = {"inputs": {"continuation": wav_bytes(clip, 32000)}}
+    solo = {}
+    for rid in REQUESTS:
+        extra = continuation if rid == "c" else {}
+        solo[rid] = drive(engine, {0: [(rid, make(engine, rid, **extra))]})[0][rid]
+    # a and b from the start; c joins at step 5, d at step 37 (b is in its second
+    # window by then); b runs over window boundaries with the others beside it.
+    batch, _ = drive(
+        engine,
+        {
+            0: [("a", make(engine, "a")), ("b", make(engine, "b"))],
+            5: [("c", make(engine, "c", **continuation))],
+            37: [("d", make(engine, "d"))],
+        },
+    )
+    for rid, alone in solo.items():
+        together = batch[rid]
+        assert len(together.logits) == len(alone.logits)
+        pairs = zip(together.logits, alone.logits, strict=True)
+        diff = max(float((x - y).abs().max()) for x, y in pairs)
+        assert diff <= 1e-5, (rid, diff)
+        assert torch.equal(codes(engine, together), codes(engine, alone)), rid
+        streamed = np.concatenate(together.audio)
+        assert np.abs(streamed - np.concatenate(alone.audio)).max() <= 1e-5
+        if rid != "c":  # a continuation streams its new part only
+            full = decode(model, codes(engine, together))
+            assert np.abs(streamed - full).max() <= 1e-4
+    assert codes(engine, batch["b"]).shape[-1] > 150  # two window extensions
+
+
+def test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(windowed: Any) -> None:
+    _, engine = windowed
+    alone = drive(engine, {0: [("a", make(engine, "a"))]})[0]["a"]
+    runs, _ = drive(
+        engine,
+        {
+            0: [("a", make(engine, "a")), ("b", make(engine, "b")), ("c", make(engine, "c"))],
+            30: [("d", make(engine, "d"))],  # takes the slot b left
+        },
+        cancels={20: ["b"]},
+    )
+    assert torch.equal(codes(engine, runs["a"]), codes(engine, alone))
+    pairs = zip(runs["a"].logits, alone.logits, strict=True)
+    assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5
+    d_alone = drive(engine, {0: [("d", make(engine, "d"))]})[0]["d"]
+    assert torch.equal(codes(engine, runs["d"]), codes(engine, d_alone))
+
+
+def test_melody_rows_batch_with_text_rows() -> None:
+    model = build_tiny_musicgen(melody=True)
+    engine = MusicGenEngine(model, name="tiny-musicgen-melody", test_model=True)
+    rng = np.random.default_rng(0)
+    melody = {
+        "inputs": {"melody": wav_bytes(rng.standard_normal(32000).astype(np.float32) * 0.1, 32000)}
+    }
+
+    def request(rid: str, **extra: Any) -> Job:
+        return prepare(engine, rid, "hum", duration=1.0, seed=9, **extra)
+
+    solo = drive(engine, {0: [("m", request("m", **melody))]})[0]["m"]
+    plain = drive(engine, {0: [("t", request("t"))]})[0]["t"]
+    runs, _ = drive(engine, {0: [("t", request("t"))], 3: [("m", request("m", **melody))]})
+    assert torch.equal(codes(engine, runs["m"]), codes(engine, solo))
+    assert torch.equal(codes(engine, runs["t"]), codes(engine, plain))
+
+
+def test_one_decoder_forward_per_step_for_every_request(windowed: Any) -> None:
+    _, engine = windowed
+    calls = {"decode": 0, "prefill": 0}
+    decoder = engine.decoder
+    original_decode, original_prefill = decoder.decode, decoder.prefill
+
+    def counting_decode(*args: Any) -> Any:
+        calls["decode"] += 1
+        return original_decode(*args)
+
+    def counting_prefill(*args: Any) -> Any:
+        calls["prefill"] += 1
+        return original_prefill(*args)
+
+    decoder.decode, decoder.prefill = counting_decode, counting_prefill  # type: ignore[method-assign]
+    try:
+        jobs = [make(engine, rid) for rid in ("a", "c")]
+        for _ in range(10):
+            engine.step(jobs)
+    finally:
+        del decoder.decode, decoder.prefill
+        for job in jobs:
+            engine.finish(job)
+    assert calls == {"decode": 9, "prefill": 2}
+
+
+def test_the_decode_step_traces_as_one_graph(windowed: Any) -> None:
+    _, engine = windowed
+    decoder = engine.decoder
+    jobs = [make(engine, rid) for rid in ("a", "b")]
+    try:
+        engine.step(jobs)  # prefill both
+        rows = decoder.rows
+        codes_in = torch.randint(0, 64, (rows, decoder.codebooks))
+        active = torch.ones(rows, dtype=torch.bool)
+        before = decoder.lengths.clone()
+        eager = decoder.decode(codes_in, active)
+        decoder.lengths.copy_(before)
+        torch._dynamo.reset()
+        compiled = torch.compile(decoder.decode, fullgraph=True, backend="eager")
+        traced = compiled(codes_in, active)
+        assert torch.allclose(traced, eager, atol=1e-5)
+        assert torch.equal(decoder.lengths, before + 1)
+    finally:
+        torch._dynamo.reset()
+        for job in jobs:
+            engine.finish(job)

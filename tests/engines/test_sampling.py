@@ -1,0 +1,96 @@
+"""Batched per-row sampling: the rules, the distribution, and batch invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wavecast.server.engines.sampling import counter_uniform, sample
+
+
+def rows(n: int, **values: float) -> dict[str, torch.Tensor]:
+    return {
+        "temperature": torch.full((n,), values.get("temperature", 1.0)),
+        "top_k": torch.full((n,), int(values.get("top_k", 0)), dtype=torch.int64),
+        "top_p": torch.full((n,), values.get("top_p", 0.0)),
+        "seed": torch.full((n,), int(values.get("seed", 0)), dtype=torch.int64),
+        "step": torch.full((n,), int(values.get("step", 0)), dtype=torch.int64),
+    }
+
+
+def test_noise_is_uniform_in_the_open_interval_and_keyed() -> None:
+    seed = torch.tensor([0, 1, 2**62 + 5])
+    step = torch.tensor([0, 0, 7])
+    u = counter_uniform(seed, step, 4, 4096)
+    assert u.shape == (3, 4, 4096)
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert abs(float(u.var()) - 1 / 12) < 0.005
+    # Every key gives other noise: seed, step and codebook.
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0, 0], u[0, 1])
+    again = counter_uniform(torch.tensor([1]), torch.tensor([1]), 4, 4096)
+    assert not torch.equal(again[0], u[1])
+    # A pure function of its key.
+    assert torch.equal(counter_uniform(seed, step, 4, 4096), u)
+
+
+def test_greedy_and_top_1_take_the_argmax() -> None:
+    logits = torch.randn(5, 4, 64)
+    expected = logits.argmax(-1)
+    assert torch.equal(sample(logits, **rows(5, temperature=0.0)), expected)
+    assert torch.equal(sample(logits, **rows(5, top_k=1, seed=3)), expected)
+    assert torch.equal(sample(logits, **rows(5, top_p=1e-6, seed=3)), expected)
+
+
+def draws(logits: torch.Tensor, n: int, **values: float) -> torch.Tensor:
+    """``n`` draws for one row: ``n`` rows with the same logits, seed and successive steps."""
+    params = rows(n, **values)
+    params["step"] = torch.arange(n)
+    return sample(logits.expand(n, *logits.shape[1:]), **params)[:, 0]
+
+
+def test_draws_follow_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.125, 0.125]]]))
+    counts = torch.bincount(draws(logits, 20000, seed=11), minlength=4).float() / 20000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.25, 0.125, 0.125]), atol=0.015)
+    # Temperature flattens it.
+    hot = torch.bincount(draws(logits, 20000, seed=11, temperature=100.0), minlength=4) / 20000
+    assert float(hot.min()) > 0.22
+
+
+def test_top_k_and_top_p_keep_what_audiocraft_keeps() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1, 50)
+    probs = torch.softmax(logits, -1)[0, 0]
+    order = torch.argsort(probs, descending=True)
+    top5 = set(order[:5].tolist())
+    assert set(draws(logits, 4000, top_k=5).tolist()) == top5
+    # The nucleus: tokens while the mass before them is at most p.
+    before = torch.cumsum(probs[order], 0) - probs[order]
+    nucleus = set(order[before <= 0.6].tolist())
+    seen = set(draws(logits, 4000, top_p=0.6).tolist())
+    assert seen == nucleus and len(nucleus) > 1
+
+
+def test_rows_do_not_depend_on_their_neighbours() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(6, 4, 128)
+    params = {
+        "temperature": torch.tensor([1.0, 0.7, 0.0, 1.3, 1.0, 0.9]),
+        "top_k": torch.tensor([0, 10, 0, 250, 1, 0]),
+        "top_p": torch.tensor([0.0, 0.0, 0.0, 0.9, 0.0, 0.5]),
+        "seed": torch.tensor([1, 2, 3, 4, 5, 6]),
+        "step": torch.tensor([0, 9, 3, 100, 2, 1]),
+    }
+    together = sample(logits, **params)
+    for i in range(6):
+        alone = sample(logits[i : i + 1], **{k: v[i : i + 1] for k, v in params.items()})
+        assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sampling_traces_as_one_graph(dtype: torch.dtype) -> None:
+    logits = torch.randn(3, 4, 64).to(dtype)
+    params = rows(3, top_k=5, seed=2)
+    compiled = torch.compile(sample, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(logits, **params), sample(logits, **params))
