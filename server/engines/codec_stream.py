@@ -19,13 +19,14 @@ the work per chunk stays bounded whatever the stream's length.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .base import FloatAudio
 
-__all__ = ["StreamDecoder"]
+__all__ = ["DecodePlan", "StreamDecoder", "decode_batched"]
 
 
 class StreamDecoder:
@@ -66,13 +67,23 @@ class StreamDecoder:
 
     def push(self, codes: torch.Tensor) -> FloatAudio | None:
         """Add frames ``[1, K, n]``; return new audio ``[frames, C]`` if a chunk is due."""
+        plan = self.plan_push(codes)
+        return None if plan is None else self.complete(plan, self._decode(plan.window))
+
+    def plan_push(self, codes: torch.Tensor) -> DecodePlan | None:
+        """Add frames ``[1, K, n]``; if a chunk is due, the window to decode for it.
+
+        The caller decodes ``plan.window`` (alone, or batched with other streams'
+        windows of the same shape) and passes the audio to ``complete`` before the
+        next push.
+        """
         if codes.shape[-1] == 0:
             return None
         self._codes = codes if self._codes is None else torch.cat([self._codes, codes], dim=-1)
         self.total += codes.shape[-1]
         ready = self.total - self.holdback - self.emitted
         if ready >= (self.first_frames if self.emitted == 0 else self.chunk_frames):
-            return self._decode_until(self.total - self.holdback)
+            return self._plan(self.total - self.holdback)
         return None
 
     def prime(self, codes: torch.Tensor) -> None:
@@ -87,19 +98,47 @@ class StreamDecoder:
         """The end of the stream: return the audio of every frame not yet emitted."""
         if self.total == self.emitted:
             return None
-        return self._decode_until(self.total)
+        plan = self._plan(self.total)
+        return self.complete(plan, self._decode(plan.window))
 
-    def _decode_until(self, end: int) -> FloatAudio:
+    def _plan(self, end: int) -> DecodePlan:
         assert self._codes is not None
         start = max(self._base, self.emitted - self.left_context)
         # Every known frame goes in: those after `end` are right context.
-        window = self._codes[..., start - self._base :]
-        wav = self._decode(window)
-        first = (self.emitted - start) * self.hop
-        last = (end - start) * self.hop
+        return DecodePlan(self._codes[..., start - self._base :], start, end)
+
+    def complete(self, plan: DecodePlan, wav: torch.Tensor) -> FloatAudio:
+        """The chunk of a decoded window ``[1, C, n * hop]``; the stream moves on."""
+        first = (self.emitted - plan.start) * self.hop
+        last = (plan.end - plan.start) * self.hop
         chunk = wav[0, :, first:last].transpose(0, 1).float().cpu().numpy()
-        self.emitted = end
+        self.emitted = plan.end
         keep_from = max(self._base, self.emitted - self.left_context)
+        assert self._codes is not None
         self._codes = self._codes[..., keep_from - self._base :]
         self._base = keep_from
         return np.ascontiguousarray(chunk, dtype=np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """A codec window to decode: codes ``[1, K, n]`` from frame ``start``; emits up to ``end``."""
+
+    window: torch.Tensor
+    start: int
+    end: int
+
+
+def decode_batched(
+    decode: Callable[[torch.Tensor], torch.Tensor], plans: list[DecodePlan]
+) -> list[torch.Tensor]:
+    """Decode every plan's window, one codec call per window shape; audio in plan order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, plan in enumerate(plans):
+        groups.setdefault(tuple(plan.window.shape), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(plans)
+    for indices in groups.values():
+        wav = decode(torch.cat([plans[i].window for i in indices]))
+        for row, i in enumerate(indices):
+            out[i] = wav[row : row + 1]
+    return [wav for wav in out if wav is not None]

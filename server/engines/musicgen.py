@@ -39,7 +39,7 @@ from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
 
 from .base import SEED_SPEC, EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
-from .codec_stream import StreamDecoder
+from .codec_stream import DecodePlan, StreamDecoder, decode_batched
 from .mbd import MBDRun
 from .musicgen_decoder import MusicGenDecoder
 from .sampling import RowSampling, sample
@@ -145,6 +145,7 @@ class _MusicGenJob:
     skip_frames: int = 0  # prompt frames not streamed (continuation without include_prompt)
     pending_audio: FloatAudio | None = None  # the prompt's audio, with include_prompt
     slot: int | None = None  # rows 2 * slot (conditional) and 2 * slot + 1 of the decoder
+    kv_length: int = 0  # positions of its rows in the decoder's KV cache
 
 
 class MusicGenEngine:
@@ -197,6 +198,7 @@ class MusicGenEngine:
         self._slots: list[_MusicGenJob | None] = [None]
         self._sampling = RowSampling(1, self.device)
         self._cfg = torch.zeros(1, device=self.device)
+        self._due: list[tuple[StepOutput, StreamDecoder, DecodePlan]] = []
         # Called with each step's guided logits by request id (tests compare rows).
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         card = int(self.lm.card)
@@ -518,10 +520,22 @@ class MusicGenEngine:
                     self.logits_observer(
                         {job.request.request_id: guided[job.state.slot] for _, job in generating}
                     )
+                self._due.clear()
                 for (i, job), st in zip(generating, states, strict=True):
                     assert st.slot is not None
                     outputs[i] = self._advance(job, tokens[st.slot])
+                self._decode_due()
         return [out for out in outputs if out is not None]
+
+    def _decode_due(self) -> None:
+        """Decode every stream's due codec window in one batched call per window shape."""
+        if not self._due:
+            return
+        due, self._due = self._due, []
+        wavs = decode_batched(self._decode, [plan for _, _, plan in due])
+        for (output, decoder, plan), wav in zip(due, wavs, strict=True):
+            chunk = decoder.complete(plan, wav)
+            output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
 
     # -- the slot table --------------------------------------------------------------
 
@@ -576,6 +590,7 @@ class MusicGenEngine:
         inputs = torch.cat([prepend.to(empty.dtype), self.decoder.embed(codes)], dim=1)
         self.decoder.ensure(length=int(prepend.shape[1]) + win.end_offset + 1)
         logits = self.decoder.prefill(rows, inputs)
+        st.kv_length = int(inputs.shape[1])
         win.prefilled = True
         return logits
 
@@ -603,7 +618,13 @@ class MusicGenEngine:
                     column = st.window.gen_sequence[0, :, st.window.offset - 1]
                     codes[2 * st.slot : 2 * st.slot + 2] = column
                     active[2 * st.slot : 2 * st.slot + 2] = True
-            logits = decoder.decode(codes, active).float()
+            # Attend over the longest row's positions, rounded up to a multiple of
+            # 64 (a handful of shapes per window length).
+            longest = max(st.kv_length for st in states if st.slot not in prefilled)
+            logits = decoder.decode(codes, active, span=-(-(longest + 1) // 64) * 64).float()
+            for st in states:
+                if st.slot not in prefilled:
+                    st.kv_length += 1
         else:
             logits = torch.zeros(decoder.rows, k, int(self.lm.card), device=self.device)
         for slot, pair in prefilled.items():
@@ -663,6 +684,7 @@ class MusicGenEngine:
         if st.pending_audio is not None:
             pieces.append(st.pending_audio)
             st.pending_audio = None
+        plan = None
         ready = win.layout.ready_after[offset]
         if ready > win.ready:
             codes = torch.gather(win.gen_sequence[0], 1, win.layout.positions[:, win.ready : ready])
@@ -670,16 +692,17 @@ class MusicGenEngine:
             st.produced += ready - win.ready
             win.ready = ready
             st.codes.append(codes)
-            chunk = st.decoder.push(codes)
-            if chunk is not None:
-                pieces.append(chunk)
+            plan = st.decoder.plan_push(codes)
         done = False
         if win.offset >= win.end_offset:
             done = self._next_window(st)
-            if done:
-                tail = st.decoder.flush()
-                if tail is not None:
-                    pieces.append(tail)
+        if plan is not None and done:
+            pieces.append(st.decoder.complete(plan, self._decode(plan.window)))
+            plan = None
+        if done:
+            tail = st.decoder.flush()
+            if tail is not None:
+                pieces.append(tail)
         audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         if done and st.mbd:
             # The live stream is complete; the diffusion version follows, step by step.
@@ -698,9 +721,12 @@ class MusicGenEngine:
             )
         target = st.total_len - st.first_prompt_len
         fraction = 1.0 if done else min(0.999, st.produced / target) if target > 0 else 0.0
-        return StepOutput(
+        output = StepOutput(
             audio=audio, fraction=fraction, seconds=st.produced / self.frame_rate, done=done
         )
+        if plan is not None:
+            self._due.append((output, st.decoder, plan))
+        return output
 
     def _next_window(self, st: _MusicGenJob) -> bool:
         """The current window is complete: start the next one, or report the end.

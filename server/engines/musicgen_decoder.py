@@ -132,21 +132,28 @@ class MusicGenDecoder:
         self.ensure(length=steps)
         index = torch.tensor(rows, device=self.device)
         positions = torch.arange(steps, device=self.device).expand(count, steps)
-        hidden = self._forward(inputs, index, positions, keys=steps)
+        hidden = self._forward(inputs, index, positions, keys=steps, whole=False)
         self.lengths[index] = steps
         return self._logits(hidden[:, -1:])[:, :, 0]
 
     # -- the decode step -----------------------------------------------------------
 
-    def decode(self, codes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None
+    ) -> torch.Tensor:
         """One position for every row: ``[rows, K]`` codes -> ``[rows, K, card]`` logits.
 
         Rows where ``active`` is False compute too (fixed shapes) but do not advance.
+        ``span``: attend over the first ``span`` positions only (more than any
+        active row's length; a few fixed values keep the shapes static per value).
         """
         rows = self.rows
+        span = self.kv.length if span is None else min(span, self.kv.length)
         index = torch.arange(rows, device=self.device)
-        positions = self.lengths.clamp(max=self.kv.length - 1)[:, None]
-        hidden = self._forward(self.embed(codes[:, :, None]), index, positions, keys=None)
+        positions = self.lengths.clamp(max=span - 1)[:, None]
+        hidden = self._forward(
+            self.embed(codes[:, :, None]), index, positions, keys=span, whole=True
+        )
         self.lengths += active.to(self.lengths.dtype)
         return self._logits(hidden)[:, :, 0]
 
@@ -167,20 +174,21 @@ class MusicGenDecoder:
         rows: torch.Tensor,
         positions: torch.Tensor,
         *,
-        keys: int | None,
+        keys: int,
+        whole: bool,
     ) -> torch.Tensor:
         """The transformer on ``x`` ``[R, S, D]`` at ``positions`` ``[R, S]`` of ``rows``.
 
-        ``keys`` limits attention to the first positions of the cache (prefill,
-        where it is known); ``None`` attends over the whole table (decode).
+        ``keys`` limits attention to the first positions of the cache. With ``whole``
+        the rows are the whole table in order (decode) and read the cache in place;
+        otherwise (prefill) they gather theirs.
         """
         transformer = self.transformer
         pos_emb = create_sin_embedding(
             positions[..., None], self.dim, max_period=transformer.max_period, dtype=x.dtype
         )
         x = x + transformer.positional_scale * pos_emb
-        span = self.kv.length if keys is None else keys
-        whole = keys is None
+        span = keys
         self_mask = (
             torch.arange(span, device=self.device)[None, None, None, :]
             <= positions[:, None, :, None]
@@ -200,7 +208,7 @@ class MusicGenDecoder:
             q, k, v = (self._heads(part) for part in qkv.split(d, dim=-1))
             self.kv.write(i, rows, positions, k, v)
             if whole:
-                keys_i, values_i = self.kv.k[i], self.kv.v[i]
+                keys_i, values_i = self.kv.k[i][:, :, :span], self.kv.v[i][:, :, :span]
             else:
                 keys_i = self.kv.k[i][rows, :, :span]
                 values_i = self.kv.v[i][rows, :, :span]

@@ -177,9 +177,9 @@ def test_one_decoder_forward_per_step_for_every_request(windowed: Any) -> None:
     decoder = engine.decoder
     original_decode, original_prefill = decoder.decode, decoder.prefill
 
-    def counting_decode(*args: Any) -> Any:
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
         calls["decode"] += 1
-        return original_decode(*args)
+        return original_decode(*args, **kwargs)
 
     def counting_prefill(*args: Any) -> Any:
         calls["prefill"] += 1

@@ -68,7 +68,7 @@ def test_same_seed_same_audio_other_seed_differs(engine: Any) -> None:
 
 
 def test_interleaved_jobs_match_solo_runs(engine: Any) -> None:
-    """Per-job KV state: stepping two requests in turn changes neither."""
+    """Two requests stepped together: each sounds as it does alone."""
     solo_a = np.concatenate(run(engine, "rock", duration=1.5, seed=1)[1])
     solo_b = np.concatenate(run(engine, "ambient pads", duration=1.0, seed=2)[1])
     params_a = resolve_params(engine.info.params, {"duration": 1.5, "seed": 1})
@@ -84,8 +84,9 @@ def test_interleaved_jobs_match_solo_runs(engine: Any) -> None:
                 out[name].append(result.audio)
             if result.done:
                 del active[name]
-    assert np.array_equal(np.concatenate(out["a"]), solo_a)
-    assert np.array_equal(np.concatenate(out["b"]), solo_b)
+    # Their codec windows are decoded as one batch: the same audio up to float rounding.
+    assert np.abs(np.concatenate(out["a"]) - solo_a).max() <= 1e-5
+    assert np.abs(np.concatenate(out["b"]) - solo_b).max() <= 1e-5
 
 
 @pytest.mark.parametrize(
