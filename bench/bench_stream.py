@@ -97,6 +97,8 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         "0",
         "--max-active",
         str(max(args.concurrency)),
+        "--threads",
+        str(args.threads),
         "--log-file",
         str(log),
     ]
@@ -138,6 +140,7 @@ async def bench(args: argparse.Namespace) -> None:
         args.duration,
         ("wavecast stream, 1 client", seq),
         conc,
+        args.threads,
     )
 
 
@@ -173,6 +176,7 @@ def report(
     audio_seconds: float,
     single: tuple[str, list[Run]],
     conc: dict[int, tuple[list[Run], float]],
+    server_threads: int = 0,
 ) -> None:
     """Print a RESULTS.md section: the baseline's wall times, then the runs."""
     med = statistics.median
@@ -181,6 +185,11 @@ def report(
     seq_rtf = med(r["rtf"] for r in seq)
     print(f"### {title}\n")
     print(f"- machine: {machine(device)}")
+    print(
+        f"- CPU threads: the baseline {torch.get_num_threads()} (torch's default), the server "
+        f"{server_threads or max(1, len(os.sched_getaffinity(0)) - 1)}"
+        + (" (its default: one core is left to the network)" if not server_threads else "")
+    )
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
     print(f"- date: {time.strftime('%Y-%m-%d')}\n")
     print("| path | time to first audio | wall | real-time factor |")
@@ -193,11 +202,13 @@ def report(
         f"| {label} | {med(r['ttfa'] for r in seq) * 1000:.0f} ms | "
         f"{med(r['wall'] for r in seq):.3f} s | x{seq_rtf:.2f} |"
     )
+    seq_ttfa = med(r["ttfa"] for r in seq)
     for k, (results, wall) in conc.items():
         total = sum(r["audio"] for r in results)
+        ttfa = med(r["ttfa"] for r in results)
         print(
-            f"| wavecast, {k} concurrent | {med(r['ttfa'] for r in results) * 1000:.0f} ms "
-            f"(max {max(r['ttfa'] for r in results) * 1000:.0f} ms) | {wall:.3f} s | "
+            f"| wavecast, {k} concurrent | {ttfa * 1000:.0f} ms ({ttfa / seq_ttfa:.1f}x one "
+            f"stream's; max {max(r['ttfa'] for r in results) * 1000:.0f} ms) | {wall:.3f} s | "
             f"x{min(r['rtf'] for r in results):.2f} per stream (slowest), "
             f"x{total / wall:.2f} aggregate ({total / wall / seq_rtf:.2f}x one stream) |"
         )
@@ -210,8 +221,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--prompt", default="warm lofi hip hop with soft keys")
+    parser.add_argument("--threads", type=int, default=0, help="the server's --threads")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     asyncio.run(bench(args))

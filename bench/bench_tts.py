@@ -166,6 +166,7 @@ async def bench(args: argparse.Namespace) -> None:
         audio_seconds,
         ("engine in-process" if args.engine_only else "wavecast stream, 1 client", seq),
         conc,
+        args.threads,
     )
 
 
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--engine-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="the server's --threads")
     parser.add_argument(
         "--chunk-words",
         type=int,

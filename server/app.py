@@ -57,10 +57,13 @@ class WavecastServer:
         return load_engines(
             models.names,
             models.device,
+            threads=models.threads,
             left_context=models.left_context_frames,
             holdback=models.holdback_frames,
             first_frames=models.first_chunk_frames,
             chunk_frames=models.chunk_frames,
+            max_chunk_frames=models.max_chunk_frames,
+            max_prompt_tokens=models.max_prompt_tokens,
             max_duration=self.config.limits.max_duration,
             max_upload_seconds=self.config.limits.max_upload_seconds,
             mbd=models.mbd,
@@ -90,7 +93,11 @@ class WavecastServer:
         self.voices = await asyncio.to_thread(load_voices, models.voices_dir)
         self.scenes = await asyncio.to_thread(load_scenes, models.scenes_dir or BUILTIN_SCENES)
         self.scheduler = Scheduler(
-            loop, self._factory, max_queue=limits.max_queue, max_active=limits.max_active
+            loop,
+            self._factory,
+            max_queue=limits.max_queue,
+            max_active=limits.max_active,
+            prefill_budget=self.config.models.prefill_budget_ms / 1000.0,
         )
         await self.scheduler.start()
         web_root = self.config.network.web_demo or WEB_DEMO

@@ -60,6 +60,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto | cpu | cuda | cuda:N (env WAVECAST_DEVICE)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(_env("THREADS", "0") or 0),
+        help="CPU threads of the model's operations (env WAVECAST_THREADS; default 0: "
+        "one core fewer than the machine has, leaving one to the network)",
+    )
+    parser.add_argument(
         "--max-queue", type=int, default=int(_env("MAX_QUEUE", str(limits.max_queue)) or 0)
     )
     parser.add_argument(
@@ -99,6 +106,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=ModelsConfig().chunk_frames,
         help="codec frames per audio chunk after the first",
+    )
+    parser.add_argument(
+        "--prefill-budget-ms",
+        type=float,
+        default=ModelsConfig().prefill_budget_ms,
+        help="time per decoding step given to preparing new requests (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=ModelsConfig().max_prompt_tokens,
+        help="MusicGen: longest description in the text encoder's tokens (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-chunk-frames",
+        type=int,
+        default=ModelsConfig().max_chunk_frames,
+        help="MusicGen: largest chunk, while a stream is well ahead of real time "
+        "(larger chunks cost less codec work per second of audio)",
     )
     parser.add_argument(
         "--mbd",
@@ -164,7 +190,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         models=ModelsConfig(
             names=names,
             device=args.device,
+            threads=args.threads,
             chunk_frames=args.chunk_frames,
+            max_chunk_frames=args.max_chunk_frames,
+            prefill_budget_ms=args.prefill_budget_ms,
+            max_prompt_tokens=args.max_prompt_tokens,
             mbd=args.mbd,
             higgs_codec=args.higgs_codec,
             voices_dir=args.voices_dir,

@@ -54,12 +54,18 @@ class TimeoutsConfig:
 class ModelsConfig:
     names: tuple[str, ...] = (DEFAULT_MODEL,)
     device: str = "auto"
+    threads: int = 0  # torch's CPU threads; 0: one core fewer than the machine has
     mbd: bool = False  # load the released Multi-Band Diffusion for the 32 kHz models
     # Exact streaming geometry (frames of codes): see engines/codec_stream.py.
     left_context_frames: int = 25
     holdback_frames: int = 4
     first_chunk_frames: int = 1
     chunk_frames: int = 10
+    max_chunk_frames: int = 50  # MusicGen: chunks grow to this while well ahead of real time
+    # Preparing new requests (conditioning, uploads, prompts) runs between decode
+    # steps for at most this long per step (at least one bounded unit of work).
+    prefill_budget_ms: float = 20.0
+    max_prompt_tokens: int = 512  # MusicGen: longest description in text-encoder tokens
     # Text to speech (HiggsAudio v2).
     higgs_codec: str | None = None  # audio tokenizer; default: the model folder's or released
     voices_dir: Path | None = None  # NAME.wav (+ NAME.txt transcript) per voice

@@ -1,10 +1,14 @@
 """The inference thread: admission, queue positions, the step loop.
 
 One ``Scheduler`` owns one device. Its thread loads the models, then loops:
-admit queued requests while there is room (FIFO), step every active request
-once, hand the results to each request's sink on the event loop, and drop any
-request whose cancel flag is set, all between two decoding steps. Only this
-thread touches torch.
+admit queued requests while there is room (FIFO), prepare the admitted ones for
+at most ``prefill_budget`` seconds (their conditioning, uploads and prompts, in
+the engines' bounded units of work), step every running request once, hand the
+results to each request's sink on the event loop, and drop any request whose
+cancel flag is set, all between two decoding steps. A request that is slow to
+prepare (a melody, a long continuation) therefore delays the running streams by
+one budget per step, not by its whole preparation. Only this thread touches
+torch.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +65,7 @@ class Request:
     submitted_at: float = field(default_factory=time.perf_counter)
     # Inference-thread bookkeeping.
     job: Job | None = None
+    preparing: Generator[Job | None, None, None] | None = None  # the engine's units of preparation
     position: int = 0
     started_at: float = 0.0
     first_audio_at: float | None = None
@@ -86,12 +91,15 @@ class Scheduler:
         *,
         max_queue: int,
         max_active: int,
+        prefill_budget: float = 0.02,
         name: str = "inference",
     ) -> None:
         self._loop = loop
         self._factory = engine_factory
         self.max_queue = max_queue
         self.max_active = max_active
+        self.prefill_budget = prefill_budget
+        self._preparing: list[Request] = []  # admitted, not running yet (FIFO)
         self._cond = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
@@ -232,6 +240,7 @@ class Scheduler:
                     self._emit(request, Queued(id=request.id, position=position))
         for request in admitted:
             self._admit(request)
+        self._prepare_some()
         self._step_active()
         return True
 
@@ -242,19 +251,47 @@ class Scheduler:
             return
         engine = self._engines[request.model]
         request.started_at = time.perf_counter()
-        try:
-            request.job = engine.prepare(request.engine_request)
-        except WavecastError as exc:
-            exc.id = request.id
-            self._release(request)
-            self._finish(request, "error", exc)
-            return
-        except Exception:
-            request.log.exception("prepare failed")
-            self._release(request)
-            self._finish(request, "error", InternalError("the model failed on this request"))
-            return
-        info = engine.info
+        request.preparing = engine.prepare_steps(request.engine_request)
+        self._preparing.append(request)
+
+    def _prepare_some(self) -> None:
+        """Advance the admitted requests' preparation, oldest first, for one budget.
+
+        At least one unit of work runs per tick, so preparation always moves on.
+        """
+        deadline = time.perf_counter() + self.prefill_budget
+        while self._preparing:
+            request = self._preparing[0]
+            if request.cancelled.is_set():
+                self._release(request)
+                self._finish(
+                    request, "error" if request.cancel_error else "cancelled", request.cancel_error
+                )
+                continue
+            assert request.preparing is not None
+            try:
+                job = next(request.preparing)
+            except WavecastError as exc:
+                exc.id = request.id
+                self._release(request)
+                self._finish(request, "error", exc)
+                job = None
+            except Exception:
+                request.log.exception("prepare failed")
+                self._release(request)
+                self._finish(request, "error", InternalError("the model failed on this request"))
+                job = None
+            if job is not None:
+                self._preparing.pop(0)
+                request.preparing = None
+                request.job = job
+                self._started(request)
+            if time.perf_counter() >= deadline:
+                return
+
+    def _started(self, request: Request) -> None:
+        assert request.job is not None
+        info = self._engines[request.model].info
         seed = request.job.extra.get("seed")
         self._emit(
             request,
@@ -356,6 +393,10 @@ class Scheduler:
         with self._cond:
             if request in self._active:
                 self._active.remove(request)
+        if request.preparing is not None:
+            self._preparing.remove(request)
+            request.preparing.close()
+            request.preparing = None
         if request.job is not None:
             try:
                 self._engines[request.model].finish(request.job)

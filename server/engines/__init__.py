@@ -7,6 +7,7 @@ decides which engine serves a model name.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,14 +33,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
 def load_engines(
     names: Sequence[str],
     device: str,
     *,
+    threads: int = 0,
     left_context: int = 25,
     holdback: int = 4,
     first_frames: int = 1,
     chunk_frames: int = 10,
+    max_chunk_frames: int = 50,
+    max_prompt_tokens: int = 512,
     max_duration: float = 300.0,
     max_upload_seconds: float = 60.0,
     mbd: bool = False,
@@ -64,7 +76,10 @@ def load_engines(
 
     torch.set_grad_enabled(False)
     resolved = resolve_device(device)
-    stream = StreamSettings(left_context, holdback, first_frames, chunk_frames)
+    # The step launches many small operations: threads beyond the cores there are
+    # (the event loop and the clients need one) spin and wait on each other.
+    torch.set_num_threads(threads or max(1, _cores() - 1))
+    stream = StreamSettings(left_context, holdback, first_frames, chunk_frames, max_chunk_frames)
     engines: dict[str, Engine] = {}
     shared_mbd = None
     for name in names:
@@ -110,6 +125,7 @@ def load_engines(
             max_duration=max_duration,
             max_upload_seconds=max_upload_seconds,
             mbd=diffusion,
+            max_prompt_tokens=max_prompt_tokens,
         )
         if test_model:
             log.warning("%s is a random-weight test model: it makes noise", name)

@@ -7,7 +7,7 @@ flag between steps. Only the inference thread calls these methods.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -82,6 +82,14 @@ class Engine(Protocol):
 
     def prepare(self, request: EngineRequest) -> Job:
         """Set up a request (conditioning, buffers). May raise ``WavecastError``."""
+        ...
+
+    def prepare_steps(self, request: EngineRequest) -> Generator[Job | None, None, None]:
+        """``prepare`` in bounded units of work, for the scheduler.
+
+        Yields ``None`` between units (the scheduler may step the running
+        requests there), then the Job. May raise ``WavecastError``.
+        """
         ...
 
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -501,6 +501,10 @@ class HiggsEngine:
         with torch.no_grad():
             return self._prepare(request)
 
+    def prepare_steps(self, request: EngineRequest) -> Generator[Job | None, None, None]:
+        """``prepare`` as one unit of work (see ``Engine.prepare_steps``)."""
+        yield self.prepare(request)
+
     def _prepare(self, request: EngineRequest) -> Job:
         params = request.params
         text = normalize_text(request.prompt)
@@ -632,7 +636,7 @@ class HiggsEngine:
         return codes[0]
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        audio: torch.Tensor = self.codec.decode(codes).audio_values
+        audio: torch.Tensor = self.codec.decode(codes.to(self.device)).audio_values
         return audio
 
     # -- one chunk -----------------------------------------------------------------

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from audiocraft.models.musicgen import MusicGen
 from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
@@ -42,7 +43,7 @@ from .base import SEED_SPEC, EngineRequest, FloatAudio, Job, StepOutput, number,
 from .codec_stream import DecodePlan, StreamDecoder, decode_batched
 from .mbd import MBDRun
 from .musicgen_decoder import MusicGenDecoder
-from .sampling import RowSampling, sample
+from .sampling import RowSampling, candidates_for, sample
 from .tiny import (
     RANDOM_MUSICGEN_SCALES,
     TINY_MUSICGEN,
@@ -68,6 +69,7 @@ class StreamSettings:
     holdback: int = 4
     first_frames: int = 1
     chunk_frames: int = 10
+    max_chunk_frames: int = 50  # while the stream is well ahead of real time
 
 
 def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
@@ -95,20 +97,27 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     return MusicGen.get_pretrained(name, device=device), False
 
 
+Codes = npt.NDArray[np.int64]
+
+
 @dataclass(slots=True)
 class _Layout:
     """Where each timestep's codes land in the pattern sequence."""
 
-    positions: torch.Tensor  # [K, T]: sequence step holding codebook k of timestep t
+    positions: Codes  # [K, T]: sequence step holding codebook k of timestep t
     ready_after: list[int]  # timesteps complete once sequence step s is written
 
 
 @dataclass(slots=True)
 class _Window:
-    """One ``LMModel.generate`` run: a pattern sequence filled step by step."""
+    """One ``LMModel.generate`` run: a pattern sequence filled step by step.
 
-    gen_sequence: Any  # [1, K, S] pattern sequence being filled
-    mask: Any  # [K, S] valid positions of the pattern
+    The pattern sequence lives on the host: each step writes one column of
+    sampled codes into it, and reads the next step's input column from it.
+    """
+
+    gen_sequence: Codes  # [K, S] pattern sequence being filled
+    mask: npt.NDArray[np.bool_]  # [K, S] valid positions of the pattern
     layout: _Layout
     start_offset: int
     end_offset: int
@@ -116,6 +125,8 @@ class _Window:
     prompt_len: int  # timesteps given as prompt (known before the first step)
     ready: int = 0  # timesteps with every codebook known
     prefilled: bool = False  # its prompt is in the decoder's KV cache
+    prompt_inputs: Any = None  # [2, P, D] embeddings to prefill (None once prefilled)
+    prompt_fed: int = 0  # of them, positions already in the cache
 
 
 @dataclass(slots=True)
@@ -135,7 +146,7 @@ class _MusicGenJob:
     window: _Window
     gen_offset: int = 0  # audiocraft's current_gen_offset
     produced: int = 0  # new timesteps generated so far
-    codes: list[Any] = field(default_factory=list)  # every timestep's codes, in order
+    codes: list[Codes] = field(default_factory=list)  # every timestep's codes [1, K, n], in order
     attributes: list[Any] = field(default_factory=list)  # audiocraft ConditioningAttributes
     melody: Any = None  # the reference clip's WavCondition (melody models)
     py_random: Any = None  # state of Python's `random` for this request (Demucs' shifts)
@@ -161,6 +172,8 @@ class MusicGenEngine:
         max_upload_seconds: Longest uploaded clip accepted.
         mbd: An audiocraft ``MultiBandDiffusion`` over this model's codec, to
             offer the ``mbd`` parameter.
+        prefill_chunk: Prompt positions a window prefills per step at most.
+        max_prompt_tokens: Longest description, in the text encoder's tokens.
     """
 
     family = "musicgen"
@@ -175,6 +188,8 @@ class MusicGenEngine:
         stream: StreamSettings | None = None,
         max_upload_seconds: float = 60.0,
         mbd: Any = None,
+        prefill_chunk: int = 256,
+        max_prompt_tokens: int = 512,
     ) -> None:
         self.model = model
         self.mbd = mbd
@@ -186,6 +201,8 @@ class MusicGenEngine:
         self.window = float(model.max_duration)
         self.max_duration = float(max(max_duration or self.window, self.window))
         self.max_upload_seconds = max_upload_seconds
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.max_prompt_tokens = max_prompt_tokens
         self.frame_rate = float(model.frame_rate)
         self.hop = round(model.sample_rate / model.frame_rate)
         self._layouts: dict[int, _Layout] = {}
@@ -314,7 +331,7 @@ class MusicGenEngine:
         if layout is None:
             pattern = self.lm.pattern_provider.get_pattern(gen_len)
             k = self.lm.num_codebooks
-            positions = torch.zeros((k, gen_len), dtype=torch.long)
+            positions = np.zeros((k, gen_len), dtype=np.int64)
             last = [0] * gen_len
             for step, coords in enumerate(pattern.layout):
                 for coord in coords:
@@ -327,15 +344,63 @@ class MusicGenEngine:
                 while done < gen_len and last[done] <= step:
                     done += 1
                 ready_after.append(done)
-            layout = _Layout(positions.to(self.device), ready_after)
+            layout = _Layout(positions, ready_after)
             if len(self._layouts) > 64:
                 self._layouts.clear()
             self._layouts[gen_len] = layout
         return layout
 
     def prepare(self, request: EngineRequest) -> Job:
+        """Set up a request at once (``prepare_steps`` without pauses)."""
+        for job in self.prepare_steps(request):
+            if job is not None:
+                return job
+        raise AssertionError("prepare_steps ended without a job")
+
+    def prepare_steps(self, request: EngineRequest) -> Generator[Job | None, None, None]:
+        """Set up a request in bounded units of work; the last item is the Job.
+
+        Each ``None`` is a pause where the scheduler may run a decode step for the
+        other streams: after the continuation clip is encoded, and after the
+        conditioning (the text encoder, and a melody's chroma) is computed. The
+        text is bounded in tokens (``max_prompt_tokens``), so its encoding is too.
+        """
+        params = request.params
+        self._check_prompt(request.prompt)
+        prompt = None
+        if "continuation" in request.inputs:
+            with torch.no_grad():
+                prompt = self._prompt_tokens(request.inputs["continuation"])
+            duration = number(params["duration"])
+            total_len = max(1, int(duration * self.frame_rate))
+            max_prompt = int(min(duration, self.window) * self.frame_rate)
+            if prompt.shape[-1] >= min(total_len, max_prompt):
+                prompt_seconds = prompt.shape[-1] / self.frame_rate
+                raise InvalidField(
+                    f"the continuation prompt ({prompt_seconds:.2f} s) must be shorter than "
+                    f"duration and than the model's {self.window:g} s window",
+                    field="inputs.continuation",
+                )
+            yield None
         with torch.no_grad():
-            return self._prepare(request)
+            job = self._prepare(request, prompt)
+        yield job
+
+    def _check_prompt(self, text: str) -> None:
+        """Refuse a description longer than the text encoder is given (in its tokens)."""
+        conditioners = self.lm.condition_provider.conditioners  # (a ModuleDict: no .get)
+        tokenizer = None
+        if "description" in conditioners:
+            tokenizer = getattr(conditioners["description"], "t5_tokenizer", None)
+        if tokenizer is None:
+            return
+        count = len(tokenizer(text)["input_ids"])
+        if count > self.max_prompt_tokens:
+            raise InvalidField(
+                f"prompt is {count} tokens long; this model reads at most "
+                f"{self.max_prompt_tokens} (shorten the description)",
+                field="prompt",
+            )
 
     def _upload_wav(self, data: bytes, role: str) -> torch.Tensor:
         """Decode an uploaded clip to ``[C, T]`` at the model's rate and channel count."""
@@ -352,31 +417,20 @@ class MusicGenEngine:
         )
         return converted
 
-    def _prompt_tokens(self, data: bytes) -> torch.Tensor:
+    def _prompt_tokens(self, data: bytes) -> Codes:
         """Encode an uploaded clip into codes ``[1, K, T]`` (audiocraft's continuation)."""
         wav = self._upload_wav(data, "continuation").unsqueeze(0)
         with self.model.autocast:
             tokens, scale = self.model.compression_model.encode(wav)
         assert scale is None
-        return tokens
+        codes: Codes = tokens.cpu().numpy().astype(np.int64)
+        return codes
 
-    def _prepare(self, request: EngineRequest) -> Job:
+    def _prepare(self, request: EngineRequest, prompt: Codes | None) -> Job:
         params = request.params
         duration = number(params["duration"])
         seed = request_seed(params)
         total_len = max(1, int(duration * self.frame_rate))
-
-        prompt = None
-        if "continuation" in request.inputs:
-            prompt = self._prompt_tokens(request.inputs["continuation"])
-            max_prompt = int(min(duration, self.window) * self.frame_rate)
-            if prompt.shape[-1] >= min(total_len, max_prompt):
-                prompt_seconds = prompt.shape[-1] / self.frame_rate
-                raise InvalidField(
-                    f"the continuation prompt ({prompt_seconds:.2f} s) must be shorter than "
-                    f"duration and than the model's {self.window:g} s window",
-                    field="inputs.continuation",
-                )
 
         melody_wavs = None
         if "melody" in request.inputs:
@@ -400,6 +454,8 @@ class MusicGenEngine:
             holdback=self.stream.holdback,
             first_frames=self.stream.first_frames,
             chunk_frames=self.stream.chunk_frames,
+            max_chunk_frames=self.stream.max_chunk_frames,
+            frame_rate=self.frame_rate,
         )
         first_prompt_len = 0 if prompt is None else int(prompt.shape[-1])
         job = _MusicGenJob(
@@ -469,26 +525,27 @@ class MusicGenEngine:
             [0.0],
         )
 
-    def _new_window(self, duration: float, gen_offset: int, prompt: Any) -> _Window:
-        """A window as ``MusicGen._generate_tokens`` starts one (same lengths)."""
+    def _new_window(self, duration: float, gen_offset: int, prompt: Codes | None) -> _Window:
+        """A window as ``MusicGen._generate_tokens`` starts one (same lengths).
+
+        ``prompt``: codes ``[1, K, n]`` the window starts from.
+        """
         time_offset = gen_offset / self.frame_rate
         chunk_duration = min(duration - time_offset, self.window)
         gen_len = int(chunk_duration * self.frame_rate)
         lm = self.lm
         pattern = lm.pattern_provider.get_pattern(gen_len)
-        gen_codes = torch.full(
-            (1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long, device=self.device
-        )
+        gen_codes = torch.full((1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long)
         prompt_len = 0
         if prompt is not None:
             prompt_len = int(prompt.shape[-1])
-            gen_codes[..., :prompt_len] = prompt
+            gen_codes[..., :prompt_len] = torch.from_numpy(prompt)
         gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
         start_offset = pattern.get_first_step_with_timesteps(prompt_len)
         assert start_offset is not None
         return _Window(
-            gen_sequence=gen_sequence,
-            mask=mask,
+            gen_sequence=gen_sequence[0].numpy().copy(),
+            mask=mask.numpy().copy(),
             layout=self._layout(gen_len),
             start_offset=start_offset,
             end_offset=int(gen_sequence.shape[-1]),
@@ -498,7 +555,7 @@ class MusicGenEngine:
         )
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model.compression_model.decode(codes, None)
+        out: torch.Tensor = self.model.compression_model.decode(codes.to(self.device), None)
         return out
 
     # -- stepping ------------------------------------------------------------------
@@ -515,15 +572,24 @@ class MusicGenEngine:
                     generating.append((i, job))
             if generating:
                 states = [job.state for _, job in generating]
-                tokens, guided = self._sample_step(states)
+                tokens, guided, sampled = self._sample_step(states)
                 if self.logits_observer is not None:
                     self.logits_observer(
-                        {job.request.request_id: guided[job.state.slot] for _, job in generating}
+                        {
+                            job.request.request_id: guided[job.state.slot]
+                            for _, job in generating
+                            if sampled[job.state.slot]
+                        }
                     )
                 self._due.clear()
                 for (i, job), st in zip(generating, states, strict=True):
                     assert st.slot is not None
-                    outputs[i] = self._advance(job, tokens[st.slot])
+                    if sampled[st.slot]:
+                        outputs[i] = self._advance(job, tokens[st.slot])
+                    else:  # its prompt is still going in
+                        outputs[i] = StepOutput(
+                            audio=None, fraction=self._fraction(st), seconds=self._seconds(st)
+                        )
                 self._decode_due()
         return [out for out in outputs if out is not None]
 
@@ -561,10 +627,7 @@ class MusicGenEngine:
         count = self.decoder.rows // 2
         old = len(self._slots)
         self._slots.extend([None] * (count - old))
-        sampling = RowSampling(count, self.device)
-        for name in ("temperature", "top_k", "top_p", "seed", "step"):
-            getattr(sampling, name)[:old] = getattr(self._sampling, name)
-        self._sampling = sampling
+        self._sampling = self._sampling.grown(count)
         self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old)])
 
     def _release_slot(self, st: _MusicGenJob) -> None:
@@ -572,79 +635,123 @@ class MusicGenEngine:
             self._slots[st.slot] = None
         st.slot = None
 
-    def _prefill(self, st: _MusicGenJob) -> torch.Tensor:
-        """Load a window's conditioning and prompt into the request's rows.
+    def _prompt_inputs(self, st: _MusicGenJob) -> torch.Tensor:
+        """Load a window's conditioning into the request's rows; its prompt's embeddings.
 
-        Returns the pair's logits ``[2, K, card]`` for the window's next step.
+        Returns ``[2, P, D]``: the positions to prefill (the conditional and the
+        unconditional row), fed in chunks by ``_prefill``.
         """
         assert st.slot is not None
         win = st.window
         rows = [2 * st.slot, 2 * st.slot + 1]
-        lm = self.lm
         # The fuser prepends what it prepends (a melody's chroma) and returns the
         # cross-attention source (the text), as at the first step of LMModel.generate.
         empty = torch.zeros(2, 0, self.decoder.dim, device=self.device)
-        prepend, cross = lm.fuser(empty, st.cfg_conditions)
+        prepend, cross = self.lm.fuser(empty, st.cfg_conditions)
         self.decoder.set_conditions(rows, cross)
-        codes = win.gen_sequence[..., : win.offset].expand(2, -1, -1)
+        prompt = torch.from_numpy(win.gen_sequence[:, : win.offset]).to(self.device)
+        codes = prompt[None].expand(2, -1, -1)
         inputs = torch.cat([prepend.to(empty.dtype), self.decoder.embed(codes)], dim=1)
-        self.decoder.ensure(length=int(prepend.shape[1]) + win.end_offset + 1)
-        logits = self.decoder.prefill(rows, inputs)
-        st.kv_length = int(inputs.shape[1])
-        win.prefilled = True
-        return logits
+        self.decoder.ensure(length=int(prepend.shape[1]) + win.end_offset)
+        return inputs
 
-    def _sample_step(self, states: list[_MusicGenJob]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill(self, states: list[_MusicGenJob]) -> dict[int, torch.Tensor]:
+        """Feed the next chunk of every window's prompt that is not in the cache yet.
+
+        At most ``prefill_chunk`` positions per window per step, so that a long
+        prompt (a continuation, a long-form window's re-prefill, a melody's chroma)
+        delays the other streams by one chunk's time per step, not by its whole
+        length. Windows whose chunks have the same start and length go in one call
+        (a crowd of new requests: one forward). Returns the logits ``[2, K, card]``
+        of each slot whose prompt is now complete: it samples in this step.
+        """
+        groups: dict[tuple[int, int], list[_MusicGenJob]] = {}
+        for st in states:
+            win = st.window
+            if win.prompt_inputs is None:
+                win.prompt_inputs = self._prompt_inputs(st)
+            size = min(int(win.prompt_inputs.shape[1]) - win.prompt_fed, self.prefill_chunk)
+            groups.setdefault((win.prompt_fed, size), []).append(st)
+        complete: dict[int, torch.Tensor] = {}
+        for (start, size), group in groups.items():
+            rows = [
+                row for st in group if st.slot is not None for row in (2 * st.slot, 2 * st.slot + 1)
+            ]
+            inputs = torch.cat([st.window.prompt_inputs[:, start : start + size] for st in group])
+            logits = self.decoder.prefill(rows, inputs, start)
+            for i, st in enumerate(group):
+                win = st.window
+                win.prompt_fed += size
+                if win.prompt_fed == int(win.prompt_inputs.shape[1]):
+                    assert st.slot is not None
+                    complete[st.slot] = logits[2 * i : 2 * i + 2]
+                    st.kv_length = win.prompt_fed
+                    win.prefilled = True
+                    win.prompt_inputs = None
+        return complete
+
+    def _sample_step(
+        self, states: list[_MusicGenJob]
+    ) -> tuple[Codes, torch.Tensor, npt.NDArray[np.bool_]]:
         """One forward for every request (prefilling new windows), one draw per row.
 
-        Returns the sampled codes ``[slots, K]`` and the guided logits
-        ``[slots, K, card]``; a request's are at its slot.
+        The step's inputs (every row's codes, which rows advance, every slot's
+        sampling key) cross to the device as one array, and the sampled codes come
+        back as one: ``[slots, K]``, a request's at its slot; with them the guided
+        logits ``[slots, K, card]`` (on the device; tests compare rows) and which
+        slots sampled (not those whose prompt is still being prefilled).
         """
         for st in states:
             if st.slot is None:
                 self._take_slot(st)
-        prefilled: dict[int, torch.Tensor] = {}
-        for st in states:
-            if not st.window.prefilled:
-                assert st.slot is not None
-                prefilled[st.slot] = self._prefill(st)
+        prefilled = self._prefill([st for st in states if not st.window.prefilled])
         decoder = self.decoder
         k = decoder.codebooks
-        active = torch.zeros(decoder.rows, dtype=torch.bool, device=self.device)
-        if len(prefilled) < len(states):
-            codes = torch.zeros(decoder.rows, k, dtype=torch.long, device=self.device)
-            for st in states:
-                if st.slot is not None and st.slot not in prefilled:
-                    column = st.window.gen_sequence[0, :, st.window.offset - 1]
-                    codes[2 * st.slot : 2 * st.slot + 2] = column
-                    active[2 * st.slot : 2 * st.slot + 2] = True
+        rows, slots = decoder.rows, len(self._slots)
+        sampling = self._sampling
+        stepped = np.zeros(slots, dtype=bool)
+        # [rows, K] input codes, [rows] advance flags, [slots] sampling keys.
+        host = np.zeros(rows * (k + 1) + slots, dtype=np.int64)
+        codes_in = host[: rows * k].reshape(rows, k)
+        active = host[rows * k : rows * (k + 1)]
+        decoding = [st for st in states if st.window.prefilled and st.slot not in prefilled]
+        for st in decoding:
+            assert st.slot is not None
+            rows_of = slice(2 * st.slot, 2 * st.slot + 2)
+            codes_in[rows_of] = st.window.gen_sequence[:, st.window.offset - 1]
+            active[rows_of] = 1
+            stepped[st.slot] = True
+        stepped[list(prefilled)] = True
+        host[rows * (k + 1) :] = sampling.keys()
+        inputs = torch.from_numpy(host).to(self.device)
+        if decoding:
             # Attend over the longest row's positions, rounded up to a multiple of
             # 64 (a handful of shapes per window length).
-            longest = max(st.kv_length for st in states if st.slot not in prefilled)
-            logits = decoder.decode(codes, active, span=-(-(longest + 1) // 64) * 64).float()
-            for st in states:
-                if st.slot not in prefilled:
-                    st.kv_length += 1
+            longest = max(st.kv_length for st in decoding)
+            logits = decoder.decode(
+                inputs[: rows * k].view(rows, k),
+                inputs[rows * k : rows * (k + 1)].bool(),
+                span=-(-(longest + 1) // 64) * 64,
+            ).float()
+            for st in decoding:
+                st.kv_length += 1
         else:
-            logits = torch.zeros(decoder.rows, k, int(self.lm.card), device=self.device)
+            logits = torch.zeros(rows, k, decoder.card, device=self.device)
         for slot, pair in prefilled.items():
             logits[2 * slot : 2 * slot + 2] = pair.float()
         cond, uncond = logits[0::2], logits[1::2]
         guided = uncond + (cond - uncond) * self._cfg[:, None, None]
-        sampling = self._sampling
         tokens = sample(
             guided,
             sampling.temperature,
             sampling.top_k,
             sampling.top_p,
-            sampling.seed,
-            sampling.step,
+            inputs[rows * (k + 1) :],
+            candidates=candidates_for(sampling.wants[stepped], decoder.card),
         )
-        stepped = torch.zeros(len(self._slots), dtype=torch.int64, device=self.device)
-        for st in states:
-            stepped[st.slot] = 1
         sampling.step += stepped
-        return tokens, guided
+        host_tokens: Codes = tokens.cpu().numpy()
+        return host_tokens, guided, stepped
 
     def _step_mbd(self, job: Job, run: MBDRun) -> StepOutput:
         st: _MusicGenJob = job.state
@@ -664,19 +771,14 @@ class MusicGenEngine:
             rendition=rendition,
         )
 
-    def _advance(self, job: Job, sampled: torch.Tensor) -> StepOutput:
+    def _advance(self, job: Job, sampled: Codes) -> StepOutput:
         """Write a request's sampled codes ``[K]`` into its window and stream what is ready."""
         st: _MusicGenJob = job.state
         win = st.window
-        lm = self.lm
         offset = win.offset
-        next_token = sampled.view(1, -1, 1).clone()
-        valid = win.mask[..., offset : offset + 1].expand(1, -1, -1)
-        next_token[~valid] = lm.special_token_id
-        column = win.gen_sequence[..., offset : offset + 1]
-        win.gen_sequence[..., offset : offset + 1] = torch.where(
-            column == UNKNOWN_TOKEN, next_token, column
-        )
+        column = win.gen_sequence[:, offset]
+        token = np.where(win.mask[:, offset], sampled, self.lm.special_token_id)
+        win.gen_sequence[:, offset] = np.where(column == UNKNOWN_TOKEN, token, column)
         win.offset = offset + 1
         job.steps += 1
 
@@ -687,8 +789,8 @@ class MusicGenEngine:
         plan = None
         ready = win.layout.ready_after[offset]
         if ready > win.ready:
-            codes = torch.gather(win.gen_sequence[0], 1, win.layout.positions[:, win.ready : ready])
-            codes = codes.unsqueeze(0)
+            positions = win.layout.positions[:, win.ready : ready]
+            codes = np.take_along_axis(win.gen_sequence, positions, axis=1)[None]
             st.produced += ready - win.ready
             win.ready = ready
             st.codes.append(codes)
@@ -709,24 +811,28 @@ class MusicGenEngine:
             self._release_slot(st)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(st.seed)
-            codes = torch.cat(st.codes, dim=-1)
+            all_codes = torch.from_numpy(np.concatenate(st.codes, axis=-1)).to(self.device)
             if int(self.model.audio_channels) == 2:
                 # As audiocraft's MusicGen demo: each channel's codes through the
                 # mono MBD, as a batch of two.
-                left, right = self.model.compression_model.get_left_right_codes(codes)
-                codes = torch.cat([left, right])
-            st.mbd_run = MBDRun(self.mbd, codes, generator)
+                left, right = self.model.compression_model.get_left_right_codes(all_codes)
+                all_codes = torch.cat([left, right])
+            st.mbd_run = MBDRun(self.mbd, all_codes, generator)
             return StepOutput(
                 audio=audio, fraction=1.0, seconds=st.produced / self.frame_rate, done=False
             )
-        target = st.total_len - st.first_prompt_len
-        fraction = 1.0 if done else min(0.999, st.produced / target) if target > 0 else 0.0
-        output = StepOutput(
-            audio=audio, fraction=fraction, seconds=st.produced / self.frame_rate, done=done
-        )
+        fraction = 1.0 if done else self._fraction(st)
+        output = StepOutput(audio=audio, fraction=fraction, seconds=self._seconds(st), done=done)
         if plan is not None:
             self._due.append((output, st.decoder, plan))
         return output
+
+    def _fraction(self, st: _MusicGenJob) -> float:
+        target = st.total_len - st.first_prompt_len
+        return min(0.999, st.produced / target) if target > 0 else 0.0
+
+    def _seconds(self, st: _MusicGenJob) -> float:
+        return st.produced / self.frame_rate
 
     def _next_window(self, st: _MusicGenJob) -> bool:
         """The current window is complete: start the next one, or report the end.
@@ -735,7 +841,7 @@ class MusicGenEngine:
         timesteps and prompt the next window with what follows in this one.
         """
         win = st.window
-        window_codes = torch.gather(win.gen_sequence[0], 1, win.layout.positions).unsqueeze(0)
+        window_codes = np.take_along_axis(win.gen_sequence, win.layout.positions, axis=1)[None]
         st.gen_offset += st.stride
         prompt = window_codes[..., st.stride :]
         if st.gen_offset + prompt.shape[-1] >= st.total_len or st.duration <= self.window:
@@ -757,7 +863,7 @@ class MusicGenEngine:
     def codes_of(self, job: Job) -> torch.Tensor:
         """Every code ``[1, K, T]`` of a job so far (prompt included), as audiocraft returns."""
         st: _MusicGenJob = job.state
-        return torch.cat(st.codes, dim=-1)
+        return torch.from_numpy(np.concatenate(st.codes, axis=-1))
 
 
 def _seeded_state(seed: int) -> Any:

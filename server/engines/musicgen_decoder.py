@@ -12,22 +12,33 @@ conditional and the unconditional one) that always step together.
 ``prefill`` feeds several positions of a few rows (a new request, a long-form
 window, a continuation prompt, a melody's prepended chroma); ``decode`` feeds one
 position of every row of the table with fixed shapes and no host sync.
+
+The step is bound by the number of operations it launches, not by arithmetic
+(a kernel launch on a GPU, the dispatcher on a CPU), so the weights are read
+once at load into what the step needs: the K embedding tables as one table, the
+K output heads as one matrix, the sinusoidal positions as a table, each layer's
+norms and projections as plain tensors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from audiocraft.modules.transformer import create_sin_embedding
+from torch import nn
 from torch.nn import functional as F
 
 from .kv import StaticKV
 
 __all__ = ["MusicGenDecoder"]
 
+Op = Callable[[torch.Tensor], torch.Tensor]
 
-def _projections(attention: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.nn.Linear]:
+
+def _projections(attention: Any) -> tuple[torch.Tensor, torch.Tensor | None, nn.Linear]:
     """In-projection weight and bias ``[3D, D]`` (q, k, v) and the out-projection."""
     if attention.custom:
         return attention.in_proj_weight, attention.in_proj_bias, attention.out_proj
@@ -37,6 +48,80 @@ def _projections(attention: Any) -> tuple[torch.Tensor, torch.Tensor | None, tor
 
 def _slice(bias: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
     return None if bias is None else bias[start:end]
+
+
+def _norm(module: nn.Module) -> Op:
+    if type(module) is nn.LayerNorm:
+        shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+    op: Op = module
+    return op
+
+
+def _scale(module: nn.Module) -> Op | None:
+    """A layer-scale module, or None where it is the identity."""
+    return None if isinstance(module, nn.Identity) else module
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """One transformer layer's weights, read once."""
+
+    norm1: Op
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor | None
+    scale1: Op | None
+    norm2: Op
+    ff1_weight: torch.Tensor
+    ff1_bias: torch.Tensor | None
+    activation: Op
+    ff2_weight: torch.Tensor
+    ff2_bias: torch.Tensor | None
+    scale2: Op | None
+    # Cross-attention (None where the layer has none): query, key/value and out projections.
+    norm_cross: Op | None = None
+    q_weight: torch.Tensor | None = None
+    q_bias: torch.Tensor | None = None
+    kv_weight: torch.Tensor | None = None
+    kv_bias: torch.Tensor | None = None
+    cross_out_weight: torch.Tensor | None = None
+    cross_out_bias: torch.Tensor | None = None
+    scale_cross: Op | None = None
+
+    @classmethod
+    def of(cls, layer: Any, dim: int) -> _Layer:
+        weight, bias, out = _projections(layer.self_attn)
+        cross: dict[str, Any] = {}
+        if layer.cross_attention is not None:
+            c_weight, c_bias, c_out = _projections(layer.cross_attention)
+            cross = {
+                "norm_cross": _norm(layer.norm_cross),
+                "q_weight": c_weight[:dim],
+                "q_bias": _slice(c_bias, 0, dim),
+                "kv_weight": c_weight[dim:],
+                "kv_bias": _slice(c_bias, dim, 3 * dim),
+                "cross_out_weight": c_out.weight,
+                "cross_out_bias": c_out.bias,
+                "scale_cross": _scale(layer.layer_scale_cross),
+            }
+        return cls(
+            norm1=_norm(layer.norm1),
+            qkv_weight=weight,
+            qkv_bias=bias,
+            out_weight=out.weight,
+            out_bias=out.bias,
+            scale1=_scale(layer.layer_scale_1),
+            norm2=_norm(layer.norm2),
+            ff1_weight=layer.linear1.weight,
+            ff1_bias=layer.linear1.bias,
+            activation=layer.activation,
+            ff2_weight=layer.linear2.weight,
+            ff2_bias=layer.linear2.bias,
+            scale2=_scale(layer.layer_scale_2),
+            **cross,
+        )
 
 
 class MusicGenDecoder:
@@ -53,57 +138,101 @@ class MusicGenDecoder:
     def __init__(
         self, lm: Any, *, rows: int, length: int, cross_length: int, dtype: torch.dtype
     ) -> None:
+        # The tensors read from the weights are plain tensors, not parts of an
+        # autograd graph.
+        with torch.no_grad():
+            self._load(lm, rows=rows, length=length, cross_length=cross_length, dtype=dtype)
+
+    def _load(
+        self, lm: Any, *, rows: int, length: int, cross_length: int, dtype: torch.dtype
+    ) -> None:
         transformer = lm.transformer
         if transformer.positional_embedding != "sin":
             raise ValueError("only sinusoidal positions are supported")
         self.lm = lm
         self.transformer = transformer
-        self.layers = list(transformer.layers)
-        first = self.layers[0].self_attn
-        for layer in self.layers:
+        layers = list(transformer.layers)
+        first = layers[0].self_attn
+        for layer in layers:
             attention = layer.self_attn
             if not layer.norm_first or attention.rope is not None or attention.kv_repeat != 1:
                 raise ValueError("unsupported transformer layout")
             if attention.past_context is not None or attention.qk_layer_norm:
                 raise ValueError("unsupported attention options")
+            if attention.attention_as_float32:
+                raise ValueError("unsupported attention options")
         self.dim = int(lm.dim)
         self.heads = int(first.num_heads)
         self.head_dim = self.dim // self.heads
         self.codebooks = int(lm.num_codebooks)
+        self.card = int(lm.card)
+        self.layers = [_Layer.of(layer, self.dim) for layer in layers]
         device = next(iter(lm.parameters())).device
         self.device = device
+        self.dtype = dtype
+        # The K embedding tables as one (codebook k's token t at row k * (card + 1) + t),
+        # the K output heads as one matrix.
+        tables = [lm.emb[k].weight for k in range(self.codebooks)]
+        self._emb = torch.cat(tables)
+        self._emb_offsets = (
+            torch.arange(self.codebooks, device=device) * int(tables[0].shape[0])
+        ).view(1, -1, 1)
+        linears = [lm.linears[k] for k in range(self.codebooks)]
+        self._head_weight = torch.cat([lin.weight for lin in linears])
+        biases = [lin.bias for lin in linears]
+        self._head_bias = None if biases[0] is None else torch.cat(biases)
+        self._out_norm: Op | None = _norm(lm.out_norm) if lm.out_norm else None
+        self._pos_scale = float(transformer.positional_scale)
+        self._positions = torch.zeros(0, self.dim, device=device, dtype=self._emb.dtype)
         n = len(self.layers)
         self.kv = StaticKV(
-            n, self.heads, self.head_dim, rows=rows, length=length, device=device, dtype=dtype
+            n, self.heads, self.head_dim, rows=rows, length=length + 1, device=device, dtype=dtype
         )
         self.cross = StaticKV(
             n, self.heads, self.head_dim, rows=rows, length=cross_length, device=device, dtype=dtype
         )
         self.cross_lengths = torch.ones(rows, dtype=torch.int64, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.has_cross = any(layer.cross_attention is not None for layer in self.layers)
+        self.has_cross = any(layer.kv_weight is not None for layer in self.layers)
+        self._sin_table(self.kv.length)
 
     @property
     def rows(self) -> int:
         return self.kv.rows
 
+    @property
+    def length(self) -> int:
+        """Positions a row can hold (the cache keeps one more: see ``decode``)."""
+        return self.kv.length - 1
+
     def ensure(self, *, rows: int = 0, length: int = 0, cross_length: int = 0) -> None:
         """Room for ``rows`` rows, ``length`` positions and ``cross_length`` conditions."""
-        self.kv.grow(rows=rows, length=length)
+        self.kv.grow(rows=rows, length=length + 1)
         self.cross.grow(rows=rows, length=cross_length)
         extra = self.kv.rows - self.lengths.shape[0]
         if extra > 0:
             self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
             self.cross_lengths = torch.cat([self.cross_lengths, self.cross_lengths.new_ones(extra)])
+        self._sin_table(self.kv.length)
+
+    def _sin_table(self, length: int) -> None:
+        """The sinusoidal embedding of positions ``0 .. length - 1``, ``[length, D]``."""
+        if self._positions.shape[0] >= length:
+            return
+        positions = torch.arange(length, device=self.device).view(1, length, 1)
+        table = create_sin_embedding(
+            positions, self.dim, max_period=self.transformer.max_period, dtype=self._emb.dtype
+        )
+        self._positions = table[0]
 
     # -- loading a row -------------------------------------------------------------
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """Summed codebook embeddings of ``[R, K, S]`` codes: ``[R, S, D]``."""
-        emb = self.lm.emb
-        total: torch.Tensor = emb[0](codes[:, 0])
+        looked_up = F.embedding(codes + self._emb_offsets, self._emb)  # [R, K, S, D]
+        total = looked_up[:, 0]
         for k in range(1, self.codebooks):
-            total = total + emb[k](codes[:, k])
+            total = total + looked_up[:, k]
         return total
 
     def set_conditions(self, rows: list[int], source: torch.Tensor | None) -> None:
@@ -116,24 +245,42 @@ class MusicGenDecoder:
         index = torch.tensor(rows, device=self.device)
         positions = torch.arange(length, device=self.device).expand(len(rows), length)
         for i, layer in enumerate(self.layers):
-            weight, bias, _ = _projections(layer.cross_attention)
-            d = self.dim
-            k = F.linear(source, weight[d : 2 * d], _slice(bias, d, 2 * d))
-            v = F.linear(source, weight[2 * d :], _slice(bias, 2 * d, 3 * d))
+            assert layer.kv_weight is not None
+            k, v = F.linear(source, layer.kv_weight, layer.kv_bias).split(self.dim, dim=-1)
             self.cross.write(i, index, positions, self._heads(k), self._heads(v))
         self.cross_lengths[index] = max(length, 1)
 
-    def prefill(self, rows: list[int], inputs: torch.Tensor) -> torch.Tensor:
-        """Feed ``inputs`` ``[R, S, D]`` (embeddings) to ``rows`` from position 0.
+    def prefill(self, rows: list[int], inputs: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Feed ``inputs`` ``[R, S, D]`` (embeddings) to ``rows`` at positions ``start`` on.
 
-        Returns the logits ``[R, K, card]`` of the last position.
+        A long prompt goes in as several calls, each continuing where the last
+        one stopped. Returns the logits ``[R, K, card]`` of the last position.
         """
         count, steps, _ = inputs.shape
-        self.ensure(length=steps)
+        end = start + steps
+        self.ensure(length=end)
         index = torch.tensor(rows, device=self.device)
-        positions = torch.arange(steps, device=self.device).expand(count, steps)
-        hidden = self._forward(inputs, index, positions, keys=steps, whole=False)
-        self.lengths[index] = steps
+        positions = torch.arange(start, end, device=self.device).expand(count, steps)
+        x = inputs + self._pos_scale * self._positions[start:end].to(inputs.dtype)
+        self_mask = (
+            torch.arange(end, device=self.device)[None, None, None, :]
+            <= positions[:, None, :, None]
+        )
+
+        def attend_self(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
+            self.kv.write(i, index, positions, k, v)
+            return self.kv.k[i][index, :, :end], self.kv.v[i][index, :, :end]
+
+        cross = None
+        if self.has_cross:
+            lengths = self.cross_lengths[index]
+            cross_mask = (
+                torch.arange(self.cross.length, device=self.device)[None, None, None, :]
+                < lengths[:, None, None, None]
+            )
+            cross = (self.cross.k[:, index], self.cross.v[:, index], cross_mask)
+        hidden = self._forward(x, attend_self, self_mask, cross)
+        self.lengths[index] = end
         return self._logits(hidden[:, -1:])[:, :, 0]
 
     # -- the decode step -----------------------------------------------------------
@@ -143,17 +290,39 @@ class MusicGenDecoder:
     ) -> torch.Tensor:
         """One position for every row: ``[rows, K]`` codes -> ``[rows, K, card]`` logits.
 
-        Rows where ``active`` is False compute too (fixed shapes) but do not advance.
-        ``span``: attend over the first ``span`` positions only (more than any
-        active row's length; a few fixed values keep the shapes static per value).
+        Rows where ``active`` is False compute too (fixed shapes) but do not advance,
+        and write their keys and values to the cache's last position, which holds
+        no row's data (an idle row, or one whose prompt is still being prefilled,
+        keeps its cache intact). ``span``: attend over the first ``span``
+        positions only (more than any active row's length; a few fixed values
+        keep the shapes static per value).
         """
         rows = self.rows
-        span = self.kv.length if span is None else min(span, self.kv.length)
-        index = torch.arange(rows, device=self.device)
-        positions = self.lengths.clamp(max=span - 1)[:, None]
-        hidden = self._forward(
-            self.embed(codes[:, :, None]), index, positions, keys=span, whole=True
+        span = self.length if span is None else min(span, self.length)
+        spare = torch.full_like(self.lengths, self.length)
+        positions = torch.where(active, self.lengths.clamp(max=span - 1), spare)  # [R]
+        x = self.embed(codes[:, :, None])
+        x = x + self._pos_scale * self._positions[positions][:, None].to(x.dtype)
+        self_mask = (
+            torch.arange(span, device=self.device)[None, None, None, :]
+            <= positions[:, None, None, None]
         )
+        where = positions.view(rows, 1, 1, 1).expand(rows, self.heads, 1, self.head_dim)
+        cache_k, cache_v = self.kv.k, self.kv.v
+
+        def attend_self(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
+            cache_k[i].scatter_(2, where, k.to(cache_k.dtype))
+            cache_v[i].scatter_(2, where, v.to(cache_v.dtype))
+            return cache_k[i][:, :, :span], cache_v[i][:, :, :span]
+
+        cross = None
+        if self.has_cross:
+            cross_mask = (
+                torch.arange(self.cross.length, device=self.device)[None, None, None, :]
+                < self.cross_lengths[:, None, None, None]
+            )
+            cross = (self.cross.k, self.cross.v, cross_mask)
+        hidden = self._forward(x, attend_self, self_mask, cross)
         self.lengths += active.to(self.lengths.dtype)
         return self._logits(hidden)[:, :, 0]
 
@@ -171,68 +340,47 @@ class MusicGenDecoder:
     def _forward(
         self,
         x: torch.Tensor,
-        rows: torch.Tensor,
-        positions: torch.Tensor,
-        *,
-        keys: int,
-        whole: bool,
+        attend_self: Callable[[int, torch.Tensor, torch.Tensor], tuple[Any, Any]],
+        self_mask: torch.Tensor,
+        cross: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """The transformer on ``x`` ``[R, S, D]`` at ``positions`` ``[R, S]`` of ``rows``.
+        """The transformer layers on ``x`` ``[R, S, D]`` (positions already added).
 
-        ``keys`` limits attention to the first positions of the cache. With ``whole``
-        the rows are the whole table in order (decode) and read the cache in place;
-        otherwise (prefill) they gather theirs.
+        ``attend_self(i, k, v)`` stores layer ``i``'s new keys and values and returns
+        the keys and values to attend to; ``cross`` is the conditioning's keys,
+        values (every layer's) and mask for these rows.
         """
-        transformer = self.transformer
-        pos_emb = create_sin_embedding(
-            positions[..., None], self.dim, max_period=transformer.max_period, dtype=x.dtype
-        )
-        x = x + transformer.positional_scale * pos_emb
-        span = keys
-        self_mask = (
-            torch.arange(span, device=self.device)[None, None, None, :]
-            <= positions[:, None, :, None]
-        )
-        cross_mask = None
-        if self.has_cross:
-            cross_span = self.cross.length
-            lengths = self.cross_lengths if whole else self.cross_lengths[rows]
-            cross_mask = (
-                torch.arange(cross_span, device=self.device)[None, None, None, :]
-                < lengths[:, None, None, None]
-            )
         d = self.dim
+        same = x.dtype == self.dtype
         for i, layer in enumerate(self.layers):
-            weight, bias, out_proj = _projections(layer.self_attn)
-            qkv = F.linear(layer.norm1(x), weight, bias)
+            qkv = F.linear(layer.norm1(x), layer.qkv_weight, layer.qkv_bias)
             q, k, v = (self._heads(part) for part in qkv.split(d, dim=-1))
-            self.kv.write(i, rows, positions, k, v)
-            if whole:
-                keys_i, values_i = self.kv.k[i][:, :, :span], self.kv.v[i][:, :, :span]
-            else:
-                keys_i = self.kv.k[i][rows, :, :span]
-                values_i = self.kv.v[i][rows, :, :span]
-            attended = F.scaled_dot_product_attention(
-                q, keys_i.to(q.dtype), values_i.to(q.dtype), attn_mask=self_mask
-            )
-            x = x + layer.layer_scale_1(out_proj(self._merge(attended)))
-            if layer.cross_attention is not None:
-                weight, bias, out_proj = _projections(layer.cross_attention)
-                q = self._heads(F.linear(layer.norm_cross(x), weight[:d], _slice(bias, 0, d)))
-                if whole:
-                    keys_i, values_i = self.cross.k[i], self.cross.v[i]
-                else:
-                    keys_i, values_i = self.cross.k[i][rows], self.cross.v[i][rows]
-                attended = F.scaled_dot_product_attention(
-                    q, keys_i.to(q.dtype), values_i.to(q.dtype), attn_mask=cross_mask
-                )
-                x = x + layer.layer_scale_cross(out_proj(self._merge(attended)))
-            x = x + layer.layer_scale_2(layer._ff_block(layer.norm2(x)))
+            keys, values = attend_self(i, k, v)
+            if not same:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask)
+            h = F.linear(self._merge(attended), layer.out_weight, layer.out_bias)
+            x = x + (h if layer.scale1 is None else layer.scale1(h))
+            if layer.norm_cross is not None:
+                assert cross is not None
+                cross_k, cross_v, cross_mask = cross
+                q = self._heads(F.linear(layer.norm_cross(x), layer.q_weight, layer.q_bias))
+                keys, values = cross_k[i], cross_v[i]
+                if not same:
+                    keys, values = keys.to(q.dtype), values.to(q.dtype)
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=cross_mask)
+                assert layer.cross_out_weight is not None
+                h = F.linear(self._merge(attended), layer.cross_out_weight, layer.cross_out_bias)
+                x = x + (h if layer.scale_cross is None else layer.scale_cross(h))
+            h = F.linear(layer.norm2(x), layer.ff1_weight, layer.ff1_bias)
+            h = F.linear(layer.activation(h), layer.ff2_weight, layer.ff2_bias)
+            x = x + (h if layer.scale2 is None else layer.scale2(h))
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[R, S, D]`` -> ``[R, K, S, card]``, as ``LMModel.forward``."""
-        lm = self.lm
-        if lm.out_norm:
-            hidden = lm.out_norm(hidden)
-        return torch.stack([lm.linears[k](hidden) for k in range(self.codebooks)], dim=1)
+        if self._out_norm is not None:
+            hidden = self._out_norm(hidden)
+        count, steps, _ = hidden.shape
+        logits = F.linear(hidden, self._head_weight, self._head_bias)
+        return logits.view(count, steps, self.codebooks, self.card).transpose(1, 2)

@@ -1,7 +1,7 @@
 """Batched sampling of ``[B, K, V]`` logits, every row with its own parameters.
 
 Each row (a request, or a classifier-free-guidance pair already combined) has its
-own temperature, top-k, top-p and seed, held in ``[B]`` tensors. The rules are
+own temperature, top-k, top-p and seed. The rules are
 ``LMModel._sample_next_token``'s: greedy at temperature 0, else top-p when set,
 else top-k (0: the whole vocabulary).
 
@@ -9,75 +9,90 @@ The randomness is counter-based: the noise for row ``b``, codebook ``k`` and
 token ``v`` is a hash of ``(seed_b, step_b, k, v)``, where ``step_b`` counts the
 row's own sampling steps. A draw is ``argmax(p / E)`` with ``E`` exponential
 noise, which picks ``v`` with probability ``p_v`` (the exponential race, the
-same as Gumbel-max). No generator state is carried, nothing depends on which
-other rows share the batch, and there is no host sync: a seed gives the same
-codes alone or beside any other requests, and the step traces as one graph.
+same as Gumbel-max). No generator state is carried and nothing depends on which
+other rows share the batch: a seed gives the same codes alone or beside any
+other requests.
+
+The row part of the key, ``(seed_b, step_b)``, is hashed on the host where both
+are known (``RowSampling.keys``); the step itself has fixed shapes and no host
+sync, so it traces as one graph. Only the candidates are hashed: where no row
+uses top-p (the usual case), the ``max(top_k)`` most likely tokens, not the whole
+vocabulary; each token's noise depends on its id, not on its rank, so the draw
+is the same whichever candidate set the batch needs.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
-__all__ = ["RowSampling", "counter_uniform", "sample"]
+__all__ = ["RowSampling", "candidates_for", "counter_uniform", "row_keys", "sample"]
 
 _MASK32 = 0xFFFFFFFF
+# Multipliers below 2**31, so that ``(x * c) & mask`` of a 32-bit x stays exact in int64.
+_M1, _M2 = 0x21F0AAAD, 0x735A2D97
+_GOLDEN = 0x9E3779B1
+
+Ints = npt.NDArray[np.int64]
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for ``0 <= x < 2**32`` without leaving int64's range."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash with good avalanche (``lowbias32``)."""
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply) of ``0 <= x < 2**32``, in int64."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = (x * _M1) & _MASK32
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x = (x * _M2) & _MASK32
+    return x ^ (x >> 15)
 
 
-def _combine(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _mix32(h ^ _mix32((v + 0x9E3779B9) & _MASK32))
+def _mix_np(x: Ints) -> Ints:
+    x = x ^ (x >> 16)
+    x = (x * _M1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & _MASK32
+    return x ^ (x >> 15)
 
 
-def counter_uniform(
-    seed: torch.Tensor, step: torch.Tensor, codebooks: int, vocab: int
-) -> torch.Tensor:
-    """Uniform noise in (0, 1) of shape ``[B, codebooks, vocab]``.
+def row_keys(seed: Ints, step: Ints) -> Ints:
+    """The 32-bit key of each row's draw: a hash of ``(seed, step)`` (int64 ``[B]``)."""
+    seed = np.asarray(seed, dtype=np.int64)
+    h = _mix_np(seed & _MASK32)
+    h = _mix_np(h ^ (seed >> 32))
+    return _mix_np(h ^ (np.asarray(step, dtype=np.int64) & _MASK32))
 
-    Args:
-        seed: ``[B]`` int64 seeds (``0 <= seed < 2**63``).
-        step: ``[B]`` int64 per-row step counters.
-        codebooks: K.
-        vocab: V.
-    """
-    device = seed.device
-    h = _combine(_mix32(seed & _MASK32), (seed >> 32) & _MASK32)
-    h = _combine(h, step & _MASK32)  # [B]
-    k = torch.arange(codebooks, device=device, dtype=torch.int64)
-    h = _combine(h[:, None], k[None, :])  # [B, K]
-    v = torch.arange(vocab, device=device, dtype=torch.int64)
-    bits = _combine(h[:, :, None], v[None, None, :])  # [B, K, V]
+
+def _token_uniform(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Uniform noise in (0, 1) for ``tokens`` ``[B, K, M]`` of rows keyed ``key`` ``[B]``."""
+    codebooks = torch.arange(tokens.shape[1], device=tokens.device, dtype=torch.int64)
+    per_codebook = _mix(key[:, None] ^ ((codebooks * _GOLDEN + 1) & _MASK32))  # [B, K]
+    bits = _mix(per_codebook[:, :, None] ^ ((tokens * _GOLDEN) & _MASK32))
     # The top 24 bits, centred, so that float32 holds them exactly and 0 and 1 never occur.
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-class RowSampling:
-    """Per-row sampling parameters for a table of ``rows`` rows, on one device.
+def counter_uniform(key: torch.Tensor, codebooks: int, vocab: int) -> torch.Tensor:
+    """The noise of every token, ``[B, codebooks, vocab]``, for rows keyed ``key``."""
+    tokens = torch.arange(vocab, device=key.device, dtype=torch.int64)
+    return _token_uniform(key, tokens.expand(key.shape[0], codebooks, vocab))
 
-    Rows are set when a request joins; the tensors are updated in place so that
-    a captured step keeps reading the same storage.
+
+class RowSampling:
+    """Per-row sampling parameters for a table of ``rows`` rows.
+
+    The parameters live on the device in ``[B]`` tensors, set when a request joins
+    (in place, so that a captured step keeps reading the same storage); the seeds
+    and step counters live on the host, which hashes them into each step's keys.
     """
 
     def __init__(self, rows: int, device: torch.device | str) -> None:
         self.temperature = torch.zeros(rows, device=device)
         self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
         self.top_p = torch.zeros(rows, device=device)
-        self.seed = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.step = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.seed = np.zeros(rows, dtype=np.int64)
+        self.step = np.zeros(rows, dtype=np.int64)
+        # What each row needs of the candidates (see ``candidates_for``).
+        self.wants = np.zeros(rows, dtype=np.int64)
 
     def set_row(
         self, row: int, *, temperature: float, top_k: int, top_p: float, seed: int, step: int = 0
@@ -87,6 +102,31 @@ class RowSampling:
         self.top_p[row] = top_p
         self.seed[row] = seed
         self.step[row] = step
+        self.wants[row] = 1 if temperature <= 0 else -1 if top_p > 0 or top_k <= 0 else top_k
+
+    def grown(self, rows: int) -> RowSampling:
+        """A table of ``rows`` rows holding this one's rows first."""
+        bigger = RowSampling(rows, self.temperature.device)
+        old = self.seed.shape[0]
+        for name in ("temperature", "top_k", "top_p"):
+            getattr(bigger, name)[:old] = getattr(self, name)
+        for name in ("seed", "step", "wants"):
+            getattr(bigger, name)[:old] = getattr(self, name)
+        return bigger
+
+    def keys(self) -> Ints:
+        return row_keys(self.seed, self.step)
+
+
+def candidates_for(wants: Ints, vocab: int) -> int:
+    """How many of the most likely tokens a batch must consider.
+
+    ``wants`` per row: its top-k, 1 when greedy, -1 when it needs the whole
+    vocabulary (top-p, or top-k 0).
+    """
+    if wants.size == 0 or bool((wants < 0).any()):
+        return vocab
+    return int(min(vocab, max(1, int(wants.max()))))
 
 
 def sample(
@@ -94,8 +134,8 @@ def sample(
     temperature: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
-    seed: torch.Tensor,
-    step: torch.Tensor,
+    key: torch.Tensor,
+    candidates: int | None = None,
 ) -> torch.Tensor:
     """Draw one token per row and codebook: ``[B, K, V]`` logits -> ``[B, K]`` int64.
 
@@ -104,22 +144,26 @@ def sample(
         temperature: ``[B]``; 0 means greedy.
         top_k: ``[B]`` int64; 0 means the whole vocabulary.
         top_p: ``[B]``; used instead of top-k where > 0.
-        seed: ``[B]`` int64.
-        step: ``[B]`` int64 per-row counters (the caller advances them).
+        key: ``[B]`` int64 row keys (``row_keys``: the seed and the row's step).
+        candidates: Tokens considered per row and codebook, at least every
+            top-k row's k (``candidates_for``); None: the whole vocabulary,
+            which top-p rows need.
     """
     batch, codebooks, vocab = logits.shape
     logits = logits.float()
     greedy = temperature <= 0.0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     probs = torch.softmax(logits / scale[:, None, None], dim=-1)
-    ordered, _ = torch.sort(probs, dim=-1, descending=True)
+    m = vocab if candidates is None else min(candidates, vocab)
+    ordered, tokens = torch.topk(probs, m, dim=-1)  # [B, K, M], most likely first
     # How many of the most likely tokens stay: top-p's nucleus (audiocraft's rule:
     # a token stays while the mass before it is at most p), or top-k.
     nucleus = ((torch.cumsum(ordered, dim=-1) - ordered) <= top_p[:, None, None]).sum(-1)
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    k = torch.where(top_k > 0, top_k.clamp(max=m), torch.full_like(top_k, m))
     keep = torch.where(top_p[:, None] > 0.0, nucleus, k[:, None].expand(batch, codebooks))
     threshold = ordered.gather(-1, (keep.clamp(min=1) - 1)[..., None])
-    kept = torch.where(probs >= threshold, probs, torch.zeros_like(probs))
-    noise = counter_uniform(seed, step, codebooks, vocab)
-    drawn = torch.argmax(kept / -torch.log(noise), dim=-1)
+    kept = torch.where(ordered >= threshold, ordered, torch.zeros_like(ordered))
+    noise = _token_uniform(key, tokens)
+    choice = torch.argmax(kept / -torch.log(noise), dim=-1, keepdim=True)
+    drawn = tokens.gather(-1, choice)[..., 0]
     return torch.where(greedy[:, None], torch.argmax(logits, dim=-1), drawn)

@@ -194,7 +194,8 @@ def test_one_decoder_forward_per_step_for_every_request(windowed: Any) -> None:
         del decoder.decode, decoder.prefill
         for job in jobs:
             engine.finish(job)
-    assert calls == {"decode": 9, "prefill": 2}
+    # Both new requests' prompts (one position each) go in one prefill call.
+    assert calls == {"decode": 9, "prefill": 1}
 
 
 def test_the_decode_step_traces_as_one_graph(windowed: Any) -> None:
@@ -218,3 +219,29 @@ def test_the_decode_step_traces_as_one_graph(windowed: Any) -> None:
         torch._dynamo.reset()
         for job in jobs:
             engine.finish(job)
+
+
+def test_a_long_prompt_goes_in_by_chunks_beside_running_streams(windowed: Any) -> None:
+    """A continuation prompt longer than the decode span, prefilled 16 positions a
+    step while another request decodes: neither changes (codes and logits equal to
+    their solo runs), and the other request never waits for it."""
+    model, engine = windowed
+    chunked = MusicGenEngine(
+        model, name="tiny-2s", test_model=True, max_duration=12.0, prefill_chunk=16
+    )
+    clip = decode(model, torch.randint(0, 64, (1, 4, 80)))
+    inputs = {"continuation": wav_bytes(clip, 32000)}
+
+    def long_prompt(target: MusicGenEngine) -> Job:
+        return prepare(target, "p", "strings", duration=2.0, seed=5, inputs=inputs)
+
+    solo_p = drive(engine, {0: [("p", long_prompt(engine))]})[0]["p"]
+    solo_a = drive(engine, {0: [("a", make(engine, "a"))]})[0]["a"]
+    runs, _ = drive(chunked, {0: [("a", make(chunked, "a"))], 3: [("p", long_prompt(chunked))]})
+    for rid, alone in (("p", solo_p), ("a", solo_a)):
+        together = runs[rid]
+        assert torch.equal(codes(chunked, together), codes(engine, alone)), rid
+        pairs = zip(together.logits, alone.logits, strict=True)
+        assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5, rid
+    # `a` sampled at every step, p's six prefill steps included.
+    assert len(runs["a"].logits) == len(solo_a.logits)

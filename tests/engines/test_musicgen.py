@@ -63,8 +63,9 @@ def test_same_seed_same_audio_other_seed_differs(engine: Any) -> None:
     a = np.concatenate(run(engine, "jazz", duration=1.0, seed=5)[1])
     b = np.concatenate(run(engine, "jazz", duration=1.0, seed=5)[1])
     c = np.concatenate(run(engine, "jazz", duration=1.0, seed=6)[1])
-    assert np.array_equal(a, b)
-    assert not np.array_equal(a, c)
+    # (chunk boundaries follow the stream's lead over real time: float rounding only)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1e-6
+    assert a.shape != c.shape or np.abs(a - c).max() > 1e-3
 
 
 def test_interleaved_jobs_match_solo_runs(engine: Any) -> None:
@@ -134,7 +135,7 @@ def test_checkpoint_directory_round_trip(tmp_path: Path) -> None:
     again = MusicGenEngine(loaded, name="b", test_model=True)
     a = np.concatenate(run(original, "same", duration=1.0, seed=9)[1])
     b = np.concatenate(run(again, "same", duration=1.0, seed=9)[1])
-    assert np.array_equal(a, b)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1e-6
 
 
 def test_load_engines_serves_a_checkpoint_directory(tmp_path: Path) -> None:

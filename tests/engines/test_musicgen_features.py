@@ -99,9 +99,12 @@ def test_long_form_equals_audiocraft_extension(
 
 def test_long_form_sampled_is_reproducible(windowed: Any) -> None:
     _, engine = windowed
-    _, a, _ = run(engine, "x", duration=4.5, seed=12, extend_stride=1.0)
-    _, b, _ = run(engine, "x", duration=4.5, seed=12, extend_stride=1.0)
-    assert np.array_equal(a, b) and a.shape == (225 * HOP, 1)
+    job_a, a, _ = run(engine, "x", duration=4.5, seed=12, extend_stride=1.0)
+    codes_a = engine.codes_of(job_a)
+    job_b, b, _ = run(engine, "x", duration=4.5, seed=12, extend_stride=1.0)
+    assert torch.equal(engine.codes_of(job_b), codes_a)
+    # Where the chunks split depends on the stream's lead: float rounding only.
+    assert a.shape == b.shape == (225 * HOP, 1) and np.abs(a - b).max() <= 1e-6
 
 
 def test_duration_beyond_the_server_limit_is_refused(windowed: Any) -> None:
@@ -212,10 +215,14 @@ def test_melody_seed_reproduces(melodic: Any) -> None:
     _, engine = melodic
     rng = np.random.default_rng(3)
     reference = wav_bytes((0.3 * rng.standard_normal((30000, 1))).astype(np.float32), 22050)
-    _, a, _ = run(engine, "x", {"melody": reference}, duration=3.0, seed=9, extend_stride=1.0)
+    job_a, a, _ = run(engine, "x", {"melody": reference}, duration=3.0, seed=9, extend_stride=1.0)
+    codes_a = engine.codes_of(job_a)
     random.random()  # whatever else uses Python's random in between
-    _, b, _ = run(engine, "x", {"melody": reference}, duration=3.0, seed=9, extend_stride=1.0)
-    assert np.array_equal(a, b)
+    job_b, b, _ = run(engine, "x", {"melody": reference}, duration=3.0, seed=9, extend_stride=1.0)
+    assert torch.equal(engine.codes_of(job_b), codes_a)
+    # The same music; where the chunks split (it depends on the stream's lead over
+    # real time) moves float rounding only.
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1e-6
 
 
 def test_melody_changes_the_music(melodic: Any) -> None:

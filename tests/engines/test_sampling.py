@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from wavecast.server.engines.sampling import counter_uniform, sample
+from wavecast.server.engines.sampling import (
+    RowSampling,
+    candidates_for,
+    counter_uniform,
+    row_keys,
+    sample,
+)
+
+
+def keys(seed: list[int] | torch.Tensor, step: list[int] | torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(row_keys(np.asarray(seed), np.asarray(step)))
 
 
 def rows(n: int, **values: float) -> dict[str, torch.Tensor]:
@@ -13,25 +24,27 @@ def rows(n: int, **values: float) -> dict[str, torch.Tensor]:
         "temperature": torch.full((n,), values.get("temperature", 1.0)),
         "top_k": torch.full((n,), int(values.get("top_k", 0)), dtype=torch.int64),
         "top_p": torch.full((n,), values.get("top_p", 0.0)),
-        "seed": torch.full((n,), int(values.get("seed", 0)), dtype=torch.int64),
-        "step": torch.full((n,), int(values.get("step", 0)), dtype=torch.int64),
+        "key": keys([int(values.get("seed", 0))] * n, [int(values.get("step", 0))] * n),
     }
 
 
 def test_noise_is_uniform_in_the_open_interval_and_keyed() -> None:
-    seed = torch.tensor([0, 1, 2**62 + 5])
-    step = torch.tensor([0, 0, 7])
-    u = counter_uniform(seed, step, 4, 4096)
+    seed = [0, 1, 2**62 + 5]
+    step = [0, 0, 7]
+    u = counter_uniform(keys(seed, step), 4, 4096)
     assert u.shape == (3, 4, 4096)
     assert bool((u > 0).all()) and bool((u < 1).all())
     assert abs(float(u.mean()) - 0.5) < 0.01
     assert abs(float(u.var()) - 1 / 12) < 0.005
     # Every key gives other noise: seed, step and codebook.
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0, 0], u[0, 1])
-    again = counter_uniform(torch.tensor([1]), torch.tensor([1]), 4, 4096)
+    again = counter_uniform(keys([1], [1]), 4, 4096)
     assert not torch.equal(again[0], u[1])
+    # Neighbouring tokens and codebooks are not correlated.
+    flat = u[:, 0].flatten()
+    assert abs(float(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1])) < 0.02
     # A pure function of its key.
-    assert torch.equal(counter_uniform(seed, step, 4, 4096), u)
+    assert torch.equal(counter_uniform(keys(seed, step), 4, 4096), u)
 
 
 def test_greedy_and_top_1_take_the_argmax() -> None:
@@ -45,7 +58,7 @@ def test_greedy_and_top_1_take_the_argmax() -> None:
 def draws(logits: torch.Tensor, n: int, **values: float) -> torch.Tensor:
     """``n`` draws for one row: ``n`` rows with the same logits, seed and successive steps."""
     params = rows(n, **values)
-    params["step"] = torch.arange(n)
+    params["key"] = keys([int(values.get("seed", 0))] * n, list(range(n)))
     return sample(logits.expand(n, *logits.shape[1:]), **params)[:, 0]
 
 
@@ -79,8 +92,7 @@ def test_rows_do_not_depend_on_their_neighbours() -> None:
         "temperature": torch.tensor([1.0, 0.7, 0.0, 1.3, 1.0, 0.9]),
         "top_k": torch.tensor([0, 10, 0, 250, 1, 0]),
         "top_p": torch.tensor([0.0, 0.0, 0.0, 0.9, 0.0, 0.5]),
-        "seed": torch.tensor([1, 2, 3, 4, 5, 6]),
-        "step": torch.tensor([0, 9, 3, 100, 2, 1]),
+        "key": keys([1, 2, 3, 4, 5, 6], [0, 9, 3, 100, 2, 1]),
     }
     together = sample(logits, **params)
     for i in range(6):
@@ -94,3 +106,36 @@ def test_sampling_traces_as_one_graph(dtype: torch.dtype) -> None:
     params = rows(3, top_k=5, seed=2)
     compiled = torch.compile(sample, fullgraph=True, backend="eager")
     assert torch.equal(compiled(logits, **params), sample(logits, **params))
+
+
+def test_fewer_candidates_draw_the_same_tokens() -> None:
+    """Where no row needs the whole vocabulary, the draw over the max(top_k) most
+    likely tokens equals the draw over all of them, row by row."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, 4, 512)
+    params = {
+        "temperature": torch.tensor([1.0, 0.8, 0.0, 1.2]),
+        "top_k": torch.tensor([250, 5, 250, 40]),
+        "top_p": torch.zeros(4),
+    }
+    for step in range(20):
+        params["key"] = keys([7, 8, 9, 10], [step] * 4)
+        everything = sample(logits, **params)
+        assert torch.equal(sample(logits, **params, candidates=250), everything)
+        alone = sample(logits[1:2], **{k: v[1:2] for k, v in params.items()}, candidates=5)
+        assert torch.equal(alone[0], everything[1])
+
+
+def test_the_candidates_a_batch_needs() -> None:
+    table = RowSampling(4, "cpu")
+    table.set_row(0, temperature=1.0, top_k=250, top_p=0.0, seed=1)
+    table.set_row(1, temperature=0.0, top_k=0, top_p=0.0, seed=1)  # greedy
+    assert candidates_for(table.wants[:2], 2048) == 250
+    assert candidates_for(table.wants[:2], 100) == 100
+    assert candidates_for(table.wants[1:2], 2048) == 1
+    table.set_row(2, temperature=1.0, top_k=250, top_p=0.9, seed=1)
+    assert candidates_for(table.wants[:3], 2048) == 2048
+    table.set_row(3, temperature=1.0, top_k=0, top_p=0.0, seed=1)
+    assert candidates_for(table.wants[3:], 2048) == 2048
+    grown = table.grown(8)
+    assert grown.seed.shape == (8,) and list(grown.wants[:4]) == list(table.wants)

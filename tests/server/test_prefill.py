@@ -1,0 +1,112 @@
+"""Preparing new requests is bounded work between decode steps.
+
+A request's preparation (uploads, text encoding, continuation prompt) runs in the
+engine's units of work, at most one budget per scheduler tick, while the running
+streams keep stepping; a long prompt prefills a chunk per step. Recorded with a
+spy around the real tiny engine: the order of its calls, not timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import soundfile
+from helpers import make_config, running_server, timeout, tiny_engines
+
+from wavecast.clients import connect
+from wavecast.protocol import Audio
+from wavecast.server.engines.base import EngineRequest, Job, StepOutput
+
+
+class Recorder:
+    """The real engine, with a log of its calls: ("unit", id) and ("step", ids)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.events: list[tuple[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def prepare_steps(self, request: EngineRequest) -> Generator[Job | None, None, None]:
+        for item in self.engine.prepare_steps(request):
+            self.events.append(("unit", request.request_id))
+            yield item
+
+    def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        self.events.append(("step", [job.request.request_id for job in jobs]))
+        outputs: list[StepOutput] = self.engine.step(jobs)
+        return outputs
+
+
+def clip(seconds: float) -> bytes:
+    t = np.arange(int(seconds * 32000)) / 32000
+    buffer = io.BytesIO()
+    soundfile.write(
+        buffer, (0.25 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 32000, format="WAV"
+    )
+    return buffer.getvalue()
+
+
+async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> None:
+    recorder = Recorder(tiny_engines()["tiny-musicgen"])
+
+    def factory() -> Mapping[str, Any]:
+        return {"tiny-musicgen": recorder}
+
+    config = make_config(max_active=4)
+    config = replace(config, models=replace(config.models, prefill_budget_ms=0.0))
+    async with running_server(config, factory) as srv, connect(srv.url) as client:
+        running = await client.generate("tiny-musicgen", "a", duration=20.0, seed=1)
+        async for event in running:
+            if isinstance(event, Audio):
+                break
+        rest = asyncio.ensure_future(running.collect())
+        # Three requests at once: two with a continuation prompt (encoded, then
+        # conditioned: two units each), one with a long description.
+        joining = [
+            await client.generate(
+                "tiny-musicgen", "b", duration=10.0, inputs={"continuation": clip(6.0)}
+            ),
+            await client.generate(
+                "tiny-musicgen", "c", duration=10.0, inputs={"continuation": clip(5.0)}
+            ),
+            await client.generate("tiny-musicgen", "d " * 200, duration=1.0),
+        ]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(stream.collect() for stream in joining)), timeout(120)
+        )
+        assert [r.status for r in results] == ["completed"] * 3
+        await running.cancel()
+        assert (await asyncio.wait_for(rest, timeout(30))).status == "cancelled"
+    events = recorder.events
+    units = [i for i, (kind, rid) in enumerate(events) if kind == "unit" and rid != running.id]
+    assert len(units) == 5
+    # With no budget, one unit per tick: the running stream steps between any two.
+    for before, after in itertools.pairwise(units):
+        between = [e for e in events[before:after] if e[0] == "step"]
+        assert between and all(running.id in ids for _, ids in between)
+    # ... and it never misses a tick while the others prepare, prefill and run (it
+    # was cancelled only once they were done).
+    steps = [ids for kind, ids in events[units[0] :] if kind == "step"]
+    assert len(steps) > 20 and all(running.id in ids for ids in steps)
+
+
+async def test_the_description_is_limited_in_tokens() -> None:
+    async with running_server() as srv, connect(srv.url) as client:
+        stream = await client.generate("tiny-musicgen", "é" * 300, duration=1.0)
+        result = await asyncio.wait_for(stream.collect(), timeout(60))
+        ok = await client.generate("tiny-musicgen", "x" * 500, duration=0.2)
+        assert (await asyncio.wait_for(ok.collect(), timeout(60))).status == "completed"
+    assert result.status == "error"
+    error = stream.done.error if stream.done else None
+    assert error is not None and (error.code, error.field) == ("invalid_field", "prompt")
+    # 300 characters, but 601 of the byte tokenizer's tokens (with the end of text):
+    # what the encoder pays for.
+    assert "601 tokens" in error.message and "512" in error.message
