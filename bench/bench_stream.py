@@ -99,6 +99,8 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         str(max(args.concurrency)),
         "--threads",
         str(args.threads),
+        "--admission",
+        args.admission,
         "--log-file",
         str(log),
     ]
@@ -224,6 +226,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--prompt", default="warm lofi hip hop with soft keys")
     parser.add_argument("--threads", type=int, default=0, help="the server's --threads")
+    parser.add_argument("--admission", default="realtime", help="the server's --admission")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     asyncio.run(bench(args))

@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--engine-only", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="the server's --threads")
+    parser.add_argument("--admission", default="realtime", help="the server's --admission")
     parser.add_argument(
         "--chunk-words",
         type=int,

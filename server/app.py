@@ -98,6 +98,7 @@ class WavecastServer:
             max_queue=limits.max_queue,
             max_active=limits.max_active,
             prefill_budget=self.config.models.prefill_budget_ms / 1000.0,
+            admission=limits.admission,
         )
         await self.scheduler.start()
         web_root = self.config.network.web_demo or WEB_DEMO

@@ -76,6 +76,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests generated at once per device, interleaved step by step",
     )
     parser.add_argument(
+        "--admission",
+        choices=("realtime", "slots"),
+        default=_env("ADMISSION", limits.admission),
+        help="realtime: start a request only while every running stream stays faster "
+        "than real time (measured); slots: up to --max-active whatever the speed "
+        "(env WAVECAST_ADMISSION; default %(default)s)",
+    )
+    parser.add_argument(
         "--max-requests-per-connection", type=int, default=limits.max_requests_per_connection
     )
     parser.add_argument("--max-frame-bytes", type=int, default=limits.max_frame_bytes)
@@ -181,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_requests_per_connection=args.max_requests_per_connection,
             max_queue=args.max_queue,
             max_active=args.max_active,
+            admission=args.admission,
             send_buffer_bytes=args.send_buffer_bytes,
             max_duration=args.max_duration,
             max_upload_bytes=args.max_upload_bytes,

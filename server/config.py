@@ -34,6 +34,9 @@ class LimitsConfig:
     max_requests_per_connection: int = 8
     max_queue: int = 32
     max_active: int = 4
+    # "realtime": admit a request only while every running stream stays faster
+    # than real time (measured); "slots": up to max_active, whatever the speed.
+    admission: str = "realtime"
     max_prompt_chars: int = 10000  # speech texts may be long (chunked)
     send_buffer_bytes: int = 8 << 20
     max_connections: int = 256

@@ -92,6 +92,7 @@ class Scheduler:
         max_queue: int,
         max_active: int,
         prefill_budget: float = 0.02,
+        admission: str = "realtime",
         name: str = "inference",
     ) -> None:
         self._loop = loop
@@ -99,6 +100,11 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_active = max_active
         self.prefill_budget = prefill_budget
+        self.admission = admission
+        # Seconds per tick (preparation and one step of every model), averaged over
+        # recent ticks with requests running, and how many were running.
+        self._tick: float | None = None
+        self._tick_streams = 0
         self._preparing: list[Request] = []  # admitted, not running yet (FIFO)
         self._cond = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
@@ -144,7 +150,7 @@ class Scheduler:
 
     def snapshot(self) -> dict[str, Any]:
         with self._cond:
-            return {
+            counters: dict[str, Any] = {
                 "queued": len(self._pending),
                 "active": len(self._active),
                 "steps_total": self.steps_total,
@@ -152,6 +158,8 @@ class Scheduler:
                 "cancelled": self.cancelled,
                 "failed": self.failed,
             }
+        counters["capacity"] = self.capacity()
+        return counters
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the thread; requests still pending or active end in ``shutting_down``."""
@@ -224,7 +232,11 @@ class Scheduler:
             for request in dropped:
                 self._pending.remove(request)
             admitted: list[Request] = []
-            while self._pending and len(self._active) < self.max_active:
+            while (
+                self._pending
+                and len(self._active) < self.max_active
+                and self._fast_enough(len(self._active) + len(admitted))
+            ):
                 # Active from now on, so that submit() counts it while it prepares.
                 request = self._pending.popleft()
                 self._active.append(request)
@@ -240,9 +252,58 @@ class Scheduler:
                     self._emit(request, Queued(id=request.id, position=position))
         for request in admitted:
             self._admit(request)
+        start = time.perf_counter()
         self._prepare_some()
-        self._step_active()
+        running = self._step_active()
+        if running:
+            elapsed = time.perf_counter() - start
+            self._tick = elapsed if self._tick is None else 0.8 * self._tick + 0.2 * elapsed
+            self._tick_streams = running
         return True
+
+    # Real time with room to spare: a tick may take at most this part of the
+    # audio one step adds to each stream.
+    REALTIME_MARGIN = 0.8
+
+    def _fast_enough(self, running: int) -> bool:
+        """Whether one more stream would keep every stream faster than real time.
+
+        The cost of a tick is taken to grow in proportion to the streams (the
+        measured tick over the streams it ran, times one more): pessimistic, as a
+        batched step costs far less per stream, so admission errs on the side of
+        the streams already playing.
+        """
+        if self.admission != "realtime" or running == 0 or self._tick is None:
+            return True
+        return self._predicted_tick(running + 1) <= self.REALTIME_MARGIN * self._step_audio()
+
+    def _predicted_tick(self, streams: int) -> float:
+        assert self._tick is not None
+        return self._tick * streams / max(1, self._tick_streams)
+
+    def _step_audio(self) -> float:
+        """Seconds of audio a step adds to a stream (the slowest model's)."""
+        return min((1.0 / engine.frame_rate for engine in self._engines.values()), default=0.0)
+
+    def capacity(self) -> dict[str, Any]:
+        """The measured speed, for /v1/info: tick time and the real-time estimate."""
+        with self._cond:
+            tick, streams = self._tick, self._tick_streams
+        if tick is None:
+            return {
+                "tick_ms": None,
+                "measured_streams": 0,
+                "realtime_streams": None,
+                "admission": self.admission,
+            }
+        per_stream = tick / max(1, streams)
+        estimate = int(self.REALTIME_MARGIN * self._step_audio() / per_stream) if per_stream else 0
+        return {
+            "tick_ms": round(tick * 1000, 3),
+            "measured_streams": streams,
+            "realtime_streams": min(self.max_active, estimate),
+            "admission": self.admission,
+        }
 
     def _admit(self, request: Request) -> None:
         if request.cancelled.is_set():
@@ -306,7 +367,8 @@ class Scheduler:
         )
         request.log.info("started (queued %.3f s)", request.started_at - request.submitted_at)
 
-    def _step_active(self) -> None:
+    def _step_active(self) -> int:
+        """Step every running request once; how many ran."""
         with self._cond:
             active = list(self._active)
         runnable: dict[str, list[Request]] = {}
@@ -333,6 +395,7 @@ class Scheduler:
             self.steps_total += 1
             for request, output in zip(requests, outputs, strict=True):
                 self._deliver(request, output)
+        return sum(len(requests) for requests in runnable.values())
 
     def _deliver(self, request: Request, output: StepOutput) -> None:
         now = time.perf_counter()

@@ -75,6 +75,9 @@ class Job:
 class Engine(Protocol):
     """A model behind the step interface."""
 
+    # Frames of audio per second: each step adds one frame to every running request.
+    frame_rate: float
+
     @property
     def info(self) -> ModelInfo:
         """What the greeting says about this model."""

@@ -1,0 +1,68 @@
+"""Admission from measured speed: a request starts only while every running stream
+stays faster than real time; otherwise it waits in the queue, with its position."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+from helpers import make_config, running_server, timeout, tiny_engines
+from test_stream import http_get
+
+from wavecast.clients import connect
+from wavecast.protocol import Done, Queued, ServerMessage, Started
+from wavecast.server.engines.base import Job, StepOutput
+
+
+class Slowed:
+    """The real tiny engine, each step made to take 30 ms: slower than the 20 ms of
+    audio a step adds to a stream, as a large model on a small machine."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        until = time.perf_counter() + 0.03
+        outputs: list[StepOutput] = self.engine.step(jobs)
+        time.sleep(max(0.0, until - time.perf_counter()))
+        return outputs
+
+
+async def events_of(stream: Any) -> list[tuple[float, ServerMessage]]:
+    return [(time.perf_counter(), event) async for event in stream]
+
+
+@pytest.mark.parametrize("admission", ["realtime", "slots"])
+async def test_a_slow_model_runs_what_it_can_in_real_time(admission: str) -> None:
+    def factory() -> Mapping[str, Any]:
+        return {"tiny-musicgen": Slowed(tiny_engines()["tiny-musicgen"])}
+
+    config = make_config(max_active=4, admission=admission)
+    async with running_server(config, factory) as srv, connect(srv.url) as client:
+        first = await client.generate("tiny-musicgen", "a", duration=1.0)
+        first_events = asyncio.ensure_future(events_of(first))
+        await asyncio.sleep(timeout(0.5))  # a few measured ticks
+        second = await client.generate("tiny-musicgen", "b", duration=0.2)
+        a, b = await asyncio.wait_for(asyncio.gather(first_events, events_of(second)), timeout(60))
+        base = srv.url.replace("ws://", "http://").rsplit("/v1/", 1)[0]
+        status, _, body = await http_get(base + "/v1/info")
+    assert status == 200
+    capacity = json.loads(body)["scheduler"]["capacity"]
+    assert capacity["admission"] == admission and capacity["tick_ms"] >= 30
+    assert capacity["realtime_streams"] == 0  # not even one stream keeps up
+    a_done = next(t for t, e in a if isinstance(e, Done))
+    b_started = next(t for t, e in b if isinstance(e, Started))
+    if admission == "realtime":
+        # It waited, queued first in line, until the running stream was done.
+        assert any(isinstance(e, Queued) and e.position == 1 for _, e in b)
+        assert b_started >= a_done
+    else:
+        assert b_started < a_done
+    assert all(isinstance(e[-1][1], Done) and e[-1][1].status == "completed" for e in (a, b))
