@@ -101,11 +101,12 @@ class Scheduler:
         self.max_active = max_active
         self.prefill_budget = prefill_budget
         self.admission = admission
-        # Seconds per tick (preparation and one step of every model), averaged over
-        # recent ticks with requests running, and how many were running.
-        self._tick: float | None = None
-        self._tick_streams = 0
+        # Seconds per tick (one step of every model) and streams stepped, over the
+        # recent ticks with requests running: a codec decode makes a tick now and
+        # then far longer than the others, so the mean of a window, not the last.
+        self._ticks: collections.deque[tuple[float, int]] = collections.deque(maxlen=128)
         self._preparing: list[Request] = []  # admitted, not running yet (FIFO)
+        self._outbox: list[tuple[Sink, ServerMessage]] = []  # this tick's messages
         self._cond = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
@@ -140,7 +141,8 @@ class Scheduler:
                 raise Busy("the request queue is full, try again later", id=request.id)
             self._pending.append(request)
             request.position = len(self._pending)
-            self._emit(request, Queued(id=request.id, position=request.position))
+            queued = Queued(id=request.id, position=request.position)
+            self._loop.call_soon_threadsafe(request.sink, queued)
             self._cond.notify()
 
     def cancel(self, request: Request, error: WavecastError | None = None) -> None:
@@ -196,7 +198,14 @@ class Scheduler:
     # -- inference thread ------------------------------------------------------------
 
     def _emit(self, request: Request, message: ServerMessage) -> None:
-        self._loop.call_soon_threadsafe(request.sink, message)
+        """Queue a message for the event loop; ``_flush`` hands a tick's over at once."""
+        self._outbox.append((request.sink, message))
+
+    def _flush(self) -> None:
+        # One wake-up of the event loop per tick, not one per message.
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self._loop.call_soon_threadsafe(_deliver_all, batch)
 
     def _run(self) -> None:
         try:
@@ -207,7 +216,7 @@ class Scheduler:
         self._loop.call_soon_threadsafe(_set_result, self._ready)
         try:
             while self._loop_once():
-                pass
+                self._flush()
         except Exception:
             log.exception("inference thread crashed")
             for request in [*self._active, *self._pending]:
@@ -219,6 +228,7 @@ class Scheduler:
                 self._pending.clear()
             for request in leftover:
                 self._finish(request, "error", ShuttingDown("the server is shutting down"))
+            self._flush()
 
     def _loop_once(self) -> bool:
         with self._cond:
@@ -252,13 +262,13 @@ class Scheduler:
                     self._emit(request, Queued(id=request.id, position=position))
         for request in admitted:
             self._admit(request)
-        start = time.perf_counter()
         self._prepare_some()
+        # (Preparation is left out of the measure: it passes, the steps recur.)
+        start = time.perf_counter()
         running = self._step_active()
         if running:
-            elapsed = time.perf_counter() - start
-            self._tick = elapsed if self._tick is None else 0.8 * self._tick + 0.2 * elapsed
-            self._tick_streams = running
+            with self._cond:
+                self._ticks.append((time.perf_counter() - start, running))
         return True
 
     # Real time with room to spare: a tick may take at most this part of the
@@ -273,13 +283,18 @@ class Scheduler:
         batched step costs far less per stream, so admission errs on the side of
         the streams already playing.
         """
-        if self.admission != "realtime" or running == 0 or self._tick is None:
+        measured = self._measured()
+        if self.admission != "realtime" or running == 0 or measured is None:
             return True
-        return self._predicted_tick(running + 1) <= self.REALTIME_MARGIN * self._step_audio()
+        tick, streams = measured
+        return tick * (running + 1) / streams <= self.REALTIME_MARGIN * self._step_audio()
 
-    def _predicted_tick(self, streams: int) -> float:
-        assert self._tick is not None
-        return self._tick * streams / max(1, self._tick_streams)
+    def _measured(self) -> tuple[float, float] | None:
+        """Mean seconds per tick and mean streams per tick, lately (call with the lock)."""
+        if not self._ticks:
+            return None
+        count = len(self._ticks)
+        return sum(t for t, _ in self._ticks) / count, sum(n for _, n in self._ticks) / count
 
     def _step_audio(self) -> float:
         """Seconds of audio a step adds to a stream (the slowest model's)."""
@@ -288,19 +303,20 @@ class Scheduler:
     def capacity(self) -> dict[str, Any]:
         """The measured speed, for /v1/info: tick time and the real-time estimate."""
         with self._cond:
-            tick, streams = self._tick, self._tick_streams
-        if tick is None:
+            measured = self._measured()
+        if measured is None:
             return {
                 "tick_ms": None,
                 "measured_streams": 0,
                 "realtime_streams": None,
                 "admission": self.admission,
             }
-        per_stream = tick / max(1, streams)
+        tick, streams = measured
+        per_stream = tick / streams
         estimate = int(self.REALTIME_MARGIN * self._step_audio() / per_stream) if per_stream else 0
         return {
             "tick_ms": round(tick * 1000, 3),
-            "measured_streams": streams,
+            "measured_streams": round(streams, 2),
             "realtime_streams": min(self.max_active, estimate),
             "admission": self.admission,
         }
@@ -506,6 +522,14 @@ class Scheduler:
                 error=info,
             ),
         )
+
+
+def _deliver_all(batch: list[tuple[Sink, ServerMessage]]) -> None:
+    for sink, message in batch:
+        try:
+            sink(message)
+        except Exception:
+            log.exception("delivering %s failed", message.type)
 
 
 def _set_result(future: asyncio.Future[None]) -> None:
