@@ -107,6 +107,10 @@ class Scheduler:
         self._ticks: collections.deque[tuple[float, int]] = collections.deque(maxlen=128)
         self._preparing: list[Request] = []  # admitted, not running yet (FIFO)
         self._outbox: list[tuple[Sink, ServerMessage]] = []  # this tick's messages
+        # Requests past their live stream, rendering a post-stage (Multi-Band
+        # Diffusion), FIFO: one step of the oldest per tick. They hold no place of
+        # max_active (no decoder slot), and stay in _active for cancels and counts.
+        self._post: list[Request] = []
         self._cond = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
@@ -155,6 +159,7 @@ class Scheduler:
             counters: dict[str, Any] = {
                 "queued": len(self._pending),
                 "active": len(self._active),
+                "rendering": len(self._post),
                 "steps_total": self.steps_total,
                 "completed": self.completed,
                 "cancelled": self.cancelled,
@@ -242,10 +247,11 @@ class Scheduler:
             for request in dropped:
                 self._pending.remove(request)
             admitted: list[Request] = []
+            decoding = len(self._active) - len(self._post)
             while (
                 self._pending
-                and len(self._active) < self.max_active
-                and self._fast_enough(len(self._active) + len(admitted))
+                and decoding + len(admitted) < self.max_active
+                and self._fast_enough(decoding + len(admitted))
             ):
                 # Active from now on, so that submit() counts it while it prepares.
                 request = self._pending.popleft()
@@ -384,7 +390,8 @@ class Scheduler:
         request.log.info("started (queued %.3f s)", request.started_at - request.submitted_at)
 
     def _step_active(self) -> int:
-        """Step every running request once; how many ran."""
+        """Step every decoding request once, and the oldest post-stage one; how many
+        decoding requests ran."""
         with self._cond:
             active = list(self._active)
         runnable: dict[str, list[Request]] = {}
@@ -394,9 +401,13 @@ class Scheduler:
                 self._finish(
                     request, "error" if request.cancel_error else "cancelled", request.cancel_error
                 )
-            elif request.job is not None:
+            elif request.job is not None and request not in self._post:
                 runnable.setdefault(request.model, []).append(request)
-        for model, requests in runnable.items():
+        groups = list(runnable.items())
+        if self._post:
+            oldest = self._post[0]
+            groups.append((oldest.model, [oldest]))
+        for model, requests in groups:
             engine = self._engines[model]
             jobs = [r.job for r in requests if r.job is not None]
             assert len(jobs) == len(requests)
@@ -422,6 +433,8 @@ class Scheduler:
             request.seq += 1
             request.samples += int(output.audio.shape[0])
         if output.stage != request.stage:
+            if request.stage is None and not output.done:
+                self._post.append(request)  # the live stream is complete
             request.stage = output.stage
             request.last_fraction = -1.0
         if output.done or output.fraction - request.last_fraction >= 0.01:
@@ -472,6 +485,8 @@ class Scheduler:
         with self._cond:
             if request in self._active:
                 self._active.remove(request)
+        if request in self._post:
+            self._post.remove(request)
         if request.preparing is not None:
             self._preparing.remove(request)
             request.preparing.close()

@@ -14,7 +14,7 @@ from helpers import make_config, running_server, timeout, tiny_engines
 from test_stream import http_get
 
 from wavecast.clients import connect
-from wavecast.protocol import Done, Queued, ServerMessage, Started
+from wavecast.protocol import Audio, Done, Queued, ServerMessage, Started
 from wavecast.server.engines.base import Job, StepOutput
 
 
@@ -66,3 +66,20 @@ async def test_a_slow_model_runs_what_it_can_in_real_time(admission: str) -> Non
     else:
         assert b_started < a_done
     assert all(isinstance(e[-1][1], Done) and e[-1][1].status == "completed" for e in (a, b))
+
+
+async def test_diffusion_renders_after_the_stream_without_holding_its_place() -> None:
+    """Multi-Band Diffusion is a post-stage with its own queue: once a request's
+    live stream is complete, the next request starts, even with one slot."""
+    async with running_server(make_config(max_active=1)) as srv, connect(srv.url) as client:
+        first = await client.generate("tiny-musicgen", "a", duration=0.5, mbd=True)
+        second = await client.generate("tiny-musicgen", "b", duration=0.5)
+        a, b = await asyncio.wait_for(
+            asyncio.gather(events_of(first), events_of(second)), timeout(60)
+        )
+    a_rendition = [t for t, e in a if isinstance(e, Audio) and e.rendition == "mbd"]
+    b_started = next(t for t, e in b if isinstance(e, Started))
+    a_live_end = max(t for t, e in a if isinstance(e, Audio) and e.rendition is None)
+    assert a_rendition and b_started >= a_live_end
+    assert b_started < a_rendition[-1]  # b began while a's diffusion version rendered
+    assert all(e[-1][1].status == "completed" for e in (a, b))  # type: ignore[union-attr]
