@@ -215,6 +215,10 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self._engines = dict(self._factory())
+            for name, engine in self._engines.items():
+                start = time.perf_counter()
+                engine.warm_up()
+                log.info("%s warmed up in %.2f s", name, time.perf_counter() - start)
         except BaseException as exc:  # report any load failure to the loop
             self._loop.call_soon_threadsafe(_set_exception, self._ready, exc)
             return

@@ -14,9 +14,18 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue
+from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue, resolve_params
 
-__all__ = ["SEED_SPEC", "Engine", "EngineRequest", "Job", "StepOutput", "number", "request_seed"]
+__all__ = [
+    "SEED_SPEC",
+    "Engine",
+    "EngineRequest",
+    "Job",
+    "StepOutput",
+    "number",
+    "request_seed",
+    "run_once",
+]
 
 FloatAudio = npt.NDArray[np.float32]
 
@@ -102,6 +111,22 @@ class Engine(Protocol):
     def finish(self, job: Job) -> None:
         """Release a job's resources (completed, cancelled or failed)."""
         ...
+
+    def warm_up(self) -> None:
+        """Run a short request once, so that the first client's is not the slowest."""
+        ...
+
+
+def run_once(engine: Engine, prompt: str, params: Mapping[str, ParamValue]) -> None:
+    """Generate one short request to the end and drop it (warming a model up: the
+    first calls allocate, and pick their kernels)."""
+    request = EngineRequest("warm-up", prompt, resolve_params(engine.info.params, dict(params)))
+    job = next(job for job in engine.prepare_steps(request) if job is not None)
+    try:
+        while not any(output.done for output in engine.step([job])):
+            pass
+    finally:
+        engine.finish(job)
 
 
 def number(value: ParamValue) -> float:

@@ -50,7 +50,16 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
 
 from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
 
-from .base import SEED_SPEC, EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
+from .base import (
+    SEED_SPEC,
+    EngineRequest,
+    FloatAudio,
+    Job,
+    StepOutput,
+    number,
+    request_seed,
+    run_once,
+)
 from .codec_stream import StreamDecoder
 from .tiny_higgs import (
     CODEC_DIR,
@@ -379,6 +388,7 @@ class HiggsEngine:
         self.sample_rate = int(self.codec.config.sample_rate)
         self.hop = int(self.codec.config.hop_length)
         self.frame_rate = self.sample_rate / self.hop
+        self._warm = False
         self.max_duration = float(max_duration)
         self._voice_codes: dict[str, torch.Tensor] = {}
         # The prompt layout names these tokens; the model knows them by id.
@@ -905,6 +915,11 @@ class HiggsEngine:
         return StepOutput(
             audio=audio, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
         )
+
+    def warm_up(self) -> None:
+        if not self._warm:
+            run_once(self, "Hello.", {"max_new_tokens": 8, "seed": 0})
+            self._warm = True
 
     def finish(self, job: Job) -> None:
         job.state = None

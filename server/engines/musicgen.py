@@ -39,7 +39,16 @@ from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
 from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
 
-from .base import SEED_SPEC, EngineRequest, FloatAudio, Job, StepOutput, number, request_seed
+from .base import (
+    SEED_SPEC,
+    EngineRequest,
+    FloatAudio,
+    Job,
+    StepOutput,
+    number,
+    request_seed,
+    run_once,
+)
 from .codec_stream import DecodePlan, StreamDecoder, decode_batched
 from .mbd import MBDRun
 from .musicgen_decoder import MusicGenDecoder
@@ -203,6 +212,7 @@ class MusicGenEngine:
         self.max_upload_seconds = max_upload_seconds
         self.prefill_chunk = max(1, prefill_chunk)
         self._text_tokenizer = self._text_only_tokenizer()
+        self._warm = False
         self.max_prompt_tokens = max_prompt_tokens
         self.frame_rate = float(model.frame_rate)
         self.hop = round(model.sample_rate / model.frame_rate)
@@ -899,6 +909,11 @@ class MusicGenEngine:
             self._wrap_melody(st.attributes, st.melody, st.gen_offset)
             st.cfg_conditions, st.py_random = self._cfg_conditions(st.attributes, st.py_random)
         return False
+
+    def warm_up(self) -> None:
+        if not self._warm:
+            run_once(self, "warm up", {"duration": min(1.0, self.window), "seed": 0})
+            self._warm = True
 
     def finish(self, job: Job) -> None:
         # Free the slot and drop the buffers now rather than when the Job is collected.
