@@ -149,6 +149,14 @@ class Scheduler:
             self._loop.call_soon_threadsafe(request.sink, queued)
             self._cond.notify()
 
+    def upload_check(self, model: str) -> Callable[[Mapping[str, bytes]], Any] | None:
+        """The model's check of uploads, to run before its requests are queued.
+
+        Pure CPU work that touches no torch (see ``Engine.check_inputs``).
+        """
+        engine = self._engines.get(model)
+        return None if engine is None else engine.check_inputs
+
     def cancel(self, request: Request, error: WavecastError | None = None) -> None:
         request.cancel(error)
         with self._cond:

@@ -11,9 +11,11 @@ memory. On disconnect every request of the connection is cancelled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -30,6 +32,7 @@ from wavecast.protocol import (
     ErrorMessage,
     Generate,
     Hello,
+    InternalError,
     InvalidField,
     Limits,
     ModelInfo,
@@ -65,6 +68,9 @@ FEATURE_PARAMS = {"mbd": "mbd", "extend_stride": "long_form", "include_prompt": 
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
+# Uploads are decoded and checked here, off the event loop and off the inference
+# thread, before their request is queued: a bad one is refused at once.
+_UPLOADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="uploads")
 
 
 class ContextAdapter(logging.LoggerAdapter[logging.Logger]):
@@ -118,6 +124,7 @@ class Session:
         self._queued_bytes = 0
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()  # uploads being decoded
         self._on_close = on_close
         query = websocket.request.path.partition("?")[2] if websocket.request else ""
         # Answers follow the client's encoding; ?encoding=json picks JSON from the start.
@@ -139,6 +146,8 @@ class Session:
         except* ConnectionClosed:
             pass
         finally:
+            for task in list(self._checks):
+                task.cancel()
             if self._on_close is not None:
                 self._on_close(self)
             self.log.info("disconnected (%s)", self.ws.close_code)
@@ -229,16 +238,51 @@ class Session:
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
             )
             self.requests[message.id] = request
-            try:
-                self.scheduler.submit(request)
-            except WavecastError:
-                del self.requests[message.id]
-                raise
+            check = self.scheduler.upload_check(message.model) if inputs else None
+            if check is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self._check_then_submit(request, check, inputs)
+                )
+                self._checks.add(task)
+                task.add_done_callback(self._checks.discard)
+            else:
+                try:
+                    self.scheduler.submit(request)
+                except WavecastError:
+                    del self.requests[message.id]
+                    raise
         except WavecastError as exc:
             exc.id = message.id
             self._refuse(exc, frame_type="generate")
             return
         request.log.info("generate model=%s params=%s", message.model, params)
+
+    async def _check_then_submit(
+        self,
+        request: Request,
+        check: Callable[[Mapping[str, bytes]], Any],
+        inputs: Mapping[str, bytes],
+    ) -> None:
+        """Decode and check a request's uploads in the pool, then queue it (§3.1)."""
+        try:
+            decoded = await asyncio.get_running_loop().run_in_executor(_UPLOADS, check, inputs)
+            if request.cancelled.is_set():  # cancelled, or the client left, meanwhile
+                self.requests.pop(request.id, None)
+                self._send(Done(id=request.id, status="cancelled"))
+                return
+            request.engine_request = dataclasses.replace(request.engine_request, decoded=decoded)
+            self.scheduler.submit(request)
+        except WavecastError as exc:
+            self.requests.pop(request.id, None)
+            exc.id = request.id
+            self._refuse(exc, frame_type="generate")
+        except Exception:
+            request.log.exception("checking the uploads failed")
+            self.requests.pop(request.id, None)
+            self._refuse(
+                InternalError("the uploads could not be checked", id=request.id),
+                frame_type="generate",
+            )
 
     def _cancel(self, message: Cancel) -> None:
         request = self.requests.get(message.id)

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 FloatAudio = npt.NDArray[np.float32]
+Upload = tuple[FloatAudio, int]  # samples [frames, channels], rate
 
 MAX_SEED = 2**63 - 1
 SEED_SPEC = ParamSpec(
@@ -48,6 +49,9 @@ class EngineRequest:
     prompt: str
     params: Mapping[str, ParamValue]
     inputs: Mapping[str, bytes] = field(default_factory=dict)  # uploaded files by role
+    # The uploads decoded and checked before the request was queued (``check_inputs``):
+    # float32 ``[frames, channels]`` and the rate, by role. Missing: decoded in prepare.
+    decoded: Mapping[str, Upload] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -110,6 +114,15 @@ class Engine(Protocol):
 
     def finish(self, job: Job) -> None:
         """Release a job's resources (completed, cancelled or failed)."""
+        ...
+
+    def check_inputs(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
+        """Decode and check the uploads of a request before it is queued.
+
+        Runs in a worker pool, neither on the event loop nor on the inference
+        thread, so it touches no torch. Raises ``InvalidField`` for an upload the
+        request cannot use (not audio, too long, too short).
+        """
         ...
 
     def warm_up(self) -> None:

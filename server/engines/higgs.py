@@ -56,6 +56,7 @@ from .base import (
     FloatAudio,
     Job,
     StepOutput,
+    Upload,
     number,
     request_seed,
     run_once,
@@ -546,7 +547,7 @@ class HiggsEngine:
                 )
             if data is not None:
                 transcript = str(params[f"{role}_text"] or "").strip() or None
-                voices[index] = (transcript, self._encode_upload(data, role))
+                voices[index] = (transcript, self._encode_upload(request, role))
         scene_value = str(params["scene"] or "")
         scene = scene_text(self.scenes, scene_value) if scene_value.strip() else ""
 
@@ -621,16 +622,24 @@ class HiggsEngine:
     def _voice_codes_of(self, voice: Voice) -> torch.Tensor:
         return self._voice_codes[voice.name]
 
-    def _encode_upload(self, data: bytes, role: str) -> torch.Tensor:
+    def check_inputs(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
         from ..audio import decode_upload
 
-        audio, rate = decode_upload(
-            data, field=f"inputs.{role}", max_seconds=self.max_upload_seconds
-        )
-        if audio.shape[0] / rate < 2.0 / self.frame_rate:
-            raise InvalidField(
-                f"inputs.{role} is too short to carry a voice", field=f"inputs.{role}"
+        decoded = {}
+        for role, data in inputs.items():
+            audio, rate = decode_upload(
+                data, field=f"inputs.{role}", max_seconds=self.max_upload_seconds
             )
+            if audio.shape[0] / rate < 2.0 / self.frame_rate:
+                raise InvalidField(
+                    f"inputs.{role} is too short to carry a voice", field=f"inputs.{role}"
+                )
+            decoded[role] = (audio, rate)
+        return decoded
+
+    def _encode_upload(self, request: EngineRequest, role: str) -> torch.Tensor:
+        decoded = request.decoded.get(role)
+        audio, rate = decoded or self.check_inputs({role: request.inputs[role]})[role]
         return self.encode_audio(audio.mean(axis=1), rate)
 
     def encode_audio(self, audio: np.ndarray, rate: int) -> torch.Tensor:

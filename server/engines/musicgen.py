@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from .base import (
     FloatAudio,
     Job,
     StepOutput,
+    Upload,
     number,
     request_seed,
     run_once,
@@ -381,7 +382,7 @@ class MusicGenEngine:
         prompt = None
         if "continuation" in request.inputs:
             with torch.no_grad():
-                prompt = self._prompt_tokens(request.inputs["continuation"])
+                prompt = self._prompt_tokens(request)
             duration = number(params["duration"])
             total_len = max(1, int(duration * self.frame_rate))
             max_prompt = int(min(duration, self.window) * self.frame_rate)
@@ -413,24 +414,29 @@ class MusicGenEngine:
                 field="prompt",
             )
 
-    def _upload_wav(self, data: bytes, role: str) -> torch.Tensor:
-        """Decode an uploaded clip to ``[C, T]`` at the model's rate and channel count."""
-        from audiocraft.data.audio_utils import convert_audio
-
+    def check_inputs(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
         from ..audio import decode_upload
 
-        audio, rate = decode_upload(
-            data, field=f"inputs.{role}", max_seconds=self.max_upload_seconds
-        )
+        return {
+            role: decode_upload(data, field=f"inputs.{role}", max_seconds=self.max_upload_seconds)
+            for role, data in inputs.items()
+        }
+
+    def _upload_wav(self, request: EngineRequest, role: str) -> torch.Tensor:
+        """An uploaded clip as ``[C, T]`` at the model's rate and channel count."""
+        from audiocraft.data.audio_utils import convert_audio
+
+        decoded = request.decoded.get(role)
+        audio, rate = decoded or self.check_inputs({role: request.inputs[role]})[role]
         wav = torch.from_numpy(audio.T.copy()).to(self.device)
         converted: torch.Tensor = convert_audio(
             wav, rate, self.model.sample_rate, self.model.audio_channels
         )
         return converted
 
-    def _prompt_tokens(self, data: bytes) -> Codes:
+    def _prompt_tokens(self, request: EngineRequest) -> Codes:
         """Encode an uploaded clip into codes ``[1, K, T]`` (audiocraft's continuation)."""
-        wav = self._upload_wav(data, "continuation").unsqueeze(0)
+        wav = self._upload_wav(request, "continuation").unsqueeze(0)
         with self.model.autocast:
             tokens, scale = self.model.compression_model.encode(wav)
         assert scale is None
@@ -445,7 +451,7 @@ class MusicGenEngine:
 
         melody_wavs = None
         if "melody" in request.inputs:
-            melody_wavs = [self._upload_wav(request.inputs["melody"], "melody")]
+            melody_wavs = [self._upload_wav(request, "melody")]
         if self.melody:
             attributes, _ = self.model._prepare_tokens_and_attributes(
                 [request.prompt], None, melody_wavs=melody_wavs

@@ -12,7 +12,7 @@ import soundfile
 from helpers import make_config, run_cli, running_server, with_stereo
 
 from wavecast.clients import connect
-from wavecast.protocol import Audio, Progress
+from wavecast.protocol import Audio, Done, Progress, Queued
 
 HOP = 640
 
@@ -216,3 +216,27 @@ async def test_features_a_model_lacks_are_unsupported() -> None:
         ).collect()
     assert result.error is not None
     assert (result.error.code, result.error.field) == ("unsupported", "params.extend_stride")
+
+
+async def test_bad_uploads_are_refused_before_they_are_queued(server: Any) -> None:
+    """Uploads are decoded and checked before `queued` (in a worker pool): a bad one
+    ends its request at once, with no `queued`, no `started` and no stats."""
+    async with connect(server.url) as client:
+        running = await client.generate("tiny-musicgen", "busy", duration=3.0)
+        bad = await client.generate(
+            "tiny-musicgen", "x", duration=2.0, inputs={"continuation": b"garbage"}
+        )
+        events = [event async for event in bad]
+        good = await client.generate(
+            "tiny-musicgen", "x", duration=2.0, inputs={"continuation": clip_bytes(1.0)}
+        )
+        good_events = [event async for event in good]
+        await running.collect()
+    assert len(events) == 1 and isinstance(events[0], Done)
+    assert events[0].status == "error" and events[0].stats is None
+    assert (events[0].error.code, events[0].error.field) == (  # type: ignore[union-attr]
+        "invalid_field",
+        "inputs.continuation",
+    )
+    # A good upload is queued once checked, then runs.
+    assert isinstance(good_events[0], Queued) and good_events[-1].status == "completed"  # type: ignore[union-attr]
