@@ -149,13 +149,13 @@ class Scheduler:
             self._loop.call_soon_threadsafe(request.sink, queued)
             self._cond.notify()
 
-    def upload_check(self, model: str) -> Callable[[Mapping[str, bytes]], Any] | None:
-        """The model's check of uploads, to run before its requests are queued.
+    def request_check(self, model: str) -> Callable[[EngineRequest], Any] | None:
+        """The model's check of a request, to run before it is queued.
 
-        Pure CPU work that touches no torch (see ``Engine.check_inputs``).
+        Pure CPU work that touches no torch (see ``Engine.check``).
         """
         engine = self._engines.get(model)
-        return None if engine is None else engine.check_inputs
+        return None if engine is None else engine.check
 
     def cancel(self, request: Request, error: WavecastError | None = None) -> None:
         request.cancel(error)

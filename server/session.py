@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -237,11 +237,13 @@ class Session:
                 sink=self._on_event,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
             )
+            check = self.scheduler.request_check(message.model)
+            if check is not None and not inputs:
+                check(request.engine_request)  # parameters only: cheap
             self.requests[message.id] = request
-            check = self.scheduler.upload_check(message.model) if inputs else None
-            if check is not None:
+            if check is not None and inputs:
                 task = asyncio.get_running_loop().create_task(
-                    self._check_then_submit(request, check, inputs)
+                    self._check_then_submit(request, check)
                 )
                 self._checks.add(task)
                 task.add_done_callback(self._checks.discard)
@@ -258,14 +260,13 @@ class Session:
         request.log.info("generate model=%s params=%s", message.model, params)
 
     async def _check_then_submit(
-        self,
-        request: Request,
-        check: Callable[[Mapping[str, bytes]], Any],
-        inputs: Mapping[str, bytes],
+        self, request: Request, check: Callable[[EngineRequest], Any]
     ) -> None:
-        """Decode and check a request's uploads in the pool, then queue it (§3.1)."""
+        """Check a request and decode its uploads in the pool, then queue it (§3.3)."""
         try:
-            decoded = await asyncio.get_running_loop().run_in_executor(_UPLOADS, check, inputs)
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                _UPLOADS, check, request.engine_request
+            )
             if request.cancelled.is_set():  # cancelled, or the client left, meanwhile
                 self.requests.pop(request.id, None)
                 self._send(Done(id=request.id, status="cancelled"))

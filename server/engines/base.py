@@ -49,7 +49,7 @@ class EngineRequest:
     prompt: str
     params: Mapping[str, ParamValue]
     inputs: Mapping[str, bytes] = field(default_factory=dict)  # uploaded files by role
-    # The uploads decoded and checked before the request was queued (``check_inputs``):
+    # The uploads decoded and checked before the request was queued (``Engine.check``):
     # float32 ``[frames, channels]`` and the rate, by role. Missing: decoded in prepare.
     decoded: Mapping[str, Upload] = field(default_factory=dict)
 
@@ -116,12 +116,14 @@ class Engine(Protocol):
         """Release a job's resources (completed, cancelled or failed)."""
         ...
 
-    def check_inputs(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
-        """Decode and check the uploads of a request before it is queued.
+    def check(self, request: EngineRequest) -> dict[str, Upload]:
+        """Check a request before it is queued; its uploads, decoded.
 
-        Runs in a worker pool, neither on the event loop nor on the inference
-        thread, so it touches no torch. Raises ``InvalidField`` for an upload the
-        request cannot use (not audio, too long, too short).
+        What needs no model: the parameters against the server's configuration
+        (named voices, a transcript without its clip, an empty text) and the
+        uploads (not audio, too long, too short). Touches no torch: it runs on the
+        event loop for a request without uploads, in a worker pool for one with.
+        Raises ``InvalidField``.
         """
         ...
 

@@ -516,20 +516,18 @@ class HiggsEngine:
         """``prepare`` as one unit of work (see ``Engine.prepare_steps``)."""
         yield self.prepare(request)
 
-    def _prepare(self, request: EngineRequest) -> Job:
+    def _check_request(self, request: EngineRequest) -> list[str]:
+        """What needs no model: the text, the voice names, transcripts and their clips.
+
+        Returns the voice names per speaker (empty: none named).
+        """
         params = request.params
-        text = normalize_text(request.prompt)
-        if not text:
+        if not normalize_text(request.prompt):
             raise InvalidField("prompt: the text to speak is empty", field="prompt")
-        speakers = sorted({int(n) for n in SPEAKER_TAG.findall(text)})
         names = [v.strip() for v in str(params["voice"] or "").split(",")]
         names = names if any(names) else []
-        voices: dict[int, tuple[str | None, torch.Tensor]] = {}
-        for index, voice_name in enumerate(names):
-            if not voice_name:
-                continue
-            voice = self.voices.get(voice_name)
-            if voice is None:
+        for voice_name in names:
+            if voice_name and voice_name not in self.voices:
                 listed = list(self.voices)
                 known = ", ".join(listed[:20]) + (", …" if len(listed) > 20 else "")
                 known = known or "none configured"
@@ -537,14 +535,26 @@ class HiggsEngine:
                     f"params.voice: no voice named {voice_name[:64]!r} (voices: {known})",
                     field="params.voice",
                 )
-            voices[index] = (voice.transcript, self._voice_codes_of(voice))
-        for index, role in enumerate(REFERENCE_ROLES):
-            data = request.inputs.get(role)
-            if data is None and str(params[f"{role}_text"] or "").strip():
+        for role in REFERENCE_ROLES:
+            if role not in request.inputs and str(params[f"{role}_text"] or "").strip():
                 raise InvalidField(
                     f"params.{role}_text is the transcript of inputs.{role}, which was not sent",
                     field=f"params.{role}_text",
                 )
+        return names
+
+    def _prepare(self, request: EngineRequest) -> Job:
+        params = request.params
+        names = self._check_request(request)
+        text = normalize_text(request.prompt)
+        speakers = sorted({int(n) for n in SPEAKER_TAG.findall(text)})
+        voices: dict[int, tuple[str | None, torch.Tensor]] = {}
+        for index, voice_name in enumerate(names):
+            if voice_name:
+                voice = self.voices[voice_name]
+                voices[index] = (voice.transcript, self._voice_codes_of(voice))
+        for index, role in enumerate(REFERENCE_ROLES):
+            data = request.inputs.get(role)
             if data is not None:
                 transcript = str(params[f"{role}_text"] or "").strip() or None
                 voices[index] = (transcript, self._encode_upload(request, role))
@@ -622,7 +632,11 @@ class HiggsEngine:
     def _voice_codes_of(self, voice: Voice) -> torch.Tensor:
         return self._voice_codes[voice.name]
 
-    def check_inputs(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
+    def check(self, request: EngineRequest) -> dict[str, Upload]:
+        self._check_request(request)
+        return self._decode_uploads(request.inputs)
+
+    def _decode_uploads(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
         from ..audio import decode_upload
 
         decoded = {}
@@ -639,7 +653,7 @@ class HiggsEngine:
 
     def _encode_upload(self, request: EngineRequest, role: str) -> torch.Tensor:
         decoded = request.decoded.get(role)
-        audio, rate = decoded or self.check_inputs({role: request.inputs[role]})[role]
+        audio, rate = decoded or self._decode_uploads({role: request.inputs[role]})[role]
         return self.encode_audio(audio.mean(axis=1), rate)
 
     def encode_audio(self, audio: np.ndarray, rate: int) -> torch.Tensor:

@@ -414,7 +414,10 @@ class MusicGenEngine:
                 field="prompt",
             )
 
-    def check_inputs(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
+    def check(self, request: EngineRequest) -> dict[str, Upload]:
+        return self._decode_uploads(request.inputs)
+
+    def _decode_uploads(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
         from ..audio import decode_upload
 
         return {
@@ -427,7 +430,7 @@ class MusicGenEngine:
         from audiocraft.data.audio_utils import convert_audio
 
         decoded = request.decoded.get(role)
-        audio, rate = decoded or self.check_inputs({role: request.inputs[role]})[role]
+        audio, rate = decoded or self._decode_uploads({role: request.inputs[role]})[role]
         wav = torch.from_numpy(audio.T.copy()).to(self.device)
         converted: torch.Tensor = convert_audio(
             wav, rate, self.model.sample_rate, self.model.audio_channels

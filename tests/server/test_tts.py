@@ -24,7 +24,7 @@ from helpers import (
 )
 
 from wavecast.clients import connect
-from wavecast.protocol import Audio, Progress, Started
+from wavecast.protocol import Audio, Done, Progress, Started
 
 HOP = 960  # tiny-higgs: 24 kHz, 25 frames per second
 K = 4  # codebooks: an utterance of max_new_tokens rows holds max_new_tokens - K frames
@@ -265,8 +265,11 @@ async def test_bad_requests_get_typed_errors(
         stream = await client.generate(
             "tiny-higgs", "Hello.", params={"max_new_tokens": 8, **kwargs}, inputs=inputs
         )
-        result = await stream.collect()
-        assert result.status == "error" and result.error is not None
+        events = [event async for event in stream]
+        # Refused before it was queued: its `done` is all it gets.
+        assert len(events) == 1 and isinstance(events[0], Done), events
+        result = events[0]
+        assert result.status == "error" and result.error is not None and result.stats is None
         assert (result.error.code, result.error.field) == (code, field)
         ok = await speak(client, "Hello.", max_new_tokens=8)
         assert ok.status == "completed"
@@ -274,7 +277,9 @@ async def test_bad_requests_get_typed_errors(
 
 async def test_empty_text_and_reference_on_music_model(server: Any) -> None:
     async with connect(server.url) as client:
-        empty = await speak(client, "   ")
+        events = [event async for event in await client.speak("tiny-higgs", "   ")]
+        assert len(events) == 1 and isinstance(events[0], Done)  # refused before `queued`
+        empty = events[0]
         assert empty.error is not None and empty.error.field == "prompt"
         music = await (
             await client.generate("tiny-musicgen", "x", inputs={"reference": tone(1.0)})
