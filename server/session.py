@@ -71,6 +71,7 @@ _ids = itertools.count(1)
 # Uploads are decoded and checked here, off the event loop and off the inference
 # thread, before their request is queued: a bad one is refused at once.
 _UPLOADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="uploads")
+POOLED_PROMPT_CHARS = 1000
 
 
 class ContextAdapter(logging.LoggerAdapter[logging.Logger]):
@@ -238,10 +239,13 @@ class Session:
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
             )
             check = self.scheduler.request_check(message.model)
-            if check is not None and not inputs:
-                check(request.engine_request)  # parameters only: cheap
+            # Uploads and long prompts (tokenized) are checked in the pool; the rest
+            # costs microseconds, on the spot.
+            pooled = bool(inputs) or len(message.prompt) > POOLED_PROMPT_CHARS
+            if check is not None and not pooled:
+                check(request.engine_request)
             self.requests[message.id] = request
-            if check is not None and inputs:
+            if check is not None and pooled:
                 task = asyncio.get_running_loop().create_task(
                     self._check_then_submit(request, check)
                 )

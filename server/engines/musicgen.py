@@ -415,6 +415,7 @@ class MusicGenEngine:
             )
 
     def check(self, request: EngineRequest) -> dict[str, Upload]:
+        self._check_prompt(request.prompt)
         return self._decode_uploads(request.inputs)
 
     def _decode_uploads(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:

@@ -20,7 +20,7 @@ import soundfile
 from helpers import make_config, running_server, timeout, tiny_engines
 
 from wavecast.clients import connect
-from wavecast.protocol import Audio
+from wavecast.protocol import Audio, Done
 from wavecast.server.engines.base import EngineRequest, Job, StepOutput
 
 
@@ -101,7 +101,13 @@ async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> N
 async def test_the_description_is_limited_in_tokens() -> None:
     async with running_server() as srv, connect(srv.url) as client:
         stream = await client.generate("tiny-musicgen", "é" * 300, duration=1.0)
+        events = [event async for event in stream]
+        assert len(events) == 1  # refused before `queued`
         result = await asyncio.wait_for(stream.collect(), timeout(60))
+        # A long one is tokenized in the worker pool, still before `queued`.
+        long = [e async for e in await client.generate("tiny-musicgen", "é" * 1200)]
+        assert len(long) == 1 and isinstance(long[0], Done) and long[0].error is not None
+        assert "2401 tokens" in long[0].error.message
         ok = await client.generate("tiny-musicgen", "x" * 500, duration=0.2)
         assert (await asyncio.wait_for(ok.collect(), timeout(60))).status == "completed"
     assert result.status == "error"
