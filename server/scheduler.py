@@ -23,24 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wavecast.protocol import (
-    Audio,
     Busy,
-    Done,
-    ErrorInfo,
     InternalError,
     ModelInfo,
-    Progress,
     Queued,
     ServerMessage,
     ShuttingDown,
     Started,
-    Stats,
     WavecastError,
 )
 from wavecast.protocol.messages import AudioFormat, DoneStatus
 
-from .audio import to_pcm
-from .engines.base import Engine, EngineRequest, FloatAudio, Job, StepOutput
+from .engines.base import Engine, EngineRequest, Job, StepOutput
+from .outputs import RequestOutputs, done_message
 
 __all__ = ["Request", "Scheduler"]
 
@@ -68,11 +63,7 @@ class Request:
     preparing: Generator[Job | None, None, None] | None = None  # the engine's units of preparation
     position: int = 0
     started_at: float = 0.0
-    first_audio_at: float | None = None
-    seq: int = 0
-    samples: int = 0
-    last_fraction: float = -1.0
-    stage: str | None = None
+    outputs: RequestOutputs | None = None  # once started
 
     def cancel(self, error: WavecastError | None = None) -> None:
         """Ask for the request to stop; ``error`` makes it end in ``error``."""
@@ -387,6 +378,7 @@ class Scheduler:
     def _started(self, request: Request) -> None:
         assert request.job is not None
         info = self._engines[request.model].info
+        request.outputs = RequestOutputs(request.id, info, request.format)
         seed = request.job.extra.get("seed")
         self._emit(
             request,
@@ -437,61 +429,15 @@ class Scheduler:
         return sum(len(requests) for requests in runnable.values())
 
     def _deliver(self, request: Request, output: StepOutput) -> None:
-        now = time.perf_counter()
-        if output.audio is not None and output.audio.shape[0] > 0:
-            if request.first_audio_at is None:
-                request.first_audio_at = now
-            self._emit(request, self._audio(request, request.seq, request.samples, output.audio))
-            request.seq += 1
-            request.samples += int(output.audio.shape[0])
-        if output.stage != request.stage:
-            if request.stage is None and not output.done:
-                self._post.append(request)  # the live stream is complete
-            request.stage = output.stage
-            request.last_fraction = -1.0
-        if output.done or output.fraction - request.last_fraction >= 0.01:
-            request.last_fraction = output.fraction
-            self._emit(
-                request,
-                Progress(
-                    id=request.id,
-                    fraction=output.fraction,
-                    seconds=round(output.seconds, 4),
-                    stage=output.stage,
-                ),
-            )
-        if output.rendition is not None:
-            self._emit_rendition(request, output.rendition, "mbd")
+        assert request.outputs is not None
+        live = request.outputs.stage is None
+        for message in request.outputs.messages(output, time.perf_counter()):
+            self._emit(request, message)
+        if live and output.stage is not None and not output.done:
+            self._post.append(request)  # the live stream is complete
         if output.done:
             self._release(request)
             self._finish(request, "completed")
-
-    def _emit_rendition(self, request: Request, audio: FloatAudio, name: str) -> None:
-        """A complete alternative version of the clip, in chunks of at most a second."""
-        step = self._engines[request.model].info.sample_rate
-        for seq, start in enumerate(range(0, audio.shape[0], step)):
-            chunk = audio[start : start + step]
-            self._emit(request, self._audio(request, seq, start, chunk, rendition=name))
-
-    def _audio(
-        self,
-        request: Request,
-        seq: int,
-        offset: int,
-        audio: FloatAudio,
-        rendition: str | None = None,
-    ) -> Audio:
-        info = self._engines[request.model].info
-        return Audio(
-            id=request.id,
-            seq=seq,
-            offset=offset,
-            sample_rate=info.sample_rate,
-            channels=info.channels,
-            format=request.format,
-            data=to_pcm(audio, request.format),
-            rendition=rendition,
-        )
 
     def _release(self, request: Request) -> None:
         with self._cond:
@@ -512,27 +458,13 @@ class Scheduler:
     def _finish(
         self, request: Request, status: DoneStatus, error: WavecastError | None = None
     ) -> None:
-        now = time.perf_counter()
         stats = None
-        if request.started_at:
-            sample_rate = self._engines[request.model].info.sample_rate
-            wall = now - request.started_at
-            audio_seconds = request.samples / sample_rate
-            stats = Stats(
-                audio_seconds=round(audio_seconds, 6),
-                wall_seconds=round(wall, 6),
-                first_audio_seconds=(
-                    round(request.first_audio_at - request.started_at, 6)
-                    if request.first_audio_at is not None
-                    else None
-                ),
-                real_time_factor=round(audio_seconds / wall, 4) if wall > 0 else 0.0,
-                samples=request.samples,
-                queued_seconds=round(request.started_at - request.submitted_at, 6),
+        if request.outputs is not None:
+            stats = request.outputs.stats(
+                submitted_at=request.submitted_at,
+                started_at=request.started_at,
+                now=time.perf_counter(),
             )
-        info = (
-            ErrorInfo(code=error.code, message=error.message, field=error.field) if error else None
-        )
         if status == "completed":
             self.completed += 1
         elif status == "cancelled":
@@ -540,15 +472,7 @@ class Scheduler:
         else:
             self.failed += 1
         request.log.info("%s%s", status, f" ({error.code})" if error else "")
-        self._emit(
-            request,
-            Done(
-                id=request.id,
-                status=status,
-                stats=stats,
-                error=info,
-            ),
-        )
+        self._emit(request, done_message(request.id, status, error, stats))
 
 
 def _deliver_all(batch: list[tuple[Sink, ServerMessage]]) -> None:

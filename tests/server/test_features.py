@@ -144,6 +144,8 @@ async def test_upload_errors(server: Any) -> None:
     assert (bad.error.code, bad.error.field) == ("invalid_field", "inputs.continuation")  # type: ignore[union-attr]
     assert (melody.error.code, melody.error.field) == ("unsupported", "inputs.melody")  # type: ignore[union-attr]
     assert too_long.error is not None and "shorter" in too_long.error.message
+    # (refused while it was being prepared: queued, never started, so no stats)
+    assert too_long.stats is None
 
 
 async def test_upload_size_limit() -> None:

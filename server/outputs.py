@@ -1,0 +1,118 @@
+"""Engine outputs -> protocol messages (PROTOCOL.md §4.4-§4.7).
+
+One ``RequestOutputs`` per request: its audio chunks with their ``seq`` and
+``offset``, progress at most every 1% (and on a stage change), an alternative
+rendition in chunks of a second, and the closing ``done`` with its stats. The
+scheduler decides what happens to a request; this module only says it in the
+protocol's words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wavecast.protocol import (
+    Audio,
+    Done,
+    ErrorInfo,
+    ModelInfo,
+    Progress,
+    ServerMessage,
+    Stats,
+    WavecastError,
+)
+from wavecast.protocol.messages import AudioFormat, DoneStatus
+
+from .audio import to_pcm
+from .engines.base import FloatAudio, StepOutput
+
+__all__ = ["RequestOutputs", "done_message"]
+
+
+@dataclass(slots=True)
+class RequestOutputs:
+    """The messages of one request's stream, and what they must remember."""
+
+    request_id: str
+    info: ModelInfo
+    format: AudioFormat
+    seq: int = 0
+    samples: int = 0  # sample frames of the live stream sent
+    last_fraction: float = -1.0
+    stage: str | None = None
+    first_audio_at: float | None = None
+
+    def messages(self, output: StepOutput, now: float) -> list[ServerMessage]:
+        """What one step's output says to the client."""
+        messages: list[ServerMessage] = []
+        if output.audio is not None and output.audio.shape[0] > 0:
+            if self.first_audio_at is None:
+                self.first_audio_at = now
+            messages.append(self._audio(self.seq, self.samples, output.audio))
+            self.seq += 1
+            self.samples += int(output.audio.shape[0])
+        if output.stage != self.stage:
+            self.stage = output.stage
+            self.last_fraction = -1.0
+        if output.done or output.fraction - self.last_fraction >= 0.01:
+            self.last_fraction = output.fraction
+            messages.append(
+                Progress(
+                    id=self.request_id,
+                    fraction=output.fraction,
+                    seconds=round(output.seconds, 4),
+                    stage=output.stage,
+                )
+            )
+        if output.rendition is not None:
+            messages.extend(self._rendition(output.rendition, "mbd"))
+        return messages
+
+    def stats(self, *, submitted_at: float, started_at: float, now: float) -> Stats:
+        wall = now - started_at
+        audio_seconds = self.samples / self.info.sample_rate
+        return Stats(
+            audio_seconds=round(audio_seconds, 6),
+            wall_seconds=round(wall, 6),
+            first_audio_seconds=(
+                round(self.first_audio_at - started_at, 6)
+                if self.first_audio_at is not None
+                else None
+            ),
+            real_time_factor=round(audio_seconds / wall, 4) if wall > 0 else 0.0,
+            samples=self.samples,
+            queued_seconds=round(started_at - submitted_at, 6),
+        )
+
+    def _rendition(self, audio: FloatAudio, name: str) -> list[ServerMessage]:
+        """A complete alternative version of the clip, in chunks of at most a second."""
+        step = self.info.sample_rate
+        return [
+            self._audio(seq, start, audio[start : start + step], rendition=name)
+            for seq, start in enumerate(range(0, audio.shape[0], step))
+        ]
+
+    def _audio(
+        self, seq: int, offset: int, audio: FloatAudio, rendition: str | None = None
+    ) -> Audio:
+        return Audio(
+            id=self.request_id,
+            seq=seq,
+            offset=offset,
+            sample_rate=self.info.sample_rate,
+            channels=self.info.channels,
+            format=self.format,
+            data=to_pcm(audio, self.format),
+            rendition=rendition,
+        )
+
+
+def done_message(
+    request_id: str,
+    status: DoneStatus,
+    error: WavecastError | None = None,
+    stats: Stats | None = None,
+) -> Done:
+    """The last message of a request (§4.7): no stats when it never started."""
+    info = ErrorInfo(code=error.code, message=error.message, field=error.field) if error else None
+    return Done(id=request_id, status=status, stats=stats, error=info)
