@@ -212,7 +212,20 @@ class MusicGenEngine:
         self.max_duration = float(max(max_duration or self.window, self.window))
         self.max_upload_seconds = max_upload_seconds
         self.prefill_chunk = max(1, prefill_chunk)
-        self._text_tokenizer = self._text_only_tokenizer()
+        conditioners = self.lm.condition_provider.conditioners  # (a ModuleDict: no .get)
+        description = None
+        if "description" in conditioners:
+            description = conditioners["description"]
+        # The text encoder's tokenizer: the prompt limit is counted in its tokens.
+        self._tokenizer = getattr(description, "t5_tokenizer", None)
+        # Where the description is the only condition (and is encoded as given), the
+        # requests that start in the same step are encoded in one call
+        # (``_condition_together``); otherwise each is conditioned on its own.
+        self._encode_together = (
+            self._tokenizer is not None
+            and list(conditioners) == ["description"]
+            and not getattr(description, "normalize_text", True)
+        )
         self._warm = False
         self.max_prompt_tokens = max_prompt_tokens
         self.frame_rate = float(model.frame_rate)
@@ -375,10 +388,10 @@ class MusicGenEngine:
         Each ``None`` is a pause where the scheduler may run a decode step for the
         other streams: after the continuation clip is encoded, and after the
         conditioning (the text encoder, and a melody's chroma) is computed. The
-        text is bounded in tokens (``max_prompt_tokens``), so its encoding is too.
+        text was bounded in tokens by ``check`` (``max_prompt_tokens``) before the
+        request was queued, so its encoding is too.
         """
         params = request.params
-        self._check_prompt(request.prompt)
         prompt = None
         if "continuation" in request.inputs:
             with torch.no_grad():
@@ -400,13 +413,9 @@ class MusicGenEngine:
 
     def _check_prompt(self, text: str) -> None:
         """Refuse a description longer than the text encoder is given (in its tokens)."""
-        conditioners = self.lm.condition_provider.conditioners  # (a ModuleDict: no .get)
-        tokenizer = None
-        if "description" in conditioners:
-            tokenizer = getattr(conditioners["description"], "t5_tokenizer", None)
-        if tokenizer is None:
+        if self._tokenizer is None:
             return
-        count = len(tokenizer(text)["input_ids"])
+        count = len(self._tokenizer(text)["input_ids"])
         if count > self.max_prompt_tokens:
             raise InvalidField(
                 f"prompt is {count} tokens long; this model reads at most "
@@ -467,7 +476,7 @@ class MusicGenEngine:
             self._wrap_melody(attributes, melody, 0)
         py_random = _seeded_state(seed)
         cfg_conditions = None  # text alone: encoded at the first prefill, with its peers'
-        if self._text_tokenizer is None:
+        if not self._encode_together:
             cfg_conditions, py_random = self._cfg_conditions(attributes, py_random)
 
         stride_seconds = number(params.get("extend_stride") or 18.0)
@@ -524,20 +533,6 @@ class MusicGenEngine:
             conditions = lm.condition_provider(tokenized)
         return conditions, random.getstate()
 
-    def _text_only_tokenizer(self) -> Any:
-        """The text encoder's tokenizer where the description is the only condition.
-
-        Then the requests that start in the same step are encoded in one call
-        (``_condition_together``); otherwise each is conditioned on its own.
-        """
-        conditioners = self.lm.condition_provider.conditioners
-        if list(conditioners) != ["description"]:
-            return None
-        conditioner = conditioners["description"]
-        if getattr(conditioner, "normalize_text", True):
-            return None
-        return getattr(conditioner, "t5_tokenizer", None)
-
     def _condition_together(self, states: list[_MusicGenJob]) -> None:
         """Encode the descriptions of requests starting now in one call.
 
@@ -547,7 +542,7 @@ class MusicGenEngine:
         conditioning equals its solo one to float rounding (tested: logits within
         1e-5 of the solo run, codes equal).
         """
-        tokenizer = self._text_tokenizer
+        tokenizer = self._tokenizer
         assert tokenizer is not None
         attributes = [st.attributes[0] for st in states]
         with self.model.autocast:
