@@ -94,6 +94,7 @@ def load_engines(
                 max_new_tokens=max_new_tokens,
                 max_duration=max_duration,
                 max_upload_seconds=max_upload_seconds,
+                max_chunk_frames=max_chunk_frames,
             )
             continue
         try:

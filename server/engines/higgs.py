@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from transformers import (
     AutoTokenizer,
@@ -61,7 +62,9 @@ from .base import (
     request_seed,
     run_once,
 )
-from .codec_stream import StreamDecoder
+from .codec_stream import DecodePlan, StreamDecoder, decode_batched
+from .higgs_decoder import HiggsDecoder
+from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
 from .tiny_higgs import (
     CODEC_DIR,
     RANDOM_HIGGS_3B,
@@ -314,6 +317,33 @@ class HiggsStream:
     ended: bool = False
 
 
+Ints = npt.NDArray[np.int64]
+
+
+@dataclass(slots=True)
+class _Utterance:
+    """One chunk's prompt and decoding state in the batched engine (on the host).
+
+    The delay pattern's countdowns mirror ``HiggsAudioV2DelayPatternLogitsProcessor``:
+    ``bos[k] >= 0`` forces codebook ``k`` to stream BOS (the first rows of an
+    utterance), ``eos[k] <= 0`` to stream EOS (counting down once a codebook has
+    ended, so that codebook ``k`` ends ``k`` rows after the first).
+    """
+
+    ids: Ints  # [L] the prompt's tokens
+    audio: Ints  # [N, K] its audio rows (delay-pattern blocks)
+    is_audio: npt.NDArray[np.bool_]  # [L] which positions are audio
+    fed: int  # prompt positions in the row's cache
+    bos: Ints  # [K]
+    eos: Ints  # [K]
+    last: int  # the last text token (audio, delay, or end of turn)
+    recent: Ints  # [<= MAX_RAS_WINDOW, K] the last audio rows: the prompt's, then generated
+    rows: list[Ints] = field(default_factory=list)  # generated rows [K]
+    forwarded: int = 0  # generated rows fed back (in the cache)
+    steps: int = 0
+    ended: bool = False
+
+
 @dataclass(slots=True)
 class _HiggsJob:
     chunks: list[str]
@@ -339,6 +369,11 @@ class _HiggsJob:
     produced: int = 0
     expected: float = 1.0
     fraction: float = 0.0
+    # The batched engine: the request's row, its chunk under way and the last one.
+    seed: int = 0
+    slot: int | None = None
+    utterance: _Utterance | None = None
+    spoken: _Utterance | None = None
 
 
 class HiggsEngine:
@@ -354,6 +389,13 @@ class HiggsEngine:
         max_upload_seconds: Longest uploaded reference clip.
         left_context, holdback, first_frames, chunk_frames: Geometry of the
             exact incremental decoder (see ``codec_stream``).
+        batched: Step every request in one forward over a static KV cache
+            (``HiggsDecoder``); False: each request alone through transformers'
+            forward (the reference path the batched one is tested against).
+        prefill_chunk: Prompt positions a request prefills per call at most.
+        prefill_budget: Prompt positions prefilled per step at most (at least
+            one chunk), so that new requests delay the running streams by a
+            bounded time per step.
     """
 
     family = "higgs"
@@ -372,6 +414,10 @@ class HiggsEngine:
         holdback: int = 11,
         first_frames: int = 1,
         chunk_frames: int = 8,
+        max_chunk_frames: int = 50,
+        batched: bool = True,
+        prefill_chunk: int = 256,
+        prefill_budget: int = 512,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -381,6 +427,7 @@ class HiggsEngine:
         self.scenes = dict(scenes or {})
         self.max_upload_seconds = max_upload_seconds
         self.geometry = (left_context, holdback, first_frames, chunk_frames)
+        self.max_chunk_frames = max_chunk_frames
         config = self.model.config
         self.device = next(iter(self.model.parameters())).device
         self.num_codebooks = int(config.num_codebooks)
@@ -390,6 +437,22 @@ class HiggsEngine:
         self.hop = int(self.codec.config.hop_length)
         self.frame_rate = self.sample_rate / self.hop
         self._warm = False
+        self.batched = batched
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.prefill_budget = max(1, prefill_budget)
+        self.audio_token = int(config.audio_token_id)
+        self.delay_token = int(config.audio_delay_token_id)
+        self.audio_bos_token = int(config.audio_bos_token_id)
+        eos_id = config.eos_token_id
+        self.end_token = int(eos_id if isinstance(eos_id, int) else eos_id[0])
+        self.decoder = HiggsDecoder(self.model, rows=1, length=256) if batched else None
+        self._slots: list[_HiggsJob | None] = [None]
+        self._sampling = RowSampling(1, self.device)
+        self._ras_len = np.zeros(1, dtype=np.int64)
+        self._ras_max = np.ones(1, dtype=np.int64)
+        self._due: list[tuple[StepOutput, StreamDecoder, DecodePlan]] = []
+        # Tests: called with each sampled request's raw logits [K, card], by id.
+        self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         self.max_duration = float(max_duration)
         self._voice_codes: dict[str, torch.Tensor] = {}
         # The prompt layout names these tokens; the model knows them by id.
@@ -618,6 +681,8 @@ class HiggsEngine:
                 holdback=hold,
                 first_frames=first,
                 chunk_frames=every,
+                max_chunk_frames=self.max_chunk_frames,
+                frame_rate=self.frame_rate,
             ),
             max_frames=max(1, int(self.max_duration * self.frame_rate)),
         )
@@ -625,6 +690,7 @@ class HiggsEngine:
         state.expected = max(
             1.0, min(len(text) / 14.0 * self.frame_rate, state.max_new_tokens * len(chunks))
         )
+        state.seed = seed
         job = Job(request=request, state=state)
         job.extra["seed"] = seed
         return job
@@ -691,19 +757,8 @@ class HiggsEngine:
                 is reused as far as the new prompt agrees with what it holds,
                 so only the rest is prefilled.
         """
-        texts: list[str] = []
-        blocks: list[torch.Tensor] = []
+        input_ids, audio_ids = self.tokenize(parts)
         k = self.num_codebooks
-        for part in parts:
-            if isinstance(part, PromptAudio):
-                block = delay_block(part.codes.to(self.device), self.stream_bos, self.stream_eos)
-                blocks.append(block)
-                texts.append(AUDIO_OUT * (block.shape[0] - (k - 1)) + AUDIO_DELAY * (k - 1))
-            else:
-                texts.append(part)
-        encoded = self.tokenizer("".join(texts), add_special_tokens=False, return_tensors="pt")
-        input_ids = encoded["input_ids"].to(self.device)
-        audio_ids = torch.cat(blocks).unsqueeze(0) if blocks else None
         processors = LogitsProcessorList(
             [
                 HiggsAudioV2DelayPatternLogitsProcessor(
@@ -736,6 +791,23 @@ class HiggsEngine:
         if after is not None:
             self._reuse_cache(after, stream)
         return stream
+
+    def tokenize(self, parts: Sequence[PromptPart]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A prompt's tokens ``[1, L]`` and audio rows ``[1, N, K]`` (None: no audio)."""
+        texts: list[str] = []
+        blocks: list[torch.Tensor] = []
+        k = self.num_codebooks
+        for part in parts:
+            if isinstance(part, PromptAudio):
+                block = delay_block(part.codes.to(self.device), self.stream_bos, self.stream_eos)
+                blocks.append(block)
+                texts.append(AUDIO_OUT * (block.shape[0] - (k - 1)) + AUDIO_DELAY * (k - 1))
+            else:
+                texts.append(part)
+        encoded = self.tokenizer("".join(texts), add_special_tokens=False, return_tensors="pt")
+        input_ids = encoded["input_ids"].to(self.device)
+        audio_ids = torch.cat(blocks).unsqueeze(0) if blocks else None
+        return input_ids, audio_ids
 
     def _reuse_cache(self, old: HiggsStream, new: HiggsStream) -> None:
         """Take over ``old``'s KV cache for the prefix ``new``'s prompt shares with it.
@@ -872,7 +944,335 @@ class HiggsEngine:
 
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         with torch.no_grad():
+            if self.batched:
+                return self._step_batched(jobs)
             return [self._step_one(job) for job in jobs]
+
+    # -- the batched path ------------------------------------------------------------
+
+    def _step_batched(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        """One decoder forward for every request (after prefilling what is due), one
+        draw per row, one copy each way; then each request's frames and audio."""
+        states: list[_HiggsJob] = [job.state for job in jobs]
+        for st in states:
+            if st.slot is None:
+                self._take_slot(st)
+            if st.utterance is None:
+                st.utterance = self._open_utterance(st)
+                st.spoken = None
+                st.chunk_frames = []
+        prefilled = self._prefill_due(states)
+        decoder = self.decoder
+        assert decoder is not None
+        k, rows = self.num_codebooks, decoder.rows
+        window = max(1, int(self._ras_len.max()))
+        stepped = np.zeros(rows, dtype=bool)
+        forced = np.full((rows, k), -1, dtype=np.int64)
+        codes_in = np.zeros((rows, k), dtype=np.int64)
+        active = np.zeros(rows, dtype=np.int64)
+        recent = np.full((rows, window, k), -1, dtype=np.int64)
+        decoding: list[_HiggsJob] = []
+        for st in states:
+            u, slot = st.utterance, st.slot
+            assert u is not None and slot is not None
+            if u.fed < len(u.ids):
+                continue  # its prompt is still going in
+            if slot not in prefilled:
+                codes_in[slot] = u.recent[-1]
+                active[slot] = 1
+                decoding.append(st)
+            stepped[slot] = True
+            forced[slot] = self._forced(u)
+            length = int(self._ras_len[slot])
+            if length and len(u.recent):
+                tail = u.recent[-length:]
+                recent[slot, window - len(tail) :] = tail
+        sampling = self._sampling
+        keys = sampling.keys()
+        host = np.concatenate(
+            [
+                codes_in.reshape(-1),
+                active,
+                forced.reshape(-1),
+                keys,
+                redraw_keys(keys),
+                self._ras_max,
+                recent.reshape(-1),
+            ]
+        )
+        inputs = torch.from_numpy(host).to(self.device)
+        cut = np.cumsum([rows * k, rows, rows * k, rows, rows, rows])
+        parts = torch.tensor_split(inputs, cut.tolist())
+        if decoding:
+            u_lengths = [
+                len(st.utterance.ids) + st.utterance.forwarded for st in decoding if st.utterance
+            ]
+            span = -(-(max(u_lengths) + 2) // 64) * 64
+            logits = decoder.decode(parts[0].view(rows, k), parts[1].bool(), span=span).float()
+            for st in decoding:
+                assert st.utterance is not None
+                st.utterance.forwarded += 1
+        else:
+            logits = torch.zeros(rows, k, decoder.card, device=self.device)
+        for slot, row_logits in prefilled.items():
+            logits[slot] = row_logits.float()
+        tokens = sample_warped(
+            logits,
+            parts[2].view(rows, k),
+            sampling.temperature,
+            sampling.top_k,
+            sampling.top_p,
+            parts[3],
+        )
+        tokens = redraw_repeats(
+            tokens,
+            logits,
+            parts[6].view(rows, window, k),
+            parts[5],
+            (self.stream_bos, self.stream_eos),
+            parts[4],
+        )
+        sampling.step += stepped
+        host_tokens: Ints = tokens.cpu().numpy()
+        if self.logits_observer is not None:
+            self.logits_observer(
+                {
+                    job.request.request_id: logits[job.state.slot]
+                    for job in jobs
+                    if job.state.slot is not None and stepped[job.state.slot]
+                }
+            )
+        outputs = []
+        for job, st in zip(jobs, states, strict=True):
+            assert st.slot is not None
+            if stepped[st.slot]:
+                outputs.append(self._advance(job, host_tokens[st.slot]))
+            else:
+                outputs.append(
+                    StepOutput(
+                        audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate
+                    )
+                )
+        self._decode_due()
+        return outputs
+
+    def _take_slot(self, st: _HiggsJob) -> None:
+        assert self.decoder is not None
+        try:
+            slot = self._slots.index(None)
+        except ValueError:
+            slot = len(self._slots)
+            self.decoder.ensure(rows=slot + 1)
+            count = self.decoder.rows
+            self._slots.extend([None] * (count - len(self._slots)))
+            self._sampling = self._sampling.grown(count)
+            self._ras_len = np.concatenate(
+                [self._ras_len, np.zeros(count - len(self._ras_len), dtype=np.int64)]
+            )
+            self._ras_max = np.concatenate(
+                [self._ras_max, np.ones(count - len(self._ras_max), dtype=np.int64)]
+            )
+        self._slots[slot] = st
+        st.slot = slot
+        self._sampling.set_row(
+            slot,
+            temperature=st.temperature,
+            top_k=st.top_k,
+            top_p=st.top_p,
+            seed=st.seed,
+        )
+        self._ras_len[slot] = st.ras_win_len
+        self._ras_max[slot] = st.ras_max_repeat
+
+    def _release_slot(self, st: _HiggsJob) -> None:
+        if st.slot is not None and self._slots[st.slot] is st:
+            self._slots[st.slot] = None
+            self._ras_len[st.slot] = 0
+        st.slot = None
+
+    def _open_utterance(self, st: _HiggsJob) -> _Utterance:
+        """The next chunk's prompt, set up in the request's row: the part its cache
+        already holds (the last chunk's prompt and answer, where the new prompt
+        repeats them) is kept, the rest is prefilled."""
+        history = st.history
+        if st.buffer_size is not None:
+            history = history[-st.buffer_size :]
+        parts = build_prompt(
+            st.system, st.scene, st.speakers, st.references + history, st.chunks[st.index]
+        )
+        input_ids, audio_ids = self.tokenize(parts)
+        k = self.num_codebooks
+        ids: Ints = input_ids[0].cpu().numpy().astype(np.int64)
+        audio: Ints = (
+            np.zeros((0, k), dtype=np.int64)
+            if audio_ids is None
+            else audio_ids[0].cpu().numpy().astype(np.int64)
+        )
+        # The delay pattern as the processor sets it up from the prompt's last K tokens.
+        pattern = np.arange(1, k + 1, dtype=np.int64)
+        tail = ids[-k:]
+        bos_at = np.flatnonzero(tail == self.audio_bos_token)
+        eos_at = np.flatnonzero(tail == self.delay_token)
+        u = _Utterance(
+            ids=ids,
+            audio=audio,
+            is_audio=(ids == self.audio_token) | (ids == self.delay_token),
+            fed=0,
+            bos=pattern - (len(tail) - bos_at[0]) if bos_at.size else np.zeros(k, np.int64),
+            eos=pattern - (len(tail) - eos_at[0]) if eos_at.size else pattern.copy(),
+            last=int(ids[-1]),
+            recent=audio[-MAX_RAS_WINDOW:].copy(),
+        )
+        if st.spoken is not None:
+            u.fed = self._reusable(st.spoken, u)
+        assert self.decoder is not None
+        self.decoder.ensure(length=len(ids) + st.max_new_tokens + 1)
+        return u
+
+    @staticmethod
+    def _reusable(old: _Utterance, new: _Utterance) -> int:
+        """Positions of ``new``'s prompt that the row's cache holds from ``old``: its
+        prompt, and the generated rows fed back as far as ``new``'s prompt repeats
+        them (as ``_reuse_cache``)."""
+        length, rows = len(old.ids), len(old.audio)
+        if old.fed != length or len(new.audio) == 0:
+            return 0
+        if len(new.ids) <= length + old.forwarded or not np.array_equal(new.ids[:length], old.ids):
+            return 0
+        if not np.array_equal(new.audio[:rows], old.audio):
+            return 0
+        same = 0
+        if old.forwarded:
+            generated = np.stack(old.rows[: old.forwarded])
+            upcoming = new.audio[rows : rows + old.forwarded]
+            if upcoming.shape == generated.shape:
+                same = int(np.cumprod((upcoming == generated).all(axis=1)).sum())
+        if not bool(new.is_audio[length : length + same].all()):
+            return 0
+        return length + same
+
+    def _prefill_due(self, states: list[_HiggsJob]) -> dict[int, torch.Tensor]:
+        """Feed the next chunk of each prompt not yet in the cache, oldest first.
+
+        At most ``prefill_chunk`` positions per request and ``prefill_budget`` in
+        all per step (at least one chunk). Returns the logits ``[K, card]`` of each
+        slot whose prompt is now complete: it samples in this step.
+        """
+        decoder = self.decoder
+        assert decoder is not None
+        budget = self.prefill_budget
+        complete: dict[int, torch.Tensor] = {}
+        for st in states:
+            u = st.utterance
+            assert u is not None and st.slot is not None
+            if u.fed >= len(u.ids):
+                continue
+            if budget <= 0:
+                break
+            size = min(len(u.ids) - u.fed, self.prefill_chunk, max(budget, 1))
+            start, end = u.fed, u.fed + size
+            first_audio = int(u.is_audio[:start].sum())
+            count = int(u.is_audio[start:end].sum())
+            audio = torch.from_numpy(u.audio[first_audio : first_audio + count]).to(self.device)
+            tokens = torch.from_numpy(u.ids[start:end]).to(self.device)[None]
+            logits = decoder.prefill([st.slot], tokens, audio, u.is_audio[None, start:end], start)
+            budget -= size
+            u.fed = end
+            if end == len(u.ids):
+                complete[st.slot] = logits[0]
+        return complete
+
+    def _forced(self, u: _Utterance) -> Ints:
+        """The codes the delay pattern forces in this step (-1: free), advancing its
+        countdowns as the processor does."""
+        forced = np.full(self.num_codebooks, -1, dtype=np.int64)
+        force_bos = u.bos >= 0
+        forced[force_bos] = self.stream_bos
+        u.bos[force_bos] -= 1
+        if u.last == self.delay_token:
+            u.eos -= 1
+        forced[u.eos <= 0] = self.stream_eos
+        return forced
+
+    def _rules(self, u: _Utterance, tokens: Ints, max_new_tokens: int) -> bool:
+        """A sampled row ``[K]`` into the utterance, as ``generate``'s loop takes it:
+        the next text token (delay once a codebook has ended, end of turn once all
+        have), the RAS window, the stop rules. Returns whether all codebooks ended
+        (the row is not audio)."""
+        ended = tokens == self.stream_eos
+        all_eos, any_eos = bool(ended.all()), bool(ended.any())
+        u.last = self.delay_token if any_eos or u.last == self.delay_token else self.audio_token
+        if all_eos:
+            u.last = self.end_token
+        row = np.array(tokens, dtype=np.int64)
+        u.recent = np.concatenate([u.recent, row[None]])[-MAX_RAS_WINDOW:]
+        u.steps += 1
+        u.ended = all_eos or u.steps >= max_new_tokens
+        if not all_eos:
+            u.rows.append(row)
+        return all_eos
+
+    def _advance(self, job: Job, tokens: Ints) -> StepOutput:
+        """A request's sampled row ``[K]``: its utterance's rules, frames and audio."""
+        st: _HiggsJob = job.state
+        u = st.utterance
+        assert u is not None
+        k = self.num_codebooks
+        job.steps += 1
+        all_eos = self._rules(u, tokens, st.max_new_tokens)
+        pieces: list[FloatAudio] = []
+        plan = None
+        # rows[0] is the all-BOS row; frame j needs rows 1 + j ... 1 + j + K - 1.
+        if not all_eos and len(u.rows) - 1 >= k:
+            j = len(u.rows) - 1 - k
+            frame = np.array([u.rows[1 + j + i][i] for i in range(k)], dtype=np.int64)
+            frame = frame.clip(0, self.stream_bos - 1)
+            st.chunk_frames.append(torch.from_numpy(frame))
+            st.produced += 1
+            plan = st.decoder.plan_push(frame.reshape(1, k, 1))
+        done = False
+        if u.ended or st.produced >= st.max_frames:
+            spoken = st.chunks[st.index]
+            if st.chunk_frames:
+                codes = torch.stack(st.chunk_frames, dim=1).to(self.device)
+                st.history.append((spoken, PromptAudio(codes)))
+            st.index += 1
+            st.spoken = u
+            st.utterance = None
+            if st.index >= len(st.chunks) or st.produced >= st.max_frames:
+                done = True
+                if plan is not None:
+                    pieces.append(st.decoder.complete(plan, self._decode(plan.window)))
+                    plan = None
+                tail = st.decoder.flush()
+                if tail is not None:
+                    pieces.append(tail)
+                self._release_slot(st)
+        audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        if done:
+            st.fraction = 1.0
+        else:
+            base = st.index / len(st.chunks)
+            within = min(0.95, st.produced / st.expected)
+            st.fraction = max(st.fraction, min(0.999, max(base, within)))
+        output = StepOutput(
+            audio=audio, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
+        )
+        if plan is not None:
+            self._due.append((output, st.decoder, plan))
+        return output
+
+    def _decode_due(self) -> None:
+        """Decode every stream's due codec window in one batched call per window shape."""
+        if not self._due:
+            return
+        due, self._due = self._due, []
+        wavs = decode_batched(self._decode, [plan for _, _, plan in due])
+        for (output, decoder, plan), wav in zip(due, wavs, strict=True):
+            chunk = decoder.complete(plan, wav)
+            output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
+
+    # -- the reference path: each request alone ------------------------------------------
 
     def _open_chunk(self, st: _HiggsJob, after: HiggsStream | None = None) -> HiggsStream:
         history = st.history
@@ -945,6 +1345,8 @@ class HiggsEngine:
             self._warm = True
 
     def finish(self, job: Job) -> None:
+        if job.state is not None:
+            self._release_slot(job.state)
         job.state = None
 
     # -- reference path, for tests and benchmarks ----------------------------------
@@ -953,6 +1355,7 @@ class HiggsEngine:
         """Every frame ``[1, K, T]`` the job has streamed so far."""
         st: _HiggsJob = job.state
         spoken = [audio.codes for _, audio in st.history]
-        if st.stream is not None and st.chunk_frames:  # a chunk under way
+        under_way = st.stream is not None or st.utterance is not None
+        if under_way and st.chunk_frames:  # a chunk under way
             spoken.append(torch.stack(st.chunk_frames, dim=1))
         return torch.cat(spoken, dim=-1).unsqueeze(0)

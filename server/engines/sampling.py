@@ -27,7 +27,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["RowSampling", "candidates_for", "counter_uniform", "row_keys", "sample"]
+__all__ = [
+    "RowSampling",
+    "candidates_for",
+    "counter_uniform",
+    "redraw_keys",
+    "redraw_repeats",
+    "row_keys",
+    "sample",
+    "sample_warped",
+    "warp",
+]
 
 _MASK32 = 0xFFFFFFFF
 # Multipliers below 2**31, so that ``(x * c) & mask`` of a 32-bit x stays exact in int64.
@@ -167,3 +177,112 @@ def sample(
     choice = torch.argmax(kept / -torch.log(noise), dim=-1, keepdim=True)
     drawn = tokens.gather(-1, choice)[..., 0]
     return torch.where(greedy[:, None], torch.argmax(logits, dim=-1), drawn)
+
+
+def _race(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """A draw from ``probs`` ``[B, K, V]`` with every token's counter-based noise."""
+    batch, codebooks, vocab = probs.shape
+    tokens = torch.arange(vocab, device=probs.device, dtype=torch.int64)
+    noise = _token_uniform(key, tokens.expand(batch, codebooks, vocab))
+    return torch.argmax(probs / -torch.log(noise), dim=-1)
+
+
+def warp(
+    logits: torch.Tensor,
+    forced: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+) -> torch.Tensor:
+    """transformers' logits processors, per row: the scores ``generate`` draws from.
+
+    A processor forcing tokens, then the temperature, top-k and top-p warpers
+    (each where it applies, in that order): ``[B, K, V]`` float32, ``-inf``
+    where a token is out.
+
+    Args:
+        logits: Raw scores ``[B, K, V]``.
+        forced: ``[B, K]``: a token a codebook must take (-1: none), as a
+            processor that sets every other score to ``-inf`` does.
+        temperature: ``[B]``; 0 means greedy (no warpers).
+        top_k: ``[B]`` int64; 0 means off.
+        top_p: ``[B]``; 1 means off.
+    """
+    vocab = logits.shape[-1]
+    scores = logits.float()
+    ids = torch.arange(vocab, device=scores.device)
+    others = (forced[..., None] >= 0) & (ids != forced[..., None])
+    scores = scores.masked_fill(others, float("-inf"))
+    greedy = temperature <= 0.0
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    scores = scores / scale[:, None, None]
+    # Top-k: scores below the k-th largest go (ties stay), as TopKLogitsWarper.
+    descending = torch.sort(scores, dim=-1, descending=True).values
+    k = torch.where((top_k > 0) & ~greedy, top_k.clamp(min=1, max=vocab), vocab)
+    kth = descending.gather(-1, (k - 1)[:, None, None].expand(*scores.shape[:2], 1))
+    scores = scores.masked_fill(scores < kth, float("-inf"))
+    # Top-p: from the least likely up, tokens go while the mass so far is at most
+    # 1 - p; the most likely always stays (TopPLogitsWarper).
+    ascending = torch.sort(scores, dim=-1).values
+    mass = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
+    nucleus = ((top_p < 1.0) & ~greedy)[:, None, None]
+    gone = (mass <= (1.0 - top_p)[:, None, None]) & nucleus
+    gone[..., -1] = False
+    threshold = ascending.gather(-1, gone.sum(-1, keepdim=True))
+    return scores.masked_fill(scores < threshold, float("-inf"))
+
+
+def sample_warped(
+    logits: torch.Tensor,
+    forced: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    key: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row and codebook, by transformers' rules (``warp``), then a
+    counter-based draw (``argmax`` where greedy): ``[B, K]`` int64.
+
+    Args:
+        key: ``[B]`` int64 row keys (``row_keys``); the rest as ``warp``.
+    """
+    scores = warp(logits, forced, temperature, top_k, top_p)
+    drawn = _race(torch.softmax(scores, dim=-1), key)
+    return torch.where((temperature <= 0.0)[:, None], torch.argmax(scores, dim=-1), drawn)
+
+
+def redraw_repeats(
+    tokens: torch.Tensor,
+    logits: torch.Tensor,
+    window: torch.Tensor,
+    max_repeat: torch.Tensor,
+    excluded: tuple[int, int],
+    key: torch.Tensor,
+) -> torch.Tensor:
+    """Repetition-aware sampling: a token repeated too often is drawn again.
+
+    Where codebook ``k``'s token appears at least ``max_repeat`` times in the
+    row's window (stream markers ``excluded`` not counted), it is replaced by a
+    draw from the raw ``logits`` (no temperature, no filtering), as HiggsAudio's
+    generation loop does.
+
+    Args:
+        tokens: ``[B, K]`` the tokens drawn.
+        logits: ``[B, K, V]`` raw scores.
+        window: ``[B, W, K]`` each row's recent codes; -1 where a row's window is
+            shorter (or off).
+        max_repeat: ``[B]`` int64.
+        excluded: Codes never counted as repeats (stream BOS and EOS).
+        key: ``[B]`` int64 keys for the redraw (not those of the first draw).
+    """
+    bos, eos = excluded
+    counted = (window >= 0) & (window != bos) & (window != eos)
+    repeats = ((window == tokens[:, None, :]) & counted).sum(dim=1)
+    replace = repeats >= max_repeat[:, None]
+    redrawn = _race(torch.softmax(logits.float(), dim=-1), key)
+    return torch.where(replace, redrawn, tokens)
+
+
+def redraw_keys(keys: Ints) -> Ints:
+    """Keys for a second draw in the same step, independent of ``keys``."""
+    return _mix_np(np.asarray(keys, dtype=np.int64) ^ 0x5BD1E995)

@@ -1,0 +1,338 @@
+"""HiggsAudio v2's decoder as one batched forward over a static KV cache.
+
+The weights are transformers' (``HiggsAudioV2ForConditionalGeneration`` still
+loads them, so hub names, local folders and the test models keep working); this
+module computes what the model's forward computes, for a table of rows at once:
+a Llama decoder (RMSNorm, rotary positions, grouped-query attention, SwiGLU)
+whose every layer has two paths, one for text tokens and one for audio tokens
+(the "dual FFN": its own norms and feed-forward block for audio positions).
+
+``prefill`` feeds a prompt (text tokens, with reference audio behind its
+``<|AUDIO_OUT|>`` placeholders) to a few rows from a given position on; there
+both paths run, each on its own positions. ``decode`` feeds one audio frame to
+every row of the table: in the decode phase every position is audio, so only
+the audio path runs, with fixed shapes and no host sync.
+
+The step is bound by the number of operations it launches, not by arithmetic,
+so the weights are read once at load into what the step needs: the query, key
+and value projections as one matrix, the gate and up projections as one, the
+rotary tables, the audio embedding as one table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.nn import functional as F
+
+from .kv import StaticKV
+
+__all__ = ["HiggsDecoder"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Path:
+    """One layer's norms and feed-forward block for text or for audio positions."""
+
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    gate_up: torch.Tensor  # [2I, D]: the gate and up projections, one matrix
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+PathOp = Callable[[_Path, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    qkv: torch.Tensor  # [Dq + 2 Dkv, D]
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    out_bias: torch.Tensor | None
+    text: _Path
+    audio: _Path
+
+
+def _cat_bias(*biases: torch.Tensor | None) -> torch.Tensor | None:
+    if any(b is None for b in biases):
+        return None
+    return torch.cat([b for b in biases if b is not None])
+
+
+def _path(norm1: Any, norm2: Any, mlp: Any) -> _Path:
+    return _Path(
+        norm1=norm1.weight,
+        norm2=norm2.weight,
+        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+        gate_up_bias=_cat_bias(mlp.gate_proj.bias, mlp.up_proj.bias),
+        down=mlp.down_proj.weight,
+        down_bias=mlp.down_proj.bias,
+    )
+
+
+class HiggsDecoder:
+    """Batched forward of a ``HiggsAudioV2ForConditionalGeneration``.
+
+    Args:
+        model: The loaded model (eval mode).
+        rows: Initial rows of the table (it grows in powers of two).
+        length: Initial positions per row (grows when a row needs more).
+    """
+
+    def __init__(self, model: Any, *, rows: int, length: int) -> None:
+        with torch.no_grad():
+            self._load(model, rows=rows, length=length)
+
+    def _load(self, model: Any, *, rows: int, length: int) -> None:
+        config = model.config
+        if str(config.hidden_act) != "silu":
+            raise ValueError(f"unsupported activation {config.hidden_act!r}")
+        inner = model.model
+        self.model = model
+        self.dim = int(config.hidden_size)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.dim // self.heads)
+        self.eps = float(config.rms_norm_eps)
+        self.codebooks = int(config.num_codebooks)
+        self.card = int(config.codebook_size)
+        first = inner.embed_tokens.weight
+        self.device = first.device
+        self.dtype = first.dtype
+        self.layers = []
+        for layer in inner.layers:
+            attn = layer.self_attn
+            self.layers.append(
+                _Layer(
+                    qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                    qkv_bias=_cat_bias(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias),
+                    out=attn.o_proj.weight,
+                    out_bias=attn.o_proj.bias,
+                    text=_path(layer.input_layernorm, layer.post_attention_layernorm, layer.mlp),
+                    audio=_path(
+                        layer.audio_input_layernorm,
+                        layer.audio_post_attention_layernorm,
+                        layer.audio_mlp,
+                    ),
+                )
+            )
+        self._embed_text = first
+        self._embed_audio = inner.embed_audio_tokens.embed_audio_tokens.weight
+        self._audio_offsets = torch.arange(self.codebooks, device=self.device) * self.card
+        self._final_norm = inner.norm.weight
+        self._head = model.audio_lm_head.weight
+        self._rotary = inner.rotary_emb
+        self._cos = torch.zeros(0, self.head_dim, device=self.device, dtype=self.dtype)
+        self._sin = self._cos
+        self.kv = StaticKV(
+            len(self.layers),
+            self.kv_heads,
+            self.head_dim,
+            rows=rows,
+            length=length + 1,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        self.lengths = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self._rope_table(self.kv.length)
+
+    @property
+    def rows(self) -> int:
+        return self.kv.rows
+
+    @property
+    def length(self) -> int:
+        """Positions a row can hold (the cache keeps one more: see ``decode``)."""
+        return self.kv.length - 1
+
+    def ensure(self, *, rows: int = 0, length: int = 0) -> None:
+        """Room for ``rows`` rows and ``length`` positions."""
+        self.kv.grow(rows=rows, length=length + 1)
+        extra = self.kv.rows - self.lengths.shape[0]
+        if extra > 0:
+            self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
+        self._rope_table(self.kv.length)
+
+    def _rope_table(self, length: int) -> None:
+        """The rotary cosines and sines of positions ``0 .. length - 1``, as the
+        model's own rotary module computes them (whatever its scaling rule)."""
+        if self._cos.shape[0] >= length:
+            return
+        positions = torch.arange(length, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        cos, sin = self._rotary(probe, positions)
+        self._cos, self._sin = cos[0], sin[0]
+
+    # -- the two phases --------------------------------------------------------------
+
+    def embed_audio(self, codes: torch.Tensor) -> torch.Tensor:
+        """Summed codebook embeddings of ``[..., K]`` codes: ``[..., D]``."""
+        return F.embedding(codes + self._audio_offsets, self._embed_audio).sum(dim=-2)
+
+    def prefill(
+        self,
+        rows: list[int],
+        tokens: torch.Tensor,
+        audio: torch.Tensor | None,
+        is_audio: npt.NDArray[np.bool_],
+        start: int,
+    ) -> torch.Tensor:
+        """Feed ``tokens`` ``[R, S]`` to ``rows`` at positions ``start`` on.
+
+        Args:
+            tokens: Text token ids; at audio positions a placeholder (any id).
+            audio: The codes ``[N, K]`` of the audio positions, in order (row by row).
+            is_audio: ``[R, S]``, on the host: which positions are audio.
+            start: The first position (the rows hold ``start`` positions already).
+
+        Returns the logits ``[R, K, card]`` of the last position.
+        """
+        count, steps = tokens.shape
+        end = start + steps
+        self.ensure(length=end)
+        x = F.embedding(tokens, self._embed_text)
+        flat_audio = np.flatnonzero(is_audio.reshape(-1))
+        flat_text = np.flatnonzero(~is_audio.reshape(-1))
+        audio_index = torch.from_numpy(flat_audio).to(self.device)
+        text_index = torch.from_numpy(flat_text).to(self.device)
+        if flat_audio.size:
+            assert audio is not None and audio.shape[0] == flat_audio.size
+            x = x.view(count * steps, -1).index_copy(0, audio_index, self.embed_audio(audio))
+            x = x.view(count, steps, -1)
+        index = torch.tensor(rows, device=self.device)
+        positions = torch.arange(start, end, device=self.device)
+        cos, sin = self._cos[start:end][None, None], self._sin[start:end][None, None]
+        mask = torch.arange(end, device=self.device)[None, :] <= positions[:, None]  # [S, end]
+        where = (
+            index[:, None, None],
+            torch.arange(self.kv_heads, device=self.device)[None, :, None],
+            positions[None, None, :],
+        )
+        cache_k, cache_v = self.kv.k, self.kv.v
+
+        def attend(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
+            cache_k[i].index_put_(where, k.to(cache_k.dtype))
+            cache_v[i].index_put_(where, v.to(cache_v.dtype))
+            return cache_k[i][index, :, :end], cache_v[i][index, :, :end]
+
+        def route(f: PathOp, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+            """``f(path, h)`` on each position, with its own path's weights."""
+            if not flat_text.size:
+                return f(layer.audio, h)
+            if not flat_audio.size:
+                return f(layer.text, h)
+            flat = h.reshape(count * steps, -1)
+            text = f(layer.text, flat.index_select(0, text_index))
+            spoken = f(layer.audio, flat.index_select(0, audio_index))
+            out = flat.new_empty((count * steps, text.shape[-1]))
+            out.index_copy_(0, text_index, text)
+            out.index_copy_(0, audio_index, spoken)
+            return out.view(count, steps, -1)
+
+        hidden = self._forward(x, cos, sin, mask, attend, route)
+        self.lengths[index] = end
+        return self._logits(hidden[:, -1])
+
+    def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None) -> Any:
+        """One audio frame for every row: ``[rows, K]`` codes -> ``[rows, K, card]`` logits.
+
+        Rows where ``active`` is False compute too (fixed shapes) but do not
+        advance, and write their keys and values to the cache's last position,
+        which holds no row's data. ``span``: attend over the first ``span``
+        positions only (more than any active row's length).
+        """
+        rows = self.rows
+        span = self.length if span is None else min(span, self.length)
+        spare = torch.full_like(self.lengths, self.length)
+        positions = torch.where(active, self.lengths.clamp(max=span - 1), spare)  # [R]
+        x = self.embed_audio(codes)[:, None]  # [R, 1, D]
+        cos, sin = self._cos[positions][:, None, None], self._sin[positions][:, None, None]
+        mask = torch.arange(span, device=self.device)[None, None, None, :] <= positions.view(
+            rows, 1, 1, 1
+        )
+        where = positions.view(rows, 1, 1, 1).expand(rows, self.kv_heads, 1, self.head_dim)
+        cache_k, cache_v = self.kv.k, self.kv.v
+
+        def attend(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
+            cache_k[i].scatter_(2, where, k.to(cache_k.dtype))
+            cache_v[i].scatter_(2, where, v.to(cache_v.dtype))
+            return cache_k[i][:, :, :span], cache_v[i][:, :, :span]
+
+        def route(f: PathOp, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+            return f(layer.audio, h)
+
+        hidden = self._forward(x, cos, sin, mask, attend, route)
+        self.lengths += active.to(self.lengths.dtype)
+        return self._logits(hidden[:, 0])
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``HiggsAudioV2RMSNorm``: float32 statistics, the weight in the model's dtype."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _norm1(self, path: _Path, h: torch.Tensor) -> torch.Tensor:
+        return self._rms(h, path.norm1)
+
+    def _feed_forward(self, path: _Path, h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(self._rms(h, path.norm2), path.gate_up, path.gate_up_bias).chunk(
+            2, dim=-1
+        )
+        return F.linear(F.silu(gate) * up, path.down, path.down_bias)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        attend: Callable[[int, torch.Tensor, torch.Tensor], tuple[Any, Any]],
+        route: Callable[[PathOp, _Layer, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The decoder layers on ``x`` ``[R, S, D]``.
+
+        ``attend(i, k, v)`` stores layer ``i``'s new keys and values and returns
+        the keys and values to attend to; ``route(f, layer, h)`` applies
+        ``f(path, h)`` to each position with its path's weights (text or audio).
+        """
+        count, steps, _ = x.shape
+        q_size = self.heads * self.head_dim
+        kv_size = self.kv_heads * self.head_dim
+        for i, layer in enumerate(self.layers):
+            normed = route(self._norm1, layer, x)
+            qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+            q = q.view(count, steps, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(count, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(count, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            keys, values = attend(i, k, v)
+            attended = F.scaled_dot_product_attention(
+                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
+            )
+            h = F.linear(
+                attended.transpose(1, 2).reshape(count, steps, q_size), layer.out, layer.out_bias
+            )
+            x = x + h
+            x = x + route(self._feed_forward, layer, x)
+        return x
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[R, D]`` -> ``[R, K, card]``."""
+        logits = F.linear(self._rms(hidden, self._final_norm), self._head)
+        return logits.view(hidden.shape[0], self.codebooks, self.card)

@@ -1,0 +1,425 @@
+"""HiggsAudio v2 on the batched core: the decoder against transformers' forward,
+the sampling rules against its processors, the batched engine against the
+reference path (each request alone through transformers) and against itself
+(a row in a batch equals its solo run)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
+    HiggsAudioV2DelayPatternLogitsProcessor,
+)
+
+from wavecast.server.engines.base import EngineRequest, Job
+from wavecast.server.engines.higgs import (
+    SYSTEM,
+    HiggsEngine,
+    HiggsModel,
+    PromptAudio,
+    build_prompt,
+    load_higgs,
+)
+from wavecast.server.engines.higgs_decoder import HiggsDecoder
+from wavecast.server.engines.sampling import redraw_repeats, row_keys, sample_warped, warp
+from wavecast.server.engines.tiny_higgs import build_tiny_higgs
+
+K = 4  # tiny-higgs codebooks
+BOS, EOS = 64, 65
+DIALOGUE = "[SPEAKER0] Hi there.\n[SPEAKER1] Who is it?\n[SPEAKER0] Only me, again."
+
+
+@pytest.fixture(scope="module")
+def loaded() -> HiggsModel:
+    return load_higgs("tiny-higgs", None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def batched(loaded: HiggsModel) -> HiggsEngine:
+    return HiggsEngine(loaded, name="tiny-higgs")
+
+
+@pytest.fixture(scope="module")
+def reference(loaded: HiggsModel) -> HiggsEngine:
+    return HiggsEngine(loaded, name="tiny-higgs", batched=False)
+
+
+def wav(seconds: float, pitch: float) -> bytes:
+    t = np.arange(int(16000 * seconds)) / 16000
+    buffer = io.BytesIO()
+    soundfile.write(buffer, 0.3 * np.sin(2 * np.pi * pitch * t), 16000, format="WAV")
+    return buffer.getvalue()
+
+
+def request(
+    engine: HiggsEngine, rid: str, text: str, inputs: dict[str, bytes] | None = None, **given: Any
+) -> Job:
+    params: dict[str, Any] = {spec.name: spec.default for spec in engine.info.params}
+    params.update(given)
+    return engine.prepare(EngineRequest(rid, text, params, inputs or {}))
+
+
+def drive(
+    engine: HiggsEngine, jobs: Sequence[Job], joins: Sequence[int] | None = None
+) -> dict[str, np.ndarray]:
+    """Step ``jobs`` to the end, job ``i`` joining at step ``joins[i]``; their audio."""
+    joins = joins or [0] * len(jobs)
+    audio: dict[str, list[np.ndarray]] = {job.request.request_id: [] for job in jobs}
+    waiting = sorted(zip(joins, range(len(jobs)), strict=True))
+    live: list[Job] = []
+    step = 0
+    while waiting or live:
+        while waiting and waiting[0][0] <= step:
+            live.append(jobs[waiting.pop(0)[1]])
+        if live:
+            outputs = engine.step(live)
+            for job, out in zip(live, outputs, strict=True):
+                if out.audio is not None:
+                    audio[job.request.request_id].append(out.audio)
+            live = [job for job, out in zip(live, outputs, strict=True) if not out.done]
+        step += 1
+    return {rid: np.concatenate(pieces) for rid, pieces in audio.items()}
+
+
+# -- the decoder -----------------------------------------------------------------------
+
+
+def test_decoder_matches_the_model_forward(loaded: HiggsModel, batched: HiggsEngine) -> None:
+    model = loaded.model
+    config = model.config
+    codes = torch.randint(0, BOS, (K, 30), generator=torch.Generator().manual_seed(1))
+    parts = build_prompt(SYSTEM, "A quiet room.", [], [("Ref.", PromptAudio(codes))], "Now.")
+    ids, audio = batched.tokenize(parts)
+    assert audio is not None
+    frames = torch.randint(0, BOS, (6, K), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = DynamicCache(config=config)
+        mask = torch.ones(audio.shape[:2], dtype=torch.bool)
+        out = model(input_ids=ids, audio_input_ids=audio, audio_input_ids_mask=mask, cache=cache)
+        expected = [out.logits[0, -1].view(K, -1)]
+        for frame in frames:
+            out = model(audio_input_ids=frame.view(1, 1, K), cache=cache)
+            expected.append(out.logits[0, -1].view(K, -1))
+
+        decoder = HiggsDecoder(model, rows=4, length=512)
+        tokens = ids[0].numpy()
+        is_audio = (tokens == config.audio_token_id) | (tokens == config.audio_delay_token_id)
+        # The prompt in two calls (text and audio positions in both), beside a
+        # neighbour row holding another prompt.
+        cut = int(np.flatnonzero(is_audio)[10])
+        before = int(is_audio[:cut].sum())
+        decoder.prefill(
+            [3], ids[:, :40], audio[0, : int(is_audio[:40].sum())], is_audio[None, :40], 0
+        )
+        decoder.prefill([1], ids[:, :cut], audio[0, :before], is_audio[None, :cut], 0)
+        got = decoder.prefill([1], ids[:, cut:], audio[0, before:], is_audio[None, cut:], cut)
+        assert torch.allclose(got[0], expected[0], atol=1e-5)
+        length = len(tokens)
+        for step, frame in enumerate(frames):
+            codes_in = torch.randint(0, BOS, (decoder.rows, K))
+            codes_in[1] = frame
+            active = torch.tensor([False, True, False, step % 2 == 0])
+            logits = decoder.decode(codes_in, active, span=length + 64)
+            assert torch.allclose(logits[1], expected[step + 1], atol=1e-4)
+        assert int(decoder.lengths[1]) == length + len(frames)
+        assert int(decoder.lengths[3]) == 40 + 3  # the neighbour advanced on its own steps
+
+
+def test_decode_step_traces_as_one_graph(loaded: HiggsModel) -> None:
+    decoder = HiggsDecoder(loaded.model, rows=4, length=64)
+    with torch.no_grad():
+        for row in range(4):
+            ids = torch.randint(0, 200, (1, 5 + row))
+            decoder.prefill([row], ids, None, np.zeros((1, 5 + row), bool), 0)
+        codes_in = torch.randint(0, BOS, (4, K))
+        active = torch.tensor([True, False, True, True])
+        before = decoder.lengths.clone()
+        eager = decoder.decode(codes_in, active, span=64)
+        decoder.lengths.copy_(before)
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(decoder.decode, fullgraph=True, backend="eager")
+            traced = compiled(codes_in, active, span=64)
+        finally:
+            torch._dynamo.reset()
+    assert torch.allclose(traced, eager, atol=1e-5)
+    assert torch.equal(decoder.lengths, before + active.long())
+
+
+# -- sampling rules ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(0.7, 50, 0.95), (1.0, 5, 1.0), (1.3, 0, 0.6), (0.5, 3, 0.2), (0.9, 0, 1.0)],
+)
+def test_warp_equals_transformers_warpers(temperature: float, top_k: int, top_p: float) -> None:
+    logits = 3 * torch.randn(3, K, 66, generator=torch.Generator().manual_seed(4))
+    forced = torch.tensor([[-1, BOS, -1, -1], [-1] * K, [EOS, EOS, -1, 7]])
+    ours = warp(
+        logits,
+        forced,
+        torch.full((3,), temperature),
+        torch.full((3,), top_k),
+        torch.full((3,), top_p),
+    )
+    for row in range(3):
+        scores = logits[row].clone()
+        for k in range(K):
+            if forced[row, k] >= 0:
+                keep = scores[k, forced[row, k]].clone()
+                scores[k] = float("-inf")
+                scores[k, forced[row, k]] = keep
+        warpers: list[Any] = [TemperatureLogitsWarper(temperature)]
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        for warper in warpers:
+            scores = warper(torch.zeros(1, 1, dtype=torch.long), scores)
+        assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(scores))
+        finite = torch.isfinite(scores)
+        assert torch.allclose(ours[row][finite], scores[finite])
+
+
+def test_draws_follow_the_warped_distribution() -> None:
+    logits = torch.randn(1, 1, 66, generator=torch.Generator().manual_seed(5))
+    forced, temperature, top_k, top_p = (
+        torch.full((500, 1), -1),
+        torch.full((500,), 0.8),
+        torch.full((500,), 10),
+        torch.full((500,), 0.9),
+    )
+    probs = torch.softmax(warp(logits, forced[:1], temperature[:1], top_k[:1], top_p[:1]), -1)
+    n = 20000
+    draws = torch.cat(
+        [
+            sample_warped(
+                logits.expand(500, 1, 66),
+                forced,
+                temperature,
+                top_k,
+                top_p,
+                torch.from_numpy(row_keys(np.full(500, 3), np.arange(i, i + 500))),
+            )
+            for i in range(0, n, 500)
+        ]
+    ).view(-1)
+    counts = torch.bincount(draws, minlength=66).float() / n
+    probs = probs[0, 0]
+    assert bool((counts[probs == 0] == 0).all())
+    assert torch.allclose(counts, probs, atol=0.015)
+
+
+def test_repetition_aware_redraw() -> None:
+    tokens = torch.tensor([[3, 3, BOS, 9]])
+    window = torch.tensor([[[3, 3, BOS, 1], [3, -1, BOS, 9], [-1, -1, BOS, 2]]])
+    logits = torch.zeros(1, K, 66)
+    logits[0, :, 40] = 30.0  # the raw distribution's all but certain pick
+    got = redraw_repeats(tokens, logits, window, torch.tensor([2]), (BOS, EOS), torch.tensor([1]))
+    # codebook 0: 3 twice in the window -> redrawn; 1: once -> kept; 2: stream
+    # markers never count; 3: 9 once -> kept.
+    assert got.tolist() == [[40, 3, BOS, 9]]
+
+
+def test_delay_pattern_rules_match_the_processor(batched: HiggsEngine) -> None:
+    """The host countdowns force what HiggsAudioV2DelayPatternLogitsProcessor
+    leaves finite, step by step, through a stream's BOS rows and its EOS cascade."""
+    config = batched.model.config
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        processor = HiggsAudioV2DelayPatternLogitsProcessor(
+            delay_pattern=[i + 1 for i in range(K)],
+            audio_bos_token_id=int(config.audio_bos_token_id),
+            audio_eos_token_id=int(config.audio_delay_token_id),
+            audio_stream_bos_id=BOS,
+            audio_stream_eos_id=EOS,
+            num_codebooks=K,
+            codebook_size=66,
+        )
+        parts = build_prompt(SYSTEM, "", [], [], f"Trial {trial}.")
+        ids, _ = batched.tokenize(parts)
+        job = request(batched, "r", "x")
+        u = batched._open_utterance(job.state)
+        input_ids = ids
+        first_eos = int(rng.integers(K + 1, 30))
+        for step in range(60):
+            scores = processor(input_ids, torch.zeros(1, K * 66)).view(K, 66)
+            forced = batched._forced(u)
+            for k in range(K):
+                finite = torch.isfinite(scores[k])
+                if forced[k] >= 0:
+                    assert finite.sum() == 1 and bool(finite[forced[k]]), (trial, step, k)
+                else:
+                    assert bool(finite.all()), (trial, step, k)
+            # A row as a model might sample it: a spontaneous EOS in one codebook
+            # at ``first_eos``, the forced codes elsewhere.
+            row = np.where(forced >= 0, forced, rng.integers(0, BOS, K))
+            if step == first_eos:
+                row[int(rng.integers(0, K))] = EOS
+            batched._rules(u, row, max_new_tokens=1000)
+            input_ids = torch.cat([input_ids, torch.tensor([[u.last]])], dim=1)
+            if (row == EOS).all():
+                break
+        else:
+            pytest.fail("the EOS cascade never ended the utterance")
+        batched.finish(job)
+
+
+# -- the engine ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["Hello there, how are you?", DIALOGUE])
+def test_greedy_equals_the_reference_path(
+    batched: HiggsEngine, reference: HiggsEngine, text: str
+) -> None:
+    # Greedy, without the random redraw: the codes (and so the audio) of the
+    # batched engine equal those of transformers' forward stepped alone, across
+    # text chunks that reuse the cache, with an uploaded voice.
+    params: dict[str, Any] = {"temperature": 0.0, "ras_win_len": 0, "max_new_tokens": 30, "seed": 1}
+    inputs = {"reference": wav(1.0, 220)}
+    for extra in ({}, {"chunk_method": "speaker"}):
+        ours = request(batched, "a", text, inputs, **params, **extra)
+        theirs = request(reference, "a", text, inputs, **params, **extra)
+        got, expected = drive(batched, [ours])["a"], drive(reference, [theirs])["a"]
+        assert torch.equal(batched.codes_of(ours), reference.codes_of(theirs))
+        # The same codes; the audio to float rounding (chunk boundaries follow
+        # the clock: a stream far ahead of real time gets larger chunks).
+        assert got.shape == expected.shape
+        assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_rows_in_a_batch_equal_their_solo_runs(batched: HiggsEngine) -> None:
+    """Different texts, voices, lengths, chunking and join times, sampled with RAS:
+    each row's logits match its solo run and its audio is the same."""
+    specs: list[tuple[str, str, dict[str, bytes], dict[str, Any]]] = [
+        ("a", "Hello there, how are you?", {}, {"max_new_tokens": 40}),
+        ("b", DIALOGUE, {"reference": wav(0.8, 330)}, {"chunk_method": "speaker"}),
+        ("c", "Short.", {}, {"max_new_tokens": 12, "temperature": 1.0, "top_k": 0}),
+        ("d", "Steady words here.", {}, {"temperature": 0.0, "max_new_tokens": 35}),
+        ("e", DIALOGUE, {}, {"chunk_method": "speaker", "top_p": 1.0, "ras_win_len": 10}),
+    ]
+    for rid, _, _, extra in specs:
+        extra.setdefault("max_new_tokens", 25)
+        extra["seed"] = ord(rid)
+
+    def run(jobs: list[Job], joins: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        seen: dict[str, list[torch.Tensor]] = {job.request.request_id: [] for job in jobs}
+
+        def observe(logits: dict[str, torch.Tensor]) -> None:
+            for rid, row in logits.items():
+                seen[rid].append(row.clone())
+
+        batched.logits_observer = observe
+        try:
+            audio = drive(batched, jobs, joins)
+        finally:
+            batched.logits_observer = None
+        codes = {job.request.request_id: batched.codes_of(job) for job in jobs}
+        return {rid: (audio[rid], codes[rid]) for rid in audio}, seen
+
+    solo_audio: dict[str, Any] = {}
+    solo_logits: dict[str, Any] = {}
+    for rid, text, inputs, extra in specs:
+        audio, logits = run([request(batched, rid, text, inputs, **extra)], [0])
+        solo_audio.update(audio)
+        solo_logits.update(logits)
+    jobs = [request(batched, rid, text, inputs, **extra) for rid, text, inputs, extra in specs]
+    together_audio, together_logits = run(jobs, [0, 0, 3, 7, 8])
+    for rid, *_ in specs:
+        (audio, codes), (solo, solo_codes) = together_audio[rid], solo_audio[rid]
+        assert torch.equal(codes, solo_codes), rid
+        assert audio.shape == solo.shape and np.allclose(audio, solo, atol=1e-5), rid
+        assert len(together_logits[rid]) == len(solo_logits[rid])
+        for a, b in zip(together_logits[rid], solo_logits[rid], strict=True):
+            assert torch.allclose(a, b, atol=1e-5), rid
+
+
+def test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(batched: HiggsEngine) -> None:
+    params: dict[str, Any] = {"max_new_tokens": 30, "seed": 3}
+    solo = request(batched, "a", DIALOGUE, chunk_method="speaker", **params)
+    drive(batched, [solo])
+    a = request(batched, "a", DIALOGUE, chunk_method="speaker", **params)
+    b = request(batched, "b", "I will be cancelled.", **params)
+    c = request(batched, "c", "I take the free slot.", **params)
+    live = [a, b]
+    for step in range(500):
+        if step == 10:
+            slot = b.state.slot
+            batched.finish(b)  # cancelled mid-way: its slot is free
+            live.remove(b)
+        if step == 14:
+            live.append(c)
+        outputs = batched.step(live)
+        if step == 14:
+            assert c.state.slot == slot
+        live = [job for job, out in zip(live, outputs, strict=True) if not out.done]
+        if a not in live:
+            break
+    assert torch.equal(batched.codes_of(a), batched.codes_of(solo))
+    for job in (solo, a, c):
+        batched.finish(job)
+
+
+def test_sampled_utterances_end_on_their_own() -> None:
+    """The plain random head samples stream EOS: the cascade ends the utterance
+    early, frames stop before the EOS codes, and the stream ends cleanly."""
+    tiny = build_tiny_higgs(quiet_eos=False)
+    engine = HiggsEngine(HiggsModel(tiny.model, tiny.tokenizer, tiny.codec, True), name="t")
+    ended = 0
+    for seed in range(4):
+        job = request(engine, "r", "Hello.", max_new_tokens=60, seed=seed)
+        audio = drive(engine, [job])["r"]
+        frames = audio.shape[0] // engine.hop
+        assert audio.shape[0] == frames * engine.hop
+        ended += frames < 60 - K
+    assert ended >= 2
+
+
+def test_a_crowd_prefills_within_the_budget(loaded: HiggsModel) -> None:
+    engine = HiggsEngine(loaded, name="t", prefill_chunk=32, prefill_budget=64)
+    calls: list[int] = []
+    original = engine.decoder.prefill if engine.decoder else None
+    assert original is not None
+
+    def counted(rows: list[int], tokens: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append(int(tokens.shape[1]))
+        return original(rows, tokens, *args)
+
+    engine.decoder.prefill = counted  # type: ignore[method-assign, union-attr]
+    running = request(engine, "run", "I am speaking already.", max_new_tokens=200, seed=1)
+    while engine.step([running])[0].audio is None:
+        pass
+    crowd = [request(engine, f"n{i}", "A new voice joins the crowd.", seed=i) for i in range(4)]
+    calls.clear()
+    steps = 0
+
+    def prefilling(job: Job) -> bool:
+        u = job.state.utterance
+        return u is None or u.fed < len(u.ids)
+
+    while any(prefilling(job) for job in crowd):
+        before = running.steps
+        engine.step([running, *crowd])
+        # The running stream steps every time; the crowd's prompts go in 64
+        # positions a step at most, in chunks of 32.
+        assert running.steps == before + 1
+        assert sum(calls) <= 64 and max(calls) <= 32
+        calls.clear()
+        steps += 1
+    total = sum(len(job.state.utterance.ids) for job in crowd)
+    assert steps == -(-total // 64)
+    for job in [running, *crowd]:
+        engine.finish(job)
