@@ -1,4 +1,4 @@
-"""The engine core alone: N MusicGen requests stepped together in this process.
+"""The engine core alone: N requests stepped together in this process.
 
 What the batched decode step buys, without the network, the event loop or a
 client sharing the machine's cores: wall time per step, aggregate real-time
@@ -7,6 +7,12 @@ when N arrive at once (preparation, prefill and the steps before the first
 chunk).
 
     .venv/bin/python bench/bench_engine.py --model tiny-musicgen --streams 1 8 16
+    .venv/bin/python bench/bench_engine.py --model tiny-higgs --streams 1 8 16
+    .venv/bin/python bench/bench_engine.py --model tiny-higgs --reference  # each alone
+
+Speech models speak a fixed text for ``--duration`` seconds' worth of frames
+(random weights speak until ``max_new_tokens``). ``--reference``: the speech
+engine's per-request path (transformers' forward, one request at a time).
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -22,36 +28,43 @@ import time
 import torch
 from bench_stream import machine, sync
 
-from wavecast.protocol import resolve_params
-from wavecast.server.engines import resolve_device
-from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.musicgen import MusicGenEngine, load_musicgen
+from wavecast.protocol import ParamValue, resolve_params
+from wavecast.server.engines import is_higgs_name, resolve_device
+from wavecast.server.engines.base import Engine, EngineRequest
+
+SPEECH = "The sun rises in the east and sets in the west, as it has for thousands of years."
+MUSIC = "warm lofi hip hop with soft keys"
 
 
-def run(engine: MusicGenEngine, streams: int, duration: float, device: str) -> dict[str, float]:
+def request(engine: Engine, index: int, duration: float) -> EngineRequest:
+    given: dict[str, ParamValue] = {"seed": index}
+    if engine.info.family == "higgs":
+        given["max_new_tokens"] = round(duration * engine.frame_rate)
+        prompt = SPEECH
+    else:
+        given["duration"] = duration
+        prompt = MUSIC
+    return EngineRequest(f"r{index}", prompt, resolve_params(engine.info.params, given))
+
+
+def run(engine: Engine, streams: int, duration: float, device: str) -> dict[str, float]:
     """Prepare ``streams`` requests at once and step them all to the end."""
     sync(device)
     start = time.perf_counter()
-    jobs = [
-        engine.prepare(
-            EngineRequest(
-                f"r{i}",
-                "warm lofi hip hop with soft keys",
-                resolve_params(engine.info.params, {"duration": duration, "seed": i}),
-            )
-        )
-        for i in range(streams)
-    ]
+    jobs = [engine.prepare(request(engine, i, duration)) for i in range(streams)]
     first: list[float] = []
     steps = 0
+    samples = 0
     while jobs:
         outputs = engine.step(jobs)
         steps += 1
         now = time.perf_counter()
         for job, output in list(zip(jobs, outputs, strict=True)):
-            if output.audio is not None and job.extra.get("first") is None:
-                job.extra["first"] = now - start
-                first.append(now - start)
+            if output.audio is not None:
+                samples += output.audio.shape[0]
+                if job.extra.get("first") is None:
+                    job.extra["first"] = now - start
+                    first.append(now - start)
             if output.done:
                 engine.finish(job)
                 jobs.remove(job)
@@ -60,9 +73,20 @@ def run(engine: MusicGenEngine, streams: int, duration: float, device: str) -> d
     return {
         "wall": wall,
         "steps": steps,
-        "rtf": streams * duration / wall,
+        "rtf": samples / engine.info.sample_rate / wall,
         "ttfa": statistics.median(first),
     }
+
+
+def load(name: str, device: str, reference: bool) -> Engine:
+    if is_higgs_name(name):
+        from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+
+        return HiggsEngine(load_higgs(name, None, device), name=name, batched=not reference)
+    from wavecast.server.engines.musicgen import MusicGenEngine, load_musicgen
+
+    model, _ = load_musicgen(name, device)
+    return MusicGenEngine(model, name=name, test_model=True)
 
 
 def main() -> None:
@@ -73,19 +97,21 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1)")
+    parser.add_argument("--reference", action="store_true", help="speech: each request alone")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
-    model, _ = load_musicgen(args.model, device)
-    engine = MusicGenEngine(model, name=args.model, test_model=True)
+    engine = load(args.model, device, args.reference)
     run(engine, max(args.streams), min(args.duration, 1.0), device)  # warm up
     results = {}
     for n in args.streams:
         runs = [run(engine, n, args.duration, device) for _ in range(args.runs)]
         results[n] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    print(f"### engine core in-process: {args.model} on {device}, {args.duration:g} s clips\n")
+    path = " (reference path: each request alone)" if args.reference else ""
+    title = f"{args.model}{path} on {device}, {args.duration:g} s clips"
+    print(f"### engine core in-process: {title}\n")
     print(f"- machine: {machine(device)}, {threads} torch thread(s)")
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
     print(f"- date: {time.strftime('%Y-%m-%d')}; median of {args.runs} runs\n")

@@ -89,8 +89,11 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         "-m",
         "wavecast.clients.cli",
         "serve",
-        "--model",
-        args.model,
+        *(
+            part
+            for model in (args.model if isinstance(args.model, list) else [args.model])
+            for part in ("--model", model)
+        ),
         "--device",
         args.device,
         "--port",

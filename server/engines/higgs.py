@@ -4,9 +4,19 @@ transformers' ``HiggsAudioV2ForConditionalGeneration.generate`` returns the
 audio codes only when the whole utterance is done, so its decoding loop is
 stepped here by hand, one audio frame per ``step``: the same prompt layout as
 ``HiggsAudioV2Processor`` (reference audio as delay-pattern code blocks behind
-``<|AUDIO_OUT|>`` placeholders), the same ``HiggsAudioV2DelayPatternLogitsProcessor``
-and sampling warpers, the same repetition-aware sampling (RAS) and stopping. With
-the same seed the codes equal ``generate``'s (tested).
+``<|AUDIO_OUT|>`` placeholders), the same delay pattern
+(``HiggsAudioV2DelayPatternLogitsProcessor``) and sampling warpers, the same
+repetition-aware sampling (RAS) and stopping.
+
+Every request has a row of one batched decoder (``HiggsDecoder``, over the
+model's own weights, with a static KV cache): a step prefills what is due of new
+prompts (bounded), runs one forward for every decoding row, draws every row's
+codes with its own parameters (``sampling.warp``, counter-based noise: a seed
+gives the same speech alone or beside others), and copies the codes back once.
+The delay pattern and the stop rules run on the host, per row. Greedy, the
+codes equal ``generate``'s; the reference path (``batched=False``: transformers'
+forward, each request alone, its torch generator) equals ``generate`` sampled
+too, and the batched path is tested against it.
 
 A frame of audio is complete once its last codebook has been sampled (the
 delay pattern puts codebook ``k`` ``k`` steps late); complete frames go to the
@@ -964,7 +974,10 @@ class HiggsEngine:
         prefilled = self._prefill_due(states)
         decoder = self.decoder
         assert decoder is not None
-        k, rows = self.num_codebooks, decoder.rows
+        # The step covers the table's first rows up to the last request's, in a
+        # power of two (slots are taken lowest first).
+        last = max(st.slot for st in states if st.slot is not None)
+        k, rows = self.num_codebooks, min(decoder.rows, 1 << last.bit_length())
         window = max(1, int(self._ras_len.max()))
         stepped = np.zeros(rows, dtype=bool)
         forced = np.full((rows, k), -1, dtype=np.int64)
@@ -988,7 +1001,7 @@ class HiggsEngine:
                 tail = u.recent[-length:]
                 recent[slot, window - len(tail) :] = tail
         sampling = self._sampling
-        keys = sampling.keys()
+        keys = sampling.keys()[:rows]
         host = np.concatenate(
             [
                 codes_in.reshape(-1),
@@ -996,7 +1009,7 @@ class HiggsEngine:
                 forced.reshape(-1),
                 keys,
                 redraw_keys(keys),
-                self._ras_max,
+                self._ras_max[:rows],
                 recent.reshape(-1),
             ]
         )
@@ -1004,10 +1017,9 @@ class HiggsEngine:
         cut = np.cumsum([rows * k, rows, rows * k, rows, rows, rows])
         parts = torch.tensor_split(inputs, cut.tolist())
         if decoding:
-            u_lengths = [
-                len(st.utterance.ids) + st.utterance.forwarded for st in decoding if st.utterance
-            ]
-            span = -(-(max(u_lengths) + 2) // 64) * 64
+            # Attend over the longest row's positions, rounded up to a multiple of 64.
+            longest = max(self._row_length(st) for st in decoding)
+            span = -(-(longest + 2) // 64) * 64
             logits = decoder.decode(parts[0].view(rows, k), parts[1].bool(), span=span).float()
             for st in decoding:
                 assert st.utterance is not None
@@ -1019,9 +1031,9 @@ class HiggsEngine:
         tokens = sample_warped(
             logits,
             parts[2].view(rows, k),
-            sampling.temperature,
-            sampling.top_k,
-            sampling.top_p,
+            sampling.temperature[:rows],
+            sampling.top_k[:rows],
+            sampling.top_p[:rows],
             parts[3],
         )
         tokens = redraw_repeats(
@@ -1032,7 +1044,7 @@ class HiggsEngine:
             (self.stream_bos, self.stream_eos),
             parts[4],
         )
-        sampling.step += stepped
+        sampling.step[:rows] += stepped
         host_tokens: Ints = tokens.cpu().numpy()
         if self.logits_observer is not None:
             self.logits_observer(
@@ -1055,6 +1067,12 @@ class HiggsEngine:
                 )
         self._decode_due()
         return outputs
+
+    @staticmethod
+    def _row_length(st: _HiggsJob) -> int:
+        """Positions in the request's row: its prompt, and the rows fed back."""
+        assert st.utterance is not None
+        return len(st.utterance.ids) + st.utterance.forwarded
 
     def _take_slot(self, st: _HiggsJob) -> None:
         assert self.decoder is not None

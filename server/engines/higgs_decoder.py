@@ -15,7 +15,8 @@ the audio path runs, with fixed shapes and no host sync.
 
 The step is bound by the number of operations it launches, not by arithmetic,
 so the weights are read once at load into what the step needs: the query, key
-and value projections as one matrix, the gate and up projections as one, the
+and value projections as one matrix, the gate and up projections as one (the
+model's modules then hold views of them: the weights are not held twice), the
 rotary tables, the audio embedding as one table.
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from .kv import StaticKV
@@ -66,12 +68,29 @@ def _cat_bias(*biases: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat([b for b in biases if b is not None])
 
 
+def _joined(*linears: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of ``linears`` as one matrix, which the modules then
+    share: each module's weight becomes a view of it, so the model keeps working
+    and holds its weights once."""
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = _cat_bias(*(linear.bias for linear in linears))
+    start = 0
+    for linear in linears:
+        rows = int(linear.weight.shape[0])
+        linear.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
+
+
 def _path(norm1: Any, norm2: Any, mlp: Any) -> _Path:
+    gate_up, gate_up_bias = _joined(mlp.gate_proj, mlp.up_proj)
     return _Path(
         norm1=norm1.weight,
         norm2=norm2.weight,
-        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-        gate_up_bias=_cat_bias(mlp.gate_proj.bias, mlp.up_proj.bias),
+        gate_up=gate_up,
+        gate_up_bias=gate_up_bias,
         down=mlp.down_proj.weight,
         down_bias=mlp.down_proj.bias,
     )
@@ -109,10 +128,11 @@ class HiggsDecoder:
         self.layers = []
         for layer in inner.layers:
             attn = layer.self_attn
+            qkv, qkv_bias = _joined(attn.q_proj, attn.k_proj, attn.v_proj)
             self.layers.append(
                 _Layer(
-                    qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                    qkv_bias=_cat_bias(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias),
+                    qkv=qkv,
+                    qkv_bias=qkv_bias,
                     out=attn.o_proj.weight,
                     out_bias=attn.o_proj.bias,
                     text=_path(layer.input_layernorm, layer.post_attention_layernorm, layer.mlp),
@@ -241,24 +261,28 @@ class HiggsDecoder:
         return self._logits(hidden[:, -1])
 
     def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None) -> Any:
-        """One audio frame for every row: ``[rows, K]`` codes -> ``[rows, K, card]`` logits.
+        """One audio frame for the first ``B`` rows: ``[B, K]`` codes -> ``[B, K, card]``.
 
-        Rows where ``active`` is False compute too (fixed shapes) but do not
-        advance, and write their keys and values to the cache's last position,
-        which holds no row's data. ``span``: attend over the first ``span``
-        positions only (more than any active row's length).
+        ``B`` (from the inputs' shape) is the table's rows, or fewer: the rows in
+        use are the first ones, and a step over a few of them after a crowd has
+        gone costs what a few rows cost (a handful of sizes, powers of two, keep
+        the shapes static per size). Rows where ``active`` is False compute too
+        but do not advance, and write their keys and values to the cache's last
+        position, which holds no row's data. ``span``: attend over the first
+        ``span`` positions only (more than any active row's length).
         """
-        rows = self.rows
+        rows = int(codes.shape[0])
         span = self.length if span is None else min(span, self.length)
-        spare = torch.full_like(self.lengths, self.length)
-        positions = torch.where(active, self.lengths.clamp(max=span - 1), spare)  # [R]
+        lengths = self.lengths[:rows]
+        spare = torch.full_like(lengths, self.length)
+        positions = torch.where(active, lengths.clamp(max=span - 1), spare)  # [B]
         x = self.embed_audio(codes)[:, None]  # [R, 1, D]
         cos, sin = self._cos[positions][:, None, None], self._sin[positions][:, None, None]
         mask = torch.arange(span, device=self.device)[None, None, None, :] <= positions.view(
             rows, 1, 1, 1
         )
         where = positions.view(rows, 1, 1, 1).expand(rows, self.kv_heads, 1, self.head_dim)
-        cache_k, cache_v = self.kv.k, self.kv.v
+        cache_k, cache_v = self.kv.k[:, :rows], self.kv.v[:, :rows]
 
         def attend(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
             cache_k[i].scatter_(2, where, k.to(cache_k.dtype))
@@ -269,7 +293,7 @@ class HiggsDecoder:
             return f(layer.audio, h)
 
         hidden = self._forward(x, cos, sin, mask, attend, route)
-        self.lengths += active.to(self.lengths.dtype)
+        lengths += active.to(lengths.dtype)
         return self._logits(hidden[:, 0])
 
     # -- internals ---------------------------------------------------------------------

@@ -770,7 +770,11 @@ class MusicGenEngine:
         prefilled = self._prefill([st for st in states if not st.window.prefilled])
         decoder = self.decoder
         k = decoder.codebooks
-        rows, slots = decoder.rows, len(self._slots)
+        # The step covers the table's first slots up to the last request's, in a
+        # power of two (slots are taken lowest first).
+        last = max(st.slot for st in states if st.slot is not None)
+        slots = min(len(self._slots), 1 << last.bit_length())
+        rows = 2 * slots
         sampling = self._sampling
         stepped = np.zeros(slots, dtype=bool)
         # [rows, K] input codes, [rows] advance flags, [slots] sampling keys.
@@ -785,7 +789,7 @@ class MusicGenEngine:
             active[rows_of] = 1
             stepped[st.slot] = True
         stepped[list(prefilled)] = True
-        host[rows * (k + 1) :] = sampling.keys()
+        host[rows * (k + 1) :] = sampling.keys()[:slots]
         inputs = torch.from_numpy(host).to(self.device)
         if decoding:
             # Attend over the longest row's positions, rounded up to a multiple of
@@ -803,16 +807,16 @@ class MusicGenEngine:
         for slot, pair in prefilled.items():
             logits[2 * slot : 2 * slot + 2] = pair.float()
         cond, uncond = logits[0::2], logits[1::2]
-        guided = uncond + (cond - uncond) * self._cfg[:, None, None]
+        guided = uncond + (cond - uncond) * self._cfg[:slots, None, None]
         tokens = sample(
             guided,
-            sampling.temperature,
-            sampling.top_k,
-            sampling.top_p,
+            sampling.temperature[:slots],
+            sampling.top_k[:slots],
+            sampling.top_p[:slots],
             inputs[rows * (k + 1) :],
-            candidates=candidates_for(sampling.wants[stepped], decoder.card),
+            candidates=candidates_for(sampling.wants[:slots][stepped], decoder.card),
         )
-        sampling.step += stepped
+        sampling.step[:slots] += stepped
         host_tokens: Codes = tokens.cpu().numpy()
         return host_tokens, guided, stepped
 

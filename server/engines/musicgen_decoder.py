@@ -288,19 +288,24 @@ class MusicGenDecoder:
     def decode(
         self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None
     ) -> torch.Tensor:
-        """One position for every row: ``[rows, K]`` codes -> ``[rows, K, card]`` logits.
+        """One position for the first ``B`` rows: ``[B, K]`` codes -> ``[B, K, card]``.
 
-        Rows where ``active`` is False compute too (fixed shapes) but do not advance,
+        ``B`` (from the inputs' shape) is the table's rows, or fewer: the rows in
+        use are the first ones, and a step over a few of them after a crowd has
+        gone costs what a few rows cost (a handful of sizes, powers of two, keep
+        the shapes static per size). Rows where ``active`` is False compute too
+        (fixed shapes) but do not advance,
         and write their keys and values to the cache's last position, which holds
         no row's data (an idle row, or one whose prompt is still being prefilled,
         keeps its cache intact). ``span``: attend over the first ``span``
         positions only (more than any active row's length; a few fixed values
         keep the shapes static per value).
         """
-        rows = self.rows
+        rows = int(codes.shape[0])
         span = self.length if span is None else min(span, self.length)
-        spare = torch.full_like(self.lengths, self.length)
-        positions = torch.where(active, self.lengths.clamp(max=span - 1), spare)  # [R]
+        lengths = self.lengths[:rows]
+        spare = torch.full_like(lengths, self.length)
+        positions = torch.where(active, lengths.clamp(max=span - 1), spare)  # [R]
         x = self.embed(codes[:, :, None])
         x = x + self._pos_scale * self._positions[positions][:, None].to(x.dtype)
         self_mask = (
@@ -308,7 +313,7 @@ class MusicGenDecoder:
             <= positions[:, None, None, None]
         )
         where = positions.view(rows, 1, 1, 1).expand(rows, self.heads, 1, self.head_dim)
-        cache_k, cache_v = self.kv.k, self.kv.v
+        cache_k, cache_v = self.kv.k[:, :rows], self.kv.v[:, :rows]
 
         def attend_self(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
             cache_k[i].scatter_(2, where, k.to(cache_k.dtype))
@@ -319,11 +324,11 @@ class MusicGenDecoder:
         if self.has_cross:
             cross_mask = (
                 torch.arange(self.cross.length, device=self.device)[None, None, None, :]
-                < self.cross_lengths[:, None, None, None]
+                < self.cross_lengths[:rows, None, None, None]
             )
-            cross = (self.cross.k, self.cross.v, cross_mask)
+            cross = (self.cross.k[:, :rows], self.cross.v[:, :rows], cross_mask)
         hidden = self._forward(x, attend_self, self_mask, cross)
-        self.lengths += active.to(self.lengths.dtype)
+        lengths += active.to(lengths.dtype)
         return self._logits(hidden)[:, :, 0]
 
     # -- internals -----------------------------------------------------------------

@@ -216,20 +216,21 @@ def warp(
     greedy = temperature <= 0.0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     scores = scores / scale[:, None, None]
-    # Top-k: scores below the k-th largest go (ties stay), as TopKLogitsWarper.
-    descending = torch.sort(scores, dim=-1, descending=True).values
+    # One sort serves both warpers. Top-k: scores below the k-th largest go (ties
+    # stay), as TopKLogitsWarper; in ascending order they are a prefix, so the
+    # sorted scores stay sorted with them set to -inf.
+    ascending = torch.sort(scores, dim=-1).values
     k = torch.where((top_k > 0) & ~greedy, top_k.clamp(min=1, max=vocab), vocab)
-    kth = descending.gather(-1, (k - 1)[:, None, None].expand(*scores.shape[:2], 1))
-    scores = scores.masked_fill(scores < kth, float("-inf"))
+    kth = ascending.gather(-1, (vocab - k)[:, None, None].expand(*scores.shape[:2], 1))
+    ascending = ascending.masked_fill(ascending < kth, float("-inf"))
     # Top-p: from the least likely up, tokens go while the mass so far is at most
     # 1 - p; the most likely always stays (TopPLogitsWarper).
-    ascending = torch.sort(scores, dim=-1).values
     mass = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
     nucleus = ((top_p < 1.0) & ~greedy)[:, None, None]
     gone = (mass <= (1.0 - top_p)[:, None, None]) & nucleus
     gone[..., -1] = False
     threshold = ascending.gather(-1, gone.sum(-1, keepdim=True))
-    return scores.masked_fill(scores < threshold, float("-inf"))
+    return scores.masked_fill(scores < torch.maximum(kth, threshold), float("-inf"))
 
 
 def sample_warped(

@@ -234,6 +234,31 @@ def test_repetition_aware_redraw() -> None:
     assert got.tolist() == [[40, 3, BOS, 9]]
 
 
+def test_sampling_traces_as_one_graph() -> None:
+    def draw(logits: torch.Tensor, forced: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        rows = logits.shape[0]
+        keys = torch.arange(rows)
+        tokens = sample_warped(
+            logits,
+            forced,
+            torch.tensor([0.0, 0.7, 1.0]),
+            torch.tensor([0, 50, 5]),
+            torch.tensor([1.0, 0.95, 0.5]),
+            keys,
+        )
+        return redraw_repeats(tokens, logits, window, torch.full((rows,), 2), (BOS, EOS), keys + 7)
+
+    logits = torch.randn(3, K, 66, generator=torch.Generator().manual_seed(6))
+    forced = torch.tensor([[BOS, -1, -1, -1], [-1] * K, [-1, -1, EOS, EOS]])
+    window = torch.randint(0, 66, (3, 7, K), generator=torch.Generator().manual_seed(7))
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(draw, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(logits, forced, window), draw(logits, forced, window))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_delay_pattern_rules_match_the_processor(batched: HiggsEngine) -> None:
     """The host countdowns force what HiggsAudioV2DelayPatternLogitsProcessor
     leaves finite, step by step, through a stream's BOS rows and its EOS cascade."""
@@ -423,3 +448,33 @@ def test_a_crowd_prefills_within_the_budget(loaded: HiggsModel) -> None:
     assert steps == -(-total // 64)
     for job in [running, *crowd]:
         engine.finish(job)
+
+
+def test_a_step_covers_the_rows_in_use(loaded: HiggsModel) -> None:
+    """After a crowd has gone, one request's step runs over a row or two, not the
+    whole table (a power of two up to its slot)."""
+    engine = HiggsEngine(loaded, name="t")
+    assert engine.decoder is not None
+    decoder = engine.decoder
+    seen: list[int] = []
+    original = decoder.decode
+
+    def counted(codes: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(int(codes.shape[0]))
+        return original(codes, *args, **kwargs)
+
+    decoder.decode = counted  # type: ignore[method-assign]
+    crowd = [request(engine, f"c{i}", "We are many.", max_new_tokens=8, seed=i) for i in range(6)]
+    drive(engine, crowd)
+    for job in crowd:
+        engine.finish(job)
+    assert decoder.rows == 8 and max(seen) == 8
+    seen.clear()
+    alone = request(engine, "a", "Now I am alone.", max_new_tokens=12, seed=1)
+    audio = drive(engine, [alone])["a"]
+    assert set(seen) == {1}
+    # The same as on a fresh engine whose table never grew.
+    fresh = HiggsEngine(loaded, name="t")
+    again = request(fresh, "a", "Now I am alone.", max_new_tokens=12, seed=1)
+    assert np.allclose(drive(fresh, [again])["a"], audio, atol=1e-5)
+    assert torch.equal(fresh.codes_of(again), engine.codes_of(alone))
