@@ -25,6 +25,7 @@ from bench_stream import machine, start_server
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done
+from wavecast.server.engines import resolve_device
 
 SPEECH = "The sun rises in the east and sets in the west, as it has for thousands of years."
 MUSIC = "warm lofi hip hop with soft keys"
@@ -90,8 +91,9 @@ async def bench(args: argparse.Namespace) -> None:
         finally:
             process.terminate()
             process.wait(60)
-    print(f"### mixed server: {args.music} + {args.speech} on {args.device}\n")
-    print(f"- machine: {machine(args.device)}")
+    device = resolve_device(args.device)
+    print(f"### mixed server: {args.music} + {args.speech} on {device}\n")
+    print(f"- machine: {machine(device)}")
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
     print(f"- date: {time.strftime('%Y-%m-%d')}; median of {args.runs} runs\n")
     print("| stream | time to first audio | real-time factor | beside it |")
