@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from wavecast.server.engines.higgs import (
 from wavecast.server.engines.higgs_decoder import HiggsDecoder
 from wavecast.server.engines.sampling import redraw_repeats, row_keys, sample_warped, warp
 from wavecast.server.engines.tiny_higgs import build_tiny_higgs
+from wavecast.server.engines.voices import Scene, Voice
 
 K = 4  # tiny-higgs codebooks
 BOS, EOS = 64, 65
@@ -324,6 +326,51 @@ def test_greedy_equals_the_reference_path(
         # the clock: a stream far ahead of real time gets larger chunks).
         assert got.shape == expected.shape
         assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_voices_scenes_and_chunk_buffers_equal_the_reference_path(loaded: HiggsModel) -> None:
+    """Named voices (with and without a transcript), a scene, a dialogue spoken
+    turn by turn with one chunk kept as context: greedy codes equal the
+    reference path's."""
+    t = np.arange(16000) / 16000
+    voices = {
+        "belinda": Voice("belinda", Path("belinda.wav"), "I am Belinda.", np.sin(440 * t), 16000),
+        "chad": Voice("chad", Path("chad.wav"), None, 0.5 * np.sin(170 * t), 16000),
+    }
+    scenes = {"hall": Scene("hall", Path("hall.txt"), "A large echoing hall.")}
+    ours = HiggsEngine(loaded, name="t", voices=voices, scenes=scenes)
+    theirs = HiggsEngine(loaded, name="t", voices=voices, scenes=scenes, batched=False)
+    text = "[SPEAKER0] One turn.\n[SPEAKER1] Another.\n[SPEAKER0] A third.\n[SPEAKER1] Done."
+    cases: list[dict[str, Any]] = [
+        {"voice": "belinda", "scene": "hall"},
+        {"voice": "belinda,chad", "chunk_method": "speaker", "generation_chunk_buffer_size": 1},
+        {"voice": "chad", "chunk_method": "word", "chunk_max_word_num": 3},
+    ]
+    for extra in cases:
+        given = {"temperature": 0.0, "ras_win_len": 0, "max_new_tokens": 20, "seed": 2, **extra}
+        a, b = request(ours, "a", text, **given), request(theirs, "a", text, **given)
+        drive(ours, [a])
+        drive(theirs, [b])
+        assert torch.equal(ours.codes_of(a), theirs.codes_of(b)), extra
+
+
+def test_the_next_chunk_keeps_its_row_and_prefills_only_the_new_turn(
+    batched: HiggsEngine,
+) -> None:
+    greedy: dict[str, Any] = {"temperature": 0.0, "ras_win_len": 0}
+    job = request(batched, "a", DIALOGUE, chunk_method="speaker", max_new_tokens=20, **greedy)
+    while job.state.index == 0:
+        batched.step([job])
+    first = job.state.spoken
+    assert first is not None and job.state.slot is not None
+    second = batched._open_utterance(job.state)  # what the next step opens
+    # The cache kept the first prompt and the generated rows the new prompt
+    # repeats: the BOS row and one per complete frame (19 were fed back; the
+    # last K - 1 ran past the last complete frame).
+    assert first.forwarded == 19
+    assert second.fed == len(first.ids) + 1 + (20 - K)
+    assert len(second.ids) > second.fed
+    batched.finish(job)
 
 
 def test_rows_in_a_batch_equal_their_solo_runs(batched: HiggsEngine) -> None:
