@@ -1,8 +1,14 @@
 """The server's lifecycle: start the inference thread, serve, shut down.
 
-Shutdown follows websockets' ``Server.close()``: stop accepting, refuse new
-requests, give the ones in flight ``shutdown_grace`` seconds, then end them with
-``shutting_down`` and close every connection with 1001.
+Liveness and readiness: ``/healthz`` answers 200 once the models are loaded and
+warmed up and the server listens; ``/readyz`` the same, and 503 from the moment
+a shutdown starts, so that a load balancer stops sending new clients.
+
+Shutdown (SIGTERM, SIGINT) drains: ``/readyz`` turns 503, new requests are
+refused with ``shutting_down`` (on new connections too: the server keeps
+listening while it drains), the ones queued or running get ``shutdown_grace``
+seconds (``--drain-seconds``) to finish, then end with ``shutting_down``, and
+every connection closes with 1001.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class WavecastServer:
         self._factory = engine_factory or self._default_factory
         self.scheduler: Scheduler | None = None
         self.sessions: set[Session] = set()
+        self.draining = False  # a shutdown has started
         self._server: Server | None = None
         self._started = time.monotonic()
         self.voices: dict[str, Voice] = {}
@@ -107,6 +114,7 @@ class WavecastServer:
             self.info,
             self._healthy,
             listings={"/v1/voices": self._voice_list, "/v1/scenes": self._scene_list},
+            ready=self._ready,
         )
         timeouts = self.config.timeouts
         self._server = await serve(
@@ -134,6 +142,9 @@ class WavecastServer:
 
     def _healthy(self) -> bool:
         return self.scheduler is not None and self._server is not None
+
+    def _ready(self) -> bool:
+        return self._healthy() and not self.draining
 
     def _voice_list(self) -> dict[str, Any]:
         voices = [voice.describe() for voice in self.voices.values()]
@@ -173,8 +184,7 @@ class WavecastServer:
         """Graceful shutdown (see the module docstring)."""
         scheduler = self.scheduler
         server = self._server
-        if server is not None:
-            server.server.close()  # stop listening; open connections carry on for now
+        self.draining = True  # /readyz: 503 from now on
         if scheduler is not None:
             scheduler.refuse_new()
             grace = self.config.timeouts.shutdown_grace

@@ -101,6 +101,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--send-buffer-bytes", type=int, default=limits.send_buffer_bytes)
     parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=float(_env("DRAIN_SECONDS", str(TimeoutsConfig().shutdown_grace)) or 5.0),
+        help="on SIGTERM: /readyz turns 503, new requests are refused, and the ones "
+        "running get this long to finish before they end with shutting_down",
+    )
+    parser.add_argument(
         "--max-duration",
         type=float,
         default=float(_env("MAX_DURATION", str(limits.max_duration)) or 0),
@@ -195,7 +202,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_upload_bytes=args.max_upload_bytes,
             max_upload_seconds=args.max_upload_seconds,
         ),
-        timeouts=TimeoutsConfig(),
+        timeouts=TimeoutsConfig(shutdown_grace=max(0.0, args.drain_seconds)),
         models=ModelsConfig(
             names=names,
             device=args.device,

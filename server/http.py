@@ -72,10 +72,12 @@ class HttpRoutes:
         info: Callable[[], dict[str, Any]],
         healthy: Callable[[], bool],
         listings: dict[str, Callable[[], dict[str, Any]]] | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self.static = static
         self.info = info
         self.healthy = healthy
+        self.ready = ready or healthy
         self.listings = listings or {}
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -92,6 +94,10 @@ class HttpRoutes:
             if self.healthy():
                 return _response(http.HTTPStatus.OK, b"ok\n", "text/plain")
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"unavailable\n", "text/plain")
+        if path == "/readyz":
+            if self.ready():
+                return _response(http.HTTPStatus.OK, b"ready\n", "text/plain")
+            return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"not ready\n", "text/plain")
         if path == "/v1/info":
             return _response(http.HTTPStatus.OK, orjson.dumps(self.info()), "application/json")
         listing = self.listings.get(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -17,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Progress, Queued, Started, decode, encode
 from wavecast.protocol.messages import Cancel, Generate, Hello
+from wavecast.server.config import TimeoutsConfig
 
 HOP = 640  # tiny-musicgen: 32 kHz at 50 frames per second
 
@@ -255,3 +257,31 @@ async def test_raw_cancel_frame_of_unknown_id(server: Any) -> None:
         await ws.send(encode(Cancel(id="ghost")))
         message = decode(await ws.recv())
     assert message.type == "error" and message.code == "unknown_id"  # type: ignore[union-attr]
+
+
+async def test_drain_turns_readyz_off_refuses_new_requests_and_lets_running_ones_finish() -> None:
+    config = replace(make_config(), timeouts=TimeoutsConfig(shutdown_grace=60.0))
+    async with running_server(config) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        assert (await http_get(base + "/readyz"))[:3:2] == (200, b"ready\n")
+        client = await connect(srv.url)
+        stream = await client.generate("tiny-musicgen", "x", duration=2.0, seed=1)
+        async for event in stream:
+            if isinstance(event, Audio):
+                break
+        stop = asyncio.create_task(srv.stop())
+        await asyncio.sleep(0.05)
+        # A load balancer stops sending: not ready, though alive and listening.
+        assert (await http_get(base + "/readyz"))[0] == 503
+        assert (await http_get(base + "/healthz"))[0] == 200
+        async with connect(srv.url) as late:
+            refused = await (await late.generate("tiny-musicgen", "y", duration=1.0)).collect()
+        assert refused.status == "error" and refused.error is not None
+        assert refused.error.code == "shutting_down"
+        # The running request finishes within the drain time, then the connection closes.
+        result = await stream.collect()
+        assert result.status == "completed"
+        await asyncio.wait_for(stop, timeout(60))
+        await client.ws.wait_closed()
+        assert client.ws.close_code == 1001
+        await client.close()
