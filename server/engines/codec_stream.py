@@ -36,9 +36,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .base import FloatAudio
+from .base import FloatAudio, StepOutput
 
-__all__ = ["DecodePlan", "StreamDecoder", "decode_batched"]
+__all__ = ["DecodePlan", "Due", "StreamDecoder", "complete_due", "decode_batched"]
 
 Codes: TypeAlias = torch.Tensor | npt.NDArray[np.int64]
 
@@ -192,3 +192,16 @@ def decode_batched(
         for row, i in enumerate(indices):
             out[i] = wav[row : row + 1]
     return [wav for wav in out if wav is not None]
+
+
+# A step's due windows: the output each chunk goes to, its stream, its window.
+Due: TypeAlias = "list[tuple[StepOutput, StreamDecoder, DecodePlan]]"
+
+
+def complete_due(decode: Callable[[torch.Tensor], torch.Tensor], due: Due) -> None:
+    """Decode the windows due in a step, batched (``decode_batched``), and append
+    each stream's new chunk to its step output's audio."""
+    wavs = decode_batched(decode, [plan for _, _, plan in due])
+    for (output, decoder, plan), wav in zip(due, wavs, strict=True):
+        chunk = decoder.complete(plan, wav)
+        output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])

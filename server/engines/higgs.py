@@ -72,7 +72,7 @@ from .base import (
     request_seed,
     run_once,
 )
-from .codec_stream import DecodePlan, StreamDecoder, decode_batched
+from .codec_stream import Due, StreamDecoder, complete_due
 from .higgs_decoder import HiggsDecoder
 from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
 from .tiny_higgs import (
@@ -460,7 +460,7 @@ class HiggsEngine:
         self._sampling = RowSampling(1, self.device)
         self._ras_len = np.zeros(1, dtype=np.int64)
         self._ras_max = np.ones(1, dtype=np.int64)
-        self._due: list[tuple[StepOutput, StreamDecoder, DecodePlan]] = []
+        self._due: Due = []
         # Tests: called with each sampled request's raw logits [K, card], by id.
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         self.max_duration = float(max_duration)
@@ -978,7 +978,7 @@ class HiggsEngine:
         # power of two (slots are taken lowest first).
         last = max(st.slot for st in states if st.slot is not None)
         k, rows = self.num_codebooks, min(decoder.rows, 1 << last.bit_length())
-        window = max(1, int(self._ras_len.max()))
+        window = max(1, int(self._ras_len[:rows].max()))
         stepped = np.zeros(rows, dtype=bool)
         forced = np.full((rows, k), -1, dtype=np.int64)
         codes_in = np.zeros((rows, k), dtype=np.int64)
@@ -1282,13 +1282,9 @@ class HiggsEngine:
 
     def _decode_due(self) -> None:
         """Decode every stream's due codec window in one batched call per window shape."""
-        if not self._due:
-            return
-        due, self._due = self._due, []
-        wavs = decode_batched(self._decode, [plan for _, _, plan in due])
-        for (output, decoder, plan), wav in zip(due, wavs, strict=True):
-            chunk = decoder.complete(plan, wav)
-            output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
+        if self._due:
+            due, self._due = self._due, []
+            complete_due(self._decode, due)
 
     # -- the reference path: each request alone ------------------------------------------
 

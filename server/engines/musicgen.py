@@ -50,7 +50,7 @@ from .base import (
     request_seed,
     run_once,
 )
-from .codec_stream import DecodePlan, StreamDecoder, decode_batched
+from .codec_stream import Due, StreamDecoder, complete_due
 from .mbd import MBDRun
 from .musicgen_decoder import MusicGenDecoder
 from .sampling import RowSampling, candidates_for, sample
@@ -240,7 +240,7 @@ class MusicGenEngine:
         self._slots: list[_MusicGenJob | None] = [None]
         self._sampling = RowSampling(1, self.device)
         self._cfg = torch.zeros(1, device=self.device)
-        self._due: list[tuple[StepOutput, StreamDecoder, DecodePlan]] = []
+        self._due: Due = []
         # Called with each step's guided logits by request id (tests compare rows).
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         card = int(self.lm.card)
@@ -655,13 +655,9 @@ class MusicGenEngine:
 
     def _decode_due(self) -> None:
         """Decode every stream's due codec window in one batched call per window shape."""
-        if not self._due:
-            return
-        due, self._due = self._due, []
-        wavs = decode_batched(self._decode, [plan for _, _, plan in due])
-        for (output, decoder, plan), wav in zip(due, wavs, strict=True):
-            chunk = decoder.complete(plan, wav)
-            output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
+        if self._due:
+            due, self._due = self._due, []
+            complete_due(self._decode, due)
 
     # -- the slot table --------------------------------------------------------------
 
