@@ -54,6 +54,7 @@ class WavecastServer:
         self.scheduler: Scheduler | None = None
         self.sessions: set[Session] = set()
         self.draining = False  # a shutdown has started
+        self._per_address: dict[str, int] = {}  # open connections by client address
         self._server: Server | None = None
         self._started = time.monotonic()
         self.voices: dict[str, Voice] = {}
@@ -169,12 +170,23 @@ class WavecastServer:
 
     async def _handle(self, websocket: ServerConnection) -> None:
         assert self.scheduler is not None
-        if len(self.sessions) >= self.config.limits.max_connections:
+        limits = self.config.limits
+        if len(self.sessions) >= limits.max_connections:
             await websocket.close(1013, "too many connections")
             return
+        address = _client_address(websocket)
+        if self._per_address.get(address, 0) >= limits.max_connections_per_ip:
+            await websocket.close(1013, "too many connections from this address")
+            return
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         session = Session(websocket, self.scheduler, self.config, on_close=self.sessions.discard)
         self.sessions.add(session)
-        await session.run()
+        try:
+            await session.run()
+        finally:
+            left = self._per_address.pop(address) - 1
+            if left:
+                self._per_address[address] = left
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -199,3 +211,9 @@ class WavecastServer:
             await server.wait_closed()
         if scheduler is not None:
             await asyncio.to_thread(scheduler.stop, 10.0)
+
+
+def _client_address(websocket: ServerConnection) -> str:
+    """The client's IP address (the host part of the peer's address)."""
+    peer = websocket.remote_address
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)

@@ -99,6 +99,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=limits.max_connections,
         help="open connections at once (beyond: closed with 1013)",
     )
+    parser.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=limits.max_connections_per_ip,
+        help="open connections from one client address (beyond: closed with 1013)",
+    )
     parser.add_argument("--send-buffer-bytes", type=int, default=limits.send_buffer_bytes)
     parser.add_argument(
         "--drain-seconds",
@@ -193,6 +199,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_frame_bytes=args.max_frame_bytes,
             max_prompt_chars=args.max_prompt_chars,
             max_connections=args.max_connections,
+            max_connections_per_ip=max(1, args.max_connections_per_ip),
             max_requests_per_connection=args.max_requests_per_connection,
             max_queue=args.max_queue,
             max_active=args.max_active,

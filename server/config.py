@@ -40,6 +40,7 @@ class LimitsConfig:
     max_prompt_chars: int = 10000  # speech texts may be long (chunked)
     send_buffer_bytes: int = 8 << 20
     max_connections: int = 256
+    max_connections_per_ip: int = 32  # open connections from one client address
     max_upload_bytes: int = 16 << 20
     max_upload_seconds: float = 60.0
     max_duration: float = 300.0  # long form: beyond a model's window, by extension

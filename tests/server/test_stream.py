@@ -285,3 +285,20 @@ async def test_drain_turns_readyz_off_refuses_new_requests_and_lets_running_ones
         await client.ws.wait_closed()
         assert client.ws.close_code == 1001
         await client.close()
+
+
+async def test_connections_per_client_address_are_limited() -> None:
+    async with running_server(make_config(max_connections_per_ip=2)) as srv:
+        first, second = await connect(srv.url), await connect(srv.url)
+        async with ws_connect(srv.url) as third:
+            with pytest.raises(ConnectionClosed):
+                await third.recv()
+        assert third.close_code == 1013
+        assert third.close_reason == "too many connections from this address"
+        # A connection that closes makes room for the next one.
+        await first.close()
+        await asyncio.sleep(0.1)
+        async with connect(srv.url) as fourth:
+            result = await (await fourth.generate("tiny-musicgen", "x", duration=0.2)).collect()
+            assert result.status == "completed"
+        await second.close()
