@@ -1267,12 +1267,7 @@ class HiggsEngine:
                     pieces.append(tail)
                 self._release_slot(st)
         audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        if done:
-            st.fraction = 1.0
-        else:
-            base = st.index / len(st.chunks)
-            within = min(0.95, st.produced / st.expected)
-            st.fraction = max(st.fraction, min(0.999, max(base, within)))
+        _advance_fraction(st, done)
         output = StepOutput(
             audio=audio, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
         )
@@ -1343,12 +1338,7 @@ class HiggsEngine:
                 if tail is not None:
                     pieces.append(tail)
         audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        if done:
-            st.fraction = 1.0
-        else:
-            base = st.index / len(st.chunks)
-            within = min(0.95, st.produced / st.expected)
-            st.fraction = max(st.fraction, min(0.999, max(base, within)))
+        _advance_fraction(st, done)
         return StepOutput(
             audio=audio, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
         )
@@ -1373,3 +1363,14 @@ class HiggsEngine:
         if under_way and st.chunk_frames:  # a chunk under way
             spoken.append(torch.stack(st.chunk_frames, dim=1))
         return torch.cat(spoken, dim=-1).unsqueeze(0)
+
+
+def _advance_fraction(st: _HiggsJob, done: bool) -> None:
+    """A request's progress: chunks spoken, and within the chunk the frames made
+    against a rough guess of the text's length; never backwards, 1 when done."""
+    if done:
+        st.fraction = 1.0
+        return
+    base = st.index / len(st.chunks)
+    within = min(0.95, st.produced / st.expected)
+    st.fraction = max(st.fraction, min(0.999, max(base, within)))
