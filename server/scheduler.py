@@ -430,6 +430,10 @@ class Scheduler:
 
     def _deliver(self, request: Request, output: StepOutput) -> None:
         assert request.outputs is not None
+        if output.error is not None:  # it failed alone; its neighbours go on
+            self._release(request)
+            self._finish(request, "error", output.error)
+            return
         live = request.outputs.stage is None
         for message in request.outputs.messages(output, time.perf_counter()):
             self._emit(request, message)

@@ -7,14 +7,23 @@ flag between steps. Only the inference thread calls these methods.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping, Sequence
+import logging
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from wavecast.protocol import InvalidField, ModelInfo, ParamSpec, ParamValue, resolve_params
+from wavecast.protocol import (
+    InternalError,
+    InvalidField,
+    ModelInfo,
+    ParamSpec,
+    ParamValue,
+    WavecastError,
+    resolve_params,
+)
 
 __all__ = [
     "SEED_SPEC",
@@ -22,10 +31,17 @@ __all__ = [
     "EngineRequest",
     "Job",
     "StepOutput",
+    "attempt",
+    "failed_output",
+    "isolated",
+    "non_finite",
     "number",
     "request_seed",
     "run_once",
+    "step_error",
 ]
+
+log = logging.getLogger(__name__)
 
 FloatAudio = npt.NDArray[np.float32]
 Upload = tuple[FloatAudio, int]  # samples [frames, channels], rate
@@ -65,6 +81,8 @@ class StepOutput:
         done: The job is finished; ``audio`` holds its last samples.
         stage: ``None`` while generating, ``"mbd"`` while diffusion renders.
         rendition: The whole Multi-Band Diffusion version, on its last step.
+        error: The job failed on its own inside the step (its neighbours in the
+            batch go on); the scheduler ends it with this error.
     """
 
     audio: FloatAudio | None
@@ -73,6 +91,54 @@ class StepOutput:
     done: bool = False
     stage: str | None = None  # None: generating; "mbd": rendering the diffusion version
     rendition: FloatAudio | None = None  # the complete "mbd" version, when ready
+    error: WavecastError | None = None
+
+
+def step_error(exc: BaseException, request_id: str | None = None) -> WavecastError:
+    """What a request that failed alone in a batched step ends with (logged here)."""
+    if isinstance(exc, WavecastError):
+        return exc
+    log.error("request %s failed in a step", request_id or "?", exc_info=exc)
+    return InternalError("the model failed on this request")
+
+
+def non_finite() -> InternalError:
+    """A request whose rows produced NaN or infinite logits (it ends; others go on)."""
+    return InternalError("the model produced non-finite values (NaN or infinity) for this request")
+
+
+T = TypeVar("T")
+
+
+def attempt(
+    failures: dict[int, BaseException],
+    owners: Sequence[object],
+    fn: Callable[..., T],
+    *args: Any,
+) -> T | None:
+    """``fn(*args)``; if it raises, the exception goes into ``failures`` for each of
+    ``owners`` (by ``id``: the requests whose part of a step it was) and ``None``
+    comes back, so that the step goes on without them."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        for owner in owners:
+            failures[id(owner)] = exc
+        return None
+
+
+def isolated(job: Job, fn: Callable[..., StepOutput], *args: Any) -> StepOutput:
+    """A job's part of a step; if it raises, that job's failed output."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return failed_output(job, exc)
+
+
+def failed_output(job: Job, exc: BaseException) -> StepOutput:
+    """The output of a job that failed alone in a batched step."""
+    error = step_error(exc, job.request.request_id)
+    return StepOutput(audio=None, fraction=0.0, seconds=0.0, done=True, error=error)
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .base import FloatAudio, StepOutput
+from .base import FloatAudio, StepOutput, step_error
 
 __all__ = ["DecodePlan", "Due", "StreamDecoder", "complete_due", "decode_batched"]
 
@@ -201,7 +201,28 @@ Due: TypeAlias = "list[tuple[StepOutput, StreamDecoder, DecodePlan]]"
 def complete_due(decode: Callable[[torch.Tensor], torch.Tensor], due: Due) -> None:
     """Decode the windows due in a step, batched (``decode_batched``), and append
     each stream's new chunk to its step output's audio."""
-    wavs = decode_batched(decode, [plan for _, _, plan in due])
+    wavs: list[torch.Tensor | BaseException]
+    try:
+        wavs = list(decode_batched(decode, [plan for _, _, plan in due]))
+    except Exception:
+        # One window may be at fault: each alone, so that only its stream fails.
+        wavs = [_decode_alone(decode, plan) for _, _, plan in due]
     for (output, decoder, plan), wav in zip(due, wavs, strict=True):
-        chunk = decoder.complete(plan, wav)
+        try:
+            if isinstance(wav, BaseException):
+                raise wav
+            chunk = decoder.complete(plan, wav)
+        except Exception as exc:
+            output.error = step_error(exc)
+            output.audio, output.done = None, True
+            continue
         output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
+
+
+def _decode_alone(
+    decode: Callable[[torch.Tensor], torch.Tensor], plan: DecodePlan
+) -> torch.Tensor | BaseException:
+    try:
+        return decode(plan.window).float().cpu()
+    except Exception as exc:
+        return exc

@@ -68,6 +68,10 @@ from .base import (
     Job,
     StepOutput,
     Upload,
+    attempt,
+    failed_output,
+    isolated,
+    non_finite,
     number,
     request_seed,
     run_once,
@@ -963,17 +967,21 @@ class HiggsEngine:
     def _step_batched(self, jobs: Sequence[Job]) -> list[StepOutput]:
         """One decoder forward for every request (after prefilling what is due), one
         draw per row, one copy each way; then each request's frames and audio."""
-        states: list[_HiggsJob] = [job.state for job in jobs]
-        for st in states:
+        failures: dict[int, BaseException] = {}
+        for st in (job.state for job in jobs):
             if st.slot is None:
-                self._take_slot(st)
-            if st.utterance is None:
-                st.utterance = self._open_utterance(st)
+                attempt(failures, [st], self._take_slot, st)
+            if st.utterance is None and id(st) not in failures:
+                st.utterance = attempt(failures, [st], self._open_utterance, st)
                 st.spoken = None
                 st.chunk_frames = []
-        prefilled = self._prefill_due(states)
+        states = [job.state for job in jobs if id(job.state) not in failures]
+        prefilled = self._prefill_due(states, failures)
+        states = [st for st in states if id(st) not in failures]
         decoder = self.decoder
         assert decoder is not None
+        if not states:
+            return [failed_output(job, failures[id(job.state)]) for job in jobs]
         # The step covers the table's first rows up to the last request's, in a
         # power of two (slots are taken lowest first).
         last = max(st.slot for st in states if st.slot is not None)
@@ -1045,20 +1053,28 @@ class HiggsEngine:
             parts[4],
         )
         sampling.step[:rows] += stepped
-        host_tokens: Ints = tokens.cpu().numpy()
+        # One copy back: the codes, and whether each row's logits were finite.
+        finite = torch.isfinite(logits).flatten(1).all(1)
+        back: Ints = torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1).cpu().numpy()
+        for st in states:
+            if st.slot is not None and stepped[st.slot] and not back[st.slot, -1]:
+                failures[id(st)] = non_finite()
         if self.logits_observer is not None:
             self.logits_observer(
                 {
                     job.request.request_id: logits[job.state.slot]
                     for job in jobs
-                    if job.state.slot is not None and stepped[job.state.slot]
+                    if id(job.state) not in failures and stepped[job.state.slot]
                 }
             )
         outputs = []
-        for job, st in zip(jobs, states, strict=True):
-            assert st.slot is not None
-            if stepped[st.slot]:
-                outputs.append(self._advance(job, host_tokens[st.slot]))
+        for job in jobs:
+            st = job.state
+            if id(st) in failures:
+                self._clear_row(st)
+                outputs.append(failed_output(job, failures[id(st)]))
+            elif stepped[st.slot]:
+                outputs.append(isolated(job, self._advance, job, back[st.slot, :-1]))
             else:
                 outputs.append(
                     StepOutput(
@@ -1101,6 +1117,12 @@ class HiggsEngine:
         )
         self._ras_len[slot] = st.ras_win_len
         self._ras_max[slot] = st.ras_max_repeat
+
+    def _clear_row(self, st: _HiggsJob) -> None:
+        """Zero a failed request's cache row: what it left there (NaN, say) must not
+        reach the slot's next request through a masked position."""
+        if st.slot is not None and self.decoder is not None and self._slots[st.slot] is st:
+            self.decoder.kv.clear([st.slot])
 
     def _release_slot(self, st: _HiggsJob) -> None:
         if st.slot is not None and self._slots[st.slot] is st:
@@ -1169,12 +1191,15 @@ class HiggsEngine:
             return 0
         return length + same
 
-    def _prefill_due(self, states: list[_HiggsJob]) -> dict[int, torch.Tensor]:
+    def _prefill_due(
+        self, states: list[_HiggsJob], failures: dict[int, BaseException]
+    ) -> dict[int, torch.Tensor]:
         """Feed the next chunk of each prompt not yet in the cache, oldest first.
 
         At most ``prefill_chunk`` positions per request and ``prefill_budget`` in
         all per step (at least one chunk). Returns the logits ``[K, card]`` of each
-        slot whose prompt is now complete: it samples in this step.
+        slot whose prompt is now complete: it samples in this step. A request whose
+        call fails goes into ``failures``.
         """
         decoder = self.decoder
         assert decoder is not None
@@ -1193,8 +1218,19 @@ class HiggsEngine:
             count = int(u.is_audio[start:end].sum())
             audio = torch.from_numpy(u.audio[first_audio : first_audio + count]).to(self.device)
             tokens = torch.from_numpy(u.ids[start:end]).to(self.device)[None]
-            logits = decoder.prefill([st.slot], tokens, audio, u.is_audio[None, start:end], start)
+            logits = attempt(
+                failures,
+                [st],
+                decoder.prefill,
+                [st.slot],
+                tokens,
+                audio,
+                u.is_audio[None, start:end],
+                start,
+            )
             budget -= size
+            if logits is None:
+                continue
             u.fed = end
             if end == len(u.ids):
                 complete[st.slot] = logits[0]

@@ -68,3 +68,8 @@ class StaticKV:
         index = (rows[:, None, None], heads[None, :, None], positions[:, None, :])
         self.k[layer].index_put_(index, k.to(self.k.dtype))
         self.v[layer].index_put_(index, v.to(self.v.dtype))
+
+    def clear(self, rows: list[int]) -> None:
+        """Zero ``rows``' keys and values (a failed request's, before its row is reused)."""
+        self.k[:, rows] = 0
+        self.v[:, rows] = 0

@@ -46,6 +46,10 @@ from .base import (
     Job,
     StepOutput,
     Upload,
+    attempt,
+    failed_output,
+    isolated,
+    non_finite,
     number,
     request_seed,
     run_once,
@@ -621,31 +625,40 @@ class MusicGenEngine:
     # -- stepping ------------------------------------------------------------------
 
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        """One step of every job: one forward for all that generate.
+
+        A request that fails on its own (its conditioning, its prompt, its
+        bookkeeping, its codec window, non-finite logits in its rows) ends alone
+        with an error output; only a failure of the shared forward fails them all.
+        """
         with torch.no_grad(), self.model.autocast:
             outputs: list[StepOutput | None] = [None] * len(jobs)
             generating: list[tuple[int, Job]] = []
             for i, job in enumerate(jobs):
                 run = job.state.mbd_run
                 if run is not None:
-                    outputs[i] = self._step_mbd(job, run)
+                    outputs[i] = isolated(job, self._step_mbd, job, run)
                 else:
                     generating.append((i, job))
             if generating:
                 states = [job.state for _, job in generating]
-                tokens, guided, sampled = self._sample_step(states)
+                failures: dict[int, BaseException] = {}
+                tokens, guided, sampled = self._sample_step(states, failures)
                 if self.logits_observer is not None:
                     self.logits_observer(
                         {
                             job.request.request_id: guided[job.state.slot]
                             for _, job in generating
-                            if sampled[job.state.slot]
+                            if id(job.state) not in failures and sampled[job.state.slot]
                         }
                     )
                 self._due.clear()
                 for (i, job), st in zip(generating, states, strict=True):
-                    assert st.slot is not None
-                    if sampled[st.slot]:
-                        outputs[i] = self._advance(job, tokens[st.slot])
+                    if id(st) in failures:
+                        self._clear_rows(st)
+                        outputs[i] = failed_output(job, failures[id(st)])
+                    elif sampled[st.slot]:
+                        outputs[i] = isolated(job, self._advance, job, tokens[st.slot])
                     else:  # its prompt is still going in
                         outputs[i] = StepOutput(
                             audio=None, fraction=self._fraction(st), seconds=self._seconds(st)
@@ -686,6 +699,12 @@ class MusicGenEngine:
         self._sampling = self._sampling.grown(count)
         self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old)])
 
+    def _clear_rows(self, st: _MusicGenJob) -> None:
+        """Zero a failed request's cache rows: what it left there (NaN, say) must
+        not reach the slot's next request through a masked position."""
+        if st.slot is not None and self._slots[st.slot] is st:
+            self.decoder.kv.clear([2 * st.slot, 2 * st.slot + 1])
+
     def _release_slot(self, st: _MusicGenJob) -> None:
         if st.slot is not None and self._slots[st.slot] is st:
             self._slots[st.slot] = None
@@ -711,7 +730,9 @@ class MusicGenEngine:
         self.decoder.ensure(length=int(prepend.shape[1]) + win.end_offset)
         return inputs
 
-    def _prefill(self, states: list[_MusicGenJob]) -> dict[int, torch.Tensor]:
+    def _prefill(
+        self, states: list[_MusicGenJob], failures: dict[int, BaseException]
+    ) -> dict[int, torch.Tensor]:
         """Feed the next chunk of every window's prompt that is not in the cache yet.
 
         At most ``prefill_chunk`` positions per window per step, so that a long
@@ -719,13 +740,17 @@ class MusicGenEngine:
         delays the other streams by one chunk's time per step, not by its whole
         length. Windows whose chunks have the same start and length go in one call
         (a crowd of new requests: one forward). Returns the logits ``[2, K, card]``
-        of each slot whose prompt is now complete: it samples in this step.
+        of each slot whose prompt is now complete: it samples in this step. A group
+        whose call fails goes into ``failures``.
         """
         groups: dict[tuple[int, int], list[_MusicGenJob]] = {}
         for st in states:
             win = st.window
             if win.prompt_inputs is None:
-                win.prompt_inputs = self._prompt_inputs(st)
+                inputs = attempt(failures, [st], self._prompt_inputs, st)
+                if inputs is None:
+                    continue
+                win.prompt_inputs = inputs
             size = min(int(win.prompt_inputs.shape[1]) - win.prompt_fed, self.prefill_chunk)
             groups.setdefault((win.prompt_fed, size), []).append(st)
         complete: dict[int, torch.Tensor] = {}
@@ -734,7 +759,9 @@ class MusicGenEngine:
                 row for st in group if st.slot is not None for row in (2 * st.slot, 2 * st.slot + 1)
             ]
             inputs = torch.cat([st.window.prompt_inputs[:, start : start + size] for st in group])
-            logits = self.decoder.prefill(rows, inputs, start)
+            logits = attempt(failures, group, self.decoder.prefill, rows, inputs, start)
+            if logits is None:
+                continue
             for i, st in enumerate(group):
                 win = st.window
                 win.prompt_fed += size
@@ -747,7 +774,7 @@ class MusicGenEngine:
         return complete
 
     def _sample_step(
-        self, states: list[_MusicGenJob]
+        self, states: list[_MusicGenJob], failures: dict[int, BaseException]
     ) -> tuple[Codes, torch.Tensor, npt.NDArray[np.bool_]]:
         """One forward for every request (prefilling new windows), one draw per row.
 
@@ -755,16 +782,27 @@ class MusicGenEngine:
         sampling key) cross to the device as one array, and the sampled codes come
         back as one: ``[slots, K]``, a request's at its slot; with them the guided
         logits ``[slots, K, card]`` (on the device; tests compare rows) and which
-        slots sampled (not those whose prompt is still being prefilled).
+        slots sampled (not those whose prompt is still being prefilled). Requests
+        that fail on their own go into ``failures`` (by ``id`` of their state) and
+        out of the step.
         """
         for st in states:
             if st.slot is None:
-                self._take_slot(st)
+                attempt(failures, [st], self._take_slot, st)
+        states = [st for st in states if id(st) not in failures]
         starting = [st for st in states if st.cfg_conditions is None]
         if starting:
-            self._condition_together(starting)
-        prefilled = self._prefill([st for st in states if not st.window.prefilled])
+            attempt(failures, starting, self._condition_together, starting)
+            if id(starting[0]) in failures:  # each alone: only the one at fault fails
+                for st in starting:
+                    del failures[id(st)]
+                    attempt(failures, [st], self._condition_together, [st])
+        states = [st for st in states if id(st) not in failures]
+        prefilled = self._prefill([st for st in states if not st.window.prefilled], failures)
+        states = [st for st in states if id(st) not in failures]
         decoder = self.decoder
+        if not states:
+            return np.zeros((0, decoder.codebooks), np.int64), torch.zeros(0), np.zeros(0, bool)
         k = decoder.codebooks
         # The step covers the table's first slots up to the last request's, in a
         # power of two (slots are taken lowest first).
@@ -813,8 +851,13 @@ class MusicGenEngine:
             candidates=candidates_for(sampling.wants[:slots][stepped], decoder.card),
         )
         sampling.step[:slots] += stepped
-        host_tokens: Codes = tokens.cpu().numpy()
-        return host_tokens, guided, stepped
+        # One copy back: the codes, and whether each slot's logits were finite.
+        finite = torch.isfinite(guided).flatten(1).all(1)
+        back: Codes = torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1).cpu().numpy()
+        for st in states:
+            if st.slot is not None and stepped[st.slot] and not back[st.slot, -1]:
+                failures[id(st)] = non_finite()
+        return back[:, :-1], guided, stepped
 
     def _step_mbd(self, job: Job, run: MBDRun) -> StepOutput:
         st: _MusicGenJob = job.state

@@ -9,6 +9,7 @@ are re-prefilled inside the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 from test_musicgen_features import decode, wav_bytes
 
-from wavecast.protocol import resolve_params
+from wavecast.protocol import InternalError, WavecastError, resolve_params
 from wavecast.server.engines.base import EngineRequest, Job
 from wavecast.server.engines.musicgen import MusicGenEngine
 from wavecast.server.engines.tiny import build_tiny_musicgen
@@ -29,6 +30,7 @@ class Run:
     logits: list[torch.Tensor] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)
     done: bool = False
+    error: WavecastError | None = None
 
 
 def prepare(engine: MusicGenEngine, rid: str, prompt: str, **params: Any) -> Job:
@@ -41,8 +43,11 @@ def drive(
     engine: MusicGenEngine,
     joins: dict[int, list[tuple[str, Job]]],
     cancels: dict[int, list[str]] | None = None,
+    before: Callable[[int, dict[str, Run]], None] | None = None,
 ) -> tuple[dict[str, Run], int]:
-    """Step every joined job together until all are done; return runs and step count."""
+    """Step every joined job together until all are done; return runs and step count.
+
+    ``before(step, runs)`` runs before each step (faults are injected there)."""
     runs: dict[str, Run] = {}
     cancels = cancels or {}
 
@@ -62,11 +67,16 @@ def drive(
             live = [rid for rid, run in runs.items() if not run.done]
             if not live and steps > max(joins):
                 return runs, steps
+            if before is not None:
+                before(steps, runs)
             outputs = engine.step([runs[rid].job for rid in live])
             for rid, out in zip(live, outputs, strict=True):
                 if out.audio is not None:
                     runs[rid].audio.append(out.audio)
                 runs[rid].done = out.done
+                runs[rid].error = out.error
+                if out.error is not None:
+                    engine.finish(runs[rid].job)  # as the scheduler does
             steps += 1
     finally:
         engine.logits_observer = None
@@ -151,6 +161,73 @@ def test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(windowed: Any) -
     assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5
     d_alone = drive(engine, {0: [("d", make(engine, "d"))]})[0]["d"]
     assert torch.equal(codes(engine, runs["d"]), codes(engine, d_alone))
+
+
+def test_a_request_that_fails_alone_ends_alone(windowed: Any, monkeypatch: Any) -> None:
+    """b's rows turn NaN (as an overflow leaves them), c's bookkeeping raises: each
+    ends with its own error, a goes on as if alone, and d, taking b's row after it,
+    is not poisoned by what b left there."""
+    _, engine = windowed
+    alone = {rid: drive(engine, {0: [(rid, make(engine, rid))]})[0][rid] for rid in "ad"}
+    advance = engine._advance
+
+    def faulty(job: Job, sampled: Any) -> Any:
+        if job.request.request_id == "c" and job.steps == 12:
+            raise RuntimeError("a bug in one request's bookkeeping")
+        return advance(job, sampled)
+
+    monkeypatch.setattr(engine, "_advance", faulty)
+    slots: dict[str, int] = {}
+
+    def inject(step: int, runs: dict[str, Run]) -> None:
+        for rid, run in runs.items():
+            if run.job.state is not None and run.job.state.slot is not None:
+                slots.setdefault(rid, run.job.state.slot)
+        if step == 10:
+            rows = slice(2 * slots["b"], 2 * slots["b"] + 2)
+            engine.decoder.kv.k[:, rows] = float("nan")
+            engine.decoder.kv.v[:, rows] = float("nan")
+
+    runs, _ = drive(
+        engine,
+        {
+            0: [("a", make(engine, "a")), ("b", make(engine, "b")), ("c", make(engine, "c"))],
+            30: [("d", make(engine, "d"))],
+        },
+        before=inject,
+    )
+    assert isinstance(runs["b"].error, InternalError)
+    assert "non-finite" in runs["b"].error.message
+    assert len(runs["b"].logits) == 10  # the step that saw NaN fails it, and only it
+    assert isinstance(runs["c"].error, InternalError)
+    assert runs["c"].job.state is None and len(runs["c"].logits) == 13
+    assert slots["d"] == slots["b"]
+    for rid in "ad":
+        assert runs[rid].error is None
+        assert torch.equal(codes(engine, runs[rid]), codes(engine, alone[rid])), rid
+        streamed, solo = np.concatenate(runs[rid].audio), np.concatenate(alone[rid].audio)
+        assert streamed.shape == solo.shape and np.abs(streamed - solo).max() <= 1e-5
+
+
+def test_a_bad_codec_window_fails_its_stream_only(windowed: Any) -> None:
+    """c's windows hold codes the codec cannot decode: the batched decode falls back
+    to each window alone, c ends with an error, a's audio is untouched."""
+    _, engine = windowed
+    alone = drive(engine, {0: [("a", make(engine, "a"))]})[0]["a"]
+    a, c = make(engine, "a"), make(engine, "c")
+    push = c.state.decoder.plan_push
+
+    def poisoned(codes: Any) -> Any:
+        plan = push(codes)
+        if plan is not None:
+            plan.window.fill_(10_000)  # beyond the codebooks
+        return plan
+
+    c.state.decoder.plan_push = poisoned
+    runs, _ = drive(engine, {0: [("a", a), ("c", c)]})
+    assert isinstance(runs["c"].error, InternalError) and not runs["c"].audio
+    assert runs["a"].error is None
+    assert np.array_equal(np.concatenate(runs["a"].audio), np.concatenate(alone.audio))
 
 
 def test_melody_rows_batch_with_text_rows() -> None:

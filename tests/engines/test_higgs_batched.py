@@ -445,6 +445,53 @@ def test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(batched: HiggsEn
         batched.finish(job)
 
 
+def test_a_request_that_fails_alone_ends_alone(batched: HiggsEngine, monkeypatch: Any) -> None:
+    """b's row turns NaN, d's bookkeeping raises: each ends with its own error, a
+    goes on as if alone, and c, taking b's row after it, equals its solo run."""
+    params: dict[str, Any] = {"max_new_tokens": 30, "seed": 3}
+    texts = {"a": DIALOGUE, "b": "My row goes bad.", "c": "I take the free slot.", "d": "Oops."}
+
+    def make(rid: str) -> Job:
+        return request(batched, rid, texts[rid], chunk_method="speaker", **params)
+
+    solo = {rid: make(rid) for rid in "ac"}
+    for job in solo.values():
+        drive(batched, [job])
+    advance = batched._advance
+
+    def faulty(job: Job, tokens: Any) -> Any:
+        if job.request.request_id == "d" and job.steps == 5:
+            raise RuntimeError("a bug in one request's bookkeeping")
+        return advance(job, tokens)
+
+    monkeypatch.setattr(batched, "_advance", faulty)
+    jobs = {rid: make(rid) for rid in "abcd"}
+    live, errors = [jobs["a"], jobs["b"], jobs["d"]], {}
+    for step in range(500):
+        if step == 8:
+            slot = jobs["b"].state.slot
+            batched.decoder.kv.k[:, slot] = float("nan")
+            batched.decoder.kv.v[:, slot] = float("nan")
+        if step == 12:
+            live.append(jobs["c"])
+        outputs = batched.step(live)
+        if step == 12:
+            assert jobs["c"].state.slot == slot
+        for job, out in zip(live, outputs, strict=True):
+            if out.error is not None:
+                errors[job.request.request_id] = out.error
+                batched.finish(job)
+        live = [job for job, out in zip(live, outputs, strict=True) if not out.done]
+        if not live:
+            break
+    assert set(errors) == {"b", "d"}
+    assert "non-finite" in errors["b"].message and errors["d"].code == "internal_error"
+    for rid in "ac":
+        assert torch.equal(batched.codes_of(jobs[rid]), batched.codes_of(solo[rid])), rid
+        batched.finish(jobs[rid])
+        batched.finish(solo[rid])
+
+
 def test_sampled_utterances_end_on_their_own() -> None:
     """The plain random head samples stream EOS: the cascade ends the utterance
     early, frames stop before the EOS codes, and the stream ends cleanly."""

@@ -137,3 +137,30 @@ async def test_progress_is_bounded(server: Any) -> None:
         stream = await client.generate("tiny-musicgen", "x", duration=10.0)
         progress = [e async for e in stream if isinstance(e, Progress)]
     assert 50 <= len(progress) <= 101
+
+
+async def test_a_request_that_fails_in_a_batched_step_fails_alone(
+    server: Any, engine: Any, monkeypatch: Any
+) -> None:
+    """One request's part of a shared step raises: it ends with internal_error, the
+    other request in the same steps completes, and the server serves the next one."""
+    advance = engine._advance
+
+    def faulty(job: Any, sampled: Any) -> Any:
+        if job.request.prompt == "doomed" and job.steps == 5:
+            raise RuntimeError("a bug in one request's bookkeeping")
+        return advance(job, sampled)
+
+    monkeypatch.setattr(engine, "_advance", faulty)
+    async with connect(server.url) as client:
+        doomed = await client.generate("tiny-musicgen", "doomed", duration=1.0, seed=1)
+        fine = await client.generate("tiny-musicgen", "fine", duration=1.0, seed=2)
+        failed, completed = await doomed.collect(), await fine.collect()
+        assert failed.status == "error" and failed.error is not None
+        assert failed.error.code == "internal_error"
+        assert completed.status == "completed" and completed.frames == 32000
+        again = await (await client.generate("tiny-musicgen", "doomed", duration=0.2)).collect()
+        assert again.status == "error"
+        assert (
+            await (await client.generate("tiny-musicgen", "x", duration=0.2)).collect()
+        ).status == "completed"
