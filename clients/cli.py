@@ -186,7 +186,9 @@ async def _run(
                 elif isinstance(event, Audio):
                     (pcm if event.rendition is None else mbd_pcm).extend(event.data)
                 elif isinstance(event, Progress):
-                    if event.stage == "mbd":
+                    if event.stage == "prepare":
+                        bar.message("preparing (analysing the inputs)")
+                    elif event.stage == "mbd":
                         bar.show(event.fraction, event.seconds, "(Multi-Band Diffusion)")
                     else:
                         bar.show(event.fraction, event.seconds)

@@ -427,6 +427,8 @@ def _started(f: _Fields) -> Started:
         channels=f.integer("channels", lo=1),
         format=f.choice("format", AUDIO_FORMATS),
         seed=f.integer("seed", required=False),
+        seconds=f.number("seconds", required=False),
+        max_seconds=f.number("max_seconds", required=False),
     )
 
 

@@ -216,6 +216,9 @@ class Started:
     """The request left the queue and is being generated (§4.3).
 
     ``seed`` is the random seed in use, so that a result can be reproduced.
+    ``seconds`` is the length of the live stream when it is known before it
+    starts (music); ``max_seconds`` the most it can carry when only a limit is
+    known (speech).
     """
 
     type: ClassVar[str] = "started"
@@ -225,13 +228,17 @@ class Started:
     channels: int
     format: AudioFormat
     seed: int | None = None
+    seconds: float | None = None
+    max_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Progress:
     """Generation progress: ``fraction`` in [0, 1], ``seconds`` generated (§4.4).
 
-    ``stage`` is absent while the model generates, ``"mbd"`` while Multi-Band
+    ``stage`` is absent while the model generates, ``"prepare"`` (before
+    ``started``) while the request's inputs are analysed (its text encoded, a
+    melody's chroma, a continuation's prompt), ``"mbd"`` while Multi-Band
     Diffusion renders the final version; ``fraction`` counts within the stage.
     """
 

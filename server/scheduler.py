@@ -26,6 +26,7 @@ from wavecast.protocol import (
     Busy,
     InternalError,
     ModelInfo,
+    Progress,
     Queued,
     ServerMessage,
     ShuttingDown,
@@ -339,6 +340,8 @@ class Scheduler:
         request.started_at = time.perf_counter()
         request.preparing = engine.prepare_steps(request.engine_request)
         self._preparing.append(request)
+        # Out of the queue: say so now, a melody's analysis may take a while.
+        self._emit(request, Progress(id=request.id, fraction=0.0, seconds=0.0, stage="prepare"))
 
     def _prepare_some(self) -> None:
         """Advance the admitted requests' preparation, oldest first, for one budget.
@@ -379,7 +382,8 @@ class Scheduler:
         assert request.job is not None
         info = self._engines[request.model].info
         request.outputs = RequestOutputs(request.id, info, request.format)
-        seed = request.job.extra.get("seed")
+        extra = request.job.extra
+        seed, seconds, max_seconds = (extra.get(k) for k in ("seed", "seconds", "max_seconds"))
         self._emit(
             request,
             Started(
@@ -389,6 +393,8 @@ class Scheduler:
                 channels=info.channels,
                 format=request.format,
                 seed=seed if isinstance(seed, int) else None,
+                seconds=float(seconds) if isinstance(seconds, int | float) else None,
+                max_seconds=float(max_seconds) if isinstance(max_seconds, int | float) else None,
             ),
         )
         request.log.info("started (queued %.3f s)", request.started_at - request.submitted_at)

@@ -707,6 +707,9 @@ class HiggsEngine:
         state.seed = seed
         job = Job(request=request, state=state)
         job.extra["seed"] = seed
+        # At most max_new_tokens steps per chunk, a frame each (less the delay).
+        most = min(state.max_frames, state.max_new_tokens * len(chunks))
+        job.extra["max_seconds"] = round(most / self.frame_rate, 6)
         return job
 
     def _voice_codes_of(self, voice: Voice) -> torch.Tensor:

@@ -520,7 +520,10 @@ class MusicGenEngine:
             else:
                 decoder.prime(prompt)
                 job.skip_frames = first_prompt_len
-        return Job(request=request, state=job, extra={"seed": seed})
+        # The live stream's length: the new part, or the clip with its prompt.
+        streamed = total_len if params.get("include_prompt") else total_len - first_prompt_len
+        extra = {"seed": seed, "seconds": round(streamed / self.frame_rate, 6)}
+        return Job(request=request, state=job, extra=extra)
 
     def _cfg_conditions(self, attributes: list[Any], py_random: Any) -> tuple[Any, Any]:
         """Condition tensors for the conditional and the null half, as LMModel.generate.

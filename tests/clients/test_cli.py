@@ -97,7 +97,7 @@ async def test_sync_client(server: Any) -> None:
             return kinds, again
 
     kinds, result = await asyncio.to_thread(work)
-    assert kinds[:2] == ["Queued", "Started"] and kinds[-1] == "Done"
+    assert kinds[:3] == ["Queued", "Progress", "Started"] and kinds[-1] == "Done"
     assert Audio.__name__ in kinds and Started.__name__ in kinds and Done.__name__ in kinds
     assert result.status == "completed" and result.frames == 25 * 640
 

@@ -90,6 +90,25 @@ MESSAGES = [
     Started(
         id="r1", model="tiny-musicgen", sample_rate=32000, channels=1, format="pcm_s16le", seed=42
     ),
+    Started(
+        id="r2",
+        model="tiny-higgs",
+        sample_rate=24000,
+        channels=1,
+        format="pcm_f32le",
+        seed=7,
+        seconds=None,
+        max_seconds=81.92,
+    ),
+    Started(
+        id="r3",
+        model="tiny-musicgen",
+        sample_rate=32000,
+        channels=2,
+        format="pcm_s16le",
+        seconds=7.5,
+    ),
+    Progress(id="r1", fraction=0.0, seconds=0.0, stage="prepare"),
     Progress(id="r1", fraction=0.5, seconds=1.25),
     Audio(
         id="r1",
@@ -125,7 +144,7 @@ def test_golden_frames() -> None:
 
 
 def test_audio_json_uses_base64() -> None:
-    audio = MESSAGES[8]
+    audio = next(m for m in MESSAGES if isinstance(m, Audio))
     wire = json.loads(encode(audio, text=True))  # type: ignore[arg-type]
     assert base64.b64decode(wire["data"]) == b"\x01\x00\xff\x7f"
 

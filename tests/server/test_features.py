@@ -82,29 +82,23 @@ async def test_stereo_pcm_is_interleaved() -> None:
 async def test_continuation_upload(server: Any) -> None:
     async with connect(server.url) as client:
         upload = clip_bytes(2.0)
-        plain = await (
+        streams = [
             await client.generate(
                 "tiny-musicgen",
                 "go on",
                 duration=5.0,
                 seed=4,
+                include_prompt=include,
                 inputs={"continuation": upload},
                 format="pcm_f32le",
             )
-        ).collect()
-        with_prompt = await (
-            await client.generate(
-                "tiny-musicgen",
-                "go on",
-                duration=5.0,
-                seed=4,
-                include_prompt=True,
-                inputs={"continuation": upload},
-                format="pcm_f32le",
-            )
-        ).collect()
+            for include in (False, True)
+        ]
+        plain, with_prompt = [await stream.collect() for stream in streams]
     assert plain.status == "completed" and plain.frames == 150 * HOP  # 5 s minus the 2 s prompt
     assert with_prompt.frames == 250 * HOP
+    # started says how long each live stream will be
+    assert [stream.started.seconds for stream in streams] == [3.0, 5.0]
     # the new part is the same audio whether or not the prompt is re-sent (the chunk
     # boundaries differ, so equal up to float rounding)
     new = with_prompt.to_numpy()[100 * HOP :]

@@ -81,14 +81,16 @@ async def test_completed_stream_is_exact_and_contiguous(server: Any) -> None:
         stream = await client.generate("tiny-musicgen", "lofi", duration=2.0, seed=1)
         events = [event async for event in stream]
     kinds = [type(e).__name__ for e in events]
-    assert kinds[0] == "Queued" and kinds[1] == "Started" and kinds[-1] == "Done"
+    assert kinds[:3] == ["Queued", "Progress", "Started"] and kinds[-1] == "Done"
+    preparing = events[1]
+    assert isinstance(preparing, Progress) and preparing.stage == "prepare"
     audio = [e for e in events if isinstance(e, Audio)]
     assert [a.seq for a in audio] == list(range(len(audio)))
     offsets = np.cumsum([0] + [a.frames for a in audio[:-1]])
     assert [a.offset for a in audio] == offsets.tolist()
     total = sum(a.frames for a in audio)
     assert total == samples_for(2.0)
-    progress = [e.fraction for e in events if isinstance(e, Progress)]
+    progress = [e.fraction for e in events if isinstance(e, Progress) and e.stage is None]
     assert progress == sorted(progress) and progress[-1] == 1.0
     done = events[-1]
     assert isinstance(done, Done) and done.status == "completed" and done.stats is not None
@@ -96,8 +98,9 @@ async def test_completed_stream_is_exact_and_contiguous(server: Any) -> None:
     assert done.stats.audio_seconds == pytest.approx(2.0)
     assert done.stats.first_audio_seconds is not None
     assert 0 < done.stats.first_audio_seconds < done.stats.wall_seconds
-    started = events[1]
+    started = events[2]
     assert isinstance(started, Started) and started.seed == 1
+    assert started.seconds == 2.0 and started.max_seconds is None
 
 
 async def test_seed_reproduces_and_formats_agree(server: Any) -> None:
@@ -155,6 +158,8 @@ async def test_queue_positions_and_busy() -> None:
     ):
         running = await client.generate("tiny-musicgen", "a", duration=30.0)
         assert isinstance(await anext(aiter(running)), Queued)
+        preparing = await anext(aiter(running))
+        assert isinstance(preparing, Progress) and preparing.stage == "prepare"
         assert isinstance(await anext(aiter(running)), Started)
         second = await client.generate("tiny-musicgen", "b", duration=0.5)
         third = await client.generate("tiny-musicgen", "c", duration=0.5)
@@ -168,6 +173,7 @@ async def test_queue_positions_and_busy() -> None:
         assert isinstance(q3, Queued) and q3.position == 2
         await running.cancel()
         # The freed slot goes to the next in line at once, and positions move up.
+        assert isinstance(await anext(aiter(second)), Progress)  # preparing
         assert isinstance(await anext(aiter(second)), Started)
         moved = await anext(aiter(third))
         assert isinstance(moved, Queued) and moved.position == 1

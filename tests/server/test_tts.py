@@ -113,6 +113,7 @@ async def test_named_voice_streams_audio(server: Any) -> None:
         events = [event async for event in stream]
         started = next(e for e in events if isinstance(e, Started))
         assert (started.sample_rate, started.channels, started.seed) == (24000, 1, 1)
+        assert started.seconds is None and started.max_seconds == pytest.approx(30 * HOP / 24000)
         chunks = [e for e in events if isinstance(e, Audio)]
         assert len(chunks) > 2  # streamed as it is made, not at the end
         offsets = [c.offset for c in chunks]
