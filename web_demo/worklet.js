@@ -1,84 +1,144 @@
-// AudioWorklet player: a bounded ring buffer of interleaved float samples fed
-// by the page, with a small jitter buffer. Playback starts once `startFrames`
-// are buffered (or the stream has ended); if it catches up with generation it
-// waits ("buffering") and resumes once enough is buffered again. Chunks join
-// sample by sample, so there are no clicks at chunk seams.
+// AudioWorklet player: the clip's interleaved float samples, fed by the page as
+// they arrive, played with a small jitter buffer. Playback starts once
+// `startFrames` are buffered (or the stream has ended); if it catches up with
+// generation it waits ("buffering") and resumes once enough is buffered again.
+// Chunks join sample by sample, so there are no clicks at chunk seams.
+//
+// The whole clip is kept (up to `capacityFrames`, a bound the page sets from
+// the longest clip the server makes), so the same player pauses, resumes,
+// stops, seeks and plays the finished clip again; `load` swaps in another
+// rendition of the clip at the same position. The buffer grows by doubling.
+//
+// Messages in: chunk {samples}, end, play, pause, stop, seek {frame},
+// load {samples}, close. Out: state {state: waiting|playing|buffering|paused|
+// finished}, position {position, consumed, buffered, underruns}, overflow.
+const INITIAL_FRAMES = 32768;
+
 class StreamPlayer extends AudioWorkletProcessor {
   constructor(options) {
     super();
     const o = options.processorOptions;
     this.channels = o.channels;
-    this.capacity = o.capacityFrames; // bounded: the longest clip the server makes
+    this.capacity = o.capacityFrames;
     this.startFrames = o.startFrames;
-    this.ring = new Float32Array(this.capacity * this.channels);
-    this.readPos = 0; // frames
-    this.writePos = 0; // frames
+    this.samples = new Float32Array(Math.min(this.capacity, INITIAL_FRAMES) * this.channels);
+    this.length = 0; // frames received
+    this.readPos = 0; // frames: the playhead
     this.ended = false;
-    this.playing = false;
-    this.stopped = false;
-    this.consumed = 0;
+    this.paused = Boolean(o.paused);
+    this.state = "waiting";
+    this.closed = false;
+    this.consumed = 0; // frames played, in all (seeks do not change it)
     this.underruns = 0;
     this.lastReport = 0;
     this.port.onmessage = (event) => this.onMessage(event.data);
   }
 
-  onMessage(msg) {
-    if (msg.kind === "chunk") {
-      const frames = msg.samples.length / this.channels;
-      const free = this.capacity - (this.writePos - this.readPos);
-      const n = Math.min(frames, free); // never grows past its bound
-      for (let i = 0; i < n * this.channels; i++) {
-        this.ring[((this.writePos * this.channels) + i) % this.ring.length] = msg.samples[i];
-      }
-      this.writePos += n;
-      if (n < frames) this.port.postMessage({ kind: "overflow", dropped: frames - n });
-    } else if (msg.kind === "end") {
-      this.ended = true;
-    } else if (msg.kind === "stop") {
-      this.stopped = true;
-      this.readPos = this.writePos;
+  setState(state) {
+    if (state === this.state) return;
+    this.state = state;
+    this.port.postMessage({ kind: "state", state, position: this.readPos, consumed: this.consumed });
+  }
+
+  append(samples) {
+    const frames = samples.length / this.channels;
+    const n = Math.min(frames, this.capacity - this.length); // never grows past its bound
+    const needed = (this.length + n) * this.channels;
+    if (needed > this.samples.length) {
+      let size = this.samples.length;
+      while (size < needed) size *= 2;
+      const grown = new Float32Array(Math.min(size, this.capacity * this.channels));
+      grown.set(this.samples.subarray(0, this.length * this.channels));
+      this.samples = grown;
     }
+    this.samples.set(samples.subarray(0, n * this.channels), this.length * this.channels);
+    this.length += n;
+    if (n < frames) this.port.postMessage({ kind: "overflow", dropped: frames - n });
+  }
+
+  onMessage(msg) {
+    switch (msg.kind) {
+      case "chunk":
+        this.append(msg.samples);
+        break;
+      case "end":
+        this.ended = true;
+        break;
+      case "load": // another rendition of the whole clip, at the same position
+        this.length = 0;
+        this.append(msg.samples);
+        this.ended = true;
+        this.readPos = Math.min(this.readPos, this.length);
+        break;
+      case "play":
+        if (this.ended && this.readPos >= this.length) this.readPos = 0; // again
+        this.paused = false;
+        if (this.state === "paused" || this.state === "finished") this.setState("waiting");
+        break;
+      case "pause":
+        this.paused = true;
+        this.setState("paused");
+        break;
+      case "stop":
+        this.paused = true;
+        this.readPos = 0;
+        this.setState("paused");
+        break;
+      case "seek":
+        this.readPos = Math.max(0, Math.min(this.length, Math.round(msg.frame)));
+        if (this.state === "finished" && this.readPos < this.length) this.setState("paused");
+        break;
+      case "close":
+        this.closed = true;
+        break;
+    }
+    this.report();
+  }
+
+  report() {
+    this.port.postMessage({
+      kind: "position",
+      position: this.readPos,
+      consumed: this.consumed,
+      buffered: this.length - this.readPos,
+      underruns: this.underruns,
+    });
   }
 
   process(inputs, outputs) {
     const out = outputs[0];
     const frames = out[0].length;
-    const buffered = this.writePos - this.readPos;
-    if (!this.playing && !this.stopped && (buffered >= this.startFrames || (this.ended && buffered > 0))) {
-      this.playing = true;
-      this.port.postMessage({ kind: "state", state: "playing", consumed: this.consumed });
+    const buffered = this.length - this.readPos;
+    if (!this.paused && this.state !== "playing" && this.state !== "finished") {
+      if (buffered >= this.startFrames || (this.ended && buffered > 0)) this.setState("playing");
     }
     let n = 0;
-    if (this.playing && !this.stopped) {
+    if (this.state === "playing") {
       n = Math.min(frames, buffered);
       for (let f = 0; f < n; f++) {
-        const base = ((this.readPos + f) * this.channels) % this.ring.length;
+        const base = (this.readPos + f) * this.channels;
         for (let c = 0; c < out.length; c++) {
-          out[c][f] = this.ring[base + Math.min(c, this.channels - 1)];
+          out[c][f] = this.samples[base + Math.min(c, this.channels - 1)];
         }
       }
       this.readPos += n;
       this.consumed += n;
       if (n < frames) {
-        for (let c = 0; c < out.length; c++) out[c].fill(0, n);
         if (this.ended) {
-          this.playing = false;
-          this.stopped = true;
-          this.port.postMessage({ kind: "state", state: "finished", consumed: this.consumed });
+          this.paused = true;
+          this.setState("finished");
         } else {
-          this.playing = false;
           this.underruns += 1;
-          this.port.postMessage({ kind: "state", state: "buffering", consumed: this.consumed });
+          this.setState("buffering");
         }
       }
-    } else {
-      for (let c = 0; c < out.length; c++) out[c].fill(0);
     }
+    for (let c = 0; c < out.length; c++) out[c].fill(0, n);
     if (currentTime - this.lastReport > 0.05) {
       this.lastReport = currentTime;
-      this.port.postMessage({ kind: "position", consumed: this.consumed, buffered: this.writePos - this.readPos, underruns: this.underruns });
+      this.report();
     }
-    return !this.stopped;
+    return !this.closed;
   }
 }
 

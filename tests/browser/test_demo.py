@@ -129,7 +129,9 @@ async def test_playback_starts_before_generation_ends(
     assert page.errors == []
 
 
-async def test_cancel_stops_server_and_playback(browser: Any, server: Any) -> None:
+async def test_cancel_stops_server_and_playback_and_keeps_the_partial_clip(
+    browser: Any, server: Any, tmp_path: Path
+) -> None:
     page = await open_page(browser, server)
     rid = await generate(page, "cancel me", 30)
     await page.wait_for_function(
@@ -145,10 +147,25 @@ async def test_cancel_stops_server_and_playback(browser: Any, server: Any) -> No
     await page.wait_for_timeout(400)
     later = await card(page, rid)
     assert later["consumed"] == first["consumed"]  # silence after cancel
-    assert later["frames"] < 30 * 32000
-    assert await page.text_content("#cards article:first-child .status") == "cancelled"
+    assert 0 < later["frames"] < 30 * 32000
+    assert await page.text_content("#cards article:first-child .status") == "cancelled (partial)"
     await server.scheduler.wait_idle(timeout(5))
     assert server.scheduler.snapshot()["cancelled"] == 1
+    # What was made stays: it plays again, and downloads as a partial clip.
+    await page.click("#cards article:first-child .play")
+    await page.wait_for_function(
+        "([id, n]) => window.wavecast.cards.get(id).consumed > n",
+        arg=[rid, later["consumed"]],
+        timeout=timeout(10) * MS,
+    )
+    async with page.expect_download() as info:
+        await page.click("#cards article:first-child .download")
+    download = await info.value
+    assert download.suggested_filename.endswith("-partial.wav")
+    path = tmp_path / "partial.wav"
+    await download.save_as(path)
+    assert soundfile.info(str(path)).frames == later["frames"]
+    assert page.errors == []
 
 
 async def test_server_errors_are_shown(browser: Any) -> None:
@@ -349,8 +366,20 @@ async def test_mbd_version_is_offered(browser: Any, server: Any) -> None:
     )
     frames = await page.evaluate("(id) => window.wavecast.cards.get(id).mbdFrames", rid)
     assert frames == 32000
-    assert await page.is_visible("#cards article:first-child .clip-mbd")
+    # An A/B switch between the two versions, in the card's one player.
+    mbd = "#cards article:first-child .renditions [data-rendition=mbd]"
+    await page.click(mbd)
+    assert await page.get_attribute(mbd, "aria-pressed") == "true"
+    assert await page.evaluate("(id) => window.wavecast.cards.get(id).rendition", rid) == "mbd"
+    before = (await card(page, rid))["consumed"]
+    await page.click("#cards article:first-child .play")
+    await page.wait_for_function(
+        "([id, n]) => window.wavecast.cards.get(id).consumed > n",
+        arg=[rid, before],
+        timeout=timeout(10) * MS,
+    )
     assert await page.get_attribute("#cards article:first-child .download-mbd", "download")
+    assert page.errors == []
 
 
 async def test_melody_picker_only_for_melody_models(browser: Any, tmp_path: Path) -> None:

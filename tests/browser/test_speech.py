@@ -86,6 +86,8 @@ async def test_speech_form_dialogue_voices_and_upload(
         timeout=timeout(10) * MS,
     )
     await page.fill("#param-max_new_tokens", "20")
+    assert not await page.is_visible("#param-chunk_method")  # sampling and chunking: Advanced
+    await page.click("#advanced summary")
     await page.select_option("#param-chunk_method", "speaker")
     rid, done = await submit_and_wait(page)
     assert done["status"] == "completed", done["error"]
@@ -131,9 +133,60 @@ async def test_speech_errors_and_recorded_reference(
     _, done = await submit_and_wait(page)
     assert done["status"] == "completed", done["error"]
     assert done["frames"] == (12 - K) * HOP
-    # A bad value is shown on its card with the server's typed error.
-    # (the form's `required` check passes a blank line; the server refuses it)
+    # A value the server refuses is shown at its field, not as a code on an empty
+    # card (the form's `required` check passes a blank line; the server refuses it).
+    cards = await page.evaluate("window.wavecast.cards.size")
     await page.fill("#prompt", " ")
-    _, failed = await submit_and_wait(page)
-    assert failed["status"] == "error" and "prompt" in failed["error"]
+    await page.click("#generate")
+    await page.wait_for_selector("#prompt[aria-invalid=true]", timeout=timeout(20) * MS)
+    note = await page.text_content(".field-error")
+    assert note and "text" in note and "invalid_field" not in note
+    assert await page.evaluate("window.wavecast.cards.size") == cards
+    assert await page.evaluate("document.activeElement.id") == "prompt"
+    await page.fill("#prompt", "Fixed.")  # typing clears the error
+    assert await page.get_attribute("#prompt", "aria-invalid") is None
+    assert await page.query_selector(".field-error") is None
+    assert page.errors == []
+
+
+async def test_dialogue_editor_keeps_typed_lines_and_cards_read_well(
+    browser: Any,  # noqa: F811
+    speech_server: Any,
+) -> None:
+    page = await open_page(browser, speech_server)
+    await page.select_option("#model", "tiny-higgs")
+    assert await page.input_value("#param-chunk_method") != "speaker"
+    # Lines typed by hand become editor lines when the editor is opened...
+    await page.fill("#prompt", "[SPEAKER0] Typed by hand.\nA plain line.")
+    await page.click("#add-line")
+    await page.fill("#dialogue-lines .line:nth-child(3) .line-text", "Added here.")
+    expected = "[SPEAKER0] Typed by hand.\nA plain line.\n[SPEAKER1] Added here."
+    assert await page.input_value("#prompt") == expected
+    # ...and stay when a line is edited after more was typed by hand.
+    await page.fill("#prompt", expected + "\n[SPEAKER0] Typed again.")
+    assert await page.locator("#dialogue-lines .line").count() == 4
+    await page.fill("#dialogue-lines .line:nth-child(1) .line-text", "Edited.")
+    text = await page.input_value("#prompt")
+    assert (
+        text == "[SPEAKER0] Edited.\nA plain line.\n[SPEAKER1] Added here.\n[SPEAKER0] Typed again."
+    )
+    # A dialogue is spoken a turn at a time.
+    assert await page.input_value("#param-chunk_method") == "speaker"
+    estimate = await page.text_content("#estimate")
+    assert estimate and estimate.startswith("About") and "300" in estimate
+    await page.fill("#param-max_new_tokens", "8")
+    rid, done = await submit_and_wait(page)
+    assert done["status"] == "completed", done["error"]
+    shown = await page.evaluate(
+        """(id) => { const el = window.wavecast.cards.get(id).el;
+             return {title: el.querySelector('.title').textContent,
+                     meta: el.querySelector('.meta').textContent,
+                     generated: el.querySelector('.s-generated').textContent}; }""",
+        rid,
+    )
+    assert "[SPEAKER" not in shown["title"]
+    assert shown["title"].startswith("A: Edited. / A plain line. / B: Added here.")
+    assert "up to" in shown["meta"]
+    # "generated" counts the audio received, not the progress estimate
+    assert shown["generated"] == f"{done['frames'] / 24000:.2f} s"
     assert page.errors == []

@@ -1,0 +1,300 @@
+"""The demo page's cards as a player and the form as a tool, in real headless
+Chromium against the real server: one transport per card (pause, resume, stop,
+seek, play again), one card playing at a time, removing cards, the form's own
+checks and keys, stages and lengths the server reports."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+from helpers import running_server, timeout, with_stereo
+from test_demo import MS, browser, card, generate, open_page  # noqa: F401 - fixture
+
+from wavecast.protocol import Generate, decode
+
+pytestmark = pytest.mark.browser
+
+
+async def wait(page: Any, test: str, arg: Any = None, seconds: float = 30) -> None:
+    await page.wait_for_function(test, arg=arg, timeout=timeout(seconds) * MS)
+
+
+async def player(page: Any, rid: str) -> dict[str, Any]:
+    result: dict[str, Any] = await page.evaluate(
+        """(id) => { const p = window.wavecast.cards.get(id).player;
+             return {playing: p.playing, position: p.position, consumed: p.consumed,
+                     state: p.state, length: p.length}; }""",
+        rid,
+    )
+    return result
+
+
+async def test_one_transport_pause_resume_stop_seek_and_play_again(
+    browser: Any,  # noqa: F811
+    server: Any,
+) -> None:
+    page = await open_page(browser, server)
+    rid = await generate(page, "a long one", 12)
+    first = f"#cards article[data-id='{rid}']"
+    await wait(page, "(id) => window.wavecast.cards.get(id).consumed > 0", rid)
+    assert await page.text_content(f"{first} .play") == "❚❚ Pause"
+    # Pause: the playhead stops while generation goes on.
+    await page.click(f"{first} .play")
+    paused = await player(page, rid)
+    await page.wait_for_timeout(400)
+    later = await player(page, rid)
+    assert not later["playing"] and later["consumed"] == paused["consumed"]
+    assert await page.text_content(f"{first} .play") == "▶ Play"
+    # Resume from where it stopped.
+    await page.click(f"{first} .play")
+    await wait(
+        page,
+        "([id, n]) => window.wavecast.cards.get(id).consumed > n",
+        [rid, later["consumed"]],
+        10,
+    )
+    # Stop: back to the start, silent.
+    await page.click(f"{first} .stop")
+    await wait(page, "(id) => window.wavecast.cards.get(id).player.position === 0", rid, 5)
+    stopped = await player(page, rid)
+    assert not stopped["playing"]
+    await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid, 60)
+    # The same control plays the finished clip; a click on the waveform seeks.
+    box = await page.query_selector(f"{first} .wave-box")
+    assert box is not None
+    bounds = await box.bounding_box()
+    assert bounds is not None
+    await page.mouse.click(bounds["x"] + bounds["width"] * 0.75, bounds["y"] + 10)
+    await wait(
+        page,
+        "(id) => Math.abs(window.wavecast.cards.get(id).player.position - 9 * 32000) < 32000",
+        rid,
+        5,
+    )
+    left = await page.eval_on_selector(f"{first} .playhead", "e => parseFloat(e.style.left)")
+    assert 70 <= left <= 80
+    assert await page.get_attribute(f"{first} .wave-box", "aria-valuenow") in ("9.0", "8.9", "9.1")
+    await page.click(f"{first} .play")
+    await wait(
+        page,
+        "(id) => window.wavecast.cards.get(id).player.position > 9.2 * 32000",
+        rid,
+        10,
+    )
+    # The keyboard moves the playhead too.
+    await page.focus(f"{first} .wave-box")
+    await page.keyboard.press("Home")
+    await wait(page, "(id) => window.wavecast.cards.get(id).player.position < 32000", rid, 5)
+    assert page.errors == []
+
+
+async def test_one_card_plays_at_a_time(browser: Any, server: Any) -> None:  # noqa: F811
+    page = await open_page(browser, server)
+    a = await generate(page, "first", 20)
+    await wait(page, "(id) => window.wavecast.cards.get(id).consumed > 0", a)
+    b = await generate(page, "second", 1)
+    # The new card takes the speakers: the first one pauses.
+    await wait(page, "(id) => !window.wavecast.cards.get(id).player.playing", a, 10)
+    await wait(page, "(id) => window.wavecast.cards.get(id).consumed > 0", b)
+    held = (await player(page, a))["consumed"]
+    await page.wait_for_timeout(300)
+    assert (await player(page, a))["consumed"] == held
+    # Playing the first again pauses the second.
+    await page.click(f"#cards article[data-id='{a}'] .play")
+    await wait(page, "(id) => window.wavecast.cards.get(id).player.playing", a, 5)
+    assert not (await player(page, b))["playing"]
+    assert page.errors == []
+
+
+async def test_cards_are_removed_and_cleared(browser: Any, server: Any) -> None:  # noqa: F811
+    page = await open_page(browser, server)
+    ids = [await generate(page, f"clip {i}", 0.5) for i in range(3)]
+    for rid in ids:
+        await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
+    assert await page.locator("#cards article").count() == 3
+    await page.click(f"#cards article[data-id='{ids[0]}'] .remove")
+    assert await page.locator("#cards article").count() == 2
+    assert await page.evaluate("window.wavecast.cards.size") == 2
+    running = await generate(page, "still going", 20)
+    await wait(page, "(id) => window.wavecast.cards.get(id).frames > 0", running)
+    await page.click("#clear-cards")
+    # The finished ones go; the running one stays.
+    assert await page.evaluate("[...window.wavecast.cards.keys()]") == [running]
+    await page.click(f"#cards article[data-id='{running}'] .remove")  # cancels it
+    await server.scheduler.wait_idle(timeout(5))
+    assert server.scheduler.snapshot()["cancelled"] == 1
+    assert await page.locator("#cards article").count() == 0
+    assert page.errors == []
+
+
+async def test_accessible_names_and_a_quiet_live_region(
+    browser: Any,  # noqa: F811
+    server: Any,
+) -> None:
+    page = await open_page(browser, server)
+    rid = await generate(page, "named things", 0.5)
+    await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
+    article = f"#cards article[data-id='{rid}']"
+    assert await page.get_attribute("#cards", "aria-live") is None  # no chattering stats
+    for selector in (".play", ".stop", ".remove", ".progress", ".wave-box"):
+        label = await page.get_attribute(f"{article} {selector}", "aria-label")
+        assert label and label.endswith("named things"), selector
+    await wait(
+        page, "document.querySelector('#announcer').textContent === 'named things: completed'"
+    )
+
+
+async def test_form_checks_and_keys(browser: Any, server: Any) -> None:  # noqa: F811
+    page = await open_page(browser, server)
+    await page.fill("#prompt", "checked by the browser")
+    # Ctrl+Enter goes through the browser's own checks: out of range, no request.
+    await page.fill("#param-duration", "500")
+    await page.focus("#prompt")
+    await page.keyboard.press("Control+Enter")
+    await page.wait_for_timeout(300)
+    assert await page.evaluate("window.wavecast.cards.size") == 0
+    assert await page.eval_on_selector("#param-duration", "e => !e.validity.valid")
+    # Enter in a number field does not start a generation.
+    await page.fill("#param-duration", "1")
+    await page.focus("#param-duration")
+    await page.keyboard.press("Enter")
+    await page.wait_for_timeout(300)
+    assert await page.evaluate("window.wavecast.cards.size") == 0
+    await page.keyboard.press("Control+Enter")
+    await wait(page, "window.wavecast.cards.size === 1")
+    # Parameters show their descriptions, not only on hover.
+    help_text = await page.text_content("#param-temperature-help")
+    assert help_text and "0" in help_text
+    # A parameter that needs an input (include prompt: a continuation) shows only with it.
+    assert await page.query_selector("#param-include_prompt") is None
+    assert page.errors == []
+
+
+async def test_a_continuation_card_is_scaled_to_the_new_part(
+    browser: Any,  # noqa: F811
+    server: Any,
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "riff.wav"
+    t = np.arange(44100) / 44100
+    soundfile.write(str(source), (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 44100)
+    page = await open_page(browser, server)
+    await page.set_input_files("#continuation", str(source))
+    await page.wait_for_selector("#param-include_prompt")
+    rid = await generate(page, "continue this", 3)
+    await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
+    info = await page.evaluate(
+        """(id) => { const c = window.wavecast.cards.get(id);
+             return {duration: c.duration, statuses: c.statuses,
+                     meta: c.el.querySelector('.meta').textContent,
+                     played: c.el.querySelector('.played').style.width}; }""",
+        rid,
+    )
+    assert info["duration"] == 2.0  # 3 s in all, 1 s was ours
+    assert "2.0 s after your clip" in info["meta"]
+    assert "analysing your clip…" in info["statuses"]
+    done = await card(page, rid)
+    assert done["frames"] == 2 * 32000
+
+
+async def test_a_melody_request_shows_its_analysis_not_the_queue(
+    browser: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "hum.wav"
+    soundfile.write(str(source), (0.2 * np.random.default_rng(0).standard_normal(22050)), 22050)
+    async with running_server(factory=with_stereo) as srv:
+        page = await open_page(browser, srv)
+        await page.select_option("#model", "tiny-musicgen-melody")
+        await page.set_input_files("#melody", str(source))
+        await wait(page, "document.querySelector('#note-melody').textContent.includes('hum.wav')")
+        rid = await generate(page, "follow the humming", 1)
+        await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid, 60)
+        statuses = await page.evaluate("(id) => window.wavecast.cards.get(id).statuses", rid)
+        # queued, then the analysis, then generation: never "queued" once it left the queue
+        at = statuses.index("analysing the melody…")
+        assert all(not s.startswith("queued") for s in statuses[at:])
+        assert statuses[-1] == "completed"
+        assert page.errors == []
+
+
+async def run(*argv: str, cwd: Path) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout(120))
+    return process.returncode or 0, out.decode()
+
+
+async def test_copy_as_code_runs_and_a_link_fills_the_form(
+    browser: Any,  # noqa: F811
+    server: Any,
+    tmp_path: Path,
+) -> None:
+    page = await open_page(browser, server, permissions=["clipboard-read", "clipboard-write"])
+    await page.fill("#prompt", "it's a 'quoted' prompt")
+    await page.fill("#param-duration", "0.5")
+    await page.click("#advanced summary")
+    await page.fill("#param-temperature", "0.5")
+    await page.click("#generate")
+    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
+    seed = await page.evaluate("(id) => window.wavecast.cards.get(id).seed", rid)
+    article = f"#cards article[data-id='{rid}']"
+    await page.click(f"{article} .show-code")
+    python = await page.text_content(f"{article} .code-python")
+    cli = await page.text_content(f"{article} .code-cli")
+    frame = await page.text_content(f"{article} .code-json")
+    assert python and cli and frame
+    # The snippets are the exact request, seed included, and they run.
+    (tmp_path / "py").mkdir()
+    (tmp_path / "py" / "snippet.py").write_text(python)
+    code, out = await run(sys.executable, "snippet.py", cwd=tmp_path / "py")
+    assert code == 0, out
+    (tmp_path / "cli").mkdir()
+    words = shlex.split(cli)
+    assert words[0] == "wavecast"
+    code, out = await run(
+        sys.executable, "-m", "wavecast.clients.cli", *words[1:], cwd=tmp_path / "cli"
+    )
+    assert code == 0, out
+    a, rate = soundfile.read(str(tmp_path / "py" / "out.wav"))
+    b, _ = soundfile.read(str(tmp_path / "cli" / "out.wav"))
+    assert rate == 32000 and len(a) == 16000 and np.array_equal(a, b)  # same seed, same clip
+    clip = np.array(await page.evaluate("(id) => [...window.wavecast.cards.get(id).clip]", rid))
+    assert np.abs(a - clip).max() < 1e-3  # and the page's (float32 vs int16 on the wire)
+    websocat, json_frame = frame.split("\n", 1)
+    assert websocat.startswith("websocat ") and "encoding=json" in websocat
+    request = decode(json_frame)
+    assert isinstance(request, Generate)
+    given = {name: request.params[name] for name in ("duration", "temperature", "seed")}
+    assert given == {"duration": 0.5, "temperature": 0.5, "seed": seed}
+    # A link with the settings fills the form on a fresh page.
+    await page.click(f"{article} .copy-link")
+    link = await page.evaluate("navigator.clipboard.readText()")
+    fresh = await open_page(browser, server)
+    await fresh.goto(link)
+    await wait(fresh, "document.querySelector('#prompt').value.includes('quoted')")
+    assert await fresh.input_value("#param-duration") == "0.5"
+    assert await fresh.input_value("#param-temperature") == "0.5"
+    assert await fresh.input_value("#param-seed") == str(seed)
+    # ...and opened in a new tab, once the models are known.
+    opened = await (await browser.new_context()).new_page()
+    await opened.goto(link)
+    await wait(opened, "document.querySelector('#prompt').value.includes('quoted')")
+    assert await opened.input_value("#param-temperature") == "0.5"
+    # Load settings and reuse seed, on the first page.
+    await page.fill("#prompt", "something else")
+    await page.fill("#param-seed", "")
+    await page.click(f"{article} .reuse-seed")
+    assert await page.input_value("#param-seed") == str(seed)
+    await page.click(f"{article} .load-settings")
+    assert await page.input_value("#prompt") == "it's a 'quoted' prompt"
+    assert page.errors == [] and fresh.errors == []

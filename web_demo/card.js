@@ -1,0 +1,481 @@
+// A generation's card: its status, stats, waveform with a playhead, and one
+// transport (play/pause/stop, seek) for the live stream and then the finished
+// clip; the Multi-Band Diffusion version behind an A/B switch; downloads,
+// partial ones too; remove.
+import { pcmToFloat32 } from "./protocol.js";
+import { encodeWav } from "./wav.js";
+import { Player } from "./player.js";
+import { asCli, asJson, asPython, settingsLink } from "./code.js";
+
+const $ = (sel, root) => root.querySelector(sel);
+
+// Speech has no set length: a guess from the text (about 14 characters a second).
+export const CHARS_PER_SECOND = 14;
+
+export function speechTitle(text) {
+  return text
+    .split("\n")
+    .map((line) => line.replace(/^\s*\[SPEAKER(\d+)\]\s*/, (_, n) => `${Number(n) === 0 ? "A" : "B"}: `).trim())
+    .filter(Boolean)
+    .join(" / ");
+}
+
+function join(chunks) {
+  const all = new Float32Array(chunks.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of chunks) { all.set(c, at); at += c.length; }
+  return all;
+}
+
+function slug(text) {
+  const words = text.toLowerCase().replace(/\[speaker\d+\]/g, " ").match(/[\p{L}\p{N}]+/gu) || [];
+  return words.slice(0, 6).join("-").slice(0, 48) || "clip";
+}
+
+const FRIENDLY = {
+  busy: "The server is busy (its queue is full). Try again in a moment.",
+  shutting_down: "The server is restarting. Try again in a moment.",
+  disconnected: "The connection to the server was lost.",
+  internal_error: "The server failed on this request.",
+  too_many_requests: "Too many requests at once on this page: wait for one to finish.",
+  slow_consumer: "This page could not keep up with the stream.",
+  audio: "Live playback is unavailable in this browser.",
+};
+
+export class Card {
+  // hooks: send(message), announce(text), removed(card), load(settings), reuseSeed(seed)
+  constructor({ id, model, prompt, params, inputs }, hooks) {
+    this.id = id;
+    this.model = model;
+    this.prompt = prompt;
+    this.params = params;
+    this.hooks = hooks;
+    this.speech = (model.capabilities || []).includes("tts");
+    this.inputs = Object.keys(inputs || {});
+    this.continuation = this.inputs.includes("continuation") && !params.include_prompt;
+    this.sampleRate = model.sample_rate;
+    this.channels = model.channels;
+    this.maxSeconds = model.max_duration;
+    this.duration = this.speech
+      ? Math.min(model.max_duration, Math.max(2, Math.ceil(prompt.length / CHARS_PER_SECOND)))
+      : params.duration ?? paramDefault(model, "duration") ?? 10;
+    this.status = "queued";
+    this.statuses = ["queued"];
+    this.frames = 0; // received
+    this.consumed = 0; // played by the worklet, in all
+    this.chunks = [];
+    this.sentAt = performance.now();
+    this.preparedFrom = null;
+    this.startedAt = null;
+    this.firstAudioAt = null;
+    this.renditions = {}; // name -> Float32Array chunks
+    this.rendition = "live";
+    this.ended = false;
+    this.player = null;
+    this.urls = [];
+
+    const el = document.querySelector("#card-template").content.firstElementChild.cloneNode(true);
+    this.el = el;
+    el.dataset.id = id;
+    this.title = (this.speech ? speechTitle(prompt) : prompt) || "(no prompt)";
+    $(".title", el).textContent = this.title;
+    this.meta = [
+      model.name + (model.test_model ? " · test model (random weights: noise)" : ""),
+      this.speech ? (params.voice ? `voice ${params.voice}` : "speech") : `${this.duration} s`,
+      `${this.sampleRate} Hz`,
+      this.channels === 2 ? "stereo" : "mono",
+    ];
+    this.renderMeta();
+    for (const [cls, label] of [
+      ["play", "Play"], ["stop", "Stop"], ["cancel", "Cancel"], ["remove", "Remove"],
+    ]) {
+      $(`.${cls}`, el).setAttribute("aria-label", `${label}: ${this.title}`);
+    }
+    $(".progress", el).setAttribute("aria-label", `Generated so far: ${this.title}`);
+    this.seekBar = $(".wave-box", el);
+    this.seekBar.setAttribute("aria-label", `Playhead: ${this.title}`);
+    $(".cancel", el).addEventListener("click", () => this.cancel());
+    $(".play", el).addEventListener("click", () => this.togglePlay());
+    $(".stop", el).addEventListener("click", () => this.player?.stop());
+    $(".remove", el).addEventListener("click", () => this.remove());
+    for (const button of el.querySelectorAll(".renditions button")) {
+      button.addEventListener("click", () => this.switchTo(button.dataset.rendition));
+    }
+    this.seekBar.addEventListener("click", (event) => {
+      const box = this.seekBar.getBoundingClientRect();
+      this.seekTo(((event.clientX - box.left) / box.width) * this.duration);
+    });
+    this.seekBar.addEventListener("keydown", (event) => this.onSeekKey(event));
+    $(".show-code", el).addEventListener("click", () => this.toggleCode());
+    $(".load-settings", el).addEventListener("click", () => hooks.load(this.settings()));
+    $(".reuse-seed", el).addEventListener("click", () => hooks.reuseSeed(this.seed));
+    $(".copy-link", el).addEventListener("click", () => this.copy(settingsLink(this.settings()), $(".copy-link", el)));
+    for (const button of el.querySelectorAll(".code .copy")) {
+      button.addEventListener("click", () => this.copy(this.code()[button.dataset.copy], button));
+    }
+    this.canvas = $(".wave", el);
+    this.ctx2d = this.canvas.getContext("2d");
+    document.querySelector("#cards").prepend(el);
+    el.scrollIntoView?.({ block: "nearest" });
+    this.timer = setInterval(() => this.tick(), 100);
+    this.updateTransport();
+  }
+
+  renderMeta() {
+    $(".meta", this.el).textContent = this.meta.join(" · ");
+  }
+
+  setStatus(status, text = status) {
+    const changed = status !== this.status;
+    this.status = status;
+    if (this.statuses.at(-1) !== text) this.statuses.push(text); // what the badge said, in order
+    const badge = $(".status", this.el);
+    badge.textContent = text;
+    badge.dataset.status = status;
+    this.el.dataset.status = status;
+    if (changed && ["completed", "cancelled", "error"].includes(status)) {
+      this.hooks.announce(`${this.title}: ${status}`);
+    }
+  }
+
+  onPreparing() {
+    // Out of the queue; the server analyses the inputs (a melody can take a while).
+    this.preparedFrom = performance.now();
+    const what = this.inputs.includes("melody") ? "analysing the melody…"
+      : this.inputs.includes("continuation") ? "analysing your clip…"
+      : this.inputs.some((role) => role.startsWith("reference")) ? "reading the voice…"
+      : "preparing…";
+    this.setStatus("preparing", what);
+  }
+
+  onStarted(message) {
+    this.startedAt = performance.now();
+    this.sampleRate = message.sample_rate;
+    this.channels = message.channels;
+    this.seed = message.seed;
+    if (message.seed !== undefined && message.seed !== null) {
+      this.meta.push(`seed ${message.seed}`);
+      $(".reuse-seed", this.el).hidden = false;
+    }
+    if (message.seconds != null) {
+      this.duration = Math.max(message.seconds, 0.01);
+      this.meta[1] = this.continuation
+        ? `${message.seconds.toFixed(1)} s after your clip`
+        : `${message.seconds.toFixed(1)} s`;
+    }
+    if (message.max_seconds != null) {
+      this.maxSeconds = message.max_seconds;
+      this.duration = Math.min(this.duration, message.max_seconds);
+      this.meta.push(`up to ${message.max_seconds.toFixed(1)} s`);
+    }
+    this.renderMeta();
+    if (this.preparedFrom !== null) {
+      $(".s-wait", this.el).textContent = `${((this.startedAt - this.sentAt) / 1000).toFixed(1)} s`;
+    }
+    this.setStatus("generating");
+    const capacity = Math.ceil(((this.speech ? this.maxSeconds : this.duration) + 1) * this.sampleRate);
+    this.player = new Player(
+      { sampleRate: this.sampleRate, channels: this.channels, capacityFrames: capacity, paused: this.userPaused },
+      {
+        onState: (state) => this.onPlayerState(state),
+        onPosition: (player) => this.onPosition(player),
+        onError: (err) => {
+          console.error("audio output unavailable", err);
+          this.showError("audio", err.message);
+        },
+      },
+    );
+    if (this.ended) this.player.end();
+    this.updateTransport();
+  }
+
+  onAudio(message) {
+    if (message.rendition) {
+      // A complete second version (Multi-Band Diffusion), offered once it is whole.
+      (this.renditions[message.rendition] ??= []).push(pcmToFloat32(message));
+      return;
+    }
+    if (this.firstAudioAt === null) {
+      this.firstAudioAt = performance.now();
+      const from = this.startedAt ?? this.sentAt;
+      $(".s-first", this.el).textContent = `${Math.round(this.firstAudioAt - from)} ms`;
+    }
+    const samples = pcmToFloat32(message);
+    this.chunks.push(samples);
+    this.frames += samples.length / this.channels;
+    $(".s-generated", this.el).textContent = `${(this.frames / this.sampleRate).toFixed(2)} s`;
+    this.draw(samples);
+    this.player?.feed(samples.slice());
+    this.updateTransport();
+  }
+
+  onProgress(message) {
+    if (message.stage === "prepare") return this.onPreparing();
+    if (message.stage === "mbd") {
+      this.setStatus("generating", `rendering MBD ${Math.round(message.fraction * 100)}%`);
+      return;
+    }
+    const pct = Math.round(message.fraction * 100);
+    const progress = $(".progress", this.el);
+    progress.setAttribute("aria-valuenow", String(pct));
+    $(".bar", progress).style.width = `${pct}%`;
+  }
+
+  onPlayerState(state) {
+    if (this.status === "generating" && !this.ended) {
+      if (state === "buffering") this.setStatus("generating", "buffering…");
+      else if (state === "playing") this.setStatus("generating", "playing live");
+      else if (state === "paused") this.setStatus("generating", "generating (paused)");
+    }
+    this.updateTransport();
+  }
+
+  onPosition(player) {
+    this.consumed = player.consumed;
+    const seconds = player.position / this.sampleRate;
+    $(".s-played", this.el).textContent = `${seconds.toFixed(2)} s`;
+    const pct = Math.min(100, (seconds / this.duration) * 100);
+    $(".played", this.el).style.width = `${pct}%`;
+    $(".playhead", this.el).style.left = `${pct}%`;
+    this.seekBar.setAttribute("aria-valuenow", seconds.toFixed(1));
+    this.seekBar.setAttribute("aria-valuetext", `${seconds.toFixed(1)} of ${(this.frames / this.sampleRate).toFixed(1)} seconds`);
+  }
+
+  updateTransport() {
+    const play = $(".play", this.el);
+    const playing = this.player ? this.player.playing : !this.userPaused;
+    play.textContent = playing ? "❚❚ Pause" : "▶ Play";
+    play.setAttribute("aria-label", `${playing ? "Pause" : "Play"}: ${this.title}`);
+    play.disabled = this.ended && this.frames === 0;
+    $(".stop", this.el).disabled = this.frames === 0;
+    this.seekBar.setAttribute("aria-valuemax", this.duration.toFixed(1));
+  }
+
+  togglePlay() {
+    if (!this.player) {
+      this.userPaused = !this.userPaused; // before the audio starts
+    } else if (this.player.playing) {
+      this.player.pause();
+    } else {
+      this.player.play();
+    }
+    this.updateTransport();
+  }
+
+  seekTo(seconds) {
+    if (!this.player) return;
+    const frame = Math.max(0, Math.min(this.frames, seconds * this.sampleRate));
+    this.player.seek(frame);
+  }
+
+  onSeekKey(event) {
+    if (!this.player) return;
+    const now = this.player.position / this.sampleRate;
+    const moves = { ArrowLeft: now - 1, ArrowRight: now + 1, PageDown: now - 5, PageUp: now + 5, Home: 0, End: this.frames / this.sampleRate };
+    if (event.key in moves) {
+      event.preventDefault();
+      this.seekTo(moves[event.key]);
+    } else if (event.key === " " || event.key === "Enter") {
+      event.preventDefault();
+      this.togglePlay();
+    }
+  }
+
+  onDone(message) {
+    clearInterval(this.timer);
+    this.tick();
+    this.ended = true;
+    $(".cancel", this.el).hidden = true;
+    const stats = message.stats;
+    if (stats) {
+      $(".s-elapsed", this.el).textContent = `${stats.wall_seconds.toFixed(1)} s`;
+      if (stats.samples > 0) {
+        $(".s-rtf", this.el).textContent = `×${stats.real_time_factor.toFixed(2)} real time`;
+      }
+      this.serverSamples = stats.samples;
+    }
+    this.player?.end();
+    if (message.status === "completed") {
+      $(".bar", this.el).style.width = "100%";
+      $(".progress", this.el).setAttribute("aria-valuenow", "100");
+      this.setStatus("completed");
+    } else if (message.status === "cancelled") {
+      this.setStatus("cancelled", this.frames ? "cancelled (partial)" : "cancelled");
+    } else {
+      this.setStatus("error", this.frames ? "failed (partial)" : "failed");
+      const err = message.error || { code: "error", message: "failed" };
+      this.showError(err.code, err.message);
+    }
+    if (this.frames > 0) this.finishClip(message.status !== "completed");
+    else if (this.player) { this.player.close(); this.player = null; }
+    this.updateTransport();
+  }
+
+  finishClip(partial) {
+    this.clip = join(this.chunks);
+    if (this.speech || partial) {
+      // Now that the length is known, fit the waveform to it.
+      this.duration = this.frames / this.sampleRate;
+      this.redraw();
+    }
+    const name = `wavecast-${slug(this.prompt)}${this.seed != null ? `-seed${this.seed}` : ""}`;
+    const link = $(".download", this.el);
+    link.href = this.url(encodeWav(this.clip, this.sampleRate, this.channels));
+    link.download = `${name}${partial ? "-partial" : ""}.wav`;
+    link.textContent = partial ? "Download what was made (WAV)" : "Download WAV";
+    link.setAttribute("aria-label", `${link.textContent}: ${this.title}`);
+    link.hidden = false;
+    if (this.renditions.mbd) {
+      this.mbd = join(this.renditions.mbd);
+      this.mbdFrames = this.mbd.length / this.channels;
+      const mbdLink = $(".download-mbd", this.el);
+      mbdLink.href = this.url(encodeWav(this.mbd, this.sampleRate, this.channels));
+      mbdLink.download = `${name}-mbd.wav`;
+      mbdLink.hidden = false;
+      $(".renditions", this.el).hidden = false;
+    }
+  }
+
+  switchTo(rendition) {
+    if (!this.player || rendition === this.rendition) return;
+    const samples = rendition === "mbd" ? this.mbd : this.clip;
+    if (!samples) return;
+    this.player.load(samples.slice());
+    this.rendition = rendition;
+    for (const button of this.el.querySelectorAll(".renditions button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.rendition === rendition));
+    }
+  }
+
+  // The exact request: the seed the server used, so that it comes out the same.
+  settings() {
+    const params = { ...this.params };
+    if (this.seed != null) params.seed = this.seed;
+    return { model: this.model.name, prompt: this.prompt, params, inputs: this.inputs, speech: this.speech };
+  }
+
+  code() {
+    const settings = this.settings();
+    return { python: asPython(settings), cli: asCli(settings), json: asJson(settings) };
+  }
+
+  toggleCode() {
+    const panel = $(".code", this.el);
+    panel.hidden = !panel.hidden;
+    $(".show-code", this.el).setAttribute("aria-expanded", String(!panel.hidden));
+    if (!panel.hidden) {
+      const code = this.code();
+      $(".code-python", panel).textContent = code.python;
+      $(".code-cli", panel).textContent = code.cli;
+      $(".code-json", panel).textContent = code.json;
+    }
+  }
+
+  async copy(text, button) {
+    const label = button.textContent;
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = "Copied";
+    } catch {
+      button.textContent = "Copy failed";
+    }
+    setTimeout(() => { button.textContent = label; }, 1500);
+  }
+
+  url(blob) {
+    const url = URL.createObjectURL(blob);
+    this.urls.push(url);
+    return url;
+  }
+
+  cancel() {
+    this.player?.pause();
+    this.setStatus("cancelling", "cancelling…");
+    this.hooks.send({ type: "cancel", id: this.id });
+  }
+
+  remove() {
+    if (!this.ended) this.cancel();
+    clearInterval(this.timer);
+    this.player?.close();
+    this.player = null;
+    for (const url of this.urls) URL.revokeObjectURL(url);
+    this.el.remove();
+    this.hooks.removed(this);
+  }
+
+  showError(code, text) {
+    const p = $(".error", this.el);
+    p.hidden = false;
+    p.textContent = FRIENDLY[code] ? `${FRIENDLY[code]} (${text})` : `${text} (${code})`;
+    this.errorCode = code;
+  }
+
+  tick() {
+    const elapsed = (performance.now() - this.sentAt) / 1000;
+    $(".s-elapsed", this.el).textContent = `${elapsed.toFixed(1)} s`;
+    if (this.startedAt === null) {
+      $(".s-wait", this.el).textContent = `${elapsed.toFixed(1)} s`;
+    }
+  }
+
+  redraw() {
+    // The waveform again from every chunk, after the time scale changed.
+    this.cols = null;
+    const chunks = this.chunks;
+    const total = this.frames;
+    this.chunks = [];
+    this.frames = 0;
+    for (const c of chunks) {
+      this.chunks.push(c);
+      this.frames += c.length / this.channels;
+      this.draw(c);
+    }
+    this.frames = total;
+    if (this.player) this.onPosition(this.player);
+  }
+
+  draw(samples) {
+    // One min/max column per pixel over the whole clip, filled as chunks arrive
+    // and redrawn with automatic gain (quiet clips stay visible).
+    const { width, height } = this.canvas;
+    if (this.frames > this.duration * this.sampleRate) {
+      // Longer than guessed (speech): double the time scale and redraw it all.
+      while (this.frames > this.duration * this.sampleRate) this.duration *= 2;
+      if (this.speech) this.duration = Math.min(this.duration, Math.max(this.maxSeconds, this.frames / this.sampleRate));
+      this.redraw();
+      return;
+    }
+    if (!this.cols) {
+      this.cols = { lo: new Float32Array(width).fill(1), hi: new Float32Array(width).fill(-1) };
+      this.peak = 1e-4;
+    }
+    const perPixel = (this.duration * this.sampleRate) / width;
+    const frames = samples.length / this.channels;
+    const start = this.frames - frames;
+    for (let f = 0; f < frames; f++) {
+      const x = Math.min(width - 1, Math.floor((start + f) / perPixel));
+      const v = samples[f * this.channels];
+      if (v < this.cols.lo[x]) this.cols.lo[x] = v;
+      if (v > this.cols.hi[x]) this.cols.hi[x] = v;
+      const a = Math.abs(v);
+      if (a > this.peak) this.peak = a;
+    }
+    const ctx = this.ctx2d;
+    ctx.clearRect(0, 0, width, height);
+    ctx.fillStyle = getComputedStyle(this.el).getPropertyValue("--wave") || "#7cf";
+    const gain = 0.95 / this.peak;
+    for (let x = 0; x < width; x++) {
+      const hi = this.cols.hi[x], lo = this.cols.lo[x];
+      if (hi < lo) continue;
+      const y0 = ((1 - hi * gain) / 2) * height;
+      const y1 = ((1 - lo * gain) / 2) * height;
+      ctx.fillRect(x, y0, 1, Math.max(1, y1 - y0));
+    }
+  }
+}
+
+export function paramDefault(model, name) {
+  const spec = (model.params || []).find((p) => p.name === name);
+  return spec ? spec.default : undefined;
+}

@@ -1,0 +1,91 @@
+// A request as code: Python (wavecast.clients), the wavecast command, the JSON
+// frame for any WebSocket client; and as a link that fills the form again.
+import { STREAM_PATH } from "./protocol.js";
+
+const FILES = { continuation: "clip.wav", melody: "melody.wav", reference: "voice.wav", reference_1: "voice1.wav" };
+
+export function streamUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}${STREAM_PATH}`;
+}
+
+const py = (value) => {
+  if (typeof value === "boolean") return value ? "True" : "False";
+  if (typeof value === "string") return JSON.stringify(value);
+  return String(value);
+};
+
+const sh = (value) => {
+  const text = String(value);
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", "'\\''")}'`;
+};
+
+export function asPython({ model, prompt, params, inputs }) {
+  const args = [py(model), py(prompt)];
+  for (const [name, value] of Object.entries(params)) args.push(`${name}=${py(value)}`);
+  if (inputs.length) {
+    const files = inputs.map((role) => `${py(role)}: open(${py(FILES[role] || `${role}.wav`)}, "rb").read()`);
+    args.push(`inputs={${files.join(", ")}}`);
+  }
+  return [
+    "import asyncio",
+    "",
+    "import soundfile",
+    "",
+    "from wavecast.clients import connect",
+    "",
+    "",
+    "async def main() -> None:",
+    `    async with connect(${py(streamUrl())}) as client:`,
+    `        stream = await client.generate(${args.join(", ")})`,
+    "        result = await stream.collect()",
+    '        soundfile.write("out.wav", result.to_numpy(), result.sample_rate)',
+    "",
+    "",
+    "asyncio.run(main())",
+  ].join("\n");
+}
+
+export function asCli({ model, prompt, params, inputs, speech }) {
+  const words = ["wavecast", speech ? "speak" : "generate", sh(prompt), "--url", sh(streamUrl()), "-o", "out.wav", "--model", sh(model)];
+  for (const [name, value] of Object.entries(params)) {
+    if (name === "voice") {
+      for (const voice of String(value).split(",")) words.push("--voice", sh(voice || "''"));
+    } else if (name === "reference_text") {
+      words.push("--ref-text", sh(value));
+    } else if (name === "reference_1_text") {
+      words.push("--ref1-text", sh(value));
+    } else if (typeof value === "boolean") {
+      if (value) words.push(`--${name.replaceAll("_", "-")}`);
+    } else {
+      words.push(`--${name.replaceAll("_", "-")}`, sh(value));
+    }
+  }
+  const flags = { continuation: "--continue", melody: "--melody", reference: "--ref", reference_1: "--ref1" };
+  for (const role of inputs) words.push(flags[role] || `--${role}`, FILES[role] || `${role}.wav`);
+  return words.join(" ");
+}
+
+export function asJson({ model, prompt, params, inputs }) {
+  const frame = { type: "generate", id: "r1", model, prompt, params, format: "pcm_s16le" };
+  if (inputs.length) {
+    frame.inputs = Object.fromEntries(inputs.map((role) => [role, `<base64 of ${FILES[role] || role}>`]));
+  }
+  return `websocat '${streamUrl()}?encoding=json'\n${JSON.stringify(frame)}`;
+}
+
+// The form's settings in a link (uploads stay on this computer).
+export function settingsLink({ model, prompt, params }) {
+  const query = new URLSearchParams({ model, prompt });
+  for (const [name, value] of Object.entries(params)) query.set(`p.${name}`, String(value));
+  return `${location.origin}${location.pathname}#${query}`;
+}
+
+export function readSettingsLink(hash) {
+  if (!hash || hash.length < 2) return null;
+  const query = new URLSearchParams(hash.slice(1));
+  if (!query.has("model")) return null;
+  const params = {};
+  for (const [key, value] of query) if (key.startsWith("p.")) params[key.slice(2)] = value;
+  return { model: query.get("model"), prompt: query.get("prompt") || "", params };
+}

@@ -1,0 +1,408 @@
+// The request form: models and their parameters (from the greeting), uploads
+// (file or microphone), the dialogue editor, errors next to their field.
+import { CHARS_PER_SECOND } from "./card.js";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+
+export const form = {
+  hello: null,
+  uploads: {}, // role -> { bytes, label }
+};
+
+export function currentModel() {
+  return form.hello?.models.find((m) => m.name === $("#model").value);
+}
+
+export function renderModels(models) {
+  const select = $("#model");
+  const previous = select.value;
+  select.replaceChildren();
+  for (const model of models) {
+    const option = document.createElement("option");
+    option.value = model.name;
+    option.textContent = model.test_model ? `${model.name} — TEST MODEL (noise)` : model.name;
+    select.append(option);
+  }
+  if (models.some((m) => m.name === previous)) select.value = previous;
+  renderParams();
+}
+
+// -- errors next to their field ------------------------------------------------------
+
+function fieldInput(field) {
+  if (field === "prompt") return $("#prompt");
+  if (field.startsWith("params.")) {
+    const name = field.slice("params.".length);
+    const input = $(`#param-${name}`) || $(`#param-${name}-0`);
+    if (input?.closest("#advanced")) $("#advanced").open = true;
+    return input;
+  }
+  if (field.startsWith("inputs.")) return $(`#${field.slice("inputs.".length)}`);
+  return null;
+}
+
+export function clearFieldErrors() {
+  for (const input of document.querySelectorAll("[aria-invalid=true]")) {
+    input.removeAttribute("aria-invalid");
+  }
+  for (const note of document.querySelectorAll(".field-error")) note.remove();
+  $("#form-error").textContent = "";
+}
+
+// Show an error at its field; false if the form has no such field.
+export function showFieldError(field, message) {
+  const input = field ? fieldInput(field) : null;
+  if (!input) return false;
+  input.setAttribute("aria-invalid", "true");
+  const note = document.createElement("small");
+  note.className = "field-error";
+  note.id = `${input.id}-error`;
+  note.setAttribute("role", "alert");
+  note.textContent = message;
+  input.setAttribute("aria-describedby", note.id);
+  const box = input.closest(".param, fieldset.upload");
+  if (box) box.append(note);
+  else input.after(note);
+  input.addEventListener("input", () => {
+    input.removeAttribute("aria-invalid");
+    note.remove();
+  }, { once: true });
+  if (typeof input.focus === "function") input.focus();
+  return true;
+}
+
+// -- uploads (melody, continuation, reference voices: PROTOCOL.md §3.3) ---------------
+
+export function wireUploads() {
+  for (const box of document.querySelectorAll("fieldset.upload")) {
+    const role = box.dataset.role;
+    const note = $(".hint", box);
+    const clear = $(".clear", box);
+    const fileInput = $("input[type=file]", box);
+    const record = $(".record", box);
+    const set = (bytes, label) => {
+      if (bytes === null) delete form.uploads[role];
+      else form.uploads[role] = { bytes, label };
+      clear.hidden = bytes === null;
+      note.textContent = bytes === null
+        ? note.dataset.empty
+        : `Using ${label} (${Math.round(bytes.length / 1024)} KiB).`;
+      renderParams(true);
+    };
+    fileInput.addEventListener("change", async () => {
+      const file = fileInput.files[0];
+      if (!file) return set(null, "");
+      const limit = form.hello?.limits.max_upload_bytes || Infinity;
+      if (file.size > limit) {
+        fileInput.value = "";
+        showFieldError(`inputs.${role}`, `That file is larger than the server accepts (${limit} bytes).`);
+        return set(null, "");
+      }
+      set(new Uint8Array(await file.arrayBuffer()), file.name);
+    });
+    clear.addEventListener("click", () => {
+      fileInput.value = "";
+      set(null, "");
+    });
+    let recorder = null;
+    record.addEventListener("click", async () => {
+      if (recorder) {
+        recorder.stop();
+        return;
+      }
+      try {
+        const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+        const parts = [];
+        recorder = new MediaRecorder(stream);
+        recorder.ondataavailable = (e) => parts.push(e.data);
+        recorder.onstop = async () => {
+          stream.getTracks().forEach((t) => t.stop());
+          const blob = new Blob(parts, { type: recorder.mimeType });
+          recorder = null;
+          record.textContent = "● Record";
+          record.setAttribute("aria-pressed", "false");
+          set(new Uint8Array(await blob.arrayBuffer()), "your recording");
+        };
+        recorder.start();
+        record.textContent = "■ Stop";
+        record.setAttribute("aria-pressed", "true");
+      } catch (err) {
+        $("#form-error").textContent = `Microphone unavailable: ${err.message}`;
+      }
+    });
+  }
+}
+
+// The uploads the current model takes.
+export function currentInputs() {
+  const inputs = {};
+  for (const [role, item] of Object.entries(form.uploads)) {
+    if (!$(`fieldset.upload[data-role=${role}]`).hidden) inputs[role] = item.bytes;
+  }
+  return inputs;
+}
+
+// -- parameters ----------------------------------------------------------------------
+
+// Parameters that only mean something with an input: shown when it is given.
+const NEEDS_INPUT = { include_prompt: "continuation" };
+// Up front; the others (sampling, chunking) in the Advanced section.
+const PRIMARY = new Set(["duration", "voice", "scene", "max_new_tokens", "mbd", "seed", "include_prompt"]);
+
+function paramInputs() {
+  return document.querySelectorAll("#params .param input, #params .param select, #advanced-params .param input, #advanced-params .param select");
+}
+
+export function renderParams(keepValues = false) {
+  const model = currentModel();
+  const kept = keepValues ? readParams({ lenient: true }) : {};
+  document.querySelectorAll("#params .param, #advanced-params .param").forEach((n) => n.remove());
+  const note = $("#model-note");
+  if (!model) return;
+  for (const upload of document.querySelectorAll("fieldset.upload")) {
+    upload.hidden = !(model.capabilities || []).includes(upload.dataset.capability || upload.dataset.role);
+  }
+  const speech = (model.capabilities || []).includes("tts");
+  $("#dialogue").hidden = !(model.capabilities || []).includes("dialogue");
+  $("#prompt-label").textContent = speech ? "Text to speak" : "Describe the music";
+  $("#prompt").placeholder = speech
+    ? "Hello! This is wavecast, speaking while it thinks."
+    : "warm lofi hip hop with soft keys and vinyl crackle";
+  note.hidden = !model.test_model;
+  note.textContent = model.test_model
+    ? "This is a test model with random weights: it makes noise, by design."
+    : model.description;
+  for (const spec of model.params || []) {
+    const needs = NEEDS_INPUT[spec.name];
+    if (needs && !form.uploads[needs]) continue;
+    $(PRIMARY.has(spec.name) ? "#params" : "#advanced-params").append(paramField(model, spec, kept));
+  }
+  $("#advanced").hidden = !$("#advanced-params .param");
+  updateEstimate();
+}
+
+function paramField(model, spec, kept) {
+  const id = `param-${spec.name}`;
+  const wrap = document.createElement("div");
+  wrap.className = "param";
+  const label = document.createElement("label");
+  label.htmlFor = id;
+  label.textContent = spec.name.replaceAll("_", " ");
+  const help = document.createElement("small");
+  help.className = "help";
+  help.id = `${id}-help`;
+  help.textContent = spec.description || "";
+  if (spec.name === "voice" && model.voices) {
+    // One picker per speaker; params.voice joins them (SPEAKER0,SPEAKER1).
+    label.htmlFor = `${id}-0`;
+    label.textContent = "voices";
+    const pickers = document.createElement("span");
+    pickers.className = "voices";
+    const chosen = String(kept.voice ?? "").split(",");
+    for (const speaker of [0, 1]) {
+      const select = document.createElement("select");
+      select.id = `${id}-${speaker}`;
+      select.name = "voice";
+      select.dataset.kind = "voice";
+      select.setAttribute("aria-label", `voice of SPEAKER${speaker}`);
+      select.append(new Option(`SPEAKER${speaker}: model picks`, ""));
+      for (const name of model.voices) select.append(new Option(`SPEAKER${speaker}: ${name}`, name));
+      if (chosen[speaker]) select.value = chosen[speaker];
+      pickers.append(select);
+    }
+    if (!model.voices.length) help.textContent = "no named voices on this server";
+    wrap.append(label, pickers, help);
+    return wrap;
+  }
+  let input;
+  const value = kept[spec.name] ?? spec.default;
+  if (spec.kind === "bool") {
+    input = document.createElement("input");
+    input.type = "checkbox";
+    input.checked = Boolean(value);
+  } else if (spec.choices) {
+    input = document.createElement("select");
+    for (const c of spec.choices) input.append(new Option(c, c));
+    if (value != null) input.value = value;
+    input.addEventListener("change", () => { input.dataset.touched = "1"; });
+  } else {
+    input = document.createElement("input");
+    input.type = spec.kind === "str" ? "text" : "number";
+    if (spec.kind !== "str") {
+      input.step = spec.kind === "int" ? "1" : "any";
+      if (spec.min != null) input.min = String(spec.min);
+      if (spec.max != null) input.max = String(spec.max);
+      input.inputMode = spec.kind === "int" ? "numeric" : "decimal";
+    }
+    if (value != null) input.value = String(value);
+    else input.placeholder = spec.name === "seed" ? "random" : "default";
+    if (spec.name === "scene" && model.scenes) {
+      // A named scene, or any description typed in.
+      const list = document.createElement("datalist");
+      list.id = `${id}-names`;
+      for (const name of model.scenes) list.append(new Option(name, name));
+      input.setAttribute("list", list.id);
+      input.placeholder = "a scene name or a description";
+      wrap.append(list);
+    }
+    const ranged = spec.min != null && spec.max != null && spec.max < 1e9;
+    if (ranged) help.textContent += `${help.textContent ? " · " : ""}${spec.min} – ${spec.max}`;
+  }
+  input.id = id;
+  input.name = spec.name;
+  input.dataset.kind = spec.kind;
+  input.setAttribute("aria-describedby", help.id);
+  if (spec.name === "max_new_tokens") input.addEventListener("input", updateEstimate);
+  wrap.append(label, input, help);
+  return wrap;
+}
+
+export function readParams({ lenient = false } = {}) {
+  const params = {};
+  const voices = [...$("#params").querySelectorAll("select[data-kind=voice]")].map((s) => s.value);
+  while (voices.length && !voices.at(-1)) voices.pop();
+  if (voices.length) params.voice = voices.join(",");
+  for (const input of paramInputs()) {
+    const kind = input.dataset.kind;
+    if (kind === "voice") continue;
+    if (kind === "bool") { params[input.name] = input.checked; continue; }
+    if (input.value === "") continue;
+    if (kind === "int" || kind === "float") {
+      const value = Number(input.value);
+      if (!Number.isFinite(value)) {
+        if (lenient) continue;
+        throw new Error(`${input.name} must be a number`);
+      }
+      params[input.name] = value;
+    } else {
+      params[input.name] = input.value;
+    }
+  }
+  return params;
+}
+
+// Speech has no set length: say how long the text will roughly take, and the limit.
+export function updateEstimate() {
+  const model = currentModel();
+  const out = $("#estimate");
+  const speech = (model?.capabilities || []).includes("tts");
+  out.hidden = !speech;
+  if (!speech) return;
+  const text = $("#prompt").value.replace(/\[SPEAKER\d+\]/g, "").trim();
+  const seconds = Math.max(1, Math.round(text.length / CHARS_PER_SECOND));
+  const tokens = $("#param-max_new_tokens")?.value;
+  out.textContent = text
+    ? `About ${seconds} s of speech at a usual pace; each part stops at ${tokens || "max new tokens"} steps and the whole at ${model.max_duration} s.`
+    : `Each part stops at ${tokens || "max new tokens"} steps and the whole at ${model.max_duration} s.`;
+}
+
+// -- the dialogue editor: lines of [SPEAKERn] text, in step with the text box ----------
+
+const TAG = /^\s*\[(SPEAKER\d+)\]\s*(.*)$/;
+
+function editorLines() {
+  return [...document.querySelectorAll("#dialogue-lines .line")];
+}
+
+// Editor -> text box: every line, tagged with its speaker.
+function writeDialogue() {
+  const lines = editorLines();
+  $("#clear-lines").hidden = lines.length === 0;
+  if (!lines.length) return;
+  $("#prompt").value = lines
+    .map((line) => [$(".speaker", line).value, $(".line-text", line).value.trim()])
+    .filter(([, text]) => text)
+    .map(([speaker, text]) => (speaker ? `[${speaker}] ${text}` : text))
+    .join("\n");
+  chunkBySpeaker();
+  updateEstimate();
+}
+
+// Text box -> editor: lines typed by hand become editor lines (nothing is lost).
+function readDialogue() {
+  const lines = $("#prompt").value.split("\n").filter((line) => line.trim());
+  $("#dialogue-lines").replaceChildren();
+  for (const line of lines) {
+    const tagged = TAG.exec(line);
+    addLine(tagged ? tagged[1] : "", tagged ? tagged[2] : line.trim(), false);
+  }
+  $("#clear-lines").hidden = lines.length === 0;
+  chunkBySpeaker();
+}
+
+// A dialogue is spoken a turn at a time, unless the user chose otherwise.
+function chunkBySpeaker() {
+  const select = $("#param-chunk_method");
+  const speakers = new Set(editorLines().map((line) => $(".speaker", line).value).filter(Boolean));
+  if (select && !select.dataset.touched && speakers.size > 1) select.value = "speaker";
+}
+
+function addLine(speaker, text = "", write = true) {
+  const line = document.createElement("div");
+  line.className = "line";
+  const who = document.createElement("select");
+  who.className = "speaker";
+  who.setAttribute("aria-label", "speaker");
+  who.append(new Option("no tag", ""));
+  for (const s of ["SPEAKER0", "SPEAKER1"]) who.append(new Option(s, s));
+  who.value = speaker;
+  const said = document.createElement("input");
+  said.className = "line-text";
+  said.type = "text";
+  said.value = text;
+  said.placeholder = "what this speaker says";
+  said.setAttribute("aria-label", "line");
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "secondary remove-line";
+  remove.textContent = "×";
+  remove.setAttribute("aria-label", "remove line");
+  remove.addEventListener("click", () => { line.remove(); writeDialogue(); });
+  who.addEventListener("change", writeDialogue);
+  said.addEventListener("input", writeDialogue);
+  line.append(who, said, remove);
+  $("#dialogue-lines").append(line);
+  if (write) writeDialogue();
+  return said;
+}
+
+export function wireDialogue() {
+  $("#add-line").addEventListener("click", () => {
+    if (!editorLines().length && $("#prompt").value.trim()) readDialogue();
+    const last = editorLines().map((line) => $(".speaker", line).value).filter(Boolean).at(-1);
+    addLine(last === "SPEAKER0" ? "SPEAKER1" : "SPEAKER0").focus();
+  });
+  $("#clear-lines").addEventListener("click", () => {
+    $("#dialogue-lines").replaceChildren();
+    $("#clear-lines").hidden = true;
+  });
+  $("#prompt").addEventListener("input", () => {
+    if (editorLines().length) readDialogue();
+    updateEstimate();
+  });
+}
+
+// Fill the form with a request's settings (a card's "load settings", a link).
+export function applySettings({ model, prompt, params }) {
+  const select = $("#model");
+  if (model && [...select.options].some((o) => o.value === model)) select.value = model;
+  renderParams();
+  $("#prompt").value = prompt ?? "";
+  $("#prompt").dispatchEvent(new Event("input"));
+  for (const [name, value] of Object.entries(params || {})) {
+    if (name === "voice") {
+      String(value).split(",").forEach((voice, i) => {
+        const picker = $(`#param-voice-${i}`);
+        if (picker) picker.value = voice;
+      });
+      continue;
+    }
+    const input = $(`#param-${name}`);
+    if (!input) continue;
+    if (input.type === "checkbox") input.checked = value === true || value === "true";
+    else input.value = String(value);
+    if (input.tagName === "SELECT") input.dataset.touched = "1";
+    if (input.closest("#advanced")) $("#advanced").open = true;
+  }
+  updateEstimate();
+}

@@ -1,0 +1,145 @@
+// One player per card: an AudioWorklet node (worklet.js) that plays the live
+// stream as it arrives, then the finished clip, with pause, stop and seek.
+// Only one player has the speakers at a time: playing one pauses the others.
+
+export const JITTER_SECONDS = 0.15; // audio buffered before playback starts or resumes
+
+const contexts = new Map(); // sample rate -> Promise<AudioContext> with the worklet loaded
+
+export function audioContext(sampleRate) {
+  if (!contexts.has(sampleRate)) {
+    contexts.set(sampleRate, (async () => {
+      const ctx = new AudioContext({ sampleRate, latencyHint: "interactive" });
+      await ctx.audioWorklet.addModule("worklet.js");
+      return ctx;
+    })());
+  }
+  return contexts.get(sampleRate);
+}
+
+let current = null; // the player that has the speakers
+
+export class Player {
+  // events.onState(state), events.onPosition({position, consumed}), events.onError(err)
+  constructor({ sampleRate, channels, capacityFrames, paused = false }, events) {
+    this.sampleRate = sampleRate;
+    this.channels = channels;
+    this.events = events;
+    this.node = null;
+    this.queue = []; // messages posted before the node exists
+    this.paused = paused;
+    this.state = paused ? "paused" : "waiting";
+    this.position = 0; // frames: the playhead
+    this.consumed = 0; // frames played in all
+    this.length = 0; // frames fed
+    if (!paused) this.claim();
+    this.ready = this.open(capacityFrames);
+  }
+
+  async open(capacityFrames) {
+    try {
+      const ctx = await audioContext(this.sampleRate);
+      if (ctx.state === "suspended") await ctx.resume();
+      if (this.closed) return;
+      const node = new AudioWorkletNode(ctx, "wavecast-stream-player", {
+        numberOfInputs: 0,
+        outputChannelCount: [this.channels],
+        processorOptions: {
+          channels: this.channels,
+          capacityFrames,
+          startFrames: Math.round(JITTER_SECONDS * this.sampleRate),
+          paused: this.paused,
+        },
+      });
+      node.port.onmessage = (event) => this.onMessage(event.data);
+      node.connect(ctx.destination);
+      this.node = node;
+      for (const [message, transfer] of this.queue) node.port.postMessage(message, transfer);
+      this.queue = [];
+    } catch (err) {
+      this.events.onError?.(err);
+    }
+  }
+
+  post(message, transfer = []) {
+    if (this.closed) return;
+    if (this.node) this.node.port.postMessage(message, transfer);
+    else this.queue.push([message, transfer]);
+  }
+
+  onMessage(msg) {
+    if (msg.position !== undefined) this.position = msg.position;
+    if (msg.consumed !== undefined) this.consumed = msg.consumed;
+    if (msg.kind === "state") {
+      this.state = msg.state;
+      if (msg.state === "finished") this.release();
+      this.events.onState?.(msg.state);
+    }
+    this.events.onPosition?.(this);
+  }
+
+  claim() {
+    if (current && current !== this) current.pause();
+    current = this;
+  }
+
+  release() {
+    this.paused = true;
+    if (current === this) current = null;
+  }
+
+  feed(samples) {
+    this.length += samples.length / this.channels;
+    this.post({ kind: "chunk", samples }, [samples.buffer]);
+  }
+
+  end() { this.post({ kind: "end" }); }
+
+  play() {
+    this.claim();
+    this.paused = false;
+    this.state = "waiting";
+    audioContext(this.sampleRate).then((ctx) => ctx.resume()).catch(() => {});
+    this.post({ kind: "play" });
+    this.events.onState?.(this.state);
+  }
+
+  pause() {
+    this.release();
+    this.state = "paused";
+    this.post({ kind: "pause" });
+    this.events.onState?.(this.state);
+  }
+
+  stop() {
+    this.release();
+    this.state = "paused";
+    this.position = 0;
+    this.post({ kind: "stop" });
+    this.events.onState?.(this.state);
+    this.events.onPosition?.(this);
+  }
+
+  seek(frame) {
+    this.position = Math.max(0, Math.min(this.length, Math.round(frame)));
+    this.post({ kind: "seek", frame: this.position });
+    this.events.onPosition?.(this);
+  }
+
+  // Another rendition of the whole clip, at the same position.
+  load(samples) {
+    this.length = samples.length / this.channels;
+    this.post({ kind: "load", samples }, [samples.buffer]);
+  }
+
+  get playing() { return !this.paused; }
+
+  close() {
+    this.release();
+    this.post({ kind: "close" });
+    this.closed = true;
+    if (this.node) this.node.disconnect();
+    this.node = null;
+    this.queue = [];
+  }
+}
