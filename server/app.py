@@ -24,6 +24,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from wavecast.protocol import ShuttingDown, __version__
 
+from .audio import to_wav
 from .config import Config
 from .engines import load_engines
 from .engines.base import Engine
@@ -110,8 +111,11 @@ class WavecastServer:
         )
         await self.scheduler.start()
         web_root = self.config.network.web_demo or WEB_DEMO
+        static = load_static(web_root)
+        # Each named voice as a WAV, to hear it before choosing it (read at start).
+        previews = await asyncio.to_thread(voice_previews, self.voices)
         routes = HttpRoutes(
-            load_static(web_root),
+            {**static, **previews},
             self.info,
             self._healthy,
             listings={"/v1/voices": self._voice_list, "/v1/scenes": self._scene_list},
@@ -217,3 +221,11 @@ def _client_address(websocket: ServerConnection) -> str:
     """The client's IP address (the host part of the peer's address)."""
     peer = websocket.remote_address
     return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+
+
+def voice_previews(voices: Mapping[str, Voice]) -> dict[str, tuple[bytes, str]]:
+    """``GET /v1/voices/NAME.wav``: each voice's clip (mono, 16-bit), by path."""
+    return {
+        f"/v1/voices/{name}.wav": (to_wav(voice.audio, voice.sample_rate), "audio/wav")
+        for name, voice in voices.items()
+    }

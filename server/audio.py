@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 from wavecast.protocol import InvalidField
 
-__all__ = ["decode_upload", "to_pcm"]
+__all__ = ["decode_upload", "to_pcm", "to_wav"]
 
 
 def to_pcm(audio: npt.NDArray[np.float32], fmt: str) -> bytes:
@@ -21,6 +21,15 @@ def to_pcm(audio: npt.NDArray[np.float32], fmt: str) -> bytes:
         scaled = np.rint(np.clip(audio, -1.0, 1.0) * 32767.0)
         return np.ascontiguousarray(scaled, dtype="<i2").tobytes()
     raise ValueError(f"unknown PCM format {fmt!r}")
+
+
+def to_wav(audio: npt.NDArray[np.float32], rate: int) -> bytes:
+    """``[frames]`` or ``[frames, channels]`` float audio as a 16-bit PCM WAV file."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.clip(audio, -1.0, 1.0), rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
 
 
 def decode_upload(

@@ -4,11 +4,13 @@
 // (a generation and its transport), player.js + worklet.js (playback).
 import { Connection } from "./connection.js";
 import { Card } from "./card.js";
-import { audioContext } from "./player.js";
+import { audioContext, pauseCurrent } from "./player.js";
 import { readSettingsLink } from "./code.js";
+import * as history from "./history.js";
 import {
   applySettings, clearFieldErrors, currentInputs, currentModel, form, readParams,
-  renderModels, renderParams, showFieldError, updateEstimate, wireDialogue, wireUploads,
+  renderModels, renderParams, showFieldError, updateEstimate, wireDialogue, wireSpeakers,
+  wireUploads,
 } from "./form.js";
 
 const $ = (sel) => document.querySelector(sel);
@@ -20,6 +22,7 @@ const state = {
   cards: new Map(), // id -> Card
 };
 window.wavecast = state;
+state.history = history; // its limits, for the tests
 
 let counter = 0;
 
@@ -37,6 +40,22 @@ const hooks = {
   removed: (card) => {
     state.cards.delete(card.id);
     updateClear();
+    history.remove(card.id).catch(() => {});
+  },
+  finished: (card) => {
+    // Kept for the next visit; the oldest kept clips make room (they stay on
+    // this page until it is closed).
+    history.save(card.entry()).catch((err) => console.warn("history unavailable", err));
+  },
+  rerun: (settings) => {
+    applySettings(settings);
+    const missing = settings.inputs.filter((role) => !form.uploads[role]);
+    if (missing.length) {
+      $("#form-error").textContent = `This request used an uploaded clip (${missing.join(", ")}): choose it again, then Generate.`;
+      $("#compose").scrollIntoView?.({ block: "start" });
+      return;
+    }
+    $("#compose").requestSubmit();
   },
   load: (settings) => {
     applySettings(settings);
@@ -157,6 +176,7 @@ const connection = new Connection(onMessage, onConnState);
 
 wireUploads();
 wireDialogue();
+wireSpeakers(pauseCurrent);
 const compose = $("#compose");
 compose.addEventListener("submit", submit);
 // Ctrl+Enter submits through the browser's own checks (ranges, required);
@@ -175,6 +195,29 @@ $("#clear-cards").addEventListener("click", () => {
   for (const card of [...state.cards.values()]) if (card.ended) card.remove();
 });
 updateEstimate();
+
+// Clips kept from earlier visits, newest on top.
+async function restoreHistory() {
+  let entries;
+  try {
+    entries = await history.all();
+  } catch (err) {
+    console.warn("history unavailable", err);
+    return;
+  }
+  for (const entry of entries) {
+    if (state.cards.has(entry.id)) continue;
+    const card = new Card({ ...entry, scroll: false }, hooks);
+    card.restore(entry);
+    state.cards.set(entry.id, card);
+  }
+  // Newer live cards stay above the restored ones.
+  const live = [...state.cards.values()].filter((card) => !card.el.dataset.restored);
+  for (const card of live) $("#cards").prepend(card.el);
+  updateClear();
+  state.restored = true;
+}
+restoreHistory();
 // A settings link opened in this tab fills the form too.
 window.addEventListener("hashchange", () => {
   const linked = readSettingsLink(location.hash);

@@ -43,8 +43,9 @@ const FRIENDLY = {
 };
 
 export class Card {
-  // hooks: send(message), announce(text), removed(card), load(settings), reuseSeed(seed)
-  constructor({ id, model, prompt, params, inputs }, hooks) {
+  // hooks: send(message), announce(text), removed(card), finished(card),
+  // load(settings), reuseSeed(seed), rerun(settings)
+  constructor({ id, model, prompt, params, inputs, scroll = true }, hooks) {
     this.id = id;
     this.model = model;
     this.prompt = prompt;
@@ -108,6 +109,8 @@ export class Card {
     this.seekBar.addEventListener("keydown", (event) => this.onSeekKey(event));
     $(".show-code", el).addEventListener("click", () => this.toggleCode());
     $(".load-settings", el).addEventListener("click", () => hooks.load(this.settings()));
+    // Run again: the request as it was sent (a fresh seed unless one was given).
+    $(".rerun", el).addEventListener("click", () => hooks.rerun({ ...this.settings(), params: { ...this.params } }));
     $(".reuse-seed", el).addEventListener("click", () => hooks.reuseSeed(this.seed));
     $(".copy-link", el).addEventListener("click", () => this.copy(settingsLink(this.settings()), $(".copy-link", el)));
     for (const button of el.querySelectorAll(".code .copy")) {
@@ -116,7 +119,7 @@ export class Card {
     this.canvas = $(".wave", el);
     this.ctx2d = this.canvas.getContext("2d");
     document.querySelector("#cards").prepend(el);
-    el.scrollIntoView?.({ block: "nearest" });
+    if (scroll) el.scrollIntoView?.({ block: "nearest" });
     this.timer = setInterval(() => this.tick(), 100);
     this.updateTransport();
   }
@@ -306,8 +309,86 @@ export class Card {
       const err = message.error || { code: "error", message: "failed" };
       this.showError(err.code, err.message);
     }
-    if (this.frames > 0) this.finishClip(message.status !== "completed");
-    else if (this.player) { this.player.close(); this.player = null; }
+    if (this.frames > 0) {
+      this.finishClip(message.status !== "completed");
+      this.hooks.finished?.(this);
+    } else if (this.player) {
+      this.player.close();
+      this.player = null;
+    }
+    this.updateTransport();
+  }
+
+  // What the history keeps of a finished card.
+  entry() {
+    const m = this.model;
+    const text = (cls) => $(cls, this.el).textContent;
+    return {
+      id: this.id,
+      savedAt: Date.now(),
+      model: {
+        name: m.name, capabilities: m.capabilities, sample_rate: m.sample_rate,
+        channels: m.channels, test_model: m.test_model, max_duration: m.max_duration,
+        params: m.params,
+      },
+      prompt: this.prompt,
+      params: this.params,
+      inputs: this.inputs,
+      seed: this.seed ?? null,
+      status: this.status,
+      statusText: $(".status", this.el).textContent,
+      meta: this.meta,
+      error: $(".error", this.el).hidden ? null : text(".error"),
+      stats: { elapsed: text(".s-elapsed"), rtf: text(".s-rtf"), first: text(".s-first"), wait: text(".s-wait") },
+      sampleRate: this.sampleRate,
+      channels: this.channels,
+      clip: this.clip,
+      mbd: this.mbd ?? null,
+    };
+  }
+
+  // A card from the history: the clip in a paused player, as it was left.
+  restore(entry) {
+    clearInterval(this.timer);
+    this.ended = true;
+    this.el.dataset.restored = "true";
+    $(".cancel", this.el).hidden = true;
+    this.seed = entry.seed ?? undefined;
+    if (entry.seed != null) $(".reuse-seed", this.el).hidden = false;
+    this.meta = entry.meta;
+    this.renderMeta();
+    this.sampleRate = entry.sampleRate;
+    this.channels = entry.channels;
+    this.chunks = [entry.clip];
+    this.frames = entry.clip.length / entry.channels;
+    this.serverSamples = this.frames;
+    if (entry.mbd) this.renditions.mbd = [entry.mbd];
+    for (const [key, cls] of [["elapsed", ".s-elapsed"], ["rtf", ".s-rtf"], ["first", ".s-first"], ["wait", ".s-wait"]]) {
+      $(cls, this.el).textContent = entry.stats[key];
+    }
+    $(".s-generated", this.el).textContent = `${(this.frames / this.sampleRate).toFixed(2)} s`;
+    $(".bar", this.el).style.width = entry.status === "completed" ? "100%" : "0%";
+    if (entry.error) {
+      const p = $(".error", this.el);
+      p.hidden = false;
+      p.textContent = entry.error;
+    }
+    this.status = entry.status;
+    this.statuses = [entry.statusText];
+    const badge = $(".status", this.el);
+    badge.textContent = entry.statusText;
+    badge.dataset.status = this.el.dataset.status = entry.status;
+    this.player = new Player(
+      { sampleRate: this.sampleRate, channels: this.channels, capacityFrames: this.frames + 1, paused: true },
+      {
+        onState: () => this.updateTransport(),
+        onPosition: (player) => this.onPosition(player),
+        onError: (err) => this.showError("audio", err.message),
+      },
+    );
+    this.player.feed(entry.clip.slice());
+    this.player.end();
+    this.finishClip(entry.status !== "completed");
     this.updateTransport();
   }
 

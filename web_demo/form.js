@@ -149,21 +149,33 @@ const NEEDS_INPUT = { include_prompt: "continuation" };
 // Up front; the others (sampling, chunking) in the Advanced section.
 const PRIMARY = new Set(["duration", "voice", "scene", "max_new_tokens", "mbd", "seed", "include_prompt"]);
 
+// The voice picker's value for "the recording uploaded for this speaker" (voice
+// names are letters, digits, _ . -: never this).
+export const UPLOAD = ":upload";
+// A speaker's transcript parameter, shown beside its recording.
+const TRANSCRIPTS = { reference_text: 0, reference_1_text: 1 };
+
 function paramInputs() {
-  return document.querySelectorAll("#params .param input, #params .param select, #advanced-params .param input, #advanced-params .param select");
+  return document.querySelectorAll([
+    "#params .param input", "#params .param select",
+    "#advanced-params .param input", "#advanced-params .param select",
+    "#speakers .param input", "#speakers .param select",
+  ].join(", "));
 }
 
 export function renderParams(keepValues = false) {
   const model = currentModel();
-  const kept = keepValues ? readParams({ lenient: true }) : {};
-  document.querySelectorAll("#params .param, #advanced-params .param").forEach((n) => n.remove());
+  const kept = keepValues ? readParams({ lenient: true, raw: true }) : {};
+  document.querySelectorAll("#params .param, #advanced-params .param, #speakers .param").forEach((n) => n.remove());
   const note = $("#model-note");
   if (!model) return;
+  const caps = model.capabilities || [];
   for (const upload of document.querySelectorAll("fieldset.upload")) {
-    upload.hidden = !(model.capabilities || []).includes(upload.dataset.capability || upload.dataset.role);
+    upload.hidden = !caps.includes(upload.dataset.capability || upload.dataset.role);
   }
-  const speech = (model.capabilities || []).includes("tts");
-  $("#dialogue").hidden = !(model.capabilities || []).includes("dialogue");
+  const speech = caps.includes("tts");
+  $("#dialogue").hidden = !caps.includes("dialogue");
+  $("#speakers").hidden = !(caps.includes("reference") || model.voices?.length);
   $("#prompt-label").textContent = speech ? "Text to speak" : "Describe the music";
   $("#prompt").placeholder = speech
     ? "Hello! This is wavecast, speaking while it thinks."
@@ -172,13 +184,65 @@ export function renderParams(keepValues = false) {
   note.textContent = model.test_model
     ? "This is a test model with random weights: it makes noise, by design."
     : model.description;
+  renderSpeakers(model, kept);
   for (const spec of model.params || []) {
     const needs = NEEDS_INPUT[spec.name];
     if (needs && !form.uploads[needs]) continue;
-    $(PRIMARY.has(spec.name) ? "#params" : "#advanced-params").append(paramField(model, spec, kept));
+    if (spec.name === "voice") continue; // the speakers' pickers
+    const speaker = TRANSCRIPTS[spec.name];
+    const box = speaker !== undefined
+      ? $(`#speakers .speaker[data-speaker="${speaker}"] .speaker-text`)
+      : $(PRIMARY.has(spec.name) ? "#params" : "#advanced-params");
+    box.append(paramField(model, spec, kept));
   }
   $("#advanced").hidden = !$("#advanced-params .param");
+  showSources();
   updateEstimate();
+}
+
+// -- speakers: per speaker a named voice (with a preview), a recording, or the model's pick
+
+function renderSpeakers(model, kept) {
+  const caps = model.capabilities || [];
+  const chosen = String(kept.voice ?? "").split(",");
+  for (const select of document.querySelectorAll("#speakers .voice-source")) {
+    const speaker = Number(select.dataset.speaker);
+    const role = speaker === 0 ? "reference" : `reference_${speaker}`;
+    const previous = chosen[speaker] || (form.uploads[role] ? UPLOAD : select.value);
+    select.replaceChildren(new Option("the model picks", ""));
+    for (const name of model.voices || []) select.append(new Option(name, name));
+    if (caps.includes("reference")) select.append(new Option("my own recording…", UPLOAD));
+    select.value = [...select.options].some((o) => o.value === previous) ? previous : "";
+  }
+}
+
+function showSources() {
+  for (const box of document.querySelectorAll("#speakers .speaker")) {
+    const source = $(".voice-source", box).value;
+    const own = source === UPLOAD;
+    const upload = $("fieldset.upload", box);
+    const allowed = (currentModel()?.capabilities || []).includes("reference");
+    upload.hidden = !(own && allowed);
+    $(".speaker-text", box).hidden = !(own && allowed);
+    $(".preview", box).disabled = !source || own;
+  }
+}
+
+let preview = null;
+
+export function wireSpeakers(pausePlayers) {
+  for (const box of document.querySelectorAll("#speakers .speaker")) {
+    $(".voice-source", box).addEventListener("change", showSources);
+    $(".preview", box).addEventListener("click", () => {
+      const name = $(".voice-source", box).value;
+      if (!name || name === UPLOAD) return;
+      pausePlayers();
+      preview ??= new Audio();
+      preview.src = `/v1/voices/${encodeURIComponent(name)}.wav`;
+      preview.play().catch((err) => { $("#form-error").textContent = `Preview unavailable: ${err.message}`; });
+      form.previewed = name;
+    });
+  }
 }
 
 function paramField(model, spec, kept) {
@@ -192,28 +256,6 @@ function paramField(model, spec, kept) {
   help.className = "help";
   help.id = `${id}-help`;
   help.textContent = spec.description || "";
-  if (spec.name === "voice" && model.voices) {
-    // One picker per speaker; params.voice joins them (SPEAKER0,SPEAKER1).
-    label.htmlFor = `${id}-0`;
-    label.textContent = "voices";
-    const pickers = document.createElement("span");
-    pickers.className = "voices";
-    const chosen = String(kept.voice ?? "").split(",");
-    for (const speaker of [0, 1]) {
-      const select = document.createElement("select");
-      select.id = `${id}-${speaker}`;
-      select.name = "voice";
-      select.dataset.kind = "voice";
-      select.setAttribute("aria-label", `voice of SPEAKER${speaker}`);
-      select.append(new Option(`SPEAKER${speaker}: model picks`, ""));
-      for (const name of model.voices) select.append(new Option(`SPEAKER${speaker}: ${name}`, name));
-      if (chosen[speaker]) select.value = chosen[speaker];
-      pickers.append(select);
-    }
-    if (!model.voices.length) help.textContent = "no named voices on this server";
-    wrap.append(label, pickers, help);
-    return wrap;
-  }
   let input;
   const value = kept[spec.name] ?? spec.default;
   if (spec.kind === "bool") {
@@ -257,14 +299,16 @@ function paramField(model, spec, kept) {
   return wrap;
 }
 
-export function readParams({ lenient = false } = {}) {
+// The form's parameters; `raw` keeps the pickers' own values (re-rendering).
+export function readParams({ lenient = false, raw = false } = {}) {
   const params = {};
-  const voices = [...$("#params").querySelectorAll("select[data-kind=voice]")].map((s) => s.value);
+  const pickers = $("#speakers").hidden ? [] : [...document.querySelectorAll("#speakers .voice-source")];
+  const voices = pickers.map((s) => (s.value === UPLOAD && !raw ? "" : s.value));
   while (voices.length && !voices.at(-1)) voices.pop();
   if (voices.length) params.voice = voices.join(",");
   for (const input of paramInputs()) {
     const kind = input.dataset.kind;
-    if (kind === "voice") continue;
+    if (input.closest("[hidden]") && !raw) continue; // e.g. a transcript without its clip
     if (kind === "bool") { params[input.name] = input.checked; continue; }
     if (input.value === "") continue;
     if (kind === "int" || kind === "float") {
@@ -393,8 +437,9 @@ export function applySettings({ model, prompt, params }) {
     if (name === "voice") {
       String(value).split(",").forEach((voice, i) => {
         const picker = $(`#param-voice-${i}`);
-        if (picker) picker.value = voice;
+        if (picker && [...picker.options].some((o) => o.value === voice)) picker.value = voice;
       });
+      showSources();
       continue;
     }
     const input = $(`#param-${name}`);

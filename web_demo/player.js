@@ -19,6 +19,11 @@ export function audioContext(sampleRate) {
 
 let current = null; // the player that has the speakers
 
+// Silence whichever card is playing (before a voice preview, say).
+export function pauseCurrent() {
+  current?.pause();
+}
+
 export class Player {
   // events.onState(state), events.onPosition({position, consumed}), events.onError(err)
   constructor({ sampleRate, channels, capacityFrames, paused = false }, events) {

@@ -298,3 +298,64 @@ async def test_copy_as_code_runs_and_a_link_fills_the_form(
     await page.click(f"{article} .load-settings")
     assert await page.input_value("#prompt") == "it's a 'quoted' prompt"
     assert page.errors == [] and fresh.errors == []
+
+
+async def test_history_survives_a_reload_bounded(
+    browser: Any,  # noqa: F811
+    server: Any,
+    tmp_path: Path,
+) -> None:
+    ctx = await browser.new_context(accept_downloads=True)
+    page = await ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(f"http://127.0.0.1:{server.port}/")
+    await wait(page, "window.wavecast.connected && window.wavecast.restored")
+    await page.evaluate("window.wavecast.history.limits.entries = 2")
+    ids = []
+    for i, seconds in enumerate((0.5, 1.0, 1.5)):
+        rid = await generate(page, f"kept clip {i}", seconds)
+        await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
+        ids.append(rid)
+    await page.wait_for_timeout(300)  # the last save
+    await page.evaluate("window.wavecast.history.limits.entries = 3")
+    cancelled = await generate(page, "cancelled but kept", 30)
+    await wait(page, "(id) => window.wavecast.cards.get(id).frames > 0", cancelled)
+    await page.click(f"#cards article[data-id='{cancelled}'] .cancel")
+    await wait(page, "(id) => window.wavecast.cards.get(id).status === 'cancelled'", cancelled)
+    frames = (await card(page, cancelled))["frames"]
+    await page.wait_for_timeout(300)  # the last save
+    await page.reload()
+    await wait(page, "window.wavecast.connected && window.wavecast.restored")
+    # Bounded: the oldest went; the rest are back, newest on top, as they were.
+    order = await page.eval_on_selector_all("#cards article", "els => els.map(e => e.dataset.id)")
+    assert order == [cancelled, ids[2], ids[1]]
+    restored = await card(page, ids[2])
+    assert restored["status"] == "completed" and restored["frames"] == 1.5 * 32000
+    title = await page.text_content(f"#cards article[data-id='{ids[2]}'] .title")
+    assert title == "kept clip 2"
+    partial = await card(page, cancelled)
+    assert partial["status"] == "cancelled" and partial["frames"] == frames
+    # It plays, downloads and can be run again.
+    await page.click(f"#cards article[data-id='{ids[1]}'] .play")
+    await wait(page, "(id) => window.wavecast.cards.get(id).consumed > 0", ids[1], 10)
+    async with page.expect_download() as info:
+        await page.click(f"#cards article[data-id='{ids[1]}'] .download")
+    path = tmp_path / "kept.wav"
+    await (await info.value).save_as(path)
+    assert soundfile.info(str(path)).frames == 32000
+    await page.click(f"#cards article[data-id='{ids[1]}'] .rerun")
+    await wait(page, "window.wavecast.cards.size === 4")
+    rerun = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rerun)
+    assert await page.text_content(f"#cards article[data-id='{rerun}'] .title") == "kept clip 1"
+    assert (await card(page, rerun))["frames"] == 32000
+    # Removing a card forgets it.
+    await page.click(f"#cards article[data-id='{ids[2]}'] .remove")
+    await page.wait_for_timeout(200)
+    await page.reload()
+    await wait(page, "window.wavecast.connected && window.wavecast.restored")
+    order = await page.eval_on_selector_all("#cards article", "els => els.map(e => e.dataset.id)")
+    assert ids[2] not in order and ids[1] in order and cancelled in order
+    assert errors == []
+    await ctx.close()

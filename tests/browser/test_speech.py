@@ -57,13 +57,14 @@ async def test_speech_form_dialogue_voices_and_upload(
     page = await open_page(browser, speech_server)
     await page.select_option("#model", "tiny-higgs")
     assert await page.text_content("#prompt-label") == "Text to speak"
-    assert await page.is_visible("#dialogue") and await page.is_visible("#upload-reference")
+    assert await page.is_visible("#dialogue") and await page.is_visible("#speakers")
+    assert not await page.is_visible("#upload-reference")  # until "my own recording"
     assert not await page.is_visible("#upload")  # no continuation for speech
     assert "random weights" in await page.text_content("#model-note")
     options = await page.eval_on_selector_all(
         "#param-voice-0 option", "els => els.map(e => e.value)"
     )
-    assert options == ["", "belinda", "chadwick"]
+    assert options == ["", "belinda", "chadwick", ":upload"]
     scenes = await page.eval_on_selector_all(
         "#param-scene-names option", "els => els.map(e => e.value)"
     )
@@ -80,6 +81,16 @@ async def test_speech_form_dialogue_voices_and_upload(
     assert text == "[SPEAKER0] Hi, who is there?\n[SPEAKER1] Just me, 你好!"
 
     await page.select_option("#param-voice-0", "belinda")
+    # A named voice can be heard before it is chosen.
+    async with page.expect_response("**/v1/voices/belinda.wav") as heard:
+        await page.click("#speakers .speaker[data-speaker='0'] .preview")
+    response = await heard.value
+    assert response.status == 200 and response.headers["content-type"] == "audio/wav"
+    # SPEAKER1 speaks with my recording; its transcript field comes with it.
+    assert not await page.is_visible("#param-reference_1_text")
+    await page.select_option("#param-voice-1", ":upload")
+    assert await page.is_visible("#upload-reference-1")
+    assert await page.is_visible("#param-reference_1_text")
     await page.set_input_files("#reference_1", str(tone(tmp_path / "mine.wav", 1.0, 300)))
     await page.wait_for_function(
         "document.querySelector('#note-reference-1').textContent.includes('mine.wav')",
@@ -95,6 +106,9 @@ async def test_speech_form_dialogue_voices_and_upload(
     assert done["frames"] == done["serverSamples"] == 2 * (20 - K) * HOP
     params = await page.evaluate("(id) => window.wavecast.cards.get(id).params", rid)
     assert params["voice"] == "belinda" and params["chunk_method"] == "speaker"
+    assert "reference_1_text" not in params  # left empty
+    sent = await page.evaluate("(id) => window.wavecast.cards.get(id).inputs", rid)
+    assert sent == ["reference_1"]
     meta = await page.text_content("#cards article:first-child .meta")
     assert "test model" in meta and "voice belinda" in meta
     ARTIFACTS.mkdir(exist_ok=True)
@@ -116,6 +130,7 @@ async def test_speech_errors_and_recorded_reference(
     page = await open_page(browser, speech_server)
     await page.select_option("#model", "tiny-higgs")
     # Record a reference voice from the (fake) microphone.
+    await page.select_option("#param-voice-0", ":upload")
     record = "#upload-reference .record"
     await page.click(record)
     await page.wait_for_function(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -64,6 +65,13 @@ def get_json(url: str) -> Any:
         return json.loads(response.read())
 
 
+def get_bytes(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"] == "audio/wav"
+        data: bytes = response.read()
+        return data
+
+
 async def test_greeting_voices_and_scenes_endpoints(server: Any) -> None:
     async with connect(server.url) as client:
         info = client.models["tiny-higgs"]
@@ -96,6 +104,16 @@ async def test_greeting_voices_and_scenes_endpoints(server: Any) -> None:
     scenes = await loop.run_in_executor(None, get_json, base + "/v1/scenes")
     quiet = next(s for s in scenes["scenes"] if s["name"] == "quiet_indoor")
     assert quiet["content"] == "Audio is recorded from a quiet room."
+    # Each voice can be heard before it is chosen.
+    wav = await loop.run_in_executor(None, get_bytes, base + "/v1/voices/belinda.wav")
+    heard, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+    voice = server.voices["belinda"]
+    assert rate == voice.sample_rate and heard.shape == voice.audio.shape
+    assert np.abs(heard - voice.audio).max() <= 1 / 32767 + 1e-6
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        await loop.run_in_executor(None, get_bytes, base + "/v1/voices/nobody.wav")
+    missing.value.close()
+    assert missing.value.code == 404
     info_json = await loop.run_in_executor(None, get_json, base + "/v1/info")
     higgs = next(m for m in info_json["models"] if m["name"] == "tiny-higgs")
     assert higgs["voices"] == ["belinda", "broom_salesman", "no_transcript"]
