@@ -6,6 +6,7 @@ import { pcmToFloat32 } from "./protocol.js";
 import { encodeWav } from "./wav.js";
 import { Player } from "./player.js";
 import { asCli, asJson, asPython, settingsLink } from "./code.js";
+import { drawSpectrogram, spectrogram } from "./spectrogram.js";
 
 const $ = (sel, root) => root.querySelector(sel);
 
@@ -108,6 +109,7 @@ export class Card {
     });
     this.seekBar.addEventListener("keydown", (event) => this.onSeekKey(event));
     $(".show-code", el).addEventListener("click", () => this.toggleCode());
+    $(".view", el).addEventListener("click", () => this.toggleView());
     $(".load-settings", el).addEventListener("click", () => hooks.load(this.settings()));
     // Run again: the request as it was sent (a fresh seed unless one was given).
     $(".rerun", el).addEventListener("click", () => hooks.rerun({ ...this.settings(), params: { ...this.params } }));
@@ -208,6 +210,7 @@ export class Card {
     this.frames += samples.length / this.channels;
     $(".s-generated", this.el).textContent = `${(this.frames / this.sampleRate).toFixed(2)} s`;
     this.draw(samples);
+    if (this.spectro && performance.now() - this.spectroAt > 500) this.drawSpectro();
     this.player?.feed(samples.slice());
     this.updateTransport();
   }
@@ -423,6 +426,7 @@ export class Card {
     if (!samples) return;
     this.player.load(samples.slice());
     this.rendition = rendition;
+    if (this.spectro) this.drawSpectro();
     for (const button of this.el.querySelectorAll(".renditions button")) {
       button.setAttribute("aria-pressed", String(button.dataset.rendition === rendition));
     }
@@ -438,6 +442,27 @@ export class Card {
   code() {
     const settings = this.settings();
     return { python: asPython(settings), cli: asCli(settings), json: asJson(settings) };
+  }
+
+  // Waveform or spectrogram (of what has arrived; redrawn as more does).
+  toggleView() {
+    this.spectro = !this.spectro;
+    const button = $(".view", this.el);
+    button.setAttribute("aria-pressed", String(this.spectro));
+    $(".wave", this.el).hidden = this.spectro;
+    $(".spectro", this.el).hidden = !this.spectro;
+    if (this.spectro) this.drawSpectro();
+  }
+
+  drawSpectro() {
+    this.spectroAt = performance.now();
+    const canvas = $(".spectro", this.el);
+    const samples = this.rendition === "mbd" && this.mbd ? this.mbd : join(this.chunks);
+    const spec = spectrogram(samples, this.channels, {
+      columns: canvas.width,
+      totalFrames: Math.round(this.duration * this.sampleRate),
+    });
+    drawSpectrogram(canvas, spec);
   }
 
   toggleCode() {
@@ -514,6 +539,7 @@ export class Card {
     }
     this.frames = total;
     if (this.player) this.onPosition(this.player);
+    if (this.spectro) this.drawSpectro();
   }
 
   draw(samples) {

@@ -185,6 +185,7 @@ export function renderParams(keepValues = false) {
     ? "This is a test model with random weights: it makes noise, by design."
     : model.description;
   renderSpeakers(model, kept);
+  renderChips(speech, caps.includes("dialogue"));
   for (const spec of model.params || []) {
     const needs = NEEDS_INPUT[spec.name];
     if (needs && !form.uploads[needs]) continue;
@@ -198,6 +199,51 @@ export function renderParams(keepValues = false) {
   $("#advanced").hidden = !$("#advanced-params .param");
   showSources();
   updateEstimate();
+}
+
+// -- examples (replace the text) and styles (add to a music description) ------------------
+
+const MUSIC_EXAMPLES = [
+  "warm lofi hip hop with soft keys and vinyl crackle, 80 bpm",
+  "epic orchestral trailer music with big drums and brass",
+  "80s synthwave, driving bassline, shimmering pads",
+  "solo acoustic guitar, fingerpicked folk melody",
+  "deep house groove with a rolling bassline, 122 bpm",
+];
+const SPEECH_EXAMPLES = [
+  "Hello! This is wavecast, speaking while it thinks.",
+  "The weather today is calm and clear, with a light breeze in the afternoon.",
+];
+const DIALOGUE_EXAMPLE = "[SPEAKER0] Did you hear that?\n[SPEAKER1] Hear what? I only hear the rain.\n[SPEAKER0] Exactly. It stopped.";
+const STYLES = ["lofi", "jazz", "ambient", "orchestral", "techno", "rock", "acoustic", "calm", "energetic", "90 bpm", "120 bpm"];
+
+function chip(text, label, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "chip";
+  button.textContent = label;
+  button.title = text;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+function renderChips(speech, dialogue) {
+  const prompt = $("#prompt");
+  const examples = speech ? [...SPEECH_EXAMPLES, ...(dialogue ? [DIALOGUE_EXAMPLE] : [])] : MUSIC_EXAMPLES;
+  $("#examples").replaceChildren(...examples.map((text) => {
+    const label = text.startsWith("[SPEAKER") ? "a dialogue" : text.length > 36 ? `${text.slice(0, 34)}…` : text;
+    return chip(text, label, () => {
+      prompt.value = text;
+      prompt.dispatchEvent(new Event("input"));
+      prompt.focus();
+    });
+  }));
+  $("#styles").hidden = speech;
+  $("#styles").replaceChildren(...(speech ? [] : STYLES.map((style) => chip(style, `+ ${style}`, () => {
+    const text = prompt.value.trim();
+    prompt.value = text ? `${text}, ${style}` : style;
+    prompt.dispatchEvent(new Event("input"));
+  }))));
 }
 
 // -- speakers: per speaker a named voice (with a preview), a recording, or the model's pick

@@ -359,3 +359,42 @@ async def test_history_survives_a_reload_bounded(
     assert ids[2] not in order and ids[1] in order and cancelled in order
     assert errors == []
     await ctx.close()
+
+
+async def test_examples_styles_and_the_spectrogram(
+    browser: Any,  # noqa: F811
+    server: Any,
+) -> None:
+    page = await open_page(browser, server)
+    await page.click("#examples .chip >> nth=0")
+    prompt = await page.input_value("#prompt")
+    assert prompt.startswith("warm lofi hip hop")
+    await page.click("#styles .chip:has-text('jazz')")
+    assert await page.input_value("#prompt") == prompt + ", jazz"
+    # The spectrogram of a 1 kHz tone at 32 kHz peaks in bin 1000 / (32000 / 1024) = 32.
+    found = await page.evaluate(
+        """async () => {
+          const { spectrogram } = await import('/spectrogram.js');
+          const rate = 32000;
+          const tone = new Float32Array(rate).map((_, i) => Math.sin(2 * Math.PI * 1e3 * i / rate));
+          const spec = spectrogram(tone, 1, { columns: 10 });
+          const column = [...spec.data.slice(5 * spec.bins, 6 * spec.bins)];
+          return { filled: spec.filled, peak: column.indexOf(Math.max(...column)) };
+        }"""
+    )
+    assert found == {"filled": 10, "peak": 32}
+    rid = await generate(page, "see it", 1)
+    await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
+    article = f"#cards article[data-id='{rid}']"
+    await page.click(f"{article} .view")
+    assert await page.get_attribute(f"{article} .view", "aria-pressed") == "true"
+    assert await page.is_visible(f"{article} .spectro")
+    assert not await page.is_visible(f"{article} .wave")
+    painted = await page.eval_on_selector(
+        f"{article} .spectro",
+        """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                  let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0;
+                  return n / (c.width * c.height); }""",
+    )
+    assert painted > 0.95  # the whole clip, every pixel
+    assert page.errors == []

@@ -205,3 +205,28 @@ async def test_dialogue_editor_keeps_typed_lines_and_cards_read_well(
     # "generated" counts the audio received, not the progress estimate
     assert shown["generated"] == f"{done['frames'] / 24000:.2f} s"
     assert page.errors == []
+
+
+async def test_speech_form_fits_a_phone(
+    browser: Any,  # noqa: F811
+    speech_server: Any,
+) -> None:
+    page = await open_page(
+        browser, speech_server, viewport={"width": 390, "height": 844}, is_mobile=True
+    )
+    await page.select_option("#model", "tiny-higgs")
+    await page.click("#add-line")
+    await page.click("#add-line")
+    await page.select_option("#param-voice-1", ":upload")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+    # a dialogue line's text box gets most of the width
+    speaker = await page.eval_on_selector(
+        "#dialogue-lines .line .speaker", "e => e.getBoundingClientRect().width"
+    )
+    text = await page.eval_on_selector(
+        "#dialogue-lines .line .line-text", "e => e.getBoundingClientRect().width"
+    )
+    assert text > speaker
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "demo-speech-phone.png"), full_page=True)
+    assert page.errors == []
