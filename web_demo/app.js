@@ -4,7 +4,7 @@
 // (a generation and its transport), player.js + worklet.js (playback).
 import { Connection } from "./connection.js";
 import { Card } from "./card.js";
-import { audioContext, pauseCurrent } from "./player.js";
+import { audioContext, pauseCurrent, playback } from "./player.js";
 import { readSettingsLink } from "./code.js";
 import * as history from "./history.js";
 import {
@@ -191,6 +191,9 @@ compose.addEventListener("keydown", (event) => {
   }
 });
 $("#model").addEventListener("change", () => { clearFieldErrors(); renderParams(); });
+$("#play-together").addEventListener("change", (event) => {
+  playback.together = event.target.checked;
+});
 $("#clear-cards").addEventListener("click", () => {
   for (const card of [...state.cards.values()]) if (card.ended) card.remove();
 });

@@ -18,6 +18,7 @@ export function audioContext(sampleRate) {
 }
 
 let current = null; // the player that has the speakers
+export const playback = { together: false }; // true: cards may play over each other
 
 // Silence whichever card is playing (before a voice preview, say).
 export function pauseCurrent() {
@@ -84,7 +85,7 @@ export class Player {
   }
 
   claim() {
-    if (current && current !== this) current.pause();
+    if (current && current !== this && !playback.together) current.pause();
     current = this;
   }
 

@@ -110,7 +110,34 @@ async def test_one_card_plays_at_a_time(browser: Any, server: Any) -> None:  # n
     await page.click(f"#cards article[data-id='{a}'] .play")
     await wait(page, "(id) => window.wavecast.cards.get(id).player.playing", a, 5)
     assert not (await player(page, b))["playing"]
+    # Unless asked to play them together.
+    await page.check("#play-together")
+    await page.click(f"#cards article[data-id='{b}'] .play")
+    await wait(page, "(id) => window.wavecast.cards.get(id).player.playing", b, 5)
+    assert (await player(page, a))["playing"]
     assert page.errors == []
+
+
+async def test_new_cards_come_into_view_and_downloads_are_named(
+    browser: Any,  # noqa: F811
+    server: Any,
+) -> None:
+    page = await open_page(browser, server, viewport={"width": 1000, "height": 700})
+    for i in range(3):
+        rid = await generate(page, f"filler {i}", 0.5)
+        await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
+    await page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    await page.fill("#prompt", "Dark Ambient: drones & rain!")
+    await page.fill("#param-seed", "77")
+    await page.keyboard.press("Control+Enter")
+    await wait(page, "window.wavecast.cards.size === 4")
+    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    article = f"#cards article[data-id='{rid}']"
+    await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
+    top = await page.eval_on_selector(article, "e => e.getBoundingClientRect().top")
+    assert 0 <= top < 700  # in view
+    name = await page.get_attribute(f"{article} .download", "download")
+    assert name == "wavecast-dark-ambient-drones-rain-seed77.wav"
 
 
 async def test_cards_are_removed_and_cleared(browser: Any, server: Any) -> None:  # noqa: F811
