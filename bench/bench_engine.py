@@ -80,10 +80,12 @@ def run(engine: Engine, streams: int, duration: float, device: str) -> dict[str,
 
 def load(name: str, device: str, reference: bool) -> Engine:
     if is_higgs_name(name):
-        from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+        from wavecast.server.engines.higgs import HiggsEngine
+        from wavecast.server.engines.loading import load_higgs
 
         return HiggsEngine(load_higgs(name, None, device), name=name, batched=not reference)
-    from wavecast.server.engines.musicgen import MusicGenEngine, load_musicgen
+    from wavecast.server.engines.loading import load_musicgen
+    from wavecast.server.engines.musicgen import MusicGenEngine
 
     model, _ = load_musicgen(name, device)
     return MusicGenEngine(model, name=name, test_model=True)

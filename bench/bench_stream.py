@@ -33,7 +33,7 @@ import torch
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done
 from wavecast.server.engines import resolve_device
-from wavecast.server.engines.musicgen import load_musicgen
+from wavecast.server.engines.loading import load_musicgen
 
 
 def machine(device: str) -> str:

@@ -29,7 +29,8 @@ from wavecast.clients import connect
 from wavecast.protocol import Audio, Done
 from wavecast.server.engines import resolve_device
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.higgs import HiggsEngine, PromptAudio, load_higgs
+from wavecast.server.engines.higgs import HiggsEngine, PromptAudio
+from wavecast.server.engines.loading import load_higgs
 
 TEXT = (
     "The sun rises in the east and sets in the west. This simple fact has been "

@@ -93,7 +93,8 @@ _HIGGS: dict[str, Any] = {}
 def higgs_engines(voices_dir: Any = None) -> Mapping[str, Any]:
     """tiny-higgs (the model built once per session) with the built-in scenes and the
     voices in ``voices_dir``, plus tiny-musicgen."""
-    from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+    from wavecast.server.engines.higgs import HiggsEngine
+    from wavecast.server.engines.loading import load_higgs
     from wavecast.server.engines.voices import BUILTIN_SCENES, load_scenes, load_voices
 
     if not _HIGGS:

@@ -41,6 +41,8 @@ def test_wheel_contents_and_import(tmp_path: Path) -> None:
         "protocol/PROTOCOL.md",
         "server/app.py",
         "server/engines/musicgen.py",
+        "server/engines/testing/musicgen.py",
+        "server/engines/testing/higgs.py",
         "clients/client.py",
     ):
         assert f"wavecast/{module}" in names

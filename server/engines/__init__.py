@@ -70,9 +70,10 @@ def load_engines(
     """
     import torch
 
-    from .mbd import build_tiny_mbd, load_mbd_musicgen
-    from .musicgen import MusicGenEngine, StreamSettings, load_musicgen
-    from .tiny import TINY_MUSICGEN
+    from .loading import load_musicgen
+    from .mbd import load_mbd_musicgen
+    from .musicgen import MusicGenEngine, StreamSettings
+    from .testing.musicgen import TINY_MUSICGEN
 
     torch.set_grad_enabled(False)
     resolved = resolve_device(device)
@@ -107,6 +108,8 @@ def load_engines(
         codec = getattr(model.compression_model, "model", model.compression_model)
         at_32k = int(model.sample_rate) == 32000
         if at_32k and test_model:
+            from .testing.mbd import build_tiny_mbd
+
             diffusion = build_tiny_mbd(codec, device=resolved)
         elif at_32k and mbd:
             if shared_mbd is None:
@@ -134,14 +137,15 @@ def load_engines(
 
 
 def is_higgs_name(name: str) -> bool:
-    from .higgs import is_higgs_name as check
+    from .loading import is_higgs_name as check
 
     return check(name)
 
 
 def _load_higgs_engine(name: str, device: str, *, codec: str | None, **kwargs: Any) -> Engine:
-    from .higgs import HiggsEngine, load_higgs
-    from .tiny_higgs import TINY_HIGGS
+    from .higgs import HiggsEngine
+    from .loading import load_higgs
+    from .testing.higgs import TINY_HIGGS
 
     try:
         loaded = load_higgs(name, codec, device)

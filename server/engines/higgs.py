@@ -37,18 +37,13 @@ import logging
 import re
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from transformers import (
-    AutoTokenizer,
     DynamicCache,
-    HiggsAudioV2ForConditionalGeneration,
-    HiggsAudioV2TokenizerModel,
     LogitsProcessorList,
-    PreTrainedTokenizerBase,
 )
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
@@ -78,33 +73,22 @@ from .base import (
 )
 from .codec_stream import Due, StreamDecoder, complete_due
 from .higgs_decoder import HiggsDecoder
+from .loading import HiggsModel
 from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
-from .tiny_higgs import (
-    CODEC_DIR,
-    RANDOM_HIGGS_3B,
-    TEST_MARKER,
-    TINY_HIGGS,
-    build_random_higgs,
-    build_tiny_higgs,
-)
+from .slots import SlotTable
 from .voices import Scene, Voice, scene_text
 
 __all__ = [
-    "DEFAULT_CODEC",
     "HiggsEngine",
-    "HiggsModel",
     "HiggsStream",
     "PromptAudio",
     "build_prompt",
     "chunk_text",
-    "is_higgs_name",
-    "load_higgs",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "bosonai/higgs-audio-v2-generation-3B-base"
-DEFAULT_CODEC = "bosonai/higgs-audio-v2-tokenizer"
 MAX_RAS_WINDOW = 64
 REFERENCE_ROLES = ("reference", "reference_1")
 CHUNK_METHODS = ("none", "speaker", "word")
@@ -125,56 +109,6 @@ _UNSPACED = re.compile(
 
 AUDIO_OUT = "<|AUDIO_OUT|>"
 AUDIO_DELAY = "<|reserved_special_token_6|>"
-
-
-def is_higgs_name(name: str) -> bool:
-    """Whether a ``--model`` value names a HiggsAudio v2 model."""
-    if name in (TINY_HIGGS, RANDOM_HIGGS_3B) or "higgs-audio" in name.lower():
-        return True
-    config = Path(name) / "config.json"
-    if config.is_file():
-        try:
-            return '"higgs_audio_v2"' in config.read_text(encoding="utf-8")
-        except OSError:
-            return False
-    return False
-
-
-@dataclass(slots=True)
-class HiggsModel:
-    """A loaded generator, its text tokenizer and its audio codec."""
-
-    model: HiggsAudioV2ForConditionalGeneration
-    tokenizer: PreTrainedTokenizerBase
-    codec: HiggsAudioV2TokenizerModel
-    test_model: bool
-
-
-def load_higgs(name: str, codec_name: str | None, device: str) -> HiggsModel:
-    """Load ``tiny-higgs``, a hub name or a local folder (with ``audio_tokenizer/``).
-
-    Args:
-        name: The generation model.
-        codec_name: The audio tokenizer; by default ``NAME/audio_tokenizer`` for a
-            folder that has one, else the released codec.
-        device: ``cpu`` or ``cuda[:N]``.
-    """
-    if name in (TINY_HIGGS, RANDOM_HIGGS_3B):
-        tiny = build_tiny_higgs() if name == TINY_HIGGS else build_random_higgs(device)
-        model, tokenizer, codec = tiny.model, tiny.tokenizer, tiny.codec
-        test_model = True
-    else:
-        if codec_name is None:
-            local = Path(name) / CODEC_DIR
-            codec_name = str(local) if local.is_dir() else DEFAULT_CODEC
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = HiggsAudioV2ForConditionalGeneration.from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        codec = HiggsAudioV2TokenizerModel.from_pretrained(codec_name)
-        test_model = (Path(name) / TEST_MARKER).is_file()
-    model = model.to(device).eval()
-    codec = codec.to(device).eval()
-    return HiggsModel(model, tokenizer, codec, test_model)
 
 
 # -- prompt --------------------------------------------------------------------------
@@ -460,10 +394,10 @@ class HiggsEngine:
         eos_id = config.eos_token_id
         self.end_token = int(eos_id if isinstance(eos_id, int) else eos_id[0])
         self.decoder = HiggsDecoder(self.model, rows=1, length=256) if batched else None
-        self._slots: list[_HiggsJob | None] = [None]
         self._sampling = RowSampling(1, self.device)
         self._ras_len = np.zeros(1, dtype=np.int64)
         self._ras_max = np.ones(1, dtype=np.int64)
+        self._slots: SlotTable[_HiggsJob] = SlotTable(self._grow)
         self._due: Due = []
         # Tests: called with each sampled request's raw logits [K, card], by id.
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
@@ -985,10 +919,8 @@ class HiggsEngine:
         assert decoder is not None
         if not states:
             return [failed_output(job, failures[id(job.state)]) for job in jobs]
-        # The step covers the table's first rows up to the last request's, in a
-        # power of two (slots are taken lowest first).
-        last = max(st.slot for st in states if st.slot is not None)
-        k, rows = self.num_codebooks, min(decoder.rows, 1 << last.bit_length())
+        k = self.num_codebooks
+        rows = self._slots.span(st.slot for st in states if st.slot is not None)
         window = max(1, int(self._ras_len[:rows].max()))
         stepped = np.zeros(rows, dtype=bool)
         forced = np.full((rows, k), -1, dtype=np.int64)
@@ -1093,24 +1025,22 @@ class HiggsEngine:
         assert st.utterance is not None
         return len(st.utterance.ids) + st.utterance.forwarded
 
+    def _grow(self, slots: int) -> int:
+        """Room for ``slots`` requests (a row each); how many there is now."""
+        old = len(self._ras_len)
+        if self.decoder is None:  # the reference path keeps no table
+            return old
+        self.decoder.ensure(rows=slots)
+        count = self.decoder.rows
+        if count > old:
+            self._sampling = self._sampling.grown(count)
+            self._ras_len = np.concatenate([self._ras_len, np.zeros(count - old, dtype=np.int64)])
+            self._ras_max = np.concatenate([self._ras_max, np.ones(count - old, dtype=np.int64)])
+        return count
+
     def _take_slot(self, st: _HiggsJob) -> None:
         assert self.decoder is not None
-        try:
-            slot = self._slots.index(None)
-        except ValueError:
-            slot = len(self._slots)
-            self.decoder.ensure(rows=slot + 1)
-            count = self.decoder.rows
-            self._slots.extend([None] * (count - len(self._slots)))
-            self._sampling = self._sampling.grown(count)
-            self._ras_len = np.concatenate(
-                [self._ras_len, np.zeros(count - len(self._ras_len), dtype=np.int64)]
-            )
-            self._ras_max = np.concatenate(
-                [self._ras_max, np.ones(count - len(self._ras_max), dtype=np.int64)]
-            )
-        self._slots[slot] = st
-        st.slot = slot
+        slot = st.slot = self._slots.take(st)
         self._sampling.set_row(
             slot,
             temperature=st.temperature,
@@ -1124,12 +1054,11 @@ class HiggsEngine:
     def _clear_row(self, st: _HiggsJob) -> None:
         """Zero a failed request's cache row: what it left there (NaN, say) must not
         reach the slot's next request through a masked position."""
-        if st.slot is not None and self.decoder is not None and self._slots[st.slot] is st:
+        if st.slot is not None and self.decoder is not None and self._slots.holds(st, st.slot):
             self.decoder.kv.clear([st.slot])
 
     def _release_slot(self, st: _HiggsJob) -> None:
-        if st.slot is not None and self._slots[st.slot] is st:
-            self._slots[st.slot] = None
+        if st.slot is not None and self._slots.release(st, st.slot):
             self._ras_len[st.slot] = 0
         st.slot = None
 

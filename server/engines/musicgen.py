@@ -28,7 +28,6 @@ import logging
 import random
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,17 +57,9 @@ from .codec_stream import Due, StreamDecoder, complete_due
 from .mbd import MBDRun
 from .musicgen_decoder import MusicGenDecoder
 from .sampling import RowSampling, candidates_for, sample
-from .tiny import (
-    RANDOM_MUSICGEN_SCALES,
-    TINY_MUSICGEN,
-    TINY_MUSICGEN_MELODY,
-    TINY_MUSICGEN_STEREO,
-    build_random_musicgen,
-    build_tiny_musicgen,
-    load_musicgen_dir,
-)
+from .slots import SlotTable
 
-__all__ = ["MusicGenEngine", "StreamSettings", "load_musicgen"]
+__all__ = ["MusicGenEngine", "StreamSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -84,31 +75,6 @@ class StreamSettings:
     first_frames: int = 1
     chunk_frames: int = 10
     max_chunk_frames: int = 50  # while the stream is well ahead of real time
-
-
-def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
-    """Load a MusicGen model by name.
-
-    Args:
-        name: ``tiny-musicgen``, ``tiny-musicgen-stereo``, ``tiny-musicgen-melody``,
-            ``random-musicgen-{small,medium,large}`` (real
-            shapes, random weights: for benchmarks), a local checkpoint directory,
-            or a Hugging Face name such as ``facebook/musicgen-small``.
-        device: torch device string.
-
-    Returns:
-        The model and whether it is a random-weight test model.
-    """
-    if name in (TINY_MUSICGEN, TINY_MUSICGEN_STEREO, TINY_MUSICGEN_MELODY):
-        stereo, melody = name == TINY_MUSICGEN_STEREO, name == TINY_MUSICGEN_MELODY
-        return build_tiny_musicgen(device=device, stereo=stereo, melody=melody), True
-    if name.startswith("random-musicgen-") and name[16:] in RANDOM_MUSICGEN_SCALES:
-        return build_random_musicgen(name[16:], device=device), True
-    path = Path(name).expanduser()
-    if path.is_dir():
-        model = load_musicgen_dir(path, device=device)
-        return model, model.lm.cfg.get("wavecast_test_model", False) is True
-    return MusicGen.get_pretrained(name, device=device), False
 
 
 Codes = npt.NDArray[np.int64]
@@ -241,9 +207,9 @@ class MusicGenEngine:
         self.decoder = MusicGenDecoder(
             self.lm, rows=2, length=window_steps, cross_length=16, dtype=dtype
         )
-        self._slots: list[_MusicGenJob | None] = [None]
         self._sampling = RowSampling(1, self.device)
         self._cfg = torch.zeros(1, device=self.device)
+        self._slots: SlotTable[_MusicGenJob] = SlotTable(self._grow)
         self._due: Due = []
         # Called with each step's guided logits by request id (tests compare rows).
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
@@ -678,13 +644,7 @@ class MusicGenEngine:
     # -- the slot table --------------------------------------------------------------
 
     def _take_slot(self, st: _MusicGenJob) -> None:
-        try:
-            slot = self._slots.index(None)
-        except ValueError:
-            slot = len(self._slots)
-            self._grow(slot + 1)
-        self._slots[slot] = st
-        st.slot = slot
+        slot = st.slot = self._slots.take(st)
         self._sampling.set_row(
             slot,
             temperature=st.temperature,
@@ -694,23 +654,24 @@ class MusicGenEngine:
         )
         self._cfg[slot] = st.cfg_coef
 
-    def _grow(self, slots: int) -> None:
+    def _grow(self, slots: int) -> int:
+        """Room for ``slots`` requests (two rows each); how many there is now."""
         self.decoder.ensure(rows=2 * slots)
         count = self.decoder.rows // 2
-        old = len(self._slots)
-        self._slots.extend([None] * (count - old))
-        self._sampling = self._sampling.grown(count)
-        self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old)])
+        old = int(self._cfg.shape[0])
+        if count > old:
+            self._sampling = self._sampling.grown(count)
+            self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old)])
+        return count
 
     def _clear_rows(self, st: _MusicGenJob) -> None:
         """Zero a failed request's cache rows: what it left there (NaN, say) must
         not reach the slot's next request through a masked position."""
-        if st.slot is not None and self._slots[st.slot] is st:
+        if st.slot is not None and self._slots.holds(st, st.slot):
             self.decoder.kv.clear([2 * st.slot, 2 * st.slot + 1])
 
     def _release_slot(self, st: _MusicGenJob) -> None:
-        if st.slot is not None and self._slots[st.slot] is st:
-            self._slots[st.slot] = None
+        self._slots.release(st, st.slot)
         st.slot = None
 
     def _prompt_inputs(self, st: _MusicGenJob) -> torch.Tensor:
@@ -807,10 +768,7 @@ class MusicGenEngine:
         if not states:
             return np.zeros((0, decoder.codebooks), np.int64), torch.zeros(0), np.zeros(0, bool)
         k = decoder.codebooks
-        # The step covers the table's first slots up to the last request's, in a
-        # power of two (slots are taken lowest first).
-        last = max(st.slot for st in states if st.slot is not None)
-        slots = min(len(self._slots), 1 << last.bit_length())
+        slots = self._slots.span(st.slot for st in states if st.slot is not None)
         rows = 2 * slots
         sampling = self._sampling
         stepped = np.zeros(slots, dtype=bool)

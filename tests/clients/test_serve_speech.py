@@ -17,7 +17,7 @@ import soundfile
 from helpers import WAVECAST, timeout
 
 from wavecast.clients import SyncClient
-from wavecast.server.engines.tiny_higgs import build_tiny_higgs, save_tiny_higgs
+from wavecast.server.engines.testing.higgs import build_tiny_higgs, save_tiny_higgs
 
 
 def start(args: list[str], log_file: Path) -> tuple[subprocess.Popen[bytes], int]:

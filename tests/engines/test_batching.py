@@ -21,7 +21,7 @@ from test_musicgen_features import decode, wav_bytes
 from wavecast.protocol import InternalError, WavecastError, resolve_params
 from wavecast.server.engines.base import EngineRequest, Job
 from wavecast.server.engines.musicgen import MusicGenEngine
-from wavecast.server.engines.tiny import build_tiny_musicgen
+from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 
 @dataclass

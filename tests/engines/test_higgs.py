@@ -17,14 +17,13 @@ from wavecast.server.engines.higgs import (
     MULTISPEAKER_SYSTEM,
     SYSTEM,
     HiggsEngine,
-    HiggsModel,
     PromptAudio,
     build_prompt,
     chunk_text,
     delay_block,
-    load_higgs,
 )
-from wavecast.server.engines.tiny_higgs import build_tiny_higgs, save_tiny_higgs
+from wavecast.server.engines.loading import HiggsModel, load_higgs
+from wavecast.server.engines.testing.higgs import build_tiny_higgs, save_tiny_higgs
 
 K = 4  # tiny-higgs codebooks
 BOS, EOS = 64, 65

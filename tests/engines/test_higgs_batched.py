@@ -28,14 +28,13 @@ from wavecast.server.engines.base import EngineRequest, Job
 from wavecast.server.engines.higgs import (
     SYSTEM,
     HiggsEngine,
-    HiggsModel,
     PromptAudio,
     build_prompt,
-    load_higgs,
 )
 from wavecast.server.engines.higgs_decoder import HiggsDecoder
+from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.sampling import redraw_repeats, row_keys, sample_warped, warp
-from wavecast.server.engines.tiny_higgs import build_tiny_higgs
+from wavecast.server.engines.testing.higgs import build_tiny_higgs
 from wavecast.server.engines.voices import Scene, Voice
 
 K = 4  # tiny-higgs codebooks

@@ -15,7 +15,7 @@ import torch
 from wavecast.protocol import InvalidField, resolve_params
 from wavecast.server.engines.base import EngineRequest
 from wavecast.server.engines.musicgen import MusicGenEngine
-from wavecast.server.engines.tiny import build_tiny_musicgen
+from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 HOP = 640
 
@@ -244,7 +244,8 @@ def test_bad_melody_upload(melodic: Any) -> None:
 
 def test_mbd_rendition_equals_tokens_to_wav(windowed: Any) -> None:
     """The stepped diffusion is audiocraft's MultiBandDiffusion.tokens_to_wav."""
-    from wavecast.server.engines.mbd import MBD_STEPS, build_tiny_mbd
+    from wavecast.server.engines.mbd import MBD_STEPS
+    from wavecast.server.engines.testing.mbd import build_tiny_mbd
 
     model, _ = windowed
     mbd = build_tiny_mbd(model.compression_model)
@@ -276,7 +277,7 @@ def test_mbd_rendition_equals_tokens_to_wav(windowed: Any) -> None:
 
 
 def test_mbd_follows_the_streamed_span_of_a_continuation(windowed: Any) -> None:
-    from wavecast.server.engines.mbd import build_tiny_mbd
+    from wavecast.server.engines.testing.mbd import build_tiny_mbd
 
     model, _ = windowed
     engine = MusicGenEngine(
@@ -296,7 +297,7 @@ def test_mbd_follows_the_streamed_span_of_a_continuation(windowed: Any) -> None:
 
 def test_mbd_for_stereo_renders_each_channel(stereo: Any) -> None:
     """Left and right codes through the mono MBD as a batch, as audiocraft's demo does."""
-    from wavecast.server.engines.mbd import build_tiny_mbd
+    from wavecast.server.engines.testing.mbd import build_tiny_mbd
 
     model, _ = stereo
     mbd = build_tiny_mbd(model.compression_model.model)

@@ -11,7 +11,7 @@ import torch
 from wavecast.protocol import resolve_params
 from wavecast.server.engines.base import EngineRequest
 from wavecast.server.engines.musicgen import MusicGenEngine
-from wavecast.server.engines.tiny import build_tiny_musicgen
+from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,7 +51,8 @@ def _speak(engine: Any, text: str, **given: Any) -> tuple[Any, np.ndarray]:
 
 
 def test_tiny_higgs_streams_exactly_on_cuda() -> None:
-    from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+    from wavecast.server.engines.higgs import HiggsEngine
+    from wavecast.server.engines.loading import load_higgs
 
     engine = HiggsEngine(load_higgs("tiny-higgs", None, "cuda"), name="tiny-higgs")
     job, streamed = _speak(
@@ -70,7 +71,8 @@ def test_tiny_higgs_streams_exactly_on_cuda() -> None:
 
 def test_random_higgs_3b_runs_on_cuda() -> None:
     """The released shapes (bfloat16 generator, float32 codec) on the GPU."""
-    from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+    from wavecast.server.engines.higgs import HiggsEngine
+    from wavecast.server.engines.loading import load_higgs
 
     engine = HiggsEngine(load_higgs("random-higgs-3b", None, "cuda"), name="random-higgs-3b")
     job, streamed = _speak(engine, "Hello there.", seed=1, max_new_tokens=40)
@@ -82,7 +84,8 @@ def test_random_higgs_3b_runs_on_cuda() -> None:
 
 
 def test_tiny_higgs_rows_in_a_batch_equal_their_solo_runs_on_cuda() -> None:
-    from wavecast.server.engines.higgs import HiggsEngine, load_higgs
+    from wavecast.server.engines.higgs import HiggsEngine
+    from wavecast.server.engines.loading import load_higgs
 
     loaded = load_higgs("tiny-higgs", None, "cuda")
     engine = HiggsEngine(loaded, name="tiny-higgs")

@@ -29,11 +29,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..loading import CODEC_DIR, TEST_MARKER
+
 __all__ = [
-    "CODEC_DIR",
     "RANDOM_HIGGS_3B",
     "SPECIAL_TOKENS",
-    "TEST_MARKER",
+    "TEST_NAMES",
     "TINY_HIGGS",
     "TinyHiggs",
     "build_random_higgs",
@@ -44,9 +45,7 @@ __all__ = [
 TINY_HIGGS = "tiny-higgs"
 # The released 3B model's shape with random weights: for speed measurements.
 RANDOM_HIGGS_3B = "random-higgs-3b"
-CODEC_DIR = "audio_tokenizer"
-# Marks a saved folder as random weights, so that it is announced as a test model.
-TEST_MARKER = "WAVECAST_TEST_MODEL"
+TEST_NAMES = (TINY_HIGGS, RANDOM_HIGGS_3B)
 
 # The special tokens of the HiggsAudio v2 prompt format (Llama 3 headers plus the
 # scene and audio markers; the delay token is a reserved Llama 3 special token).

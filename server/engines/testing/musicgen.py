@@ -3,52 +3,39 @@
 The real architecture (audiocraft's EnCodec with a SEANet autoencoder and RVQ,
 the delay-pattern transformer LM with cross-attention on a T5 text encoder), at
 tiny sizes and random weights, built in-process with no network. It makes noise
-and is always announced as a test model.
-
-``save_musicgen`` writes a model in audiocraft's checkpoint layout
-(``state_dict.bin`` and ``compression_state_dict.bin``, each with ``xp.cfg`` and
-``best_state``), plus ``text_encoder/`` holding the T5 encoder and its tokenizer,
-since real checkpoints fetch T5 from the hub by name.
+and is always announced as a test model. ``loading.save_musicgen`` writes one
+in audiocraft's checkpoint layout, which ``loading.load_musicgen_dir`` reads.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 from audiocraft.models import builders
-from audiocraft.models.encodec import CompressionModel
-from audiocraft.models.lm import LMModel
 from audiocraft.models.musicgen import MusicGen
-from audiocraft.modules.chroma import ChromaExtractor
-from audiocraft.modules.conditioners import (
-    ChromaStemConditioner,
-    T5Conditioner,
-    TextConditioner,
-    WaveformConditioner,
-)
-from audiocraft.utils.autocast import TorchAutocast
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from ..loading import lm_from_cfg, musicgen_model
 
 __all__ = [
     "RANDOM_MUSICGEN_SCALES",
     "TINY_MUSICGEN",
     "TINY_MUSICGEN_MELODY",
     "TINY_MUSICGEN_STEREO",
-    "OfflineT5Conditioner",
+    "TINY_NAMES",
+    "build_random_musicgen",
     "build_tiny_musicgen",
-    "load_musicgen_dir",
-    "save_musicgen",
+    "tiny_demucs",
 ]
 
 TINY_MUSICGEN = "tiny-musicgen"
 TINY_MUSICGEN_STEREO = "tiny-musicgen-stereo"
 TINY_MUSICGEN_MELODY = "tiny-musicgen-melody"
-TEXT_ENCODER_DIR = "text_encoder"
+TINY_NAMES = (TINY_MUSICGEN, TINY_MUSICGEN_STEREO, TINY_MUSICGEN_MELODY)
 
 # Shaped like facebook/musicgen-small's xp.cfg (32 kHz mono EnCodec at 50 Hz,
 # 4 codebooks, delay pattern, T5 cross-attention), scaled down.
@@ -193,71 +180,6 @@ def _byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-class OfflineT5Conditioner(T5Conditioner):  # type: ignore[misc]
-    """audiocraft's T5 text conditioner over a T5 encoder given in memory.
-
-    ``T5Conditioner.__init__`` fetches T5 from the hub by name; this builds the
-    same module (T5 encoder, output projection, attention mask handling) around
-    an encoder and tokenizer that are already loaded.
-    """
-
-    def __init__(
-        self,
-        t5: T5EncoderModel,
-        tokenizer: PreTrainedTokenizerFast,
-        output_dim: int,
-        device: str,
-    ) -> None:
-        TextConditioner.__init__(self, t5.config.d_model, output_dim)
-        self.device = device
-        self.name = "offline-t5"
-        self.finetune = False
-        self.word_dropout = 0.0
-        self.autocast = TorchAutocast(enabled=False)
-        self.t5_tokenizer = tokenizer
-        self.__dict__["t5"] = t5.eval().to(device)
-        self.normalize_text = False
-
-
-class OfflineChromaStemConditioner(ChromaStemConditioner):  # type: ignore[misc]
-    """audiocraft's chroma-of-stems melody conditioner over a Demucs given in memory.
-
-    ``ChromaStemConditioner.__init__`` fetches ``htdemucs`` by name; this builds
-    the same module (Demucs stem separation, chroma extractor, projection).
-    """
-
-    def __init__(
-        self,
-        demucs: Any,
-        output_dim: int,
-        sample_rate: int,
-        n_chroma: int,
-        radix2_exp: int,
-        duration: float,
-        device: str,
-        **kwargs: Any,
-    ) -> None:
-        WaveformConditioner.__init__(self, dim=n_chroma, output_dim=output_dim, device=device)
-        self.autocast = TorchAutocast(
-            enabled=device != "cpu", device_type=self.device, dtype=torch.float32
-        )
-        self.sample_rate = sample_rate
-        self.match_len_on_eval = True
-        self._use_masking = False
-        self.duration = duration
-        self.__dict__["demucs"] = demucs.eval().to(device)
-        sources: list[str] = demucs.sources
-        self.stem_indices = torch.LongTensor([sources.index("vocals"), sources.index("other")]).to(
-            device
-        )
-        self.chroma = ChromaExtractor(
-            sample_rate=sample_rate, n_chroma=n_chroma, radix2_exp=radix2_exp, **kwargs
-        ).to(device)
-        self.chroma_len = self._get_chroma_len()
-        self.eval_wavs = None
-        self.cache = None
-
-
 def tiny_demucs() -> Any:
     """HTDemucs (the architecture of ``htdemucs``) at a tiny size, random weights."""
     from demucs.htdemucs import HTDemucs
@@ -275,45 +197,6 @@ def tiny_demucs() -> Any:
         samplerate=44100,
         segment=2,
     )
-
-
-_STAND_IN = {"model": "lut", "lut": {"n_bins": 4, "dim": 4, "tokenizer": "noop"}}
-
-
-def _lm_from_cfg(
-    cfg: Any, text_encoder: Path | tuple[T5EncoderModel, Any], demucs: Any = None
-) -> LMModel:
-    """Build the LM with audiocraft's builder, T5 (and Demucs) given offline."""
-    build_cfg = copy.deepcopy(cfg)
-    # The builder would fetch T5 (and Demucs) by name: build with lookup-table
-    # stand-ins, then put the real conditioners in their place before any weights
-    # are loaded.
-    build_cfg.conditioners.description = OmegaConf.create(_STAND_IN)
-    melody = "self_wav" in cfg.conditioners
-    if melody:
-        build_cfg.conditioners.self_wav = OmegaConf.create(_STAND_IN)
-    lm = builders.get_lm_model(build_cfg)
-    if melody:
-        chroma_cfg = dict(OmegaConf.to_container(cfg.conditioners.self_wav.chroma_stem))
-        for unused in ("match_len_on_eval", "eval_wavs", "n_eval_wavs", "cache_path"):
-            chroma_cfg.pop(unused, None)
-        lm.condition_provider.conditioners["self_wav"] = OfflineChromaStemConditioner(
-            demucs if demucs is not None else tiny_demucs(),
-            output_dim=cfg.transformer_lm.dim,
-            duration=float(cfg.dataset.segment_duration),
-            device=str(cfg.device),
-            **chroma_cfg,
-        ).to(cfg.device)
-    if isinstance(text_encoder, Path):
-        t5 = T5EncoderModel.from_pretrained(text_encoder)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(text_encoder)
-    else:
-        t5, tokenizer = text_encoder
-    lm.condition_provider.conditioners["description"] = OfflineT5Conditioner(
-        t5, tokenizer, output_dim=cfg.transformer_lm.dim, device=str(cfg.device)
-    ).to(cfg.device)
-    lm.cfg = cfg
-    return lm.eval()
 
 
 def build_tiny_musicgen(
@@ -364,20 +247,10 @@ def build_tiny_musicgen(
             }
             cfg.fuser.prepend = ["self_wav"]
         t5 = T5EncoderModel(T5Config(**_T5_CONFIG))
-        lm = _lm_from_cfg(cfg, (t5, _byte_tokenizer()), tiny_demucs() if melody else None)
+        lm = lm_from_cfg(cfg, (t5, _byte_tokenizer()), tiny_demucs() if melody else None)
     name = TINY_MUSICGEN_STEREO if stereo else TINY_MUSICGEN_MELODY if melody else TINY_MUSICGEN
     # MusicGen wraps the compression model for stereo, as lm.cfg asks.
-    return _musicgen(name, compression, lm, window)
-
-
-def _musicgen(name: str, compression: Any, lm: LMModel, window: float) -> MusicGen:
-    # MusicGen.__init__ checks its default extend_stride (18 s) against the
-    # window, so short test windows are set after construction.
-    model = MusicGen(name, compression, lm, max_duration=max(window, 30.0))
-    if window < 30.0:
-        model.max_duration = window
-        model.set_generation_params(duration=window, extend_stride=round(window * 0.6, 3))
-    return model
+    return musicgen_model(name, compression, lm, window)
 
 
 # Real MusicGen shapes (facebook/musicgen-small/-medium/-large) for benchmarks:
@@ -423,50 +296,6 @@ def build_random_musicgen(scale: str, device: str = "cpu", seed: int = 0) -> Mus
         compression = builders.get_compression_model(cfg).eval()
         compression.cfg = cfg
         t5 = T5EncoderModel(T5Config(**t5_cfg))
-        lm = _lm_from_cfg(cfg, (t5, _byte_tokenizer()))
+        lm = lm_from_cfg(cfg, (t5, _byte_tokenizer()))
     name = f"random-musicgen-{scale}"
     return MusicGen(name, compression, lm, max_duration=30.0)
-
-
-def save_musicgen(model: MusicGen, directory: Path) -> None:
-    """Write ``model`` in audiocraft's checkpoint layout under ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lm_cfg = OmegaConf.to_container(model.lm.cfg, resolve=True)
-    compression: CompressionModel = model.compression_model
-    compression = getattr(compression, "model", compression)  # the mono codec of a stereo model
-    torch.save(
-        {"xp.cfg": OmegaConf.to_yaml(lm_cfg), "best_state": model.lm.state_dict()},
-        directory / "state_dict.bin",
-    )
-    comp_cfg = OmegaConf.to_container(compression.cfg, resolve=True)
-    torch.save(
-        {"xp.cfg": OmegaConf.to_yaml(comp_cfg), "best_state": compression.state_dict()},
-        directory / "compression_state_dict.bin",
-    )
-    conditioner = model.lm.condition_provider.conditioners["description"]
-    conditioner.t5.save_pretrained(directory / TEXT_ENCODER_DIR)
-    conditioner.t5_tokenizer.save_pretrained(directory / TEXT_ENCODER_DIR)
-
-
-def load_musicgen_dir(directory: Path, device: str = "cpu") -> MusicGen:
-    """Load a local checkpoint directory.
-
-    Uses audiocraft's loaders; a ``text_encoder/`` folder, when present, supplies
-    T5 instead of the hub.
-    """
-    from audiocraft.models import loaders
-
-    compression = loaders.load_compression_model(str(directory), device=device)
-    text_encoder = directory / TEXT_ENCODER_DIR
-    if text_encoder.is_dir():
-        pkg = loaders.load_lm_model_ckpt(str(directory))
-        cfg = OmegaConf.create(pkg["xp.cfg"])
-        cfg.device = device
-        cfg.dtype = "float32" if device == "cpu" else "float16"
-        lm = _lm_from_cfg(cfg, text_encoder)
-        lm.load_state_dict(pkg["best_state"])
-    else:
-        lm = loaders.load_lm_model(str(directory), device=device)
-    name = directory.name
-    window = float(lm.cfg.dataset.segment_duration)
-    return _musicgen(name, compression, lm.eval(), window)
