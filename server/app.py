@@ -30,6 +30,7 @@ from .engines import load_engines
 from .engines.base import Engine
 from .engines.voices import BUILTIN_SCENES, Scene, Voice, load_scenes, load_voices
 from .http import STREAM_PATH, HttpRoutes, load_static
+from .metrics import render as render_metrics
 from .scheduler import EngineFactory, Scheduler
 from .session import Session
 
@@ -120,6 +121,8 @@ class WavecastServer:
             self._healthy,
             listings={"/v1/voices": self._voice_list, "/v1/scenes": self._scene_list},
             ready=self._ready,
+            allowed_origins=self.config.network.allowed_origins,
+            metrics=self.metrics,
         )
         timeouts = self.config.timeouts
         self._server = await serve(
@@ -158,6 +161,47 @@ class WavecastServer:
     def _scene_list(self) -> dict[str, Any]:
         scenes = [scene.describe() for scene in self.scenes.values()]
         return {"scenes": scenes, "count": len(scenes)}
+
+    def metrics(self) -> str:
+        """``GET /metrics``: the live gauges and the scheduler's records."""
+        assert self.scheduler is not None
+        snapshot = self.scheduler.snapshot()
+        capacity = snapshot["capacity"]
+        gauges: dict[str, tuple[str, float]] = {
+            "wavecast_up": ("1 once the models are loaded and warmed up.", 1.0),
+            "wavecast_ready": (
+                "1 while new requests are taken (0 while draining).",
+                float(self._ready()),
+            ),
+            "wavecast_uptime_seconds": (
+                "Seconds since the server started.",
+                time.monotonic() - self._started,
+            ),
+            "wavecast_connections": ("Open WebSocket connections.", float(len(self.sessions))),
+            "wavecast_requests_queued": ("Requests waiting for a slot.", float(snapshot["queued"])),
+            "wavecast_requests_active": ("Requests being generated.", float(snapshot["active"])),
+            "wavecast_requests_rendering": (
+                "Requests past their live stream, rendering Multi-Band Diffusion.",
+                float(snapshot["rendering"]),
+            ),
+        }
+        if capacity.get("tick_ms") is not None:
+            gauges["wavecast_tick_seconds"] = (
+                "Measured time of one scheduler tick (every running request one step).",
+                float(capacity["tick_ms"]) / 1000.0,
+            )
+        if capacity.get("realtime_streams") is not None:
+            gauges["wavecast_realtime_streams"] = (
+                "Streams the server estimates it keeps faster than real time.",
+                float(capacity["realtime_streams"]),
+            )
+        counters = {
+            "wavecast_steps_total": (
+                "Scheduler steps run (one batched step per model).",
+                float(snapshot["steps_total"]),
+            ),
+        }
+        return render_metrics(self.scheduler.metrics, gauges, counters)
 
     def info(self) -> dict[str, Any]:
         from wavecast.protocol import to_wire

@@ -183,6 +183,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "per chunk; default %(default)s)",
     )
     parser.add_argument("--web-demo", type=Path, default=None, help="serve this folder at /")
+    env_origins = _env("ALLOW_ORIGINS", "")
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        dest="allowed_origins",
+        metavar="ORIGIN",
+        default=[o.strip() for o in (env_origins or "").split(",") if o.strip()],
+        help="a browser origin (https://app.example.com) whose pages may open streams, "
+        "besides this server's own page and non-browser clients; repeat for more; '*': any",
+    )
     parser.add_argument(
         "--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text")
     )
@@ -194,7 +204,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     env_models = _env("MODEL", None)
     names = tuple(args.models or (env_models.split(",") if env_models else [DEFAULT_MODEL]))
     return Config(
-        network=NetworkConfig(host=args.host, port=args.port, web_demo=args.web_demo),
+        network=NetworkConfig(
+            host=args.host,
+            port=args.port,
+            web_demo=args.web_demo,
+            allowed_origins=tuple(args.allowed_origins),
+        ),
         limits=LimitsConfig(
             max_frame_bytes=args.max_frame_bytes,
             max_prompt_chars=args.max_prompt_chars,

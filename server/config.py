@@ -26,6 +26,8 @@ class NetworkConfig:
     host: str = "127.0.0.1"
     port: int = 5555
     web_demo: Path | None = None  # folder served at /; None: the bundled page
+    # Browser origins besides the page's own that may open streams ("*": any).
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-__all__ = ["STREAM_PATH", "HttpRoutes", "load_static"]
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+__all__ = ["STREAM_PATH", "HttpRoutes", "load_static", "origin_allowed"]
 
 STREAM_PATH = "/v1/stream"
 MAX_STATIC_BYTES = 16 << 20
@@ -54,13 +56,48 @@ def load_static(root: Path) -> dict[str, tuple[bytes, str]]:
     return files
 
 
+# The demo page loads nothing from elsewhere: scripts, styles, the worklet and
+# the socket are this server's; audio plays from blobs; the microphone records.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "media-src 'self' blob:; connect-src 'self'; worker-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "microphone=(self), camera=(), geolocation=()",
+}
+
+
 def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
     headers = Headers()
     headers["Content-Type"] = content_type
     headers["Content-Length"] = str(len(body))
     headers["Cache-Control"] = "no-cache"
-    headers["X-Content-Type-Options"] = "nosniff"
+    for name, value in SECURITY_HEADERS.items():
+        headers[name] = value
     return Response(status.value, status.phrase, headers, body)
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a WebSocket handshake's ``Origin`` may open a stream.
+
+    No ``Origin`` (not a browser: the Python client, websocat) and the page's own
+    origin (its host is the ``Host`` the browser connected to) always may; other
+    origins only when listed (``*``: any). So a page on another site cannot drive
+    this server from its visitors' browsers.
+    """
+    if origin is None or "*" in allowed:
+        return True
+    if origin.rstrip("/") in (a.rstrip("/") for a in allowed):
+        return True
+    netloc = origin.partition("://")[2]
+    return bool(host) and netloc.lower() == (host or "").lower()
 
 
 class HttpRoutes:
@@ -73,12 +110,16 @@ class HttpRoutes:
         healthy: Callable[[], bool],
         listings: dict[str, Callable[[], dict[str, Any]]] | None = None,
         ready: Callable[[], bool] | None = None,
+        allowed_origins: tuple[str, ...] = (),
+        metrics: Callable[[], str] | None = None,
     ) -> None:
         self.static = static
         self.info = info
         self.healthy = healthy
         self.ready = ready or healthy
         self.listings = listings or {}
+        self.allowed_origins = allowed_origins
+        self.metrics = metrics
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
@@ -87,6 +128,13 @@ class HttpRoutes:
                 return _response(
                     http.HTTPStatus.UPGRADE_REQUIRED,
                     b"connect with a WebSocket client\n",
+                    "text/plain",
+                )
+            origin = request.headers.get("Origin")
+            if not origin_allowed(origin, request.headers.get("Host"), self.allowed_origins):
+                return _response(
+                    http.HTTPStatus.FORBIDDEN,
+                    b"this origin may not open streams here (see --allow-origin)\n",
                     "text/plain",
                 )
             return None  # the WebSocket handshake goes on
@@ -98,6 +146,9 @@ class HttpRoutes:
             if self.ready():
                 return _response(http.HTTPStatus.OK, b"ready\n", "text/plain")
             return _response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"not ready\n", "text/plain")
+        if path == "/metrics" and self.metrics is not None:
+            body = self.metrics().encode()
+            return _response(http.HTTPStatus.OK, body, METRICS_CONTENT_TYPE)
         if path == "/v1/info":
             return _response(http.HTTPStatus.OK, orjson.dumps(self.info()), "application/json")
         listing = self.listings.get(path)

@@ -36,6 +36,7 @@ from wavecast.protocol import (
 from wavecast.protocol.messages import AudioFormat, DoneStatus
 
 from .engines.base import Engine, EngineRequest, Job, StepOutput
+from .metrics import Metrics
 from .outputs import RequestOutputs, done_message
 
 __all__ = ["Request", "Scheduler"]
@@ -113,6 +114,7 @@ class Scheduler:
         self._idle_event = asyncio.Event()  # set on the loop when nothing is queued or running
         # Counters, read by /v1/info and the tests.
         self.steps_total = 0
+        self.metrics = Metrics()
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
@@ -475,6 +477,14 @@ class Scheduler:
                 started_at=request.started_at,
                 now=time.perf_counter(),
             )
+        self.metrics.finished(
+            request.model,
+            status,
+            audio_seconds=stats.audio_seconds if stats else 0.0,
+            first_audio_seconds=stats.first_audio_seconds if stats else None,
+            queued_seconds=stats.queued_seconds if stats else None,
+            real_time_factor=stats.real_time_factor if stats else None,
+        )
         if status == "completed":
             self.completed += 1
         elif status == "cancelled":

@@ -313,7 +313,7 @@ async def test_copy_as_code_runs_and_a_link_fills_the_form(
     assert await fresh.input_value("#param-temperature") == "0.5"
     assert await fresh.input_value("#param-seed") == str(seed)
     # ...and opened in a new tab, once the models are known.
-    opened = await (await browser.new_context()).new_page()
+    opened = await (await browser.new_context(bypass_csp=True)).new_page()
     await opened.goto(link)
     await wait(opened, "document.querySelector('#prompt').value.includes('quoted')")
     assert await opened.input_value("#param-temperature") == "0.5"
@@ -332,7 +332,7 @@ async def test_history_survives_a_reload_bounded(
     server: Any,
     tmp_path: Path,
 ) -> None:
-    ctx = await browser.new_context(accept_downloads=True)
+    ctx = await browser.new_context(accept_downloads=True, bypass_csp=True)
     page = await ctx.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -163,3 +163,24 @@ def test_serve_without_the_model_says_so_in_one_line(tmp_path: Path) -> None:
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1
     assert "facebook/musicgen-small" in errors[0] and "--model tiny-musicgen" in errors[0]
+
+
+def test_allowed_origins_from_flags_and_environment(monkeypatch: Any) -> None:
+    import argparse
+
+    from wavecast.server.cli import add_serve_arguments, config_from_args
+
+    monkeypatch.setenv("WAVECAST_ALLOW_ORIGINS", "https://a.example, https://b.example")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--allow-origin", "https://c.example"])
+    config = config_from_args(args)
+    assert config.network.allowed_origins == (
+        "https://a.example",
+        "https://b.example",
+        "https://c.example",
+    )
+    monkeypatch.delenv("WAVECAST_ALLOW_ORIGINS")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert config_from_args(parser.parse_args([])).network.allowed_origins == ()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.request
 from dataclasses import replace
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import make_config, running_server, steps_after_disconnect, timeout
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Progress, Queued, Started, decode, encode
@@ -308,3 +309,102 @@ async def test_connections_per_client_address_are_limited() -> None:
             result = await (await fourth.generate("tiny-musicgen", "x", duration=0.2)).collect()
             assert result.status == "completed"
         await second.close()
+
+
+async def test_security_headers_on_every_response(server: Any) -> None:
+    def headers(url: str) -> Any:
+        with urllib.request.urlopen(url, timeout=timeout(10)) as response:
+            return response.headers
+
+    base = f"http://127.0.0.1:{server.port}"
+    for path in ("/", "/app.js", "/v1/info", "/healthz"):
+        got = await asyncio.to_thread(headers, base + path)
+        assert "default-src 'self'" in got["Content-Security-Policy"], path
+        assert "frame-ancestors 'none'" in got["Content-Security-Policy"]
+        assert got["X-Frame-Options"] == "DENY"
+        assert got["X-Content-Type-Options"] == "nosniff"
+        assert got["Referrer-Policy"] == "no-referrer"
+
+
+async def test_only_allowed_origins_open_streams() -> None:
+    config = make_config()
+    config = replace(
+        config, network=replace(config.network, allowed_origins=("https://app.example",))
+    )
+    async with running_server(config) as srv:
+        own = f"http://127.0.0.1:{srv.port}"
+        # Not a browser (no Origin), the page's own origin, a listed origin: welcome.
+        for origin in (None, own, "https://app.example"):
+            async with ws_connect(srv.url, origin=origin) as ws:  # type: ignore[arg-type]
+                assert decode(await ws.recv()).type == "hello"
+        # Another site's page: refused before the handshake completes.
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(srv.url, origin="https://evil.example"):  # type: ignore[arg-type]
+                pass
+        assert refused.value.response.status_code == 403
+        assert srv.scheduler.snapshot()["completed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed", "ok"),
+    [
+        (None, "h:1", (), True),
+        ("http://h:1", "h:1", (), True),
+        ("https://H:1", "h:1", (), True),
+        ("http://h:2", "h:1", (), False),
+        ("https://app.example", "h:1", ("https://app.example/",), True),
+        ("https://evil.example", "h:1", ("https://app.example",), False),
+        ("https://evil.example", "h:1", ("*",), True),
+        ("null", "h:1", (), False),
+        ("http://h:1", None, (), False),
+    ],
+)
+def test_origin_rule(origin: str | None, host: str | None, allowed: Any, ok: bool) -> None:
+    from wavecast.server.http import origin_allowed
+
+    assert origin_allowed(origin, host, allowed) is ok
+
+
+async def test_metrics_in_prometheus_text_format(server: Any) -> None:
+    async with connect(server.url) as client:
+        done = await (await client.generate("tiny-musicgen", "a", duration=1.0)).collect()
+        stream = await client.generate("tiny-musicgen", "b", duration=30.0)
+        first = 0
+        async for event in stream:
+            if isinstance(event, Audio):
+                first = event.frames  # collect() below counts the chunks after it
+                break
+        await stream.cancel()
+        cancelled = await stream.collect()
+    assert (done.status, cancelled.status) == ("completed", "cancelled")
+    await server.scheduler.wait_idle(timeout(5))
+    status, kind, body = await http_get(f"http://127.0.0.1:{server.port}/metrics")
+    assert status == 200 and kind == "text/plain; version=0.0.4; charset=utf-8"
+    samples: dict[str, float] = {}
+    kinds: dict[str, str] = {}
+    for line in body.decode().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind_of = line.split(" ")
+            kinds[name] = kind_of
+            continue
+        if line.startswith("# HELP "):
+            continue
+        name, labels, value = re.fullmatch(r"(wavecast_\w+)(\{[^}]*\})? (\S+)", line).groups()  # type: ignore[union-attr]
+        samples[name + (labels or "")] = float(value)
+    model = 'model="tiny-musicgen"'
+    assert samples[f'wavecast_requests_total{{{model},status="completed"}}'] == 1
+    assert samples[f'wavecast_requests_total{{{model},status="cancelled"}}'] == 1
+    streamed = (done.frames + first + cancelled.frames) / 32000
+    assert samples[f"wavecast_audio_seconds_total{{{model}}}"] == pytest.approx(streamed, abs=1e-3)
+    assert kinds["wavecast_first_audio_seconds"] == "histogram"
+    buckets = [
+        value
+        for key, value in samples.items()
+        if key.startswith(f"wavecast_first_audio_seconds_bucket{{{model}")
+    ]
+    assert buckets == sorted(buckets)  # cumulative
+    assert buckets[-1] == samples[f"wavecast_first_audio_seconds_count{{{model}}}"] == 2
+    assert samples[f"wavecast_real_time_factor_count{{{model}}}"] == 1  # completed only
+    assert samples["wavecast_up"] == 1 and samples["wavecast_ready"] == 1
+    assert samples["wavecast_requests_active"] == 0
+    assert samples["wavecast_steps_total"] > 0 and kinds["wavecast_steps_total"] == "counter"
