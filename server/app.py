@@ -30,6 +30,7 @@ from .engines import load_engines
 from .engines.base import Engine
 from .engines.voices import BUILTIN_SCENES, Scene, Voice, load_scenes, load_voices
 from .http import STREAM_PATH, HttpRoutes, load_static
+from .metrics import Samples
 from .metrics import render as render_metrics
 from .scheduler import EngineFactory, Scheduler
 from .session import Session
@@ -167,7 +168,8 @@ class WavecastServer:
         assert self.scheduler is not None
         snapshot = self.scheduler.snapshot()
         capacity = snapshot["capacity"]
-        gauges: dict[str, tuple[str, float]] = {
+        per_model = self.scheduler.per_model()
+        gauges: dict[str, tuple[str, float | Samples]] = {
             "wavecast_up": ("1 once the models are loaded and warmed up.", 1.0),
             "wavecast_ready": (
                 "1 while new requests are taken (0 while draining).",
@@ -185,6 +187,18 @@ class WavecastServer:
                 float(snapshot["rendering"]),
             ),
         }
+        gauges["wavecast_model_requests_queued"] = (
+            "Requests waiting for a slot, by model.",
+            [({"model": m}, float(c["queued"])) for m, c in per_model.items()],
+        )
+        gauges["wavecast_model_requests_active"] = (
+            "Requests holding a slot (preparing or decoding), by model.",
+            [({"model": m}, float(c["active"])) for m, c in per_model.items()],
+        )
+        gauges["wavecast_send_buffer_bytes"] = (
+            "Bytes queued for clients and not yet written, over all connections.",
+            float(sum(session.buffered_bytes for session in self.sessions)),
+        )
         if capacity.get("tick_ms") is not None:
             gauges["wavecast_tick_seconds"] = (
                 "Measured time of one scheduler tick (every running request one step).",

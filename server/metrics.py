@@ -61,24 +61,26 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str], int] = {}  # (model, status) -> count
+        self.requests: dict[tuple[str, str, str], int] = {}  # (model, status, code) -> count
         self.audio_seconds: dict[str, float] = {}  # model -> seconds streamed
         self.first_audio: dict[str, Histogram] = {}
         self.queued: dict[str, Histogram] = {}
         self.speed: dict[str, Histogram] = {}
+        self.refusals: dict[tuple[str, str], int] = {}  # (code, frame kind) -> count
 
     def finished(
         self,
         model: str,
         status: str,
         *,
+        error: str | None = None,
         audio_seconds: float = 0.0,
         first_audio_seconds: float | None = None,
         queued_seconds: float | None = None,
         real_time_factor: float | None = None,
     ) -> None:
         with self._lock:
-            key = (model, status)
+            key = (model, status, error or "")
             self.requests[key] = self.requests.get(key, 0) + 1
             self.audio_seconds[model] = self.audio_seconds.get(model, 0.0) + audio_seconds
             if first_audio_seconds is not None:
@@ -89,6 +91,12 @@ class Metrics:
                 self._histogram(self.queued, model, LATENCY_BUCKETS).observe(queued_seconds)
             if real_time_factor is not None and status == "completed":
                 self._histogram(self.speed, model, SPEED_BUCKETS).observe(real_time_factor)
+
+    def refused(self, code: str, *, request: bool) -> None:
+        """A frame refused by a session (codes are a fixed, documented set)."""
+        with self._lock:
+            key = (code, "generate" if request else "other")
+            self.refusals[key] = self.refusals.get(key, 0) + 1
 
     @staticmethod
     def _histogram(
@@ -103,8 +111,19 @@ class Metrics:
             out = _family(
                 "wavecast_requests_total",
                 "counter",
-                "Requests that ended, by model and status (completed, cancelled, error).",
-                (({"model": m, "status": s}, n) for (m, s), n in sorted(self.requests.items())),
+                "Requests that ended, by model, status (completed, cancelled, error) and "
+                "error code.",
+                (
+                    ({"model": m, "status": s, **({"code": c} if c else {})}, n)
+                    for (m, s, c), n in sorted(self.requests.items())
+                ),
+            )
+            out += _family(
+                "wavecast_refused_total",
+                "counter",
+                "Frames refused before any model work, by error code; frame is "
+                "'generate' for a request refused before it was queued.",
+                (({"code": c, "frame": f}, n) for (c, f), n in sorted(self.refusals.items())),
             )
             out += _family(
                 "wavecast_audio_seconds_total",
@@ -148,16 +167,20 @@ def _histograms(name: str, help_text: str, table: Mapping[str, Histogram]) -> li
     return lines
 
 
+Samples = list[tuple[dict[str, str], float]]
+
+
 def render(
     metrics: Metrics,
-    gauges: Mapping[str, tuple[str, float]],
+    gauges: Mapping[str, tuple[str, float | Samples]],
     counters: Mapping[str, tuple[str, float]],
 ) -> str:
-    """The exposition: ``gauges`` and ``counters`` (name -> (help, value)), then
-    what ``metrics`` recorded."""
+    """The exposition: ``gauges`` and ``counters`` (name -> (help, a value or
+    labelled samples)), then what ``metrics`` recorded."""
     lines: list[str] = []
     for kind, table in (("gauge", gauges), ("counter", counters)):
         for name, (help_text, value) in table.items():
-            lines += _family(name, kind, help_text, [({}, value)])
+            samples = value if isinstance(value, list) else [({}, value)]
+            lines += _family(name, kind, help_text, samples)
     lines += metrics.lines()
     return "\n".join(lines) + "\n"

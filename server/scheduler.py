@@ -156,6 +156,16 @@ class Scheduler:
         with self._cond:
             self._cond.notify()
 
+    def per_model(self) -> dict[str, dict[str, int]]:
+        """Requests queued, preparing and decoding, by model."""
+        with self._cond:
+            counts = {model: {"queued": 0, "active": 0} for model in self._engines}
+            for request in self._pending:
+                counts[request.model]["queued"] += 1
+            for request in self._active:
+                counts[request.model]["active"] += 1
+        return counts
+
     def snapshot(self) -> dict[str, Any]:
         with self._cond:
             counters: dict[str, Any] = {
@@ -480,6 +490,7 @@ class Scheduler:
         self.metrics.finished(
             request.model,
             status,
+            error=error.code if error else None,
             audio_seconds=stats.audio_seconds if stats else 0.0,
             first_audio_seconds=stats.first_audio_seconds if stats else None,
             queued_seconds=stats.queued_seconds if stats else None,

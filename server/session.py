@@ -162,6 +162,11 @@ class Session:
         except ConnectionClosed:
             pass
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Frames queued for this client and not yet written (bounded: §7)."""
+        return self._queued_bytes
+
     def _handle(self, frame: bytes | str) -> None:
         self.text = isinstance(frame, str)
         try:
@@ -176,6 +181,7 @@ class Session:
 
     def _refuse(self, exc: WavecastError, *, frame_type: str | None) -> None:
         """Answer a bad frame: a ``done`` if it opened a request, else an ``error``."""
+        self.scheduler.metrics.refused(exc.code, request=frame_type == "generate")
         if frame_type == "generate" and exc.id is not None and exc.id not in self.requests:
             self._send(
                 Done(id=exc.id, status="error", error=ErrorInfo(exc.code, exc.message, exc.field))

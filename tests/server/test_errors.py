@@ -6,7 +6,8 @@ from typing import Any
 
 import msgpack
 import pytest
-from helpers import make_config, running_server
+from helpers import make_config, running_server, timeout
+from test_stream import scrape
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -161,6 +162,13 @@ async def test_a_request_that_fails_in_a_batched_step_fails_alone(
         assert completed.status == "completed" and completed.frames == 32000
         again = await (await client.generate("tiny-musicgen", "doomed", duration=0.2)).collect()
         assert again.status == "error"
+    await server.scheduler.wait_idle(timeout(5))
+    samples, _ = await scrape(server.port)
+    failed_key = (
+        'wavecast_requests_total{model="tiny-musicgen",status="error",code="internal_error"}'
+    )
+    assert samples[failed_key] == 2
+    async with connect(server.url) as client:
         assert (
             await (await client.generate("tiny-musicgen", "x", duration=0.2)).collect()
         ).status == "completed"

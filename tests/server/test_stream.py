@@ -365,20 +365,9 @@ def test_origin_rule(origin: str | None, host: str | None, allowed: Any, ok: boo
     assert origin_allowed(origin, host, allowed) is ok
 
 
-async def test_metrics_in_prometheus_text_format(server: Any) -> None:
-    async with connect(server.url) as client:
-        done = await (await client.generate("tiny-musicgen", "a", duration=1.0)).collect()
-        stream = await client.generate("tiny-musicgen", "b", duration=30.0)
-        first = 0
-        async for event in stream:
-            if isinstance(event, Audio):
-                first = event.frames  # collect() below counts the chunks after it
-                break
-        await stream.cancel()
-        cancelled = await stream.collect()
-    assert (done.status, cancelled.status) == ("completed", "cancelled")
-    await server.scheduler.wait_idle(timeout(5))
-    status, kind, body = await http_get(f"http://127.0.0.1:{server.port}/metrics")
+async def scrape(port: int) -> tuple[dict[str, float], dict[str, str]]:
+    """GET /metrics; its samples by name and labels, and each family's type."""
+    status, kind, body = await http_get(f"http://127.0.0.1:{port}/metrics")
     assert status == 200 and kind == "text/plain; version=0.0.4; charset=utf-8"
     samples: dict[str, float] = {}
     kinds: dict[str, str] = {}
@@ -391,7 +380,31 @@ async def test_metrics_in_prometheus_text_format(server: Any) -> None:
             continue
         name, labels, value = re.fullmatch(r"(wavecast_\w+)(\{[^}]*\})? (\S+)", line).groups()  # type: ignore[union-attr]
         samples[name + (labels or "")] = float(value)
+    return samples, kinds
+
+
+async def test_metrics_in_prometheus_text_format(server: Any) -> None:
     model = 'model="tiny-musicgen"'
+    async with connect(server.url) as client:
+        done = await (await client.generate("tiny-musicgen", "a", duration=1.0)).collect()
+        stream = await client.generate("tiny-musicgen", "b", duration=30.0)
+        first = 0
+        async for event in stream:
+            if isinstance(event, Audio):
+                first = event.frames  # collect() below counts the chunks after it
+                break
+        # Scraped during a generation.
+        during, _ = await scrape(server.port)
+        assert during[f"wavecast_model_requests_active{{{model}}}"] == 1
+        assert during["wavecast_requests_active"] == 1 and during["wavecast_connections"] == 1
+        assert during["wavecast_send_buffer_bytes"] >= 0
+        await stream.cancel()
+        cancelled = await stream.collect()
+        refused = await (await client.generate("tiny-musicgen", "c", duration=-1)).collect()
+    assert (done.status, cancelled.status, refused.status) == ("completed", "cancelled", "error")
+    await server.scheduler.wait_idle(timeout(5))
+    samples, kinds = await scrape(server.port)
+    assert samples['wavecast_refused_total{code="invalid_field",frame="generate"}'] == 1
     assert samples[f'wavecast_requests_total{{{model},status="completed"}}'] == 1
     assert samples[f'wavecast_requests_total{{{model},status="cancelled"}}'] == 1
     streamed = (done.frames + first + cancelled.frames) / 32000
