@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
+
+from websockets.exceptions import InvalidStatus
 
 from wavecast.protocol import Audio, Done, Progress, Queued, Started
 
@@ -146,7 +149,7 @@ async def _run(
     *,
     capability: str,
 ) -> int:
-    async with connect(args.url) as client:
+    async with connect(args.url, api_key=args.api_key) as client:
         models = client.models
         fitting = [name for name, info in models.items() if capability in info.capabilities]
         model = args.model or next(iter(fitting), None)
@@ -247,6 +250,11 @@ def _write_wav(path: Path, result: GenerationResult) -> None:
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help="server URL (default %(default)s)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("WAVECAST_API_KEY"),
+        help="the server's API key, when it needs one (default: WAVECAST_API_KEY)",
+    )
     parser.add_argument(
         "--format",
         choices=("pcm_s16le", "pcm_f32le"),
@@ -375,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_speak(args) if args.command == "speak" else _generate(args))
     except OSError as exc:
         print(f"wavecast: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status == 401:
+            given = "was refused" if args.api_key else "is needed (--api-key or WAVECAST_API_KEY)"
+            print(f"wavecast: {args.url}: an API key {given}", file=sys.stderr)
+        else:
+            print(f"wavecast: {args.url} refused the connection (HTTP {status})", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -330,20 +331,35 @@ class connect:
         url: ``ws://host:port/v1/stream``.
         text: Speak JSON text frames instead of msgpack.
         open_timeout: Seconds to wait for the connection and the greeting.
+        api_key: The server's API key, when it needs one (sent as
+            ``Authorization: Bearer KEY``); default: ``WAVECAST_API_KEY``.
     """
 
-    def __init__(self, url: str, *, text: bool = False, open_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        text: bool = False,
+        open_timeout: float = 10.0,
+        api_key: str | None = None,
+    ) -> None:
         self.url = url
         self.text = text
         self.open_timeout = open_timeout
+        self.api_key = api_key if api_key is not None else os.environ.get("WAVECAST_API_KEY")
         self._client: Client | None = None
 
     async def _connect(self) -> Client:
         url = self.url
         if self.text:
             url += ("&" if "?" in url else "?") + "encoding=json"
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         ws = await ws_connect(
-            url, max_size=64 << 20, compression=None, open_timeout=self.open_timeout
+            url,
+            max_size=64 << 20,
+            compression=None,
+            open_timeout=self.open_timeout,
+            additional_headers=headers,
         )
         try:
             first = await asyncio.wait_for(ws.recv(), self.open_timeout)

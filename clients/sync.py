@@ -53,7 +53,14 @@ class SyncRequest:
 class SyncClient:
     """Runs an async :class:`Client` on a private event-loop thread."""
 
-    def __init__(self, url: str, *, text: bool = False, open_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        text: bool = False,
+        open_timeout: float = 10.0,
+        api_key: str | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="wavecast-client", daemon=True
@@ -61,7 +68,7 @@ class SyncClient:
         self._thread.start()
         try:
             self._client: Client = self._run(
-                connect(url, text=text, open_timeout=open_timeout)._connect()
+                connect(url, text=text, open_timeout=open_timeout, api_key=api_key)._connect()
             )
         except BaseException:
             self._stop_loop()

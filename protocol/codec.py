@@ -192,8 +192,11 @@ def _reject_constant(name: str) -> Any:
 
 
 def _maybe_id(wire: Mapping[str, Any]) -> str | None:
+    """A frame's ``id`` when it is valid (§3.1: 1-64 printable characters): the
+    one rule for echoing it. A frame whose id is invalid gets an ``error`` with no
+    ``id``, never a ``done`` for that id."""
     value = wire.get("id")
-    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH:
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable():
         return value
     return None
 

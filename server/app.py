@@ -124,6 +124,7 @@ class WavecastServer:
             ready=self._ready,
             allowed_origins=self.config.network.allowed_origins,
             metrics=self.metrics,
+            api_keys=self.config.network.api_keys,
         )
         timeouts = self.config.timeouts
         self._server = await serve(

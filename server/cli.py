@@ -183,6 +183,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "per chunk; default %(default)s)",
     )
     parser.add_argument("--web-demo", type=Path, default=None, help="serve this folder at /")
+    env_keys = _env("API_KEYS", "")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        default=[k.strip() for k in (env_keys or "").split(",") if k.strip()],
+        help="require this key (Authorization: Bearer KEY, or ?token=KEY) for streams, "
+        "/v1/* and /metrics; repeat for more (WAVECAST_API_KEYS: comma-separated)",
+    )
+    parser.add_argument(
+        "--api-keys-file",
+        type=Path,
+        default=_env("API_KEYS_FILE", None),
+        metavar="FILE",
+        help="keys, one per line (# comments), as --api-key",
+    )
     env_origins = _env("ALLOW_ORIGINS", "")
     parser.add_argument(
         "--allow-origin",
@@ -200,6 +217,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
 
+def _api_keys(given: list[str], file: Path | None) -> tuple[str, ...]:
+    keys = list(given)
+    if file is not None:
+        try:
+            lines = Path(file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SystemExit(f"wavecast: cannot read --api-keys-file {file}: {exc}") from exc
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return tuple(dict.fromkeys(keys))
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     env_models = _env("MODEL", None)
     names = tuple(args.models or (env_models.split(",") if env_models else [DEFAULT_MODEL]))
@@ -209,6 +237,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             port=args.port,
             web_demo=args.web_demo,
             allowed_origins=tuple(args.allowed_origins),
+            api_keys=_api_keys(args.api_keys, args.api_keys_file),
         ),
         limits=LimitsConfig(
             max_frame_bytes=args.max_frame_bytes,

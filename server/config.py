@@ -28,6 +28,8 @@ class NetworkConfig:
     web_demo: Path | None = None  # folder served at /; None: the bundled page
     # Browser origins besides the page's own that may open streams ("*": any).
     allowed_origins: tuple[str, ...] = ()
+    # Keys a client must present (Authorization: Bearer KEY, or ?token=KEY); none: open.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)

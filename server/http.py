@@ -6,8 +6,10 @@ from the event loop.
 
 from __future__ import annotations
 
+import hmac
 import http
 import mimetypes
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,10 @@ from websockets.http11 import Request, Response
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
-__all__ = ["STREAM_PATH", "HttpRoutes", "load_static", "origin_allowed"]
+__all__ = ["STREAM_PATH", "HttpRoutes", "key_accepted", "load_static", "origin_allowed"]
 
 STREAM_PATH = "/v1/stream"
+ENCODINGS = ("json", "msgpack")  # ?encoding= of the stream (§2.1)
 MAX_STATIC_BYTES = 16 << 20
 _TYPES = {
     ".js": "text/javascript; charset=utf-8",
@@ -100,8 +103,34 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     return bool(host) and netloc.lower() == (host or "").lower()
 
 
+def presented_key(request: Request) -> str | None:
+    """The API key a request carries: ``Authorization: Bearer KEY``, or a ``token``
+    query parameter (browsers cannot set headers on a WebSocket or an ``<audio>``)."""
+    auth = request.headers.get("Authorization", "")
+    scheme, _, credentials = auth.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    query = request.path.partition("?")[2]
+    tokens = urllib.parse.parse_qs(query).get("token")
+    return tokens[0] if tokens else None
+
+
+def key_accepted(presented: str | None, keys: tuple[str, ...]) -> bool:
+    """Whether ``presented`` is one of ``keys``, compared in constant time (every
+    key is compared, whatever matches)."""
+    given = (presented or "").encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode())
+    return matched and presented is not None
+
+
 class HttpRoutes:
-    """The ``process_request`` hook of the WebSocket server."""
+    """The ``process_request`` hook of the WebSocket server.
+
+    With API keys configured, the stream, ``/v1/*`` and ``/metrics`` need one
+    (401 otherwise); ``/healthz``, ``/readyz`` and the demo page's files stay open.
+    """
 
     def __init__(
         self,
@@ -112,6 +141,7 @@ class HttpRoutes:
         ready: Callable[[], bool] | None = None,
         allowed_origins: tuple[str, ...] = (),
         metrics: Callable[[], str] | None = None,
+        api_keys: tuple[str, ...] = (),
     ) -> None:
         self.static = static
         self.info = info
@@ -120,14 +150,35 @@ class HttpRoutes:
         self.listings = listings or {}
         self.allowed_origins = allowed_origins
         self.metrics = metrics
+        self.api_keys = api_keys
+
+    def _needs_key(self, path: str) -> bool:
+        return bool(self.api_keys) and (
+            path == STREAM_PATH or path == "/metrics" or path.startswith("/v1/")
+        )
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
+        if self._needs_key(path) and not key_accepted(presented_key(request), self.api_keys):
+            response = _response(
+                http.HTTPStatus.UNAUTHORIZED,
+                b"this server needs an API key: Authorization: Bearer KEY, or ?token=KEY\n",
+                "text/plain",
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="wavecast"'
+            return response
         if path == STREAM_PATH:
             if "upgrade" not in request.headers.get("Connection", "").lower():
                 return _response(
                     http.HTTPStatus.UPGRADE_REQUIRED,
                     b"connect with a WebSocket client\n",
+                    "text/plain",
+                )
+            query = urllib.parse.parse_qs(request.path.partition("?")[2])
+            if any(value not in ENCODINGS for value in query.get("encoding", [])):
+                return _response(
+                    http.HTTPStatus.BAD_REQUEST,
+                    b"unknown encoding: ?encoding=json or ?encoding=msgpack (the default)\n",
                     "text/plain",
                 )
             origin = request.headers.get("Origin")

@@ -2,7 +2,7 @@
 // generates. Protocol: protocol/PROTOCOL.md; messages via ./protocol.js.
 // Modules: connection.js (the socket), form.js (the request form), card.js
 // (a generation and its transport), player.js + worklet.js (playback).
-import { Connection } from "./connection.js";
+import { Connection, auth } from "./connection.js";
 import { Card } from "./card.js";
 import { audioContext, pauseCurrent, playback } from "./player.js";
 import { readSettingsLink } from "./code.js";
@@ -160,7 +160,10 @@ function onConnState(status) {
     connecting: "connecting…",
     open: "connected",
     disconnected: "disconnected — reconnecting…",
+    key: auth.key ? "that API key was refused" : "needs an API key",
   }[status];
+  $("#key-box").hidden = status !== "key";
+  if (status === "key") $("#api-key").focus();
   $("#generate").disabled = !state.connected;
   if (status === "disconnected") {
     for (const card of state.cards.values()) {
@@ -173,6 +176,12 @@ function onConnState(status) {
 }
 
 const connection = new Connection(onMessage, onConnState);
+$("#key-box").addEventListener("submit", (event) => {
+  event.preventDefault();
+  auth.set($("#api-key").value.trim());
+  $("#api-key").value = "";
+  connection.connect();
+});
 
 wireUploads();
 wireDialogue();

@@ -1,6 +1,10 @@
 // A request as code: Python (wavecast.clients), the wavecast command, the JSON
 // frame for any WebSocket client; and as a link that fills the form again.
 import { STREAM_PATH } from "./protocol.js";
+import { auth } from "./connection.js";
+
+// With an API key, every snippet reads it from WAVECAST_API_KEY (never written in them).
+const KEY_NOTE = "# this server needs an API key: export WAVECAST_API_KEY=...";
 
 const FILES = { continuation: "clip.wav", melody: "melody.wav", reference: "voice.wav", reference_1: "voice1.wav" };
 
@@ -28,6 +32,7 @@ export function asPython({ model, prompt, params, inputs }) {
     args.push(`inputs={${files.join(", ")}}`);
   }
   return [
+    ...(auth.key ? [KEY_NOTE, "# (wavecast.clients.connect reads it)"] : []),
     "import asyncio",
     "",
     "import soundfile",
@@ -63,7 +68,7 @@ export function asCli({ model, prompt, params, inputs, speech }) {
   }
   const flags = { continuation: "--continue", melody: "--melody", reference: "--ref", reference_1: "--ref1" };
   for (const role of inputs) words.push(flags[role] || `--${role}`, FILES[role] || `${role}.wav`);
-  return words.join(" ");
+  return (auth.key ? `${KEY_NOTE}\n` : "") + words.join(" ");
 }
 
 export function asJson({ model, prompt, params, inputs }) {
@@ -71,7 +76,8 @@ export function asJson({ model, prompt, params, inputs }) {
   if (inputs.length) {
     frame.inputs = Object.fromEntries(inputs.map((role) => [role, `<base64 of ${FILES[role] || role}>`]));
   }
-  return `websocat '${streamUrl()}?encoding=json'\n${JSON.stringify(frame)}`;
+  const header = auth.key ? ` -H "Authorization: Bearer $WAVECAST_API_KEY"` : "";
+  return `websocat${header} '${streamUrl()}?encoding=json'\n${JSON.stringify(frame)}`;
 }
 
 // The form's settings in a link (uploads stay on this computer).

@@ -1,6 +1,7 @@
 // The request form: models and their parameters (from the greeting), uploads
 // (file or microphone), the dialogue editor, errors next to their field.
 import { CHARS_PER_SECOND } from "./card.js";
+import { auth } from "./connection.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 
@@ -284,7 +285,7 @@ export function wireSpeakers(pausePlayers) {
       if (!name || name === UPLOAD) return;
       pausePlayers();
       preview ??= new Audio();
-      preview.src = `/v1/voices/${encodeURIComponent(name)}.wav`;
+      preview.src = auth.url(`/v1/voices/${encodeURIComponent(name)}.wav`);
       preview.play().catch((err) => { $("#form-error").textContent = `Preview unavailable: ${err.message}`; });
       form.previewed = name;
     });

@@ -456,7 +456,10 @@ class HiggsEngine:
                 min(2048, max_new_tokens),
                 1,
                 max_new_tokens,
-                description=f"audio frames per chunk at most ({self.frame_rate:g} per second)",
+                description=(
+                    f"decoding steps per chunk at most (a step makes a frame, "
+                    f"{self.frame_rate:g} a second, after the first {self.num_codebooks - 1})"
+                ),
             ),
             SEED_SPEC,
             ParamSpec(

@@ -367,8 +367,8 @@ class MusicGenEngine:
             with torch.no_grad():
                 prompt = self._prompt_tokens(request)
             duration = number(params["duration"])
-            total_len = max(1, int(duration * self.frame_rate))
-            max_prompt = int(min(duration, self.window) * self.frame_rate)
+            total_len = max(1, self._frames(duration))
+            max_prompt = self._frames(min(duration, self.window))
             if prompt.shape[-1] >= min(total_len, max_prompt):
                 prompt_seconds = prompt.shape[-1] / self.frame_rate
                 raise InvalidField(
@@ -430,7 +430,7 @@ class MusicGenEngine:
         params = request.params
         duration = number(params["duration"])
         seed = request_seed(params)
-        total_len = max(1, int(duration * self.frame_rate))
+        total_len = max(1, self._frames(duration))
 
         melody_wavs = None
         if "melody" in request.inputs:
@@ -558,6 +558,12 @@ class MusicGenEngine:
             [0.0],
         )
 
+    def _frames(self, seconds: float) -> int:
+        """Whole codec frames in ``seconds``, cut down exactly as audiocraft's
+        ``int(duration * frame_rate)`` does, float error included (1.234 s at 50 Hz:
+        61 frames; 0.58 s: 28), so that long form extends windows as it does."""
+        return int(seconds * self.frame_rate)
+
     def _new_window(self, duration: float, gen_offset: int, prompt: Codes | None) -> _Window:
         """A window as ``MusicGen._generate_tokens`` starts one (same lengths).
 
@@ -565,7 +571,7 @@ class MusicGenEngine:
         """
         time_offset = gen_offset / self.frame_rate
         chunk_duration = min(duration - time_offset, self.window)
-        gen_len = int(chunk_duration * self.frame_rate)
+        gen_len = self._frames(chunk_duration)
         lm = self.lm
         pattern = lm.pattern_provider.get_pattern(gen_len)
         gen_codes = torch.full((1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long)

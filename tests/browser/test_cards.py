@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import soundfile
-from helpers import running_server, timeout, with_stereo
+from helpers import make_config, running_server, timeout, with_stereo
 from test_demo import MS, browser, card, generate, open_page  # noqa: F401 - fixture
 
 from wavecast.protocol import Generate, decode
@@ -425,3 +426,33 @@ async def test_examples_styles_and_the_spectrogram(
     )
     assert painted > 0.95  # the whole clip, every pixel
     assert page.errors == []
+
+
+async def test_the_page_asks_for_a_key_when_the_server_needs_one(
+    browser: Any,  # noqa: F811
+) -> None:
+    config = make_config()
+    config = replace(config, network=replace(config.network, api_keys=("page-key",)))
+    async with running_server(config) as srv:
+        ctx = await browser.new_context(bypass_csp=True)
+        page = await ctx.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(f"http://127.0.0.1:{srv.port}/")
+        await page.wait_for_selector("#key-box:not([hidden])", timeout=timeout(20) * MS)
+        assert await page.text_content("#conn-text") == "needs an API key"
+        await page.fill("#api-key", "wrong")
+        await page.click("#key-box button")
+        await wait(page, "document.querySelector('#conn-text').textContent.includes('refused')")
+        await page.fill("#api-key", "page-key")
+        await page.click("#key-box button")
+        await page.wait_for_selector("#conn[data-state=open]", timeout=timeout(20) * MS)
+        assert not await page.is_visible("#key-box")
+        rid = await generate(page, "with a key", 0.5)
+        await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
+        # The key is kept: a reload connects at once.
+        await page.reload()
+        await page.wait_for_selector("#conn[data-state=open]", timeout=timeout(20) * MS)
+        assert not await page.is_visible("#key-box")
+        assert errors == []
+        await ctx.close()

@@ -184,3 +184,47 @@ def test_allowed_origins_from_flags_and_environment(monkeypatch: Any) -> None:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     assert config_from_args(parser.parse_args([])).network.allowed_origins == ()
+
+
+async def test_cli_and_sync_client_with_an_api_key(tmp_path: Path, monkeypatch: Any) -> None:
+    from dataclasses import replace
+
+    from helpers import make_config, running_server
+
+    monkeypatch.delenv("WAVECAST_API_KEY", raising=False)
+    config = make_config()
+    config = replace(config, network=replace(config.network, api_keys=("s3cret",)))
+    async with running_server(config) as srv:
+        out = tmp_path / "keyed.wav"
+        args = ("generate", "--url", srv.url, "--duration", "0.2", "-o", str(out), "x")
+        code, output = await run_cli(*args)
+        assert code == 2 and "an API key is needed (--api-key or WAVECAST_API_KEY)" in output
+        code, output = await run_cli(*args, "--api-key", "wrong")
+        assert code == 2 and "an API key was refused" in output
+        code, output = await run_cli(*args, "--api-key", "s3cret")
+        assert code == 0, output
+        assert soundfile.info(str(out)).frames == 10 * 640
+        # The clients read WAVECAST_API_KEY when no key is given.
+        monkeypatch.setenv("WAVECAST_API_KEY", "s3cret")
+
+        def work() -> str:
+            with SyncClient(srv.url) as client:
+                return client.generate("tiny-musicgen", "x", duration=0.2).collect().status
+
+        assert await asyncio.to_thread(work) == "completed"
+
+
+def test_api_keys_from_flags_file_and_environment(tmp_path: Path, monkeypatch: Any) -> None:
+    import argparse
+
+    from wavecast.server.cli import add_serve_arguments, config_from_args
+
+    keys = tmp_path / "keys"
+    keys.write_text("# one per line\nfrom-file\n\n  spaced  \nfrom-env\n")
+    monkeypatch.setenv("WAVECAST_API_KEYS", "from-env")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--api-key", "from-flag", "--api-keys-file", str(keys)])
+    config = config_from_args(args)
+    assert config.network.api_keys == ("from-env", "from-flag", "from-file", "spaced")
+    assert "from-flag" not in repr(config)  # keys stay out of logs

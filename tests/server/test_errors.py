@@ -31,6 +31,9 @@ async def raw_exchange(url: str, frame: bytes | str) -> Any:
         (msgpack.packb({"type": "hello", "server": "x"}), "unknown_type", "type"),
         (msgpack.packb({"type": "cancel", "id": 7}), "invalid_field", "id"),
         (msgpack.packb({"type": "cancel", "id": "nobody"}), "unknown_id", "id"),
+        # an invalid id is never echoed: an error without id, not a done for it
+        (msgpack.packb({"type": "generate", "id": "a\x07b", "model": "m"}), "invalid_field", "id"),
+        (msgpack.packb({"type": "generate", "id": "x" * 65, "model": "m"}), "invalid_field", "id"),
     ],
 )
 async def test_frames_that_open_no_request_get_an_error(
@@ -39,6 +42,8 @@ async def test_frames_that_open_no_request_get_an_error(
     message = await raw_exchange(server.url, frame)
     assert isinstance(message, ErrorMessage)
     assert (message.code, message.field) == (code, field)
+    if code == "invalid_field":
+        assert message.id is None
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from typing import Any
@@ -421,3 +422,76 @@ async def test_metrics_in_prometheus_text_format(server: Any) -> None:
     assert samples["wavecast_up"] == 1 and samples["wavecast_ready"] == 1
     assert samples["wavecast_requests_active"] == 0
     assert samples["wavecast_steps_total"] > 0 and kinds["wavecast_steps_total"] == "counter"
+
+
+async def test_api_keys_guard_streams_and_the_api_but_not_health() -> None:
+    config = make_config()
+    config = replace(config, network=replace(config.network, api_keys=("k-one", "k-two")))
+    async with running_server(config) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+
+        def get(path: str, key: str | None = None) -> tuple[int, str | None]:
+            request = urllib.request.Request(base + path)
+            if key is not None:
+                request.add_header("Authorization", f"Bearer {key}")
+            try:
+                with urllib.request.urlopen(request, timeout=timeout(10)) as response:
+                    return response.status, None
+            except urllib.error.HTTPError as error:
+                with error:
+                    return error.code, error.headers["WWW-Authenticate"]
+
+        for path in ("/healthz", "/readyz", "/", "/app.js"):
+            assert (await asyncio.to_thread(get, path))[0] == 200, path
+        for path in ("/v1/info", "/v1/voices", "/v1/scenes", "/metrics"):
+            assert await asyncio.to_thread(get, path) == (401, 'Bearer realm="wavecast"'), path
+            assert (await asyncio.to_thread(get, path, "wrong"))[0] == 401, path
+            assert (await asyncio.to_thread(get, path, "k-two"))[0] == 200, path
+        assert (await asyncio.to_thread(get, "/v1/info?token=k-one"))[0] == 200
+        # The stream: refused at the handshake without a key, before any model work.
+        for url in (srv.url, srv.url + "?token=nope"):
+            with pytest.raises(InvalidStatus) as refused:
+                async with ws_connect(url):
+                    pass
+            assert refused.value.response.status_code == 401
+        with pytest.raises(InvalidStatus):
+            await connect(srv.url, api_key="nope")
+        async with connect(srv.url, api_key="k-one") as client:
+            result = await (await client.generate("tiny-musicgen", "x", duration=0.2)).collect()
+            assert result.status == "completed"
+        async with ws_connect(srv.url + "?token=k-two") as ws:
+            assert decode(await ws.recv()).type == "hello"
+        assert srv.scheduler.snapshot()["completed"] == 1
+
+
+def test_keys_are_compared_whole() -> None:
+    from wavecast.server.http import key_accepted
+
+    keys = ("alpha", "beta")
+    assert key_accepted("alpha", keys) and key_accepted("beta", keys)
+    for wrong in (None, "", "alph", "alphaa", "ALPHA", "beta "):
+        assert not key_accepted(wrong, keys), wrong
+    assert not key_accepted("alpha", ())
+
+
+async def test_unknown_encodings_are_refused_at_the_handshake(server: Any) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with ws_connect(server.url + "?encoding=xml"):
+            pass
+    assert refused.value.response.status_code == 400
+    async with ws_connect(server.url + "?encoding=msgpack") as ws:
+        assert isinstance(decode(await ws.recv()), Hello)
+    async with ws_connect(server.url + "?encoding=json") as ws:
+        assert json.loads(await ws.recv())["type"] == "hello"
+
+
+@pytest.mark.parametrize(("duration", "frames"), [(1.234, 61), (0.58, 28), (3.3, 165)])
+async def test_duration_is_cut_to_whole_frames_and_said(
+    server: Any, duration: float, frames: int
+) -> None:
+    async with connect(server.url) as client:
+        stream = await client.generate("tiny-musicgen", "x", duration=duration)
+        result = await stream.collect()
+    assert stream.started is not None and stream.started.seconds == frames / 50
+    assert result.frames == frames * 640
+    assert result.stats is not None and result.stats.audio_seconds == frames / 50
