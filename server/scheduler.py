@@ -276,7 +276,7 @@ class Scheduler:
             moved = bool(dropped or admitted)
             pending = list(self._pending)
         for request in dropped:
-            self._finish(request, "cancelled")
+            self._end_cancelled(request)
         if moved:
             for position, request in enumerate(pending, start=1):
                 if request.position != position:
@@ -346,7 +346,7 @@ class Scheduler:
     def _admit(self, request: Request) -> None:
         if request.cancelled.is_set():
             self._release(request)
-            self._finish(request, "cancelled")
+            self._end_cancelled(request)
             return
         engine = self._engines[request.model]
         request.started_at = time.perf_counter()
@@ -365,9 +365,7 @@ class Scheduler:
             request = self._preparing[0]
             if request.cancelled.is_set():
                 self._release(request)
-                self._finish(
-                    request, "error" if request.cancel_error else "cancelled", request.cancel_error
-                )
+                self._end_cancelled(request)
                 continue
             assert request.preparing is not None
             try:
@@ -420,9 +418,7 @@ class Scheduler:
         for request in active:
             if request.cancelled.is_set():
                 self._release(request)
-                self._finish(
-                    request, "error" if request.cancel_error else "cancelled", request.cancel_error
-                )
+                self._end_cancelled(request)
             elif request.job is not None and request not in self._post:
                 runnable.setdefault(request.model, []).append(request)
         groups = list(runnable.items())
@@ -476,6 +472,13 @@ class Scheduler:
                 self._engines[request.model].finish(request.job)
             finally:
                 request.job = None
+
+    def _end_cancelled(self, request: Request) -> None:
+        """A cancelled request's end: ``cancelled`` when the client asked, an error
+        when the server did (``shutting_down`` at the end of a drain), wherever it
+        was (queued, preparing, decoding)."""
+        error = request.cancel_error
+        self._finish(request, "error" if error else "cancelled", error)
 
     def _finish(
         self, request: Request, status: DoneStatus, error: WavecastError | None = None

@@ -295,6 +295,24 @@ async def test_drain_turns_readyz_off_refuses_new_requests_and_lets_running_ones
         await client.close()
 
 
+async def test_a_drain_that_runs_out_ends_queued_and_running_requests_with_shutting_down() -> None:
+    config = replace(make_config(max_active=1), timeouts=TimeoutsConfig(shutdown_grace=0.5))
+    async with running_server(config) as srv:
+        client = await connect(srv.url)
+        running = await client.generate("tiny-musicgen", "long", duration=60.0)
+        queued = await client.generate("tiny-musicgen", "waits", duration=60.0)
+        async for event in queued:
+            assert isinstance(event, Queued)
+            break
+        await asyncio.wait_for(srv.stop(), timeout(30))
+        results = [await running.collect(), await queued.collect()]
+        for result in results:
+            assert result.status == "error" and result.error is not None
+            assert result.error.code == "shutting_down"  # the queued one too, not "cancelled"
+        assert results[0].frames > 0 and results[1].frames == 0
+        await client.close()
+
+
 async def test_connections_per_client_address_are_limited() -> None:
     async with running_server(make_config(max_connections_per_ip=2)) as srv:
         first, second = await connect(srv.url), await connect(srv.url)
