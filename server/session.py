@@ -11,6 +11,7 @@ memory. On disconnect every request of the connection is cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -67,6 +68,10 @@ UPLOAD_ROLES = {
 FEATURE_PARAMS = {"mbd": "mbd", "extend_stride": "long_form", "include_prompt": "continuation"}
 
 log = logging.getLogger(__name__)
+
+# Seconds a slow consumer's connection waits for its requests' done messages to
+# be written before it closes all the same.
+SLOW_CONSUMER_GRACE = 10.0
 _ids = itertools.count(1)
 # Uploads are decoded and checked here, off the event loop and off the inference
 # thread, before their request is queued: a bad one is refused at once.
@@ -124,6 +129,10 @@ class Session:
         self._queue: asyncio.Queue[bytes | str | None] = asyncio.Queue()
         self._queued_bytes = 0
         self._closing = False
+        # The send buffer overflowed: no more audio; each request ends with a
+        # slow_consumer done, then the connection closes 1008.
+        self._slow = False
+        self._flushed = asyncio.Event()  # the writer wrote everything up to the end
         self._close_task: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()  # uploads being decoded
         self._on_close = on_close
@@ -191,6 +200,12 @@ class Session:
 
     def _generate(self, message: Generate) -> None:
         limits = self.config.limits
+        if self._slow:
+            self._refuse(
+                SlowConsumer("the connection is closing: it did not keep up", id=message.id),
+                frame_type="generate",
+            )
+            return
         if message.id in self.requests:
             self._refuse(
                 DuplicateId(
@@ -326,6 +341,8 @@ class Session:
     def _send(self, message: ServerMessage) -> None:
         if self._closing:
             return
+        if isinstance(message, Audio) and self._slow:
+            return  # the client cannot keep up: its requests are ending
         frame = encode(message, text=self.text)
         size = len(frame)
         if isinstance(message, Audio) and self._queued_bytes + size > (
@@ -333,23 +350,44 @@ class Session:
         ):
             self._slow_consumer()
             return
+        # Other messages are small and few (bounded by the requests in flight):
+        # they always go, so that every request's done reaches the client.
         self._queued_bytes += size
         self._queue.put_nowait(frame)
+        if self._slow and isinstance(message, Done) and not self.requests:
+            self._close_slow()
 
     def _slow_consumer(self) -> None:
-        self.log.warning("send buffer full (%d bytes): closing", self._queued_bytes)
-        error = SlowConsumer("the client does not read audio as fast as it is produced")
-        self._cancel_all(error)
+        """The send buffer is full of audio the client has not read (§6
+        ``slow_consumer``): stop queuing audio, end every request with a
+        ``slow_consumer`` done, and close 1008 once those are written."""
+        self.log.warning("send buffer full (%d bytes): ending its requests", self._queued_bytes)
+        self._slow = True
+        self._cancel_all(SlowConsumer("the client does not read audio as fast as it is made"))
+        if not self.requests:
+            self._close_slow()
+        else:  # the scheduler ends them within a step; a bound all the same
+            asyncio.get_running_loop().call_later(SLOW_CONSUMER_GRACE, self._close_slow)
+
+    def _close_slow(self) -> None:
+        if self._closing:
+            return
         self._closing = True
         self._queue.put_nowait(None)
-        self._close_task = asyncio.get_running_loop().create_task(
-            self.ws.close(CLOSE_POLICY_VIOLATION, "slow consumer")
-        )
+        self._close_task = asyncio.get_running_loop().create_task(self._close_when_flushed())
+
+    async def _close_when_flushed(self) -> None:
+        # A client still reading gets every queued frame, its done messages last;
+        # one that stopped reading altogether blocks the writer: bounded.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flushed.wait(), SLOW_CONSUMER_GRACE)
+        await self.ws.close(CLOSE_POLICY_VIOLATION, "slow consumer")
 
     async def _writer(self) -> None:
         while True:
             frame = await self._queue.get()
             if frame is None:
+                self._flushed.set()
                 return
             self._queued_bytes -= len(frame)
             await self.ws.send(frame)

@@ -125,15 +125,25 @@ async def test_oversized_frame_closes_with_1009() -> None:
             ).status == "completed"
 
 
-async def test_slow_consumer_is_disconnected_not_buffered() -> None:
+async def test_slow_consumer_gets_its_done_then_is_disconnected_not_buffered() -> None:
     async with running_server(make_config(send_buffer_bytes=4096)) as srv:
         async with ws_connect(srv.url) as ws:
             await ws.recv()
-            await ws.send(encode(Generate(id="s", model="tiny-musicgen", params={"duration": 5.0})))
+            for rid in ("s", "t"):
+                params = {"duration": 5.0}
+                await ws.send(encode(Generate(id=rid, model="tiny-musicgen", params=params)))
+            received = []
             with pytest.raises(ConnectionClosed):
                 while True:
-                    await ws.recv()
+                    received.append(decode(await ws.recv()))
             assert ws.close_code == 1008
+        # Exactly one done per request, with the reason, before the close (§4.6).
+        dones = [m for m in received if isinstance(m, Done)]
+        assert sorted(d.id for d in dones) == ["s", "t"]
+        for done in dones:
+            assert done.status == "error" and done.error is not None
+            assert done.error.code == "slow_consumer"
+        assert isinstance(received[-1], Done)  # nothing after the last done
         await srv.scheduler.wait_idle(5.0)
         assert srv.scheduler.snapshot()["active"] == 0
 
