@@ -82,6 +82,7 @@ class WavecastServer:
             voices=self.voices,
             scenes=self.scenes,
             max_new_tokens=models.max_new_tokens,
+            prefill_budget_ms=models.prefill_budget_ms,
         )
 
     @property

@@ -59,6 +59,7 @@ def load_engines(
     voices: Mapping[str, Voice] | None = None,
     scenes: Mapping[str, Scene] | None = None,
     max_new_tokens: int = 2048,
+    prefill_budget_ms: float | None = None,
 ) -> dict[str, Engine]:
     """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``).
 
@@ -96,6 +97,7 @@ def load_engines(
                 max_duration=max_duration,
                 max_upload_seconds=max_upload_seconds,
                 max_chunk_frames=max_chunk_frames,
+                prefill_budget_ms=prefill_budget_ms,
             )
             continue
         try:

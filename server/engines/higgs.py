@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -344,6 +345,9 @@ class HiggsEngine:
         prefill_budget: Prompt positions prefilled per step at most (at least
             one chunk), so that new requests delay the running streams by a
             bounded time per step.
+        prefill_budget_ms: A time budget for the same (``--prefill-budget-ms``):
+            the positions per step follow the measured prefill speed (at most
+            ``prefill_budget``, at least one position); None: positions only.
     """
 
     family = "higgs"
@@ -366,6 +370,8 @@ class HiggsEngine:
         batched: bool = True,
         prefill_chunk: int = 256,
         prefill_budget: int = 512,
+        prefill_budget_ms: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -388,6 +394,9 @@ class HiggsEngine:
         self.batched = batched
         self.prefill_chunk = max(1, prefill_chunk)
         self.prefill_budget = max(1, prefill_budget)
+        self.prefill_budget_s = None if prefill_budget_ms is None else prefill_budget_ms / 1000
+        self.clock = clock
+        self._per_position: float | None = None  # measured prefill seconds per position
         self.audio_token = int(config.audio_token_id)
         self.delay_token = int(config.audio_delay_token_id)
         self.audio_bos_token = int(config.audio_bos_token_id)
@@ -1138,7 +1147,7 @@ class HiggsEngine:
         """
         decoder = self.decoder
         assert decoder is not None
-        budget = self.prefill_budget
+        budget = self._positions_budget()
         complete: dict[int, torch.Tensor] = {}
         for st in states:
             u = st.utterance
@@ -1153,6 +1162,7 @@ class HiggsEngine:
             count = int(u.is_audio[start:end].sum())
             audio = torch.from_numpy(u.audio[first_audio : first_audio + count]).to(self.device)
             tokens = torch.from_numpy(u.ids[start:end]).to(self.device)[None]
+            began = self.clock()
             logits = attempt(
                 failures,
                 [st],
@@ -1166,10 +1176,29 @@ class HiggsEngine:
             budget -= size
             if logits is None:
                 continue
+            self._measure_prefill(size, began)
             u.fed = end
             if end == len(u.ids):
                 complete[st.slot] = logits[0]
         return complete
+
+    def _positions_budget(self) -> int:
+        """Prompt positions this step may prefill: ``prefill_budget``, or what the
+        time budget buys at the measured speed (once there is a measurement)."""
+        if self.prefill_budget_s is None or self._per_position is None:
+            return self.prefill_budget
+        bought = int(self.prefill_budget_s / max(self._per_position, 1e-9))
+        return max(1, min(self.prefill_budget, bought))
+
+    def _measure_prefill(self, size: int, began: float) -> None:
+        if self.prefill_budget_s is None:
+            return
+        if self.device.type == "cuda":  # the work, not its launch
+            torch.cuda.synchronize(self.device)
+        per_position = (self.clock() - began) / size
+        # A moving average: prompts' later positions cost more (longer attention).
+        last = self._per_position
+        self._per_position = per_position if last is None else 0.7 * last + 0.3 * per_position
 
     def _forced(self, u: _Utterance) -> Ints:
         """The codes the delay pattern forces in this step (-1: free), advancing its

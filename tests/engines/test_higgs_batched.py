@@ -543,6 +543,45 @@ def test_a_crowd_prefills_within_the_budget(loaded: HiggsModel) -> None:
         engine.finish(job)
 
 
+def test_a_time_budget_sets_the_positions_per_step(loaded: HiggsModel) -> None:
+    """With --prefill-budget-ms, the positions a step prefills follow the measured
+    speed: on a clock where a position costs 1 ms, a 20 ms budget buys 20."""
+    now = [0.0]
+    engine = HiggsEngine(
+        loaded,
+        name="t",
+        prefill_chunk=8,
+        prefill_budget=1000,
+        prefill_budget_ms=20.0,
+        clock=lambda: now[0],
+    )
+    calls: list[int] = []
+    original = engine.decoder.prefill if engine.decoder else None
+    assert original is not None
+
+    def timed(rows: list[int], tokens: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append(int(tokens.shape[1]))
+        now[0] += 0.001 * int(tokens.shape[1])  # 1 ms a position
+        return original(rows, tokens, *args)
+
+    engine.decoder.prefill = timed  # type: ignore[method-assign, union-attr]
+    crowd = [request(engine, f"n{i}", "A new voice joins the crowd.", seed=i) for i in range(4)]
+    per_step: list[int] = []
+    while any(
+        job.state.utterance is None or job.state.utterance.fed < len(job.state.utterance.ids)
+        for job in crowd
+    ):
+        calls.clear()
+        engine.step(crowd)
+        per_step.append(sum(calls))
+    # Before a measurement: the position cap (1000, in chunks of 8, one per request);
+    # after: 20 positions a step (the last step may take less).
+    assert per_step[0] == 32
+    assert all(n <= 20 for n in per_step[1:]) and max(per_step[1:-1]) == 20
+    for job in crowd:
+        engine.finish(job)
+
+
 def test_a_step_covers_the_rows_in_use(loaded: HiggsModel) -> None:
     """After a crowd has gone, one request's step runs over a row or two, not the
     whole table (a power of two up to its slot)."""
