@@ -64,7 +64,15 @@ class Conn:
             pass
 
 
+def held_slots() -> set[int]:
+    """The tiny engine's slots held now (the engine is shared by the whole test
+    session: other tests' unfinished jobs may hold some)."""
+    engine = tiny_engines()["tiny-musicgen"]
+    return {id(owner) for owner in engine._slots.owners if owner is not None}
+
+
 async def program(server: Any, ops: list[tuple[Any, ...]]) -> None:
+    held_before = held_slots()
     conns: list[Conn] = []
     for _ in range(CONNECTIONS):
         ws = await ws_connect(server.url)
@@ -110,9 +118,12 @@ async def program(server: Any, ops: list[tuple[Any, ...]]) -> None:
     assert await server.scheduler.wait_idle(timeout(10))
     snapshot = server.scheduler.snapshot()
     assert (snapshot["queued"], snapshot["active"], snapshot["rendering"]) == (0, 0, 0)
-    engine = tiny_engines()["tiny-musicgen"]
-    # (read on the loop while the inference thread is idle: no step is running)
-    assert all(owner is None for owner in engine._slots.owners), "a slot was leaked"
+    # A request leaves the queue before its slot is freed: allow the thread a moment.
+    for _ in range(50):
+        if held_slots() <= held_before:
+            break
+        await asyncio.sleep(0.02)
+    assert held_slots() <= held_before, "a slot was leaked"
 
 
 def answers(conn: Conn) -> int:
