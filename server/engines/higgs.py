@@ -1140,15 +1140,14 @@ class HiggsEngine:
     ) -> dict[int, torch.Tensor]:
         """Feed the next chunk of each prompt not yet in the cache, oldest first.
 
-        At most ``prefill_chunk`` positions per request and ``prefill_budget`` in
-        all per step (at least one chunk). Returns the logits ``[K, card]`` of each
-        slot whose prompt is now complete: it samples in this step. A request whose
-        call fails goes into ``failures``.
+        At most ``prefill_chunk`` positions per request and the step's budget in
+        all (``_positions_budget``; at least one chunk). Chunks with the same start
+        and length go in one call (a crowd of new requests: one forward). Returns
+        the logits ``[K, card]`` of each slot whose prompt is now complete: it
+        samples in this step. A group whose call fails goes into ``failures``.
         """
-        decoder = self.decoder
-        assert decoder is not None
         budget = self._positions_budget()
-        complete: dict[int, torch.Tensor] = {}
+        groups: dict[tuple[int, int], list[_HiggsJob]] = {}
         for st in states:
             u = st.utterance
             assert u is not None and st.slot is not None
@@ -1157,30 +1156,48 @@ class HiggsEngine:
             if budget <= 0:
                 break
             size = min(len(u.ids) - u.fed, self.prefill_chunk, max(budget, 1))
-            start, end = u.fed, u.fed + size
-            first_audio = int(u.is_audio[:start].sum())
-            count = int(u.is_audio[start:end].sum())
-            audio = torch.from_numpy(u.audio[first_audio : first_audio + count]).to(self.device)
-            tokens = torch.from_numpy(u.ids[start:end]).to(self.device)[None]
-            began = self.clock()
-            logits = attempt(
-                failures,
-                [st],
-                decoder.prefill,
-                [st.slot],
-                tokens,
-                audio,
-                u.is_audio[None, start:end],
-                start,
-            )
+            groups.setdefault((u.fed, size), []).append(st)
             budget -= size
+        complete: dict[int, torch.Tensor] = {}
+        for (start, size), group in groups.items():
+            logits = self._prefill_group(group, start, size, failures)
             if logits is None:
                 continue
-            self._measure_prefill(size, began)
-            u.fed = end
-            if end == len(u.ids):
-                complete[st.slot] = logits[0]
+            for i, st in enumerate(group):
+                u = st.utterance
+                assert u is not None and st.slot is not None
+                u.fed = start + size
+                if u.fed == len(u.ids):
+                    complete[st.slot] = logits[i]
         return complete
+
+    def _prefill_group(
+        self,
+        group: list[_HiggsJob],
+        start: int,
+        size: int,
+        failures: dict[int, BaseException],
+    ) -> torch.Tensor | None:
+        """One prefill call for requests whose next chunks have the same place."""
+        decoder = self.decoder
+        assert decoder is not None
+        end = start + size
+        utterances = [st.utterance for st in group]
+        audio_parts = []
+        for u in utterances:
+            assert u is not None
+            first = int(u.is_audio[:start].sum())
+            audio_parts.append(u.audio[first : first + int(u.is_audio[start:end].sum())])
+        audio = torch.from_numpy(np.concatenate(audio_parts)).to(self.device)
+        ids = np.stack([u.ids[start:end] for u in utterances if u is not None])
+        is_audio = np.stack([u.is_audio[start:end] for u in utterances if u is not None])
+        rows = [st.slot for st in group if st.slot is not None]
+        began = self.clock()
+        tokens = torch.from_numpy(ids).to(self.device)
+        logits = attempt(failures, group, decoder.prefill, rows, tokens, audio, is_audio, start)
+        if logits is not None:
+            self._measure_prefill(size * len(group), began)
+        return logits
 
     def _positions_budget(self) -> int:
         """Prompt positions this step may prefill: ``prefill_budget``, or what the

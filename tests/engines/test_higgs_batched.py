@@ -512,15 +512,21 @@ def test_a_crowd_prefills_within_the_budget(loaded: HiggsModel) -> None:
     original = engine.decoder.prefill if engine.decoder else None
     assert original is not None
 
+    chunks: list[int] = []
+    grouped: list[int] = []  # rows per call
+
     def counted(rows: list[int], tokens: torch.Tensor, *args: Any) -> torch.Tensor:
-        calls.append(int(tokens.shape[1]))
+        calls.append(int(tokens.numel()))  # positions, over the call's rows
+        chunks.append(int(tokens.shape[1]))
+        grouped.append(len(rows))
         return original(rows, tokens, *args)
 
     engine.decoder.prefill = counted  # type: ignore[method-assign, union-attr]
     running = request(engine, "run", "I am speaking already.", max_new_tokens=200, seed=1)
     while engine.step([running])[0].audio is None:
         pass
-    crowd = [request(engine, f"n{i}", "A new voice joins the crowd.", seed=i) for i in range(4)]
+    text, short = "A new voice joins the crowd.", {"max_new_tokens": 12}
+    crowd = [request(engine, f"n{i}", text, seed=i, **short) for i in range(4)]
     calls.clear()
     steps = 0
 
@@ -532,13 +538,25 @@ def test_a_crowd_prefills_within_the_budget(loaded: HiggsModel) -> None:
         before = running.steps
         engine.step([running, *crowd])
         # The running stream steps every time; the crowd's prompts go in 64
-        # positions a step at most, in chunks of 32.
+        # positions a step at most, in chunks of 32; equal chunks in one call.
         assert running.steps == before + 1
-        assert sum(calls) <= 64 and max(calls) <= 32
+        assert sum(calls) <= 64 and max(chunks) <= 32
         calls.clear()
+        chunks.clear()
         steps += 1
     total = sum(len(job.state.utterance.ids) for job in crowd)
     assert steps == -(-total // 64)
+    assert max(grouped) == 2  # equal chunks (same start, same length) share a call
+    # ... and a prompt prefilled beside others makes the same speech as alone.
+    live = list(crowd)
+    while live:
+        outputs = engine.step([running, *live])
+        live = [job for job, out in zip(live, outputs[1:], strict=True) if not out.done]
+    for i, job in enumerate(crowd):
+        alone = request(engine, f"solo{i}", text, seed=i, **short)
+        drive(engine, [alone])
+        assert torch.equal(engine.codes_of(job), engine.codes_of(alone)), i
+        engine.finish(alone)
     for job in [running, *crowd]:
         engine.finish(job)
 
@@ -560,8 +578,8 @@ def test_a_time_budget_sets_the_positions_per_step(loaded: HiggsModel) -> None:
     assert original is not None
 
     def timed(rows: list[int], tokens: torch.Tensor, *args: Any) -> torch.Tensor:
-        calls.append(int(tokens.shape[1]))
-        now[0] += 0.001 * int(tokens.shape[1])  # 1 ms a position
+        calls.append(int(tokens.numel()))
+        now[0] += 0.001 * int(tokens.numel())  # 1 ms a position
         return original(rows, tokens, *args)
 
     engine.decoder.prefill = timed  # type: ignore[method-assign, union-attr]
