@@ -20,6 +20,7 @@ const state = {
   connected: false,
   hello: null,
   cards: new Map(), // id -> Card
+  saving: 0, // history writes (saves, removals) not yet done
 };
 window.wavecast = state;
 state.history = history; // its limits, for the tests
@@ -40,12 +41,16 @@ const hooks = {
   removed: (card) => {
     state.cards.delete(card.id);
     updateClear();
-    history.remove(card.id).catch(() => {});
+    state.saving += 1;
+    history.remove(card.id).catch(() => {}).finally(() => { state.saving -= 1; });
   },
   finished: (card) => {
     // Kept for the next visit; the oldest kept clips make room (they stay on
     // this page until it is closed).
-    history.save(card.entry()).catch((err) => console.warn("history unavailable", err));
+    state.saving += 1;
+    history.save(card.entry())
+      .catch((err) => console.warn("history unavailable", err))
+      .finally(() => { state.saving -= 1; });
   },
   rerun: (settings) => {
     applySettings(settings);

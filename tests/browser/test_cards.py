@@ -48,6 +48,7 @@ async def test_one_transport_pause_resume_stop_seek_and_play_again(
     assert await page.text_content(f"{first} .play") == "❚❚ Pause"
     # Pause: the playhead stops while generation goes on.
     await page.click(f"{first} .play")
+    await page.wait_for_timeout(250)  # the worklet's last position report
     paused = await player(page, rid)
     await page.wait_for_timeout(400)
     later = await player(page, rid)
@@ -104,6 +105,7 @@ async def test_one_card_plays_at_a_time(browser: Any, server: Any) -> None:  # n
     # The new card takes the speakers: the first one pauses.
     await wait(page, "(id) => !window.wavecast.cards.get(id).player.playing", a, 10)
     await wait(page, "(id) => window.wavecast.cards.get(id).consumed > 0", b)
+    await page.wait_for_timeout(250)  # a's worklet's last position report
     held = (await player(page, a))["consumed"]
     await page.wait_for_timeout(300)
     assert (await player(page, a))["consumed"] == held
@@ -345,14 +347,14 @@ async def test_history_survives_a_reload_bounded(
         rid = await generate(page, f"kept clip {i}", seconds)
         await wait(page, "(id) => window.wavecast.cards.get(id).status === 'completed'", rid)
         ids.append(rid)
-    await page.wait_for_timeout(300)  # the last save
+    await wait(page, "window.wavecast.saving === 0")  # the last save
     await page.evaluate("window.wavecast.history.limits.entries = 3")
     cancelled = await generate(page, "cancelled but kept", 30)
     await wait(page, "(id) => window.wavecast.cards.get(id).frames > 0", cancelled)
     await page.click(f"#cards article[data-id='{cancelled}'] .cancel")
     await wait(page, "(id) => window.wavecast.cards.get(id).status === 'cancelled'", cancelled)
     frames = (await card(page, cancelled))["frames"]
-    await page.wait_for_timeout(300)  # the last save
+    await wait(page, "window.wavecast.saving === 0")  # the last save
     await page.reload()
     await wait(page, "window.wavecast.connected && window.wavecast.restored")
     # Bounded: the oldest went; the rest are back, newest on top, as they were.
@@ -380,7 +382,7 @@ async def test_history_survives_a_reload_bounded(
     assert (await card(page, rerun))["frames"] == 32000
     # Removing a card forgets it.
     await page.click(f"#cards article[data-id='{ids[2]}'] .remove")
-    await page.wait_for_timeout(200)
+    await wait(page, "window.wavecast.saving === 0")  # the removal
     await page.reload()
     await wait(page, "window.wavecast.connected && window.wavecast.restored")
     order = await page.eval_on_selector_all("#cards article", "els => els.map(e => e.dataset.id)")

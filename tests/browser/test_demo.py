@@ -152,6 +152,7 @@ async def test_cancel_stops_server_and_playback_and_keeps_the_partial_clip(
         arg=rid,
         timeout=timeout(20) * MS,
     )
+    await page.wait_for_timeout(250)  # the worklet's last position report
     first = await card(page, rid)
     await page.wait_for_timeout(400)
     later = await card(page, rid)
