@@ -95,8 +95,10 @@ class StepOutput:
 
 
 def step_error(exc: BaseException, request_id: str | None = None) -> WavecastError:
-    """What a request that failed alone in a batched step ends with (logged here)."""
+    """What a request that failed alone in a batched step ends with (logged here:
+    the client sees only the code and a short message)."""
     if isinstance(exc, WavecastError):
+        log.warning("request %s failed in a step: %s (%s)", request_id or "?", exc, exc.code)
         return exc
     log.error("request %s failed in a step", request_id or "?", exc_info=exc)
     return InternalError("the model failed on this request")
