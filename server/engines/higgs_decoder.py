@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kv import StaticKV
+from .kv import CacheRows, StaticKV
 
 __all__ = ["HiggsDecoder"]
 
@@ -96,7 +96,7 @@ def _path(norm1: Any, norm2: Any, mlp: Any) -> _Path:
     )
 
 
-class HiggsDecoder:
+class HiggsDecoder(CacheRows):
     """Batched forward of a ``HiggsAudioV2ForConditionalGeneration``.
 
     Args:
@@ -160,24 +160,11 @@ class HiggsDecoder:
             device=self.device,
             dtype=self.dtype,
         )
-        self.lengths = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self._rope_table(self.kv.length)
-
-    @property
-    def rows(self) -> int:
-        return self.kv.rows
-
-    @property
-    def length(self) -> int:
-        """Positions a row can hold (the cache keeps one more: see ``decode``)."""
-        return self.kv.length - 1
 
     def ensure(self, *, rows: int = 0, length: int = 0) -> None:
         """Room for ``rows`` rows and ``length`` positions."""
         self.kv.grow(rows=rows, length=length + 1)
-        extra = self.kv.rows - self.lengths.shape[0]
-        if extra > 0:
-            self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
         self._rope_table(self.kv.length)
 
     def _rope_table(self, length: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["StaticKV"]
+__all__ = ["CacheRows", "StaticKV"]
 
 
 class StaticKV:
@@ -27,10 +27,14 @@ class StaticKV:
         length: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        fill: int = 0,
     ) -> None:
         shape = (layers, rows, heads, length, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # How many positions each row holds (``fill`` for a fresh row).
+        self.fill = fill
+        self.lengths = torch.full((rows,), fill, dtype=torch.int64, device=device)
 
     @property
     def rows(self) -> int:
@@ -54,6 +58,9 @@ class StaticKV:
             new = old.new_zeros((layers, new_rows, heads, new_length, dim))
             new[:, :old_rows, :, :old_length] = old
             setattr(self, name, new)
+        if new_rows > old_rows:
+            extra = self.lengths.new_full((new_rows - old_rows,), self.fill)
+            self.lengths = torch.cat([self.lengths, extra])
 
     def write(
         self,
@@ -73,3 +80,24 @@ class StaticKV:
         """Zero ``rows``' keys and values (a failed request's, before its row is reused)."""
         self.k[:, rows] = 0
         self.v[:, rows] = 0
+
+
+class CacheRows:
+    """What a batched decoder over a ``StaticKV`` (``self.kv``) says of its rows."""
+
+    kv: StaticKV
+
+    @property
+    def rows(self) -> int:
+        return self.kv.rows
+
+    @property
+    def length(self) -> int:
+        """Positions a row can hold (the cache keeps one more: a spare position
+        that inactive rows write to in a decode step)."""
+        return self.kv.length - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[rows]``: how many positions each row holds."""
+        return self.kv.lengths

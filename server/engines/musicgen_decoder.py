@@ -31,7 +31,7 @@ from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
 from torch.nn import functional as F
 
-from .kv import StaticKV
+from .kv import CacheRows, StaticKV
 
 __all__ = ["MusicGenDecoder"]
 
@@ -124,7 +124,7 @@ class _Layer:
         )
 
 
-class MusicGenDecoder:
+class MusicGenDecoder(CacheRows):
     """Batched streaming forward of an audiocraft ``LMModel``.
 
     Args:
@@ -188,31 +188,29 @@ class MusicGenDecoder:
         self.kv = StaticKV(
             n, self.heads, self.head_dim, rows=rows, length=length + 1, device=device, dtype=dtype
         )
+        # The conditioning's keys and values; a fresh row attends to one (zero) position.
         self.cross = StaticKV(
-            n, self.heads, self.head_dim, rows=rows, length=cross_length, device=device, dtype=dtype
+            n,
+            self.heads,
+            self.head_dim,
+            rows=rows,
+            length=cross_length,
+            device=device,
+            dtype=dtype,
+            fill=1,
         )
-        self.cross_lengths = torch.ones(rows, dtype=torch.int64, device=device)
-        self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         self.has_cross = any(layer.kv_weight is not None for layer in self.layers)
         self._sin_table(self.kv.length)
 
     @property
-    def rows(self) -> int:
-        return self.kv.rows
-
-    @property
-    def length(self) -> int:
-        """Positions a row can hold (the cache keeps one more: see ``decode``)."""
-        return self.kv.length - 1
+    def cross_lengths(self) -> torch.Tensor:
+        """``[rows]``: how many conditioning positions each row attends to."""
+        return self.cross.lengths
 
     def ensure(self, *, rows: int = 0, length: int = 0, cross_length: int = 0) -> None:
         """Room for ``rows`` rows, ``length`` positions and ``cross_length`` conditions."""
         self.kv.grow(rows=rows, length=length + 1)
         self.cross.grow(rows=rows, length=cross_length)
-        extra = self.kv.rows - self.lengths.shape[0]
-        if extra > 0:
-            self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
-            self.cross_lengths = torch.cat([self.cross_lengths, self.cross_lengths.new_ones(extra)])
         self._sin_table(self.kv.length)
 
     def _sin_table(self, length: int) -> None:
