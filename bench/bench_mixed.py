@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_stream import machine, start_server
+from bench_stream import machine, start_server, timed
 
 from wavecast.clients import connect
-from wavecast.protocol import Audio, Done
 from wavecast.server.engines import resolve_device
 
 SPEECH = "The sun rises in the east and sets in the west, as it has for thousands of years."
@@ -39,18 +38,7 @@ async def one(url: str, model: str, speech: bool, seconds: float, seed: int) -> 
             stream = await client.speak(model, SPEECH, max_new_tokens=frames, seed=seed)
         else:
             stream = await client.generate(model, MUSIC, duration=seconds, seed=seed)
-        first = None
-        audio = 0.0
-        async for event in stream:
-            if isinstance(event, Audio) and first is None:
-                first = time.perf_counter() - start
-            if isinstance(event, Done):
-                assert event.status == "completed", event
-                assert event.stats is not None
-                audio = event.stats.audio_seconds
-        wall = time.perf_counter() - start
-    assert first is not None
-    return {"ttfa": first, "wall": wall, "rtf": audio / wall}
+        return await timed(stream, start)
 
 
 async def bench(args: argparse.Namespace) -> None:

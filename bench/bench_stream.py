@@ -68,19 +68,28 @@ def baseline(model: Any, prompt: str, duration: float, runs: int, device: str) -
     return times
 
 
+async def timed(stream: Any, start: float) -> dict[str, float]:
+    """Read a request's stream to its end: time to first audio, wall time, the
+    audio made (the server's count) and the real-time factor, from ``start``."""
+    first = None
+    audio = 0.0
+    async for event in stream:
+        if isinstance(event, Audio) and first is None:
+            first = time.perf_counter() - start
+        if isinstance(event, Done):
+            assert event.status == "completed", event
+            assert event.stats is not None
+            audio = event.stats.audio_seconds
+    wall = time.perf_counter() - start
+    assert first is not None
+    return {"ttfa": first, "wall": wall, "audio": audio, "rtf": audio / wall}
+
+
 async def one(url: str, model: str, prompt: str, duration: float) -> dict[str, float]:
     async with connect(url) as client:
         start = time.perf_counter()
         stream = await client.generate(model, prompt, duration=duration)
-        first = None
-        async for event in stream:
-            if isinstance(event, Audio) and first is None:
-                first = time.perf_counter() - start
-            if isinstance(event, Done):
-                assert event.status == "completed", event
-        wall = time.perf_counter() - start
-    assert first is not None
-    return {"ttfa": first, "wall": wall, "audio": duration, "rtf": duration / wall}
+        return await timed(stream, start)
 
 
 def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -22,11 +22,10 @@ import time
 from typing import Any
 
 import torch
-from bench_stream import measure_server, report, sync
+from bench_stream import measure_server, report, sync, timed
 from transformers import GenerationConfig
 
 from wavecast.clients import connect
-from wavecast.protocol import Audio, Done
 from wavecast.server.engines import resolve_device
 from wavecast.server.engines.base import EngineRequest
 from wavecast.server.engines.higgs import HiggsEngine, PromptAudio
@@ -125,18 +124,7 @@ async def one(url: str, model: str, args: argparse.Namespace, seed: int) -> dict
         stream = await client.speak(
             model, TEXT, max_new_tokens=args.max_new_tokens, seed=seed, **chunking
         )
-        first = None
-        audio = 0.0
-        async for event in stream:
-            if isinstance(event, Audio) and first is None:
-                first = time.perf_counter() - start
-            if isinstance(event, Done):
-                assert event.status == "completed", event
-                assert event.stats is not None
-                audio = event.stats.audio_seconds
-        wall = time.perf_counter() - start
-    assert first is not None
-    return {"ttfa": first, "wall": wall, "audio": audio, "rtf": audio / wall}
+        return await timed(stream, start)
 
 
 async def bench(args: argparse.Namespace) -> None:

@@ -1267,14 +1267,9 @@ class HiggsEngine:
             plan = st.decoder.plan_push(frame.reshape(1, k, 1))
         done = False
         if u.ended or st.produced >= st.max_frames:
-            spoken = st.chunks[st.index]
-            if st.chunk_frames:
-                codes = torch.stack(st.chunk_frames, dim=1).to(self.device)
-                st.history.append((spoken, PromptAudio(codes)))
-            st.index += 1
             st.spoken = u
             st.utterance = None
-            if st.index >= len(st.chunks) or st.produced >= st.max_frames:
+            if self._close_chunk(st):
                 done = True
                 if plan is not None:
                     pieces.append(st.decoder.complete(plan, self._decode(plan.window)))
@@ -1291,6 +1286,16 @@ class HiggsEngine:
         if plan is not None:
             self._due.append((output, st.decoder, plan))
         return output
+
+    def _close_chunk(self, st: _HiggsJob) -> bool:
+        """A text chunk is spoken (both paths): its audio becomes context for the
+        next chunks. Whether the request is done (no chunk left, or the length cap)."""
+        spoken = st.chunks[st.index]
+        if st.chunk_frames:
+            codes = torch.stack(st.chunk_frames, dim=1).to(self.device)
+            st.history.append((spoken, PromptAudio(codes)))
+        st.index += 1
+        return st.index >= len(st.chunks) or st.produced >= st.max_frames
 
     def _decode_due(self) -> None:
         """Decode every stream's due codec window in one batched call per window shape."""
@@ -1342,14 +1347,9 @@ class HiggsEngine:
                 pieces.append(chunk)
         done = False
         if stream.ended or st.produced >= st.max_frames:
-            spoken = st.chunks[st.index]
-            if st.chunk_frames:
-                codes = torch.stack(st.chunk_frames, dim=1)
-                st.history.append((spoken, PromptAudio(codes)))
-            st.index += 1
             st.previous = stream
             st.stream = None
-            if st.index >= len(st.chunks) or st.produced >= st.max_frames:
+            if self._close_chunk(st):
                 done = True
                 tail = st.decoder.flush()
                 if tail is not None:
