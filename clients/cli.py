@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         if status == 401:
             given = "was refused" if args.api_key else "is needed (--api-key or WAVECAST_API_KEY)"
             print(f"wavecast: {args.url}: an API key {given}", file=sys.stderr)
+        elif status == 503:
+            print(f"wavecast: {args.url} is shutting down; connect again", file=sys.stderr)
         else:
             print(f"wavecast: {args.url} refused the connection (HTTP {status})", file=sys.stderr)
         return 2

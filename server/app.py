@@ -4,9 +4,10 @@ Liveness and readiness: ``/healthz`` answers 200 once the models are loaded and
 warmed up and the server listens; ``/readyz`` the same, and 503 from the moment
 a shutdown starts, so that a load balancer stops sending new clients.
 
-Shutdown (SIGTERM, SIGINT) drains: ``/readyz`` turns 503, new requests are
-refused with ``shutting_down`` (on new connections too: the server keeps
-listening while it drains), the ones queued or running get ``shutdown_grace``
+Shutdown (SIGTERM, SIGINT) drains: ``/readyz`` turns 503, new requests on
+open connections are refused with ``shutting_down`` and new stream handshakes
+with 503 (the server keeps listening while it drains, so that a load balancer
+retries elsewhere), the ones queued or running get ``shutdown_grace``
 seconds (``--drain-seconds``) to finish, then end with ``shutting_down``, and
 every connection closes with 1001.
 """
@@ -29,7 +30,7 @@ from .config import Config
 from .engines import load_engines
 from .engines.base import Engine
 from .engines.voices import BUILTIN_SCENES, Scene, Voice, load_scenes, load_voices
-from .http import STREAM_PATH, HttpRoutes, load_static
+from .http import STREAM_PATH, HttpRoutes, client_address, load_static, trusted_proxies
 from .metrics import Samples
 from .metrics import render as render_metrics
 from .scheduler import EngineFactory, Scheduler
@@ -58,6 +59,7 @@ class WavecastServer:
         self.sessions: set[Session] = set()
         self.draining = False  # a shutdown has started
         self._per_address: dict[str, int] = {}  # open connections by client address
+        self._proxies = trusted_proxies(config.network.forwarded_allow_ips)
         self._server: Server | None = None
         self._started = time.monotonic()
         self.voices: dict[str, Voice] = {}
@@ -238,12 +240,14 @@ class WavecastServer:
         if len(self.sessions) >= limits.max_connections:
             await websocket.close(1013, "too many connections")
             return
-        address = _client_address(websocket)
+        address = self._client_address(websocket)
         if self._per_address.get(address, 0) >= limits.max_connections_per_ip:
             await websocket.close(1013, "too many connections from this address")
             return
         self._per_address[address] = self._per_address.get(address, 0) + 1
-        session = Session(websocket, self.scheduler, self.config, on_close=self.sessions.discard)
+        session = Session(
+            websocket, self.scheduler, self.config, address=address, on_close=self.sessions.discard
+        )
         self.sessions.add(session)
         try:
             await session.run()
@@ -276,11 +280,14 @@ class WavecastServer:
         if scheduler is not None:
             await asyncio.to_thread(scheduler.stop, 10.0)
 
-
-def _client_address(websocket: ServerConnection) -> str:
-    """The client's IP address (the host part of the peer's address)."""
-    peer = websocket.remote_address
-    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+    def _client_address(self, websocket: ServerConnection) -> str:
+        """The client's IP address: the peer's, or the one a trusted load balancer
+        names in ``X-Forwarded-For`` (``--forwarded-allow-ips``)."""
+        peer = websocket.remote_address
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        request = websocket.request
+        forwarded = request.headers.get("X-Forwarded-For") if request is not None else None
+        return client_address(host, forwarded, self._proxies)
 
 
 def voice_previews(voices: Mapping[str, Voice]) -> dict[str, tuple[bytes, str]]:

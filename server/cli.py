@@ -210,6 +210,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a browser origin (https://app.example.com) whose pages may open streams, "
         "besides this server's own page and non-browser clients; repeat for more; '*': any",
     )
+    env_proxies = _env("FORWARDED_ALLOW_IPS", "")
+    parser.add_argument(
+        "--forwarded-allow-ips",
+        action="append",
+        dest="forwarded_allow_ips",
+        metavar="ADDRESS",
+        default=[a.strip() for a in (env_proxies or "").split(",") if a.strip()],
+        help="a load balancer's address or network (10.0.0.0/8; '*': any peer) whose "
+        "X-Forwarded-For header names the client, for --max-connections-per-ip and the "
+        "logs; repeat for more; default: none (the header is ignored)",
+    )
     parser.add_argument(
         "--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text")
     )
@@ -228,6 +239,16 @@ def _api_keys(given: list[str], file: Path | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+def _proxies(given: list[str]) -> tuple[str, ...]:
+    from .http import trusted_proxies
+
+    try:
+        trusted_proxies(tuple(given))
+    except ValueError as exc:
+        raise SystemExit(f"wavecast: --forwarded-allow-ips: {exc}") from exc
+    return tuple(given)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     env_models = _env("MODEL", None)
     names = tuple(args.models or (env_models.split(",") if env_models else [DEFAULT_MODEL]))
@@ -237,6 +258,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             port=args.port,
             web_demo=args.web_demo,
             allowed_origins=tuple(args.allowed_origins),
+            forwarded_allow_ips=_proxies(args.forwarded_allow_ips),
             api_keys=_api_keys(args.api_keys, args.api_keys_file),
         ),
         limits=LimitsConfig(

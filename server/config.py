@@ -28,6 +28,9 @@ class NetworkConfig:
     web_demo: Path | None = None  # folder served at /; None: the bundled page
     # Browser origins besides the page's own that may open streams ("*": any).
     allowed_origins: tuple[str, ...] = ()
+    # Peers (load balancers) whose X-Forwarded-For names the client (CIDR or "*");
+    # none: the header is ignored and the peer is the client.
+    forwarded_allow_ips: tuple[str, ...] = ()
     # Keys a client must present (Authorization: Bearer KEY, or ?token=KEY); none: open.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import http
+import ipaddress
 import mimetypes
 import urllib.parse
 from collections.abc import Callable
@@ -21,7 +22,15 @@ from websockets.http11 import Request, Response
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
-__all__ = ["STREAM_PATH", "HttpRoutes", "key_accepted", "load_static", "origin_allowed"]
+__all__ = [
+    "STREAM_PATH",
+    "HttpRoutes",
+    "client_address",
+    "key_accepted",
+    "load_static",
+    "origin_allowed",
+    "trusted_proxies",
+]
 
 STREAM_PATH = "/v1/stream"
 ENCODINGS = ("json", "msgpack")  # ?encoding= of the stream (§2.1)
@@ -103,6 +112,47 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     return bool(host) and netloc.lower() == (host or "").lower()
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_proxies(given: tuple[str, ...]) -> tuple[Network, ...] | None:
+    """``--forwarded-allow-ips`` as networks (an address is a /32 or /128);
+    ``None`` for ``*`` (any peer). Raises ``ValueError`` for a malformed entry."""
+    if "*" in given:
+        return None
+    return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in given)
+
+
+def _trusted(address: str, proxies: tuple[Network, ...] | None) -> bool:
+    if proxies is None:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in proxies)
+
+
+def client_address(
+    peer: str, forwarded_for: str | None, proxies: tuple[Network, ...] | None
+) -> str:
+    """The client's IP address: the peer's, or, when the peer is a trusted proxy
+    (a load balancer), the nearest address in ``X-Forwarded-For`` that is not
+    itself a trusted proxy (read from the right: each proxy appends the address
+    it saw, and only the trusted ones' entries can be believed).
+
+    With no trusted proxies (the default) the header is ignored: any client
+    could write it.
+    """
+    if proxies == () or forwarded_for is None or not _trusted(peer, proxies):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, proxies):
+            return hop
+    return hops[0] if hops else peer
+
+
 def presented_key(request: Request) -> str | None:
     """The API key a request carries: ``Authorization: Bearer KEY``, or a ``token``
     query parameter (browsers cannot set headers on a WebSocket or an ``<audio>``)."""
@@ -181,6 +231,16 @@ class HttpRoutes:
                     b"unknown encoding: ?encoding=json or ?encoding=msgpack (the default)\n",
                     "text/plain",
                 )
+            if not self.ready():
+                # Draining (or not yet warmed up): a load balancer tries another
+                # replica (nginx: proxy_next_upstream http_503).
+                response = _response(
+                    http.HTTPStatus.SERVICE_UNAVAILABLE,
+                    b"this server is shutting down: connect again (another replica)\n",
+                    "text/plain",
+                )
+                response.headers["Retry-After"] = "1"
+                return response
             origin = request.headers.get("Origin")
             if not origin_allowed(origin, request.headers.get("Host"), self.allowed_origins):
                 return _response(

@@ -118,9 +118,11 @@ class Session:
         scheduler: Scheduler,
         config: Config,
         *,
+        address: str | None = None,
         on_close: Callable[[Session], None] | None = None,
     ) -> None:
         self.ws = websocket
+        self.address = address  # the client's, when a trusted load balancer named it
         self.scheduler = scheduler
         self.config = config
         self.conn_id = f"c{next(_ids)}"
@@ -141,7 +143,10 @@ class Session:
         self.text = "encoding=json" in query.split("&")
 
     async def run(self) -> None:
-        self.log.info("connected from %s", _peer(self.ws))
+        peer = _peer(self.ws)
+        if self.address is not None and not peer.startswith(f"{self.address}:"):
+            peer = f"{self.address} (via {peer})"
+        self.log.info("connected from %s", peer)
         self._send(hello_message(self.config, self.scheduler.models))
         try:
             async with asyncio.TaskGroup() as group:

@@ -228,3 +228,30 @@ def test_api_keys_from_flags_file_and_environment(tmp_path: Path, monkeypatch: A
     config = config_from_args(args)
     assert config.network.api_keys == ("from-env", "from-flag", "from-file", "spaced")
     assert "from-flag" not in repr(config)  # keys stay out of logs
+
+
+async def test_cli_says_when_a_server_is_shutting_down(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from helpers import make_config, running_server
+
+    from wavecast.clients import connect
+    from wavecast.server.config import TimeoutsConfig
+
+    config = replace(make_config(), timeouts=TimeoutsConfig(shutdown_grace=60.0))
+    async with running_server(config) as srv:
+        client = await connect(srv.url)
+        stream = await client.generate("tiny-musicgen", "x", duration=60.0)
+        async for event in stream:
+            if isinstance(event, Audio):
+                break
+        stop = asyncio.create_task(srv.stop())
+        await asyncio.sleep(0.05)
+        out = tmp_path / "late.wav"
+        args = ("generate", "--url", srv.url, "--duration", "0.2", "-o", str(out), "x")
+        code, output = await run_cli(*args)
+        assert code == 2 and "is shutting down; connect again" in output, output
+        await stream.cancel()
+        await stream.collect()
+        await asyncio.wait_for(stop, timeout(60))
+        await client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
@@ -282,10 +283,15 @@ async def test_drain_turns_readyz_off_refuses_new_requests_and_lets_running_ones
         # A load balancer stops sending: not ready, though alive and listening.
         assert (await http_get(base + "/readyz"))[0] == 503
         assert (await http_get(base + "/healthz"))[0] == 200
-        async with connect(srv.url) as late:
-            refused = await (await late.generate("tiny-musicgen", "y", duration=1.0)).collect()
+        # A new request on an open connection is refused; a new connection is
+        # refused at the handshake with 503, so a load balancer tries another replica.
+        refused = await (await client.generate("tiny-musicgen", "y", duration=1.0)).collect()
         assert refused.status == "error" and refused.error is not None
         assert refused.error.code == "shutting_down"
+        with pytest.raises(InvalidStatus) as late:
+            await connect(srv.url)
+        assert late.value.response.status_code == 503
+        assert late.value.response.headers["Retry-After"] == "1"
         # The running request finishes within the drain time, then the connection closes.
         result = await stream.collect()
         assert result.status == "completed"
@@ -328,6 +334,75 @@ async def test_connections_per_client_address_are_limited() -> None:
             result = await (await fourth.generate("tiny-musicgen", "x", duration=0.2)).collect()
             assert result.status == "completed"
         await second.close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "trusted", "client"),
+    [
+        ("10.0.0.5", "203.0.113.7", (), "10.0.0.5"),  # no trusted proxies: header ignored
+        ("10.0.0.5", "203.0.113.7", ("10.0.0.0/8",), "203.0.113.7"),
+        ("192.0.2.1", "203.0.113.7", ("10.0.0.0/8",), "192.0.2.1"),  # peer not trusted
+        ("10.0.0.5", None, ("10.0.0.0/8",), "10.0.0.5"),
+        # A client that writes its own header cannot hide behind it: the nearest
+        # untrusted hop, read from the right, is the client.
+        ("10.0.0.5", "1.2.3.4, 203.0.113.7", ("10.0.0.0/8",), "203.0.113.7"),
+        ("10.0.0.5", "203.0.113.7, 10.0.0.9", ("10.0.0.0/8",), "203.0.113.7"),
+        ("10.0.0.5", "10.0.0.8, 10.0.0.9", ("10.0.0.0/8",), "10.0.0.8"),
+        # "*": every hop is a trusted proxy; the first one named the client.
+        ("10.0.0.5", "1.2.3.4, 203.0.113.7", ("*",), "1.2.3.4"),
+        ("10.0.0.5", "203.0.113.7, garbage", ("10.0.0.0/8",), "garbage"),
+        ("::1", "2001:db8::1", ("::1",), "2001:db8::1"),
+        ("10.0.0.5", " , ", ("10.0.0.0/8",), "10.0.0.5"),
+    ],
+)
+def test_client_address_behind_trusted_proxies(
+    peer: str, forwarded: str | None, trusted: tuple[str, ...], client: str
+) -> None:
+    from wavecast.server.http import client_address, trusted_proxies
+
+    assert client_address(peer, forwarded, trusted_proxies(trusted)) == client
+
+
+def test_a_malformed_trusted_proxy_is_refused_at_start() -> None:
+    from wavecast.server.cli import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--forwarded-allow-ips", "10.0.0.0/33"])
+    with pytest.raises(SystemExit, match="--forwarded-allow-ips"):
+        config_from_args(args)
+    args = parser.parse_args(["--forwarded-allow-ips", "10.0.0.0/8", "--forwarded-allow-ips", "*"])
+    assert config_from_args(args).network.forwarded_allow_ips == ("10.0.0.0/8", "*")
+
+
+async def test_connections_per_client_behind_a_trusted_load_balancer() -> None:
+    limits = {"max_connections_per_ip": 1}
+    # Trusted (the load balancer is 127.0.0.1): X-Forwarded-For names the client.
+    config = make_config(**limits)
+    config = replace(config, network=replace(config.network, forwarded_allow_ips=("127.0.0.1",)))
+    async with running_server(config) as srv:
+
+        def via(client: str) -> Any:
+            return ws_connect(srv.url, additional_headers={"X-Forwarded-For": client})
+
+        async with via("203.0.113.7") as one, via("203.0.113.8") as other:
+            assert decode(await one.recv()).type == "hello"
+            assert decode(await other.recv()).type == "hello"
+            async with via("203.0.113.7") as again:
+                with pytest.raises(ConnectionClosed):
+                    await again.recv()
+            assert again.close_code == 1013
+    # Not trusted (the default): the header is ignored; the peer is the client.
+    async with (
+        running_server(make_config(**limits)) as srv,
+        ws_connect(srv.url, additional_headers={"X-Forwarded-For": "1.1.1.1"}) as one,
+    ):
+        assert decode(await one.recv()).type == "hello"
+        headers = {"X-Forwarded-For": "2.2.2.2"}
+        async with ws_connect(srv.url, additional_headers=headers) as spoofed:
+            with pytest.raises(ConnectionClosed):
+                await spoofed.recv()
+        assert spoofed.close_code == 1013
 
 
 async def test_security_headers_on_every_response(server: Any) -> None:
