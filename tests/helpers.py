@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from wavecast.server.config import Config, LimitsConfig, ModelsConfig, NetworkConfig, TimeoutsConfig
@@ -57,6 +61,24 @@ async def running_server(
 
 
 WAVECAST = [sys.executable, "-m", "wavecast.clients.cli"]
+
+
+def start_serve(args: list[str], log_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``wavecast serve`` as a process on 127.0.0.1 port 0: the process and its port
+    (read from its log, once it serves)."""
+    process = subprocess.Popen(
+        [*WAVECAST, "serve", "--port", "0", "--log-file", str(log_file), *args]
+    )
+    for _ in range(int(timeout(120) * 10)):
+        if log_file.exists():
+            match = re.search(r"ws://127\.0\.0\.1:(\d+)/v1/stream", log_file.read_text())
+            if match:
+                return process, int(match.group(1))
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(log_file.read_text() if log_file.exists() else "no log")
 
 
 async def run_cli(*args: str, interrupt_after: str | None = None) -> tuple[int, str]:

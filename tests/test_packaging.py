@@ -74,3 +74,41 @@ def test_editable_install_maps_the_folders() -> None:
     subprocess.run(
         [sys.executable, "-c", code, str(ROOT)], check=True, cwd="/", timeout=timeout(60)
     )
+
+
+def test_the_images_files_agree_with_the_project() -> None:
+    """What docker/ builds from: every path the Dockerfile copies exists, the CUDA
+    lock pins the torch of requirements.lock, the server runs as a user with a
+    readiness healthcheck, and the scale-out compose file mounts the nginx
+    config that tests/server/test_scale_out.py runs."""
+    import re
+
+    import yaml
+
+    docker = ROOT / "docker"
+    dockerfile = (docker / "Dockerfile").read_text()
+    for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, flags=re.M):
+        for source in sources.split():
+            assert (ROOT / source).exists(), source
+
+    def pins(path: Path) -> dict[str, str]:
+        found = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", path.read_text(), flags=re.M)
+        return {name.lower(): version for name, version in found}
+
+    assert pins(docker / "cuda.lock")["torch"] == pins(ROOT / "requirements.lock")["torch"]
+    assert (
+        "TORCH_VERSION=" + pins(ROOT / "requirements.lock")["torch"]
+        in (ROOT / "scripts" / "setup-venv").read_text()
+    )
+    users = re.findall(r"^USER (\S+)$", dockerfile, flags=re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n.*/readyz", dockerfile, flags=re.M)
+    assert dockerfile.startswith("#") and "FROM nvidia/cuda:" in dockerfile
+
+    single = yaml.safe_load((docker / "compose.yml").read_text())
+    assert single["services"]["wavecast"]["deploy"]["resources"]["reservations"]["devices"]
+    scaled = yaml.safe_load((docker / "compose.scale.yml").read_text())
+    mounts = scaled["services"]["nginx"]["volumes"]
+    assert "./nginx.conf:/etc/nginx/conf.d/default.conf:ro" in mounts
+    upstreams = re.findall(r"server (wavecast-\d+):5555", (docker / "nginx.conf").read_text())
+    assert sorted(upstreams) == sorted(s for s in scaled["services"] if s.startswith("wavecast"))

@@ -5,35 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import soundfile
-from helpers import WAVECAST, timeout
+from helpers import WAVECAST, start_serve, timeout
 
 from wavecast.clients import SyncClient
 from wavecast.server.engines.testing.higgs import build_tiny_higgs, save_tiny_higgs
-
-
-def start(args: list[str], log_file: Path) -> tuple[subprocess.Popen[bytes], int]:
-    process = subprocess.Popen(
-        [*WAVECAST, "serve", "--port", "0", "--log-file", str(log_file), *args]
-    )
-    for _ in range(int(timeout(120) * 10)):
-        if log_file.exists():
-            match = re.search(r"ws://127\.0\.0\.1:(\d+)/v1/stream", log_file.read_text())
-            if match:
-                return process, int(match.group(1))
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.kill()
-    raise AssertionError(log_file.read_text() if log_file.exists() else "no log")
 
 
 def get(port: int, path: str) -> object:
@@ -51,7 +33,7 @@ def test_serve_a_saved_speech_model_with_voices_and_scenes(tmp_path: Path) -> No
     scenes = tmp_path / "scenes"
     scenes.mkdir()
     (scenes / "stage.txt").write_text("Recorded on a theatre stage.\n")
-    process, port = start(
+    process, port = start_serve(
         [
             "--model",
             str(folder),

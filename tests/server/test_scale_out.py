@@ -1,0 +1,230 @@
+"""Two ``wavecast serve`` replicas behind Debian's nginx with docker/nginx.conf:
+both serve, every stream is exact, and a replica drained with SIGTERM mid-run
+ends its own streams with ``shutting_down`` while new connections go to the
+other one. (``scripts/setup-venv --test`` installs nginx.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import start_serve, timeout
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
+
+from wavecast.clients import Client, GenerationResult, connect
+from wavecast.protocol import Audio, decode
+
+ROOT = Path(__file__).resolve().parents[2]
+NGINX_CONF = ROOT / "docker" / "nginx.conf"
+MODEL = "tiny-musicgen"
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        pytest.fail("nginx is not installed: scripts/setup-venv --test installs Debian's nginx")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def render(config: str, replicas: list[int], port: int) -> str:
+    """docker/nginx.conf with the replicas and the listen port of this test."""
+    servers = re.findall(r"^\s*server wavecast-\d+:5555 .*;$", config, flags=re.M)
+    assert len(servers) == len(replicas), servers
+    for line, replica in zip(servers, replicas, strict=True):
+        config = config.replace(line, re.sub(r"wavecast-\d+:5555", f"127.0.0.1:{replica}", line))
+    assert config.count("listen 8080;") == 1
+    return config.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout(10)) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError as error:
+        return 0, str(error)
+
+
+def connections(port: int) -> int:
+    """Open WebSocket connections of one replica, from its /metrics."""
+    status, text = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200, text
+    match = re.search(r"^wavecast_connections (\S+)$", text, flags=re.M)
+    assert match, text
+    return int(float(match.group(1)))
+
+
+async def eventually(check: object, seconds: float) -> None:
+    """Wait until ``check()`` (sync, run off the loop) is true."""
+    assert callable(check)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout(seconds)
+    while not await asyncio.to_thread(check):
+        assert loop.time() < deadline, f"not within {seconds} s: {check}"
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Cluster:
+    replicas: list[tuple[subprocess.Popen[bytes], int]]
+    port: int  # nginx
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    nginx = nginx_binary()
+    common = ["--model", MODEL, "--threads", "1", "--max-active", "16", "--admission", "slots"]
+    common += ["--forwarded-allow-ips", "127.0.0.1"]
+    # The first replica is the one drained: a few seconds' grace, so that new
+    # connections arrive while it still listens (and answers them 503).
+    started = await asyncio.gather(
+        asyncio.to_thread(start_serve, [*common, "--drain-seconds", "3"], tmp_path / "a.log"),
+        asyncio.to_thread(start_serve, common, tmp_path / "b.log"),
+    )
+    replicas = list(started)
+    port = free_port()
+    site = tmp_path / "wavecast.conf"
+    site.write_text(render(NGINX_CONF.read_text(), [p for _, p in replicas], port))
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    temp = "\n".join(
+        f"  {kind}_temp_path {tmp_path / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    main = tmp_path / "nginx.conf"
+    main.write_text(
+        f"{user}worker_processes 1;\npid {tmp_path / 'nginx.pid'};\n"
+        f"events {{ worker_connections 256; }}\n"
+        "http {\n  log_format upstreams '$request_uri $status $upstream_addr $upstream_status';\n"
+        f"  access_log {tmp_path / 'access.log'} upstreams;\n{temp}\n  include {site};\n}}\n"
+    )
+    error_log = tmp_path / "error.log"
+    command = [nginx, "-p", str(tmp_path), "-c", str(main), "-e", str(error_log)]
+    proxy = await asyncio.to_thread(subprocess.Popen, [*command, "-g", "daemon off;"])
+    try:
+        await eventually(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 20)
+        yield Cluster(replicas, port)
+    finally:
+        proxy.terminate()
+        for process, _ in replicas:
+            if process.poll() is None:
+                process.kill()
+        for process in [proxy, *(p for p, _ in replicas)]:
+            process.wait(timeout(30))
+
+
+@pytest.fixture
+def nginx_logs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    yield tmp_path / "access.log", tmp_path / "error.log"
+
+
+def same_audio(a: bytes, b: bytes) -> bool:
+    """The same clip: every sample, to float rounding (rows decoded in batches of
+    different sizes round differently, by at most one step of 16-bit PCM)."""
+    x, y = np.frombuffer(a, np.int16), np.frombuffer(b, np.int16)
+    return len(x) > 0 and x.shape == y.shape and int(np.abs(x.astype(int) - y).max()) <= 1
+
+
+async def generate(client: Client, seed: int, duration: float) -> GenerationResult:
+    stream = await client.generate(MODEL, "through the proxy", duration=duration, seed=seed)
+    return await stream.collect()
+
+
+async def test_two_replicas_behind_nginx_serve_exact_streams_and_drain(
+    cluster: Cluster, nginx_logs: tuple[Path, Path]
+) -> None:
+    (_, port_a), (_, port_b) = cluster.replicas
+    process_a = cluster.replicas[0][0]
+    # What each seed sounds like, from the first replica directly.
+    references = {}
+    async with connect(f"ws://127.0.0.1:{port_a}/v1/stream") as direct:
+        for seed in range(4):
+            references[seed] = (await generate(direct, seed, 1.0)).pcm
+    # The demo page through the proxy, and a stream opened from that page: the
+    # proxy keeps Host with its port, so the page's own origin is accepted; a
+    # foreign origin is still refused.
+    status, page = await asyncio.to_thread(get, f"http://127.0.0.1:{cluster.port}/")
+    assert status == 200 and "<title>" in page
+    own = {"Origin": f"http://127.0.0.1:{cluster.port}"}
+    async with ws_connect(cluster.url, additional_headers=own) as browser:
+        assert decode(await browser.recv()).type == "hello"
+    with pytest.raises(InvalidStatus) as foreign:
+        await ws_connect(cluster.url, additional_headers={"Origin": "https://evil.example"})
+    assert foreign.value.response.status_code == 403
+
+    # 16 clients at once through nginx: least connections spreads them over both.
+    clients = await asyncio.gather(*(connect(cluster.url) for _ in range(16)))
+    try:
+        assert sorted([connections(port_a), connections(port_b)]) == [8, 8]
+        results = await asyncio.gather(
+            *(generate(client, i % 4, 1.0) for i, client in enumerate(clients))
+        )
+    finally:
+        await asyncio.gather(*(client.close() for client in clients))
+    for i, result in enumerate(results):
+        assert result.status == "completed", result.error
+        assert same_audio(result.pcm, references[i % 4]), f"client {i}: not the seed's audio"
+
+    # 16 long streams; then the first replica is drained mid-run.
+    clients = await asyncio.gather(*(connect(cluster.url) for _ in range(16)))
+    streams = [
+        await client.generate(MODEL, "long", duration=120.0, seed=i)
+        for i, client in enumerate(clients)
+    ]
+    for stream in streams:
+        async for event in stream:
+            if isinstance(event, Audio):
+                break
+    assert connections(port_a) == 8 and connections(port_b) == 8
+    process_a.send_signal(signal.SIGTERM)
+    await eventually(lambda: get(f"http://127.0.0.1:{port_a}/readyz")[0] == 503, 10)
+    # New clients while it drains: every one reaches the other replica.
+    late = await asyncio.gather(*(connect(cluster.url) for _ in range(8)))
+    assert connections(port_b) == 16
+    late_results = await asyncio.gather(*(generate(c, i % 4, 1.0) for i, c in enumerate(late)))
+    for i, result in enumerate(late_results):
+        assert result.status == "completed" and same_audio(result.pcm, references[i % 4])
+    await asyncio.gather(*(client.close() for client in late))
+    # The drained replica's streams end with shutting_down after its grace and
+    # it exits; the other replica's streams go on until cancelled.
+    await asyncio.to_thread(process_a.wait, timeout(30))
+    assert process_a.returncode == 0
+    finished: list[GenerationResult] = []
+    for stream in streams:
+        collecting = asyncio.ensure_future(stream.collect())
+        await asyncio.wait({collecting}, timeout=0.2)
+        if not collecting.done():
+            await stream.cancel()
+        finished.append(await asyncio.wait_for(collecting, timeout(30)))
+    codes = sorted(r.error.code if r.error else r.status for r in finished)
+    assert codes == ["cancelled"] * 8 + ["shutting_down"] * 8, codes
+    await asyncio.gather(*(client.close() for client in clients))
+    # nginx sent late handshakes to the draining replica, which answered 503,
+    # and retried them on the other one.
+    access, errors = [await asyncio.to_thread(log.read_text) for log in nginx_logs]
+    retried = f"/v1/stream 101 127.0.0.1:{port_a}, 127.0.0.1:{port_b} 503, 101"
+    assert retried in access.splitlines(), access
+    assert "[emerg]" not in errors
