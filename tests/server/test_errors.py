@@ -180,7 +180,7 @@ async def test_a_request_that_fails_in_a_batched_step_fails_alone(
     await server.scheduler.wait_idle(timeout(5))
     samples, _ = await scrape(server.port)
     failed_key = (
-        'wavecast_requests_total{model="tiny-musicgen",status="error",code="internal_error"}'
+        'wavecast_requests_total{code="internal_error",model="tiny-musicgen",status="error"}'
     )
     assert samples[failed_key] == 2
     async with connect(server.url) as client:

@@ -499,16 +499,17 @@ async def test_metrics_in_prometheus_text_format(server: Any) -> None:
     await server.scheduler.wait_idle(timeout(5))
     samples, kinds = await scrape(server.port)
     assert samples['wavecast_refused_total{code="invalid_field",frame="generate"}'] == 1
-    assert samples[f'wavecast_requests_total{{{model},status="completed"}}'] == 1
-    assert samples[f'wavecast_requests_total{{{model},status="cancelled"}}'] == 1
+    assert samples[f'wavecast_requests_total{{code="",{model},status="completed"}}'] == 1
+    assert samples[f'wavecast_requests_total{{code="",{model},status="cancelled"}}'] == 1
     streamed = (done.frames + first + cancelled.frames) / 32000
     assert samples[f"wavecast_audio_seconds_total{{{model}}}"] == pytest.approx(streamed, abs=1e-3)
     assert kinds["wavecast_first_audio_seconds"] == "histogram"
     buckets = [
         value
         for key, value in samples.items()
-        if key.startswith(f"wavecast_first_audio_seconds_bucket{{{model}")
+        if key.startswith("wavecast_first_audio_seconds_bucket{") and key.endswith(f",{model}}}")
     ]
+    assert len(buckets) == 12  # 11 bounds and +Inf
     assert buckets == sorted(buckets)  # cumulative
     assert buckets[-1] == samples[f"wavecast_first_audio_seconds_count{{{model}}}"] == 2
     assert samples[f"wavecast_real_time_factor_count{{{model}}}"] == 1  # completed only
