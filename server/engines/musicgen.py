@@ -55,6 +55,7 @@ from .base import (
 )
 from .codec_stream import Due, StreamDecoder, complete_due
 from .mbd import MBDRun
+from .melody import StemsInPieces, in_pieces
 from .musicgen_decoder import MusicGenDecoder
 from .sampling import RowSampling, candidates_for, sample
 from .slots import SlotTable
@@ -130,6 +131,9 @@ class _MusicGenJob:
     attributes: list[Any] = field(default_factory=list)  # audiocraft ConditioningAttributes
     melody: Any = None  # the reference clip's WavCondition (melody models)
     py_random: Any = None  # state of Python's `random` for this request (Demucs' shifts)
+    # A long-form window's melody conditioning, being computed in pieces (the
+    # window waits for it); its result replaces cfg_conditions and py_random.
+    conditioning: Generator[None, None, tuple[Any, Any]] | None = None
     seed: int = 0
     mbd: bool = False  # render a Multi-Band Diffusion version once the codes are known
     mbd_run: MBDRun | None = None
@@ -196,6 +200,10 @@ class MusicGenEngine:
             and list(conditioners) == ["description"]
             and not getattr(description, "normalize_text", True)
         )
+        # Melody models: Demucs separates a reference one segment per pause.
+        self._stems = None
+        if "self_wav" in conditioners and hasattr(conditioners["self_wav"], "demucs"):
+            self._stems = StemsInPieces(conditioners["self_wav"])
         self._warm = False
         self.max_prompt_tokens = max_prompt_tokens
         self.frame_rate = float(model.frame_rate)
@@ -356,10 +364,10 @@ class MusicGenEngine:
         """Set up a request in bounded units of work; the last item is the Job.
 
         Each ``None`` is a pause where the scheduler may run a decode step for the
-        other streams: after the continuation clip is encoded, and after the
-        conditioning (the text encoder, and a melody's chroma) is computed. The
-        text was bounded in tokens by ``check`` (``max_prompt_tokens``) before the
-        request was queued, so its encoding is too.
+        other streams: after the continuation clip is encoded, and after each
+        segment of a melody's Demucs separation (see ``melody``). The text was
+        bounded in tokens by ``check`` (``max_prompt_tokens``) before the request
+        was queued, so its encoding is too.
         """
         params = request.params
         prompt = None
@@ -379,7 +387,21 @@ class MusicGenEngine:
             yield None
         with torch.no_grad():
             job = self._prepare(request, prompt)
+        if not self._encode_together:
+            st: _MusicGenJob = job.state
+            st.cfg_conditions, st.py_random = yield from self._conditioning(st)
         yield job
+
+    def _conditioning(self, st: _MusicGenJob) -> Generator[None, None, tuple[Any, Any]]:
+        """``_cfg_conditions`` of a request's current attributes, a melody's
+        Demucs in pieces (a pause after each segment)."""
+        attributes, py_random = st.attributes, st.py_random
+
+        def compute() -> tuple[Any, Any]:
+            with torch.no_grad():
+                return self._cfg_conditions(attributes, py_random)
+
+        return (yield from in_pieces(compute, self._stems))
 
     def _check_prompt(self, text: str) -> None:
         """Refuse a description longer than the text encoder is given (in its tokens)."""
@@ -445,9 +467,6 @@ class MusicGenEngine:
         if duration > self.window and melody is not None:
             self._wrap_melody(attributes, melody, 0)
         py_random = _seeded_state(seed)
-        cfg_conditions = None  # text alone: encoded at the first prefill, with its peers'
-        if not self._encode_together:
-            cfg_conditions, py_random = self._cfg_conditions(attributes, py_random)
 
         stride_seconds = number(params.get("extend_stride") or 18.0)
         decoder = StreamDecoder(
@@ -462,7 +481,9 @@ class MusicGenEngine:
         )
         first_prompt_len = 0 if prompt is None else int(prompt.shape[-1])
         job = _MusicGenJob(
-            cfg_conditions=cfg_conditions,
+            # Text alone: encoded at the first prefill, with its peers'; otherwise
+            # by prepare_steps (a melody in pieces).
+            cfg_conditions=None,
             cfg_coef=number(params["cfg_coef"]),
             decoder=decoder,
             temperature=number(params["temperature"]),
@@ -505,6 +526,15 @@ class MusicGenEngine:
             tokenized = lm.condition_provider.tokenize(attributes + null)
             conditions = lm.condition_provider(tokenized)
         return conditions, random.getstate()
+
+    def _condition_piece(self, st: _MusicGenJob) -> None:
+        """One piece of a window's conditioning; its result once complete."""
+        assert st.conditioning is not None
+        try:
+            next(st.conditioning)
+        except StopIteration as complete:
+            st.cfg_conditions, st.py_random = complete.value
+            st.conditioning = None
 
     def _condition_together(self, states: list[_MusicGenJob]) -> None:
         """Encode the descriptions of requests starting now in one call.
@@ -619,12 +649,17 @@ class MusicGenEngine:
                 states = [job.state for _, job in generating]
                 failures: dict[int, BaseException] = {}
                 tokens, guided, sampled = self._sample_step(states, failures)
+
+                def drew(st: _MusicGenJob) -> bool:
+                    # (Rows that sat the step out may lie beyond the step's span.)
+                    return st.slot is not None and st.slot < len(sampled) and sampled[st.slot]
+
                 if self.logits_observer is not None:
                     self.logits_observer(
                         {
                             job.request.request_id: guided[job.state.slot]
                             for _, job in generating
-                            if id(job.state) not in failures and sampled[job.state.slot]
+                            if id(job.state) not in failures and drew(job.state)
                         }
                     )
                 self._due.clear()
@@ -632,9 +667,9 @@ class MusicGenEngine:
                     if id(st) in failures:
                         self._clear_rows(st)
                         outputs[i] = failed_output(job, failures[id(st)])
-                    elif sampled[st.slot]:
+                    elif drew(st):
                         outputs[i] = isolated(job, self._advance, job, tokens[st.slot])
-                    else:  # its prompt is still going in
+                    else:  # its prompt (or its window's conditioning) is still going in
                         outputs[i] = StepOutput(
                             audio=None, fraction=self._fraction(st), seconds=self._seconds(st)
                         )
@@ -759,7 +794,11 @@ class MusicGenEngine:
         for st in states:
             if st.slot is None:
                 attempt(failures, [st], self._take_slot, st)
-        states = [st for st in states if id(st) not in failures]
+        for st in states:
+            if st.conditioning is not None and id(st) not in failures:
+                attempt(failures, [st], self._condition_piece, st)
+        # (A window whose conditioning is still being computed sits this step out.)
+        states = [st for st in states if id(st) not in failures and st.conditioning is None]
         starting = [st for st in states if st.cfg_conditions is None]
         if starting:
             attempt(failures, starting, self._condition_together, starting)
@@ -921,8 +960,10 @@ class MusicGenEngine:
             return True
         st.window = self._new_window(st.duration, st.gen_offset, prompt)
         if st.melody is not None and int(st.melody.length.item()) > 0:
+            # The next window's melody: its chroma in pieces, a segment per step
+            # (``_sample_step``); the window waits for it.
             self._wrap_melody(st.attributes, st.melody, st.gen_offset)
-            st.cfg_conditions, st.py_random = self._cfg_conditions(st.attributes, st.py_random)
+            st.conditioning = self._conditioning(st)
         return False
 
     def warm_up(self) -> None:

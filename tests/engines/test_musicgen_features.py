@@ -312,3 +312,77 @@ def test_mbd_for_stereo_renders_each_channel(stereo: Any) -> None:
     expected = both[:, 0].transpose(0, 1).numpy()
     assert out.rendition is not None and out.rendition.shape == (50 * HOP, 2)
     assert np.array_equal(out.rendition, expected)
+
+
+class DemucsCalls:
+    """Counts the separations of Demucs' segments (forward calls of the model)."""
+
+    def __init__(self, engine: MusicGenEngine) -> None:
+        demucs = engine.lm.condition_provider.conditioners["self_wav"].demucs
+        self.count = 0
+        self.handle = demucs.register_forward_hook(self.called)
+
+    def called(self, *_: Any) -> None:
+        self.count += 1
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+def test_a_melodys_demucs_runs_one_segment_per_pause(melodic: Any) -> None:
+    """A long reference is separated one Demucs segment per unit of preparation
+    (the scheduler runs decode steps for the others in between), each segment
+    once, and the conditioning equals the one-go separation exactly."""
+    _, engine = melodic
+    rng = np.random.default_rng(4)
+    reference = wav_bytes((0.2 * rng.standard_normal((44100 * 12, 1))).astype(np.float32), 44100)
+    params = resolve_params(engine.info.params, {"duration": 1.5, "seed": 3})
+    calls = DemucsCalls(engine)
+    try:
+        per_unit = []
+        for item in engine.prepare_steps(EngineRequest("t", "hum", params, {"melody": reference})):
+            per_unit.append(calls.take())
+            job = item
+        assert job is not None
+        st = job.state
+        # The same conditioning in one go, from the same starting state of random.
+        one_go, state = engine._cfg_conditions(st.attributes, _seeded(3))
+        separated_in_one_go = calls.take()
+    finally:
+        calls.handle.remove()
+    assert max(per_unit) == 1  # never more than one segment between pauses
+    assert sum(per_unit) == separated_in_one_go >= 6  # each segment once (12 s, 2 s segments)
+    assert state == st.py_random  # what the next long-form window's Demucs starts from
+    for name, (embeds, mask) in one_go.items():
+        assert torch.equal(st.cfg_conditions[name][0], embeds), name
+        assert torch.equal(st.cfg_conditions[name][1], mask), name
+
+
+def test_long_form_melody_windows_condition_one_segment_per_step(melodic: Any) -> None:
+    """Each new long-form window's melody chroma is computed in pieces too: a
+    decode step runs at most one Demucs segment, and the codes stay audiocraft's
+    (test_melody_matches_generate_with_chroma covers those)."""
+    _, engine = melodic
+    rng = np.random.default_rng(6)
+    reference = wav_bytes((0.2 * rng.standard_normal((44100 * 3, 1))).astype(np.float32), 44100)
+    params = resolve_params(engine.info.params, {"duration": 6.0, "extend_stride": 1.0})
+    job = engine.prepare(EngineRequest("t", "hum", params, {"melody": reference}))
+    calls = DemucsCalls(engine)
+    per_step, waiting = [], 0
+    try:
+        while True:
+            out = engine.step([job])[0]
+            per_step.append(calls.take())
+            waiting += job.state is not None and job.state.conditioning is not None
+            if out.done:
+                break
+    finally:
+        calls.handle.remove()
+    assert max(per_step) == 1
+    assert sum(per_step) >= 2 * 4  # four more windows, each at least two segments
+    assert waiting > 0
+
+
+def _seeded(seed: int) -> Any:
+    return random.Random(seed).getstate()
