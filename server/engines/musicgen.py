@@ -34,12 +34,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from audiocraft.models.musicgen import MusicGen
-from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
-from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
+from wavecast.protocol import InvalidField, ModelInfo
 
 from .base import (
-    SEED_SPEC,
     EngineRequest,
     FloatAudio,
     Job,
@@ -55,7 +53,8 @@ from .base import (
 )
 from .codec_stream import Due, StreamDecoder, complete_due
 from .mbd import MBDRun
-from .melody import StemsInPieces, in_pieces
+from .musicgen_card import model_card
+from .musicgen_conditioning import Conditioning
 from .musicgen_decoder import MusicGenDecoder
 from .sampling import RowSampling, candidates_for, sample
 from .slots import SlotTable
@@ -186,26 +185,8 @@ class MusicGenEngine:
         self.max_duration = float(max(max_duration or self.window, self.window))
         self.max_upload_seconds = max_upload_seconds
         self.prefill_chunk = max(1, prefill_chunk)
-        conditioners = self.lm.condition_provider.conditioners  # (a ModuleDict: no .get)
-        description = None
-        if "description" in conditioners:
-            description = conditioners["description"]
-        # The text encoder's tokenizer: the prompt limit is counted in its tokens.
-        self._tokenizer = getattr(description, "t5_tokenizer", None)
-        # Where the description is the only condition (and is encoded as given), the
-        # requests that start in the same step are encoded in one call
-        # (``_condition_together``); otherwise each is conditioned on its own.
-        self._encode_together = (
-            self._tokenizer is not None
-            and list(conditioners) == ["description"]
-            and not getattr(description, "normalize_text", True)
-        )
-        # Melody models: Demucs separates a reference one segment per pause.
-        self._stems = None
-        if "self_wav" in conditioners and hasattr(conditioners["self_wav"], "demucs"):
-            self._stems = StemsInPieces(conditioners["self_wav"])
+        self.conditioning = Conditioning(model, max_prompt_tokens)
         self._warm = False
-        self.max_prompt_tokens = max_prompt_tokens
         self.frame_rate = float(model.frame_rate)
         self.hop = round(model.sample_rate / model.frame_rate)
         self._layouts: dict[int, _Layout] = {}
@@ -221,106 +202,17 @@ class MusicGenEngine:
         self._due: Due = []
         # Called with each step's guided logits by request id (tests compare rows).
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
-        card = int(self.lm.card)
-        long_form = self.max_duration > self.window
-        params = [
-            ParamSpec(
-                "duration",
-                "float",
-                min(10.0, self.window),
-                0.1,
-                self.max_duration,
-                description="seconds of audio to generate (with continuation: in all)",
-            ),
-            ParamSpec(
-                "top_k",
-                "int",
-                min(250, card),
-                0,
-                card,
-                description="sample among the k most likely tokens (0: all)",
-            ),
-            ParamSpec(
-                "top_p",
-                "float",
-                0.0,
-                0.0,
-                1.0,
-                description="nucleus sampling threshold (0: use top_k)",
-            ),
-            ParamSpec(
-                "temperature",
-                "float",
-                1.0,
-                0.0,
-                10.0,
-                description="softmax temperature (0: greedy)",
-            ),
-            ParamSpec(
-                "cfg_coef",
-                "float",
-                3.0,
-                0.0,
-                30.0,
-                description="classifier-free guidance strength",
-            ),
-            SEED_SPEC,
-            ParamSpec(
-                "include_prompt",
-                "bool",
-                False,
-                description="with continuation: stream the prompt's audio too",
-            ),
-        ]
-        if mbd is not None:
-            params.append(
-                ParamSpec(
-                    "mbd",
-                    "bool",
-                    False,
-                    description="also render a Multi-Band Diffusion version (higher quality, "
-                    "sent when generation ends)",
-                )
-            )
-        capabilities = ["text", "continuation"]
-        if long_form:
-            stride = min(18.0, round(self.window * 0.6, 3))
-            params.append(
-                ParamSpec(
-                    "extend_stride",
-                    "float",
-                    stride,
-                    round(self.window * 0.1, 3),
-                    round(self.window - 1.0 / self.frame_rate, 3),
-                    description="long form: seconds each new window moves on by",
-                )
-            )
-            capabilities.append("long_form")
-        self.melody = "self_wav" in self.lm.condition_provider.conditioners
-        if self.melody:
-            capabilities.insert(1, "melody")
-        if int(model.audio_channels) == 2:
-            capabilities.append("stereo")
-        if mbd is not None:
-            capabilities.append("mbd")
-        self._params = tuple(params)
-        label = (
-            "random-weight test model, makes noise"
-            if test_model
-            else "text and melody to music"
-            if self.melody
-            else "text to music"
-        )
-        self._info = ModelInfo(
+        self._info = model_card(
             name=name,
-            family=self.family,
-            description=f"MusicGen {name} ({label})",
+            test_model=test_model,
+            window=self.window,
+            max_duration=self.max_duration,
+            frame_rate=self.frame_rate,
+            card=int(self.lm.card),
             sample_rate=int(model.sample_rate),
             channels=int(model.audio_channels),
-            test_model=test_model,
-            max_duration=self.max_duration,
-            params=self._params,
-            capabilities=tuple(capabilities),
+            melody=self.conditioning.melody,
+            mbd=mbd is not None,
         )
 
     @property
@@ -387,36 +279,14 @@ class MusicGenEngine:
             yield None
         with torch.no_grad():
             job = self._prepare(request, prompt)
-        if not self._encode_together:
+        if not self.conditioning.together_ok:
             st: _MusicGenJob = job.state
-            st.cfg_conditions, st.py_random = yield from self._conditioning(st)
+            conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
+            st.cfg_conditions, st.py_random = yield from conditioning
         yield job
 
-    def _conditioning(self, st: _MusicGenJob) -> Generator[None, None, tuple[Any, Any]]:
-        """``_cfg_conditions`` of a request's current attributes, a melody's
-        Demucs in pieces (a pause after each segment)."""
-        attributes, py_random = st.attributes, st.py_random
-
-        def compute() -> tuple[Any, Any]:
-            with torch.no_grad():
-                return self._cfg_conditions(attributes, py_random)
-
-        return (yield from in_pieces(compute, self._stems))
-
-    def _check_prompt(self, text: str) -> None:
-        """Refuse a description longer than the text encoder is given (in its tokens)."""
-        if self._tokenizer is None:
-            return
-        count = len(self._tokenizer(text)["input_ids"])
-        if count > self.max_prompt_tokens:
-            raise InvalidField(
-                f"prompt is {count} tokens long; this model reads at most "
-                f"{self.max_prompt_tokens} (shorten the description)",
-                field="prompt",
-            )
-
     def check(self, request: EngineRequest) -> dict[str, Upload]:
-        self._check_prompt(request.prompt)
+        self.conditioning.check_prompt(request.prompt)
         return self._decode_uploads(request.inputs)
 
     def _decode_uploads(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
@@ -454,18 +324,13 @@ class MusicGenEngine:
         seed = request_seed(params)
         total_len = max(1, self._frames(duration))
 
-        melody_wavs = None
+        reference = None
         if "melody" in request.inputs:
-            melody_wavs = [self._upload_wav(request, "melody")]
-        if self.melody:
-            attributes, _ = self.model._prepare_tokens_and_attributes(
-                [request.prompt], None, melody_wavs=melody_wavs
-            )
-        else:
-            attributes, _ = self.model._prepare_tokens_and_attributes([request.prompt], None)
+            reference = self._upload_wav(request, "melody")
+        attributes = self.conditioning.attributes(request.prompt, reference)
         melody = attributes[0].wav.get("self_wav")
         if duration > self.window and melody is not None:
-            self._wrap_melody(attributes, melody, 0)
+            self.conditioning.wrap_melody(attributes, melody, 0.0, self.window)
         py_random = _seeded_state(seed)
 
         stride_seconds = number(params.get("extend_stride") or 18.0)
@@ -512,21 +377,6 @@ class MusicGenEngine:
         extra = {"seed": seed, "seconds": round(streamed / self.frame_rate, 6)}
         return Job(request=request, state=job, extra=extra)
 
-    def _cfg_conditions(self, attributes: list[Any], py_random: Any) -> tuple[Any, Any]:
-        """Condition tensors for the conditional and the null half, as LMModel.generate.
-
-        Demucs (melody models) shifts its input at random with Python's ``random``:
-        each request keeps its own state of it, so that its seed reproduces it.
-        Returns the tensors and the new state.
-        """
-        lm = self.lm
-        random.setstate(py_random)
-        with self.model.autocast:
-            null = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
-            tokenized = lm.condition_provider.tokenize(attributes + null)
-            conditions = lm.condition_provider(tokenized)
-        return conditions, random.getstate()
-
     def _condition_piece(self, st: _MusicGenJob) -> None:
         """One piece of a window's conditioning; its result once complete."""
         assert st.conditioning is not None
@@ -537,56 +387,10 @@ class MusicGenEngine:
             st.conditioning = None
 
     def _condition_together(self, states: list[_MusicGenJob]) -> None:
-        """Encode the descriptions of requests starting now in one call.
-
-        Each request's pair (its text, and the empty text of the unconditional
-        half) is cut back to the length it has when encoded alone (the longer of
-        the two in tokens; the padding beyond is zeros, as alone), so each row's
-        conditioning equals its solo one to float rounding (tested: logits within
-        1e-5 of the solo run, codes equal).
-        """
-        tokenizer = self._tokenizer
-        assert tokenizer is not None
-        attributes = [st.attributes[0] for st in states]
-        with self.model.autocast:
-            null = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
-            tokenized = self.lm.condition_provider.tokenize(attributes + null)
-            conditions = self.lm.condition_provider(tokenized)
-        count = len(states)
-        empty = len(tokenizer("")["input_ids"])
-        for i, st in enumerate(states):
-            text = attributes[i].text.get("description") or ""
-            length = max(empty, len(tokenizer(text)["input_ids"]))
-            rows = [i, count + i]
-            st.cfg_conditions = {
-                name: (embeds[rows, :length], mask[rows, :length])
-                for name, (embeds, mask) in conditions.items()
-            }
-
-    def _wrap_melody(self, attributes: list[Any], melody: Any, gen_offset: int) -> None:
-        """Long form: the melody for the window at ``gen_offset``, repeated as needed.
-
-        The same as ``MusicGen._generate_tokens``: each window sees the reference
-        from its own start time on, wrapped around when the reference is shorter.
-        """
-        from audiocraft.modules.conditioners import WavCondition
-
-        wav_length = int(melody.length.item())
-        if wav_length == 0:
-            return
-        time_offset = gen_offset / self.frame_rate
-        initial_position = int(time_offset * self.model.sample_rate)
-        target_length = int(self.window * self.model.sample_rate)
-        positions = torch.arange(
-            initial_position, initial_position + target_length, device=self.device
-        )
-        attributes[0].wav["self_wav"] = WavCondition(
-            melody[0][..., positions % wav_length],
-            torch.full_like(melody[1], target_length),
-            [self.model.sample_rate] * melody[0].size(0),
-            [None],
-            [0.0],
-        )
+        """The descriptions of requests starting now, encoded in one call."""
+        conditions = self.conditioning.together([st.attributes[0] for st in states])
+        for st, each in zip(states, conditions, strict=True):
+            st.cfg_conditions = each
 
     def _frames(self, seconds: float) -> int:
         """Whole codec frames in ``seconds``, cut down exactly as audiocraft's
@@ -962,8 +766,9 @@ class MusicGenEngine:
         if st.melody is not None and int(st.melody.length.item()) > 0:
             # The next window's melody: its chroma in pieces, a segment per step
             # (``_sample_step``); the window waits for it.
-            self._wrap_melody(st.attributes, st.melody, st.gen_offset)
-            st.conditioning = self._conditioning(st)
+            time_offset = st.gen_offset / self.frame_rate
+            self.conditioning.wrap_melody(st.attributes, st.melody, time_offset, self.window)
+            st.conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
         return False
 
     def warm_up(self) -> None:

@@ -347,7 +347,7 @@ def test_a_melodys_demucs_runs_one_segment_per_pause(melodic: Any) -> None:
         assert job is not None
         st = job.state
         # The same conditioning in one go, from the same starting state of random.
-        one_go, state = engine._cfg_conditions(st.attributes, _seeded(3))
+        one_go, state = engine.conditioning.one(st.attributes, _seeded(3))
         separated_in_one_go = calls.take()
     finally:
         calls.handle.remove()

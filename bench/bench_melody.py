@@ -1,0 +1,139 @@
+"""What a melody request's analysis costs the streams already running.
+
+A melody model separates its reference's melodic stems with Demucs before the
+request can start. The scheduler prepares new requests between decode steps;
+this runs the same alternation in one process (one unit of preparation, then one
+decode step of the running streams) and reports the longest gap between two
+decode steps while the melody request is prepared, in two ways:
+
+- ``one go``: the whole conditioning as one unit (the separation in one call);
+- ``pieces``: ``prepare_steps`` as the engine gives it (one Demucs segment per unit).
+
+    .venv/bin/python bench/bench_melody.py --reference-seconds 60 --demucs htdemucs
+
+``--demucs tiny``: the test model's tiny Demucs; ``htdemucs``: HTDemucs at the
+shape of the released ``htdemucs`` (random weights). The music model is the tiny
+melody test model either way.
+
+Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import soundfile
+import torch
+from bench_stream import machine
+
+from wavecast.protocol import resolve_params
+from wavecast.server.engines.base import EngineRequest, Job
+from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
+
+
+def full_size_demucs() -> Any:
+    from demucs.htdemucs import HTDemucs
+
+    # The released htdemucs: HTDemucs' defaults, 7.8 s segments.
+    return HTDemucs(sources=["drums", "bass", "other", "vocals"], segment=7.8).eval()
+
+
+def reference(seconds: float) -> bytes:
+    rng = np.random.default_rng(0)
+    audio = (0.2 * rng.standard_normal((int(44100 * seconds), 2))).astype(np.float32)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, 44100, format="WAV")
+    return buffer.getvalue()
+
+
+def measure(engine: MusicGenEngine, streams: int, ref: bytes, pieces: bool) -> dict[str, float]:
+    params = resolve_params(engine.info.params, {"duration": engine.max_duration, "seed": 1})
+    running = [engine.prepare(EngineRequest(f"r{i}", "running", params)) for i in range(streams)]
+    for _ in range(20):  # every stream past its prefill
+        engine.step(running)
+    short = resolve_params(engine.info.params, {"duration": 2.0})
+    checked = EngineRequest("m", "hum", short, {"melody": ref})
+    # Decoded as the worker pool does before the request is queued.
+    melody = EngineRequest("m", "hum", short, {"melody": ref}, decoded=engine.check(checked))
+    steps: list[float] = []
+    gaps: list[float] = []
+    units = 0
+    start = time.perf_counter()
+    last = start
+    job: Job | None = None
+    if pieces:
+        for item in engine.prepare_steps(melody):
+            units += 1
+            job = item
+            before = time.perf_counter()
+            engine.step(running)
+            now = time.perf_counter()
+            steps.append(now - before)
+            gaps.append(now - last)
+            last = now
+    else:
+        job = engine.prepare(melody)
+        units = 1
+        before = time.perf_counter()
+        engine.step(running)
+        now = time.perf_counter()
+        steps.append(now - before)
+        gaps.append(now - last)
+    total = time.perf_counter() - start
+    assert job is not None
+    for done in [*running, job]:
+        engine.finish(done)
+    return {
+        "units": units,
+        "max_gap_ms": 1000 * max(gaps),
+        "step_ms": 1000 * statistics.median(steps),
+        "total_s": total,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference-seconds", type=float, default=60.0)
+    parser.add_argument("--demucs", choices=("tiny", "htdemucs"), default="htdemucs")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="each way, alternately")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    model = build_tiny_musicgen(melody=True, window=30.0)
+    if args.demucs == "htdemucs":
+        model.lm.condition_provider.conditioners["self_wav"].demucs = full_size_demucs()
+    engine = MusicGenEngine(model, name="tiny-melody", test_model=True, max_duration=30.0)
+    ref = reference(args.reference_seconds)
+    rows = []
+    for pieces in [False, True] * args.rounds:
+        result = measure(engine, args.streams, ref, pieces)
+        rows.append(("pieces" if pieces else "one go", result))
+    print(f"### melody analysis beside {args.streams} running streams: {args.demucs} Demucs")
+    print()
+    print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
+    print(
+        f"- command: `python bench/bench_melody.py --reference-seconds "
+        f"{args.reference_seconds:g} --demucs {args.demucs} --streams {args.streams} "
+        f"--rounds {args.rounds}`"
+    )
+    print(f"- date: {time.strftime('%Y-%m-%d')}; each way {args.rounds} time(s), alternately")
+    print()
+    print("| preparation | units | longest gap between steps | step (median) | total |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, r in rows:
+        print(
+            f"| {name} | {r['units']:.0f} | {r['max_gap_ms']:.0f} ms | {r['step_ms']:.1f} ms "
+            f"| {r['total_s']:.2f} s |"
+        )
+
+
+if __name__ == "__main__":
+    main()
