@@ -188,7 +188,7 @@ def tiny_demucs() -> Any:
         sources=["drums", "bass", "other", "vocals"],
         audio_channels=2,
         channels=4,
-        depth=2,
+        depth=3,  # (the transformer's sequences 4x shorter than at depth 2: 7x faster)
         nfft=512,
         t_layers=1,
         t_heads=2,
