@@ -86,13 +86,16 @@ SECURITY_HEADERS = {
 }
 
 
-def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+def _response(status: http.HTTPStatus, body: bytes, content_type: str, **extra: str) -> Response:
+    """A response with ``extra`` headers (``Retry_After="1"``: ``Retry-After: 1``)."""
     headers = Headers()
     headers["Content-Type"] = content_type
     headers["Content-Length"] = str(len(body))
     headers["Cache-Control"] = "no-cache"
     for name, value in SECURITY_HEADERS.items():
         headers[name] = value
+    for name, value in extra.items():
+        headers[name.replace("_", "-")] = value
     return Response(status.value, status.phrase, headers, body)
 
 
@@ -210,13 +213,12 @@ class HttpRoutes:
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
         if self._needs_key(path) and not key_accepted(presented_key(request), self.api_keys):
-            response = _response(
+            return _response(
                 http.HTTPStatus.UNAUTHORIZED,
                 b"this server needs an API key: Authorization: Bearer KEY, or ?token=KEY\n",
                 "text/plain",
+                WWW_Authenticate='Bearer realm="wavecast"',
             )
-            response.headers["WWW-Authenticate"] = 'Bearer realm="wavecast"'
-            return response
         if path == STREAM_PATH:
             if "upgrade" not in request.headers.get("Connection", "").lower():
                 return _response(
@@ -234,13 +236,12 @@ class HttpRoutes:
             if not self.ready():
                 # Draining (or not yet warmed up): a load balancer tries another
                 # replica (nginx: proxy_next_upstream http_503).
-                response = _response(
+                return _response(
                     http.HTTPStatus.SERVICE_UNAVAILABLE,
                     b"this server is shutting down: connect again (another replica)\n",
                     "text/plain",
+                    Retry_After="1",
                 )
-                response.headers["Retry-After"] = "1"
-                return response
             origin = request.headers.get("Origin")
             if not origin_allowed(origin, request.headers.get("Host"), self.allowed_origins):
                 return _response(

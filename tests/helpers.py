@@ -63,6 +63,16 @@ async def running_server(
 WAVECAST = [sys.executable, "-m", "wavecast.clients.cli"]
 
 
+async def first_audio(stream: Any) -> Any:
+    """Read a request's events up to its first audio chunk, and return that chunk."""
+    from wavecast.protocol import Audio
+
+    async for event in stream:
+        if isinstance(event, Audio):
+            return event
+    raise AssertionError(f"no audio before done: {stream.done}")
+
+
 def start_serve(args: list[str], log_file: Path) -> tuple[subprocess.Popen[bytes], int]:
     """``wavecast serve`` as a process on 127.0.0.1 port 0: the process and its port
     (read from its log, once it serves)."""

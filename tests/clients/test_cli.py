@@ -233,7 +233,7 @@ def test_api_keys_from_flags_file_and_environment(tmp_path: Path, monkeypatch: A
 async def test_cli_says_when_a_server_is_shutting_down(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from helpers import make_config, running_server
+    from helpers import first_audio, make_config, running_server
 
     from wavecast.clients import connect
     from wavecast.server.config import TimeoutsConfig
@@ -242,9 +242,7 @@ async def test_cli_says_when_a_server_is_shutting_down(tmp_path: Path) -> None:
     async with running_server(config) as srv:
         client = await connect(srv.url)
         stream = await client.generate("tiny-musicgen", "x", duration=60.0)
-        async for event in stream:
-            if isinstance(event, Audio):
-                break
+        await first_audio(stream)
         stop = asyncio.create_task(srv.stop())
         await asyncio.sleep(0.05)
         out = tmp_path / "late.wav"

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import start_serve, timeout
+from helpers import first_audio, start_serve, timeout
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from wavecast.clients import Client, GenerationResult, connect
-from wavecast.protocol import Audio, decode
+from wavecast.protocol import decode
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "docker" / "nginx.conf"
@@ -195,9 +195,7 @@ async def test_two_replicas_behind_nginx_serve_exact_streams_and_drain(
         for i, client in enumerate(clients)
     ]
     for stream in streams:
-        async for event in stream:
-            if isinstance(event, Audio):
-                break
+        await first_audio(stream)
     assert connections(port_a) == 8 and connections(port_b) == 8
     process_a.send_signal(signal.SIGTERM)
     await eventually(lambda: get(f"http://127.0.0.1:{port_a}/readyz")[0] == 503, 10)

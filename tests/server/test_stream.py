@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from helpers import make_config, running_server, steps_after_disconnect, timeout
+from helpers import first_audio, make_config, running_server, steps_after_disconnect, timeout
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -247,9 +247,7 @@ async def test_shutdown_ends_requests_and_closes_1001() -> None:
     async with running_server(make_config()) as srv:
         client = await connect(srv.url)
         stream = await client.generate("tiny-musicgen", "x", duration=30.0)
-        async for event in stream:
-            if isinstance(event, Audio):
-                break
+        await first_audio(stream)
         stop = asyncio.create_task(srv.stop())
         result = await stream.collect()
         await stop
@@ -275,9 +273,7 @@ async def test_drain_turns_readyz_off_refuses_new_requests_and_lets_running_ones
         assert (await http_get(base + "/readyz"))[:3:2] == (200, b"ready\n")
         client = await connect(srv.url)
         stream = await client.generate("tiny-musicgen", "x", duration=2.0, seed=1)
-        async for event in stream:
-            if isinstance(event, Audio):
-                break
+        await first_audio(stream)
         stop = asyncio.create_task(srv.stop())
         await asyncio.sleep(0.05)
         # A load balancer stops sending: not ready, though alive and listening.
@@ -482,11 +478,7 @@ async def test_metrics_in_prometheus_text_format(server: Any) -> None:
     async with connect(server.url) as client:
         done = await (await client.generate("tiny-musicgen", "a", duration=1.0)).collect()
         stream = await client.generate("tiny-musicgen", "b", duration=30.0)
-        first = 0
-        async for event in stream:
-            if isinstance(event, Audio):
-                first = event.frames  # collect() below counts the chunks after it
-                break
+        first = (await first_audio(stream)).frames  # collect() below counts the rest
         # Scraped during a generation.
         during, _ = await scrape(server.port)
         assert during[f"wavecast_model_requests_active{{{model}}}"] == 1
