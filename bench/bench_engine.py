@@ -78,7 +78,7 @@ def run(engine: Engine, streams: int, duration: float, device: str) -> dict[str,
     }
 
 
-def load(name: str, device: str, reference: bool) -> Engine:
+def load(name: str, device: str, reference: bool, cuda_graphs: bool = False) -> Engine:
     if is_higgs_name(name):
         from wavecast.server.engines.higgs import HiggsEngine
         from wavecast.server.engines.loading import load_higgs
@@ -88,7 +88,7 @@ def load(name: str, device: str, reference: bool) -> Engine:
     from wavecast.server.engines.musicgen import MusicGenEngine
 
     model, _ = load_musicgen(name, device)
-    return MusicGenEngine(model, name=name, test_model=True)
+    return MusicGenEngine(model, name=name, test_model=True, cuda_graphs=cuda_graphs)
 
 
 def main() -> None:
@@ -100,18 +100,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1)")
     parser.add_argument("--reference", action="store_true", help="speech: each request alone")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="MusicGen: the decode step as CUDA graphs"
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
-    engine = load(args.model, device, args.reference)
+    engine = load(args.model, device, args.reference, args.cuda_graphs)
     run(engine, max(args.streams), min(args.duration, 1.0), device)  # warm up
     results = {}
     for n in args.streams:
         runs = [run(engine, n, args.duration, device) for _ in range(args.runs)]
         results[n] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     path = " (reference path: each request alone)" if args.reference else ""
+    path += " (decode step as CUDA graphs)" if args.cuda_graphs else ""
     title = f"{args.model}{path} on {device}, {args.duration:g} s clips"
     print(f"### engine core in-process: {title}\n")
     print(f"- machine: {machine(device)}, {threads} torch thread(s)")

@@ -85,6 +85,7 @@ class WavecastServer:
             scenes=self.scenes,
             max_new_tokens=models.max_new_tokens,
             prefill_budget_ms=models.prefill_budget_ms,
+            cuda_graphs=models.cuda_graphs,
         )
 
     @property

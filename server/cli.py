@@ -155,6 +155,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(env WAVECAST_MBD=1)",
     )
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        default=_env("CUDA_GRAPHS", "") == "1",
+        help="MusicGen on CUDA: replay the decode step as CUDA graphs, one per shape, "
+        "recorded the first time a shape is stepped (env WAVECAST_CUDA_GRAPHS=1; "
+        "not yet measured: off by default)",
+    )
+    parser.add_argument(
         "--voices-dir",
         type=Path,
         default=_env("VOICES_DIR", None),
@@ -285,6 +293,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             prefill_budget_ms=args.prefill_budget_ms,
             max_prompt_tokens=args.max_prompt_tokens,
             mbd=args.mbd,
+            cuda_graphs=args.cuda_graphs,
             higgs_codec=args.higgs_codec,
             voices_dir=args.voices_dir,
             scenes_dir=args.scenes_dir,

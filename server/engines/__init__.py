@@ -60,6 +60,7 @@ def load_engines(
     scenes: Mapping[str, Scene] | None = None,
     max_new_tokens: int = 2048,
     prefill_budget_ms: float | None = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, Engine]:
     """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``).
 
@@ -132,6 +133,7 @@ def load_engines(
             max_upload_seconds=max_upload_seconds,
             mbd=diffusion,
             max_prompt_tokens=max_prompt_tokens,
+            cuda_graphs=cuda_graphs,
         )
         if test_model:
             log.warning("%s is a random-weight test model: it makes noise", name)

@@ -52,6 +52,7 @@ from .base import (
     run_once,
 )
 from .codec_stream import Due, StreamDecoder, complete_due
+from .graphs import DecodeGraphs
 from .mbd import MBDRun
 from .musicgen_card import model_card
 from .musicgen_conditioning import Conditioning
@@ -156,6 +157,8 @@ class MusicGenEngine:
         mbd: An audiocraft ``MultiBandDiffusion`` over this model's codec, to
             offer the ``mbd`` parameter.
         prefill_chunk: Prompt positions a window prefills per step at most.
+        cuda_graphs: Replay the decode step as CUDA graphs, one per shape
+            (``graphs``; on a CPU the same buffers, eagerly).
         max_prompt_tokens: Longest description, in the text encoder's tokens.
     """
 
@@ -172,6 +175,7 @@ class MusicGenEngine:
         max_upload_seconds: float = 60.0,
         mbd: Any = None,
         prefill_chunk: int = 256,
+        cuda_graphs: bool = False,
         max_prompt_tokens: int = 512,
     ) -> None:
         self.model = model
@@ -196,6 +200,10 @@ class MusicGenEngine:
         self.decoder = MusicGenDecoder(
             self.lm, rows=2, length=window_steps, cross_length=16, dtype=dtype
         )
+        self._graphs = None
+        if cuda_graphs:
+            record = self.device.type == "cuda"
+            self._graphs = DecodeGraphs(self.decoder.decode, self.decoder.storage, record=record)
         self._sampling = RowSampling(1, self.device)
         self._cfg = torch.zeros(1, device=self.device)
         self._slots: SlotTable[_MusicGenJob] = SlotTable(self._grow)
@@ -639,10 +647,12 @@ class MusicGenEngine:
             # Attend over the longest row's positions, rounded up to a multiple of
             # 64 (a handful of shapes per window length).
             longest = max(st.kv_length for st in decoding)
-            logits = decoder.decode(
-                inputs[: rows * k].view(rows, k),
-                inputs[rows * k : rows * (k + 1)].bool(),
-                span=-(-(longest + 1) // 64) * 64,
+            span = -(-(longest + 1) // 64) * 64
+            step = decoder.decode if self._graphs is None else self._graphs
+            if self._graphs is not None and self._graphs.record:
+                span = 1 << (span - 1).bit_length()  # fewer shapes to record
+            logits = step(
+                inputs[: rows * k].view(rows, k), inputs[rows * k : rows * (k + 1)].bool(), span
             ).float()
             for st in decoding:
                 st.kv_length += 1

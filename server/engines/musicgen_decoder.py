@@ -202,6 +202,11 @@ class MusicGenDecoder(CacheRows):
         self.has_cross = any(layer.kv_weight is not None for layer in self.layers)
         self._sin_table(self.kv.length)
 
+    def storage(self) -> tuple[Any, ...]:
+        """What identifies where the step's tensors live: it changes exactly when
+        the cache (or the position table) grows and its tensors move."""
+        return (tuple(self.kv.k.shape), tuple(self.cross.k.shape), self._positions.shape[0])
+
     @property
     def cross_lengths(self) -> torch.Tensor:
         """``[rows]``: how many conditioning positions each row attends to."""

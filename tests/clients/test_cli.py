@@ -253,3 +253,22 @@ async def test_cli_says_when_a_server_is_shutting_down(tmp_path: Path) -> None:
         await stream.collect()
         await asyncio.wait_for(stop, timeout(60))
         await client.close()
+
+
+def test_cuda_graphs_from_flag_and_environment_reach_the_engine(monkeypatch: Any) -> None:
+    import argparse
+
+    from wavecast.server.cli import add_serve_arguments, config_from_args
+    from wavecast.server.engines import load_engines
+
+    def parsed(*argv: str) -> bool:
+        parser = argparse.ArgumentParser()
+        add_serve_arguments(parser)
+        return config_from_args(parser.parse_args(list(argv))).models.cuda_graphs
+
+    monkeypatch.delenv("WAVECAST_CUDA_GRAPHS", raising=False)
+    assert not parsed() and parsed("--cuda-graphs")
+    monkeypatch.setenv("WAVECAST_CUDA_GRAPHS", "1")
+    assert parsed()
+    engine = load_engines(["tiny-musicgen"], "cpu", cuda_graphs=True)["tiny-musicgen"]
+    assert engine._graphs is not None and not engine._graphs.record  # (no CUDA here)

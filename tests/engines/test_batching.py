@@ -325,3 +325,57 @@ def test_a_long_prompt_goes_in_by_chunks_beside_running_streams(windowed: Any) -
         assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5, rid
     # `a` sampled at every step, p's six prefill steps included.
     assert len(runs["a"].logits) == len(solo_a.logits)
+
+
+def test_the_step_through_static_buffers_equals_the_direct_step(windowed: Any) -> None:
+    """``cuda_graphs`` (on a CPU: the graphs' static input and output buffers, the
+    step run eagerly on them): the same logits and codes as the direct step, with
+    requests joining, growing the table and crossing a window boundary."""
+    model, _ = windowed
+    # Two fresh engines: the same table history, so the same shapes step by step.
+    engine = MusicGenEngine(model, name="tiny-2s", test_model=True, max_duration=12.0)
+    staged = MusicGenEngine(
+        model, name="tiny-2s", test_model=True, max_duration=12.0, cuda_graphs=True
+    )
+    graphs = staged._graphs
+    assert graphs is not None and not graphs.record
+
+    def joins(on: MusicGenEngine) -> dict[int, list[tuple[str, Job]]]:
+        return {
+            0: [("a", make(on, "a")), ("b", make(on, "b"))],
+            5: [("c", make(on, "c"))],
+            37: [("d", make(on, "d"))],  # b is in its second window by then
+        }
+
+    direct, _ = drive(engine, joins(engine))
+    through, _ = drive(staged, joins(staged))
+    for rid, run in direct.items():
+        other = through[rid]
+        assert len(other.logits) == len(run.logits)
+        assert all(torch.equal(x, y) for x, y in zip(other.logits, run.logits, strict=True))
+        assert torch.equal(codes(staged, other), codes(engine, run)), rid
+    assert graphs.recorded == 0 and len(graphs) > 0
+
+
+def test_step_buffers_are_kept_per_shape_and_dropped_when_the_storage_moves() -> None:
+    from wavecast.server.engines.graphs import DecodeGraphs
+
+    storage = ["cache at A"]
+    calls: list[tuple[int, int]] = []
+
+    def step(codes: torch.Tensor, active: torch.Tensor, span: int) -> torch.Tensor:
+        calls.append((int(codes.shape[0]), span))
+        return codes.sum(1) * active + span
+
+    graphs = DecodeGraphs(step, lambda: storage[0], record=False)
+    codes_ = torch.tensor([[1, 2], [3, 4]])
+    out = graphs(codes_, torch.tensor([True, False]), 64)
+    assert out.tolist() == [67, 64]
+    again = graphs(codes_ * 2, torch.tensor([True, True]), 64)
+    assert again.tolist() == [70, 78]
+    graphs(codes_, torch.tensor([True, True]), 128)
+    assert len(graphs) == 2
+    storage[0] = "cache at B"  # grown: its tensors moved
+    graphs(codes_, torch.tensor([True, True]), 64)
+    assert len(graphs) == 1  # every shape's buffers (graphs) dropped, this one anew
+    assert calls == [(2, 64), (2, 64), (2, 128), (2, 64)]

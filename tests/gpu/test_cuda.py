@@ -114,3 +114,34 @@ def test_tiny_higgs_rows_in_a_batch_equal_their_solo_runs_on_cuda() -> None:
     ours, _ = _speak(engine, texts[1], chunk_method="speaker", **greedy)
     theirs, _ = _speak(reference, texts[1], chunk_method="speaker", **greedy)
     assert torch.equal(engine.codes_of(ours), reference.codes_of(theirs))
+
+
+def test_decode_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
+    """``cuda_graphs``: the decode step recorded once per shape and replayed gives
+    the codes of the eager step (greedy: audiocraft's), for requests joining at
+    different steps (the table grows: graphs are dropped and recorded again)."""
+    model = build_tiny_musicgen(device="cuda")
+    eager = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
+    graphed = MusicGenEngine(model, name="tiny-musicgen", test_model=True, cuda_graphs=True)
+    results = []
+    for engine in (eager, graphed):
+        jobs = []
+        for i, prompt in enumerate(["rock", "jazz", "ambient pads"]):
+            given = {"duration": 1.0 + 0.5 * i, "top_k": 1, "seed": i}
+            params = resolve_params(engine.info.params, given)
+            jobs.append(engine.prepare(EngineRequest(f"r{i}", prompt, params)))
+        running = [jobs[0]]
+        steps = 0
+        while running:
+            if steps == 7:
+                running += jobs[1:]  # two more join: the table grows
+            outs = engine.step(running)
+            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
+            steps += 1
+        results.append([engine.codes_of(job) for job in jobs])
+    assert graphed._graphs is not None and graphed._graphs.recorded > 0
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    model.set_generation_params(duration=1.0, top_k=1)
+    _, reference = model.generate(["rock"], return_tokens=True)
+    assert torch.equal(results[1][0], reference)
