@@ -85,12 +85,18 @@ class Pieces:
 class StemsInPieces:
     """Takes over a ``ChromaStemConditioner``'s ``_get_stemmed_wav`` so that its
     Demucs runs in the current :class:`Pieces` pool (when one is set: the same
-    separation, in one go, otherwise). The body is audiocraft's, plus the pool."""
+    separation, in one go, otherwise). The body is audiocraft's, plus the pool.
+    One per conditioner (``of``), whatever the engines over the same model."""
 
     def __init__(self, conditioner: Any) -> None:
         self.conditioner = conditioner
         self.pool: Pieces | None = None
         conditioner._get_stemmed_wav = self.stemmed_wav
+
+    @classmethod
+    def of(cls, conditioner: Any) -> StemsInPieces:
+        taken = getattr(conditioner._get_stemmed_wav, "__self__", None)
+        return taken if isinstance(taken, cls) else cls(conditioner)
 
     def stemmed_wav(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
         from demucs.apply import apply_model

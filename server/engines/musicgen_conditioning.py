@@ -57,7 +57,7 @@ class Conditioning:
         # Melody models: Demucs separates a reference one segment per pause.
         self.stems = None
         if self.melody and hasattr(conditioners["self_wav"], "demucs"):
-            self.stems = StemsInPieces(conditioners["self_wav"])
+            self.stems = StemsInPieces.of(conditioners["self_wav"])
 
     def check_prompt(self, text: str) -> None:
         """Refuse a description longer than the text encoder is given (in its tokens)."""

@@ -334,7 +334,9 @@ def test_a_melodys_demucs_runs_one_segment_per_pause(melodic: Any) -> None:
     """A long reference is separated one Demucs segment per unit of preparation
     (the scheduler runs decode steps for the others in between), each segment
     once, and the conditioning equals the one-go separation exactly."""
-    _, engine = melodic
+    model, engine = melodic
+    # Another engine over the same model shares the conditioner, and its pieces.
+    MusicGenEngine(model, name="again", test_model=True)
     rng = np.random.default_rng(4)
     reference = wav_bytes((0.2 * rng.standard_normal((44100 * 12, 1))).astype(np.float32), 44100)
     params = resolve_params(engine.info.params, {"duration": 1.5, "seed": 3})
