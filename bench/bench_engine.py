@@ -83,7 +83,8 @@ def load(name: str, device: str, reference: bool, cuda_graphs: bool = False) -> 
         from wavecast.server.engines.higgs import HiggsEngine
         from wavecast.server.engines.loading import load_higgs
 
-        return HiggsEngine(load_higgs(name, None, device), name=name, batched=not reference)
+        loaded = load_higgs(name, None, device)
+        return HiggsEngine(loaded, name=name, batched=not reference, cuda_graphs=cuda_graphs)
     from wavecast.server.engines.loading import load_musicgen
     from wavecast.server.engines.musicgen import MusicGenEngine
 
@@ -101,7 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1)")
     parser.add_argument("--reference", action="store_true", help="speech: each request alone")
     parser.add_argument(
-        "--cuda-graphs", action="store_true", help="MusicGen: the decode step as CUDA graphs"
+        "--cuda-graphs", action="store_true", help="the batched decode step as CUDA graphs"
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)

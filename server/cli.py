@@ -158,7 +158,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graphs",
         action="store_true",
         default=_env("CUDA_GRAPHS", "") == "1",
-        help="MusicGen on CUDA: replay the decode step as CUDA graphs, one per shape, "
+        help="on CUDA: replay the decode step as CUDA graphs, one per shape, "
         "recorded the first time a shape is stepped (env WAVECAST_CUDA_GRAPHS=1; "
         "not yet measured: off by default)",
     )

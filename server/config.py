@@ -67,7 +67,7 @@ class ModelsConfig:
     device: str = "auto"
     threads: int = 0  # torch's CPU threads; 0: one core fewer than the machine has
     mbd: bool = False  # load the released Multi-Band Diffusion for the 32 kHz models
-    cuda_graphs: bool = False  # MusicGen: replay the decode step as CUDA graphs
+    cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs
     # Exact streaming geometry (frames of codes): see engines/codec_stream.py.
     left_context_frames: int = 25
     holdback_frames: int = 4

@@ -99,6 +99,7 @@ def load_engines(
                 max_upload_seconds=max_upload_seconds,
                 max_chunk_frames=max_chunk_frames,
                 prefill_budget_ms=prefill_budget_ms,
+                cuda_graphs=cuda_graphs,
             )
             continue
         try:

@@ -73,6 +73,7 @@ from .base import (
     run_once,
 )
 from .codec_stream import Due, StreamDecoder, complete_due
+from .graphs import DecodeGraphs
 from .higgs_decoder import HiggsDecoder
 from .loading import HiggsModel
 from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
@@ -348,6 +349,8 @@ class HiggsEngine:
         prefill_budget_ms: A time budget for the same (``--prefill-budget-ms``):
             the positions per step follow the measured prefill speed (at most
             ``prefill_budget``, at least one position); None: positions only.
+        cuda_graphs: Replay the batched decode step as CUDA graphs, one per
+            shape (``graphs``; on a CPU the same buffers, eagerly).
     """
 
     family = "higgs"
@@ -372,6 +375,7 @@ class HiggsEngine:
         prefill_budget: int = 512,
         prefill_budget_ms: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -403,6 +407,10 @@ class HiggsEngine:
         eos_id = config.eos_token_id
         self.end_token = int(eos_id if isinstance(eos_id, int) else eos_id[0])
         self.decoder = HiggsDecoder(self.model, rows=1, length=256) if batched else None
+        self._graphs = None
+        if cuda_graphs and self.decoder is not None:
+            record = self.device.type == "cuda"
+            self._graphs = DecodeGraphs(self.decoder.decode, self.decoder.storage, record=record)
         self._sampling = RowSampling(1, self.device)
         self._ras_len = np.zeros(1, dtype=np.int64)
         self._ras_max = np.ones(1, dtype=np.int64)
@@ -975,7 +983,10 @@ class HiggsEngine:
             # Attend over the longest row's positions, rounded up to a multiple of 64.
             longest = max(self._row_length(st) for st in decoding)
             span = -(-(longest + 2) // 64) * 64
-            logits = decoder.decode(parts[0].view(rows, k), parts[1].bool(), span=span).float()
+            step = decoder.decode if self._graphs is None else self._graphs
+            if self._graphs is not None and self._graphs.record:
+                span = 1 << (span - 1).bit_length()  # fewer shapes to record
+            logits = step(parts[0].view(rows, k), parts[1].bool(), span).float()
             for st in decoding:
                 assert st.utterance is not None
                 st.utterance.forwarded += 1

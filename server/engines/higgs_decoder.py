@@ -162,6 +162,11 @@ class HiggsDecoder(CacheRows):
         )
         self._rope_table(self.kv.length)
 
+    def storage(self) -> tuple[Any, ...]:
+        """What identifies where the step's tensors live: it changes exactly when
+        the cache (or the rotary table) grows and its tensors move."""
+        return (tuple(self.kv.k.shape), self._cos.shape[0])
+
     def ensure(self, *, rows: int = 0, length: int = 0) -> None:
         """Room for ``rows`` rows and ``length`` positions."""
         self.kv.grow(rows=rows, length=length + 1)

@@ -270,5 +270,6 @@ def test_cuda_graphs_from_flag_and_environment_reach_the_engine(monkeypatch: Any
     assert not parsed() and parsed("--cuda-graphs")
     monkeypatch.setenv("WAVECAST_CUDA_GRAPHS", "1")
     assert parsed()
-    engine = load_engines(["tiny-musicgen"], "cpu", cuda_graphs=True)["tiny-musicgen"]
-    assert engine._graphs is not None and not engine._graphs.record  # (no CUDA here)
+    engines = load_engines(["tiny-musicgen", "tiny-higgs"], "cpu", cuda_graphs=True)
+    for engine in engines.values():
+        assert engine._graphs is not None and not engine._graphs.record  # (no CUDA here)

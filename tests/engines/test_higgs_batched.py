@@ -628,3 +628,43 @@ def test_a_step_covers_the_rows_in_use(loaded: HiggsModel) -> None:
     again = request(fresh, "a", "Now I am alone.", max_new_tokens=12, seed=1)
     assert np.allclose(drive(fresh, [again])["a"], audio, atol=1e-5)
     assert torch.equal(fresh.codes_of(again), engine.codes_of(alone))
+
+
+def test_the_step_through_static_buffers_equals_the_direct_step(loaded: HiggsModel) -> None:
+    """``cuda_graphs`` (on a CPU: the graphs' static buffers, the step run eagerly
+    on them): the same logits and codes as the direct step, with requests joining,
+    a voice reference and dialogue chunks (new turns prefilled into kept rows)."""
+    runs = []
+    for cuda_graphs in (False, True):
+        engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=cuda_graphs)
+        seen: dict[str, list[torch.Tensor]] = {}
+
+        def observe(logits: dict[str, torch.Tensor], seen: Any = seen) -> None:
+            for rid, row in logits.items():
+                seen.setdefault(rid, []).append(row.clone())
+
+        engine.logits_observer = observe
+        jobs = [
+            request(engine, "a", "Hello there, how are you?", max_new_tokens=30, seed=1),
+            request(
+                engine,
+                "b",
+                DIALOGUE,
+                {"reference": wav(0.8, 330)},
+                chunk_method="speaker",
+                max_new_tokens=20,
+                seed=2,
+            ),
+            request(engine, "c", "Short.", max_new_tokens=12, temperature=0.0, seed=3),
+        ]
+        audio = drive(engine, jobs, [0, 0, 3])
+        runs.append(
+            (engine, audio, seen, {job.request.request_id: engine.codes_of(job) for job in jobs})
+        )
+    (_, audio, seen, codes), (staged, staged_audio, staged_seen, staged_codes) = runs
+    for rid in codes:
+        assert torch.equal(staged_codes[rid], codes[rid]), rid
+        assert np.array_equal(staged_audio[rid], audio[rid]), rid
+        assert len(staged_seen[rid]) == len(seen[rid])
+        assert all(torch.equal(x, y) for x, y in zip(staged_seen[rid], seen[rid], strict=True))
+    assert staged._graphs is not None and staged._graphs.recorded == 0 and len(staged._graphs)

@@ -145,3 +145,34 @@ def test_decode_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
     model.set_generation_params(duration=1.0, top_k=1)
     _, reference = model.generate(["rock"], return_tokens=True)
     assert torch.equal(results[1][0], reference)
+
+
+def test_speech_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
+    """The speech engine's batched step as CUDA graphs: the same greedy codes as
+    the eager step, for requests joining mid-run."""
+    from wavecast.server.engines.higgs import HiggsEngine
+    from wavecast.server.engines.loading import load_higgs
+
+    loaded = load_higgs("tiny-higgs", None, "cuda")
+    results = []
+    for cuda_graphs in (False, True):
+        engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=cuda_graphs)
+        jobs = []
+        for i, text in enumerate(["Hello there.", "[SPEAKER0] Hi.\n[SPEAKER1] Hey!", "Short."]):
+            given = {"seed": i, "max_new_tokens": 30, "temperature": 0.0}
+            if i == 1:
+                given["chunk_method"] = "speaker"
+            params = resolve_params(engine.info.params, given)
+            jobs.append(engine.prepare(EngineRequest(f"s{i}", text, params)))
+        running, steps = [jobs[0]], 0
+        while running:
+            if steps == 5:
+                running += jobs[1:]
+            outs = engine.step(running)
+            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
+            steps += 1
+        results.append([engine.codes_of(job) for job in jobs])
+        if cuda_graphs:
+            assert engine._graphs is not None and engine._graphs.recorded > 0
+    for eager, graphed in zip(*results, strict=True):
+        assert torch.equal(eager, graphed)
