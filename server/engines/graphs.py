@@ -76,7 +76,10 @@ class DecodeGraphs:
 
     def __call__(self, codes: torch.Tensor, active: torch.Tensor, span: int) -> torch.Tensor:
         """The step's logits, in the shape's output buffer (valid until the next
-        step of the same shape)."""
+        step of the same shape). Recording, ``span`` is rounded up to a power of
+        two (fewer shapes to record; attending further changes nothing)."""
+        if self.record:
+            span = 1 << (span - 1).bit_length()
         version = self.version()
         if version != self._version:
             self._graphs.clear()

@@ -984,8 +984,6 @@ class HiggsEngine:
             longest = max(self._row_length(st) for st in decoding)
             span = -(-(longest + 2) // 64) * 64
             step = decoder.decode if self._graphs is None else self._graphs
-            if self._graphs is not None and self._graphs.record:
-                span = 1 << (span - 1).bit_length()  # fewer shapes to record
             logits = step(parts[0].view(rows, k), parts[1].bool(), span).float()
             for st in decoding:
                 assert st.utterance is not None

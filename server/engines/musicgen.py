@@ -649,8 +649,6 @@ class MusicGenEngine:
             longest = max(st.kv_length for st in decoding)
             span = -(-(longest + 1) // 64) * 64
             step = decoder.decode if self._graphs is None else self._graphs
-            if self._graphs is not None and self._graphs.record:
-                span = 1 << (span - 1).bit_length()  # fewer shapes to record
             logits = step(
                 inputs[: rows * k].view(rows, k), inputs[rows * k : rows * (k + 1)].bool(), span
             ).float()
