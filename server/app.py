@@ -86,6 +86,7 @@ class WavecastServer:
             max_new_tokens=models.max_new_tokens,
             prefill_budget_ms=models.prefill_budget_ms,
             cuda_graphs=models.cuda_graphs,
+            max_active=self.config.limits.max_active,
         )
 
     @property

@@ -61,6 +61,7 @@ def load_engines(
     max_new_tokens: int = 2048,
     prefill_budget_ms: float | None = None,
     cuda_graphs: bool = False,
+    max_active: int = 4,
 ) -> dict[str, Engine]:
     """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``).
 
@@ -100,6 +101,7 @@ def load_engines(
                 max_chunk_frames=max_chunk_frames,
                 prefill_budget_ms=prefill_budget_ms,
                 cuda_graphs=cuda_graphs,
+                max_active=max_active,
             )
             continue
         try:
@@ -135,6 +137,7 @@ def load_engines(
             mbd=diffusion,
             max_prompt_tokens=max_prompt_tokens,
             cuda_graphs=cuda_graphs,
+            max_active=max_active,
         )
         if test_model:
             log.warning("%s is a random-weight test model: it makes noise", name)

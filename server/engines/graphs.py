@@ -8,12 +8,22 @@ host synchronisation in the step, and inputs and outputs at fixed addresses,
 which :class:`DecodeGraphs` adds (static input buffers the step's inputs are
 copied into; the output buffer the graph writes).
 
-A shape's graph is recorded the first time the shape is stepped, with every row
-inactive: an inactive row writes only its cache's spare position and does not
-advance, so recording changes no row's state. The graphs read the decoder's
-cache tensors where they were when recorded: when the cache grows (new rows, a
-longer window), its tensors move, and every graph is dropped and recorded again
-as its shape comes back (``version``).
+The engines record every shape their configured crowd can step at warm-up
+(``prepare``: the slot table preallocated for ``--max-active`` requests, every
+power-of-two batch of rows up to it, every attention span up to the cache's
+length), before the server reports ready, so that no stream waits on a
+recording later. A graph is recorded with every row inactive: an inactive row
+writes only its cache's spare position and does not advance, so recording
+changes no row's state. A shape not prepared (the cache grown past what was
+preallocated) is recorded the first time it is stepped. The graphs read the
+decoder's cache tensors where they were when recorded: when the cache grows, its
+tensors move, and every graph is dropped and recorded again as its shape comes
+back (``version``).
+
+The engines attend over spans of powers of two (``span_for``; attending further
+changes nothing: the positions past a row's length are masked), with or without
+graphs, so that the shapes are few (about ``log2(rows) * log2(length / 64)``
+graphs) and a graph's step is the eager step, bit for bit.
 
 Off by default (``--cuda-graphs``). Without CUDA (``record=False``) the same
 buffers are used and the step runs eagerly on them, so the plumbing is tested on
@@ -22,13 +32,13 @@ any machine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["DecodeGraphs", "powers_of_two", "span_for"]
 
 Decode = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -70,26 +80,34 @@ class DecodeGraphs:
         self._version: Hashable = None
         self._pool: Any = None  # one memory pool for every graph
         self.recorded = 0  # graphs recorded so far (tests and logs)
+        self.dropped = 0  # times every graph was dropped (the cache moved)
 
     def __len__(self) -> int:
         return len(self._graphs)
 
+    @property
+    def shapes(self) -> set[tuple[int, int]]:
+        """The (rows, span) shapes ready to step."""
+        return set(self._graphs)
+
+    def prepare(
+        self, rows: Iterable[int], spans: Iterable[int], codebooks: int, device: torch.device
+    ) -> int:
+        """Make ready (record) every shape of ``rows`` x ``spans`` now; how many
+        were new."""
+        spans = sorted(set(spans))
+        before = len(self._graphs)
+        for count in rows:
+            codes = torch.zeros(count, codebooks, dtype=torch.int64, device=device)
+            active = torch.zeros(count, dtype=torch.bool, device=device)
+            for span in spans:
+                self._entry(codes, active, span)
+        return len(self._graphs) - before
+
     def __call__(self, codes: torch.Tensor, active: torch.Tensor, span: int) -> torch.Tensor:
         """The step's logits, in the shape's output buffer (valid until the next
-        step of the same shape). Recording, ``span`` is rounded up to a power of
-        two (fewer shapes to record; attending further changes nothing)."""
-        if self.record:
-            span = 1 << (span - 1).bit_length()
-        version = self.version()
-        if version != self._version:
-            self._graphs.clear()
-            self._pool = None
-            self._version = version
-        key = (int(codes.shape[0]), span)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._new(codes, active, span)
-            self._graphs[key] = entry
+        step of the same shape)."""
+        entry = self._entry(codes, active, span)
         entry.codes.copy_(codes)
         entry.active.copy_(active)
         if entry.graph is None:
@@ -98,6 +116,20 @@ class DecodeGraphs:
             entry.graph.replay()
         assert entry.out is not None
         return entry.out
+
+    def _entry(self, codes: torch.Tensor, active: torch.Tensor, span: int) -> _Graph:
+        version = self.version()
+        if version != self._version:
+            self.dropped += bool(self._graphs)
+            self._graphs.clear()
+            self._pool = None
+            self._version = version
+        key = (int(codes.shape[0]), span)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._new(codes, active, span)
+            self._graphs[key] = entry
+        return entry
 
     def _new(self, codes: torch.Tensor, active: torch.Tensor, span: int) -> _Graph:
         entry = _Graph(torch.zeros_like(codes), torch.zeros_like(active), None)
@@ -117,3 +149,17 @@ class DecodeGraphs:
         entry.graph = graph
         self.recorded += 1
         return entry
+
+
+def span_for(positions: int, least: int = 64) -> int:
+    """The attention span of a step whose rows hold up to ``positions``
+    positions: the next power of two, at least ``least``."""
+    return max(least, 1 << (positions - 1).bit_length())
+
+
+def powers_of_two(least: int, most: int) -> list[int]:
+    """``least, 2 * least, ...`` up to the first one at or above ``most``."""
+    out = [least]
+    while out[-1] < most:
+        out.append(2 * out[-1])
+    return out

@@ -73,7 +73,7 @@ from .base import (
     run_once,
 )
 from .codec_stream import Due, StreamDecoder, complete_due
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, powers_of_two, span_for
 from .higgs_decoder import HiggsDecoder
 from .loading import HiggsModel
 from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
@@ -350,7 +350,11 @@ class HiggsEngine:
             the positions per step follow the measured prefill speed (at most
             ``prefill_budget``, at least one position); None: positions only.
         cuda_graphs: Replay the batched decode step as CUDA graphs, one per
-            shape (``graphs``; on a CPU the same buffers, eagerly).
+            shape (``graphs``; on a CPU the same buffers, eagerly). The slot
+            table is then preallocated for ``max_active`` requests, each with
+            room for a default request (1024 prompt positions and the default
+            ``max_new_tokens``), and every shape is recorded at warm-up.
+        max_active: Requests the scheduler decodes at once.
     """
 
     family = "higgs"
@@ -376,8 +380,10 @@ class HiggsEngine:
         prefill_budget_ms: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
         cuda_graphs: bool = False,
+        max_active: int = 4,
     ) -> None:
         self.model = loaded.model
+        self.max_active = max(1, max_active)
         self.tokenizer = loaded.tokenizer
         self.codec = loaded.codec
         self.name = name
@@ -980,9 +986,8 @@ class HiggsEngine:
         cut = np.cumsum([rows * k, rows, rows * k, rows, rows, rows])
         parts = torch.tensor_split(inputs, cut.tolist())
         if decoding:
-            # Attend over the longest row's positions, rounded up to a multiple of 64.
-            longest = max(self._row_length(st) for st in decoding)
-            span = -(-(longest + 2) // 64) * 64
+            # Attend over the longest row's positions, rounded up to a power of two.
+            span = span_for(max(self._row_length(st) for st in decoding) + 2)
             step = decoder.decode if self._graphs is None else self._graphs
             logits = step(parts[0].view(rows, k), parts[1].bool(), span).float()
             for st in decoding:
@@ -1371,8 +1376,40 @@ class HiggsEngine:
 
     def warm_up(self) -> None:
         if not self._warm:
-            run_once(self, "Hello.", {"max_new_tokens": 8, "seed": 0})
+            # Eagerly (the table grows afterwards: graphs recorded now would be dropped).
+            graphs, self._graphs = self._graphs, None
+            try:
+                run_once(self, "Hello.", {"max_new_tokens": 8, "seed": 0})
+            finally:
+                self._graphs = graphs
+            if graphs is not None:
+                self._prepare_graphs()
             self._warm = True
+
+    def _prepare_graphs(self) -> None:
+        """Every shape of the decode step that ``max_active`` requests can take,
+        ready now (on CUDA, recorded before the server reports ready, so that no
+        stream waits on a recording later): the table's rows for them, each with
+        room for 1024 prompt positions and the default ``max_new_tokens`` (a
+        longer row grows the cache: the graphs are recorded again as their shapes
+        come back)."""
+        assert self._graphs is not None and self.decoder is not None
+        start = time.perf_counter()
+        self._slots.reserve(self.max_active)
+        default = next(spec.default for spec in self._params if spec.name == "max_new_tokens")
+        assert isinstance(default, int)
+        self.decoder.ensure(length=1024 + default + 1)
+        rows = self._slots.spans()
+        spans = powers_of_two(64, self.decoder.length)
+        made = self._graphs.prepare(rows, spans, self.num_codebooks, self.device)
+        log.info(
+            "%s: %d decode graphs (%d rows at most, %d positions) in %.2f s",
+            self.name,
+            made,
+            rows[-1],
+            self.decoder.length,
+            time.perf_counter() - start,
+        )
 
     def finish(self, job: Job) -> None:
         if job.state is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +53,7 @@ from .base import (
     run_once,
 )
 from .codec_stream import Due, StreamDecoder, complete_due
-from .graphs import DecodeGraphs
+from .graphs import DecodeGraphs, powers_of_two, span_for
 from .mbd import MBDRun
 from .musicgen_card import model_card
 from .musicgen_conditioning import Conditioning
@@ -158,8 +159,11 @@ class MusicGenEngine:
             offer the ``mbd`` parameter.
         prefill_chunk: Prompt positions a window prefills per step at most.
         cuda_graphs: Replay the decode step as CUDA graphs, one per shape
-            (``graphs``; on a CPU the same buffers, eagerly).
+            (``graphs``; on a CPU the same buffers, eagerly). The slot table is
+            then preallocated for ``max_active`` requests and every shape is
+            recorded at warm-up.
         max_prompt_tokens: Longest description, in the text encoder's tokens.
+        max_active: Requests the scheduler decodes at once.
     """
 
     family = "musicgen"
@@ -177,6 +181,7 @@ class MusicGenEngine:
         prefill_chunk: int = 256,
         cuda_graphs: bool = False,
         max_prompt_tokens: int = 512,
+        max_active: int = 4,
     ) -> None:
         self.model = model
         self.mbd = mbd
@@ -196,9 +201,13 @@ class MusicGenEngine:
         self._layouts: dict[int, _Layout] = {}
         autocast = getattr(model.autocast, "autocast", None)
         dtype = autocast.fast_dtype if autocast is not None else next(self.lm.parameters()).dtype
-        window_steps = int(self.window * self.frame_rate) + int(self.lm.num_codebooks) + 1
+        self.max_active = max(1, max_active)
+        self.max_prompt_tokens = max_prompt_tokens
+        # Positions a window's pattern sequence takes (and a melody's chroma before it).
+        self._window_steps = int(self.window * self.frame_rate) + int(self.lm.num_codebooks) + 1
+        self._prepend = 0
         self.decoder = MusicGenDecoder(
-            self.lm, rows=2, length=window_steps, cross_length=16, dtype=dtype
+            self.lm, rows=2, length=self._window_steps, cross_length=16, dtype=dtype
         )
         self._graphs = None
         if cuda_graphs:
@@ -541,6 +550,7 @@ class MusicGenEngine:
         empty = torch.zeros(2, 0, self.decoder.dim, device=self.device)
         prepend, cross = self.lm.fuser(empty, st.cfg_conditions)
         self.decoder.set_conditions(rows, cross)
+        self._prepend = max(self._prepend, int(prepend.shape[1]))
         prompt = torch.from_numpy(win.gen_sequence[:, : win.offset]).to(self.device)
         codes = prompt[None].expand(2, -1, -1)
         inputs = torch.cat([prepend.to(empty.dtype), self.decoder.embed(codes)], dim=1)
@@ -644,10 +654,9 @@ class MusicGenEngine:
         host[rows * (k + 1) :] = sampling.keys()[:slots]
         inputs = torch.from_numpy(host).to(self.device)
         if decoding:
-            # Attend over the longest row's positions, rounded up to a multiple of
-            # 64 (a handful of shapes per window length).
-            longest = max(st.kv_length for st in decoding)
-            span = -(-(longest + 1) // 64) * 64
+            # Attend over the longest row's positions, rounded up to a power of
+            # two (a handful of shapes per window length).
+            span = span_for(max(st.kv_length for st in decoding) + 1)
             step = decoder.decode if self._graphs is None else self._graphs
             logits = step(
                 inputs[: rows * k].view(rows, k), inputs[rows * k : rows * (k + 1)].bool(), span
@@ -781,8 +790,39 @@ class MusicGenEngine:
 
     def warm_up(self) -> None:
         if not self._warm:
-            run_once(self, "warm up", {"duration": min(1.0, self.window), "seed": 0})
+            # Eagerly (the table grows afterwards: graphs recorded now would be dropped).
+            graphs, self._graphs = self._graphs, None
+            try:
+                run_once(self, "warm up", {"duration": min(1.0, self.window), "seed": 0})
+            finally:
+                self._graphs = graphs
+            if graphs is not None:
+                self._prepare_graphs()
             self._warm = True
+
+    def _prepare_graphs(self) -> None:
+        """Every shape of the decode step that ``max_active`` requests can take,
+        ready now (on CUDA, recorded before the server reports ready, so that no
+        stream waits on a recording later): the table's rows for them, a window's
+        positions (a melody's chroma included, as the warm-up found it) and
+        descriptions up to 128 tokens preallocated (a longer one grows the cache:
+        the graphs are recorded again as their shapes come back)."""
+        assert self._graphs is not None
+        start = time.perf_counter()
+        self._slots.reserve(self.max_active)
+        cross = min(self.max_prompt_tokens, 128)
+        self.decoder.ensure(length=self._prepend + self._window_steps, cross_length=cross)
+        rows = [2 * count for count in self._slots.spans()]
+        spans = powers_of_two(64, self.decoder.length)
+        made = self._graphs.prepare(rows, spans, self.decoder.codebooks, self.device)
+        log.info(
+            "%s: %d decode graphs (%d rows at most, %d positions) in %.2f s",
+            self.name,
+            made,
+            rows[-1],
+            self.decoder.length,
+            time.perf_counter() - start,
+        )
 
     def finish(self, job: Job) -> None:
         # Free the slot and drop the buffers now rather than when the Job is collected.

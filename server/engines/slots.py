@@ -40,6 +40,20 @@ class SlotTable(Generic[T]):
         self.owners[slot] = owner
         return slot
 
+    def reserve(self, count: int) -> None:
+        """Room for ``count`` slots now (the rows a step can cover stay the same
+        powers of two as when the table grows on demand)."""
+        if count > len(self.owners):
+            total = self._grow(count)
+            self.owners.extend([None] * (total - len(self.owners)))
+
+    def spans(self) -> list[int]:
+        """Every number of slots a step can cover with the table as it is."""
+        spans = [1]
+        while spans[-1] < len(self.owners):
+            spans.append(min(len(self.owners), 2 * spans[-1]))
+        return spans
+
     def holds(self, owner: T, slot: int | None) -> bool:
         return slot is not None and self.owners[slot] is owner
 

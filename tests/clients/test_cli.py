@@ -270,6 +270,7 @@ def test_cuda_graphs_from_flag_and_environment_reach_the_engine(monkeypatch: Any
     assert not parsed() and parsed("--cuda-graphs")
     monkeypatch.setenv("WAVECAST_CUDA_GRAPHS", "1")
     assert parsed()
-    engines = load_engines(["tiny-musicgen", "tiny-higgs"], "cpu", cuda_graphs=True)
+    engines = load_engines(["tiny-musicgen", "tiny-higgs"], "cpu", cuda_graphs=True, max_active=3)
     for engine in engines.values():
         assert engine._graphs is not None and not engine._graphs.record  # (no CUDA here)
+        assert engine.max_active == 3  # the shapes prepared at warm-up: up to 3 requests

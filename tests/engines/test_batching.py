@@ -357,6 +357,54 @@ def test_the_step_through_static_buffers_equals_the_direct_step(windowed: Any) -
     assert graphs.recorded == 0 and len(graphs) > 0
 
 
+def test_every_step_shape_is_ready_after_warm_up(windowed: Any) -> None:
+    """``cuda_graphs``: warming up prepares (on CUDA: records) every shape the
+    configured crowd can step, before the server reports ready: rows for 1, 2 and
+    4 requests (``max_active`` 3), every span up to the window's positions. Then
+    three requests (a continuation, long form across windows, a long description)
+    step through prepared shapes only, and nothing is dropped (the cache did not
+    move); their codes equal the direct step's."""
+    model, engine = windowed
+    staged = MusicGenEngine(
+        model,
+        name="tiny-2s",
+        test_model=True,
+        max_duration=12.0,
+        cuda_graphs=True,
+        max_active=3,
+    )
+    graphs = staged._graphs
+    assert graphs is not None and len(graphs) == 0
+    staged.warm_up()
+    # A 2 s window at 50 Hz, 4 codebooks: 105 positions; spans of 64 and 128.
+    assert staged.decoder.length == 105
+    assert graphs.shapes == {(rows, span) for rows in (2, 4, 8) for span in (64, 128)}
+    prepared, storage, drops = graphs.shapes, staged.decoder.storage(), graphs.dropped
+    clip = decode(model, torch.randint(0, 64, (1, 4, 40)))
+    continuation = {"inputs": {"continuation": wav_bytes(clip, 32000)}}
+    words = {"prompt": "a long description of a piece " * 4}
+
+    def joins(on: MusicGenEngine) -> dict[int, list[tuple[str, Job]]]:
+        return {
+            0: [("b", make(on, "b")), ("a", make(on, "a", **words))],
+            9: [("c", make(on, "c", **continuation))],
+        }
+
+    through, _ = drive(staged, joins(staged))
+    assert staged.decoder.storage() == storage
+    assert graphs.shapes == prepared and graphs.dropped == drops
+    direct, _ = drive(engine, joins(engine))
+    for rid, run in direct.items():
+        assert torch.equal(codes(staged, through[rid]), codes(engine, run)), rid
+    # A description past the 128 tokens preallocated grows the cache: every shape
+    # is dropped, and recorded again as it comes back; the codes stay the same.
+    longer = {"prompt": "a long description of a piece " * 8}
+    through, _ = drive(staged, {0: [("a", make(staged, "a", **longer))]})
+    direct, _ = drive(engine, {0: [("a", make(engine, "a", **longer))]})
+    assert graphs.dropped == drops + 1 and graphs.shapes < prepared
+    assert torch.equal(codes(staged, through["a"]), codes(engine, direct["a"]))
+
+
 def test_step_buffers_are_kept_per_shape_and_dropped_when_the_storage_moves() -> None:
     from wavecast.server.engines.graphs import DecodeGraphs
 

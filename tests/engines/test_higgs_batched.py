@@ -668,3 +668,42 @@ def test_the_step_through_static_buffers_equals_the_direct_step(loaded: HiggsMod
         assert len(staged_seen[rid]) == len(seen[rid])
         assert all(torch.equal(x, y) for x, y in zip(staged_seen[rid], seen[rid], strict=True))
     assert staged._graphs is not None and staged._graphs.recorded == 0 and len(staged._graphs)
+
+
+def test_every_step_shape_is_ready_after_warm_up(loaded: HiggsModel) -> None:
+    """``cuda_graphs``: warming up prepares (on CUDA: records) every shape the
+    configured crowd can step, before the server reports ready: rows for 1 and 2
+    requests (``max_active`` 2), every span up to a default request's positions.
+    Then a dialogue with a voice reference and a request beside it step through
+    prepared shapes only and nothing is dropped; their codes equal the direct
+    step's."""
+    staged = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=True, max_active=2)
+    graphs = staged._graphs
+    assert graphs is not None and len(graphs) == 0
+    staged.warm_up()
+    assert staged.decoder is not None
+    # Room for 1024 prompt positions and the default 2048 new tokens: 3073.
+    assert staged.decoder.length == 3073
+    spans = (64, 128, 256, 512, 1024, 2048, 4096)
+    assert graphs.shapes == {(rows, span) for rows in (1, 2) for span in spans}
+    prepared, storage, drops = graphs.shapes, staged.decoder.storage(), graphs.dropped
+    results = []
+    for engine in (staged, HiggsEngine(loaded, name="tiny-higgs")):
+        jobs = [
+            request(
+                engine,
+                "b",
+                DIALOGUE,
+                {"reference": wav(0.8, 330)},
+                chunk_method="speaker",
+                max_new_tokens=20,
+                seed=2,
+            ),
+            request(engine, "a", "Hello there, how are you?", max_new_tokens=30, seed=1),
+        ]
+        drive(engine, jobs, [0, 4])
+        results.append([engine.codes_of(job) for job in jobs])
+    assert staged.decoder.storage() == storage
+    assert graphs.shapes == prepared and graphs.dropped == drops
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.equal(ours, theirs)

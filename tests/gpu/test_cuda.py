@@ -176,3 +176,36 @@ def test_speech_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
             assert engine._graphs is not None and engine._graphs.recorded > 0
     for eager, graphed in zip(*results, strict=True):
         assert torch.equal(eager, graphed)
+
+
+def test_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again() -> None:
+    """Warming up records every shape of up to ``max_active`` requests; four
+    requests joining at different steps then replay only (nothing recorded,
+    nothing dropped) and their greedy codes equal the eager engine's."""
+    model = build_tiny_musicgen(device="cuda")
+    eager = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
+    graphed = MusicGenEngine(
+        model, name="tiny-musicgen", test_model=True, cuda_graphs=True, max_active=4
+    )
+    graphed.warm_up()
+    graphs = graphed._graphs
+    assert graphs is not None and graphs.recorded == len(graphs) > 0
+    recorded = graphs.recorded
+    results = []
+    for engine in (eager, graphed):
+        jobs = []
+        for i, prompt in enumerate(["rock", "jazz", "ambient pads", "drums"]):
+            given = {"duration": 1.0 + 0.5 * i, "top_k": 1, "seed": i}
+            params = resolve_params(engine.info.params, given)
+            jobs.append(engine.prepare(EngineRequest(f"r{i}", prompt, params)))
+        running, steps = [jobs[0]], 0
+        while running:
+            if steps in (3, 9, 20):
+                running.append(jobs[(3, 9, 20).index(steps) + 1])
+            outs = engine.step(running)
+            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
+            steps += 1
+        results.append([engine.codes_of(job) for job in jobs])
+    assert graphs.recorded == recorded and graphs.dropped == 0
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
