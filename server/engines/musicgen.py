@@ -58,14 +58,13 @@ from .mbd import MBDRun
 from .musicgen_card import model_card
 from .musicgen_conditioning import Conditioning
 from .musicgen_decoder import MusicGenDecoder
+from .musicgen_windows import Codes, Window, Windows
 from .sampling import RowSampling, candidates_for, sample
 from .slots import SlotTable
 
 __all__ = ["MusicGenEngine", "StreamSettings"]
 
 log = logging.getLogger(__name__)
-
-UNKNOWN_TOKEN = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,38 +76,6 @@ class StreamSettings:
     first_frames: int = 1
     chunk_frames: int = 10
     max_chunk_frames: int = 50  # while the stream is well ahead of real time
-
-
-Codes = npt.NDArray[np.int64]
-
-
-@dataclass(slots=True)
-class _Layout:
-    """Where each timestep's codes land in the pattern sequence."""
-
-    positions: Codes  # [K, T]: sequence step holding codebook k of timestep t
-    ready_after: list[int]  # timesteps complete once sequence step s is written
-
-
-@dataclass(slots=True)
-class _Window:
-    """One ``LMModel.generate`` run: a pattern sequence filled step by step.
-
-    The pattern sequence lives on the host: each step writes one column of
-    sampled codes into it, and reads the next step's input column from it.
-    """
-
-    gen_sequence: Codes  # [K, S] pattern sequence being filled
-    mask: npt.NDArray[np.bool_]  # [K, S] valid positions of the pattern
-    layout: _Layout
-    start_offset: int
-    end_offset: int
-    offset: int
-    prompt_len: int  # timesteps given as prompt (known before the first step)
-    ready: int = 0  # timesteps with every codebook known
-    prefilled: bool = False  # its prompt is in the decoder's KV cache
-    prompt_inputs: Any = None  # [2, P, D] embeddings to prefill (None once prefilled)
-    prompt_fed: int = 0  # of them, positions already in the cache
 
 
 @dataclass(slots=True)
@@ -125,7 +92,7 @@ class _MusicGenJob:
     total_len: int  # timesteps, prompt included
     first_prompt_len: int  # timesteps of the uploaded continuation prompt
     stride: int  # timesteps a window moves on by (long form)
-    window: _Window
+    window: Window
     gen_offset: int = 0  # audiocraft's current_gen_offset
     produced: int = 0  # new timesteps generated so far
     codes: list[Codes] = field(default_factory=list)  # every timestep's codes [1, K, n], in order
@@ -197,8 +164,8 @@ class MusicGenEngine:
         self.conditioning = Conditioning(model, max_prompt_tokens)
         self._warm = False
         self.frame_rate = float(model.frame_rate)
+        self.windows = Windows(self.lm, self.window, self.frame_rate)
         self.hop = round(model.sample_rate / model.frame_rate)
-        self._layouts: dict[int, _Layout] = {}
         autocast = getattr(model.autocast, "autocast", None)
         dtype = autocast.fast_dtype if autocast is not None else next(self.lm.parameters()).dtype
         self.max_active = max(1, max_active)
@@ -238,30 +205,6 @@ class MusicGenEngine:
 
     # -- preparation ---------------------------------------------------------------
 
-    def _layout(self, gen_len: int) -> _Layout:
-        layout = self._layouts.get(gen_len)
-        if layout is None:
-            pattern = self.lm.pattern_provider.get_pattern(gen_len)
-            k = self.lm.num_codebooks
-            positions = np.zeros((k, gen_len), dtype=np.int64)
-            last = [0] * gen_len
-            for step, coords in enumerate(pattern.layout):
-                for coord in coords:
-                    if coord.t < gen_len:
-                        positions[coord.q, coord.t] = step
-                        last[coord.t] = max(last[coord.t], step)
-            ready_after = []
-            done = 0
-            for step in range(len(pattern.layout)):
-                while done < gen_len and last[done] <= step:
-                    done += 1
-                ready_after.append(done)
-            layout = _Layout(positions, ready_after)
-            if len(self._layouts) > 64:
-                self._layouts.clear()
-            self._layouts[gen_len] = layout
-        return layout
-
     def prepare(self, request: EngineRequest) -> Job:
         """Set up a request at once (``prepare_steps`` without pauses)."""
         for job in self.prepare_steps(request):
@@ -284,8 +227,8 @@ class MusicGenEngine:
             with torch.no_grad():
                 prompt = self._prompt_tokens(request)
             duration = number(params["duration"])
-            total_len = max(1, self._frames(duration))
-            max_prompt = self._frames(min(duration, self.window))
+            total_len = max(1, self.windows.frames(duration))
+            max_prompt = self.windows.frames(min(duration, self.window))
             if prompt.shape[-1] >= min(total_len, max_prompt):
                 prompt_seconds = prompt.shape[-1] / self.frame_rate
                 raise InvalidField(
@@ -339,7 +282,7 @@ class MusicGenEngine:
         params = request.params
         duration = number(params["duration"])
         seed = request_seed(params)
-        total_len = max(1, self._frames(duration))
+        total_len = max(1, self.windows.frames(duration))
 
         reference = None
         if "melody" in request.inputs:
@@ -375,7 +318,7 @@ class MusicGenEngine:
             total_len=total_len,
             first_prompt_len=first_prompt_len,
             stride=int(self.frame_rate * stride_seconds),
-            window=self._new_window(duration, 0, prompt),
+            window=self.windows.start(duration, 0, prompt),
             attributes=attributes,
             melody=melody,
             py_random=py_random,
@@ -408,41 +351,6 @@ class MusicGenEngine:
         conditions = self.conditioning.together([st.attributes[0] for st in states])
         for st, each in zip(states, conditions, strict=True):
             st.cfg_conditions = each
-
-    def _frames(self, seconds: float) -> int:
-        """Whole codec frames in ``seconds``, cut down exactly as audiocraft's
-        ``int(duration * frame_rate)`` does, float error included (1.234 s at 50 Hz:
-        61 frames; 0.58 s: 28), so that long form extends windows as it does."""
-        return int(seconds * self.frame_rate)
-
-    def _new_window(self, duration: float, gen_offset: int, prompt: Codes | None) -> _Window:
-        """A window as ``MusicGen._generate_tokens`` starts one (same lengths).
-
-        ``prompt``: codes ``[1, K, n]`` the window starts from.
-        """
-        time_offset = gen_offset / self.frame_rate
-        chunk_duration = min(duration - time_offset, self.window)
-        gen_len = self._frames(chunk_duration)
-        lm = self.lm
-        pattern = lm.pattern_provider.get_pattern(gen_len)
-        gen_codes = torch.full((1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long)
-        prompt_len = 0
-        if prompt is not None:
-            prompt_len = int(prompt.shape[-1])
-            gen_codes[..., :prompt_len] = torch.from_numpy(prompt)
-        gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
-        start_offset = pattern.get_first_step_with_timesteps(prompt_len)
-        assert start_offset is not None
-        return _Window(
-            gen_sequence=gen_sequence[0].numpy().copy(),
-            mask=mask.numpy().copy(),
-            layout=self._layout(gen_len),
-            start_offset=start_offset,
-            end_offset=int(gen_sequence.shape[-1]),
-            offset=start_offset,
-            prompt_len=prompt_len,
-            ready=prompt_len,
-        )
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.model.compression_model.decode(codes.to(self.device), None)
@@ -551,7 +459,7 @@ class MusicGenEngine:
         prepend, cross = self.lm.fuser(empty, st.cfg_conditions)
         self.decoder.set_conditions(rows, cross)
         self._prepend = max(self._prepend, int(prepend.shape[1]))
-        prompt = torch.from_numpy(win.gen_sequence[:, : win.offset]).to(self.device)
+        prompt = torch.from_numpy(win.prompt()).to(self.device)
         codes = prompt[None].expand(2, -1, -1)
         inputs = torch.cat([prepend.to(empty.dtype), self.decoder.embed(codes)], dim=1)
         self.decoder.ensure(length=int(prepend.shape[1]) + win.end_offset)
@@ -647,7 +555,7 @@ class MusicGenEngine:
         for st in decoding:
             assert st.slot is not None
             rows_of = slice(2 * st.slot, 2 * st.slot + 2)
-            codes_in[rows_of] = st.window.gen_sequence[:, st.window.offset - 1]
+            codes_in[rows_of] = st.window.last_column()
             active[rows_of] = 1
             stepped[st.slot] = True
         stepped[list(prefilled)] = True
@@ -708,11 +616,7 @@ class MusicGenEngine:
         """Write a request's sampled codes ``[K]`` into its window and stream what is ready."""
         st: _MusicGenJob = job.state
         win = st.window
-        offset = win.offset
-        column = win.gen_sequence[:, offset]
-        token = np.where(win.mask[:, offset], sampled, self.lm.special_token_id)
-        win.gen_sequence[:, offset] = np.where(column == UNKNOWN_TOKEN, token, column)
-        win.offset = offset + 1
+        ready = win.write(sampled, self.lm.special_token_id)
         job.steps += 1
 
         pieces = []
@@ -720,16 +624,12 @@ class MusicGenEngine:
             pieces.append(st.pending_audio)
             st.pending_audio = None
         plan = None
-        ready = win.layout.ready_after[offset]
-        if ready > win.ready:
-            positions = win.layout.positions[:, win.ready : ready]
-            codes = np.take_along_axis(win.gen_sequence, positions, axis=1)[None]
-            st.produced += ready - win.ready
-            win.ready = ready
-            st.codes.append(codes)
-            plan = st.decoder.plan_push(codes)
+        if ready is not None:
+            st.produced += int(ready.shape[-1])
+            st.codes.append(ready)
+            plan = st.decoder.plan_push(ready)
         done = False
-        if win.offset >= win.end_offset:
+        if win.done:
             done = self._next_window(st)
         if plan is not None and done:
             pieces.append(st.decoder.complete(plan, self._decode(plan.window)))
@@ -773,13 +673,12 @@ class MusicGenEngine:
         Mirrors the loop of ``MusicGen._generate_tokens``: move on by ``stride``
         timesteps and prompt the next window with what follows in this one.
         """
-        win = st.window
-        window_codes = np.take_along_axis(win.gen_sequence, win.layout.positions, axis=1)[None]
+        window_codes = st.window.codes()
         st.gen_offset += st.stride
         prompt = window_codes[..., st.stride :]
         if st.gen_offset + prompt.shape[-1] >= st.total_len or st.duration <= self.window:
             return True
-        st.window = self._new_window(st.duration, st.gen_offset, prompt)
+        st.window = self.windows.start(st.duration, st.gen_offset, prompt)
         if st.melody is not None and int(st.melody.length.item()) > 0:
             # The next window's melody: its chroma in pieces, a segment per step
             # (``_sample_step``); the window waits for it.

@@ -1,0 +1,162 @@
+"""A MusicGen request's pattern sequences, on the host: the delay pattern and
+long-form windows.
+
+audiocraft's ``LMModel.generate`` fills a pattern sequence ``[K, S]``: codebook
+``k`` of timestep ``t`` sits at the sequence step the model's pattern provider
+says (the delay pattern: ``t + k + 1``), and step ``s`` feeds the column ``s - 1``
+and writes column ``s``. A ``Window`` is one such run: its sequence, where it
+stands, and which timesteps are complete (every codebook known) after each step,
+so that their codes go to the codec as soon as they are. ``Windows`` starts a
+request's windows as ``MusicGen._generate_tokens`` does, with the same lengths
+(long form: each window after the first is prompted with the end of the last).
+
+No torch here: one column of sampled codes per step comes back from the device
+for all requests at once, and each request's window takes its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+__all__ = ["UNKNOWN_TOKEN", "Layout", "Window", "Windows"]
+
+UNKNOWN_TOKEN = -1
+
+Codes = npt.NDArray[np.int64]
+
+
+@dataclass(slots=True)
+class Layout:
+    """Where each timestep's codes land in the pattern sequence."""
+
+    positions: Codes  # [K, T]: sequence step holding codebook k of timestep t
+    ready_after: list[int]  # timesteps complete once sequence step s is written
+
+
+@dataclass(slots=True)
+class Window:
+    """One ``LMModel.generate`` run: a pattern sequence filled step by step.
+
+    Each step writes one column of sampled codes into it (``write``), and reads
+    the next step's input column from it (``last_column``).
+    """
+
+    gen_sequence: Codes  # [K, S] pattern sequence being filled
+    mask: npt.NDArray[np.bool_]  # [K, S] valid positions of the pattern
+    layout: Layout
+    start_offset: int
+    end_offset: int
+    offset: int
+    prompt_len: int  # timesteps given as prompt (known before the first step)
+    ready: int = 0  # timesteps with every codebook known
+    prefilled: bool = False  # its prompt is in the decoder's KV cache
+    prompt_inputs: Any = None  # [2, P, D] embeddings to prefill (None once prefilled)
+    prompt_fed: int = 0  # of them, positions already in the cache
+
+    @property
+    def done(self) -> bool:
+        return self.offset >= self.end_offset
+
+    def prompt(self) -> Codes:
+        """The columns before the first step ``[K, offset]`` (what is prefilled)."""
+        return self.gen_sequence[:, : self.offset]
+
+    def last_column(self) -> Codes:
+        """``[K]``: the column the next step feeds."""
+        return self.gen_sequence[:, self.offset - 1]
+
+    def write(self, sampled: Codes, special: int) -> Codes | None:
+        """Write a step's sampled codes ``[K]`` into the next column (where the
+        pattern has no position there, the special token; where the prompt already
+        holds one, the prompt's). The timesteps it completes, ``[1, K, n]``, or None."""
+        offset = self.offset
+        column = self.gen_sequence[:, offset]
+        token = np.where(self.mask[:, offset], sampled, special)
+        self.gen_sequence[:, offset] = np.where(column == UNKNOWN_TOKEN, token, column)
+        self.offset = offset + 1
+        ready = self.layout.ready_after[offset]
+        if ready <= self.ready:
+            return None
+        positions = self.layout.positions[:, self.ready : ready]
+        self.ready = ready
+        codes: Codes = np.take_along_axis(self.gen_sequence, positions, axis=1)[None]
+        return codes
+
+    def codes(self) -> Codes:
+        """Every timestep's codes ``[1, K, T]``, as ``LMModel.generate`` returns them."""
+        codes: Codes = np.take_along_axis(self.gen_sequence, self.layout.positions, axis=1)[None]
+        return codes
+
+
+class Windows:
+    """The windows of one model: its pattern provider, window length and frame rate."""
+
+    def __init__(self, lm: Any, window: float, frame_rate: float) -> None:
+        self.lm = lm
+        self.window = window
+        self.frame_rate = frame_rate
+        self._layouts: dict[int, Layout] = {}
+
+    def frames(self, seconds: float) -> int:
+        """Whole codec frames in ``seconds``, cut down exactly as audiocraft's
+        ``int(duration * frame_rate)`` does, float error included (1.234 s at 50 Hz:
+        61 frames; 0.58 s: 28), so that long form extends windows as it does."""
+        return int(seconds * self.frame_rate)
+
+    def start(self, duration: float, gen_offset: int, prompt: Codes | None) -> Window:
+        """A window as ``MusicGen._generate_tokens`` starts one (same lengths):
+        ``duration`` seconds in all, this window from timestep ``gen_offset``, from
+        ``prompt`` codes ``[1, K, n]``."""
+        time_offset = gen_offset / self.frame_rate
+        chunk_duration = min(duration - time_offset, self.window)
+        gen_len = self.frames(chunk_duration)
+        lm = self.lm
+        pattern = lm.pattern_provider.get_pattern(gen_len)
+        gen_codes = torch.full((1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long)
+        prompt_len = 0
+        if prompt is not None:
+            prompt_len = int(prompt.shape[-1])
+            gen_codes[..., :prompt_len] = torch.from_numpy(prompt)
+        gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
+        start_offset = pattern.get_first_step_with_timesteps(prompt_len)
+        assert start_offset is not None
+        return Window(
+            gen_sequence=gen_sequence[0].numpy().copy(),
+            mask=mask.numpy().copy(),
+            layout=self.layout(gen_len),
+            start_offset=start_offset,
+            end_offset=int(gen_sequence.shape[-1]),
+            offset=start_offset,
+            prompt_len=prompt_len,
+            ready=prompt_len,
+        )
+
+    def layout(self, gen_len: int) -> Layout:
+        """Where each timestep of a ``gen_len`` window lands (cached by length)."""
+        layout = self._layouts.get(gen_len)
+        if layout is None:
+            pattern = self.lm.pattern_provider.get_pattern(gen_len)
+            k = self.lm.num_codebooks
+            positions = np.zeros((k, gen_len), dtype=np.int64)
+            last = [0] * gen_len
+            for step, coords in enumerate(pattern.layout):
+                for coord in coords:
+                    if coord.t < gen_len:
+                        positions[coord.q, coord.t] = step
+                        last[coord.t] = max(last[coord.t], step)
+            ready_after = []
+            done = 0
+            for step in range(len(pattern.layout)):
+                while done < gen_len and last[done] <= step:
+                    done += 1
+                ready_after.append(done)
+            layout = Layout(positions, ready_after)
+            if len(self._layouts) > 64:
+                self._layouts.clear()
+            self._layouts[gen_len] = layout
+        return layout
