@@ -28,7 +28,8 @@ from transformers import GenerationConfig
 from wavecast.clients import connect
 from wavecast.server.engines import resolve_device
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.higgs import HiggsEngine, PromptAudio
+from wavecast.server.engines.higgs import HiggsEngine
+from wavecast.server.engines.higgs_prompt import PromptAudio
 from wavecast.server.engines.loading import load_higgs
 
 TEXT = (

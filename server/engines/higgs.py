@@ -34,7 +34,6 @@ chunk go through one decoder, so the stream runs on across chunks with no seam.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,175 +74,32 @@ from .base import (
 from .codec_stream import Due, StreamDecoder, complete_due
 from .graphs import DecodeGraphs, powers_of_two, span_for
 from .higgs_decoder import HiggsDecoder
+from .higgs_prompt import (
+    AUDIO_DELAY,
+    AUDIO_OUT,
+    CHUNK_METHODS,
+    MULTISPEAKER_SYSTEM,
+    SPEAKER_TAG,
+    SYSTEM,
+    PromptAudio,
+    PromptPart,
+    build_prompt,
+    chunk_text,
+    delay_block,
+    normalize_text,
+)
 from .loading import HiggsModel
 from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
 from .slots import SlotTable
 from .voices import Scene, Voice, scene_text
 
-__all__ = [
-    "HiggsEngine",
-    "HiggsStream",
-    "PromptAudio",
-    "build_prompt",
-    "chunk_text",
-]
+__all__ = ["HiggsEngine", "HiggsStream"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "bosonai/higgs-audio-v2-generation-3B-base"
 MAX_RAS_WINDOW = 64
 REFERENCE_ROLES = ("reference", "reference_1")
-CHUNK_METHODS = ("none", "speaker", "word")
-
-SYSTEM = "Generate audio following instruction."
-MULTISPEAKER_SYSTEM = (
-    "You are an AI assistant designed to convert text into speech.\n"
-    "If the user's message includes a [SPEAKER*] tag, do not read out the tag and generate "
-    "speech for the following text, using the specified voice.\n"
-    "If no speaker tag is present, select a suitable voice on your own."
-)
-SPEAKER_TAG = re.compile(r"\[SPEAKER(\d+)\]")
-# Scripts written without spaces between words: each character counts as a word
-# when chunking by words.
-_UNSPACED = re.compile(
-    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]"
-)
-
-AUDIO_OUT = "<|AUDIO_OUT|>"
-AUDIO_DELAY = "<|reserved_special_token_6|>"
-
-
-# -- prompt --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PromptAudio:
-    """Audio codes ``[K, n]`` (codec frames, no stream markers) in a prompt."""
-
-    codes: torch.Tensor
-
-
-PromptPart = str | PromptAudio
-
-
-def build_prompt(
-    system: str,
-    scene: str,
-    speakers: Sequence[tuple[str, PromptAudio]],
-    turns: Sequence[tuple[str, PromptAudio]],
-    text: str,
-) -> list[PromptPart]:
-    """The HiggsAudio v2 chat layout, as its processor's chat template renders it.
-
-    Args:
-        system: The system instruction.
-        scene: The scene description (may be empty).
-        speakers: Voices described in the scene by their audio alone
-            (``("SPEAKER0", audio)``), as references without a transcript go.
-        turns: Earlier (user text, assistant audio) exchanges: reference voices
-            with their transcripts, and chunks already spoken.
-        text: What to say now.
-
-    Returns:
-        Text and audio parts; each audio part stands for its code block.
-    """
-    parts: list[PromptPart] = [
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + system.strip()
-    ]
-    if scene.strip() or speakers:
-        parts.append("\n\n<|scene_desc_start|>\n")
-        if scene.strip():
-            parts.append(scene.strip() + ("\n\n" if speakers else ""))
-        for i, (label, audio) in enumerate(speakers):
-            parts += [f"{label}: <|audio_out_bos|>", audio, "<|audio_eos|>"]
-            if i < len(speakers) - 1:
-                parts.append("\n")
-        parts.append("\n<|scene_desc_end|>")
-    parts.append("<|eot_id|>")
-    for user, audio in turns:
-        parts += [
-            "<|start_header_id|>user<|end_header_id|>\n\n" + user.strip() + "<|eot_id|>",
-            "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>",
-            audio,
-            "<|audio_eos|><|eot_id|>",
-        ]
-    parts.append(
-        "<|start_header_id|>user<|end_header_id|>\n\n"
-        + text.strip()
-        + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
-    )
-    return parts
-
-
-def delay_block(codes: torch.Tensor, bos: int, eos: int) -> torch.Tensor:
-    """Codes ``[K, n]`` -> ``[n + 2 + K - 1, K]``: stream BOS and EOS added, codebook
-    ``k`` shifted ``k`` frames late (``HiggsAudioV2Processor.build_delay_pattern``)."""
-    k, n = codes.shape
-    full = torch.cat(
-        [codes.new_full((k, 1), bos), codes, codes.new_full((k, 1), eos)], dim=1
-    )  # [K, n + 2]
-    out = codes.new_full((k, n + 2 + k - 1), bos)
-    for i in range(k):
-        out[i, i : i + n + 2] = full[i]
-        out[i, i + n + 2 :] = eos
-    return out.transpose(0, 1)
-
-
-def chunk_text(text: str, method: str, max_words: int, max_turns: int) -> list[str]:
-    """Split a text as the original HiggsAudio generation script does.
-
-    ``speaker``: one chunk per speaker turn (a line starting with ``[SPEAKERn]``),
-    ``max_turns`` turns merged per chunk. ``word``: paragraphs (split on blank
-    lines) cut every ``max_words`` words; in scripts written without spaces
-    (Chinese, Japanese) each character counts as a word.
-    """
-    if method == "speaker":
-        turns: list[str] = []
-        current = ""
-        for raw in text.split("\n"):
-            line = raw.strip()
-            if SPEAKER_TAG.match(line):
-                if current:
-                    turns.append(current.strip())
-                current = line
-            else:
-                current = f"{current}\n{line}" if current else line
-        if current.strip():
-            turns.append(current.strip())
-        if max_turns > 1:
-            return ["\n".join(turns[i : i + max_turns]) for i in range(0, len(turns), max_turns)]
-        return turns
-    if method == "word":
-        chunks: list[str] = []
-        for paragraph in text.split("\n\n"):
-            if not paragraph.strip():
-                continue
-            unspaced = len(_UNSPACED.findall(paragraph)) > len(paragraph.split())
-            if unspaced:
-                chars = list(paragraph)
-                chunks += [
-                    "".join(chars[i : i + max_words]) for i in range(0, len(chars), max_words)
-                ]
-            else:
-                words = paragraph.split(" ")
-                chunks += [
-                    " ".join(words[i : i + max_words]) for i in range(0, len(words), max_words)
-                ]
-            chunks[-1] += "\n\n"
-        return [c for c in chunks if c.strip()] or [text]
-    return [text]
-
-
-def normalize_text(text: str) -> str:
-    """Collapse runs of spaces and drop blank lines (paragraph breaks are kept for
-    word chunking by the caller); every script passes through unchanged."""
-    paragraphs = []
-    for paragraph in re.split(r"\n\s*\n", text.strip()):
-        lines = [" ".join(line.split()) for line in paragraph.split("\n") if line.strip()]
-        if lines:
-            paragraphs.append("\n".join(lines))
-    return "\n\n".join(paragraphs)
-
 
 # -- per-request state ------------------------------------------------------------
 

@@ -13,10 +13,10 @@ from transformers import DacFeatureExtractor, GenerationConfig, HiggsAudioV2Proc
 
 from wavecast.protocol import InvalidField
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.higgs import (
+from wavecast.server.engines.higgs import HiggsEngine
+from wavecast.server.engines.higgs_prompt import (
     MULTISPEAKER_SYSTEM,
     SYSTEM,
-    HiggsEngine,
     PromptAudio,
     build_prompt,
     chunk_text,

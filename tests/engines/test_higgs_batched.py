@@ -25,13 +25,9 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
 )
 
 from wavecast.server.engines.base import EngineRequest, Job
-from wavecast.server.engines.higgs import (
-    SYSTEM,
-    HiggsEngine,
-    PromptAudio,
-    build_prompt,
-)
+from wavecast.server.engines.higgs import HiggsEngine
 from wavecast.server.engines.higgs_decoder import HiggsDecoder
+from wavecast.server.engines.higgs_prompt import SYSTEM, PromptAudio, build_prompt
 from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.sampling import redraw_repeats, row_keys, sample_warped, warp
 from wavecast.server.engines.testing.higgs import build_tiny_higgs
