@@ -87,15 +87,11 @@ def load(
     if is_higgs_name(name):
         from wavecast.server.engines.higgs import HiggsEngine
         from wavecast.server.engines.loading import load_higgs
+        from wavecast.server.engines.testing.higgs_reference import HiggsReference
 
         loaded = load_higgs(name, None, device)
-        engine = HiggsEngine(
-            loaded,
-            name=name,
-            batched=not reference,
-            cuda_graphs=cuda_graphs,
-            max_active=max_active,
-        )
+        kind = HiggsReference if reference else HiggsEngine
+        engine = kind(loaded, name=name, cuda_graphs=cuda_graphs, max_active=max_active)
     else:
         from wavecast.server.engines.loading import load_musicgen
         from wavecast.server.engines.musicgen import MusicGenEngine

@@ -69,20 +69,20 @@ def baseline(engine: HiggsEngine, args: argparse.Namespace, device: str) -> list
         spoken = []
         for index, chunk in enumerate(st.chunks):
             st.index = index
-            stream = engine._open_chunk(st)
+            input_ids, audio_ids = engine.tokenize(engine.chunk_prompt(st))
             kwargs: dict[str, Any] = {}
-            if stream.audio_ids is not None:
-                kwargs["audio_input_ids"] = stream.audio_ids
+            if audio_ids is not None:
+                kwargs["audio_input_ids"] = audio_ids
                 kwargs["audio_input_ids_mask"] = torch.ones(
-                    stream.audio_ids.shape[:2], dtype=torch.bool, device=stream.audio_ids.device
+                    audio_ids.shape[:2], dtype=torch.bool, device=audio_ids.device
                 )
             out = engine.model.generate(
-                input_ids=stream.input_ids,
-                attention_mask=torch.ones_like(stream.input_ids),
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
                 generation_config=config,
                 **kwargs,
             )
-            start_row = 0 if stream.audio_ids is None else stream.audio_ids.shape[1]
+            start_row = 0 if audio_ids is None else audio_ids.shape[1]
             rows = out.audio_sequences[0, start_row + 1 :]
             frames = rows.shape[0] - (k - 1)
             codes = torch.stack([rows[i : i + frames, i] for i in range(k)]).clamp(

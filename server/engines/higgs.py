@@ -14,9 +14,9 @@ prompts (bounded), runs one forward for every decoding row, draws every row's
 codes with its own parameters (``sampling.warp``, counter-based noise: a seed
 gives the same speech alone or beside others), and copies the codes back once.
 The delay pattern and the stop rules run on the host, per row. Greedy, the
-codes equal ``generate``'s; the reference path (``batched=False``: transformers'
-forward, each request alone, its torch generator) equals ``generate`` sampled
-too, and the batched path is tested against it.
+codes equal ``generate``'s; ``testing.higgs_reference`` (transformers' forward,
+each request alone, its torch generator) equals ``generate`` sampled too, and
+this engine is tested against it.
 
 A frame of audio is complete once its last codebook has been sampled (the
 delay pattern puts codebook ``k`` ``k`` steps late); complete frames go to the
@@ -41,18 +41,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 import torch
-from transformers import (
-    DynamicCache,
-    LogitsProcessorList,
-)
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
-from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
-    HiggsAudioV2DelayPatternLogitsProcessor,
-)
 
 from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
 
@@ -93,7 +81,7 @@ from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
 from .slots import SlotTable
 from .voices import Scene, Voice, scene_text
 
-__all__ = ["HiggsEngine", "HiggsStream"]
+__all__ = ["HiggsEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -102,25 +90,6 @@ MAX_RAS_WINDOW = 64
 REFERENCE_ROLES = ("reference", "reference_1")
 
 # -- per-request state ------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class HiggsStream:
-    """Sampling state for one utterance (one chunk): mirrors ``generate``'s loop."""
-
-    processors: LogitsProcessorList
-    cache: DynamicCache
-    input_ids: torch.Tensor  # [1, L] text tokens (only the tail matters once prefilled)
-    audio_ids: torch.Tensor | None  # [1, N, K] the prompt's audio rows, then the last rows
-    prompt_ids: torch.Tensor  # [1, L] the whole prompt, as it was tokenized
-    prompt_audio: torch.Tensor | None  # [1, N, K] its audio rows
-    cached_tokens: int = 0  # prompt tokens already in ``cache`` (reused from a chunk)
-    cached_rows: int = 0  # of which audio rows
-    rows: list[torch.Tensor] = field(default_factory=list)  # generated rows [K]
-    forwarded: int = 0  # generated rows fed back through the model (in the cache)
-    steps: int = 0
-    prefilled: bool = False
-    ended: bool = False
 
 
 Ints = npt.NDArray[np.int64]
@@ -159,7 +128,6 @@ class _HiggsJob:
     references: list[tuple[str, PromptAudio]]
     history: list[tuple[str, PromptAudio]]
     buffer_size: int | None
-    generator: torch.Generator
     temperature: float
     top_k: int
     top_p: float
@@ -169,13 +137,11 @@ class _HiggsJob:
     decoder: StreamDecoder
     max_frames: int
     index: int = 0
-    stream: HiggsStream | None = None
-    previous: HiggsStream | None = None  # the chunk just spoken (its cache is reused)
     chunk_frames: list[torch.Tensor] = field(default_factory=list)  # frames [K] of this chunk
     produced: int = 0
     expected: float = 1.0
     fraction: float = 0.0
-    # The batched engine: the request's row, its chunk under way and the last one.
+    # The request's row, its chunk under way and the last one.
     seed: int = 0
     slot: int | None = None
     utterance: _Utterance | None = None
@@ -195,9 +161,6 @@ class HiggsEngine:
         max_upload_seconds: Longest uploaded reference clip.
         left_context, holdback, first_frames, chunk_frames: Geometry of the
             exact incremental decoder (see ``codec_stream``).
-        batched: Step every request in one forward over a static KV cache
-            (``HiggsDecoder``); False: each request alone through transformers'
-            forward (the reference path the batched one is tested against).
         prefill_chunk: Prompt positions a request prefills per call at most.
         prefill_budget: Prompt positions prefilled per step at most (at least
             one chunk), so that new requests delay the running streams by a
@@ -230,7 +193,6 @@ class HiggsEngine:
         first_frames: int = 1,
         chunk_frames: int = 8,
         max_chunk_frames: int = 50,
-        batched: bool = True,
         prefill_chunk: int = 256,
         prefill_budget: int = 512,
         prefill_budget_ms: float | None = None,
@@ -257,7 +219,6 @@ class HiggsEngine:
         self.hop = int(self.codec.config.hop_length)
         self.frame_rate = self.sample_rate / self.hop
         self._warm = False
-        self.batched = batched
         self.prefill_chunk = max(1, prefill_chunk)
         self.prefill_budget = max(1, prefill_budget)
         self.prefill_budget_s = None if prefill_budget_ms is None else prefill_budget_ms / 1000
@@ -268,9 +229,9 @@ class HiggsEngine:
         self.audio_bos_token = int(config.audio_bos_token_id)
         eos_id = config.eos_token_id
         self.end_token = int(eos_id if isinstance(eos_id, int) else eos_id[0])
-        self.decoder = HiggsDecoder(self.model, rows=1, length=256) if batched else None
+        self.decoder = HiggsDecoder(self.model, rows=1, length=256)
         self._graphs = None
-        if cuda_graphs and self.decoder is not None:
+        if cuda_graphs:
             record = self.device.type == "cuda"
             self._graphs = DecodeGraphs(self.decoder.decode, self.decoder.storage, record=record)
         self._sampling = RowSampling(1, self.device)
@@ -485,8 +446,6 @@ class HiggsEngine:
             int(number(params["chunk_max_num_turns"])),
         )
         seed = request_seed(params)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
         buffer = params.get("generation_chunk_buffer_size")
         left, hold, first, every = self.geometry
         state = _HiggsJob(
@@ -497,7 +456,6 @@ class HiggsEngine:
             references=references,
             history=[],
             buffer_size=None if buffer is None else int(number(buffer)),
-            generator=generator,
             temperature=number(params["temperature"]),
             top_k=int(number(params["top_k"])),
             top_p=number(params["top_p"]),
@@ -573,57 +531,15 @@ class HiggsEngine:
 
     # -- one chunk -----------------------------------------------------------------
 
-    def start_stream(
-        self,
-        parts: Sequence[PromptPart],
-        *,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        after: HiggsStream | None = None,
-    ) -> HiggsStream:
-        """Tokenize a prompt and set up sampling for it (no forward pass yet).
-
-        Args:
-            after: The utterance just finished, when this prompt extends its
-                prompt with its answer (the next chunk of a text): its KV cache
-                is reused as far as the new prompt agrees with what it holds,
-                so only the rest is prefilled.
-        """
-        input_ids, audio_ids = self.tokenize(parts)
-        k = self.num_codebooks
-        processors = LogitsProcessorList(
-            [
-                HiggsAudioV2DelayPatternLogitsProcessor(
-                    delay_pattern=[i + 1 for i in range(k)],
-                    audio_bos_token_id=int(self.model.config.audio_bos_token_id),
-                    audio_eos_token_id=int(self.model.config.audio_delay_token_id),
-                    audio_stream_bos_id=self.stream_bos,
-                    audio_stream_eos_id=self.stream_eos,
-                    num_codebooks=k,
-                    codebook_size=int(self.model.config.codebook_size),
-                )
-            ]
+    def chunk_prompt(self, st: _HiggsJob) -> list[PromptPart]:
+        """The prompt of a request's current text chunk: the system, scene and
+        voices, the chunks spoken so far (as many as it keeps), and the chunk."""
+        history = st.history
+        if st.buffer_size is not None:
+            history = history[-st.buffer_size :]
+        return build_prompt(
+            st.system, st.scene, st.speakers, st.references + history, st.chunks[st.index]
         )
-        if temperature > 0:
-            # generate()'s order: temperature, top-k, top-p (each only when it acts).
-            if temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                processors.append(TopKLogitsWarper(top_k))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
-        stream = HiggsStream(
-            processors=processors,
-            cache=DynamicCache(config=self.model.config),
-            input_ids=input_ids,
-            audio_ids=audio_ids,
-            prompt_ids=input_ids,
-            prompt_audio=audio_ids,
-        )
-        if after is not None:
-            self._reuse_cache(after, stream)
-        return stream
 
     def tokenize(self, parts: Sequence[PromptPart]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A prompt's tokens ``[1, L]`` and audio rows ``[1, N, K]`` (None: no audio)."""
@@ -642,150 +558,15 @@ class HiggsEngine:
         audio_ids = torch.cat(blocks).unsqueeze(0) if blocks else None
         return input_ids, audio_ids
 
-    def _reuse_cache(self, old: HiggsStream, new: HiggsStream) -> None:
-        """Take over ``old``'s KV cache for the prefix ``new``'s prompt shares with it.
-
-        The cache holds ``old``'s prompt and the rows it generated and fed back.
-        When ``new``'s prompt starts with ``old``'s and goes on with those rows
-        (the spoken chunk as a delay-pattern block, which it is unless the
-        utterance was cut short or sampled a stream marker mid-way), only the
-        tokens past the common prefix need a forward pass.
-        """
-        length = old.prompt_ids.shape[1]
-        rows = 0 if old.prompt_audio is None else old.prompt_audio.shape[1]
-        if old.cache.get_seq_length() != length + old.forwarded or new.prompt_audio is None:
-            return
-        if new.prompt_ids.shape[1] <= length + old.forwarded or not torch.equal(
-            new.prompt_ids[:, :length], old.prompt_ids
-        ):
-            return
-        if old.prompt_audio is not None and not torch.equal(
-            new.prompt_audio[:, :rows], old.prompt_audio
-        ):
-            return
-        generated = torch.stack(old.rows[: old.forwarded]) if old.forwarded else None
-        upcoming = new.prompt_audio[0, rows : rows + old.forwarded]
-        same = 0
-        if generated is not None and upcoming.shape == generated.shape:
-            agree = (upcoming == generated).all(dim=1).long()
-            same = int(agree.cumprod(0).sum())
-        audio_token = int(self.model.config.audio_token_id)
-        delay_token = int(self.model.config.audio_delay_token_id)
-        placeholders = new.prompt_ids[0, length : length + same]
-        if not bool(((placeholders == audio_token) | (placeholders == delay_token)).all()):
-            return
-        old.cache.crop(-(old.forwarded - same))
-        new.cache = old.cache
-        new.cached_tokens = length + same
-        new.cached_rows = rows + same
-
-    def sample_row(
-        self,
-        stream: HiggsStream,
-        *,
-        do_sample: bool,
-        generator: torch.Generator | None,
-        ras_win_len: int,
-        ras_max_repeat: int,
-        max_new_tokens: int,
-    ) -> torch.Tensor | None:
-        """One decoding step: a new row ``[K]`` of delayed codes, or ``None`` once the
-        utterance is over (all codebooks at stream EOS, or ``max_new_tokens``)."""
-        if stream.ended:
-            return None
-        model = self.model
-        config = model.config
-        if not stream.prefilled:
-            audio = None if stream.audio_ids is None else stream.audio_ids[:, stream.cached_rows :]
-            mask = None
-            if audio is not None and audio.shape[1] == 0:
-                audio = None
-            if audio is not None:
-                mask = torch.ones(audio.shape[:2], dtype=torch.bool, device=self.device)
-            out = model(
-                input_ids=stream.input_ids[:, stream.cached_tokens :],
-                audio_input_ids=audio,
-                audio_input_ids_mask=mask,
-                cache=stream.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            stream.prefilled = True
-        else:
-            assert stream.audio_ids is not None
-            out = model(
-                audio_input_ids=stream.audio_ids[:, -1:, :],
-                cache=stream.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            stream.forwarded += 1
-        logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
-        scores = stream.processors(stream.input_ids, logits)
-        if do_sample:
-            probs = torch.nn.functional.softmax(scores, dim=-1)
-            tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-        else:
-            tokens = torch.argmax(scores, dim=-1)
-        k = self.num_codebooks
-        raw = logits.reshape(-1, k, int(config.codebook_size))
-        tokens = tokens.reshape(1, k)
-        if ras_win_len > 0 and stream.audio_ids is not None:
-            # Repetition-aware sampling: a code repeated too often in the last frames
-            # is drawn again from the untempered distribution.
-            window = stream.audio_ids[:, -ras_win_len:, :]
-            repeated = (window == tokens.unsqueeze(1)) & (
-                (window != self.stream_bos) & (window != self.stream_eos)
-            )
-            replace = repeated.sum(dim=1) >= ras_max_repeat
-            redraw = (
-                raw[replace]
-                .softmax(dim=-1)
-                .multinomial(1, replacement=True, generator=generator)
-                .view(-1)
-            )
-            tokens[replace] = redraw
-        all_eos = bool((tokens == self.stream_eos).all())
-        any_eos = bool((tokens == self.stream_eos).any())
-        row = tokens[:, None, :]
-        stream.audio_ids = (
-            row if stream.audio_ids is None else torch.cat([stream.audio_ids, row], 1)
-        )
-        last = int(stream.input_ids[0, -1])
-        delay_id = int(config.audio_delay_token_id)
-        next_text = delay_id if any_eos or last == delay_id else int(config.audio_token_id)
-        if all_eos and config.eos_token_id is not None:
-            eos = config.eos_token_id
-            next_text = int(eos if isinstance(eos, int) else eos[0])
-        stream.input_ids = torch.cat(
-            [stream.input_ids, stream.input_ids.new_full((1, 1), next_text)], dim=1
-        )
-        # Past the prompt only the tails matter (the KV cache holds the rest): the
-        # last text token, and the RAS window of audio rows. Keeping them bounded
-        # keeps each step's work constant.
-        stream.input_ids = stream.input_ids[:, -(k + 1) :]
-        stream.audio_ids = stream.audio_ids[:, -MAX_RAS_WINDOW:]
-        stream.steps += 1
-        if all_eos or stream.steps >= max_new_tokens:
-            stream.ended = True
-        if all_eos:
-            return None
-        stream.rows.append(tokens[0])
-        return tokens[0]
-
     # -- stepping ------------------------------------------------------------------
 
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
-        with torch.no_grad():
-            if self.batched:
-                return self._step_batched(jobs)
-            return [self._step_one(job) for job in jobs]
-
-    # -- the batched path ------------------------------------------------------------
-
-    def _step_batched(self, jobs: Sequence[Job]) -> list[StepOutput]:
         """One decoder forward for every request (after prefilling what is due), one
         draw per row, one copy each way; then each request's frames and audio."""
+        with torch.no_grad():
+            return self._step(jobs)
+
+    def _step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         failures: dict[int, BaseException] = {}
         for st in (job.state for job in jobs):
             if st.slot is None:
@@ -798,7 +579,6 @@ class HiggsEngine:
         prefilled = self._prefill_due(states, failures)
         states = [st for st in states if id(st) not in failures]
         decoder = self.decoder
-        assert decoder is not None
         if not states:
             return [failed_output(job, failures[id(job.state)]) for job in jobs]
         k = self.num_codebooks
@@ -910,8 +690,6 @@ class HiggsEngine:
     def _grow(self, slots: int) -> int:
         """Room for ``slots`` requests (a row each); how many there is now."""
         old = len(self._ras_len)
-        if self.decoder is None:  # the reference path keeps no table
-            return old
         self.decoder.ensure(rows=slots)
         count = self.decoder.rows
         if count > old:
@@ -921,7 +699,6 @@ class HiggsEngine:
         return count
 
     def _take_slot(self, st: _HiggsJob) -> None:
-        assert self.decoder is not None
         slot = st.slot = self._slots.take(st)
         self._sampling.set_row(
             slot,
@@ -936,7 +713,7 @@ class HiggsEngine:
     def _clear_row(self, st: _HiggsJob) -> None:
         """Zero a failed request's cache row: what it left there (NaN, say) must not
         reach the slot's next request through a masked position."""
-        if st.slot is not None and self.decoder is not None and self._slots.holds(st, st.slot):
+        if st.slot is not None and self._slots.holds(st, st.slot):
             self.decoder.kv.clear([st.slot])
 
     def _release_slot(self, st: _HiggsJob) -> None:
@@ -948,13 +725,7 @@ class HiggsEngine:
         """The next chunk's prompt, set up in the request's row: the part its cache
         already holds (the last chunk's prompt and answer, where the new prompt
         repeats them) is kept, the rest is prefilled."""
-        history = st.history
-        if st.buffer_size is not None:
-            history = history[-st.buffer_size :]
-        parts = build_prompt(
-            st.system, st.scene, st.speakers, st.references + history, st.chunks[st.index]
-        )
-        input_ids, audio_ids = self.tokenize(parts)
+        input_ids, audio_ids = self.tokenize(self.chunk_prompt(st))
         k = self.num_codebooks
         ids: Ints = input_ids[0].cpu().numpy().astype(np.int64)
         audio: Ints = (
@@ -979,7 +750,6 @@ class HiggsEngine:
         )
         if st.spoken is not None:
             u.fed = self._reusable(st.spoken, u)
-        assert self.decoder is not None
         self.decoder.ensure(length=len(ids) + st.max_new_tokens + 1)
         return u
 
@@ -1050,7 +820,6 @@ class HiggsEngine:
     ) -> torch.Tensor | None:
         """One prefill call for requests whose next chunks have the same place."""
         decoder = self.decoder
-        assert decoder is not None
         end = start + size
         utterances = [st.utterance for st in group]
         audio_parts = []
@@ -1149,7 +918,7 @@ class HiggsEngine:
                     pieces.append(tail)
                 self._release_slot(st)
         audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        _advance_fraction(st, done)
+        advance_fraction(st, done)
         output = StepOutput(
             audio=audio, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
         )
@@ -1173,63 +942,6 @@ class HiggsEngine:
             due, self._due = self._due, []
             complete_due(self._decode, due)
 
-    # -- the reference path: each request alone ------------------------------------------
-
-    def _open_chunk(self, st: _HiggsJob, after: HiggsStream | None = None) -> HiggsStream:
-        history = st.history
-        if st.buffer_size is not None:
-            history = history[-st.buffer_size :]
-        parts = build_prompt(
-            st.system, st.scene, st.speakers, st.references + history, st.chunks[st.index]
-        )
-        return self.start_stream(
-            parts, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p, after=after
-        )
-
-    def _step_one(self, job: Job) -> StepOutput:
-        st: _HiggsJob = job.state
-        if st.stream is None:
-            st.stream = self._open_chunk(st, after=st.previous)
-            st.previous = None
-            st.chunk_frames = []
-        stream = st.stream
-        row = self.sample_row(
-            stream,
-            do_sample=st.temperature > 0,
-            generator=st.generator,
-            ras_win_len=st.ras_win_len,
-            ras_max_repeat=st.ras_max_repeat,
-            max_new_tokens=st.max_new_tokens,
-        )
-        job.steps += 1
-        pieces: list[FloatAudio] = []
-        k = self.num_codebooks
-        # rows[0] is the all-BOS row; frame j needs rows 1 + j ... 1 + j + K - 1.
-        rows = stream.rows
-        if row is not None and len(rows) - 1 >= k:
-            j = len(rows) - 1 - k
-            frame = torch.stack([rows[1 + j + i][i] for i in range(k)])
-            frame = frame.clamp(0, self.stream_bos - 1)
-            st.chunk_frames.append(frame)
-            st.produced += 1
-            chunk = st.decoder.push(frame.view(1, k, 1))
-            if chunk is not None:
-                pieces.append(chunk)
-        done = False
-        if stream.ended or st.produced >= st.max_frames:
-            st.previous = stream
-            st.stream = None
-            if self._close_chunk(st):
-                done = True
-                tail = st.decoder.flush()
-                if tail is not None:
-                    pieces.append(tail)
-        audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        _advance_fraction(st, done)
-        return StepOutput(
-            audio=audio, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
-        )
-
     def warm_up(self) -> None:
         if not self._warm:
             # Eagerly (the table grows afterwards: graphs recorded now would be dropped).
@@ -1249,7 +961,7 @@ class HiggsEngine:
         room for 1024 prompt positions and the default ``max_new_tokens`` (a
         longer row grows the cache: the graphs are recorded again as their shapes
         come back)."""
-        assert self._graphs is not None and self.decoder is not None
+        assert self._graphs is not None
         start = time.perf_counter()
         self._slots.reserve(self.max_active)
         default = next(spec.default for spec in self._params if spec.name == "max_new_tokens")
@@ -1272,19 +984,22 @@ class HiggsEngine:
             self._release_slot(job.state)
         job.state = None
 
-    # -- reference path, for tests and benchmarks ----------------------------------
+    def _under_way(self, st: _HiggsJob) -> bool:
+        """Whether a chunk is being spoken (its frames are not in the history yet)."""
+        return st.utterance is not None
+
+    # -- for tests and benchmarks ----------------------------------------------------
 
     def codes_of(self, job: Job) -> torch.Tensor:
         """Every frame ``[1, K, T]`` the job has streamed so far."""
         st: _HiggsJob = job.state
         spoken = [audio.codes for _, audio in st.history]
-        under_way = st.stream is not None or st.utterance is not None
-        if under_way and st.chunk_frames:  # a chunk under way
+        if self._under_way(st) and st.chunk_frames:  # a chunk under way
             spoken.append(torch.stack(st.chunk_frames, dim=1))
         return torch.cat(spoken, dim=-1).unsqueeze(0)
 
 
-def _advance_fraction(st: _HiggsJob, done: bool) -> None:
+def advance_fraction(st: _HiggsJob, done: bool) -> None:
     """A request's progress: chunks spoken, and within the chunk the frames made
     against a rough guess of the text's length; never backwards, 1 when done."""
     if done:

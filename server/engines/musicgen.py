@@ -729,7 +729,7 @@ class MusicGenEngine:
             self._release_slot(job.state)
         job.state = None
 
-    # -- reference path, for tests and benchmarks ----------------------------------
+    # -- for tests and benchmarks ----------------------------------------------------
 
     def codes_of(self, job: Job) -> torch.Tensor:
         """Every code ``[1, K, T]`` of a job so far (prompt included), as audiocraft returns."""

@@ -24,6 +24,7 @@ from wavecast.server.engines.higgs_prompt import (
 )
 from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.testing.higgs import build_tiny_higgs, save_tiny_higgs
+from wavecast.server.engines.testing.higgs_reference import HiggsReference
 
 K = 4  # tiny-higgs codebooks
 BOS, EOS = 64, 65
@@ -37,6 +38,11 @@ def loaded() -> HiggsModel:
 @pytest.fixture(scope="module")
 def engine(loaded: HiggsModel) -> HiggsEngine:
     return HiggsEngine(loaded, name="tiny-higgs")
+
+
+@pytest.fixture(scope="module")
+def reference(loaded: HiggsModel) -> HiggsReference:
+    return HiggsReference(loaded, name="tiny-higgs")
 
 
 def defaults(engine: HiggsEngine, **given: Any) -> dict[str, Any]:
@@ -56,7 +62,7 @@ def reference_prompt(engine: HiggsEngine) -> list[Any]:
     )
 
 
-def run_stream(engine: HiggsEngine, parts: list[Any], temperature: float, seed: int) -> Any:
+def run_stream(engine: HiggsReference, parts: list[Any], temperature: float, seed: int) -> Any:
     stream = engine.start_stream(parts, temperature=temperature, top_k=50, top_p=0.95)
     prompt = (stream.input_ids.clone(), stream.audio_ids.clone())
     generator = torch.Generator().manual_seed(seed)
@@ -102,9 +108,9 @@ def reference_generate(model: Any, prompt: Any, temperature: float, seed: int) -
 
 
 @pytest.mark.parametrize(("temperature", "seed"), [(0.0, 0), (0.7, 5), (1.0, 11)])
-def test_rows_equal_generate(engine: HiggsEngine, temperature: float, seed: int) -> None:
-    prompt, rows = run_stream(engine, reference_prompt(engine), temperature, seed)
-    expected = reference_generate(engine.model, prompt, temperature, seed)
+def test_rows_equal_generate(reference: HiggsReference, temperature: float, seed: int) -> None:
+    prompt, rows = run_stream(reference, reference_prompt(reference), temperature, seed)
+    expected = reference_generate(reference.model, prompt, temperature, seed)
     assert rows.shape == (60, K)  # tiny-higgs speaks until max_new_tokens
     assert torch.equal(rows, expected)
 
@@ -112,7 +118,7 @@ def test_rows_equal_generate(engine: HiggsEngine, temperature: float, seed: int)
 def test_natural_end_equals_generate() -> None:
     # The plain random head ends utterances early: the EOS path, delay pattern and all.
     tiny = build_tiny_higgs(quiet_eos=False)
-    engine = HiggsEngine(HiggsModel(tiny.model, tiny.tokenizer, tiny.codec, True), name="t")
+    engine = HiggsReference(HiggsModel(tiny.model, tiny.tokenizer, tiny.codec, True), name="t")
     ended = 0
     for seed in range(6):
         prompt, rows = run_stream(engine, reference_prompt(engine), 0.7, seed)
@@ -140,7 +146,7 @@ def test_prompt_tokens_match_processor(engine: HiggsEngine) -> None:
     wav = 0.3 * np.sin(np.linspace(0, 400, 24000)).astype(np.float32)
     codes = engine.encode_audio(wav, 24000)
     parts = build_prompt(SYSTEM, "A quiet room.", [], [("Reference.", PromptAudio(codes))], "Hi!")
-    stream = engine.start_stream(parts, temperature=0.7, top_k=50, top_p=0.95)
+    input_ids, audio_ids = engine.tokenize(parts)
     processor = HiggsAudioV2Processor(
         DacFeatureExtractor(sampling_rate=24000),
         engine.tokenizer,
@@ -150,9 +156,9 @@ def test_prompt_tokens_match_processor(engine: HiggsEngine) -> None:
     )
     text = "".join(p if isinstance(p, str) else "<|AUDIO_OUT|>" for p in parts)
     expected = processor(text=text, audio=[wav], return_tensors="pt", add_special_tokens=False)
-    assert torch.equal(stream.input_ids, expected["input_ids"])
-    assert stream.audio_ids is not None
-    assert torch.equal(stream.audio_ids, expected["audio_input_ids"])
+    assert torch.equal(input_ids, expected["input_ids"])
+    assert audio_ids is not None
+    assert torch.equal(audio_ids, expected["audio_input_ids"])
 
 
 def test_prompt_layout() -> None:
@@ -268,21 +274,21 @@ def test_prepare_refuses_bad_requests(engine: HiggsEngine) -> None:
     assert info.value.field == "inputs.reference"
 
 
-def test_saved_model_loads_back(tmp_path: Path, engine: HiggsEngine) -> None:
+def test_saved_model_loads_back(tmp_path: Path, reference: HiggsReference) -> None:
     """save_tiny_higgs writes the released layout; load_higgs reads it as it reads a
     downloaded checkpoint, and the result is the same model."""
     folder, codec_dir = save_tiny_higgs(build_tiny_higgs(), tmp_path / "tiny")
     assert (folder / "config.json").is_file() and (codec_dir / "config.json").is_file()
     again = load_higgs(str(folder), None, "cpu")
     assert again.test_model
-    reloaded = HiggsEngine(again, name="saved")
-    parts = reference_prompt(engine)
-    _, a = run_stream(engine, parts, 0.7, 4)
+    reloaded = HiggsReference(again, name="saved")
+    parts = reference_prompt(reference)
+    _, a = run_stream(reference, parts, 0.7, 4)
     _, b = run_stream(reloaded, parts, 0.7, 4)
     assert torch.equal(a, b)
     codes = torch.randint(0, BOS, (1, K, 12))
     assert torch.equal(
-        engine.codec.decode(codes).audio_values, reloaded.codec.decode(codes).audio_values
+        reference.codec.decode(codes).audio_values, reloaded.codec.decode(codes).audio_values
     )
 
 
@@ -317,13 +323,8 @@ def test_tokenizer_that_does_not_match_the_model_is_refused() -> None:
 def test_text_in_any_script_reaches_the_model_unchanged(engine: HiggsEngine) -> None:
     text = "Ça va? 你好，世界！ Привет — こんにちは。"
     job = engine.prepare(EngineRequest("r", f"  {text}  ", defaults(engine, max_new_tokens=8)))
-    stream = engine.start_stream(
-        build_prompt(SYSTEM, "", [], [], job.state.chunks[0]),
-        temperature=0.7,
-        top_k=50,
-        top_p=0.95,
-    )
-    decoded = engine.tokenizer.decode(stream.input_ids[0])
+    input_ids, _ = engine.tokenize(build_prompt(SYSTEM, "", [], [], job.state.chunks[0]))
+    decoded = engine.tokenizer.decode(input_ids[0])
     assert f"user<|end_header_id|>\n\n{text}<|eot_id|>" in decoded
 
 
@@ -338,8 +339,9 @@ def test_too_few_steps_for_a_frame_end_cleanly(engine: HiggsEngine) -> None:
 
 
 def test_next_chunk_reuses_the_cache_and_agrees_with_a_fresh_prefill(
-    engine: HiggsEngine,
+    reference: HiggsReference,
 ) -> None:
+    engine = reference
     codes = torch.randint(0, BOS, (K, 20), generator=torch.Generator().manual_seed(3))
     refs = [("A reference.", PromptAudio(codes))]
     first = engine.start_stream(

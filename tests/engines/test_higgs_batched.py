@@ -31,6 +31,7 @@ from wavecast.server.engines.higgs_prompt import SYSTEM, PromptAudio, build_prom
 from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.sampling import redraw_repeats, row_keys, sample_warped, warp
 from wavecast.server.engines.testing.higgs import build_tiny_higgs
+from wavecast.server.engines.testing.higgs_reference import HiggsReference
 from wavecast.server.engines.voices import Scene, Voice
 
 K = 4  # tiny-higgs codebooks
@@ -49,8 +50,8 @@ def batched(loaded: HiggsModel) -> HiggsEngine:
 
 
 @pytest.fixture(scope="module")
-def reference(loaded: HiggsModel) -> HiggsEngine:
-    return HiggsEngine(loaded, name="tiny-higgs", batched=False)
+def reference(loaded: HiggsModel) -> HiggsReference:
+    return HiggsReference(loaded, name="tiny-higgs")
 
 
 def wav(seconds: float, pitch: float) -> bytes:
@@ -334,7 +335,7 @@ def test_voices_scenes_and_chunk_buffers_equal_the_reference_path(loaded: HiggsM
     }
     scenes = {"hall": Scene("hall", Path("hall.txt"), "A large echoing hall.")}
     ours = HiggsEngine(loaded, name="t", voices=voices, scenes=scenes)
-    theirs = HiggsEngine(loaded, name="t", voices=voices, scenes=scenes, batched=False)
+    theirs = HiggsReference(loaded, name="t", voices=voices, scenes=scenes)
     text = "[SPEAKER0] One turn.\n[SPEAKER1] Another.\n[SPEAKER0] A third.\n[SPEAKER1] Done."
     cases: list[dict[str, Any]] = [
         {"voice": "belinda", "scene": "hall"},

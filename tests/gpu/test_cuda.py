@@ -86,10 +86,11 @@ def test_random_higgs_3b_runs_on_cuda() -> None:
 def test_tiny_higgs_rows_in_a_batch_equal_their_solo_runs_on_cuda() -> None:
     from wavecast.server.engines.higgs import HiggsEngine
     from wavecast.server.engines.loading import load_higgs
+    from wavecast.server.engines.testing.higgs_reference import HiggsReference
 
     loaded = load_higgs("tiny-higgs", None, "cuda")
     engine = HiggsEngine(loaded, name="tiny-higgs")
-    reference = HiggsEngine(loaded, name="tiny-higgs", batched=False)
+    reference = HiggsReference(loaded, name="tiny-higgs")
     texts = ["Hello there.", "[SPEAKER0] One.\n[SPEAKER1] Two.", "A third, longer voice."]
     given: dict[str, Any] = {"max_new_tokens": 30, "chunk_method": "speaker"}
     solo = []
