@@ -1,12 +1,15 @@
-"""Decode steps replayed as CUDA graphs, one per shape.
+"""Steps replayed as CUDA graphs, one per shape.
 
 A batched decode step of a transformer launches hundreds of small kernels; on a
 GPU at small batches their launch cost, not the arithmetic, sets the step time.
 A CUDA graph records the step's kernels once and replays them with one launch.
-It needs what the decoders already give: static shapes per (rows, span) and no
-host synchronisation in the step, and inputs and outputs at fixed addresses,
-which :class:`DecodeGraphs` adds (static input buffers the step's inputs are
-copied into; the output buffer the graph writes).
+It needs what the engines' steps give: static shapes per key (rows, attention
+span) and no host synchronisation between the step's inputs and its outputs,
+and inputs and outputs at fixed addresses, which :class:`StepGraphs` adds
+(static input buffers the step's inputs are copied into; the outputs the graph
+writes). The engines graph the whole device side of a step: the decoder's
+forward, classifier-free guidance, every row's sampling rules and draw, and the
+finiteness check, so that one replay and one copy back remain.
 
 The engines record every shape their configured crowd can step at warm-up
 (``prepare``: the slot table preallocated for ``--max-active`` requests, every
@@ -16,9 +19,9 @@ recording later. A graph is recorded with every row inactive: an inactive row
 writes only its cache's spare position and does not advance, so recording
 changes no row's state. A shape not prepared (the cache grown past what was
 preallocated) is recorded the first time it is stepped. The graphs read the
-decoder's cache tensors where they were when recorded: when the cache grows, its
-tensors move, and every graph is dropped and recorded again as its shape comes
-back (``version``).
+decoder's cache tensors (and the per-row sampling parameters) where they were
+when recorded: when the table grows, its tensors move, and every graph is
+dropped and recorded again as its shape comes back (``version``).
 
 The engines attend over spans of powers of two (``span_for``; attending further
 changes nothing: the positions past a row's length are masked), with or without
@@ -32,32 +35,34 @@ any machine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["DecodeGraphs", "powers_of_two", "span_for"]
+__all__ = ["StepGraphs", "powers_of_two", "span_for"]
 
-Decode = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Key = tuple[int, ...]
+# (static inputs, key) -> outputs (a tensor or a tuple of tensors).
+Step = Callable[[Sequence[torch.Tensor], Key], Any]
 
 
 @dataclass(slots=True)
 class _Graph:
-    codes: torch.Tensor  # [R, K] static input
-    active: torch.Tensor  # [R] static input
-    out: torch.Tensor | None  # the recorded step's output (None until run, eagerly)
+    inputs: tuple[torch.Tensor, ...]  # static inputs
+    out: Any  # the recorded step's outputs (None until run, eagerly)
     graph: Any = None  # torch.cuda.CUDAGraph, when recorded
 
 
-class DecodeGraphs:
-    """``decode(codes [R, K], active [R], span) -> logits``, replayed per shape.
+class StepGraphs:
+    """``step(inputs, key) -> outputs``, replayed per key (a shape).
 
     Args:
-        decode: The decoder's step (static shapes per ``R`` and ``span``).
-        version: What identifies the decoder's storage (its cache shapes): a
-            change drops every graph.
+        step: The engine's step (static shapes per key; every row inactive
+            when its inputs are all zeros).
+        version: What identifies where the tensors the step reads live (the
+            cache's shapes): a change drops every graph.
         record: Record CUDA graphs (CUDA only); otherwise run eagerly on the
             static buffers.
         warmups: Eager runs before recording (lazy initialisations, cuBLAS
@@ -66,17 +71,17 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        decode: Decode,
+        step: Step,
         version: Callable[[], Hashable],
         *,
         record: bool,
         warmups: int = 2,
     ) -> None:
-        self.decode = decode
+        self.step = step
         self.version = version
         self.record = record
         self.warmups = warmups
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[Key, _Graph] = {}
         self._version: Hashable = None
         self._pool: Any = None  # one memory pool for every graph
         self.recorded = 0  # graphs recorded so far (tests and logs)
@@ -86,53 +91,45 @@ class DecodeGraphs:
         return len(self._graphs)
 
     @property
-    def shapes(self) -> set[tuple[int, int]]:
-        """The (rows, span) shapes ready to step."""
+    def shapes(self) -> set[Key]:
+        """The keys ready to step."""
         return set(self._graphs)
 
-    def prepare(
-        self, rows: Iterable[int], spans: Iterable[int], codebooks: int, device: torch.device
-    ) -> int:
-        """Make ready (record) every shape of ``rows`` x ``spans`` now; how many
-        were new."""
-        spans = sorted(set(spans))
+    def prepare(self, keys: Iterable[Key], blank: Callable[[Key], Sequence[torch.Tensor]]) -> int:
+        """Make ready (record) the step of every key now, with ``blank(key)``'s
+        inputs (zeros: every row inactive); how many were new."""
         before = len(self._graphs)
-        for count in rows:
-            codes = torch.zeros(count, codebooks, dtype=torch.int64, device=device)
-            active = torch.zeros(count, dtype=torch.bool, device=device)
-            for span in spans:
-                self._entry(codes, active, span)
+        for key in keys:
+            self._entry(key, blank(key))
         return len(self._graphs) - before
 
-    def __call__(self, codes: torch.Tensor, active: torch.Tensor, span: int) -> torch.Tensor:
-        """The step's logits, in the shape's output buffer (valid until the next
-        step of the same shape)."""
-        entry = self._entry(codes, active, span)
-        entry.codes.copy_(codes)
-        entry.active.copy_(active)
+    def __call__(self, key: Key, *inputs: torch.Tensor) -> Any:
+        """The step's outputs, in the key's output buffers (valid until the next
+        step of the same key)."""
+        entry = self._entry(key, inputs)
+        for static, given in zip(entry.inputs, inputs, strict=True):
+            static.copy_(given)
         if entry.graph is None:
-            entry.out = self.decode(entry.codes, entry.active, span)
+            entry.out = self.step(entry.inputs, key)
         else:
             entry.graph.replay()
-        assert entry.out is not None
         return entry.out
 
-    def _entry(self, codes: torch.Tensor, active: torch.Tensor, span: int) -> _Graph:
+    def _entry(self, key: Key, inputs: Sequence[torch.Tensor]) -> _Graph:
         version = self.version()
         if version != self._version:
             self.dropped += bool(self._graphs)
             self._graphs.clear()
             self._pool = None
             self._version = version
-        key = (int(codes.shape[0]), span)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._new(codes, active, span)
+            entry = self._new(key, inputs)
             self._graphs[key] = entry
         return entry
 
-    def _new(self, codes: torch.Tensor, active: torch.Tensor, span: int) -> _Graph:
-        entry = _Graph(torch.zeros_like(codes), torch.zeros_like(active), None)
+    def _new(self, key: Key, inputs: Sequence[torch.Tensor]) -> _Graph:
+        entry = _Graph(tuple(torch.zeros_like(x) for x in inputs), None)
         if not self.record:
             return entry
         # Every row inactive while recording: only the spare position is written.
@@ -140,11 +137,11 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmups):
-                self.decode(entry.codes, entry.active, span)
+                self.step(entry.inputs, key)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            entry.out = self.decode(entry.codes, entry.active, span)
+            entry.out = self.step(entry.inputs, key)
         self._pool = graph.pool()
         entry.graph = graph
         self.recorded += 1

@@ -60,7 +60,7 @@ from .base import (
     run_once,
 )
 from .codec_stream import Due, StreamDecoder, complete_due
-from .graphs import DecodeGraphs, powers_of_two, span_for
+from .graphs import Key, StepGraphs, powers_of_two, span_for
 from .higgs_decoder import HiggsDecoder
 from .higgs_prompt import (
     AUDIO_DELAY,
@@ -231,9 +231,14 @@ class HiggsEngine:
         self.end_token = int(eos_id if isinstance(eos_id, int) else eos_id[0])
         self.decoder = HiggsDecoder(self.model, rows=1, length=256)
         self._graphs = None
+        # A step's prefilled rows' logits, for the graphed step ([rows, K, card]).
+        self._prefilled = torch.zeros(0)
         if cuda_graphs:
             record = self.device.type == "cuda"
-            self._graphs = DecodeGraphs(self.decoder.decode, self.decoder.storage, record=record)
+            self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
+            self._prefilled = torch.zeros(
+                1, self.num_codebooks, self.decoder.card, device=self.device
+            )
         self._sampling = RowSampling(1, self.device)
         self._ras_len = np.zeros(1, dtype=np.int64)
         self._ras_max = np.ones(1, dtype=np.int64)
@@ -584,6 +589,8 @@ class HiggsEngine:
         k = self.num_codebooks
         rows = self._slots.span(st.slot for st in states if st.slot is not None)
         window = max(1, int(self._ras_len[:rows].max()))
+        if self._graphs is not None:
+            window = span_for(window, least=8)  # a few shapes (the rest is -1: no repeat)
         stepped = np.zeros(rows, dtype=bool)
         forced = np.full((rows, k), -1, dtype=np.int64)
         codes_in = np.zeros((rows, k), dtype=np.int64)
@@ -607,6 +614,7 @@ class HiggsEngine:
                 recent[slot, window - len(tail) :] = tail
         sampling = self._sampling
         keys = sampling.keys()[:rows]
+        overrides = np.zeros(rows, dtype=np.int64)  # rows whose logits come from their prefill
         host = np.concatenate(
             [
                 codes_in.reshape(-1),
@@ -616,43 +624,33 @@ class HiggsEngine:
                 redraw_keys(keys),
                 self._ras_max[:rows],
                 recent.reshape(-1),
+                overrides,
             ]
         )
-        inputs = torch.from_numpy(host).to(self.device)
-        cut = np.cumsum([rows * k, rows, rows * k, rows, rows, rows])
-        parts = torch.tensor_split(inputs, cut.tolist())
-        if decoding:
-            # Attend over the longest row's positions, rounded up to a power of two.
-            span = span_for(max(self._row_length(st) for st in decoding) + 2)
-            step = decoder.decode if self._graphs is None else self._graphs
-            logits = step(parts[0].view(rows, k), parts[1].bool(), span).float()
-            for st in decoding:
-                assert st.utterance is not None
-                st.utterance.forwarded += 1
+        # Attend over the longest row's positions, rounded up to a power of two.
+        span = span_for(max((self._row_length(st) for st in decoding), default=0) + 2)
+        if self._graphs is not None and decoding:
+            for slot, row_logits in prefilled.items():
+                self._prefilled[slot] = row_logits.float()
+                host[-rows + slot] = 1
+            inputs = torch.from_numpy(host).to(self.device)
+            back_device, logits = self._graphs((rows, span, window), inputs)
         else:
-            logits = torch.zeros(rows, k, decoder.card, device=self.device)
-        for slot, row_logits in prefilled.items():
-            logits[slot] = row_logits.float()
-        tokens = sample_warped(
-            logits,
-            parts[2].view(rows, k),
-            sampling.temperature[:rows],
-            sampling.top_k[:rows],
-            sampling.top_p[:rows],
-            parts[3],
-        )
-        tokens = redraw_repeats(
-            tokens,
-            logits,
-            parts[6].view(rows, window, k),
-            parts[5],
-            (self.stream_bos, self.stream_eos),
-            parts[4],
-        )
+            inputs = torch.from_numpy(host).to(self.device)
+            parts = self._parts(inputs, rows, window)
+            if decoding:
+                logits = decoder.decode(parts[0], parts[1].bool(), span).float()
+            else:
+                logits = torch.zeros(rows, k, decoder.card, device=self.device)
+            for slot, row_logits in prefilled.items():
+                logits[slot] = row_logits.float()
+            back_device = self._draw(logits, parts, rows)
+        for st in decoding:
+            assert st.utterance is not None
+            st.utterance.forwarded += 1
         sampling.step[:rows] += stepped
         # One copy back: the codes, and whether each row's logits were finite.
-        finite = torch.isfinite(logits).flatten(1).all(1)
-        back: Ints = torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1).cpu().numpy()
+        back: Ints = back_device.cpu().numpy()
         for st in states:
             if st.slot is not None and stepped[st.slot] and not back[st.slot, -1]:
                 failures[id(st)] = non_finite()
@@ -681,6 +679,49 @@ class HiggsEngine:
         self._decode_due()
         return outputs
 
+    def _parts(self, inputs: torch.Tensor, rows: int, window: int) -> list[torch.Tensor]:
+        """A step's inputs from their one copy: codes ``[R, K]``, advance flags
+        ``[R]``, forced codes ``[R, K]``, keys, redraw keys, RAS repeats ``[R]``,
+        recent codes ``[R, W, K]`` and which rows' logits come from their prefill."""
+        k = self.num_codebooks
+        cut = np.cumsum([rows * k, rows, rows * k, rows, rows, rows, rows * window * k])
+        parts = list(torch.tensor_split(inputs, cut.tolist()))
+        parts[0] = parts[0].view(rows, k)
+        parts[2] = parts[2].view(rows, k)
+        parts[6] = parts[6].view(rows, window, k)
+        return parts
+
+    def _draw(self, logits: torch.Tensor, parts: list[torch.Tensor], rows: int) -> torch.Tensor:
+        """Every row's codes by its rules (the delay pattern's forced codes,
+        temperature, top-k, top-p, repetition-aware redraws) and whether its
+        logits were finite: ``[R, K + 1]``."""
+        sampling = self._sampling
+        tokens = sample_warped(
+            logits,
+            parts[2],
+            sampling.temperature[:rows],
+            sampling.top_k[:rows],
+            sampling.top_p[:rows],
+            parts[3],
+        )
+        tokens = redraw_repeats(
+            tokens, logits, parts[6], parts[5], (self.stream_bos, self.stream_eos), parts[4]
+        )
+        finite = torch.isfinite(logits).flatten(1).all(1)
+        return torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1)
+
+    def _graphed_step(
+        self, inputs: Sequence[torch.Tensor], key: Key
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device side of a step, as one graph: the forward of every row, the
+        prefilled rows' logits in place of theirs, and every row's draw.
+        ``[R, K + 1]`` and the logits."""
+        rows, span, window = key
+        parts = self._parts(inputs[0], rows, window)
+        logits = self.decoder.decode(parts[0], parts[1].bool(), span).float()
+        logits = torch.where(parts[7].bool()[:, None, None], self._prefilled[:rows], logits)
+        return self._draw(logits, parts, rows), logits
+
     @staticmethod
     def _row_length(st: _HiggsJob) -> int:
         """Positions in the request's row: its prompt, and the rows fed back."""
@@ -696,6 +737,8 @@ class HiggsEngine:
             self._sampling = self._sampling.grown(count)
             self._ras_len = np.concatenate([self._ras_len, np.zeros(count - old, dtype=np.int64)])
             self._ras_max = np.concatenate([self._ras_max, np.ones(count - old, dtype=np.int64)])
+            if self._graphs is not None:
+                self._prefilled = self._prefilled.new_zeros(count, *self._prefilled.shape[1:])
         return count
 
     def _take_slot(self, st: _HiggsJob) -> None:
@@ -969,7 +1012,20 @@ class HiggsEngine:
         self.decoder.ensure(length=1024 + default + 1)
         rows = self._slots.spans()
         spans = powers_of_two(64, self.decoder.length)
-        made = self._graphs.prepare(rows, spans, self.num_codebooks, self.device)
+        # The default repetition-aware window's shape (others are recorded on first use).
+        ras = next(spec.default for spec in self._params if spec.name == "ras_win_len")
+        assert isinstance(ras, int)
+        window = span_for(max(1, ras), least=8)
+        k = self.num_codebooks
+
+        def blank(key: Key) -> list[torch.Tensor]:
+            rows, _, window = key
+            size = rows * (2 * k + 5) + rows * window * k
+            return [torch.zeros(size, dtype=torch.int64, device=self.device)]
+
+        keys = [(r, s, window) for r in rows for s in spans]
+        with torch.no_grad():
+            made = self._graphs.prepare(keys, blank)
         log.info(
             "%s: %d decode graphs (%d rows at most, %d positions) in %.2f s",
             self.name,

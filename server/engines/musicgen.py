@@ -53,7 +53,7 @@ from .base import (
     run_once,
 )
 from .codec_stream import Due, StreamDecoder, complete_due
-from .graphs import DecodeGraphs, powers_of_two, span_for
+from .graphs import Key, StepGraphs, powers_of_two, span_for
 from .mbd import MBDRun
 from .musicgen_card import model_card
 from .musicgen_conditioning import Conditioning
@@ -176,12 +176,17 @@ class MusicGenEngine:
         self.decoder = MusicGenDecoder(
             self.lm, rows=2, length=self._window_steps, cross_length=16, dtype=dtype
         )
-        self._graphs = None
-        if cuda_graphs:
-            record = self.device.type == "cuda"
-            self._graphs = DecodeGraphs(self.decoder.decode, self.decoder.storage, record=record)
         self._sampling = RowSampling(1, self.device)
         self._cfg = torch.zeros(1, device=self.device)
+        self._graphs = None
+        # A step's prefilled rows' logits, for the graphed step ([rows, K, card]).
+        self._prefilled = torch.zeros(0)
+        if cuda_graphs:
+            record = self.device.type == "cuda"
+            self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
+            self._prefilled = torch.zeros(
+                2, self.decoder.codebooks, self.decoder.card, device=self.device
+            )
         self._slots: SlotTable[_MusicGenJob] = SlotTable(self._grow)
         self._due: Due = []
         # Called with each step's guided logits by request id (tests compare rows).
@@ -432,6 +437,8 @@ class MusicGenEngine:
         if count > old:
             self._sampling = self._sampling.grown(count)
             self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old)])
+            if self._graphs is not None:
+                self._prefilled = self._prefilled.new_zeros(2 * count, *self._prefilled.shape[1:])
         return count
 
     def _clear_rows(self, st: _MusicGenJob) -> None:
@@ -547,8 +554,9 @@ class MusicGenEngine:
         rows = 2 * slots
         sampling = self._sampling
         stepped = np.zeros(slots, dtype=bool)
-        # [rows, K] input codes, [rows] advance flags, [slots] sampling keys.
-        host = np.zeros(rows * (k + 1) + slots, dtype=np.int64)
+        # [rows, K] input codes, [rows] advance flags, [slots] sampling keys, and
+        # (the graphed step) [rows] which rows' logits come from their prefill.
+        host = np.zeros(rows * (k + 2) + slots, dtype=np.int64)
         codes_in = host[: rows * k].reshape(rows, k)
         active = host[rows * k : rows * (k + 1)]
         decoding = [st for st in states if st.window.prefilled and st.slot not in prefilled]
@@ -559,22 +567,47 @@ class MusicGenEngine:
             active[rows_of] = 1
             stepped[st.slot] = True
         stepped[list(prefilled)] = True
-        host[rows * (k + 1) :] = sampling.keys()[:slots]
-        inputs = torch.from_numpy(host).to(self.device)
-        if decoding:
-            # Attend over the longest row's positions, rounded up to a power of
-            # two (a handful of shapes per window length).
-            span = span_for(max(st.kv_length for st in decoding) + 1)
-            step = decoder.decode if self._graphs is None else self._graphs
-            logits = step(
-                inputs[: rows * k].view(rows, k), inputs[rows * k : rows * (k + 1)].bool(), span
-            ).float()
-            for st in decoding:
-                st.kv_length += 1
+        host[rows * (k + 1) : rows * (k + 1) + slots] = sampling.keys()[:slots]
+        # Attend over the longest row's positions, rounded up to a power of two (a
+        # handful of shapes per window length).
+        span = span_for(max((st.kv_length for st in decoding), default=0) + 1)
+        if self._graphs is not None and decoding:
+            overrides = host[rows * (k + 1) + slots :]
+            for slot, pair in prefilled.items():
+                self._prefilled[2 * slot : 2 * slot + 2] = pair.float()
+                overrides[2 * slot : 2 * slot + 2] = 1
+            inputs = torch.from_numpy(host).to(self.device)
+            back_device, guided = self._graphs((rows, span), inputs)
         else:
-            logits = torch.zeros(rows, k, decoder.card, device=self.device)
-        for slot, pair in prefilled.items():
-            logits[2 * slot : 2 * slot + 2] = pair.float()
+            inputs = torch.from_numpy(host).to(self.device)
+            if decoding:
+                logits = decoder.decode(
+                    inputs[: rows * k].view(rows, k), inputs[rows * k : rows * (k + 1)].bool(), span
+                ).float()
+            else:
+                logits = torch.zeros(rows, k, decoder.card, device=self.device)
+            for slot, pair in prefilled.items():
+                logits[2 * slot : 2 * slot + 2] = pair.float()
+            keys = inputs[rows * (k + 1) : rows * (k + 1) + slots]
+            wants = candidates_for(sampling.wants[:slots][stepped], decoder.card)
+            guided, back_device = self._draw(logits, keys, slots, wants)
+        for st in decoding:
+            st.kv_length += 1
+        sampling.step[:slots] += stepped
+        # One copy back: the codes, and whether each slot's logits were finite.
+        back: Codes = back_device.cpu().numpy()
+        for st in states:
+            if st.slot is not None and stepped[st.slot] and not back[st.slot, -1]:
+                failures[id(st)] = non_finite()
+        return back[:, :-1], guided, stepped
+
+    def _draw(
+        self, logits: torch.Tensor, keys: torch.Tensor, slots: int, candidates: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free guidance and every slot's draw from its pair of rows'
+        logits: the guided logits ``[slots, K, card]``, and ``[slots, K + 1]``: the
+        codes and whether the slot's logits were finite."""
+        sampling = self._sampling
         cond, uncond = logits[0::2], logits[1::2]
         guided = uncond + (cond - uncond) * self._cfg[:slots, None, None]
         tokens = sample(
@@ -582,17 +615,32 @@ class MusicGenEngine:
             sampling.temperature[:slots],
             sampling.top_k[:slots],
             sampling.top_p[:slots],
-            inputs[rows * (k + 1) :],
-            candidates=candidates_for(sampling.wants[:slots][stepped], decoder.card),
+            keys,
+            candidates=candidates,
         )
-        sampling.step[:slots] += stepped
-        # One copy back: the codes, and whether each slot's logits were finite.
         finite = torch.isfinite(guided).flatten(1).all(1)
-        back: Codes = torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1).cpu().numpy()
-        for st in states:
-            if st.slot is not None and stepped[st.slot] and not back[st.slot, -1]:
-                failures[id(st)] = non_finite()
-        return back[:, :-1], guided, stepped
+        return guided, torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1)
+
+    def _graphed_step(
+        self, inputs: Sequence[torch.Tensor], key: Key
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device side of a step, as one graph: the forward of every row, the
+        prefilled rows' logits in place of theirs, guidance and the draw (over
+        the whole vocabulary: a token's noise depends on its id, so the codes are
+        those of the eager step's candidates). ``[slots, K + 1]`` and the guided
+        logits."""
+        (flat,) = inputs
+        rows, span = key
+        slots = rows // 2
+        k = self.decoder.codebooks
+        codes = flat[: rows * k].view(rows, k)
+        active = flat[rows * k : rows * (k + 1)].bool()
+        keys = flat[rows * (k + 1) : rows * (k + 1) + slots]
+        overrides = flat[rows * (k + 1) + slots :].bool()
+        logits = self.decoder.decode(codes, active, span).float()
+        logits = torch.where(overrides[:, None, None], self._prefilled[:rows], logits)
+        guided, back = self._draw(logits, keys, slots, None)
+        return back, guided
 
     def _step_mbd(self, job: Job, run: MBDRun) -> StepOutput:
         st: _MusicGenJob = job.state
@@ -713,7 +761,15 @@ class MusicGenEngine:
         self.decoder.ensure(length=self._prepend + self._window_steps, cross_length=cross)
         rows = [2 * count for count in self._slots.spans()]
         spans = powers_of_two(64, self.decoder.length)
-        made = self._graphs.prepare(rows, spans, self.decoder.codebooks, self.device)
+        k = self.decoder.codebooks
+
+        def blank(key: Key) -> list[torch.Tensor]:
+            rows, _ = key
+            size = rows * (k + 2) + rows // 2
+            return [torch.zeros(size, dtype=torch.int64, device=self.device)]
+
+        with torch.no_grad(), self.model.autocast:
+            made = self._graphs.prepare([(r, s) for r in rows for s in spans], blank)
         log.info(
             "%s: %d decode graphs (%d rows at most, %d positions) in %.2f s",
             self.name,

@@ -406,24 +406,31 @@ def test_every_step_shape_is_ready_after_warm_up(windowed: Any) -> None:
 
 
 def test_step_buffers_are_kept_per_shape_and_dropped_when_the_storage_moves() -> None:
-    from wavecast.server.engines.graphs import DecodeGraphs
+    from wavecast.server.engines.graphs import StepGraphs
 
     storage = ["cache at A"]
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[int, ...]] = []
 
-    def step(codes: torch.Tensor, active: torch.Tensor, span: int) -> torch.Tensor:
-        calls.append((int(codes.shape[0]), span))
-        return codes.sum(1) * active + span
+    def step(inputs: Any, key: tuple[int, ...]) -> torch.Tensor:
+        codes, active = inputs
+        calls.append(key)
+        return codes.sum(1) * active + key[1]
 
-    graphs = DecodeGraphs(step, lambda: storage[0], record=False)
+    def blank(key: tuple[int, ...]) -> list[torch.Tensor]:
+        return [torch.zeros(key[0], 2, dtype=torch.int64), torch.zeros(key[0], dtype=torch.bool)]
+
+    graphs = StepGraphs(step, lambda: storage[0], record=False)
     codes_ = torch.tensor([[1, 2], [3, 4]])
-    out = graphs(codes_, torch.tensor([True, False]), 64)
+    out = graphs((2, 64), codes_, torch.tensor([True, False]))
     assert out.tolist() == [67, 64]
-    again = graphs(codes_ * 2, torch.tensor([True, True]), 64)
+    again = graphs((2, 64), codes_ * 2, torch.tensor([True, True]))
     assert again.tolist() == [70, 78]
-    graphs(codes_, torch.tensor([True, True]), 128)
-    assert len(graphs) == 2
+    graphs((2, 128), codes_, torch.tensor([True, True]))
+    assert len(graphs) == 2 and graphs.dropped == 0
     storage[0] = "cache at B"  # grown: its tensors moved
-    graphs(codes_, torch.tensor([True, True]), 64)
-    assert len(graphs) == 1  # every shape's buffers (graphs) dropped, this one anew
+    graphs((2, 64), codes_, torch.tensor([True, True]))
+    assert len(graphs) == 1 and graphs.dropped == 1  # every shape's buffers dropped
     assert calls == [(2, 64), (2, 64), (2, 128), (2, 64)]
+    # Prepared shapes are made ready once (on CUDA: recorded), not run eagerly.
+    assert graphs.prepare([(1, 64), (2, 64), (4, 64)], blank) == 2
+    assert graphs.shapes == {(1, 64), (2, 64), (4, 64)} and len(calls) == 4

@@ -670,7 +670,8 @@ def test_the_step_through_static_buffers_equals_the_direct_step(loaded: HiggsMod
 def test_every_step_shape_is_ready_after_warm_up(loaded: HiggsModel) -> None:
     """``cuda_graphs``: warming up prepares (on CUDA: records) every shape the
     configured crowd can step, before the server reports ready: rows for 1 and 2
-    requests (``max_active`` 2), every span up to a default request's positions.
+    requests (``max_active`` 2), every span up to a default request's positions,
+    the default repetition-aware window.
     Then a dialogue with a voice reference and a request beside it step through
     prepared shapes only and nothing is dropped; their codes equal the direct
     step's."""
@@ -682,7 +683,8 @@ def test_every_step_shape_is_ready_after_warm_up(loaded: HiggsModel) -> None:
     # Room for 1024 prompt positions and the default 2048 new tokens: 3073.
     assert staged.decoder.length == 3073
     spans = (64, 128, 256, 512, 1024, 2048, 4096)
-    assert graphs.shapes == {(rows, span) for rows in (1, 2) for span in spans}
+    # (and the default repetition-aware window, 7 frames, as 8)
+    assert graphs.shapes == {(rows, span, 8) for rows in (1, 2) for span in spans}
     prepared, storage, drops = graphs.shapes, staged.decoder.storage(), graphs.dropped
     results = []
     for engine in (staged, HiggsEngine(loaded, name="tiny-higgs")):
