@@ -405,6 +405,44 @@ def test_every_step_shape_is_ready_after_warm_up(windowed: Any) -> None:
     assert torch.equal(codes(staged, through["a"]), codes(engine, direct["a"]))
 
 
+def test_the_graphed_step_traces_as_one_graph(windowed: Any) -> None:
+    """The whole device side of a graphed step (the forward, the prefilled rows'
+    logits put in, guidance, every row's draw) has no host sync and no
+    data-dependent control flow: it traces as one graph, with the eager
+    step's outputs."""
+    model, _ = windowed
+    engine = MusicGenEngine(
+        model, name="tiny-2s", test_model=True, max_duration=12.0, cuda_graphs=True
+    )
+    jobs = [make(engine, rid) for rid in ("a", "b", "c")]
+    try:
+        engine.step(jobs)  # prefill them
+        decoder = engine.decoder
+        rows, k = decoder.rows, decoder.codebooks
+        slots = rows // 2
+        flat = torch.zeros(rows * (k + 2) + slots, dtype=torch.int64)
+        flat[: rows * k] = torch.randint(0, 64, (rows * k,))
+        flat[rows * k : rows * (k + 1)] = 1  # every row advances
+        flat[rows * (k + 1) : rows * (k + 1) + slots] = torch.randint(0, 2**31, (slots,))
+        flat[rows * (k + 1) + slots :: 3] = 1  # some rows' logits from "their prefill"
+        engine._prefilled.normal_()
+        before = decoder.lengths.clone()
+        eager = engine._graphed_step([flat], (rows, 64))
+        decoder.lengths.copy_(before)
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(engine._graphed_step, fullgraph=True, backend="eager")
+            traced = compiled([flat], (rows, 64))
+        finally:
+            torch._dynamo.reset()
+        assert torch.equal(traced[0], eager[0])  # codes and finiteness
+        assert torch.allclose(traced[1], eager[1], atol=1e-5)  # guided logits
+        assert torch.equal(decoder.lengths, before + 1)
+    finally:
+        for job in jobs:
+            engine.finish(job)
+
+
 def test_step_buffers_are_kept_per_shape_and_dropped_when_the_storage_moves() -> None:
     from wavecast.server.engines.graphs import StepGraphs
 

@@ -706,3 +706,51 @@ def test_every_step_shape_is_ready_after_warm_up(loaded: HiggsModel) -> None:
     assert graphs.shapes == prepared and graphs.dropped == drops
     for ours, theirs in zip(*results, strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_the_graphed_step_traces_as_one_graph(loaded: HiggsModel) -> None:
+    """The whole device side of a graphed speech step (the forward, the prefilled
+    rows' logits put in, the delay pattern's forced codes, the warpers, the draw
+    and the repetition-aware redraws) traces as one graph, with the eager
+    step's outputs."""
+    engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=True)
+    jobs = [
+        request(engine, r, "Hello there.", max_new_tokens=20, seed=i) for i, r in enumerate("ab")
+    ]
+    try:
+        engine.step(jobs)  # prefill them
+        decoder = engine.decoder
+        rows, window = decoder.rows, 8
+        gen = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, BOS, (rows, K), generator=gen)
+        forced = torch.full((rows, K), -1)
+        forced[0, 1:] = BOS  # the delay pattern's first rows
+        keys = torch.randint(0, 2**31, (2, rows), generator=gen)
+        recent = torch.randint(0, BOS, (rows, window, K), generator=gen)
+        parts = [
+            codes.flatten(),
+            torch.ones(rows, dtype=torch.int64),
+            forced.flatten(),
+            keys[0],
+            keys[1],
+            torch.full((rows,), 2),
+            recent.flatten(),
+            torch.tensor([0, 1] * (rows // 2) or [0]),
+        ]
+        flat = torch.cat(parts)
+        engine._prefilled.normal_()
+        before = decoder.lengths.clone()
+        eager = engine._graphed_step([flat], (rows, 64, window))
+        decoder.lengths.copy_(before)
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(engine._graphed_step, fullgraph=True, backend="eager")
+            traced = compiled([flat], (rows, 64, window))
+        finally:
+            torch._dynamo.reset()
+        assert torch.equal(traced[0], eager[0])
+        assert torch.allclose(traced[1], eager[1], atol=1e-5)
+        assert torch.equal(decoder.lengths, before + 1)
+    finally:
+        for job in jobs:
+            engine.finish(job)
