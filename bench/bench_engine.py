@@ -49,12 +49,17 @@ def request(engine: Engine, index: int, duration: float) -> EngineRequest:
 
 def run(engine: Engine, streams: int, duration: float, device: str) -> dict[str, float]:
     """Prepare ``streams`` requests at once and step them all to the end."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     sync(device)
     start = time.perf_counter()
     jobs = [engine.prepare(request(engine, i, duration)) for i in range(streams)]
     first: list[float] = []
+    each: list[float] = []  # every stream's real-time factor (its audio / its time)
     steps = 0
     samples = 0
+    rate = engine.info.sample_rate
     while jobs:
         outputs = engine.step(jobs)
         steps += 1
@@ -62,10 +67,12 @@ def run(engine: Engine, streams: int, duration: float, device: str) -> dict[str,
         for job, output in list(zip(jobs, outputs, strict=True)):
             if output.audio is not None:
                 samples += output.audio.shape[0]
+                job.extra["samples"] = job.extra.get("samples", 0) + output.audio.shape[0]
                 if job.extra.get("first") is None:
                     job.extra["first"] = now - start
                     first.append(now - start)
             if output.done:
+                each.append(job.extra.get("samples", 0) / rate / (now - start))
                 engine.finish(job)
                 jobs.remove(job)
     sync(device)
@@ -73,8 +80,10 @@ def run(engine: Engine, streams: int, duration: float, device: str) -> dict[str,
     return {
         "wall": wall,
         "steps": steps,
-        "rtf": samples / engine.info.sample_rate / wall,
+        "rtf": samples / rate / wall,
+        "slowest": min(each),
         "ttfa": statistics.median(first),
+        "memory": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
     }
 
 
@@ -124,6 +133,7 @@ def main() -> None:
     began = time.perf_counter()
     engine = load(args.model, device, args.reference, args.cuda_graphs, max(args.streams))
     loaded = time.perf_counter() - began
+    resident = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
     run(engine, max(args.streams), min(args.duration, 1.0), device)  # warm up
     results = {}
     for n in args.streams:
@@ -142,16 +152,27 @@ def main() -> None:
             f"- decode step shapes ready: {len(graphs)}; CUDA graphs recorded in all: "
             f"{graphs.recorded}, dropped {graphs.dropped} times"
         )
-    print(f"- load and warm-up: {loaded:.1f} s\n")
-    print("| streams | time to first audio | ms per step | aggregate real-time factor |")
-    print("| --- | --- | --- | --- |")
+    print(f"- load and warm-up: {loaded:.1f} s")
+    if device.startswith("cuda"):
+        print(f"- GPU memory after warm-up: {resident:.2f} GiB")
+    print()
+    memory = " GPU memory (peak) |" if device.startswith("cuda") else ""
+    print(
+        "| streams | time to first audio | ms per step | per stream (slowest) "
+        f"| aggregate real-time factor |{memory}"
+    )
+    print("| --- | --- | --- | --- | --- |" + (" --- |" if memory else ""))
     one = results.get(1)
     for n, r in results.items():
         ratio = f" ({r['rtf'] / one['rtf']:.2f}x one stream)" if one and n != 1 else ""
         ttfa = f"{r['ttfa'] * 1000:.0f} ms"
         if one and n != 1:
             ttfa += f" ({r['ttfa'] / one['ttfa']:.1f}x)"
-        print(f"| {n} | {ttfa} | {r['wall'] / r['steps'] * 1000:.2f} | x{r['rtf']:.2f}{ratio} |")
+        peak = f" {r['memory']:.2f} GiB |" if memory else ""
+        print(
+            f"| {n} | {ttfa} | {r['wall'] / r['steps'] * 1000:.2f} | x{r['slowest']:.2f} "
+            f"| x{r['rtf']:.2f}{ratio} |{peak}"
+        )
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ class _Utterance:
     ended: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)  # (tests: nothing keeps a finished one)
 class _HiggsJob:
     chunks: list[str]
     system: str

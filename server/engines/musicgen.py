@@ -78,7 +78,7 @@ class StreamSettings:
     max_chunk_frames: int = 50  # while the stream is well ahead of real time
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)  # (tests: nothing keeps a finished one)
 class _MusicGenJob:
     """The stepping state of one request (tensors live on the model's device)."""
 

@@ -443,6 +443,29 @@ def test_the_graphed_step_traces_as_one_graph(windowed: Any) -> None:
             engine.finish(job)
 
 
+def test_finished_and_cancelled_requests_leave_nothing_behind(windowed: Any) -> None:
+    """Once finished (done, or cancelled half-way), no request's state stays
+    reachable from the engine: its slot is free, no codec window waits for it,
+    and the garbage collector finds none of its state (a crowd after a crowd
+    costs no memory more)."""
+    import gc
+    import weakref
+
+    model, _ = windowed
+    engine = MusicGenEngine(model, name="tiny-2s", test_model=True, max_duration=12.0)
+    for _ in range(2):
+        joins = {0: [("a", make(engine, "a")), ("b", make(engine, "b"))]}
+        joins[3] = [("c", make(engine, "c"))]
+        states = [weakref.ref(job.state) for jobs in joins.values() for _, job in jobs]
+        runs, _ = drive(engine, joins, cancels={9: ["b"]})
+        for run in runs.values():
+            engine.finish(run.job)
+        del runs, joins
+        gc.collect()
+        assert all(owner is None for owner in engine._slots.owners) and not engine._due
+        assert all(state() is None for state in states)
+
+
 def test_step_buffers_are_kept_per_shape_and_dropped_when_the_storage_moves() -> None:
     from wavecast.server.engines.graphs import StepGraphs
 

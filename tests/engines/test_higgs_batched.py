@@ -754,3 +754,34 @@ def test_the_graphed_step_traces_as_one_graph(loaded: HiggsModel) -> None:
     finally:
         for job in jobs:
             engine.finish(job)
+
+
+def test_finished_and_cancelled_requests_leave_nothing_behind(loaded: HiggsModel) -> None:
+    """Once finished (done, or cancelled half-way), no request's state stays
+    reachable from the engine (its row is free, no codec window waits for it)."""
+    import gc
+    import weakref
+
+    engine = HiggsEngine(loaded, name="tiny-higgs")
+    for _ in range(2):
+        jobs = [
+            request(engine, "a", "Hello there.", max_new_tokens=20, seed=1),
+            request(engine, "b", DIALOGUE, chunk_method="speaker", max_new_tokens=12, seed=2),
+            request(engine, "c", "Cut short, this one.", max_new_tokens=40, seed=3),
+        ]
+        states = [weakref.ref(job.state) for job in jobs]
+        live = list(jobs)
+        for step in range(200):
+            if step == 6:  # c is cancelled half-way
+                engine.finish(jobs[2])
+                live.remove(jobs[2])
+            if not live:
+                break
+            outputs = engine.step(live)
+            live = [job for job, out in zip(live, outputs, strict=True) if not out.done]
+        for job in jobs:
+            engine.finish(job)
+        del jobs, live, outputs
+        gc.collect()
+        assert all(owner is None for owner in engine._slots.owners) and not engine._due
+        assert all(state() is None for state in states)
