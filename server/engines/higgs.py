@@ -76,6 +76,7 @@ from .higgs_prompt import (
     delay_block,
     normalize_text,
 )
+from .higgs_utterance import MAX_RAS_WINDOW, Markers, Utterance
 from .loading import HiggsModel
 from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
 from .slots import SlotTable
@@ -86,37 +87,12 @@ __all__ = ["HiggsEngine"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "bosonai/higgs-audio-v2-generation-3B-base"
-MAX_RAS_WINDOW = 64
 REFERENCE_ROLES = ("reference", "reference_1")
 
 # -- per-request state ------------------------------------------------------------
 
 
 Ints = npt.NDArray[np.int64]
-
-
-@dataclass(slots=True)
-class _Utterance:
-    """One chunk's prompt and decoding state in the batched engine (on the host).
-
-    The delay pattern's countdowns mirror ``HiggsAudioV2DelayPatternLogitsProcessor``:
-    ``bos[k] >= 0`` forces codebook ``k`` to stream BOS (the first rows of an
-    utterance), ``eos[k] <= 0`` to stream EOS (counting down once a codebook has
-    ended, so that codebook ``k`` ends ``k`` rows after the first).
-    """
-
-    ids: Ints  # [L] the prompt's tokens
-    audio: Ints  # [N, K] its audio rows (delay-pattern blocks)
-    is_audio: npt.NDArray[np.bool_]  # [L] which positions are audio
-    fed: int  # prompt positions in the row's cache
-    bos: Ints  # [K]
-    eos: Ints  # [K]
-    last: int  # the last text token (audio, delay, or end of turn)
-    recent: Ints  # [<= MAX_RAS_WINDOW, K] the last audio rows: the prompt's, then generated
-    rows: list[Ints] = field(default_factory=list)  # generated rows [K]
-    forwarded: int = 0  # generated rows fed back (in the cache)
-    steps: int = 0
-    ended: bool = False
 
 
 @dataclass(slots=True, weakref_slot=True)  # (tests: nothing keeps a finished one)
@@ -144,8 +120,8 @@ class _HiggsJob:
     # The request's row, its chunk under way and the last one.
     seed: int = 0
     slot: int | None = None
-    utterance: _Utterance | None = None
-    spoken: _Utterance | None = None
+    utterance: Utterance | None = None
+    spoken: Utterance | None = None
 
 
 class HiggsEngine:
@@ -229,6 +205,15 @@ class HiggsEngine:
         self.audio_bos_token = int(config.audio_bos_token_id)
         eos_id = config.eos_token_id
         self.end_token = int(eos_id if isinstance(eos_id, int) else eos_id[0])
+        self.markers = Markers(
+            codebooks=self.num_codebooks,
+            stream_bos=self.stream_bos,
+            stream_eos=self.stream_eos,
+            audio=self.audio_token,
+            delay=self.delay_token,
+            audio_bos=self.audio_bos_token,
+            end=self.end_token,
+        )
         self.decoder = HiggsDecoder(self.model, rows=1, length=256)
         self._graphs = None
         # A step's prefilled rows' logits, for the graphed step ([rows, K, card]).
@@ -607,7 +592,7 @@ class HiggsEngine:
                 active[slot] = 1
                 decoding.append(st)
             stepped[slot] = True
-            forced[slot] = self._forced(u)
+            forced[slot] = u.forced()
             length = int(self._ras_len[slot])
             if length and len(u.recent):
                 tail = u.recent[-length:]
@@ -764,7 +749,7 @@ class HiggsEngine:
             self._ras_len[st.slot] = 0
         st.slot = None
 
-    def _open_utterance(self, st: _HiggsJob) -> _Utterance:
+    def _open_utterance(self, st: _HiggsJob) -> Utterance:
         """The next chunk's prompt, set up in the request's row: the part its cache
         already holds (the last chunk's prompt and answer, where the new prompt
         repeats them) is kept, the rest is prefilled."""
@@ -776,47 +761,11 @@ class HiggsEngine:
             if audio_ids is None
             else audio_ids[0].cpu().numpy().astype(np.int64)
         )
-        # The delay pattern as the processor sets it up from the prompt's last K tokens.
-        pattern = np.arange(1, k + 1, dtype=np.int64)
-        tail = ids[-k:]
-        bos_at = np.flatnonzero(tail == self.audio_bos_token)
-        eos_at = np.flatnonzero(tail == self.delay_token)
-        u = _Utterance(
-            ids=ids,
-            audio=audio,
-            is_audio=(ids == self.audio_token) | (ids == self.delay_token),
-            fed=0,
-            bos=pattern - (len(tail) - bos_at[0]) if bos_at.size else np.zeros(k, np.int64),
-            eos=pattern - (len(tail) - eos_at[0]) if eos_at.size else pattern.copy(),
-            last=int(ids[-1]),
-            recent=audio[-MAX_RAS_WINDOW:].copy(),
-        )
+        u = Utterance.start(ids, audio, self.markers)
         if st.spoken is not None:
-            u.fed = self._reusable(st.spoken, u)
+            u.fed = u.reusable(st.spoken)
         self.decoder.ensure(length=len(ids) + st.max_new_tokens + 1)
         return u
-
-    @staticmethod
-    def _reusable(old: _Utterance, new: _Utterance) -> int:
-        """Positions of ``new``'s prompt that the row's cache holds from ``old``: its
-        prompt, and the generated rows fed back as far as ``new``'s prompt repeats
-        them (as ``_reuse_cache``)."""
-        length, rows = len(old.ids), len(old.audio)
-        if old.fed != length or len(new.audio) == 0:
-            return 0
-        if len(new.ids) <= length + old.forwarded or not np.array_equal(new.ids[:length], old.ids):
-            return 0
-        if not np.array_equal(new.audio[:rows], old.audio):
-            return 0
-        same = 0
-        if old.forwarded:
-            generated = np.stack(old.rows[: old.forwarded])
-            upcoming = new.audio[rows : rows + old.forwarded]
-            if upcoming.shape == generated.shape:
-                same = int(np.cumprod((upcoming == generated).all(axis=1)).sum())
-        if not bool(new.is_audio[length : length + same].all()):
-            return 0
-        return length + same
 
     def _prefill_due(
         self, states: list[_HiggsJob], failures: dict[int, BaseException]
@@ -899,54 +848,20 @@ class HiggsEngine:
         last = self._per_position
         self._per_position = per_position if last is None else 0.7 * last + 0.3 * per_position
 
-    def _forced(self, u: _Utterance) -> Ints:
-        """The codes the delay pattern forces in this step (-1: free), advancing its
-        countdowns as the processor does."""
-        forced = np.full(self.num_codebooks, -1, dtype=np.int64)
-        force_bos = u.bos >= 0
-        forced[force_bos] = self.stream_bos
-        u.bos[force_bos] -= 1
-        if u.last == self.delay_token:
-            u.eos -= 1
-        forced[u.eos <= 0] = self.stream_eos
-        return forced
-
-    def _rules(self, u: _Utterance, tokens: Ints, max_new_tokens: int) -> bool:
-        """A sampled row ``[K]`` into the utterance, as ``generate``'s loop takes it:
-        the next text token (delay once a codebook has ended, end of turn once all
-        have), the RAS window, the stop rules. Returns whether all codebooks ended
-        (the row is not audio)."""
-        ended = tokens == self.stream_eos
-        all_eos, any_eos = bool(ended.all()), bool(ended.any())
-        u.last = self.delay_token if any_eos or u.last == self.delay_token else self.audio_token
-        if all_eos:
-            u.last = self.end_token
-        row = np.array(tokens, dtype=np.int64)
-        u.recent = np.concatenate([u.recent, row[None]])[-MAX_RAS_WINDOW:]
-        u.steps += 1
-        u.ended = all_eos or u.steps >= max_new_tokens
-        if not all_eos:
-            u.rows.append(row)
-        return all_eos
-
     def _advance(self, job: Job, tokens: Ints) -> StepOutput:
         """A request's sampled row ``[K]``: its utterance's rules, frames and audio."""
         st: _HiggsJob = job.state
         u = st.utterance
         assert u is not None
-        k = self.num_codebooks
         job.steps += 1
-        all_eos = self._rules(u, tokens, st.max_new_tokens)
+        all_eos = u.take(tokens, st.max_new_tokens)
         pieces: list[FloatAudio] = []
         plan = None
-        # rows[0] is the all-BOS row; frame j needs rows 1 + j ... 1 + j + K - 1.
-        if not all_eos and len(u.rows) - 1 >= k:
-            j = len(u.rows) - 1 - k
-            frame = np.array([u.rows[1 + j + i][i] for i in range(k)], dtype=np.int64)
-            frame = frame.clip(0, self.stream_bos - 1)
+        frame = None if all_eos else u.frame()
+        if frame is not None:
             st.chunk_frames.append(torch.from_numpy(frame))
             st.produced += 1
-            plan = st.decoder.plan_push(frame.reshape(1, k, 1))
+            plan = st.decoder.plan_push(frame.reshape(1, -1, 1))
         done = False
         if u.ended or st.produced >= st.max_frames:
             st.spoken = u

@@ -32,8 +32,9 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
 )
 
 from ..base import FloatAudio, Job, StepOutput
-from ..higgs import MAX_RAS_WINDOW, HiggsEngine, advance_fraction
+from ..higgs import HiggsEngine, advance_fraction
 from ..higgs_prompt import PromptPart
+from ..higgs_utterance import MAX_RAS_WINDOW
 
 __all__ = ["HiggsReference", "HiggsStream"]
 

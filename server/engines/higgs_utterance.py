@@ -1,0 +1,154 @@
+"""One text chunk's utterance, on the host: the delay pattern and the stop rules.
+
+HiggsAudio v2 speaks in rows of ``K`` codes, codebook ``k`` ``k`` rows late (the
+delay pattern): an utterance opens with rows where codebooks still wait at
+stream BOS and closes with rows where they have ended at stream EOS. An
+``Utterance`` keeps what ``generate``'s loop keeps for one chunk, as plain
+integers: the prompt's tokens and audio rows, the delay pattern's countdowns
+(``HiggsAudioV2DelayPatternLogitsProcessor``'s), the text token each row is fed
+with, the recent rows for repetition-aware sampling, and the rows spoken. A step
+asks it which codes are forced (``forced``), gives it the row drawn
+(``take``), and reads the frame that row completes (``frame``). The next chunk's
+prompt repeats this one's prompt and answer: ``reusable`` says how much of the
+row's KV cache stays valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["MAX_RAS_WINDOW", "Markers", "Utterance"]
+
+MAX_RAS_WINDOW = 64
+
+Ints = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class Markers:
+    """The ids the rules read: audio stream markers and text tokens."""
+
+    codebooks: int
+    stream_bos: int  # an audio codebook not started yet
+    stream_eos: int  # an audio codebook ended
+    audio: int  # <|AUDIO_OUT|>: the text token of an audio row
+    delay: int  # the text token of a row where a codebook has ended
+    audio_bos: int  # <|audio_out_bos|>
+    end: int  # end of turn (every codebook ended)
+
+
+@dataclass(slots=True)
+class Utterance:
+    """One chunk's prompt and decoding state.
+
+    The delay pattern's countdowns mirror ``HiggsAudioV2DelayPatternLogitsProcessor``:
+    ``bos[k] >= 0`` forces codebook ``k`` to stream BOS (the first rows of an
+    utterance), ``eos[k] <= 0`` to stream EOS (counting down once a codebook has
+    ended, so that codebook ``k`` ends ``k`` rows after the first).
+    """
+
+    markers: Markers
+    ids: Ints  # [L] the prompt's tokens
+    audio: Ints  # [N, K] its audio rows (delay-pattern blocks)
+    is_audio: npt.NDArray[np.bool_]  # [L] which positions are audio
+    fed: int  # prompt positions in the row's cache
+    bos: Ints  # [K]
+    eos: Ints  # [K]
+    last: int  # the last text token (audio, delay, or end of turn)
+    recent: Ints  # [<= MAX_RAS_WINDOW, K] the last audio rows: the prompt's, then generated
+    rows: list[Ints] = field(default_factory=list)  # generated rows [K]
+    forwarded: int = 0  # generated rows fed back (in the cache)
+    steps: int = 0
+    ended: bool = False
+
+    @classmethod
+    def start(cls, ids: Ints, audio: Ints, markers: Markers) -> Utterance:
+        """The utterance a prompt's tokens ``[L]`` and audio rows ``[N, K]`` open,
+        with the delay pattern the processor sets up from the prompt's last K
+        tokens."""
+        k = markers.codebooks
+        pattern = np.arange(1, k + 1, dtype=np.int64)
+        tail = ids[-k:]
+        bos_at = np.flatnonzero(tail == markers.audio_bos)
+        eos_at = np.flatnonzero(tail == markers.delay)
+        return cls(
+            markers=markers,
+            ids=ids,
+            audio=audio,
+            is_audio=(ids == markers.audio) | (ids == markers.delay),
+            fed=0,
+            bos=pattern - (len(tail) - bos_at[0]) if bos_at.size else np.zeros(k, np.int64),
+            eos=pattern - (len(tail) - eos_at[0]) if eos_at.size else pattern.copy(),
+            last=int(ids[-1]),
+            recent=audio[-MAX_RAS_WINDOW:].copy(),
+        )
+
+    def reusable(self, old: Utterance) -> int:
+        """Positions of this prompt that the row's cache holds from ``old``: its
+        prompt, and the generated rows fed back as far as this prompt repeats
+        them."""
+        length, rows = len(old.ids), len(old.audio)
+        if old.fed != length or len(self.audio) == 0:
+            return 0
+        if len(self.ids) <= length + old.forwarded or not np.array_equal(
+            self.ids[:length], old.ids
+        ):
+            return 0
+        if not np.array_equal(self.audio[:rows], old.audio):
+            return 0
+        same = 0
+        if old.forwarded:
+            generated = np.stack(old.rows[: old.forwarded])
+            upcoming = self.audio[rows : rows + old.forwarded]
+            if upcoming.shape == generated.shape:
+                same = int(np.cumprod((upcoming == generated).all(axis=1)).sum())
+        if not bool(self.is_audio[length : length + same].all()):
+            return 0
+        return length + same
+
+    def forced(self) -> Ints:
+        """The codes the delay pattern forces in this step (-1: free), advancing its
+        countdowns as the processor does."""
+        m = self.markers
+        forced = np.full(m.codebooks, -1, dtype=np.int64)
+        force_bos = self.bos >= 0
+        forced[force_bos] = m.stream_bos
+        self.bos[force_bos] -= 1
+        if self.last == m.delay:
+            self.eos -= 1
+        forced[self.eos <= 0] = m.stream_eos
+        return forced
+
+    def take(self, tokens: Ints, max_new_tokens: int) -> bool:
+        """A sampled row ``[K]``, as ``generate``'s loop takes it: the next text token
+        (delay once a codebook has ended, end of turn once all have), the RAS
+        window, the stop rules. Returns whether all codebooks ended (the row is
+        not audio)."""
+        m = self.markers
+        ended = tokens == m.stream_eos
+        all_eos, any_eos = bool(ended.all()), bool(ended.any())
+        self.last = m.delay if any_eos or self.last == m.delay else m.audio
+        if all_eos:
+            self.last = m.end
+        row = np.array(tokens, dtype=np.int64)
+        self.recent = np.concatenate([self.recent, row[None]])[-MAX_RAS_WINDOW:]
+        self.steps += 1
+        self.ended = all_eos or self.steps >= max_new_tokens
+        if not all_eos:
+            self.rows.append(row)
+        return all_eos
+
+    def frame(self) -> Ints | None:
+        """The frame ``[K]`` the last row completed (codes clipped to the codebook),
+        or None: ``rows[0]`` is the all-BOS row, and frame ``j`` needs rows
+        ``1 + j`` to ``1 + j + K - 1``, codebook ``k`` from row ``1 + j + k``."""
+        k = self.markers.codebooks
+        if len(self.rows) - 1 < k:
+            return None
+        j = len(self.rows) - 1 - k
+        frame = np.array([self.rows[1 + j + i][i] for i in range(k)], dtype=np.int64)
+        clipped: Ints = frame.clip(0, self.markers.stream_bos - 1)
+        return clipped
