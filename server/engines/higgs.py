@@ -42,10 +42,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from wavecast.protocol import InvalidField, ModelInfo, ParamSpec
+from wavecast.protocol import InvalidField, ModelInfo
 
 from .base import (
-    SEED_SPEC,
     EngineRequest,
     FloatAudio,
     Job,
@@ -61,11 +60,11 @@ from .base import (
 )
 from .codec_stream import Due, StreamDecoder, complete_due
 from .graphs import Key, StepGraphs, powers_of_two, span_for
+from .higgs_card import model_card
 from .higgs_decoder import HiggsDecoder
 from .higgs_prompt import (
     AUDIO_DELAY,
     AUDIO_OUT,
-    CHUNK_METHODS,
     MULTISPEAKER_SYSTEM,
     SPEAKER_TAG,
     SYSTEM,
@@ -76,7 +75,7 @@ from .higgs_prompt import (
     delay_block,
     normalize_text,
 )
-from .higgs_utterance import MAX_RAS_WINDOW, Markers, Utterance
+from .higgs_utterance import Markers, Utterance
 from .loading import HiggsModel
 from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
 from .slots import SlotTable
@@ -248,103 +247,24 @@ class HiggsEngine:
                     f"{'unknown' if unknown else got}"
                     + ("" if expected is None else f", the model expects id {expected}")
                 )
-        card = int(config.codebook_size)
-        default_scene = "quiet_indoor" if "quiet_indoor" in self.scenes else ""
-        scene_names = ", ".join(self.scenes) or "none configured"
-        self._params = (
-            ParamSpec(
-                "voice",
-                "str",
-                "",
-                description="named voice (GET /v1/voices); for dialogue one per speaker, "
-                "comma-separated: SPEAKER0,SPEAKER1 (empty: the model picks)",
-            ),
-            ParamSpec(
-                "reference_text",
-                "str",
-                "",
-                description="transcript of inputs.reference (better cloning when given)",
-            ),
-            ParamSpec(
-                "reference_1_text",
-                "str",
-                "",
-                description="transcript of inputs.reference_1 (SPEAKER1's voice)",
-            ),
-            ParamSpec(
-                "scene",
-                "str",
-                default_scene,
-                description=f"scene name ({scene_names}) or a free-text description",
-            ),
-            ParamSpec("temperature", "float", 0.7, 0.0, 2.0, description="0: greedy"),
-            ParamSpec("top_k", "int", 50, 0, card, description="0: all tokens"),
-            ParamSpec("top_p", "float", 0.95, 0.0, 1.0, description="nucleus sampling"),
-            ParamSpec(
-                "max_new_tokens",
-                "int",
-                min(2048, max_new_tokens),
-                1,
-                max_new_tokens,
-                description=(
-                    f"decoding steps per chunk at most (a step makes a frame, "
-                    f"{self.frame_rate:g} a second, after the first {self.num_codebooks - 1})"
-                ),
-            ),
-            SEED_SPEC,
-            ParamSpec(
-                "ras_win_len",
-                "int",
-                7,
-                0,
-                MAX_RAS_WINDOW,
-                description="repetition-aware sampling window in frames (0: off)",
-            ),
-            ParamSpec(
-                "ras_win_max_num_repeat",
-                "int",
-                2,
-                1,
-                64,
-                description="repeats within the window that trigger resampling",
-            ),
-            ParamSpec(
-                "chunk_method",
-                "str",
-                "none",
-                choices=CHUNK_METHODS,
-                description="split long texts by speaker turn or by word count",
-            ),
-            ParamSpec("chunk_max_word_num", "int", 200, 1, 10000, description="word chunks"),
-            ParamSpec("chunk_max_num_turns", "int", 1, 1, 100, description="speaker chunks"),
-            ParamSpec(
-                "generation_chunk_buffer_size",
-                "int",
-                None,
-                1,
-                1000,
-                description="spoken chunks kept as context (empty: all)",
-            ),
-        )
-        label = "random-weight test model, makes noise" if loaded.test_model else "text to speech"
         # Named voices are encoded once, here, so that a request naming one pays
         # nothing for it (bounded: the voices folder is read once).
         with torch.no_grad():
             for voice in self.voices.values():
                 self._voice_codes[voice.name] = self.encode_audio(voice.audio, voice.sample_rate)
-        self._info = ModelInfo(
+        self._info = model_card(
             name=name,
-            family=self.family,
-            description=f"HiggsAudio v2 {name} ({label})",
-            sample_rate=self.sample_rate,
-            channels=1,
             test_model=loaded.test_model,
+            sample_rate=self.sample_rate,
+            frame_rate=self.frame_rate,
+            codebooks=self.num_codebooks,
+            card=int(config.codebook_size),
+            max_new_tokens=max_new_tokens,
             max_duration=self.max_duration,
-            params=self._params,
-            capabilities=("tts", "voices", "reference", "scene", "dialogue"),
             voices=tuple(self.voices),
             scenes=tuple(self.scenes),
         )
+        self._params = self._info.params
 
     @property
     def info(self) -> ModelInfo:
