@@ -97,9 +97,11 @@ class StepGraphs:
 
     def prepare(self, keys: Iterable[Key], blank: Callable[[Key], Sequence[torch.Tensor]]) -> int:
         """Make ready (record) the step of every key now, with ``blank(key)``'s
-        inputs (zeros: every row inactive); how many were new."""
+        inputs (zeros: every row inactive); how many were new. The largest
+        shapes first: the smaller graphs' work tensors then fit in the memory
+        the larger ones' left in the shared pool."""
         before = len(self._graphs)
-        for key in keys:
+        for key in sorted(keys, reverse=True):
             self._entry(key, blank(key))
         return len(self._graphs) - before
 
