@@ -135,15 +135,23 @@ class StepGraphs:
         if not self.record:
             return entry
         # Every row inactive while recording: only the spare position is written.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmups):
-                self.step(entry.inputs, key)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            entry.out = self.step(entry.inputs, key)
+        # autocast's cache of cast weights would hand the graph casts that are freed
+        # when the autocast context exits (make_graphed_callables refuses it): the
+        # casts are recorded instead (none where the weights are in the step's dtype).
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmups):
+                    self.step(entry.inputs, key)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                entry.out = self.step(entry.inputs, key)
+        finally:
+            torch.set_autocast_cache_enabled(cache)
         self._pool = graph.pool()
         entry.graph = graph
         self.recorded += 1
