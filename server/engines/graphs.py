@@ -35,11 +35,15 @@ any machine.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["StepGraphs", "powers_of_two", "span_for"]
 
@@ -95,15 +99,25 @@ class StepGraphs:
         """The keys ready to step."""
         return set(self._graphs)
 
-    def prepare(self, keys: Iterable[Key], blank: Callable[[Key], Sequence[torch.Tensor]]) -> int:
+    def prepare(
+        self,
+        keys: Iterable[Key],
+        blank: Callable[[Key], Sequence[torch.Tensor]],
+        *,
+        label: str = "",
+    ) -> int:
         """Make ready (record) the step of every key now, with ``blank(key)``'s
-        inputs (zeros: every row inactive); how many were new. The largest
-        shapes first: the smaller graphs' work tensors then fit in the memory
-        the larger ones' left in the shared pool."""
+        inputs (zeros: every row inactive); how many were new (logged with
+        ``label``). The largest shapes first: the smaller graphs' work tensors
+        then fit in the memory the larger ones' left in the shared pool."""
+        start = time.perf_counter()
         before = len(self._graphs)
         for key in sorted(keys, reverse=True):
             self._entry(key, blank(key))
-        return len(self._graphs) - before
+        made = len(self._graphs) - before
+        what = "CUDA graphs recorded" if self.record else "step shapes ready"
+        log.info("%s: %d %s in %.2f s", label, made, what, time.perf_counter() - start)
+        return made
 
     def __call__(self, key: Key, *inputs: torch.Tensor) -> Any:
         """The step's outputs, in the key's output buffers (valid until the next

@@ -840,7 +840,6 @@ class HiggsEngine:
         longer row grows the cache: the graphs are recorded again as their shapes
         come back)."""
         assert self._graphs is not None
-        start = time.perf_counter()
         self._slots.reserve(self.max_active)
         default = next(spec.default for spec in self._params if spec.name == "max_new_tokens")
         assert isinstance(default, int)
@@ -859,16 +858,9 @@ class HiggsEngine:
             return [torch.zeros(size, dtype=torch.int64, device=self.device)]
 
         keys = [(r, s, window) for r in rows for s in spans]
+        label = f"{self.name} ({rows[-1]} rows at most, {self.decoder.length} positions)"
         with torch.no_grad():
-            made = self._graphs.prepare(keys, blank)
-        log.info(
-            "%s: %d decode graphs (%d rows at most, %d positions) in %.2f s",
-            self.name,
-            made,
-            rows[-1],
-            self.decoder.length,
-            time.perf_counter() - start,
-        )
+            self._graphs.prepare(keys, blank, label=label)
 
     def finish(self, job: Job) -> None:
         if job.state is not None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -755,7 +754,6 @@ class MusicGenEngine:
         descriptions up to 128 tokens preallocated (a longer one grows the cache:
         the graphs are recorded again as their shapes come back)."""
         assert self._graphs is not None
-        start = time.perf_counter()
         self._slots.reserve(self.max_active)
         cross = min(self.max_prompt_tokens, 128)
         self.decoder.ensure(length=self._prepend + self._window_steps, cross_length=cross)
@@ -768,16 +766,9 @@ class MusicGenEngine:
             size = rows * (k + 2) + rows // 2
             return [torch.zeros(size, dtype=torch.int64, device=self.device)]
 
+        label = f"{self.name} ({rows[-1]} rows at most, {self.decoder.length} positions)"
         with torch.no_grad(), self.model.autocast:
-            made = self._graphs.prepare([(r, s) for r in rows for s in spans], blank)
-        log.info(
-            "%s: %d decode graphs (%d rows at most, %d positions) in %.2f s",
-            self.name,
-            made,
-            rows[-1],
-            self.decoder.length,
-            time.perf_counter() - start,
-        )
+            self._graphs.prepare([(r, s) for r in rows for s in spans], blank, label=label)
 
     def finish(self, job: Job) -> None:
         # Free the slot and drop the buffers now rather than when the Job is collected.

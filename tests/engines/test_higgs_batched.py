@@ -69,6 +69,12 @@ def request(
     return engine.prepare(EngineRequest(rid, text, params, inputs or {}))
 
 
+def voiced_dialogue(engine: HiggsEngine, rid: str) -> Job:
+    """A dialogue in chunks by speaker turn, with an uploaded voice reference."""
+    inputs = {"reference": wav(0.8, 330)}
+    return request(engine, rid, DIALOGUE, inputs, chunk_method="speaker", max_new_tokens=20, seed=2)
+
+
 def drive(
     engine: HiggsEngine, jobs: Sequence[Job], joins: Sequence[int] | None = None
 ) -> dict[str, np.ndarray]:
@@ -643,15 +649,7 @@ def test_the_step_through_static_buffers_equals_the_direct_step(loaded: HiggsMod
         engine.logits_observer = observe
         jobs = [
             request(engine, "a", "Hello there, how are you?", max_new_tokens=30, seed=1),
-            request(
-                engine,
-                "b",
-                DIALOGUE,
-                {"reference": wav(0.8, 330)},
-                chunk_method="speaker",
-                max_new_tokens=20,
-                seed=2,
-            ),
+            voiced_dialogue(engine, "b"),
             request(engine, "c", "Short.", max_new_tokens=12, temperature=0.0, seed=3),
         ]
         audio = drive(engine, jobs, [0, 0, 3])
@@ -689,15 +687,7 @@ def test_every_step_shape_is_ready_after_warm_up(loaded: HiggsModel) -> None:
     results = []
     for engine in (staged, HiggsEngine(loaded, name="tiny-higgs")):
         jobs = [
-            request(
-                engine,
-                "b",
-                DIALOGUE,
-                {"reference": wav(0.8, 330)},
-                chunk_method="speaker",
-                max_new_tokens=20,
-                seed=2,
-            ),
+            voiced_dialogue(engine, "b"),
             request(engine, "a", "Hello there, how are you?", max_new_tokens=30, seed=1),
         ]
         drive(engine, jobs, [0, 4])
