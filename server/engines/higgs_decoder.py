@@ -168,7 +168,12 @@ class HiggsDecoder(CacheRows):
         return (tuple(self.kv.k.shape), self._cos.shape[0])
 
     def ensure(self, *, rows: int = 0, length: int = 0) -> None:
-        """Room for ``rows`` rows and ``length`` positions."""
+        """Room for ``rows`` rows and ``length`` positions. Positions grow by half
+        at least: a long dialogue's context (each chunk's prompt holds the ones
+        spoken) grows the cache, copying it and dropping any recorded graphs, a
+        few times rather than at every chunk."""
+        if length > self.length:
+            length = max(length, self.length + self.length // 2)
         self.kv.grow(rows=rows, length=length + 1)
         self._rope_table(self.kv.length)
 

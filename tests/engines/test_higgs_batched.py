@@ -162,6 +162,28 @@ def test_decode_step_traces_as_one_graph(loaded: HiggsModel) -> None:
     assert torch.equal(decoder.lengths, before + active.long())
 
 
+def test_the_cache_grows_by_half_at_least_and_keeps_what_it_holds(loaded: HiggsModel) -> None:
+    """A row that needs a few more positions grows the cache by half (a long
+    dialogue copies it a few times, not at every chunk); one that needs many gets
+    them; what the rows held is kept, and the forward over it is unchanged."""
+    decoder = HiggsDecoder(loaded.model, rows=2, length=64)
+    ids = torch.randint(0, 200, (1, 20), generator=torch.Generator().manual_seed(4))
+    codes_in = torch.randint(0, BOS, (2, K), generator=torch.Generator().manual_seed(5))
+    active = torch.tensor([True, False])
+    with torch.no_grad():
+        decoder.prefill([0], ids, None, np.zeros((1, 20), bool), 0)
+        before = decoder.decode(codes_in, active, span=64).clone()
+        decoder.lengths[0] -= 1  # (the same step again after growing)
+        decoder.ensure(length=70)
+        assert decoder.length == 96
+        decoder.ensure(length=90)
+        assert decoder.length == 96  # room enough: nothing moves
+        decoder.ensure(length=400)
+        assert decoder.length == 400
+        after = decoder.decode(codes_in, active, span=64)
+    assert torch.equal(after[0], before[0])
+
+
 # -- sampling rules ----------------------------------------------------------------------
 
 
