@@ -162,7 +162,10 @@ class StepGraphs:
                     self.step(entry.inputs, key)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # Only this thread's CUDA calls matter to the capture (the server's
+            # other threads touch no CUDA, but a capture mid-serving must not
+            # depend on it).
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 entry.out = self.step(entry.inputs, key)
         finally:
             torch.set_autocast_cache_enabled(cache)
