@@ -215,12 +215,23 @@ class WavecastServer:
                 "Streams the server estimates it keeps faster than real time.",
                 float(capacity["realtime_streams"]),
             )
-        counters = {
+        counters: dict[str, tuple[str, float | Samples]] = {
             "wavecast_steps_total": (
                 "Scheduler steps run (one batched step per model).",
                 float(snapshot["steps_total"]),
             ),
         }
+        graphs = self.scheduler.graphs()
+        if graphs:  # --cuda-graphs
+            gauges["wavecast_step_graphs"] = (
+                "Step shapes recorded as CUDA graphs (ready to replay), by model.",
+                [({"model": m}, float(ready)) for m, (ready, _) in graphs.items()],
+            )
+            counters["wavecast_step_graph_drops"] = (
+                "Times every CUDA graph of a model was dropped (its cache grew; the next "
+                "steps record their shapes again), by model.",
+                [({"model": m}, float(drops)) for m, (_, drops) in graphs.items()],
+            )
         return render_metrics(self.scheduler.metrics, gauges, counters)
 
     def info(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ when the page is scraped.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -120,20 +121,23 @@ class _Scrape(Collector):
 def render(
     metrics: Metrics,
     gauges: Mapping[str, tuple[str, float | Samples]],
-    counters: Mapping[str, tuple[str, float]],
+    counters: Mapping[str, tuple[str, float | Samples]],
 ) -> str:
     """The exposition: ``gauges`` and ``counters`` read now (name -> (help, a
     value or labelled samples)), then what ``metrics`` recorded."""
     live: list[Metric] = []
-    for name, (help_text, value) in gauges.items():
-        if isinstance(value, list):
-            names = sorted({key for labels, _ in value for key in labels})
-            family = GaugeMetricFamily(name, help_text, labels=names)
-            for labels, sample in value:
-                family.add_metric([labels.get(key, "") for key in names], sample)
-        else:
-            family = GaugeMetricFamily(name, help_text, value=value)
-        live.append(family)
-    for name, (help_text, total) in counters.items():
-        live.append(CounterMetricFamily(name, help_text, value=total))
+    kinds: list[tuple[Any, Mapping[str, tuple[str, float | Samples]]]] = [
+        (GaugeMetricFamily, gauges),
+        (CounterMetricFamily, counters),
+    ]
+    for kind, families in kinds:
+        for name, (help_text, value) in families.items():
+            if isinstance(value, list):
+                names = sorted({key for labels, _ in value for key in labels})
+                family = kind(name, help_text, labels=names)
+                for labels, sample in value:
+                    family.add_metric([labels.get(key, "") for key in names], sample)
+            else:
+                family = kind(name, help_text, value=value)
+            live.append(family)
     return generate_latest(_Scrape(live, metrics.registry)).decode()

@@ -166,6 +166,17 @@ class Scheduler:
                 counts[request.model]["active"] += 1
         return counts
 
+    def graphs(self) -> dict[str, tuple[int, int]]:
+        """Models stepping through CUDA graphs: the shapes ready and how many
+        times every graph was dropped (the cache grew: the next steps stall while
+        their shapes are recorded again)."""
+        counts = {}
+        for name, engine in self._engines.items():
+            graphs = engine.graphs
+            if graphs is not None:
+                counts[name] = (len(graphs), graphs.dropped)
+        return counts
+
     def snapshot(self) -> dict[str, Any]:
         with self._cond:
             counters: dict[str, Any] = {

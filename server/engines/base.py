@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,9 @@ from wavecast.protocol import (
     WavecastError,
     resolve_params,
 )
+
+if TYPE_CHECKING:
+    from .graphs import StepGraphs
 
 __all__ = [
     "SEED_SPEC",
@@ -158,6 +161,11 @@ class Engine(Protocol):
 
     # Frames of audio per second: each step adds one frame to every running request.
     frame_rate: float
+
+    @property
+    def graphs(self) -> StepGraphs | None:
+        """The step's CUDA graphs (``--cuda-graphs``), or None."""
+        ...
 
     @property
     def info(self) -> ModelInfo:

@@ -270,6 +270,10 @@ class HiggsEngine:
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def graphs(self) -> StepGraphs | None:
+        return self._graphs
+
     # -- preparation ---------------------------------------------------------------
 
     def prepare(self, request: EngineRequest) -> Job:

@@ -207,6 +207,10 @@ class MusicGenEngine:
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def graphs(self) -> StepGraphs | None:
+        return self._graphs
+
     # -- preparation ---------------------------------------------------------------
 
     def prepare(self, request: EngineRequest) -> Job:

@@ -8,6 +8,7 @@ import json
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -508,6 +509,30 @@ async def test_metrics_in_prometheus_text_format(server: Any) -> None:
     assert samples["wavecast_up"] == 1 and samples["wavecast_ready"] == 1
     assert samples["wavecast_requests_active"] == 0
     assert samples["wavecast_steps_total"] > 0 and kinds["wavecast_steps_total"] == "counter"
+
+
+async def test_metrics_count_the_graphs_of_a_graphed_step() -> None:
+    """With ``--cuda-graphs`` (on a CPU: the same buffers, eagerly), /metrics says
+    how many step shapes are ready by model (rows for 1 and 2 requests at
+    ``--max-active 2``, six spans up to the 30 s window) and how many times they
+    were dropped; without it, neither series."""
+    from wavecast.server.engines import load_engines
+
+    def graphed() -> Mapping[str, Any]:
+        return load_engines(["tiny-musicgen"], "cpu", cuda_graphs=True, max_active=2)
+
+    model = 'model="tiny-musicgen"'
+    async with running_server(make_config(max_active=2), graphed) as srv:
+        async with connect(srv.url) as client:
+            done = await (await client.generate("tiny-musicgen", "a", duration=1.0)).collect()
+        assert done.status == "completed"
+        samples, kinds = await scrape(srv.port)
+    assert samples[f"wavecast_step_graphs{{{model}}}"] == 12
+    assert samples[f"wavecast_step_graph_drops_total{{{model}}}"] == 0
+    assert kinds["wavecast_step_graph_drops_total"] == "counter"
+    async with running_server() as plain:
+        samples, _ = await scrape(plain.port)
+    assert not [name for name in samples if name.startswith("wavecast_step_graph")]
 
 
 async def test_api_keys_guard_streams_and_the_api_but_not_health() -> None:
