@@ -36,6 +36,7 @@ export class Player {
     this.paused = paused;
     this.state = paused ? "paused" : "waiting";
     this.position = 0; // frames: the playhead
+    this.epoch = 0; // stops and seeks so far: the worklet's older reports are stale
     this.consumed = 0; // frames played in all
     this.length = 0; // frames fed
     if (!paused) this.claim();
@@ -74,7 +75,9 @@ export class Player {
   }
 
   onMessage(msg) {
-    if (msg.position !== undefined) this.position = msg.position;
+    // A position sent before the worklet saw the last stop or seek is stale (the
+    // playhead would jump back until the next report).
+    if (msg.position !== undefined && msg.epoch === this.epoch) this.position = msg.position;
     if (msg.consumed !== undefined) this.consumed = msg.consumed;
     if (msg.kind === "state") {
       this.state = msg.state;
@@ -121,14 +124,16 @@ export class Player {
     this.release();
     this.state = "paused";
     this.position = 0;
-    this.post({ kind: "stop" });
+    this.epoch += 1;
+    this.post({ kind: "stop", epoch: this.epoch });
     this.events.onState?.(this.state);
     this.events.onPosition?.(this);
   }
 
   seek(frame) {
     this.position = Math.max(0, Math.min(this.length, Math.round(frame)));
-    this.post({ kind: "seek", frame: this.position });
+    this.epoch += 1;
+    this.post({ kind: "seek", frame: this.position, epoch: this.epoch });
     this.events.onPosition?.(this);
   }
 

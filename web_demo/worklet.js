@@ -9,9 +9,11 @@
 // stops, seeks and plays the finished clip again; `load` swaps in another
 // rendition of the clip at the same position. The buffer grows by doubling.
 //
-// Messages in: chunk {samples}, end, play, pause, stop, seek {frame},
-// load {samples}, close. Out: state {state: waiting|playing|buffering|paused|
-// finished}, position {position, consumed, buffered, underruns}, overflow.
+// Messages in: chunk {samples}, end, play, pause, stop {epoch}, seek {frame,
+// epoch}, load {samples}, close. Out: state {state: waiting|playing|buffering|
+// paused|finished}, position {position, consumed, buffered, underruns}, overflow.
+// Every position out carries the epoch of the last stop or seek it follows, so
+// that the page can tell a report sent before its last move from one after.
 const INITIAL_FRAMES = 32768;
 
 class StreamPlayer extends AudioWorkletProcessor {
@@ -31,13 +33,20 @@ class StreamPlayer extends AudioWorkletProcessor {
     this.consumed = 0; // frames played, in all (seeks do not change it)
     this.underruns = 0;
     this.lastReport = 0;
+    this.epoch = 0; // the last stop or seek's (the page's count)
     this.port.onmessage = (event) => this.onMessage(event.data);
   }
 
   setState(state) {
     if (state === this.state) return;
     this.state = state;
-    this.port.postMessage({ kind: "state", state, position: this.readPos, consumed: this.consumed });
+    this.port.postMessage({
+      kind: "state",
+      state,
+      position: this.readPos,
+      consumed: this.consumed,
+      epoch: this.epoch,
+    });
   }
 
   append(samples) {
@@ -80,11 +89,13 @@ class StreamPlayer extends AudioWorkletProcessor {
         this.setState("paused");
         break;
       case "stop":
+        this.epoch = msg.epoch ?? this.epoch;
         this.paused = true;
         this.readPos = 0;
         this.setState("paused");
         break;
       case "seek":
+        this.epoch = msg.epoch ?? this.epoch;
         this.readPos = Math.max(0, Math.min(this.length, Math.round(msg.frame)));
         if (this.state === "finished" && this.readPos < this.length) this.setState("paused");
         break;
@@ -102,6 +113,7 @@ class StreamPlayer extends AudioWorkletProcessor {
       consumed: this.consumed,
       buffered: this.length - this.readPos,
       underruns: this.underruns,
+      epoch: this.epoch,
     });
   }
 

@@ -83,6 +83,23 @@ async def test_one_transport_pause_resume_stop_seek_and_play_again(
     left = await page.eval_on_selector(f"{first} .playhead", "e => parseFloat(e.style.left)")
     assert 70 <= left <= 80
     assert await page.get_attribute(f"{first} .wave-box", "aria-valuenow") in ("9.0", "8.9", "9.1")
+    # A report the worklet sent before it saw the seek (still in flight) moves
+    # nothing; one sent after it does.
+    stale, current = await page.evaluate(
+        """(id) => {
+            const p = window.wavecast.cards.get(id).player;
+            const at = p.position;
+            const report = (position, epoch) => ({ kind: "position", position, epoch });
+            p.onMessage(report(0, p.epoch - 1));
+            const stale = p.position === at;
+            p.onMessage(report(at + 1, p.epoch));
+            const current = p.position === at + 1;
+            p.seek(at);
+            return [stale, current];
+        }""",
+        rid,
+    )
+    assert stale and current
     await page.click(f"{first} .play")
     await wait(
         page,
