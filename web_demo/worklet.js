@@ -123,6 +123,12 @@ class StreamPlayer extends AudioWorkletProcessor {
     const buffered = this.length - this.readPos;
     if (!this.paused && this.state !== "playing" && this.state !== "finished") {
       if (buffered >= this.startFrames || (this.ended && buffered > 0)) this.setState("playing");
+      else if (this.ended && buffered === 0) {
+        // Playback caught up with generation and then the stream ended: nothing
+        // is left to wait for.
+        this.paused = true;
+        this.setState("finished");
+      }
     }
     let n = 0;
     if (this.state === "playing") {

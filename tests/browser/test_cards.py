@@ -114,6 +114,42 @@ async def test_one_transport_pause_resume_stop_seek_and_play_again(
     assert page.errors == []
 
 
+async def test_a_stream_ending_after_playback_caught_up_finishes(
+    browser: Any,  # noqa: F811
+    server: Any,
+) -> None:
+    """Generation slower than playback (a big model, a busy machine): the player
+    plays what it has and waits for more ("buffering"); when the stream then
+    ends with nothing more, it finishes (it used to wait for ever, and its play
+    button paused it instead of playing the clip again)."""
+    page = await open_page(browser, server)
+    result = await page.evaluate(
+        """async () => {
+            const { Player } = await import("/player.js");
+            const states = [];
+            const p = new Player(
+                { sampleRate: 32000, channels: 1, capacityFrames: 320000 },
+                { onState: (state) => states.push(state) },
+            );
+            await p.ready;
+            const until = async (test) => {
+                for (let i = 0; i < 400 && !test(); i++) {
+                    await new Promise((done) => setTimeout(done, 25));
+                }
+                return test();
+            };
+            p.feed(new Float32Array(8000)); // a quarter of a second, then nothing
+            const waited = await until(() => p.state === "buffering");
+            p.end();
+            const finished = await until(() => p.state === "finished");
+            return { waited, finished, playing: p.playing, consumed: p.consumed, states };
+        }"""
+    )
+    assert result["waited"] and result["finished"], result
+    assert not result["playing"] and result["consumed"] == 8000
+    assert page.errors == []
+
+
 async def test_one_card_plays_at_a_time(browser: Any, server: Any) -> None:  # noqa: F811
     page = await open_page(browser, server)
     a = await generate(page, "first", 20)

@@ -376,6 +376,13 @@ async def test_mbd_version_is_offered(browser: Any, server: Any) -> None:
     )
     frames = await page.evaluate("(id) => window.wavecast.cards.get(id).mbdFrames", rid)
     assert frames == 32000
+    # The live version has played to its end (on a busy machine it may still be
+    # playing, and the play button below would pause it).
+    await page.wait_for_function(
+        "(id) => { const p = window.wavecast.cards.get(id).player; return !p || !p.playing; }",
+        arg=rid,
+        timeout=timeout(30) * MS,
+    )
     # An A/B switch between the two versions, in the card's one player.
     mbd = "#cards article:first-child .renditions [data-rendition=mbd]"
     await page.click(mbd)
