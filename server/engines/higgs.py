@@ -593,12 +593,17 @@ class HiggsEngine:
         ``[R]``, forced codes ``[R, K]``, keys, redraw keys, RAS repeats ``[R]``,
         recent codes ``[R, W, K]`` and which rows' logits come from their prefill."""
         k = self.num_codebooks
-        cut = np.cumsum([rows * k, rows, rows * k, rows, rows, rows, rows * window * k])
+        cut = np.cumsum(self._input_sizes(rows, window)[:-1])
         parts = list(torch.tensor_split(inputs, cut.tolist()))
         parts[0] = parts[0].view(rows, k)
         parts[2] = parts[2].view(rows, k)
         parts[6] = parts[6].view(rows, window, k)
         return parts
+
+    def _input_sizes(self, rows: int, window: int) -> list[int]:
+        """The sizes of ``_parts``, in order."""
+        k = self.num_codebooks
+        return [rows * k, rows, rows * k, rows, rows, rows, rows * window * k, rows]
 
     def _draw(self, logits: torch.Tensor, parts: list[torch.Tensor], rows: int) -> torch.Tensor:
         """Every row's codes by its rules (the delay pattern's forced codes,
@@ -854,11 +859,10 @@ class HiggsEngine:
         ras = next(spec.default for spec in self._params if spec.name == "ras_win_len")
         assert isinstance(ras, int)
         window = span_for(max(1, ras), least=8)
-        k = self.num_codebooks
 
         def blank(key: Key) -> list[torch.Tensor]:
             rows, _, window = key
-            size = rows * (2 * k + 5) + rows * window * k
+            size = sum(self._input_sizes(rows, window))
             return [torch.zeros(size, dtype=torch.int64, device=self.device)]
 
         keys = [(r, s, window) for r in rows for s in spans]

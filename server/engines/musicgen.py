@@ -557,11 +557,8 @@ class MusicGenEngine:
         rows = 2 * slots
         sampling = self._sampling
         stepped = np.zeros(slots, dtype=bool)
-        # [rows, K] input codes, [rows] advance flags, [slots] sampling keys, and
-        # (the graphed step) [rows] which rows' logits come from their prefill.
-        host = np.zeros(rows * (k + 2) + slots, dtype=np.int64)
-        codes_in = host[: rows * k].reshape(rows, k)
-        active = host[rows * k : rows * (k + 1)]
+        host = np.zeros(_inputs_size(rows, k), dtype=np.int64)
+        codes_in, active, keys_in, overrides = _split_inputs(host, rows, k)
         decoding = [st for st in states if st.window.prefilled and st.slot not in prefilled]
         for st in decoding:
             assert st.slot is not None
@@ -570,28 +567,24 @@ class MusicGenEngine:
             active[rows_of] = 1
             stepped[st.slot] = True
         stepped[list(prefilled)] = True
-        host[rows * (k + 1) : rows * (k + 1) + slots] = sampling.keys()[:slots]
+        keys_in[:] = sampling.keys()[:slots]
         # Attend over the longest row's positions, rounded up to a power of two (a
         # handful of shapes per window length).
         span = span_for(max((st.kv_length for st in decoding), default=0) + 1)
         if self._graphs is not None and decoding:
-            overrides = host[rows * (k + 1) + slots :]
             for slot, pair in prefilled.items():
                 self._prefilled[2 * slot : 2 * slot + 2] = pair.float()
                 overrides[2 * slot : 2 * slot + 2] = 1
             inputs = torch.from_numpy(host).to(self.device)
             back_device, guided = self._graphs((rows, span), inputs)
         else:
-            inputs = torch.from_numpy(host).to(self.device)
+            codes, advance, keys, _ = _split_inputs(torch.from_numpy(host).to(self.device), rows, k)
             if decoding:
-                logits = decoder.decode(
-                    inputs[: rows * k].view(rows, k), inputs[rows * k : rows * (k + 1)].bool(), span
-                ).float()
+                logits = decoder.decode(codes, advance.bool(), span).float()
             else:
                 logits = torch.zeros(rows, k, decoder.card, device=self.device)
             for slot, pair in prefilled.items():
                 logits[2 * slot : 2 * slot + 2] = pair.float()
-            keys = inputs[rows * (k + 1) : rows * (k + 1) + slots]
             wants = candidates_for(sampling.wants[:slots][stepped], decoder.card)
             guided, back_device = self._draw(logits, keys, slots, wants)
         for st in decoding:
@@ -632,17 +625,11 @@ class MusicGenEngine:
         the whole vocabulary: a token's noise depends on its id, so the codes are
         those of the eager step's candidates). ``[slots, K + 1]`` and the guided
         logits."""
-        (flat,) = inputs
         rows, span = key
-        slots = rows // 2
-        k = self.decoder.codebooks
-        codes = flat[: rows * k].view(rows, k)
-        active = flat[rows * k : rows * (k + 1)].bool()
-        keys = flat[rows * (k + 1) : rows * (k + 1) + slots]
-        overrides = flat[rows * (k + 1) + slots :].bool()
-        logits = self.decoder.decode(codes, active, span).float()
-        logits = torch.where(overrides[:, None, None], self._prefilled[:rows], logits)
-        guided, back = self._draw(logits, keys, slots, None)
+        codes, active, keys, overrides = _split_inputs(inputs[0], rows, self.decoder.codebooks)
+        logits = self.decoder.decode(codes, active.bool(), span).float()
+        logits = torch.where(overrides.bool()[:, None, None], self._prefilled[:rows], logits)
+        guided, back = self._draw(logits, keys, rows // 2, None)
         return back, guided
 
     def _step_mbd(self, job: Job, run: MBDRun) -> StepOutput:
@@ -767,7 +754,7 @@ class MusicGenEngine:
 
         def blank(key: Key) -> list[torch.Tensor]:
             rows, _ = key
-            size = rows * (k + 2) + rows // 2
+            size = _inputs_size(rows, k)
             return [torch.zeros(size, dtype=torch.int64, device=self.device)]
 
         label = f"{self.name} ({rows[-1]} rows at most, {self.decoder.length} positions)"
@@ -786,6 +773,19 @@ class MusicGenEngine:
         """Every code ``[1, K, T]`` of a job so far (prompt included), as audiocraft returns."""
         st: _MusicGenJob = job.state
         return torch.from_numpy(np.concatenate(st.codes, axis=-1))
+
+
+def _inputs_size(rows: int, k: int) -> int:
+    return rows * (k + 2) + rows // 2
+
+
+def _split_inputs(flat: Any, rows: int, k: int) -> tuple[Any, Any, Any, Any]:
+    """A step's inputs, in one int64 array (one copy to the device; numpy or
+    torch): every row's codes ``[rows, K]``, which rows advance ``[rows]``, every
+    slot's sampling key ``[rows / 2]``, and (the graphed step) which rows' logits
+    come from their prefill ``[rows]``."""
+    a, b, c = rows * k, rows * (k + 1), rows * (k + 1) + rows // 2
+    return flat[:a].reshape(rows, k), flat[a:b], flat[b:c], flat[c:]
 
 
 def _seeded_state(seed: int) -> Any:
