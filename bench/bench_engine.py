@@ -9,10 +9,14 @@ chunk).
     .venv/bin/python bench/bench_engine.py --model tiny-musicgen --streams 1 8 16
     .venv/bin/python bench/bench_engine.py --model tiny-higgs --streams 1 8 16
     .venv/bin/python bench/bench_engine.py --model tiny-higgs --reference  # each alone
+    .venv/bin/python bench/bench_engine.py --model tiny-musicgen --baseline  # vs audiocraft
 
 Speech models speak a fixed text for ``--duration`` seconds' worth of frames
 (random weights speak until ``max_new_tokens``). ``--reference``: the speech
 engine's per-request path (transformers' forward, one request at a time).
+``--baseline`` (MusicGen): audiocraft's ``MusicGen.generate`` of the same number
+of clips as one static batch, in the same run with the same threads (its audio
+comes only at the end, and its requests must start together).
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -26,7 +30,7 @@ import sys
 import time
 
 import torch
-from bench_stream import machine, sync
+from bench_stream import baseline, machine, sync
 
 from wavecast.protocol import ParamValue, resolve_params
 from wavecast.server.engines import is_higgs_name, resolve_device
@@ -125,6 +129,11 @@ def main() -> None:
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="the batched decode step as CUDA graphs"
     )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="MusicGen: audiocraft's generate on the same batches, in the same run",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
@@ -139,6 +148,10 @@ def main() -> None:
     for n in args.streams:
         runs = [run(engine, n, args.duration, device) for _ in range(args.runs)]
         results[n] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        model = getattr(engine, "model", None)
+        if args.baseline and engine.info.family == "musicgen" and model is not None:
+            walls = baseline(model, MUSIC, args.duration, args.runs, device, batch=n)
+            results[n]["baseline"] = n * args.duration / statistics.median(walls)
     path = " (reference path: each request alone)" if args.reference else ""
     path += " (decode step as CUDA graphs)" if args.cuda_graphs else ""
     title = f"{args.model}{path} on {device}, {args.duration:g} s clips"
@@ -157,11 +170,15 @@ def main() -> None:
         print(f"- GPU memory after warm-up: {resident:.2f} GiB")
     print()
     memory = " GPU memory (peak) |" if device.startswith("cuda") else ""
+    versus = ""
+    if "baseline" in results[args.streams[0]]:
+        versus = " audiocraft `generate`, same batch |"
     print(
         "| streams | time to first audio | ms per step | per stream (slowest) "
-        f"| aggregate real-time factor |{memory}"
+        f"| aggregate real-time factor |{memory}{versus}"
     )
-    print("| --- | --- | --- | --- | --- |" + (" --- |" if memory else ""))
+    extra = (" --- |" if memory else "") + (" --- |" if versus else "")
+    print("| --- | --- | --- | --- | --- |" + extra)
     one = results.get(1)
     for n, r in results.items():
         ratio = f" ({r['rtf'] / one['rtf']:.2f}x one stream)" if one and n != 1 else ""
@@ -169,6 +186,8 @@ def main() -> None:
         if one and n != 1:
             ttfa += f" ({r['ttfa'] / one['ttfa']:.1f}x)"
         peak = f" {r['memory']:.2f} GiB |" if memory else ""
+        if versus:
+            peak += f" x{r['baseline']:.2f} (wavecast: {r['rtf'] / r['baseline']:.2f}x) |"
         print(
             f"| {n} | {ttfa} | {r['wall'] / r['steps'] * 1000:.2f} | x{r['slowest']:.2f} "
             f"| x{r['rtf']:.2f}{ratio} |{peak}"

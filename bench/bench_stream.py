@@ -54,15 +54,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def baseline(model: Any, prompt: str, duration: float, runs: int, device: str) -> list[float]:
-    """Wall seconds of audiocraft's MusicGen.generate (tokens and decode)."""
+def baseline(
+    model: Any, prompt: str, duration: float, runs: int, device: str, batch: int = 1
+) -> list[float]:
+    """Wall seconds of audiocraft's MusicGen.generate (tokens and decode) of
+    ``batch`` clips at once."""
     top_k = min(250, int(model.lm.card))  # the server's default, as the stream uses
     model.set_generation_params(duration=duration, top_k=top_k, cfg_coef=3.0)
     times = []
     for _ in range(runs):
         sync(device)
         start = time.perf_counter()
-        model.generate([prompt])
+        model.generate([prompt] * batch)
         sync(device)
         times.append(time.perf_counter() - start)
     return times
