@@ -45,7 +45,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StepGraphs", "powers_of_two", "span_for"]
+__all__ = ["PrefilledLogits", "StepGraphs", "powers_of_two", "span_for"]
 
 Key = tuple[int, ...]
 # (static inputs, key) -> outputs (a tensor or a tuple of tensors).
@@ -173,6 +173,25 @@ class StepGraphs:
         entry.graph = graph
         self.recorded += 1
         return entry
+
+
+class PrefilledLogits:
+    """Logits ``[rows, K, card]`` at a fixed address, for a graphed step: a row
+    whose prompt completed in this step samples from its prefill's logits,
+    written here before the replay and taken where the step's flags say."""
+
+    def __init__(self, rows: int, codebooks: int, card: int, device: torch.device) -> None:
+        self.logits = torch.zeros(rows, codebooks, card, device=device)
+
+    def grow(self, rows: int) -> None:
+        """Room for ``rows`` rows (the table grew: the graphs are recorded again)."""
+        if rows > self.logits.shape[0]:
+            self.logits = self.logits.new_zeros(rows, *self.logits.shape[1:])
+
+    def merge(self, logits: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[R, K, card]`` with the flagged rows' (``[R]``) taken from here."""
+        rows = int(logits.shape[0])
+        return torch.where(flags.bool()[:, None, None], self.logits[:rows], logits)
 
 
 def span_for(positions: int, least: int = 64) -> int:

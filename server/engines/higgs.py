@@ -59,7 +59,7 @@ from .base import (
     run_once,
 )
 from .codec_stream import Due, StreamDecoder, complete_due
-from .graphs import Key, StepGraphs, powers_of_two, span_for
+from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from .higgs_card import model_card
 from .higgs_decoder import HiggsDecoder
 from .higgs_prompt import (
@@ -215,14 +215,10 @@ class HiggsEngine:
         )
         self.decoder = HiggsDecoder(self.model, rows=1, length=256)
         self._graphs = None
-        # A step's prefilled rows' logits, for the graphed step ([rows, K, card]).
-        self._prefilled = torch.zeros(0)
+        self._prefilled = PrefilledLogits(1, self.num_codebooks, self.decoder.card, self.device)
         if cuda_graphs:
             record = self.device.type == "cuda"
             self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
-            self._prefilled = torch.zeros(
-                1, self.num_codebooks, self.decoder.card, device=self.device
-            )
         self._sampling = RowSampling(1, self.device)
         self._ras_len = np.zeros(1, dtype=np.int64)
         self._ras_max = np.ones(1, dtype=np.int64)
@@ -540,7 +536,7 @@ class HiggsEngine:
         span = span_for(max((self._row_length(st) for st in decoding), default=0) + 2)
         if self._graphs is not None and decoding:
             for slot, row_logits in prefilled.items():
-                self._prefilled[slot] = row_logits.float()
+                self._prefilled.logits[slot] = row_logits.float()
                 host[-rows + slot] = 1
             inputs = torch.from_numpy(host).to(self.device)
             back_device, logits = self._graphs((rows, span, window), inputs)
@@ -633,7 +629,7 @@ class HiggsEngine:
         rows, span, window = key
         parts = self._parts(inputs[0], rows, window)
         logits = self.decoder.decode(parts[0], parts[1].bool(), span).float()
-        logits = torch.where(parts[7].bool()[:, None, None], self._prefilled[:rows], logits)
+        logits = self._prefilled.merge(logits, parts[7])
         return self._draw(logits, parts, rows), logits
 
     @staticmethod
@@ -651,8 +647,7 @@ class HiggsEngine:
             self._sampling = self._sampling.grown(count)
             self._ras_len = np.concatenate([self._ras_len, np.zeros(count - old, dtype=np.int64)])
             self._ras_max = np.concatenate([self._ras_max, np.ones(count - old, dtype=np.int64)])
-            if self._graphs is not None:
-                self._prefilled = self._prefilled.new_zeros(count, *self._prefilled.shape[1:])
+            self._prefilled.grow(count)
         return count
 
     def _take_slot(self, st: _HiggsJob) -> None:

@@ -52,7 +52,7 @@ from .base import (
     run_once,
 )
 from .codec_stream import Due, StreamDecoder, complete_due
-from .graphs import Key, StepGraphs, powers_of_two, span_for
+from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from .mbd import MBDRun
 from .musicgen_card import model_card
 from .musicgen_conditioning import Conditioning
@@ -178,14 +178,10 @@ class MusicGenEngine:
         self._sampling = RowSampling(1, self.device)
         self._cfg = torch.zeros(1, device=self.device)
         self._graphs = None
-        # A step's prefilled rows' logits, for the graphed step ([rows, K, card]).
-        self._prefilled = torch.zeros(0)
+        self._prefilled = PrefilledLogits(2, self.decoder.codebooks, self.decoder.card, self.device)
         if cuda_graphs:
             record = self.device.type == "cuda"
             self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
-            self._prefilled = torch.zeros(
-                2, self.decoder.codebooks, self.decoder.card, device=self.device
-            )
         self._slots: SlotTable[_MusicGenJob] = SlotTable(self._grow)
         self._due: Due = []
         # Called with each step's guided logits by request id (tests compare rows).
@@ -440,8 +436,7 @@ class MusicGenEngine:
         if count > old:
             self._sampling = self._sampling.grown(count)
             self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old)])
-            if self._graphs is not None:
-                self._prefilled = self._prefilled.new_zeros(2 * count, *self._prefilled.shape[1:])
+            self._prefilled.grow(2 * count)
         return count
 
     def _clear_rows(self, st: _MusicGenJob) -> None:
@@ -573,7 +568,7 @@ class MusicGenEngine:
         span = span_for(max((st.kv_length for st in decoding), default=0) + 1)
         if self._graphs is not None and decoding:
             for slot, pair in prefilled.items():
-                self._prefilled[2 * slot : 2 * slot + 2] = pair.float()
+                self._prefilled.logits[2 * slot : 2 * slot + 2] = pair.float()
                 overrides[2 * slot : 2 * slot + 2] = 1
             inputs = torch.from_numpy(host).to(self.device)
             back_device, guided = self._graphs((rows, span), inputs)
@@ -628,7 +623,7 @@ class MusicGenEngine:
         rows, span = key
         codes, active, keys, overrides = _split_inputs(inputs[0], rows, self.decoder.codebooks)
         logits = self.decoder.decode(codes, active.bool(), span).float()
-        logits = torch.where(overrides.bool()[:, None, None], self._prefilled[:rows], logits)
+        logits = self._prefilled.merge(logits, overrides)
         guided, back = self._draw(logits, keys, rows // 2, None)
         return back, guided
 

@@ -425,7 +425,7 @@ def test_the_graphed_step_traces_as_one_graph(windowed: Any) -> None:
         flat[rows * k : rows * (k + 1)] = 1  # every row advances
         flat[rows * (k + 1) : rows * (k + 1) + slots] = torch.randint(0, 2**31, (slots,))
         flat[rows * (k + 1) + slots :: 3] = 1  # some rows' logits from "their prefill"
-        engine._prefilled.normal_()
+        engine._prefilled.logits.normal_()
         before = decoder.lengths.clone()
         eager = engine._graphed_step([flat], (rows, 64))
         decoder.lengths.copy_(before)

@@ -750,7 +750,7 @@ def test_the_graphed_step_traces_as_one_graph(loaded: HiggsModel) -> None:
             torch.tensor([0, 1] * (rows // 2) or [0]),
         ]
         flat = torch.cat(parts)
-        engine._prefilled.normal_()
+        engine._prefilled.logits.normal_()
         before = decoder.lengths.clone()
         eager = engine._graphed_step([flat], (rows, 64, window))
         decoder.lengths.copy_(before)
