@@ -92,10 +92,15 @@ def run(engine: Engine, streams: int, duration: float, device: str) -> dict[str,
 
 
 def load(
-    name: str, device: str, reference: bool, cuda_graphs: bool = False, max_active: int = 4
+    name: str,
+    device: str,
+    reference: bool,
+    cuda_graphs: bool = False,
+    max_active: int = 4,
+    codec_batch: int = 0,
 ) -> Engine:
     """The engine, warmed up as the server warms it (with graphs: every shape of
-    up to ``max_active`` requests recorded)."""
+    up to ``max_active`` requests recorded; the codec batch measured unless given)."""
     engine: Engine
     if is_higgs_name(name):
         from wavecast.server.engines.higgs import HiggsEngine
@@ -104,14 +109,25 @@ def load(
 
         loaded = load_higgs(name, None, device)
         kind = HiggsReference if reference else HiggsEngine
-        engine = kind(loaded, name=name, cuda_graphs=cuda_graphs, max_active=max_active)
+        engine = kind(
+            loaded,
+            name=name,
+            cuda_graphs=cuda_graphs,
+            max_active=max_active,
+            codec_batch=codec_batch or None,
+        )
     else:
         from wavecast.server.engines.loading import load_musicgen
-        from wavecast.server.engines.musicgen import MusicGenEngine
+        from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
 
         model, _ = load_musicgen(name, device)
         engine = MusicGenEngine(
-            model, name=name, test_model=True, cuda_graphs=cuda_graphs, max_active=max_active
+            model,
+            name=name,
+            test_model=True,
+            cuda_graphs=cuda_graphs,
+            max_active=max_active,
+            stream=StreamSettings(codec_batch=codec_batch),
         )
     engine.warm_up()
     return engine
@@ -130,6 +146,12 @@ def main() -> None:
         "--cuda-graphs", action="store_true", help="the batched decode step as CUDA graphs"
     )
     parser.add_argument(
+        "--codec-batch",
+        type=int,
+        default=0,
+        help="windows per codec call at most (default: measured at warm-up, as the server)",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="MusicGen: audiocraft's generate on the same batches, in the same run",
@@ -140,7 +162,9 @@ def main() -> None:
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
     began = time.perf_counter()
-    engine = load(args.model, device, args.reference, args.cuda_graphs, max(args.streams))
+    engine = load(
+        args.model, device, args.reference, args.cuda_graphs, max(args.streams), args.codec_batch
+    )
     loaded = time.perf_counter() - began
     resident = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
     run(engine, max(args.streams), min(args.duration, 1.0), device)  # warm up
@@ -165,6 +189,7 @@ def main() -> None:
             f"- decode step shapes ready: {len(graphs)}; CUDA graphs recorded in all: "
             f"{graphs.recorded}, dropped {graphs.dropped} times"
         )
+    print(f"- codec windows per call at most: {getattr(engine, 'codec_batch', None)} (warm-up)")
     print(f"- load and warm-up: {loaded:.1f} s")
     if device.startswith("cuda"):
         print(f"- GPU memory after warm-up: {resident:.2f} GiB")

@@ -76,6 +76,7 @@ class WavecastServer:
             first_frames=models.first_chunk_frames,
             chunk_frames=models.chunk_frames,
             max_chunk_frames=models.max_chunk_frames,
+            codec_batch=models.codec_batch,
             max_prompt_tokens=models.max_prompt_tokens,
             max_duration=self.config.limits.max_duration,
             max_upload_seconds=self.config.limits.max_upload_seconds,

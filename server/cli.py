@@ -141,6 +141,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="MusicGen: longest description in the text encoder's tokens (default %(default)s)",
     )
     parser.add_argument(
+        "--codec-batch",
+        type=int,
+        default=ModelsConfig().codec_batch,
+        help="streams' audio windows decoded in one codec call at most "
+        "(default: measured at warm-up)",
+    )
+    parser.add_argument(
         "--max-chunk-frames",
         type=int,
         default=ModelsConfig().max_chunk_frames,
@@ -290,6 +297,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             threads=args.threads,
             chunk_frames=args.chunk_frames,
             max_chunk_frames=args.max_chunk_frames,
+            codec_batch=max(0, args.codec_batch),
             prefill_budget_ms=args.prefill_budget_ms,
             max_prompt_tokens=args.max_prompt_tokens,
             mbd=args.mbd,

@@ -74,6 +74,9 @@ class ModelsConfig:
     first_chunk_frames: int = 1
     chunk_frames: int = 10
     max_chunk_frames: int = 50  # MusicGen: chunks grow to this while well ahead of real time
+    # Streams' codec windows decoded in one call at most (many due in a step);
+    # 0: measured at warm-up (on a CPU a few at once cost least per window).
+    codec_batch: int = 0
     # Preparing new requests (conditioning, uploads, prompts) runs between decode
     # steps for at most this long per step (at least one bounded unit of work).
     prefill_budget_ms: float = 20.0

@@ -51,6 +51,7 @@ def load_engines(
     first_frames: int = 1,
     chunk_frames: int = 10,
     max_chunk_frames: int = 50,
+    codec_batch: int = 0,
     max_prompt_tokens: int = 512,
     max_duration: float = 300.0,
     max_upload_seconds: float = 60.0,
@@ -83,7 +84,9 @@ def load_engines(
     # The step launches many small operations: threads beyond the cores there are
     # (the event loop and the clients need one) spin and wait on each other.
     torch.set_num_threads(threads or max(1, _cores() - 1))
-    stream = StreamSettings(left_context, holdback, first_frames, chunk_frames, max_chunk_frames)
+    stream = StreamSettings(
+        left_context, holdback, first_frames, chunk_frames, max_chunk_frames, codec_batch
+    )
     engines: dict[str, Engine] = {}
     shared_mbd = None
     for name in names:
@@ -99,6 +102,7 @@ def load_engines(
                 max_duration=max_duration,
                 max_upload_seconds=max_upload_seconds,
                 max_chunk_frames=max_chunk_frames,
+                codec_batch=codec_batch or None,
                 prefill_budget_ms=prefill_budget_ms,
                 cuda_graphs=cuda_graphs,
                 max_active=max_active,

@@ -58,7 +58,7 @@ from .base import (
     request_seed,
     run_once,
 )
-from .codec_stream import Due, StreamDecoder, complete_due
+from .codec_stream import Due, StreamDecoder, complete_due, fastest_rows
 from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from .higgs_card import model_card
 from .higgs_decoder import HiggsDecoder
@@ -134,8 +134,10 @@ class HiggsEngine:
         max_new_tokens: Largest ``max_new_tokens`` a request may ask for.
         max_duration: Longest audio one request may produce, in seconds.
         max_upload_seconds: Longest uploaded reference clip.
-        left_context, holdback, first_frames, chunk_frames: Geometry of the
-            exact incremental decoder (see ``codec_stream``).
+        left_context, holdback, first_frames, chunk_frames, max_chunk_frames:
+            Geometry of the exact incremental decoder (see ``codec_stream``).
+        codec_batch: Windows one codec call decodes at most (many streams due
+            in a step); None: measured at warm-up (``fastest_rows``).
         prefill_chunk: Prompt positions a request prefills per call at most.
         prefill_budget: Prompt positions prefilled per step at most (at least
             one chunk), so that new requests delay the running streams by a
@@ -168,6 +170,7 @@ class HiggsEngine:
         first_frames: int = 1,
         chunk_frames: int = 8,
         max_chunk_frames: int = 50,
+        codec_batch: int | None = None,
         prefill_chunk: int = 256,
         prefill_budget: int = 512,
         prefill_budget_ms: float | None = None,
@@ -224,6 +227,7 @@ class HiggsEngine:
         self._ras_max = np.ones(1, dtype=np.int64)
         self._slots: SlotTable[_HiggsJob] = SlotTable(self._grow)
         self._due: Due = []
+        self.codec_batch = codec_batch
         # Tests: called with each sampled request's raw logits [K, card], by id.
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         self.max_duration = float(max_duration)
@@ -822,7 +826,7 @@ class HiggsEngine:
         """Decode every stream's due codec window in one batched call per window shape."""
         if self._due:
             due, self._due = self._due, []
-            complete_due(self._decode, due)
+            complete_due(self._decode, due, self.codec_batch)
 
     def warm_up(self) -> None:
         if not self._warm:
@@ -832,6 +836,14 @@ class HiggsEngine:
                 run_once(self, "Hello.", {"max_new_tokens": 8, "seed": 0})
             finally:
                 self._graphs = graphs
+            if self.codec_batch is None:
+                # Measured on the longest window a chunk decodes.
+                left, holdback, _, _ = self.geometry
+                frames = left + self.max_chunk_frames + holdback
+                k = self.num_codebooks
+                with torch.no_grad():
+                    self.codec_batch = fastest_rows(self._decode, k, frames, self.max_active)
+                log.info("%s: codec windows per call: %d", self.name, self.codec_batch)
             if graphs is not None:
                 self._prepare_graphs()
             self._warm = True

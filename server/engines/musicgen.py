@@ -51,7 +51,7 @@ from .base import (
     request_seed,
     run_once,
 )
-from .codec_stream import Due, StreamDecoder, complete_due
+from .codec_stream import Due, StreamDecoder, complete_due, fastest_rows
 from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from .mbd import MBDRun
 from .musicgen_card import model_card
@@ -75,6 +75,7 @@ class StreamSettings:
     first_frames: int = 1
     chunk_frames: int = 10
     max_chunk_frames: int = 50  # while the stream is well ahead of real time
+    codec_batch: int = 0  # windows per codec call at most; 0: measured at warm-up
 
 
 @dataclass(slots=True, weakref_slot=True)  # (tests: nothing keeps a finished one)
@@ -184,6 +185,8 @@ class MusicGenEngine:
             self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
         self._slots: SlotTable[_MusicGenJob] = SlotTable(self._grow)
         self._due: Due = []
+        # Windows per codec call (``fastest_rows``): measured at warm-up unless set.
+        self.codec_batch: int | None = self.stream.codec_batch or None
         # Called with each step's guided logits by request id (tests compare rows).
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         self._info = model_card(
@@ -413,7 +416,7 @@ class MusicGenEngine:
         """Decode every stream's due codec window in one batched call per window shape."""
         if self._due:
             due, self._due = self._due, []
-            complete_due(self._decode, due)
+            complete_due(self._decode, due, self.codec_batch)
 
     # -- the slot table --------------------------------------------------------------
 
@@ -728,6 +731,14 @@ class MusicGenEngine:
                 run_once(self, "warm up", {"duration": min(1.0, self.window), "seed": 0})
             finally:
                 self._graphs = graphs
+            if self.codec_batch is None:
+                # Measured on the longest window a chunk decodes.
+                geometry = self.stream
+                frames = geometry.left_context + geometry.max_chunk_frames + geometry.holdback
+                k = int(self.lm.num_codebooks)
+                with torch.no_grad(), self.model.autocast:
+                    self.codec_batch = fastest_rows(self._decode, k, frames, self.max_active)
+                log.info("%s: codec windows per call: %d", self.name, self.codec_batch)
             if graphs is not None:
                 self._prepare_graphs()
             self._warm = True

@@ -20,7 +20,7 @@ from test_musicgen_features import decode, wav_bytes
 
 from wavecast.protocol import InternalError, WavecastError, resolve_params
 from wavecast.server.engines.base import EngineRequest, Job
-from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 
@@ -231,6 +231,39 @@ def test_a_bad_codec_window_fails_its_stream_only(windowed: Any) -> None:
     streamed, solo = np.concatenate(runs["a"].audio), np.concatenate(alone.audio)
     # (chunk sizes follow the clock: equal to float rounding)
     assert streamed.shape == solo.shape and np.abs(streamed - solo).max() <= 1e-5
+
+
+def test_due_codec_windows_go_in_calls_of_at_most_codec_batch() -> None:
+    """Five streams due in the same steps: their windows go to the codec in calls
+    of at most ``codec_batch``, and each stream's audio is still a one-shot decode
+    of its codes."""
+    model = build_tiny_musicgen(seed=5)
+    fixed = StreamSettings(max_chunk_frames=10, codec_batch=2)  # chunks due together
+    engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True, stream=fixed)
+    engine.warm_up()
+    assert engine.codec_batch == 2  # given, so not measured
+    decode, calls = engine._decode, []
+
+    def counting(codes: torch.Tensor) -> torch.Tensor:
+        calls.append(int(codes.shape[0]))
+        return decode(codes)
+
+    engine._decode = counting  # type: ignore[method-assign]
+    prompts = {"a": "rock", "b": "rock", "c": "jazz", "d": "jazz", "e": "folk"}
+    jobs = [
+        (rid, prepare(engine, rid, text, duration=1.5, seed=ord(rid)))
+        for rid, text in prompts.items()
+    ]
+    runs, _ = drive(engine, {0: jobs})
+    # Each step with chunks due: 2 + 2 + 1 windows; at the end, each stream's last
+    # chunk and its tail alone.
+    due_steps = (len(calls) - 10) // 3
+    assert due_steps >= 5 and calls == [2, 2, 1] * due_steps + [1] * 10
+    for run in runs.values():
+        streamed = np.concatenate(run.audio)
+        full = model.compression_model.decode(codes(engine, run), None)[0].transpose(0, 1)
+        assert streamed.shape == full.shape
+        assert np.abs(streamed - full.numpy()).max() <= 1e-4
 
 
 def test_melody_rows_batch_with_text_rows() -> None:

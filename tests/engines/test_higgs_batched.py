@@ -443,6 +443,32 @@ def test_rows_in_a_batch_equal_their_solo_runs(batched: HiggsEngine) -> None:
             assert torch.allclose(a, b, atol=1e-5), rid
 
 
+def test_due_codec_windows_go_in_calls_of_at_most_codec_batch(loaded: HiggsModel) -> None:
+    """Five streams due in the same steps: their windows go to the codec in calls of
+    at most ``codec_batch``; each stream's audio is its solo run's."""
+    engine = HiggsEngine(loaded, name="tiny-higgs", max_chunk_frames=8, codec_batch=2)
+    engine.warm_up()
+    assert engine.codec_batch == 2  # given, so not measured
+    decode, calls = engine._decode, []
+
+    def counting(codes: torch.Tensor) -> torch.Tensor:
+        calls.append(int(codes.shape[0]))
+        return decode(codes)
+
+    def spoken(rid: str) -> Job:
+        return request(engine, rid, "Steady words here.", max_new_tokens=40, seed=1)
+
+    solo = drive(engine, [spoken("solo")])["solo"]
+    engine._decode = counting  # type: ignore[method-assign]
+    together = drive(engine, [spoken(rid) for rid in "abcde"])
+    assert max(calls) == 2 and calls.count(2) >= 4
+    for audio in together.values():
+        assert audio.shape == solo.shape and np.allclose(audio, solo, atol=1e-5)
+    measured = HiggsEngine(loaded, name="tiny-higgs", max_active=3)
+    measured.warm_up()
+    assert measured.codec_batch is not None and 1 <= measured.codec_batch <= 3
+
+
 def test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(batched: HiggsEngine) -> None:
     params: dict[str, Any] = {"max_new_tokens": 30, "seed": 3}
     solo = request(batched, "a", DIALOGUE, chunk_method="speaker", **params)

@@ -12,7 +12,7 @@ import torch
 from wavecast.protocol import InvalidField, resolve_params
 from wavecast.server.engines import ModelLoadError, load_engines
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.codec_stream import StreamDecoder
+from wavecast.server.engines.codec_stream import StreamDecoder, fastest_rows
 from wavecast.server.engines.loading import load_musicgen_dir, save_musicgen
 from wavecast.server.engines.musicgen import MusicGenEngine
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
@@ -200,6 +200,58 @@ def test_stream_decoder_geometries(
     streamed = np.concatenate(pieces)
     assert streamed.shape == full.shape
     assert np.abs(streamed - full).max() <= 1e-4
+
+
+def _cpu_like(rows: int) -> float:
+    # A call's overhead, then a cost per window that doubles past four windows.
+    return 0.5 + rows * (1.0 if rows <= 4 else 2.0)
+
+
+@pytest.mark.parametrize(
+    ("cost", "chosen", "tried"),
+    [
+        (_cpu_like, 4, [1, 2, 3, 4, 6]),  # past the jump, larger batches are not tried
+        (lambda rows: 1.0 + 0.1 * rows, 16, [1, 2, 3, 4, 6, 8, 12, 16]),  # a GPU's
+        (lambda rows: 1.0 * rows, 1, [1, 2, 3, 4, 6, 8, 12, 16]),  # no saving: the least
+    ],
+)
+def test_fastest_rows_takes_the_cheapest_batch_per_window(
+    engine: Any, cost: Any, chosen: int, tried: list[int]
+) -> None:
+    """The real codec decodes every batch tried; the clock says what each call cost."""
+    decode = engine.model.compression_model.decode
+    now = [0.0]
+    shapes: list[tuple[int, ...]] = []
+
+    def timed(codes: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(codes.shape))
+        now[0] += cost(int(codes.shape[0]))
+        return decode(codes, None)
+
+    assert fastest_rows(timed, 4, 39, 16, clock=lambda: now[0]) == chosen
+    # Each batch size three times (once to allocate, twice timed), windows of 4 x 39 codes.
+    assert shapes == [(rows, 4, 39) for rows in tried for _ in range(3)]
+
+
+def test_warm_up_measures_the_codec_batch(engine: Any) -> None:
+    engine.warm_up()
+    assert 1 <= engine.codec_batch <= engine.max_active
+
+
+def test_the_codec_batch_flag_reaches_both_engines() -> None:
+    import argparse
+
+    from wavecast.server.cli import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert config_from_args(parser.parse_args([])).models.codec_batch == 0  # measured
+    config = config_from_args(parser.parse_args(["--codec-batch", "3"]))
+    batch = config.models.codec_batch
+    engines = load_engines(["tiny-musicgen", "tiny-higgs"], "cpu", codec_batch=batch)
+    for engine in engines.values():
+        engine.warm_up()
+        assert engine.codec_batch == 3, engine.info.name
 
 
 def test_max_duration_job_streams_whole_clip(engine: Any) -> None:
