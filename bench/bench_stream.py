@@ -116,6 +116,8 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         str(args.threads),
         "--admission",
         args.admission,
+        "--codec-batch",
+        str(getattr(args, "codec_batch", 0)),
         "--log-file",
         str(log),
     ]
@@ -242,6 +244,9 @@ def main() -> None:
     parser.add_argument("--prompt", default="warm lofi hip hop with soft keys")
     parser.add_argument("--threads", type=int, default=0, help="the server's --threads")
     parser.add_argument("--admission", default="realtime", help="the server's --admission")
+    parser.add_argument(
+        "--codec-batch", type=int, default=0, help="the server's --codec-batch (0: measured)"
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     asyncio.run(bench(args))
