@@ -58,6 +58,7 @@ from .base import (
     request_seed,
     run_once,
 )
+from .codec_decoders import for_serving
 from .codec_stream import Due, StreamDecoder, complete_due, fastest_rows
 from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from .higgs_card import model_card
@@ -151,6 +152,9 @@ class HiggsEngine:
             room for a default request (1024 prompt positions and the default
             ``max_new_tokens``), and every shape is recorded at warm-up.
         max_active: Requests the scheduler decodes at once.
+
+    The codec's decoder is prepared for serving in place
+    (``codec_decoders.for_serving``: the same audio, without per-call waste).
     """
 
     family = "higgs"
@@ -182,6 +186,8 @@ class HiggsEngine:
         self.max_active = max(1, max_active)
         self.tokenizer = loaded.tokenizer
         self.codec = loaded.codec
+        prepared = for_serving(self.codec.acoustic_decoder)  # the same audio, sooner
+        log.debug("%s: codec decoder prepared for serving: %s", name, prepared)
         self.name = name
         self.voices = dict(voices or {})
         self.scenes = dict(scenes or {})

@@ -51,6 +51,7 @@ from .base import (
     request_seed,
     run_once,
 )
+from .codec_decoders import for_serving
 from .codec_stream import Due, StreamDecoder, complete_due, fastest_rows
 from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from .mbd import MBDRun
@@ -131,6 +132,9 @@ class MusicGenEngine:
             recorded at warm-up.
         max_prompt_tokens: Longest description, in the text encoder's tokens.
         max_active: Requests the scheduler decodes at once.
+
+    The model's codec decoder is prepared for serving in place
+    (``codec_decoders.for_serving``: the same audio, without per-call waste).
     """
 
     family = "musicgen"
@@ -166,6 +170,10 @@ class MusicGenEngine:
         self.frame_rate = float(model.frame_rate)
         self.windows = Windows(self.lm, self.window, self.frame_rate)
         self.hop = round(model.sample_rate / model.frame_rate)
+        codec = getattr(model.compression_model, "model", model.compression_model)  # (stereo)
+        if isinstance(getattr(codec, "decoder", None), torch.nn.Module):
+            prepared = for_serving(codec.decoder)  # the same audio, sooner
+            log.debug("%s: codec decoder prepared for serving: %s", name, prepared)
         autocast = getattr(model.autocast, "autocast", None)
         dtype = autocast.fast_dtype if autocast is not None else next(self.lm.parameters()).dtype
         self.max_active = max(1, max_active)

@@ -1,0 +1,72 @@
+"""Codec decoders prepared for serving decode the same audio, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.models.dac.modeling_dac import Snake1d
+
+from wavecast.server.engines.codec_decoders import Snake, for_serving
+from wavecast.server.engines.loading import load_higgs
+from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
+
+
+def _codes(batch: int, frames: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, 4, frames), generator=torch.Generator().manual_seed(seed))
+
+
+def test_encodec_decodes_the_same_audio_after_preparation() -> None:
+    codec = build_tiny_musicgen(seed=2).compression_model
+    before = copy.deepcopy(codec)
+    prepared = for_serving(codec.decoder)
+    # Every weight-normed convolution folded; the ELUs after a module with weights in place.
+    assert prepared.weights_folded == 14 and prepared.activations_in_place == 9
+    assert not any(hasattr(module, "weight_g") for module in codec.decoder.modules())
+    blocks = [m for m in codec.decoder.modules() if type(m).__name__ == "SEANetResnetBlock"]
+    assert blocks and all(not block.block[0].inplace for block in blocks)  # its input is reused
+    for batch, frames, seed in ((1, 7, 0), (3, 39, 1), (2, 79, 2)):
+        codes = _codes(batch, frames, seed)
+        assert torch.equal(codec.decode(codes, None), before.decode(codes, None))
+    assert for_serving(codec.decoder).total == 0  # once is enough
+
+
+def test_dac_decodes_the_same_audio_after_preparation() -> None:
+    codec = load_higgs("tiny-higgs", None, "cpu").codec
+    before = copy.deepcopy(codec)
+    prepared = for_serving(codec.acoustic_decoder)
+    snakes = [m for m in codec.acoustic_decoder.modules() if isinstance(m, Snake)]
+    assert prepared.snakes == len(snakes) > 0
+    assert not any(isinstance(m, Snake1d) for m in codec.acoustic_decoder.modules())
+    for batch, frames, seed in ((1, 5, 0), (3, 31, 1), (2, 73, 2)):
+        codes = _codes(batch, frames, seed)
+        assert torch.equal(codec.decode(codes).audio_values, before.decode(codes).audio_values)
+    assert for_serving(codec.acoustic_decoder).total == 0
+
+
+def test_snake_equals_transformers_snake() -> None:
+    original = Snake1d(6)
+    with torch.no_grad():
+        original.alpha.copy_(torch.rand(1, 6, 1) * 3 + 0.05)
+    x = torch.randn(2, 6, 50)
+    kept = x.clone()
+    assert torch.equal(Snake(original.alpha)(x), original(x))
+    assert torch.equal(x, kept)  # its input untouched
+
+
+def test_an_activation_whose_input_is_read_elsewhere_keeps_it() -> None:
+    first = nn.Sequential(nn.ELU(), nn.Conv1d(2, 2, 1), nn.ELU(), nn.Identity(), nn.ELU())
+    assert for_serving(first).activations_in_place == 1
+    assert [m.inplace for m in first if isinstance(m, nn.ELU)] == [False, True, False]
+    x = torch.randn(1, 2, 9)
+    kept = x.clone()
+    first(x)
+    assert torch.equal(x, kept)
+
+
+def test_the_engine_prepares_its_codec() -> None:
+    model = build_tiny_musicgen(seed=6)
+    MusicGenEngine(model, name="tiny-musicgen", test_model=True)
+    assert not any(hasattr(m, "weight_g") for m in model.compression_model.decoder.modules())
