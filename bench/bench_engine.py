@@ -117,8 +117,8 @@ def load(
             codec_batch=codec_batch or None,
         )
     else:
-        from wavecast.server.engines.loading import load_musicgen
         from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
+        from wavecast.server.engines.musicgen_loading import load_musicgen
 
         model, _ = load_musicgen(name, device)
         engine = MusicGenEngine(

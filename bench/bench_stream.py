@@ -33,7 +33,6 @@ import torch
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done
 from wavecast.server.engines import resolve_device
-from wavecast.server.engines.loading import load_musicgen
 
 
 def machine(device: str) -> str:
@@ -139,6 +138,8 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
 
 async def bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
+    from wavecast.server.engines.musicgen_loading import load_musicgen  # (speech: no audiocraft)
+
     model, _ = load_musicgen(args.model, device)
     base = baseline(model, args.prompt, args.duration, args.runs, device)
     del model

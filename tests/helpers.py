@@ -73,11 +73,13 @@ async def first_audio(stream: Any) -> Any:
     raise AssertionError(f"no audio before done: {stream.done}")
 
 
-def start_serve(args: list[str], log_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_serve(
+    args: list[str], log_file: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     """``wavecast serve`` as a process on 127.0.0.1 port 0: the process and its port
     (read from its log, once it serves)."""
     process = subprocess.Popen(
-        [*WAVECAST, "serve", "--port", "0", "--log-file", str(log_file), *args]
+        [*WAVECAST, "serve", "--port", "0", "--log-file", str(log_file), *args], env=env
     )
     for _ in range(int(timeout(120) * 10)):
         if log_file.exists():

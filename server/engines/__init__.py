@@ -74,21 +74,13 @@ def load_engines(
     """
     import torch
 
-    from .loading import load_musicgen
-    from .mbd import load_mbd_musicgen
-    from .musicgen import MusicGenEngine, StreamSettings
-    from .testing.musicgen import TINY_MUSICGEN
-
     torch.set_grad_enabled(False)
     resolved = resolve_device(device)
     # The step launches many small operations: threads beyond the cores there are
     # (the event loop and the clients need one) spin and wait on each other.
     torch.set_num_threads(threads or max(1, _cores() - 1))
-    stream = StreamSettings(
-        left_context, holdback, first_frames, chunk_frames, max_chunk_frames, codec_batch
-    )
     engines: dict[str, Engine] = {}
-    shared_mbd = None
+    shared: dict[str, Any] = {}  # the released MBD, loaded once for every model using it
     for name in names:
         log.info("loading %s on %s", name, resolved)
         if is_higgs_name(name):
@@ -108,44 +100,66 @@ def load_engines(
                 max_active=max_active,
             )
             continue
-        try:
-            model, test_model = load_musicgen(name, resolved)
-        except Exception as exc:
-            raise _load_error(name, exc, TINY_MUSICGEN) from exc
-        diffusion = None
-        # The released MBD decodes musicgen's 32 kHz EnCodec codes (each channel of a
-        # stereo model separately, as audiocraft's demo does).
-        codec = getattr(model.compression_model, "model", model.compression_model)
-        at_32k = int(model.sample_rate) == 32000
-        if at_32k and test_model:
-            from .testing.mbd import build_tiny_mbd
+        try:  # (audiocraft is imported here, for MusicGen models only)
+            from .musicgen import StreamSettings
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"could not load model {name!r}: MusicGen models need audiocraft ({exc})"
+            ) from exc
 
-            diffusion = build_tiny_mbd(codec, device=resolved)
-        elif at_32k and mbd:
-            if shared_mbd is None:
-                try:
-                    shared_mbd = load_mbd_musicgen(resolved)
-                except Exception as exc:
-                    raise ModelLoadError(
-                        f"could not load Multi-Band Diffusion ({type(exc).__name__}); "
-                        "serve without --mbd, or with network access to the model hub"
-                    ) from exc
-            diffusion = shared_mbd
-        engines[name] = MusicGenEngine(
-            model,
-            name=name,
-            test_model=test_model,
+        stream = StreamSettings(
+            left_context, holdback, first_frames, chunk_frames, max_chunk_frames, codec_batch
+        )
+        engines[name] = _load_musicgen_engine(
+            name,
+            resolved,
+            mbd=mbd,
+            shared=shared,
             stream=stream,
             max_duration=max_duration,
             max_upload_seconds=max_upload_seconds,
-            mbd=diffusion,
             max_prompt_tokens=max_prompt_tokens,
             cuda_graphs=cuda_graphs,
             max_active=max_active,
         )
-        if test_model:
-            log.warning("%s is a random-weight test model: it makes noise", name)
     return engines
+
+
+def _load_musicgen_engine(
+    name: str, device: str, *, mbd: bool, shared: dict[str, Any], **kwargs: Any
+) -> Engine:
+    from .mbd import load_mbd_musicgen
+    from .musicgen import MusicGenEngine
+    from .musicgen_loading import load_musicgen
+    from .testing.musicgen import TINY_MUSICGEN
+
+    try:
+        model, test_model = load_musicgen(name, device)
+    except Exception as exc:
+        raise _load_error(name, exc, TINY_MUSICGEN) from exc
+    diffusion = None
+    # The released MBD decodes musicgen's 32 kHz EnCodec codes (each channel of a
+    # stereo model separately, as audiocraft's demo does).
+    codec = getattr(model.compression_model, "model", model.compression_model)
+    at_32k = int(model.sample_rate) == 32000
+    if at_32k and test_model:
+        from .testing.mbd import build_tiny_mbd
+
+        diffusion = build_tiny_mbd(codec, device=device)
+    elif at_32k and mbd:
+        if "mbd" not in shared:
+            try:
+                shared["mbd"] = load_mbd_musicgen(device)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"could not load Multi-Band Diffusion ({type(exc).__name__}); "
+                    "serve without --mbd, or with network access to the model hub"
+                ) from exc
+        diffusion = shared["mbd"]
+    engine = MusicGenEngine(model, name=name, test_model=test_model, mbd=diffusion, **kwargs)
+    if test_model:
+        log.warning("%s is a random-weight test model: it makes noise", name)
+    return engine
 
 
 def is_higgs_name(name: str) -> bool:

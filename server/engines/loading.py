@@ -1,44 +1,24 @@
-"""Loading models by name: a Hugging Face name, a local folder, or a test model.
+"""Loading HiggsAudio v2 models by name: a Hugging Face name, a local folder, or a
+test model.
 
-MusicGen: ``facebook/musicgen-*`` through audiocraft, or a local checkpoint
-folder in audiocraft's layout (``state_dict.bin`` and
-``compression_state_dict.bin``, each with ``xp.cfg`` and ``best_state``); a
-``text_encoder/`` folder beside them, when present, supplies T5 instead of the
-hub (``save_musicgen`` writes that layout). HiggsAudio v2: a hub name or a
-folder through transformers, with its audio tokenizer (``audio_tokenizer/``
-beside it, or the released one). Test models (``tiny-musicgen``,
-``random-musicgen-large``, ``tiny-higgs``, ``random-higgs-3b``, ...) are built
-by ``engines.testing``: random weights, always announced as test models.
+A hub name or a folder loads through transformers, with its audio tokenizer
+(``audio_tokenizer/`` beside it, or the released one). Test models (``tiny-higgs``,
+``random-higgs-3b``) are built by ``engines.testing``: random weights, always
+announced as test models. MusicGen models load through audiocraft, in
+``musicgen_loading`` (which a server of speech models alone never imports).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from audiocraft.models import builders
-from audiocraft.models.encodec import CompressionModel
-from audiocraft.models.lm import LMModel
-from audiocraft.models.musicgen import MusicGen
-from audiocraft.modules.chroma import ChromaExtractor
-from audiocraft.modules.conditioners import (
-    ChromaStemConditioner,
-    T5Conditioner,
-    TextConditioner,
-    WaveformConditioner,
-)
-from audiocraft.utils.autocast import TorchAutocast
-from omegaconf import OmegaConf
 from transformers import (
     AutoTokenizer,
     HiggsAudioV2ForConditionalGeneration,
     HiggsAudioV2TokenizerModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    T5EncoderModel,
 )
 
 __all__ = [
@@ -46,216 +26,14 @@ __all__ = [
     "DEFAULT_CODEC",
     "TEST_MARKER",
     "HiggsModel",
-    "OfflineT5Conditioner",
     "is_higgs_name",
-    "lm_from_cfg",
     "load_higgs",
-    "load_musicgen",
-    "load_musicgen_dir",
-    "musicgen_model",
-    "save_musicgen",
 ]
 
-TEXT_ENCODER_DIR = "text_encoder"
 DEFAULT_CODEC = "bosonai/higgs-audio-v2-tokenizer"
 CODEC_DIR = "audio_tokenizer"
 # Marks a saved folder as random weights, so that it is announced as a test model.
 TEST_MARKER = "WAVECAST_TEST_MODEL"
-
-
-# -- MusicGen ------------------------------------------------------------------------
-
-
-def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
-    """Load a MusicGen model by name.
-
-    Args:
-        name: ``tiny-musicgen``, ``tiny-musicgen-stereo``, ``tiny-musicgen-melody``,
-            ``random-musicgen-{small,medium,large}`` (real
-            shapes, random weights: for benchmarks), a local checkpoint directory,
-            or a Hugging Face name such as ``facebook/musicgen-small``.
-        device: torch device string.
-
-    Returns:
-        The model and whether it is a random-weight test model.
-    """
-    from .testing import musicgen as testing
-
-    if name in testing.TINY_NAMES:
-        stereo, melody = name == testing.TINY_MUSICGEN_STEREO, name == testing.TINY_MUSICGEN_MELODY
-        return testing.build_tiny_musicgen(device=device, stereo=stereo, melody=melody), True
-    if name.startswith("random-musicgen-") and name[16:] in testing.RANDOM_MUSICGEN_SCALES:
-        return testing.build_random_musicgen(name[16:], device=device), True
-    path = Path(name).expanduser()
-    if path.is_dir():
-        model = load_musicgen_dir(path, device=device)
-        return model, model.lm.cfg.get("wavecast_test_model", False) is True
-    return MusicGen.get_pretrained(name, device=device), False
-
-
-def _offline_demucs() -> Any:
-    # A melody checkpoint saved in this layout holds no Demucs: the test models'.
-    from .testing.musicgen import tiny_demucs
-
-    return tiny_demucs()
-
-
-class OfflineT5Conditioner(T5Conditioner):  # type: ignore[misc]
-    """audiocraft's T5 text conditioner over a T5 encoder given in memory.
-
-    ``T5Conditioner.__init__`` fetches T5 from the hub by name; this builds the
-    same module (T5 encoder, output projection, attention mask handling) around
-    an encoder and tokenizer that are already loaded.
-    """
-
-    def __init__(
-        self,
-        t5: T5EncoderModel,
-        tokenizer: PreTrainedTokenizerFast,
-        output_dim: int,
-        device: str,
-    ) -> None:
-        TextConditioner.__init__(self, t5.config.d_model, output_dim)
-        self.device = device
-        self.name = "offline-t5"
-        self.finetune = False
-        self.word_dropout = 0.0
-        self.autocast = TorchAutocast(enabled=False)
-        self.t5_tokenizer = tokenizer
-        self.__dict__["t5"] = t5.eval().to(device)
-        self.normalize_text = False
-
-
-class OfflineChromaStemConditioner(ChromaStemConditioner):  # type: ignore[misc]
-    """audiocraft's chroma-of-stems melody conditioner over a Demucs given in memory.
-
-    ``ChromaStemConditioner.__init__`` fetches ``htdemucs`` by name; this builds
-    the same module (Demucs stem separation, chroma extractor, projection).
-    """
-
-    def __init__(
-        self,
-        demucs: Any,
-        output_dim: int,
-        sample_rate: int,
-        n_chroma: int,
-        radix2_exp: int,
-        duration: float,
-        device: str,
-        **kwargs: Any,
-    ) -> None:
-        WaveformConditioner.__init__(self, dim=n_chroma, output_dim=output_dim, device=device)
-        self.autocast = TorchAutocast(
-            enabled=device != "cpu", device_type=self.device, dtype=torch.float32
-        )
-        self.sample_rate = sample_rate
-        self.match_len_on_eval = True
-        self._use_masking = False
-        self.duration = duration
-        self.__dict__["demucs"] = demucs.eval().to(device)
-        sources: list[str] = demucs.sources
-        self.stem_indices = torch.LongTensor([sources.index("vocals"), sources.index("other")]).to(
-            device
-        )
-        self.chroma = ChromaExtractor(
-            sample_rate=sample_rate, n_chroma=n_chroma, radix2_exp=radix2_exp, **kwargs
-        ).to(device)
-        self.chroma_len = self._get_chroma_len()
-        self.eval_wavs = None
-        self.cache = None
-
-
-_STAND_IN = {"model": "lut", "lut": {"n_bins": 4, "dim": 4, "tokenizer": "noop"}}
-
-
-def lm_from_cfg(
-    cfg: Any, text_encoder: Path | tuple[T5EncoderModel, Any], demucs: Any = None
-) -> LMModel:
-    """Build the LM with audiocraft's builder, T5 (and Demucs) given offline."""
-    build_cfg = copy.deepcopy(cfg)
-    # The builder would fetch T5 (and Demucs) by name: build with lookup-table
-    # stand-ins, then put the real conditioners in their place before any weights
-    # are loaded.
-    build_cfg.conditioners.description = OmegaConf.create(_STAND_IN)
-    melody = "self_wav" in cfg.conditioners
-    if melody:
-        build_cfg.conditioners.self_wav = OmegaConf.create(_STAND_IN)
-    lm = builders.get_lm_model(build_cfg)
-    if melody:
-        chroma_cfg = dict(OmegaConf.to_container(cfg.conditioners.self_wav.chroma_stem))
-        for unused in ("match_len_on_eval", "eval_wavs", "n_eval_wavs", "cache_path"):
-            chroma_cfg.pop(unused, None)
-        lm.condition_provider.conditioners["self_wav"] = OfflineChromaStemConditioner(
-            demucs if demucs is not None else _offline_demucs(),
-            output_dim=cfg.transformer_lm.dim,
-            duration=float(cfg.dataset.segment_duration),
-            device=str(cfg.device),
-            **chroma_cfg,
-        ).to(cfg.device)
-    if isinstance(text_encoder, Path):
-        t5 = T5EncoderModel.from_pretrained(text_encoder)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(text_encoder)
-    else:
-        t5, tokenizer = text_encoder
-    lm.condition_provider.conditioners["description"] = OfflineT5Conditioner(
-        t5, tokenizer, output_dim=cfg.transformer_lm.dim, device=str(cfg.device)
-    ).to(cfg.device)
-    lm.cfg = cfg
-    return lm.eval()
-
-
-def musicgen_model(name: str, compression: Any, lm: LMModel, window: float) -> MusicGen:
-    # MusicGen.__init__ checks its default extend_stride (18 s) against the
-    # window, so short test windows are set after construction.
-    model = MusicGen(name, compression, lm, max_duration=max(window, 30.0))
-    if window < 30.0:
-        model.max_duration = window
-        model.set_generation_params(duration=window, extend_stride=round(window * 0.6, 3))
-    return model
-
-
-def save_musicgen(model: MusicGen, directory: Path) -> None:
-    """Write ``model`` in audiocraft's checkpoint layout under ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lm_cfg = OmegaConf.to_container(model.lm.cfg, resolve=True)
-    compression: CompressionModel = model.compression_model
-    compression = getattr(compression, "model", compression)  # the mono codec of a stereo model
-    torch.save(
-        {"xp.cfg": OmegaConf.to_yaml(lm_cfg), "best_state": model.lm.state_dict()},
-        directory / "state_dict.bin",
-    )
-    comp_cfg = OmegaConf.to_container(compression.cfg, resolve=True)
-    torch.save(
-        {"xp.cfg": OmegaConf.to_yaml(comp_cfg), "best_state": compression.state_dict()},
-        directory / "compression_state_dict.bin",
-    )
-    conditioner = model.lm.condition_provider.conditioners["description"]
-    conditioner.t5.save_pretrained(directory / TEXT_ENCODER_DIR)
-    conditioner.t5_tokenizer.save_pretrained(directory / TEXT_ENCODER_DIR)
-
-
-def load_musicgen_dir(directory: Path, device: str = "cpu") -> MusicGen:
-    """Load a local checkpoint directory.
-
-    Uses audiocraft's loaders; a ``text_encoder/`` folder, when present, supplies
-    T5 instead of the hub.
-    """
-    from audiocraft.models import loaders
-
-    compression = loaders.load_compression_model(str(directory), device=device)
-    text_encoder = directory / TEXT_ENCODER_DIR
-    if text_encoder.is_dir():
-        pkg = loaders.load_lm_model_ckpt(str(directory))
-        cfg = OmegaConf.create(pkg["xp.cfg"])
-        cfg.device = device
-        cfg.dtype = "float32" if device == "cpu" else "float16"
-        lm = lm_from_cfg(cfg, text_encoder)
-        lm.load_state_dict(pkg["best_state"])
-    else:
-        lm = loaders.load_lm_model(str(directory), device=device)
-    name = directory.name
-    window = float(lm.cfg.dataset.segment_duration)
-    return musicgen_model(name, compression, lm.eval(), window)
 
 
 # -- HiggsAudio v2 -------------------------------------------------------------------

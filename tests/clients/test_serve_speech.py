@@ -90,6 +90,39 @@ def test_serve_a_saved_speech_model_with_voices_and_scenes(tmp_path: Path) -> No
             process.wait()
 
 
+def test_a_speech_server_runs_without_audiocraft(tmp_path: Path) -> None:
+    """A server of speech models alone never imports audiocraft (seconds of startup,
+    and a dependency it does not need): here any import of it fails."""
+    shadow = tmp_path / "shadow" / "audiocraft"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("audiocraft is not installed")\n')
+    path = os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    process, port = start_serve(["--model", "tiny-higgs"], tmp_path / "server.log", env)
+    try:
+        with SyncClient(f"ws://127.0.0.1:{port}/v1/stream") as client:
+            result = client.speak("tiny-higgs", "Hi there.", max_new_tokens=12).collect()
+            assert result.status == "completed" and result.frames > 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout(30)) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "audiocraft" not in (tmp_path / "server.log").read_text()
+    # A MusicGen model there: one line that says what is missing.
+    result = subprocess.run(
+        [*WAVECAST, "serve", "--port", "0", "--model", "tiny-musicgen"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout(120),
+    )
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert result.returncode == 1 and len(errors) == 1
+    assert "MusicGen models need audiocraft" in errors[0]
+
+
 def run_serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     return subprocess.run(
