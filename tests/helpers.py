@@ -63,6 +63,19 @@ async def running_server(
 WAVECAST = [sys.executable, "-m", "wavecast.clients.cli"]
 
 
+def collect_audio(engine: Any, job: Any) -> Any:
+    """Step an engine's job alone to its end; its audio ``[frames, channels]``."""
+    import numpy as np
+
+    chunks = []
+    while True:
+        out = engine.step([job])[0]
+        if out.audio is not None:
+            chunks.append(out.audio)
+        if out.done:
+            return np.concatenate(chunks)
+
+
 async def first_audio(stream: Any) -> Any:
     """Read a request's events up to its first audio chunk, and return that chunk."""
     from wavecast.protocol import Audio

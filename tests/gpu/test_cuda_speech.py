@@ -1,4 +1,5 @@
-"""GPU checks (marker `gpu`): skipped cleanly on machines without CUDA."""
+"""GPU checks of the speech engine (marker `gpu`): skipped cleanly on machines without
+CUDA. Nothing here imports audiocraft (see scripts/device-check)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import collect_audio
 
 from wavecast.protocol import resolve_params
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.musicgen import MusicGenEngine
-from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,35 +19,10 @@ pytestmark = [
 ]
 
 
-def test_tiny_model_streams_exactly_on_cuda() -> None:
-    model = build_tiny_musicgen(device="cuda")
-    engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
-    params = resolve_params(engine.info.params, {"duration": 2.0, "top_k": 1, "seed": 0})
-    job = engine.prepare(EngineRequest("g", "gpu", params))
-    chunks = _collect(engine, job)
-    codes = engine.codes_of(job)
-    model.set_generation_params(duration=2.0, top_k=1)
-    _, reference = model.generate(["gpu"], return_tokens=True)
-    assert torch.equal(codes, reference)
-    full = model.compression_model.decode(codes, None)[0].transpose(0, 1).float().cpu().numpy()
-    assert np.abs(chunks - full).max() <= 1e-3
-
-
-def _collect(engine: Any, job: Any) -> np.ndarray:
-    """Step a job to its end; its audio ``[frames, channels]``."""
-    chunks = []
-    while True:
-        out = engine.step([job])[0]
-        if out.audio is not None:
-            chunks.append(out.audio)
-        if out.done:
-            return np.concatenate(chunks)
-
-
 def _speak(engine: Any, text: str, **given: Any) -> tuple[Any, np.ndarray]:
     params = resolve_params(engine.info.params, given)
     job = engine.prepare(EngineRequest("g", text, params))
-    return job, _collect(engine, job)[:, 0]
+    return job, collect_audio(engine, job)[:, 0]
 
 
 def test_tiny_higgs_streams_exactly_on_cuda() -> None:
@@ -117,37 +92,6 @@ def test_tiny_higgs_rows_in_a_batch_equal_their_solo_runs_on_cuda() -> None:
     assert torch.equal(engine.codes_of(ours), reference.codes_of(theirs))
 
 
-def test_decode_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
-    """``cuda_graphs``: the decode step recorded once per shape and replayed gives
-    the codes of the eager step (greedy: audiocraft's), for requests joining at
-    different steps (the table grows: graphs are dropped and recorded again)."""
-    model = build_tiny_musicgen(device="cuda")
-    eager = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
-    graphed = MusicGenEngine(model, name="tiny-musicgen", test_model=True, cuda_graphs=True)
-    results = []
-    for engine in (eager, graphed):
-        jobs = []
-        for i, prompt in enumerate(["rock", "jazz", "ambient pads"]):
-            given = {"duration": 1.0 + 0.5 * i, "top_k": 1, "seed": i}
-            params = resolve_params(engine.info.params, given)
-            jobs.append(engine.prepare(EngineRequest(f"r{i}", prompt, params)))
-        running = [jobs[0]]
-        steps = 0
-        while running:
-            if steps == 7:
-                running += jobs[1:]  # two more join: the table grows
-            outs = engine.step(running)
-            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
-            steps += 1
-        results.append([engine.codes_of(job) for job in jobs])
-    assert graphed._graphs is not None and graphed._graphs.recorded > 0
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
-    model.set_generation_params(duration=1.0, top_k=1)
-    _, reference = model.generate(["rock"], return_tokens=True)
-    assert torch.equal(results[1][0], reference)
-
-
 def test_speech_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
     """The speech engine's batched step as CUDA graphs: the same greedy codes as
     the eager step, for requests joining mid-run."""
@@ -179,70 +123,75 @@ def test_speech_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
         assert torch.equal(eager, graphed)
 
 
-def test_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again() -> None:
-    """Warming up records every shape of up to ``max_active`` requests; four
-    requests joining at different steps then replay only (nothing recorded,
-    nothing dropped) and their greedy codes equal the eager engine's."""
-    model = build_tiny_musicgen(device="cuda")
-    eager = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
-    graphed = MusicGenEngine(
-        model, name="tiny-musicgen", test_model=True, cuda_graphs=True, max_active=4
-    )
+def _crowd(
+    engine: Any, joins: tuple[int, ...], steps_before_cancel: int | None = None
+) -> list[Any]:
+    """Requests joining at ``joins`` steps, stepped to their end (two of them
+    cancelled after ``steps_before_cancel`` steps, if given); their jobs."""
+    texts = ["Hello there.", "[SPEAKER0] Hi.\n[SPEAKER1] Hey!", "Short.", "A longer line, said."]
+    jobs = []
+    for i in range(len(joins)):
+        given: dict[str, Any] = {"seed": i, "max_new_tokens": 30}
+        if i % 4 == 1:
+            given["chunk_method"] = "speaker"
+        params = resolve_params(engine.info.params, given)
+        jobs.append(engine.prepare(EngineRequest(f"s{i}", texts[i % 4], params)))
+    waiting = sorted(zip(joins, range(len(jobs)), strict=True))
+    running: list[Any] = []
+    steps = 0
+    while waiting or running:
+        while waiting and waiting[0][0] <= steps:
+            running.append(jobs[waiting.pop(0)[1]])
+        if running:
+            outs = engine.step(running)
+            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
+        steps += 1
+        if steps == steps_before_cancel:
+            for job in running[:2]:
+                engine.finish(job)
+            running = running[2:]
+    return jobs
+
+
+def test_speech_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again() -> None:
+    """Warming up records every shape of up to ``max_active`` speech requests; four
+    joining at different steps then replay only, and their codes (sampled, with
+    the repetition-aware redraw) equal the eager engine's."""
+    from wavecast.server.engines.higgs import HiggsEngine
+    from wavecast.server.engines.loading import load_higgs
+
+    loaded = load_higgs("tiny-higgs", None, "cuda")
+    eager = HiggsEngine(loaded, name="tiny-higgs")
+    graphed = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=True, max_active=4)
     graphed.warm_up()
     graphs = graphed._graphs
     assert graphs is not None and graphs.recorded == len(graphs) > 0
     recorded = graphs.recorded
-    results = []
-    for engine in (eager, graphed):
-        jobs = []
-        for i, prompt in enumerate(["rock", "jazz", "ambient pads", "drums"]):
-            given = {"duration": 1.0 + 0.5 * i, "top_k": 1, "seed": i}
-            params = resolve_params(engine.info.params, given)
-            jobs.append(engine.prepare(EngineRequest(f"r{i}", prompt, params)))
-        running, steps = [jobs[0]], 0
-        while running:
-            if steps in (3, 9, 20):
-                running.append(jobs[(3, 9, 20).index(steps) + 1])
-            outs = engine.step(running)
-            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
-            steps += 1
-        results.append([engine.codes_of(job) for job in jobs])
+    results = [[e.codes_of(job) for job in _crowd(e, (0, 3, 9, 20))] for e in (eager, graphed)]
     assert graphs.recorded == recorded and graphs.dropped == 0
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_finished_and_cancelled_requests_leave_no_memory_behind(cuda_graphs: bool) -> None:
-    """Crowds of requests (some cancelled half-way) leave the GPU's allocated
-    memory where the first crowd left it: nothing is kept per request; with
-    graphs, where warm-up left it (the table and graphs are made once)."""
-    model = build_tiny_musicgen(device="cuda")
-    engine = MusicGenEngine(
-        model, name="tiny-musicgen", test_model=True, cuda_graphs=cuda_graphs, max_active=8
-    )
+def test_finished_and_cancelled_speech_leaves_no_memory_behind(cuda_graphs: bool) -> None:
+    """Crowds of speech requests (two cancelled half-way each time) leave the GPU's
+    allocated memory where the first crowd left it; with graphs, where warm-up
+    left it."""
+    from wavecast.server.engines.higgs import HiggsEngine
+    from wavecast.server.engines.loading import load_higgs
+
+    loaded = load_higgs("tiny-higgs", None, "cuda")
+    engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=cuda_graphs, max_active=8)
     engine.warm_up()
     torch.cuda.synchronize()
     warm = torch.cuda.memory_allocated()
     after = []
-    for crowd in range(3):
-        jobs = []
-        for i in range(8):
-            given = {"duration": 1.0, "seed": 10 * crowd + i}
-            params = resolve_params(engine.info.params, given)
-            jobs.append(engine.prepare(EngineRequest(f"c{crowd}-{i}", "memory", params)))
-        running, steps = list(jobs), 0
-        while running:
-            outs = engine.step(running)
-            steps += 1
-            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
-            if steps == 20:  # two cancelled half-way
-                for job in running[:2]:
-                    engine.finish(job)
-                running = running[2:]
+    for _ in range(3):
+        jobs = _crowd(engine, (0,) * 8, steps_before_cancel=15)
         for job in jobs:
             engine.finish(job)
-        del jobs, running
+        del jobs
         torch.cuda.synchronize()
         after.append(torch.cuda.memory_allocated())
     assert after[1] == after[0] and after[2] == after[0]
