@@ -235,7 +235,7 @@ def fastest_rows(
         batch = torch.zeros(rows, codebooks, frames, dtype=torch.long)
         decode(batch).float().cpu()  # (the first call of a shape allocates)
         cost = float("inf")
-        for _ in range(2):
+        for _ in range(3):  # the least of three: a busy machine's noise only adds
             began = clock()
             decode(batch).float().cpu()
             cost = min(cost, (clock() - began) / rows)

@@ -229,8 +229,8 @@ def test_fastest_rows_takes_the_cheapest_batch_per_window(
         return decode(codes, None)
 
     assert fastest_rows(timed, 4, 39, 16, clock=lambda: now[0]) == chosen
-    # Each batch size three times (once to allocate, twice timed), windows of 4 x 39 codes.
-    assert shapes == [(rows, 4, 39) for rows in tried for _ in range(3)]
+    # Each batch size four times (once to allocate, three times timed), windows of 4 x 39.
+    assert shapes == [(rows, 4, 39) for rows in tried for _ in range(4)]
 
 
 def test_warm_up_measures_the_codec_batch(engine: Any) -> None:
