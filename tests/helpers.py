@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,114 @@ async def running_server(
 
 
 WAVECAST = [sys.executable, "-m", "wavecast.clients.cli"]
+
+
+@contextmanager
+def served(args: list[str], log_file: Path, env: dict[str, str] | None = None) -> Iterator[int]:
+    """``wavecast serve`` as a process (``start_serve``) for the block: its port.
+    Then SIGTERM, and it must exit 0 (it is killed if the block failed)."""
+    process, port = start_serve(args, log_file, env)
+    try:
+        yield port
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout(30)) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def step_together(
+    engine: Any,
+    jobs: Sequence[Any],
+    joins: Sequence[int] | None = None,
+    *,
+    cancel_at: int | None = None,
+    cancel: int = 2,
+) -> dict[str, list[Any]]:
+    """Step an engine's ``jobs`` together to their end, job ``i`` joining at step
+    ``joins[i]`` (all at the first by default); after ``cancel_at`` steps, the first
+    ``cancel`` still running are cancelled (finished). Each request's audio chunks."""
+    audio: dict[str, list[Any]] = {job.request.request_id: [] for job in jobs}
+    waiting = sorted(zip(joins or [0] * len(jobs), range(len(jobs)), strict=True))
+    running: list[Any] = []
+    steps = 0
+    while waiting or running:
+        while waiting and waiting[0][0] <= steps:
+            running.append(jobs[waiting.pop(0)[1]])
+        if running:
+            outs = engine.step(running)
+            for job, out in zip(running, outs, strict=True):
+                if out.audio is not None:
+                    audio[job.request.request_id].append(out.audio)
+            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
+        steps += 1
+        if steps == cancel_at:
+            for job in running[:cancel]:
+                engine.finish(job)
+            running = running[cancel:]
+    return audio
+
+
+def count_codec_calls(engine: Any) -> list[int]:
+    """From now on, how many windows each of ``engine``'s codec calls decodes."""
+    decode, calls = engine._decode, []
+
+    def counting(codes: Any) -> Any:
+        calls.append(int(codes.shape[0]))
+        return decode(codes)
+
+    engine._decode = counting
+    return calls
+
+
+def crowds_leave_memory_as_found(
+    engine: Any, crowd: Callable[[int], Sequence[Any]], cuda_graphs: bool
+) -> None:
+    """Warm ``engine`` up, then three crowds (``crowd(i)`` runs the ``i``-th and
+    returns its jobs): the GPU's allocated memory after each is where the first
+    left it (nothing kept per request); with graphs, where warm-up left it (the
+    table and graphs are made once)."""
+    import torch
+
+    engine.warm_up()
+    torch.cuda.synchronize()
+    warm = torch.cuda.memory_allocated()
+    after = []
+    for i in range(3):
+        jobs = crowd(i)
+        for job in jobs:
+            engine.finish(job)
+        del jobs
+        torch.cuda.synchronize()
+        after.append(torch.cuda.memory_allocated())
+    assert after[1] == after[0] and after[2] == after[0]
+    if cuda_graphs:
+        assert after[0] == warm
+        assert engine._graphs is not None and engine._graphs.dropped == 0
+
+
+def graphs_at_warm_up_serve_as_eager(
+    eager: Any, graphed: Any, jobs_of: Callable[[Any], Sequence[Any]]
+) -> None:
+    """Warming ``graphed`` up (CUDA graphs) records every shape of its
+    ``max_active`` requests; ``jobs_of(engine)`` joining at steps 0, 3, 9 and 20
+    then replay only (nothing recorded, nothing dropped), and their codes equal
+    the ``eager`` engine's."""
+    import torch
+
+    graphed.warm_up()
+    graphs = graphed._graphs
+    assert graphs is not None and graphs.recorded == len(graphs) > 0
+    recorded = graphs.recorded
+    results = []
+    for engine in (eager, graphed):
+        jobs = jobs_of(engine)
+        step_together(engine, jobs, (0, 3, 9, 20))
+        results.append([engine.codes_of(job) for job in jobs])
+    assert graphs.recorded == recorded and graphs.dropped == 0
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
 
 
 def collect_audio(engine: Any, job: Any) -> Any:

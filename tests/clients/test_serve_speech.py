@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import soundfile
-from helpers import WAVECAST, start_serve, timeout
+from helpers import WAVECAST, served, timeout
 
 from wavecast.clients import SyncClient
 from wavecast.server.engines.testing.higgs import build_tiny_higgs, save_tiny_higgs
@@ -33,22 +32,9 @@ def test_serve_a_saved_speech_model_with_voices_and_scenes(tmp_path: Path) -> No
     scenes = tmp_path / "scenes"
     scenes.mkdir()
     (scenes / "stage.txt").write_text("Recorded on a theatre stage.\n")
-    process, port = start_serve(
-        [
-            "--model",
-            str(folder),
-            "--voices-dir",
-            str(voices),
-            "--scenes-dir",
-            str(scenes),
-            "--max-new-tokens",
-            "100",
-            "--max-prompt-chars",
-            "60",
-        ],
-        tmp_path / "server.log",
-    )
-    try:
+    args = ["--model", str(folder), "--voices-dir", str(voices), "--scenes-dir", str(scenes)]
+    args += ["--max-new-tokens", "100", "--max-prompt-chars", "60"]
+    with served(args, tmp_path / "server.log") as port:
         assert get(port, "/v1/voices") == {
             "voices": [
                 {
@@ -82,12 +68,6 @@ def test_serve_a_saved_speech_model_with_voices_and_scenes(tmp_path: Path) -> No
             assert result.status == "completed" and result.frames == 16 * 960
             long = client.speak(info.name, "x" * 61).collect()
             assert long.error is not None and long.error.field == "prompt"
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout(30)) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_a_speech_server_runs_without_audiocraft(tmp_path: Path) -> None:
@@ -98,17 +78,12 @@ def test_a_speech_server_runs_without_audiocraft(tmp_path: Path) -> None:
     (shadow / "__init__.py").write_text('raise ImportError("audiocraft is not installed")\n')
     path = os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
-    process, port = start_serve(["--model", "tiny-higgs"], tmp_path / "server.log", env)
-    try:
-        with SyncClient(f"ws://127.0.0.1:{port}/v1/stream") as client:
-            result = client.speak("tiny-higgs", "Hi there.", max_new_tokens=12).collect()
-            assert result.status == "completed" and result.frames > 0
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout(30)) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with (
+        served(["--model", "tiny-higgs"], tmp_path / "server.log", env) as port,
+        SyncClient(f"ws://127.0.0.1:{port}/v1/stream") as client,
+    ):
+        result = client.speak("tiny-higgs", "Hi there.", max_new_tokens=12).collect()
+        assert result.status == "completed" and result.frames > 0
     assert "audiocraft" not in (tmp_path / "server.log").read_text()
     # A MusicGen model there: one line that says what is missing.
     result = subprocess.run(

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import count_codec_calls
 from test_musicgen_features import decode, wav_bytes
 
 from wavecast.protocol import InternalError, WavecastError, resolve_params
@@ -242,13 +243,7 @@ def test_due_codec_windows_go_in_calls_of_at_most_codec_batch() -> None:
     engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True, stream=fixed)
     engine.warm_up()
     assert engine.codec_batch == 2  # given, so not measured
-    decode, calls = engine._decode, []
-
-    def counting(codes: torch.Tensor) -> torch.Tensor:
-        calls.append(int(codes.shape[0]))
-        return decode(codes)
-
-    engine._decode = counting  # type: ignore[method-assign]
+    calls = count_codec_calls(engine)
     prompts = {"a": "rock", "b": "rock", "c": "jazz", "d": "jazz", "e": "folk"}
     jobs = [
         (rid, prepare(engine, rid, text, duration=1.5, seed=ord(rid)))

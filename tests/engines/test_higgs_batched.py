@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from helpers import count_codec_calls, step_together
 from transformers import DynamicCache
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
@@ -79,21 +80,7 @@ def drive(
     engine: HiggsEngine, jobs: Sequence[Job], joins: Sequence[int] | None = None
 ) -> dict[str, np.ndarray]:
     """Step ``jobs`` to the end, job ``i`` joining at step ``joins[i]``; their audio."""
-    joins = joins or [0] * len(jobs)
-    audio: dict[str, list[np.ndarray]] = {job.request.request_id: [] for job in jobs}
-    waiting = sorted(zip(joins, range(len(jobs)), strict=True))
-    live: list[Job] = []
-    step = 0
-    while waiting or live:
-        while waiting and waiting[0][0] <= step:
-            live.append(jobs[waiting.pop(0)[1]])
-        if live:
-            outputs = engine.step(live)
-            for job, out in zip(live, outputs, strict=True):
-                if out.audio is not None:
-                    audio[job.request.request_id].append(out.audio)
-            live = [job for job, out in zip(live, outputs, strict=True) if not out.done]
-        step += 1
+    audio = step_together(engine, jobs, joins)
     return {rid: np.concatenate(pieces) for rid, pieces in audio.items()}
 
 
@@ -449,17 +436,12 @@ def test_due_codec_windows_go_in_calls_of_at_most_codec_batch(loaded: HiggsModel
     engine = HiggsEngine(loaded, name="tiny-higgs", max_chunk_frames=8, codec_batch=2)
     engine.warm_up()
     assert engine.codec_batch == 2  # given, so not measured
-    decode, calls = engine._decode, []
-
-    def counting(codes: torch.Tensor) -> torch.Tensor:
-        calls.append(int(codes.shape[0]))
-        return decode(codes)
 
     def spoken(rid: str) -> Job:
         return request(engine, rid, "Steady words here.", max_new_tokens=40, seed=1)
 
     solo = drive(engine, [spoken("solo")])["solo"]
-    engine._decode = counting  # type: ignore[method-assign]
+    calls = count_codec_calls(engine)
     together = drive(engine, [spoken(rid) for rid in "abcde"])
     assert max(calls) == 2 and calls.count(2) >= 4
     for audio in together.values():

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
-from helpers import collect_audio
+from helpers import (
+    collect_audio,
+    crowds_leave_memory_as_found,
+    graphs_at_warm_up_serve_as_eager,
+    step_together,
+)
 
 from wavecast.protocol import resolve_params
 from wavecast.server.engines.base import EngineRequest
@@ -41,19 +48,8 @@ def test_decode_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
     graphed = MusicGenEngine(model, name="tiny-musicgen", test_model=True, cuda_graphs=True)
     results = []
     for engine in (eager, graphed):
-        jobs = []
-        for i, prompt in enumerate(["rock", "jazz", "ambient pads"]):
-            given = {"duration": 1.0 + 0.5 * i, "top_k": 1, "seed": i}
-            params = resolve_params(engine.info.params, given)
-            jobs.append(engine.prepare(EngineRequest(f"r{i}", prompt, params)))
-        running = [jobs[0]]
-        steps = 0
-        while running:
-            if steps == 7:
-                running += jobs[1:]  # two more join: the table grows
-            outs = engine.step(running)
-            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
-            steps += 1
+        jobs = _music_jobs(engine, ["rock", "jazz", "ambient pads"])
+        step_together(engine, jobs, (0, 7, 7))  # two more join: the table grows
         results.append([engine.codes_of(job) for job in jobs])
     assert graphed._graphs is not None and graphed._graphs.recorded > 0
     for a, b in zip(*results, strict=True):
@@ -72,64 +68,35 @@ def test_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again() -> N
     graphed = MusicGenEngine(
         model, name="tiny-musicgen", test_model=True, cuda_graphs=True, max_active=4
     )
-    graphed.warm_up()
-    graphs = graphed._graphs
-    assert graphs is not None and graphs.recorded == len(graphs) > 0
-    recorded = graphs.recorded
-    results = []
-    for engine in (eager, graphed):
-        jobs = []
-        for i, prompt in enumerate(["rock", "jazz", "ambient pads", "drums"]):
-            given = {"duration": 1.0 + 0.5 * i, "top_k": 1, "seed": i}
-            params = resolve_params(engine.info.params, given)
-            jobs.append(engine.prepare(EngineRequest(f"r{i}", prompt, params)))
-        running, steps = [jobs[0]], 0
-        while running:
-            if steps in (3, 9, 20):
-                running.append(jobs[(3, 9, 20).index(steps) + 1])
-            outs = engine.step(running)
-            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
-            steps += 1
-        results.append([engine.codes_of(job) for job in jobs])
-    assert graphs.recorded == recorded and graphs.dropped == 0
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    prompts = ["rock", "jazz", "ambient pads", "drums"]
+    graphs_at_warm_up_serve_as_eager(eager, graphed, lambda e: _music_jobs(e, prompts))
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_finished_and_cancelled_requests_leave_no_memory_behind(cuda_graphs: bool) -> None:
-    """Crowds of requests (some cancelled half-way) leave the GPU's allocated
-    memory where the first crowd left it: nothing is kept per request; with
-    graphs, where warm-up left it (the table and graphs are made once)."""
+    """Crowds of eight requests (two cancelled half-way) leave nothing behind in
+    the GPU's memory (``crowds_leave_memory_as_found``)."""
     model = build_tiny_musicgen(device="cuda")
     engine = MusicGenEngine(
         model, name="tiny-musicgen", test_model=True, cuda_graphs=cuda_graphs, max_active=8
     )
-    engine.warm_up()
-    torch.cuda.synchronize()
-    warm = torch.cuda.memory_allocated()
-    after = []
-    for crowd in range(3):
-        jobs = []
-        for i in range(8):
-            given = {"duration": 1.0, "seed": 10 * crowd + i}
-            params = resolve_params(engine.info.params, given)
-            jobs.append(engine.prepare(EngineRequest(f"c{crowd}-{i}", "memory", params)))
-        running, steps = list(jobs), 0
-        while running:
-            outs = engine.step(running)
-            steps += 1
-            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
-            if steps == 20:  # two cancelled half-way
-                for job in running[:2]:
-                    engine.finish(job)
-                running = running[2:]
-        for job in jobs:
-            engine.finish(job)
-        del jobs, running
-        torch.cuda.synchronize()
-        after.append(torch.cuda.memory_allocated())
-    assert after[1] == after[0] and after[2] == after[0]
-    if cuda_graphs:
-        assert after[0] == warm
-        assert engine._graphs is not None and engine._graphs.dropped == 0
+
+    def crowd(index: int) -> list[Any]:
+        given = {"duration": 1.0, "seed": 10 * index}
+        jobs = _music_jobs(engine, ["memory"] * 8, **given)
+        step_together(engine, jobs, cancel_at=20)
+        return jobs
+
+    crowds_leave_memory_as_found(engine, crowd, cuda_graphs)
+
+
+def _music_jobs(engine: Any, prompts: list[str], **given: Any) -> list[Any]:
+    """A request per prompt: greedy, the i-th ``1 + 0.5 i`` s long with seed ``i``
+    (``given`` instead, where it says)."""
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        spec = {"duration": 1.0 + 0.5 * i, "top_k": 1, "seed": i}
+        spec.update({k: v + i if k == "seed" else v for k, v in given.items()})
+        params = resolve_params(engine.info.params, spec)
+        jobs.append(engine.prepare(EngineRequest(f"r{i}", prompt, params)))
+    return jobs

@@ -8,7 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import collect_audio
+from helpers import (
+    collect_audio,
+    crowds_leave_memory_as_found,
+    graphs_at_warm_up_serve_as_eager,
+    step_together,
+)
 
 from wavecast.protocol import resolve_params
 from wavecast.server.engines.base import EngineRequest
@@ -79,10 +84,7 @@ def test_tiny_higgs_rows_in_a_batch_equal_their_solo_runs_on_cuda() -> None:
         )
         for i, text in enumerate(texts)
     ]
-    live = list(jobs)
-    while live:
-        outputs = engine.step(live)
-        live = [job for job, out in zip(live, outputs, strict=True) if not out.done]
+    step_together(engine, jobs)
     for job, codes in zip(jobs, solo, strict=True):
         assert torch.equal(engine.codes_of(job), codes)
     # Greedy without the random redraw: the batched path equals the reference path.
@@ -102,20 +104,8 @@ def test_speech_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
     results = []
     for cuda_graphs in (False, True):
         engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=cuda_graphs)
-        jobs = []
-        for i, text in enumerate(["Hello there.", "[SPEAKER0] Hi.\n[SPEAKER1] Hey!", "Short."]):
-            given = {"seed": i, "max_new_tokens": 30, "temperature": 0.0}
-            if i == 1:
-                given["chunk_method"] = "speaker"
-            params = resolve_params(engine.info.params, given)
-            jobs.append(engine.prepare(EngineRequest(f"s{i}", text, params)))
-        running, steps = [jobs[0]], 0
-        while running:
-            if steps == 5:
-                running += jobs[1:]
-            outs = engine.step(running)
-            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
-            steps += 1
+        jobs = _speech_jobs(engine, 3, temperature=0.0)
+        step_together(engine, jobs, (0, 5, 5))
         results.append([engine.codes_of(job) for job in jobs])
         if cuda_graphs:
             assert engine._graphs is not None and engine._graphs.recorded > 0
@@ -123,33 +113,17 @@ def test_speech_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
         assert torch.equal(eager, graphed)
 
 
-def _crowd(
-    engine: Any, joins: tuple[int, ...], steps_before_cancel: int | None = None
-) -> list[Any]:
-    """Requests joining at ``joins`` steps, stepped to their end (two of them
-    cancelled after ``steps_before_cancel`` steps, if given); their jobs."""
+def _speech_jobs(engine: Any, count: int, **extra: Any) -> list[Any]:
+    """``count`` speech requests, 30 frames at most each (a dialogue among them),
+    with ``extra`` parameters."""
     texts = ["Hello there.", "[SPEAKER0] Hi.\n[SPEAKER1] Hey!", "Short.", "A longer line, said."]
     jobs = []
-    for i in range(len(joins)):
-        given: dict[str, Any] = {"seed": i, "max_new_tokens": 30}
+    for i in range(count):
+        given: dict[str, Any] = {"seed": i, "max_new_tokens": 30, **extra}
         if i % 4 == 1:
             given["chunk_method"] = "speaker"
         params = resolve_params(engine.info.params, given)
         jobs.append(engine.prepare(EngineRequest(f"s{i}", texts[i % 4], params)))
-    waiting = sorted(zip(joins, range(len(jobs)), strict=True))
-    running: list[Any] = []
-    steps = 0
-    while waiting or running:
-        while waiting and waiting[0][0] <= steps:
-            running.append(jobs[waiting.pop(0)[1]])
-        if running:
-            outs = engine.step(running)
-            running = [job for job, out in zip(running, outs, strict=True) if not out.done]
-        steps += 1
-        if steps == steps_before_cancel:
-            for job in running[:2]:
-                engine.finish(job)
-            running = running[2:]
     return jobs
 
 
@@ -163,38 +137,22 @@ def test_speech_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again
     loaded = load_higgs("tiny-higgs", None, "cuda")
     eager = HiggsEngine(loaded, name="tiny-higgs")
     graphed = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=True, max_active=4)
-    graphed.warm_up()
-    graphs = graphed._graphs
-    assert graphs is not None and graphs.recorded == len(graphs) > 0
-    recorded = graphs.recorded
-    results = [[e.codes_of(job) for job in _crowd(e, (0, 3, 9, 20))] for e in (eager, graphed)]
-    assert graphs.recorded == recorded and graphs.dropped == 0
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    graphs_at_warm_up_serve_as_eager(eager, graphed, lambda e: _speech_jobs(e, 4))
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_finished_and_cancelled_speech_leaves_no_memory_behind(cuda_graphs: bool) -> None:
-    """Crowds of speech requests (two cancelled half-way each time) leave the GPU's
-    allocated memory where the first crowd left it; with graphs, where warm-up
-    left it."""
+    """Crowds of eight speech requests (two cancelled half-way) leave nothing
+    behind in the GPU's memory (``crowds_leave_memory_as_found``)."""
     from wavecast.server.engines.higgs import HiggsEngine
     from wavecast.server.engines.loading import load_higgs
 
     loaded = load_higgs("tiny-higgs", None, "cuda")
     engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=cuda_graphs, max_active=8)
-    engine.warm_up()
-    torch.cuda.synchronize()
-    warm = torch.cuda.memory_allocated()
-    after = []
-    for _ in range(3):
-        jobs = _crowd(engine, (0,) * 8, steps_before_cancel=15)
-        for job in jobs:
-            engine.finish(job)
-        del jobs
-        torch.cuda.synchronize()
-        after.append(torch.cuda.memory_allocated())
-    assert after[1] == after[0] and after[2] == after[0]
-    if cuda_graphs:
-        assert after[0] == warm
-        assert engine._graphs is not None and engine._graphs.dropped == 0
+
+    def crowd(_: int) -> list[Any]:
+        jobs = _speech_jobs(engine, 8)
+        step_together(engine, jobs, cancel_at=15)
+        return jobs
+
+    crowds_leave_memory_as_found(engine, crowd, cuda_graphs)
