@@ -421,7 +421,7 @@ class MusicGenEngine:
         return [out for out in outputs if out is not None]
 
     def _decode_due(self) -> None:
-        """Decode every stream's due codec window in one batched call per window shape."""
+        """Decode every stream's due codec window, batched (calls of at most ``codec_batch``)."""
         if self._due:
             due, self._due = self._due, []
             complete_due(self._decode, due, self.codec_batch)
