@@ -98,6 +98,7 @@ def load(
     cuda_graphs: bool = False,
     max_active: int = 4,
     codec_batch: int = 0,
+    codec_windows: bool = False,
 ) -> Engine:
     """The engine, warmed up as the server warms it (with graphs: every shape of
     up to ``max_active`` requests recorded; the codec batch measured unless given)."""
@@ -115,6 +116,7 @@ def load(
             cuda_graphs=cuda_graphs,
             max_active=max_active,
             codec_batch=codec_batch or None,
+            codec_windows=codec_windows,
         )
     else:
         from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
@@ -127,7 +129,7 @@ def load(
             test_model=True,
             cuda_graphs=cuda_graphs,
             max_active=max_active,
-            stream=StreamSettings(codec_batch=codec_batch),
+            stream=StreamSettings(codec_batch=codec_batch, codec_windows=codec_windows),
         )
     engine.warm_up()
     return engine
@@ -152,6 +154,11 @@ def main() -> None:
         help="windows per codec call at most (default: measured at warm-up, as the server)",
     )
     parser.add_argument(
+        "--codec-windows",
+        action="store_true",
+        help="re-decode windows of codes, not the incremental codec decoder (to compare)",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="MusicGen: audiocraft's generate on the same batches, in the same run",
@@ -163,7 +170,13 @@ def main() -> None:
     device = resolve_device(args.device)
     began = time.perf_counter()
     engine = load(
-        args.model, device, args.reference, args.cuda_graphs, max(args.streams), args.codec_batch
+        args.model,
+        device,
+        args.reference,
+        args.cuda_graphs,
+        max(args.streams),
+        args.codec_batch,
+        args.codec_windows,
     )
     loaded = time.perf_counter() - began
     resident = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
@@ -189,7 +202,9 @@ def main() -> None:
             f"- decode step shapes ready: {len(graphs)}; CUDA graphs recorded in all: "
             f"{graphs.recorded}, dropped {graphs.dropped} times"
         )
-    print(f"- codec windows per call at most: {getattr(engine, 'codec_batch', None)} (warm-up)")
+    streams = getattr(engine, "codec_streams", None)
+    mode = "windows" if streams is None or streams.incremental is None else "incremental"
+    print(f"- codec decoding: {mode}; chunks per call at most: {engine.codec_batch} (warm-up)")
     print(f"- load and warm-up: {loaded:.1f} s")
     if device.startswith("cuda"):
         print(f"- GPU memory after warm-up: {resident:.2f} GiB")

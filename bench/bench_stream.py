@@ -117,6 +117,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         args.admission,
         "--codec-batch",
         str(getattr(args, "codec_batch", 0)),
+        *(["--codec-windows"] if getattr(args, "codec_windows", False) else []),
         "--log-file",
         str(log),
     ]
@@ -247,6 +248,9 @@ def main() -> None:
     parser.add_argument("--admission", default="realtime", help="the server's --admission")
     parser.add_argument(
         "--codec-batch", type=int, default=0, help="the server's --codec-batch (0: measured)"
+    )
+    parser.add_argument(
+        "--codec-windows", action="store_true", help="the server's --codec-windows (to compare)"
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)

@@ -148,6 +148,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: measured at warm-up)",
     )
     parser.add_argument(
+        "--codec-windows",
+        action="store_true",
+        default=ModelsConfig().codec_windows,
+        help="re-decode windows of codes for each chunk instead of running the codec's "
+        "decoder incrementally (the same audio, more work; to compare)",
+    )
+    parser.add_argument(
         "--max-chunk-frames",
         type=int,
         default=ModelsConfig().max_chunk_frames,
@@ -298,6 +305,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             chunk_frames=args.chunk_frames,
             max_chunk_frames=args.max_chunk_frames,
             codec_batch=max(0, args.codec_batch),
+            codec_windows=args.codec_windows,
             prefill_budget_ms=args.prefill_budget_ms,
             max_prompt_tokens=args.max_prompt_tokens,
             mbd=args.mbd,

@@ -77,6 +77,9 @@ class ModelsConfig:
     # Streams' codec windows decoded in one call at most (many due in a step);
     # 0: measured at warm-up (on a CPU a few at once cost least per window).
     codec_batch: int = 0
+    # Re-decode windows of codes instead of running the codec's decoder
+    # incrementally (engines/codec_incremental.py), to compare the two.
+    codec_windows: bool = False
     # Preparing new requests (conditioning, uploads, prompts) runs between decode
     # steps for at most this long per step (at least one bounded unit of work).
     prefill_budget_ms: float = 20.0

@@ -111,14 +111,26 @@ def step_together(
 
 
 def count_codec_calls(engine: Any) -> list[int]:
-    """From now on, how many windows each of ``engine``'s codec calls decodes."""
-    decode, calls = engine._decode, []
+    """From now on, how many chunks (streams' windows, or their new frames) each
+    of ``engine``'s codec calls decodes."""
+    calls: list[int] = []
+    incremental = engine.codec_streams.incremental
+    if incremental is None:
+        decode = engine._decode
 
-    def counting(codes: Any) -> Any:
-        calls.append(int(codes.shape[0]))
-        return decode(codes)
+        def counting(codes: Any) -> Any:
+            calls.append(int(codes.shape[0]))
+            return decode(codes)
 
-    engine._decode = counting
+        engine._decode = engine.codec_streams.decode = counting
+    else:
+        run = incremental.decode
+
+        def counting_states(codes: Any, states: Any, **kwargs: Any) -> Any:
+            calls.append(int(codes.shape[0]))
+            return run(codes, states, **kwargs)
+
+        incremental.decode = counting_states
     return calls
 
 

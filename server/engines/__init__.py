@@ -52,6 +52,7 @@ def load_engines(
     chunk_frames: int = 10,
     max_chunk_frames: int = 50,
     codec_batch: int = 0,
+    codec_windows: bool = False,
     max_prompt_tokens: int = 512,
     max_duration: float = 300.0,
     max_upload_seconds: float = 60.0,
@@ -95,6 +96,7 @@ def load_engines(
                 max_upload_seconds=max_upload_seconds,
                 max_chunk_frames=max_chunk_frames,
                 codec_batch=codec_batch or None,
+                codec_windows=codec_windows,
                 prefill_budget_ms=prefill_budget_ms,
                 cuda_graphs=cuda_graphs,
                 max_active=max_active,
@@ -108,7 +110,13 @@ def load_engines(
             ) from exc
 
         stream = StreamSettings(
-            left_context, holdback, first_frames, chunk_frames, max_chunk_frames, codec_batch
+            left_context,
+            holdback,
+            first_frames,
+            chunk_frames,
+            max_chunk_frames,
+            codec_batch,
+            codec_windows,
         )
         engines[name] = _load_musicgen_engine(
             name,

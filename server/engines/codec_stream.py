@@ -3,7 +3,12 @@
 Neural codec decoders (EnCodec's SEANet, with its non-causal convolutions and
 LSTM) keep no streaming state, and the audio of a frame depends on frames on
 both sides of it. Decoding a growing prefix therefore changes the prefix's last
-few frames. ``StreamDecoder`` re-decodes a bounded window instead:
+few frames. Two ways around it:
+
+* ``IncrementalStream`` (where ``codec_incremental`` can run the decoder's
+  layers incrementally: EnCodec, DAC) decodes each frame once, from the
+  stream's state, and emits the samples no later code can change;
+* ``StreamDecoder`` (any codec; ``--codec-windows``) re-decodes a bounded window:
 
 * it holds back the last ``holdback`` frames, whose audio still depends on codes
   not generated yet, and emits them only once enough frames follow (or at the
@@ -24,13 +29,17 @@ listener who started playing at the first chunk), and stay at ``chunk_frames``
 when it is not. The chunking changes when audio leaves, not what it is (beyond
 float rounding).
 
-The windows of every stream with a chunk due in a step are decoded together
-(``complete_due``): one codec call per window shape, of at most ``rows`` windows,
+Both share the chunks' schedule. The windows (or new frames) of every stream
+with a chunk due in a step are decoded together (``complete_due``): one codec
+call per window shape (and decoder state shape), of at most ``rows`` windows,
 the batch that ``fastest_rows`` measured to cost least per window on the device.
+``CodecStreams`` is what an engine builds: the incremental decoder if its codec
+allows one (checked against the one-shot decode at load), windows otherwise.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,15 +50,21 @@ import numpy.typing as npt
 import torch
 
 from .base import FloatAudio, StepOutput, step_error
+from .codec_incremental import CodecState, IncrementalCodec, checked, incremental, steady_decode
 
 __all__ = [
+    "CodecStreams",
     "DecodePlan",
     "Due",
+    "IncrementalStream",
     "StreamDecoder",
+    "StreamGeometry",
     "complete_due",
     "decode_batched",
     "fastest_rows",
 ]
+
+log = logging.getLogger(__name__)
 
 Codes: TypeAlias = torch.Tensor | npt.NDArray[np.int64]
 
@@ -108,7 +123,11 @@ class StreamDecoder:
     def push(self, codes: Codes) -> FloatAudio | None:
         """Add frames ``[1, K, n]``; return new audio ``[frames, C]`` if a chunk is due."""
         plan = self.plan_push(codes)
-        return None if plan is None else self.complete(plan, self._decode(plan.window))
+        return None if plan is None else self.complete_alone(plan)
+
+    def complete_alone(self, plan: DecodePlan) -> FloatAudio:
+        """Decode a planned window alone and return its chunk."""
+        return self.complete(plan, self._decode(plan.window))
 
     def plan_push(self, codes: Codes) -> DecodePlan | None:
         """Add frames ``[1, K, n]``; if a chunk is due, the window to decode for it.
@@ -129,10 +148,14 @@ class StreamDecoder:
         """Emittable frames the next chunk waits for."""
         if self.emitted == self._primed:
             return self.first_frames
+        return self._later_target(self.emitted - self._primed)
+
+    def _later_target(self, sent: float) -> int:
+        """Frames a chunk after the first waits for, ``sent`` frames' audio out."""
         if self.max_chunk_frames == self.chunk_frames or self._first_at is None:
             return self.chunk_frames
         played = (self._clock() - self._first_at) * self.frame_rate
-        lead = self.emitted - self._primed - played
+        lead = sent - played
         return int(min(self.max_chunk_frames, max(self.chunk_frames, lead // 2)))
 
     def prime(self, codes: Codes) -> None:
@@ -179,14 +202,124 @@ class StreamDecoder:
         return np.ascontiguousarray(chunk, dtype=np.float32)
 
 
+class IncrementalStream(StreamDecoder):
+    """Turns frames of codes into audio chunks with an incremental codec decoder
+    (``codec_incremental``): each frame is decoded once, the decoder's layers
+    carrying the stream's state from one chunk to the next, and a chunk's audio
+    is every sample that no later code can change.
+
+    The chunks' schedule is ``StreamDecoder``'s (a small first chunk, later ones
+    growing while the stream is ahead of real time); ``left_context`` is what a
+    prompt primes the decoder with (its last frames), and there is no hold-back:
+    the first chunk waits for ``codec.lookahead`` frames more than it emits.
+
+    Args:
+        codec: The incremental decoder.
+        like: A tensor of the decoder's dtype and device (for its state).
+    """
+
+    def __init__(
+        self,
+        codec: IncrementalCodec,
+        like: torch.Tensor,
+        *,
+        left_context: int = 25,
+        first_frames: int = 1,
+        chunk_frames: int = 10,
+        max_chunk_frames: int | None = None,
+        frame_rate: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        super().__init__(
+            self._windowless,
+            codec.hop,
+            left_context=left_context,
+            holdback=0,
+            first_frames=first_frames,
+            chunk_frames=chunk_frames,
+            max_chunk_frames=max_chunk_frames,
+            frame_rate=frame_rate,
+            clock=clock,
+        )
+        self.codec = codec
+        self._state = codec.start(like)
+        self._priming = 0  # pending frames given as context only
+        self._discard = 0  # samples of theirs still to drop
+        self._sent = 0  # samples emitted
+        self._ended = False
+
+    def _windowless(self, window: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("an incremental stream decodes from its state, not windows")
+
+    def plan_push(self, codes: Codes) -> DecodePlan | None:
+        if codes.shape[-1] == 0:
+            return None
+        self._append(codes)
+        new = self.total - self.emitted - self._priming
+        if self._sent == 0:
+            due = new >= self.first_frames + self.codec.lookahead
+        else:
+            due = new >= self._later_target(self._sent / self.hop)
+        return self._plan(self.total) if due else None
+
+    def prime(self, codes: Codes) -> None:
+        if self.total != self.emitted or self._sent:
+            raise RuntimeError("prime() must come before frames that are to be emitted")
+        n = int(codes.shape[-1])
+        keep = min(n, self.left_context)
+        self.total += n - keep
+        self.emitted = self._base = self.total
+        if keep:
+            self._append(codes[..., n - keep :])
+        self._priming += keep
+        self._discard += keep * self.hop
+
+    def flush(self) -> FloatAudio | None:
+        if self._ended or self._codes is None:
+            return None
+        plan = self._plan(self.total, final=True)
+        chunk = self.complete_alone(plan)
+        return chunk if len(chunk) else None
+
+    def complete_alone(self, plan: DecodePlan) -> FloatAudio:
+        return self.complete(plan, _decode_alone_checked(plan))
+
+    def _plan(self, end: int, final: bool = False) -> DecodePlan:
+        if self._ended:
+            raise RuntimeError("the stream has ended")
+        assert self._codes is not None
+        start = self.emitted
+        window = torch.from_numpy(np.ascontiguousarray(self._codes[..., start - self._base :]))
+        return DecodePlan(window, start, end, self._state, final)
+
+    def complete(self, plan: DecodePlan, wav: torch.Tensor) -> FloatAudio:
+        """The chunk of a decoded plan ``[1, C, m]`` (new samples); the stream moves on."""
+        drop = min(self._discard, wav.shape[-1])
+        self._discard -= drop
+        chunk = wav[0, :, drop:].transpose(0, 1).float().cpu().numpy()
+        if self._first_at is None and len(chunk):
+            self._first_at = self._clock()
+        self._sent += len(chunk)
+        self._priming = 0
+        self.emitted = plan.end
+        self._ended = plan.final
+        assert self._codes is not None
+        self._codes = self._codes[..., plan.end - self._base :]
+        self._base = plan.end
+        return np.ascontiguousarray(chunk, dtype=np.float32)
+
+
 @dataclass(frozen=True, slots=True)
 class DecodePlan:
     """A codec window to decode: codes ``[1, K, n]`` (on the CPU) from frame ``start``;
-    emits up to ``end``."""
+    emits up to ``end``. With a ``state`` (an incremental stream), the window is
+    the new frames, decoded from that state (and, if ``final``, to the end)."""
 
     window: torch.Tensor
     start: int
     end: int
+    state: CodecState | None = None
+    final: bool = False
 
 
 def decode_batched(
@@ -196,16 +329,23 @@ def decode_batched(
 ) -> list[torch.Tensor]:
     """Decode every plan's window, one codec call per window shape (of at most
     ``rows`` windows each, if given); audio in plan order."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[tuple[object, ...], list[int]] = {}
     for i, plan in enumerate(plans):
-        groups.setdefault(tuple(plan.window.shape), []).append(i)
+        key = None if plan.state is None else (plan.state.codec, plan.state.key, plan.final)
+        groups.setdefault((tuple(plan.window.shape), key), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(plans)
     for group in groups.values():
         step = rows or len(group)
         for at in range(0, len(group), step):
             indices = group[at : at + step]
             # One transfer each way per call: the windows in, the audio out.
-            wav = decode(torch.cat([plans[i].window for i in indices])).float().cpu()
+            codes = torch.cat([plans[i].window for i in indices])
+            first = plans[indices[0]]
+            states = [state for i in indices if (state := plans[i].state) is not None]
+            if not states:
+                wav = decode(codes).float().cpu()
+            else:
+                wav = states[0].codec.decode(codes, states, final=first.final).float().cpu()
             for row, i in enumerate(indices):
                 out[i] = wav[row : row + 1]
     return [wav for wav in out if wav is not None]
@@ -287,6 +427,109 @@ def _decode_alone(
     decode: Callable[[torch.Tensor], torch.Tensor], plan: DecodePlan
 ) -> torch.Tensor | BaseException:
     try:
+        if plan.state is not None:
+            return _decode_alone_checked(plan)
         return decode(plan.window).float().cpu()
     except Exception as exc:
         return exc
+
+
+def _decode_alone_checked(plan: DecodePlan) -> torch.Tensor:
+    assert plan.state is not None
+    wav = plan.state.codec.decode(plan.window, [plan.state], final=plan.final)
+    return wav.float().cpu()
+
+
+# -- what the engines build ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamGeometry:
+    """How an engine's streams turn codes into chunks (frames of codes)."""
+
+    left_context: int
+    holdback: int
+    first_frames: int
+    chunk_frames: int
+    max_chunk_frames: int
+    frame_rate: float
+
+
+class CodecStreams:
+    """An engine's codec, for streaming: an incremental decoder where its layers
+    allow one (checked at load against the one-shot decode), windows otherwise
+    or when asked (``windows``).
+
+    Args:
+        codec: The loaded codec model (EnCodec, stereo EnCodec, HiggsAudio's tokenizer).
+        decode: Its one-shot decode, codes ``[B, K, n]`` to audio ``[B, C, n * hop]``.
+        like: A tensor of the decoder's dtype and device.
+        hop: Audio samples per frame.
+        codebooks, cardinality: The codes' shape and range.
+        name: The model's name, for the log.
+        windows: Decode windows even where an incremental decoder would do.
+    """
+
+    def __init__(
+        self,
+        codec: torch.nn.Module,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        like: torch.Tensor,
+        geometry: StreamGeometry,
+        *,
+        hop: int,
+        codebooks: int,
+        cardinality: int,
+        name: str,
+        windows: bool = False,
+    ) -> None:
+        self.decode = decode
+        self.like = like
+        self.geometry = geometry
+        self.hop = hop
+        self.codebooks = codebooks
+        self.incremental = None if windows else incremental(codec)
+        if self.incremental is not None:
+            error = checked(
+                self.incremental, decode, like, codebooks=codebooks, cardinality=cardinality
+            )
+            # Float rounding, whatever the dtype; a misread layer errs by ~1.
+            if not error <= 1e-2:
+                log.warning("%s: incremental codec decoder off by %.3g: windows", name, error)
+                self.incremental = None
+        mode = "windows" if self.incremental is None else "incremental"
+        log.info("%s: codec decoding: %s", name, mode)
+
+    def stream(self) -> StreamDecoder:
+        """A new stream's decoder."""
+        g = self.geometry
+        if self.incremental is not None:
+            return IncrementalStream(
+                self.incremental,
+                self.like,
+                left_context=g.left_context,
+                first_frames=g.first_frames,
+                chunk_frames=g.chunk_frames,
+                max_chunk_frames=g.max_chunk_frames,
+                frame_rate=g.frame_rate,
+            )
+        return StreamDecoder(
+            self.decode,
+            self.hop,
+            left_context=g.left_context,
+            holdback=g.holdback,
+            first_frames=g.first_frames,
+            chunk_frames=g.chunk_frames,
+            max_chunk_frames=g.max_chunk_frames,
+            frame_rate=g.frame_rate,
+        )
+
+    def fastest_rows(self, most: int) -> int:
+        """The codec batch that costs least per chunk (``fastest_rows``), measured
+        on the largest chunk: its window, or its new frames from a stream's state."""
+        g = self.geometry
+        if self.incremental is None:
+            frames = g.left_context + g.max_chunk_frames + g.holdback
+            return fastest_rows(self.decode, self.codebooks, frames, most)
+        decode = steady_decode(self.incremental, self.like, most, self.codebooks)
+        return fastest_rows(decode, self.codebooks, g.max_chunk_frames, most)

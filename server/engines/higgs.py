@@ -59,7 +59,7 @@ from .base import (
     run_once,
 )
 from .codec_decoders import for_serving
-from .codec_stream import Due, StreamDecoder, complete_due, fastest_rows
+from .codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from .higgs_card import model_card
 from .higgs_decoder import HiggsDecoder
@@ -137,8 +137,10 @@ class HiggsEngine:
         max_upload_seconds: Longest uploaded reference clip.
         left_context, holdback, first_frames, chunk_frames, max_chunk_frames:
             Geometry of the exact incremental decoder (see ``codec_stream``).
-        codec_batch: Windows one codec call decodes at most (many streams due
+        codec_batch: Chunks one codec call decodes at most (many streams due
             in a step); None: measured at warm-up (``fastest_rows``).
+        codec_windows: Re-decode windows of codes even though the codec's
+            decoder runs incrementally (``codec_incremental``; to compare).
         prefill_chunk: Prompt positions a request prefills per call at most.
         prefill_budget: Prompt positions prefilled per step at most (at least
             one chunk), so that new requests delay the running streams by a
@@ -175,6 +177,7 @@ class HiggsEngine:
         chunk_frames: int = 8,
         max_chunk_frames: int = 50,
         codec_batch: int | None = None,
+        codec_windows: bool = False,
         prefill_chunk: int = 256,
         prefill_budget: int = 512,
         prefill_budget_ms: float | None = None,
@@ -192,7 +195,6 @@ class HiggsEngine:
         self.voices = dict(voices or {})
         self.scenes = dict(scenes or {})
         self.max_upload_seconds = max_upload_seconds
-        self.geometry = (left_context, holdback, first_frames, chunk_frames)
         self.max_chunk_frames = max_chunk_frames
         config = self.model.config
         self.device = next(iter(self.model.parameters())).device
@@ -234,6 +236,21 @@ class HiggsEngine:
         self._slots: SlotTable[_HiggsJob] = SlotTable(self._grow)
         self._due: Due = []
         self.codec_batch = codec_batch
+        geometry = StreamGeometry(
+            left_context, holdback, first_frames, chunk_frames, max_chunk_frames, self.frame_rate
+        )
+        with torch.no_grad():
+            self.codec_streams = CodecStreams(
+                self.codec,
+                self._decode,
+                next(iter(self.codec.acoustic_decoder.parameters())),
+                geometry,
+                hop=self.hop,
+                codebooks=self.num_codebooks,
+                cardinality=int(self.codec.config.codebook_size),
+                name=name,
+                windows=codec_windows,
+            )
         # Tests: called with each sampled request's raw logits [K, card], by id.
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         self.max_duration = float(max_duration)
@@ -367,7 +384,6 @@ class HiggsEngine:
         )
         seed = request_seed(params)
         buffer = params.get("generation_chunk_buffer_size")
-        left, hold, first, every = self.geometry
         state = _HiggsJob(
             chunks=chunks,
             system=system,
@@ -382,16 +398,7 @@ class HiggsEngine:
             max_new_tokens=int(number(params["max_new_tokens"])),
             ras_win_len=int(number(params["ras_win_len"])),
             ras_max_repeat=int(number(params["ras_win_max_num_repeat"])),
-            decoder=StreamDecoder(
-                self._decode,
-                self.hop,
-                left_context=left,
-                holdback=hold,
-                first_frames=first,
-                chunk_frames=every,
-                max_chunk_frames=self.max_chunk_frames,
-                frame_rate=self.frame_rate,
-            ),
+            decoder=self.codec_streams.stream(),
             max_frames=max(1, int(self.max_duration * self.frame_rate)),
         )
         # About 14 characters a second of speech: a rough guide for progress.
@@ -803,7 +810,7 @@ class HiggsEngine:
             if self._close_chunk(st):
                 done = True
                 if plan is not None:
-                    pieces.append(st.decoder.complete(plan, self._decode(plan.window)))
+                    pieces.append(st.decoder.complete_alone(plan))
                     plan = None
                 tail = st.decoder.flush()
                 if tail is not None:
@@ -843,12 +850,8 @@ class HiggsEngine:
             finally:
                 self._graphs = graphs
             if self.codec_batch is None:
-                # Measured on the longest window a chunk decodes.
-                left, holdback, _, _ = self.geometry
-                frames = left + self.max_chunk_frames + holdback
-                k = self.num_codebooks
                 with torch.no_grad():
-                    self.codec_batch = fastest_rows(self._decode, k, frames, self.max_active)
+                    self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec windows per call: %d", self.name, self.codec_batch)
             if graphs is not None:
                 self._prepare_graphs()

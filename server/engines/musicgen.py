@@ -52,7 +52,7 @@ from .base import (
     run_once,
 )
 from .codec_decoders import for_serving
-from .codec_stream import Due, StreamDecoder, complete_due, fastest_rows
+from .codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from .mbd import MBDRun
 from .musicgen_card import model_card
@@ -77,6 +77,7 @@ class StreamSettings:
     chunk_frames: int = 10
     max_chunk_frames: int = 50  # while the stream is well ahead of real time
     codec_batch: int = 0  # windows per codec call at most; 0: measured at warm-up
+    codec_windows: bool = False  # re-decode windows even where the codec runs incrementally
 
 
 @dataclass(slots=True, weakref_slot=True)  # (tests: nothing keeps a finished one)
@@ -174,6 +175,26 @@ class MusicGenEngine:
         if isinstance(getattr(codec, "decoder", None), torch.nn.Module):
             prepared = for_serving(codec.decoder)  # the same audio, sooner
             log.debug("%s: codec decoder prepared for serving: %s", name, prepared)
+        geometry = StreamGeometry(
+            self.stream.left_context,
+            self.stream.holdback,
+            self.stream.first_frames,
+            self.stream.chunk_frames,
+            self.stream.max_chunk_frames,
+            self.frame_rate,
+        )
+        with torch.no_grad(), model.autocast:
+            self.codec_streams = CodecStreams(
+                model.compression_model,
+                self._decode,
+                next(iter(model.compression_model.parameters())),
+                geometry,
+                hop=self.hop,
+                codebooks=int(self.lm.num_codebooks),
+                cardinality=int(model.compression_model.cardinality),
+                name=name,
+                windows=self.stream.codec_windows,
+            )
         autocast = getattr(model.autocast, "autocast", None)
         dtype = autocast.fast_dtype if autocast is not None else next(self.lm.parameters()).dtype
         self.max_active = max(1, max_active)
@@ -309,16 +330,7 @@ class MusicGenEngine:
         py_random = _seeded_state(seed)
 
         stride_seconds = number(params.get("extend_stride") or 18.0)
-        decoder = StreamDecoder(
-            self._decode,
-            self.hop,
-            left_context=self.stream.left_context,
-            holdback=self.stream.holdback,
-            first_frames=self.stream.first_frames,
-            chunk_frames=self.stream.chunk_frames,
-            max_chunk_frames=self.stream.max_chunk_frames,
-            frame_rate=self.frame_rate,
-        )
+        decoder = self.codec_streams.stream()
         first_prompt_len = 0 if prompt is None else int(prompt.shape[-1])
         job = _MusicGenJob(
             # Text alone: encoded at the first prefill, with its peers'; otherwise
@@ -676,7 +688,7 @@ class MusicGenEngine:
         if win.done:
             done = self._next_window(st)
         if plan is not None and done:
-            pieces.append(st.decoder.complete(plan, self._decode(plan.window)))
+            pieces.append(st.decoder.complete_alone(plan))
             plan = None
         if done:
             tail = st.decoder.flush()
@@ -740,12 +752,8 @@ class MusicGenEngine:
             finally:
                 self._graphs = graphs
             if self.codec_batch is None:
-                # Measured on the longest window a chunk decodes.
-                geometry = self.stream
-                frames = geometry.left_context + geometry.max_chunk_frames + geometry.holdback
-                k = int(self.lm.num_codebooks)
                 with torch.no_grad(), self.model.autocast:
-                    self.codec_batch = fastest_rows(self._decode, k, frames, self.max_active)
+                    self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec windows per call: %d", self.name, self.codec_batch)
             if graphs is not None:
                 self._prepare_graphs()

@@ -1,0 +1,532 @@
+"""Codec decoders run incrementally: each layer keeps what its next input needs.
+
+A codec decoder (EnCodec's SEANet, DAC) is a chain of convolutions, transposed
+convolutions, LSTMs, residual blocks and pointwise activations over time. None
+of them needs the whole sequence at once:
+
+* a convolution of ``pl + pr + 1`` taps (zero padding ``pl`` left, ``pr`` right)
+  keeps its last ``pl + pr`` input samples; each new input sample completes one
+  output, ``pr`` samples late; at the end of the stream it reads ``pr`` zeros;
+* a transposed convolution keeps the partial sums of the samples the next input
+  still adds to (its overlap), and trims its padding from the stream's ends;
+* an LSTM keeps its hidden and cell state;
+* a residual block keeps the skip path's samples until the block's output for
+  them arrives.
+
+``IncrementalCodec`` builds such a chain from a loaded decoder, and decodes new
+frames of many streams in one call, each stream's layers continuing from its own
+``CodecState``. The audio equals a one-shot decode of all the stream's codes to
+float rounding, at the cost of decoding each frame once (re-decoding windows
+with left and right context costs 1.5-4x that), and audio leaves as soon as no
+later code can change it (``lookahead`` frames behind the newest).
+
+Layers it does not know (reflect padding, group normalisation, strides in a
+plain convolution …) make ``incremental`` return None: the engine then decodes
+windows instead (``codec_stream.StreamDecoder``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CodecState",
+    "IncrementalCodec",
+    "Unsupported",
+    "checked",
+    "incremental",
+    "steady_decode",
+]
+
+# One layer's state for a batch of streams: its tensors, and the output samples
+# it has still to drop at the stream's start (its share of the padding).
+_Tensors = tuple[torch.Tensor, ...]
+
+
+class Unsupported(ValueError):
+    """A decoder layer that cannot run incrementally (exactly)."""
+
+
+@dataclass(slots=True)
+class _Slot:
+    tensors: _Tensors
+    skip: int
+
+
+class _Op:
+    """A layer over time: ``run`` maps new input samples ``[B, C, n]`` to the
+    output samples they complete, given and updating its ``_Slot``; with
+    ``final``, the stream ends after them (the right padding is read)."""
+
+    index = -1  # the op's slot in a stream's state (``_number``)
+    batch_dim = 0  # the streams' dimension in the op's tensors
+    lookahead = 0.0  # input samples an output waits for
+    rate = 1  # output samples per input sample
+
+    def begin(self, x: torch.Tensor) -> _Slot | None:
+        """The state of a new stream (``x``: an empty input, for dtype and device)."""
+        return None
+
+    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ops(self) -> list[_Op]:
+        return [self]
+
+
+def _check_weight(conv: nn.Module) -> None:
+    # An old-style weight norm recomputes ``weight`` only in its forward hook,
+    # which a functional call skips (``codec_decoders.for_serving`` folds it).
+    if hasattr(conv, "weight_g") or hasattr(conv, "weight_v"):
+        raise Unsupported("a weight norm not folded (codec_decoders.for_serving)")
+
+
+def _drop(slot: _Slot, y: torch.Tensor) -> torch.Tensor:
+    if slot.skip:
+        dropped = min(slot.skip, y.shape[-1])
+        slot.skip -= dropped
+        y = y[..., dropped:]
+    return y
+
+
+class _Pointwise(_Op):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        return self.fn(x) if x.shape[-1] else x
+
+
+class _Conv(_Op):
+    """A stride-1 convolution with zero padding ``left`` and ``right``."""
+
+    def __init__(self, conv: nn.Conv1d, left: int, right: int) -> None:
+        _check_weight(conv)
+        if conv.stride[0] != 1 or conv.padding_mode != "zeros":
+            raise Unsupported(f"convolution with stride {conv.stride} ({conv.padding_mode})")
+        if (conv.kernel_size[0] - 1) * conv.dilation[0] != left + right:
+            raise Unsupported("convolution padding does not keep the length")
+        self.conv = conv
+        self.left, self.right = left, right
+        self.lookahead = float(right)
+
+    def begin(self, x: torch.Tensor) -> _Slot | None:
+        if self.left + self.right == 0:
+            return None
+        # The left padding, and ``right`` zeros more whose outputs are dropped:
+        # every stream's buffer has the same length from the start.
+        span = self.left + self.right
+        buffer = x.new_zeros(x.shape[0], self.conv.in_channels, span)
+        return _Slot((buffer,), self.right)
+
+    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        conv, slot = self.conv, state[self.index]
+        if slot is None:
+            return conv_1d(conv, x) if x.shape[-1] else _empty(x, conv.out_channels)
+        (buffer,) = slot.tensors
+        parts = [buffer, x]
+        if final:
+            parts.append(x.new_zeros(x.shape[0], x.shape[1], self.right))
+        padded = torch.cat(parts, -1)
+        # (A copy: a view would keep the whole padded input alive.)
+        slot.tensors = (padded[..., padded.shape[-1] - buffer.shape[-1] :].clone(),)
+        if padded.shape[-1] == buffer.shape[-1]:
+            return _empty(x, conv.out_channels)
+        return _drop(slot, conv_1d(conv, padded))
+
+
+def _empty(x: torch.Tensor, channels: int) -> torch.Tensor:
+    return x.new_zeros(x.shape[0], channels, 0)
+
+
+def conv_1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = F.conv1d(x, conv.weight, conv.bias, 1, 0, conv.dilation, conv.groups)
+    return out
+
+
+class _ConvTranspose(_Op):
+    """A transposed convolution whose full output is trimmed by ``left`` and
+    ``right`` samples at the stream's ends."""
+
+    def __init__(self, conv: nn.ConvTranspose1d, left: int, right: int) -> None:
+        _check_weight(conv)
+        kernel, stride = conv.kernel_size[0], conv.stride[0]
+        if conv.dilation[0] != 1 or conv.groups != 1 or kernel < stride:
+            raise Unsupported("transposed convolution with dilation, groups or gaps")
+        self.conv = conv
+        self.stride = stride
+        self.overlap = kernel - stride  # output samples the next input still adds to
+        self.left, self.right = left, right
+        self.rate = stride
+        self.lookahead = left / stride  # the trim delays every output sample
+        if not 0 <= right <= self.overlap:
+            raise Unsupported("transposed convolution trimmed past its overlap")
+
+    def begin(self, x: torch.Tensor) -> _Slot | None:
+        tail = x.new_zeros(x.shape[0], self.conv.out_channels, self.overlap)
+        return _Slot((tail,), self.left)
+
+    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        slot = state[self.index]
+        assert slot is not None
+        (tail,) = slot.tensors
+        n = x.shape[-1]
+        if n:
+            y = F.conv_transpose1d(x, self.conv.weight, None, self.stride)
+            y[..., : self.overlap] += tail
+            out, tail = y[..., : n * self.stride], y[..., n * self.stride :].clone()
+        else:
+            out = tail[..., :0]
+        if final:
+            out = torch.cat([out, tail[..., : self.overlap - self.right]], -1)
+        slot.tensors = (tail,)
+        if self.conv.bias is not None:
+            out = out + self.conv.bias.view(1, -1, 1)
+        return _drop(slot, out)
+
+
+class _LSTM(_Op):
+    batch_dim = 1
+
+    def __init__(self, lstm: nn.LSTM, skip: bool) -> None:
+        if lstm.bidirectional or lstm.batch_first or lstm.proj_size:
+            raise Unsupported("a bidirectional, batch-first or projected LSTM")
+        self.lstm, self.skip = lstm, skip
+
+    def begin(self, x: torch.Tensor) -> _Slot | None:
+        shape = (self.lstm.num_layers, x.shape[0], self.lstm.hidden_size)
+        return _Slot((x.new_zeros(shape), x.new_zeros(shape)), 0)
+
+    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        slot = state[self.index]
+        assert slot is not None
+        if not x.shape[-1]:
+            return x
+        steps = x.permute(2, 0, 1)
+        h, c = slot.tensors
+        y, (h, c) = self.lstm(steps, (h, c))
+        slot.tensors = (h, c)
+        if self.skip:
+            y = y + steps
+        out: torch.Tensor = y.permute(1, 2, 0)
+        return out
+
+
+class _Chain(_Op):
+    def __init__(self, ops: Sequence[_Op]) -> None:
+        self.children = list(ops)
+        self.lookahead = 0.0
+        self.rate = 1
+        for op in self.children:
+            self.lookahead += op.lookahead / self.rate
+            self.rate *= op.rate
+
+    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        for op in self.children:
+            x = op.run(x, state, final)
+        return x
+
+    def ops(self) -> list[_Op]:
+        return [op for child in self.children for op in child.ops()]
+
+
+class _Residual(_Op):
+    """``shortcut(x) + block(x)``: the shortcut's samples wait for the block's."""
+
+    def __init__(self, block: _Op, shortcut: _Op | None) -> None:
+        if block.rate != 1 or (shortcut is not None and (shortcut.lookahead or shortcut.rate != 1)):
+            raise Unsupported("a residual block that changes the rate")
+        self.block, self.shortcut = block, shortcut
+        self.lookahead = block.lookahead
+
+    def begin(self, x: torch.Tensor) -> _Slot | None:
+        return _Slot((x[..., :0],), 0)  # channels set at the first run
+
+    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        slot = state[self.index]
+        assert slot is not None
+        skip = x if self.shortcut is None else self.shortcut.run(x, state, final)
+        (waiting,) = slot.tensors
+        waiting = torch.cat([waiting, skip], -1) if waiting.shape[1] else skip
+        y = self.block.run(x, state, final)
+        n = y.shape[-1]
+        slot.tensors = (waiting[..., n:].clone(),)
+        return waiting[..., :n] + y
+
+    def ops(self) -> list[_Op]:
+        own: list[_Op] = [self]
+        shortcut = [] if self.shortcut is None else self.shortcut.ops()
+        return own + shortcut + self.block.ops()
+
+
+def _number(root: _Op) -> list[_Op]:
+    ops = root.ops()
+    for i, op in enumerate(ops):
+        op.index = i
+    return ops
+
+
+# -- building the chain from a loaded decoder ------------------------------------
+
+
+def _conv1d_padded(conv: nn.Conv1d) -> _Conv:
+    padding = conv.padding
+    if isinstance(padding, str) or padding[0] * 2 != (conv.kernel_size[0] - 1) * conv.dilation[0]:
+        raise Unsupported(f"convolution padding {padding}")
+    return _Conv(conv, padding[0], padding[0])
+
+
+def _audiocraft_conv(module: nn.Module) -> _Conv:
+    conv = module.conv.conv
+    if not isinstance(module.conv.norm, nn.Identity) or module.pad_mode not in (
+        "constant",
+        "zeros",
+    ):
+        raise Unsupported(
+            f"a convolution with {module.conv.norm_type} norm, {module.pad_mode} padding"
+        )
+    if conv.padding[0] != 0:
+        raise Unsupported("a padded inner convolution")
+    total = (conv.kernel_size[0] - 1) * conv.dilation[0] + 1 - conv.stride[0]
+    right = 0 if module.causal else total // 2
+    return _Conv(conv, total - right, right)
+
+
+def _audiocraft_conv_transpose(module: nn.Module) -> _ConvTranspose:
+    conv = module.convtr.convtr
+    if not isinstance(module.convtr.norm, nn.Identity):
+        raise Unsupported(f"a transposed convolution with {module.convtr.norm_type} norm")
+    if conv.padding[0] or conv.output_padding[0]:
+        raise Unsupported("a padded inner transposed convolution")
+    total = conv.kernel_size[0] - conv.stride[0]
+    right = math.ceil(total * module.trim_right_ratio) if module.causal else total // 2
+    return _ConvTranspose(conv, total - right, right)
+
+
+def _chain(module: nn.Module) -> _Op:
+    """The incremental op of a decoder module (``Unsupported`` if none)."""
+    kind = type(module).__name__
+    if isinstance(module, nn.Sequential):
+        return _Chain([_chain(child) for child in module])
+    if isinstance(module, nn.ELU | nn.Tanh | nn.Identity | nn.LeakyReLU) or kind in (
+        "Snake",
+        "Snake1d",
+    ):
+        return _Pointwise(module)
+    if type(module) is nn.Conv1d:
+        return _conv1d_padded(module)
+    if type(module) is nn.ConvTranspose1d:
+        padding, extra = module.padding[0], module.output_padding[0]
+        return _ConvTranspose(module, padding, padding - extra)
+    # audiocraft's SEANet (EnCodec)
+    if kind == "SEANetDecoder":
+        return _chain(module.model)
+    if kind == "StreamableConv1d":
+        return _audiocraft_conv(module)
+    if kind == "StreamableConvTranspose1d":
+        return _audiocraft_conv_transpose(module)
+    if kind == "StreamableLSTM":
+        return _LSTM(module.lstm, bool(module.skip))
+    if kind == "SEANetResnetBlock":
+        shortcut = None if isinstance(module.shortcut, nn.Identity) else _chain(module.shortcut)
+        return _Residual(_chain(module.block), shortcut)
+    # transformers' DAC
+    if kind == "DacDecoder":
+        parts = [module.conv1, *module.block, module.snake1, module.conv2, module.tanh]
+        return _Chain([_chain(part) for part in parts])
+    if kind == "DacDecoderBlock":
+        parts = [
+            module.snake1,
+            module.conv_t1,
+            module.res_unit1,
+            module.res_unit2,
+            module.res_unit3,
+        ]
+        return _Chain([_chain(part) for part in parts])
+    if kind == "DacResidualUnit":
+        parts = [module.snake1, module.conv1, module.snake2, module.conv2]
+        return _Residual(_Chain([_chain(part) for part in parts]), None)
+    raise Unsupported(f"a {kind} layer")
+
+
+# -- decoding ----------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class CodecState:
+    """One stream's place in the decoder: every layer's state (batch of ``rows``:
+    one per audio channel decoded apart, as interleaved stereo is)."""
+
+    codec: IncrementalCodec
+    slots: list[_Slot | None]
+    key: tuple[object, ...] = field(default=())  # equal keys: decodable together
+
+    def _rekey(self) -> None:
+        self.key = tuple(
+            None if s is None else (s.skip, tuple(tuple(t.shape) for t in s.tensors))
+            for s in self.slots
+        )
+
+
+class IncrementalCodec:
+    """A codec decoder that continues each stream from its state.
+
+    Args:
+        root: The decoder's layers (from ``incremental``).
+        embed: Codes ``[B, K, n]`` to the decoder's input ``[B', D, n]`` (one
+            frame at a time: nothing in it may look across frames).
+        rows: Decoder rows per stream (``B' = rows * B``; 2 for interleaved stereo).
+        hop: Audio samples per frame.
+        channels: Audio channels of the output (``rows`` of them are one channel each).
+    """
+
+    def __init__(
+        self,
+        root: _Op,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        hop: int,
+        rows: int = 1,
+    ) -> None:
+        if root.rate != hop:
+            raise Unsupported(f"the decoder upsamples {root.rate}x, not the hop {hop}")
+        self._root = root
+        self._ops = _number(root)
+        self._embed = embed
+        self.hop = hop
+        self.rows = rows
+        # Frames a sample's audio waits for after its own (rounded up).
+        self.lookahead = math.ceil(root.lookahead - 1e-9)
+
+    def start(self, like: torch.Tensor) -> CodecState:
+        """The state of a new stream (``like``: a tensor of the decoder's dtype and device)."""
+        x = like.new_zeros(self.rows, 0)
+        slots = [op.begin(x) for op in self._ops]
+        state = CodecState(self, slots)
+        state._rekey()
+        return state
+
+    def decode(
+        self, codes: torch.Tensor, states: Sequence[CodecState], *, final: bool = False
+    ) -> torch.Tensor:
+        """The new audio ``[B, C, m]`` of frames ``codes [B, K, n]``, one row per
+        state (states of one key), each state moved past them; with ``final``,
+        the streams end there and ``m`` covers every sample still owed."""
+        if len(states) != codes.shape[0] or len({s.key for s in states}) > 1:
+            raise ValueError("decode() takes one state per row, all of one key")
+        batched = [_stack(op, [s.slots[op.index] for s in states]) for op in self._ops]
+        x = self._embed(codes)
+        y = self._root.run(x, batched, final)
+        rows = self.rows
+        for op, slot in zip(self._ops, batched, strict=True):
+            if slot is None:
+                continue
+            for i, state in enumerate(states):
+                tensors = tuple(
+                    t.narrow(op.batch_dim, i * rows, rows) if len(states) > 1 else t
+                    for t in slot.tensors
+                )
+                state.slots[op.index] = _Slot(tensors, slot.skip)
+        for state in states:
+            state._rekey()
+        return y.reshape(len(states), rows * y.shape[1], y.shape[-1])
+
+
+def _stack(op: _Op, slots: list[_Slot | None]) -> _Slot | None:
+    first = slots[0]
+    if first is None:
+        return None
+    if len(slots) == 1:
+        return _Slot(tuple(t.contiguous() for t in first.tensors), first.skip)
+    tensors = tuple(
+        torch.cat([s.tensors[j] for s in slots if s is not None], op.batch_dim)
+        for j in range(len(first.tensors))
+    )
+    return _Slot(tensors, first.skip)
+
+
+def incremental(codec: nn.Module) -> IncrementalCodec | None:
+    """The incremental decoder of a loaded codec: audiocraft's EnCodec (mono, or
+    stereo interleaved), or HiggsAudio v2's tokenizer (DAC); None if its layers
+    cannot run incrementally."""
+    kind = type(codec).__name__
+    try:
+        if kind == "EncodecModel":
+            model = codec
+            root = _chain(model.decoder)
+            return IncrementalCodec(root, model.quantizer.decode, hop=root.rate)
+        if kind == "InterleaveStereoCompressionModel":
+            model = codec.model
+            if type(model).__name__ != "EncodecModel":
+                return None
+            root = _chain(model.decoder)
+
+            def embed_stereo(codes: torch.Tensor) -> torch.Tensor:
+                left, right = codec.get_left_right_codes(codes)
+                both = torch.stack([left, right], 1).flatten(0, 1)  # [s0 L, s0 R, s1 L …]
+                emb: torch.Tensor = model.quantizer.decode(both)
+                return emb
+
+            return IncrementalCodec(root, embed_stereo, hop=root.rate, rows=2)
+        if kind == "HiggsAudioV2TokenizerModel":
+            root = _chain(codec.acoustic_decoder)
+
+            def embed_higgs(codes: torch.Tensor) -> torch.Tensor:
+                quantized = codec.quantizer.decode(codes.transpose(0, 1))
+                out: torch.Tensor = codec.fc2(quantized.transpose(1, 2)).transpose(1, 2)
+                return out
+
+            return IncrementalCodec(root, embed_higgs, hop=root.rate)
+    except Unsupported:
+        return None
+    return None
+
+
+def checked(
+    codec: IncrementalCodec,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    like: torch.Tensor,
+    *,
+    codebooks: int,
+    cardinality: int,
+) -> float:
+    """How far ``codec`` strays from the one-shot ``decode`` (the largest error
+    over the largest sample) on two streams of random codes decoded together in
+    uneven pieces: float rounding (1e-7 in float32) if its layers were read
+    right; anything near 1 if not."""
+    frames = 4 * codec.lookahead + 24
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, cardinality, (2, codebooks, frames), generator=generator)
+    whole = decode(codes.to(like.device)).float().cpu()
+    states = [codec.start(like) for _ in range(2)]
+    pieces, at = [], 0
+    for n in (1, codec.lookahead + 1, 3, 10):
+        pieces.append(codec.decode(codes[:, :, at : at + n].to(like.device), states))
+        at += n
+    pieces.append(codec.decode(codes[:, :, at:].to(like.device), states, final=True))
+    streamed = torch.cat(pieces, -1).float().cpu()
+    if streamed.shape != whole.shape:
+        return float("inf")
+    return float((streamed - whole).abs().max() / whole.abs().max().clamp_min(1e-12))
+
+
+def steady_decode(
+    codec: IncrementalCodec, like: torch.Tensor, most: int, codebooks: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A decode of codes ``[B, K, n]`` (``B <= most``) from the states of streams
+    long under way (to time the codec: ``codec_stream.fastest_rows``)."""
+    states = [codec.start(like) for _ in range(most)]
+    zeros = torch.zeros(most, codebooks, codec.lookahead + 2, dtype=torch.long, device=like.device)
+    while any(slot is not None and slot.skip for slot in states[0].slots):
+        codec.decode(zeros, states)
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        return codec.decode(codes.to(like.device), states[: codes.shape[0]])
+
+    return decode

@@ -1,0 +1,244 @@
+"""Codec decoders run incrementally: every stream's chunks, decoded from its own
+state and batched with other streams', join into the one-shot decode of its codes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from wavecast.server.engines import codec_stream
+from wavecast.server.engines.codec_decoders import for_serving
+from wavecast.server.engines.codec_incremental import (
+    IncrementalCodec,
+    _Conv,
+    checked,
+    incremental,
+)
+from wavecast.server.engines.codec_stream import (
+    CodecStreams,
+    IncrementalStream,
+    StreamGeometry,
+    decode_batched,
+)
+from wavecast.server.engines.loading import load_higgs
+from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
+from wavecast.server.engines.testing.musicgen import _TINY_CFG, build_tiny_musicgen
+
+Decode = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _encodec() -> tuple[torch.nn.Module, Decode, int]:
+    codec = build_tiny_musicgen(seed=4).compression_model
+    for_serving(codec.decoder)
+    return codec, lambda codes: codec.decode(codes, None), 4
+
+
+def _stereo() -> tuple[torch.nn.Module, Decode, int]:
+    codec = build_tiny_musicgen(seed=4, stereo=True).compression_model
+    for_serving(codec.model.decoder)
+    return codec, lambda codes: codec.decode(codes, None), 8
+
+
+def _causal_encodec() -> tuple[torch.nn.Module, Decode, int]:
+    from audiocraft.models import builders
+
+    cfg = OmegaConf.create(_TINY_CFG)
+    cfg.seanet.causal = cfg.encodec.causal = True
+    cfg.seanet.true_skip = False  # (a convolution on the skip path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        codec = builders.get_compression_model(cfg).eval()
+    for_serving(codec.decoder)
+    return codec, lambda codes: codec.decode(codes, None), 4
+
+
+def _dac() -> tuple[torch.nn.Module, Decode, int]:
+    codec = load_higgs("tiny-higgs", None, "cpu").codec
+    for_serving(codec.acoustic_decoder)
+    return codec, lambda codes: codec.decode(codes).audio_values, 4
+
+
+CODECS = {"encodec": _encodec, "stereo": _stereo, "causal": _causal_encodec, "dac": _dac}
+
+
+@pytest.fixture(scope="module", params=list(CODECS))
+def codec(request: Any) -> tuple[IncrementalCodec, Decode, int]:
+    model, decode, codebooks = CODECS[request.param]()
+    built = incremental(model)
+    assert built is not None, request.param
+    return built, decode, codebooks
+
+
+def _codes(streams: int, codebooks: int, frames: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (streams, codebooks, frames), generator=gen)
+
+
+def test_streams_in_pieces_decoded_together_equal_the_one_shot_decode(
+    codec: tuple[IncrementalCodec, Decode, int],
+) -> None:
+    """Four streams: two pushed in the same pieces (their chunks share calls), two
+    in pieces of their own, one of them primed with a prompt."""
+    inc, decode, k = codec
+    frames, prompt = 120, 30
+    codes = _codes(4, k, prompt + frames, seed=1)
+    streams = [
+        IncrementalStream(inc, torch.zeros(()), first_frames=1, chunk_frames=c, left_context=left)
+        for c, left in ((5, 0), (5, 0), (3, 0), (7, prompt))
+    ]
+    streams[3].prime(codes[3:, :, :prompt])
+    gen = torch.Generator().manual_seed(2)
+    sizes = [torch.randint(1, 6, (frames,), generator=gen).tolist() for _ in range(3)]
+    sizes.insert(1, sizes[0])
+    at = [prompt] * 4
+    audio: list[list[np.ndarray]] = [[] for _ in streams]
+    shared = 0
+    for step in range(frames):
+        due = []
+        for i, stream in enumerate(streams):
+            if at[i] >= prompt + frames:
+                continue
+            n = sizes[i][step]
+            plan = stream.plan_push(codes[i : i + 1, :, at[i] : at[i] + n])
+            at[i] += n
+            if plan is not None:
+                due.append((i, plan))
+        wavs = decode_batched(decode, [plan for _, plan in due])
+        keys = [plan.state.key for _, plan in due if plan.state is not None]
+        shared += len(keys) - len(set(keys))
+        for (i, plan), wav in zip(due, wavs, strict=True):
+            audio[i].append(streams[i].complete(plan, wav))
+    assert shared >= 5  # the first two streams' chunks went in the same calls
+    hop = inc.hop
+    for i, stream in enumerate(streams):
+        tail = stream.flush()  # (None: nothing owed, as a causal decoder may have)
+        assert stream.flush() is None
+        streamed = np.concatenate([*audio[i], *([] if tail is None else [tail])])
+        start = prompt if i < 3 else 0
+        whole = decode(codes[i : i + 1, :, start:])[0].transpose(0, 1).numpy()
+        if i == 3:
+            whole = whole[prompt * hop :]  # the prompt primes the decoder, unheard
+        assert streamed.shape == whole.shape == (frames * hop, whole.shape[1])
+        peak = np.abs(whole).max()
+        assert peak > 0 and np.abs(streamed - whole).max() <= 1e-5 * peak, i
+
+
+def test_a_streams_state_stays_the_same_size(codec: tuple[IncrementalCodec, Decode, int]) -> None:
+    inc, _, k = codec
+    state = inc.start(torch.zeros(()))
+    codes = _codes(1, k, 10, seed=3)
+    keys = []
+    for _ in range(30):
+        inc.decode(codes, [state])
+        keys.append(state.key)
+    assert len(set(keys[2:])) == 1  # after the start's padding, a fixed shape
+    size = sum(t.numel() for s in state.slots if s is not None for t in s.tensors)
+    assert size < 200 * 10 * inc.hop  # bounded by the layers' context, not the stream
+
+
+def test_the_first_audio_waits_only_for_the_decoders_lookahead(
+    codec: tuple[IncrementalCodec, Decode, int],
+) -> None:
+    inc, _, k = codec
+    stream = IncrementalStream(inc, torch.zeros(()), first_frames=2, chunk_frames=4)
+    codes = _codes(1, k, 40, seed=4)
+    for n in range(1, 40):
+        plan = stream.plan_push(codes[..., n - 1 : n])
+        if plan is not None:
+            break
+    assert n == 2 + inc.lookahead
+    chunk = stream.complete_alone(plan)
+    assert 2 * inc.hop <= len(chunk) < 3 * inc.hop
+
+
+def test_a_misread_layer_is_caught_at_load(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layer read with its padding off by one sample strays by far more than
+    rounding: the engine's streams decode windows instead, and say so."""
+    model, decode, k = _encodec()
+    good = incremental(model)
+    assert good is not None
+    assert checked(good, decode, torch.zeros(()), codebooks=k, cardinality=64) < 1e-5
+
+    def misread(codec: Any) -> IncrementalCodec | None:
+        built = incremental(codec)
+        assert built is not None
+        conv = next(op for op in built._ops if isinstance(op, _Conv) and op.right)
+        conv.left, conv.right = conv.left + 1, conv.right - 1  # one sample late
+        return built
+
+    monkeypatch.setattr(codec_stream, "incremental", misread)
+    geometry = StreamGeometry(25, 4, 1, 10, 50, 50.0)
+    with caplog.at_level(logging.WARNING):
+        streams = CodecStreams(
+            model, decode, torch.zeros(()), geometry, hop=640, codebooks=k, cardinality=64, name="m"
+        )
+    assert streams.incremental is None
+    assert "windows" in caplog.text
+    assert not isinstance(streams.stream(), IncrementalStream)
+
+
+def test_a_codec_it_cannot_run_incrementally_streams_windows() -> None:
+    """Reflect padding reads samples from the far side of a chunk's end: no
+    incremental decoder; the engine decodes windows, and the audio is still the
+    one-shot decode's."""
+    model = build_tiny_musicgen(seed=6)
+    for module in model.compression_model.decoder.modules():
+        if type(module).__name__ == "StreamableConv1d":
+            module.pad_mode = "reflect"
+    assert incremental(model.compression_model) is None
+    engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
+    assert engine.codec_streams.incremental is None
+    _windows_stream_the_one_shot_decode(engine)
+
+
+def test_windows_when_asked_stream_the_one_shot_decode_too() -> None:
+    model = build_tiny_musicgen(seed=6)
+    settings = StreamSettings(codec_windows=True)
+    engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True, stream=settings)
+    assert engine.codec_streams.incremental is None
+    _windows_stream_the_one_shot_decode(engine)
+
+
+def _windows_stream_the_one_shot_decode(engine: MusicGenEngine) -> None:
+    from wavecast.protocol import resolve_params
+    from wavecast.server.engines.base import EngineRequest
+
+    params = resolve_params(engine.info.params, {"duration": 2.0, "seed": 1})
+    job = engine.prepare(EngineRequest("w", "drums", params))
+    chunks = []
+    while True:
+        (out,) = engine.step([job])
+        if out.audio is not None:
+            chunks.append(out.audio)
+        if out.done:
+            break
+    streamed = np.concatenate(chunks)
+    whole = engine.model.compression_model.decode(engine.codes_of(job), None)[0].T.numpy()
+    assert len(chunks) > 3 and streamed.shape == whole.shape
+    assert np.abs(streamed - whole).max() <= 1e-4
+
+
+def test_the_codec_windows_flag_reaches_both_engines() -> None:
+    import argparse
+
+    from wavecast.server.cli import add_serve_arguments, config_from_args
+    from wavecast.server.engines import load_engines
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert not config_from_args(parser.parse_args([])).models.codec_windows
+    config = config_from_args(parser.parse_args(["--codec-windows"]))
+    assert config.models.codec_windows
+    engines = load_engines(["tiny-musicgen", "tiny-higgs"], "cpu", codec_windows=True)
+    for engine in engines.values():
+        assert engine.codec_streams.incremental is None, engine.info.name  # type: ignore[attr-defined]
+    for engine in load_engines(["tiny-musicgen", "tiny-higgs"], "cpu").values():
+        assert engine.codec_streams.incremental is not None, engine.info.name  # type: ignore[attr-defined]
