@@ -10,6 +10,7 @@ chunk).
     .venv/bin/python bench/bench_engine.py --model tiny-higgs --streams 1 8 16
     .venv/bin/python bench/bench_engine.py --model tiny-higgs --reference  # each alone
     .venv/bin/python bench/bench_engine.py --model tiny-musicgen --baseline  # vs audiocraft
+    .venv/bin/python bench/bench_engine.py --streams 8 16 --stagger 7  # arriving apart
 
 Speech models speak a fixed text for ``--duration`` seconds' worth of frames
 (random weights speak until ``max_new_tokens``). ``--reference``: the speech
@@ -51,32 +52,43 @@ def request(engine: Engine, index: int, duration: float) -> EngineRequest:
     return EngineRequest(f"r{index}", prompt, resolve_params(engine.info.params, given))
 
 
-def run(engine: Engine, streams: int, duration: float, device: str) -> dict[str, float]:
-    """Prepare ``streams`` requests at once and step them all to the end."""
+def run(
+    engine: Engine, streams: int, duration: float, device: str, stagger: int = 0
+) -> dict[str, float]:
+    """Prepare ``streams`` requests at once (or one every ``stagger`` steps) and
+    step them all to the end."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     start = time.perf_counter()
-    jobs = [engine.prepare(request(engine, i, duration)) for i in range(streams)]
+    waiting = [request(engine, i, duration) for i in range(streams)]
+    jobs = []
     first: list[float] = []
     each: list[float] = []  # every stream's real-time factor (its audio / its time)
     steps = 0
     samples = 0
     rate = engine.info.sample_rate
-    while jobs:
+    while jobs or waiting:
+        while waiting and (not stagger or steps % stagger == 0 or not jobs):
+            job = engine.prepare(waiting.pop(0))
+            job.extra["joined"] = time.perf_counter()
+            jobs.append(job)
+            if stagger:
+                break
         outputs = engine.step(jobs)
         steps += 1
         now = time.perf_counter()
         for job, output in list(zip(jobs, outputs, strict=True)):
+            joined = job.extra["joined"] if stagger else start
             if output.audio is not None:
                 samples += output.audio.shape[0]
                 job.extra["samples"] = job.extra.get("samples", 0) + output.audio.shape[0]
                 if job.extra.get("first") is None:
-                    job.extra["first"] = now - start
-                    first.append(now - start)
+                    job.extra["first"] = now - joined
+                    first.append(now - joined)
             if output.done:
-                each.append(job.extra.get("samples", 0) / rate / (now - start))
+                each.append(job.extra.get("samples", 0) / rate / (now - joined))
                 engine.finish(job)
                 jobs.remove(job)
     sync(device)
@@ -154,6 +166,13 @@ def main() -> None:
         help="windows per codec call at most (default: measured at warm-up, as the server)",
     )
     parser.add_argument(
+        "--stagger",
+        type=int,
+        default=0,
+        help="requests join one every this many steps (default: all at once); "
+        "times to first audio and real-time factors count from each one's join",
+    )
+    parser.add_argument(
         "--codec-windows",
         action="store_true",
         help="re-decode windows of codes, not the incremental codec decoder (to compare)",
@@ -183,7 +202,7 @@ def main() -> None:
     run(engine, max(args.streams), min(args.duration, 1.0), device)  # warm up
     results = {}
     for n in args.streams:
-        runs = [run(engine, n, args.duration, device) for _ in range(args.runs)]
+        runs = [run(engine, n, args.duration, device, args.stagger) for _ in range(args.runs)]
         results[n] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         model = getattr(engine, "model", None)
         if args.baseline and engine.info.family == "musicgen" and model is not None:
@@ -191,6 +210,7 @@ def main() -> None:
             results[n]["baseline"] = n * args.duration / statistics.median(walls)
     path = " (reference path: each request alone)" if args.reference else ""
     path += " (decode step as CUDA graphs)" if args.cuda_graphs else ""
+    path += f" (one request joining every {args.stagger} steps)" if args.stagger else ""
     title = f"{args.model}{path} on {device}, {args.duration:g} s clips"
     print(f"### engine core in-process: {title}\n")
     print(f"- machine: {machine(device)}, {threads} torch thread(s)")

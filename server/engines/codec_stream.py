@@ -53,6 +53,7 @@ from .base import FloatAudio, StepOutput, step_error
 from .codec_incremental import CodecState, IncrementalCodec, checked, incremental, steady_decode
 
 __all__ = [
+    "Cadence",
     "CodecStreams",
     "DecodePlan",
     "Due",
@@ -202,6 +203,37 @@ class StreamDecoder:
         return np.ascontiguousarray(chunk, dtype=np.float32)
 
 
+class Cadence:
+    """The steps on which an engine's incremental streams decode, shared by all
+    of them so that their chunks go to the codec together.
+
+    The engine ``tick``s once per step. A stream past its first chunk decodes
+    ``size`` frames at a time (``period`` times a power of two, as large as its
+    lead over real time allows: the chunk schedule's target), on the steps that
+    are multiples of ``size``: streams generating a frame a step then hold the
+    same number of new frames on the same steps, and decode in one call per
+    size (on a GPU, one call for every stream; on a CPU a few calls of the
+    measured batch), however staggered their starts.
+    """
+
+    def __init__(self, period: int) -> None:
+        self.period = max(1, period)
+        self.step = 0
+
+    def tick(self) -> None:
+        self.step += 1
+
+    def size(self, target: int) -> int:
+        """The chunk size for a stream whose schedule asks for ``target`` frames."""
+        size = self.period
+        while size * 2 <= target:
+            size *= 2
+        return size
+
+    def due(self, size: int) -> bool:
+        return self.step % size == 0
+
+
 class IncrementalStream(StreamDecoder):
     """Turns frames of codes into audio chunks with an incremental codec decoder
     (``codec_incremental``): each frame is decoded once, the decoder's layers
@@ -216,6 +248,8 @@ class IncrementalStream(StreamDecoder):
     Args:
         codec: The incremental decoder.
         like: A tensor of the decoder's dtype and device (for its state).
+        cadence: The engine's decode steps, shared by its streams (None: this
+            stream's own schedule, alone).
     """
 
     def __init__(
@@ -229,6 +263,7 @@ class IncrementalStream(StreamDecoder):
         max_chunk_frames: int | None = None,
         frame_rate: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        cadence: Cadence | None = None,
     ) -> None:
         super().__init__(
             self._windowless,
@@ -242,6 +277,7 @@ class IncrementalStream(StreamDecoder):
             clock=clock,
         )
         self.codec = codec
+        self.cadence = cadence
         self._state = codec.start(like)
         self._priming = 0  # pending frames given as context only
         self._discard = 0  # samples of theirs still to drop
@@ -256,10 +292,14 @@ class IncrementalStream(StreamDecoder):
             return None
         self._append(codes)
         new = self.total - self.emitted - self._priming
-        if self._sent == 0:
+        if self._sent == 0:  # the first audio, as soon as it can go
             due = new >= self.first_frames + self.codec.lookahead
-        else:
+        elif self.cadence is None:
             due = new >= self._later_target(self._sent / self.hop)
+        else:
+            size = self.cadence.size(self._later_target(self._sent / self.hop))
+            # (Not a sliver either, on the first such step after the first chunk.)
+            due = self.cadence.due(size) and new >= max(1, size // 2)
         return self._plan(self.total) if due else None
 
     def prime(self, codes: Codes) -> None:
@@ -489,6 +529,7 @@ class CodecStreams:
         self.hop = hop
         self.codebooks = codebooks
         self.incremental = None if windows else incremental(codec)
+        self.cadence = Cadence(geometry.chunk_frames)
         if self.incremental is not None:
             error = checked(
                 self.incremental, decode, like, codebooks=codebooks, cardinality=cardinality
@@ -512,6 +553,7 @@ class CodecStreams:
                 chunk_frames=g.chunk_frames,
                 max_chunk_frames=g.max_chunk_frames,
                 frame_rate=g.frame_rate,
+                cadence=self.cadence,
             )
         return StreamDecoder(
             self.decode,
@@ -523,6 +565,10 @@ class CodecStreams:
             max_chunk_frames=g.max_chunk_frames,
             frame_rate=g.frame_rate,
         )
+
+    def tick(self) -> None:
+        """A step of the engine (the streams' ``Cadence``)."""
+        self.cadence.tick()
 
     def fastest_rows(self, most: int) -> int:
         """The codec batch that costs least per chunk (``fastest_rows``), measured

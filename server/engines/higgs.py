@@ -585,6 +585,7 @@ class HiggsEngine:
                 }
             )
         outputs = []
+        self.codec_streams.tick()
         for job in jobs:
             st = job.state
             if id(st) in failures:

@@ -419,6 +419,7 @@ class MusicGenEngine:
                         }
                     )
                 self._due.clear()
+                self.codec_streams.tick()
                 for (i, job), st in zip(generating, states, strict=True):
                     if id(st) in failures:
                         self._clear_rows(st)

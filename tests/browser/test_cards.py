@@ -350,7 +350,9 @@ async def test_copy_as_code_runs_and_a_link_fills_the_form(
     assert code == 0, out
     a, rate = soundfile.read(str(tmp_path / "py" / "out.wav"))
     b, _ = soundfile.read(str(tmp_path / "cli" / "out.wav"))
-    assert rate == 32000 and len(a) == 16000 and np.array_equal(a, b)  # same seed, same clip
+    # Same seed, same clip: the same codes, the audio to float rounding (its chunks
+    # fall where the server's steps were when it joined), so within one 16-bit step.
+    assert rate == 32000 and len(a) == 16000 and np.abs(a - b).max() <= 1 / 32768
     clip = np.array(await page.evaluate("(id) => [...window.wavecast.cards.get(id).clip]", rid))
     assert np.abs(a - clip).max() < 1e-3  # and the page's (float32 vs int16 on the wire)
     websocat, json_frame = frame.split("\n", 1)

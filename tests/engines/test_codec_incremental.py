@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import count_codec_calls, step_together
 from omegaconf import OmegaConf
 
 from wavecast.server.engines import codec_stream
@@ -242,3 +243,40 @@ def test_the_codec_windows_flag_reaches_both_engines() -> None:
         assert engine.codec_streams.incremental is None, engine.info.name  # type: ignore[attr-defined]
     for engine in load_engines(["tiny-musicgen", "tiny-higgs"], "cpu").values():
         assert engine.codec_streams.incremental is not None, engine.info.name  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
+def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> None:
+    """Four requests joining 3-4 steps apart: after their first chunks, the shared
+    cadence has their new frames due on the same steps, so most codec calls carry
+    several streams; each stream's audio is still its one-shot decode."""
+    from wavecast.protocol import resolve_params
+    from wavecast.server.engines import load_engines
+    from wavecast.server.engines.base import EngineRequest
+
+    engine: Any = load_engines([model], "cpu", max_chunk_frames=10, codec_batch=8)[model]
+    long = {"duration": 3.0} if model == "tiny-musicgen" else {"max_new_tokens": 120}
+    jobs = [
+        engine.prepare(
+            EngineRequest(
+                f"r{i}",
+                "calm piano" if model != "tiny-higgs" else "Hello there.",
+                resolve_params(engine.info.params, {**long, "seed": i}),
+            )
+        )
+        for i in range(4)
+    ]
+    calls = count_codec_calls(engine)
+    audio = step_together(engine, jobs, joins=[0, 3, 7, 10])
+    firsts_and_tails = 2 * len(jobs)
+    together = sum(1 for rows in calls if rows > 1)
+    assert together >= (len(calls) - firsts_and_tails) // 2, calls
+    for job in jobs:
+        streamed = np.concatenate(audio[job.request.request_id])
+        codes = engine.codes_of(job)
+        if model == "tiny-higgs":
+            whole = engine.codec.decode(codes).audio_values[0].T.numpy()
+        else:
+            whole = engine.model.compression_model.decode(codes, None)[0].T.numpy()
+        assert streamed.shape == whole.shape
+        assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, np.abs(whole).max())
