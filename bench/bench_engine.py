@@ -4,7 +4,8 @@ What the batched decode step buys, without the network, the event loop or a
 client sharing the machine's cores: wall time per step, aggregate real-time
 factor against one request alone, and the time to each request's first audio
 when N arrive at once (preparation, prefill and the steps before the first
-chunk).
+chunk); of each step, the time in the codec and in the requests' bookkeeping
+(the rest: the forward and sampling), and the codec calls.
 
     .venv/bin/python bench/bench_engine.py --model tiny-musicgen --streams 1 8 16
     .venv/bin/python bench/bench_engine.py --model tiny-higgs --streams 1 8 16
@@ -29,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 from bench_stream import baseline, machine, sync
@@ -52,11 +54,87 @@ def request(engine: Engine, index: int, duration: float) -> EngineRequest:
     return EngineRequest(f"r{index}", prompt, resolve_params(engine.info.params, given))
 
 
+class Parts:
+    """Where an engine's steps go, while ``with``-in: its codec decodes (the
+    ``_decode_due`` of each step and the calls it makes, with the chunks in each)
+    and its per-request bookkeeping (``_advance``, with a finishing request's
+    last chunk); the rest is the forward and sampling. (Host time: on a GPU,
+    the codec's asynchronous work shows where something waits for it.)"""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seconds = {"codec": 0.0, "bookkeeping": 0.0}
+        self.calls = 0
+        self.chunks = 0
+
+    def __enter__(self) -> Parts:
+        engine: Any = self.engine
+        self._patched: list[tuple[Any, str, Any]] = []
+        self._time(engine, "_decode_due", "codec")
+        self._time(engine, "_advance", "bookkeeping")
+        streams = getattr(engine, "codec_streams", None)
+        if streams is not None and streams.incremental is not None:
+            self._count(streams.incremental, "decode")
+        elif hasattr(engine, "_decode"):
+            self._count(engine, "_decode")
+            if streams is not None:
+                self._count(streams, "decode")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, before in reversed(self._patched):
+            if before is None:
+                delattr(owner, name)  # the class's method again
+            else:
+                setattr(owner, name, before)
+
+    def _time(self, owner: Any, name: str, part: str) -> None:
+        if not hasattr(owner, name):
+            return
+        method = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - began
+
+        self._patch(owner, name, timed)
+
+    def _count(self, owner: Any, name: str) -> None:
+        method = getattr(owner, name)
+
+        def counted(codes: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            self.chunks += int(codes.shape[0])
+            return method(codes, *args, **kwargs)
+
+        self._patch(owner, name, counted)
+
+    def _patch(self, owner: Any, name: str, replacement: Any) -> None:
+        self._patched.append((owner, name, vars(owner).get(name)))
+        setattr(owner, name, replacement)
+
+
 def run(
     engine: Engine, streams: int, duration: float, device: str, stagger: int = 0
 ) -> dict[str, float]:
     """Prepare ``streams`` requests at once (or one every ``stagger`` steps) and
     step them all to the end."""
+    with Parts(engine) as parts:
+        result = _run(engine, streams, duration, device, stagger)
+    steps = result["steps"]
+    result["codec"] = parts.seconds["codec"] / steps
+    result["bookkeeping"] = parts.seconds["bookkeeping"] / steps
+    result["calls"] = parts.calls / steps
+    result["per_call"] = parts.chunks / max(1, parts.calls)
+    return result
+
+
+def _run(
+    engine: Engine, streams: int, duration: float, device: str, stagger: int
+) -> dict[str, float]:
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -235,10 +313,11 @@ def main() -> None:
         versus = " audiocraft `generate`, same batch |"
     print(
         "| streams | time to first audio | ms per step | per stream (slowest) "
-        f"| aggregate real-time factor |{memory}{versus}"
+        "| aggregate real-time factor | of a step: codec, bookkeeping "
+        f"| codec calls per step (chunks each) |{memory}{versus}"
     )
     extra = (" --- |" if memory else "") + (" --- |" if versus else "")
-    print("| --- | --- | --- | --- | --- |" + extra)
+    print("| --- | --- | --- | --- | --- | --- | --- |" + extra)
     one = results.get(1)
     for n, r in results.items():
         ratio = f" ({r['rtf'] / one['rtf']:.2f}x one stream)" if one and n != 1 else ""
@@ -248,9 +327,11 @@ def main() -> None:
         peak = f" {r['memory']:.2f} GiB |" if memory else ""
         if versus:
             peak += f" x{r['baseline']:.2f} (wavecast: {r['rtf'] / r['baseline']:.2f}x) |"
+        parts = f"{r['codec'] * 1000:.2f} ms, {r['bookkeeping'] * 1000:.2f} ms"
+        calls = f"{r['calls']:.2f} ({r['per_call']:.1f})"
         print(
             f"| {n} | {ttfa} | {r['wall'] / r['steps'] * 1000:.2f} | x{r['slowest']:.2f} "
-            f"| x{r['rtf']:.2f}{ratio} |{peak}"
+            f"| x{r['rtf']:.2f}{ratio} | {parts} | {calls} |{peak}"
         )
 
 

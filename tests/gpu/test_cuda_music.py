@@ -28,6 +28,7 @@ pytestmark = [
 def test_tiny_model_streams_exactly_on_cuda() -> None:
     model = build_tiny_musicgen(device="cuda")
     engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
+    assert engine.codec_streams.incremental is not None  # it passed its check on CUDA
     params = resolve_params(engine.info.params, {"duration": 2.0, "top_k": 1, "seed": 0})
     job = engine.prepare(EngineRequest("g", "gpu", params))
     chunks = collect_audio(engine, job)

@@ -35,6 +35,7 @@ def test_tiny_higgs_streams_exactly_on_cuda() -> None:
     from wavecast.server.engines.loading import load_higgs
 
     engine = HiggsEngine(load_higgs("tiny-higgs", None, "cuda"), name="tiny-higgs")
+    assert engine.codec_streams.incremental is not None  # it passed its check on CUDA
     job, streamed = _speak(
         engine,
         "[SPEAKER0] Hello.\n[SPEAKER1] Hi!",
@@ -55,6 +56,7 @@ def test_random_higgs_3b_runs_on_cuda() -> None:
     from wavecast.server.engines.loading import load_higgs
 
     engine = HiggsEngine(load_higgs("random-higgs-3b", None, "cuda"), name="random-higgs-3b")
+    assert engine.codec_streams.incremental is not None
     job, streamed = _speak(engine, "Hello there.", seed=1, max_new_tokens=40)
     codes = engine.codes_of(job)
     assert codes.shape == (1, 8, 40 - 8)
