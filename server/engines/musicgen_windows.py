@@ -36,6 +36,7 @@ class Layout:
 
     positions: Codes  # [K, T]: sequence step holding codebook k of timestep t
     ready_after: list[int]  # timesteps complete once sequence step s is written
+    rows: Codes  # [K, 1]: 0 … K-1 (with ``positions``, a timestep's codes in one index)
 
 
 @dataclass(slots=True)
@@ -84,7 +85,7 @@ class Window:
             return None
         positions = self.layout.positions[:, self.ready : ready]
         self.ready = ready
-        codes: Codes = np.take_along_axis(self.gen_sequence, positions, axis=1)[None]
+        codes: Codes = self.gen_sequence[self.layout.rows, positions][None]
         return codes
 
     def codes(self) -> Codes:
@@ -155,7 +156,7 @@ class Windows:
                 while done < gen_len and last[done] <= step:
                     done += 1
                 ready_after.append(done)
-            layout = Layout(positions, ready_after)
+            layout = Layout(positions, ready_after, np.arange(k, dtype=np.int64)[:, None])
             if len(self._layouts) > 64:
                 self._layouts.clear()
             self._layouts[gen_len] = layout
