@@ -69,6 +69,9 @@ class ModelsConfig:
     mbd: bool = False  # load the released Multi-Band Diffusion for the 32 kHz models
     cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs
     # Exact streaming geometry (frames of codes): see engines/codec_stream.py.
+    # The left context is what a continuation's prompt primes the codec with
+    # (and each window's, when windows are decoded); the hold-back is the
+    # windows' alone (the incremental decoder waits for its own lookahead).
     left_context_frames: int = 25
     holdback_frames: int = 4
     first_chunk_frames: int = 1

@@ -427,14 +427,13 @@ class IncrementalCodec:
         for op, slot in zip(self._ops, batched, strict=True):
             if slot is None:
                 continue
-            for i, state in enumerate(states):
-                tensors = tuple(
-                    t.narrow(op.batch_dim, i * rows, rows) if len(states) > 1 else t
-                    for t in slot.tensors
-                )
-                state.slots[op.index] = _Slot(tensors, slot.skip)
-        for state in states:
-            state._rekey()
+            # Each state's rows of each tensor (views, split in one call per tensor).
+            pieces = [t.split(rows, op.batch_dim) for t in slot.tensors]
+            for state, own in zip(states, zip(*pieces, strict=True), strict=True):
+                state.slots[op.index] = _Slot(own, slot.skip)
+        states[0]._rekey()
+        for state in states[1:]:
+            state.key = states[0].key  # (the same layers, from the same shapes)
         return y.reshape(len(states), rows * y.shape[1], y.shape[-1])
 
 

@@ -69,7 +69,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
-    """How codes become audio chunks (see ``StreamDecoder``)."""
+    """How codes become audio chunks (see ``codec_stream``: ``holdback`` is the
+    windows' alone, ``left_context`` also what a prompt primes the incremental
+    decoder with)."""
 
     left_context: int = 25
     holdback: int = 4
