@@ -38,6 +38,7 @@ __all__ = [
     "TINY_HIGGS",
     "TinyHiggs",
     "build_random_higgs",
+    "build_random_higgs_codec",
     "build_tiny_higgs",
     "save_tiny_higgs",
 ]
@@ -240,6 +241,23 @@ def build_random_higgs(device: str) -> TinyHiggs:
     """
     torch.manual_seed(_SEED)
     tokenizer = _byte_tokenizer()
+    with torch.device(device):
+        codec = build_random_higgs_codec(device)
+    config = HiggsAudioV2Config(
+        max_position_embeddings=8192,
+        num_codebooks=int(codec.config.num_quantizers),
+        **_token_config(tokenizer, 1024),
+    )
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        model = HiggsAudioV2ForConditionalGeneration(config).to(dtype).eval()
+    _quiet_eos(model)
+    return TinyHiggs(model, tokenizer, codec)
+
+
+def build_random_higgs_codec(device: str = "cpu") -> HiggsAudioV2TokenizerModel:
+    """The released audio tokenizer's shapes (DAC 64/1024, HuBERT-base semantic
+    features, 8 codebooks of 1024 at 25 frames a second), random weights."""
     ratios = [8, 5, 4, 2, 3]
     codec_config = HiggsAudioV2TokenizerConfig(
         acoustic_model_config=DacConfig(
@@ -255,15 +273,7 @@ def build_random_higgs(device: str) -> TinyHiggs:
         target_bandwidths=[0.5, 1, 1.5, 2],  # 8 codebooks at 25 frames a second
         sample_rate=24000,
     )
-    config = HiggsAudioV2Config(
-        max_position_embeddings=8192,
-        num_codebooks=int(codec_config.num_quantizers),
-        **_token_config(tokenizer, 1024),
-    )
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with torch.device(device):
         codec = HiggsAudioV2TokenizerModel(codec_config).eval()
         _random_codebooks(codec, device)
-        model = HiggsAudioV2ForConditionalGeneration(config).to(dtype).eval()
-    _quiet_eos(model)
-    return TinyHiggs(model, tokenizer, codec)
+    return codec

@@ -1,0 +1,127 @@
+"""The codec alone: a chunk's decode, re-decoding a window or incrementally.
+
+For each codec (the test models' tiny ones, and the released shapes with random
+weights), how far the incremental decoder strays from the one-shot decode (the
+check the engines run at load), and the time to decode chunks of ``n`` new
+frames for ``B`` streams at once: as a window (left context, the chunk, the
+held-back frames) or from each stream's state (streams long under way). Least
+of ``--runs`` timings after a warm-up call.
+
+    .venv/bin/python bench/bench_codec.py
+    .venv/bin/python bench/bench_codec.py --codecs encodec-small dac-3b --streams 1 --frames 10 40
+
+Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from bench_stream import machine
+
+from wavecast.server.engines.codec_decoders import for_serving
+from wavecast.server.engines.codec_incremental import checked, incremental, steady_decode
+
+Decode = Callable[[torch.Tensor], torch.Tensor]
+
+# Name: (codebooks, cardinality, left context, held back) as the engines stream them.
+GEOMETRY = {
+    "encodec": (4, 64, 25, 4),
+    "encodec-small": (4, 2048, 25, 4),
+    "dac": (4, 64, 12, 11),
+    "dac-3b": (8, 1024, 12, 11),
+}
+
+
+def build(name: str, device: str) -> tuple[torch.nn.Module, Decode]:
+    if name.startswith("encodec"):
+        from wavecast.server.engines.testing.musicgen import (
+            build_random_musicgen,
+            build_tiny_musicgen,
+        )
+
+        model = build_tiny_musicgen() if name == "encodec" else build_random_musicgen("small")
+        music = model.compression_model.to(device)
+        for_serving(music.decoder)
+        return music, lambda codes: music.decode(codes, None)
+    from wavecast.server.engines.loading import load_higgs
+    from wavecast.server.engines.testing.higgs import build_random_higgs_codec
+
+    speech = (
+        load_higgs("tiny-higgs", None, device).codec
+        if name == "dac"
+        else build_random_higgs_codec(device)
+    )
+    for_serving(speech.acoustic_decoder)
+    return speech, lambda codes: speech.decode(codes).audio_values
+
+
+def least(call: Callable[[], object], runs: int, device: str) -> float:
+    call()
+    best = float("inf")
+    for _ in range(runs):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        call()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--codecs", nargs="+", default=["encodec", "dac"], choices=GEOMETRY)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--frames", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
+    like = torch.zeros((), device=args.device)
+    print("### codec decode per chunk: windows and incremental\n")
+    print(f"- machine: {machine(args.device)}, {args.threads} torch thread(s)")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} timings\n")
+    print("| codec | streams x new frames | window | incremental | per frame: both |")
+    print("| --- | --- | --- | --- | --- |")
+    notes = []
+    for name in args.codecs:
+        model, decode = build(name, args.device)
+        codebooks, card, left, hold = GEOMETRY[name]
+        inc = incremental(model)
+        assert inc is not None, name
+        error = checked(inc, decode, like, codebooks=codebooks, cardinality=card)
+        notes.append(
+            f"- {name}: incremental vs one-shot decode, largest error over largest "
+            f"sample {error:.1e}; lookahead {inc.lookahead} frames"
+        )
+        for streams in args.streams:
+            steady = steady_decode(inc, like, streams, codebooks)
+            for frames in args.frames:
+                new = torch.randint(0, card, (streams, codebooks, frames), device=args.device)
+                window = torch.randint(
+                    0, card, (streams, codebooks, left + frames + hold), device=args.device
+                )
+                w = least(partial(decode, window), args.runs, args.device)
+                i = least(partial(steady, new), args.runs, args.device)
+                per = 1e6 / (streams * frames)
+                print(
+                    f"| {name} | {streams} x {frames} | {w * 1e3:.2f} ms | {i * 1e3:.2f} ms "
+                    f"| {w * per:.0f} µs, {i * per:.0f} µs |"
+                )
+    print()
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
