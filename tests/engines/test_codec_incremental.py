@@ -186,6 +186,26 @@ def test_a_misread_layer_is_caught_at_load(
     assert not isinstance(streams.stream(), IncrementalStream)
 
 
+def test_an_incremental_decoder_that_fails_its_check_gives_windows(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, decode, k = _encodec()
+
+    def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("a kernel this device lacks")
+
+    built = incremental(model)
+    assert built is not None
+    monkeypatch.setattr(built, "decode", broken)
+    monkeypatch.setattr(codec_stream, "incremental", lambda codec: built)
+    geometry = StreamGeometry(25, 4, 1, 10, 50, 50.0)
+    with caplog.at_level(logging.WARNING):
+        streams = CodecStreams(
+            model, decode, torch.zeros(()), geometry, hop=640, codebooks=k, cardinality=64, name="m"
+        )
+    assert streams.incremental is None and "failed its check" in caplog.text
+
+
 def test_a_codec_it_cannot_run_incrementally_streams_windows() -> None:
     """Reflect padding reads samples from the far side of a chunk's end: no
     incremental decoder; the engine decodes windows, and the audio is still the
