@@ -44,8 +44,6 @@ __all__ = [
     "steady_decode",
 ]
 
-# One layer's state for a batch of streams: its tensors, and the output samples
-# it has still to drop at the stream's start (its share of the padding).
 _Tensors = tuple[torch.Tensor, ...]
 
 
@@ -55,6 +53,10 @@ class Unsupported(ValueError):
 
 @dataclass(slots=True)
 class _Slot:
+    """One layer's state for one stream or a batch of them: its tensors, and the
+    output samples it has still to drop at the stream's start (its share of the
+    padding)."""
+
     tensors: _Tensors
     skip: int
 
@@ -128,7 +130,7 @@ class _Conv(_Op):
     def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
         conv, slot = self.conv, state[self.index]
         if slot is None:
-            return conv_1d(conv, x) if x.shape[-1] else _empty(x, conv.out_channels)
+            return _conv_1d(conv, x) if x.shape[-1] else _empty(x, conv.out_channels)
         (buffer,) = slot.tensors
         parts = [buffer, x]
         if final:
@@ -138,14 +140,14 @@ class _Conv(_Op):
         slot.tensors = (padded[..., padded.shape[-1] - buffer.shape[-1] :].clone(),)
         if padded.shape[-1] == buffer.shape[-1]:
             return _empty(x, conv.out_channels)
-        return _drop(slot, conv_1d(conv, padded))
+        return _drop(slot, _conv_1d(conv, padded))
 
 
 def _empty(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x.new_zeros(x.shape[0], channels, 0)
 
 
-def conv_1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+def _conv_1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     out: torch.Tensor = F.conv1d(x, conv.weight, conv.bias, 1, 0, conv.dilation, conv.groups)
     return out
 

@@ -322,7 +322,7 @@ class IncrementalStream(StreamDecoder):
         return chunk if len(chunk) else None
 
     def complete_alone(self, plan: DecodePlan) -> FloatAudio:
-        return self.complete(plan, _decode_alone_checked(plan))
+        return self.complete(plan, _decode_from_state(plan))
 
     def _plan(self, end: int, final: bool = False) -> DecodePlan:
         if self._ended:
@@ -468,13 +468,13 @@ def _decode_alone(
 ) -> torch.Tensor | BaseException:
     try:
         if plan.state is not None:
-            return _decode_alone_checked(plan)
+            return _decode_from_state(plan)
         return decode(plan.window).float().cpu()
     except Exception as exc:
         return exc
 
 
-def _decode_alone_checked(plan: DecodePlan) -> torch.Tensor:
+def _decode_from_state(plan: DecodePlan) -> torch.Tensor:
     assert plan.state is not None
     wav = plan.state.codec.decode(plan.window, [plan.state], final=plan.final)
     return wav.float().cpu()
@@ -576,10 +576,11 @@ class CodecStreams:
 
     def fastest_rows(self, most: int) -> int:
         """The codec batch that costs least per chunk (``fastest_rows``), measured
-        on the largest chunk: its window, or its new frames from a stream's state."""
+        on the largest chunk: its window, or its new frames (the cadence's largest
+        size) from a stream's state."""
         g = self.geometry
         if self.incremental is None:
             frames = g.left_context + g.max_chunk_frames + g.holdback
             return fastest_rows(self.decode, self.codebooks, frames, most)
         decode = steady_decode(self.incremental, self.like, most, self.codebooks)
-        return fastest_rows(decode, self.codebooks, g.max_chunk_frames, most)
+        return fastest_rows(decode, self.codebooks, self.cadence.size(g.max_chunk_frames), most)
