@@ -172,8 +172,15 @@ async def measure_server(
     args: argparse.Namespace, run: Callable[[str, int], Awaitable[Run]]
 ) -> tuple[list[Run], dict[int, tuple[list[Run], float]]]:
     """Start ``wavecast serve``; ``run(url, -1)`` warms it up, then ``args.runs``
-    runs one after another, then ``k`` at once for each ``k`` in ``args.concurrency``."""
+    runs one after another, then ``k`` at once for each ``k`` in ``args.concurrency``
+    (the ``i``-th starting ``i * args.stagger_ms`` ms after the first, if given)."""
     conc: dict[int, tuple[list[Run], float]] = {}
+    apart = getattr(args, "stagger_ms", 0.0) / 1000
+
+    async def later(url: str, index: int) -> Run:
+        await asyncio.sleep(index * apart)
+        return await run(url, index)
+
     with tempfile.TemporaryDirectory() as tmp:
         process, url = start_server(args, Path(tmp) / "server.log")
         try:
@@ -181,7 +188,7 @@ async def measure_server(
             seq = [await run(url, index) for index in range(args.runs)]
             for k in args.concurrency:
                 start = time.perf_counter()
-                results = await asyncio.gather(*(run(url, index) for index in range(k)))
+                results = await asyncio.gather(*(later(url, index) for index in range(k)))
                 conc[k] = (list(results), time.perf_counter() - start)
         finally:
             process.send_signal(signal.SIGTERM)
@@ -251,6 +258,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--codec-windows", action="store_true", help="the server's --codec-windows (to compare)"
+    )
+    parser.add_argument(
+        "--stagger-ms",
+        type=float,
+        default=0.0,
+        help="concurrent clients start this far apart (default: all at once); each one's "
+        "times count from its own start",
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)

@@ -176,6 +176,15 @@ def main() -> None:
         default=0,
         help="speak the text in chunks of this many words (0: in one go)",
     )
+    parser.add_argument(
+        "--codec-windows", action="store_true", help="the server's --codec-windows (to compare)"
+    )
+    parser.add_argument(
+        "--stagger-ms",
+        type=float,
+        default=0.0,
+        help="concurrent clients start this far apart (default: all at once)",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     asyncio.run(bench(args))
