@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import count_codec_calls, step_together
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from wavecast.server.engines import codec_stream
@@ -300,3 +302,58 @@ def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> No
             whole = engine.model.compression_model.decode(codes, None)[0].T.numpy()
         assert streamed.shape == whole.shape
         assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, np.abs(whole).max())
+
+
+@pytest.fixture(scope="module")
+def encodec() -> tuple[IncrementalCodec, Decode]:
+    model, decode, _ = _encodec()
+    built = incremental(model)
+    assert built is not None
+    return built, decode
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    prompt=st.integers(0, 40),
+    left=st.integers(0, 30),
+    first=st.integers(1, 6),
+    chunk=st.integers(1, 12),
+    pushes=st.lists(st.integers(0, 9), min_size=1, max_size=40),
+)
+def test_any_prompt_chunking_and_pushes_stream_the_one_shot_decode(
+    encodec: tuple[IncrementalCodec, Decode],
+    prompt: int,
+    left: int,
+    first: int,
+    chunk: int,
+    pushes: list[int],
+) -> None:
+    """Whatever the prompt (primed with its last ``left`` frames), the chunk
+    schedule and the pushes' sizes (empty ones too), the chunks and the tail
+    are the one-shot decode of the primed frames and the new ones, less the
+    primed frames' audio."""
+    inc, decode = encodec
+    frames = sum(pushes)
+    codes = _codes(1, 4, prompt + frames, seed=prompt * 131 + frames)
+    stream = IncrementalStream(
+        inc, torch.zeros(()), left_context=left, first_frames=first, chunk_frames=chunk
+    )
+    if prompt:
+        stream.prime(codes[..., :prompt])
+    pieces, at = [], prompt
+    for n in pushes:
+        out = stream.push(codes[..., at : at + n])
+        at += n
+        if out is not None:
+            pieces.append(out)
+    tail = stream.flush()
+    assert stream.flush() is None
+    pieces += [] if tail is None else [tail]
+    primed = min(prompt, left)
+    if frames == 0:
+        assert not pieces or sum(len(p) for p in pieces) == 0
+        return
+    whole = decode(codes[..., prompt - primed :])[0].T.numpy()[primed * inc.hop :]
+    streamed = np.concatenate(pieces)
+    assert streamed.shape == whole.shape
+    assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, float(np.abs(whole).max()))
