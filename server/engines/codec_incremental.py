@@ -383,9 +383,10 @@ class IncrementalCodec:
         root: The decoder's layers (from ``incremental``).
         embed: Codes ``[B, K, n]`` to the decoder's input ``[B', D, n]`` (one
             frame at a time: nothing in it may look across frames).
-        rows: Decoder rows per stream (``B' = rows * B``; 2 for interleaved stereo).
         hop: Audio samples per frame.
-        channels: Audio channels of the output (``rows`` of them are one channel each).
+        rows: Decoder rows per stream (``B' = rows * B``; 2 for interleaved stereo,
+            each row one channel of the output).
+        device: Where the decoder's weights are (codes are moved there).
     """
 
     def __init__(
@@ -395,6 +396,7 @@ class IncrementalCodec:
         *,
         hop: int,
         rows: int = 1,
+        device: torch.device | str = "cpu",
     ) -> None:
         if root.rate != hop:
             raise Unsupported(f"the decoder upsamples {root.rate}x, not the hop {hop}")
@@ -403,6 +405,7 @@ class IncrementalCodec:
         self._embed = embed
         self.hop = hop
         self.rows = rows
+        self.device = torch.device(device)
         # Frames a sample's audio waits for after its own (rounded up).
         self.lookahead = math.ceil(root.lookahead - 1e-9)
 
@@ -423,7 +426,7 @@ class IncrementalCodec:
         if len(states) != codes.shape[0] or len({s.key for s in states}) > 1:
             raise ValueError("decode() takes one state per row, all of one key")
         batched = [_stack(op, [s.slots[op.index] for s in states]) for op in self._ops]
-        x = self._embed(codes)
+        x = self._embed(codes.to(self.device, non_blocking=True))
         y = self._root.run(x, batched, final)
         rows = self.rows
         for op, slot in zip(self._ops, batched, strict=True):
@@ -457,11 +460,12 @@ def incremental(codec: nn.Module) -> IncrementalCodec | None:
     stereo interleaved), or HiggsAudio v2's tokenizer (DAC); None if its layers
     cannot run incrementally."""
     kind = type(codec).__name__
+    device = next(iter(codec.parameters())).device
     try:
         if kind == "EncodecModel":
             model = codec
             root = _chain(model.decoder)
-            return IncrementalCodec(root, model.quantizer.decode, hop=root.rate)
+            return IncrementalCodec(root, model.quantizer.decode, hop=root.rate, device=device)
         if kind == "InterleaveStereoCompressionModel":
             model = codec.model
             if type(model).__name__ != "EncodecModel":
@@ -474,7 +478,7 @@ def incremental(codec: nn.Module) -> IncrementalCodec | None:
                 emb: torch.Tensor = model.quantizer.decode(both)
                 return emb
 
-            return IncrementalCodec(root, embed_stereo, hop=root.rate, rows=2)
+            return IncrementalCodec(root, embed_stereo, hop=root.rate, rows=2, device=device)
         if kind == "HiggsAudioV2TokenizerModel":
             root = _chain(codec.acoustic_decoder)
 
@@ -483,7 +487,7 @@ def incremental(codec: nn.Module) -> IncrementalCodec | None:
                 out: torch.Tensor = codec.fc2(quantized.transpose(1, 2)).transpose(1, 2)
                 return out
 
-            return IncrementalCodec(root, embed_higgs, hop=root.rate)
+            return IncrementalCodec(root, embed_higgs, hop=root.rate, device=device)
     except Unsupported:
         return None
     return None
