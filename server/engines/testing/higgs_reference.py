@@ -269,6 +269,7 @@ class HiggsReference(HiggsEngine):
         )
 
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        self.codec_streams.tick()  # (the chunks' cadence, as the batched engine keeps it)
         with torch.no_grad():
             return [self._step_one(job) for job in jobs]
 
