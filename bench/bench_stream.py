@@ -116,8 +116,8 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         "--admission",
         args.admission,
         "--codec-batch",
-        str(getattr(args, "codec_batch", 0)),
-        *(["--codec-windows"] if getattr(args, "codec_windows", False) else []),
+        str(args.codec_batch),
+        *(["--codec-windows"] if args.codec_windows else []),
         "--log-file",
         str(log),
     ]
@@ -175,7 +175,7 @@ async def measure_server(
     runs one after another, then ``k`` at once for each ``k`` in ``args.concurrency``
     (the ``i``-th starting ``i * args.stagger_ms`` ms after the first, if given)."""
     conc: dict[int, tuple[list[Run], float]] = {}
-    apart = getattr(args, "stagger_ms", 0.0) / 1000
+    apart = args.stagger_ms / 1000
 
     async def later(url: str, index: int) -> Run:
         await asyncio.sleep(index * apart)
@@ -243,14 +243,8 @@ def report(
     print(f"\nwavecast / {baseline_names[1]} real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-musicgen")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--prompt", default="warm lofi hip hop with soft keys")
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The served side's settings (``start_server``) and the clients' arrival."""
     parser.add_argument("--threads", type=int, default=0, help="the server's --threads")
     parser.add_argument("--admission", default="realtime", help="the server's --admission")
     parser.add_argument(
@@ -266,6 +260,17 @@ def main() -> None:
         help="concurrent clients start this far apart (default: all at once); each one's "
         "times count from its own start",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-musicgen")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--prompt", default="warm lofi hip hop with soft keys")
+    add_server_arguments(parser)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     asyncio.run(bench(args))

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import torch
-from bench_stream import measure_server, report, sync, timed
+from bench_stream import add_server_arguments, measure_server, report, sync, timed
 from transformers import GenerationConfig
 
 from wavecast.clients import connect
@@ -168,22 +168,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--engine-only", action="store_true")
-    parser.add_argument("--threads", type=int, default=0, help="the server's --threads")
-    parser.add_argument("--admission", default="realtime", help="the server's --admission")
+    add_server_arguments(parser)
     parser.add_argument(
         "--chunk-words",
         type=int,
         default=0,
         help="speak the text in chunks of this many words (0: in one go)",
-    )
-    parser.add_argument(
-        "--codec-windows", action="store_true", help="the server's --codec-windows (to compare)"
-    )
-    parser.add_argument(
-        "--stagger-ms",
-        type=float,
-        default=0.0,
-        help="concurrent clients start this far apart (default: all at once)",
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
