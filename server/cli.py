@@ -144,7 +144,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--codec-batch",
         type=int,
         default=ModelsConfig().codec_batch,
-        help="streams' audio windows decoded in one codec call at most "
+        help="streams' audio chunks decoded in one codec call at most "
         "(default: measured at warm-up)",
     )
     parser.add_argument(

@@ -77,8 +77,8 @@ class ModelsConfig:
     first_chunk_frames: int = 1
     chunk_frames: int = 10
     max_chunk_frames: int = 50  # MusicGen: chunks grow to this while well ahead of real time
-    # Streams' codec windows decoded in one call at most (many due in a step);
-    # 0: measured at warm-up (on a CPU a few at once cost least per window).
+    # Streams' codec chunks decoded in one call at most (many due in a step);
+    # 0: measured at warm-up (on a CPU a few at once cost least per chunk).
     codec_batch: int = 0
     # Re-decode windows of codes instead of running the codec's decoder
     # incrementally (engines/codec_incremental.py), to compare the two.

@@ -853,7 +853,7 @@ class HiggsEngine:
             if self.codec_batch is None:
                 with torch.no_grad():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
-                log.info("%s: codec windows per call: %d", self.name, self.codec_batch)
+                log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
             if graphs is not None:
                 self._prepare_graphs()
             self._warm = True

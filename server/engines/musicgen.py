@@ -78,7 +78,7 @@ class StreamSettings:
     first_frames: int = 1
     chunk_frames: int = 10
     max_chunk_frames: int = 50  # while the stream is well ahead of real time
-    codec_batch: int = 0  # windows per codec call at most; 0: measured at warm-up
+    codec_batch: int = 0  # chunks per codec call at most; 0: measured at warm-up
     codec_windows: bool = False  # re-decode windows even where the codec runs incrementally
 
 
@@ -757,7 +757,7 @@ class MusicGenEngine:
             if self.codec_batch is None:
                 with torch.no_grad(), self.model.autocast:
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
-                log.info("%s: codec windows per call: %d", self.name, self.codec_batch)
+                log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
             if graphs is not None:
                 self._prepare_graphs()
             self._warm = True
