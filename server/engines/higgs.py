@@ -20,7 +20,8 @@ this engine is tested against it.
 
 A frame of audio is complete once its last codebook has been sampled (the
 delay pattern puts codebook ``k`` ``k`` steps late); complete frames go to the
-``StreamDecoder`` at once, which emits exact audio chunks.
+request's stream decoder at once (``codec_stream.CodecStreams``), which emits
+exact audio chunks.
 
 Long texts are split into chunks (by speaker turn or by word count) and spoken
 one after another as the original HiggsAudio generation loop does: each chunk is

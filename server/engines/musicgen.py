@@ -4,7 +4,8 @@
 stepped here by hand: the same delay pattern, streaming KV state and
 classifier-free guidance as ``LMModel.generate``, one sequence step per
 ``step`` call. As soon as a timestep has all its codebooks it goes to the
-``StreamDecoder``, which emits exact audio chunks.
+request's stream decoder (``codec_stream.CodecStreams``: the codec's decoder run
+incrementally, or windows), which emits exact audio chunks.
 
 Every request holds a slot of ``MusicGenDecoder``'s table (two rows: the
 conditional and the unconditional half of classifier-free guidance), and one
@@ -216,7 +217,7 @@ class MusicGenEngine:
             self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
         self._slots: SlotTable[_MusicGenJob] = SlotTable(self._grow)
         self._due: Due = []
-        # Windows per codec call (``fastest_rows``): measured at warm-up unless set.
+        # Chunks per codec call (``fastest_rows``): measured at warm-up unless set.
         self.codec_batch: int | None = self.stream.codec_batch or None
         # Called with each step's guided logits by request id (tests compare rows).
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
