@@ -151,6 +151,7 @@ class HiggsDecoder(CacheRows):
         self._rotary = inner.rotary_emb
         self._cos = torch.zeros(0, self.head_dim, device=self.device, dtype=self.dtype)
         self._sin = self._cos
+        self._steps = torch.zeros(0, dtype=torch.int64, device=self.device)  # position indices
         self.kv = StaticKV(
             len(self.layers),
             self.kv_heads,
@@ -186,6 +187,7 @@ class HiggsDecoder(CacheRows):
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = self._rotary(probe, positions)
         self._cos, self._sin = cos[0], sin[0]
+        self._steps = positions[0]
 
     # -- the two phases --------------------------------------------------------------
 
@@ -271,27 +273,32 @@ class HiggsDecoder(CacheRows):
         rows = int(codes.shape[0])
         span = self.length if span is None else min(span, self.length)
         lengths = self.lengths[:rows]
-        spare = torch.full_like(lengths, self.length)
-        positions = torch.where(active, lengths.clamp(max=span - 1), spare)  # [B]
-        x = self.embed_audio(codes)[:, None]  # [R, 1, D]
+        positions = torch.where(active, lengths.clamp(max=span - 1), self.length)  # [B]
+        # One position per row: the hidden state is ``[R, D]`` all through; the
+        # queries and keys are rotated together, as one ``[R, H + H_kv, 1, d]`` view.
+        x = self.embed_audio(codes)
         cos, sin = self._cos[positions][:, None, None], self._sin[positions][:, None, None]
-        mask = torch.arange(span, device=self.device)[None, None, None, :] <= positions.view(
-            rows, 1, 1, 1
-        )
+        mask = (self._steps[:span] <= positions[:, None]).view(rows, 1, 1, span)
         where = positions.view(rows, 1, 1, 1).expand(rows, self.kv_heads, 1, self.head_dim)
         cache_k, cache_v = self.kv.k[:, :rows], self.kv.v[:, :rows]
-
-        def attend(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        qk_size = (heads + kv_heads) * d
+        for i, layer in enumerate(self.layers):
+            audio = layer.audio
+            qkv = F.linear(self._rms(x, audio.norm1), layer.qkv, layer.qkv_bias)
+            qk = qkv[:, :qk_size].view(rows, heads + kv_heads, 1, d)
+            q, k = self._rotate(qk, cos, sin).split((heads, kv_heads), dim=1)
+            v = qkv[:, qk_size:].view(rows, kv_heads, 1, d)
             cache_k[i].scatter_(2, where, k.to(cache_k.dtype))
             cache_v[i].scatter_(2, where, v.to(cache_v.dtype))
-            return cache_k[i][:, :, :span], cache_v[i][:, :, :span]
-
-        def route(f: PathOp, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
-            return f(layer.audio, h)
-
-        hidden = self._forward(x, cos, sin, mask, attend, route)
+            keys, values = cache_k[i][:, :, :span], cache_v[i][:, :, :span]
+            attended = F.scaled_dot_product_attention(
+                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
+            )
+            x = x + F.linear(attended.reshape(rows, heads * d), layer.out, layer.out_bias)
+            x = x + self._feed_forward(audio, x)
         lengths += active.to(lengths.dtype)
-        return self._logits(hidden[:, 0])
+        return self._logits(x)
 
     # -- internals ---------------------------------------------------------------------
 

@@ -183,7 +183,9 @@ class MusicGenDecoder(CacheRows):
         self._head_bias = None if biases[0] is None else torch.cat(biases)
         self._out_norm: Op | None = _norm(lm.out_norm) if lm.out_norm else None
         self._pos_scale = float(transformer.positional_scale)
+        # The sinusoidal positions, scaled, and position indices (masks compare them).
         self._positions = torch.zeros(0, self.dim, device=device, dtype=self._emb.dtype)
+        self._steps = torch.zeros(0, dtype=torch.int64, device=device)
         n = len(self.layers)
         self.kv = StaticKV(
             n, self.heads, self.head_dim, rows=rows, length=length + 1, device=device, dtype=dtype
@@ -200,7 +202,7 @@ class MusicGenDecoder(CacheRows):
             fill=1,
         )
         self.has_cross = any(layer.kv_weight is not None for layer in self.layers)
-        self._sin_table(self.kv.length)
+        self._tables()
 
     def storage(self) -> tuple[Any, ...]:
         """What identifies where the step's tensors live: it changes exactly when
@@ -216,17 +218,22 @@ class MusicGenDecoder(CacheRows):
         """Room for ``rows`` rows, ``length`` positions and ``cross_length`` conditions."""
         self.kv.grow(rows=rows, length=length + 1)
         self.cross.grow(rows=rows, length=cross_length)
-        self._sin_table(self.kv.length)
+        self._tables()
 
-    def _sin_table(self, length: int) -> None:
-        """The sinusoidal embedding of positions ``0 .. length - 1``, ``[length, D]``."""
-        if self._positions.shape[0] >= length:
-            return
-        positions = torch.arange(length, device=self.device).view(1, length, 1)
-        table = create_sin_embedding(
-            positions, self.dim, max_period=self.transformer.max_period, dtype=self._emb.dtype
-        )
-        self._positions = table[0]
+    def _tables(self) -> None:
+        """The scaled sinusoidal embedding of positions ``0 .. T - 1`` (``[T, D]``) and
+        the indices ``0 .. max(T, C) - 1``, for the cache's ``T`` positions and ``C``
+        conditions."""
+        length = self.kv.length
+        if self._positions.shape[0] < length:
+            positions = torch.arange(length, device=self.device).view(1, length, 1)
+            table = create_sin_embedding(
+                positions, self.dim, max_period=self.transformer.max_period, dtype=self._emb.dtype
+            )
+            self._positions = self._pos_scale * table[0]
+        steps = max(length, self.cross.length)
+        if self._steps.shape[0] < steps:
+            self._steps = torch.arange(steps, device=self.device)
 
     # -- loading a row -------------------------------------------------------------
 
@@ -264,7 +271,7 @@ class MusicGenDecoder(CacheRows):
         self.ensure(length=end)
         index = torch.tensor(rows, device=self.device)
         positions = torch.arange(start, end, device=self.device).expand(count, steps)
-        x = inputs + self._pos_scale * self._positions[start:end].to(inputs.dtype)
+        x = inputs + self._positions[start:end].to(inputs.dtype)
         self_mask = (
             torch.arange(end, device=self.device)[None, None, None, :]
             <= positions[:, None, :, None]
@@ -307,32 +314,53 @@ class MusicGenDecoder(CacheRows):
         rows = int(codes.shape[0])
         span = self.length if span is None else min(span, self.length)
         lengths = self.lengths[:rows]
-        spare = torch.full_like(lengths, self.length)
-        positions = torch.where(active, lengths.clamp(max=span - 1), spare)  # [R]
-        x = self.embed(codes[:, :, None])
-        x = x + self._pos_scale * self._positions[positions][:, None].to(x.dtype)
-        self_mask = (
-            torch.arange(span, device=self.device)[None, None, None, :]
-            <= positions[:, None, None, None]
-        )
+        positions = torch.where(active, lengths.clamp(max=span - 1), self.length)  # [R]
+        # One position per row: the hidden state is ``[R, D]`` all through, and a
+        # row's query, keys and values are views of its projections (no copies).
+        x = self.embed(codes[:, :, None])[:, 0]
+        x = x + self._positions[positions].to(x.dtype)
+        steps = self._steps
+        self_mask = (steps[:span] <= positions[:, None]).view(rows, 1, 1, span)
         where = positions.view(rows, 1, 1, 1).expand(rows, self.heads, 1, self.head_dim)
         cache_k, cache_v = self.kv.k[:, :rows], self.kv.v[:, :rows]
-
-        def attend_self(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
-            cache_k[i].scatter_(2, where, k.to(cache_k.dtype))
-            cache_v[i].scatter_(2, where, v.to(cache_v.dtype))
-            return cache_k[i][:, :, :span], cache_v[i][:, :, :span]
-
-        cross = None
+        cross_mask = None
         if self.has_cross:
-            cross_mask = (
-                torch.arange(self.cross.length, device=self.device)[None, None, None, :]
-                < self.cross_lengths[:rows, None, None, None]
+            conditions = self.cross.length
+            cross_mask = (steps[:conditions] < self.cross_lengths[:rows, None]).view(
+                rows, 1, 1, conditions
             )
-            cross = (self.cross.k[:, :rows], self.cross.v[:, :rows], cross_mask)
-        hidden = self._forward(x, attend_self, self_mask, cross)
+        heads = (rows, self.heads, 1, self.head_dim)
+        same = x.dtype == self.dtype
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(layer.norm1(x), layer.qkv_weight, layer.qkv_bias)
+            q, k, v = qkv.view(rows, 3, *heads[1:]).unbind(1)
+            cache_k[i].scatter_(2, where, k.to(self.dtype))
+            cache_v[i].scatter_(2, where, v.to(self.dtype))
+            keys, values = cache_k[i][:, :, :span], cache_v[i][:, :, :span]
+            if not same:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask)
+            h = F.linear(attended.reshape(rows, self.dim), layer.out_weight, layer.out_bias)
+            x = x + (h if layer.scale1 is None else layer.scale1(h))
+            if layer.norm_cross is not None:
+                q = F.linear(layer.norm_cross(x), layer.q_weight, layer.q_bias).view(heads)
+                keys, values = self.cross.k[i, :rows], self.cross.v[i, :rows]
+                if not same:
+                    keys, values = keys.to(q.dtype), values.to(q.dtype)
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=cross_mask)
+                assert layer.cross_out_weight is not None
+                h = F.linear(
+                    attended.reshape(rows, self.dim), layer.cross_out_weight, layer.cross_out_bias
+                )
+                x = x + (h if layer.scale_cross is None else layer.scale_cross(h))
+            h = F.linear(layer.norm2(x), layer.ff1_weight, layer.ff1_bias)
+            h = F.linear(layer.activation(h), layer.ff2_weight, layer.ff2_bias)
+            x = x + (h if layer.scale2 is None else layer.scale2(h))
         lengths += active.to(lengths.dtype)
-        return self._logits(hidden)[:, :, 0]
+        if self._out_norm is not None:
+            x = self._out_norm(x)
+        logits = F.linear(x, self._head_weight, self._head_bias)
+        return logits.view(rows, self.codebooks, self.card)
 
     # -- internals -----------------------------------------------------------------
 
