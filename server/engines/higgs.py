@@ -79,7 +79,7 @@ from .higgs_prompt import (
 )
 from .higgs_utterance import Markers, Utterance
 from .loading import HiggsModel
-from .sampling import RowSampling, redraw_keys, redraw_repeats, sample_warped
+from .sampling import RowSampling, redraw_keys, sample_repeat_aware
 from .slots import SlotTable
 from .voices import Scene, Voice, scene_text
 
@@ -625,16 +625,17 @@ class HiggsEngine:
         temperature, top-k, top-p, repetition-aware redraws) and whether its
         logits were finite: ``[R, K + 1]``."""
         sampling = self._sampling
-        tokens = sample_warped(
+        tokens = sample_repeat_aware(
             logits,
             parts[2],
             sampling.temperature[:rows],
             sampling.top_k[:rows],
             sampling.top_p[:rows],
             parts[3],
-        )
-        tokens = redraw_repeats(
-            tokens, logits, parts[6], parts[5], (self.stream_bos, self.stream_eos), parts[4]
+            parts[6],
+            parts[5],
+            (self.stream_bos, self.stream_eos),
+            parts[4],
         )
         finite = torch.isfinite(logits).flatten(1).all(1)
         return torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1)

@@ -608,7 +608,8 @@ class MusicGenEngine:
             for slot, pair in prefilled.items():
                 logits[2 * slot : 2 * slot + 2] = pair.float()
             wants = candidates_for(sampling.wants[:slots][stepped], decoder.card)
-            guided, back_device = self._draw(logits, keys, slots, wants)
+            nucleus = bool(sampling.nucleus[:slots][stepped].any())
+            guided, back_device = self._draw(logits, keys, slots, wants, nucleus)
         for st in decoding:
             st.kv_length += 1
         sampling.step[:slots] += stepped
@@ -620,11 +621,17 @@ class MusicGenEngine:
         return back[:, :-1], guided, stepped
 
     def _draw(
-        self, logits: torch.Tensor, keys: torch.Tensor, slots: int, candidates: int | None
+        self,
+        logits: torch.Tensor,
+        keys: torch.Tensor,
+        slots: int,
+        candidates: int | None,
+        nucleus: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier-free guidance and every slot's draw from its pair of rows'
         logits: the guided logits ``[slots, K, card]``, and ``[slots, K + 1]``: the
-        codes and whether the slot's logits were finite."""
+        codes and whether the slot's logits were finite. (``candidates``,
+        ``nucleus``: as ``sample``'s.)"""
         sampling = self._sampling
         cond, uncond = logits[0::2], logits[1::2]
         guided = uncond + (cond - uncond) * self._cfg[:slots, None, None]
@@ -635,6 +642,7 @@ class MusicGenEngine:
             sampling.top_p[:slots],
             keys,
             candidates=candidates,
+            nucleus=nucleus,
         )
         finite = torch.isfinite(guided).flatten(1).all(1)
         return guided, torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1)

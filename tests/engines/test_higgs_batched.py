@@ -30,7 +30,13 @@ from wavecast.server.engines.higgs import HiggsEngine
 from wavecast.server.engines.higgs_decoder import HiggsDecoder
 from wavecast.server.engines.higgs_prompt import SYSTEM, PromptAudio, build_prompt
 from wavecast.server.engines.loading import HiggsModel, load_higgs
-from wavecast.server.engines.sampling import redraw_repeats, row_keys, sample_warped, warp
+from wavecast.server.engines.sampling import (
+    redraw_repeats,
+    row_keys,
+    sample_repeat_aware,
+    sample_warped,
+    warp,
+)
 from wavecast.server.engines.testing.higgs import build_tiny_higgs
 from wavecast.server.engines.testing.higgs_reference import HiggsReference
 from wavecast.server.engines.voices import Scene, Voice
@@ -247,19 +253,53 @@ def test_repetition_aware_redraw() -> None:
     assert got.tolist() == [[40, 3, BOS, 9]]
 
 
+def test_the_two_draws_together_are_the_two_apart() -> None:
+    """The engine's draw (first draw and repetition-aware redraw in one pass)
+    gives the codes of ``sample_warped`` then ``redraw_repeats``, row by row."""
+    gen = torch.Generator().manual_seed(8)
+    rows = 6
+    params = (
+        torch.tensor([0.0, 0.7, 1.0, 1.3, 0.7, 1.0]),
+        torch.tensor([0, 50, 5, 0, 2, 66]),
+        torch.tensor([1.0, 0.95, 0.5, 1.0, 0.8, 0.3]),
+    )
+    for step in range(30):
+        logits = torch.randn(rows, K, 66, generator=gen) * 3
+        forced = torch.where(torch.rand(rows, K, generator=gen) < 0.2, BOS, -1)
+        # Small alphabets: many repeats, so that redraws happen.
+        window = torch.randint(-1, 4, (rows, 7, K), generator=gen)
+        keys = torch.from_numpy(row_keys(np.arange(rows), np.full(rows, step)))
+        repeats = torch.randint(1, 4, (rows,), generator=gen)
+        apart = redraw_repeats(
+            sample_warped(logits, forced, *params, keys),
+            logits,
+            window,
+            repeats,
+            (BOS, EOS),
+            keys + 7,
+        )
+        together = sample_repeat_aware(
+            logits, forced, *params, keys, window, repeats, (BOS, EOS), keys + 7
+        )
+        assert torch.equal(together, apart)
+
+
 def test_sampling_traces_as_one_graph() -> None:
     def draw(logits: torch.Tensor, forced: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         rows = logits.shape[0]
         keys = torch.arange(rows)
-        tokens = sample_warped(
+        return sample_repeat_aware(
             logits,
             forced,
             torch.tensor([0.0, 0.7, 1.0]),
             torch.tensor([0, 50, 5]),
             torch.tensor([1.0, 0.95, 0.5]),
             keys,
+            window,
+            torch.full((rows,), 2),
+            (BOS, EOS),
+            keys + 7,
         )
-        return redraw_repeats(tokens, logits, window, torch.full((rows,), 2), (BOS, EOS), keys + 7)
 
     logits = torch.randn(3, K, 66, generator=torch.Generator().manual_seed(6))
     forced = torch.tensor([[BOS, -1, -1, -1], [-1] * K, [-1, -1, EOS, EOS]])

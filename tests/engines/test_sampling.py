@@ -124,6 +124,9 @@ def test_fewer_candidates_draw_the_same_tokens() -> None:
         assert torch.equal(sample(logits, **params, candidates=250), everything)
         alone = sample(logits[1:2], **{k: v[1:2] for k, v in params.items()}, candidates=5)
         assert torch.equal(alone[0], everything[1])
+        # Where no row uses top-p, skipping the nucleus's operations draws the same.
+        assert torch.equal(sample(logits, **params, nucleus=False), everything)
+        assert torch.equal(sample(logits, **params, candidates=250, nucleus=False), everything)
 
 
 def test_the_candidates_a_batch_needs() -> None:
@@ -133,8 +136,10 @@ def test_the_candidates_a_batch_needs() -> None:
     assert candidates_for(table.wants[:2], 2048) == 250
     assert candidates_for(table.wants[:2], 100) == 100
     assert candidates_for(table.wants[1:2], 2048) == 1
+    assert not table.nucleus[:2].any()
     table.set_row(2, temperature=1.0, top_k=250, top_p=0.9, seed=1)
     assert candidates_for(table.wants[:3], 2048) == 2048
+    assert table.nucleus.tolist() == [False, False, True, False]
     table.set_row(3, temperature=1.0, top_k=0, top_p=0.0, seed=1)
     assert candidates_for(table.wants[3:], 2048) == 2048
     grown = table.grown(8)
