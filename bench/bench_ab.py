@@ -1,0 +1,167 @@
+"""Two revisions' engine step, interleaved in one sitting (A/B on a noisy machine).
+
+On a shared machine the speed drifts by tens of percent from minute to minute, so
+two benchmark runs a minute apart compare the minutes, not the code. Here each
+revision's engine is loaded once, in its own process, and they take turns: the
+same N fresh requests stepped ``--steps`` times, one revision then the other
+(then the other way round), ``--rounds`` times; the medians and the ratio.
+
+    .venv/bin/python bench/bench_ab.py --rev HEAD~2 --model tiny-musicgen --streams 1 8
+    .venv/bin/python bench/bench_ab.py --rev aeea893 --model tiny-higgs --streams 1 8
+
+``--rev`` is checked out in a temporary git worktree (the working tree is the
+other side); both run this checkout's ``bench_engine.py`` to load and step.
+Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker(model: str, streams: int, threads: int) -> None:
+    """Load ``model`` and, for each line on stdin (a step count), step ``streams``
+    fresh requests that many times; print the milliseconds per step."""
+    import torch
+    from bench_engine import load, request
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(threads)
+    engine = load(model, "cpu", False, max_active=max(4, streams))
+    duration = 30.0 if engine.info.family == "musicgen" else 60.0
+    jobs: list = []
+
+    def fresh() -> list:
+        for job in jobs:
+            engine.finish(job)
+        return [engine.prepare(request(engine, i, duration)) for i in range(streams)]
+
+    jobs = fresh()
+    for _ in range(50):
+        engine.step(jobs)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        steps = int(line)
+        jobs = fresh()
+        for _ in range(20):  # past the prefill and the first chunk
+            engine.step(jobs)
+        began = time.perf_counter()
+        for _ in range(steps):
+            engine.step(jobs)
+        print((time.perf_counter() - began) / steps * 1e3, flush=True)
+
+
+def start(package_root: Path | None, args: argparse.Namespace, streams: int) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if package_root is not None:
+        env["PYTHONPATH"] = str(package_root)
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        args.model,
+        "--streams",
+        str(streams),
+        "--threads",
+        str(args.threads),
+    ]
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent,
+    )
+    assert process.stdout is not None
+    while (line := process.stdout.readline()) and line.strip() != "ready":
+        pass
+    if not line:
+        raise SystemExit("a worker did not start")
+    return process
+
+
+def timed(process: subprocess.Popen, steps: int) -> float:
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(f"{steps}\n")
+    process.stdin.flush()
+    return float(process.stdout.readline())
+
+
+def compare(
+    old_root: Path, args: argparse.Namespace, streams: int
+) -> tuple[list[float], list[float]]:
+    sides = {"rev": start(old_root, args, streams), "tree": start(None, args, streams)}
+    times: dict[str, list[float]] = {"rev": [], "tree": []}
+    try:
+        for r in range(args.rounds):
+            for side in ("rev", "tree") if r % 2 == 0 else ("tree", "rev"):
+                times[side].append(timed(sides[side], args.steps))
+    finally:
+        for process in sides.values():
+            assert process.stdin is not None
+            process.stdin.close()
+            process.wait(60)
+    return times["rev"], times["tree"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", default="HEAD", help="the revision to compare the tree with")
+    parser.add_argument("--model", default="tiny-musicgen")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.model, args.streams[0], args.threads)
+        return
+    from bench_stream import machine
+
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    if not revision:
+        raise SystemExit(f"no revision {args.rev!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "worktree", "add", "-q", "--detach", str(tree), revision], cwd=ROOT, check=True
+        )
+        try:
+            # The package is imported as ``wavecast``: a folder holding a link of that name.
+            (Path(tmp) / "root").mkdir()
+            (Path(tmp) / "root" / "wavecast").symlink_to(tree)
+            rows = [(n, *compare(Path(tmp) / "root", args, n)) for n in args.streams]
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
+    print(f"### engine step, {revision} against the working tree: {args.model}\n")
+    print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(
+        f"- date: {time.strftime('%Y-%m-%d')}; {args.rounds} turns each of {args.steps} steps, "
+        "alternating; median (least)\n"
+    )
+    print(f"| streams | {revision}: ms per step | tree: ms per step | tree / {revision} |")
+    print("| --- | --- | --- | --- |")
+    for n, old, new in rows:
+        a, b = statistics.median(old), statistics.median(new)
+        print(f"| {n} | {a:.3f} ({min(old):.3f}) | {b:.3f} ({min(new):.3f}) | {b / a:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
