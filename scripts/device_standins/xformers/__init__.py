@@ -1,0 +1,1 @@
+"""A stand-in for xformers on the GPU machines (see ../README.md)."""
