@@ -11,16 +11,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import Engine, EngineRequest, Job, StepOutput
+from .base import Engine, EngineRequest, Job, ModelLoadError, StepOutput
 from .voices import Scene, Voice
 
 __all__ = ["Engine", "EngineRequest", "Job", "ModelLoadError", "StepOutput", "load_engines"]
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message is one line for the operator."""
 
 
 def resolve_device(device: str) -> str:

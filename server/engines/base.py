@@ -33,6 +33,7 @@ __all__ = [
     "Engine",
     "EngineRequest",
     "Job",
+    "ModelLoadError",
     "StepOutput",
     "attempt",
     "failed_output",
@@ -58,6 +59,10 @@ SEED_SPEC = ParamSpec(
     MAX_SEED,
     description="random seed (empty: a fresh one, reported in started)",
 )
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message is one line for the operator."""
 
 
 @dataclass(frozen=True, slots=True)

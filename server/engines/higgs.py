@@ -78,6 +78,7 @@ from .higgs_prompt import (
     normalize_text,
 )
 from .higgs_utterance import Markers, Utterance
+from .kv import check_room
 from .loading import HiggsModel
 from .sampling import RowSampling, redraw_keys, sample_repeat_aware
 from .slots import SlotTable
@@ -868,10 +869,18 @@ class HiggsEngine:
         longer row grows the cache: the graphs are recorded again as their shapes
         come back)."""
         assert self._graphs is not None
-        self._slots.reserve(self.max_active)
         default = next(spec.default for spec in self._params if spec.name == "max_new_tokens")
         assert isinstance(default, int)
-        self.decoder.ensure(length=1024 + default + 1)
+        length = 1024 + default + 1
+        decoder = self.decoder
+        check_room(
+            self.name,
+            lambda n: decoder.bytes_for(rows=n, length=length),
+            self.max_active,
+            self.device,
+        )
+        self._slots.reserve(self.max_active)
+        decoder.ensure(length=length)
         rows = self._slots.spans()
         spans = powers_of_two(64, self.decoder.length)
         # The default repetition-aware window's shape (others are recorded on first use).

@@ -173,10 +173,15 @@ class HiggsDecoder(CacheRows):
         at least: a long dialogue's context (each chunk's prompt holds the ones
         spoken) grows the cache, copying it and dropping any recorded graphs, a
         few times rather than at every chunk."""
-        if length > self.length:
-            length = max(length, self.length + self.length // 2)
-        self.kv.grow(rows=rows, length=length + 1)
+        self.kv.grow(rows=rows, length=self._grown(length) + 1)
         self._rope_table(self.kv.length)
+
+    def _grown(self, length: int) -> int:
+        return max(length, self.length + self.length // 2) if length > self.length else length
+
+    def bytes_for(self, *, rows: int, length: int) -> int:
+        """Bytes of the cache ``ensure`` would hold for these (at least what it holds)."""
+        return self.kv.bytes_for(max(rows, self.rows), max(self._grown(length) + 1, self.kv.length))
 
     def _rope_table(self, length: int) -> None:
         """The rotary cosines and sines of positions ``0 .. length - 1``, as the

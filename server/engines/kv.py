@@ -9,9 +9,58 @@ table in powers of two; ``T`` grows when a row needs more (both copy, rarely).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["CacheRows", "StaticKV"]
+from .base import ModelLoadError
+
+__all__ = ["CacheRows", "StaticKV", "check_room", "free_memory"]
+
+GiB = float(2**30)
+# Of the memory free, what a table reserved at load may take: the rest is left
+# for the step's activations and the recorded graphs' pools.
+ROOM_SHARE = 0.9
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes free on ``device`` now: CUDA's free memory, or for the CPU the
+    system's available memory (Linux); None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as info:
+                for line in info:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_room(
+    name: str, need: Callable[[int], int], requests: int, device: torch.device | str
+) -> None:
+    """Refuse, before reserving it, a table the device has no room for.
+
+    ``need(n)``: the bytes a table for ``n`` requests takes (its cache, rounded
+    up as it grows). Raises ``ModelLoadError`` naming what ``--max-active``
+    asks for, what is free and how many requests would fit.
+    """
+    free = free_memory(device)
+    if free is None or need(requests) <= ROOM_SHARE * free:
+        return
+    fits = 0
+    while need(2 * fits or 1) <= ROOM_SHARE * free and (2 * fits or 1) < requests:
+        fits = 2 * fits or 1
+    advice = f"{fits} fit (--max-active {fits})" if fits else "not even one fits"
+    raise ModelLoadError(
+        f"{name}: --max-active {requests} needs {need(requests) / GiB:.1f} GiB of "
+        f"key/value cache and {device} has {free / GiB:.1f} GiB free; {advice}"
+    )
 
 
 class StaticKV:
@@ -39,6 +88,13 @@ class StaticKV:
     @property
     def rows(self) -> int:
         return int(self.k.shape[1])
+
+    def bytes_for(self, rows: int, length: int) -> int:
+        """Bytes of the keys and values of ``rows`` rows (as many as ``grow`` makes
+        room for: a power of two) of ``length`` positions."""
+        rows = 1 << (max(rows, 1) - 1).bit_length()
+        layers, _, heads, _, dim = (int(n) for n in self.k.shape)
+        return 2 * layers * rows * heads * length * dim * int(self.k.element_size())
 
     @property
     def length(self) -> int:

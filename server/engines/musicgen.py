@@ -55,6 +55,7 @@ from .base import (
 from .codec_decoders import for_serving
 from .codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
+from .kv import check_room
 from .mbd import MBDRun
 from .musicgen_card import model_card
 from .musicgen_conditioning import Conditioning
@@ -779,9 +780,17 @@ class MusicGenEngine:
         descriptions up to 128 tokens preallocated (a longer one grows the cache:
         the graphs are recorded again as their shapes come back)."""
         assert self._graphs is not None
-        self._slots.reserve(self.max_active)
         cross = min(self.max_prompt_tokens, 128)
-        self.decoder.ensure(length=self._prepend + self._window_steps, cross_length=cross)
+        length = self._prepend + self._window_steps
+        decoder = self.decoder
+        check_room(
+            self.name,
+            lambda n: decoder.bytes_for(rows=2 * n, length=length, cross_length=cross),
+            self.max_active,
+            self.device,
+        )
+        self._slots.reserve(self.max_active)
+        decoder.ensure(length=length, cross_length=cross)
         rows = [2 * count for count in self._slots.spans()]
         spans = powers_of_two(64, self.decoder.length)
         k = self.decoder.codebooks

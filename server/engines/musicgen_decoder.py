@@ -220,6 +220,12 @@ class MusicGenDecoder(CacheRows):
         self.cross.grow(rows=rows, length=cross_length)
         self._tables()
 
+    def bytes_for(self, *, rows: int, length: int, cross_length: int) -> int:
+        """Bytes of the caches ``ensure`` would hold for these (at least what they hold)."""
+        kv = self.kv.bytes_for(max(rows, self.rows), max(length + 1, self.kv.length))
+        cross = self.cross.bytes_for(max(rows, self.rows), max(cross_length, self.cross.length))
+        return kv + cross
+
     def _tables(self) -> None:
         """The scaled sinusoidal embedding of positions ``0 .. T - 1`` (``[T, D]``) and
         the indices ``0 .. max(T, C) - 1``, for the cache's ``T`` positions and ``C``

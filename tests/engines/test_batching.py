@@ -20,7 +20,8 @@ from helpers import count_codec_calls
 from test_musicgen_features import decode, wav_bytes
 
 from wavecast.protocol import InternalError, WavecastError, resolve_params
-from wavecast.server.engines.base import EngineRequest, Job
+from wavecast.server.engines import kv
+from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
@@ -433,6 +434,45 @@ def test_every_step_shape_is_ready_after_warm_up(windowed: Any) -> None:
     direct, _ = drive(engine, {0: [("a", make(engine, "a", **longer))]})
     assert graphs.dropped == drops + 1 and graphs.shapes < prepared
     assert torch.equal(codes(staged, through["a"]), codes(engine, direct["a"]))
+
+
+def test_a_table_the_memory_cannot_hold_is_refused_at_load(
+    windowed: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cuda_graphs`` reserves the table for ``max_active`` requests at load:
+    where the memory free cannot hold it, the load stops before allocating it,
+    with one line saying how many requests would fit. The estimate is what the
+    table then holds: a memory of exactly eight requests' table takes eight and
+    refuses a hundred, saying eight fit."""
+    model, _ = windowed
+
+    def staged(requests: int) -> MusicGenEngine:
+        return MusicGenEngine(
+            model,
+            name="tiny-2s",
+            test_model=True,
+            max_duration=12.0,
+            cuda_graphs=True,
+            max_active=requests,
+            stream=StreamSettings(codec_batch=4),
+        )
+
+    eight = staged(8)
+    eight.warm_up()
+    decoder = eight.decoder
+    caches = (decoder.kv.k, decoder.kv.v, decoder.cross.k, decoder.cross.v)
+    held = sum(t.numel() * t.element_size() for t in caches)
+    length, conditions = decoder.length, decoder.cross.length
+    assert decoder.bytes_for(rows=16, length=length, cross_length=conditions) == held
+    monkeypatch.setattr(kv, "free_memory", lambda device: int(held / kv.ROOM_SHARE) + 1)
+    staged(8).warm_up()
+    with pytest.raises(ModelLoadError) as refused:
+        staged(100).warm_up()
+    assert "tiny-2s: --max-active 100 needs" in str(refused.value)
+    assert str(refused.value).endswith("; 8 fit (--max-active 8)")
+    monkeypatch.setattr(kv, "free_memory", lambda device: 1000)
+    with pytest.raises(ModelLoadError, match="not even one fits"):
+        staged(1).warm_up()
 
 
 def test_the_graphed_step_traces_as_one_graph(windowed: Any) -> None:

@@ -6,6 +6,7 @@ reference path (each request alone through transformers) and against itself
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
     HiggsAudioV2DelayPatternLogitsProcessor,
 )
 
-from wavecast.server.engines.base import EngineRequest, Job
+from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.higgs import HiggsEngine
 from wavecast.server.engines.higgs_decoder import HiggsDecoder
 from wavecast.server.engines.higgs_prompt import SYSTEM, PromptAudio, build_prompt
+from wavecast.server.engines.kv import free_memory
 from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.sampling import (
     redraw_repeats,
@@ -735,6 +737,19 @@ def test_the_step_through_static_buffers_equals_the_direct_step(loaded: HiggsMod
     assert staged._graphs is not None and staged._graphs.recorded == 0 and len(staged._graphs)
 
 
+def test_a_table_the_memory_cannot_hold_is_refused_at_load(loaded: HiggsModel) -> None:
+    """``cuda_graphs`` reserves the table for ``max_active`` requests at load;
+    more than the memory free can hold stops the load before allocating, with
+    one line for the operator (this machine's real free memory)."""
+    assert free_memory("cpu") is not None
+    huge = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=True, max_active=2**40, codec_batch=4)
+    with pytest.raises(ModelLoadError) as refused:
+        huge.warm_up()
+    message = str(refused.value)
+    assert message.startswith("tiny-higgs: --max-active 1099511627776 needs ")
+    assert re.search(r"GiB free; \d+ fit \(--max-active \d+\)$", message), message
+
+
 def test_every_step_shape_is_ready_after_warm_up(loaded: HiggsModel) -> None:
     """``cuda_graphs``: warming up prepares (on CUDA: records) every shape the
     configured crowd can step, before the server reports ready: rows for 1 and 2
@@ -750,6 +765,9 @@ def test_every_step_shape_is_ready_after_warm_up(loaded: HiggsModel) -> None:
     assert staged.decoder is not None
     # Room for 1024 prompt positions and the default 2048 new tokens: 3073.
     assert staged.decoder.length == 3073
+    cache = staged.decoder.kv.k
+    # (What the load-time check estimated for the table is what it holds.)
+    assert staged.decoder.bytes_for(rows=2, length=3073) == 2 * cache.numel() * cache.element_size()
     spans = (64, 128, 256, 512, 1024, 2048, 4096)
     # (and the default repetition-aware window, 7 frames, as 8)
     assert graphs.shapes == {(rows, span, 8) for rows in (1, 2) for span in spans}
