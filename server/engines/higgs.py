@@ -853,6 +853,7 @@ class HiggsEngine:
                 run_once(self, "Hello.", {"max_new_tokens": 8, "seed": 0})
             finally:
                 self._graphs = graphs
+            self._check_room()
             if self.codec_batch is None:
                 with torch.no_grad():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
@@ -860,6 +861,25 @@ class HiggsEngine:
             if graphs is not None:
                 self._prepare_graphs()
             self._warm = True
+
+    def _table_length(self) -> int:
+        """A row's positions as the table is reserved for: 1024 prompt positions
+        and the default ``max_new_tokens``."""
+        default = next(spec.default for spec in self._params if spec.name == "max_new_tokens")
+        assert isinstance(default, int)
+        return 1024 + default + 1
+
+    def _check_room(self) -> None:
+        """Refuse to serve ``max_active`` requests whose table the memory cannot hold
+        (reserved now with graphs, grown on demand without: refused either way)."""
+        length = self._table_length()
+        decoder = self.decoder
+        check_room(
+            self.name,
+            lambda n: decoder.bytes_for(rows=n, length=length),
+            self.max_active,
+            self.device,
+        )
 
     def _prepare_graphs(self) -> None:
         """Every shape of the decode step that ``max_active`` requests can take,
@@ -869,18 +889,8 @@ class HiggsEngine:
         longer row grows the cache: the graphs are recorded again as their shapes
         come back)."""
         assert self._graphs is not None
-        default = next(spec.default for spec in self._params if spec.name == "max_new_tokens")
-        assert isinstance(default, int)
-        length = 1024 + default + 1
-        decoder = self.decoder
-        check_room(
-            self.name,
-            lambda n: decoder.bytes_for(rows=n, length=length),
-            self.max_active,
-            self.device,
-        )
         self._slots.reserve(self.max_active)
-        decoder.ensure(length=length)
+        self.decoder.ensure(length=self._table_length())
         rows = self._slots.spans()
         spans = powers_of_two(64, self.decoder.length)
         # The default repetition-aware window's shape (others are recorded on first use).

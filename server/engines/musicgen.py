@@ -764,6 +764,7 @@ class MusicGenEngine:
                 run_once(self, "warm up", {"duration": min(1.0, self.window), "seed": 0})
             finally:
                 self._graphs = graphs
+            self._check_room()
             if self.codec_batch is None:
                 with torch.no_grad(), self.model.autocast:
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
@@ -771,6 +772,23 @@ class MusicGenEngine:
             if graphs is not None:
                 self._prepare_graphs()
             self._warm = True
+
+    def _table_size(self) -> tuple[int, int]:
+        """A request's positions (a window, a melody's chroma included) and
+        conditions (descriptions up to 128 tokens) as the table is reserved for."""
+        return self._prepend + self._window_steps, min(self.max_prompt_tokens, 128)
+
+    def _check_room(self) -> None:
+        """Refuse to serve ``max_active`` requests whose table the memory cannot hold
+        (reserved now with graphs, grown on demand without: refused either way)."""
+        length, cross = self._table_size()
+        decoder = self.decoder
+        check_room(
+            self.name,
+            lambda n: decoder.bytes_for(rows=2 * n, length=length, cross_length=cross),
+            self.max_active,
+            self.device,
+        )
 
     def _prepare_graphs(self) -> None:
         """Every shape of the decode step that ``max_active`` requests can take,
@@ -780,17 +798,9 @@ class MusicGenEngine:
         descriptions up to 128 tokens preallocated (a longer one grows the cache:
         the graphs are recorded again as their shapes come back)."""
         assert self._graphs is not None
-        cross = min(self.max_prompt_tokens, 128)
-        length = self._prepend + self._window_steps
-        decoder = self.decoder
-        check_room(
-            self.name,
-            lambda n: decoder.bytes_for(rows=2 * n, length=length, cross_length=cross),
-            self.max_active,
-            self.device,
-        )
         self._slots.reserve(self.max_active)
-        decoder.ensure(length=length, cross_length=cross)
+        length, cross = self._table_size()
+        self.decoder.ensure(length=length, cross_length=cross)
         rows = [2 * count for count in self._slots.spans()]
         spans = powers_of_two(64, self.decoder.length)
         k = self.decoder.codebooks

@@ -443,16 +443,16 @@ def test_a_table_the_memory_cannot_hold_is_refused_at_load(
     where the memory free cannot hold it, the load stops before allocating it,
     with one line saying how many requests would fit. The estimate is what the
     table then holds: a memory of exactly eight requests' table takes eight and
-    refuses a hundred, saying eight fit."""
+    refuses a hundred, saying eight fit; with or without graphs."""
     model, _ = windowed
 
-    def staged(requests: int) -> MusicGenEngine:
+    def staged(requests: int, graphs: bool = True) -> MusicGenEngine:
         return MusicGenEngine(
             model,
             name="tiny-2s",
             test_model=True,
             max_duration=12.0,
-            cuda_graphs=True,
+            cuda_graphs=graphs,
             max_active=requests,
             stream=StreamSettings(codec_batch=4),
         )
@@ -470,6 +470,11 @@ def test_a_table_the_memory_cannot_hold_is_refused_at_load(
         staged(100).warm_up()
     assert "tiny-2s: --max-active 100 needs" in str(refused.value)
     assert str(refused.value).endswith("; 8 fit (--max-active 8)")
+    # Without graphs the table grows on demand; a crowd it could not hold is
+    # refused all the same, at load rather than when the ninth request comes.
+    staged(8, graphs=False).warm_up()
+    with pytest.raises(ModelLoadError, match="8 fit"):
+        staged(100, graphs=False).warm_up()
     monkeypatch.setattr(kv, "free_memory", lambda device: 1000)
     with pytest.raises(ModelLoadError, match="not even one fits"):
         staged(1).warm_up()
