@@ -53,9 +53,9 @@ def check_room(
     free = free_memory(device)
     if free is None or need(requests) <= ROOM_SHARE * free:
         return
-    fits = 0
-    while need(2 * fits or 1) <= ROOM_SHARE * free and (2 * fits or 1) < requests:
-        fits = 2 * fits or 1
+    fits = 0  # the most requests, a power of two (as the table grows), that fit
+    while (more := 2 * fits or 1) < requests and need(more) <= ROOM_SHARE * free:
+        fits = more
     advice = f"{fits} fit (--max-active {fits})" if fits else "not even one fits"
     raise ModelLoadError(
         f"{name}: --max-active {requests} needs {need(requests) / GiB:.1f} GiB of "
