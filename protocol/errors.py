@@ -146,7 +146,8 @@ class ServerError(WavecastError):
 
 
 class Busy(ServerError):
-    """The request queue is full; retry later."""
+    """The request queue is full, or the device has no memory for this request now;
+    retry later."""
 
     code = "busy"
 

@@ -34,7 +34,7 @@ function slug(text) {
 }
 
 const FRIENDLY = {
-  busy: "The server is busy (its queue is full). Try again in a moment.",
+  busy: "The server is busy (no room for another request now). Try again in a moment.",
   shutting_down: "The server is restarting. Try again in a moment.",
   disconnected: "The connection to the server was lost.",
   internal_error: "The server failed on this request.",

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from wavecast.protocol import Busy
+
 from .base import ModelLoadError
 
 __all__ = ["CacheRows", "StaticKV", "check_room", "free_memory"]
@@ -109,14 +111,22 @@ class StaticKV:
         new_length = max(old_length, length or 0)
         if (new_rows, new_length) == (old_rows, old_length):
             return
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros((layers, new_rows, heads, new_length, dim))
-            new[:, :old_rows, :, :old_length] = old
-            setattr(self, name, new)
+        # Both tensors first: where the memory runs out, the cache stays as it was
+        # (the rows in use go on) and the request that needed more ends ``busy``.
+        shape = (layers, new_rows, heads, new_length, dim)
+        try:
+            k, v = self._zeros(shape), self._zeros(shape)
+        except torch.OutOfMemoryError as exc:
+            raise Busy("no memory for this request's key/value cache now; retry later") from exc
+        k[:, :old_rows, :, :old_length] = self.k
+        v[:, :old_rows, :, :old_length] = self.v
+        lengths = self.lengths
         if new_rows > old_rows:
-            extra = self.lengths.new_full((new_rows - old_rows,), self.fill)
-            self.lengths = torch.cat([self.lengths, extra])
+            lengths = torch.cat([lengths, lengths.new_full((new_rows - old_rows,), self.fill)])
+        self.k, self.v, self.lengths = k, v, lengths
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.k.new_zeros(shape)
 
     def write(
         self,

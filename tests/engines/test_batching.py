@@ -19,7 +19,7 @@ import torch
 from helpers import count_codec_calls
 from test_musicgen_features import decode, wav_bytes
 
-from wavecast.protocol import InternalError, WavecastError, resolve_params
+from wavecast.protocol import Busy, InternalError, WavecastError, resolve_params
 from wavecast.server.engines import kv
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
@@ -478,6 +478,62 @@ def test_a_table_the_memory_cannot_hold_is_refused_at_load(
     monkeypatch.setattr(kv, "free_memory", lambda device: 1000)
     with pytest.raises(ModelLoadError, match="not even one fits"):
         staged(1).warm_up()
+
+
+def test_a_cache_that_cannot_grow_stays_as_it_was() -> None:
+    """Growing allocates both new tensors before touching the cache: where the
+    memory runs out (here, the second allocation), the keys, values and lengths
+    are those of before, and the growth ends ``busy``."""
+    cache = kv.StaticKV(2, 2, 4, rows=2, length=5, device="cpu", dtype=torch.float32)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.lengths[:] = torch.tensor([3, 4])
+    before = (cache.k.clone(), cache.v.clone(), cache.lengths.clone())
+    made: list[tuple[int, ...]] = []
+
+    def zeros(shape: tuple[int, ...]) -> torch.Tensor:
+        made.append(shape)
+        if len(made) == 2:
+            raise torch.OutOfMemoryError("injected: no memory for the values")
+        return torch.zeros(shape)
+
+    cache._zeros = zeros  # type: ignore[method-assign]
+    with pytest.raises(Busy, match="no memory"):
+        cache.grow(rows=3, length=9)
+    assert made == [(2, 4, 2, 9, 4), (2, 4, 2, 9, 4)]
+    for now, then in zip((cache.k, cache.v, cache.lengths), before, strict=True):
+        assert torch.equal(now, then)
+    del cache._zeros  # the next growth succeeds and keeps what is stored
+    cache.grow(rows=3, length=9)
+    assert torch.equal(cache.k[:, :2, :, :5], before[0]) and cache.lengths.tolist() == [3, 4, 0, 0]
+
+
+def test_no_memory_for_a_newcomer_ends_it_busy_and_spares_the_others(windowed: Any) -> None:
+    """A request that joins when the table must grow, and the memory has no room:
+    it ends ``busy`` (retry later), and the request already running goes on
+    untouched: its codes are those of its solo run."""
+    model, _ = windowed
+    engine = MusicGenEngine(model, name="tiny-2s", test_model=True, max_duration=12.0)
+    solo, _ = drive(engine, {0: [("a", make(engine, "a"))]})
+    assert engine.decoder.rows == 2  # one request's pair of rows: b needs two more
+
+    def no_memory(shape: tuple[int, ...]) -> torch.Tensor:
+        raise torch.OutOfMemoryError("injected: the device is full")
+
+    def before(step: int, runs: dict[str, Run]) -> None:
+        if step == 4:
+            engine.decoder.kv._zeros = no_memory  # type: ignore[method-assign]
+        if step == 5:
+            del engine.decoder.kv._zeros
+
+    runs, _ = drive(
+        engine,
+        {0: [("a", make(engine, "a"))], 4: [("b", make(engine, "b"))]},
+        before=before,
+    )
+    assert isinstance(runs["b"].error, Busy) and runs["b"].done
+    assert runs["a"].error is None
+    assert torch.equal(codes(engine, runs["a"]), codes(engine, solo["a"]))
 
 
 def test_the_graphed_step_traces_as_one_graph(windowed: Any) -> None:
