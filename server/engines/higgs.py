@@ -78,7 +78,7 @@ from .higgs_prompt import (
     normalize_text,
 )
 from .higgs_utterance import Markers, Utterance
-from .kv import check_room
+from .kv import check_room, reserving
 from .loading import HiggsModel
 from .sampling import RowSampling, redraw_keys, sample_repeat_aware
 from .slots import SlotTable
@@ -859,7 +859,8 @@ class HiggsEngine:
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
             if graphs is not None:
-                self._prepare_graphs()
+                with reserving(self.name, self.max_active):
+                    self._prepare_graphs()
             self._warm = True
 
     def _table_length(self) -> int:

@@ -9,7 +9,8 @@ table in powers of two; ``T`` grows when a row needs more (both copy, rarely).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -17,7 +18,7 @@ from wavecast.protocol import Busy
 
 from .base import ModelLoadError
 
-__all__ = ["CacheRows", "StaticKV", "check_room", "free_memory"]
+__all__ = ["CacheRows", "StaticKV", "check_room", "free_memory", "reserving"]
 
 GiB = float(2**30)
 # Of the memory free, what a table reserved at load may take: the rest is left
@@ -63,6 +64,20 @@ def check_room(
         f"{name}: --max-active {requests} needs {need(requests) / GiB:.1f} GiB of "
         f"key/value cache and {device} has {free / GiB:.1f} GiB free; {advice}"
     )
+
+
+@contextmanager
+def reserving(name: str, requests: int) -> Iterator[None]:
+    """The table reserved at load: where the memory runs out all the same (the
+    estimate leaves room for the rest, not for everything), the load stops with
+    one line rather than a ``busy`` no one asked for."""
+    try:
+        yield
+    except Busy as exc:
+        raise ModelLoadError(
+            f"{name}: no memory to reserve --max-active {requests} requests' key/value "
+            "cache; lower --max-active"
+        ) from exc
 
 
 class StaticKV:

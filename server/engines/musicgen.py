@@ -55,7 +55,7 @@ from .base import (
 from .codec_decoders import for_serving
 from .codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
-from .kv import check_room
+from .kv import check_room, reserving
 from .mbd import MBDRun
 from .musicgen_card import model_card
 from .musicgen_conditioning import Conditioning
@@ -770,7 +770,8 @@ class MusicGenEngine:
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
             if graphs is not None:
-                self._prepare_graphs()
+                with reserving(self.name, self.max_active):
+                    self._prepare_graphs()
             self._warm = True
 
     def _table_size(self) -> tuple[int, int]:

@@ -478,6 +478,17 @@ def test_a_table_the_memory_cannot_hold_is_refused_at_load(
     monkeypatch.setattr(kv, "free_memory", lambda device: 1000)
     with pytest.raises(ModelLoadError, match="not even one fits"):
         staged(1).warm_up()
+    # Room by the estimate, and yet the reservation runs out: one line too.
+    monkeypatch.setattr(kv, "free_memory", lambda device: 2**50)
+
+    def full(cache: kv.StaticKV, shape: tuple[int, ...]) -> torch.Tensor:
+        if shape[1] > 2:  # (the warm-up request's own pair of rows fits)
+            raise torch.OutOfMemoryError("injected: the device is full")
+        return torch.zeros(shape)
+
+    monkeypatch.setattr(kv.StaticKV, "_zeros", full)
+    with pytest.raises(ModelLoadError, match="no memory to reserve --max-active 8 requests'"):
+        staged(8).warm_up()
 
 
 def test_a_cache_that_cannot_grow_stays_as_it_was() -> None:
