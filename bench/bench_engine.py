@@ -241,7 +241,7 @@ def main() -> None:
         "--codec-batch",
         type=int,
         default=0,
-        help="windows per codec call at most (default: measured at warm-up, as the server)",
+        help="codec chunks per call at most (default: measured at warm-up, as the server)",
     )
     parser.add_argument(
         "--stagger",
