@@ -386,6 +386,8 @@ def _model_info(f: _Fields) -> ModelInfo:
         capabilities=tuple(str(c) for c in f.array("capabilities")),
         voices=_names(f, "voices"),
         scenes=_names(f, "scenes"),
+        device=f.string("device", max_len=64, required=False) or "",
+        dtype=f.string("dtype", max_len=32, required=False) or "",
     )
 
 

@@ -91,6 +91,9 @@ class ModelInfo:
             ``reference``, ``scene``, ``dialogue`` (PROTOCOL.md §4.1).
         voices: Named voices ``params.voice`` accepts (speech models).
         scenes: Named scenes ``params.scene`` accepts (speech models).
+        device: Where the model runs (``cpu``, ``cuda:0``); empty when not said.
+        dtype: The generator's number format (``float32``, ``bfloat16``,
+            ``float16``); empty when not said.
     """
 
     name: str
@@ -104,6 +107,8 @@ class ModelInfo:
     capabilities: tuple[str, ...] = ()
     voices: tuple[str, ...] | None = None
     scenes: tuple[str, ...] | None = None
+    device: str = ""
+    dtype: str = ""
 
 
 @dataclass(frozen=True, slots=True)

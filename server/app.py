@@ -70,6 +70,7 @@ class WavecastServer:
         return load_engines(
             models.names,
             models.device,
+            dtype=models.dtype,
             threads=models.threads,
             left_context=models.left_context_frames,
             holdback=models.holdback_frames,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import (
     DEFAULT_MODEL,
+    DTYPES,
     Config,
     LimitsConfig,
     LoggingConfig,
@@ -58,6 +59,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         default=_env("DEVICE", "auto"),
         help="auto | cpu | cuda | cuda:N (env WAVECAST_DEVICE)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=_env("DTYPE", "auto"),
+        help="the generators' number format (the codecs decode in float32); auto: "
+        "bfloat16 for HiggsAudio and float16 for MusicGen on CUDA, float32 on a CPU "
+        "(bfloat16 on a CPU with AMX or AVX-512 BF16 makes a large model's steps over "
+        "several requests much cheaper) (env WAVECAST_DTYPE; default %(default)s)",
     )
     parser.add_argument(
         "--threads",
@@ -301,6 +311,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         models=ModelsConfig(
             names=names,
             device=args.device,
+            dtype=args.dtype,
             threads=args.threads,
             chunk_frames=args.chunk_frames,
             max_chunk_frames=args.max_chunk_frames,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "DTYPES",
     "Config",
     "LimitsConfig",
     "LoggingConfig",
@@ -19,6 +20,9 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "facebook/musicgen-small"
+# The generators' number formats (--dtype); "auto": what each family ships for the
+# device (CUDA: bfloat16 for HiggsAudio, float16 for MusicGen; CPU: float32).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,7 @@ class TimeoutsConfig:
 class ModelsConfig:
     names: tuple[str, ...] = (DEFAULT_MODEL,)
     device: str = "auto"
+    dtype: str = "auto"  # one of DTYPES
     threads: int = 0  # torch's CPU threads; 0: one core fewer than the machine has
     mbd: bool = False  # load the released Multi-Band Diffusion for the 32 kHz models
     cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs

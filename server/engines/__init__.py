@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import Engine, EngineRequest, Job, ModelLoadError, StepOutput
 from .voices import Scene, Voice
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Engine", "EngineRequest", "Job", "ModelLoadError", "StepOutput", "load_engines"]
 
@@ -41,6 +44,7 @@ def load_engines(
     names: Sequence[str],
     device: str,
     *,
+    dtype: str = "auto",
     threads: int = 0,
     left_context: int = 25,
     holdback: int = 4,
@@ -61,7 +65,8 @@ def load_engines(
     cuda_graphs: bool = False,
     max_active: int = 4,
 ) -> dict[str, Engine]:
-    """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``).
+    """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``),
+    their generators in ``dtype`` (``engines.precision``).
 
     Test models come with a tiny Multi-Band Diffusion; with ``mbd``, the released
     one (from the hub) serves the released 32 kHz models, mono and stereo.
@@ -70,6 +75,8 @@ def load_engines(
     ``voices`` and ``scenes``.
     """
     import torch
+
+    from .precision import model_dtype
 
     torch.set_grad_enabled(False)
     resolved = resolve_device(device)
@@ -84,6 +91,7 @@ def load_engines(
             engines[name] = _load_higgs_engine(
                 name,
                 resolved,
+                dtype=model_dtype(dtype, resolved),
                 codec=higgs_codec,
                 voices=voices,
                 scenes=scenes,
@@ -117,6 +125,7 @@ def load_engines(
         engines[name] = _load_musicgen_engine(
             name,
             resolved,
+            dtype=model_dtype(dtype, resolved),
             mbd=mbd,
             shared=shared,
             stream=stream,
@@ -130,7 +139,13 @@ def load_engines(
 
 
 def _load_musicgen_engine(
-    name: str, device: str, *, mbd: bool, shared: dict[str, Any], **kwargs: Any
+    name: str,
+    device: str,
+    *,
+    dtype: torch.dtype | None,
+    mbd: bool,
+    shared: dict[str, Any],
+    **kwargs: Any,
 ) -> Engine:
     from .mbd import load_mbd_musicgen
     from .musicgen import MusicGenEngine
@@ -138,7 +153,7 @@ def _load_musicgen_engine(
     from .testing.musicgen import TINY_MUSICGEN
 
     try:
-        model, test_model = load_musicgen(name, device)
+        model, test_model = load_musicgen(name, device, dtype)
     except Exception as exc:
         raise _load_error(name, exc, TINY_MUSICGEN) from exc
     diffusion = None
@@ -172,13 +187,15 @@ def is_higgs_name(name: str) -> bool:
     return check(name)
 
 
-def _load_higgs_engine(name: str, device: str, *, codec: str | None, **kwargs: Any) -> Engine:
+def _load_higgs_engine(
+    name: str, device: str, *, dtype: torch.dtype | None, codec: str | None, **kwargs: Any
+) -> Engine:
     from .higgs import HiggsEngine
     from .loading import load_higgs
     from .testing.higgs import TINY_HIGGS
 
     try:
-        loaded = load_higgs(name, codec, device)
+        loaded = load_higgs(name, codec, device, dtype)
         engine = HiggsEngine(loaded, name=name, **kwargs)
     except Exception as exc:
         raise _load_error(name, exc, TINY_HIGGS) from exc

@@ -80,6 +80,7 @@ from .higgs_prompt import (
 from .higgs_utterance import Markers, Utterance
 from .kv import check_room, reserving
 from .loading import HiggsModel
+from .precision import dtype_name
 from .sampling import RowSampling, redraw_keys, sample_repeat_aware
 from .slots import SlotTable
 from .voices import Scene, Voice, scene_text
@@ -288,6 +289,8 @@ class HiggsEngine:
             max_duration=self.max_duration,
             voices=tuple(self.voices),
             scenes=tuple(self.scenes),
+            device=str(self.device),
+            dtype=dtype_name(self.decoder.dtype),
         )
         self._params = self._info.params
 

@@ -25,6 +25,8 @@ def model_card(
     max_duration: float,
     voices: Sequence[str],
     scenes: Sequence[str],
+    device: str = "",
+    dtype: str = "",
 ) -> ModelInfo:
     """The model's ``ModelInfo`` (the greeting's entry).
 
@@ -34,6 +36,7 @@ def model_card(
         card: Codebook size (``top_k``'s range).
         max_new_tokens: Largest ``max_new_tokens`` a request may ask for.
         voices, scenes: The names configured.
+        device, dtype: Where it runs, and its generator's format.
     """
     default_scene = "quiet_indoor" if "quiet_indoor" in scenes else ""
     scene_names = ", ".join(scenes) or "none configured"
@@ -125,4 +128,6 @@ def model_card(
         capabilities=("tts", "voices", "reference", "scene", "dialogue"),
         voices=tuple(voices),
         scenes=tuple(scenes),
+        device=device,
+        dtype=dtype,
     )

@@ -284,7 +284,7 @@ class HiggsDecoder(CacheRows):
         x = self.embed_audio(codes)
         cos, sin = self._cos[positions][:, None, None], self._sin[positions][:, None, None]
         mask = (self._steps[:span] <= positions[:, None]).view(rows, 1, 1, span)
-        where = positions.view(rows, 1, 1, 1).expand(rows, self.kv_heads, 1, self.head_dim)
+        write = self.kv.step_writer(positions)
         cache_k, cache_v = self.kv.k[:, :rows], self.kv.v[:, :rows]
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         qk_size = (heads + kv_heads) * d
@@ -294,8 +294,7 @@ class HiggsDecoder(CacheRows):
             qk = qkv[:, :qk_size].view(rows, heads + kv_heads, 1, d)
             q, k = self._rotate(qk, cos, sin).split((heads, kv_heads), dim=1)
             v = qkv[:, qk_size:].view(rows, kv_heads, 1, d)
-            cache_k[i].scatter_(2, where, k.to(cache_k.dtype))
-            cache_v[i].scatter_(2, where, v.to(cache_v.dtype))
+            write(i, k, v)
             keys, values = cache_k[i][:, :, :span], cache_v[i][:, :, :span]
             attended = F.scaled_dot_product_attention(
                 q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True

@@ -157,6 +157,39 @@ class StaticKV:
         self.k[layer].index_put_(index, k.to(self.k.dtype))
         self.v[layer].index_put_(index, v.to(self.v.dtype))
 
+    def step_writer(
+        self, positions: torch.Tensor
+    ) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+        """A decode step's writes, layer by layer: each of the first ``R`` rows' key
+        and value ``[R, H, 1, d]`` at its position (``positions``: ``[R]``).
+
+        ``scatter_`` where it is cheapest (float32, and on CUDA); a 16-bit cache on
+        a CPU takes ``index_put_``, since there ``scatter_`` converts the whole
+        layer to float32 and back (16 rows of bfloat16: 0.9 ms a write, not 11 µs).
+        """
+        rows = int(positions.shape[0])
+        k, v = self.k[:, :rows], self.v[:, :rows]
+        heads, dim = int(k.shape[2]), int(k.shape[4])
+        if k.device.type != "cpu" or k.dtype == torch.float32:
+            where = positions.view(rows, 1, 1, 1).expand(rows, heads, 1, dim)
+
+            def scatter(layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+                k[layer].scatter_(2, where, key.to(k.dtype))
+                v[layer].scatter_(2, where, value.to(v.dtype))
+
+            return scatter
+        index = (
+            torch.arange(rows, device=k.device)[:, None],
+            torch.arange(heads, device=k.device)[None, :],
+            positions[:, None],
+        )
+
+        def put(layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+            k[layer].index_put_(index, key[:, :, 0].to(k.dtype))
+            v[layer].index_put_(index, value[:, :, 0].to(v.dtype))
+
+        return put
+
     def clear(self, rows: list[int]) -> None:
         """Zero ``rows``' keys and values (a failed request's, before its row is reused)."""
         self.k[:, rows] = 0

@@ -64,7 +64,9 @@ class HiggsModel:
     test_model: bool
 
 
-def load_higgs(name: str, codec_name: str | None, device: str) -> HiggsModel:
+def load_higgs(
+    name: str, codec_name: str | None, device: str, dtype: torch.dtype | None = None
+) -> HiggsModel:
     """Load ``tiny-higgs``, a hub name or a local folder (with ``audio_tokenizer/``).
 
     Args:
@@ -72,14 +74,18 @@ def load_higgs(name: str, codec_name: str | None, device: str) -> HiggsModel:
         codec_name: The audio tokenizer; by default ``NAME/audio_tokenizer`` for a
             folder that has one, else the released codec.
         device: ``cpu`` or ``cuda[:N]``.
+        dtype: The generator's weights (the codec's stay float32); by default
+            bfloat16 on CUDA, float32 on a CPU.
     """
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     from .testing import higgs as testing
 
     if name in testing.TEST_NAMES:
         tiny = (
-            testing.build_tiny_higgs()
+            testing.build_tiny_higgs(dtype=dtype)
             if name == testing.TINY_HIGGS
-            else testing.build_random_higgs(device)
+            else testing.build_random_higgs(device, dtype)
         )
         model, tokenizer, codec = tiny.model, tiny.tokenizer, tiny.codec
         test_model = True
@@ -87,7 +93,6 @@ def load_higgs(name: str, codec_name: str | None, device: str) -> HiggsModel:
         if codec_name is None:
             local = Path(name) / CODEC_DIR
             codec_name = str(local) if local.is_dir() else DEFAULT_CODEC
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = HiggsAudioV2ForConditionalGeneration.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
         codec = HiggsAudioV2TokenizerModel.from_pretrained(codec_name)

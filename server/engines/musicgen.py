@@ -60,7 +60,9 @@ from .mbd import MBDRun
 from .musicgen_card import model_card
 from .musicgen_conditioning import Conditioning
 from .musicgen_decoder import MusicGenDecoder
+from .musicgen_loading import fresh_autocast
 from .musicgen_windows import Codes, Window, Windows
+from .precision import dtype_name
 from .sampling import RowSampling, candidates_for, sample
 from .slots import SlotTable
 
@@ -187,7 +189,7 @@ class MusicGenEngine:
             self.stream.max_chunk_frames,
             self.frame_rate,
         )
-        with torch.no_grad(), model.autocast:
+        with torch.no_grad():
             self.codec_streams = CodecStreams(
                 model.compression_model,
                 self._decode,
@@ -201,6 +203,7 @@ class MusicGenEngine:
             )
         autocast = getattr(model.autocast, "autocast", None)
         dtype = autocast.fast_dtype if autocast is not None else next(self.lm.parameters()).dtype
+        self.autocast = fresh_autocast(model)  # (steps nest it: see there)
         self.max_active = max(1, max_active)
         self.max_prompt_tokens = max_prompt_tokens
         # Positions a window's pattern sequence takes (and a melody's chroma before it).
@@ -233,6 +236,8 @@ class MusicGenEngine:
             channels=int(model.audio_channels),
             melody=self.conditioning.melody,
             mbd=mbd is not None,
+            device=str(self.device),
+            dtype=dtype_name(dtype),
         )
 
     @property
@@ -312,8 +317,7 @@ class MusicGenEngine:
     def _prompt_tokens(self, request: EngineRequest) -> Codes:
         """Encode an uploaded clip into codes ``[1, K, T]`` (audiocraft's continuation)."""
         wav = self._upload_wav(request, "continuation").unsqueeze(0)
-        with self.model.autocast:
-            tokens, scale = self.model.compression_model.encode(wav)
+        tokens, scale = self.model.compression_model.encode(wav)  # (float32, as audiocraft)
         assert scale is None
         codes: Codes = tokens.cpu().numpy().astype(np.int64)
         return codes
@@ -384,8 +388,14 @@ class MusicGenEngine:
             st.cfg_conditions = each
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model.compression_model.decode(codes.to(self.device), None)
+        with self._codec_format():
+            out: torch.Tensor = self.model.compression_model.decode(codes.to(self.device), None)
         return out
+
+    def _codec_format(self) -> torch.autocast:
+        """The codec decodes in float32 (as audiocraft's ``generate`` does, after
+        its language model's autocast), whatever format the steps run in."""
+        return torch.autocast(self.device.type, enabled=False)
 
     # -- stepping ------------------------------------------------------------------
 
@@ -396,7 +406,7 @@ class MusicGenEngine:
         bookkeeping, its codec window, non-finite logits in its rows) ends alone
         with an error output; only a failure of the shared forward fails them all.
         """
-        with torch.no_grad(), self.model.autocast:
+        with torch.no_grad(), self.autocast():
             outputs: list[StepOutput | None] = [None] * len(jobs)
             generating: list[tuple[int, Job]] = []
             for i, job in enumerate(jobs):
@@ -441,7 +451,8 @@ class MusicGenEngine:
         """Decode every stream's due codec window, batched (calls of at most ``codec_batch``)."""
         if self._due:
             due, self._due = self._due, []
-            complete_due(self._decode, due, self.codec_batch)
+            with self._codec_format():
+                complete_due(self._decode, due, self.codec_batch)
 
     # -- the slot table --------------------------------------------------------------
 
@@ -701,10 +712,12 @@ class MusicGenEngine:
         if win.done:
             done = self._next_window(st)
         if plan is not None and done:
-            pieces.append(st.decoder.complete_alone(plan))
+            with self._codec_format():
+                pieces.append(st.decoder.complete_alone(plan))
             plan = None
         if done:
-            tail = st.decoder.flush()
+            with self._codec_format():
+                tail = st.decoder.flush()
             if tail is not None:
                 pieces.append(tail)
         audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
@@ -766,7 +779,7 @@ class MusicGenEngine:
                 self._graphs = graphs
             self._check_room()
             if self.codec_batch is None:
-                with torch.no_grad(), self.model.autocast:
+                with torch.no_grad():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
             if graphs is not None:
@@ -812,7 +825,7 @@ class MusicGenEngine:
             return [torch.zeros(size, dtype=torch.int64, device=self.device)]
 
         label = f"{self.name} ({rows[-1]} rows at most, {self.decoder.length} positions)"
-        with torch.no_grad(), self.model.autocast:
+        with torch.no_grad(), self.autocast():
             self._graphs.prepare([(r, s) for r in rows for s in spans], blank, label=label)
 
     def finish(self, job: Job) -> None:

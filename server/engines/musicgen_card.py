@@ -21,6 +21,8 @@ def model_card(
     channels: int,
     melody: bool,
     mbd: bool,
+    device: str = "",
+    dtype: str = "",
 ) -> ModelInfo:
     """The model's ``ModelInfo`` (the greeting's entry).
 
@@ -29,6 +31,7 @@ def model_card(
         card: Codebook size (``top_k``'s range).
         melody: A melody model (conditions on a reference's chroma).
         mbd: Multi-Band Diffusion is loaded for it.
+        device, dtype: Where it runs, and its language model's format.
     """
     long_form = max_duration > window
     params = [
@@ -127,4 +130,6 @@ def model_card(
         max_duration=max_duration,
         params=tuple(params),
         capabilities=tuple(capabilities),
+        device=device,
+        dtype=dtype,
     )

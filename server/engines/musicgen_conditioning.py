@@ -21,6 +21,7 @@ from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 from wavecast.protocol import InvalidField
 
 from .melody import StemsInPieces, in_pieces
+from .musicgen_loading import fresh_autocast
 
 __all__ = ["Conditioning"]
 
@@ -37,6 +38,7 @@ class Conditioning:
 
     def __init__(self, model: MusicGen, max_prompt_tokens: int) -> None:
         self.model = model
+        self.autocast = fresh_autocast(model)
         self.provider = model.lm.condition_provider
         self.max_prompt_tokens = max_prompt_tokens
         conditioners = self.provider.conditioners
@@ -91,7 +93,7 @@ class Conditioning:
         Returns the tensors and the new state.
         """
         random.setstate(py_random)
-        with torch.no_grad(), self.model.autocast:
+        with torch.no_grad(), self.autocast():
             null = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
             tokenized = self.provider.tokenize(attributes + null)
             conditions = self.provider(tokenized)
@@ -114,7 +116,7 @@ class Conditioning:
         """
         tokenizer = self.tokenizer
         assert tokenizer is not None
-        with self.model.autocast:
+        with self.autocast():
             null = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
             tokenized = self.provider.tokenize(attributes + null)
             conditions = self.provider(tokenized)

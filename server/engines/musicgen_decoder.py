@@ -53,6 +53,12 @@ def _slice(bias: torch.Tensor | None, start: int, end: int) -> torch.Tensor | No
 def _norm(module: nn.Module) -> Op:
     if type(module) is nn.LayerNorm:
         shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        if weight is not None and weight.dtype != torch.float32:
+            # 16-bit weights: in float32, as CUDA's autocast runs audiocraft's
+            # layer norms (a CPU's autocast leaves them to fail on mixed formats).
+            weight = weight.float()
+            bias = None if bias is None else bias.float()
+            return lambda x: F.layer_norm(x.float(), shape, weight, bias, eps)
         return lambda x: F.layer_norm(x, shape, weight, bias, eps)
     op: Op = module
     return op
@@ -327,7 +333,7 @@ class MusicGenDecoder(CacheRows):
         x = x + self._positions[positions].to(x.dtype)
         steps = self._steps
         self_mask = (steps[:span] <= positions[:, None]).view(rows, 1, 1, span)
-        where = positions.view(rows, 1, 1, 1).expand(rows, self.heads, 1, self.head_dim)
+        write = self.kv.step_writer(positions)
         cache_k, cache_v = self.kv.k[:, :rows], self.kv.v[:, :rows]
         cross_mask = None
         if self.has_cross:
@@ -340,8 +346,7 @@ class MusicGenDecoder(CacheRows):
         for i, layer in enumerate(self.layers):
             qkv = F.linear(layer.norm1(x), layer.qkv_weight, layer.qkv_bias)
             q, k, v = qkv.view(rows, 3, *heads[1:]).unbind(1)
-            cache_k[i].scatter_(2, where, k.to(self.dtype))
-            cache_v[i].scatter_(2, where, v.to(self.dtype))
+            write(i, k, v)
             keys, values = cache_k[i][:, :, :span], cache_v[i][:, :, :span]
             if not same:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)

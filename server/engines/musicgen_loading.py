@@ -11,7 +11,9 @@ by ``engines.testing``: random weights, always announced as test models.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +39,23 @@ from transformers import (
 __all__ = [
     "TEXT_ENCODER_DIR",
     "OfflineT5Conditioner",
+    "fresh_autocast",
     "lm_from_cfg",
     "load_musicgen",
     "load_musicgen_dir",
     "musicgen_model",
     "save_musicgen",
+    "use_dtype",
 ]
 
 TEXT_ENCODER_DIR = "text_encoder"
 
 
-def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
-    """Load a MusicGen model by name.
+def load_musicgen(
+    name: str, device: str, dtype: torch.dtype | None = None
+) -> tuple[MusicGen, bool]:
+    """Load a MusicGen model by name, its language model in ``dtype`` (by default
+    as audiocraft loads it: float16 on CUDA, float32 on a CPU; ``use_dtype``).
 
     Args:
         name: ``tiny-musicgen``, ``tiny-musicgen-stereo``, ``tiny-musicgen-melody``,
@@ -56,10 +63,18 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
             shapes, random weights: for benchmarks), a local checkpoint directory,
             or a Hugging Face name such as ``facebook/musicgen-small``.
         device: torch device string.
+        dtype: The language model's format.
 
     Returns:
         The model and whether it is a random-weight test model.
     """
+    model, test_model = _load_musicgen(name, device)
+    if dtype is not None:
+        use_dtype(model, dtype)
+    return model, test_model
+
+
+def _load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     from .testing import musicgen as testing
 
     if name in testing.TINY_NAMES:
@@ -72,6 +87,30 @@ def load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
         model = load_musicgen_dir(path, device=device)
         return model, model.lm.cfg.get("wavecast_test_model", False) is True
     return MusicGen.get_pretrained(name, device=device), False
+
+
+def use_dtype(model: MusicGen, dtype: torch.dtype) -> None:
+    """Run ``model``'s language model in ``dtype`` as audiocraft runs it on CUDA
+    in float16: its transformer, embeddings and heads hold ``dtype`` weights and
+    run under autocast to it; the conditioners keep their weights (autocast runs
+    them in ``dtype`` too). float32: no autocast. The codec is left alone."""
+    for name, child in model.lm.named_children():
+        if name not in ("condition_provider", "fuser"):
+            child.to(dtype)
+    model.autocast = TorchAutocast(
+        enabled=dtype != torch.float32, device_type=model.device.type, dtype=dtype
+    )
+
+
+def fresh_autocast(model: MusicGen) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """A new context of ``model``'s autocast at each call. Its own ``model.autocast``
+    is one ``torch.autocast`` object, which, entered again before it is left (a
+    step that conditions a newcomer), leaves autocast on for good when left."""
+    inner = getattr(model.autocast, "autocast", None)  # (None: autocast disabled)
+    if inner is None:
+        return contextlib.nullcontext
+    device, dtype = inner.device, inner.fast_dtype
+    return lambda: torch.autocast(device, dtype=dtype)
 
 
 def _offline_demucs() -> Any:

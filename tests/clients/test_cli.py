@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import soundfile
 from helpers import WAVECAST, run_cli, timeout
 
@@ -274,3 +275,21 @@ def test_cuda_graphs_from_flag_and_environment_reach_the_engine(monkeypatch: Any
     for engine in engines.values():
         assert engine._graphs is not None and not engine._graphs.record  # (no CUDA here)
         assert engine.max_active == 3  # the shapes prepared at warm-up: up to 3 requests
+
+
+def test_dtype_from_flag_and_environment(monkeypatch: Any) -> None:
+    import argparse
+
+    from wavecast.server.cli import add_serve_arguments, config_from_args
+
+    def parsed(*argv: str) -> str:
+        parser = argparse.ArgumentParser()
+        add_serve_arguments(parser)
+        return config_from_args(parser.parse_args(list(argv))).models.dtype
+
+    monkeypatch.delenv("WAVECAST_DTYPE", raising=False)
+    assert parsed() == "auto" and parsed("--dtype", "bfloat16") == "bfloat16"
+    monkeypatch.setenv("WAVECAST_DTYPE", "float16")
+    assert parsed() == "float16" and parsed("--dtype", "float32") == "float32"
+    with pytest.raises(SystemExit):
+        parsed("--dtype", "float64")

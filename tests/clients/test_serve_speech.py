@@ -1,5 +1,6 @@
 """``wavecast serve`` as a process with a speech model loaded from a folder, its
-voices and scenes folders and its flags; the one-line startup errors."""
+voices and scenes folders and its flags; the one-line startup errors; saved
+models of both families in bfloat16."""
 
 from __future__ import annotations
 
@@ -126,3 +127,35 @@ def test_bad_voice_file_stops_the_server_with_its_name(tmp_path: Path) -> None:
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "broken.wav" in errors[0]
+
+
+def test_serve_saved_models_in_bfloat16(tmp_path: Path) -> None:
+    """``--dtype`` (here from the environment) reaches both families' real loading
+    code (a saved folder each), and the greeting and /v1/info say what runs."""
+    from wavecast.server.engines.musicgen_loading import save_musicgen
+    from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
+
+    speech, _ = save_tiny_higgs(build_tiny_higgs(), tmp_path / "higgs")
+    music = tmp_path / "music"
+    save_musicgen(build_tiny_musicgen(), music)
+    env = {**os.environ, "WAVECAST_DTYPE": "bfloat16"}
+    args = ["--model", str(speech), "--model", str(music)]
+    with (
+        served(args, tmp_path / "server.log", env) as port,
+        SyncClient(f"ws://127.0.0.1:{port}/v1/stream") as client,
+    ):
+        formats = {m.name: (m.device, m.dtype) for m in client.hello.models}
+        assert formats == {str(speech): ("cpu", "bfloat16"), str(music): ("cpu", "bfloat16")}
+        listed = get(port, "/v1/info")
+        assert isinstance(listed, dict)
+        assert {m["dtype"] for m in listed["models"]} == {"bfloat16"}
+        said = client.speak(str(speech), "Hi there.", max_new_tokens=20).collect()
+        assert said.status == "completed" and said.frames == 16 * 960
+        played = client.generate(str(music), "a drum", duration=0.5).collect()
+        assert played.status == "completed" and played.frames == 25 * 640
+    # And float32 when asked for, whatever the environment says.
+    with (
+        served([*args, "--dtype", "float32"], tmp_path / "again.log", env) as port,
+        SyncClient(f"ws://127.0.0.1:{port}/v1/stream") as client,
+    ):
+        assert {m.dtype for m in client.hello.models} == {"float32"}

@@ -36,6 +36,7 @@ from wavecast.protocol import (
     UnknownType,
     decode,
     encode,
+    to_wire,
 )
 
 GOLDEN = Path(__file__).parent / "golden.json"
@@ -82,6 +83,8 @@ MESSAGES = [
                 capabilities=("tts", "voices", "reference", "scene", "dialogue"),
                 voices=("belinda", "语音"),
                 scenes=("quiet_indoor",),
+                device="cuda:0",
+                dtype="bfloat16",
             ),
         ),
         limits=Limits(25165824, 8, 32, 4, 2000, 8388608, 16777216, 60.5),
@@ -147,6 +150,18 @@ def test_audio_json_uses_base64() -> None:
     audio = next(m for m in MESSAGES if isinstance(m, Audio))
     wire = json.loads(encode(audio, text=True))  # type: ignore[arg-type]
     assert base64.b64decode(wire["data"]) == b"\x01\x00\xff\x7f"
+
+
+def test_hello_of_an_older_server_decodes() -> None:
+    """A model map without ``device`` and ``dtype`` (servers before them) reads as empty."""
+    hello = next(m for m in MESSAGES if isinstance(m, Hello))
+    wire = to_wire(hello)
+    for model in wire["models"]:
+        del model["device"], model["dtype"]
+    decoded = decode(msgpack.packb(wire))
+    assert isinstance(decoded, Hello)
+    assert [(m.device, m.dtype) for m in decoded.models] == [("", ""), ("", "")]
+    assert decoded.models[1].voices == hello.models[1].voices
 
 
 def test_none_fields_are_left_out() -> None:

@@ -164,12 +164,14 @@ def _token_config(tokenizer: PreTrainedTokenizerFast, codec_codebook: int) -> di
     }
 
 
-def build_tiny_higgs(*, quiet_eos: bool = True) -> TinyHiggs:
+def build_tiny_higgs(*, quiet_eos: bool = True, dtype: torch.dtype | None = None) -> TinyHiggs:
     """Build the tiny model (deterministic: the same weights every time).
 
     Args:
         quiet_eos: Make stream EOS rare (see ``_quiet_eos``); without it the
             random head ends most utterances within a second.
+        dtype: The generator's format: float32's weights rounded to it (the
+            rotary frequencies stay float32, as transformers loads them).
     """
     torch.manual_seed(_SEED)
     tokenizer = _byte_tokenizer()
@@ -192,7 +194,19 @@ def build_tiny_higgs(*, quiet_eos: bool = True) -> TinyHiggs:
     model = HiggsAudioV2ForConditionalGeneration(config).eval()
     if quiet_eos:
         _quiet_eos(model)
+    if dtype is not None:
+        _cast(model, dtype)
     return TinyHiggs(model, tokenizer, codec)
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)``, but its float32 buffers (the rotary frequencies, which
+    a 16-bit copy would shift by radians a thousand positions on) stay float32."""
+    kept = [(name, b) for name, b in model.named_buffers() if b.dtype == torch.float32]
+    model.to(dtype)
+    for name, buffer in kept:
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer
 
 
 def _quiet_eos(model: HiggsAudioV2ForConditionalGeneration) -> None:
@@ -231,13 +245,14 @@ def save_tiny_higgs(tiny: TinyHiggs, folder: Path) -> tuple[Path, Path]:
     return folder, codec_dir
 
 
-def build_random_higgs(device: str) -> TinyHiggs:
+def build_random_higgs(device: str, dtype: torch.dtype | None = None) -> TinyHiggs:
     """HiggsAudio v2 at the released shapes (the 3B generator: 28 layers of 3072
     with the dual audio FFN, 8 codebooks of 1024; the codec: DAC 64/1024 with
     HuBERT-base semantic features), random weights, built on ``device``.
 
     The byte-level tokenizer stands in for Llama 3's; the embedding keeps the
-    released vocabulary size, so every matrix has its real shape.
+    released vocabulary size, so every matrix has its real shape. The generator
+    is built in ``dtype`` (by default bfloat16 on CUDA, float32 on a CPU).
     """
     torch.manual_seed(_SEED)
     tokenizer = _byte_tokenizer()
@@ -248,9 +263,15 @@ def build_random_higgs(device: str) -> TinyHiggs:
         num_codebooks=int(codec.config.num_quantizers),
         **_token_config(tokenizer, 1024),
     )
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    with torch.device(device):
-        model = HiggsAudioV2ForConditionalGeneration(config).to(dtype).eval()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its format: no float32 copy of 3B first
+    try:
+        with torch.device(device):
+            model = HiggsAudioV2ForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     _quiet_eos(model)
     return TinyHiggs(model, tokenizer, codec)
 
