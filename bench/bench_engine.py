@@ -36,8 +36,10 @@ import torch
 from bench_stream import baseline, machine, sync
 
 from wavecast.protocol import ParamValue, resolve_params
+from wavecast.server.config import DTYPES
 from wavecast.server.engines import is_higgs_name, resolve_device
 from wavecast.server.engines.base import Engine, EngineRequest
+from wavecast.server.engines.precision import model_dtype
 
 SPEECH = "The sun rises in the east and sets in the west, as it has for thousands of years."
 MUSIC = "warm lofi hip hop with soft keys"
@@ -189,16 +191,19 @@ def load(
     max_active: int = 4,
     codec_batch: int = 0,
     codec_windows: bool = False,
+    dtype: str = "auto",
+    max_new_tokens: int = 2048,
 ) -> Engine:
     """The engine, warmed up as the server warms it (with graphs: every shape of
-    up to ``max_active`` requests recorded; the codec batch measured unless given)."""
+    up to ``max_active`` requests recorded; the codec batch measured unless given;
+    the generator in ``dtype``, as ``--dtype``)."""
     engine: Engine
     if is_higgs_name(name):
         from wavecast.server.engines.higgs import HiggsEngine
         from wavecast.server.engines.loading import load_higgs
         from wavecast.server.engines.testing.higgs_reference import HiggsReference
 
-        loaded = load_higgs(name, None, device)
+        loaded = load_higgs(name, None, device, model_dtype(dtype, device))
         kind = HiggsReference if reference else HiggsEngine
         engine = kind(
             loaded,
@@ -207,12 +212,13 @@ def load(
             max_active=max_active,
             codec_batch=codec_batch or None,
             codec_windows=codec_windows,
+            max_new_tokens=max_new_tokens,
         )
     else:
         from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
         from wavecast.server.engines.musicgen_loading import load_musicgen
 
-        model, _ = load_musicgen(name, device)
+        model, _ = load_musicgen(name, device, model_dtype(dtype, device))
         engine = MusicGenEngine(
             model,
             name=name,
@@ -233,6 +239,16 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="the generator's format, as the server's"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=2048,
+        help="speech: the largest max_new_tokens a request may ask for, as the server's "
+        "flag (it sizes the table whose memory is checked at load)",
+    )
     parser.add_argument("--reference", action="store_true", help="speech: each request alone")
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="the batched decode step as CUDA graphs"
@@ -274,6 +290,8 @@ def main() -> None:
         max(args.streams),
         args.codec_batch,
         args.codec_windows,
+        args.dtype,
+        args.max_new_tokens,
     )
     loaded = time.perf_counter() - began
     resident = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
@@ -289,7 +307,7 @@ def main() -> None:
     path = " (reference path: each request alone)" if args.reference else ""
     path += " (decode step as CUDA graphs)" if args.cuda_graphs else ""
     path += f" (one request joining every {args.stagger} steps)" if args.stagger else ""
-    title = f"{args.model}{path} on {device}, {args.duration:g} s clips"
+    title = f"{args.model}{path} on {device} ({engine.info.dtype}), {args.duration:g} s clips"
     print(f"### engine core in-process: {title}\n")
     print(f"- machine: {machine(device)}, {threads} torch thread(s)")
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
