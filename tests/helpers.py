@@ -295,3 +295,36 @@ async def steps_after_disconnect(server: Any, start: Callable[[Any], Any]) -> in
     assert scheduler.steps_total == steps  # nothing runs on for the closed connection
     assert scheduler.snapshot()["cancelled"] >= 1
     return steps
+
+
+def voiced_prompt(engine: Any, codebooks: int, bos: int) -> tuple[Any, Any, Any]:
+    """A speech prompt with a voice reference's codes, tokenized by ``engine`` (ids
+    and audio codes), and six audio frames to feed after it."""
+    import torch
+
+    from wavecast.server.engines.higgs_prompt import SYSTEM, PromptAudio, build_prompt
+
+    codes = torch.randint(0, bos, (codebooks, 30), generator=torch.Generator().manual_seed(1))
+    parts = build_prompt(SYSTEM, "A quiet room.", [], [("Ref.", PromptAudio(codes))], "Now.")
+    ids, audio = engine.tokenize(parts)
+    assert audio is not None
+    frames = torch.randint(0, bos, (6, codebooks), generator=torch.Generator().manual_seed(2))
+    return ids, audio, frames
+
+
+def model_forward(model: Any, ids: Any, audio: Any, frames: Any) -> list[Any]:
+    """transformers' own HiggsAudio forward: the prompt, then one frame at a time
+    (its cache); the next frame's logits ``[K, card]`` after each."""
+    import torch
+    from transformers import DynamicCache
+
+    codebooks = int(frames.shape[1])
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        mask = torch.ones(audio.shape[:2], dtype=torch.bool)
+        out = model(input_ids=ids, audio_input_ids=audio, audio_input_ids_mask=mask, cache=cache)
+        logits = [out.logits[0, -1].view(codebooks, -1)]
+        for frame in frames:
+            out = model(audio_input_ids=frame.view(1, 1, codebooks), cache=cache)
+            logits.append(out.logits[0, -1].view(codebooks, -1))
+    return logits

@@ -17,6 +17,18 @@ from helpers import WAVECAST, run_cli, timeout
 
 from wavecast.clients import SyncClient
 from wavecast.protocol import Audio, Done, Started
+from wavecast.server.config import Config
+
+
+def serve_config(*argv: str) -> Config:
+    """What ``wavecast serve ARGV`` would run with (flags over the environment)."""
+    import argparse
+
+    from wavecast.server.cli import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)))
 
 
 async def test_generate_writes_a_wav(server: Any, tmp_path: Path) -> None:
@@ -167,24 +179,15 @@ def test_serve_without_the_model_says_so_in_one_line(tmp_path: Path) -> None:
 
 
 def test_allowed_origins_from_flags_and_environment(monkeypatch: Any) -> None:
-    import argparse
-
-    from wavecast.server.cli import add_serve_arguments, config_from_args
-
     monkeypatch.setenv("WAVECAST_ALLOW_ORIGINS", "https://a.example, https://b.example")
-    parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
-    args = parser.parse_args(["--allow-origin", "https://c.example"])
-    config = config_from_args(args)
+    config = serve_config("--allow-origin", "https://c.example")
     assert config.network.allowed_origins == (
         "https://a.example",
         "https://b.example",
         "https://c.example",
     )
     monkeypatch.delenv("WAVECAST_ALLOW_ORIGINS")
-    parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
-    assert config_from_args(parser.parse_args([])).network.allowed_origins == ()
+    assert serve_config().network.allowed_origins == ()
 
 
 async def test_cli_and_sync_client_with_an_api_key(tmp_path: Path, monkeypatch: Any) -> None:
@@ -216,17 +219,10 @@ async def test_cli_and_sync_client_with_an_api_key(tmp_path: Path, monkeypatch: 
 
 
 def test_api_keys_from_flags_file_and_environment(tmp_path: Path, monkeypatch: Any) -> None:
-    import argparse
-
-    from wavecast.server.cli import add_serve_arguments, config_from_args
-
     keys = tmp_path / "keys"
     keys.write_text("# one per line\nfrom-file\n\n  spaced  \nfrom-env\n")
     monkeypatch.setenv("WAVECAST_API_KEYS", "from-env")
-    parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
-    args = parser.parse_args(["--api-key", "from-flag", "--api-keys-file", str(keys)])
-    config = config_from_args(args)
+    config = serve_config("--api-key", "from-flag", "--api-keys-file", str(keys))
     assert config.network.api_keys == ("from-env", "from-flag", "from-file", "spaced")
     assert "from-flag" not in repr(config)  # keys stay out of logs
 
@@ -257,15 +253,10 @@ async def test_cli_says_when_a_server_is_shutting_down(tmp_path: Path) -> None:
 
 
 def test_cuda_graphs_from_flag_and_environment_reach_the_engine(monkeypatch: Any) -> None:
-    import argparse
-
-    from wavecast.server.cli import add_serve_arguments, config_from_args
     from wavecast.server.engines import load_engines
 
     def parsed(*argv: str) -> bool:
-        parser = argparse.ArgumentParser()
-        add_serve_arguments(parser)
-        return config_from_args(parser.parse_args(list(argv))).models.cuda_graphs
+        return serve_config(*argv).models.cuda_graphs
 
     monkeypatch.delenv("WAVECAST_CUDA_GRAPHS", raising=False)
     assert not parsed() and parsed("--cuda-graphs")
@@ -278,14 +269,8 @@ def test_cuda_graphs_from_flag_and_environment_reach_the_engine(monkeypatch: Any
 
 
 def test_dtype_from_flag_and_environment(monkeypatch: Any) -> None:
-    import argparse
-
-    from wavecast.server.cli import add_serve_arguments, config_from_args
-
     def parsed(*argv: str) -> str:
-        parser = argparse.ArgumentParser()
-        add_serve_arguments(parser)
-        return config_from_args(parser.parse_args(list(argv))).models.dtype
+        return serve_config(*argv).models.dtype
 
     monkeypatch.delenv("WAVECAST_DTYPE", raising=False)
     assert parsed() == "auto" and parsed("--dtype", "bfloat16") == "bfloat16"

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from helpers import count_codec_calls, step_together
-from transformers import DynamicCache
+from helpers import count_codec_calls, model_forward, step_together, voiced_prompt
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -29,7 +28,7 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.higgs import HiggsEngine
 from wavecast.server.engines.higgs_decoder import HiggsDecoder
-from wavecast.server.engines.higgs_prompt import SYSTEM, PromptAudio, build_prompt
+from wavecast.server.engines.higgs_prompt import SYSTEM, build_prompt
 from wavecast.server.engines.kv import free_memory
 from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.sampling import (
@@ -98,20 +97,9 @@ def drive(
 def test_decoder_matches_the_model_forward(loaded: HiggsModel, batched: HiggsEngine) -> None:
     model = loaded.model
     config = model.config
-    codes = torch.randint(0, BOS, (K, 30), generator=torch.Generator().manual_seed(1))
-    parts = build_prompt(SYSTEM, "A quiet room.", [], [("Ref.", PromptAudio(codes))], "Now.")
-    ids, audio = batched.tokenize(parts)
-    assert audio is not None
-    frames = torch.randint(0, BOS, (6, K), generator=torch.Generator().manual_seed(2))
+    ids, audio, frames = voiced_prompt(batched, K, BOS)
+    expected = model_forward(model, ids, audio, frames)
     with torch.no_grad():
-        cache = DynamicCache(config=config)
-        mask = torch.ones(audio.shape[:2], dtype=torch.bool)
-        out = model(input_ids=ids, audio_input_ids=audio, audio_input_ids_mask=mask, cache=cache)
-        expected = [out.logits[0, -1].view(K, -1)]
-        for frame in frames:
-            out = model(audio_input_ids=frame.view(1, 1, K), cache=cache)
-            expected.append(out.logits[0, -1].view(K, -1))
-
         decoder = HiggsDecoder(model, rows=4, length=512)
         tokens = ids[0].numpy()
         is_audio = (tokens == config.audio_token_id) | (tokens == config.audio_delay_token_id)

@@ -14,14 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
+from helpers import collect_audio, model_forward, voiced_prompt
 
 from wavecast.protocol import resolve_params
 from wavecast.server.engines import ModelLoadError, load_engines
 from wavecast.server.engines.base import EngineRequest
 from wavecast.server.engines.higgs import HiggsEngine
 from wavecast.server.engines.higgs_decoder import HiggsDecoder
-from wavecast.server.engines.higgs_prompt import SYSTEM, PromptAudio, build_prompt
 from wavecast.server.engines.kv import StaticKV
 from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.precision import model_dtype
@@ -97,23 +96,9 @@ def test_speech_decoder_in_bfloat16_matches_the_model_forward(speech16: HiggsMod
     part of ours computed in a coarser format than transformers' would show."""
     model = speech16.model
     exact = load_higgs("tiny-higgs", None, "cpu").model
-    codes = torch.randint(0, BOS, (K, 30), generator=torch.Generator().manual_seed(1))
-    parts = build_prompt(SYSTEM, "A quiet room.", [], [("Ref.", PromptAudio(codes))], "Now.")
-    ids, audio = HiggsEngine(speech16, name="tiny-higgs").tokenize(parts)
-    assert audio is not None
-    frames = torch.randint(0, BOS, (6, K), generator=torch.Generator().manual_seed(2))
-
-    def forward(m: Any) -> list[torch.Tensor]:
-        cache = DynamicCache(config=m.config)
-        mask = torch.ones(audio.shape[:2], dtype=torch.bool)
-        out = m(input_ids=ids, audio_input_ids=audio, audio_input_ids_mask=mask, cache=cache)
-        logits = [out.logits[0, -1].view(K, -1)]
-        for frame in frames:
-            out = m(audio_input_ids=frame.view(1, 1, K), cache=cache)
-            logits.append(out.logits[0, -1].view(K, -1))
-        return logits
-
-    reference, full = forward(model), forward(exact)
+    ids, audio, frames = voiced_prompt(HiggsEngine(speech16, name="tiny-higgs"), K, BOS)
+    reference = model_forward(model, ids, audio, frames)
+    full = model_forward(exact, ids, audio, frames)
     decoder = HiggsDecoder(model, rows=2, length=512)
     tokens = ids[0].numpy()
     is_audio = (tokens == model.config.audio_token_id) | (
@@ -139,15 +124,7 @@ def test_speech_in_bfloat16_streams_its_codes_exactly(speech16: HiggsModel) -> N
     params = {spec.name: spec.default for spec in engine.info.params}
     params.update(seed=3, max_new_tokens=40)
     job = engine.prepare(EngineRequest("r", "One two three, four five.", params))
-    pieces = []
-    for _ in range(200):
-        (out,) = engine.step([job])
-        if out.audio is not None:
-            pieces.append(out.audio)
-        if out.done:
-            break
-    assert out.done and len(pieces) > 2
-    streamed = np.concatenate(pieces)[:, 0]
+    streamed = collect_audio(engine, job)[:, 0]
     codes = engine.codes_of(job)
     assert codes.shape == (1, K, 40 - K)
     whole = engine.codec.decode(codes).audio_values[0, 0].numpy()
