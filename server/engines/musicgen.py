@@ -203,7 +203,7 @@ class MusicGenEngine:
             )
         autocast = getattr(model.autocast, "autocast", None)
         dtype = autocast.fast_dtype if autocast is not None else next(self.lm.parameters()).dtype
-        self.autocast = fresh_autocast(model)  # (steps nest it: see there)
+        self.autocast = fresh_autocast(model)  # a new context at each use: they nest
         self.max_active = max(1, max_active)
         self.max_prompt_tokens = max_prompt_tokens
         # Positions a window's pattern sequence takes (and a melody's chroma before it).
