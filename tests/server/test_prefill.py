@@ -60,10 +60,14 @@ async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> N
     def factory() -> Mapping[str, Any]:
         return {"tiny-musicgen": recorder}
 
-    config = make_config(max_active=4)
+    # Slots: on a slow machine the measured speed would keep the newcomers queued
+    # behind the running stream, and this is about preparing them beside it.
+    config = make_config(max_active=4, admission="slots")
     config = replace(config, models=replace(config.models, prefill_budget_ms=0.0))
     async with running_server(config, factory) as srv, connect(srv.url) as client:
-        running = await client.generate("tiny-musicgen", "a", duration=20.0, seed=1)
+        # (Long enough to outlast the others on a slow, busy machine: it is
+        # cancelled once they are done.)
+        running = await client.generate("tiny-musicgen", "a", duration=120.0, seed=1)
         async for event in running:
             if isinstance(event, Audio):
                 break
