@@ -1,11 +1,13 @@
-"""The ``wavecast`` command: ``serve`` (the server), ``generate`` (music) and
-``speak`` (text to speech), the last two as clients of a running server."""
+"""The ``wavecast`` command: ``serve`` (the server), ``generate`` (music),
+``speak`` (text to speech) and ``models`` (what a server serves), the last three
+as clients of a running server."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -15,7 +17,7 @@ from typing import TextIO
 
 from websockets.exceptions import InvalidStatus
 
-from wavecast.protocol import Audio, Done, Progress, Queued, Started
+from wavecast.protocol import Audio, Done, ModelInfo, Progress, Queued, Started, to_wire
 
 from .client import GenerationResult, connect
 
@@ -140,6 +142,34 @@ async def _speak(args: argparse.Namespace) -> int:
     return await _run(args, bar, text, params, inputs, capability="tts")
 
 
+async def _models(args: argparse.Namespace) -> int:
+    async with connect(args.url, api_key=args.api_key) as client:
+        models = list(client.models.values())
+    if args.json:
+        print(json.dumps([to_wire(m) for m in models], indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(_describe(m) for m in models))
+    return 0
+
+
+def _describe(model: ModelInfo) -> str:
+    """A model as ``wavecast models`` shows it: a few lines."""
+    test = "  (TEST MODEL: random weights, it makes noise)" if model.test_model else ""
+    channels = {1: "mono", 2: "stereo"}.get(model.channels, f"{model.channels} channels")
+    runs = " ".join(part for part in (model.device, model.dtype) if part)
+    lines = [
+        f"{model.name}{test}",
+        f"  {model.description}",
+        f"  {model.family} · {model.sample_rate} Hz {channels} · up to {model.max_duration:g} s"
+        + (f" · {runs}" if runs else ""),
+        f"  capabilities: {', '.join(model.capabilities) or 'none'}",
+    ]
+    for label, names in (("voices", model.voices), ("scenes", model.scenes)):
+        if names is not None:
+            lines.append(f"  {label}: {', '.join(names) or 'none'}")
+    return "\n".join(lines)
+
+
 async def _run(
     args: argparse.Namespace,
     bar: ProgressBar,
@@ -248,13 +278,17 @@ def _write_wav(path: Path, result: GenerationResult) -> None:
     soundfile.write(path, result.to_numpy(), result.sample_rate, subtype=subtype, format="WAV")
 
 
-def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help="server URL (default %(default)s)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("WAVECAST_API_KEY"),
         help="the server's API key, when it needs one (default: WAVECAST_API_KEY)",
     )
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_connection_arguments(parser)
     parser.add_argument(
         "--format",
         choices=("pcm_s16le", "pcm_f32le"),
@@ -369,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate_arguments(generate)
     speak = commands.add_parser("speak", help="text to speech: say TEXT and write a WAV file")
     _add_speak_arguments(speak)
+    models = commands.add_parser(
+        "models", help="list a server's models: capabilities, voices, device, format"
+    )
+    _add_connection_arguments(models)
+    models.add_argument("--json", action="store_true", help="the greeting's model maps as JSON")
     # The server's flags are defined next to its config; importing them pulls in
     # no model code.
     from wavecast.server.cli import add_serve_arguments
@@ -380,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_serve(args)
     try:
-        return asyncio.run(_speak(args) if args.command == "speak" else _generate(args))
+        command = {"speak": _speak, "generate": _generate, "models": _models}[args.command]
+        return asyncio.run(command(args))
     except OSError as exc:
         print(f"wavecast: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2

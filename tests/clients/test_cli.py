@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -87,6 +88,21 @@ async def test_ctrl_c_cancels_the_request(server: Any, tmp_path: Path) -> None:
     assert "cancelling" in output and "cancelled" in output
     await server.scheduler.wait_idle(timeout(5))
     assert server.scheduler.snapshot()["cancelled"] == 1
+
+
+async def test_models_lists_what_the_server_serves(server: Any) -> None:
+    code, output = await run_cli("models", "--url", server.url)
+    assert code == 0, output
+    lines = output.splitlines()
+    assert lines[0] == "tiny-musicgen  (TEST MODEL: random weights, it makes noise)"
+    assert "musicgen · 32000 Hz mono · up to 300 s · cpu float32" in lines[2]
+    assert lines[3].startswith("  capabilities: text, continuation, long_form")
+    code, output = await run_cli("models", "--url", server.url, "--json")
+    assert code == 0, output
+    (listed,) = json.loads(output)
+    assert listed["name"] == "tiny-musicgen" and listed["test_model"] is True
+    assert (listed["device"], listed["dtype"]) == ("cpu", "float32")
+    assert {p["name"] for p in listed["params"]} >= {"duration", "top_k", "seed"}
 
 
 async def test_cli_reports_server_errors(server: Any) -> None:

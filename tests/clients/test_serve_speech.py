@@ -153,6 +153,16 @@ def test_serve_saved_models_in_bfloat16(tmp_path: Path) -> None:
         assert said.status == "completed" and said.frames == 16 * 960
         played = client.generate(str(music), "a drum", duration=0.5).collect()
         assert played.status == "completed" and played.frames == 25 * 640
+        url = f"ws://127.0.0.1:{port}/v1/stream"
+        shown = subprocess.run(
+            [*WAVECAST, "models", "--url", url], capture_output=True, text=True, timeout=60
+        )
+        assert shown.returncode == 0, shown.stderr
+        said_of = shown.stdout.split("\n\n")
+        assert said_of[0].startswith(f"{speech}  (TEST MODEL")
+        assert "higgs · 24000 Hz mono" in said_of[0] and "cpu bfloat16" in said_of[0]
+        assert "\n  voices: none\n  scenes: cafe, podcast_studio, quiet_indoor" in said_of[0]
+        assert "musicgen · 32000 Hz mono" in said_of[1] and "cpu bfloat16" in said_of[1]
     # And float32 when asked for, whatever the environment says.
     with (
         served([*args, "--dtype", "float32"], tmp_path / "again.log", env) as port,
