@@ -172,7 +172,8 @@ class MusicGenEngine:
         self.max_duration = float(max(max_duration or self.window, self.window))
         self.max_upload_seconds = max_upload_seconds
         self.prefill_chunk = max(1, prefill_chunk)
-        self.conditioning = Conditioning(model, max_prompt_tokens)
+        self.autocast = fresh_autocast(model)  # a new context at each use: they nest
+        self.conditioning = Conditioning(model, max_prompt_tokens, self.autocast)
         self._warm = False
         self.frame_rate = float(model.frame_rate)
         self.windows = Windows(self.lm, self.window, self.frame_rate)
@@ -203,7 +204,6 @@ class MusicGenEngine:
             )
         autocast = getattr(model.autocast, "autocast", None)
         dtype = autocast.fast_dtype if autocast is not None else next(self.lm.parameters()).dtype
-        self.autocast = fresh_autocast(model)  # a new context at each use: they nest
         self.max_active = max(1, max_active)
         self.max_prompt_tokens = max_prompt_tokens
         # Positions a window's pattern sequence takes (and a melody's chroma before it).

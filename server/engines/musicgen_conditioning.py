@@ -11,7 +11,8 @@ call; melody models condition each request on its own, Demucs in pieces
 from __future__ import annotations
 
 import random
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -21,7 +22,6 @@ from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 from wavecast.protocol import InvalidField
 
 from .melody import StemsInPieces, in_pieces
-from .musicgen_loading import fresh_autocast
 
 __all__ = ["Conditioning"]
 
@@ -36,9 +36,14 @@ class Conditioning:
         max_prompt_tokens: Longest description, in the text encoder's tokens.
     """
 
-    def __init__(self, model: MusicGen, max_prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        model: MusicGen,
+        max_prompt_tokens: int,
+        autocast: Callable[[], AbstractContextManager[Any]],
+    ) -> None:
         self.model = model
-        self.autocast = fresh_autocast(model)
+        self.autocast = autocast  # the engine's steps' (``fresh_autocast``)
         self.provider = model.lm.condition_provider
         self.max_prompt_tokens = max_prompt_tokens
         conditioners = self.provider.conditioners
