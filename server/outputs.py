@@ -1,7 +1,8 @@
 """Engine outputs -> protocol messages (PROTOCOL.md §4.4-§4.7).
 
 One ``RequestOutputs`` per request: its audio chunks with their ``seq`` and
-``offset``, progress at most every 1% (and on a stage change), an alternative
+``offset``, progress at most every 1% and every ``PROGRESS_INTERVAL`` (and
+on a stage change, and at the end), an alternative
 rendition in chunks of a second, and the closing ``done`` with its stats. The
 scheduler decides what happens to a request; this module only says it in the
 protocol's words.
@@ -26,7 +27,12 @@ from wavecast.protocol.messages import AudioFormat, DoneStatus
 from .audio import to_pcm
 from .engines.base import FloatAudio, StepOutput
 
-__all__ = ["RequestOutputs", "done_message"]
+__all__ = ["PROGRESS_INTERVAL", "RequestOutputs", "done_message"]
+
+# Seconds between two progress messages of a stage, at least: a stream many times
+# faster than real time would otherwise send one every few steps, and each one
+# wakes the event loop and the client (a tenth of a fast stream's speed).
+PROGRESS_INTERVAL = 0.05
 
 
 @dataclass(slots=True)
@@ -39,6 +45,7 @@ class RequestOutputs:
     seq: int = 0
     samples: int = 0  # sample frames of the live stream sent
     last_fraction: float = -1.0
+    last_progress_at: float = float("-inf")
     stage: str | None = None
     first_audio_at: float | None = None
 
@@ -54,8 +61,18 @@ class RequestOutputs:
         if output.stage != self.stage:
             self.stage = output.stage
             self.last_fraction = -1.0
-        if output.done or output.fraction - self.last_fraction >= 0.01:
+            self.last_progress_at = float("-inf")
+        finished = output.fraction >= 1.0 > self.last_fraction  # a stage's end
+        if (
+            output.done
+            or finished
+            or (
+                output.fraction - self.last_fraction >= 0.01
+                and now - self.last_progress_at >= PROGRESS_INTERVAL
+            )
+        ):
             self.last_fraction = output.fraction
+            self.last_progress_at = now
             messages.append(
                 Progress(
                     id=self.request_id,

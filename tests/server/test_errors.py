@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from wavecast.clients import connect
 from wavecast.protocol import Done, ErrorMessage, Generate, Progress, decode, encode
+from wavecast.server.outputs import PROGRESS_INTERVAL
 
 
 async def raw_exchange(url: str, frame: bytes | str) -> Any:
@@ -149,10 +150,17 @@ async def test_slow_consumer_gets_its_done_then_is_disconnected_not_buffered() -
 
 
 async def test_progress_is_bounded(server: Any) -> None:
+    """At most about 100 progress messages a stage, and about 20 a second (a
+    stream many times faster than real time would send one every few steps)."""
     async with connect(server.url) as client:
         stream = await client.generate("tiny-musicgen", "x", duration=10.0)
         progress = [e async for e in stream if isinstance(e, Progress)]
-    assert 50 <= len(progress) <= 101
+    assert stream.done is not None and stream.done.stats is not None
+    wall = stream.done.stats.wall_seconds
+    live = [p.fraction for p in progress if p.stage is None]
+    assert [p.stage for p in progress[:1]] == ["prepare"]
+    assert live == sorted(live) and live[-1] == 1.0
+    assert 3 <= len(live) <= min(101, wall / PROGRESS_INTERVAL + 2)
 
 
 async def test_a_request_that_fails_in_a_batched_step_fails_alone(
