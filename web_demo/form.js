@@ -28,6 +28,19 @@ export function renderModels(models) {
   renderParams();
 }
 
+// What the model is and where it runs, in one line: "MusicGen small (…) · 32 kHz
+// mono · up to 30 s · cuda:0, float16" (device and format when the server says them).
+export function modelFacts(model) {
+  const rate = model.sample_rate % 1000 === 0 ? `${model.sample_rate / 1000} kHz` : `${model.sample_rate} Hz`;
+  const parts = [
+    model.test_model ? "" : model.description,
+    `${rate} ${model.channels === 2 ? "stereo" : model.channels === 1 ? "mono" : `${model.channels} channels`}`,
+    `up to ${model.max_duration} s`,
+    [model.device, model.dtype].filter(Boolean).join(", "),
+  ];
+  return parts.filter(Boolean).join(" · ");
+}
+
 // -- errors next to their field ------------------------------------------------------
 
 function fieldInput(field) {
@@ -182,9 +195,10 @@ export function renderParams(keepValues = false) {
     ? "Hello! This is wavecast, speaking while it thinks."
     : "warm lofi hip hop with soft keys and vinyl crackle";
   note.hidden = !model.test_model;
-  note.textContent = model.test_model
-    ? "This is a test model with random weights: it makes noise, by design."
-    : model.description;
+  note.textContent = "This is a test model with random weights: it makes noise, by design.";
+  const facts = $("#model-facts");
+  facts.textContent = modelFacts(model);
+  facts.hidden = !facts.textContent;
   renderSpeakers(model, kept);
   renderChips(speech, caps.includes("dialogue"));
   for (const spec of model.params || []) {

@@ -95,6 +95,24 @@ async def test_page_lists_models_and_params(browser: Any, server: Any) -> None:
     options = await page.eval_on_selector_all("#model option", "els => els.map(e => e.textContent)")
     assert options == ["tiny-musicgen — TEST MODEL (noise)"]
     assert "random weights" in await page.text_content("#model-note")
+    # What it is and where it runs (a test model's description is the note above).
+    facts = await page.text_content("#model-facts")
+    assert facts == "32 kHz mono · up to 300 s · cpu, float32"
+    # A released model's line starts with its description; an older server's
+    # greeting says no device or format.
+    lines = await page.evaluate(
+        """async () => {
+          const { modelFacts } = await import("./form.js");
+          const model = { description: "MusicGen small", test_model: false, sample_rate: 32000,
+                          channels: 2, max_duration: 30, device: "cuda:0", dtype: "float16" };
+          return [modelFacts(model), modelFacts({ ...model, device: "", dtype: "",
+                                                  sample_rate: 44100, channels: 1 })];
+        }"""
+    )
+    assert lines == [
+        "MusicGen small · 32 kHz stereo · up to 30 s · cuda:0, float16",
+        "MusicGen small · 44100 Hz mono · up to 30 s",
+    ]
     assert await page.input_value("#param-duration") == "10"
     assert await page.get_attribute("#param-duration", "max") == "300"
     assert await page.get_attribute("#param-seed", "placeholder") == "random"
