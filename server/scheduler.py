@@ -9,12 +9,21 @@ cancel flag is set, all between two decoding steps. A request that is slow to
 prepare (a melody, a long continuation) therefore delays the running streams by
 one budget per step, not by its whole preparation. Only this thread touches
 torch.
+
+Once the models are loaded and warmed up, everything alive (the imported
+libraries, the models' modules, tokenizers) is frozen out of the garbage
+collector's walk (``gc.freeze``): a full collection would otherwise visit those
+half a million objects, holding the interpreter for about 300 ms on a CPU core
+(every stream stalls; the first request after a start paid it) to find nothing;
+it now visits only what requests allocated since. The heap is unfrozen when the
+thread ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import threading
 import time
@@ -245,6 +254,7 @@ class Scheduler:
         except BaseException as exc:  # report any load failure to the loop
             self._loop.call_soon_threadsafe(_set_exception, self._ready, exc)
             return
+        _freeze_heap()
         self._loop.call_soon_threadsafe(_set_result, self._ready)
         try:
             while self._loop_once():
@@ -261,6 +271,7 @@ class Scheduler:
             for request in leftover:
                 self._finish(request, "error", ShuttingDown("the server is shutting down"))
             self._flush()
+            gc.unfreeze()  # what the models held can be collected again
 
     def _loop_once(self) -> bool:
         with self._cond:
@@ -518,6 +529,21 @@ class Scheduler:
             self.failed += 1
         request.log.info("%s%s", status, f" ({error.code})" if error else "")
         self._emit(request, done_message(request.id, status, error, stats))
+
+
+def _freeze_heap() -> None:
+    """Collect what loading left behind, then keep everything still alive out of
+    every later collection's walk (it stays alive until the server stops)."""
+    start = time.perf_counter()
+    gc.collect()
+    took = time.perf_counter() - start
+    gc.freeze()
+    log.info(
+        "heap frozen: %d objects out of the garbage collector's walk "
+        "(a full collection took %.0f ms)",
+        gc.get_freeze_count(),
+        took * 1000,
+    )
 
 
 def _deliver_all(batch: list[tuple[Sink, ServerMessage]]) -> None:
