@@ -162,6 +162,7 @@ async def bench(args: argparse.Namespace) -> None:
         ("wavecast stream, 1 client", seq),
         conc,
         args.threads,
+        getattr(args, "server_cpu", None),
     )
 
 
@@ -185,15 +186,36 @@ async def measure_server(
         process, url = start_server(args, Path(tmp) / "server.log")
         try:
             await run(url, -1)
+            before = thread_cpu(process.pid)
             seq = [await run(url, index) for index in range(args.runs)]
             for k in args.concurrency:
                 start = time.perf_counter()
                 results = await asyncio.gather(*(later(url, index) for index in range(k)))
                 conc[k] = (list(results), time.perf_counter() - start)
+            after = thread_cpu(process.pid)
+            args.server_cpu = (after[0] - before[0], after[1] - before[1])
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
     return seq, conc
+
+
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds a process's threads have used so far (Linux): its main thread
+    (the server's event loop), and all the others (the inference thread, workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = others = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        if task.name == str(pid):
+            main += seconds
+        else:
+            others += seconds
+    return main, others
 
 
 def report(
@@ -205,6 +227,7 @@ def report(
     single: tuple[str, list[Run]],
     conc: dict[int, tuple[list[Run], float]],
     server_threads: int = 0,
+    server_cpu: tuple[float, float] | None = None,
 ) -> None:
     """Print a RESULTS.md section: the baseline's wall times, then the runs."""
     med = statistics.median
@@ -241,6 +264,11 @@ def report(
             f"x{total / wall:.2f} aggregate ({total / wall / seq_rtf:.2f}x one stream) |"
         )
     print(f"\nwavecast / {baseline_names[1]} real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
+    if server_cpu is not None:
+        print(
+            f"\nThe server's CPU time over these runs: the event loop's thread "
+            f"{server_cpu[0]:.2f} s, the other threads (inference) {server_cpu[1]:.2f} s"
+        )
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

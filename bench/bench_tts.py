@@ -157,6 +157,7 @@ async def bench(args: argparse.Namespace) -> None:
         ("engine in-process" if args.engine_only else "wavecast stream, 1 client", seq),
         conc,
         args.threads,
+        getattr(args, "server_cpu", None),
     )
 
 
