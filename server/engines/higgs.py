@@ -81,7 +81,7 @@ from .higgs_utterance import Markers, Utterance
 from .kv import check_room, reserving
 from .loading import HiggsModel
 from .precision import dtype_name
-from .sampling import RowSampling, redraw_keys, sample_repeat_aware
+from .sampling import RowSampling, finite_rows, redraw_keys, sample_repeat_aware
 from .slots import SlotTable
 from .voices import Scene, Voice, scene_text
 
@@ -641,7 +641,7 @@ class HiggsEngine:
             (self.stream_bos, self.stream_eos),
             parts[4],
         )
-        finite = torch.isfinite(logits).flatten(1).all(1)
+        finite = finite_rows(logits)
         return torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1)
 
     def _graphed_step(

@@ -63,7 +63,7 @@ from .musicgen_decoder import MusicGenDecoder
 from .musicgen_loading import fresh_autocast
 from .musicgen_windows import Codes, Window, Windows
 from .precision import dtype_name
-from .sampling import RowSampling, candidates_for, sample
+from .sampling import DrawPlan, RowSampling, finite_rows, sample
 from .slots import SlotTable
 
 __all__ = ["MusicGenEngine", "StreamSettings"]
@@ -619,9 +619,8 @@ class MusicGenEngine:
                 logits = torch.zeros(rows, k, decoder.card, device=self.device)
             for slot, pair in prefilled.items():
                 logits[2 * slot : 2 * slot + 2] = pair.float()
-            wants = candidates_for(sampling.wants[:slots][stepped], decoder.card)
-            nucleus = bool(sampling.nucleus[:slots][stepped].any())
-            guided, back_device = self._draw(logits, keys, slots, wants, nucleus)
+            plan = sampling.plan(stepped, decoder.card)
+            guided, back_device = self._draw(logits, keys, slots, plan)
         for st in decoding:
             st.kv_length += 1
         sampling.step[:slots] += stepped
@@ -637,13 +636,13 @@ class MusicGenEngine:
         logits: torch.Tensor,
         keys: torch.Tensor,
         slots: int,
-        candidates: int | None,
-        nucleus: bool = True,
+        plan: DrawPlan | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier-free guidance and every slot's draw from its pair of rows'
         logits: the guided logits ``[slots, K, card]``, and ``[slots, K + 1]``: the
-        codes and whether the slot's logits were finite. (``candidates``,
-        ``nucleus``: as ``sample``'s.)"""
+        codes and whether the slot's logits were finite. (``plan``: what the
+        stepped rows need, ``RowSampling.plan``; None: anything, over the whole
+        vocabulary, as a graph recorded once for every step does.)"""
         sampling = self._sampling
         cond, uncond = logits[0::2], logits[1::2]
         guided = uncond + (cond - uncond) * self._cfg[:slots, None, None]
@@ -653,10 +652,9 @@ class MusicGenEngine:
             sampling.top_k[:slots],
             sampling.top_p[:slots],
             keys,
-            candidates=candidates,
-            nucleus=nucleus,
+            **({} if plan is None else plan.arguments()),
         )
-        finite = torch.isfinite(guided).flatten(1).all(1)
+        finite = finite_rows(guided)
         return guided, torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1)
 
     def _graphed_step(

@@ -18,19 +18,28 @@ are known (``RowSampling.keys``); the step itself has fixed shapes and no host
 sync, so it traces as one graph. Only the candidates are hashed: where no row
 uses top-p (the usual case), the ``max(top_k)`` most likely tokens, not the whole
 vocabulary; each token's noise depends on its id, not on its rank, so the draw
-is the same whichever candidate set the batch needs.
+is the same whichever candidate set the batch needs. Where every row keeps all
+of them (the same top-k throughout, the usual case) the candidates need no
+order, and where no row is greedy no argmax over the vocabulary is taken
+(``RowSampling.plan`` says what a batch needs, from the host's copy of the
+parameters).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 __all__ = [
+    "DrawPlan",
     "RowSampling",
     "candidates_for",
     "counter_uniform",
+    "finite_rows",
     "redraw_keys",
     "redraw_repeats",
     "row_keys",
@@ -88,6 +97,25 @@ def counter_uniform(key: torch.Tensor, codebooks: int, vocab: int) -> torch.Tens
     return _token_uniform(key, tokens.expand(key.shape[0], codebooks, vocab))
 
 
+@dataclass(frozen=True, slots=True)
+class DrawPlan:
+    """What ``sample`` must do for a batch (its keyword arguments)."""
+
+    candidates: int  # tokens considered per row and codebook
+    nucleus: bool  # some row uses top-p
+    ranked: bool  # some row keeps fewer than the candidates: they must be in order
+    greedy: bool  # some row is greedy
+
+    def arguments(self) -> dict[str, Any]:
+        """``sample``'s keyword arguments."""
+        return {
+            "candidates": self.candidates,
+            "nucleus": self.nucleus,
+            "ranked": self.ranked,
+            "greedy": self.greedy,
+        }
+
+
 class RowSampling:
     """Per-row sampling parameters for a table of ``rows`` rows.
 
@@ -106,6 +134,7 @@ class RowSampling:
         # whether it draws from top-p's nucleus.
         self.wants = np.zeros(rows, dtype=np.int64)
         self.nucleus = np.zeros(rows, dtype=bool)
+        self.greedy = np.zeros(rows, dtype=bool)
 
     def set_row(
         self, row: int, *, temperature: float, top_k: int, top_p: float, seed: int, step: int = 0
@@ -117,6 +146,7 @@ class RowSampling:
         self.step[row] = step
         self.wants[row] = 1 if temperature <= 0 else -1 if top_p > 0 or top_k <= 0 else top_k
         self.nucleus[row] = temperature > 0 and top_p > 0
+        self.greedy[row] = temperature <= 0
 
     def grown(self, rows: int) -> RowSampling:
         """A table of ``rows`` rows holding this one's rows first."""
@@ -124,12 +154,25 @@ class RowSampling:
         old = self.seed.shape[0]
         for name in ("temperature", "top_k", "top_p"):
             getattr(bigger, name)[:old] = getattr(self, name)
-        for name in ("seed", "step", "wants", "nucleus"):
+        for name in ("seed", "step", "wants", "nucleus", "greedy"):
             getattr(bigger, name)[:old] = getattr(self, name)
         return bigger
 
     def keys(self) -> Ints:
         return row_keys(self.seed, self.step)
+
+    def plan(self, rows: npt.NDArray[np.bool_], vocab: int) -> DrawPlan:
+        """What a draw of the ``rows`` flagged (the first ``len(rows)`` of the
+        table; the others' draws are not used) needs."""
+        count = len(rows)
+        wants = self.wants[:count][rows]
+        candidates = candidates_for(wants, vocab)
+        greedy = self.greedy[:count][rows]
+        nucleus = bool(self.nucleus[:count][rows].any())
+        # A sampled row keeps its top-k, the whole vocabulary (-1), or the candidates.
+        kept = np.where(wants < 0, vocab, np.minimum(wants, candidates))
+        ranked = nucleus or bool((~greedy & (kept < candidates)).any())
+        return DrawPlan(candidates, nucleus, ranked, bool(greedy.any()))
 
 
 def candidates_for(wants: Ints, vocab: int) -> int:
@@ -151,6 +194,8 @@ def sample(
     key: torch.Tensor,
     candidates: int | None = None,
     nucleus: bool = True,
+    ranked: bool = True,
+    greedy: bool = True,
 ) -> torch.Tensor:
     """Draw one token per row and codebook: ``[B, K, V]`` logits -> ``[B, K]`` int64.
 
@@ -165,26 +210,45 @@ def sample(
             which top-p rows need.
         nucleus: Whether any row may use top-p (False skips its operations;
             ``RowSampling.nucleus`` says which rows do).
+        ranked: Whether any row may keep fewer tokens than the candidates (False:
+            every sampled row keeps them all, so they are taken in no order).
+        greedy: Whether any row may be greedy (False skips the argmax).
     """
     batch, codebooks, vocab = logits.shape
     logits = logits.float()
-    greedy = temperature <= 0.0
-    scale = torch.where(greedy, 1.0, temperature)
+    greedy_rows = temperature <= 0.0
+    scale = torch.where(greedy_rows, 1.0, temperature)
     probs = torch.softmax(logits / scale[:, None, None], dim=-1)
     m = vocab if candidates is None else min(candidates, vocab)
-    ordered, tokens = torch.topk(probs, m, dim=-1)  # [B, K, M], most likely first
-    # How many of the most likely tokens stay: top-k, or top-p's nucleus
-    # (audiocraft's rule: a token stays while the mass before it is at most p).
-    keep = torch.where(top_k > 0, top_k.clamp(max=m), m)[:, None].expand(batch, codebooks)
-    if nucleus:
-        mass = ((torch.cumsum(ordered, dim=-1) - ordered) <= top_p[:, None, None]).sum(-1)
-        keep = torch.where(top_p[:, None] > 0.0, mass, keep)
-    threshold = ordered.gather(-1, (keep.clamp(min=1) - 1)[..., None])
-    kept = torch.where(ordered >= threshold, ordered, 0.0)
+    ranked = ranked or nucleus
+    # [B, K, M]: the M most likely, most likely first where the order matters.
+    ordered, tokens = torch.topk(probs, m, dim=-1, sorted=ranked)
+    kept = ordered
+    if ranked:
+        # How many of the most likely tokens stay: top-k, or top-p's nucleus
+        # (audiocraft's rule: a token stays while the mass before it is at most p).
+        keep = torch.where(top_k > 0, top_k.clamp(max=m), m)[:, None].expand(batch, codebooks)
+        if nucleus:
+            mass = ((torch.cumsum(ordered, dim=-1) - ordered) <= top_p[:, None, None]).sum(-1)
+            keep = torch.where(top_p[:, None] > 0.0, mass, keep)
+        threshold = ordered.gather(-1, (keep.clamp(min=1) - 1)[..., None])
+        kept = torch.where(ordered >= threshold, ordered, 0.0)
     noise = _token_uniform(key, tokens)
     choice = torch.argmax(kept / -torch.log(noise), dim=-1, keepdim=True)
     drawn = tokens.gather(-1, choice)[..., 0]
-    return torch.where(greedy[:, None], torch.argmax(logits, dim=-1), drawn)
+    if not greedy:
+        return drawn
+    return torch.where(greedy_rows[:, None], torch.argmax(logits, dim=-1), drawn)
+
+
+def finite_rows(scores: torch.Tensor) -> torch.Tensor:
+    """``[B]``: whether every score of each row of ``scores`` ``[B, ...]`` is finite.
+
+    A float32 sum over the last dimension is finite where every score is (NaN and
+    infinities carry through it; no working model makes scores near float32's
+    limit): one reduction, where testing every score took eight times as long.
+    """
+    return torch.isfinite(scores.sum(-1, dtype=torch.float32)).flatten(1).all(-1)
 
 
 def _race(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

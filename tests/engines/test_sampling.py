@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from wavecast.server.engines.sampling import (
+    DrawPlan,
     RowSampling,
     candidates_for,
     counter_uniform,
+    finite_rows,
     row_keys,
     sample,
 )
@@ -127,6 +129,53 @@ def test_fewer_candidates_draw_the_same_tokens() -> None:
         # Where no row uses top-p, skipping the nucleus's operations draws the same.
         assert torch.equal(sample(logits, **params, nucleus=False), everything)
         assert torch.equal(sample(logits, **params, candidates=250, nucleus=False), everything)
+
+
+def test_candidates_in_no_order_draw_the_same_tokens() -> None:
+    """Where every sampled row keeps all the candidates (one top-k for all), the
+    draw over them unsorted, and without the greedy argmax where no row is
+    greedy, equals the ranked one, step after step; the plan asks for ranking
+    only where some row keeps fewer."""
+    torch.manual_seed(3)
+    logits = torch.randn(3, 4, 1024) * 3
+    params = rows(3, top_k=250, temperature=0.9)
+    for step in range(30):
+        params["key"] = keys([5, 6, 7], [step] * 3)
+        ranked = sample(logits, **params, candidates=250, nucleus=False)
+        assert torch.equal(
+            sample(logits, **params, candidates=250, nucleus=False, ranked=False, greedy=False),
+            ranked,
+        )
+    table = RowSampling(4, "cpu")
+    for row in range(3):
+        table.set_row(row, temperature=0.9, top_k=250, top_p=0.0, seed=row)
+    plan = table.plan(np.array([True, True, True]), 1024)
+    assert (plan.candidates, plan.ranked, plan.greedy, plan.nucleus) == (250, False, False, False)
+    table.set_row(3, temperature=0.0, top_k=250, top_p=0.0, seed=3)  # greedy: any top-k
+    assert table.plan(np.ones(4, bool), 1024) == DrawPlan(250, False, False, True)
+    table.set_row(3, temperature=1.0, top_k=1, top_p=0.0, seed=3)  # sampled top-1: the max
+    assert table.plan(np.ones(4, bool), 1024) == DrawPlan(250, False, True, False)
+    assert not table.plan(np.array([True, True, True, False]), 1024).ranked  # 3 not stepped
+    table.set_row(3, temperature=1.0, top_k=0, top_p=0.0, seed=3)  # the whole vocabulary
+    assert table.plan(np.ones(4, bool), 1024) == DrawPlan(1024, False, True, False)
+    table.set_row(3, temperature=1.0, top_k=0, top_p=0.5, seed=3)
+    assert table.plan(np.ones(4, bool), 1024) == DrawPlan(1024, True, True, False)
+    for row in range(3):
+        table.set_row(row, temperature=1.0, top_k=0, top_p=0.0, seed=row)
+    table.set_row(3, temperature=1.0, top_k=0, top_p=0.0, seed=3)
+    assert table.plan(np.ones(4, bool), 1024) == DrawPlan(1024, False, False, False)
+
+
+def test_finite_rows() -> None:
+    scores = torch.zeros(5, 4, 64)
+    scores[1, 2, 3] = float("nan")
+    scores[2, 0, 0] = float("inf")
+    scores[3, 3, 63] = float("-inf")
+    assert finite_rows(scores).tolist() == [True, False, False, False, True]
+    # Half precision sums in float32: large finite scores are not taken for overflow.
+    big = torch.full((2, 4, 1024), 60000.0, dtype=torch.float16)
+    big[1, 0, 0] = float("nan")
+    assert finite_rows(big).tolist() == [True, False]
 
 
 def test_the_candidates_a_batch_needs() -> None:
