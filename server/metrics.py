@@ -9,10 +9,19 @@ when the page is scraped.
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -29,6 +38,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Audio seconds per wall second of a request (above 1: faster than real time).
 SPEED_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0, 32.0)
+# Seconds a garbage collection held the interpreter.
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 
 
 class Metrics:
@@ -77,6 +88,19 @@ class Metrics:
             buckets=SPEED_BUCKETS,
             registry=self.registry,
         )
+        self._gc_pause = Histogram(
+            "wavecast_gc_pause_seconds",
+            "Garbage collections while serving, by generation: how long each held the "
+            "interpreter (every stream waits; the heap loaded at start is frozen out of them).",
+            ["generation"],
+            buckets=GC_BUCKETS,
+            registry=self.registry,
+        )
+        self._gc_started = 0.0
+        # The interpreter's own: collections and objects by generation, and the
+        # process's memory, CPU time and open files.
+        GCCollector(registry=self.registry)
+        ProcessCollector(registry=self.registry)
 
     def finished(
         self,
@@ -97,6 +121,21 @@ class Metrics:
             self._queued.labels(model).observe(queued_seconds)
         if real_time_factor is not None and status == "completed":
             self._speed.labels(model).observe(real_time_factor)
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection from now on (``unwatch_gc`` stops)."""
+        gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._gc_started
+            self._gc_pause.labels(str(info["generation"])).observe(pause)
 
     def refused(self, code: str, *, request: bool) -> None:
         """A frame refused by a session (codes are a fixed, documented set)."""

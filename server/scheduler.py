@@ -255,6 +255,7 @@ class Scheduler:
             self._loop.call_soon_threadsafe(_set_exception, self._ready, exc)
             return
         _freeze_heap()
+        self.metrics.watch_gc()
         self._loop.call_soon_threadsafe(_set_result, self._ready)
         try:
             while self._loop_once():
@@ -271,6 +272,7 @@ class Scheduler:
             for request in leftover:
                 self._finish(request, "error", ShuttingDown("the server is shutting down"))
             self._flush()
+            self.metrics.unwatch_gc()
             gc.unfreeze()  # what the models held can be collected again
 
     def _loop_once(self) -> bool:

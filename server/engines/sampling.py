@@ -246,7 +246,7 @@ def finite_rows(scores: torch.Tensor) -> torch.Tensor:
 
     A float32 sum over the last dimension is finite where every score is (NaN and
     infinities carry through it; no working model makes scores near float32's
-    limit): one reduction, where testing every score took eight times as long.
+    limit): one reduction, a tenth of the time or less of testing every score.
     """
     return torch.isfinite(scores.sum(-1, dtype=torch.float32)).flatten(1).all(-1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import re
 import urllib.error
@@ -469,7 +470,7 @@ async def scrape(port: int) -> tuple[dict[str, float], dict[str, str]]:
             continue
         if line.startswith("# HELP "):
             continue
-        name, labels, value = re.fullmatch(r"(wavecast_\w+)(\{[^}]*\})? (\S+)", line).groups()  # type: ignore[union-attr]
+        name, labels, value = re.fullmatch(r"([a-z_]\w*)(\{[^}]*\})? (\S+)", line).groups()  # type: ignore[union-attr]
         samples[name + (labels or "")] = float(value)
     return samples, kinds
 
@@ -509,6 +510,14 @@ async def test_metrics_in_prometheus_text_format(server: Any) -> None:
     assert samples["wavecast_up"] == 1 and samples["wavecast_ready"] == 1
     assert samples["wavecast_requests_active"] == 0
     assert samples["wavecast_steps_total"] > 0 and kinds["wavecast_steps_total"] == "counter"
+    # The interpreter's and the process's own; every garbage collection timed.
+    assert samples['python_gc_collections_total{generation="2"}'] >= 0
+    assert samples["process_resident_memory_bytes"] > 0
+    before = samples.get('wavecast_gc_pause_seconds_count{generation="2"}', 0)
+    gc.collect()
+    samples, kinds = await scrape(server.port)
+    assert kinds["wavecast_gc_pause_seconds"] == "histogram"
+    assert samples['wavecast_gc_pause_seconds_count{generation="2"}'] >= before + 1
 
 
 async def test_metrics_count_the_graphs_of_a_graphed_step() -> None:
