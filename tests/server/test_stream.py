@@ -242,7 +242,11 @@ async def test_json_and_msgpack_give_the_same_audio(server: Any) -> None:
         a = await (await text_client.generate("tiny-musicgen", "y", duration=0.5, seed=8)).collect()
     async with connect(server.url) as bin_client:
         b = await (await bin_client.generate("tiny-musicgen", "y", duration=0.5, seed=8)).collect()
-    assert a.pcm == b.pcm and len(a.pcm) > 0
+    # The same music; where the chunks split (it follows the stream's lead over real
+    # time) moves float rounding only, so a 16-bit sample by one step at most.
+    x, y = a.to_numpy(), b.to_numpy()
+    assert x.shape == y.shape and x.size > 0
+    assert np.abs(x.astype(np.int32) - y.astype(np.int32)).max() <= 1
 
 
 async def test_shutdown_ends_requests_and_closes_1001() -> None:
