@@ -18,9 +18,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import first_audio, start_serve, timeout
+from helpers import first_audio, same_audio, start_serve, timeout
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
@@ -139,13 +138,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
 @pytest.fixture
 def nginx_logs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     yield tmp_path / "access.log", tmp_path / "error.log"
-
-
-def same_audio(a: bytes, b: bytes) -> bool:
-    """The same clip: every sample, to float rounding (rows decoded in batches of
-    different sizes round differently, by at most one step of 16-bit PCM)."""
-    x, y = np.frombuffer(a, np.int16), np.frombuffer(b, np.int16)
-    return len(x) > 0 and x.shape == y.shape and int(np.abs(x.astype(int) - y).max()) <= 1
 
 
 async def generate(client: Client, seed: int, duration: float) -> GenerationResult:
