@@ -213,6 +213,15 @@ class WavecastServer:
                 "Measured time of one scheduler tick (every running request one step).",
                 float(capacity["tick_ms"]) / 1000.0,
             )
+        if capacity.get("tick_fixed_ms") is not None:
+            gauges["wavecast_tick_fixed_seconds"] = (
+                "A tick's fixed part (fitted to the measured ticks: fixed + per stream * n).",
+                float(capacity["tick_fixed_ms"]) / 1000.0,
+            )
+            gauges["wavecast_tick_per_stream_seconds"] = (
+                "What each stream adds to a tick (the same fit).",
+                float(capacity["tick_per_stream_ms"]) / 1000.0,
+            )
         if capacity.get("realtime_streams") is not None:
             gauges["wavecast_realtime_streams"] = (
                 "Streams the server estimates it keeps faster than real time.",

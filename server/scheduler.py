@@ -44,6 +44,7 @@ from wavecast.protocol import (
 )
 from wavecast.protocol.messages import AudioFormat, DoneStatus
 
+from .capacity import TickCosts, TickFit
 from .engines.base import Engine, EngineRequest, Job, StepOutput
 from .metrics import Metrics
 from .outputs import RequestOutputs, done_message
@@ -74,6 +75,7 @@ class Request:
     preparing: Generator[Job | None, None, None] | None = None  # the engine's units of preparation
     position: int = 0
     started_at: float = 0.0
+    steps: int = 0  # ticks it has been stepped in
     outputs: RequestOutputs | None = None  # once started
 
     def cancel(self, error: WavecastError | None = None) -> None:
@@ -104,9 +106,11 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.admission = admission
         # Seconds per tick (one step of every model) and streams stepped, over the
-        # recent ticks with requests running: a codec decode makes a tick now and
-        # then far longer than the others, so the mean of a window, not the last.
-        self._ticks: collections.deque[tuple[float, int]] = collections.deque(maxlen=128)
+        # recent ticks with requests running (a codec decode makes a tick now and
+        # then far longer than the others: a window, not the last), fitted as a
+        # fixed part and a part per stream.
+        self._ticks = TickCosts()
+        self._unmeasured = 0  # ticks in a row left out of the measure (requests joining)
         self._preparing: list[Request] = []  # admitted, not running yet (FIFO)
         self._outbox: list[tuple[Sink, ServerMessage]] = []  # this tick's messages
         # Requests past their live stream, rendering a post-stage (Multi-Band
@@ -309,61 +313,66 @@ class Scheduler:
         for request in admitted:
             self._admit(request)
         self._prepare_some()
-        # (Preparation is left out of the measure: it passes, the steps recur.)
+        # Preparation is left out of the measure (it passes, the steps recur), and
+        # so are the ticks in which a request takes its first step: a MusicGen
+        # step encodes the descriptions of the requests starting in it, and
+        # prefills, so that a burst's first tick can take ten times a steady one.
         start = time.perf_counter()
-        running = self._step_active()
+        running, joining = self._step_active()
         if running:
-            with self._cond:
-                self._ticks.append((time.perf_counter() - start, running))
+            took = time.perf_counter() - start
+            self._unmeasured = 0 if not joining else self._unmeasured + 1
+            if self._unmeasured in (0, self.MEASURE_ANYWAY):
+                self._unmeasured = 0
+                with self._cond:
+                    self._ticks.add(took, running)
         return True
+
+    # Where requests join in tick after tick, one tick in this many is measured anyway.
+    MEASURE_ANYWAY = 16
 
     # Real time with room to spare: a tick may take at most this part of the
     # audio one step adds to each stream.
     REALTIME_MARGIN = 0.8
 
     def _fast_enough(self, running: int) -> bool:
-        """Whether one more stream would keep every stream faster than real time.
-
-        The cost of a tick is taken to grow in proportion to the streams (the
-        measured tick over the streams it ran, times one more): pessimistic, as a
-        batched step costs far less per stream, so admission errs on the side of
-        the streams already playing.
-        """
-        measured = self._measured()
-        if self.admission != "realtime" or running == 0 or measured is None:
+        """Whether one more stream would keep every stream faster than real time
+        (the measured ticks' fit, ``capacity.TickFit``; call with the lock)."""
+        fit = self._ticks.fit()
+        if self.admission != "realtime" or running == 0 or fit is None:
             return True
-        tick, streams = measured
-        return tick * (running + 1) / streams <= self.REALTIME_MARGIN * self._step_audio()
+        return running + 1 <= self._realtime_streams(fit)
 
-    def _measured(self) -> tuple[float, float] | None:
-        """Mean seconds per tick and mean streams per tick, lately (call with the lock)."""
-        if not self._ticks:
-            return None
-        count = len(self._ticks)
-        return sum(t for t, _ in self._ticks) / count, sum(n for _, n in self._ticks) / count
+    def _realtime_streams(self, fit: TickFit) -> int:
+        """The most streams whose tick is estimated to fit in the audio a step adds
+        to each, with the margin (at most ``max_active``)."""
+        return fit.most(self.REALTIME_MARGIN * self._step_audio(), self.max_active)
 
     def _step_audio(self) -> float:
         """Seconds of audio a step adds to a stream (the slowest model's)."""
         return min((1.0 / engine.frame_rate for engine in self._engines.values()), default=0.0)
 
     def capacity(self) -> dict[str, Any]:
-        """The measured speed, for /v1/info: tick time and the real-time estimate."""
+        """The measured speed, for /v1/info: the mean tick, its fit and the
+        real-time estimate."""
         with self._cond:
-            measured = self._measured()
-        if measured is None:
+            fit = self._ticks.fit()
+            streams = None if fit is None else self._realtime_streams(fit)
+        if fit is None:
             return {
                 "tick_ms": None,
                 "measured_streams": 0,
+                "tick_fixed_ms": None,
+                "tick_per_stream_ms": None,
                 "realtime_streams": None,
                 "admission": self.admission,
             }
-        tick, streams = measured
-        per_stream = tick / streams
-        estimate = int(self.REALTIME_MARGIN * self._step_audio() / per_stream) if per_stream else 0
         return {
-            "tick_ms": round(tick * 1000, 3),
-            "measured_streams": round(streams, 2),
-            "realtime_streams": min(self.max_active, estimate),
+            "tick_ms": round(fit.mean_tick * 1000, 3),
+            "measured_streams": round(fit.mean_streams, 2),
+            "tick_fixed_ms": round(fit.fixed * 1000, 3),
+            "tick_per_stream_ms": round(fit.per_stream * 1000, 4),
+            "realtime_streams": streams,
             "admission": self.admission,
         }
 
@@ -433,9 +442,9 @@ class Scheduler:
         )
         request.log.info("started (queued %.3f s)", request.started_at - request.submitted_at)
 
-    def _step_active(self) -> int:
+    def _step_active(self) -> tuple[int, bool]:
         """Step every decoding request once, and the oldest post-stage one; how many
-        decoding requests ran."""
+        decoding requests ran, and whether one of them took its first step."""
         with self._cond:
             active = list(self._active)
         runnable: dict[str, list[Request]] = {}
@@ -464,7 +473,12 @@ class Scheduler:
             self.steps_total += 1
             for request, output in zip(requests, outputs, strict=True):
                 self._deliver(request, output)
-        return sum(len(requests) for requests in runnable.values())
+        joining = False
+        for requests in runnable.values():
+            for request in requests:
+                joining = joining or request.steps == 0
+                request.steps += 1
+        return sum(len(requests) for requests in runnable.values()), joining
 
     def _deliver(self, request: Request, output: StepOutput) -> None:
         assert request.outputs is not None
