@@ -76,6 +76,8 @@ class Request:
     position: int = 0
     started_at: float = 0.0
     steps: int = 0  # ticks it has been stepped in
+    seconds: float = 0.0  # audio generated so far (its context grows with it)
+    target: float | None = None  # the audio it asked for, where it says (MusicGen)
     outputs: RequestOutputs | None = None  # once started
 
     def cancel(self, error: WavecastError | None = None) -> None:
@@ -110,7 +112,7 @@ class Scheduler:
         # then far longer than the others: a window, not the last), fitted as a
         # fixed part and a part per stream.
         self._ticks = TickCosts()
-        self._unmeasured = 0  # ticks in a row left out of the measure (requests joining)
+        self._unmeasured = 0  # ticks in a row left out of the measure (young streams)
         self._preparing: list[Request] = []  # admitted, not running yet (FIFO)
         self._outbox: list[tuple[Sink, ServerMessage]] = []  # this tick's messages
         # Requests past their live stream, rendering a post-stage (Multi-Band
@@ -292,11 +294,8 @@ class Scheduler:
                 self._pending.remove(request)
             admitted: list[Request] = []
             decoding = len(self._active) - len(self._post)
-            while (
-                self._pending
-                and decoding + len(admitted) < self.max_active
-                and self._fast_enough(decoding + len(admitted))
-            ):
+            limit = self._admission_limit(decoding) if self._pending else self.max_active
+            while self._pending and decoding + len(admitted) < limit:
                 # Active from now on, so that submit() counts it while it prepares.
                 request = self._pending.popleft()
                 self._active.append(request)
@@ -314,39 +313,81 @@ class Scheduler:
             self._admit(request)
         self._prepare_some()
         # Preparation is left out of the measure (it passes, the steps recur), and
-        # so are the ticks in which a request takes its first step: a MusicGen
-        # step encodes the descriptions of the requests starting in it, and
-        # prefills, so that a burst's first tick can take ten times a steady one.
+        # so are the ticks in which a stream is still young: its first step
+        # encodes its description and prefills (a burst's first tick can take ten
+        # times a steady one).
         start = time.perf_counter()
-        running, joining = self._step_active()
+        codec = self._codec_seconds()
+        running, young, context = self._step_active()
         if running:
             took = time.perf_counter() - start
-            self._unmeasured = 0 if not joining else self._unmeasured + 1
+            codec = self._codec_seconds() - codec
+            self._unmeasured = 0 if not young else self._unmeasured + 1
             if self._unmeasured in (0, self.MEASURE_ANYWAY):
                 self._unmeasured = 0
                 with self._cond:
-                    self._ticks.add(took, running)
+                    self._ticks.add(took, running, context, codec)
         return True
 
-    # Where requests join in tick after tick, one tick in this many is measured anyway.
+    # A stream is young for its first this many steps.
+    YOUNG_STEPS = 2
+    # Where young streams run in tick after tick (requests arriving all the time),
+    # one tick in this many is measured anyway.
     MEASURE_ANYWAY = 16
 
     # Real time with room to spare: a tick may take at most this part of the
     # audio one step adds to each stream.
     REALTIME_MARGIN = 0.8
 
-    def _fast_enough(self, running: int) -> bool:
-        """Whether one more stream would keep every stream faster than real time
-        (the measured ticks' fit, ``capacity.TickFit``; call with the lock)."""
+    # Seconds of audio ahead of a stream that admission counts its context at,
+    # where the stream does not say how long it will be (speech): real time for
+    # that much longer.
+    HORIZON = 10.0
+
+    def _admission_limit(self, running: int) -> int:
+        """How many streams may decode at once now (``running`` do): ``max_active``,
+        or with ``realtime`` admission (once ticks are measured) the most that the
+        measured ticks' fit (``capacity.TickFit``) says stay faster than real
+        time, each at the context it will reach; one at least. Call with the lock."""
         fit = self._ticks.fit()
-        if self.admission != "realtime" or running == 0 or fit is None:
-            return True
-        return running + 1 <= self._realtime_streams(fit)
+        if self.admission != "realtime" or fit is None:
+            return self.max_active
+        return max(1, running, self._realtime_streams(fit))
 
     def _realtime_streams(self, fit: TickFit) -> int:
         """The most streams whose tick is estimated to fit in the audio a step adds
-        to each, with the margin (at most ``max_active``)."""
-        return fit.most(self.REALTIME_MARGIN * self._step_audio(), self.max_active)
+        to each, with the margin (at most ``max_active``), each at the longest
+        context a stream running or about to start will reach."""
+        budget = self.REALTIME_MARGIN * self._step_audio()
+        return fit.most(budget, self.max_active, self._context_ahead())
+
+    def _context(self, engine: Engine, seconds: float) -> float:
+        """What the context of a stream ``seconds`` into its audio costs a step
+        (``Engine.context_cost``), its attention spanning at most the engine's
+        window (``Engine.context_seconds``)."""
+        window = engine.context_seconds
+        return engine.context_cost * (seconds if window is None else min(seconds, window))
+
+    def _context_ahead(self) -> float:
+        """The most a running, preparing or queued stream's context will cost a step:
+        at its length (MusicGen's, once started; before, the ``duration`` it asks
+        for), else HORIZON seconds past where it is. Call with the lock."""
+        most = 0.0
+        for request in (*self._active, *self._pending):
+            engine = self._engines.get(request.model)
+            if engine is None:
+                continue
+            target = request.target
+            if target is None and request.job is None:
+                asked = request.engine_request.params.get("duration")
+                target = float(asked) if isinstance(asked, int | float) else None
+            ahead = target if target is not None else request.seconds + self.HORIZON
+            most = max(most, self._context(engine, ahead))
+        return most
+
+    def _codec_seconds(self) -> float:
+        """Seconds the engines have spent in codec calls so far."""
+        return sum(engine.codec_seconds for engine in self._engines.values())
 
     def _step_audio(self) -> float:
         """Seconds of audio a step adds to a stream (the slowest model's)."""
@@ -358,12 +399,15 @@ class Scheduler:
         with self._cond:
             fit = self._ticks.fit()
             streams = None if fit is None else self._realtime_streams(fit)
+            context = self._context_ahead()
         if fit is None:
             return {
                 "tick_ms": None,
                 "measured_streams": 0,
                 "tick_fixed_ms": None,
                 "tick_per_stream_ms": None,
+                "tick_codec_ms_per_stream": None,
+                "tick_context_ms": None,
                 "realtime_streams": None,
                 "admission": self.admission,
             }
@@ -372,6 +416,8 @@ class Scheduler:
             "measured_streams": round(fit.mean_streams, 2),
             "tick_fixed_ms": round(fit.fixed * 1000, 3),
             "tick_per_stream_ms": round(fit.per_stream * 1000, 4),
+            "tick_codec_ms_per_stream": round(fit.codec_per_stream * 1000, 4),
+            "tick_context_ms": round(context * 1000, 4),
             "realtime_streams": streams,
             "admission": self.admission,
         }
@@ -427,6 +473,7 @@ class Scheduler:
         request.outputs = RequestOutputs(request.id, info, request.format)
         extra = request.job.extra
         seed, seconds, max_seconds = (extra.get(k) for k in ("seed", "seconds", "max_seconds"))
+        request.target = float(seconds) if isinstance(seconds, int | float) else None
         self._emit(
             request,
             Started(
@@ -442,9 +489,11 @@ class Scheduler:
         )
         request.log.info("started (queued %.3f s)", request.started_at - request.submitted_at)
 
-    def _step_active(self) -> tuple[int, bool]:
+    def _step_active(self) -> tuple[int, bool, float]:
         """Step every decoding request once, and the oldest post-stage one; how many
-        decoding requests ran, and whether one of them took its first step."""
+        decoding requests ran, whether one of them is young (``YOUNG_STEPS``), and what
+        their contexts cost the tick: each model's streams at the longest context
+        among them (what its batched step's attention spans), summed."""
         with self._cond:
             active = list(self._active)
         runnable: dict[str, list[Request]] = {}
@@ -473,12 +522,16 @@ class Scheduler:
             self.steps_total += 1
             for request, output in zip(requests, outputs, strict=True):
                 self._deliver(request, output)
-        joining = False
-        for requests in runnable.values():
+        young = False
+        context = 0.0
+        for model, requests in runnable.items():
+            longest = 0.0
             for request in requests:
-                joining = joining or request.steps == 0
+                young = young or request.steps < self.YOUNG_STEPS
                 request.steps += 1
-        return sum(len(requests) for requests in runnable.values()), joining
+                longest = max(longest, request.seconds)
+            context += len(requests) * self._context(self._engines[model], longest)
+        return sum(len(requests) for requests in runnable.values()), young, context
 
     def _deliver(self, request: Request, output: StepOutput) -> None:
         assert request.outputs is not None
@@ -487,6 +540,8 @@ class Scheduler:
             self._finish(request, "error", output.error)
             return
         live = request.outputs.stage is None
+        if live:
+            request.seconds = output.seconds
         for message in request.outputs.messages(output, time.perf_counter()):
             self._emit(request, message)
         if live and output.stage is not None and not output.done:

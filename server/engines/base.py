@@ -166,6 +166,15 @@ class Engine(Protocol):
 
     # Frames of audio per second: each step adds one frame to every running request.
     frame_rate: float
+    # Seconds of audio past which a stream's attention stops growing (a window
+    # that slides on: MusicGen's), or None (it grows to the end: speech).
+    context_seconds: float | None
+    # Seconds a step costs per stream per second of its context (its attention
+    # reading more positions), measured at warm-up (``step_cost``); 0 before.
+    context_cost: float
+    # Host seconds spent in the streams' codec calls so far (a step decodes every
+    # stream's due chunks together, now and then: the scheduler counts it apart).
+    codec_seconds: float
 
     @property
     def graphs(self) -> StepGraphs | None:

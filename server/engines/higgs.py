@@ -83,6 +83,7 @@ from .loading import HiggsModel
 from .precision import dtype_name
 from .sampling import RowSampling, finite_rows, redraw_keys, sample_repeat_aware
 from .slots import SlotTable
+from .step_cost import context_cost
 from .voices import Scene, Voice, scene_text
 
 __all__ = ["HiggsEngine"]
@@ -207,6 +208,9 @@ class HiggsEngine:
         self.sample_rate = int(self.codec.config.sample_rate)
         self.hop = int(self.codec.config.hop_length)
         self.frame_rate = self.sample_rate / self.hop
+        self.context_cost = 0.0  # seconds a step per stream-second of context (warm-up)
+        self.codec_seconds = 0.0  # host seconds in the streams' codec calls, so far
+        self.context_seconds: float | None = None  # a row's context grows to its end
         self._warm = False
         self.prefill_chunk = max(1, prefill_chunk)
         self.prefill_budget = max(1, prefill_budget)
@@ -846,7 +850,9 @@ class HiggsEngine:
         """Decode every stream's due codec window, batched (calls of at most ``codec_batch``)."""
         if self._due:
             due, self._due = self._due, []
+            began = time.perf_counter()
             complete_due(self._decode, due, self.codec_batch)
+            self.codec_seconds += time.perf_counter() - began
 
     def warm_up(self) -> None:
         if not self._warm:
@@ -861,9 +867,10 @@ class HiggsEngine:
                 with torch.no_grad():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
-            if graphs is not None:
-                with reserving(self.name, self.max_active):
+            with reserving(self.name, self.max_active):
+                if graphs is not None:
                     self._prepare_graphs()
+                self._measure_context_cost()
             self._warm = True
 
     def _table_length(self) -> int:
@@ -872,6 +879,28 @@ class HiggsEngine:
         default = next(spec.default for spec in self._params if spec.name == "max_new_tokens")
         assert isinstance(default, int)
         return 1024 + default + 1
+
+    def _measure_context_cost(self) -> None:
+        """``context_cost``: a step over ``max_active`` requests' rows, at a span of
+        512 positions and of 64 (``step_cost``)."""
+        streams = self.max_active
+        self._grow(streams)
+        long = min(512, self._table_length())
+        self.decoder.ensure(length=long)
+        self.context_cost = context_cost(
+            self.decoder,
+            rows=streams,
+            rows_per_stream=1,
+            short=max(1, long // 8),
+            long=long,
+            frame_rate=self.frame_rate,
+            device=self.device,
+        )
+        log.info(
+            "%s: a second of context costs a stream %.4f ms a step",
+            self.name,
+            self.context_cost * 1000,
+        )
 
     def _check_room(self) -> None:
         """Refuse to serve ``max_active`` requests whose table the memory cannot hold

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,7 @@ from .musicgen_windows import Codes, Window, Windows
 from .precision import dtype_name
 from .sampling import DrawPlan, RowSampling, finite_rows, sample
 from .slots import SlotTable
+from .step_cost import context_cost
 
 __all__ = ["MusicGenEngine", "StreamSettings"]
 
@@ -176,6 +178,9 @@ class MusicGenEngine:
         self.conditioning = Conditioning(model, max_prompt_tokens, self.autocast)
         self._warm = False
         self.frame_rate = float(model.frame_rate)
+        self.context_cost = 0.0  # seconds a step per stream-second of context (warm-up)
+        self.codec_seconds = 0.0  # host seconds in the streams' codec calls, so far
+        self.context_seconds: float | None = self.window  # long form slides a window
         self.windows = Windows(self.lm, self.window, self.frame_rate)
         self.hop = round(model.sample_rate / model.frame_rate)
         codec = getattr(model.compression_model, "model", model.compression_model)  # (stereo)
@@ -451,8 +456,10 @@ class MusicGenEngine:
         """Decode every stream's due codec window, batched (calls of at most ``codec_batch``)."""
         if self._due:
             due, self._due = self._due, []
+            began = time.perf_counter()
             with self._codec_format():
                 complete_due(self._decode, due, self.codec_batch)
+            self.codec_seconds += time.perf_counter() - began
 
     # -- the slot table --------------------------------------------------------------
 
@@ -780,15 +787,40 @@ class MusicGenEngine:
                 with torch.no_grad():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
-            if graphs is not None:
-                with reserving(self.name, self.max_active):
+            with reserving(self.name, self.max_active):
+                if graphs is not None:
                     self._prepare_graphs()
+                self._measure_context_cost()
             self._warm = True
 
     def _table_size(self) -> tuple[int, int]:
         """A request's positions (a window, a melody's chroma included) and
         conditions (descriptions up to 128 tokens) as the table is reserved for."""
         return self._prepend + self._window_steps, min(self.max_prompt_tokens, 128)
+
+    def _measure_context_cost(self) -> None:
+        """``context_cost``: a step over ``max_active`` requests' rows, at a span of
+        512 positions (or the table's, if shorter) and of an eighth of that
+        (``step_cost``)."""
+        streams = self.max_active
+        self._grow(streams)
+        long = min(512, self._table_size()[0])
+        self.decoder.ensure(length=long)
+        with self.autocast():
+            self.context_cost = context_cost(
+                self.decoder,
+                rows=2 * streams,
+                rows_per_stream=2,
+                short=max(1, long // 8),
+                long=long,
+                frame_rate=self.frame_rate,
+                device=self.device,
+            )
+        log.info(
+            "%s: a second of context costs a stream %.4f ms a step",
+            self.name,
+            self.context_cost * 1000,
+        )
 
     def _check_room(self) -> None:
         """Refuse to serve ``max_active`` requests whose table the memory cannot hold

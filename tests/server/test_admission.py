@@ -36,22 +36,42 @@ class Slowed:
 
 
 class Batched:
-    """The real tiny engine, each step padded to 6 ms + 0.8 ms per request: a
-    batched step, mostly its fixed part. 12 streams keep real time (15.6 ms of the
-    16 that the margin leaves of the 20 ms of audio a step adds to each)."""
+    """The real tiny engine, each step padded to 6 ms + 0.8 ms per request (by
+    default): a batched step, mostly its fixed part. 12 streams keep real time
+    (15.6 ms of the 16 that the margin leaves of the 20 ms of audio a step adds
+    to each)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, fixed: float = 0.006, per_stream: float = 0.0008) -> None:
         self.engine = engine
+        self.fixed, self.per_stream = fixed, per_stream
         self.crowds: list[int] = []  # the requests in each step
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
 
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
-        until = time.perf_counter() + 0.006 + 0.0008 * len(jobs)
+        until = time.perf_counter() + self.fixed + self.per_stream * len(jobs)
         outputs: list[StepOutput] = self.engine.step(jobs)
         self.crowds.append(len(jobs))
         time.sleep(max(0.0, until - time.perf_counter()))
+        return outputs
+
+
+class Aging(Batched):
+    """``Batched`` whose streams also cost more as their context grows: 0.3 ms a
+    step per second of audio made (the longest stream's, for every stream, as a
+    batched step's attention spans the longest), said as ``context_cost``."""
+
+    context_cost = 0.0003
+
+    def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        longest = max((job.steps for job in jobs), default=0) / self.engine.frame_rate
+        began = time.perf_counter()
+        outputs = super().step(jobs)
+        extra = self.context_cost * longest * len(jobs)
+        time.sleep(
+            max(0.0, began + self.fixed + self.per_stream * len(jobs) + extra - time.perf_counter())
+        )
         return outputs
 
 
@@ -127,4 +147,50 @@ async def test_a_burst_after_single_streams_starts_a_real_time_crowd_in_a_few_ti
     # that keep real time. Within 40 ticks the crowd is at least eight.
     assert max(burst[:40]) >= 8, burst[:40]
     assert max(burst) <= 16
+    assert all(isinstance(e[-1][1], Done) and e[-1][1].status == "completed" for e in results)
+
+
+async def test_past_capacity_the_crowd_stops_where_real_time_does() -> None:
+    """Twelve requests at once where a step costs 3 ms + 2 ms a stream: six keep
+    real time (15 ms of the 16 the margin leaves), seven would not (17 ms). The
+    crowd stops about there and the rest wait their turn, in the queue; with
+    ``slots`` all twelve would run at once, each slower than real time."""
+    engine = Batched(tiny_engines()["tiny-musicgen"], fixed=0.003, per_stream=0.002)
+    config = make_config(max_active=12, max_requests_per_connection=12)
+    server = running_server(config, lambda: {"tiny-musicgen": engine})
+    async with server as srv, connect(srv.url) as client:
+        await events_of(await client.generate("tiny-musicgen", "alone", duration=0.5))
+        streams = [
+            await client.generate("tiny-musicgen", f"crowd {i}", duration=1.0) for i in range(12)
+        ]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(events_of(stream) for stream in streams)), timeout(120)
+        )
+    # (A measure near the line may let a seventh in: 17 ms is still real time.)
+    assert 4 <= max(engine.crowds) <= 7, engine.crowds
+    # Some started only once others were done.
+    first_done = min(next(t for t, m in e if isinstance(m, Done)) for e in results)
+    assert any(next(t for t, m in e if isinstance(m, Started)) >= first_done for e in results)
+    assert all(isinstance(e[-1][1], Done) and e[-1][1].status == "completed" for e in results)
+
+
+async def test_a_crowd_is_admitted_for_what_it_will_cost_once_its_context_has_grown() -> None:
+    """A step of 3 ms + 0.5 ms a stream + 0.3 ms a stream per second of context:
+    young, 26 streams keep real time; at the end of their 2 s clips, 11 (3 + 11
+    * 1.1 = 15.1 ms of 16). Twenty at once: the crowd is held near 11, each
+    stream counted at the context it will reach, not at what its young ticks
+    cost (then all twenty would start, and end at 25 ms a step: slower than real
+    time)."""
+    engine = Aging(tiny_engines()["tiny-musicgen"], fixed=0.003, per_stream=0.0005)
+    config = make_config(max_active=20, max_requests_per_connection=20)
+    server = running_server(config, lambda: {"tiny-musicgen": engine})
+    async with server as srv, connect(srv.url) as client:
+        await events_of(await client.generate("tiny-musicgen", "alone", duration=0.5))
+        streams = [
+            await client.generate("tiny-musicgen", f"crowd {i}", duration=2.0) for i in range(20)
+        ]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(events_of(stream) for stream in streams)), timeout(180)
+        )
+    assert 6 <= max(engine.crowds) <= 13, (max(engine.crowds), engine.crowds[25::20])
     assert all(isinstance(e[-1][1], Done) and e[-1][1].status == "completed" for e in results)

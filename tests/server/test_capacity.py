@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import time
 
-from wavecast.server.capacity import TickCosts, TickFit
+import pytest
+import torch
+
+from wavecast.server.capacity import SURE, TickCosts, TickFit
+from wavecast.server.engines.step_cost import context_cost
 
 BUDGET = 0.016  # 80% of the 20 ms of audio a MusicGen step adds to a stream
 
 
 def line(fixed: float, per_stream: float, *counts: int) -> list[tuple[float, int]]:
-    return [(fixed + per_stream * n, n) for n in counts for _ in range(5)]
+    return [(fixed + per_stream * n, n) for n in counts for _ in range(SURE)]
 
 
 def fitted(ticks: list[tuple[float, int]]) -> TickFit:
@@ -76,16 +80,75 @@ def test_a_model_too_slow_for_one_stream_keeps_none() -> None:
 
 
 def test_the_window_keeps_the_recent_ticks() -> None:
-    costs = TickCosts(window=10)
+    recent = line(0.006, 0.0008, 3, 9)
+    costs = TickCosts(window=len(recent))
     assert costs.fit() is None
     for seconds, streams in line(0.0, 0.002, 1) * 2:
         costs.add(seconds, streams)
     first = costs.fit()
     assert first is not None and first.measured == 1
     assert costs.fit() is first  # kept until the next tick
-    for seconds, streams in line(0.006, 0.0008, 3, 9):
+    for seconds, streams in recent:
         costs.add(seconds, streams)
     later = costs.fit()
     assert later is not None and later is not first
-    # Only the last 10 ticks count: the crowds of 3 and 9, on their line.
+    # Only the recent ticks count: the crowds of 3 and 9, on their line.
     assert later.fixed == pytest.approx(0.006) and later.per_stream == pytest.approx(0.0008)
+
+
+def test_each_stream_is_counted_at_the_context_it_will_reach() -> None:
+    fit = fitted(line(0.006, 0.0008, 1, 3, 9))
+    # Each stream's context will cost 0.2 ms a tick: 6 + (0.8 + 0.2) * n <= 16.
+    assert fit.cost(10, 10 * 0.0002) == pytest.approx(0.016)
+    assert fit.most(BUDGET, 64, context_each=0.0002) == 10
+    assert fit.most(BUDGET, 64, context_each=0.011) == 0  # not even one
+
+
+def test_the_line_is_fitted_to_the_ticks_less_their_context_and_codec() -> None:
+    # A step of 6 ms + 0.8 ms a stream, plus 0.1 ms a stream for each second of
+    # context (the crowd aging), plus a codec call for every stream one tick in
+    # ten (1 ms a stream): what the crowd costs on average is the line plus 0.1
+    # ms a stream of codec, whatever ticks the window holds.
+    costs = TickCosts()
+    for streams in (1, 3, 9):
+        for step in range(40):
+            context = streams * 0.0001 * step / 50
+            codec = 0.001 * streams if step % 10 == 9 else 0.0
+            costs.add(0.006 + 0.0008 * streams + context + codec, streams, context, codec)
+    fit = costs.fit()
+    assert fit is not None
+    assert fit.fixed == pytest.approx(0.006) and fit.per_stream == pytest.approx(0.0008)
+    assert fit.codec_per_stream == pytest.approx(0.0001)
+    assert fit.cost(10) == pytest.approx(0.006 + 0.0009 * 10)
+    # (The mean tick is what the ticks took, all parts in.)
+    assert fit.mean_tick > 0.006 + 0.0008 * 13 / 3
+
+
+def test_a_decode_step_times_its_context_per_stream_and_second() -> None:
+    class Decoder:
+        """A step that takes 20 microseconds per attended position."""
+
+        codebooks = 4
+
+        def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None) -> None:
+            assert codes.shape == (16, 4) and not bool(active.any())
+            time.sleep(2e-5 * (span or 0))
+
+    cost = context_cost(
+        Decoder(),
+        rows=16,
+        rows_per_stream=2,
+        short=64,
+        long=512,
+        frame_rate=50.0,
+        device=torch.device("cpu"),
+        repeats=3,
+    )
+    # 448 positions more (8.96 s at 50 a second) for 8 streams: 8.96 ms more a step.
+    assert cost == pytest.approx(0.00896 / (8 * 8.96), rel=0.3)
+
+
+def test_one_tick_of_a_larger_crowd_is_not_yet_a_measure_of_it() -> None:
+    ticks = line(0.001, 0.0001, 1, 2) + [(0.0015, 40)] * (SURE - 1)
+    assert fitted(ticks).measured == 2
+    assert fitted([*ticks, (0.0015, 40)]).measured == 40
