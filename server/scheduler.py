@@ -108,9 +108,9 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.admission = admission
         # Seconds per tick (one step of every model) and streams stepped, over the
-        # recent ticks with requests running (a codec decode makes a tick now and
-        # then far longer than the others: a window, not the last), fitted as a
-        # fixed part and a part per stream.
+        # recent ticks with requests running, fitted as a fixed part and a part
+        # per stream, with the codec's calls and the streams' contexts counted
+        # apart (``capacity.TickCosts``).
         self._ticks = TickCosts()
         self._unmeasured = 0  # ticks in a row left out of the measure (young streams)
         self._preparing: list[Request] = []  # admitted, not running yet (FIFO)

@@ -83,7 +83,7 @@ from .loading import HiggsModel
 from .precision import dtype_name
 from .sampling import RowSampling, finite_rows, redraw_keys, sample_repeat_aware
 from .slots import SlotTable
-from .step_cost import context_cost
+from .step_cost import measure_context_cost
 from .voices import Scene, Voice, scene_text
 
 __all__ = ["HiggsEngine"]
@@ -881,25 +881,16 @@ class HiggsEngine:
         return 1024 + default + 1
 
     def _measure_context_cost(self) -> None:
-        """``context_cost``: a step over ``max_active`` requests' rows, at a span of
-        512 positions and of 64 (``step_cost``)."""
-        streams = self.max_active
-        self._grow(streams)
-        long = min(512, self._table_length())
-        self.decoder.ensure(length=long)
-        self.context_cost = context_cost(
+        """``context_cost`` (``step_cost``), over ``max_active`` requests' rows."""
+        self._grow(self.max_active)
+        self.context_cost = measure_context_cost(
             self.decoder,
-            rows=streams,
+            name=self.name,
+            streams=self.max_active,
             rows_per_stream=1,
-            short=max(1, long // 8),
-            long=long,
+            table_length=self._table_length(),
             frame_rate=self.frame_rate,
             device=self.device,
-        )
-        log.info(
-            "%s: a second of context costs a stream %.4f ms a step",
-            self.name,
-            self.context_cost * 1000,
         )
 
     def _check_room(self) -> None:

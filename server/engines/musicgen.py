@@ -66,7 +66,7 @@ from .musicgen_windows import Codes, Window, Windows
 from .precision import dtype_name
 from .sampling import DrawPlan, RowSampling, finite_rows, sample
 from .slots import SlotTable
-from .step_cost import context_cost
+from .step_cost import measure_context_cost
 
 __all__ = ["MusicGenEngine", "StreamSettings"]
 
@@ -799,28 +799,18 @@ class MusicGenEngine:
         return self._prepend + self._window_steps, min(self.max_prompt_tokens, 128)
 
     def _measure_context_cost(self) -> None:
-        """``context_cost``: a step over ``max_active`` requests' rows, at a span of
-        512 positions (or the table's, if shorter) and of an eighth of that
-        (``step_cost``)."""
-        streams = self.max_active
-        self._grow(streams)
-        long = min(512, self._table_size()[0])
-        self.decoder.ensure(length=long)
+        """``context_cost`` (``step_cost``), over ``max_active`` requests' rows."""
+        self._grow(self.max_active)
         with self.autocast():
-            self.context_cost = context_cost(
+            self.context_cost = measure_context_cost(
                 self.decoder,
-                rows=2 * streams,
+                name=self.name,
+                streams=self.max_active,
                 rows_per_stream=2,
-                short=max(1, long // 8),
-                long=long,
+                table_length=self._table_size()[0],
                 frame_rate=self.frame_rate,
                 device=self.device,
             )
-        log.info(
-            "%s: a second of context costs a stream %.4f ms a step",
-            self.name,
-            self.context_cost * 1000,
-        )
 
     def _check_room(self) -> None:
         """Refuse to serve ``max_active`` requests whose table the memory cannot hold

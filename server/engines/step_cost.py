@@ -13,19 +13,52 @@ context (``server/capacity.py``).
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["context_cost"]
+__all__ = ["context_cost", "measure_context_cost"]
+
+log = logging.getLogger(__name__)
 
 
 class _Decoder(Protocol):
     codebooks: int
 
+    def ensure(self, *, rows: int = 0, length: int = 0) -> None: ...
+
     def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None) -> Any: ...
+
+
+def measure_context_cost(
+    decoder: _Decoder,
+    *,
+    name: str,
+    streams: int,
+    rows_per_stream: int,
+    table_length: int,
+    frame_rate: float,
+    device: torch.device,
+) -> float:
+    """An engine's ``context_cost`` at warm-up: a step over ``streams`` requests'
+    rows (the table holds them), at a span of 512 positions (or the table's, if
+    shorter) and of an eighth of that; logged."""
+    long = min(512, table_length)
+    decoder.ensure(length=long)
+    cost = context_cost(
+        decoder,
+        rows=rows_per_stream * streams,
+        rows_per_stream=rows_per_stream,
+        short=max(1, long // 8),
+        long=long,
+        frame_rate=frame_rate,
+        device=device,
+    )
+    log.info("%s: a second of context costs a stream %.4f ms a step", name, cost * 1000)
+    return cost
 
 
 def context_cost(

@@ -75,7 +75,30 @@ class Aging(Batched):
         return outputs
 
 
-async def events_of(stream: Any) -> list[tuple[float, ServerMessage]]:
+Events = list[tuple[float, ServerMessage]]
+
+
+async def crowd_after_one(engine: Batched, count: int, duration: float) -> tuple[int, list[Events]]:
+    """One request of 0.5 s alone, then ``count`` of ``duration`` at once, each to
+    its end, through a server on ``engine`` (``max_active`` ``count``, realtime
+    admission): the steps the one alone took, and the crowd's events."""
+    config = make_config(max_active=count, max_requests_per_connection=count)
+    server = running_server(config, lambda: {"tiny-musicgen": engine})
+    async with server as srv, connect(srv.url) as client:
+        await events_of(await client.generate("tiny-musicgen", "alone", duration=0.5))
+        alone = len(engine.crowds)
+        streams = [
+            await client.generate("tiny-musicgen", f"crowd {i}", duration=duration)
+            for i in range(count)
+        ]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(events_of(stream) for stream in streams)), timeout(180)
+        )
+    assert all(isinstance(e[-1][1], Done) and e[-1][1].status == "completed" for e in results)
+    return alone, list(results)
+
+
+async def events_of(stream: Any) -> Events:
     return [(time.perf_counter(), event) async for event in stream]
 
 
@@ -130,24 +153,13 @@ async def test_a_burst_after_single_streams_starts_a_real_time_crowd_in_a_few_ti
     what one more stream adds (not what a tick of one costs), so the crowd grows
     to what keeps real time within a few ticks, not a stream at a time over seconds."""
     engine = Batched(tiny_engines()["tiny-musicgen"])
-    config = make_config(max_active=16, max_requests_per_connection=16)
-    server = running_server(config, lambda: {"tiny-musicgen": engine})
-    async with server as srv, connect(srv.url) as client:
-        await events_of(await client.generate("tiny-musicgen", "alone", duration=0.5))
-        alone = len(engine.crowds)
-        streams = [
-            await client.generate("tiny-musicgen", f"crowd {i}", duration=2.0) for i in range(16)
-        ]
-        results = await asyncio.wait_for(
-            asyncio.gather(*(events_of(stream) for stream in streams)), timeout(120)
-        )
+    alone, _ = await crowd_after_one(engine, 16, duration=2.0)
     assert set(engine.crowds[:alone]) == {1}
     burst = engine.crowds[alone:]
     # One stream alone took 6.8 ms a tick: in proportion, two (13.6 ms) would be all
     # that keep real time. Within 40 ticks the crowd is at least eight.
     assert max(burst[:40]) >= 8, burst[:40]
     assert max(burst) <= 16
-    assert all(isinstance(e[-1][1], Done) and e[-1][1].status == "completed" for e in results)
 
 
 async def test_past_capacity_the_crowd_stops_where_real_time_does() -> None:
@@ -156,22 +168,12 @@ async def test_past_capacity_the_crowd_stops_where_real_time_does() -> None:
     crowd stops about there and the rest wait their turn, in the queue; with
     ``slots`` all twelve would run at once, each slower than real time."""
     engine = Batched(tiny_engines()["tiny-musicgen"], fixed=0.003, per_stream=0.002)
-    config = make_config(max_active=12, max_requests_per_connection=12)
-    server = running_server(config, lambda: {"tiny-musicgen": engine})
-    async with server as srv, connect(srv.url) as client:
-        await events_of(await client.generate("tiny-musicgen", "alone", duration=0.5))
-        streams = [
-            await client.generate("tiny-musicgen", f"crowd {i}", duration=1.0) for i in range(12)
-        ]
-        results = await asyncio.wait_for(
-            asyncio.gather(*(events_of(stream) for stream in streams)), timeout(120)
-        )
+    _, results = await crowd_after_one(engine, 12, duration=1.0)
     # (A measure near the line may let a seventh in: 17 ms is still real time.)
     assert 4 <= max(engine.crowds) <= 7, engine.crowds
     # Some started only once others were done.
     first_done = min(next(t for t, m in e if isinstance(m, Done)) for e in results)
     assert any(next(t for t, m in e if isinstance(m, Started)) >= first_done for e in results)
-    assert all(isinstance(e[-1][1], Done) and e[-1][1].status == "completed" for e in results)
 
 
 async def test_a_crowd_is_admitted_for_what_it_will_cost_once_its_context_has_grown() -> None:
@@ -182,15 +184,5 @@ async def test_a_crowd_is_admitted_for_what_it_will_cost_once_its_context_has_gr
     cost (then all twenty would start, and end at 25 ms a step: slower than real
     time)."""
     engine = Aging(tiny_engines()["tiny-musicgen"], fixed=0.003, per_stream=0.0005)
-    config = make_config(max_active=20, max_requests_per_connection=20)
-    server = running_server(config, lambda: {"tiny-musicgen": engine})
-    async with server as srv, connect(srv.url) as client:
-        await events_of(await client.generate("tiny-musicgen", "alone", duration=0.5))
-        streams = [
-            await client.generate("tiny-musicgen", f"crowd {i}", duration=2.0) for i in range(20)
-        ]
-        results = await asyncio.wait_for(
-            asyncio.gather(*(events_of(stream) for stream in streams)), timeout(180)
-        )
+    await crowd_after_one(engine, 20, duration=2.0)
     assert 6 <= max(engine.crowds) <= 13, (max(engine.crowds), engine.crowds[25::20])
-    assert all(isinstance(e[-1][1], Done) and e[-1][1].status == "completed" for e in results)
