@@ -156,13 +156,21 @@ class TickCosts:
             maxlen=window
         )
         self._codec: collections.deque[tuple[float, int]] = collections.deque(maxlen=codec_window)
+        self._codec_sums = [0.0, 0]  # the codec window's seconds and streams, kept as it moves
         self._fit: TickFit | None = None
 
     def add(self, seconds: float, streams: int, context: float = 0.0, codec: float = 0.0) -> None:
         """A tick of ``streams`` streams took ``seconds``: ``context`` of them for
         the streams' contexts, ``codec`` in codec calls."""
         self._ticks.append((seconds, streams, context, codec))
+        sums = self._codec_sums
+        if len(self._codec) == self._codec.maxlen:
+            gone, gone_streams = self._codec[0]
+            sums[0] -= gone
+            sums[1] -= gone_streams
         self._codec.append((codec, streams))
+        sums[0] += codec
+        sums[1] += streams
         self._fit = None
 
     def fit(self) -> TickFit | None:
@@ -171,7 +179,8 @@ class TickCosts:
         if self._fit is None and self._ticks:
             base = TickFit.of((t - x - c, n) for t, n, x, c in self._ticks)
             if base is not None:
-                codec = sum(c for c, _ in self._codec) / max(1, sum(n for _, n in self._codec))
+                seconds, streams = self._codec_sums
+                codec = max(0.0, seconds) / max(1, streams)
                 mean = sum(t for t, _, _, _ in self._ticks) / len(self._ticks)
                 self._fit = replace(base, mean_tick=mean, codec_per_stream=codec)
         return self._fit

@@ -152,3 +152,15 @@ def test_one_tick_of_a_larger_crowd_is_not_yet_a_measure_of_it() -> None:
     ticks = line(0.001, 0.0001, 1, 2) + [(0.0015, 40)] * (SURE - 1)
     assert fitted(ticks).measured == 2
     assert fitted([*ticks, (0.0015, 40)]).measured == 40
+
+
+def test_the_codec_is_averaged_over_its_own_longer_window() -> None:
+    costs = TickCosts(window=2, codec_window=4)
+    for codec in (0.010, 0.0, 0.0, 0.0):  # a crowd of 2's codec call, then none
+        costs.add(0.003 + codec, 2, codec=codec)
+    fit = costs.fit()
+    assert fit is not None and fit.codec_per_stream == pytest.approx(0.010 / 8)
+    assert fit.fixed + fit.per_stream * 2 == pytest.approx(0.003)  # the line: the rest
+    costs.add(0.003, 2)  # the call leaves the codec's window
+    fit = costs.fit()
+    assert fit is not None and fit.codec_per_stream == 0.0
