@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -361,19 +361,60 @@ def _chain(module: nn.Module) -> _Op:
 
 
 @dataclass(slots=True, eq=False)
+class _Stack:
+    """The layers' states of the streams last decoded together: each layer's
+    tensors hold them one after another along its batch dimension (``rows``
+    rows each), so that a call decoding the same streams again takes the
+    tensors as they are, and any other call gathers each layer's in one slice
+    or copy per run of streams, not per stream."""
+
+    slots: list[_Slot | None]
+    streams: int
+    key: tuple[object, ...]  # equal keys: decodable together (``_key``)
+
+
+@dataclass(slots=True, eq=False)
 class CodecState:
-    """One stream's place in the decoder: every layer's state (batch of ``rows``:
-    one per audio channel decoded apart, as interleaved stereo is)."""
+    """One stream's place in the decoder: its row of a stack of layer states
+    (``rows`` decoder rows: one per audio channel decoded apart, as interleaved
+    stereo is)."""
 
     codec: IncrementalCodec
-    slots: list[_Slot | None]
-    key: tuple[object, ...] = field(default=())  # equal keys: decodable together
+    stack: _Stack
+    row: int = 0
 
-    def _rekey(self) -> None:
-        self.key = tuple(
-            None if s is None else (s.skip, tuple(tuple(t.shape) for t in s.tensors))
-            for s in self.slots
+    @property
+    def key(self) -> tuple[object, ...]:
+        """Equal keys: decodable together (the same shapes of layer state)."""
+        return self.stack.key
+
+    @property
+    def slots(self) -> list[_Slot | None]:
+        """This stream's own layer states (views of its rows of the stack)."""
+        rows = self.codec.rows
+        return [
+            None
+            if slot is None
+            else _Slot(
+                tuple(t.narrow(op.batch_dim, self.row * rows, rows) for t in slot.tensors),
+                slot.skip,
+            )
+            for op, slot in zip(self.codec._ops, self.stack.slots, strict=True)
+        ]
+
+
+def _key(ops: Sequence[_Op], slots: Sequence[_Slot | None]) -> tuple[object, ...]:
+    """What streams decoded together must share: every layer's samples still to
+    drop, and its state's shapes but for the streams' dimension."""
+    return tuple(
+        None
+        if slot is None
+        else (
+            slot.skip,
+            tuple(t.shape[: op.batch_dim] + t.shape[op.batch_dim + 1 :] for t in slot.tensors),
         )
+        for op, slot in zip(ops, slots, strict=True)
+    )
 
 
 class IncrementalCodec:
@@ -413,9 +454,7 @@ class IncrementalCodec:
         """The state of a new stream (``like``: a tensor of the decoder's dtype and device)."""
         x = like.new_zeros(self.rows, 0)
         slots = [op.begin(x) for op in self._ops]
-        state = CodecState(self, slots)
-        state._rekey()
-        return state
+        return CodecState(self, _Stack(slots, 1, _key(self._ops, slots)))
 
     def decode(
         self, codes: torch.Tensor, states: Sequence[CodecState], *, final: bool = False
@@ -423,36 +462,51 @@ class IncrementalCodec:
         """The new audio ``[B, C, m]`` of frames ``codes [B, K, n]``, one row per
         state (states of one key), each state moved past them; with ``final``,
         the streams end there and ``m`` covers every sample still owed."""
-        if len(states) != codes.shape[0] or len({s.key for s in states}) > 1:
+        if len(states) != codes.shape[0] or len({s.stack.key for s in states}) > 1:
             raise ValueError("decode() takes one state per row, all of one key")
-        batched = [_stack(op, [s.slots[op.index] for s in states]) for op in self._ops]
+        batched = self._gather(states)
         x = self._embed(codes.to(self.device, non_blocking=True))
         y = self._root.run(x, batched, final)
+        stack = _Stack(batched, len(states), _key(self._ops, batched))
+        for row, state in enumerate(states):
+            state.stack, state.row = stack, row
+        return y.reshape(len(states), self.rows * y.shape[1], y.shape[-1])
+
+    def _gather(self, states: Sequence[CodecState]) -> list[_Slot | None]:
+        """The states' layer states stacked in their order (new ``_Slot`` objects:
+        the layers replace their tensors, and a call that fails leaves the
+        streams' states as they were)."""
+        first = states[0].stack
+        if first.streams == len(states) and all(
+            state.stack is first and state.row == row for row, state in enumerate(states)
+        ):
+            return [
+                None if slot is None else _Slot(slot.tensors, slot.skip) for slot in first.slots
+            ]
+        # Runs of consecutive rows of one stack: one slice each.
+        runs: list[tuple[_Stack, int, int]] = []
+        for state in states:
+            if runs and runs[-1][0] is state.stack and sum(runs[-1][1:]) == state.row:
+                stack, start, count = runs[-1]
+                runs[-1] = (stack, start, count + 1)
+            else:
+                runs.append((state.stack, state.row, 1))
         rows = self.rows
-        for op, slot in zip(self._ops, batched, strict=True):
+        gathered: list[_Slot | None] = []
+        for op, slot in zip(self._ops, first.slots, strict=True):
             if slot is None:
+                gathered.append(None)
                 continue
-            # Each state's rows of each tensor (views, split in one call per tensor).
-            pieces = [t.split(rows, op.batch_dim) for t in slot.tensors]
-            for state, own in zip(states, zip(*pieces, strict=True), strict=True):
-                state.slots[op.index] = _Slot(own, slot.skip)
-        states[0]._rekey()
-        for state in states[1:]:
-            state.key = states[0].key  # (the same layers, from the same shapes)
-        return y.reshape(len(states), rows * y.shape[1], y.shape[-1])
-
-
-def _stack(op: _Op, slots: list[_Slot | None]) -> _Slot | None:
-    first = slots[0]
-    if first is None:
-        return None
-    if len(slots) == 1:
-        return _Slot(tuple(t.contiguous() for t in first.tensors), first.skip)
-    tensors = tuple(
-        torch.cat([s.tensors[j] for s in slots if s is not None], op.batch_dim)
-        for j in range(len(first.tensors))
-    )
-    return _Slot(tensors, first.skip)
+            tensors = []
+            for j in range(len(slot.tensors)):
+                parts = []
+                for stack, start, count in runs:
+                    own = stack.slots[op.index]
+                    assert own is not None
+                    parts.append(own.tensors[j].narrow(op.batch_dim, start * rows, count * rows))
+                tensors.append(torch.cat(parts, op.batch_dim))
+            gathered.append(_Slot(tuple(tensors), slot.skip))
+        return gathered
 
 
 def incremental(codec: nn.Module) -> IncrementalCodec | None:

@@ -145,6 +145,81 @@ def test_a_streams_state_stays_the_same_size(codec: tuple[IncrementalCodec, Deco
     assert size < 200 * 10 * inc.hop  # bounded by the layers' context, not the stream
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    peak = float(b.abs().max())
+    return a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * max(peak, 1e-6)
+
+
+def test_streams_regrouped_from_call_to_call_decode_as_each_alone(
+    codec: tuple[IncrementalCodec, Decode, int],
+) -> None:
+    """Five streams decoded in changing company (all again, reversed, split in
+    two calls, a pair from two earlier calls, all from three): each one's audio
+    is what it makes decoded alone. A call of the streams the last one decoded,
+    in the same order, takes their stacked states as they are."""
+    inc, _, k = codec
+    like = torch.zeros(())
+    together = [inc.start(like) for _ in range(5)]
+    alone = [inc.start(like) for _ in range(5)]
+    codes = _codes(5, k, 200, seed=9)
+    at = [0] * 5
+    calls = [
+        [[0, 1, 2, 3, 4]],
+        [[0, 1, 2, 3, 4]],
+        [[4, 3, 2, 1, 0]],
+        [[0, 2], [1, 3, 4]],
+        [[1, 0], [3], [2, 4]],
+        [[0, 1, 2, 3, 4]],
+    ]
+    for step, groups in enumerate(calls):
+        n = inc.lookahead + 2 if step == 0 else 3
+        final = step == len(calls) - 1
+        if step in (1, 5):
+            stack = together[0].stack
+            reused = [s for s in inc._gather(together) if s is not None]
+            own = [s for s in stack.slots if s is not None]
+            same = all(a.tensors[0] is b.tensors[0] for a, b in zip(reused, own, strict=True))
+            assert same == (step == 1)  # (step 5 gathers from three stacks)
+        for group in groups:
+            piece = torch.cat([codes[i : i + 1, :, at[i] : at[i] + n] for i in group])
+            wav = inc.decode(piece, [together[i] for i in group], final=final)
+            for row, i in enumerate(group):
+                solo = inc.decode(codes[i : i + 1, :, at[i] : at[i] + n], [alone[i]], final=final)
+                assert _close(wav[row : row + 1], solo), (step, i)
+        for i in range(5):
+            at[i] += n
+    assert len({s.stack.key for s in together}) == 1
+
+
+def test_a_call_that_fails_leaves_the_streams_states_as_they_were(
+    codec: tuple[IncrementalCodec, Decode, int],
+) -> None:
+    """A layer failing half-way through a call of the streams last decoded
+    together (their stacked states taken as they are) changes none of their
+    states: decoded again, they carry on as streams that never saw the call."""
+    inc, _, k = codec
+    like = torch.zeros(())
+    states = [inc.start(like) for _ in range(3)]
+    twins = [inc.start(like) for _ in range(3)]
+    codes = _codes(3, k, 40, seed=10)
+    n = inc.lookahead + 2
+    for group in (states, twins):
+        inc.decode(codes[:, :, :n], group)
+    last = inc._ops[-1]
+
+    def fail(*args: Any) -> torch.Tensor:
+        raise RuntimeError("the last layer failed")
+
+    last.run = fail  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="last layer"):
+            inc.decode(codes[:, :, n : n + 4], states)
+    finally:
+        del last.run
+    again = inc.decode(codes[:, :, n : n + 4], states)
+    assert torch.equal(again, inc.decode(codes[:, :, n : n + 4], twins))
+
+
 def test_the_first_audio_waits_only_for_the_decoders_lookahead(
     codec: tuple[IncrementalCodec, Decode, int],
 ) -> None:
