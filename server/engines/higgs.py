@@ -713,7 +713,7 @@ class HiggsEngine:
             if audio_ids is None
             else audio_ids[0].cpu().numpy().astype(np.int64)
         )
-        u = Utterance.start(ids, audio, self.markers)
+        u = Utterance.start(ids, audio, self.markers, st.max_new_tokens)
         if st.spoken is not None:
             u.fed = u.reusable(st.spoken)
         self.decoder.ensure(length=len(ids) + st.max_new_tokens + 1)

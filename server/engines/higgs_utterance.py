@@ -15,7 +15,7 @@ row's KV cache stays valid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -58,33 +58,59 @@ class Utterance:
     bos: Ints  # [K]
     eos: Ints  # [K]
     last: int  # the last text token (audio, delay, or end of turn)
-    recent: Ints  # [<= MAX_RAS_WINDOW, K] the last audio rows: the prompt's, then generated
-    rows: list[Ints] = field(default_factory=list)  # generated rows [K]
+    # [P + max_new_tokens, K]: the prompt's last audio rows (P, at most the RAS
+    # window), then every row taken; ``taken`` of them filled.
+    history: Ints
+    prompt_rows: int  # P
+    taken: int
+    generated: int = 0  # rows taken that are audio (all but an all-EOS last one)
+    # max(bos) and min(eos), kept as they count down: most steps force nothing.
+    bos_max: int = 0
+    eos_min: int = 0
     forwarded: int = 0  # generated rows fed back (in the cache)
     steps: int = 0
     ended: bool = False
 
     @classmethod
-    def start(cls, ids: Ints, audio: Ints, markers: Markers) -> Utterance:
+    def start(cls, ids: Ints, audio: Ints, markers: Markers, max_new_tokens: int) -> Utterance:
         """The utterance a prompt's tokens ``[L]`` and audio rows ``[N, K]`` open,
         with the delay pattern the processor sets up from the prompt's last K
-        tokens."""
+        tokens, for at most ``max_new_tokens`` rows."""
         k = markers.codebooks
         pattern = np.arange(1, k + 1, dtype=np.int64)
         tail = ids[-k:]
         bos_at = np.flatnonzero(tail == markers.audio_bos)
         eos_at = np.flatnonzero(tail == markers.delay)
+        prompt = audio[-MAX_RAS_WINDOW:]
+        history = np.empty((len(prompt) + max(1, max_new_tokens), k), dtype=np.int64)
+        history[: len(prompt)] = prompt
+        bos = pattern - (len(tail) - bos_at[0]) if bos_at.size else np.zeros(k, np.int64)
+        eos = pattern - (len(tail) - eos_at[0]) if eos_at.size else pattern.copy()
         return cls(
             markers=markers,
             ids=ids,
             audio=audio,
             is_audio=(ids == markers.audio) | (ids == markers.delay),
             fed=0,
-            bos=pattern - (len(tail) - bos_at[0]) if bos_at.size else np.zeros(k, np.int64),
-            eos=pattern - (len(tail) - eos_at[0]) if eos_at.size else pattern.copy(),
+            bos=bos,
+            eos=eos,
             last=int(ids[-1]),
-            recent=audio[-MAX_RAS_WINDOW:].copy(),
+            history=history,
+            prompt_rows=len(prompt),
+            taken=len(prompt),
+            bos_max=int(bos.max()),
+            eos_min=int(eos.min()),
         )
+
+    @property
+    def recent(self) -> Ints:
+        """``[<= MAX_RAS_WINDOW, K]``: the last audio rows, the prompt's, then taken."""
+        return self.history[max(0, self.taken - MAX_RAS_WINDOW) : self.taken]
+
+    @property
+    def rows(self) -> Ints:
+        """``[generated, K]``: the audio rows generated."""
+        return self.history[self.prompt_rows : self.prompt_rows + self.generated]
 
     def reusable(self, old: Utterance) -> int:
         """Positions of this prompt that the row's cache holds from ``old``: its
@@ -101,7 +127,7 @@ class Utterance:
             return 0
         same = 0
         if old.forwarded:
-            generated = np.stack(old.rows[: old.forwarded])
+            generated = old.rows[: old.forwarded]
             upcoming = self.audio[rows : rows + old.forwarded]
             if upcoming.shape == generated.shape:
                 same = int(np.cumprod((upcoming == generated).all(axis=1)).sum())
@@ -114,12 +140,19 @@ class Utterance:
         countdowns as the processor does."""
         m = self.markers
         forced = np.full(m.codebooks, -1, dtype=np.int64)
-        force_bos = self.bos >= 0
-        forced[force_bos] = m.stream_bos
-        self.bos[force_bos] -= 1
-        if self.last == m.delay:
+        delay = self.last == m.delay
+        if self.bos_max < 0 and not delay and self.eos_min > 0:
+            return forced  # (no countdown runs, no code is forced)
+        if self.bos_max >= 0:
+            force_bos = self.bos >= 0
+            forced[force_bos] = m.stream_bos
+            self.bos[force_bos] -= 1
+            self.bos_max -= 1
+        if delay:
             self.eos -= 1
-        forced[self.eos <= 0] = m.stream_eos
+            self.eos_min -= 1
+        if self.eos_min <= 0:
+            forced[self.eos <= 0] = m.stream_eos
         return forced
 
     def take(self, tokens: Ints, max_new_tokens: int) -> bool:
@@ -128,17 +161,17 @@ class Utterance:
         window, the stop rules. Returns whether all codebooks ended (the row is
         not audio)."""
         m = self.markers
-        ended = tokens == m.stream_eos
-        all_eos, any_eos = bool(ended.all()), bool(ended.any())
-        self.last = m.delay if any_eos or self.last == m.delay else m.audio
+        ended: int = tokens.tolist().count(m.stream_eos)
+        all_eos = ended == m.codebooks
+        self.last = m.delay if ended or self.last == m.delay else m.audio
         if all_eos:
             self.last = m.end
-        row = np.array(tokens, dtype=np.int64)
-        self.recent = np.concatenate([self.recent, row[None]])[-MAX_RAS_WINDOW:]
+        self.history[self.taken] = tokens
+        self.taken += 1
         self.steps += 1
         self.ended = all_eos or self.steps >= max_new_tokens
         if not all_eos:
-            self.rows.append(row)
+            self.generated += 1
         return all_eos
 
     def frame(self) -> Ints | None:
@@ -146,10 +179,11 @@ class Utterance:
         or None: ``rows[0]`` is the all-BOS row, and frame ``j`` needs rows
         ``1 + j`` to ``1 + j + K - 1``, codebook ``k`` from row ``1 + j + k``."""
         k = self.markers.codebooks
-        if len(self.rows) - 1 < k:
+        if self.generated - 1 < k:
             return None
-        j = len(self.rows) - 1 - k
-        frame = np.array([self.rows[1 + j + i][i] for i in range(k)], dtype=np.int64)
+        # Row 1 + j + i of the generated, codebook i: a diagonal of the last k rows.
+        last = self.history[self.taken - k : self.taken]
+        frame = np.diagonal(last)
         # (The ufuncs: ndarray.clip's wrapper costs more than the clipping, per step.)
         clipped: Ints = np.minimum(np.maximum(frame, 0), self.markers.stream_bos - 1)
         return clipped
