@@ -176,14 +176,10 @@ class StreamDecoder:
 
     def flush(self) -> FloatAudio | None:
         """The end of the stream: return the audio of every frame not yet emitted."""
-        plan = self.plan_flush()
-        return None if plan is None else self.complete(plan, self._decode(plan.window))
-
-    def plan_flush(self) -> DecodePlan | None:
-        """The end of the stream: the window whose chunk is every frame's audio not
-        yet emitted (a chunk planned by ``plan_push`` and not completed included),
-        or None if none is owed. Decoded alone or batched, as ``plan_push``'s."""
-        return None if self.total == self.emitted else self._plan(self.total)
+        if self.total == self.emitted:
+            return None
+        plan = self._plan(self.total)
+        return self.complete(plan, self._decode(plan.window))
 
     def _plan(self, end: int) -> DecodePlan:
         assert self._codes is not None
@@ -319,16 +315,11 @@ class IncrementalStream(StreamDecoder):
         self._discard += keep * self.hop
 
     def flush(self) -> FloatAudio | None:
-        plan = self.plan_flush()
-        if plan is None:
-            return None
-        chunk = self.complete_alone(plan)
-        return chunk if len(chunk) else None
-
-    def plan_flush(self) -> DecodePlan | None:
         if self._ended or self._codes is None:
             return None
-        return self._plan(self.total, final=True)
+        plan = self._plan(self.total, final=True)
+        chunk = self.complete_alone(plan)
+        return chunk if len(chunk) else None
 
     def complete_alone(self, plan: DecodePlan) -> FloatAudio:
         return self.complete(plan, _decode_from_state(plan))
@@ -469,8 +460,7 @@ def complete_due(
             output.error = step_error(exc)
             output.audio, output.done = None, True
             continue
-        if len(chunk):  # (a stream's end may owe no sample)
-            output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
+        output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
 
 
 def _decode_alone(

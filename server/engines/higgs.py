@@ -820,9 +820,12 @@ class HiggsEngine:
             st.utterance = None
             if self._close_chunk(st):
                 done = True
-                # Its last chunk (a chunk due now included) goes with the step's
-                # other chunks: streams that end together decode together.
-                plan = st.decoder.plan_flush()
+                if plan is not None:
+                    pieces.append(st.decoder.complete_alone(plan))
+                    plan = None
+                tail = st.decoder.flush()
+                if tail is not None:
+                    pieces.append(tail)
                 self._release_slot(st)
         audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         advance_fraction(st, done)

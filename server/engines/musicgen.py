@@ -716,10 +716,15 @@ class MusicGenEngine:
         done = False
         if win.done:
             done = self._next_window(st)
+        if plan is not None and done:
+            with self._codec_format():
+                pieces.append(st.decoder.complete_alone(plan))
+            plan = None
         if done:
-            # Its last chunk (a chunk due now included) goes with the step's other
-            # chunks: streams that end together decode together.
-            plan = st.decoder.plan_flush()
+            with self._codec_format():
+                tail = st.decoder.flush()
+            if tail is not None:
+                pieces.append(tail)
         audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         if done and st.mbd:
             # The live stream is complete; the diffusion version follows, step by step.
@@ -733,14 +738,11 @@ class MusicGenEngine:
                 left, right = self.model.compression_model.get_left_right_codes(all_codes)
                 all_codes = torch.cat([left, right])
             st.mbd_run = MBDRun(self.mbd, all_codes, generator)
-            output = StepOutput(
+            return StepOutput(
                 audio=audio, fraction=1.0, seconds=st.produced / self.frame_rate, done=False
             )
-        else:
-            fraction = 1.0 if done else self._fraction(st)
-            output = StepOutput(
-                audio=audio, fraction=fraction, seconds=self._seconds(st), done=done
-            )
+        fraction = 1.0 if done else self._fraction(st)
+        output = StepOutput(audio=audio, fraction=fraction, seconds=self._seconds(st), done=done)
         if plan is not None:
             self._due.append((output, st.decoder, plan))
         return output

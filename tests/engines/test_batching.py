@@ -237,8 +237,8 @@ def test_a_bad_codec_window_fails_its_stream_only(windowed: Any) -> None:
 
 def test_due_codec_windows_go_in_calls_of_at_most_codec_batch() -> None:
     """Five streams due in the same steps: their windows go to the codec in calls
-    of at most ``codec_batch``, their last chunks too as they end together, and
-    each stream's audio is still a one-shot decode of its codes."""
+    of at most ``codec_batch``, and each stream's audio is still a one-shot decode
+    of its codes."""
     model = build_tiny_musicgen(seed=5)
     fixed = StreamSettings(max_chunk_frames=10, codec_batch=2)  # chunks due together
     engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True, stream=fixed)
@@ -251,9 +251,12 @@ def test_due_codec_windows_go_in_calls_of_at_most_codec_batch() -> None:
         for rid, text in prompts.items()
     ]
     runs, _ = drive(engine, {0: jobs})
-    # Each step with chunks due, the last one included: 2 + 2 + 1 windows.
-    due_steps = len(calls) // 3
-    assert due_steps >= 6 and calls == [2, 2, 1] * due_steps
+    # Each step with chunks due: 2 + 2 + 1 windows; at the end, each stream's tail
+    # alone (with its last chunk, where one is due as it ends).
+    due_steps = (len(calls) - 5) // 3
+    ends = calls[3 * due_steps :]
+    assert due_steps >= 5 and calls[: 3 * due_steps] == [2, 2, 1] * due_steps
+    assert set(ends) == {1} and 5 <= len(ends) <= 10
     for run in runs.values():
         streamed = np.concatenate(run.audio)
         full = model.compression_model.decode(codes(engine, run), None)[0].transpose(0, 1)

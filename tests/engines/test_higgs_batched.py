@@ -462,8 +462,7 @@ def test_rows_in_a_batch_equal_their_solo_runs(batched: HiggsEngine) -> None:
 
 def test_due_codec_windows_go_in_calls_of_at_most_codec_batch(loaded: HiggsModel) -> None:
     """Five streams due in the same steps: their windows go to the codec in calls of
-    at most ``codec_batch``, their last chunks too as they end together; each
-    stream's audio is its solo run's."""
+    at most ``codec_batch``; each stream's audio is its solo run's."""
     engine = HiggsEngine(loaded, name="tiny-higgs", max_chunk_frames=8, codec_batch=2)
     engine.warm_up()
     assert engine.codec_batch == 2  # given, so not measured
@@ -475,7 +474,6 @@ def test_due_codec_windows_go_in_calls_of_at_most_codec_batch(loaded: HiggsModel
     calls = count_codec_calls(engine)
     together = drive(engine, [spoken(rid) for rid in "abcde"])
     assert max(calls) == 2 and calls.count(2) >= 4
-    assert calls[-3:] == [2, 2, 1]  # the last chunks (not five calls of one)
     for audio in together.values():
         assert audio.shape == solo.shape and np.allclose(audio, solo, atol=1e-5)
     measured = HiggsEngine(loaded, name="tiny-higgs", max_active=3)
