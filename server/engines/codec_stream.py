@@ -369,26 +369,53 @@ def decode_batched(
 ) -> list[torch.Tensor]:
     """Decode every plan's window, one codec call per window shape (of at most
     ``rows`` windows each, if given); audio in plan order."""
+    out = _decode_plans(decode, plans, rows, tolerant=False)
+    return [wav for wav in out if isinstance(wav, torch.Tensor)]
+
+
+def _decode_plans(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    plans: list[DecodePlan],
+    rows: int | None,
+    *,
+    tolerant: bool,
+) -> list[torch.Tensor | BaseException]:
+    """``decode_batched``'s audio, or (``tolerant``) where a call fails, each of
+    that call's windows decoded alone: the audio, or the exception of the one at
+    fault. Only the failed call's: the calls before it moved their streams'
+    states on (a call that fails leaves its streams' states as they were)."""
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, plan in enumerate(plans):
         key = None if plan.state is None else (plan.state.codec, plan.state.key, plan.final)
         groups.setdefault((tuple(plan.window.shape), key), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(plans)
+    out: list[torch.Tensor | BaseException | None] = [None] * len(plans)
     for group in groups.values():
         step = rows or len(group)
         for at in range(0, len(group), step):
-            indices = group[at : at + step]
-            # One transfer each way per call: the windows in, the audio out.
-            codes = torch.cat([plans[i].window for i in indices])
-            first = plans[indices[0]]
-            states = [state for i in indices if (state := plans[i].state) is not None]
-            if not states:
-                wav = decode(codes).float().cpu()
-            else:
-                wav = states[0].codec.decode(codes, states, final=first.final).float().cpu()
-            for row, i in enumerate(indices):
+            call = group[at : at + step]
+            try:
+                wav = _decode_call(decode, [plans[i] for i in call])
+            except Exception:
+                if not tolerant:
+                    raise
+                for i in call:
+                    out[i] = _decode_alone(decode, plans[i])
+                continue
+            for row, i in enumerate(call):
                 out[i] = wav[row : row + 1]
     return [wav for wav in out if wav is not None]
+
+
+def _decode_call(
+    decode: Callable[[torch.Tensor], torch.Tensor], plans: list[DecodePlan]
+) -> torch.Tensor:
+    """One codec call for windows of one shape and key: the audio, on the CPU."""
+    # One transfer each way per call: the windows in, the audio out.
+    codes = torch.cat([plan.window for plan in plans])
+    states = [state for plan in plans if (state := plan.state) is not None]
+    if not states:
+        return decode(codes).float().cpu()
+    return states[0].codec.decode(codes, states, final=plans[0].final).float().cpu()
 
 
 def fastest_rows(
@@ -444,13 +471,9 @@ def complete_due(
 ) -> None:
     """Decode the windows due in a step, batched (``decode_batched``, calls of at
     most ``rows`` windows), and append each stream's new chunk to its step
-    output's audio."""
-    wavs: list[torch.Tensor | BaseException]
-    try:
-        wavs = list(decode_batched(decode, [plan for _, _, plan in due], rows))
-    except Exception:
-        # One window may be at fault: each alone, so that only its stream fails.
-        wavs = [_decode_alone(decode, plan) for _, _, plan in due]
+    output's audio. Where a call fails, each of its windows alone, so that only
+    the stream at fault fails."""
+    wavs = _decode_plans(decode, [plan for _, _, plan in due], rows, tolerant=True)
     for (output, decoder, plan), wav in zip(due, wavs, strict=True):
         try:
             if isinstance(wav, BaseException):

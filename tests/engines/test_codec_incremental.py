@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from wavecast.server.engines import codec_stream
+from wavecast.server.engines.base import StepOutput
 from wavecast.server.engines.codec_decoders import for_serving
 from wavecast.server.engines.codec_incremental import (
     IncrementalCodec,
@@ -218,6 +219,45 @@ def test_a_call_that_fails_leaves_the_streams_states_as_they_were(
         del last.run
     again = inc.decode(codes[:, :, n : n + 4], states)
     assert torch.equal(again, inc.decode(codes[:, :, n : n + 4], twins))
+
+
+def test_a_failed_codec_call_fails_only_its_own_streams(
+    codec: tuple[IncrementalCodec, Decode, int],
+) -> None:
+    """A step's due chunks in two calls (two window shapes), the second failing:
+    its stream ends with an error, and the first call's streams keep the audio
+    that call made (not decoded again from the states it had moved on)."""
+    inc, _, k = codec
+    like = torch.zeros(())
+    codes = _codes(3, k, 40, seed=11)
+    sizes = [inc.lookahead + 3, inc.lookahead + 3, inc.lookahead + 5]
+
+    def pushed() -> list[tuple[IncrementalStream, Any]]:
+        out = []
+        for i, n in enumerate(sizes):
+            stream = IncrementalStream(inc, like, first_frames=1)
+            out.append((stream, stream.plan_push(codes[i : i + 1, :, :n])))
+        return out
+
+    alone = [stream.complete_alone(plan) for stream, plan in pushed()]
+    run = inc.decode
+
+    def failing(batch: torch.Tensor, states: Any, **kwargs: Any) -> torch.Tensor:
+        if batch.shape[-1] == sizes[2]:
+            raise RuntimeError("this call fails")
+        return run(batch, states, **kwargs)
+
+    inc.decode = failing  # type: ignore[method-assign]
+    try:
+        outputs = [StepOutput(audio=None, fraction=0.0, seconds=0.0) for _ in sizes]
+        due = [(out, stream, plan) for out, (stream, plan) in zip(outputs, pushed(), strict=True)]
+        codec_stream.complete_due(inc.decode, due)
+    finally:
+        del inc.decode
+    assert outputs[2].error is not None and outputs[2].done
+    for output, solo in zip(outputs[:2], alone[:2], strict=True):
+        assert output.error is None and output.audio is not None
+        assert np.allclose(output.audio, solo, atol=1e-6)
 
 
 def test_the_first_audio_waits_only_for_the_decoders_lookahead(
