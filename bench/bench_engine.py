@@ -4,8 +4,10 @@ What the batched decode step buys, without the network, the event loop or a
 client sharing the machine's cores: wall time per step, aggregate real-time
 factor against one request alone, and the time to each request's first audio
 when N arrive at once (preparation, prefill and the steps before the first
-chunk); of each step, the time in the codec and in the requests' bookkeeping
-(the rest: the forward and sampling), and the codec calls.
+chunk); the longest step (every stream waits through it: a crowd's prefill,
+say), and the longest of those in which streams ended; of each step, the time
+in the codec and in the requests' bookkeeping (the rest: the forward and
+sampling), and the codec calls.
 
     .venv/bin/python bench/bench_engine.py --model tiny-musicgen --streams 1 8 16
     .venv/bin/python bench/bench_engine.py --model tiny-higgs --streams 1 8 16
@@ -147,6 +149,8 @@ def _run(
     first: list[float] = []
     each: list[float] = []  # every stream's real-time factor (its audio / its time)
     steps = 0
+    longest = 0.0  # the longest step: what every stream waits through at once
+    ending = 0.0  # the longest of those in which a stream ended
     samples = 0
     rate = engine.info.sample_rate
     while jobs or waiting:
@@ -156,9 +160,13 @@ def _run(
             jobs.append(job)
             if stagger:
                 break
+        began = time.perf_counter()
         outputs = engine.step(jobs)
         steps += 1
         now = time.perf_counter()
+        longest = max(longest, now - began)
+        if any(output.done for output in outputs):
+            ending = max(ending, now - began)
         for job, output in list(zip(jobs, outputs, strict=True)):
             joined = job.extra["joined"] if stagger else start
             if output.audio is not None:
@@ -179,6 +187,8 @@ def _run(
         "rtf": samples / rate / wall,
         "slowest": min(each),
         "ttfa": statistics.median(first),
+        "longest": longest,
+        "ending": ending,
         "memory": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
     }
 
@@ -330,7 +340,8 @@ def main() -> None:
     if "baseline" in results[args.streams[0]]:
         versus = " audiocraft `generate`, same batch |"
     print(
-        "| streams | time to first audio | ms per step | per stream (slowest) "
+        "| streams | time to first audio | ms per step (longest; where streams end) "
+        "| per stream (slowest) "
         "| aggregate real-time factor | of a step: codec, bookkeeping "
         f"| codec calls per step (chunks each) |{memory}{versus}"
     )
@@ -348,7 +359,9 @@ def main() -> None:
         parts = f"{r['codec'] * 1000:.2f} ms, {r['bookkeeping'] * 1000:.2f} ms"
         calls = f"{r['calls']:.2f} ({r['per_call']:.1f})"
         print(
-            f"| {n} | {ttfa} | {r['wall'] / r['steps'] * 1000:.2f} | x{r['slowest']:.2f} "
+            f"| {n} | {ttfa} | {r['wall'] / r['steps'] * 1000:.2f} "
+            f"({r['longest'] * 1000:.1f}; {r['ending'] * 1000:.1f}) "
+            f"| x{r['slowest']:.2f} "
             f"| x{r['rtf']:.2f}{ratio} | {parts} | {calls} |{peak}"
         )
 
