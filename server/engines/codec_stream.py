@@ -609,3 +609,27 @@ class CodecStreams:
             return fastest_rows(self.decode, self.codebooks, frames, most)
         decode = steady_decode(self.incremental, self.like, most, self.codebooks)
         return fastest_rows(decode, self.codebooks, self.cadence.size(g.max_chunk_frames), most)
+
+    def prepare_calls(self, rows: int) -> int:
+        """Make each call shape the streams will take once, for calls of 1 to
+        ``rows`` chunks: a stream's first chunk (from a new state), then every
+        chunk size of the cadence (from a state under way). A convolution
+        library prepares each new input shape on its first call (on a CPU,
+        2-4x that call's time), which would otherwise fall on the first
+        streams to take it: the first crowd's first audio. How many calls were
+        made (none for windows, whose sizes follow each stream's lead)."""
+        inc = self.incremental
+        if inc is None:
+            return 0
+        g = self.geometry
+        targets = range(g.chunk_frames, g.max_chunk_frames + 1)
+        sizes = sorted({self.cadence.size(target) for target in targets})
+        first = g.first_frames + inc.lookahead
+        calls = 0
+        for n in range(1, rows + 1):
+            states = [inc.start(self.like) for _ in range(n)]
+            for frames in (first, *sizes):
+                codes = torch.zeros(n, self.codebooks, frames, dtype=torch.long)
+                inc.decode(codes.to(self.like.device), states)
+                calls += 1
+        return calls

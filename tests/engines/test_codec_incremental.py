@@ -419,6 +419,46 @@ def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> No
         assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, np.abs(whole).max())
 
 
+@pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
+def test_warm_up_makes_the_codec_call_shapes_a_crowd_takes(model: str) -> None:
+    """At warm-up an engine makes each codec call shape its streams will take
+    once (a first chunk, and each chunk size of the cadence, in calls of 1 to
+    ``codec_batch`` chunks): a crowd's first chunks, and most of its chunks
+    after them, come in shapes made before (a convolution library's first call
+    of a shape costs several of the next)."""
+    from wavecast.protocol import resolve_params
+    from wavecast.server.engines import load_engines
+    from wavecast.server.engines.base import EngineRequest
+
+    engine: Any = load_engines([model], "cpu", max_chunk_frames=20, codec_batch=4)[model]
+    inc = engine.codec_streams.incremental
+    calls: list[tuple[tuple[int, ...], bool]] = []
+    run = inc.decode
+
+    def recording(codes: torch.Tensor, states: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append((tuple(codes.shape), bool(kwargs.get("final"))))
+        return run(codes, states, **kwargs)
+
+    inc.decode = recording
+    engine.warm_up()
+    made = {shape for shape, _ in calls}
+    calls.clear()
+    long = {"duration": 3.0} if model == "tiny-musicgen" else {"max_new_tokens": 75}
+    text = "calm piano" if model == "tiny-musicgen" else "Hello there."
+    jobs = [
+        engine.prepare(
+            EngineRequest(f"r{i}", text, resolve_params(engine.info.params, {**long, "seed": i}))
+        )
+        for i in range(4)
+    ]
+    step_together(engine, jobs, joins=[0, 0, 0, 6])
+    first = calls[0][0]
+    assert first[0] == 3 and first in made  # the three first chunks
+    taken = [shape for shape, final in calls if not final]  # (the ends: one stream's rest)
+    missing = [shape for shape in taken if shape not in made]
+    assert len(taken) >= 6 and len(missing) <= len(taken) // 4, (missing, taken)
+
+
 @pytest.fixture(scope="module")
 def encodec() -> tuple[IncrementalCodec, Decode]:
     model, decode, _ = _encodec()
