@@ -21,6 +21,10 @@ __all__ = ["Engine", "EngineRequest", "Job", "ModelLoadError", "StepOutput", "lo
 
 log = logging.getLogger(__name__)
 
+# Primitives oneDNN keeps prepared (``load_engines``): about 40 MB more at most
+# with the test models' codecs than its default 1,024.
+ONEDNN_PRIMITIVES = 8192
+
 
 def resolve_device(device: str) -> str:
     import torch
@@ -74,6 +78,11 @@ def load_engines(
     whose config says ``higgs_audio_v2``) get the text-to-speech engine, with
     ``voices`` and ``scenes``.
     """
+    # oneDNN (convolutions on a CPU) prepares a primitive for each input shape it
+    # meets and keeps 1,024; a codec's ~35 layers in every call shape of up to
+    # ``codec_batch`` streams (made at warm-up) outgrow that, and a shape dropped
+    # is prepared again on its next call (2-4x the call). Read at its first use.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVES))
     import torch
 
     from .precision import model_dtype

@@ -4,6 +4,7 @@ state and batched with other streams', join into the one-shot decode of its code
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -417,6 +418,21 @@ def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> No
             whole = engine.model.compression_model.decode(codes, None)[0].T.numpy()
         assert streamed.shape == whole.shape
         assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, np.abs(whole).max())
+
+
+def test_loading_keeps_more_convolution_shapes_prepared(monkeypatch: Any) -> None:
+    """``load_engines`` raises oneDNN's count of prepared primitives (its
+    default, 1,024, holds a codec's layers in a few call shapes only) where the
+    environment does not set one, and leaves a count that is set."""
+    from wavecast.server.engines import ONEDNN_PRIMITIVES, load_engines
+
+    name = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+    monkeypatch.delenv(name, raising=False)
+    load_engines(["tiny-musicgen"], "cpu")
+    assert os.environ[name] == str(ONEDNN_PRIMITIVES) and ONEDNN_PRIMITIVES > 1024
+    monkeypatch.setenv(name, "2048")
+    load_engines(["tiny-musicgen"], "cpu")
+    assert os.environ[name] == "2048"
 
 
 @pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
