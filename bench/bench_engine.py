@@ -282,6 +282,12 @@ def main() -> None:
         help="re-decode windows of codes, not the incremental codec decoder (to compare)",
     )
     parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="no crowd of the benchmark's own before the runs: the first is the first "
+        "crowd after the engine's warm-up, as a server's first",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="MusicGen: audiocraft's generate on the same batches, in the same run",
@@ -305,7 +311,8 @@ def main() -> None:
     )
     loaded = time.perf_counter() - began
     resident = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
-    run(engine, max(args.streams), min(args.duration, 1.0), device)  # warm up
+    if not args.cold:
+        run(engine, max(args.streams), min(args.duration, 1.0), device)  # warm up
     results = {}
     for n in args.streams:
         runs = [run(engine, n, args.duration, device, args.stagger) for _ in range(args.runs)]
@@ -322,6 +329,8 @@ def main() -> None:
     print(f"- machine: {machine(device)}, {threads} torch thread(s)")
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
     print(f"- date: {time.strftime('%Y-%m-%d')}; median of {args.runs} runs")
+    if args.cold:
+        print("- the first run is the engine's first crowd after its warm-up")
     graphs = getattr(engine, "_graphs", None)
     if graphs is not None:
         print(
