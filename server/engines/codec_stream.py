@@ -549,6 +549,7 @@ class CodecStreams:
         self.decode = decode
         self.like = like
         self.geometry = geometry
+        self.name = name
         self.hop = hop
         self.codebooks = codebooks
         self.incremental = None if windows else incremental(codec)
@@ -621,6 +622,7 @@ class CodecStreams:
         inc = self.incremental
         if inc is None:
             return 0
+        began = time.perf_counter()
         g = self.geometry
         targets = range(g.chunk_frames, g.max_chunk_frames + 1)
         sizes = sorted({self.cadence.size(target) for target in targets})
@@ -632,4 +634,6 @@ class CodecStreams:
                 codes = torch.zeros(n, self.codebooks, frames, dtype=torch.long)
                 inc.decode(codes.to(self.like.device), states)
                 calls += 1
+        took = time.perf_counter() - began
+        log.info("%s: codec call shapes prepared: %d in %.2f s", self.name, calls, took)
         return calls

@@ -788,14 +788,7 @@ class MusicGenEngine:
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
             with torch.no_grad(), self._codec_format():
-                began = time.perf_counter()
-                calls = self.codec_streams.prepare_calls(self.codec_batch)
-                log.info(
-                    "%s: codec call shapes prepared: %d in %.2f s",
-                    self.name,
-                    calls,
-                    time.perf_counter() - began,
-                )
+                self.codec_streams.prepare_calls(self.codec_batch)
             with reserving(self.name, self.max_active):
                 if graphs is not None:
                     self._prepare_graphs()
