@@ -616,7 +616,7 @@ class CodecStreams:
         ``rows`` chunks: a stream's first chunk (from a new state), then every
         chunk size of the cadence (from a state under way). A convolution
         library prepares each new input shape on its first call (on a CPU,
-        2-4x that call's time), which would otherwise fall on the first
+        1.3-3x that call's time), which would otherwise fall on the first
         streams to take it: the first crowd's first audio. How many calls were
         made (none for windows, whose sizes follow each stream's lead)."""
         inc = self.incremental
