@@ -81,7 +81,7 @@ def load_engines(
     # oneDNN (convolutions on a CPU) prepares a primitive for each input shape it
     # meets and keeps 1,024; a codec's ~35 layers in every call shape of up to
     # ``codec_batch`` streams (made at warm-up) outgrow that, and a shape dropped
-    # is prepared again on its next call (2-4x the call). Read at its first use.
+    # is prepared again on its next call (1.3-3x the call). Read at its first use.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVES))
     import torch
 

@@ -618,9 +618,11 @@ class CodecStreams:
         library prepares each new input shape on its first call (on a CPU,
         1.3-3x that call's time), which would otherwise fall on the first
         streams to take it: the first crowd's first audio. How many calls were
-        made (none for windows, whose sizes follow each stream's lead)."""
+        made (none for windows, whose sizes follow each stream's lead, nor off
+        the CPU, where a GPU's batch of every due stream would make the calls
+        many and large, for a cost not measured there)."""
         inc = self.incremental
-        if inc is None:
+        if inc is None or self.like.device.type != "cpu":
             return 0
         began = time.perf_counter()
         g = self.geometry
