@@ -3,7 +3,9 @@
 One ``Scheduler`` owns one device. Its thread loads the models, then loops:
 admit queued requests while there is room (FIFO), prepare the admitted ones for
 at most ``prefill_budget`` seconds (their conditioning, uploads and prompts, in
-the engines' bounded units of work), step every running request once, hand the
+the engines' bounded units of work; requests arriving meanwhile are admitted and
+prepared too, within the budget, so a crowd arriving over a few milliseconds
+takes its costly first step together), step every running request once, hand the
 results to each request's sink on the event loop, and drop any request whose
 cancel flag is set, all between two decoding steps. A request that is slow to
 prepare (a melody, a long continuation) therefore delays the running streams by
@@ -289,29 +291,15 @@ class Scheduler:
                 self._cond.wait()
             if self._stopping and not self._pending and not self._active:
                 return False
-            dropped = [r for r in self._pending if r.cancelled.is_set()]
-            for request in dropped:
-                self._pending.remove(request)
-            admitted: list[Request] = []
-            decoding = len(self._active) - len(self._post)
-            limit = self._admission_limit(decoding) if self._pending else self.max_active
-            while self._pending and decoding + len(admitted) < limit:
-                # Active from now on, so that submit() counts it while it prepares.
-                request = self._pending.popleft()
-                self._active.append(request)
-                admitted.append(request)
-            moved = bool(dropped or admitted)
-            pending = list(self._pending)
-        for request in dropped:
-            self._end_cancelled(request)
-        if moved:
-            for position, request in enumerate(pending, start=1):
-                if request.position != position:
-                    request.position = position
-                    self._emit(request, Queued(id=request.id, position=position))
-        for request in admitted:
-            self._admit(request)
-        self._prepare_some()
+        deadline = time.perf_counter() + self.prefill_budget
+        admitted = self._admit_pending()
+        self._prepare_some(deadline)
+        # Requests that came while those were prepared (a crowd arriving over a few
+        # milliseconds) start in the same step: their first step (the descriptions
+        # encoded together, the prefill) is the costly one, and paid once.
+        while admitted and self._pending and time.perf_counter() < deadline:
+            admitted = self._admit_pending()
+            self._prepare_some(deadline)
         # Preparation is left out of the measure (it passes, the steps recur), and
         # so are the ticks in which a stream is still young: its first step
         # encodes its description and prefills (a burst's first tick can take ten
@@ -343,6 +331,34 @@ class Scheduler:
     # where the stream does not say how long it will be (speech): real time for
     # that much longer.
     HORIZON = 10.0
+
+    def _admit_pending(self) -> int:
+        """Drop the cancelled requests from the queue and admit the oldest while
+        there is room; update the others' positions. How many were admitted."""
+        with self._cond:
+            dropped = [r for r in self._pending if r.cancelled.is_set()]
+            for request in dropped:
+                self._pending.remove(request)
+            admitted: list[Request] = []
+            decoding = len(self._active) - len(self._post)
+            limit = self._admission_limit(decoding) if self._pending else self.max_active
+            while self._pending and decoding + len(admitted) < limit:
+                # Active from now on, so that submit() counts it while it prepares.
+                request = self._pending.popleft()
+                self._active.append(request)
+                admitted.append(request)
+            moved = bool(dropped or admitted)
+            pending = list(self._pending)
+        for request in dropped:
+            self._end_cancelled(request)
+        if moved:
+            for position, request in enumerate(pending, start=1):
+                if request.position != position:
+                    request.position = position
+                    self._emit(request, Queued(id=request.id, position=position))
+        for request in admitted:
+            self._admit(request)
+        return len(admitted)
 
     def _admission_limit(self, running: int) -> int:
         """How many streams may decode at once now (``running`` do): ``max_active``,
@@ -434,12 +450,12 @@ class Scheduler:
         # Out of the queue: say so now, a melody's analysis may take a while.
         self._emit(request, Progress(id=request.id, fraction=0.0, seconds=0.0, stage="prepare"))
 
-    def _prepare_some(self) -> None:
-        """Advance the admitted requests' preparation, oldest first, for one budget.
+    def _prepare_some(self, deadline: float) -> None:
+        """Advance the admitted requests' preparation, oldest first, until
+        ``deadline`` (the tick's budget).
 
-        At least one unit of work runs per tick, so preparation always moves on.
+        At least one unit of work runs per call, so preparation always moves on.
         """
-        deadline = time.perf_counter() + self.prefill_budget
         while self._preparing:
             request = self._preparing[0]
             if request.cancelled.is_set():

@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import threading
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import pytest
 import soundfile
 from helpers import make_config, running_server, timeout, tiny_engines
 
 from wavecast.clients import connect
-from wavecast.protocol import Audio, Done
+from wavecast.protocol import Audio, Done, Queued
 from wavecast.server.engines.base import EngineRequest, Job, StepOutput
 
 
@@ -100,6 +102,59 @@ async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> N
     # was cancelled only once they were done).
     steps = [ids for kind, ids in events[units[0] :] if kind == "step"]
     assert len(steps) > 20 and all(running.id in ids for ids in steps)
+
+
+class Gated(Recorder):
+    """The recorder, whose preparation of the request with prompt "a" says it
+    has begun (``entered``), then waits for ``gate`` (the test opens it once
+    another request is queued)."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def prepare_steps(self, request: EngineRequest) -> Generator[Job | None, None, None]:
+        if request.prompt == "a":
+            self.entered.set()
+            assert self.gate.wait(timeout(30))
+        yield from super().prepare_steps(request)
+
+
+@pytest.mark.parametrize("budget_ms", [60_000.0, 0.0])
+async def test_a_request_arriving_while_another_prepares_starts_in_its_step(
+    budget_ms: float,
+) -> None:
+    """What arrives while the tick prepares (a crowd comes over a few
+    milliseconds) is admitted and prepared before the step, within the budget:
+    the first, costly step (descriptions encoded together, prefill) is paid once.
+    With no budget left, it waits for the next tick."""
+    gated = Gated(tiny_engines()["tiny-musicgen"])
+
+    def factory() -> Mapping[str, Any]:
+        return {"tiny-musicgen": gated}
+
+    config = make_config(max_active=4, admission="slots")
+    config = replace(config, models=replace(config.models, prefill_budget_ms=budget_ms))
+    async with running_server(config, factory) as srv, connect(srv.url) as client:
+        first = await client.generate("tiny-musicgen", "a", duration=0.5, seed=1)
+        # Admitted, then held in its preparation until the second is queued.
+        assert await asyncio.to_thread(gated.entered.wait, timeout(30))
+        second = await client.generate("tiny-musicgen", "b", duration=0.5, seed=2)
+        async for event in second:
+            if isinstance(event, Queued):
+                break
+        gated.gate.set()
+        results = await asyncio.wait_for(
+            asyncio.gather(first.collect(), second.collect()), timeout(60)
+        )
+        assert [r.status for r in results] == ["completed"] * 2
+    steps = [ids for kind, ids in gated.events if kind == "step"]
+    if budget_ms:
+        assert steps[0] == [first.id, second.id]
+    else:
+        assert steps[0] == [first.id]
+        assert steps[1] == [first.id, second.id]
 
 
 async def test_the_description_is_limited_in_tokens() -> None:
