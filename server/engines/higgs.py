@@ -148,7 +148,8 @@ class HiggsEngine:
         prefill_chunk: Prompt positions a request prefills per call at most.
         prefill_budget: Prompt positions prefilled per step at most (at least
             one chunk), so that new requests delay the running streams by a
-            bounded time per step.
+            bounded time per step; with a time budget, what bounds one step's
+            prefill (its activations) where the time would buy more.
         prefill_budget_ms: A time budget for the same (``--prefill-budget-ms``):
             the positions per step follow the measured prefill speed (at most
             ``prefill_budget``, at least one position); None: positions only.
@@ -183,7 +184,7 @@ class HiggsEngine:
         codec_batch: int | None = None,
         codec_windows: bool = False,
         prefill_chunk: int = 256,
-        prefill_budget: int = 512,
+        prefill_budget: int = 4096,
         prefill_budget_ms: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
         cuda_graphs: bool = False,
