@@ -50,7 +50,7 @@ def build(name: str, device: str) -> tuple[torch.nn.Module, Decode]:
         music = model.compression_model.to(device)
         for_serving(music.decoder)
         return music, lambda codes: music.decode(codes, None)
-    from wavecast.server.engines.loading import load_higgs
+    from wavecast.server.engines.higgs.loading import load_higgs
     from wavecast.server.engines.testing.higgs import build_random_higgs_codec
 
     speech = (

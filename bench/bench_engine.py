@@ -209,8 +209,8 @@ def load(
     the generator in ``dtype``, as ``--dtype``)."""
     engine: Engine
     if is_higgs_name(name):
-        from wavecast.server.engines.higgs import HiggsEngine
-        from wavecast.server.engines.loading import load_higgs
+        from wavecast.server.engines.higgs.engine import HiggsEngine
+        from wavecast.server.engines.higgs.loading import load_higgs
         from wavecast.server.engines.testing.higgs_reference import HiggsReference
 
         loaded = load_higgs(name, None, device, model_dtype(dtype, device))
@@ -225,8 +225,8 @@ def load(
             max_new_tokens=max_new_tokens,
         )
     else:
-        from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
-        from wavecast.server.engines.musicgen_loading import load_musicgen
+        from wavecast.server.engines.musicgen.engine import MusicGenEngine, StreamSettings
+        from wavecast.server.engines.musicgen.loading import load_musicgen
 
         model, _ = load_musicgen(name, device, model_dtype(dtype, device))
         engine = MusicGenEngine(

@@ -33,7 +33,7 @@ from bench_stream import machine
 
 from wavecast.protocol import resolve_params
 from wavecast.server.engines.base import EngineRequest, Job
-from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.musicgen.engine import MusicGenEngine
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 

@@ -139,7 +139,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
 
 async def bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    from wavecast.server.engines.musicgen_loading import load_musicgen  # (speech: no audiocraft)
+    from wavecast.server.engines.musicgen.loading import load_musicgen  # (speech: no audiocraft)
 
     model, _ = load_musicgen(args.model, device)
     base = baseline(model, args.prompt, args.duration, args.runs, device)

@@ -28,9 +28,9 @@ from transformers import GenerationConfig
 from wavecast.clients import connect
 from wavecast.server.engines import resolve_device
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.higgs import HiggsEngine
-from wavecast.server.engines.higgs_prompt import PromptAudio
-from wavecast.server.engines.loading import load_higgs
+from wavecast.server.engines.higgs.engine import HiggsEngine
+from wavecast.server.engines.higgs.loading import load_higgs
+from wavecast.server.engines.higgs.prompt import PromptAudio
 
 TEXT = (
     "The sun rises in the east and sets in the west. This simple fact has been "

@@ -29,7 +29,7 @@ from .audio import to_wav
 from .config import Config
 from .engines import load_engines
 from .engines.base import Engine
-from .engines.voices import BUILTIN_SCENES, Scene, Voice, load_scenes, load_voices
+from .engines.higgs.voices import BUILTIN_SCENES, Scene, Voice, load_scenes, load_voices
 from .http import STREAM_PATH, HttpRoutes, client_address, load_static, trusted_proxies
 from .metrics import Samples
 from .metrics import render as render_metrics

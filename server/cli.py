@@ -333,7 +333,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 async def _serve(config: Config) -> None:
     from .app import WavecastServer
     from .engines import ModelLoadError
-    from .engines.voices import VoiceLoadError
+    from .engines.higgs.voices import VoiceLoadError
 
     server = WavecastServer(config)
     try:

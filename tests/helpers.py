@@ -260,9 +260,9 @@ _HIGGS: dict[str, Any] = {}
 def higgs_engines(voices_dir: Any = None) -> Mapping[str, Any]:
     """tiny-higgs (the model built once per session) with the built-in scenes and the
     voices in ``voices_dir``, plus tiny-musicgen."""
-    from wavecast.server.engines.higgs import HiggsEngine
-    from wavecast.server.engines.loading import load_higgs
-    from wavecast.server.engines.voices import BUILTIN_SCENES, load_scenes, load_voices
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
+    from wavecast.server.engines.higgs.voices import BUILTIN_SCENES, load_scenes, load_voices
 
     if not _HIGGS:
         _HIGGS["model"] = load_higgs("tiny-higgs", None, "cpu")
@@ -302,7 +302,7 @@ def voiced_prompt(engine: Any, codebooks: int, bos: int) -> tuple[Any, Any, Any]
     and audio codes), and six audio frames to feed after it."""
     import torch
 
-    from wavecast.server.engines.higgs_prompt import SYSTEM, PromptAudio, build_prompt
+    from wavecast.server.engines.higgs.prompt import SYSTEM, PromptAudio, build_prompt
 
     codes = torch.randint(0, bos, (codebooks, 30), generator=torch.Generator().manual_seed(1))
     parts = build_prompt(SYSTEM, "A quiet room.", [], [("Ref.", PromptAudio(codes))], "Now.")

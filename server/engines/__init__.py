@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .base import Engine, EngineRequest, Job, ModelLoadError, StepOutput
-from .voices import Scene, Voice
+from .higgs.voices import Scene, Voice
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +116,7 @@ def load_engines(
             )
             continue
         try:  # (audiocraft is imported here, for MusicGen models only)
-            from .musicgen import StreamSettings
+            from .musicgen.engine import StreamSettings
         except ImportError as exc:
             raise ModelLoadError(
                 f"could not load model {name!r}: MusicGen models need audiocraft ({exc})"
@@ -156,9 +156,9 @@ def _load_musicgen_engine(
     shared: dict[str, Any],
     **kwargs: Any,
 ) -> Engine:
-    from .mbd import load_mbd_musicgen
-    from .musicgen import MusicGenEngine
-    from .musicgen_loading import load_musicgen
+    from .musicgen.engine import MusicGenEngine
+    from .musicgen.loading import load_musicgen
+    from .musicgen.mbd import load_mbd_musicgen
     from .testing.musicgen import TINY_MUSICGEN
 
     try:
@@ -191,7 +191,7 @@ def _load_musicgen_engine(
 
 
 def is_higgs_name(name: str) -> bool:
-    from .loading import is_higgs_name as check
+    from .higgs.loading import is_higgs_name as check
 
     return check(name)
 
@@ -199,8 +199,8 @@ def is_higgs_name(name: str) -> bool:
 def _load_higgs_engine(
     name: str, device: str, *, dtype: torch.dtype | None, codec: str | None, **kwargs: Any
 ) -> Engine:
-    from .higgs import HiggsEngine
-    from .loading import load_higgs
+    from .higgs.engine import HiggsEngine
+    from .higgs.loading import load_higgs
     from .testing.higgs import TINY_HIGGS
 
     try:

@@ -132,7 +132,7 @@ def test_bad_voice_file_stops_the_server_with_its_name(tmp_path: Path) -> None:
 def test_serve_saved_models_in_bfloat16(tmp_path: Path) -> None:
     """``--dtype`` (here from the environment) reaches both families' real loading
     code (a saved folder each), and the greeting and /v1/info say what runs."""
-    from wavecast.server.engines.musicgen_loading import save_musicgen
+    from wavecast.server.engines.musicgen.loading import save_musicgen
     from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
     speech, _ = save_tiny_higgs(build_tiny_higgs(), tmp_path / "higgs")

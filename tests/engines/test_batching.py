@@ -22,7 +22,7 @@ from test_musicgen_features import decode, wav_bytes
 from wavecast.protocol import Busy, InternalError, WavecastError, resolve_params
 from wavecast.server.engines import kv
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
-from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
+from wavecast.server.engines.musicgen.engine import MusicGenEngine, StreamSettings
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 

@@ -9,8 +9,8 @@ from torch import nn
 from transformers.models.dac.modeling_dac import Snake1d
 
 from wavecast.server.engines.codec_decoders import Snake, for_serving
-from wavecast.server.engines.loading import load_higgs
-from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.higgs.loading import load_higgs
+from wavecast.server.engines.musicgen.engine import MusicGenEngine
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 

@@ -31,8 +31,8 @@ from wavecast.server.engines.codec_stream import (
     StreamGeometry,
     decode_batched,
 )
-from wavecast.server.engines.loading import load_higgs
-from wavecast.server.engines.musicgen import MusicGenEngine, StreamSettings
+from wavecast.server.engines.higgs.loading import load_higgs
+from wavecast.server.engines.musicgen.engine import MusicGenEngine, StreamSettings
 from wavecast.server.engines.testing.musicgen import _TINY_CFG, build_tiny_musicgen
 
 Decode = Callable[[torch.Tensor], torch.Tensor]

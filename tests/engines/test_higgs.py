@@ -13,8 +13,9 @@ from transformers import DacFeatureExtractor, GenerationConfig, HiggsAudioV2Proc
 
 from wavecast.protocol import InvalidField
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.higgs import HiggsEngine
-from wavecast.server.engines.higgs_prompt import (
+from wavecast.server.engines.higgs.engine import HiggsEngine
+from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
+from wavecast.server.engines.higgs.prompt import (
     MULTISPEAKER_SYSTEM,
     SYSTEM,
     PromptAudio,
@@ -22,7 +23,6 @@ from wavecast.server.engines.higgs_prompt import (
     chunk_text,
     delay_block,
 )
-from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.testing.higgs import build_tiny_higgs, save_tiny_higgs
 from wavecast.server.engines.testing.higgs_reference import HiggsReference
 

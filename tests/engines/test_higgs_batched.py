@@ -26,11 +26,12 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
 )
 
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
-from wavecast.server.engines.higgs import HiggsEngine
-from wavecast.server.engines.higgs_decoder import HiggsDecoder
-from wavecast.server.engines.higgs_prompt import SYSTEM, build_prompt
+from wavecast.server.engines.higgs.decoder import HiggsDecoder
+from wavecast.server.engines.higgs.engine import HiggsEngine
+from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
+from wavecast.server.engines.higgs.prompt import SYSTEM, build_prompt
+from wavecast.server.engines.higgs.voices import Scene, Voice
 from wavecast.server.engines.kv import free_memory
-from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.sampling import (
     redraw_repeats,
     row_keys,
@@ -40,7 +41,6 @@ from wavecast.server.engines.sampling import (
 )
 from wavecast.server.engines.testing.higgs import build_tiny_higgs
 from wavecast.server.engines.testing.higgs_reference import HiggsReference
-from wavecast.server.engines.voices import Scene, Voice
 
 K = 4  # tiny-higgs codebooks
 BOS, EOS = 64, 65

@@ -13,8 +13,8 @@ from wavecast.protocol import InvalidField, resolve_params
 from wavecast.server.engines import ModelLoadError, load_engines
 from wavecast.server.engines.base import EngineRequest
 from wavecast.server.engines.codec_stream import StreamDecoder, fastest_rows
-from wavecast.server.engines.musicgen import MusicGenEngine
-from wavecast.server.engines.musicgen_loading import load_musicgen_dir, save_musicgen
+from wavecast.server.engines.musicgen.engine import MusicGenEngine
+from wavecast.server.engines.musicgen.loading import load_musicgen_dir, save_musicgen
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 

@@ -14,7 +14,7 @@ import torch
 
 from wavecast.protocol import InvalidField, resolve_params
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.musicgen.engine import MusicGenEngine
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 HOP = 640
@@ -244,7 +244,7 @@ def test_bad_melody_upload(melodic: Any) -> None:
 
 def test_mbd_rendition_equals_tokens_to_wav(windowed: Any) -> None:
     """The stepped diffusion is audiocraft's MultiBandDiffusion.tokens_to_wav."""
-    from wavecast.server.engines.mbd import MBD_STEPS
+    from wavecast.server.engines.musicgen.mbd import MBD_STEPS
     from wavecast.server.engines.testing.mbd import build_tiny_mbd
 
     model, _ = windowed

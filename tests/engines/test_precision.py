@@ -19,10 +19,10 @@ from helpers import collect_audio, model_forward, voiced_prompt
 from wavecast.protocol import resolve_params
 from wavecast.server.engines import ModelLoadError, load_engines
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.higgs import HiggsEngine
-from wavecast.server.engines.higgs_decoder import HiggsDecoder
+from wavecast.server.engines.higgs.decoder import HiggsDecoder
+from wavecast.server.engines.higgs.engine import HiggsEngine
+from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
 from wavecast.server.engines.kv import StaticKV
-from wavecast.server.engines.loading import HiggsModel, load_higgs
 from wavecast.server.engines.precision import model_dtype
 
 K = 4  # tiny-higgs codebooks

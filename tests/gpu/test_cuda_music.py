@@ -16,7 +16,7 @@ from helpers import (
 
 from wavecast.protocol import resolve_params
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.musicgen import MusicGenEngine
+from wavecast.server.engines.musicgen.engine import MusicGenEngine
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 pytestmark = [

@@ -31,8 +31,8 @@ def _speak(engine: Any, text: str, **given: Any) -> tuple[Any, np.ndarray]:
 
 
 def test_tiny_higgs_streams_exactly_on_cuda() -> None:
-    from wavecast.server.engines.higgs import HiggsEngine
-    from wavecast.server.engines.loading import load_higgs
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
 
     engine = HiggsEngine(load_higgs("tiny-higgs", None, "cuda"), name="tiny-higgs")
     assert engine.codec_streams.incremental is not None  # it passed its check on CUDA
@@ -52,8 +52,8 @@ def test_tiny_higgs_streams_exactly_on_cuda() -> None:
 
 def test_random_higgs_3b_runs_on_cuda() -> None:
     """The released shapes (bfloat16 generator, float32 codec) on the GPU."""
-    from wavecast.server.engines.higgs import HiggsEngine
-    from wavecast.server.engines.loading import load_higgs
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
 
     engine = HiggsEngine(load_higgs("random-higgs-3b", None, "cuda"), name="random-higgs-3b")
     assert engine.codec_streams.incremental is not None
@@ -66,8 +66,8 @@ def test_random_higgs_3b_runs_on_cuda() -> None:
 
 
 def test_tiny_higgs_rows_in_a_batch_equal_their_solo_runs_on_cuda() -> None:
-    from wavecast.server.engines.higgs import HiggsEngine
-    from wavecast.server.engines.loading import load_higgs
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
     from wavecast.server.engines.testing.higgs_reference import HiggsReference
 
     loaded = load_higgs("tiny-higgs", None, "cuda")
@@ -99,8 +99,8 @@ def test_tiny_higgs_rows_in_a_batch_equal_their_solo_runs_on_cuda() -> None:
 def test_speech_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
     """The speech engine's batched step as CUDA graphs: the same greedy codes as
     the eager step, for requests joining mid-run."""
-    from wavecast.server.engines.higgs import HiggsEngine
-    from wavecast.server.engines.loading import load_higgs
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
 
     loaded = load_higgs("tiny-higgs", None, "cuda")
     results = []
@@ -133,8 +133,8 @@ def test_speech_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again
     """Warming up records every shape of up to ``max_active`` speech requests; four
     joining at different steps then replay only, and their codes (sampled, with
     the repetition-aware redraw) equal the eager engine's."""
-    from wavecast.server.engines.higgs import HiggsEngine
-    from wavecast.server.engines.loading import load_higgs
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
 
     loaded = load_higgs("tiny-higgs", None, "cuda")
     eager = HiggsEngine(loaded, name="tiny-higgs")
@@ -146,8 +146,8 @@ def test_speech_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again
 def test_finished_and_cancelled_speech_leaves_no_memory_behind(cuda_graphs: bool) -> None:
     """Crowds of eight speech requests (two cancelled half-way) leave nothing
     behind in the GPU's memory (``crowds_leave_memory_as_found``)."""
-    from wavecast.server.engines.higgs import HiggsEngine
-    from wavecast.server.engines.loading import load_higgs
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
 
     loaded = load_higgs("tiny-higgs", None, "cuda")
     engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=cuda_graphs, max_active=8)

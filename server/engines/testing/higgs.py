@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from ..loading import CODEC_DIR, TEST_MARKER
+from ..higgs.loading import CODEC_DIR, TEST_MARKER
 
 __all__ = [
     "RANDOM_HIGGS_3B",

@@ -1,6 +1,6 @@
 """HiggsAudio v2 stepped request by request through transformers' own forward.
 
-The reference the batched engine (``engines.higgs``) is tested against: each
+The reference the batched engine (``engines.higgs.engine``) is tested against: each
 request alone, with its own ``DynamicCache``, transformers' logits processors
 and warpers (the delay pattern, temperature, top-k, top-p) and
 ``torch.multinomial`` with the request's own torch generator, as ``generate``
@@ -32,9 +32,9 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
 )
 
 from ..base import FloatAudio, Job, StepOutput
-from ..higgs import HiggsEngine, advance_fraction
-from ..higgs_prompt import PromptPart
-from ..higgs_utterance import MAX_RAS_WINDOW
+from ..higgs.engine import HiggsEngine, advance_fraction
+from ..higgs.prompt import PromptPart
+from ..higgs.utterance import MAX_RAS_WINDOW
 
 __all__ = ["HiggsReference", "HiggsStream"]
 

@@ -3,8 +3,8 @@
 The real architecture (audiocraft's EnCodec with a SEANet autoencoder and RVQ,
 the delay-pattern transformer LM with cross-attention on a T5 text encoder), at
 tiny sizes and random weights, built in-process with no network. It makes noise
-and is always announced as a test model. ``musicgen_loading.save_musicgen`` writes
-one in audiocraft's checkpoint layout, which ``musicgen_loading.load_musicgen_dir``
+and is always announced as a test model. ``musicgen.loading.save_musicgen`` writes
+one in audiocraft's checkpoint layout, which ``musicgen.loading.load_musicgen_dir``
 reads.
 """
 
@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from ..musicgen_loading import lm_from_cfg, musicgen_model
+from ..musicgen.loading import lm_from_cfg, musicgen_model
 
 __all__ = [
     "RANDOM_MUSICGEN_SCALES",

@@ -18,7 +18,7 @@ import numpy as np
 
 from wavecast.protocol import InvalidField
 
-from ..audio import decode_upload
+from ...audio import decode_upload
 
 __all__ = [
     "BUILTIN_SCENES",
@@ -35,7 +35,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_VOICE_SECONDS = 60.0
 MAX_SCENE_CHARS = 4000
 
-BUILTIN_SCENES = Path(__file__).resolve().parent.parent / "scenes"
+BUILTIN_SCENES = Path(__file__).resolve().parents[2] / "scenes"
 
 
 class VoiceLoadError(RuntimeError):

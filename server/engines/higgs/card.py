@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 from wavecast.protocol import ModelInfo, ParamSpec
 
-from .base import SEED_SPEC
-from .higgs_prompt import CHUNK_METHODS
-from .higgs_utterance import MAX_RAS_WINDOW
+from ..base import SEED_SPEC
+from .prompt import CHUNK_METHODS
+from .utterance import MAX_RAS_WINDOW
 
 __all__ = ["model_card"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from wavecast.protocol import ModelInfo, ParamSpec
 
-from .base import SEED_SPEC
+from ..base import SEED_SPEC
 
 __all__ = ["model_card"]
 

@@ -45,7 +45,7 @@ import torch
 
 from wavecast.protocol import InvalidField, ModelInfo
 
-from .base import (
+from ..base import (
     EngineRequest,
     FloatAudio,
     Job,
@@ -59,12 +59,18 @@ from .base import (
     request_seed,
     run_once,
 )
-from .codec_decoders import for_serving
-from .codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
-from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
-from .higgs_card import model_card
-from .higgs_decoder import HiggsDecoder
-from .higgs_prompt import (
+from ..codec_decoders import for_serving
+from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
+from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
+from ..kv import check_room, reserving
+from ..precision import dtype_name
+from ..sampling import RowSampling, finite_rows, redraw_keys, sample_repeat_aware
+from ..slots import SlotTable
+from ..step_cost import measure_context_cost
+from .card import model_card
+from .decoder import HiggsDecoder
+from .loading import HiggsModel
+from .prompt import (
     AUDIO_DELAY,
     AUDIO_OUT,
     MULTISPEAKER_SYSTEM,
@@ -77,13 +83,7 @@ from .higgs_prompt import (
     delay_block,
     normalize_text,
 )
-from .higgs_utterance import Markers, Utterance
-from .kv import check_room, reserving
-from .loading import HiggsModel
-from .precision import dtype_name
-from .sampling import RowSampling, finite_rows, redraw_keys, sample_repeat_aware
-from .slots import SlotTable
-from .step_cost import measure_context_cost
+from .utterance import Markers, Utterance
 from .voices import Scene, Voice, scene_text
 
 __all__ = ["HiggsEngine"]
@@ -431,7 +431,7 @@ class HiggsEngine:
         return self._decode_uploads(request.inputs)
 
     def _decode_uploads(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
-        from ..audio import decode_upload
+        from ...audio import decode_upload
 
         decoded = {}
         for role, data in inputs.items():

@@ -31,7 +31,7 @@ from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
 from torch.nn import functional as F
 
-from .kv import CacheRows, StaticKV
+from ..kv import CacheRows, StaticKV
 
 __all__ = ["MusicGenDecoder"]
 

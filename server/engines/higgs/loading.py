@@ -5,7 +5,7 @@ A hub name or a folder loads through transformers, with its audio tokenizer
 (``audio_tokenizer/`` beside it, or the released one). Test models (``tiny-higgs``,
 ``random-higgs-3b``) are built by ``engines.testing``: random weights, always
 announced as test models. MusicGen models load through audiocraft, in
-``musicgen_loading`` (which a server of speech models alone never imports).
+``musicgen.loading`` (which a server of speech models alone never imports).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ TEST_MARKER = "WAVECAST_TEST_MODEL"
 
 def is_higgs_name(name: str) -> bool:
     """Whether a ``--model`` value names a HiggsAudio v2 model."""
-    from .testing.higgs import TEST_NAMES
+    from ..testing.higgs import TEST_NAMES
 
     if name in TEST_NAMES or "higgs-audio" in name.lower():
         return True
@@ -79,7 +79,7 @@ def load_higgs(
     """
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    from .testing import higgs as testing
+    from ..testing import higgs as testing
 
     if name in testing.TEST_NAMES:
         tiny = (

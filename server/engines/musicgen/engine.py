@@ -39,7 +39,7 @@ from audiocraft.models.musicgen import MusicGen
 
 from wavecast.protocol import InvalidField, ModelInfo
 
-from .base import (
+from ..base import (
     EngineRequest,
     FloatAudio,
     Job,
@@ -53,20 +53,20 @@ from .base import (
     request_seed,
     run_once,
 )
-from .codec_decoders import for_serving
-from .codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
-from .graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
-from .kv import check_room, reserving
+from ..codec_decoders import for_serving
+from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
+from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
+from ..kv import check_room, reserving
+from ..precision import dtype_name
+from ..sampling import DrawPlan, RowSampling, finite_rows, sample
+from ..slots import SlotTable
+from ..step_cost import measure_context_cost
+from .card import model_card
+from .conditioning import Conditioning
+from .decoder import MusicGenDecoder
+from .loading import fresh_autocast
 from .mbd import MBDRun
-from .musicgen_card import model_card
-from .musicgen_conditioning import Conditioning
-from .musicgen_decoder import MusicGenDecoder
-from .musicgen_loading import fresh_autocast
-from .musicgen_windows import Codes, Window, Windows
-from .precision import dtype_name
-from .sampling import DrawPlan, RowSampling, finite_rows, sample
-from .slots import SlotTable
-from .step_cost import measure_context_cost
+from .windows import Codes, Window, Windows
 
 __all__ = ["MusicGenEngine", "StreamSettings"]
 
@@ -300,7 +300,7 @@ class MusicGenEngine:
         return self._decode_uploads(request.inputs)
 
     def _decode_uploads(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
-        from ..audio import decode_upload
+        from ...audio import decode_upload
 
         return {
             role: decode_upload(data, field=f"inputs.{role}", max_seconds=self.max_upload_seconds)

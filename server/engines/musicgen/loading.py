@@ -75,7 +75,7 @@ def load_musicgen(
 
 
 def _load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
-    from .testing import musicgen as testing
+    from ..testing import musicgen as testing
 
     if name in testing.TINY_NAMES:
         stereo, melody = name == testing.TINY_MUSICGEN_STEREO, name == testing.TINY_MUSICGEN_MELODY
@@ -115,7 +115,7 @@ def fresh_autocast(model: MusicGen) -> Callable[[], contextlib.AbstractContextMa
 
 def _offline_demucs() -> Any:
     # A melody checkpoint saved in this layout holds no Demucs: the test models'.
-    from .testing.musicgen import tiny_demucs
+    from ..testing.musicgen import tiny_demucs
 
     return tiny_demucs()
 

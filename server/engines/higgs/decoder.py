@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kv import CacheRows, StaticKV
+from ..kv import CacheRows, StaticKV
 
 __all__ = ["HiggsDecoder"]
 
