@@ -111,6 +111,11 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         "0",
         "--max-active",
         str(max(args.concurrency)),
+        # Every client of the benchmark comes from this one address.
+        "--max-connections-per-ip",
+        str(max(args.concurrency) + 1),
+        "--max-connections",
+        str(max(256, max(args.concurrency) + 1)),
         "--threads",
         str(args.threads),
         "--admission",
