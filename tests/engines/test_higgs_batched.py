@@ -554,6 +554,39 @@ def test_a_request_that_fails_alone_ends_alone(batched: HiggsEngine, monkeypatch
         batched.finish(solo[rid])
 
 
+def test_a_prompt_that_fails_its_prefill_fails_alone(loaded: HiggsModel) -> None:
+    """A crowd's prompts go in one call; where that call fails, each is fed again
+    alone: the one that fails alone ends with an error, the others speak as alone."""
+    engine = HiggsEngine(loaded, name="t")
+    assert engine.decoder is not None
+    original = engine.decoder.prefill
+    texts = {"a": "First of the crowd.", "bad": "I break the prefill.", "c": "Third, and fine."}
+    params: dict[str, Any] = {"max_new_tokens": 16}
+    crowd = {rid: request(engine, rid, text, seed=7, **params) for rid, text in texts.items()}
+    calls: list[int] = []
+
+    def faulty(rows: list[int], *args: Any) -> torch.Tensor:
+        calls.append(len(rows))
+        if crowd["bad"].state.slot in rows:
+            raise RuntimeError("a bug in one prompt's prefill")
+        return original(rows, *args)
+
+    engine.decoder.prefill = faulty  # type: ignore[method-assign]
+    outputs = engine.step(list(crowd.values()))
+    assert calls == [3, 1, 1, 1]  # together, then each alone
+    errors = {rid: out.error for rid, out in zip(crowd, outputs, strict=True) if out.error}
+    assert list(errors) == ["bad"] and errors["bad"].code == "internal_error"
+    engine.finish(crowd.pop("bad"))
+    del engine.decoder.prefill
+    drive(engine, list(crowd.values()))
+    for rid, job in crowd.items():
+        alone = request(engine, f"solo-{rid}", texts[rid], seed=7, **params)
+        drive(engine, [alone])
+        assert torch.equal(engine.codes_of(job), engine.codes_of(alone)), rid
+        engine.finish(alone)
+        engine.finish(job)
+
+
 def test_sampled_utterances_end_on_their_own() -> None:
     """The plain random head samples stream EOS: the cascade ends the utterance
     early, frames stop before the EOS codes, and the stream ends cleanly."""
@@ -570,58 +603,102 @@ def test_sampled_utterances_end_on_their_own() -> None:
 
 
 def test_a_crowd_prefills_within_the_budget(loaded: HiggsModel) -> None:
+    """A crowd's prompts, of different lengths, go in one call a step (each
+    request's next chunk, padded to the longest), within the budget counted in
+    the call's padded positions; the running stream steps every time, and each
+    prompt makes the same speech as alone."""
     engine = HiggsEngine(loaded, name="t", prefill_chunk=32, prefill_budget=64)
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []  # rows, padded width
     original = engine.decoder.prefill if engine.decoder else None
     assert original is not None
 
-    chunks: list[int] = []
-    grouped: list[int] = []  # rows per call
-
     def counted(rows: list[int], tokens: torch.Tensor, *args: Any) -> torch.Tensor:
-        calls.append(int(tokens.numel()))  # positions, over the call's rows
-        chunks.append(int(tokens.shape[1]))
-        grouped.append(len(rows))
+        calls.append((len(rows), int(tokens.shape[1])))
         return original(rows, tokens, *args)
 
     engine.decoder.prefill = counted  # type: ignore[method-assign, union-attr]
     running = request(engine, "run", "I am speaking already.", max_new_tokens=200, seed=1)
     while engine.step([running])[0].audio is None:
         pass
-    text, short = "A new voice joins the crowd.", {"max_new_tokens": 12}
-    crowd = [request(engine, f"n{i}", text, seed=i, **short) for i in range(4)]
+    texts = [
+        "A new voice joins the crowd.",
+        "Hi.",
+        "Another, longer voice joins it too.",
+        "Me too!",
+    ]
+    short = {"max_new_tokens": 12}
+    crowd = [request(engine, f"n{i}", text, seed=i, **short) for i, text in enumerate(texts)]
     calls.clear()
-    steps = 0
 
     def prefilling(job: Job) -> bool:
         u = job.state.utterance
         return u is None or u.fed < len(u.ids)
 
+    together = 0
     while any(prefilling(job) for job in crowd):
         before = running.steps
         engine.step([running, *crowd])
-        # The running stream steps every time; the crowd's prompts go in 64
-        # positions a step at most, in chunks of 32; equal chunks in one call.
         assert running.steps == before + 1
-        assert sum(calls) <= 64 and max(chunks) <= 32
+        assert len(calls) == 1
+        rows, width = calls[0]
+        assert rows * width <= 64 and width <= 32
+        together = max(together, rows)
         calls.clear()
-        chunks.clear()
-        steps += 1
-    total = sum(len(job.state.utterance.ids) for job in crowd)
-    assert steps == -(-total // 64)
-    assert max(grouped) == 2  # equal chunks (same start, same length) share a call
-    # ... and a prompt prefilled beside others makes the same speech as alone.
+    assert together == 2  # two chunks of 32 (the prompts differ in length)
+    lengths = {len(job.state.utterance.ids) for job in crowd}
+    assert len(lengths) == len(texts)
     live = list(crowd)
     while live:
         outputs = engine.step([running, *live])
         live = [job for job, out in zip(live, outputs[1:], strict=True) if not out.done]
     for i, job in enumerate(crowd):
-        alone = request(engine, f"solo{i}", text, seed=i, **short)
+        alone = request(engine, f"solo{i}", texts[i], seed=i, **short)
         drive(engine, [alone])
         assert torch.equal(engine.codes_of(job), engine.codes_of(alone)), i
         engine.finish(alone)
     for job in [running, *crowd]:
         engine.finish(job)
+
+
+def test_prompts_of_any_length_and_place_prefill_together_as_alone(loaded: HiggsModel) -> None:
+    """The decoder's prefill of rows at different places with different lengths
+    (padded to the longest) leaves each row's cache and last logits as its own
+    call does, and its next steps' logits too."""
+    model = loaded.model
+    gen = torch.Generator().manual_seed(11)
+    starts, sizes = [0, 7, 3], [9, 4, 1]
+    heads = [torch.randint(0, 200, (1, n), generator=gen) for n in starts]
+    chunks = [torch.randint(0, 200, (1, n), generator=gen) for n in sizes]
+    width = max(sizes)
+
+    def prepared() -> HiggsDecoder:
+        decoder = HiggsDecoder(model, rows=4, length=64)
+        for row, head in enumerate(heads):
+            if head.shape[1]:
+                decoder.prefill([row], head, None, np.zeros((1, head.shape[1]), bool), 0)
+        return decoder
+
+    with torch.no_grad():
+        alone = prepared()
+        expected = [
+            alone.prefill([row], chunk, None, np.zeros((1, chunk.shape[1]), bool), starts[row])[0]
+            for row, chunk in enumerate(chunks)
+        ]
+        together = prepared()
+        tokens = torch.zeros((3, width), dtype=torch.int64)
+        for row, chunk in enumerate(chunks):
+            tokens[row, : sizes[row]] = chunk[0]
+        tokens[1, sizes[1] :] = 5  # padding: any ids
+        got = together.prefill([0, 1, 2], tokens, None, np.zeros((3, width), bool), starts, sizes)
+        assert together.lengths[:3].tolist() == [a + b for a, b in zip(starts, sizes, strict=True)]
+        for row in range(3):
+            assert torch.allclose(got[row], expected[row], atol=1e-5), row
+        codes = torch.randint(0, BOS, (4, K), generator=gen)
+        active = torch.tensor([True, True, True, False])
+        for _ in range(3):
+            want = alone.decode(codes, active, span=32)
+            have = together.decode(codes, active, span=32)
+            assert torch.allclose(have[:3], want[:3], atol=1e-5)
 
 
 def test_a_time_budget_sets_the_positions_per_step(loaded: HiggsModel) -> None:
@@ -656,9 +733,10 @@ def test_a_time_budget_sets_the_positions_per_step(loaded: HiggsModel) -> None:
         engine.step(crowd)
         per_step.append(sum(calls))
     # Before a measurement: the position cap (1000, in chunks of 8, one per request);
-    # after: 20 positions a step (the last step may take less).
+    # after: what 20 positions a step hold, two requests' chunks of 8 (the last
+    # steps may take less).
     assert per_step[0] == 32
-    assert all(n <= 20 for n in per_step[1:]) and max(per_step[1:-1]) == 20
+    assert all(n <= 20 for n in per_step[1:]) and max(per_step[1:-1]) == 16
     for job in crowd:
         engine.finish(job)
 

@@ -22,7 +22,7 @@ rotary tables, the audio embedding as one table.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,20 +206,34 @@ class HiggsDecoder(CacheRows):
         tokens: torch.Tensor,
         audio: torch.Tensor | None,
         is_audio: npt.NDArray[np.bool_],
-        start: int,
+        start: int | Sequence[int],
+        sizes: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Feed ``tokens`` ``[R, S]`` to ``rows`` at positions ``start`` on.
+        """Feed ``tokens`` ``[R, S]`` to ``rows``, each at its own place.
+
+        Rows of different lengths go in one call: a row's positions past its
+        ``sizes`` are padding. Their keys and values land past the row's new
+        length, where no step attends (a decode step masks positions past a row's
+        length and overwrites the next one before attending to it), and their
+        outputs are dropped; causal attention keeps them out of the real positions.
 
         Args:
-            tokens: Text token ids; at audio positions a placeholder (any id).
+            tokens: Text token ids; at audio positions and padding a placeholder
+                (any id).
             audio: The codes ``[N, K]`` of the audio positions, in order (row by row).
-            is_audio: ``[R, S]``, on the host: which positions are audio.
-            start: The first position (the rows hold ``start`` positions already).
+            is_audio: ``[R, S]``, on the host: which positions are audio (padding
+                is not).
+            start: The first position of each row (it holds that many already),
+                or one for all.
+            sizes: The positions of each row that are its own (``S`` if None).
 
-        Returns the logits ``[R, K, card]`` of the last position.
+        Returns the logits ``[R, K, card]`` of each row's last position.
         """
         count, steps = tokens.shape
-        end = start + steps
+        starts = np.broadcast_to(np.asarray(start, dtype=np.int64), (count,))
+        own = np.full(count, steps, dtype=np.int64) if sizes is None else np.asarray(sizes)
+        assert own.shape == (count,) and bool((own >= 1).all() and (own <= steps).all())
+        end = int(starts.max()) + steps
         self.ensure(length=end)
         x = F.embedding(tokens, self._embed_text)
         flat_audio = np.flatnonzero(is_audio.reshape(-1))
@@ -231,13 +245,17 @@ class HiggsDecoder(CacheRows):
             x = x.view(count * steps, -1).index_copy(0, audio_index, self.embed_audio(audio))
             x = x.view(count, steps, -1)
         index = torch.tensor(rows, device=self.device)
-        positions = torch.arange(start, end, device=self.device)
-        cos, sin = self._cos[start:end][None, None], self._sin[start:end][None, None]
-        mask = torch.arange(end, device=self.device)[None, :] <= positions[:, None]  # [S, end]
+        # [1, S] where every row starts at the same place (the common case: a
+        # crowd's first chunks), [R, S] where they do not.
+        first = starts[:1] if bool((starts == starts[0]).all()) else starts
+        positions = torch.from_numpy(first[:, None] + np.arange(steps)).to(self.device)
+        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]
+        mask = torch.arange(end, device=self.device) <= positions[..., None]  # [1|R, S, end]
+        mask = mask[:, None]
         where = (
             index[:, None, None],
             torch.arange(self.kv_heads, device=self.device)[None, :, None],
-            positions[None, None, :],
+            positions[:, None, :],
         )
         cache_k, cache_v = self.kv.k, self.kv.v
 
@@ -261,8 +279,11 @@ class HiggsDecoder(CacheRows):
             return out.view(count, steps, -1)
 
         hidden = self._forward(x, cos, sin, mask, attend, route)
-        self.lengths[index] = end
-        return self._logits(hidden[:, -1])
+        self.lengths[index] = torch.from_numpy(starts + own).to(self.device)
+        if bool((own == steps).all()):
+            return self._logits(hidden[:, -1])
+        last = torch.from_numpy(own - 1).to(self.device)
+        return self._logits(hidden[torch.arange(count, device=self.device), last])
 
     def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None) -> Any:
         """One audio frame for the first ``B`` rows: ``[B, K]`` codes -> ``[B, K, card]``.

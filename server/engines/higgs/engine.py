@@ -723,65 +723,80 @@ class HiggsEngine:
     def _prefill_due(
         self, states: list[_HiggsJob], failures: dict[int, BaseException]
     ) -> dict[int, torch.Tensor]:
-        """Feed the next chunk of each prompt not yet in the cache, oldest first.
+        """Feed the next chunk of each prompt not yet in the cache, oldest first,
+        in one call (prompts of different lengths and places padded to the
+        longest chunk).
 
-        At most ``prefill_chunk`` positions per request and the step's budget in
-        all (``_positions_budget``; at least one chunk). Chunks with the same start
-        and length go in one call (a crowd of new requests: one forward). Returns
-        the logits ``[K, card]`` of each slot whose prompt is now complete: it
-        samples in this step. A group whose call fails goes into ``failures``.
+        At most ``prefill_chunk`` positions per request, and the step's budget in
+        all (``_positions_budget``), counted as the call's padded positions: a
+        request's chunk goes in if the call still fits the budget with it (the
+        oldest's always does, cut to the budget if need be). Returns the logits
+        ``[K, card]`` of each slot whose prompt is now complete: it samples in this
+        step. If the call fails, its requests go into ``failures``.
         """
         budget = self._positions_budget()
-        groups: dict[tuple[int, int], list[_HiggsJob]] = {}
+        chosen: list[tuple[_HiggsJob, int]] = []
+        width = 0
         for st in states:
             u = st.utterance
             assert u is not None and st.slot is not None
             if u.fed >= len(u.ids):
                 continue
-            if budget <= 0:
+            size = min(len(u.ids) - u.fed, self.prefill_chunk)
+            if not chosen:
+                size = min(size, max(budget, 1))
+            elif (len(chosen) + 1) * max(width, size) > budget:
                 break
-            size = min(len(u.ids) - u.fed, self.prefill_chunk, max(budget, 1))
-            groups.setdefault((u.fed, size), []).append(st)
-            budget -= size
+            chosen.append((st, size))
+            width = max(width, size)
         complete: dict[int, torch.Tensor] = {}
-        for (start, size), group in groups.items():
-            logits = self._prefill_group(group, start, size, failures)
-            if logits is None:
+        if not chosen:
+            return complete
+        began = self.clock()
+        try:
+            logits = list(self._prefill_call(chosen, width))
+            self._measure_prefill(len(chosen) * width, began)
+        except Exception as exc:
+            if len(chosen) == 1:
+                failures[id(chosen[0][0])] = exc
+                return complete
+            # One request's failure must not end its neighbours': each alone.
+            logits = [
+                attempt(failures, [st], lambda c: self._prefill_call(c, c[0][1])[0], [(st, size)])
+                for st, size in chosen
+            ]
+        for (st, size), row_logits in zip(chosen, logits, strict=True):
+            u = st.utterance
+            if row_logits is None:
                 continue
-            for i, st in enumerate(group):
-                u = st.utterance
-                assert u is not None and st.slot is not None
-                u.fed = start + size
-                if u.fed == len(u.ids):
-                    complete[st.slot] = logits[i]
+            assert u is not None and st.slot is not None
+            u.fed += size
+            if u.fed == len(u.ids):
+                complete[st.slot] = row_logits
         return complete
 
-    def _prefill_group(
-        self,
-        group: list[_HiggsJob],
-        start: int,
-        size: int,
-        failures: dict[int, BaseException],
-    ) -> torch.Tensor | None:
-        """One prefill call for requests whose next chunks have the same place."""
-        decoder = self.decoder
-        end = start + size
-        utterances = [st.utterance for st in group]
+    def _prefill_call(self, chosen: list[tuple[_HiggsJob, int]], width: int) -> torch.Tensor:
+        """One prefill call: each request's next ``size`` positions, padded to
+        ``width``; the logits ``[R, K, card]`` of each one's last position."""
+        count = len(chosen)
+        ids = np.zeros((count, width), dtype=np.int64)
+        is_audio = np.zeros((count, width), dtype=bool)
         audio_parts = []
-        for u in utterances:
+        starts = []
+        for i, (st, size) in enumerate(chosen):
+            u = st.utterance
             assert u is not None
+            start, end = u.fed, u.fed + size
             first = int(u.is_audio[:start].sum())
             audio_parts.append(u.audio[first : first + int(u.is_audio[start:end].sum())])
+            ids[i, :size] = u.ids[start:end]
+            is_audio[i, :size] = u.is_audio[start:end]
+            starts.append(start)
         audio = torch.from_numpy(np.concatenate(audio_parts)).to(self.device)
-        ids = np.stack([u.ids[start:end] for u in utterances if u is not None])
-        is_audio = np.stack([u.is_audio[start:end] for u in utterances if u is not None])
-        rows = [st.slot for st in group if st.slot is not None]
-        began = self.clock()
+        rows = [st.slot for st, _ in chosen if st.slot is not None]
         tokens = torch.from_numpy(ids).to(self.device)
-        logits = attempt(failures, group, decoder.prefill, rows, tokens, audio, is_audio, start)
-        if logits is not None:
-            self._measure_prefill(size * len(group), began)
-        return logits
+        sizes = [size for _, size in chosen]
+        return self.decoder.prefill(rows, tokens, audio, is_audio, starts, sizes)
 
     def _positions_budget(self) -> int:
         """Prompt positions this step may prefill: ``prefill_budget``, or what the
