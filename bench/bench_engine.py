@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 import torch
-from bench_stream import baseline, machine, sync
+from bench_stream import baseline, machine, speech_text, sync
 
 from wavecast.protocol import ParamValue, resolve_params
 from wavecast.server.config import DTYPES
@@ -47,11 +47,11 @@ SPEECH = "The sun rises in the east and sets in the west, as it has for thousand
 MUSIC = "warm lofi hip hop with soft keys"
 
 
-def request(engine: Engine, index: int, duration: float) -> EngineRequest:
+def request(engine: Engine, index: int, duration: float, varied: bool = False) -> EngineRequest:
     given: dict[str, ParamValue] = {"seed": index}
     if engine.info.family == "higgs":
         given["max_new_tokens"] = round(duration * engine.frame_rate)
-        prompt = SPEECH
+        prompt = speech_text(index) if varied else SPEECH
     else:
         given["duration"] = duration
         prompt = MUSIC
@@ -122,12 +122,18 @@ class Parts:
 
 
 def run(
-    engine: Engine, streams: int, duration: float, device: str, stagger: int = 0
+    engine: Engine,
+    streams: int,
+    duration: float,
+    device: str,
+    stagger: int = 0,
+    varied: int | None = None,
 ) -> dict[str, float]:
     """Prepare ``streams`` requests at once (or one every ``stagger`` steps) and
-    step them all to the end."""
+    step them all to the end. ``varied``: speech requests speak the varied texts,
+    the first this one of them (None: all the same text)."""
     with Parts(engine) as parts:
-        result = _run(engine, streams, duration, device, stagger)
+        result = _run(engine, streams, duration, device, stagger, varied)
     steps = result["steps"]
     result["codec"] = parts.seconds["codec"] / steps
     result["bookkeeping"] = parts.seconds["bookkeeping"] / steps
@@ -137,14 +143,15 @@ def run(
 
 
 def _run(
-    engine: Engine, streams: int, duration: float, device: str, stagger: int
+    engine: Engine, streams: int, duration: float, device: str, stagger: int, varied: int | None
 ) -> dict[str, float]:
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     start = time.perf_counter()
-    waiting = [request(engine, i, duration) for i in range(streams)]
+    first = varied or 0
+    waiting = [request(engine, first + i, duration, varied is not None) for i in range(streams)]
     jobs = []
     first: list[float] = []
     each: list[float] = []  # every stream's real-time factor (its audio / its time)
@@ -292,6 +299,12 @@ def main() -> None:
         action="store_true",
         help="MusicGen: audiocraft's generate on the same batches, in the same run",
     )
+    parser.add_argument(
+        "--varied-texts",
+        action="store_true",
+        help="speech: the requests speak eight texts of different lengths (run r's "
+        "i-th request the (r + i)-th), not all the same one",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
@@ -315,7 +328,10 @@ def main() -> None:
         run(engine, max(args.streams), min(args.duration, 1.0), device)  # warm up
     results = {}
     for n in args.streams:
-        runs = [run(engine, n, args.duration, device, args.stagger) for _ in range(args.runs)]
+        runs = [
+            run(engine, n, args.duration, device, args.stagger, r if args.varied_texts else None)
+            for r in range(args.runs)
+        ]
         results[n] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         model = getattr(engine, "model", None)
         if args.baseline and engine.info.family == "musicgen" and model is not None:
@@ -324,6 +340,7 @@ def main() -> None:
     path = " (reference path: each request alone)" if args.reference else ""
     path += " (decode step as CUDA graphs)" if args.cuda_graphs else ""
     path += f" (one request joining every {args.stagger} steps)" if args.stagger else ""
+    path += " (texts of different lengths)" if args.varied_texts else ""
     title = f"{args.model}{path} on {device} ({engine.info.dtype}), {args.duration:g} s clips"
     print(f"### engine core in-process: {title}\n")
     print(f"- machine: {machine(device)}, {threads} torch thread(s)")

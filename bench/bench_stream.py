@@ -70,6 +70,28 @@ def baseline(
     return times
 
 
+# Eight texts of different lengths (6 to 31 words), for a crowd whose prompts
+# differ as real ones do (``--varied-texts`` of the speech benchmarks): request
+# ``i`` speaks the ``i % 8``-th.
+SPEECH_TEXTS = (
+    "Good morning, and welcome back to the show.",
+    "Please hold the line.",
+    "The train to the coast leaves from platform four at a quarter past nine, "
+    "and the next one an hour later.",
+    "I never thought I would say this, but the soup was better yesterday.",
+    "Turn left at the bakery.",
+    "Every evening the old lighthouse keeper climbed the stairs, polished the great "
+    "lens, and watched the ships slip past the rocks until the sun came up again.",
+    "Thank you for calling; your order has shipped and should arrive on Thursday.",
+    "We will meet again soon, my friend, when the rain stops.",
+)
+
+
+def speech_text(index: int) -> str:
+    """The text request ``index`` of a varied crowd speaks."""
+    return SPEECH_TEXTS[index % len(SPEECH_TEXTS)]
+
+
 async def timed(stream: Any, start: float) -> dict[str, float]:
     """Read a request's stream to its end: time to first audio, wall time, the
     audio made (the server's count) and the real-time factor, from ``start``."""

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import torch
-from bench_stream import add_server_arguments, measure_server, report, sync, timed
+from bench_stream import add_server_arguments, measure_server, report, speech_text, sync, timed
 from transformers import GenerationConfig
 
 from wavecast.clients import connect
@@ -117,13 +117,14 @@ def engine_run(engine: HiggsEngine, args: argparse.Namespace, seed: int) -> dict
 
 
 async def one(url: str, model: str, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    text = speech_text(seed) if args.varied_texts else TEXT
     async with connect(url) as client:
         start = time.perf_counter()
         chunking: dict[str, Any] = {}
         if args.chunk_words:
             chunking = {"chunk_method": "word", "chunk_max_word_num": args.chunk_words}
         stream = await client.speak(
-            model, TEXT, max_new_tokens=args.max_new_tokens, seed=seed, **chunking
+            model, text, max_new_tokens=args.max_new_tokens, seed=seed, **chunking
         )
         return await timed(stream, start)
 
@@ -149,7 +150,8 @@ async def bench(args: argparse.Namespace) -> None:
 
     report(
         f"{args.model} on {device}, speech, {chunks} chunk(s) of {args.max_new_tokens} "
-        f"frames ({audio_seconds:g} s), {args.runs} runs (median)",
+        f"frames ({audio_seconds:g} s), {args.runs} runs (median)"
+        + (", texts of different lengths" if args.varied_texts else ""),
         device,
         ("transformers `generate` + decode", "generate"),
         base,
@@ -175,6 +177,12 @@ def main() -> None:
         type=int,
         default=0,
         help="speak the text in chunks of this many words (0: in one go)",
+    )
+    parser.add_argument(
+        "--varied-texts",
+        action="store_true",
+        help="through the server: request i speaks the i-th of eight texts of different "
+        "lengths (a crowd's prompts differ), not all the same one",
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
