@@ -5,6 +5,9 @@ two benchmark runs a minute apart compare the minutes, not the code. Here each
 revision's engine is loaded once, in its own process, and they take turns: the
 same N fresh requests stepped ``--steps`` times, one revision then the other
 (then the other way round), ``--rounds`` times; the medians and the ratio.
+With ``--first-audio``, each turn is a crowd's start instead: N fresh requests
+prepared at once and stepped until each has its first audio; the median stream's
+time to it (``--varied-texts``: speech requests speak texts of different lengths).
 
     .venv/bin/python bench/bench_ab.py --rev HEAD~2 --model tiny-musicgen --streams 1 8
     .venv/bin/python bench/bench_ab.py --rev aeea893 --model tiny-higgs --streams 1 8
@@ -28,9 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker(model: str, streams: int, threads: int) -> None:
+def worker(model: str, streams: int, threads: int, varied: bool) -> None:
     """Load ``model`` and, for each line on stdin (a step count), step ``streams``
-    fresh requests that many times; print the milliseconds per step."""
+    fresh requests that many times; print the milliseconds per step. A line
+    ``first``: prepare them and step until each has audio; print the median
+    stream's milliseconds to its first audio."""
     import torch
     from bench_engine import load, request
 
@@ -40,16 +45,32 @@ def worker(model: str, streams: int, threads: int) -> None:
     duration = 30.0 if engine.info.family == "musicgen" else 60.0
     jobs: list = []
 
+    turn = 0
+
     def fresh() -> list:
+        nonlocal turn
         for job in jobs:
             engine.finish(job)
-        return [engine.prepare(request(engine, i, duration)) for i in range(streams)]
+        turn += 1  # (varied texts: each turn's crowd starts one text further on)
+        return [engine.prepare(request(engine, turn + i, duration, varied)) for i in range(streams)]
 
     jobs = fresh()
     for _ in range(50):
         engine.step(jobs)
     print("ready", flush=True)
     for line in sys.stdin:
+        if line.strip() == "first":
+            began = time.perf_counter()
+            jobs = fresh()
+            first: dict[int, float] = {}
+            while len(first) < len(jobs):
+                outputs = engine.step(jobs)
+                now = time.perf_counter()
+                for i, output in enumerate(outputs):
+                    if output.audio is not None and i not in first:
+                        first[i] = now - began
+            print(statistics.median(first.values()) * 1e3, flush=True)
+            continue
         steps = int(line)
         jobs = fresh()
         for _ in range(20):  # past the prefill and the first chunk
@@ -75,6 +96,7 @@ def start(package_root: Path | None, args: argparse.Namespace, streams: int) -> 
         str(streams),
         "--threads",
         str(args.threads),
+        *(["--varied-texts"] if args.varied_texts else []),
     ]
     process = subprocess.Popen(
         command,
@@ -93,7 +115,7 @@ def start(package_root: Path | None, args: argparse.Namespace, streams: int) -> 
     return process
 
 
-def timed(process: subprocess.Popen, steps: int) -> float:
+def timed(process: subprocess.Popen, steps: int | str) -> float:
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(f"{steps}\n")
     process.stdin.flush()
@@ -108,7 +130,8 @@ def compare(
     try:
         for r in range(args.rounds):
             for side in ("rev", "tree") if r % 2 == 0 else ("tree", "rev"):
-                times[side].append(timed(sides[side], args.steps))
+                what = "first" if args.first_audio else args.steps
+                times[side].append(timed(sides[side], what))
     finally:
         for process in sides.values():
             assert process.stdin is not None
@@ -125,10 +148,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--first-audio",
+        action="store_true",
+        help="time a crowd's start (the median stream's first audio), not steady steps",
+    )
+    parser.add_argument(
+        "--varied-texts", action="store_true", help="speech: texts of different lengths"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.model, args.streams[0], args.threads)
+        worker(args.model, args.streams[0], args.threads, args.varied_texts)
         return
     from bench_stream import machine
 
@@ -149,14 +180,18 @@ def main() -> None:
             rows = [(n, *compare(Path(tmp) / "root", args, n)) for n in args.streams]
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
-    print(f"### engine step, {revision} against the working tree: {args.model}\n")
+    what = "a crowd's first audio" if args.first_audio else "engine step"
+    texts = " (texts of different lengths)" if args.varied_texts else ""
+    print(f"### {what}, {revision} against the working tree: {args.model}{texts}\n")
     print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    turns = "crowds started" if args.first_audio else f"{args.steps} steps"
     print(
-        f"- date: {time.strftime('%Y-%m-%d')}; {args.rounds} turns each of {args.steps} steps, "
+        f"- date: {time.strftime('%Y-%m-%d')}; {args.rounds} turns each of {turns}, "
         "alternating; median (least)\n"
     )
-    print(f"| streams | {revision}: ms per step | tree: ms per step | tree / {revision} |")
+    unit = "ms to the median stream's first audio" if args.first_audio else "ms per step"
+    print(f"| streams | {revision}: {unit} | tree: {unit} | tree / {revision} |")
     print("| --- | --- | --- | --- |")
     for n, old, new in rows:
         a, b = statistics.median(old), statistics.median(new)

@@ -150,10 +150,11 @@ def _run(
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     start = time.perf_counter()
-    first = varied or 0
-    waiting = [request(engine, first + i, duration, varied is not None) for i in range(streams)]
+    offset = varied or 0
+    waiting = [request(engine, offset + i, duration, varied is not None) for i in range(streams)]
     jobs = []
     first: list[float] = []
+    first_steps: list[int] = []  # steps from a stream's join to its first audio
     each: list[float] = []  # every stream's real-time factor (its audio / its time)
     steps = 0
     longest = 0.0  # the longest step: what every stream waits through at once
@@ -164,6 +165,7 @@ def _run(
         while waiting and (not stagger or steps % stagger == 0 or not jobs):
             job = engine.prepare(waiting.pop(0))
             job.extra["joined"] = time.perf_counter()
+            job.extra["joined_step"] = steps
             jobs.append(job)
             if stagger:
                 break
@@ -182,6 +184,7 @@ def _run(
                 if job.extra.get("first") is None:
                     job.extra["first"] = now - joined
                     first.append(now - joined)
+                    first_steps.append(steps - job.extra["joined_step"])
             if output.done:
                 each.append(job.extra.get("samples", 0) / rate / (now - joined))
                 engine.finish(job)
@@ -194,6 +197,7 @@ def _run(
         "rtf": samples / rate / wall,
         "slowest": min(each),
         "ttfa": statistics.median(first),
+        "ttfa_steps": statistics.median(first_steps),
         "longest": longest,
         "ending": ending,
         "memory": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -366,7 +370,7 @@ def main() -> None:
     if "baseline" in results[args.streams[0]]:
         versus = " audiocraft `generate`, same batch |"
     print(
-        "| streams | time to first audio | ms per step (longest; where streams end) "
+        "| streams | time to first audio, its step | ms per step (longest; where streams end) "
         "| per stream (slowest) "
         "| aggregate real-time factor | of a step: codec, bookkeeping "
         f"| codec calls per step (chunks each) |{memory}{versus}"
@@ -379,6 +383,7 @@ def main() -> None:
         ttfa = f"{r['ttfa'] * 1000:.0f} ms"
         if one and n != 1:
             ttfa += f" ({r['ttfa'] / one['ttfa']:.1f}x)"
+        ttfa += f", step {r['ttfa_steps']:g}"
         peak = f" {r['memory']:.2f} GiB |" if memory else ""
         if versus:
             peak += f" x{r['baseline']:.2f} (wavecast: {r['rtf'] / r['baseline']:.2f}x) |"
