@@ -730,7 +730,8 @@ class HiggsEngine:
         At most ``prefill_chunk`` positions per request, and the step's budget in
         all (``_positions_budget``), counted as the call's padded positions: a
         request's chunk goes in if the call still fits the budget with it (the
-        oldest's always does, cut to the budget if need be). Returns the logits
+        oldest's always does, cut to the budget if need be; one that does not fit
+        is passed over for shorter ones behind it). Returns the logits
         ``[K, card]`` of each slot whose prompt is now complete: it samples in this
         step. If the call fails, its requests go into ``failures``.
         """
@@ -746,7 +747,7 @@ class HiggsEngine:
             if not chosen:
                 size = min(size, max(budget, 1))
             elif (len(chosen) + 1) * max(width, size) > budget:
-                break
+                continue  # a shorter chunk further on may still fit
             chosen.append((st, size))
             width = max(width, size)
         complete: dict[int, torch.Tensor] = {}
