@@ -64,6 +64,7 @@ from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, com
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
 from ..precision import dtype_name
+from ..prefill import PrefillBudget, choose, feed
 from ..sampling import RowSampling, finite_rows, redraw_keys, sample_repeat_aware
 from ..slots import SlotTable
 from ..step_cost import measure_context_cost
@@ -214,10 +215,8 @@ class HiggsEngine:
         self.context_seconds: float | None = None  # a row's context grows to its end
         self._warm = False
         self.prefill_chunk = max(1, prefill_chunk)
-        self.prefill_budget = max(1, prefill_budget)
-        self.prefill_budget_s = None if prefill_budget_ms is None else prefill_budget_ms / 1000
-        self.clock = clock
-        self._per_position: float | None = None  # measured prefill seconds per position
+        seconds = None if prefill_budget_ms is None else prefill_budget_ms / 1000
+        self.prefill = PrefillBudget(prefill_budget, seconds, self.device, clock)
         self.audio_token = int(config.audio_token_id)
         self.delay_token = int(config.audio_delay_token_id)
         self.audio_bos_token = int(config.audio_bos_token_id)
@@ -728,44 +727,21 @@ class HiggsEngine:
         longest chunk).
 
         At most ``prefill_chunk`` positions per request, and the step's budget in
-        all (``_positions_budget``), counted as the call's padded positions: a
-        request's chunk goes in if the call still fits the budget with it (the
-        oldest's always does, cut to the budget if need be; one that does not fit
-        is passed over for shorter ones behind it). Returns the logits
+        all (``prefill``: ``choose`` says which chunks fit it). Returns the logits
         ``[K, card]`` of each slot whose prompt is now complete: it samples in this
-        step. If the call fails, its requests go into ``failures``.
+        step. A request whose chunk fails alone goes into ``failures`` (``feed``).
         """
-        budget = self._positions_budget()
-        chosen: list[tuple[_HiggsJob, int]] = []
-        width = 0
+        waiting = []
         for st in states:
             u = st.utterance
             assert u is not None and st.slot is not None
-            if u.fed >= len(u.ids):
-                continue
-            size = min(len(u.ids) - u.fed, self.prefill_chunk)
-            if not chosen:
-                size = min(size, max(budget, 1))
-            elif (len(chosen) + 1) * max(width, size) > budget:
-                continue  # a shorter chunk further on may still fit
-            chosen.append((st, size))
-            width = max(width, size)
+            if u.fed < len(u.ids):
+                waiting.append((st, min(len(u.ids) - u.fed, self.prefill_chunk)))
         complete: dict[int, torch.Tensor] = {}
-        if not chosen:
+        if not waiting:
             return complete
-        began = self.clock()
-        try:
-            logits = list(self._prefill_call(chosen, width))
-            self._measure_prefill(len(chosen) * width, began)
-        except Exception as exc:
-            if len(chosen) == 1:
-                failures[id(chosen[0][0])] = exc
-                return complete
-            # One request's failure must not end its neighbours': each alone.
-            logits = [
-                attempt(failures, [st], lambda c: self._prefill_call(c, c[0][1])[0], [(st, size)])
-                for st, size in chosen
-            ]
+        chosen, width = choose(waiting, self.prefill.now())
+        logits = feed(chosen, width, self._prefill_call, failures, self.prefill)
         for (st, size), row_logits in zip(chosen, logits, strict=True):
             u = st.utterance
             if row_logits is None:
@@ -798,24 +774,6 @@ class HiggsEngine:
         tokens = torch.from_numpy(ids).to(self.device)
         sizes = [size for _, size in chosen]
         return self.decoder.prefill(rows, tokens, audio, is_audio, starts, sizes)
-
-    def _positions_budget(self) -> int:
-        """Prompt positions this step may prefill: ``prefill_budget``, or what the
-        time budget buys at the measured speed (once there is a measurement)."""
-        if self.prefill_budget_s is None or self._per_position is None:
-            return self.prefill_budget
-        bought = int(self.prefill_budget_s / max(self._per_position, 1e-9))
-        return max(1, min(self.prefill_budget, bought))
-
-    def _measure_prefill(self, size: int, began: float) -> None:
-        if self.prefill_budget_s is None:
-            return
-        if self.device.type == "cuda":  # the work, not its launch
-            torch.cuda.synchronize(self.device)
-        per_position = (self.clock() - began) / size
-        # A moving average: prompts' later positions cost more (longer attention).
-        last = self._per_position
-        self._per_position = per_position if last is None else 0.7 * last + 0.3 * per_position
 
     def _advance(self, job: Job, tokens: Ints) -> StepOutput:
         """A request's sampled row ``[K]``: its utterance's rules, frames and audio."""

@@ -1,0 +1,116 @@
+"""How much prompt a step prefills: the budget, and which prompts' chunks go in.
+
+Both engines feed the prompts not yet in the cache between decode steps, a chunk
+of each at a time, in one call padded to the longest chunk (the decoders take a
+start and a length per row). What a step may feed is a number of positions the
+decoder computes, padding included: a cap, or, with a time budget
+(``--prefill-budget-ms``), what that time buys at the speed measured on the
+calls so far, so that a crowd of long prompts delays the running streams by
+about the budget per step, never by the crowd's whole prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from .base import attempt
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class PrefillBudget:
+    """Positions a step may prefill.
+
+    Args:
+        positions: The most positions per step (what bounds a call's activations;
+            at least one).
+        seconds: A time budget per step (None: ``positions`` only).
+        device: Where the calls run (on CUDA the measure waits for the work).
+        clock: The clock the calls are timed with.
+    """
+
+    def __init__(
+        self,
+        positions: int,
+        seconds: float | None,
+        device: torch.device,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.positions = max(1, positions)
+        self.seconds = seconds
+        self.device = device
+        self.clock = clock
+        self.per_position: float | None = None  # measured seconds per position
+
+    def now(self) -> int:
+        """Positions this step may prefill: the cap, or what the time budget buys
+        at the measured speed (once there is a measurement)."""
+        if self.seconds is None or self.per_position is None:
+            return self.positions
+        bought = int(self.seconds / max(self.per_position, 1e-9))
+        return max(1, min(self.positions, bought))
+
+    def measure(self, positions: int, began: float) -> None:
+        """A call of ``positions`` positions that began at ``began`` has returned."""
+        if self.seconds is None:
+            return
+        if self.device.type == "cuda":  # the work, not its launch
+            torch.cuda.synchronize(self.device)
+        per_position = (self.clock() - began) / max(1, positions)
+        # A moving average: prompts' later positions cost more (longer attention).
+        last = self.per_position
+        self.per_position = per_position if last is None else 0.7 * last + 0.3 * per_position
+
+
+def choose(
+    waiting: Sequence[tuple[T, int]], budget: int, rows: int = 1
+) -> tuple[list[tuple[T, int]], int]:
+    """The chunks one call feeds, and their padded width.
+
+    ``waiting``: each prompt's next chunk size, oldest first; ``rows``: decoder
+    rows per prompt (2 where guidance pairs them). The oldest always goes in (cut
+    to the budget if need be); each other one if the call, padded to its longest
+    chunk, still fits the budget with it; one that does not is passed over for
+    shorter ones behind it.
+    """
+    chosen: list[tuple[T, int]] = []
+    width = 0
+    for item, size in waiting:
+        if not chosen:
+            size = min(size, max(1, budget // rows))
+        elif (len(chosen) + 1) * rows * max(width, size) > budget:
+            continue
+        chosen.append((item, size))
+        width = max(width, size)
+    return chosen, width
+
+
+def feed(
+    chosen: list[tuple[T, int]],
+    width: int,
+    call: Callable[[list[tuple[T, int]], int], Sequence[R]],
+    failures: dict[int, BaseException],
+    budget: PrefillBudget,
+    rows: int = 1,
+) -> list[R | None]:
+    """``call(chosen, width)``: one result per chunk, the call timed into
+    ``budget``. If it raises, each chunk is fed again alone, so that one prompt's
+    failure ends only its request (``failures``, by ``id``); its result is None."""
+    began = budget.clock()
+    try:
+        results: list[R | None] = list(call(chosen, width))
+    except Exception as exc:
+        if len(chosen) == 1:
+            failures[id(chosen[0][0])] = exc
+            return [None]
+        return [
+            attempt(failures, [item], lambda one: call(one, one[0][1])[0], [(item, size)])
+            for item, size in chosen
+        ]
+    budget.measure(len(chosen) * rows * width, began)
+    return results
