@@ -141,6 +141,7 @@ def load_engines(
             max_duration=max_duration,
             max_upload_seconds=max_upload_seconds,
             max_prompt_tokens=max_prompt_tokens,
+            prefill_budget_ms=prefill_budget_ms,
             cuda_graphs=cuda_graphs,
             max_active=max_active,
         )

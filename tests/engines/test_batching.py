@@ -358,6 +358,68 @@ def test_a_long_prompt_goes_in_by_chunks_beside_running_streams(windowed: Any) -
     assert len(runs["a"].logits) == len(solo_a.logits)
 
 
+def test_a_crowd_of_continuations_prefills_together_within_the_budget(windowed: Any) -> None:
+    """Continuations of different lengths, joining beside a running stream: their
+    prompts go in one call a step (chunks padded to the longest), within the
+    budget (two decoder rows a request); each request's codes and logits equal
+    its solo run's, and the running stream samples at every step."""
+    model, engine = windowed
+    crowded = MusicGenEngine(
+        model,
+        name="tiny-2s",
+        test_model=True,
+        max_duration=12.0,
+        prefill_chunk=16,
+        prefill_budget=80,
+    )
+    gen = torch.Generator().manual_seed(9)
+    clips = {
+        rid: wav_bytes(decode(model, torch.randint(0, 64, (1, 4, n), generator=gen)), 32000)
+        for rid, n in (("p", 40), ("q", 23), ("r", 9))
+    }
+
+    def continuing(target: MusicGenEngine, rid: str) -> Job:
+        inputs = {"continuation": clips[rid]}
+        return prepare(
+            target, rid, "strings", duration=1.5, seed=len(rid) + ord(rid), inputs=inputs
+        )
+
+    solo = {rid: drive(engine, {0: [(rid, continuing(engine, rid))]})[0][rid] for rid in clips}
+    solo["a"] = drive(engine, {0: [("a", make(engine, "a"))]})[0]["a"]
+    calls: list[tuple[int, int, list[int]]] = []  # rows, padded width, starts
+    original = crowded.decoder.prefill
+
+    def counted(rows: list[int], inputs: torch.Tensor, start: Any = 0, sizes: Any = None) -> Any:
+        calls.append((len(rows), int(inputs.shape[1]), list(np.broadcast_to(start, len(rows)))))
+        return original(rows, inputs, start, sizes)
+
+    crowded.decoder.prefill = counted  # type: ignore[method-assign]
+    steps_with_calls: list[int] = []
+
+    def before(step: int, runs: dict[str, Run]) -> None:
+        steps_with_calls.append(len(calls))
+
+    try:
+        joins = {
+            0: [("a", make(crowded, "a"))],
+            2: [(rid, continuing(crowded, rid)) for rid in clips],
+        }
+        runs, _ = drive(crowded, joins, before=before)
+    finally:
+        del crowded.decoder.prefill
+    per_step = np.diff([*steps_with_calls, len(calls)])
+    assert per_step.max() == 1  # at most one prefill call a step
+    assert all(rows * width <= 80 for rows, width, _ in calls)
+    assert any(len(set(starts)) > 1 for _, _, starts in calls)  # rows at different places
+    assert max(rows for rows, _, _ in calls) >= 4  # two requests or more in a call
+    for rid, alone in solo.items():
+        together = runs[rid]
+        assert torch.equal(codes(crowded, together), codes(engine, alone)), rid
+        pairs = zip(together.logits, alone.logits, strict=True)
+        assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5, rid
+    assert len(runs["a"].logits) == len(solo["a"].logits)
+
+
 def test_the_step_through_static_buffers_equals_the_direct_step(windowed: Any) -> None:
     """``cuda_graphs`` (on a CPU: the graphs' static input and output buffers, the
     step run eagerly on them): the same logits and codes as the direct step, with

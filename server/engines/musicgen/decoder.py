@@ -22,10 +22,11 @@ norms and projections as plain tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
@@ -272,18 +273,31 @@ class MusicGenDecoder(CacheRows):
             self.cross.write(i, index, positions, self._heads(k), self._heads(v))
         self.cross_lengths[index] = max(length, 1)
 
-    def prefill(self, rows: list[int], inputs: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Feed ``inputs`` ``[R, S, D]`` (embeddings) to ``rows`` at positions ``start`` on.
+    def prefill(
+        self,
+        rows: list[int],
+        inputs: torch.Tensor,
+        start: int | Sequence[int] = 0,
+        sizes: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Feed ``inputs`` ``[R, S, D]`` (embeddings) to ``rows``, each at its own place.
 
         A long prompt goes in as several calls, each continuing where the last
-        one stopped. Returns the logits ``[R, K, card]`` of the last position.
+        one stopped. Rows of different lengths go in one call: a row's positions
+        past its ``sizes`` are padding, whose keys and values land past the row's
+        new length (where no step attends before writing) and whose outputs are
+        dropped. ``start``: each row's first position, or one for all. Returns
+        the logits ``[R, K, card]`` of each row's last position.
         """
         count, steps, _ = inputs.shape
-        end = start + steps
+        starts = np.broadcast_to(np.asarray(start, dtype=np.int64), (count,))
+        own = np.full(count, steps, dtype=np.int64) if sizes is None else np.asarray(sizes)
+        assert own.shape == (count,) and bool((own >= 1).all() and (own <= steps).all())
+        end = int(starts.max()) + steps
         self.ensure(length=end)
         index = torch.tensor(rows, device=self.device)
-        positions = torch.arange(start, end, device=self.device).expand(count, steps)
-        x = inputs + self._positions[start:end].to(inputs.dtype)
+        positions = torch.from_numpy(starts[:, None] + np.arange(steps)).to(self.device)
+        x = inputs + self._positions[positions].to(inputs.dtype)
         self_mask = (
             torch.arange(end, device=self.device)[None, None, None, :]
             <= positions[:, None, :, None]
@@ -302,8 +316,11 @@ class MusicGenDecoder(CacheRows):
             )
             cross = (self.cross.k[:, index], self.cross.v[:, index], cross_mask)
         hidden = self._forward(x, attend_self, self_mask, cross)
-        self.lengths[index] = end
-        return self._logits(hidden[:, -1:])[:, :, 0]
+        self.lengths[index] = torch.from_numpy(starts + own).to(self.device)
+        if bool((own == steps).all()):
+            return self._logits(hidden[:, -1:])[:, :, 0]
+        last = torch.from_numpy(own - 1).to(self.device)
+        return self._logits(hidden[torch.arange(count, device=self.device), last][:, None])[:, :, 0]
 
     # -- the decode step -----------------------------------------------------------
 

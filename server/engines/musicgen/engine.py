@@ -58,6 +58,7 @@ from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, com
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
 from ..precision import dtype_name
+from ..prefill import PrefillBudget, choose, feed
 from ..sampling import DrawPlan, RowSampling, finite_rows, sample
 from ..slots import SlotTable
 from ..step_cost import measure_context_cost
@@ -135,6 +136,15 @@ class MusicGenEngine:
         mbd: An audiocraft ``MultiBandDiffusion`` over this model's codec, to
             offer the ``mbd`` parameter.
         prefill_chunk: Prompt positions a window prefills per step at most.
+        prefill_budget: Positions the decoder prefills per step at most (two
+            rows a request; at least one chunk), so that new prompts delay the
+            running streams by a bounded time per step; with a time budget, what
+            bounds one step's prefill (its activations) where the time would buy
+            more.
+        prefill_budget_ms: A time budget for the same (``--prefill-budget-ms``):
+            the positions per step follow the measured prefill speed (at most
+            ``prefill_budget``); None: positions only.
+        clock: The clock prefill calls are timed with.
         cuda_graphs: Replay the decode step as CUDA graphs, one per shape
             (``graphs``; on a CPU the same buffers, eagerly). The slot table is
             then preallocated for ``max_active`` requests and every shape is
@@ -159,6 +169,9 @@ class MusicGenEngine:
         max_upload_seconds: float = 60.0,
         mbd: Any = None,
         prefill_chunk: int = 256,
+        prefill_budget: int = 4096,
+        prefill_budget_ms: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
         cuda_graphs: bool = False,
         max_prompt_tokens: int = 512,
         max_active: int = 4,
@@ -174,6 +187,8 @@ class MusicGenEngine:
         self.max_duration = float(max(max_duration or self.window, self.window))
         self.max_upload_seconds = max_upload_seconds
         self.prefill_chunk = max(1, prefill_chunk)
+        seconds = None if prefill_budget_ms is None else prefill_budget_ms / 1000
+        self.prefill = PrefillBudget(prefill_budget, seconds, self.device, clock)
         self.autocast = fresh_autocast(model)  # a new context at each use: they nest
         self.conditioning = Conditioning(model, max_prompt_tokens, self.autocast)
         self._warm = False
@@ -519,17 +534,20 @@ class MusicGenEngine:
     def _prefill(
         self, states: list[_MusicGenJob], failures: dict[int, BaseException]
     ) -> dict[int, torch.Tensor]:
-        """Feed the next chunk of every window's prompt that is not in the cache yet.
+        """Feed the next chunk of the windows' prompts not in the cache yet, oldest
+        first, in one call (chunks of different lengths and places padded to the
+        longest).
 
-        At most ``prefill_chunk`` positions per window per step, so that a long
-        prompt (a continuation, a long-form window's re-prefill, a melody's chroma)
-        delays the other streams by one chunk's time per step, not by its whole
-        length. Windows whose chunks have the same start and length go in one call
-        (a crowd of new requests: one forward). Returns the logits ``[2, K, card]``
-        of each slot whose prompt is now complete: it samples in this step. A group
-        whose call fails goes into ``failures``.
+        At most ``prefill_chunk`` positions per window, and the step's budget in
+        all (``prefill``, counted in the decoder's rows: two a request; ``choose``
+        says which chunks fit it), so that long prompts (continuations, long-form
+        windows' re-prefills, melodies' chroma) delay the other streams by about
+        the budget per step, however many come at once. Returns the logits
+        ``[2, K, card]`` of each slot whose prompt is now complete: it samples in
+        this step. A request whose chunk fails alone goes into ``failures``
+        (``feed``).
         """
-        groups: dict[tuple[int, int], list[_MusicGenJob]] = {}
+        waiting = []
         for st in states:
             win = st.window
             if win.prompt_inputs is None:
@@ -538,26 +556,42 @@ class MusicGenEngine:
                     continue
                 win.prompt_inputs = inputs
             size = min(int(win.prompt_inputs.shape[1]) - win.prompt_fed, self.prefill_chunk)
-            groups.setdefault((win.prompt_fed, size), []).append(st)
+            waiting.append((st, size))
         complete: dict[int, torch.Tensor] = {}
-        for (start, size), group in groups.items():
-            rows = [
-                row for st in group if st.slot is not None for row in (2 * st.slot, 2 * st.slot + 1)
-            ]
-            inputs = torch.cat([st.window.prompt_inputs[:, start : start + size] for st in group])
-            logits = attempt(failures, group, self.decoder.prefill, rows, inputs, start)
-            if logits is None:
+        if not waiting:
+            return complete
+        chosen, width = choose(waiting, self.prefill.now(), rows=2)
+        logits = feed(chosen, width, self._prefill_call, failures, self.prefill, rows=2)
+        for (st, size), pair in zip(chosen, logits, strict=True):
+            if pair is None:
                 continue
-            for i, st in enumerate(group):
-                win = st.window
-                win.prompt_fed += size
-                if win.prompt_fed == int(win.prompt_inputs.shape[1]):
-                    assert st.slot is not None
-                    complete[st.slot] = logits[2 * i : 2 * i + 2]
-                    st.kv_length = win.prompt_fed
-                    win.prefilled = True
-                    win.prompt_inputs = None
+            win = st.window
+            win.prompt_fed += size
+            assert win.prompt_inputs is not None
+            if win.prompt_fed == int(win.prompt_inputs.shape[1]):
+                assert st.slot is not None
+                complete[st.slot] = pair
+                st.kv_length = win.prompt_fed
+                win.prefilled = True
+                win.prompt_inputs = None
         return complete
+
+    def _prefill_call(
+        self, chosen: list[tuple[_MusicGenJob, int]], width: int
+    ) -> list[torch.Tensor]:
+        """One prefill call: each window's next ``size`` positions (both of its
+        rows), padded to ``width``; each one's logits ``[2, K, card]``."""
+        rows, starts, sizes, parts = [], [], [], []
+        for st, size in chosen:
+            win = st.window
+            assert st.slot is not None and win.prompt_inputs is not None
+            chunk = win.prompt_inputs[:, win.prompt_fed : win.prompt_fed + size]
+            parts.append(torch.nn.functional.pad(chunk, (0, 0, 0, width - size)))
+            rows += [2 * st.slot, 2 * st.slot + 1]
+            starts += [win.prompt_fed] * 2
+            sizes += [size] * 2
+        logits = self.decoder.prefill(rows, torch.cat(parts), starts, sizes)
+        return list(logits.split(2))
 
     def _sample_step(
         self, states: list[_MusicGenJob], failures: dict[int, BaseException]
