@@ -142,7 +142,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefill-budget-ms",
         type=float,
         default=ModelsConfig().prefill_budget_ms,
-        help="time per decoding step given to preparing new requests (default %(default)s)",
+        help="time per decoding step given to preparing new requests and prefilling "
+        "prompts (default %(default)s)",
     )
     parser.add_argument(
         "--max-prompt-tokens",
