@@ -12,9 +12,11 @@ about the budget per step, never by the crowd's whole prompts.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from .base import attempt
@@ -26,6 +28,12 @@ R = TypeVar("R")
 class PrefillBudget:
     """Positions a step may prefill.
 
+    A call's time is taken as a fixed part (its launches, the per-layer work a
+    call pays whatever its size) plus a part per position, fitted over the last
+    calls; a budget from time per position alone would take the fixed part of
+    the small calls (a step's one-position prompts) as the price of every
+    position, and feed a crowd's long prompts a few positions a step.
+
     Args:
         positions: The most positions per step (what bounds a call's activations;
             at least one).
@@ -33,6 +41,9 @@ class PrefillBudget:
         device: Where the calls run (on CUDA the measure waits for the work).
         clock: The clock the calls are timed with.
     """
+
+    # Calls the fit looks back over.
+    WINDOW = 16
 
     def __init__(
         self,
@@ -45,15 +56,28 @@ class PrefillBudget:
         self.seconds = seconds
         self.device = device
         self.clock = clock
-        self.per_position: float | None = None  # measured seconds per position
+        self._calls: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)
 
     def now(self) -> int:
         """Positions this step may prefill: the cap, or what the time budget buys
         at the measured speed (once there is a measurement)."""
-        if self.seconds is None or self.per_position is None:
+        if self.seconds is None or not self._calls:
             return self.positions
-        bought = int(self.seconds / max(self.per_position, 1e-9))
+        fixed, per_position = self.cost()
+        bought = int(max(0.0, self.seconds - fixed) / max(per_position, 1e-9))
         return max(1, min(self.positions, bought))
+
+    def cost(self) -> tuple[float, float]:
+        """Seconds a call costs: ``(fixed, per position)``, from the last calls (a
+        least-squares line where their sizes differ enough to tell the two apart;
+        else all per position)."""
+        sizes = np.array([n for n, _ in self._calls], dtype=np.float64)
+        times = np.array([t for _, t in self._calls], dtype=np.float64)
+        if sizes.max() >= 2 * sizes.min():
+            slope, intercept = np.polyfit(sizes, times, 1)
+            if slope > 0 and intercept >= 0:
+                return float(intercept), float(slope)
+        return 0.0, float(times.sum() / sizes.sum())
 
     def measure(self, positions: int, began: float) -> None:
         """A call of ``positions`` positions that began at ``began`` has returned."""
@@ -61,10 +85,7 @@ class PrefillBudget:
             return
         if self.device.type == "cuda":  # the work, not its launch
             torch.cuda.synchronize(self.device)
-        per_position = (self.clock() - began) / max(1, positions)
-        # A moving average: prompts' later positions cost more (longer attention).
-        last = self.per_position
-        self.per_position = per_position if last is None else 0.7 * last + 0.3 * per_position
+        self._calls.append((max(1, positions), self.clock() - began))
 
 
 def choose(

@@ -1,0 +1,93 @@
+"""The prefill budget: what a step may feed, and which prompts' chunks go in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wavecast.server.engines.prefill import PrefillBudget, choose, feed
+
+CPU = torch.device("cpu")
+
+
+def timed(budget: PrefillBudget, now: list[float], positions: int, seconds: float) -> None:
+    began = now[0]
+    now[0] += seconds
+    budget.measure(positions, began)
+
+
+def test_a_calls_fixed_part_is_not_charged_per_position() -> None:
+    """Calls cost 3 ms plus 10 µs a position: after a small call and a large one,
+    a 20 ms budget buys (20 - 3) / 0.01 = 1700 positions, not what the small
+    call's time per position (385 µs) would say (51)."""
+    now = [0.0]
+    budget = PrefillBudget(4096, 0.020, CPU, clock=lambda: now[0])
+    assert budget.now() == 4096  # no measurement yet: the cap
+    timed(budget, now, 8, 0.003 + 8e-5)
+    assert budget.now() == 51  # one size: all per position
+    timed(budget, now, 512, 0.003 + 512e-5)
+    assert budget.now() == pytest.approx(1700, abs=2)
+    fixed, per_position = budget.cost()
+    assert fixed == pytest.approx(0.003) and per_position == pytest.approx(1e-5)
+
+
+def test_the_cap_and_the_floor_hold() -> None:
+    now = [0.0]
+    budget = PrefillBudget(1000, 0.020, CPU, clock=lambda: now[0])
+    timed(budget, now, 10, 1e-4)
+    timed(budget, now, 100, 1e-3)
+    assert budget.now() == 1000  # the time would buy 2000
+    slow = PrefillBudget(1000, 0.020, CPU, clock=lambda: now[0])
+    timed(slow, now, 10, 0.5)
+    assert slow.now() == 1  # at least one position
+    untimed = PrefillBudget(1000, None, CPU, clock=lambda: now[0])
+    timed(untimed, now, 10, 0.5)
+    assert untimed.now() == 1000  # positions only
+
+
+def test_old_calls_leave_the_fit() -> None:
+    """The fit looks at the last calls only: the machine got twice as slow."""
+    now = [0.0]
+    budget = PrefillBudget(100_000, 0.020, CPU, clock=lambda: now[0])
+    for n in (10, 1000) * 8:
+        timed(budget, now, n, 0.001 + n * 1e-5)
+    assert budget.now() == pytest.approx(1900, abs=2)
+    for n in (10, 1000) * 8:
+        timed(budget, now, n, 0.002 + n * 2e-5)
+    assert budget.now() == pytest.approx(900, abs=2)
+
+
+def test_choose_takes_the_oldest_and_what_fits_beside_it() -> None:
+    waiting = [("a", 100), ("b", 300), ("c", 80), ("d", 90), ("e", 100)]
+    # The oldest, cut to the budget.
+    assert choose(waiting, 60) == ([("a", 60)], 60)
+    # Padded to the longest chunk: b would make 2 x 300, it is passed over; c, d
+    # and e fit beside a (4 x 100).
+    assert choose(waiting, 400) == ([("a", 100), ("c", 80), ("d", 90), ("e", 100)], 100)
+    assert choose(waiting, 399) == ([("a", 100), ("c", 80), ("d", 90)], 100)
+    # Two decoder rows a request (guidance pairs).
+    assert choose(waiting, 400, rows=2) == ([("a", 100), ("c", 80)], 100)
+    assert choose(waiting, 100, rows=2) == ([("a", 50)], 50)
+
+
+def test_feed_retries_alone_and_fails_only_the_culprit() -> None:
+    now = [0.0]
+    budget = PrefillBudget(4096, 0.020, CPU, clock=lambda: now[0])
+    calls: list[list[str]] = []
+
+    def call(chosen: list[tuple[str, int]], width: int) -> list[str]:
+        calls.append([item for item, _ in chosen])
+        now[0] += 0.001
+        if any(item == "bad" for item, _ in chosen):
+            raise RuntimeError("one prompt breaks the call")
+        return [f"{item}:{width}" for item, _ in chosen]
+
+    failures: dict[int, BaseException] = {}
+    chosen = [("a", 5), ("bad", 7), ("c", 3)]
+    results = feed(chosen, 7, call, failures, budget)
+    assert results == ["a:5", None, "c:3"]
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+    assert list(failures) == [id("bad")]
+    assert budget.now() == 4096  # a failed call is not measured
+    assert feed([("a", 5), ("c", 3)], 5, call, failures, budget) == ["a:5", "c:5"]
+    assert budget.now() < 4096
