@@ -147,8 +147,9 @@ class HiggsEngine:
         codec_windows: Re-decode windows of codes even though the codec's
             decoder runs incrementally (``codec_incremental``; to compare).
         prefill_chunk: Prompt positions a request prefills per call at most.
-        prefill_budget: Prompt positions prefilled per step at most (at least
-            one chunk), so that new requests delay the running streams by a
+        prefill_budget: Prompt positions prefilled per step at most, padding
+            included (the oldest prompt's chunk goes in, cut to this if need
+            be), so that new requests delay the running streams by a
             bounded time per step; with a time budget, what bounds one step's
             prefill (its activations) where the time would buy more.
         prefill_budget_ms: A time budget for the same (``--prefill-budget-ms``):

@@ -137,10 +137,10 @@ class MusicGenEngine:
             offer the ``mbd`` parameter.
         prefill_chunk: Prompt positions a window prefills per step at most.
         prefill_budget: Positions the decoder prefills per step at most (two
-            rows a request; at least one chunk), so that new prompts delay the
-            running streams by a bounded time per step; with a time budget, what
-            bounds one step's prefill (its activations) where the time would buy
-            more.
+            rows a request, padding included; the oldest prompt's chunk goes
+            in, cut to this if need be), so that new prompts delay the running
+            streams by a bounded time per step; with a time budget, what bounds
+            one step's prefill (its activations) where the time would buy more.
         prefill_budget_ms: A time budget for the same (``--prefill-budget-ms``):
             the positions per step follow the measured prefill speed (at most
             ``prefill_budget``); None: positions only.
