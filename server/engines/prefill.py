@@ -17,12 +17,33 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from .base import attempt
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def ragged(
+    start: int | Sequence[int], sizes: Sequence[int] | None, count: int, steps: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """A prefill call's rows: each one's first position and how many of the
+    call's ``steps`` positions are its own (the rest are padding), from the
+    decoders' ``start`` (one for all, or per row) and ``sizes`` (None: all)."""
+    starts = np.broadcast_to(np.asarray(start, dtype=np.int64), (count,))
+    own = np.full(count, steps, dtype=np.int64) if sizes is None else np.asarray(sizes)
+    assert own.shape == (count,) and bool((own >= 1).all() and (own <= steps).all())
+    return starts, own
+
+
+def last_own(hidden: torch.Tensor, own: npt.NDArray[np.int64]) -> torch.Tensor:
+    """``hidden`` ``[R, S, D]`` at each row's last own position: ``[R, D]``."""
+    if bool((own == hidden.shape[1]).all()):
+        return hidden[:, -1]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, torch.from_numpy(own - 1).to(hidden.device)]
 
 
 class PrefillBudget:

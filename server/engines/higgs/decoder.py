@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kv import CacheRows, StaticKV
+from ..prefill import last_own, ragged
 
 __all__ = ["HiggsDecoder"]
 
@@ -230,9 +231,7 @@ class HiggsDecoder(CacheRows):
         Returns the logits ``[R, K, card]`` of each row's last position.
         """
         count, steps = tokens.shape
-        starts = np.broadcast_to(np.asarray(start, dtype=np.int64), (count,))
-        own = np.full(count, steps, dtype=np.int64) if sizes is None else np.asarray(sizes)
-        assert own.shape == (count,) and bool((own >= 1).all() and (own <= steps).all())
+        starts, own = ragged(start, sizes, count, steps)
         end = int(starts.max()) + steps
         self.ensure(length=end)
         x = F.embedding(tokens, self._embed_text)
@@ -280,10 +279,7 @@ class HiggsDecoder(CacheRows):
 
         hidden = self._forward(x, cos, sin, mask, attend, route)
         self.lengths[index] = torch.from_numpy(starts + own).to(self.device)
-        if bool((own == steps).all()):
-            return self._logits(hidden[:, -1])
-        last = torch.from_numpy(own - 1).to(self.device)
-        return self._logits(hidden[torch.arange(count, device=self.device), last])
+        return self._logits(last_own(hidden, own))
 
     def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None) -> Any:
         """One audio frame for the first ``B`` rows: ``[B, K]`` codes -> ``[B, K, card]``.

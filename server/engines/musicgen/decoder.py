@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kv import CacheRows, StaticKV
+from ..prefill import last_own, ragged
 
 __all__ = ["MusicGenDecoder"]
 
@@ -290,9 +291,7 @@ class MusicGenDecoder(CacheRows):
         the logits ``[R, K, card]`` of each row's last position.
         """
         count, steps, _ = inputs.shape
-        starts = np.broadcast_to(np.asarray(start, dtype=np.int64), (count,))
-        own = np.full(count, steps, dtype=np.int64) if sizes is None else np.asarray(sizes)
-        assert own.shape == (count,) and bool((own >= 1).all() and (own <= steps).all())
+        starts, own = ragged(start, sizes, count, steps)
         end = int(starts.max()) + steps
         self.ensure(length=end)
         index = torch.tensor(rows, device=self.device)
@@ -317,10 +316,7 @@ class MusicGenDecoder(CacheRows):
             cross = (self.cross.k[:, index], self.cross.v[:, index], cross_mask)
         hidden = self._forward(x, attend_self, self_mask, cross)
         self.lengths[index] = torch.from_numpy(starts + own).to(self.device)
-        if bool((own == steps).all()):
-            return self._logits(hidden[:, -1:])[:, :, 0]
-        last = torch.from_numpy(own - 1).to(self.device)
-        return self._logits(hidden[torch.arange(count, device=self.device), last][:, None])[:, :, 0]
+        return self._logits(last_own(hidden, own)[:, None])[:, :, 0]
 
     # -- the decode step -----------------------------------------------------------
 
