@@ -214,6 +214,7 @@ def load(
     codec_windows: bool = False,
     dtype: str = "auto",
     max_new_tokens: int = 2048,
+    prefill_budget_ms: float | None = None,
 ) -> Engine:
     """The engine, warmed up as the server warms it (with graphs: every shape of
     up to ``max_active`` requests recorded; the codec batch measured unless given;
@@ -234,6 +235,7 @@ def load(
             codec_batch=codec_batch or None,
             codec_windows=codec_windows,
             max_new_tokens=max_new_tokens,
+            prefill_budget_ms=prefill_budget_ms,
         )
     else:
         from wavecast.server.engines.musicgen.engine import MusicGenEngine, StreamSettings
@@ -247,6 +249,7 @@ def load(
             cuda_graphs=cuda_graphs,
             max_active=max_active,
             stream=StreamSettings(codec_batch=codec_batch, codec_windows=codec_windows),
+            prefill_budget_ms=prefill_budget_ms,
         )
     engine.warm_up()
     return engine

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import soundfile
 import torch
-from bench_engine import request
+from bench_engine import load, request
 from bench_stream import machine
 
 from wavecast.protocol import resolve_params
@@ -65,31 +65,6 @@ WORDS = (
     "the",
     "hill",
 )
-
-
-def load(name: str, budget_ms: float | None, max_active: int) -> Engine:
-    engine: Engine
-    if is_higgs_name(name):
-        from wavecast.server.engines.higgs.engine import HiggsEngine
-        from wavecast.server.engines.higgs.loading import load_higgs
-
-        loaded = load_higgs(name, None, "cpu")
-        engine = HiggsEngine(loaded, name=name, prefill_budget_ms=budget_ms, max_active=max_active)
-    else:
-        from wavecast.server.engines.musicgen.engine import MusicGenEngine
-        from wavecast.server.engines.musicgen.loading import load_musicgen
-
-        model, _ = load_musicgen(name, "cpu")
-        engine = MusicGenEngine(
-            model,
-            name=name,
-            test_model=True,
-            prefill_budget_ms=budget_ms,
-            max_active=max_active,
-            max_duration=60.0,
-        )
-    engine.warm_up()
-    return engine
 
 
 def long_prompt(engine: Engine, index: int, args: argparse.Namespace) -> EngineRequest:
@@ -158,7 +133,9 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for budget in (args.budget_ms, None):
-        engine = load(args.model, budget, args.running + args.crowd)
+        engine = load(
+            args.model, "cpu", False, max_active=args.running + args.crowd, prefill_budget_ms=budget
+        )
         measure(engine, args, 0)  # warm-up: the shapes a crowd meets
         runs = [measure(engine, args, seed + 1) for seed in range(args.runs)]
         rows.append((budget, {key: statistics.median(r[key] for r in runs) for key in runs[0]}))
