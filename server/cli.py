@@ -155,8 +155,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--codec-batch",
         type=int,
         default=ModelsConfig().codec_batch,
-        help="streams' audio chunks decoded in one codec call at most "
-        "(default: measured at warm-up)",
+        help="streams' audio chunks decoded in one codec call at most; more streams "
+        "take their chunks on other steps (default: measured at warm-up)",
     )
     parser.add_argument(
         "--codec-windows",

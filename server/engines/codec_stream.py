@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -210,15 +211,27 @@ class Cadence:
     The engine ``tick``s once per step. A stream past its first chunk decodes
     ``size`` frames at a time (``period`` times a power of two, as large as its
     lead over real time allows: the chunk schedule's target), on the steps that
-    are multiples of ``size``: streams generating a frame a step then hold the
-    same number of new frames on the same steps, and decode in one call per
-    size (on a GPU, one call for every stream; on a CPU a few calls of the
-    measured batch), however staggered their starts.
+    are multiples of ``size`` (shifted by its group's phase): streams generating
+    a frame a step then hold the same number of new frames on the same steps,
+    and decode in one call per size, however staggered their starts.
+
+    A call takes ``rows`` chunks at most (``fastest_rows``: on a GPU every
+    stream's, on a CPU a few). Streams beyond that would only make more calls on
+    the same step, so each ``rows`` streams form a group with a phase of its
+    own: a step decodes one group's chunks, not every stream's at once (with
+    eight streams of 40-frame chunks on a CPU, a step of 60-90 ms every 40
+    steps). The phases lie within ``period`` and differ from one another, so
+    groups fall on different steps whatever their chunk sizes; the first
+    groups' phases are spread furthest apart (0, a half, a quarter, three
+    quarters of the period …).
     """
 
-    def __init__(self, period: int) -> None:
+    def __init__(self, period: int, rows: int | None = None) -> None:
         self.period = max(1, period)
         self.step = 0
+        self.rows = rows
+        self._members: list[int] = []  # live streams per group
+        self._phases = self._spread(self.period)
 
     def tick(self) -> None:
         self.step += 1
@@ -230,8 +243,46 @@ class Cadence:
             size *= 2
         return size
 
-    def due(self, size: int) -> bool:
-        return self.step % size == 0
+    def join(self) -> int:
+        """A new stream's group: the first with room for it (all in one while
+        ``rows`` is not set); with no room left in any of ``period`` groups, the
+        least full. ``leave`` it when the stream ends."""
+        members = self._members
+        rows = self.rows
+        group = next(
+            (g for g, count in enumerate(members) if rows is None or count < rows),
+            len(members),
+        )
+        if group >= self.period:
+            group = min(range(len(members)), key=members.__getitem__)
+        if group == len(members):
+            members.append(0)
+        members[group] += 1
+        return group
+
+    def leave(self, group: int) -> None:
+        self._members[group] -= 1
+
+    def phase(self, group: int) -> int:
+        """Steps by which a group's decode steps are shifted."""
+        return self._phases[group % self.period]
+
+    @staticmethod
+    def _spread(period: int) -> list[int]:
+        """Every step of a period, in the order that keeps the first ones
+        furthest apart: 0, a half, a quarter, three quarters … of the period
+        (the binary fractions in bit-reversed order)."""
+        bits = (period - 1).bit_length()
+        phases: list[int] = []
+        for i in range(1 << bits):
+            fraction = int(f"{i:0{bits}b}"[::-1], 2) if bits else 0
+            phase = fraction * period >> bits
+            if phase not in phases:
+                phases.append(phase)
+        return phases
+
+    def due(self, size: int, group: int = 0) -> bool:
+        return (self.step + self.phase(group)) % size == 0
 
 
 class IncrementalStream(StreamDecoder):
@@ -266,7 +317,7 @@ class IncrementalStream(StreamDecoder):
         cadence: Cadence | None = None,
     ) -> None:
         super().__init__(
-            self._windowless,
+            _windowless,  # (not a method: nothing of the stream refers back to it)
             codec.hop,
             left_context=left_context,
             holdback=0,
@@ -278,14 +329,17 @@ class IncrementalStream(StreamDecoder):
         )
         self.codec = codec
         self.cadence = cadence
+        # Its group in the cadence, left when the stream ends or is dropped.
+        self._group = 0
+        self._leave: Callable[[], object] | None = None
+        if cadence is not None:
+            self._group = cadence.join()
+            self._leave = weakref.finalize(self, cadence.leave, self._group)
         self._state = codec.start(like)
         self._priming = 0  # pending frames given as context only
         self._discard = 0  # samples of theirs still to drop
         self._sent = 0  # samples emitted
         self._ended = False
-
-    def _windowless(self, window: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("an incremental stream decodes from its state, not windows")
 
     def plan_push(self, codes: Codes) -> DecodePlan | None:
         if codes.shape[-1] == 0:
@@ -299,7 +353,7 @@ class IncrementalStream(StreamDecoder):
         else:
             size = self.cadence.size(self._later_target(self._sent / self.hop))
             # (Not a sliver either, on the first such step after the first chunk.)
-            due = self.cadence.due(size) and new >= max(1, size // 2)
+            due = self.cadence.due(size, self._group) and new >= max(1, size // 2)
         return self._plan(self.total) if due else None
 
     def prime(self, codes: Codes) -> None:
@@ -343,10 +397,16 @@ class IncrementalStream(StreamDecoder):
         self._priming = 0
         self.emitted = plan.end
         self._ended = plan.final
+        if plan.final and self._leave is not None:
+            self._leave()
         assert self._codes is not None
         self._codes = self._codes[..., plan.end - self._base :]
         self._base = plan.end
         return np.ascontiguousarray(chunk, dtype=np.float32)
+
+
+def _windowless(window: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("an incremental stream decodes from its state, not windows")
 
 
 @dataclass(frozen=True, slots=True)

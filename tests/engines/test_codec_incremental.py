@@ -420,6 +420,90 @@ def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> No
         assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, np.abs(whole).max())
 
 
+@pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
+def test_streams_beyond_a_codec_call_decode_on_steps_of_their_own(model: str) -> None:
+    """Eight requests at once with two chunks per codec call: after their first
+    chunks, no step decodes more than two streams' chunks (four calls' worth on
+    one step every few, before), the calls still carry two, and each stream's
+    audio is its one-shot decode."""
+    from wavecast.protocol import resolve_params
+    from wavecast.server.engines import load_engines
+    from wavecast.server.engines.base import EngineRequest
+
+    engine: Any = load_engines([model], "cpu", max_chunk_frames=40, codec_batch=2)[model]
+    long = {"duration": 3.0} if model == "tiny-musicgen" else {"max_new_tokens": 120}
+    text = "calm piano" if model == "tiny-musicgen" else "Hello there, how are you today?"
+    jobs = [
+        engine.prepare(
+            EngineRequest(f"r{i}", text, resolve_params(engine.info.params, {**long, "seed": i}))
+        )
+        for i in range(8)
+    ]
+    calls = count_codec_calls(engine)
+    audio: dict[str, list[Any]] = {job.request.request_id: [] for job in jobs}
+    later_per_step = []  # streams with a chunk past their first, not their last
+    running = list(jobs)
+    while running:
+        outs = engine.step(running)
+        later = 0
+        for job, out in zip(running, outs, strict=True):
+            chunks = audio[job.request.request_id]
+            if out.audio is not None:
+                later += bool(chunks) and not out.done
+                chunks.append(out.audio)
+        later_per_step.append(later)
+        running = [job for job, out in zip(running, outs, strict=True) if not out.done]
+    assert max(later_per_step) == 2, later_per_step
+    assert sum(1 for rows in calls if rows == 2) > len(calls) // 2, calls
+    for job in jobs:
+        streamed = np.concatenate(audio[job.request.request_id])
+        codes = engine.codes_of(job)
+        if model == "tiny-higgs":
+            whole = engine.codec.decode(codes).audio_values[0].T.numpy()
+        else:
+            whole = engine.model.compression_model.decode(codes, None)[0].T.numpy()
+        assert streamed.shape == whole.shape
+        assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, np.abs(whole).max())
+
+
+def test_the_cadence_groups_streams_by_a_calls_chunks() -> None:
+    """Streams join the first group with room (all one group while the call's
+    chunks are not known); groups decode on different steps of the period,
+    whatever the chunk size; a stream that ends, or is dropped, frees its place."""
+    from wavecast.server.engines.codec_stream import Cadence
+
+    cadence = Cadence(10)
+    assert [cadence.join() for _ in range(5)] == [0] * 5
+    cadence = Cadence(10, rows=2)
+    assert [cadence.join() for _ in range(5)] == [0, 0, 1, 1, 2]
+    cadence.leave(0)
+    assert cadence.join() == 0
+    for size in (10, 20, 40):  # each group on its own step of the period
+        steps = []
+        for group in range(10):
+            due = []
+            for step in range(size):
+                cadence.step = step
+                if cadence.due(size, group):
+                    due.append(step % 10)
+            assert len(due) == 1
+            steps += due
+        assert sorted(steps) == list(range(10)), steps
+    assert [cadence.phase(g) for g in range(4)] == [0, 5, 2, 7]
+    full = Cadence(2, rows=1)
+    assert [full.join() for _ in range(4)] == [0, 1, 0, 1]  # past the period: the least full
+
+    codec = incremental(_encodec()[0])
+    assert codec is not None
+    like = torch.zeros(())
+    cadence = Cadence(8, rows=1)
+    first = IncrementalStream(codec, like, cadence=cadence)
+    second = IncrementalStream(codec, like, cadence=cadence)
+    assert (first._group, second._group) == (0, 1)
+    del first
+    assert IncrementalStream(codec, like, cadence=cadence)._group == 0
+
+
 def test_loading_keeps_more_convolution_shapes_prepared(monkeypatch: Any) -> None:
     """``load_engines`` raises oneDNN's count of prepared primitives (its
     default, 1,024, holds a codec's layers in a few call shapes only) where the

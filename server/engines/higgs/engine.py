@@ -259,6 +259,7 @@ class HiggsEngine:
                 name=name,
                 windows=codec_windows,
             )
+        self.codec_streams.cadence.rows = codec_batch
         # Tests: called with each sampled request's raw logits [K, card], by id.
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         self.max_duration = float(max_duration)
@@ -843,6 +844,8 @@ class HiggsEngine:
                 with torch.no_grad():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
+            # Streams beyond a call's chunks decode on steps of their own.
+            self.codec_streams.cadence.rows = self.codec_batch
             with torch.no_grad():
                 self.codec_streams.prepare_calls(self.codec_batch)
             with reserving(self.name, self.max_active):

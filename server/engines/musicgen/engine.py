@@ -243,6 +243,7 @@ class MusicGenEngine:
         self._due: Due = []
         # Chunks per codec call (``fastest_rows``): measured at warm-up unless set.
         self.codec_batch: int | None = self.stream.codec_batch or None
+        self.codec_streams.cadence.rows = self.codec_batch
         # Called with each step's guided logits by request id (tests compare rows).
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         self._info = model_card(
@@ -821,6 +822,8 @@ class MusicGenEngine:
                 with torch.no_grad():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
+            # Streams beyond a call's chunks decode on steps of their own.
+            self.codec_streams.cadence.rows = self.codec_batch
             with torch.no_grad(), self._codec_format():
                 self.codec_streams.prepare_calls(self.codec_batch)
             with reserving(self.name, self.max_active):
