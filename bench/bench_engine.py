@@ -159,6 +159,7 @@ def _run(
     steps = 0
     longest = 0.0  # the longest step: what every stream waits through at once
     ending = 0.0  # the longest of those in which a stream ended
+    steady = 0.0  # the longest of those in which no stream began or ended its audio
     samples = 0
     rate = engine.info.sample_rate
     while jobs or waiting:
@@ -176,6 +177,11 @@ def _run(
         longest = max(longest, now - began)
         if any(output.done for output in outputs):
             ending = max(ending, now - began)
+        elif all(
+            output.audio is None or job.extra.get("first") is not None
+            for job, output in zip(jobs, outputs, strict=True)
+        ):
+            steady = max(steady, now - began)
         for job, output in list(zip(jobs, outputs, strict=True)):
             joined = job.extra["joined"] if stagger else start
             if output.audio is not None:
@@ -200,6 +206,7 @@ def _run(
         "ttfa_steps": statistics.median(first_steps),
         "longest": longest,
         "ending": ending,
+        "steady": steady,
         "memory": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
     }
 
@@ -373,7 +380,8 @@ def main() -> None:
     if "baseline" in results[args.streams[0]]:
         versus = " audiocraft `generate`, same batch |"
     print(
-        "| streams | time to first audio, its step | ms per step (longest; where streams end) "
+        "| streams | time to first audio, its step "
+        "| ms per step (longest; where streams end; where none starts or ends) "
         "| per stream (slowest) "
         "| aggregate real-time factor | of a step: codec, bookkeeping "
         f"| codec calls per step (chunks each) |{memory}{versus}"
@@ -394,7 +402,7 @@ def main() -> None:
         calls = f"{r['calls']:.2f} ({r['per_call']:.1f})"
         print(
             f"| {n} | {ttfa} | {r['wall'] / r['steps'] * 1000:.2f} "
-            f"({r['longest'] * 1000:.1f}; {r['ending'] * 1000:.1f}) "
+            f"({r['longest'] * 1000:.1f}; {r['ending'] * 1000:.1f}; {r['steady'] * 1000:.1f}) "
             f"| x{r['slowest']:.2f} "
             f"| x{r['rtf']:.2f}{ratio} | {parts} | {calls} |{peak}"
         )
