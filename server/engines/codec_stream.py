@@ -40,6 +40,7 @@ allows one (checked against the one-shot decode at load), windows otherwise.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -231,6 +232,8 @@ class Cadence:
         self.step = 0
         self.rows = rows
         self._members: list[int] = []  # live streams per group
+        # (A stream dropped elsewhere than the inference thread leaves from there.)
+        self._lock = threading.Lock()
         self._phases = self._spread(self.period)
 
     def tick(self) -> None:
@@ -247,21 +250,23 @@ class Cadence:
         """A new stream's group: the first with room for it (all in one while
         ``rows`` is not set); with no room left in any of ``period`` groups, the
         least full. ``leave`` it when the stream ends."""
-        members = self._members
-        rows = self.rows
-        group = next(
-            (g for g, count in enumerate(members) if rows is None or count < rows),
-            len(members),
-        )
-        if group >= self.period:
-            group = min(range(len(members)), key=members.__getitem__)
-        if group == len(members):
-            members.append(0)
-        members[group] += 1
-        return group
+        with self._lock:
+            members = self._members
+            rows = self.rows
+            group = next(
+                (g for g, count in enumerate(members) if rows is None or count < rows),
+                len(members),
+            )
+            if group >= self.period:
+                group = min(range(len(members)), key=members.__getitem__)
+            if group == len(members):
+                members.append(0)
+            members[group] += 1
+            return group
 
     def leave(self, group: int) -> None:
-        self._members[group] -= 1
+        with self._lock:
+            self._members[group] -= 1
 
     def phase(self, group: int) -> int:
         """Steps by which a group's decode steps are shifted."""
