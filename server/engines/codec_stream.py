@@ -178,10 +178,17 @@ class StreamDecoder:
 
     def flush(self) -> FloatAudio | None:
         """The end of the stream: return the audio of every frame not yet emitted."""
+        plan = self.plan_flush()
+        return None if plan is None else self.complete_alone(plan)
+
+    def plan_flush(self) -> DecodePlan | None:
+        """The end of the stream: the window that decodes every frame not yet
+        emitted (a plan of ``plan_push`` not completed is part of it), or None.
+        The caller decodes it (alone, or batched with other streams' windows of
+        the same shape and kind) and passes the audio to ``complete``."""
         if self.total == self.emitted:
             return None
-        plan = self._plan(self.total)
-        return self.complete(plan, self._decode(plan.window))
+        return self._plan(self.total)
 
     def _plan(self, end: int) -> DecodePlan:
         assert self._codes is not None
@@ -374,11 +381,16 @@ class IncrementalStream(StreamDecoder):
         self._discard += keep * self.hop
 
     def flush(self) -> FloatAudio | None:
-        if self._ended or self._codes is None:
+        plan = self.plan_flush()
+        if plan is None:
             return None
-        plan = self._plan(self.total, final=True)
         chunk = self.complete_alone(plan)
         return chunk if len(chunk) else None
+
+    def plan_flush(self) -> DecodePlan | None:
+        if self._ended or self._codes is None:
+            return None
+        return self._plan(self.total, final=True)
 
     def complete_alone(self, plan: DecodePlan) -> FloatAudio:
         return self.complete(plan, _decode_from_state(plan))
@@ -548,7 +560,8 @@ def complete_due(
             output.error = step_error(exc)
             output.audio, output.done = None, True
             continue
-        output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
+        if len(chunk):  # (a stream's end may hold no samples more)
+            output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
 
 
 def _decode_alone(

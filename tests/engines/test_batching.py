@@ -238,8 +238,9 @@ def test_a_bad_codec_window_fails_its_stream_only(windowed: Any) -> None:
 def test_due_codec_windows_go_in_calls_of_at_most_codec_batch() -> None:
     """Five streams with chunks due: their windows go to the codec in calls of at
     most ``codec_batch`` (their first chunks, due in the same step, as 2 + 2 + 1;
-    later, each group of two on steps of its own), and each stream's audio is
-    still a one-shot decode of its codes."""
+    later, each group of two on steps of its own; their ends, in the step they
+    all end, 2 + 2 + 1 again: a group's streams have the same frames left), and
+    each stream's audio is still a one-shot decode of its codes."""
     model = build_tiny_musicgen(seed=5)
     fixed = StreamSettings(max_chunk_frames=10, codec_batch=2)  # chunks due together
     engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True, stream=fixed)
@@ -253,9 +254,9 @@ def test_due_codec_windows_go_in_calls_of_at_most_codec_batch() -> None:
     ]
     runs, _ = drive(engine, {0: jobs})
     # Later chunks: (a, b) and (c, d) in calls of two, e alone, each group on its
-    # steps; at the end, each stream's tail alone.
-    assert calls[:3] == [2, 2, 1] and max(calls) == 2
-    later = calls[3:-5]
+    # steps.
+    assert calls[:3] == [2, 2, 1] and calls[-3:] == [2, 2, 1] and max(calls) == 2
+    later = calls[3:-3]
     assert len(later) >= 9 and later.count(2) >= 2 * later.count(1) - 2, calls
     for run in runs.values():
         streamed = np.concatenate(run.audio)

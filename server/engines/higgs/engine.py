@@ -47,7 +47,6 @@ from wavecast.protocol import InvalidField, ModelInfo
 
 from ..base import (
     EngineRequest,
-    FloatAudio,
     Job,
     StepOutput,
     Upload,
@@ -784,7 +783,6 @@ class HiggsEngine:
         assert u is not None
         job.steps += 1
         all_eos = u.take(tokens, st.max_new_tokens)
-        pieces: list[FloatAudio] = []
         plan = None
         frame = None if all_eos else u.frame()
         if frame is not None:
@@ -797,17 +795,13 @@ class HiggsEngine:
             st.utterance = None
             if self._close_chunk(st):
                 done = True
-                if plan is not None:
-                    pieces.append(st.decoder.complete_alone(plan))
-                    plan = None
-                tail = st.decoder.flush()
-                if tail is not None:
-                    pieces.append(tail)
+                # The rest of the stream, in the step's codec calls (streams that
+                # end together, with the same frames left, in one).
+                plan = st.decoder.plan_flush()
                 self._release_slot(st)
-        audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         advance_fraction(st, done)
         output = StepOutput(
-            audio=audio, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
+            audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
         )
         if plan is not None:
             self._due.append((output, st.decoder, plan))

@@ -739,10 +739,7 @@ class MusicGenEngine:
         ready = win.write(sampled, self.lm.special_token_id)
         job.steps += 1
 
-        pieces = []
-        if st.pending_audio is not None:
-            pieces.append(st.pending_audio)
-            st.pending_audio = None
+        audio, st.pending_audio = st.pending_audio, None
         plan = None
         if ready is not None:
             st.produced += int(ready.shape[-1])
@@ -751,16 +748,10 @@ class MusicGenEngine:
         done = False
         if win.done:
             done = self._next_window(st)
-        if plan is not None and done:
-            with self._codec_format():
-                pieces.append(st.decoder.complete_alone(plan))
-            plan = None
         if done:
-            with self._codec_format():
-                tail = st.decoder.flush()
-            if tail is not None:
-                pieces.append(tail)
-        audio = None if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            # The rest of the stream, in the step's codec calls (streams that end
+            # together, with the same frames left, in one).
+            plan = st.decoder.plan_flush()
         if done and st.mbd:
             # The live stream is complete; the diffusion version follows, step by step.
             self._release_slot(st)
@@ -773,11 +764,14 @@ class MusicGenEngine:
                 left, right = self.model.compression_model.get_left_right_codes(all_codes)
                 all_codes = torch.cat([left, right])
             st.mbd_run = MBDRun(self.mbd, all_codes, generator)
-            return StepOutput(
+            output = StepOutput(
                 audio=audio, fraction=1.0, seconds=st.produced / self.frame_rate, done=False
             )
-        fraction = 1.0 if done else self._fraction(st)
-        output = StepOutput(audio=audio, fraction=fraction, seconds=self._seconds(st), done=done)
+        else:
+            fraction = 1.0 if done else self._fraction(st)
+            output = StepOutput(
+                audio=audio, fraction=fraction, seconds=self._seconds(st), done=done
+            )
         if plan is not None:
             self._due.append((output, st.decoder, plan))
         return output
