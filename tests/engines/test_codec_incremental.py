@@ -383,32 +383,27 @@ def test_the_codec_windows_flag_reaches_both_engines() -> None:
         assert engine.codec_streams.incremental is not None, engine.info.name  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
-def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> None:
-    """Four requests joining 3-4 steps apart: after their first chunks, the shared
-    cadence has their new frames due on the same steps, so most codec calls carry
-    several streams; each stream's audio is still its one-shot decode."""
+def _crowd(
+    engine: Any, model: str, count: int, *, frames: int, speech: str = "Hello there."
+) -> list[Any]:
+    """``count`` jobs of ``model``: 3 s of calm piano, or ``speech`` in at most
+    ``frames`` frames; seeds 0, 1, …"""
     from wavecast.protocol import resolve_params
-    from wavecast.server.engines import load_engines
     from wavecast.server.engines.base import EngineRequest
 
-    engine: Any = load_engines([model], "cpu", max_chunk_frames=10, codec_batch=8)[model]
-    long = {"duration": 3.0} if model == "tiny-musicgen" else {"max_new_tokens": 120}
-    jobs = [
-        engine.prepare(
-            EngineRequest(
-                f"r{i}",
-                "calm piano" if model != "tiny-higgs" else "Hello there.",
-                resolve_params(engine.info.params, {**long, "seed": i}),
-            )
-        )
-        for i in range(4)
+    long = {"duration": 3.0} if model == "tiny-musicgen" else {"max_new_tokens": frames}
+    text = "calm piano" if model == "tiny-musicgen" else speech
+    params = engine.info.params
+    return [
+        engine.prepare(EngineRequest(f"r{i}", text, resolve_params(params, {**long, "seed": i})))
+        for i in range(count)
     ]
-    calls = count_codec_calls(engine)
-    audio = step_together(engine, jobs, joins=[0, 3, 7, 10])
-    firsts_and_tails = 2 * len(jobs)
-    together = sum(1 for rows in calls if rows > 1)
-    assert together >= (len(calls) - firsts_and_tails) // 2, calls
+
+
+def _each_the_one_shot_decode(
+    engine: Any, model: str, jobs: list[Any], audio: dict[str, list[Any]]
+) -> None:
+    """Each job's streamed chunks join into the one-shot decode of its codes."""
     for job in jobs:
         streamed = np.concatenate(audio[job.request.request_id])
         codes = engine.codes_of(job)
@@ -421,24 +416,32 @@ def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> No
 
 
 @pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
+def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> None:
+    """Four requests joining 3-4 steps apart: after their first chunks, the shared
+    cadence has their new frames due on the same steps, so most codec calls carry
+    several streams; each stream's audio is still its one-shot decode."""
+    from wavecast.server.engines import load_engines
+
+    engine: Any = load_engines([model], "cpu", max_chunk_frames=10, codec_batch=8)[model]
+    jobs = _crowd(engine, model, 4, frames=120)
+    calls = count_codec_calls(engine)
+    audio = step_together(engine, jobs, joins=[0, 3, 7, 10])
+    firsts_and_tails = 2 * len(jobs)
+    together = sum(1 for rows in calls if rows > 1)
+    assert together >= (len(calls) - firsts_and_tails) // 2, calls
+    _each_the_one_shot_decode(engine, model, jobs, audio)
+
+
+@pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
 def test_streams_beyond_a_codec_call_decode_on_steps_of_their_own(model: str) -> None:
     """Eight requests at once with two chunks per codec call: after their first
     chunks, no step decodes more than two streams' chunks (four calls' worth on
     one step every few, before), the calls still carry two, and each stream's
     audio is its one-shot decode."""
-    from wavecast.protocol import resolve_params
     from wavecast.server.engines import load_engines
-    from wavecast.server.engines.base import EngineRequest
 
     engine: Any = load_engines([model], "cpu", max_chunk_frames=40, codec_batch=2)[model]
-    long = {"duration": 3.0} if model == "tiny-musicgen" else {"max_new_tokens": 120}
-    text = "calm piano" if model == "tiny-musicgen" else "Hello there, how are you today?"
-    jobs = [
-        engine.prepare(
-            EngineRequest(f"r{i}", text, resolve_params(engine.info.params, {**long, "seed": i}))
-        )
-        for i in range(8)
-    ]
+    jobs = _crowd(engine, model, 8, frames=120, speech="Hello there, how are you today?")
     calls = count_codec_calls(engine)
     audio: dict[str, list[Any]] = {job.request.request_id: [] for job in jobs}
     later_per_step = []  # streams with a chunk past their first, not their last
@@ -455,15 +458,7 @@ def test_streams_beyond_a_codec_call_decode_on_steps_of_their_own(model: str) ->
         running = [job for job, out in zip(running, outs, strict=True) if not out.done]
     assert max(later_per_step) == 2, later_per_step
     assert sum(1 for rows in calls if rows == 2) > len(calls) // 2, calls
-    for job in jobs:
-        streamed = np.concatenate(audio[job.request.request_id])
-        codes = engine.codes_of(job)
-        if model == "tiny-higgs":
-            whole = engine.codec.decode(codes).audio_values[0].T.numpy()
-        else:
-            whole = engine.model.compression_model.decode(codes, None)[0].T.numpy()
-        assert streamed.shape == whole.shape
-        assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, np.abs(whole).max())
+    _each_the_one_shot_decode(engine, model, jobs, audio)
 
 
 def test_the_cadence_groups_streams_by_a_calls_chunks() -> None:
@@ -526,9 +521,7 @@ def test_warm_up_makes_the_codec_call_shapes_a_crowd_takes(model: str) -> None:
     ``codec_batch`` chunks): a crowd's first chunks, and most of its chunks
     after them, come in shapes made before (a convolution library's first call
     of a shape costs several of the next)."""
-    from wavecast.protocol import resolve_params
     from wavecast.server.engines import load_engines
-    from wavecast.server.engines.base import EngineRequest
 
     engine: Any = load_engines([model], "cpu", max_chunk_frames=20, codec_batch=4)[model]
     inc = engine.codec_streams.incremental
@@ -543,14 +536,7 @@ def test_warm_up_makes_the_codec_call_shapes_a_crowd_takes(model: str) -> None:
     engine.warm_up()
     made = {shape for shape, _ in calls}
     calls.clear()
-    long = {"duration": 3.0} if model == "tiny-musicgen" else {"max_new_tokens": 75}
-    text = "calm piano" if model == "tiny-musicgen" else "Hello there."
-    jobs = [
-        engine.prepare(
-            EngineRequest(f"r{i}", text, resolve_params(engine.info.params, {**long, "seed": i}))
-        )
-        for i in range(4)
-    ]
+    jobs = _crowd(engine, model, 4, frames=75)
     step_together(engine, jobs, joins=[0, 0, 0, 6])
     first = calls[0][0]
     assert first[0] == 3 and first in made  # the three first chunks
