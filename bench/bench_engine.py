@@ -60,9 +60,9 @@ def request(engine: Engine, index: int, duration: float, varied: bool = False) -
 
 class Parts:
     """Where an engine's steps go, while ``with``-in: its codec decodes (the
-    ``_decode_due`` of each step and the calls it makes, with the chunks in each)
-    and its per-request bookkeeping (``_advance``, with a finishing request's
-    last chunk); the rest is the forward and sampling. (Host time: on a GPU,
+    ``_decode_due`` of each step and the calls it makes, with the chunks in each,
+    the ending streams' last ones included) and its per-request bookkeeping
+    (``_advance``); the rest is the forward and sampling. (Host time: on a GPU,
     the codec's asynchronous work shows where something waits for it.)"""
 
     def __init__(self, engine: Engine) -> None:

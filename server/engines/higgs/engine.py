@@ -242,6 +242,9 @@ class HiggsEngine:
         self._ras_max = np.ones(1, dtype=np.int64)
         self._slots: SlotTable[_HiggsJob] = SlotTable(self._grow)
         self._due: Due = []
+        # Streams' ends due this step: in the same calls' kind, but timed as the
+        # step's, not as ``codec_seconds`` (what a running stream's chunks cost).
+        self._ends: Due = []
         self.codec_batch = codec_batch
         geometry = StreamGeometry(
             left_context, holdback, first_frames, chunk_frames, max_chunk_frames, self.frame_rate
@@ -804,7 +807,7 @@ class HiggsEngine:
             audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
         )
         if plan is not None:
-            self._due.append((output, st.decoder, plan))
+            (self._ends if done else self._due).append((output, st.decoder, plan))
         return output
 
     def _close_chunk(self, st: _HiggsJob) -> bool:
@@ -818,12 +821,16 @@ class HiggsEngine:
         return st.index >= len(st.chunks) or st.produced >= st.max_frames
 
     def _decode_due(self) -> None:
-        """Decode every stream's due codec window, batched (calls of at most ``codec_batch``)."""
+        """Decode every stream's due codec window, batched (calls of at most
+        ``codec_batch``), then the ends of the streams that ended."""
         if self._due:
             due, self._due = self._due, []
             began = time.perf_counter()
             complete_due(self._decode, due, self.codec_batch)
             self.codec_seconds += time.perf_counter() - began
+        if self._ends:
+            ends, self._ends = self._ends, []
+            complete_due(self._decode, ends, self.codec_batch)
 
     def warm_up(self) -> None:
         if not self._warm:

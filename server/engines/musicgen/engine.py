@@ -241,6 +241,9 @@ class MusicGenEngine:
             self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
         self._slots: SlotTable[_MusicGenJob] = SlotTable(self._grow)
         self._due: Due = []
+        # Streams' ends due this step: in the same calls' kind, but timed as the
+        # step's, not as ``codec_seconds`` (what a running stream's chunks cost).
+        self._ends: Due = []
         # Chunks per codec call (``fastest_rows``): measured at warm-up unless set.
         self.codec_batch: int | None = self.stream.codec_batch or None
         self.codec_streams.cadence.rows = self.codec_batch
@@ -454,6 +457,7 @@ class MusicGenEngine:
                         }
                     )
                 self._due.clear()
+                self._ends.clear()
                 self.codec_streams.tick()
                 for (i, job), st in zip(generating, states, strict=True):
                     if id(st) in failures:
@@ -469,13 +473,18 @@ class MusicGenEngine:
         return [out for out in outputs if out is not None]
 
     def _decode_due(self) -> None:
-        """Decode every stream's due codec window, batched (calls of at most ``codec_batch``)."""
+        """Decode every stream's due codec window, batched (calls of at most
+        ``codec_batch``), then the ends of the streams that ended."""
         if self._due:
             due, self._due = self._due, []
             began = time.perf_counter()
             with self._codec_format():
                 complete_due(self._decode, due, self.codec_batch)
             self.codec_seconds += time.perf_counter() - began
+        if self._ends:
+            ends, self._ends = self._ends, []
+            with self._codec_format():
+                complete_due(self._decode, ends, self.codec_batch)
 
     # -- the slot table --------------------------------------------------------------
 
@@ -773,7 +782,7 @@ class MusicGenEngine:
                 audio=audio, fraction=fraction, seconds=self._seconds(st), done=done
             )
         if plan is not None:
-            self._due.append((output, st.decoder, plan))
+            (self._ends if done else self._due).append((output, st.decoder, plan))
         return output
 
     def _fraction(self, st: _MusicGenJob) -> float:
