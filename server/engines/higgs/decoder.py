@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..kv import CacheRows, StaticKV
+from ..dense import Dense
+from ..kv import CacheRows, LayerMask, StaticKV
 from ..prefill import last_own, ragged
 
 __all__ = ["HiggsDecoder"]
@@ -44,10 +45,8 @@ class _Path:
 
     norm1: torch.Tensor
     norm2: torch.Tensor
-    gate_up: torch.Tensor  # [2I, D]: the gate and up projections, one matrix
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Dense  # [2I, D]: the gate and up projections, one matrix
+    down: Dense
 
 
 PathOp = Callable[[_Path, torch.Tensor], torch.Tensor]
@@ -55,10 +54,8 @@ PathOp = Callable[[_Path, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True, slots=True)
 class _Layer:
-    qkv: torch.Tensor  # [Dq + 2 Dkv, D]
-    qkv_bias: torch.Tensor | None
-    out: torch.Tensor
-    out_bias: torch.Tensor | None
+    qkv: Dense  # [Dq + 2 Dkv, D]
+    out: Dense
     text: _Path
     audio: _Path
 
@@ -90,10 +87,8 @@ def _path(norm1: Any, norm2: Any, mlp: Any) -> _Path:
     return _Path(
         norm1=norm1.weight,
         norm2=norm2.weight,
-        gate_up=gate_up,
-        gate_up_bias=gate_up_bias,
-        down=mlp.down_proj.weight,
-        down_bias=mlp.down_proj.bias,
+        gate_up=Dense(gate_up, gate_up_bias),
+        down=Dense(mlp.down_proj.weight, mlp.down_proj.bias),
     )
 
 
@@ -132,10 +127,8 @@ class HiggsDecoder(CacheRows):
             qkv, qkv_bias = _joined(attn.q_proj, attn.k_proj, attn.v_proj)
             self.layers.append(
                 _Layer(
-                    qkv=qkv,
-                    qkv_bias=qkv_bias,
-                    out=attn.o_proj.weight,
-                    out_bias=attn.o_proj.bias,
+                    qkv=Dense(qkv, qkv_bias),
+                    out=Dense(attn.o_proj.weight, attn.o_proj.bias),
                     text=_path(layer.input_layernorm, layer.post_attention_layernorm, layer.mlp),
                     audio=_path(
                         layer.audio_input_layernorm,
@@ -148,7 +141,7 @@ class HiggsDecoder(CacheRows):
         self._embed_audio = inner.embed_audio_tokens.embed_audio_tokens.weight
         self._audio_offsets = torch.arange(self.codebooks, device=self.device) * self.card
         self._final_norm = inner.norm.weight
-        self._head = model.audio_lm_head.weight
+        self._head = Dense(model.audio_lm_head.weight)
         self._rotary = inner.rotary_emb
         self._cos = torch.zeros(0, self.head_dim, device=self.device, dtype=self.dtype)
         self._sin = self._cos
@@ -249,8 +242,8 @@ class HiggsDecoder(CacheRows):
         first = starts[:1] if bool((starts == starts[0]).all()) else starts
         positions = torch.from_numpy(first[:, None] + np.arange(steps)).to(self.device)
         cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]
-        mask = torch.arange(end, device=self.device) <= positions[..., None]  # [1|R, S, end]
-        mask = mask[:, None]
+        keep = torch.arange(end, device=self.device) <= positions[..., None]  # [1|R, S, end]
+        mask = LayerMask(keep[:, None])
         where = (
             index[:, None, None],
             torch.arange(self.kv_heads, device=self.device)[None, :, None],
@@ -300,23 +293,23 @@ class HiggsDecoder(CacheRows):
         # queries and keys are rotated together, as one ``[R, H + H_kv, 1, d]`` view.
         x = self.embed_audio(codes)
         cos, sin = self._cos[positions][:, None, None], self._sin[positions][:, None, None]
-        mask = (self._steps[:span] <= positions[:, None]).view(rows, 1, 1, span)
+        mask = LayerMask((self._steps[:span] <= positions[:, None]).view(rows, 1, 1, span))
         write = self.kv.step_writer(positions)
-        cache_k, cache_v = self.kv.k[:, :rows], self.kv.v[:, :rows]
+        attended_self = self.kv.layers(rows, span)
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         qk_size = (heads + kv_heads) * d
         for i, layer in enumerate(self.layers):
             audio = layer.audio
-            qkv = F.linear(self._rms(x, audio.norm1), layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv.rows(self._rms(x, audio.norm1))
             qk = qkv[:, :qk_size].view(rows, heads + kv_heads, 1, d)
             q, k = self._rotate(qk, cos, sin).split((heads, kv_heads), dim=1)
             v = qkv[:, qk_size:].view(rows, kv_heads, 1, d)
             write(i, k, v)
-            keys, values = cache_k[i][:, :, :span], cache_v[i][:, :, :span]
+            keys, values = attended_self[i]
             attended = F.scaled_dot_product_attention(
-                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
+                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask.for_(q), enable_gqa=True
             )
-            x = x + F.linear(attended.reshape(rows, heads * d), layer.out, layer.out_bias)
+            x = x + layer.out.rows(attended.reshape(rows, heads * d))
             x = x + self._feed_forward(audio, x)
         lengths += active.to(lengths.dtype)
         return self._logits(x)
@@ -339,17 +332,20 @@ class HiggsDecoder(CacheRows):
         return self._rms(h, path.norm1)
 
     def _feed_forward(self, path: _Path, h: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(self._rms(h, path.norm2), path.gate_up, path.gate_up_bias).chunk(
-            2, dim=-1
-        )
-        return F.linear(F.silu(gate) * up, path.down, path.down_bias)
+        """The feed-forward block on ``h`` ``[N, D]`` (a decode step's rows, a
+        prefill's positions of one path) or ``[R, S, D]``."""
+        flat = h.dim() == 2
+        gate_up = path.gate_up.rows if flat else path.gate_up
+        down = path.down.rows if flat else path.down
+        gate, up = gate_up(self._rms(h, path.norm2)).chunk(2, dim=-1)
+        return down(F.silu(gate) * up)
 
     def _forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: LayerMask,
         attend: Callable[[int, torch.Tensor, torch.Tensor], tuple[Any, Any]],
         route: Callable[[PathOp, _Layer, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
@@ -364,7 +360,7 @@ class HiggsDecoder(CacheRows):
         kv_size = self.kv_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             normed = route(self._norm1, layer, x)
-            qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(normed)
             q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
             q = q.view(count, steps, self.heads, self.head_dim).transpose(1, 2)
             k = k.view(count, steps, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -372,16 +368,14 @@ class HiggsDecoder(CacheRows):
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             keys, values = attend(i, k, v)
             attended = F.scaled_dot_product_attention(
-                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=True
+                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask.for_(q), enable_gqa=True
             )
-            h = F.linear(
-                attended.transpose(1, 2).reshape(count, steps, q_size), layer.out, layer.out_bias
-            )
+            h = layer.out(attended.transpose(1, 2).reshape(count, steps, q_size))
             x = x + h
             x = x + route(self._feed_forward, layer, x)
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[R, D]`` -> ``[R, K, card]``."""
-        logits = F.linear(self._rms(hidden, self._final_norm), self._head)
+        logits = self._head.rows(self._rms(hidden, self._final_norm))
         return logits.view(hidden.shape[0], self.codebooks, self.card)

@@ -32,7 +32,8 @@ from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
 from torch.nn import functional as F
 
-from ..kv import CacheRows, StaticKV
+from ..dense import Dense
+from ..kv import CacheRows, LayerMask, StaticKV
 from ..prefill import last_own, ragged
 
 __all__ = ["MusicGenDecoder"]
@@ -76,26 +77,19 @@ class _Layer:
     """One transformer layer's weights, read once."""
 
     norm1: Op
-    qkv_weight: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    out_weight: torch.Tensor
-    out_bias: torch.Tensor | None
+    qkv: Dense
+    out: Dense
     scale1: Op | None
     norm2: Op
-    ff1_weight: torch.Tensor
-    ff1_bias: torch.Tensor | None
+    ff1: Dense
     activation: Op
-    ff2_weight: torch.Tensor
-    ff2_bias: torch.Tensor | None
+    ff2: Dense
     scale2: Op | None
     # Cross-attention (None where the layer has none): query, key/value and out projections.
     norm_cross: Op | None = None
-    q_weight: torch.Tensor | None = None
-    q_bias: torch.Tensor | None = None
-    kv_weight: torch.Tensor | None = None
-    kv_bias: torch.Tensor | None = None
-    cross_out_weight: torch.Tensor | None = None
-    cross_out_bias: torch.Tensor | None = None
+    q: Dense | None = None
+    kv: Dense | None = None
+    cross_out: Dense | None = None
     scale_cross: Op | None = None
 
     @classmethod
@@ -106,27 +100,20 @@ class _Layer:
             c_weight, c_bias, c_out = _projections(layer.cross_attention)
             cross = {
                 "norm_cross": _norm(layer.norm_cross),
-                "q_weight": c_weight[:dim],
-                "q_bias": _slice(c_bias, 0, dim),
-                "kv_weight": c_weight[dim:],
-                "kv_bias": _slice(c_bias, dim, 3 * dim),
-                "cross_out_weight": c_out.weight,
-                "cross_out_bias": c_out.bias,
+                "q": Dense(c_weight[:dim], _slice(c_bias, 0, dim)),
+                "kv": Dense(c_weight[dim:], _slice(c_bias, dim, 3 * dim)),
+                "cross_out": Dense(c_out.weight, c_out.bias),
                 "scale_cross": _scale(layer.layer_scale_cross),
             }
         return cls(
             norm1=_norm(layer.norm1),
-            qkv_weight=weight,
-            qkv_bias=bias,
-            out_weight=out.weight,
-            out_bias=out.bias,
+            qkv=Dense(weight, bias),
+            out=Dense(out.weight, out.bias),
             scale1=_scale(layer.layer_scale_1),
             norm2=_norm(layer.norm2),
-            ff1_weight=layer.linear1.weight,
-            ff1_bias=layer.linear1.bias,
+            ff1=Dense(layer.linear1.weight, layer.linear1.bias),
             activation=layer.activation,
-            ff2_weight=layer.linear2.weight,
-            ff2_bias=layer.linear2.bias,
+            ff2=Dense(layer.linear2.weight, layer.linear2.bias),
             scale2=_scale(layer.layer_scale_2),
             **cross,
         )
@@ -186,9 +173,11 @@ class MusicGenDecoder(CacheRows):
             torch.arange(self.codebooks, device=device) * int(tables[0].shape[0])
         ).view(1, -1, 1)
         linears = [lm.linears[k] for k in range(self.codebooks)]
-        self._head_weight = torch.cat([lin.weight for lin in linears])
         biases = [lin.bias for lin in linears]
-        self._head_bias = None if biases[0] is None else torch.cat(biases)
+        self._head = Dense(
+            torch.cat([lin.weight for lin in linears]),
+            None if biases[0] is None else torch.cat(biases),
+        )
         self._out_norm: Op | None = _norm(lm.out_norm) if lm.out_norm else None
         self._pos_scale = float(transformer.positional_scale)
         # The sinusoidal positions, scaled, and position indices (masks compare them).
@@ -209,7 +198,7 @@ class MusicGenDecoder(CacheRows):
             dtype=dtype,
             fill=1,
         )
-        self.has_cross = any(layer.kv_weight is not None for layer in self.layers)
+        self.has_cross = any(layer.kv is not None for layer in self.layers)
         self._tables()
 
     def storage(self) -> tuple[Any, ...]:
@@ -269,8 +258,8 @@ class MusicGenDecoder(CacheRows):
         index = torch.tensor(rows, device=self.device)
         positions = torch.arange(length, device=self.device).expand(len(rows), length)
         for i, layer in enumerate(self.layers):
-            assert layer.kv_weight is not None
-            k, v = F.linear(source, layer.kv_weight, layer.kv_bias).split(self.dim, dim=-1)
+            assert layer.kv is not None
+            k, v = layer.kv(source).split(self.dim, dim=-1)
             self.cross.write(i, index, positions, self._heads(k), self._heads(v))
         self.cross_lengths[index] = max(length, 1)
 
@@ -297,7 +286,7 @@ class MusicGenDecoder(CacheRows):
         index = torch.tensor(rows, device=self.device)
         positions = torch.from_numpy(starts[:, None] + np.arange(steps)).to(self.device)
         x = inputs + self._positions[positions].to(inputs.dtype)
-        self_mask = (
+        self_mask = LayerMask(
             torch.arange(end, device=self.device)[None, None, None, :]
             <= positions[:, None, :, None]
         )
@@ -309,7 +298,7 @@ class MusicGenDecoder(CacheRows):
         cross = None
         if self.has_cross:
             lengths = self.cross_lengths[index]
-            cross_mask = (
+            cross_mask = LayerMask(
                 torch.arange(self.cross.length, device=self.device)[None, None, None, :]
                 < lengths[:, None, None, None]
             )
@@ -345,45 +334,46 @@ class MusicGenDecoder(CacheRows):
         x = self.embed(codes[:, :, None])[:, 0]
         x = x + self._positions[positions].to(x.dtype)
         steps = self._steps
-        self_mask = (steps[:span] <= positions[:, None]).view(rows, 1, 1, span)
+        self_mask = LayerMask((steps[:span] <= positions[:, None]).view(rows, 1, 1, span))
         write = self.kv.step_writer(positions)
-        cache_k, cache_v = self.kv.k[:, :rows], self.kv.v[:, :rows]
+        attended_self = self.kv.layers(rows, span)
+        attended_cross = self.cross.layers(rows)
         cross_mask = None
         if self.has_cross:
             conditions = self.cross.length
-            cross_mask = (steps[:conditions] < self.cross_lengths[:rows, None]).view(
-                rows, 1, 1, conditions
+            cross_mask = LayerMask(
+                (steps[:conditions] < self.cross_lengths[:rows, None]).view(rows, 1, 1, conditions)
             )
         heads = (rows, self.heads, 1, self.head_dim)
         same = x.dtype == self.dtype
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(layer.norm1(x), layer.qkv_weight, layer.qkv_bias)
+            qkv = layer.qkv.rows(layer.norm1(x))
             q, k, v = qkv.view(rows, 3, *heads[1:]).unbind(1)
             write(i, k, v)
-            keys, values = cache_k[i][:, :, :span], cache_v[i][:, :, :span]
+            keys, values = attended_self[i]
             if not same:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask)
-            h = F.linear(attended.reshape(rows, self.dim), layer.out_weight, layer.out_bias)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask.for_(q))
+            h = layer.out.rows(attended.reshape(rows, self.dim))
             x = x + (h if layer.scale1 is None else layer.scale1(h))
             if layer.norm_cross is not None:
-                q = F.linear(layer.norm_cross(x), layer.q_weight, layer.q_bias).view(heads)
-                keys, values = self.cross.k[i, :rows], self.cross.v[i, :rows]
+                assert layer.q is not None and layer.cross_out is not None
+                q = layer.q.rows(layer.norm_cross(x)).view(heads)
+                keys, values = attended_cross[i]
                 if not same:
                     keys, values = keys.to(q.dtype), values.to(q.dtype)
-                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=cross_mask)
-                assert layer.cross_out_weight is not None
-                h = F.linear(
-                    attended.reshape(rows, self.dim), layer.cross_out_weight, layer.cross_out_bias
+                assert cross_mask is not None
+                attended = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=cross_mask.for_(q)
                 )
+                h = layer.cross_out.rows(attended.reshape(rows, self.dim))
                 x = x + (h if layer.scale_cross is None else layer.scale_cross(h))
-            h = F.linear(layer.norm2(x), layer.ff1_weight, layer.ff1_bias)
-            h = F.linear(layer.activation(h), layer.ff2_weight, layer.ff2_bias)
+            h = layer.ff2.rows(layer.activation(layer.ff1.rows(layer.norm2(x))))
             x = x + (h if layer.scale2 is None else layer.scale2(h))
         lengths += active.to(lengths.dtype)
         if self._out_norm is not None:
             x = self._out_norm(x)
-        logits = F.linear(x, self._head_weight, self._head_bias)
+        logits = self._head.rows(x)
         return logits.view(rows, self.codebooks, self.card)
 
     # -- internals -----------------------------------------------------------------
@@ -401,8 +391,8 @@ class MusicGenDecoder(CacheRows):
         self,
         x: torch.Tensor,
         attend_self: Callable[[int, torch.Tensor, torch.Tensor], tuple[Any, Any]],
-        self_mask: torch.Tensor,
-        cross: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        self_mask: LayerMask,
+        cross: tuple[torch.Tensor, torch.Tensor, LayerMask] | None,
     ) -> torch.Tensor:
         """The transformer layers on ``x`` ``[R, S, D]`` (positions already added).
 
@@ -413,27 +403,28 @@ class MusicGenDecoder(CacheRows):
         d = self.dim
         same = x.dtype == self.dtype
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(layer.norm1(x), layer.qkv_weight, layer.qkv_bias)
+            qkv = layer.qkv(layer.norm1(x))
             q, k, v = (self._heads(part) for part in qkv.split(d, dim=-1))
             keys, values = attend_self(i, k, v)
             if not same:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask)
-            h = F.linear(self._merge(attended), layer.out_weight, layer.out_bias)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask.for_(q))
+            h = layer.out(self._merge(attended))
             x = x + (h if layer.scale1 is None else layer.scale1(h))
             if layer.norm_cross is not None:
                 assert cross is not None
                 cross_k, cross_v, cross_mask = cross
-                q = self._heads(F.linear(layer.norm_cross(x), layer.q_weight, layer.q_bias))
+                assert layer.q is not None and layer.cross_out is not None
+                q = self._heads(layer.q(layer.norm_cross(x)))
                 keys, values = cross_k[i], cross_v[i]
                 if not same:
                     keys, values = keys.to(q.dtype), values.to(q.dtype)
-                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=cross_mask)
-                assert layer.cross_out_weight is not None
-                h = F.linear(self._merge(attended), layer.cross_out_weight, layer.cross_out_bias)
+                attended = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=cross_mask.for_(q)
+                )
+                h = layer.cross_out(self._merge(attended))
                 x = x + (h if layer.scale_cross is None else layer.scale_cross(h))
-            h = F.linear(layer.norm2(x), layer.ff1_weight, layer.ff1_bias)
-            h = F.linear(layer.activation(h), layer.ff2_weight, layer.ff2_bias)
+            h = layer.ff2(layer.activation(layer.ff1(layer.norm2(x))))
             x = x + (h if layer.scale2 is None else layer.scale2(h))
         return x
 
@@ -442,5 +433,5 @@ class MusicGenDecoder(CacheRows):
         if self._out_norm is not None:
             hidden = self._out_norm(hidden)
         count, steps, _ = hidden.shape
-        logits = F.linear(hidden, self._head_weight, self._head_bias)
+        logits = self._head(hidden)
         return logits.view(count, steps, self.codebooks, self.card).transpose(1, 2)
