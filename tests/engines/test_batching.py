@@ -625,11 +625,12 @@ def test_the_graphed_step_traces_as_one_graph(windowed: Any) -> None:
         decoder = engine.decoder
         rows, k = decoder.rows, decoder.codebooks
         slots = rows // 2
-        flat = torch.zeros(rows * (k + 2) + slots, dtype=torch.int64)
+        keys = rows * (k + 1) + slots * k  # (every slot's draw keys, one per codebook)
+        flat = torch.zeros(keys + rows, dtype=torch.int64)
         flat[: rows * k] = torch.randint(0, 64, (rows * k,))
         flat[rows * k : rows * (k + 1)] = 1  # every row advances
-        flat[rows * (k + 1) : rows * (k + 1) + slots] = torch.randint(0, 2**31, (slots,))
-        flat[rows * (k + 1) + slots :: 3] = 1  # some rows' logits from "their prefill"
+        flat[rows * (k + 1) : keys] = torch.randint(0, 2**31, (slots * k,))
+        flat[keys::3] = 1  # some rows' logits from "their prefill"
         engine._prefilled.logits.normal_()
         before = decoder.lengths.clone()
         eager = engine._graphed_step([flat], (rows, 64))

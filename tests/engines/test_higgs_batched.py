@@ -869,7 +869,7 @@ def test_the_graphed_step_traces_as_one_graph(loaded: HiggsModel) -> None:
         codes = torch.randint(0, BOS, (rows, K), generator=gen)
         forced = torch.full((rows, K), -1)
         forced[0, 1:] = BOS  # the delay pattern's first rows
-        keys = torch.randint(0, 2**31, (2, rows), generator=gen)
+        keys = torch.randint(0, 2**31, (2, rows * K), generator=gen)  # one per codebook
         recent = torch.randint(0, BOS, (rows, window, K), generator=gen)
         parts = [
             codes.flatten(),

@@ -10,6 +10,7 @@ from wavecast.server.engines.sampling import (
     DrawPlan,
     RowSampling,
     candidates_for,
+    codebook_keys,
     counter_uniform,
     finite_rows,
     row_keys,
@@ -47,6 +48,23 @@ def test_noise_is_uniform_in_the_open_interval_and_keyed() -> None:
     assert abs(float(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1])) < 0.02
     # A pure function of its key.
     assert torch.equal(counter_uniform(keys(seed, step), 4, 4096), u)
+
+
+def test_keys_per_codebook_made_on_the_host_give_the_same_noise() -> None:
+    """The engines hand the draw keys per codebook, mixed on the host: the same
+    integers as the device mixes from row keys, so the same noise and codes."""
+    seed, step = np.array([0, 1, 2**62 + 5, 7]), np.array([0, 0, 7, 123456])
+    row = row_keys(seed, step)
+    per_codebook = torch.from_numpy(codebook_keys(row, 4))
+    assert per_codebook.shape == (4, 4)
+    assert torch.equal(
+        counter_uniform(per_codebook, 4, 4096), counter_uniform(torch.from_numpy(row), 4, 4096)
+    )
+    logits = torch.randn(4, 4, 64)
+    params = rows(4, top_k=8)
+    alone = sample(logits, **params)
+    params["key"] = torch.from_numpy(codebook_keys(params["key"].numpy(), 4))
+    assert torch.equal(sample(logits, **params), alone)
 
 
 def test_greedy_and_top_1_take_the_argmax() -> None:

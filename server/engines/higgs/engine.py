@@ -64,7 +64,13 @@ from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
-from ..sampling import RowSampling, finite_rows, redraw_keys, sample_repeat_aware
+from ..sampling import (
+    RowSampling,
+    codebook_keys,
+    finite_rows,
+    redraw_keys,
+    sample_repeat_aware,
+)
 from ..slots import SlotTable
 from ..step_cost import measure_context_cost
 from .card import model_card
@@ -117,7 +123,7 @@ class _HiggsJob:
     decoder: StreamDecoder
     max_frames: int
     index: int = 0
-    chunk_frames: list[torch.Tensor] = field(default_factory=list)  # frames [K] of this chunk
+    chunk_frames: list[Ints] = field(default_factory=list)  # frames [K] of this chunk
     produced: int = 0
     expected: float = 1.0
     fraction: float = 0.0
@@ -555,8 +561,8 @@ class HiggsEngine:
                 codes_in.reshape(-1),
                 active,
                 forced.reshape(-1),
-                keys,
-                redraw_keys(keys),
+                codebook_keys(keys, k).reshape(-1),
+                codebook_keys(redraw_keys(keys), k).reshape(-1),
                 self._ras_max[:rows],
                 recent.reshape(-1),
                 overrides,
@@ -617,20 +623,23 @@ class HiggsEngine:
 
     def _parts(self, inputs: torch.Tensor, rows: int, window: int) -> list[torch.Tensor]:
         """A step's inputs from their one copy: codes ``[R, K]``, advance flags
-        ``[R]``, forced codes ``[R, K]``, keys, redraw keys, RAS repeats ``[R]``,
+        ``[R]``, forced codes ``[R, K]``, keys and redraw keys ``[R, K]``
+        (``codebook_keys``), RAS repeats ``[R]``,
         recent codes ``[R, W, K]`` and which rows' logits come from their prefill."""
         k = self.num_codebooks
         cut = np.cumsum(self._input_sizes(rows, window)[:-1])
         parts = list(torch.tensor_split(inputs, cut.tolist()))
         parts[0] = parts[0].view(rows, k)
         parts[2] = parts[2].view(rows, k)
+        parts[3] = parts[3].view(rows, k)
+        parts[4] = parts[4].view(rows, k)
         parts[6] = parts[6].view(rows, window, k)
         return parts
 
     def _input_sizes(self, rows: int, window: int) -> list[int]:
         """The sizes of ``_parts``, in order."""
         k = self.num_codebooks
-        return [rows * k, rows, rows * k, rows, rows, rows, rows * window * k, rows]
+        return [rows * k, rows, rows * k, rows * k, rows * k, rows, rows * window * k, rows]
 
     def _draw(self, logits: torch.Tensor, parts: list[torch.Tensor], rows: int) -> torch.Tensor:
         """Every row's codes by its rules (the delay pattern's forced codes,
@@ -789,7 +798,7 @@ class HiggsEngine:
         plan = None
         frame = None if all_eos else u.frame()
         if frame is not None:
-            st.chunk_frames.append(torch.from_numpy(frame))
+            st.chunk_frames.append(frame)
             st.produced += 1
             plan = st.decoder.plan_push(frame.reshape(1, -1, 1))
         done = False
@@ -815,7 +824,7 @@ class HiggsEngine:
         next chunks. Whether the request is done (no chunk left, or the length cap)."""
         spoken = st.chunks[st.index]
         if st.chunk_frames:
-            codes = torch.stack(st.chunk_frames, dim=1).to(self.device)
+            codes = torch.from_numpy(np.stack(st.chunk_frames, axis=1)).to(self.device)
             st.history.append((spoken, PromptAudio(codes)))
         st.index += 1
         return st.index >= len(st.chunks) or st.produced >= st.max_frames

@@ -59,7 +59,7 @@ from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
-from ..sampling import DrawPlan, RowSampling, finite_rows, sample
+from ..sampling import DrawPlan, RowSampling, codebook_keys, finite_rows, sample
 from ..slots import SlotTable
 from ..step_cost import measure_context_cost
 from .card import model_card
@@ -652,7 +652,7 @@ class MusicGenEngine:
             active[rows_of] = 1
             stepped[st.slot] = True
         stepped[list(prefilled)] = True
-        keys_in[:] = sampling.keys()[:slots]
+        keys_in[:] = codebook_keys(sampling.keys()[:slots], k)
         # Attend over the longest row's positions, rounded up to a power of two (a
         # handful of shapes per window length).
         span = span_for(max((st.kv_length for st in decoding), default=0) + 1)
@@ -905,16 +905,16 @@ class MusicGenEngine:
 
 
 def _inputs_size(rows: int, k: int) -> int:
-    return rows * (k + 2) + rows // 2
+    return rows * (k + 2) + rows // 2 * k
 
 
 def _split_inputs(flat: Any, rows: int, k: int) -> tuple[Any, Any, Any, Any]:
     """A step's inputs, in one int64 array (one copy to the device; numpy or
     torch): every row's codes ``[rows, K]``, which rows advance ``[rows]``, every
-    slot's sampling key ``[rows / 2]``, and (the graphed step) which rows' logits
-    come from their prefill ``[rows]``."""
-    a, b, c = rows * k, rows * (k + 1), rows * (k + 1) + rows // 2
-    return flat[:a].reshape(rows, k), flat[a:b], flat[b:c], flat[c:]
+    slot's sampling keys ``[rows / 2, K]`` (``codebook_keys``), and (the graphed
+    step) which rows' logits come from their prefill ``[rows]``."""
+    a, b, c = rows * k, rows * (k + 1), rows * (k + 1) + rows // 2 * k
+    return flat[:a].reshape(rows, k), flat[a:b], flat[b:c].reshape(rows // 2, k), flat[c:]
 
 
 def _seeded_state(seed: int) -> Any:
