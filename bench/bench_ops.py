@@ -1,0 +1,144 @@
+"""Operations a step: what an engine's decode step asks of torch, counted.
+
+On a CPU every operation is a trip through the dispatcher (a few microseconds
+each, whatever its size); on a GPU without graphs, most are a kernel launch.
+With the tiny test models, and with real ones at small batches on a GPU, that
+count, not the arithmetic, sets the step time. Unlike a timing, the count does
+not drift with the machine's speed: one run tells what a change removed.
+
+N requests are prepared and stepped until every one decodes; then one step is
+counted, operation by operation (views included), by the part of the step that
+asked: the decoder's forward, the draw (guidance, sampling, the finiteness
+check), the codec, and the rest (the step's inputs and outputs). A step where a
+codec call falls is counted too (``codec`` column), apart.
+
+    .venv/bin/python bench/bench_ops.py --model tiny-musicgen --streams 1 8
+    .venv/bin/python bench/bench_ops.py --model tiny-higgs --streams 1 8
+
+Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from bench_engine import load, request
+from bench_stream import machine
+from torch.utils._python_dispatch import TorchDispatchMode
+
+PARTS = ("forward", "draw", "codec", "rest")
+
+
+class Counted(TorchDispatchMode):  # type: ignore[misc]
+    """Counts every operation dispatched, under the part of the step running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.part = "rest"
+        self.counts: Counter[str] = Counter()
+        self.names: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.counts[self.part] += 1
+        self.names[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def attribute(owner: Any, name: str, part: str, mode: dict[str, Counted | None]) -> None:
+    """Count ``owner.name``'s operations under ``part`` while a count runs."""
+    method: Callable[..., Any] = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counter = mode["on"]
+        if counter is None:
+            return method(*args, **kwargs)
+        before, counter.part = counter.part, part
+        try:
+            return method(*args, **kwargs)
+        finally:
+            counter.part = before
+
+    setattr(owner, name, counted)
+
+
+def count(engine: Any, streams: int, calls: bool) -> tuple[Counter[str], Counter[str]]:
+    """One counted step of ``streams`` requests under way: one without a codec
+    call (or, ``calls``, the first with one)."""
+    mode: dict[str, Counted | None] = {"on": None}
+    attribute(engine.decoder, "decode", "forward", mode)
+    attribute(engine, "_draw", "draw", mode)
+    attribute(engine, "_decode_due", "codec", mode)
+    streams_calls = [0]
+    inc = engine.codec_streams.incremental
+    decode_owner = inc if inc is not None else engine
+    decode_name = "decode" if inc is not None else "_decode"
+    inner = getattr(decode_owner, decode_name)
+
+    def calling(*args: Any, **kwargs: Any) -> Any:
+        streams_calls[0] += 1
+        return inner(*args, **kwargs)
+
+    setattr(decode_owner, decode_name, calling)
+    try:
+        jobs = [engine.prepare(request(engine, i, 10.0)) for i in range(streams)]
+        for _ in range(40):  # every request past its prompt and its first audio
+            engine.step(jobs)
+        for _ in range(200):
+            streams_calls[0] = 0
+            counter = Counted()
+            mode["on"] = counter
+            with counter:
+                engine.step(jobs)
+            mode["on"] = None
+            if bool(streams_calls[0]) == calls:
+                return counter.counts, counter.names
+        raise RuntimeError("no such step in 200")
+    finally:
+        for owner, name in (
+            (engine.decoder, "decode"),
+            (engine, "_draw"),
+            (engine, "_decode_due"),
+            (decode_owner, decode_name),
+        ):
+            if name in vars(owner):
+                delattr(owner, name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-musicgen")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--top", type=int, default=8, help="the most frequent operations shown")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    engine = load(args.model, "cpu", False, max_active=max(args.streams))
+    print(f"### operations a step: {args.model}\n")
+    print(f"- machine: {machine('cpu')}")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}; counts do not depend on the machine's speed\n")
+    print(
+        "| streams | a step: forward, draw, rest (all) | with a codec call: its codec "
+        "| most frequent |"
+    )
+    print("| --- | --- | --- | --- |")
+    for n in args.streams:
+        plain, names = count(engine, n, calls=False)
+        with_call, _ = count(engine, n, calls=True)
+        total = sum(plain.values())
+        top = ", ".join(f"{name} {k}" for name, k in names.most_common(args.top))
+        print(
+            f"| {n} | {plain['forward']}, {plain['draw']}, {plain['rest']} ({total}) "
+            f"| {with_call['codec']} | {top} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
