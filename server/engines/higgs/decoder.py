@@ -17,7 +17,9 @@ The step is bound by the number of operations it launches, not by arithmetic,
 so the weights are read once at load into what the step needs: the query, key
 and value projections as one matrix, the gate and up projections as one (the
 model's modules then hold views of them: the weights are not held twice), the
-rotary tables, the audio embedding as one table.
+rotary tables, the audio embedding as one table, every projection's weight
+transposed once (``Dense``). The attention mask and the cache's views are made
+once a step, not in every layer (``LayerMask``, ``StaticKV.layers``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ The step is bound by the number of operations it launches, not by arithmetic
 (a kernel launch on a GPU, the dispatcher on a CPU), so the weights are read
 once at load into what the step needs: the K embedding tables as one table, the
 K output heads as one matrix, the sinusoidal positions as a table, each layer's
-norms and projections as plain tensors.
+norms and projections as plain tensors (the projections' weights transposed
+once: ``Dense``). What every layer of a step would make again is made once a
+step: the attention masks (``LayerMask``) and the cache's views (``StaticKV.layers``).
 """
 
 from __future__ import annotations
