@@ -9,8 +9,9 @@ not drift with the machine's speed: one run tells what a change removed.
 N requests are prepared and stepped until every one decodes; then one step is
 counted, operation by operation (views included), by the part of the step that
 asked: the decoder's forward, the draw (guidance, sampling, the finiteness
-check), the codec, and the rest (the step's inputs and outputs). A step where a
-codec call falls is counted too (``codec`` column), apart.
+check), the codec, and the rest (the step's inputs and outputs). The first
+step with a codec call is counted too (``codec`` column: its codec's), and a
+step's own count leaves its codec calls out.
 
     .venv/bin/python bench/bench_ops.py --model tiny-musicgen --streams 1 8
     .venv/bin/python bench/bench_ops.py --model tiny-higgs --streams 1 8
@@ -37,7 +38,8 @@ PARTS = ("forward", "draw", "codec", "rest")
 
 
 class Counted(TorchDispatchMode):  # type: ignore[misc]
-    """Counts every operation dispatched, under the part of the step running."""
+    """Counts every operation dispatched, under the part of the step running
+    (and by name, the codec's left out)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,7 +49,8 @@ class Counted(TorchDispatchMode):  # type: ignore[misc]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.counts[self.part] += 1
-        self.names[str(func.overloadpacket.__name__)] += 1
+        if self.part != "codec":
+            self.names[str(func.overloadpacket.__name__)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -68,45 +71,31 @@ def attribute(owner: Any, name: str, part: str, mode: dict[str, Counted | None])
     setattr(owner, name, counted)
 
 
-def count(engine: Any, streams: int, calls: bool) -> tuple[Counter[str], Counter[str]]:
-    """One counted step of ``streams`` requests under way: one without a codec
-    call (or, ``calls``, the first with one)."""
+def count(engine: Any, streams: int) -> tuple[Counter[str], Counter[str], int]:
+    """Counted steps of ``streams`` requests under way, until one makes a codec
+    call: the first step's counts by part and by operation, and the codec's
+    operations in the step with a call."""
     mode: dict[str, Counted | None] = {"on": None}
     attribute(engine.decoder, "decode", "forward", mode)
     attribute(engine, "_draw", "draw", mode)
     attribute(engine, "_decode_due", "codec", mode)
-    streams_calls = [0]
-    inc = engine.codec_streams.incremental
-    decode_owner = inc if inc is not None else engine
-    decode_name = "decode" if inc is not None else "_decode"
-    inner = getattr(decode_owner, decode_name)
-
-    def calling(*args: Any, **kwargs: Any) -> Any:
-        streams_calls[0] += 1
-        return inner(*args, **kwargs)
-
-    setattr(decode_owner, decode_name, calling)
     try:
         jobs = [engine.prepare(request(engine, i, 10.0)) for i in range(streams)]
         for _ in range(40):  # every request past its prompt and its first audio
             engine.step(jobs)
+        first: Counted | None = None
         for _ in range(200):
-            streams_calls[0] = 0
             counter = Counted()
             mode["on"] = counter
             with counter:
                 engine.step(jobs)
             mode["on"] = None
-            if bool(streams_calls[0]) == calls:
-                return counter.counts, counter.names
-        raise RuntimeError("no such step in 200")
+            first = first or counter
+            if counter.counts["codec"]:
+                return first.counts, first.names, counter.counts["codec"]
+        raise RuntimeError("no codec call in 200 steps")
     finally:
-        for owner, name in (
-            (engine.decoder, "decode"),
-            (engine, "_draw"),
-            (engine, "_decode_due"),
-            (decode_owner, decode_name),
-        ):
+        for owner, name in ((engine.decoder, "decode"), (engine, "_draw"), (engine, "_decode_due")):
             if name in vars(owner):
                 delattr(owner, name)
 
@@ -130,13 +119,12 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- |")
     for n in args.streams:
-        plain, names = count(engine, n, calls=False)
-        with_call, _ = count(engine, n, calls=True)
-        total = sum(plain.values())
+        parts, names, codec = count(engine, n)
+        step = parts["forward"] + parts["draw"] + parts["rest"]
         top = ", ".join(f"{name} {k}" for name, k in names.most_common(args.top))
         print(
-            f"| {n} | {plain['forward']}, {plain['draw']}, {plain['rest']} ({total}) "
-            f"| {with_call['codec']} | {top} |"
+            f"| {n} | {parts['forward']}, {parts['draw']}, {parts['rest']} ({step}) "
+            f"| {codec} | {top} |"
         )
 
 
