@@ -14,8 +14,9 @@ other rows share the batch: a seed gives the same codes alone or beside any
 other requests.
 
 The row part of the key, ``(seed_b, step_b)``, is hashed on the host where both
-are known (``RowSampling.keys``); the step itself has fixed shapes and no host
-sync, so it traces as one graph. Only the candidates are hashed: where no row
+are known (``RowSampling.keys``), and the engines mix in each codebook's there
+too (``codebook_keys``); the step itself has fixed shapes and no host sync, so
+it traces as one graph. Only the candidates are hashed: where no row
 uses top-p (the usual case), the ``max(top_k)`` most likely tokens, not the whole
 vocabulary; each token's noise depends on its id, not on its rank, so the draw
 is the same whichever candidate set the batch needs. Where every row keeps all
