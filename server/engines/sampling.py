@@ -29,7 +29,7 @@ parameters).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -38,8 +38,10 @@ import torch
 __all__ = [
     "DrawPlan",
     "RowSampling",
+    "Warpers",
     "candidates_for",
     "codebook_keys",
+    "counted_window",
     "counter_uniform",
     "finite_rows",
     "redraw_keys",
@@ -49,6 +51,8 @@ __all__ = [
     "sample_repeat_aware",
     "sample_warped",
     "warp",
+    "warp_rows",
+    "warpers",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -135,12 +139,21 @@ class RowSampling:
     The parameters live on the device in ``[B]`` tensors, set when a request joins
     (in place, so that a captured step keeps reading the same storage); the seeds
     and step counters live on the host, which hashes them into each step's keys.
+    With a ``vocab``, the table keeps transformers' warpers' parameters too, as
+    ``warp_rows`` uses them (``warpers``: top-p 1 is off), derived when a row is
+    set rather than in every step.
     """
 
-    def __init__(self, rows: int, device: torch.device | str) -> None:
+    def __init__(self, rows: int, device: torch.device | str, vocab: int | None = None) -> None:
+        self.vocab = vocab
         self.temperature = torch.zeros(rows, device=device)
         self.top_k = torch.zeros(rows, dtype=torch.int64, device=device)
         self.top_p = torch.zeros(rows, device=device)
+        self.scale = _scale(self.temperature)
+        self.warpers: Warpers | None = None
+        if vocab is not None:  # (sharing ``scale``)
+            made = warpers(self.temperature, self.top_k, self.top_p, vocab)
+            self.warpers = made._replace(scale=self.scale)
         self.seed = np.zeros(rows, dtype=np.int64)
         self.step = np.zeros(rows, dtype=np.int64)
         # What each row needs of the candidates (see ``candidates_for``), and
@@ -155,6 +168,13 @@ class RowSampling:
         self.temperature[row] = temperature
         self.top_k[row] = top_k
         self.top_p[row] = top_p
+        one = slice(row, row + 1)
+        self.scale[one] = _scale(self.temperature[one])
+        if self.warpers is not None:
+            assert self.vocab is not None
+            derived = warpers(self.temperature[one], self.top_k[one], self.top_p[one], self.vocab)
+            for table, value in zip(self.warpers, derived, strict=True):
+                table[one] = value
         self.seed[row] = seed
         self.step[row] = step
         self.wants[row] = 1 if temperature <= 0 else -1 if top_p > 0 or top_k <= 0 else top_k
@@ -163,10 +183,13 @@ class RowSampling:
 
     def grown(self, rows: int) -> RowSampling:
         """A table of ``rows`` rows holding this one's rows first."""
-        bigger = RowSampling(rows, self.temperature.device)
+        bigger = RowSampling(rows, self.temperature.device, self.vocab)
         old = self.seed.shape[0]
-        for name in ("temperature", "top_k", "top_p"):
+        for name in ("temperature", "top_k", "top_p", "scale"):
             getattr(bigger, name)[:old] = getattr(self, name)
+        if self.warpers is not None and bigger.warpers is not None:
+            for mine, theirs in zip(self.warpers, bigger.warpers, strict=True):
+                theirs[:old] = mine
         for name in ("seed", "step", "wants", "nucleus", "greedy"):
             getattr(bigger, name)[:old] = getattr(self, name)
         return bigger
@@ -186,6 +209,13 @@ class RowSampling:
         kept = np.where(wants < 0, vocab, np.minimum(wants, candidates))
         ranked = nucleus or bool((~greedy & (kept < candidates)).any())
         return DrawPlan(candidates, nucleus, ranked, bool(greedy.any()))
+
+
+def _scale(temperature: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, 1]``: what each row's logits are divided by, its temperature
+    (1 where greedy: its argmax is taken of the raw logits)."""
+    greedy = temperature <= 0.0
+    return torch.where(greedy, torch.ones_like(temperature), temperature)[:, None, None]
 
 
 def candidates_for(wants: Ints, vocab: int) -> int:
@@ -209,6 +239,7 @@ def sample(
     nucleus: bool = True,
     ranked: bool = True,
     greedy: bool = True,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one token per row and codebook: ``[B, K, V]`` logits -> ``[B, K]`` int64.
 
@@ -227,12 +258,14 @@ def sample(
         ranked: Whether any row may keep fewer tokens than the candidates (False:
             every sampled row keeps them all, so they are taken in no order).
         greedy: Whether any row may be greedy (False skips the argmax).
+        scale: ``[B, 1, 1]``: the rows' temperatures, 1 where greedy, made
+            beforehand (``RowSampling.scale``); None: from ``temperature``.
     """
     batch, codebooks, vocab = logits.shape
     logits = logits.float()
-    greedy_rows = temperature <= 0.0
-    scale = torch.where(greedy_rows, 1.0, temperature)
-    probs = torch.softmax(logits / scale[:, None, None], dim=-1)
+    if scale is None:
+        scale = _scale(temperature)
+    probs = torch.softmax(logits / scale, dim=-1)
     m = vocab if candidates is None else min(candidates, vocab)
     ranked = ranked or nucleus
     # [B, K, M]: the M most likely, most likely first where the order matters.
@@ -252,7 +285,7 @@ def sample(
     drawn = tokens.gather(-1, choice)[..., 0]
     if not greedy:
         return drawn
-    return torch.where(greedy_rows[:, None], torch.argmax(logits, dim=-1), drawn)
+    return torch.where((temperature <= 0.0)[:, None], torch.argmax(logits, dim=-1), drawn)
 
 
 def finite_rows(scores: torch.Tensor) -> torch.Tensor:
@@ -276,6 +309,36 @@ def _race(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / -torch.log(noise), dim=-1)
 
 
+class Warpers(NamedTuple):
+    """transformers' warpers' parameters per row, in the shapes ``warp_rows``
+    uses them: derived once (``warpers``), when a row is set, not in every step."""
+
+    scale: torch.Tensor  # [B, 1, 1] float32: the temperature, 1 where greedy
+    kth: torch.Tensor  # [B, 1, 1] int64: top-k's k-th largest score's index in ascending order
+    floor: torch.Tensor  # [B, 1, 1] float32: top-p's 1 - p; -1 where top-p is off
+    greedy: torch.Tensor  # [B, 1] bool
+
+    def head(self, rows: int) -> Warpers:
+        """The first ``rows`` rows' parameters."""
+        return Warpers(*(table[:rows] for table in self))
+
+
+def warpers(
+    temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, vocab: int
+) -> Warpers:
+    """Rows' ``Warpers`` from their parameters (``warp``'s).
+
+    Where top-p is off the floor is -1, which no mass is at or below: the
+    nucleus takes nothing from a row without testing which rows have one.
+    """
+    greedy = temperature <= 0.0
+    k = torch.where((top_k > 0) & ~greedy, top_k.clamp(min=1, max=vocab), vocab)
+    floor = torch.where((top_p < 1.0) & ~greedy, 1.0 - top_p, -1.0)
+    return Warpers(
+        _scale(temperature), (vocab - k)[:, None, None], floor[:, None, None], greedy[:, None]
+    )
+
+
 def warp(
     logits: torch.Tensor,
     forced: torch.Tensor,
@@ -297,28 +360,29 @@ def warp(
         top_k: ``[B]`` int64; 0 means off.
         top_p: ``[B]``; 1 means off.
     """
+    return warp_rows(logits, forced, warpers(temperature, top_k, top_p, logits.shape[-1]))
+
+
+def warp_rows(logits: torch.Tensor, forced: torch.Tensor, rows: Warpers) -> torch.Tensor:
+    """``warp``, with the rows' parameters derived beforehand (``warpers``)."""
     vocab = logits.shape[-1]
     scores = logits.float()
     ids = torch.arange(vocab, device=scores.device)
-    others = (forced[..., None] >= 0) & (ids != forced[..., None])
-    scores = scores.masked_fill(others, float("-inf"))
-    greedy = temperature <= 0.0
-    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
-    scores = scores / scale[:, None, None]
+    forced = forced[..., None]
+    scores = scores.masked_fill((forced >= 0) & (ids != forced), float("-inf"))
+    scores = scores / rows.scale
     # One sort serves both warpers. Top-k: scores below the k-th largest go (ties
     # stay), as TopKLogitsWarper; in ascending order they are a prefix, so the
     # sorted scores stay sorted with them set to -inf.
     ascending = torch.sort(scores, dim=-1).values
-    k = torch.where((top_k > 0) & ~greedy, top_k.clamp(min=1, max=vocab), vocab)
-    kth = ascending.gather(-1, (vocab - k)[:, None, None].expand(*scores.shape[:2], 1))
+    kth = ascending.gather(-1, rows.kth.expand(*scores.shape[:2], 1))
     ascending = ascending.masked_fill(ascending < kth, float("-inf"))
     # Top-p: from the least likely up, tokens go while the mass so far is at most
-    # 1 - p; the most likely always stays (TopPLogitsWarper).
+    # 1 - p; the most likely always stays (TopPLogitsWarper). The mass grows, so
+    # the tokens that go are a prefix: its length, at most all but the last.
     mass = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
-    nucleus = ((top_p < 1.0) & ~greedy)[:, None, None]
-    gone = (mass <= (1.0 - top_p)[:, None, None]) & nucleus
-    gone[..., -1] = False
-    threshold = ascending.gather(-1, gone.sum(-1, keepdim=True))
+    gone = (mass <= rows.floor).sum(-1, keepdim=True).clamp(max=vocab - 1)
+    threshold = ascending.gather(-1, gone)
     return scores.masked_fill(scores < torch.maximum(kth, threshold), float("-inf"))
 
 
@@ -368,32 +432,33 @@ def redraw_repeats(
             ``[B, K]`` (``codebook_keys``).
     """
     redrawn = _race(torch.softmax(logits.float(), dim=-1), key)
-    return _replace_repeats(tokens, redrawn, window, max_repeat, excluded)
+    bos, eos = excluded
+    counted = torch.where((window == bos) | (window == eos), -1, window)
+    return _replace_repeats(tokens, redrawn, counted, max_repeat)
+
+
+def counted_window(window: Ints, excluded: tuple[int, int]) -> Ints:
+    """A repetition window ``[..., W, K]`` (on the host) as ``sample_repeat_aware``
+    takes it: the codes never counted as repeats (``excluded``) set to -1."""
+    first, second = excluded
+    return np.where((window == first) | (window == second), -1, window)
 
 
 def _replace_repeats(
-    tokens: torch.Tensor,
-    redrawn: torch.Tensor,
-    window: torch.Tensor,
-    max_repeat: torch.Tensor,
-    excluded: tuple[int, int],
+    tokens: torch.Tensor, redrawn: torch.Tensor, window: torch.Tensor, max_repeat: torch.Tensor
 ) -> torch.Tensor:
-    bos, eos = excluded
-    counted = (window >= 0) & (window != bos) & (window != eos)
-    repeats = ((window == tokens[:, None, :]) & counted).sum(dim=1)
+    # Tokens are never -1: the window's -1s (no code, or not counted) never match.
+    repeats = (window == tokens[:, None, :]).sum(dim=1)
     return torch.where(repeats >= max_repeat[:, None], redrawn, tokens)
 
 
 def sample_repeat_aware(
     logits: torch.Tensor,
     forced: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
+    rows: Warpers,
     key: torch.Tensor,
     window: torch.Tensor,
     max_repeat: torch.Tensor,
-    excluded: tuple[int, int],
     redraw_key: torch.Tensor,
 ) -> torch.Tensor:
     """``redraw_repeats`` of ``sample_warped``'s tokens, the same codes, with the
@@ -401,14 +466,17 @@ def sample_repeat_aware(
     ``2B`` rows instead of two for ``B``: a step launches fewer).
 
     Args:
+        rows: The rows' warpers (``warpers`` of ``warp``'s parameters).
+        window: ``redraw_repeats``' window with the codes not counted set to -1
+            (``counted_window``).
         redraw_key: The redraw's keys (``redraw_repeats``'s ``key``); the rest
             as ``sample_warped``'s and ``redraw_repeats``'.
     """
-    scores = warp(logits, forced, temperature, top_k, top_p)
+    scores = warp_rows(logits, forced, rows)
     both = torch.softmax(torch.cat([scores, logits.float()]), dim=-1)
     drawn, redrawn = _race(both, torch.cat([key, redraw_key])).chunk(2)
-    tokens = torch.where((temperature <= 0.0)[:, None], torch.argmax(scores, dim=-1), drawn)
-    return _replace_repeats(tokens, redrawn, window, max_repeat, excluded)
+    tokens = torch.where(rows.greedy, torch.argmax(scores, dim=-1), drawn)
+    return _replace_repeats(tokens, redrawn, window, max_repeat)
 
 
 def redraw_keys(keys: Ints) -> Ints:

@@ -33,11 +33,14 @@ from wavecast.server.engines.higgs.prompt import SYSTEM, build_prompt
 from wavecast.server.engines.higgs.voices import Scene, Voice
 from wavecast.server.engines.kv import free_memory
 from wavecast.server.engines.sampling import (
+    RowSampling,
+    counted_window,
     redraw_repeats,
     row_keys,
     sample_repeat_aware,
     sample_warped,
     warp,
+    warpers,
 )
 from wavecast.server.engines.testing.higgs import build_tiny_higgs
 from wavecast.server.engines.testing.higgs_reference import HiggsReference
@@ -269,9 +272,23 @@ def test_the_two_draws_together_are_the_two_apart() -> None:
             keys + 7,
         )
         together = sample_repeat_aware(
-            logits, forced, *params, keys, window, repeats, (BOS, EOS), keys + 7
+            logits,
+            forced,
+            warpers(*params, 66),
+            keys,
+            torch.from_numpy(counted_window(window.numpy(), (BOS, EOS))),
+            repeats,
+            keys + 7,
         )
         assert torch.equal(together, apart)
+        # The table's warpers, set row by row, are those of the whole batch.
+        table = RowSampling(rows, "cpu", vocab=66)
+        for row in range(rows):
+            temperature, top_k, top_p = (float(p[row]) for p in params)
+            table.set_row(row, temperature=temperature, top_k=int(top_k), top_p=top_p, seed=row)
+        assert table.warpers is not None
+        for mine, whole in zip(table.warpers, warpers(*params, 66), strict=True):
+            assert torch.equal(mine, whole)
 
 
 def test_sampling_traces_as_one_graph() -> None:
@@ -281,13 +298,15 @@ def test_sampling_traces_as_one_graph() -> None:
         return sample_repeat_aware(
             logits,
             forced,
-            torch.tensor([0.0, 0.7, 1.0]),
-            torch.tensor([0, 50, 5]),
-            torch.tensor([1.0, 0.95, 0.5]),
+            warpers(
+                torch.tensor([0.0, 0.7, 1.0]),
+                torch.tensor([0, 50, 5]),
+                torch.tensor([1.0, 0.95, 0.5]),
+                66,
+            ),
             keys,
             window,
             torch.full((rows,), 2),
-            (BOS, EOS),
             keys + 7,
         )
 

@@ -118,6 +118,21 @@ def test_rows_do_not_depend_on_their_neighbours() -> None:
     for i in range(6):
         alone = sample(logits[i : i + 1], **{k: v[i : i + 1] for k, v in params.items()})
         assert torch.equal(alone[0], together[i])
+    # The table's scales, made as each row is set (as the engines pass them),
+    # draw the same tokens.
+    table = RowSampling(8, "cpu")
+    for row in range(6):
+        table.set_row(
+            row,
+            temperature=float(params["temperature"][row]),
+            top_k=int(params["top_k"][row]),
+            top_p=float(params["top_p"][row]),
+            seed=row,
+        )
+    scale = table.grown(10).scale[:6]
+    assert scale.shape == (6, 1, 1)
+    assert scale.flatten().tolist() == pytest.approx([1.0, 0.7, 1.0, 1.3, 1.0, 0.9])
+    assert torch.equal(sample(logits, **params, scale=scale), together)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

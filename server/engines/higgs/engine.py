@@ -67,6 +67,7 @@ from ..prefill import PrefillBudget, choose, feed
 from ..sampling import (
     RowSampling,
     codebook_keys,
+    counted_window,
     finite_rows,
     redraw_keys,
     sample_repeat_aware,
@@ -243,7 +244,7 @@ class HiggsEngine:
         if cuda_graphs:
             record = self.device.type == "cuda"
             self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
-        self._sampling = RowSampling(1, self.device)
+        self._sampling = RowSampling(1, self.device, vocab=self.decoder.card)
         self._ras_len = np.zeros(1, dtype=np.int64)
         self._ras_max = np.ones(1, dtype=np.int64)
         self._slots: SlotTable[_HiggsJob] = SlotTable(self._grow)
@@ -553,6 +554,7 @@ class HiggsEngine:
             if length and len(u.recent):
                 tail = u.recent[-length:]
                 recent[slot, window - len(tail) :] = tail
+        recent = counted_window(recent, (self.stream_bos, self.stream_eos))
         sampling = self._sampling
         keys = sampling.keys()[:rows]
         overrides = np.zeros(rows, dtype=np.int64)  # rows whose logits come from their prefill
@@ -645,18 +647,10 @@ class HiggsEngine:
         """Every row's codes by its rules (the delay pattern's forced codes,
         temperature, top-k, top-p, repetition-aware redraws) and whether its
         logits were finite: ``[R, K + 1]``."""
-        sampling = self._sampling
+        warpers = self._sampling.warpers
+        assert warpers is not None
         tokens = sample_repeat_aware(
-            logits,
-            parts[2],
-            sampling.temperature[:rows],
-            sampling.top_k[:rows],
-            sampling.top_p[:rows],
-            parts[3],
-            parts[6],
-            parts[5],
-            (self.stream_bos, self.stream_eos),
-            parts[4],
+            logits, parts[2], warpers.head(rows), parts[3], parts[6], parts[5], parts[4]
         )
         finite = finite_rows(logits)
         return torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1)

@@ -233,7 +233,7 @@ class MusicGenEngine:
             self.lm, rows=2, length=self._window_steps, cross_length=16, dtype=dtype
         )
         self._sampling = RowSampling(1, self.device)
-        self._cfg = torch.zeros(1, device=self.device)
+        self._cfg = torch.zeros(1, 1, 1, device=self.device)  # [slots, 1, 1]: as guidance uses it
         self._graphs = None
         self._prefilled = PrefilledLogits(2, self.decoder.codebooks, self.decoder.card, self.device)
         if cuda_graphs:
@@ -506,7 +506,7 @@ class MusicGenEngine:
         old = int(self._cfg.shape[0])
         if count > old:
             self._sampling = self._sampling.grown(count)
-            self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old)])
+            self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old, 1, 1)])
             self._prefilled.grow(2 * count)
         return count
 
@@ -696,13 +696,14 @@ class MusicGenEngine:
         vocabulary, as a graph recorded once for every step does.)"""
         sampling = self._sampling
         cond, uncond = logits[0::2], logits[1::2]
-        guided = uncond + (cond - uncond) * self._cfg[:slots, None, None]
+        guided = uncond + (cond - uncond) * self._cfg[:slots]
         tokens = sample(
             guided,
             sampling.temperature[:slots],
             sampling.top_k[:slots],
             sampling.top_p[:slots],
             keys,
+            scale=sampling.scale[:slots],
             **({} if plan is None else plan.arguments()),
         )
         finite = finite_rows(guided)
