@@ -54,3 +54,57 @@ def test_the_cache_views_follow_the_cache_as_it_grows() -> None:
     assert torch.equal(grown, keys)  # what was stored came along
     kv.step_writer(torch.tensor([5, 5]))(1, 3 * key, value)
     assert torch.equal(kv.layers(4, 8)[1][0][:2, :, 5], 3 * key[:, :, 0])
+
+
+def test_musicgen_codebook_embeddings_sum_as_the_model_does() -> None:
+    from wavecast.server.engines.musicgen.decoder import MusicGenDecoder
+    from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
+
+    lm = build_tiny_musicgen().lm
+    decoder = MusicGenDecoder(lm, rows=2, length=16, cross_length=4, dtype=torch.float32)
+    codes = torch.randint(
+        0, lm.card, (3, lm.num_codebooks, 5), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        theirs = sum(lm.emb[k](codes[:, k]) for k in range(lm.num_codebooks))
+        assert torch.equal(decoder.embed(codes), theirs)
+
+
+def test_musicgen_cross_masks_follow_the_rows_conditions_in_place() -> None:
+    from wavecast.server.engines.musicgen.decoder import MusicGenDecoder
+    from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
+
+    lm = build_tiny_musicgen().lm
+    decoder = MusicGenDecoder(lm, rows=4, length=16, cross_length=6, dtype=torch.float32)
+    dim = decoder.dim
+    with torch.no_grad():
+        decoder.set_conditions([0, 1], torch.randn(2, 6, dim))
+        decoder.set_conditions([2], torch.randn(1, 3, dim))
+        table = decoder._cross_mask(torch.float32)
+        half = decoder._cross_mask(torch.bfloat16)
+        decoder.set_conditions([1], torch.randn(1, 2, dim))  # a row reused: a shorter prompt
+    lengths = decoder.cross_lengths.tolist()
+    assert lengths[:3] == [6, 2, 3]
+    assert decoder._cross_mask(torch.float32) is table  # updated in place
+    for mask in (table, half):
+        for row, length in enumerate(lengths):
+            assert bool((mask[row, 0, 0, :length] == 0).all())
+            assert bool((mask[row, 0, 0, length:] == float("-inf")).all())
+    with torch.no_grad():
+        decoder.set_conditions([3], torch.randn(1, 9, dim))  # the conditions' cache grows
+    grown = decoder._cross_mask(torch.float32)
+    assert grown.shape[-1] == decoder.cross.length >= 9
+    assert bool((grown[3, 0, 0, :9] == 0).all()) and bool(
+        (grown[1, 0, 0, 2:] == float("-inf")).all()
+    )
+
+
+def test_speech_rotary_embedding_is_the_models_bit_for_bit() -> None:
+    from wavecast.server.engines.higgs.decoder import HiggsDecoder
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 1, 16)
+    cos, sin = torch.randn(5, 1, 1, 16), torch.randn(5, 1, 1, 16)
+    rotated = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)  # transformers' rotate_half
+    signed = torch.cat((-sin[..., :8], sin[..., 8:]), dim=-1)  # as the decoder's table holds it
+    assert torch.equal(HiggsDecoder._rotate(x, cos, signed), x * cos + rotated * sin)

@@ -145,8 +145,11 @@ class HiggsDecoder(CacheRows):
         self._final_norm = inner.norm.weight
         self._head = Dense(model.audio_lm_head.weight)
         self._rotary = inner.rotary_emb
+        # The rotary table [L, d]: cosines, and sines with the first half negated
+        # (``_rotate``); and the same as [L, 1, 1, d], for a decode step's rows.
         self._cos = torch.zeros(0, self.head_dim, device=self.device, dtype=self.dtype)
         self._sin = self._cos
+        self._cos_rows, self._sin_rows = self._cos[:, None, None], self._sin[:, None, None]
         self._steps = torch.zeros(0, dtype=torch.int64, device=self.device)  # position indices
         self.kv = StaticKV(
             len(self.layers),
@@ -187,7 +190,9 @@ class HiggsDecoder(CacheRows):
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = self._rotary(probe, positions)
-        self._cos, self._sin = cos[0], sin[0]
+        half = self.head_dim // 2
+        self._cos, self._sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
+        self._cos_rows, self._sin_rows = self._cos[:, None, None], self._sin[:, None, None]
         self._steps = positions[0]
 
     # -- the two phases --------------------------------------------------------------
@@ -294,18 +299,16 @@ class HiggsDecoder(CacheRows):
         # One position per row: the hidden state is ``[R, D]`` all through; the
         # queries and keys are rotated together, as one ``[R, H + H_kv, 1, d]`` view.
         x = self.embed_audio(codes)
-        cos, sin = self._cos[positions][:, None, None], self._sin[positions][:, None, None]
+        cos, sin = self._cos_rows[positions], self._sin_rows[positions]  # [R, 1, 1, d]
         mask = LayerMask((self._steps[:span] <= positions[:, None]).view(rows, 1, 1, span))
         write = self.kv.step_writer(positions)
         attended_self = self.kv.layers(rows, span)
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
-        qk_size = (heads + kv_heads) * d
         for i, layer in enumerate(self.layers):
             audio = layer.audio
-            qkv = layer.qkv.rows(self._rms(x, audio.norm1))
-            qk = qkv[:, :qk_size].view(rows, heads + kv_heads, 1, d)
+            qkv = layer.qkv.rows(self._rms(x, audio.norm1)).view(rows, heads + 2 * kv_heads, 1, d)
+            qk, v = qkv.split((heads + kv_heads, kv_heads), dim=1)
             q, k = self._rotate(qk, cos, sin).split((heads, kv_heads), dim=1)
-            v = qkv[:, qk_size:].view(rows, kv_heads, 1, d)
             write(i, k, v)
             keys, values = attended_self[i]
             attended = F.scaled_dot_product_attention(
@@ -326,9 +329,11 @@ class HiggsDecoder(CacheRows):
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        """The model's ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x)``
+        is ``cat(-x2, x1)`` of ``x``'s halves: here ``cat(x2, x1)`` (a roll) times
+        the sines with their first half negated (the rotary table's): the same
+        products, since a sign flips exactly (four operations, not seven)."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
     def _norm1(self, path: _Path, h: torch.Tensor) -> torch.Tensor:
         return self._rms(h, path.norm1)

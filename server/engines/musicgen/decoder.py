@@ -184,6 +184,11 @@ class MusicGenDecoder(CacheRows):
         self._pos_scale = float(transformer.positional_scale)
         # The sinusoidal positions, scaled, and position indices (masks compare them).
         self._positions = torch.zeros(0, self.dim, device=device, dtype=self._emb.dtype)
+        # The rows' additive cross-attention masks ``[rows, 1, 1, C]`` (0 up to each
+        # row's conditioning length, -inf after), by the queries' dtype: they
+        # change only when a row's conditions are set, which updates them in place
+        # (a recorded step reads the same storage).
+        self._cross_masks: dict[torch.dtype, torch.Tensor] = {}
         self._steps = torch.zeros(0, dtype=torch.int64, device=device)
         n = len(self.layers)
         self.kv = StaticKV(
@@ -245,6 +250,11 @@ class MusicGenDecoder(CacheRows):
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """Summed codebook embeddings of ``[R, K, S]`` codes: ``[R, S, D]``."""
         looked_up = F.embedding(codes + self._emb_offsets, self._emb)  # [R, K, S, D]
+        if looked_up.dtype == torch.float32:
+            # One reduction, which adds the codebooks in order as the model does
+            # (in float32; a 16-bit one rounds once at the end, where the model
+            # rounds after every add).
+            return looked_up.sum(1)
         total = looked_up[:, 0]
         for k in range(1, self.codebooks):
             total = total + looked_up[:, k]
@@ -264,6 +274,30 @@ class MusicGenDecoder(CacheRows):
             k, v = layer.kv(source).split(self.dim, dim=-1)
             self.cross.write(i, index, positions, self._heads(k), self._heads(v))
         self.cross_lengths[index] = max(length, 1)
+        for dtype, table in self._cross_masks.items():
+            if table.shape[0] == self.cross.rows and table.shape[-1] == self.cross.length:
+                table[index] = self._additive_cross(self.cross_lengths[index], dtype)
+
+    def _cross_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """Every row's additive cross-attention mask in ``dtype`` (made anew when
+        the conditions' cache has grown)."""
+        table = self._cross_masks.get(dtype)
+        if (
+            table is None
+            or table.shape[0] != self.cross.rows
+            or table.shape[-1] != self.cross.length
+        ):
+            table = self._additive_cross(self.cross_lengths, dtype)
+            self._cross_masks[dtype] = table
+        return table
+
+    def _additive_cross(self, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[R, 1, 1, C]``: 0 where a row of ``lengths`` attends, -inf elsewhere
+        (what attention makes of the boolean mask, as ``LayerMask``)."""
+        conditions = self.cross.length
+        keep = (self._steps[:conditions] < lengths[:, None]).view(-1, 1, 1, conditions)
+        additive = torch.zeros(keep.shape, dtype=dtype, device=self.device)
+        return additive.masked_fill_(~keep, float("-inf"))
 
     def prefill(
         self,
@@ -340,12 +374,7 @@ class MusicGenDecoder(CacheRows):
         write = self.kv.step_writer(positions)
         attended_self = self.kv.layers(rows, span)
         attended_cross = self.cross.layers(rows)
-        cross_mask = None
-        if self.has_cross:
-            conditions = self.cross.length
-            cross_mask = LayerMask(
-                (steps[:conditions] < self.cross_lengths[:rows, None]).view(rows, 1, 1, conditions)
-            )
+        cross_mask: torch.Tensor | None = None
         heads = (rows, self.heads, 1, self.head_dim)
         same = x.dtype == self.dtype
         for i, layer in enumerate(self.layers):
@@ -364,10 +393,9 @@ class MusicGenDecoder(CacheRows):
                 keys, values = attended_cross[i]
                 if not same:
                     keys, values = keys.to(q.dtype), values.to(q.dtype)
-                assert cross_mask is not None
-                attended = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=cross_mask.for_(q)
-                )
+                if cross_mask is None or cross_mask.dtype != q.dtype:
+                    cross_mask = self._cross_mask(q.dtype)[:rows]
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=cross_mask)
                 h = layer.cross_out.rows(attended.reshape(rows, self.dim))
                 x = x + (h if layer.scale_cross is None else layer.scale_cross(h))
             h = layer.ff2.rows(layer.activation(layer.ff1.rows(layer.norm2(x))))
