@@ -161,6 +161,8 @@ class RowSampling:
         self.wants = np.zeros(rows, dtype=np.int64)
         self.nucleus = np.zeros(rows, dtype=bool)
         self.greedy = np.zeros(rows, dtype=bool)
+        # ``plan``'s answers until a row is set (a batch asks the same every step).
+        self._plans: dict[tuple[bytes, int], DrawPlan] = {}
 
     def set_row(
         self, row: int, *, temperature: float, top_k: int, top_p: float, seed: int, step: int = 0
@@ -177,6 +179,7 @@ class RowSampling:
                 table[one] = value
         self.seed[row] = seed
         self.step[row] = step
+        self._plans.clear()
         self.wants[row] = 1 if temperature <= 0 else -1 if top_p > 0 or top_k <= 0 else top_k
         self.nucleus[row] = temperature > 0 and top_p > 0
         self.greedy[row] = temperature <= 0
@@ -200,6 +203,15 @@ class RowSampling:
     def plan(self, rows: npt.NDArray[np.bool_], vocab: int) -> DrawPlan:
         """What a draw of the ``rows`` flagged (the first ``len(rows)`` of the
         table; the others' draws are not used) needs."""
+        key = (rows.tobytes(), vocab)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 64:  # (bounded: the row sets a crowd goes through)
+                self._plans.clear()
+            plan = self._plans[key] = self._plan(rows, vocab)
+        return plan
+
+    def _plan(self, rows: npt.NDArray[np.bool_], vocab: int) -> DrawPlan:
         count = len(rows)
         wants = self.wants[:count][rows]
         candidates = candidates_for(wants, vocab)
