@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from bench_stream import machine
@@ -81,6 +82,59 @@ def timed(call: Callable[[], object], runs: int, device: str) -> tuple[float, fl
     return times[0], min(times[1:])
 
 
+def describe(op: Any, x: torch.Tensor) -> str:
+    """A layer as a row of ``--layers``: its kind, weights' shape and input."""
+    kind = type(op).__name__.lstrip("_")
+    module = getattr(op, "conv", None) or getattr(op, "lstm", None) or getattr(op, "fn", None)
+    if module is not None and kind == "Pointwise":
+        kind = type(module).__name__
+    weight = getattr(module, "weight", None)
+    shape = "" if weight is None else " " + "x".join(str(n) for n in weight.shape)
+    return f"{kind}{shape} on {'x'.join(str(n) for n in x.shape)}"
+
+
+def layer_times(inc: Any, call: Callable[[], object], runs: int) -> list[tuple[str, int, float]]:
+    """Seconds of one ``call`` in each kind of layer (summed over the layers of
+    one description, and how many there are; the least of ``runs`` calls each),
+    and the rest (residual joins, the embedding), slowest first."""
+    spent: dict[str, list[float]] = {}
+    count: dict[str, set[int]] = {}  # the layers of each description
+    wrapped = []
+    for op in inc._ops:  # the chain's layers, in order
+        if type(op).__name__ in ("_Chain", "_Residual"):
+            continue
+
+        def run(x: torch.Tensor, state: Any, final: bool, op: Any = op, inner: Any = op.run) -> Any:
+            began = time.perf_counter()
+            y = inner(x, state, final)
+            name = describe(op, x)
+            spent.setdefault(name, [0.0])[-1] += time.perf_counter() - began
+            count.setdefault(name, set()).add(id(op))
+            return y
+
+        op.run = run
+        wrapped.append(op)
+    try:
+        call()
+        totals = []
+        for _ in range(runs):
+            for times in spent.values():
+                times.append(0.0)
+            began = time.perf_counter()
+            call()
+            totals.append(time.perf_counter() - began)
+    finally:
+        for op in wrapped:
+            del op.run
+    rows = sorted(
+        ((name, len(count[name]), min(times[1:])) for name, times in spent.items()),
+        key=lambda r: -r[2],
+    )
+    rest = min(totals) - sum(t for _, _, t in rows)
+    rows.append(("the rest (residual joins, the embedding)", 0, rest))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--codecs", nargs="+", default=["encodec", "dac"], choices=GEOMETRY)
@@ -89,7 +143,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="the incremental decoder's time by layer instead, for each streams x frames",
+    )
     args = parser.parse_args()
+    if args.layers:
+        layers(args)
+        return
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     like = torch.zeros((), device=args.device)
@@ -130,6 +192,33 @@ def main() -> None:
                 )
     print()
     print("\n".join(notes))
+
+
+def layers(args: argparse.Namespace) -> None:
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
+    like = torch.zeros((), device=args.device)
+    print("### codec decode by layer: incremental\n")
+    print(f"- machine: {machine(args.device)}, {args.threads} torch thread(s)")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls per layer\n")
+    for name in args.codecs:
+        model, _ = build(name, args.device)
+        codebooks, card, _, _ = GEOMETRY[name]
+        inc = incremental(model)
+        assert inc is not None, name
+        for streams in args.streams:
+            steady = steady_decode(inc, like, streams, codebooks)
+            for frames in args.frames:
+                new = torch.randint(0, card, (streams, codebooks, frames), device=args.device)
+                rows = layer_times(inc, partial(steady, new), args.runs)
+                total = sum(t for _, _, t in rows)
+                print(f"{name}, {streams} streams x {frames} new frames: {total * 1e3:.2f} ms\n")
+                print("| layer (weights on input) | layers | ms, all of them | share |")
+                print("| --- | --- | --- | --- |")
+                for layer, n, t in rows:
+                    print(f"| {layer} | {n or ''} | {t * 1e3:.2f} | {t / total:.0%} |")
+                print()
 
 
 if __name__ == "__main__":
