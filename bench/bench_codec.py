@@ -135,6 +135,18 @@ def layer_times(inc: Any, call: Callable[[], object], runs: int) -> list[tuple[s
     return rows
 
 
+def begin(args: argparse.Namespace, title: str, runs: str) -> torch.Tensor:
+    """Set torch up for the runs and print the section's heading; a tensor of
+    the device (``like``)."""
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
+    print(f"### {title}\n")
+    print(f"- machine: {machine(args.device)}, {args.threads} torch thread(s)")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} {runs}\n")
+    return torch.zeros((), device=args.device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--codecs", nargs="+", default=["encodec", "dac"], choices=GEOMETRY)
@@ -152,13 +164,7 @@ def main() -> None:
     if args.layers:
         layers(args)
         return
-    torch.set_grad_enabled(False)
-    torch.set_num_threads(args.threads)
-    like = torch.zeros((), device=args.device)
-    print("### codec decode per chunk: windows and incremental\n")
-    print(f"- machine: {machine(args.device)}, {args.threads} torch thread(s)")
-    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
-    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} timings\n")
+    like = begin(args, "codec decode per chunk: windows and incremental", "timings")
     print(
         "| codec | streams x new frames | window | incremental (its shape's first call) "
         "| per frame: both |"
@@ -195,13 +201,7 @@ def main() -> None:
 
 
 def layers(args: argparse.Namespace) -> None:
-    torch.set_grad_enabled(False)
-    torch.set_num_threads(args.threads)
-    like = torch.zeros((), device=args.device)
-    print("### codec decode by layer: incremental\n")
-    print(f"- machine: {machine(args.device)}, {args.threads} torch thread(s)")
-    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
-    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls per layer\n")
+    like = begin(args, "codec decode by layer: incremental", "calls per layer")
     for name in args.codecs:
         model, _ = build(name, args.device)
         codebooks, card, _, _ = GEOMETRY[name]
