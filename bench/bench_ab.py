@@ -5,6 +5,10 @@ two benchmark runs a minute apart compare the minutes, not the code. Here each
 revision's engine is loaded once, in its own process, and they take turns: the
 same N fresh requests stepped ``--steps`` times, one revision then the other
 (then the other way round), ``--rounds`` times; the medians and the ratio.
+Two processes of the same code can differ by several percent for as long as they
+live (where their memory landed, what the allocator and the convolution library
+chose): ``--launches N`` starts N fresh pairs one after the other and gives each
+pair's ratio beside the ratio of all their turns' medians.
 With ``--first-audio``, each turn is a crowd's start instead: N fresh requests
 prepared at once and stepped until each has its first audio; the median stream's
 time to it (``--varied-texts``: speech requests speak texts of different lengths).
@@ -98,8 +102,10 @@ def start(package_root: Path | None, args: argparse.Namespace, streams: int) -> 
         str(args.threads),
         *(["--varied-texts"] if args.varied_texts else []),
     ]
+    cpus = None if args.cpu is None else {args.cpu}
     process = subprocess.Popen(
         command,
+        preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -149,6 +155,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--cpu",
+        type=int,
+        help="run both sides on this core only (the machine's cores may not run alike)",
+    )
+    parser.add_argument(
+        "--launches", type=int, default=1, help="fresh pairs of processes, one after the other"
+    )
+    parser.add_argument(
         "--first-audio",
         action="store_true",
         help="time a crowd's start (the median stream's first audio), not steady steps",
@@ -177,7 +191,10 @@ def main() -> None:
             # The package is imported as ``wavecast``: a folder holding a link of that name.
             (Path(tmp) / "root").mkdir()
             (Path(tmp) / "root" / "wavecast").symlink_to(tree)
-            rows = [(n, *compare(Path(tmp) / "root", args, n)) for n in args.streams]
+            rows = [
+                (n, [compare(Path(tmp) / "root", args, n) for _ in range(args.launches)])
+                for n in args.streams
+            ]
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
     what = "a crowd's first audio" if args.first_audio else "engine step"
@@ -186,16 +203,24 @@ def main() -> None:
     print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
     turns = "crowds started" if args.first_audio else f"{args.steps} steps"
+    launches = f" in each of {args.launches} pairs of processes" if args.launches > 1 else ""
     print(
         f"- date: {time.strftime('%Y-%m-%d')}; {args.rounds} turns each of {turns}, "
-        "alternating; median (least)\n"
+        f"alternating{launches}; median (least) of all turns\n"
     )
     unit = "ms to the median stream's first audio" if args.first_audio else "ms per step"
-    print(f"| streams | {revision}: {unit} | tree: {unit} | tree / {revision} |")
-    print("| --- | --- | --- | --- |")
-    for n, old, new in rows:
+    each = " | each pair's" if args.launches > 1 else ""
+    print(f"| streams | {revision}: {unit} | tree: {unit} | tree / {revision}{each} |")
+    print("| --- | --- | --- | --- |" + (" --- |" if each else ""))
+    for n, pairs in rows:
+        old = [t for rev, _ in pairs for t in rev]
+        new = [t for _, tree in pairs for t in tree]
         a, b = statistics.median(old), statistics.median(new)
-        print(f"| {n} | {a:.3f} ({min(old):.3f}) | {b:.3f} ({min(new):.3f}) | {b / a:.2f} |")
+        line = f"| {n} | {a:.3f} ({min(old):.3f}) | {b:.3f} ({min(new):.3f}) | {b / a:.2f} |"
+        if each:
+            ratios = [statistics.median(tree) / statistics.median(rev) for rev, tree in pairs]
+            line += " " + ", ".join(f"{r:.2f}" for r in ratios) + " |"
+        print(line)
 
 
 if __name__ == "__main__":
