@@ -22,6 +22,7 @@ __all__ = [
     "CacheRows",
     "LayerMask",
     "StaticKV",
+    "additive_mask",
     "check_room",
     "free_memory",
     "reserving",
@@ -108,10 +109,14 @@ class LayerMask:
     def for_(self, q: torch.Tensor) -> torch.Tensor:
         additive = self._additive
         if additive is None or additive.dtype != q.dtype:
-            additive = torch.zeros(self.keep.shape, dtype=q.dtype, device=self.keep.device)
-            additive.masked_fill_(~self.keep, float("-inf"))
-            self._additive = additive
+            additive = self._additive = additive_mask(self.keep, q.dtype)
         return additive
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What attention makes of a boolean mask: 0 where ``keep``, -inf elsewhere."""
+    additive = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return additive.masked_fill_(~keep, float("-inf"))
 
 
 class StaticKV:

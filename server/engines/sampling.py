@@ -171,8 +171,9 @@ class RowSampling:
         self.top_k[row] = top_k
         self.top_p[row] = top_p
         one = slice(row, row + 1)
-        self.scale[one] = _scale(self.temperature[one])
-        if self.warpers is not None:
+        if self.warpers is None:
+            self.scale[one] = _scale(self.temperature[one])
+        else:  # (its scale is ``self.scale``)
             assert self.vocab is not None
             derived = warpers(self.temperature[one], self.top_k[one], self.top_p[one], self.vocab)
             for table, value in zip(self.warpers, derived, strict=True):
@@ -191,8 +192,8 @@ class RowSampling:
         for name in ("temperature", "top_k", "top_p", "scale"):
             getattr(bigger, name)[:old] = getattr(self, name)
         if self.warpers is not None and bigger.warpers is not None:
-            for mine, theirs in zip(self.warpers, bigger.warpers, strict=True):
-                theirs[:old] = mine
+            for name in ("kth", "floor", "greedy"):  # (the scale came with ``scale``)
+                getattr(bigger.warpers, name)[:old] = getattr(self.warpers, name)
         for name in ("seed", "step", "wants", "nucleus", "greedy"):
             getattr(bigger, name)[:old] = getattr(self, name)
         return bigger

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..dense import Dense
-from ..kv import CacheRows, LayerMask, StaticKV
+from ..kv import CacheRows, LayerMask, StaticKV, additive_mask
 from ..prefill import last_own, ragged
 
 __all__ = ["MusicGenDecoder"]
@@ -275,29 +275,26 @@ class MusicGenDecoder(CacheRows):
             self.cross.write(i, index, positions, self._heads(k), self._heads(v))
         self.cross_lengths[index] = max(length, 1)
         for dtype, table in self._cross_masks.items():
-            if table.shape[0] == self.cross.rows and table.shape[-1] == self.cross.length:
+            if self._fits_cross(table):
                 table[index] = self._additive_cross(self.cross_lengths[index], dtype)
 
     def _cross_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Every row's additive cross-attention mask in ``dtype`` (made anew when
         the conditions' cache has grown)."""
         table = self._cross_masks.get(dtype)
-        if (
-            table is None
-            or table.shape[0] != self.cross.rows
-            or table.shape[-1] != self.cross.length
-        ):
-            table = self._additive_cross(self.cross_lengths, dtype)
-            self._cross_masks[dtype] = table
+        if table is None or not self._fits_cross(table):
+            table = self._cross_masks[dtype] = self._additive_cross(self.cross_lengths, dtype)
         return table
 
+    def _fits_cross(self, table: torch.Tensor) -> bool:
+        rows, conditions = int(table.shape[0]), int(table.shape[-1])
+        return rows == self.cross.rows and conditions == self.cross.length
+
     def _additive_cross(self, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``[R, 1, 1, C]``: 0 where a row of ``lengths`` attends, -inf elsewhere
-        (what attention makes of the boolean mask, as ``LayerMask``)."""
+        """``[R, 1, 1, C]``: 0 where a row of ``lengths`` attends, -inf elsewhere."""
         conditions = self.cross.length
         keep = (self._steps[:conditions] < lengths[:, None]).view(-1, 1, 1, conditions)
-        additive = torch.zeros(keep.shape, dtype=dtype, device=self.device)
-        return additive.masked_fill_(~keep, float("-inf"))
+        return additive_mask(keep, dtype)
 
     def prefill(
         self,
