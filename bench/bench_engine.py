@@ -28,6 +28,7 @@ Prints a Markdown section for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -259,7 +260,19 @@ def load(
             prefill_budget_ms=prefill_budget_ms,
         )
     engine.warm_up()
+    freeze_heap()
     return engine
+
+
+def freeze_heap() -> None:
+    """As the server does once its models are warmed up: what is alive now stays
+    out of the garbage collector's walk (a full collection over the loaded
+    libraries and models would stall one step for ~300 ms on a CPU core, and a
+    benchmark's longest step would be the collector's). What an earlier call
+    froze is walked again first, so an engine dropped since is collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def main() -> None:
@@ -320,6 +333,7 @@ def main() -> None:
         "i-th request the (r + i)-th), not all the same one",
     )
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     torch.set_grad_enabled(False)
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
     torch.set_num_threads(threads)
@@ -340,17 +354,6 @@ def main() -> None:
     resident = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
     if not args.cold:
         run(engine, max(args.streams), min(args.duration, 1.0), device)  # warm up
-    results = {}
-    for n in args.streams:
-        runs = [
-            run(engine, n, args.duration, device, args.stagger, r if args.varied_texts else None)
-            for r in range(args.runs)
-        ]
-        results[n] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        model = getattr(engine, "model", None)
-        if args.baseline and engine.info.family == "musicgen" and model is not None:
-            walls = baseline(model, MUSIC, args.duration, args.runs, device, batch=n)
-            results[n]["baseline"] = n * args.duration / statistics.median(walls)
     path = " (reference path: each request alone)" if args.reference else ""
     path += " (decode step as CUDA graphs)" if args.cuda_graphs else ""
     path += f" (one request joining every {args.stagger} steps)" if args.stagger else ""
@@ -365,8 +368,8 @@ def main() -> None:
     graphs = getattr(engine, "_graphs", None)
     if graphs is not None:
         print(
-            f"- decode step shapes ready: {len(graphs)}; CUDA graphs recorded in all: "
-            f"{graphs.recorded}, dropped {graphs.dropped} times"
+            f"- decode step shapes ready: {len(graphs)}; CUDA graphs recorded at load "
+            f"and warm-up: {graphs.recorded}"
         )
     streams = getattr(engine, "codec_streams", None)
     mode = "windows" if streams is None or streams.incremental is None else "incremental"
@@ -376,9 +379,9 @@ def main() -> None:
         print(f"- GPU memory after warm-up: {resident:.2f} GiB")
     print()
     memory = " GPU memory (peak) |" if device.startswith("cuda") else ""
-    versus = ""
-    if "baseline" in results[args.streams[0]]:
-        versus = " audiocraft `generate`, same batch |"
+    model = getattr(engine, "model", None)
+    with_baseline = args.baseline and engine.info.family == "musicgen" and model is not None
+    versus = " audiocraft `generate`, same batch |" if with_baseline else ""
     print(
         "| streams | time to first audio, its step "
         "| ms per step (longest; where streams end; where none starts or ends) "
@@ -388,8 +391,20 @@ def main() -> None:
     )
     extra = (" --- |" if memory else "") + (" --- |" if versus else "")
     print("| --- | --- | --- | --- | --- | --- | --- |" + extra)
-    one = results.get(1)
-    for n, r in results.items():
+    # Each row as soon as it is measured: a run stopped at a time limit (a lent
+    # device's) keeps the rows before it.
+    one = None
+    for n in args.streams:
+        runs = [
+            run(engine, n, args.duration, device, args.stagger, r if args.varied_texts else None)
+            for r in range(args.runs)
+        ]
+        r = {key: statistics.median(each[key] for each in runs) for key in runs[0]}
+        if with_baseline:
+            walls = baseline(model, MUSIC, args.duration, args.runs, device, batch=n)
+            r["baseline"] = n * args.duration / statistics.median(walls)
+        if n == 1:
+            one = r
         ratio = f" ({r['rtf'] / one['rtf']:.2f}x one stream)" if one and n != 1 else ""
         ttfa = f"{r['ttfa'] * 1000:.0f} ms"
         if one and n != 1:
@@ -405,6 +420,11 @@ def main() -> None:
             f"({r['longest'] * 1000:.1f}; {r['ending'] * 1000:.1f}; {r['steady'] * 1000:.1f}) "
             f"| x{r['slowest']:.2f} "
             f"| x{r['rtf']:.2f}{ratio} | {parts} | {calls} |{peak}"
+        )
+    if graphs is not None:
+        print(
+            f"\nCUDA graphs recorded in all: {graphs.recorded}; every graph dropped "
+            f"{graphs.dropped} times (the cache grew)"
         )
 
 
