@@ -194,15 +194,17 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 Run = dict[str, float]
+Crowd = tuple[list[Run], float]  # a crowd's runs and its wall time
 
 
 async def measure_server(
     args: argparse.Namespace, run: Callable[[str, int], Awaitable[Run]]
-) -> tuple[list[Run], dict[int, tuple[list[Run], float]]]:
+) -> tuple[list[Run], dict[int, list[Crowd]]]:
     """Start ``wavecast serve``; ``run(url, -1)`` warms it up, then ``args.runs``
-    runs one after another, then ``k`` at once for each ``k`` in ``args.concurrency``
-    (the ``i``-th starting ``i * args.stagger_ms`` ms after the first, if given)."""
-    conc: dict[int, tuple[list[Run], float]] = {}
+    runs one after another, then ``args.crowds`` rounds of ``k`` at once for each
+    ``k`` in ``args.concurrency``, the counts taking turns (the ``i``-th client of a
+    crowd starting ``i * args.stagger_ms`` ms after the first, if given)."""
+    conc: dict[int, list[Crowd]] = {k: [] for k in args.concurrency}
     apart = args.stagger_ms / 1000
 
     async def later(url: str, index: int) -> Run:
@@ -215,10 +217,11 @@ async def measure_server(
             await run(url, -1)
             before = thread_cpu(process.pid)
             seq = [await run(url, index) for index in range(args.runs)]
-            for k in args.concurrency:
-                start = time.perf_counter()
-                results = await asyncio.gather(*(later(url, index) for index in range(k)))
-                conc[k] = (list(results), time.perf_counter() - start)
+            for _ in range(args.crowds):
+                for k in args.concurrency:
+                    start = time.perf_counter()
+                    results = await asyncio.gather(*(later(url, index) for index in range(k)))
+                    conc[k].append((list(results), time.perf_counter() - start))
             after = thread_cpu(process.pid)
             args.server_cpu = (after[0] - before[0], after[1] - before[1])
         finally:
@@ -252,7 +255,7 @@ def report(
     base: list[float],
     audio_seconds: float,
     single: tuple[str, list[Run]],
-    conc: dict[int, tuple[list[Run], float]],
+    conc: dict[int, list[Crowd]],
     server_threads: int = 0,
     server_cpu: tuple[float, float] | None = None,
 ) -> None:
@@ -269,7 +272,15 @@ def report(
         + (" (its default: one core is left to the network)" if not server_threads else "")
     )
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
-    print(f"- date: {time.strftime('%Y-%m-%d')}\n")
+    crowds = len(next(iter(conc.values()), []))
+    print(f"- date: {time.strftime('%Y-%m-%d')}")
+    if crowds > 1:
+        print(
+            f"- each concurrent row: {crowds} crowds, the counts taking turns; the median "
+            "crowd's first audio (its median stream's) and aggregate, the slowest stream "
+            "and latest first audio of all"
+        )
+    print()
     print("| path | time to first audio | wall | real-time factor |")
     print("| --- | --- | --- | --- |")
     print(
@@ -281,14 +292,19 @@ def report(
         f"{med(r['wall'] for r in seq):.3f} s | x{seq_rtf:.2f} |"
     )
     seq_ttfa = med(r["ttfa"] for r in seq)
-    for k, (results, wall) in conc.items():
-        total = sum(r["audio"] for r in results)
-        ttfa = med(r["ttfa"] for r in results)
+    for k, crowds in conc.items():
+        # Each crowd's median stream's first audio and its aggregate; the median
+        # crowd's of both (the slowest stream and the latest first audio: of all).
+        ttfa = med(med(r["ttfa"] for r in results) for results, _ in crowds)
+        latest = max(r["ttfa"] for results, _ in crowds for r in results)
+        slowest = min(r["rtf"] for results, _ in crowds for r in results)
+        aggregate = med(sum(r["audio"] for r in results) / wall for results, wall in crowds)
+        wall = med(wall for _, wall in crowds)
         print(
             f"| wavecast, {k} concurrent | {ttfa * 1000:.0f} ms ({ttfa / seq_ttfa:.1f}x one "
-            f"stream's; max {max(r['ttfa'] for r in results) * 1000:.0f} ms) | {wall:.3f} s | "
-            f"x{min(r['rtf'] for r in results):.2f} per stream (slowest), "
-            f"x{total / wall:.2f} aggregate ({total / wall / seq_rtf:.2f}x one stream) |"
+            f"stream's; max {latest * 1000:.0f} ms) | {wall:.3f} s | "
+            f"x{slowest:.2f} per stream (slowest), "
+            f"x{aggregate:.2f} aggregate ({aggregate / seq_rtf:.2f}x one stream) |"
         )
     print(f"\nwavecast / {baseline_names[1]} real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
     if server_cpu is not None:
@@ -307,6 +323,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--codec-windows", action="store_true", help="the server's --codec-windows (to compare)"
+    )
+    parser.add_argument(
+        "--crowds",
+        type=int,
+        default=3,
+        help="each concurrency's crowd this many times, the counts taking turns "
+        "(medians over them)",
     )
     parser.add_argument(
         "--stagger-ms",

@@ -22,7 +22,15 @@ import time
 from typing import Any
 
 import torch
-from bench_stream import add_server_arguments, measure_server, report, speech_text, sync, timed
+from bench_stream import (
+    Crowd,
+    add_server_arguments,
+    measure_server,
+    report,
+    speech_text,
+    sync,
+    timed,
+)
 from transformers import GenerationConfig
 
 from wavecast.clients import connect
@@ -136,7 +144,7 @@ async def bench(args: argparse.Namespace) -> None:
     # Random weights speak until max_new_tokens in every chunk.
     audio_seconds = chunks * (args.max_new_tokens - engine.num_codebooks) / engine.frame_rate
     base = baseline(engine, args, device)
-    conc: dict[int, tuple[list[dict[str, float]], float]] = {}
+    conc: dict[int, list[Crowd]] = {}
     if args.engine_only:
         engine_run(engine, args, 0)  # warm-up
         seq = [engine_run(engine, args, seed) for seed in range(args.runs)]
