@@ -166,9 +166,11 @@ def test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(windowed: Any) -
 
 
 def test_a_request_that_fails_alone_ends_alone(windowed: Any, monkeypatch: Any) -> None:
-    """b's rows turn NaN (as an overflow leaves them), c's bookkeeping raises: each
-    ends with its own error, a goes on as if alone, and d, taking b's row after it,
-    is not poisoned by what b left there."""
+    """b's rows turn NaN (as an overflow leaves them: its cache and its
+    conditions' keys and values), c's bookkeeping raises: each ends with its own
+    error, a goes on as if alone, and d, taking b's row after it with a shorter
+    prompt, is not poisoned by what b left there (a masked position's NaN value
+    still makes NaN in attention)."""
     _, engine = windowed
     alone = {rid: drive(engine, {0: [(rid, make(engine, rid))]})[0][rid] for rid in "ad"}
     advance = engine._advance
@@ -180,6 +182,7 @@ def test_a_request_that_fails_alone_ends_alone(windowed: Any, monkeypatch: Any) 
 
     monkeypatch.setattr(engine, "_advance", faulty)
     slots: dict[str, int] = {}
+    own_b: list[int] = []
 
     def inject(step: int, runs: dict[str, Run]) -> None:
         for rid, run in runs.items():
@@ -189,6 +192,10 @@ def test_a_request_that_fails_alone_ends_alone(windowed: Any, monkeypatch: Any) 
             rows = slice(2 * slots["b"], 2 * slots["b"] + 2)
             engine.decoder.kv.k[:, rows] = float("nan")
             engine.decoder.kv.v[:, rows] = float("nan")
+            own = int(engine.decoder.cross_lengths[rows].max())
+            own_b.append(own)
+            engine.decoder.cross.k[:, rows, :, :own] = float("nan")
+            engine.decoder.cross.v[:, rows, :, :own] = float("nan")
 
     runs, _ = drive(
         engine,
@@ -204,6 +211,8 @@ def test_a_request_that_fails_alone_ends_alone(windowed: Any, monkeypatch: Any) 
     assert isinstance(runs["c"].error, InternalError)
     assert runs["c"].job.state is None and len(runs["c"].logits) == 13
     assert slots["d"] == slots["b"]
+    d_row = 2 * slots["d"]
+    assert int(engine.decoder.cross_lengths[d_row]) < own_b[0]  # b's NaN lay past d's
     for rid in "ad":
         assert runs[rid].error is None
         assert torch.equal(codes(engine, runs[rid]), codes(engine, alone[rid])), rid

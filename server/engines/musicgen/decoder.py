@@ -218,6 +218,13 @@ class MusicGenDecoder(CacheRows):
         """``[rows]``: how many conditioning positions each row attends to."""
         return self.cross.lengths
 
+    def clear(self, rows: list[int]) -> None:
+        """Zero ``rows``' keys and values, their own and their conditions' (a failed
+        request's, before its rows are reused: a NaN it left at a position that the
+        next request masks still reaches it, as a masked value times a zero weight)."""
+        self.kv.clear(rows)
+        self.cross.clear(rows)
+
     def ensure(self, *, rows: int = 0, length: int = 0, cross_length: int = 0) -> None:
         """Room for ``rows`` rows, ``length`` positions and ``cross_length`` conditions."""
         self.kv.grow(rows=rows, length=length + 1)

@@ -511,10 +511,11 @@ class MusicGenEngine:
         return count
 
     def _clear_rows(self, st: _MusicGenJob) -> None:
-        """Zero a failed request's cache rows: what it left there (NaN, say) must
-        not reach the slot's next request through a masked position."""
+        """Zero a failed request's rows (its cache and its conditions' keys and
+        values): what it left there (NaN, say) must not reach the slot's next
+        request through a masked position."""
         if st.slot is not None and self._slots.holds(st, st.slot):
-            self.decoder.kv.clear([2 * st.slot, 2 * st.slot + 1])
+            self.decoder.clear([2 * st.slot, 2 * st.slot + 1])
 
     def _release_slot(self, st: _MusicGenJob) -> None:
         self._slots.release(st, st.slot)
