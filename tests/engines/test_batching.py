@@ -220,6 +220,46 @@ def test_a_request_that_fails_alone_ends_alone(windowed: Any, monkeypatch: Any) 
         assert streamed.shape == solo.shape and np.abs(streamed - solo).max() <= 1e-5
 
 
+@pytest.mark.parametrize("part", ["descriptions", "conditions"])
+def test_a_crowd_whose_first_step_fails_for_one_fails_only_it(
+    windowed: Any, monkeypatch: Any, part: str
+) -> None:
+    """A crowd's descriptions are encoded in one call, and its conditions' keys
+    and values loaded in one; where one request (b, the long prompt) makes that
+    call fail, each goes again alone: b ends with an error, a and c run as alone."""
+    _, engine = windowed
+    alone = {rid: drive(engine, {0: [(rid, make(engine, rid))]})[0][rid] for rid in "ac"}
+    calls: list[int] = []  # requests in each call
+    if part == "descriptions":
+        together = engine.conditioning.together
+
+        def encode(attributes: list[Any]) -> Any:
+            calls.append(len(attributes))
+            if any("ambient" in (a.text.get("description") or "") for a in attributes):
+                raise RuntimeError("the text encoder failed on this description")
+            return together(attributes)
+
+        monkeypatch.setattr(engine.conditioning, "together", encode)
+    else:
+        set_conditions = engine.decoder.set_conditions
+
+        def load(rows: list[int], source: Any, lengths: Any = None) -> None:
+            calls.append(len(rows) // 2)
+            if source is not None and source.shape[1] > 20:  # b's description, padded to or not
+                raise RuntimeError("the conditions' projection failed")
+            set_conditions(rows, source, lengths)
+
+        monkeypatch.setattr(engine.decoder, "set_conditions", load)
+    runs, _ = drive(engine, {0: [(rid, make(engine, rid)) for rid in "abc"]})
+    assert calls == [3, 1, 1, 1]  # together, then each alone
+    assert isinstance(runs["b"].error, InternalError) and not runs["b"].audio
+    for rid in "ac":
+        assert runs[rid].error is None
+        assert torch.equal(codes(engine, runs[rid]), codes(engine, alone[rid])), rid
+        pairs = zip(runs[rid].logits, alone[rid].logits, strict=True)
+        assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5
+
+
 def test_a_bad_codec_window_fails_its_stream_only(windowed: Any) -> None:
     """c's windows hold codes the codec cannot decode: the batched decode falls back
     to each window alone, c ends with an error, a's audio is untouched."""

@@ -90,6 +90,13 @@ def test_musicgen_cross_masks_follow_the_rows_conditions_in_place() -> None:
         for row, length in enumerate(lengths):
             assert bool((mask[row, 0, 0, :length] == 0).all())
             assert bool((mask[row, 0, 0, length:] == float("-inf")).all())
+    with torch.no_grad():  # two requests' conditions in one call, padded to the longer
+        decoder.set_conditions([0, 2], torch.randn(2, 5, dim), lengths=[5, 1])
+    assert decoder.cross_lengths.tolist()[:3] == [5, 2, 1]
+    assert decoder._cross_mask(torch.float32) is table
+    assert bool((table[2, 0, 0, 1:] == float("-inf")).all()) and bool(
+        (table[0, 0, 0, :5] == 0).all()
+    )
     with torch.no_grad():
         decoder.set_conditions([3], torch.randn(1, 9, dim))  # the conditions' cache grows
     grown = decoder._cross_mask(torch.float32)
@@ -97,6 +104,32 @@ def test_musicgen_cross_masks_follow_the_rows_conditions_in_place() -> None:
     assert bool((grown[3, 0, 0, :9] == 0).all()) and bool(
         (grown[1, 0, 0, 2:] == float("-inf")).all()
     )
+
+
+@pytest.mark.parametrize("pattern", ["delay", "unroll"])
+def test_musicgen_window_starts_where_audiocraft_starts_it(pattern: str) -> None:
+    """A window's first step (its prompt's length as timesteps), read from the
+    window layout instead of walking audiocraft's pattern, for every prompt."""
+    from audiocraft.modules.codebooks_patterns import (
+        DelayedPatternProvider,
+        UnrolledPatternProvider,
+    )
+
+    from wavecast.server.engines.musicgen.windows import Windows
+    from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
+
+    lm = build_tiny_musicgen().lm
+    k = lm.num_codebooks
+    if pattern == "unroll":
+        lm.pattern_provider = UnrolledPatternProvider(k)
+    assert isinstance(lm.pattern_provider, DelayedPatternProvider | UnrolledPatternProvider)
+    windows = Windows(lm, window=1.0, frame_rate=50)
+    for gen_len in (1, 7, 50):
+        pattern_of = lm.pattern_provider.get_pattern(gen_len)
+        for prompt_len in range(gen_len):
+            prompt = torch.zeros(1, k, prompt_len, dtype=torch.long).numpy() if prompt_len else None
+            window = windows.start(gen_len / 50, 0, prompt)
+            assert window.start_offset == pattern_of.get_first_step_with_timesteps(prompt_len)
 
 
 def test_speech_rotary_embedding_is_the_models_bit_for_bit() -> None:

@@ -126,11 +126,13 @@ class Conditioning:
             tokenized = self.provider.tokenize(attributes + null)
             conditions = self.provider(tokenized)
         count = len(attributes)
-        empty = len(tokenizer("")["input_ids"])
+        # Each text's length in tokens, alone (one call of the tokenizer for all).
+        texts = [attribute.text.get("description") or "" for attribute in attributes]
+        tokens = [len(ids) for ids in tokenizer([*texts, ""])["input_ids"]]
+        empty = tokens.pop()
         result = []
-        for i, attribute in enumerate(attributes):
-            text = attribute.text.get("description") or ""
-            length = max(empty, len(tokenizer(text)["input_ids"]))
+        for i, own in enumerate(tokens):
+            length = max(empty, own)
             rows = [i, count + i]
             result.append(
                 {

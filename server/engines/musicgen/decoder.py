@@ -267,8 +267,16 @@ class MusicGenDecoder(CacheRows):
             total = total + looked_up[:, k]
         return total
 
-    def set_conditions(self, rows: list[int], source: torch.Tensor | None) -> None:
-        """Cross-attention keys and values of ``source`` ``[R, C, D]`` for ``rows``."""
+    def set_conditions(
+        self, rows: list[int], source: torch.Tensor | None, lengths: Sequence[int] | None = None
+    ) -> None:
+        """Cross-attention keys and values of ``source`` ``[R, C, D]`` for ``rows``.
+
+        ``lengths``: each row's own conditions, the first ones of its ``C`` (None:
+        all ``C``); past them, padding, which the row's mask keeps out. So the
+        conditions of several requests go in one call (a crowd's first step: one
+        projection a layer for all, not one a request).
+        """
         if not self.has_cross:
             return
         assert source is not None, "this model cross-attends to its conditioning"
@@ -280,7 +288,11 @@ class MusicGenDecoder(CacheRows):
             assert layer.kv is not None
             k, v = layer.kv(source).split(self.dim, dim=-1)
             self.cross.write(i, index, positions, self._heads(k), self._heads(v))
-        self.cross_lengths[index] = max(length, 1)
+        if lengths is None:
+            self.cross_lengths[index] = max(length, 1)
+        else:
+            own = torch.tensor([max(n, 1) for n in lengths], device=self.device)
+            self.cross_lengths[index] = own.to(self.cross_lengths.dtype)
         for dtype, table in self._cross_masks.items():
             if self._fits_cross(table):
                 table[index] = self._additive_cross(self.cross_lengths[index], dtype)

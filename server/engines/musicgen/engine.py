@@ -521,26 +521,67 @@ class MusicGenEngine:
         self._slots.release(st, st.slot)
         st.slot = None
 
-    def _prompt_inputs(self, st: _MusicGenJob) -> torch.Tensor:
-        """Load a window's conditioning into the request's rows; its prompt's embeddings.
+    def _load_windows(self, states: list[_MusicGenJob], failures: dict[int, BaseException]) -> None:
+        """Load the windows' conditioning of ``states`` into their rows and make
+        their prompts' embeddings (``window.prompt_inputs``, fed in chunks by
+        ``_prefill``): the cross-attention keys and values of all of them in one
+        call (a crowd's first step: one projection a layer, not one a request). If
+        that call fails, each is loaded alone, so that only the one at fault fails."""
+        fused = []
+        for st in states:
+            out = attempt(failures, [st], self._fuse, st)
+            if out is not None:
+                fused.append((st, out))
+        if not fused:
+            return
+        together = [st for st, _ in fused]
+        attempt(failures, together, self._set_conditions, fused)
+        if len(fused) > 1 and id(together[0]) in failures:
+            for st in together:
+                del failures[id(st)]
+            for item in fused:
+                attempt(failures, [item[0]], self._set_conditions, [item])
+        for st, (_, inputs) in fused:
+            if id(st) not in failures:
+                st.window.prompt_inputs = inputs
 
-        Returns ``[2, P, D]``: the positions to prefill (the conditional and the
-        unconditional row), fed in chunks by ``_prefill``.
-        """
-        assert st.slot is not None
+    def _fuse(self, st: _MusicGenJob) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """A window's cross-attention source ``[2, C, D]`` (the conditional and the
+        unconditional row's; None where the model has none) and the positions to
+        prefill, ``[2, P, D]``: what the fuser prepends (a melody's chroma) and
+        the prompt's codes, as at the first step of ``LMModel.generate``."""
         win = st.window
-        rows = [2 * st.slot, 2 * st.slot + 1]
-        # The fuser prepends what it prepends (a melody's chroma) and returns the
-        # cross-attention source (the text), as at the first step of LMModel.generate.
         empty = torch.zeros(2, 0, self.decoder.dim, device=self.device)
         prepend, cross = self.lm.fuser(empty, st.cfg_conditions)
-        self.decoder.set_conditions(rows, cross)
         self._prepend = max(self._prepend, int(prepend.shape[1]))
         prompt = torch.from_numpy(win.prompt()).to(self.device)
         codes = prompt[None].expand(2, -1, -1)
         inputs = torch.cat([prepend.to(empty.dtype), self.decoder.embed(codes)], dim=1)
         self.decoder.ensure(length=int(prepend.shape[1]) + win.end_offset)
-        return inputs
+        return cross, inputs
+
+    def _set_conditions(
+        self, fused: list[tuple[_MusicGenJob, tuple[torch.Tensor | None, torch.Tensor]]]
+    ) -> None:
+        """The windows' cross-attention sources into their rows, in one call
+        (padded to the longest; each row attends to its own length)."""
+        rows: list[int] = []
+        sources: list[torch.Tensor] = []
+        for st, (cross, _) in fused:
+            assert st.slot is not None
+            rows += [2 * st.slot, 2 * st.slot + 1]
+            if cross is not None:
+                sources.append(cross)
+        if len(sources) < len(fused):  # (a model without conditions to attend to)
+            self.decoder.set_conditions(rows, None)
+        elif len(sources) == 1:
+            self.decoder.set_conditions(rows, sources[0])
+        else:
+            width = max(int(source.shape[1]) for source in sources)
+            pad = torch.nn.functional.pad
+            padded = [pad(source, (0, 0, 0, width - int(source.shape[1]))) for source in sources]
+            lengths = [int(source.shape[1]) for source in sources for _ in range(2)]
+            self.decoder.set_conditions(rows, torch.cat(padded), lengths)
 
     def _prefill(
         self, states: list[_MusicGenJob], failures: dict[int, BaseException]
@@ -558,14 +599,12 @@ class MusicGenEngine:
         this step. A request whose chunk fails alone goes into ``failures``
         (``feed``).
         """
+        self._load_windows([st for st in states if st.window.prompt_inputs is None], failures)
         waiting = []
         for st in states:
             win = st.window
-            if win.prompt_inputs is None:
-                inputs = attempt(failures, [st], self._prompt_inputs, st)
-                if inputs is None:
-                    continue
-                win.prompt_inputs = inputs
+            if win.prompt_inputs is None:  # (its conditioning failed)
+                continue
             size = min(int(win.prompt_inputs.shape[1]) - win.prompt_fed, self.prefill_chunk)
             waiting.append((st, size))
         complete: dict[int, torch.Tensor] = {}
