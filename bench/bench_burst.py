@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench_stream import machine, start_server
+from bench_stream import freeze_heap, machine, start_server
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Started
@@ -89,6 +89,7 @@ async def burst(args: argparse.Namespace, admission: str) -> tuple[list[dict[str
         try:
             for i in range(args.singles):
                 await requests(url, args.model, args.single_duration, range(-1 - i, -i))
+            freeze_heap()
             each = PER_CONNECTION
             results = [
                 result

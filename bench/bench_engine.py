@@ -28,7 +28,6 @@ Prints a Markdown section for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ import time
 from typing import Any
 
 import torch
-from bench_stream import baseline, machine, speech_text, sync
+from bench_stream import baseline, freeze_heap, machine, speech_text, sync
 
 from wavecast.protocol import ParamValue, resolve_params
 from wavecast.server.config import DTYPES
@@ -262,17 +261,6 @@ def load(
     engine.warm_up()
     freeze_heap()
     return engine
-
-
-def freeze_heap() -> None:
-    """As the server does once its models are warmed up: what is alive now stays
-    out of the garbage collector's walk (a full collection over the loaded
-    libraries and models would stall one step for ~300 ms on a CPU core, and a
-    benchmark's longest step would be the collector's). What an earlier call
-    froze is walked again first, so an engine dropped since is collected."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_stream import machine, start_server, timed
+from bench_stream import freeze_heap, machine, start_server, timed
 
 from wavecast.clients import connect
 from wavecast.server.engines import resolve_device
@@ -50,11 +50,14 @@ async def bench(args: argparse.Namespace) -> None:
             concurrency=[args.crowd + 1],
             threads=args.threads,
             admission="slots",
+            codec_batch=0,  # (measured at warm-up)
+            codec_windows=False,
         )
         process, url = start_server(server_args, Path(tmp) / "server.log")
         try:
             await one(url, args.music, False, 1.0, 0)  # warm up
             await one(url, args.speech, True, 1.0, 0)
+            freeze_heap()
             for name, speech, other, other_speech in (
                 (args.music, False, args.speech, True),
                 (args.speech, True, args.music, False),
