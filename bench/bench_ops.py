@@ -11,7 +11,10 @@ counted, operation by operation (views included), by the part of the step that
 asked: the decoder's forward, the draw (guidance, sampling, the finiteness
 check), the codec, and the rest (the step's inputs and outputs). The first
 step with a codec call is counted too (``codec`` column: its codec's), and a
-step's own count leaves its codec calls out.
+step's own count leaves its codec calls out. The last column counts the first
+step of N requests starting together, all of it (their conditioning, prefill
+and first draw: what a crowd's first audio waits through, besides the steps
+that follow).
 
     .venv/bin/python bench/bench_ops.py --model tiny-musicgen --streams 1 8
     .venv/bin/python bench/bench_ops.py --model tiny-higgs --streams 1 8
@@ -100,6 +103,23 @@ def count(engine: Any, streams: int) -> tuple[Counter[str], Counter[str], int]:
                 delattr(owner, name)
 
 
+def first_step(engine: Any, streams: int) -> int:
+    """Operations of the first step of ``streams`` requests starting together
+    (their conditioning, their prompts' prefill, their first draw: what a crowd's
+    first audio waits through), counted on a second such crowd (the first met
+    its shapes first)."""
+    total = 0
+    for _ in range(2):
+        jobs = [engine.prepare(request(engine, i, 10.0)) for i in range(streams)]
+        counter = Counted()
+        with counter:
+            engine.step(jobs)
+        total = sum(counter.counts.values())
+        for job in jobs:
+            engine.finish(job)
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-musicgen")
@@ -115,16 +135,16 @@ def main() -> None:
     print(f"- date: {time.strftime('%Y-%m-%d')}; counts do not depend on the machine's speed\n")
     print(
         "| streams | a step: forward, draw, rest (all) | with a codec call: its codec "
-        "| most frequent |"
+        "| most frequent | their first step, starting together |"
     )
-    print("| --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- |")
     for n in args.streams:
         parts, names, codec = count(engine, n)
         step = parts["forward"] + parts["draw"] + parts["rest"]
         top = ", ".join(f"{name} {k}" for name, k in names.most_common(args.top))
         print(
             f"| {n} | {parts['forward']}, {parts['draw']}, {parts['rest']} ({step}) "
-            f"| {codec} | {top} |"
+            f"| {codec} | {top} | {first_step(engine, n)} |"
         )
 
 
