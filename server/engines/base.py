@@ -36,6 +36,7 @@ __all__ = [
     "ModelLoadError",
     "StepOutput",
     "attempt",
+    "attempt_together",
     "failed_output",
     "isolated",
     "non_finite",
@@ -135,6 +136,26 @@ def attempt(
         for owner in owners:
             failures[id(owner)] = exc
         return None
+
+
+Owner = TypeVar("Owner")
+
+
+def attempt_together(
+    failures: dict[int, BaseException], owners: Sequence[Owner], fn: Callable[[list[Owner]], object]
+) -> None:
+    """``fn(owners)``, the requests' parts of a step in one call; if it raises,
+    ``fn([owner])`` for each alone (``attempt``), so that only the ones at fault
+    go into ``failures``."""
+    if len(owners) > 1:
+        try:
+            fn(list(owners))
+        except Exception:  # each alone: only the one at fault fails
+            log.debug("a call for %d requests failed; each is tried alone", len(owners))
+        else:
+            return
+    for owner in owners:
+        attempt(failures, [owner], fn, [owner])
 
 
 def isolated(job: Job, fn: Callable[..., StepOutput], *args: Any) -> StepOutput:

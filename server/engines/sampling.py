@@ -28,6 +28,7 @@ parameters).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -167,23 +168,44 @@ class RowSampling:
     def set_row(
         self, row: int, *, temperature: float, top_k: int, top_p: float, seed: int, step: int = 0
     ) -> None:
-        self.temperature[row] = temperature
-        self.top_k[row] = top_k
-        self.top_p[row] = top_p
-        one = slice(row, row + 1)
+        self.set_rows(
+            [row], temperature=[temperature], top_k=[top_k], top_p=[top_p], seed=[seed], step=[step]
+        )
+
+    def set_rows(
+        self,
+        rows: Sequence[int],
+        *,
+        temperature: Sequence[float],
+        top_k: Sequence[int],
+        top_p: Sequence[float],
+        seed: Sequence[int],
+        step: Sequence[int] | None = None,
+    ) -> None:
+        """Set several rows at once (the requests starting in a step: a few
+        operations for all of them, not a few dozen a request)."""
+        device = self.temperature.device
+        index = torch.tensor(list(rows), dtype=torch.int64, device=device)
+        t = torch.tensor(list(temperature), dtype=self.temperature.dtype).to(device)
+        k = torch.tensor(list(top_k), dtype=self.top_k.dtype).to(device)
+        p = torch.tensor(list(top_p), dtype=self.top_p.dtype).to(device)
+        self.temperature[index] = t
+        self.top_k[index] = k
+        self.top_p[index] = p
         if self.warpers is None:
-            self.scale[one] = _scale(self.temperature[one])
+            self.scale[index] = _scale(t)
         else:  # (its scale is ``self.scale``)
             assert self.vocab is not None
-            derived = warpers(self.temperature[one], self.top_k[one], self.top_p[one], self.vocab)
-            for table, value in zip(self.warpers, derived, strict=True):
-                table[one] = value
-        self.seed[row] = seed
-        self.step[row] = step
+            for table, value in zip(self.warpers, warpers(t, k, p, self.vocab), strict=True):
+                table[index] = value
+        host = np.asarray(list(rows), dtype=np.int64)
+        temps, ks, ps = np.asarray(temperature), np.asarray(top_k), np.asarray(top_p)
+        self.seed[host] = seed
+        self.step[host] = 0 if step is None else step
         self._plans.clear()
-        self.wants[row] = 1 if temperature <= 0 else -1 if top_p > 0 or top_k <= 0 else top_k
-        self.nucleus[row] = temperature > 0 and top_p > 0
-        self.greedy[row] = temperature <= 0
+        self.wants[host] = np.where(temps <= 0, 1, np.where((ps > 0) | (ks <= 0), -1, ks))
+        self.nucleus[host] = (temps > 0) & (ps > 0)
+        self.greedy[host] = temps <= 0
 
     def grown(self, rows: int) -> RowSampling:
         """A table of ``rows`` rows holding this one's rows first."""

@@ -135,6 +135,36 @@ def test_rows_do_not_depend_on_their_neighbours() -> None:
     assert torch.equal(sample(logits, **params, scale=scale), together)
 
 
+@pytest.mark.parametrize("vocab", [None, 64])
+def test_rows_set_together_are_the_rows_set_one_by_one(vocab: int | None) -> None:
+    """A crowd's rows go in one ``set_rows``: every table (the device's
+    parameters, the warpers, the host's seeds, steps and plans) holds what
+    ``set_row`` row by row leaves."""
+    rows = [5, 0, 3, 6]
+    params = {
+        "temperature": [0.7, 0.0, 1.3, 1.0],
+        "top_k": [10, 0, 250, 0],
+        "top_p": [0.0, 0.0, 0.9, 0.5],
+        "seed": [11, 12, 13, 2**62],
+    }
+    one_by_one, together = RowSampling(8, "cpu", vocab), RowSampling(8, "cpu", vocab)
+    for table in (one_by_one, together):
+        table.set_row(1, temperature=0.5, top_k=3, top_p=0.0, seed=7, step=4)  # kept
+    for i, row in enumerate(rows):
+        one_by_one.set_row(row, **{name: values[i] for name, values in params.items()})
+    together.set_rows(rows, **params)
+    for name in ("temperature", "top_k", "top_p", "scale"):
+        assert torch.equal(getattr(together, name), getattr(one_by_one, name)), name
+    if vocab is not None:
+        assert together.warpers is not None and one_by_one.warpers is not None
+        for mine, theirs in zip(together.warpers, one_by_one.warpers, strict=True):
+            assert torch.equal(mine, theirs)
+    for name in ("seed", "step", "wants", "nucleus", "greedy"):
+        assert np.array_equal(getattr(together, name), getattr(one_by_one, name)), name
+    flagged = np.ones(8, dtype=bool)
+    assert together.plan(flagged, 64) == one_by_one.plan(flagged, 64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sampling_traces_as_one_graph(dtype: torch.dtype) -> None:
     logits = torch.randn(3, 4, 64).to(dtype)

@@ -51,6 +51,7 @@ from ..base import (
     StepOutput,
     Upload,
     attempt,
+    attempt_together,
     failed_output,
     isolated,
     non_finite,
@@ -515,9 +516,12 @@ class HiggsEngine:
 
     def _step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         failures: dict[int, BaseException] = {}
+        joining = [job.state for job in jobs if job.state.slot is None]
+        for st in joining:
+            attempt(failures, [st], self._take_slot, st)
+        taken = [st for st in joining if id(st) not in failures]
+        attempt_together(failures, taken, self._write_sampling)
         for st in (job.state for job in jobs):
-            if st.slot is None:
-                attempt(failures, [st], self._take_slot, st)
             if st.utterance is None and id(st) not in failures:
                 st.utterance = attempt(failures, [st], self._open_utterance, st)
                 st.spoken = None
@@ -687,15 +691,19 @@ class HiggsEngine:
 
     def _take_slot(self, st: _HiggsJob) -> None:
         slot = st.slot = self._slots.take(st)
-        self._sampling.set_row(
-            slot,
-            temperature=st.temperature,
-            top_k=st.top_k,
-            top_p=st.top_p,
-            seed=st.seed,
-        )
         self._ras_len[slot] = st.ras_win_len
         self._ras_max[slot] = st.ras_max_repeat
+
+    def _write_sampling(self, states: list[_HiggsJob]) -> None:
+        """The sampling parameters of requests taking their rows this step, in one
+        write."""
+        self._sampling.set_rows(
+            [st.slot for st in states if st.slot is not None],
+            temperature=[st.temperature for st in states],
+            top_k=[st.top_k for st in states],
+            top_p=[st.top_p for st in states],
+            seed=[st.seed for st in states],
+        )
 
     def _clear_row(self, st: _HiggsJob) -> None:
         """Zero a failed request's cache row: what it left there (NaN, say) must not

@@ -46,6 +46,7 @@ from ..base import (
     StepOutput,
     Upload,
     attempt,
+    attempt_together,
     failed_output,
     isolated,
     non_finite,
@@ -489,15 +490,21 @@ class MusicGenEngine:
     # -- the slot table --------------------------------------------------------------
 
     def _take_slot(self, st: _MusicGenJob) -> None:
-        slot = st.slot = self._slots.take(st)
-        self._sampling.set_row(
-            slot,
-            temperature=st.temperature,
-            top_k=st.top_k,
-            top_p=st.top_p,
-            seed=st.seed,
+        st.slot = self._slots.take(st)
+
+    def _write_sampling(self, states: list[_MusicGenJob]) -> None:
+        """The sampling parameters and guidance scales of requests taking their
+        rows this step, in one write."""
+        slots = [st.slot for st in states if st.slot is not None]
+        self._sampling.set_rows(
+            slots,
+            temperature=[st.temperature for st in states],
+            top_k=[st.top_k for st in states],
+            top_p=[st.top_p for st in states],
+            seed=[st.seed for st in states],
         )
-        self._cfg[slot] = st.cfg_coef
+        cfg = torch.tensor([st.cfg_coef for st in states], dtype=self._cfg.dtype)
+        self._cfg[torch.tensor(slots, device=self.device)] = cfg.to(self.device).view(-1, 1, 1)
 
     def _grow(self, slots: int) -> int:
         """Room for ``slots`` requests (two rows each); how many there is now."""
@@ -527,23 +534,20 @@ class MusicGenEngine:
         ``_prefill``): the cross-attention keys and values of all of them in one
         call (a crowd's first step: one projection a layer, not one a request). If
         that call fails, each is loaded alone, so that only the one at fault fails."""
-        fused = []
+        fused: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         for st in states:
             out = attempt(failures, [st], self._fuse, st)
             if out is not None:
-                fused.append((st, out))
-        if not fused:
-            return
-        together = [st for st, _ in fused]
-        attempt(failures, together, self._set_conditions, fused)
-        if len(fused) > 1 and id(together[0]) in failures:
-            for st in together:
-                del failures[id(st)]
-            for item in fused:
-                attempt(failures, [item[0]], self._set_conditions, [item])
-        for st, (_, inputs) in fused:
+                fused[id(st)] = out
+        loading = [st for st in states if id(st) in fused]
+
+        def load(group: list[_MusicGenJob]) -> None:
+            self._set_conditions([(st, fused[id(st)][0]) for st in group])
+
+        attempt_together(failures, loading, load)
+        for st in loading:
             if id(st) not in failures:
-                st.window.prompt_inputs = inputs
+                st.window.prompt_inputs = fused[id(st)][1]
 
     def _fuse(self, st: _MusicGenJob) -> tuple[torch.Tensor | None, torch.Tensor]:
         """A window's cross-attention source ``[2, C, D]`` (the conditional and the
@@ -560,14 +564,12 @@ class MusicGenEngine:
         self.decoder.ensure(length=int(prepend.shape[1]) + win.end_offset)
         return cross, inputs
 
-    def _set_conditions(
-        self, fused: list[tuple[_MusicGenJob, tuple[torch.Tensor | None, torch.Tensor]]]
-    ) -> None:
+    def _set_conditions(self, fused: list[tuple[_MusicGenJob, torch.Tensor | None]]) -> None:
         """The windows' cross-attention sources into their rows, in one call
         (padded to the longest; each row attends to its own length)."""
         rows: list[int] = []
         sources: list[torch.Tensor] = []
-        for st, (cross, _) in fused:
+        for st, cross in fused:
             assert st.slot is not None
             rows += [2 * st.slot, 2 * st.slot + 1]
             if cross is not None:
@@ -656,9 +658,11 @@ class MusicGenEngine:
         that fail on their own go into ``failures`` (by ``id`` of their state) and
         out of the step.
         """
-        for st in states:
-            if st.slot is None:
-                attempt(failures, [st], self._take_slot, st)
+        joining = [st for st in states if st.slot is None]
+        for st in joining:
+            attempt(failures, [st], self._take_slot, st)
+        taken = [st for st in joining if id(st) not in failures]
+        attempt_together(failures, taken, self._write_sampling)
         for st in states:
             if st.conditioning is not None and id(st) not in failures:
                 attempt(failures, [st], self._condition_piece, st)
@@ -666,11 +670,7 @@ class MusicGenEngine:
         states = [st for st in states if id(st) not in failures and st.conditioning is None]
         starting = [st for st in states if st.cfg_conditions is None]
         if starting:
-            attempt(failures, starting, self._condition_together, starting)
-            if id(starting[0]) in failures:  # each alone: only the one at fault fails
-                for st in starting:
-                    del failures[id(st)]
-                    attempt(failures, [st], self._condition_together, [st])
+            attempt_together(failures, starting, self._condition_together)
         states = [st for st in states if id(st) not in failures]
         prefilled = self._prefill([st for st in states if not st.window.prefilled], failures)
         states = [st for st in states if id(st) not in failures]
