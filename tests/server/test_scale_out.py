@@ -197,7 +197,8 @@ async def test_two_replicas_behind_nginx_serve_exact_streams_and_drain(
     await eventually(lambda: connections(port_b) == 16, 10)
     late_results = await asyncio.gather(*(generate(c, i % 4, 1.0) for i, c in enumerate(late)))
     for i, result in enumerate(late_results):
-        assert result.status == "completed" and same_audio(result.pcm, references[i % 4])
+        assert result.status == "completed", result.error
+        assert same_audio(result.pcm, references[i % 4]), f"late client {i}: not the seed's audio"
     await asyncio.gather(*(client.close() for client in late))
     # The drained replica's streams end with shutting_down after its grace and
     # it exits; the other replica's streams go on until cancelled.
