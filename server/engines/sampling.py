@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -134,6 +134,19 @@ class DrawPlan:
         }
 
 
+class RowParams(Protocol):
+    """A request's sampling parameters, as the engines' request states hold them."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+
+
 class RowSampling:
     """Per-row sampling parameters for a table of ``rows`` rows.
 
@@ -206,6 +219,18 @@ class RowSampling:
         self.wants[host] = np.where(temps <= 0, 1, np.where((ps > 0) | (ks <= 0), -1, ks))
         self.nucleus[host] = (temps > 0) & (ps > 0)
         self.greedy[host] = temps <= 0
+
+    def set_requests(self, rows: Sequence[int], requests: Sequence[RowParams]) -> None:
+        """``set_rows`` from the parameters of the requests taking ``rows``."""
+        if len(rows) != len(requests):
+            raise ValueError("one row per request")
+        self.set_rows(
+            rows,
+            temperature=[r.temperature for r in requests],
+            top_k=[r.top_k for r in requests],
+            top_p=[r.top_p for r in requests],
+            seed=[r.seed for r in requests],
+        )
 
     def grown(self, rows: int) -> RowSampling:
         """A table of ``rows`` rows holding this one's rows first."""

@@ -697,13 +697,7 @@ class HiggsEngine:
     def _write_sampling(self, states: list[_HiggsJob]) -> None:
         """The sampling parameters of requests taking their rows this step, in one
         write."""
-        self._sampling.set_rows(
-            [st.slot for st in states if st.slot is not None],
-            temperature=[st.temperature for st in states],
-            top_k=[st.top_k for st in states],
-            top_p=[st.top_p for st in states],
-            seed=[st.seed for st in states],
-        )
+        self._sampling.set_requests([st.slot for st in states if st.slot is not None], states)
 
     def _clear_row(self, st: _HiggsJob) -> None:
         """Zero a failed request's cache row: what it left there (NaN, say) must not

@@ -496,13 +496,7 @@ class MusicGenEngine:
         """The sampling parameters and guidance scales of requests taking their
         rows this step, in one write."""
         slots = [st.slot for st in states if st.slot is not None]
-        self._sampling.set_rows(
-            slots,
-            temperature=[st.temperature for st in states],
-            top_k=[st.top_k for st in states],
-            top_p=[st.top_p for st in states],
-            seed=[st.seed for st in states],
-        )
+        self._sampling.set_requests(slots, states)
         cfg = torch.tensor([st.cfg_coef for st in states], dtype=self._cfg.dtype)
         self._cfg[torch.tensor(slots, device=self.device)] = cfg.to(self.device).view(-1, 1, 1)
 
