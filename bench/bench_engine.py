@@ -59,21 +59,30 @@ def request(engine: Engine, index: int, duration: float, varied: bool = False) -
 
 
 class Parts:
-    """Where an engine's steps go, while ``with``-in: its codec decodes (the
-    ``_decode_due`` of each step and the calls it makes, with the chunks in each,
-    the ending streams' last ones included) and its per-request bookkeeping
-    (``_advance``); the rest is the forward and sampling. (Host time: on a GPU,
-    the codec's asynchronous work shows where something waits for it.)"""
+    """Where an engine's steps go, while ``with``-in: the batched decode step's
+    forward (``decoder.decode``) and draw (``_draw``: guidance, sampling, the
+    finiteness check), its codec decodes (the ``_decode_due`` of each step and
+    the calls it makes, with the chunks in each, the ending streams' last ones
+    included) and its per-request bookkeeping (``_advance``); the rest is the
+    steps' inputs and outputs, and the first steps' conditioning and prefill.
+    (Host time: on a GPU, asynchronous work shows where something waits for it;
+    with CUDA graphs the forward and the draw are one replay, counted in neither.)"""
+
+    PARTS = ("forward", "draw", "codec", "bookkeeping")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.seconds = {"codec": 0.0, "bookkeeping": 0.0}
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
         self.calls = 0
         self.chunks = 0
 
     def __enter__(self) -> Parts:
         engine: Any = self.engine
         self._patched: list[tuple[Any, str, Any]] = []
+        decoder = getattr(engine, "decoder", None)
+        if decoder is not None:
+            self._time(decoder, "decode", "forward")
+        self._time(engine, "_draw", "draw")
         self._time(engine, "_decode_due", "codec")
         self._time(engine, "_advance", "bookkeeping")
         streams = getattr(engine, "codec_streams", None)
@@ -135,8 +144,8 @@ def run(
     with Parts(engine) as parts:
         result = _run(engine, streams, duration, device, stagger, varied)
     steps = result["steps"]
-    result["codec"] = parts.seconds["codec"] / steps
-    result["bookkeeping"] = parts.seconds["bookkeeping"] / steps
+    for part, seconds in parts.seconds.items():
+        result[part] = seconds / steps
     result["calls"] = parts.calls / steps
     result["per_call"] = parts.chunks / max(1, parts.calls)
     return result
@@ -374,7 +383,7 @@ def main() -> None:
         "| streams | time to first audio, its step "
         "| ms per step (longest; where streams end; where none starts or ends) "
         "| per stream (slowest) "
-        "| aggregate real-time factor | of a step: codec, bookkeeping "
+        "| aggregate real-time factor | of a step: forward, draw, codec, bookkeeping "
         f"| codec calls per step (chunks each) |{memory}{versus}"
     )
     extra = (" --- |" if memory else "") + (" --- |" if versus else "")
@@ -401,7 +410,7 @@ def main() -> None:
         peak = f" {r['memory']:.2f} GiB |" if memory else ""
         if versus:
             peak += f" x{r['baseline']:.2f} (wavecast: {r['rtf'] / r['baseline']:.2f}x) |"
-        parts = f"{r['codec'] * 1000:.2f} ms, {r['bookkeeping'] * 1000:.2f} ms"
+        parts = ", ".join(f"{r[part] * 1000:.2f}" for part in Parts.PARTS) + " ms"
         calls = f"{r['calls']:.2f} ({r['per_call']:.1f})"
         print(
             f"| {n} | {ttfa} | {r['wall'] / r['steps'] * 1000:.2f} "
