@@ -503,31 +503,74 @@ def fastest_rows(
     *,
     clock: Callable[[], float] = time.perf_counter,
 ) -> int:
-    """How many windows one codec call should decode: the batch that costs the
-    least per window, measured on windows of ``codebooks`` x ``frames`` codes,
-    1, 2, 3, 4, 6, 8 … up to ``most`` of them at once.
+    """How many windows one codec call should decode at most: measured on
+    windows of ``codebooks`` x ``frames`` codes, 1, 2, 3, 4, 6, 8 … up to
+    ``most`` of them at once, the cap no crowd pays much for. A crowd of ``n``
+    streams decodes in ``n // cap`` calls of ``cap`` and one of the rest (as
+    ``Cadence`` groups the streams); against the cap best for that ``n``, each
+    cap costs some crowd the most: the cap whose worst is least (the smallest
+    within 3% of it) is taken.
 
-    On a GPU the cost per window falls as the batch grows. On a CPU it stops
-    falling after a few windows and then jumps (by 1.5-3x with this project's
-    codecs on one thread, once a call's activations outgrow the caches or the
-    batch crosses a convolution library's kernel choice), so many streams due
-    in one step are decoded in calls of this size. A larger batch is taken only
-    if it saves at least 3% per window; the search stops past a jump of 30%.
+    On a GPU the cost per window falls as the batch grows: every stream's
+    windows in one call. On a CPU it stops falling after a few windows and then
+    jumps (by 1.5-3x with this project's codecs on one thread, once a call's
+    activations outgrow the caches or the batch crosses a convolution library's
+    kernel choice; a sweep stops past a jump of 30% per window). Where it is
+    flat, the rest decides: a cap of 6 makes eight streams a call of 6 and one
+    of 2, whose windows cost far more each than 8 in one call (tiny-musicgen's
+    eight streams made 10% less audio a second with calls of at most 6 than 8).
+
+    A sweep up the sizes finds where to stop; then each size is timed in
+    turns, three more times, its cost the least of its four calls (a slow
+    spell of the machine falls on every size, not on one).
     """
-    best, best_cost = 1, float("inf")
+    batches: dict[int, torch.Tensor] = {}
+    costs: dict[int, float] = {}  # per window, by the call's windows
+    cheapest = float("inf")
     for rows in _batch_sizes(max(1, most)):
-        batch = torch.zeros(rows, codebooks, frames, dtype=torch.long)
-        decode(batch).float().cpu()  # (the first call of a shape allocates)
-        cost = float("inf")
-        for _ in range(3):  # the least of three: a busy machine's noise only adds
-            began = clock()
-            decode(batch).float().cpu()
-            cost = min(cost, (clock() - began) / rows)
-        if cost < best_cost * 0.97:
-            best, best_cost = rows, cost
-        elif cost > best_cost * 1.3:
+        batches[rows] = torch.zeros(rows, codebooks, frames, dtype=torch.long)
+        decode(batches[rows]).float().cpu()  # (the first call of a shape allocates)
+        costs[rows] = _timed(decode, batches[rows], clock)
+        if costs[rows] > cheapest * 1.3:
             break
-    return best
+        cheapest = min(cheapest, costs[rows])
+    for _ in range(3):  # a busy machine's noise only adds: the least
+        for rows, batch in batches.items():
+            costs[rows] = min(costs[rows], _timed(decode, batch, clock))
+    caps = sorted(costs)
+    crowds = range(1, max(1, most) + 1)
+    # What a crowd of n streams costs in calls of at most ``cap``: n // cap calls
+    # of ``cap`` and one of the rest.
+    cost = {
+        (cap, n): (n - n % cap) * costs[cap] + n % cap * _per_window(costs, n % cap)
+        for cap in caps
+        for n in crowds
+    }
+    least = {n: min(cost[cap, n] for cap in caps) for n in crowds}
+    worst = {cap: max(cost[cap, n] / least[n] for n in crowds) for cap in caps}
+    return next(cap for cap in caps if worst[cap] <= min(worst.values()) * 1.03)
+
+
+def _timed(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    batch: torch.Tensor,
+    clock: Callable[[], float],
+) -> float:
+    """One call's time per window."""
+    began = clock()
+    decode(batch).float().cpu()
+    return (clock() - began) / int(batch.shape[0])
+
+
+def _per_window(costs: dict[int, float], rows: int) -> float:
+    """The cost per window of a call of ``rows`` windows: measured, or on the
+    line between the measured sizes around it (0 rows: nothing)."""
+    if rows in costs or rows == 0:
+        return costs.get(rows, 0.0)
+    below = max(size for size in costs if size < rows)
+    above = min(size for size in costs if size > rows)
+    share = (rows - below) / (above - below)
+    return costs[below] + share * (costs[above] - costs[below])
 
 
 def _batch_sizes(most: int) -> list[int]:

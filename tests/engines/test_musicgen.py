@@ -12,7 +12,7 @@ import torch
 from wavecast.protocol import InvalidField, resolve_params
 from wavecast.server.engines import ModelLoadError, load_engines
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.codec_stream import StreamDecoder, fastest_rows
+from wavecast.server.engines.codec_stream import StreamDecoder, _per_window, fastest_rows
 from wavecast.server.engines.musicgen.engine import MusicGenEngine
 from wavecast.server.engines.musicgen.loading import load_musicgen_dir, save_musicgen
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
@@ -207,12 +207,21 @@ def _cpu_like(rows: int) -> float:
     return 0.5 + rows * (1.0 if rows <= 4 else 2.0)
 
 
+def _remainder_dear(rows: int) -> float:
+    # Per window: 3, 2, 1.67, 1.2, 1.0, 0.99, then 2 (the jump) at 12.
+    return {1: 3.0, 2: 4.0, 3: 5.0, 4: 4.8, 6: 6.0, 8: 7.92, 12: 24.0}[rows]
+
+
 @pytest.mark.parametrize(
     ("cost", "chosen", "tried"),
     [
         (_cpu_like, 4, [1, 2, 3, 4, 6]),  # past the jump, larger batches are not tried
         (lambda rows: 1.0 + 0.1 * rows, 16, [1, 2, 3, 4, 6, 8, 12, 16]),  # a GPU's
         (lambda rows: 1.0 * rows, 1, [1, 2, 3, 4, 6, 8, 12, 16]),  # no saving: the least
+        # Eight cost about what six do each, but calls of at most six leave
+        # calls of the rest, dear each: seven streams pay 29% more than in one
+        # call, eight 26%; in calls of at most eight, no crowd pays 13% more.
+        (_remainder_dear, 8, [1, 2, 3, 4, 6, 8, 12]),
     ],
 )
 def test_fastest_rows_takes_the_cheapest_batch_per_window(
@@ -229,8 +238,10 @@ def test_fastest_rows_takes_the_cheapest_batch_per_window(
         return decode(codes, None)
 
     assert fastest_rows(timed, 4, 39, 16, clock=lambda: now[0]) == chosen
-    # Each batch size four times (once to allocate, three times timed), windows of 4 x 39.
-    assert shapes == [(rows, 4, 39) for rows in tried for _ in range(4)]
+    # Windows of 4 x 39: a sweep up the sizes, each twice (to allocate, timed),
+    # then each size timed in turns three more times.
+    sweep = [(rows, 4, 39) for rows in tried for _ in range(2)]
+    assert shapes == sweep + [(rows, 4, 39) for _ in range(3) for rows in tried]
 
 
 def test_warm_up_measures_the_codec_batch(engine: Any) -> None:
@@ -258,3 +269,12 @@ def test_max_duration_job_streams_whole_clip(engine: Any) -> None:
     _, chunks, steps = run(engine, "long", duration=30.0, seed=0)
     assert sum(c.shape[0] for c in chunks) == 1500 * 640
     assert steps == 1500 + 3  # one LM step per timestep, plus the codebook delays
+
+
+def test_a_call_of_a_size_not_measured_is_priced_between_its_neighbours() -> None:
+    """A crowd's rest may make a call of a size the warm-up did not measure (five,
+    between four and six): its cost per window lies on the line between theirs."""
+    measured = {1: 3.0, 2: 2.0, 4: 2.0, 6: 1.0}
+    assert _per_window(measured, 5) == pytest.approx(1.5)
+    assert _per_window(measured, 3) == pytest.approx(2.0)
+    assert _per_window(measured, 4) == 2.0 and _per_window(measured, 0) == 0.0
