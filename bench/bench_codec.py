@@ -28,6 +28,7 @@ from bench_stream import machine
 
 from wavecast.server.engines.codec_decoders import for_serving
 from wavecast.server.engines.codec_incremental import checked, incremental, steady_decode
+from wavecast.server.scheduler import keep_freed_memory
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -136,8 +137,9 @@ def layer_times(inc: Any, call: Callable[[], object], runs: int) -> list[tuple[s
 
 
 def begin(args: argparse.Namespace, title: str, runs: str) -> torch.Tensor:
-    """Set torch up for the runs and print the section's heading; a tensor of
-    the device (``like``)."""
+    """Set torch (and the C heap, as the server does) up for the runs and print
+    the section's heading; a tensor of the device (``like``)."""
+    keep_freed_memory()
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     print(f"### {title}\n")

@@ -42,6 +42,7 @@ from wavecast.server.config import DTYPES
 from wavecast.server.engines import is_higgs_name, resolve_device
 from wavecast.server.engines.base import Engine, EngineRequest
 from wavecast.server.engines.precision import model_dtype
+from wavecast.server.scheduler import keep_freed_memory
 
 SPEECH = "The sun rises in the east and sets in the west, as it has for thousands of years."
 MUSIC = "warm lofi hip hop with soft keys"
@@ -234,7 +235,9 @@ def load(
 ) -> Engine:
     """The engine, warmed up as the server warms it (with graphs: every shape of
     up to ``max_active`` requests recorded; the codec batch measured unless given;
-    the generator in ``dtype``, as ``--dtype``)."""
+    the generator in ``dtype``, as ``--dtype``; the C heap keeping freed memory
+    and the Python heap frozen after warm-up, as the server's)."""
+    keep_freed_memory()
     engine: Engine
     if is_higgs_name(name):
         from wavecast.server.engines.higgs.engine import HiggsEngine
