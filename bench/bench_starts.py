@@ -1,0 +1,81 @@
+"""What a server start measures and chooses: ``wavecast serve`` started
+``--starts`` times, and from each start's log, each model's codec chunks per
+call (``fastest_rows``: the codec batch measured at warm-up) and its warm-up's
+time.
+
+What a warm-up measures decides how every later stream is decoded, so it must
+come out the same from one start to the next on the same machine. Run it with
+an earlier revision's package first on ``PYTHONPATH`` to compare.
+
+    .venv/bin/python bench/bench_starts.py --model tiny-musicgen --model tiny-higgs --starts 8
+
+Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench_stream import machine, start_server
+
+import wavecast.server
+
+
+def one_start(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
+    """Each model's codec chunks per call and warm-up seconds, from one start."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        process: subprocess.Popen[bytes] | None = None
+        try:
+            process, _ = start_server(args, log)
+        finally:
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(60)
+        text = log.read_text()
+    batches = dict(re.findall(r"(\S+): codec chunks per call: (\d+)", text))
+    warmed = dict(re.findall(r"(\S+) warmed up in ([\d.]+) s", text))
+    return {model: (int(batches[model]), float(warmed[model])) for model in args.model}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--starts", type=int, default=8)
+    parser.add_argument("--max-active", type=int, default=8, help="the server's --max-active")
+    args = parser.parse_args()
+    args.model = args.model or ["tiny-musicgen"]
+    # What start_server passes to `wavecast serve`: the server's defaults otherwise.
+    args.concurrency, args.threads, args.admission = [args.max_active], 0, "realtime"
+    args.codec_batch, args.codec_windows = 0, False
+    starts = [one_start(args) for _ in range(args.starts)]
+    models = " + ".join(args.model)
+    print(f"### what {args.starts} starts of the server chose: {models} on {args.device}\n")
+    print(f"- machine: {machine(args.device)}")
+    command = " ".join(f"--model {m}" for m in args.model)
+    print(
+        f"- command: `python bench/bench_starts.py {command} --starts {args.starts} "
+        f"--max-active {args.max_active}`"
+    )
+    package = Path(wavecast.server.__file__).resolve().parents[1]
+    print(f"- package: `{package}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}\n")
+    print("| model | codec chunks per call: starts | warm-up (median, max) |")
+    print("| --- | --- | --- |")
+    for model in args.model:
+        caps = Counter(start[model][0] for start in starts)
+        counts = ", ".join(f"{cap}: {n}" for cap, n in sorted(caps.items()))
+        times = sorted(start[model][1] for start in starts)
+        print(f"| {model} | {counts} | {times[len(times) // 2]:.1f} s, {times[-1]:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
