@@ -191,6 +191,7 @@ async def bench(args: argparse.Namespace) -> None:
         conc,
         args.threads,
         getattr(args, "server_cpu", None),
+        getattr(args, "server_codec", None),
     )
 
 
@@ -213,7 +214,8 @@ async def measure_server(
         return await run(url, index)
 
     with tempfile.TemporaryDirectory() as tmp:
-        process, url = start_server(args, Path(tmp) / "server.log")
+        log = Path(tmp) / "server.log"
+        process, url = start_server(args, log)
         try:
             await run(url, -1)
             freeze_heap()  # (the clients' process holds what the baseline loaded)
@@ -229,6 +231,8 @@ async def measure_server(
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
+        batches = re.findall(r"(\S+): codec chunks per call: (\d+)", log.read_text())
+        args.server_codec = ", ".join(f"{model} {n}" for model, n in batches) or None
     return seq, conc
 
 
@@ -272,8 +276,10 @@ def report(
     conc: dict[int, list[Crowd]],
     server_threads: int = 0,
     server_cpu: tuple[float, float] | None = None,
+    server_codec: str | None = None,
 ) -> None:
-    """Print a RESULTS.md section: the baseline's wall times, then the runs."""
+    """Print a RESULTS.md section: the baseline's wall times, then the runs (and
+    the codec chunks per call each model's warm-up measured, from its log)."""
     med = statistics.median
     base_rtf = audio_seconds / med(base)
     label, seq = single
@@ -288,6 +294,8 @@ def report(
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
     crowds = len(next(iter(conc.values()), []))
     print(f"- date: {time.strftime('%Y-%m-%d')}")
+    if server_codec:
+        print(f"- the server's codec chunks per call (measured at its warm-up): {server_codec}")
     if crowds > 1:
         print(
             f"- each concurrent row: {crowds} crowds, the counts taking turns; the median "

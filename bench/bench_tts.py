@@ -168,6 +168,7 @@ async def bench(args: argparse.Namespace) -> None:
         conc,
         args.threads,
         getattr(args, "server_cpu", None),
+        getattr(args, "server_codec", None),
     )
 
 
