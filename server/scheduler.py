@@ -24,7 +24,7 @@ Before loading, the C heap (glibc's malloc, on Linux) is told to keep what is
 freed for the next allocation (``keep_freed_memory``): by default it hands the
 top of its heap back to the system once more than a few megabytes are free, and
 maps large blocks afresh each time, so a codec call over many streams, whose
-tensors are megabytes each, met fresh pages in every call: it took 10-30% longer
+tensors are megabytes each, met fresh pages in every call: it took 15-25% longer
 in some processes and not in others, which made the codec batch measured at
 warm-up (``fastest_rows``) come out anywhere from 3 to 8 for the same model.
 """
@@ -36,7 +36,7 @@ import collections
 import ctypes
 import gc
 import logging
-import sys
+import platform
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping
@@ -643,7 +643,7 @@ def keep_freed_memory() -> bool:
     """Have the C heap keep freed memory for reuse: blocks under 32 MiB from the
     heap, and up to 256 MiB free at its top before any goes back to the system
     (glibc only; whether it was done). Process-wide, and it stays so."""
-    if not sys.platform.startswith("linux"):
+    if platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -224,7 +224,7 @@ def _remainder_dear(rows: int) -> float:
         (_remainder_dear, 8, [1, 2, 3, 4, 6, 8, 12]),
     ],
 )
-def test_fastest_rows_takes_the_cheapest_batch_per_window(
+def test_fastest_rows_takes_the_cap_no_crowd_pays_much_for(
     engine: Any, cost: Any, chosen: int, tried: list[int]
 ) -> None:
     """The real codec decodes every batch tried; the clock says what each call cost."""

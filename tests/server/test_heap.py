@@ -7,6 +7,7 @@ one's tensors, not handed back to the system to be mapped again."""
 from __future__ import annotations
 
 import gc
+import platform
 import subprocess
 import sys
 
@@ -63,7 +64,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_freed_memory_is_kept_for_the_next_tensors() -> None:
     """By default glibc maps a large block on its own and unmaps it when freed,
     and hands the top of its heap back once more than twice the largest block
