@@ -170,8 +170,9 @@ async def test_past_capacity_the_crowd_stops_where_real_time_does() -> None:
     ``slots`` all twelve would run at once, each slower than real time."""
     engine = Batched(tiny_engines()["tiny-musicgen"], fixed=0.003, per_stream=0.002)
     _, results = await crowd_after_one(engine, 12, duration=1.0)
-    # (A measure near the line may let a seventh in: 17 ms is still real time.)
-    assert 4 <= max(engine.crowds) <= 7, engine.crowds
+    # (A measure near the line may let a seventh or an eighth in, within the
+    # margin's 20%: 19 ms is still real time; nine streams, 21 ms, would not be.)
+    assert 4 <= max(engine.crowds) <= 8, engine.crowds
     # Some started only once others were done.
     first_done = min(next(t for t, m in e if isinstance(m, Done)) for e in results)
     assert any(next(t for t, m in e if isinstance(m, Started)) >= first_done for e in results)
