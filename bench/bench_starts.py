@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench_stream import machine, start_server
+from bench_stream import codec_batches, machine, start_server
 
 import wavecast.server
 
@@ -40,9 +40,9 @@ def one_start(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
                 process.send_signal(signal.SIGTERM)
                 process.wait(60)
         text = log.read_text()
-    batches = dict(re.findall(r"(\S+): codec chunks per call: (\d+)", text))
+    batches = codec_batches(text)
     warmed = dict(re.findall(r"(\S+) warmed up in ([\d.]+) s", text))
-    return {model: (int(batches[model]), float(warmed[model])) for model in args.model}
+    return {model: (batches[model], float(warmed[model])) for model in args.model}
 
 
 def main() -> None:

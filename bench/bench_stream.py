@@ -231,9 +231,14 @@ async def measure_server(
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
-        batches = re.findall(r"(\S+): codec chunks per call: (\d+)", log.read_text())
-        args.server_codec = ", ".join(f"{model} {n}" for model, n in batches) or None
+        batches = codec_batches(log.read_text())
+        args.server_codec = ", ".join(f"{model} {n}" for model, n in batches.items()) or None
     return seq, conc
+
+
+def codec_batches(log: str) -> dict[str, int]:
+    """Each model's codec chunks per call, as a server's log says its warm-up chose."""
+    return {model: int(n) for model, n in re.findall(r"(\S+): codec chunks per call: (\d+)", log)}
 
 
 def freeze_heap() -> None:
