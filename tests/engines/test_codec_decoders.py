@@ -1,4 +1,5 @@
-"""Codec decoders prepared for serving decode the same audio, bit for bit."""
+"""Codec decoders prepared for serving decode the same audio: bit for bit, but
+for ELU's negative samples on a CPU (``exp(x) - 1`` for ``expm1(x)``: 1e-7)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from transformers.models.dac.modeling_dac import Snake1d
 
-from wavecast.server.engines.codec_decoders import Snake, for_serving
+from wavecast.server.engines.codec_decoders import ELU, Snake, for_serving
 from wavecast.server.engines.higgs.loading import load_higgs
 from wavecast.server.engines.musicgen.engine import MusicGenEngine
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
@@ -21,16 +22,52 @@ def _codes(batch: int, frames: int, seed: int) -> torch.Tensor:
 def test_encodec_decodes_the_same_audio_after_preparation() -> None:
     codec = build_tiny_musicgen(seed=2).compression_model
     before = copy.deepcopy(codec)
+    elus = sum(type(m) is nn.ELU for m in codec.decoder.modules())
     prepared = for_serving(codec.decoder)
-    # Every weight-normed convolution folded; the ELUs after a module with weights in place.
+    # Every weight-normed convolution folded; the ELUs after a module with weights
+    # in place; every ELU computed from ``exp`` (on a CPU).
     assert prepared.weights_folded == 14 and prepared.activations_in_place == 9
+    assert prepared.elus == elus == 13
     assert not any(hasattr(module, "weight_g") for module in codec.decoder.modules())
+    assert not any(type(m) is nn.ELU for m in codec.decoder.modules())
     blocks = [m for m in codec.decoder.modules() if type(m).__name__ == "SEANetResnetBlock"]
     assert blocks and all(not block.block[0].inplace for block in blocks)  # its input is reused
     for batch, frames, seed in ((1, 7, 0), (3, 39, 1), (2, 79, 2)):
         codes = _codes(batch, frames, seed)
-        assert torch.equal(codec.decode(codes, None), before.decode(codes, None))
+        now, then = codec.decode(codes, None), before.decode(codes, None)
+        assert (now - then).abs().max() <= 1e-6 * then.abs().max()
     assert for_serving(codec.decoder).total == 0  # once is enough
+
+
+def test_elu_from_exp_equals_torchs() -> None:
+    """Positive samples exactly, negative ones within 1e-7 (any alpha); in place
+    only when asked."""
+    x = torch.cat(
+        [
+            torch.randn(3, 4, 500) * 4,
+            torch.tensor([0.0, -0.0, -1e-8, 1e-8, -30.0])[None, None].expand(3, 4, -1),
+        ],
+        -1,
+    )
+    for alpha in (1.0, 0.3):
+        want = nn.functional.elu(x, alpha)
+        kept = x.clone()
+        got = ELU(alpha)(x)
+        assert torch.equal(x, kept)
+        assert torch.equal(got[x > 0], want[x > 0])
+        assert (got - want).abs().max() <= 1e-7
+        inside = x.clone()
+        out = ELU(alpha, inplace=True)(inside)
+        assert out.data_ptr() == inside.data_ptr() and torch.equal(out, got)
+
+
+def test_elu_stays_torchs_off_the_cpu() -> None:
+    """On another device torch's ELU is one pass over memory, and is kept (the
+    decoder's weights on the ``meta`` device stand in for a GPU's here)."""
+    decoder = nn.Sequential(nn.Conv1d(2, 2, 3), nn.ELU(), nn.Conv1d(2, 2, 3)).to("meta")
+    prepared = for_serving(decoder)
+    assert prepared.elus == 0 and prepared.activations_in_place == 1
+    assert type(decoder[1]) is nn.ELU
 
 
 def test_dac_decodes_the_same_audio_after_preparation() -> None:
