@@ -136,6 +136,21 @@ def layer_times(inc: Any, call: Callable[[], object], runs: int) -> list[tuple[s
     return rows
 
 
+def chosen(inc: Any, like: torch.Tensor, args: argparse.Namespace, codebooks: int) -> str:
+    """Each convolution's form chosen as the server chooses it at warm-up (for
+    the most streams and frames asked for), unless ``--library-forms``; what
+    was chosen."""
+    if args.library_forms:
+        return "every convolution as the library's"
+    forms = inc.choose_forms(like, max(args.streams), codebooks, max(args.frames))
+    if not forms.product_one and not forms.product_many:
+        return "every convolution as the library's (measured)"
+    return (
+        f"convolutions as matrix products: {forms.product_one} of {forms.layers} "
+        f"for one stream, {forms.product_many} for more (chosen in {forms.seconds:.1f} s)"
+    )
+
+
 def begin(args: argparse.Namespace, title: str, runs: str) -> torch.Tensor:
     """Set torch (and the C heap, as the server does) up for the runs and print
     the section's heading; a tensor of the device (``like``)."""
@@ -158,6 +173,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--library-forms",
+        action="store_true",
+        help="every convolution as the library's kernel, none as a matrix product "
+        "(the server chooses each one's form at warm-up on a CPU: choose_forms)",
+    )
+    parser.add_argument(
         "--layers",
         action="store_true",
         help="the incremental decoder's time by layer instead, for each streams x frames",
@@ -178,10 +199,11 @@ def main() -> None:
         codebooks, card, left, hold = GEOMETRY[name]
         inc = incremental(model)
         assert inc is not None, name
+        forms = chosen(inc, like, args, codebooks)
         error = checked(inc, decode, like, codebooks=codebooks, cardinality=card)
         notes.append(
             f"- {name}: incremental vs one-shot decode, largest error over largest "
-            f"sample {error:.1e}; lookahead {inc.lookahead} frames"
+            f"sample {error:.1e}; lookahead {inc.lookahead} frames; {forms}"
         )
         for streams in args.streams:
             steady = steady_decode(inc, like, streams, codebooks)
@@ -209,6 +231,7 @@ def layers(args: argparse.Namespace) -> None:
         codebooks, card, _, _ = GEOMETRY[name]
         inc = incremental(model)
         assert inc is not None, name
+        print(f"{name}: {chosen(inc, like, args, codebooks)}\n")
         for streams in args.streams:
             steady = steady_decode(inc, like, streams, codebooks)
             for frames in args.frames:

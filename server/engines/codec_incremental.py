@@ -20,6 +20,12 @@ float rounding, at the cost of decoding each frame once (re-decoding windows
 with left and right context costs 1.5-4x that), and audio leaves as soon as no
 later code can change it (``lookahead`` frames behind the newest).
 
+On a CPU each convolution runs as the library's kernel or as one matrix
+product over shifted copies of its input, whichever ``choose_forms`` measured
+faster at warm-up for its shape (oneDNN's kernels for a few channels and a
+batch of streams take 2-7x the product's time; for wide layers the library's
+are the faster), the same audio to float rounding.
+
 Layers it does not know (reflect padding, group normalisation, strides in a
 plain convolution …) make ``incremental`` return None: the engine then decodes
 windows instead (``codec_stream.StreamDecoder``).
@@ -28,6 +34,7 @@ windows instead (``codec_stream.StreamDecoder``).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +44,7 @@ from torch import nn
 
 __all__ = [
     "CodecState",
+    "Forms",
     "IncrementalCodec",
     "Unsupported",
     "checked",
@@ -105,7 +113,48 @@ class _Pointwise(_Op):
         return self.fn(x) if x.shape[-1] else x
 
 
-class _Conv(_Op):
+class _Formed(_Op):
+    """A convolution that can run two ways, equal to float rounding: as the
+    convolution library's kernel (``direct``), or as one matrix product of its
+    weights with shifted copies of its input (``product``). Which is faster
+    depends on the layer's shape and the batch (``IncrementalCodec.choose_forms``
+    measures it on a CPU: oneDNN's kernels for tiny channel counts and batches
+    of more than one, or for a wide transposed convolution over few frames, take
+    2-7x the product's time); the choice holds for calls of one stream's rows
+    (``product_one``) and for larger ones (``product_many``)."""
+
+    product_one = False
+    product_many = False
+    many_from = 2  # the rows of a call from which ``product_many`` holds
+    seen: list[torch.Tensor] | None = None  # inputs, while ``choose_forms`` records
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.seen is not None:
+            self.seen.append(x)
+        if self.product_many if x.shape[0] >= self.many_from else self.product_one:
+            return self.product(x)
+        return self.direct(x)
+
+    def direct(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self) -> bool:
+        """Make the product's weight matrix; False if this layer has no product form."""
+        raise NotImplementedError
+
+
+def _shifted(x: torch.Tensor, taps: int, step: int, n: int) -> torch.Tensor:
+    """``x [B, C, t]``'s ``taps`` windows of ``n`` samples, ``step`` apart, stacked
+    along the channels: ``[B, taps * C, n]``."""
+    if taps == 1 and x.shape[-1] == n:
+        return x
+    return torch.cat([x[..., u * step : u * step + n] for u in range(taps)], 1)
+
+
+class _Conv(_Formed):
     """A stride-1 convolution with zero padding ``left`` and ``right``."""
 
     def __init__(self, conv: nn.Conv1d, left: int, right: int) -> None:
@@ -117,6 +166,7 @@ class _Conv(_Op):
         self.conv = conv
         self.left, self.right = left, right
         self.lookahead = float(right)
+        self.matrix: torch.Tensor | None = None
 
     def begin(self, x: torch.Tensor) -> _Slot | None:
         if self.left + self.right == 0:
@@ -130,7 +180,7 @@ class _Conv(_Op):
     def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
         conv, slot = self.conv, state[self.index]
         if slot is None:
-            return _conv_1d(conv, x) if x.shape[-1] else _empty(x, conv.out_channels)
+            return self.apply(x) if x.shape[-1] else _empty(x, conv.out_channels)
         (buffer,) = slot.tensors
         parts = [buffer, x]
         if final:
@@ -140,19 +190,38 @@ class _Conv(_Op):
         slot.tensors = (padded[..., padded.shape[-1] - buffer.shape[-1] :].clone(),)
         if padded.shape[-1] == buffer.shape[-1]:
             return _empty(x, conv.out_channels)
-        return _drop(slot, _conv_1d(conv, padded))
+        return _drop(slot, self.apply(padded))
+
+    def direct(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        out: torch.Tensor = F.conv1d(x, conv.weight, conv.bias, 1, 0, conv.dilation, conv.groups)
+        return out
+
+    def prepare(self) -> bool:
+        conv = self.conv
+        if conv.groups != 1:
+            return False
+        # Column ``u * C_in + i``: input channel ``i`` at tap ``u``.
+        weight = conv.weight.detach()
+        self.matrix = weight.permute(0, 2, 1).reshape(weight.shape[0], -1).contiguous()
+        return True
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.matrix is not None
+        conv = self.conv
+        taps, step = conv.kernel_size[0], conv.dilation[0]
+        n = x.shape[-1] - (taps - 1) * step
+        y = torch.matmul(self.matrix, _shifted(x, taps, step, n))
+        if conv.bias is not None:
+            y += conv.bias.view(1, -1, 1)
+        return y
 
 
 def _empty(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x.new_zeros(x.shape[0], channels, 0)
 
 
-def _conv_1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    out: torch.Tensor = F.conv1d(x, conv.weight, conv.bias, 1, 0, conv.dilation, conv.groups)
-    return out
-
-
-class _ConvTranspose(_Op):
+class _ConvTranspose(_Formed):
     """A transposed convolution whose full output is trimmed by ``left`` and
     ``right`` samples at the stream's ends."""
 
@@ -169,6 +238,8 @@ class _ConvTranspose(_Op):
         self.lookahead = left / stride  # the trim delays every output sample
         if not 0 <= right <= self.overlap:
             raise Unsupported("transposed convolution trimmed past its overlap")
+        self.taps = -(-kernel // stride)  # input samples an output sample sums
+        self.matrix: torch.Tensor | None = None
 
     def begin(self, x: torch.Tensor) -> _Slot | None:
         tail = x.new_zeros(x.shape[0], self.conv.out_channels, self.overlap)
@@ -180,7 +251,7 @@ class _ConvTranspose(_Op):
         (tail,) = slot.tensors
         n = x.shape[-1]
         if n:
-            y = F.conv_transpose1d(x, self.conv.weight, None, self.stride)
+            y = self.apply(x)
             y[..., : self.overlap] += tail
             out, tail = y[..., : n * self.stride], y[..., n * self.stride :].clone()
         else:
@@ -191,6 +262,35 @@ class _ConvTranspose(_Op):
         if self.conv.bias is not None:
             out = out + self.conv.bias.view(1, -1, 1)
         return _drop(slot, out)
+
+    def direct(self, x: torch.Tensor) -> torch.Tensor:
+        """The full output ``[B, C_out, (n - 1) * stride + kernel]``, without the bias."""
+        out: torch.Tensor = F.conv_transpose1d(x, self.conv.weight, None, self.stride)
+        return out
+
+    def prepare(self) -> bool:
+        # Output sample ``t * stride + r`` sums input ``t - j`` times tap
+        # ``j * stride + r``, for j < taps: a convolution of ``taps`` taps with
+        # ``stride`` outputs per input sample. Row ``o * stride + r``, column
+        # ``u * C_in + i`` (tap ``u`` of the shifted input: j = taps - 1 - u).
+        weight = self.conv.weight.detach()  # [C_in, C_out, kernel]
+        c_in, c_out, kernel = weight.shape
+        taps, stride = self.taps, self.stride
+        padded = F.pad(weight, (0, taps * stride - kernel)).view(c_in, c_out, taps, stride)
+        matrix = padded.flip(2).permute(1, 3, 2, 0).reshape(c_out * stride, taps * c_in)
+        self.matrix = matrix.contiguous()
+        return True
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.matrix is not None
+        b, _, n = x.shape
+        taps, stride = self.taps, self.stride
+        inputs = n + taps - 1
+        if taps > 1:
+            x = F.pad(x, (taps - 1, taps - 1))
+        y = torch.matmul(self.matrix, _shifted(x, taps, 1, inputs))  # [B, C_out * stride, t]
+        y = y.view(b, -1, stride, inputs).transpose(2, 3).reshape(b, -1, inputs * stride)
+        return y[..., : (n - 1) * stride + self.conv.kernel_size[0]]
 
 
 class _LSTM(_Op):
@@ -417,6 +517,47 @@ def _key(ops: Sequence[_Op], slots: Sequence[_Slot | None]) -> tuple[object, ...
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Forms:
+    """What ``IncrementalCodec.choose_forms`` chose: of ``layers`` convolutions,
+    how many run as matrix products for one stream's calls and for larger ones,
+    and the seconds the choice took."""
+
+    layers: int
+    product_one: int
+    product_many: int
+    seconds: float
+
+
+def _seconds(
+    form: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, clock: Callable[[], float]
+) -> float:
+    began = clock()
+    form(x)
+    return clock() - began
+
+
+def _race(
+    forms: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    x: torch.Tensor,
+    clock: Callable[[], float],
+) -> list[float]:
+    """Each form's least time on ``x``, timed in turns (a slow spell of the
+    machine falls on both): five rounds, or two where a call takes over 5 ms;
+    calls repeated to take about a millisecond a round."""
+    first = [_seconds(form, x, clock) for form in forms]
+    repeats = max(1, min(50, int(1e-3 / max(min(first), 1e-7))))
+    rounds = 2 if min(first) > 5e-3 else 5
+    best = [float("inf")] * len(forms)
+    for _ in range(rounds):
+        for i, form in enumerate(forms):
+            began = clock()
+            for _ in range(repeats):
+                form(x)
+            best[i] = min(best[i], (clock() - began) / repeats)
+    return best
+
+
 class IncrementalCodec:
     """A codec decoder that continues each stream from its state.
 
@@ -471,6 +612,63 @@ class IncrementalCodec:
         for row, state in enumerate(states):
             state.stack, state.row = stack, row
         return y.reshape(len(states), self.rows * y.shape[1], y.shape[-1])
+
+    def choose_forms(
+        self,
+        like: torch.Tensor,
+        streams: int,
+        codebooks: int,
+        frames: int,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> Forms:
+        """Choose each convolution's form (``_Formed``) by timing both on the
+        inputs a call of ``frames`` new frames gives it, from the states of one
+        stream and of ``streams`` streams long under way: the product where it
+        takes less than 95% of the library's time. Only on a CPU (a GPU's
+        convolutions are the library's, unmeasured), and only for layers whose
+        call takes under 20 ms (at the released codecs' widths the library's
+        kernels are as fast or faster, and timing them all would add 10 s or more
+        to a load)."""
+        formed = [op for op in self._ops if isinstance(op, _Formed) and op.prepare()]
+        if like.device.type != "cpu" or not formed:
+            return Forms(len(formed), 0, 0, 0.0)
+        began = clock()
+        generator = torch.Generator().manual_seed(0)
+        for op in formed:
+            op.many_from = self.rows + 1
+        for n in sorted({1, max(1, streams)}):
+            decode = steady_decode(self, like, n, codebooks)
+            codes = torch.randint(0, 2, (n, codebooks, frames), generator=generator)
+            for op in formed:
+                op.seen = []
+            try:
+                decode(codes)
+                inputs = [op.seen[0] if op.seen else None for op in formed]
+            finally:
+                for op in formed:
+                    op.seen = None
+            for op, x in zip(formed, inputs, strict=True):
+                if x is None or _seconds(op.direct, x, clock) > 0.02:
+                    continue  # (a layer that large: the library's kernels, unmeasured)
+                direct, product = _race((op.direct, op.product), x, clock)
+                choice = product < 0.95 * direct
+                if n > 1 or streams <= 1:
+                    op.product_many = choice
+                if n == 1:
+                    op.product_one = choice
+        return Forms(
+            len(formed),
+            sum(op.product_one for op in formed),
+            sum(op.product_many for op in formed),
+            clock() - began,
+        )
+
+    def direct_forms(self) -> None:
+        """Every convolution as the library's (the forms before ``choose_forms``)."""
+        for op in self._ops:
+            if isinstance(op, _Formed):
+                op.product_one = op.product_many = False
 
     def _gather(self, states: Sequence[CodecState]) -> list[_Slot | None]:
         """The states' layer states stacked in their order (new ``_Slot`` objects:

@@ -639,6 +639,9 @@ class StreamGeometry:
     frame_rate: float
 
 
+_ROUNDING = 1e-2  # the incremental decoder's largest error against the one-shot decode
+
+
 class CodecStreams:
     """An engine's codec, for streaming: an incremental decoder where its layers
     allow one (checked at load against the one-shot decode), windows otherwise
@@ -673,6 +676,7 @@ class CodecStreams:
         self.name = name
         self.hop = hop
         self.codebooks = codebooks
+        self.cardinality = cardinality
         self.incremental = None if windows else incremental(codec)
         self.cadence = Cadence(geometry.chunk_frames)
         if self.incremental is not None:
@@ -686,7 +690,7 @@ class CodecStreams:
             # Float rounding: 1e-6 in float32, 2e-3 under float16 autocast (the
             # tiny EnCodec; 2e-2 under bfloat16, which then streams windows); a
             # layer misread by one sample errs by 5e-2 to 1.
-            if not error <= 1e-2:
+            if not error <= _ROUNDING:
                 log.warning("%s: incremental codec decoder off by %.3g: windows", name, error)
                 self.incremental = None
         mode = "windows" if self.incremental is None else "incremental"
@@ -720,6 +724,40 @@ class CodecStreams:
     def tick(self) -> None:
         """A step of the engine (the streams' ``Cadence``)."""
         self.cadence.tick()
+
+    def choose_forms(self, most: int) -> None:
+        """Each of the incremental decoder's convolutions as the library's or as a
+        matrix product, whichever is faster on this CPU for one stream's calls and
+        for calls of ``most`` streams, on the largest chunk
+        (``IncrementalCodec.choose_forms``); checked against the one-shot decode
+        again, and the library's everywhere if it strays."""
+        inc = self.incremental
+        if inc is None or self.like.device.type != "cpu":
+            return
+        g = self.geometry
+        forms = inc.choose_forms(
+            self.like, most, self.codebooks, self.cadence.size(g.max_chunk_frames)
+        )
+        try:
+            error = checked(
+                inc, self.decode, self.like, codebooks=self.codebooks, cardinality=self.cardinality
+            )
+        except Exception:
+            log.warning("%s: codec layers as products failed the check", self.name, exc_info=True)
+            error = float("inf")
+        if not error <= _ROUNDING:
+            log.warning("%s: codec layers as products off by %.3g: as written", self.name, error)
+            inc.direct_forms()
+            return
+        log.info(
+            "%s: codec layers as matrix products: %d of %d for one stream's calls, "
+            "%d for more (chosen in %.2f s)",
+            self.name,
+            forms.product_one,
+            forms.layers,
+            forms.product_many,
+            forms.seconds,
+        )
 
     def fastest_rows(self, most: int) -> int:
         """The codec batch that costs least per chunk (``fastest_rows``), measured

@@ -20,8 +20,11 @@ from wavecast.server.engines import codec_stream
 from wavecast.server.engines.base import StepOutput
 from wavecast.server.engines.codec_decoders import for_serving
 from wavecast.server.engines.codec_incremental import (
+    Forms,
     IncrementalCodec,
     _Conv,
+    _ConvTranspose,
+    _Formed,
     checked,
     incremental,
 )
@@ -598,3 +601,159 @@ def test_any_prompt_chunking_and_pushes_stream_the_one_shot_decode(
     streamed = np.concatenate(pieces)
     assert streamed.shape == whole.shape
     assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, float(np.abs(whole).max()))
+
+
+def _formed(inc: IncrementalCodec) -> list[_Formed]:
+    return [op for op in inc._ops if isinstance(op, _Formed) and op.prepare()]
+
+
+def test_each_convolution_as_a_matrix_product_equals_the_librarys(
+    codec: tuple[IncrementalCodec, Decode, int],
+) -> None:
+    """Every convolution and transposed convolution of the four decoders (taps,
+    dilations, strides, biases as they come), on inputs of one and three rows,
+    from the shortest to longer ones: the product's output is the library's,
+    to float rounding."""
+    inc, _, _ = codec
+    formed = _formed(inc)
+    kinds = {type(op) for op in formed}
+    assert kinds == {_Conv, _ConvTranspose}
+    gen = torch.Generator().manual_seed(3)
+    for op in formed:
+        conv = op.conv
+        least = 1
+        if isinstance(op, _Conv):
+            least = (conv.kernel_size[0] - 1) * conv.dilation[0] + 1
+        for rows, n in ((1, least), (3, least + 1), (3, least + 37)):
+            x = torch.randn(rows, conv.in_channels, n, generator=gen)
+            direct, product = op.direct(x), op.product(x)
+            assert product.shape == direct.shape, (op, rows, n)
+            scale = direct.abs().max().clamp_min(1e-6)
+            assert (product - direct).abs().max() <= 1e-5 * scale, (op, rows, n)
+
+
+def test_streams_with_every_convolution_a_matrix_product_equal_the_one_shot_decode(
+    codec: tuple[IncrementalCodec, Decode, int],
+) -> None:
+    inc, decode, k = codec
+    try:
+        for op in _formed(inc):
+            op.product_one = op.product_many = True
+        assert checked(inc, decode, torch.zeros(()), codebooks=k, cardinality=64) < 1e-5
+    finally:
+        inc.direct_forms()
+    assert not any(op.product_one or op.product_many for op in _formed(inc))
+
+
+def test_each_convolution_takes_the_faster_form_for_one_stream_and_for_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The choice follows the times (stood in for here: the real ones depend on
+    the machine): a form 5% faster or more is taken, for calls of one stream's
+    rows and for calls of more apart; a layer whose call takes over 20 ms keeps
+    the library's, untimed; the calls then run the chosen forms."""
+    from wavecast.server.engines import codec_incremental
+
+    model, _, k = _stereo()  # two rows a stream: "one stream" is a batch of 2
+    inc = incremental(model)
+    assert inc is not None
+    formed = _formed(inc)
+    large = formed[0]
+    raced: list[tuple[int, int]] = []
+
+    def race(forms: Any, x: torch.Tensor, clock: Any) -> list[float]:
+        op = forms[0].__self__
+        index = formed.index(op)
+        raced.append((index, x.shape[0]))
+        one = x.shape[0] == 2
+        # Odd layers: the product faster for one stream; every third: for more;
+        # layer 2: the product only 4% faster (not enough).
+        if index == 2:
+            return [1.0, 0.96]
+        faster = index % 2 == 1 if one else index % 3 == 0
+        return [1.0, 0.5] if faster else [1.0, 1.5]
+
+    def seconds(form: Any, x: torch.Tensor, clock: Any) -> float:
+        return 0.5 if form.__self__ is large else 1e-4
+
+    monkeypatch.setattr(codec_incremental, "_race", race)
+    monkeypatch.setattr(codec_incremental, "_seconds", seconds)
+    forms = inc.choose_forms(torch.zeros(()), 4, k, 10)
+    assert sorted({rows for _, rows in raced}) == [2, 8]  # one stream, four
+    assert 0 not in {index for index, _ in raced}  # the large layer: untimed
+    for index, op in enumerate(formed):
+        assert op.product_one == (index % 2 == 1 and index != 2), index
+        assert op.product_many == (index % 3 == 0 and index not in (0, 2)), index
+    assert forms.layers == len(formed)
+    assert forms.product_one == sum(op.product_one for op in formed) > 0
+    assert forms.product_many == sum(op.product_many for op in formed) > 0
+
+    ran: dict[int, list[str]] = {}
+    for index, op in enumerate(formed):
+        for name in ("direct", "product"):
+            inner = getattr(op, name)
+
+            def spy(x: torch.Tensor, inner: Any = inner, at: int = index, name: str = name) -> Any:
+                ran.setdefault(at, []).append(name)
+                return inner(x)
+
+            monkeypatch.setattr(op, name, spy)
+    for streams in (1, 3):
+        ran.clear()
+        states = [inc.start(torch.zeros(())) for _ in range(streams)]
+        inc.decode(_codes(streams, k, 12, seed=streams), states)
+        for index, op in enumerate(formed):
+            want = op.product_one if streams == 1 else op.product_many
+            assert set(ran[index]) == {"product" if want else "direct"}, (streams, index)
+
+
+def test_convolutions_as_products_that_stray_are_put_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checked against the one-shot decode after the choice, as at load: a
+    product that strays (a weight matrix misread) puts every layer back to the
+    library's, and the log says so."""
+    model, decode, k = _encodec()
+    geometry = StreamGeometry(25, 4, 1, 10, 50, 50.0)
+    streams = CodecStreams(
+        model, decode, torch.zeros(()), geometry, hop=640, codebooks=k, cardinality=64, name="m"
+    )
+    inc = streams.incremental
+    assert inc is not None
+
+    def all_products(*args: Any, **kwargs: Any) -> Forms:
+        formed = _formed(inc)
+        for op in formed:
+            op.product_one = op.product_many = True
+        assert formed[-1].matrix is not None
+        formed[-1].matrix = formed[-1].matrix * 1.5
+        return Forms(len(formed), len(formed), len(formed), 0.0)
+
+    monkeypatch.setattr(inc, "choose_forms", all_products)
+    with caplog.at_level(logging.WARNING):
+        streams.choose_forms(4)
+    assert "as products off by" in caplog.text
+    assert not any(op.product_one or op.product_many for op in _formed(inc))
+    assert checked(inc, decode, torch.zeros(()), codebooks=k, cardinality=64) < 1e-5
+
+
+@pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
+def test_warm_up_chooses_the_codec_layers_forms(
+    model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the machine's times choose, the streams still decode the one-shot decode."""
+    from wavecast.server.engines import load_engines
+
+    engine: Any = load_engines([model], "cpu", max_chunk_frames=20, codec_batch=2)[model]
+    with caplog.at_level(logging.INFO):
+        engine.warm_up()
+    assert "codec layers as matrix products" in caplog.text
+    streams = engine.codec_streams
+    error = checked(
+        streams.incremental,
+        streams.decode,
+        streams.like,
+        codebooks=streams.codebooks,
+        cardinality=streams.cardinality,
+    )
+    assert error < 1e-5

@@ -856,6 +856,8 @@ class MusicGenEngine:
             finally:
                 self._graphs = graphs
             self._check_room()
+            with torch.no_grad(), self._codec_format():
+                self.codec_streams.choose_forms(self.codec_batch or self.max_active)
             if self.codec_batch is None:
                 with torch.no_grad():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
