@@ -757,3 +757,16 @@ def test_warm_up_chooses_the_codec_layers_forms(
         cardinality=streams.cardinality,
     )
     assert error < 1e-5
+
+
+def test_off_the_cpu_the_convolutions_stay_the_librarys() -> None:
+    """A GPU's convolutions are its library's: nothing timed, no matrix made
+    (a ``meta`` tensor stands in for a GPU's here)."""
+    model, _, k = _encodec()
+    inc = incremental(model)
+    assert inc is not None
+    forms = inc.choose_forms(torch.zeros((), device="meta"), 4, k, 10)
+    assert forms == Forms(14, 0, 0, 0.0)
+    convolutions = [op for op in inc._ops if isinstance(op, _Formed)]
+    assert len(convolutions) == 14
+    assert all(op.matrix is None and not op.product_one for op in convolutions)
