@@ -687,6 +687,9 @@ def test_each_convolution_takes_the_faster_form_for_one_stream_and_for_more(
     assert forms.layers == len(formed)
     assert forms.product_one == sum(op.product_one for op in formed) > 0
     assert forms.product_many == sum(op.product_many for op in formed) > 0
+    raced.clear()
+    inc.choose_forms(torch.zeros(()), 40, k, 10)  # a crowd is timed at 16 streams at most
+    assert sorted({rows for _, rows in raced}) == [2, 32]
 
     ran: dict[int, list[str]] = {}
     for index, op in enumerate(formed):
