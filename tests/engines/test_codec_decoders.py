@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from transformers.models.dac.modeling_dac import Snake1d
@@ -39,26 +40,37 @@ def test_encodec_decodes_the_same_audio_after_preparation() -> None:
     assert for_serving(codec.decoder).total == 0  # once is enough
 
 
-def test_elu_from_exp_equals_torchs() -> None:
+def test_elu_from_exp_equals_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Positive samples exactly, negative ones within 1e-7 (any alpha); in place
-    only when asked."""
-    x = torch.cat(
-        [
-            torch.randn(3, 4, 500) * 4,
-            torch.tensor([0.0, -0.0, -1e-8, 1e-8, -30.0])[None, None].expand(3, 4, -1),
-        ],
-        -1,
-    )
-    for alpha in (1.0, 0.3):
-        want = nn.functional.elu(x, alpha)
-        kept = x.clone()
-        got = ELU(alpha)(x)
-        assert torch.equal(x, kept)
-        assert torch.equal(got[x > 0], want[x > 0])
-        assert (got - want).abs().max() <= 1e-7
-        inside = x.clone()
-        out = ELU(alpha, inplace=True)(inside)
-        assert out.data_ptr() == inside.data_ptr() and torch.equal(out, got)
+    only when asked; torch's own kernel for small inputs, ``exp`` for large."""
+    exps = []
+    exp = torch.Tensor.exp_
+
+    def counted(self: torch.Tensor) -> torch.Tensor:
+        exps.append(self.numel())
+        return exp(self)
+
+    monkeypatch.setattr(torch.Tensor, "exp_", counted)
+    for length in (500, 5000):
+        x = torch.cat(
+            [
+                torch.randn(3, 4, length) * 4,
+                torch.tensor([0.0, -0.0, -1e-8, 1e-8, -30.0])[None, None].expand(3, 4, -1),
+            ],
+            -1,
+        )
+        for alpha in (1.0, 0.3):
+            exps.clear()
+            want = nn.functional.elu(x, alpha)
+            kept = x.clone()
+            got = ELU(alpha)(x)
+            assert exps == ([] if length == 500 else [x.numel()])
+            assert torch.equal(x, kept)
+            assert torch.equal(got[x > 0], want[x > 0])
+            assert (got - want).abs().max() <= 1e-7
+            inside = x.clone()
+            out = ELU(alpha, inplace=True)(inside)
+            assert out.data_ptr() == inside.data_ptr() and torch.equal(out, got)
 
 
 def test_elu_stays_torchs_off_the_cpu() -> None:
