@@ -1,7 +1,8 @@
 """What a server start measures and chooses: ``wavecast serve`` started
 ``--starts`` times, and from each start's log, each model's codec chunks per
-call (``fastest_rows``: the codec batch measured at warm-up) and its warm-up's
-time.
+call (``fastest_rows``: the codec batch measured at warm-up), how many of its
+codec layers the warm-up chose to run as matrix products (``choose_forms``), and
+its warm-up's time.
 
 What a warm-up measures decides how every later stream is decoded, so it must
 come out the same from one start to the next on the same machine. Run it with
@@ -28,8 +29,10 @@ from bench_stream import codec_batches, machine, start_server
 import wavecast.server
 
 
-def one_start(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
-    """Each model's codec chunks per call and warm-up seconds, from one start."""
+def one_start(args: argparse.Namespace) -> dict[str, tuple[int, str, float]]:
+    """Each model's codec chunks per call, codec layers as products (for one
+    stream's calls / for more, of all; "-" where the log does not say) and
+    warm-up seconds, from one start."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         process: subprocess.Popen[bytes] | None = None
@@ -41,8 +44,18 @@ def one_start(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
                 process.wait(60)
         text = log.read_text()
     batches = codec_batches(text)
+    forms = {
+        model: f"{one} / {more} of {layers}"
+        for model, one, layers, more in re.findall(
+            r"(\S+): codec layers as matrix products: (\d+) of (\d+) "
+            r"for one stream's calls, (\d+) for more",
+            text,
+        )
+    }
     warmed = dict(re.findall(r"(\S+) warmed up in ([\d.]+) s", text))
-    return {model: (batches[model], float(warmed[model])) for model in args.model}
+    return {
+        model: (batches[model], forms.get(model, "-"), float(warmed[model])) for model in args.model
+    }
 
 
 def main() -> None:
@@ -68,13 +81,20 @@ def main() -> None:
     package = Path(wavecast.server.__file__).resolve().parents[1]
     print(f"- package: `{package}`")
     print(f"- date: {time.strftime('%Y-%m-%d')}\n")
-    print("| model | codec chunks per call: starts | warm-up (median, max) |")
-    print("| --- | --- | --- |")
+    print(
+        "| model | codec chunks per call: starts | codec layers as products "
+        "(one stream / more): starts | warm-up (median, max) |"
+    )
+    print("| --- | --- | --- | --- |")
     for model in args.model:
         caps = Counter(start[model][0] for start in starts)
         counts = ", ".join(f"{cap}: {n}" for cap, n in sorted(caps.items()))
-        times = sorted(start[model][1] for start in starts)
-        print(f"| {model} | {counts} | {times[len(times) // 2]:.1f} s, {times[-1]:.1f} s |")
+        chosen = Counter(start[model][1] for start in starts)
+        forms = ", ".join(f"{form}: {n}" for form, n in sorted(chosen.items()))
+        times = sorted(start[model][2] for start in starts)
+        print(
+            f"| {model} | {counts} | {forms} | {times[len(times) // 2]:.1f} s, {times[-1]:.1f} s |"
+        )
 
 
 if __name__ == "__main__":
