@@ -685,22 +685,30 @@ class CodecStreams:
         self.cardinality = cardinality
         self.incremental = None if windows else incremental(codec)
         self.cadence = Cadence(geometry.chunk_frames)
-        if self.incremental is not None:
-            try:
-                error = checked(
-                    self.incremental, decode, like, codebooks=codebooks, cardinality=cardinality
-                )
-            except Exception:  # (the one-shot decode is what serves then)
-                log.warning("%s: incremental codec decoder failed its check", name, exc_info=True)
-                error = float("inf")
-            # Float rounding: 1e-6 in float32, 2e-3 under float16 autocast (the
-            # tiny EnCodec; 2e-2 under bfloat16, which then streams windows); a
-            # layer misread by one sample errs by 5e-2 to 1.
-            if not error <= _ROUNDING:
-                log.warning("%s: incremental codec decoder off by %.3g: windows", name, error)
-                self.incremental = None
+        if self.incremental is not None and self._strays(
+            self.incremental, "incremental codec decoder", "windows"
+        ):
+            self.incremental = None
         mode = "windows" if self.incremental is None else "incremental"
         log.info("%s: codec decoding: %s", name, mode)
+
+    def _strays(self, inc: IncrementalCodec, what: str, instead: str) -> bool:
+        """Whether ``inc`` strays from the one-shot decode by more than float
+        rounding, or fails to decode (logged, with what serves ``instead``)."""
+        try:
+            error = checked(
+                inc, self.decode, self.like, codebooks=self.codebooks, cardinality=self.cardinality
+            )
+        except Exception:  # (a decoder that cannot run is put aside as one that strays)
+            log.warning("%s: %s failed its check", self.name, what, exc_info=True)
+            return True
+        # Float rounding: 1e-6 in float32, 2e-3 under float16 autocast (the
+        # tiny EnCodec; 2e-2 under bfloat16, which then streams windows); a
+        # layer misread by one sample errs by 5e-2 to 1.
+        if error <= _ROUNDING:
+            return False
+        log.warning("%s: %s off by %.3g: %s", self.name, what, error, instead)
+        return True
 
     def stream(self) -> StreamDecoder:
         """A new stream's decoder."""
@@ -744,15 +752,7 @@ class CodecStreams:
         forms = inc.choose_forms(
             self.like, most, self.codebooks, self.cadence.size(g.max_chunk_frames)
         )
-        try:
-            error = checked(
-                inc, self.decode, self.like, codebooks=self.codebooks, cardinality=self.cardinality
-            )
-        except Exception:
-            log.warning("%s: codec layers as products failed the check", self.name, exc_info=True)
-            error = float("inf")
-        if not error <= _ROUNDING:
-            log.warning("%s: codec layers as products off by %.3g: as written", self.name, error)
+        if self._strays(inc, "codec layers as products", "as written"):
             inc.direct_forms()
             return
         log.info(
