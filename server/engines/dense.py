@@ -9,27 +9,56 @@ weights are read (a ``functools.partial``: no Python frame between the step and
 the operation): the same operation on the same tensors, so the same floats.
 Calling a ``Dense`` is ``F.linear``, for inputs of any shape (a prefill's
 ``[rows, S, D]``).
+
+On a CPU, a matrix product of a few rows by a large float32 weight is bound by
+reading the weight, and MKL's ``addmm`` reads it twice: it first copies the
+weight into its blocked layout, at every call (a 3,072 x 1,024 weight times two
+rows: 0.61 ms, where reading it once takes 0.28 ms). ``pack`` keeps, beside the
+weight, a copy in oneDNN's blocked layout made once at load; a step of 2 to
+``PACKED_ROWS`` rows multiplies that copy (0.35 ms for the same two rows; 1.4-2x
+faster from two to sixteen rows), one row keeps ``addmm`` (a matrix-vector
+product, which reads the weight once), and so do more rows than that (bound by
+arithmetic, where MKL's product is the faster) and prefills. The packed product
+sums in another order: within float32 rounding of ``F.linear`` (about 1e-6 of
+the output's size), and each row's result the same whatever the other rows of
+the call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch.nn import functional as F
 
-__all__ = ["Dense"]
+from .kv import free_memory
+
+__all__ = ["Dense", "Packing", "pack"]
+
+log = logging.getLogger(__name__)
+
+# Weights of at least this many elements are packed (2 MiB in float32): below
+# that, the packed product's own cost (about 20 µs a call here) is more than it
+# saves.
+PACKED_FROM = 1 << 19
+# Rows of a step that go through the packed copy: 2 to this many.
+PACKED_ROWS = 32
+# Of the memory available at load, what the packed copies may take.
+MEMORY_SHARE = 0.5
 
 
 class Dense:
     """``F.linear(x, weight, bias)``; ``rows(x)`` for ``x`` of two dimensions."""
 
-    __slots__ = ("bias", "rows", "weight")
+    __slots__ = ("bias", "packed", "rows", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight  # [out, in]
         self.bias = bias
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked copy (``pack``)
         transposed = weight.t()
         self.rows: Callable[[torch.Tensor], torch.Tensor] = (
             partial(torch.mm, mat2=transposed)
@@ -39,3 +68,78 @@ class Dense:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def _pack(self) -> None:
+        weight = self.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        bias = None if self.bias is None else self.bias.detach()
+        self.rows = partial(_packed_rows, self.rows, self.packed, bias)
+
+
+def _packed_rows(
+    plain: Callable[[torch.Tensor], torch.Tensor],
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    if not 2 <= x.shape[0] <= PACKED_ROWS or torch.is_autocast_enabled("cpu"):
+        return plain(x)
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Packing:
+    """What ``pack`` did: how many weights it packed, the bytes the copies
+    take (or would have taken), and why it packed none where it could have."""
+
+    weights: int
+    bytes: int
+    skipped: str | None = None
+
+    def log(self, name: str) -> None:
+        """Say in the log what was packed for model ``name``, or why nothing was."""
+        if self.weights:
+            log.info(
+                "%s: %d weights packed for steps of a few rows (%s more)",
+                name,
+                self.weights,
+                _size(self.bytes),
+            )
+        elif self.skipped:
+            log.info("%s: weights not packed: %s", name, self.skipped)
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return bool(
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and weight.numel() >= PACKED_FROM
+    )
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
+def pack(denses: Iterable[Dense], available: Callable[[], int | None] | None = None) -> Packing:
+    """Give the large float32 weights of ``denses`` on a CPU a packed copy for
+    the steps' products of a few rows, if the memory ``available`` (the
+    system's, by default) holds the copies with room to spare (``MEMORY_SHARE``);
+    else none (a model that barely fits keeps its memory)."""
+    chosen = [dense for dense in denses if _packable(dense.weight)]
+    need = sum(dense.weight.numel() * dense.weight.element_size() for dense in chosen)
+    if not chosen:
+        return Packing(0, 0)
+    if not torch.backends.mkldnn.is_available() or not hasattr(
+        torch.ops.mkldnn, "_linear_pointwise"
+    ):
+        return Packing(0, need, "this torch has no oneDNN linear product")
+    free = (available or partial(free_memory, "cpu"))()
+    if free is None or need > MEMORY_SHARE * free:
+        told = "unknown" if free is None else _size(free)
+        return Packing(0, need, f"the copies would take {_size(need)}, {told} available")
+    for dense in chosen:
+        dense._pack()
+    return Packing(len(chosen), need)

@@ -20,7 +20,7 @@ from helpers import count_codec_calls
 from test_musicgen_features import decode, wav_bytes
 
 from wavecast.protocol import Busy, InternalError, WavecastError, resolve_params
-from wavecast.server.engines import kv
+from wavecast.server.engines import dense, kv
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.musicgen.engine import MusicGenEngine, StreamSettings
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
@@ -145,6 +145,29 @@ def test_rows_in_a_batch_equal_their_solo_runs(windowed: Any) -> None:
             full = decode(model, codes(engine, together))
             assert np.abs(streamed - full).max() <= 1e-4
     assert codes(engine, batch["b"]).shape[-1] > 150  # two window extensions
+
+
+def test_packed_weights_keep_rows_as_alone_and_logits_as_unpacked(
+    windowed: Any, monkeypatch: Any
+) -> None:
+    """Every weight a step multiplies packed (as a released model's are on a
+    CPU; the tiny model's are too small to be): a row in a batch is as alone,
+    and the logits are the unpacked engine's to float rounding."""
+    _, plain = windowed
+    monkeypatch.setattr(dense, "PACKED_FROM", 1)
+    engine = MusicGenEngine(
+        build_tiny_musicgen(window=2.0, seed=3), name="tiny-2s", test_model=True, max_duration=12.0
+    )
+    assert engine.decoder.packing.weights > 0
+    unpacked = {rid: drive(plain, {0: [(rid, make(plain, rid))]})[0][rid] for rid in "ab"}
+    solo = {rid: drive(engine, {0: [(rid, make(engine, rid))]})[0][rid] for rid in "ab"}
+    batch, _ = drive(engine, {0: [("a", make(engine, "a"))], 3: [("b", make(engine, "b"))]})
+    for rid in "ab":
+        pairs = zip(batch[rid].logits, solo[rid].logits, strict=True)
+        assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5, rid
+        assert torch.equal(codes(engine, batch[rid]), codes(engine, solo[rid])), rid
+        pairs = zip(solo[rid].logits, unpacked[rid].logits, strict=True)
+        assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-4, rid
 
 
 def test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(windowed: Any) -> None:

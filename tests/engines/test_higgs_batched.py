@@ -25,6 +25,7 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
     HiggsAudioV2DelayPatternLogitsProcessor,
 )
 
+from wavecast.server.engines import dense
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.higgs.decoder import HiggsDecoder
 from wavecast.server.engines.higgs.engine import HiggsEngine
@@ -97,13 +98,21 @@ def drive(
 # -- the decoder -----------------------------------------------------------------------
 
 
-def test_decoder_matches_the_model_forward(loaded: HiggsModel, batched: HiggsEngine) -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_decoder_matches_the_model_forward(
+    loaded: HiggsModel, batched: HiggsEngine, packed: bool, monkeypatch: Any
+) -> None:
+    """(``packed``: every weight a step multiplies packed, as a released model's
+    are on a CPU; the tiny model's are too small to be.)"""
     model = loaded.model
     config = model.config
     ids, audio, frames = voiced_prompt(batched, K, BOS)
     expected = model_forward(model, ids, audio, frames)
+    if packed:
+        monkeypatch.setattr(dense, "PACKED_FROM", 1)
     with torch.no_grad():
         decoder = HiggsDecoder(model, rows=4, length=512)
+        assert decoder.packing.weights == (4 * len(model.model.layers) + 1 if packed else 0)
         tokens = ids[0].numpy()
         is_audio = (tokens == config.audio_token_id) | (tokens == config.audio_delay_token_id)
         # The prompt in two calls (text and audio positions in both), beside a

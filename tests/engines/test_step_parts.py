@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from wavecast.server.engines.dense import Dense
+from wavecast.server.engines import dense as dense_module
+from wavecast.server.engines.dense import Dense, pack
 from wavecast.server.engines.kv import LayerMask, StaticKV
 
 
@@ -23,6 +24,49 @@ def test_a_dense_layer_is_f_linear_bit_for_bit(bias: bool) -> None:
         assert torch.equal(dense.rows(x), F.linear(x, weight, b))
     positions = torch.randn(5, 3, 16)
     assert torch.equal(dense(positions), F.linear(positions, weight, b))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_packed_dense_layer_multiplies_a_few_rows_by_its_packed_copy(bias: bool) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 512) * 0.05  # as large as PACKED_FROM
+    b = torch.randn(1024) if bias else None
+    dense = Dense(weight, b)
+    assert pack([dense]) == dense_module.Packing(1, weight.numel() * 4)
+    assert dense.packed is not None
+    x = torch.randn(dense_module.PACKED_ROWS + 1, 512)
+    packed = torch.ops.mkldnn._linear_pointwise(x, dense.packed, b, "none", [], "")
+    for rows in (2, 5, dense_module.PACKED_ROWS):
+        got = dense.rows(x[:rows])
+        assert torch.equal(got, packed[:rows])  # each row the same whatever the others
+        assert torch.allclose(got, F.linear(x[:rows], weight, b), rtol=0, atol=1e-5)
+    # One row (a matrix-vector product), more rows than PACKED_ROWS, a prefill's
+    # positions, and anything under autocast: the library's product, as before.
+    for some in (x[:1], x):
+        assert torch.equal(dense.rows(some), F.linear(some, weight, b))
+    positions = torch.randn(3, 4, 512)
+    assert torch.equal(dense(positions), F.linear(positions, weight, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(dense.rows(x[:4]), F.linear(x[:4], weight, b))
+
+
+def test_only_large_float32_weights_on_a_cpu_are_packed_where_memory_allows() -> None:
+    large = torch.randn(1024, 512)
+    small = Dense(torch.randn(1024, 511))
+    half = Dense(large.bfloat16())
+    meta = Dense(large.to("meta"))
+    assert pack([small, half, meta]) == dense_module.Packing(0, 0)
+    assert small.packed is half.packed is meta.packed is None
+    # The copies may take half of what is available, at most.
+    first, second = Dense(large), Dense(large.clone())
+    need = 2 * large.numel() * 4
+    short = pack([first, second], available=lambda: 2 * need - 1)
+    assert (short.weights, short.bytes) == (0, need) and short.skipped
+    assert first.packed is None and second.packed is None
+    assert pack([first, second], available=lambda: 2 * need) == dense_module.Packing(2, need)
+    unknown = Dense(large)
+    assert pack([unknown], available=lambda: None).skipped
+    assert unknown.packed is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

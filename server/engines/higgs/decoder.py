@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..dense import Dense
+from ..dense import Dense, pack
 from ..kv import CacheRows, LayerMask, StaticKV
 from ..prefill import last_own, ragged
 
@@ -161,6 +161,11 @@ class HiggsDecoder(CacheRows):
             dtype=self.dtype,
         )
         self._rope_table(self.kv.length)
+        # (A decode step takes the audio path; text runs in prefills: not packed.)
+        stepped = [self._head]
+        for layer in self.layers:
+            stepped += [layer.qkv, layer.out, layer.audio.gate_up, layer.audio.down]
+        self.packing = pack(stepped)
 
     def storage(self) -> tuple[Any, ...]:
         """What identifies where the step's tensors live: it changes exactly when

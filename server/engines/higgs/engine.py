@@ -240,6 +240,7 @@ class HiggsEngine:
             end=self.end_token,
         )
         self.decoder = HiggsDecoder(self.model, rows=1, length=256)
+        self.decoder.packing.log(self.name)
         self._graphs = None
         self._prefilled = PrefilledLogits(1, self.num_codebooks, self.decoder.card, self.device)
         if cuda_graphs:

@@ -34,7 +34,7 @@ from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
 from torch.nn import functional as F
 
-from ..dense import Dense
+from ..dense import Dense, pack
 from ..kv import CacheRows, LayerMask, StaticKV, additive_mask
 from ..prefill import last_own, ragged
 
@@ -207,6 +207,13 @@ class MusicGenDecoder(CacheRows):
         )
         self.has_cross = any(layer.kv is not None for layer in self.layers)
         self._tables()
+        # (The conditioning's ``kv`` projection runs once per request, over its
+        # whole conditioning: not packed.)
+        stepped = [self._head]
+        for layer in self.layers:
+            stepped += [layer.qkv, layer.out, layer.ff1, layer.ff2]
+            stepped += [dense for dense in (layer.q, layer.cross_out) if dense is not None]
+        self.packing = pack(stepped)
 
     def storage(self) -> tuple[Any, ...]:
         """What identifies where the step's tensors live: it changes exactly when

@@ -233,6 +233,7 @@ class MusicGenEngine:
         self.decoder = MusicGenDecoder(
             self.lm, rows=2, length=self._window_steps, cross_length=16, dtype=dtype
         )
+        self.decoder.packing.log(self.name)
         self._sampling = RowSampling(1, self.device)
         self._cfg = torch.zeros(1, 1, 1, device=self.device)  # [slots, 1, 1]: as guidance uses it
         self._graphs = None
