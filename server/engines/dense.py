@@ -15,7 +15,7 @@ reading the weight, and MKL's ``addmm`` reads it twice: it first copies the
 weight into its blocked layout, at every call (a 3,072 x 1,024 weight times two
 rows: 0.61 ms, where reading it once takes 0.28 ms). ``pack`` keeps, beside the
 weight, a copy in oneDNN's blocked layout made once at load; a step of 2 to
-``PACKED_ROWS`` rows multiplies that copy (0.35 ms for the same two rows; 1.4-2x
+``PACKED_ROWS`` rows multiplies that copy (0.35 ms for the same two rows; 1.3-2x
 faster from two to sixteen rows), one row keeps ``addmm`` (a matrix-vector
 product, which reads the weight once), and so do more rows than that (bound by
 arithmetic, where MKL's product is the faster) and prefills. The packed product
