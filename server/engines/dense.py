@@ -15,13 +15,13 @@ reading the weight, and MKL's ``addmm`` reads it twice: it first copies the
 weight into its blocked layout, at every call (a 3,072 x 1,024 weight times two
 rows: 0.61 ms, where reading it once takes 0.28 ms). ``pack`` keeps, beside the
 weight, a copy in oneDNN's blocked layout made once at load; a step of 2 to
-``PACKED_ROWS`` rows multiplies that copy (0.35 ms for the same two rows; 1.3-2x
-faster from two to sixteen rows), one row keeps ``addmm`` (a matrix-vector
-product, which reads the weight once), and so do more rows than that (bound by
-arithmetic, where MKL's product is the faster) and prefills. The packed product
-sums in another order: within float32 rounding of ``F.linear`` (about 1e-6 of
-the output's size), and each row's result the same whatever the other rows of
-the call.
+``PACKED_ROWS`` rows (or a prefill of as many positions) multiplies that copy
+(0.35 ms for the same two rows; 1.3-2x faster from two to sixteen rows), one
+row keeps ``addmm`` (a matrix-vector product, which reads the weight once), and
+so do more rows than that (bound by arithmetic, where MKL's product is the
+faster). The packed product sums in another order: within float32 rounding of
+``F.linear`` (about 1e-6 of the output's size), and each row's result the same
+whatever the other rows of the call.
 """
 
 from __future__ import annotations
@@ -67,13 +67,23 @@ class Dense:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and _few(x.numel() // max(1, x.shape[-1])):
+            return _packed(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def _pack(self) -> None:
-        weight = self.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        bias = None if self.bias is None else self.bias.detach()
-        self.rows = partial(_packed_rows, self.rows, self.packed, bias)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self.rows = partial(_packed_rows, self.rows, self.packed, self.bias)
+
+
+def _few(rows: int) -> bool:
+    """Whether a product of ``rows`` rows goes through a packed copy."""
+    return 2 <= rows <= PACKED_ROWS and not torch.is_autocast_enabled("cpu")
+
+
+def _packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return out
 
 
 def _packed_rows(
@@ -82,10 +92,7 @@ def _packed_rows(
     bias: torch.Tensor | None,
     x: torch.Tensor,
 ) -> torch.Tensor:
-    if not 2 <= x.shape[0] <= PACKED_ROWS or torch.is_autocast_enabled("cpu"):
-        return plain(x)
-    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return out
+    return _packed(x, packed, bias) if _few(x.shape[0]) else plain(x)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,14 +40,21 @@ def test_a_packed_dense_layer_multiplies_a_few_rows_by_its_packed_copy(bias: boo
         got = dense.rows(x[:rows])
         assert torch.equal(got, packed[:rows])  # each row the same whatever the others
         assert torch.allclose(got, F.linear(x[:rows], weight, b), rtol=0, atol=1e-5)
-    # One row (a matrix-vector product), more rows than PACKED_ROWS, a prefill's
-    # positions, and anything under autocast: the library's product, as before.
+    # A prefill's positions, as many (a view, as a last position's rows are).
+    positions = torch.randn(3, 11, 512)[:, :-1]
+    expected = torch.ops.mkldnn._linear_pointwise(positions, dense.packed, b, "none", [], "")
+    assert torch.equal(dense(positions), expected)
+    assert torch.allclose(dense(positions), F.linear(positions, weight, b), rtol=0, atol=1e-5)
+    # One row (a matrix-vector product), more rows than PACKED_ROWS, and anything
+    # under autocast: the library's product, as before.
+    more = torch.randn(3, 11, 512)
     for some in (x[:1], x):
         assert torch.equal(dense.rows(some), F.linear(some, weight, b))
-    positions = torch.randn(3, 4, 512)
-    assert torch.equal(dense(positions), F.linear(positions, weight, b))
+        assert torch.equal(dense(some), F.linear(some, weight, b))
+    assert torch.equal(dense(more), F.linear(more, weight, b))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(dense.rows(x[:4]), F.linear(x[:4], weight, b))
+        assert torch.equal(dense(positions), F.linear(positions, weight, b))
 
 
 def test_only_large_float32_weights_on_a_cpu_are_packed_where_memory_allows() -> None:

@@ -207,12 +207,12 @@ class MusicGenDecoder(CacheRows):
         )
         self.has_cross = any(layer.kv is not None for layer in self.layers)
         self._tables()
-        # (The conditioning's ``kv`` projection runs once per request, over its
-        # whole conditioning: not packed.)
+        # (With the conditioning's ``kv``: a request's first step projects its
+        # few positions.)
         stepped = [self._head]
         for layer in self.layers:
             stepped += [layer.qkv, layer.out, layer.ff1, layer.ff2]
-            stepped += [dense for dense in (layer.q, layer.cross_out) if dense is not None]
+            stepped += [d for d in (layer.q, layer.kv, layer.cross_out) if d is not None]
         self.packing = pack(stepped)
 
     def storage(self) -> tuple[Any, ...]:
