@@ -279,6 +279,21 @@ def test_the_codec_batch_flag_reaches_both_engines() -> None:
         assert engine.codec_batch == 3, engine.info.name
 
 
+def test_warm_up_packs_the_step_weights_last(monkeypatch: Any) -> None:
+    """Both engines pack at the end of their warm-up (their tables reserved: the
+    copies take what memory is left); the tiny models' weights are packed here
+    only because ``PACKED_FROM`` is lowered."""
+    from wavecast.server.engines import dense
+
+    monkeypatch.setattr(dense, "PACKED_FROM", 1)
+    engines = load_engines(["tiny-musicgen", "tiny-higgs"], "cpu", codec_batch=2)
+    for engine in engines.values():
+        assert engine.decoder.packing.weights == 0, engine.info.name
+        engine.warm_up()
+        assert engine.decoder.packing.weights > 0, engine.info.name
+        assert engine.decoder.packing.skipped is None
+
+
 def test_max_duration_job_streams_whole_clip(engine: Any) -> None:
     _, chunks, steps = run(engine, "long", duration=30.0, seed=0)
     assert sum(c.shape[0] for c in chunks) == 1500 * 640

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..dense import Dense, pack
+from ..dense import Dense, Packing, pack
 from ..kv import CacheRows, LayerMask, StaticKV
 from ..prefill import last_own, ragged
 
@@ -161,11 +161,17 @@ class HiggsDecoder(CacheRows):
             dtype=self.dtype,
         )
         self._rope_table(self.kv.length)
-        # (A decode step takes the audio path; text runs in prefills: not packed.)
-        stepped = [self._head]
-        for layer in self.layers:
-            stepped += [layer.qkv, layer.out, layer.audio.gate_up, layer.audio.down]
-        self.packing = pack(stepped)
+        self.packing = Packing(0, 0)
+
+    def pack_weights(self) -> Packing:
+        """Pack the large weights a step multiplies (``dense.pack``), once: the
+        audio path's (text runs only in prefills)."""
+        if not self.packing.weights:
+            stepped = [self._head]
+            for layer in self.layers:
+                stepped += [layer.qkv, layer.out, layer.audio.gate_up, layer.audio.down]
+            self.packing = pack(stepped)
+        return self.packing
 
     def storage(self) -> tuple[Any, ...]:
         """What identifies where the step's tensors live: it changes exactly when

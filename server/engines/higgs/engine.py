@@ -240,7 +240,6 @@ class HiggsEngine:
             end=self.end_token,
         )
         self.decoder = HiggsDecoder(self.model, rows=1, length=256)
-        self.decoder.packing.log(self.name)
         self._graphs = None
         self._prefilled = PrefilledLogits(1, self.num_codebooks, self.decoder.card, self.device)
         if cuda_graphs:
@@ -861,6 +860,9 @@ class HiggsEngine:
                 if graphs is not None:
                     self._prepare_graphs()
                 self._measure_context_cost()
+            # Last, the table reserved: the packed copies take what is left of
+            # the memory, or nothing.
+            self.decoder.pack_weights().log(self.name)
             self._warm = True
 
     def _table_length(self) -> int:

@@ -34,7 +34,7 @@ from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
 from torch.nn import functional as F
 
-from ..dense import Dense, pack
+from ..dense import Dense, Packing, pack
 from ..kv import CacheRows, LayerMask, StaticKV, additive_mask
 from ..prefill import last_own, ragged
 
@@ -207,13 +207,19 @@ class MusicGenDecoder(CacheRows):
         )
         self.has_cross = any(layer.kv is not None for layer in self.layers)
         self._tables()
-        # (With the conditioning's ``kv``: a request's first step projects its
-        # few positions.)
-        stepped = [self._head]
-        for layer in self.layers:
-            stepped += [layer.qkv, layer.out, layer.ff1, layer.ff2]
-            stepped += [d for d in (layer.q, layer.kv, layer.cross_out) if d is not None]
-        self.packing = pack(stepped)
+        self.packing = Packing(0, 0)
+
+    def pack_weights(self) -> Packing:
+        """Pack the large weights a step multiplies (``dense.pack``), once; the
+        conditioning's ``kv`` too (a request's first step projects its few
+        positions)."""
+        if not self.packing.weights:
+            stepped = [self._head]
+            for layer in self.layers:
+                stepped += [layer.qkv, layer.out, layer.ff1, layer.ff2]
+                stepped += [d for d in (layer.q, layer.kv, layer.cross_out) if d is not None]
+            self.packing = pack(stepped)
+        return self.packing
 
     def storage(self) -> tuple[Any, ...]:
         """What identifies where the step's tensors live: it changes exactly when

@@ -233,7 +233,6 @@ class MusicGenEngine:
         self.decoder = MusicGenDecoder(
             self.lm, rows=2, length=self._window_steps, cross_length=16, dtype=dtype
         )
-        self.decoder.packing.log(self.name)
         self._sampling = RowSampling(1, self.device)
         self._cfg = torch.zeros(1, 1, 1, device=self.device)  # [slots, 1, 1]: as guidance uses it
         self._graphs = None
@@ -871,6 +870,9 @@ class MusicGenEngine:
                 if graphs is not None:
                     self._prepare_graphs()
                 self._measure_context_cost()
+            # Last, the table reserved: the packed copies take what is left of
+            # the memory, or nothing.
+            self.decoder.pack_weights().log(self.name)
             self._warm = True
 
     def _table_size(self) -> tuple[int, int]:
