@@ -271,6 +271,7 @@ def load(
             prefill_budget_ms=prefill_budget_ms,
         )
     engine.warm_up()
+    engine.pack_weights()  # (as the server does once every engine is warm)
     freeze_heap()
     return engine
 

@@ -103,6 +103,8 @@ def in_process(
     engines = load_engines(names, device)
     for engine in engines.values():
         engine.warm_up()
+    for engine in engines.values():
+        engine.pack_weights()  # (as the server does)
     rows = []
     for frozen in (False, True):
         if frozen:

@@ -270,6 +270,10 @@ class Scheduler:
                 start = time.perf_counter()
                 engine.warm_up()
                 log.info("%s warmed up in %.2f s", name, time.perf_counter() - start)
+            # Last, every model loaded and every table reserved: the packed
+            # copies take what memory is left, or none.
+            for engine in self._engines.values():
+                engine.pack_weights()
         except BaseException as exc:  # report any load failure to the loop
             self._loop.call_soon_threadsafe(_set_exception, self._ready, exc)
             return

@@ -242,6 +242,12 @@ class Engine(Protocol):
         """Run a short request once, so that the first client's is not the slowest."""
         ...
 
+    def pack_weights(self) -> None:
+        """Once every engine is warm (every model's weights loaded and its
+        key/value table reserved): give the large weights a step multiplies a
+        packed copy where the memory left allows (``dense.pack``), and log it."""
+        ...
+
 
 def run_once(engine: Engine, prompt: str, params: Mapping[str, ParamValue]) -> None:
     """Generate one short request to the end and drop it (warming a model up: the

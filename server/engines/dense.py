@@ -14,8 +14,8 @@ On a CPU, a matrix product of a few rows by a large float32 weight is bound by
 reading the weight, and MKL's ``addmm`` reads it twice: it first copies the
 weight into its blocked layout, at every call (a 3,072 x 1,024 weight times two
 rows: 0.61 ms, where reading it once takes 0.28 ms). ``pack`` keeps, beside the
-weight, a copy in oneDNN's blocked layout made once (the engines pack at the end
-of their warm-up, their key/value table reserved); a step of 2 to
+weight, a copy in oneDNN's blocked layout made once (the server packs once every
+engine is warm: every model loaded, every key/value table reserved); a step of 2 to
 ``PACKED_ROWS`` rows (or a prefill of as many positions) multiplies that copy
 (0.35 ms for the same two rows; 1.3-2x faster from two to sixteen rows), one
 row keeps ``addmm`` (a matrix-vector product, which reads the weight once), and

@@ -279,17 +279,40 @@ def test_the_codec_batch_flag_reaches_both_engines() -> None:
         assert engine.codec_batch == 3, engine.info.name
 
 
-def test_warm_up_packs_the_step_weights_last(monkeypatch: Any) -> None:
-    """Both engines pack at the end of their warm-up (their tables reserved: the
-    copies take what memory is left); the tiny models' weights are packed here
-    only because ``PACKED_FROM`` is lowered."""
+def test_the_server_packs_the_step_weights_once_every_engine_is_warm(monkeypatch: Any) -> None:
+    """The scheduler warms every engine up (each reserving its table), then packs
+    each one's step weights: the copies take what memory is left. (The tiny
+    models' weights are packed here only because ``PACKED_FROM`` is lowered.)"""
+    import asyncio
+
     from wavecast.server.engines import dense
+    from wavecast.server.scheduler import Scheduler
 
     monkeypatch.setattr(dense, "PACKED_FROM", 1)
     engines = load_engines(["tiny-musicgen", "tiny-higgs"], "cpu", codec_batch=2)
+    order: list[str] = []
+    for name, engine in engines.items():
+        for method in ("warm_up", "pack_weights"):
+            bound = getattr(engine, method)
+            monkeypatch.setattr(
+                engine, method, lambda b=bound, n=name, m=method: (order.append(f"{m} {n}"), b())
+            )
+
+    async def serve() -> None:
+        scheduler = Scheduler(
+            asyncio.get_running_loop(), lambda: engines, max_queue=1, max_active=1
+        )
+        await scheduler.start()
+        scheduler.stop(timeout=10)
+
+    asyncio.run(serve())
+    assert order == [
+        "warm_up tiny-musicgen",
+        "warm_up tiny-higgs",
+        "pack_weights tiny-musicgen",
+        "pack_weights tiny-higgs",
+    ]
     for engine in engines.values():
-        assert engine.decoder.packing.weights == 0, engine.info.name
-        engine.warm_up()
         assert engine.decoder.packing.weights > 0, engine.info.name
         assert engine.decoder.packing.skipped is None
 

@@ -860,10 +860,10 @@ class HiggsEngine:
                 if graphs is not None:
                     self._prepare_graphs()
                 self._measure_context_cost()
-            # Last, the table reserved: the packed copies take what is left of
-            # the memory, or nothing.
-            self.decoder.pack_weights().log(self.name)
             self._warm = True
+
+    def pack_weights(self) -> None:
+        self.decoder.pack_weights().log(self.name)
 
     def _table_length(self) -> int:
         """A row's positions as the table is reserved for: 1024 prompt positions

@@ -870,10 +870,10 @@ class MusicGenEngine:
                 if graphs is not None:
                     self._prepare_graphs()
                 self._measure_context_cost()
-            # Last, the table reserved: the packed copies take what is left of
-            # the memory, or nothing.
-            self.decoder.pack_weights().log(self.name)
             self._warm = True
+
+    def pack_weights(self) -> None:
+        self.decoder.pack_weights().log(self.name)
 
     def _table_size(self) -> tuple[int, int]:
         """A request's positions (a window, a melody's chroma included) and
