@@ -35,7 +35,7 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
-from .kv import free_memory
+from .kv import GiB, free_memory
 
 __all__ = ["Dense", "Packing", "pack"]
 
@@ -128,7 +128,7 @@ def _packable(weight: torch.Tensor) -> bool:
 
 
 def _size(count: int) -> str:
-    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+    return f"{count / GiB:.1f} GiB" if count >= GiB else f"{count / 2**20:.0f} MiB"
 
 
 def pack(denses: Iterable[Dense], available: Callable[[], int | None] | None = None) -> Packing:
@@ -137,9 +137,9 @@ def pack(denses: Iterable[Dense], available: Callable[[], int | None] | None = N
     system's, by default) holds the copies with room to spare (``MEMORY_SHARE``);
     else none (a model that barely fits keeps its memory)."""
     chosen = [dense for dense in denses if _packable(dense.weight)]
-    need = sum(dense.weight.numel() * dense.weight.element_size() for dense in chosen)
     if not chosen:
         return Packing(0, 0)
+    need = sum(dense.weight.numel() * dense.weight.element_size() for dense in chosen)
     if not torch.backends.mkldnn.is_available() or not hasattr(
         torch.ops.mkldnn, "_linear_pointwise"
     ):
