@@ -376,6 +376,7 @@ def main() -> None:
     mode = "windows" if streams is None or streams.incremental is None else "incremental"
     print(f"- codec decoding: {mode}; chunks per call at most: {engine.codec_batch} (warm-up)")
     print(f"- load and warm-up: {loaded:.1f} s")
+    print(f"- step weights: {engine.decoder.packing}")
     if device.startswith("cuda"):
         print(f"- GPU memory after warm-up: {resident:.2f} GiB")
     print()

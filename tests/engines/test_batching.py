@@ -147,19 +147,24 @@ def test_rows_in_a_batch_equal_their_solo_runs(windowed: Any) -> None:
     assert codes(engine, batch["b"]).shape[-1] > 150  # two window extensions
 
 
+@pytest.mark.parametrize("room", [True, False])
 def test_packed_weights_keep_rows_as_alone_and_logits_as_unpacked(
-    windowed: Any, monkeypatch: Any
+    windowed: Any, monkeypatch: Any, room: bool
 ) -> None:
     """Every weight a step multiplies packed (as a released model's are on a
-    CPU; the tiny model's are too small to be): a row in a batch is as alone,
-    and the logits are the unpacked engine's to float rounding."""
+    CPU; the tiny model's are too small to be), or, without ``room`` for the
+    copies, multiplied by oneDNN as they lie: a row in a batch is as alone, and
+    the logits are the unpacked engine's to float rounding."""
     _, plain = windowed
     monkeypatch.setattr(dense, "PACKED_FROM", 1)
+    if not room:
+        monkeypatch.setattr(dense, "free_memory", lambda device: 0)
     engine = MusicGenEngine(
         build_tiny_musicgen(window=2.0, seed=3), name="tiny-2s", test_model=True, max_duration=12.0
     )
-    assert engine.decoder.packing.weights == 0  # (packed at warm-up)
-    assert engine.decoder.pack_weights().weights > 0
+    assert not engine.decoder.packing.applied  # (packed at warm-up)
+    packing = engine.decoder.pack_weights()
+    assert (packing.weights > 0, packing.direct > 0) == (room, not room)
     unpacked = {rid: drive(plain, {0: [(rid, make(plain, rid))]})[0][rid] for rid in "ab"}
     solo = {rid: drive(engine, {0: [(rid, make(engine, rid))]})[0][rid] for rid in "ab"}
     batch, _ = drive(engine, {0: [("a", make(engine, "a"))], 3: [("b", make(engine, "b"))]})

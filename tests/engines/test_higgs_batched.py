@@ -98,22 +98,27 @@ def drive(
 # -- the decoder -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", ["no", "copies", "direct"])
 def test_decoder_matches_the_model_forward(
-    loaded: HiggsModel, batched: HiggsEngine, packed: bool, monkeypatch: Any
+    loaded: HiggsModel, batched: HiggsEngine, packed: str, monkeypatch: Any
 ) -> None:
     """(``packed``: every weight a step multiplies packed, as a released model's
-    are on a CPU; the tiny model's are too small to be.)"""
+    are on a CPU, the tiny model's being too small to be; or, where memory
+    holds no copies, multiplied by oneDNN as they lie.)"""
     model = loaded.model
     config = model.config
     ids, audio, frames = voiced_prompt(batched, K, BOS)
     expected = model_forward(model, ids, audio, frames)
-    if packed:
+    if packed != "no":
         monkeypatch.setattr(dense, "PACKED_FROM", 1)
+    if packed == "direct":
+        monkeypatch.setattr(dense, "free_memory", lambda device: 0)
     with torch.no_grad():
         decoder = HiggsDecoder(model, rows=4, length=512)
         packing = decoder.pack_weights()
-        assert packing.weights == (4 * len(model.model.layers) + 1 if packed else 0)
+        stepped = 4 * len(model.model.layers) + 1
+        assert packing.weights == (stepped if packed == "copies" else 0)
+        assert packing.direct == (stepped if packed == "direct" else 0)
         tokens = ids[0].numpy()
         is_audio = (tokens == config.audio_token_id) | (tokens == config.audio_delay_token_id)
         # The prompt in two calls (text and audio positions in both), beside a

@@ -64,16 +64,52 @@ def test_only_large_float32_weights_on_a_cpu_are_packed_where_memory_allows() ->
     meta = Dense(large.to("meta"))
     assert pack([small, half, meta]) == dense_module.Packing(0, 0)
     assert small.packed is half.packed is meta.packed is None
-    # The copies may take half of what is available, at most.
+    # The copies may take half of what is available, at most; short of that,
+    # oneDNN multiplies the weights as they lie (not a view it cannot read so).
     first, second = Dense(large), Dense(large.clone())
+    strided = Dense(torch.randn(1024, 1025)[:, 1:])
     need = 2 * large.numel() * 4
-    short = pack([first, second], available=lambda: 2 * need - 1)
-    assert (short.weights, short.bytes) == (0, need) and short.skipped
-    assert first.packed is None and second.packed is None
-    assert pack([first, second], available=lambda: 2 * need) == dense_module.Packing(2, need)
+    roomy = pack([Dense(large), Dense(large)], available=lambda: 2 * need)
+    assert roomy == dense_module.Packing(2, need)
+    assert str(roomy) == "2 weights packed for steps of a few rows (4 MiB more)"
+    need += strided.weight.numel() * 4
+    short = pack([first, second, strided], available=lambda: 2 * need - 1)
+    assert (short.weights, short.bytes, short.direct) == (0, need, 2) and short.skipped
+    for dense in (first, second):
+        assert dense.packed is not None and dense.packed.data_ptr() == dense.weight.data_ptr()
+    assert strided.packed is None
+    said = str(short)
+    assert said.startswith("weights not packed: the copies would take") and said.endswith(
+        "; 2 weights multiplied by oneDNN as they lie for steps of 3-32 rows"
+    )
     unknown = Dense(large)
-    assert pack([unknown], available=lambda: None).skipped
-    assert unknown.packed is None
+    assert pack([unknown], available=lambda: None).direct == 1
+    assert unknown.packed is not None and unknown.packed.shape == large.shape
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_weights_left_as_they_lie_are_multiplied_by_onednn_from_three_rows(bias: bool) -> None:
+    """Where memory holds no copies: from ``DIRECT_ROWS`` rows to ``PACKED_ROWS``
+    the product is oneDNN's over the weight itself, whose floats are the packed
+    copy's; one and two rows, and more, keep the library's product."""
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 512) * 0.05
+    b = torch.randn(1024) if bias else None
+    direct, copied = Dense(weight, b), Dense(weight, b)
+    assert pack([direct], available=lambda: 0).direct == 1
+    assert pack([copied]).weights == 1
+    assert direct.fewest == dense_module.DIRECT_ROWS == 3
+    x = torch.randn(dense_module.PACKED_ROWS + 1, 512)
+    for rows in (3, 7, dense_module.PACKED_ROWS):
+        got = direct.rows(x[:rows])
+        assert torch.equal(got, copied.rows(x[:rows]))
+        assert torch.allclose(got, F.linear(x[:rows], weight, b), rtol=0, atol=1e-5)
+    positions = torch.randn(2, 5, 512)
+    assert torch.equal(direct(positions), copied(positions))
+    for some in (x[:1], x[:2], x):
+        assert torch.equal(direct.rows(some), F.linear(some, weight, b))
+        assert torch.equal(direct(some), F.linear(some, weight, b))
+    assert torch.equal(direct(positions[:1, :2]), F.linear(positions[:1, :2], weight, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -166,7 +166,7 @@ class HiggsDecoder(CacheRows):
     def pack_weights(self) -> Packing:
         """Pack the large weights a step multiplies (``dense.pack``), once: the
         audio path's (text runs only in prefills)."""
-        if not self.packing.weights:
+        if not self.packing.applied:
             stepped = [self._head]
             for layer in self.layers:
                 stepped += [layer.qkv, layer.out, layer.audio.gate_up, layer.audio.down]

@@ -213,7 +213,7 @@ class MusicGenDecoder(CacheRows):
         """Pack the large weights a step multiplies (``dense.pack``), once; the
         conditioning's ``kv`` too (a request's first step projects its few
         positions)."""
-        if not self.packing.weights:
+        if not self.packing.applied:
             stepped = [self._head]
             for layer in self.layers:
                 stepped += [layer.qkv, layer.out, layer.ff1, layer.ff2]
