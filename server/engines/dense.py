@@ -142,7 +142,7 @@ class Packing:
         if self.direct:
             said.append(f"{self.direct} weights multiplied by oneDNN as they lie")
             said[-1] += f" for steps of {DIRECT_ROWS}-{PACKED_ROWS} rows"
-        return "; ".join(said) or "no weight large enough to pack"
+        return "; ".join(said) or "none packed (only large float32 weights on a CPU are)"
 
     def log(self, name: str) -> None:
         """Say in the log what was packed for model ``name``, or why nothing was."""

@@ -62,7 +62,9 @@ def test_only_large_float32_weights_on_a_cpu_are_packed_where_memory_allows() ->
     small = Dense(torch.randn(1024, 511))
     half = Dense(large.bfloat16())
     meta = Dense(large.to("meta"))
-    assert pack([small, half, meta]) == dense_module.Packing(0, 0)
+    none = pack([small, half, meta])
+    assert none == dense_module.Packing(0, 0)
+    assert str(none) == "none packed (only large float32 weights on a CPU are)"
     assert small.packed is half.packed is meta.packed is None
     # The copies may take half of what is available, at most; short of that,
     # oneDNN multiplies the weights as they lie (not a view it cannot read so).
