@@ -1,9 +1,11 @@
 """How much prompt a step prefills: the budget, and which prompts' chunks go in.
 
 Both engines feed the prompts not yet in the cache between decode steps, a chunk
-of each at a time, in one call padded to the longest chunk (the decoders take a
-start and a length per row). What a step may feed is a number of positions the
-decoder computes, padding included: a cap, or, with a time budget
+of each at a time, in one call (the decoders take a start and a length per row):
+MusicGen's padded to the longest chunk, speech's packed (``packed``: the chunks'
+own positions one after the other, no padding computed). What a step may feed
+is a number of positions the decoder computes, padding included where there is
+any: a cap, or, with a time budget
 (``--prefill-budget-ms``), what that time buys at the speed measured on the
 calls so far, so that a crowd of long prompts delays the running streams by
 about the budget per step, never by the crowd's whole prompts.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -44,6 +47,78 @@ def last_own(hidden: torch.Tensor, own: npt.NDArray[np.int64]) -> torch.Tensor:
         return hidden[:, -1]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, torch.from_numpy(own - 1).to(hidden.device)]
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Rows of a packed call that start at the same place with as many positions:
+    ``count`` rows of ``own`` positions from ``start`` on, packed one after the
+    other from packed position ``first``; ``rows``: their places in the call."""
+
+    rows: tuple[int, ...]
+    first: int
+    own: int
+    start: int
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    @property
+    def end(self) -> int:
+        """One past the last packed position of the group."""
+        return self.first + self.count * self.own
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A prefill call's own positions one after the other, without its padding.
+
+    The call's rows ``[R, S]`` hold ``own[r]`` positions each, the rest padding.
+    Packed, the work of each layer's products is the positions' (the sum of the
+    rows' sizes), not the padded rows' (R times the longest): a crowd of
+    prompts of different lengths pays for what it feeds. Rows that start at the
+    same place with as many positions are packed together (``groups``), so that
+    attention runs once per group, over the group's own positions, not over the
+    longest row's.
+    """
+
+    index: npt.NDArray[np.int64]  # [T]: each packed position's place in the flat [R * S]
+    row: npt.NDArray[np.int64]  # [T]: its row in the call
+    position: npt.NDArray[np.int64]  # [T]: its position in its row
+    last: npt.NDArray[np.int64]  # [R]: the packed place of each row's last own position
+    groups: tuple[Group, ...]
+    whole: bool  # no padding, rows in their order: the packed positions are the flat rows
+
+
+def packed(starts: npt.NDArray[np.int64], own: npt.NDArray[np.int64], steps: int) -> Packed:
+    """The packed layout of a call's rows (``ragged``'s ``starts`` and ``own``,
+    ``steps`` positions each, padding included): rows grouped by their start and
+    size, in the order they first appear."""
+    keys: dict[tuple[int, int], list[int]] = {}
+    for r, (start, size) in enumerate(zip(starts.tolist(), own.tolist(), strict=True)):
+        keys.setdefault((start, size), []).append(r)
+    groups = []
+    first = 0
+    for (start, size), members in keys.items():
+        groups.append(Group(tuple(members), first, size, start))
+        first += len(members) * size
+    order = np.array([r for group in groups for r in group.rows], dtype=np.int64)
+    sizes = own[order]
+    offsets = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    within = np.arange(int(sizes.sum()), dtype=np.int64) - offsets
+    row = np.repeat(order, sizes)
+    last = np.empty(len(own), dtype=np.int64)
+    last[order] = np.cumsum(sizes) - 1
+    whole = bool((own == steps).all()) and bool((order == np.arange(len(own))).all())
+    return Packed(
+        index=row * steps + within,
+        row=row,
+        position=starts[row] + within,
+        last=last,
+        groups=tuple(groups),
+        whole=whole,
+    )
 
 
 class PrefillBudget:
@@ -110,25 +185,29 @@ class PrefillBudget:
 
 
 def choose(
-    waiting: Sequence[tuple[T, int]], budget: int, rows: int = 1
+    waiting: Sequence[tuple[T, int]], budget: int, rows: int = 1, packed: bool = False
 ) -> tuple[list[tuple[T, int]], int]:
     """The chunks one call feeds, and their padded width.
 
     ``waiting``: each prompt's next chunk size, oldest first; ``rows``: decoder
     rows per prompt (2 where guidance pairs them). The oldest always goes in (cut
-    to the budget if need be); each other one if the call, padded to its longest
-    chunk, still fits the budget with it; one that does not is passed over for
-    shorter ones behind it.
+    to the budget if need be); each other one if the call still fits the budget
+    with it; one that does not is passed over for shorter ones behind it. What a
+    call costs: its rows padded to the longest chunk, or where the decoder packs
+    them (``packed``: it computes no padding), the chunks' own positions.
     """
     chosen: list[tuple[T, int]] = []
     width = 0
+    total = 0
     for item, size in waiting:
+        cost = (total + size) if packed else (len(chosen) + 1) * max(width, size)
         if not chosen:
             size = min(size, max(1, budget // rows))
-        elif (len(chosen) + 1) * rows * max(width, size) > budget:
+        elif cost * rows > budget:
             continue
         chosen.append((item, size))
         width = max(width, size)
+        total += size
     return chosen, width
 
 
@@ -139,10 +218,12 @@ def feed(
     failures: dict[int, BaseException],
     budget: PrefillBudget,
     rows: int = 1,
+    packed: bool = False,
 ) -> list[R | None]:
     """``call(chosen, width)``: one result per chunk, the call timed into
-    ``budget``. If it raises, each chunk is fed again alone, so that one prompt's
-    failure ends only its request (``failures``, by ``id``); its result is None."""
+    ``budget`` (its positions as ``choose`` counts them). If it raises, each
+    chunk is fed again alone, so that one prompt's failure ends only its request
+    (``failures``, by ``id``); its result is None."""
     began = budget.clock()
     try:
         results: list[R | None] = list(call(chosen, width))
@@ -154,5 +235,6 @@ def feed(
             attempt(failures, [item], lambda one: call(one, one[0][1])[0], [(item, size)])
             for item, size in chosen
         ]
-    budget.measure(len(chosen) * rows * width, began)
+    positions = sum(size for _, size in chosen) if packed else len(chosen) * width
+    budget.measure(positions * rows, began)
     return results

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from wavecast.server.engines.prefill import PrefillBudget, choose, feed
+from wavecast.server.engines.prefill import PrefillBudget, choose, feed, packed
 
 CPU = torch.device("cpu")
 
@@ -68,6 +69,38 @@ def test_choose_takes_the_oldest_and_what_fits_beside_it() -> None:
     # Two decoder rows a request (guidance pairs).
     assert choose(waiting, 400, rows=2) == ([("a", 100), ("c", 80)], 100)
     assert choose(waiting, 100, rows=2) == ([("a", 50)], 50)
+
+
+def test_choose_counts_own_positions_where_the_decoder_packs_them() -> None:
+    """A packed call costs its chunks' positions, not its rows padded to the
+    longest: beside a (100), b (300) fits a budget of 400, and then nothing more."""
+    waiting = [("a", 100), ("b", 300), ("c", 80), ("d", 90), ("e", 100)]
+    assert choose(waiting, 400, packed=True) == ([("a", 100), ("b", 300)], 300)
+    fitting = [("a", 100), ("c", 80), ("d", 90), ("e", 100)]
+    assert choose(waiting, 399, packed=True) == (fitting, 100)
+    assert choose(waiting, 60, packed=True) == ([("a", 60)], 60)
+    assert choose(waiting, 500, rows=2, packed=True) == ([("a", 100), ("c", 80)], 100)
+
+
+def test_packed_lays_rows_out_without_their_padding() -> None:
+    """Rows of one start and size together, in the order they first appear; each
+    packed position's place among the padded ones, its row and position."""
+    starts = np.array([0, 5, 0, 2], dtype=np.int64)
+    own = np.array([3, 2, 3, 1], dtype=np.int64)
+    layout = packed(starts, own, 4)
+    assert [(g.rows, g.first, g.own, g.start) for g in layout.groups] == [
+        ((0, 2), 0, 3, 0),
+        ((1,), 6, 2, 5),
+        ((3,), 8, 1, 2),
+    ]
+    assert layout.index.tolist() == [0, 1, 2, 8, 9, 10, 4, 5, 12]
+    assert layout.row.tolist() == [0, 0, 0, 2, 2, 2, 1, 1, 3]
+    assert layout.position.tolist() == [0, 1, 2, 0, 1, 2, 5, 6, 2]
+    assert layout.last.tolist() == [2, 7, 5, 8]
+    assert not layout.whole
+    same = packed(np.array([4, 4]), np.array([3, 3]), 3)
+    assert same.whole and same.index.tolist() == list(range(6))
+    assert same.position.tolist() == [4, 5, 6, 4, 5, 6]
 
 
 def test_feed_retries_alone_and_fails_only_the_culprit() -> None:

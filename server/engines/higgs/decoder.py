@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from ..dense import Dense, Packing, pack
 from ..kv import CacheRows, LayerMask, StaticKV
-from ..prefill import last_own, ragged
+from ..prefill import Group, packed, ragged
 
 __all__ = ["HiggsDecoder"]
 
@@ -224,10 +224,10 @@ class HiggsDecoder(CacheRows):
         """Feed ``tokens`` ``[R, S]`` to ``rows``, each at its own place.
 
         Rows of different lengths go in one call: a row's positions past its
-        ``sizes`` are padding. Their keys and values land past the row's new
-        length, where no step attends (a decode step masks positions past a row's
-        length and overwrites the next one before attending to it), and their
-        outputs are dropped; causal attention keeps them out of the real positions.
+        ``sizes`` are padding, which the forward leaves out (``packed``: the
+        rows' own positions one after the other, so that the products cost
+        what the rows feed, and attention runs per group of rows of one start
+        and size, over their own positions only, causal from the start of a row).
 
         Args:
             tokens: Text token ids; at audio positions and padding a placeholder
@@ -243,54 +243,95 @@ class HiggsDecoder(CacheRows):
         """
         count, steps = tokens.shape
         starts, own = ragged(start, sizes, count, steps)
-        end = int(starts.max()) + steps
-        self.ensure(length=end)
-        x = F.embedding(tokens, self._embed_text)
-        flat_audio = np.flatnonzero(is_audio.reshape(-1))
-        flat_text = np.flatnonzero(~is_audio.reshape(-1))
-        audio_index = torch.from_numpy(flat_audio).to(self.device)
-        text_index = torch.from_numpy(flat_text).to(self.device)
-        if flat_audio.size:
-            assert audio is not None and audio.shape[0] == flat_audio.size
-            x = x.view(count * steps, -1).index_copy(0, audio_index, self.embed_audio(audio))
-            x = x.view(count, steps, -1)
-        index = torch.tensor(rows, device=self.device)
-        # [1, S] where every row starts at the same place (the common case: a
-        # crowd's first chunks), [R, S] where they do not.
-        first = starts[:1] if bool((starts == starts[0]).all()) else starts
-        positions = torch.from_numpy(first[:, None] + np.arange(steps)).to(self.device)
-        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]
-        keep = torch.arange(end, device=self.device) <= positions[..., None]  # [1|R, S, end]
-        mask = LayerMask(keep[:, None])
+        self.ensure(length=int((starts + own).max()))
+        layout = packed(starts, own, steps)
+        device = self.device
+        flat = tokens.view(-1)
+        audible = is_audio.reshape(-1)  # of the padded positions, row by row
+        spoken = audible
+        if not layout.whole:
+            flat = flat.index_select(0, torch.from_numpy(layout.index).to(device))
+            spoken = audible[layout.index]
+        x = F.embedding(flat, self._embed_text)  # [T, D]
+        packed_audio = np.flatnonzero(spoken)
+        packed_text = np.flatnonzero(~spoken)
+        audio_at = torch.from_numpy(packed_audio).to(device)
+        text_at = torch.from_numpy(packed_text).to(device)
+        if packed_audio.size:
+            assert audio is not None and audio.shape[0] == packed_audio.size
+            # ``audio`` is in the rows' order; the packed positions group rows.
+            order = (np.cumsum(audible) - 1)[layout.index[packed_audio]]
+            if not bool((order == np.arange(order.size)).all()):
+                audio = audio[torch.from_numpy(order).to(audio.device)]
+            x = x.index_copy(0, audio_at, self.embed_audio(audio))
+        positions = torch.from_numpy(layout.position).to(device)
+        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [T, 1, d]
+        table_rows = torch.tensor(rows, device=device)
         where = (
-            index[:, None, None],
-            torch.arange(self.kv_heads, device=self.device)[None, :, None],
-            positions[:, None, :],
+            table_rows[torch.from_numpy(layout.row).to(device)][:, None],
+            torch.arange(self.kv_heads, device=device)[None, :],
+            positions[:, None],
         )
+        attention = [self._group_attention(group, rows) for group in layout.groups]
         cache_k, cache_v = self.kv.k, self.kv.v
+        heads, d = self.heads, self.head_dim
 
-        def attend(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """Store layer ``i``'s keys and values ``[T, H_kv, d]``; each group's
+            attention, packed: ``[T, H * d]``."""
             cache_k[i].index_put_(where, k.to(cache_k.dtype))
             cache_v[i].index_put_(where, v.to(cache_v.dtype))
-            return cache_k[i][index, :, :end], cache_v[i][index, :, :end]
+            outs = []
+            for group, (held, mask) in zip(layout.groups, attention, strict=True):
+                shape = (group.count, group.own, heads, d)
+                queries = q[group.first : group.end].view(shape).transpose(1, 2)
+                end = group.start + group.own
+                keys, values = cache_k[i][held, :, :end], cache_v[i][held, :, :end]
+                attended = F.scaled_dot_product_attention(
+                    queries,
+                    keys.to(q.dtype),
+                    values.to(q.dtype),
+                    attn_mask=None if mask is None else mask.for_(queries),
+                    is_causal=mask is None,
+                    enable_gqa=True,
+                )
+                outs.append(attended.transpose(1, 2).reshape(group.count * group.own, heads * d))
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         def route(f: PathOp, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
             """``f(path, h)`` on each position, with its own path's weights."""
-            if not flat_text.size:
+            if not packed_text.size:
                 return f(layer.audio, h)
-            if not flat_audio.size:
+            if not packed_audio.size:
                 return f(layer.text, h)
-            flat = h.reshape(count * steps, -1)
-            text = f(layer.text, flat.index_select(0, text_index))
-            spoken = f(layer.audio, flat.index_select(0, audio_index))
-            out = flat.new_empty((count * steps, text.shape[-1]))
-            out.index_copy_(0, text_index, text)
-            out.index_copy_(0, audio_index, spoken)
-            return out.view(count, steps, -1)
+            text = f(layer.text, h.index_select(0, text_at))
+            voiced = f(layer.audio, h.index_select(0, audio_at))
+            out = h.new_empty((h.shape[0], text.shape[-1]))
+            out.index_copy_(0, text_at, text)
+            out.index_copy_(0, audio_at, voiced)
+            return out
 
-        hidden = self._forward(x, cos, sin, mask, attend, route)
-        self.lengths[index] = torch.from_numpy(starts + own).to(self.device)
-        return self._logits(last_own(hidden, own))
+        hidden = self._forward(x, cos, sin, attend, route)
+        self.lengths[table_rows] = torch.from_numpy(starts + own).to(device)
+        return self._logits(hidden[torch.from_numpy(layout.last).to(device)])
+
+    def _group_attention(
+        self, group: Group, rows: list[int]
+    ) -> tuple[torch.Tensor | slice, LayerMask | None]:
+        """What a group's attention reads: its cache rows (a slice where they
+        follow each other), and its mask (None: causal from the row's start)."""
+        table = [rows[r] for r in group.rows]
+        held: torch.Tensor | slice = (
+            slice(table[0], table[0] + len(table))
+            if table == list(range(table[0], table[0] + len(table)))
+            else torch.tensor(table, device=self.device)
+        )
+        if group.start == 0:
+            return held, None
+        end = group.start + group.own
+        positions = torch.arange(group.start, end, device=self.device)
+        keep = torch.arange(end, device=self.device) <= positions[:, None]  # [own, end]
+        return held, LayerMask(keep[None, None])
 
     def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None) -> Any:
         """One audio frame for the first ``B`` rows: ``[B, K]`` codes -> ``[B, K, card]``.
@@ -363,33 +404,23 @@ class HiggsDecoder(CacheRows):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: LayerMask,
-        attend: Callable[[int, torch.Tensor, torch.Tensor], tuple[Any, Any]],
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         route: Callable[[PathOp, _Layer, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """The decoder layers on ``x`` ``[R, S, D]``.
+        """The decoder layers on ``x`` ``[T, D]`` (a prefill's positions, packed).
 
-        ``attend(i, k, v)`` stores layer ``i``'s new keys and values and returns
-        the keys and values to attend to; ``route(f, layer, h)`` applies
+        ``attend(i, q, k, v)`` stores layer ``i``'s new keys and values and returns
+        the attention's output ``[T, H * d]``; ``route(f, layer, h)`` applies
         ``f(path, h)`` to each position with its path's weights (text or audio).
         """
-        count, steps, _ = x.shape
-        q_size = self.heads * self.head_dim
-        kv_size = self.kv_heads * self.head_dim
+        count = x.shape[0]
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
             normed = route(self._norm1, layer, x)
-            qkv = layer.qkv(normed)
-            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-            q = q.view(count, steps, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(count, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(count, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            keys, values = attend(i, k, v)
-            attended = F.scaled_dot_product_attention(
-                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask.for_(q), enable_gqa=True
-            )
-            h = layer.out(attended.transpose(1, 2).reshape(count, steps, q_size))
-            x = x + h
+            qkv = layer.qkv(normed).view(count, heads + 2 * kv_heads, d)
+            qk, v = qkv.split((heads + kv_heads, kv_heads), dim=1)
+            q, k = self._rotate(qk, cos, sin).split((heads, kv_heads), dim=1)
+            x = x + layer.out(attend(i, q, k, v))
             x = x + route(self._feed_forward, layer, x)
         return x
 
