@@ -1,11 +1,10 @@
 """How much prompt a step prefills: the budget, and which prompts' chunks go in.
 
 Both engines feed the prompts not yet in the cache between decode steps, a chunk
-of each at a time, in one call (the decoders take a start and a length per row):
-MusicGen's padded to the longest chunk, speech's packed (``packed``: the chunks'
-own positions one after the other, no padding computed). What a step may feed
-is a number of positions the decoder computes, padding included where there is
-any: a cap, or, with a time budget
+of each at a time, in one call (the decoders take a start and a length per
+row), packed: the chunks' own positions one after the other (``packed``), no
+padding computed. What a step may feed is a number of positions the decoder
+computes: a cap, or, with a time budget
 (``--prefill-budget-ms``), what that time buys at the speed measured on the
 calls so far, so that a crowd of long prompts delays the running streams by
 about the budget per step, never by the crowd's whole prompts.
@@ -22,8 +21,10 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch.nn import functional as F
 
 from .base import attempt
+from .kv import LayerMask
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,14 +40,6 @@ def ragged(
     own = np.full(count, steps, dtype=np.int64) if sizes is None else np.asarray(sizes)
     assert own.shape == (count,) and bool((own >= 1).all() and (own <= steps).all())
     return starts, own
-
-
-def last_own(hidden: torch.Tensor, own: npt.NDArray[np.int64]) -> torch.Tensor:
-    """``hidden`` ``[R, S, D]`` at each row's last own position: ``[R, D]``."""
-    if bool((own == hidden.shape[1]).all()):
-        return hidden[:, -1]
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, torch.from_numpy(own - 1).to(hidden.device)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +114,53 @@ def packed(starts: npt.NDArray[np.int64], own: npt.NDArray[np.int64], steps: int
     )
 
 
+class GroupAttention:
+    """A packed call's self-attention, group by group (``Packed.groups``): each
+    group's rows attend over their own positions, causal from the start of a row
+    (``is_causal``), or with a mask where the rows continue from ``start``.
+
+    Made once a call (the masks, and the cache rows each group reads: a slice
+    where they follow each other), applied in every layer.
+    """
+
+    def __init__(self, layout: Packed, rows: Sequence[int], device: torch.device) -> None:
+        self.parts: list[tuple[Group, torch.Tensor | slice, LayerMask | None]] = []
+        for group in layout.groups:
+            table = [rows[r] for r in group.rows]
+            held: torch.Tensor | slice = (
+                slice(table[0], table[0] + len(table))
+                if table == list(range(table[0], table[0] + len(table)))
+                else torch.tensor(table, device=device)
+            )
+            mask = None
+            if group.start:
+                end = group.start + group.own
+                positions = torch.arange(group.start, end, device=device)
+                keep = torch.arange(end, device=device) <= positions[:, None]  # [own, end]
+                mask = LayerMask(keep[None, None])
+            self.parts.append((group, held, mask))
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``q`` ``[T, H, d]`` against a layer's cached ``keys`` and ``values``
+        ``[rows, H_kv, L, d]`` (this call's already written): ``[T, H * d]``."""
+        heads, d = int(q.shape[1]), int(q.shape[2])
+        outs = []
+        for group, held, mask in self.parts:
+            queries = q[group.first : group.end].view(group.count, group.own, heads, d)
+            queries = queries.transpose(1, 2)
+            end = group.start + group.own
+            attended = F.scaled_dot_product_attention(
+                queries,
+                keys[held, :, :end].to(q.dtype),
+                values[held, :, :end].to(q.dtype),
+                attn_mask=None if mask is None else mask.for_(queries),
+                is_causal=mask is None,
+                enable_gqa=keys.shape[1] != heads,
+            )
+            outs.append(attended.transpose(1, 2).reshape(group.count * group.own, heads * d))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 class PrefillBudget:
     """Positions a step may prefill.
 
@@ -185,25 +225,24 @@ class PrefillBudget:
 
 
 def choose(
-    waiting: Sequence[tuple[T, int]], budget: int, rows: int = 1, packed: bool = False
+    waiting: Sequence[tuple[T, int]], budget: int, rows: int = 1
 ) -> tuple[list[tuple[T, int]], int]:
-    """The chunks one call feeds, and their padded width.
+    """The chunks one call feeds, and their padded width (the call's inputs are
+    padded to it; the decoder packs them and computes none of the padding).
 
     ``waiting``: each prompt's next chunk size, oldest first; ``rows``: decoder
     rows per prompt (2 where guidance pairs them). The oldest always goes in (cut
-    to the budget if need be); each other one if the call still fits the budget
-    with it; one that does not is passed over for shorter ones behind it. What a
-    call costs: its rows padded to the longest chunk, or where the decoder packs
-    them (``packed``: it computes no padding), the chunks' own positions.
+    to the budget if need be); each other one if the call's positions still fit
+    the budget with it; one that does not is passed over for shorter ones
+    behind it.
     """
     chosen: list[tuple[T, int]] = []
     width = 0
     total = 0
     for item, size in waiting:
-        cost = (total + size) if packed else (len(chosen) + 1) * max(width, size)
         if not chosen:
             size = min(size, max(1, budget // rows))
-        elif cost * rows > budget:
+        elif (total + size) * rows > budget:
             continue
         chosen.append((item, size))
         width = max(width, size)
@@ -218,7 +257,6 @@ def feed(
     failures: dict[int, BaseException],
     budget: PrefillBudget,
     rows: int = 1,
-    packed: bool = False,
 ) -> list[R | None]:
     """``call(chosen, width)``: one result per chunk, the call timed into
     ``budget`` (its positions as ``choose`` counts them). If it raises, each
@@ -235,6 +273,5 @@ def feed(
             attempt(failures, [item], lambda one: call(one, one[0][1])[0], [(item, size)])
             for item, size in chosen
         ]
-    positions = sum(size for _, size in chosen) if packed else len(chosen) * width
-    budget.measure(positions * rows, began)
+    budget.measure(sum(size for _, size in chosen) * rows, began)
     return results

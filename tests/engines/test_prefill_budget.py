@@ -59,27 +59,17 @@ def test_old_calls_leave_the_fit() -> None:
 
 
 def test_choose_takes_the_oldest_and_what_fits_beside_it() -> None:
+    """A call costs its chunks' own positions (the decoder computes no padding)."""
     waiting = [("a", 100), ("b", 300), ("c", 80), ("d", 90), ("e", 100)]
     # The oldest, cut to the budget.
     assert choose(waiting, 60) == ([("a", 60)], 60)
-    # Padded to the longest chunk: b would make 2 x 300, it is passed over; c, d
-    # and e fit beside a (4 x 100).
-    assert choose(waiting, 400) == ([("a", 100), ("c", 80), ("d", 90), ("e", 100)], 100)
-    assert choose(waiting, 399) == ([("a", 100), ("c", 80), ("d", 90)], 100)
+    # b fits beside a in 400 positions, then nothing more does.
+    assert choose(waiting, 400) == ([("a", 100), ("b", 300)], 300)
+    # In 399, b is passed over for the shorter ones behind it.
+    assert choose(waiting, 399) == ([("a", 100), ("c", 80), ("d", 90), ("e", 100)], 100)
     # Two decoder rows a request (guidance pairs).
-    assert choose(waiting, 400, rows=2) == ([("a", 100), ("c", 80)], 100)
+    assert choose(waiting, 500, rows=2) == ([("a", 100), ("c", 80)], 100)
     assert choose(waiting, 100, rows=2) == ([("a", 50)], 50)
-
-
-def test_choose_counts_own_positions_where_the_decoder_packs_them() -> None:
-    """A packed call costs its chunks' positions, not its rows padded to the
-    longest: beside a (100), b (300) fits a budget of 400, and then nothing more."""
-    waiting = [("a", 100), ("b", 300), ("c", 80), ("d", 90), ("e", 100)]
-    assert choose(waiting, 400, packed=True) == ([("a", 100), ("b", 300)], 300)
-    fitting = [("a", 100), ("c", 80), ("d", 90), ("e", 100)]
-    assert choose(waiting, 399, packed=True) == (fitting, 100)
-    assert choose(waiting, 60, packed=True) == ([("a", 60)], 60)
-    assert choose(waiting, 500, rows=2, packed=True) == ([("a", 100), ("c", 80)], 100)
 
 
 def test_packed_lays_rows_out_without_their_padding() -> None:

@@ -195,6 +195,48 @@ def test_musicgen_cross_masks_follow_the_rows_conditions_in_place() -> None:
     )
 
 
+def test_musicgen_prompts_of_any_length_and_place_prefill_together_as_alone() -> None:
+    """Rows at different places with different lengths in one call (padded to
+    the longest in the call's inputs; each a guidance pair's two rows, which
+    attend together) leave each row's cache and last logits as its own call
+    does; the padding is not computed: nothing lands past a row's new length."""
+    from wavecast.server.engines.musicgen.decoder import MusicGenDecoder
+    from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
+
+    lm = build_tiny_musicgen().lm
+    gen = torch.Generator().manual_seed(3)
+    starts, sizes = [0, 0, 5, 5, 2, 2], [7, 7, 3, 3, 1, 1]
+    count, width = len(sizes), max(sizes)
+
+    def prepared() -> MusicGenDecoder:
+        decoder = MusicGenDecoder(lm, rows=8, length=32, cross_length=6, dtype=torch.float32)
+        conditions = torch.randn(count, 6, decoder.dim, generator=torch.Generator().manual_seed(4))
+        decoder.set_conditions(list(range(count)), conditions, lengths=[6, 6, 2, 2, 4, 4])
+        for row, start in enumerate(starts):
+            if start:
+                head = torch.randn(
+                    1, start, decoder.dim, generator=torch.Generator().manual_seed(row)
+                )
+                decoder.prefill([row], head, 0)
+        return decoder
+
+    inputs = torch.randn(count, width, lm.dim, generator=gen)
+    with torch.no_grad():
+        alone = prepared()
+        expected = [
+            alone.prefill([row], inputs[row : row + 1, : sizes[row]], starts[row])[0]
+            for row in range(count)
+        ]
+        together = prepared()
+        got = together.prefill(list(range(count)), inputs, starts, sizes)
+    ends = [a + b for a, b in zip(starts, sizes, strict=True)]
+    assert together.lengths[:count].tolist() == ends
+    for row in range(count):
+        assert torch.allclose(got[row], expected[row], atol=1e-5), row
+        assert torch.allclose(together.kv.k[:, row], alone.kv.k[:, row], atol=1e-5), row
+        assert not together.kv.k[:, row, :, ends[row] :].any(), row
+
+
 @pytest.mark.parametrize("pattern", ["delay", "unroll"])
 def test_musicgen_window_starts_where_audiocraft_starts_it(pattern: str) -> None:
     """A window's first step (its prompt's length as timesteps), read from the

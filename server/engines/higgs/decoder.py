@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from ..dense import Dense, Packing, pack
 from ..kv import CacheRows, LayerMask, StaticKV
-from ..prefill import Group, packed, ragged
+from ..prefill import GroupAttention, packed, ragged
 
 __all__ = ["HiggsDecoder"]
 
@@ -272,31 +272,15 @@ class HiggsDecoder(CacheRows):
             torch.arange(self.kv_heads, device=device)[None, :],
             positions[:, None],
         )
-        attention = [self._group_attention(group, rows) for group in layout.groups]
+        attention = GroupAttention(layout, rows, device)
         cache_k, cache_v = self.kv.k, self.kv.v
-        heads, d = self.heads, self.head_dim
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Store layer ``i``'s keys and values ``[T, H_kv, d]``; each group's
             attention, packed: ``[T, H * d]``."""
             cache_k[i].index_put_(where, k.to(cache_k.dtype))
             cache_v[i].index_put_(where, v.to(cache_v.dtype))
-            outs = []
-            for group, (held, mask) in zip(layout.groups, attention, strict=True):
-                shape = (group.count, group.own, heads, d)
-                queries = q[group.first : group.end].view(shape).transpose(1, 2)
-                end = group.start + group.own
-                keys, values = cache_k[i][held, :, :end], cache_v[i][held, :, :end]
-                attended = F.scaled_dot_product_attention(
-                    queries,
-                    keys.to(q.dtype),
-                    values.to(q.dtype),
-                    attn_mask=None if mask is None else mask.for_(queries),
-                    is_causal=mask is None,
-                    enable_gqa=True,
-                )
-                outs.append(attended.transpose(1, 2).reshape(group.count * group.own, heads * d))
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
+            return attention(q, cache_k[i], cache_v[i])
 
         def route(f: PathOp, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
             """``f(path, h)`` on each position, with its own path's weights."""
@@ -314,24 +298,6 @@ class HiggsDecoder(CacheRows):
         hidden = self._forward(x, cos, sin, attend, route)
         self.lengths[table_rows] = torch.from_numpy(starts + own).to(device)
         return self._logits(hidden[torch.from_numpy(layout.last).to(device)])
-
-    def _group_attention(
-        self, group: Group, rows: list[int]
-    ) -> tuple[torch.Tensor | slice, LayerMask | None]:
-        """What a group's attention reads: its cache rows (a slice where they
-        follow each other), and its mask (None: causal from the row's start)."""
-        table = [rows[r] for r in group.rows]
-        held: torch.Tensor | slice = (
-            slice(table[0], table[0] + len(table))
-            if table == list(range(table[0], table[0] + len(table)))
-            else torch.tensor(table, device=self.device)
-        )
-        if group.start == 0:
-            return held, None
-        end = group.start + group.own
-        positions = torch.arange(group.start, end, device=self.device)
-        keep = torch.arange(end, device=self.device) <= positions[:, None]  # [own, end]
-        return held, LayerMask(keep[None, None])
 
     def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None) -> Any:
         """One audio frame for the first ``B`` rows: ``[B, K]`` codes -> ``[B, K, card]``.

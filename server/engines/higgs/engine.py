@@ -749,8 +749,8 @@ class HiggsEngine:
         complete: dict[int, torch.Tensor] = {}
         if not waiting:
             return complete
-        chosen, width = choose(waiting, self.prefill.now(), packed=True)
-        logits = feed(chosen, width, self._prefill_call, failures, self.prefill, packed=True)
+        chosen, width = choose(waiting, self.prefill.now())
+        logits = feed(chosen, width, self._prefill_call, failures, self.prefill)
         for (st, size), row_logits in zip(chosen, logits, strict=True):
             u = st.utterance
             if row_logits is None:

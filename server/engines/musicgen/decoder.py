@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from ..dense import Dense, Packing, pack
 from ..kv import CacheRows, LayerMask, StaticKV, additive_mask
-from ..prefill import last_own, ragged
+from ..prefill import GroupAttention, packed, ragged
 
 __all__ = ["MusicGenDecoder"]
 
@@ -339,38 +339,68 @@ class MusicGenDecoder(CacheRows):
 
         A long prompt goes in as several calls, each continuing where the last
         one stopped. Rows of different lengths go in one call: a row's positions
-        past its ``sizes`` are padding, whose keys and values land past the row's
-        new length (where no step attends before writing) and whose outputs are
-        dropped. ``start``: each row's first position, or one for all. Returns
-        the logits ``[R, K, card]`` of each row's last position.
+        past its ``sizes`` are padding, which the forward leaves out (``packed``:
+        the rows' own positions one after the other; self-attention per group of
+        rows of one place and size, causal from a row's start; cross-attention
+        per group too). ``start``: each row's first position, or one for all.
+        Returns the logits ``[R, K, card]`` of each row's last position.
         """
         count, steps, _ = inputs.shape
         starts, own = ragged(start, sizes, count, steps)
-        end = int(starts.max()) + steps
-        self.ensure(length=end)
-        index = torch.tensor(rows, device=self.device)
-        positions = torch.from_numpy(starts[:, None] + np.arange(steps)).to(self.device)
-        x = inputs + self._positions[positions].to(inputs.dtype)
-        self_mask = LayerMask(
-            torch.arange(end, device=self.device)[None, None, None, :]
-            <= positions[:, None, :, None]
+        self.ensure(length=int((starts + own).max()))
+        layout = packed(starts, own, steps)
+        device = self.device
+        x = inputs.reshape(count * steps, -1)
+        if not layout.whole:
+            x = x.index_select(0, torch.from_numpy(layout.index).to(device))
+        positions = torch.from_numpy(layout.position).to(device)
+        x = x + self._positions[positions].to(x.dtype)  # [T, D]
+        table_rows = torch.from_numpy(np.asarray(rows, dtype=np.int64)[layout.row]).to(device)
+        where = (
+            table_rows[:, None],
+            torch.arange(self.heads, device=device)[None, :],
+            positions[:, None],
         )
+        attention = GroupAttention(layout, rows, device)
+        cache_k, cache_v = self.kv.k, self.kv.v
+        heads, d = self.heads, self.head_dim
 
-        def attend_self(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, Any]:
-            self.kv.write(i, index, positions, k, v)
-            return self.kv.k[i][index, :, :end], self.kv.v[i][index, :, :end]
+        def attend_self(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """Store layer ``i``'s keys and values (``[T, D]``); the groups'
+            attention, packed: ``[T, D]``."""
+            cache_k[i].index_put_(where, k.view(-1, heads, d).to(cache_k.dtype))
+            cache_v[i].index_put_(where, v.view(-1, heads, d).to(cache_v.dtype))
+            return attention(q.view(-1, heads, d), cache_k[i], cache_v[i])
 
         cross = None
         if self.has_cross:
-            lengths = self.cross_lengths[index]
-            cross_mask = LayerMask(
-                torch.arange(self.cross.length, device=self.device)[None, None, None, :]
-                < lengths[:, None, None, None]
-            )
-            cross = (self.cross.k[:, index], self.cross.v[:, index], cross_mask)
-        hidden = self._forward(x, attend_self, self_mask, cross)
-        self.lengths[index] = torch.from_numpy(starts + own).to(self.device)
-        return self._logits(last_own(hidden, own)[:, None])[:, :, 0]
+            conditions = self.cross.length
+            groups = []
+            for part in attention.parts:
+                group, held = part[0], part[1]
+                keep = self._steps[:conditions] < self.cross_lengths[held][:, None]
+                groups.append((group, held, LayerMask(keep.view(-1, 1, 1, conditions))))
+
+            def cross(i: int, q: torch.Tensor) -> torch.Tensor:
+                """Each group's queries ``[T, D]`` against its rows' conditions."""
+                outs = []
+                for group, held, mask in groups:
+                    queries = q[group.first : group.end].view(group.count, group.own, heads, d)
+                    queries = queries.transpose(1, 2)
+                    keys, values = self.cross.k[i][held], self.cross.v[i][held]
+                    attended = F.scaled_dot_product_attention(
+                        queries,
+                        keys.to(q.dtype),
+                        values.to(q.dtype),
+                        attn_mask=mask.for_(queries),
+                    )
+                    outs.append(attended.transpose(1, 2).reshape(-1, self.dim))
+                return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+        hidden = self._forward(x, attend_self, cross)
+        self.lengths[torch.tensor(rows, device=device)] = torch.from_numpy(starts + own).to(device)
+        last = hidden[torch.from_numpy(layout.last).to(device)]
+        return self._logits(last[:, None])[:, :, 0]
 
     # -- the decode step -----------------------------------------------------------
 
@@ -442,46 +472,28 @@ class MusicGenDecoder(CacheRows):
         count, steps, _ = x.shape
         return x.view(count, steps, self.heads, self.head_dim).transpose(1, 2)
 
-    def _merge(self, x: torch.Tensor) -> torch.Tensor:
-        count, _, steps, _ = x.shape
-        return x.transpose(1, 2).reshape(count, steps, self.dim)
-
     def _forward(
         self,
         x: torch.Tensor,
-        attend_self: Callable[[int, torch.Tensor, torch.Tensor], tuple[Any, Any]],
-        self_mask: LayerMask,
-        cross: tuple[torch.Tensor, torch.Tensor, LayerMask] | None,
+        attend_self: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        cross: Callable[[int, torch.Tensor], torch.Tensor] | None,
     ) -> torch.Tensor:
-        """The transformer layers on ``x`` ``[R, S, D]`` (positions already added).
+        """The transformer layers on ``x`` ``[T, D]`` (a prefill's positions,
+        packed, positions already added).
 
-        ``attend_self(i, k, v)`` stores layer ``i``'s new keys and values and returns
-        the keys and values to attend to; ``cross`` is the conditioning's keys,
-        values (every layer's) and mask for these rows.
+        ``attend_self(i, q, k, v)`` stores layer ``i``'s new keys and values and
+        returns the self-attention's output ``[T, D]``; ``cross(i, q)`` the
+        cross-attention's over the conditioning of each position's row.
         """
         d = self.dim
-        same = x.dtype == self.dtype
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(layer.norm1(x))
-            q, k, v = (self._heads(part) for part in qkv.split(d, dim=-1))
-            keys, values = attend_self(i, k, v)
-            if not same:
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask.for_(q))
-            h = layer.out(self._merge(attended))
+            q, k, v = layer.qkv(layer.norm1(x)).split(d, dim=-1)
+            h = layer.out(attend_self(i, q, k, v))
             x = x + (h if layer.scale1 is None else layer.scale1(h))
             if layer.norm_cross is not None:
                 assert cross is not None
-                cross_k, cross_v, cross_mask = cross
                 assert layer.q is not None and layer.cross_out is not None
-                q = self._heads(layer.q(layer.norm_cross(x)))
-                keys, values = cross_k[i], cross_v[i]
-                if not same:
-                    keys, values = keys.to(q.dtype), values.to(q.dtype)
-                attended = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=cross_mask.for_(q)
-                )
-                h = layer.cross_out(self._merge(attended))
+                h = layer.cross_out(cross(i, layer.q(layer.norm_cross(x))))
                 x = x + (h if layer.scale_cross is None else layer.scale_cross(h))
             h = layer.ff2(layer.activation(layer.ff1(layer.norm2(x))))
             x = x + (h if layer.scale2 is None else layer.scale2(h))
