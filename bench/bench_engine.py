@@ -232,11 +232,13 @@ def load(
     dtype: str = "auto",
     max_new_tokens: int = 2048,
     prefill_budget_ms: float | None = None,
+    **speech: Any,
 ) -> Engine:
     """The engine, warmed up as the server warms it (with graphs: every shape of
     up to ``max_active`` requests recorded; the codec batch measured unless given;
     the generator in ``dtype``, as ``--dtype``; the C heap keeping freed memory
-    and the Python heap frozen after warm-up, as the server's)."""
+    and the Python heap frozen after warm-up, as the server's). ``speech``: more
+    of the speech engine's arguments (voices, prefix_cache)."""
     keep_freed_memory()
     engine: Engine
     if is_higgs_name(name):
@@ -255,6 +257,7 @@ def load(
             codec_windows=codec_windows,
             max_new_tokens=max_new_tokens,
             prefill_budget_ms=prefill_budget_ms,
+            **speech,
         )
     else:
         from wavecast.server.engines.musicgen.engine import MusicGenEngine, StreamSettings

@@ -88,6 +88,7 @@ class WavecastServer:
             scenes=self.scenes,
             max_new_tokens=models.max_new_tokens,
             prefill_budget_ms=models.prefill_budget_ms,
+            prefix_cache_mb=models.prefix_cache_mb,
             cuda_graphs=models.cuda_graphs,
             max_active=self.config.limits.max_active,
         )

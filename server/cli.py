@@ -146,6 +146,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "prompts (default %(default)s)",
     )
     parser.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=ModelsConfig().prefix_cache_mb,
+        help="memory per speech model for the keys and values of prompt beginnings "
+        "that requests share (a named voice, a scene), prefilled once "
+        "(default %(default)s; 0: none kept)",
+    )
+    parser.add_argument(
         "--max-prompt-tokens",
         type=int,
         default=ModelsConfig().max_prompt_tokens,
@@ -326,6 +334,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             voices_dir=args.voices_dir,
             scenes_dir=args.scenes_dir,
             max_new_tokens=args.max_new_tokens,
+            prefix_cache_mb=max(0.0, args.prefix_cache_mb),
         ),
         logging=LoggingConfig(format=args.log_format, file=args.log_file, level=args.log_level),
     )

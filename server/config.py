@@ -97,6 +97,9 @@ class ModelsConfig:
     voices_dir: Path | None = None  # NAME.wav (+ NAME.txt transcript) per voice
     scenes_dir: Path | None = None  # NAME.txt per scene; None: the built-in scenes
     max_new_tokens: int = 2048  # largest params.max_new_tokens (frames per chunk)
+    # Keys and values kept of speech prompts' shared beginnings (system text,
+    # scene, reference voices), prefilled once: MiB per model (0: none kept).
+    prefix_cache_mb: float = 256.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,7 @@ def load_engines(
     scenes: Mapping[str, Scene] | None = None,
     max_new_tokens: int = 2048,
     prefill_budget_ms: float | None = None,
+    prefix_cache_mb: float = 256.0,
     cuda_graphs: bool = False,
     max_active: int = 4,
 ) -> dict[str, Engine]:
@@ -111,6 +112,7 @@ def load_engines(
                 codec_batch=codec_batch or None,
                 codec_windows=codec_windows,
                 prefill_budget_ms=prefill_budget_ms,
+                prefix_cache=int(prefix_cache_mb * 2**20),
                 cuda_graphs=cuda_graphs,
                 max_active=max_active,
             )

@@ -278,3 +278,16 @@ class CacheRows:
     def lengths(self) -> torch.Tensor:
         """``[rows]``: how many positions each row holds."""
         return self.kv.lengths
+
+    def held(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``row``'s first ``length`` positions (views):
+        ``[layers, H, length, d]`` each."""
+        return self.kv.k[:, row, :, :length], self.kv.v[:, row, :, :length]
+
+    def hold(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put ``keys`` and ``values`` ``[layers, H, P, d]`` in ``row``'s first ``P``
+        positions (room for them made already): the row then holds ``P``."""
+        length = int(keys.shape[2])
+        self.kv.k[:, row, :, :length] = keys
+        self.kv.v[:, row, :, :length] = values
+        self.kv.lengths[row] = length

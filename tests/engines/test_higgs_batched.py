@@ -590,8 +590,9 @@ def test_a_request_that_fails_alone_ends_alone(batched: HiggsEngine, monkeypatch
 
 def test_a_prompt_that_fails_its_prefill_fails_alone(loaded: HiggsModel) -> None:
     """A crowd's prompts go in one call; where that call fails, each is fed again
-    alone: the one that fails alone ends with an error, the others speak as alone."""
-    engine = HiggsEngine(loaded, name="t")
+    alone: the one that fails alone ends with an error, the others speak as alone.
+    (No beginnings shared: every prompt goes in the first call.)"""
+    engine = HiggsEngine(loaded, name="t", prefix_cache=0)
     assert engine.decoder is not None
     original = engine.decoder.prefill
     texts = {"a": "First of the crowd.", "bad": "I break the prefill.", "c": "Third, and fine."}
@@ -781,6 +782,7 @@ def test_a_time_budget_sets_the_positions_per_step(loaded: HiggsModel) -> None:
         prefill_chunk=8,
         prefill_budget=1000,
         prefill_budget_ms=20.0,
+        prefix_cache=0,  # (every prompt prefilled whole: none waits for another's beginning)
         clock=lambda: now[0],
     )
     calls: list[int] = []

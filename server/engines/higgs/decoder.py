@@ -220,6 +220,7 @@ class HiggsDecoder(CacheRows):
         is_audio: npt.NDArray[np.bool_],
         start: int | Sequence[int],
         sizes: Sequence[int] | None = None,
+        shared: Sequence[tuple[int, Sequence[int], int]] = (),
     ) -> torch.Tensor:
         """Feed ``tokens`` ``[R, S]`` to ``rows``, each at its own place.
 
@@ -238,6 +239,11 @@ class HiggsDecoder(CacheRows):
             start: The first position of each row (it holds that many already),
                 or one for all.
             sizes: The positions of each row that are its own (``S`` if None).
+            shared: ``(row, targets, length)``: the ``targets`` rows open with
+                what ``row`` (one of ``rows``, fed from its start) feeds in its
+                first ``length`` positions: each layer's keys and values of
+                those positions are copied into them before they attend (the
+                targets start at ``length``).
 
         Returns the logits ``[R, K, card]`` of each row's last position.
         """
@@ -274,12 +280,19 @@ class HiggsDecoder(CacheRows):
         )
         attention = GroupAttention(layout, rows, device)
         cache_k, cache_v = self.kv.k, self.kv.v
+        copies = [
+            (row, torch.tensor(list(targets), device=device), length)
+            for row, targets, length in shared
+        ]
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Store layer ``i``'s keys and values ``[T, H_kv, d]``; each group's
             attention, packed: ``[T, H * d]``."""
             cache_k[i].index_put_(where, k.to(cache_k.dtype))
             cache_v[i].index_put_(where, v.to(cache_v.dtype))
+            for row, targets, length in copies:
+                cache_k[i][targets, :, :length] = cache_k[i][row, :, :length]
+                cache_v[i][targets, :, :length] = cache_v[i][row, :, :length]
             return attention(q, cache_k[i], cache_v[i])
 
         def route(f: PathOp, layer: _Layer, h: torch.Tensor) -> torch.Tensor:

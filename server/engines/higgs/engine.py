@@ -65,6 +65,7 @@ from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
+from ..prefixes import PrefixStore
 from ..sampling import (
     RowSampling,
     codebook_keys,
@@ -86,6 +87,7 @@ from .prompt import (
     SYSTEM,
     PromptAudio,
     PromptPart,
+    build_preamble,
     build_prompt,
     chunk_text,
     delay_block,
@@ -134,6 +136,9 @@ class _HiggsJob:
     slot: int | None = None
     utterance: Utterance | None = None
     spoken: Utterance | None = None
+    # The prompt's beginning shared with other requests (``PrefixStore``): its
+    # content, and its positions; until its keys and values are in the row.
+    sharing: tuple[bytes, int] | None = None
 
 
 class HiggsEngine:
@@ -162,6 +167,9 @@ class HiggsEngine:
         prefill_budget_ms: A time budget for the same (``--prefill-budget-ms``):
             the positions per step follow the measured prefill speed (at most
             ``prefill_budget``, at least one position); None: positions only.
+        prefix_cache: Bytes of keys and values kept of prompt beginnings that
+            requests share (the system text, scene and reference voices:
+            ``PrefixStore``; ``--prefix-cache-mb``); 0: none kept.
         cuda_graphs: Replay the batched decode step as CUDA graphs, one per
             shape (``graphs``; on a CPU the same buffers, eagerly). The slot
             table is then preallocated for ``max_active`` requests, each with
@@ -174,6 +182,8 @@ class HiggsEngine:
     """
 
     family = "higgs"
+    # Shared beginnings whose tokens are kept (``_shared_beginning``).
+    PREAMBLES = 64
 
     def __init__(
         self,
@@ -195,6 +205,7 @@ class HiggsEngine:
         prefill_chunk: int = 256,
         prefill_budget: int = 4096,
         prefill_budget_ms: float | None = None,
+        prefix_cache: int = 256 * 2**20,
         clock: Callable[[], float] = time.perf_counter,
         cuda_graphs: bool = False,
         max_active: int = 4,
@@ -225,6 +236,9 @@ class HiggsEngine:
         self.prefill_chunk = max(1, prefill_chunk)
         seconds = None if prefill_budget_ms is None else prefill_budget_ms / 1000
         self.prefill = PrefillBudget(prefill_budget, seconds, self.device, clock)
+        self.prefixes = PrefixStore(prefix_cache)
+        # Shared beginnings' tokens, by their parts (the most recently used last).
+        self._preambles: dict[tuple[str | bytes, ...], tuple[Ints, Ints]] = {}
         self.audio_token = int(config.audio_token_id)
         self.delay_token = int(config.audio_delay_token_id)
         self.audio_bos_token = int(config.audio_bos_token_id)
@@ -490,21 +504,53 @@ class HiggsEngine:
         )
 
     def tokenize(self, parts: Sequence[PromptPart]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A prompt's tokens ``[1, L]`` and audio rows ``[1, N, K]`` (None: no audio)."""
+        """A prompt's tokens ``[1, L]`` and audio rows ``[1, N, K]`` (None: no audio).
+
+        Each audio block stands in the text as ``<|AUDIO_OUT|>`` once a row (and
+        the delay token once a trailing row); the placeholders are special
+        tokens, which the tokenizer splits the text at, so the text is tokenized
+        with one placeholder a block and the ids are widened after: the same
+        ids, without tokenizing hundreds of placeholders a voice (a text that
+        holds the placeholder itself is tokenized as laid out)."""
         texts: list[str] = []
         blocks: list[torch.Tensor] = []
         k = self.num_codebooks
         for part in parts:
             if isinstance(part, PromptAudio):
-                block = delay_block(part.codes.to(self.device), self.stream_bos, self.stream_eos)
-                blocks.append(block)
-                texts.append(AUDIO_OUT * (block.shape[0] - (k - 1)) + AUDIO_DELAY * (k - 1))
+                blocks.append(
+                    delay_block(part.codes.to(self.device), self.stream_bos, self.stream_eos)
+                )
+                texts.append(AUDIO_OUT)
             else:
                 texts.append(part)
-        encoded = self.tokenizer("".join(texts), add_special_tokens=False, return_tensors="pt")
-        input_ids = encoded["input_ids"].to(self.device)
+        ids = self._token_ids("".join(texts))
+        marks = np.flatnonzero(ids == self.audio_token)
+        if len(marks) == len(blocks):
+            pieces: list[Ints] = []
+            last = 0
+            for at, block in zip(marks.tolist(), blocks, strict=True):
+                rows = int(block.shape[0])
+                pieces += [ids[last:at], np.full(rows - (k - 1), self.audio_token, np.int64)]
+                pieces.append(np.full(k - 1, self.delay_token, np.int64))
+                last = at + 1
+            pieces.append(ids[last:])
+            ids = np.concatenate(pieces)
+        else:
+            laid_out = iter(blocks)
+            texts = [
+                AUDIO_OUT * (int(next(laid_out).shape[0]) - (k - 1)) + AUDIO_DELAY * (k - 1)
+                if isinstance(part, PromptAudio)
+                else part
+                for part in parts
+            ]
+            ids = self._token_ids("".join(texts))
+        input_ids = torch.from_numpy(ids).to(self.device)[None]
         audio_ids = torch.cat(blocks).unsqueeze(0) if blocks else None
         return input_ids, audio_ids
+
+    def _token_ids(self, text: str) -> Ints:
+        encoded = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return np.asarray(encoded, dtype=np.int64)
 
     # -- stepping ------------------------------------------------------------------
 
@@ -726,63 +772,156 @@ class HiggsEngine:
         if st.spoken is not None:
             u.fed = u.reusable(st.spoken)
         self.decoder.ensure(length=len(ids) + st.max_new_tokens + 1)
+        st.sharing = self._shared_beginning(st, u) if u.fed == 0 and self.prefixes.budget else None
         return u
+
+    def _shared_beginning(self, st: _HiggsJob, u: Utterance) -> tuple[bytes, int] | None:
+        """What the prompt opens with that other requests may share (the system
+        text, scene and reference voices, laid out and tokenized alone): its
+        content and length, or None where the prompt does not open with it as
+        tokenized alone, or is no longer."""
+        parts = build_preamble(st.system, st.scene, st.speakers, st.references)
+        content = tuple(
+            part if isinstance(part, str) else part.codes.cpu().numpy().tobytes() for part in parts
+        )
+        tokens = self._preambles.pop(content, None)
+        if tokens is None:
+            input_ids, audio_ids = self.tokenize(parts)
+            tokens = (
+                input_ids[0].cpu().numpy().astype(np.int64),
+                np.zeros((0, self.num_codebooks), dtype=np.int64)
+                if audio_ids is None
+                else audio_ids[0].cpu().numpy().astype(np.int64),
+            )
+            if len(self._preambles) >= self.PREAMBLES:
+                self._preambles.pop(next(iter(self._preambles)))
+        self._preambles[content] = tokens  # (the most recently used last)
+        ids, audio = tokens
+        length, rows = len(ids), len(audio)
+        if length >= len(u.ids) or not np.array_equal(u.ids[:length], ids):
+            return None
+        if not np.array_equal(u.audio[:rows], audio):
+            return None
+        return ids.tobytes() + audio.tobytes(), length
 
     def _prefill_due(
         self, states: list[_HiggsJob], failures: dict[int, BaseException]
     ) -> dict[int, torch.Tensor]:
         """Feed the next chunk of each prompt not yet in the cache, oldest first,
-        in one call (prompts of different lengths and places padded to the
-        longest chunk).
+        in one call (prompts of different lengths and places, packed).
 
         At most ``prefill_chunk`` positions per request, and the step's budget in
-        all (``prefill``: ``choose`` says which chunks fit it). Returns the logits
-        ``[K, card]`` of each slot whose prompt is now complete: it samples in this
-        step. A request whose chunk fails alone goes into ``failures`` (``feed``).
+        all (``prefill``: ``choose`` says which chunks fit it). A prompt opening
+        with a kept beginning (``PrefixStore``) gets it copied into its row and
+        feeds the rest. Requests of a step opening with the same beginning, not
+        kept: the oldest feeds it, and the others, in the call where the
+        oldest's chunk reaches the beginning's end, only what follows it, the
+        beginning copied from the oldest's row layer by layer (until then they
+        wait). Returns the logits ``[K, card]`` of each slot whose prompt
+        is now complete: it samples in this step. A request whose chunk fails
+        alone goes into ``failures`` (``feed``).
         """
         waiting = []
+        owners: dict[bytes, _HiggsJob] = {}  # who feeds a beginning from its start
+        followers: dict[int, _HiggsJob] = {}  # by id: whose beginning a request copies
         for st in states:
             u = st.utterance
             assert u is not None and st.slot is not None
-            if u.fed < len(u.ids):
-                waiting.append((st, min(len(u.ids) - u.fed, self.prefill_chunk)))
+            if u.fed >= len(u.ids):
+                continue
+            if st.sharing is not None:
+                key, length = st.sharing
+                held = self.prefixes.get(key) if u.fed == 0 else None
+                if held is not None:
+                    self.decoder.hold(st.slot, *held)
+                    u.fed = length
+                    st.sharing = None
+                elif key not in owners or u.fed:
+                    owners.setdefault(key, st)
+                elif _reach(owners[key], self.prefill_chunk) < length:
+                    continue  # copied once kept
+                else:
+                    followers[id(st)] = owners[key]
+                    waiting.append((st, min(len(u.ids) - length, self.prefill_chunk)))
+                    continue
+            waiting.append((st, min(len(u.ids) - u.fed, self.prefill_chunk)))
         complete: dict[int, torch.Tensor] = {}
         if not waiting:
             return complete
-        chosen, width = choose(waiting, self.prefill.now())
-        logits = feed(chosen, width, self._prefill_call, failures, self.prefill)
+        chosen, _ = choose(waiting, self.prefill.now())
+        # A request copying a beginning goes in beside the one feeding all of it.
+        reach = {id(st): st.utterance.fed + size for st, size in chosen if st.utterance}
+        chosen = [
+            (st, size)
+            for st, size in chosen
+            if id(st) not in followers or reach.get(id(followers[id(st)]), 0) >= _shared(st)
+        ]
+        for st, _ in chosen:
+            if id(st) in followers:
+                assert st.utterance is not None
+                st.utterance.fed = _shared(st)
+        width = max(size for _, size in chosen)
+
+        def call(chunks: list[tuple[_HiggsJob, int]], width: int) -> torch.Tensor:
+            return self._prefill_call(chunks, followers)
+
+        logits = feed(chosen, width, call, failures, self.prefill)
         for (st, size), row_logits in zip(chosen, logits, strict=True):
             u = st.utterance
+            assert u is not None and st.slot is not None
             if row_logits is None:
                 continue
-            assert u is not None and st.slot is not None
             u.fed += size
+            if st.sharing is not None and u.fed >= st.sharing[1]:
+                if id(st) not in followers:
+                    key, length = st.sharing
+                    self.prefixes.put(key, *self.decoder.held(st.slot, length))
+                st.sharing = None
             if u.fed == len(u.ids):
                 complete[st.slot] = row_logits
         return complete
 
-    def _prefill_call(self, chosen: list[tuple[_HiggsJob, int]], width: int) -> torch.Tensor:
-        """One prefill call: each request's next ``size`` positions, padded to
-        ``width``; the logits ``[R, K, card]`` of each one's last position."""
+    def _prefill_call(
+        self, chosen: list[tuple[_HiggsJob, int]], followers: Mapping[int, _HiggsJob]
+    ) -> torch.Tensor:
+        """One prefill call: each request's next ``size`` positions (a request
+        copying a beginning from a row in the call: what follows it; from none,
+        as when fed alone after the call failed: the beginning too), packed;
+        the logits ``[R, K, card]`` of each one's last position."""
+        spans = []
+        copies: dict[tuple[int, int], list[int]] = {}  # (row, positions) -> rows copying them
+        present = {id(st) for st, _ in chosen}
+        for st, size in chosen:
+            u = st.utterance
+            assert u is not None and st.slot is not None
+            start = u.fed
+            owner = followers.get(id(st))
+            if owner is not None:
+                if id(owner) in present:
+                    assert owner.slot is not None
+                    copies.setdefault((owner.slot, start), []).append(st.slot)
+                else:
+                    start = 0
+            spans.append((start, u.fed + size))
+        width = max(end - start for start, end in spans)
         count = len(chosen)
         ids = np.zeros((count, width), dtype=np.int64)
         is_audio = np.zeros((count, width), dtype=bool)
         audio_parts = []
-        starts = []
-        for i, (st, size) in enumerate(chosen):
+        for i, ((st, _), (start, end)) in enumerate(zip(chosen, spans, strict=True)):
             u = st.utterance
             assert u is not None
-            start, end = u.fed, u.fed + size
             first = int(u.is_audio[:start].sum())
             audio_parts.append(u.audio[first : first + int(u.is_audio[start:end].sum())])
-            ids[i, :size] = u.ids[start:end]
-            is_audio[i, :size] = u.is_audio[start:end]
-            starts.append(start)
+            ids[i, : end - start] = u.ids[start:end]
+            is_audio[i, : end - start] = u.is_audio[start:end]
         audio = torch.from_numpy(np.concatenate(audio_parts)).to(self.device)
         rows = [st.slot for st, _ in chosen if st.slot is not None]
         tokens = torch.from_numpy(ids).to(self.device)
-        sizes = [size for _, size in chosen]
-        return self.decoder.prefill(rows, tokens, audio, is_audio, starts, sizes)
+        starts = [start for start, _ in spans]
+        sizes = [end - start for start, end in spans]
+        shared = [(row, targets, length) for (row, length), targets in copies.items()]
+        return self.decoder.prefill(rows, tokens, audio, is_audio, starts, sizes, shared)
 
     def _advance(self, job: Job, tokens: Ints) -> StepOutput:
         """A request's sampled row ``[K]``: its utterance's rules, frames and audio."""
@@ -942,6 +1081,19 @@ class HiggsEngine:
         if self._under_way(st) and st.chunk_frames:  # a chunk under way
             spoken.append(torch.stack(st.chunk_frames, dim=1))
         return torch.cat(spoken, dim=-1).unsqueeze(0)
+
+
+def _reach(st: _HiggsJob, chunk: int) -> int:
+    """How far into its prompt a request's next prefill call feeds at most."""
+    u = st.utterance
+    assert u is not None
+    return u.fed + min(len(u.ids) - u.fed, chunk)
+
+
+def _shared(st: _HiggsJob) -> int:
+    """The positions of a request's shared beginning."""
+    assert st.sharing is not None
+    return st.sharing[1]
 
 
 def advance_fraction(st: _HiggsJob, done: bool) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "SYSTEM",
     "PromptAudio",
     "PromptPart",
+    "build_preamble",
     "build_prompt",
     "chunk_text",
     "delay_block",
@@ -76,6 +77,24 @@ def build_prompt(
     Returns:
         Text and audio parts; each audio part stands for its code block.
     """
+    parts = build_preamble(system, scene, speakers, turns)
+    parts.append(
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+        + text.strip()
+        + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
+    )
+    return parts
+
+
+def build_preamble(
+    system: str,
+    scene: str,
+    speakers: Sequence[tuple[str, PromptAudio]],
+    turns: Sequence[tuple[str, PromptAudio]],
+) -> list[PromptPart]:
+    """What ``build_prompt`` lays out before the text to say: the system text,
+    the scene, and the ``turns``. With the reference voices' turns alone, the
+    beginning that requests of the same voices, scene and system share."""
     parts: list[PromptPart] = [
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + system.strip()
     ]
@@ -96,11 +115,6 @@ def build_prompt(
             audio,
             "<|audio_eos|><|eot_id|>",
         ]
-    parts.append(
-        "<|start_header_id|>user<|end_header_id|>\n\n"
-        + text.strip()
-        + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
-    )
     return parts
 
 
