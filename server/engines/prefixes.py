@@ -32,8 +32,6 @@ class PrefixStore:
         self.budget = max(0, budget)
         self._held: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.bytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._held)
@@ -44,11 +42,8 @@ class PrefixStore:
     def get(self, key: bytes) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The beginning's keys and values (now the most recently used), or None."""
         held = self._held.get(key)
-        if held is None:
-            self.misses += 1
-            return None
-        self._held.move_to_end(key)
-        self.hits += 1
+        if held is not None:
+            self._held.move_to_end(key)
         return held
 
     def put(self, key: bytes, keys: torch.Tensor, values: torch.Tensor) -> bool:
