@@ -135,7 +135,7 @@ def main() -> None:
             runs[streams].append(crowd(engine, streams, args, fed))
     texts = "the same text" if args.same_text else "texts of different lengths"
     voice = f", a named voice of {args.voice_seconds:g} s" if args.voice_seconds else ""
-    kept = "no prefix cache" if not args.prefix_cache_mb else "beginnings kept"
+    kept = "beginnings kept" if speech.get("prefix_cache") else "no prefix cache"
     kept = "each crowd's beginning prefilled by its oldest" if args.cold else kept
     print(f"### a crowd joining: {args.model}, {texts}{voice}; {kept}\n")
     print(f"- machine: {machine('cpu')}, 1 torch thread")
