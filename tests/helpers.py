@@ -78,6 +78,23 @@ def served(args: list[str], log_file: Path, env: dict[str, str] | None = None) -
             process.wait()
 
 
+@contextmanager
+def observed_logits(engine: Any) -> Iterator[dict[str, list[Any]]]:
+    """While in: every sampled request's raw logits, step by step, by request id
+    (the engine's ``logits_observer``)."""
+    seen: dict[str, list[Any]] = {}
+
+    def observe(logits: Mapping[str, Any]) -> None:
+        for rid, row in logits.items():
+            seen.setdefault(rid, []).append(row.clone())
+
+    engine.logits_observer = observe
+    try:
+        yield seen
+    finally:
+        engine.logits_observer = None
+
+
 def step_together(
     engine: Any,
     jobs: Sequence[Any],

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from helpers import count_codec_calls, model_forward, step_together, voiced_prompt
+from helpers import (
+    count_codec_calls,
+    model_forward,
+    observed_logits,
+    step_together,
+    voiced_prompt,
+)
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -463,17 +469,8 @@ def test_rows_in_a_batch_equal_their_solo_runs(batched: HiggsEngine) -> None:
         extra["seed"] = ord(rid)
 
     def run(jobs: list[Job], joins: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
-        seen: dict[str, list[torch.Tensor]] = {job.request.request_id: [] for job in jobs}
-
-        def observe(logits: dict[str, torch.Tensor]) -> None:
-            for rid, row in logits.items():
-                seen[rid].append(row.clone())
-
-        batched.logits_observer = observe
-        try:
+        with observed_logits(batched) as seen:
             audio = drive(batched, jobs, joins)
-        finally:
-            batched.logits_observer = None
         codes = {job.request.request_id: batched.codes_of(job) for job in jobs}
         return {rid: (audio[rid], codes[rid]) for rid in audio}, seen
 
@@ -852,19 +849,13 @@ def test_the_step_through_static_buffers_equals_the_direct_step(loaded: HiggsMod
     runs = []
     for cuda_graphs in (False, True):
         engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=cuda_graphs)
-        seen: dict[str, list[torch.Tensor]] = {}
-
-        def observe(logits: dict[str, torch.Tensor], seen: Any = seen) -> None:
-            for rid, row in logits.items():
-                seen.setdefault(rid, []).append(row.clone())
-
-        engine.logits_observer = observe
         jobs = [
             request(engine, "a", "Hello there, how are you?", max_new_tokens=30, seed=1),
             voiced_dialogue(engine, "b"),
             request(engine, "c", "Short.", max_new_tokens=12, temperature=0.0, seed=3),
         ]
-        audio = drive(engine, jobs, [0, 0, 3])
+        with observed_logits(engine) as seen:
+            audio = drive(engine, jobs, [0, 0, 3])
         runs.append(
             (engine, audio, seen, {job.request.request_id: engine.codes_of(job) for job in jobs})
         )

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import step_together
+from helpers import observed_logits, step_together
 
 from wavecast.server.engines.base import EngineRequest, Job
 from wavecast.server.engines.higgs.engine import HiggsEngine
@@ -107,19 +107,11 @@ class Fed:
 
 def run(engine: HiggsEngine, jobs: list[Job]) -> dict[str, tuple[torch.Tensor, list[Any]]]:
     """Step ``jobs`` together to their end: each one's codes and logits."""
-    seen: dict[str, list[torch.Tensor]] = {job.request.request_id: [] for job in jobs}
-
-    def observe(logits: dict[str, torch.Tensor]) -> None:
-        for rid, row in logits.items():
-            seen[rid].append(row.clone())
-
-    engine.logits_observer = observe
-    try:
+    with observed_logits(engine) as seen:
         step_together(engine, jobs)
-    finally:
-        engine.logits_observer = None
     out = {
-        job.request.request_id: (engine.codes_of(job), seen[job.request.request_id]) for job in jobs
+        job.request.request_id: (engine.codes_of(job), seen.get(job.request.request_id, []))
+        for job in jobs
     }
     for job in jobs:
         engine.finish(job)
