@@ -12,7 +12,8 @@ What a beginning holds depends on its tokens and codes alone (causal
 attention), so the copy is what the request's own prefill would compute, to
 float rounding (a product over other rows in the call rounds alike, not bit for
 bit). Bounded: at most ``budget`` bytes, the least recently used beginning
-given up first; one larger than the budget is not kept.
+given up first; one larger than the budget, or than a quarter of the device's
+free memory, is not kept.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from collections import OrderedDict
 
 import torch
 
+from .kv import free_memory
+
 __all__ = ["PrefixStore"]
+
+# Of the memory free on the device, what one beginning kept may take: a server
+# whose model barely fits keeps its memory for the steps.
+FREE_SHARE = 0.25
 
 
 class PrefixStore:
@@ -51,9 +58,13 @@ class PrefixStore:
         recently used ones it needs the room of. Not kept (False): one larger than
         the budget, one whose keys or values are not finite (what a failed
         request leaves must not reach another), or one the device has no memory
-        for now."""
+        for now (more than a quarter of what is free: on a CPU, Linux gives
+        memory it does not have and ends the process when it is used)."""
         size = _size(keys) + _size(values)
         if key in self._held or size > self.budget:
+            return False
+        free = free_memory(keys.device)
+        if free is not None and size > FREE_SHARE * free:
             return False
         if not bool(torch.isfinite(keys).all() and torch.isfinite(values).all()):
             return False

@@ -302,3 +302,15 @@ def test_a_prompt_tokenizes_as_laid_out_with_one_placeholder_a_block(loaded: Hig
         assert ids[0].tolist() == expected
         blocks = [part.codes.shape[1] + 2 + k - 1 for part in parts if not isinstance(part, str)]
         assert (0 if audio is None else audio.shape[1]) == sum(blocks)
+
+
+def test_the_store_keeps_nothing_the_device_has_no_room_for(monkeypatch: Any) -> None:
+    from wavecast.server.engines import prefixes
+
+    store = PrefixStore(budget=1 << 20)
+    monkeypatch.setattr(prefixes, "free_memory", lambda device: 4 * 2 * 10 * 32 - 1)
+    assert not store.put(b"a", block(10), block(10))  # 640 bytes: more than a quarter
+    monkeypatch.setattr(prefixes, "free_memory", lambda device: 4 * 2 * 10 * 32)
+    assert store.put(b"a", block(10), block(10))
+    monkeypatch.setattr(prefixes, "free_memory", lambda device: None)  # (cannot be told)
+    assert store.put(b"b", block(10), block(10))
