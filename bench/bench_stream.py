@@ -146,6 +146,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         "--codec-batch",
         str(args.codec_batch),
         *(["--codec-windows"] if args.codec_windows else []),
+        *getattr(args, "server_extra", []),
         "--log-file",
         str(log),
     ]

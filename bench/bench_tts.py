@@ -9,6 +9,9 @@ The server runs as its own process (``wavecast serve``), as in production:
 
 ``--engine-only`` steps the engine in the benchmark's own process instead of
 starting a server (for models too large to hold twice in memory).
+``--voice-seconds S``: every request (and the baseline) speaks in a named voice
+of S seconds with its transcript (the server's ``--voices-dir``);
+``--prefix-cache-mb``: the server's (its default if not given).
 
 Prints a Markdown section for bench/RESULTS.md. Client-side times run from
 sending ``generate`` to the first ``audio`` frame and to ``done``.
@@ -18,9 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import soundfile
 import torch
 from bench_stream import (
     Crowd,
@@ -39,6 +46,10 @@ from wavecast.server.engines.base import EngineRequest
 from wavecast.server.engines.higgs.engine import HiggsEngine
 from wavecast.server.engines.higgs.loading import load_higgs
 from wavecast.server.engines.higgs.prompt import PromptAudio
+from wavecast.server.engines.higgs.voices import load_voices
+
+VOICE = "bench"
+TRANSCRIPT = "This is how I sound when I read a story aloud, slowly and clearly."
 
 TEXT = (
     "The sun rises in the east and sets in the west. This simple fact has been "
@@ -49,6 +60,8 @@ TEXT = (
 def params(engine: HiggsEngine, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     given: dict[str, Any] = {spec.name: spec.default for spec in engine.info.params}
     given.update(max_new_tokens=args.max_new_tokens, seed=seed)
+    if args.voice_seconds:
+        given.update(voice=VOICE)
     if args.chunk_words:
         given.update(chunk_method="word", chunk_max_word_num=args.chunk_words)
     return given
@@ -131,15 +144,39 @@ async def one(url: str, model: str, args: argparse.Namespace, seed: int) -> dict
         chunking: dict[str, Any] = {}
         if args.chunk_words:
             chunking = {"chunk_method": "word", "chunk_max_word_num": args.chunk_words}
+        voice = VOICE if args.voice_seconds else None
         stream = await client.speak(
-            model, text, max_new_tokens=args.max_new_tokens, seed=seed, **chunking
+            model, text, voice=voice, max_new_tokens=args.max_new_tokens, seed=seed, **chunking
         )
         return await timed(stream, start)
 
 
+def voices_dir(folder: Path, seconds: float) -> Path:
+    """A voices folder (``--voices-dir``) holding one voice of ``seconds``, with
+    its transcript."""
+    t = np.arange(int(16000 * seconds)) / 16000
+    sound = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+    soundfile.write(folder / f"{VOICE}.wav", sound, 16000)
+    (folder / f"{VOICE}.txt").write_text(TRANSCRIPT)
+    return folder
+
+
 async def bench(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        args.server_extra = []
+        voices = None
+        if args.voice_seconds:
+            folder = voices_dir(Path(tmp), args.voice_seconds)
+            voices = load_voices(folder)
+            args.server_extra += ["--voices-dir", str(folder)]
+        if args.prefix_cache_mb is not None:
+            args.server_extra += ["--prefix-cache-mb", str(args.prefix_cache_mb)]
+        await _bench(args, voices)
+
+
+async def _bench(args: argparse.Namespace, voices: Any) -> None:
     device = resolve_device(args.device)
-    engine = HiggsEngine(load_higgs(args.model, None, device), name=args.model)
+    engine = HiggsEngine(load_higgs(args.model, None, device), name=args.model, voices=voices)
     chunks = len(engine.prepare(EngineRequest("n", TEXT, params(engine, args, 0))).state.chunks)
     # Random weights speak until max_new_tokens in every chunk.
     audio_seconds = chunks * (args.max_new_tokens - engine.num_codebooks) / engine.frame_rate
@@ -159,7 +196,9 @@ async def bench(args: argparse.Namespace) -> None:
     report(
         f"{args.model} on {device}, speech, {chunks} chunk(s) of {args.max_new_tokens} "
         f"frames ({audio_seconds:g} s), {args.runs} runs (median)"
-        + (", texts of different lengths" if args.varied_texts else ""),
+        + (", texts of different lengths" if args.varied_texts else "")
+        + (f", a named voice of {args.voice_seconds:g} s" if args.voice_seconds else "")
+        + ("" if args.prefix_cache_mb is None else f", --prefix-cache-mb {args.prefix_cache_mb:g}"),
         device,
         ("transformers `generate` + decode", "generate"),
         base,
@@ -192,6 +231,12 @@ def main() -> None:
         action="store_true",
         help="through the server: request i speaks the i-th of eight texts of different "
         "lengths (a crowd's prompts differ), not all the same one",
+    )
+    parser.add_argument(
+        "--voice-seconds", type=float, default=0.0, help="a named voice this long (0: none)"
+    )
+    parser.add_argument(
+        "--prefix-cache-mb", type=float, default=None, help="the server's (default: its own)"
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
