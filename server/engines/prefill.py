@@ -115,12 +115,13 @@ def packed(starts: npt.NDArray[np.int64], own: npt.NDArray[np.int64], steps: int
 
 
 class GroupAttention:
-    """A packed call's self-attention, group by group (``Packed.groups``): each
+    """A packed call's attention, group by group (``Packed.groups``): each
     group's rows attend over their own positions, causal from the start of a row
     (``is_causal``), or with a mask where the rows continue from ``start``.
 
-    Made once a call (the masks, and the cache rows each group reads: a slice
-    where they follow each other), applied in every layer.
+    Made once a call (the masks, the cache rows each group reads: a slice where
+    they follow each other, and where each packed position's keys and values
+    go), applied in every layer.
     """
 
     def __init__(self, layout: Packed, rows: Sequence[int], device: torch.device) -> None:
@@ -139,26 +140,56 @@ class GroupAttention:
                 keep = torch.arange(end, device=device) <= positions[:, None]  # [own, end]
                 mask = LayerMask(keep[None, None])
             self.parts.append((group, held, mask))
+        table_rows = np.asarray(rows, dtype=np.int64)[layout.row]
+        self._rows = torch.from_numpy(table_rows).to(device)[:, None]  # [T, 1]
+        self._positions = torch.from_numpy(layout.position).to(device)[:, None]  # [T, 1]
+
+    def store(
+        self, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write the packed positions' keys and values ``k``, ``v`` ``[T, H_kv, d]``
+        into a layer's cache ``[rows, H_kv, L, d]``, each at its row and position."""
+        heads = torch.arange(k.shape[1], device=k.device)[None, :]
+        where = (self._rows, heads, self._positions)
+        keys.index_put_(where, k.to(keys.dtype))
+        values.index_put_(where, v.to(values.dtype))
+
+    def each(
+        self,
+        q: torch.Tensor,
+        attend: Callable[[int, torch.Tensor, torch.Tensor | slice, LayerMask | None], torch.Tensor],
+    ) -> torch.Tensor:
+        """``q`` ``[T, H, d]``, group by group: ``attend(i, queries, held, mask)``
+        maps group ``i``'s queries ``[n, H, own, d]`` (its rows ``held``, its
+        mask) to their attention's output of that shape; packed again:
+        ``[T, H * d]``."""
+        heads, d = int(q.shape[1]), int(q.shape[2])
+        outs = []
+        for i, (group, held, mask) in enumerate(self.parts):
+            queries = q[group.first : group.end].view(group.count, group.own, heads, d)
+            attended = attend(i, queries.transpose(1, 2), held, mask)
+            outs.append(attended.transpose(1, 2).reshape(group.count * group.own, heads * d))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``q`` ``[T, H, d]`` against a layer's cached ``keys`` and ``values``
         ``[rows, H_kv, L, d]`` (this call's already written): ``[T, H * d]``."""
-        heads, d = int(q.shape[1]), int(q.shape[2])
-        outs = []
-        for group, held, mask in self.parts:
-            queries = q[group.first : group.end].view(group.count, group.own, heads, d)
-            queries = queries.transpose(1, 2)
-            end = group.start + group.own
-            attended = F.scaled_dot_product_attention(
+
+        def own(
+            i: int, queries: torch.Tensor, held: torch.Tensor | slice, mask: LayerMask | None
+        ) -> torch.Tensor:
+            end = self.parts[i][0].start + self.parts[i][0].own
+            attended: torch.Tensor = F.scaled_dot_product_attention(
                 queries,
                 keys[held, :, :end].to(q.dtype),
                 values[held, :, :end].to(q.dtype),
                 attn_mask=None if mask is None else mask.for_(queries),
                 is_causal=mask is None,
-                enable_gqa=keys.shape[1] != heads,
+                enable_gqa=keys.shape[1] != queries.shape[1],
             )
-            outs.append(attended.transpose(1, 2).reshape(group.count * group.own, heads * d))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            return attended
+
+        return self.each(q, own)
 
 
 class PrefillBudget:

@@ -272,12 +272,6 @@ class HiggsDecoder(CacheRows):
             x = x.index_copy(0, audio_at, self.embed_audio(audio))
         positions = torch.from_numpy(layout.position).to(device)
         cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [T, 1, d]
-        table_rows = torch.tensor(rows, device=device)
-        where = (
-            table_rows[torch.from_numpy(layout.row).to(device)][:, None],
-            torch.arange(self.kv_heads, device=device)[None, :],
-            positions[:, None],
-        )
         attention = GroupAttention(layout, rows, device)
         cache_k, cache_v = self.kv.k, self.kv.v
         copies = [
@@ -288,8 +282,7 @@ class HiggsDecoder(CacheRows):
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Store layer ``i``'s keys and values ``[T, H_kv, d]``; each group's
             attention, packed: ``[T, H * d]``."""
-            cache_k[i].index_put_(where, k.to(cache_k.dtype))
-            cache_v[i].index_put_(where, v.to(cache_v.dtype))
+            attention.store(cache_k[i], cache_v[i], k, v)
             for row, targets, length in copies:
                 cache_k[i][targets, :, :length] = cache_k[i][row, :, :length]
                 cache_v[i][targets, :, :length] = cache_v[i][row, :, :length]
@@ -309,7 +302,7 @@ class HiggsDecoder(CacheRows):
             return out
 
         hidden = self._forward(x, cos, sin, attend, route)
-        self.lengths[table_rows] = torch.from_numpy(starts + own).to(device)
+        self.lengths[torch.tensor(rows, device=device)] = torch.from_numpy(starts + own).to(device)
         return self._logits(hidden[torch.from_numpy(layout.last).to(device)])
 
     def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None) -> Any:

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
@@ -355,12 +354,6 @@ class MusicGenDecoder(CacheRows):
             x = x.index_select(0, torch.from_numpy(layout.index).to(device))
         positions = torch.from_numpy(layout.position).to(device)
         x = x + self._positions[positions].to(x.dtype)  # [T, D]
-        table_rows = torch.from_numpy(np.asarray(rows, dtype=np.int64)[layout.row]).to(device)
-        where = (
-            table_rows[:, None],
-            torch.arange(self.heads, device=device)[None, :],
-            positions[:, None],
-        )
         attention = GroupAttention(layout, rows, device)
         cache_k, cache_v = self.kv.k, self.kv.v
         heads, d = self.heads, self.head_dim
@@ -368,34 +361,36 @@ class MusicGenDecoder(CacheRows):
         def attend_self(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Store layer ``i``'s keys and values (``[T, D]``); the groups'
             attention, packed: ``[T, D]``."""
-            cache_k[i].index_put_(where, k.view(-1, heads, d).to(cache_k.dtype))
-            cache_v[i].index_put_(where, v.view(-1, heads, d).to(cache_v.dtype))
+            attention.store(cache_k[i], cache_v[i], k.view(-1, heads, d), v.view(-1, heads, d))
             return attention(q.view(-1, heads, d), cache_k[i], cache_v[i])
 
         cross = None
         if self.has_cross:
             conditions = self.cross.length
-            groups = []
-            for part in attention.parts:
-                group, held = part[0], part[1]
-                keep = self._steps[:conditions] < self.cross_lengths[held][:, None]
-                groups.append((group, held, LayerMask(keep.view(-1, 1, 1, conditions))))
+            masks = [
+                LayerMask(
+                    (self._steps[:conditions] < self.cross_lengths[held][:, None]).view(
+                        -1, 1, 1, conditions
+                    )
+                )
+                for _, held, _ in attention.parts
+            ]
 
             def cross(i: int, q: torch.Tensor) -> torch.Tensor:
                 """Each group's queries ``[T, D]`` against its rows' conditions."""
-                outs = []
-                for group, held, mask in groups:
-                    queries = q[group.first : group.end].view(group.count, group.own, heads, d)
-                    queries = queries.transpose(1, 2)
-                    keys, values = self.cross.k[i][held], self.cross.v[i][held]
-                    attended = F.scaled_dot_product_attention(
+
+                def conditioned(
+                    g: int, queries: torch.Tensor, held: torch.Tensor | slice, _: Any
+                ) -> torch.Tensor:
+                    attended: torch.Tensor = F.scaled_dot_product_attention(
                         queries,
-                        keys.to(q.dtype),
-                        values.to(q.dtype),
-                        attn_mask=mask.for_(queries),
+                        self.cross.k[i][held].to(q.dtype),
+                        self.cross.v[i][held].to(q.dtype),
+                        attn_mask=masks[g].for_(queries),
                     )
-                    outs.append(attended.transpose(1, 2).reshape(-1, self.dim))
-                return outs[0] if len(outs) == 1 else torch.cat(outs)
+                    return attended
+
+                return attention.each(q.view(-1, heads, d), conditioned)
 
         hidden = self._forward(x, attend_self, cross)
         self.lengths[torch.tensor(rows, device=device)] = torch.from_numpy(starts + own).to(device)
