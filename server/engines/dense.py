@@ -30,6 +30,14 @@ machine), oneDNN multiplies the weights as they lie, with no copy, for steps of
 MKL's product does (four rows by a 16,384 x 3,072 weight: 24 ms, MKL's about
 45, the packed copy's 17-19), and its floats are the packed copy's. Two rows
 gain nothing there, and one row keeps ``addmm``.
+
+Where this machine can build ``rowkernel``'s product (an x86-64 CPU with AVX2
+and a C compiler), ``pack`` gives it the steps (and prefills) of one to
+``KERNEL_ROWS`` rows, before either of those: it reads the weight once for up to
+eight rows, with no copy (four rows by that weight: 15 ms), and each row's
+result is the same bit for bit whatever the call's other rows, one row
+included. The packed copies, or oneDNN over the weights as they lie, then take
+the steps of more rows, up to ``PACKED_ROWS``.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
+from . import rowkernel
 from .kv import GiB, free_memory
 
 __all__ = ["Dense", "Packing", "pack"]
@@ -59,31 +68,45 @@ PACKED_ROWS = 32
 DIRECT_ROWS = 3
 # Of the memory available when packing, what the packed copies may take.
 MEMORY_SHARE = 0.5
+# Rows of a step that the row kernel multiplies, where it is built: 1 to this many.
+KERNEL_ROWS = rowkernel.MOST_ROWS
 
 
 class Dense:
     """``F.linear(x, weight, bias)``; ``rows(x)`` for ``x`` of two dimensions."""
 
-    __slots__ = ("bias", "fewest", "packed", "rows", "weight")
+    __slots__ = ("bias", "fewest", "kernel", "packed", "plain", "rows", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight = weight  # [out, in]
         self.bias = bias
+        # The row kernel's product over this weight (``pack``), for products of
+        # 1 to KERNEL_ROWS rows.
+        self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
         # What oneDNN multiplies (``pack``): its blocked copy, or the weight itself;
         # for products of ``fewest`` to PACKED_ROWS rows.
         self.packed: torch.Tensor | None = None
         self.fewest = 2
         transposed = weight.t()
-        self.rows: Callable[[torch.Tensor], torch.Tensor] = (
+        self.plain: Callable[[torch.Tensor], torch.Tensor] = (
             partial(torch.mm, mat2=transposed)
             if bias is None
             else partial(torch.addmm, bias, mat2=transposed)
         )
+        self.rows = self.plain
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and _few(x.numel() // max(1, x.shape[-1]), self.fewest):
+        if self.kernel is None and self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // max(1, x.shape[-1])
+        if self.kernel is not None and _kernel(rows):
+            return self.kernel(x)
+        if self.packed is not None and _few(rows, self.fewest):
             return _packed(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def _route(self) -> None:
+        self.rows = partial(_routed, self.plain, self.kernel, self.packed, self.bias, self.fewest)
 
     def _pack(self, *, copy: bool) -> None:
         if self.packed is not None:
@@ -93,7 +116,16 @@ class Dense:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         else:
             self.packed, self.fewest = weight, DIRECT_ROWS
-        self.rows = partial(_packed_rows, self.rows, self.packed, self.bias, self.fewest)
+        self._route()
+
+    def _use(self, kernel: rowkernel.RowKernel) -> None:
+        self.kernel = partial(kernel.product, self.weight.detach(), self.bias)
+        self._route()
+
+
+def _kernel(rows: int) -> bool:
+    """Whether a product of ``rows`` rows goes through the row kernel."""
+    return rows <= KERNEL_ROWS and not torch.is_autocast_enabled("cpu")
 
 
 def _few(rows: int, fewest: int) -> bool:
@@ -106,42 +138,59 @@ def _packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
     return out
 
 
-def _packed_rows(
+def _routed(
     plain: Callable[[torch.Tensor], torch.Tensor],
-    packed: torch.Tensor,
+    kernel: Callable[[torch.Tensor], torch.Tensor] | None,
+    packed: torch.Tensor | None,
     bias: torch.Tensor | None,
     fewest: int,
     x: torch.Tensor,
 ) -> torch.Tensor:
-    return _packed(x, packed, bias) if _few(x.shape[0], fewest) else plain(x)
+    rows = x.shape[0]
+    if kernel is not None and _kernel(rows):
+        return kernel(x)
+    if packed is not None and _few(rows, fewest):
+        return _packed(x, packed, bias)
+    return plain(x)
 
 
 @dataclass(frozen=True, slots=True)
 class Packing:
     """What ``pack`` did: how many weights it packed, the bytes the copies
-    take (or would have taken), why it packed none where it could have, and
-    how many weights oneDNN then multiplies as they lie (``direct``)."""
+    take (or would have taken), why it packed none where it could have, how
+    many weights oneDNN then multiplies as they lie (``direct``), and how many
+    the row kernel multiplies (``kernel``), or why it could not (``no_kernel``)."""
 
     weights: int
     bytes: int
     skipped: str | None = None
     direct: int = 0
+    kernel: int = 0
+    no_kernel: str | None = None
 
     @property
     def applied(self) -> bool:
-        """Whether oneDNN multiplies any of the weights (copies or as they lie)."""
-        return bool(self.weights or self.direct)
+        """Whether the row kernel or oneDNN multiplies any of the weights."""
+        return bool(self.weights or self.direct or self.kernel)
 
     def __str__(self) -> str:
         said = []
+        if self.kernel:
+            said.append(f"{self.kernel} weights multiplied by the row kernel")
+            said[-1] += f" for steps of 1-{KERNEL_ROWS} rows"
+        elif self.no_kernel:
+            said.append(f"no row kernel: {self.no_kernel}")
+        after = KERNEL_ROWS + 1 if self.kernel else None
         if self.weights:
-            said.append(f"{self.weights} weights packed for steps of a few rows")
+            said.append(
+                f"{self.weights} weights packed for steps of {after or 2}-{PACKED_ROWS} rows"
+            )
             said[-1] += f" ({_size(self.bytes)} more)"
         elif self.skipped:
             said.append(f"weights not packed: {self.skipped}")
         if self.direct:
             said.append(f"{self.direct} weights multiplied by oneDNN as they lie")
-            said[-1] += f" for steps of {DIRECT_ROWS}-{PACKED_ROWS} rows"
+            said[-1] += f" for steps of {after or DIRECT_ROWS}-{PACKED_ROWS} rows"
         return "; ".join(said) or "none packed (only large float32 weights on a CPU are)"
 
     def log(self, name: str) -> None:
@@ -164,27 +213,34 @@ def _size(count: int) -> str:
 
 
 def pack(denses: Iterable[Dense], available: Callable[[], int | None] | None = None) -> Packing:
-    """Give the large float32 weights of ``denses`` on a CPU a packed copy for
-    the steps' products of a few rows, if the memory ``available`` (the
-    system's, by default) holds the copies with room to spare (``MEMORY_SHARE``);
-    else none (a model that barely fits keeps its memory), and oneDNN multiplies
-    the weights as they lie for ``DIRECT_ROWS`` rows or more."""
+    """Give the large float32 weights of ``denses`` on a CPU the row kernel's
+    product for steps of 1 to ``KERNEL_ROWS`` rows, where it can be built, and a
+    packed copy for the steps' products of a few rows (more than the kernel's),
+    if the memory ``available`` (the system's, by default) holds the copies with
+    room to spare (``MEMORY_SHARE``); else none (a model that barely fits keeps
+    its memory), and oneDNN multiplies the weights as they lie for
+    ``DIRECT_ROWS`` rows or more."""
     chosen = [dense for dense in denses if _packable(dense.weight)]
     if not chosen:
         return Packing(0, 0)
+    kernel = rowkernel.load() if KERNEL_ROWS else "turned off"
+    lying = [dense for dense in chosen if dense.weight.is_contiguous()]
+    if isinstance(kernel, rowkernel.RowKernel):
+        for dense in lying:
+            dense._use(kernel)
+    kernels = (len(lying), None) if isinstance(kernel, rowkernel.RowKernel) else (0, kernel)
     need = sum(dense.weight.numel() * dense.weight.element_size() for dense in chosen)
     if not torch.backends.mkldnn.is_available() or not hasattr(
         torch.ops.mkldnn, "_linear_pointwise"
     ):
-        return Packing(0, need, "this torch has no oneDNN linear product")
+        return Packing(0, need, "this torch has no oneDNN linear product", 0, *kernels)
     free = (available or partial(free_memory, "cpu"))()
     if free is None or need > MEMORY_SHARE * free:
         told = "unknown" if free is None else _size(free)
-        direct = [dense for dense in chosen if dense.weight.is_contiguous()]
-        for dense in direct:
+        for dense in lying:
             dense._pack(copy=False)
         skipped = f"the copies would take {_size(need)}, {told} available"
-        return Packing(0, need, skipped, direct=len(direct))
+        return Packing(0, need, skipped, len(lying), *kernels)
     for dense in chosen:
         dense._pack(copy=True)
-    return Packing(len(chosen), need)
+    return Packing(len(chosen), need, None, 0, *kernels)

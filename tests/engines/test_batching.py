@@ -20,7 +20,7 @@ from helpers import count_codec_calls
 from test_musicgen_features import decode, wav_bytes
 
 from wavecast.protocol import Busy, InternalError, WavecastError, resolve_params
-from wavecast.server.engines import dense, kv
+from wavecast.server.engines import dense, kv, rowkernel
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.musicgen.engine import MusicGenEngine, StreamSettings
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
@@ -147,16 +147,20 @@ def test_rows_in_a_batch_equal_their_solo_runs(windowed: Any) -> None:
     assert codes(engine, batch["b"]).shape[-1] > 150  # two window extensions
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("room", [True, False])
 def test_packed_weights_keep_rows_as_alone_and_logits_as_unpacked(
-    windowed: Any, monkeypatch: Any, room: bool
+    windowed: Any, monkeypatch: Any, room: bool, kernel: bool
 ) -> None:
     """Every weight a step multiplies packed (as a released model's are on a
     CPU; the tiny model's are too small to be), or, without ``room`` for the
-    copies, multiplied by oneDNN as they lie: a row in a batch is as alone, and
+    copies, multiplied by oneDNN as they lie; the row kernel taking the steps of
+    a few rows (where it is built), or not: a row in a batch is as alone, and
     the logits are the unpacked engine's to float rounding."""
     _, plain = windowed
     monkeypatch.setattr(dense, "PACKED_FROM", 1)
+    if not kernel:
+        monkeypatch.setattr(dense, "KERNEL_ROWS", 0)
     if not room:
         monkeypatch.setattr(dense, "free_memory", lambda device: 0)
     engine = MusicGenEngine(
@@ -165,6 +169,8 @@ def test_packed_weights_keep_rows_as_alone_and_logits_as_unpacked(
     assert not engine.decoder.packing.applied  # (packed at warm-up)
     packing = engine.decoder.pack_weights()
     assert (packing.weights > 0, packing.direct > 0) == (room, not room)
+    built = isinstance(rowkernel.load(), rowkernel.RowKernel)
+    assert (packing.kernel > 0) == (kernel and built)
     unpacked = {rid: drive(plain, {0: [(rid, make(plain, rid))]})[0][rid] for rid in "ab"}
     solo = {rid: drive(engine, {0: [(rid, make(engine, rid))]})[0][rid] for rid in "ab"}
     batch, _ = drive(engine, {0: [("a", make(engine, "a"))], 3: [("b", make(engine, "b"))]})

@@ -31,7 +31,7 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
     HiggsAudioV2DelayPatternLogitsProcessor,
 )
 
-from wavecast.server.engines import dense
+from wavecast.server.engines import dense, rowkernel
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.higgs.decoder import HiggsDecoder
 from wavecast.server.engines.higgs.engine import HiggsEngine
@@ -104,13 +104,14 @@ def drive(
 # -- the decoder -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("packed", ["no", "copies", "direct"])
+@pytest.mark.parametrize("packed", ["no", "copies", "direct", "copies, no row kernel"])
 def test_decoder_matches_the_model_forward(
     loaded: HiggsModel, batched: HiggsEngine, packed: str, monkeypatch: Any
 ) -> None:
     """(``packed``: every weight a step multiplies packed, as a released model's
-    are on a CPU, the tiny model's being too small to be; or, where memory
-    holds no copies, multiplied by oneDNN as they lie.)"""
+    are on a CPU, the tiny model's being too small to be, with the row kernel
+    for a few rows where it is built; or, where memory holds no copies,
+    multiplied by oneDNN as they lie.)"""
     model = loaded.model
     config = model.config
     ids, audio, frames = voiced_prompt(batched, K, BOS)
@@ -119,12 +120,17 @@ def test_decoder_matches_the_model_forward(
         monkeypatch.setattr(dense, "PACKED_FROM", 1)
     if packed == "direct":
         monkeypatch.setattr(dense, "free_memory", lambda device: 0)
+    if packed.endswith("no row kernel"):
+        monkeypatch.setattr(dense, "KERNEL_ROWS", 0)
     with torch.no_grad():
         decoder = HiggsDecoder(model, rows=4, length=512)
         packing = decoder.pack_weights()
         stepped = 4 * len(model.model.layers) + 1
-        assert packing.weights == (stepped if packed == "copies" else 0)
+        assert packing.weights == (stepped if packed.startswith("copies") else 0)
         assert packing.direct == (stepped if packed == "direct" else 0)
+        built = isinstance(rowkernel.load(), rowkernel.RowKernel)
+        kernel = packed in ("copies", "direct") and built
+        assert packing.kernel == (stepped if kernel else 0)
         tokens = ids[0].numpy()
         is_audio = (tokens == config.audio_token_id) | (tokens == config.audio_delay_token_id)
         # The prompt in two calls (text and audio positions in both), beside a

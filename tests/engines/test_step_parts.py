@@ -3,11 +3,15 @@ the same floats as the operations they stand for."""
 
 from __future__ import annotations
 
+import platform
+import shutil
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from wavecast.server.engines import dense as dense_module
+from wavecast.server.engines import rowkernel
 from wavecast.server.engines.dense import Dense, pack
 from wavecast.server.engines.kv import LayerMask, StaticKV
 
@@ -27,12 +31,16 @@ def test_a_dense_layer_is_f_linear_bit_for_bit(bias: bool) -> None:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_packed_dense_layer_multiplies_a_few_rows_by_its_packed_copy(bias: bool) -> None:
+def test_a_packed_dense_layer_multiplies_a_few_rows_by_its_packed_copy(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(The row kernel turned off: the next tests take it.)"""
+    monkeypatch.setattr(dense_module, "KERNEL_ROWS", 0)
     torch.manual_seed(0)
     weight = torch.randn(1024, 512) * 0.05  # as large as PACKED_FROM
     b = torch.randn(1024) if bias else None
     dense = Dense(weight, b)
-    assert pack([dense]) == dense_module.Packing(1, weight.numel() * 4)
+    assert pack([dense]) == dense_module.Packing(1, weight.numel() * 4, no_kernel="turned off")
     assert dense.packed is not None
     x = torch.randn(dense_module.PACKED_ROWS + 1, 512)
     packed = torch.ops.mkldnn._linear_pointwise(x, dense.packed, b, "none", [], "")
@@ -57,7 +65,10 @@ def test_a_packed_dense_layer_multiplies_a_few_rows_by_its_packed_copy(bias: boo
         assert torch.equal(dense(positions), F.linear(positions, weight, b))
 
 
-def test_only_large_float32_weights_on_a_cpu_are_packed_where_memory_allows() -> None:
+def test_only_large_float32_weights_on_a_cpu_are_packed_where_memory_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dense_module, "KERNEL_ROWS", 0)
     large = torch.randn(1024, 512)
     small = Dense(torch.randn(1024, 511))
     half = Dense(large.bfloat16())
@@ -72,8 +83,11 @@ def test_only_large_float32_weights_on_a_cpu_are_packed_where_memory_allows() ->
     strided = Dense(torch.randn(1024, 1025)[:, 1:])
     need = 2 * large.numel() * 4
     roomy = pack([Dense(large), Dense(large)], available=lambda: 2 * need)
-    assert roomy == dense_module.Packing(2, need)
-    assert str(roomy) == "2 weights packed for steps of a few rows (4 MiB more)"
+    assert roomy == dense_module.Packing(2, need, no_kernel="turned off")
+    assert (
+        str(roomy)
+        == "no row kernel: turned off; 2 weights packed for steps of 2-32 rows (4 MiB more)"
+    )
     need += strided.weight.numel() * 4
     short = pack([first, second, strided], available=lambda: 2 * need - 1)
     assert (short.weights, short.bytes, short.direct) == (0, need, 2) and short.skipped
@@ -81,19 +95,22 @@ def test_only_large_float32_weights_on_a_cpu_are_packed_where_memory_allows() ->
         assert dense.packed is not None and dense.packed.data_ptr() == dense.weight.data_ptr()
     assert strided.packed is None
     said = str(short)
-    assert said.startswith("weights not packed: the copies would take") and said.endswith(
-        "; 2 weights multiplied by oneDNN as they lie for steps of 3-32 rows"
-    )
+    assert said.startswith("no row kernel: turned off; weights not packed: the copies would take")
+    assert said.endswith("; 2 weights multiplied by oneDNN as they lie for steps of 3-32 rows")
     unknown = Dense(large)
     assert pack([unknown], available=lambda: None).direct == 1
     assert unknown.packed is not None and unknown.packed.shape == large.shape
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_weights_left_as_they_lie_are_multiplied_by_onednn_from_three_rows(bias: bool) -> None:
+def test_weights_left_as_they_lie_are_multiplied_by_onednn_from_three_rows(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Where memory holds no copies: from ``DIRECT_ROWS`` rows to ``PACKED_ROWS``
     the product is oneDNN's over the weight itself, whose floats are the packed
-    copy's; one and two rows, and more, keep the library's product."""
+    copy's; one and two rows, and more, keep the library's product. (The row
+    kernel turned off.)"""
+    monkeypatch.setattr(dense_module, "KERNEL_ROWS", 0)
     torch.manual_seed(0)
     weight = torch.randn(1024, 512) * 0.05
     b = torch.randn(1024) if bias else None
@@ -112,6 +129,89 @@ def test_weights_left_as_they_lie_are_multiplied_by_onednn_from_three_rows(bias:
         assert torch.equal(direct.rows(some), F.linear(some, weight, b))
         assert torch.equal(direct(some), F.linear(some, weight, b))
     assert torch.equal(direct(positions[:1, :2]), F.linear(positions[:1, :2], weight, b))
+
+
+def built_kernel() -> rowkernel.RowKernel:
+    """The row kernel, which this project's machines (x86-64 with AVX2, a C
+    compiler) build; elsewhere ``load`` must say why it did not."""
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        assert platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which("cc"), (
+            kernel
+        )
+        pytest.skip(f"no row kernel here: {kernel}")
+    return kernel
+
+
+@pytest.mark.parametrize(("outputs", "size"), [(37, 203), (64, 512), (1, 8), (6, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
+    outputs: int, size: int, bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any shape (outputs odd or even, inputs not a multiple of the lanes), any
+    number of rows (blocks of one to eight, then again), a row at any place of
+    the call, views and prefills' positions, one thread or several: each row's
+    result is the same bits as when it is alone, and float64's to rounding."""
+    kernel = built_kernel()
+    torch.manual_seed(0)
+    weight = torch.randn(outputs, size)
+    b = torch.randn(outputs) if bias else None
+    x = torch.randn(19, size)
+    exact = (x.double() @ weight.double().T + (0 if b is None else b.double())).float()
+    alone = torch.cat([kernel.product(weight, b, x[i : i + 1]) for i in range(len(x))])
+    assert torch.allclose(alone, exact, rtol=0, atol=1e-5 * exact.abs().max().item())
+    for start, stop in [(0, 2), (3, 7), (0, 8), (5, 14), (0, 19)]:
+        assert torch.equal(kernel.product(weight, b, x[start:stop]), alone[start:stop])
+    strided = torch.cat([x[:5, None], torch.randn(5, 2, size)], 1)[:, 0]  # rows 3 * size apart
+    assert not strided.is_contiguous()
+    assert torch.equal(kernel.product(weight, b, strided), alone[:5])
+    positions = x[:18].view(3, 6, size)
+    assert torch.equal(kernel.product(weight, b, positions), alone[:18].view(3, 6, outputs))
+    assert kernel.product(weight, b, x[:0]).shape == (0, outputs)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
+    try:
+        torch.set_num_threads(3)
+        assert torch.equal(kernel.product(weight, b, x), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_packed_layers_take_the_row_kernel_for_up_to_eight_rows(room: bool) -> None:
+    """With the row kernel, a packed layer multiplies one to ``KERNEL_ROWS``
+    rows by it (a step's rows, a prefill's positions), then oneDNN's product
+    (its copy, or the weight as it lies) up to ``PACKED_ROWS``, then the
+    library's; under autocast, the library's."""
+    kernel = built_kernel()
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 512) * 0.05
+    b = torch.randn(1024)
+    dense, onednn = Dense(weight, b), Dense(weight, b)
+    packing = pack([dense], available=lambda: 100 * 2**20 if room else 0)
+    assert (packing.weights, packing.direct, packing.kernel) == (int(room), int(not room), 1)
+    said = "1 weights multiplied by the row kernel for steps of 1-8 rows; "
+    said += (
+        "1 weights packed for steps of 9-32 rows (2 MiB more)"
+        if room
+        else "weights not packed: the copies would take 2 MiB, 0 MiB available; "
+        "1 weights multiplied by oneDNN as they lie for steps of 9-32 rows"
+    )
+    assert str(packing) == said
+    onednn.packed, onednn.fewest = dense.packed, dense.fewest  # (oneDNN's alone)
+    onednn._route()
+    x = torch.randn(dense_module.PACKED_ROWS + 1, 512)
+    for rows in (1, 2, 5, 8):
+        assert torch.equal(dense.rows(x[:rows]), kernel.product(weight, b, x[:rows]))
+    positions = torch.randn(2, 4, 512)
+    assert torch.equal(dense(positions), kernel.product(weight, b, positions))
+    for rows in (9, dense_module.PACKED_ROWS):
+        assert torch.equal(dense.rows(x[:rows]), onednn.rows(x[:rows]))
+    assert torch.equal(dense.rows(x), F.linear(x, weight, b))
+    prefill = torch.randn(3, 11, 512)[:, 1:]  # 30 positions
+    assert torch.equal(dense(prefill), onednn(prefill))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(dense.rows(x[:4]), F.linear(x[:4], weight, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
