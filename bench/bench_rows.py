@@ -1,0 +1,89 @@
+"""A step's product of a few rows by one large float32 weight, on a CPU, four ways.
+
+MKL's product (``F.linear``), oneDNN's over the weight as it lies, oneDNN's over a
+packed copy, and the row kernel (``engines/rowkernel.py``), for the weight
+shapes of the released models a CPU steps (MusicGen small and large, the 3B
+speech model) and ``--rows`` rows. Least of ``--runs`` timings after a warm-up
+call, the four taking turns; and each way's largest difference from a float64
+product, against the output's largest value.
+
+    .venv/bin/python bench/bench_rows.py
+    .venv/bin/python bench/bench_rows.py --threads 2 --rows 1 4
+
+Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from bench_stream import machine
+from torch.nn import functional as F
+
+from wavecast.server.engines import rowkernel
+
+# (outputs, inputs): the 3B speech model's gate and up projections, its down
+# projection, its query/key/value projection; MusicGen-large's feed-forward
+# in and out; MusicGen-small's query/key/value projection.
+SHAPES = [(16384, 3072), (3072, 8192), (5120, 3072), (8192, 2048), (2048, 8192), (3072, 1024)]
+
+
+def least(run: Callable[[], object], runs: int) -> float:
+    run()
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        sys.exit(f"no row kernel: {kernel}")
+    print("### a few rows by one float32 weight, on a CPU\n")
+    print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
+    print(f"- command: `{' '.join(['python bench/bench_rows.py', *sys.argv[1:]])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
+    print("- ms a call (its largest error against float64, over the largest output)\n")
+    print("| weight | rows | MKL | oneDNN, as it lies | oneDNN, packed copy | row kernel |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    generator = torch.Generator().manual_seed(0)
+    for outputs, inputs in SHAPES:
+        weight = torch.randn(outputs, inputs, generator=generator)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        exact_weight = weight.double()
+        for rows in args.rows:
+            x = torch.randn(rows, inputs, generator=generator)
+            exact = x.double() @ exact_weight.T
+            size = float(exact.abs().max())
+            onednn = torch.ops.mkldnn._linear_pointwise
+            ways: list[Callable[[], torch.Tensor]] = [
+                partial(F.linear, x, weight),
+                partial(onednn, x, weight, None, "none", [], ""),
+                partial(onednn, x, packed, None, "none", [], ""),
+                partial(kernel.product, weight, None, x),
+            ]
+            errors = [float((way().double() - exact).abs().max()) / size for way in ways]
+            times = [float("inf")] * len(ways)
+            for _ in range(2):  # the ways in turns, twice
+                for i, way in enumerate(ways):
+                    times[i] = min(times[i], least(way, max(1, args.runs // 2)))
+            cells = [f"{t:.2f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
+            print(f"| {outputs:,} x {inputs:,} | {rows} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
