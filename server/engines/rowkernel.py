@@ -168,6 +168,8 @@ class RowKernel:
         """``x @ weight.T + bias`` for a float32 ``x`` (``[rows, K]``, or any
         shape ending in ``K``), ``weight`` contiguous ``[N, K]`` float32 on the
         CPU."""
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise TypeError(f"the row kernel multiplies float32 on a CPU, not {x.dtype} {x.device}")
         shape = x.shape
         if x.dim() != 2 or x.stride(-1) != 1:
             x = x.reshape(-1, shape[-1]).contiguous()

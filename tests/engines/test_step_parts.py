@@ -168,6 +168,8 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
     positions = x[:18].view(3, 6, size)
     assert torch.equal(kernel.product(weight, b, positions), alone[:18].view(3, 6, outputs))
     assert kernel.product(weight, b, x[:0]).shape == (0, outputs)
+    with pytest.raises(TypeError, match="float32"):
+        kernel.product(weight, b, x.double())
     threads = torch.get_num_threads()
     monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
     try:
