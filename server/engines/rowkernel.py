@@ -9,10 +9,11 @@ once per row (four rows by a 16,384 x 3,072 weight: MKL's 50-60 ms, oneDNN's
 as much memory again, which a 3B-parameter model in float32 does not leave.
 
 This module's kernel streams the weight once for up to eight rows: a few of
-the weight's rows at a time (eight for one input row, four for two to four, two
-for more) are multiplied by every input row while they are in cache, eight lanes
-of fused multiply-adds per output, summed at the end. Four rows by that weight
-take 15 ms, eight 28, one 11 where MKL's takes 14 (``bench/bench_rows.py``; from
+the weight's rows at a time (eight for one input row, four for more) are
+multiplied by every input row while they are in cache (past four input rows, in
+a second pass over them), eight lanes of fused multiply-adds per output, summed
+at the end. Four rows by that weight
+take 15 ms, eight 22, one 11 where MKL's takes 13-14 (``bench/bench_rows.py``; from
 sixteen rows oneDNN's are the faster). Each output is summed in the same order
 whatever the call's other rows, so a row's result does not depend on its
 neighbours, or on how many they are (one row included): bit for bit. Against a
@@ -104,14 +105,13 @@ static void blk_##R##_##WR(const task_t *t, const float *x, float *y, long n, __
     } \
 }
 /* Enough weight rows at once to keep the loads in flight, few enough that the
-   sums stay in registers. */
-BLOCK(1, 8) BLOCK(2, 4) BLOCK(3, 4) BLOCK(4, 4) BLOCK(5, 2) BLOCK(6, 2) BLOCK(7, 2) BLOCK(8, 2)
+   sums stay in registers; past four input rows, the rest go over the same four
+   weight rows again while they are in cache. */
+BLOCK(1, 8) BLOCK(1, 4) BLOCK(2, 4) BLOCK(3, 4) BLOCK(4, 4)
 BLOCK(1, 1) BLOCK(2, 1) BLOCK(3, 1) BLOCK(4, 1) BLOCK(5, 1) BLOCK(6, 1) BLOCK(7, 1) BLOCK(8, 1)
 
 typedef void (*block_t)(const task_t *, const float *, float *, long, __m256i);
-static const block_t wide[9] = {0, blk_1_8, blk_2_4, blk_3_4, blk_4_4,
-                                blk_5_2, blk_6_2, blk_7_2, blk_8_2};
-static const long widths[9] = {0, 8, 4, 4, 4, 2, 2, 2, 2};
+static const block_t fours[5] = {0, blk_1_4, blk_2_4, blk_3_4, blk_4_4};
 static const block_t singles[9] = {0, blk_1_1, blk_2_1, blk_3_1, blk_4_1,
                                    blk_5_1, blk_6_1, blk_7_1, blk_8_1};
 
@@ -125,7 +125,15 @@ static void *run(void *arg) {
         const float *x = t->x + r * t->ldx;
         float *y = t->y + r * t->ldy;
         long n = t->n0;
-        for (; n + widths[R] <= t->n1; n += widths[R]) wide[R](t, x, y, n, tail);
+        if (R == 1)
+            for (; n + 8 <= t->n1; n += 8) blk_1_8(t, x, y, n, tail);
+        else if (R <= 4)
+            for (; n + 4 <= t->n1; n += 4) fours[R](t, x, y, n, tail);
+        else
+            for (; n + 4 <= t->n1; n += 4) {
+                blk_4_4(t, x, y, n, tail);
+                fours[R - 4](t, x + 4 * t->ldx, y + 4 * t->ldy, n, tail);
+            }
         for (; n < t->n1; n++) singles[R](t, x, y, n, tail);
     }
     return 0;
