@@ -119,7 +119,8 @@ class Dense:
         self._route()
 
     def _use(self, kernel: rowkernel.RowKernel) -> None:
-        self.kernel = partial(kernel.product, self.weight.detach(), self.bias)
+        bias = None if self.bias is None else self.bias.detach().contiguous()
+        self.kernel = partial(kernel.product, self.weight.detach(), bias)
         self._route()
 
 

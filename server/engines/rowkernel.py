@@ -12,15 +12,15 @@ This module's kernel streams the weight once for up to eight rows: a few of
 the weight's rows at a time (eight for one input row, four for more) are
 multiplied by every input row while they are in cache (past four input rows, in
 a second pass over them), eight lanes of fused multiply-adds per output, summed
-at the end. Four rows by that weight
-take 15 ms, eight 22, one 11 where MKL's takes 13-14 (``bench/bench_rows.py``; from
-sixteen rows oneDNN's are the faster). Each output is summed in the same order
-whatever the call's other rows, so a row's result does not depend on its
-neighbours, or on how many they are (one row included): bit for bit. Against a
-float64 product it is as close as MKL's (a few 1e-7 of the output's size).
+at the end. Four rows by that weight take 15 ms, eight 22, one 11 where MKL's
+takes 13-14 (``bench/bench_rows.py``; from sixteen rows oneDNN's are the
+faster). Each output is summed in the same order whatever the call's other
+rows, so a row's result does not depend on its neighbours, or on how many they
+are (one row included): bit for bit. Against a float64 product it is as close
+as MKL's (a few 1e-7 of the output's size).
 
 It is C (AVX2 and FMA), compiled with the machine's C compiler when first asked
-for (about 0.3 s), and checked against a float64 product before it is used;
+for (about a second), and checked against a float64 product before it is used;
 where there is no compiler, no such CPU or the check fails, ``load`` says why
 and the libraries' products stay. The work is split over torch's threads for a
 weight large enough to pay for starting them. The call releases the GIL

@@ -214,6 +214,12 @@ def test_packed_layers_take_the_row_kernel_for_up_to_eight_rows(room: bool) -> N
     assert torch.equal(dense(prefill), onednn(prefill))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(dense.rows(x[:4]), F.linear(x[:4], weight, b))
+    # A bias that is a strided view (the kernel reads it as contiguous floats).
+    strided = torch.stack([b, torch.randn(1024)], 1)[:, 0]
+    assert not strided.is_contiguous()
+    other = Dense(weight, strided)
+    assert pack([other], available=lambda: 0).kernel == 1
+    assert torch.equal(other.rows(x[:3]), kernel.product(weight, b, x[:3]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
