@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -224,24 +224,26 @@ def pack(denses: Iterable[Dense], available: Callable[[], int | None] | None = N
     chosen = [dense for dense in denses if _packable(dense.weight)]
     if not chosen:
         return Packing(0, 0)
-    kernel = rowkernel.load() if KERNEL_ROWS else "turned off"
     lying = [dense for dense in chosen if dense.weight.is_contiguous()]
+    kernel = rowkernel.load() if KERNEL_ROWS else "turned off"
     if isinstance(kernel, rowkernel.RowKernel):
         for dense in lying:
             dense._use(kernel)
-    kernels = (len(lying), None) if isinstance(kernel, rowkernel.RowKernel) else (0, kernel)
+        kernels = Packing(0, 0, kernel=len(lying))
+    else:
+        kernels = Packing(0, 0, no_kernel=kernel)
     need = sum(dense.weight.numel() * dense.weight.element_size() for dense in chosen)
     if not torch.backends.mkldnn.is_available() or not hasattr(
         torch.ops.mkldnn, "_linear_pointwise"
     ):
-        return Packing(0, need, "this torch has no oneDNN linear product", 0, *kernels)
+        return replace(kernels, bytes=need, skipped="this torch has no oneDNN linear product")
     free = (available or partial(free_memory, "cpu"))()
     if free is None or need > MEMORY_SHARE * free:
         told = "unknown" if free is None else _size(free)
         for dense in lying:
             dense._pack(copy=False)
         skipped = f"the copies would take {_size(need)}, {told} available"
-        return Packing(0, need, skipped, len(lying), *kernels)
+        return replace(kernels, bytes=need, skipped=skipped, direct=len(lying))
     for dense in chosen:
         dense._pack(copy=True)
-    return Packing(len(chosen), need, None, 0, *kernels)
+    return replace(kernels, weights=len(chosen), bytes=need)
