@@ -143,13 +143,16 @@ def built_kernel() -> rowkernel.RowKernel:
     return kernel
 
 
-@pytest.mark.parametrize(("outputs", "size"), [(37, 203), (64, 512), (1, 8), (6, 3)])
+@pytest.mark.parametrize(
+    ("outputs", "size"), [(37, 203), (64, 512), (1, 8), (6, 3), (21, 1024), (13, 1100)]
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
     outputs: int, size: int, bias: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Any shape (outputs odd or even, inputs not a multiple of the lanes), any
-    number of rows (blocks of one to eight, then again), a row at any place of
+    """Any shape (outputs odd or even, inputs not a multiple of the lanes, rows
+    of the weight fetched ahead or not), any number of rows (blocks of one to
+    eight, then again), a row at any place of
     the call, views and prefills' positions, one thread or several: each row's
     result is the same bits as when it is alone, and float64's to rounding."""
     kernel = built_kernel()
