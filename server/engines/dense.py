@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from . import rowkernel
 from .kv import GiB, free_memory
 
-__all__ = ["Dense", "Packing", "pack"]
+__all__ = ["Dense", "Packing", "pack", "step_attention"]
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +168,13 @@ class Packing:
     direct: int = 0
     kernel: int = 0
     no_kernel: str | None = None
+    attention: bool = False  # (the step's attention by the row kernel: ``step_attention``)
 
     @property
     def applied(self) -> bool:
-        """Whether the row kernel or oneDNN multiplies any of the weights."""
-        return bool(self.weights or self.direct or self.kernel)
+        """Whether the row kernel or oneDNN multiplies any of the weights, or the
+        row kernel attends."""
+        return bool(self.weights or self.direct or self.kernel or self.attention)
 
     def __str__(self) -> str:
         said = []
@@ -192,6 +194,8 @@ class Packing:
         if self.direct:
             said.append(f"{self.direct} weights multiplied by oneDNN as they lie")
             said[-1] += f" for steps of {after or DIRECT_ROWS}-{PACKED_ROWS} rows"
+        if self.attention:
+            said.append("the steps' attention by the row kernel")
         return "; ".join(said) or "none packed (only large float32 weights on a CPU are)"
 
     def log(self, name: str) -> None:
@@ -207,6 +211,25 @@ def _packable(weight: torch.Tensor) -> bool:
         and weight.dim() == 2
         and weight.numel() >= PACKED_FROM
     )
+
+
+def step_attention(
+    device: torch.device, dtype: torch.dtype, head_dim: int
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The row kernel's attention (``RowKernel.attend``) for the decode steps of
+    a model on ``device`` in ``dtype`` with heads of ``head_dim``, where it is
+    built and turned on (``KERNEL_ROWS``) and suits the model: float32 on a CPU,
+    heads a multiple of 8 up to ``rowkernel.MOST_HEAD``; else None (the
+    library's). It reads a row's keys and values once and skips the positions
+    the mask leaves out, where the library's reads views of a cache at a
+    fraction of the memory's speed (eight rows of 16 heads over 64 positions:
+    0.56 against 1.4 ms a layer here)."""
+    if device.type != "cpu" or dtype != torch.float32 or head_dim % 8 or not KERNEL_ROWS:
+        return None
+    if head_dim > rowkernel.MOST_HEAD:
+        return None
+    kernel = rowkernel.load()
+    return kernel.attend if isinstance(kernel, rowkernel.RowKernel) else None
 
 
 def _size(count: int) -> str:

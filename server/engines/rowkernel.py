@@ -1,4 +1,4 @@
-"""A product of a few rows by a large float32 weight on a CPU, reading the weight once.
+"""A step's products and attention on a CPU, in C: a few rows by a large weight, reading it once.
 
 A decode step multiplies a few rows (one per stream, two for a guidance pair) by
 every large weight of the model, and on a CPU that product is bound by reading
@@ -22,8 +22,16 @@ rows, so a row's result does not depend on its neighbours, or on how many they
 are (one row included): bit for bit. Against a float64 product it is as close
 as MKL's (a few 1e-7 of the output's size).
 
+The same library holds a decode step's attention (``RowKernel.attend``): one
+query a row against its keys and values, which a step reads as views of a
+cache (a row's first positions of a longer table). The library's attention
+reads such views at a fraction of the memory's speed (eight rows of 16 heads
+over 64 positions of a 1,506-position table: 1.4 ms a layer); this one reads
+each (row, head)'s positions once, in order, and skips those the mask leaves
+out (0.56 ms). A row's result does not depend on the others of the call.
+
 It is C (AVX2 and FMA), compiled with the machine's C compiler when first asked
-for (about a second), and checked against a float64 product before it is used;
+for (about a second), and checked against float64 products before it is used;
 where there is no compiler, no such CPU or the check fails, ``load`` says why
 and the libraries' products stay. The work is split over torch's threads for a
 weight large enough to pay for starting them. The call releases the GIL
@@ -45,19 +53,25 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
-__all__ = ["MOST_ROWS", "RowKernel", "load"]
+__all__ = ["MOST_HEAD", "MOST_ROWS", "RowKernel", "load"]
 
 log = logging.getLogger(__name__)
 
 # Rows a call multiplies at once (the kernel's blocks: one to eight).
 MOST_ROWS = 8
-# Elements of the weight a thread of its own must have to be worth starting.
+# Elements of the weight a thread of its own must have to be worth starting
+# (for attention: of the keys it reads).
 PER_THREAD = 1 << 21
+# The longest head the attention kernel takes (its registers hold one query).
+MOST_HEAD = 256
 
 SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <pthread.h>
+#include <stdlib.h>
 
 int rows_usable(void) {
     __builtin_cpu_init();
@@ -187,15 +201,101 @@ void rows_product(const float *w, const float *x, const float *bias, float *y,
         else run(&tasks[i]);
     }
 }
+
+/* One query's attention for (row, head) pairs p0 to p1: the scores against
+   the row's keys (the head's group's), each the head's D lanes summed as a
+   product's are, scaled, plus the mask; their softmax's weights (exp of each
+   less the largest, over their sum) by the values. A position whose mask is
+   -inf is not read at all; a pair with none left gives zeros. */
+typedef struct {
+    const float *q, *k, *v, *mask;
+    float *out;
+    long p0, p1, H, group, S, D, qb, qh, kb, kh, ks, vb, vh, vs, mb;
+    float scale;
+} heads_t;
+
+static void *attend_run(void *arg) {
+    const heads_t *t = arg;
+    float *s = malloc(sizeof(float) * (t->S > 0 ? t->S : 1));
+    if (!s) return (void *)1;
+    const long D8 = t->D / 8;
+    for (long p = t->p0; p < t->p1; p++) {
+        const long b = p / t->H, h = p % t->H, g = h / t->group;
+        const float *q = t->q + b * t->qb + h * t->qh, *m = t->mask + b * t->mb;
+        const float *k = t->k + b * t->kb + g * t->kh, *v = t->v + b * t->vb + g * t->vh;
+        __m256 qv[32], acc[32];
+        for (long i = 0; i < D8; i++) qv[i] = _mm256_loadu_ps(q + 8 * i);
+        float top = -INFINITY;
+        for (long j = 0; j < t->S; j++) {
+            if (m[j] == -INFINITY) {
+                s[j] = -INFINITY;
+                continue;
+            }
+            const float *kj = k + j * t->ks;
+            __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kj));
+            for (long i = 1; i < D8; i++)
+                a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(kj + 8 * i), a);
+            s[j] = hsum(a) * t->scale + m[j];
+            if (s[j] > top) top = s[j];
+        }
+        for (long i = 0; i < D8; i++) acc[i] = _mm256_setzero_ps();
+        float total = 0;
+        if (top != -INFINITY)
+            for (long j = 0; j < t->S; j++) {
+                if (s[j] == -INFINITY) continue;
+                const float e = expf(s[j] - top);
+                const __m256 ev = _mm256_set1_ps(e);
+                const float *vj = v + j * t->vs;
+                total += e;
+                for (long i = 0; i < D8; i++)
+                    acc[i] = _mm256_fmadd_ps(ev, _mm256_loadu_ps(vj + 8 * i), acc[i]);
+            }
+        const __m256 scale = _mm256_set1_ps(total > 0 ? 1.0f / total : 0.0f);
+        float *o = t->out + p * t->D;
+        for (long i = 0; i < D8; i++) _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(acc[i], scale));
+    }
+    free(s);
+    return 0;
+}
+
+/* out[b, h] (contiguous [B, H, D]) for q [B, H, D], k and v [B, H / group, S,
+   D], mask [B, S] (rows mb floats apart), each D floats contiguous, D a
+   multiple of 8 up to 256; pairs split over up to `threads` threads. 0, or 1
+   where memory for the scores ran out. */
+int attend(const float *q, const float *k, const float *v, const float *mask, float *out,
+           long B, long H, long group, long S, long D, long qb, long qh, long kb, long kh,
+           long ks, long vb, long vh, long vs, long mb, float scale, int threads) {
+    heads_t tasks[16];
+    pthread_t ids[16];
+    int started[16] = {0}, failed = 0;
+    if (threads < 1) threads = 1;
+    if (threads > 16) threads = 16;
+    const long pairs = B * H, share = (pairs + threads - 1) / threads;
+    int parts = 0;
+    for (long p0 = 0; p0 < pairs; p0 += share, parts++)
+        tasks[parts] = (heads_t){q, k, v, mask, out, p0, p0 + share < pairs ? p0 + share : pairs,
+                                 H, group, S, D, qb, qh, kb, kh, ks, vb, vh, vs, mb, scale};
+    for (int i = 1; i < parts; i++)
+        started[i] = pthread_create(&ids[i], 0, attend_run, &tasks[i]) == 0;
+    failed |= attend_run(&tasks[0]) != 0;
+    for (int i = 1; i < parts; i++) {
+        void *result = 0;
+        if (started[i]) pthread_join(ids[i], &result);
+        else result = attend_run(&tasks[i]);
+        failed |= result != 0;
+    }
+    return failed;
+}
 """
 
 
 @dataclass(frozen=True, slots=True)
 class RowKernel:
-    """The compiled kernel: ``product`` is ``F.linear``, reading the weight once
-    for every ``MOST_ROWS`` rows."""
+    """The compiled kernels: ``product`` is ``F.linear``, reading the weight once
+    for every ``MOST_ROWS`` rows; ``attend`` is a decode step's attention."""
 
     function: Callable[..., None]
+    attention: Callable[..., int]
 
     def product(
         self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
@@ -226,6 +326,69 @@ class RowKernel:
                 threads,
             )
         return y if len(shape) == 2 else y.view(*shape[:-1], outputs)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        enable_gqa=True)`` for one query a row: ``q`` ``[B, H, 1, D]``, ``k``
+        and ``v`` ``[B, H_kv, S, D]`` (``H`` a multiple of ``H_kv``; views of a
+        cache, as they lie), ``mask`` additive ``[B, 1, 1, S]``; float32 on the
+        CPU, ``D`` a multiple of 8 up to ``MOST_HEAD``. Positions the mask
+        makes -inf are not read; a row with none left gives zeros, as the
+        library's does."""
+        for tensor in (q, k, v, mask):
+            if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+                raise TypeError(
+                    f"the attention kernel reads float32 on a CPU, not {tensor.dtype} "
+                    f"{tensor.device}"
+                )
+        rows, heads, queries, size = q.shape
+        groups, positions = k.shape[1], k.shape[2]
+        if (
+            queries != 1
+            or size % 8
+            or size > MOST_HEAD
+            or heads % groups
+            or k.shape != v.shape
+            or k.shape[0] != rows
+            or k.shape[3] != size
+            or mask.shape != (rows, 1, 1, positions)
+        ):
+            raise ValueError(
+                f"the attention kernel takes one query a row and heads of a multiple of 8 "
+                f"up to {MOST_HEAD}, not q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                f"v {tuple(v.shape)}, mask {tuple(mask.shape)}"
+            )
+        q, k, v, mask = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, mask))
+        out = torch.empty(rows, heads, 1, size)
+        work = rows * heads * positions * size
+        threads = max(1, min(torch.get_num_threads(), work // PER_THREAD))
+        if self.attention(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            mask.data_ptr(),
+            out.data_ptr(),
+            rows,
+            heads,
+            heads // groups,
+            positions,
+            size,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            mask.stride(0),
+            size**-0.5,
+            threads,
+        ):
+            raise MemoryError("no memory for the attention kernel's scores")
+        return out
 
 
 @cache
@@ -260,7 +423,11 @@ def load() -> RowKernel | str:
     function = library.rows_product
     function.restype = None
     function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 5 + [ctypes.c_int]
-    kernel = RowKernel(function)
+    attention = library.attend
+    attention.restype = ctypes.c_int
+    attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 14
+    attention.argtypes += [ctypes.c_float, ctypes.c_int]
+    kernel = RowKernel(function, attention)
     wrong = _check(kernel)
     return f"it gave wrong products ({wrong})" if wrong else kernel
 
@@ -280,4 +447,15 @@ def _check(kernel: RowKernel) -> str | None:
             error = float((got - exact[:rows]).abs().max())
             if not error <= 1e-4 * max(1.0, float(exact.abs().max())):
                 return f"{rows} rows of {size}: off by {error:.3g}"
+    for size in (8, 64, 136):
+        q = torch.randn(3, 4, 1, size, generator=generator)
+        k, v = torch.randn(2, 3, 2, 21, size, generator=generator).unbind(0)
+        keep = torch.arange(21) < torch.tensor([[1], [9], [21]])
+        mask = torch.zeros(3, 1, 1, 21).masked_fill_(~keep.view(3, 1, 1, 21), float("-inf"))
+        exact = F.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), attn_mask=mask.double(), enable_gqa=True
+        )
+        error = float((kernel.attend(q, k, v, mask) - exact).abs().max())
+        if not error <= 1e-5:
+            return f"attention over heads of {size}: off by {error:.3g}"
     return None

@@ -170,7 +170,7 @@ def test_packed_weights_keep_rows_as_alone_and_logits_as_unpacked(
     packing = engine.decoder.pack_weights()
     assert (packing.weights > 0, packing.direct > 0) == (room, not room)
     built = isinstance(rowkernel.load(), rowkernel.RowKernel)
-    assert (packing.kernel > 0) == (kernel and built)
+    assert (packing.kernel > 0) == packing.attention == (kernel and built)
     unpacked = {rid: drive(plain, {0: [(rid, make(plain, rid))]})[0][rid] for rid in "ab"}
     solo = {rid: drive(engine, {0: [(rid, make(engine, rid))]})[0][rid] for rid in "ab"}
     batch, _ = drive(engine, {0: [("a", make(engine, "a"))], 3: [("b", make(engine, "b"))]})

@@ -182,6 +182,55 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize(("heads", "groups", "size"), [(2, 2, 16), (16, 16, 64), (6, 2, 128)])
+def test_the_attention_kernel_is_the_library_attention_each_row_alone_bit_for_bit(
+    heads: int, groups: int, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One query a row against views of a cache (as a step's are: the query a
+    view of its projections, the keys and values the first positions of a
+    longer table), heads in groups or not, masks leaving out the positions past
+    each row's length and some within: float64's attention to rounding, the
+    library's within 1e-6, each row's result the same bits alone or beside
+    others, on one thread or several; a row with nothing to attend to gives
+    zeros, as the library's does."""
+    kernel = built_kernel()
+    torch.manual_seed(0)
+    rows, span = 5, 37
+    q = torch.randn(rows, 3, heads, 1, size)[:, 0]  # a view: rows 3 * heads * size apart
+    table = torch.randn(2, rows, groups, 50, size)
+    k, v = table[0, :, :, :span], table[1, :, :, :span]
+    keep = torch.arange(span) < torch.tensor([1, 12, 37, 20, 0])[:, None]
+    keep[3, 4:9] = False
+    mask = torch.zeros(rows, 1, 1, span).masked_fill_(~keep.view(rows, 1, 1, span), float("-inf"))
+    table[:, 3, :, 4:9] = float("nan")  # (masked positions are not read)
+    got = kernel.attend(q, k, v, mask)
+    assert got.shape == (rows, heads, 1, size) and got.is_contiguous()
+    assert torch.equal(got[4], torch.zeros(heads, 1, size))
+    clean = torch.where(keep.view(rows, 1, span, 1), table[:, :, :, :span], 0)
+    exact = F.scaled_dot_product_attention(
+        q.double(), clean[0].double(), clean[1].double(), attn_mask=mask.double(), enable_gqa=True
+    )
+    assert torch.allclose(got, exact.float(), rtol=0, atol=1e-6)
+    library = F.scaled_dot_product_attention(q, clean[0], clean[1], attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(got, library, rtol=0, atol=1e-6)
+    for row in range(rows):
+        one = slice(row, row + 1)
+        assert torch.equal(kernel.attend(q[one], k[one], v[one], mask[one]), got[one])
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
+    try:
+        torch.set_num_threads(3)
+        assert torch.equal(kernel.attend(q, k, v, mask), got)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(TypeError, match="float32"):
+        kernel.attend(q, k.double(), v, mask)
+    with pytest.raises(ValueError, match="one query a row"):
+        kernel.attend(q[..., :-1], k[..., :-1], v[..., :-1], mask)  # heads not of 8s
+    with pytest.raises(ValueError, match="one query a row"):
+        kernel.attend(torch.randn(rows, heads, 2, size), k, v, mask)
+
+
 @pytest.mark.parametrize("room", [True, False])
 def test_packed_layers_take_the_row_kernel_for_up_to_eight_rows(room: bool) -> None:
     """With the row kernel, a packed layer multiplies one to ``KERNEL_ROWS``

@@ -25,7 +25,7 @@ once a step, not in every layer (``LayerMask``, ``StaticKV.layers``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..dense import Dense, Packing, pack
+from ..dense import Dense, Packing, pack, step_attention
 from ..kv import CacheRows, LayerMask, StaticKV
 from ..prefill import GroupAttention, packed, ragged
 
@@ -52,6 +52,12 @@ class _Path:
 
 
 PathOp = Callable[[_Path, torch.Tensor], torch.Tensor]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The library's attention, each group of query heads on its key/value head."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +168,9 @@ class HiggsDecoder(CacheRows):
         )
         self._rope_table(self.kv.length)
         self.packing = Packing(0, 0)
+        # The step's attention: the library's until ``pack_weights`` (the row
+        # kernel's, where it suits).
+        self._attend: Attend | None = None
 
     def pack_weights(self) -> Packing:
         """Pack the large weights a step multiplies (``dense.pack``), once: the
@@ -170,7 +179,8 @@ class HiggsDecoder(CacheRows):
             stepped = [self._head]
             for layer in self.layers:
                 stepped += [layer.qkv, layer.out, layer.audio.gate_up, layer.audio.down]
-            self.packing = pack(stepped)
+            self._attend = step_attention(self.device, self.dtype, self.head_dim)
+            self.packing = replace(pack(stepped), attention=self._attend is not None)
         return self.packing
 
     def storage(self) -> tuple[Any, ...]:
@@ -328,6 +338,9 @@ class HiggsDecoder(CacheRows):
         write = self.kv.step_writer(positions)
         attended_self = self.kv.layers(rows, span)
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        attend = self._attend
+        if attend is None or torch.is_autocast_enabled("cpu"):
+            attend = _grouped
         for i, layer in enumerate(self.layers):
             audio = layer.audio
             qkv = layer.qkv.rows(self._rms(x, audio.norm1)).view(rows, heads + 2 * kv_heads, 1, d)
@@ -335,9 +348,7 @@ class HiggsDecoder(CacheRows):
             q, k = self._rotate(qk, cos, sin).split((heads, kv_heads), dim=1)
             write(i, k, v)
             keys, values = attended_self[i]
-            attended = F.scaled_dot_product_attention(
-                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask.for_(q), enable_gqa=True
-            )
+            attended = attend(q, keys.to(q.dtype), values.to(q.dtype), mask.for_(q))
             x = x + layer.out.rows(attended.reshape(rows, heads * d))
             x = x + self._feed_forward(audio, x)
         lengths += active.to(lengths.dtype)

@@ -25,7 +25,7 @@ step: the attention masks (``LayerMask``) and the cache's views (``StaticKV.laye
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,13 +33,14 @@ from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
 from torch.nn import functional as F
 
-from ..dense import Dense, Packing, pack
+from ..dense import Dense, Packing, pack, step_attention
 from ..kv import CacheRows, LayerMask, StaticKV, additive_mask
 from ..prefill import GroupAttention, packed, ragged
 
 __all__ = ["MusicGenDecoder"]
 
 Op = Callable[[torch.Tensor], torch.Tensor]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _projections(attention: Any) -> tuple[torch.Tensor, torch.Tensor | None, nn.Linear]:
@@ -207,6 +208,9 @@ class MusicGenDecoder(CacheRows):
         self.has_cross = any(layer.kv is not None for layer in self.layers)
         self._tables()
         self.packing = Packing(0, 0)
+        # The step's attention: the library's until ``pack_weights`` (the row
+        # kernel's, where it suits).
+        self._attend: Attend | None = None
 
     def pack_weights(self) -> Packing:
         """Pack the large weights a step multiplies (``dense.pack``), once; the
@@ -217,7 +221,8 @@ class MusicGenDecoder(CacheRows):
             for layer in self.layers:
                 stepped += [layer.qkv, layer.out, layer.ff1, layer.ff2]
                 stepped += [d for d in (layer.q, layer.kv, layer.cross_out) if d is not None]
-            self.packing = pack(stepped)
+            self._attend = step_attention(self.device, self.dtype, self.head_dim)
+            self.packing = replace(pack(stepped), attention=self._attend is not None)
         return self.packing
 
     def storage(self) -> tuple[Any, ...]:
@@ -431,6 +436,9 @@ class MusicGenDecoder(CacheRows):
         cross_mask: torch.Tensor | None = None
         heads = (rows, self.heads, 1, self.head_dim)
         same = x.dtype == self.dtype
+        attend = self._attend
+        if attend is None or torch.is_autocast_enabled("cpu"):
+            attend = F.scaled_dot_product_attention
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv.rows(layer.norm1(x))
             q, k, v = qkv.view(rows, 3, *heads[1:]).unbind(1)
@@ -438,7 +446,7 @@ class MusicGenDecoder(CacheRows):
             keys, values = attended_self[i]
             if not same:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask.for_(q))
+            attended = attend(q, keys, values, self_mask.for_(q))
             h = layer.out.rows(attended.reshape(rows, self.dim))
             x = x + (h if layer.scale1 is None else layer.scale1(h))
             if layer.norm_cross is not None:
@@ -449,7 +457,7 @@ class MusicGenDecoder(CacheRows):
                     keys, values = keys.to(q.dtype), values.to(q.dtype)
                 if cross_mask is None or cross_mask.dtype != q.dtype:
                     cross_mask = self._cross_mask(q.dtype)[:rows]
-                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=cross_mask)
+                attended = attend(q, keys, values, cross_mask)
                 h = layer.cross_out.rows(attended.reshape(rows, self.dim))
                 x = x + (h if layer.scale_cross is None else layer.scale_cross(h))
             h = layer.ff2.rows(layer.activation(layer.ff1.rows(layer.norm2(x))))
