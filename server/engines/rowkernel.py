@@ -272,6 +272,7 @@ int attend(const float *q, const float *k, const float *v, const float *mask, fl
     if (threads > 16) threads = 16;
     const long pairs = B * H, share = (pairs + threads - 1) / threads;
     int parts = 0;
+    if (pairs <= 0) return 0;
     for (long p0 = 0; p0 < pairs; p0 += share, parts++)
         tasks[parts] = (heads_t){q, k, v, mask, out, p0, p0 + share < pairs ? p0 + share : pairs,
                                  H, group, S, D, qb, qh, kb, kh, ks, vb, vh, vs, mb, scale};

@@ -231,6 +231,23 @@ def test_the_attention_kernel_is_the_library_attention_each_row_alone_bit_for_bi
         kernel.attend(torch.randn(rows, heads, 2, size), k, v, mask)
 
 
+def test_steps_attend_with_the_kernel_where_it_suits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 on a CPU, heads of a multiple of 8 from ``ATTEND_FROM`` up to
+    ``MOST_HEAD``, the kernel turned on; else the library's."""
+    kernel = built_kernel()
+    cpu = torch.device("cpu")
+    assert dense_module.step_attention(cpu, torch.float32, 64) == kernel.attend
+    assert dense_module.step_attention(cpu, torch.float32, 128) == kernel.attend
+    for head in (16, 60, rowkernel.MOST_HEAD + 8):
+        assert dense_module.step_attention(cpu, torch.float32, head) is None
+    assert dense_module.step_attention(cpu, torch.bfloat16, 64) is None
+    assert dense_module.step_attention(torch.device("meta"), torch.float32, 64) is None
+    monkeypatch.setattr(dense_module, "ATTEND_FROM", 8)
+    assert dense_module.step_attention(cpu, torch.float32, 16) == kernel.attend
+    monkeypatch.setattr(dense_module, "KERNEL_ROWS", 0)
+    assert dense_module.step_attention(cpu, torch.float32, 64) is None
+
+
 @pytest.mark.parametrize("room", [True, False])
 def test_packed_layers_take_the_row_kernel_for_up_to_eight_rows(room: bool) -> None:
     """With the row kernel, a packed layer multiplies one to ``KERNEL_ROWS``
