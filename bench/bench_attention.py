@@ -5,9 +5,10 @@ table (``[rows, heads, length, head]``, as ``StaticKV.layers`` views it), the
 mask leaving out each row's positions past a length drawn below the span, for
 the released models' heads (MusicGen-small and -large; the 3B speech model's,
 in groups of three query heads a key/value head). The layers are enough that
-their tables do not fit in the CPU's caches, as a step finds them; each way
+what they read does not fit in the CPU's caches, as a step finds them; each way
 goes over all of them in turn, the least of ``--runs`` passes, the ways taking
-turns. Also each way's largest difference from a float64 attention.
+turns (the layers: enough that a pass reads 128 MiB at the shortest span, where
+their tables fit in 3 GiB). Also each way's largest difference from a float64 attention.
 
     .venv/bin/python bench/bench_attention.py
     .venv/bin/python bench/bench_attention.py --rows 2 8 --spans 64 512
@@ -35,8 +36,9 @@ MODELS = [
     ("MusicGen-large", 32, 32, 64),
     ("HiggsAudio 3B", 24, 8, 128),
 ]
-# Bytes of tables the layers take at least (past the CPU's caches) and at most.
-LEAST_BYTES, MOST_BYTES = 256 << 20, 3 << 30
+# Bytes a pass over the layers reads at least (past the CPU's caches, at the
+# shortest span), and the most their tables may take.
+LEAST_READ, MOST_BYTES = 128 << 20, 3 << 30
 
 
 def least(run: Callable[[], object], runs: int) -> float:
@@ -99,7 +101,8 @@ def main() -> None:
     for name, heads, groups, size in MODELS:
         for rows in args.rows:
             table = 2 * rows * groups * args.length * size * 4
-            layers = max(2, min(-(-LEAST_BYTES // table), MOST_BYTES // table))
+            read = table * min(min(args.spans), args.length) // args.length
+            layers = max(2, min(-(-LEAST_READ // read), MOST_BYTES // table))
             keys = torch.randn(layers, rows, groups, args.length, size, generator=generator)
             values = torch.randn(layers, rows, groups, args.length, size, generator=generator)
             for span in args.spans:
