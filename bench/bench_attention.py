@@ -92,7 +92,7 @@ def main() -> None:
     print(f"- command: `{' '.join(['python bench/bench_attention.py', *sys.argv[1:]])}`")
     print(f"- date: {time.strftime('%Y-%m-%d')}; tables of {args.length} positions")
     print(
-        f"- µs a layer, the least of {args.runs} passes over layers whose tables "
+        f"- µs a layer, the least of {args.runs} passes over layers whose reads "
         "outsize the caches (the largest error against float64)\n"
     )
     print("| heads | rows | span | layers | library's | row kernel | kernel / library |")
