@@ -223,6 +223,7 @@ def test_the_attention_kernel_is_the_library_attention_each_row_alone_bit_for_bi
         assert torch.equal(kernel.attend(q, k, v, mask), got)
     finally:
         torch.set_num_threads(threads)
+    assert kernel.attend(q[:0], k[:0], v[:0], mask[:0]).shape == (0, heads, 1, size)
     with pytest.raises(TypeError, match="float32"):
         kernel.attend(q, k.double(), v, mask)
     with pytest.raises(ValueError, match="one query a row"):
