@@ -164,8 +164,9 @@ def _routed(
 class Packing:
     """What ``pack`` did: how many weights it packed, the bytes the copies
     take (or would have taken), why it packed none where it could have, how
-    many weights oneDNN then multiplies as they lie (``direct``), and how many
-    the row kernel multiplies (``kernel``), or why it could not (``no_kernel``)."""
+    many weights oneDNN then multiplies as they lie (``direct``), how many
+    the row kernel multiplies (``kernel``), or why it could not (``no_kernel``),
+    and whether the steps attend by the row kernel (``attention``)."""
 
     weights: int
     bytes: int
@@ -225,10 +226,10 @@ def step_attention(
     a model on ``device`` in ``dtype`` with heads of ``head_dim``, where it is
     built and turned on (``KERNEL_ROWS``) and suits the model: float32 on a CPU,
     heads a multiple of 8 from ``ATTEND_FROM`` up to ``rowkernel.MOST_HEAD``;
-    else None (the library's). It reads a row's keys and values once and skips the positions
-    the mask leaves out, where the library's reads views of a cache at a
-    fraction of the memory's speed (eight rows of 16 heads over 64 positions:
-    0.56 against 1.4 ms a layer here)."""
+    else None (the library's). It reads a row's keys and values once and skips
+    the positions the mask leaves out, where the library's reads views of a
+    cache at a fraction of the memory's speed (eight rows of 16 heads over 64
+    positions: 0.58 against 1.1 ms a layer here, ``bench/bench_attention.py``)."""
     if device.type != "cpu" or dtype != torch.float32 or head_dim % 8 or not KERNEL_ROWS:
         return None
     if not ATTEND_FROM <= head_dim <= rowkernel.MOST_HEAD:

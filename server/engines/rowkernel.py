@@ -26,9 +26,10 @@ The same library holds a decode step's attention (``RowKernel.attend``): one
 query a row against its keys and values, which a step reads as views of a
 cache (a row's first positions of a longer table). The library's attention
 reads such views at a fraction of the memory's speed (eight rows of 16 heads
-over 64 positions of a 1,506-position table: 1.4 ms a layer); this one reads
+over 64 positions of a 1,506-position table: 1.1 ms a layer); this one reads
 each (row, head)'s positions once, in order, and skips those the mask leaves
-out (0.56 ms). A row's result does not depend on the others of the call.
+out (0.58 ms; ``bench/bench_attention.py``: 0.4-0.8x the library's time for the
+released models' heads). A row's result does not depend on the others of the call.
 
 It is C (AVX2 and FMA), compiled with the machine's C compiler when first asked
 for (about a second), and checked against float64 products before it is used;
@@ -430,13 +431,14 @@ def load() -> RowKernel | str:
     attention.argtypes += [ctypes.c_float, ctypes.c_int]
     kernel = RowKernel(function, attention)
     wrong = _check(kernel)
-    return f"it gave wrong products ({wrong})" if wrong else kernel
+    return f"it gave wrong results ({wrong})" if wrong else kernel
 
 
 def _check(kernel: RowKernel) -> str | None:
     """Whether the kernel's products are float64's, to float32 rounding, for
     every block and tail it has (odd outputs, inputs not a multiple of 8, rows
-    short enough to be fetched ahead and longer)."""
+    short enough to be fetched ahead and longer), and its attention float64's
+    (heads in groups, masked positions); or what was wrong."""
     generator = torch.Generator().manual_seed(0)
     for size in (203, 1029):
         weight = torch.randn(37, size, generator=generator)

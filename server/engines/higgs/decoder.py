@@ -174,7 +174,8 @@ class HiggsDecoder(CacheRows):
 
     def pack_weights(self) -> Packing:
         """Pack the large weights a step multiplies (``dense.pack``), once: the
-        audio path's (text runs only in prefills)."""
+        audio path's (text runs only in prefills). The steps then attend by the
+        row kernel where it suits (``dense.step_attention``)."""
         if not self.packing.applied:
             stepped = [self._head]
             for layer in self.layers:

@@ -215,7 +215,8 @@ class MusicGenDecoder(CacheRows):
     def pack_weights(self) -> Packing:
         """Pack the large weights a step multiplies (``dense.pack``), once; the
         conditioning's ``kv`` too (a request's first step projects its few
-        positions)."""
+        positions). The steps then attend by the row kernel where it suits
+        (``dense.step_attention``)."""
         if not self.packing.applied:
             stepped = [self._head]
             for layer in self.layers:
