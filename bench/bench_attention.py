@@ -19,13 +19,11 @@ Prints a Markdown section for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
-from bench_stream import machine
+from bench_rows import kernel_section, least
 from torch.nn import functional as F
 
 from wavecast.server.engines import rowkernel
@@ -39,16 +37,6 @@ MODELS = [
 # Bytes a pass over the layers reads at least (past the CPU's caches, at the
 # shortest span), and the most their tables may take.
 LEAST_READ, MOST_BYTES = 128 << 20, 3 << 30
-
-
-def least(run: Callable[[], object], runs: int) -> float:
-    run()
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def library(
@@ -82,14 +70,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    kernel = rowkernel.load()
-    if not isinstance(kernel, rowkernel.RowKernel):
-        sys.exit(f"no row kernel: {kernel}")
-    print("### a decode step's attention, on a CPU\n")
-    print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
-    print(f"- command: `{' '.join(['python bench/bench_attention.py', *sys.argv[1:]])}`")
+    kernel = kernel_section("a decode step's attention, on a CPU", args.threads)
     print(f"- date: {time.strftime('%Y-%m-%d')}; tables of {args.length} positions")
     print(
         f"- µs a layer, the least of {args.runs} passes over layers whose reads "
@@ -124,7 +106,7 @@ def main() -> None:
                 for _ in range(2):  # in turns, twice
                     for i, way in enumerate(ways):
                         times[i] = min(times[i], least(way, max(1, args.runs // 2)) / layers)
-                cells = [f"{t * 1e6:.0f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
+                cells = [f"{t * 1e3:.0f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
                 print(
                     f"| {name}: {heads} of {size} ({groups} for keys) | {rows} | {span} | "
                     f"{layers} | {cells[0]} | {cells[1]} | {times[1] / times[0]:.2f} |",

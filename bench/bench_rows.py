@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from bench_stream import machine
@@ -43,19 +44,27 @@ def least(run: Callable[[], object], runs: int) -> float:
     return best * 1e3
 
 
+def kernel_section(title: str, threads: int) -> rowkernel.RowKernel:
+    """Set torch's ``threads`` and build the row kernel (or exit saying why it
+    could not be); print a section's ``title``, the machine and the command."""
+    torch.set_num_threads(threads)
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        sys.exit(f"no row kernel: {kernel}")
+    print(f"### {title}\n")
+    print(f"- machine: {machine('cpu')}, {threads} torch thread(s)")
+    script = f"python bench/{Path(sys.argv[0]).name}"
+    print(f"- command: `{' '.join([script, *sys.argv[1:]])}`")
+    return kernel
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    kernel = rowkernel.load()
-    if not isinstance(kernel, rowkernel.RowKernel):
-        sys.exit(f"no row kernel: {kernel}")
-    print("### a few rows by one float32 weight, on a CPU\n")
-    print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
-    print(f"- command: `{' '.join(['python bench/bench_rows.py', *sys.argv[1:]])}`")
+    kernel = kernel_section("a few rows by one float32 weight, on a CPU", args.threads)
     print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
     print("- ms a call (its largest error against float64, over the largest output)\n")
     print("| weight | rows | MKL | oneDNN, as it lies | oneDNN, packed copy | row kernel |")
