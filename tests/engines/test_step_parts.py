@@ -152,9 +152,9 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
 ) -> None:
     """Any shape (outputs odd or even, inputs not a multiple of the lanes, rows
     of the weight fetched ahead or not), any number of rows (blocks of one to
-    eight, then again), a row at any place of
-    the call, views and prefills' positions, one thread or several: each row's
-    result is the same bits as when it is alone, and float64's to rounding."""
+    eight, then again), a row at any place of the call, views and prefills'
+    positions, one thread or several: each row's result is the same bits as
+    when it is alone, and float64's to rounding."""
     kernel = built_kernel()
     torch.manual_seed(0)
     weight = torch.randn(outputs, size)
