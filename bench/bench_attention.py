@@ -4,11 +4,14 @@ One query a row against the first ``span`` positions of each layer's cache
 table (``[rows, heads, length, head]``, as ``StaticKV.layers`` views it), the
 mask leaving out each row's positions past a length drawn below the span, for
 the released models' heads (MusicGen-small and -large; the 3B speech model's,
-in groups of three query heads a key/value head). The layers are enough that
-what they read does not fit in the CPU's caches, as a step finds them; each way
-goes over all of them in turn, the least of ``--runs`` passes, the ways taking
-turns (the layers: enough that a pass reads 128 MiB at the shortest span, where
-their tables fit in 3 GiB). Also each way's largest difference from a float64 attention.
+in groups of three query heads a key/value head) and the test models'. For the
+released models the layers are enough that what they read does not fit in the
+CPU's caches, as a step finds them; each way goes over all of them in turn,
+the least of ``--runs`` passes, the ways taking turns (the layers: enough that
+a pass reads 128 MiB at the shortest span, where their tables fit in 3 GiB).
+The test models' two layers sit in the caches, as in their steps: the least of
+``WARM_RUNS`` passes. Also each way's largest difference from a float64
+attention.
 
     .venv/bin/python bench/bench_attention.py
     .venv/bin/python bench/bench_attention.py --rows 2 8 --spans 64 512
@@ -28,12 +31,17 @@ from torch.nn import functional as F
 
 from wavecast.server.engines import rowkernel
 
-# (name, query heads, key/value heads, head size)
-MODELS = [
-    ("MusicGen-small", 16, 16, 64),
-    ("MusicGen-large", 32, 32, 64),
-    ("HiggsAudio 3B", 24, 8, 128),
+# (name, query heads, key/value heads, head size, layers: None for enough
+# that their tables outsize the caches, as a released model's do)
+MODELS: list[tuple[str, int, int, int, int | None]] = [
+    ("tiny-musicgen", 2, 2, 16, 2),
+    ("tiny-higgs", 4, 2, 16, 2),
+    ("MusicGen-small", 16, 16, 64, None),
+    ("MusicGen-large", 32, 32, 64, None),
+    ("HiggsAudio 3B", 24, 8, 128, None),
 ]
+# Passes over a test model's two layers (in the CPU's caches) timed at least.
+WARM_RUNS = 200
 # Bytes a pass over the layers reads at least (past the CPU's caches, at the
 # shortest span), and the most their tables may take.
 LEAST_READ, MOST_BYTES = 128 << 20, 3 << 30
@@ -75,16 +83,18 @@ def main() -> None:
     print(f"- date: {time.strftime('%Y-%m-%d')}; tables of {args.length} positions")
     print(
         f"- µs a layer, the least of {args.runs} passes over layers whose reads "
-        "outsize the caches (the largest error against float64)\n"
+        f"outsize the caches (the test models: of {WARM_RUNS} over their two layers, "
+        "which the caches hold), the largest error against float64 in brackets\n"
     )
     print("| heads | rows | span | layers | library's | row kernel | kernel / library |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     generator = torch.Generator().manual_seed(0)
-    for name, heads, groups, size in MODELS:
+    for name, heads, groups, size, fixed in MODELS:
         for rows in args.rows:
             table = 2 * rows * groups * args.length * size * 4
             read = table * min(min(args.spans), args.length) // args.length
-            layers = max(2, min(-(-LEAST_READ // read), MOST_BYTES // table))
+            layers = fixed or max(2, min(-(-LEAST_READ // read), MOST_BYTES // table))
+            runs = max(1, args.runs // 2) if fixed is None else WARM_RUNS
             keys = torch.randn(layers, rows, groups, args.length, size, generator=generator)
             values = torch.randn(layers, rows, groups, args.length, size, generator=generator)
             for span in args.spans:
@@ -105,7 +115,7 @@ def main() -> None:
                 times = [float("inf")] * 2
                 for _ in range(2):  # in turns, twice
                     for i, way in enumerate(ways):
-                        times[i] = min(times[i], least(way, max(1, args.runs // 2)) / layers)
+                        times[i] = min(times[i], least(way, runs) / layers)
                 cells = [f"{t * 1e3:.0f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
                 print(
                     f"| {name}: {heads} of {size} ({groups} for keys) | {rows} | {span} | "

@@ -70,11 +70,6 @@ DIRECT_ROWS = 3
 MEMORY_SHARE = 0.5
 # Rows of a step that the row kernel multiplies, where it is built: 1 to this many.
 KERNEL_ROWS = rowkernel.MOST_ROWS
-# The shortest heads the row kernel's attention takes: for shorter ones (the
-# test models' 16), whose keys and values sit in the CPU's cache, the
-# library's attention is as fast or faster (a call's own cost, and a sum per
-# position over two or so lanes).
-ATTEND_FROM = 32
 
 
 class Dense:
@@ -225,14 +220,15 @@ def step_attention(
     """The row kernel's attention (``RowKernel.attend``) for the decode steps of
     a model on ``device`` in ``dtype`` with heads of ``head_dim``, where it is
     built and turned on (``KERNEL_ROWS``) and suits the model: float32 on a CPU,
-    heads a multiple of 8 from ``ATTEND_FROM`` up to ``rowkernel.MOST_HEAD``;
-    else None (the library's). It reads a row's keys and values once and skips
+    heads a multiple of 8 up to ``rowkernel.MOST_HEAD``; else None (the
+    library's). It reads a row's keys and values once and skips
     the positions the mask leaves out, where the library's reads views of a
     cache at a fraction of the memory's speed (eight rows of 16 heads over 64
-    positions: 0.58 against 1.1 ms a layer here, ``bench/bench_attention.py``)."""
+    positions: 0.47 against 1.1 ms a layer here; the test models' eight rows of
+    two heads of 16 over 512: 54 against 113 µs; ``bench/bench_attention.py``)."""
     if device.type != "cpu" or dtype != torch.float32 or head_dim % 8 or not KERNEL_ROWS:
         return None
-    if not ATTEND_FROM <= head_dim <= rowkernel.MOST_HEAD:
+    if head_dim > rowkernel.MOST_HEAD:
         return None
     kernel = rowkernel.load()
     return kernel.attend if isinstance(kernel, rowkernel.RowKernel) else None

@@ -159,7 +159,6 @@ def test_packed_weights_keep_rows_as_alone_and_logits_as_unpacked(
     the logits are the unpacked engine's to float rounding."""
     _, plain = windowed
     monkeypatch.setattr(dense, "PACKED_FROM", 1)
-    monkeypatch.setattr(dense, "ATTEND_FROM", 8)  # (the tiny model's heads: 16)
     if not kernel:
         monkeypatch.setattr(dense, "KERNEL_ROWS", 0)
     if not room:

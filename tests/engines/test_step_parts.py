@@ -182,7 +182,9 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize(("heads", "groups", "size"), [(2, 2, 16), (16, 16, 64), (6, 2, 128)])
+@pytest.mark.parametrize(
+    ("heads", "groups", "size"), [(2, 2, 8), (2, 2, 16), (3, 3, 24), (16, 16, 64), (6, 2, 128)]
+)
 def test_the_attention_kernel_is_the_library_attention_each_row_alone_bit_for_bit(
     heads: int, groups: int, size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -191,8 +193,9 @@ def test_the_attention_kernel_is_the_library_attention_each_row_alone_bit_for_bi
     longer table), heads in groups or not, masks leaving out the positions past
     each row's length and some within: float64's attention to rounding, the
     library's within 1e-6, each row's result the same bits alone or beside
-    others, on one thread or several; a row with nothing to attend to gives
-    zeros, as the library's does."""
+    others, over any span that holds its positions (a step's span follows its
+    longest row), on one thread or several; a row with nothing to attend to
+    gives zeros, as the library's does."""
     kernel = built_kernel()
     torch.manual_seed(0)
     rows, span = 5, 37
@@ -216,6 +219,9 @@ def test_the_attention_kernel_is_the_library_attention_each_row_alone_bit_for_bi
     for row in range(rows):
         one = slice(row, row + 1)
         assert torch.equal(kernel.attend(q[one], k[one], v[one], mask[one]), got[one])
+    for shorter in range(12, span):  # row 1 attends to its first 12 positions
+        k1, v1, mask1 = k[1:2, :, :shorter], v[1:2, :, :shorter], mask[1:2, ..., :shorter]
+        assert torch.equal(kernel.attend(q[1:2], k1, v1, mask1), got[1:2]), shorter
     threads = torch.get_num_threads()
     monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
     try:
@@ -233,18 +239,16 @@ def test_the_attention_kernel_is_the_library_attention_each_row_alone_bit_for_bi
 
 
 def test_steps_attend_with_the_kernel_where_it_suits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Float32 on a CPU, heads of a multiple of 8 from ``ATTEND_FROM`` up to
-    ``MOST_HEAD``, the kernel turned on; else the library's."""
+    """Float32 on a CPU, heads of a multiple of 8 up to ``MOST_HEAD`` (the test
+    models' 16 included), the kernel turned on; else the library's."""
     kernel = built_kernel()
     cpu = torch.device("cpu")
-    assert dense_module.step_attention(cpu, torch.float32, 64) == kernel.attend
-    assert dense_module.step_attention(cpu, torch.float32, 128) == kernel.attend
-    for head in (16, 60, rowkernel.MOST_HEAD + 8):
+    for head in (8, 16, 64, 128, rowkernel.MOST_HEAD):
+        assert dense_module.step_attention(cpu, torch.float32, head) == kernel.attend
+    for head in (60, rowkernel.MOST_HEAD + 8):
         assert dense_module.step_attention(cpu, torch.float32, head) is None
     assert dense_module.step_attention(cpu, torch.bfloat16, 64) is None
     assert dense_module.step_attention(torch.device("meta"), torch.float32, 64) is None
-    monkeypatch.setattr(dense_module, "ATTEND_FROM", 8)
-    assert dense_module.step_attention(cpu, torch.float32, 16) == kernel.attend
     monkeypatch.setattr(dense_module, "KERNEL_ROWS", 0)
     assert dense_module.step_attention(cpu, torch.float32, 64) is None
 
