@@ -14,16 +14,21 @@ shows: ``for_serving`` removes it from a loaded decoder, in place.
   ``Snake1d`` (``x + sin(a x)^2 / (a + 1e-9)``) made a new tensor for each of its
   five operations; ``Snake`` makes one and works in it, in the same order.
 * **ELU from ``exp``, on a CPU.** torch's ELU kernel computes ``expm1`` on every
-  sample, at 2.4 ns a sample on this project's CPUs; ``ELU`` computes
-  ``max(x, 0) + alpha (exp(min(x, 0)) - 1)`` in four passes, 1.1-1.7x faster
-  from about 10,000 samples (the positive samples unchanged, the negative within
-  1e-7: ``exp(x) - 1`` for ``expm1(x)``); below 8,192 samples (a stream's first
-  frames) torch's one operation costs less than four. A GPU's ELU is bound by
-  memory: one pass, kept.
+  sample, at 2.4 ns a sample on this project's CPUs. ``ELU`` computes
+  ``x`` where it is above 0, else ``alpha (exp(x) - 1)``, in one pass by the row
+  kernel's C library (``rowkernel.RowKernel.elu``, eight samples at a time:
+  3.5-5x faster than the four passes below, 2-5x torch's; the positive samples
+  unchanged, the negative within 1e-7 of torch's). Where that library is not
+  built: ``max(x, 0) + alpha (exp(min(x, 0)) - 1)`` in four passes, 1.1-1.7x
+  faster than torch's from about 10,000 samples; below 8,192 samples (a
+  stream's first frames) torch's one operation costs less than four. A GPU's
+  ELU is bound by memory: one pass, kept.
 
 Measured on one CPU thread (the test shapes): EnCodec's decode 5-7% faster, DAC's
 about 10%, from the first two; the tiny EnCodec's another 5-10% from the third
-(``bench/RESULTS.md``).
+in four passes, and in one pass 0.7-0.8x that for eight streams' chunks of 25
+frames (MusicGen-small's EnCodec, random weights: about 0.9x;
+``bench/bench_codec.py``, ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from . import rowkernel
 
 __all__ = ["ELU", "Prepared", "Snake", "for_serving"]
 
@@ -45,6 +52,8 @@ class Prepared:
     activations_in_place: int = 0
     snakes: int = 0
     elus: int = 0
+    # Why the ELUs do not run in one pass by the row kernel's library (None: they do).
+    elu_kernel_missing: str | None = None
 
     @property
     def total(self) -> int:
@@ -69,12 +78,23 @@ class Snake(nn.Module):  # type: ignore[misc]
 
 
 class ELU(nn.ELU):  # type: ignore[misc]
-    """``nn.ELU`` as ``max(x, 0) + alpha (exp(min(x, 0)) - 1)``: on a CPU,
-    faster than torch's kernel (its ``expm1``) from about 10,000 samples; in
-    place if ``inplace``. Below 8,192 samples torch's one operation is the
-    faster (3-9 µs against 13-16 µs for four: a stream's first frames)."""
+    """``nn.ELU`` as ``x`` where it is above 0, else ``alpha (exp(x) - 1)``, in
+    place if ``inplace``: in one pass by ``kernel`` (the row kernel's library,
+    for contiguous float32 on a CPU), else as ``max(x, 0) + alpha (exp(min(x,
+    0)) - 1)``: faster than torch's kernel (its ``expm1``) from about 10,000
+    samples; below 8,192 samples torch's one operation is the faster (3-9 µs
+    against 13-16 µs for four: a stream's first frames)."""
+
+    def __init__(
+        self, alpha: float = 1.0, inplace: bool = False, kernel: rowkernel.RowKernel | None = None
+    ) -> None:
+        super().__init__(alpha, inplace)
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel
+        if kernel is not None and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous():
+            return kernel.elu(x, self.alpha, x if self.inplace else None)
         if x.numel() < 8192:
             out: torch.Tensor = super().forward(x)
             return out
@@ -87,10 +107,12 @@ class ELU(nn.ELU):  # type: ignore[misc]
 
 def for_serving(decoder: nn.Module) -> Prepared:
     """Fold weight norms, run activations in place where that is safe, use
-    ``Snake`` for DAC's ``Snake1d``, and on a CPU ``ELU`` for ``nn.ELU``, in
-    ``decoder`` (for inference only: the folded weights no longer train as
-    ``g`` and ``v``)."""
+    ``Snake`` for DAC's ``Snake1d``, and on a CPU ``ELU`` for ``nn.ELU`` (by
+    the row kernel's library where it is built), in ``decoder`` (for inference
+    only: the folded weights no longer train as ``g`` and ``v``)."""
     on_cpu = all(p.device.type == "cpu" for p in decoder.parameters())
+    built = rowkernel.load() if on_cpu else "not on a CPU"
+    kernel = built if isinstance(built, rowkernel.RowKernel) else None
     folded = in_place = snakes = elus = 0
     for module in list(decoder.modules()):
         if parametrize.is_parametrized(module, "weight"):
@@ -114,6 +136,7 @@ def for_serving(decoder: nn.Module) -> Prepared:
                 setattr(module, name, Snake(child.alpha))
                 snakes += 1
             elif on_cpu and type(child) is nn.ELU:
-                setattr(module, name, ELU(child.alpha, child.inplace))
+                setattr(module, name, ELU(child.alpha, child.inplace, kernel))
                 elus += 1
-    return Prepared(folded, in_place, snakes, elus)
+    missing = None if kernel is not None or not elus else str(built)
+    return Prepared(folded, in_place, snakes, elus, missing)

@@ -69,6 +69,8 @@ MOST_ROWS = 8
 # Elements of the weight a thread of its own must have to be worth starting
 # (for attention: of the keys it reads).
 PER_THREAD = 1 << 21
+# Samples a thread of its own must have for the ELU to be worth starting it.
+PER_THREAD_ELU = 1 << 16
 # The longest head the attention kernel takes (its registers hold one query).
 MOST_HEAD = 256
 
@@ -389,16 +391,68 @@ int attend(const float *q, const float *k, const float *v, const float *mask, fl
     }
     return failed;
 }
+
+/* ELU: y = x where x > 0 (or NaN), else alpha (e^x - 1), for n floats (y may
+   be x), eight at a time; the last few in a block of their own. */
+typedef struct {
+    const float *x;
+    float *y;
+    long n;
+    float alpha;
+} elu_t;
+
+static inline __m256 elu8(__m256 v, __m256 alpha) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 negative = _mm256_mul_ps(alpha, _mm256_sub_ps(exp8(_mm256_min_ps(v, zero)), one));
+    return _mm256_blendv_ps(negative, v, _mm256_cmp_ps(v, zero, _CMP_NLE_UQ));
+}
+
+static void *elu_run(void *arg) {
+    const elu_t *t = arg;
+    const __m256 alpha = _mm256_set1_ps(t->alpha);
+    const long n8 = t->n & ~7L;
+    for (long i = 0; i < n8; i += 8)
+        _mm256_storeu_ps(t->y + i, elu8(_mm256_loadu_ps(t->x + i), alpha));
+    if (n8 < t->n) {
+        float last[8] = {0};
+        for (long i = n8; i < t->n; i++) last[i - n8] = t->x[i];
+        _mm256_storeu_ps(last, elu8(_mm256_loadu_ps(last), alpha));
+        for (long i = n8; i < t->n; i++) t->y[i] = last[i - n8];
+    }
+    return 0;
+}
+
+/* The n floats in up to `threads` parts of a multiple of 8. */
+void elu(const float *x, float *y, long n, float alpha, int threads) {
+    elu_t tasks[16];
+    pthread_t ids[16];
+    int started[16] = {0};
+    if (threads < 1) threads = 1;
+    if (threads > 16) threads = 16;
+    const long share = ((n + threads - 1) / threads + 7) & ~7L;
+    int parts = 0;
+    for (long i = 0; i < n; i += share, parts++)
+        tasks[parts] = (elu_t){x + i, y + i, i + share < n ? share : n - i, alpha};
+    for (int i = 1; i < parts; i++)
+        started[i] = pthread_create(&ids[i], 0, elu_run, &tasks[i]) == 0;
+    if (parts) elu_run(&tasks[0]);
+    for (int i = 1; i < parts; i++) {
+        if (started[i]) pthread_join(ids[i], 0);
+        else elu_run(&tasks[i]);
+    }
+}
 """
 
 
 @dataclass(frozen=True, slots=True)
 class RowKernel:
     """The compiled kernels: ``product`` is ``F.linear``, reading the weight once
-    for every ``MOST_ROWS`` rows; ``attend`` is a decode step's attention."""
+    for every ``MOST_ROWS`` rows; ``attend`` is a decode step's attention;
+    ``elu`` is ``F.elu`` in one pass (a codec decoder's activation)."""
 
     function: Callable[..., None]
     attention: Callable[..., int]
+    activation: Callable[..., None]
 
     def product(
         self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
@@ -506,6 +560,24 @@ class RowKernel:
             raise MemoryError("no memory for the attention kernel's scores")
         return out
 
+    def elu(
+        self, x: torch.Tensor, alpha: float = 1.0, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``F.elu(x, alpha)`` into ``out`` (a new tensor, or ``x`` itself) for a
+        contiguous float32 ``x`` on the CPU: one pass, ``e^x - 1`` for ``expm1``
+        (within 1e-7 where ``x`` is below 0; the rest the same)."""
+        if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
+            raise TypeError(
+                f"the ELU kernel reads contiguous float32 on a CPU, not {x.dtype} {x.device}"
+            )
+        y = torch.empty_like(x) if out is None else out
+        if y is not x and (y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous()):
+            raise ValueError(f"out {tuple(y.shape)} {y.dtype} for x {tuple(x.shape)} {x.dtype}")
+        count = x.numel()
+        threads = max(1, min(torch.get_num_threads(), count // PER_THREAD_ELU))
+        self.activation(x.data_ptr(), y.data_ptr(), count, alpha, threads)
+        return y
+
 
 @cache
 def load() -> RowKernel | str:
@@ -543,7 +615,10 @@ def load() -> RowKernel | str:
     attention.restype = ctypes.c_int
     attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 14
     attention.argtypes += [ctypes.c_float, ctypes.c_int]
-    kernel = RowKernel(function, attention)
+    activation = library.elu
+    activation.restype = None
+    activation.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_float, ctypes.c_int]
+    kernel = RowKernel(function, attention, activation)
     wrong = _check(kernel)
     return f"it gave wrong results ({wrong})" if wrong else kernel
 
@@ -552,7 +627,8 @@ def _check(kernel: RowKernel) -> str | None:
     """Whether the kernel's products are float64's, to float32 rounding, for
     every block and tail it has (odd outputs, inputs not a multiple of 8, rows
     short enough to be fetched ahead and longer), and its attention float64's
-    (heads in groups, masked positions); or what was wrong."""
+    (heads in groups, masked positions), and its ELU float64's; or what was
+    wrong."""
     generator = torch.Generator().manual_seed(0)
     for size in (203, 1029):
         weight = torch.randn(37, size, generator=generator)
@@ -575,4 +651,10 @@ def _check(kernel: RowKernel) -> str | None:
         error = float((kernel.attend(q, k, v, mask) - exact).abs().max())
         if not error <= 1e-5:
             return f"attention over heads of {size}: off by {error:.3g}"
+    x = torch.cat([torch.randn(1021, generator=generator) * 30, torch.tensor([0.0, -1e-30])])
+    for alpha in (1.0, 0.5):
+        exact = F.elu(x.double(), alpha).float()
+        error = float((kernel.elu(x, alpha) - exact).abs().max())
+        if not error <= 1e-6:
+            return f"ELU: off by {error:.3g}"
     return None

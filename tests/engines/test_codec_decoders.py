@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers.models.dac.modeling_dac import Snake1d
 
+from wavecast.server.engines import rowkernel
 from wavecast.server.engines.codec_decoders import ELU, Snake, for_serving
 from wavecast.server.engines.higgs.loading import load_higgs
 from wavecast.server.engines.musicgen.engine import MusicGenEngine
@@ -29,6 +30,9 @@ def test_encodec_decodes_the_same_audio_after_preparation() -> None:
     # in place; every ELU computed from ``exp`` (on a CPU).
     assert prepared.weights_folded == 14 and prepared.activations_in_place == 9
     assert prepared.elus == elus == 13
+    built = isinstance(rowkernel.load(), rowkernel.RowKernel)
+    assert (prepared.elu_kernel_missing is None) == built
+    assert all((m.kernel is not None) == built for m in codec.decoder.modules() if type(m) is ELU)
     assert not any(hasattr(module, "weight_g") for module in codec.decoder.modules())
     assert not any(type(m) is nn.ELU for m in codec.decoder.modules())
     blocks = [m for m in codec.decoder.modules() if type(m).__name__ == "SEANetResnetBlock"]
@@ -41,8 +45,9 @@ def test_encodec_decodes_the_same_audio_after_preparation() -> None:
 
 
 def test_elu_from_exp_equals_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Positive samples exactly, negative ones within 1e-7 (any alpha); in place
-    only when asked; torch's own kernel for small inputs, ``exp`` for large."""
+    """(Without the row kernel's library.) Positive samples exactly, negative
+    ones within 1e-7 (any alpha); in place only when asked; torch's own kernel
+    for small inputs, ``exp`` for large."""
     exps = []
     exp = torch.Tensor.exp_
 
@@ -71,6 +76,35 @@ def test_elu_from_exp_equals_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
             inside = x.clone()
             out = ELU(alpha, inplace=True)(inside)
             assert out.data_ptr() == inside.data_ptr() and torch.equal(out, got)
+
+
+@pytest.mark.parametrize("length", [3, 500, 5001])
+def test_elu_by_the_row_kernel_equals_torchs(length: int) -> None:
+    """Positive samples (and NaN) exactly, negative ones within 1e-7 of torch's
+    (any alpha), whatever their place (the last few of an odd count included);
+    in place only when asked; a view of another layout goes the other way."""
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        pytest.skip(f"no row kernel here: {kernel}")
+    torch.manual_seed(0)
+    specials = torch.tensor([0.0, -0.0, -1e-8, 1e-8, -30.0, -100.0, float("nan"), float("inf")])
+    x = torch.cat([torch.randn(3, 4, length) * 4, specials[None, None].expand(3, 4, -1)], -1)
+    for alpha in (1.0, 0.3):
+        want = nn.functional.elu(x, alpha)
+        kept = x.clone()
+        got = ELU(alpha, kernel=kernel)(x)
+        assert torch.equal(x.nan_to_num(), kept.nan_to_num())
+        above = ~(x <= 0)  # (NaN too)
+        assert torch.equal(got[above].isnan(), want[above].isnan())
+        assert torch.equal(got[above].nan_to_num(), want[above].nan_to_num())
+        assert (got[x <= 0] - want[x <= 0]).abs().max() <= 1e-7
+        inside = x.clone()
+        out = ELU(alpha, inplace=True, kernel=kernel)(inside)
+        assert out.data_ptr() == inside.data_ptr()
+        assert torch.equal(out.nan_to_num(), got.nan_to_num())
+        strided = x.transpose(1, 2)
+        other_way = ELU(alpha)(strided).nan_to_num()
+        assert torch.equal(ELU(alpha, kernel=kernel)(strided).nan_to_num(), other_way)
 
 
 def test_elu_stays_torchs_off_the_cpu() -> None:
