@@ -1,5 +1,6 @@
 """Codec decoders made ready for serving, with the same output (bit for bit, but
-for ELU's negative samples on a CPU: within 1e-7).
+for the activations on a CPU: ELU's negative samples within 1e-7, Snake's
+within 2e-7 of its sine's size).
 
 Streaming re-decodes windows of codes at every chunk, so a codec's decoder runs
 far more often here than in a one-shot decode, and on a CPU its per-call waste
@@ -12,7 +13,10 @@ shows: ``for_serving`` removes it from a loaded decoder, in place.
   module with weights (a convolution, an LSTM, a residual block: each makes a new
   tensor), reads a tensor that nothing else reads: it runs in place. DAC's
   ``Snake1d`` (``x + sin(a x)^2 / (a + 1e-9)``) made a new tensor for each of its
-  five operations; ``Snake`` makes one and works in it, in the same order.
+  five operations; ``Snake`` makes one and works in it, in the same order. On
+  a CPU it runs in one pass by the row kernel's C library
+  (``rowkernel.RowKernel.snake``, eight samples at a time, the sine by
+  Cephes' polynomial): 2.2-3x faster, as close to a float64 Snake as torch's.
 * **ELU from ``exp``, on a CPU.** torch's ELU kernel computes ``expm1`` on every
   sample, at 2.4 ns a sample on this project's CPUs. ``ELU`` computes
   ``x`` where it is above 0, else ``alpha (exp(x) - 1)``, in one pass by the row
@@ -52,8 +56,9 @@ class Prepared:
     activations_in_place: int = 0
     snakes: int = 0
     elus: int = 0
-    # Why the ELUs do not run in one pass by the row kernel's library (None: they do).
-    elu_kernel_missing: str | None = None
+    # Why the ELUs and Snakes do not run in one pass by the row kernel's library
+    # (None: they do).
+    kernel_missing: str | None = None
 
     @property
     def total(self) -> int:
@@ -62,16 +67,29 @@ class Prepared:
 
 class Snake(nn.Module):  # type: ignore[misc]
     """DAC's Snake activation, ``x + sin(a x)^2 / (a + 1e-9)`` per channel, making
-    one new tensor (transformers' ``Snake1d`` makes five); the same floats."""
+    one new tensor (transformers' ``Snake1d`` makes five): the same floats; or,
+    by ``kernel`` (the row kernel's library, for float32 on a CPU), in one pass
+    with a polynomial sine (within 2e-7 of the sine's size: as close to a
+    float64 Snake as torch's)."""
 
-    def __init__(self, alpha: nn.Parameter) -> None:
+    def __init__(self, alpha: nn.Parameter, kernel: rowkernel.RowKernel | None = None) -> None:
         super().__init__()
         self.alpha = alpha  # [1, C, 1]
         self.register_buffer("inverse", (alpha.detach() + 1e-9).reciprocal(), persistent=False)
+        self.kernel = kernel
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(shape[0], shape[1], -1)
+        kernel = self.kernel
+        if (
+            kernel is not None
+            and x.dtype == self.alpha.dtype == torch.float32
+            and x.is_cpu
+            and x.is_contiguous()
+            and not torch.is_grad_enabled()
+        ):
+            return kernel.snake(x, self.alpha.detach(), self.inverse).reshape(shape)
         out = torch.mul(self.alpha, x)
         out.sin_().pow_(2).mul_(self.inverse).add_(x)
         return out.reshape(shape)
@@ -107,9 +125,9 @@ class ELU(nn.ELU):  # type: ignore[misc]
 
 def for_serving(decoder: nn.Module) -> Prepared:
     """Fold weight norms, run activations in place where that is safe, use
-    ``Snake`` for DAC's ``Snake1d``, and on a CPU ``ELU`` for ``nn.ELU`` (by
-    the row kernel's library where it is built), in ``decoder`` (for inference
-    only: the folded weights no longer train as ``g`` and ``v``)."""
+    ``Snake`` for DAC's ``Snake1d``, and on a CPU ``ELU`` for ``nn.ELU`` (both
+    by the row kernel's library there, where it is built), in ``decoder`` (for
+    inference only: the folded weights no longer train as ``g`` and ``v``)."""
     on_cpu = all(p.device.type == "cpu" for p in decoder.parameters())
     built = rowkernel.load() if on_cpu else "not on a CPU"
     kernel = built if isinstance(built, rowkernel.RowKernel) else None
@@ -133,10 +151,10 @@ def for_serving(decoder: nn.Module) -> Prepared:
             if type(child).__name__ == "Snake1d" and isinstance(
                 getattr(child, "alpha", None), nn.Parameter
             ):
-                setattr(module, name, Snake(child.alpha))
+                setattr(module, name, Snake(child.alpha, kernel))
                 snakes += 1
             elif on_cpu and type(child) is nn.ELU:
                 setattr(module, name, ELU(child.alpha, child.inplace, kernel))
                 elus += 1
-    missing = None if kernel is not None or not elus else str(built)
+    missing = None if kernel is not None or not (elus or snakes) else str(built)
     return Prepared(folded, in_place, snakes, elus, missing)

@@ -35,6 +35,11 @@ models' heads, 0.41-0.97x for the test models' heads of 16). A row's result
 does not depend on the others of the call, nor on how far the span reaches
 past its positions.
 
+It also holds the codec decoders' activations, each in one pass over its
+samples, eight at a time (``RowKernel.elu``: EnCodec's ELU, ``e^x - 1`` by the
+attention's polynomial; ``RowKernel.snake``: DAC's Snake, the sine by Cephes'
+polynomial), where torch makes four or five passes (``codec_decoders``).
+
 It is C (AVX2 and FMA), compiled with the machine's C compiler when first asked
 for (about a second), and checked against float64 products before it is used;
 where there is no compiler, no such CPU or the check fails, ``load`` says why
@@ -69,7 +74,8 @@ MOST_ROWS = 8
 # Elements of the weight a thread of its own must have to be worth starting
 # (for attention: of the keys it reads).
 PER_THREAD = 1 << 21
-# Samples a thread of its own must have for the ELU to be worth starting it.
+# Samples a thread of its own must have for an activation (ELU, Snake) to be
+# worth starting it.
 PER_THREAD_ELU = 1 << 16
 # The longest head the attention kernel takes (its registers hold one query).
 MOST_HEAD = 256
@@ -422,6 +428,99 @@ static void *elu_run(void *arg) {
     return 0;
 }
 
+/* sin of each lane: Cephes' sinf (the argument less its nearest even multiple
+   of pi/4, in three parts, then a polynomial for the sine or the cosine as its
+   octant says), within two units of the last place for |x| up to 8192;
+   eight lanes with any beyond (or NaN) by the C library's sinf. */
+static inline __m256 sin8(__m256 x) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    __m256 ax = _mm256_andnot_ps(sign_bit, x);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(ax, _mm256_set1_ps(8192.0f), _CMP_NLE_UQ))) {
+        float v[8];
+        _mm256_storeu_ps(v, x);
+        for (int i = 0; i < 8; i++) v[i] = sinf(v[i]);
+        return _mm256_loadu_ps(v);
+    }
+    __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(ax, _mm256_set1_ps(1.27323954473516f)));
+    j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
+    const __m256 y = _mm256_cvtepi32_ps(j);
+    const __m256i four = _mm256_and_si256(j, _mm256_set1_epi32(4));
+    const __m256 sign = _mm256_xor_ps(_mm256_and_ps(x, sign_bit),
+                                      _mm256_castsi256_ps(_mm256_slli_epi32(four, 29)));
+    const __m256i two = _mm256_set1_epi32(2);
+    const __m256 cosine = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(j, two), two));
+    ax = _mm256_fmadd_ps(y, _mm256_set1_ps(-0.78515625f), ax);
+    ax = _mm256_fmadd_ps(y, _mm256_set1_ps(-2.4187564849853515625e-4f), ax);
+    ax = _mm256_fmadd_ps(y, _mm256_set1_ps(-3.77489497744594108e-8f), ax);
+    const __m256 z = _mm256_mul_ps(ax, ax);
+    __m256 c = _mm256_set1_ps(2.443315711809948e-5f);
+    c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(-1.388731625493765e-3f));
+    c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(4.166664568298827e-2f));
+    c = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, _mm256_mul_ps(_mm256_mul_ps(c, z), z));
+    c = _mm256_add_ps(c, _mm256_set1_ps(1.0f));
+    __m256 s = _mm256_set1_ps(-1.9515295891e-4f);
+    s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(8.3321608736e-3f));
+    s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-1.6666654611e-1f));
+    s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), ax, ax);
+    return _mm256_xor_ps(_mm256_blendv_ps(s, c, cosine), sign);
+}
+
+/* DAC's Snake: y = x + sin(a x)^2 inverse, a and inverse per channel, for
+   rows r0 to r1 of T samples (row r in channel r mod C); y may be x. */
+typedef struct {
+    const float *x, *alpha, *inverse;
+    float *y;
+    long r0, r1, T, C;
+} snake_t;
+
+static inline __m256 snake8(__m256 v, __m256 a, __m256 inverse) {
+    const __m256 s = sin8(_mm256_mul_ps(a, v));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(s, s), inverse), v);
+}
+
+static void *snake_run(void *arg) {
+    const snake_t *t = arg;
+    const long T8 = t->T & ~7L;
+    for (long r = t->r0; r < t->r1; r++) {
+        const __m256 a = _mm256_set1_ps(t->alpha[r % t->C]);
+        const __m256 inverse = _mm256_set1_ps(t->inverse[r % t->C]);
+        const float *x = t->x + r * t->T;
+        float *y = t->y + r * t->T;
+        for (long i = 0; i < T8; i += 8)
+            _mm256_storeu_ps(y + i, snake8(_mm256_loadu_ps(x + i), a, inverse));
+        if (T8 < t->T) {
+            float last[8] = {0};
+            for (long i = T8; i < t->T; i++) last[i - T8] = x[i];
+            _mm256_storeu_ps(last, snake8(_mm256_loadu_ps(last), a, inverse));
+            for (long i = T8; i < t->T; i++) y[i] = last[i - T8];
+        }
+    }
+    return 0;
+}
+
+/* The rows in up to `threads` parts. */
+void snake(const float *x, float *y, const float *alpha, const float *inverse, long rows,
+           long T, long C, int threads) {
+    snake_t tasks[16];
+    pthread_t ids[16];
+    int started[16] = {0};
+    if (threads < 1) threads = 1;
+    if (threads > 16) threads = 16;
+    const long share = (rows + threads - 1) / threads;
+    int parts = 0;
+    for (long r = 0; r < rows; r += share, parts++) {
+        const long end = r + share < rows ? r + share : rows;
+        tasks[parts] = (snake_t){x, alpha, inverse, y, r, end, T, C};
+    }
+    for (int i = 1; i < parts; i++)
+        started[i] = pthread_create(&ids[i], 0, snake_run, &tasks[i]) == 0;
+    if (parts) snake_run(&tasks[0]);
+    for (int i = 1; i < parts; i++) {
+        if (started[i]) pthread_join(ids[i], 0);
+        else snake_run(&tasks[i]);
+    }
+}
+
 /* The n floats in up to `threads` parts of a multiple of 8. */
 void elu(const float *x, float *y, long n, float alpha, int threads) {
     elu_t tasks[16];
@@ -448,11 +547,13 @@ void elu(const float *x, float *y, long n, float alpha, int threads) {
 class RowKernel:
     """The compiled kernels: ``product`` is ``F.linear``, reading the weight once
     for every ``MOST_ROWS`` rows; ``attend`` is a decode step's attention;
-    ``elu`` is ``F.elu`` in one pass (a codec decoder's activation)."""
+    ``elu`` is ``F.elu`` and ``snake`` DAC's Snake, each in one pass (codec
+    decoders' activations)."""
 
     function: Callable[..., None]
     attention: Callable[..., int]
     activation: Callable[..., None]
+    snakes: Callable[..., None]
 
     def product(
         self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
@@ -578,6 +679,37 @@ class RowKernel:
         self.activation(x.data_ptr(), y.data_ptr(), count, alpha, threads)
         return y
 
+    def snake(self, x: torch.Tensor, alpha: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """DAC's Snake, ``x + sin(alpha x)^2 inverse`` (``inverse`` is ``1 /
+        (alpha + 1e-9)``), as a new tensor, in one pass: ``x`` contiguous
+        ``[B, C, T]`` float32 on the CPU, ``alpha`` and ``inverse`` ``C``
+        floats each (``[1, C, 1]``). The sine by a polynomial: within 2e-7 of
+        torch's (of the sine's size, where its argument is at most 8,192)."""
+        for t in (x, alpha, inverse):
+            if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+                raise TypeError(
+                    f"the Snake kernel reads contiguous float32 on a CPU, not {t.dtype} {t.device}"
+                )
+        if x.dim() != 3 or alpha.numel() != x.shape[1] or inverse.numel() != x.shape[1]:
+            raise ValueError(
+                f"the Snake kernel takes x [B, C, T] and C alphas, not x {tuple(x.shape)}, "
+                f"alpha {tuple(alpha.shape)}, inverse {tuple(inverse.shape)}"
+            )
+        y = torch.empty_like(x)
+        batch, channels, samples = x.shape
+        threads = max(1, min(torch.get_num_threads(), x.numel() // PER_THREAD_ELU))
+        self.snakes(
+            x.data_ptr(),
+            y.data_ptr(),
+            alpha.data_ptr(),
+            inverse.data_ptr(),
+            batch * channels,
+            samples,
+            channels,
+            threads,
+        )
+        return y
+
 
 @cache
 def load() -> RowKernel | str:
@@ -618,7 +750,10 @@ def load() -> RowKernel | str:
     activation = library.elu
     activation.restype = None
     activation.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_float, ctypes.c_int]
-    kernel = RowKernel(function, attention, activation)
+    snakes = library.snake
+    snakes.restype = None
+    snakes.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    kernel = RowKernel(function, attention, activation, snakes)
     wrong = _check(kernel)
     return f"it gave wrong results ({wrong})" if wrong else kernel
 
@@ -627,8 +762,8 @@ def _check(kernel: RowKernel) -> str | None:
     """Whether the kernel's products are float64's, to float32 rounding, for
     every block and tail it has (odd outputs, inputs not a multiple of 8, rows
     short enough to be fetched ahead and longer), and its attention float64's
-    (heads in groups, masked positions), and its ELU float64's; or what was
-    wrong."""
+    (heads in groups, masked positions), and its ELU and Snake float64's; or
+    what was wrong."""
     generator = torch.Generator().manual_seed(0)
     for size in (203, 1029):
         weight = torch.randn(37, size, generator=generator)
@@ -657,4 +792,15 @@ def _check(kernel: RowKernel) -> str | None:
         error = float((kernel.elu(x, alpha) - exact).abs().max())
         if not error <= 1e-6:
             return f"ELU: off by {error:.3g}"
+    x = torch.randn(2, 3, 1021, generator=generator) * 3
+    x[0, 0, :3] = torch.tensor([1e4, -2e5, 0.0])  # (beyond 8,192: the C library's sine)
+    alpha = torch.rand(1, 3, 1, generator=generator) * 3 + 0.05
+    inverse = (alpha + 1e-9).reciprocal()
+    argument = (alpha * x).double()  # (in float32, as the kernel takes it)
+    exact = (x.double() + argument.sin().pow(2) / (alpha.double() + 1e-9)).float()
+    error = float(
+        ((kernel.snake(x, alpha, inverse) - exact).abs() / exact.abs().clamp(min=1)).max()
+    )
+    if not error <= 1e-6:
+        return f"Snake: off by {error:.3g}"
     return None

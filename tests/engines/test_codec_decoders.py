@@ -1,5 +1,6 @@
 """Codec decoders prepared for serving decode the same audio: bit for bit, but
-for ELU's negative samples on a CPU (``exp(x) - 1`` for ``expm1(x)``: 1e-7)."""
+for the activations on a CPU (ELU's negative samples, ``exp(x) - 1`` for
+``expm1(x)``: 1e-7; Snake's polynomial sine, by the row kernel's library)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_encodec_decodes_the_same_audio_after_preparation() -> None:
     assert prepared.weights_folded == 14 and prepared.activations_in_place == 9
     assert prepared.elus == elus == 13
     built = isinstance(rowkernel.load(), rowkernel.RowKernel)
-    assert (prepared.elu_kernel_missing is None) == built
+    assert (prepared.kernel_missing is None) == built
     assert all((m.kernel is not None) == built for m in codec.decoder.modules() if type(m) is ELU)
     assert not any(hasattr(module, "weight_g") for module in codec.decoder.modules())
     assert not any(type(m) is nn.ELU for m in codec.decoder.modules())
@@ -116,16 +117,31 @@ def test_elu_stays_torchs_off_the_cpu() -> None:
     assert type(decoder[1]) is nn.ELU
 
 
-def test_dac_decodes_the_same_audio_after_preparation() -> None:
+@pytest.mark.parametrize("kernel", [True, False])
+def test_dac_decodes_the_same_audio_after_preparation(
+    kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit for bit with the Snakes' five operations in one tensor; within 1e-6
+    of the largest sample with the row kernel's (where it is built)."""
+    if not kernel:
+        monkeypatch.setattr(rowkernel, "load", lambda: "turned off")
+    built = isinstance(rowkernel.load(), rowkernel.RowKernel)
     codec = load_higgs("tiny-higgs", None, "cpu").codec
     before = copy.deepcopy(codec)
     prepared = for_serving(codec.acoustic_decoder)
     snakes = [m for m in codec.acoustic_decoder.modules() if isinstance(m, Snake)]
     assert prepared.snakes == len(snakes) > 0
+    assert all((m.kernel is not None) == built for m in snakes)
+    assert (prepared.kernel_missing is None) == built
     assert not any(isinstance(m, Snake1d) for m in codec.acoustic_decoder.modules())
     for batch, frames, seed in ((1, 5, 0), (3, 31, 1), (2, 73, 2)):
         codes = _codes(batch, frames, seed)
-        assert torch.equal(codec.decode(codes).audio_values, before.decode(codes).audio_values)
+        with torch.no_grad():
+            now, then = codec.decode(codes).audio_values, before.decode(codes).audio_values
+        if built:
+            assert (now - then).abs().max() <= 1e-6 * then.abs().max()
+        else:
+            assert torch.equal(now, then)
     assert for_serving(codec.acoustic_decoder).total == 0
 
 
@@ -137,6 +153,40 @@ def test_snake_equals_transformers_snake() -> None:
     kept = x.clone()
     assert torch.equal(Snake(original.alpha)(x), original(x))
     assert torch.equal(x, kept)  # its input untouched
+
+
+@pytest.mark.parametrize("length", [3, 50, 4001])
+def test_snake_by_the_row_kernel_is_as_close_to_float64_as_torchs(length: int) -> None:
+    """Within 2e-7 of a float64 Snake of the same (float32) arguments, of the
+    sine's size and the sum's (as torch's), whatever a sample's place (the last
+    few of a row included), arguments past 8,192 too; its input untouched;
+    while gradients are on, or for a view of another layout, the five
+    operations."""
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        pytest.skip(f"no row kernel here: {kernel}")
+    torch.manual_seed(0)
+    original = Snake1d(6)
+    with torch.no_grad():
+        original.alpha.copy_(torch.rand(1, 6, 1) * 3 + 0.05)
+    x = torch.randn(2, 6, length) * 4
+    x[0, 0, :3] = torch.tensor([1e4, -3e5, 0.0])[:length]
+    kept = x.clone()
+    fast, plain = Snake(original.alpha, kernel), Snake(original.alpha)
+    with torch.no_grad():
+        got, theirs = fast(x), original(x)
+        alpha = original.alpha.double()
+        argument = (original.alpha * x).double()  # (in float32, as both take it)
+        exact = x.double() + argument.sin().pow(2) / (alpha + 1e-9)
+        # The sine squared's size (at most this) and the sum's rounding.
+        scale = (1 / (alpha + 1e-9)).clamp(min=1) + exact.abs()
+        assert float(((got.double() - exact) / scale).abs().max()) <= 2e-7
+        assert float(((theirs.double() - exact) / scale).abs().max()) <= 2e-7
+        assert torch.equal(x, kept)
+        strided = x.transpose(1, 2).contiguous().transpose(1, 2)
+        assert torch.equal(fast(strided), plain(strided))
+    with torch.enable_grad():
+        assert torch.equal(fast(x), plain(x))
 
 
 def test_an_activation_whose_input_is_read_elsewhere_keeps_it() -> None:
