@@ -21,7 +21,7 @@ shows: ``for_serving`` removes it from a loaded decoder, in place.
   sample, at 2.4 ns a sample on this project's CPUs. ``ELU`` computes
   ``x`` where it is above 0, else ``alpha (exp(x) - 1)``, in one pass by the row
   kernel's C library (``rowkernel.RowKernel.elu``, eight samples at a time:
-  3.5-5x faster than the four passes below, 2-5x torch's; the positive samples
+  3.5-5.4x faster than the four passes below, 1.5-5.4x torch's; the positive samples
   unchanged, the negative within 1e-7 of torch's). Where that library is not
   built: ``max(x, 0) + alpha (exp(min(x, 0)) - 1)`` in four passes, 1.1-1.7x
   faster than torch's from about 10,000 samples; below 8,192 samples (a
@@ -98,7 +98,7 @@ class Snake(nn.Module):  # type: ignore[misc]
 class ELU(nn.ELU):  # type: ignore[misc]
     """``nn.ELU`` as ``x`` where it is above 0, else ``alpha (exp(x) - 1)``, in
     place if ``inplace``: in one pass by ``kernel`` (the row kernel's library,
-    for contiguous float32 on a CPU), else as ``max(x, 0) + alpha (exp(min(x,
+    for contiguous float32 on a CPU, no gradient asked for), else as ``max(x, 0) + alpha (exp(min(x,
     0)) - 1)``: faster than torch's kernel (its ``expm1``) from about 10,000
     samples; below 8,192 samples torch's one operation is the faster (3-9 µs
     against 13-16 µs for four: a stream's first frames)."""
@@ -111,7 +111,13 @@ class ELU(nn.ELU):  # type: ignore[misc]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
-        if kernel is not None and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous():
+        if (
+            kernel is not None
+            and x.dtype == torch.float32
+            and x.is_cpu
+            and x.is_contiguous()
+            and not (x.requires_grad and torch.is_grad_enabled())
+        ):
             return kernel.elu(x, self.alpha, x if self.inplace else None)
         if x.numel() < 8192:
             out: torch.Tensor = super().forward(x)

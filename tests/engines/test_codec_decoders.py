@@ -80,10 +80,11 @@ def test_elu_from_exp_equals_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("length", [3, 500, 5001])
-def test_elu_by_the_row_kernel_equals_torchs(length: int) -> None:
+def test_elu_by_the_row_kernel_equals_torchs(length: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Positive samples (and NaN) exactly, negative ones within 1e-7 of torch's
-    (any alpha), whatever their place (the last few of an odd count included);
-    in place only when asked; a view of another layout goes the other way."""
+    (any alpha), whatever their place (the last few of an odd count included),
+    on one thread or several; in place only when asked; a view of another
+    layout, or an input whose gradient is asked for, goes the other way."""
     kernel = rowkernel.load()
     if not isinstance(kernel, rowkernel.RowKernel):
         pytest.skip(f"no row kernel here: {kernel}")
@@ -106,6 +107,18 @@ def test_elu_by_the_row_kernel_equals_torchs(length: int) -> None:
         strided = x.transpose(1, 2)
         other_way = ELU(alpha)(strided).nan_to_num()
         assert torch.equal(ELU(alpha, kernel=kernel)(strided).nan_to_num(), other_way)
+        threads = torch.get_num_threads()
+        monkeypatch.setattr(rowkernel, "PER_THREAD_ELU", 1)
+        try:
+            torch.set_num_threads(3)  # (parts of a multiple of eight samples)
+            assert torch.equal(ELU(alpha, kernel=kernel)(x).nan_to_num(), got.nan_to_num())
+        finally:
+            torch.set_num_threads(threads)
+    with torch.enable_grad():
+        leaf = x[0].clone().requires_grad_()
+        by_kernel, other_way = ELU(kernel=kernel)(leaf), ELU()(leaf)  # (the same way)
+        assert by_kernel.requires_grad
+        assert torch.equal(by_kernel.nan_to_num(), other_way.nan_to_num())
 
 
 def test_elu_stays_torchs_off_the_cpu() -> None:
@@ -156,12 +169,14 @@ def test_snake_equals_transformers_snake() -> None:
 
 
 @pytest.mark.parametrize("length", [3, 50, 4001])
-def test_snake_by_the_row_kernel_is_as_close_to_float64_as_torchs(length: int) -> None:
+def test_snake_by_the_row_kernel_is_as_close_to_float64_as_torchs(
+    length: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Within 2e-7 of a float64 Snake of the same (float32) arguments, of the
     sine's size and the sum's (as torch's), whatever a sample's place (the last
-    few of a row included), arguments past 8,192 too; its input untouched;
-    while gradients are on, or for a view of another layout, the five
-    operations."""
+    few of a row included), arguments past 8,192 too, on one thread or
+    several; its input untouched; while gradients are on, or for a view of
+    another layout, the five operations."""
     kernel = rowkernel.load()
     if not isinstance(kernel, rowkernel.RowKernel):
         pytest.skip(f"no row kernel here: {kernel}")
@@ -185,6 +200,13 @@ def test_snake_by_the_row_kernel_is_as_close_to_float64_as_torchs(length: int) -
         assert torch.equal(x, kept)
         strided = x.transpose(1, 2).contiguous().transpose(1, 2)
         assert torch.equal(fast(strided), plain(strided))
+        threads = torch.get_num_threads()
+        monkeypatch.setattr(rowkernel, "PER_THREAD_ELU", 1)
+        try:
+            torch.set_num_threads(3)  # (parts of whole rows)
+            assert torch.equal(fast(x), got)
+        finally:
+            torch.set_num_threads(threads)
     with torch.enable_grad():
         assert torch.equal(fast(x), plain(x))
 
