@@ -193,26 +193,36 @@ static void *run(void *arg) {
     return 0;
 }
 
+/* Run `parts` tasks (`size` bytes apart from `tasks`) by `fn`: the first here,
+   the others on threads of their own (one that cannot start: here, after).
+   Nonzero if any returned nonzero. */
+static int run_parts(void *(*fn)(void *), void *tasks, size_t size, int parts) {
+    pthread_t ids[16];
+    int started[16] = {0}, failed = 0;
+    char *at = tasks;
+    for (int i = 1; i < parts; i++) started[i] = pthread_create(&ids[i], 0, fn, at + i * size) == 0;
+    if (parts > 0) failed |= fn(at) != 0;
+    for (int i = 1; i < parts; i++) {
+        void *result = 0;
+        if (started[i]) pthread_join(ids[i], &result);
+        else result = fn(at + i * size);
+        failed |= result != 0;
+    }
+    return failed;
+}
+
 /* y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for m < M, n < N: w is [N, K] and
    contiguous, x's rows ldx floats apart, y's ldy; the outputs split over up to
    `threads` threads (a thread that cannot start: its share runs here). */
 void rows_product(const float *w, const float *x, const float *bias, float *y,
                   long N, long K, long M, long ldx, long ldy, int threads) {
     task_t tasks[16];
-    pthread_t ids[16];
-    int started[16] = {0};
-    if (threads < 1) threads = 1;
-    if (threads > 16) threads = 16;
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
     const long share = ((N + threads - 1) / threads + 7) & ~7L;
     int parts = 0;
     for (long n0 = 0; n0 < N; n0 += share, parts++)
         tasks[parts] = (task_t){w, x, bias, y, n0, n0 + share < N ? n0 + share : N, K, ldx, ldy, M};
-    for (int i = 1; i < parts; i++) started[i] = pthread_create(&ids[i], 0, run, &tasks[i]) == 0;
-    run(&tasks[0]);
-    for (int i = 1; i < parts; i++) {
-        if (started[i]) pthread_join(ids[i], 0);
-        else run(&tasks[i]);
-    }
+    run_parts(run, tasks, sizeof tasks[0], parts);
 }
 
 static inline float hmax(__m256 v) {
@@ -376,26 +386,13 @@ int attend(const float *q, const float *k, const float *v, const float *mask, fl
            long B, long H, long group, long S, long D, long qb, long qh, long kb, long kh,
            long ks, long vb, long vh, long vs, long mb, float scale, int threads) {
     heads_t tasks[16];
-    pthread_t ids[16];
-    int started[16] = {0}, failed = 0;
-    if (threads < 1) threads = 1;
-    if (threads > 16) threads = 16;
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
     const long pairs = B * H, share = (pairs + threads - 1) / threads;
     int parts = 0;
-    if (pairs <= 0) return 0;
     for (long p0 = 0; p0 < pairs; p0 += share, parts++)
         tasks[parts] = (heads_t){q, k, v, mask, out, p0, p0 + share < pairs ? p0 + share : pairs,
                                  H, group, S, D, qb, qh, kb, kh, ks, vb, vh, vs, mb, scale};
-    for (int i = 1; i < parts; i++)
-        started[i] = pthread_create(&ids[i], 0, attend_run, &tasks[i]) == 0;
-    failed |= attend_run(&tasks[0]) != 0;
-    for (int i = 1; i < parts; i++) {
-        void *result = 0;
-        if (started[i]) pthread_join(ids[i], &result);
-        else result = attend_run(&tasks[i]);
-        failed |= result != 0;
-    }
-    return failed;
+    return run_parts(attend_run, tasks, sizeof tasks[0], parts);
 }
 
 /* ELU: y = x where x > 0 (or NaN), else alpha (e^x - 1), for n floats (y may
@@ -502,43 +499,25 @@ static void *snake_run(void *arg) {
 void snake(const float *x, float *y, const float *alpha, const float *inverse, long rows,
            long T, long C, int threads) {
     snake_t tasks[16];
-    pthread_t ids[16];
-    int started[16] = {0};
-    if (threads < 1) threads = 1;
-    if (threads > 16) threads = 16;
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
     const long share = (rows + threads - 1) / threads;
     int parts = 0;
     for (long r = 0; r < rows; r += share, parts++) {
         const long end = r + share < rows ? r + share : rows;
         tasks[parts] = (snake_t){x, alpha, inverse, y, r, end, T, C};
     }
-    for (int i = 1; i < parts; i++)
-        started[i] = pthread_create(&ids[i], 0, snake_run, &tasks[i]) == 0;
-    if (parts) snake_run(&tasks[0]);
-    for (int i = 1; i < parts; i++) {
-        if (started[i]) pthread_join(ids[i], 0);
-        else snake_run(&tasks[i]);
-    }
+    run_parts(snake_run, tasks, sizeof tasks[0], parts);
 }
 
 /* The n floats in up to `threads` parts of a multiple of 8. */
 void elu(const float *x, float *y, long n, float alpha, int threads) {
     elu_t tasks[16];
-    pthread_t ids[16];
-    int started[16] = {0};
-    if (threads < 1) threads = 1;
-    if (threads > 16) threads = 16;
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
     const long share = ((n + threads - 1) / threads + 7) & ~7L;
     int parts = 0;
     for (long i = 0; i < n; i += share, parts++)
         tasks[parts] = (elu_t){x + i, y + i, i + share < n ? share : n - i, alpha};
-    for (int i = 1; i < parts; i++)
-        started[i] = pthread_create(&ids[i], 0, elu_run, &tasks[i]) == 0;
-    if (parts) elu_run(&tasks[0]);
-    for (int i = 1; i < parts; i++) {
-        if (started[i]) pthread_join(ids[i], 0);
-        else elu_run(&tasks[i]);
-    }
+    run_parts(elu_run, tasks, sizeof tasks[0], parts);
 }
 """
 
@@ -619,19 +598,8 @@ class RowKernel:
                 f"up to {MOST_HEAD}, not q {tuple(q.shape)}, k {tuple(k.shape)}, "
                 f"v {tuple(v.shape)}, mask {tuple(mask.shape)}"
             )
+        q, k, v, mask = [t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v, mask)]
         qs, ks, vs, ms = q.stride(), k.stride(), v.stride(), mask.stride()
-        if qs[3] != 1:
-            q = q.contiguous()
-            qs = q.stride()
-        if ks[3] != 1:
-            k = k.contiguous()
-            ks = k.stride()
-        if vs[3] != 1:
-            v = v.contiguous()
-            vs = v.stride()
-        if ms[3] != 1:
-            mask = mask.contiguous()
-            ms = mask.stride()
         out = torch.empty(rows, heads, 1, size)
         work = rows * heads * positions * size
         threads = max(1, min(torch.get_num_threads(), work // PER_THREAD))
