@@ -65,6 +65,16 @@ class Prepared:
         return self.weights_folded + self.activations_in_place + self.snakes + self.elus
 
 
+def _kernel_takes(x: torch.Tensor, *parameters: torch.Tensor) -> bool:
+    """Whether the row kernel's activations take ``x`` (with ``parameters``):
+    contiguous float32 on a CPU, and no gradient to record (they record none)."""
+    if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
+        return False
+    if any(p.dtype != torch.float32 for p in parameters):
+        return False
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, *parameters))
+
+
 class Snake(nn.Module):  # type: ignore[misc]
     """DAC's Snake activation, ``x + sin(a x)^2 / (a + 1e-9)`` per channel, making
     one new tensor (transformers' ``Snake1d`` makes five): the same floats; or,
@@ -82,13 +92,7 @@ class Snake(nn.Module):  # type: ignore[misc]
         shape = hidden_states.shape
         x = hidden_states.reshape(shape[0], shape[1], -1)
         kernel = self.kernel
-        if (
-            kernel is not None
-            and x.dtype == self.alpha.dtype == torch.float32
-            and x.is_cpu
-            and x.is_contiguous()
-            and not torch.is_grad_enabled()
-        ):
+        if kernel is not None and _kernel_takes(x, self.alpha):
             return kernel.snake(x, self.alpha.detach(), self.inverse).reshape(shape)
         out = torch.mul(self.alpha, x)
         out.sin_().pow_(2).mul_(self.inverse).add_(x)
@@ -111,13 +115,7 @@ class ELU(nn.ELU):  # type: ignore[misc]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
-        if (
-            kernel is not None
-            and x.dtype == torch.float32
-            and x.is_cpu
-            and x.is_contiguous()
-            and not (x.requires_grad and torch.is_grad_enabled())
-        ):
+        if kernel is not None and _kernel_takes(x):
             return kernel.elu(x, self.alpha, x if self.inplace else None)
         if x.numel() < 8192:
             out: torch.Tensor = super().forward(x)

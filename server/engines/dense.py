@@ -53,9 +53,13 @@ from torch.nn import functional as F
 from . import rowkernel
 from .kv import GiB, free_memory
 
-__all__ = ["Dense", "Packing", "pack", "step_attention"]
+__all__ = ["Attend", "Dense", "Packing", "pack", "step_attention"]
 
 log = logging.getLogger(__name__)
+
+# A decode step's attention: ``(q, k, v, additive mask) -> out``, as
+# ``scaled_dot_product_attention`` with one query a row.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Weights of at least this many elements are packed (2 MiB in float32): below
 # that, the packed product's own cost (about 20 µs a call here) is more than it
@@ -214,9 +218,7 @@ def _packable(weight: torch.Tensor) -> bool:
     )
 
 
-def step_attention(
-    device: torch.device, dtype: torch.dtype, head_dim: int
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+def step_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> Attend | None:
     """The row kernel's attention (``RowKernel.attend``) for the decode steps of
     a model on ``device`` in ``dtype`` with heads of ``head_dim``, where it is
     built and turned on (``KERNEL_ROWS``) and suits the model: float32 on a CPU,
@@ -226,9 +228,9 @@ def step_attention(
     cache at a fraction of the memory's speed (eight rows of 16 heads over 64
     positions: 0.47 against 1.1 ms a layer here; the test models' eight rows of
     two heads of 16 over 512: 54 against 113 µs; ``bench/bench_attention.py``)."""
-    if device.type != "cpu" or dtype != torch.float32 or head_dim % 8 or not KERNEL_ROWS:
+    if device.type != "cpu" or dtype != torch.float32 or not KERNEL_ROWS:
         return None
-    if head_dim > rowkernel.MOST_HEAD:
+    if head_dim % 8 or head_dim > rowkernel.MOST_HEAD:
         return None
     kernel = rowkernel.load()
     return kernel.attend if isinstance(kernel, rowkernel.RowKernel) else None

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..dense import Dense, Packing, pack, step_attention
+from ..dense import Attend, Dense, Packing, pack, step_attention
 from ..kv import CacheRows, LayerMask, StaticKV
 from ..prefill import GroupAttention, packed, ragged
 
@@ -52,7 +52,6 @@ class _Path:
 
 
 PathOp = Callable[[_Path, torch.Tensor], torch.Tensor]
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

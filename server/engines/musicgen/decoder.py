@@ -33,14 +33,13 @@ from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
 from torch.nn import functional as F
 
-from ..dense import Dense, Packing, pack, step_attention
+from ..dense import Attend, Dense, Packing, pack, step_attention
 from ..kv import CacheRows, LayerMask, StaticKV, additive_mask
 from ..prefill import GroupAttention, packed, ragged
 
 __all__ = ["MusicGenDecoder"]
 
 Op = Callable[[torch.Tensor], torch.Tensor]
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _projections(attention: Any) -> tuple[torch.Tensor, torch.Tensor | None, nn.Linear]:
