@@ -143,11 +143,12 @@ def chosen(inc: Any, like: torch.Tensor, args: argparse.Namespace, codebooks: in
     if args.library_forms:
         return "every convolution as the library's"
     forms = inc.choose_forms(like, max(args.streams), codebooks, max(args.frames))
-    if not forms.product_one and not forms.product_many:
+    if not (forms.product_one or forms.product_many or forms.kernel_one or forms.kernel_many):
         return "every convolution as the library's (measured)"
     return (
         f"convolutions as matrix products: {forms.product_one} of {forms.layers} "
-        f"for one stream, {forms.product_many} for more (chosen in {forms.seconds:.1f} s)"
+        f"for one stream, {forms.product_many} for more; by the row kernel: "
+        f"{forms.kernel_one} and {forms.kernel_many} (chosen in {forms.seconds:.1f} s)"
     )
 
 
@@ -175,8 +176,8 @@ def main() -> None:
     parser.add_argument(
         "--library-forms",
         action="store_true",
-        help="every convolution as the library's kernel, none as a matrix product "
-        "(the server chooses each one's form at warm-up on a CPU: choose_forms)",
+        help="every convolution as the library's kernel, none as a matrix product or by "
+        "the row kernel (the server chooses each one's form at warm-up on a CPU: choose_forms)",
     )
     parser.add_argument(
         "--layers",

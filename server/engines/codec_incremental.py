@@ -20,11 +20,13 @@ float rounding, at the cost of decoding each frame once (re-decoding windows
 with left and right context costs 1.5-4x that), and audio leaves as soon as no
 later code can change it (``lookahead`` frames behind the newest).
 
-On a CPU each convolution runs as the library's kernel or as one matrix
-product over shifted copies of its input, whichever ``choose_forms`` measured
-faster at warm-up for its shape (oneDNN's kernels for a few channels and a
-batch of streams take 2-7x the product's time; for wide layers the library's
-are the faster), the same audio to float rounding.
+On a CPU each convolution runs as the library's kernel, as one matrix product
+over shifted copies of its input, or by the row kernel's C library
+(``rowkernel.RowKernel.conv``: samples in the lanes, a few outputs at a time),
+whichever ``choose_forms`` measured fastest at warm-up for its shape (oneDNN's
+kernels for a few channels and a batch of streams take 2-7x the product's time,
+and for a few outputs over long inputs 2-7x the C library's; for wide layers
+the library's are the faster), the same audio to float rounding.
 
 Layers it does not know (reflect padding, group normalisation, strides in a
 plain convolution …) make ``incremental`` return None: the engine then decodes
@@ -41,6 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import rowkernel
 
 __all__ = [
     "CodecState",
@@ -113,27 +117,47 @@ class _Pointwise(_Op):
         return self.fn(x) if x.shape[-1] else x
 
 
-class _Formed(_Op):
-    """A convolution that can run two ways, equal to float rounding: as the
-    convolution library's kernel (``direct``), or as one matrix product of its
-    weights with shifted copies of its input (``product``). Which is faster
-    depends on the layer's shape and the batch (``IncrementalCodec.choose_forms``
-    measures it on a CPU: oneDNN's kernels for tiny channel counts and batches
-    of more than one, or for a wide transposed convolution over few frames, take
-    2-7x the product's time); the choice holds for calls of one stream's rows
-    (``product_one``) and for larger ones (``product_many``)."""
+DIRECT, PRODUCT, KERNEL = "direct", "product", "kernel"
 
-    product_one = False
-    product_many = False
-    many_from = 2  # the rows of a call from which ``product_many`` holds
+
+class _Formed(_Op):
+    """A convolution that can run three ways, equal to float rounding: as the
+    convolution library's kernel (``direct``), as one matrix product of its
+    weights with shifted copies of its input (``product``), or by the row
+    kernel's C library (``by_kernel``, where ``kernel`` is set: float32 on a
+    CPU). Which is fastest depends on the layer's shape and the batch
+    (``IncrementalCodec.choose_forms`` measures it on a CPU: oneDNN's kernels
+    for tiny channel counts and batches of more than one, or for a wide
+    transposed convolution over few frames, take 2-7x the product's time, and
+    for one or two outputs over long inputs 2-7x the C library's); the choice
+    holds for calls of one stream's rows (``one``) and for larger ones
+    (``many``)."""
+
+    one = DIRECT
+    many = DIRECT
+    many_from = 2  # the rows of a call from which ``many`` holds
     seen: list[torch.Tensor] | None = None  # inputs, while ``choose_forms`` records
+    kernel: rowkernel.RowKernel | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.seen is not None:
             self.seen.append(x)
-        if self.product_many if x.shape[0] >= self.many_from else self.product_one:
+        form = self.many if x.shape[0] >= self.many_from else self.one
+        if form == PRODUCT:
             return self.product(x)
+        if form == KERNEL:
+            return self.by_kernel(x)
         return self.direct(x)
+
+    def forms(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The forms this layer can take (the kernel's where it is set and prepared)."""
+        forms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            DIRECT: self.direct,
+            PRODUCT: self.product,
+        }
+        if self.kernel is not None:
+            forms[KERNEL] = self.by_kernel
+        return forms
 
     def direct(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -141,8 +165,12 @@ class _Formed(_Op):
     def product(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def by_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def prepare(self) -> bool:
-        """Make the product's weight matrix; False if this layer has no product form."""
+        """Make the product's weight matrix, and the kernel's weight where
+        ``kernel`` is set; False if this layer has no product form."""
         raise NotImplementedError
 
 
@@ -167,6 +195,7 @@ class _Conv(_Formed):
         self.left, self.right = left, right
         self.lookahead = float(right)
         self.matrix: torch.Tensor | None = None
+        self.stacked: torch.Tensor | None = None  # [C_out, C_in, taps], for the kernel
 
     def begin(self, x: torch.Tensor) -> _Slot | None:
         if self.left + self.right == 0:
@@ -204,6 +233,8 @@ class _Conv(_Formed):
         # Column ``u * C_in + i``: input channel ``i`` at tap ``u``.
         weight = conv.weight.detach()
         self.matrix = weight.permute(0, 2, 1).reshape(weight.shape[0], -1).contiguous()
+        if self.kernel is not None:
+            self.stacked = weight.contiguous()
         return True
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,6 +246,13 @@ class _Conv(_Formed):
         if conv.bias is not None:
             y += conv.bias.view(1, -1, 1)
         return y
+
+    def by_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.kernel is not None and self.stacked is not None
+        bias = self.conv.bias
+        return self.kernel.conv(
+            x, self.stacked, None if bias is None else bias.detach(), self.conv.dilation[0]
+        )
 
 
 def _empty(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -240,6 +278,7 @@ class _ConvTranspose(_Formed):
             raise Unsupported("transposed convolution trimmed past its overlap")
         self.taps = -(-kernel // stride)  # input samples an output sample sums
         self.matrix: torch.Tensor | None = None
+        self.stacked: torch.Tensor | None = None  # [C_out * stride, C_in, taps], for the kernel
 
     def begin(self, x: torch.Tensor) -> _Slot | None:
         tail = x.new_zeros(x.shape[0], self.conv.out_channels, self.overlap)
@@ -279,16 +318,33 @@ class _ConvTranspose(_Formed):
         padded = F.pad(weight, (0, taps * stride - kernel)).view(c_in, c_out, taps, stride)
         matrix = padded.flip(2).permute(1, 3, 2, 0).reshape(c_out * stride, taps * c_in)
         self.matrix = matrix.contiguous()
+        if self.kernel is not None:
+            self.stacked = matrix.view(c_out * stride, taps, c_in).transpose(1, 2).contiguous()
         return True
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         assert self.matrix is not None
-        b, _, n = x.shape
-        taps, stride = self.taps, self.stride
+        n = x.shape[-1]
+        taps = self.taps
         inputs = n + taps - 1
         if taps > 1:
             x = F.pad(x, (taps - 1, taps - 1))
         y = torch.matmul(self.matrix, _shifted(x, taps, 1, inputs))  # [B, C_out * stride, t]
+        return self._interleaved(y, n)
+
+    def by_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """``product``'s sums by the C library, over the padded input as it lies."""
+        assert self.kernel is not None and self.stacked is not None
+        taps = self.taps
+        if taps > 1:
+            x = F.pad(x, (taps - 1, taps - 1))
+        return self._interleaved(self.kernel.conv(x, self.stacked), x.shape[-1] - 2 * (taps - 1))
+
+    def _interleaved(self, y: torch.Tensor, n: int) -> torch.Tensor:
+        """``[B, C_out * stride, t]`` (row ``o * stride + r``: outputs ``u * stride
+        + r``) -> the full output ``[B, C_out, (n - 1) * stride + kernel]``."""
+        b, _, inputs = y.shape
+        stride = self.stride
         y = y.view(b, -1, stride, inputs).transpose(2, 3).reshape(b, -1, inputs * stride)
         return y[..., : (n - 1) * stride + self.conv.kernel_size[0]]
 
@@ -523,13 +579,15 @@ _MOST_TIMED = 16  # streams a call that ``choose_forms`` times holds at most
 @dataclass(frozen=True, slots=True)
 class Forms:
     """What ``IncrementalCodec.choose_forms`` chose: of ``layers`` convolutions,
-    how many run as matrix products for one stream's calls and for larger ones,
-    and the seconds the choice took."""
+    how many run as matrix products and how many by the row kernel's library,
+    for one stream's calls and for larger ones, and the seconds the choice took."""
 
     layers: int
     product_one: int
     product_many: int
     seconds: float
+    kernel_one: int = 0
+    kernel_many: int = 0
 
 
 def _seconds(
@@ -538,6 +596,17 @@ def _seconds(
     began = clock()
     form(x)
     return clock() - began
+
+
+def _fresh(
+    forms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    name: str,
+    x: torch.Tensor,
+    clock: Callable[[], float],
+) -> float:
+    """Form ``name``'s time on ``x`` if the layer has it, else infinity."""
+    form = forms.get(name)
+    return math.inf if form is None else _seconds(form, x, clock)
 
 
 def _race(
@@ -625,19 +694,25 @@ class IncrementalCodec:
         *,
         clock: Callable[[], float] = time.perf_counter,
     ) -> Forms:
-        """Choose each convolution's form (``_Formed``) by timing both on the
+        """Choose each convolution's form (``_Formed``) by timing them on the
         inputs a call of ``frames`` new frames gives it, from the states of one
         stream and of ``streams`` streams long under way (at most 16: past that
         the choice barely moves, the tiny DAC's in 4 of 37 layers from 16 to 32
         and none from 32 to 64, the tiny EnCodec's in none, while the load pays
-        more), the product where it
-        takes less than 95% of the library's time. Only on a CPU (a GPU's
-        convolutions are the library's, unmeasured), and only for layers whose
-        call takes under 20 ms (at the released codecs' widths the library's
-        kernels are as fast or faster, and timing them all would add 10 s or more
-        to a load)."""
+        more): the fastest of the product and the row kernel's (where its
+        library is built and the decoder is float32), where it takes less than
+        95% of the library's time. Only on a CPU (a GPU's convolutions are the
+        library's, unmeasured), and only for layers whose call takes under 20 ms
+        by the library's kernel or by the row kernel's (the released codecs'
+        wide layers, where the library's are as fast or faster; timing them all
+        would add 10 s or more to a load)."""
         if like.device.type != "cpu":
             return Forms(sum(isinstance(op, _Formed) for op in self._ops), 0, 0, 0.0)
+        built = rowkernel.load() if like.dtype == torch.float32 else None
+        kernel = built if isinstance(built, rowkernel.RowKernel) else None
+        for op in self._ops:
+            if isinstance(op, _Formed):
+                op.kernel = kernel
         formed = [op for op in self._ops if isinstance(op, _Formed) and op.prepare()]
         if not formed:
             return Forms(0, 0, 0, 0.0)
@@ -658,26 +733,36 @@ class IncrementalCodec:
                 for op in formed:
                     op.seen = None
             for op, x in zip(formed, inputs, strict=True):
-                if x is None or _seconds(op.direct, x, clock) > 0.02:
+                if x is None:
+                    continue
+                forms = op.forms()
+                quickest = min(_seconds(forms[DIRECT], x, clock), _fresh(forms, KERNEL, x, clock))
+                if quickest > 0.02:
                     continue  # (a layer that large: the library's kernels, unmeasured)
-                direct, product = _race((op.direct, op.product), x, clock)
-                choice = product < 0.95 * direct
+                names = list(forms)
+                times = dict(
+                    zip(names, _race([forms[name] for name in names], x, clock), strict=True)
+                )
+                fastest = min(names, key=times.__getitem__)
+                choice = fastest if times[fastest] < 0.95 * times[DIRECT] else DIRECT
                 if n > 1 or streams == 1:
-                    op.product_many = choice
+                    op.many = choice
                 if n == 1:
-                    op.product_one = choice
+                    op.one = choice
         return Forms(
             len(formed),
-            sum(op.product_one for op in formed),
-            sum(op.product_many for op in formed),
+            sum(op.one == PRODUCT for op in formed),
+            sum(op.many == PRODUCT for op in formed),
             clock() - began,
+            sum(op.one == KERNEL for op in formed),
+            sum(op.many == KERNEL for op in formed),
         )
 
     def direct_forms(self) -> None:
         """Every convolution as the library's (the forms before ``choose_forms``)."""
         for op in self._ops:
             if isinstance(op, _Formed):
-                op.product_one = op.product_many = False
+                op.one = op.many = DIRECT
 
     def _gather(self, states: Sequence[CodecState]) -> list[_Slot | None]:
         """The states' layer states stacked in their order (new ``_Slot`` objects:

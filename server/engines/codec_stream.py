@@ -740,8 +740,9 @@ class CodecStreams:
         self.cadence.tick()
 
     def choose_forms(self, most: int) -> None:
-        """Each of the incremental decoder's convolutions as the library's or as a
-        matrix product, whichever is faster on this CPU for one stream's calls and
+        """Each of the incremental decoder's convolutions as the library's, as a
+        matrix product or by the row kernel's library, whichever is fastest on
+        this CPU for one stream's calls and
         for calls of ``most`` streams, on the largest chunk
         (``IncrementalCodec.choose_forms``); checked against the one-shot decode
         again, and the library's everywhere if it strays."""
@@ -757,11 +758,13 @@ class CodecStreams:
             return
         log.info(
             "%s: codec layers as matrix products: %d of %d for one stream's calls, "
-            "%d for more (chosen in %.2f s)",
+            "%d for more; by the row kernel: %d and %d (chosen in %.2f s)",
             self.name,
             forms.product_one,
             forms.layers,
             forms.product_many,
+            forms.kernel_one,
+            forms.kernel_many,
             forms.seconds,
         )
 

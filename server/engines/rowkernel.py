@@ -38,7 +38,13 @@ past its positions.
 It also holds the codec decoders' activations, each in one pass over its
 samples, eight at a time (``RowKernel.elu``: EnCodec's ELU, ``e^x - 1`` by the
 attention's polynomial; ``RowKernel.snake``: DAC's Snake, the sine by Cephes'
-polynomial), where torch makes four or five passes (``codec_decoders``).
+polynomial), where torch makes four or five passes (``codec_decoders``), and
+their convolutions over few outputs (``RowKernel.conv``: eight samples in the
+lanes of a vector, up to four outputs at a time, every weight broadcast once a
+block): oneDNN's kernel takes 2-7x its time for one or two outputs over long
+inputs (the released EnCodec's last layer, 64 channels into one: 75 ms for
+eight streams' 0.8 s, this one 14), and ``codec_incremental`` takes it where it
+measures it fastest.
 
 It is C (AVX2 and FMA), compiled with the machine's C compiler when first asked
 for (about a second), and checked against float64 products before it is used;
@@ -509,6 +515,112 @@ void snake(const float *x, float *y, const float *alpha, const float *inverse, l
     run_parts(snake_run, tasks, sizeof tasks[0], parts);
 }
 
+/* A convolution over time, stride 1: y[b, o, t] = bias[o] + sum over i < C
+   and u < U of w[o, i, u] x[b, i, t + u d], for t < n; x's rows (b, i) lie
+   xb and xc floats apart, y is contiguous [B, O, n], w [O, C, U]. The
+   samples go in lanes, 8 to a vector, V vectors a block, the outputs O_ at a
+   time: every output is the same sum in the same order wherever its sample
+   and stream lie (a block's missing samples are masked off, not read). */
+typedef struct {
+    const float *x, *w, *bias;
+    float *y;
+    long p0, p1, blocks, O, C, U, d, n, xb, xc;
+    int vectors;
+} conv_t;
+
+static inline __m256i lanes_below(long count) {
+    const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int k = count < 0 ? 0 : count > 8 ? 8 : (int)count;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), index);
+}
+
+#define CONV(O_, V) \
+static void conv_##O_##_##V(const conv_t *c, const float *x, float *y, long o0, long left) { \
+    const long C = c->C, U = c->U, d = c->d, n = c->n; \
+    const float *w = c->w + o0 * C * U; \
+    __m256 a[O_][V]; \
+    __m256i m[V]; \
+    for (int v = 0; v < V; v++) m[v] = lanes_below(left - 8 * v); \
+    for (int o = 0; o < O_; o++) { \
+        const __m256 b = _mm256_set1_ps(c->bias ? c->bias[o0 + o] : 0.0f); \
+        for (int v = 0; v < V; v++) a[o][v] = b; \
+    } \
+    if (left >= 8 * V) { \
+        for (long i = 0; i < C; i++) \
+            for (long u = 0; u < U; u++) { \
+                const float *xp = x + i * c->xc + u * d; \
+                __m256 xv[V]; \
+                for (int v = 0; v < V; v++) xv[v] = _mm256_loadu_ps(xp + 8 * v); \
+                for (int o = 0; o < O_; o++) { \
+                    const __m256 wv = _mm256_broadcast_ss(w + (o * C + i) * U + u); \
+                    for (int v = 0; v < V; v++) a[o][v] = _mm256_fmadd_ps(wv, xv[v], a[o][v]); \
+                } \
+            } \
+        for (int o = 0; o < O_; o++) \
+            for (int v = 0; v < V; v++) _mm256_storeu_ps(y + (o0 + o) * n + 8 * v, a[o][v]); \
+    } else { \
+        for (long i = 0; i < C; i++) \
+            for (long u = 0; u < U; u++) { \
+                const float *xp = x + i * c->xc + u * d; \
+                __m256 xv[V]; \
+                for (int v = 0; v < V; v++) xv[v] = _mm256_maskload_ps(xp + 8 * v, m[v]); \
+                for (int o = 0; o < O_; o++) { \
+                    const __m256 wv = _mm256_broadcast_ss(w + (o * C + i) * U + u); \
+                    for (int v = 0; v < V; v++) a[o][v] = _mm256_fmadd_ps(wv, xv[v], a[o][v]); \
+                } \
+            } \
+        for (int o = 0; o < O_; o++) \
+            for (int v = 0; v < V; v++) \
+                _mm256_maskstore_ps(y + (o0 + o) * n + 8 * v, m[v], a[o][v]); \
+    } \
+}
+CONV(1, 8)
+CONV(2, 4)
+CONV(3, 3)
+CONV(1, 2)
+CONV(2, 2)
+CONV(3, 2)
+CONV(4, 2)
+
+static void *conv_run(void *arg) {
+    const conv_t *c = arg;
+    const long span = 8L * c->vectors;
+    for (long p = c->p0; p < c->p1; p++) {
+        const long b = p / c->blocks, t = (p % c->blocks) * span;
+        const float *x = c->x + b * c->xb + t;
+        float *y = c->y + b * c->O * c->n + t;
+        const long left = c->n - t;
+        for (long o = 0; o < c->O;) {
+            const long more = c->O - o;
+            if (c->vectors == 8) { conv_1_8(c, x, y, o, left); o += 1; }
+            else if (c->vectors == 4) { conv_2_4(c, x, y, o, left); o += 2; }
+            else if (c->vectors == 3) { conv_3_3(c, x, y, o, left); o += 3; }
+            else if (more >= 4) { conv_4_2(c, x, y, o, left); o += 4; }
+            else if (more == 3) { conv_3_2(c, x, y, o, left); o += 3; }
+            else if (more == 2) { conv_2_2(c, x, y, o, left); o += 2; }
+            else { conv_1_2(c, x, y, o, left); o += 1; }
+        }
+    }
+    return 0;
+}
+
+/* Blocks of samples of every stream, split over up to `threads` threads:
+   one output a block of 64 samples, two of 32, three of 24, more four at a
+   time over 16. */
+void conv(const float *x, const float *w, const float *bias, float *y, long B, long O, long C,
+          long U, long d, long n, long xb, long xc, int threads) {
+    conv_t tasks[16];
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
+    const int vectors = O == 1 ? 8 : O == 2 ? 4 : O == 3 ? 3 : 2;
+    const long blocks = (n + 8L * vectors - 1) / (8L * vectors), items = B * blocks;
+    const long share = (items + threads - 1) / threads;
+    int parts = 0;
+    for (long p = 0; p < items; p += share, parts++)
+        tasks[parts] = (conv_t){x, w, bias, y, p, p + share < items ? p + share : items,
+                                blocks, O, C, U, d, n, xb, xc, vectors};
+    run_parts(conv_run, tasks, sizeof tasks[0], parts);
+}
+
 /* The n floats in up to `threads` parts of a multiple of 8. */
 void elu(const float *x, float *y, long n, float alpha, int threads) {
     elu_t tasks[16];
@@ -527,12 +639,14 @@ class RowKernel:
     """The compiled kernels: ``product`` is ``F.linear``, reading the weight once
     for every ``MOST_ROWS`` rows; ``attend`` is a decode step's attention;
     ``elu`` is ``F.elu`` and ``snake`` DAC's Snake, each in one pass (codec
-    decoders' activations)."""
+    decoders' activations); ``conv`` is ``F.conv1d`` with samples in the lanes
+    (codec decoders' convolutions)."""
 
     function: Callable[..., None]
     attention: Callable[..., int]
     activation: Callable[..., None]
     snakes: Callable[..., None]
+    convolution: Callable[..., None]
 
     def product(
         self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
@@ -647,6 +761,60 @@ class RowKernel:
         self.activation(x.data_ptr(), y.data_ptr(), count, alpha, threads)
         return y
 
+    def conv(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dilation: int = 1,
+    ) -> torch.Tensor:
+        """``F.conv1d(x, weight, bias, dilation=dilation)`` (stride 1, no
+        padding, one group) for float32 on the CPU: ``x`` ``[B, C, t]`` with its
+        samples contiguous, ``weight`` contiguous ``[O, C, U]``; the output
+        ``[B, O, t - (U - 1) dilation]``. Each output sample is the same sum
+        in the same order wherever it lies (its stream, its place in time), so
+        a stream's result does not depend on the call's others."""
+        for t in (x, weight) if bias is None else (x, weight, bias):
+            if t.dtype != torch.float32 or not t.is_cpu:
+                raise TypeError(
+                    f"the convolution kernel reads float32 on a CPU, not {t.dtype} {t.device}"
+                )
+        if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"the convolution kernel takes x [B, C, t] and a weight [O, C, U], not "
+                f"x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+            )
+        outputs, channels, taps = weight.shape
+        if bias is not None and (bias.numel() != outputs or not bias.is_contiguous()):
+            raise ValueError(f"a bias of {tuple(bias.shape)} for {outputs} outputs")
+        if dilation < 1:
+            raise ValueError(f"dilation {dilation}")
+        if x.stride(2) != 1:
+            x = x.contiguous()
+        weight = weight.contiguous()
+        batch = x.shape[0]
+        n = max(0, x.shape[2] - (taps - 1) * dilation)
+        y = torch.empty(batch, outputs, n)
+        if batch and n and outputs:
+            work = batch * n * outputs * channels * taps
+            threads = max(1, min(torch.get_num_threads(), work // PER_THREAD))
+            self.convolution(
+                x.data_ptr(),
+                weight.data_ptr(),
+                None if bias is None else bias.data_ptr(),
+                y.data_ptr(),
+                batch,
+                outputs,
+                channels,
+                taps,
+                dilation,
+                n,
+                x.stride(0),
+                x.stride(1),
+                threads,
+            )
+        return y
+
     def snake(self, x: torch.Tensor, alpha: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         """DAC's Snake, ``x + sin(alpha x)^2 inverse`` (``inverse`` is ``1 /
         (alpha + 1e-9)``), as a new tensor, in one pass: ``x`` contiguous
@@ -721,7 +889,10 @@ def load() -> RowKernel | str:
     snakes = library.snake
     snakes.restype = None
     snakes.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    kernel = RowKernel(function, attention, activation, snakes)
+    convolution = library.conv
+    convolution.restype = None
+    convolution.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 8 + [ctypes.c_int]
+    kernel = RowKernel(function, attention, activation, snakes, convolution)
     wrong = _check(kernel)
     return f"it gave wrong results ({wrong})" if wrong else kernel
 
@@ -771,4 +942,19 @@ def _check(kernel: RowKernel) -> str | None:
     )
     if not error <= 1e-6:
         return f"Snake: off by {error:.3g}"
+    # Every block's width (one to five outputs), a dilation, a strided input, and
+    # lengths that end inside a block and on its edge.
+    for outputs, channels, taps, dilation, length in (
+        (1, 4, 7, 1, 91),
+        (2, 3, 3, 3, 70),
+        (3, 5, 1, 1, 48),
+        (5, 2, 2, 2, 33),
+    ):
+        x = torch.randn(2, channels + 1, length, generator=generator)[:, 1:]
+        weight = torch.randn(outputs, channels, taps, generator=generator)
+        bias = torch.randn(outputs, generator=generator)
+        exact = F.conv1d(x.double(), weight.double(), bias.double(), dilation=dilation)
+        error = float((kernel.conv(x, weight, bias, dilation) - exact).abs().max())
+        if not error <= 1e-5 * max(1.0, float(exact.abs().max())):
+            return f"convolution of {outputs} outputs: off by {error:.3g}"
     return None

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from wavecast.server.engines import codec_stream
+from wavecast.server.engines import codec_stream, rowkernel
 from wavecast.server.engines.base import StepOutput
 from wavecast.server.engines.codec_decoders import for_serving
 from wavecast.server.engines.codec_incremental import (
@@ -603,57 +603,80 @@ def test_any_prompt_chunking_and_pushes_stream_the_one_shot_decode(
     assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, float(np.abs(whole).max()))
 
 
-def _formed(inc: IncrementalCodec) -> list[_Formed]:
-    return [op for op in inc._ops if isinstance(op, _Formed) and op.prepare()]
+def _formed(inc: IncrementalCodec, kernel: rowkernel.RowKernel | None = None) -> list[_Formed]:
+    """The layers with forms, prepared (for the row kernel's too, given one)."""
+    ops = [op for op in inc._ops if isinstance(op, _Formed)]
+    for op in ops:
+        op.kernel = kernel
+    return [op for op in ops if op.prepare()]
 
 
-def test_each_convolution_as_a_matrix_product_equals_the_librarys(
-    codec: tuple[IncrementalCodec, Decode, int],
+def _kernel() -> rowkernel.RowKernel:
+    """The row kernel, which this project's machines build (``test_step_parts``
+    says where it may be missing)."""
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        pytest.skip(f"no row kernel here: {kernel}")
+    return kernel
+
+
+@pytest.mark.parametrize("form", ["product", "by_kernel"])
+def test_each_convolution_in_each_form_equals_the_librarys(
+    codec: tuple[IncrementalCodec, Decode, int], form: str
 ) -> None:
     """Every convolution and transposed convolution of the four decoders (taps,
     dilations, strides, biases as they come), on inputs of one and three rows,
-    from the shortest to longer ones: the product's output is the library's,
-    to float rounding."""
+    from the shortest to longer ones: the product's output, and the row
+    kernel's, is the library's, to float rounding."""
     inc, _, _ = codec
-    formed = _formed(inc)
+    formed = _formed(inc, _kernel() if form == "by_kernel" else None)
     kinds = {type(op) for op in formed}
     assert kinds == {_Conv, _ConvTranspose}
     gen = torch.Generator().manual_seed(3)
-    for op in formed:
-        conv = op.conv
-        least = 1
-        if isinstance(op, _Conv):
-            least = (conv.kernel_size[0] - 1) * conv.dilation[0] + 1
-        for rows, n in ((1, least), (3, least + 1), (3, least + 37)):
-            x = torch.randn(rows, conv.in_channels, n, generator=gen)
-            direct, product = op.direct(x), op.product(x)
-            assert product.shape == direct.shape, (op, rows, n)
-            scale = direct.abs().max().clamp_min(1e-6)
-            assert (product - direct).abs().max() <= 1e-5 * scale, (op, rows, n)
+    try:
+        for op in formed:
+            conv = op.conv
+            least = 1
+            if isinstance(op, _Conv):
+                least = (conv.kernel_size[0] - 1) * conv.dilation[0] + 1
+            for rows, n in ((1, least), (3, least + 1), (3, least + 37)):
+                x = torch.randn(rows, conv.in_channels, n, generator=gen)
+                direct, other = op.direct(x), getattr(op, form)(x)
+                assert other.shape == direct.shape, (op, rows, n)
+                scale = direct.abs().max().clamp_min(1e-6)
+                assert (other - direct).abs().max() <= 1e-5 * scale, (op, rows, n)
+    finally:
+        _formed(inc)
 
 
-def test_streams_with_every_convolution_a_matrix_product_equal_the_one_shot_decode(
-    codec: tuple[IncrementalCodec, Decode, int],
+@pytest.mark.parametrize("form", ["product", "kernel"])
+def test_streams_with_every_convolution_in_one_form_equal_the_one_shot_decode(
+    codec: tuple[IncrementalCodec, Decode, int], form: str
 ) -> None:
     inc, decode, k = codec
     try:
-        for op in _formed(inc):
-            op.product_one = op.product_many = True
+        for op in _formed(inc, _kernel() if form == "kernel" else None):
+            op.one = op.many = form
         assert checked(inc, decode, torch.zeros(()), codebooks=k, cardinality=64) < 1e-5
     finally:
         inc.direct_forms()
-    assert not any(op.product_one or op.product_many for op in _formed(inc))
+        _formed(inc)
+    assert all(op.one == op.many == "direct" for op in _formed(inc))
 
 
-def test_each_convolution_takes_the_faster_form_for_one_stream_and_for_more(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("kernel", [False, True])
+def test_each_convolution_takes_the_fastest_form_for_one_stream_and_for_more(
+    kernel: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The choice follows the times (stood in for here: the real ones depend on
-    the machine): a form 5% faster or more is taken, for calls of one stream's
-    rows and for calls of more apart; a layer whose call takes over 20 ms keeps
-    the library's, untimed; the calls then run the chosen forms."""
+    the machine): the fastest form, if 5% faster than the library's or more,
+    for calls of one stream's rows and for calls of more apart; the row
+    kernel's only where its library is built; a layer whose call takes over
+    20 ms keeps the library's, untimed; the calls then run the chosen forms."""
     from wavecast.server.engines import codec_incremental
 
+    built = _kernel() if kernel else None
+    monkeypatch.setattr(rowkernel, "load", lambda: built or "not built here")
     model, _, k = _stereo()  # two rows a stream: "one stream" is a batch of 2
     inc = incremental(model)
     assert inc is not None
@@ -661,17 +684,35 @@ def test_each_convolution_takes_the_faster_form_for_one_stream_and_for_more(
     large = formed[0]
     raced: list[tuple[int, int]] = []
 
+    def times(index: int, one: bool) -> list[float]:
+        """The library's, the product's and the kernel's times: odd layers the
+        product fastest for one stream, every third for more; every fourth the
+        kernel for one stream, every fourth but one for more (where there is no
+        kernel, the product then 10% faster than the library); layer 2 the
+        product and the kernel only 4% and 3% faster (not enough)."""
+        if index == 2:
+            return [1.0, 0.96, 0.97]
+        if index % 2 == 1 if one else index % 3 == 0:
+            return [1.0, 0.5, 0.6]
+        if index % 4 == (0 if one else 1):
+            return [1.0, 0.9, 0.4]
+        return [1.0, 1.5, 1.2]
+
+    def expected(index: int, one: bool) -> str:
+        direct, product, by_kernel = times(index, one)
+        fastest = min(product, by_kernel) if kernel else product
+        if index == 0 or fastest >= 0.95 * direct:
+            return "direct"
+        return "kernel" if kernel and by_kernel < product else "product"
+
     def race(forms: Any, x: torch.Tensor, clock: Any) -> list[float]:
         op = forms[0].__self__
+        assert [form.__name__ for form in forms] == ["direct", "product", "by_kernel"][
+            : 2 + kernel
+        ]
         index = formed.index(op)
         raced.append((index, x.shape[0]))
-        one = x.shape[0] == 2
-        # Odd layers: the product faster for one stream; every third: for more;
-        # layer 2: the product only 4% faster (not enough).
-        if index == 2:
-            return [1.0, 0.96]
-        faster = index % 2 == 1 if one else index % 3 == 0
-        return [1.0, 0.5] if faster else [1.0, 1.5]
+        return times(index, x.shape[0] == 2)[: len(forms)]
 
     def seconds(form: Any, x: torch.Tensor, clock: Any) -> float:
         return 0.5 if form.__self__ is large else 1e-4
@@ -682,18 +723,22 @@ def test_each_convolution_takes_the_faster_form_for_one_stream_and_for_more(
     assert sorted({rows for _, rows in raced}) == [2, 8]  # one stream, four
     assert 0 not in {index for index, _ in raced}  # the large layer: untimed
     for index, op in enumerate(formed):
-        assert op.product_one == (index % 2 == 1 and index != 2), index
-        assert op.product_many == (index % 3 == 0 and index not in (0, 2)), index
+        assert op.one == expected(index, True), index
+        assert op.many == expected(index, False), index
     assert forms.layers == len(formed)
-    assert forms.product_one == sum(op.product_one for op in formed) > 0
-    assert forms.product_many == sum(op.product_many for op in formed) > 0
+    assert forms.product_one == sum(op.one == "product" for op in formed) > 0
+    assert forms.product_many == sum(op.many == "product" for op in formed) > 0
+    assert forms.kernel_one == sum(op.one == "kernel" for op in formed)
+    assert forms.kernel_many == sum(op.many == "kernel" for op in formed)
+    assert (forms.kernel_one > 0 and forms.kernel_many > 0) == kernel
     raced.clear()
     inc.choose_forms(torch.zeros(()), 40, k, 10)  # a crowd is timed at 16 streams at most
     assert sorted({rows for _, rows in raced}) == [2, 32]
 
     ran: dict[int, list[str]] = {}
+    methods = {"direct": "direct", "product": "product", "kernel": "by_kernel"}
     for index, op in enumerate(formed):
-        for name in ("direct", "product"):
+        for name in methods.values():
             inner = getattr(op, name)
 
             def spy(x: torch.Tensor, inner: Any = inner, at: int = index, name: str = name) -> Any:
@@ -706,8 +751,8 @@ def test_each_convolution_takes_the_faster_form_for_one_stream_and_for_more(
         states = [inc.start(torch.zeros(())) for _ in range(streams)]
         inc.decode(_codes(streams, k, 12, seed=streams), states)
         for index, op in enumerate(formed):
-            want = op.product_one if streams == 1 else op.product_many
-            assert set(ran[index]) == {"product" if want else "direct"}, (streams, index)
+            want = op.one if streams == 1 else op.many
+            assert set(ran[index]) == {methods[want]}, (streams, index)
 
 
 def test_convolutions_as_products_that_stray_are_put_back(
@@ -727,7 +772,7 @@ def test_convolutions_as_products_that_stray_are_put_back(
     def all_products(*args: Any, **kwargs: Any) -> Forms:
         formed = _formed(inc)
         for op in formed:
-            op.product_one = op.product_many = True
+            op.one = op.many = "product"
         assert formed[-1].matrix is not None
         formed[-1].matrix = formed[-1].matrix * 1.5
         return Forms(len(formed), len(formed), len(formed), 0.0)
@@ -736,7 +781,7 @@ def test_convolutions_as_products_that_stray_are_put_back(
     with caplog.at_level(logging.WARNING):
         streams.choose_forms(4)
     assert "as products off by" in caplog.text
-    assert not any(op.product_one or op.product_many for op in _formed(inc))
+    assert all(op.one == op.many == "direct" for op in _formed(inc))
     assert checked(inc, decode, torch.zeros(()), codebooks=k, cardinality=64) < 1e-5
 
 
@@ -772,4 +817,4 @@ def test_off_the_cpu_the_convolutions_stay_the_librarys() -> None:
     assert forms == Forms(14, 0, 0, 0.0)
     convolutions = [op for op in inc._ops if isinstance(op, _Formed)]
     assert len(convolutions) == 14
-    assert all(op.matrix is None and not op.product_one for op in convolutions)
+    assert all(op.matrix is None and op.one == "direct" for op in convolutions)

@@ -183,6 +183,56 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
 
 
 @pytest.mark.parametrize(
+    ("outputs", "channels", "taps", "dilation"),
+    [(1, 4, 7, 1), (2, 4, 3, 3), (3, 5, 1, 1), (4, 8, 3, 1), (7, 3, 2, 2), (16, 2, 3, 9)],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_convolution_kernel_is_the_librarys_each_sample_the_same_wherever_it_lies(
+    outputs: int,
+    channels: int,
+    taps: int,
+    dilation: int,
+    bias: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every block width (one, two, three outputs at a time, four and what is
+    left), dilations, an input that is a view, lengths that end inside a block:
+    float64's convolution to rounding, and each output sample the same bits
+    whatever stream of the call it is in and wherever in time the call starts
+    (a stream's chunks do not change its audio), on one thread or several."""
+    kernel = built_kernel()
+    torch.manual_seed(0)
+    reach = (taps - 1) * dilation
+    x = torch.randn(5, channels + 2, 203 + reach)[:, 1:-1]  # a view: streams and channels apart
+    weight = torch.randn(outputs, channels, taps)
+    b = torch.randn(outputs) if bias else None
+    got = kernel.conv(x, weight, b, dilation)
+    exact = F.conv1d(
+        x.double(), weight.double(), None if b is None else b.double(), dilation=dilation
+    )
+    assert got.shape == exact.shape == (5, outputs, 203)
+    assert torch.allclose(got, exact.float(), rtol=0, atol=1e-5 * exact.abs().max().item())
+    for stream in range(5):
+        one = slice(stream, stream + 1)
+        assert torch.equal(kernel.conv(x[one], weight, b, dilation), got[one])
+    for start in (1, 5, 17, 64, 202):
+        assert torch.equal(kernel.conv(x[..., start:], weight, b, dilation), got[..., start:])
+    assert torch.equal(kernel.conv(x[:2, :, : reach + 9], weight, b, dilation), got[:2, :, :9])
+    assert kernel.conv(x[..., :reach], weight, b, dilation).shape == (5, outputs, 0)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
+    try:
+        torch.set_num_threads(3)
+        assert torch.equal(kernel.conv(x, weight, b, dilation), got)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(TypeError, match="float32"):
+        kernel.conv(x.double(), weight, b, dilation)
+    with pytest.raises(ValueError, match=r"weight \[O, C, U\]"):
+        kernel.conv(x[:, 1:], weight, b, dilation)
+
+
+@pytest.mark.parametrize(
     ("heads", "groups", "size"), [(2, 2, 8), (2, 2, 16), (3, 3, 24), (16, 16, 64), (6, 2, 128)]
 )
 def test_the_attention_kernel_is_the_library_attention_each_row_alone_bit_for_bit(
