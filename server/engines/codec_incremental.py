@@ -333,12 +333,14 @@ class _ConvTranspose(_Formed):
         return self._interleaved(y, n)
 
     def by_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """``product``'s sums by the C library, over the padded input as it lies."""
+        """``product``'s sums by the C library, over the padded input as it
+        lies, each output sample written in its place (no interleaving pass)."""
         assert self.kernel is not None and self.stacked is not None
-        taps = self.taps
+        n, taps = x.shape[-1], self.taps
         if taps > 1:
             x = F.pad(x, (taps - 1, taps - 1))
-        return self._interleaved(self.kernel.conv(x, self.stacked), x.shape[-1] - 2 * (taps - 1))
+        y = self.kernel.conv(x, self.stacked, phases=self.stride)
+        return y[..., : (n - 1) * self.stride + self.conv.kernel_size[0]]
 
     def _interleaved(self, y: torch.Tensor, n: int) -> torch.Tensor:
         """``[B, C_out * stride, t]`` (row ``o * stride + r``: outputs ``u * stride

@@ -515,16 +515,18 @@ void snake(const float *x, float *y, const float *alpha, const float *inverse, l
     run_parts(snake_run, tasks, sizeof tasks[0], parts);
 }
 
-/* A convolution over time, stride 1: y[b, o, t] = bias[o] + sum over i < C
+/* A convolution over time, stride 1: z[b, o, t] = bias[o] + sum over i < C
    and u < U of w[o, i, u] x[b, i, t + u d], for t < n; x's rows (b, i) lie
-   xb and xc floats apart, y is contiguous [B, O, n], w [O, C, U]. The
-   samples go in lanes, 8 to a vector, V vectors a block, the outputs O_ at a
-   time: every output is the same sum in the same order wherever its sample
-   and stream lie (a block's missing samples are masked off, not read). */
+   xb and xc floats apart, w is [O, C, U]. With S = 1, y is z, contiguous
+   [B, O, n]; with S > 1 (a transposed convolution's phases), y is contiguous
+   [B, O / S, n S] and y[b, o, t S + r] = z[b, o S + r, t]. The samples go in
+   lanes, 8 to a vector, V vectors a block, the outputs O_ at a time: every
+   output is the same sum in the same order wherever its sample and stream
+   lie (a block's missing samples are masked off, not read). */
 typedef struct {
     const float *x, *w, *bias;
     float *y;
-    long p0, p1, blocks, O, C, U, d, n, xb, xc;
+    long p0, p1, blocks, O, C, U, d, n, xb, xc, S;
     int vectors;
 } conv_t;
 
@@ -535,8 +537,9 @@ static inline __m256i lanes_below(long count) {
 }
 
 #define CONV(O_, V) \
-static void conv_##O_##_##V(const conv_t *c, const float *x, float *y, long o0, long left) { \
-    const long C = c->C, U = c->U, d = c->d, n = c->n; \
+static void conv_##O_##_##V(const conv_t *c, const float *x, float *y, long n, long o0, \
+                            long left) { \
+    const long C = c->C, U = c->U, d = c->d; \
     const float *w = c->w + o0 * C * U; \
     __m256 a[O_][V]; \
     __m256i m[V]; \
@@ -582,33 +585,55 @@ CONV(2, 2)
 CONV(3, 2)
 CONV(4, 2)
 
+/* Block p of the task's into y (rows ldy floats apart). */
+static void conv_block(const conv_t *c, long p, float *y, long ldy) {
+    const long span = 8L * c->vectors, b = p / c->blocks, t = (p % c->blocks) * span;
+    const float *x = c->x + b * c->xb + t;
+    const long left = c->n - t;
+    for (long o = 0; o < c->O;) {
+        const long more = c->O - o;
+        if (c->vectors == 8) { conv_1_8(c, x, y, ldy, o, left); o += 1; }
+        else if (c->vectors == 4) { conv_2_4(c, x, y, ldy, o, left); o += 2; }
+        else if (c->vectors == 3) { conv_3_3(c, x, y, ldy, o, left); o += 3; }
+        else if (more >= 4) { conv_4_2(c, x, y, ldy, o, left); o += 4; }
+        else if (more == 3) { conv_3_2(c, x, y, ldy, o, left); o += 3; }
+        else if (more == 2) { conv_2_2(c, x, y, ldy, o, left); o += 2; }
+        else { conv_1_2(c, x, y, ldy, o, left); o += 1; }
+    }
+}
+
 static void *conv_run(void *arg) {
     const conv_t *c = arg;
-    const long span = 8L * c->vectors;
+    const long span = 8L * c->vectors, S = c->S, n = c->n;
+    if (S == 1) {
+        for (long p = c->p0; p < c->p1; p++) {
+            const long b = p / c->blocks, t = (p % c->blocks) * span;
+            conv_block(c, p, c->y + b * c->O * n + t, n);
+        }
+        return 0;
+    }
+    /* Each block's phases into a buffer, then each phase's samples S apart. */
+    float *z = malloc(sizeof(float) * c->O * span);
+    if (!z) return (void *)1;
     for (long p = c->p0; p < c->p1; p++) {
         const long b = p / c->blocks, t = (p % c->blocks) * span;
-        const float *x = c->x + b * c->xb + t;
-        float *y = c->y + b * c->O * c->n + t;
-        const long left = c->n - t;
-        for (long o = 0; o < c->O;) {
-            const long more = c->O - o;
-            if (c->vectors == 8) { conv_1_8(c, x, y, o, left); o += 1; }
-            else if (c->vectors == 4) { conv_2_4(c, x, y, o, left); o += 2; }
-            else if (c->vectors == 3) { conv_3_3(c, x, y, o, left); o += 3; }
-            else if (more >= 4) { conv_4_2(c, x, y, o, left); o += 4; }
-            else if (more == 3) { conv_3_2(c, x, y, o, left); o += 3; }
-            else if (more == 2) { conv_2_2(c, x, y, o, left); o += 2; }
-            else { conv_1_2(c, x, y, o, left); o += 1; }
+        const long count = n - t < span ? n - t : span;
+        conv_block(c, p, z, span);
+        for (long q = 0; q < c->O; q++) {
+            float *y = c->y + (b * (c->O / S) + q / S) * n * S + t * S + q % S;
+            const float *from = z + q * span;
+            for (long j = 0; j < count; j++) y[j * S] = from[j];
         }
     }
+    free(z);
     return 0;
 }
 
 /* Blocks of samples of every stream, split over up to `threads` threads:
    one output a block of 64 samples, two of 32, three of 24, more four at a
-   time over 16. */
-void conv(const float *x, const float *w, const float *bias, float *y, long B, long O, long C,
-          long U, long d, long n, long xb, long xc, int threads) {
+   time over 16. 0, or 1 where memory for a block's phases ran out. */
+int conv(const float *x, const float *w, const float *bias, float *y, long B, long O, long C,
+         long U, long d, long n, long xb, long xc, long S, int threads) {
     conv_t tasks[16];
     threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
     const int vectors = O == 1 ? 8 : O == 2 ? 4 : O == 3 ? 3 : 2;
@@ -617,8 +642,8 @@ void conv(const float *x, const float *w, const float *bias, float *y, long B, l
     int parts = 0;
     for (long p = 0; p < items; p += share, parts++)
         tasks[parts] = (conv_t){x, w, bias, y, p, p + share < items ? p + share : items,
-                                blocks, O, C, U, d, n, xb, xc, vectors};
-    run_parts(conv_run, tasks, sizeof tasks[0], parts);
+                                blocks, O, C, U, d, n, xb, xc, S, vectors};
+    return run_parts(conv_run, tasks, sizeof tasks[0], parts);
 }
 
 /* The n floats in up to `threads` parts of a multiple of 8. */
@@ -646,7 +671,7 @@ class RowKernel:
     attention: Callable[..., int]
     activation: Callable[..., None]
     snakes: Callable[..., None]
-    convolution: Callable[..., None]
+    convolution: Callable[..., int]
 
     def product(
         self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
@@ -767,13 +792,18 @@ class RowKernel:
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         dilation: int = 1,
+        phases: int = 1,
     ) -> torch.Tensor:
         """``F.conv1d(x, weight, bias, dilation=dilation)`` (stride 1, no
         padding, one group) for float32 on the CPU: ``x`` ``[B, C, t]`` with its
-        samples contiguous, ``weight`` contiguous ``[O, C, U]``; the output
-        ``[B, O, t - (U - 1) dilation]``. Each output sample is the same sum
-        in the same order wherever it lies (its stream, its place in time), so
-        a stream's result does not depend on the call's others."""
+        samples contiguous, ``weight`` ``[O, C, U]``; the output ``z`` ``[B, O,
+        n]``, ``n = t - (U - 1) dilation``. With ``phases`` ``S`` > 1 (a
+        transposed convolution of stride ``S`` as ``S`` phases: output rows
+        ``o S + r``), each ``S`` rows interleaved: ``[B, O / S, n S]``, sample
+        ``t S + r`` of row ``o`` is ``z[:, o S + r, t]``. Each output sample
+        is the same sum in the same order wherever it lies (its stream, its
+        place in time), so a stream's result does not depend on the call's
+        others."""
         for t in (x, weight) if bias is None else (x, weight, bias):
             if t.dtype != torch.float32 or not t.is_cpu:
                 raise TypeError(
@@ -787,18 +817,18 @@ class RowKernel:
         outputs, channels, taps = weight.shape
         if bias is not None and (bias.numel() != outputs or not bias.is_contiguous()):
             raise ValueError(f"a bias of {tuple(bias.shape)} for {outputs} outputs")
-        if dilation < 1:
-            raise ValueError(f"dilation {dilation}")
+        if dilation < 1 or phases < 1 or outputs % phases:
+            raise ValueError(f"dilation {dilation}, {phases} phases of {outputs} outputs")
         if x.stride(2) != 1:
             x = x.contiguous()
         weight = weight.contiguous()
         batch = x.shape[0]
         n = max(0, x.shape[2] - (taps - 1) * dilation)
-        y = torch.empty(batch, outputs, n)
+        y = torch.empty(batch, outputs // phases, n * phases)
         if batch and n and outputs:
             work = batch * n * outputs * channels * taps
             threads = max(1, min(torch.get_num_threads(), work // PER_THREAD))
-            self.convolution(
+            failed = self.convolution(
                 x.data_ptr(),
                 weight.data_ptr(),
                 None if bias is None else bias.data_ptr(),
@@ -811,8 +841,11 @@ class RowKernel:
                 n,
                 x.stride(0),
                 x.stride(1),
+                phases,
                 threads,
             )
+            if failed:
+                raise MemoryError("no memory for the convolution kernel's phases")
         return y
 
     def snake(self, x: torch.Tensor, alpha: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -890,8 +923,8 @@ def load() -> RowKernel | str:
     snakes.restype = None
     snakes.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
     convolution = library.conv
-    convolution.restype = None
-    convolution.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 8 + [ctypes.c_int]
+    convolution.restype = ctypes.c_int
+    convolution.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 9 + [ctypes.c_int]
     kernel = RowKernel(function, attention, activation, snakes, convolution)
     wrong = _check(kernel)
     return f"it gave wrong results ({wrong})" if wrong else kernel
@@ -957,4 +990,12 @@ def _check(kernel: RowKernel) -> str | None:
         error = float((kernel.conv(x, weight, bias, dilation) - exact).abs().max())
         if not error <= 1e-5 * max(1.0, float(exact.abs().max())):
             return f"convolution of {outputs} outputs: off by {error:.3g}"
+        if outputs % 2 == 0:  # as two phases, interleaved
+            phased = kernel.conv(x, weight, bias, dilation, phases=2)
+            interleaved = (
+                exact.view(2, outputs // 2, 2, -1).transpose(2, 3).reshape(2, outputs // 2, -1)
+            )
+            error = float((phased - interleaved).abs().max())
+            if not error <= 1e-5 * max(1.0, float(exact.abs().max())):
+                return f"convolution of {outputs} outputs in two phases: off by {error:.3g}"
     return None

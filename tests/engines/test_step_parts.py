@@ -199,7 +199,8 @@ def test_the_convolution_kernel_is_the_librarys_each_sample_the_same_wherever_it
     left), dilations, an input that is a view, lengths that end inside a block:
     float64's convolution to rounding, and each output sample the same bits
     whatever stream of the call it is in and wherever in time the call starts
-    (a stream's chunks do not change its audio), on one thread or several."""
+    (a stream's chunks do not change its audio), on one thread or several; as
+    a transposed convolution's phases, the same samples, interleaved."""
     kernel = built_kernel()
     torch.manual_seed(0)
     reach = (taps - 1) * dilation
@@ -219,6 +220,15 @@ def test_the_convolution_kernel_is_the_librarys_each_sample_the_same_wherever_it
         assert torch.equal(kernel.conv(x[..., start:], weight, b, dilation), got[..., start:])
     assert torch.equal(kernel.conv(x[:2, :, : reach + 9], weight, b, dilation), got[:2, :, :9])
     assert kernel.conv(x[..., :reach], weight, b, dilation).shape == (5, outputs, 0)
+    for phases in (2, 4, 7, 16):  # a transposed convolution's phases, interleaved
+        if outputs % phases == 0:
+            phased = got.view(5, outputs // phases, phases, 203).transpose(2, 3)
+            assert torch.equal(
+                kernel.conv(x, weight, b, dilation, phases),
+                phased.reshape(5, outputs // phases, 203 * phases),
+            )
+    with pytest.raises(ValueError, match="phases"):
+        kernel.conv(x, weight, b, dilation, outputs + 1)
     threads = torch.get_num_threads()
     monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
     try:
