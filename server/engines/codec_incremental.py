@@ -343,7 +343,7 @@ class _ConvTranspose(_Formed):
         return y[..., : (n - 1) * self.stride + self.conv.kernel_size[0]]
 
     def _interleaved(self, y: torch.Tensor, n: int) -> torch.Tensor:
-        """``[B, C_out * stride, t]`` (row ``o * stride + r``: outputs ``u * stride
+        """``[B, C_out * stride, t]`` (row ``o * stride + r``: outputs ``t * stride
         + r``) -> the full output ``[B, C_out, (n - 1) * stride + kernel]``."""
         b, _, inputs = y.shape
         stride = self.stride
