@@ -707,9 +707,7 @@ def test_each_convolution_takes_the_fastest_form_for_one_stream_and_for_more(
 
     def race(forms: Any, x: torch.Tensor, clock: Any) -> list[float]:
         op = forms[0].__self__
-        assert [form.__name__ for form in forms] == ["direct", "product", "by_kernel"][
-            : 2 + kernel
-        ]
+        assert [form.__name__ for form in forms] == ["direct", "product", "by_kernel"][: 2 + kernel]
         index = formed.index(op)
         raced.append((index, x.shape[0]))
         return times(index, x.shape[0] == 2)[: len(forms)]
