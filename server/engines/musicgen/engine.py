@@ -780,7 +780,7 @@ class MusicGenEngine:
         """Write a request's sampled codes ``[K]`` into its window and stream what is ready."""
         st: _MusicGenJob = job.state
         win = st.window
-        ready = win.write(sampled, self.lm.special_token_id)
+        ready = win.write(sampled)
         job.steps += 1
 
         audio, st.pending_audio = st.pending_audio, None

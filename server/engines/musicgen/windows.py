@@ -36,7 +36,7 @@ class Layout:
 
     positions: Codes  # [K, T]: sequence step holding codebook k of timestep t
     ready_after: list[int]  # timesteps complete once sequence step s is written
-    rows: Codes  # [K, 1]: 0 … K-1 (with ``positions``, a timestep's codes in one index)
+    flat: Codes  # [K, T]: the same places in the sequence ``[K, S]`` laid flat
 
 
 @dataclass(slots=True)
@@ -71,21 +71,25 @@ class Window:
         """``[K]``: the column the next step feeds."""
         return self.gen_sequence[:, self.offset - 1]
 
-    def write(self, sampled: Codes, special: int) -> Codes | None:
-        """Write a step's sampled codes ``[K]`` into the next column (where the
-        pattern has no position there, the special token; where the prompt already
-        holds one, the prompt's). The timesteps it completes, ``[1, K, n]``, or None."""
+    def write(self, sampled: Codes) -> Codes | None:
+        """Write a step's sampled codes ``[K]`` into the next column where it is
+        unknown (where the prompt already holds a code, the prompt's). The
+        timesteps it completes, ``[1, K, n]``, or None.
+
+        ``LMModel.generate`` writes the special token where the pattern has no
+        position; such positions already hold it (``Windows.start``: the
+        pattern sequence is built so), never the unknown token, so writing the
+        sampled codes where the column is unknown is the same."""
         offset = self.offset
         column = self.gen_sequence[:, offset]
-        token = np.where(self.mask[:, offset], sampled, special)
-        self.gen_sequence[:, offset] = np.where(column == UNKNOWN_TOKEN, token, column)
+        np.copyto(column, sampled, where=column == UNKNOWN_TOKEN)
         self.offset = offset + 1
         ready = self.layout.ready_after[offset]
         if ready <= self.ready:
             return None
-        positions = self.layout.positions[:, self.ready : ready]
+        flat = self.layout.flat[:, self.ready : ready]
         self.ready = ready
-        codes: Codes = self.gen_sequence[self.layout.rows, positions][None]
+        codes: Codes = self.gen_sequence.reshape(-1)[flat][None]
         return codes
 
     def codes(self) -> Codes:
@@ -129,6 +133,10 @@ class Windows:
         # ``pattern.get_first_step_with_timesteps(prompt_len)`` finds by walking
         # the whole pattern: 0.25 ms a request for a 10 s window).
         start_offset = int(layout.positions[:, prompt_len].min())
+        if int(gen_sequence.shape[-1]) != len(pattern.layout) or bool(
+            ((gen_sequence == UNKNOWN_TOKEN) & ~mask).any()
+        ):
+            raise RuntimeError("a pattern sequence with unknown codes off the pattern")
         return Window(
             gen_sequence=gen_sequence[0].numpy().copy(),
             mask=mask.numpy().copy(),
@@ -159,7 +167,9 @@ class Windows:
                 while done < gen_len and last[done] <= step:
                     done += 1
                 ready_after.append(done)
-            layout = Layout(positions, ready_after, np.arange(k, dtype=np.int64)[:, None])
+            steps = len(pattern.layout)
+            flat = positions + steps * np.arange(k, dtype=np.int64)[:, None]
+            layout = Layout(positions, ready_after, flat)
             if len(self._layouts) > 64:
                 self._layouts.clear()
             self._layouts[gen_len] = layout
