@@ -25,8 +25,9 @@ over shifted copies of its input, or by the row kernel's C library
 (``rowkernel.RowKernel.conv``: samples in the lanes, a few outputs at a time),
 whichever ``choose_forms`` measured fastest at warm-up for its shape (oneDNN's
 kernels for a few channels and a batch of streams take 2-7x the product's time,
-and for a few outputs over long inputs 2-7x the C library's; for wide layers
-the library's are the faster), the same audio to float rounding.
+and for a few outputs over long inputs 2-7x the C library's,
+``bench/bench_conv.py``; for wide layers the library's are the faster), the
+same audio to float rounding.
 
 Layers it does not know (reflect padding, group normalisation, strides in a
 plain convolution …) make ``incremental`` return None: the engine then decodes

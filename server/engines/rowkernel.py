@@ -41,10 +41,10 @@ attention's polynomial; ``RowKernel.snake``: DAC's Snake, the sine by Cephes'
 polynomial), where torch makes four or five passes (``codec_decoders``), and
 their convolutions over few outputs (``RowKernel.conv``: eight samples in the
 lanes of a vector, up to four outputs at a time, every weight broadcast once a
-block): oneDNN's kernel takes 2-7x its time for one or two outputs over long
-inputs (the released EnCodec's last layer, 64 channels into one: 75 ms for
-eight streams' 0.8 s, this one 14), and ``codec_incremental`` takes it where it
-measures it fastest.
+block): oneDNN's kernel takes 2-7x its time for one to four outputs over long
+inputs (``bench/bench_conv.py``: the released EnCodec's last layer, 64
+channels into one, 2.3-4.5x; the tiny EnCodec's 2.4-7x), and
+``codec_incremental`` takes it where it measures it fastest.
 
 It is C (AVX2 and FMA), compiled with the machine's C compiler when first asked
 for (about a second), and checked against float64 products before it is used;

@@ -1,0 +1,118 @@
+"""A codec decoder's convolutions on a CPU: the library's, the matrix product, the row kernel's.
+
+Each layer as the incremental codec runs it (``codec_incremental``'s ``_Conv``
+and ``_ConvTranspose``, from an ``nn.Conv1d`` or ``nn.ConvTranspose1d`` of the
+shape, random weights) on the input a call of ``B`` streams' ``n`` new frames
+gives it, three ways taking turns: the convolution library's kernel
+(``direct``), one matrix product over shifted copies of the input
+(``product``) and the row kernel's convolution (``by_kernel``), the forms
+``IncrementalCodec.choose_forms`` races at warm-up. The shapes are the tiny
+EnCodec's (the test models') and the released 32 kHz EnCodec's (MusicGen's:
+64 filters, upsampling 8, 5, 4, 4) at 640 samples a frame. Also each way's
+largest difference from a float64 convolution.
+
+    .venv/bin/python bench/bench_conv.py
+    .venv/bin/python bench/bench_conv.py --streams 1 8 --frames 25
+
+Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+
+import torch
+from bench_rows import kernel_section, least
+from torch import nn
+
+from wavecast.server.engines.codec_incremental import _Conv, _ConvTranspose, _Formed
+
+# (codec, "conv" or "transposed", outputs, inputs, taps, dilation or stride,
+# input samples a frame)
+SHAPES: list[tuple[str, str, int, int, int, int, int]] = [
+    ("tiny EnCodec", "conv", 1, 4, 7, 1, 640),
+    ("tiny EnCodec", "conv", 2, 4, 3, 1, 640),
+    ("tiny EnCodec", "conv", 4, 2, 1, 1, 640),
+    ("tiny EnCodec", "conv", 4, 8, 3, 1, 160),
+    ("tiny EnCodec", "conv", 8, 16, 3, 1, 40),
+    ("tiny EnCodec", "transposed", 4, 8, 8, 4, 160),
+    ("tiny EnCodec", "transposed", 8, 16, 8, 4, 40),
+    ("tiny EnCodec", "transposed", 16, 32, 10, 5, 8),
+    ("EnCodec 32 kHz", "conv", 1, 64, 7, 1, 640),
+    ("EnCodec 32 kHz", "conv", 32, 64, 3, 1, 640),
+    ("EnCodec 32 kHz", "conv", 64, 32, 1, 1, 640),
+    ("EnCodec 32 kHz", "transposed", 64, 128, 8, 4, 160),
+]
+
+
+def layer(kind: str, outputs: int, inputs: int, taps: int, step: int) -> _Formed:
+    """The incremental codec's layer of the shape, random weights."""
+    op: _Formed
+    if kind == "conv":
+        conv = nn.Conv1d(inputs, outputs, taps, dilation=step)
+        reach = (taps - 1) * step
+        op = _Conv(conv, reach - reach // 2, reach // 2)
+    else:
+        transposed = nn.ConvTranspose1d(inputs, outputs, taps, stride=step)
+        overlap = taps - step
+        op = _ConvTranspose(transposed, overlap - overlap // 2, overlap // 2)
+    return op
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--frames", type=int, nargs="+", default=[25])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    kernel = kernel_section("a codec decoder's convolutions, on a CPU", args.threads)
+    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
+    print("- ms a call (its largest error against float64, over the largest output)\n")
+    print(
+        "| codec | layer | streams x frames | library's | matrix product | row kernel "
+        "| kernel / library |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    generator = torch.Generator().manual_seed(0)
+    for codec, kind, outputs, inputs, taps, step, rate in SHAPES:
+        op = layer(kind, outputs, inputs, taps, step)
+        op.kernel = kernel
+        assert op.prepare()
+        weight = op.conv.weight.detach()
+        bias = op.conv.bias
+        what = (
+            f"{inputs} -> {outputs}, {taps} taps"
+            + (f", dilation {step}" if kind == "conv" and step > 1 else "")
+            + (f", stride {step} (transposed)" if kind == "transposed" else "")
+        )
+        for streams in args.streams:
+            for frames in args.frames:
+                n = frames * rate + ((taps - 1) * step if kind == "conv" else 0)
+                x = torch.randn(streams, inputs, n, generator=generator)
+                if kind == "conv":
+                    exact = nn.functional.conv1d(
+                        x.double(), weight.double(), None, dilation=step
+                    ) + (0 if bias is None else bias.double().view(1, -1, 1))
+                else:  # (the layer's full output, without the bias)
+                    exact = nn.functional.conv_transpose1d(x.double(), weight.double(), stride=step)
+                ways = [op.direct, op.product, op.by_kernel]
+                scale = float(exact.abs().max())
+                errors = [float((way(x).double() - exact).abs().max()) / scale for way in ways]
+                times = [float("inf")] * 3
+                for _ in range(2):  # in turns, twice
+                    for i, way in enumerate(ways):
+                        times[i] = min(times[i], least(partial(way, x), args.runs))
+                cells = [f"{t:.3f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
+                print(
+                    f"| {codec} | {what} | {streams} x {frames} | {cells[0]} | {cells[1]} | "
+                    f"{cells[2]} | {times[2] / times[0]:.2f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
