@@ -414,11 +414,22 @@ class _Residual(_Op):
         assert slot is not None
         skip = x if self.shortcut is None else self.shortcut.run(x, state, final)
         (waiting,) = slot.tensors
-        waiting = torch.cat([waiting, skip], -1) if waiting.shape[1] else skip
         y = self.block.run(x, state, final)
         n = y.shape[-1]
-        slot.tensors = (waiting[..., n:].clone(),)
-        return waiting[..., :n] + y
+        if not waiting.shape[1]:  # (the first run: no channels yet)
+            waiting = skip[..., :0]
+        held = waiting.shape[-1]
+        if n <= held:
+            slot.tensors = (torch.cat([waiting[..., n:], skip], -1),)
+            return waiting[..., :n] + y
+        # The waiting samples, then the skip path's: each output the same sum as
+        # over the two joined, without copying the skip path's samples to join them.
+        out = torch.empty_like(y)
+        if held:
+            torch.add(waiting, y[..., :held], out=out[..., :held])
+        torch.add(skip[..., : n - held], y[..., held:], out=out[..., held:])
+        slot.tensors = (skip[..., n - held :].clone(),)
+        return out
 
     def ops(self) -> list[_Op]:
         own: list[_Op] = [self]
