@@ -536,6 +536,21 @@ static inline __m256i lanes_below(long count) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), index);
 }
 
+/* The sums of a block over every input channel and tap, each vector of
+   samples read as the last arguments say (a whole block, or a last one
+   masked); O_ outputs, V vectors, as in CONV. */
+#define CONV_SUMS(O_, V, ...) \
+    for (long i = 0; i < C; i++) \
+        for (long u = 0; u < U; u++) { \
+            const float *xp = x + i * c->xc + u * d; \
+            __m256 xv[V]; \
+            for (int v = 0; v < V; v++) xv[v] = __VA_ARGS__; \
+            for (int o = 0; o < O_; o++) { \
+                const __m256 wv = _mm256_broadcast_ss(w + (o * C + i) * U + u); \
+                for (int v = 0; v < V; v++) a[o][v] = _mm256_fmadd_ps(wv, xv[v], a[o][v]); \
+            } \
+        }
+
 #define CONV(O_, V) \
 static void conv_##O_##_##V(const conv_t *c, const float *x, float *y, long n, long o0, \
                             long left) { \
@@ -549,29 +564,11 @@ static void conv_##O_##_##V(const conv_t *c, const float *x, float *y, long n, l
         for (int v = 0; v < V; v++) a[o][v] = b; \
     } \
     if (left >= 8 * V) { \
-        for (long i = 0; i < C; i++) \
-            for (long u = 0; u < U; u++) { \
-                const float *xp = x + i * c->xc + u * d; \
-                __m256 xv[V]; \
-                for (int v = 0; v < V; v++) xv[v] = _mm256_loadu_ps(xp + 8 * v); \
-                for (int o = 0; o < O_; o++) { \
-                    const __m256 wv = _mm256_broadcast_ss(w + (o * C + i) * U + u); \
-                    for (int v = 0; v < V; v++) a[o][v] = _mm256_fmadd_ps(wv, xv[v], a[o][v]); \
-                } \
-            } \
+        CONV_SUMS(O_, V, _mm256_loadu_ps(xp + 8 * v)) \
         for (int o = 0; o < O_; o++) \
             for (int v = 0; v < V; v++) _mm256_storeu_ps(y + (o0 + o) * n + 8 * v, a[o][v]); \
     } else { \
-        for (long i = 0; i < C; i++) \
-            for (long u = 0; u < U; u++) { \
-                const float *xp = x + i * c->xc + u * d; \
-                __m256 xv[V]; \
-                for (int v = 0; v < V; v++) xv[v] = _mm256_maskload_ps(xp + 8 * v, m[v]); \
-                for (int o = 0; o < O_; o++) { \
-                    const __m256 wv = _mm256_broadcast_ss(w + (o * C + i) * U + u); \
-                    for (int v = 0; v < V; v++) a[o][v] = _mm256_fmadd_ps(wv, xv[v], a[o][v]); \
-                } \
-            } \
+        CONV_SUMS(O_, V, _mm256_maskload_ps(xp + 8 * v, m[v])) \
         for (int o = 0; o < O_; o++) \
             for (int v = 0; v < V; v++) \
                 _mm256_maskstore_ps(y + (o0 + o) * n + 8 * v, m[v], a[o][v]); \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -143,6 +144,20 @@ def built_kernel() -> rowkernel.RowKernel:
     return kernel
 
 
+def on_three_threads(
+    monkeypatch: pytest.MonkeyPatch, run: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``run()`` on three of torch's threads, every kernel call split over them
+    (however little its work)."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
+    try:
+        torch.set_num_threads(3)
+        return run()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     ("outputs", "size"), [(37, 203), (64, 512), (1, 8), (6, 3), (21, 1024), (13, 1100)]
 )
@@ -173,13 +188,7 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
     assert kernel.product(weight, b, x[:0]).shape == (0, outputs)
     with pytest.raises(TypeError, match="float32"):
         kernel.product(weight, b, x.double())
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
-    try:
-        torch.set_num_threads(3)
-        assert torch.equal(kernel.product(weight, b, x), alone)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(on_three_threads(monkeypatch, lambda: kernel.product(weight, b, x)), alone)
 
 
 @pytest.mark.parametrize(
@@ -229,13 +238,8 @@ def test_the_convolution_kernel_is_the_librarys_each_sample_the_same_wherever_it
             )
     with pytest.raises(ValueError, match="phases"):
         kernel.conv(x, weight, b, dilation, outputs + 1)
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
-    try:
-        torch.set_num_threads(3)
-        assert torch.equal(kernel.conv(x, weight, b, dilation), got)
-    finally:
-        torch.set_num_threads(threads)
+    threaded = on_three_threads(monkeypatch, lambda: kernel.conv(x, weight, b, dilation))
+    assert torch.equal(threaded, got)
     with pytest.raises(TypeError, match="float32"):
         kernel.conv(x.double(), weight, b, dilation)
     with pytest.raises(ValueError, match=r"weight \[O, C, U\]"):
@@ -282,13 +286,7 @@ def test_the_attention_kernel_is_the_library_attention_each_row_alone_bit_for_bi
     for shorter in range(12, span):  # row 1 attends to its first 12 positions
         k1, v1, mask1 = k[1:2, :, :shorter], v[1:2, :, :shorter], mask[1:2, ..., :shorter]
         assert torch.equal(kernel.attend(q[1:2], k1, v1, mask1), got[1:2]), shorter
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
-    try:
-        torch.set_num_threads(3)
-        assert torch.equal(kernel.attend(q, k, v, mask), got)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(on_three_threads(monkeypatch, lambda: kernel.attend(q, k, v, mask)), got)
     assert kernel.attend(q[:0], k[:0], v[:0], mask[:0]).shape == (0, heads, 1, size)
     with pytest.raises(TypeError, match="float32"):
         kernel.attend(q, k.double(), v, mask)
