@@ -612,7 +612,7 @@ def _seconds(
     return clock() - began
 
 
-def _fresh(
+def _form_seconds(
     forms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     name: str,
     x: torch.Tensor,
@@ -750,7 +750,8 @@ class IncrementalCodec:
                 if x is None:
                     continue
                 forms = op.forms()
-                quickest = min(_seconds(forms[DIRECT], x, clock), _fresh(forms, KERNEL, x, clock))
+                library = _seconds(forms[DIRECT], x, clock)
+                quickest = min(library, _form_seconds(forms, KERNEL, x, clock))
                 if quickest > 0.02:
                     continue  # (a layer that large: the library's kernels, unmeasured)
                 names = list(forms)

@@ -742,10 +742,9 @@ class CodecStreams:
     def choose_forms(self, most: int) -> None:
         """Each of the incremental decoder's convolutions as the library's, as a
         matrix product or by the row kernel's library, whichever is fastest on
-        this CPU for one stream's calls and
-        for calls of ``most`` streams, on the largest chunk
-        (``IncrementalCodec.choose_forms``); checked against the one-shot decode
-        again, and the library's everywhere if it strays."""
+        this CPU for one stream's calls and for calls of ``most`` streams, on
+        the largest chunk (``IncrementalCodec.choose_forms``); checked against
+        the one-shot decode again, and the library's everywhere if it strays."""
         inc = self.incremental
         if inc is None or self.like.device.type != "cpu":
             return

@@ -48,7 +48,6 @@ class Window:
     """
 
     gen_sequence: Codes  # [K, S] pattern sequence being filled
-    mask: npt.NDArray[np.bool_]  # [K, S] valid positions of the pattern
     layout: Layout
     start_offset: int
     end_offset: int
@@ -139,7 +138,6 @@ class Windows:
             raise RuntimeError("a pattern sequence with unknown codes off the pattern")
         return Window(
             gen_sequence=gen_sequence[0].numpy().copy(),
-            mask=mask.numpy().copy(),
             layout=layout,
             start_offset=start_offset,
             end_offset=int(gen_sequence.shape[-1]),
