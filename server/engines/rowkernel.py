@@ -401,8 +401,15 @@ int attend(const float *q, const float *k, const float *v, const float *mask, fl
     return run_parts(attend_run, tasks, sizeof tasks[0], parts);
 }
 
+/* The lanes below `count` (a last block's mask for maskload and maskstore). */
+static inline __m256i lanes_below(long count) {
+    const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int k = count < 0 ? 0 : count > 8 ? 8 : (int)count;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), index);
+}
+
 /* ELU: y = x where x > 0 (or NaN), else alpha (e^x - 1), for n floats (y may
-   be x), eight at a time; the last few in a block of their own. */
+   be x), eight at a time; the last few in a masked block. */
 typedef struct {
     const float *x;
     float *y;
@@ -423,10 +430,8 @@ static void *elu_run(void *arg) {
     for (long i = 0; i < n8; i += 8)
         _mm256_storeu_ps(t->y + i, elu8(_mm256_loadu_ps(t->x + i), alpha));
     if (n8 < t->n) {
-        float last[8] = {0};
-        for (long i = n8; i < t->n; i++) last[i - n8] = t->x[i];
-        _mm256_storeu_ps(last, elu8(_mm256_loadu_ps(last), alpha));
-        for (long i = n8; i < t->n; i++) t->y[i] = last[i - n8];
+        const __m256i last = lanes_below(t->n - n8);
+        _mm256_maskstore_ps(t->y + n8, last, elu8(_mm256_maskload_ps(t->x + n8, last), alpha));
     }
     return 0;
 }
@@ -492,10 +497,9 @@ static void *snake_run(void *arg) {
         for (long i = 0; i < T8; i += 8)
             _mm256_storeu_ps(y + i, snake8(_mm256_loadu_ps(x + i), a, inverse));
         if (T8 < t->T) {
-            float last[8] = {0};
-            for (long i = T8; i < t->T; i++) last[i - T8] = x[i];
-            _mm256_storeu_ps(last, snake8(_mm256_loadu_ps(last), a, inverse));
-            for (long i = T8; i < t->T; i++) y[i] = last[i - T8];
+            const __m256i last = lanes_below(t->T - T8);
+            const __m256 tail = snake8(_mm256_maskload_ps(x + T8, last), a, inverse);
+            _mm256_maskstore_ps(y + T8, last, tail);
         }
     }
     return 0;
@@ -529,12 +533,6 @@ typedef struct {
     long p0, p1, blocks, O, C, U, d, n, xb, xc, S;
     int vectors;
 } conv_t;
-
-static inline __m256i lanes_below(long count) {
-    const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const int k = count < 0 ? 0 : count > 8 ? 8 : (int)count;
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), index);
-}
 
 /* The sums of a block over every input channel and tap, each vector of
    samples read as the last arguments say (a whole block, or a last one
@@ -656,6 +654,12 @@ void elu(const float *x, float *y, long n, float alpha, int threads) {
 """
 
 
+def _threads(work: int, per_thread: int) -> int:
+    """Torch's threads, as many as ``work`` gives each ``per_thread`` of it (one at least)."""
+    available: int = torch.get_num_threads()
+    return max(1, min(available, work // per_thread))
+
+
 @dataclass(frozen=True, slots=True)
 class RowKernel:
     """The compiled kernels: ``product`` is ``F.linear``, reading the weight once
@@ -685,7 +689,7 @@ class RowKernel:
         outputs = weight.shape[0]
         y = torch.empty(rows, outputs)
         if rows:
-            threads = max(1, min(torch.get_num_threads(), weight.numel() // PER_THREAD))
+            threads = _threads(weight.numel(), PER_THREAD)
             self.function(
                 weight.data_ptr(),
                 x.data_ptr(),
@@ -738,7 +742,7 @@ class RowKernel:
         qs, ks, vs, ms = q.stride(), k.stride(), v.stride(), mask.stride()
         out = torch.empty(rows, heads, 1, size)
         work = rows * heads * positions * size
-        threads = max(1, min(torch.get_num_threads(), work // PER_THREAD))
+        threads = _threads(work, PER_THREAD)
         if self.attention(
             q.data_ptr(),
             k.data_ptr(),
@@ -779,7 +783,7 @@ class RowKernel:
         if y is not x and (y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous()):
             raise ValueError(f"out {tuple(y.shape)} {y.dtype} for x {tuple(x.shape)} {x.dtype}")
         count = x.numel()
-        threads = max(1, min(torch.get_num_threads(), count // PER_THREAD_ELU))
+        threads = _threads(count, PER_THREAD_ELU)
         self.activation(x.data_ptr(), y.data_ptr(), count, alpha, threads)
         return y
 
@@ -824,7 +828,7 @@ class RowKernel:
         y = torch.empty(batch, outputs // phases, n * phases)
         if batch and n and outputs:
             work = batch * n * outputs * channels * taps
-            threads = max(1, min(torch.get_num_threads(), work // PER_THREAD))
+            threads = _threads(work, PER_THREAD)
             failed = self.convolution(
                 x.data_ptr(),
                 weight.data_ptr(),
@@ -863,7 +867,7 @@ class RowKernel:
             )
         y = torch.empty_like(x)
         batch, channels, samples = x.shape
-        threads = max(1, min(torch.get_num_threads(), x.numel() // PER_THREAD_ELU))
+        threads = _threads(x.numel(), PER_THREAD_ELU)
         self.snakes(
             x.data_ptr(),
             y.data_ptr(),
