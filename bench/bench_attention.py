@@ -26,7 +26,7 @@ import time
 from functools import partial
 
 import torch
-from bench_rows import kernel_section, least
+from bench_rows import in_turns, kernel_section
 from torch.nn import functional as F
 
 from wavecast.server.engines import rowkernel
@@ -112,10 +112,7 @@ def main() -> None:
                 )
                 once = [library([(k, v)], q, mask), ours(kernel, [(k, v)], q, mask)]
                 errors = [float((out - exact).abs().max()) for out in once]
-                times = [float("inf")] * 2
-                for _ in range(2):  # in turns, twice
-                    for i, way in enumerate(ways):
-                        times[i] = min(times[i], least(way, runs) / layers)
+                times = [t / layers for t in in_turns(ways, runs)]
                 cells = [f"{t * 1e3:.0f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
                 print(
                     f"| {name}: {heads} of {size} ({groups} for keys) | {rows} | {span} | "

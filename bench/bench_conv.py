@@ -24,7 +24,7 @@ import time
 from functools import partial
 
 import torch
-from bench_rows import kernel_section, least
+from bench_rows import in_turns, kernel_section
 from torch import nn
 
 from wavecast.server.engines.codec_incremental import _Conv, _ConvTranspose, _Formed
@@ -102,10 +102,7 @@ def main() -> None:
                 ways = [op.direct, op.product, op.by_kernel]
                 scale = float(exact.abs().max())
                 errors = [float((way(x).double() - exact).abs().max()) / scale for way in ways]
-                times = [float("inf")] * 3
-                for _ in range(2):  # in turns, twice
-                    for i, way in enumerate(ways):
-                        times[i] = min(times[i], least(partial(way, x), args.runs))
+                times = in_turns([partial(way, x) for way in ways], args.runs)
                 cells = [f"{t:.3f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
                 print(
                     f"| {codec} | {what} | {streams} x {frames} | {cells[0]} | {cells[1]} | "

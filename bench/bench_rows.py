@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +42,16 @@ def least(run: Callable[[], object], runs: int) -> float:
         run()
         best = min(best, time.perf_counter() - start)
     return best * 1e3
+
+
+def in_turns(ways: Sequence[Callable[[], object]], runs: int) -> list[float]:
+    """Each way's least time (ms, ``least``), the ways taking turns, twice (a
+    slow spell of the machine falls on all of them)."""
+    times = [float("inf")] * len(ways)
+    for _ in range(2):
+        for i, way in enumerate(ways):
+            times[i] = min(times[i], least(way, runs))
+    return times
 
 
 def kernel_section(title: str, threads: int) -> rowkernel.RowKernel:
@@ -86,10 +96,7 @@ def main() -> None:
                 partial(kernel.product, weight, None, x),
             ]
             errors = [float((way().double() - exact).abs().max()) / size for way in ways]
-            times = [float("inf")] * len(ways)
-            for _ in range(2):  # the ways in turns, twice
-                for i, way in enumerate(ways):
-                    times[i] = min(times[i], least(way, max(1, args.runs // 2)))
+            times = in_turns(ways, max(1, args.runs // 2))
             cells = [f"{t:.2f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
             print(f"| {outputs:,} x {inputs:,} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
