@@ -295,18 +295,74 @@ scores8(const __m256 *qv, const float *k, long ks, __m256 mj, __m256 scale, cons
     return _mm256_blendv_ps(_mm256_fmadd_ps(dots8(qv, k, ks, D8, n), scale, mj), none, out);
 }
 
+/* Position j + P's value, where its weight is not 0, into sum P mod U of
+   each of the chunk's first `count` vectors (at most VN): the sums lie in a,
+   VN to a sum (VALUE_SUMS). */
+#define VALUE_VECTOR(U, VN, P, V_) \
+    if (V_ < VN && V_ < count) \
+        a[(P) % (U) * (VN) + (V_)] = \
+            _mm256_fmadd_ps(ev, _mm256_loadu_ps(vp + 8 * (V_)), a[(P) % (U) * (VN) + (V_)]);
+#define VALUE(U, VN, P, ALL) \
+    if (ALL || s[j + P] != 0.0f) { \
+        const __m256 ev = _mm256_broadcast_ss(s + j + P); \
+        const float *vp = vj + P * t->vs; \
+        VALUE_VECTOR(U, VN, P, 0) VALUE_VECTOR(U, VN, P, 1) VALUE_VECTOR(U, VN, P, 2) \
+        VALUE_VECTOR(U, VN, P, 3) VALUE_VECTOR(U, VN, P, 4) VALUE_VECTOR(U, VN, P, 5) \
+        VALUE_VECTOR(U, VN, P, 6) VALUE_VECTOR(U, VN, P, 7) \
+    }
+/* A block's eight positions (ALL: every weight known not to be 0). */
+#define VALUE_BLOCK(U, VN, ALL) { \
+        VALUE(U, VN, 0, ALL) VALUE(U, VN, 1, ALL) VALUE(U, VN, 2, ALL) VALUE(U, VN, 3, ALL) \
+        VALUE(U, VN, 4, ALL) VALUE(U, VN, 5, ALL) VALUE(U, VN, 6, ALL) VALUE(U, VN, 7, ALL) \
+    }
+#define VALUE_OUT(U, VN, V_) \
+    if (V_ < VN && V_ < count) { \
+        __m256 b = a[V_]; \
+        if (U == 2) b = _mm256_add_ps(b, a[VN + V_]); \
+        if (U == 4) \
+            b = _mm256_add_ps(_mm256_add_ps(b, a[VN + V_]), \
+                              _mm256_add_ps(a[2 * VN + V_], a[3 * VN + V_])); \
+        _mm256_storeu_ps(o + 8 * (c + V_), _mm256_mul_ps(b, inv)); \
+    }
+
+/* The weights s (0 for a position left out) by the values, for the head's
+   vectors c to c + count (count at most VN): position j in sum j mod U of
+   each, U VN sums in registers (every index a constant: no loop runs over
+   them); blocks of eight positions whose weights are all 0 not read, those
+   whose weights are none of them 0 without a test a position. Then
+   each vector's sums in pairs, times inv, into o. */
+#define VALUE_SUMS(U, VN) \
+static inline __attribute__((always_inline)) void \
+value_sums_##U##_##VN(const heads_t *t, const float *s, const float *v, long S, long c, \
+                      long count, __m256 inv, float *o) { \
+    const __m256 zero = _mm256_setzero_ps(); \
+    __m256 a[8] = {zero, zero, zero, zero, zero, zero, zero, zero}; \
+    for (long j = 0; j < S; j += 8) { \
+        const int kept = \
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + j), zero, _CMP_NEQ_UQ)); \
+        const float *vj = v + j * t->vs + 8 * c; \
+        if (kept == 0xff) VALUE_BLOCK(U, VN, 1) \
+        else if (kept) VALUE_BLOCK(U, VN, 0) \
+    } \
+    VALUE_OUT(U, VN, 0) VALUE_OUT(U, VN, 1) VALUE_OUT(U, VN, 2) VALUE_OUT(U, VN, 3) \
+    VALUE_OUT(U, VN, 4) VALUE_OUT(U, VN, 5) VALUE_OUT(U, VN, 6) VALUE_OUT(U, VN, 7) \
+}
+/* Short heads: four sums of two vectors (more multiply-adds in flight);
+   heads of four vectors: two sums; longer ones: one sum of eight at a time. */
+VALUE_SUMS(4, 2) VALUE_SUMS(2, 4) VALUE_SUMS(1, 8)
+
 /* One query's attention for (row, head) pair p (s: room for its scores):
    the scores against the row's keys (the head's group's) eight positions at
    a time, scaled, plus the mask; their softmax's weights (e^x of each less
-   the largest, eight at a time) by the values, summed in U interleaved sums
-   (position j in sum j mod U; more sums keep more multiply-adds in flight
-   for short heads) added at the end. A block of eight positions the mask
-   leaves all out is not read; in the others a left-out position's score is
-   -inf whatever its key holds, and its value is not read. A pair with none
-   left gives zeros. Each position is summed the same way wherever it lies in
-   its block, so a row's result does not depend on the span either. */
+   the largest, eight at a time) by the values (VALUE_SUMS: in up to four
+   interleaved sums of each of the head's vectors, in registers). A block of
+   eight positions the mask leaves all out is not read; in the others a
+   left-out position's score is -inf whatever its key holds, and its value is
+   not read. A pair with none left gives zeros. Each position is summed the
+   same way wherever it lies in its block, so a row's result does not depend
+   on the span either. */
 static inline __attribute__((always_inline)) void
-one_pair(const heads_t *t, long p, float *s, const long D8, const int U) {
+one_pair(const heads_t *t, long p, float *s, const long D8) {
     const long S = t->S, S8 = S & ~7L;
     const long b = p / t->H, h = p % t->H, g = h / t->group;
     const float *q = t->q + b * t->qb + h * t->qh, *m = t->mask + b * t->mb;
@@ -330,38 +386,25 @@ one_pair(const heads_t *t, long p, float *s, const long D8, const int U) {
         top = _mm256_max_ps(top, sj);
     }
     const float most = hmax(top);
-    __m256 acc[U][D8];
-    for (int u = 0; u < U; u++) for (long i = 0; i < D8; i++) acc[u][i] = _mm256_setzero_ps();
-    float total = 0;
-    if (most != -INFINITY) {
-        const __m256 topv = _mm256_set1_ps(most);
-        __m256 sum = _mm256_setzero_ps();
-        for (j = 0; j < S; j += 8) {
-            const __m256 sj = _mm256_loadu_ps(s + j);
-            const __m256 out = _mm256_cmp_ps(sj, none, _CMP_EQ_OQ);
-            const __m256 e = _mm256_andnot_ps(out, exp8(_mm256_sub_ps(sj, topv)));
-            _mm256_storeu_ps(s + j, e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        total = hsum(sum);
-        for (j = 0; j < S; j++) {
-            if (s[j] == 0.0f) continue;
-            const __m256 ev = _mm256_set1_ps(s[j]);
-            const float *vj = v + j * t->vs;
-            const int u = U == 1 ? 0 : (int)(j % U);
-            for (long i = 0; i < D8; i++)
-                acc[u][i] = _mm256_fmadd_ps(ev, _mm256_loadu_ps(vj + 8 * i), acc[u][i]);
-        }
-    }
-    const __m256 inv = _mm256_set1_ps(total > 0 ? 1.0f / total : 0.0f);
     float *o = t->out + p * t->D;
-    for (long i = 0; i < D8; i++) {
-        __m256 a = acc[0][i];
-        if (U == 2) a = _mm256_add_ps(a, acc[1][i]);
-        if (U == 4)
-            a = _mm256_add_ps(_mm256_add_ps(a, acc[1][i]), _mm256_add_ps(acc[2][i], acc[3][i]));
-        _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(a, inv));
+    if (most == -INFINITY) {
+        for (long i = 0; i < D8; i++) _mm256_storeu_ps(o + 8 * i, _mm256_setzero_ps());
+        return;
     }
+    const __m256 topv = _mm256_set1_ps(most);
+    __m256 sum = _mm256_setzero_ps();
+    for (j = 0; j < S; j += 8) {
+        const __m256 sj = _mm256_loadu_ps(s + j);
+        const __m256 out = _mm256_cmp_ps(sj, none, _CMP_EQ_OQ);
+        const __m256 e = _mm256_andnot_ps(out, exp8(_mm256_sub_ps(sj, topv)));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(sum));
+    if (D8 <= 2) value_sums_4_2(t, s, v, S, 0, D8, inv, o);
+    else if (D8 == 4) value_sums_2_4(t, s, v, S, 0, 4, inv, o);
+    else
+        for (long c = 0; c < D8; c += 8) value_sums_1_8(t, s, v, S, c, D8 - c, inv, o);
 }
 
 /* Pairs p0 to p1, the usual heads (8 to 128 floats) each in code of its own. */
@@ -372,12 +415,12 @@ static void *attend_run(void *arg) {
     const long D8 = t->D / 8;
     for (long p = t->p0; p < t->p1; p++) {
         switch (D8) {
-        case 1: one_pair(t, p, s, 1, 4); break;
-        case 2: one_pair(t, p, s, 2, 4); break;
-        case 4: one_pair(t, p, s, 4, 2); break;
-        case 8: one_pair(t, p, s, 8, 1); break;
-        case 16: one_pair(t, p, s, 16, 1); break;
-        default: one_pair(t, p, s, D8, 1);
+        case 1: one_pair(t, p, s, 1); break;
+        case 2: one_pair(t, p, s, 2); break;
+        case 4: one_pair(t, p, s, 4); break;
+        case 8: one_pair(t, p, s, 8); break;
+        case 16: one_pair(t, p, s, 16); break;
+        default: one_pair(t, p, s, D8);
         }
     }
     free(s);
