@@ -119,6 +119,10 @@ class StreamDecoder:
         self.first_frames = first_frames
         self.chunk_frames = chunk_frames
         self._codes: npt.NDArray[np.int64] | None = None  # frames [_base, total), on the host
+        # Frames pushed since ``_codes`` was last joined: a step pushes a frame or
+        # so, and they are joined only when a window is cut from them (every few
+        # steps), not copied into ``_codes`` at every push.
+        self._pieces: list[npt.NDArray[np.int64]] = []
         self._base = 0
         self.total = 0  # frames pushed
         self.emitted = 0  # frames whose audio went out
@@ -172,9 +176,23 @@ class StreamDecoder:
         # Codes are kept on the host: the windows are assembled there and cross to
         # the codec's device once per batched decode.
         frames = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else codes
-        frames = frames.astype(np.int64, copy=False)
-        self._codes = frames if self._codes is None else np.concatenate([self._codes, frames], -1)
+        self._pieces.append(frames.astype(np.int64, copy=False))
         self.total += frames.shape[-1]
+
+    @property
+    def held(self) -> int:
+        """Frames kept on the host (joined or not): left context, held back, new."""
+        return self.total - self._base
+
+    def _joined(self) -> npt.NDArray[np.int64]:
+        """Frames ``[_base, total)``, ``[1, K, n]``, the pieces pushed since the
+        last call joined to them."""
+        if self._pieces:
+            pieces = self._pieces if self._codes is None else [self._codes, *self._pieces]
+            self._codes = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, -1)
+            self._pieces = []
+        assert self._codes is not None
+        return self._codes
 
     def flush(self) -> FloatAudio | None:
         """The end of the stream: return the audio of every frame not yet emitted."""
@@ -191,10 +209,9 @@ class StreamDecoder:
         return self._plan(self.total)
 
     def _plan(self, end: int) -> DecodePlan:
-        assert self._codes is not None
         start = max(self._base, self.emitted - self.left_context)
         # Every known frame goes in: those after `end` are right context.
-        window = torch.from_numpy(np.ascontiguousarray(self._codes[..., start - self._base :]))
+        window = torch.from_numpy(np.ascontiguousarray(self._joined()[..., start - self._base :]))
         return DecodePlan(window, start, end)
 
     def complete(self, plan: DecodePlan, wav: torch.Tensor) -> FloatAudio:
@@ -206,8 +223,7 @@ class StreamDecoder:
             self._first_at = self._clock()
         self.emitted = plan.end
         keep_from = max(self._base, self.emitted - self.left_context)
-        assert self._codes is not None
-        self._codes = self._codes[..., keep_from - self._base :]
+        self._codes = self._joined()[..., keep_from - self._base :]
         self._base = keep_from
         return np.ascontiguousarray(chunk, dtype=np.float32)
 
@@ -388,7 +404,7 @@ class IncrementalStream(StreamDecoder):
         return chunk if len(chunk) else None
 
     def plan_flush(self) -> DecodePlan | None:
-        if self._ended or self._codes is None:
+        if self._ended or (self._codes is None and not self._pieces):
             return None
         return self._plan(self.total, final=True)
 
@@ -398,9 +414,8 @@ class IncrementalStream(StreamDecoder):
     def _plan(self, end: int, final: bool = False) -> DecodePlan:
         if self._ended:
             raise RuntimeError("the stream has ended")
-        assert self._codes is not None
         start = self.emitted
-        window = torch.from_numpy(np.ascontiguousarray(self._codes[..., start - self._base :]))
+        window = torch.from_numpy(np.ascontiguousarray(self._joined()[..., start - self._base :]))
         return DecodePlan(window, start, end, self._state, final)
 
     def complete(self, plan: DecodePlan, wav: torch.Tensor) -> FloatAudio:
@@ -416,8 +431,7 @@ class IncrementalStream(StreamDecoder):
         self._ended = plan.final
         if plan.final and self._leave is not None:
             self._leave()
-        assert self._codes is not None
-        self._codes = self._codes[..., plan.end - self._base :]
+        self._codes = self._joined()[..., plan.end - self._base :]
         self._base = plan.end
         return np.ascontiguousarray(chunk, dtype=np.float32)
 

@@ -373,7 +373,8 @@ def test_delay_pattern_rules_match_the_processor(batched: HiggsEngine) -> None:
         first_eos = int(rng.integers(K + 1, 30))
         for step in range(60):
             scores = processor(input_ids, torch.zeros(1, K * 66)).view(K, 66)
-            forced = u.forced()
+            forcing = u.forced()
+            forced = np.full(K, -1) if forcing is None else forcing
             for k in range(K):
                 finite = torch.isfinite(scores[k])
                 if forced[k] >= 0:
@@ -385,7 +386,7 @@ def test_delay_pattern_rules_match_the_processor(batched: HiggsEngine) -> None:
             row = np.where(forced >= 0, forced, rng.integers(0, BOS, K))
             if step == first_eos:
                 row[int(rng.integers(0, K))] = EOS
-            u.take(row, max_new_tokens=1000)
+            u.take(row.tolist(), max_new_tokens=1000)
             input_ids = torch.cat([input_ids, torch.tensor([[u.last]])], dim=1)
             if (row == EOS).all():
                 break

@@ -589,21 +589,30 @@ class HiggsEngine:
         active = np.zeros(rows, dtype=np.int64)
         recent = np.full((rows, window, k), -1, dtype=np.int64)
         decoding: list[_HiggsJob] = []
+        # Each decoding row's last row of codes, written for all at once (numpy's
+        # cost is the call's, not the codes').
+        fed: list[int] = []
+        fed_rows: list[list[int]] = []
         for st in states:
             u, slot = st.utterance, st.slot
             assert u is not None and slot is not None
             if u.fed < len(u.ids):
                 continue  # its prompt is still going in
             if slot not in prefilled:
-                codes_in[slot] = u.recent[-1]
-                active[slot] = 1
+                fed.append(slot)
+                fed_rows.append(u.last_row())
                 decoding.append(st)
             stepped[slot] = True
-            forced[slot] = u.forced()
+            row_forced = u.forced()
+            if row_forced is not None:
+                forced[slot] = row_forced
             length = int(self._ras_len[slot])
-            if length and len(u.recent):
+            if length and u.taken:
                 tail = u.recent[-length:]
                 recent[slot, window - len(tail) :] = tail
+        if fed:
+            codes_in[fed] = fed_rows
+            active[fed] = 1
         recent = counted_window(recent, (self.stream_bos, self.stream_eos))
         sampling = self._sampling
         keys = sampling.keys()[:rows]
@@ -657,13 +666,14 @@ class HiggsEngine:
             )
         outputs = []
         self.codec_streams.tick()
+        drawn = back[:, :-1].tolist()  # (each row's codes as ints, read one by one)
         for job in jobs:
             st = job.state
             if id(st) in failures:
                 self._clear_row(st)
                 outputs.append(failed_output(job, failures[id(st)]))
             elif stepped[st.slot]:
-                outputs.append(isolated(job, self._advance, job, back[st.slot, :-1]))
+                outputs.append(isolated(job, self._advance, job, drawn[st.slot]))
             else:
                 outputs.append(
                     StepOutput(
@@ -923,7 +933,7 @@ class HiggsEngine:
         shared = [(row, targets, length) for (row, length), targets in copies.items()]
         return self.decoder.prefill(rows, tokens, audio, is_audio, starts, sizes, shared)
 
-    def _advance(self, job: Job, tokens: Ints) -> StepOutput:
+    def _advance(self, job: Job, tokens: list[int]) -> StepOutput:
         """A request's sampled row ``[K]``: its utterance's rules, frames and audio."""
         st: _HiggsJob = job.state
         u = st.utterance

@@ -63,6 +63,10 @@ class Utterance:
     history: Ints
     prompt_rows: int  # P
     taken: int
+    # The last K rows of ``history`` (fewer at first), as lists: a step reads a
+    # code or a row of them, which numpy does at a microsecond or two a call,
+    # for every stream in every step.
+    lasts: list[list[int]]
     generated: int = 0  # rows taken that are audio (all but an all-EOS last one)
     # max(bos) and min(eos), kept as they count down: most steps force nothing.
     bos_max: int = 0
@@ -98,6 +102,7 @@ class Utterance:
             history=history,
             prompt_rows=len(prompt),
             taken=len(prompt),
+            lasts=prompt[-k:].tolist(),
             bos_max=int(bos.max()),
             eos_min=int(eos.min()),
         )
@@ -135,14 +140,18 @@ class Utterance:
             return 0
         return length + same
 
-    def forced(self) -> Ints:
+    def last_row(self) -> list[int]:
+        """``[K]``: the last row, the prompt's or taken (what the next step feeds)."""
+        return self.lasts[-1]
+
+    def forced(self) -> Ints | None:
         """The codes the delay pattern forces in this step (-1: free), advancing its
-        countdowns as the processor does."""
+        countdowns as the processor does; None where it forces none (most steps)."""
         m = self.markers
-        forced = np.full(m.codebooks, -1, dtype=np.int64)
         delay = self.last == m.delay
         if self.bos_max < 0 and not delay and self.eos_min > 0:
-            return forced  # (no countdown runs, no code is forced)
+            return None  # (no countdown runs, no code is forced)
+        forced = np.full(m.codebooks, -1, dtype=np.int64)
         if self.bos_max >= 0:
             force_bos = self.bos >= 0
             forced[force_bos] = m.stream_bos
@@ -155,19 +164,23 @@ class Utterance:
             forced[self.eos <= 0] = m.stream_eos
         return forced
 
-    def take(self, tokens: Ints, max_new_tokens: int) -> bool:
+    def take(self, tokens: list[int], max_new_tokens: int) -> bool:
         """A sampled row ``[K]``, as ``generate``'s loop takes it: the next text token
         (delay once a codebook has ended, end of turn once all have), the RAS
         window, the stop rules. Returns whether all codebooks ended (the row is
         not audio)."""
         m = self.markers
-        ended: int = tokens.tolist().count(m.stream_eos)
+        ended = tokens.count(m.stream_eos)
         all_eos = ended == m.codebooks
         self.last = m.delay if ended or self.last == m.delay else m.audio
         if all_eos:
             self.last = m.end
         self.history[self.taken] = tokens
         self.taken += 1
+        lasts = self.lasts
+        lasts.append(tokens)
+        if len(lasts) > m.codebooks:
+            del lasts[0]
         self.steps += 1
         self.ended = all_eos or self.steps >= max_new_tokens
         if not all_eos:
@@ -182,8 +195,6 @@ class Utterance:
         if self.generated - 1 < k:
             return None
         # Row 1 + j + i of the generated, codebook i: a diagonal of the last k rows.
-        last = self.history[self.taken - k : self.taken]
-        frame = np.diagonal(last)
-        # (The ufuncs: ndarray.clip's wrapper costs more than the clipping, per step.)
-        clipped: Ints = np.minimum(np.maximum(frame, 0), self.markers.stream_bos - 1)
-        return clipped
+        top = self.markers.stream_bos - 1
+        frame = [min(max(row[i], 0), top) for i, row in enumerate(self.lasts)]
+        return np.array(frame, dtype=np.int64)

@@ -460,12 +460,13 @@ class MusicGenEngine:
                 self._due.clear()
                 self._ends.clear()
                 self.codec_streams.tick()
+                drawn = tokens.tolist()  # (each slot's codes as ints, read one by one)
                 for (i, job), st in zip(generating, states, strict=True):
                     if id(st) in failures:
                         self._clear_rows(st)
                         outputs[i] = failed_output(job, failures[id(st)])
                     elif drew(st):
-                        outputs[i] = isolated(job, self._advance, job, tokens[st.slot])
+                        outputs[i] = isolated(job, self._advance, job, drawn[st.slot])
                     else:  # its prompt (or its window's conditioning) is still going in
                         outputs[i] = StepOutput(
                             audio=None, fraction=self._fraction(st), seconds=self._seconds(st)
@@ -679,12 +680,13 @@ class MusicGenEngine:
         host = np.zeros(_inputs_size(rows, k), dtype=np.int64)
         codes_in, active, keys_in, overrides = _split_inputs(host, rows, k)
         decoding = [st for st in states if st.window.prefilled and st.slot not in prefilled]
-        for st in decoding:
-            assert st.slot is not None
-            rows_of = slice(2 * st.slot, 2 * st.slot + 2)
-            codes_in[rows_of] = st.window.last_column()
-            active[rows_of] = 1
-            stepped[st.slot] = True
+        if decoding:
+            # Each decoding slot's pair of rows feeds its window's last column (one
+            # write for all: numpy's cost is the call's, not the codes').
+            fed = [st.slot for st in decoding if st.slot is not None]
+            codes_in.reshape(slots, 2, k)[fed] = [[st.window.last_column()] for st in decoding]
+            active.reshape(slots, 2)[fed] = 1
+            stepped[fed] = True
         stepped[list(prefilled)] = True
         keys_in[:] = codebook_keys(sampling.keys()[:slots], k)
         # Attend over the longest row's positions, rounded up to a power of two (a
@@ -776,7 +778,7 @@ class MusicGenEngine:
             rendition=rendition,
         )
 
-    def _advance(self, job: Job, sampled: Codes) -> StepOutput:
+    def _advance(self, job: Job, sampled: list[int]) -> StepOutput:
         """Write a request's sampled codes ``[K]`` into its window and stream what is ready."""
         st: _MusicGenJob = job.state
         win = st.window

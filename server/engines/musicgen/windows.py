@@ -11,7 +11,10 @@ request's windows as ``MusicGen._generate_tokens`` does, with the same lengths
 (long form: each window after the first is prompted with the end of the last).
 
 No torch here: one column of sampled codes per step comes back from the device
-for all requests at once, and each request's window takes its own.
+for all requests at once, and each request's window takes its own. A window
+holds its sequence as a Python list per codebook: a step reads and writes one
+code of each (four for mono MusicGen), which numpy does at a microsecond or
+two a call, several times the work itself, for every stream in every step.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class Layout:
 
     positions: Codes  # [K, T]: sequence step holding codebook k of timestep t
     ready_after: list[int]  # timesteps complete once sequence step s is written
-    flat: Codes  # [K, T]: the same places in the sequence ``[K, S]`` laid flat
+    steps: list[list[int]]  # ``positions`` as lists (a step reads a few of them)
 
 
 @dataclass(slots=True)
@@ -47,7 +50,7 @@ class Window:
     the next step's input column from it (``last_column``).
     """
 
-    gen_sequence: Codes  # [K, S] pattern sequence being filled
+    sequence: list[list[int]]  # [K][S] pattern sequence being filled
     layout: Layout
     start_offset: int
     end_offset: int
@@ -64,13 +67,15 @@ class Window:
 
     def prompt(self) -> Codes:
         """The columns before the first step ``[K, offset]`` (what is prefilled)."""
-        return self.gen_sequence[:, : self.offset]
+        offset = self.offset
+        return np.array([row[:offset] for row in self.sequence], dtype=np.int64)
 
-    def last_column(self) -> Codes:
+    def last_column(self) -> list[int]:
         """``[K]``: the column the next step feeds."""
-        return self.gen_sequence[:, self.offset - 1]
+        at = self.offset - 1
+        return [row[at] for row in self.sequence]
 
-    def write(self, sampled: Codes) -> Codes | None:
+    def write(self, sampled: list[int]) -> Codes | None:
         """Write a step's sampled codes ``[K]`` into the next column where it is
         unknown (where the prompt already holds a code, the prompt's). The
         timesteps it completes, ``[1, K, n]``, or None.
@@ -80,20 +85,25 @@ class Window:
         pattern sequence is built so), never the unknown token, so writing the
         sampled codes where the column is unknown is the same."""
         offset = self.offset
-        column = self.gen_sequence[:, offset]
-        np.copyto(column, sampled, where=column == UNKNOWN_TOKEN)
+        for row, code in zip(self.sequence, sampled, strict=True):
+            if row[offset] == UNKNOWN_TOKEN:
+                row[offset] = code
         self.offset = offset + 1
         ready = self.layout.ready_after[offset]
         if ready <= self.ready:
             return None
-        flat = self.layout.flat[:, self.ready : ready]
-        self.ready = ready
-        codes: Codes = self.gen_sequence.reshape(-1)[flat][None]
-        return codes
+        first, self.ready = self.ready, ready
+        pairs = zip(self.sequence, self.layout.steps, strict=True)
+        if ready == first + 1:  # (a step's usual timestep: one)
+            codes = [[row[at[first]]] for row, at in pairs]
+        else:
+            codes = [[row[step] for step in at[first:ready]] for row, at in pairs]
+        return np.array([codes], dtype=np.int64)
 
     def codes(self) -> Codes:
         """Every timestep's codes ``[1, K, T]``, as ``LMModel.generate`` returns them."""
-        codes: Codes = np.take_along_axis(self.gen_sequence, self.layout.positions, axis=1)[None]
+        sequence = np.array(self.sequence, dtype=np.int64)
+        codes: Codes = np.take_along_axis(sequence, self.layout.positions, axis=1)[None]
         return codes
 
 
@@ -137,7 +147,7 @@ class Windows:
         ):
             raise RuntimeError("a pattern sequence with unknown codes off the pattern")
         return Window(
-            gen_sequence=gen_sequence[0].numpy().copy(),
+            sequence=gen_sequence[0].tolist(),
             layout=layout,
             start_offset=start_offset,
             end_offset=int(gen_sequence.shape[-1]),
@@ -165,9 +175,7 @@ class Windows:
                 while done < gen_len and last[done] <= step:
                     done += 1
                 ready_after.append(done)
-            steps = len(pattern.layout)
-            flat = positions + steps * np.arange(k, dtype=np.int64)[:, None]
-            layout = Layout(positions, ready_after, flat)
+            layout = Layout(positions, ready_after, positions.tolist())
             if len(self._layouts) > 64:
                 self._layouts.clear()
             self._layouts[gen_len] = layout
