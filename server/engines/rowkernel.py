@@ -694,6 +694,49 @@ void elu(const float *x, float *y, long n, float alpha, int threads) {
         tasks[parts] = (elu_t){x + i, y + i, i + share < n ? share : n - i, alpha};
     run_parts(elu_run, tasks, sizeof tasks[0], parts);
 }
+
+/* The sampler's counter-based noise (sampling._token_uniform, bit for bit):
+   for pair p (a row's codebook) keyed keys[p] and token t (tokens[p * M + j],
+   or j where tokens is NULL), the 32-bit hash of keys[p] ^ (t * GOLDEN mod
+   2^32) (xorshift-multiply), its top 24 bits, centred, as a float in (0, 1):
+   out[p * M + j]. Eight tokens at a time, in 32-bit lanes, which hold every
+   value of the 64-bit arithmetic it mirrors while a key is below 2^32; 1
+   (nothing written past the pair) for a key that is not. */
+static inline __m256i mix8(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x21F0AAAD));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x735A2D97));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+}
+
+int uniforms(const long *keys, const long *tokens, float *out, long pairs, long M) {
+    const __m256i golden = _mm256_set1_epi32((int)0x9E3779B1u);
+    const __m256 half = _mm256_set1_ps(0.5f), unit = _mm256_set1_ps(1.0f / 16777216.0f);
+    for (long p = 0; p < pairs; p++) {
+        if (keys[p] < 0 || keys[p] > 0xFFFFFFFFL) return 1;
+        const __m256i key = _mm256_set1_epi32((int)(unsigned)keys[p]);
+        const long *t = tokens ? tokens + p * M : 0;
+        float *o = out + p * M;
+        for (long j = 0; j < M; j += 8) {
+            __m256i ids;
+            if (t) {
+                int low[8];
+                for (int i = 0; i < 8; i++) low[i] = j + i < M ? (int)(unsigned)t[j + i] : 0;
+                ids = _mm256_loadu_si256((const __m256i *)low);
+            } else {
+                ids = _mm256_add_epi32(_mm256_set1_epi32((int)j),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            }
+            const __m256i bits = mix8(_mm256_xor_si256(key, _mm256_mullo_epi32(ids, golden)));
+            const __m256 u = _mm256_mul_ps(
+                _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8)), half), unit);
+            if (j + 8 <= M) _mm256_storeu_ps(o + j, u);
+            else _mm256_maskstore_ps(o + j, lanes_below(M - j), u);
+        }
+    }
+    return 0;
+}
 """
 
 
@@ -716,6 +759,7 @@ class RowKernel:
     activation: Callable[..., None]
     snakes: Callable[..., None]
     convolution: Callable[..., int]
+    noise: Callable[..., int]
 
     def product(
         self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
@@ -923,6 +967,30 @@ class RowKernel:
         )
         return y
 
+    def uniforms(
+        self, keys: torch.Tensor, tokens: torch.Tensor | None, vocab: int = 0
+    ) -> torch.Tensor | None:
+        """``sampling._token_uniform``'s noise, bit for bit, in one pass: ``keys``
+        ``[B, K]`` (each below 2^32, as ``codebook_keys`` makes them) and
+        ``tokens`` ``[B, K, M]`` int64 on the CPU, or None for tokens ``0 ..
+        vocab - 1`` of every row and codebook: float32 ``[B, K, M]``. None
+        where a key is out of that range (the library's operations then)."""
+        batch, codebooks = keys.shape
+        if tokens is not None:
+            tokens = tokens.contiguous()
+            vocab = int(tokens.shape[-1])
+        keys = keys.contiguous()
+        out = torch.empty(batch, codebooks, vocab)
+        if self.noise(
+            keys.data_ptr(),
+            None if tokens is None else tokens.data_ptr(),
+            out.data_ptr(),
+            batch * codebooks,
+            vocab,
+        ):
+            return None
+        return out
+
 
 @cache
 def load() -> RowKernel | str:
@@ -969,7 +1037,10 @@ def load() -> RowKernel | str:
     convolution = library.conv
     convolution.restype = ctypes.c_int
     convolution.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 9 + [ctypes.c_int]
-    kernel = RowKernel(function, attention, activation, snakes, convolution)
+    noise = library.uniforms
+    noise.restype = ctypes.c_int
+    noise.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
+    kernel = RowKernel(function, attention, activation, snakes, convolution, noise)
     wrong = _check(kernel)
     return f"it gave wrong results ({wrong})" if wrong else kernel
 

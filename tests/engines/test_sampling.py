@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
+from wavecast.server.engines import rowkernel
 from wavecast.server.engines.sampling import (
     DrawPlan,
     RowSampling,
@@ -65,6 +69,49 @@ def test_keys_per_codebook_made_on_the_host_give_the_same_noise() -> None:
     alone = sample(logits, **params)
     params["key"] = torch.from_numpy(codebook_keys(params["key"].numpy(), 4))
     assert torch.equal(sample(logits, **params), alone)
+
+
+def test_the_noise_kernel_is_the_librarys_noise_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The row kernel's noise (on this project's machines) equals the library's
+    operations' bit for bit: for a vocabulary's tokens written out or not, for
+    the candidates a draw takes (ids in any order, any count, not a multiple of
+    eight), at the keys' extremes; a key past 32 bits (which ``codebook_keys``
+    never makes) falls back to the library's, so the noise is the same still;
+    and so are the codes drawn, greedy and sampled, with top-k and top-p."""
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        pytest.skip(f"no row kernel here: {kernel}")
+    from wavecast.server.engines import sampling
+
+    def library(call: Any) -> Any:
+        with monkeypatch.context() as patched:
+            patched.setattr(sampling, "NOISE_KERNEL", False)
+            return call()
+
+    seed, step = np.array([0, 1, 2**62 + 5, 7, 9]), np.array([0, 0, 7, 123456, 3])
+    key = torch.from_numpy(codebook_keys(row_keys(seed, step), 4))
+    key[3, 0], key[3, 1] = 0, 2**32 - 1
+    for vocab in (1, 7, 64, 2051):
+        u = counter_uniform(key, 4, vocab)
+        assert torch.equal(u, library(partial(counter_uniform, key, 4, vocab)))
+        assert torch.equal(kernel.uniforms(key, None, vocab), u)
+    tokens = torch.randint(0, 2**31, (5, 4, 37)).flip(-1)  # (a view, ids in no order)
+    drawn = kernel.uniforms(key, tokens)
+    assert drawn is not None
+    assert torch.equal(drawn, library(lambda: sampling._token_uniform(key, tokens)))
+    far = key.clone()
+    far[2, 3] = 2**32
+    assert kernel.uniforms(far, tokens) is None
+    assert torch.equal(
+        sampling._token_uniform(far, tokens), library(lambda: sampling._token_uniform(far, tokens))
+    )
+    logits = torch.randn(5, 4, 2048) * 3
+    for values in ({"top_k": 250}, {"top_p": 0.9}, {"temperature": 0.0}, {"top_k": 0}):
+        params = rows(5, **values)
+        params["key"] = key
+        assert torch.equal(sample(logits, **params), library(partial(sample, logits, **params)))
 
 
 def test_greedy_and_top_1_take_the_argmax() -> None:
