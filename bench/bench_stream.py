@@ -334,12 +334,51 @@ def report(
             f"x{slowest:.2f} per stream (slowest), "
             f"x{aggregate:.2f} aggregate ({aggregate / seq_rtf:.2f}x one stream) |"
         )
+    paired = in_rounds(conc)
+    if paired:
+        print(
+            "\nEach round's crowd against the crowd of one in the same round (they take "
+            "turns: a slow spell of the machine falls on both), the median of the rounds' "
+            "ratios and their range:"
+        )
+        for k, (aggregate, first) in paired.items():
+            print(
+                f"- {k} concurrent: aggregate {med(aggregate):.2f}x "
+                f"({min(aggregate):.2f}-{max(aggregate):.2f}), first audio "
+                f"{med(first):.2f}x ({min(first):.2f}-{max(first):.2f})"
+            )
     print(f"\nwavecast / {baseline_names[1]} real-time factor, 1 client: {seq_rtf / base_rtf:.2f}")
     if server_cpu is not None:
         print(
             f"\nThe server's CPU time over these runs: the event loop's thread "
             f"{server_cpu[0]:.2f} s, the other threads (inference) {server_cpu[1]:.2f} s"
         )
+
+
+def in_rounds(conc: dict[int, list[Crowd]]) -> dict[int, tuple[list[float], list[float]]]:
+    """For each crowd size but one, each round's aggregate real-time factor and
+    median first audio over those of the round's crowd of one (empty without a
+    crowd of one, or with a single round)."""
+    ones = conc.get(1, [])
+    if len(ones) < 2:
+        return {}
+    med = statistics.median
+
+    def aggregate(crowd: Crowd) -> float:
+        results, wall = crowd
+        return sum(r["audio"] for r in results) / wall
+
+    def first(crowd: Crowd) -> float:
+        return med(r["ttfa"] for r in crowd[0])
+
+    return {
+        k: (
+            [aggregate(c) / aggregate(one) for c, one in zip(crowds, ones, strict=True)],
+            [first(c) / first(one) for c, one in zip(crowds, ones, strict=True)],
+        )
+        for k, crowds in conc.items()
+        if k != 1
+    }
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
