@@ -323,18 +323,22 @@ class HiggsDecoder(CacheRows):
         gone costs what a few rows cost (a handful of sizes, powers of two, keep
         the shapes static per size). Rows where ``active`` is False compute too
         but do not advance, and write their keys and values to the cache's last
-        position, which holds no row's data. ``span``: attend over the first
+        position, which holds no row's data; they attend to their first position
+        only. ``span``: attend over the first
         ``span`` positions only (more than any active row's length).
         """
         rows = int(codes.shape[0])
         span = self.length if span is None else min(span, self.length)
         lengths = self.lengths[:rows]
-        positions = torch.where(active, lengths.clamp(max=span - 1), self.length)  # [B]
+        # An active row attends up to its new position; one sitting out, to its
+        # first only (its output is not used: it need not read its whole span).
+        seen = torch.where(active, lengths.clamp(max=span - 1), 0)  # [B]
+        positions = torch.where(active, seen, self.length)
         # One position per row: the hidden state is ``[R, D]`` all through; the
         # queries and keys are rotated together, as one ``[R, H + H_kv, 1, d]`` view.
         x = self.embed_audio(codes)
         cos, sin = self._cos_rows[positions], self._sin_rows[positions]  # [R, 1, 1, d]
-        mask = LayerMask((self._steps[:span] <= positions[:, None]).view(rows, 1, 1, span))
+        mask = LayerMask((self._steps[:span] <= seen[:, None]).view(rows, 1, 1, span))
         write = self.kv.step_writer(positions)
         attended_self = self.kv.layers(rows, span)
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim

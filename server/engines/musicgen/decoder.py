@@ -413,23 +413,26 @@ class MusicGenDecoder(CacheRows):
         use are the first ones, and a step over a few of them after a crowd has
         gone costs what a few rows cost (a handful of sizes, powers of two, keep
         the shapes static per size). Rows where ``active`` is False compute too
-        (fixed shapes) but do not advance,
-        and write their keys and values to the cache's last position, which holds
-        no row's data (an idle row, or one whose prompt is still being prefilled,
-        keeps its cache intact). ``span``: attend over the first ``span``
-        positions only (more than any active row's length; a few fixed values
-        keep the shapes static per value).
+        (fixed shapes) but do not advance, and write their keys and values to
+        the cache's last position, which holds no row's data (an idle row, or
+        one whose prompt is still being prefilled, keeps its cache intact); they
+        attend to their first position only. ``span``: attend over the first
+        ``span`` positions only (more than any active row's length; a few fixed
+        values keep the shapes static per value).
         """
         rows = int(codes.shape[0])
         span = self.length if span is None else min(span, self.length)
         lengths = self.lengths[:rows]
-        positions = torch.where(active, lengths.clamp(max=span - 1), self.length)  # [R]
+        # An active row attends up to its new position; one sitting out, to its
+        # first only (its output is not used: it need not read its whole span).
+        seen = torch.where(active, lengths.clamp(max=span - 1), 0)  # [R]
+        positions = torch.where(active, seen, self.length)
         # One position per row: the hidden state is ``[R, D]`` all through, and a
         # row's query, keys and values are views of its projections (no copies).
         x = self.embed(codes[:, :, None])[:, 0]
         x = x + self._positions[positions].to(x.dtype)
         steps = self._steps
-        self_mask = LayerMask((steps[:span] <= positions[:, None]).view(rows, 1, 1, span))
+        self_mask = LayerMask((steps[:span] <= seen[:, None]).view(rows, 1, 1, span))
         write = self.kv.step_writer(positions)
         attended_self = self.kv.layers(rows, span)
         attended_cross = self.cross.layers(rows)
