@@ -300,7 +300,9 @@ class _ConvTranspose(_Formed):
             out = torch.cat([out, tail[..., : self.overlap - self.right]], -1)
         slot.tensors = (tail,)
         if self.conv.bias is not None:
-            out = out + self.conv.bias.view(1, -1, 1)
+            # In place: ``out`` is the call's own (``apply``'s output, the tail
+            # cloned from it first, or joined), or empty.
+            out += self.conv.bias.view(1, -1, 1)
         return _drop(slot, out)
 
     def direct(self, x: torch.Tensor) -> torch.Tensor:
