@@ -68,6 +68,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch.nn import functional as F
 
@@ -737,6 +739,34 @@ int uniforms(const long *keys, const long *tokens, float *out, long pairs, long 
     }
     return 0;
 }
+
+/* sampling._mix_np on one int64: a shift of a negative value is arithmetic, a
+   product wraps (only its low 32 bits are kept), as numpy's int64. */
+static inline long mix64(long x) {
+    x ^= x >> 16;
+    x = (long)(((unsigned long)x * 0x21F0AAADUL) & 0xFFFFFFFFUL);
+    x ^= x >> 15;
+    x = (long)(((unsigned long)x * 0x735A2D97UL) & 0xFFFFFFFFUL);
+    return x ^ (x >> 15);
+}
+
+/* A step's draw keys (sampling.row_keys, then codebook_keys; with redraw, the
+   codebook keys of redraw_keys too), bit for bit: out[r * K + k] for rows r
+   of seed and step. */
+void draw_keys(const long *seed, const long *step, long rows, long K, long *out,
+               long *redraw) {
+    for (long r = 0; r < rows; r++) {
+        long h = mix64(seed[r] & 0xFFFFFFFFL);
+        h = mix64(h ^ (seed[r] >> 32));
+        h = mix64(h ^ (step[r] & 0xFFFFFFFFL));
+        const long again = redraw ? mix64(h ^ 0x5BD1E995L) : 0;
+        for (long k = 0; k < K; k++) {
+            const long offset = (long)(((unsigned long)k * 0x9E3779B1UL + 1) & 0xFFFFFFFFUL);
+            out[r * K + k] = mix64(h ^ offset);
+            if (redraw) redraw[r * K + k] = mix64(again ^ offset);
+        }
+    }
+}
 """
 
 
@@ -760,6 +790,7 @@ class RowKernel:
     snakes: Callable[..., None]
     convolution: Callable[..., int]
     noise: Callable[..., int]
+    keyed: Callable[..., None]
 
     def product(
         self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
@@ -991,6 +1022,22 @@ class RowKernel:
             return None
         return out
 
+    def draw_keys(
+        self, seed: npt.NDArray[np.int64], step: npt.NDArray[np.int64], codebooks: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """A step's draw keys for rows of ``seed`` and ``step`` (int64 on the
+        host): ``sampling.codebook_keys`` of ``sampling.row_keys``, and of their
+        ``redraw_keys``, both ``[rows, codebooks]``, bit for bit, in one call
+        (numpy takes a few dozen, each of which costs more than the hashing)."""
+        seed = np.ascontiguousarray(seed, dtype=np.int64)
+        step = np.ascontiguousarray(step, dtype=np.int64)
+        rows = len(seed)
+        keys = np.empty((rows, codebooks), dtype=np.int64)
+        redraw = np.empty((rows, codebooks), dtype=np.int64)
+        pointers = (seed.ctypes.data, step.ctypes.data, keys.ctypes.data, redraw.ctypes.data)
+        self.keyed(pointers[0], pointers[1], rows, codebooks, pointers[2], pointers[3])
+        return keys, redraw
+
 
 @cache
 def load() -> RowKernel | str:
@@ -1040,7 +1087,10 @@ def load() -> RowKernel | str:
     noise = library.uniforms
     noise.restype = ctypes.c_int
     noise.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
-    kernel = RowKernel(function, attention, activation, snakes, convolution, noise)
+    keyed = library.draw_keys
+    keyed.restype = None
+    keyed.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2
+    kernel = RowKernel(function, attention, activation, snakes, convolution, noise, keyed)
     wrong = _check(kernel)
     return f"it gave wrong results ({wrong})" if wrong else kernel
 

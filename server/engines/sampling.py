@@ -133,9 +133,16 @@ def _noise_kernel(key: torch.Tensor, tokens: torch.Tensor) -> rowkernel.RowKerne
     return kernel if isinstance(kernel, rowkernel.RowKernel) else None
 
 
-# Whether the noise comes from the row kernel on a CPU (tests turn it off to
-# compare).
+# Whether the noise comes from the row kernel on a CPU, and the draw keys from
+# it on the host (tests turn it off to compare).
 NOISE_KERNEL = True
+
+
+def _keys_kernel() -> rowkernel.RowKernel | None:
+    """The row kernel, where it makes a step's draw keys (a dozen numpy calls
+    a hash, several hashes a step, each call costing more than its hashing)."""
+    kernel = rowkernel.load() if NOISE_KERNEL else None
+    return kernel if isinstance(kernel, rowkernel.RowKernel) else None
 
 
 def counter_uniform(key: torch.Tensor, codebooks: int, vocab: int) -> torch.Tensor:
@@ -288,6 +295,23 @@ class RowSampling:
 
     def keys(self) -> Ints:
         return row_keys(self.seed, self.step)
+
+    def draw_keys(self, rows: int, codebooks: int) -> Ints:
+        """The first ``rows`` rows' keys of this step's draw per codebook
+        (``codebook_keys`` of ``keys``): ``[rows, codebooks]``."""
+        kernel = _keys_kernel()
+        if kernel is not None:
+            return kernel.draw_keys(self.seed[:rows], self.step[:rows], codebooks)[0]
+        return codebook_keys(row_keys(self.seed[:rows], self.step[:rows]), codebooks)
+
+    def draw_and_redraw_keys(self, rows: int, codebooks: int) -> tuple[Ints, Ints]:
+        """``draw_keys``, and the keys of a second draw in the step
+        (``codebook_keys`` of ``redraw_keys``)."""
+        kernel = _keys_kernel()
+        if kernel is not None:
+            return kernel.draw_keys(self.seed[:rows], self.step[:rows], codebooks)
+        keys = row_keys(self.seed[:rows], self.step[:rows])
+        return codebook_keys(keys, codebooks), codebook_keys(redraw_keys(keys), codebooks)
 
     def plan(self, rows: npt.NDArray[np.bool_], vocab: int) -> DrawPlan:
         """What a draw of the ``rows`` flagged (the first ``len(rows)`` of the

@@ -17,6 +17,7 @@ from wavecast.server.engines.sampling import (
     codebook_keys,
     counter_uniform,
     finite_rows,
+    redraw_keys,
     row_keys,
     sample,
 )
@@ -112,6 +113,36 @@ def test_the_noise_kernel_is_the_librarys_noise_bit_for_bit(
         params = rows(5, **values)
         params["key"] = key
         assert torch.equal(sample(logits, **params), library(partial(sample, logits, **params)))
+
+
+def test_a_steps_draw_keys_are_the_hosts_hashes_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The draw keys the row kernel makes in one call (on this project's
+    machines) are ``codebook_keys`` of ``row_keys``, and of their
+    ``redraw_keys``, bit for bit: for seeds of every size (negative ones and
+    those past 32 bits too) and steps, for a table's first rows."""
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        pytest.skip(f"no row kernel here: {kernel}")
+    from wavecast.server.engines import sampling
+
+    rng = np.random.default_rng(0)
+    seed = np.concatenate(
+        [[0, 1, 2**32 - 1, 2**32, 2**63 - 1, -1, -(2**63)], rng.integers(-(2**63), 2**63 - 1, 25)]
+    )
+    step = rng.integers(0, 2**40, len(seed))
+    keys, again = kernel.draw_keys(seed, step, 8)
+    rows = row_keys(seed, step)
+    assert np.array_equal(keys, codebook_keys(rows, 8))
+    assert np.array_equal(again, codebook_keys(redraw_keys(rows), 8))
+    table = RowSampling(len(seed), "cpu")
+    table.seed[:], table.step[:] = seed, step
+    fast = table.draw_keys(20, 4), table.draw_and_redraw_keys(20, 4)
+    monkeypatch.setattr(sampling, "NOISE_KERNEL", False)
+    slow = table.draw_keys(20, 4), table.draw_and_redraw_keys(20, 4)
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[0], keys[:20, :4])
+    assert all(np.array_equal(a, b) for a, b in zip(fast[1], slow[1], strict=True))
 
 
 def test_greedy_and_top_1_take_the_argmax() -> None:

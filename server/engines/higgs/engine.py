@@ -68,10 +68,8 @@ from ..prefill import PrefillBudget, choose, feed
 from ..prefixes import PrefixStore
 from ..sampling import (
     RowSampling,
-    codebook_keys,
     counted_window,
     finite_rows,
-    redraw_keys,
     sample_repeat_aware,
 )
 from ..slots import SlotTable
@@ -615,15 +613,15 @@ class HiggsEngine:
             active[fed] = 1
         recent = counted_window(recent, (self.stream_bos, self.stream_eos))
         sampling = self._sampling
-        keys = sampling.keys()[:rows]
+        draw_keys, redraw_keys = sampling.draw_and_redraw_keys(rows, k)
         overrides = np.zeros(rows, dtype=np.int64)  # rows whose logits come from their prefill
         host = np.concatenate(
             [
                 codes_in.reshape(-1),
                 active,
                 forced.reshape(-1),
-                codebook_keys(keys, k).reshape(-1),
-                codebook_keys(redraw_keys(keys), k).reshape(-1),
+                draw_keys.reshape(-1),
+                redraw_keys.reshape(-1),
                 self._ras_max[:rows],
                 recent.reshape(-1),
                 overrides,

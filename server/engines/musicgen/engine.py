@@ -60,7 +60,7 @@ from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
-from ..sampling import DrawPlan, RowSampling, codebook_keys, finite_rows, sample
+from ..sampling import DrawPlan, RowSampling, finite_rows, sample
 from ..slots import SlotTable
 from ..step_cost import measure_context_cost
 from .card import model_card
@@ -688,7 +688,7 @@ class MusicGenEngine:
             active.reshape(slots, 2)[fed] = 1
             stepped[fed] = True
         stepped[list(prefilled)] = True
-        keys_in[:] = codebook_keys(sampling.keys()[:slots], k)
+        keys_in[:] = sampling.draw_keys(slots, k)
         # Attend over the longest row's positions, rounded up to a power of two (a
         # handful of shapes per window length).
         span = span_for(max((st.kv_length for st in decoding), default=0) + 1)
