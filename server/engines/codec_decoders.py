@@ -67,8 +67,11 @@ class Prepared:
 
 def _kernel_takes(x: torch.Tensor, *parameters: torch.Tensor) -> bool:
     """Whether the row kernel's activations take ``x`` (with ``parameters``):
-    contiguous float32 on a CPU, and no gradient to record (they record none)."""
-    if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
+    float32 on a CPU laid out as rows (``rowkernel.row_layout``: contiguous, or
+    a slice of the last dimension of a contiguous tensor, as an incremental
+    codec's transposed convolution's output trimmed of its tail), and no
+    gradient to record (they record none)."""
+    if x.dtype != torch.float32 or not x.is_cpu or rowkernel.row_layout(x) is None:
         return False
     if any(p.dtype != torch.float32 for p in parameters):
         return False

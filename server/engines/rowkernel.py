@@ -73,7 +73,7 @@ import numpy.typing as npt
 import torch
 from torch.nn import functional as F
 
-__all__ = ["MOST_HEAD", "MOST_ROWS", "RowKernel", "load"]
+__all__ = ["MOST_HEAD", "MOST_ROWS", "RowKernel", "load", "row_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -453,12 +453,13 @@ static inline __m256i lanes_below(long count) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), index);
 }
 
-/* ELU: y = x where x > 0 (or NaN), else alpha (e^x - 1), for n floats (y may
-   be x), eight at a time; the last few in a masked block. */
+/* ELU: y = x where x > 0 (or NaN), else alpha (e^x - 1), for rows r0 to r1
+   of n floats, ldx and ldy floats apart (y may be x), eight at a time; each
+   row's last few in a masked block. */
 typedef struct {
     const float *x;
     float *y;
-    long n;
+    long r0, r1, n, ldx, ldy;
     float alpha;
 } elu_t;
 
@@ -472,11 +473,15 @@ static void *elu_run(void *arg) {
     const elu_t *t = arg;
     const __m256 alpha = _mm256_set1_ps(t->alpha);
     const long n8 = t->n & ~7L;
-    for (long i = 0; i < n8; i += 8)
-        _mm256_storeu_ps(t->y + i, elu8(_mm256_loadu_ps(t->x + i), alpha));
-    if (n8 < t->n) {
-        const __m256i last = lanes_below(t->n - n8);
-        _mm256_maskstore_ps(t->y + n8, last, elu8(_mm256_maskload_ps(t->x + n8, last), alpha));
+    for (long r = t->r0; r < t->r1; r++) {
+        const float *x = t->x + r * t->ldx;
+        float *y = t->y + r * t->ldy;
+        for (long i = 0; i < n8; i += 8)
+            _mm256_storeu_ps(y + i, elu8(_mm256_loadu_ps(x + i), alpha));
+        if (n8 < t->n) {
+            const __m256i last = lanes_below(t->n - n8);
+            _mm256_maskstore_ps(y + n8, last, elu8(_mm256_maskload_ps(x + n8, last), alpha));
+        }
     }
     return 0;
 }
@@ -519,11 +524,12 @@ static inline __m256 sin8(__m256 x) {
 }
 
 /* DAC's Snake: y = x + sin(a x)^2 inverse, a and inverse per channel, for
-   rows r0 to r1 of T samples (row r in channel r mod C); y may be x. */
+   rows r0 to r1 of T samples (row r in channel r mod C), ldx and ldy floats
+   apart; y may be x. */
 typedef struct {
     const float *x, *alpha, *inverse;
     float *y;
-    long r0, r1, T, C;
+    long r0, r1, T, C, ldx, ldy;
 } snake_t;
 
 static inline __m256 snake8(__m256 v, __m256 a, __m256 inverse) {
@@ -537,8 +543,8 @@ static void *snake_run(void *arg) {
     for (long r = t->r0; r < t->r1; r++) {
         const __m256 a = _mm256_set1_ps(t->alpha[r % t->C]);
         const __m256 inverse = _mm256_set1_ps(t->inverse[r % t->C]);
-        const float *x = t->x + r * t->T;
-        float *y = t->y + r * t->T;
+        const float *x = t->x + r * t->ldx;
+        float *y = t->y + r * t->ldy;
         for (long i = 0; i < T8; i += 8)
             _mm256_storeu_ps(y + i, snake8(_mm256_loadu_ps(x + i), a, inverse));
         if (T8 < t->T) {
@@ -550,16 +556,16 @@ static void *snake_run(void *arg) {
     return 0;
 }
 
-/* The rows in up to `threads` parts. */
+/* The rows (ldx and ldy floats apart) in up to `threads` parts. */
 void snake(const float *x, float *y, const float *alpha, const float *inverse, long rows,
-           long T, long C, int threads) {
+           long T, long C, long ldx, long ldy, int threads) {
     snake_t tasks[16];
     threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
     const long share = (rows + threads - 1) / threads;
     int parts = 0;
     for (long r = 0; r < rows; r += share, parts++) {
         const long end = r + share < rows ? r + share : rows;
-        tasks[parts] = (snake_t){x, alpha, inverse, y, r, end, T, C};
+        tasks[parts] = (snake_t){x, alpha, inverse, y, r, end, T, C, ldx, ldy};
     }
     run_parts(snake_run, tasks, sizeof tasks[0], parts);
 }
@@ -686,14 +692,24 @@ int conv(const float *x, const float *w, const float *bias, float *y, long B, lo
     return run_parts(conv_run, tasks, sizeof tasks[0], parts);
 }
 
-/* The n floats in up to `threads` parts of a multiple of 8. */
-void elu(const float *x, float *y, long n, float alpha, int threads) {
+/* The rows of n floats in up to `threads` parts: of rows, or of one row's
+   floats (a multiple of 8 each). */
+void elu(const float *x, float *y, long rows, long n, long ldx, long ldy, float alpha,
+         int threads) {
     elu_t tasks[16];
     threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
-    const long share = ((n + threads - 1) / threads + 7) & ~7L;
     int parts = 0;
-    for (long i = 0; i < n; i += share, parts++)
-        tasks[parts] = (elu_t){x + i, y + i, i + share < n ? share : n - i, alpha};
+    if (rows == 1) {
+        const long share = ((n + threads - 1) / threads + 7) & ~7L;
+        for (long i = 0; i < n; i += share, parts++)
+            tasks[parts] = (elu_t){x + i, y + i, 0, 1, i + share < n ? share : n - i, 0, 0, alpha};
+    } else {
+        const long share = (rows + threads - 1) / threads;
+        for (long r = 0; r < rows; r += share, parts++) {
+            const long end = r + share < rows ? r + share : rows;
+            tasks[parts] = (elu_t){x, y, r, end, n, ldx, ldy, alpha};
+        }
+    }
     run_parts(elu_run, tasks, sizeof tasks[0], parts);
 }
 
@@ -768,6 +784,36 @@ void draw_keys(const long *seed, const long *step, long rows, long K, long *out,
     }
 }
 """
+
+
+def row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``x`` ``[..., T]`` as rows of its ``T`` last-dimension samples, each
+    contiguous, every row ``ld`` floats after the last (as a contiguous
+    tensor's, or a slice of its last dimension's): ``(rows, T, ld)``; None
+    where it is not laid out so."""
+    if x.dim() == 0:
+        return None
+    samples = int(x.shape[-1])
+    if samples > 1 and x.stride(-1) != 1:
+        return None
+    rows = x.numel() // samples if samples else 0
+    # The dimensions before the last, but those of size 1 (whose strides say
+    # nothing), innermost first: each a whole number of the next's rows.
+    outer = [
+        (int(size), int(stride))
+        for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1]), strict=True)
+        if size != 1
+    ]
+    if not outer:
+        return rows, samples, samples
+    ld = expected = outer[0][1]
+    for size, stride in outer:
+        if stride != expected:
+            return None
+        expected *= size
+    if ld < samples:
+        return None
+    return rows, samples, ld
 
 
 def _threads(work: int, per_thread: int) -> int:
@@ -890,19 +936,26 @@ class RowKernel:
     def elu(
         self, x: torch.Tensor, alpha: float = 1.0, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``F.elu(x, alpha)`` into ``out`` (a new tensor, or ``x`` itself) for a
-        contiguous float32 ``x`` on the CPU: one pass, ``e^x - 1`` for ``expm1``
-        (within 1e-7 where ``x`` is below 0; the rest the same)."""
-        if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous():
+        """``F.elu(x, alpha)`` into ``out`` (a new contiguous tensor, or ``x``
+        itself) for a float32 ``x`` on the CPU laid out as rows (``row_layout``:
+        contiguous, or a slice of the last dimension of a contiguous tensor, as
+        a codec layer's output trimmed of its tail): one pass, ``e^x - 1`` for
+        ``expm1`` (within 1e-7 where ``x`` is below 0; the rest the same)."""
+        layout = row_layout(x) if x.dtype == torch.float32 and x.is_cpu else None
+        if layout is None:
             raise TypeError(
-                f"the ELU kernel reads contiguous float32 on a CPU, not {x.dtype} {x.device}"
+                f"the ELU kernel reads float32 rows on a CPU, not {x.dtype} {x.device} "
+                f"of strides {x.stride()}"
             )
-        y = torch.empty_like(x) if out is None else out
+        y = torch.empty(x.shape, dtype=torch.float32) if out is None else out
         if y is not x and (y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous()):
             raise ValueError(f"out {tuple(y.shape)} {y.dtype} for x {tuple(x.shape)} {x.dtype}")
-        count = x.numel()
-        threads = _threads(count, PER_THREAD_ELU)
-        self.activation(x.data_ptr(), y.data_ptr(), count, alpha, threads)
+        rows, samples, ld = layout
+        if x.is_contiguous():  # (one row: the threads share it out)
+            rows, samples, ld = 1, x.numel(), 0
+        ldy = ld if y is x else samples
+        threads = _threads(rows * samples, PER_THREAD_ELU)
+        self.activation(x.data_ptr(), y.data_ptr(), rows, samples, ld, ldy, alpha, threads)
         return y
 
     def conv(
@@ -969,31 +1022,40 @@ class RowKernel:
 
     def snake(self, x: torch.Tensor, alpha: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         """DAC's Snake, ``x + sin(alpha x)^2 inverse`` (``inverse`` is ``1 /
-        (alpha + 1e-9)``), as a new tensor, in one pass: ``x`` contiguous
-        ``[B, C, T]`` float32 on the CPU, ``alpha`` and ``inverse`` ``C``
-        floats each (``[1, C, 1]``). The sine by a polynomial: within 2e-7 of
-        torch's (of the sine's size, where its argument is at most 8,192)."""
-        for t in (x, alpha, inverse):
+        (alpha + 1e-9)``), as a new contiguous tensor, in one pass: ``x``
+        ``[B, C, T]`` float32 on the CPU laid out as rows (``row_layout``:
+        contiguous, or a slice of the last dimension of a contiguous tensor),
+        ``alpha`` and ``inverse`` ``C`` contiguous floats each (``[1, C, 1]``).
+        The sine by a polynomial: within 2e-7 of torch's (of the sine's size,
+        where its argument is at most 8,192)."""
+        layout = row_layout(x) if x.dtype == torch.float32 and x.is_cpu else None
+        for t in (alpha, inverse):
             if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
-                raise TypeError(
-                    f"the Snake kernel reads contiguous float32 on a CPU, not {t.dtype} {t.device}"
-                )
+                layout = None
+        if layout is None:
+            raise TypeError(
+                f"the Snake kernel reads float32 rows on a CPU, not {x.dtype} {x.device} "
+                f"of strides {x.stride()}"
+            )
         if x.dim() != 3 or alpha.numel() != x.shape[1] or inverse.numel() != x.shape[1]:
             raise ValueError(
                 f"the Snake kernel takes x [B, C, T] and C alphas, not x {tuple(x.shape)}, "
                 f"alpha {tuple(alpha.shape)}, inverse {tuple(inverse.shape)}"
             )
-        y = torch.empty_like(x)
-        batch, channels, samples = x.shape
+        y = torch.empty(x.shape, dtype=torch.float32)
+        rows, samples, ld = layout
+        channels = x.shape[1]
         threads = _threads(x.numel(), PER_THREAD_ELU)
         self.snakes(
             x.data_ptr(),
             y.data_ptr(),
             alpha.data_ptr(),
             inverse.data_ptr(),
-            batch * channels,
+            rows,
             samples,
             channels,
+            ld,
+            samples,
             threads,
         )
         return y
@@ -1077,10 +1139,11 @@ def load() -> RowKernel | str:
     attention.argtypes += [ctypes.c_float, ctypes.c_int]
     activation = library.elu
     activation.restype = None
-    activation.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long, ctypes.c_float, ctypes.c_int]
+    activation.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4
+    activation.argtypes += [ctypes.c_float, ctypes.c_int]
     snakes = library.snake
     snakes.restype = None
-    snakes.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    snakes.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 5 + [ctypes.c_int]
     convolution = library.conv
     convolution.restype = ctypes.c_int
     convolution.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 9 + [ctypes.c_int]

@@ -107,6 +107,17 @@ def test_elu_by_the_row_kernel_equals_torchs(length: int, monkeypatch: pytest.Mo
         strided = x.transpose(1, 2)
         other_way = ELU(alpha)(strided).nan_to_num()
         assert torch.equal(ELU(alpha, kernel=kernel)(strided).nan_to_num(), other_way)
+        # Rows of a wider tensor (a transposed convolution's output without its
+        # tail): by the kernel, the same floats as the rows alone, into a new
+        # tensor or in place, the samples past them untouched.
+        wide = torch.cat([x, torch.randn(3, 4, 5)], -1)
+        rows = wide[..., : x.shape[-1]]
+        assert not rows.is_contiguous() and rowkernel.row_layout(rows) is not None
+        assert torch.equal(ELU(alpha, kernel=kernel)(rows).nan_to_num(), got.nan_to_num())
+        past = wide[..., x.shape[-1] :].clone()
+        out = ELU(alpha, inplace=True, kernel=kernel)(rows)
+        assert out.data_ptr() == wide.data_ptr() and torch.equal(wide[..., x.shape[-1] :], past)
+        assert torch.equal(out.nan_to_num(), got.nan_to_num())
         threads = torch.get_num_threads()
         monkeypatch.setattr(rowkernel, "PER_THREAD_ELU", 1)
         try:
@@ -200,6 +211,16 @@ def test_snake_by_the_row_kernel_is_as_close_to_float64_as_torchs(
         assert torch.equal(x, kept)
         strided = x.transpose(1, 2).contiguous().transpose(1, 2)
         assert torch.equal(fast(strided), plain(strided))
+        # Rows of a wider tensor (a transposed convolution's output without its
+        # tail): by the kernel, the same floats as the rows alone.
+        rows = torch.cat([x, torch.randn(2, 6, 9)], -1)[..., :length]
+        assert not rows.is_contiguous() and rowkernel.row_layout(rows) is not None
+        assert torch.equal(fast(rows), got) and fast(rows).is_contiguous()
+        # One channel's rows (a size-1 dimension: its stride says nothing).
+        one = Snake(original.alpha[:, :1], kernel)
+        alone = torch.cat([x[:, :1], torch.randn(2, 1, 3)], -1)[..., :length].reshape(2, 1, -1)
+        assert rowkernel.row_layout(alone) == (2, length, length + 3)
+        assert torch.equal(one(alone), one(alone.contiguous()))
         threads = torch.get_num_threads()
         monkeypatch.setattr(rowkernel, "PER_THREAD_ELU", 1)
         try:
