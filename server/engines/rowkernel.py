@@ -31,20 +31,31 @@ each (row, head)'s positions once, in order, eight at a time (their scores in
 the lanes of one vector, then their exponentials, by a polynomial, in one),
 and skips the blocks of eight the mask leaves out (0.47 ms;
 ``bench/bench_attention.py``: 0.36-0.58x the library's time for the released
-models' heads, 0.41-0.97x for the test models' heads of 16). A row's result
-does not depend on the others of the call, nor on how far the span reaches
-past its positions.
+models' heads, 0.41-0.97x for the test models' heads of 16). The weighted
+values are summed in registers, every index a constant, where sums indexed by
+a loop (the first form) lay in memory: 0.8-0.9x its time, the same bits. A
+row's result does not depend on the others of the call, nor on how far the
+span reaches past its positions.
 
 It also holds the codec decoders' activations, each in one pass over its
 samples, eight at a time (``RowKernel.elu``: EnCodec's ELU, ``e^x - 1`` by the
 attention's polynomial; ``RowKernel.snake``: DAC's Snake, the sine by Cephes'
-polynomial), where torch makes four or five passes (``codec_decoders``), and
+polynomial), where torch makes four or five passes (``codec_decoders``),
+over rows of a wider tensor too (``row_layout``: a transposed convolution's
+output without its tail, which fell back to torch's passes when the
+activations took only contiguous tensors), and
 their convolutions over few outputs (``RowKernel.conv``: eight samples in the
 lanes of a vector, up to four outputs at a time, every weight broadcast once a
 block): oneDNN's kernel takes 2-7x its time for one to four outputs over long
 inputs (``bench/bench_conv.py``: the released EnCodec's last layer, 64
 channels into one, 2.3-4.5x; the tiny EnCodec's 2.4-7x), and
 ``codec_incremental`` takes it where it measures it fastest.
+
+And the sampler's integer hashing, bit for bit: a step's draw keys
+(``RowKernel.draw_keys``, where numpy makes a few dozen calls on a handful of
+integers) and every candidate token's counter-based noise
+(``RowKernel.uniforms``, where torch makes a dozen passes over ``int64``
+tensors).
 
 It is C (AVX2 and FMA), compiled with the machine's C compiler when first asked
 for (about a second), and checked against float64 products before it is used;

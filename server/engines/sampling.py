@@ -14,16 +14,17 @@ other rows share the batch: a seed gives the same codes alone or beside any
 other requests.
 
 The row part of the key, ``(seed_b, step_b)``, is hashed on the host where both
-are known (``RowSampling.keys``), and the engines mix in each codebook's there
-too (``codebook_keys``); the step itself has fixed shapes and no host sync, so
-it traces as one graph. Only the candidates are hashed: where no row
-uses top-p (the usual case), the ``max(top_k)`` most likely tokens, not the whole
-vocabulary; each token's noise depends on its id, not on its rank, so the draw
-is the same whichever candidate set the batch needs. Where every row keeps all
-of them (the same top-k throughout, the usual case) the candidates need no
-order, and where no row is greedy no argmax over the vocabulary is taken
-(``RowSampling.plan`` says what a batch needs, from the host's copy of the
-parameters).
+are known, and the engines mix in each codebook's there too
+(``RowSampling.draw_keys``: ``codebook_keys`` of ``row_keys``, by the row
+kernel's library in one call where it is built); the step itself has fixed
+shapes and no host sync, so it traces as one graph. Only the candidates are
+hashed: where no row uses top-p (the usual case), the ``max(top_k)`` most
+likely tokens, not the whole vocabulary; each token's noise depends on its id,
+not on its rank, so the draw is the same whichever candidate set the batch
+needs. Where every row keeps all of them (the same top-k throughout, the
+usual case) the candidates need no order, and where no row is greedy no
+argmax over the vocabulary is taken (``RowSampling.plan`` says what a batch
+needs, from the host's copy of the parameters).
 
 On a CPU the noise comes from the row kernel's C library in one pass (the same
 floats bit for bit: the hash is integer arithmetic, and its 24 bits are exact
@@ -122,12 +123,14 @@ def _token_uniform(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def _noise_kernel(key: torch.Tensor, tokens: torch.Tensor) -> rowkernel.RowKernel | None:
+def _noise_kernel(key: torch.Tensor, tokens: torch.Tensor | None) -> rowkernel.RowKernel | None:
     """The row kernel, where it makes this noise: ``[B, K]`` int64 keys and
-    int64 tokens on a CPU, outside a trace; else None."""
-    if not (NOISE_KERNEL and key.is_cpu and tokens.is_cpu) or torch.compiler.is_compiling():
+    int64 tokens (None: a vocabulary's) on a CPU, outside a trace; else None."""
+    if not (NOISE_KERNEL and key.is_cpu) or torch.compiler.is_compiling():
         return None
-    if key.dim() != 2 or key.dtype != torch.int64 or tokens.dtype != torch.int64:
+    if key.dim() != 2 or key.dtype != torch.int64:
+        return None
+    if tokens is not None and (not tokens.is_cpu or tokens.dtype != torch.int64):
         return None
     kernel = rowkernel.load()
     return kernel if isinstance(kernel, rowkernel.RowKernel) else None
@@ -154,12 +157,12 @@ def counter_uniform(key: torch.Tensor, codebooks: int, vocab: int) -> torch.Tens
 def _vocabulary_uniform(key: torch.Tensor, codebooks: int, vocab: int) -> torch.Tensor:
     """``counter_uniform`` for ``[B, K]`` keys: by the row kernel without the
     tokens' ids written out, where it makes the noise."""
-    tokens = torch.arange(vocab, device=key.device, dtype=torch.int64)
-    kernel = _noise_kernel(key, tokens)
+    kernel = _noise_kernel(key, None)
     if kernel is not None and key.shape[1] == codebooks:
         noise = kernel.uniforms(key, None, vocab)
         if noise is not None:
             return noise
+    tokens = torch.arange(vocab, device=key.device, dtype=torch.int64)
     return _token_uniform(key, tokens.expand(key.shape[0], codebooks, vocab))
 
 
@@ -292,9 +295,6 @@ class RowSampling:
         for name in ("seed", "step", "wants", "nucleus", "greedy"):
             getattr(bigger, name)[:old] = getattr(self, name)
         return bigger
-
-    def keys(self) -> Ints:
-        return row_keys(self.seed, self.step)
 
     def draw_keys(self, rows: int, codebooks: int) -> Ints:
         """The first ``rows`` rows' keys of this step's draw per codebook

@@ -324,8 +324,8 @@ class HiggsDecoder(CacheRows):
         the shapes static per size). Rows where ``active`` is False compute too
         but do not advance, and write their keys and values to the cache's last
         position, which holds no row's data; they attend to their first position
-        only. ``span``: attend over the first
-        ``span`` positions only (more than any active row's length).
+        only. ``span``: attend over the first ``span`` positions only (more than
+        any active row's length).
         """
         rows = int(codes.shape[0])
         span = self.length if span is None else min(span, self.length)

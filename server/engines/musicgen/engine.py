@@ -683,7 +683,10 @@ class MusicGenEngine:
         if decoding:
             # Each decoding slot's pair of rows feeds its window's last column (one
             # write for all: numpy's cost is the call's, not the codes').
-            fed = [st.slot for st in decoding if st.slot is not None]
+            fed: list[int] = []
+            for st in decoding:
+                assert st.slot is not None
+                fed.append(st.slot)
             codes_in.reshape(slots, 2, k)[fed] = [[st.window.last_column()] for st in decoding]
             active.reshape(slots, 2)[fed] = 1
             stepped[fed] = True
