@@ -500,8 +500,9 @@ static void *elu_run(void *arg) {
 /* sin of each lane: Cephes' sinf (the argument less its nearest even multiple
    of pi/4, in three parts, then a polynomial for the sine or the cosine as its
    octant says), within two units of the last place for |x| up to 8192;
-   eight lanes with any beyond (or NaN) by the C library's sinf. */
-static inline __m256 sin8(__m256 x) {
+   eight lanes with any beyond (or NaN) by the C library's sinf. Without
+   `signed`, the sine's size only (the sign left as it falls: for a square). */
+static inline __attribute__((always_inline)) __m256 sin8(__m256 x, const int signed_) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     __m256 ax = _mm256_andnot_ps(sign_bit, x);
     if (_mm256_movemask_ps(_mm256_cmp_ps(ax, _mm256_set1_ps(8192.0f), _CMP_NLE_UQ))) {
@@ -531,7 +532,8 @@ static inline __m256 sin8(__m256 x) {
     s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(8.3321608736e-3f));
     s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-1.6666654611e-1f));
     s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), ax, ax);
-    return _mm256_xor_ps(_mm256_blendv_ps(s, c, cosine), sign);
+    const __m256 sine = _mm256_blendv_ps(s, c, cosine);
+    return signed_ ? _mm256_xor_ps(sine, sign) : sine;
 }
 
 /* DAC's Snake: y = x + sin(a x)^2 inverse, a and inverse per channel, for
@@ -544,7 +546,7 @@ typedef struct {
 } snake_t;
 
 static inline __m256 snake8(__m256 v, __m256 a, __m256 inverse) {
-    const __m256 s = sin8(_mm256_mul_ps(a, v));
+    const __m256 s = sin8(_mm256_mul_ps(a, v), 0);  /* (squared: its sign is not needed) */
     return _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(s, s), inverse), v);
 }
 
