@@ -15,8 +15,9 @@ shows: ``for_serving`` removes it from a loaded decoder, in place.
   ``Snake1d`` (``x + sin(a x)^2 / (a + 1e-9)``) made a new tensor for each of its
   five operations; ``Snake`` makes one and works in it, in the same order. On
   a CPU it runs in one pass by the row kernel's C library
-  (``rowkernel.RowKernel.snake``, eight samples at a time, the sine by
-  Cephes' polynomial): 2.2-3.1x faster, as close to a float64 Snake as torch's.
+  (``rowkernel.RowKernel.snake``, eight samples at a time, the squared sine
+  from Cephes' sine polynomial): 2.2-3.1x faster, as close to a float64 Snake
+  as torch's.
 * **ELU from ``exp``, on a CPU.** torch's ELU kernel computes ``expm1`` on every
   sample, at 2.4 ns a sample on this project's CPUs. ``ELU`` computes
   ``x`` where it is above 0, else ``alpha (exp(x) - 1)``, in one pass by the row

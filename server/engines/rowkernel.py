@@ -39,8 +39,9 @@ span reaches past its positions.
 
 It also holds the codec decoders' activations, each in one pass over its
 samples, eight at a time (``RowKernel.elu``: EnCodec's ELU, ``e^x - 1`` by the
-attention's polynomial; ``RowKernel.snake``: DAC's Snake, the sine by Cephes'
-polynomial), where torch makes four or five passes (``codec_decoders``),
+attention's polynomial; ``RowKernel.snake``: DAC's Snake, its squared sine
+from Cephes' sine polynomial alone), where torch makes four or five passes
+(``codec_decoders``),
 over rows of a wider tensor too (``row_layout``: a transposed convolution's
 output without its tail, which fell back to torch's passes when the
 activations took only contiguous tensors), and
@@ -497,43 +498,35 @@ static void *elu_run(void *arg) {
     return 0;
 }
 
-/* sin of each lane: Cephes' sinf (the argument less its nearest even multiple
-   of pi/4, in three parts, then a polynomial for the sine or the cosine as its
-   octant says), within two units of the last place for |x| up to 8192;
-   eight lanes with any beyond (or NaN) by the C library's sinf. Without
-   `signed`, the sine's size only (the sign left as it falls: for a square). */
-static inline __attribute__((always_inline)) __m256 sin8(__m256 x, const int signed_) {
+/* sin^2 of each lane, from Cephes' sinf: the argument less its nearest even
+   multiple of pi/4, in three parts, then its sine r by a polynomial; sin^2 is
+   r^2, or 1 - r^2 where the octant's is the cosine (cos^2 = 1 - sin^2 of the
+   same part: one polynomial, not two); within 2e-7 for |x| up to 8192;
+   eight lanes with any beyond (or NaN) by the C library's sinf, squared. */
+static inline __m256 sin2_8(__m256 x) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     __m256 ax = _mm256_andnot_ps(sign_bit, x);
     if (_mm256_movemask_ps(_mm256_cmp_ps(ax, _mm256_set1_ps(8192.0f), _CMP_NLE_UQ))) {
         float v[8];
         _mm256_storeu_ps(v, x);
-        for (int i = 0; i < 8; i++) v[i] = sinf(v[i]);
+        for (int i = 0; i < 8; i++) v[i] = sinf(v[i]) * sinf(v[i]);
         return _mm256_loadu_ps(v);
     }
     __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(ax, _mm256_set1_ps(1.27323954473516f)));
     j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
     const __m256 y = _mm256_cvtepi32_ps(j);
-    const __m256i four = _mm256_and_si256(j, _mm256_set1_epi32(4));
-    const __m256 sign = _mm256_xor_ps(_mm256_and_ps(x, sign_bit),
-                                      _mm256_castsi256_ps(_mm256_slli_epi32(four, 29)));
     const __m256i two = _mm256_set1_epi32(2);
     const __m256 cosine = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(j, two), two));
     ax = _mm256_fmadd_ps(y, _mm256_set1_ps(-0.78515625f), ax);
     ax = _mm256_fmadd_ps(y, _mm256_set1_ps(-2.4187564849853515625e-4f), ax);
     ax = _mm256_fmadd_ps(y, _mm256_set1_ps(-3.77489497744594108e-8f), ax);
     const __m256 z = _mm256_mul_ps(ax, ax);
-    __m256 c = _mm256_set1_ps(2.443315711809948e-5f);
-    c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(-1.388731625493765e-3f));
-    c = _mm256_fmadd_ps(c, z, _mm256_set1_ps(4.166664568298827e-2f));
-    c = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, _mm256_mul_ps(_mm256_mul_ps(c, z), z));
-    c = _mm256_add_ps(c, _mm256_set1_ps(1.0f));
     __m256 s = _mm256_set1_ps(-1.9515295891e-4f);
     s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(8.3321608736e-3f));
     s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-1.6666654611e-1f));
     s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), ax, ax);
-    const __m256 sine = _mm256_blendv_ps(s, c, cosine);
-    return signed_ ? _mm256_xor_ps(sine, sign) : sine;
+    const __m256 s2 = _mm256_mul_ps(s, s);
+    return _mm256_blendv_ps(s2, _mm256_sub_ps(_mm256_set1_ps(1.0f), s2), cosine);
 }
 
 /* DAC's Snake: y = x + sin(a x)^2 inverse, a and inverse per channel, for
@@ -546,8 +539,7 @@ typedef struct {
 } snake_t;
 
 static inline __m256 snake8(__m256 v, __m256 a, __m256 inverse) {
-    const __m256 s = sin8(_mm256_mul_ps(a, v), 0);  /* (squared: its sign is not needed) */
-    return _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(s, s), inverse), v);
+    return _mm256_add_ps(_mm256_mul_ps(sin2_8(_mm256_mul_ps(a, v)), inverse), v);
 }
 
 static void *snake_run(void *arg) {
@@ -1039,8 +1031,10 @@ class RowKernel:
         ``[B, C, T]`` float32 on the CPU laid out as rows (``row_layout``:
         contiguous, or a slice of the last dimension of a contiguous tensor),
         ``alpha`` and ``inverse`` ``C`` contiguous floats each (``[1, C, 1]``).
-        The sine by a polynomial: within 2e-7 of torch's (of the sine's size,
-        where its argument is at most 8,192)."""
+        The squared sine by a polynomial (``1 - sin^2`` of the reduced
+        argument where its octant's is the cosine): within 2e-7 of a float64
+        Snake (of the sine's size, where its argument is at most 8,192), as
+        torch's."""
         layout = row_layout(x) if x.dtype == torch.float32 and x.is_cpu else None
         for t in (alpha, inverse):
             if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
