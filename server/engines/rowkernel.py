@@ -509,7 +509,10 @@ static inline __m256 sin2_8(__m256 x) {
     if (_mm256_movemask_ps(_mm256_cmp_ps(ax, _mm256_set1_ps(8192.0f), _CMP_NLE_UQ))) {
         float v[8];
         _mm256_storeu_ps(v, x);
-        for (int i = 0; i < 8; i++) v[i] = sinf(v[i]) * sinf(v[i]);
+        for (int i = 0; i < 8; i++) {
+            const float sine = sinf(v[i]);
+            v[i] = sine * sine;
+        }
         return _mm256_loadu_ps(v);
     }
     __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(ax, _mm256_set1_ps(1.27323954473516f)));
