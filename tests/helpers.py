@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wavecast.server.config import Config, LimitsConfig, ModelsConfig, NetworkConfig, TimeoutsConfig
+
+if TYPE_CHECKING:
+    from wavecast.server.engines.rowkernel import RowKernel
 
 # Every timeout in the tests scales with this one variable (slow machines: raise it).
 TIMEOUT_SCALE = float(os.environ.get("WAVECAST_TEST_TIMEOUT_SCALE", "1"))
@@ -355,3 +358,22 @@ def same_audio(a: bytes, b: bytes) -> bool:
 
     x, y = np.frombuffer(a, np.int16), np.frombuffer(b, np.int16)
     return len(x) > 0 and x.shape == y.shape and int(np.abs(x.astype(int) - y).max()) <= 1
+
+
+def built_kernel() -> RowKernel:
+    """The row kernel, which this project's machines (x86-64 with AVX2, a C
+    compiler) build; elsewhere ``load`` must say why it did not."""
+    import platform
+    import shutil
+
+    import pytest
+
+    from wavecast.server.engines import rowkernel
+
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        assert platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which("cc"), (
+            kernel
+        )
+        pytest.skip(f"no row kernel here: {kernel}")
+    return kernel

@@ -724,8 +724,7 @@ class IncrementalCodec:
         would add 10 s or more to a load)."""
         if like.device.type != "cpu":
             return Forms(sum(isinstance(op, _Formed) for op in self._ops), 0, 0, 0.0)
-        built = rowkernel.load() if like.dtype == torch.float32 else None
-        kernel = built if isinstance(built, rowkernel.RowKernel) else None
+        kernel = rowkernel.built() if like.dtype == torch.float32 else None
         for op in self._ops:
             if isinstance(op, _Formed):
                 op.kernel = kernel

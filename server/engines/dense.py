@@ -232,8 +232,8 @@ def step_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> A
         return None
     if head_dim % 8 or head_dim > rowkernel.MOST_HEAD:
         return None
-    kernel = rowkernel.load()
-    return kernel.attend if isinstance(kernel, rowkernel.RowKernel) else None
+    kernel = rowkernel.built()
+    return None if kernel is None else kernel.attend
 
 
 def _size(count: int) -> str:

@@ -85,7 +85,7 @@ import numpy.typing as npt
 import torch
 from torch.nn import functional as F
 
-__all__ = ["MOST_HEAD", "MOST_ROWS", "RowKernel", "load", "row_layout"]
+__all__ = ["MOST_HEAD", "MOST_ROWS", "RowKernel", "built", "load", "row_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -1109,6 +1109,12 @@ class RowKernel:
         pointers = (seed.ctypes.data, step.ctypes.data, keys.ctypes.data, redraw.ctypes.data)
         self.keyed(pointers[0], pointers[1], rows, codebooks, pointers[2], pointers[3])
         return keys, redraw
+
+
+def built() -> RowKernel | None:
+    """The kernel (``load``), or None where it could not be built."""
+    kernel = load()
+    return kernel if isinstance(kernel, RowKernel) else None
 
 
 @cache

@@ -126,14 +126,13 @@ def _token_uniform(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def _noise_kernel(key: torch.Tensor, tokens: torch.Tensor | None) -> rowkernel.RowKernel | None:
     """The row kernel, where it makes this noise: ``[B, K]`` int64 keys and
     int64 tokens (None: a vocabulary's) on a CPU, outside a trace; else None."""
-    if not (NOISE_KERNEL and key.is_cpu) or torch.compiler.is_compiling():
+    if not key.is_cpu or torch.compiler.is_compiling():
         return None
     if key.dim() != 2 or key.dtype != torch.int64:
         return None
     if tokens is not None and (not tokens.is_cpu or tokens.dtype != torch.int64):
         return None
-    kernel = rowkernel.load()
-    return kernel if isinstance(kernel, rowkernel.RowKernel) else None
+    return _kernel()
 
 
 # Whether the noise comes from the row kernel on a CPU, and the draw keys from
@@ -141,22 +140,17 @@ def _noise_kernel(key: torch.Tensor, tokens: torch.Tensor | None) -> rowkernel.R
 NOISE_KERNEL = True
 
 
-def _keys_kernel() -> rowkernel.RowKernel | None:
-    """The row kernel, where it makes a step's draw keys (a dozen numpy calls
-    a hash, several hashes a step, each call costing more than its hashing)."""
-    kernel = rowkernel.load() if NOISE_KERNEL else None
-    return kernel if isinstance(kernel, rowkernel.RowKernel) else None
+def _kernel() -> rowkernel.RowKernel | None:
+    """The row kernel, where it is built and ``NOISE_KERNEL`` is on: the noise's
+    hashing, and a step's draw keys (a dozen numpy calls a hash, several hashes
+    a step, each call costing more than its hashing)."""
+    return rowkernel.built() if NOISE_KERNEL else None
 
 
 def counter_uniform(key: torch.Tensor, codebooks: int, vocab: int) -> torch.Tensor:
-    """The noise of every token, ``[B, codebooks, vocab]``, for rows keyed ``key``."""
-    tokens = torch.arange(vocab, device=key.device, dtype=torch.int64)
-    return _token_uniform(key, tokens.expand(key.shape[0], codebooks, vocab))
-
-
-def _vocabulary_uniform(key: torch.Tensor, codebooks: int, vocab: int) -> torch.Tensor:
-    """``counter_uniform`` for ``[B, K]`` keys: by the row kernel without the
-    tokens' ids written out, where it makes the noise."""
+    """The noise of every token, ``[B, codebooks, vocab]``, for rows keyed ``key``
+    (``[B, K]`` keys: by the row kernel without the tokens' ids written out,
+    where it makes the noise)."""
     kernel = _noise_kernel(key, None)
     if kernel is not None and key.shape[1] == codebooks:
         noise = kernel.uniforms(key, None, vocab)
@@ -299,7 +293,7 @@ class RowSampling:
     def draw_keys(self, rows: int, codebooks: int) -> Ints:
         """The first ``rows`` rows' keys of this step's draw per codebook
         (``codebook_keys`` of ``keys``): ``[rows, codebooks]``."""
-        kernel = _keys_kernel()
+        kernel = _kernel()
         if kernel is not None:
             return kernel.draw_keys(self.seed[:rows], self.step[:rows], codebooks)[0]
         return codebook_keys(row_keys(self.seed[:rows], self.step[:rows]), codebooks)
@@ -307,7 +301,7 @@ class RowSampling:
     def draw_and_redraw_keys(self, rows: int, codebooks: int) -> tuple[Ints, Ints]:
         """``draw_keys``, and the keys of a second draw in the step
         (``codebook_keys`` of ``redraw_keys``)."""
-        kernel = _keys_kernel()
+        kernel = _kernel()
         if kernel is not None:
             return kernel.draw_keys(self.seed[:rows], self.step[:rows], codebooks)
         keys = row_keys(self.seed[:rows], self.step[:rows])
@@ -428,12 +422,8 @@ def finite_rows(scores: torch.Tensor) -> torch.Tensor:
 
 def _race(probs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """A draw from ``probs`` ``[B, K, V]`` with every token's counter-based noise."""
-    batch, codebooks, vocab = probs.shape
-    if key.dim() == 1:
-        tokens = torch.arange(vocab, device=probs.device, dtype=torch.int64)
-        noise = _token_uniform(key, tokens.expand(batch, codebooks, vocab))
-    else:
-        noise = _vocabulary_uniform(key, codebooks, vocab)
+    _, codebooks, vocab = probs.shape
+    noise = counter_uniform(key, codebooks, vocab)
     return torch.argmax(probs / -torch.log(noise), dim=-1)
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import built_kernel
 
-from wavecast.server.engines import rowkernel
 from wavecast.server.engines.sampling import (
     DrawPlan,
     RowSampling,
@@ -81,9 +81,7 @@ def test_the_noise_kernel_is_the_librarys_noise_bit_for_bit(
     eight), at the keys' extremes; a key past 32 bits (which ``codebook_keys``
     never makes) falls back to the library's, so the noise is the same still;
     and so are the codes drawn, greedy and sampled, with top-k and top-p."""
-    kernel = rowkernel.load()
-    if not isinstance(kernel, rowkernel.RowKernel):
-        pytest.skip(f"no row kernel here: {kernel}")
+    kernel = built_kernel()
     from wavecast.server.engines import sampling
 
     def library(call: Any) -> Any:
@@ -122,9 +120,7 @@ def test_a_steps_draw_keys_are_the_hosts_hashes_bit_for_bit(
     machines) are ``codebook_keys`` of ``row_keys``, and of their
     ``redraw_keys``, bit for bit: for seeds of every size (negative ones and
     those past 32 bits too) and steps, for a table's first rows."""
-    kernel = rowkernel.load()
-    if not isinstance(kernel, rowkernel.RowKernel):
-        pytest.skip(f"no row kernel here: {kernel}")
+    kernel = built_kernel()
     from wavecast.server.engines import sampling
 
     rng = np.random.default_rng(0)

@@ -3,12 +3,11 @@ the same floats as the operations they stand for."""
 
 from __future__ import annotations
 
-import platform
-import shutil
 from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import built_kernel
 from torch.nn import functional as F
 
 from wavecast.server.engines import dense as dense_module
@@ -130,18 +129,6 @@ def test_weights_left_as_they_lie_are_multiplied_by_onednn_from_three_rows(
         assert torch.equal(direct.rows(some), F.linear(some, weight, b))
         assert torch.equal(direct(some), F.linear(some, weight, b))
     assert torch.equal(direct(positions[:1, :2]), F.linear(positions[:1, :2], weight, b))
-
-
-def built_kernel() -> rowkernel.RowKernel:
-    """The row kernel, which this project's machines (x86-64 with AVX2, a C
-    compiler) build; elsewhere ``load`` must say why it did not."""
-    kernel = rowkernel.load()
-    if not isinstance(kernel, rowkernel.RowKernel):
-        assert platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which("cc"), (
-            kernel
-        )
-        pytest.skip(f"no row kernel here: {kernel}")
-    return kernel
 
 
 def on_three_threads(
