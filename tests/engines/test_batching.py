@@ -9,6 +9,7 @@ are re-prefilled inside the batch.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,6 +254,28 @@ def test_a_request_that_fails_alone_ends_alone(windowed: Any, monkeypatch: Any) 
         assert torch.equal(codes(engine, runs[rid]), codes(engine, alone[rid])), rid
         streamed, solo = np.concatenate(runs[rid].audio), np.concatenate(alone[rid].audio)
         assert streamed.shape == solo.shape and np.abs(streamed - solo).max() <= 1e-5
+
+
+def test_a_crowds_descriptions_encoded_together_are_each_ones_alone(windowed: Any) -> None:
+    """``together`` (one call for a crowd, its unconditional halves made without
+    audiocraft's deep copy) gives each request the tensors that audiocraft's own
+    path (``one``: ``ClassifierFreeGuidanceDropout``, the provider) gives it alone:
+    the same lengths and masks, the embeddings to float rounding; an empty
+    description (all its rows masked) too."""
+    _, engine = windowed
+    conditioning = engine.conditioning
+    assert conditioning.together_ok
+    texts = ["rock", "", "ambient pads and a long prompt " * 3, "jazz"]
+    attributes = [conditioning.attributes(text, None)[0] for text in texts]
+    with torch.no_grad():
+        crowd = conditioning.together(attributes)
+        for attribute, got in zip(attributes, crowd, strict=True):
+            alone, _ = conditioning.one([attribute], random.getstate())
+            assert got.keys() == alone.keys() == {"description"}
+            (embeds, mask), (solo_embeds, solo_mask) = got["description"], alone["description"]
+            assert embeds.shape == solo_embeds.shape and torch.equal(mask, solo_mask)
+            assert float((embeds - solo_embeds).abs().max()) <= 1e-6
+    assert not bool(crowd[1]["description"][1].any())  # the empty text: nothing to attend to
 
 
 @pytest.mark.parametrize("part", ["descriptions", "conditions"])
