@@ -678,12 +678,23 @@ class IncrementalCodec:
         self.device = torch.device(device)
         # Frames a sample's audio waits for after its own (rounded up).
         self.lookahead = math.ceil(root.lookahead - 1e-9)
+        self._fresh: dict[tuple[torch.dtype, torch.device], _Stack] = {}
 
     def start(self, like: torch.Tensor) -> CodecState:
-        """The state of a new stream (``like``: a tensor of the decoder's dtype and device)."""
-        x = like.new_zeros(self.rows, 0)
-        slots = [op.begin(x) for op in self._ops]
-        return CodecState(self, _Stack(slots, 1, _key(self._ops, slots)))
+        """The state of a new stream (``like``: a tensor of the decoder's dtype and device).
+
+        Every new stream starts from the same state, made once per dtype and
+        device and shared: the layers never write into their states (a call
+        makes new ones), so streams that start together share its tensors
+        until their first call."""
+        fresh = self._fresh.get((like.dtype, like.device))
+        if fresh is None:
+            x = like.new_zeros(self.rows, 0)
+            slots = [op.begin(x) for op in self._ops]
+            fresh = self._fresh[(like.dtype, like.device)] = _Stack(
+                slots, 1, _key(self._ops, slots)
+            )
+        return CodecState(self, fresh)
 
     def decode(
         self, codes: torch.Tensor, states: Sequence[CodecState], *, final: bool = False

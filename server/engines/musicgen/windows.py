@@ -115,6 +115,7 @@ class Windows:
         self.window = window
         self.frame_rate = frame_rate
         self._layouts: dict[int, Layout] = {}
+        self._blanks: dict[int, list[list[int]]] = {}
 
     def frames(self, seconds: float) -> int:
         """Whole codec frames in ``seconds``, cut down exactly as audiocraft's
@@ -129,32 +130,56 @@ class Windows:
         time_offset = gen_offset / self.frame_rate
         chunk_duration = min(duration - time_offset, self.window)
         gen_len = self.frames(chunk_duration)
-        lm = self.lm
-        pattern = lm.pattern_provider.get_pattern(gen_len)
-        gen_codes = torch.full((1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long)
-        prompt_len = 0
-        if prompt is not None:
-            prompt_len = int(prompt.shape[-1])
-            gen_codes[..., :prompt_len] = torch.from_numpy(prompt)
-        gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
         layout = self.layout(gen_len)
+        prompt_len = 0 if prompt is None else int(prompt.shape[-1])
+        if prompt is None:
+            # (A copy of the length's blank sequence: building it costs a request
+            # a fifth of a millisecond, a crowd's first step several.)
+            sequence = [row[:] for row in self._blank(gen_len)]
+        else:
+            sequence = self._sequence(gen_len, prompt)
         # The first step holding a code of the prompt's next timestep (what
         # ``pattern.get_first_step_with_timesteps(prompt_len)`` finds by walking
         # the whole pattern: 0.25 ms a request for a 10 s window).
         start_offset = int(layout.positions[:, prompt_len].min())
-        if int(gen_sequence.shape[-1]) != len(pattern.layout) or bool(
-            ((gen_sequence == UNKNOWN_TOKEN) & ~mask).any()
-        ):
-            raise RuntimeError("a pattern sequence with unknown codes off the pattern")
         return Window(
-            sequence=gen_sequence[0].tolist(),
+            sequence=sequence,
             layout=layout,
             start_offset=start_offset,
-            end_offset=int(gen_sequence.shape[-1]),
+            end_offset=len(sequence[0]),
             offset=start_offset,
             prompt_len=prompt_len,
             ready=prompt_len,
         )
+
+    def _sequence(self, gen_len: int, prompt: Codes | None) -> list[list[int]]:
+        """The pattern sequence ``[K][S]`` of a ``gen_len`` window as
+        ``LMModel.generate`` builds it: the ``prompt`` codes ``[1, K, n]`` (if
+        any) where the pattern puts them, the special token where it has no
+        position, unknown elsewhere."""
+        lm = self.lm
+        pattern = lm.pattern_provider.get_pattern(gen_len)
+        gen_codes = torch.full((1, lm.num_codebooks, gen_len), UNKNOWN_TOKEN, dtype=torch.long)
+        if prompt is not None:
+            gen_codes[..., : int(prompt.shape[-1])] = torch.from_numpy(prompt)
+        gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
+        if int(gen_sequence.shape[-1]) != len(pattern.layout) or bool(
+            ((gen_sequence == UNKNOWN_TOKEN) & ~mask).any()
+        ):
+            raise RuntimeError("a pattern sequence with unknown codes off the pattern")
+        sequence: list[list[int]] = gen_sequence[0].tolist()
+        return sequence
+
+    def _blank(self, gen_len: int) -> list[list[int]]:
+        """A ``gen_len`` window's sequence without a prompt (cached by length:
+        copy it before writing)."""
+        blank = self._blanks.get(gen_len)
+        if blank is None:
+            blank = self._sequence(gen_len, None)
+            if len(self._blanks) > 64:
+                self._blanks.clear()
+            self._blanks[gen_len] = blank
+        return blank
 
     def layout(self, gen_len: int) -> Layout:
         """Where each timestep of a ``gen_len`` window lands (cached by length)."""
