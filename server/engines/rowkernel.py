@@ -591,44 +591,141 @@ typedef struct {
     float *y;
     long p0, p1, blocks, O, C, U, d, n, xb, xc, S;
     int vectors;
+    int interleave;  /* S is 2 or a multiple of 4: phases stored in place (put2, put4) */
 } conv_t;
 
+/* Samples j < count (at most 8) of two phases (a0: r, a1: r + 1) into y[j S +
+   r], S = 2: 2 count floats in a row. */
+static inline void put2(float *y, __m256 a0, __m256 a1, long count) {
+    const __m256 lo = _mm256_unpacklo_ps(a0, a1), hi = _mm256_unpackhi_ps(a0, a1);
+    const __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20);
+    const __m256 second = _mm256_permute2f128_ps(lo, hi, 0x31);
+    if (count >= 8) {
+        _mm256_storeu_ps(y, first);
+        _mm256_storeu_ps(y + 8, second);
+    } else {
+        _mm256_maskstore_ps(y, lanes_below(2 * count), first);
+        _mm256_maskstore_ps(y + 8, lanes_below(2 * count - 8), second);
+    }
+}
+
+/* Samples j < count (at most 8) of four phases (a0 to a3: r to r + 3) into
+   y[j S + r] (S a multiple of 4): each sample's four floats in a row. */
+static inline void put4(float *y, long S, __m256 a0, __m256 a1, __m256 a2, __m256 a3,
+                        long count) {
+    const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+    const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+    /* u[k]: samples k (low half) and k + 4 (high half), four phases each. */
+    const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                         _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+    if (S == 4) {
+        const __m256 out[4] = {_mm256_permute2f128_ps(u[0], u[1], 0x20),
+                               _mm256_permute2f128_ps(u[2], u[3], 0x20),
+                               _mm256_permute2f128_ps(u[0], u[1], 0x31),
+                               _mm256_permute2f128_ps(u[2], u[3], 0x31)};
+        for (int k = 0; k < 4; k++) {
+            if (count >= 8) _mm256_storeu_ps(y + 8 * k, out[k]);
+            else _mm256_maskstore_ps(y + 8 * k, lanes_below(4 * count - 8 * k), out[k]);
+        }
+        return;
+    }
+    for (long j = 0; j < count && j < 8; j++) {
+        const __m256 v = u[j & 3];
+        _mm_storeu_ps(y + j * S, j < 4 ? _mm256_castps256_ps128(v) : _mm256_extractf128_ps(v, 1));
+    }
+}
+
+/* A block's sums are k = o V + v (output o0 + o, samples 8 v to 8 v + 7 of
+   the block), k < O_ V (at most 9), in registers: every index below is a
+   constant (the macros list them all; those past O_ V, or past the block's
+   vectors or outputs, are left out at compile time, their indices kept in
+   bounds by the remainders), for a loop over them would keep the sums in
+   memory, a store for every multiply-add. */
+#define CONV_X(V, J, LOAD) if ((J) < (V)) xv[(J) % (V)] = LOAD((J) % (V));
+#define CONV_XS(V, LOAD) \
+    CONV_X(V, 0, LOAD) CONV_X(V, 1, LOAD) CONV_X(V, 2, LOAD) CONV_X(V, 3, LOAD) \
+    CONV_X(V, 4, LOAD) CONV_X(V, 5, LOAD) CONV_X(V, 6, LOAD) CONV_X(V, 7, LOAD)
+#define CONV_W(O_, J) if ((J) < (O_)) wv[(J) % (O_)] = _mm256_broadcast_ss(wp + (J) % (O_) * CU);
+#define CONV_FMA(O_, V, K) \
+    if ((K) < (O_) * (V)) \
+        a[(K) % ((O_) * (V))] = \
+            _mm256_fmadd_ps(wv[(K) / (V) % (O_)], xv[(K) % (V)], a[(K) % ((O_) * (V))]);
+#define CONV_EACH(F, O_, V) \
+    F(O_, V, 0) F(O_, V, 1) F(O_, V, 2) F(O_, V, 3) F(O_, V, 4) F(O_, V, 5) F(O_, V, 6) \
+    F(O_, V, 7) F(O_, V, 8)
+#define CONV_LOAD(v) _mm256_loadu_ps(xp + 8 * (v))
+#define CONV_MASKED(v) _mm256_maskload_ps(xp + 8 * (v), m[v])
+
 /* The sums of a block over every input channel and tap, each vector of
-   samples read as the last arguments say (a whole block, or a last one
-   masked); O_ outputs, V vectors, as in CONV. */
-#define CONV_SUMS(O_, V, ...) \
+   samples read by LOAD (a whole block, or a last one masked). */
+#define CONV_SUMS(O_, V, LOAD) \
     for (long i = 0; i < C; i++) \
         for (long u = 0; u < U; u++) { \
-            const float *xp = x + i * c->xc + u * d; \
-            __m256 xv[V]; \
-            for (int v = 0; v < V; v++) xv[v] = __VA_ARGS__; \
-            for (int o = 0; o < O_; o++) { \
-                const __m256 wv = _mm256_broadcast_ss(w + (o * C + i) * U + u); \
-                for (int v = 0; v < V; v++) a[o][v] = _mm256_fmadd_ps(wv, xv[v], a[o][v]); \
-            } \
+            const float *xp = x + i * xc + u * d, *wp = w + i * U + u; \
+            __m256 xv[V], wv[O_]; \
+            CONV_XS(V, LOAD) \
+            CONV_W(O_, 0) CONV_W(O_, 1) CONV_W(O_, 2) CONV_W(O_, 3) \
+            CONV_EACH(CONV_FMA, O_, V) \
         }
 
+#define CONV_INIT(O_, V, K) \
+    if ((K) < (O_) * (V)) \
+        a[(K) % ((O_) * (V))] = _mm256_set1_ps(c->bias ? c->bias[o0 + (K) / (V)] : 0.0f);
+#define CONV_STORE(O_, V, K) \
+    if ((K) < (O_) * (V)) \
+        _mm256_storeu_ps(y + (o0 + (K) / (V)) * n + 8 * ((K) % (V)), a[(K) % ((O_) * (V))]);
+#define CONV_MASKSTORE(O_, V, K) \
+    if ((K) < (O_) * (V)) \
+        _mm256_maskstore_ps(y + (o0 + (K) / (V)) * n + 8 * ((K) % (V)), m[(K) % (V)], \
+                            a[(K) % ((O_) * (V))]);
+/* Phases stored in place (see CONV): outputs O and O + 1 (O even) of vector
+   VV, S = 2; outputs 0 to 3 of vector VV, S a multiple of 4. */
+#define CONV_PUT2(O_, V, O, VV) \
+    if ((O) + 1 < (O_) && (VV) < (V) && left > 8 * (VV)) \
+        put2(y + ((o0 + (O)) / S) * row + (o0 + (O)) % S + 16 * (VV), \
+             a[((O) * (V) + (VV)) % ((O_) * (V))], a[(((O) + 1) * (V) + (VV)) % ((O_) * (V))], \
+             left - 8 * (VV));
+#define CONV_PUT4(O_, V, VV) \
+    if ((O_) == 4 && (VV) < (V) && left > 8 * (VV)) \
+        put4(y + (o0 / S) * row + o0 % S + 8 * (VV) * S, S, a[(VV) % ((O_) * (V))], \
+             a[((V) + (VV)) % ((O_) * (V))], a[(2 * (V) + (VV)) % ((O_) * (V))], \
+             a[(3 * (V) + (VV)) % ((O_) * (V))], left - 8 * (VV));
+#define CONV_PUTS(O_, V, F, ...) \
+    F(O_, V, __VA_ARGS__ 0) F(O_, V, __VA_ARGS__ 1) F(O_, V, __VA_ARGS__ 2) \
+    F(O_, V, __VA_ARGS__ 3) F(O_, V, __VA_ARGS__ 4) F(O_, V, __VA_ARGS__ 5) \
+    F(O_, V, __VA_ARGS__ 6) F(O_, V, __VA_ARGS__ 7)
+
+/* Outputs o0 to o0 + O_ - 1 of a block of V vectors of samples (``left``
+   samples from the block's first on, masked past the last): into y's rows n
+   floats apart; or, where the task interleaves, each output row o S + r as
+   phase r of row o of y, which points at the block's first sample t of its
+   stream's rows ([O / S, n S]). */
 #define CONV(O_, V) \
 static void conv_##O_##_##V(const conv_t *c, const float *x, float *y, long n, long o0, \
                             long left) { \
-    const long C = c->C, U = c->U, d = c->d; \
-    const float *w = c->w + o0 * C * U; \
-    __m256 a[O_][V]; \
+    const long C = c->C, U = c->U, d = c->d, xc = c->xc, CU = C * U; \
+    const float *w = c->w + o0 * CU; \
+    __m256 a[(O_) * (V)]; \
     __m256i m[V]; \
     for (int v = 0; v < V; v++) m[v] = lanes_below(left - 8 * v); \
-    for (int o = 0; o < O_; o++) { \
-        const __m256 b = _mm256_set1_ps(c->bias ? c->bias[o0 + o] : 0.0f); \
-        for (int v = 0; v < V; v++) a[o][v] = b; \
-    } \
+    CONV_EACH(CONV_INIT, O_, V) \
     if (left >= 8 * V) { \
-        CONV_SUMS(O_, V, _mm256_loadu_ps(xp + 8 * v)) \
-        for (int o = 0; o < O_; o++) \
-            for (int v = 0; v < V; v++) _mm256_storeu_ps(y + (o0 + o) * n + 8 * v, a[o][v]); \
+        CONV_SUMS(O_, V, CONV_LOAD) \
     } else { \
-        CONV_SUMS(O_, V, _mm256_maskload_ps(xp + 8 * v, m[v])) \
-        for (int o = 0; o < O_; o++) \
-            for (int v = 0; v < V; v++) \
-                _mm256_maskstore_ps(y + (o0 + o) * n + 8 * v, m[v], a[o][v]); \
+        CONV_SUMS(O_, V, CONV_MASKED) \
+    } \
+    if (c->interleave) { \
+        const long S = c->S, row = c->n * S; \
+        if (S == 2) { \
+            CONV_PUTS(O_, V, CONV_PUT2, 0, ) \
+            CONV_PUTS(O_, V, CONV_PUT2, 2, ) \
+        } else { \
+            CONV_PUTS(O_, V, CONV_PUT4, ) \
+        } \
+    } else if (left >= 8 * V) { \
+        CONV_EACH(CONV_STORE, O_, V) \
+    } else { \
+        CONV_EACH(CONV_MASKSTORE, O_, V) \
     } \
 }
 CONV(1, 8)
@@ -666,6 +763,13 @@ static void *conv_run(void *arg) {
         }
         return 0;
     }
+    if (c->interleave) {  /* each block's phases stored in place from its sums */
+        for (long p = c->p0; p < c->p1; p++) {
+            const long b = p / c->blocks, t = (p % c->blocks) * span;
+            conv_block(c, p, c->y + b * c->O * n + t * S, n);
+        }
+        return 0;
+    }
     /* Each block's phases into a buffer, then each phase's samples S apart. */
     float *z = malloc(sizeof(float) * c->O * span);
     if (!z) return (void *)1;
@@ -693,10 +797,14 @@ int conv(const float *x, const float *w, const float *bias, float *y, long B, lo
     const int vectors = O == 1 ? 8 : O == 2 ? 4 : O == 3 ? 3 : 2;
     const long blocks = (n + 8L * vectors - 1) / (8L * vectors), items = B * blocks;
     const long share = (items + threads - 1) / threads;
+    /* In place where a block's outputs O_ at a time hold whole groups of phases
+       of a row: pairs (S = 2: O_ is even for every O = 2 C_out) or fours (S a
+       multiple of 4: O_ is 4, as O is). */
+    const int interleave = S == 2 || (S > 1 && S % 4 == 0);
     int parts = 0;
     for (long p = 0; p < items; p += share, parts++)
         tasks[parts] = (conv_t){x, w, bias, y, p, p + share < items ? p + share : items,
-                                blocks, O, C, U, d, n, xb, xc, S, vectors};
+                                blocks, O, C, U, d, n, xb, xc, S, vectors, interleave};
     return run_parts(conv_run, tasks, sizeof tasks[0], parts);
 }
 

@@ -180,7 +180,16 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
 
 @pytest.mark.parametrize(
     ("outputs", "channels", "taps", "dilation"),
-    [(1, 4, 7, 1), (2, 4, 3, 3), (3, 5, 1, 1), (4, 8, 3, 1), (7, 3, 2, 2), (16, 2, 3, 9)],
+    [
+        (1, 4, 7, 1),
+        (2, 4, 3, 3),
+        (3, 5, 1, 1),
+        (4, 8, 3, 1),
+        (6, 3, 2, 1),
+        (7, 3, 2, 2),
+        (16, 2, 3, 9),
+        (32, 5, 2, 1),
+    ],
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_convolution_kernel_is_the_librarys_each_sample_the_same_wherever_it_lies(
@@ -196,7 +205,8 @@ def test_the_convolution_kernel_is_the_librarys_each_sample_the_same_wherever_it
     float64's convolution to rounding, and each output sample the same bits
     whatever stream of the call it is in and wherever in time the call starts
     (a stream's chunks do not change its audio), on one thread or several; as
-    a transposed convolution's phases, the same samples, interleaved."""
+    a transposed convolution's phases, the same samples, interleaved (in
+    place from the sums: 2, or a multiple of 4; by way of a buffer: others)."""
     kernel = built_kernel()
     torch.manual_seed(0)
     reach = (taps - 1) * dilation
@@ -216,7 +226,7 @@ def test_the_convolution_kernel_is_the_librarys_each_sample_the_same_wherever_it
         assert torch.equal(kernel.conv(x[..., start:], weight, b, dilation), got[..., start:])
     assert torch.equal(kernel.conv(x[:2, :, : reach + 9], weight, b, dilation), got[:2, :, :9])
     assert kernel.conv(x[..., :reach], weight, b, dilation).shape == (5, outputs, 0)
-    for phases in (2, 4, 7, 16):  # a transposed convolution's phases, interleaved
+    for phases in (2, 3, 4, 7, 8, 16):  # a transposed convolution's phases, interleaved
         if outputs % phases == 0:
             phased = got.view(5, outputs // phases, phases, 203).transpose(2, 3)
             assert torch.equal(
