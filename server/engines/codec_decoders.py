@@ -102,6 +102,18 @@ class Snake(nn.Module):  # type: ignore[misc]
         out.sin_().pow_(2).mul_(self.inverse).add_(x)
         return out.reshape(shape)
 
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """``forward(x)`` written into ``out`` (of ``x``'s shape ``[B, C, T]``,
+        laid out as rows: a slice of the next convolution's padded input), by
+        the kernel; False, nothing written, where the kernel does not take them."""
+        kernel = self.kernel
+        if kernel is None or x.dim() != 3 or not _kernel_takes(x, self.alpha):
+            return False
+        if not _kernel_takes(out) or out.shape != x.shape:
+            return False
+        kernel.snake(x, self.alpha.detach(), self.inverse, out)
+        return True
+
 
 class ELU(nn.ELU):  # type: ignore[misc]
     """``nn.ELU`` as ``x`` where it is above 0, else ``alpha (exp(x) - 1)``, in
@@ -129,6 +141,19 @@ class ELU(nn.ELU):  # type: ignore[misc]
             negative.mul_(self.alpha)
         out = x.clamp_min_(0) if self.inplace else x.clamp_min(0)
         return out.add_(negative)
+
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """``forward(x)`` written into ``out`` (of ``x``'s shape, laid out as
+        rows: a slice of the next convolution's padded input; ``x`` itself is
+        left as it is), by the kernel; False, nothing written, where the kernel
+        does not take them."""
+        kernel = self.kernel
+        if kernel is None or not _kernel_takes(x) or not _kernel_takes(out):
+            return False
+        if out.shape != x.shape:
+            return False
+        kernel.elu(x, self.alpha, out)
+        return True
 
 
 def for_serving(decoder: nn.Module) -> Prepared:

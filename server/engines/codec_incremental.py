@@ -117,6 +117,13 @@ class _Pointwise(_Op):
     def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
         return self.fn(x) if x.shape[-1] else x
 
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """``run``'s samples written into ``out`` (of ``x``'s shape), where the
+        activation can (``codec_decoders``' ``ELU`` and ``Snake`` by the row
+        kernel); False, nothing written, where it cannot."""
+        write = getattr(self.fn, "into", None)
+        return bool(write(x, out)) if write is not None else False
+
 
 DIRECT, PRODUCT, KERNEL = "direct", "product", "kernel"
 
@@ -207,15 +214,40 @@ class _Conv(_Formed):
         buffer = x.new_zeros(x.shape[0], self.conv.in_channels, span)
         return _Slot((buffer,), self.right)
 
-    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+    def run(
+        self,
+        x: torch.Tensor,
+        state: list[_Slot | None],
+        final: bool,
+        activation: _Pointwise | None = None,
+    ) -> torch.Tensor:
+        """With ``activation``: ``run(activation.run(x))``, the activation's
+        samples written straight into this convolution's padded input where it
+        can (not into a tensor of their own and then copied into the input
+        joined with the buffer: a pass over the layer's samples saved), the
+        same floats."""
         conv, slot = self.conv, state[self.index]
-        if slot is None:
-            return self.apply(x) if x.shape[-1] else _empty(x, conv.out_channels)
-        (buffer,) = slot.tensors
-        parts = [buffer, x]
-        if final:
-            parts.append(x.new_zeros(x.shape[0], x.shape[1], self.right))
-        padded = torch.cat(parts, -1)
+        n = x.shape[-1]
+        if slot is None or not n or activation is None:
+            if activation is not None:
+                x = activation.run(x, state, final)
+            if slot is None:
+                return self.apply(x) if n else _empty(x, conv.out_channels)
+            (buffer,) = slot.tensors
+            parts = [buffer, x]
+            if final:
+                parts.append(x.new_zeros(x.shape[0], x.shape[1], self.right))
+            padded = torch.cat(parts, -1)
+        else:
+            (buffer,) = slot.tensors
+            span = buffer.shape[-1]
+            right = self.right if final else 0
+            padded = x.new_empty(x.shape[0], x.shape[1], span + n + right)
+            padded[..., :span] = buffer
+            if right:
+                padded[..., span + n :] = 0.0
+            if not activation.into(x, padded[..., span : span + n]):
+                padded[..., span : span + n] = activation.run(x, state, final)
         # (A copy: a view would keep the whole padded input alive.)
         slot.tensors = (padded[..., padded.shape[-1] - buffer.shape[-1] :].clone(),)
         if padded.shape[-1] == buffer.shape[-1]:
@@ -391,8 +423,18 @@ class _Chain(_Op):
             self.rate *= op.rate
 
     def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
-        for op in self.children:
-            x = op.run(x, state, final)
+        children = self.children
+        i = 0
+        while i < len(children):
+            op = children[i]
+            after = children[i + 1] if i + 1 < len(children) else None
+            if isinstance(op, _Pointwise) and isinstance(after, _Conv):
+                # The activation into the convolution's padded input: no join.
+                x = after.run(x, state, final, activation=op)
+                i += 2
+            else:
+                x = op.run(x, state, final)
+                i += 1
         return x
 
     def ops(self) -> list[_Op]:

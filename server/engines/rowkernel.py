@@ -932,6 +932,20 @@ def row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
     return rows, samples, ld
 
 
+def _out_rows(x: torch.Tensor, y: torch.Tensor) -> int:
+    """The floats from one row of ``y`` (an activation's output, ``x`` itself or
+    of ``x``'s shape) to the next; ValueError where it is not laid out as rows."""
+    layout = row_layout(x) if y is x else row_layout(y)
+    if y is not x and (
+        y.shape != x.shape or y.dtype != torch.float32 or not y.is_cpu or layout is None
+    ):
+        raise ValueError(
+            f"out {tuple(y.shape)} {y.dtype} of strides {y.stride()} for x {tuple(x.shape)}"
+        )
+    assert layout is not None
+    return layout[2]
+
+
 def _threads(work: int, per_thread: int) -> int:
     """Torch's threads, as many as ``work`` gives each ``per_thread`` of it (one at least)."""
     available: int = torch.get_num_threads()
@@ -1052,11 +1066,13 @@ class RowKernel:
     def elu(
         self, x: torch.Tensor, alpha: float = 1.0, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``F.elu(x, alpha)`` into ``out`` (a new contiguous tensor, or ``x``
-        itself) for a float32 ``x`` on the CPU laid out as rows (``row_layout``:
-        contiguous, or a slice of the last dimension of a contiguous tensor, as
-        a codec layer's output trimmed of its tail): one pass, ``e^x - 1`` for
-        ``expm1`` (within 1e-7 where ``x`` is below 0; the rest the same)."""
+        """``F.elu(x, alpha)`` into ``out`` (a new contiguous tensor, ``x``
+        itself, or any tensor of its shape laid out as rows: a slice of a wider
+        one, say the next convolution's padded input) for a float32 ``x`` on the
+        CPU laid out as rows (``row_layout``: contiguous, or a slice of the last
+        dimension of a contiguous tensor, as a codec layer's output trimmed of
+        its tail): one pass, ``e^x - 1`` for ``expm1`` (within 1e-7 where ``x``
+        is below 0; the rest the same)."""
         layout = row_layout(x) if x.dtype == torch.float32 and x.is_cpu else None
         if layout is None:
             raise TypeError(
@@ -1064,12 +1080,10 @@ class RowKernel:
                 f"of strides {x.stride()}"
             )
         y = torch.empty(x.shape, dtype=torch.float32) if out is None else out
-        if y is not x and (y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous()):
-            raise ValueError(f"out {tuple(y.shape)} {y.dtype} for x {tuple(x.shape)} {x.dtype}")
         rows, samples, ld = layout
-        if x.is_contiguous():  # (one row: the threads share it out)
-            rows, samples, ld = 1, x.numel(), 0
-        ldy = ld if y is x else samples
+        ldy = _out_rows(x, y)
+        if x.is_contiguous() and y.is_contiguous():  # (one row: the threads share it out)
+            rows, samples, ld, ldy = 1, x.numel(), 0, 0
         threads = _threads(rows * samples, PER_THREAD_ELU)
         self.activation(x.data_ptr(), y.data_ptr(), rows, samples, ld, ldy, alpha, threads)
         return y
@@ -1136,9 +1150,16 @@ class RowKernel:
                 raise MemoryError("no memory for the convolution kernel's phases")
         return y
 
-    def snake(self, x: torch.Tensor, alpha: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def snake(
+        self,
+        x: torch.Tensor,
+        alpha: torch.Tensor,
+        inverse: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """DAC's Snake, ``x + sin(alpha x)^2 inverse`` (``inverse`` is ``1 /
-        (alpha + 1e-9)``), as a new contiguous tensor, in one pass: ``x``
+        (alpha + 1e-9)``), into ``out`` (a new contiguous tensor, or any tensor
+        of ``x``'s shape laid out as rows, as ``elu``'s), in one pass: ``x``
         ``[B, C, T]`` float32 on the CPU laid out as rows (``row_layout``:
         contiguous, or a slice of the last dimension of a contiguous tensor),
         ``alpha`` and ``inverse`` ``C`` contiguous floats each (``[1, C, 1]``).
@@ -1160,8 +1181,9 @@ class RowKernel:
                 f"the Snake kernel takes x [B, C, T] and C alphas, not x {tuple(x.shape)}, "
                 f"alpha {tuple(alpha.shape)}, inverse {tuple(inverse.shape)}"
             )
-        y = torch.empty(x.shape, dtype=torch.float32)
+        y = torch.empty(x.shape, dtype=torch.float32) if out is None else out
         rows, samples, ld = layout
+        ldy = _out_rows(x, y)
         channels = x.shape[1]
         threads = _threads(x.numel(), PER_THREAD_ELU)
         self.snakes(
@@ -1173,7 +1195,7 @@ class RowKernel:
             samples,
             channels,
             ld,
-            samples,
+            ldy,
             threads,
         )
         return y

@@ -118,6 +118,18 @@ def test_elu_by_the_row_kernel_equals_torchs(length: int, monkeypatch: pytest.Mo
         out = ELU(alpha, inplace=True, kernel=kernel)(rows)
         assert out.data_ptr() == wide.data_ptr() and torch.equal(wide[..., x.shape[-1] :], past)
         assert torch.equal(out.nan_to_num(), got.nan_to_num())
+        # Into rows of a wider tensor (a convolution's padded input, its buffer
+        # before them): the same floats there, the rest untouched, x too.
+        padded = torch.randn(3, 4, 2 + x.shape[-1] + 1)
+        around = padded.clone()
+        assert ELU(alpha, kernel=kernel).into(x, padded[..., 2:-1])
+        assert torch.equal(padded[..., 2:-1].nan_to_num(), got.nan_to_num())
+        assert torch.equal(padded[..., :2], around[..., :2])
+        assert torch.equal(padded[..., -1:], around[..., -1:])
+        assert torch.equal(x.nan_to_num(), kept.nan_to_num())
+        assert not ELU(alpha).into(x, padded[..., 2:-1])  # (no kernel: nothing written)
+        across = torch.empty(3, x.shape[-1], 4).transpose(1, 2)  # (x's shape, not as rows)
+        assert not ELU(alpha, kernel=kernel).into(x, across)
         threads = torch.get_num_threads()
         monkeypatch.setattr(rowkernel, "PER_THREAD_ELU", 1)
         try:
@@ -216,6 +228,13 @@ def test_snake_by_the_row_kernel_is_as_close_to_float64_as_torchs(
         rows = torch.cat([x, torch.randn(2, 6, 9)], -1)[..., :length]
         assert not rows.is_contiguous() and rowkernel.row_layout(rows) is not None
         assert torch.equal(fast(rows), got) and fast(rows).is_contiguous()
+        # Into rows of a wider tensor (a convolution's padded input): the same
+        # floats there, the rest untouched.
+        padded = torch.randn(2, 6, 3 + length)
+        around = padded.clone()
+        assert fast.into(x, padded[..., 3:])
+        assert torch.equal(padded[..., 3:], got) and torch.equal(padded[..., :3], around[..., :3])
+        assert not plain.into(x, padded[..., 3:])
         # One channel's rows (a size-1 dimension: its stride says nothing).
         one = Snake(original.alpha[:, :1], kernel)
         alone = torch.cat([x[:, :1], torch.randn(2, 1, 3)], -1)[..., :length].reshape(2, 1, -1)

@@ -25,6 +25,7 @@ from wavecast.server.engines.codec_incremental import (
     _Conv,
     _ConvTranspose,
     _Formed,
+    _Pointwise,
     checked,
     incremental,
 )
@@ -137,6 +138,42 @@ def test_streams_in_pieces_decoded_together_equal_the_one_shot_decode(
         assert peak > 0 and np.abs(streamed - whole).max() <= 1e-5 * peak, i
 
 
+def test_activations_written_into_the_next_convolutions_input_change_no_sample(
+    codec: tuple[IncrementalCodec, Decode, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An activation before a convolution with a buffer writes its samples
+    straight into the convolution's padded input (by the row kernel, where it
+    is built): two streams' chunks in uneven pieces, the last one final, are
+    the same bits as with every activation making its own tensor, joined."""
+    inc, _, k = codec
+    codes = _codes(2, k, 40, seed=5)
+    pieces = (1, inc.lookahead + 1, 3, 10)
+
+    def streamed() -> torch.Tensor:
+        states = [inc.start(torch.zeros(())) for _ in range(2)]
+        out, at = [], 0
+        for n in pieces:
+            out.append(inc.decode(codes[:, :, at : at + n], states))
+            at += n
+        out.append(inc.decode(codes[:, :, at:], states, final=True))
+        return torch.cat(out, -1)
+
+    written = []
+    into = _Pointwise.into
+
+    def counted(self: _Pointwise, x: torch.Tensor, out: torch.Tensor) -> bool:
+        done = into(self, x, out)
+        written.append(done)
+        return done
+
+    monkeypatch.setattr(_Pointwise, "into", counted)
+    fused = streamed()
+    if isinstance(rowkernel.load(), rowkernel.RowKernel):
+        assert written and all(written)  # (every such pair, every call)
+    monkeypatch.setattr(_Pointwise, "into", lambda self, x, out: False)
+    assert torch.equal(fused, streamed())
+
+
 def test_a_streams_state_stays_the_same_size(codec: tuple[IncrementalCodec, Decode, int]) -> None:
     inc, _, k = codec
     state = inc.start(torch.zeros(()))
@@ -212,7 +249,7 @@ def test_a_call_that_fails_leaves_the_streams_states_as_they_were(
         inc.decode(codes[:, :, :n], group)
     last = inc._ops[-1]
 
-    def fail(*args: Any) -> torch.Tensor:
+    def fail(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("the last layer failed")
 
     last.run = fail  # type: ignore[method-assign]
