@@ -42,15 +42,19 @@ samples, eight at a time (``RowKernel.elu``: EnCodec's ELU, ``e^x - 1`` by the
 attention's polynomial; ``RowKernel.snake``: DAC's Snake, its squared sine
 from Cephes' sine polynomial alone), where torch makes four or five passes
 (``codec_decoders``),
-over rows of a wider tensor too (``row_layout``: a transposed convolution's
-output without its tail, which fell back to torch's passes when the
-activations took only contiguous tensors), and
+over rows of a wider tensor too, read or written (``row_layout``: a
+transposed convolution's output without its tail, which fell back to torch's
+passes when the activations took only contiguous tensors; the next
+convolution's padded input, which they write into instead of a tensor then
+joined), and
 their convolutions over few outputs (``RowKernel.conv``: eight samples in the
 lanes of a vector, up to four outputs at a time, every weight broadcast once a
-block): oneDNN's kernel takes 2-7x its time for one to four outputs over long
-inputs (``bench/bench_conv.py``: the released EnCodec's last layer, 64
-channels into one, 2.3-4.5x; the tiny EnCodec's 2.4-7x), and
-``codec_incremental`` takes it where it measures it fastest.
+block, the sums in registers; a transposed convolution's phases, of stride 2
+or a multiple of 4, stored in place from them): oneDNN's kernel takes 2-7x
+its time for one to four outputs over long inputs (``bench/bench_conv.py``:
+the released EnCodec's last layer, 64 channels into one, 2.3-4.5x; the tiny
+EnCodec's 2.4-7x), and ``codec_incremental`` takes it where it measures it
+fastest.
 
 And the sampler's integer hashing, bit for bit: a step's draw keys
 (``RowKernel.draw_keys``, where numpy makes a few dozen calls on a handful of
