@@ -228,18 +228,17 @@ class _Conv(_Formed):
         same floats."""
         conv, slot = self.conv, state[self.index]
         n = x.shape[-1]
-        if slot is None or not n or activation is None:
-            if activation is not None:
-                x = activation.run(x, state, final)
-            if slot is None:
-                return self.apply(x) if n else _empty(x, conv.out_channels)
-            (buffer,) = slot.tensors
+        if activation is not None and (slot is None or not n):  # (no input to write into)
+            x, activation = activation.run(x, state, final), None
+        if slot is None:
+            return self.apply(x) if n else _empty(x, conv.out_channels)
+        (buffer,) = slot.tensors
+        if activation is None:
             parts = [buffer, x]
             if final:
                 parts.append(x.new_zeros(x.shape[0], x.shape[1], self.right))
             padded = torch.cat(parts, -1)
         else:
-            (buffer,) = slot.tensors
             span = buffer.shape[-1]
             right = self.right if final else 0
             padded = x.new_empty(x.shape[0], x.shape[1], span + n + right)
