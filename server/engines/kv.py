@@ -284,6 +284,11 @@ class CacheRows:
         ``[layers, H, length, d]`` each."""
         return self.kv.k[:, row, :, :length], self.kv.v[:, row, :, :length]
 
+    def empty(self, rows: list[int]) -> None:
+        """``rows`` hold no position now (a new window's rows, whose first position
+        goes in by a decode step)."""
+        self.kv.lengths[torch.tensor(rows, device=self.kv.lengths.device)] = 0
+
     def hold(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put ``keys`` and ``values`` ``[layers, H, P, d]`` in ``row``'s first ``P``
         positions (room for them made already): the row then holds ``P``."""

@@ -413,8 +413,9 @@ def test_one_decoder_forward_per_step_for_every_request(windowed: Any) -> None:
         del decoder.decode, decoder.prefill
         for job in jobs:
             engine.finish(job)
-    # Both new requests' prompts (one position each) go in one prefill call.
-    assert calls == {"decode": 9, "prefill": 1}
+    # Both new requests' prompts (one position each: the pattern's first column)
+    # go in by the decode step: one forward a step, the first one included.
+    assert calls == {"decode": 10, "prefill": 0}
 
 
 def test_the_decode_step_traces_as_one_graph(windowed: Any) -> None:

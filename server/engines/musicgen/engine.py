@@ -602,6 +602,16 @@ class MusicGenEngine:
             win = st.window
             if win.prompt_inputs is None:  # (its conditioning failed)
                 continue
+            if win.prompt_fed == 0 and int(win.prompt_inputs.shape[1]) == 1:
+                # A prompt of one position (the pattern's first column, nothing
+                # prepended): it goes in as the step's, with the decoding rows'
+                # (one forward for a crowd's first step, not a prefill and a step).
+                assert st.slot is not None
+                self.decoder.empty([2 * st.slot, 2 * st.slot + 1])
+                st.kv_length = 0
+                win.prefilled = True
+                win.prompt_inputs = None
+                continue
             size = min(int(win.prompt_inputs.shape[1]) - win.prompt_fed, self.prefill_chunk)
             waiting.append((st, size))
         complete: dict[int, torch.Tensor] = {}
