@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from audiocraft.models.musicgen import MusicGen
-from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout, ConditioningAttributes
+from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
 from wavecast.protocol import InvalidField
 
@@ -123,29 +123,31 @@ class Conditioning:
         conditioning equals its solo one to float rounding (tested: logits within
         1e-5 of the solo run, codes equal).
 
-        The unconditional halves are built as what ``ClassifierFreeGuidanceDropout``
-        makes of them for a model conditioned on its description alone (the
-        description None; the rest the provider does not read), without its deep
-        copy of every request's attributes (a quarter of a crowd's first step).
+        Only the descriptions go through the text encoder. The unconditional half
+        is what audiocraft's encoding makes of the null description (what
+        ``ClassifierFreeGuidanceDropout`` leaves a model conditioned on its
+        description alone): the empty text, whose mask the conditioner zeroes and
+        whose embeddings it multiplies by that mask, so zeros all through. A
+        crowd's encoding is half as many texts (and no deep copy of every
+        request's attributes).
         """
-        count = len(attributes)
-        null = [ConditioningAttributes(text={"description": None}) for _ in attributes]
         with self.autocast():
-            tokenized = self.provider.tokenize(attributes + null)
+            tokenized = self.provider.tokenize(attributes)
             # Each text's length in tokens, alone: its mask's (an empty text's is
             # zeroed, and its length, the empty text's, is the floor anyway).
-            own = tokenized["description"]["attention_mask"][:count].sum(dim=1).tolist()
+            own = tokenized["description"]["attention_mask"].sum(dim=1).tolist()
             conditions = self.provider(tokenized)
         result = []
         for i, tokens in enumerate(own):
             length = max(self._empty_tokens, tokens)
-            rows = slice(i, count + i + 1, count)  # (its conditional and its null row)
-            result.append(
-                {
-                    name: (embeds[rows, :length], mask[rows, :length])
-                    for name, (embeds, mask) in conditions.items()
-                }
-            )
+            pairs = {}
+            for name, (embeds, mask) in conditions.items():
+                embeds, mask = embeds[i : i + 1, :length], mask[i : i + 1, :length]
+                pairs[name] = (
+                    torch.cat([embeds, torch.zeros_like(embeds)]),
+                    torch.cat([mask, torch.zeros_like(mask)]),
+                )
+            result.append(pairs)
         return result
 
     def wrap_melody(
