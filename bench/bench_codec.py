@@ -105,9 +105,16 @@ def layer_times(inc: Any, call: Callable[[], object], runs: int) -> list[tuple[s
         if type(op).__name__ in ("_Chain", "_Residual"):
             continue
 
-        def run(x: torch.Tensor, state: Any, final: bool, op: Any = op, inner: Any = op.run) -> Any:
+        def run(
+            x: torch.Tensor,
+            state: Any,
+            final: bool,
+            op: Any = op,
+            inner: Any = op.run,
+            **given: Any,  # (a convolution's ``activation``, run into its input: its time)
+        ) -> Any:
             began = time.perf_counter()
-            y = inner(x, state, final)
+            y = inner(x, state, final, **given)
             name = describe(op, x)
             spent.setdefault(name, [0.0])[-1] += time.perf_counter() - began
             count.setdefault(name, set()).add(id(op))
