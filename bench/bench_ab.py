@@ -12,9 +12,13 @@ pair's ratio beside the ratio of all their turns' medians.
 With ``--first-audio``, each turn is a crowd's start instead: N fresh requests
 prepared at once and stepped until each has its first audio; the median stream's
 time to it (``--varied-texts``: speech requests speak texts of different lengths).
+With ``--codec-frames F``, each turn is ``--steps`` calls of the model's codec
+alone (the tiny EnCodec for a MusicGen model, the tiny DAC for a speech model),
+incremental, each decoding F new frames of N streams long under way.
 
     .venv/bin/python bench/bench_ab.py --rev HEAD~2 --model tiny-musicgen --streams 1 8
     .venv/bin/python bench/bench_ab.py --rev aeea893 --model tiny-higgs --streams 1 8
+    .venv/bin/python bench/bench_ab.py --rev HEAD --model tiny-higgs --codec-frames 8 --steps 50
 
 ``--rev`` is checked out in a temporary git worktree (the working tree is the
 other side); both run this checkout's ``bench_engine.py`` to load and step.
@@ -33,6 +37,38 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def codec_worker(model: str, streams: int, threads: int, frames: int) -> None:
+    """Build ``model``'s codec, incremental, its forms chosen as at warm-up; for
+    each line on stdin (a call count), that many calls of ``frames`` new frames
+    of ``streams`` streams long under way; print the milliseconds per call."""
+    import torch
+    from bench_codec import GEOMETRY, build
+
+    from wavecast.server.engines import is_higgs_name
+    from wavecast.server.engines.codec_incremental import incremental, steady_decode
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(threads)
+    name = "dac" if is_higgs_name(model) else "encodec"
+    codec, _ = build(name, "cpu")
+    codebooks, card, _, _ = GEOMETRY[name]
+    inc = incremental(codec)
+    assert inc is not None, name
+    like = torch.zeros(())
+    inc.choose_forms(like, streams, codebooks, frames)
+    decode = steady_decode(inc, like, streams, codebooks)
+    codes = torch.randint(0, card, (streams, codebooks, frames))
+    for _ in range(20):
+        decode(codes)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        calls = int(line)
+        began = time.perf_counter()
+        for _ in range(calls):
+            decode(codes)
+        print((time.perf_counter() - began) / calls * 1e3, flush=True)
 
 
 def worker(model: str, streams: int, threads: int, varied: bool) -> None:
@@ -101,6 +137,7 @@ def start(package_root: Path | None, args: argparse.Namespace, streams: int) -> 
         "--threads",
         str(args.threads),
         *(["--varied-texts"] if args.varied_texts else []),
+        *(["--codec-frames", str(args.codec_frames)] if args.codec_frames else []),
     ]
     cpus = None if args.cpu is None else {args.cpu}
     process = subprocess.Popen(
@@ -170,10 +207,20 @@ def main() -> None:
     parser.add_argument(
         "--varied-texts", action="store_true", help="speech: texts of different lengths"
     )
+    parser.add_argument(
+        "--codec-frames",
+        type=int,
+        default=0,
+        help="time the model's codec alone instead: calls (--steps a turn) of this many "
+        "new frames a stream",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.model, args.streams[0], args.threads, args.varied_texts)
+        if args.codec_frames:
+            codec_worker(args.model, args.streams[0], args.threads, args.codec_frames)
+        else:
+            worker(args.model, args.streams[0], args.threads, args.varied_texts)
         return
     from bench_stream import machine
 
@@ -198,17 +245,23 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
     what = "a crowd's first audio" if args.first_audio else "engine step"
+    if args.codec_frames:
+        what = f"codec calls of {args.codec_frames} new frames a stream"
     texts = " (texts of different lengths)" if args.varied_texts else ""
     print(f"### {what}, {revision} against the working tree: {args.model}{texts}\n")
     print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
     turns = "crowds started" if args.first_audio else f"{args.steps} steps"
+    if args.codec_frames:
+        turns = f"{args.steps} calls"
     launches = f" in each of {args.launches} pairs of processes" if args.launches > 1 else ""
     print(
         f"- date: {time.strftime('%Y-%m-%d')}; {args.rounds} turns each of {turns}, "
         f"alternating{launches}; median (least) of all turns\n"
     )
     unit = "ms to the median stream's first audio" if args.first_audio else "ms per step"
+    if args.codec_frames:
+        unit = "ms per call"
     each = " | each pair's" if args.launches > 1 else ""
     print(f"| streams | {revision}: {unit} | tree: {unit} | tree / {revision}{each} |")
     print("| --- | --- | --- | --- |" + (" --- |" if each else ""))
