@@ -66,19 +66,6 @@ class Prepared:
         return self.weights_folded + self.activations_in_place + self.snakes + self.elus
 
 
-def _kernel_takes(x: torch.Tensor, *parameters: torch.Tensor) -> bool:
-    """Whether the row kernel's activations take ``x`` (with ``parameters``):
-    float32 on a CPU laid out as rows (``rowkernel.row_layout``: contiguous, or
-    a slice of the last dimension of a contiguous tensor, as an incremental
-    codec's transposed convolution's output trimmed of its tail), and no
-    gradient to record (they record none)."""
-    if x.dtype != torch.float32 or not x.is_cpu or rowkernel.row_layout(x) is None:
-        return False
-    if any(p.dtype != torch.float32 for p in parameters):
-        return False
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, *parameters))
-
-
 class Snake(nn.Module):  # type: ignore[misc]
     """DAC's Snake activation, ``x + sin(a x)^2 / (a + 1e-9)`` per channel, making
     one new tensor (transformers' ``Snake1d`` makes five): the same floats; or,
@@ -96,8 +83,12 @@ class Snake(nn.Module):  # type: ignore[misc]
         shape = hidden_states.shape
         x = hidden_states.reshape(shape[0], shape[1], -1)
         kernel = self.kernel
-        if kernel is not None and _kernel_takes(x, self.alpha):
-            return kernel.snake(x, self.alpha.detach(), self.inverse).reshape(shape)
+        if kernel is not None and not (
+            torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad)
+        ):
+            y = torch.empty(x.shape, dtype=torch.float32)
+            if kernel.snake_into(x, self.alpha, self.inverse, y):
+                return y.reshape(shape)
         out = torch.mul(self.alpha, x)
         out.sin_().pow_(2).mul_(self.inverse).add_(x)
         return out.reshape(shape)
@@ -107,12 +98,11 @@ class Snake(nn.Module):  # type: ignore[misc]
         laid out as rows: a slice of the next convolution's padded input), by
         the kernel; False, nothing written, where the kernel does not take them."""
         kernel = self.kernel
-        if kernel is None or x.dim() != 3 or not _kernel_takes(x, self.alpha):
+        if kernel is None or (
+            torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad)
+        ):
             return False
-        if not _kernel_takes(out) or out.shape != x.shape:
-            return False
-        kernel.snake(x, self.alpha.detach(), self.inverse, out)
-        return True
+        return kernel.snake_into(x, self.alpha, self.inverse, out)
 
 
 class ELU(nn.ELU):  # type: ignore[misc]
@@ -131,8 +121,10 @@ class ELU(nn.ELU):  # type: ignore[misc]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
-        if kernel is not None and _kernel_takes(x):
-            return kernel.elu(x, self.alpha, x if self.inplace else None)
+        if kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            y = x if self.inplace else torch.empty(x.shape, dtype=torch.float32)
+            if kernel.elu_into(x, self.alpha, y):
+                return y
         if x.numel() < 8192:
             out: torch.Tensor = super().forward(x)
             return out
@@ -148,12 +140,9 @@ class ELU(nn.ELU):  # type: ignore[misc]
         left as it is), by the kernel; False, nothing written, where the kernel
         does not take them."""
         kernel = self.kernel
-        if kernel is None or not _kernel_takes(x) or not _kernel_takes(out):
+        if kernel is None or (torch.is_grad_enabled() and x.requires_grad):
             return False
-        if out.shape != x.shape:
-            return False
-        kernel.elu(x, self.alpha, out)
-        return True
+        return kernel.elu_into(x, self.alpha, out)
 
 
 def for_serving(decoder: nn.Module) -> Prepared:

@@ -918,6 +918,14 @@ def row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
         return x.numel() // samples, samples, samples
     if samples > 1 and x.stride(-1) != 1:
         return None
+    if x.dim() == 3 and samples:  # (a codec layer's [B, C, T], at once)
+        batch, channels, _ = x.shape
+        batch_stride, ld, _ = x.stride()
+        if channels == 1:
+            ld = batch_stride if batch != 1 else samples
+        elif batch != 1 and batch_stride != ld * channels:
+            return None
+        return (batch * channels, samples, ld) if ld >= samples else None
     rows = x.numel() // samples if samples else 0
     # The dimensions before the last, but those of size 1 (whose strides say
     # nothing), innermost first: each a whole number of the next's rows.
@@ -950,6 +958,19 @@ def _out_rows(x: torch.Tensor, y: torch.Tensor) -> int:
         )
     assert layout is not None
     return layout[2]
+
+
+def _rows_of(x: torch.Tensor, out: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``x`` and ``out`` (of its shape) as rows of float32 samples on the CPU:
+    ``(rows, T, ld, ld of out)``; None where they are not laid out so."""
+    if x.dtype != torch.float32 or out.dtype != torch.float32 or out.shape != x.shape:
+        return None
+    if not (x.is_cpu and out.is_cpu):
+        return None
+    layout, written = row_layout(x), row_layout(out)
+    if layout is None or written is None:
+        return None
+    return (*layout, written[2])
 
 
 def _threads(work: int, per_thread: int) -> int:
@@ -1093,6 +1114,54 @@ class RowKernel:
         threads = _threads(rows * samples, PER_THREAD_ELU)
         self.activation(x.data_ptr(), y.data_ptr(), rows, samples, ld, ldy, alpha, threads)
         return y
+
+    def elu_into(self, x: torch.Tensor, alpha: float, out: torch.Tensor) -> bool:
+        """``elu(x, alpha, out)`` where ``x`` and ``out`` (of its shape) are float32
+        rows on the CPU (``row_layout``); False, nothing written, where they are
+        not. (A codec's activation writing into the next convolution's input:
+        each layout read once.)"""
+        layout = _rows_of(x, out)
+        if layout is None:
+            return False
+        rows, samples, ld, ldy = layout
+        if ld == ldy == samples:  # (both contiguous: one row, the threads share it out)
+            rows, samples, ld, ldy = 1, rows * samples, 0, 0
+        threads = _threads(rows * samples, PER_THREAD_ELU)
+        self.activation(x.data_ptr(), out.data_ptr(), rows, samples, ld, ldy, alpha, threads)
+        return True
+
+    def snake_into(
+        self, x: torch.Tensor, alpha: torch.Tensor, inverse: torch.Tensor, out: torch.Tensor
+    ) -> bool:
+        """``snake(x, alpha, inverse, out)`` where ``x`` and ``out`` (of its
+        shape, ``[B, C, T]``) are float32 rows on the CPU (``row_layout``) and
+        ``alpha`` and ``inverse`` ``C`` contiguous float32 each; False, nothing
+        written, where they are not. (A codec's activation writing into the
+        next convolution's input: each layout read once.)"""
+        layout = _rows_of(x, out)
+        channels = x.shape[1] if x.dim() == 3 else -1
+        if layout is None or channels < 0:
+            return False
+        for t in (alpha, inverse):
+            if t.dtype != torch.float32 or not t.is_cpu or t.numel() != channels:
+                return False
+            if not t.is_contiguous():
+                return False
+        rows, samples, ld, ldy = layout
+        threads = _threads(x.numel(), PER_THREAD_ELU)
+        self.snakes(
+            x.data_ptr(),
+            out.data_ptr(),
+            alpha.data_ptr(),
+            inverse.data_ptr(),
+            rows,
+            samples,
+            channels,
+            ld,
+            ldy,
+            threads,
+        )
+        return True
 
     def conv(
         self,
