@@ -193,6 +193,20 @@ def _shifted(x: torch.Tensor, taps: int, step: int, n: int) -> torch.Tensor:
     return torch.cat([x[..., u * step : u * step + n] for u in range(taps)], 1)
 
 
+def _kernel_weight(weight: torch.Tensor, channels: int) -> torch.Tensor | None:
+    """A convolution's weight ``[O, C, U]`` as the row kernel reads it
+    (``RowKernel.conv_prepared``: float32, contiguous, ``channels`` inputs), or
+    None where it is not float32."""
+    if weight.dtype != torch.float32 or weight.dim() != 3 or weight.shape[1] != channels:
+        return None
+    return weight.contiguous()
+
+
+def _kernel_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A convolution's bias as the row kernel reads it (contiguous, detached)."""
+    return None if bias is None else bias.detach().contiguous()
+
+
 class _Conv(_Formed):
     """A stride-1 convolution with zero padding ``left`` and ``right``."""
 
@@ -207,6 +221,7 @@ class _Conv(_Formed):
         self.lookahead = float(right)
         self.matrix: torch.Tensor | None = None
         self.stacked: torch.Tensor | None = None  # [C_out, C_in, taps], for the kernel
+        self.bias: torch.Tensor | None = None  # the kernel's (the convolution's, detached)
 
     def begin(self, x: torch.Tensor) -> _Slot | None:
         if self.left + self.right == 0:
@@ -269,7 +284,10 @@ class _Conv(_Formed):
         weight = conv.weight.detach()
         self.matrix = weight.permute(0, 2, 1).reshape(weight.shape[0], -1).contiguous()
         if self.kernel is not None:
-            self.stacked = weight.contiguous()
+            self.stacked = _kernel_weight(weight, conv.in_channels)
+            self.bias = _kernel_bias(conv.bias)
+            if self.stacked is None or (self.bias is not None and self.bias.dtype != weight.dtype):
+                self.kernel = None  # (not float32: no kernel form)
         return True
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,10 +302,7 @@ class _Conv(_Formed):
 
     def by_kernel(self, x: torch.Tensor) -> torch.Tensor:
         assert self.kernel is not None and self.stacked is not None
-        bias = self.conv.bias
-        return self.kernel.conv(
-            x, self.stacked, None if bias is None else bias.detach(), self.conv.dilation[0]
-        )
+        return self.kernel.conv_prepared(x, self.stacked, self.bias, self.conv.dilation[0])
 
 
 def _empty(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -356,7 +371,10 @@ class _ConvTranspose(_Formed):
         matrix = padded.flip(2).permute(1, 3, 2, 0).reshape(c_out * stride, taps * c_in)
         self.matrix = matrix.contiguous()
         if self.kernel is not None:
-            self.stacked = matrix.view(c_out * stride, taps, c_in).transpose(1, 2).contiguous()
+            stacked = matrix.view(c_out * stride, taps, c_in).transpose(1, 2)
+            self.stacked = _kernel_weight(stacked, c_in)
+            if self.stacked is None:
+                self.kernel = None  # (not float32: no kernel form)
         return True
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -376,7 +394,7 @@ class _ConvTranspose(_Formed):
         n, taps = x.shape[-1], self.taps
         if taps > 1:
             x = F.pad(x, (taps - 1, taps - 1))
-        y = self.kernel.conv(x, self.stacked, phases=self.stride)
+        y = self.kernel.conv_prepared(x, self.stacked, None, phases=self.stride)
         return y[..., : (n - 1) * self.stride + self.conv.kernel_size[0]]
 
     def _interleaved(self, y: torch.Tensor, n: int) -> torch.Tensor:

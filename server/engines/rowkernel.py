@@ -1225,6 +1225,48 @@ class RowKernel:
                 raise MemoryError("no memory for the convolution kernel's phases")
         return y
 
+    def conv_prepared(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        dilation: int = 1,
+        phases: int = 1,
+    ) -> torch.Tensor:
+        """``conv`` for a caller holding its weight and bias as the kernel reads
+        them (float32 on the CPU, contiguous, of matching sizes: a codec layer's,
+        made once), and ``x`` float32 on the CPU: only ``x`` is checked (a
+        codec's call runs some thirty convolutions of a few samples, where
+        ``conv``'s checks cost as much as the kernel)."""
+        if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 3:
+            raise TypeError(f"the convolution kernel reads x [B, C, t] float32 on a CPU, not {x}")
+        if x.stride(2) != 1:
+            x = x.contiguous()
+        outputs, channels, taps = weight.shape
+        batch = x.shape[0]
+        n = max(0, x.shape[2] - (taps - 1) * dilation)
+        y = torch.empty(batch, outputs // phases, n * phases)
+        if batch and n and outputs:
+            work = batch * n * outputs * channels * taps
+            if self.convolution(
+                x.data_ptr(),
+                weight.data_ptr(),
+                None if bias is None else bias.data_ptr(),
+                y.data_ptr(),
+                batch,
+                outputs,
+                channels,
+                taps,
+                dilation,
+                n,
+                x.stride(0),
+                x.stride(1),
+                phases,
+                _threads(work, PER_THREAD),
+            ):
+                raise MemoryError("no memory for the convolution kernel's phases")
+        return y
+
     def snake(
         self,
         x: torch.Tensor,
