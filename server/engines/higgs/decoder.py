@@ -352,7 +352,9 @@ class HiggsDecoder(CacheRows):
             q, k = self._rotate(qk, cos, sin).split((heads, kv_heads), dim=1)
             write(i, k, v)
             keys, values = attended_self[i]
-            attended = attend(q, keys.to(q.dtype), values.to(q.dtype), mask.for_(q))
+            if keys.dtype != q.dtype:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            attended = attend(q, keys, values, mask.for_(q))
             x = x + layer.out.rows(attended.reshape(rows, heads * d))
             x = x + self._feed_forward(audio, x)
         lengths += active.to(lengths.dtype)
@@ -362,6 +364,8 @@ class HiggsDecoder(CacheRows):
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``HiggsAudioV2RMSNorm``: float32 statistics, the weight in the model's dtype."""
+        if x.dtype == torch.float32:  # (the same operations, less the conversions)
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps)))
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
