@@ -464,6 +464,9 @@ class _Chain(_Op):
 class _Residual(_Op):
     """``shortcut(x) + block(x)``: the shortcut's samples wait for the block's."""
 
+    # The row kernel, for the join (``choose_forms`` sets it: float32 on a CPU).
+    kernel: rowkernel.RowKernel | None = None
+
     def __init__(self, block: _Op, shortcut: _Op | None) -> None:
         if block.rate != 1 or (shortcut is not None and (shortcut.lookahead or shortcut.rate != 1)):
             raise Unsupported("a residual block that changes the rate")
@@ -483,6 +486,11 @@ class _Residual(_Op):
         if not waiting.shape[1]:  # (the first run: no channels yet)
             waiting = skip[..., :0]
         held = waiting.shape[-1]
+        joined = None if self.kernel is None else self.kernel.join_add(waiting, skip, y)
+        if joined is not None:  # (one pass, where a call's few samples cost its operations)
+            out, rest = joined
+            slot.tensors = (rest,)
+            return out
         if n <= held:
             slot.tensors = (torch.cat([waiting[..., n:], skip], -1),)
             return waiting[..., :n] + y
@@ -799,7 +807,7 @@ class IncrementalCodec:
             return Forms(sum(isinstance(op, _Formed) for op in self._ops), 0, 0, 0.0)
         kernel = rowkernel.built() if like.dtype == torch.float32 else None
         for op in self._ops:
-            if isinstance(op, _Formed):
+            if isinstance(op, _Formed | _Residual):
                 op.kernel = kernel
         formed = [op for op in self._ops if isinstance(op, _Formed) and op.prepare()]
         if not formed:

@@ -903,6 +903,26 @@ void draw_keys(const long *seed, const long *step, long rows, long K, long *out,
         }
     }
 }
+
+/* A residual block's join (codec_incremental's): row r of the samples waiting
+   (w: held of them, rows ldw apart) followed by the skip path's (s: m, rows
+   lds apart) is z; out[r, t] = z[t] + y[r, t] for t < n (y's rows ldy apart;
+   out contiguous, n a row), and rest[r] is z past n (contiguous, held + m - n
+   a row): the samples that wait for the next call. Each sum is one float add,
+   as torch's. */
+void join_add(const float *w, const float *s, const float *y, float *out, float *rest,
+              long rows, long held, long m, long n, long ldw, long lds, long ldy) {
+    const long left = held + m - n;
+    for (long r = 0; r < rows; r++) {
+        const float *wr = w + r * ldw, *sr = s + r * lds, *yr = y + r * ldy;
+        float *o = out + r * n, *q = rest + r * left;
+        const long first = n < held ? n : held;
+        for (long t = 0; t < first; t++) o[t] = wr[t] + yr[t];
+        for (long t = first; t < n; t++) o[t] = sr[t - held] + yr[t];
+        for (long t = n; t < held; t++) q[t - n] = wr[t];
+        for (long t = n > held ? n : held; t < held + m; t++) q[t - n] = sr[t - held];
+    }
+}
 """
 
 
@@ -994,6 +1014,7 @@ class RowKernel:
     convolution: Callable[..., int]
     noise: Callable[..., int]
     keyed: Callable[..., None]
+    joined: Callable[..., None]
 
     def product(
         self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
@@ -1225,6 +1246,45 @@ class RowKernel:
                 raise MemoryError("no memory for the convolution kernel's phases")
         return y
 
+    def join_add(
+        self, waiting: torch.Tensor, skip: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A residual block's output: ``cat([waiting, skip], -1)[..., :n] + y``
+        (``y`` ``[B, C, n]``, ``n`` at most the two's samples), and the joined
+        samples past ``n`` (what waits for the next call), new contiguous
+        tensors, in one pass; each sum the same float add as torch's. None
+        where the three are not float32 rows on the CPU (``row_layout``) of one
+        shape but for their samples."""
+        if not waiting.dtype == skip.dtype == y.dtype == torch.float32:
+            return None
+        if not (waiting.is_cpu and skip.is_cpu and y.is_cpu) or y.dim() != 3:
+            return None
+        if waiting.shape[:2] != y.shape[:2] or skip.shape[:2] != y.shape[:2]:
+            return None
+        layouts = [row_layout(t) for t in (waiting, skip, y)]
+        held, m, n = waiting.shape[2], skip.shape[2], y.shape[2]
+        if any(layout is None for layout in layouts) or n > held + m:
+            return None
+        ldw, lds, ldy = (layout[2] for layout in layouts if layout is not None)
+        batch, channels = y.shape[:2]
+        out = torch.empty(batch, channels, n)
+        rest = torch.empty(batch, channels, held + m - n)
+        self.joined(
+            waiting.data_ptr(),
+            skip.data_ptr(),
+            y.data_ptr(),
+            out.data_ptr(),
+            rest.data_ptr(),
+            batch * channels,
+            held,
+            m,
+            n,
+            ldw,
+            lds,
+            ldy,
+        )
+        return out, rest
+
     def conv_prepared(
         self,
         x: torch.Tensor,
@@ -1416,7 +1476,10 @@ def load() -> RowKernel | str:
     keyed = library.draw_keys
     keyed.restype = None
     keyed.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2
-    kernel = RowKernel(function, attention, activation, snakes, convolution, noise, keyed)
+    joined = library.join_add
+    joined.restype = None
+    joined.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 7
+    kernel = RowKernel(function, attention, activation, snakes, convolution, noise, keyed, joined)
     wrong = _check(kernel)
     return f"it gave wrong results ({wrong})" if wrong else kernel
 
@@ -1466,6 +1529,17 @@ def _check(kernel: RowKernel) -> str | None:
     )
     if not error <= 1e-6:
         return f"Snake: off by {error:.3g}"
+    # A residual join, its waiting samples fewer and more than the output's.
+    skip = torch.randn(2, 3, 30, generator=generator)[..., 3:20]  # (rows 30 apart)
+    for held, n in ((5, 3), (5, 12), (0, 17)):
+        waiting = torch.randn(2, 3, held, generator=generator)
+        y = torch.randn(2, 3, n, generator=generator)
+        joined = torch.cat([waiting, skip], -1)
+        got = kernel.join_add(waiting, skip, y)
+        if got is None or not (
+            torch.equal(got[0], joined[..., :n] + y) and torch.equal(got[1], joined[..., n:])
+        ):
+            return f"a residual join of {held} waiting samples: not torch's"
     # Every block's width (one to five outputs), a dilation, a strided input, and
     # lengths that end inside a block and on its edge.
     for outputs, channels, taps, dilation, length in (

@@ -26,6 +26,7 @@ from wavecast.server.engines.codec_incremental import (
     _ConvTranspose,
     _Formed,
     _Pointwise,
+    _Residual,
     checked,
     incremental,
 )
@@ -172,6 +173,47 @@ def test_activations_written_into_the_next_convolutions_input_change_no_sample(
         assert written and all(written)  # (every such pair, every call)
     monkeypatch.setattr(_Pointwise, "into", lambda self, x, out: False)
     assert torch.equal(fused, streamed())
+
+
+def test_residual_joins_by_the_row_kernel_change_no_sample(
+    codec: tuple[IncrementalCodec, Decode, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A residual block's output and its waiting samples by the row kernel
+    (``RowKernel.join_add``, one pass) are the same bits as torch's joins and
+    adds: two streams' chunks in uneven pieces (fewer samples than wait, and
+    more), the last one final."""
+    inc, _, k = codec
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        pytest.skip(f"no row kernel here: {kernel}")
+    codes = _codes(2, k, 40, seed=6)
+    pieces = (1, 1, inc.lookahead + 1, 3, 10)
+    residuals = [op for op in inc._ops if isinstance(op, _Residual)]
+    assert residuals
+
+    def streamed(join: rowkernel.RowKernel | None) -> torch.Tensor:
+        for op in residuals:
+            monkeypatch.setattr(op, "kernel", join)
+        states = [inc.start(torch.zeros(())) for _ in range(2)]
+        out, at = [], 0
+        for n in pieces:
+            out.append(inc.decode(codes[:, :, at : at + n], states))
+            at += n
+        out.append(inc.decode(codes[:, :, at:], states, final=True))
+        return torch.cat(out, -1)
+
+    joins = []
+    join_add = rowkernel.RowKernel.join_add
+
+    def counted(self: rowkernel.RowKernel, *args: torch.Tensor) -> Any:
+        done = join_add(self, *args)
+        joins.append(done is not None)
+        return done
+
+    monkeypatch.setattr(rowkernel.RowKernel, "join_add", counted)
+    joined = streamed(kernel)
+    assert joins and all(joins)  # (every block, every call)
+    assert torch.equal(joined, streamed(None))
 
 
 def test_a_streams_state_stays_the_same_size(codec: tuple[IncrementalCodec, Decode, int]) -> None:
