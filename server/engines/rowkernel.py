@@ -54,7 +54,12 @@ or a multiple of 4, stored in place from them): oneDNN's kernel takes 2-7x
 its time for one to four outputs over long inputs (``bench/bench_conv.py``:
 the released EnCodec's last layer, 64 channels into one, 2.3-4.5x; the tiny
 EnCodec's 2.4-7x), and ``codec_incremental`` takes it where it measures it
-fastest.
+fastest; and their residual blocks' joins (``RowKernel.join_add``: the waiting
+samples and the skip path's added to the block's in one pass, where torch's
+joins and adds make eight operations). A codec's call runs some sixty such
+layers over a few samples each, where the checks around a kernel cost as much
+as the kernel: ``elu_into``, ``snake_into`` and ``conv_prepared`` read each
+layout once and trust what the codec made once (its weights).
 
 And the sampler's integer hashing, bit for bit: a step's draw keys
 (``RowKernel.draw_keys``, where numpy makes a few dozen calls on a handful of
@@ -1005,7 +1010,8 @@ class RowKernel:
     for every ``MOST_ROWS`` rows; ``attend`` is a decode step's attention;
     ``elu`` is ``F.elu`` and ``snake`` DAC's Snake, each in one pass (codec
     decoders' activations); ``conv`` is ``F.conv1d`` with samples in the lanes
-    (codec decoders' convolutions)."""
+    (codec decoders' convolutions); ``join_add`` a residual block's join and
+    add."""
 
     function: Callable[..., None]
     attention: Callable[..., int]

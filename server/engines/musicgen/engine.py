@@ -585,7 +585,10 @@ class MusicGenEngine:
     ) -> dict[int, torch.Tensor]:
         """Feed the next chunk of the windows' prompts not in the cache yet, oldest
         first, in one call (chunks of different lengths and places padded to the
-        longest).
+        longest). A window whose whole prompt is one position (no prompt codes,
+        nothing prepended: the pattern's first column) is not fed here: its rows
+        are emptied and the step's forward takes that column, with the running
+        rows'.
 
         At most ``prefill_chunk`` positions per window, and the step's budget in
         all (``prefill``, counted in the decoder's rows: two a request; ``choose``
