@@ -1134,12 +1134,9 @@ class RowKernel:
                 f"of strides {x.stride()}"
             )
         y = torch.empty(x.shape, dtype=torch.float32) if out is None else out
-        rows, samples, ld = layout
-        ldy = _out_rows(x, y)
-        if x.is_contiguous() and y.is_contiguous():  # (one row: the threads share it out)
-            rows, samples, ld, ldy = 1, x.numel(), 0, 0
-        threads = _threads(rows * samples, PER_THREAD_ELU)
-        self.activation(x.data_ptr(), y.data_ptr(), rows, samples, ld, ldy, alpha, threads)
+        _out_rows(x, y)  # (a ValueError where ``out`` is not laid out as rows)
+        written = self.elu_into(x, alpha, y)
+        assert written
         return y
 
     def elu_into(self, x: torch.Tensor, alpha: float, out: torch.Tensor) -> bool:
@@ -1218,39 +1215,12 @@ class RowKernel:
                 f"the convolution kernel takes x [B, C, t] and a weight [O, C, U], not "
                 f"x {tuple(x.shape)}, weight {tuple(weight.shape)}"
             )
-        outputs, channels, taps = weight.shape
+        outputs = weight.shape[0]
         if bias is not None and (bias.numel() != outputs or not bias.is_contiguous()):
             raise ValueError(f"a bias of {tuple(bias.shape)} for {outputs} outputs")
         if dilation < 1 or phases < 1 or outputs % phases:
             raise ValueError(f"dilation {dilation}, {phases} phases of {outputs} outputs")
-        if x.stride(2) != 1:
-            x = x.contiguous()
-        weight = weight.contiguous()
-        batch = x.shape[0]
-        n = max(0, x.shape[2] - (taps - 1) * dilation)
-        y = torch.empty(batch, outputs // phases, n * phases)
-        if batch and n and outputs:
-            work = batch * n * outputs * channels * taps
-            threads = _threads(work, PER_THREAD)
-            failed = self.convolution(
-                x.data_ptr(),
-                weight.data_ptr(),
-                None if bias is None else bias.data_ptr(),
-                y.data_ptr(),
-                batch,
-                outputs,
-                channels,
-                taps,
-                dilation,
-                n,
-                x.stride(0),
-                x.stride(1),
-                phases,
-                threads,
-            )
-            if failed:
-                raise MemoryError("no memory for the convolution kernel's phases")
-        return y
+        return self.conv_prepared(x, weight.contiguous(), bias, dilation, phases)
 
     def join_add(
         self, waiting: torch.Tensor, skip: torch.Tensor, y: torch.Tensor
@@ -1365,22 +1335,9 @@ class RowKernel:
                 f"alpha {tuple(alpha.shape)}, inverse {tuple(inverse.shape)}"
             )
         y = torch.empty(x.shape, dtype=torch.float32) if out is None else out
-        rows, samples, ld = layout
-        ldy = _out_rows(x, y)
-        channels = x.shape[1]
-        threads = _threads(x.numel(), PER_THREAD_ELU)
-        self.snakes(
-            x.data_ptr(),
-            y.data_ptr(),
-            alpha.data_ptr(),
-            inverse.data_ptr(),
-            rows,
-            samples,
-            channels,
-            ld,
-            ldy,
-            threads,
-        )
+        _out_rows(x, y)  # (a ValueError where ``out`` is not laid out as rows)
+        written = self.snake_into(x, alpha, inverse, y)
+        assert written
         return y
 
     def uniforms(

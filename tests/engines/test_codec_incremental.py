@@ -139,6 +139,18 @@ def test_streams_in_pieces_decoded_together_equal_the_one_shot_decode(
         assert peak > 0 and np.abs(streamed - whole).max() <= 1e-5 * peak, i
 
 
+def _in_pieces(inc: IncrementalCodec, codes: torch.Tensor, pieces: tuple[int, ...]) -> torch.Tensor:
+    """The audio of every stream of ``codes`` ``[B, K, T]`` decoded from fresh
+    states in ``pieces`` frames at a time, then the rest, final."""
+    states = [inc.start(torch.zeros(())) for _ in range(codes.shape[0])]
+    out, at = [], 0
+    for n in pieces:
+        out.append(inc.decode(codes[:, :, at : at + n], states))
+        at += n
+    out.append(inc.decode(codes[:, :, at:], states, final=True))
+    return torch.cat(out, -1)
+
+
 def test_activations_written_into_the_next_convolutions_input_change_no_sample(
     codec: tuple[IncrementalCodec, Decode, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,13 +163,7 @@ def test_activations_written_into_the_next_convolutions_input_change_no_sample(
     pieces = (1, inc.lookahead + 1, 3, 10)
 
     def streamed() -> torch.Tensor:
-        states = [inc.start(torch.zeros(())) for _ in range(2)]
-        out, at = [], 0
-        for n in pieces:
-            out.append(inc.decode(codes[:, :, at : at + n], states))
-            at += n
-        out.append(inc.decode(codes[:, :, at:], states, final=True))
-        return torch.cat(out, -1)
+        return _in_pieces(inc, codes, pieces)
 
     written = []
     into = _Pointwise.into
@@ -194,13 +200,7 @@ def test_residual_joins_by_the_row_kernel_change_no_sample(
     def streamed(join: rowkernel.RowKernel | None) -> torch.Tensor:
         for op in residuals:
             monkeypatch.setattr(op, "kernel", join)
-        states = [inc.start(torch.zeros(())) for _ in range(2)]
-        out, at = [], 0
-        for n in pieces:
-            out.append(inc.decode(codes[:, :, at : at + n], states))
-            at += n
-        out.append(inc.decode(codes[:, :, at:], states, final=True))
-        return torch.cat(out, -1)
+        return _in_pieces(inc, codes, pieces)
 
     joins = []
     join_add = rowkernel.RowKernel.join_add
