@@ -82,12 +82,9 @@ class Snake(nn.Module):  # type: ignore[misc]
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(shape[0], shape[1], -1)
-        kernel = self.kernel
-        if kernel is not None and not (
-            torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad)
-        ):
+        if self.kernel is not None:
             y = torch.empty(x.shape, dtype=torch.float32)
-            if kernel.snake_into(x, self.alpha, self.inverse, y):
+            if self.into(x, y):
                 return y.reshape(shape)
         out = torch.mul(self.alpha, x)
         out.sin_().pow_(2).mul_(self.inverse).add_(x)
@@ -120,10 +117,9 @@ class ELU(nn.ELU):  # type: ignore[misc]
         self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel
-        if kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
+        if self.kernel is not None:
             y = x if self.inplace else torch.empty(x.shape, dtype=torch.float32)
-            if kernel.elu_into(x, self.alpha, y):
+            if self.into(x, y):
                 return y
         if x.numel() < 8192:
             out: torch.Tensor = super().forward(x)

@@ -116,6 +116,7 @@ class _Pointwise(_Op):
         # A module's forward itself (no hooks are set on a served codec's layers:
         # its call's machinery is a tenth of a small activation's time).
         self._call = fn.forward if isinstance(fn, nn.Module) else fn
+        self._into: Callable[[torch.Tensor, torch.Tensor], bool] | None = getattr(fn, "into", None)
 
     def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
         return self._call(x) if x.shape[-1] else x
@@ -124,8 +125,7 @@ class _Pointwise(_Op):
         """``run``'s samples written into ``out`` (of ``x``'s shape), where the
         activation can (``codec_decoders``' ``ELU`` and ``Snake`` by the row
         kernel); False, nothing written, where it cannot."""
-        write = getattr(self.fn, "into", None)
-        return bool(write(x, out)) if write is not None else False
+        return self._into is not None and bool(self._into(x, out))
 
 
 DIRECT, PRODUCT, KERNEL = "direct", "product", "kernel"
@@ -441,20 +441,27 @@ class _Chain(_Op):
         for op in self.children:
             self.lookahead += op.lookahead / self.rate
             self.rate *= op.rate
-
-    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
-        children = self.children
+        # What a run calls, in order: each op, an activation before a convolution
+        # going with it (written into the convolution's padded input: no join).
+        self._runs: list[tuple[_Op, _Pointwise | None]] = []
         i = 0
-        while i < len(children):
-            op = children[i]
-            after = children[i + 1] if i + 1 < len(children) else None
+        while i < len(self.children):
+            op = self.children[i]
+            after = self.children[i + 1] if i + 1 < len(self.children) else None
             if isinstance(op, _Pointwise) and isinstance(after, _Conv):
-                # The activation into the convolution's padded input: no join.
-                x = after.run(x, state, final, activation=op)
+                self._runs.append((after, op))
                 i += 2
             else:
-                x = op.run(x, state, final)
+                self._runs.append((op, None))
                 i += 1
+
+    def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        for op, activation in self._runs:
+            if activation is None:
+                x = op.run(x, state, final)
+            else:
+                assert isinstance(op, _Conv)
+                x = op.run(x, state, final, activation=activation)
         return x
 
     def ops(self) -> list[_Op]:

@@ -971,18 +971,9 @@ def row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
     return rows, samples, ld
 
 
-def _out_rows(x: torch.Tensor, y: torch.Tensor) -> int:
-    """The floats from one row of ``y`` (an activation's output, ``x`` itself or
-    of ``x``'s shape) to the next; ValueError where it is not laid out as rows."""
-    layout = row_layout(x) if y is x else row_layout(y)
-    if y is not x and (
-        y.shape != x.shape or y.dtype != torch.float32 or not y.is_cpu or layout is None
-    ):
-        raise ValueError(
-            f"out {tuple(y.shape)} {y.dtype} of strides {y.stride()} for x {tuple(x.shape)}"
-        )
-    assert layout is not None
-    return layout[2]
+def _not_rows(x: torch.Tensor, y: torch.Tensor) -> str:
+    """Why an activation's ``out`` ``y`` is refused for ``x``."""
+    return f"out {tuple(y.shape)} {y.dtype} of strides {y.stride()} for x {tuple(x.shape)}"
 
 
 def _rows_of(x: torch.Tensor, out: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -1134,9 +1125,8 @@ class RowKernel:
                 f"of strides {x.stride()}"
             )
         y = torch.empty(x.shape, dtype=torch.float32) if out is None else out
-        _out_rows(x, y)  # (a ValueError where ``out`` is not laid out as rows)
-        written = self.elu_into(x, alpha, y)
-        assert written
+        if not self.elu_into(x, alpha, y):  # (``x`` is: ``out`` is not laid out as rows)
+            raise ValueError(_not_rows(x, y))
         return y
 
     def elu_into(self, x: torch.Tensor, alpha: float, out: torch.Tensor) -> bool:
@@ -1237,11 +1227,11 @@ class RowKernel:
             return None
         if waiting.shape[:2] != y.shape[:2] or skip.shape[:2] != y.shape[:2]:
             return None
-        layouts = [row_layout(t) for t in (waiting, skip, y)]
+        rows_w, rows_s, rows_y = row_layout(waiting), row_layout(skip), row_layout(y)
         held, m, n = waiting.shape[2], skip.shape[2], y.shape[2]
-        if any(layout is None for layout in layouts) or n > held + m:
+        if rows_w is None or rows_s is None or rows_y is None or n > held + m:
             return None
-        ldw, lds, ldy = (layout[2] for layout in layouts if layout is not None)
+        ldw, lds, ldy = rows_w[2], rows_s[2], rows_y[2]
         batch, channels = y.shape[:2]
         out = torch.empty(batch, channels, n)
         rest = torch.empty(batch, channels, held + m - n)
@@ -1335,9 +1325,8 @@ class RowKernel:
                 f"alpha {tuple(alpha.shape)}, inverse {tuple(inverse.shape)}"
             )
         y = torch.empty(x.shape, dtype=torch.float32) if out is None else out
-        _out_rows(x, y)  # (a ValueError where ``out`` is not laid out as rows)
-        written = self.snake_into(x, alpha, inverse, y)
-        assert written
+        if not self.snake_into(x, alpha, inverse, y):  # (the rest is: ``out`` is not rows)
+            raise ValueError(_not_rows(x, y))
         return y
 
     def uniforms(
