@@ -32,7 +32,9 @@ float rounding).
 Both share the chunks' schedule. The windows (or new frames) of every stream
 with a chunk due in a step are decoded together (``complete_due``): one codec
 call per window shape (and decoder state shape), of at most ``rows`` windows,
-the batch that ``fastest_rows`` measured to cost least per window on the device.
+the batch that ``fastest_rows`` measured to cost least per window on the device;
+a first chunk due a step before other streams' first chunks waits for them
+(``wait_for_firsts``), so that a crowd's first chunks make one call.
 ``CodecStreams`` is what an engine builds: the incremental decoder if its codec
 allows one (checked against the one-shot decode at load), windows otherwise.
 """
@@ -65,6 +67,7 @@ __all__ = [
     "complete_due",
     "decode_batched",
     "fastest_rows",
+    "wait_for_firsts",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,12 +251,16 @@ class Cadence:
     groups fall on different steps whatever their chunk sizes; the first
     groups' phases are spread furthest apart (0, a half, a quarter, three
     quarters of the period …).
+
+    ``young`` holds the streams whose first chunk has not gone out
+    (``wait_for_firsts``).
     """
 
     def __init__(self, period: int, rows: int | None = None) -> None:
         self.period = max(1, period)
         self.step = 0
         self.rows = rows
+        self.young: weakref.WeakSet[IncrementalStream] = weakref.WeakSet()
         self._members: list[int] = []  # live streams per group
         # (A stream dropped elsewhere than the inference thread leaves from there.)
         self._lock = threading.Lock()
@@ -322,7 +329,10 @@ class IncrementalStream(StreamDecoder):
     The chunks' schedule is ``StreamDecoder``'s (a small first chunk, later ones
     growing while the stream is ahead of real time); ``left_context`` is what a
     prompt primes the decoder with (its last frames), and there is no hold-back:
-    the first chunk waits for ``codec.lookahead`` frames more than it emits.
+    the first chunk waits for ``codec.lookahead`` frames more than it emits, and
+    decodes just those (every first chunk's call has one shape). A plan that
+    ``wait_for_firsts`` holds back is dropped, not completed: the next push
+    plans its frames again.
 
     Args:
         codec: The incremental decoder.
@@ -363,11 +373,27 @@ class IncrementalStream(StreamDecoder):
         if cadence is not None:
             self._group = cadence.join()
             self._leave = weakref.finalize(self, cadence.leave, self._group)
+            cadence.young.add(self)
         self._state = codec.start(like)
         self._priming = 0  # pending frames given as context only
         self._discard = 0  # samples of theirs still to drop
         self._sent = 0  # samples emitted
         self._ended = False
+        self._waited = False  # its first chunk waited a step for others'
+
+    def frames_short(self) -> int | None:
+        """Frames its first chunk still waits for, where it holds some and no
+        audio went out yet (None otherwise: it has not begun, or it is past
+        its first chunk)."""
+        if self._sent or self._ended:
+            return None
+        new = self.total - self.emitted - self._priming
+        return self.first_frames + self.codec.lookahead - new if new > 0 else None
+
+    def may_wait(self) -> bool:
+        """Whether a first chunk due now may wait a step (``wait_for_firsts``):
+        it has a cadence, sent nothing yet, and never waited."""
+        return self.cadence is not None and not self._sent and not self._waited
 
     def plan_push(self, codes: Codes) -> DecodePlan | None:
         if codes.shape[-1] == 0:
@@ -375,8 +401,14 @@ class IncrementalStream(StreamDecoder):
         self._append(codes)
         new = self.total - self.emitted - self._priming
         if self._sent == 0:  # the first audio, as soon as it can go
-            due = new >= self.first_frames + self.codec.lookahead
-        elif self.cadence is None:
+            # Just the frames it needs (any more go with the next chunk): every
+            # first chunk's call has the same shape, so that first chunks due
+            # on one step go in one call (``wait_for_firsts``).
+            first = self.first_frames + self.codec.lookahead
+            if new < first:
+                return None
+            return self._plan(self.emitted + self._priming + first)
+        if self.cadence is None:
             due = new >= self._later_target(self._sent / self.hop)
         else:
             size = self.cadence.size(self._later_target(self._sent / self.hop))
@@ -415,8 +447,10 @@ class IncrementalStream(StreamDecoder):
         if self._ended:
             raise RuntimeError("the stream has ended")
         start = self.emitted
-        window = torch.from_numpy(np.ascontiguousarray(self._joined()[..., start - self._base :]))
-        return DecodePlan(window, start, end, self._state, final)
+        window = self._joined()[..., start - self._base : end - self._base]
+        return DecodePlan(
+            torch.from_numpy(np.ascontiguousarray(window)), start, end, self._state, final
+        )
 
     def complete(self, plan: DecodePlan, wav: torch.Tensor) -> FloatAudio:
         """The chunk of a decoded plan ``[1, C, m]`` (new samples); the stream moves on."""
@@ -429,6 +463,8 @@ class IncrementalStream(StreamDecoder):
         self._priming = 0
         self.emitted = plan.end
         self._ended = plan.final
+        if self.cadence is not None and (self._sent or plan.final):
+            self.cadence.young.discard(self)
         if plan.final and self._leave is not None:
             self._leave()
         self._codes = self._joined()[..., plan.end - self._base :]
@@ -625,6 +661,32 @@ def complete_due(
             continue
         if len(chunk):  # (a stream's end may hold no samples more)
             output.audio = chunk if output.audio is None else np.concatenate([output.audio, chunk])
+
+
+def wait_for_firsts(due: Due) -> Due:
+    """A step's due chunks, less the first chunks that wait a step.
+
+    Where another stream of their cadence lacks just one frame for its own first
+    chunk (it holds frames: it gets one a step), each first chunk due now waits
+    a step, once, and they all go to the codec in one call on the next. A crowd's
+    requests arrive over a few milliseconds and start a step or so apart:
+    otherwise the first ones' chunks make a call of their own, which the later
+    ones wait through before theirs (a codec call costs mostly what a call
+    costs, not what its chunks do, on a CPU). A stream's plan that waits is
+    dropped: its frames are planned again, with the next one, at its next push.
+    """
+    waiting = [
+        stream
+        for _, stream, _ in due
+        if isinstance(stream, IncrementalStream) and stream.may_wait()
+    ]
+    cadence = waiting[0].cadence if waiting else None
+    if cadence is None or not any(s.frames_short() == 1 for s in list(cadence.young)):
+        return due
+    for stream in waiting:
+        stream._waited = True
+    held = {id(stream) for stream in waiting}
+    return [entry for entry in due if id(entry[1]) not in held]
 
 
 def _decode_alone(

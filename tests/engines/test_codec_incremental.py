@@ -307,32 +307,38 @@ def test_a_call_that_fails_leaves_the_streams_states_as_they_were(
 def test_a_failed_codec_call_fails_only_its_own_streams(
     codec: tuple[IncrementalCodec, Decode, int],
 ) -> None:
-    """A step's due chunks in two calls (two window shapes), the second failing:
-    its stream ends with an error, and the first call's streams keep the audio
-    that call made (not decoded again from the states it had moved on)."""
+    """A step's due chunks in two calls (two window shapes: the third stream's
+    first chunk comes after two frames of context), the second failing: its
+    stream ends with an error, and the first call's streams keep the audio that
+    call made (not decoded again from the states it had moved on)."""
     inc, _, k = codec
     like = torch.zeros(())
     codes = _codes(3, k, 40, seed=11)
-    sizes = [inc.lookahead + 3, inc.lookahead + 3, inc.lookahead + 5]
+    n = inc.lookahead + 3
+    primed = 2
 
     def pushed() -> list[tuple[IncrementalStream, Any]]:
         out = []
-        for i, n in enumerate(sizes):
+        for i in range(3):
             stream = IncrementalStream(inc, like, first_frames=1)
-            out.append((stream, stream.plan_push(codes[i : i + 1, :, :n])))
+            given = codes[i : i + 1]
+            if i == 2:
+                stream.prime(given[:, :, :primed])
+                given = given[:, :, primed:]
+            out.append((stream, stream.plan_push(given[:, :, :n])))
         return out
 
     alone = [stream.complete_alone(plan) for stream, plan in pushed()]
     run = inc.decode
 
     def failing(batch: torch.Tensor, states: Any, **kwargs: Any) -> torch.Tensor:
-        if batch.shape[-1] == sizes[2]:
+        if batch.shape[-1] == primed + inc.lookahead + 1:
             raise RuntimeError("this call fails")
         return run(batch, states, **kwargs)
 
     inc.decode = failing  # type: ignore[method-assign]
     try:
-        outputs = [StepOutput(audio=None, fraction=0.0, seconds=0.0) for _ in sizes]
+        outputs = [StepOutput(audio=None, fraction=0.0, seconds=0.0) for _ in range(3)]
         due = [(out, stream, plan) for out, (stream, plan) in zip(outputs, pushed(), strict=True)]
         codec_stream.complete_due(inc.decode, due)
     finally:
@@ -515,6 +521,35 @@ def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> No
 
 
 @pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
+def test_a_crowd_arriving_a_step_apart_gets_its_first_chunks_in_one_call(model: str) -> None:
+    """Three requests, then three more a step later (a crowd's requests arrive
+    over a few milliseconds): the first three's first chunks wait a step for the
+    others', and all six go to the codec in one call; each stream's audio is
+    still its one-shot decode."""
+    from wavecast.server.engines import load_engines
+
+    engine: Any = load_engines([model], "cpu", codec_batch=8)[model]
+    jobs = _crowd(engine, model, 6, frames=60)
+    calls = count_codec_calls(engine)
+    first_at: dict[str, int] = {}
+    audio: dict[str, list[Any]] = {job.request.request_id: [] for job in jobs}
+    running: list[Any] = []
+    step = 0
+    while step < 2 or running:
+        running += jobs[:3] if step == 0 else jobs[3:] if step == 1 else []
+        outs = engine.step(running)
+        for job, out in zip(running, outs, strict=True):
+            if out.audio is not None:
+                first_at.setdefault(job.request.request_id, step)
+                audio[job.request.request_id].append(out.audio)
+        running = [job for job, out in zip(running, outs, strict=True) if not out.done]
+        step += 1
+    assert len(set(first_at.values())) == 1, first_at
+    assert calls[0] == len(jobs), calls
+    _each_the_one_shot_decode(engine, model, jobs, audio)
+
+
+@pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
 def test_streams_beyond_a_codec_call_decode_on_steps_of_their_own(model: str) -> None:
     """Eight requests at once with two chunks per codec call: after their first
     chunks, no step decodes more than two streams' chunks (four calls' worth on
@@ -541,6 +576,90 @@ def test_streams_beyond_a_codec_call_decode_on_steps_of_their_own(model: str) ->
     assert max(later_per_step) == 2, later_per_step
     assert sum(1 for rows in calls if rows == 2) > len(calls) // 2, calls
     _each_the_one_shot_decode(engine, model, jobs, audio)
+
+
+def test_first_chunks_a_step_apart_go_in_one_call(
+    codec: tuple[IncrementalCodec, Decode, int],
+) -> None:
+    """Two streams of one cadence, the second a frame behind: the first one's
+    first chunk, due a step before the other's, waits that step (once), and
+    both go in one call, of its frames and not one more (the frame it gained
+    waiting goes with its next chunk). A stream that would wait for one that
+    then gets no frame waits no longer; one alone never waits. Each stream's
+    audio is the one-shot decode of its codes."""
+    inc, decode, k = codec
+    like = torch.zeros(())
+    first = inc.lookahead + 3  # (a stream's first chunk: 3 frames)
+    frames = first + 24
+    codes = _codes(3, k, frames + 1, seed=13)
+    calls: list[int] = []
+    run = inc.decode
+
+    def counted(batch: torch.Tensor, states: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(int(batch.shape[0]))
+        return run(batch, states, **kwargs)
+
+    def step(
+        streams: list[IncrementalStream], pushes: list[int | None], audio: list[list[Any]]
+    ) -> None:
+        """Stream ``i`` pushes its frame ``pushes[i]`` (None: none); the due
+        chunks, less those that wait, decode together, into ``audio[i]``."""
+        due = []
+        for i, (stream, at) in enumerate(zip(streams, pushes, strict=True)):
+            if at is None:
+                continue
+            plan = stream.plan_push(codes[i : i + 1, :, at : at + 1])
+            if plan is not None:
+                due.append((StepOutput(audio=None, fraction=0.0, seconds=0.0), stream, plan, i))
+        kept = codec_stream.wait_for_firsts([(out, s, plan) for out, s, plan, _ in due])
+        codec_stream.complete_due(inc.decode, kept)
+        for out, _, _, i in due:
+            if out.audio is not None:
+                audio[i].append(out.audio)
+
+    inc.decode = counted  # type: ignore[method-assign]
+    try:
+        cadence = codec_stream.Cadence(8)
+        a, b = (IncrementalStream(inc, like, first_frames=3, cadence=cadence) for _ in range(2))
+        audio: list[list[Any]] = [[], []]
+        # a pushes frames 0 .. ; b starts a step later.
+        for t in range(first):
+            step([a, b], [t, t - 1 if t else None], audio)
+        assert audio == [[], []] and calls == []  # a was due: it waited for b
+        step([a, b], [first, first - 1], audio)
+        assert calls == [2] and all(len(chunks) == 1 for chunks in audio)
+        assert [len(chunks[0]) for chunks in audio] == [len(audio[0][0])] * 2
+        for t in range(first + 1, frames):
+            step([a, b], [t, t - 1], audio)
+        for i, stream in enumerate((a, b)):
+            plan = stream.plan_flush()
+            assert plan is not None
+            audio[i].append(stream.complete_alone(plan))
+            pushed = frames if i == 0 else frames - 1
+            whole = decode(codes[i : i + 1, :, :pushed])[0].T.numpy()
+            streamed = np.concatenate(audio[i])
+            assert streamed.shape == whole.shape
+            assert np.abs(streamed - whole).max() <= 1e-5 * max(1e-3, np.abs(whole).max())
+
+        # b lacks a frame when a is due, then gets none: a waits one step only.
+        calls.clear()
+        cadence = codec_stream.Cadence(8)
+        a, b = (IncrementalStream(inc, like, first_frames=3, cadence=cadence) for _ in range(2))
+        audio = [[], []]
+        for t in range(first):
+            step([a, b], [t, t - 1 if t else None], audio)
+        step([a, b], [first, None], audio)
+        assert calls == [1] and len(audio[0]) == 1 and audio[1] == []
+
+        # Alone, a first chunk goes as soon as it can.
+        calls.clear()
+        alone = IncrementalStream(inc, like, first_frames=3, cadence=codec_stream.Cadence(8))
+        audio = [[]]
+        for t in range(first):
+            step([alone], [t], audio)
+        assert calls == [1] and len(audio[0]) == 1
+    finally:
+        del inc.decode
 
 
 def test_the_cadence_groups_streams_by_a_calls_chunks() -> None:
