@@ -365,13 +365,16 @@ def run_serve(args: argparse.Namespace) -> int:
     from .logs import setup_logging
 
     config = config_from_args(args)
-    setup_logging(config.logging.format, config.logging.file, config.logging.level)
+    writer = setup_logging(config.logging.format, config.logging.file, config.logging.level)
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is not available on every platform
-        asyncio.run(_serve(config))
-    else:
-        uvloop.run(_serve(config))
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is not available on every platform
+            asyncio.run(_serve(config))
+        else:
+            uvloop.run(_serve(config))
+    finally:
+        writer.stop()  # (the last lines: shutting down, and any error)
     return 0
 
 
