@@ -33,8 +33,8 @@ Both share the chunks' schedule. The windows (or new frames) of every stream
 with a chunk due in a step are decoded together (``complete_due``): one codec
 call per window shape (and decoder state shape), of at most ``rows`` windows,
 the batch that ``fastest_rows`` measured to cost least per window on the device;
-a first chunk due a step before other streams' first chunks waits for them
-(``wait_for_firsts``), so that a crowd's first chunks make one call.
+first chunks due a step before as many other streams' first chunks wait for
+them (``wait_for_firsts``), so that a crowd's first chunks make one call.
 ``CodecStreams`` is what an engine builds: the incremental decoder if its codec
 allows one (checked against the one-shot decode at load), windows otherwise.
 """
@@ -666,14 +666,16 @@ def complete_due(
 def wait_for_firsts(due: Due) -> Due:
     """A step's due chunks, less the first chunks that wait a step.
 
-    Where another stream of their cadence lacks just one frame for its own first
-    chunk (it holds frames: it gets one a step), each first chunk due now waits
-    a step, once, and they all go to the codec in one call on the next. A crowd's
-    requests arrive over a few milliseconds and start a step or so apart:
-    otherwise the first ones' chunks make a call of their own, which the later
-    ones wait through before theirs (a codec call costs mostly what a call
-    costs, not what its chunks do, on a CPU). A stream's plan that waits is
-    dropped: its frames are planned again, with the next one, at its next push.
+    Where at least as many other streams of their cadence lack just one frame for
+    their own first chunks (they hold frames: they get one a step), each first
+    chunk due now waits a step, once, and they all go to the codec in one call
+    on the next. A crowd's requests arrive over a few milliseconds and start a
+    step or so apart: otherwise the first ones' chunks make a call of their own,
+    which the later ones wait through before theirs (a codec call costs mostly
+    what a call costs, not what its chunks do, on a CPU). The wait costs each
+    waiting stream about a step and spares each later one a call: worth it where
+    the later ones are no fewer. A stream's plan that waits is dropped: its
+    frames are planned again, with the next one, at its next push.
     """
     waiting = [
         stream
@@ -681,7 +683,10 @@ def wait_for_firsts(due: Due) -> Due:
         if isinstance(stream, IncrementalStream) and stream.may_wait()
     ]
     cadence = waiting[0].cadence if waiting else None
-    if cadence is None or not any(s.frames_short() == 1 for s in list(cadence.young)):
+    if cadence is None:
+        return due
+    following = sum(1 for stream in list(cadence.young) if stream.frames_short() == 1)
+    if following < len(waiting):
         return due
     for stream in waiting:
         stream._waited = True

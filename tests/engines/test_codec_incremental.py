@@ -585,8 +585,8 @@ def test_first_chunks_a_step_apart_go_in_one_call(
     first chunk, due a step before the other's, waits that step (once), and
     both go in one call, of its frames and not one more (the frame it gained
     waiting goes with its next chunk). A stream that would wait for one that
-    then gets no frame waits no longer; one alone never waits. Each stream's
-    audio is the one-shot decode of its codes."""
+    then gets no frame waits no longer; two do not wait for one; one alone
+    never waits. Each stream's audio is the one-shot decode of its codes."""
     inc, decode, k = codec
     like = torch.zeros(())
     first = inc.lookahead + 3  # (a stream's first chunk: 3 frames)
@@ -650,6 +650,16 @@ def test_first_chunks_a_step_apart_go_in_one_call(
             step([a, b], [t, t - 1 if t else None], audio)
         step([a, b], [first, None], audio)
         assert calls == [1] and len(audio[0]) == 1 and audio[1] == []
+
+        # Two due, one a frame behind: the two go now (the wait would cost two
+        # streams a step each to spare one a call).
+        calls.clear()
+        cadence = codec_stream.Cadence(8)
+        a, c, b = (IncrementalStream(inc, like, first_frames=3, cadence=cadence) for _ in range(3))
+        audio = [[], [], []]
+        for t in range(first):
+            step([a, c, b], [t, t, t - 1 if t else None], audio)
+        assert calls == [2] and [len(chunks) for chunks in audio] == [1, 1, 0]
 
         # Alone, a first chunk goes as soon as it can.
         calls.clear()
