@@ -15,10 +15,18 @@ time to it (``--varied-texts``: speech requests speak texts of different lengths
 With ``--codec-frames F``, each turn is ``--steps`` calls of the model's codec
 alone (the tiny EnCodec for a MusicGen model, the tiny DAC for a speech model),
 incremental, each decoding F new frames of N streams long under way.
+With ``--server``, each revision is a ``wavecast serve`` (both listening at once,
+the idle one costing nothing), and a turn is a crowd of each count of
+``--streams`` through it, from clients connecting as ``bench_stream.py``'s do
+(10 s of music, or ``bench_tts.py``'s 250 frames of speech, ``--varied-texts``
+as there): the median stream's first audio and the aggregate real-time factor,
+each revision's crowds against its crowd of one in the same turn, and the
+tree's against the revision's turn by turn.
 
     .venv/bin/python bench/bench_ab.py --rev HEAD~2 --model tiny-musicgen --streams 1 8
     .venv/bin/python bench/bench_ab.py --rev aeea893 --model tiny-higgs --streams 1 8
     .venv/bin/python bench/bench_ab.py --rev HEAD --model tiny-higgs --codec-frames 8 --steps 50
+    .venv/bin/python bench/bench_ab.py --rev HEAD~1 --model tiny-higgs --server --rounds 16
 
 ``--rev`` is checked out in a temporary git worktree (the working tree is the
 other side); both run this checkout's ``bench_engine.py`` to load and step.
@@ -29,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeAlias
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,6 +193,121 @@ def compare(
     return times["rev"], times["tree"]
 
 
+Turn: TypeAlias = "dict[int, tuple[float, float]]"
+
+
+def compare_servers(old_root: Path, args: argparse.Namespace) -> tuple[list[Turn], list[Turn]]:
+    """``--server``: both revisions served at once, crowds of each count through
+    each in turns; per turn and count, the median stream's first audio (ms) and
+    the aggregate real-time factor."""
+    import asyncio
+
+    from bench_engine import MUSIC
+    from bench_stream import one, speech_text, start_server
+    from bench_stream import timed as read
+    from bench_tts import TEXT
+
+    from wavecast.clients import connect
+    from wavecast.server.engines import is_higgs_name
+
+    served = argparse.Namespace(
+        model=args.model,
+        device="cpu",
+        concurrency=args.streams,
+        threads=args.threads,
+        admission="realtime",
+        codec_batch=0,
+        codec_windows=False,
+    )
+    speech = is_higgs_name(args.model)
+
+    async def request(url: str, index: int) -> dict[str, float]:
+        if not speech:
+            return await one(url, args.model, MUSIC, 10.0)
+        text = speech_text(index) if args.varied_texts else TEXT
+        async with connect(url) as client:
+            began = time.perf_counter()
+            stream = await client.speak(args.model, text, max_new_tokens=250, seed=index)
+            return await read(stream, began)
+
+    async def crowd(url: str, count: int) -> tuple[float, float]:
+        began = time.perf_counter()
+        runs = await asyncio.gather(*(request(url, i) for i in range(count)))
+        wall = time.perf_counter() - began
+        first = statistics.median(run["ttfa"] for run in runs) * 1e3
+        return first, sum(run["audio"] for run in runs) / wall
+
+    async def turns(urls: dict[str, str]) -> dict[str, list[Turn]]:
+        for url in urls.values():  # warm-up: each count once
+            for count in args.streams:
+                await crowd(url, count)
+        out: dict[str, list[Turn]] = {"rev": [], "tree": []}
+        for r in range(args.rounds):
+            for side in ("rev", "tree") if r % 2 == 0 else ("tree", "rev"):
+                out[side].append({n: await crowd(urls[side], n) for n in args.streams})
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        servers = {
+            "rev": start_server(
+                served, Path(tmp) / "rev.log", {**env, "PYTHONPATH": str(old_root)}
+            ),
+            "tree": start_server(served, Path(tmp) / "tree.log", env),
+        }
+        try:
+            got = asyncio.run(turns({side: url for side, (_, url) in servers.items()}))
+        finally:
+            for process, _ in servers.values():
+                process.send_signal(signal.SIGTERM)
+            for process, _ in servers.values():
+                process.wait(60)
+    return got["rev"], got["tree"]
+
+
+def report_servers(
+    revision: str, args: argparse.Namespace, rev: list[Turn], tree: list[Turn]
+) -> None:
+    from bench_stream import machine
+
+    texts = " (texts of different lengths)" if args.varied_texts else ""
+    print(f"### through the server, {revision} against the working tree: {args.model}{texts}\n")
+    print(f"- machine: {machine('cpu')}, the servers' --threads {args.threads}")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(
+        f"- date: {time.strftime('%Y-%m-%d')}; {args.rounds} turns, each a crowd of each "
+        "count through each server, alternating; medians of the turns\n"
+    )
+    one = min(args.streams)
+    print(
+        f"| streams | {revision}: first audio | tree: first audio | tree / {revision} "
+        f"| {revision}: aggregate | tree: aggregate | tree / {revision} "
+        f"| {revision}: against {one} (aggregate, first audio) | tree: against {one} |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    for n in args.streams:
+        a = med([t[n][0] for t in rev])
+        b = med([t[n][0] for t in tree])
+        ratio_first = med([new[n][0] / old[n][0] for old, new in zip(rev, tree, strict=True)])
+        x = med([t[n][1] for t in rev])
+        y = med([t[n][1] for t in tree])
+        ratio_agg = med([new[n][1] / old[n][1] for old, new in zip(rev, tree, strict=True)])
+        against = [
+            f"{med([t[n][1] / t[one][1] for t in side]):.2f}x, "
+            f"{med([t[n][0] / t[one][0] for t in side]):.2f}x"
+            for side in (rev, tree)
+        ]
+        print(
+            f"| {n} | {a:.1f} ms | {b:.1f} ms | {ratio_first:.3f} | x{x:.2f} | x{y:.2f} "
+            f"| {ratio_agg:.3f} | {against[0]} | {against[1]} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", default="HEAD", help="the revision to compare the tree with")
@@ -214,6 +339,11 @@ def main() -> None:
         help="time the model's codec alone instead: calls (--steps a turn) of this many "
         "new frames a stream",
     )
+    parser.add_argument(
+        "--server",
+        action="store_true",
+        help="through each revision's server: crowds of each count of --streams in turns",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -224,6 +354,8 @@ def main() -> None:
         return
     from bench_stream import machine
 
+    if args.server and min(args.streams) != 1:
+        raise SystemExit("--server compares each crowd with a crowd of one: --streams 1 …")
     revision = subprocess.run(
         ["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -238,12 +370,18 @@ def main() -> None:
             # The package is imported as ``wavecast``: a folder holding a link of that name.
             (Path(tmp) / "root").mkdir()
             (Path(tmp) / "root" / "wavecast").symlink_to(tree)
-            rows = [
-                (n, [compare(Path(tmp) / "root", args, n) for _ in range(args.launches)])
-                for n in args.streams
-            ]
+            if args.server:
+                served = compare_servers(Path(tmp) / "root", args)
+            else:
+                rows = [
+                    (n, [compare(Path(tmp) / "root", args, n) for _ in range(args.launches)])
+                    for n in args.streams
+                ]
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
+    if args.server:
+        report_servers(revision, args, *served)
+        return
     what = "a crowd's first audio" if args.first_audio else "engine step"
     if args.codec_frames:
         what = f"codec calls of {args.codec_frames} new frames a stream"

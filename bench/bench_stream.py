@@ -117,7 +117,11 @@ async def one(url: str, model: str, prompt: str, duration: float) -> dict[str, f
         return await timed(stream, start)
 
 
-def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    args: argparse.Namespace, log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``wavecast serve`` as ``args`` say (in ``env``: this process's by default),
+    its log in ``log``; the process and its stream URL once it listens."""
     command = [
         sys.executable,
         "-m",
@@ -150,7 +154,7 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
         "--log-file",
         str(log),
     ]
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         match = (
