@@ -8,6 +8,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -69,12 +70,9 @@ def test_a_log_that_does_not_keep_up_never_blocks_the_caller(root_logging: None)
     assert sum(line.endswith(": caught up") for line in lines) == 1
 
 
-def test_records_say_what_they_said_when_made(root_logging: None, tmp_path: object) -> None:
+def test_records_say_what_they_said_when_made(root_logging: None, tmp_path: Path) -> None:
     """A record's arguments are read when it is made (not when the writer gets
     to it); a traceback reaches the log, as a JSON field or after the line."""
-    from pathlib import Path
-
-    assert isinstance(tmp_path, Path)
     for fmt in ("json", "text"):
         path = tmp_path / f"{fmt}.log"
         writer = setup_logging(fmt, path)
