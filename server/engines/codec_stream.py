@@ -820,6 +820,11 @@ class CodecStreams:
         """A step of the engine (the streams' ``Cadence``)."""
         self.cadence.tick()
 
+    def due_now(self, due: Due) -> Due:
+        """Of a step's due chunks, those that go to the codec now: all but the
+        first chunks that wait for others' (``wait_for_firsts``)."""
+        return wait_for_firsts(due)
+
     def choose_forms(self, most: int) -> None:
         """Each of the incremental decoder's convolutions as the library's, as a
         matrix product or by the row kernel's library, whichever is fastest on

@@ -55,14 +55,7 @@ from ..base import (
     run_once,
 )
 from ..codec_decoders import for_serving
-from ..codec_stream import (
-    CodecStreams,
-    Due,
-    StreamDecoder,
-    StreamGeometry,
-    complete_due,
-    wait_for_firsts,
-)
+from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
 from ..precision import dtype_name
@@ -486,7 +479,7 @@ class MusicGenEngine:
         ``codec_batch``), then the ends of the streams that ended. (First chunks
         due a step before others' wait for them: ``wait_for_firsts``.)"""
         if self._due:
-            due, self._due = wait_for_firsts(self._due), []
+            due, self._due = self.codec_streams.due_now(self._due), []
             began = time.perf_counter()
             with self._codec_format():
                 complete_due(self._decode, due, self.codec_batch)
