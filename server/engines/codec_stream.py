@@ -674,17 +674,18 @@ def wait_for_firsts(due: Due) -> Due:
     which the later ones wait through before theirs (a codec call costs mostly
     what a call costs, not what its chunks do, on a CPU). The wait costs each
     waiting stream about a step and spares each later one a call: worth it where
-    the later ones are no fewer. A stream's plan that waits is dropped: its
-    frames are planned again, with the next one, at its next push.
+    the later ones are no fewer, and not where first chunks that waited once go
+    now (a call is made now anyway: the others join it). A stream's plan that
+    waits is dropped: its frames are planned again, with the next one, at its
+    next push.
     """
-    waiting = [
-        stream
-        for _, stream, _ in due
-        if isinstance(stream, IncrementalStream) and stream.may_wait()
+    firsts = [
+        stream for _, stream, _ in due if isinstance(stream, IncrementalStream) and not stream._sent
     ]
+    waiting = [stream for stream in firsts if stream.may_wait()]
     cadence = waiting[0].cadence if waiting else None
-    if cadence is None:
-        return due
+    if cadence is None or len(waiting) < len(firsts):
+        return due  # (first chunks that waited once go now: the others go with them)
     following = sum(1 for stream in list(cadence.young) if stream.frames_short() == 1)
     if following < len(waiting):
         return due

@@ -585,8 +585,9 @@ def test_first_chunks_a_step_apart_go_in_one_call(
     first chunk, due a step before the other's, waits that step (once), and
     both go in one call, of its frames and not one more (the frame it gained
     waiting goes with its next chunk). A stream that would wait for one that
-    then gets no frame waits no longer; two do not wait for one; one alone
-    never waits. Each stream's audio is the one-shot decode of its codes."""
+    then gets no frame waits no longer; two do not wait for one; none waits
+    beside one that waited; one alone never waits. Each stream's audio is the
+    one-shot decode of its codes."""
     inc, decode, k = codec
     like = torch.zeros(())
     first = inc.lookahead + 3  # (a stream's first chunk: 3 frames)
@@ -660,6 +661,19 @@ def test_first_chunks_a_step_apart_go_in_one_call(
         for t in range(first):
             step([a, c, b], [t, t, t - 1 if t else None], audio)
         assert calls == [2] and [len(chunks) for chunks in audio] == [1, 1, 0]
+
+        # Three a step apart each: the first waits for the second; then the
+        # second goes with it (their call is made anyway), not waiting for the
+        # third, which goes on its own step.
+        calls.clear()
+        cadence = codec_stream.Cadence(8)
+        a, b, c = (IncrementalStream(inc, like, first_frames=3, cadence=cadence) for _ in range(3))
+        audio = [[], [], []]
+        for t in range(first + 1):
+            step([a, b, c], [t, t - 1 if t else None, t - 2 if t > 1 else None], audio)
+        assert calls == [2] and [len(chunks) for chunks in audio] == [1, 1, 0]
+        step([a, b, c], [first + 1, first, first - 1], audio)
+        assert calls == [2, 1] and [len(chunks) for chunks in audio] == [1, 1, 1]
 
         # Alone, a first chunk goes as soon as it can.
         calls.clear()
