@@ -390,10 +390,19 @@ class IncrementalStream(StreamDecoder):
         new = self.total - self.emitted - self._priming
         return self.first_frames + self.codec.lookahead - new if new > 0 else None
 
+    @property
+    def before_first(self) -> bool:
+        """Whether no audio went out yet (a chunk due is its first)."""
+        return not self._sent
+
     def may_wait(self) -> bool:
         """Whether a first chunk due now may wait a step (``wait_for_firsts``):
         it has a cadence, sent nothing yet, and never waited."""
         return self.cadence is not None and not self._sent and not self._waited
+
+    def wait(self) -> None:
+        """Its first chunk due now waits a step (``wait_for_firsts``): once."""
+        self._waited = True
 
     def plan_push(self, codes: Codes) -> DecodePlan | None:
         if codes.shape[-1] == 0:
@@ -680,7 +689,9 @@ def wait_for_firsts(due: Due) -> Due:
     next push.
     """
     firsts = [
-        stream for _, stream, _ in due if isinstance(stream, IncrementalStream) and not stream._sent
+        stream
+        for _, stream, _ in due
+        if isinstance(stream, IncrementalStream) and stream.before_first
     ]
     waiting = [stream for stream in firsts if stream.may_wait()]
     cadence = waiting[0].cadence if waiting else None
@@ -690,7 +701,7 @@ def wait_for_firsts(due: Due) -> Due:
     if following < len(waiting):
         return due
     for stream in waiting:
-        stream._waited = True
+        stream.wait()
     held = {id(stream) for stream in waiting}
     return [entry for entry in due if id(entry[1]) not in held]
 
