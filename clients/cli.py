@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 
 from wavecast.protocol import Audio, Done, ModelInfo, Progress, Queued, Started, to_wire
 
-from .client import GenerationResult, connect
+from .client import GenerationResult, connect, stream_url
 
 __all__ = ["main"]
 
@@ -279,7 +279,12 @@ def _write_wav(path: Path, result: GenerationResult) -> None:
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=DEFAULT_URL, help="server URL (default %(default)s)")
+    parser.add_argument(
+        "--url",
+        default=DEFAULT_URL,
+        help="the server's stream URL (default %(default)s); its address alone "
+        "(HOST:PORT, ws://HOST:PORT, or http://HOST:PORT/ as the demo page's) means its /v1/stream",
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get("WAVECAST_API_KEY"),
@@ -419,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_serve(args)
     try:
+        args.url = stream_url(args.url)
+    except ValueError as exc:
+        print(f"wavecast: {exc}", file=sys.stderr)
+        return 2
+    try:
         command = {"speak": _speak, "generate": _generate, "models": _models}[args.command]
         return asyncio.run(command(args))
     except OSError as exc:
@@ -432,7 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         elif status == 503:
             print(f"wavecast: {args.url} is shutting down; connect again", file=sys.stderr)
         else:
-            print(f"wavecast: {args.url} refused the connection (HTTP {status})", file=sys.stderr)
+            # The server's own answers say why in a line of plain text.
+            plain = exc.response.headers.get("Content-Type", "").startswith("text/plain")
+            body = exc.response.body if plain and exc.response.body else b""
+            reason = body.decode("utf-8", "replace").strip().partition("\n")[0][:200]
+            why = f"HTTP {status}: {reason}" if reason else f"HTTP {status}"
+            print(f"wavecast: {args.url} refused the connection ({why})", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,9 +46,32 @@ from wavecast.protocol import (
     error_class,
 )
 
-__all__ = ["Client", "GenerationResult", "RequestStream", "connect"]
+__all__ = ["STREAM_PATH", "Client", "GenerationResult", "RequestStream", "connect", "stream_url"]
 
 _QUEUE_LIMIT = 1024
+
+# The server's stream endpoint (PROTOCOL.md §1).
+STREAM_PATH = "/v1/stream"
+_SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+
+
+def stream_url(url: str) -> str:
+    """The stream endpoint that ``url`` names: a server's address as its log
+    and demo page show it (``http://host:port/``) or as ``host:port`` alone
+    means its ``ws://host:port/v1/stream``; ``https://`` means ``wss://``. A
+    path other than ``/`` is kept (a proxy's prefix), and so is the query.
+
+    Raises:
+        ValueError: A scheme other than ``ws``, ``wss``, ``http`` or ``https``.
+    """
+    if "://" not in url:
+        url = "ws://" + url
+    parts = urllib.parse.urlsplit(url)
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(f"not a wavecast server's address: {url!r} (ws://HOST:PORT)")
+    path = parts.path if parts.path not in ("", "/") else STREAM_PATH
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
 @dataclass
@@ -328,7 +352,9 @@ class connect:
     """Connect to a server: ``async with connect(url) as client`` or ``await connect(url)``.
 
     Args:
-        url: ``ws://host:port/v1/stream``.
+        url: ``ws://host:port/v1/stream``, or the server's address alone
+            (``ws://host:port``, ``http://host:port/``, ``host:port``: see
+            :func:`stream_url`).
         text: Speak JSON text frames instead of msgpack.
         open_timeout: Seconds to wait for the connection and the greeting.
         api_key: The server's API key, when it needs one (sent as
@@ -343,7 +369,7 @@ class connect:
         open_timeout: float = 10.0,
         api_key: str | None = None,
     ) -> None:
-        self.url = url
+        self.url = stream_url(url)
         self.text = text
         self.open_timeout = open_timeout
         self.api_key = api_key if api_key is not None else os.environ.get("WAVECAST_API_KEY")

@@ -250,6 +250,14 @@ class HttpRoutes:
                     "text/plain",
                 )
             return None  # the WebSocket handshake goes on
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            # A WebSocket client at the wrong path (the demo page's address):
+            # not the page with a 200, which the client would take for a refusal.
+            return _response(
+                http.HTTPStatus.NOT_FOUND,
+                f"WebSocket streams are at {STREAM_PATH}\n".encode(),
+                "text/plain",
+            )
         if path == "/healthz":
             if self.healthy():
                 return _response(http.HTTPStatus.OK, b"ok\n", "text/plain")

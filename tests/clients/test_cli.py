@@ -16,7 +16,7 @@ import pytest
 import soundfile
 from helpers import WAVECAST, run_cli, timeout
 
-from wavecast.clients import SyncClient
+from wavecast.clients import SyncClient, stream_url
 from wavecast.protocol import Audio, Done, Started
 from wavecast.server.config import Config
 
@@ -109,6 +109,50 @@ async def test_cli_reports_server_errors(server: Any) -> None:
     code, output = await run_cli("generate", "--url", server.url, "--model", "nope", "x")
     assert code == 1
     assert "unknown_model" in output
+
+
+async def test_cli_takes_the_servers_address(server: Any) -> None:
+    address = f"http://127.0.0.1:{server.port}/"
+    code, output = await run_cli("models", "--url", address)
+    assert code == 0, output
+    assert output.startswith("tiny-musicgen  (TEST MODEL")
+
+
+async def test_cli_says_why_a_server_refused(server: Any) -> None:
+    url = f"ws://127.0.0.1:{server.port}/wavecast/v1/stream"  # (a proxy's prefix, absent)
+    code, output = await run_cli("models", "--url", url)
+    assert code == 2
+    assert output.strip() == (
+        f"wavecast: {url} refused the connection (HTTP 404: WebSocket streams are at /v1/stream)"
+    )
+    code, output = await run_cli("models", "--url", f"ftp://127.0.0.1:{server.port}")
+    assert code == 2 and "not a wavecast server's address" in output
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        ("ws://h:5555/v1/stream", "ws://h:5555/v1/stream"),
+        ("ws://h:5555", "ws://h:5555/v1/stream"),
+        ("ws://h:5555/", "ws://h:5555/v1/stream"),
+        ("h:5555", "ws://h:5555/v1/stream"),
+        ("http://h:5555/", "ws://h:5555/v1/stream"),
+        ("HTTPS://h/", "wss://h/v1/stream"),
+        ("wss://h/?token=k", "wss://h/v1/stream?token=k"),
+        (
+            "ws://h:5555/wavecast/v1/stream?encoding=json",
+            "ws://h:5555/wavecast/v1/stream?encoding=json",
+        ),
+        ("http://[::1]:5555", "ws://[::1]:5555/v1/stream"),
+    ],
+)
+def test_stream_url(given: str, meant: str) -> None:
+    assert stream_url(given) == meant
+
+
+def test_stream_url_refuses_other_schemes() -> None:
+    with pytest.raises(ValueError, match="not a wavecast server's address"):
+        stream_url("ftp://h:5555/")
 
 
 async def test_cli_unreachable_server() -> None:

@@ -88,6 +88,32 @@ async def test_http_routes(server: Any) -> None:
     assert status == 426
 
 
+async def test_a_websocket_handshake_elsewhere_is_told_the_stream_path(server: Any) -> None:
+    # The demo page's address is where a user may point a WebSocket client:
+    # its answer names the stream path, where the page's own 200 would not.
+    for path in ("/", "/index.html", "/v1/streams"):
+        with pytest.raises(InvalidStatus) as refused:
+            await ws_connect(f"ws://127.0.0.1:{server.port}{path}")
+        response = refused.value.response
+        assert response.status_code == 404, path
+        assert response.body == b"WebSocket streams are at /v1/stream\n"
+    # A browser's plain request for the page is served as before.
+    status, kind, _ = await http_get(f"http://127.0.0.1:{server.port}/")
+    assert status == 200 and kind.startswith("text/html")
+
+
+async def test_the_client_takes_the_servers_address_for_its_stream(server: Any) -> None:
+    for address in (
+        f"http://127.0.0.1:{server.port}/",
+        f"ws://127.0.0.1:{server.port}",
+        f"127.0.0.1:{server.port}",
+    ):
+        async with connect(address) as client:
+            assert client.hello.models[0].name == "tiny-musicgen"
+            result = await (await client.generate("tiny-musicgen", "x", duration=0.2)).collect()
+            assert result.status == "completed", address
+
+
 async def test_completed_stream_is_exact_and_contiguous(server: Any) -> None:
     async with connect(server.url) as client:
         stream = await client.generate("tiny-musicgen", "lofi", duration=2.0, seed=1)
