@@ -306,13 +306,40 @@ export function wireSpeakers(pausePlayers) {
   }
 }
 
+// What the form calls the parameters it knows (the protocol's names stay in
+// each label's title, and in the card's "code"); any other: its name, spaced.
+const LABELS = {
+  duration: "Duration (s)",
+  seed: "Seed",
+  mbd: "Multi-Band Diffusion",
+  temperature: "Temperature",
+  top_k: "Top-k",
+  top_p: "Top-p",
+  cfg_coef: "Guidance (CFG)",
+  extend_stride: "Window stride (s)",
+  include_prompt: "Include the prompt",
+  scene: "Scene",
+  max_new_tokens: "Steps per chunk",
+  ras_win_len: "Repetition window",
+  ras_win_max_num_repeat: "Repeats allowed",
+  chunk_method: "Split the text",
+  chunk_max_word_num: "Words per chunk",
+  chunk_max_num_turns: "Turns per chunk",
+  generation_chunk_buffer_size: "Chunks kept as context",
+};
+
+export function paramLabel(name) {
+  return LABELS[name] ?? name.replaceAll("_", " ");
+}
+
 function paramField(model, spec, kept) {
   const id = `param-${spec.name}`;
   const wrap = document.createElement("div");
   wrap.className = "param";
   const label = document.createElement("label");
   label.htmlFor = id;
-  label.textContent = spec.name.replaceAll("_", " ");
+  label.textContent = paramLabel(spec.name);
+  label.title = `params.${spec.name}`;
   const help = document.createElement("small");
   help.className = "help";
   help.id = `${id}-help`;
@@ -323,6 +350,7 @@ function paramField(model, spec, kept) {
     input = document.createElement("input");
     input.type = "checkbox";
     input.checked = Boolean(value);
+    wrap.classList.add("toggle");
   } else if (spec.choices) {
     input = document.createElement("select");
     for (const c of spec.choices) input.append(new Option(c, c));
@@ -396,9 +424,12 @@ export function updateEstimate() {
   const text = $("#prompt").value.replace(/\[SPEAKER\d+\]/g, "").trim();
   const seconds = Math.max(1, Math.round(text.length / CHARS_PER_SECOND));
   const tokens = $("#param-max_new_tokens")?.value;
+  const limit = tokens
+    ? `each chunk stops at ${tokens} steps and the whole at ${model.max_duration} s`
+    : `the whole stops at ${model.max_duration} s`;
   out.textContent = text
-    ? `About ${seconds} s of speech at a usual pace; each part stops at ${tokens || "max new tokens"} steps and the whole at ${model.max_duration} s.`
-    : `Each part stops at ${tokens || "max new tokens"} steps and the whole at ${model.max_duration} s.`;
+    ? `About ${seconds} s of speech at a usual pace; ${limit}.`
+    : `${limit[0].toUpperCase()}${limit.slice(1)}.`;
 }
 
 // -- the dialogue editor: lines of [SPEAKERn] text, in step with the text box ----------

@@ -115,6 +115,18 @@ async def test_page_lists_models_and_params(browser: Any, server: Any) -> None:
     ]
     assert await page.input_value("#param-duration") == "10"
     assert await page.get_attribute("#param-duration", "max") == "300"
+    # Each field says what it is in words, its protocol name in the label's title;
+    # a parameter the page has no words for shows its name, spaced.
+    labels = await page.eval_on_selector_all(
+        "#params label, #advanced-params label", "els => els.map(e => [e.textContent, e.title])"
+    )
+    assert ["Duration (s)", "params.duration"] in labels
+    assert ["Multi-Band Diffusion", "params.mbd"] in labels
+    assert ["Guidance (CFG)", "params.cfg_coef"] in labels
+    spaced = await page.evaluate(
+        """async () => (await import("./form.js")).paramLabel("some_new_knob")"""
+    )
+    assert spaced == "some new knob"
     assert await page.get_attribute("#param-seed", "placeholder") == "random"
     assert await page.text_content("#conn-text") == "connected"
     ARTIFACTS.mkdir(exist_ok=True)
