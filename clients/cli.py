@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from wavecast.protocol import Audio, Done, ModelInfo, Progress, Queued, Started, to_wire
 
@@ -448,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
             reason = body.decode("utf-8", "replace").strip().partition("\n")[0][:200]
             why = f"HTTP {status}: {reason}" if reason else f"HTTP {status}"
             print(f"wavecast: {args.url} refused the connection ({why})", file=sys.stderr)
+        return 2
+    except InvalidHandshake as exc:  # (something else listens there)
+        print(f"wavecast: {args.url} is not a WebSocket server: {exc}", file=sys.stderr)
         return 2
 
 

@@ -62,14 +62,20 @@ def stream_url(url: str) -> str:
     path other than ``/`` is kept (a proxy's prefix), and so is the query.
 
     Raises:
-        ValueError: A scheme other than ``ws``, ``wss``, ``http`` or ``https``.
+        ValueError: A scheme other than ``ws``, ``wss``, ``http`` or ``https``,
+            no host, or a port that is not a number.
     """
+    given = url
     if "://" not in url:
         url = "ws://" + url
     parts = urllib.parse.urlsplit(url)
     scheme = _SCHEMES.get(parts.scheme.lower())
-    if scheme is None:
-        raise ValueError(f"not a wavecast server's address: {url!r} (ws://HOST:PORT)")
+    try:
+        port_number = parts.port is None or parts.port >= 0  # (not a number: raises)
+    except ValueError:
+        port_number = False
+    if scheme is None or not parts.hostname or not port_number:
+        raise ValueError(f"not a wavecast server's address: {given!r} (ws://HOST:PORT)")
     path = parts.path if parts.path not in ("", "/") else STREAM_PATH
     return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 

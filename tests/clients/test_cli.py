@@ -125,8 +125,9 @@ async def test_cli_says_why_a_server_refused(server: Any) -> None:
     assert output.strip() == (
         f"wavecast: {url} refused the connection (HTTP 404: WebSocket streams are at /v1/stream)"
     )
-    code, output = await run_cli("models", "--url", f"ftp://127.0.0.1:{server.port}")
-    assert code == 2 and "not a wavecast server's address" in output
+    for url in (f"ftp://127.0.0.1:{server.port}", f":{server.port}"):
+        code, output = await run_cli("models", "--url", url)
+        assert code == 2 and output.startswith("wavecast: not a wavecast server's address"), url
 
 
 @pytest.mark.parametrize(
@@ -150,9 +151,24 @@ def test_stream_url(given: str, meant: str) -> None:
     assert stream_url(given) == meant
 
 
-def test_stream_url_refuses_other_schemes() -> None:
+@pytest.mark.parametrize("given", ["ftp://h:5555/", ":5555", "ws://:5555/v1/stream", "h:port", ""])
+def test_stream_url_refuses_what_names_no_server(given: str) -> None:
     with pytest.raises(ValueError, match="not a wavecast server's address"):
-        stream_url("ftp://h:5555/")
+        stream_url(given)
+
+
+async def test_cli_says_when_something_else_listens() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-not-a-websocket\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    async with listener:
+        code, output = await run_cli("models", "--url", f"127.0.0.1:{port}")
+    assert code == 2
+    assert output.startswith(f"wavecast: ws://127.0.0.1:{port}/v1/stream is not a WebSocket server")
 
 
 async def test_cli_unreachable_server() -> None:
