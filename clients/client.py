@@ -63,7 +63,7 @@ def stream_url(url: str) -> str:
 
     Raises:
         ValueError: A scheme other than ``ws``, ``wss``, ``http`` or ``https``,
-            no host, or a port that is not a number.
+            no host, or a port that is not one from 1 to 65,535.
     """
     given = url
     if "://" not in url:
@@ -71,10 +71,10 @@ def stream_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     scheme = _SCHEMES.get(parts.scheme.lower())
     try:
-        port_number = parts.port is None or parts.port >= 0  # (not a number: raises)
+        port = parts.port  # (raises where it is not a number below 65,536)
     except ValueError:
-        port_number = False
-    if scheme is None or not parts.hostname or not port_number:
+        port = 0
+    if scheme is None or not parts.hostname or port == 0:
         raise ValueError(f"not a wavecast server's address: {given!r} (ws://HOST:PORT)")
     path = parts.path if parts.path not in ("", "/") else STREAM_PATH
     return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))

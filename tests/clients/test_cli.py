@@ -151,7 +151,9 @@ def test_stream_url(given: str, meant: str) -> None:
     assert stream_url(given) == meant
 
 
-@pytest.mark.parametrize("given", ["ftp://h:5555/", ":5555", "ws://:5555/v1/stream", "h:port", ""])
+@pytest.mark.parametrize(
+    "given", ["ftp://h:5555/", ":5555", "ws://:5555/v1/stream", "h:port", "h:0", "h:70000", ""]
+)
 def test_stream_url_refuses_what_names_no_server(given: str) -> None:
     with pytest.raises(ValueError, match="not a wavecast server's address"):
         stream_url(given)
