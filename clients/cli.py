@@ -281,9 +281,10 @@ def _write_wav(path: Path, result: GenerationResult) -> None:
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
-        default=DEFAULT_URL,
-        help="the server's stream URL (default %(default)s); its address alone "
-        "(HOST:PORT, ws://HOST:PORT, or http://HOST:PORT/ as the demo page's) means its /v1/stream",
+        default=os.environ.get("WAVECAST_URL") or DEFAULT_URL,
+        help=f"the server's stream URL (default: WAVECAST_URL, else {DEFAULT_URL}); its address "
+        "alone (HOST:PORT, ws://HOST:PORT, or http://HOST:PORT/ as the demo page's) means its "
+        "/v1/stream",
     )
     parser.add_argument(
         "--api-key",

@@ -118,6 +118,15 @@ async def test_cli_takes_the_servers_address(server: Any) -> None:
     assert output.startswith("tiny-musicgen  (TEST MODEL")
 
 
+async def test_cli_takes_the_server_from_the_environment(server: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("WAVECAST_URL", f"127.0.0.1:{server.port}")
+    code, output = await run_cli("models")
+    assert code == 0 and output.startswith("tiny-musicgen  (TEST MODEL"), output
+    # The flag wins.
+    code, output = await run_cli("models", "--url", "ws://127.0.0.1:9/v1/stream")
+    assert code == 2 and "cannot reach ws://127.0.0.1:9/v1/stream" in output
+
+
 async def test_cli_says_why_a_server_refused(server: Any) -> None:
     url = f"ws://127.0.0.1:{server.port}/wavecast/v1/stream"  # (a proxy's prefix, absent)
     code, output = await run_cli("models", "--url", url)
