@@ -1,6 +1,6 @@
 """Python clients for wavecast: async (:func:`connect`) and blocking (:class:`SyncClient`)."""
 
-from .client import Client, GenerationResult, RequestStream, connect, stream_url
+from .client import Client, GenerationResult, RequestStream, connect, server_url, stream_url
 from .sync import SyncClient, SyncRequest
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "SyncClient",
     "SyncRequest",
     "connect",
+    "server_url",
     "stream_url",
 ]

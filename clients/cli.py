@@ -19,11 +19,9 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from wavecast.protocol import Audio, Done, ModelInfo, Progress, Queued, Started, to_wire
 
-from .client import GenerationResult, connect, stream_url
+from .client import DEFAULT_URL, GenerationResult, connect, server_url
 
 __all__ = ["main"]
-
-DEFAULT_URL = "ws://127.0.0.1:5555/v1/stream"
 
 
 class ProgressBar:
@@ -281,7 +279,6 @@ def _write_wav(path: Path, result: GenerationResult) -> None:
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
-        default=os.environ.get("WAVECAST_URL") or DEFAULT_URL,
         help=f"the server's stream URL (default: WAVECAST_URL, else {DEFAULT_URL}); its address "
         "alone (HOST:PORT, ws://HOST:PORT, or http://HOST:PORT/ as the demo page's) means its "
         "/v1/stream",
@@ -425,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_serve(args)
     try:
-        args.url = stream_url(args.url)
+        args.url = server_url(args.url)
     except ValueError as exc:
         print(f"wavecast: {exc}", file=sys.stderr)
         return 2

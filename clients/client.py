@@ -46,13 +46,30 @@ from wavecast.protocol import (
     error_class,
 )
 
-__all__ = ["STREAM_PATH", "Client", "GenerationResult", "RequestStream", "connect", "stream_url"]
+__all__ = [
+    "DEFAULT_URL",
+    "STREAM_PATH",
+    "Client",
+    "GenerationResult",
+    "RequestStream",
+    "connect",
+    "server_url",
+    "stream_url",
+]
 
 _QUEUE_LIMIT = 1024
 
 # The server's stream endpoint (PROTOCOL.md §1).
 STREAM_PATH = "/v1/stream"
+# Where a client connects when given no URL (nor ``WAVECAST_URL``): a local server.
+DEFAULT_URL = "ws://127.0.0.1:5555/v1/stream"
 _SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+
+
+def server_url(url: str | None = None) -> str:
+    """The stream endpoint a client connects to: ``url``'s (:func:`stream_url`),
+    else ``WAVECAST_URL``'s, else a local server's (``DEFAULT_URL``)."""
+    return stream_url(url or os.environ.get("WAVECAST_URL") or DEFAULT_URL)
 
 
 def stream_url(url: str) -> str:
@@ -360,7 +377,8 @@ class connect:
     Args:
         url: ``ws://host:port/v1/stream``, or the server's address alone
             (``ws://host:port``, ``http://host:port/``, ``host:port``: see
-            :func:`stream_url`).
+            :func:`stream_url`); default: ``WAVECAST_URL``, else
+            ``ws://127.0.0.1:5555/v1/stream``.
         text: Speak JSON text frames instead of msgpack.
         open_timeout: Seconds to wait for the connection and the greeting.
         api_key: The server's API key, when it needs one (sent as
@@ -369,13 +387,13 @@ class connect:
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
         text: bool = False,
         open_timeout: float = 10.0,
         api_key: str | None = None,
     ) -> None:
-        self.url = stream_url(url)
+        self.url = server_url(url)
         self.text = text
         self.open_timeout = open_timeout
         self.api_key = api_key if api_key is not None else os.environ.get("WAVECAST_API_KEY")

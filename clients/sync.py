@@ -51,11 +51,12 @@ class SyncRequest:
 
 
 class SyncClient:
-    """Runs an async :class:`Client` on a private event-loop thread."""
+    """Runs an async :class:`Client` on a private event-loop thread (``url`` and
+    the rest: :class:`connect`'s)."""
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
         text: bool = False,
         open_timeout: float = 10.0,

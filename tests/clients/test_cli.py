@@ -16,7 +16,7 @@ import pytest
 import soundfile
 from helpers import WAVECAST, run_cli, timeout
 
-from wavecast.clients import SyncClient, stream_url
+from wavecast.clients import SyncClient, connect, server_url, stream_url
 from wavecast.protocol import Audio, Done, Started
 from wavecast.server.config import Config
 
@@ -158,6 +158,26 @@ async def test_cli_says_why_a_server_refused(server: Any) -> None:
 )
 def test_stream_url(given: str, meant: str) -> None:
     assert stream_url(given) == meant
+
+
+def test_server_url_from_the_argument_the_environment_or_a_local_server(monkeypatch: Any) -> None:
+    monkeypatch.delenv("WAVECAST_URL", raising=False)
+    assert server_url() == "ws://127.0.0.1:5555/v1/stream"
+    monkeypatch.setenv("WAVECAST_URL", "http://h:80/")
+    assert server_url() == "ws://h:80/v1/stream"
+    assert server_url("g:81") == "ws://g:81/v1/stream"
+
+
+async def test_clients_take_the_server_from_the_environment(server: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("WAVECAST_URL", f"127.0.0.1:{server.port}")
+
+    def work() -> str:
+        with SyncClient() as client:
+            return client.generate("tiny-musicgen", "x", duration=0.2).collect().status
+
+    assert await asyncio.to_thread(work) == "completed"
+    async with connect() as client:
+        assert client.hello.models[0].name == "tiny-musicgen"
 
 
 @pytest.mark.parametrize(
