@@ -202,12 +202,10 @@ def compare_servers(old_root: Path, args: argparse.Namespace) -> tuple[list[Turn
     the aggregate real-time factor."""
     import asyncio
 
+    import bench_tts
     from bench_engine import MUSIC
-    from bench_stream import one, speech_text, start_server
-    from bench_stream import timed as read
-    from bench_tts import TEXT
+    from bench_stream import one, start_server
 
-    from wavecast.clients import connect
     from wavecast.server.engines import is_higgs_name
 
     served = argparse.Namespace(
@@ -220,15 +218,15 @@ def compare_servers(old_root: Path, args: argparse.Namespace) -> tuple[list[Turn
         codec_windows=False,
     )
     speech = is_higgs_name(args.model)
+    # bench_tts.py's requests, as it makes them by default.
+    spoken = argparse.Namespace(
+        varied_texts=args.varied_texts, chunk_words=0, voice_seconds=0, max_new_tokens=250
+    )
 
     async def request(url: str, index: int) -> dict[str, float]:
         if not speech:
             return await one(url, args.model, MUSIC, 10.0)
-        text = speech_text(index) if args.varied_texts else TEXT
-        async with connect(url) as client:
-            began = time.perf_counter()
-            stream = await client.speak(args.model, text, max_new_tokens=250, seed=index)
-            return await read(stream, began)
+        return await bench_tts.one(url, args.model, spoken, index)
 
     async def crowd(url: str, count: int) -> tuple[float, float]:
         began = time.perf_counter()

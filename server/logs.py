@@ -97,6 +97,9 @@ class LogWriter:
     """The thread that writes the records (``setup_logging`` starts it); ``stop``
     writes what is queued and ends it."""
 
+    # Seconds between two batches of lines, at least.
+    PAUSE = 0.02
+
     def __init__(self, handler: logging.Handler, records: int = QUEUE_RECORDS) -> None:
         self.records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
         self.handoff = _Handoff(self.records, records)
@@ -110,9 +113,6 @@ class LogWriter:
             # A pause between batches: records logged meanwhile wake no one (a
             # wake-up costs the logging thread more than its put).
             time.sleep(self.PAUSE)
-
-    # Seconds between two batches of lines, at least.
-    PAUSE = 0.02
 
     def _write_queued(self, record: logging.LogRecord | None) -> bool:
         """Write ``record`` and every record queued after it; False at the end

@@ -387,8 +387,16 @@ class IncrementalStream(StreamDecoder):
         its first chunk)."""
         if self._sent or self._ended:
             return None
-        new = self.total - self.emitted - self._priming
-        return self.first_frames + self.codec.lookahead - new if new > 0 else None
+        new = self._new_frames()
+        return self._first_size() - new if new > 0 else None
+
+    def _new_frames(self) -> int:
+        """Frames held that are neither emitted nor given as context only."""
+        return self.total - self.emitted - self._priming
+
+    def _first_size(self) -> int:
+        """Frames the first chunk decodes: what it emits and the codec's lookahead."""
+        return self.first_frames + self.codec.lookahead
 
     @property
     def before_first(self) -> bool:
@@ -408,12 +416,12 @@ class IncrementalStream(StreamDecoder):
         if codes.shape[-1] == 0:
             return None
         self._append(codes)
-        new = self.total - self.emitted - self._priming
+        new = self._new_frames()
         if self._sent == 0:  # the first audio, as soon as it can go
             # Just the frames it needs (any more go with the next chunk): every
             # first chunk's call has the same shape, so that first chunks due
             # on one step go in one call (``wait_for_firsts``).
-            first = self.first_frames + self.codec.lookahead
+            first = self._first_size()
             if new < first:
                 return None
             return self._plan(self.emitted + self._priming + first)
