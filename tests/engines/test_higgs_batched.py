@@ -418,6 +418,20 @@ def test_greedy_equals_the_reference_path(
         assert np.allclose(got, expected, atol=1e-5)
 
 
+def test_the_codes_of_a_chunk_under_way(batched: HiggsEngine, reference: HiggsEngine) -> None:
+    """``codes_of`` mid-chunk: the frames streamed so far, on either path."""
+    params: dict[str, Any] = {"temperature": 0.0, "ras_win_len": 0, "max_new_tokens": 30, "seed": 1}
+    codes = []
+    for engine in (batched, reference):
+        job = request(engine, "a", "Hello there, how are you?", **params)
+        for _ in range(15):  # the delay pattern's K - 1 steps, then frames
+            assert not engine.step([job])[0].done
+        codes.append(engine.codes_of(job))
+        engine.finish(job)
+    assert codes[0].shape == (1, K, 15 - (K - 1) - 1)
+    assert torch.equal(codes[0], codes[1])
+
+
 def test_voices_scenes_and_chunk_buffers_equal_the_reference_path(loaded: HiggsModel) -> None:
     """Named voices (with and without a transcript), a scene, a dialogue spoken
     turn by turn with one chunk kept as context: greedy codes equal the

@@ -1088,7 +1088,7 @@ class HiggsEngine:
         st: _HiggsJob = job.state
         spoken = [audio.codes for _, audio in st.history]
         if self._under_way(st) and st.chunk_frames:  # a chunk under way
-            spoken.append(torch.stack(st.chunk_frames, dim=1))
+            spoken.append(torch.from_numpy(np.stack(st.chunk_frames, axis=1)).to(self.device))
         return torch.cat(spoken, dim=-1).unsqueeze(0)
 
 
