@@ -209,7 +209,7 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
         model.get_submodule(owner)._buffers[leaf] = buffer
 
 
-def _quiet_eos(model: HiggsAudioV2ForConditionalGeneration) -> None:
+def _quiet_eos(model: HiggsAudioV2ForConditionalGeneration, *, pinned: bool = False) -> None:
     """Make stream EOS unlikely, so the test model speaks until ``max_new_tokens``.
 
     A random head picks EOS about once in ``codebook_size`` draws per codebook,
@@ -219,6 +219,14 @@ def _quiet_eos(model: HiggsAudioV2ForConditionalGeneration) -> None:
     below every other code. Top-k sampling never reaches it, and neither does
     the unfiltered redraw of repetition-aware sampling (about 1e-12 a draw; a
     gap of 4, as a weight of -1 gave, let one utterance in twenty end early).
+
+    ``pinned`` (the released depth): 28 random layers add to that coordinate
+    as much as to any other, so what reaches the last norm has a sign and a size
+    that depend on the random draw (built on CUDA, the 3B model's favoured EOS
+    in most codebooks from the first free step). Pinned, no layer writes the
+    coordinate (its output projections' row for it is zero), so it reaches the
+    last norm as the embedding set it, and the EOS weight on it is large enough
+    for any norm of the rest.
     """
     config = model.config
     k, card = int(config.num_codebooks), int(config.codebook_size)
@@ -226,7 +234,11 @@ def _quiet_eos(model: HiggsAudioV2ForConditionalGeneration) -> None:
         model.model.embed_tokens.weight[:, 0] = 2.0
         model.model.embed_audio_tokens.embed_audio_tokens.weight[:, 0] = 2.0 / k
         head = model.audio_lm_head.weight.view(k, card, -1)
-        head[:, int(config.audio_stream_eos_id), 0] = -8.0
+        head[:, int(config.audio_stream_eos_id), 0] = -1024.0 if pinned else -8.0
+        if pinned:
+            for name, module in model.model.layers.named_modules():
+                if name.endswith(("o_proj", "down_proj")):  # what writes the residual
+                    module.weight[0] = 0.0
 
 
 def save_tiny_higgs(tiny: TinyHiggs, folder: Path) -> tuple[Path, Path]:
@@ -272,7 +284,7 @@ def build_random_higgs(device: str, dtype: torch.dtype | None = None) -> TinyHig
             model = HiggsAudioV2ForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(default)
-    _quiet_eos(model)
+    _quiet_eos(model, pinned=True)
     return TinyHiggs(model, tokenizer, codec)
 
 
