@@ -35,8 +35,8 @@ def test_tiny_model_streams_exactly_on_cuda() -> None:
     codes = engine.codes_of(job)
     model.set_generation_params(duration=2.0, top_k=1)
     _, reference = model.generate(["gpu"], return_tokens=True)
-    assert torch.equal(codes, reference)
-    full = model.compression_model.decode(codes, None)[0].transpose(0, 1).float().cpu().numpy()
+    assert torch.equal(codes, reference.cpu())
+    full = model.compression_model.decode(reference, None)[0].transpose(0, 1).float().cpu().numpy()
     assert np.abs(chunks - full).max() <= 1e-3
 
 
@@ -57,7 +57,7 @@ def test_decode_steps_replayed_as_cuda_graphs_equal_eager_ones() -> None:
         assert torch.equal(a, b)
     model.set_generation_params(duration=1.0, top_k=1)
     _, reference = model.generate(["rock"], return_tokens=True)
-    assert torch.equal(results[1][0], reference)
+    assert torch.equal(results[1][0], reference.cpu())
 
 
 def test_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again() -> None:
