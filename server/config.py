@@ -72,7 +72,8 @@ class ModelsConfig:
     dtype: str = "auto"  # one of DTYPES
     threads: int = 0  # torch's CPU threads; 0: one core fewer than the machine has
     mbd: bool = False  # load the released Multi-Band Diffusion for the 32 kHz models
-    cuda_graphs: bool = False  # replay the batched decode step as CUDA graphs
+    # Replay the batched decode step as CUDA graphs; None: where the device is CUDA.
+    cuda_graphs: bool | None = None
     # Exact streaming geometry (frames of codes): see engines/codec_stream.py.
     # The left context is what a continuation's prompt primes the codec with
     # (and each window's, when windows are decoded); the hold-back is the

@@ -67,7 +67,7 @@ def load_engines(
     max_new_tokens: int = 2048,
     prefill_budget_ms: float | None = None,
     prefix_cache_mb: float = 256.0,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
     max_active: int = 4,
 ) -> dict[str, Engine]:
     """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``),
@@ -77,7 +77,8 @@ def load_engines(
     one (from the hub) serves the released 32 kHz models, mono and stereo.
     HiggsAudio v2 names (``tiny-higgs``, ``bosonai/higgs-audio-…``, or a folder
     whose config says ``higgs_audio_v2``) get the text-to-speech engine, with
-    ``voices`` and ``scenes``.
+    ``voices`` and ``scenes``. ``cuda_graphs``: replay the decode steps as CUDA
+    graphs (None: where the device is CUDA).
     """
     # oneDNN (convolutions on a CPU) prepares a primitive for each input shape it
     # meets and keeps 1,024; a codec's ~35 layers in every call shape of up to
@@ -90,6 +91,8 @@ def load_engines(
 
     torch.set_grad_enabled(False)
     resolved = resolve_device(device)
+    if cuda_graphs is None:
+        cuda_graphs = resolved.startswith("cuda")
     # The step launches many small operations: threads beyond the cores there are
     # (the event loop and the clients need one) spin and wait on each other.
     torch.set_num_threads(threads or max(1, _cores() - 1))

@@ -406,6 +406,35 @@ def test_a_malformed_trusted_proxy_is_refused_at_start() -> None:
     assert config_from_args(args).network.forwarded_allow_ips == ("10.0.0.0/8", "*")
 
 
+def test_cuda_graphs_are_on_where_the_device_is_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--cuda-graphs``: unset, the device decides (on for CUDA; a CPU steps
+    eagerly, with no graphs' buffers); ``--no-cuda-graphs`` or
+    ``WAVECAST_CUDA_GRAPHS=0`` turn them off, ``1`` on, anything else is refused."""
+    from wavecast.server.cli import add_serve_arguments, config_from_args
+    from wavecast.server.engines import load_engines
+
+    def graphs(argv: list[str]) -> bool | None:
+        parser = argparse.ArgumentParser()
+        add_serve_arguments(parser)
+        return config_from_args(parser.parse_args(argv)).models.cuda_graphs
+
+    assert graphs([]) is None
+    assert graphs(["--no-cuda-graphs"]) is False
+    assert graphs(["--cuda-graphs"]) is True
+    monkeypatch.setenv("WAVECAST_CUDA_GRAPHS", "0")
+    assert graphs([]) is False
+    assert graphs(["--cuda-graphs"]) is True
+    monkeypatch.setenv("WAVECAST_CUDA_GRAPHS", "1")
+    assert graphs([]) is True
+    monkeypatch.setenv("WAVECAST_CUDA_GRAPHS", "yes")
+    with pytest.raises(SystemExit, match="WAVECAST_CUDA_GRAPHS must be 1 or 0"):
+        graphs([])
+    (engine,) = load_engines(["tiny-musicgen"], "cpu").values()
+    assert engine.graphs is None
+    (engine,) = load_engines(["tiny-musicgen"], "cpu", cuda_graphs=True).values()
+    assert engine.graphs is not None and not engine.graphs.record
+
+
 async def test_connections_per_client_behind_a_trusted_load_balancer() -> None:
     limits = {"max_connections_per_ip": 1}
     # Trusted (the load balancer is 127.0.0.1): X-Forwarded-For names the client.
