@@ -232,13 +232,15 @@ def load(
     dtype: str = "auto",
     max_new_tokens: int = 2048,
     prefill_budget_ms: float | None = None,
+    pack: bool = True,
     **speech: Any,
 ) -> Engine:
     """The engine, warmed up as the server warms it (with graphs: every shape of
     up to ``max_active`` requests recorded; the codec batch measured unless given;
     the generator in ``dtype``, as ``--dtype``; the C heap keeping freed memory
-    and the Python heap frozen after warm-up, as the server's). ``speech``: more
-    of the speech engine's arguments (voices, prefix_cache)."""
+    and the Python heap frozen after warm-up, as the server's; on a CPU its large
+    float32 weights packed, unless not ``pack``). ``speech``: more of the speech
+    engine's arguments (voices, prefix_cache)."""
     keep_freed_memory()
     engine: Engine
     if is_higgs_name(name):
@@ -274,7 +276,8 @@ def load(
             prefill_budget_ms=prefill_budget_ms,
         )
     engine.warm_up()
-    engine.pack_weights()  # (as the server does once every engine is warm)
+    if pack:
+        engine.pack_weights()  # (as the server does once every engine is warm)
     freeze_heap()
     return engine
 

@@ -1,0 +1,170 @@
+"""A decode step's device side fused by ``torch.compile`` (inductor), against the
+step as the engines run it.
+
+    .venv/bin/python bench/bench_fused.py --model tiny-higgs --streams 1 8
+    python3 bench/bench_fused.py --model random-musicgen-small --device cuda --streams 1 8 32
+
+The engines' graphed step (``_graphed_step``: every row's forward, the prefilled
+rows' logits, guidance, the rows' sampling rules and draw) is what a CUDA graph
+records; at small batches on a GPU its time is the launch and latency of its
+hundreds of small kernels, which a compiler fusing them would cut. For each
+crowd size, requests are stepped until every prompt is in and the step's last
+inputs are kept; then that step is timed three ways on those inputs: the
+engines' own path (on CUDA, the CUDA graph recorded at warm-up; on a CPU, the
+same function eagerly), the function eagerly, and compiled by inductor for that
+one shape (on CUDA recorded as a CUDA graph in turn, as the engines would). With
+the compile's time, whether the codes are the same, and how far apart the
+logits are. Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from bench_engine import load, request
+from bench_stream import machine
+
+from wavecast.server.engines import resolve_device
+from wavecast.server.engines.base import Engine
+from wavecast.server.engines.graphs import StepGraphs
+
+
+class _Recording(StepGraphs):
+    """The engine's graphs, keeping the last step's key and inputs."""
+
+    last: tuple[Any, tuple[torch.Tensor, ...]] | None = None
+
+    def __call__(self, key: Any, *inputs: torch.Tensor) -> Any:
+        self.last = (key, tuple(x.clone() for x in inputs))
+        return super().__call__(key, *inputs)
+
+
+def last_step(engine: Engine, streams: int, steps: int) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    """A crowd of ``streams`` requests stepped ``steps`` times; the key and inputs
+    of the last step (every prompt in by then)."""
+    graphs = getattr(engine, "_graphs", None)
+    assert isinstance(graphs, StepGraphs), "the engine was loaded without graphs"
+    graphs.__class__ = _Recording
+    jobs = [engine.prepare(request(engine, i, 10.0, varied=True)) for i in range(streams)]
+    try:
+        for _ in range(steps):
+            outs = engine.step(jobs)
+            assert not any(out.done for out in outs), "a request ended before the steps did"
+    finally:
+        for job in jobs:
+            engine.finish(job)
+    assert isinstance(graphs, _Recording) and graphs.last is not None
+    return graphs.last
+
+
+def timed(
+    call: Callable[[], Any], restore: Callable[[], None], cuda: bool, count: int
+) -> list[float]:
+    """Milliseconds per call, ``count`` calls (after warm-up ones), the state the
+    step advances put back after each."""
+
+    def once() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        restore()
+        return elapsed * 1000
+
+    for _ in range(10):
+        once()
+    return [once() for _ in range(count)]
+
+
+def measure(engine: Engine, streams: int, steps: int, cuda: bool, count: int) -> dict[str, Any]:
+    key, inputs = last_step(engine, streams, steps)
+    inner: Any = engine  # (the engines' own parts, beyond the protocol)
+    decoder = inner.decoder
+    step: Callable[[Sequence[torch.Tensor], Any], Any] = inner._graphed_step
+    graphs: StepGraphs = inner._graphs
+    before = decoder.lengths.clone()
+
+    def restore() -> None:
+        decoder.lengths.copy_(before)
+
+    autocast: Any = getattr(engine, "autocast", contextlib.nullcontext)
+    with torch.no_grad(), autocast():
+        own = graphs(key, *inputs)
+        own = tuple(x.clone() for x in own)
+        restore()
+        own_ms = timed(lambda: graphs(key, *inputs), restore, cuda, count)
+        eager_ms = timed(lambda: step(inputs, key), restore, cuda, count)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+        start = time.perf_counter()
+        fused = StepGraphs(compiled, lambda: None, record=cuda)
+        fused.prepare([key], lambda _: inputs, label="fused")  # compiled (and recorded)
+        out = tuple(x.clone() for x in fused(key, *inputs))
+        restore()
+        compile_s = time.perf_counter() - start
+        fused_ms = timed(lambda: fused(key, *inputs), restore, cuda, count)
+        torch._dynamo.reset()
+    return {
+        "key": key,
+        "own": statistics.median(own_ms),
+        "eager": statistics.median(eager_ms),
+        "fused": statistics.median(fused_ms),
+        "compile": compile_s,
+        "codes": bool(torch.equal(own[0], out[0])),
+        "logits": float((own[1].float() - out[1].float()).abs().max()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-higgs")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=24, help="steps before the one timed")
+    parser.add_argument("--calls", type=int, default=200, help="timed calls of each way")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1)")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    torch.set_grad_enabled(False)
+    threads = args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    torch.set_num_threads(threads)
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    # (On a CPU the engines pack their weights for the row kernel and oneDNN,
+    # which inductor cannot trace: unpacked here, the step's torch operations.)
+    engine = load(
+        args.model, device, False, cuda_graphs=True, max_active=max(args.streams), pack=False
+    )
+    own = "the recorded CUDA graph" if cuda else "the engines' path, weights unpacked"
+    fused = "inductor, recorded as a CUDA graph" if cuda else "inductor"
+    print(f"### the step's device side fused: {args.model} on {device} ({engine.info.dtype})\n")
+    print(f"- machine: {machine(device)}, {threads} torch thread(s)")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}; median of {args.calls} calls each")
+    print(f"- the step timed: the crowd's step {args.steps + 1} (every prompt in)\n")
+    print(
+        f"| streams | step shape | {own}, ms | eagerly, ms | {fused}, ms "
+        "| compile (s) | same codes | logits apart (max) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n in args.streams:
+        r = measure(engine, n, args.steps, cuda, args.calls)
+        print(
+            f"| {n} | {r['key']} | {r['own']:.3f} | {r['eager']:.3f} | {r['fused']:.3f} "
+            f"| {r['compile']:.1f} | {'yes' if r['codes'] else 'no'} | {r['logits']:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
