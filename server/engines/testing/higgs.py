@@ -222,8 +222,8 @@ def _quiet_eos(model: HiggsAudioV2ForConditionalGeneration, *, pinned: bool = Fa
 
     ``pinned`` (the released depth): 28 random layers add to that coordinate
     as much as to any other, so what reaches the last norm has a sign and a size
-    that depend on the random draw (built on CUDA, the 3B model's favoured EOS
-    in most codebooks from the first free step). Pinned, no layer writes the
+    that depend on the random draw (built on CUDA, the 3B model favoured EOS in
+    most codebooks from the first free step). Pinned, no layer writes the
     coordinate (its output projections' row for it is zero), so it reaches the
     last norm as the embedding set it, and the EOS weight on it is large enough
     for any norm of the rest.
