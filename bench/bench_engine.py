@@ -282,6 +282,16 @@ def load(
     return engine
 
 
+def set_up(threads: int) -> int:
+    """Lines printed as they come, no gradients, and torch's threads: ``threads``,
+    or (0) one fewer than the cores; how many."""
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    torch.set_grad_enabled(False)
+    threads = threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-musicgen")
@@ -340,10 +350,7 @@ def main() -> None:
         "i-th request the (r + i)-th), not all the same one",
     )
     args = parser.parse_args()
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    torch.set_grad_enabled(False)
-    threads = args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
-    torch.set_num_threads(threads)
+    threads = set_up(args.threads)
     device = resolve_device(args.device)
     began = time.perf_counter()
     engine = load(

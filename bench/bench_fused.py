@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from bench_engine import load, request
+from bench_engine import load, request, set_up
 from bench_stream import machine
 
 from wavecast.server.engines import resolve_device
@@ -135,10 +135,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="timed calls of each way")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1)")
     args = parser.parse_args()
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    torch.set_grad_enabled(False)
-    threads = args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
-    torch.set_num_threads(threads)
+    threads = set_up(args.threads)
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
     # (On a CPU the engines pack their weights for the row kernel and oneDNN,
