@@ -967,10 +967,13 @@ class HiggsEngine:
         next chunks. Whether the request is done (no chunk left, or the length cap)."""
         spoken = st.chunks[st.index]
         if st.chunk_frames:
-            codes = torch.from_numpy(np.stack(st.chunk_frames, axis=1)).to(self.device)
-            st.history.append((spoken, PromptAudio(codes)))
+            st.history.append((spoken, PromptAudio(self._chunk_codes(st))))
         st.index += 1
         return st.index >= len(st.chunks) or st.produced >= st.max_frames
+
+    def _chunk_codes(self, st: _HiggsJob) -> torch.Tensor:
+        """``[K, frames]``: the frames of the chunk being spoken, on the device."""
+        return torch.from_numpy(np.stack(st.chunk_frames, axis=1)).to(self.device)
 
     def _decode_due(self) -> None:
         """Decode every stream's due codec window, batched (calls of at most
@@ -1088,7 +1091,7 @@ class HiggsEngine:
         st: _HiggsJob = job.state
         spoken = [audio.codes for _, audio in st.history]
         if self._under_way(st) and st.chunk_frames:  # a chunk under way
-            spoken.append(torch.from_numpy(np.stack(st.chunk_frames, axis=1)).to(self.device))
+            spoken.append(self._chunk_codes(st))
         return torch.cat(spoken, dim=-1).unsqueeze(0)
 
 
