@@ -5,10 +5,13 @@ packed copy, and the row kernel (``engines/rowkernel.py``), for the weight
 shapes of the released models a CPU steps (MusicGen small and large, the 3B
 speech model) and ``--rows`` rows. Least of ``--runs`` timings after a warm-up
 call, the four taking turns; and each way's largest difference from a float64
-product, against the output's largest value.
+product, against the output's largest value. ``--builds``: where this CPU has
+AVX-512 (the server then runs the row kernel's wide build), its plain build
+too, and whether the two give the same bits.
 
     .venv/bin/python bench/bench_rows.py
     .venv/bin/python bench/bench_rows.py --threads 2 --rows 1 4
+    .venv/bin/python bench/bench_rows.py --builds --rows 1 2 4 8
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -73,12 +76,29 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--builds",
+        action="store_true",
+        help="the row kernel's plain build too, beside the wide one the server runs "
+        "(where this CPU has AVX-512), and whether their results are the same bits",
+    )
     args = parser.parse_args()
     kernel = kernel_section("a few rows by one float32 weight, on a CPU", args.threads)
+    plain = None
+    if args.builds:
+        if not kernel.wide:
+            sys.exit("the server's row kernel here is the plain build (no AVX-512): one build")
+        plain = rowkernel.build(wide=False)
+        if not isinstance(plain, rowkernel.RowKernel):
+            sys.exit(f"no plain build: {plain}")
     print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
+    print(f"- the row kernel: the {'wide' if kernel.wide else 'plain'} build")
     print("- ms a call (its largest error against float64, over the largest output)\n")
-    print("| weight | rows | MKL | oneDNN, as it lies | oneDNN, packed copy | row kernel |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    header = "| weight | rows | MKL | oneDNN, as it lies | oneDNN, packed copy | row kernel |"
+    if plain is not None:
+        header += " row kernel, plain build | the same bits |"
+    print(header)
+    print("| --- " * (header.count("|") - 1) + "|")
     generator = torch.Generator().manual_seed(0)
     for outputs, inputs in SHAPES:
         weight = torch.randn(outputs, inputs, generator=generator)
@@ -95,9 +115,13 @@ def main() -> None:
                 partial(onednn, x, packed, None, "none", [], ""),
                 partial(kernel.product, weight, None, x),
             ]
+            if plain is not None:
+                ways.append(partial(plain.product, weight, None, x))
             errors = [float((way().double() - exact).abs().max()) / size for way in ways]
             times = in_turns(ways, max(1, args.runs // 2))
             cells = [f"{t:.2f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
+            if plain is not None:
+                cells.append("yes" if torch.equal(ways[-1](), ways[-2]()) else "**no**")
             print(f"| {outputs:,} x {inputs:,} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -174,6 +174,7 @@ class Packing:
     kernel: int = 0
     no_kernel: str | None = None
     attention: bool = False  # (the step's attention by the row kernel: ``step_attention``)
+    wide: bool = False  # the row kernel's wide build (``rowkernel.load``)
 
     @property
     def applied(self) -> bool:
@@ -185,6 +186,7 @@ class Packing:
         said = []
         if self.kernel:
             said.append(f"{self.kernel} weights multiplied by the row kernel")
+            said[-1] += " (its wide build)" if self.wide else ""
             said[-1] += f" for steps of 1-{KERNEL_ROWS} rows"
         elif self.no_kernel:
             said.append(f"no row kernel: {self.no_kernel}")
@@ -256,7 +258,7 @@ def pack(denses: Iterable[Dense], available: Callable[[], int | None] | None = N
     if isinstance(kernel, rowkernel.RowKernel):
         for dense in lying:
             dense._use(kernel)
-        kernels = Packing(0, 0, kernel=len(lying))
+        kernels = Packing(0, 0, kernel=len(lying), wide=kernel.wide)
     else:
         kernels = Packing(0, 0, no_kernel=kernel)
     need = sum(dense.weight.numel() * dense.weight.element_size() for dense in chosen)

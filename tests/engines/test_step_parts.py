@@ -178,6 +178,43 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
     assert torch.equal(on_three_threads(monkeypatch, lambda: kernel.product(weight, b, x)), alone)
 
 
+def test_the_wide_build_gives_the_plain_builds_bits() -> None:
+    """Where the CPU has AVX-512 the server runs the row kernel's wide build
+    (``load``), whose products go by larger blocks: every output is summed in
+    the same order as by the plain build, so the two give the same bits, for
+    every block of one to eight rows and the weight's rows left after the
+    blocks; and the rest of the library (attention, convolutions, Snake) is the
+    plain build's too."""
+    kernel = built_kernel()
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert not kernel.wide
+        pytest.skip("no AVX-512 on this CPU: the plain build alone runs here")
+    plain = rowkernel.build(wide=False)
+    assert kernel.wide and isinstance(plain, rowkernel.RowKernel) and not plain.wide
+    torch.manual_seed(0)
+    for outputs, size in [(37, 203), (64, 512), (1, 8), (6, 3), (23, 1100)]:
+        weight, b = torch.randn(outputs, size), torch.randn(outputs)
+        x = torch.randn(19, size)
+        for rows in range(1, 20):
+            assert torch.equal(
+                kernel.product(weight, b, x[:rows]), plain.product(weight, b, x[:rows])
+            )
+            assert torch.equal(
+                kernel.product(weight, None, x[-rows:]), plain.product(weight, None, x[-rows:])
+            )
+    q, k, v = torch.randn(5, 4, 1, 32), torch.randn(5, 2, 40, 32), torch.randn(5, 2, 40, 32)
+    mask = torch.zeros(5, 1, 1, 40)
+    mask[..., 30:] = float("-inf")
+    assert torch.equal(kernel.attend(q, k, v, mask), plain.attend(q, k, v, mask))
+    x = torch.randn(2, 5, 300)
+    weight, b = torch.randn(3, 5, 7), torch.randn(3)
+    assert torch.equal(kernel.conv(x, weight, b, 2), plain.conv(x, weight, b, 2))
+    alpha = torch.rand(1, 5, 1) + 0.1
+    assert torch.equal(
+        kernel.snake(x, alpha, alpha.reciprocal()), plain.snake(x, alpha, alpha.reciprocal())
+    )
+
+
 @pytest.mark.parametrize(
     ("outputs", "channels", "taps", "dilation"),
     [
@@ -321,7 +358,8 @@ def test_packed_layers_take_the_row_kernel_for_up_to_eight_rows(room: bool) -> N
     dense, onednn = Dense(weight, b), Dense(weight, b)
     packing = pack([dense], available=lambda: 100 * 2**20 if room else 0)
     assert (packing.weights, packing.direct, packing.kernel) == (int(room), int(not room), 1)
-    said = "1 weights multiplied by the row kernel for steps of 1-8 rows; "
+    built = " (its wide build)" if kernel.wide else ""
+    said = f"1 weights multiplied by the row kernel{built} for steps of 1-8 rows; "
     said += (
         "1 weights packed for steps of 9-32 rows (2 MiB more)"
         if room
