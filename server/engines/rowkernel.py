@@ -1413,7 +1413,7 @@ def load() -> RowKernel | str:
 
     Where torch finds AVX-512 on this CPU, the wide build (``build``): the same
     results, bit for bit, by blocks that keep more sums in registers (four rows
-    by a 3,072 x 1,024 weight in about 0.65x the plain build's time, eight by a
+    by a 3,072 x 1,024 weight in about 0.6x the plain build's time, eight by a
     16,384 x 3,072 one 0.75x: ``bench/bench_rows.py --builds``); the plain one
     where the wide one cannot be built, run or checked."""
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
