@@ -7,11 +7,14 @@ speech model) and ``--rows`` rows. Least of ``--runs`` timings after a warm-up
 call, the four taking turns; and each way's largest difference from a float64
 product, against the output's largest value. ``--builds``: where this CPU has
 AVX-512 (the server then runs the row kernel's wide build), its plain build
-too, and whether the two give the same bits.
+too, and whether the two give the same bits. ``--dtype bfloat16``: the weight
+and rows in bfloat16 (a model run in bfloat16), the library's product against
+the row kernel's.
 
     .venv/bin/python bench/bench_rows.py
     .venv/bin/python bench/bench_rows.py --threads 2 --rows 1 4
     .venv/bin/python bench/bench_rows.py --builds --rows 1 2 4 8
+    .venv/bin/python bench/bench_rows.py --dtype bfloat16 --rows 1 2 4 8
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -82,7 +85,17 @@ def main() -> None:
         help="the row kernel's plain build too, beside the wide one the server runs "
         "(where this CPU has AVX-512), and whether their results are the same bits",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: the weight and rows in bfloat16 (a model run so), the library's "
+        "product against the row kernel's",
+    )
     args = parser.parse_args()
+    if args.dtype == "bfloat16":
+        halves(args)
+        return
     kernel = kernel_section("a few rows by one float32 weight, on a CPU", args.threads)
     plain = None
     if args.builds:
@@ -122,6 +135,30 @@ def main() -> None:
             cells = [f"{t:.2f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
             if plain is not None:
                 cells.append("yes" if torch.equal(ways[-1](), ways[-2]()) else "**no**")
+            print(f"| {outputs:,} x {inputs:,} | {rows} | " + " | ".join(cells) + " |", flush=True)
+
+
+def halves(args: argparse.Namespace) -> None:
+    """``--dtype bfloat16``: the library's product (oneDNN's, in bfloat16) against
+    the row kernel's, in turns; each one's error against float64's product of
+    the same bfloat16 values."""
+    kernel = kernel_section("a few rows by one bfloat16 weight, on a CPU", args.threads)
+    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
+    print(f"- the row kernel: the {'wide' if kernel.wide else 'plain'} build")
+    print("- ms a call (its largest error against float64, over the largest output)\n")
+    print("| weight | rows | the library (`F.linear`) | row kernel |")
+    print("| --- | --- | --- | --- |")
+    generator = torch.Generator().manual_seed(0)
+    for outputs, inputs in SHAPES:
+        weight = torch.randn(outputs, inputs, generator=generator).bfloat16()
+        for rows in args.rows:
+            x = torch.randn(rows, inputs, generator=generator).bfloat16()
+            exact = x.double() @ weight.double().T
+            size = float(exact.abs().max())
+            ways = [partial(F.linear, x, weight), partial(kernel.product, weight, None, x)]
+            errors = [float((way().double() - exact).abs().max()) / size for way in ways]
+            times = in_turns(ways, max(1, args.runs // 2))
+            cells = [f"{t:.2f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
             print(f"| {outputs:,} x {inputs:,} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -37,7 +37,10 @@ and a C compiler), ``pack`` gives it the steps (and prefills) of one to
 eight rows, with no copy (four rows by that weight: 15 ms), and each row's
 result is the same bit for bit whatever the call's other rows, one row
 included. The packed copies, or oneDNN over the weights as they lie, then take
-the steps of more rows, up to ``PACKED_ROWS``.
+the steps of more rows, up to ``PACKED_ROWS``. A model run in bfloat16 gets the
+kernel's bfloat16 product for its large weights' steps of one to
+``HALF_ROWS`` rows (half the bytes of float32 to read; one row in 0.4-0.7x the
+time of the library's bfloat16 product), the library's for more.
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ DIRECT_ROWS = 3
 MEMORY_SHARE = 0.5
 # Rows of a step that the row kernel multiplies, where it is built: 1 to this many.
 KERNEL_ROWS = rowkernel.MOST_ROWS
+# The same for bfloat16 weights (a model run in bfloat16): one row in 0.4-0.7x
+# the library's bfloat16 product's time, four in about the same, and from six
+# the library's is the faster (``bench/bench_rows.py --dtype bfloat16``).
+HALF_ROWS = 4
 
 
 class Dense:
@@ -103,7 +110,7 @@ class Dense:
         if self.kernel is None and self.packed is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // max(1, x.shape[-1])
-        if self.kernel is not None and _kernel(rows):
+        if self.kernel is not None and _kernel(rows, x.dtype):
             return self.kernel(x)
         if self.packed is not None and _few(rows, self.fewest):
             return _packed(x, self.packed, self.bias)
@@ -128,9 +135,10 @@ class Dense:
         self._route()
 
 
-def _kernel(rows: int) -> bool:
-    """Whether a product of ``rows`` rows goes through the row kernel."""
-    return rows <= KERNEL_ROWS and not torch.is_autocast_enabled("cpu")
+def _kernel(rows: int, dtype: torch.dtype) -> bool:
+    """Whether a product of ``rows`` rows of ``dtype`` goes through the row kernel."""
+    most = KERNEL_ROWS if dtype == torch.float32 else min(KERNEL_ROWS, HALF_ROWS)
+    return rows <= most and not torch.is_autocast_enabled("cpu")
 
 
 def _few(rows: int, fewest: int) -> bool:
@@ -152,7 +160,7 @@ def _routed(
     x: torch.Tensor,
 ) -> torch.Tensor:
     rows = x.shape[0]
-    if kernel is not None and _kernel(rows):
+    if kernel is not None and _kernel(rows, x.dtype):
         return kernel(x)
     if packed is not None and _few(rows, fewest):
         return _packed(x, packed, bias)
@@ -175,12 +183,13 @@ class Packing:
     no_kernel: str | None = None
     attention: bool = False  # (the step's attention by the row kernel: ``step_attention``)
     wide: bool = False  # the row kernel's wide build (``rowkernel.load``)
+    halves: int = 0  # bfloat16 weights the row kernel multiplies (1 to ``HALF_ROWS`` rows)
 
     @property
     def applied(self) -> bool:
         """Whether the row kernel or oneDNN multiplies any of the weights, or the
         row kernel attends."""
-        return bool(self.weights or self.direct or self.kernel or self.attention)
+        return bool(self.weights or self.direct or self.kernel or self.halves or self.attention)
 
     def __str__(self) -> str:
         said = []
@@ -201,6 +210,9 @@ class Packing:
         if self.direct:
             said.append(f"{self.direct} weights multiplied by oneDNN as they lie")
             said[-1] += f" for steps of {after or DIRECT_ROWS}-{PACKED_ROWS} rows"
+        if self.halves:
+            said.append(f"{self.halves} bfloat16 weights multiplied by the row kernel")
+            said[-1] += f" for steps of 1-{min(KERNEL_ROWS, HALF_ROWS)} rows"
         if self.attention:
             said.append("the steps' attention by the row kernel")
         return "; ".join(said) or "none packed (only large float32 weights on a CPU are)"
@@ -209,6 +221,18 @@ class Packing:
         """Say in the log what was packed for model ``name``, or why nothing was."""
         if self.applied or self.skipped:
             log.info("%s: %s", name, self)
+
+
+def _halves(weight: torch.Tensor) -> bool:
+    """Whether the row kernel takes a bfloat16 weight's steps: as large as a
+    packed float32 weight, and contiguous."""
+    return bool(
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and weight.numel() >= PACKED_FROM
+        and weight.is_contiguous()
+    )
 
 
 def _packable(weight: torch.Tensor) -> bool:
@@ -249,18 +273,28 @@ def pack(denses: Iterable[Dense], available: Callable[[], int | None] | None = N
     if the memory ``available`` (the system's, by default) holds the copies with
     room to spare (``MEMORY_SHARE``); else none (a model that barely fits keeps
     its memory), and oneDNN multiplies the weights as they lie for
-    ``DIRECT_ROWS`` rows or more."""
+    ``DIRECT_ROWS`` rows or more. Large bfloat16 weights get the row kernel for
+    steps of 1 to ``HALF_ROWS`` rows (the library's product for more)."""
+    denses = list(denses)
+    halves = [dense for dense in denses if _halves(dense.weight)]
     chosen = [dense for dense in denses if _packable(dense.weight)]
-    if not chosen:
+    if not halves and not chosen:
         return Packing(0, 0)
-    lying = [dense for dense in chosen if dense.weight.is_contiguous()]
     kernel = rowkernel.load() if KERNEL_ROWS else "turned off"
     if isinstance(kernel, rowkernel.RowKernel):
+        for dense in halves:
+            dense._use(kernel)
+        lying = [dense for dense in chosen if dense.weight.is_contiguous()]
         for dense in lying:
             dense._use(kernel)
-        kernels = Packing(0, 0, kernel=len(lying), wide=kernel.wide)
+        kernels = Packing(0, 0, kernel=len(lying), wide=kernel.wide, halves=len(halves))
+    elif not chosen:
+        return Packing(0, 0)  # (the library's bfloat16 products, as without it)
     else:
+        lying = [dense for dense in chosen if dense.weight.is_contiguous()]
         kernels = Packing(0, 0, no_kernel=kernel)
+    if not chosen:
+        return kernels
     need = sum(dense.weight.numel() * dense.weight.element_size() for dense in chosen)
     if not torch.backends.mkldnn.is_available() or not hasattr(
         torch.ops.mkldnn, "_linear_pointwise"

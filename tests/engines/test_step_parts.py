@@ -178,13 +178,63 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
     assert torch.equal(on_three_threads(monkeypatch, lambda: kernel.product(weight, b, x)), alone)
 
 
+@pytest.mark.parametrize(("outputs", "size"), [(37, 203), (64, 512), (6, 3), (23, 1100)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_row_kernel_multiplies_bfloat16_each_row_alone_bit_for_bit(
+    outputs: int, size: int, bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model run in bfloat16: weight, bias and rows in bfloat16, the products
+    and sums in float32, each output rounded to bfloat16; float64's product of
+    the same values to that rounding; each row's result the same bits alone or
+    beside others, on one thread or several; float32 and bfloat16 not mixed."""
+    kernel = built_kernel()
+    torch.manual_seed(0)
+    weight = torch.randn(outputs, size).bfloat16()
+    b = torch.randn(outputs).bfloat16() if bias else None
+    x = torch.randn(9, size).bfloat16()
+    exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+    alone = torch.cat([kernel.product(weight, b, x[i : i + 1]) for i in range(len(x))])
+    assert alone.dtype == torch.bfloat16
+    assert torch.allclose(alone.double(), exact, rtol=2**-8, atol=1e-6 * exact.abs().max().item())
+    for rows in range(2, 10):
+        assert torch.equal(kernel.product(weight, b, x[:rows]), alone[:rows])
+    positions = x[:8].view(2, 4, size)
+    assert torch.equal(kernel.product(weight, b, positions), alone[:8].view(2, 4, outputs))
+    assert torch.equal(on_three_threads(monkeypatch, lambda: kernel.product(weight, b, x)), alone)
+    with pytest.raises(TypeError, match=r"must be torch\.bfloat16"):
+        kernel.product(weight.float(), None, x)
+
+
+def test_bfloat16_layers_take_the_row_kernel_for_a_few_rows() -> None:
+    """A large bfloat16 weight multiplies one to ``HALF_ROWS`` rows by the row
+    kernel, more by the library's product; small ones stay the library's."""
+    kernel = built_kernel()
+    torch.manual_seed(0)
+    weight, b = torch.randn(1024, 512).bfloat16(), torch.randn(1024).bfloat16()
+    small = Dense(torch.randn(64, 512).bfloat16())
+    dense = Dense(weight, b)
+    packing = pack([dense, small])
+    assert (packing.halves, packing.kernel, packing.weights, packing.direct) == (1, 0, 0, 0)
+    most = dense_module.HALF_ROWS
+    assert (
+        str(packing)
+        == f"1 bfloat16 weights multiplied by the row kernel for steps of 1-{most} rows"
+    )
+    assert small.kernel is None
+    x = torch.randn(most + 3, 512).bfloat16()
+    for rows in range(1, len(x) + 1):
+        way = kernel.product(weight, b, x[:rows]) if rows <= most else F.linear(x[:rows], weight, b)
+        assert torch.equal(dense.rows(x[:rows]), way)
+        assert torch.equal(dense(x[:rows]), way)
+
+
 def test_the_wide_build_gives_the_plain_builds_bits() -> None:
     """Where the CPU has AVX-512 the server runs the row kernel's wide build
     (``load``), whose products go by larger blocks: every output is summed in
     the same order as by the plain build, so the two give the same bits, for
     every block of one to eight rows and the weight's rows left after the
-    blocks; and the rest of the library (attention, convolutions, Snake) is the
-    plain build's too."""
+    blocks; and the rest of the library (the bfloat16 product, attention,
+    convolutions, Snake) is the plain build's too."""
     kernel = built_kernel()
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         assert not kernel.wide
@@ -202,6 +252,11 @@ def test_the_wide_build_gives_the_plain_builds_bits() -> None:
             assert torch.equal(
                 kernel.product(weight, None, x[-rows:]), plain.product(weight, None, x[-rows:])
             )
+    weight, x = torch.randn(23, 1100).bfloat16(), torch.randn(9, 1100).bfloat16()
+    for rows in range(1, 10):
+        assert torch.equal(
+            kernel.product(weight, None, x[:rows]), plain.product(weight, None, x[:rows])
+        )
     q, k, v = torch.randn(5, 4, 1, 32), torch.randn(5, 2, 40, 32), torch.randn(5, 2, 40, 32)
     mask = torch.zeros(5, 1, 1, 40)
     mask[..., 30:] = float("-inf")
