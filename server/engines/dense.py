@@ -280,18 +280,15 @@ def pack(denses: Iterable[Dense], available: Callable[[], int | None] | None = N
     chosen = [dense for dense in denses if _packable(dense.weight)]
     if not halves and not chosen:
         return Packing(0, 0)
+    lying = [dense for dense in chosen if dense.weight.is_contiguous()]
     kernel = rowkernel.load() if KERNEL_ROWS else "turned off"
     if isinstance(kernel, rowkernel.RowKernel):
-        for dense in halves:
-            dense._use(kernel)
-        lying = [dense for dense in chosen if dense.weight.is_contiguous()]
-        for dense in lying:
+        for dense in [*halves, *lying]:
             dense._use(kernel)
         kernels = Packing(0, 0, kernel=len(lying), wide=kernel.wide, halves=len(halves))
     elif not chosen:
         return Packing(0, 0)  # (the library's bfloat16 products, as without it)
     else:
-        lying = [dense for dense in chosen if dense.weight.is_contiguous()]
         kernels = Packing(0, 0, no_kernel=kernel)
     if not chosen:
         return kernels

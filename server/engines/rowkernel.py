@@ -146,23 +146,17 @@ typedef struct {
     long n0, n1, K, ldx, ldy, M;
 } task_t;
 
-/* R input rows by WR rows of the weight from row n: every output is summed
-   the same way (lane j adds k = j mod 8 in order, then the lanes), whatever R
-   and WR, so a row's result does not depend on the others of the call.
-   Meanwhile rows p0 to p1 of `next` are fetched into the cache. */
-#define BLOCK(R, WR) \
-static void blk_##R##_##WR(const task_t *t, const float *x, float *y, long n, __m256i tail, \
-                           const float *next, int p0, int p1) { \
-    const long K = t->K, K8 = K & ~7L; \
-    const float *w = t->w + n * K; \
+/* The sums of R input rows (x, t->ldx floats apart) by WR rows of a weight
+   (w, K apart): a[i][m], lane j adding k = j mod 8 in order. A weight's 8
+   values are loaded by LOAD, its last K - K8 by TAIL; FETCH runs first at
+   each k. */
+#define SUMS(R, WR, LOAD, TAIL, FETCH) \
     __m256 a[WR][R]; \
     for (int i = 0; i < WR; i++) for (int m = 0; m < R; m++) a[i][m] = _mm256_setzero_ps(); \
     for (long k = 0; k < K8; k += 8) { \
-        if (!(k & 15)) \
-            for (int i = p0; i < p1; i++) \
-                _mm_prefetch((const char *)(next + i * K + k), _MM_HINT_T0); \
+        FETCH \
         __m256 v[WR]; \
-        for (int i = 0; i < WR; i++) v[i] = _mm256_loadu_ps(w + i * K + k); \
+        for (int i = 0; i < WR; i++) v[i] = LOAD(w + i * K + k); \
         for (int m = 0; m < R; m++) { \
             __m256 xm = _mm256_loadu_ps(x + m * t->ldx + k); \
             for (int i = 0; i < WR; i++) a[i][m] = _mm256_fmadd_ps(v[i], xm, a[i][m]); \
@@ -170,12 +164,27 @@ static void blk_##R##_##WR(const task_t *t, const float *x, float *y, long n, __
     } \
     if (K8 < K) { \
         __m256 v[WR]; \
-        for (int i = 0; i < WR; i++) v[i] = _mm256_maskload_ps(w + i * K + K8, tail); \
+        for (int i = 0; i < WR; i++) v[i] = TAIL(w + i * K + K8); \
         for (int m = 0; m < R; m++) { \
             __m256 xm = _mm256_maskload_ps(x + m * t->ldx + K8, tail); \
             for (int i = 0; i < WR; i++) a[i][m] = _mm256_fmadd_ps(v[i], xm, a[i][m]); \
         } \
-    } \
+    }
+#define LOAD32(p) _mm256_loadu_ps(p)
+#define TAIL32(p) _mm256_maskload_ps(p, tail)
+
+/* R input rows by WR rows of the weight from row n: every output is summed
+   the same way (SUMS, then the lanes), whatever R and WR, so a row's result
+   does not depend on the others of the call. Meanwhile rows p0 to p1 of
+   `next` are fetched into the cache. */
+#define BLOCK(R, WR) \
+static void blk_##R##_##WR(const task_t *t, const float *x, float *y, long n, __m256i tail, \
+                           const float *next, int p0, int p1) { \
+    const long K = t->K, K8 = K & ~7L; \
+    const float *w = t->w + n * K; \
+    SUMS(R, WR, LOAD32, TAIL32, \
+         if (!(k & 15)) for (int i = p0; i < p1; i++) \
+             _mm_prefetch((const char *)(next + i * K + k), _MM_HINT_T0);) \
     for (int m = 0; m < R; m++) for (int i = 0; i < WR; i++) { \
         float s = hsum(a[i][m]); \
         y[m * t->ldy + n + i] = t->bias ? s + t->bias[n + i] : s; \
@@ -313,6 +322,8 @@ typedef struct {
     long n0, n1, K, ldx, ldy, M;
 } task16_t;
 
+#define LOAD16(p) wide8(p)
+#define TAIL16(p) wide_tail(p, K - K8)
 #define BLOCK16(R, WR) \
 static void blk16_##R##_##WR(const task16_t *t, const float *x, unsigned short *y, long n) { \
     const long K = t->K, K8 = K & ~7L; \
@@ -320,24 +331,7 @@ static void blk16_##R##_##WR(const task16_t *t, const float *x, unsigned short *
     int lanes[8]; \
     for (int j = 0; j < 8; j++) lanes[j] = j < (K & 7L) ? -1 : 0; \
     const __m256i tail = _mm256_loadu_si256((const __m256i *)lanes); \
-    __m256 a[WR][R]; \
-    for (int i = 0; i < WR; i++) for (int m = 0; m < R; m++) a[i][m] = _mm256_setzero_ps(); \
-    for (long k = 0; k < K8; k += 8) { \
-        __m256 v[WR]; \
-        for (int i = 0; i < WR; i++) v[i] = wide8(w + i * K + k); \
-        for (int m = 0; m < R; m++) { \
-            __m256 xm = _mm256_loadu_ps(x + m * t->ldx + k); \
-            for (int i = 0; i < WR; i++) a[i][m] = _mm256_fmadd_ps(v[i], xm, a[i][m]); \
-        } \
-    } \
-    if (K8 < K) { \
-        __m256 v[WR]; \
-        for (int i = 0; i < WR; i++) v[i] = wide_tail(w + i * K + K8, K - K8); \
-        for (int m = 0; m < R; m++) { \
-            __m256 xm = _mm256_maskload_ps(x + m * t->ldx + K8, tail); \
-            for (int i = 0; i < WR; i++) a[i][m] = _mm256_fmadd_ps(v[i], xm, a[i][m]); \
-        } \
-    } \
+    SUMS(R, WR, LOAD16, TAIL16, ) \
     for (int m = 0; m < R; m++) for (int i = 0; i < WR; i++) { \
         float s = hsum(a[i][m]); \
         if (t->bias) { \
