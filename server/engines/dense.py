@@ -135,10 +135,14 @@ class Dense:
         self._route()
 
 
+def _most(dtype: torch.dtype) -> int:
+    """The most rows of ``dtype`` a product by the row kernel takes."""
+    return KERNEL_ROWS if dtype == torch.float32 else min(KERNEL_ROWS, HALF_ROWS)
+
+
 def _kernel(rows: int, dtype: torch.dtype) -> bool:
     """Whether a product of ``rows`` rows of ``dtype`` goes through the row kernel."""
-    most = KERNEL_ROWS if dtype == torch.float32 else min(KERNEL_ROWS, HALF_ROWS)
-    return rows <= most and not torch.is_autocast_enabled("cpu")
+    return rows <= _most(dtype) and not torch.is_autocast_enabled("cpu")
 
 
 def _few(rows: int, fewest: int) -> bool:
@@ -212,7 +216,7 @@ class Packing:
             said[-1] += f" for steps of {after or DIRECT_ROWS}-{PACKED_ROWS} rows"
         if self.halves:
             said.append(f"{self.halves} bfloat16 weights multiplied by the row kernel")
-            said[-1] += f" for steps of 1-{min(KERNEL_ROWS, HALF_ROWS)} rows"
+            said[-1] += f" for steps of 1-{_most(torch.bfloat16)} rows"
         if self.attention:
             said.append("the steps' attention by the row kernel")
         return "; ".join(said) or "none packed (only large float32 weights on a CPU are)"

@@ -325,12 +325,10 @@ typedef struct {
 #define LOAD16(p) wide8(p)
 #define TAIL16(p) wide_tail(p, K - K8)
 #define BLOCK16(R, WR) \
-static void blk16_##R##_##WR(const task16_t *t, const float *x, unsigned short *y, long n) { \
+static void blk16_##R##_##WR(const task16_t *t, const float *x, unsigned short *y, long n, \
+                             __m256i tail) { \
     const long K = t->K, K8 = K & ~7L; \
     const unsigned short *w = t->w + n * K; \
-    int lanes[8]; \
-    for (int j = 0; j < 8; j++) lanes[j] = j < (K & 7L) ? -1 : 0; \
-    const __m256i tail = _mm256_loadu_si256((const __m256i *)lanes); \
     SUMS(R, WR, LOAD16, TAIL16, ) \
     for (int m = 0; m < R; m++) for (int i = 0; i < WR; i++) { \
         float s = hsum(a[i][m]); \
@@ -345,7 +343,7 @@ static void blk16_##R##_##WR(const task16_t *t, const float *x, unsigned short *
 }
 BLOCK16(1, 8) BLOCK16(2, 4) BLOCK16(3, 4) BLOCK16(4, 4)
 BLOCK16(1, 1) BLOCK16(2, 1) BLOCK16(3, 1) BLOCK16(4, 1)
-typedef void (*block16_t)(const task16_t *, const float *, unsigned short *, long);
+typedef void (*block16_t)(const task16_t *, const float *, unsigned short *, long, __m256i);
 static const block16_t fours16[5] = {0, 0, blk16_2_4, blk16_3_4, blk16_4_4};
 static const block16_t singles16[5] = {0, blk16_1_1, blk16_2_1, blk16_3_1, blk16_4_1};
 
@@ -353,16 +351,19 @@ static const block16_t singles16[5] = {0, blk16_1_1, blk16_2_1, blk16_3_1, blk16
    every weight row. */
 static void *run16(void *arg) {
     const task16_t *t = arg;
+    int lanes[8];
+    for (int j = 0; j < 8; j++) lanes[j] = j < (t->K & 7L) ? -1 : 0;
+    const __m256i tail = _mm256_loadu_si256((const __m256i *)lanes);
     for (long r = 0; r < t->M; r += 4) {
         const int R = t->M - r < 4 ? (int)(t->M - r) : 4;
         const float *x = t->x + r * t->ldx;
         unsigned short *y = t->y + r * t->ldy;
         long n = t->n0;
         if (R == 1)
-            for (; n + 8 <= t->n1; n += 8) blk16_1_8(t, x, y, n);
+            for (; n + 8 <= t->n1; n += 8) blk16_1_8(t, x, y, n, tail);
         else
-            for (; n + 4 <= t->n1; n += 4) fours16[R](t, x, y, n);
-        for (; n < t->n1; n++) singles16[R](t, x, y, n);
+            for (; n + 4 <= t->n1; n += 4) fours16[R](t, x, y, n, tail);
+        for (; n < t->n1; n++) singles16[R](t, x, y, n, tail);
     }
     return 0;
 }
