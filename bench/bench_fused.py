@@ -15,6 +15,11 @@ same function eagerly), the function eagerly, and compiled by inductor for that
 one shape (on CUDA recorded as a CUDA graph in turn, as the engines would). With
 the compile's time, whether the codes are the same, and how far apart the
 logits are. Prints a Markdown section for bench/RESULTS.md.
+
+With ``--profile``, no compile: the step is run eagerly under torch's profiler
+and its kernels (on a CPU, its operators) are listed, grouped by kind, with the
+device time they take a step, against the recorded graph's time: whether a
+step's time is its kernels' own or the gaps between them, and which kernels.
 """
 
 from __future__ import annotations
@@ -126,6 +131,106 @@ def measure(engine: Engine, streams: int, steps: int, cuda: bool, count: int) ->
     }
 
 
+KINDS = (  # (kind, words in a kernel's or operator's name), the first that matches
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("products", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "splitk", "matmul", "addmm")),
+    ("products", ("aten::mm", "bmm", "linear")),
+    ("sort, top-k", ("sort", "radix", "topk", "scan", "cumsum")),
+    ("norms", ("norm",)),
+    ("indexing", ("index", "scatter", "gather", "embedding", "where", "copy", "cat")),
+    ("copies, fills", ("memcpy", "memset", "fill", "zero")),
+    ("reductions", ("reduce", "max", "sum", "argmax")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "add", "mul", "div", "exp")),
+)
+
+
+def kind(name: str) -> str:
+    lowered = name.lower()
+    for label, words in KINDS:
+        if any(word in lowered for word in words):
+            return label
+    return "other"
+
+
+def profile(engine: Engine, streams: int, steps: int, cuda: bool, count: int) -> dict[str, Any]:
+    """The step eagerly under torch's profiler: its kernels (on a CPU, its
+    operators) per step, by kind and by name, with their time a step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    key, inputs = last_step(engine, streams, steps)
+    inner: Any = engine
+    decoder = inner.decoder
+    step: Callable[[Sequence[torch.Tensor], Any], Any] = inner._graphed_step
+    graphs: StepGraphs = inner._graphs
+    before = decoder.lengths.clone()
+
+    def restore() -> None:
+        decoder.lengths.copy_(before)
+
+    autocast: Any = getattr(engine, "autocast", contextlib.nullcontext)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.no_grad(), autocast():
+        own_ms = statistics.median(timed(lambda: graphs(key, *inputs), restore, cuda, count))
+        eager_ms = statistics.median(timed(lambda: step(inputs, key), restore, cuda, count))
+        calls = 20
+        with profiler(activities=activities) as prof:
+            for _ in range(calls):
+                step(inputs, key)
+                restore()
+            if cuda:
+                torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if cuda and event.device_type != DeviceType.CUDA:
+            continue
+        if not cuda and (event.device_type != DeviceType.CPU or event.cpu_parent is not None):
+            continue
+        us = event.time_range.elapsed_us() if cuda else event.cpu_time_total
+        by_name.setdefault(event.name, []).append(us)
+    # (restore's own copy is in the profile too: a step's share of it is small)
+    names = sorted(by_name, key=lambda n: -sum(by_name[n]))
+    by_kind: dict[str, list[float]] = {}
+    for name in names:
+        by_kind.setdefault(kind(name), []).extend(by_name[name])
+    return {
+        "key": key,
+        "own": own_ms,
+        "eager": eager_ms,
+        "count": sum(len(v) for v in by_name.values()) / calls,
+        "busy": sum(sum(v) for v in by_name.values()) / calls / 1000,
+        "kinds": [(k, len(v) / calls, sum(v) / calls) for k, v in by_kind.items()],
+        "names": [(n, len(by_name[n]) / calls, sum(by_name[n]) / calls) for n in names[:15]],
+    }
+
+
+def print_profile(args: argparse.Namespace, engine: Engine, device: str, cuda: bool) -> None:
+    what = "kernels" if cuda else "operators (outermost)"
+    own = "the recorded CUDA graph" if cuda else "the engines' path, weights unpacked"
+    print(f"### the step's {what}: {args.model} on {device} ({engine.info.dtype})\n")
+    print(f"- machine: {machine(device)}")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}; 20 eager calls under torch's profiler")
+    print(f"- the step: the crowd's step {args.steps + 1} (every prompt in)")
+    for n in args.streams:
+        r = profile(engine, n, args.steps, cuda, args.calls)
+        print(
+            f"\n{n} stream(s), step shape {r['key']}: {own} {r['own']:.3f} ms, eagerly "
+            f"{r['eager']:.3f} ms; {r['count']:.0f} {what} a step, together "
+            f"{r['busy']:.3f} ms\n"
+        )
+        print(f"| kind | {what} a step | µs a step | share |")
+        print("| --- | --- | --- | --- |")
+        for label, number, us in sorted(r["kinds"], key=lambda x: -x[2]):
+            print(f"| {label} | {number:.0f} | {us:.0f} | {us / 10 / r['busy']:.0f}% |")
+        print(f"\n| the most costly {what} | a step | µs a step |")
+        print("| --- | --- | --- |")
+        for name, number, us in r["names"]:
+            short = name if len(name) <= 70 else name[:67] + "..."
+            print(f"| `{short.replace('|', '/')}` | {number:.0f} | {us:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-higgs")
@@ -134,6 +239,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="steps before the one timed")
     parser.add_argument("--calls", type=int, default=200, help="timed calls of each way")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: cores - 1)")
+    parser.add_argument(
+        "--profile", action="store_true", help="the step's kernels under the profiler, no compile"
+    )
     args = parser.parse_args()
     threads = set_up(args.threads)
     device = resolve_device(args.device)
@@ -143,6 +251,9 @@ def main() -> None:
     engine = load(
         args.model, device, False, cuda_graphs=True, max_active=max(args.streams), pack=False
     )
+    if args.profile:
+        print_profile(args, engine, device, cuda)
+        return
     own = "the recorded CUDA graph" if cuda else "the engines' path, weights unpacked"
     fused = "inductor, recorded as a CUDA graph" if cuda else "inductor"
     print(f"### the step's device side fused: {args.model} on {device} ({engine.info.dtype})\n")

@@ -739,6 +739,21 @@ def test_loading_keeps_more_convolution_shapes_prepared(monkeypatch: Any) -> Non
     assert os.environ[name] == "2048"
 
 
+def test_resolving_the_device_asks_cuda_for_every_kernel_at_start(monkeypatch: Any) -> None:
+    """Resolving the device, before anything starts CUDA, asks CUDA to load the
+    kernels of torch's libraries at once (``CUDA_MODULE_LOADING``), not on
+    their first use in a first crowd's steps; a value set outside stays."""
+    from wavecast.server.engines import CUDA_MODULE_LOADING, resolve_device
+
+    name = "CUDA_MODULE_LOADING"
+    monkeypatch.delenv(name, raising=False)
+    assert resolve_device("cpu") == "cpu"
+    assert os.environ[name] == CUDA_MODULE_LOADING == "EAGER"
+    monkeypatch.setenv(name, "LAZY")
+    resolve_device("auto")
+    assert os.environ[name] == "LAZY"
+
+
 @pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
 def test_warm_up_makes_the_codec_call_shapes_a_crowd_takes(model: str) -> None:
     """At warm-up an engine makes each codec call shape its streams will take
