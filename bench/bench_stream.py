@@ -197,6 +197,7 @@ async def bench(args: argparse.Namespace) -> None:
         args.threads,
         getattr(args, "server_cpu", None),
         getattr(args, "server_codec", None),
+        getattr(args, "client_cpu", None),
     )
 
 
@@ -225,6 +226,7 @@ async def measure_server(
             await run(url, -1)
             freeze_heap()  # (the clients' process holds what the baseline loaded)
             before = thread_cpu(process.pid)
+            clients, began = time.process_time(), time.perf_counter()
             seq = [await run(url, index) for index in range(args.runs)]
             for _ in range(args.crowds):
                 for k in args.concurrency:
@@ -233,6 +235,7 @@ async def measure_server(
                     conc[k].append((list(results), time.perf_counter() - start))
             after = thread_cpu(process.pid)
             args.server_cpu = (after[0] - before[0], after[1] - before[1])
+            args.client_cpu = (time.process_time() - clients, time.perf_counter() - began)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
@@ -287,6 +290,7 @@ def report(
     server_threads: int = 0,
     server_cpu: tuple[float, float] | None = None,
     server_codec: str | None = None,
+    client_cpu: tuple[float, float] | None = None,
 ) -> None:
     """Print a RESULTS.md section: the baseline's wall times, then the runs (and
     the codec chunks per call each model's warm-up measured, from its log)."""
@@ -356,6 +360,11 @@ def report(
         print(
             f"\nThe server's CPU time over these runs: the event loop's thread "
             f"{server_cpu[0]:.2f} s, the other threads (inference) {server_cpu[1]:.2f} s"
+        )
+    if client_cpu is not None:
+        print(
+            f"\nThe clients' process (this one) over the same runs: {client_cpu[0]:.2f} s of "
+            f"CPU in {client_cpu[1]:.2f} s"
         )
 
 

@@ -208,6 +208,7 @@ async def _bench(args: argparse.Namespace, voices: Any) -> None:
         args.threads,
         getattr(args, "server_cpu", None),
         getattr(args, "server_codec", None),
+        getattr(args, "client_cpu", None),
     )
 
 

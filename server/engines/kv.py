@@ -134,13 +134,18 @@ class StaticKV:
         dtype: torch.dtype,
         fill: int = 0,
     ) -> None:
-        shape = (layers, rows, heads, length, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Keys and values in one tensor ``[2, layers, rows, H, length, d]``: each
+        # is contiguous, and a decode step writes a layer's both in one
+        # operation (``step_pair_writer``; on a GPU, one kernel, not two).
+        self._both = torch.zeros(
+            (2, layers, rows, heads, length, head_dim), device=device, dtype=dtype
+        )
+        self.k, self.v = self._both.unbind(0)
         # How many positions each row holds (``fill`` for a fresh row).
         self.fill = fill
         self.lengths = torch.full((rows,), fill, dtype=torch.int64, device=device)
         self._views: dict[tuple[int, int | None], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._pairs: dict[int, list[torch.Tensor]] = {}
 
     @property
     def rows(self) -> int:
@@ -168,18 +173,18 @@ class StaticKV:
             return
         # Both tensors first: where the memory runs out, the cache stays as it was
         # (the rows in use go on) and the request that needed more ends ``busy``.
-        shape = (layers, new_rows, heads, new_length, dim)
         try:
-            k, v = self._zeros(shape), self._zeros(shape)
+            both = self._zeros((2, layers, new_rows, heads, new_length, dim))
         except torch.OutOfMemoryError as exc:
             raise Busy("no memory for this request's key/value cache now; retry later") from exc
-        k[:, :old_rows, :, :old_length] = self.k
-        v[:, :old_rows, :, :old_length] = self.v
+        both[:, :, :old_rows, :, :old_length] = self._both
         lengths = self.lengths
         if new_rows > old_rows:
             lengths = torch.cat([lengths, lengths.new_full((new_rows - old_rows,), self.fill)])
-        self.k, self.v, self.lengths = k, v, lengths
+        self._both, self.lengths = both, lengths
+        self.k, self.v = both.unbind(0)
         self._views.clear()
+        self._pairs.clear()
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.k.new_zeros(shape)
@@ -253,10 +258,38 @@ class StaticKV:
 
         return put
 
+    def step_pair_writer(self, positions: torch.Tensor) -> Callable[[int, torch.Tensor], None]:
+        """``step_writer`` for a decoder whose key and value lie side by side: each
+        of the first ``R`` rows' ``[R, 2, H, 1, d]`` (its key, then its value, as
+        a joint projection's output views them) at its position, both in one
+        write (on a GPU, one kernel a layer rather than two). A 16-bit cache on
+        a CPU writes them one by one (``step_writer``: ``index_put_`` there)."""
+        rows = int(positions.shape[0])
+        _, _, _, heads, _, dim = (int(n) for n in self._both.shape)
+        dtype, device = self.k.dtype, self.k.device
+        if device.type == "cpu" and dtype != torch.float32:
+            write = self.step_writer(positions)
+
+            def each(layer: int, pair: torch.Tensor) -> None:
+                write(layer, pair[:, 0], pair[:, 1])
+
+            return each
+        views = self._pairs.get(rows)
+        if views is None:
+            views = list(self._both[:, :, :rows].unbind(1))  # each [2, R, H, length, d]
+            if len(self._pairs) >= 64:
+                self._pairs.clear()
+            self._pairs[rows] = views
+        where = positions.view(1, rows, 1, 1, 1).expand(2, rows, heads, 1, dim)
+
+        def scatter(layer: int, pair: torch.Tensor) -> None:
+            views[layer].scatter_(3, where, pair.transpose(0, 1).to(dtype))
+
+        return scatter
+
     def clear(self, rows: list[int]) -> None:
         """Zero ``rows``' keys and values (a failed request's, before its row is reused)."""
-        self.k[:, rows] = 0
-        self.v[:, rows] = 0
+        self._both[:, :, rows] = 0
 
 
 class CacheRows:

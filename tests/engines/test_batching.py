@@ -654,7 +654,7 @@ def test_a_table_the_memory_cannot_hold_is_refused_at_load(
     monkeypatch.setattr(kv, "free_memory", lambda device: 2**50)
 
     def full(cache: kv.StaticKV, shape: tuple[int, ...]) -> torch.Tensor:
-        if shape[1] > 2:  # (the warm-up request's own pair of rows fits)
+        if shape[2] > 2:  # ([2, layers, rows, ...]: the warm-up request's own pair fits)
             raise torch.OutOfMemoryError("injected: the device is full")
         return torch.zeros(shape)
 
@@ -664,8 +664,8 @@ def test_a_table_the_memory_cannot_hold_is_refused_at_load(
 
 
 def test_a_cache_that_cannot_grow_stays_as_it_was() -> None:
-    """Growing allocates both new tensors before touching the cache: where the
-    memory runs out (here, the second allocation), the keys, values and lengths
+    """Growing allocates the new table (keys and values in one tensor) before
+    touching the cache: where the memory runs out, the keys, values and lengths
     are those of before, and the growth ends ``busy``."""
     cache = kv.StaticKV(2, 2, 4, rows=2, length=5, device="cpu", dtype=torch.float32)
     cache.k.normal_()
@@ -676,19 +676,19 @@ def test_a_cache_that_cannot_grow_stays_as_it_was() -> None:
 
     def zeros(shape: tuple[int, ...]) -> torch.Tensor:
         made.append(shape)
-        if len(made) == 2:
-            raise torch.OutOfMemoryError("injected: no memory for the values")
-        return torch.zeros(shape)
+        raise torch.OutOfMemoryError("injected: no memory for the table")
 
     cache._zeros = zeros  # type: ignore[method-assign]
     with pytest.raises(Busy, match="no memory"):
         cache.grow(rows=3, length=9)
-    assert made == [(2, 4, 2, 9, 4), (2, 4, 2, 9, 4)]
+    assert made == [(2, 2, 4, 2, 9, 4)]
     for now, then in zip((cache.k, cache.v, cache.lengths), before, strict=True):
         assert torch.equal(now, then)
     del cache._zeros  # the next growth succeeds and keeps what is stored
     cache.grow(rows=3, length=9)
     assert torch.equal(cache.k[:, :2, :, :5], before[0]) and cache.lengths.tolist() == [3, 4, 0, 0]
+    assert torch.equal(cache.v[:, :2, :, :5], before[1])
+    assert cache.k.is_contiguous() and cache.v.is_contiguous()
 
 
 def test_no_memory_for_a_newcomer_ends_it_busy_and_spares_the_others(windowed: Any) -> None:

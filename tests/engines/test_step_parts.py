@@ -475,6 +475,31 @@ def test_the_cache_views_follow_the_cache_as_it_grows() -> None:
     assert torch.equal(kv.layers(4, 8)[1][0][:2, :, 5], 3 * key[:, :, 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_writes_a_layers_keys_and_values_side_by_side_as_one_by_one(
+    dtype: torch.dtype,
+) -> None:
+    """``step_pair_writer`` (a joint projection's key and value, side by side,
+    in one write) stores what ``step_writer`` stores from them apart, in the
+    keys' and values' own tensors (still contiguous), before and after the
+    cache grows; other rows and positions are untouched."""
+    made = [StaticKV(3, 2, 8, rows=4, length=6, device="cpu", dtype=dtype) for _ in range(2)]
+    for grown in (False, True):
+        if grown:
+            for kv in made:
+                kv.grow(rows=5, length=9)
+        positions = torch.tensor([2, 0, 5])
+        pair = torch.randn(3, 2, 2, 1, 8)  # [R, (key, value), H, 1, d]
+        made[0].step_pair_writer(positions)(1, pair)
+        made[1].step_writer(positions)(1, pair[:, 0], pair[:, 1])
+        joint, apart = made
+        assert torch.equal(joint.k, apart.k) and torch.equal(joint.v, apart.v)
+        assert joint.k.is_contiguous() and joint.v.is_contiguous()
+        assert torch.equal(joint.k[1, 0, :, 2], pair[0, 0, :, 0].to(dtype))
+        assert torch.equal(joint.v[1, 2, :, 5], pair[2, 1, :, 0].to(dtype))
+        assert int(joint.k[0].count_nonzero()) == 0 and int(joint.v[2].count_nonzero()) == 0
+
+
 def test_musicgen_codebook_embeddings_sum_as_the_model_does() -> None:
     from wavecast.server.engines.musicgen.decoder import MusicGenDecoder
     from wavecast.server.engines.testing.musicgen import build_tiny_musicgen

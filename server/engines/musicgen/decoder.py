@@ -433,7 +433,7 @@ class MusicGenDecoder(CacheRows):
         x = x + self._positions[positions].to(x.dtype)
         steps = self._steps
         self_mask = LayerMask((steps[:span] <= seen[:, None]).view(rows, 1, 1, span))
-        write = self.kv.step_writer(positions)
+        write = self.kv.step_pair_writer(positions)
         attended_self = self.kv.layers(rows, span)
         attended_cross = self.cross.layers(rows)
         cross_mask: torch.Tensor | None = None
@@ -443,9 +443,9 @@ class MusicGenDecoder(CacheRows):
         if attend is None or torch.is_autocast_enabled("cpu"):
             attend = F.scaled_dot_product_attention
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv.rows(layer.norm1(x))
-            q, k, v = qkv.view(rows, 3, *heads[1:]).unbind(1)
-            write(i, k, v)
+            qkv = layer.qkv.rows(layer.norm1(x)).view(rows, 3, *heads[1:])
+            q = qkv[:, 0]
+            write(i, qkv[:, 1:])  # (the row's key and value, side by side)
             keys, values = attended_self[i]
             if not same:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
