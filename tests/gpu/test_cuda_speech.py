@@ -161,3 +161,41 @@ def test_finished_and_cancelled_speech_leaves_no_memory_behind(cuda_graphs: bool
         return jobs
 
     crowds_leave_memory_as_found(engine, crowd, cuda_graphs)
+
+
+def test_a_16_bit_norm_on_cuda_is_the_models_to_a_bit_in_one_kernel() -> None:
+    """The speech decoder's RMS norm of a 16-bit model on CUDA (torch's fused
+    kernel, then the model's rounding and weight) gives the model's module's
+    values to within one unit of bfloat16's last place, and launches fewer
+    kernels than the module's formula."""
+    from types import SimpleNamespace
+
+    from torch.profiler import ProfilerActivity, profile
+    from transformers.models.higgs_audio_v2.modeling_higgs_audio_v2 import HiggsAudioV2RMSNorm
+
+    from wavecast.server.engines.higgs.decoder import HiggsDecoder
+
+    torch.manual_seed(0)
+    module = HiggsAudioV2RMSNorm(3072, eps=1e-5).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        module.weight.normal_()
+    x = (4 * torch.randn(8, 3072, device="cuda")).to(torch.bfloat16)
+    ours = HiggsDecoder._rms(SimpleNamespace(eps=1e-5), x, module.weight)
+    with torch.no_grad():
+        theirs = module(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    ulp = theirs.float().abs().clamp(min=1e-30) * 2.0**-7
+    assert bool(((ours.float() - theirs.float()).abs() <= ulp).all())
+
+    def kernels(call: Any) -> int:
+        call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    with torch.no_grad():
+        fused = kernels(lambda: HiggsDecoder._rms(SimpleNamespace(eps=1e-5), x, module.weight))
+        formula = kernels(lambda: module(x))
+    assert fused < formula, (fused, formula)
