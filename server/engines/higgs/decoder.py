@@ -339,7 +339,7 @@ class HiggsDecoder(CacheRows):
         x = self.embed_audio(codes)
         cos, sin = self._cos_rows[positions], self._sin_rows[positions]  # [R, 1, 1, d]
         mask = LayerMask((self._steps[:span] <= seen[:, None]).view(rows, 1, 1, span))
-        write = self.kv.step_writer(positions)
+        write = self.kv.step_pair_writer(positions)
         attended_self = self.kv.layers(rows, span)
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         attend = self._attend
@@ -348,9 +348,11 @@ class HiggsDecoder(CacheRows):
         for i, layer in enumerate(self.layers):
             audio = layer.audio
             qkv = layer.qkv.rows(self._rms(x, audio.norm1)).view(rows, heads + 2 * kv_heads, 1, d)
-            qk, v = qkv.split((heads + kv_heads, kv_heads), dim=1)
-            q, k = self._rotate(qk, cos, sin).split((heads, kv_heads), dim=1)
-            write(i, k, v)
+            # The queries and keys rotated in place: the rotated key then lies
+            # beside the value, and both go into the cache in one write.
+            self._rotate(qkv[:, : heads + kv_heads], cos, sin, in_place=True)
+            q = qkv[:, :heads]
+            write(i, qkv[:, heads:].view(rows, 2, kv_heads, 1, d))
             keys, values = attended_self[i]
             if keys.dtype != q.dtype:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
@@ -380,12 +382,18 @@ class HiggsDecoder(CacheRows):
         return weight * h.to(x.dtype)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(
+        x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = False
+    ) -> torch.Tensor:
         """The model's ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x)``
         is ``cat(-x2, x1)`` of ``x``'s halves: here ``cat(x2, x1)`` (a roll) times
         the sines with their first half negated (the rotary table's): the same
-        products, since a sign flips exactly (four operations, not seven)."""
-        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+        products, since a sign flips exactly (four operations, not seven). With
+        ``in_place``, into ``x`` itself (the same operations and values)."""
+        turned = x.roll(x.shape[-1] // 2, -1) * sin
+        if in_place:
+            return x.mul_(cos).add_(turned)
+        return x * cos + turned
 
     def _norm1(self, path: _Path, h: torch.Tensor) -> torch.Tensor:
         return self._rms(h, path.norm1)
