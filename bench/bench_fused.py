@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from bench_engine import load, request, set_up
@@ -92,18 +92,34 @@ def timed(
     return [once() for _ in range(count)]
 
 
-def measure(engine: Engine, streams: int, steps: int, cuda: bool, count: int) -> dict[str, Any]:
+class Step(NamedTuple):
+    """A crowd's last step, ready to run again: its key and inputs, the graphed
+    step eagerly, the engine's graphs, what puts back the state a step
+    advances, and the engine's autocast."""
+
+    key: Any
+    inputs: tuple[torch.Tensor, ...]
+    eager: Callable[[Sequence[torch.Tensor], Any], Any]
+    graphs: StepGraphs
+    restore: Callable[[], None]
+    autocast: Any
+
+
+def crowd_step(engine: Engine, streams: int, steps: int) -> Step:
     key, inputs = last_step(engine, streams, steps)
     inner: Any = engine  # (the engines' own parts, beyond the protocol)
     decoder = inner.decoder
-    step: Callable[[Sequence[torch.Tensor], Any], Any] = inner._graphed_step
-    graphs: StepGraphs = inner._graphs
     before = decoder.lengths.clone()
 
     def restore() -> None:
         decoder.lengths.copy_(before)
 
-    autocast: Any = getattr(engine, "autocast", contextlib.nullcontext)
+    autocast = getattr(engine, "autocast", contextlib.nullcontext)
+    return Step(key, inputs, inner._graphed_step, inner._graphs, restore, autocast)
+
+
+def measure(engine: Engine, streams: int, steps: int, cuda: bool, count: int) -> dict[str, Any]:
+    key, inputs, step, graphs, restore, autocast = crowd_step(engine, streams, steps)
     with torch.no_grad(), autocast():
         own = graphs(key, *inputs)
         own = tuple(x.clone() for x in own)
@@ -133,8 +149,22 @@ def measure(engine: Engine, streams: int, steps: int, cuda: bool, count: int) ->
 
 KINDS = (  # (kind, words in a kernel's or operator's name), the first that matches
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
-    ("products", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "splitk", "matmul", "addmm")),
-    ("products", ("aten::mm", "bmm", "linear")),
+    (
+        "products",
+        (
+            "gemm",
+            "gemv",
+            "cutlass",
+            "xmma",
+            "nvjet",
+            "splitk",
+            "matmul",
+            "addmm",
+            "aten::mm",
+            "bmm",
+            "linear",
+        ),
+    ),
     ("sort, top-k", ("sort", "radix", "topk", "scan", "cumsum")),
     ("norms", ("norm",)),
     ("indexing", ("index", "scatter", "gather", "embedding", "where", "copy", "cat")),
@@ -159,17 +189,7 @@ def profile(engine: Engine, streams: int, steps: int, cuda: bool, count: int) ->
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
-    key, inputs = last_step(engine, streams, steps)
-    inner: Any = engine
-    decoder = inner.decoder
-    step: Callable[[Sequence[torch.Tensor], Any], Any] = inner._graphed_step
-    graphs: StepGraphs = inner._graphs
-    before = decoder.lengths.clone()
-
-    def restore() -> None:
-        decoder.lengths.copy_(before)
-
-    autocast: Any = getattr(engine, "autocast", contextlib.nullcontext)
+    key, inputs, step, graphs, restore, autocast = crowd_step(engine, streams, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad(), autocast():
         own_ms = statistics.median(timed(lambda: graphs(key, *inputs), restore, cuda, count))
@@ -223,7 +243,8 @@ def print_profile(args: argparse.Namespace, engine: Engine, device: str, cuda: b
         print(f"| kind | {what} a step | µs a step | share |")
         print("| --- | --- | --- | --- |")
         for label, number, us in sorted(r["kinds"], key=lambda x: -x[2]):
-            print(f"| {label} | {number:.0f} | {us:.0f} | {us / 10 / r['busy']:.0f}% |")
+            share = 100 * us / (1000 * r["busy"])
+            print(f"| {label} | {number:.0f} | {us:.0f} | {share:.0f}% |")
         print(f"\n| the most costly {what} | a step | µs a step |")
         print("| --- | --- | --- |")
         for name, number, us in r["names"]:

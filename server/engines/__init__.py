@@ -29,8 +29,9 @@ ONEDNN_PRIMITIVES = 8192
 # How CUDA loads the kernels of torch's libraries, read when CUDA starts. torch
 # asks for LAZY (each kernel loaded on its first use): a first crowd after
 # start-up then meets kernels the warm-up did not (prefills of new lengths), and
-# on an H200 one of its steps took 2.0 s, against 0.33 s with every kernel loaded
-# at start-up (which costs the start-up about 3 s). A value set outside stays.
+# on an H200 one of its steps took 2.0 s, against 0.3-0.45 s with every kernel
+# loaded at start-up (which costs the start-up about 3 s). A value set outside
+# stays.
 CUDA_MODULE_LOADING = "EAGER"
 
 

@@ -171,8 +171,8 @@ class StaticKV:
         new_length = max(old_length, length or 0)
         if (new_rows, new_length) == (old_rows, old_length):
             return
-        # Both tensors first: where the memory runs out, the cache stays as it was
-        # (the rows in use go on) and the request that needed more ends ``busy``.
+        # The new table first: where the memory runs out, the cache stays as it
+        # was (the rows in use go on) and the request that needed more ends ``busy``.
         try:
             both = self._zeros((2, layers, new_rows, heads, new_length, dim))
         except torch.OutOfMemoryError as exc:
