@@ -225,14 +225,21 @@ def profile(engine: Engine, streams: int, steps: int, cuda: bool, count: int) ->
     }
 
 
+def heading(
+    title: str, args: argparse.Namespace, engine: Engine, device: str, threads: str, runs: str
+) -> None:
+    """A section's title and its machine, command, date and step."""
+    print(f"### {title}: {args.model} on {device} ({engine.info.dtype})\n")
+    print(f"- machine: {machine(device)}{threads}")
+    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}; {runs}")
+    print(f"- the step timed: the crowd's step {args.steps + 1} (every prompt in)")
+
+
 def print_profile(args: argparse.Namespace, engine: Engine, device: str, cuda: bool) -> None:
     what = "kernels" if cuda else "operators (outermost)"
     own = "the recorded CUDA graph" if cuda else "the engines' path, weights unpacked"
-    print(f"### the step's {what}: {args.model} on {device} ({engine.info.dtype})\n")
-    print(f"- machine: {machine(device)}")
-    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
-    print(f"- date: {time.strftime('%Y-%m-%d')}; 20 eager calls under torch's profiler")
-    print(f"- the step: the crowd's step {args.steps + 1} (every prompt in)")
+    heading(f"the step's {what}", args, engine, device, "", "20 eager calls under torch's profiler")
     for n in args.streams:
         r = profile(engine, n, args.steps, cuda, args.calls)
         print(
@@ -277,11 +284,15 @@ def main() -> None:
         return
     own = "the recorded CUDA graph" if cuda else "the engines' path, weights unpacked"
     fused = "inductor, recorded as a CUDA graph" if cuda else "inductor"
-    print(f"### the step's device side fused: {args.model} on {device} ({engine.info.dtype})\n")
-    print(f"- machine: {machine(device)}, {threads} torch thread(s)")
-    print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")
-    print(f"- date: {time.strftime('%Y-%m-%d')}; median of {args.calls} calls each")
-    print(f"- the step timed: the crowd's step {args.steps + 1} (every prompt in)\n")
+    heading(
+        "the step's device side fused",
+        args,
+        engine,
+        device,
+        f", {threads} torch thread(s)",
+        f"median of {args.calls} calls each",
+    )
+    print()
     print(
         f"| streams | step shape | {own}, ms | eagerly, ms | {fused}, ms "
         "| compile (s) | same codes | logits apart (max) |"
