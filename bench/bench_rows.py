@@ -7,7 +7,7 @@ speech model) and ``--rows`` rows. Least of ``--runs`` timings after a warm-up
 call, the four taking turns; and each way's largest difference from a float64
 product, against the output's largest value. ``--builds``: where this CPU has
 AVX-512 (the server then runs the row kernel's wide build), its plain build
-too, and whether the two give the same bits. ``--dtype bfloat16``: the weight
+too, and whether the two give the same bits (with either dtype). ``--dtype bfloat16``: the weight
 and rows in bfloat16 (a model run in bfloat16), the library's product against
 the row kernel's.
 
@@ -97,13 +97,7 @@ def main() -> None:
         halves(args)
         return
     kernel = kernel_section("a few rows by one float32 weight, on a CPU", args.threads)
-    plain = None
-    if args.builds:
-        if not kernel.wide:
-            sys.exit("the server's row kernel here is the plain build (no AVX-512): one build")
-        plain = rowkernel.build(wide=False)
-        if not isinstance(plain, rowkernel.RowKernel):
-            sys.exit(f"no plain build: {plain}")
+    plain = plain_build(args, kernel)
     print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
     print(f"- the row kernel: the {'wide' if kernel.wide else 'plain'} build")
     print("- ms a call (its largest error against float64, over the largest output)\n")
@@ -138,16 +132,34 @@ def main() -> None:
             print(f"| {outputs:,} x {inputs:,} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
+def plain_build(
+    args: argparse.Namespace, kernel: rowkernel.RowKernel
+) -> rowkernel.RowKernel | None:
+    """``--builds``: the row kernel's plain build beside the server's wide one."""
+    if not args.builds:
+        return None
+    if not kernel.wide:
+        sys.exit("the server's row kernel here is the plain build (no AVX-512): one build")
+    plain = rowkernel.build(wide=False)
+    if not isinstance(plain, rowkernel.RowKernel):
+        sys.exit(f"no plain build: {plain}")
+    return plain
+
+
 def halves(args: argparse.Namespace) -> None:
     """``--dtype bfloat16``: the library's product (oneDNN's, in bfloat16) against
     the row kernel's, in turns; each one's error against float64's product of
     the same bfloat16 values."""
     kernel = kernel_section("a few rows by one bfloat16 weight, on a CPU", args.threads)
+    plain = plain_build(args, kernel)
     print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
     print(f"- the row kernel: the {'wide' if kernel.wide else 'plain'} build")
     print("- ms a call (its largest error against float64, over the largest output)\n")
-    print("| weight | rows | the library (`F.linear`) | row kernel |")
-    print("| --- | --- | --- | --- |")
+    header = "| weight | rows | the library (`F.linear`) | row kernel |"
+    if plain is not None:
+        header += " row kernel, plain build | the same bits |"
+    print(header)
+    print("| --- " * (header.count("|") - 1) + "|")
     generator = torch.Generator().manual_seed(0)
     for outputs, inputs in SHAPES:
         weight = torch.randn(outputs, inputs, generator=generator).bfloat16()
@@ -156,9 +168,13 @@ def halves(args: argparse.Namespace) -> None:
             exact = x.double() @ weight.double().T
             size = float(exact.abs().max())
             ways = [partial(F.linear, x, weight), partial(kernel.product, weight, None, x)]
+            if plain is not None:
+                ways.append(partial(plain.product, weight, None, x))
             errors = [float((way().double() - exact).abs().max()) / size for way in ways]
             times = in_turns(ways, max(1, args.runs // 2))
             cells = [f"{t:.2f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
+            if plain is not None:
+                cells.append("yes" if torch.equal(ways[-1](), ways[-2]()) else "**no**")
             print(f"| {outputs:,} x {inputs:,} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -28,8 +28,10 @@ eight 0.75x, four rows by MusicGen-small's 3,072 x 1,024 weight 0.6x. A model
 run in bfloat16 has the same product over bfloat16 weights and rows
 (``rows_product16``: each value widened to float32 exactly, the same sums,
 each output rounded to bfloat16): half the bytes to read, so one row in
-0.4-0.7x the time of the library's bfloat16 product; ``dense`` gives it steps
-of up to four rows.
+0.4-0.7x the time of the library's bfloat16 product, and (in the wide build,
+by the same blocks of six) two to four rows in 0.75-1.0x; ``dense`` gives it
+steps of up to four rows (from five, the library's, with its bfloat16
+arithmetic, is the faster).
 
 The same library holds a decode step's attention (``RowKernel.attend``): one
 query a row against its keys and values, which a step reads as views of a
@@ -346,24 +348,46 @@ BLOCK16(1, 1) BLOCK16(2, 1) BLOCK16(3, 1) BLOCK16(4, 1)
 typedef void (*block16_t)(const task16_t *, const float *, unsigned short *, long, __m256i);
 static const block16_t fours16[5] = {0, 0, blk16_2_4, blk16_3_4, blk16_4_4};
 static const block16_t singles16[5] = {0, blk16_1_1, blk16_2_1, blk16_3_1, blk16_4_1};
+#ifdef WIDE
+/* As the float32 product's wide blocks: six weight rows by up to four input
+   rows, and five to eight input rows by four then the rest over the same six
+   weight rows (the weight read once for eight rows, not twice). */
+BLOCK16(1, 6) BLOCK16(2, 6) BLOCK16(3, 6) BLOCK16(4, 6)
+static const block16_t sixes16[5] = {0, blk16_1_6, blk16_2_6, blk16_3_6, blk16_4_6};
+#define GROUP16 8
+#else
+#define GROUP16 4
+#endif
 
-/* Input rows four at a time (one: eight weight rows a block), each group over
-   every weight row. */
+/* Input rows GROUP16 at a time (one: eight weight rows a block), each group
+   over every weight row: by fours in the plain build, by sixes in the wide. */
 static void *run16(void *arg) {
     const task16_t *t = arg;
     int lanes[8];
     for (int j = 0; j < 8; j++) lanes[j] = j < (t->K & 7L) ? -1 : 0;
     const __m256i tail = _mm256_loadu_si256((const __m256i *)lanes);
-    for (long r = 0; r < t->M; r += 4) {
-        const int R = t->M - r < 4 ? (int)(t->M - r) : 4;
+    for (long r = 0; r < t->M; r += GROUP16) {
+        const int R = t->M - r < GROUP16 ? (int)(t->M - r) : GROUP16;
+        const int first = R < 4 ? R : 4;
         const float *x = t->x + r * t->ldx;
         unsigned short *y = t->y + r * t->ldy;
         long n = t->n0;
         if (R == 1)
             for (; n + 8 <= t->n1; n += 8) blk16_1_8(t, x, y, n, tail);
+#ifdef WIDE
+        else
+            for (; n + 6 <= t->n1; n += 6) {
+                sixes16[first](t, x, y, n, tail);
+                if (R > 4) sixes16[R - 4](t, x + 4 * t->ldx, y + 4 * t->ldy, n, tail);
+            }
+#else
         else
             for (; n + 4 <= t->n1; n += 4) fours16[R](t, x, y, n, tail);
-        for (; n < t->n1; n++) singles16[R](t, x, y, n, tail);
+#endif
+        for (; n < t->n1; n++) {
+            singles16[first](t, x, y, n, tail);
+            if (R > 4) singles16[R - 4](t, x + 4 * t->ldx, y + 4 * t->ldy, n, tail);
+        }
     }
     return 0;
 }

@@ -233,8 +233,8 @@ def test_the_wide_build_gives_the_plain_builds_bits() -> None:
     (``load``), whose products go by larger blocks: every output is summed in
     the same order as by the plain build, so the two give the same bits, for
     every block of one to eight rows and the weight's rows left after the
-    blocks; and the rest of the library (the bfloat16 product, attention,
-    convolutions, Snake) is the plain build's too."""
+    blocks, over float32 and bfloat16 weights; and the rest of the library
+    (attention, convolutions, Snake) is the plain build's too."""
     kernel = built_kernel()
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         assert not kernel.wide
@@ -252,11 +252,16 @@ def test_the_wide_build_gives_the_plain_builds_bits() -> None:
             assert torch.equal(
                 kernel.product(weight, None, x[-rows:]), plain.product(weight, None, x[-rows:])
             )
-    weight, x = torch.randn(23, 1100).bfloat16(), torch.randn(9, 1100).bfloat16()
-    for rows in range(1, 10):
-        assert torch.equal(
-            kernel.product(weight, None, x[:rows]), plain.product(weight, None, x[:rows])
-        )
+    for outputs, size in [(37, 203), (23, 1100), (6, 3), (100, 64)]:
+        weight, b = torch.randn(outputs, size).bfloat16(), torch.randn(outputs).bfloat16()
+        x = torch.randn(19, size).bfloat16()
+        for rows in range(1, 20):
+            assert torch.equal(
+                kernel.product(weight, b, x[:rows]), plain.product(weight, b, x[:rows])
+            )
+            assert torch.equal(
+                kernel.product(weight, None, x[-rows:]), plain.product(weight, None, x[-rows:])
+            )
     q, k, v = torch.randn(5, 4, 1, 32), torch.randn(5, 2, 40, 32), torch.randn(5, 2, 40, 32)
     mask = torch.zeros(5, 1, 1, 40)
     mask[..., 30:] = float("-inf")
