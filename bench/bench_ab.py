@@ -81,7 +81,7 @@ def codec_worker(model: str, streams: int, threads: int, frames: int) -> None:
         print((time.perf_counter() - began) / calls * 1e3, flush=True)
 
 
-def worker(model: str, streams: int, threads: int, varied: bool) -> None:
+def worker(model: str, streams: int, threads: int, varied: bool, dtype: str = "auto") -> None:
     """Load ``model`` and, for each line on stdin (a step count), step ``streams``
     fresh requests that many times; print the milliseconds per step. A line
     ``first``: prepare them and step until each has audio; print the median
@@ -91,7 +91,7 @@ def worker(model: str, streams: int, threads: int, varied: bool) -> None:
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(threads)
-    engine = load(model, "cpu", False, max_active=max(4, streams))
+    engine = load(model, "cpu", False, max_active=max(4, streams), dtype=dtype)
     duration = 30.0 if engine.info.family == "musicgen" else 60.0
     jobs: list = []
 
@@ -148,6 +148,8 @@ def start(package_root: Path | None, args: argparse.Namespace, streams: int) -> 
         str(args.threads),
         *(["--varied-texts"] if args.varied_texts else []),
         *(["--codec-frames", str(args.codec_frames)] if args.codec_frames else []),
+        "--dtype",
+        args.dtype,
     ]
     cpus = None if args.cpu is None else {args.cpu}
     process = subprocess.Popen(
@@ -342,13 +344,16 @@ def main() -> None:
         action="store_true",
         help="through each revision's server: crowds of each count of --streams in turns",
     )
+    parser.add_argument(
+        "--dtype", default="auto", help="the engine step's generator dtype (engines.precision)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         if args.codec_frames:
             codec_worker(args.model, args.streams[0], args.threads, args.codec_frames)
         else:
-            worker(args.model, args.streams[0], args.threads, args.varied_texts)
+            worker(args.model, args.streams[0], args.threads, args.varied_texts, args.dtype)
         return
     from bench_stream import machine
 
@@ -384,6 +389,7 @@ def main() -> None:
     if args.codec_frames:
         what = f"codec calls of {args.codec_frames} new frames a stream"
     texts = " (texts of different lengths)" if args.varied_texts else ""
+    texts += "" if args.dtype == "auto" else f", {args.dtype}"
     print(f"### {what}, {revision} against the working tree: {args.model}{texts}\n")
     print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
     print(f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`")

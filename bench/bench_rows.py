@@ -9,12 +9,14 @@ product, against the output's largest value. ``--builds``: where this CPU has
 AVX-512 (the server then runs the row kernel's wide build), its plain build
 too, and whether the two give the same bits (with either dtype). ``--dtype bfloat16``: the weight
 and rows in bfloat16 (a model run in bfloat16), the library's product against
-the row kernel's.
+the row kernel's. ``--builds --engine MODEL``: MODEL's engine steps with its
+products by either build, in turns.
 
     .venv/bin/python bench/bench_rows.py
     .venv/bin/python bench/bench_rows.py --threads 2 --rows 1 4
     .venv/bin/python bench/bench_rows.py --builds --rows 1 2 4 8
     .venv/bin/python bench/bench_rows.py --dtype bfloat16 --rows 1 2 4 8
+    .venv/bin/python bench/bench_rows.py --builds --engine random-higgs-3b --dtype bfloat16
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -92,7 +94,17 @@ def main() -> None:
         help="bfloat16: the weight and rows in bfloat16 (a model run so), the library's "
         "product against the row kernel's",
     )
+    parser.add_argument(
+        "--engine",
+        metavar="MODEL",
+        help="with --builds: MODEL's engine steps (--streams of them, --dtype), its products "
+        "by the row kernel's wide build and by its plain build, in turns",
+    )
+    parser.add_argument("--streams", type=int, default=4, help="with --engine")
     args = parser.parse_args()
+    if args.engine:
+        builds_in_engine(args)
+        return
     if args.dtype == "bfloat16":
         halves(args)
         return
@@ -144,6 +156,67 @@ def plain_build(
     if not isinstance(plain, rowkernel.RowKernel):
         sys.exit(f"no plain build: {plain}")
     return plain
+
+
+def reachable(root: object) -> list[object]:
+    """The project's objects (and its lists, tuples and dicts) reachable from
+    ``root`` through others of them."""
+    import gc
+
+    seen, found, todo = {id(root)}, [], [root]
+    while todo:
+        obj = todo.pop()
+        found.append(obj)
+        for ref in gc.get_referents(obj):
+            inside = isinstance(ref, list | tuple | dict)
+            if (inside or type(ref).__module__.startswith("wavecast")) and id(ref) not in seen:
+                seen.add(id(ref))
+                todo.append(ref)
+    return found
+
+
+def builds_in_engine(args: argparse.Namespace) -> None:
+    """``--engine MODEL --builds``: the engine's steps of ``--streams`` requests
+    (their prompts in), every product the row kernel takes by the wide build
+    (the server's) and by the plain one, in turns: ``--runs`` steps a turn,
+    eight turns; the median step of each."""
+    import statistics
+
+    from bench_engine import load, request
+
+    from wavecast.server.engines.dense import Dense
+
+    kernel = kernel_section(f"the engine's steps by each build: {args.engine}", args.threads)
+    plain = plain_build(args, kernel)
+    if plain is None:
+        sys.exit("--engine compares the builds: give --builds")
+    engine = load(args.engine, "cpu", False, max_active=max(4, args.streams), dtype=args.dtype)
+    torch.set_num_threads(args.threads)
+    denses = [d for d in reachable(engine) if isinstance(d, Dense) and d.kernel is not None]
+    jobs = [engine.prepare(request(engine, i, 60.0, False)) for i in range(args.streams)]
+    with torch.no_grad():
+        for _ in range(30):  # (past the prompts and the first chunks)
+            engine.step(jobs)
+        times: dict[str, list[float]] = {"wide": [], "plain": []}
+        for turn in range(8):
+            for name in ("wide", "plain") if turn % 2 == 0 else ("plain", "wide"):
+                for dense in denses:
+                    dense._use(kernel if name == "wide" else plain)
+                for _ in range(args.runs):
+                    began = time.perf_counter()
+                    engine.step(jobs)
+                    times[name].append((time.perf_counter() - began) * 1e3)
+    for dense in denses:
+        dense._use(kernel)
+    print(
+        f"- date: {time.strftime('%Y-%m-%d')}; 8 turns of {args.runs} steps, "
+        "the builds taking turns"
+    )
+    print(f"- {engine.info.dtype}; {len(denses)} products by the row kernel\n")
+    print("| streams | the wide build: ms a step | the plain build | wide / plain |")
+    print("| --- | --- | --- | --- |")
+    wide, narrow = statistics.median(times["wide"]), statistics.median(times["plain"])
+    print(f"| {args.streams} | {wide:.1f} | {narrow:.1f} | {wide / narrow:.2f} |")
 
 
 def halves(args: argparse.Namespace) -> None:
