@@ -7,10 +7,10 @@ speech model) and ``--rows`` rows. Least of ``--runs`` timings after a warm-up
 call, the four taking turns; and each way's largest difference from a float64
 product, against the output's largest value. ``--builds``: where this CPU has
 AVX-512 (the server then runs the row kernel's wide build), its plain build
-too, and whether the two give the same bits (with either dtype). ``--dtype bfloat16``: the weight
-and rows in bfloat16 (a model run in bfloat16), the library's product against
-the row kernel's. ``--builds --engine MODEL``: MODEL's engine steps with its
-products by either build, in turns.
+too, and whether the two give the same bits (with either dtype). ``--dtype
+bfloat16``: the weight and rows in bfloat16 (a model run in bfloat16), the
+library's product against the row kernel's. ``--builds --engine MODEL``:
+MODEL's engine steps with its products by either build, in turns.
 
     .venv/bin/python bench/bench_rows.py
     .venv/bin/python bench/bench_rows.py --threads 2 --rows 1 4
