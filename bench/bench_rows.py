@@ -110,14 +110,7 @@ def main() -> None:
         return
     kernel = kernel_section("a few rows by one float32 weight, on a CPU", args.threads)
     plain = plain_build(args, kernel)
-    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
-    print(f"- the row kernel: the {'wide' if kernel.wide else 'plain'} build")
-    print("- ms a call (its largest error against float64, over the largest output)\n")
-    header = "| weight | rows | MKL | oneDNN, as it lies | oneDNN, packed copy | row kernel |"
-    if plain is not None:
-        header += " row kernel, plain build | the same bits |"
-    print(header)
-    print("| --- " * (header.count("|") - 1) + "|")
+    table_head(args, kernel, plain, "MKL | oneDNN, as it lies | oneDNN, packed copy | row kernel")
     generator = torch.Generator().manual_seed(0)
     for outputs, inputs in SHAPES:
         weight = torch.randn(outputs, inputs, generator=generator)
@@ -126,7 +119,6 @@ def main() -> None:
         for rows in args.rows:
             x = torch.randn(rows, inputs, generator=generator)
             exact = x.double() @ exact_weight.T
-            size = float(exact.abs().max())
             onednn = torch.ops.mkldnn._linear_pointwise
             ways: list[Callable[[], torch.Tensor]] = [
                 partial(F.linear, x, weight),
@@ -136,12 +128,42 @@ def main() -> None:
             ]
             if plain is not None:
                 ways.append(partial(plain.product, weight, None, x))
-            errors = [float((way().double() - exact).abs().max()) / size for way in ways]
-            times = in_turns(ways, max(1, args.runs // 2))
-            cells = [f"{t:.2f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
-            if plain is not None:
-                cells.append("yes" if torch.equal(ways[-1](), ways[-2]()) else "**no**")
-            print(f"| {outputs:,} x {inputs:,} | {rows} | " + " | ".join(cells) + " |", flush=True)
+            table_row(args, f"{outputs:,} x {inputs:,} | {rows}", ways, exact, plain is not None)
+
+
+def table_head(
+    args: argparse.Namespace,
+    kernel: rowkernel.RowKernel,
+    plain: rowkernel.RowKernel | None,
+    ways: str,
+) -> None:
+    """A products table's date, build and header (``ways``: its columns of times)."""
+    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
+    print(f"- the row kernel: the {'wide' if kernel.wide else 'plain'} build")
+    print("- ms a call (its largest error against float64, over the largest output)\n")
+    header = f"| weight | rows | {ways} |"
+    if plain is not None:
+        header += " row kernel, plain build | the same bits |"
+    print(header)
+    print("| --- " * (header.count("|") - 1) + "|")
+
+
+def table_row(
+    args: argparse.Namespace,
+    label: str,
+    ways: Sequence[Callable[[], torch.Tensor]],
+    exact: torch.Tensor,
+    builds: bool,
+) -> None:
+    """A products table's row: each way's time in turns and its error against
+    ``exact``; with ``builds``, whether the last two ways give the same bits."""
+    size = float(exact.abs().max())
+    errors = [float((way().double() - exact).abs().max()) / size for way in ways]
+    times = in_turns(ways, max(1, args.runs // 2))
+    cells = [f"{t:.2f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
+    if builds:
+        cells.append("yes" if torch.equal(ways[-1](), ways[-2]()) else "**no**")
+    print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
 def plain_build(
@@ -225,30 +247,17 @@ def halves(args: argparse.Namespace) -> None:
     the same bfloat16 values."""
     kernel = kernel_section("a few rows by one bfloat16 weight, on a CPU", args.threads)
     plain = plain_build(args, kernel)
-    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
-    print(f"- the row kernel: the {'wide' if kernel.wide else 'plain'} build")
-    print("- ms a call (its largest error against float64, over the largest output)\n")
-    header = "| weight | rows | the library (`F.linear`) | row kernel |"
-    if plain is not None:
-        header += " row kernel, plain build | the same bits |"
-    print(header)
-    print("| --- " * (header.count("|") - 1) + "|")
+    table_head(args, kernel, plain, "the library (`F.linear`) | row kernel")
     generator = torch.Generator().manual_seed(0)
     for outputs, inputs in SHAPES:
         weight = torch.randn(outputs, inputs, generator=generator).bfloat16()
         for rows in args.rows:
             x = torch.randn(rows, inputs, generator=generator).bfloat16()
             exact = x.double() @ weight.double().T
-            size = float(exact.abs().max())
             ways = [partial(F.linear, x, weight), partial(kernel.product, weight, None, x)]
             if plain is not None:
                 ways.append(partial(plain.product, weight, None, x))
-            errors = [float((way().double() - exact).abs().max()) / size for way in ways]
-            times = in_turns(ways, max(1, args.runs // 2))
-            cells = [f"{t:.2f} ({e:.0e})" for t, e in zip(times, errors, strict=True)]
-            if plain is not None:
-                cells.append("yes" if torch.equal(ways[-1](), ways[-2]()) else "**no**")
-            print(f"| {outputs:,} x {inputs:,} | {rows} | " + " | ".join(cells) + " |", flush=True)
+            table_row(args, f"{outputs:,} x {inputs:,} | {rows}", ways, exact, plain is not None)
 
 
 if __name__ == "__main__":
