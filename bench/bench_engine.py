@@ -39,7 +39,7 @@ from bench_stream import baseline, freeze_heap, machine, speech_text, sync
 
 from wavecast.protocol import ParamValue, resolve_params
 from wavecast.server.config import DTYPES
-from wavecast.server.engines import is_higgs_name, resolve_device
+from wavecast.server.engines import fused, is_higgs_name, resolve_device
 from wavecast.server.engines.base import Engine, EngineRequest
 from wavecast.server.engines.precision import model_dtype
 from wavecast.server.scheduler import keep_freed_memory
@@ -349,7 +349,14 @@ def main() -> None:
         help="speech: the requests speak eight texts of different lengths (run r's "
         "i-th request the (r + i)-th), not all the same one",
     )
+    parser.add_argument(
+        "--fused-products",
+        action="store_true",
+        help="MusicGen on CUDA in 16 bits: the steps' products with their norms and "
+        "residual sums as fused kernels (server.engines.fused; off by default)",
+    )
     args = parser.parse_args()
+    fused.ENABLED = args.fused_products
     threads = set_up(args.threads)
     device = resolve_device(args.device)
     began = time.perf_counter()
@@ -390,6 +397,9 @@ def main() -> None:
     print(f"- codec decoding: {mode}; chunks per call at most: {engine.codec_batch} (warm-up)")
     print(f"- load and warm-up: {loaded:.1f} s")
     print(f"- step weights: {engine.decoder.packing}")
+    if device.startswith("cuda"):
+        fusing = getattr(engine.decoder, "_fused", None) is not None
+        print(f"- products fused with their norms and sums (Triton): {'yes' if fusing else 'no'}")
     if device.startswith("cuda"):
         print(f"- GPU memory after warm-up: {resident:.2f} GiB")
     print()

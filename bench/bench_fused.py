@@ -37,6 +37,7 @@ import torch
 from bench_engine import load, request, set_up
 from bench_stream import machine
 
+from wavecast.server.engines import fused as fused_products
 from wavecast.server.engines import resolve_device
 from wavecast.server.engines.base import Engine
 from wavecast.server.engines.graphs import StepGraphs
@@ -270,7 +271,13 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="the step's kernels under the profiler, no compile"
     )
+    parser.add_argument(
+        "--fused-products",
+        action="store_true",
+        help="MusicGen: the step's products fused with their norms and sums (Triton)",
+    )
     args = parser.parse_args()
+    fused_products.ENABLED = args.fused_products
     threads = set_up(args.threads)
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")

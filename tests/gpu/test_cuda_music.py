@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from helpers import (
 )
 
 from wavecast.protocol import resolve_params
+from wavecast.server.engines import fused
 from wavecast.server.engines.base import EngineRequest
 from wavecast.server.engines.musicgen.engine import MusicGenEngine
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
@@ -25,10 +27,24 @@ pytestmark = [
 ]
 
 
-def test_tiny_model_streams_exactly_on_cuda() -> None:
+@pytest.fixture
+def fused_products(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """``fused.ENABLED`` as the test's parameter asks, for the engines it loads."""
+    fused.ENABLED = bool(request.param)
+    try:
+        yield fused.ENABLED
+    finally:
+        fused.ENABLED = False
+
+
+@pytest.mark.parametrize("fused_products", [False, True], indirect=True)
+def test_tiny_model_streams_exactly_on_cuda(fused_products: bool) -> None:
+    """Greedy codes equal audiocraft's, by the library's products or the fused
+    ones (``fused``: the float16 products summed in another order)."""
     model = build_tiny_musicgen(device="cuda")
     engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
     assert engine.codec_streams.incremental is not None  # it passed its check on CUDA
+    assert (engine.decoder._fused is not None) == fused_products
     params = resolve_params(engine.info.params, {"duration": 2.0, "top_k": 1, "seed": 0})
     job = engine.prepare(EngineRequest("g", "gpu", params))
     chunks = collect_audio(engine, job)
@@ -89,6 +105,77 @@ def test_finished_and_cancelled_requests_leave_no_memory_behind(cuda_graphs: boo
         return jobs
 
     crowds_leave_memory_as_found(engine, crowd, cuda_graphs)
+
+
+def test_a_fused_product_is_the_library_operations_and_each_row_its_own() -> None:
+    """``fused.RowProduct`` (a layer norm, the product, GELU and a residual sum in
+    one kernel) gives the library's operations' floats to within two units of
+    float16's last place, and a row's result is the same bit for bit whatever
+    the call's other rows (one row; twenty, in another block of rows); a product
+    split in parts (``split_for``) too, call after call, its sum into a float32
+    residual in float32."""
+    from torch.nn import functional as F
+
+    assert fused.kernels() is not None, "Triton comes with PyTorch's CUDA builds"
+    torch.manual_seed(0)
+
+    def within(got: torch.Tensor, want: torch.Tensor, part: torch.Tensor) -> bool:
+        assert got.dtype == want.dtype
+        scale = part.float().abs() + want.float().abs() + 2.0**-14
+        return bool(((got.float() - want.float()).abs() <= 2 * 2.0**-10 * scale).all())
+
+    k, n = 1024, 3072
+    weight = (torch.randn(n, k, device="cuda") / k**0.5).half()
+    ln = torch.nn.LayerNorm(k, device="cuda")
+    x = torch.randn(20, k, device="cuda").half()
+    residual = torch.randn(20, n, device="cuda").half()
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+        norm = fused.Norm.of(ln)
+        product = fused.RowProduct(weight, norm=norm, gelu=True)
+        assert product.config.split == 1
+        got = product(x, residual)
+        h = F.layer_norm(x.float(), (k,), norm.weight, norm.bias, norm.eps).half()
+        activated = F.gelu(h @ weight.t())
+        assert within(got, residual + activated, activated)
+        assert torch.equal(product(x[:1], residual[:1]), got[:1])
+        assert torch.equal(product(x[:2], residual[:2]), got[:2])
+        plain = fused.RowProduct(weight)
+        assert torch.equal(plain(x)[5:6], plain(x[5:6]))
+
+        long = (torch.randn(k, 4 * k, device="cuda") / (4 * k) ** 0.5).half()
+        split = fused.RowProduct(long)
+        assert split.config.split == 4 and split.count is not None
+        inputs = torch.randn(16, 4 * k, device="cuda").half()
+        stream = torch.randn(16, k, device="cuda")  # a float32 residual stream
+        got = split(inputs, stream)
+        part = inputs @ long.t()
+        assert within(got, stream + part, part)
+        for _ in range(3):
+            assert torch.equal(split(inputs, stream), got)
+        assert torch.equal(split(inputs[3:4], stream[3:4]), got[3:4])
+        assert int(split.count.count_nonzero()) == 0
+
+
+def test_fused_steps_give_the_library_steps_codes() -> None:
+    """The decoder's step by the fused products against the same step by the
+    library's operations (``fused.ENABLED``): the same greedy codes for a crowd
+    of three joining at different steps."""
+    model = build_tiny_musicgen(device="cuda")
+    results = []
+    for enabled in (True, False):
+        fused.ENABLED = enabled
+        try:
+            engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
+        finally:
+            fused.ENABLED = False
+        assert (engine.decoder._fused is not None) == enabled
+        jobs = _music_jobs(engine, ["rock", "jazz", "ambient pads"])
+        step_together(engine, jobs, (0, 3, 7))
+        results.append([engine.codes_of(job) for job in jobs])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
 
 
 def _music_jobs(engine: Any, prompts: list[str], **given: Any) -> list[Any]:

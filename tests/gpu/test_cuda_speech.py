@@ -190,7 +190,7 @@ def test_a_16_bit_norm_on_cuda_is_the_models_to_a_bit_in_one_kernel() -> None:
     def kernels(call: Any) -> int:
         call()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
             call()
             torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)

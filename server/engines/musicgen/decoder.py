@@ -33,6 +33,7 @@ from audiocraft.modules.transformer import create_sin_embedding
 from torch import nn
 from torch.nn import functional as F
 
+from .. import fused
 from ..dense import Attend, Dense, Packing, pack, step_attention
 from ..kv import CacheRows, LayerMask, StaticKV, additive_mask
 from ..prefill import GroupAttention, packed, ragged
@@ -120,6 +121,54 @@ class _Layer:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Fused:
+    """One layer's products of a step as ``fused.RowProduct``: each with the norm
+    before it (``qkv``, ``q``, ``ff1``), the GELU after it (``ff1``, where the
+    model's activation is GELU), or the residual sum after it (``out``,
+    ``cross_out``, ``ff2``)."""
+
+    qkv: fused.RowProduct
+    out: fused.RowProduct
+    ff1: fused.RowProduct
+    ff2: fused.RowProduct
+    q: fused.RowProduct | None
+    cross_out: fused.RowProduct | None
+    # The model's activation, where it is not GELU (applied between ff1 and ff2).
+    activation: Op | None
+
+    @classmethod
+    def of(cls, layer: _Layer, modules: Any, dtype: torch.dtype) -> _Fused | None:
+        """``layer``'s fused products in ``dtype`` (the step's autocast format),
+        or None where the layer is not the shape they compute (layer scales,
+        norms other than layer norms)."""
+        norms = [modules.norm1, modules.norm2]
+        if layer.norm_cross is not None:
+            norms.append(modules.norm_cross)
+        if any(type(norm) is not nn.LayerNorm for norm in norms):
+            return None
+        if (layer.scale1, layer.scale2, layer.scale_cross) != (None, None, None):
+            return None
+        gelu = layer.activation is F.gelu
+
+        def of(dense: Dense, **options: Any) -> fused.RowProduct:
+            return fused.RowProduct(dense.weight, dense.bias, dtype=dtype, **options)
+
+        q = cross_out = None
+        if layer.q is not None and layer.cross_out is not None:
+            q = of(layer.q, norm=fused.Norm.of(modules.norm_cross))
+            cross_out = of(layer.cross_out)
+        return cls(
+            qkv=of(layer.qkv, norm=fused.Norm.of(modules.norm1)),
+            out=of(layer.out),
+            ff1=of(layer.ff1, norm=fused.Norm.of(modules.norm2), gelu=gelu),
+            ff2=of(layer.ff2),
+            q=q,
+            cross_out=cross_out,
+            activation=None if gelu else layer.activation,
+        )
+
+
 class MusicGenDecoder(CacheRows):
     """Batched streaming forward of an audiocraft ``LMModel``.
 
@@ -180,6 +229,24 @@ class MusicGenDecoder(CacheRows):
             None if biases[0] is None else torch.cat(biases),
         )
         self._out_norm: Op | None = _norm(lm.out_norm) if lm.out_norm else None
+        # The steps' products as fused kernels (``fused``; 16-bit on CUDA), where
+        # every layer is their shape: ``None`` otherwise.
+        self._fused: list[_Fused] | None = None
+        self._fused_head: fused.RowProduct | None = None
+        if fused.available(device, dtype):
+            pairs = zip(self.layers, layers, strict=True)
+            each = [_Fused.of(mine, theirs, dtype) for mine, theirs in pairs]
+            out_norm = lm.out_norm
+            if (out_norm is None or type(out_norm) is nn.LayerNorm) and None not in each:
+                self._fused = [f for f in each if f is not None]
+                # (audiocraft keeps the heads in float32 under float16 autocast,
+                # which casts them at every step: here once.)
+                self._fused_head = fused.RowProduct(
+                    self._head.weight,
+                    self._head.bias,
+                    norm=None if out_norm is None else fused.Norm.of(out_norm),
+                    dtype=dtype,
+                )
         self._pos_scale = float(transformer.positional_scale)
         # The sinusoidal positions, scaled, and position indices (masks compare them).
         self._positions = torch.zeros(0, self.dim, device=device, dtype=self._emb.dtype)
@@ -442,6 +509,8 @@ class MusicGenDecoder(CacheRows):
         attend = self._attend
         if attend is None or torch.is_autocast_enabled("cpu"):
             attend = F.scaled_dot_product_attention
+        if self._fused is not None and rows <= fused.FUSED_ROWS:
+            return self._fused_decode(x, active, self_mask, write, attend, span)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv.rows(layer.norm1(x)).view(rows, 3, *heads[1:])
             q = qkv[:, 0]
@@ -469,6 +538,45 @@ class MusicGenDecoder(CacheRows):
         if self._out_norm is not None:
             x = self._out_norm(x)
         logits = self._head.rows(x)
+        return logits.view(rows, self.codebooks, self.card)
+
+    def _fused_decode(
+        self,
+        x: torch.Tensor,
+        active: torch.Tensor,
+        self_mask: LayerMask,
+        write: Callable[[int, torch.Tensor], None],
+        attend: Attend,
+        span: int,
+    ) -> torch.Tensor:
+        """``decode``'s layers by the fused products (``_Fused``): the same
+        operations, the norms, activations and residual sums inside them."""
+        assert self._fused is not None and self._fused_head is not None
+        rows = int(x.shape[0])
+        heads = (rows, self.heads, 1, self.head_dim)
+        attended_self = self.kv.layers(rows, span)
+        attended_cross = self.cross.layers(rows)
+        cross_mask: torch.Tensor | None = None
+        for i, layer in enumerate(self._fused):
+            qkv = layer.qkv(x).view(rows, 3, *heads[1:])
+            q = qkv[:, 0]
+            write(i, qkv[:, 1:])
+            keys, values = attended_self[i]
+            attended = attend(q, keys, values, self_mask.for_(q))
+            x = layer.out(attended.reshape(rows, self.dim), x)
+            if layer.q is not None and layer.cross_out is not None:
+                q = layer.q(x).view(heads)
+                keys, values = attended_cross[i]
+                if cross_mask is None:
+                    cross_mask = self._cross_mask(q.dtype)[:rows]
+                attended = attend(q, keys, values, cross_mask)
+                x = layer.cross_out(attended.reshape(rows, self.dim), x)
+            h = layer.ff1(x)
+            if layer.activation is not None:
+                h = layer.activation(h)
+            x = layer.ff2(h, x)
+        self.lengths[:rows] += active.to(self.lengths.dtype)
+        logits = self._fused_head(x)
         return logits.view(rows, self.codebooks, self.card)
 
     # -- internals -----------------------------------------------------------------

@@ -1,0 +1,226 @@
+"""A decode step's products of a few rows as one kernel each, with the norm
+before them and the activation and residual sum after them (CUDA, Triton).
+
+On a GPU a decode step of a few rows is bound by its kernels' count and latency,
+not by arithmetic or bytes: an H200's recorded step of musicgen-small at one
+stream (two rows) ran 560 kernels in 1.94 ms, its 169 products averaging 5.4 µs
+for two to eight MB of weights each (a tenth of the memory's speed), and its
+73 layer norms, the casts of their outputs to float16 and the residual sums
+another 600 µs (``bench/bench_fused.py --profile``). ``RowProduct`` is one
+Triton kernel for ``residual + gelu(norm(x) @ w.T + bias)`` (each part where
+the model has it): every program reads a slice of the weight's rows once for
+all the step's rows, and the norm's statistics are computed where the product
+reads its input, so a layer's two norms, their casts, the activation and the
+three residual sums launch nothing of their own.
+
+The floats are the separate operations' up to the product's order of
+summation: the norm in float32 rounded to the weight's format (as autocast runs
+the models' layer norms), the product summed in float32 and rounded once with
+its bias, the GELU and the residual sum each rounding once more. Each row's
+result is the same whatever the other rows of the call: a program sums every
+row in the same order, and the rows are only padded to ``BLOCK_M``.
+
+For 16-bit models on CUDA where Triton is installed (it comes with PyTorch's
+CUDA builds), for steps of up to ``FUSED_ROWS`` rows; more rows, a CPU, float32
+and a machine without Triton keep the library's operations. Off until it is
+measured in the engines' recorded steps (``ENABLED``, set before a model is
+loaded; the benchmarks' ``--fused-products``): on an H200 the kernel alone beat
+the library's operations for musicgen-small's products of two rows (a layer's
+five: 34 against 52 µs) but not yet for large's (68 against 63 µs), before the
+long products were split (``split_for``; ``bench/bench_products.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from types import ModuleType
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ENABLED",
+    "FUSED_ROWS",
+    "Config",
+    "Norm",
+    "RowProduct",
+    "available",
+    "kernels",
+    "split_for",
+]
+
+# Rows of a step that the fused product takes; more go by the library's.
+FUSED_ROWS = 32
+ENABLED = False
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """The Triton kernels' module, or None where Triton cannot be imported."""
+    try:
+        from . import fused_kernels
+    except ImportError:
+        return None
+    return fused_kernels
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model on ``device`` in ``dtype`` steps by ``RowProduct``."""
+    if not ENABLED or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return kernels() is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Norm:
+    """A layer norm before the product: float32 weight and bias ``[K]``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, module: torch.nn.LayerNorm) -> Norm:
+        (size,) = module.normalized_shape
+        device = module.weight.device if module.weight is not None else None
+        weight = torch.ones(size, device=device) if module.weight is None else module.weight
+        bias = torch.zeros(size, device=device) if module.bias is None else module.bias
+        return cls(weight.detach().float(), bias.detach().float(), float(module.eps))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A launch's blocks: outputs a program computes, inputs summed per pass,
+    warps, pipeline stages; ``split``: programs summing parts of the inputs for
+    the same outputs (0: by ``split_for``)."""
+
+    block_n: int = 32
+    block_k: int = 256
+    warps: int = 4
+    stages: int = 3
+    split: int = 0
+
+
+# Programs a launch should have at least (an H100 or H200 has 132 multiprocessors),
+# and the fewest inputs a part of a split product sums.
+PROGRAMS = 128
+LEAST_PART = 1024
+
+
+def split_for(n: int, k: int, block_n: int) -> int:
+    """Parts to split the inputs of a product with ``n`` outputs and ``k`` inputs
+    into, a power of two: until the launch has ``PROGRAMS`` programs, each part
+    ``LEAST_PART`` inputs at least (musicgen-small's second feed-forward product,
+    1,024 outputs of 4,096 inputs, by blocks of 32: four parts, 128 programs)."""
+    programs = -(-n // block_n)
+    split = 1
+    while programs * split < PROGRAMS and k // (2 * split) >= LEAST_PART:
+        split *= 2
+    return split
+
+
+def _block_m(rows: int) -> int:
+    """Rows padded to 16 (the matrix units' least) or the next power of two."""
+    return max(16, 1 << (rows - 1).bit_length())
+
+
+class RowProduct:
+    """``residual + gelu(norm(x) @ weight.T + bias)`` for ``x`` ``[rows, K]``.
+
+    The output is in the weight's format, or the residual's where there is one
+    (a float32 residual stream stays float32, as a 16-bit product added to it
+    under autocast leaves it).
+
+    Args:
+        weight: ``[N, K]``, its rows contiguous. A weight not in ``dtype`` (a
+            model's float32 weights under autocast) is copied into it once, as
+            autocast casts it at every call.
+        bias: ``[N]`` or None.
+        norm: A layer norm of ``x`` first, or None.
+        gelu: Apply GELU (erf's) to the product.
+        dtype: The product's format (16-bit).
+    """
+
+    __slots__ = ("bias", "config", "count", "gelu", "norm", "partial", "weight")
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        norm: Norm | None = None,
+        gelu: bool = False,
+        dtype: torch.dtype | None = None,
+        config: Config | None = None,
+    ) -> None:
+        dtype = dtype or weight.dtype
+        if weight.dim() != 2 or dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError("a 16-bit product of a matrix")
+        weight = weight.detach().to(dtype)
+        if weight.stride(1) != 1:
+            weight = weight.contiguous()
+        self.weight = weight
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.norm = norm
+        self.gelu = gelu
+        n, k = weight.shape
+        c = config or Config()
+        if not c.split:
+            c = replace(c, split=split_for(int(n), int(k), c.block_n))
+        self.config = c
+        # A split product's parts (every row a call may have) and its blocks' counters.
+        self.partial: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+        if c.split > 1:
+            most = _block_m(FUSED_ROWS)
+            self.partial = torch.empty(c.split * most * n, device=weight.device)
+            self.count = torch.zeros(-(-n // c.block_n), dtype=torch.int32, device=weight.device)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        module = kernels()
+        assert module is not None, "Triton is not installed"
+        rows, k = x.shape
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        w, c = self.weight, self.config
+        n = int(w.shape[0])
+        dtype = w.dtype if residual is None else residual.dtype
+        out = torch.empty(rows, n, dtype=dtype, device=x.device)
+        block_m = _block_m(rows)
+        if c.split > 1 and block_m > _block_m(FUSED_ROWS):
+            raise ValueError(f"a split product takes at most {FUSED_ROWS} rows")
+        norm = self.norm
+        dummy: Any = w
+        launch = module.rows_product[(-(-n // c.block_n), c.split)]
+        launch(
+            x,
+            w,
+            dummy if self.bias is None else self.bias,
+            dummy if norm is None else norm.weight,
+            dummy if norm is None else norm.bias,
+            dummy if residual is None else residual,
+            out,
+            dummy if self.partial is None else self.partial,
+            dummy if self.count is None else self.count,
+            rows,
+            n,
+            k,
+            x.stride(0),
+            w.stride(0),
+            0 if residual is None else residual.stride(0),
+            out.stride(0),
+            n,
+            1e-5 if norm is None else norm.eps,
+            NORM=norm is not None,
+            BIAS=self.bias is not None,
+            GELU=self.gelu,
+            RESIDUAL=residual is not None,
+            SPLIT=c.split,
+            BLOCK_M=block_m,
+            BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k,
+            num_warps=c.warps,
+            num_stages=c.stages,
+        )
+        return out
