@@ -352,8 +352,9 @@ def main() -> None:
     parser.add_argument(
         "--fused-products",
         action="store_true",
-        help="MusicGen on CUDA in 16 bits: the steps' products with their norms and "
-        "residual sums as fused kernels (server.engines.fused; off by default)",
+        help="on CUDA in 16 bits: the decode steps' products with their norms, rotary "
+        "positions, activations and residual sums as fused kernels (server.engines.fused; "
+        "off by default)",
     )
     args = parser.parse_args()
     fused.ENABLED = args.fused_products

@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument(
         "--fused-products",
         action="store_true",
-        help="MusicGen: the step's products fused with their norms and sums (Triton)",
+        help="the step's products fused with their norms and sums (Triton; off by default)",
     )
     args = parser.parse_args()
     fused_products.ENABLED = args.fused_products

@@ -10,7 +10,10 @@ residual sum, as the model has them) and the one fused kernel, with each of a
 few launch configurations. A CUDA graph of 50 calls is recorded and replayed, so
 the times are the kernels' own (as in a recorded step), not their launches. With
 how far the fused result is from the library's (in units of float16's last
-place at the output's size). Prints a Markdown section for bench/RESULTS.md.
+place at the output's size). ``--speech``: the speech step's products at the
+3B shape too, in bfloat16: the decoder's own operations against the fused
+kernels (``PairProduct``: the RMS norm, the product and the rotary positions,
+or ``silu(gate) * up``). Prints a Markdown section for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -116,10 +119,101 @@ def measure(p: Product, rows: int, device: torch.device, dtype: torch.dtype) -> 
     return [*cells, f"{apart:.2f}"]
 
 
+# The speech model's decode step at the released 3B shape: width, heads, key/value
+# heads, head width, feed-forward width, output rows (8 codebooks of 1,026).
+SPEECH = (3072, 24, 8, 128, 8192, 8 * 1026)
+SPEECH_PRODUCTS = [
+    "norm, q k v, rotary",
+    "out, residual",
+    "norm, gate and up, silu(gate) * up",
+    "down, residual",
+    "norm, heads",
+]
+
+
+def measure_speech(name: str, rows: int, device: torch.device) -> list[str]:
+    """One of the speech step's products in bfloat16 (``SPEECH_PRODUCTS``): the
+    decoder's own operations against the fused kernel (default configuration,
+    then 128 inputs a pass), and how far apart (units of bfloat16's last
+    place at the output's largest)."""
+    from types import SimpleNamespace
+
+    from wavecast.server.engines.higgs.decoder import HiggsDecoder
+
+    dim, heads, kv_heads, d, inner, out_rows = SPEECH
+    bf = torch.bfloat16
+    rms = SimpleNamespace(eps=1e-5)
+    x = (3 * torch.randn(rows, dim, device=device)).to(bf)
+    gain = (torch.rand(dim, device=device) + 0.5).to(bf)
+    norm = fused.Norm.rms(gain, 1e-5)
+    angles = 6 * torch.rand(rows, d // 2, device=device)
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(bf)
+    sin = torch.cat([-angles.sin(), angles.sin()], -1).to(bf)
+    n = {0: (heads + 2 * kv_heads) * d, 1: dim, 2: 2 * inner, 3: dim, 4: out_rows}
+    k = {0: dim, 1: heads * d, 2: dim, 3: inner, 4: dim}
+    which = SPEECH_PRODUCTS.index(name)
+    weight = (torch.randn(n[which], k[which], device=device) / k[which] ** 0.5).to(bf)
+    inputs = x if k[which] == dim else torch.randn(rows, k[which], device=device).to(bf)
+    library: Callable[[], torch.Tensor]
+    ways: list[Callable[[], torch.Tensor]] = []
+    if which == 0:
+
+        def library() -> torch.Tensor:
+            qkv = torch.mm(HiggsDecoder._rms(rms, x, gain), weight.t()).view(rows, -1, 1, d)
+            rotated = qkv[:, : heads + kv_heads]
+            HiggsDecoder._rotate(rotated, cos[:, None, None], sin[:, None, None], in_place=True)
+            return qkv.view(rows, -1)
+
+        for block_k in (256, 128):
+            config = fused.Config(block_k=block_k)
+            product = fused.PairProduct(
+                weight, norm=norm, head_dim=d, rotated=heads + kv_heads, config=config
+            )
+            ways.append(partial(product, x, cos, sin))
+    elif which == 2:
+
+        def library() -> torch.Tensor:
+            gate, up = torch.mm(HiggsDecoder._rms(rms, x, gain), weight.t()).chunk(2, dim=-1)
+            return F.silu(gate) * up
+
+        for block_k in (256, 128):
+            glu = fused.PairProduct(
+                weight, norm=norm, glu=True, config=fused.Config(block_k=block_k)
+            )
+            ways.append(partial(glu, x))
+    elif which == 4:
+
+        def library() -> torch.Tensor:
+            return torch.mm(HiggsDecoder._rms(rms, x, gain), weight.t())
+
+        for block_k in (256, 128):
+            head = fused.RowProduct(weight, norm=norm, config=fused.Config(block_k=block_k))
+            ways.append(partial(head, x))
+    else:
+        residual = x
+
+        def library() -> torch.Tensor:
+            return residual + torch.mm(inputs, weight.t())
+
+        for block_k in (256, 128):
+            plain = fused.RowProduct(weight, config=fused.Config(block_k=block_k))
+            ways.append(partial(plain, inputs, residual))
+    want = library()
+    ulp = want.float().abs().max() * 2.0**-7
+    apart = max(float((way().float() - want.float()).abs().max() / ulp) for way in ways)
+    times = [graphed_time(library), *(graphed_time(way) for way in ways)]
+    return [*(f"{t:.1f}" for t in times), f"{apart:.2f}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["small", "large"], choices=SHAPES)
     parser.add_argument("--rows", type=int, nargs="+", default=[2, 16])
+    parser.add_argument(
+        "--speech",
+        action="store_true",
+        help="also the speech step's products at the 3B shape, in bfloat16",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() or fused.kernels() is None:
         sys.exit("needs CUDA and Triton")
@@ -145,6 +239,16 @@ def main() -> None:
                     cells = measure(p, rows, torch.device("cuda"), torch.float16)
                     print(f"| {shape} | {p.name} | {rows} | {' | '.join(cells)} |")
                     sys.stdout.flush()
+        if not args.speech:
+            return
+        print("\n#### the speech step's products (3B shape, bfloat16)\n")
+        print("| product | rows | the decoder's | fused | fused, 128 a pass | apart (ulp) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name in SPEECH_PRODUCTS:
+            for rows in args.rows:
+                cells = measure_speech(name, rows, torch.device("cuda"))
+                print(f"| {name} | {rows} | {' | '.join(cells)} |")
+                sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -13,12 +13,23 @@ all the step's rows, and the norm's statistics are computed where the product
 reads its input, so a layer's two norms, their casts, the activation and the
 three residual sums launch nothing of their own.
 
+The speech step's layer (an H200's recorded step of random-higgs-3b: 763
+kernels, 289 of them elementwise) goes in four: ``PairProduct`` computes two
+products of the same normed rows together, the query, key and value projection
+with the rotary positions applied to each head's two halves, or the gate and up
+projection with ``silu(gate) * up``; ``RowProduct`` the out and down
+projections with their residual sums. The RMS norm is the model's (float32
+statistics, rounded, then times its weight).
+
 The floats are the separate operations' up to the product's order of
 summation: the norm in float32 rounded to the weight's format (as autocast runs
-the models' layer norms), the product summed in float32 and rounded once with
-its bias, the GELU and the residual sum each rounding once more. Each row's
-result is the same whatever the other rows of the call: a program sums every
-row in the same order, and the rows are only padded to ``BLOCK_M``.
+MusicGen's layer norms, as the speech model rounds its own), the product summed
+in float32 and rounded once with its bias, every operation after it rounding
+once more, as the separate 16-bit operations do (in Triton's interpreter on a
+CPU, which sums as the library does, the speech step's logits and cache equal
+the library step's bit for bit). Each row's result is the same whatever the
+other rows of the call: a program sums every row in the same order, and the
+rows are only padded to ``BLOCK_M``.
 
 For 16-bit models on CUDA where Triton is installed (it comes with PyTorch's
 CUDA builds), for steps of up to ``FUSED_ROWS`` rows; more rows, a CPU, float32
@@ -27,7 +38,8 @@ measured in the engines' recorded steps (``ENABLED``, set before a model is
 loaded; the benchmarks' ``--fused-products``): on an H200 the kernel alone beat
 the library's operations for musicgen-small's products of two rows (a layer's
 five: 34 against 52 µs) but not yet for large's (68 against 63 µs), before the
-long products were split (``split_for``; ``bench/bench_products.py``).
+long products were split (``split_for``; ``bench/bench_products.py``). The
+speech kernels have not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -42,8 +54,11 @@ import torch
 __all__ = [
     "ENABLED",
     "FUSED_ROWS",
+    "LAYER_NORM",
+    "RMS_NORM",
     "Config",
     "Norm",
+    "PairProduct",
     "RowProduct",
     "available",
     "kernels",
@@ -72,13 +87,21 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return kernels() is not None
 
 
+# The norms before a product (``fused_kernels``' ``NORM``).
+LAYER_NORM = 1
+RMS_NORM = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Norm:
-    """A layer norm before the product: float32 weight and bias ``[K]``."""
+    """A norm before the product: a layer norm's float32 weight and bias ``[K]``
+    (``of``), or the speech model's RMS norm's weight in the model's format
+    (``rms``; ``bias`` unused)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     eps: float
+    kind: int = LAYER_NORM
 
     @classmethod
     def of(cls, module: torch.nn.LayerNorm) -> Norm:
@@ -87,6 +110,10 @@ class Norm:
         weight = torch.ones(size, device=device) if module.weight is None else module.weight
         bias = torch.zeros(size, device=device) if module.bias is None else module.bias
         return cls(weight.detach().float(), bias.detach().float(), float(module.eps))
+
+    @classmethod
+    def rms(cls, weight: torch.Tensor, eps: float) -> Norm:
+        return cls(weight.detach(), weight.detach(), float(eps), RMS_NORM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +239,7 @@ class RowProduct:
             out.stride(0),
             n,
             1e-5 if norm is None else norm.eps,
-            NORM=norm is not None,
+            NORM=0 if norm is None else norm.kind,
             BIAS=self.bias is not None,
             GELU=self.gelu,
             RESIDUAL=residual is not None,
@@ -222,5 +249,101 @@ class RowProduct:
             BLOCK_K=c.block_k,
             num_warps=c.warps,
             num_stages=c.stages,
+        )
+        return out
+
+
+class PairProduct:
+    """Two products of the same normed rows, finished together (``[rows, K]``
+    inputs): a gate and its up projection, ``silu(gate) * up`` (``glu``: the
+    weight's first half of rows the gates', its second the ups'; ``[rows, N / 2]``
+    out); or the queries', keys' and values' projection with the rotary
+    positions applied to the queries and keys (``head_dim``, ``rotated`` heads:
+    ``[rows, N]`` out, each row rotated by its ``cos`` and ``sin`` ``[rows,
+    head_dim]``, the sines' first half negated). Each result rounds as the
+    separate 16-bit operations do (``fused_kernels.rows_pair_product``)."""
+
+    __slots__ = ("bias", "block_k", "block_n", "glu", "head_dim", "norm", "rotated", "weight")
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        norm: Norm | None = None,
+        glu: bool = False,
+        head_dim: int = 0,
+        rotated: int = 0,
+        dtype: torch.dtype | None = None,
+        config: Config | None = None,
+    ) -> None:
+        dtype = dtype or weight.dtype
+        if weight.dim() != 2 or dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError("a 16-bit product of a matrix")
+        n = int(weight.shape[0])
+        if glu and n % 2:
+            raise ValueError("a gate and up projection has an even number of rows")
+        if not glu and (not self.suits(head_dim) or n % head_dim):
+            raise ValueError("heads of a multiple of 32, filling the rows")
+        weight = weight.detach().to(dtype)
+        self.weight = weight if weight.stride(1) == 1 else weight.contiguous()
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.norm = norm
+        self.glu = glu
+        self.head_dim = head_dim
+        self.rotated = rotated
+        c = config or Config()
+        self.block_n = c.block_n if glu else head_dim // 2
+        self.block_k = c.block_k
+
+    @staticmethod
+    def suits(head_dim: int) -> bool:
+        """Whether heads of ``head_dim`` can be rotated in the kernel: halves of a
+        multiple of 16 (the matrix units' least)."""
+        return head_dim % 32 == 0
+
+    def __call__(
+        self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        module = kernels()
+        assert module is not None, "Triton is not installed"
+        rows, k = x.shape
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        w = self.weight
+        n = int(w.shape[0])
+        out = torch.empty(rows, n // 2 if self.glu else n, dtype=w.dtype, device=x.device)
+        if self.glu:
+            pair, programs = n // 2, -(-(n // 2) // self.block_n)
+        else:
+            pair, programs = self.head_dim // 2, n // self.head_dim
+            assert cos is not None and sin is not None and cos.stride() == sin.stride()
+        norm = self.norm
+        dummy: Any = w
+        module.rows_pair_product[(programs,)](
+            x,
+            w,
+            dummy if self.bias is None else self.bias,
+            dummy if norm is None else norm.weight,
+            dummy if cos is None else cos,
+            dummy if sin is None else sin,
+            out,
+            rows,
+            k,
+            pair,
+            self.rotated,
+            x.stride(0),
+            w.stride(0),
+            0 if cos is None else cos.stride(0),
+            out.stride(0),
+            1e-5 if norm is None else norm.eps,
+            NORM=0 if norm is None else norm.kind,
+            BIAS=self.bias is not None,
+            GLU=self.glu,
+            BLOCK_M=_block_m(rows),
+            BLOCK_N=self.block_n,
+            BLOCK_K=self.block_k,
+            num_warps=4,
+            num_stages=3,
         )
         return out

@@ -3,6 +3,7 @@ CUDA. Nothing here imports audiocraft (see scripts/device-check)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -168,8 +169,6 @@ def test_a_16_bit_norm_on_cuda_is_the_models_to_a_bit_in_one_kernel() -> None:
     kernel, then the model's rounding and weight) gives the model's module's
     values to within one unit of bfloat16's last place, and launches fewer
     kernels than the module's formula."""
-    from types import SimpleNamespace
-
     from torch.profiler import ProfilerActivity, profile
     from transformers.models.higgs_audio_v2.modeling_higgs_audio_v2 import HiggsAudioV2RMSNorm
 
@@ -199,3 +198,74 @@ def test_a_16_bit_norm_on_cuda_is_the_models_to_a_bit_in_one_kernel() -> None:
         fused = kernels(lambda: HiggsDecoder._rms(SimpleNamespace(eps=1e-5), x, module.weight))
         formula = kernels(lambda: module(x))
     assert fused < formula, (fused, formula)
+
+
+def test_fused_speech_products_round_as_the_separate_operations() -> None:
+    """``fused.PairProduct`` in bfloat16: the RMS norm, the query, key and value
+    projection and the rotary positions in one kernel; the norm, the gate and up
+    projection and ``silu(gate) * up`` in another. Each within the rounding of
+    the separate operations' results (its sums go in another order), and each
+    row's result the same bit for bit whatever the call's other rows."""
+    from torch.nn import functional as F
+
+    from wavecast.server.engines import fused
+    from wavecast.server.engines.higgs.decoder import HiggsDecoder
+
+    assert fused.kernels() is not None, "Triton comes with PyTorch's CUDA builds"
+    torch.manual_seed(0)
+    bf, dev = torch.bfloat16, "cuda"
+    rows, dim, heads, kv_heads, d, inner, eps = 5, 1024, 8, 2, 128, 2048, 1e-5
+    x = (3 * torch.randn(rows, dim, device=dev)).to(bf)
+    gain = (torch.rand(dim, device=dev) + 0.5).to(bf)
+    normed = HiggsDecoder._rms(SimpleNamespace(eps=eps), x, gain)
+    norm = fused.Norm.rms(gain, eps)
+    with torch.no_grad():
+        weight = (torch.randn((heads + 2 * kv_heads) * d, dim, device=dev) / dim**0.5).to(bf)
+        projected = (normed.float() @ weight.float().t()).to(bf)
+        want = projected.view(rows, -1, 1, d).clone()
+        angles = 6 * torch.rand(rows, d // 2, device=dev)
+        cos = torch.cat([angles.cos(), angles.cos()], -1).to(bf)
+        sin = torch.cat([-angles.sin(), angles.sin()], -1).to(bf)  # (the first half negated)
+        rotated = want[:, : heads + kv_heads]
+        HiggsDecoder._rotate(rotated, cos[:, None, None], sin[:, None, None], in_place=True)
+        qkv = fused.PairProduct(weight, norm=norm, head_dim=d, rotated=heads + kv_heads)
+        got = qkv(x, cos, sin)
+        apart = (got.float() - want.view(rows, -1).float()).abs().max()
+        assert float(apart) <= 2.0**-6 * float(projected.float().abs().max())
+        assert torch.equal(qkv(x[2:3], cos[2:3], sin[2:3]), got[2:3])
+
+        gate_up = (torch.randn(2 * inner, dim, device=dev) / dim**0.5).to(bf)
+        gate, up = (normed.float() @ gate_up.float().t()).to(bf).chunk(2, dim=-1)
+        want = F.silu(gate) * up
+        glu = fused.PairProduct(gate_up, norm=norm, glu=True)
+        got = glu(x)
+        scale = float(gate.float().abs().max() * up.float().abs().max())
+        assert float((got.float() - want.float()).abs().max()) <= 2.0**-6 * scale
+        assert torch.equal(glu(x[:1]), got[:1])
+
+
+def test_fused_speech_steps_give_the_library_steps_codes() -> None:
+    """The speech decoder's step by the fused kernels (``fused.ENABLED``; the
+    tiny model with heads of 32, which the kernels rotate) against the same
+    step by the library's operations, in bfloat16: the same greedy codes for
+    three requests joining at different steps."""
+    from wavecast.server.engines import fused
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import HiggsModel
+    from wavecast.server.engines.testing.higgs import build_tiny_higgs
+
+    tiny = build_tiny_higgs(dtype=torch.bfloat16, head_dim=32)
+    loaded = HiggsModel(tiny.model.to("cuda"), tiny.tokenizer, tiny.codec.to("cuda"), True)
+    results = []
+    for enabled in (True, False):
+        fused.ENABLED = enabled
+        try:
+            engine = HiggsEngine(loaded, name="tiny-higgs")
+        finally:
+            fused.ENABLED = False
+        assert (engine.decoder._fused is not None) == enabled
+        jobs = _speech_jobs(engine, 3, temperature=0.0, ras_win_len=0)
+        step_together(engine, jobs, (0, 4, 9))
+        results.append([engine.codes_of(job) for job in jobs])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

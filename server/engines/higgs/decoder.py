@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import fused
 from ..dense import Attend, Dense, Packing, pack, step_attention
 from ..kv import CacheRows, LayerMask, StaticKV
 from ..prefill import GroupAttention, packed, ragged
@@ -52,6 +53,20 @@ class _Path:
 
 
 PathOp = Callable[[_Path, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class _Fused:
+    """One layer's decode step as four fused kernels (``fused``): the audio
+    path's first norm, the query, key and value projection and the rotary
+    positions; the out projection and its residual sum; the second norm, the
+    gate and up projection and ``silu(gate) * up``; the down projection and its
+    residual sum."""
+
+    qkv: fused.PairProduct
+    out: fused.RowProduct
+    gate_up: fused.PairProduct
+    down: fused.RowProduct
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -166,6 +181,34 @@ class HiggsDecoder(CacheRows):
             dtype=self.dtype,
         )
         self._rope_table(self.kv.length)
+        # The decode steps' layers as fused kernels (``fused``: 16-bit on CUDA).
+        self._fused: list[_Fused] | None = None
+        self._fused_head: fused.RowProduct | None = None
+        if fused.available(self.device, self.dtype) and fused.PairProduct.suits(self.head_dim):
+            eps, rotated = self.eps, self.heads + self.kv_heads
+            self._fused = [
+                _Fused(
+                    qkv=fused.PairProduct(
+                        layer.qkv.weight,
+                        layer.qkv.bias,
+                        norm=fused.Norm.rms(layer.audio.norm1, eps),
+                        head_dim=self.head_dim,
+                        rotated=rotated,
+                    ),
+                    out=fused.RowProduct(layer.out.weight, layer.out.bias),
+                    gate_up=fused.PairProduct(
+                        layer.audio.gate_up.weight,
+                        layer.audio.gate_up.bias,
+                        norm=fused.Norm.rms(layer.audio.norm2, eps),
+                        glu=True,
+                    ),
+                    down=fused.RowProduct(layer.audio.down.weight, layer.audio.down.bias),
+                )
+                for layer in self.layers
+            ]
+            self._fused_head = fused.RowProduct(
+                self._head.weight, norm=fused.Norm.rms(self._final_norm, eps)
+            )
         self.packing = Packing(0, 0)
         # The step's attention: the library's until ``pack_weights`` (the row
         # kernel's, where it suits).
@@ -345,6 +388,8 @@ class HiggsDecoder(CacheRows):
         attend = self._attend
         if attend is None or torch.is_autocast_enabled("cpu"):
             attend = _grouped
+        if self._fused is not None and rows <= fused.FUSED_ROWS:
+            return self._fused_decode(x, active, positions, mask, write, attend, span)
         for i, layer in enumerate(self.layers):
             audio = layer.audio
             qkv = layer.qkv.rows(self._rms(x, audio.norm1)).view(rows, heads + 2 * kv_heads, 1, d)
@@ -361,6 +406,36 @@ class HiggsDecoder(CacheRows):
             x = x + self._feed_forward(audio, x)
         lengths += active.to(lengths.dtype)
         return self._logits(x)
+
+    def _fused_decode(
+        self,
+        x: torch.Tensor,
+        active: torch.Tensor,
+        positions: torch.Tensor,
+        mask: LayerMask,
+        write: Callable[[int, torch.Tensor], None],
+        attend: Attend,
+        span: int,
+    ) -> torch.Tensor:
+        """``decode``'s layers by the fused kernels (``_Fused``): the same
+        operations, the norms, rotations, activations and residual sums inside
+        the products."""
+        assert self._fused is not None and self._fused_head is not None
+        rows = int(x.shape[0])
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        cos, sin = self._cos[positions], self._sin[positions]  # [R, d]
+        attended_self = self.kv.layers(rows, span)
+        for i, layer in enumerate(self._fused):
+            qkv = layer.qkv(x, cos, sin).view(rows, heads + 2 * kv_heads, 1, d)
+            q = qkv[:, :heads]
+            write(i, qkv[:, heads:].view(rows, 2, kv_heads, 1, d))
+            keys, values = attended_self[i]
+            attended = attend(q, keys, values, mask.for_(q))
+            x = layer.out(attended.reshape(rows, heads * d), x)
+            x = layer.down(layer.gate_up(x), x)
+        self.lengths[:rows] += active.to(self.lengths.dtype)
+        logits = self._fused_head(x)
+        return logits.view(rows, self.codebooks, self.card)
 
     # -- internals ---------------------------------------------------------------------
 

@@ -164,7 +164,9 @@ def _token_config(tokenizer: PreTrainedTokenizerFast, codec_codebook: int) -> di
     }
 
 
-def build_tiny_higgs(*, quiet_eos: bool = True, dtype: torch.dtype | None = None) -> TinyHiggs:
+def build_tiny_higgs(
+    *, quiet_eos: bool = True, dtype: torch.dtype | None = None, head_dim: int = 16
+) -> TinyHiggs:
     """Build the tiny model (deterministic: the same weights every time).
 
     Args:
@@ -172,6 +174,8 @@ def build_tiny_higgs(*, quiet_eos: bool = True, dtype: torch.dtype | None = None
             random head ends most utterances within a second.
         dtype: The generator's format: float32's weights rounded to it (the
             rotary frequencies stay float32, as transformers loads them).
+        head_dim: Each attention head's width (32 or more for the fused decode
+            step's kernels on CUDA, ``fused``).
     """
     torch.manual_seed(_SEED)
     tokenizer = _byte_tokenizer()
@@ -183,7 +187,7 @@ def build_tiny_higgs(*, quiet_eos: bool = True, dtype: torch.dtype | None = None
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=8192,
         # Larger than the default 0.02, so that the context (text, voices, earlier
         # chunks) visibly steers what the random model generates.
