@@ -181,14 +181,7 @@ class RowProduct:
         dtype: torch.dtype | None = None,
         config: Config | None = None,
     ) -> None:
-        dtype = dtype or weight.dtype
-        if weight.dim() != 2 or dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError("a 16-bit product of a matrix")
-        weight = weight.detach().to(dtype)
-        if weight.stride(1) != 1:
-            weight = weight.contiguous()
-        self.weight = weight
-        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.weight, self.bias = weight, bias = _in_format(weight, bias, dtype)
         self.norm = norm
         self.gelu = gelu
         n, k = weight.shape
@@ -205,11 +198,8 @@ class RowProduct:
             self.count = torch.zeros(-(-n // c.block_n), dtype=torch.int32, device=weight.device)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        module = kernels()
-        assert module is not None, "Triton is not installed"
+        module, x = _ready(x)
         rows, k = x.shape
-        if x.stride(1) != 1:
-            x = x.contiguous()
         w, c = self.weight, self.config
         n = int(w.shape[0])
         dtype = w.dtype if residual is None else residual.dtype
@@ -218,29 +208,14 @@ class RowProduct:
         if c.split > 1 and block_m > _block_m(FUSED_ROWS):
             raise ValueError(f"a split product takes at most {FUSED_ROWS} rows")
         norm = self.norm
-        dummy: Any = w
-        launch = module.rows_product[(-(-n // c.block_n), c.split)]
-        launch(
+        _launch(
+            module.rows_product[(-(-n // c.block_n), c.split)],
             x,
             w,
-            dummy if self.bias is None else self.bias,
-            dummy if norm is None else norm.weight,
-            dummy if norm is None else norm.bias,
-            dummy if residual is None else residual,
-            out,
-            dummy if self.partial is None else self.partial,
-            dummy if self.count is None else self.count,
-            rows,
-            n,
-            k,
-            x.stride(0),
-            w.stride(0),
-            0 if residual is None else residual.stride(0),
-            out.stride(0),
-            n,
-            1e-5 if norm is None else norm.eps,
-            NORM=0 if norm is None else norm.kind,
-            BIAS=self.bias is not None,
+            self.bias,
+            norm,
+            [None if norm is None else norm.bias, residual, out, self.partial, self.count],
+            [rows, n, k, x.stride(0), w.stride(0), _stride(residual), out.stride(0), n],
             GELU=self.gelu,
             RESIDUAL=residual is not None,
             SPLIT=c.split,
@@ -251,6 +226,55 @@ class RowProduct:
             num_stages=c.stages,
         )
         return out
+
+
+def _in_format(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``weight`` (rows contiguous) and ``bias`` in ``dtype`` (16-bit; by default
+    the weight's), copied where they are not."""
+    dtype = dtype or weight.dtype
+    if weight.dim() != 2 or dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("a 16-bit product of a matrix")
+    weight = weight.detach().to(dtype)
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    return weight, None if bias is None else bias.detach().to(dtype)
+
+
+def _ready(x: torch.Tensor) -> tuple[ModuleType, torch.Tensor]:
+    """The kernels' module, and ``x`` with its rows contiguous."""
+    module = kernels()
+    assert module is not None, "Triton is not installed"
+    return module, x if x.stride(1) == 1 else x.contiguous()
+
+
+def _stride(x: torch.Tensor | None) -> int:
+    return 0 if x is None else x.stride(0)
+
+
+def _launch(
+    kernel: Any,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm: Norm | None,
+    pointers: list[torch.Tensor | None],
+    scalars: list[int],
+    **constants: Any,
+) -> None:
+    """``kernel(x, w, bias, norm's weight, *pointers, *scalars, eps, NORM, BIAS,
+    **constants)``; ``w`` where a pointer is None (the kernel does not read it)."""
+    given = [bias, None if norm is None else norm.weight, *pointers]
+    kernel(
+        x,
+        w,
+        *(w if p is None else p for p in given),
+        *scalars,
+        1e-5 if norm is None else norm.eps,
+        NORM=0 if norm is None else norm.kind,
+        BIAS=bias is not None,
+        **constants,
+    )
 
 
 class PairProduct:
@@ -270,24 +294,19 @@ class PairProduct:
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         *,
-        norm: Norm | None = None,
         glu: bool = False,
         head_dim: int = 0,
         rotated: int = 0,
+        norm: Norm | None = None,
         dtype: torch.dtype | None = None,
         config: Config | None = None,
     ) -> None:
-        dtype = dtype or weight.dtype
-        if weight.dim() != 2 or dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError("a 16-bit product of a matrix")
         n = int(weight.shape[0])
         if glu and n % 2:
             raise ValueError("a gate and up projection has an even number of rows")
         if not glu and (not self.suits(head_dim) or n % head_dim):
             raise ValueError("heads of a multiple of 32, filling the rows")
-        weight = weight.detach().to(dtype)
-        self.weight = weight if weight.stride(1) == 1 else weight.contiguous()
-        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.weight, self.bias = _in_format(weight, bias, dtype)
         self.norm = norm
         self.glu = glu
         self.head_dim = head_dim
@@ -305,11 +324,8 @@ class PairProduct:
     def __call__(
         self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
     ) -> torch.Tensor:
-        module = kernels()
-        assert module is not None, "Triton is not installed"
+        module, x = _ready(x)
         rows, k = x.shape
-        if x.stride(1) != 1:
-            x = x.contiguous()
         w = self.weight
         n = int(w.shape[0])
         out = torch.empty(rows, n // 2 if self.glu else n, dtype=w.dtype, device=x.device)
@@ -318,27 +334,14 @@ class PairProduct:
         else:
             pair, programs = self.head_dim // 2, n // self.head_dim
             assert cos is not None and sin is not None and cos.stride() == sin.stride()
-        norm = self.norm
-        dummy: Any = w
-        module.rows_pair_product[(programs,)](
+        _launch(
+            module.rows_pair_product[(programs,)],
             x,
             w,
-            dummy if self.bias is None else self.bias,
-            dummy if norm is None else norm.weight,
-            dummy if cos is None else cos,
-            dummy if sin is None else sin,
-            out,
-            rows,
-            k,
-            pair,
-            self.rotated,
-            x.stride(0),
-            w.stride(0),
-            0 if cos is None else cos.stride(0),
-            out.stride(0),
-            1e-5 if norm is None else norm.eps,
-            NORM=0 if norm is None else norm.kind,
-            BIAS=self.bias is not None,
+            self.bias,
+            self.norm,
+            [cos, sin, out],
+            [rows, k, pair, self.rotated, x.stride(0), w.stride(0), _stride(cos), out.stride(0)],
             GLU=self.glu,
             BLOCK_M=_block_m(rows),
             BLOCK_N=self.block_n,
