@@ -39,7 +39,7 @@ from bench_stream import baseline, freeze_heap, machine, speech_text, sync
 
 from wavecast.protocol import ParamValue, resolve_params
 from wavecast.server.config import DTYPES
-from wavecast.server.engines import fused, is_higgs_name, resolve_device
+from wavecast.server.engines import codec_incremental, fused, is_higgs_name, resolve_device
 from wavecast.server.engines.base import Engine, EngineRequest
 from wavecast.server.engines.precision import model_dtype
 from wavecast.server.scheduler import keep_freed_memory
@@ -356,8 +356,15 @@ def main() -> None:
         "positions, activations and residual sums as fused kernels (server.engines.fused; "
         "off by default)",
     )
+    parser.add_argument(
+        "--codec-graphs",
+        action="store_true",
+        help="with --cuda-graphs: the codec's steady calls recorded as CUDA graphs too "
+        "(codec_incremental.RECORD_CALLS; off by default)",
+    )
     args = parser.parse_args()
     fused.ENABLED = args.fused_products
+    codec_incremental.RECORD_CALLS = args.codec_graphs
     threads = set_up(args.threads)
     device = resolve_device(args.device)
     began = time.perf_counter()
@@ -401,7 +408,9 @@ def main() -> None:
     if device.startswith("cuda"):
         fusing = getattr(engine.decoder, "_fused", None) is not None
         print(f"- products fused with their norms and sums (Triton): {'yes' if fusing else 'no'}")
-    if device.startswith("cuda"):
+        inc = getattr(streams, "incremental", None)
+        recording = inc is not None and inc._recorded is not None
+        print(f"- codec calls recorded as CUDA graphs: {'yes' if recording else 'no'}")
         print(f"- GPU memory after warm-up: {resident:.2f} GiB")
     print()
     memory = " GPU memory (peak) |" if device.startswith("cuda") else ""

@@ -32,14 +32,26 @@ same audio to float rounding.
 Layers it does not know (reflect padding, group normalisation, strides in a
 plain convolution …) make ``incremental`` return None: the engine then decodes
 windows instead (``codec_stream.StreamDecoder``).
+
+On a GPU a call of a few frames is its hundreds of small kernels' launches (an
+H200: 2.2 ms for musicgen-small's EnCodec, 5.6 ms for the 3B speech model's
+DAC, a call of eight frames for one stream). ``record_calls`` records a steady
+call of each shape (the streams' states' shapes, the number of streams and of
+frames) as a CUDA graph, with the streams' states in buffers of its own that
+each replay reads and writes over, so a crowd's steady calls launch once each
+and copy nothing; the first calls of a stream (its start-up samples) and its
+last stay eager. Off until measured on a GPU (``RECORD_CALLS``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +60,7 @@ from torch import nn
 from . import rowkernel
 
 __all__ = [
+    "RECORD_CALLS",
     "CodecState",
     "Forms",
     "IncrementalCodec",
@@ -56,6 +69,13 @@ __all__ = [
     "incremental",
     "steady_decode",
 ]
+
+log = logging.getLogger(__name__)
+
+# Engines whose steps are CUDA graphs record their codec's steady calls too
+# (``IncrementalCodec.record_calls``): off until measured on a GPU (the
+# benchmarks' ``--codec-graphs``).
+RECORD_CALLS = False
 
 _Tensors = tuple[torch.Tensor, ...]
 
@@ -609,7 +629,7 @@ def _chain(module: nn.Module) -> _Op:
 # -- decoding ----------------------------------------------------------------------
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class _Stack:
     """The layers' states of the streams last decoded together: each layer's
     tensors hold them one after another along its batch dimension (``rows``
@@ -756,6 +776,26 @@ class IncrementalCodec:
         # Frames a sample's audio waits for after its own (rounded up).
         self.lookahead = math.ceil(root.lookahead - 1e-9)
         self._fresh: dict[tuple[torch.dtype, torch.device], _Stack] = {}
+        # Steady calls as recorded graphs (``record_calls``), by shape.
+        self._recorded: dict[tuple[object, ...], _Recorded | None] | None = None
+        self._record = False
+        self._pool: Any = None
+
+    def record_calls(self, record: bool = True) -> None:
+        """Decode the calls of streams under way (every layer's start-up samples
+        dropped) by one recorded call per shape (``_Recorded``: the states' key,
+        the streams, the frames): on CUDA a CUDA graph (``record``), whose
+        hundreds of kernels then launch as one; otherwise (or with ``record``
+        False) the same buffers, run eagerly, so the plumbing runs on any
+        machine. The first and the last calls of a stream stay eager."""
+        self._recorded = {}
+        self._record = record and self.device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if self._record else None
+
+    @property
+    def recorded(self) -> int:
+        """Shapes recorded (or set up, eagerly) so far."""
+        return 0 if self._recorded is None else len(self._recorded)
 
     def start(self, like: torch.Tensor) -> CodecState:
         """The state of a new stream (``like``: a tensor of the decoder's dtype and device).
@@ -781,6 +821,11 @@ class IncrementalCodec:
         the streams end there and ``m`` covers every sample still owed."""
         if len(states) != codes.shape[0] or len({s.stack.key for s in states}) > 1:
             raise ValueError("decode() takes one state per row, all of one key")
+        key = states[0].stack.key
+        if self._recorded is not None and not final and _steady(key):
+            replayed = self._replayed(codes, states, key)
+            if replayed is not None:
+                return replayed
         batched = self._gather(states)
         x = self._embed(codes.to(self.device, non_blocking=True))
         y = self._root.run(x, batched, final)
@@ -868,6 +913,50 @@ class IncrementalCodec:
             if isinstance(op, _Formed):
                 op.one = op.many = DIRECT
 
+    def _replayed(
+        self, codes: torch.Tensor, states: Sequence[CodecState], key: tuple[object, ...]
+    ) -> torch.Tensor | None:
+        """``decode`` of steady streams by the recorded call of their shape; None
+        where a call of that shape changes the states' shapes (it cannot write
+        them over the old ones: such calls stay eager).
+
+        The recording keeps its streams' layer states in its own buffers, and
+        writes the new ones over them: the stack of the streams it last decoded
+        is those buffers. A call of the same streams in the same order (a
+        crowd's steady calls) reads them as they are; any other call first
+        gives the streams still on those buffers a copy of their own (``_evict``)
+        and copies its streams' states in."""
+        assert self._recorded is not None
+        count, frames = len(states), int(codes.shape[-1])
+        shape = (key, count, frames)
+        codes = codes.to(self.device, non_blocking=True)
+        fresh = shape not in self._recorded
+        if fresh:  # (the buffers then hold the streams' states: no copy)
+            pool = self._pool if self._record else None
+            self._recorded[shape] = _Recorded.make(self, codes, self._gather(states), key, pool)
+        recorded = self._recorded[shape]
+        if recorded is None:
+            return None
+        if not fresh:
+            stack = states[0].stack
+            owner = None if recorded.owner is None else recorded.owner()
+            same = owner is stack and stack.streams == count
+            if not (same and all(s.stack is stack and s.row == i for i, s in enumerate(states))):
+                recorded.evict()
+                sources = _flat(self._gather(states))
+                torch._foreach_copy_(_flat(recorded.inputs), sources)
+        recorded.codes.copy_(codes, non_blocking=True)
+        y = recorded.replay()
+        stack = _Stack(
+            [None if slot is None else _Slot(slot.tensors, 0) for slot in recorded.inputs],
+            count,
+            key,
+        )
+        recorded.owner = weakref.ref(stack)
+        for row, state in enumerate(states):
+            state.stack, state.row = stack, row
+        return y.reshape(count, self.rows * y.shape[1], y.shape[-1])
+
     def _gather(self, states: Sequence[CodecState]) -> list[_Slot | None]:
         """The states' layer states stacked in their order (new ``_Slot`` objects:
         the layers replace their tensors, and a call that fails leaves the
@@ -903,6 +992,102 @@ class IncrementalCodec:
                 tensors.append(torch.cat(parts, op.batch_dim))
             gathered.append(_Slot(tuple(tensors), slot.skip))
         return gathered
+
+
+def _steady(key: tuple[object, ...]) -> bool:
+    """Whether states of ``key`` have every layer's start-up samples dropped."""
+    return all(part is None or part[0] == 0 for part in key)  # type: ignore[index]
+
+
+def _flat(slots: Sequence[_Slot | None]) -> list[torch.Tensor]:
+    return [t for slot in slots if slot is not None for t in slot.tensors]
+
+
+@dataclass(slots=True, eq=False)
+class _Recorded:
+    """A steady call of one shape, recorded: its codes and the layers' states in
+    buffers of its own, the new states written over them at the end of the
+    call, the audio in a tensor of the recording's (``graph``: a CUDA graph;
+    None: run eagerly on the same buffers). ``owner``: the stack whose states
+    the buffers hold now."""
+
+    codec: IncrementalCodec
+    codes: torch.Tensor
+    inputs: list[_Slot | None]
+    graph: Any = None
+    audio: torch.Tensor | None = None
+    owner: weakref.ref[_Stack] | None = None
+
+    @classmethod
+    def make(
+        cls,
+        codec: IncrementalCodec,
+        codes: torch.Tensor,
+        gathered: list[_Slot | None],
+        key: tuple[object, ...],
+        pool: Any,
+    ) -> _Recorded | None:
+        """Buffers holding ``codes`` and the ``gathered`` states (of ``key``);
+        recorded as a CUDA graph into ``pool`` where one is given. First a call
+        that writes nothing of the buffers (on CUDA two, on a side stream, as
+        a recording asks): None where its new states are not of ``key``."""
+        inputs = [
+            None if slot is None else _Slot(tuple(t.clone() for t in slot.tensors), 0)
+            for slot in gathered
+        ]
+        made = cls(codec, codes.clone(), inputs)
+        if pool is None:
+            _, state = made.call(write=False)
+            return made if _key(codec._ops, state) == key else None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                _, state = made.call(write=False)
+        torch.cuda.current_stream().wait_stream(side)
+        if _key(codec._ops, state) != key:
+            return None
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                made.audio, _ = made.call(write=True)
+        except RuntimeError:  # (a layer that cannot be recorded: the call stays eager)
+            log.warning("a codec call of shape %s could not be recorded", key, exc_info=True)
+            return None
+        made.graph = graph
+        return made
+
+    def call(self, *, write: bool) -> tuple[torch.Tensor, list[_Slot | None]]:
+        """The call on the buffers, its audio and new states; with ``write``,
+        those written over the buffers."""
+        state = [None if slot is None else _Slot(slot.tensors, 0) for slot in self.inputs]
+        y = self.codec._root.run(self.codec._embed(self.codes), state, False)
+        if write:
+            new, old = _flat(state), _flat(self.inputs)
+            held = {t.untyped_storage().data_ptr() for t in old}
+            # (a new state that is a view of the old ones is copied first)
+            new = [t.clone() if t.untyped_storage().data_ptr() in held else t for t in new]
+            torch._foreach_copy_(old, new)
+        return y, state
+
+    def replay(self) -> torch.Tensor:
+        """The call's audio (a tensor of the caller's own)."""
+        if self.graph is None:
+            return self.call(write=True)[0]
+        self.graph.replay()
+        assert self.audio is not None
+        return self.audio.clone()
+
+    def evict(self) -> None:
+        """Give the streams whose states the buffers hold (where any still does)
+        a copy of their own, before the buffers take other streams'."""
+        owner = None if self.owner is None else self.owner()
+        if owner is not None:
+            owner.slots = [
+                None if slot is None else _Slot(tuple(t.clone() for t in slot.tensors), 0)
+                for slot in owner.slots
+            ]
+        self.owner = None
 
 
 def incremental(codec: nn.Module) -> IncrementalCodec | None:

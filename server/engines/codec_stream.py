@@ -53,6 +53,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from . import codec_incremental
 from .base import FloatAudio, StepOutput, step_error
 from .codec_incremental import CodecState, IncrementalCodec, checked, incremental, steady_decode
 
@@ -792,6 +793,15 @@ class CodecStreams:
             self.incremental = None
         mode = "windows" if self.incremental is None else "incremental"
         log.info("%s: codec decoding: %s", name, mode)
+
+    def record_calls(self, record: bool) -> None:
+        """The incremental decoder's steady calls as CUDA graphs, one per shape
+        (``IncrementalCodec.record_calls``; ``record``: the engine's steps are
+        recorded, on CUDA), where ``codec_incremental.RECORD_CALLS`` asks (off
+        until measured on a GPU)."""
+        if record and codec_incremental.RECORD_CALLS and self.incremental is not None:
+            self.incremental.record_calls()
+            log.info("%s: the codec's steady calls recorded as CUDA graphs", self.name)
 
     def _strays(self, inc: IncrementalCodec, what: str, instead: str) -> bool:
         """Whether ``inc`` strays from the one-shot decode by more than float

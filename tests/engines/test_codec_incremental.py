@@ -275,6 +275,57 @@ def test_streams_regrouped_from_call_to_call_decode_as_each_alone(
     assert len({s.stack.key for s in together}) == 1
 
 
+def test_recorded_calls_decode_as_the_calls_themselves(
+    codec: tuple[IncrementalCodec, Decode, int],
+) -> None:
+    """``record_calls`` (on CUDA, a steady call of each shape recorded as a CUDA
+    graph; here its buffers run eagerly): streams in changing company (the same
+    ones again, reordered, split, regrouped, frames of another size, their
+    end) get the audio of the decoder's own calls, bit for bit. A call of the
+    streams the last one of its shape decoded, in order, takes the states
+    where the recording left them; a call of others first gives the streams
+    still there a copy of their own (the pairs of steps 6 to 8)."""
+    inc, _, k = codec
+    recorded = IncrementalCodec(inc._root, inc._embed, hop=inc.hop, rows=inc.rows)
+    recorded.record_calls(record=False)
+    like = torch.zeros(())
+    plain = [inc.start(like) for _ in range(5)]
+    ours = [recorded.start(like) for _ in range(5)]
+    codes = _codes(5, k, 400, seed=11)
+    at = [0] * 5
+    every = [0, 1, 2, 3, 4]
+    calls = [
+        (inc.lookahead + 2, [every]),
+        (3, [every]),
+        (3, [every]),
+        (3, [every]),
+        (3, [[4, 3, 2, 1, 0]]),
+        (4, [[0, 2], [1, 3, 4]]),
+        (4, [[1, 3], [0, 2, 4]]),
+        (4, [[0, 2]]),
+        (3, [[1, 0], [3], [2, 4]]),
+        (3, [every]),
+        (3, [every]),
+    ]
+    for step, (n, groups) in enumerate(calls):
+        final = step == len(calls) - 1
+        for group in groups:
+            piece = torch.cat([codes[i : i + 1, :, at[i] : at[i] + n] for i in group])
+            want = inc.decode(piece, [plain[i] for i in group], final=final)
+            got = recorded.decode(piece, [ours[i] for i in group], final=final)
+            assert torch.equal(got, want), (step, group)
+            for i in group:
+                at[i] += n
+        if step == 3:  # the same streams as the call before, of the same shape
+            assert recorded._recorded is not None
+            entry = recorded._recorded[(ours[0].key, 5, n)]
+            assert entry is not None
+            held = [s for s in entry.inputs if s is not None]
+            own = [s for s in ours[0].stack.slots if s is not None]
+            assert all(a.tensors[0] is b.tensors[0] for a, b in zip(held, own, strict=True))
+    assert recorded.recorded >= 4
+
+
 def test_a_call_that_fails_leaves_the_streams_states_as_they_were(
     codec: tuple[IncrementalCodec, Decode, int],
 ) -> None:
@@ -518,6 +569,30 @@ def test_streams_that_start_apart_decode_their_chunks_together(model: str) -> No
     together = sum(1 for rows in calls if rows > 1)
     assert together >= (len(calls) - firsts_and_tails) // 2, calls
     _each_the_one_shot_decode(engine, model, jobs, audio)
+
+
+@pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])
+def test_an_engine_whose_codec_calls_are_recorded_streams_the_same_audio(model: str) -> None:
+    """An engine's codec with its steady calls recorded (``record_calls``; here
+    eagerly, on the recordings' buffers) in a crowd joining apart, some of its
+    streams cancelled: every chunk the same as the plain codec's, bit for bit,
+    and each stream's audio its one-shot decode."""
+    from wavecast.server.engines import load_engines
+
+    chunks = []
+    for record in (False, True):
+        engine: Any = load_engines([model], "cpu", max_chunk_frames=10, codec_batch=8)[model]
+        inc = engine.codec_streams.incremental
+        if record:
+            inc.record_calls(record=False)
+        jobs = _crowd(engine, model, 5, frames=120)
+        audio = step_together(engine, jobs, joins=[0, 0, 3, 7, 10], cancel_at=40, cancel=1)
+        chunks.append([np.concatenate(audio[job.request.request_id]) for job in jobs])
+        if record:
+            assert inc.recorded >= 2
+            _each_the_one_shot_decode(engine, model, jobs[1:], audio)
+    for plain, recorded in zip(*chunks, strict=True):
+        assert np.array_equal(plain, recorded)
 
 
 @pytest.mark.parametrize("model", ["tiny-musicgen", "tiny-higgs"])

@@ -188,3 +188,29 @@ def _music_jobs(engine: Any, prompts: list[str], **given: Any) -> list[Any]:
         params = resolve_params(engine.info.params, spec)
         jobs.append(engine.prepare(EngineRequest(f"r{i}", prompt, params)))
     return jobs
+
+
+def test_recorded_codec_calls_stream_the_one_shot_decode() -> None:
+    """The codec's steady calls recorded as CUDA graphs (``RECORD_CALLS``, with
+    the steps' graphs): a crowd of three joining apart streams audio equal to
+    the one-shot decode of its codes, and the calls were replayed graphs."""
+    from wavecast.server.engines import codec_incremental
+
+    model = build_tiny_musicgen(device="cuda")
+    codec_incremental.RECORD_CALLS = True
+    try:
+        engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True, cuda_graphs=True)
+    finally:
+        codec_incremental.RECORD_CALLS = False
+    inc = engine.codec_streams.incremental
+    assert inc is not None
+    jobs = _music_jobs(engine, ["rock", "jazz", "ambient pads"], duration=3.0)
+    audio = step_together(engine, jobs, (0, 4, 9))
+    assert inc._recorded is not None
+    assert any(r is not None and r.graph is not None for r in inc._recorded.values())
+    for job in jobs:
+        streamed = np.concatenate(audio[job.request.request_id])
+        codes = engine.codes_of(job).cuda()
+        whole = model.compression_model.decode(codes, None)[0].transpose(0, 1).float().cpu()
+        assert streamed.shape == tuple(whole.shape)
+        assert np.abs(streamed - whole.numpy()).max() <= 1e-3

@@ -269,3 +269,31 @@ def test_fused_speech_steps_give_the_library_steps_codes() -> None:
         results.append([engine.codes_of(job) for job in jobs])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_recorded_speech_codec_calls_stream_the_one_shot_decode() -> None:
+    """The speech codec's steady calls recorded as CUDA graphs (``RECORD_CALLS``):
+    a crowd of three joining apart streams audio equal to the one-shot decode
+    of its codes, and the calls were replayed graphs."""
+    from wavecast.server.engines import codec_incremental
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
+
+    loaded = load_higgs("tiny-higgs", None, "cuda")
+    codec_incremental.RECORD_CALLS = True
+    try:
+        engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=True)
+    finally:
+        codec_incremental.RECORD_CALLS = False
+    inc = engine.codec_streams.incremental
+    assert inc is not None
+    jobs = _speech_jobs(engine, 3, max_new_tokens=60)
+    audio = step_together(engine, jobs, (0, 4, 9))
+    assert inc._recorded is not None
+    assert any(r is not None and r.graph is not None for r in inc._recorded.values())
+    for job in jobs:
+        streamed = np.concatenate(audio[job.request.request_id])[:, 0]
+        with torch.no_grad():
+            whole = engine.codec.decode(engine.codes_of(job)).audio_values[0, 0].float().cpu()
+        assert streamed.shape == tuple(whole.shape)
+        assert np.abs(streamed - whole.numpy()).max() <= 1e-4

@@ -282,6 +282,7 @@ class HiggsEngine:
                 windows=codec_windows,
             )
         self.codec_streams.cadence.rows = codec_batch
+        self.codec_streams.record_calls(cuda_graphs and self.device.type == "cuda")
         # Tests: called with each sampled request's raw logits [K, card], by id.
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         self.max_duration = float(max_duration)

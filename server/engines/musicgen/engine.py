@@ -240,6 +240,7 @@ class MusicGenEngine:
         if cuda_graphs:
             record = self.device.type == "cuda"
             self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
+            self.codec_streams.record_calls(record)
         self._slots: SlotTable[_MusicGenJob] = SlotTable(self._grow)
         self._due: Due = []
         # Streams' ends due this step: in the same calls' kind, but timed as the
