@@ -60,6 +60,7 @@ from torch import nn
 from . import rowkernel
 
 __all__ = [
+    "MOST_RECORDED",
     "RECORD_CALLS",
     "CodecState",
     "Forms",
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 # (``IncrementalCodec.record_calls``): off until measured on a GPU (the
 # benchmarks' ``--codec-graphs``).
 RECORD_CALLS = False
+# Recorded shapes kept (each holds its streams' states: the 3B speech model's
+# DAC 0.54 MB a stream, musicgen-small's EnCodec 0.06 MB).
+MOST_RECORDED = 32
 
 _Tensors = tuple[torch.Tensor, ...]
 
@@ -924,8 +928,10 @@ class IncrementalCodec:
         writes the new ones over them: the stack of the streams it last decoded
         is those buffers. A call of the same streams in the same order (a
         crowd's steady calls) reads them as they are; any other call first
-        gives the streams still on those buffers a copy of their own (``_evict``)
-        and copies its streams' states in."""
+        gives the streams still on those buffers a copy of their own
+        (``_Recorded.evict``) and copies its streams' states in. The
+        ``MOST_RECORDED`` shapes used last are kept (a stream on the buffers of
+        one dropped keeps them)."""
         assert self._recorded is not None
         count, frames = len(states), int(codes.shape[-1])
         shape = (key, count, frames)
@@ -933,8 +939,12 @@ class IncrementalCodec:
         fresh = shape not in self._recorded
         if fresh:  # (the buffers then hold the streams' states: no copy)
             pool = self._pool if self._record else None
-            self._recorded[shape] = _Recorded.make(self, codes, self._gather(states), key, pool)
-        recorded = self._recorded[shape]
+            made = _Recorded.make(self, codes, self._gather(states), key, pool)
+            while len(self._recorded) >= MOST_RECORDED:
+                del self._recorded[next(iter(self._recorded))]
+            self._recorded[shape] = made
+        recorded = self._recorded.pop(shape)
+        self._recorded[shape] = recorded  # (the last used, last)
         if recorded is None:
             return None
         if not fresh:
