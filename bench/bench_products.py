@@ -94,7 +94,7 @@ def measure(p: Product, rows: int, device: torch.device, dtype: torch.dtype) -> 
     ln = torch.nn.LayerNorm(p.k, device=device)
     ln.weight.normal_()
     ln.bias.normal_()
-    norm = fused.Norm.of(ln) if p.norm else None
+    norm = fused.Norm.of(ln, ln.weight.device) if p.norm else None
     x = torch.randn(rows, p.k, device=device).to(dtype)
     residual = torch.randn(rows, p.n, device=device).to(dtype) if p.residual else None
 

@@ -104,9 +104,8 @@ class Norm:
     kind: int = LAYER_NORM
 
     @classmethod
-    def of(cls, module: torch.nn.LayerNorm) -> Norm:
+    def of(cls, module: torch.nn.LayerNorm, device: torch.device) -> Norm:
         (size,) = module.normalized_shape
-        device = module.weight.device if module.weight is not None else None
         weight = torch.ones(size, device=device) if module.weight is None else module.weight
         bias = torch.zeros(size, device=device) if module.bias is None else module.bias
         return cls(weight.detach().float(), bias.detach().float(), float(module.eps))

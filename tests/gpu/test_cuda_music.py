@@ -132,7 +132,7 @@ def test_a_fused_product_is_the_library_operations_and_each_row_its_own() -> Non
     with torch.no_grad():
         ln.weight.normal_()
         ln.bias.normal_()
-        norm = fused.Norm.of(ln)
+        norm = fused.Norm.of(ln, ln.weight.device)
         product = fused.RowProduct(weight, norm=norm, gelu=True)
         assert product.config.split == 1
         got = product(x, residual)

@@ -150,18 +150,19 @@ class _Fused:
         if (layer.scale1, layer.scale2, layer.scale_cross) != (None, None, None):
             return None
         gelu = layer.activation is F.gelu
+        device = layer.qkv.weight.device
 
         def of(dense: Dense, **options: Any) -> fused.RowProduct:
             return fused.RowProduct(dense.weight, dense.bias, dtype=dtype, **options)
 
         q = cross_out = None
         if layer.q is not None and layer.cross_out is not None:
-            q = of(layer.q, norm=fused.Norm.of(modules.norm_cross))
+            q = of(layer.q, norm=fused.Norm.of(modules.norm_cross, device))
             cross_out = of(layer.cross_out)
         return cls(
-            qkv=of(layer.qkv, norm=fused.Norm.of(modules.norm1)),
+            qkv=of(layer.qkv, norm=fused.Norm.of(modules.norm1, device)),
             out=of(layer.out),
-            ff1=of(layer.ff1, norm=fused.Norm.of(modules.norm2), gelu=gelu),
+            ff1=of(layer.ff1, norm=fused.Norm.of(modules.norm2, device), gelu=gelu),
             ff2=of(layer.ff2),
             q=q,
             cross_out=cross_out,
@@ -244,7 +245,7 @@ class MusicGenDecoder(CacheRows):
                 self._fused_head = fused.RowProduct(
                     self._head.weight,
                     self._head.bias,
-                    norm=None if out_norm is None else fused.Norm.of(out_norm),
+                    norm=None if out_norm is None else fused.Norm.of(out_norm, device),
                     dtype=dtype,
                 )
         self._pos_scale = float(transformer.positional_scale)
