@@ -389,7 +389,7 @@ class HiggsDecoder(CacheRows):
         if attend is None or torch.is_autocast_enabled("cpu"):
             attend = _grouped
         if self._fused is not None and rows <= fused.FUSED_ROWS:
-            return self._fused_decode(x, active, positions, mask, write, attend, span)
+            return self._fused_decode(x, active, positions, mask, write, attend, attended_self)
         for i, layer in enumerate(self.layers):
             audio = layer.audio
             qkv = layer.qkv.rows(self._rms(x, audio.norm1)).view(rows, heads + 2 * kv_heads, 1, d)
@@ -415,16 +415,15 @@ class HiggsDecoder(CacheRows):
         mask: LayerMask,
         write: Callable[[int, torch.Tensor], None],
         attend: Attend,
-        span: int,
+        attended_self: Sequence[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """``decode``'s layers by the fused kernels (``_Fused``): the same
         operations, the norms, rotations, activations and residual sums inside
-        the products."""
+        the products (``attended_self``: each layer's keys and values)."""
         assert self._fused is not None and self._fused_head is not None
         rows = int(x.shape[0])
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         cos, sin = self._cos[positions], self._sin[positions]  # [R, d]
-        attended_self = self.kv.layers(rows, span)
         for i, layer in enumerate(self._fused):
             qkv = layer.qkv(x, cos, sin).view(rows, heads + 2 * kv_heads, 1, d)
             q = qkv[:, :heads]

@@ -511,7 +511,8 @@ class MusicGenDecoder(CacheRows):
         if attend is None or torch.is_autocast_enabled("cpu"):
             attend = F.scaled_dot_product_attention
         if self._fused is not None and rows <= fused.FUSED_ROWS:
-            return self._fused_decode(x, active, self_mask, write, attend, span)
+            views = (attended_self, attended_cross)
+            return self._fused_decode(x, active, self_mask, write, attend, views)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv.rows(layer.norm1(x)).view(rows, 3, *heads[1:])
             q = qkv[:, 0]
@@ -548,15 +549,15 @@ class MusicGenDecoder(CacheRows):
         self_mask: LayerMask,
         write: Callable[[int, torch.Tensor], None],
         attend: Attend,
-        span: int,
+        views: tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], ...],
     ) -> torch.Tensor:
         """``decode``'s layers by the fused products (``_Fused``): the same
-        operations, the norms, activations and residual sums inside them."""
+        operations, the norms, activations and residual sums inside them
+        (``views``: each layer's keys and values, its own and its conditions')."""
         assert self._fused is not None and self._fused_head is not None
         rows = int(x.shape[0])
         heads = (rows, self.heads, 1, self.head_dim)
-        attended_self = self.kv.layers(rows, span)
-        attended_cross = self.cross.layers(rows)
+        attended_self, attended_cross = views
         cross_mask: torch.Tensor | None = None
         for i, layer in enumerate(self._fused):
             qkv = layer.qkv(x).view(rows, 3, *heads[1:])
