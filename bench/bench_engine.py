@@ -461,6 +461,11 @@ def main() -> None:
             f"\nCUDA graphs recorded in all: {graphs.recorded}; every graph dropped "
             f"{graphs.dropped} times (the cache grew)"
         )
+    inc = getattr(streams, "incremental", None)
+    if inc is not None and inc._recorded is not None:
+        shapes = inc._recorded.values()
+        graphed = sum(1 for r in shapes if r is not None and r.graph is not None)
+        print(f"codec calls' shapes recorded: {graphed} of {inc.recorded} kept")
 
 
 if __name__ == "__main__":
