@@ -43,7 +43,18 @@ def _statistics(
 
 
 @triton.jit
-def _inputs(x_rows, row_ok, ks, k_ok, mean, rstd, gamma_ptr, beta_ptr, half, NORM: tl.constexpr):
+def _inputs(
+    x_rows,
+    row_ok,
+    ks,
+    k_ok,
+    mean,
+    rstd,
+    gamma_ptr,
+    beta_ptr,
+    half: tl.constexpr,
+    NORM: tl.constexpr,
+):
     """The inputs ``ks`` of every row, normed, in the product's format ``half``."""
     x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
     if NORM == 1:
@@ -180,13 +191,13 @@ def rows_product(
 
 
 @triton.jit
-def _times(a, b, half):
+def _times(a, b, half: tl.constexpr):
     """``a * b`` of two values in ``half``, rounded to it (as a 16-bit product)."""
     return (a.to(tl.float32) * b.to(tl.float32)).to(half)
 
 
 @triton.jit
-def _plus(a, b, half):
+def _plus(a, b, half: tl.constexpr):
     return (a.to(tl.float32) + b.to(tl.float32)).to(half)
 
 
@@ -234,9 +245,10 @@ def rows_pair_product(
     rows = tl.arange(0, BLOCK_M)
     if GLU:
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < pair
     else:
         cols = pid * 2 * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < pair if GLU else cols >= 0
+        col_ok = cols >= 0
     row_ok = rows < M
     half = w_ptr.dtype.element_ty
     x_rows = x_ptr + rows[:, None] * stride_x
