@@ -172,8 +172,10 @@ def rows_product(
     else:
         place = rows[:, None] * stride_p + cols[None, :]
         tl.store(partial_ptr + part * BLOCK_M * stride_p + place, acc, mask=col_ok[None, :])
-        # (acq_rel: the part stored before the count, the count read before the parts)
-        ticket = tl.atomic_add(count_ptr + pid, 1)
+        # Every thread's part stored before the count (a barrier, then the
+        # atomic's release), the count read before the parts (its acquire).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT - 1:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for p in range(SPLIT):
