@@ -255,7 +255,8 @@ def test_fused_speech_steps_give_the_library_steps_codes() -> None:
     from wavecast.server.engines.testing.higgs import build_tiny_higgs
 
     tiny = build_tiny_higgs(dtype=torch.bfloat16, head_dim=32)
-    loaded = HiggsModel(tiny.model.to("cuda"), tiny.tokenizer, tiny.codec.to("cuda"), True)
+    model, codec = tiny.model.to("cuda").eval(), tiny.codec.to("cuda").eval()
+    loaded = HiggsModel(model, tiny.tokenizer, codec, True)
     results = []
     for enabled in (True, False):
         fused.ENABLED = enabled
