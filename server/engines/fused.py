@@ -305,6 +305,8 @@ class PairProduct:
             raise ValueError("a gate and up projection has an even number of rows")
         if not glu and (not self.suits(head_dim) or n % head_dim):
             raise ValueError("heads of a multiple of 32, filling the rows")
+        if norm is not None and norm.kind != RMS_NORM:
+            raise ValueError("a pair of products takes the RMS norm (Norm.rms)")
         self.weight, self.bias = _in_format(weight, bias, dtype)
         self.norm = norm
         self.glu = glu
