@@ -27,9 +27,9 @@ MusicGen's layer norms, as the speech model rounds its own), the product summed
 in float32 and rounded once with its bias, every operation after it rounding
 once more, as the separate 16-bit operations do (in Triton's interpreter on a
 CPU, which sums as the library does, the speech step's logits and cache equal
-the library step's bit for bit). Each row's result is the same whatever the
-other rows of the call: a program sums every row in the same order, and the
-rows are only padded to ``BLOCK_M``.
+the library step's bit for bit: ``scripts/fused-on-cpu``). Each row's result is
+the same whatever the other rows of the call: a program sums every row in the
+same order, and the rows are only padded to ``BLOCK_M``.
 
 For 16-bit models on CUDA where Triton is installed (it comes with PyTorch's
 CUDA builds), for steps of up to ``FUSED_ROWS`` rows; more rows, a CPU, float32

@@ -1,0 +1,142 @@
+"""The fused kernels (``server/engines/fused.py``) checked on a CPU, by Triton's
+interpreter (``scripts/fused-on-cpu`` sets it up): each decode step by the fused
+kernels against the same step by the library's operations, on the tiny models
+in 16 bits, and the split products call after call.
+
+The interpreter sums a tile's products as NumPy does, and so does the library
+on a CPU: the speech step (bfloat16, its own roundings) gives the library
+step's logits and key/value cache bit for bit. MusicGen's step under float16
+autocast is compared within float16's rounding (the library's layer norm and
+GELU are not NumPy's), and by its greedy codes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import T5Config, T5EncoderModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from helpers import voiced_prompt
+
+from wavecast.server.engines import fused
+from wavecast.server.engines.higgs.decoder import HiggsDecoder
+from wavecast.server.engines.higgs.engine import HiggsEngine
+from wavecast.server.engines.higgs.loading import HiggsModel
+from wavecast.server.engines.musicgen.decoder import MusicGenDecoder
+from wavecast.server.engines.musicgen.loading import lm_from_cfg
+from wavecast.server.engines.testing import musicgen as tiny_music
+from wavecast.server.engines.testing.higgs import build_tiny_higgs
+
+
+def on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    """``fused.available`` on a CPU too (the interpreter runs the kernels)."""
+    return fused.ENABLED and dtype in (torch.float16, torch.bfloat16)
+
+
+def split_products() -> None:
+    """Split products: near the float32 product, the same bits call after call,
+    and each row's the same alone; their counters back at zero."""
+    torch.manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        for rows, n, k in [(2, 64, 2048), (20, 48, 4096)]:
+            weight = (torch.randn(n, k) / k**0.5).to(dtype)
+            product = fused.RowProduct(weight)
+            assert product.config.split > 1 and product.count is not None
+            x = torch.randn(rows, k).to(dtype)
+            stream = torch.randn(rows, n)  # a float32 residual stream
+            got = product(x, stream)
+            want = stream + (x.float() @ weight.float().t()).to(dtype).float()
+            assert float((got - want).abs().max()) <= 2.0**-6 * float(want.abs().max())
+            assert torch.equal(product(x, stream), got)
+            assert torch.equal(product(x[1:2], stream[1:2]), got[1:2])
+            assert int(product.count.count_nonzero()) == 0
+    print("split products: as the library's, the same call after call")
+
+
+def speech_step() -> None:
+    """The tiny speech model (heads of 32) in bfloat16: six steps of four rows
+    (two sitting out, one every other step) by either way, from the same
+    prefilled cache: the same logits and cache, bit for bit."""
+    tiny = build_tiny_higgs(dtype=torch.bfloat16, head_dim=32)
+    loaded = HiggsModel(tiny.model.eval(), tiny.tokenizer, tiny.codec.eval(), True)
+    model, k, bos = loaded.model, int(loaded.model.config.num_codebooks), 64
+    ids, audio, frames = voiced_prompt(HiggsEngine(loaded, name="tiny-higgs"), k, bos)
+    decoder = HiggsDecoder(model, rows=4, length=512)
+    assert decoder._fused is not None
+    tokens = ids[0].numpy()
+    config = model.config
+    is_audio = (tokens == config.audio_token_id) | (tokens == config.audio_delay_token_id)
+    with torch.no_grad():
+        for row in (1, 2):
+            decoder.prefill([row], ids, audio[0], is_audio[None], 0)
+    start = (decoder.kv._both.clone(), decoder.lengths.clone())
+    results = []
+    fused_layers = decoder._fused
+    for way in (None, fused_layers):
+        decoder.kv._both.copy_(start[0])
+        decoder.lengths.copy_(start[1])
+        decoder._fused = way
+        logits = []
+        with torch.no_grad():
+            for step, frame in enumerate(frames[:6]):
+                generator = torch.Generator().manual_seed(step)
+                codes = torch.randint(0, bos, (4, k), generator=generator)
+                codes[1] = frame
+                active = torch.tensor([False, True, step % 2 == 0, False])
+                logits.append(decoder.decode(codes, active, span=len(tokens) + 16)[1:3])
+        results.append((torch.stack(logits), decoder.kv._both.clone()))
+    (library, library_cache), (ours, our_cache) = results
+    assert torch.equal(ours, library) and torch.equal(our_cache, library_cache)
+    print("speech step: the library step's logits and cache, bit for bit")
+
+
+def music_step() -> None:
+    """The tiny MusicGen built as on CUDA (float16 layers, float32 heads and
+    embeddings) under float16 autocast: six steps of four rows by either way,
+    from the same conditions."""
+    cfg = OmegaConf.create(tiny_music._TINY_CFG)
+    cfg.dtype, cfg.device = "float16", "cpu"
+    text = (T5EncoderModel(T5Config(**tiny_music._T5_CONFIG)), tiny_music._byte_tokenizer())
+    lm = lm_from_cfg(cfg, text)
+    with torch.no_grad():
+        decoder = MusicGenDecoder(lm, rows=4, length=64, cross_length=8, dtype=torch.float16)
+        assert decoder._fused is not None
+        with torch.autocast("cpu", dtype=torch.float16):
+            decoder.set_conditions([0, 1, 2, 3], torch.randn(4, 5, decoder.dim), [5, 3, 2, 1])
+    start = (decoder.kv._both.clone(), decoder.lengths.clone())
+    results = []
+    fused_layers = decoder._fused
+    for way in (None, fused_layers):
+        decoder.kv._both.copy_(start[0])
+        decoder.lengths.copy_(start[1])
+        decoder._fused = way
+        logits = []
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            for step in range(6):
+                codes = torch.randint(0, decoder.card, (4, decoder.codebooks), generator=generator)
+                active = torch.tensor([True, True, step % 2 == 0, True])
+                logits.append(decoder.decode(codes, active, span=16).float())
+        results.append(torch.stack(logits))
+    library, ours = results
+    apart = float((ours - library).abs().max() / library.abs().max())
+    assert apart <= 2e-3, apart
+    assert torch.equal(ours.argmax(-1), library.argmax(-1))
+    print(f"music step: within {apart:.1e} of the library step's logits, the same greedy codes")
+
+
+def main() -> None:
+    fused.ENABLED = True
+    fused.available = on_cpu  # type: ignore[assignment]
+    split_products()
+    speech_step()
+    music_step()
+
+
+if __name__ == "__main__":
+    main()
