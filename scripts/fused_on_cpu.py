@@ -12,8 +12,11 @@ GELU are not NumPy's), and by its greedy codes.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -31,6 +34,26 @@ from wavecast.server.engines.musicgen.decoder import MusicGenDecoder
 from wavecast.server.engines.musicgen.loading import lm_from_cfg
 from wavecast.server.engines.testing import musicgen as tiny_music
 from wavecast.server.engines.testing.higgs import build_tiny_higgs
+
+
+def both_ways(
+    decoder: Any, steps: Callable[[], list[torch.Tensor]], *contexts: Callable[[], Any]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` by the library's operations, then by the fused kernels, each
+    from the decoder's cache as it is now (inside ``contexts``): each way's
+    results stacked, and its cache after."""
+    start = (decoder.kv._both.clone(), decoder.lengths.clone())
+    fused_layers = decoder._fused
+    results = []
+    for way in (None, fused_layers):
+        decoder.kv._both.copy_(start[0])
+        decoder.lengths.copy_(start[1])
+        decoder._fused = way
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context())
+            results.append((torch.stack(steps()), decoder.kv._both.clone()))
+    return results
 
 
 def on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
@@ -74,22 +97,18 @@ def speech_step() -> None:
     with torch.no_grad():
         for row in (1, 2):
             decoder.prefill([row], ids, audio[0], is_audio[None], 0)
-    start = (decoder.kv._both.clone(), decoder.lengths.clone())
-    results = []
-    fused_layers = decoder._fused
-    for way in (None, fused_layers):
-        decoder.kv._both.copy_(start[0])
-        decoder.lengths.copy_(start[1])
-        decoder._fused = way
+
+    def steps() -> list[torch.Tensor]:
         logits = []
-        with torch.no_grad():
-            for step, frame in enumerate(frames[:6]):
-                generator = torch.Generator().manual_seed(step)
-                codes = torch.randint(0, bos, (4, k), generator=generator)
-                codes[1] = frame
-                active = torch.tensor([False, True, step % 2 == 0, False])
-                logits.append(decoder.decode(codes, active, span=len(tokens) + 16)[1:3])
-        results.append((torch.stack(logits), decoder.kv._both.clone()))
+        for step, frame in enumerate(frames[:6]):
+            generator = torch.Generator().manual_seed(step)
+            codes = torch.randint(0, bos, (4, k), generator=generator)
+            codes[1] = frame
+            active = torch.tensor([False, True, step % 2 == 0, False])
+            logits.append(decoder.decode(codes, active, span=len(tokens) + 16)[1:3])
+        return logits
+
+    results = both_ways(decoder, steps, torch.no_grad)
     (library, library_cache), (ours, our_cache) = results
     assert torch.equal(ours, library) and torch.equal(our_cache, library_cache)
     print("speech step: the library step's logits and cache, bit for bit")
@@ -108,22 +127,20 @@ def music_step() -> None:
         assert decoder._fused is not None
         with torch.autocast("cpu", dtype=torch.float16):
             decoder.set_conditions([0, 1, 2, 3], torch.randn(4, 5, decoder.dim), [5, 3, 2, 1])
-    start = (decoder.kv._both.clone(), decoder.lengths.clone())
-    results = []
-    fused_layers = decoder._fused
-    for way in (None, fused_layers):
-        decoder.kv._both.copy_(start[0])
-        decoder.lengths.copy_(start[1])
-        decoder._fused = way
+
+    def steps() -> list[torch.Tensor]:
         logits = []
         generator = torch.Generator().manual_seed(1)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
-            for step in range(6):
-                codes = torch.randint(0, decoder.card, (4, decoder.codebooks), generator=generator)
-                active = torch.tensor([True, True, step % 2 == 0, True])
-                logits.append(decoder.decode(codes, active, span=16).float())
-        results.append(torch.stack(logits))
-    library, ours = results
+        for step in range(6):
+            codes = torch.randint(0, decoder.card, (4, decoder.codebooks), generator=generator)
+            active = torch.tensor([True, True, step % 2 == 0, True])
+            logits.append(decoder.decode(codes, active, span=16).float())
+        return logits
+
+    def autocast() -> Any:
+        return torch.autocast("cpu", dtype=torch.float16)
+
+    (library, _), (ours, _) = both_ways(decoder, steps, torch.no_grad, autocast)
     apart = float((ours - library).abs().max() / library.abs().max())
     assert apart <= 2e-3, apart
     assert torch.equal(ours.argmax(-1), library.argmax(-1))
