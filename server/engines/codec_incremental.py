@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import rowkernel
+from . import graphs, rowkernel
 
 __all__ = [
     "MOST_RECORDED",
@@ -1049,22 +1049,14 @@ class _Recorded:
         if pool is None:
             _, state = made.call(write=False)
             return made if _key(codec._ops, state) == key else None
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                _, state = made.call(write=False)
-        torch.cuda.current_stream().wait_stream(side)
-        if _key(codec._ops, state) != key:
+        warm = graphs.warm_up(lambda: made.call(write=False), 2)
+        if warm is None or _key(codec._ops, warm[1]) != key:
             return None
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=pool):
-                made.audio, _ = made.call(write=True)
+            made.graph, (made.audio, _) = graphs.capture(lambda: made.call(write=True), pool)
         except RuntimeError:  # (a layer that cannot be recorded: the call stays eager)
             log.warning("a codec call of shape %s could not be recorded", key, exc_info=True)
             return None
-        made.graph = graph
         return made
 
     def call(self, *, write: bool) -> tuple[torch.Tensor, list[_Slot | None]]:

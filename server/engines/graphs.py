@@ -35,19 +35,21 @@ any machine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrefilledLogits", "StepGraphs", "powers_of_two", "span_for"]
+__all__ = ["PrefilledLogits", "StepGraphs", "capture", "powers_of_two", "span_for", "warm_up"]
 
 Key = tuple[int, ...]
+T = TypeVar("T")
 # (static inputs, key) -> outputs (a tensor or a tuple of tensors).
 Step = Callable[[Sequence[torch.Tensor], Key], Any]
 
@@ -149,30 +151,54 @@ class StepGraphs:
         if not self.record:
             return entry
         # Every row inactive while recording: only the spare position is written.
-        # autocast's cache of cast weights would hand the graph casts that are freed
-        # when the autocast context exits (make_graphed_callables refuses it): the
-        # casts are recorded instead (none where the weights are in the step's dtype).
-        cache = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmups):
-                    self.step(entry.inputs, key)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # Only this thread's CUDA calls matter to the capture (the server's
-            # other threads touch no CUDA, but a capture mid-serving must not
-            # depend on it).
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                entry.out = self.step(entry.inputs, key)
-        finally:
-            torch.set_autocast_cache_enabled(cache)
+        with _no_autocast_cache():
+            warm_up(lambda: self.step(entry.inputs, key), self.warmups)
+            graph, entry.out = capture(lambda: self.step(entry.inputs, key), self._pool)
         self._pool = graph.pool()
         entry.graph = graph
         self.recorded += 1
         return entry
+
+
+def warm_up(call: Callable[[], T], times: int) -> T | None:
+    """``call`` ``times`` times on a side stream, as a CUDA graph's recording asks
+    first (lazy initialisations, cuBLAS workspaces); its last result."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    result = None
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            result = call()
+    torch.cuda.current_stream().wait_stream(side)
+    return result
+
+
+def capture(call: Callable[[], T], pool: Any) -> tuple[Any, T]:
+    """``call`` recorded as a CUDA graph (into ``pool``: None for a new one), and
+    what it returned (the graph's outputs).
+
+    Only this thread's CUDA calls matter to the recording (the server's other
+    threads touch no CUDA, but a recording mid-serving must not depend on it).
+    autocast's cache of cast weights would hand the graph casts that are freed
+    when the autocast context exits (make_graphed_callables refuses it): the
+    casts are recorded instead (none where the weights are in the step's dtype)."""
+    graph = torch.cuda.CUDAGraph()
+    with (
+        _no_autocast_cache(),
+        torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"),
+    ):
+        out = call()
+    return graph, out
+
+
+@contextlib.contextmanager
+def _no_autocast_cache() -> Iterator[None]:
+    cache = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(cache)
 
 
 class PrefilledLogits:
