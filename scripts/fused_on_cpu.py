@@ -7,7 +7,7 @@ The interpreter sums a tile's products as NumPy does, and so does the library
 on a CPU: the speech step (bfloat16, its own roundings) gives the library
 step's logits and key/value cache bit for bit. MusicGen's step under float16
 autocast is compared within float16's rounding (the library's layer norm and
-GELU are not NumPy's), and by its greedy codes.
+GELU are not NumPy's): its logits and cache, and its greedy codes.
 """
 
 from __future__ import annotations
@@ -140,11 +140,16 @@ def music_step() -> None:
     def autocast() -> Any:
         return torch.autocast("cpu", dtype=torch.float16)
 
-    (library, _), (ours, _) = both_ways(decoder, steps, torch.no_grad, autocast)
+    (library, library_cache), (ours, our_cache) = both_ways(decoder, steps, torch.no_grad, autocast)
     apart = float((ours - library).abs().max() / library.abs().max())
     assert apart <= 2e-3, apart
     assert torch.equal(ours.argmax(-1), library.argmax(-1))
-    print(f"music step: within {apart:.1e} of the library step's logits, the same greedy codes")
+    cache = float((our_cache - library_cache).abs().max() / library_cache.abs().max())
+    assert cache <= 2e-3, cache
+    print(
+        f"music step: within {apart:.1e} of the library step's logits ({cache:.1e} its "
+        "cache's), the same greedy codes"
+    )
 
 
 def main() -> None:

@@ -81,12 +81,24 @@ def _finish(
     out_ptr,
     stride_r,
     stride_o,
+    cache_ptr,
+    positions_ptr,
+    first,
+    width,
+    head_dim,
+    s_which,
+    s_row,
+    s_head,
+    s_position,
     BIAS: tl.constexpr,
     GELU: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    STORE: tl.constexpr,
 ):
     """The sums ``acc`` rounded to the weight's format with their bias, then
-    GELU, then the residual's sum (in float32, rounded to the output's format)."""
+    GELU, then the residual's sum (in float32, rounded to the output's format);
+    with ``STORE``, the keys' and values' columns into the cache too
+    (``_store``)."""
     half = w_ptr.dtype.element_ty
     if BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -100,6 +112,27 @@ def _finish(
         y = r.to(tl.float32) + y.to(tl.float32)
     y = y.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y, mask=ok)
+    if STORE:
+        place = cols - first
+        head = (place % width) // head_dim
+        _store(
+            y, rows, row_ok, ok & (place >= 0)[None, :], place // width, head, place % head_dim,
+            cache_ptr, positions_ptr, s_which, s_row, s_head, s_position,
+        )  # fmt: skip
+
+
+@triton.jit
+def _store(
+    y, rows, row_ok, ok, which, head, within, cache_ptr, positions_ptr,
+    s_which, s_row, s_head, s_position,
+):  # fmt: skip
+    """Columns of a joint projection's rows into a layer's key/value cache
+    ``[2, R, H, L, d]`` (``d`` contiguous), at each row's position: a column
+    ``which`` (0 key, 1 value) of head ``head``, ``within`` its ``d``."""
+    at = tl.load(positions_ptr + rows, mask=row_ok, other=0)
+    to = cache_ptr + which[None, :] * s_which + rows[:, None] * s_row + head[None, :] * s_head
+    to += at[:, None] * s_position + within[None, :]
+    tl.store(to, y.to(cache_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -113,6 +146,8 @@ def rows_product(
     out_ptr,
     partial_ptr,
     count_ptr,
+    cache_ptr,
+    positions_ptr,
     M,
     N,
     K,
@@ -121,11 +156,19 @@ def rows_product(
     stride_r,
     stride_o,
     stride_p,
+    first,
+    width,
+    head_dim,
+    s_which,
+    s_row,
+    s_head,
+    s_position,
     eps,
     NORM: tl.constexpr,
     BIAS: tl.constexpr,
     GELU: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    STORE: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -167,7 +210,8 @@ def rows_product(
     if SPLIT == 1:
         _finish(
             acc, rows, cols, row_ok, col_ok, w_ptr, bias_ptr, residual_ptr, out_ptr,
-            stride_r, stride_o, BIAS, GELU, RESIDUAL,
+            stride_r, stride_o, cache_ptr, positions_ptr, first, width, head_dim,
+            s_which, s_row, s_head, s_position, BIAS, GELU, RESIDUAL, STORE,
         )  # fmt: skip
     else:
         place = rows[:, None] * stride_p + cols[None, :]
@@ -187,7 +231,8 @@ def rows_product(
                 )
             _finish(
                 acc, rows, cols, row_ok, col_ok, w_ptr, bias_ptr, residual_ptr, out_ptr,
-                stride_r, stride_o, BIAS, GELU, RESIDUAL,
+                stride_r, stride_o, cache_ptr, positions_ptr, first, width, head_dim,
+                s_which, s_row, s_head, s_position, BIAS, GELU, RESIDUAL, STORE,
             )  # fmt: skip
             tl.atomic_xchg(count_ptr + pid, 0)
 
@@ -212,6 +257,8 @@ def rows_pair_product(
     cos_ptr,
     sin_ptr,
     out_ptr,
+    cache_ptr,
+    positions_ptr,
     M,
     K,
     pair,
@@ -220,10 +267,17 @@ def rows_pair_product(
     stride_w,
     stride_c,
     stride_o,
+    kv_first,
+    kv_heads,
+    s_which,
+    s_row,
+    s_head,
+    s_position,
     eps,
     NORM: tl.constexpr,
     BIAS: tl.constexpr,
     GLU: tl.constexpr,
+    STORE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -241,7 +295,9 @@ def rows_pair_product(
     (``BLOCK_N`` = ``pair`` = half a head) into the same columns; heads below
     ``rotated`` (the queries' and keys') are rotated by each row's ``cos`` and
     ``sin`` (``[M, 2 * BLOCK_N]``, the sines' first half negated):
-    ``(a, b) * cos + (b, a) * sin``.
+    ``(a, b) * cos + (b, a) * sin``. With ``STORE``, the heads from
+    ``kv_first`` on (``kv_heads`` keys', then as many values') into a layer's
+    key/value cache ``[2, R, H, L, d]`` too, at each row's position.
     """
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -294,3 +350,28 @@ def rows_pair_product(
         places = out_ptr + rows[:, None] * stride_o + cols[None, :]
         tl.store(places, a, mask=ok)
         tl.store(places + BLOCK_N, b, mask=ok)
+        if STORE:
+            _store_head(
+                a, b, pid - kv_first, kv_heads, rows, row_ok, ok, cache_ptr, positions_ptr,
+                s_which, s_row, s_head, s_position, BLOCK_N,
+            )  # fmt: skip
+
+
+@triton.jit
+def _store_head(
+    a, b, index, kv_heads, rows, row_ok, ok, cache_ptr, positions_ptr,
+    s_which, s_row, s_head, s_position, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """A head's halves ``a``, ``b`` into a layer's key/value cache at each row's
+    position, where it is a key's or value's (``index``: the heads' from the
+    first key's on, ``kv_heads`` keys' then as many values'; negative: a
+    query's, stored nowhere)."""
+    if index >= 0:
+        which = index // kv_heads
+        head = index % kv_heads
+        at = tl.load(positions_ptr + rows, mask=row_ok, other=0)
+        halves = tl.arange(0, BLOCK_N)
+        to = cache_ptr + which * s_which + head * s_head + rows[:, None] * s_row
+        to += at[:, None] * s_position + halves[None, :]
+        tl.store(to, a.to(cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(to + BLOCK_N, b.to(cache_ptr.dtype.element_ty), mask=ok)

@@ -274,18 +274,24 @@ class StaticKV:
                 write(layer, pair[:, 0], pair[:, 1])
 
             return each
-        views = self._pairs.get(rows)
-        if views is None:
-            views = list(self._both[:, :, :rows].unbind(1))  # each [2, R, H, length, d]
-            if len(self._pairs) >= 64:
-                self._pairs.clear()
-            self._pairs[rows] = views
+        views = self.pair_views(rows)
         where = positions.view(1, rows, 1, 1, 1).expand(2, rows, heads, 1, dim)
 
         def scatter(layer: int, pair: torch.Tensor) -> None:
             views[layer].scatter_(3, where, pair.transpose(0, 1).to(dtype))
 
         return scatter
+
+    def pair_views(self, rows: int) -> list[torch.Tensor]:
+        """Each layer's keys and values of the first ``rows`` rows, as one view
+        ``[2, rows, H, length, d]`` (made once per number of rows)."""
+        views = self._pairs.get(rows)
+        if views is None:
+            views = list(self._both[:, :, :rows].unbind(1))
+            if len(self._pairs) >= 64:
+                self._pairs.clear()
+            self._pairs[rows] = views
+        return views
 
     def clear(self, rows: list[int]) -> None:
         """Zero ``rows``' keys and values (a failed request's, before its row is reused)."""

@@ -58,8 +58,8 @@ PathOp = Callable[[_Path, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True, slots=True)
 class _Fused:
     """One layer's decode step as four fused kernels (``fused``): the audio
-    path's first norm, the query, key and value projection and the rotary
-    positions; the out projection and its residual sum; the second norm, the
+    path's first norm, the query, key and value projection, the rotary
+    positions and the cache's write; the out projection and its residual sum; the second norm, the
     gate and up projection and ``silu(gate) * up``; the down projection and its
     residual sum."""
 
@@ -382,14 +382,15 @@ class HiggsDecoder(CacheRows):
         x = self.embed_audio(codes)
         cos, sin = self._cos_rows[positions], self._sin_rows[positions]  # [R, 1, 1, d]
         mask = LayerMask((self._steps[:span] <= seen[:, None]).view(rows, 1, 1, span))
-        write = self.kv.step_pair_writer(positions)
         attended_self = self.kv.layers(rows, span)
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         attend = self._attend
         if attend is None or torch.is_autocast_enabled("cpu"):
             attend = _grouped
         if self._fused is not None and rows <= fused.FUSED_ROWS:
-            return self._fused_decode(x, active, positions, mask, write, attend, attended_self)
+            turns = (cos.view(rows, d), sin.view(rows, d))
+            return self._fused_decode(x, active, positions, turns, mask, attend, attended_self)
+        write = self.kv.step_pair_writer(positions)
         for i, layer in enumerate(self.layers):
             audio = layer.audio
             qkv = layer.qkv.rows(self._rms(x, audio.norm1)).view(rows, heads + 2 * kv_heads, 1, d)
@@ -412,22 +413,25 @@ class HiggsDecoder(CacheRows):
         x: torch.Tensor,
         active: torch.Tensor,
         positions: torch.Tensor,
+        turns: tuple[torch.Tensor, torch.Tensor],
         mask: LayerMask,
-        write: Callable[[int, torch.Tensor], None],
         attend: Attend,
         attended_self: Sequence[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """``decode``'s layers by the fused kernels (``_Fused``): the same
         operations, the norms, rotations, activations and residual sums inside
-        the products (``attended_self``: each layer's keys and values)."""
+        the products, each row's rotated key and its value written into the
+        cache at its ``positions`` by the projection's kernel (``turns``: each
+        row's rotary cosines and sines ``[R, d]``; ``attended_self``: each
+        layer's keys and values to attend)."""
         assert self._fused is not None and self._fused_head is not None
         rows = int(x.shape[0])
-        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
-        cos, sin = self._cos[positions], self._sin[positions]  # [R, d]
+        heads, d = self.heads, self.head_dim
+        cos, sin = turns
+        caches = self.kv.pair_views(rows)
         for i, layer in enumerate(self._fused):
-            qkv = layer.qkv(x, cos, sin).view(rows, heads + 2 * kv_heads, 1, d)
-            q = qkv[:, :heads]
-            write(i, qkv[:, heads:].view(rows, 2, kv_heads, 1, d))
+            store = fused.Store(caches[i], positions, heads)
+            q = layer.qkv(x, cos, sin, store)[:, : heads * d].view(rows, heads, 1, d)
             keys, values = attended_self[i]
             attended = attend(q, keys, values, mask.for_(q))
             x = layer.out(attended.reshape(rows, heads * d), x)

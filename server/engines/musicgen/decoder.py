@@ -126,7 +126,7 @@ class _Fused:
     """One layer's products of a step as ``fused.RowProduct``: each with the norm
     before it (``qkv``, ``q``, ``ff1``), the GELU after it (``ff1``, where the
     model's activation is GELU), or the residual sum after it (``out``,
-    ``cross_out``, ``ff2``)."""
+    ``cross_out``, ``ff2``); ``qkv`` writes the cache's keys and values too."""
 
     qkv: fused.RowProduct
     out: fused.RowProduct
@@ -501,18 +501,18 @@ class MusicGenDecoder(CacheRows):
         x = x + self._positions[positions].to(x.dtype)
         steps = self._steps
         self_mask = LayerMask((steps[:span] <= seen[:, None]).view(rows, 1, 1, span))
-        write = self.kv.step_pair_writer(positions)
         attended_self = self.kv.layers(rows, span)
         attended_cross = self.cross.layers(rows)
-        cross_mask: torch.Tensor | None = None
-        heads = (rows, self.heads, 1, self.head_dim)
-        same = x.dtype == self.dtype
         attend = self._attend
         if attend is None or torch.is_autocast_enabled("cpu"):
             attend = F.scaled_dot_product_attention
         if self._fused is not None and rows <= fused.FUSED_ROWS:
             views = (attended_self, attended_cross)
-            return self._fused_decode(x, active, self_mask, write, attend, views)
+            return self._fused_decode(x, active, positions, self_mask, attend, views)
+        write = self.kv.step_pair_writer(positions)
+        cross_mask: torch.Tensor | None = None
+        heads = (rows, self.heads, 1, self.head_dim)
+        same = x.dtype == self.dtype
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv.rows(layer.norm1(x)).view(rows, 3, *heads[1:])
             q = qkv[:, 0]
@@ -546,23 +546,25 @@ class MusicGenDecoder(CacheRows):
         self,
         x: torch.Tensor,
         active: torch.Tensor,
+        positions: torch.Tensor,
         self_mask: LayerMask,
-        write: Callable[[int, torch.Tensor], None],
         attend: Attend,
         views: tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], ...],
     ) -> torch.Tensor:
         """``decode``'s layers by the fused products (``_Fused``): the same
-        operations, the norms, activations and residual sums inside them
-        (``views``: each layer's keys and values, its own and its conditions')."""
+        operations, the norms, activations and residual sums inside them, each
+        row's key and value written into the cache at its ``positions`` by the
+        projection's kernel (``views``: each layer's keys and values to attend,
+        its own and its conditions')."""
         assert self._fused is not None and self._fused_head is not None
         rows = int(x.shape[0])
         heads = (rows, self.heads, 1, self.head_dim)
         attended_self, attended_cross = views
+        caches = self.kv.pair_views(rows)
         cross_mask: torch.Tensor | None = None
         for i, layer in enumerate(self._fused):
-            qkv = layer.qkv(x).view(rows, 3, *heads[1:])
-            q = qkv[:, 0]
-            write(i, qkv[:, 1:])
+            store = fused.Store(caches[i], positions, self.dim)
+            q = layer.qkv(x, store=store)[:, : self.dim].view(heads)
             keys, values = attended_self[i]
             attended = attend(q, keys, values, self_mask.for_(q))
             x = layer.out(attended.reshape(rows, self.dim), x)
