@@ -70,31 +70,10 @@ def _inputs(
 
 @triton.jit
 def _finish(
-    acc,
-    rows,
-    cols,
-    row_ok,
-    col_ok,
-    w_ptr,
-    bias_ptr,
-    residual_ptr,
-    out_ptr,
-    stride_r,
-    stride_o,
-    cache_ptr,
-    positions_ptr,
-    first,
-    width,
-    head_dim,
-    s_which,
-    s_row,
-    s_head,
-    s_position,
-    BIAS: tl.constexpr,
-    GELU: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    STORE: tl.constexpr,
-):
+    acc, rows, cols, row_ok, col_ok, w_ptr, bias_ptr, residual_ptr, out_ptr, stride_r, stride_o,
+    cache_ptr, positions_ptr, first, width, head_dim, s_which, s_row, s_head, s_position,
+    BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, STORE: tl.constexpr,
+):  # fmt: skip
     """The sums ``acc`` rounded to the weight's format with their bias, then
     GELU, then the residual's sum (in float32, rounded to the output's format);
     with ``STORE``, the keys' and values' columns into the cache too
@@ -137,43 +116,14 @@ def _store(
 
 @triton.jit
 def rows_product(
-    x_ptr,
-    w_ptr,
-    bias_ptr,
-    gamma_ptr,
-    beta_ptr,
-    residual_ptr,
-    out_ptr,
-    partial_ptr,
-    count_ptr,
-    cache_ptr,
-    positions_ptr,
-    M,
-    N,
-    K,
-    stride_x,
-    stride_w,
-    stride_r,
-    stride_o,
-    stride_p,
-    first,
-    width,
-    head_dim,
-    s_which,
-    s_row,
-    s_head,
-    s_position,
-    eps,
-    NORM: tl.constexpr,
-    BIAS: tl.constexpr,
-    GELU: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    STORE: tl.constexpr,
-    SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, residual_ptr, out_ptr, partial_ptr, count_ptr,
+    cache_ptr, positions_ptr,
+    M, N, K, stride_x, stride_w, stride_r, stride_o, stride_p,
+    first, width, head_dim, s_which, s_row, s_head, s_position, eps,
+    NORM: tl.constexpr, BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+    STORE: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     """``out = residual + gelu(norm(x) @ w.T + bias)``, each part where asked.
 
     The product sums in float32 and rounds once to the weight's format (with
@@ -250,38 +200,12 @@ def _plus(a, b, half: tl.constexpr):
 
 @triton.jit
 def rows_pair_product(
-    x_ptr,
-    w_ptr,
-    bias_ptr,
-    gamma_ptr,
-    cos_ptr,
-    sin_ptr,
-    out_ptr,
-    cache_ptr,
-    positions_ptr,
-    M,
-    K,
-    pair,
-    rotated,
-    stride_x,
-    stride_w,
-    stride_c,
-    stride_o,
-    kv_first,
-    kv_heads,
-    s_which,
-    s_row,
-    s_head,
-    s_position,
-    eps,
-    NORM: tl.constexpr,
-    BIAS: tl.constexpr,
-    GLU: tl.constexpr,
-    STORE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, cos_ptr, sin_ptr, out_ptr, cache_ptr, positions_ptr,
+    M, K, pair, rotated, stride_x, stride_w, stride_c, stride_o,
+    kv_first, kv_heads, s_which, s_row, s_head, s_position, eps,
+    NORM: tl.constexpr, BIAS: tl.constexpr, GLU: tl.constexpr, STORE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     """Two products of the same normed inputs, of weight rows ``a`` and
     ``a + pair``, finished together (each rounded to the weight's format first,
     with its bias; every operation after rounds once, as the separate 16-bit
