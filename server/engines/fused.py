@@ -66,6 +66,7 @@ __all__ = [
     "RowProduct",
     "Store",
     "available",
+    "fitting",
     "kernels",
     "split_for",
 ]
@@ -155,6 +156,20 @@ class Config:
 # and the fewest inputs a part of a split product sums.
 PROGRAMS = 128
 LEAST_PART = 1024
+# Bytes a program's pipelined tiles (weight rows and input rows, 16-bit, a copy
+# per stage) may take of its multiprocessor's shared memory (227 KB on an H100
+# or H200; the rest left to the compiler's own).
+SHARED = 160 * 1024
+PAIR_STAGES = 3
+
+
+def fitting(block_k: int, rows: int, stages: int) -> int:
+    """``block_k``, halved until ``stages`` copies of ``rows`` rows of it fit in
+    ``SHARED`` (fixed per product, whatever a call's rows: a row's sums then go
+    in the same order in every call)."""
+    while block_k > 32 and rows * block_k * 2 * stages > SHARED:
+        block_k //= 2
+    return block_k
 
 
 def split_for(n: int, k: int, block_n: int) -> int:
@@ -210,12 +225,12 @@ class RowProduct:
         c = config or Config()
         if not c.split:
             c = replace(c, split=split_for(int(n), int(k), c.block_n))
-        self.config = c
+        most = _block_m(FUSED_ROWS)
+        self.config = c = replace(c, block_k=fitting(c.block_k, c.block_n + most, c.stages))
         # A split product's parts (every row a call may have) and its blocks' counters.
         self.partial: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
         if c.split > 1:
-            most = _block_m(FUSED_ROWS)
             self.partial = torch.empty(c.split * most * n, device=weight.device)
             self.count = torch.zeros(-(-n // c.block_n), dtype=torch.int32, device=weight.device)
 
@@ -357,7 +372,8 @@ class PairProduct:
         self.rotated = rotated
         c = config or Config()
         self.block_n = c.block_n if glu else head_dim // 2
-        self.block_k = c.block_k
+        most = _block_m(FUSED_ROWS)
+        self.block_k = fitting(c.block_k, 2 * self.block_n + most, PAIR_STAGES)
 
     @staticmethod
     def suits(head_dim: int) -> bool:
@@ -397,6 +413,6 @@ class PairProduct:
             BLOCK_N=self.block_n,
             BLOCK_K=self.block_k,
             num_warps=4,
-            num_stages=3,
+            num_stages=PAIR_STAGES,
         )
         return out
