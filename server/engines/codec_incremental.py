@@ -782,7 +782,7 @@ class IncrementalCodec:
         self._fresh: dict[tuple[torch.dtype, torch.device], _Stack] = {}
         # Steady calls as recorded graphs (``record_calls``), by shape.
         self._recorded: dict[tuple[object, ...], _Recorded | None] | None = None
-        self._record = False
+        # The recordings' memory pool (None: the calls run eagerly on their buffers).
         self._pool: Any = None
 
     def record_calls(self, record: bool = True) -> None:
@@ -793,8 +793,8 @@ class IncrementalCodec:
         False) the same buffers, run eagerly, so the plumbing runs on any
         machine. The first and the last calls of a stream stay eager."""
         self._recorded = {}
-        self._record = record and self.device.type == "cuda"
-        self._pool = torch.cuda.graph_pool_handle() if self._record else None
+        cuda = record and self.device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if cuda else None
 
     @property
     def recorded(self) -> int:
@@ -938,8 +938,7 @@ class IncrementalCodec:
         codes = codes.to(self.device, non_blocking=True)
         fresh = shape not in self._recorded
         if fresh:  # (the buffers then hold the streams' states: no copy)
-            pool = self._pool if self._record else None
-            made = _Recorded.make(self, codes, self._gather(states), key, pool)
+            made = _Recorded.make(self, codes, self._gather(states), key, self._pool)
             while len(self._recorded) >= MOST_RECORDED:
                 del self._recorded[next(iter(self._recorded))]
             self._recorded[shape] = made
