@@ -214,3 +214,59 @@ def test_recorded_codec_calls_stream_the_one_shot_decode() -> None:
         whole = model.compression_model.decode(codes, None)[0].transpose(0, 1).float().cpu()
         assert streamed.shape == tuple(whole.shape)
         assert np.abs(streamed - whole.numpy()).max() <= 1e-3
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_pipelined_steps_on_cuda_draw_the_plain_steps_codes(cuda_graphs: bool) -> None:
+    """``pipelined`` on CUDA (the inputs from pinned memory without waiting, the
+    codes read back through an event a step later, the codes in flight fed on
+    the device; eagerly and replayed as graphs): a crowd joining apart, greedy
+    and sampled, draws the plain steps' codes and streams the one-shot decode."""
+    model = build_tiny_musicgen(device="cuda")
+    engines = [
+        MusicGenEngine(
+            model,
+            name="tiny-musicgen",
+            test_model=True,
+            cuda_graphs=cuda_graphs,
+            pipelined=pipelined,
+        )
+        for pipelined in (False, True)
+    ]
+    results = []
+    for engine in engines:
+        jobs = _music_jobs(engine, ["rock", "jazz", "ambient pads"], duration=2.0)
+        params = resolve_params(engine.info.params, {"duration": 1.5, "top_k": 50, "seed": 7})
+        jobs.append(engine.prepare(EngineRequest("sampled", "sampled", params)))
+        audio = step_together(engine, jobs, (0, 3, 9, 9))
+        results.append((jobs, audio))
+    for plain, piped in zip(results[0][0], results[1][0], strict=True):
+        assert torch.equal(engines[1].codes_of(piped), engines[0].codes_of(plain))
+    for job in results[1][0]:
+        streamed = np.concatenate(results[1][1][job.request.request_id])
+        codes = engines[1].codes_of(job).cuda()
+        whole = model.compression_model.decode(codes, None)[0].transpose(0, 1).float().cpu()
+        assert streamed.shape == tuple(whole.shape)
+        assert np.abs(streamed - whole.numpy()).max() <= 1e-3
+
+
+def test_pipelined_requests_cancelled_in_flight_leave_no_memory_behind() -> None:
+    """Pipelined crowds of eight (two cancelled with their codes in flight) leave
+    nothing behind in the GPU's memory."""
+    model = build_tiny_musicgen(device="cuda")
+    engine = MusicGenEngine(
+        model,
+        name="tiny-musicgen",
+        test_model=True,
+        cuda_graphs=True,
+        max_active=8,
+        pipelined=True,
+    )
+
+    def crowd(index: int) -> list[Any]:
+        given = {"duration": 1.0, "seed": 10 * index}
+        jobs = _music_jobs(engine, ["memory"] * 8, **given)
+        step_together(engine, jobs, cancel_at=20)
+        return jobs
+
+    crowds_leave_memory_as_found(engine, crowd, True)

@@ -68,7 +68,7 @@ from .conditioning import Conditioning
 from .decoder import MusicGenDecoder
 from .loading import fresh_autocast
 from .mbd import MBDRun
-from .windows import Codes, Window, Windows
+from .windows import FED_TOKEN, Codes, Window, Windows
 
 __all__ = ["MusicGenEngine", "StreamSettings"]
 
@@ -121,6 +121,26 @@ class _MusicGenJob:
     pending_audio: FloatAudio | None = None  # the prompt's audio, with include_prompt
     slot: int | None = None  # rows 2 * slot (conditional) and 2 * slot + 1 of the decoder
     kv_length: int = 0  # positions of its rows in the decoder's KV cache
+    # Pipelined steps: the step in flight drew for it (its codes not read yet).
+    in_flight: bool = False
+    # What a step in flight brought it while the scheduler left it out of a step
+    # (given at its next one).
+    held: StepOutput | None = None
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step launched: the forward and draw queued on the device, its codes
+    (``[slots, K + 1]``, the last column whether the slot's logits were finite)
+    on their way to ``back`` on the host, there once ``ready`` (a CUDA event;
+    None: already). ``drew``: the requests whose rows drew, and their jobs
+    (pipelined steps read them a step later); ``stepped``: which slots drew."""
+
+    back: torch.Tensor
+    ready: Any
+    guided: torch.Tensor
+    stepped: npt.NDArray[np.bool_]
+    drew: list[tuple[_MusicGenJob, Job | None]]
 
 
 class MusicGenEngine:
@@ -150,6 +170,11 @@ class MusicGenEngine:
             (``graphs``; on a CPU the same buffers, eagerly). The slot table is
             then preallocated for ``max_active`` requests and every shape is
             recorded at warm-up.
+        pipelined: Launch each step before the last one's codes are read
+            (``step``): on a GPU the host's part of a step (reading the codes,
+            the windows' bookkeeping, the codec's calls, the scheduler's
+            messages) runs while the device computes the next one. Each
+            step's outputs come a step later; the codes are the same.
         max_prompt_tokens: Longest description, in the text encoder's tokens.
         max_active: Requests the scheduler decodes at once.
 
@@ -176,8 +201,10 @@ class MusicGenEngine:
         cuda_graphs: bool = False,
         max_prompt_tokens: int = 512,
         max_active: int = 4,
+        pipelined: bool = False,
     ) -> None:
         self.model = model
+        self.pipelined = pipelined
         self.mbd = mbd
         self.name = name
         self.lm = model.lm
@@ -235,6 +262,10 @@ class MusicGenEngine:
         )
         self._sampling = RowSampling(1, self.device)
         self._cfg = torch.zeros(1, 1, 1, device=self.device)  # [slots, 1, 1]: as guidance uses it
+        # Each slot's codes of the last step that drew for it, kept on the device:
+        # a pipelined step feeds them (``FED_TOKEN``) before the host has read them.
+        self._fed = torch.zeros(1, self.decoder.codebooks, dtype=torch.int64, device=self.device)
+        self._in_flight: _Launched | None = None
         self._graphs = None
         self._prefilled = PrefilledLogits(2, self.decoder.codebooks, self.decoder.card, self.device)
         if cuda_graphs:
@@ -441,39 +472,117 @@ class MusicGenEngine:
                     outputs[i] = isolated(job, self._step_mbd, job, run)
                 else:
                     generating.append((i, job))
-            if generating:
+            if generating and self.pipelined:
+                self._step_pipelined(generating, outputs)
+            elif generating:
                 states = [job.state for _, job in generating]
                 failures: dict[int, BaseException] = {}
-                tokens, guided, sampled = self._sample_step(states, failures)
-
-                def drew(st: _MusicGenJob) -> bool:
-                    # (Rows that sat the step out may lie beyond the step's span.)
-                    return st.slot is not None and st.slot < len(sampled) and sampled[st.slot]
-
-                if self.logits_observer is not None:
-                    self.logits_observer(
-                        {
-                            job.request.request_id: guided[job.state.slot]
-                            for _, job in generating
-                            if id(job.state) not in failures and drew(job.state)
-                        }
-                    )
-                self._due.clear()
-                self._ends.clear()
-                self.codec_streams.tick()
-                drawn = tokens.tolist()  # (each slot's codes as ints, read one by one)
-                for (i, job), st in zip(generating, states, strict=True):
-                    if id(st) in failures:
-                        self._clear_rows(st)
-                        outputs[i] = failed_output(job, failures[id(st)])
-                    elif drew(st):
-                        outputs[i] = isolated(job, self._advance, job, drawn[st.slot])
-                    else:  # its prompt (or its window's conditioning) is still going in
-                        outputs[i] = StepOutput(
-                            audio=None, fraction=self._fraction(st), seconds=self._seconds(st)
-                        )
-                self._decode_due()
+                launched = self._launch(states, failures)
+                if launched is not None:
+                    self._collect(launched, failures)
+                self._advance_all(generating, launched, failures, outputs)
         return [out for out in outputs if out is not None]
+
+    def _step_pipelined(
+        self, generating: list[tuple[int, Job]], outputs: list[StepOutput | None]
+    ) -> None:
+        """``step`` with the device a step ahead of the host: this step is
+        launched first (a request whose last codes are still in flight feeds
+        them on the device), then the last step's codes are read and streamed
+        while the device computes it. A request waits a step where the codes in
+        flight end its window (the next window's prompt is made of them), so a
+        request's codes, and its audio, are those of the plain step; each step's
+        outputs come a step later."""
+        before, self._in_flight = self._in_flight, None
+        launching = [
+            job.state
+            for _, job in generating
+            if not (job.state.in_flight and job.state.window.ends_next)
+        ]
+        failures: dict[int, BaseException] = {}
+        launched = self._launch(launching, failures, {id(job.state): job for _, job in generating})
+        if before is not None:
+            for st, _ in before.drew:
+                st.in_flight = False
+        if launched is not None:
+            for st, _ in launched.drew:
+                st.in_flight = True
+            self._in_flight = launched
+        if before is not None:
+            self._collect(before, failures)
+            # (The scheduler leaves no decoding request out of a step; should one
+            # be, its codes still go into its window, and its output waits.)
+            present = {id(job.state) for _, job in generating}
+            absent = [
+                (-1, job)
+                for st, job in before.drew
+                if job is not None and id(st) not in present and self._holds(job, st)
+            ]
+            if absent:
+                held: list[StepOutput | None] = [None] * len(absent)
+                self._advance_all(absent, before, failures, held)
+                for (_, job), output in zip(absent, held, strict=True):
+                    job.state.held = output
+        self._advance_all(generating, before, failures, outputs)
+
+    def _holds(self, job: Job, st: _MusicGenJob) -> bool:
+        """Whether ``st`` is still ``job``'s, in its slot (not finished, not failed)."""
+        return job.state is st and st.slot is not None and self._slots.holds(st, st.slot)
+
+    def _advance_all(
+        self,
+        generating: list[tuple[int, Job]],
+        launched: _Launched | None,
+        failures: dict[int, BaseException],
+        outputs: list[StepOutput | None],
+    ) -> None:
+        """Each request's output of a step: its failure, or its codes of
+        ``launched`` (None: none drew) written into its window and what of them
+        is ready streamed (the step's codec calls together), or nothing new (a
+        prompt, or its window's conditioning, still going in; or, pipelined, it
+        did not draw in the step read)."""
+        drawn: list[list[int]] = []
+        stepped = np.zeros(0, dtype=bool)
+        guided = torch.zeros(0)
+        if launched is not None:
+            stepped, guided = launched.stepped, launched.guided
+            drawn = launched.back[:, :-1].tolist()  # (each slot's codes as ints, one by one)
+        drew_ids = {id(st) for st, _ in launched.drew} if launched is not None else set()
+
+        def drew(st: _MusicGenJob) -> bool:
+            # (Rows that sat the step out may lie beyond the step's span.)
+            return (
+                id(st) in drew_ids
+                and st.slot is not None
+                and st.slot < len(stepped)
+                and bool(stepped[st.slot])
+            )
+
+        if self.logits_observer is not None and launched is not None:
+            self.logits_observer(
+                {
+                    job.request.request_id: guided[job.state.slot]
+                    for _, job in generating
+                    if id(job.state) not in failures and drew(job.state)
+                }
+            )
+        self._due.clear()
+        self._ends.clear()
+        self.codec_streams.tick()
+        for i, job in generating:
+            st = job.state
+            if id(st) in failures:
+                self._clear_rows(st)
+                outputs[i] = failed_output(job, failures[id(st)])
+            elif drew(st):
+                outputs[i] = isolated(job, self._advance, job, drawn[st.slot])
+            elif st.held is not None:
+                outputs[i], st.held = st.held, None
+            else:  # its prompt (or its window's conditioning) is still going in
+                outputs[i] = StepOutput(
+                    audio=None, fraction=self._fraction(st), seconds=self._seconds(st)
+                )
+        self._decode_due()
 
     def _decode_due(self) -> None:
         """Decode every stream's due codec window, batched (calls of at most
@@ -511,6 +620,7 @@ class MusicGenEngine:
         if count > old:
             self._sampling = self._sampling.grown(count)
             self._cfg = torch.cat([self._cfg, self._cfg.new_zeros(count - old, 1, 1)])
+            self._fed = torch.cat([self._fed, self._fed.new_zeros(count - old, self._fed.shape[1])])
             self._prefilled.grow(2 * count)
         return count
 
@@ -655,18 +765,25 @@ class MusicGenEngine:
         logits = self.decoder.prefill(rows, torch.cat(parts), starts, sizes)
         return list(logits.split(2))
 
-    def _sample_step(
-        self, states: list[_MusicGenJob], failures: dict[int, BaseException]
-    ) -> tuple[Codes, torch.Tensor, npt.NDArray[np.bool_]]:
-        """One forward for every request (prefilling new windows), one draw per row.
+    def _launch(
+        self,
+        states: list[_MusicGenJob],
+        failures: dict[int, BaseException],
+        jobs: Mapping[int, Job] | None = None,
+    ) -> _Launched | None:
+        """One forward for every request (prefilling new windows), one draw per
+        row, launched (None: no request drew).
 
         The step's inputs (every row's codes, which rows advance, every slot's
         sampling key) cross to the device as one array, and the sampled codes come
-        back as one: ``[slots, K]``, a request's at its slot; with them the guided
-        logits ``[slots, K, card]`` (on the device; tests compare rows) and which
-        slots sampled (not those whose prompt is still being prefilled). Requests
-        that fail on their own go into ``failures`` (by ``id`` of their state) and
-        out of the step.
+        back as one (``_collect``): ``[slots, K]``, a request's at its slot; with
+        them the guided logits ``[slots, K, card]`` (on the device; tests compare
+        rows) and which slots sampled (not those whose prompt is still being
+        prefilled). A request whose last codes are in flight (``in_flight``:
+        pipelined) feeds them on the device. Requests that fail on their own go
+        into ``failures`` (by ``id`` of their state) and out of the step.
+        ``jobs``: the requests' jobs by ``id`` of their state (pipelined steps
+        keep them with the step).
         """
         joining = [st for st in states if st.slot is None]
         for st in joining:
@@ -686,7 +803,7 @@ class MusicGenEngine:
         states = [st for st in states if id(st) not in failures]
         decoder = self.decoder
         if not states:
-            return np.zeros((0, decoder.codebooks), np.int64), torch.zeros(0), np.zeros(0, bool)
+            return None
         k = decoder.codebooks
         slots = self._slots.span(st.slot for st in states if st.slot is not None)
         rows = 2 * slots
@@ -702,22 +819,34 @@ class MusicGenEngine:
             for st in decoding:
                 assert st.slot is not None
                 fed.append(st.slot)
-            codes_in.reshape(slots, 2, k)[fed] = [[st.window.last_column()] for st in decoding]
+            codes_in.reshape(slots, 2, k)[fed] = [
+                [st.window.pending_column() if st.in_flight else st.window.last_column()]
+                for st in decoding
+            ]
             active.reshape(slots, 2)[fed] = 1
             stepped[fed] = True
         stepped[list(prefilled)] = True
+        for slot in prefilled:
+            overrides[2 * slot : 2 * slot + 2] = 1
         keys_in[:] = sampling.draw_keys(slots, k)
         # Attend over the longest row's positions, rounded up to a power of two (a
         # handful of shapes per window length).
         span = span_for(max((st.kv_length for st in decoding), default=0) + 1)
+        cuda = self.device.type == "cuda"
+        given = torch.from_numpy(host)
+        if self.pipelined and cuda:
+            # (From pinned memory, without waiting for the step in flight.)
+            inputs = given.pin_memory().to(self.device, non_blocking=True)
+        else:
+            inputs = given.to(self.device)
         if self._graphs is not None and decoding:
             for slot, pair in prefilled.items():
                 self._prefilled.logits[2 * slot : 2 * slot + 2] = pair.float()
-                overrides[2 * slot : 2 * slot + 2] = 1
-            inputs = torch.from_numpy(host).to(self.device)
             back_device, guided = self._graphs((rows, span), inputs)
         else:
-            codes, advance, keys, _ = _split_inputs(torch.from_numpy(host).to(self.device), rows, k)
+            codes, advance, keys, took = _split_inputs(inputs, rows, k)
+            if self.pipelined:
+                codes = self._feed(codes)
             if decoding:
                 logits = decoder.decode(codes, advance.bool(), span).float()
             else:
@@ -726,15 +855,62 @@ class MusicGenEngine:
                 logits[2 * slot : 2 * slot + 2] = pair.float()
             plan = sampling.plan(stepped, decoder.card)
             guided, back_device = self._draw(logits, keys, slots, plan)
+            if self.pipelined:
+                self._keep_fed(back_device, advance, took)
         for st in decoding:
             st.kv_length += 1
         sampling.step[:slots] += stepped
         # One copy back: the codes, and whether each slot's logits were finite.
-        back: Codes = back_device.cpu().numpy()
-        for st in states:
-            if st.slot is not None and stepped[st.slot] and not back[st.slot, -1]:
+        ready = None
+        if not self.pipelined:
+            back = back_device.cpu()
+        elif cuda:
+            # (The step's outputs are the graph's: the next replay writes over them.)
+            back = torch.empty(back_device.shape, dtype=back_device.dtype, pin_memory=True)
+            back.copy_(back_device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            back = back_device.clone()
+        if self.pipelined and self.logits_observer is not None:
+            guided = guided.clone()
+        jobs = jobs or {}
+        drew = [
+            (st, jobs.get(id(st)))
+            for st in states
+            if st.slot is not None and st.slot < slots and stepped[st.slot]
+        ]
+        return _Launched(back, ready, guided, stepped, drew)
+
+    def _collect(self, launched: _Launched, failures: dict[int, BaseException]) -> None:
+        """Wait for a launched step's codes on the host; the requests whose rows'
+        logits were not finite go into ``failures``."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        finite = launched.back[:, -1].tolist()
+        for st, job in launched.drew:
+            # (Pipelined: a request finished since its launch is no one's concern.)
+            if job is not None and not self._holds(job, st):
+                continue
+            assert st.slot is not None
+            if not finite[st.slot]:
                 failures[id(st)] = non_finite()
-        return back[:, :-1], guided, stepped
+
+    def _feed(self, codes: torch.Tensor) -> torch.Tensor:
+        """A step's input codes ``[rows, K]`` with each ``FED_TOKEN`` the code its
+        slot drew in the last step that drew for it (``_fed``)."""
+        rows, k = codes.shape
+        fed = self._fed[: rows // 2, None].expand(rows // 2, 2, k).reshape(rows, k)
+        return torch.where(codes == FED_TOKEN, fed, codes)
+
+    def _keep_fed(self, back: torch.Tensor, active: torch.Tensor, took: torch.Tensor) -> None:
+        """Keep the codes of the slots that drew (``back`` ``[slots, K + 1]``; the
+        slots whose rows advanced, ``active``, or took their prefill's logits,
+        ``took``) for the steps that feed them (``_feed``)."""
+        slots = int(back.shape[0])
+        drew = (active.view(slots, 2)[:, 0] + took.view(slots, 2)[:, 0]) > 0
+        fed = self._fed[:slots]
+        fed.copy_(torch.where(drew[:, None], back[:, :-1], fed))
 
     def _draw(
         self,
@@ -773,9 +949,10 @@ class MusicGenEngine:
         logits."""
         rows, span = key
         codes, active, keys, overrides = _split_inputs(inputs[0], rows, self.decoder.codebooks)
-        logits = self.decoder.decode(codes, active.bool(), span).float()
+        logits = self.decoder.decode(self._feed(codes), active.bool(), span).float()
         logits = self._prefilled.merge(logits, overrides)
         guided, back = self._draw(logits, keys, rows // 2, None)
+        self._keep_fed(back, active, overrides)
         return back, guided
 
     def _step_mbd(self, job: Job, run: MBDRun) -> StepOutput:
@@ -861,7 +1038,7 @@ class MusicGenEngine:
         st.window = self.windows.start(st.duration, st.gen_offset, prompt)
         if st.melody is not None and int(st.melody.length.item()) > 0:
             # The next window's melody: its chroma in pieces, a segment per step
-            # (``_sample_step``); the window waits for it.
+            # (``_launch``); the window waits for it.
             time_offset = st.gen_offset / self.frame_rate
             self.conditioning.wrap_melody(st.attributes, st.melody, time_offset, self.window)
             st.conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
@@ -952,8 +1129,12 @@ class MusicGenEngine:
 
     def finish(self, job: Job) -> None:
         # Free the slot and drop the buffers now rather than when the Job is collected.
-        if job.state is not None:
-            self._release_slot(job.state)
+        st = job.state
+        if st is not None:
+            self._release_slot(st)
+            if self._in_flight is not None:  # (its codes in flight go unread)
+                drew = self._in_flight.drew
+                drew[:] = [(other, owner) for other, owner in drew if other is not st]
         job.state = None
 
     # -- for tests and benchmarks ----------------------------------------------------

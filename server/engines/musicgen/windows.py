@@ -26,9 +26,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["UNKNOWN_TOKEN", "Layout", "Window", "Windows"]
+__all__ = ["FED_TOKEN", "UNKNOWN_TOKEN", "Layout", "Window", "Windows"]
 
 UNKNOWN_TOKEN = -1
+# In a step's input column: the code the step still in flight samples for this
+# codebook (pipelined steps), which the device takes from its own copy.
+FED_TOKEN = -2
 
 Codes = npt.NDArray[np.int64]
 
@@ -74,6 +77,19 @@ class Window:
         """``[K]``: the column the next step feeds."""
         at = self.offset - 1
         return [row[at] for row in self.sequence]
+
+    def pending_column(self) -> list[int]:
+        """``[K]``: the column the next step feeds while the step writing it is in
+        flight (its codes not read yet): the codes already known (the prompt's,
+        the special token) and ``FED_TOKEN`` where that step's sampled code
+        goes, as ``write`` will put it."""
+        at = self.offset
+        return [FED_TOKEN if row[at] == UNKNOWN_TOKEN else row[at] for row in self.sequence]
+
+    @property
+    def ends_next(self) -> bool:
+        """Whether the next ``write`` completes the window."""
+        return self.offset + 1 >= self.end_offset
 
     def write(self, sampled: list[int]) -> Codes | None:
         """Write a step's sampled codes ``[K]`` into the next column where it is

@@ -1,0 +1,192 @@
+"""Pipelined MusicGen steps (``pipelined``): each step launched before the last
+one's codes are read, the codes in flight fed on the device.
+
+The codes and the logits are the plain step's; each step's outputs come a step
+later; a request waits a step where the codes in flight end its window. The
+batching tests' cases (neighbours joining, cancelled, failing; long form and
+continuation in the batch) run here on a pipelined engine too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import test_batching as batching
+import torch
+from test_batching import codes, drive, make
+from test_musicgen_features import decode, wav_bytes
+
+from wavecast.server.engines.base import Job
+from wavecast.server.engines.musicgen.engine import MusicGenEngine
+from wavecast.server.engines.musicgen.windows import FED_TOKEN
+from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
+
+
+@pytest.fixture(scope="module")
+def pipelined() -> tuple[Any, MusicGenEngine]:
+    model = build_tiny_musicgen(window=2.0, seed=3)
+    engine = MusicGenEngine(
+        model, name="tiny-2s", test_model=True, max_duration=12.0, pipelined=True
+    )
+    return model, engine
+
+
+def joins(engine: MusicGenEngine, clip: Any) -> dict[int, list[tuple[str, Job]]]:
+    """a and b from the start, c (a continuation) joining at step 5, d at 37 (b
+    in its second window by then, d's stride short: windows every second)."""
+    continuation = {"inputs": {"continuation": wav_bytes(clip, 32000)}}
+    return {
+        0: [("a", make(engine, "a")), ("b", make(engine, "b"))],
+        5: [("c", make(engine, "c", **continuation))],
+        37: [("d", make(engine, "d"))],
+    }
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static-buffers"])
+def test_pipelined_steps_draw_the_plain_steps_codes(graphs: bool) -> None:
+    """A crowd joining apart, over window boundaries and with a continuation:
+    each request's logits within 1e-5 of the plain step's and its codes equal,
+    its audio the plain stream's (within 1e-5; the codec's calls group the
+    streams' chunks differently) and a one-shot decode's; the pipelined crowd
+    takes a step more than the plain one at each window's end and one at the
+    end (the codes in flight are read a step later)."""
+    model = build_tiny_musicgen(window=2.0, seed=3)
+    clip = decode(model, torch.randint(0, 64, (1, 4, 40)))
+    engines = [
+        MusicGenEngine(
+            model,
+            name="tiny-2s",
+            test_model=True,
+            max_duration=12.0,
+            cuda_graphs=graphs,
+            pipelined=pipelined,
+        )
+        for pipelined in (False, True)
+    ]
+    plain, steps_plain = drive(engines[0], joins(engines[0], clip))
+    piped, steps_piped = drive(engines[1], joins(engines[1], clip))
+    for rid, run in plain.items():
+        other = piped[rid]
+        assert run.error is None and other.error is None
+        assert len(other.logits) == len(run.logits), rid
+        pairs = zip(other.logits, run.logits, strict=True)
+        assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5, rid
+        assert torch.equal(codes(engines[1], other), codes(engines[0], run)), rid
+        streamed = np.concatenate(other.audio)
+        assert streamed.shape == np.concatenate(run.audio).shape
+        assert np.abs(streamed - np.concatenate(run.audio)).max() <= 1e-5, rid
+        if rid != "c":  # (a continuation streams its new part only)
+            full = decode(model, codes(engines[1], other))
+            assert np.abs(streamed - full).max() <= 1e-4, rid
+    assert codes(engines[1], piped["b"]).shape[-1] > 150  # (two window extensions)
+    assert steps_piped > steps_plain
+    for engine in engines:
+        assert engine._in_flight is None or not engine._in_flight.drew
+
+
+def test_a_step_is_launched_before_the_last_ones_codes_are_read(
+    pipelined: tuple[Any, MusicGenEngine], monkeypatch: Any
+) -> None:
+    """Within a call: this step's launch, then the last step's codes read; a
+    running request's input column is fed on the device (``FED_TOKEN``), but
+    where its window ends (its next window's prompt is made of the codes in
+    flight: it waits a step); its first output (nothing yet) comes before any
+    codes are read."""
+    _, engine = pipelined
+    events: list[str] = []
+    launch, collect, feed = engine._launch, engine._collect, engine._feed
+
+    def launched(*args: Any) -> Any:
+        events.append("launch")
+        return launch(*args)
+
+    def collected(*args: Any) -> Any:
+        events.append("collect")
+        return collect(*args)
+
+    def fed(given: torch.Tensor) -> torch.Tensor:
+        events.append("fed" if bool((given == FED_TOKEN).any()) else "known")
+        return feed(given)
+
+    monkeypatch.setattr(engine, "_launch", launched)
+    monkeypatch.setattr(engine, "_collect", collected)
+    monkeypatch.setattr(engine, "_feed", fed)
+    job = make(engine, "d")  # 2.5 s: windows of 2 s, moving on by 1 s
+    try:
+        calls: list[list[str]] = []
+        outputs = []
+        while not outputs or not outputs[-1].done:
+            events.clear()
+            outputs += engine.step([job])
+            calls.append(list(events))
+    finally:
+        engine.finish(job)
+    assert calls[0] == ["launch", "known"]  # (the first column: the special token)
+    assert outputs[0].audio is None and outputs[0].fraction == 0.0
+    # At each window's end the request sits a step out (nothing of its own is
+    # launched, its last codes are read); the next window's first step feeds
+    # what the host knows (its prompt, prefilled in the same call).
+    waits = [i for i, call in enumerate(calls) if call == ["launch", "collect"]]
+    assert len(waits) == 2 and waits[-1] == len(calls) - 1 and outputs[-1].done
+    assert calls[waits[0] + 1] == ["launch", "known"]
+    running = set(range(len(calls))) - {0, waits[0] + 1, *waits}
+    assert all(calls[i] == ["launch", "fed", "collect"] for i in running)
+
+
+def test_rows_in_a_pipelined_batch_equal_their_solo_runs(
+    pipelined: tuple[Any, MusicGenEngine],
+) -> None:
+    batching.test_rows_in_a_batch_equal_their_solo_runs(pipelined)
+
+
+def test_a_cancelled_neighbour_in_flight_and_a_reused_slot_change_nothing(
+    pipelined: tuple[Any, MusicGenEngine],
+) -> None:
+    batching.test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(pipelined)
+
+
+def test_a_request_failing_alone_in_flight_ends_alone(
+    pipelined: tuple[Any, MusicGenEngine], monkeypatch: Any
+) -> None:
+    """Non-finite logits found when its codes are read (a step later), and its
+    bookkeeping failing: each ends alone, with the plain step's counts of
+    logits drawn before it."""
+    batching.test_a_request_that_fails_alone_ends_alone(pipelined, monkeypatch)
+
+
+def test_finished_and_cancelled_pipelined_requests_leave_nothing_behind(
+    pipelined: tuple[Any, MusicGenEngine],
+) -> None:
+    """A request cancelled with its codes in flight is dropped from the step in
+    flight: once finished, nothing of any request stays reachable."""
+    import gc
+    import weakref
+
+    model, _ = pipelined
+    engine = MusicGenEngine(
+        model, name="tiny-2s", test_model=True, max_duration=12.0, pipelined=True
+    )
+    for _ in range(2):
+        joins = {0: [("a", make(engine, "a")), ("b", make(engine, "b"))]}
+        joins[3] = [("c", make(engine, "c"))]
+        states = [weakref.ref(job.state) for jobs in joins.values() for _, job in jobs]
+        runs, _ = drive(engine, joins, cancels={9: ["b"]})
+        for run in runs.values():
+            engine.finish(run.job)
+        del runs, joins
+        gc.collect()
+        assert all(owner is None for owner in engine._slots.owners) and not engine._due
+        assert all(state() is None for state in states)
+    # Cancelled with their codes in flight, and no step after (an idle server).
+    jobs = [make(engine, "a"), make(engine, "b")]
+    for _ in range(3):
+        engine.step(jobs)
+    assert engine._in_flight is not None and len(engine._in_flight.drew) == 2
+    states = [weakref.ref(job.state) for job in jobs]
+    for job in jobs:
+        engine.finish(job)
+    del jobs
+    gc.collect()
+    assert all(state() is None for state in states)
