@@ -90,6 +90,7 @@ class WavecastServer:
             prefill_budget_ms=models.prefill_budget_ms,
             prefix_cache_mb=models.prefix_cache_mb,
             cuda_graphs=models.cuda_graphs,
+            pipelined_steps=models.pipelined_steps,
             max_active=self.config.limits.max_active,
         )
 

@@ -206,6 +206,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "time; env WAVECAST_CUDA_GRAPHS=1 or 0)",
     )
     parser.add_argument(
+        "--pipelined-steps",
+        action=argparse.BooleanOptionalAction,
+        default=_env("PIPELINED_STEPS", "") == "1",
+        help="MusicGen: launch each decode step before the last one's codes are read, "
+        "so that on a GPU the host's part of a step (the codes' bookkeeping, the "
+        "codec's calls, the messages) runs while the device computes the next; the "
+        "same codes and audio, each step's output a step later (default: off; env "
+        "WAVECAST_PIPELINED_STEPS=1)",
+    )
+    parser.add_argument(
         "--voices-dir",
         type=Path,
         default=_env("VOICES_DIR", None),
@@ -340,6 +350,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_prompt_tokens=args.max_prompt_tokens,
             mbd=args.mbd,
             cuda_graphs=args.cuda_graphs,
+            pipelined_steps=args.pipelined_steps,
             higgs_codec=args.higgs_codec,
             voices_dir=args.voices_dir,
             scenes_dir=args.scenes_dir,

@@ -80,6 +80,7 @@ def load_engines(
     prefill_budget_ms: float | None = None,
     prefix_cache_mb: float = 256.0,
     cuda_graphs: bool | None = None,
+    pipelined_steps: bool = False,
     max_active: int = 4,
 ) -> dict[str, Engine]:
     """Load every model in ``names`` on ``device`` (``auto``, ``cpu``, ``cuda[:N]``),
@@ -90,7 +91,9 @@ def load_engines(
     HiggsAudio v2 names (``tiny-higgs``, ``bosonai/higgs-audio-…``, or a folder
     whose config says ``higgs_audio_v2``) get the text-to-speech engine, with
     ``voices`` and ``scenes``. ``cuda_graphs``: replay the decode steps as CUDA
-    graphs (None: where the device is CUDA).
+    graphs (None: where the device is CUDA). ``pipelined_steps``: MusicGen's
+    steps launched before the last one's codes are read (``MusicGenEngine``'s
+    ``pipelined``).
     """
     # oneDNN (convolutions on a CPU) prepares a primitive for each input shape it
     # meets and keeps 1,024; a codec's ~35 layers in every call shape of up to
@@ -160,6 +163,7 @@ def load_engines(
             max_prompt_tokens=max_prompt_tokens,
             prefill_budget_ms=prefill_budget_ms,
             cuda_graphs=cuda_graphs,
+            pipelined=pipelined_steps,
             max_active=max_active,
         )
     return engines

@@ -375,6 +375,21 @@ def test_cuda_graphs_from_flag_and_environment_reach_the_engine(monkeypatch: Any
         assert engine.max_active == 3  # the shapes prepared at warm-up: up to 3 requests
 
 
+def test_pipelined_steps_from_flag_and_environment(monkeypatch: Any) -> None:
+    """``--pipelined-steps`` (or ``WAVECAST_PIPELINED_STEPS=1``) reaches the
+    server's configuration; off by default (``load_engines`` passes it on to
+    MusicGen's engines: the crowd test serves one)."""
+
+    def parsed(*argv: str) -> bool:
+        return serve_config(*argv).models.pipelined_steps
+
+    monkeypatch.delenv("WAVECAST_PIPELINED_STEPS", raising=False)
+    assert not parsed() and parsed("--pipelined-steps")
+    assert not parsed("--no-pipelined-steps")
+    monkeypatch.setenv("WAVECAST_PIPELINED_STEPS", "1")
+    assert parsed() and not parsed("--no-pipelined-steps")
+
+
 def test_dtype_from_flag_and_environment(monkeypatch: Any) -> None:
     def parsed(*argv: str) -> str:
         return serve_config(*argv).models.dtype

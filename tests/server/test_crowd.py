@@ -7,14 +7,16 @@ probe's audio equals its run alone, every request ends as it should, and
 nothing fails. The engines' equivalence tests compare rows with their solo runs
 step by step; this covers what the scheduler adds around them (admission,
 preparation within the budget, prefill, the codec's shared cadence, the two
-models stepped in one tick).
+models stepped in one tick), with MusicGen's steps plain and pipelined
+(``--pipelined-steps``: outputs a step late, cancels and a dropped connection
+with codes in flight).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,15 +40,32 @@ PROBES: list[tuple[tuple[str, str], str, dict[str, Any]]] = [
 TEXTS = ["Hello there.", "Good morning to you all.", "One, two, three.", "A short line."]
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Any]:
+_PIPELINED: dict[str, Any] = {}
+
+
+def engines(voices: Path, pipelined: bool) -> Mapping[str, Any]:
+    """Both test models; with ``pipelined``, MusicGen's steps pipelined
+    (``--pipelined-steps``: a tiny-musicgen of its own, built once)."""
+    served = dict(higgs_engines(voices))
+    if pipelined:
+        if not _PIPELINED:
+            from wavecast.server.engines import load_engines
+
+            _PIPELINED.update(load_engines(["tiny-musicgen"], "cpu", pipelined_steps=True))
+        served.update(_PIPELINED)
+    return served
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "pipelined"])
+async def server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     voices = tmp_path / "voices"
     voices.mkdir()
     # Slots: on a slow machine the measured speed would queue part of the crowd,
     # and this is about streams decoded together.
     config = make_config(max_active=12, max_requests_per_connection=16, admission="slots")
     config = replace(config, models=replace(config.models, voices_dir=voices))
-    async with running_server(config, lambda: higgs_engines(voices)) as srv:
+    async with running_server(config, lambda: engines(voices, request.param)) as srv:
+        assert srv.scheduler._engines["tiny-musicgen"].pipelined is request.param
         yield srv
 
 
