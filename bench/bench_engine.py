@@ -233,14 +233,16 @@ def load(
     max_new_tokens: int = 2048,
     prefill_budget_ms: float | None = None,
     pack: bool = True,
+    pipelined: bool = False,
     **speech: Any,
 ) -> Engine:
     """The engine, warmed up as the server warms it (with graphs: every shape of
     up to ``max_active`` requests recorded; the codec batch measured unless given;
     the generator in ``dtype``, as ``--dtype``; the C heap keeping freed memory
     and the Python heap frozen after warm-up, as the server's; on a CPU its large
-    float32 weights packed, unless not ``pack``). ``speech``: more of the speech
-    engine's arguments (voices, prefix_cache)."""
+    float32 weights packed, unless not ``pack``; MusicGen's steps ``pipelined``,
+    as ``--pipelined-steps``). ``speech``: more of the speech engine's arguments
+    (voices, prefix_cache)."""
     keep_freed_memory()
     engine: Engine
     if is_higgs_name(name):
@@ -274,6 +276,7 @@ def load(
             max_active=max_active,
             stream=StreamSettings(codec_batch=codec_batch, codec_windows=codec_windows),
             prefill_budget_ms=prefill_budget_ms,
+            pipelined=pipelined,
         )
     engine.warm_up()
     if pack:
@@ -362,6 +365,12 @@ def main() -> None:
         help="with --cuda-graphs: the codec's steady calls recorded as CUDA graphs too "
         "(codec_incremental.RECORD_CALLS; off by default)",
     )
+    parser.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="MusicGen: each step launched before the last one's codes are read, as the "
+        "server's --pipelined-steps (off by default)",
+    )
     args = parser.parse_args()
     fused.ENABLED = args.fused_products
     codec_incremental.RECORD_CALLS = args.codec_graphs
@@ -378,6 +387,7 @@ def main() -> None:
         args.codec_windows,
         args.dtype,
         args.max_new_tokens,
+        pipelined=args.pipelined,
     )
     loaded = time.perf_counter() - began
     resident = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
@@ -404,6 +414,9 @@ def main() -> None:
     mode = "windows" if streams is None or streams.incremental is None else "incremental"
     print(f"- codec decoding: {mode}; chunks per call at most: {engine.codec_batch} (warm-up)")
     print(f"- load and warm-up: {loaded:.1f} s")
+    if engine.info.family == "musicgen":
+        pipelined = getattr(engine, "pipelined", False)
+        print(f"- steps pipelined (launched before the last one's codes are read): {pipelined}")
     print(f"- step weights: {engine.decoder.packing}")
     if device.startswith("cuda"):
         fusing = getattr(engine.decoder, "_fused", None) is not None
