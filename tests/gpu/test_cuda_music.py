@@ -220,8 +220,9 @@ def test_recorded_codec_calls_stream_the_one_shot_decode() -> None:
 def test_pipelined_steps_on_cuda_draw_the_plain_steps_codes(cuda_graphs: bool) -> None:
     """``pipelined`` on CUDA (the inputs from pinned memory without waiting, the
     codes read back through an event a step later, the codes in flight fed on
-    the device; eagerly and replayed as graphs): a crowd joining apart, greedy
-    and sampled, draws the plain steps' codes and streams the one-shot decode."""
+    the device, the codec on a stream of its own; eagerly and replayed as
+    graphs): a crowd joining apart, greedy and sampled, draws the plain steps'
+    codes and streams the one-shot decode."""
     model = build_tiny_musicgen(device="cuda")
     engines = [
         MusicGenEngine(
@@ -233,6 +234,7 @@ def test_pipelined_steps_on_cuda_draw_the_plain_steps_codes(cuda_graphs: bool) -
         )
         for pipelined in (False, True)
     ]
+    assert engines[0]._codec_cuda is None and engines[1]._codec_cuda is not None
     results = []
     for engine in engines:
         jobs = _music_jobs(engine, ["rock", "jazz", "ambient pads"], duration=2.0)

@@ -25,6 +25,7 @@ same way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -173,8 +174,10 @@ class MusicGenEngine:
         pipelined: Launch each step before the last one's codes are read
             (``step``): on a GPU the host's part of a step (reading the codes,
             the windows' bookkeeping, the codec's calls, the scheduler's
-            messages) runs while the device computes the next one. Each
-            step's outputs come a step later; the codes are the same.
+            messages) runs while the device computes the next one, and the
+            codec runs on a CUDA stream of its own (its audio read back without
+            waiting for the step in flight). Each step's outputs come a step
+            later; the codes are the same.
         max_prompt_tokens: Longest description, in the text encoder's tokens.
         max_active: Requests the scheduler decodes at once.
 
@@ -205,11 +208,16 @@ class MusicGenEngine:
     ) -> None:
         self.model = model
         self.pipelined = pipelined
+        self.device = next(iter(model.lm.parameters())).device
+        # Pipelined on CUDA, the codec runs on a stream of its own: reading its
+        # audio back waits for its calls only, not for the decode step in flight.
+        self._codec_cuda = (
+            torch.cuda.Stream(self.device) if pipelined and self.device.type == "cuda" else None
+        )
         self.mbd = mbd
         self.name = name
         self.lm = model.lm
         self.test_model = test_model
-        self.device = next(iter(self.lm.parameters())).device
         self.stream = stream or StreamSettings()
         self.window = float(model.max_duration)
         self.max_duration = float(max(max_duration or self.window, self.window))
@@ -238,7 +246,10 @@ class MusicGenEngine:
             self.stream.max_chunk_frames,
             self.frame_rate,
         )
-        with torch.no_grad():
+        if self._codec_cuda is not None:
+            # (What was written to the codec on the default stream, preparing it, first.)
+            self._codec_cuda.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.no_grad(), self._codec_format():
             self.codec_streams = CodecStreams(
                 model.compression_model,
                 self._decode,
@@ -420,7 +431,8 @@ class MusicGenEngine:
         if prompt is not None:
             job.codes.append(prompt)
             if params.get("include_prompt"):
-                job.pending_audio = decoder.push(prompt)
+                with self._codec_format():
+                    job.pending_audio = decoder.push(prompt)
             else:
                 decoder.prime(prompt)
                 job.skip_frames = first_prompt_len
@@ -449,10 +461,18 @@ class MusicGenEngine:
             out: torch.Tensor = self.model.compression_model.decode(codes.to(self.device), None)
         return out
 
-    def _codec_format(self) -> torch.autocast:
+    def _codec_format(self) -> contextlib.ExitStack:
         """The codec decodes in float32 (as audiocraft's ``generate`` does, after
-        its language model's autocast), whatever format the steps run in."""
-        return torch.autocast(self.device.type, enabled=False)
+        its language model's autocast), whatever format the steps run in; with
+        pipelined steps on CUDA, on its own stream (``_codec_cuda``). Every
+        codec call (and the check at load, the warm-up's) runs in it, so that
+        the codec's tensors are its stream's alone, and each call ends by
+        reading its audio back."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(self.device.type, enabled=False))
+        if self._codec_cuda is not None:
+            stack.enter_context(torch.cuda.stream(self._codec_cuda))
+        return stack
 
     # -- stepping ------------------------------------------------------------------
 
@@ -1056,7 +1076,7 @@ class MusicGenEngine:
             with torch.no_grad(), self._codec_format():
                 self.codec_streams.choose_forms(self.codec_batch or self.max_active)
             if self.codec_batch is None:
-                with torch.no_grad():
+                with torch.no_grad(), self._codec_format():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
             # Streams beyond a call's chunks decode on steps of their own.
