@@ -234,7 +234,7 @@ def test_pipelined_steps_on_cuda_draw_the_plain_steps_codes(cuda_graphs: bool) -
         )
         for pipelined in (False, True)
     ]
-    assert engines[0]._codec_cuda is None and engines[1]._codec_cuda is not None
+    assert engines[0]._codec_place.stream is None and engines[1]._codec_place.stream is not None
     results = []
     for engine in engines:
         jobs = _music_jobs(engine, ["rock", "jazz", "ambient pads"], duration=2.0)

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from audiocraft.models.musicgen import MusicGen
 
@@ -59,6 +58,7 @@ from ..codec_decoders import for_serving
 from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
+from ..pipelining import CodecPlace, Launched, read_back, to_device
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
 from ..sampling import DrawPlan, RowSampling, finite_rows, sample
@@ -129,21 +129,6 @@ class _MusicGenJob:
     held: StepOutput | None = None
 
 
-@dataclass(slots=True)
-class _Launched:
-    """A step launched: the forward and draw queued on the device, its codes
-    (``[slots, K + 1]``, the last column whether the slot's logits were finite)
-    on their way to ``back`` on the host, there once ``ready`` (a CUDA event;
-    None: already). ``drew``: the requests whose rows drew, and their jobs
-    (pipelined steps read them a step later); ``stepped``: which slots drew."""
-
-    back: torch.Tensor
-    ready: Any
-    guided: torch.Tensor
-    stepped: npt.NDArray[np.bool_]
-    drew: list[tuple[_MusicGenJob, Job | None]]
-
-
 class MusicGenEngine:
     """A loaded MusicGen model served through the step interface.
 
@@ -209,11 +194,6 @@ class MusicGenEngine:
         self.model = model
         self.pipelined = pipelined
         self.device = next(iter(model.lm.parameters())).device
-        # Pipelined on CUDA, the codec runs on a stream of its own: reading its
-        # audio back waits for its calls only, not for the decode step in flight.
-        self._codec_cuda = (
-            torch.cuda.Stream(self.device) if pipelined and self.device.type == "cuda" else None
-        )
         self.mbd = mbd
         self.name = name
         self.lm = model.lm
@@ -246,9 +226,9 @@ class MusicGenEngine:
             self.stream.max_chunk_frames,
             self.frame_rate,
         )
-        if self._codec_cuda is not None:
-            # (What was written to the codec on the default stream, preparing it, first.)
-            self._codec_cuda.wait_stream(torch.cuda.current_stream(self.device))
+        # Pipelined on CUDA, the codec runs on a stream of its own: reading its
+        # audio back waits for its calls only, not for the decode step in flight.
+        self._codec_place = CodecPlace(self.device, pipelined)
         with torch.no_grad(), self._codec_format():
             self.codec_streams = CodecStreams(
                 model.compression_model,
@@ -276,7 +256,7 @@ class MusicGenEngine:
         # Each slot's codes of the last step that drew for it, kept on the device:
         # a pipelined step feeds them (``FED_TOKEN``) before the host has read them.
         self._fed = torch.zeros(1, self.decoder.codebooks, dtype=torch.int64, device=self.device)
-        self._in_flight: _Launched | None = None
+        self._in_flight: Launched[_MusicGenJob] | None = None
         self._graphs = None
         self._prefilled = PrefilledLogits(2, self.decoder.codebooks, self.decoder.card, self.device)
         if cuda_graphs:
@@ -464,14 +444,10 @@ class MusicGenEngine:
     def _codec_format(self) -> contextlib.ExitStack:
         """The codec decodes in float32 (as audiocraft's ``generate`` does, after
         its language model's autocast), whatever format the steps run in; with
-        pipelined steps on CUDA, on its own stream (``_codec_cuda``). Every
-        codec call (and the check at load, the warm-up's) runs in it, so that
-        the codec's tensors are its stream's alone, and each call ends by
-        reading its audio back."""
+        pipelined steps on CUDA, on its own stream (``CodecPlace``)."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(self.device.type, enabled=False))
-        if self._codec_cuda is not None:
-            stack.enter_context(torch.cuda.stream(self._codec_cuda))
+        stack.enter_context(self._codec_place())
         return stack
 
     # -- stepping ------------------------------------------------------------------
@@ -552,7 +528,7 @@ class MusicGenEngine:
     def _advance_all(
         self,
         generating: list[tuple[int, Job]],
-        launched: _Launched | None,
+        launched: Launched[_MusicGenJob] | None,
         failures: dict[int, BaseException],
         outputs: list[StepOutput | None],
     ) -> None:
@@ -565,7 +541,7 @@ class MusicGenEngine:
         stepped = np.zeros(0, dtype=bool)
         guided = torch.zeros(0)
         if launched is not None:
-            stepped, guided = launched.stepped, launched.guided
+            stepped, guided = launched.stepped, launched.logits
             drawn = launched.back[:, :-1].tolist()  # (each slot's codes as ints, one by one)
         drew_ids = {id(st) for st, _ in launched.drew} if launched is not None else set()
 
@@ -790,7 +766,7 @@ class MusicGenEngine:
         states: list[_MusicGenJob],
         failures: dict[int, BaseException],
         jobs: Mapping[int, Job] | None = None,
-    ) -> _Launched | None:
+    ) -> Launched[_MusicGenJob] | None:
         """One forward for every request (prefilling new windows), one draw per
         row, launched (None: no request drew).
 
@@ -852,13 +828,7 @@ class MusicGenEngine:
         # Attend over the longest row's positions, rounded up to a power of two (a
         # handful of shapes per window length).
         span = span_for(max((st.kv_length for st in decoding), default=0) + 1)
-        cuda = self.device.type == "cuda"
-        given = torch.from_numpy(host)
-        if self.pipelined and cuda:
-            # (From pinned memory, without waiting for the step in flight.)
-            inputs = given.pin_memory().to(self.device, non_blocking=True)
-        else:
-            inputs = given.to(self.device)
+        inputs = to_device(torch.from_numpy(host), self.device, self.pipelined)
         if self._graphs is not None and decoding:
             for slot, pair in prefilled.items():
                 self._prefilled.logits[2 * slot : 2 * slot + 2] = pair.float()
@@ -881,17 +851,7 @@ class MusicGenEngine:
             st.kv_length += 1
         sampling.step[:slots] += stepped
         # One copy back: the codes, and whether each slot's logits were finite.
-        ready = None
-        if not self.pipelined:
-            back = back_device.cpu()
-        elif cuda:
-            # (The step's outputs are the graph's: the next replay writes over them.)
-            back = torch.empty(back_device.shape, dtype=back_device.dtype, pin_memory=True)
-            back.copy_(back_device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            back = back_device.clone()
+        back, ready = read_back(back_device, self.pipelined)
         if self.pipelined and self.logits_observer is not None:
             guided = guided.clone()
         jobs = jobs or {}
@@ -900,13 +860,14 @@ class MusicGenEngine:
             for st in states
             if st.slot is not None and st.slot < slots and stepped[st.slot]
         ]
-        return _Launched(back, ready, guided, stepped, drew)
+        return Launched(back, ready, guided, stepped, drew)
 
-    def _collect(self, launched: _Launched, failures: dict[int, BaseException]) -> None:
+    def _collect(
+        self, launched: Launched[_MusicGenJob], failures: dict[int, BaseException]
+    ) -> None:
         """Wait for a launched step's codes on the host; the requests whose rows'
         logits were not finite go into ``failures``."""
-        if launched.ready is not None:
-            launched.ready.synchronize()
+        launched.wait()
         finite = launched.back[:, -1].tolist()
         for st, job in launched.drew:
             # (Pipelined: a request finished since its launch is no one's concern.)
@@ -1153,8 +1114,7 @@ class MusicGenEngine:
         if st is not None:
             self._release_slot(st)
             if self._in_flight is not None:  # (its codes in flight go unread)
-                drew = self._in_flight.drew
-                drew[:] = [(other, owner) for other, owner in drew if other is not st]
+                self._in_flight.forget(st)
         job.state = None
 
     # -- for tests and benchmarks ----------------------------------------------------
