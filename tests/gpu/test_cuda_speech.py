@@ -298,3 +298,33 @@ def test_recorded_speech_codec_calls_stream_the_one_shot_decode() -> None:
             whole = engine.codec.decode(engine.codes_of(job)).audio_values[0, 0].float().cpu()
         assert streamed.shape == tuple(whole.shape)
         assert np.abs(streamed - whole.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_pipelined_speech_steps_on_cuda_are_the_plain_steps(cuda_graphs: bool) -> None:
+    """``pipelined`` on CUDA (the codes read back through an event in the next
+    call, the inputs from pinned memory, the codec on a stream of its own): a
+    crowd joining apart, sampled with the repetition-aware redraw, draws the
+    plain steps' codes and streams the one-shot decode of them."""
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
+
+    loaded = load_higgs("tiny-higgs", None, "cuda")
+    results = []
+    for pipelined in (False, True):
+        engine = HiggsEngine(
+            loaded, name="tiny-higgs", cuda_graphs=cuda_graphs, pipelined=pipelined
+        )
+        assert (engine._codec_place.stream is not None) == pipelined
+        jobs = _speech_jobs(engine, 4)
+        audio = step_together(engine, jobs, (0, 0, 4, 9))
+        results.append((engine, jobs, audio))
+    (plain, plain_jobs, _), (engine, jobs, audio) = results
+    for ours, theirs in zip(jobs, plain_jobs, strict=True):
+        codes = engine.codes_of(ours)
+        assert torch.equal(codes, plain.codes_of(theirs))
+        streamed = np.concatenate(audio[ours.request.request_id])[:, 0]
+        with torch.no_grad():
+            whole = engine.codec.decode(codes.cuda()).audio_values[0, 0].float().cpu().numpy()
+        assert streamed.shape == whole.shape
+        assert np.abs(streamed - whole).max() <= 1e-3

@@ -63,6 +63,7 @@ from ..codec_decoders import for_serving
 from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
+from ..pipelining import CodecPlace, Launched, read_back, to_device
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
 from ..prefixes import PrefixStore
@@ -137,6 +138,9 @@ class _HiggsJob:
     # The prompt's beginning shared with other requests (``PrefixStore``): its
     # content, and its positions; until its keys and values are in the row.
     sharing: tuple[bytes, int] | None = None
+    # Pipelined steps: what a step read while the scheduler left it out of a
+    # step (given at its next one).
+    held: StepOutput | None = None
 
 
 class HiggsEngine:
@@ -174,6 +178,12 @@ class HiggsEngine:
             room for a default request (1024 prompt positions and the default
             ``max_new_tokens``), and every shape is recorded at warm-up.
         max_active: Requests the scheduler decodes at once.
+        pipelined: Read each step's codes in the next call, launching that
+            call's step once each request's row is taken (its rules and
+            frames kept), before the codec's calls and the messages
+            (``pipelining``): on a GPU that part of the host's work then runs
+            while the device computes the next step. The same steps; each
+            step's outputs come a call later.
 
     The codec's decoder is prepared for serving in place
     (``codec_decoders.for_serving``: the same audio, without per-call waste).
@@ -207,8 +217,10 @@ class HiggsEngine:
         clock: Callable[[], float] = time.perf_counter,
         cuda_graphs: bool = False,
         max_active: int = 4,
+        pipelined: bool = False,
     ) -> None:
         self.model = loaded.model
+        self.pipelined = pipelined
         self.max_active = max(1, max_active)
         self.tokenizer = loaded.tokenizer
         self.codec = loaded.codec
@@ -269,7 +281,11 @@ class HiggsEngine:
         geometry = StreamGeometry(
             left_context, holdback, first_frames, chunk_frames, max_chunk_frames, self.frame_rate
         )
-        with torch.no_grad():
+        self._in_flight: Launched[_HiggsJob] | None = None
+        # Pipelined on CUDA, the codec runs on a stream of its own: reading its
+        # audio back waits for its calls only, not for the decode step in flight.
+        self._codec_place = CodecPlace(self.device, pipelined)
+        with torch.no_grad(), self._codec_place():
             self.codec_streams = CodecStreams(
                 self.codec,
                 self._decode,
@@ -560,7 +576,108 @@ class HiggsEngine:
             return self._step(jobs)
 
     def _step(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        if self.pipelined:
+            return self._step_pipelined(jobs)
         failures: dict[int, BaseException] = {}
+        launched = self._launch(jobs, failures)
+        outputs: dict[int, StepOutput] = {}
+        self.codec_streams.tick()
+        if launched is not None:
+            self._read(launched, failures, outputs)
+        self._decode_due()
+        return [self._output(job, failures, outputs) for job in jobs]
+
+    def _step_pipelined(self, jobs: Sequence[Job]) -> list[StepOutput]:
+        """``step`` with the device computing while the host works: the last
+        step's codes are read and each request's row taken (its utterance's
+        rules, its frames), then this step is launched, then the last step's
+        audio is decoded (the codec on a CUDA stream of its own) and the
+        outputs returned while the device computes. Each step's outputs come a
+        call later; the steps are the plain steps, in the same order, with the
+        same inputs."""
+        before, self._in_flight = self._in_flight, None
+        failures: dict[int, BaseException] = {}
+        outputs: dict[int, StepOutput] = {}
+        self.codec_streams.tick()
+        if before is not None:
+            self._read(before, failures, outputs)
+            # (The scheduler leaves no decoding request out of a step; should one
+            # be, its output waits for its next.)
+            present = {id(job.state) for job in jobs}
+            for st, job in before.drew:
+                if job is not None and id(st) not in present and id(st) in outputs:
+                    st.held = outputs.pop(id(st))
+        going = [
+            job
+            for job in jobs
+            if id(job.state) not in failures
+            and not (id(job.state) in outputs and outputs[id(job.state)].done)
+        ]
+        self._in_flight = self._launch(going, failures, later=True)
+        self._decode_due()
+        return [self._output(job, failures, outputs) for job in jobs]
+
+    def _output(
+        self, job: Job, failures: dict[int, BaseException], outputs: dict[int, StepOutput]
+    ) -> StepOutput:
+        """A request's output of a step: its failure, its row read, what a step
+        read while it was left out, or nothing new (its prompt going in)."""
+        st: _HiggsJob = job.state
+        if id(st) in failures:
+            self._clear_row(st)
+            return failed_output(job, failures[id(st)])
+        if id(st) in outputs:
+            return outputs[id(st)]
+        if st.held is not None:
+            held, st.held = st.held, None
+            return held
+        return StepOutput(audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate)
+
+    def _read(
+        self,
+        launched: Launched[_HiggsJob],
+        failures: dict[int, BaseException],
+        outputs: dict[int, StepOutput],
+    ) -> None:
+        """A launched step's codes on the host (waiting for them): each request
+        that drew has its row's rules kept and its frames and audio planned
+        (``_advance``), or fails (non-finite logits)."""
+        launched.wait()
+        back = launched.back
+        finite = back[:, -1].tolist()
+        drawn = back[:, :-1].tolist()  # (each row's codes as ints, read one by one)
+        drew = [
+            (st, job)
+            for st, job in launched.drew
+            if job is not None
+            and job.state is st
+            and st.slot is not None
+            and self._slots.holds(st, st.slot)
+        ]
+        for st, _ in drew:
+            assert st.slot is not None
+            if not finite[st.slot]:
+                failures[id(st)] = non_finite()
+        if self.logits_observer is not None:
+            self.logits_observer(
+                {
+                    job.request.request_id: launched.logits[st.slot]
+                    for st, job in drew
+                    if id(st) not in failures and st.slot is not None
+                }
+            )
+        for st, job in drew:
+            if id(st) not in failures:
+                assert st.slot is not None
+                outputs[id(st)] = isolated(job, self._advance, job, drawn[st.slot])
+
+    def _launch(
+        self, jobs: Sequence[Job], failures: dict[int, BaseException], later: bool = False
+    ) -> Launched[_HiggsJob] | None:
+        """One decoder forward for every request (after prefilling what is due),
+        one draw per row, one copy each way, launched (None: no request left).
+        Requests that fail on their own go into ``failures`` (by ``id`` of their
+        state). ``later``: the codes are read back later (``Launched.wait``)."""
         joining = [job.state for job in jobs if job.state.slot is None]
         for st in joining:
             attempt(failures, [st], self._take_slot, st)
@@ -576,7 +693,7 @@ class HiggsEngine:
         states = [st for st in states if id(st) not in failures]
         decoder = self.decoder
         if not states:
-            return [failed_output(job, failures[id(job.state)]) for job in jobs]
+            return None
         k = self.num_codebooks
         rows = self._slots.span(st.slot for st in states if st.slot is not None)
         window = max(1, int(self._ras_len[:rows].max()))
@@ -634,10 +751,10 @@ class HiggsEngine:
             for slot, row_logits in prefilled.items():
                 self._prefilled.logits[slot] = row_logits.float()
                 host[-rows + slot] = 1
-            inputs = torch.from_numpy(host).to(self.device)
+            inputs = to_device(torch.from_numpy(host), self.device, later)
             back_device, logits = self._graphs((rows, span, window), inputs)
         else:
-            inputs = torch.from_numpy(host).to(self.device)
+            inputs = to_device(torch.from_numpy(host), self.device, later)
             parts = self._parts(inputs, rows, window)
             if decoding:
                 logits = decoder.decode(parts[0], parts[1].bool(), span).float()
@@ -651,36 +768,14 @@ class HiggsEngine:
             st.utterance.forwarded += 1
         sampling.step[:rows] += stepped
         # One copy back: the codes, and whether each row's logits were finite.
-        back: Ints = back_device.cpu().numpy()
-        for st in states:
-            if st.slot is not None and stepped[st.slot] and not back[st.slot, -1]:
-                failures[id(st)] = non_finite()
-        if self.logits_observer is not None:
-            self.logits_observer(
-                {
-                    job.request.request_id: logits[job.state.slot]
-                    for job in jobs
-                    if id(job.state) not in failures and stepped[job.state.slot]
-                }
-            )
-        outputs = []
-        self.codec_streams.tick()
-        drawn = back[:, :-1].tolist()  # (each row's codes as ints, read one by one)
-        for job in jobs:
-            st = job.state
-            if id(st) in failures:
-                self._clear_row(st)
-                outputs.append(failed_output(job, failures[id(st)]))
-            elif stepped[st.slot]:
-                outputs.append(isolated(job, self._advance, job, drawn[st.slot]))
-            else:
-                outputs.append(
-                    StepOutput(
-                        audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate
-                    )
-                )
-        self._decode_due()
-        return outputs
+        back, ready = read_back(back_device, later)
+        by_state = {id(job.state): job for job in jobs}
+        drew: list[tuple[_HiggsJob, Job | None]] = [
+            (st, by_state[id(st)])
+            for st in states
+            if st.slot is not None and st.slot < rows and stepped[st.slot]
+        ]
+        return Launched(back, ready, logits, stepped, drew)
 
     def _parts(self, inputs: torch.Tensor, rows: int, window: int) -> list[torch.Tensor]:
         """A step's inputs from their one copy: codes ``[R, K]``, advance flags
@@ -983,11 +1078,13 @@ class HiggsEngine:
         if self._due:
             due, self._due = self.codec_streams.due_now(self._due), []
             began = time.perf_counter()
-            complete_due(self._decode, due, self.codec_batch)
+            with self._codec_place():
+                complete_due(self._decode, due, self.codec_batch)
             self.codec_seconds += time.perf_counter() - began
         if self._ends:
             ends, self._ends = self._ends, []
-            complete_due(self._decode, ends, self.codec_batch)
+            with self._codec_place():
+                complete_due(self._decode, ends, self.codec_batch)
 
     def warm_up(self) -> None:
         if not self._warm:
@@ -998,15 +1095,15 @@ class HiggsEngine:
             finally:
                 self._graphs = graphs
             self._check_room()
-            with torch.no_grad():
+            with torch.no_grad(), self._codec_place():
                 self.codec_streams.choose_forms(self.codec_batch or self.max_active)
             if self.codec_batch is None:
-                with torch.no_grad():
+                with torch.no_grad(), self._codec_place():
                     self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
                 log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
             # Streams beyond a call's chunks decode on steps of their own.
             self.codec_streams.cadence.rows = self.codec_batch
-            with torch.no_grad():
+            with torch.no_grad(), self._codec_place():
                 self.codec_streams.prepare_calls(self.codec_batch)
             with reserving(self.name, self.max_active):
                 if graphs is not None:
@@ -1077,8 +1174,11 @@ class HiggsEngine:
             self._graphs.prepare(keys, blank, label=label)
 
     def finish(self, job: Job) -> None:
-        if job.state is not None:
-            self._release_slot(job.state)
+        st = job.state
+        if st is not None:
+            self._release_slot(st)
+            if self._in_flight is not None:  # (its codes in flight go unread)
+                self._in_flight.forget(st)
         job.state = None
 
     def _under_way(self, st: _HiggsJob) -> bool:

@@ -1,0 +1,164 @@
+"""Pipelined speech steps (``pipelined``): each step's codes read in the next
+call, that call's step launched right after the requests' rules are kept and
+before their bookkeeping, codec calls and messages.
+
+The steps are the plain steps (the same rows, inputs and draws in the same
+order), so the logits and codes are the plain engine's bit for bit; each step's
+outputs come a call later. The batched engine's cases (a crowd joining apart
+against solo runs, a neighbour cancelled, requests failing alone) run here on
+a pipelined engine too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import test_higgs_batched as batched_tests
+import torch
+from helpers import observed_logits
+from test_higgs_batched import DIALOGUE, drive, request, wav
+
+from wavecast.server.engines.base import Job
+from wavecast.server.engines.higgs.engine import HiggsEngine
+from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
+
+
+@pytest.fixture(scope="module")
+def loaded() -> HiggsModel:
+    return load_higgs("tiny-higgs", None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def pipelined(loaded: HiggsModel) -> HiggsEngine:
+    return HiggsEngine(loaded, name="tiny-higgs", pipelined=True)
+
+
+def crowd(engine: HiggsEngine) -> list[Job]:
+    """Texts, a dialogue in chunks with an uploaded voice, greedy and sampled
+    with repetition-aware sampling, lengths of their own."""
+    return [
+        request(engine, "a", "Hello there, how are you?", max_new_tokens=40, seed=1),
+        request(
+            engine,
+            "b",
+            DIALOGUE,
+            {"reference": wav(0.8, 330)},
+            chunk_method="speaker",
+            max_new_tokens=25,
+            seed=2,
+        ),
+        request(engine, "c", "Short.", max_new_tokens=12, temperature=1.0, top_k=0, seed=3),
+        request(engine, "d", "Steady words here.", temperature=0.0, max_new_tokens=35, seed=4),
+    ]
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static-buffers"])
+def test_pipelined_steps_are_the_plain_steps(loaded: HiggsModel, graphs: bool) -> None:
+    """A crowd joining apart: each request's logits equal the plain engine's
+    bit for bit, its codes too, its audio the plain stream's (within 1e-5: the
+    codec's calls may group the streams' chunks otherwise), in one call more."""
+    engines = [
+        HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=graphs, pipelined=pipelined)
+        for pipelined in (False, True)
+    ]
+    results = []
+    for engine in engines:
+        jobs = crowd(engine)
+        with observed_logits(engine) as seen:
+            audio = drive(engine, jobs, [0, 0, 3, 7])
+        codes = {job.request.request_id: engine.codes_of(job) for job in jobs}
+        results.append((audio, codes, seen))
+        for job in jobs:
+            engine.finish(job)
+    (audio, codes, seen), (piped_audio, piped_codes, piped_seen) = results
+    for rid in audio:
+        assert torch.equal(piped_codes[rid], codes[rid]), rid
+        assert piped_audio[rid].shape == audio[rid].shape, rid
+        assert np.abs(piped_audio[rid] - audio[rid]).max() <= 1e-5, rid
+        assert len(piped_seen[rid]) == len(seen[rid]) > 10, rid
+        assert all(torch.equal(a, b) for a, b in zip(piped_seen[rid], seen[rid], strict=True))
+
+
+def test_a_steps_codes_are_read_before_the_next_launch_and_decoded_after(
+    pipelined: HiggsEngine, monkeypatch: Any
+) -> None:
+    """Within a call: the last step's codes read (and the rules kept), this
+    step launched, then the codec's calls; a request's first output (nothing
+    yet) comes before any codes are read, its last in the call after its last
+    step."""
+    events: list[str] = []
+    read, launch, decode_due = pipelined._read, pipelined._launch, pipelined._decode_due
+
+    def reading(*args: Any) -> Any:
+        events.append("read")
+        return read(*args)
+
+    def launching(*args: Any, **kwargs: Any) -> Any:
+        events.append("launch")
+        return launch(*args, **kwargs)
+
+    def decoding() -> None:
+        events.append("codec")
+        decode_due()
+
+    monkeypatch.setattr(pipelined, "_read", reading)
+    monkeypatch.setattr(pipelined, "_launch", launching)
+    monkeypatch.setattr(pipelined, "_decode_due", decoding)
+    job = request(pipelined, "a", "Hello there.", max_new_tokens=20, seed=1)
+    calls: list[list[str]] = []
+    outputs = []
+    try:
+        while not outputs or not outputs[-1].done:
+            events.clear()
+            outputs += pipelined.step([job])
+            calls.append(list(events))
+    finally:
+        pipelined.finish(job)
+    assert calls[0] == ["launch", "codec"] and outputs[0].audio is None
+    assert all(call == ["read", "launch", "codec"] for call in calls[1:])
+    assert outputs[-1].done and pipelined._in_flight is None  # (nothing launched after)
+
+
+def test_rows_in_a_pipelined_batch_equal_their_solo_runs(pipelined: HiggsEngine) -> None:
+    batched_tests.test_rows_in_a_batch_equal_their_solo_runs(pipelined)
+
+
+def test_a_cancelled_neighbour_in_flight_and_a_reused_slot_change_nothing(
+    pipelined: HiggsEngine,
+) -> None:
+    batched_tests.test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(pipelined)
+
+
+def test_a_request_failing_alone_in_flight_ends_alone(
+    pipelined: HiggsEngine, monkeypatch: Any
+) -> None:
+    batched_tests.test_a_request_that_fails_alone_ends_alone(pipelined, monkeypatch)
+
+
+def test_finished_and_cancelled_pipelined_requests_leave_nothing_behind(
+    loaded: HiggsModel,
+) -> None:
+    """Requests finished (done, or cancelled with their codes in flight, the
+    server then idle) leave nothing of theirs reachable from the engine."""
+    import gc
+    import weakref
+
+    engine = HiggsEngine(loaded, name="tiny-higgs", pipelined=True)
+    jobs = [request(engine, "a", "Hello there.", max_new_tokens=20, seed=1)]
+    drive(engine, jobs)
+    jobs += [
+        request(engine, "b", DIALOGUE, chunk_method="speaker", max_new_tokens=12, seed=2),
+        request(engine, "c", "Cut short, this one.", max_new_tokens=40, seed=3),
+    ]
+    for _ in range(4):
+        engine.step(jobs[1:])
+    assert engine._in_flight is not None and len(engine._in_flight.drew) == 2
+    states = [weakref.ref(job.state) for job in jobs]
+    for job in jobs:
+        engine.finish(job)
+    del jobs
+    gc.collect()
+    assert all(owner is None for owner in engine._slots.owners) and not engine._due
+    assert all(state() is None for state in states)
