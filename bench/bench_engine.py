@@ -240,8 +240,8 @@ def load(
     up to ``max_active`` requests recorded; the codec batch measured unless given;
     the generator in ``dtype``, as ``--dtype``; the C heap keeping freed memory
     and the Python heap frozen after warm-up, as the server's; on a CPU its large
-    float32 weights packed, unless not ``pack``; MusicGen's steps ``pipelined``,
-    as ``--pipelined-steps``). ``speech``: more of the speech engine's arguments
+    float32 weights packed, unless not ``pack``; the steps ``pipelined``, as
+    ``--pipelined-steps``). ``speech``: more of the speech engine's arguments
     (voices, prefix_cache)."""
     keep_freed_memory()
     engine: Engine
@@ -261,6 +261,7 @@ def load(
             codec_windows=codec_windows,
             max_new_tokens=max_new_tokens,
             prefill_budget_ms=prefill_budget_ms,
+            pipelined=pipelined,
             **speech,
         )
     else:
@@ -368,7 +369,7 @@ def main() -> None:
     parser.add_argument(
         "--pipelined",
         action="store_true",
-        help="MusicGen: each step launched before the last one's codes are read, as the "
+        help="each step launched before the last one's outputs are handled, as the "
         "server's --pipelined-steps (off by default)",
     )
     args = parser.parse_args()
@@ -414,9 +415,8 @@ def main() -> None:
     mode = "windows" if streams is None or streams.incremental is None else "incremental"
     print(f"- codec decoding: {mode}; chunks per call at most: {engine.codec_batch} (warm-up)")
     print(f"- load and warm-up: {loaded:.1f} s")
-    if engine.info.family == "musicgen":
-        pipelined = getattr(engine, "pipelined", False)
-        print(f"- steps pipelined (launched before the last one's codes are read): {pipelined}")
+    pipelined = getattr(engine, "pipelined", False)
+    print(f"- steps pipelined (launched before the last one's outputs are handled): {pipelined}")
     print(f"- step weights: {engine.decoder.packing}")
     if device.startswith("cuda"):
         fusing = getattr(engine.decoder, "_fused", None) is not None

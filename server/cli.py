@@ -209,9 +209,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--pipelined-steps",
         action=argparse.BooleanOptionalAction,
         default=_env("PIPELINED_STEPS", "") == "1",
-        help="MusicGen: launch each decode step before the last one's codes are read, "
-        "so that on a GPU the host's part of a step (the codes' bookkeeping, the "
-        "codec's calls, the messages) runs while the device computes the next; the "
+        help="launch each decode step before the last one's outputs are handled, so "
+        "that on a GPU the host's part of a step (the codes' bookkeeping, the codec's "
+        "calls, the messages) runs while the device computes the next (MusicGen: "
+        "before the last one's codes are read; speech: once its rules are kept); the "
         "same codes and audio, each step's output a step later (default: off; env "
         "WAVECAST_PIPELINED_STEPS=1)",
     )

@@ -74,8 +74,8 @@ class ModelsConfig:
     mbd: bool = False  # load the released Multi-Band Diffusion for the 32 kHz models
     # Replay the batched decode step as CUDA graphs; None: where the device is CUDA.
     cuda_graphs: bool | None = None
-    # MusicGen: launch each decode step before the last one's codes are read, so
-    # that on a GPU the host's part of a step overlaps the device's next one.
+    # Launch each decode step before the last one's outputs are handled, so that
+    # on a GPU the host's part of a step overlaps the device's next one.
     pipelined_steps: bool = False
     # Exact streaming geometry (frames of codes): see engines/codec_stream.py.
     # The left context is what a continuation's prompt primes the codec with

@@ -91,8 +91,8 @@ def load_engines(
     HiggsAudio v2 names (``tiny-higgs``, ``bosonai/higgs-audio-…``, or a folder
     whose config says ``higgs_audio_v2``) get the text-to-speech engine, with
     ``voices`` and ``scenes``. ``cuda_graphs``: replay the decode steps as CUDA
-    graphs (None: where the device is CUDA). ``pipelined_steps``: MusicGen's
-    steps launched before the last one's codes are read (``MusicGenEngine``'s
+    graphs (None: where the device is CUDA). ``pipelined_steps``: each step's
+    host side run while the device computes the next (the engines'
     ``pipelined``).
     """
     # oneDNN (convolutions on a CPU) prepares a primitive for each input shape it
@@ -132,6 +132,7 @@ def load_engines(
                 prefill_budget_ms=prefill_budget_ms,
                 prefix_cache=int(prefix_cache_mb * 2**20),
                 cuda_graphs=cuda_graphs,
+                pipelined=pipelined_steps,
                 max_active=max_active,
             )
             continue

@@ -7,7 +7,7 @@ probe's audio equals its run alone, every request ends as it should, and
 nothing fails. The engines' equivalence tests compare rows with their solo runs
 step by step; this covers what the scheduler adds around them (admission,
 preparation within the budget, prefill, the codec's shared cadence, the two
-models stepped in one tick), with MusicGen's steps plain and pipelined
+models stepped in one tick), with the steps plain and pipelined
 (``--pipelined-steps``: outputs a step late, cancels and a dropped connection
 with codes in flight).
 """
@@ -44,16 +44,16 @@ _PIPELINED: dict[str, Any] = {}
 
 
 def engines(voices: Path, pipelined: bool) -> Mapping[str, Any]:
-    """Both test models; with ``pipelined``, MusicGen's steps pipelined
-    (``--pipelined-steps``: a tiny-musicgen of its own, built once)."""
-    served = dict(higgs_engines(voices))
-    if pipelined:
-        if not _PIPELINED:
-            from wavecast.server.engines import load_engines
+    """Both test models; with ``pipelined``, their steps pipelined
+    (``--pipelined-steps``: engines of their own, built once)."""
+    if not pipelined:
+        return higgs_engines(voices)
+    if not _PIPELINED:
+        from wavecast.server.engines import load_engines
 
-            _PIPELINED.update(load_engines(["tiny-musicgen"], "cpu", pipelined_steps=True))
-        served.update(_PIPELINED)
-    return served
+        names = ["tiny-musicgen", "tiny-higgs"]
+        _PIPELINED.update(load_engines(names, "cpu", pipelined_steps=True))
+    return _PIPELINED
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "pipelined"])
@@ -65,7 +65,7 @@ async def server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
     config = make_config(max_active=12, max_requests_per_connection=16, admission="slots")
     config = replace(config, models=replace(config.models, voices_dir=voices))
     async with running_server(config, lambda: engines(voices, request.param)) as srv:
-        assert srv.scheduler._engines["tiny-musicgen"].pipelined is request.param
+        assert all(e.pipelined is request.param for e in srv.scheduler._engines.values())
         yield srv
 
 
