@@ -150,6 +150,7 @@ def start_server(
         "--codec-batch",
         str(args.codec_batch),
         *(["--codec-windows"] if args.codec_windows else []),
+        *(["--pipelined-steps"] if getattr(args, "pipelined_steps", False) else []),
         *getattr(args, "server_extra", []),
         "--log-file",
         str(log),
@@ -403,6 +404,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--codec-windows", action="store_true", help="the server's --codec-windows (to compare)"
+    )
+    parser.add_argument(
+        "--pipelined-steps", action="store_true", help="the server's --pipelined-steps"
     )
     parser.add_argument(
         "--crowds",
