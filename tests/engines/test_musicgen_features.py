@@ -242,14 +242,18 @@ def test_bad_melody_upload(melodic: Any) -> None:
     assert info.value.field == "inputs.melody"
 
 
-def test_mbd_rendition_equals_tokens_to_wav(windowed: Any) -> None:
-    """The stepped diffusion is audiocraft's MultiBandDiffusion.tokens_to_wav."""
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_mbd_rendition_equals_tokens_to_wav(windowed: Any, pipelined: bool) -> None:
+    """The stepped diffusion is audiocraft's MultiBandDiffusion.tokens_to_wav
+    (pipelined steps too: the live stream's last codes read a step later)."""
     from wavecast.server.engines.musicgen.mbd import MBD_STEPS
     from wavecast.server.engines.testing.mbd import build_tiny_mbd
 
     model, _ = windowed
     mbd = build_tiny_mbd(model.compression_model)
-    engine = MusicGenEngine(model, name="m", test_model=True, max_duration=12.0, mbd=mbd)
+    engine = MusicGenEngine(
+        model, name="m", test_model=True, max_duration=12.0, mbd=mbd, pipelined=pipelined
+    )
     assert "mbd" in engine.info.capabilities
     resolved = resolve_params(
         engine.info.params, {"duration": 3.0, "seed": 21, "mbd": True, "extend_stride": 1.0}
@@ -295,13 +299,15 @@ def test_mbd_follows_the_streamed_span_of_a_continuation(windowed: Any) -> None:
     assert out.rendition is not None and out.rendition.shape == (50 * HOP, 1)  # prompt cut
 
 
-def test_mbd_for_stereo_renders_each_channel(stereo: Any) -> None:
-    """Left and right codes through the mono MBD as a batch, as audiocraft's demo does."""
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_mbd_for_stereo_renders_each_channel(stereo: Any, pipelined: bool) -> None:
+    """Left and right codes through the mono MBD as a batch, as audiocraft's demo
+    does (stereo's interleaved codebooks fed on the device too, pipelined)."""
     from wavecast.server.engines.testing.mbd import build_tiny_mbd
 
     model, _ = stereo
     mbd = build_tiny_mbd(model.compression_model.model)
-    engine = MusicGenEngine(model, name="s", test_model=True, mbd=mbd)
+    engine = MusicGenEngine(model, name="s", test_model=True, mbd=mbd, pipelined=pipelined)
     resolved = resolve_params(engine.info.params, {"duration": 1.0, "seed": 4, "mbd": True})
     job = engine.prepare(EngineRequest("t", "x", resolved))
     while not (out := engine.step([job])[0]).done:

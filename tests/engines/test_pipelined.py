@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import test_batching as batching
+import test_musicgen_features as features
 import torch
 from test_batching import codes, drive, make
 from test_musicgen_features import decode, wav_bytes
@@ -190,3 +191,30 @@ def test_finished_and_cancelled_pipelined_requests_leave_nothing_behind(
     del jobs
     gc.collect()
     assert all(state() is None for state in states)
+
+
+# -- against audiocraft, pipelined ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("duration", "stride"), [(7.3, 1.5), (4.0, 0.5)])
+def test_pipelined_long_form_equals_audiocraft_extension(
+    pipelined: tuple[Any, MusicGenEngine], duration: float, stride: float
+) -> None:
+    features.test_long_form_equals_audiocraft_extension(pipelined, duration, stride)
+
+
+def test_a_pipelined_continuation_with_its_prompt_equals_generate_continuation(
+    pipelined: tuple[Any, MusicGenEngine],
+) -> None:
+    features.test_continuation_matches_generate_continuation(pipelined, True)
+
+
+def test_a_pipelined_melody_over_windows_equals_generate_with_chroma() -> None:
+    """A melody's chroma wrapped across windows, each next window's conditioning
+    computed a segment a step while the request waits (pipelined: after its
+    codes in flight are read)."""
+    model = build_tiny_musicgen(melody=True, window=2.0, seed=5)
+    engine = MusicGenEngine(
+        model, name="tiny-melody", test_model=True, max_duration=10.0, pipelined=True
+    )
+    features.test_melody_matches_generate_with_chroma((model, engine), 5.0)
