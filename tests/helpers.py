@@ -81,6 +81,55 @@ def served(args: list[str], log_file: Path, env: dict[str, str] | None = None) -
             process.wait()
 
 
+def steps_in_order(
+    engine: Any, job: Any, marks: Mapping[str, Callable[..., str | None]], monkeypatch: Any
+) -> tuple[list[list[str]], list[Any]]:
+    """Step ``job`` alone to its end (then finish it), the engine's methods named
+    in ``marks`` noted as they are called: each call of ``step``'s notes in
+    order (``marks[name](*args)``: the note, None for the name itself), and
+    every output."""
+    notes: list[str] = []
+
+    def noting(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            notes.append(marks[name](*args) or name)
+            return method(*args, **kwargs)
+
+        return noted
+
+    for name in marks:
+        monkeypatch.setattr(engine, name, noting(name, getattr(engine, name)))
+    calls: list[list[str]] = []
+    outputs: list[Any] = []
+    try:
+        while not outputs or not outputs[-1].done:
+            notes.clear()
+            outputs += engine.step([job])
+            calls.append(list(notes))
+    finally:
+        engine.finish(job)
+    return calls, outputs
+
+
+def cancelled_in_flight_leave_nothing(engine: Any, jobs: list[Any], steps: int) -> None:
+    """``jobs`` stepped ``steps`` times by a pipelined engine, then all finished
+    with their codes in flight, and no step after (an idle server): no slot
+    taken, no codec window waiting, none of their states reachable."""
+    import gc
+    import weakref
+
+    for _ in range(steps):
+        engine.step(jobs)
+    assert engine._in_flight is not None and len(engine._in_flight.drew) == len(jobs)
+    states = [weakref.ref(job.state) for job in jobs]
+    for job in jobs:
+        engine.finish(job)
+    del jobs
+    gc.collect()
+    assert all(owner is None for owner in engine._slots.owners) and not engine._due
+    assert all(state() is None for state in states)
+
+
 @contextmanager
 def observed_logits(engine: Any) -> Iterator[dict[str, list[Any]]]:
     """While in: every sampled request's raw logits, step by step, by request id

@@ -763,11 +763,16 @@ def test_finished_and_cancelled_requests_leave_nothing_behind(windowed: Any) -> 
     reachable from the engine: its slot is free, no codec window waits for it,
     and the garbage collector finds none of its state (a crowd after a crowd
     costs no memory more)."""
+    model, _ = windowed
+    crowds_leave_nothing(MusicGenEngine(model, name="tiny-2s", test_model=True, max_duration=12.0))
+
+
+def crowds_leave_nothing(engine: MusicGenEngine) -> None:
+    """Two crowds (one joining later, one cancelled half-way), finished: no
+    slot taken, no codec window waiting, no request's state reachable."""
     import gc
     import weakref
 
-    model, _ = windowed
-    engine = MusicGenEngine(model, name="tiny-2s", test_model=True, max_duration=12.0)
     for _ in range(2):
         joins = {0: [("a", make(engine, "a")), ("b", make(engine, "b"))]}
         joins[3] = [("c", make(engine, "c"))]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import test_higgs_batched as batched_tests
 import torch
-from helpers import observed_logits
+from helpers import cancelled_in_flight_leave_nothing, observed_logits, steps_in_order
 from test_higgs_batched import DIALOGUE, drive, request, wav
 
 from wavecast.server.engines.base import Job
@@ -88,34 +88,10 @@ def test_a_steps_codes_are_read_before_the_next_launch_and_decoded_after(
     step launched, then the codec's calls; a request's first output (nothing
     yet) comes before any codes are read, its last in the call after its last
     step."""
-    events: list[str] = []
-    read, launch, decode_due = pipelined._read, pipelined._launch, pipelined._decode_due
-
-    def reading(*args: Any) -> Any:
-        events.append("read")
-        return read(*args)
-
-    def launching(*args: Any, **kwargs: Any) -> Any:
-        events.append("launch")
-        return launch(*args, **kwargs)
-
-    def decoding() -> None:
-        events.append("codec")
-        decode_due()
-
-    monkeypatch.setattr(pipelined, "_read", reading)
-    monkeypatch.setattr(pipelined, "_launch", launching)
-    monkeypatch.setattr(pipelined, "_decode_due", decoding)
+    marks = {"_read": lambda *_: "read", "_launch": lambda *_: "launch"}
+    marks["_decode_due"] = lambda: "codec"
     job = request(pipelined, "a", "Hello there.", max_new_tokens=20, seed=1)
-    calls: list[list[str]] = []
-    outputs = []
-    try:
-        while not outputs or not outputs[-1].done:
-            events.clear()
-            outputs += pipelined.step([job])
-            calls.append(list(events))
-    finally:
-        pipelined.finish(job)
+    calls, outputs = steps_in_order(pipelined, job, marks, monkeypatch)
     assert calls[0] == ["launch", "codec"] and outputs[0].audio is None
     assert all(call == ["read", "launch", "codec"] for call in calls[1:])
     assert outputs[-1].done and pipelined._in_flight is None  # (nothing launched after)
@@ -142,23 +118,10 @@ def test_finished_and_cancelled_pipelined_requests_leave_nothing_behind(
 ) -> None:
     """Requests finished (done, or cancelled with their codes in flight, the
     server then idle) leave nothing of theirs reachable from the engine."""
-    import gc
-    import weakref
-
     engine = HiggsEngine(loaded, name="tiny-higgs", pipelined=True)
-    jobs = [request(engine, "a", "Hello there.", max_new_tokens=20, seed=1)]
-    drive(engine, jobs)
-    jobs += [
+    drive(engine, [request(engine, "a", "Hello there.", max_new_tokens=20, seed=1)])
+    jobs = [
         request(engine, "b", DIALOGUE, chunk_method="speaker", max_new_tokens=12, seed=2),
         request(engine, "c", "Cut short, this one.", max_new_tokens=40, seed=3),
     ]
-    for _ in range(4):
-        engine.step(jobs[1:])
-    assert engine._in_flight is not None and len(engine._in_flight.drew) == 2
-    states = [weakref.ref(job.state) for job in jobs]
-    for job in jobs:
-        engine.finish(job)
-    del jobs
-    gc.collect()
-    assert all(owner is None for owner in engine._slots.owners) and not engine._due
-    assert all(state() is None for state in states)
+    cancelled_in_flight_leave_nothing(engine, jobs, 4)

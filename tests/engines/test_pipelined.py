@@ -16,6 +16,7 @@ import pytest
 import test_batching as batching
 import test_musicgen_features as features
 import torch
+from helpers import cancelled_in_flight_leave_nothing, steps_in_order
 from test_batching import codes, drive, make
 from test_musicgen_features import decode, wav_bytes
 
@@ -96,34 +97,13 @@ def test_a_step_is_launched_before_the_last_ones_codes_are_read(
     flight: it waits a step); its first output (nothing yet) comes before any
     codes are read."""
     _, engine = pipelined
-    events: list[str] = []
-    launch, collect, feed = engine._launch, engine._collect, engine._feed
 
-    def launched(*args: Any) -> Any:
-        events.append("launch")
-        return launch(*args)
+    def fed(given: torch.Tensor) -> str:
+        return "fed" if bool((given == FED_TOKEN).any()) else "known"
 
-    def collected(*args: Any) -> Any:
-        events.append("collect")
-        return collect(*args)
-
-    def fed(given: torch.Tensor) -> torch.Tensor:
-        events.append("fed" if bool((given == FED_TOKEN).any()) else "known")
-        return feed(given)
-
-    monkeypatch.setattr(engine, "_launch", launched)
-    monkeypatch.setattr(engine, "_collect", collected)
-    monkeypatch.setattr(engine, "_feed", fed)
+    marks = {"_launch": lambda *_: "launch", "_collect": lambda *_: "collect", "_feed": fed}
     job = make(engine, "d")  # 2.5 s: windows of 2 s, moving on by 1 s
-    try:
-        calls: list[list[str]] = []
-        outputs = []
-        while not outputs or not outputs[-1].done:
-            events.clear()
-            outputs += engine.step([job])
-            calls.append(list(events))
-    finally:
-        engine.finish(job)
+    calls, outputs = steps_in_order(engine, job, marks, monkeypatch)
     assert calls[0] == ["launch", "known"]  # (the first column: the special token)
     assert outputs[0].audio is None and outputs[0].fraction == 0.0
     # At each window's end the request sits a step out (nothing of its own is
@@ -162,35 +142,12 @@ def test_finished_and_cancelled_pipelined_requests_leave_nothing_behind(
 ) -> None:
     """A request cancelled with its codes in flight is dropped from the step in
     flight: once finished, nothing of any request stays reachable."""
-    import gc
-    import weakref
-
     model, _ = pipelined
     engine = MusicGenEngine(
         model, name="tiny-2s", test_model=True, max_duration=12.0, pipelined=True
     )
-    for _ in range(2):
-        joins = {0: [("a", make(engine, "a")), ("b", make(engine, "b"))]}
-        joins[3] = [("c", make(engine, "c"))]
-        states = [weakref.ref(job.state) for jobs in joins.values() for _, job in jobs]
-        runs, _ = drive(engine, joins, cancels={9: ["b"]})
-        for run in runs.values():
-            engine.finish(run.job)
-        del runs, joins
-        gc.collect()
-        assert all(owner is None for owner in engine._slots.owners) and not engine._due
-        assert all(state() is None for state in states)
-    # Cancelled with their codes in flight, and no step after (an idle server).
-    jobs = [make(engine, "a"), make(engine, "b")]
-    for _ in range(3):
-        engine.step(jobs)
-    assert engine._in_flight is not None and len(engine._in_flight.drew) == 2
-    states = [weakref.ref(job.state) for job in jobs]
-    for job in jobs:
-        engine.finish(job)
-    del jobs
-    gc.collect()
-    assert all(state() is None for state in states)
+    batching.crowds_leave_nothing(engine)
+    cancelled_in_flight_leave_nothing(engine, [make(engine, "a"), make(engine, "b")], 3)
 
 
 # -- against audiocraft, pipelined ------------------------------------------------------

@@ -89,13 +89,23 @@ def test_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again() -> N
     graphs_at_warm_up_serve_as_eager(eager, graphed, lambda e: _music_jobs(e, prompts))
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_finished_and_cancelled_requests_leave_no_memory_behind(cuda_graphs: bool) -> None:
-    """Crowds of eight requests (two cancelled half-way) leave nothing behind in
-    the GPU's memory (``crowds_leave_memory_as_found``)."""
+@pytest.mark.parametrize(
+    ("cuda_graphs", "pipelined"), [(False, False), (True, False), (True, True)]
+)
+def test_finished_and_cancelled_requests_leave_no_memory_behind(
+    cuda_graphs: bool, pipelined: bool
+) -> None:
+    """Crowds of eight requests (two cancelled half-way; pipelined, with their
+    codes in flight) leave nothing behind in the GPU's memory
+    (``crowds_leave_memory_as_found``)."""
     model = build_tiny_musicgen(device="cuda")
     engine = MusicGenEngine(
-        model, name="tiny-musicgen", test_model=True, cuda_graphs=cuda_graphs, max_active=8
+        model,
+        name="tiny-musicgen",
+        test_model=True,
+        cuda_graphs=cuda_graphs,
+        max_active=8,
+        pipelined=pipelined,
     )
 
     def crowd(index: int) -> list[Any]:
@@ -250,25 +260,3 @@ def test_pipelined_steps_on_cuda_draw_the_plain_steps_codes(cuda_graphs: bool) -
         whole = model.compression_model.decode(codes, None)[0].transpose(0, 1).float().cpu()
         assert streamed.shape == tuple(whole.shape)
         assert np.abs(streamed - whole.numpy()).max() <= 1e-3
-
-
-def test_pipelined_requests_cancelled_in_flight_leave_no_memory_behind() -> None:
-    """Pipelined crowds of eight (two cancelled with their codes in flight) leave
-    nothing behind in the GPU's memory."""
-    model = build_tiny_musicgen(device="cuda")
-    engine = MusicGenEngine(
-        model,
-        name="tiny-musicgen",
-        test_model=True,
-        cuda_graphs=True,
-        max_active=8,
-        pipelined=True,
-    )
-
-    def crowd(index: int) -> list[Any]:
-        given = {"duration": 1.0, "seed": 10 * index}
-        jobs = _music_jobs(engine, ["memory"] * 8, **given)
-        step_together(engine, jobs, cancel_at=20)
-        return jobs
-
-    crowds_leave_memory_as_found(engine, crowd, True)
