@@ -24,6 +24,7 @@ from wavecast.protocol import Busy, InternalError, WavecastError, resolve_params
 from wavecast.server.engines import dense, kv, rowkernel
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.musicgen.engine import MusicGenEngine, StreamSettings
+from wavecast.server.engines.musicgen.windows import FED_TOKEN
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 
@@ -719,14 +720,21 @@ def test_no_memory_for_a_newcomer_ends_it_busy_and_spares_the_others(windowed: A
     assert torch.equal(codes(engine, runs["a"]), codes(engine, solo["a"]))
 
 
-def test_the_graphed_step_traces_as_one_graph(windowed: Any) -> None:
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_the_graphed_step_traces_as_one_graph(windowed: Any, pipelined: bool) -> None:
     """The whole device side of a graphed step (the forward, the prefilled rows'
-    logits put in, guidance, every row's draw) has no host sync and no
+    logits put in, guidance, every row's draw; pipelined, the codes in flight
+    fed and the draw kept for the next step) has no host sync and no
     data-dependent control flow: it traces as one graph, with the eager
     step's outputs."""
     model, _ = windowed
     engine = MusicGenEngine(
-        model, name="tiny-2s", test_model=True, max_duration=12.0, cuda_graphs=True
+        model,
+        name="tiny-2s",
+        test_model=True,
+        max_duration=12.0,
+        cuda_graphs=True,
+        pipelined=pipelined,
     )
     jobs = [make(engine, rid) for rid in ("a", "b", "c")]
     try:
@@ -740,10 +748,16 @@ def test_the_graphed_step_traces_as_one_graph(windowed: Any) -> None:
         flat[rows * k : rows * (k + 1)] = 1  # every row advances
         flat[rows * (k + 1) : keys] = torch.randint(0, 2**31, (slots * k,))
         flat[keys::3] = 1  # some rows' logits from "their prefill"
+        if pipelined:  # some codes in flight, from the last draw kept on the device
+            flat[: rows * k : 3] = FED_TOKEN
+            engine._fed.random_(0, 64)
+        fed = engine._fed.clone()
         engine._prefilled.logits.normal_()
         before = decoder.lengths.clone()
         eager = engine._graphed_step([flat], (rows, 64))
+        kept = engine._fed.clone()
         decoder.lengths.copy_(before)
+        engine._fed.copy_(fed)
         try:
             torch._dynamo.reset()
             compiled = torch.compile(engine._graphed_step, fullgraph=True, backend="eager")
@@ -753,6 +767,8 @@ def test_the_graphed_step_traces_as_one_graph(windowed: Any) -> None:
         assert torch.equal(traced[0], eager[0])  # codes and finiteness
         assert torch.allclose(traced[1], eager[1], atol=1e-5)  # guided logits
         assert torch.equal(decoder.lengths, before + 1)
+        assert torch.equal(engine._fed, kept)
+        assert torch.equal(kept, eager[0][:, :-1]) == pipelined  # (every slot drew)
     finally:
         for job in jobs:
             engine.finish(job)

@@ -930,10 +930,13 @@ class MusicGenEngine:
         logits."""
         rows, span = key
         codes, active, keys, overrides = _split_inputs(inputs[0], rows, self.decoder.codebooks)
-        logits = self.decoder.decode(self._feed(codes), active.bool(), span).float()
+        if self.pipelined:
+            codes = self._feed(codes)
+        logits = self.decoder.decode(codes, active.bool(), span).float()
         logits = self._prefilled.merge(logits, overrides)
         guided, back = self._draw(logits, keys, rows // 2, None)
-        self._keep_fed(back, active, overrides)
+        if self.pipelined:
+            self._keep_fed(back, active, overrides)
         return back, guided
 
     def _step_mbd(self, job: Job, run: MBDRun) -> StepOutput:
