@@ -193,11 +193,11 @@ class MusicGenEngine:
     ) -> None:
         self.model = model
         self.pipelined = pipelined
-        self.device = next(iter(model.lm.parameters())).device
         self.mbd = mbd
         self.name = name
         self.lm = model.lm
         self.test_model = test_model
+        self.device = next(iter(self.lm.parameters())).device
         self.stream = stream or StreamSettings()
         self.window = float(model.max_duration)
         self.max_duration = float(max(max_duration or self.window, self.window))
