@@ -29,7 +29,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,8 +122,6 @@ class _MusicGenJob:
     pending_audio: FloatAudio | None = None  # the prompt's audio, with include_prompt
     slot: int | None = None  # rows 2 * slot (conditional) and 2 * slot + 1 of the decoder
     kv_length: int = 0  # positions of its rows in the decoder's KV cache
-    # Pipelined steps: the step in flight drew for it (its codes not read yet).
-    in_flight: bool = False
     # What a step in flight brought it while the scheduler left it out of a step
     # (given at its next one).
     held: StepOutput | None = None
@@ -490,20 +488,16 @@ class MusicGenEngine:
         request's codes, and its audio, are those of the plain step; each step's
         outputs come a step later."""
         before, self._in_flight = self._in_flight, None
+        # The requests whose last codes are in flight (read below, after the launch).
+        pending = set() if before is None else {id(st) for st, _ in before.drew}
         launching = [
             job.state
             for _, job in generating
-            if not (job.state.in_flight and job.state.window.ends_next)
+            if not (id(job.state) in pending and job.state.window.ends_next)
         ]
         failures: dict[int, BaseException] = {}
-        launched = self._launch(launching, failures, {id(job.state): job for _, job in generating})
-        if before is not None:
-            for st, _ in before.drew:
-                st.in_flight = False
-        if launched is not None:
-            for st, _ in launched.drew:
-                st.in_flight = True
-            self._in_flight = launched
+        jobs = {id(job.state): job for _, job in generating}
+        self._in_flight = self._launch(launching, failures, jobs, pending)
         if before is not None:
             self._collect(before, failures)
             # (The scheduler leaves no decoding request out of a step; should one
@@ -766,6 +760,7 @@ class MusicGenEngine:
         states: list[_MusicGenJob],
         failures: dict[int, BaseException],
         jobs: Mapping[int, Job] | None = None,
+        pending: Set[int] = frozenset(),
     ) -> Launched[_MusicGenJob] | None:
         """One forward for every request (prefilling new windows), one draw per
         row, launched (None: no request drew).
@@ -775,11 +770,11 @@ class MusicGenEngine:
         back as one (``_collect``): ``[slots, K]``, a request's at its slot; with
         them the guided logits ``[slots, K, card]`` (on the device; tests compare
         rows) and which slots sampled (not those whose prompt is still being
-        prefilled). A request whose last codes are in flight (``in_flight``:
-        pipelined) feeds them on the device. Requests that fail on their own go
-        into ``failures`` (by ``id`` of their state) and out of the step.
-        ``jobs``: the requests' jobs by ``id`` of their state (pipelined steps
-        keep them with the step).
+        prefilled). A request whose last codes are in flight (``pending``, by
+        ``id`` of its state: pipelined) feeds them on the device. Requests that
+        fail on their own go into ``failures`` (by ``id`` of their state) and
+        out of the step. ``jobs``: the requests' jobs by ``id`` of their state
+        (pipelined steps keep them with the step).
         """
         joining = [st for st in states if st.slot is None]
         for st in joining:
@@ -816,7 +811,7 @@ class MusicGenEngine:
                 assert st.slot is not None
                 fed.append(st.slot)
             codes_in.reshape(slots, 2, k)[fed] = [
-                [st.window.pending_column() if st.in_flight else st.window.last_column()]
+                [st.window.pending_column() if id(st) in pending else st.window.last_column()]
                 for st in decoding
             ]
             active.reshape(slots, 2)[fed] = 1
