@@ -433,3 +433,24 @@ def built_kernel() -> RowKernel:
         )
         pytest.skip(f"no row kernel here: {kernel}")
     return kernel
+
+
+def left_out_now_and_then(engine: Any, jobs: dict[str, Any], leave: str | None) -> Any:
+    """Step ``jobs`` (by request id) together to their ends, ``leave`` left out of
+    every fifth call (as a scheduler should not, but might); each one's codes
+    and audio."""
+    import numpy as np
+
+    live, audio, codes, call = dict(jobs), {rid: [] for rid in jobs}, {}, 0
+    while live:
+        rids = [rid for rid in live if not (rid == leave and call % 5 == 4)]
+        outputs = engine.step([live[rid] for rid in rids])
+        for rid, out in zip(rids, outputs, strict=True):
+            assert out.error is None, out.error
+            if out.audio is not None:
+                audio[rid].append(out.audio)
+            if out.done:
+                codes[rid] = engine.codes_of(live[rid])
+                engine.finish(live.pop(rid))
+        call += 1
+    return {rid: (codes[rid], np.concatenate(audio[rid])) for rid in jobs}

@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 import test_higgs_batched as batched_tests
 import torch
-from helpers import cancelled_in_flight_leave_nothing, observed_logits, steps_in_order
+from helpers import (
+    cancelled_in_flight_leave_nothing,
+    left_out_now_and_then,
+    observed_logits,
+    steps_in_order,
+)
 from test_higgs_batched import DIALOGUE, drive, request, wav
 
 from wavecast.server.engines.base import Job
@@ -125,3 +130,21 @@ def test_finished_and_cancelled_pipelined_requests_leave_nothing_behind(
         request(engine, "c", "Cut short, this one.", max_new_tokens=40, seed=3),
     ]
     cancelled_in_flight_leave_nothing(engine, jobs, 4)
+
+
+def test_a_request_left_out_of_calls_loses_nothing(pipelined: HiggsEngine) -> None:
+    """A request left out of calls while its codes are in flight: they are read
+    and its row taken, its output waits for its next call, and it speaks what
+    it speaks when not left out."""
+
+    def jobs() -> dict[str, Job]:
+        return {
+            "a": request(pipelined, "a", "Hello there.", max_new_tokens=20, seed=1),
+            "b": request(pipelined, "b", "Steady words here.", max_new_tokens=30, seed=2),
+        }
+
+    runs = [left_out_now_and_then(pipelined, jobs(), leave) for leave in (None, "b")]
+    for rid in "ab":
+        (codes, audio), (left_codes, left_audio) = runs[0][rid], runs[1][rid]
+        assert torch.equal(left_codes, codes), rid
+        assert left_audio.shape == audio.shape and np.abs(left_audio - audio).max() <= 1e-5

@@ -16,7 +16,7 @@ import pytest
 import test_batching as batching
 import test_musicgen_features as features
 import torch
-from helpers import cancelled_in_flight_leave_nothing, steps_in_order
+from helpers import cancelled_in_flight_leave_nothing, left_out_now_and_then, steps_in_order
 from test_batching import codes, drive, make
 from test_musicgen_features import decode, wav_bytes
 
@@ -175,3 +175,18 @@ def test_a_pipelined_melody_over_windows_equals_generate_with_chroma() -> None:
         model, name="tiny-melody", test_model=True, max_duration=10.0, pipelined=True
     )
     features.test_melody_matches_generate_with_chroma((model, engine), 5.0)
+
+
+def test_a_request_left_out_of_calls_loses_nothing(pipelined: tuple[Any, MusicGenEngine]) -> None:
+    """A request left out of calls while its codes are in flight (the scheduler
+    leaves none out, but should it): its codes go into its window, its output
+    waits for its next call, and it streams what it streams when not left out."""
+    _, engine = pipelined
+    runs = [
+        left_out_now_and_then(engine, {rid: make(engine, rid) for rid in "ab"}, leave)
+        for leave in (None, "b")
+    ]
+    for rid in "ab":
+        (codes_, audio), (left_codes, left_audio) = runs[0][rid], runs[1][rid]
+        assert torch.equal(left_codes, codes_), rid
+        assert left_audio.shape == audio.shape and np.abs(left_audio - audio).max() <= 1e-5
