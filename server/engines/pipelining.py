@@ -23,17 +23,23 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from .base import Job
+from .slots import SlotTable
 
 __all__ = ["CodecPlace", "Launched", "read_back", "to_device"]
 
-S = TypeVar("S")
+
+class _Slotted(Protocol):
+    slot: int | None
+
+
+S = TypeVar("S", bound=_Slotted)
 
 
 @dataclass(slots=True)
@@ -56,6 +62,16 @@ class Launched(Generic[S]):
         if self.ready is not None:
             self.ready.synchronize()
             self.ready = None
+
+    def current(self, slots: SlotTable[S]) -> list[tuple[S, Job | None]]:
+        """The requests that drew and are still where they drew: not finished
+        since (their job's state, holding their slot in ``slots``); without a
+        job kept (a plain step, read at once), every one."""
+        return [
+            (st, job)
+            for st, job in self.drew
+            if job is None or (job.state is st and slots.holds(st, st.slot))
+        ]
 
     def forget(self, state: S) -> None:
         """Leave ``state`` out (its request finished with its codes in flight)."""

@@ -646,14 +646,7 @@ class HiggsEngine:
         back = launched.back
         finite = back[:, -1].tolist()
         drawn = back[:, :-1].tolist()  # (each row's codes as ints, read one by one)
-        drew = [
-            (st, job)
-            for st, job in launched.drew
-            if job is not None
-            and job.state is st
-            and st.slot is not None
-            and self._slots.holds(st, st.slot)
-        ]
+        drew = [(st, job) for st, job in launched.current(self._slots) if job is not None]
         for st, _ in drew:
             assert st.slot is not None
             if not finite[st.slot]:

@@ -505,8 +505,8 @@ class MusicGenEngine:
             present = {id(job.state) for _, job in generating}
             absent = [
                 (-1, job)
-                for st, job in before.drew
-                if job is not None and id(st) not in present and self._holds(job, st)
+                for st, job in before.current(self._slots)
+                if job is not None and id(st) not in present
             ]
             if absent:
                 held: list[StepOutput | None] = [None] * len(absent)
@@ -514,10 +514,6 @@ class MusicGenEngine:
                 for (_, job), output in zip(absent, held, strict=True):
                     job.state.held = output
         self._advance_all(generating, before, failures, outputs)
-
-    def _holds(self, job: Job, st: _MusicGenJob) -> bool:
-        """Whether ``st`` is still ``job``'s, in its slot (not finished, not failed)."""
-        return job.state is st and st.slot is not None and self._slots.holds(st, st.slot)
 
     def _advance_all(
         self,
@@ -864,10 +860,8 @@ class MusicGenEngine:
         logits were not finite go into ``failures``."""
         launched.wait()
         finite = launched.back[:, -1].tolist()
-        for st, job in launched.drew:
-            # (Pipelined: a request finished since its launch is no one's concern.)
-            if job is not None and not self._holds(job, st):
-                continue
+        # (Pipelined: a request finished since its launch is no one's concern.)
+        for st, _ in launched.current(self._slots):
             assert st.slot is not None
             if not finite[st.slot]:
                 failures[id(st)] = non_finite()
