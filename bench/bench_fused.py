@@ -111,9 +111,13 @@ def crowd_step(engine: Engine, streams: int, steps: int) -> Step:
     inner: Any = engine  # (the engines' own parts, beyond the protocol)
     decoder = inner.decoder
     before = decoder.lengths.clone()
+    rules = getattr(inner, "_rules", None)  # (speech: the rows' rules, which a step moves on)
+    rules_before = None if rules is None else rules.state.clone()
 
     def restore() -> None:
         decoder.lengths.copy_(before)
+        if rules is not None and rules_before is not None:
+            rules.state.copy_(rules_before)
 
     autocast = getattr(engine, "autocast", contextlib.nullcontext)
     return Step(key, inputs, inner._graphed_step, inner._graphs, restore, autocast)

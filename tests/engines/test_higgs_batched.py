@@ -37,6 +37,7 @@ from wavecast.server.engines.higgs.decoder import HiggsDecoder
 from wavecast.server.engines.higgs.engine import HiggsEngine
 from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
 from wavecast.server.engines.higgs.prompt import SYSTEM, build_prompt
+from wavecast.server.engines.higgs.rules import RowRules
 from wavecast.server.engines.higgs.voices import Scene, Voice
 from wavecast.server.engines.kv import free_memory
 from wavecast.server.engines.sampling import (
@@ -351,10 +352,16 @@ def test_sampling_traces_as_one_graph() -> None:
 
 
 def test_delay_pattern_rules_match_the_processor(batched: HiggsEngine) -> None:
-    """The host countdowns force what HiggsAudioV2DelayPatternLogitsProcessor
-    leaves finite, step by step, through a stream's BOS rows and its EOS cascade."""
+    """The rules' countdowns on the device (``RowRules``) force what
+    HiggsAudioV2DelayPatternLogitsProcessor leaves finite, step by step, through
+    a stream's BOS rows and its EOS cascade; their repetition window is the
+    utterance's last rows (the prompt's, then drawn), the stream markers not
+    counted; a row that does not draw keeps its state."""
     config = batched.model.config
     rng = np.random.default_rng(0)
+    rules = RowRules(2, batched.markers, torch.device("cpu"))
+    both = torch.tensor([True, False])  # row 0 draws, row 1 never does
+    ras = torch.tensor([7, 7])
     for trial in range(20):
         processor = HiggsAudioV2DelayPatternLogitsProcessor(
             delay_pattern=[i + 1 for i in range(K)],
@@ -369,23 +376,36 @@ def test_delay_pattern_rules_match_the_processor(batched: HiggsEngine) -> None:
         ids, _ = batched.tokenize(parts)
         job = request(batched, "r", "x")
         u = batched._open_utterance(job.state)
+        rules.reset([(0, rules.initial(u))])
+        idle = rules.state[1].clone()
         input_ids = ids
         first_eos = int(rng.integers(K + 1, 30))
+        drawn: list[np.ndarray] = []
         for step in range(60):
             scores = processor(input_ids, torch.zeros(1, K * 66)).view(K, 66)
-            forcing = u.forced()
-            forced = np.full(K, -1) if forcing is None else forcing
+            forcing, window = rules.forced(2, both, ras, 8)
+            forced = forcing[0].numpy()
+            assert (forcing[1] == -1).all()
             for k in range(K):
                 finite = torch.isfinite(scores[k])
                 if forced[k] >= 0:
                     assert finite.sum() == 1 and bool(finite[forced[k]]), (trial, step, k)
                 else:
                     assert bool(finite.all()), (trial, step, k)
+            recent = np.full((8, K), -1)
+            if drawn:
+                tail = np.stack(drawn[-7:])
+                recent[8 - len(tail) :] = np.where((tail == BOS) | (tail == EOS), -1, tail)
+            assert np.array_equal(window[0].numpy(), recent), (trial, step)
             # A row as a model might sample it: a spontaneous EOS in one codebook
             # at ``first_eos``, the forced codes elsewhere.
             row = np.where(forced >= 0, forced, rng.integers(0, BOS, K))
             if step == first_eos:
                 row[int(rng.integers(0, K))] = EOS
+            rules.take(2, both, torch.from_numpy(np.stack([row, row])))
+            assert torch.equal(rules.fed(2)[0], torch.from_numpy(row))
+            assert torch.equal(rules.state[1], idle)
+            drawn.append(row)
             u.take(row.tolist(), max_new_tokens=1000)
             input_ids = torch.cat([input_ids, torch.tensor([[u.last]])], dim=1)
             if (row == EOS).all():
@@ -941,10 +961,11 @@ def test_every_step_shape_is_ready_after_warm_up(loaded: HiggsModel) -> None:
 
 
 def test_the_graphed_step_traces_as_one_graph(loaded: HiggsModel) -> None:
-    """The whole device side of a graphed speech step (the forward, the prefilled
-    rows' logits put in, the delay pattern's forced codes, the warpers, the draw
-    and the repetition-aware redraws) traces as one graph, with the eager
-    step's outputs."""
+    """The whole device side of a graphed speech step (the forward of the codes
+    each row drew last, the prefilled rows' logits put in, the delay pattern's
+    forced codes, the warpers, the draw, the repetition-aware redraws and the
+    rules' state moved on) traces as one graph, with the eager step's outputs
+    and state."""
     engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=True)
     jobs = [
         request(engine, r, "Hello there.", max_new_tokens=20, seed=i) for i, r in enumerate("ab")
@@ -954,26 +975,26 @@ def test_the_graphed_step_traces_as_one_graph(loaded: HiggsModel) -> None:
         decoder = engine.decoder
         rows, window = decoder.rows, 8
         gen = torch.Generator().manual_seed(0)
-        codes = torch.randint(0, BOS, (rows, K), generator=gen)
-        forced = torch.full((rows, K), -1)
-        forced[0, 1:] = BOS  # the delay pattern's first rows
         keys = torch.randint(0, 2**31, (2, rows * K), generator=gen)  # one per codebook
-        recent = torch.randint(0, BOS, (rows, window, K), generator=gen)
         parts = [
-            codes.flatten(),
             torch.ones(rows, dtype=torch.int64),
-            forced.flatten(),
+            torch.ones(rows, dtype=torch.int64),
             keys[0],
             keys[1],
             torch.full((rows,), 2),
-            recent.flatten(),
+            torch.full((rows,), 7),
             torch.tensor([0, 1] * (rows // 2) or [0]),
         ]
         flat = torch.cat(parts)
         engine._prefilled.logits.normal_()
-        before = decoder.lengths.clone()
+        rules = engine._rules.state
+        rules[:rows, -window * K :] = torch.randint(0, BOS, (rows, window * K), generator=gen)
+        before = decoder.lengths.clone(), rules.clone()
         eager = engine._graphed_step([flat], (rows, 64, window))
-        decoder.lengths.copy_(before)
+        after = rules.clone()
+        assert not torch.equal(after, before[1])
+        decoder.lengths.copy_(before[0])
+        rules.copy_(before[1])
         try:
             torch._dynamo.reset()
             compiled = torch.compile(engine._graphed_step, fullgraph=True, backend="eager")
@@ -982,7 +1003,8 @@ def test_the_graphed_step_traces_as_one_graph(loaded: HiggsModel) -> None:
             torch._dynamo.reset()
         assert torch.equal(traced[0], eager[0])
         assert torch.allclose(traced[1], eager[1], atol=1e-5)
-        assert torch.equal(decoder.lengths, before + 1)
+        assert torch.equal(decoder.lengths, before[0] + 1)
+        assert torch.equal(rules, after)
     finally:
         for job in jobs:
             engine.finish(job)

@@ -69,7 +69,6 @@ from ..prefill import PrefillBudget, choose, feed
 from ..prefixes import PrefixStore
 from ..sampling import (
     RowSampling,
-    counted_window,
     finite_rows,
     sample_repeat_aware,
 )
@@ -92,6 +91,7 @@ from .prompt import (
     delay_block,
     normalize_text,
 )
+from .rules import RowRules
 from .utterance import Markers, Utterance
 from .voices import Scene, Voice, scene_text
 
@@ -264,6 +264,7 @@ class HiggsEngine:
             end=self.end_token,
         )
         self.decoder = HiggsDecoder(self.model, rows=1, length=256)
+        self._rules = RowRules(1, self.markers, self.device)
         self._graphs = None
         self._prefilled = PrefilledLogits(1, self.num_codebooks, self.decoder.card, self.device)
         if cuda_graphs:
@@ -676,11 +677,15 @@ class HiggsEngine:
             attempt(failures, [st], self._take_slot, st)
         taken = [st for st in joining if id(st) not in failures]
         attempt_together(failures, taken, self._write_sampling)
+        opened: list[tuple[int, Ints]] = []  # rows whose utterance opens: their rules
         for st in (job.state for job in jobs):
             if st.utterance is None and id(st) not in failures:
-                st.utterance = attempt(failures, [st], self._open_utterance, st)
+                u = st.utterance = attempt(failures, [st], self._open_utterance, st)
                 st.spoken = None
                 st.chunk_frames = []
+                if u is not None and st.slot is not None:
+                    opened.append((st.slot, self._rules.initial(u)))
+        self._rules.reset(opened)
         states = [job.state for job in jobs if id(job.state) not in failures]
         prefilled = self._prefill_due(states, failures)
         states = [st for st in states if id(st) not in failures]
@@ -692,49 +697,29 @@ class HiggsEngine:
         window = max(1, int(self._ras_len[:rows].max()))
         if self._graphs is not None:
             window = span_for(window, least=8)  # a few shapes (the rest is -1: no repeat)
-        stepped = np.zeros(rows, dtype=bool)
-        forced = np.full((rows, k), -1, dtype=np.int64)
-        codes_in = np.zeros((rows, k), dtype=np.int64)
+        stepped = np.zeros(rows, dtype=np.int64)
         active = np.zeros(rows, dtype=np.int64)
-        recent = np.full((rows, window, k), -1, dtype=np.int64)
         decoding: list[_HiggsJob] = []
-        # Each decoding row's last row of codes, written for all at once (numpy's
-        # cost is the call's, not the codes').
-        fed: list[int] = []
-        fed_rows: list[list[int]] = []
         for st in states:
             u, slot = st.utterance, st.slot
             assert u is not None and slot is not None
             if u.fed < len(u.ids):
                 continue  # its prompt is still going in
             if slot not in prefilled:
-                fed.append(slot)
-                fed_rows.append(u.last_row())
+                active[slot] = 1  # it feeds the row it drew last
                 decoding.append(st)
-            stepped[slot] = True
-            row_forced = u.forced()
-            if row_forced is not None:
-                forced[slot] = row_forced
-            length = int(self._ras_len[slot])
-            if length and u.taken:
-                tail = u.recent[-length:]
-                recent[slot, window - len(tail) :] = tail
-        if fed:
-            codes_in[fed] = fed_rows
-            active[fed] = 1
-        recent = counted_window(recent, (self.stream_bos, self.stream_eos))
+            stepped[slot] = 1
         sampling = self._sampling
         draw_keys, redraw_keys = sampling.draw_and_redraw_keys(rows, k)
         overrides = np.zeros(rows, dtype=np.int64)  # rows whose logits come from their prefill
         host = np.concatenate(
             [
-                codes_in.reshape(-1),
                 active,
-                forced.reshape(-1),
+                stepped,
                 draw_keys.reshape(-1),
                 redraw_keys.reshape(-1),
                 self._ras_max[:rows],
-                recent.reshape(-1),
+                self._ras_len[:rows],
                 overrides,
             ]
         )
@@ -748,57 +733,62 @@ class HiggsEngine:
             back_device, logits = self._graphs((rows, span, window), inputs)
         else:
             inputs = to_device(torch.from_numpy(host), self.device, later)
-            parts = self._parts(inputs, rows, window)
+            parts = self._parts(inputs, rows)
             if decoding:
-                logits = decoder.decode(parts[0], parts[1].bool(), span).float()
+                logits = decoder.decode(self._rules.fed(rows), parts[0].bool(), span).float()
             else:
                 logits = torch.zeros(rows, k, decoder.card, device=self.device)
             for slot, row_logits in prefilled.items():
                 logits[slot] = row_logits.float()
-            back_device = self._draw(logits, parts, rows)
+            back_device = self._draw(logits, parts, rows, window)
         for st in decoding:
             assert st.utterance is not None
             st.utterance.forwarded += 1
         sampling.step[:rows] += stepped
+        stepped_rows = stepped.astype(bool)
         # One copy back: the codes, and whether each row's logits were finite.
         back, ready = read_back(back_device, later)
         by_state = {id(job.state): job for job in jobs}
         drew: list[tuple[_HiggsJob, Job | None]] = [
             (st, by_state[id(st)])
             for st in states
-            if st.slot is not None and st.slot < rows and stepped[st.slot]
+            if st.slot is not None and st.slot < rows and stepped_rows[st.slot]
         ]
-        return Launched(back, ready, logits, stepped, drew)
+        return Launched(back, ready, logits, stepped_rows, drew)
 
-    def _parts(self, inputs: torch.Tensor, rows: int, window: int) -> list[torch.Tensor]:
-        """A step's inputs from their one copy: codes ``[R, K]``, advance flags
-        ``[R]``, forced codes ``[R, K]``, keys and redraw keys ``[R, K]``
-        (``codebook_keys``), RAS repeats ``[R]``,
-        recent codes ``[R, W, K]`` and which rows' logits come from their prefill."""
+    def _parts(self, inputs: torch.Tensor, rows: int) -> list[torch.Tensor]:
+        """A step's inputs from their one copy: which rows feed the row they drew
+        last ``[R]``, which rows draw ``[R]``, keys and redraw keys ``[R, K]``
+        (``codebook_keys``), RAS repeats ``[R]`` and windows ``[R]``, and which
+        rows' logits come from their prefill ``[R]``. (The codes fed, the
+        delay pattern's and the repetition windows are the rows' rules, on the
+        device: ``RowRules``.)"""
         k = self.num_codebooks
-        cut = np.cumsum(self._input_sizes(rows, window)[:-1])
+        cut = np.cumsum(self._input_sizes(rows)[:-1])
         parts = list(torch.tensor_split(inputs, cut.tolist()))
-        parts[0] = parts[0].view(rows, k)
         parts[2] = parts[2].view(rows, k)
         parts[3] = parts[3].view(rows, k)
-        parts[4] = parts[4].view(rows, k)
-        parts[6] = parts[6].view(rows, window, k)
         return parts
 
-    def _input_sizes(self, rows: int, window: int) -> list[int]:
+    def _input_sizes(self, rows: int) -> list[int]:
         """The sizes of ``_parts``, in order."""
         k = self.num_codebooks
-        return [rows * k, rows, rows * k, rows * k, rows * k, rows, rows * window * k, rows]
+        return [rows, rows, rows * k, rows * k, rows, rows, rows]
 
-    def _draw(self, logits: torch.Tensor, parts: list[torch.Tensor], rows: int) -> torch.Tensor:
+    def _draw(
+        self, logits: torch.Tensor, parts: list[torch.Tensor], rows: int, window: int
+    ) -> torch.Tensor:
         """Every row's codes by its rules (the delay pattern's forced codes,
-        temperature, top-k, top-p, repetition-aware redraws) and whether its
-        logits were finite: ``[R, K + 1]``."""
+        temperature, top-k, top-p, repetition-aware redraws), kept in its rules
+        (``RowRules.take``), and whether its logits were finite: ``[R, K + 1]``."""
         warpers = self._sampling.warpers
         assert warpers is not None
+        stepped = parts[1].bool()
+        forced, recent = self._rules.forced(rows, stepped, parts[5], window)
         tokens = sample_repeat_aware(
-            logits, parts[2], warpers.head(rows), parts[3], parts[6], parts[5], parts[4]
+            logits, forced, warpers.head(rows), parts[2], recent, parts[4], parts[3]
         )
+        self._rules.take(rows, stepped, tokens)
         finite = finite_rows(logits)
         return torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1)
 
@@ -806,13 +796,13 @@ class HiggsEngine:
         self, inputs: Sequence[torch.Tensor], key: Key
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The device side of a step, as one graph: the forward of every row, the
-        prefilled rows' logits in place of theirs, and every row's draw.
-        ``[R, K + 1]`` and the logits."""
+        prefilled rows' logits in place of theirs, and every row's draw by its
+        rules. ``[R, K + 1]`` and the logits."""
         rows, span, window = key
-        parts = self._parts(inputs[0], rows, window)
-        logits = self.decoder.decode(parts[0], parts[1].bool(), span).float()
-        logits = self._prefilled.merge(logits, parts[7])
-        return self._draw(logits, parts, rows), logits
+        parts = self._parts(inputs[0], rows)
+        logits = self.decoder.decode(self._rules.fed(rows), parts[0].bool(), span).float()
+        logits = self._prefilled.merge(logits, parts[6])
+        return self._draw(logits, parts, rows, window), logits
 
     @staticmethod
     def _row_length(st: _HiggsJob) -> int:
@@ -830,6 +820,7 @@ class HiggsEngine:
             self._ras_len = np.concatenate([self._ras_len, np.zeros(count - old, dtype=np.int64)])
             self._ras_max = np.concatenate([self._ras_max, np.ones(count - old, dtype=np.int64)])
             self._prefilled.grow(count)
+            self._rules.grow(count)
         return count
 
     def _take_slot(self, st: _HiggsJob) -> None:
@@ -1157,8 +1148,7 @@ class HiggsEngine:
         window = span_for(max(1, ras), least=8)
 
         def blank(key: Key) -> list[torch.Tensor]:
-            rows, _, window = key
-            size = sum(self._input_sizes(rows, window))
+            size = sum(self._input_sizes(key[0]))
             return [torch.zeros(size, dtype=torch.int64, device=self.device)]
 
         keys = [(r, s, window) for r in rows for s in spans]

@@ -4,13 +4,13 @@ HiggsAudio v2 speaks in rows of ``K`` codes, codebook ``k`` ``k`` rows late (the
 delay pattern): an utterance opens with rows where codebooks still wait at
 stream BOS and closes with rows where they have ended at stream EOS. An
 ``Utterance`` keeps what ``generate``'s loop keeps for one chunk, as plain
-integers: the prompt's tokens and audio rows, the delay pattern's countdowns
-(``HiggsAudioV2DelayPatternLogitsProcessor``'s), the text token each row is fed
-with, the recent rows for repetition-aware sampling, and the rows spoken. A step
-asks it which codes are forced (``forced``), gives it the row drawn
-(``take``), and reads the frame that row completes (``frame``). The next chunk's
-prompt repeats this one's prompt and answer: ``reusable`` says how much of the
-row's KV cache stays valid.
+integers: the prompt's tokens and audio rows, the delay pattern's countdowns as
+the prompt sets them up (``HiggsAudioV2DelayPatternLogitsProcessor``'s; the
+steps run them on the device: ``rules.RowRules``), the text token each row is
+fed with, and the rows spoken. A step gives it the row drawn (``take``: the
+stop rules), and reads the frame that row completes (``frame``). The next
+chunk's prompt repeats this one's prompt and answer: ``reusable`` says how much
+of the row's KV cache stays valid.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ class Markers:
 class Utterance:
     """One chunk's prompt and decoding state.
 
-    The delay pattern's countdowns mirror ``HiggsAudioV2DelayPatternLogitsProcessor``:
-    ``bos[k] >= 0`` forces codebook ``k`` to stream BOS (the first rows of an
-    utterance), ``eos[k] <= 0`` to stream EOS (counting down once a codebook has
-    ended, so that codebook ``k`` ends ``k`` rows after the first).
+    The delay pattern's countdowns as the utterance opens mirror
+    ``HiggsAudioV2DelayPatternLogitsProcessor``'s: ``bos[k] >= 0`` forces
+    codebook ``k`` to stream BOS (the first rows of an utterance), ``eos[k] <= 0``
+    to stream EOS (counting down once a codebook has ended, so that codebook
+    ``k`` ends ``k`` rows after the first); ``RowRules`` runs them.
     """
 
     markers: Markers
@@ -55,8 +56,8 @@ class Utterance:
     audio: Ints  # [N, K] its audio rows (delay-pattern blocks)
     is_audio: npt.NDArray[np.bool_]  # [L] which positions are audio
     fed: int  # prompt positions in the row's cache
-    bos: Ints  # [K]
-    eos: Ints  # [K]
+    bos: Ints  # [K], as the utterance opens
+    eos: Ints  # [K], as the utterance opens
     last: int  # the last text token (audio, delay, or end of turn)
     # [P + max_new_tokens, K]: the prompt's last audio rows (P, at most the RAS
     # window), then every row taken; ``taken`` of them filled.
@@ -68,9 +69,6 @@ class Utterance:
     # for every stream in every step.
     lasts: list[list[int]]
     generated: int = 0  # rows taken that are audio (all but an all-EOS last one)
-    # max(bos) and min(eos), kept as they count down: most steps force nothing.
-    bos_max: int = 0
-    eos_min: int = 0
     forwarded: int = 0  # generated rows fed back (in the cache)
     steps: int = 0
     ended: bool = False
@@ -103,14 +101,7 @@ class Utterance:
             prompt_rows=len(prompt),
             taken=len(prompt),
             lasts=prompt[-k:].tolist(),
-            bos_max=int(bos.max()),
-            eos_min=int(eos.min()),
         )
-
-    @property
-    def recent(self) -> Ints:
-        """``[<= MAX_RAS_WINDOW, K]``: the last audio rows, the prompt's, then taken."""
-        return self.history[max(0, self.taken - MAX_RAS_WINDOW) : self.taken]
 
     @property
     def rows(self) -> Ints:
@@ -139,30 +130,6 @@ class Utterance:
         if not bool(self.is_audio[length : length + same].all()):
             return 0
         return length + same
-
-    def last_row(self) -> list[int]:
-        """``[K]``: the last row, the prompt's or taken (what the next step feeds)."""
-        return self.lasts[-1]
-
-    def forced(self) -> Ints | None:
-        """The codes the delay pattern forces in this step (-1: free), advancing its
-        countdowns as the processor does; None where it forces none (most steps)."""
-        m = self.markers
-        delay = self.last == m.delay
-        if self.bos_max < 0 and not delay and self.eos_min > 0:
-            return None  # (no countdown runs, no code is forced)
-        forced = np.full(m.codebooks, -1, dtype=np.int64)
-        if self.bos_max >= 0:
-            force_bos = self.bos >= 0
-            forced[force_bos] = m.stream_bos
-            self.bos[force_bos] -= 1
-            self.bos_max -= 1
-        if delay:
-            self.eos -= 1
-            self.eos_min -= 1
-        if self.eos_min <= 0:
-            forced[self.eos <= 0] = m.stream_eos
-        return forced
 
     def take(self, tokens: list[int], max_new_tokens: int) -> bool:
         """A sampled row ``[K]``, as ``generate``'s loop takes it: the next text token
