@@ -11,12 +11,12 @@ Pipelined, an engine launches a step and returns before its codes are read: the
 next call reads them (``Launched.wait``: on CUDA they come back into pinned
 memory, with an event), and each step's outputs come a call later. MusicGen
 launches step *n + 1* before it reads step *n*'s codes (a request's codes in
-flight are fed to the next step on the device); the speech engine reads step
-*n*'s codes and takes each request's row on the host (the delay pattern's
-countdowns, the repetition window and the stop rules read it), then launches
-step *n + 1* before the codec's calls and the messages. Either way the codec
-runs on a CUDA stream of its own (``CodecPlace``), so that reading its audio
-back does not wait for the step in flight.
+flight are fed to the next step on the device), and so does the speech engine
+(each row's rules, the codes it feeds among them, kept on the device:
+``higgs.rules``; a draw made after a row's utterance ended by its codes is
+dropped once they are read). The codec runs on a CUDA stream of its own
+(``CodecPlace``), so that reading its audio back does not wait for the step in
+flight.
 """
 
 from __future__ import annotations

@@ -178,12 +178,12 @@ class HiggsEngine:
             room for a default request (1024 prompt positions and the default
             ``max_new_tokens``), and every shape is recorded at warm-up.
         max_active: Requests the scheduler decodes at once.
-        pipelined: Read each step's codes in the next call, launching that
-            call's step once each request's row is taken (its rules and
-            frames kept), before the codec's calls and the messages
-            (``pipelining``): on a GPU that part of the host's work then runs
-            while the device computes the next step. The same steps; each
-            step's outputs come a call later.
+        pipelined: Launch each call's step before reading the last one's
+            codes (the rows' rules are on the device: ``RowRules``), then
+            take each request's row, decode the audio and return the outputs
+            (``pipelining``): on a GPU the host's whole part of a step runs
+            while the device computes the next one. The same draws; each
+            step's outputs come a call later (``_step_pipelined``).
 
     The codec's decoder is prepared for serving in place
     (``codec_decoders.for_serving``: the same audio, without per-call waste).
@@ -589,17 +589,31 @@ class HiggsEngine:
         return [self._output(job, failures, outputs) for job in jobs]
 
     def _step_pipelined(self, jobs: Sequence[Job]) -> list[StepOutput]:
-        """``step`` with the device computing while the host works: the last
-        step's codes are read and each request's row taken (its utterance's
-        rules, its frames), then this step is launched, then the last step's
-        audio is decoded (the codec on a CUDA stream of its own) and the
-        outputs returned while the device computes. Each step's outputs come a
-        call later; the steps are the plain steps, in the same order, with the
-        same inputs."""
+        """``step`` with the device computing while the host works: this step is
+        launched first (each row feeds the codes it drew last and draws by its
+        rules, all on the device: ``RowRules``), then the last step's codes are
+        read and each request's row taken (its frames, its stop rules), then its
+        audio decoded (the codec on a CUDA stream of its own) and the outputs
+        returned while the device computes. Each step's outputs come a call
+        later.
+
+        A row whose utterance ends by its length in the step being read sits
+        this step out (the next chunk's prompt is made of what it spoke). One
+        that ends by its codes (every codebook at stream EOS) drew once more in
+        the step launched: that draw is dropped and what it counted undone (the
+        row's draw counter, its rows fed back), so that every request draws
+        what the plain steps draw, from the same logits."""
         before, self._in_flight = self._in_flight, None
         failures: dict[int, BaseException] = {}
         outputs: dict[int, StepOutput] = {}
         self.codec_streams.tick()
+        drawing = set() if before is None else {id(st) for st, _ in before.current(self._slots)}
+        going = [
+            job
+            for job in jobs
+            if not (id(job.state) in drawing and self._ends_by_length(job.state))
+        ]
+        launched = self._in_flight = self._launch(going, failures, later=True)
         if before is not None:
             self._read(before, failures, outputs)
             # (The scheduler leaves no decoding request out of a step; should one
@@ -608,15 +622,37 @@ class HiggsEngine:
             for st, job in before.drew:
                 if job is not None and id(st) not in present and id(st) in outputs:
                     st.held = outputs.pop(id(st))
-        going = [
-            job
-            for job in jobs
-            if id(job.state) not in failures
-            and not (id(job.state) in outputs and outputs[id(job.state)].done)
-        ]
-        self._in_flight = self._launch(going, failures, later=True)
+        if launched is not None:
+            self._drop_ended(launched, failures)
         self._decode_due()
         return [self._output(job, failures, outputs) for job in jobs]
+
+    def _ends_by_length(self, st: _HiggsJob) -> bool:
+        """Whether the row a request drew in the step in flight ends its
+        utterance by the length caps (``max_new_tokens``, the request's frames),
+        whatever its codes."""
+        u = st.utterance
+        if u is None:
+            return False
+        frame = u.generated >= self.num_codebooks  # (the row completes a frame)
+        return u.steps + 1 >= st.max_new_tokens or st.produced + frame >= st.max_frames
+
+    def _drop_ended(
+        self, launched: Launched[_HiggsJob], failures: dict[int, BaseException]
+    ) -> None:
+        """Drop from a step launched before the last one was read the draws of
+        the requests that failed in that one or whose utterance it ended (by
+        their codes), undoing what the draw counted for those going on to their
+        next chunk; nothing in flight where no draw is left."""
+        for st, _ in list(launched.drew):
+            if id(st) not in failures and st.utterance is not None:
+                continue
+            launched.forget(st)
+            if id(st) not in failures and st.slot is not None and st.spoken is not None:
+                self._sampling.step[st.slot] -= 1
+                st.spoken.forwarded -= 1
+        if not launched.drew:
+            self._in_flight = None
 
     def _output(
         self, job: Job, failures: dict[int, BaseException], outputs: dict[int, StepOutput]
