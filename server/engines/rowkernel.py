@@ -1079,6 +1079,53 @@ void join_add(const float *w, const float *s, const float *y, float *out, float 
         for (long t = n > held ? n : held; t < held + m; t++) q[t - n] = sr[t - held];
     }
 }
+
+/* The speech rules of a step (higgs.rules.RowRules, exactly), on rows of
+   `width` int64 (state: bos[K], drawn, eos[K], delay, last[K], window[64 * K]),
+   for `rows` rows. rules_read: forced[r, k] is stream BOS where bos >= drawn,
+   stream EOS where eos - delay <= 0 (over BOS), -1 elsewhere; recent[r] the
+   window's last W rows, those older than ras_len[r] rows -1. rules_take: the
+   rows with stepped[r] take tokens[r]: drawn + 1, eos - delay, delay once a
+   code is stream EOS, last = tokens, the window moved on by one row (the
+   tokens at or above markers_from, the stream markers, as -1). */
+void rules_read(const long *state, long rows, long width, long K, const long *ras_len,
+                long W, long bos_id, long eos_id, long *forced, long *recent) {
+    const long window = width - (3 * K + 2);
+    for (long r = 0; r < rows; r++) {
+        const long *row = state + r * width;
+        const long drawn = row[K], delay = row[2 * K + 1];
+        for (long k = 0; k < K; k++) {
+            long f = row[k] >= drawn ? bos_id : -1;
+            if (row[K + 1 + k] - delay <= 0) f = eos_id;
+            forced[r * K + k] = f;
+        }
+        const long *w = row + 3 * K + 2 + window - W * K;
+        long *o = recent + r * W * K;
+        const long keep = ras_len[r] < W ? ras_len[r] : W;
+        for (long j = 0; j < W; j++)
+            for (long k = 0; k < K; k++)
+                o[j * K + k] = j >= W - keep ? w[j * K + k] : -1;
+    }
+}
+
+void rules_take(long *state, long rows, long width, long K, const unsigned char *stepped,
+                const long *tokens, long eos_id, long markers_from) {
+    const long window = width - (3 * K + 2);
+    for (long r = 0; r < rows; r++) {
+        if (!stepped[r]) continue;
+        long *row = state + r * width;
+        const long *t = tokens + r * K;
+        long ended = 0;
+        for (long k = 0; k < K; k++) ended |= t[k] == eos_id;
+        row[K] += 1;
+        for (long k = 0; k < K; k++) row[K + 1 + k] -= row[2 * K + 1];
+        if (ended) row[2 * K + 1] = 1;
+        long *w = row + 3 * K + 2;
+        for (long k = 0; k < K; k++) row[2 * K + 2 + k] = t[k];
+        for (long j = 0; j < window - K; j++) w[j] = w[j + K];
+        for (long k = 0; k < K; k++) w[window - K + k] = t[k] >= markers_from ? -1 : t[k];
+    }
+}
 """
 
 
@@ -1164,6 +1211,8 @@ class RowKernel:
     keyed: Callable[..., None]
     joined: Callable[..., None]
     function16: Callable[..., None]
+    reads_rules: Callable[..., None]
+    takes_rules: Callable[..., None]
     wide: bool = False  # the wide build (``WIDE_FLAGS``): the products' larger blocks
 
     def product(
@@ -1528,6 +1577,58 @@ class RowKernel:
         self.keyed(pointers[0], pointers[1], rows, codebooks, pointers[2], pointers[3])
         return keys, redraw
 
+    def read_rules(
+        self,
+        state: torch.Tensor,
+        shape: tuple[int, int, int],
+        ras_len: torch.Tensor,
+        ids: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``higgs.rules.RowRules.forced`` in one call, for ``shape``'s first
+        ``rows`` rows of ``state`` (contiguous int64 on the CPU), its ``K``
+        codebooks and ``window``; ``ids`` the stream BOS and EOS."""
+        rows, k, window = shape
+        forced = torch.empty(rows, k, dtype=torch.int64)
+        recent = torch.empty(rows, window, k, dtype=torch.int64)
+        ras_len = ras_len.contiguous()
+        self.reads_rules(
+            state.data_ptr(),
+            rows,
+            state.shape[1],
+            k,
+            ras_len.data_ptr(),
+            window,
+            ids[0],
+            ids[1],
+            forced.data_ptr(),
+            recent.data_ptr(),
+        )
+        return forced, recent
+
+    def take_rules(
+        self,
+        state: torch.Tensor,
+        rows: int,
+        stepped: torch.Tensor,
+        tokens: torch.Tensor,
+        eos: int,
+        markers_from: int,
+    ) -> None:
+        """``higgs.rules.RowRules.take`` in one call (``stepped`` bool, ``tokens``
+        int64 ``[rows, K]``)."""
+        stepped, tokens = stepped.contiguous(), tokens.contiguous()
+        k = int(tokens.shape[1])
+        self.takes_rules(
+            state.data_ptr(),
+            rows,
+            state.shape[1],
+            k,
+            stepped.data_ptr(),
+            tokens.data_ptr(),
+            eos,
+            markers_from,
+        )
+
 
 def built() -> RowKernel | None:
     """The kernel (``load``), or None where it could not be built."""
@@ -1629,8 +1730,27 @@ def _kernel_of(library: ctypes.CDLL, wide: bool = False) -> RowKernel | str:
     halves = library.rows_product16
     halves.restype = None
     halves.argtypes = function.argtypes
+    read_rules = library.rules_read
+    read_rules.restype = None
+    read_rules.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p]
+    read_rules.argtypes += [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2
+    take_rules = library.rules_take
+    take_rules.restype = None
+    take_rules.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2
+    take_rules.argtypes += [ctypes.c_long] * 2
     kernel = RowKernel(
-        function, attention, activation, snakes, convolution, noise, keyed, joined, halves, wide
+        function,
+        attention,
+        activation,
+        snakes,
+        convolution,
+        noise,
+        keyed,
+        joined,
+        halves,
+        read_rules,
+        take_rules,
+        wide,
     )
     wrong = _check(kernel)
     return f"it gave wrong results ({wrong})" if wrong else kernel

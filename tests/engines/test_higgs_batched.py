@@ -33,11 +33,13 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
 
 from wavecast.server.engines import dense, rowkernel
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
+from wavecast.server.engines.higgs import rules as rules_module
 from wavecast.server.engines.higgs.decoder import HiggsDecoder
 from wavecast.server.engines.higgs.engine import HiggsEngine
 from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
 from wavecast.server.engines.higgs.prompt import SYSTEM, build_prompt
 from wavecast.server.engines.higgs.rules import RowRules
+from wavecast.server.engines.higgs.utterance import Markers
 from wavecast.server.engines.higgs.voices import Scene, Voice
 from wavecast.server.engines.kv import free_memory
 from wavecast.server.engines.sampling import (
@@ -351,15 +353,22 @@ def test_sampling_traces_as_one_graph() -> None:
         torch._dynamo.reset()
 
 
-def test_delay_pattern_rules_match_the_processor(batched: HiggsEngine) -> None:
-    """The rules' countdowns on the device (``RowRules``) force what
+@pytest.mark.parametrize("kernel", [True, False], ids=["row-kernel", "torch"])
+def test_delay_pattern_rules_match_the_processor(
+    batched: HiggsEngine, kernel: bool, monkeypatch: Any
+) -> None:
+    """The rules' countdowns on the device (``RowRules``, by the row kernel on a
+    CPU and by torch's operations) force what
     HiggsAudioV2DelayPatternLogitsProcessor leaves finite, step by step, through
     a stream's BOS rows and its EOS cascade; their repetition window is the
     utterance's last rows (the prompt's, then drawn), the stream markers not
     counted; a row that does not draw keeps its state."""
+    if kernel and rowkernel.built() is None:
+        pytest.skip("no row kernel on this machine")
+    monkeypatch.setattr(rules_module, "KERNEL", kernel)
     config = batched.model.config
     rng = np.random.default_rng(0)
-    rules = RowRules(2, batched.markers, torch.device("cpu"))
+    rules = RowRules(2, batched.markers, 66, torch.device("cpu"))
     both = torch.tensor([True, False])  # row 0 draws, row 1 never does
     ras = torch.tensor([7, 7])
     for trial in range(20):
@@ -383,9 +392,8 @@ def test_delay_pattern_rules_match_the_processor(batched: HiggsEngine) -> None:
         drawn: list[np.ndarray] = []
         for step in range(60):
             scores = processor(input_ids, torch.zeros(1, K * 66)).view(K, 66)
-            forcing, window = rules.forced(2, both, ras, 8)
+            forcing, window = rules.forced(2, ras, 8)
             forced = forcing[0].numpy()
-            assert (forcing[1] == -1).all()
             for k in range(K):
                 finite = torch.isfinite(scores[k])
                 if forced[k] >= 0:
@@ -413,6 +421,44 @@ def test_delay_pattern_rules_match_the_processor(batched: HiggsEngine) -> None:
         else:
             pytest.fail("the EOS cascade never ended the utterance")
         batched.finish(job)
+
+
+def test_the_rules_by_the_row_kernel_are_torchs(monkeypatch: Any) -> None:
+    """The row kernel's two calls read and move the rules as torch's operations
+    do, for rows in every state (counting down, ended, drawing or not, windows
+    of every length, the stream markers among the codes)."""
+    if rowkernel.built() is None:
+        pytest.skip("no row kernel on this machine")
+    markers = Markers(
+        codebooks=K, stream_bos=BOS, stream_eos=EOS, audio=1, delay=2, audio_bos=3, end=4
+    )
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        rows = int(torch.randint(1, 9, (1,), generator=gen))
+        window = [1, 8, 16, 64][trial % 4]
+        rules = RowRules(rows + 2, markers, EOS + 1, torch.device("cpu"))
+        state = rules.state
+        state[:, :K] = torch.randint(-3, 6, (rows + 2, K), generator=gen)  # bos
+        state[:, K] = torch.randint(0, 6, (rows + 2,), generator=gen)  # drawn
+        state[:, K + 1 : 2 * K + 1] = torch.randint(-2, 5, (rows + 2, K), generator=gen)  # eos
+        state[:, 2 * K + 1] = torch.randint(0, 2, (rows + 2,), generator=gen)  # delay
+        codes = torch.randint(-1, EOS + 1, (rows + 2, state.shape[1] - 2 * K - 2), generator=gen)
+        state[:, 2 * K + 2 :] = codes
+        ras_len = torch.randint(0, window + 1, (rows,), generator=gen)
+        stepped = torch.randint(0, 2, (rows,), generator=gen).bool()
+        tokens = torch.randint(0, EOS + 1, (rows, K), generator=gen)
+        results = []
+        for kernel in (True, False):
+            monkeypatch.setattr(rules_module, "KERNEL", kernel)
+            rules.state = state.clone()
+            forced, recent = rules.forced(rows, ras_len, window)
+            rules.take(rows, stepped, tokens)
+            results.append((forced, recent, rules.state))
+        (forced, recent, after), (torch_forced, torch_recent, torch_after) = results
+        assert torch.equal(forced, torch_forced), trial
+        assert torch.equal(recent, torch_recent), trial
+        assert torch.equal(after, torch_after), trial
+        assert torch.equal(after[rows:], state[rows:])  # (rows past the step's: as they were)
 
 
 # -- the engine ------------------------------------------------------------------------

@@ -264,7 +264,7 @@ class HiggsEngine:
             end=self.end_token,
         )
         self.decoder = HiggsDecoder(self.model, rows=1, length=256)
-        self._rules = RowRules(1, self.markers, self.device)
+        self._rules = RowRules(1, self.markers, self.decoder.card, self.device)
         self._graphs = None
         self._prefilled = PrefilledLogits(1, self.num_codebooks, self.decoder.card, self.device)
         if cuda_graphs:
@@ -819,12 +819,11 @@ class HiggsEngine:
         (``RowRules.take``), and whether its logits were finite: ``[R, K + 1]``."""
         warpers = self._sampling.warpers
         assert warpers is not None
-        stepped = parts[1].bool()
-        forced, recent = self._rules.forced(rows, stepped, parts[5], window)
+        forced, recent = self._rules.forced(rows, parts[5], window)
         tokens = sample_repeat_aware(
             logits, forced, warpers.head(rows), parts[2], recent, parts[4], parts[3]
         )
-        self._rules.take(rows, stepped, tokens)
+        self._rules.take(rows, parts[1].bool(), tokens)
         finite = finite_rows(logits)
         return torch.cat([tokens, finite[:, None].to(tokens.dtype)], 1)
 

@@ -11,10 +11,12 @@ one int64 table on the device, and a step reads and writes it with tensor
 operations of static shapes, so that the step needs nothing from the host but
 which rows step, and can be launched before the last step's codes are read.
 
-A row's state (``state[slot]``, ``WIDTH`` integers):
+A row's state (``state[slot]``, ``width`` integers):
 
-- ``bos[K]``: codebook ``k`` is forced to stream BOS while ``bos[k] >= 0``,
-  counting down a step each time;
+- ``bos[K]``: codebook ``k`` is forced to stream BOS while the row's draws so
+  far (``drawn``) are at most ``bos[k]`` (the processor's countdown, counted
+  from where the utterance opens);
+- ``drawn``: the rows drawn since;
 - ``eos[K]``: counting down every step once a codebook has ended (``delay``);
   codebook ``k`` is forced to stream EOS once ``eos[k] <= 0``;
 - ``delay``: 1 once a codebook has ended (the text token fed is then the delay
@@ -28,7 +30,9 @@ A row's state is set when its utterance opens (``reset``, from the host's
 ``Utterance``, whose countdowns are the processor's as the prompt sets them up)
 and changes only in the steps in which the row draws. The host keeps each
 utterance's rows, frames and stop rules from the codes it reads back
-(``Utterance.take``).
+(``Utterance.take``). On a CPU each operation costs its call, whatever its
+rows: a step reads the rules in 7 and moves them on in 10, or by the row
+kernel in one call each (``KERNEL``), which a step of a few rows pays less for.
 """
 
 from __future__ import annotations
@@ -39,50 +43,74 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from .. import rowkernel
 from ..sampling import counted_window
 from .utterance import MAX_RAS_WINDOW, Markers, Utterance
 
-__all__ = ["RowRules"]
+__all__ = ["KERNEL", "RowRules"]
 
 Ints = npt.NDArray[np.int64]
+
+# Whether a CPU's steps read and move the rules by the row kernel (two calls)
+# rather than by torch's operations (seventeen); tests turn it off to compare.
+KERNEL = True
+
+
+def _kernel(state: torch.Tensor) -> rowkernel.RowKernel | None:
+    """The row kernel, where it keeps the rules: ``state`` on a CPU, outside a
+    trace, ``KERNEL`` on and the kernel built; else None."""
+    if not KERNEL or not state.is_cpu or torch.compiler.is_compiling():
+        return None
+    return rowkernel.built()
 
 
 class RowRules:
     """The rules' state of ``rows`` slots on ``device`` (``state``, at a fixed
-    address until the table grows: recorded steps read it there)."""
+    address until the table grows: recorded steps read it there), for a model
+    of ``card`` ids per codebook, the stream markers among them."""
 
-    def __init__(self, rows: int, markers: Markers, device: torch.device) -> None:
+    def __init__(self, rows: int, markers: Markers, card: int, device: torch.device) -> None:
         self.markers = markers
         k = self.codebooks = markers.codebooks
-        self.width = 3 * k + 1 + MAX_RAS_WINDOW * k
+        self.width = 3 * k + 2 + MAX_RAS_WINDOW * k
+        self._last = 2 * k + 2  # where ``last`` starts; ``window`` follows it
         self.state = torch.zeros(rows, self.width, dtype=torch.int64, device=device)
-        self.state[:, self._window] = -1
-
-    @property
-    def _window(self) -> slice:
-        return slice(3 * self.codebooks + 1, self.width)
+        self.state[:, self._last + k :] = -1
+        # A window's columns by age (the newest 0), for any width: the last W.
+        self._ages = torch.arange(MAX_RAS_WINDOW - 1, -1, -1, device=device)
+        # The markers are the top ids of a codebook (HiggsAudio's: its size and
+        # one more): a code is one where it is at least the lower.
+        low, high = sorted((markers.stream_bos, markers.stream_eos))
+        if (low, high) != (card - 2, card - 1):
+            raise ValueError(
+                f"the stream markers ({markers.stream_bos}, {markers.stream_eos}) are not "
+                f"the last two of {card} ids"
+            )
+        self._markers_from = low
 
     def grow(self, rows: int) -> None:
         """Room for ``rows`` slots, each row's state kept."""
         old = self.state
         if rows > old.shape[0]:
             self.state = old.new_zeros(rows, self.width)
-            self.state[:, self._window] = -1
+            self.state[:, self._last + self.codebooks :] = -1
             self.state[: old.shape[0]] = old
 
     def initial(self, u: Utterance) -> Ints:
-        """``[WIDTH]``: a row's state as utterance ``u`` opens."""
+        """``[width]``: a row's state as utterance ``u`` opens."""
         k, m = self.codebooks, self.markers
         state = np.empty(self.width, dtype=np.int64)
         state[:k] = u.bos
-        state[k : 2 * k] = u.eos
-        state[2 * k] = u.last == m.delay
+        state[k] = 0
+        state[k + 1 : 2 * k + 1] = u.eos
+        state[2 * k + 1] = u.last == m.delay
         prompt = u.history[: u.prompt_rows]
-        state[2 * k + 1 : 3 * k + 1] = prompt[-1] if len(prompt) else 0
+        state[self._last : self._last + k] = prompt[-1] if len(prompt) else 0
         window = np.full((MAX_RAS_WINDOW, k), -1, dtype=np.int64)
         if len(prompt):
             window[-len(prompt) :] = prompt
-        state[3 * k + 1 :] = counted_window(window, (m.stream_bos, m.stream_eos)).reshape(-1)
+        counted = counted_window(window, (m.stream_bos, m.stream_eos))
+        state[self._last + k :] = counted.reshape(-1)
         return state
 
     def reset(self, rows: Sequence[tuple[int, Ints]]) -> None:
@@ -96,43 +124,50 @@ class RowRules:
 
     def fed(self, rows: int) -> torch.Tensor:
         """``[rows, K]``: the codes each row feeds (the row it drew last)."""
-        k = self.codebooks
-        return self.state[:rows, 2 * k + 1 : 3 * k + 1]
+        return self.state[:rows, self._last : self._last + self.codebooks]
 
     def forced(
-        self, rows: int, stepped: torch.Tensor, ras_len: torch.Tensor, window: int
+        self, rows: int, ras_len: torch.Tensor, window: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the rows that draw (``stepped``, ``[rows]`` bool) draw by: the
-        codes the delay pattern forces (-1: free), ``[rows, K]``, and each row's
-        last ``ras_len`` rows (``[rows]``) as a repetition window
-        ``[rows, window, K]`` (-1 elsewhere and for the stream markers)."""
+        """What each row draws by in this step: the codes the delay pattern
+        forces (-1: free), ``[rows, K]``, and its last ``ras_len`` rows
+        (``[rows]``) as a repetition window ``[rows, window, K]`` (-1 elsewhere
+        and for the stream markers). (A row that does not draw in the step has
+        its draw ignored.)"""
         k, m = self.codebooks, self.markers
+        kernel = _kernel(self.state)
+        if kernel is not None:
+            ids = (m.stream_bos, m.stream_eos)
+            return kernel.read_rules(self.state, (rows, k, window), ras_len, ids)
         state = self.state[:rows]
-        bos, eos, delay = state[:, :k], state[:, k : 2 * k], state[:, 2 * k]
-        go = stepped[:, None]
-        forced = torch.where((bos >= 0) & go, m.stream_bos, -1)
-        eos = eos - (delay[:, None] * go)
-        forced = torch.where((eos <= 0) & go, m.stream_eos, forced)
+        bos, drawn = state[:, :k], state[:, k : k + 1]
+        eos, delay = state[:, k + 1 : 2 * k + 1], state[:, 2 * k + 1 : 2 * k + 2]
+        forced = torch.where(bos >= drawn, m.stream_bos, -1)
+        forced = torch.where(eos - delay <= 0, m.stream_eos, forced)
         recent = state[:, self.width - window * k :].view(rows, window, k)
-        older = torch.arange(window, device=state.device)[None, :] < (window - ras_len)[:, None]
+        older = self._ages[MAX_RAS_WINDOW - window :] >= ras_len[:, None]
         return forced, recent.masked_fill(older[:, :, None], -1)
 
     def take(self, rows: int, stepped: torch.Tensor, tokens: torch.Tensor) -> None:
-        """The rows that drew (``stepped``) take their codes ``tokens``
-        (``[rows, K]``): their countdowns run, their last row and window move on."""
+        """The rows that drew (``stepped``, ``[rows]`` bool) take their codes
+        ``tokens`` (``[rows, K]``): their countdowns run, their last row and
+        window move on."""
         k, m = self.codebooks, self.markers
-        state = self.state[:rows]
-        bos, eos, delay = state[:, :k], state[:, k : 2 * k], state[:, 2 * k : 2 * k + 1]
+        kernel = _kernel(self.state)
+        if kernel is not None:
+            kernel.take_rules(self.state, rows, stepped, tokens, m.stream_eos, self._markers_from)
+            return
+        state = self.state[:rows, k:]  # (``bos`` stays as it is)
+        drawn, eos, delay = state[:, :1], state[:, 1 : k + 1], state[:, k + 1 : k + 2]
         ended = (tokens == m.stream_eos).any(dim=1, keepdim=True)
-        counted = tokens.masked_fill((tokens == m.stream_bos) | (tokens == m.stream_eos), -1)
         moved = torch.cat(
             [
-                bos - (bos >= 0).to(bos.dtype),
+                drawn + 1,
                 eos - delay,
-                delay | ended.to(delay.dtype),
+                torch.maximum(delay, ended),
                 tokens,
-                state[:, 3 * k + 1 + k :],  # the window, its oldest row out
-                counted,
+                state[:, 3 * k + 2 :],  # the window, its oldest row out
+                tokens.masked_fill(tokens >= self._markers_from, -1),
             ],
             dim=1,
         )
