@@ -454,3 +454,39 @@ def left_out_now_and_then(engine: Any, jobs: dict[str, Any], leave: str | None) 
                 engine.finish(live.pop(rid))
         call += 1
     return {rid: (codes[rid], np.concatenate(audio[rid])) for rid in jobs}
+
+
+def random_rules(
+    codebooks: int, bos: int, eos: int, trials: int, device: str = "cpu"
+) -> Iterator[tuple[Any, ...]]:
+    """Speech rules (``RowRules``, on ``device``) in random states, ``trials``
+    times: the rules, the rows of a step and its window, and the step's
+    repetition windows, rows drawing and codes (the stream markers among them:
+    ``bos`` and ``eos``, a codebook's last two ids). Rows past the step's are
+    random too."""
+    import torch
+
+    from wavecast.server.engines.higgs.rules import RowRules
+    from wavecast.server.engines.higgs.utterance import Markers
+
+    k = codebooks
+    markers = Markers(
+        codebooks=k, stream_bos=bos, stream_eos=eos, audio=1, delay=2, audio_bos=3, end=4
+    )
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(trials):
+        rows = int(torch.randint(1, 9, (1,), generator=gen))
+        window = [1, 8, 16, 64][trial % 4]
+        rules = RowRules(rows + 2, markers, max(bos, eos) + 1, torch.device(device))
+        state = torch.empty_like(rules.state, device="cpu")
+        state[:, :k] = torch.randint(-3, 6, (rows + 2, k), generator=gen)  # bos
+        state[:, k] = torch.randint(0, 6, (rows + 2,), generator=gen)  # drawn
+        state[:, k + 1 : 2 * k + 1] = torch.randint(-2, 5, (rows + 2, k), generator=gen)  # eos
+        state[:, 2 * k + 1] = torch.randint(0, 2, (rows + 2,), generator=gen)  # delay
+        width = state.shape[1] - 2 * k - 2  # the last row and the window
+        state[:, 2 * k + 2 :] = torch.randint(-1, eos + 1, (rows + 2, width), generator=gen)
+        rules.state.copy_(state)
+        ras_len = torch.randint(0, window + 1, (rows,), generator=gen).to(device)
+        stepped = torch.randint(0, 2, (rows,), generator=gen).bool().to(device)
+        tokens = torch.randint(0, max(bos, eos) + 1, (rows, k), generator=gen).to(device)
+        yield rules, rows, window, ras_len, stepped, tokens

@@ -19,6 +19,7 @@ from helpers import (
     count_codec_calls,
     model_forward,
     observed_logits,
+    random_rules,
     step_together,
     voiced_prompt,
 )
@@ -39,7 +40,6 @@ from wavecast.server.engines.higgs.engine import HiggsEngine
 from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
 from wavecast.server.engines.higgs.prompt import SYSTEM, build_prompt
 from wavecast.server.engines.higgs.rules import RowRules
-from wavecast.server.engines.higgs.utterance import Markers
 from wavecast.server.engines.higgs.voices import Scene, Voice
 from wavecast.server.engines.kv import free_memory
 from wavecast.server.engines.sampling import (
@@ -429,24 +429,8 @@ def test_the_rules_by_the_row_kernel_are_torchs(monkeypatch: Any) -> None:
     of every length, the stream markers among the codes)."""
     if rowkernel.built() is None:
         pytest.skip("no row kernel on this machine")
-    markers = Markers(
-        codebooks=K, stream_bos=BOS, stream_eos=EOS, audio=1, delay=2, audio_bos=3, end=4
-    )
-    gen = torch.Generator().manual_seed(0)
-    for trial in range(20):
-        rows = int(torch.randint(1, 9, (1,), generator=gen))
-        window = [1, 8, 16, 64][trial % 4]
-        rules = RowRules(rows + 2, markers, EOS + 1, torch.device("cpu"))
-        state = rules.state
-        state[:, :K] = torch.randint(-3, 6, (rows + 2, K), generator=gen)  # bos
-        state[:, K] = torch.randint(0, 6, (rows + 2,), generator=gen)  # drawn
-        state[:, K + 1 : 2 * K + 1] = torch.randint(-2, 5, (rows + 2, K), generator=gen)  # eos
-        state[:, 2 * K + 1] = torch.randint(0, 2, (rows + 2,), generator=gen)  # delay
-        codes = torch.randint(-1, EOS + 1, (rows + 2, state.shape[1] - 2 * K - 2), generator=gen)
-        state[:, 2 * K + 2 :] = codes
-        ras_len = torch.randint(0, window + 1, (rows,), generator=gen)
-        stepped = torch.randint(0, 2, (rows,), generator=gen).bool()
-        tokens = torch.randint(0, EOS + 1, (rows, K), generator=gen)
+    for rules, rows, window, ras_len, stepped, tokens in random_rules(K, BOS, EOS, 20):
+        state = rules.state.clone()
         results = []
         for kernel in (True, False):
             monkeypatch.setattr(rules_module, "KERNEL", kernel)
@@ -455,9 +439,9 @@ def test_the_rules_by_the_row_kernel_are_torchs(monkeypatch: Any) -> None:
             rules.take(rows, stepped, tokens)
             results.append((forced, recent, rules.state))
         (forced, recent, after), (torch_forced, torch_recent, torch_after) = results
-        assert torch.equal(forced, torch_forced), trial
-        assert torch.equal(recent, torch_recent), trial
-        assert torch.equal(after, torch_after), trial
+        assert torch.equal(forced, torch_forced), (rows, window)
+        assert torch.equal(recent, torch_recent), (rows, window)
+        assert torch.equal(after, torch_after), (rows, window)
         assert torch.equal(after[rows:], state[rows:])  # (rows past the step's: as they were)
 
 

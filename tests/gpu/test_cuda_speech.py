@@ -13,6 +13,7 @@ from helpers import (
     collect_audio,
     crowds_leave_memory_as_found,
     graphs_at_warm_up_serve_as_eager,
+    random_rules,
     step_together,
 )
 
@@ -328,3 +329,18 @@ def test_pipelined_speech_steps_on_cuda_are_the_plain_steps(cuda_graphs: bool) -
             whole = engine.codec.decode(codes.cuda()).audio_values[0, 0].float().cpu().numpy()
         assert streamed.shape == whole.shape
         assert np.abs(streamed - whole).max() <= 1e-3
+
+
+def test_the_speech_rules_on_cuda_are_the_cpus() -> None:
+    """The rules read and moved on by torch's operations on CUDA (as a recorded
+    step runs them) give what the CPU's steps give (the row kernel's, where it
+    is built), for rows in every state."""
+    on_cpu = random_rules(4, 64, 65, 20)
+    for theirs, ours in zip(on_cpu, random_rules(4, 64, 65, 20, device="cuda"), strict=True):
+        results = []
+        for rules, rows, window, ras_len, stepped, tokens in (theirs, ours):
+            forced, recent = rules.forced(rows, ras_len, window)
+            rules.take(rows, stepped, tokens)
+            results.append([forced.cpu(), recent.cpu(), rules.state.cpu()])
+        for cpu, cuda in zip(*results, strict=True):
+            assert torch.equal(cuda, cpu)

@@ -44,6 +44,7 @@ import numpy.typing as npt
 import torch
 
 from .. import rowkernel
+from ..pipelining import to_device
 from ..sampling import counted_window
 from .utterance import MAX_RAS_WINDOW, Markers, Utterance
 
@@ -114,11 +115,13 @@ class RowRules:
         return state
 
     def reset(self, rows: Sequence[tuple[int, Ints]]) -> None:
-        """Set each slot's row to its state (``initial``'s), in one write."""
+        """Set each slot's row to its state (``initial``'s), in one write (on
+        CUDA without waiting for the step in flight)."""
         if rows:
             device = self.state.device
-            index = torch.tensor([slot for slot, _ in rows], device=device)
-            self.state[index] = torch.from_numpy(np.stack([state for _, state in rows])).to(device)
+            index = to_device(torch.tensor([slot for slot, _ in rows]), device, later=True)
+            states = torch.from_numpy(np.stack([state for _, state in rows]))
+            self.state[index] = to_device(states, device, later=True)
 
     # -- a step's part (tensor operations of static shapes) -------------------------
 
