@@ -64,9 +64,9 @@ class Utterance:
     history: Ints
     prompt_rows: int  # P
     taken: int
-    # The last K rows of ``history`` (fewer at first), as lists: a step reads a
-    # code or a row of them, which numpy does at a microsecond or two a call,
-    # for every stream in every step.
+    # The last K rows of ``history`` (fewer at first), as lists: each step's
+    # frame is a diagonal of them, which numpy would read at a microsecond or
+    # two a call, for every stream in every step.
     lasts: list[list[int]]
     generated: int = 0  # rows taken that are audio (all but an all-EOS last one)
     forwarded: int = 0  # generated rows fed back (in the cache)
@@ -133,8 +133,8 @@ class Utterance:
 
     def take(self, tokens: list[int], max_new_tokens: int) -> bool:
         """A sampled row ``[K]``, as ``generate``'s loop takes it: the next text token
-        (delay once a codebook has ended, end of turn once all have), the RAS
-        window, the stop rules. Returns whether all codebooks ended (the row is
+        (delay once a codebook has ended, end of turn once all have), the rows
+        taken, the stop rules. Returns whether all codebooks ended (the row is
         not audio)."""
         m = self.markers
         ended = tokens.count(m.stream_eos)
