@@ -105,7 +105,16 @@ import numpy.typing as npt
 import torch
 from torch.nn import functional as F
 
-__all__ = ["MOST_HEAD", "MOST_ROWS", "RowKernel", "build", "built", "load", "row_layout"]
+__all__ = [
+    "MOST_HEAD",
+    "MOST_ROWS",
+    "RowKernel",
+    "build",
+    "built",
+    "load",
+    "on_cpu",
+    "row_layout",
+]
 
 log = logging.getLogger(__name__)
 
@@ -1634,6 +1643,14 @@ def built() -> RowKernel | None:
     """The kernel (``load``), or None where it could not be built."""
     kernel = load()
     return kernel if isinstance(kernel, RowKernel) else None
+
+
+def on_cpu(tensor: torch.Tensor) -> RowKernel | None:
+    """The kernel for work on ``tensor`` in a step: where ``tensor`` is on a CPU,
+    outside a trace (a traced step keeps torch's operations), and it is built."""
+    if not tensor.is_cpu or torch.compiler.is_compiling():
+        return None
+    return built()
 
 
 # What the wide build adds to the plain one's flags: the CPU's 32 vector

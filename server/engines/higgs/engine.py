@@ -733,7 +733,7 @@ class HiggsEngine:
         window = max(1, int(self._ras_len[:rows].max()))
         if self._graphs is not None:
             window = span_for(window, least=8)  # a few shapes (the rest is -1: no repeat)
-        stepped = np.zeros(rows, dtype=np.int64)
+        stepped = np.zeros(rows, dtype=bool)
         active = np.zeros(rows, dtype=np.int64)
         decoding: list[_HiggsJob] = []
         for st in states:
@@ -744,7 +744,7 @@ class HiggsEngine:
             if slot not in prefilled:
                 active[slot] = 1  # it feeds the row it drew last
                 decoding.append(st)
-            stepped[slot] = 1
+            stepped[slot] = True
         sampling = self._sampling
         draw_keys, redraw_keys = sampling.draw_and_redraw_keys(rows, k)
         overrides = np.zeros(rows, dtype=np.int64)  # rows whose logits come from their prefill
@@ -781,16 +781,15 @@ class HiggsEngine:
             assert st.utterance is not None
             st.utterance.forwarded += 1
         sampling.step[:rows] += stepped
-        stepped_rows = stepped.astype(bool)
         # One copy back: the codes, and whether each row's logits were finite.
         back, ready = read_back(back_device, later)
         by_state = {id(job.state): job for job in jobs}
         drew: list[tuple[_HiggsJob, Job | None]] = [
             (st, by_state[id(st)])
             for st in states
-            if st.slot is not None and st.slot < rows and stepped_rows[st.slot]
+            if st.slot is not None and st.slot < rows and stepped[st.slot]
         ]
-        return Launched(back, ready, logits, stepped_rows, drew)
+        return Launched(back, ready, logits, stepped, drew)
 
     def _parts(self, inputs: torch.Tensor, rows: int) -> list[torch.Tensor]:
         """A step's inputs from their one copy: which rows feed the row they drew

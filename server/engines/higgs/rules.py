@@ -60,9 +60,7 @@ KERNEL = True
 def _kernel(state: torch.Tensor) -> rowkernel.RowKernel | None:
     """The row kernel, where it keeps the rules: ``state`` on a CPU, outside a
     trace, ``KERNEL`` on and the kernel built; else None."""
-    if not KERNEL or not state.is_cpu or torch.compiler.is_compiling():
-        return None
-    return rowkernel.built()
+    return rowkernel.on_cpu(state) if KERNEL else None
 
 
 class RowRules:
