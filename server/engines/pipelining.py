@@ -17,11 +17,23 @@ flight are fed to the next step on the device), and so does the speech engine
 dropped once they are read). The codec runs on a CUDA stream of its own
 (``CodecPlace``), so that reading its audio back does not wait for the step in
 flight.
+
+A launch runs while the step before it computes, so nothing in it may wait for
+the device, including where requests join or open their next chunk: what goes
+up (a step's inputs, a prefill's tokens and positions, new rows' sampling
+parameters) goes from pinned memory without waiting (``to_device``,
+``upload``: one copy a call); what comes back is asked for and used once there
+(``HostCopy``: a kept prompt beginning's finiteness; ``StepTimer``: a prefill
+call's time for the budget); prompts are laid out and tokenized on the host.
+The tests list any wait in a launch on a CPU (``waits_in``) and fail at one on
+a GPU (``torch.cuda``'s sync debug mode).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -32,7 +44,7 @@ import torch
 from .base import Job
 from .slots import SlotTable
 
-__all__ = ["CodecPlace", "Launched", "read_back", "to_device"]
+__all__ = ["CodecPlace", "HostCopy", "Launched", "StepTimer", "read_back", "to_device", "upload"]
 
 
 class _Slotted(Protocol):
@@ -99,7 +111,102 @@ def to_device(host: torch.Tensor, device: torch.device, later: bool) -> torch.Te
     without waiting for the device's work in flight."""
     if later and device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
+    if host.device == device:
+        return host
     return host.to(device)
+
+
+def upload(
+    arrays: Mapping[str, npt.ArrayLike | torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Host integer arrays on the device, as int64 tensors of their shapes (by
+    name), in one copy: on CUDA from pinned memory, without waiting for the
+    work in flight (a launch that prefills or seats new rows while a step
+    computes sends its inputs this way). A tensor already on the device is
+    passed through."""
+    out: dict[str, torch.Tensor] = {}
+    host: dict[str, npt.NDArray[np.int64]] = {}
+    for name, array in arrays.items():
+        if isinstance(array, torch.Tensor) and array.device == device:
+            out[name] = array.to(torch.int64)
+        else:
+            if isinstance(array, torch.Tensor):
+                array = array.numpy()
+            host[name] = np.asarray(array, dtype=np.int64)
+    if host:
+        flat = torch.from_numpy(np.concatenate([array.reshape(-1) for array in host.values()]))
+        sent = to_device(flat, device, later=True)
+        pieces = sent.split([array.size for array in host.values()])
+        for (name, array), piece in zip(host.items(), pieces, strict=True):
+            out[name] = piece.view(array.shape)
+    return {name: out[name] for name in arrays}
+
+
+class HostCopy:
+    """A device tensor's values on their way to the host, there once the work
+    that makes them is done (on CUDA, into pinned memory with an event;
+    elsewhere at once): a launch asks ``ready`` and goes on without them
+    rather than wait."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._event: Any = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.detach().clone()
+
+    def ready(self) -> bool:
+        """Whether the values are on the host (never waits)."""
+        if self._event is not None and self._event.query():
+            self._event = None
+        return self._event is None
+
+    def values(self) -> npt.NDArray[Any]:
+        """The values (``ready`` first)."""
+        assert self.ready(), "not on the host yet"
+        values: npt.NDArray[Any] = self._host.numpy()
+        return values
+
+
+class StepTimer:
+    """How long calls on the device take, without waiting for them: each call
+    is timed by events around its work (on CUDA; elsewhere by the clock, the
+    work being done when the call returns), and read once done, a call or a
+    few later (``done``)."""
+
+    def __init__(self, device: torch.device, clock: Callable[[], float]) -> None:
+        self.cuda = device.type == "cuda"
+        self.clock = clock
+        self._pending: deque[tuple[Any, Any, int]] = deque()
+
+    def start(self) -> Any:
+        """A mark before a call's work."""
+        if not self.cuda:
+            return self.clock()
+        began = torch.cuda.Event(enable_timing=True)
+        began.record()
+        return began
+
+    def stop(self, began: Any, size: int) -> list[tuple[int, float]]:
+        """The call begun at ``began`` (``size``: what it did) has been launched;
+        the calls whose work is done now: ``(size, seconds)``, oldest first."""
+        if not self.cuda:
+            return [(size, self.clock() - began)]
+        ended = torch.cuda.Event(enable_timing=True)
+        ended.record()
+        self._pending.append((began, ended, size))
+        return self.done()
+
+    def done(self) -> list[tuple[int, float]]:
+        """The calls whose work is done since last asked (never waits)."""
+        out = []
+        while self._pending and self._pending[0][1].query():
+            began, ended, size = self._pending.popleft()
+            out.append((size, began.elapsed_time(ended) / 1000.0))
+        return out
 
 
 class CodecPlace:
