@@ -381,7 +381,9 @@ def voiced_prompt(engine: Any, codebooks: int, bos: int) -> tuple[Any, Any, Any]
     from wavecast.server.engines.higgs.prompt import SYSTEM, PromptAudio, build_prompt
 
     codes = torch.randint(0, bos, (codebooks, 30), generator=torch.Generator().manual_seed(1))
-    parts = build_prompt(SYSTEM, "A quiet room.", [], [("Ref.", PromptAudio(codes))], "Now.")
+    parts = build_prompt(
+        SYSTEM, "A quiet room.", [], [("Ref.", PromptAudio(codes.numpy()))], "Now."
+    )
     ids, audio = engine.tokenize(parts)
     assert audio is not None
     frames = torch.randint(0, bos, (6, codebooks), generator=torch.Generator().manual_seed(2))
@@ -490,3 +492,104 @@ def random_rules(
         stepped = torch.randint(0, 2, (rows,), generator=gen).bool().to(device)
         tokens = torch.randint(0, max(bos, eos) + 1, (rows, k), generator=gen).to(device)
         yield rules, rows, window, ras_len, stepped, tokens
+
+
+# What a tensor read on the host is (on a GPU each waits for the device's work).
+_HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+
+
+@contextmanager
+def waits_in(engine: Any, name: str) -> Iterator[list[str]]:
+    """Each call the engine's own code makes, in its method ``name``, that would
+    wait for the device on a GPU: a tensor read on the host (``item``,
+    ``tolist``, ``bool``, ...), a copy to a device (``to(device)``,
+    ``tensor(device=...)``, which from pageable memory waits for the work in
+    flight). As ``"call at file:line"``, listed while ``with``-in.
+
+    On a CPU nothing waits, and host and device are one: this tells the code's
+    calls apart by what they are, not by what they did. The calls that move
+    tensors without waiting are ``pipelining``'s (pinned memory and events),
+    so its own are not listed; nor are the libraries' (transformers',
+    audiocraft's), which the GPU tests catch under ``torch.cuda``'s sync
+    debug mode."""
+    import traceback
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    import wavecast.server as ours
+
+    root = str(Path(ours.__file__).parent)
+    allowed = str(Path(root) / "engines" / "pipelining.py")
+    library = str(Path(torch.__file__).parent)
+    found: list[str] = []
+
+    def moves(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        called = getattr(func, "__name__", "")
+        if called in _HOST_READS:
+            return True
+        if called == "to":
+            given = [*args[1:], kwargs.get("device")]
+            return any(isinstance(a, (torch.device, str)) or (type(a) is int) for a in given)
+        return called in ("tensor", "as_tensor") and kwargs.get("device") is not None
+
+    class Audit(TorchFunctionMode):
+        def __torch_function__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            if moves(func, args, kwargs):
+                frames = traceback.extract_stack()[:-1]
+                caller = next(
+                    f
+                    for f in reversed(frames)
+                    if not f.filename.startswith(library) and f.filename != __file__
+                )
+                if caller.filename.startswith(root) and caller.filename != allowed:
+                    where = Path(caller.filename).relative_to(root)
+                    found.append(f"{getattr(func, '__name__', func)} at {where}:{caller.lineno}")
+            return func(*args, **kwargs)
+
+    method = getattr(engine, name)
+
+    def audited(*args: Any, **kwargs: Any) -> Any:
+        with Audit():
+            return method(*args, **kwargs)
+
+    setattr(engine, name, audited)
+    try:
+        yield found
+    finally:
+        delattr(engine, name)
+
+
+@contextmanager
+def cuda_syncs_fail_in(
+    engine: Any, name: str, exempt: Sequence[tuple[Any, str]] = ()
+) -> Iterator[None]:
+    """While ``with``-in, the engine's method ``name`` raises where it waits for
+    the device (``torch.cuda``'s sync debug mode), but in the ``exempt``
+    methods (``(owner, name)``) it calls."""
+    import torch
+
+    def wrapped(owner: Any, method_name: str, mode: str) -> None:
+        method = getattr(owner, method_name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            before = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(mode)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(before)
+
+        setattr(owner, method_name, call)
+
+    watched = [(engine, name, "error"), *((owner, n, "default") for owner, n in exempt)]
+    for owner, method_name, mode in watched:
+        wrapped(owner, method_name, mode)
+    try:
+        yield
+    finally:
+        for owner, method_name, _ in watched:
+            delattr(owner, method_name)

@@ -17,6 +17,7 @@ import torch
 from wavecast.protocol import Busy
 
 from .base import ModelLoadError
+from .pipelining import upload
 
 __all__ = [
     "CacheRows",
@@ -326,7 +327,7 @@ class CacheRows:
     def empty(self, rows: list[int]) -> None:
         """``rows`` hold no position now (a new window's rows, whose first position
         goes in by a decode step)."""
-        self.kv.lengths[torch.tensor(rows, device=self.kv.lengths.device)] = 0
+        self.kv.lengths[upload({"rows": rows}, self.kv.lengths.device)["rows"]] = 0
 
     def hold(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put ``keys`` and ``values`` ``[layers, H, P, d]`` in ``row``'s first ``P``

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from .base import attempt
 from .kv import LayerMask
+from .pipelining import StepTimer, upload
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -124,14 +125,22 @@ class GroupAttention:
     go), applied in every layer.
     """
 
-    def __init__(self, layout: Packed, rows: Sequence[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        layout: Packed,
+        rows: Sequence[int],
+        device: torch.device,
+        sent: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """``sent``: ``inputs``' arrays on the device (a call's inputs go up in one
+        copy: ``pipelining.upload``); None: sent here."""
+        if sent is None:
+            sent = upload(self.inputs(layout, rows), device)
         self.parts: list[tuple[Group, torch.Tensor | slice, LayerMask | None]] = []
-        for group in layout.groups:
+        for i, group in enumerate(layout.groups):
             table = [rows[r] for r in group.rows]
             held: torch.Tensor | slice = (
-                slice(table[0], table[0] + len(table))
-                if table == list(range(table[0], table[0] + len(table)))
-                else torch.tensor(table, device=device)
+                slice(table[0], table[0] + len(table)) if _consecutive(table) else sent[f"held{i}"]
             )
             mask = None
             if group.start:
@@ -140,9 +149,23 @@ class GroupAttention:
                 keep = torch.arange(end, device=device) <= positions[:, None]  # [own, end]
                 mask = LayerMask(keep[None, None])
             self.parts.append((group, held, mask))
-        table_rows = np.asarray(rows, dtype=np.int64)[layout.row]
-        self._rows = torch.from_numpy(table_rows).to(device)[:, None]  # [T, 1]
-        self._positions = torch.from_numpy(layout.position).to(device)[:, None]  # [T, 1]
+        self._rows = sent["table_rows"][:, None]  # [T, 1]
+        self._positions = sent["positions"][:, None]  # [T, 1]
+
+    @staticmethod
+    def inputs(layout: Packed, rows: Sequence[int]) -> dict[str, npt.NDArray[np.int64]]:
+        """What the attention of a call takes from the host: each packed
+        position's cache row and position, and the rows of each group whose
+        rows do not follow each other."""
+        arrays = {
+            "table_rows": np.asarray(rows, dtype=np.int64)[layout.row],
+            "positions": layout.position,
+        }
+        for i, group in enumerate(layout.groups):
+            table = [rows[r] for r in group.rows]
+            if not _consecutive(table):
+                arrays[f"held{i}"] = np.asarray(table, dtype=np.int64)
+        return arrays
 
     def store(
         self, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -192,6 +215,10 @@ class GroupAttention:
         return self.each(q, own)
 
 
+def _consecutive(table: Sequence[int]) -> bool:
+    return list(table) == list(range(table[0], table[0] + len(table)))
+
+
 class PrefillBudget:
     """Positions a step may prefill.
 
@@ -205,8 +232,10 @@ class PrefillBudget:
         positions: The most positions per step (what bounds a call's activations;
             at least one).
         seconds: A time budget per step (None: ``positions`` only).
-        device: Where the calls run (on CUDA the measure waits for the work).
-        clock: The clock the calls are timed with.
+        device: Where the calls run (on CUDA each call is timed by events
+            around its work, read once it is done: a launch never waits for
+            the step in flight to time a call).
+        clock: The clock the calls are timed with (not on CUDA).
     """
 
     # Calls the fit looks back over.
@@ -224,10 +253,13 @@ class PrefillBudget:
         self.device = device
         self.clock = clock
         self._calls: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)
+        self._timer = StepTimer(device, clock)
 
     def now(self) -> int:
         """Positions this step may prefill: the cap, or what the time budget buys
         at the measured speed (once there is a measurement)."""
+        if self.seconds is not None:
+            self._calls.extend(self._timer.done())
         if self.seconds is None or not self._calls:
             return self.positions
         fixed, per_position = self.cost()
@@ -246,13 +278,17 @@ class PrefillBudget:
                 return float(intercept), float(slope)
         return 0.0, float(times.sum() / sizes.sum())
 
-    def measure(self, positions: int, began: float) -> None:
-        """A call of ``positions`` positions that began at ``began`` has returned."""
+    def start(self) -> Any:
+        """A mark before a call (``measure`` takes it)."""
+        return None if self.seconds is None else self._timer.start()
+
+    def measure(self, positions: int, began: Any) -> None:
+        """A call of ``positions`` positions that began at ``began`` (``start``)
+        has returned (on CUDA: been launched; its time counts once its work is
+        done)."""
         if self.seconds is None:
             return
-        if self.device.type == "cuda":  # the work, not its launch
-            torch.cuda.synchronize(self.device)
-        self._calls.append((max(1, positions), self.clock() - began))
+        self._calls.extend(self._timer.stop(began, max(1, positions)))
 
 
 def choose(
@@ -293,7 +329,7 @@ def feed(
     ``budget`` (its positions as ``choose`` counts them). If it raises, each
     chunk is fed again alone, so that one prompt's failure ends only its request
     (``failures``, by ``id``); its result is None."""
-    began = budget.clock()
+    began = budget.start()
     try:
         results: list[R | None] = list(call(chosen, width))
     except Exception as exc:

@@ -44,6 +44,7 @@ import numpy.typing as npt
 import torch
 
 from . import rowkernel
+from .pipelining import to_device, upload
 
 __all__ = [
     "DrawPlan",
@@ -241,10 +242,12 @@ class RowSampling:
         """Set several rows at once (the requests starting in a step: a few
         operations for all of them, not a few dozen a request)."""
         device = self.temperature.device
-        index = torch.tensor(list(rows), dtype=torch.int64, device=device)
-        t = torch.tensor(list(temperature), dtype=self.temperature.dtype).to(device)
-        k = torch.tensor(list(top_k), dtype=self.top_k.dtype).to(device)
-        p = torch.tensor(list(top_p), dtype=self.top_p.dtype).to(device)
+        # (Two copies, without waiting for a step in flight: the integers, the floats.)
+        sent = upload({"index": list(rows), "top_k": list(top_k)}, device)
+        index, k = sent["index"], sent["top_k"].to(self.top_k.dtype)
+        floats = torch.tensor([*temperature, *top_p], dtype=torch.float64)
+        t, p = to_device(floats, device, later=True).split(len(index))
+        t, p = t.to(self.temperature.dtype), p.to(self.top_p.dtype)
         self.temperature[index] = t
         self.top_k[index] = k
         self.top_p[index] = p

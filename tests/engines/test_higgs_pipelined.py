@@ -22,8 +22,10 @@ from helpers import (
     left_out_now_and_then,
     observed_logits,
     steps_in_order,
+    waits_in,
 )
 from test_higgs_batched import DIALOGUE, K, drive, request, wav
+from test_prefixes import SCENES, VOICES
 
 from wavecast.server.engines.base import Job
 from wavecast.server.engines.higgs.engine import HiggsEngine
@@ -203,3 +205,63 @@ def test_utterances_ending_by_their_codes_draw_what_the_plain_steps_draw() -> No
         assert len(piped_seen[rid]) == len(seen[rid]), rid
         pairs = zip(piped_seen[rid], seen[rid], strict=True)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in pairs), rid
+
+
+def test_a_launch_waits_for_nothing_on_the_device(loaded: HiggsModel) -> None:
+    """A pipelined launch runs while the step before it computes: on a GPU,
+    anything in it that waits for the device (a tensor read on the host, a
+    copy from pageable memory) waits for that step, and the overlap is lost.
+    Requests joining apart, one with an uploaded voice, two opening with the
+    same named voice and scene (its beginning kept, then copied), a dialogue
+    in chunks (each next chunk's prompt laid out and tokenized on the host),
+    prompts fed in pieces under a time budget: the launch's own code reads
+    nothing back and copies nothing but through ``pipelining``'s calls
+    (pinned memory, events)."""
+    engine = HiggsEngine(
+        loaded,
+        name="t",
+        voices=VOICES,
+        scenes=SCENES,
+        pipelined=True,
+        prefill_chunk=24,
+        prefill_budget_ms=5.0,
+    )
+    named = {"voice": "belinda", "scene": "hall", "max_new_tokens": 14}
+    jobs = [
+        request(engine, "a", "Good morning to you.", seed=1, **named),
+        request(
+            engine,
+            "b",
+            DIALOGUE,
+            {"reference": wav(0.8, 330)},
+            chunk_method="speaker",
+            max_new_tokens=16,
+            seed=2,
+        ),
+        request(engine, "c", "Please hold the line.", seed=3, **named),
+        request(engine, "d", "Short.", max_new_tokens=12, temperature=1.0, top_k=0, seed=4),
+    ]
+    fed = []
+    original = engine.decoder.prefill
+
+    def counted(rows: list[int], *args: Any) -> Any:
+        fed.append(len(rows))
+        return original(rows, *args)
+
+    engine.decoder.prefill = counted  # type: ignore[method-assign]
+    copied = []
+    holding = engine.decoder.hold
+
+    def hold(row: int, *args: Any) -> None:
+        copied.append(row)
+        holding(row, *args)
+
+    engine.decoder.hold = hold  # type: ignore[method-assign]
+    with waits_in(engine, "_launch") as waits:
+        drive(engine, jobs, [0, 0, 9, 12])
+    assert waits == []
+    # What the launches did: prompts in pieces (timed), a beginning kept and
+    # copied into the later request's row, the dialogue's three chunks opened.
+    assert len(fed) > 8 and len(engine.prefill._calls) > 0
+    assert len(copied) == 1 and len(engine.prefixes) >= 1
+    assert len(jobs[1].state.history) == 3

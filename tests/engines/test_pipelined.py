@@ -16,7 +16,12 @@ import pytest
 import test_batching as batching
 import test_musicgen_features as features
 import torch
-from helpers import cancelled_in_flight_leave_nothing, left_out_now_and_then, steps_in_order
+from helpers import (
+    cancelled_in_flight_leave_nothing,
+    left_out_now_and_then,
+    steps_in_order,
+    waits_in,
+)
 from test_batching import codes, drive, make
 from test_musicgen_features import decode, wav_bytes
 
@@ -190,3 +195,53 @@ def test_a_request_left_out_of_calls_loses_nothing(pipelined: tuple[Any, MusicGe
         (codes_, audio), (left_codes, left_audio) = runs[0][rid], runs[1][rid]
         assert torch.equal(left_codes, codes_), rid
         assert left_audio.shape == audio.shape and np.abs(left_audio - audio).max() <= 1e-5
+
+
+def test_a_launch_waits_for_nothing_on_the_device() -> None:
+    """A pipelined launch runs while the step before it computes: on a GPU,
+    anything in it that waits for the device (a tensor read on the host, a
+    copy from pageable memory) waits for that step, and the overlap is lost.
+    A crowd joining apart (descriptions encoded together, new rows' sampling
+    and guidance set), a continuation's prompt and the long-form windows'
+    re-prefills fed in pieces under a time budget: the launch's own code
+    reads nothing back and copies nothing but through ``pipelining``'s calls
+    (pinned memory, events). (The text encoder's own check of its mask is
+    transformers'; the GPU tests leave it out.)"""
+    model = build_tiny_musicgen(window=2.0, seed=3)
+    clip = decode(model, torch.randint(0, 64, (1, 4, 40)))
+    engine = MusicGenEngine(
+        model,
+        name="tiny-2s",
+        test_model=True,
+        max_duration=12.0,
+        pipelined=True,
+        prefill_chunk=8,
+        prefill_budget_ms=5.0,
+    )
+    with waits_in(engine, "_launch") as waits:
+        runs, _ = drive(engine, joins(engine, clip))
+    assert waits == []
+    assert all(run.error is None for run in runs.values())
+    assert len(engine.prefill._calls) > 0  # (prompts fed in pieces, timed)
+
+
+def test_the_audit_of_waits_finds_the_engines_copies(
+    pipelined: tuple[Any, MusicGenEngine],
+) -> None:
+    """``waits_in`` lists what the engine's own code does that waits (here a
+    codec call's codes copied to the device), not ``pipelining``'s copies
+    (pinned, without waiting) nor the watching code's own reads."""
+    from wavecast.server.engines import pipelining
+
+    _, engine = pipelined
+    engine.model.compression_model.eval()
+
+    def call(codes: torch.Tensor) -> None:
+        engine._decode(codes)
+        pipelining.upload({"a": [1, 2]}, engine.device)
+        int(codes.sum())
+
+    engine.work = call  # type: ignore[attr-defined]
+    with torch.no_grad(), waits_in(engine, "work") as waits:
+        engine.work(torch.zeros(1, 4, 3, dtype=torch.int64))  # type: ignore[attr-defined]
+    assert len(waits) == 1 and waits[0].startswith("to at engines/musicgen/engine.py:"), waits

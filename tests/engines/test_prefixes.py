@@ -283,7 +283,7 @@ def test_a_prompt_tokenizes_as_laid_out_with_one_placeholder_a_block(loaded: Hig
     engine = engine_for(loaded)
     k = engine.num_codebooks
     gen = torch.Generator().manual_seed(5)
-    a, b = (PromptAudio(torch.randint(0, 64, (k, n), generator=gen)) for n in (9, 30))
+    a, b = (PromptAudio(torch.randint(0, 64, (k, n), generator=gen).numpy()) for n in (9, 30))
     prompts = [
         build_prompt(SYSTEM, "", [], [], "Plain."),
         build_prompt(SYSTEM, "A hall.", [("SPEAKER0", a), ("SPEAKER1", b)], [], "Two."),

@@ -12,6 +12,7 @@ import torch
 from helpers import (
     collect_audio,
     crowds_leave_memory_as_found,
+    cuda_syncs_fail_in,
     graphs_at_warm_up_serve_as_eager,
     random_rules,
     step_together,
@@ -344,3 +345,37 @@ def test_the_speech_rules_on_cuda_are_the_cpus() -> None:
             results.append([forced.cpu(), recent.cpu(), rules.state.cpu()])
         for cpu, cuda in zip(*results, strict=True):
             assert torch.equal(cuda, cpu)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_a_pipelined_speech_launch_waits_for_nothing_on_cuda(cuda_graphs: bool) -> None:
+    """A pipelined launch runs while the step before it computes; under
+    ``torch.cuda``'s sync debug mode (an error where anything waits for the
+    device) a crowd's launches, warmed up, never wait: requests joining apart,
+    prompts fed in pieces under a time budget, a dialogue's next chunks
+    opened, beginnings kept (their finiteness known later) and copied. The
+    codes still equal the plain steps'."""
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
+
+    loaded = load_higgs("tiny-higgs", None, "cuda")
+    codes = []
+    for pipelined in (False, True):
+        engine = HiggsEngine(
+            loaded,
+            name="tiny-higgs",
+            cuda_graphs=cuda_graphs,
+            pipelined=pipelined,
+            prefill_chunk=24,
+            prefill_budget_ms=5.0,
+        )
+        engine.warm_up()
+        jobs = _speech_jobs(engine, 6)
+        if pipelined:
+            with cuda_syncs_fail_in(engine, "_launch"):
+                step_together(engine, jobs, (0, 0, 2, 5, 9, 14))
+        else:
+            step_together(engine, jobs, (0, 0, 2, 5, 9, 14))
+        codes.append([engine.codes_of(job) for job in jobs])
+    for plain, piped in zip(*codes, strict=True):
+        assert torch.equal(piped, plain)

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from .. import fused
 from ..dense import Attend, Dense, Packing, pack, step_attention
 from ..kv import CacheRows, LayerMask, StaticKV
+from ..pipelining import upload
 from ..prefill import GroupAttention, packed, ragged
 
 __all__ = ["HiggsDecoder"]
@@ -268,8 +269,8 @@ class HiggsDecoder(CacheRows):
     def prefill(
         self,
         rows: list[int],
-        tokens: torch.Tensor,
-        audio: torch.Tensor | None,
+        tokens: torch.Tensor | npt.NDArray[np.int64],
+        audio: torch.Tensor | npt.NDArray[np.int64] | None,
         is_audio: npt.NDArray[np.bool_],
         start: int | Sequence[int],
         sizes: Sequence[int] | None = None,
@@ -282,6 +283,10 @@ class HiggsDecoder(CacheRows):
         rows' own positions one after the other, so that the products cost
         what the rows feed, and attention runs per group of rows of one start
         and size, over their own positions only, causal from the start of a row).
+
+        What comes from the host (the tokens and codes where they are there,
+        where each position goes) goes to the device in one copy, without
+        waiting for a step in flight.
 
         Args:
             tokens: Text token ids; at audio positions and padding a placeholder
@@ -305,32 +310,45 @@ class HiggsDecoder(CacheRows):
         self.ensure(length=int((starts + own).max()))
         layout = packed(starts, own, steps)
         device = self.device
-        flat = tokens.view(-1)
         audible = is_audio.reshape(-1)  # of the padded positions, row by row
-        spoken = audible
-        if not layout.whole:
-            flat = flat.index_select(0, torch.from_numpy(layout.index).to(device))
-            spoken = audible[layout.index]
-        x = F.embedding(flat, self._embed_text)  # [T, D]
+        spoken = audible if layout.whole else audible[layout.index]
         packed_audio = np.flatnonzero(spoken)
         packed_text = np.flatnonzero(~spoken)
-        audio_at = torch.from_numpy(packed_audio).to(device)
-        text_at = torch.from_numpy(packed_text).to(device)
+        host: dict[str, npt.ArrayLike | torch.Tensor] = {
+            "tokens": tokens,
+            "index": layout.index,
+            "audio_at": packed_audio,
+            "text_at": packed_text,
+            "last": layout.last,
+            "rows": rows,
+            "lengths": starts + own,
+            **GroupAttention.inputs(layout, rows),
+        }
+        for i, (_, targets, _) in enumerate(shared):
+            host[f"copy{i}"] = list(targets)
         if packed_audio.size:
             assert audio is not None and audio.shape[0] == packed_audio.size
             # ``audio`` is in the rows' order; the packed positions group rows.
             order = (np.cumsum(audible) - 1)[layout.index[packed_audio]]
             if not bool((order == np.arange(order.size)).all()):
-                audio = audio[torch.from_numpy(order).to(audio.device)]
-            x = x.index_copy(0, audio_at, self.embed_audio(audio))
-        positions = torch.from_numpy(layout.position).to(device)
+                host["order"] = order
+            host["audio"] = audio
+        sent = upload(host, device)
+        flat = sent["tokens"].view(-1)
+        if not layout.whole:
+            flat = flat.index_select(0, sent["index"])
+        x = F.embedding(flat, self._embed_text)  # [T, D]
+        audio_at, text_at = sent["audio_at"], sent["text_at"]
+        if packed_audio.size:
+            codes = sent["audio"]
+            if "order" in sent:
+                codes = codes[sent["order"]]
+            x = x.index_copy(0, audio_at, self.embed_audio(codes))
+        positions = sent["positions"]
         cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [T, 1, d]
-        attention = GroupAttention(layout, rows, device)
+        attention = GroupAttention(layout, rows, device, sent)
         cache_k, cache_v = self.kv.k, self.kv.v
-        copies = [
-            (row, torch.tensor(list(targets), device=device), length)
-            for row, targets, length in shared
-        ]
+        copies = [(row, sent[f"copy{i}"], length) for i, (row, _, length) in enumerate(shared)]
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Store layer ``i``'s keys and values ``[T, H_kv, d]``; each group's
@@ -355,8 +373,8 @@ class HiggsDecoder(CacheRows):
             return out
 
         hidden = self._forward(x, cos, sin, attend, route)
-        self.lengths[torch.tensor(rows, device=device)] = torch.from_numpy(starts + own).to(device)
-        return self._logits(hidden[torch.from_numpy(layout.last).to(device)])
+        self.lengths[sent["rows"]] = sent["lengths"].to(self.lengths.dtype)
+        return self._logits(hidden[sent["last"]])
 
     def decode(self, codes: torch.Tensor, active: torch.Tensor, span: int | None = None) -> Any:
         """One audio frame for the first ``B`` rows: ``[B, K]`` codes -> ``[B, K, card]``.

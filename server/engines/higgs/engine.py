@@ -303,7 +303,7 @@ class HiggsEngine:
         # Tests: called with each sampled request's raw logits [K, card], by id.
         self.logits_observer: Callable[[dict[str, torch.Tensor]], None] | None = None
         self.max_duration = float(max_duration)
-        self._voice_codes: dict[str, torch.Tensor] = {}
+        self._voice_codes: dict[str, Ints] = {}
         # The prompt layout names these tokens; the model knows them by id.
         for token, expected in (
             (AUDIO_OUT, config.audio_token_id),
@@ -390,7 +390,7 @@ class HiggsEngine:
         names = self._check_request(request)
         text = normalize_text(request.prompt)
         speakers = sorted({int(n) for n in SPEAKER_TAG.findall(text)})
-        voices: dict[int, tuple[str | None, torch.Tensor]] = {}
+        voices: dict[int, tuple[str | None, Ints]] = {}
         for index, voice_name in enumerate(names):
             if voice_name:
                 voice = self.voices[voice_name]
@@ -464,7 +464,7 @@ class HiggsEngine:
         job.extra["max_seconds"] = round(most / self.frame_rate, 6)
         return job
 
-    def _voice_codes_of(self, voice: Voice) -> torch.Tensor:
+    def _voice_codes_of(self, voice: Voice) -> Ints:
         return self._voice_codes[voice.name]
 
     def check(self, request: EngineRequest) -> dict[str, Upload]:
@@ -486,14 +486,15 @@ class HiggsEngine:
             decoded[role] = (audio, rate)
         return decoded
 
-    def _encode_upload(self, request: EngineRequest, role: str) -> torch.Tensor:
+    def _encode_upload(self, request: EngineRequest, role: str) -> Ints:
         decoded = request.decoded.get(role)
         audio, rate = decoded or self._decode_uploads({role: request.inputs[role]})[role]
         return self.encode_audio(audio.mean(axis=1), rate)
 
-    def encode_audio(self, audio: np.ndarray, rate: int) -> torch.Tensor:
-        """Mono float samples at any rate -> codec codes ``[K, n]`` (resampled to the
-        codec's rate as the processor's feature extractor expects)."""
+    def encode_audio(self, audio: np.ndarray, rate: int) -> Ints:
+        """Mono float samples at any rate -> codec codes ``[K, n]`` on the host
+        (resampled to the codec's rate as the processor's feature extractor
+        expects)."""
         wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
         if rate != self.sample_rate:
             import torchaudio.functional as AF
@@ -501,7 +502,8 @@ class HiggsEngine:
             wav = AF.resample(wav, rate, self.sample_rate)
         wav = wav.to(self.device).view(1, 1, -1)
         codes: torch.Tensor = self.codec.encode(wav).audio_codes
-        return codes[0]
+        host: Ints = codes[0].cpu().numpy().astype(np.int64)
+        return host
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         audio: torch.Tensor = self.codec.decode(codes.to(self.device)).audio_values
@@ -520,7 +522,16 @@ class HiggsEngine:
         )
 
     def tokenize(self, parts: Sequence[PromptPart]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A prompt's tokens ``[1, L]`` and audio rows ``[1, N, K]`` (None: no audio).
+        """A prompt's tokens ``[1, L]`` and audio rows ``[1, N, K]`` (None: no
+        audio), on the device (``tokens``' on the host)."""
+        ids, audio = self.tokens(parts)
+        input_ids = torch.from_numpy(ids).to(self.device)[None]
+        audio_ids = torch.from_numpy(audio).to(self.device)[None] if len(audio) else None
+        return input_ids, audio_ids
+
+    def tokens(self, parts: Sequence[PromptPart]) -> tuple[Ints, Ints]:
+        """A prompt's tokens ``[L]`` and audio rows ``[N, K]`` (``N`` may be 0), on
+        the host.
 
         Each audio block stands in the text as ``<|AUDIO_OUT|>`` once a row (and
         the delay token once a trailing row); the placeholders are special
@@ -529,13 +540,11 @@ class HiggsEngine:
         ids, without tokenizing hundreds of placeholders a voice (a text that
         holds the placeholder itself is tokenized as laid out)."""
         texts: list[str] = []
-        blocks: list[torch.Tensor] = []
+        blocks: list[Ints] = []
         k = self.num_codebooks
         for part in parts:
             if isinstance(part, PromptAudio):
-                blocks.append(
-                    delay_block(part.codes.to(self.device), self.stream_bos, self.stream_eos)
-                )
+                blocks.append(delay_block(part.codes, self.stream_bos, self.stream_eos))
                 texts.append(AUDIO_OUT)
             else:
                 texts.append(part)
@@ -560,9 +569,8 @@ class HiggsEngine:
                 for part in parts
             ]
             ids = self._token_ids("".join(texts))
-        input_ids = torch.from_numpy(ids).to(self.device)[None]
-        audio_ids = torch.cat(blocks).unsqueeze(0) if blocks else None
-        return input_ids, audio_ids
+        audio = np.concatenate(blocks) if blocks else np.zeros((0, k), dtype=np.int64)
+        return ids, audio
 
     def _token_ids(self, text: str) -> Ints:
         encoded = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -882,14 +890,7 @@ class HiggsEngine:
         """The next chunk's prompt, set up in the request's row: the part its cache
         already holds (the last chunk's prompt and answer, where the new prompt
         repeats them) is kept, the rest is prefilled."""
-        input_ids, audio_ids = self.tokenize(self.chunk_prompt(st))
-        k = self.num_codebooks
-        ids: Ints = input_ids[0].cpu().numpy().astype(np.int64)
-        audio: Ints = (
-            np.zeros((0, k), dtype=np.int64)
-            if audio_ids is None
-            else audio_ids[0].cpu().numpy().astype(np.int64)
-        )
+        ids, audio = self.tokens(self.chunk_prompt(st))
         u = Utterance.start(ids, audio, self.markers, st.max_new_tokens)
         if st.spoken is not None:
             u.fed = u.reusable(st.spoken)
@@ -903,18 +904,10 @@ class HiggsEngine:
         content and length, or None where the prompt does not open with it as
         tokenized alone, or is no longer."""
         parts = build_preamble(st.system, st.scene, st.speakers, st.references)
-        content = tuple(
-            part if isinstance(part, str) else part.codes.cpu().numpy().tobytes() for part in parts
-        )
+        content = tuple(part if isinstance(part, str) else part.codes.tobytes() for part in parts)
         tokens = self._preambles.pop(content, None)
         if tokens is None:
-            input_ids, audio_ids = self.tokenize(parts)
-            tokens = (
-                input_ids[0].cpu().numpy().astype(np.int64),
-                np.zeros((0, self.num_codebooks), dtype=np.int64)
-                if audio_ids is None
-                else audio_ids[0].cpu().numpy().astype(np.int64),
-            )
+            tokens = self.tokens(parts)
             if len(self._preambles) >= self.PREAMBLES:
                 self._preambles.pop(next(iter(self._preambles)))
         self._preambles[content] = tokens  # (the most recently used last)
@@ -1037,13 +1030,12 @@ class HiggsEngine:
             audio_parts.append(u.audio[first : first + int(u.is_audio[start:end].sum())])
             ids[i, : end - start] = u.ids[start:end]
             is_audio[i, : end - start] = u.is_audio[start:end]
-        audio = torch.from_numpy(np.concatenate(audio_parts)).to(self.device)
+        audio = np.concatenate(audio_parts)
         rows = [st.slot for st, _ in chosen if st.slot is not None]
-        tokens = torch.from_numpy(ids).to(self.device)
         starts = [start for start, _ in spans]
         sizes = [end - start for start, end in spans]
         shared = [(row, targets, length) for (row, length), targets in copies.items()]
-        return self.decoder.prefill(rows, tokens, audio, is_audio, starts, sizes, shared)
+        return self.decoder.prefill(rows, ids, audio, is_audio, starts, sizes, shared)
 
     def _advance(self, job: Job, tokens: list[int]) -> StepOutput:
         """A request's sampled row ``[K]``: its utterance's rules, frames and audio."""
@@ -1085,9 +1077,9 @@ class HiggsEngine:
         st.index += 1
         return st.index >= len(st.chunks) or st.produced >= st.max_frames
 
-    def _chunk_codes(self, st: _HiggsJob) -> torch.Tensor:
-        """``[K, frames]``: the frames of the chunk being spoken, on the device."""
-        return torch.from_numpy(np.stack(st.chunk_frames, axis=1)).to(self.device)
+    def _chunk_codes(self, st: _HiggsJob) -> Ints:
+        """``[K, frames]``: the frames of the chunk being spoken, on the host."""
+        return np.stack(st.chunk_frames, axis=1).astype(np.int64)
 
     def _decode_due(self) -> None:
         """Decode every stream's due codec window, batched (calls of at most
@@ -1210,7 +1202,7 @@ class HiggsEngine:
         spoken = [audio.codes for _, audio in st.history]
         if self._under_way(st) and st.chunk_frames:  # a chunk under way
             spoken.append(self._chunk_codes(st))
-        return torch.cat(spoken, dim=-1).unsqueeze(0)
+        return torch.from_numpy(np.concatenate(spoken, axis=-1))[None].to(self.device)
 
 
 def _reach(st: _HiggsJob, chunk: int) -> int:

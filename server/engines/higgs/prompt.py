@@ -8,7 +8,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "AUDIO_DELAY",
@@ -48,9 +49,11 @@ AUDIO_DELAY = "<|reserved_special_token_6|>"
 
 @dataclass(frozen=True, slots=True)
 class PromptAudio:
-    """Audio codes ``[K, n]`` (codec frames, no stream markers) in a prompt."""
+    """Audio codes ``[K, n]`` (codec frames, no stream markers) in a prompt, on
+    the host (a prompt is laid out and tokenized there: opening a request's
+    next chunk while a step computes waits for no device)."""
 
-    codes: torch.Tensor
+    codes: npt.NDArray[np.int64]
 
 
 PromptPart = str | PromptAudio
@@ -118,18 +121,15 @@ def build_preamble(
     return parts
 
 
-def delay_block(codes: torch.Tensor, bos: int, eos: int) -> torch.Tensor:
+def delay_block(codes: npt.NDArray[np.int64], bos: int, eos: int) -> npt.NDArray[np.int64]:
     """Codes ``[K, n]`` -> ``[n + 2 + K - 1, K]``: stream BOS and EOS added, codebook
     ``k`` shifted ``k`` frames late (``HiggsAudioV2Processor.build_delay_pattern``)."""
     k, n = codes.shape
-    full = torch.cat(
-        [codes.new_full((k, 1), bos), codes, codes.new_full((k, 1), eos)], dim=1
-    )  # [K, n + 2]
-    out = codes.new_full((k, n + 2 + k - 1), bos)
+    out = np.full((k, n + 2 + k - 1), bos, dtype=np.int64)
     for i in range(k):
-        out[i, i : i + n + 2] = full[i]
-        out[i, i + n + 2 :] = eos
-    return out.transpose(0, 1)
+        out[i, i + 1 : i + n + 1] = codes[i]
+        out[i, i + n + 1 :] = eos
+    return out.T.copy()
 
 
 def chunk_text(text: str, method: str, max_words: int, max_turns: int) -> list[str]:

@@ -15,12 +15,14 @@ from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
 from typing import Any
 
+import numpy as np
 import torch
 from audiocraft.models.musicgen import MusicGen
 from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
 from wavecast.protocol import InvalidField
 
+from ..pipelining import upload
 from .melody import StemsInPieces, in_pieces
 
 __all__ = ["Conditioning"]
@@ -52,6 +54,7 @@ class Conditioning:
             description = conditioners["description"]
         # The text encoder's tokenizer: the prompt limit is counted in its tokens.
         self.tokenizer = getattr(description, "t5_tokenizer", None)
+        self.device = torch.device(getattr(description, "device", model.device))
         # Where the description is the only condition (and is encoded as given), the
         # requests that start in the same step are encoded in one call
         # (``together``); otherwise each is conditioned on its own.
@@ -132,10 +135,7 @@ class Conditioning:
         request's attributes).
         """
         with self.autocast():
-            tokenized = self.provider.tokenize(attributes)
-            # Each text's length in tokens, alone: its mask's (an empty text's is
-            # zeroed, and its length, the empty text's, is the floor anyway).
-            own = tokenized["description"]["attention_mask"].sum(dim=1).tolist()
+            tokenized, own = self._tokenize_together(attributes)
             conditions = self.provider(tokenized)
         result = []
         for i, tokens in enumerate(own):
@@ -149,6 +149,20 @@ class Conditioning:
                 )
             result.append(pairs)
         return result
+
+    def _tokenize_together(self, attributes: list[Any]) -> tuple[dict[str, Any], list[int]]:
+        """The descriptions tokenized as audiocraft's text conditioner does (a
+        missing one as the empty text, its mask zeroed), on the host, and sent
+        to the device in one copy (not waiting for a step in flight); and each
+        text's length in tokens, alone: its mask's (an empty text's is zeroed,
+        and its length, the empty text's, is the floor anyway)."""
+        assert self.tokenizer is not None
+        entries = [attribute.text.get("description") or "" for attribute in attributes]
+        host = self.tokenizer(entries, return_tensors="np", padding=True)
+        mask = np.asarray(host["attention_mask"], dtype=np.int64)
+        mask[[i for i, entry in enumerate(entries) if entry == ""]] = 0
+        inputs = upload({"input_ids": host["input_ids"], "attention_mask": mask}, self.device)
+        return {"description": inputs}, mask.sum(axis=1).tolist()
 
     def wrap_melody(
         self, attributes: list[Any], melody: Any, time_offset: float, window: float

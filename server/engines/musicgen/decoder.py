@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from .. import fused
 from ..dense import Attend, Dense, Packing, pack, step_attention
 from ..kv import CacheRows, LayerMask, StaticKV, additive_mask
+from ..pipelining import upload
 from ..prefill import GroupAttention, packed, ragged
 
 __all__ = ["MusicGenDecoder"]
@@ -367,17 +368,17 @@ class MusicGenDecoder(CacheRows):
         assert source is not None, "this model cross-attends to its conditioning"
         length = int(source.shape[1])
         self.ensure(cross_length=length)
-        index = torch.tensor(rows, device=self.device)
+        sent = upload(
+            {"rows": rows, "lengths": [max(n, 1) for n in lengths or [length] * len(rows)]},
+            self.device,
+        )
+        index = sent["rows"]
         positions = torch.arange(length, device=self.device).expand(len(rows), length)
         for i, layer in enumerate(self.layers):
             assert layer.kv is not None
             k, v = layer.kv(source).split(self.dim, dim=-1)
             self.cross.write(i, index, positions, self._heads(k), self._heads(v))
-        if lengths is None:
-            self.cross_lengths[index] = max(length, 1)
-        else:
-            own = torch.tensor([max(n, 1) for n in lengths], device=self.device)
-            self.cross_lengths[index] = own.to(self.cross_lengths.dtype)
+        self.cross_lengths[index] = sent["lengths"].to(self.cross_lengths.dtype)
         for dtype, table in self._cross_masks.items():
             if self._fits_cross(table):
                 table[index] = self._additive_cross(self.cross_lengths[index], dtype)
@@ -422,12 +423,22 @@ class MusicGenDecoder(CacheRows):
         self.ensure(length=int((starts + own).max()))
         layout = packed(starts, own, steps)
         device = self.device
+        # The call's host inputs, in one copy.
+        sent = upload(
+            {
+                "index": layout.index,
+                "last": layout.last,
+                "rows": rows,
+                "lengths": starts + own,
+                **GroupAttention.inputs(layout, rows),
+            },
+            device,
+        )
         x = inputs.reshape(count * steps, -1)
         if not layout.whole:
-            x = x.index_select(0, torch.from_numpy(layout.index).to(device))
-        positions = torch.from_numpy(layout.position).to(device)
-        x = x + self._positions[positions].to(x.dtype)  # [T, D]
-        attention = GroupAttention(layout, rows, device)
+            x = x.index_select(0, sent["index"])
+        x = x + self._positions[sent["positions"]].to(x.dtype)  # [T, D]
+        attention = GroupAttention(layout, rows, device, sent)
         cache_k, cache_v = self.kv.k, self.kv.v
         heads, d = self.heads, self.head_dim
 
@@ -466,8 +477,8 @@ class MusicGenDecoder(CacheRows):
                 return attention.each(q.view(-1, heads, d), conditioned)
 
         hidden = self._forward(x, attend_self, cross)
-        self.lengths[torch.tensor(rows, device=device)] = torch.from_numpy(starts + own).to(device)
-        last = hidden[torch.from_numpy(layout.last).to(device)]
+        self.lengths[sent["rows"]] = sent["lengths"].to(self.lengths.dtype)
+        last = hidden[sent["last"]]
         return self._logits(last[:, None])[:, :, 0]
 
     # -- the decode step -----------------------------------------------------------

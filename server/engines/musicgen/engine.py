@@ -58,7 +58,7 @@ from ..codec_decoders import for_serving
 from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
-from ..pipelining import CodecPlace, Launched, read_back, to_device
+from ..pipelining import CodecPlace, Launched, read_back, to_device, upload
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
 from ..sampling import DrawPlan, RowSampling, finite_rows, sample
@@ -596,7 +596,8 @@ class MusicGenEngine:
         slots = [st.slot for st in states if st.slot is not None]
         self._sampling.set_requests(slots, states)
         cfg = torch.tensor([st.cfg_coef for st in states], dtype=self._cfg.dtype)
-        self._cfg[torch.tensor(slots, device=self.device)] = cfg.to(self.device).view(-1, 1, 1)
+        index = upload({"slots": slots}, self.device)["slots"]
+        self._cfg[index] = to_device(cfg, self.device, later=True).view(-1, 1, 1)
 
     def _grow(self, slots: int) -> int:
         """Room for ``slots`` requests (two rows each); how many there is now."""
@@ -651,7 +652,7 @@ class MusicGenEngine:
         empty = torch.zeros(2, 0, self.decoder.dim, device=self.device)
         prepend, cross = self.lm.fuser(empty, st.cfg_conditions)
         self._prepend = max(self._prepend, int(prepend.shape[1]))
-        prompt = torch.from_numpy(win.prompt()).to(self.device)
+        prompt = upload({"prompt": win.prompt()}, self.device)["prompt"]
         codes = prompt[None].expand(2, -1, -1)
         inputs = torch.cat([prepend.to(empty.dtype), self.decoder.embed(codes)], dim=1)
         self.decoder.ensure(length=int(prepend.shape[1]) + win.end_offset)
