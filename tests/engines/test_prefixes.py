@@ -55,6 +55,28 @@ def test_the_store_keeps_copies_and_refuses_what_is_not_finite() -> None:
     assert not PrefixStore(budget=0).put(b"a", block(1), block(1))
 
 
+def test_a_beginning_whose_finiteness_is_on_its_way_is_kept_but_not_given_out(
+    monkeypatch: Any,
+) -> None:
+    """As on a GPU, where whether a beginning is finite is known once the
+    device has computed it (``HostCopy``): until then it is kept and not given
+    out; then given out, or, not finite, given up (its bytes freed)."""
+    from wavecast.server.engines import pipelining
+
+    there = [False]
+    monkeypatch.setattr(pipelining.HostCopy, "ready", lambda self: there[0])
+    store = PrefixStore(budget=1 << 20)
+    broken = block(3)
+    broken[0, 0, 1, 1] = float("inf")
+    assert store.put(b"ok", block(3), block(3)) and store.put(b"inf", broken, block(3))
+    assert store.get(b"ok") is None and store.get(b"inf") is None and len(store) == 2
+    there[0] = True
+    assert store.get(b"inf") is None and b"inf" not in store
+    held = store.get(b"ok")
+    assert held is not None and bool((held[0] == 1).all())
+    assert store.bytes == 2 * 3 * 32
+
+
 # -- the speech engine -------------------------------------------------------------------
 
 
