@@ -502,9 +502,11 @@ _HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"
 def waits_in(engine: Any, name: str) -> Iterator[list[str]]:
     """Each call the engine's own code makes, in its method ``name``, that would
     wait for the device on a GPU: a tensor read on the host (``item``,
-    ``tolist``, ``bool``, ...), a copy to a device (``to(device)``,
-    ``tensor(device=...)``, which from pageable memory waits for the work in
-    flight). As ``"call at file:line"``, listed while ``with``-in.
+    ``tolist``, ``bool``, ...), a result whose shape depends on values
+    (``nonzero``, indexing by a boolean mask), a copy to a device
+    (``to(device)``, ``tensor(device=...)``, which from pageable memory waits
+    for the work in flight). As ``"call at file:line"``, listed while
+    ``with``-in.
 
     On a CPU nothing waits, and host and device are one: this tells the code's
     calls apart by what they are, not by what they did. The calls that move
@@ -524,9 +526,20 @@ def waits_in(engine: Any, name: str) -> Iterator[list[str]]:
     library = str(Path(torch.__file__).parent)
     found: list[str] = []
 
+    def masks(index: Any) -> bool:
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
     def moves(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         called = getattr(func, "__name__", "")
         if called in _HOST_READS:
+            return True
+        # Shapes that depend on a tensor's values: counted on the host.
+        if called in ("nonzero", "masked_select", "unique", "argwhere", "nonzero_static"):
+            return called != "nonzero_static"
+        if called in ("__getitem__", "__setitem__", "index_put_", "index_put"):
+            return masks(args[1]) if len(args) > 1 else False
+        if called == "where" and len(args) == 1 and not kwargs:
             return True
         if called == "to":
             given = [*args[1:], kwargs.get("device")]
