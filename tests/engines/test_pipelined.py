@@ -245,3 +245,43 @@ def test_the_audit_of_waits_finds_the_engines_copies(
     with torch.no_grad(), waits_in(engine, "work") as waits:
         engine.work(torch.zeros(1, 4, 3, dtype=torch.int64))  # type: ignore[attr-defined]
     assert len(waits) == 1 and waits[0].startswith("to at engines/musicgen/engine.py:"), waits
+
+
+def test_an_upload_is_its_arrays_whatever_their_shapes() -> None:
+    """``upload``: host arrays of any shape (empty ones, lists, host tensors) in
+    one copy, as int64 tensors of their shapes, in the order given; a tensor
+    already on the device passed through."""
+    from wavecast.server.engines.pipelining import upload
+
+    cpu = torch.device("cpu")
+    on_device = torch.arange(6).view(2, 3)
+    arrays: dict[str, Any] = {
+        "ids": np.array([[5, 6, 7], [8, 9, 10]], dtype=np.int32),
+        "none": np.zeros((0, 4), dtype=np.int64),
+        "rows": [3, 1],
+        "host": torch.tensor([True, False]),
+        "there": on_device,
+    }
+    sent = upload(arrays, cpu)
+    assert list(sent) == list(arrays)
+    assert sent["there"] is on_device
+    for name, array in arrays.items():
+        expected = torch.as_tensor(np.asarray(array)).to(torch.int64)
+        assert sent[name].dtype == torch.int64 and torch.equal(sent[name], expected), name
+
+
+def test_a_step_timer_and_a_host_copy_on_a_cpu_are_there_at_once() -> None:
+    """Off CUDA the work is done when a call returns: the timer gives each
+    call's time by the clock at once, and a host copy is ready at once (a
+    copy: the tensor written afterwards does not change it)."""
+    from wavecast.server.engines.pipelining import HostCopy, StepTimer
+
+    now = [1.0]
+    timer = StepTimer(torch.device("cpu"), clock=lambda: now[0])
+    began = timer.start()
+    now[0] += 0.25
+    assert timer.stop(began, 7) == [(7, 0.25)] and timer.done() == []
+    flag = torch.tensor([1, 2])
+    copy = HostCopy(flag)
+    flag += 1
+    assert copy.ready() and copy.values().tolist() == [1, 2]
