@@ -582,13 +582,17 @@ def cuda_syncs_fail_in(
 ) -> Iterator[None]:
     """While ``with``-in, the engine's method ``name`` raises where it waits for
     the device (``torch.cuda``'s sync debug mode), but in the ``exempt``
-    methods (``(owner, name)``) it calls."""
+    methods (``(owner, name)``: an object's or a class's) it calls."""
     import torch
 
-    def wrapped(owner: Any, method_name: str, mode: str) -> None:
+    watched = [(engine, name, "error"), *((owner, n, "default") for owner, n in exempt)]
+    saved = [
+        (owner, method_name, vars(owner).get(method_name)) for owner, method_name, _ in watched
+    ]
+    for owner, method_name, mode in watched:
         method = getattr(owner, method_name)
 
-        def call(*args: Any, **kwargs: Any) -> Any:
+        def call(*args: Any, method: Any = method, mode: str = mode, **kwargs: Any) -> Any:
             before = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode(mode)
             try:
@@ -596,13 +600,12 @@ def cuda_syncs_fail_in(
             finally:
                 torch.cuda.set_sync_debug_mode(before)
 
-        setattr(owner, method_name, call)
-
-    watched = [(engine, name, "error"), *((owner, n, "default") for owner, n in exempt)]
-    for owner, method_name, mode in watched:
-        wrapped(owner, method_name, mode)
+        setattr(owner, method_name, call)  # (on a class: called with its instance)
     try:
         yield
     finally:
-        for owner, method_name, _ in watched:
-            delattr(owner, method_name)
+        for owner, method_name, before in reversed(saved):
+            if before is None:
+                delattr(owner, method_name)
+            else:
+                setattr(owner, method_name, before)
