@@ -499,7 +499,7 @@ _HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"
 
 
 @contextmanager
-def waits_in(engine: Any, name: str) -> Iterator[list[str]]:
+def waits_in(engine: Any, name: str, exempt: Sequence[tuple[Any, str]] = ()) -> Iterator[list[str]]:
     """Each call the engine's own code makes, in its method ``name``, that would
     wait for the device on a GPU: a tensor read on the host (``item``,
     ``tolist``, ``bool``, ...), a result whose shape depends on values
@@ -513,7 +513,8 @@ def waits_in(engine: Any, name: str) -> Iterator[list[str]]:
     tensors without waiting are ``pipelining``'s (pinned memory and events),
     so its own are not listed; nor are the libraries' (transformers',
     audiocraft's), which the GPU tests catch under ``torch.cuda``'s sync
-    debug mode."""
+    debug mode. Nor are those of the ``exempt`` methods (``(owner, name)``) it
+    calls."""
     import traceback
 
     import torch
@@ -546,12 +547,14 @@ def waits_in(engine: Any, name: str) -> Iterator[list[str]]:
             return any(isinstance(a, (torch.device, str)) or (type(a) is int) for a in given)
         return called in ("tensor", "as_tensor") and kwargs.get("device") is not None
 
+    aside = [0]  # exempt calls under way
+
     class Audit(TorchFunctionMode):
         def __torch_function__(
             self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
         ) -> Any:
             kwargs = kwargs or {}
-            if moves(func, args, kwargs):
+            if not aside[0] and moves(func, args, kwargs):
                 frames = traceback.extract_stack()[:-1]
                 caller = next(
                     f
@@ -563,6 +566,7 @@ def waits_in(engine: Any, name: str) -> Iterator[list[str]]:
                     found.append(f"{getattr(func, '__name__', func)} at {where}:{caller.lineno}")
             return func(*args, **kwargs)
 
+    saved = [(owner, n, vars(owner).get(n)) for owner, n in [(engine, name), *exempt]]
     method = getattr(engine, name)
 
     def audited(*args: Any, **kwargs: Any) -> Any:
@@ -570,10 +574,28 @@ def waits_in(engine: Any, name: str) -> Iterator[list[str]]:
             return method(*args, **kwargs)
 
     setattr(engine, name, audited)
+
+    def set_aside(inner: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            aside[0] += 1
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                aside[0] -= 1
+
+        return call
+
+    for owner, exempt_name in exempt:
+        # (On a class: called with its instance.)
+        setattr(owner, exempt_name, set_aside(getattr(owner, exempt_name)))
     try:
         yield found
     finally:
-        delattr(engine, name)
+        for owner, n, before in reversed(saved):
+            if before is None:
+                delattr(owner, n)
+            else:
+                setattr(owner, n, before)
 
 
 @contextmanager

@@ -68,12 +68,21 @@ class Launched(Generic[S]):
     logits: torch.Tensor
     stepped: npt.NDArray[np.bool_]
     drew: list[tuple[S, Job | None]]
+    _rows: list[list[int]] | None = None
 
     def wait(self) -> None:
         """Until the codes are on the host."""
         if self.ready is not None:
             self.ready.synchronize()
             self.ready = None
+
+    def rows(self) -> list[list[int]]:
+        """Each row's codes and, last, whether its logits were finite (1 or 0),
+        as ints, once on the host (``wait``)."""
+        self.wait()
+        if self._rows is None:
+            self._rows = self.back.tolist()
+        return self._rows
 
     def current(self, slots: SlotTable[S]) -> list[tuple[S, Job | None]]:
         """The requests that drew and are still where they drew: not finished

@@ -207,16 +207,18 @@ def test_utterances_ending_by_their_codes_draw_what_the_plain_steps_draw() -> No
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in pairs), rid
 
 
-def test_a_launch_waits_for_nothing_on_the_device(loaded: HiggsModel) -> None:
-    """A pipelined launch runs while the step before it computes: on a GPU,
-    anything in it that waits for the device (a tensor read on the host, a
-    copy from pageable memory) waits for that step, and the overlap is lost.
-    Requests joining apart, one with an uploaded voice, two opening with the
-    same named voice and scene (its beginning kept, then copied), a dialogue
-    in chunks (each next chunk's prompt laid out and tokenized on the host),
-    prompts fed in pieces under a time budget: the launch's own code reads
-    nothing back and copies nothing but through ``pipelining``'s calls
-    (pinned memory, events)."""
+def test_a_step_waits_for_nothing_on_the_device(loaded: HiggsModel) -> None:
+    """A pipelined step's host part (its launch, then the last step's codes
+    read and each request's row taken) runs while the step it launched
+    computes: on a GPU, anything in it that waits for the device (a tensor
+    read on the host, a copy from pageable memory) waits for that step, and
+    the overlap is lost. Requests joining apart, one with an uploaded voice,
+    two opening with the same named voice and scene (its beginning kept, then
+    copied), a dialogue in chunks (each next chunk's prompt laid out and
+    tokenized on the host), prompts fed in pieces under a time budget: the
+    step's own code reads nothing back and copies nothing but through
+    ``pipelining``'s calls (pinned memory, events; the codes read back once
+    there). Left out: the codec's calls, on a stream of their own."""
     engine = HiggsEngine(
         loaded,
         name="t",
@@ -257,7 +259,7 @@ def test_a_launch_waits_for_nothing_on_the_device(loaded: HiggsModel) -> None:
         holding(row, *args)
 
     engine.decoder.hold = hold  # type: ignore[method-assign]
-    with waits_in(engine, "_launch") as waits:
+    with waits_in(engine, "step", [(engine, "_decode_due")]) as waits:
         drive(engine, jobs, [0, 0, 9, 12])
     assert waits == []
     # What the launches did: prompts in pieces (timed), a beginning kept and

@@ -687,14 +687,11 @@ class HiggsEngine:
         """A launched step's codes on the host (waiting for them): each request
         that drew has its row's rules kept and its frames and audio planned
         (``_advance``), or fails (non-finite logits)."""
-        launched.wait()
-        back = launched.back
-        finite = back[:, -1].tolist()
-        drawn = back[:, :-1].tolist()  # (each row's codes as ints, read one by one)
+        rows = launched.rows()
         drew = [(st, job) for st, job in launched.current(self._slots) if job is not None]
         for st, _ in drew:
             assert st.slot is not None
-            if not finite[st.slot]:
+            if not rows[st.slot][-1]:
                 failures[id(st)] = non_finite()
         if self.logits_observer is not None:
             self.logits_observer(
@@ -707,7 +704,7 @@ class HiggsEngine:
         for st, job in drew:
             if id(st) not in failures:
                 assert st.slot is not None
-                outputs[id(st)] = isolated(job, self._advance, job, drawn[st.slot])
+                outputs[id(st)] = isolated(job, self._advance, job, rows[st.slot][:-1])
 
     def _launch(
         self, jobs: Sequence[Job], failures: dict[int, BaseException], later: bool = False

@@ -165,17 +165,17 @@ class Conditioning:
         return {"description": inputs}, mask.sum(axis=1).tolist()
 
     def wrap_melody(
-        self, attributes: list[Any], melody: Any, time_offset: float, window: float
+        self, attributes: list[Any], melody: Any, length: int, time_offset: float, window: float
     ) -> None:
-        """Long form: the melody for the window starting at ``time_offset`` seconds,
-        repeated as needed.
+        """Long form: the melody (``length`` samples) for the window starting at
+        ``time_offset`` seconds, repeated as needed.
 
         The same as ``MusicGen._generate_tokens``: each window sees the reference
         from its own start time on, wrapped around when the reference is shorter.
         """
         from audiocraft.modules.conditioners import WavCondition
 
-        wav_length = int(melody.length.item())
+        wav_length = length
         if wav_length == 0:
             return
         rate = self.model.sample_rate

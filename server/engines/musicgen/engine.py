@@ -111,6 +111,7 @@ class _MusicGenJob:
     codes: list[Codes] = field(default_factory=list)  # every timestep's codes [1, K, n], in order
     attributes: list[Any] = field(default_factory=list)  # audiocraft ConditioningAttributes
     melody: Any = None  # the reference clip's WavCondition (melody models)
+    melody_length: int = 0  # its samples
     py_random: Any = None  # state of Python's `random` for this request (Demucs' shifts)
     # A long-form window's melody conditioning, being computed in pieces (the
     # window waits for it); its result replaces cfg_conditions and py_random.
@@ -379,8 +380,10 @@ class MusicGenEngine:
             reference = self._upload_wav(request, "melody")
         attributes = self.conditioning.attributes(request.prompt, reference)
         melody = attributes[0].wav.get("self_wav")
+        # Its length in samples, read here once (long form wraps it at each window).
+        melody_length = 0 if melody is None else int(melody.length.item())
         if duration > self.window and melody is not None:
-            self.conditioning.wrap_melody(attributes, melody, 0.0, self.window)
+            self.conditioning.wrap_melody(attributes, melody, melody_length, 0.0, self.window)
         py_random = _seeded_state(seed)
 
         stride_seconds = number(params.get("extend_stride") or 18.0)
@@ -402,6 +405,7 @@ class MusicGenEngine:
             window=self.windows.start(duration, 0, prompt),
             attributes=attributes,
             melody=melody,
+            melody_length=melody_length,
             py_random=py_random,
             seed=seed,
             mbd=bool(params.get("mbd")) and self.mbd is not None,
@@ -532,7 +536,7 @@ class MusicGenEngine:
         guided = torch.zeros(0)
         if launched is not None:
             stepped, guided = launched.stepped, launched.logits
-            drawn = launched.back[:, :-1].tolist()  # (each slot's codes as ints, one by one)
+            drawn = launched.rows()  # (each slot's codes as ints, then its finiteness)
         drew_ids = {id(st) for st, _ in launched.drew} if launched is not None else set()
 
         def drew(st: _MusicGenJob) -> bool:
@@ -561,7 +565,7 @@ class MusicGenEngine:
                 self._clear_rows(st)
                 outputs[i] = failed_output(job, failures[id(st)])
             elif drew(st):
-                outputs[i] = isolated(job, self._advance, job, drawn[st.slot])
+                outputs[i] = isolated(job, self._advance, job, drawn[st.slot][:-1])
             elif st.held is not None:
                 outputs[i], st.held = st.held, None
             else:  # its prompt (or its window's conditioning) is still going in
@@ -859,12 +863,11 @@ class MusicGenEngine:
     ) -> None:
         """Wait for a launched step's codes on the host; the requests whose rows'
         logits were not finite go into ``failures``."""
-        launched.wait()
-        finite = launched.back[:, -1].tolist()
+        rows = launched.rows()
         # (Pipelined: a request finished since its launch is no one's concern.)
         for st, _ in launched.current(self._slots):
             assert st.slot is not None
-            if not finite[st.slot]:
+            if not rows[st.slot][-1]:
                 failures[id(st)] = non_finite()
 
     def _feed(self, codes: torch.Tensor) -> torch.Tensor:
@@ -1010,11 +1013,13 @@ class MusicGenEngine:
         if st.gen_offset + prompt.shape[-1] >= st.total_len or st.duration <= self.window:
             return True
         st.window = self.windows.start(st.duration, st.gen_offset, prompt)
-        if st.melody is not None and int(st.melody.length.item()) > 0:
+        if st.melody is not None and st.melody_length > 0:
             # The next window's melody: its chroma in pieces, a segment per step
             # (``_launch``); the window waits for it.
             time_offset = st.gen_offset / self.frame_rate
-            self.conditioning.wrap_melody(st.attributes, st.melody, time_offset, self.window)
+            self.conditioning.wrap_melody(
+                st.attributes, st.melody, st.melody_length, time_offset, self.window
+            )
             st.conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
         return False
 
