@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from transformers import DacFeatureExtractor, GenerationConfig, HiggsAudioV2Processor
 
@@ -410,3 +412,76 @@ GREEDY: dict[str, Any] = {
     "ras_win_len": 0,
     "ras_max_repeat": 2,
 }
+
+
+def _stable_norm_codec(loaded: HiggsModel) -> Any:
+    """The tiny tokenizer's shape, with the other HuBERT layout (layer norms in
+    its convolutions, the encoder's norm after its layers), random weights."""
+    import copy
+
+    from transformers import HiggsAudioV2TokenizerModel
+
+    config = copy.deepcopy(loaded.codec.config)
+    config.semantic_model_config.do_stable_layer_norm = True
+    config.semantic_model_config.feat_extract_norm = "layer"
+    torch.manual_seed(3)
+    return HiggsAudioV2TokenizerModel(config).eval()
+
+
+@pytest.mark.parametrize("layout", ["released", "stable-norm"])
+def test_a_voice_encoded_in_pieces_is_the_tokenizers_encoding(
+    loaded: HiggsModel, layout: str
+) -> None:
+    """``encode_in_pieces`` runs the tokenizer's ``encode`` a part at a time (a
+    convolution, a layer, an activation): its codes are ``encode``'s bit for
+    bit, for clips whose acoustic frames need the tokenizer's padding or not,
+    in both HuBERT layouts; a tokenizer in training mode (dropout on) is
+    encoded in one part, by its own ``encode``."""
+    from wavecast.server.engines.higgs.encoding import encode_in_pieces
+
+    codec = loaded.codec if layout == "released" else _stable_norm_codec(loaded)
+    generator = torch.Generator().manual_seed(7)
+    for samples in (24000 * 2, 24000 * 3 + 517):
+        audio = 0.2 * torch.randn(1, 1, samples, generator=generator)
+        with torch.no_grad():
+            expected = codec.encode(audio).audio_codes
+            pieces = encode_in_pieces(codec, audio)
+            parts = 0
+            while True:
+                try:
+                    next(pieces)
+                    parts += 1
+                except StopIteration as done:
+                    got = done.value
+                    break
+        assert torch.equal(got, expected), samples
+        assert parts >= 20
+    codec.train()
+    try:
+        with torch.no_grad():
+            pieces = encode_in_pieces(codec, audio)
+            with pytest.raises(StopIteration) as done:
+                next(pieces)
+        assert done.value.value.shape == expected.shape
+    finally:
+        codec.eval()
+
+
+def test_an_uploaded_voice_is_encoded_between_steps(engine: HiggsEngine) -> None:
+    """A request's uploaded voice is encoded in many units of its preparation
+    (each a part of the tokenizer's work), and its prompt holds the codes the
+    tokenizer's ``encode`` gives the clip."""
+    wav = (0.3 * np.sin(np.linspace(0, 900, 24000 * 3))).astype(np.float32)
+    data = io.BytesIO()
+    soundfile.write(data, wav, 24000, format="WAV")
+    params = defaults(engine, max_new_tokens=8, seed=1)
+    request = EngineRequest("u", "Hello.", params, {"reference": data.getvalue()})
+    units = list(engine.prepare_steps(request))
+    job = units[-1]
+    assert job is not None and len(units) > 20 and all(unit is None for unit in units[:-1])
+    codes = job.state.speakers[0][1].codes  # (no transcript: the voice in the scene)
+    with torch.no_grad():
+        heard, _ = soundfile.read(io.BytesIO(data.getvalue()), dtype="float32")
+        expected = engine.codec.encode(torch.from_numpy(heard).view(1, 1, -1)).audio_codes[0]
+    assert np.array_equal(codes, expected.numpy())
+    engine.finish(job)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from helpers import make_config, running_server, timeout, tiny_engines
+from helpers import higgs_engines, make_config, running_server, timeout, tiny_engines
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Queued
@@ -102,6 +102,46 @@ async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> N
     # was cancelled only once they were done).
     steps = [ids for kind, ids in events[units[0] :] if kind == "step"]
     assert len(steps) > 20 and all(running.id in ids for ids in steps)
+
+
+async def test_an_uploaded_voice_is_encoded_between_the_steps_of_a_running_stream() -> None:
+    """A speech request with a long uploaded voice (20 s) joins a running
+    stream: the voice is encoded in many units (a part of the tokenizer's
+    work each), and with no budget, one a tick, the running stream steps
+    between any two."""
+    recorder = Recorder(higgs_engines()["tiny-higgs"])
+
+    def factory() -> Mapping[str, Any]:
+        return {"tiny-higgs": recorder}
+
+    config = make_config(max_active=4, admission="slots")
+    config = replace(config, models=replace(config.models, prefill_budget_ms=0.0))
+    t = np.arange(24000 * 20) / 24000
+    buffer = io.BytesIO()
+    soundfile.write(
+        buffer, (0.25 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 24000, format="WAV"
+    )
+    async with running_server(config, factory) as srv, connect(srv.url) as client:
+        running = await client.speak(
+            "tiny-higgs", "A long story, told slowly. " * 20, max_new_tokens=2048, seed=1
+        )
+        async for event in running:
+            if isinstance(event, Audio):
+                break
+        rest = asyncio.ensure_future(running.collect())
+        cloned = await client.speak(
+            "tiny-higgs", "Hello there.", reference=buffer.getvalue(), max_new_tokens=30, seed=2
+        )
+        result = await asyncio.wait_for(cloned.collect(), timeout(120))
+        assert result.status == "completed"
+        await running.cancel()
+        assert (await asyncio.wait_for(rest, timeout(30))).status == "cancelled"
+    events = recorder.events
+    units = [i for i, (kind, rid) in enumerate(events) if kind == "unit" and rid == cloned.id]
+    assert len(units) > 20
+    for before, after in itertools.pairwise(units):
+        between = [e for e in events[before:after] if e[0] == "step"]
+        assert between and all(running.id in ids for _, ids in between)
 
 
 class Gated(Recorder):

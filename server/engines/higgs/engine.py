@@ -38,6 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -76,6 +77,7 @@ from ..slots import SlotTable
 from ..step_cost import measure_context_cost
 from .card import model_card
 from .decoder import HiggsDecoder
+from .encoding import encode_in_pieces
 from .loading import HiggsModel
 from .prompt import (
     AUDIO_DELAY,
@@ -98,6 +100,8 @@ from .voices import Scene, Voice, scene_text
 __all__ = ["HiggsEngine"]
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 DEFAULT_MODEL = "bosonai/higgs-audio-v2-generation-3B-base"
 REFERENCE_ROLES = ("reference", "reference_1")
@@ -351,12 +355,24 @@ class HiggsEngine:
     # -- preparation ---------------------------------------------------------------
 
     def prepare(self, request: EngineRequest) -> Job:
-        with torch.no_grad():
-            return self._prepare(request)
+        return next(job for job in self.prepare_steps(request) if job is not None)
 
     def prepare_steps(self, request: EngineRequest) -> Generator[Job | None, None, None]:
-        """``prepare`` as one unit of work (see ``Engine.prepare_steps``)."""
-        yield self.prepare(request)
+        """``prepare`` in units of work (see ``Engine.prepare_steps``): each
+        uploaded voice's encoding a part at a time (``encode_in_pieces``: a
+        long clip holds the running streams a part's time, not the whole
+        clip's), then the rest."""
+        self._check_request(request)
+        encoded: dict[str, Ints] = {}
+        for role in REFERENCE_ROLES:
+            if role in request.inputs:
+                decoded = request.decoded.get(role)
+                audio, rate = decoded or self._decode_uploads({role: request.inputs[role]})[role]
+                encoded[role] = yield from _without_grad(
+                    self._encode_in_pieces(audio.mean(axis=1), rate)
+                )
+        with torch.no_grad():
+            yield self._prepare(request, encoded)
 
     def _check_request(self, request: EngineRequest) -> list[str]:
         """What needs no model: the text, the voice names, transcripts and their clips.
@@ -385,7 +401,8 @@ class HiggsEngine:
                 )
         return names
 
-    def _prepare(self, request: EngineRequest) -> Job:
+    def _prepare(self, request: EngineRequest, encoded: Mapping[str, Ints]) -> Job:
+        """A request's job, its uploaded voices' codes ``encoded`` (by role)."""
         params = request.params
         names = self._check_request(request)
         text = normalize_text(request.prompt)
@@ -399,7 +416,7 @@ class HiggsEngine:
             data = request.inputs.get(role)
             if data is not None:
                 transcript = str(params[f"{role}_text"] or "").strip() or None
-                voices[index] = (transcript, self._encode_upload(request, role))
+                voices[index] = (transcript, encoded[role])
         scene_value = str(params["scene"] or "")
         scene = scene_text(self.scenes, scene_value) if scene_value.strip() else ""
 
@@ -486,22 +503,30 @@ class HiggsEngine:
             decoded[role] = (audio, rate)
         return decoded
 
-    def _encode_upload(self, request: EngineRequest, role: str) -> Ints:
-        decoded = request.decoded.get(role)
-        audio, rate = decoded or self._decode_uploads({role: request.inputs[role]})[role]
-        return self.encode_audio(audio.mean(axis=1), rate)
-
     def encode_audio(self, audio: np.ndarray, rate: int) -> Ints:
         """Mono float samples at any rate -> codec codes ``[K, n]`` on the host
         (resampled to the codec's rate as the processor's feature extractor
-        expects)."""
+        expects), in one go."""
+        with torch.no_grad():
+            pieces = self._encode_in_pieces(audio, rate)
+            while True:
+                try:
+                    next(pieces)
+                except StopIteration as done:
+                    codes: Ints = done.value
+                    return codes
+
+    def _encode_in_pieces(self, audio: np.ndarray, rate: int) -> Generator[None, None, Ints]:
+        """``encode_audio``, a part at a time (``encode_in_pieces``; the codes come
+        to the host at the end)."""
         wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
         if rate != self.sample_rate:
             import torchaudio.functional as AF
 
             wav = AF.resample(wav, rate, self.sample_rate)
+            yield
         wav = wav.to(self.device).view(1, 1, -1)
-        codes: torch.Tensor = self.codec.encode(wav).audio_codes
+        codes = yield from encode_in_pieces(self.codec, wav)
         host: Ints = codes[0].cpu().numpy().astype(np.int64)
         return host
 
@@ -1200,6 +1225,19 @@ class HiggsEngine:
         if self._under_way(st) and st.chunk_frames:  # a chunk under way
             spoken.append(self._chunk_codes(st))
         return torch.from_numpy(np.concatenate(spoken, axis=-1))[None].to(self.device)
+
+
+def _without_grad(pieces: Generator[None, None, R]) -> Generator[None, None, R]:
+    """``pieces``, each part run without autograd (not across the yields: the
+    scheduler's own work runs between them)."""
+    while True:
+        with torch.no_grad():
+            try:
+                next(pieces)
+            except StopIteration as done:
+                result: R = done.value
+                return result
+        yield
 
 
 def _reach(st: _HiggsJob, chunk: int) -> int:
