@@ -1,19 +1,24 @@
-"""What a melody request's analysis costs the streams already running.
+"""What a melody request's analysis (or a continuation's encoding) costs the
+streams already running.
 
 A melody model separates its reference's melodic stems with Demucs before the
-request can start. The scheduler prepares new requests between decode steps;
-this runs the same alternation in one process (one unit of preparation, then one
-decode step of the running streams) and reports the longest gap between two
-decode steps while the melody request is prepared, in two ways:
+request can start; a continuation's clip is encoded by EnCodec
+(``--upload continuation``: the tiny text model, a 30 s window). The scheduler
+prepares new requests between decode steps; this runs the same alternation in
+one process (one unit of preparation, then one decode step of the running
+streams) and reports the longest gap between two decode steps while the
+request is prepared, in two ways:
 
-- ``one go``: the whole conditioning as one unit (the separation in one call);
-- ``pieces``: ``prepare_steps`` as the engine gives it (one Demucs segment per unit).
+- ``one go``: the whole preparation as one unit (the separation, or the
+  encoding, in one call);
+- ``pieces``: ``prepare_steps`` as the engine gives it (one Demucs segment per
+  unit; a continuation: a layer of EnCodec's encoder per unit).
 
     .venv/bin/python bench/bench_melody.py --reference-seconds 60 --demucs htdemucs
 
 ``--demucs tiny``: the test model's tiny Demucs; ``htdemucs``: HTDemucs at the
 shape of the released ``htdemucs`` (random weights). The music model is the tiny
-melody test model either way.
+melody test model either way (for a continuation, the tiny text model).
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -52,15 +57,18 @@ def reference(seconds: float) -> bytes:
     return buffer.getvalue()
 
 
-def measure(engine: MusicGenEngine, streams: int, ref: bytes, pieces: bool) -> dict[str, float]:
+def measure(
+    engine: MusicGenEngine, streams: int, ref: bytes, pieces: bool, role: str = "melody"
+) -> dict[str, float]:
     params = resolve_params(engine.info.params, {"duration": engine.max_duration, "seed": 1})
     running = [engine.prepare(EngineRequest(f"r{i}", "running", params)) for i in range(streams)]
     for _ in range(20):  # every stream past its prefill
         engine.step(running)
-    short = resolve_params(engine.info.params, {"duration": 2.0})
-    checked = EngineRequest("m", "hum", short, {"melody": ref})
+    # (A continuation's prompt is shorter than its duration and the window.)
+    short = resolve_params(engine.info.params, {"duration": 2.0 if role == "melody" else 30.0})
+    checked = EngineRequest("m", "hum", short, {role: ref})
     # Decoded as the worker pool does before the request is queued.
-    melody = EngineRequest("m", "hum", short, {"melody": ref}, decoded=engine.check(checked))
+    melody = EngineRequest("m", "hum", short, {role: ref}, decoded=engine.check(checked))
     steps: list[float] = []
     gaps: list[float] = []
     units = 0
@@ -101,28 +109,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-seconds", type=float, default=60.0)
     parser.add_argument("--demucs", choices=("tiny", "htdemucs"), default="htdemucs")
+    parser.add_argument("--upload", choices=("melody", "continuation"), default="melody")
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="each way, alternately")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    model = build_tiny_musicgen(melody=True, window=30.0)
-    if args.demucs == "htdemucs":
+    melody = args.upload == "melody"
+    model = build_tiny_musicgen(melody=melody, window=30.0)
+    if melody and args.demucs == "htdemucs":
         model.lm.condition_provider.conditioners["self_wav"].demucs = full_size_demucs()
-    engine = MusicGenEngine(model, name="tiny-melody", test_model=True, max_duration=30.0)
+    engine = MusicGenEngine(model, name="tiny", test_model=True, max_duration=30.0)
     ref = reference(args.reference_seconds)
     rows = []
     for pieces in [False, True] * args.rounds:
-        result = measure(engine, args.streams, ref, pieces)
+        result = measure(engine, args.streams, ref, pieces, args.upload)
         rows.append(("pieces" if pieces else "one go", result))
-    print(f"### melody analysis beside {args.streams} running streams: {args.demucs} Demucs")
+    what = f"melody analysis ({args.demucs} Demucs)" if melody else "a continuation's encoding"
+    print(f"### {what} beside {args.streams} running streams")
     print()
     print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
     print(
         f"- command: `python bench/bench_melody.py --reference-seconds "
-        f"{args.reference_seconds:g} --demucs {args.demucs} --streams {args.streams} "
-        f"--rounds {args.rounds}`"
+        f"{args.reference_seconds:g} --demucs {args.demucs} --upload {args.upload} "
+        f"--streams {args.streams} --rounds {args.rounds}`"
     )
     print(f"- date: {time.strftime('%Y-%m-%d')}; each way {args.rounds} time(s), alternately")
     print()

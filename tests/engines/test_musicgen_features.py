@@ -394,3 +394,48 @@ def test_long_form_melody_windows_condition_one_segment_per_step(melodic: Any) -
 
 def _seeded(seed: int) -> Any:
     return random.Random(seed).getstate()
+
+
+def test_a_continuation_encoded_in_pieces_is_encodecs_encoding() -> None:
+    """``encode_in_pieces`` runs EnCodec's ``encode`` a part at a time (a layer
+    of its SEANet encoder, a residual block's activation or convolution): its
+    codes are ``encode``'s bit for bit; a continuation request's preparation
+    takes many units, its prompt those codes; a model in training mode is
+    encoded in one part."""
+    from wavecast.server.engines.musicgen.encoding import encode_in_pieces
+
+    model = build_tiny_musicgen(window=30.0)
+    codec = model.compression_model
+    generator = torch.Generator().manual_seed(5)
+    for samples in (32000 * 3, 32000 * 4 + 333):
+        wav = 0.2 * torch.randn(1, 1, samples, generator=generator)
+        with torch.no_grad():
+            expected, _ = codec.encode(wav)
+            pieces = encode_in_pieces(codec, wav)
+            parts = 0
+            while True:
+                try:
+                    next(pieces)
+                    parts += 1
+                except StopIteration as done:
+                    got, scale = done.value
+                    break
+        assert torch.equal(got, expected) and scale is None and parts >= 10, samples
+    engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
+    clip = decode(model, torch.randint(0, 64, (1, 4, 60)))
+    params = resolve_params(engine.info.params, {"duration": 4.0, "seed": 1})
+    request = EngineRequest("c", "go on", params, {"continuation": wav_bytes(clip, 32000)})
+    units = list(engine.prepare_steps(request))
+    job = units[-1]
+    assert job is not None and len(units) > 10
+    heard = engine._upload_wav(request, "continuation").unsqueeze(0)
+    with torch.no_grad():
+        expected, _ = codec.encode(heard)
+    assert np.array_equal(job.state.codes[0], expected.numpy())
+    engine.finish(job)
+    codec.train()
+    try:
+        with torch.no_grad(), pytest.raises(StopIteration):
+            next(encode_in_pieces(codec, wav))
+    finally:
+        codec.eval()

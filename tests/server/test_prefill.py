@@ -74,8 +74,9 @@ async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> N
             if isinstance(event, Audio):
                 break
         rest = asyncio.ensure_future(running.collect())
-        # Three requests at once: two with a continuation prompt (encoded, then
-        # conditioned: two units each), one with a long description.
+        # Three requests at once: two with a continuation prompt (encoded a
+        # layer of the codec's encoder a unit, then conditioned), one with a
+        # long description (one unit).
         joining = [
             await client.generate(
                 "tiny-musicgen", "b", duration=10.0, inputs={"continuation": clip(6.0)}
@@ -93,7 +94,8 @@ async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> N
         assert (await asyncio.wait_for(rest, timeout(30))).status == "cancelled"
     events = recorder.events
     units = [i for i, (kind, rid) in enumerate(events) if kind == "unit" and rid != running.id]
-    assert len(units) == 5
+    counted = [sum(1 for i in units if events[i][1] == stream.id) for stream in joining]
+    assert counted[0] > 10 and counted[1] > 10 and counted[2] == 1
     # With no budget, one unit per tick: the running stream steps between any two.
     for before, after in itertools.pairwise(units):
         between = [e for e in events[before:after] if e[0] == "step"]

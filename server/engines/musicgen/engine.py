@@ -67,6 +67,7 @@ from ..step_cost import measure_context_cost
 from .card import model_card
 from .conditioning import Conditioning
 from .decoder import MusicGenDecoder
+from .encoding import encode_in_pieces
 from .loading import fresh_autocast
 from .mbd import MBDRun
 from .windows import FED_TOKEN, Codes, Window, Windows
@@ -316,8 +317,7 @@ class MusicGenEngine:
         params = request.params
         prompt = None
         if "continuation" in request.inputs:
-            with torch.no_grad():
-                prompt = self._prompt_tokens(request)
+            prompt = yield from self._prompt_tokens(request)
             duration = number(params["duration"])
             total_len = max(1, self.windows.frames(duration))
             max_prompt = self.windows.frames(min(duration, self.window))
@@ -361,10 +361,21 @@ class MusicGenEngine:
         )
         return converted
 
-    def _prompt_tokens(self, request: EngineRequest) -> Codes:
-        """Encode an uploaded clip into codes ``[1, K, T]`` (audiocraft's continuation)."""
-        wav = self._upload_wav(request, "continuation").unsqueeze(0)
-        tokens, scale = self.model.compression_model.encode(wav)  # (float32, as audiocraft)
+    def _prompt_tokens(self, request: EngineRequest) -> Generator[None, None, Codes]:
+        """Encode an uploaded clip into codes ``[1, K, T]`` (audiocraft's
+        continuation), a part at a time (``encode_in_pieces``), in float32 as
+        audiocraft does."""
+        with torch.no_grad():
+            wav = self._upload_wav(request, "continuation").unsqueeze(0)
+            pieces = encode_in_pieces(self.model.compression_model, wav)
+        while True:
+            with torch.no_grad():
+                try:
+                    next(pieces)
+                except StopIteration as done:
+                    tokens, scale = done.value
+                    break
+            yield
         assert scale is None
         codes: Codes = tokens.cpu().numpy().astype(np.int64)
         return codes
