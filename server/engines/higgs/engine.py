@@ -38,7 +38,6 @@ import logging
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +63,7 @@ from ..codec_decoders import for_serving
 from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
+from ..pieces import run_through, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
@@ -100,8 +100,6 @@ from .voices import Scene, Voice, scene_text
 __all__ = ["HiggsEngine"]
 
 log = logging.getLogger(__name__)
-
-R = TypeVar("R")
 
 DEFAULT_MODEL = "bosonai/higgs-audio-v2-generation-3B-base"
 REFERENCE_ROLES = ("reference", "reference_1")
@@ -362,17 +360,17 @@ class HiggsEngine:
         uploaded voice's encoding a part at a time (``encode_in_pieces``: a
         long clip holds the running streams a part's time, not the whole
         clip's), then the rest."""
-        self._check_request(request)
+        names = self._check_request(request)
         encoded: dict[str, Ints] = {}
         for role in REFERENCE_ROLES:
             if role in request.inputs:
                 decoded = request.decoded.get(role)
                 audio, rate = decoded or self._decode_uploads({role: request.inputs[role]})[role]
-                encoded[role] = yield from _without_grad(
+                encoded[role] = yield from without_grad(
                     self._encode_in_pieces(audio.mean(axis=1), rate)
                 )
         with torch.no_grad():
-            yield self._prepare(request, encoded)
+            yield self._prepare(request, names, encoded)
 
     def _check_request(self, request: EngineRequest) -> list[str]:
         """What needs no model: the text, the voice names, transcripts and their clips.
@@ -401,10 +399,12 @@ class HiggsEngine:
                 )
         return names
 
-    def _prepare(self, request: EngineRequest, encoded: Mapping[str, Ints]) -> Job:
-        """A request's job, its uploaded voices' codes ``encoded`` (by role)."""
+    def _prepare(
+        self, request: EngineRequest, names: list[str], encoded: Mapping[str, Ints]
+    ) -> Job:
+        """A request's job: its voices by name per speaker (``_check_request``),
+        its uploaded voices' codes ``encoded`` (by role)."""
         params = request.params
-        names = self._check_request(request)
         text = normalize_text(request.prompt)
         speakers = sorted({int(n) for n in SPEAKER_TAG.findall(text)})
         voices: dict[int, tuple[str | None, Ints]] = {}
@@ -507,14 +507,7 @@ class HiggsEngine:
         """Mono float samples at any rate -> codec codes ``[K, n]`` on the host
         (resampled to the codec's rate as the processor's feature extractor
         expects), in one go."""
-        with torch.no_grad():
-            pieces = self._encode_in_pieces(audio, rate)
-            while True:
-                try:
-                    next(pieces)
-                except StopIteration as done:
-                    codes: Ints = done.value
-                    return codes
+        return run_through(without_grad(self._encode_in_pieces(audio, rate)))
 
     def _encode_in_pieces(self, audio: np.ndarray, rate: int) -> Generator[None, None, Ints]:
         """``encode_audio``, a part at a time (``encode_in_pieces``; the codes come
@@ -1225,19 +1218,6 @@ class HiggsEngine:
         if self._under_way(st) and st.chunk_frames:  # a chunk under way
             spoken.append(self._chunk_codes(st))
         return torch.from_numpy(np.concatenate(spoken, axis=-1))[None].to(self.device)
-
-
-def _without_grad(pieces: Generator[None, None, R]) -> Generator[None, None, R]:
-    """``pieces``, each part run without autograd (not across the yields: the
-    scheduler's own work runs between them)."""
-    while True:
-        with torch.no_grad():
-            try:
-                next(pieces)
-            except StopIteration as done:
-                result: R = done.value
-                return result
-        yield
 
 
 def _reach(st: _HiggsJob, chunk: int) -> int:

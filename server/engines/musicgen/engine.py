@@ -58,6 +58,7 @@ from ..codec_decoders import for_serving
 from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
+from ..pieces import without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device, upload
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
@@ -367,15 +368,8 @@ class MusicGenEngine:
         audiocraft does."""
         with torch.no_grad():
             wav = self._upload_wav(request, "continuation").unsqueeze(0)
-            pieces = encode_in_pieces(self.model.compression_model, wav)
-        while True:
-            with torch.no_grad():
-                try:
-                    next(pieces)
-                except StopIteration as done:
-                    tokens, scale = done.value
-                    break
-            yield
+        pieces = encode_in_pieces(self.model.compression_model, wav)
+        tokens, scale = yield from without_grad(pieces)
         assert scale is None
         codes: Codes = tokens.cpu().numpy().astype(np.int64)
         return codes
