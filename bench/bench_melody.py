@@ -37,7 +37,7 @@ import torch
 from bench_stream import machine
 
 from wavecast.protocol import resolve_params
-from wavecast.server.engines.base import EngineRequest, Job
+from wavecast.server.engines.base import Engine, EngineRequest, Job
 from wavecast.server.engines.musicgen.engine import MusicGenEngine
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
@@ -69,6 +69,16 @@ def measure(
     checked = EngineRequest("m", "hum", short, {role: ref})
     # Decoded as the worker pool does before the request is queued.
     melody = EngineRequest("m", "hum", short, {role: ref}, decoded=engine.check(checked))
+    return alternate(engine, running, melody, pieces)
+
+
+def alternate(
+    engine: Engine, running: list[Job], request: EngineRequest, pieces: bool
+) -> dict[str, float]:
+    """Prepare ``request`` beside the ``running`` streams (a unit of its
+    preparation, then one of their steps; or all of it at once), then finish
+    them all: the units, the longest gap between two steps, the median step,
+    the time in all."""
     steps: list[float] = []
     gaps: list[float] = []
     units = 0
@@ -76,7 +86,7 @@ def measure(
     last = start
     job: Job | None = None
     if pieces:
-        for item in engine.prepare_steps(melody):
+        for item in engine.prepare_steps(request):
             units += 1
             job = item
             before = time.perf_counter()
@@ -86,7 +96,7 @@ def measure(
             gaps.append(now - last)
             last = now
     else:
-        job = engine.prepare(melody)
+        job = engine.prepare(request)
         units = 1
         before = time.perf_counter()
         engine.step(running)

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import time
 
 import numpy as np
 import soundfile
 import torch
+from bench_melody import alternate
 from bench_stream import machine
 
 from wavecast.protocol import resolve_params
-from wavecast.server.engines.base import EngineRequest, Job
+from wavecast.server.engines.base import EngineRequest
 from wavecast.server.engines.higgs.engine import HiggsEngine
 from wavecast.server.engines.higgs.loading import load_higgs
 
@@ -55,40 +55,7 @@ def measure(engine: HiggsEngine, streams: int, ref: bytes, pieces: bool) -> dict
     checked = EngineRequest("v", "Hello.", short, {"reference": ref})
     # Decoded as the worker pool does before the request is queued.
     voiced = EngineRequest("v", "Hello.", short, {"reference": ref}, decoded=engine.check(checked))
-    steps: list[float] = []
-    gaps: list[float] = []
-    units = 0
-    start = time.perf_counter()
-    last = start
-    job: Job | None = None
-    if pieces:
-        for item in engine.prepare_steps(voiced):
-            units += 1
-            job = item
-            before = time.perf_counter()
-            engine.step(running)
-            now = time.perf_counter()
-            steps.append(now - before)
-            gaps.append(now - last)
-            last = now
-    else:
-        job = engine.prepare(voiced)
-        units = 1
-        before = time.perf_counter()
-        engine.step(running)
-        now = time.perf_counter()
-        steps.append(now - before)
-        gaps.append(now - last)
-    total = time.perf_counter() - start
-    assert job is not None
-    for done in [*running, job]:
-        engine.finish(done)
-    return {
-        "units": units,
-        "max_gap_ms": 1000 * max(gaps),
-        "step_ms": 1000 * statistics.median(steps),
-        "total_s": total,
-    }
+    return alternate(engine, running, voiced, pieces)
 
 
 def main() -> None:

@@ -566,36 +566,21 @@ def waits_in(engine: Any, name: str, exempt: Sequence[tuple[Any, str]] = ()) -> 
                     found.append(f"{getattr(func, '__name__', func)} at {where}:{caller.lineno}")
             return func(*args, **kwargs)
 
-    saved = [(owner, n, vars(owner).get(n)) for owner, n in [(engine, name), *exempt]]
-    method = getattr(engine, name)
-
-    def audited(*args: Any, **kwargs: Any) -> Any:
+    @contextmanager
+    def audited() -> Iterator[None]:
         with Audit():
-            return method(*args, **kwargs)
+            yield
 
-    setattr(engine, name, audited)
+    @contextmanager
+    def set_aside() -> Iterator[None]:
+        aside[0] += 1
+        try:
+            yield
+        finally:
+            aside[0] -= 1
 
-    def set_aside(inner: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            aside[0] += 1
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                aside[0] -= 1
-
-        return call
-
-    for owner, exempt_name in exempt:
-        # (On a class: called with its instance.)
-        setattr(owner, exempt_name, set_aside(getattr(owner, exempt_name)))
-    try:
+    with _methods_within({(engine, name): audited, **dict.fromkeys(exempt, set_aside)}):
         yield found
-    finally:
-        for owner, n, before in reversed(saved):
-            if before is None:
-                delattr(owner, n)
-            else:
-                setattr(owner, n, before)
 
 
 @contextmanager
@@ -607,27 +592,56 @@ def cuda_syncs_fail_in(
     methods (``(owner, name)``: an object's or a class's) it calls."""
     import torch
 
-    watched = [(engine, name, "error"), *((owner, n, "default") for owner, n in exempt)]
-    saved = [
-        (owner, method_name, vars(owner).get(method_name)) for owner, method_name, _ in watched
-    ]
-    for owner, method_name, mode in watched:
-        method = getattr(owner, method_name)
-
-        def call(*args: Any, method: Any = method, mode: str = mode, **kwargs: Any) -> Any:
+    def mode(name: str) -> Callable[[], Any]:
+        @contextmanager
+        def within() -> Iterator[None]:
             before = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode(mode)
+            torch.cuda.set_sync_debug_mode(name)
             try:
-                return method(*args, **kwargs)
+                yield
             finally:
                 torch.cuda.set_sync_debug_mode(before)
 
-        setattr(owner, method_name, call)  # (on a class: called with its instance)
+        return within
+
+    with _methods_within({(engine, name): mode("error"), **dict.fromkeys(exempt, mode("default"))}):
+        yield
+
+
+@contextmanager
+def _methods_within(contexts: Mapping[tuple[Any, str], Callable[[], Any]]) -> Iterator[None]:
+    """While ``with``-in, each method ``(owner, name)`` (an object's or a
+    class's) runs within a new context of its ``contexts`` factory; then the
+    methods as they were."""
+    saved = [(owner, name, vars(owner).get(name)) for owner, name in contexts]
+
+    def within(method: Any, context: Callable[[], Any]) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with context():
+                return method(*args, **kwargs)
+
+        return call
+
+    for (owner, name), context in contexts.items():
+        # (On a class: called with its instance.)
+        setattr(owner, name, within(getattr(owner, name), context))
     try:
         yield
     finally:
-        for owner, method_name, before in reversed(saved):
+        for owner, name, before in reversed(saved):
             if before is None:
-                delattr(owner, method_name)
+                delattr(owner, name)
             else:
-                setattr(owner, method_name, before)
+                setattr(owner, name, before)
+
+
+def in_parts(pieces: Any) -> tuple[int, Any]:
+    """Work in parts (a generator pausing between them) run to its end: how many
+    pauses it made, and its result."""
+    parts = 0
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            return parts, done.value
+        parts += 1

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from helpers import in_parts
 from transformers import DacFeatureExtractor, GenerationConfig, HiggsAudioV2Processor
 
 from wavecast.protocol import InvalidField
@@ -445,15 +446,7 @@ def test_a_voice_encoded_in_pieces_is_the_tokenizers_encoding(
         audio = 0.2 * torch.randn(1, 1, samples, generator=generator)
         with torch.no_grad():
             expected = codec.encode(audio).audio_codes
-            pieces = encode_in_pieces(codec, audio)
-            parts = 0
-            while True:
-                try:
-                    next(pieces)
-                    parts += 1
-                except StopIteration as done:
-                    got = done.value
-                    break
+            parts, got = in_parts(encode_in_pieces(codec, audio))
         assert torch.equal(got, expected), samples
         assert parts >= 20
     codec.train()

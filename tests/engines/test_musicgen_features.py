@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from helpers import in_parts
 
 from wavecast.protocol import InvalidField, resolve_params
 from wavecast.server.engines.base import EngineRequest
@@ -411,15 +412,7 @@ def test_a_continuation_encoded_in_pieces_is_encodecs_encoding() -> None:
         wav = 0.2 * torch.randn(1, 1, samples, generator=generator)
         with torch.no_grad():
             expected, _ = codec.encode(wav)
-            pieces = encode_in_pieces(codec, wav)
-            parts = 0
-            while True:
-                try:
-                    next(pieces)
-                    parts += 1
-                except StopIteration as done:
-                    got, scale = done.value
-                    break
+            parts, (got, scale) = in_parts(encode_in_pieces(codec, wav))
         assert torch.equal(got, expected) and scale is None and parts >= 10, samples
     engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
     clip = decode(model, torch.randint(0, 64, (1, 4, 60)))
