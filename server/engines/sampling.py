@@ -127,23 +127,23 @@ def _token_uniform(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def _noise_kernel(key: torch.Tensor, tokens: torch.Tensor | None) -> rowkernel.RowKernel | None:
     """The row kernel, where it makes this noise: ``[B, K]`` int64 keys and
     int64 tokens (None: a vocabulary's) on a CPU, outside a trace; else None."""
-    if not NOISE_KERNEL or key.dim() != 2 or key.dtype != torch.int64:
+    if not ROW_KERNEL or key.dim() != 2 or key.dtype != torch.int64:
         return None
     if tokens is not None and (not tokens.is_cpu or tokens.dtype != torch.int64):
         return None
     return rowkernel.on_cpu(key)
 
 
-# Whether the noise comes from the row kernel on a CPU, and the draw keys from
-# it on the host (tests turn it off to compare).
-NOISE_KERNEL = True
+# Whether the noise and the sort of the scores come from the row kernel on a
+# CPU, and the draw keys from it on the host (tests turn it off to compare).
+ROW_KERNEL = True
 
 
 def _kernel() -> rowkernel.RowKernel | None:
-    """The row kernel, where it is built and ``NOISE_KERNEL`` is on: the noise's
+    """The row kernel, where it is built and ``ROW_KERNEL`` is on: the noise's
     hashing, and a step's draw keys (a dozen numpy calls a hash, several hashes
     a step, each call costing more than its hashing)."""
-    return rowkernel.built() if NOISE_KERNEL else None
+    return rowkernel.built() if ROW_KERNEL else None
 
 
 def counter_uniform(key: torch.Tensor, codebooks: int, vocab: int) -> torch.Tensor:
@@ -493,7 +493,7 @@ def warp_rows(logits: torch.Tensor, forced: torch.Tensor, rows: Warpers) -> torc
     # One sort serves both warpers. Top-k: scores below the k-th largest go (ties
     # stay), as TopKLogitsWarper; in ascending order they are a prefix, so the
     # sorted scores stay sorted with them set to -inf.
-    ascending = torch.sort(scores, dim=-1).values
+    ascending = _ascending(scores)
     kth = ascending.gather(-1, rows.kth.expand(*scores.shape[:2], 1))
     ascending = ascending.masked_fill(ascending < kth, float("-inf"))
     # Top-p: from the least likely up, tokens go while the mass so far is at most
@@ -503,6 +503,18 @@ def warp_rows(logits: torch.Tensor, forced: torch.Tensor, rows: Warpers) -> torc
     gone = (mass <= rows.floor).sum(-1, keepdim=True).clamp(max=vocab - 1)
     threshold = ascending.gather(-1, gone)
     return scores.masked_fill(scores < torch.maximum(kth, threshold), float("-inf"))
+
+
+def _ascending(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` sorted along the last dimension, ascending: by the row kernel on
+    a CPU (where the library's comparison sort mispredicts its branches: 3-4x
+    the time for rows of up to a few hundred), else by the library's."""
+    kernel = rowkernel.on_cpu(scores) if ROW_KERNEL else None
+    if kernel is not None and scores.dtype == torch.float32:
+        ordered = kernel.sort(scores)
+        if ordered is not None:
+            return ordered
+    return torch.sort(scores, dim=-1).values
 
 
 def sample_warped(
