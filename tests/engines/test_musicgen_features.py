@@ -322,25 +322,39 @@ def test_mbd_for_stereo_renders_each_channel(stereo: Any, pipelined: bool) -> No
 
 
 class DemucsCalls:
-    """Counts the separations of Demucs' segments (forward calls of the model)."""
+    """Counts Demucs' work: its layers' calls (an encoder or decoder layer, a
+    layer of the cross-branch transformer: the time branch's beside each is not
+    counted apart) and the whole model's forward calls (one a segment, where
+    the library separates)."""
 
     def __init__(self, engine: MusicGenEngine) -> None:
         demucs = engine.lm.condition_provider.conditioners["self_wav"].demucs
-        self.count = 0
-        self.handle = demucs.register_forward_hook(self.called)
+        self.layers = self.forwards = 0
+        layers = [*demucs.encoder, *demucs.crosstransformer.layers, *demucs.decoder]
+        self.handles = [layer.register_forward_hook(self.layer) for layer in layers]
+        self.handles.append(demucs.register_forward_hook(self.forward))
 
-    def called(self, *_: Any) -> None:
-        self.count += 1
+    def layer(self, *_: Any) -> None:
+        self.layers += 1
 
-    def take(self) -> int:
-        count, self.count = self.count, 0
-        return count
+    def forward(self, *_: Any) -> None:
+        self.forwards += 1
+
+    def take(self) -> tuple[int, int]:
+        counts = self.layers, self.forwards
+        self.layers = self.forwards = 0
+        return counts
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
-def test_a_melodys_demucs_runs_one_segment_per_pause(melodic: Any) -> None:
-    """A long reference is separated one Demucs segment per unit of preparation
-    (the scheduler runs decode steps for the others in between), each segment
-    once, and the conditioning equals the one-go separation exactly."""
+def test_a_melodys_demucs_runs_one_layer_per_pause(melodic: Any) -> None:
+    """A long reference is separated one Demucs layer per unit of preparation
+    (the scheduler runs decode steps for the others in between), each segment's
+    layers once, and the conditioning equals the library's one-go separation
+    exactly, as does the state of Python's ``random`` after it."""
     model, engine = melodic
     # Another engine over the same model shares the conditioner, and its pieces.
     MusicGenEngine(model, name="again", test_model=True)
@@ -355,22 +369,26 @@ def test_a_melodys_demucs_runs_one_segment_per_pause(melodic: Any) -> None:
             job = item
         assert job is not None
         st = job.state
-        # The same conditioning in one go, from the same starting state of random.
+        # The same conditioning in one go (the library's separation), from the
+        # same starting state of random.
         one_go, state = engine.conditioning.one(st.attributes, _seeded(3))
-        separated_in_one_go = calls.take()
+        layers, segments = calls.take()
     finally:
-        calls.handle.remove()
-    assert max(per_unit) == 1  # never more than one segment between pauses
-    assert sum(per_unit) == separated_in_one_go >= 6  # each segment once (12 s, 2 s segments)
+        calls.remove()
+    assert max(layers for layers, _ in per_unit) == 1  # never more than a layer between pauses
+    assert sum(forwards for _, forwards in per_unit) == 0  # (no segment in one go)
+    assert segments >= 6  # 12 s in 2 s segments
+    assert sum(layers for layers, _ in per_unit) == layers == 7 * segments
+    assert len(per_unit) > layers  # (and the parts with no layer: the spectrograms)
     assert state == st.py_random  # what the next long-form window's Demucs starts from
     for name, (embeds, mask) in one_go.items():
         assert torch.equal(st.cfg_conditions[name][0], embeds), name
         assert torch.equal(st.cfg_conditions[name][1], mask), name
 
 
-def test_long_form_melody_windows_condition_one_segment_per_step(melodic: Any) -> None:
+def test_long_form_melody_windows_condition_one_layer_per_step(melodic: Any) -> None:
     """Each new long-form window's melody chroma is computed in pieces too: a
-    decode step runs at most one Demucs segment, and the codes stay audiocraft's
+    decode step runs at most one Demucs layer, and the codes stay audiocraft's
     (test_melody_matches_generate_with_chroma covers those)."""
     _, engine = melodic
     rng = np.random.default_rng(6)
@@ -387,10 +405,94 @@ def test_long_form_melody_windows_condition_one_segment_per_step(melodic: Any) -
             if out.done:
                 break
     finally:
-        calls.handle.remove()
-    assert max(per_step) == 1
-    assert sum(per_step) >= 2 * 4  # four more windows, each at least two segments
+        calls.remove()
+    assert max(layers for layers, _ in per_step) == 1
+    assert sum(forwards for _, forwards in per_step) == 0
+    assert sum(layers for layers, _ in per_step) >= 7 * 2 * 4  # four windows, two segments
     assert waiting > 0
+
+
+def test_a_melodys_silent_null_half_is_not_separated(melodic: Any) -> None:
+    """The conditioner's separation of a request's pair (its reference, and the
+    null half's silence) runs Demucs on the reference alone: silence for the
+    silent row, exactly, and audiocraft's stems for the other within float
+    rounding (a batch of one is split over the threads otherwise than a batch
+    of two), the same draws from ``random``; in parts, the same bits as in one
+    go. Where every row sounds, or none, all of them are separated."""
+    from wavecast.server.engines.musicgen.melody import StemsInPieces
+
+    model, _ = melodic
+    conditioner = model.lm.condition_provider.conditioners["self_wav"]
+    stems = StemsInPieces.of(conditioner)
+    rows: list[int] = []
+    handle = conditioner.demucs.register_forward_pre_hook(
+        lambda _, args: rows.append(args[0].shape[0])
+    )
+    rng = torch.Generator().manual_seed(9)
+    pair = torch.zeros(2, 1, 32000 * 3)
+    pair[0] = 0.2 * torch.randn(1, 32000 * 3, generator=rng)
+    try:
+        both, silent = pair[:1].expand(2, -1, -1), pair * 0
+        for wav, batch in ((pair, 1), (pair.flip(0), 1), (both, 2), (silent, 2)):
+            random.seed(5)
+            expected = type(conditioner)._get_stemmed_wav(conditioner, wav, 32000)
+            after = random.getstate()
+            rows.clear()
+            random.seed(5)
+            one_go = stems.stemmed_wav(wav, 32000)
+            assert random.getstate() == after and set(rows) == {batch}
+            assert torch.allclose(one_go, expected, rtol=0.0, atol=1e-6)
+            silent = wav.flatten(1).eq(0).all(1)
+            assert torch.equal(one_go[silent], expected[silent])
+            assert not one_go[silent].any()
+            random.seed(5)
+            wanted = stems.until_separation(lambda wav=wav: stems.stemmed_wav(wav, 32000))
+            _, made = in_parts(stems.separate(wanted))
+            assert torch.equal(made.stems, one_go) and made.state == after
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_demucs_in_parts_is_the_librarys_separation(bag: bool) -> None:
+    """``apply_in_parts`` gives ``apply_model``'s stems bit for bit, and leaves
+    Python's ``random`` as it does (a shift, a positional embedding a segment):
+    HTDemucs alone or in a bag, a batch with a silent row (a melody's null
+    half), a reference shorter than a segment, without a shift or without
+    segments; a model of another kind in one part."""
+    from demucs.apply import BagOfModels, apply_model
+
+    from wavecast.server.engines.musicgen.separation import apply_in_parts
+    from wavecast.server.engines.testing.musicgen import tiny_demucs
+
+    demucs = tiny_demucs().eval()
+    model: Any = BagOfModels([demucs]) if bag else demucs
+    rng = torch.Generator().manual_seed(8)
+    wav = 0.2 * torch.randn(2, 2, 44100 * 4 + 123, generator=rng)
+    wav[1] = 0.0
+    short = wav[:1, :, : 44100 // 2]
+    for x, options in ((wav, {}), (short, {}), (wav, {"shifts": 0}), (short, {"split": False})):
+        random.seed(11)
+        with torch.no_grad():
+            expected = apply_model(model, x, device="cpu", **options)
+        after = random.getstate()
+        random.seed(11)
+        with torch.no_grad():
+            parts, got = in_parts(apply_in_parts(model, x, device="cpu", **options))
+        assert torch.equal(got, expected), options
+        assert random.getstate() == after
+        assert parts >= (8 if x is short else 16)
+
+    class Plain(torch.nn.Module):  # (not HTDemucs: its forward, whole)
+        samplerate, segment, sources = 44100, 2, ["drums", "bass", "other", "vocals"]
+
+        def forward(self, mix: torch.Tensor) -> torch.Tensor:
+            return torch.stack([mix * (k + 1) for k in range(4)], 1)
+
+    with torch.no_grad():
+        parts, got = in_parts(apply_in_parts(Plain(), short, device="cpu", shifts=0))
+        assert torch.equal(got, apply_model(Plain(), short, device="cpu", shifts=0))
+    assert parts == 0
 
 
 def _seeded(seed: int) -> Any:

@@ -1,4 +1,4 @@
-"""A melody's chroma in pieces: Demucs one segment at a time, between decode steps.
+"""A melody's chroma in pieces: Demucs a layer at a time, between decode steps.
 
 A melody model conditions on the chroma of the melodic stems of its reference,
 which audiocraft's ``ChromaStemConditioner`` separates with Demucs
@@ -6,91 +6,80 @@ which audiocraft's ``ChromaStemConditioner`` separates with Demucs
 that separation costs seconds on a CPU and a good fraction of a second on a GPU:
 run in one go on the inference thread, it would hold every other stream.
 
-``apply_model`` cuts its input into overlapping segments and asks a ``pool`` for
-each one's separation. :class:`Pieces` is such a pool that separates at most one
-new segment per attempt and keeps what it separated: ``in_pieces`` runs the whole
-conditioning again after each pause, each segment already separated comes back
-from the pool, until the last one is done and the conditioning returns. Demucs'
-random shift comes from Python's ``random``, whose state the conditioning sets at
-its start (the request's own), so every attempt asks for the same segments in the
-same order; a segment that comes back from the pool leaves ``random`` as its
-separation did (HTDemucs draws from it too), so the result, and the state of
-``random`` after it, are the one-go ones exactly.
+``in_pieces`` runs a conditioning in three steps:
+
+1. the conditioning, up to the separation: :class:`StemsInPieces` (which takes
+   over the conditioner's ``_get_stemmed_wav``) records what it is asked to
+   separate, and the state of Python's ``random`` then, and stops it there;
+2. the separation, a part at a time (``separation.apply_in_parts``: a layer of
+   a segment's Demucs per part), a pause (``yield``) after each, from that state
+   of ``random`` (Demucs draws from it: a random shift, each segment's
+   positional embedding);
+3. the conditioning again, whole: the separation asked for is the one made,
+   which comes back as it is, and leaves ``random`` as the separation did.
+
+A silent row (the null half of a request's guidance pair, which the
+conditioning separates beside its reference) is not separated: Demucs makes
+silence of silence (its input is normalised by its own spread, zero, and its
+output scaled back by it), and the other rows' stems are audiocraft's within
+float rounding (a batch of one is split over the threads otherwise than one of
+two: 1e-8 of the stems here; the chroma, and the codes, the same, tested):
+half the work of every melody request.
+
+Each part runs without gradients and in the conditioner's autocast, with the
+request's own state of ``random`` (other requests' parts, and whatever else
+uses ``random``, may run in the pauses); the stems, so the conditioning, and the
+state of ``random`` after it are those of the separation in one go exactly
+(tested). The conditioning's other work (the text, the reference's resampling,
+the chroma) runs twice, not once per part.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Pieces", "StemsInPieces", "in_pieces"]
+from .separation import apply_in_parts
+
+__all__ = ["StemsInPieces", "in_pieces"]
 
 T = TypeVar("T")
 
 
-class _Pause(Exception):
-    """A segment not separated yet, after this attempt's one: pause here."""
+class _Wanted(Exception):
+    """The separation the conditioning asks for (its first run stops here)."""
+
+    def __init__(self, wav: torch.Tensor, sample_rate: int, state: Any) -> None:
+        super().__init__("a separation to make in parts")
+        self.wav = wav
+        self.sample_rate = sample_rate
+        self.state = state  # Python's random, as the separation begins
 
 
-class _Segment:
-    def __init__(self, pool: Pieces, index: int, work: Callable[[], torch.Tensor]) -> None:
-        self.pool = pool
-        self.index = index
-        self.work = work
+class _Made:
+    """A separation made in parts, for the conditioning's second run."""
 
-    def result(self) -> torch.Tensor:
-        return self.pool.result(self)
-
-
-class Pieces:
-    """The pool ``apply_model`` submits each segment's separation to (see above)."""
-
-    def __init__(self) -> None:
-        self.done: list[torch.Tensor] = []  # separated segments, in the order asked
-        # Python's random state after each (HTDemucs draws from it in its forward).
-        self.states_after: list[Any] = []
-        self._submitted = 0
-        self._fresh = 1  # segments this attempt may still separate
-
-    def attempt(self) -> None:
-        """A new attempt: the segments are asked for again from the first."""
-        self._submitted = 0
-        self._fresh = 1
-
-    def submit(self, func: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> _Segment:
-        self._submitted += 1
-        return _Segment(self, self._submitted - 1, lambda: func(*args, **kwargs))
-
-    def result(self, segment: _Segment) -> torch.Tensor:
-        if segment.index < len(self.done):
-            # As if separated now: the same state of `random` follows.
-            random.setstate(self.states_after[segment.index])
-            return self.done[segment.index]
-        if self._fresh == 0:
-            raise _Pause
-        assert segment.index == len(self.done), "segments are collected in order"
-        self._fresh -= 1
-        out = segment.work()
-        self.done.append(out)
-        self.states_after.append(random.getstate())
-        return out
-
-    def shutdown(self, *args: Any, **kwargs: Any) -> None:
-        """(``apply_model`` shuts its pool down when a segment raises.)"""
+    def __init__(self, wanted: _Wanted, stems: torch.Tensor, state: Any) -> None:
+        self.wanted = wanted
+        self.stems = stems
+        self.state = state  # Python's random, as the separation left it
 
 
 class StemsInPieces:
-    """Takes over a ``ChromaStemConditioner``'s ``_get_stemmed_wav`` so that its
-    Demucs runs in the current :class:`Pieces` pool (when one is set: the same
-    separation, in one go, otherwise). The body is audiocraft's, plus the pool.
-    One per conditioner (``of``), whatever the engines over the same model."""
+    """Takes over a ``ChromaStemConditioner``'s ``_get_stemmed_wav``: while a
+    conditioning is run by ``in_pieces``, it stops it at the separation, or gives
+    back the separation made in parts; otherwise the separation is audiocraft's,
+    in one go. One per conditioner (``of``), whatever the engines over the same
+    model."""
 
     def __init__(self, conditioner: Any) -> None:
         self.conditioner = conditioner
-        self.pool: Pieces | None = None
+        self._stop = False  # the first run: stop at the separation
+        self._made: _Made | None = None  # the second run: this one
         conditioner._get_stemmed_wav = self.stemmed_wav
 
     @classmethod
@@ -99,38 +88,151 @@ class StemsInPieces:
         return taken if isinstance(taken, cls) else cls(conditioner)
 
     def stemmed_wav(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """The melodic stems of ``wav``, mixed down at the conditioner's rate."""
+        made = self._made
+        if made is not None and _same(made.wanted, wav, sample_rate):
+            self._made = None  # (once)
+            random.setstate(made.state)
+            return made.stems
+        if self._stop:
+            raise _Wanted(wav, sample_rate, random.getstate())
         from demucs.apply import apply_model
         from demucs.audio import convert_audio
 
         conditioner = self.conditioner
         demucs = conditioner.demucs
+        # audiocraft's ``_get_stemmed_wav``, for the rows that sound.
         with torch.no_grad(), conditioner.autocast:
-            wav = convert_audio(wav, sample_rate, demucs.samplerate, demucs.audio_channels)
-            stems = apply_model(demucs, wav, device=conditioner.device, pool=self.pool)
-            stems = stems[:, conditioner.stem_indices]  # the melodic stems
-            mix: torch.Tensor = convert_audio(
-                stems.sum(1), demucs.samplerate, conditioner.sample_rate, 1
+            rows = _sounding(wav)
+            sounding = wav if rows is None else wav[rows]
+            sounding = convert_audio(
+                sounding, sample_rate, demucs.samplerate, demucs.audio_channels
             )
-            return mix
+            stems = apply_model(demucs, sounding, device=conditioner.device)
+            return _placed(self._mixed(stems), rows, wav.shape[0])
+
+    def separate(self, wanted: _Wanted) -> Generator[None, None, _Made]:
+        """``stemmed_wav`` of what ``wanted`` asks, a part at a time (each in the
+        conditioner's contexts and the request's state of ``random``)."""
+        conditioner = self.conditioner
+        demucs = conditioner.demucs
+
+        def separation() -> Generator[None, None, torch.Tensor]:
+            from demucs.audio import convert_audio
+
+            rows = _sounding(wanted.wav)
+            yield  # (after the conditioning's first run, in the same unit)
+            sounding = wanted.wav if rows is None else wanted.wav[rows]
+            sounding = convert_audio(
+                sounding, wanted.sample_rate, demucs.samplerate, demucs.audio_channels
+            )
+            yield
+            stems = yield from apply_in_parts(demucs, sounding, device=conditioner.device)
+            yield
+            return _placed(self._mixed(stems), rows, wanted.wav.shape[0])
+
+        def contexts() -> AbstractContextManager[Any]:
+            return _Contexts(conditioner.autocast)
+
+        state = wanted.state
+        parts = separation()
+        while True:
+            with contexts():
+                random.setstate(state)
+                try:
+                    next(parts)
+                except StopIteration as done:
+                    return _Made(wanted, done.value, random.getstate())
+                state = random.getstate()
+            yield
+
+    def _mixed(self, stems: torch.Tensor) -> torch.Tensor:
+        from demucs.audio import convert_audio
+
+        conditioner = self.conditioner
+        stems = stems[:, conditioner.stem_indices]  # the melodic stems
+        mix: torch.Tensor = convert_audio(
+            stems.sum(1), conditioner.demucs.samplerate, conditioner.sample_rate, 1
+        )
+        return mix
+
+    def until_separation(self, compute: Callable[[], T]) -> T | _Wanted:
+        """``compute()``, or the separation it asks for (stopped there)."""
+        self._stop = True
+        try:
+            return compute()
+        except _Wanted as wanted:
+            return wanted
+        finally:
+            self._stop = False
+
+    def with_separation(self, made: _Made, compute: Callable[[], T]) -> T:
+        """``compute()``, given the separation ``made``."""
+        self._made = made
+        try:
+            return compute()
+        finally:
+            self._made = None
+
+
+def _sounding(wav: torch.Tensor) -> torch.Tensor | None:
+    """The rows of ``wav`` ``[B, C, T]`` with a sample other than zero, where
+    some rows have none (a melody's null half: silence); None where every row
+    sounds, or none does (then all of them are separated, as the library does:
+    the same draws from ``random``)."""
+    loud = wav.flatten(1).ne(0).any(1)
+    count = int(loud.sum())
+    if count in (0, wav.shape[0]):
+        return None
+    return loud.nonzero()[:, 0]
+
+
+def _placed(mix: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """The stems' mix of the sounding ``rows`` (``_sounding``) in a batch of
+    ``batch`` rows, the silent ones silent."""
+    if rows is None:
+        return mix
+    whole = mix.new_zeros(batch, *mix.shape[1:])
+    whole[rows] = mix
+    return whole
+
+
+def _same(wanted: _Wanted, wav: torch.Tensor, sample_rate: int) -> bool:
+    """Whether ``wav`` at ``sample_rate`` is the separation ``wanted``."""
+    return wanted.sample_rate == sample_rate and torch.equal(wanted.wav, wav)
+
+
+class _Contexts:
+    """No gradients and an autocast (audiocraft's ``TorchAutocast``), together."""
+
+    def __init__(self, autocast: Any) -> None:
+        self.grad = torch.no_grad()
+        self.autocast = autocast
+
+    def __enter__(self) -> None:
+        self.grad.__enter__()
+        self.autocast.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.autocast.__exit__(*exc)
+        finally:
+            self.grad.__exit__(*exc)
 
 
 def in_pieces(compute: Callable[[], T], stems: StemsInPieces | None) -> Generator[None, None, T]:
     """Run ``compute`` (a conditioning) with Demucs in pieces: a pause (``yield``)
-    after each segment separated but the last; returns what ``compute`` returns.
+    after each part of the separation (see the module's docstring); returns what
+    ``compute`` returns.
 
-    ``compute`` must start from the same state at each attempt (it sets Python's
+    ``compute`` must start from the same state at each run (it sets Python's
     ``random`` state itself) and have no other lasting effect.
     """
     if stems is None:
         return compute()
-    pool = Pieces()
-    while True:
-        pool.attempt()
-        stems.pool = pool
-        try:
-            return compute()
-        except _Pause:
-            pass
-        finally:
-            stems.pool = None
-        yield
+    first = stems.until_separation(compute)
+    if not isinstance(first, _Wanted):
+        return first  # (nothing to separate)
+    made = yield from stems.separate(first)
+    yield
+    return stems.with_separation(made, compute)
