@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from helpers import higgs_engines, make_config, running_server, timeout, tiny_engines
+from helpers import (
+    higgs_engines,
+    make_config,
+    running_server,
+    timeout,
+    tiny_engines,
+    with_stereo,
+)
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Queued
@@ -141,6 +148,39 @@ async def test_an_uploaded_voice_is_encoded_between_the_steps_of_a_running_strea
     events = recorder.events
     units = [i for i, (kind, rid) in enumerate(events) if kind == "unit" and rid == cloned.id]
     assert len(units) > 20
+    for before, after in itertools.pairwise(units):
+        between = [e for e in events[before:after] if e[0] == "step"]
+        assert between and all(running.id in ids for _, ids in between)
+
+
+async def test_a_melody_is_separated_between_the_steps_of_a_running_stream() -> None:
+    """A melody request (a 6 s reference) joins a running stream of the same
+    model: its Demucs separation runs a layer a unit (and its conditioning's
+    two runs one each), and with no budget, one a tick, the running stream
+    steps between any two."""
+    recorder = Recorder(with_stereo()["tiny-musicgen-melody"])
+
+    def factory() -> Mapping[str, Any]:
+        return {"tiny-musicgen-melody": recorder}
+
+    config = make_config(max_active=4, admission="slots")
+    config = replace(config, models=replace(config.models, prefill_budget_ms=0.0))
+    async with running_server(config, factory) as srv, connect(srv.url) as client:
+        running = await client.generate("tiny-musicgen-melody", "a", duration=120.0, seed=1)
+        async for event in running:
+            if isinstance(event, Audio):
+                break
+        rest = asyncio.ensure_future(running.collect())
+        melody = await client.generate(
+            "tiny-musicgen-melody", "hum", duration=1.0, inputs={"melody": clip(6.0)}
+        )
+        result = await asyncio.wait_for(melody.collect(), timeout(120))
+        assert result.status == "completed"
+        await running.cancel()
+        assert (await asyncio.wait_for(rest, timeout(30))).status == "cancelled"
+    events = recorder.events
+    units = [i for i, (kind, rid) in enumerate(events) if kind == "unit" and rid == melody.id]
+    assert len(units) > 4 * 9  # four 2 s segments (a quarter overlapping), nine parts each
     for before, after in itertools.pairwise(units):
         between = [e for e in events[before:after] if e[0] == "step"]
         assert between and all(running.id in ids for _, ids in between)
