@@ -68,7 +68,7 @@ class Conditioning:
             len(self.tokenizer("")["input_ids"]) if self.tokenizer is not None else 0
         )
         self.melody = "self_wav" in conditioners
-        # Melody models: Demucs separates a reference one segment per pause.
+        # Melody models: Demucs separates a reference a layer per pause.
         self.stems = None
         if self.melody and hasattr(conditioners["self_wav"], "demucs"):
             self.stems = StemsInPieces.of(conditioners["self_wav"])
@@ -114,7 +114,7 @@ class Conditioning:
     def in_pieces(
         self, attributes: list[Any], py_random: Any
     ) -> Generator[None, None, tuple[Conditions, Any]]:
-        """``one``, a melody's Demucs in pieces (a pause after each segment)."""
+        """``one``, a melody's Demucs in pieces (a pause after each of its layers)."""
         return (yield from in_pieces(lambda: self.one(attributes, py_random), self.stems))
 
     def together(self, attributes: list[Any]) -> list[Conditions]:

@@ -310,8 +310,8 @@ class MusicGenEngine:
         """Set up a request in bounded units of work; the last item is the Job.
 
         Each ``None`` is a pause where the scheduler may run a decode step for the
-        other streams: after the continuation clip is encoded, and after each
-        segment of a melody's Demucs separation (see ``melody``). The text was
+        other streams: after each part of the continuation clip's encoding, and
+        after each layer of a melody's Demucs separation (see ``melody``). The text was
         bounded in tokens by ``check`` (``max_prompt_tokens``) before the request
         was queued, so its encoding is too.
         """
@@ -1019,7 +1019,7 @@ class MusicGenEngine:
             return True
         st.window = self.windows.start(st.duration, st.gen_offset, prompt)
         if st.melody is not None and st.melody_length > 0:
-            # The next window's melody: its chroma in pieces, a segment per step
+            # The next window's melody: its chroma in pieces, a layer per step
             # (``_launch``); the window waits for it.
             time_offset = st.gen_offset / self.frame_rate
             self.conditioning.wrap_melody(
