@@ -4,9 +4,14 @@ vocabulary, as the engine plans it (``RowSampling.plan``) against everything
 ranked, greedy argmax and every score tested (what each step did before plans).
 
     .venv/bin/python bench/bench_sampling.py --slots 1 8 32
+    .venv/bin/python bench/bench_sampling.py --sort
 
-The logits are random; the codes of both ways are checked equal. Prints a
-Markdown section for bench/RESULTS.md.
+The logits are random; the codes of both ways are checked equal. ``--sort``:
+the speech sampler's sort of a step's scores (``warp_rows``: rows x codebooks
+x vocabulary), the library's against the row kernel's, each call on scores it
+has not sorted before (a comparison sort's branches learn a row sorted again
+and again), and the whole of ``warp`` with either. Prints a Markdown section
+for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 from bench_stream import machine
 
+from wavecast.server.engines import rowkernel, sampling
 from wavecast.server.engines.sampling import RowSampling, finite_rows, sample
 
 CODEBOOKS, VOCAB = 4, 2048
@@ -62,15 +68,84 @@ def timed(fn: object, rounds: int, calls: int) -> float:
     return statistics.median(each)
 
 
+# (rows, codebooks, vocabulary): the tiny speech model's steps of one and eight
+# rows, and wider vocabularies.
+SORTED = [(1, 4, 66), (8, 4, 66), (8, 8, 256), (8, 8, 512)]
+
+
+def fresh(shape: tuple[int, ...], count: int) -> list[torch.Tensor]:
+    """``count`` random score tensors of ``shape`` (ties and forced tokens' -inf)."""
+    out = []
+    for _ in range(count):
+        scores = torch.round(torch.randn(shape) * 64) / 16
+        scores[..., 0] = float("-inf")
+        out.append(scores)
+    return out
+
+
+def each_once(fn: object, inputs: list[torch.Tensor], rounds: int) -> float:
+    """Median over ``rounds`` of the seconds per call of ``fn`` on each input once."""
+    assert callable(fn)
+    each = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for x in inputs:
+            fn(x)
+        each.append((time.perf_counter() - start) / len(inputs))
+    return statistics.median(each)
+
+
+def sorts(args: argparse.Namespace) -> None:
+    kernel = rowkernel.built()
+    if kernel is None:
+        raise SystemExit(f"no row kernel: {rowkernel.load()}")
+    print("### the speech sampler's sort: the library's and the row kernel's\n")
+    print(f"- machine: {machine('cpu')}, 1 torch thread")
+    print("- command: `python bench/bench_sampling.py --sort`")
+    print(f"- date: {date.today()}; each call on new scores; median of {args.rounds}\n")
+    print(
+        "| rows x codebooks x vocabulary | torch.sort | row kernel | ratio "
+        "| warp, torch's sort | warp, the kernel's | ratio |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for shape in SORTED:
+        inputs = fresh(shape, 400)
+        rows = shape[0]
+        forced = torch.full(shape[:2], -1)
+        params = (torch.full((rows,), 0.7), torch.full((rows,), 50), torch.full((rows,), 0.95))
+
+        def warp(
+            x: torch.Tensor, forced: torch.Tensor = forced, params: tuple = params
+        ) -> torch.Tensor:
+            return sampling.warp(x, forced, *params)
+
+        library = each_once(lambda x: torch.sort(x, dim=-1).values, inputs, args.rounds)
+        ours = each_once(kernel.sort, inputs, args.rounds)
+        sampling.ROW_KERNEL = False
+        warp_library = each_once(warp, inputs, args.rounds)
+        sampling.ROW_KERNEL = True
+        warp_ours = each_once(warp, inputs, args.rounds)
+        name = " x ".join(map(str, shape))
+        print(
+            f"| {name} | {library * 1e6:.1f} us | {ours * 1e6:.1f} us | {ours / library:.2f} "
+            f"| {warp_library * 1e6:.1f} us | {warp_ours * 1e6:.1f} us "
+            f"| {warp_ours / warp_library:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--top-k", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--sort", action="store_true", help="the speech sampler's sort instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.sort:
+        sorts(args)
+        return
     print("### a step's draw: MusicGen slots over a 2048-token vocabulary\n")
     print(f"- machine: {machine('cpu')}, 1 torch thread")
     print(f"- command: `python bench/bench_sampling.py --slots {' '.join(map(str, args.slots))}`")

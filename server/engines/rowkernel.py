@@ -79,8 +79,9 @@ integers) and every candidate token's counter-based noise
 tensors); and the speech sampler's sort of a step's scores (``RowKernel.sort``:
 torch's stable sort's values, bit for bit, each value's place counted by
 comparisons eight at a time, where torch's comparison sort mispredicts its
-branches on every new row: 19 us for eight rows of four codebooks of 66
-scores, torch's 69; rows of 512, 0.5x its time).
+branches on every new row: 14 us for eight rows of four codebooks of 66
+scores, torch's 65; rows of 512, 0.53x its time: ``bench/bench_sampling.py
+--sort``).
 
 It is C (AVX2 and FMA), compiled with the machine's C compiler when first asked
 for (about a second), and checked against float64 products before it is used;

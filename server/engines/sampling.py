@@ -507,8 +507,9 @@ def warp_rows(logits: torch.Tensor, forced: torch.Tensor, rows: Warpers) -> torc
 
 def _ascending(scores: torch.Tensor) -> torch.Tensor:
     """``scores`` sorted along the last dimension, ascending: by the row kernel on
-    a CPU (where the library's comparison sort mispredicts its branches: 3-4x
-    the time for rows of up to a few hundred), else by the library's."""
+    a CPU (where the library's comparison sort mispredicts its branches: 1.6-5x
+    the kernel's time for rows of up to 512, ``bench/bench_sampling.py
+    --sort``), else by the library's."""
     kernel = rowkernel.on_cpu(scores) if ROW_KERNEL else None
     if kernel is not None and scores.dtype == torch.float32:
         ordered = kernel.sort(scores)
