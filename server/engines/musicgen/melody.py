@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Generator
-from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import torch
@@ -131,13 +130,10 @@ class StemsInPieces:
             yield
             return _placed(self._mixed(stems), rows, wanted.wav.shape[0])
 
-        def contexts() -> AbstractContextManager[Any]:
-            return _Contexts(conditioner.autocast)
-
         state = wanted.state
         parts = separation()
         while True:
-            with contexts():
+            with torch.no_grad(), conditioner.autocast:
                 random.setstate(state)
                 try:
                     next(parts)
@@ -200,24 +196,6 @@ def _placed(mix: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.T
 def _same(wanted: _Wanted, wav: torch.Tensor, sample_rate: int) -> bool:
     """Whether ``wav`` at ``sample_rate`` is the separation ``wanted``."""
     return wanted.sample_rate == sample_rate and torch.equal(wanted.wav, wav)
-
-
-class _Contexts:
-    """No gradients and an autocast (audiocraft's ``TorchAutocast``), together."""
-
-    def __init__(self, autocast: Any) -> None:
-        self.grad = torch.no_grad()
-        self.autocast = autocast
-
-    def __enter__(self) -> None:
-        self.grad.__enter__()
-        self.autocast.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.autocast.__exit__(*exc)
-        finally:
-            self.grad.__exit__(*exc)
 
 
 def in_pieces(compute: Callable[[], T], stems: StemsInPieces | None) -> Generator[None, None, T]:
