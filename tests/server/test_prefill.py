@@ -12,7 +12,8 @@ import asyncio
 import io
 import itertools
 import threading
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -63,24 +64,49 @@ def clip(seconds: float) -> bytes:
     return buffer.getvalue()
 
 
-async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> None:
-    recorder = Recorder(tiny_engines()["tiny-musicgen"])
+@asynccontextmanager
+async def beside_a_running_stream(
+    recorder: Recorder, model: str, start: Callable[[Any], Awaitable[Any]]
+) -> AsyncIterator[tuple[Any, Any]]:
+    """A server of ``recorder``'s engine as ``model``, with no preparation budget
+    (one unit a tick), and a stream (``start(client)``) past its first audio:
+    the client and that stream, cancelled at the end."""
 
     def factory() -> Mapping[str, Any]:
-        return {"tiny-musicgen": recorder}
+        return {model: recorder}
 
     # Slots: on a slow machine the measured speed would keep the newcomers queued
     # behind the running stream, and this is about preparing them beside it.
     config = make_config(max_active=4, admission="slots")
     config = replace(config, models=replace(config.models, prefill_budget_ms=0.0))
     async with running_server(config, factory) as srv, connect(srv.url) as client:
-        # (Long enough to outlast the others on a slow, busy machine: it is
-        # cancelled once they are done.)
-        running = await client.generate("tiny-musicgen", "a", duration=120.0, seed=1)
+        running = await start(client)
         async for event in running:
             if isinstance(event, Audio):
                 break
         rest = asyncio.ensure_future(running.collect())
+        yield client, running
+        await running.cancel()
+        assert (await asyncio.wait_for(rest, timeout(30))).status == "cancelled"
+
+
+def steps_between(events: list[tuple[str, Any]], units: list[int], running: str) -> None:
+    """The ``running`` stream stepped between any two of the ``units`` (indices
+    in ``events``)."""
+    for before, after in itertools.pairwise(units):
+        between = [e for e in events[before:after] if e[0] == "step"]
+        assert between and all(running in ids for _, ids in between)
+
+
+async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> None:
+    recorder = Recorder(tiny_engines()["tiny-musicgen"])
+
+    # (The running stream is long enough to outlast the others on a slow, busy
+    # machine: it is cancelled once they are done.)
+    def start(client: Any) -> Awaitable[Any]:
+        return client.generate("tiny-musicgen", "a", duration=120.0, seed=1)
+
+    async with beside_a_running_stream(recorder, "tiny-musicgen", start) as (client, running):
         # Three requests at once: two with a continuation prompt (encoded a
         # layer of the codec's encoder a unit, then conditioned), one with a
         # long description (one unit).
@@ -97,16 +123,12 @@ async def test_new_requests_prepare_between_the_steps_of_a_running_stream() -> N
             asyncio.gather(*(stream.collect() for stream in joining)), timeout(120)
         )
         assert [r.status for r in results] == ["completed"] * 3
-        await running.cancel()
-        assert (await asyncio.wait_for(rest, timeout(30))).status == "cancelled"
     events = recorder.events
     units = [i for i, (kind, rid) in enumerate(events) if kind == "unit" and rid != running.id]
     counted = [sum(1 for i in units if events[i][1] == stream.id) for stream in joining]
     assert counted[0] > 10 and counted[1] > 10 and counted[2] == 1
     # With no budget, one unit per tick: the running stream steps between any two.
-    for before, after in itertools.pairwise(units):
-        between = [e for e in events[before:after] if e[0] == "step"]
-        assert between and all(running.id in ids for _, ids in between)
+    steps_between(events, units, running.id)
     # ... and it never misses a tick while the others prepare, prefill and run (it
     # was cancelled only once they were done).
     steps = [ids for kind, ids in events[units[0] :] if kind == "step"]
@@ -119,38 +141,26 @@ async def test_an_uploaded_voice_is_encoded_between_the_steps_of_a_running_strea
     work each), and with no budget, one a tick, the running stream steps
     between any two."""
     recorder = Recorder(higgs_engines()["tiny-higgs"])
-
-    def factory() -> Mapping[str, Any]:
-        return {"tiny-higgs": recorder}
-
-    config = make_config(max_active=4, admission="slots")
-    config = replace(config, models=replace(config.models, prefill_budget_ms=0.0))
     t = np.arange(24000 * 20) / 24000
     buffer = io.BytesIO()
     soundfile.write(
         buffer, (0.25 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 24000, format="WAV"
     )
-    async with running_server(config, factory) as srv, connect(srv.url) as client:
-        running = await client.speak(
-            "tiny-higgs", "A long story, told slowly. " * 20, max_new_tokens=2048, seed=1
-        )
-        async for event in running:
-            if isinstance(event, Audio):
-                break
-        rest = asyncio.ensure_future(running.collect())
+
+    def start(client: Any) -> Awaitable[Any]:
+        story = "A long story, told slowly. " * 20
+        return client.speak("tiny-higgs", story, max_new_tokens=2048, seed=1)
+
+    async with beside_a_running_stream(recorder, "tiny-higgs", start) as (client, running):
         cloned = await client.speak(
             "tiny-higgs", "Hello there.", reference=buffer.getvalue(), max_new_tokens=30, seed=2
         )
         result = await asyncio.wait_for(cloned.collect(), timeout(120))
         assert result.status == "completed"
-        await running.cancel()
-        assert (await asyncio.wait_for(rest, timeout(30))).status == "cancelled"
     events = recorder.events
     units = [i for i, (kind, rid) in enumerate(events) if kind == "unit" and rid == cloned.id]
     assert len(units) > 20
-    for before, after in itertools.pairwise(units):
-        between = [e for e in events[before:after] if e[0] == "step"]
-        assert between and all(running.id in ids for _, ids in between)
+    steps_between(events, units, running.id)
 
 
 async def test_a_melody_is_separated_between_the_steps_of_a_running_stream() -> None:
@@ -160,30 +170,18 @@ async def test_a_melody_is_separated_between_the_steps_of_a_running_stream() -> 
     steps between any two."""
     recorder = Recorder(with_stereo()["tiny-musicgen-melody"])
 
-    def factory() -> Mapping[str, Any]:
-        return {"tiny-musicgen-melody": recorder}
+    def start(client: Any) -> Awaitable[Any]:
+        return client.generate("tiny-musicgen-melody", "a", duration=120.0, seed=1)
 
-    config = make_config(max_active=4, admission="slots")
-    config = replace(config, models=replace(config.models, prefill_budget_ms=0.0))
-    async with running_server(config, factory) as srv, connect(srv.url) as client:
-        running = await client.generate("tiny-musicgen-melody", "a", duration=120.0, seed=1)
-        async for event in running:
-            if isinstance(event, Audio):
-                break
-        rest = asyncio.ensure_future(running.collect())
-        melody = await client.generate(
-            "tiny-musicgen-melody", "hum", duration=1.0, inputs={"melody": clip(6.0)}
-        )
+    model = "tiny-musicgen-melody"
+    async with beside_a_running_stream(recorder, model, start) as (client, running):
+        melody = await client.generate(model, "hum", duration=1.0, inputs={"melody": clip(6.0)})
         result = await asyncio.wait_for(melody.collect(), timeout(120))
         assert result.status == "completed"
-        await running.cancel()
-        assert (await asyncio.wait_for(rest, timeout(30))).status == "cancelled"
     events = recorder.events
     units = [i for i, (kind, rid) in enumerate(events) if kind == "unit" and rid == melody.id]
     assert len(units) > 4 * 9  # four 2 s segments (a quarter overlapping), nine parts each
-    for before, after in itertools.pairwise(units):
-        between = [e for e in events[before:after] if e[0] == "step"]
-        assert between and all(running.id in ids for _, ids in between)
+    steps_between(events, units, running.id)
 
 
 class Gated(Recorder):
