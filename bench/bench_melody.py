@@ -88,7 +88,8 @@ def alternate(
     if pieces:
         for item in engine.prepare_steps(request):
             units += 1
-            job = item
+            if isinstance(item, Job):
+                job = item
             before = time.perf_counter()
             engine.step(running)
             now = time.perf_counter()

@@ -243,8 +243,9 @@ class Progress:
 
     ``stage`` is absent while the model generates, ``"prepare"`` (before
     ``started``) while the request's inputs are analysed (its text encoded, a
-    melody's chroma, a continuation's prompt), ``"mbd"`` while Multi-Band
-    Diffusion renders the final version; ``fraction`` counts within the stage.
+    melody's chroma, a continuation's prompt: 0 at once, and more as a long
+    analysis goes), ``"mbd"`` while Multi-Band Diffusion renders the final
+    version; ``fraction`` counts within the stage.
     """
 
     type: ClassVar[str] = "progress"

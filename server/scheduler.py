@@ -59,7 +59,7 @@ from wavecast.protocol.messages import AudioFormat, DoneStatus
 from .capacity import TickCosts, TickFit
 from .engines.base import Engine, EngineRequest, Job, StepOutput
 from .metrics import Metrics
-from .outputs import RequestOutputs, done_message
+from .outputs import PROGRESS_INTERVAL, RequestOutputs, done_message
 
 __all__ = ["Request", "Scheduler", "keep_freed_memory"]
 
@@ -84,7 +84,9 @@ class Request:
     submitted_at: float = field(default_factory=time.perf_counter)
     # Inference-thread bookkeeping.
     job: Job | None = None
-    preparing: Generator[Job | None, None, None] | None = None  # the engine's units of preparation
+    # The engine's units of preparation, and the last part of it done that went out.
+    preparing: Generator[Job | float | None, None, None] | None = None
+    prepared: tuple[float, float] = (0.0, float("-inf"))  # (fraction, when sent)
     position: int = 0
     started_at: float = 0.0
     steps: int = 0  # ticks it has been stepped in
@@ -464,6 +466,7 @@ class Scheduler:
         self._preparing.append(request)
         # Out of the queue: say so now, a melody's analysis may take a while.
         self._emit(request, Progress(id=request.id, fraction=0.0, seconds=0.0, stage="prepare"))
+        request.prepared = (0.0, time.perf_counter())
 
     def _prepare_some(self, deadline: float) -> None:
         """Advance the admitted requests' preparation, oldest first, until
@@ -480,6 +483,9 @@ class Scheduler:
             assert request.preparing is not None
             try:
                 job = next(request.preparing)
+                if isinstance(job, float):
+                    self._preparation_progress(request, job)
+                    job = None
             except WavecastError as exc:
                 exc.id = request.id
                 self._release(request)
@@ -497,6 +503,18 @@ class Scheduler:
                 self._started(request)
             if time.perf_counter() >= deadline:
                 return
+
+    def _preparation_progress(self, request: Request, fraction: float) -> None:
+        """The part of a request's preparation done, as a ``"prepare"`` progress:
+        at most every 1% and every ``PROGRESS_INTERVAL``, as a stage's progress."""
+        last, at = request.prepared
+        now = time.perf_counter()
+        if fraction - last >= 0.01 and now - at >= PROGRESS_INTERVAL:
+            request.prepared = (fraction, now)
+            self._emit(
+                request,
+                Progress(id=request.id, fraction=round(fraction, 4), seconds=0.0, stage="prepare"),
+            )
 
     def _started(self, request: Request) -> None:
         assert request.job is not None

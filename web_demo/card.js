@@ -143,14 +143,15 @@ export class Card {
     }
   }
 
-  onPreparing() {
-    // Out of the queue; the server analyses the inputs (a melody can take a while).
-    this.preparedFrom = performance.now();
+  onPreparing(fraction) {
+    // Out of the queue; the server analyses the inputs (a melody can take a
+    // while: it says how far it is).
+    if (!(fraction > 0)) this.preparedFrom = performance.now();
     const what = this.inputs.includes("melody") ? "analysing the melody…"
       : this.inputs.includes("continuation") ? "analysing your clip…"
       : this.inputs.some((role) => role.startsWith("reference")) ? "reading the voice…"
       : "preparing…";
-    this.setStatus("preparing", what);
+    this.setStatus("preparing", fraction > 0 ? `${what} ${Math.round(fraction * 100)}%` : what);
   }
 
   onStarted(message) {
@@ -216,7 +217,7 @@ export class Card {
   }
 
   onProgress(message) {
-    if (message.stage === "prepare") return this.onPreparing();
+    if (message.stage === "prepare") return this.onPreparing(message.fraction);
     if (message.stage === "mbd") {
       this.setStatus("generating", `rendering MBD ${Math.round(message.fraction * 100)}%`);
       return;

@@ -211,11 +211,13 @@ class Engine(Protocol):
         """Set up a request (conditioning, buffers). May raise ``WavecastError``."""
         ...
 
-    def prepare_steps(self, request: EngineRequest) -> Generator[Job | None, None, None]:
+    def prepare_steps(self, request: EngineRequest) -> Generator[Job | float | None, None, None]:
         """``prepare`` in bounded units of work, for the scheduler.
 
         Yields ``None`` between units (the scheduler may step the running
-        requests there), then the Job. May raise ``WavecastError``.
+        requests there), or a float there: the part of the preparation done,
+        0 to 1, where a long one measures it (a melody's separation); then the
+        Job. May raise ``WavecastError``.
         """
         ...
 
@@ -253,7 +255,7 @@ def run_once(engine: Engine, prompt: str, params: Mapping[str, ParamValue]) -> N
     """Generate one short request to the end and drop it (warming a model up: the
     first calls allocate, and pick their kernels)."""
     request = EngineRequest("warm-up", prompt, resolve_params(engine.info.params, dict(params)))
-    job = next(job for job in engine.prepare_steps(request) if job is not None)
+    job = next(job for job in engine.prepare_steps(request) if isinstance(job, Job))
     try:
         while not any(output.done for output in engine.step([job])):
             pass

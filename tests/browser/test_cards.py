@@ -291,8 +291,9 @@ async def test_a_melody_request_shows_its_analysis_not_the_queue(
     browser: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    source = tmp_path / "hum.wav"
-    soundfile.write(str(source), (0.2 * np.random.default_rng(0).standard_normal(22050)), 22050)
+    source = tmp_path / "hum.wav"  # (8 s: an analysis of many parts, a few ticks each)
+    hum = 0.2 * np.random.default_rng(0).standard_normal(22050 * 8)
+    soundfile.write(str(source), hum, 22050)
     async with running_server(factory=with_stereo) as srv:
         page = await open_page(browser, srv)
         await page.select_option("#model", "tiny-musicgen-melody")
@@ -305,6 +306,13 @@ async def test_a_melody_request_shows_its_analysis_not_the_queue(
         at = statuses.index("analysing the melody…")
         assert all(not s.startswith("queued") for s in statuses[at:])
         assert statuses[-1] == "completed"
+        # ... and how far the analysis is, as the server says it.
+        shown = [
+            int(s.rsplit(" ", 1)[1].rstrip("%"))
+            for s in statuses[at + 1 :]
+            if s.startswith("analysing the melody… ")
+        ]
+        assert shown and shown == sorted(shown) and shown[0] > 0 and shown[-1] < 100
         assert page.errors == []
 
 

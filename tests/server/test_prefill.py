@@ -30,7 +30,7 @@ from helpers import (
 )
 
 from wavecast.clients import connect
-from wavecast.protocol import Audio, Done, Queued
+from wavecast.protocol import Audio, Done, Progress, Queued
 from wavecast.server.engines.base import EngineRequest, Job, StepOutput
 
 
@@ -88,6 +88,10 @@ async def beside_a_running_stream(
         yield client, running
         await running.cancel()
         assert (await asyncio.wait_for(rest, timeout(30))).status == "cancelled"
+
+
+async def collect_events(stream: Any) -> list[Any]:
+    return [event async for event in stream]
 
 
 def steps_between(events: list[tuple[str, Any]], units: list[int], running: str) -> None:
@@ -167,7 +171,8 @@ async def test_a_melody_is_separated_between_the_steps_of_a_running_stream() -> 
     """A melody request (a 6 s reference) joins a running stream of the same
     model: its Demucs separation runs a layer a unit (and its conditioning's
     two runs one each), and with no budget, one a tick, the running stream
-    steps between any two."""
+    steps between any two. The client hears how far the analysis is:
+    ``"prepare"`` progress from 0, growing, below 1, before ``started``."""
     recorder = Recorder(with_stereo()["tiny-musicgen-melody"])
 
     def start(client: Any) -> Awaitable[Any]:
@@ -176,8 +181,16 @@ async def test_a_melody_is_separated_between_the_steps_of_a_running_stream() -> 
     model = "tiny-musicgen-melody"
     async with beside_a_running_stream(recorder, model, start) as (client, running):
         melody = await client.generate(model, "hum", duration=1.0, inputs={"melody": clip(6.0)})
-        result = await asyncio.wait_for(melody.collect(), timeout(120))
-        assert result.status == "completed"
+        events = await asyncio.wait_for(collect_events(melody), timeout(120))
+        assert melody.done is not None and melody.done.status == "completed"
+    kinds = [type(event).__name__ for event in events]
+    preparing = [
+        event.fraction
+        for event in events[: kinds.index("Started")]
+        if isinstance(event, Progress) and event.stage == "prepare"
+    ]
+    assert preparing[0] == 0.0 and len(preparing) >= 3
+    assert preparing == sorted(preparing) and preparing[-1] < 1.0
     events = recorder.events
     units = [i for i, (kind, rid) in enumerate(events) if kind == "unit" and rid == melody.id]
     assert len(units) > 4 * 9  # four 2 s segments (a quarter overlapping), nine parts each

@@ -353,9 +353,9 @@ class HiggsEngine:
     # -- preparation ---------------------------------------------------------------
 
     def prepare(self, request: EngineRequest) -> Job:
-        return next(job for job in self.prepare_steps(request) if job is not None)
+        return next(job for job in self.prepare_steps(request) if isinstance(job, Job))
 
-    def prepare_steps(self, request: EngineRequest) -> Generator[Job | None, None, None]:
+    def prepare_steps(self, request: EngineRequest) -> Generator[Job | float | None, None, None]:
         """``prepare`` in units of work (see ``Engine.prepare_steps``): each
         uploaded voice's encoding a part at a time (``encode_in_pieces``: a
         long clip holds the running streams a part's time, not the whole

@@ -113,8 +113,9 @@ class Conditioning:
 
     def in_pieces(
         self, attributes: list[Any], py_random: Any
-    ) -> Generator[None, None, tuple[Conditions, Any]]:
-        """``one``, a melody's Demucs in pieces (a pause after each of its layers)."""
+    ) -> Generator[float | None, None, tuple[Conditions, Any]]:
+        """``one``, a melody's Demucs in pieces: a pause after each of its layers,
+        with the part of the separation done (``melody.in_pieces``)."""
         return (yield from in_pieces(lambda: self.one(attributes, py_random), self.stems))
 
     def together(self, attributes: list[Any]) -> list[Conditions]:

@@ -117,7 +117,7 @@ class _MusicGenJob:
     py_random: Any = None  # state of Python's `random` for this request (Demucs' shifts)
     # A long-form window's melody conditioning, being computed in pieces (the
     # window waits for it); its result replaces cfg_conditions and py_random.
-    conditioning: Generator[None, None, tuple[Any, Any]] | None = None
+    conditioning: Generator[float | None, None, tuple[Any, Any]] | None = None
     seed: int = 0
     mbd: bool = False  # render a Multi-Band Diffusion version once the codes are known
     mbd_run: MBDRun | None = None
@@ -302,16 +302,17 @@ class MusicGenEngine:
     def prepare(self, request: EngineRequest) -> Job:
         """Set up a request at once (``prepare_steps`` without pauses)."""
         for job in self.prepare_steps(request):
-            if job is not None:
+            if isinstance(job, Job):
                 return job
         raise AssertionError("prepare_steps ended without a job")
 
-    def prepare_steps(self, request: EngineRequest) -> Generator[Job | None, None, None]:
+    def prepare_steps(self, request: EngineRequest) -> Generator[Job | float | None, None, None]:
         """Set up a request in bounded units of work; the last item is the Job.
 
-        Each ``None`` is a pause where the scheduler may run a decode step for the
-        other streams: after each part of the continuation clip's encoding, and
-        after each layer of a melody's Demucs separation (see ``melody``). The text was
+        Each ``None`` or float is a pause where the scheduler may run a decode
+        step for the other streams: after each part of the continuation clip's
+        encoding, and after each layer of a melody's Demucs separation (see
+        ``melody``: a float, the part of the separation done). The text was
         bounded in tokens by ``check`` (``max_prompt_tokens``) before the request
         was queued, so its encoding is too.
         """

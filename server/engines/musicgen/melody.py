@@ -36,13 +36,14 @@ the chroma) runs twice, not once per part.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 import torch
 
-from .separation import apply_in_parts
+from .separation import apply_in_parts, parts_of
 
 __all__ = ["StemsInPieces", "in_pieces"]
 
@@ -110,16 +111,21 @@ class StemsInPieces:
             stems = apply_model(demucs, sounding, device=conditioner.device)
             return _placed(self._mixed(stems), rows, wav.shape[0])
 
-    def separate(self, wanted: _Wanted) -> Generator[None, None, _Made]:
+    def separate(self, wanted: _Wanted) -> Generator[float, None, _Made]:
         """``stemmed_wav`` of what ``wanted`` asks, a part at a time (each in the
-        conditioner's contexts and the request's state of ``random``)."""
+        conditioner's contexts and the request's state of ``random``); each
+        pause says how much of it is done (0 to 1, 1 not included: the parts
+        are counted beforehand, at most as many as it takes)."""
         conditioner = self.conditioner
         demucs = conditioner.demucs
+        rows = _sounding(wanted.wav)
+        length = math.ceil(wanted.wav.shape[-1] * demucs.samplerate / wanted.sample_rate)
+        # (The pauses before the separation and after it, and its own.)
+        total = 3 + parts_of(demucs, length)
 
         def separation() -> Generator[None, None, torch.Tensor]:
             from demucs.audio import convert_audio
 
-            rows = _sounding(wanted.wav)
             yield  # (after the conditioning's first run, in the same unit)
             sounding = wanted.wav if rows is None else wanted.wav[rows]
             sounding = convert_audio(
@@ -132,15 +138,17 @@ class StemsInPieces:
 
         state = wanted.state
         parts = separation()
+        done = 0
         while True:
             with torch.no_grad(), conditioner.autocast:
                 random.setstate(state)
                 try:
                     next(parts)
-                except StopIteration as done:
-                    return _Made(wanted, done.value, random.getstate())
+                except StopIteration as made:
+                    return _Made(wanted, made.value, random.getstate())
                 state = random.getstate()
-            yield
+            done += 1
+            yield min(done / total, 0.99)
 
     def _mixed(self, stems: torch.Tensor) -> torch.Tensor:
         from demucs.audio import convert_audio
@@ -198,10 +206,12 @@ def _same(wanted: _Wanted, wav: torch.Tensor, sample_rate: int) -> bool:
     return wanted.sample_rate == sample_rate and torch.equal(wanted.wav, wav)
 
 
-def in_pieces(compute: Callable[[], T], stems: StemsInPieces | None) -> Generator[None, None, T]:
+def in_pieces(
+    compute: Callable[[], T], stems: StemsInPieces | None
+) -> Generator[float | None, None, T]:
     """Run ``compute`` (a conditioning) with Demucs in pieces: a pause (``yield``)
-    after each part of the separation (see the module's docstring); returns what
-    ``compute`` returns.
+    after each part of the separation, with the part of it done (see
+    ``StemsInPieces.separate``), then one more; returns what ``compute`` returns.
 
     ``compute`` must start from the same state at each run (it sets Python's
     ``random`` state itself) and have no other lasting effect.
@@ -212,5 +222,5 @@ def in_pieces(compute: Callable[[], T], stems: StemsInPieces | None) -> Generato
     if not isinstance(first, _Wanted):
         return first  # (nothing to separate)
     made = yield from stems.separate(first)
-    yield
+    yield None
     return stems.with_separation(made, compute)

@@ -39,7 +39,7 @@ from demucs.utils import center_trim
 from einops import rearrange
 from torch.nn import functional as F
 
-__all__ = ["apply_in_parts", "forward_in_parts"]
+__all__ = ["apply_in_parts", "forward_in_parts", "parts_of"]
 
 Parts = Generator[None, None, torch.Tensor]
 
@@ -139,6 +139,33 @@ def apply_in_parts(
     separated = yield from forward_in_parts(model, padded)
     trimmed: torch.Tensor = center_trim(separated, length)
     return trimmed
+
+
+def parts_of(
+    model: Any,
+    length: int,
+    shifts: int = 1,
+    split: bool = True,
+    overlap: float = 0.25,
+    segment: float | None = None,
+) -> int:
+    """The pauses ``apply_in_parts`` makes for a mix of ``length`` samples, at
+    most: its random shift may leave a segment out (a measure of its progress)."""
+    if isinstance(model, BagOfModels):
+        return sum(parts_of(sub, length, shifts, split, overlap, segment) for sub in model.models)
+    if shifts:
+        longest = length + int(0.5 * model.samplerate)  # (the shift's offset at its least)
+        return shifts * parts_of(model, longest, 0, split, overlap, segment)
+    if split:
+        segment_length = int(model.samplerate * (model.segment if segment is None else segment))
+        stride = int((1 - overlap) * segment_length)
+        each = parts_of(model, segment_length, 0, False, overlap, segment)
+        return len(range(0, length, stride)) * each
+    if type(model) is not HTDemucs or model.training:
+        return 0
+    cross = model.crosstransformer
+    layers = 2 * cross.num_layers if cross else 0
+    return 1 + len(model.encoder) + layers + len(model.decoder)
 
 
 def forward_in_parts(model: Any, mix: torch.Tensor) -> Parts:
