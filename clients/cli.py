@@ -218,8 +218,8 @@ async def _run(
                     (pcm if event.rendition is None else mbd_pcm).extend(event.data)
                 elif isinstance(event, Progress):
                     if event.stage == "prepare":
-                        done = f" {event.fraction:.0%}" if event.fraction > 0 else ""
-                        bar.message(f"preparing (analysing the inputs){done}")
+                        part = f" {event.fraction:.0%}" if event.fraction > 0 else ""
+                        bar.message(f"preparing (analysing the inputs){part}")
                     elif event.stage == "mbd":
                         bar.show(event.fraction, event.seconds, "(Multi-Band Diffusion)")
                     else:
