@@ -216,8 +216,8 @@ class Engine(Protocol):
 
         Yields ``None`` between units (the scheduler may step the running
         requests there), or a float there: the part of the preparation done,
-        0 to 1, where a long one measures it (a melody's separation); then the
-        Job. May raise ``WavecastError``.
+        0 to 1, where a long one measures it (a melody's separation, an
+        upload's encoding); then the Job. May raise ``WavecastError``.
         """
         ...
 

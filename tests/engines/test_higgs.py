@@ -436,9 +436,10 @@ def test_a_voice_encoded_in_pieces_is_the_tokenizers_encoding(
     """``encode_in_pieces`` runs the tokenizer's ``encode`` a part at a time (a
     convolution, a layer, an activation): its codes are ``encode``'s bit for
     bit, for clips whose acoustic frames need the tokenizer's padding or not,
-    in both HuBERT layouts; a tokenizer in training mode (dropout on) is
+    in both HuBERT layouts, in as many parts as ``parts_of`` counts (its
+    progress's measure); a tokenizer in training mode (dropout on) is
     encoded in one part, by its own ``encode``."""
-    from wavecast.server.engines.higgs.encoding import encode_in_pieces
+    from wavecast.server.engines.higgs.encoding import encode_in_pieces, parts_of
 
     codec = loaded.codec if layout == "released" else _stable_norm_codec(loaded)
     generator = torch.Generator().manual_seed(7)
@@ -448,8 +449,9 @@ def test_a_voice_encoded_in_pieces_is_the_tokenizers_encoding(
             expected = codec.encode(audio).audio_codes
             parts, got = in_parts(encode_in_pieces(codec, audio))
         assert torch.equal(got, expected), samples
-        assert parts >= 20
+        assert parts >= 20 and parts == parts_of(codec)
     codec.train()
+    assert parts_of(codec) == 0
     try:
         with torch.no_grad():
             pieces = encode_in_pieces(codec, audio)
@@ -462,8 +464,8 @@ def test_a_voice_encoded_in_pieces_is_the_tokenizers_encoding(
 
 def test_an_uploaded_voice_is_encoded_between_steps(engine: HiggsEngine) -> None:
     """A request's uploaded voice is encoded in many units of its preparation
-    (each a part of the tokenizer's work), and its prompt holds the codes the
-    tokenizer's ``encode`` gives the clip."""
+    (each a part of the tokenizer's work, each saying how far it is), and its
+    prompt holds the codes the tokenizer's ``encode`` gives the clip."""
     wav = (0.3 * np.sin(np.linspace(0, 900, 24000 * 3))).astype(np.float32)
     data = io.BytesIO()
     soundfile.write(data, wav, 24000, format="WAV")
@@ -471,7 +473,10 @@ def test_an_uploaded_voice_is_encoded_between_steps(engine: HiggsEngine) -> None
     request = EngineRequest("u", "Hello.", params, {"reference": data.getvalue()})
     units = list(engine.prepare_steps(request))
     job = units[-1]
-    assert job is not None and len(units) > 20 and all(unit is None for unit in units[:-1])
+    assert job is not None and len(units) > 20
+    done = units[:-1]  # (the part of the encoding done, growing, below 1)
+    assert all(isinstance(part, float) for part in done)
+    assert done == sorted(done) and done[0] > 0 and done[-1] < 1
     codes = job.state.speakers[0][1].codes  # (no transcript: the voice in the scene)
     with torch.no_grad():
         heard, _ = soundfile.read(io.BytesIO(data.getvalue()), dtype="float32")

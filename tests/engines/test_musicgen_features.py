@@ -506,10 +506,11 @@ def _seeded(seed: int) -> Any:
 def test_a_continuation_encoded_in_pieces_is_encodecs_encoding() -> None:
     """``encode_in_pieces`` runs EnCodec's ``encode`` a part at a time (a layer
     of its SEANet encoder, a residual block's activation or convolution): its
-    codes are ``encode``'s bit for bit; a continuation request's preparation
-    takes many units, its prompt those codes; a model in training mode is
+    codes are ``encode``'s bit for bit, in as many parts as ``parts_of``
+    counts; a continuation request's preparation takes many units (saying how
+    far its encoding is), its prompt those codes; a model in training mode is
     encoded in one part."""
-    from wavecast.server.engines.musicgen.encoding import encode_in_pieces
+    from wavecast.server.engines.musicgen.encoding import encode_in_pieces, parts_of
 
     model = build_tiny_musicgen(window=30.0)
     codec = model.compression_model
@@ -520,6 +521,7 @@ def test_a_continuation_encoded_in_pieces_is_encodecs_encoding() -> None:
             expected, _ = codec.encode(wav)
             parts, (got, scale) = in_parts(encode_in_pieces(codec, wav))
         assert torch.equal(got, expected) and scale is None and parts >= 10, samples
+        assert parts == parts_of(codec)
     engine = MusicGenEngine(model, name="tiny-musicgen", test_model=True)
     clip = decode(model, torch.randint(0, 64, (1, 4, 60)))
     params = resolve_params(engine.info.params, {"duration": 4.0, "seed": 1})
@@ -527,6 +529,8 @@ def test_a_continuation_encoded_in_pieces_is_encodecs_encoding() -> None:
     units = list(engine.prepare_steps(request))
     job = units[-1]
     assert job is not None and len(units) > 10
+    done = [unit for unit in units[:-1] if unit is not None]
+    assert len(done) == parts_of(codec) and done == sorted(done) and done[-1] < 1
     heard = engine._upload_wav(request, "continuation").unsqueeze(0)
     with torch.no_grad():
         expected, _ = codec.encode(heard)
@@ -534,6 +538,7 @@ def test_a_continuation_encoded_in_pieces_is_encodecs_encoding() -> None:
     engine.finish(job)
     codec.train()
     try:
+        assert parts_of(codec) == 0
         with torch.no_grad(), pytest.raises(StopIteration):
             next(encode_in_pieces(codec, wav))
     finally:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-__all__ = ["encode_in_pieces"]
+__all__ = ["encode_in_pieces", "parts_of"]
 
 Pieces = Generator[None, None, torch.Tensor]
 
@@ -60,6 +60,17 @@ def encode_in_pieces(codec: Any, audio: torch.Tensor) -> Pieces:
     embeddings = codec.fc(embeddings.transpose(1, 2)).transpose(1, 2)
     codes = codec.quantizer.encode(embeddings, config.target_bandwidths[-1])
     return codes.transpose(0, 1)
+
+
+def parts_of(codec: Any) -> int:
+    """The pauses ``encode_in_pieces`` makes with ``codec`` (whatever the clip's
+    length: one a layer), a measure of its progress."""
+    if not _laid_out_as_expected(codec):
+        return 0
+    hubert = codec.semantic_model
+    semantic = len(hubert.feature_extractor.conv_layers) + len(hubert.encoder.layers) + 2
+    blocks = codec.acoustic_encoder.block
+    return semantic + len(codec.encoder_semantic.conv_blocks) + 1 + 14 * len(blocks) + 1
 
 
 def _residual_unit(unit: Any, hidden: torch.Tensor) -> Pieces:

@@ -63,7 +63,7 @@ from ..codec_decoders import for_serving
 from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
-from ..pieces import run_through, without_grad
+from ..pieces import measured, run_through, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
@@ -77,7 +77,7 @@ from ..slots import SlotTable
 from ..step_cost import measure_context_cost
 from .card import model_card
 from .decoder import HiggsDecoder
-from .encoding import encode_in_pieces
+from .encoding import encode_in_pieces, parts_of
 from .loading import HiggsModel
 from .prompt import (
     AUDIO_DELAY,
@@ -359,16 +359,18 @@ class HiggsEngine:
         """``prepare`` in units of work (see ``Engine.prepare_steps``): each
         uploaded voice's encoding a part at a time (``encode_in_pieces``: a
         long clip holds the running streams a part's time, not the whole
-        clip's), then the rest."""
+        clip's), each pause with the part of the encoding done, then the rest."""
         names = self._check_request(request)
         encoded: dict[str, Ints] = {}
-        for role in REFERENCE_ROLES:
-            if role in request.inputs:
-                decoded = request.decoded.get(role)
-                audio, rate = decoded or self._decode_uploads({role: request.inputs[role]})[role]
-                encoded[role] = yield from without_grad(
-                    self._encode_in_pieces(audio.mean(axis=1), rate)
-                )
+        roles = [role for role in REFERENCE_ROLES if role in request.inputs]
+        for i, role in enumerate(roles):
+            decoded = request.decoded.get(role)
+            audio, rate = decoded or self._decode_uploads({role: request.inputs[role]})[role]
+            # Each voice's share of the progress: its parts counted beforehand.
+            total = parts_of(self.codec) + int(rate != self.sample_rate)
+            pieces = self._encode_in_pieces(audio.mean(axis=1), rate)
+            share = measured(pieces, total, i / len(roles), 1 / len(roles))
+            encoded[role] = yield from without_grad(share)
         with torch.no_grad():
             yield self._prepare(request, names, encoded)
 

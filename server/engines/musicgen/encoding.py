@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["encode_in_pieces"]
+__all__ = ["encode_in_pieces", "parts_of"]
 
 Pieces = Generator[None, None, tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -48,6 +48,16 @@ def encode_in_pieces(model: Any, wav: torch.Tensor) -> Pieces:
     yield
     quantized: torch.Tensor = model.quantizer.encode(x)
     return quantized, scale
+
+
+def parts_of(model: Any) -> int:
+    """The pauses ``encode_in_pieces`` makes with ``model`` (whatever the clip's
+    length: one a layer), a measure of its progress."""
+    if not _laid_out_as_expected(model):
+        return 0
+    layers = model.encoder.model
+    inner = sum(len(layer.block) for layer in layers if type(layer).__name__ == "SEANetResnetBlock")
+    return len(layers) + inner + 1
 
 
 def _laid_out_as_expected(model: Any) -> bool:

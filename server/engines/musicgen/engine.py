@@ -58,7 +58,7 @@ from ..codec_decoders import for_serving
 from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
-from ..pieces import without_grad
+from ..pieces import measured, scaled, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device, upload
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
@@ -68,7 +68,7 @@ from ..step_cost import measure_context_cost
 from .card import model_card
 from .conditioning import Conditioning
 from .decoder import MusicGenDecoder
-from .encoding import encode_in_pieces
+from .encoding import encode_in_pieces, parts_of
 from .loading import fresh_autocast
 from .mbd import MBDRun
 from .windows import FED_TOKEN, Codes, Window, Windows
@@ -318,8 +318,12 @@ class MusicGenEngine:
         """
         params = request.params
         prompt = None
+        # The progress: the clip's encoding, then a melody's separation (the
+        # longer by far: the larger share), each measured in its parts.
+        melody = self.conditioning.stems is not None and "melody" in request.inputs
+        clip = 0.2 if melody else 1.0
         if "continuation" in request.inputs:
-            prompt = yield from self._prompt_tokens(request)
+            prompt = yield from self._prompt_tokens(request, clip)
             duration = number(params["duration"])
             total_len = max(1, self.windows.frames(duration))
             max_prompt = self.windows.frames(min(duration, self.window))
@@ -336,7 +340,9 @@ class MusicGenEngine:
         if not self.conditioning.together_ok:
             st: _MusicGenJob = job.state
             conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
-            st.cfg_conditions, st.py_random = yield from conditioning
+            start = clip if "continuation" in request.inputs else 0.0
+            shared = scaled(conditioning, start, 1.0 - start)
+            st.cfg_conditions, st.py_random = yield from shared
         yield job
 
     def check(self, request: EngineRequest) -> dict[str, Upload]:
@@ -363,13 +369,17 @@ class MusicGenEngine:
         )
         return converted
 
-    def _prompt_tokens(self, request: EngineRequest) -> Generator[None, None, Codes]:
+    def _prompt_tokens(
+        self, request: EngineRequest, share: float = 1.0
+    ) -> Generator[float, None, Codes]:
         """Encode an uploaded clip into codes ``[1, K, T]`` (audiocraft's
         continuation), a part at a time (``encode_in_pieces``), in float32 as
-        audiocraft does."""
+        audiocraft does; each pause with the part done, within ``share`` of
+        the preparation."""
         with torch.no_grad():
             wav = self._upload_wav(request, "continuation").unsqueeze(0)
-        pieces = encode_in_pieces(self.model.compression_model, wav)
+        codec = self.model.compression_model
+        pieces = measured(encode_in_pieces(codec, wav), parts_of(codec), 0.0, share)
         tokens, scale = yield from without_grad(pieces)
         assert scale is None
         codes: Codes = tokens.cpu().numpy().astype(np.int64)
