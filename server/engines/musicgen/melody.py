@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..pieces import measured
 from .separation import apply_in_parts, parts_of
 
 __all__ = ["StemsInPieces", "in_pieces"]
@@ -136,19 +137,20 @@ class StemsInPieces:
             yield
             return _placed(self._mixed(stems), rows, wanted.wav.shape[0])
 
-        state = wanted.state
-        parts = separation()
-        done = 0
-        while True:
-            with torch.no_grad(), conditioner.autocast:
-                random.setstate(state)
-                try:
-                    next(parts)
-                except StopIteration as made:
-                    return _Made(wanted, made.value, random.getstate())
-                state = random.getstate()
-            done += 1
-            yield min(done / total, 0.99)
+        def in_contexts() -> Generator[None, None, _Made]:
+            state = wanted.state
+            parts = separation()
+            while True:
+                with torch.no_grad(), conditioner.autocast:
+                    random.setstate(state)
+                    try:
+                        next(parts)
+                    except StopIteration as made:
+                        return _Made(wanted, made.value, random.getstate())
+                    state = random.getstate()
+                yield
+
+        return (yield from measured(in_contexts(), total))
 
     def _mixed(self, stems: torch.Tensor) -> torch.Tensor:
         from demucs.audio import convert_audio
