@@ -27,13 +27,19 @@ from wavecast.protocol.messages import AudioFormat, DoneStatus
 from .audio import to_pcm
 from .engines.base import FloatAudio, StepOutput
 
-__all__ = ["PROGRESS_INTERVAL", "RequestOutputs", "done_message"]
+__all__ = ["PROGRESS_INTERVAL", "RequestOutputs", "done_message", "progress_due"]
 
 # Seconds between two progress messages of a stage, at least: a stream many times
 # faster than real time would otherwise send one every few steps, and each one
 # wakes the event loop and the client (bench/RESULTS.md: the event loop's CPU time
 # over the same runs fell from 0.60 s to 0.24 s with this bound).
 PROGRESS_INTERVAL = 0.05
+
+
+def progress_due(fraction: float, last: float, last_at: float, now: float) -> bool:
+    """Whether a stage's progress at ``fraction`` goes out ``now``, the last one
+    sent at ``last`` when ``last_at``: at least 1% and ``PROGRESS_INTERVAL`` on."""
+    return fraction - last >= 0.01 and now - last_at >= PROGRESS_INTERVAL
 
 
 @dataclass(slots=True)
@@ -67,10 +73,7 @@ class RequestOutputs:
         if (
             output.done
             or finished
-            or (
-                output.fraction - self.last_fraction >= 0.01
-                and now - self.last_progress_at >= PROGRESS_INTERVAL
-            )
+            or progress_due(output.fraction, self.last_fraction, self.last_progress_at, now)
         ):
             self.last_fraction = output.fraction
             self.last_progress_at = now

@@ -59,7 +59,7 @@ from wavecast.protocol.messages import AudioFormat, DoneStatus
 from .capacity import TickCosts, TickFit
 from .engines.base import Engine, EngineRequest, Job, StepOutput
 from .metrics import Metrics
-from .outputs import PROGRESS_INTERVAL, RequestOutputs, done_message
+from .outputs import RequestOutputs, done_message, progress_due
 
 __all__ = ["Request", "Scheduler", "keep_freed_memory"]
 
@@ -507,9 +507,8 @@ class Scheduler:
     def _preparation_progress(self, request: Request, fraction: float) -> None:
         """The part of a request's preparation done, as a ``"prepare"`` progress:
         at most every 1% and every ``PROGRESS_INTERVAL``, as a stage's progress."""
-        last, at = request.prepared
         now = time.perf_counter()
-        if fraction - last >= 0.01 and now - at >= PROGRESS_INTERVAL:
+        if progress_due(fraction, *request.prepared, now):
             request.prepared = (fraction, now)
             self._emit(
                 request,
