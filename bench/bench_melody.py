@@ -116,17 +116,25 @@ def alternate(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference-seconds", type=float, default=60.0)
-    parser.add_argument("--demucs", choices=("tiny", "htdemucs"), default="htdemucs")
-    parser.add_argument("--upload", choices=("melody", "continuation"), default="melody")
+def alternation(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser``'s arguments, with those of an upload prepared beside running
+    streams (``alternate``): the streams, torch's threads (set, and autograd
+    off) and the rounds."""
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="each way, alternately")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference-seconds", type=float, default=60.0)
+    parser.add_argument("--demucs", choices=("tiny", "htdemucs"), default="htdemucs")
+    parser.add_argument("--upload", choices=("melody", "continuation"), default="melody")
+    args = alternation(parser)
     melody = args.upload == "melody"
     model = build_tiny_musicgen(melody=melody, window=30.0)
     if melody and args.demucs == "htdemucs":

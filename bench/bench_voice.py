@@ -27,8 +27,7 @@ import time
 
 import numpy as np
 import soundfile
-import torch
-from bench_melody import alternate
+from bench_melody import alternate, alternation
 from bench_stream import machine
 
 from wavecast.protocol import resolve_params
@@ -61,12 +60,7 @@ def measure(engine: HiggsEngine, streams: int, ref: bytes, pieces: bool) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-seconds", type=float, nargs="+", default=[10.0, 60.0])
-    parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2, help="each way, alternately")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
+    args = alternation(parser)
     engine = HiggsEngine(load_higgs("tiny-higgs", None, "cpu"), name="tiny-higgs", max_active=8)
     engine.warm_up()
     rows = []
