@@ -102,7 +102,21 @@ def layer_times(inc: Any, call: Callable[[], object], runs: int) -> list[tuple[s
     count: dict[str, set[int]] = {}  # the layers of each description
     wrapped = []
     for op in inc._ops:  # the chain's layers, in order
-        if type(op).__name__ in ("_Chain", "_Residual"):
+        if type(op).__name__ == "_Residual":  # (timed where it runs fused: its layers' time)
+
+            def fused(x: torch.Tensor, state: Any, op: Any = op, inner: Any = op.fused) -> Any:
+                began = time.perf_counter()
+                y = inner(x, state)
+                if y is not None:
+                    name = f"Residual unit (fused) {describe(op._unit[1], x)[5:]}"
+                    spent.setdefault(name, [0.0])[-1] += time.perf_counter() - began
+                    count.setdefault(name, set()).add(id(op))
+                return y
+
+            op.fused = fused
+            wrapped.append(op)
+            continue
+        if type(op).__name__ == "_Chain":
             continue
 
         def run(
@@ -133,13 +147,13 @@ def layer_times(inc: Any, call: Callable[[], object], runs: int) -> list[tuple[s
             totals.append(time.perf_counter() - began)
     finally:
         for op in wrapped:
-            del op.run
+            del op.__dict__["fused" if type(op).__name__ == "_Residual" else "run"]
     rows = sorted(
         ((name, len(count[name]), min(times[1:])) for name, times in spent.items()),
         key=lambda r: -r[2],
     )
     rest = min(totals) - sum(t for _, _, t in rows)
-    rows.append(("the rest (residual joins, the embedding)", 0, rest))
+    rows.append(("the rest (joins of layer-by-layer residual blocks, the embedding)", 0, rest))
     return rows
 
 
@@ -155,7 +169,9 @@ def chosen(inc: Any, like: torch.Tensor, args: argparse.Namespace, codebooks: in
     return (
         f"convolutions as matrix products: {forms.product_one} of {forms.layers} "
         f"for one stream, {forms.product_many} for more; by the row kernel: "
-        f"{forms.kernel_one} and {forms.kernel_many} (chosen in {forms.seconds:.1f} s)"
+        f"{forms.kernel_one} and {forms.kernel_many}; residual units fused: "
+        f"{forms.fused_one} and {forms.fused_many} of {forms.units} "
+        f"(chosen in {forms.seconds:.1f} s)"
     )
 
 

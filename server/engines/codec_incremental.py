@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import graphs, rowkernel
+from . import codec_decoders, graphs, rowkernel
 
 __all__ = [
     "MOST_RECORDED",
@@ -493,21 +493,96 @@ class _Chain(_Op):
 
 
 class _Residual(_Op):
-    """``shortcut(x) + block(x)``: the shortcut's samples wait for the block's."""
+    """``shortcut(x) + block(x)``: the shortcut's samples wait for the block's.
+
+    A DAC residual unit (Snake, a convolution, Snake, a one-tap convolution,
+    the same channels throughout, no shortcut layer) also runs fused on a CPU
+    (``RowKernel.residual_unit``: the same floats as its layers by the row
+    kernel, over tiles of time that stay in cache, where the layers make a
+    pass over memory each), once every layer is past its start-up samples and
+    until the stream's end, where ``choose_forms`` measured it the faster
+    (``one``: calls of one stream's rows; ``many``: larger ones)."""
 
     # The row kernel, for the join (``choose_forms`` sets it: float32 on a CPU).
     kernel: rowkernel.RowKernel | None = None
+    one = False
+    many = False
+    many_from = 2
+    seen: list[tuple[torch.Tensor, list[_Slot | None]]] | None = None  # (``choose_forms``)
 
     def __init__(self, block: _Op, shortcut: _Op | None) -> None:
         if block.rate != 1 or (shortcut is not None and (shortcut.lookahead or shortcut.rate != 1)):
             raise Unsupported("a residual block that changes the rate")
         self.block, self.shortcut = block, shortcut
         self.lookahead = block.lookahead
+        self._unit = _unit_layers(block) if shortcut is None else None
+        self.units: tuple[rowkernel.Unit, rowkernel.Unit] | None = None  # (``prepare``)
 
     def begin(self, x: torch.Tensor) -> _Slot | None:
         return _Slot((x[..., :0],), 0)  # channels set at the first run
 
+    def prepare(self) -> bool:
+        """The fused form's weights as the kernel reads them, where the kernel
+        is set and the unit is DAC's in float32; False if it has no fused form."""
+        self.units = None
+        if self.kernel is None or self._unit is None:
+            return False
+        units = []
+        for snake, conv in ((self._unit[0], self._unit[1]), (self._unit[2], self._unit[3])):
+            fn, module = snake.fn, conv.conv
+            assert isinstance(fn, codec_decoders.Snake)
+            alpha, inverse, weight = fn.alpha.detach(), fn.inverse, module.weight.detach()
+            bias = None if module.bias is None else module.bias.detach().contiguous()
+            if any(t.dtype != torch.float32 for t in (alpha, inverse, weight)) or (
+                bias is not None and bias.dtype != torch.float32
+            ):
+                return False
+            units.append(
+                rowkernel.Unit(
+                    alpha.reshape(-1).contiguous(),
+                    inverse.reshape(-1).contiguous(),
+                    weight.contiguous(),
+                    bias,
+                    module.dilation[0],
+                )
+            )
+        self.units = (units[0], units[1])
+        return True
+
     def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        if self.seen is not None:
+            self.seen.append(
+                (x, [None if slot is None else _Slot(slot.tensors, slot.skip) for slot in state])
+            )
+        if (
+            self.units is not None
+            and not final
+            and (self.many if x.shape[0] >= self.many_from else self.one)
+        ):
+            out = self.fused(x, state)
+            if out is not None:
+                return out
+        return self.layers(x, state, final)
+
+    def fused(self, x: torch.Tensor, state: list[_Slot | None]) -> torch.Tensor | None:
+        """``layers`` in one call of the row kernel, where every layer is past its
+        start-up samples (None, nothing run, where not: the layers then run)."""
+        assert self.kernel is not None and self.units is not None and self._unit is not None
+        slot, own = state[self.index], state[self._unit[1].index]
+        assert slot is not None and own is not None
+        (waiting,) = slot.tensors
+        (buffer,) = own.tensors
+        if own.skip or not waiting.shape[1] or torch.is_grad_enabled():
+            return None
+        made = self.kernel.residual_unit(x, buffer, waiting, *self.units)
+        if made is None:
+            return None
+        out, own_next, rest = made
+        own.tensors, slot.tensors = (own_next,), (rest,)
+        return out
+
+    def layers(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
+        """``run`` layer by layer."""
         slot = state[self.index]
         assert slot is not None
         skip = x if self.shortcut is None else self.shortcut.run(x, state, final)
@@ -538,6 +613,30 @@ class _Residual(_Op):
         own: list[_Op] = [self]
         shortcut = [] if self.shortcut is None else self.shortcut.ops()
         return own + shortcut + self.block.ops()
+
+
+def _unit_layers(block: _Op) -> tuple[_Pointwise, _Conv, _Pointwise, _Conv] | None:
+    """A DAC residual unit's layers (``Snake``, a convolution of stride 1 over
+    ``C`` channels to ``C``, ``Snake``, a one-tap convolution of ``C`` to ``C``),
+    or None where ``block`` is not one."""
+    if not isinstance(block, _Chain) or len(block.children) != 4:
+        return None
+    first, inner, second, outer = block.children
+    if not (isinstance(first, _Pointwise) and isinstance(second, _Pointwise)):
+        return None
+    if not (isinstance(inner, _Conv) and isinstance(outer, _Conv)):
+        return None
+    if not all(isinstance(op.fn, codec_decoders.Snake) for op in (first, second)):
+        return None
+    a, b = inner.conv, outer.conv
+    channels = a.in_channels
+    if a.groups != 1 or b.groups != 1 or a.out_channels != channels:
+        return None
+    if b.in_channels != channels or b.out_channels != channels or b.kernel_size[0] != 1:
+        return None
+    if not inner.left + inner.right:  # (a one-tap first convolution: no buffer)
+        return None
+    return first, inner, second, outer
 
 
 def _number(root: _Op) -> list[_Op]:
@@ -705,6 +804,9 @@ class Forms:
     seconds: float
     kernel_one: int = 0
     kernel_many: int = 0
+    units: int = 0  # residual units with a fused form (``_Residual``)
+    fused_one: int = 0
+    fused_many: int = 0
 
 
 def _seconds(
@@ -724,6 +826,34 @@ def _form_seconds(
     """Form ``name``'s time on ``x`` if the layer has it, else infinity."""
     form = forms.get(name)
     return math.inf if form is None else _seconds(form, x, clock)
+
+
+def _fused_faster(
+    unit: _Residual,
+    x: torch.Tensor,
+    state: list[_Slot | None],
+    clock: Callable[[], float],
+) -> bool | None:
+    """Whether ``unit`` fused takes under 95% of its layers' time on ``x`` from
+    ``state`` (the layers' states as a call left them: each run starts from a
+    copy); None where it does not run fused there (its layers' start-up, or
+    a layer over 20 ms: left as it is)."""
+
+    def copied() -> list[_Slot | None]:
+        return [None if slot is None else _Slot(slot.tensors, slot.skip) for slot in state]
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        out = unit.fused(x, copied())
+        assert out is not None
+        return out
+
+    def layers(x: torch.Tensor) -> torch.Tensor:
+        return unit.layers(x, copied(), False)
+
+    if unit.fused(x, copied()) is None or _seconds(layers, x, clock) > 0.02:
+        return None
+    fast, slow = _race([fused, layers], x, clock)
+    return fast < 0.95 * slow
 
 
 def _race(
@@ -862,28 +992,37 @@ class IncrementalCodec:
         if like.device.type != "cpu":
             return Forms(sum(isinstance(op, _Formed) for op in self._ops), 0, 0, 0.0)
         kernel = rowkernel.built() if like.dtype == torch.float32 else None
+        self.direct_forms()  # (until chosen again)
         for op in self._ops:
             if isinstance(op, _Formed | _Residual):
                 op.kernel = kernel
         formed = [op for op in self._ops if isinstance(op, _Formed) and op.prepare()]
+        units = [op for op in self._ops if isinstance(op, _Residual) and op.prepare()]
         if not formed:
             return Forms(0, 0, 0, 0.0)
         began = clock()
         generator = torch.Generator().manual_seed(0)
         for op in formed:
             op.many_from = self.rows + 1
+        for unit in units:
+            unit.many_from, unit.one, unit.many = self.rows + 1, False, False
         streams = max(1, min(streams, _MOST_TIMED))
         for n in sorted({1, streams}):
             decode = steady_decode(self, like, n, codebooks)
             codes = torch.randint(0, 2, (n, codebooks, frames), generator=generator)
             for op in formed:
                 op.seen = []
+            for unit in units:
+                unit.seen = []
             try:
                 decode(codes)
                 inputs = [op.seen[0] if op.seen else None for op in formed]
+                calls = [unit.seen[0] if unit.seen else None for unit in units]
             finally:
                 for op in formed:
                     op.seen = None
+                for unit in units:
+                    unit.seen = None
             for op, x in zip(formed, inputs, strict=True):
                 if x is None:
                     continue
@@ -902,6 +1041,15 @@ class IncrementalCodec:
                     op.many = choice
                 if n == 1:
                     op.one = choice
+            # Each residual unit fused or layer by layer (its layers' forms chosen).
+            for unit, call in zip(units, calls, strict=True):
+                faster = None if call is None else _fused_faster(unit, *call, clock)
+                if faster is None:
+                    continue
+                if n > 1 or streams == 1:
+                    unit.many = faster
+                if n == 1:
+                    unit.one = faster
         return Forms(
             len(formed),
             sum(op.one == PRODUCT for op in formed),
@@ -909,13 +1057,19 @@ class IncrementalCodec:
             clock() - began,
             sum(op.one == KERNEL for op in formed),
             sum(op.many == KERNEL for op in formed),
+            len(units),
+            sum(unit.one for unit in units),
+            sum(unit.many for unit in units),
         )
 
     def direct_forms(self) -> None:
-        """Every convolution as the library's (the forms before ``choose_forms``)."""
+        """Every convolution as the library's, every residual unit layer by layer
+        (the forms before ``choose_forms``)."""
         for op in self._ops:
             if isinstance(op, _Formed):
                 op.one = op.many = DIRECT
+            if isinstance(op, _Residual):
+                op.one = op.many = False
 
     def _replayed(
         self, codes: torch.Tensor, states: Sequence[CodecState], key: tuple[object, ...]

@@ -857,9 +857,10 @@ class CodecStreams:
 
     def choose_forms(self, most: int) -> None:
         """Each of the incremental decoder's convolutions as the library's, as a
-        matrix product or by the row kernel's library, whichever is fastest on
-        this CPU for one stream's calls and for calls of ``most`` streams, on
-        the largest chunk (``IncrementalCodec.choose_forms``); checked against
+        matrix product or by the row kernel's library, and each residual unit
+        fused or not, whichever is fastest on this CPU for one stream's calls
+        and for calls of ``most`` streams, on the largest chunk
+        (``IncrementalCodec.choose_forms``); checked against
         the one-shot decode again, and the library's everywhere if it strays."""
         inc = self.incremental
         if inc is None or self.like.device.type != "cpu":
@@ -873,13 +874,17 @@ class CodecStreams:
             return
         log.info(
             "%s: codec layers as matrix products: %d of %d for one stream's calls, "
-            "%d for more; by the row kernel: %d and %d (chosen in %.2f s)",
+            "%d for more; by the row kernel: %d and %d; residual units fused: %d and %d "
+            "of %d (chosen in %.2f s)",
             self.name,
             forms.product_one,
             forms.layers,
             forms.product_many,
             forms.kernel_one,
             forms.kernel_many,
+            forms.fused_one,
+            forms.fused_many,
+            forms.units,
             forms.seconds,
         )
 

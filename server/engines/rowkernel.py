@@ -114,6 +114,7 @@ __all__ = [
     "MOST_HEAD",
     "MOST_ROWS",
     "RowKernel",
+    "Unit",
     "build",
     "built",
     "load",
@@ -141,6 +142,7 @@ SOURCE = r"""
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 int rows_usable(void) {
     __builtin_cpu_init();
@@ -1152,6 +1154,135 @@ void join_add(const float *w, const float *s, const float *y, float *out, float 
     }
 }
 
+/* The blocks of outputs 0 to O - 1 of samples 0 to m - 1 of one stream: x's
+   rows c->xc floats apart, y's ldy; as `conv` makes them (the same sums). */
+static void conv_span(const conv_t *c, const float *x, float *y, long ldy, long m) {
+    const long span = 8L * c->vectors;
+    for (long t = 0; t < m; t += span) {
+        for (long o = 0; o < c->O;) {
+            const long more = c->O - o, left = m - t;
+            if (c->vectors == 8) { conv_1_8(c, x + t, y + t, ldy, o, left); o += 1; }
+            else if (c->vectors == 4) { conv_2_4(c, x + t, y + t, ldy, o, left); o += 2; }
+            else if (c->vectors == 3) { conv_3_3(c, x + t, y + t, ldy, o, left); o += 3; }
+            else if (more >= 4) { conv_4_2(c, x + t, y + t, ldy, o, left); o += 4; }
+            else if (more == 3) { conv_3_2(c, x + t, y + t, ldy, o, left); o += 3; }
+            else if (more == 2) { conv_2_2(c, x + t, y + t, ldy, o, left); o += 2; }
+            else { conv_1_2(c, x + t, y + t, ldy, o, left); o += 1; }
+        }
+    }
+}
+
+/* Snake over m samples of a row, x to y (either may be the other). */
+static void snake_span(const float *x, float *y, long m, float alpha, float inverse) {
+    const __m256 a = _mm256_set1_ps(alpha), inv = _mm256_set1_ps(inverse);
+    const long m8 = m & ~7L;
+    for (long i = 0; i < m8; i += 8)
+        _mm256_storeu_ps(y + i, snake8(_mm256_loadu_ps(x + i), a, inv));
+    if (m8 < m) {
+        const __m256i last = lanes_below(m - m8);
+        _mm256_maskstore_ps(y + m8, last, snake8(_mm256_maskload_ps(x + m8, last), a, inv));
+    }
+}
+
+/* A residual unit of DAC's decoder, steady (codec_incremental's _Residual over
+   Snake, a convolution of U taps d apart, Snake, a convolution of one tap, C
+   channels in and out each): out[b, c, t] = z[c, t] + y[c, t] for t < n,
+   where z is the waiting samples (h) then x's, and y the block over the
+   first's input: the buffer (S = (U - 1) d activated samples) then Snake(x).
+   Tile by tile of time, every intermediate in a few kilobytes: the same
+   floats as the layers one after the other by this library (the Snake,
+   `conv`'s sums, the join's adds). Work item p: stream p / segments, its
+   outputs in the segment's share of n. */
+typedef struct {
+    const float *x, *buffer, *waiting, *a1, *i1, *w1, *b1, *a2, *i2, *w2, *b2;
+    float *out;
+    long p0, p1, segments, share, C, U, d, n, S, h, xb, xc, T;
+} unit_t;
+
+static void *unit_run(void *arg) {
+    const unit_t *u = arg;
+    const long C = u->C, S = u->S, T = u->T, lda = T + S, n = u->n, h = u->h;
+    float *scratch = malloc(sizeof(float) * C * (lda + 2 * T));
+    if (!scratch) return (void *)1;
+    float *A = scratch, *H = A + C * lda, *Y = H + C * T;
+    const int vectors = C == 1 ? 8 : C == 2 ? 4 : C == 3 ? 3 : 2;
+    const conv_t first = {A, u->w1, u->b1, H, 0, 0, 0, C, C, u->U, u->d, 0, 0, lda, 1, vectors, 0};
+    const conv_t second = {H, u->w2, u->b2, Y, 0, 0, 0, C, C, 1, 1, 0, 0, T, 1, vectors, 0};
+    for (long p = u->p0; p < u->p1; p++) {
+        const long b = p / u->segments, t0 = (p % u->segments) * u->share;
+        const long t1 = t0 + u->share < n ? t0 + u->share : n;
+        const float *x = u->x + b * u->xb, *buffer = u->buffer + b * C * S;
+        const float *waiting = u->waiting + b * C * h;
+        float *out = u->out + b * C * n;
+        for (long tt = t0; tt < t1; tt += T) {
+            const long m = tt + T < t1 ? T : t1 - tt;
+            /* A[c, j] = padded[tt + j], j < m + S: kept from the last tile, or made. */
+            const long kept = tt > t0 ? S : 0;
+            for (long c = 0; c < C; c++) {
+                float *a = A + c * lda;
+                if (kept) memmove(a, a + T, sizeof(float) * S);
+                long j = kept;
+                for (; j < m + S && tt + j < S; j++) a[j] = buffer[c * S + tt + j];
+                if (j < m + S)
+                    snake_span(x + c * u->xc + tt + j - S, a + j, m + S - j, u->a1[c], u->i1[c]);
+            }
+            conv_span(&first, A, H, T, m);
+            for (long c = 0; c < C; c++) snake_span(H + c * T, H + c * T, m, u->a2[c], u->i2[c]);
+            conv_span(&second, H, Y, T, m);
+            for (long c = 0; c < C; c++) {
+                const float *yr = Y + c * T, *xr = x + c * u->xc, *wr = waiting + c * h;
+                float *o = out + c * n + tt;
+                long t = 0;
+                for (; t < m && tt + t < h; t++) o[t] = wr[tt + t] + yr[t];
+                for (; t < m; t++) o[t] = xr[tt + t - h] + yr[t];
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* The unit's output (out: [B, C, n] contiguous) and its new state: the
+   buffer's last S activated samples (next: [B, C, S]) and the joined samples
+   past n (rest: [B, C, h]); x's streams xb floats apart, its channels xc;
+   buffer and waiting contiguous. Streams, and parts of them, over up to
+   `threads` threads. 0, or 1 where memory ran out. */
+int residual_unit(const float *x, const float *buffer, const float *waiting, const float *a1,
+                  const float *i1, const float *w1, const float *b1, const float *a2,
+                  const float *i2, const float *w2, const float *b2, float *out, float *next,
+                  float *rest, long B, long C, long U, long d, long n, long h, long xb, long xc,
+                  int threads) {
+    const long S = (U - 1) * d;
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
+    long T = (4096 / C) & ~63L;
+    T = T < 64 ? 64 : T > 2048 ? 2048 : T;
+    const long segments = B >= threads ? 1 : (threads + B - 1) / B;
+    long share = ((n + segments - 1) / segments + 63) & ~63L;
+    share = share < 64 ? 64 : share;
+    const long per = (n + share - 1) / share, items = B * per;
+    unit_t tasks[16];
+    const long each = (items + threads - 1) / threads;
+    int parts = 0;
+    for (long p = 0; p < items; p += each, parts++)
+        tasks[parts] = (unit_t){x, buffer, waiting, a1, i1, w1, b1, a2, i2, w2, b2, out,
+                                p, p + each < items ? p + each : items, per, share, C, U, d,
+                                n, S, h, xb, xc, T};
+    if (run_parts(unit_run, tasks, sizeof tasks[0], parts)) return 1;
+    for (long b = 0; b < B; b++)
+        for (long c = 0; c < C; c++) {
+            const float *xr = x + b * xb + c * xc, *wr = waiting + (b * C + c) * h;
+            const float *br = buffer + (b * C + c) * S;
+            float *q = next + (b * C + c) * S, *r = rest + (b * C + c) * h;
+            /* The activated input's last S: the buffer's tail, then Snake(x). */
+            const long old = S > n ? S - n : 0;
+            for (long j = 0; j < old; j++) q[j] = br[n + j];
+            snake_span(xr + n - (S - old), q + old, S - old, a1[c], i1[c]);
+            /* The joined samples past n. */
+            for (long j = 0; j < h; j++) r[j] = n + j < h ? wr[n + j] : xr[n + j - h];
+        }
+    return 0;
+}
+
 /* The speech rules of a step (higgs.rules.RowRules, exactly), on rows of
    `width` int64 (state: bos[K], drawn, eos[K], delay, last[K], window[64 * K]),
    for `rows` rows. rules_read: forced[r, k] is stream BOS where bos >= drawn,
@@ -1266,6 +1397,20 @@ def _threads(work: int, per_thread: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Unit:
+    """A Snake and the convolution after it, as ``RowKernel.residual_unit``
+    reads them: the Snake's ``alpha`` and ``inverse`` (``C`` contiguous float32
+    each), the convolution's ``weight`` ``[C, C, U]`` and ``bias`` (``C``, or
+    None) contiguous float32, its ``dilation``."""
+
+    alpha: torch.Tensor
+    inverse: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dilation: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class RowKernel:
     """The compiled kernels: ``product`` is ``F.linear``, reading the weight once
     for every ``MOST_ROWS`` rows; ``attend`` is a decode step's attention;
@@ -1286,6 +1431,7 @@ class RowKernel:
     reads_rules: Callable[..., None]
     takes_rules: Callable[..., None]
     sorting: Callable[..., int]
+    unit: Callable[..., int]
     wide: bool = False  # the wide build (``WIDE_FLAGS``): the products' larger blocks
 
     def product(
@@ -1531,6 +1677,78 @@ class RowKernel:
             ldy,
         )
         return out, rest
+
+    def residual_unit(
+        self,
+        x: torch.Tensor,
+        buffer: torch.Tensor,
+        waiting: torch.Tensor,
+        first: Unit,
+        second: Unit,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A DAC residual unit's steady call, in one pass over tiles of time:
+        ``cat([waiting, x], -1)[..., :n] + y`` (``x`` ``[B, C, n]``, ``n`` > 0),
+        where ``y`` is the second convolution (one tap) of the Snake of the
+        first (``U`` taps, ``d`` apart) over its padded input, ``buffer`` (its
+        last ``(U - 1) d`` activated samples) then the Snake of ``x``, each
+        Snake and convolution ``first``'s and ``second``'s (``Unit``); and
+        the unit's new state: the padded input's last ``(U - 1) d`` samples
+        and the joined samples past ``n``. The same floats as ``snake``,
+        ``conv``, ``snake``, ``conv`` and ``join_add`` one after the other,
+        where each layer's samples make a pass over memory (a codec's last
+        layers: a megabyte each for eight streams), and here stay in a few
+        kilobytes. None where the tensors are not float32 on the CPU, ``x``
+        rows (``row_layout``), ``buffer`` and ``waiting`` contiguous, of the
+        unit's shapes."""
+        if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 3 or not x.shape[2]:
+            return None
+        batch, channels, n = x.shape
+        taps, dilation = first.weight.shape[2], first.dilation
+        span, held = (taps - 1) * dilation, waiting.shape[-1]
+        for t, shape in ((buffer, (batch, channels, span)), (waiting, (batch, channels, held))):
+            if t.dtype != torch.float32 or not t.is_cpu or tuple(t.shape) != shape:
+                return None
+            if not t.is_contiguous():
+                return None
+        if first.weight.shape[:2] != (channels, channels) or second.weight.shape != (
+            channels,
+            channels,
+            1,
+        ):
+            return None
+        if x.stride(2) != 1:
+            return None
+        out = torch.empty(batch, channels, n)
+        new = torch.empty(batch, channels, span)
+        rest = torch.empty(batch, channels, held)
+        work = batch * n * channels * channels * (taps + 1)
+        if self.unit(
+            x.data_ptr(),
+            buffer.data_ptr(),
+            waiting.data_ptr(),
+            first.alpha.data_ptr(),
+            first.inverse.data_ptr(),
+            first.weight.data_ptr(),
+            None if first.bias is None else first.bias.data_ptr(),
+            second.alpha.data_ptr(),
+            second.inverse.data_ptr(),
+            second.weight.data_ptr(),
+            None if second.bias is None else second.bias.data_ptr(),
+            out.data_ptr(),
+            new.data_ptr(),
+            rest.data_ptr(),
+            batch,
+            channels,
+            taps,
+            dilation,
+            n,
+            held,
+            x.stride(0),
+            x.stride(1),
+            _threads(work, PER_THREAD),
+        ):
+            raise MemoryError("no memory for the residual unit's tiles")
+        return out, new, rest
 
     def conv_prepared(
         self,
@@ -1837,6 +2055,9 @@ def _kernel_of(library: ctypes.CDLL, wide: bool = False) -> RowKernel | str:
     sorting = library.sort_rows
     sorting.restype = ctypes.c_int
     sorting.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
+    unit = library.residual_unit
+    unit.restype = ctypes.c_int
+    unit.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_long] * 8 + [ctypes.c_int]
     kernel = RowKernel(
         function,
         attention,
@@ -1850,6 +2071,7 @@ def _kernel_of(library: ctypes.CDLL, wide: bool = False) -> RowKernel | str:
         read_rules,
         take_rules,
         sorting,
+        unit,
         wide,
     )
     wrong = _check(kernel)
@@ -1930,6 +2152,40 @@ def _check(kernel: RowKernel) -> str | None:
             torch.equal(got[0], joined[..., :n] + y) and torch.equal(got[1], joined[..., n:])
         ):
             return f"a residual join of {held} waiting samples: not torch's"
+    # A residual unit, steady: the same floats as its layers one after the other,
+    # over tiles (two, for the one channel), fewer samples than the buffer's
+    # and than those waiting, a strided input.
+    for channels, dilation, n, held in ((1, 3, 2100, 9), (3, 1, 20, 3), (5, 9, 7, 27)):
+        x = torch.randn(2, channels + 1, n, generator=generator)[:, 1:] * 3
+        span = 6 * dilation
+        buffer = torch.randn(2, channels, span, generator=generator)
+        waiting = torch.randn(2, channels, held, generator=generator)
+        alphas = torch.rand(2, channels, generator=generator) * 3 + 0.05
+        inverses = (alphas + 1e-9).reciprocal()
+        first = Unit(
+            alphas[0],
+            inverses[0],
+            torch.randn(channels, channels, 7, generator=generator),
+            torch.randn(channels, generator=generator),
+            dilation,
+        )
+        second = Unit(
+            alphas[1],
+            inverses[1],
+            torch.randn(channels, channels, 1, generator=generator),
+            torch.randn(channels, generator=generator),
+        )
+        fused = kernel.residual_unit(x, buffer, waiting, first, second)
+        padded = torch.cat([buffer, kernel.snake(x, first.alpha, first.inverse)], -1)
+        inner = kernel.conv(padded, first.weight, first.bias, dilation)
+        activated = kernel.snake(inner, second.alpha, second.inverse)
+        y = kernel.conv(activated, second.weight, second.bias)
+        joined = kernel.join_add(waiting, x, y)
+        if fused is None or joined is None:
+            return f"a residual unit of {channels} channels: refused"
+        expected = (joined[0], padded[..., padded.shape[-1] - span :], joined[1])
+        if not all(torch.equal(a, b) for a, b in zip(fused, expected, strict=True)):
+            return f"a residual unit of {channels} channels: not its layers' floats"
     # Every block's width (one to five outputs), a dilation, a strided input, and
     # lengths that end inside a block and on its edge.
     for outputs, channels, taps, dilation, length in (

@@ -251,6 +251,61 @@ def test_snake_by_the_row_kernel_is_as_close_to_float64_as_torchs(
         assert torch.equal(fast(x), plain(x))
 
 
+@pytest.mark.parametrize(
+    ("channels", "dilation", "n", "held", "threads"),
+    [(1, 9, 5000, 27, 1), (2, 3, 70, 9, 1), (3, 1, 5, 3, 1), (16, 9, 40, 27, 1), (4, 1, 900, 3, 3)],
+)
+def test_a_residual_unit_by_the_row_kernel_is_its_layers_bit_for_bit(
+    channels: int, dilation: int, n: int, held: int, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DAC residual unit's steady call in one pass (``RowKernel.residual_unit``)
+    is the same floats as its layers by the kernel one after the other (Snake,
+    the convolution, Snake, the one-tap convolution, the join), with its new
+    state (the padded input's last samples, those waiting): over several
+    tiles of time, fewer new samples than the buffer holds, an input that is
+    rows of a wider tensor, a call split over threads; and it refuses what it
+    does not take (None)."""
+    kernel = rowkernel.load()
+    if not isinstance(kernel, rowkernel.RowKernel):
+        pytest.skip(f"no row kernel here: {kernel}")
+    gen = torch.Generator().manual_seed(channels)
+    x = torch.randn(3, channels, n + 5, generator=gen)[..., 2 : n + 2] * 3
+    span = 6 * dilation
+    buffer = torch.randn(3, channels, span, generator=gen)
+    waiting = torch.randn(3, channels, held, generator=gen)
+    alphas = torch.rand(2, channels, generator=gen) * 3 + 0.05
+    units = [
+        rowkernel.Unit(
+            alphas[i],
+            (alphas[i] + 1e-9).reciprocal(),
+            torch.randn(channels, channels, taps, generator=gen),
+            torch.randn(channels, generator=gen),
+            dilation if taps > 1 else 1,
+        )
+        for i, taps in enumerate((7, 1))
+    ]
+    first, second = units
+    padded = torch.cat([buffer, kernel.snake(x, first.alpha, first.inverse)], -1)
+    inner = kernel.conv(padded, first.weight, first.bias, dilation)
+    y = kernel.conv(kernel.snake(inner, second.alpha, second.inverse), second.weight, second.bias)
+    joined = kernel.join_add(waiting, x, y)
+    assert joined is not None
+    count = torch.get_num_threads()
+    monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
+    try:
+        torch.set_num_threads(threads)
+        fused = kernel.residual_unit(x, buffer, waiting, first, second)
+    finally:
+        torch.set_num_threads(count)
+    assert fused is not None
+    out, new, rest = fused
+    assert torch.equal(out, joined[0]) and torch.equal(rest, joined[1])
+    assert torch.equal(new, padded[..., -span:])
+    assert kernel.residual_unit(x.double(), buffer, waiting, first, second) is None
+    assert kernel.residual_unit(x, buffer[..., 1:], waiting, first, second) is None
+    assert kernel.residual_unit(x[..., :0], buffer, waiting, first, second) is None
+
+
 def test_an_activation_whose_input_is_read_elsewhere_keeps_it() -> None:
     first = nn.Sequential(nn.ELU(), nn.Conv1d(2, 2, 1), nn.ELU(), nn.Identity(), nn.ELU())
     assert for_serving(first).activations_in_place == 1

@@ -216,6 +216,97 @@ def test_residual_joins_by_the_row_kernel_change_no_sample(
     assert torch.equal(joined, streamed(None))
 
 
+def test_residual_units_fused_change_no_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DAC's residual units fused (``RowKernel.residual_unit``) decode the same
+    bits as their layers by the row kernel one after the other: two streams'
+    chunks in uneven pieces, the last one final. A unit runs fused once its
+    layers are past their start-up samples, and not at the stream's end; the
+    streams still decode the one-shot decode."""
+    kernel = _kernel()
+    model, decode, k = _dac()
+    inc = incremental(model)
+    assert inc is not None
+    for op in _formed(inc, kernel):
+        op.one = op.many = "kernel"
+    units = [op for op in inc._ops if isinstance(op, _Residual)]
+    for op in units:
+        op.kernel = kernel
+    assert len(units) == 15 and all(op.prepare() for op in units)
+    fused_calls: list[bool] = []
+    fused = _Residual.fused
+
+    def counted(self: _Residual, x: torch.Tensor, state: Any) -> torch.Tensor | None:
+        out = fused(self, x, state)
+        fused_calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_Residual, "fused", counted)
+    codes = _codes(2, k, 60, seed=8)
+    pieces = (1, 1, inc.lookahead + 1, 3, 10, 2)
+
+    def streamed(on: bool) -> torch.Tensor:
+        for op in units:
+            op.one = op.many = on
+        return _in_pieces(inc, codes, pieces)
+
+    together = streamed(True)
+    assert any(fused_calls) and not all(fused_calls)  # (the start-up runs the layers)
+    assert torch.equal(together, streamed(False))
+    for op in units:
+        op.one = op.many = True
+    assert checked(inc, decode, torch.zeros(()), codebooks=k, cardinality=64) < 1e-5
+    inc.direct_forms()
+    assert not any(op.one or op.many for op in units)
+
+
+def test_each_residual_unit_is_fused_where_measured_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``choose_forms`` times each residual unit fused against its layers (their
+    forms chosen), for one stream's calls and for more: fused where that takes
+    under 95% of the layers' time (the times stood in for here: the real ones
+    depend on the machine); the choice reaches ``Forms``. Without the row
+    kernel, nothing is fused."""
+    kernel = _kernel()
+    model, _, k = _dac()
+    inc = incremental(model)
+    assert inc is not None
+    units = [op for op in inc._ops if isinstance(op, _Residual)]
+    race = codec_incremental._race
+
+    def times(forms: Any, x: torch.Tensor, clock: Any) -> list[float]:
+        names = [form.__name__ for form in forms]
+        if names != ["fused", "layers"]:
+            return race(forms, x, clock)  # (the convolutions: their own times)
+        (unit,) = {
+            id(cell.cell_contents)
+            for form in forms
+            for cell in form.__closure__ or ()
+            if isinstance(cell.cell_contents, _Residual)
+        }
+        index = [id(op) for op in units].index(unit)
+        one = x.shape[0] == 1
+        # Even units: fused much faster for one stream; every third: for more;
+        # unit 1: only 4% faster (not enough).
+        if index == 1:
+            return [0.96, 1.0]
+        if (index % 2 == 0) if one else (index % 3 == 0):
+            return [0.5, 1.0]
+        return [1.2, 1.0]
+
+    monkeypatch.setattr(codec_incremental, "_race", times)
+    forms = inc.choose_forms(torch.zeros(()), 4, k, 8)
+    for index, op in enumerate(units):
+        assert op.one == (index % 2 == 0 and index != 1), index
+        assert op.many == (index % 3 == 0 and index != 1), index
+    assert (forms.units, forms.fused_one, forms.fused_many) == (15, 8, 5)
+    monkeypatch.setattr(rowkernel, "built", lambda: None)
+    forms = inc.choose_forms(torch.zeros(()), 4, k, 8)
+    assert (forms.units, forms.fused_one, forms.fused_many) == (0, 0, 0)
+    assert not any(op.one or op.many for op in units)
+    assert kernel is not None
+
+
 def test_a_streams_state_stays_the_same_size(codec: tuple[IncrementalCodec, Decode, int]) -> None:
     inc, _, k = codec
     state = inc.start(torch.zeros(()))
