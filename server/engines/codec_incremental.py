@@ -499,8 +499,8 @@ class _Residual(_Op):
     the same channels throughout, no shortcut layer) also runs fused on a CPU
     (``RowKernel.residual_unit``: the same floats as its layers by the row
     kernel, over tiles of time that stay in cache, where the layers make a
-    pass over memory each), once every layer is past its start-up samples and
-    until the stream's end, where ``choose_forms`` measured it the faster
+    pass over memory each), once every layer is past its start-up samples (to
+    the stream's end), where ``choose_forms`` measured it the faster
     (``one``: calls of one stream's rows; ``many``: larger ones)."""
 
     # The row kernel, for the join (``choose_forms`` sets it: float32 on a CPU).
@@ -554,19 +554,21 @@ class _Residual(_Op):
             self.seen.append(
                 (x, [None if slot is None else _Slot(slot.tensors, slot.skip) for slot in state])
             )
-        if (
-            self.units is not None
-            and not final
-            and (self.many if x.shape[0] >= self.many_from else self.one)
-        ):
-            out = self.fused(x, state)
+        if self.units is not None and (self.many if x.shape[0] >= self.many_from else self.one):
+            out = self.fused(x, state, final)
             if out is not None:
                 return out
         return self.layers(x, state, final)
 
-    def fused(self, x: torch.Tensor, state: list[_Slot | None]) -> torch.Tensor | None:
+    def fused(
+        self, x: torch.Tensor, state: list[_Slot | None], final: bool = False
+    ) -> torch.Tensor | None:
         """``layers`` in one call of the row kernel, where every layer is past its
-        start-up samples (None, nothing run, where not: the layers then run)."""
+        start-up samples (None, nothing run, where not: the layers then run).
+        At the stream's end (``final``), the first convolution's right padding
+        is zeros after its Snake, and the Snake of a zero is zero: the call is a
+        steady one over ``x`` and as many zeros (the samples waiting cover the
+        padding's outputs, as the layers' last join takes them)."""
         assert self.kernel is not None and self.units is not None and self._unit is not None
         slot, own = state[self.index], state[self._unit[1].index]
         assert slot is not None and own is not None
@@ -574,6 +576,11 @@ class _Residual(_Op):
         (buffer,) = own.tensors
         if own.skip or not waiting.shape[1] or torch.is_grad_enabled():
             return None
+        if final:
+            right = self._unit[1].right
+            if waiting.shape[-1] < right:
+                return None
+            x = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], right)], -1)
         made = self.kernel.residual_unit(x, buffer, waiting, *self.units)
         if made is None:
             return None

@@ -220,7 +220,7 @@ def test_residual_units_fused_change_no_sample(monkeypatch: pytest.MonkeyPatch) 
     """DAC's residual units fused (``RowKernel.residual_unit``) decode the same
     bits as their layers by the row kernel one after the other: two streams'
     chunks in uneven pieces, the last one final. A unit runs fused once its
-    layers are past their start-up samples, and not at the stream's end; the
+    layers are past their start-up samples, the stream's end included; the
     streams still decode the one-shot decode."""
     kernel = _kernel()
     model, decode, k = _dac()
@@ -233,11 +233,16 @@ def test_residual_units_fused_change_no_sample(monkeypatch: pytest.MonkeyPatch) 
         op.kernel = kernel
     assert len(units) == 15 and all(op.prepare() for op in units)
     fused_calls: list[bool] = []
+    finals: list[bool] = []
     fused = _Residual.fused
 
-    def counted(self: _Residual, x: torch.Tensor, state: Any) -> torch.Tensor | None:
-        out = fused(self, x, state)
+    def counted(
+        self: _Residual, x: torch.Tensor, state: Any, final: bool = False
+    ) -> torch.Tensor | None:
+        out = fused(self, x, state, final)
         fused_calls.append(out is not None)
+        if final:
+            finals.append(out is not None)
         return out
 
     monkeypatch.setattr(_Residual, "fused", counted)
@@ -251,6 +256,7 @@ def test_residual_units_fused_change_no_sample(monkeypatch: pytest.MonkeyPatch) 
 
     together = streamed(True)
     assert any(fused_calls) and not all(fused_calls)  # (the start-up runs the layers)
+    assert finals and all(finals)
     assert torch.equal(together, streamed(False))
     for op in units:
         op.one = op.many = True
