@@ -495,8 +495,9 @@ class _Chain(_Op):
 class _Residual(_Op):
     """``shortcut(x) + block(x)``: the shortcut's samples wait for the block's.
 
-    A DAC residual unit (Snake, a convolution, Snake, a one-tap convolution,
-    the same channels throughout, no shortcut layer) also runs fused on a CPU
+    A residual unit (an activation, a convolution, the activation, a one-tap
+    convolution back to the input's channels, no shortcut layer: DAC's with
+    Snake, EnCodec's with ELU) also runs fused on a CPU
     (``RowKernel.residual_unit``: the same floats as its layers by the row
     kernel, over tiles of time that stay in cache, where the layers make a
     pass over memory each), once every layer is past its start-up samples (to
@@ -523,27 +524,34 @@ class _Residual(_Op):
 
     def prepare(self) -> bool:
         """The fused form's weights as the kernel reads them, where the kernel
-        is set and the unit is DAC's in float32; False if it has no fused form."""
+        is set and the unit's layers are float32; False if it has no fused form."""
         self.units = None
         if self.kernel is None or self._unit is None:
             return False
         units = []
-        for snake, conv in ((self._unit[0], self._unit[1]), (self._unit[2], self._unit[3])):
-            fn, module = snake.fn, conv.conv
-            assert isinstance(fn, codec_decoders.Snake)
-            alpha, inverse, weight = fn.alpha.detach(), fn.inverse, module.weight.detach()
+        for activation, conv in ((self._unit[0], self._unit[1]), (self._unit[2], self._unit[3])):
+            fn, module = activation.fn, conv.conv
+            weight = module.weight.detach()
             bias = None if module.bias is None else module.bias.detach().contiguous()
+            channels = weight.shape[1]
+            if isinstance(fn, codec_decoders.ELU):
+                alpha = inverse = torch.full((channels,), float(fn.alpha))
+            else:
+                assert isinstance(fn, codec_decoders.Snake)
+                alpha = fn.alpha.detach().reshape(-1).contiguous()
+                inverse = fn.inverse.reshape(-1).contiguous()
             if any(t.dtype != torch.float32 for t in (alpha, inverse, weight)) or (
                 bias is not None and bias.dtype != torch.float32
             ):
                 return False
             units.append(
                 rowkernel.Unit(
-                    alpha.reshape(-1).contiguous(),
-                    inverse.reshape(-1).contiguous(),
+                    alpha,
+                    inverse,
                     weight.contiguous(),
                     bias,
                     module.dilation[0],
+                    isinstance(fn, codec_decoders.ELU),
                 )
             )
         self.units = (units[0], units[1])
@@ -566,7 +574,7 @@ class _Residual(_Op):
         """``layers`` in one call of the row kernel, where every layer is past its
         start-up samples (None, nothing run, where not: the layers then run).
         At the stream's end (``final``), the first convolution's right padding
-        is zeros after its Snake, and the Snake of a zero is zero: the call is a
+        is zeros after its activation, which maps zero to zero: the call is a
         steady one over ``x`` and as many zeros (the samples waiting cover the
         padding's outputs, as the layers' last join takes them)."""
         assert self.kernel is not None and self.units is not None and self._unit is not None
@@ -623,9 +631,11 @@ class _Residual(_Op):
 
 
 def _unit_layers(block: _Op) -> tuple[_Pointwise, _Conv, _Pointwise, _Conv] | None:
-    """A DAC residual unit's layers (``Snake``, a convolution of stride 1 over
-    ``C`` channels to ``C``, ``Snake``, a one-tap convolution of ``C`` to ``C``),
-    or None where ``block`` is not one."""
+    """A residual unit's layers: an activation (DAC's ``Snake``, or an ``ELU``
+    of a positive alpha), a convolution of stride 1 over ``C`` channels to
+    ``H``, the same activation, a one-tap convolution of ``H`` to ``C`` (DAC's
+    residual units; EnCodec's residual blocks, where ``H`` is ``C / 2``); None
+    where ``block`` is not one."""
     if not isinstance(block, _Chain) or len(block.children) != 4:
         return None
     first, inner, second, outer = block.children
@@ -633,13 +643,17 @@ def _unit_layers(block: _Op) -> tuple[_Pointwise, _Conv, _Pointwise, _Conv] | No
         return None
     if not (isinstance(inner, _Conv) and isinstance(outer, _Conv)):
         return None
-    if not all(isinstance(op.fn, codec_decoders.Snake) for op in (first, second)):
+    fns = (first.fn, second.fn)
+    if all(isinstance(fn, codec_decoders.ELU) for fn in fns):
+        if not all(fn.alpha > 0 for fn in fns if isinstance(fn, codec_decoders.ELU)):
+            return None  # (a positive alpha: ELU(0) is +0, as the padding)
+    elif not all(isinstance(fn, codec_decoders.Snake) for fn in fns):
         return None
     a, b = inner.conv, outer.conv
-    channels = a.in_channels
-    if a.groups != 1 or b.groups != 1 or a.out_channels != channels:
+    channels, hidden = a.in_channels, a.out_channels
+    if a.groups != 1 or b.groups != 1 or b.kernel_size[0] != 1:
         return None
-    if b.in_channels != channels or b.out_channels != channels or b.kernel_size[0] != 1:
+    if b.in_channels != hidden or b.out_channels != channels:
         return None
     if not inner.left + inner.right:  # (a one-tap first convolution: no buffer)
         return None

@@ -1172,10 +1172,19 @@ static void conv_span(const conv_t *c, const float *x, float *y, long ldy, long 
     }
 }
 
-/* Snake over m samples of a row, x to y (either may be the other). */
-static void snake_span(const float *x, float *y, long m, float alpha, float inverse) {
+/* A residual unit's activation over m samples of a row, x to y (either may
+   be the other): DAC's Snake (alpha and inverse), or ELU (alpha; kind 1). */
+static void act_span(int kind, const float *x, float *y, long m, float alpha, float inverse) {
     const __m256 a = _mm256_set1_ps(alpha), inv = _mm256_set1_ps(inverse);
     const long m8 = m & ~7L;
+    if (kind == 1) {
+        for (long i = 0; i < m8; i += 8) _mm256_storeu_ps(y + i, elu8(_mm256_loadu_ps(x + i), a));
+        if (m8 < m) {
+            const __m256i last = lanes_below(m - m8);
+            _mm256_maskstore_ps(y + m8, last, elu8(_mm256_maskload_ps(x + m8, last), a));
+        }
+        return;
+    }
     for (long i = 0; i < m8; i += 8)
         _mm256_storeu_ps(y + i, snake8(_mm256_loadu_ps(x + i), a, inv));
     if (m8 < m) {
@@ -1184,30 +1193,39 @@ static void snake_span(const float *x, float *y, long m, float alpha, float inve
     }
 }
 
-/* A residual unit of DAC's decoder, steady (codec_incremental's _Residual over
-   Snake, a convolution of U taps d apart, Snake, a convolution of one tap, C
-   channels in and out each): out[b, c, t] = z[c, t] + y[c, t] for t < n,
-   where z is the waiting samples (h) then x's, and y the block over the
-   first's input: the buffer (S = (U - 1) d activated samples) then Snake(x).
-   Tile by tile of time, every intermediate in a few kilobytes: the same
-   floats as the layers one after the other by this library (the Snake,
-   `conv`'s sums, the join's adds). Work item p: stream p / segments, its
-   outputs in the segment's share of n. */
+/* A residual unit of a codec decoder, steady (codec_incremental's _Residual
+   over an activation, a convolution of U taps d apart from C channels to H,
+   the activation, a convolution of one tap from H to C: DAC's residual units
+   (Snake), EnCodec's residual blocks (ELU)): out[b, c, t] = z[c, t] + y[c, t]
+   for t < n, where z is the waiting samples (h) then x's, and y the block
+   over the first convolution's input: the buffer (S = (U - 1) d activated
+   samples) then the activation of x. Tile by tile of time, every
+   intermediate in a few kilobytes: the same floats as the layers one after
+   the other by this library (the activation, `conv`'s sums, the join's
+   adds). Work item p: stream p / segments, its outputs in the segment's share
+   of n. a1 and i1 (C each), a2 and i2 (H each): the activations' parameters
+   per channel (ELU: its alpha, inverse unread). */
 typedef struct {
     const float *x, *buffer, *waiting, *a1, *i1, *w1, *b1, *a2, *i2, *w2, *b2;
     float *out;
-    long p0, p1, segments, share, C, U, d, n, S, h, xb, xc, T;
+    long p0, p1, segments, share, C, H, U, d, n, S, h, xb, xc, T;
+    int kind;
 } unit_t;
+
+static inline int vectors_for(long outputs) {
+    return outputs == 1 ? 8 : outputs == 2 ? 4 : outputs == 3 ? 3 : 2;
+}
 
 static void *unit_run(void *arg) {
     const unit_t *u = arg;
-    const long C = u->C, S = u->S, T = u->T, lda = T + S, n = u->n, h = u->h;
-    float *scratch = malloc(sizeof(float) * C * (lda + 2 * T));
+    const long C = u->C, H = u->H, S = u->S, T = u->T, lda = T + S, n = u->n, h = u->h;
+    float *scratch = malloc(sizeof(float) * (C * lda + H * T + C * T));
     if (!scratch) return (void *)1;
-    float *A = scratch, *H = A + C * lda, *Y = H + C * T;
-    const int vectors = C == 1 ? 8 : C == 2 ? 4 : C == 3 ? 3 : 2;
-    const conv_t first = {A, u->w1, u->b1, H, 0, 0, 0, C, C, u->U, u->d, 0, 0, lda, 1, vectors, 0};
-    const conv_t second = {H, u->w2, u->b2, Y, 0, 0, 0, C, C, 1, 1, 0, 0, T, 1, vectors, 0};
+    float *A = scratch, *G = A + C * lda, *Y = G + H * T;
+    const conv_t first = {A, u->w1, u->b1, G, 0, 0, 0, H, C, u->U, u->d, 0, 0, lda, 1,
+                          vectors_for(H), 0};
+    const conv_t second = {G, u->w2, u->b2, Y, 0, 0, 0, C, H, 1, 1, 0, 0, T, 1,
+                           vectors_for(C), 0};
     for (long p = u->p0; p < u->p1; p++) {
         const long b = p / u->segments, t0 = (p % u->segments) * u->share;
         const long t1 = t0 + u->share < n ? t0 + u->share : n;
@@ -1224,11 +1242,13 @@ static void *unit_run(void *arg) {
                 long j = kept;
                 for (; j < m + S && tt + j < S; j++) a[j] = buffer[c * S + tt + j];
                 if (j < m + S)
-                    snake_span(x + c * u->xc + tt + j - S, a + j, m + S - j, u->a1[c], u->i1[c]);
+                    act_span(u->kind, x + c * u->xc + tt + j - S, a + j, m + S - j, u->a1[c],
+                             u->i1[c]);
             }
-            conv_span(&first, A, H, T, m);
-            for (long c = 0; c < C; c++) snake_span(H + c * T, H + c * T, m, u->a2[c], u->i2[c]);
-            conv_span(&second, H, Y, T, m);
+            conv_span(&first, A, G, T, m);
+            for (long c = 0; c < H; c++)
+                act_span(u->kind, G + c * T, G + c * T, m, u->a2[c], u->i2[c]);
+            conv_span(&second, G, Y, T, m);
             for (long c = 0; c < C; c++) {
                 const float *yr = Y + c * T, *xr = x + c * u->xc, *wr = waiting + c * h;
                 float *o = out + c * n + tt;
@@ -1250,11 +1270,11 @@ static void *unit_run(void *arg) {
 int residual_unit(const float *x, const float *buffer, const float *waiting, const float *a1,
                   const float *i1, const float *w1, const float *b1, const float *a2,
                   const float *i2, const float *w2, const float *b2, float *out, float *next,
-                  float *rest, long B, long C, long U, long d, long n, long h, long xb, long xc,
-                  int threads) {
-    const long S = (U - 1) * d;
+                  float *rest, long B, long C, long H, long U, long d, long n, long h, long xb,
+                  long xc, int kind, int threads) {
+    const long S = (U - 1) * d, wider = C > H ? C : H;
     threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
-    long T = (4096 / C) & ~63L;
+    long T = (4096 / wider) & ~63L;
     T = T < 64 ? 64 : T > 2048 ? 2048 : T;
     const long segments = B >= threads ? 1 : (threads + B - 1) / B;
     long share = ((n + segments - 1) / segments + 63) & ~63L;
@@ -1265,18 +1285,18 @@ int residual_unit(const float *x, const float *buffer, const float *waiting, con
     int parts = 0;
     for (long p = 0; p < items; p += each, parts++)
         tasks[parts] = (unit_t){x, buffer, waiting, a1, i1, w1, b1, a2, i2, w2, b2, out,
-                                p, p + each < items ? p + each : items, per, share, C, U, d,
-                                n, S, h, xb, xc, T};
+                                p, p + each < items ? p + each : items, per, share, C, H, U, d,
+                                n, S, h, xb, xc, T, kind};
     if (run_parts(unit_run, tasks, sizeof tasks[0], parts)) return 1;
     for (long b = 0; b < B; b++)
         for (long c = 0; c < C; c++) {
             const float *xr = x + b * xb + c * xc, *wr = waiting + (b * C + c) * h;
             const float *br = buffer + (b * C + c) * S;
             float *q = next + (b * C + c) * S, *r = rest + (b * C + c) * h;
-            /* The activated input's last S: the buffer's tail, then Snake(x). */
+            /* The activated input's last S: the buffer's tail, then the activation of x. */
             const long old = S > n ? S - n : 0;
             for (long j = 0; j < old; j++) q[j] = br[n + j];
-            snake_span(xr + n - (S - old), q + old, S - old, a1[c], i1[c]);
+            act_span(kind, xr + n - (S - old), q + old, S - old, a1[c], i1[c]);
             /* The joined samples past n. */
             for (long j = 0; j < h; j++) r[j] = n + j < h ? wr[n + j] : xr[n + j - h];
         }
@@ -1398,16 +1418,19 @@ def _threads(work: int, per_thread: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Unit:
-    """A Snake and the convolution after it, as ``RowKernel.residual_unit``
-    reads them: the Snake's ``alpha`` and ``inverse`` (``C`` contiguous float32
-    each), the convolution's ``weight`` ``[C, C, U]`` and ``bias`` (``C``, or
-    None) contiguous float32, its ``dilation``."""
+    """An activation and the convolution after it, as ``RowKernel.residual_unit``
+    reads them: DAC's Snake (``alpha`` and ``inverse`` per input channel) or,
+    with ``elu``, ELU (its alpha in ``alpha`` for every input channel,
+    ``inverse`` unread), contiguous float32; the convolution's ``weight``
+    ``[O, C, U]`` and ``bias`` (``O``, or None) contiguous float32, its
+    ``dilation``."""
 
     alpha: torch.Tensor
     inverse: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
     dilation: int = 1
+    elu: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1686,42 +1709,41 @@ class RowKernel:
         first: Unit,
         second: Unit,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A DAC residual unit's steady call, in one pass over tiles of time:
+        """A codec's residual unit's steady call, in one pass over tiles of time:
         ``cat([waiting, x], -1)[..., :n] + y`` (``x`` ``[B, C, n]``, ``n`` > 0),
-        where ``y`` is the second convolution (one tap) of the Snake of the
-        first (``U`` taps, ``d`` apart) over its padded input, ``buffer`` (its
-        last ``(U - 1) d`` activated samples) then the Snake of ``x``, each
-        Snake and convolution ``first``'s and ``second``'s (``Unit``); and
-        the unit's new state: the padded input's last ``(U - 1) d`` samples
-        and the joined samples past ``n``. The same floats as ``snake``,
-        ``conv``, ``snake``, ``conv`` and ``join_add`` one after the other,
-        where each layer's samples make a pass over memory (a codec's last
-        layers: a megabyte each for eight streams), and here stay in a few
-        kilobytes. None where the tensors are not float32 on the CPU, ``x``
-        rows (``row_layout``), ``buffer`` and ``waiting`` contiguous, of the
-        unit's shapes."""
+        where ``y`` is ``second``'s convolution (one tap, ``H`` channels to
+        ``C``) of its activation of ``first``'s convolution (``U`` taps ``d``
+        apart, ``C`` to ``H``) of its padded input: ``buffer`` (the last ``(U -
+        1) d`` activated samples) then ``first``'s activation of ``x``; and the
+        unit's new state: the padded input's last ``(U - 1) d`` samples and the
+        joined samples past ``n``. DAC's residual units (Snake) and EnCodec's
+        residual blocks (ELU). The same floats as ``snake`` or ``elu``,
+        ``conv``, the activation, ``conv`` and ``join_add`` one after the
+        other, where each layer's samples make a pass over memory (a codec's
+        last layers: a megabyte each for eight streams), and here stay in a
+        few kilobytes. None where the tensors are not float32 on the CPU, ``x``
+        rows of contiguous samples, ``buffer`` and ``waiting`` contiguous, of
+        the unit's shapes."""
         if x.dtype != torch.float32 or not x.is_cpu or x.dim() != 3 or not x.shape[2]:
             return None
+        if x.stride(2) != 1 or first.elu != second.elu:
+            return None
         batch, channels, n = x.shape
-        taps, dilation = first.weight.shape[2], first.dilation
-        span, held = (taps - 1) * dilation, waiting.shape[-1]
+        hidden, taps = first.weight.shape[0], first.weight.shape[2]
+        span, held = (taps - 1) * first.dilation, waiting.shape[-1]
         for t, shape in ((buffer, (batch, channels, span)), (waiting, (batch, channels, held))):
             if t.dtype != torch.float32 or not t.is_cpu or tuple(t.shape) != shape:
                 return None
             if not t.is_contiguous():
                 return None
-        if first.weight.shape[:2] != (channels, channels) or second.weight.shape != (
-            channels,
-            channels,
-            1,
-        ):
+        if first.weight.shape[1] != channels or second.weight.shape != (channels, hidden, 1):
             return None
-        if x.stride(2) != 1:
+        if first.alpha.numel() != channels or second.alpha.numel() != hidden:
             return None
         out = torch.empty(batch, channels, n)
         new = torch.empty(batch, channels, span)
         rest = torch.empty(batch, channels, held)
-        work = batch * n * channels * channels * (taps + 1)
+        work = batch * n * channels * hidden * (taps + 1)
         if self.unit(
             x.data_ptr(),
             buffer.data_ptr(),
@@ -1739,12 +1761,14 @@ class RowKernel:
             rest.data_ptr(),
             batch,
             channels,
+            hidden,
             taps,
-            dilation,
+            first.dilation,
             n,
             held,
             x.stride(0),
             x.stride(1),
+            int(first.elu),
             _threads(work, PER_THREAD),
         ):
             raise MemoryError("no memory for the residual unit's tiles")
@@ -2057,7 +2081,7 @@ def _kernel_of(library: ctypes.CDLL, wide: bool = False) -> RowKernel | str:
     sorting.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
     unit = library.residual_unit
     unit.restype = ctypes.c_int
-    unit.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_long] * 8 + [ctypes.c_int]
+    unit.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_long] * 9 + [ctypes.c_int] * 2
     kernel = RowKernel(
         function,
         attention,
@@ -2154,32 +2178,45 @@ def _check(kernel: RowKernel) -> str | None:
             return f"a residual join of {held} waiting samples: not torch's"
     # A residual unit, steady: the same floats as its layers one after the other,
     # over tiles (two, for the one channel), fewer samples than the buffer's
-    # and than those waiting, a strided input.
-    for channels, dilation, n, held in ((1, 3, 2100, 9), (3, 1, 20, 3), (5, 9, 7, 27)):
+    # and than those waiting, a strided input; Snake (C to C), ELU (C to C / 2).
+    for channels, hidden, dilation, n, held, elu in (
+        (1, 1, 3, 2100, 9, False),
+        (3, 3, 1, 20, 3, False),
+        (5, 5, 9, 7, 27, False),
+        (4, 2, 1, 45, 1, True),
+    ):
         x = torch.randn(2, channels + 1, n, generator=generator)[:, 1:] * 3
-        span = 6 * dilation
+        span = (6 if not elu else 2) * dilation
         buffer = torch.randn(2, channels, span, generator=generator)
         waiting = torch.randn(2, channels, held, generator=generator)
-        alphas = torch.rand(2, channels, generator=generator) * 3 + 0.05
-        inverses = (alphas + 1e-9).reciprocal()
-        first = Unit(
-            alphas[0],
-            inverses[0],
-            torch.randn(channels, channels, 7, generator=generator),
-            torch.randn(channels, generator=generator),
-            dilation,
-        )
-        second = Unit(
-            alphas[1],
-            inverses[1],
-            torch.randn(channels, channels, 1, generator=generator),
-            torch.randn(channels, generator=generator),
-        )
+        units = []
+        for i, (inputs, outputs, taps) in enumerate(
+            ((channels, hidden, span // dilation + 1), (hidden, channels, 1))
+        ):
+            alpha = torch.rand(inputs, generator=generator) * 3 + 0.05
+            if elu:
+                alpha = torch.full((inputs,), 0.5 + i)
+            units.append(
+                Unit(
+                    alpha,
+                    (alpha + 1e-9).reciprocal(),
+                    torch.randn(outputs, inputs, taps, generator=generator),
+                    torch.randn(outputs, generator=generator),
+                    dilation if taps > 1 else 1,
+                    elu,
+                )
+            )
+        first, second = units
+
+        def act(x: torch.Tensor, unit: Unit) -> torch.Tensor:
+            if unit.elu:
+                return kernel.elu(x, float(unit.alpha[0]))
+            return kernel.snake(x, unit.alpha, unit.inverse)
+
         fused = kernel.residual_unit(x, buffer, waiting, first, second)
-        padded = torch.cat([buffer, kernel.snake(x, first.alpha, first.inverse)], -1)
+        padded = torch.cat([buffer, act(x, first)], -1)
         inner = kernel.conv(padded, first.weight, first.bias, dilation)
-        activated = kernel.snake(inner, second.alpha, second.inverse)
-        y = kernel.conv(activated, second.weight, second.bias)
+        y = kernel.conv(act(inner, second), second.weight, second.bias)
         joined = kernel.join_add(waiting, x, y)
         if fused is None or joined is None:
             return f"a residual unit of {channels} channels: refused"

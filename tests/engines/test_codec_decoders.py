@@ -252,42 +252,69 @@ def test_snake_by_the_row_kernel_is_as_close_to_float64_as_torchs(
 
 
 @pytest.mark.parametrize(
-    ("channels", "dilation", "n", "held", "threads"),
-    [(1, 9, 5000, 27, 1), (2, 3, 70, 9, 1), (3, 1, 5, 3, 1), (16, 9, 40, 27, 1), (4, 1, 900, 3, 3)],
+    ("channels", "hidden", "taps", "dilation", "n", "held", "threads", "elu"),
+    [
+        (1, 1, 7, 9, 5000, 27, 1, False),
+        (2, 2, 7, 3, 70, 9, 1, False),
+        (3, 3, 7, 1, 5, 3, 1, False),
+        (16, 16, 7, 9, 40, 27, 1, False),
+        (4, 4, 7, 1, 900, 3, 3, False),
+        (8, 4, 3, 1, 300, 1, 1, True),
+        (2, 1, 3, 2, 3000, 2, 2, True),
+    ],
 )
 def test_a_residual_unit_by_the_row_kernel_is_its_layers_bit_for_bit(
-    channels: int, dilation: int, n: int, held: int, threads: int, monkeypatch: pytest.MonkeyPatch
+    channels: int,
+    hidden: int,
+    taps: int,
+    dilation: int,
+    n: int,
+    held: int,
+    threads: int,
+    elu: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A DAC residual unit's steady call in one pass (``RowKernel.residual_unit``)
-    is the same floats as its layers by the kernel one after the other (Snake,
-    the convolution, Snake, the one-tap convolution, the join), with its new
-    state (the padded input's last samples, those waiting): over several
-    tiles of time, fewer new samples than the buffer holds, an input that is
-    rows of a wider tensor, a call split over threads; and it refuses what it
-    does not take (None)."""
+    """A residual unit's steady call in one pass (``RowKernel.residual_unit``:
+    DAC's, Snake and the same channels throughout; EnCodec's, ELU and half the
+    channels inside) is the same floats as its layers by the kernel one after
+    the other (the activation, the convolution, the activation, the one-tap
+    convolution, the join), with its new state (the padded input's last
+    samples, those waiting): over several tiles of time, fewer new samples
+    than the buffer holds, an input that is rows of a wider tensor, a call
+    split over threads; and it refuses what it does not take (None)."""
     kernel = rowkernel.load()
     if not isinstance(kernel, rowkernel.RowKernel):
         pytest.skip(f"no row kernel here: {kernel}")
     gen = torch.Generator().manual_seed(channels)
     x = torch.randn(3, channels, n + 5, generator=gen)[..., 2 : n + 2] * 3
-    span = 6 * dilation
+    span = (taps - 1) * dilation
     buffer = torch.randn(3, channels, span, generator=gen)
     waiting = torch.randn(3, channels, held, generator=gen)
-    alphas = torch.rand(2, channels, generator=gen) * 3 + 0.05
-    units = [
-        rowkernel.Unit(
-            alphas[i],
-            (alphas[i] + 1e-9).reciprocal(),
-            torch.randn(channels, channels, taps, generator=gen),
-            torch.randn(channels, generator=gen),
-            dilation if taps > 1 else 1,
+    units = []
+    for inputs, outputs, width in ((channels, hidden, taps), (hidden, channels, 1)):
+        alpha = torch.rand(inputs, generator=gen) * 3 + 0.05
+        if elu:
+            alpha = torch.full((inputs,), float(alpha[0]))
+        units.append(
+            rowkernel.Unit(
+                alpha,
+                (alpha + 1e-9).reciprocal(),
+                torch.randn(outputs, inputs, width, generator=gen),
+                torch.randn(outputs, generator=gen),
+                dilation if width > 1 else 1,
+                elu,
+            )
         )
-        for i, taps in enumerate((7, 1))
-    ]
     first, second = units
-    padded = torch.cat([buffer, kernel.snake(x, first.alpha, first.inverse)], -1)
+
+    def act(x: torch.Tensor, unit: rowkernel.Unit) -> torch.Tensor:
+        if unit.elu:
+            return kernel.elu(x, float(unit.alpha[0]))
+        return kernel.snake(x, unit.alpha, unit.inverse)
+
+    padded = torch.cat([buffer, act(x, first)], -1)
     inner = kernel.conv(padded, first.weight, first.bias, dilation)
-    y = kernel.conv(kernel.snake(inner, second.alpha, second.inverse), second.weight, second.bias)
+    y = kernel.conv(act(inner, second), second.weight, second.bias)
     joined = kernel.join_add(waiting, x, y)
     assert joined is not None
     count = torch.get_num_threads()
@@ -304,6 +331,7 @@ def test_a_residual_unit_by_the_row_kernel_is_its_layers_bit_for_bit(
     assert kernel.residual_unit(x.double(), buffer, waiting, first, second) is None
     assert kernel.residual_unit(x, buffer[..., 1:], waiting, first, second) is None
     assert kernel.residual_unit(x[..., :0], buffer, waiting, first, second) is None
+    assert kernel.residual_unit(x, buffer, waiting, second, first) is None
 
 
 def test_an_activation_whose_input_is_read_elsewhere_keeps_it() -> None:
