@@ -27,7 +27,10 @@ whichever ``choose_forms`` measured fastest at warm-up for its shape (oneDNN's
 kernels for a few channels and a batch of streams take 2-7x the product's time,
 and for a few outputs over long inputs 2-7x the C library's,
 ``bench/bench_conv.py``; for wide layers the library's are the faster), the
-same audio to float rounding.
+same audio to float rounding. A residual unit (an activation, a convolution,
+the activation, a one-tap convolution, the join: DAC's and EnCodec's) also
+runs as one call of the C library over tiles of time (``_Residual``), where
+that measured faster: the same floats as its layers by the C library.
 
 Layers it does not know (reflect padding, group normalisation, strides in a
 plain convolution …) make ``incremental`` return None: the engine then decodes
