@@ -108,7 +108,7 @@ def layer_times(inc: Any, call: Callable[[], object], runs: int) -> list[tuple[s
                 began = time.perf_counter()
                 y = inner(x, state)
                 if y is not None:
-                    name = f"Residual unit (fused) {describe(op._unit[1], x)[5:]}"
+                    name = f"Residual unit (fused) {describe(op._parts[1], x)[5:]}"
                     spent.setdefault(name, [0.0])[-1] += time.perf_counter() - began
                     count.setdefault(name, set()).add(id(op))
                 return y

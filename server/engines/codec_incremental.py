@@ -519,8 +519,8 @@ class _Residual(_Op):
             raise Unsupported("a residual block that changes the rate")
         self.block, self.shortcut = block, shortcut
         self.lookahead = block.lookahead
-        self._unit = _unit_layers(block) if shortcut is None else None
-        self.units: tuple[rowkernel.Unit, rowkernel.Unit] | None = None  # (``prepare``)
+        self._parts = _unit_layers(block) if shortcut is None else None
+        self.weights: tuple[rowkernel.Unit, rowkernel.Unit] | None = None  # (``prepare``)
 
     def begin(self, x: torch.Tensor) -> _Slot | None:
         return _Slot((x[..., :0],), 0)  # channels set at the first run
@@ -528,11 +528,14 @@ class _Residual(_Op):
     def prepare(self) -> bool:
         """The fused form's weights as the kernel reads them, where the kernel
         is set and the unit's layers are float32; False if it has no fused form."""
-        self.units = None
-        if self.kernel is None or self._unit is None:
+        self.weights = None
+        if self.kernel is None or self._parts is None:
             return False
         units = []
-        for activation, conv in ((self._unit[0], self._unit[1]), (self._unit[2], self._unit[3])):
+        for activation, conv in (
+            (self._parts[0], self._parts[1]),
+            (self._parts[2], self._parts[3]),
+        ):
             fn, module = activation.fn, conv.conv
             weight = module.weight.detach()
             bias = None if module.bias is None else module.bias.detach().contiguous()
@@ -557,7 +560,7 @@ class _Residual(_Op):
                     isinstance(fn, codec_decoders.ELU),
                 )
             )
-        self.units = (units[0], units[1])
+        self.weights = (units[0], units[1])
         return True
 
     def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
@@ -565,7 +568,7 @@ class _Residual(_Op):
             self.seen.append(
                 (x, [None if slot is None else _Slot(slot.tensors, slot.skip) for slot in state])
             )
-        if self.units is not None and (self.many if x.shape[0] >= self.many_from else self.one):
+        if self.weights is not None and (self.many if x.shape[0] >= self.many_from else self.one):
             out = self.fused(x, state, final)
             if out is not None:
                 return out
@@ -580,19 +583,19 @@ class _Residual(_Op):
         is zeros after its activation, which maps zero to zero: the call is a
         steady one over ``x`` and as many zeros (the samples waiting cover the
         padding's outputs, as the layers' last join takes them)."""
-        assert self.kernel is not None and self.units is not None and self._unit is not None
-        slot, own = state[self.index], state[self._unit[1].index]
+        assert self.kernel is not None and self.weights is not None and self._parts is not None
+        slot, own = state[self.index], state[self._parts[1].index]
         assert slot is not None and own is not None
         (waiting,) = slot.tensors
         (buffer,) = own.tensors
         if own.skip or not waiting.shape[1] or torch.is_grad_enabled():
             return None
         if final:
-            right = self._unit[1].right
+            right = self._parts[1].right
             if waiting.shape[-1] < right:
                 return None
             x = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], right)], -1)
-        made = self.kernel.residual_unit(x, buffer, waiting, *self.units)
+        made = self.kernel.residual_unit(x, buffer, waiting, *self.weights)
         if made is None:
             return None
         out, own_next, rest = made
