@@ -104,9 +104,15 @@ def layer_times(inc: Any, call: Callable[[], object], runs: int) -> list[tuple[s
     for op in inc._ops:  # the chain's layers, in order
         if type(op).__name__ == "_Residual":  # (timed where it runs fused: its layers' time)
 
-            def fused(x: torch.Tensor, state: Any, op: Any = op, inner: Any = op.fused) -> Any:
+            def fused(
+                x: torch.Tensor,
+                state: Any,
+                final: bool = False,
+                op: Any = op,
+                inner: Any = op.fused,
+            ) -> Any:
                 began = time.perf_counter()
-                y = inner(x, state)
+                y = inner(x, state, final)
                 if y is not None:
                     name = f"Residual unit (fused) {describe(op._parts[1], x)[5:]}"
                     spent.setdefault(name, [0.0])[-1] += time.perf_counter() - began
