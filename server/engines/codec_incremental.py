@@ -129,6 +129,12 @@ def _check_weight(conv: nn.Module) -> None:
         raise Unsupported("a weight norm not folded (codec_decoders.for_serving)")
 
 
+def _copied(slots: Sequence[_Slot | None]) -> list[_Slot | None]:
+    """New ``_Slot`` objects holding the same tensors (the layers replace a
+    slot's tensors: a copy keeps the ones it was made with)."""
+    return [None if slot is None else _Slot(slot.tensors, slot.skip) for slot in slots]
+
+
 def _drop(slot: _Slot, y: torch.Tensor) -> torch.Tensor:
     if slot.skip:
         dropped = min(slot.skip, y.shape[-1])
@@ -565,9 +571,7 @@ class _Residual(_Op):
 
     def run(self, x: torch.Tensor, state: list[_Slot | None], final: bool) -> torch.Tensor:
         if self.seen is not None:
-            self.seen.append(
-                (x, [None if slot is None else _Slot(slot.tensors, slot.skip) for slot in state])
-            )
+            self.seen.append((x, _copied(state)))
         if self.weights is not None and (self.many if x.shape[0] >= self.many_from else self.one):
             out = self.fused(x, state, final)
             if out is not None:
@@ -866,18 +870,15 @@ def _fused_faster(
     copy); None where it does not run fused there (its layers' start-up, or
     a layer over 20 ms: left as it is)."""
 
-    def copied() -> list[_Slot | None]:
-        return [None if slot is None else _Slot(slot.tensors, slot.skip) for slot in state]
-
     def fused(x: torch.Tensor) -> torch.Tensor:
-        out = unit.fused(x, copied())
+        out = unit.fused(x, _copied(state))
         assert out is not None
         return out
 
     def layers(x: torch.Tensor) -> torch.Tensor:
-        return unit.layers(x, copied(), False)
+        return unit.layers(x, _copied(state), False)
 
-    if unit.fused(x, copied()) is None or _seconds(layers, x, clock) > 0.02:
+    if unit.fused(x, _copied(state)) is None or _seconds(layers, x, clock) > 0.02:
         return None
     fast, slow = _race([fused, layers], x, clock)
     return fast < 0.95 * slow
@@ -1155,9 +1156,7 @@ class IncrementalCodec:
         if first.streams == len(states) and all(
             state.stack is first and state.row == row for row, state in enumerate(states)
         ):
-            return [
-                None if slot is None else _Slot(slot.tensors, slot.skip) for slot in first.slots
-            ]
+            return _copied(first.slots)
         # Runs of consecutive rows of one stack: one slice each.
         runs: list[tuple[_Stack, int, int]] = []
         for state in states:
