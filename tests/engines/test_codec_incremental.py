@@ -330,6 +330,38 @@ def test_each_residual_unit_is_fused_where_measured_faster(
     assert kernel is not None
 
 
+def test_the_speech_codecs_input_comes_from_code_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HiggsAudio v2's codec input of a frame is the sum of its codes' rows of
+    ``code_tables`` (each codebook through its projection and ``fc2``): the
+    library's lookups, products and sums to float rounding, without calling
+    them; tables too large for ``MOST_TABLE_BYTES`` leave the library's, and
+    either way the streams decode the one-shot decode."""
+    model, decode, k = _dac()
+    tables = codec_incremental.code_tables(model)
+    assert tables is not None and tables.shape[:2] == (k, 64)
+    codes = _codes(3, k, 9, seed=11)
+    quantized = model.quantizer.decode(codes.transpose(0, 1))
+    library = model.fc2(quantized.transpose(1, 2)).transpose(1, 2)
+    inc = incremental(model)
+    assert inc is not None
+
+    def refused(*args: Any) -> None:
+        raise AssertionError("the library's quantizer was called")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(model.quantizer, "decode", refused)
+        tabled = inc._embed(codes)
+    assert checked(inc, decode, torch.zeros(()), codebooks=k, cardinality=64) < 1e-5
+    assert tabled.shape == library.shape
+    assert (tabled - library).abs().max() <= 1e-6 * library.abs().max()
+    monkeypatch.setattr(codec_incremental, "MOST_TABLE_BYTES", tables.numel() * 4 - 1)
+    assert codec_incremental.code_tables(model) is None
+    plain = incremental(model)
+    assert plain is not None
+    assert torch.equal(plain._embed(codes), library)
+    assert checked(plain, decode, torch.zeros(()), codebooks=k, cardinality=64) < 1e-5
+
+
 def test_a_streams_state_stays_the_same_size(codec: tuple[IncrementalCodec, Decode, int]) -> None:
     inc, _, k = codec
     state = inc.start(torch.zeros(()))
