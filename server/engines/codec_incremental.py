@@ -1332,29 +1332,34 @@ def code_tables(codec: nn.Module) -> torch.Tensor | None:
     a codebook and ``fc2``'s product (the tiny codec's 16 frames: 30 us where
     the library's take 115 for one stream, 75 where they take 212 for eight),
     the same to float rounding. None where the tables would take over
-    ``MOST_TABLE_BYTES`` or the layers are not these."""
+    ``MOST_TABLE_BYTES``, the codebooks differ in size, or the layers are not
+    these."""
     fc2 = getattr(codec, "fc2", None)
     quantizers = getattr(getattr(codec, "quantizer", None), "quantizers", None)
     if not isinstance(fc2, nn.Linear) or quantizers is None or not len(quantizers):
         return None
-    tables = []
-    for k, layer in enumerate(quantizers):
+    layers = []
+    for layer in quantizers:
         embed = getattr(getattr(layer, "codebook", None), "embed", None)
         out = getattr(layer, "project_out", None)
         if not isinstance(embed, torch.Tensor) or not isinstance(out, nn.Linear):
             return None
-        vectors = embed.detach().double() @ out.weight.detach().double().T
+        layers.append((embed.detach(), out))
+    codes = {embed.shape[0] for embed, _ in layers}
+    dtype = fc2.weight.dtype
+    size = len(layers) * max(codes) * fc2.out_features * torch.finfo(dtype).bits // 8
+    if len(codes) != 1 or size > MOST_TABLE_BYTES:
+        return None
+    tables = []
+    for k, (embed, out) in enumerate(layers):
+        vectors = embed.double() @ out.weight.detach().double().T
         if out.bias is not None:
             vectors = vectors + out.bias.detach().double()
         table = vectors @ fc2.weight.detach().double().T
         if k == 0 and fc2.bias is not None:
             table = table + fc2.bias.detach().double()
         tables.append(table)
-    stacked = torch.stack(tables)
-    dtype = fc2.weight.dtype
-    if stacked.numel() * torch.finfo(dtype).bits // 8 > MOST_TABLE_BYTES:
-        return None
-    return stacked.to(dtype)
+    return torch.stack(tables).to(dtype)
 
 
 def checked(
