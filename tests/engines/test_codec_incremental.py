@@ -290,7 +290,7 @@ def test_each_residual_unit_is_fused_where_measured_faster(
     under 95% of the layers' time (the times stood in for here: the real ones
     depend on the machine); the choice reaches ``Forms``. Without the row
     kernel, nothing is fused."""
-    kernel = _kernel()
+    _kernel()  # (skips where the row kernel's library is not built)
     model, _, k = _dac()
     inc = incremental(model)
     assert inc is not None
@@ -327,7 +327,6 @@ def test_each_residual_unit_is_fused_where_measured_faster(
     forms = inc.choose_forms(torch.zeros(()), 4, k, 8)
     assert (forms.units, forms.fused_one, forms.fused_many) == (0, 0, 0)
     assert not any(op.one or op.many for op in units)
-    assert kernel is not None
 
 
 def test_the_speech_codecs_input_comes_from_code_tables(monkeypatch: pytest.MonkeyPatch) -> None:
