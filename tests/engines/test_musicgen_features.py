@@ -3,6 +3,7 @@ audiocraft's own MusicGen (bit-exact codes with greedy sampling, exact audio).""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 from typing import Any
@@ -178,6 +179,55 @@ def test_too_long_and_empty_uploads(windowed: Any) -> None:
     empty = wav_bytes(np.zeros((0, 1), np.float32), 32000)
     with pytest.raises(InvalidField):
         engine.prepare(EngineRequest("t", "x", params, {"continuation": empty}))
+    # One sample at 44.1 kHz is none at the model's 32 kHz: refused, by the
+    # upload's check and by the preparation (the encoder has nothing to read).
+    no_sample = wav_bytes(np.zeros((1, 1), np.float32), 44100)
+    for check in (engine.check, engine.prepare):
+        with pytest.raises(InvalidField, match="too short") as info:
+            check(EngineRequest("t", "x", params, {"continuation": no_sample}))
+        assert info.value.field == "inputs.continuation"
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 32000, 44100, 48000])
+@pytest.mark.parametrize("models", ["windowed", "stereo"])
+def test_a_continuations_frames_are_known_before_it_is_encoded(
+    request: pytest.FixtureRequest, models: str, rate: int
+) -> None:
+    """``prompt_frames`` counts the codec frames a clip's encoding makes from its
+    length and rate alone (what ``check`` refuses a clip by, before the request
+    is queued): for clips at any rate, of lengths on either side of a frame's
+    edge once resampled, mono and stereo."""
+    model, engine = request.getfixturevalue(models)
+    params = resolve_params(engine.info.params, {"duration": 2.0})
+    rng = np.random.default_rng(rate)
+    at_rate = engine.hop * rate / model.sample_rate  # a hop's samples at the clip's rate
+    for frames in (1, 7, 25, 50):
+        for nudge in (-1, 0, 1):
+            samples = max(1, round(frames * at_rate) + nudge)
+            channels = model.audio_channels
+            clip = (0.1 * rng.standard_normal((samples, channels))).astype(np.float32)
+            request = EngineRequest("t", "x", params, {"continuation": wav_bytes(clip, rate)})
+            heard = engine._upload_wav(request, "continuation").unsqueeze(0)
+            with torch.no_grad():
+                codes, _ = model.compression_model.encode(heard)
+            assert engine.prompt_frames(samples, rate) == codes.shape[-1], (samples, rate)
+
+
+def test_check_refuses_a_continuation_too_long_for_its_duration(windowed: Any) -> None:
+    """One frame short of the duration goes (check, then prepare); one sample
+    more makes the frame that reaches it, refused by ``check``: before the
+    request is queued, without encoding the clip."""
+    _, engine = windowed
+    params = resolve_params(engine.info.params, {"duration": 1.0})  # 50 frames
+    longest = wav_bytes(np.zeros((49 * engine.hop, 1), np.float32), 32000)
+    request = EngineRequest("t", "x", params, {"continuation": longest})
+    job = engine.prepare(dataclasses.replace(request, decoded=engine.check(request)))
+    engine.finish(job)
+    one_more = wav_bytes(np.zeros((49 * engine.hop + 1, 1), np.float32), 32000)
+    for check in (engine.check, engine.prepare):
+        with pytest.raises(InvalidField, match="must be shorter") as info:
+            check(EngineRequest("t", "x", params, {"continuation": one_more}))
+        assert info.value.field == "inputs.continuation"
 
 
 @pytest.fixture(scope="module")

@@ -130,16 +130,27 @@ async def test_upload_errors(server: Any) -> None:
                 "tiny-musicgen", "x", duration=2.0, inputs={"melody": clip_bytes(1.0)}
             )
         ).collect()
-        too_long = await (
-            await client.generate(
-                "tiny-musicgen", "x", duration=2.0, inputs={"continuation": clip_bytes(3.0)}
-            )
-        ).collect()
+        stream = await client.generate(
+            "tiny-musicgen", "x", duration=2.0, inputs={"continuation": clip_bytes(3.0)}
+        )
+        too_long = [event async for event in stream]
+        # One sample at 44.1 kHz: none at the model's rate.
+        one_sample = clip_bytes(1.5 / 44100, 44100)
+        stream = await client.generate(
+            "tiny-musicgen", "x", duration=2.0, inputs={"continuation": one_sample}
+        )
+        too_short = [event async for event in stream]
     assert (bad.error.code, bad.error.field) == ("invalid_field", "inputs.continuation")  # type: ignore[union-attr]
     assert (melody.error.code, melody.error.field) == ("unsupported", "inputs.melody")  # type: ignore[union-attr]
-    assert too_long.error is not None and "shorter" in too_long.error.message
-    # (refused while it was being prepared: queued, never started, so no stats)
-    assert too_long.stats is None
+    # A clip longer than the duration is refused with the upload's check, at
+    # once: never queued, never started (no stats).
+    assert len(too_long) == 1 and isinstance(too_long[0], Done), too_long
+    assert too_long[0].status == "error" and too_long[0].stats is None
+    assert too_long[0].error is not None and "shorter" in too_long[0].error.message
+    assert too_long[0].error.field == "inputs.continuation"
+    assert len(too_short) == 1 and isinstance(too_short[0], Done), too_short
+    assert too_short[0].error is not None and "too short" in too_short[0].error.message
+    assert too_short[0].error.field == "inputs.continuation"
 
 
 async def test_upload_size_limit() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence, Set
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from audiocraft.models.musicgen import MusicGen
 
-from wavecast.protocol import InvalidField, ModelInfo
+from wavecast.protocol import InvalidField, ModelInfo, ParamValue
 
 from ..base import (
     EngineRequest,
@@ -214,7 +215,7 @@ class MusicGenEngine:
         self.codec_seconds = 0.0  # host seconds in the streams' codec calls, so far
         self.context_seconds: float | None = self.window  # long form slides a window
         self.windows = Windows(self.lm, self.window, self.frame_rate)
-        self.hop = round(model.sample_rate / model.frame_rate)
+        self.hop: int = round(model.sample_rate / model.frame_rate)
         codec = getattr(model.compression_model, "model", model.compression_model)  # (stereo)
         if isinstance(getattr(codec, "decoder", None), torch.nn.Module):
             prepared = for_serving(codec.decoder)  # the same audio, sooner
@@ -324,16 +325,9 @@ class MusicGenEngine:
         clip = 0.2 if melody else 1.0
         if "continuation" in request.inputs:
             prompt = yield from self._prompt_tokens(request, clip)
-            duration = number(params["duration"])
-            total_len = max(1, self.windows.frames(duration))
-            max_prompt = self.windows.frames(min(duration, self.window))
-            if prompt.shape[-1] >= min(total_len, max_prompt):
-                prompt_seconds = prompt.shape[-1] / self.frame_rate
-                raise InvalidField(
-                    f"the continuation prompt ({prompt_seconds:.2f} s) must be shorter than "
-                    f"duration and than the model's {self.window:g} s window",
-                    field="inputs.continuation",
-                )
+            # (``check`` refused a clip this long before the request was queued;
+            # this stays for a request prepared without it.)
+            self._check_prompt_frames(prompt.shape[-1], params)
             yield None
         with torch.no_grad():
             job = self._prepare(request, prompt)
@@ -346,8 +340,46 @@ class MusicGenEngine:
         yield job
 
     def check(self, request: EngineRequest) -> dict[str, Upload]:
+        """The prompt's length in tokens, and the uploads decoded and checked: a
+        continuation clip too long for the duration is refused here, before the
+        request is queued, from the codec frames its encoding will make
+        (``prompt_frames``)."""
         self.conditioning.check_prompt(request.prompt)
-        return self._decode_uploads(request.inputs)
+        decoded = self._decode_uploads(request.inputs)
+        if "continuation" in decoded:
+            audio, rate = decoded["continuation"]
+            self._check_prompt_frames(self.prompt_frames(len(audio), rate), request.params)
+        return decoded
+
+    def prompt_frames(self, samples: int, rate: int) -> int:
+        """The codec frames of a continuation clip of ``samples`` at ``rate``,
+        as its encoding makes them, without encoding it: the length
+        ``convert_audio`` resamples it to (julius' ``resample_frac``: the rates
+        over their greatest common divisor, the length rounded down after a
+        float32 rounding, as it computes it), then one frame a hop begun (the
+        SEANet encoder pads the last one; a test holds this to the encoding)."""
+        old, new = int(rate), int(self.model.sample_rate)
+        if old != new:
+            common = math.gcd(old, new)
+            old, new = old // common, new // common
+            samples = int(np.floor(np.float32(new * samples / old)))
+        return -(-samples // self.hop)
+
+    def _check_prompt_frames(self, frames: int, params: Mapping[str, ParamValue]) -> None:
+        """Refuse a continuation prompt of ``frames`` codec frames that is not
+        shorter than the request's duration and the model's window, or of none
+        (a clip shorter than a sample at the model's rate)."""
+        if frames < 1:
+            raise _no_prompt_frame()
+        duration = number(params["duration"])
+        total_len = max(1, self.windows.frames(duration))
+        max_prompt = self.windows.frames(min(duration, self.window))
+        if frames >= min(total_len, max_prompt):
+            raise InvalidField(
+                f"the continuation prompt ({frames / self.frame_rate:.2f} s) must be shorter "
+                f"than duration and than the model's {self.window:g} s window",
+                field="inputs.continuation",
+            )
 
     def _decode_uploads(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
         from ...audio import decode_upload
@@ -378,6 +410,8 @@ class MusicGenEngine:
         the preparation."""
         with torch.no_grad():
             wav = self._upload_wav(request, "continuation").unsqueeze(0)
+        if wav.shape[-1] == 0:  # (``check`` refused it before the request was queued)
+            raise _no_prompt_frame()
         codec = self.model.compression_model
         pieces = measured(encode_in_pieces(codec, wav), parts_of(codec), 0.0, share)
         tokens, scale = yield from without_grad(pieces)
@@ -1154,3 +1188,11 @@ def _split_inputs(flat: Any, rows: int, k: int) -> tuple[Any, Any, Any, Any]:
 
 def _seeded_state(seed: int) -> Any:
     return random.Random(seed).getstate()
+
+
+def _no_prompt_frame() -> InvalidField:
+    """A continuation clip that resamples to no sample at the model's rate."""
+    return InvalidField(
+        "the continuation clip is too short: not one sample at the model's rate",
+        field="inputs.continuation",
+    )
