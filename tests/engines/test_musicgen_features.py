@@ -236,6 +236,22 @@ def melodic() -> tuple[Any, MusicGenEngine]:
     return model, MusicGenEngine(model, name="tiny-melody", test_model=True, max_duration=10.0)
 
 
+def test_a_melody_without_a_sample_at_the_models_rate_is_refused(melodic: Any) -> None:
+    """One sample at 44.1 kHz is none at the model's 32 kHz: nothing for Demucs
+    to separate. Refused by the upload's check (before the request is queued)
+    and by the preparation; two samples are a melody."""
+    _, engine = melodic
+    params = resolve_params(engine.info.params, {"duration": 1.0})
+    one = wav_bytes(np.zeros((1, 1), np.float32), 44100)
+    for check in (engine.check, engine.prepare):
+        with pytest.raises(InvalidField, match="too short") as info:
+            check(EngineRequest("t", "x", params, {"melody": one}))
+        assert info.value.field == "inputs.melody"
+    two_samples = wav_bytes(np.zeros((2, 1), np.float32), 44100)
+    two = EngineRequest("t", "x", params, {"melody": two_samples})
+    engine.finish(engine.prepare(dataclasses.replace(two, decoded=engine.check(two))))
+
+
 @pytest.mark.parametrize("duration", [1.5, 5.0])
 def test_melody_matches_generate_with_chroma(melodic: Any, duration: float) -> None:
     """Chroma of the reference's melodic stems (Demucs), wrapped across windows."""

@@ -340,12 +340,15 @@ class MusicGenEngine:
         yield job
 
     def check(self, request: EngineRequest) -> dict[str, Upload]:
-        """The prompt's length in tokens, and the uploads decoded and checked: a
-        continuation clip too long for the duration is refused here, before the
-        request is queued, from the codec frames its encoding will make
-        (``prompt_frames``)."""
+        """The prompt's length in tokens, and the uploads decoded and checked,
+        before the request is queued: a clip without one sample at the model's
+        rate is refused, and a continuation too long for the duration, from the
+        codec frames its encoding will make (``prompt_frames``)."""
         self.conditioning.check_prompt(request.prompt)
         decoded = self._decode_uploads(request.inputs)
+        for role, (audio, rate) in decoded.items():
+            if self._at_model_rate(len(audio), rate) == 0:
+                raise _too_short(role)
         if "continuation" in decoded:
             audio, rate = decoded["continuation"]
             self._check_prompt_frames(self.prompt_frames(len(audio), rate), request.params)
@@ -353,24 +356,25 @@ class MusicGenEngine:
 
     def prompt_frames(self, samples: int, rate: int) -> int:
         """The codec frames of a continuation clip of ``samples`` at ``rate``,
-        as its encoding makes them, without encoding it: the length
-        ``convert_audio`` resamples it to (julius' ``resample_frac``: the rates
-        over their greatest common divisor, the length rounded down after a
-        float32 rounding, as it computes it), then one frame a hop begun (the
-        SEANet encoder pads the last one; a test holds this to the encoding)."""
+        as its encoding makes them, without encoding it: one a hop begun of
+        its length at the model's rate (the SEANet encoder pads the last one;
+        a test holds this to the encoding)."""
+        return -(-self._at_model_rate(samples, rate) // self.hop)
+
+    def _at_model_rate(self, samples: int, rate: int) -> int:
+        """The length ``convert_audio`` resamples ``samples`` at ``rate`` to (as
+        julius' ``resample_frac`` computes it: the rates over their greatest
+        common divisor, the length rounded down after a float32 rounding)."""
         old, new = int(rate), int(self.model.sample_rate)
-        if old != new:
-            common = math.gcd(old, new)
-            old, new = old // common, new // common
-            samples = int(np.floor(np.float32(new * samples / old)))
-        return -(-samples // self.hop)
+        if old == new:
+            return samples
+        common = math.gcd(old, new)
+        old, new = old // common, new // common
+        return int(np.floor(np.float32(new * samples / old)))
 
     def _check_prompt_frames(self, frames: int, params: Mapping[str, ParamValue]) -> None:
         """Refuse a continuation prompt of ``frames`` codec frames that is not
-        shorter than the request's duration and the model's window, or of none
-        (a clip shorter than a sample at the model's rate)."""
-        if frames < 1:
-            raise _no_prompt_frame()
+        shorter than the request's duration and the model's window."""
         duration = number(params["duration"])
         total_len = max(1, self.windows.frames(duration))
         max_prompt = self.windows.frames(min(duration, self.window))
@@ -399,6 +403,8 @@ class MusicGenEngine:
         converted: torch.Tensor = convert_audio(
             wav, rate, self.model.sample_rate, self.model.audio_channels
         )
+        if converted.shape[-1] == 0:  # (``check`` refuses it before the request is queued)
+            raise _too_short(role)
         return converted
 
     def _prompt_tokens(
@@ -410,8 +416,6 @@ class MusicGenEngine:
         the preparation."""
         with torch.no_grad():
             wav = self._upload_wav(request, "continuation").unsqueeze(0)
-        if wav.shape[-1] == 0:  # (``check`` refused it before the request was queued)
-            raise _no_prompt_frame()
         codec = self.model.compression_model
         pieces = measured(encode_in_pieces(codec, wav), parts_of(codec), 0.0, share)
         tokens, scale = yield from without_grad(pieces)
@@ -1190,9 +1194,9 @@ def _seeded_state(seed: int) -> Any:
     return random.Random(seed).getstate()
 
 
-def _no_prompt_frame() -> InvalidField:
-    """A continuation clip that resamples to no sample at the model's rate."""
+def _too_short(role: str) -> InvalidField:
+    """An uploaded clip that resamples to no sample at the model's rate."""
     return InvalidField(
-        "the continuation clip is too short: not one sample at the model's rate",
-        field="inputs.continuation",
+        f"inputs.{role} is too short: not one sample at the model's rate",
+        field=f"inputs.{role}",
     )
