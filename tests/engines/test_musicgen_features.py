@@ -206,8 +206,8 @@ def test_a_continuations_frames_are_known_before_it_is_encoded(
             samples = max(1, round(frames * at_rate) + nudge)
             channels = model.audio_channels
             clip = (0.1 * rng.standard_normal((samples, channels))).astype(np.float32)
-            request = EngineRequest("t", "x", params, {"continuation": wav_bytes(clip, rate)})
-            heard = engine._upload_wav(request, "continuation").unsqueeze(0)
+            upload = EngineRequest("t", "x", params, {"continuation": wav_bytes(clip, rate)})
+            heard = engine._upload_wav(upload, "continuation").unsqueeze(0)
             with torch.no_grad():
                 codes, _ = model.compression_model.encode(heard)
             assert engine.prompt_frames(samples, rate) == codes.shape[-1], (samples, rate)
