@@ -1,0 +1,217 @@
+"""Random clients against a real server, many at once: whatever they send, every
+request ends with one ``done``, a refusal comes before ``queued`` (PROTOCOL.md
+§3.3), nothing fails inside the server, and the server ends idle and healthy.
+
+A fixed seed picks what each client does: a model (music, melody, speech),
+parameters inside and outside their ranges or of the wrong type, uploads of
+random lengths, rates and formats (some not audio, some with no sample at the
+model's rate, some longer than the duration), cancels, dropped connections,
+raw frames. When a cancel or a drop lands varies from run to run; what is
+asserted holds whatever it is. (Such clients found the continuation too long for
+its duration refused only after ``queued``, and a one-sample clip at 44.1 kHz
+failing inside the encoder and Demucs.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+import soundfile
+from helpers import higgs_engines, make_config, running_server, timeout, with_stereo
+from websockets.asyncio.client import connect as ws_connect
+
+from wavecast.clients import connect
+from wavecast.protocol import Done, ErrorMessage, Queued, decode
+
+# Raised inside a client's reading to drop its connection without a close.
+DROP = "drop"
+# Codes a frame that opens no request may get (PROTOCOL.md §6).
+FRAME_CODES = {"bad_frame", "unknown_type", "invalid_field", "unknown_id"}
+
+
+def engines() -> Mapping[str, Any]:
+    return {**with_stereo(), **higgs_engines()}
+
+
+class Clients:
+    """The clients' choices (one seeded generator) and what they saw."""
+
+    def __init__(self, url: str, seed: int) -> None:
+        self.url = url
+        self.rng = random.Random(seed)
+        self.seen: Counter[str] = Counter()
+        self.late: list[str] = []  # errors after ``queued`` (none is expected here)
+
+    def clip(self, seconds: float, channels: int = 1) -> bytes:
+        rng = self.rng
+        rate = rng.choice([8000, 11025, 22050, 32000, 44100, 48000])
+        samples = max(1, int(seconds * rate))
+        audio = (
+            0.1 * np.random.default_rng(rng.getrandbits(32)).standard_normal((samples, channels))
+        ).astype(np.float32)
+        buffer = io.BytesIO()
+        soundfile.write(buffer, audio, rate, format=rng.choice(["WAV", "FLAC", "OGG"]))
+        return buffer.getvalue()
+
+    def upload(self, longest: float, channels: int = 1) -> bytes:
+        rng = self.rng
+        kind = rng.random()
+        if kind < 0.15:
+            return bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 300)))
+        if kind < 0.3:
+            return self.clip(rng.uniform(1e-5, 1e-3), channels)  # a sample or a few
+        return self.clip(rng.uniform(0.05, longest), channels)
+
+    def music(self) -> tuple[str, str, dict[str, Any], dict[str, bytes]]:
+        rng = self.rng
+        model = rng.choice(["tiny-musicgen", "tiny-musicgen-melody", "tiny-musicgen-stereo"])
+        params: dict[str, Any] = {"duration": rng.uniform(0.1, 2.5)}
+        for name, low, high in (("top_p", 0, 1), ("temperature", 0, 3), ("cfg_coef", 0, 6)):
+            if rng.random() < 0.4:
+                params[name] = rng.uniform(low, high)
+        if rng.random() < 0.3:
+            params["top_k"] = rng.randint(0, 64)
+        if rng.random() < 0.1:
+            params["mbd"] = True
+        if rng.random() < 0.1:
+            params[rng.choice(["duration", "top_k", "volume"])] = rng.choice([-1, "x", 1e9, [1]])
+        inputs: dict[str, bytes] = {}
+        if rng.random() < 0.3:
+            inputs["continuation"] = self.upload(3.0, 2 if model.endswith("stereo") else 1)
+        if rng.random() < 0.3:
+            inputs["melody"] = self.upload(2.0, rng.choice([1, 2]))
+        prompt = rng.choice(["lofi beat", "", "drums and bass", "x" * 2000])
+        return model, prompt, params, inputs
+
+    def speech(self) -> tuple[str, str, dict[str, Any], dict[str, bytes]]:
+        rng = self.rng
+        params: dict[str, Any] = {"max_new_tokens": rng.randint(1, 60)}
+        for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
+            if rng.random() < 0.4:
+                params[name] = rng.uniform(low, high)
+        if rng.random() < 0.3:
+            params["scene"] = rng.choice(["cafe", "a windy beach", ""])
+        if rng.random() < 0.3:
+            params["chunk_method"] = rng.choice(["none", "word", "speaker", "bogus"])
+            params["chunk_max_word_num"] = rng.randint(1, 8)
+        if rng.random() < 0.1:
+            params["voice"] = "nobody"
+        if rng.random() < 0.1:
+            params[rng.choice(["max_new_tokens", "temperature", "pitch"])] = rng.choice([-5, "x"])
+        inputs: dict[str, bytes] = {}
+        if rng.random() < 0.3:
+            inputs["reference"] = self.upload(2.0)
+            if rng.random() < 0.5:
+                params["reference_text"] = "hello there"
+        text = rng.choice(
+            [
+                "Hello there.",
+                "[SPEAKER0] Hi! [SPEAKER1] Hello, how are you?\n[SPEAKER0] Fine.",
+                "word " * 40,
+                "Ünïcödé 你好",
+                "",
+            ]
+        )
+        return "tiny-higgs", text, params, inputs
+
+    async def one(self) -> None:
+        """A connection with one to three requests, each read to its end (or
+        cancelled, or the connection dropped)."""
+        rng = self.rng
+        plans = [
+            (self.music() if rng.random() < 0.5 else self.speech(), rng.random())
+            for _ in range(rng.randint(1, 3))
+        ]
+        async with connect(self.url) as client:
+            streams = []
+            for (model, prompt, params, inputs), fate in plans:
+                stream = await client.generate(model, prompt, params=params, inputs=inputs or None)
+                streams.append((stream, fate))
+
+            async def read(stream: Any, fate: float) -> None:
+                events = []
+                async for event in stream:
+                    events.append(event)
+                    if fate < 0.15 and len(events) == 3:
+                        await stream.cancel()
+                    if fate > 0.92 and len(events) == 2:
+                        raise RuntimeError(DROP)
+                self.check(events)
+
+            reads = [asyncio.create_task(read(stream, fate)) for stream, fate in streams]
+            try:
+                await asyncio.gather(*reads)
+            except RuntimeError as exc:
+                if str(exc) != DROP:
+                    raise
+                self.seen["dropped"] += 1
+                client.ws.transport.abort()  # no close frame: the server sees the drop
+                for task in reads:
+                    task.cancel()
+                await asyncio.gather(*reads, return_exceptions=True)
+
+    def check(self, events: list[Any]) -> None:
+        dones = [event for event in events if isinstance(event, Done)]
+        assert len(dones) == 1 and events[-1] is dones[0], events
+        done = dones[0]
+        code = done.error.code if done.error is not None else None
+        self.seen[f"{done.status} {code or ''}".strip()] += 1
+        assert code != "internal_error", done
+        if done.error is not None and any(isinstance(event, Queued) for event in events):
+            self.late.append(f"{code}: {done.error.message}")
+
+    async def raw(self) -> None:
+        """A frame that opens no request, or a malformed one: a typed error."""
+        rng = self.rng
+        frame = rng.choice(
+            [
+                bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 100))),
+                msgpack.packb([1, 2, 3]),
+                msgpack.packb({"type": "cancel", "id": "nobody"}),
+                msgpack.packb({"type": "dance"}),
+                '{"type": "generate", "id": "',
+            ]
+        )
+        async with ws_connect(self.url) as ws:
+            await ws.recv()  # hello
+            await ws.send(frame)
+            answer = decode(await asyncio.wait_for(ws.recv(), timeout(10)))
+        assert isinstance(answer, ErrorMessage) and answer.code in FRAME_CODES, answer
+        self.seen["raw " + answer.code] += 1
+
+
+async def test_random_clients_leave_every_request_done_and_the_server_whole() -> None:
+    config = make_config(max_active=4, max_requests_per_connection=4)
+    async with running_server(config, factory=engines) as server:
+        clients = Clients(server.url, seed=33)
+        running: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 15.0
+        while loop.time() < end:
+            while len(running) < 8:
+                work = clients.one() if clients.rng.random() < 0.9 else clients.raw()
+                running.add(asyncio.create_task(work))
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        for task in asyncio.as_completed(running, timeout=timeout(120)):
+            await task
+        assert await server.scheduler.wait_idle(timeout(30))
+        snapshot = server.scheduler.snapshot()
+        async with connect(server.url) as client:  # still serving
+            ok = await (await client.generate("tiny-musicgen", "x", duration=0.2)).collect()
+    assert clients.late == [], clients.late
+    assert snapshot["failed"] == 0 and snapshot["queued"] == snapshot["active"] == 0, snapshot
+    assert ok.status == "completed"
+    seen = clients.seen
+    # A run that tried little proves little: each kind of end happened.
+    assert seen["completed"] >= 10 and seen["cancelled"] >= 1, seen
+    assert seen["error invalid_field"] >= 10 and seen["dropped"] >= 1, seen
+    assert sum(count for kind, count in seen.items() if kind.startswith("raw ")) >= 3, seen
