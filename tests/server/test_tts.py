@@ -301,6 +301,13 @@ async def test_empty_text_and_reference_on_music_model(server: Any) -> None:
         assert len(events) == 1 and isinstance(events[0], Done)  # refused before `queued`
         empty = events[0]
         assert empty.error is not None and empty.error.field == "prompt"
+        # Speaker tags and nothing for them to say: as empty.
+        tags = [
+            event async for event in await client.speak("tiny-higgs", "[SPEAKER0]\n[SPEAKER1] ")
+        ]
+        assert len(tags) == 1 and isinstance(tags[0], Done), tags
+        assert tags[0].error is not None and tags[0].error.field == "prompt"
+        assert "empty" in tags[0].error.message
         music = await (
             await client.generate("tiny-musicgen", "x", inputs={"reference": tone(1.0)})
         ).collect()

@@ -382,6 +382,10 @@ class HiggsEngine:
         params = request.params
         if not normalize_text(request.prompt):
             raise InvalidField("prompt: the text to speak is empty", field="prompt")
+        if not normalize_text(SPEAKER_TAG.sub(" ", request.prompt)):
+            raise InvalidField(
+                "prompt: the text to speak is empty (speaker tags, nothing to say)", field="prompt"
+            )
         names = [v.strip() for v in str(params["voice"] or "").split(",")]
         names = names if any(names) else []
         for voice_name in names:
