@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from wavecast.protocol import Audio, Done, ModelInfo, Progress, Queued, Started, to_wire
 
@@ -208,6 +208,7 @@ async def _run(
         mbd_pcm = bytearray()
         sample_rate = channels = 0
         seed = None
+        lost: ConnectionClosed | None = None  # the connection, gone before the done
         try:
             async for event in stream:
                 if isinstance(event, Queued):
@@ -224,10 +225,17 @@ async def _run(
                         bar.show(event.fraction, event.seconds, "(Multi-Band Diffusion)")
                     else:
                         bar.show(event.fraction, event.seconds)
+        except ConnectionClosed as exc:
+            lost = exc
         finally:
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(signal.SIGINT)
         done = stream.done
+        if lost is not None:
+            # What came before joins exactly: kept, as a cancel keeps it.
+            done = Done(id=stream.id, status="error")
+            reason = f"close code {lost.rcvd.code}" if lost.rcvd else "no close frame"
+            bar.message(f"error: the connection to the server was lost ({reason})")
         assert isinstance(done, Done)
 
         def clip(data: bytearray) -> GenerationResult:
@@ -244,6 +252,14 @@ async def _run(
             )
 
         result = clip(pcm)
+        if lost is not None:
+            if result.frames:
+                _write_wav(args.output, result)
+                bar.message(
+                    f"wrote {args.output}: the {result.frames / sample_rate:.2f} s received "
+                    "before the connection was lost"
+                )
+            return 1
         if done.status == "error" and done.error is not None:
             bar.message(f"error: {done.error.code}: {done.error.message}")
             return 1

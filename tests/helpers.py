@@ -302,7 +302,11 @@ def start_serve(
     raise AssertionError(log_file.read_text() if log_file.exists() else "no log")
 
 
-async def run_cli(*args: str, interrupt_after: str | None = None) -> tuple[int, str]:
+async def run_cli(
+    *args: str, interrupt_after: str | None = None, then: Callable[[], None] | None = None
+) -> tuple[int, str]:
+    """Run ``wavecast ARGS``; its exit code and output. At the first line holding
+    ``interrupt_after``: ``then()`` if given, else a Ctrl-C (SIGINT) to it."""
     process = await asyncio.create_subprocess_exec(
         *WAVECAST, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -312,7 +316,10 @@ async def run_cli(*args: str, interrupt_after: str | None = None) -> tuple[int, 
         text = line.decode()
         output.append(text)
         if interrupt_after is not None and interrupt_after in text:
-            process.send_signal(signal.SIGINT)
+            if then is not None:
+                then()
+            else:
+                process.send_signal(signal.SIGINT)
             interrupt_after = None
     return await asyncio.wait_for(process.wait(), timeout(30)), "".join(output)
 

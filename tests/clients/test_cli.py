@@ -90,6 +90,30 @@ async def test_ctrl_c_cancels_the_request(server: Any, tmp_path: Path) -> None:
     assert server.scheduler.snapshot()["cancelled"] == 1
 
 
+async def test_a_lost_connection_is_an_error_that_keeps_the_audio_so_far(
+    server: Any, tmp_path: Path
+) -> None:
+    """The server's end of the connection dropped mid-stream (no close frame, as a
+    crashed server or a cut network leaves it): the command says the connection
+    was lost, writes the audio it received (it joins exactly, as a cancelled
+    one's), and exits 1; no traceback."""
+
+    def drop() -> None:
+        for session in list(server.sessions):
+            session.ws.transport.abort()
+
+    out = tmp_path / "x.wav"
+    code, output = await run_cli(
+        "generate", "--url", server.url, "--duration", "300", "-o", str(out), "x",
+        interrupt_after="#", then=drop,  # (the bar's first step: audio has come)
+    )  # fmt: skip
+    assert code == 1, output
+    assert "the connection to the server was lost (no close frame)" in output
+    assert "Traceback" not in output
+    written = soundfile.info(str(out))
+    assert written.frames > 0 and f"wrote {out}: the" in output
+
+
 async def test_models_lists_what_the_server_serves(server: Any) -> None:
     code, output = await run_cli("models", "--url", server.url)
     assert code == 0, output
