@@ -467,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidHandshake as exc:  # (something else listens there)
         print(f"wavecast: {args.url} is not a WebSocket server: {exc}", file=sys.stderr)
         return 2
+    except ConnectionClosed as exc:  # (before a request was under way)
+        print(f"wavecast: the connection to {args.url} was lost: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -114,6 +114,22 @@ async def test_a_lost_connection_is_an_error_that_keeps_the_audio_so_far(
     assert written.frames > 0 and f"wrote {out}: the" in output
 
 
+async def test_a_connection_lost_before_the_greeting_is_a_line_not_a_traceback() -> None:
+    """A WebSocket server that drops the connection once it is open (no greeting,
+    no close frame): the command says so and exits 2."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def drop(websocket: ServerConnection) -> None:
+        websocket.transport.abort()
+
+    async with serve(drop, "127.0.0.1", 0) as dropping:
+        port = dropping.sockets[0].getsockname()[1]
+        code, output = await run_cli("models", "--url", f"ws://127.0.0.1:{port}/v1/stream")
+    assert code == 2, output
+    assert "the connection to ws://127.0.0.1:" in output and "was lost" in output, output
+    assert "Traceback" not in output
+
+
 async def test_models_lists_what_the_server_serves(server: Any) -> None:
     code, output = await run_cli("models", "--url", server.url)
     assert code == 0, output
