@@ -150,7 +150,9 @@ class GenerationResult:
 
 @dataclass
 class RequestStream:
-    """The events of one request, in order."""
+    """The events of one request, in order, ``done`` last. Where the connection
+    is lost before the request's ``done``, iterating raises websockets'
+    ``ConnectionClosed`` (the audio that came before it joins exactly)."""
 
     id: str
     client: Client
