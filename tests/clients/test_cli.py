@@ -114,6 +114,25 @@ async def test_a_lost_connection_is_an_error_that_keeps_the_audio_so_far(
     assert written.frames > 0 and f"wrote {out}: the" in output
 
 
+async def test_a_request_stream_raises_connection_closed_when_the_connection_is_lost(
+    server: Any,
+) -> None:
+    """The library's side of the same: the stream's events up to the drop, then
+    websockets' ``ConnectionClosed`` (as ``RequestStream`` says)."""
+    from websockets.exceptions import ConnectionClosed
+
+    async with connect(server.url) as client:
+        stream = await client.generate("tiny-musicgen", "x", duration=300)
+        chunks = 0
+        with pytest.raises(ConnectionClosed):
+            async for event in stream:
+                chunks += isinstance(event, Audio)
+                if chunks == 2:
+                    for session in list(server.sessions):
+                        session.ws.transport.abort()
+        assert chunks >= 2 and stream.done is None
+
+
 async def test_a_connection_lost_before_the_greeting_is_a_line_not_a_traceback() -> None:
     """A WebSocket server that drops the connection once it is open (no greeting,
     no close frame): the command says so and exits 2."""
