@@ -30,8 +30,11 @@ from websockets.asyncio.client import connect as ws_connect
 from wavecast.clients import connect
 from wavecast.protocol import Done, ErrorMessage, Queued, decode
 
-# Raised inside a client's reading to drop its connection without a close.
-DROP = "drop"
+
+class Drop(Exception):
+    """Raised inside a client's reading to drop its connection without a close."""
+
+
 # Codes a frame that opens no request may get (PROTOCOL.md §6).
 FRAME_CODES = {"bad_frame", "unknown_type", "invalid_field", "unknown_id"}
 
@@ -142,15 +145,13 @@ class Clients:
                     if fate < 0.15 and len(events) == 3:
                         await stream.cancel()
                     if fate > 0.92 and len(events) == 2:
-                        raise RuntimeError(DROP)
+                        raise Drop
                 self.check(events)
 
             reads = [asyncio.create_task(read(stream, fate)) for stream, fate in streams]
             try:
                 await asyncio.gather(*reads)
-            except RuntimeError as exc:
-                if str(exc) != DROP:
-                    raise
+            except Drop:
                 self.seen["dropped"] += 1
                 client.ws.transport.abort()  # no close frame: the server sees the drop
                 for task in reads:
