@@ -45,7 +45,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -127,6 +127,10 @@ class StreamDecoder:
         # so, and they are joined only when a window is cut from them (every few
         # steps), not copied into ``_codes`` at every push.
         self._pieces: list[npt.NDArray[np.int64]] = []
+        # Frames pushed one at a time as ints (``plan_push_frame``) since: a
+        # piece of their own once joined (a numpy array a frame would cost a
+        # microsecond or two a stream a step).
+        self._loose: list[Sequence[int]] = []
         self._base = 0
         self.total = 0  # frames pushed
         self.emitted = 0  # frames whose audio went out
@@ -150,6 +154,17 @@ class StreamDecoder:
         if codes.shape[-1] == 0:
             return None
         self._append(codes)
+        return self._plan_due()
+
+    def plan_push_frame(self, frame: Sequence[int]) -> DecodePlan | None:
+        """``plan_push`` of one frame, its ``K`` codes as ints (kept as they are
+        until a window is cut: the caller leaves them unchanged)."""
+        self._loose.append(frame)
+        self.total += 1
+        return self._plan_due()
+
+    def _plan_due(self) -> DecodePlan | None:
+        """The window to decode if a chunk is due, now that frames came."""
         ready = self.total - self.holdback - self.emitted
         if ready >= self._target():
             return self._plan(self.total - self.holdback)
@@ -180,8 +195,16 @@ class StreamDecoder:
         # Codes are kept on the host: the windows are assembled there and cross to
         # the codec's device once per batched decode.
         frames = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else codes
+        self._settle()
         self._pieces.append(frames.astype(np.int64, copy=False))
         self.total += frames.shape[-1]
+
+    def _settle(self) -> None:
+        """The frames pushed as ints, a piece ``[1, K, n]`` of their own."""
+        if self._loose:
+            frames = np.array(self._loose, dtype=np.int64)  # [n, K]
+            self._pieces.append(np.ascontiguousarray(frames.T)[None])
+            self._loose = []
 
     @property
     def held(self) -> int:
@@ -191,6 +214,7 @@ class StreamDecoder:
     def _joined(self) -> npt.NDArray[np.int64]:
         """Frames ``[_base, total)``, ``[1, K, n]``, the pieces pushed since the
         last call joined to them."""
+        self._settle()
         if self._pieces:
             pieces = self._pieces if self._codes is None else [self._codes, *self._pieces]
             self._codes = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, -1)
@@ -320,6 +344,12 @@ class Cadence:
     def due(self, size: int, group: int = 0) -> bool:
         return (self.step + self.phase(group)) % size == 0
 
+    def may_be_due(self, group: int) -> bool:
+        """Whether a chunk of some size may be due now for ``group`` (``due``
+        for the period: every size is a multiple of it). A stream's chunk size
+        reads the clock; most steps are ruled out without it."""
+        return (self.step + self._phases[group % self.period]) % self.period == 0
+
 
 class IncrementalStream(StreamDecoder):
     """Turns frames of codes into audio chunks with an incremental codec decoder
@@ -417,6 +447,9 @@ class IncrementalStream(StreamDecoder):
         if codes.shape[-1] == 0:
             return None
         self._append(codes)
+        return self._plan_due()
+
+    def _plan_due(self) -> DecodePlan | None:
         new = self._new_frames()
         if self._sent == 0:  # the first audio, as soon as it can go
             # Just the frames it needs (any more go with the next chunk): every
@@ -428,6 +461,8 @@ class IncrementalStream(StreamDecoder):
             return self._plan(self.emitted + self._priming + first)
         if self.cadence is None:
             due = new >= self._later_target(self._sent / self.hop)
+        elif not self.cadence.may_be_due(self._group):
+            return None
         else:
             size = self.cadence.size(self._later_target(self._sent / self.hop))
             # (Not a sliver either, on the first such step after the first chunk.)
@@ -454,7 +489,7 @@ class IncrementalStream(StreamDecoder):
         return chunk if len(chunk) else None
 
     def plan_flush(self) -> DecodePlan | None:
-        if self._ended or (self._codes is None and not self._pieces):
+        if self._ended or (self._codes is None and not self._pieces and not self._loose):
             return None
         return self._plan(self.total, final=True)
 

@@ -948,6 +948,84 @@ def test_the_cadence_groups_streams_by_a_calls_chunks() -> None:
     assert IncrementalStream(codec, like, cadence=cadence)._group == 0
 
 
+def test_no_chunk_size_is_due_where_the_period_is_not() -> None:
+    """``may_be_due`` rules a step out only where no chunk size (the period
+    times a power of two) is due for the group."""
+    from wavecast.server.engines.codec_stream import Cadence
+
+    for period in (1, 3, 8, 10):
+        cadence = Cadence(period)
+        for step in range(4 * period * 8):
+            cadence.step = step
+            for group in range(period + 2):
+                due = [cadence.due(period << j, group) for j in range(4)]
+                if not cadence.may_be_due(group):
+                    assert not any(due), (period, step, group)
+                else:
+                    assert due[0], (period, step, group)
+
+
+@pytest.mark.parametrize("kind", ["incremental", "cadence", "windows"])
+def test_frames_pushed_as_ints_stream_what_arrays_do(kind: str) -> None:
+    """A stream fed frames one at a time as ints (``plan_push_frame``, as a
+    speech step pushes them), among pushes of arrays, plans the same windows
+    and streams the same samples as one fed the same frames as arrays only."""
+    from wavecast.server.engines.codec_stream import Cadence, StreamDecoder
+
+    model, decode, _ = _encodec()
+    codec = incremental(model)
+    assert codec is not None
+    codes = _codes(1, 4, 90, seed=7)
+    rng = np.random.default_rng(7)
+    sizes: list[int] = []
+    while sum(sizes) < 90:
+        sizes.append(min(90 - sum(sizes), 1 if rng.random() < 0.8 else int(rng.integers(0, 4))))
+    now = [0.0]  # (the clock: later chunks grow while a stream is ahead)
+
+    def stream(cadence: Cadence | None) -> StreamDecoder:
+        settings: dict[str, Any] = {
+            "left_context": 6,
+            "first_frames": 2,
+            "chunk_frames": 4,
+            "max_chunk_frames": 16,
+            "frame_rate": 50.0,
+            "clock": lambda: now[0],
+        }
+        if kind == "windows":
+            return StreamDecoder(decode, codec.hop, holdback=2, **settings)
+        return IncrementalStream(codec, torch.zeros(()), cadence=cadence, **settings)
+
+    cadences = [Cadence(4) if kind == "cadence" else None for _ in range(2)]
+    arrays, ints = stream(cadences[0]), stream(cadences[1])
+    streamed: list[list[np.ndarray]] = [[], []]
+    at = 0
+    for n in sizes:
+        now[0] += 0.01
+        piece = codes[..., at : at + n]
+        at += n
+        plans = [arrays.plan_push(piece)]
+        if n == 1:
+            plans.append(ints.plan_push_frame(piece[0, :, 0].tolist()))
+        else:
+            plans.append(ints.plan_push(piece))
+        assert (plans[0] is None) == (plans[1] is None)
+        for out, each, plan in zip(streamed, (arrays, ints), plans, strict=True):
+            if plan is not None:
+                out.append(each.complete_alone(plan))
+        if plans[0] is not None and plans[1] is not None:
+            assert (plans[0].start, plans[0].end) == (plans[1].start, plans[1].end)
+            assert torch.equal(plans[0].window, plans[1].window)
+        for cadence in cadences:
+            if cadence is not None:
+                cadence.tick()
+    for out, each in zip(streamed, (arrays, ints), strict=True):
+        tail = each.flush()
+        out.append(np.zeros((0, 1), np.float32) if tail is None else tail)
+    assert len(streamed[0]) == len(streamed[1]) > 3
+    for first, second in zip(*streamed, strict=True):
+        assert np.array_equal(first, second)
+
+
 def test_loading_keeps_more_convolution_shapes_prepared(monkeypatch: Any) -> None:
     """``load_engines`` raises oneDNN's count of prepared primitives (its
     default, 1,024, holds a codec's layers in a few call shapes only) where the
