@@ -128,7 +128,7 @@ class _HiggsJob:
     decoder: StreamDecoder
     max_frames: int
     index: int = 0
-    chunk_frames: list[Ints] = field(default_factory=list)  # frames [K] of this chunk
+    chunk_frames: list[list[int]] = field(default_factory=list)  # frames [K] of this chunk
     produced: int = 0
     expected: float = 1.0
     fraction: float = 0.0
@@ -912,7 +912,7 @@ class HiggsEngine:
         already holds (the last chunk's prompt and answer, where the new prompt
         repeats them) is kept, the rest is prefilled."""
         ids, audio = self.tokens(self.chunk_prompt(st))
-        u = Utterance.start(ids, audio, self.markers, st.max_new_tokens)
+        u = Utterance.start(ids, audio, self.markers)
         if st.spoken is not None:
             u.fed = u.reusable(st.spoken)
         self.decoder.ensure(length=len(ids) + st.max_new_tokens + 1)
@@ -1070,7 +1070,7 @@ class HiggsEngine:
         if frame is not None:
             st.chunk_frames.append(frame)
             st.produced += 1
-            plan = st.decoder.plan_push(frame.reshape(1, -1, 1))
+            plan = st.decoder.plan_push_frame(frame)
         done = False
         if u.ended or st.produced >= st.max_frames:
             st.spoken = u
@@ -1100,7 +1100,7 @@ class HiggsEngine:
 
     def _chunk_codes(self, st: _HiggsJob) -> Ints:
         """``[K, frames]``: the frames of the chunk being spoken, on the host."""
-        return np.stack(st.chunk_frames, axis=1).astype(np.int64)
+        return np.ascontiguousarray(np.array(st.chunk_frames, dtype=np.int64).T)
 
     def _decode_due(self) -> None:
         """Decode every stream's due codec window, batched (calls of at most

@@ -103,7 +103,7 @@ class RowRules:
         state[k] = 0
         state[k + 1 : 2 * k + 1] = u.eos
         state[2 * k + 1] = u.last == m.delay
-        prompt = u.history[: u.prompt_rows]
+        prompt = u.recent
         state[self._last : self._last + k] = prompt[-1] if len(prompt) else 0
         window = np.full((MAX_RAS_WINDOW, k), -1, dtype=np.int64)
         if len(prompt):

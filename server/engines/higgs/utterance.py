@@ -59,33 +59,26 @@ class Utterance:
     bos: Ints  # [K], as the utterance opens
     eos: Ints  # [K], as the utterance opens
     last: int  # the last text token (audio, delay, or end of turn)
-    # [P + max_new_tokens, K]: the prompt's last audio rows (P, at most the RAS
-    # window), then every row taken; ``taken`` of them filled.
-    history: Ints
-    prompt_rows: int  # P
-    taken: int
-    # The last K rows of ``history`` (fewer at first), as lists: each step's
-    # frame is a diagonal of them, which numpy would read at a microsecond or
-    # two a call, for every stream in every step.
-    lasts: list[list[int]]
+    recent: Ints  # [P, K]: the prompt's last audio rows (at most the RAS window)
+    # Every row taken, as lists: a step writes a row and reads a frame (a
+    # diagonal of the last K rows) for every stream, which numpy would do at a
+    # microsecond or more a call on rows this small.
+    taken: list[list[int]]
     generated: int = 0  # rows taken that are audio (all but an all-EOS last one)
     forwarded: int = 0  # generated rows fed back (in the cache)
     steps: int = 0
     ended: bool = False
 
     @classmethod
-    def start(cls, ids: Ints, audio: Ints, markers: Markers, max_new_tokens: int) -> Utterance:
+    def start(cls, ids: Ints, audio: Ints, markers: Markers) -> Utterance:
         """The utterance a prompt's tokens ``[L]`` and audio rows ``[N, K]`` open,
         with the delay pattern the processor sets up from the prompt's last K
-        tokens, for at most ``max_new_tokens`` rows."""
+        tokens."""
         k = markers.codebooks
         pattern = np.arange(1, k + 1, dtype=np.int64)
         tail = ids[-k:]
         bos_at = np.flatnonzero(tail == markers.audio_bos)
         eos_at = np.flatnonzero(tail == markers.delay)
-        prompt = audio[-MAX_RAS_WINDOW:]
-        history = np.empty((len(prompt) + max(1, max_new_tokens), k), dtype=np.int64)
-        history[: len(prompt)] = prompt
         bos = pattern - (len(tail) - bos_at[0]) if bos_at.size else np.zeros(k, np.int64)
         eos = pattern - (len(tail) - eos_at[0]) if eos_at.size else pattern.copy()
         return cls(
@@ -97,16 +90,15 @@ class Utterance:
             bos=bos,
             eos=eos,
             last=int(ids[-1]),
-            history=history,
-            prompt_rows=len(prompt),
-            taken=len(prompt),
-            lasts=prompt[-k:].tolist(),
+            recent=audio[-MAX_RAS_WINDOW:],
+            taken=[],
         )
 
     @property
     def rows(self) -> Ints:
         """``[generated, K]``: the audio rows generated."""
-        return self.history[self.prompt_rows : self.prompt_rows + self.generated]
+        rows = np.array(self.taken[: self.generated], dtype=np.int64)
+        return rows.reshape(self.generated, self.markers.codebooks)
 
     def reusable(self, old: Utterance) -> int:
         """Positions of this prompt that the row's cache holds from ``old``: its
@@ -142,19 +134,14 @@ class Utterance:
         self.last = m.delay if ended or self.last == m.delay else m.audio
         if all_eos:
             self.last = m.end
-        self.history[self.taken] = tokens
-        self.taken += 1
-        lasts = self.lasts
-        lasts.append(tokens)
-        if len(lasts) > m.codebooks:
-            del lasts[0]
+        self.taken.append(tokens)
         self.steps += 1
         self.ended = all_eos or self.steps >= max_new_tokens
         if not all_eos:
             self.generated += 1
         return all_eos
 
-    def frame(self) -> Ints | None:
+    def frame(self) -> list[int] | None:
         """The frame ``[K]`` the last row completed (codes clipped to the codebook),
         or None: ``rows[0]`` is the all-BOS row, and frame ``j`` needs rows
         ``1 + j`` to ``1 + j + K - 1``, codebook ``k`` from row ``1 + j + k``."""
@@ -162,6 +149,8 @@ class Utterance:
         if self.generated - 1 < k:
             return None
         # Row 1 + j + i of the generated, codebook i: a diagonal of the last k rows.
+        # (A code is a token's index: never below 0.)
         top = self.markers.stream_bos - 1
-        frame = [min(max(row[i], 0), top) for i, row in enumerate(self.lasts)]
-        return np.array(frame, dtype=np.int64)
+        rows = self.taken
+        first = len(rows) - k
+        return [min(rows[first + i][i], top) for i in range(k)]

@@ -302,7 +302,7 @@ class HiggsReference(HiggsEngine):
             j = len(rows) - 1 - k
             frame = torch.stack([rows[1 + j + i][i] for i in range(k)])
             frame = frame.clamp(0, self.stream_bos - 1)
-            st.chunk_frames.append(frame.cpu().numpy())  # (as the batched path keeps them)
+            st.chunk_frames.append(frame.tolist())  # (as the batched path keeps them)
             st.produced += 1
             chunk = st.decoder.push(frame.view(1, k, 1))
             if chunk is not None:
