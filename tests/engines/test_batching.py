@@ -325,15 +325,20 @@ def test_a_bad_codec_window_fails_its_stream_only(windowed: Any) -> None:
     _, engine = windowed
     alone = drive(engine, {0: [("a", make(engine, "a"))]})[0]["a"]
     a, c = make(engine, "a"), make(engine, "c")
-    push = c.state.decoder.plan_push
+    decoder = c.state.decoder
 
-    def poisoned(codes: Any) -> Any:
-        plan = push(codes)
-        if plan is not None:
-            plan.window.fill_(10_000)  # beyond the codebooks
-        return plan
+    def poisoned(push: Any) -> Any:
+        def planned(codes: Any) -> Any:
+            plan = push(codes)
+            if plan is not None:
+                plan.window.fill_(10_000)  # beyond the codebooks
+            return plan
 
-    c.state.decoder.plan_push = poisoned
+        return planned
+
+    # (Frames come one at a time as ints, or several as an array.)
+    decoder.plan_push = poisoned(decoder.plan_push)
+    decoder.plan_push_frame = poisoned(decoder.plan_push_frame)
     runs, _ = drive(engine, {0: [("a", a), ("c", c)]})
     assert isinstance(runs["c"].error, InternalError) and not runs["c"].audio
     assert runs["a"].error is None

@@ -111,7 +111,9 @@ class _MusicGenJob:
     window: Window
     gen_offset: int = 0  # audiocraft's current_gen_offset
     produced: int = 0  # new timesteps generated so far
-    codes: list[Codes] = field(default_factory=list)  # every timestep's codes [1, K, n], in order
+    # Every timestep's codes, in order: the prompt's ``[1, K, n]``, then each
+    # one generated, its codes ``[K]`` as ints (``joined_codes``).
+    codes: list[Codes | list[int]] = field(default_factory=list)
     attributes: list[Any] = field(default_factory=list)  # audiocraft ConditioningAttributes
     melody: Any = None  # the reference clip's WavCondition (melody models)
     melody_length: int = 0  # its samples
@@ -1014,9 +1016,12 @@ class MusicGenEngine:
         audio, st.pending_audio = st.pending_audio, None
         plan = None
         if ready is not None:
-            st.produced += int(ready.shape[-1])
-            st.codes.append(ready)
-            plan = st.decoder.plan_push(ready)
+            st.produced += len(ready)
+            st.codes += ready
+            if len(ready) == 1:  # (a step's usual timestep: one)
+                plan = st.decoder.plan_push_frame(ready[0])
+            else:
+                plan = st.decoder.plan_push(_frames(ready))
         done = False
         if win.done:
             done = self._next_window(st)
@@ -1029,7 +1034,7 @@ class MusicGenEngine:
             self._release_slot(st)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(st.seed)
-            all_codes = torch.from_numpy(np.concatenate(st.codes, axis=-1)).to(self.device)
+            all_codes = torch.from_numpy(joined_codes(st.codes)).to(self.device)
             if int(self.model.audio_channels) == 2:
                 # As audiocraft's MusicGen demo: each channel's codes through the
                 # mono MBD, as a batch of two.
@@ -1174,7 +1179,30 @@ class MusicGenEngine:
     def codes_of(self, job: Job) -> torch.Tensor:
         """Every code ``[1, K, T]`` of a job so far (prompt included), as audiocraft returns."""
         st: _MusicGenJob = job.state
-        return torch.from_numpy(np.concatenate(st.codes, axis=-1))
+        return torch.from_numpy(joined_codes(st.codes))
+
+
+def _frames(frames: list[list[int]]) -> Codes:
+    """Timesteps' codes, each ``[K]`` as ints, as one array ``[1, K, n]``."""
+    return np.ascontiguousarray(np.array(frames, dtype=np.int64).T)[None]
+
+
+def joined_codes(pieces: list[Codes | list[int]]) -> Codes:
+    """``[1, K, T]``: codes kept as arrays ``[1, K, n]`` and as single
+    timesteps ``[K]`` of ints, in order, joined."""
+    arrays: list[Codes] = []
+    frames: list[list[int]] = []
+    for piece in pieces:
+        if isinstance(piece, list):
+            frames.append(piece)
+            continue
+        if frames:
+            arrays.append(_frames(frames))
+            frames = []
+        arrays.append(piece)
+    if frames:
+        arrays.append(_frames(frames))
+    return np.concatenate(arrays, axis=-1)
 
 
 def _inputs_size(rows: int, k: int) -> int:

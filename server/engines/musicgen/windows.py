@@ -91,10 +91,10 @@ class Window:
         """Whether the next ``write`` completes the window."""
         return self.offset + 1 >= self.end_offset
 
-    def write(self, sampled: list[int]) -> Codes | None:
+    def write(self, sampled: list[int]) -> list[list[int]] | None:
         """Write a step's sampled codes ``[K]`` into the next column where it is
         unknown (where the prompt already holds a code, the prompt's). The
-        timesteps it completes, ``[1, K, n]``, or None.
+        timesteps it completes, each one's codes ``[K]`` as ints, or None.
 
         ``LMModel.generate`` writes the special token where the pattern has no
         position; such positions already hold it (``Windows.start``: the
@@ -109,12 +109,8 @@ class Window:
         if ready <= self.ready:
             return None
         first, self.ready = self.ready, ready
-        pairs = zip(self.sequence, self.layout.steps, strict=True)
-        if ready == first + 1:  # (a step's usual timestep: one)
-            codes = [[row[at[first]]] for row, at in pairs]
-        else:
-            codes = [[row[step] for step in at[first:ready]] for row, at in pairs]
-        return np.array([codes], dtype=np.int64)
+        pairs = list(zip(self.sequence, self.layout.steps, strict=True))
+        return [[row[at[t]] for row, at in pairs] for t in range(first, ready)]
 
     def codes(self) -> Codes:
         """Every timestep's codes ``[1, K, T]``, as ``LMModel.generate`` returns them."""
