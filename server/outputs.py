@@ -58,6 +58,15 @@ class RequestOutputs:
 
     def messages(self, output: StepOutput, now: float) -> list[ServerMessage]:
         """What one step's output says to the client."""
+        if (
+            output.audio is None
+            and output.stage == self.stage
+            and not output.done
+            and output.rendition is None
+            and now - self.last_progress_at < PROGRESS_INTERVAL
+            and output.fraction < 1.0
+        ):
+            return []  # (most steps: no audio, and progress went out lately)
         messages: list[ServerMessage] = []
         if output.audio is not None and output.audio.shape[0] > 0:
             if self.first_audio_at is None:

@@ -568,8 +568,9 @@ class Scheduler:
                     self._finish(request, "error", InternalError("the model failed"))
                 continue
             self.steps_total += 1
+            now = time.perf_counter()
             for request, output in zip(requests, outputs, strict=True):
-                self._deliver(request, output)
+                self._deliver(request, output, now)
         young = False
         context = 0.0
         for model, requests in runnable.items():
@@ -581,7 +582,7 @@ class Scheduler:
             context += len(requests) * self._context(self._engines[model], longest)
         return sum(len(requests) for requests in runnable.values()), young, context
 
-    def _deliver(self, request: Request, output: StepOutput) -> None:
+    def _deliver(self, request: Request, output: StepOutput, now: float) -> None:
         assert request.outputs is not None
         if output.error is not None:  # it failed alone; its neighbours go on
             self._release(request)
@@ -590,7 +591,7 @@ class Scheduler:
         live = request.outputs.stage is None
         if live:
             request.seconds = output.seconds
-        for message in request.outputs.messages(output, time.perf_counter()):
+        for message in request.outputs.messages(output, now):
             self._emit(request, message)
         if live and output.stage is not None and not output.done:
             self._post.append(request)  # the live stream is complete

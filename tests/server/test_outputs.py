@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 
-from wavecast.protocol import ModelInfo, Progress
+import numpy as np
+
+from wavecast.protocol import Audio, ModelInfo, Progress
 from wavecast.server.engines.base import StepOutput
 from wavecast.server.outputs import PROGRESS_INTERVAL, RequestOutputs
 
@@ -67,3 +69,20 @@ def test_the_last_step_is_always_said() -> None:
     assert not progress(outputs, StepOutput(None, 0.6, 1.2), 0.001)
     done = progress(outputs, StepOutput(None, 0.6, 1.2, done=True), 0.002)
     assert [p.fraction for p in done] == [0.6]
+
+
+def test_audio_goes_out_at_once_whatever_the_progress() -> None:
+    """A step's audio is said at once, between two progress messages too; a
+    step with none, within the progress interval, says nothing."""
+    outputs = RequestOutputs("r", INFO, "pcm_s16le")
+    chunk = np.zeros((80, 1), dtype=np.float32)
+    assert [type(m) for m in outputs.messages(StepOutput(None, 0.1, 0.1), 0.0)] == [Progress]
+    assert outputs.messages(StepOutput(None, 0.2, 0.2), 0.001) == []
+    said = outputs.messages(StepOutput(chunk, 0.3, 0.3), 0.002)
+    assert [type(m) for m in said] == [Audio]
+    assert outputs.messages(StepOutput(chunk[:0], 0.4, 0.4), 0.003) == []
+    said = outputs.messages(StepOutput(chunk, 0.5, 0.5), 0.003 + PROGRESS_INTERVAL)
+    assert [type(m) for m in said] == [Audio, Progress]
+    assert [(m.seq, m.offset) for m in outputs.messages(StepOutput(chunk, 0.6, 0.6), 0.1)] == [
+        (2, 160)
+    ]
