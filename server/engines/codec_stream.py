@@ -127,9 +127,10 @@ class StreamDecoder:
         # so, and they are joined only when a window is cut from them (every few
         # steps), not copied into ``_codes`` at every push.
         self._pieces: list[npt.NDArray[np.int64]] = []
-        # Frames pushed one at a time as ints (``plan_push_frame``) since: a
-        # piece of their own once joined (a numpy array a frame would cost a
-        # microsecond or two a stream a step).
+        # Frames pushed one at a time as ints (``plan_push_frame``) since the
+        # last piece: they become a piece of their own when a window is cut
+        # (an array made for each frame would cost a microsecond or two a
+        # stream a step).
         self._loose: list[Sequence[int]] = []
         self._base = 0
         self.total = 0  # frames pushed

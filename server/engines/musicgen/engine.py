@@ -112,7 +112,7 @@ class _MusicGenJob:
     gen_offset: int = 0  # audiocraft's current_gen_offset
     produced: int = 0  # new timesteps generated so far
     # Every timestep's codes, in order: the prompt's ``[1, K, n]``, then each
-    # one generated, its codes ``[K]`` as ints (``joined_codes``).
+    # one generated, its codes ``[K]`` as ints (``_joined_codes``).
     codes: list[Codes | list[int]] = field(default_factory=list)
     attributes: list[Any] = field(default_factory=list)  # audiocraft ConditioningAttributes
     melody: Any = None  # the reference clip's WavCondition (melody models)
@@ -1034,7 +1034,7 @@ class MusicGenEngine:
             self._release_slot(st)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(st.seed)
-            all_codes = torch.from_numpy(joined_codes(st.codes)).to(self.device)
+            all_codes = torch.from_numpy(_joined_codes(st.codes)).to(self.device)
             if int(self.model.audio_channels) == 2:
                 # As audiocraft's MusicGen demo: each channel's codes through the
                 # mono MBD, as a batch of two.
@@ -1179,7 +1179,7 @@ class MusicGenEngine:
     def codes_of(self, job: Job) -> torch.Tensor:
         """Every code ``[1, K, T]`` of a job so far (prompt included), as audiocraft returns."""
         st: _MusicGenJob = job.state
-        return torch.from_numpy(joined_codes(st.codes))
+        return torch.from_numpy(_joined_codes(st.codes))
 
 
 def _frames(frames: list[list[int]]) -> Codes:
@@ -1187,7 +1187,7 @@ def _frames(frames: list[list[int]]) -> Codes:
     return np.ascontiguousarray(np.array(frames, dtype=np.int64).T)[None]
 
 
-def joined_codes(pieces: list[Codes | list[int]]) -> Codes:
+def _joined_codes(pieces: list[Codes | list[int]]) -> Codes:
     """``[1, K, T]``: codes kept as arrays ``[1, K, n]`` and as single
     timesteps ``[K]`` of ints, in order, joined."""
     arrays: list[Codes] = []
