@@ -269,6 +269,7 @@ class HiggsEngine:
         self._rules = RowRules(1, self.markers, self.decoder.card, self.device)
         self._graphs = None
         self._prefilled = PrefilledLogits(1, self.num_codebooks, self.decoder.card, self.device)
+        self._cuts: dict[int, list[int]] = {}  # a step's inputs' places, by rows (``_parts``)
         if cuda_graphs:
             record = self.device.type == "cuda"
             self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
@@ -759,7 +760,7 @@ class HiggsEngine:
             return None
         k = self.num_codebooks
         rows = self._slots.span(st.slot for st in states if st.slot is not None)
-        window = max(1, int(self._ras_len[:rows].max()))
+        window = max(1, *self._ras_len[:rows].tolist())  # (numpy's max: microseconds)
         if self._graphs is not None:
             window = span_for(window, least=8)  # a few shapes (the rest is -1: no repeat)
         stepped = np.zeros(rows, dtype=bool)
@@ -828,8 +829,10 @@ class HiggsEngine:
         delay pattern's and the repetition windows are the rows' rules, on the
         device: ``RowRules``.)"""
         k = self.num_codebooks
-        cut = np.cumsum(self._input_sizes(rows)[:-1])
-        parts = list(torch.tensor_split(inputs, cut.tolist()))
+        cut = self._cuts.get(rows)
+        if cut is None:
+            cut = self._cuts[rows] = np.cumsum(self._input_sizes(rows)[:-1]).tolist()
+        parts = list(torch.tensor_split(inputs, cut))
         parts[2] = parts[2].view(rows, k)
         parts[3] = parts[3].view(rows, k)
         return parts
