@@ -68,6 +68,7 @@ __all__ = [
     "complete_due",
     "decode_batched",
     "fastest_rows",
+    "frames_to_codes",
     "wait_for_firsts",
 ]
 
@@ -203,8 +204,7 @@ class StreamDecoder:
     def _settle(self) -> None:
         """The frames pushed as ints, a piece ``[1, K, n]`` of their own."""
         if self._loose:
-            frames = np.array(self._loose, dtype=np.int64)  # [n, K]
-            self._pieces.append(np.ascontiguousarray(frames.T)[None])
+            self._pieces.append(frames_to_codes(self._loose))
             self._loose = []
 
     @property
@@ -255,6 +255,11 @@ class StreamDecoder:
         self._codes = self._joined()[..., keep_from - self._base :]
         self._base = keep_from
         return np.ascontiguousarray(chunk, dtype=np.float32)
+
+
+def frames_to_codes(frames: Sequence[Sequence[int]]) -> npt.NDArray[np.int64]:
+    """Frames, each one's ``K`` codes as ints, as codes ``[1, K, n]``."""
+    return np.ascontiguousarray(np.array(frames, dtype=np.int64).T)[None]
 
 
 class Cadence:

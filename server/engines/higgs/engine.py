@@ -60,7 +60,14 @@ from ..base import (
     run_once,
 )
 from ..codec_decoders import for_serving
-from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
+from ..codec_stream import (
+    CodecStreams,
+    Due,
+    StreamDecoder,
+    StreamGeometry,
+    complete_due,
+    frames_to_codes,
+)
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
 from ..pieces import measured, run_through, without_grad
@@ -269,7 +276,8 @@ class HiggsEngine:
         self._rules = RowRules(1, self.markers, self.decoder.card, self.device)
         self._graphs = None
         self._prefilled = PrefilledLogits(1, self.num_codebooks, self.decoder.card, self.device)
-        self._cuts: dict[int, list[int]] = {}  # a step's inputs' places, by rows (``_parts``)
+        # A step's inputs' places by its rows (``_parts``): as many as the table's rows.
+        self._cuts: dict[int, list[int]] = {}
         if cuda_graphs:
             record = self.device.type == "cuda"
             self._graphs = StepGraphs(self._graphed_step, self.decoder.storage, record=record)
@@ -1103,7 +1111,8 @@ class HiggsEngine:
 
     def _chunk_codes(self, st: _HiggsJob) -> Ints:
         """``[K, frames]``: the frames of the chunk being spoken, on the host."""
-        return np.ascontiguousarray(np.array(st.chunk_frames, dtype=np.int64).T)
+        codes: Ints = frames_to_codes(st.chunk_frames)[0]
+        return codes
 
     def _decode_due(self) -> None:
         """Decode every stream's due codec window, batched (calls of at most

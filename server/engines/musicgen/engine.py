@@ -56,7 +56,14 @@ from ..base import (
     run_once,
 )
 from ..codec_decoders import for_serving
-from ..codec_stream import CodecStreams, Due, StreamDecoder, StreamGeometry, complete_due
+from ..codec_stream import (
+    CodecStreams,
+    Due,
+    StreamDecoder,
+    StreamGeometry,
+    complete_due,
+    frames_to_codes,
+)
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import check_room, reserving
 from ..pieces import measured, scaled, without_grad
@@ -1021,7 +1028,7 @@ class MusicGenEngine:
             if len(ready) == 1:  # (a step's usual timestep: one)
                 plan = st.decoder.plan_push_frame(ready[0])
             else:
-                plan = st.decoder.plan_push(_frames(ready))
+                plan = st.decoder.plan_push(frames_to_codes(ready))
         done = False
         if win.done:
             done = self._next_window(st)
@@ -1182,11 +1189,6 @@ class MusicGenEngine:
         return torch.from_numpy(_joined_codes(st.codes))
 
 
-def _frames(frames: list[list[int]]) -> Codes:
-    """Timesteps' codes, each ``[K]`` as ints, as one array ``[1, K, n]``."""
-    return np.ascontiguousarray(np.array(frames, dtype=np.int64).T)[None]
-
-
 def _joined_codes(pieces: list[Codes | list[int]]) -> Codes:
     """``[1, K, T]``: codes kept as arrays ``[1, K, n]`` and as single
     timesteps ``[K]`` of ints, in order, joined."""
@@ -1197,11 +1199,11 @@ def _joined_codes(pieces: list[Codes | list[int]]) -> Codes:
             frames.append(piece)
             continue
         if frames:
-            arrays.append(_frames(frames))
+            arrays.append(frames_to_codes(frames))
             frames = []
         arrays.append(piece)
     if frames:
-        arrays.append(_frames(frames))
+        arrays.append(frames_to_codes(frames))
     return np.concatenate(arrays, axis=-1)
 
 

@@ -109,8 +109,11 @@ class Window:
         if ready <= self.ready:
             return None
         first, self.ready = self.ready, ready
-        pairs = list(zip(self.sequence, self.layout.steps, strict=True))
-        return [[row[at[t]] for row, at in pairs] for t in range(first, ready)]
+        steps = self.layout.steps
+        return [
+            [row[at[t]] for row, at in zip(self.sequence, steps, strict=True)]
+            for t in range(first, ready)
+        ]
 
     def codes(self) -> Codes:
         """Every timestep's codes ``[1, K, T]``, as ``LMModel.generate`` returns them."""
