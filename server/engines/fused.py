@@ -30,8 +30,9 @@ summation: the norm in float32 rounded to the weight's format (as autocast runs
 MusicGen's layer norms, as the speech model rounds its own), the product summed
 in float32 and rounded once with its bias, every operation after it rounding
 once more, as the separate 16-bit operations do (in Triton's interpreter on a
-CPU, which sums as the library does, the speech step's logits and cache equal
-the library step's bit for bit: ``scripts/fused-on-cpu``). Each row's result is
+CPU the speech step's logits and cache are the library step's, bit for bit
+where the library's product sums in NumPy's order, else a rare value one
+rounding apart: ``scripts/fused-on-cpu``). Each row's result is
 the same whatever the other rows of the call: a program sums every row in the
 same order, and the rows are only padded to ``BLOCK_M``.
 
