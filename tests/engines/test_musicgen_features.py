@@ -230,6 +230,70 @@ def test_check_refuses_a_continuation_too_long_for_its_duration(windowed: Any) -
         assert info.value.field == "inputs.continuation"
 
 
+def codes_together(engine: MusicGenEngine, prompts: list[str]) -> list[torch.Tensor]:
+    """Requests for ``prompts`` started in one step and stepped together to their
+    ends: each one's codes."""
+    params = resolve_params(engine.info.params, {"duration": 0.5, "seed": 3})
+    jobs = [engine.prepare(EngineRequest(f"r{i}", p, params)) for i, p in enumerate(prompts)]
+    active = list(jobs)
+    while active:
+        outputs = engine.step(active)
+        active = [job for job, out in zip(active, outputs, strict=True) if not out.done]
+    codes = [engine.codes_of(job) for job in jobs]
+    for job in jobs:
+        engine.finish(job)
+    return codes
+
+
+@pytest.mark.parametrize("which", ["windowed", "melodic"])
+def test_a_check_while_the_inference_thread_tokenizes_changes_nothing(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    """A request's prompt is counted in tokens by its check, on the event loop
+    or the upload pool, while the inference thread may be tokenizing a batch of
+    descriptions with padding (a crowd's, as here for the text-only model; a
+    melody request's text and its null one). A fast tokenizer sets its padding
+    in its backend at every call, so the two must not share one: here a check
+    runs where a thread switch can put it, between the inference thread's call
+    setting the padding on and its encoding the batch (the random clients met
+    it twice in some ten thousand requests: the batch came back unpadded and
+    the request failed; a crowd's call failed, and each was encoded again
+    alone). The requests' codes are the same as without it, and a crowd's
+    descriptions are encoded in one call that does not fail."""
+    _, engine = request.getfixturevalue(which)
+    prompts = ["a melody of nineteen", "drums"]
+    want = codes_together(engine, prompts)
+    conditioning = engine.conditioning
+    tokenizer, together = conditioning.tokenizer, conditioning.together
+    setting = tokenizer.set_truncation_and_padding
+    checked: list[bool] = []
+    raised: list[BaseException] = []
+
+    def recorded(attributes: list[Any]) -> Any:
+        try:
+            return together(attributes)
+        except Exception as exc:
+            raised.append(exc)
+            raise
+
+    def set_then_check(**arguments: Any) -> None:
+        setting(**arguments)
+        if arguments["padding_strategy"].value != "do_not_pad" and not checked:
+            checked.append(True)
+            params = resolve_params(engine.info.params, {"duration": 0.5})
+            engine.check(EngineRequest("other", "abc", params))
+
+    tokenizer.set_truncation_and_padding = set_then_check
+    conditioning.together = recorded
+    try:
+        got = codes_together(engine, prompts)
+    finally:
+        del tokenizer.set_truncation_and_padding, conditioning.together
+    assert checked, "the inference thread tokenized no batch with padding"
+    assert not raised, raised
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 @pytest.fixture(scope="module")
 def melodic() -> tuple[Any, MusicGenEngine]:
     model = build_tiny_musicgen(melody=True, window=2.0, seed=5)

@@ -10,6 +10,7 @@ call; melody models condition each request on its own, Demucs in pieces
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
@@ -52,8 +53,15 @@ class Conditioning:
         description = None
         if "description" in conditioners:  # (a ModuleDict: no .get)
             description = conditioners["description"]
-        # The text encoder's tokenizer: the prompt limit is counted in its tokens.
+        # The text encoder's tokenizer: the prompt limit is counted in its tokens,
+        # by a copy of it (``_counter``). A fast tokenizer keeps its padding in its
+        # backend and sets it at every call, from the call's arguments: a check
+        # counting a prompt unpadded (on the event loop or the upload pool) could
+        # turn the padding off between the inference thread's setting it and its
+        # encoding a batch (the texts then come back of different lengths, and
+        # the request fails), or find the backend in use and fail itself.
         self.tokenizer = getattr(description, "t5_tokenizer", None)
+        self._counter = copy.deepcopy(self.tokenizer)
         self.device = torch.device(getattr(description, "device", model.device))
         # Where the description is the only condition (and is encoded as given), the
         # requests that start in the same step are encoded in one call
@@ -64,9 +72,8 @@ class Conditioning:
             and not getattr(description, "normalize_text", True)
         )
         # The empty text's length in tokens (the unconditional half's).
-        self._empty_tokens = (
-            len(self.tokenizer("")["input_ids"]) if self.tokenizer is not None else 0
-        )
+        # (The copy's first call sets its padding off, here, before any check.)
+        self._empty_tokens = len(self._counter("")["input_ids"]) if self._counter is not None else 0
         self.melody = "self_wav" in conditioners
         # Melody models: Demucs separates a reference a layer per pause.
         self.stems = None
@@ -75,9 +82,9 @@ class Conditioning:
 
     def check_prompt(self, text: str) -> None:
         """Refuse a description longer than the text encoder is given (in its tokens)."""
-        if self.tokenizer is None:
+        if self._counter is None:
             return
-        count = len(self.tokenizer(text)["input_ids"])
+        count = len(self._counter(text)["input_ids"])
         if count > self.max_prompt_tokens:
             raise InvalidField(
                 f"prompt is {count} tokens long; this model reads at most "
