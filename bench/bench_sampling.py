@@ -158,7 +158,7 @@ def main() -> None:
             table.set_row(slot, temperature=1.0, top_k=args.top_k, top_p=0.0, seed=slot)
         logits = torch.randn(2 * slots, CODEBOOKS, VOCAB) * 3
         cfg = torch.full((slots,), 3.0)
-        keys = torch.from_numpy(table.keys())
+        keys = torch.from_numpy(table.draw_keys(slots, CODEBOOKS))
         before = draw(logits, cfg, table, keys, planned=False)
         assert torch.equal(draw(logits, cfg, table, keys, planned=True), before)
         old, new = (
