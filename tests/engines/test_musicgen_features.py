@@ -516,6 +516,49 @@ def test_a_melodys_demucs_runs_one_layer_per_pause(melodic: Any) -> None:
         assert torch.equal(st.cfg_conditions[name][1], mask), name
 
 
+def test_a_melodys_draws_are_its_own_whatever_other_threads_draw(melodic: Any) -> None:
+    """Other threads draw from Python's ``random`` at any time (the event loop's
+    keepalive pings do), also while the inference thread is inside a part of a
+    melody's conditioning, its operations having let go of the interpreter. Here
+    the text encoder and every Demucs layer draw from Python's ``random`` as such
+    a thread would: the conditioning in pieces, and the state of the request's
+    draws after it (what its next long-form window's Demucs starts from), are
+    those made without them."""
+    _, engine = melodic
+    rng = np.random.default_rng(8)
+    reference = wav_bytes((0.2 * rng.standard_normal((44100 * 6, 1))).astype(np.float32), 44100)
+    params = resolve_params(engine.info.params, {"duration": 1.5, "seed": 3})
+
+    def conditioned() -> tuple[Any, Any]:
+        job = None
+        for item in engine.prepare_steps(EngineRequest("t", "hum", params, {"melody": reference})):
+            job = item
+        assert job is not None
+        conditions, state = job.state.cfg_conditions, job.state.py_random
+        engine.finish(job)
+        return conditions, state
+
+    want, want_state = conditioned()
+    conditioners = engine.lm.condition_provider.conditioners
+    demucs = conditioners["self_wav"].demucs
+    modules = [conditioners["description"].t5, *demucs.encoder, *demucs.decoder]
+    modules += [*demucs.crosstransformer.layers, *demucs.crosstransformer.layers_t]
+
+    def another_thread(*_: Any) -> None:
+        random.getrandbits(32)  # (a ping's payload, say)
+
+    handles = [module.register_forward_pre_hook(another_thread) for module in modules]
+    try:
+        got, state = conditioned()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert state == want_state
+    for name, (embeds, mask) in want.items():
+        assert torch.equal(got[name][0], embeds), name
+        assert torch.equal(got[name][1], mask), name
+
+
 def test_long_form_melody_windows_condition_one_layer_per_step(melodic: Any) -> None:
     """Each new long-form window's melody chroma is computed in pieces too: a
     decode step runs at most one Demucs layer, and the codes stay audiocraft's

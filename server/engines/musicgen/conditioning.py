@@ -11,7 +11,6 @@ call; melody models condition each request on its own, Demucs in pieces
 from __future__ import annotations
 
 import copy
-import random
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -25,6 +24,7 @@ from wavecast.protocol import InvalidField
 
 from ..pipelining import upload
 from .melody import StemsInPieces, in_pieces
+from .separation import drawing
 
 __all__ = ["Conditioning"]
 
@@ -107,16 +107,16 @@ class Conditioning:
     def one(self, attributes: list[Any], py_random: Any) -> tuple[Conditions, Any]:
         """Condition tensors for the conditional and the null half, as LMModel.generate.
 
-        Demucs (melody models) shifts its input at random with Python's ``random``:
-        each request keeps its own state of it, so that its seed reproduces it.
-        Returns the tensors and the new state.
+        Demucs (melody models) shifts its input at random, as Python's ``random``
+        would: each request draws from a generator of its own (``drawing``), kept
+        as its state between calls, so that its seed reproduces it whatever other
+        threads draw meanwhile. Returns the tensors and the new state.
         """
-        random.setstate(py_random)
-        with torch.no_grad(), self.autocast():
+        with drawing(py_random) as generator, torch.no_grad(), self.autocast():
             null = ClassifierFreeGuidanceDropout(p=1.0)(attributes)
             tokenized = self.provider.tokenize(attributes + null)
             conditions = self.provider(tokenized)
-        return conditions, random.getstate()
+        return conditions, generator.getstate()
 
     def in_pieces(
         self, attributes: list[Any], py_random: Any

@@ -10,13 +10,14 @@ run in one go on the inference thread, it would hold every other stream.
 
 1. the conditioning, up to the separation: :class:`StemsInPieces` (which takes
    over the conditioner's ``_get_stemmed_wav``) records what it is asked to
-   separate, and the state of Python's ``random`` then, and stops it there;
+   separate, and the state of the request's draws then (``random``'s, from a
+   generator of its own: ``separation.drawing``), and stops it there;
 2. the separation, a part at a time (``separation.apply_in_parts``: a layer of
    a segment's Demucs per part), a pause (``yield``) after each, from that state
-   of ``random`` (Demucs draws from it: a random shift, each segment's
-   positional embedding);
+   (Demucs draws from it: a random shift, each segment's positional
+   embedding);
 3. the conditioning again, whole: the separation asked for is the one made,
-   which comes back as it is, and leaves ``random`` as the separation did.
+   which comes back as it is, and leaves the draws as the separation did.
 
 A silent row (the null half of a request's guidance pair, which the
 conditioning separates beside its reference) is not separated: Demucs makes
@@ -26,25 +27,25 @@ float rounding (a batch of one is split over the threads otherwise than one of
 two: 1e-8 of the stems here; the chroma, and the codes, the same, tested):
 half the work of every melody request.
 
-Each part runs without gradients and in the conditioner's autocast, with the
-request's own state of ``random`` (other requests' parts, and whatever else
-uses ``random``, may run in the pauses); the stems, so the conditioning, and the
-state of ``random`` after it are those of the separation in one go exactly
-(tested). The conditioning's other work (the text, the reference's resampling,
-the chroma) runs twice, not once per part.
+Each part runs without gradients and in the conditioner's autocast, drawing
+from the request's own generator (other requests' parts may run in the pauses,
+and other threads draw from Python's ``random`` at any time); the stems, so the
+conditioning, and the state of the request's draws after it are those of the
+separation in one go from the same state exactly (tested). The
+conditioning's other work (the text, the reference's resampling, the chroma)
+runs twice, not once per part.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 import torch
 
 from ..pieces import measured
-from .separation import apply_in_parts, parts_of
+from .separation import apply_in_parts, draw_state, drawing, parts_of, set_draw_state
 
 __all__ = ["StemsInPieces", "in_pieces"]
 
@@ -58,7 +59,7 @@ class _Wanted(Exception):
         super().__init__("a separation to make in parts")
         self.wav = wav
         self.sample_rate = sample_rate
-        self.state = state  # Python's random, as the separation begins
+        self.state = state  # the request's draws, as the separation begins
 
 
 class _Made:
@@ -67,7 +68,7 @@ class _Made:
     def __init__(self, wanted: _Wanted, stems: torch.Tensor, state: Any) -> None:
         self.wanted = wanted
         self.stems = stems
-        self.state = state  # Python's random, as the separation left it
+        self.state = state  # the request's draws, as the separation left it
 
 
 class StemsInPieces:
@@ -93,10 +94,10 @@ class StemsInPieces:
         made = self._made
         if made is not None and _same(made.wanted, wav, sample_rate):
             self._made = None  # (once)
-            random.setstate(made.state)
+            set_draw_state(made.state)
             return made.stems
         if self._stop:
-            raise _Wanted(wav, sample_rate, random.getstate())
+            raise _Wanted(wav, sample_rate, draw_state())
         from demucs.apply import apply_model
         from demucs.audio import convert_audio
 
@@ -114,7 +115,7 @@ class StemsInPieces:
 
     def separate(self, wanted: _Wanted) -> Generator[float, None, _Made]:
         """``stemmed_wav`` of what ``wanted`` asks, a part at a time (each in the
-        conditioner's contexts and the request's state of ``random``); each
+        conditioner's contexts, drawing from the request's generator); each
         pause says how much of it is done (0 to 1, 1 not included: the parts
         are counted beforehand, at most as many as it takes)."""
         conditioner = self.conditioner
@@ -141,13 +142,12 @@ class StemsInPieces:
             state = wanted.state
             parts = separation()
             while True:
-                with torch.no_grad(), conditioner.autocast:
-                    random.setstate(state)
+                with torch.no_grad(), conditioner.autocast, drawing(state) as generator:
                     try:
                         next(parts)
                     except StopIteration as made:
-                        return _Made(wanted, made.value, random.getstate())
-                    state = random.getstate()
+                        return _Made(wanted, made.value, generator.getstate())
+                    state = generator.getstate()
                 yield
 
         return (yield from measured(in_contexts(), total))
@@ -216,7 +216,8 @@ def in_pieces(
     ``StemsInPieces.separate``), then one more; returns what ``compute`` returns.
 
     ``compute`` must start from the same state at each run (it sets Python's
-    ``random`` state itself) and have no other lasting effect.
+    state of its draws itself: ``separation.drawing``) and have no other
+    lasting effect.
     """
     if stems is None:
         return compute()

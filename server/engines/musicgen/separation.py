@@ -22,12 +22,23 @@ part.
 The caller runs each part in the conditioner's contexts (no gradients, its
 autocast), not across the pauses: between them the scheduler steps the other
 streams.
+
+Demucs' modules draw from ``random`` as their module's global; here that name
+is ``draws``, which draws from the generator a thread has set (``drawing``: a
+request's own, on the inference thread), and from Python's ``random``
+elsewhere. Other threads draw from Python's ``random`` whenever they run (the
+event loop's keepalive pings do, every connection's every 20 s), which they
+may while a part's operations let go of the interpreter: drawing from the
+process's generator, a request's shift would be the one its seed gives only
+when no ping came at the wrong moment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Generator
+import threading
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import demucs.apply
@@ -39,7 +50,15 @@ from demucs.utils import center_trim
 from einops import rearrange
 from torch.nn import functional as F
 
-__all__ = ["apply_in_parts", "forward_in_parts", "parts_of"]
+__all__ = [
+    "apply_in_parts",
+    "draw_state",
+    "drawing",
+    "draws",
+    "forward_in_parts",
+    "parts_of",
+    "set_draw_state",
+]
 
 Parts = Generator[None, None, torch.Tensor]
 
@@ -47,6 +66,49 @@ Parts = Generator[None, None, torch.Tensor]
 TensorChunk: Any = demucs.apply.TensorChunk
 tensor_chunk: Any = demucs.apply.tensor_chunk
 create_2d_sin_embedding: Any = demucs.transformer.create_2d_sin_embedding
+
+
+class _Drawing(threading.local):
+    generator: random.Random | None = None  # this thread's (None: Python's ``random``)
+
+
+_drawing = _Drawing()
+
+
+class _Draws:
+    """``random`` as Demucs' modules see it (see the module's docstring)."""
+
+    def __getattr__(self, name: str) -> Any:
+        generator = _drawing.generator
+        return getattr(random if generator is None else generator, name)
+
+
+draws: Any = _Draws()
+demucs.apply.random = draws  # type: ignore[attr-defined]
+demucs.transformer.random = draws  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def drawing(state: Any) -> Iterator[random.Random]:
+    """Demucs' draws on this thread, for the block, from a generator of its own
+    started in ``state`` (``random.getstate()``'s form); the generator."""
+    generator = random.Random()
+    generator.setstate(state)
+    outer, _drawing.generator = _drawing.generator, generator
+    try:
+        yield generator
+    finally:
+        _drawing.generator = outer
+
+
+def draw_state() -> Any:
+    """The state of what Demucs draws from on this thread."""
+    return draws.getstate()
+
+
+def set_draw_state(state: Any) -> None:
+    """Set the state of what Demucs draws from on this thread."""
+    draws.setstate(state)
 
 
 def apply_in_parts(
@@ -93,7 +155,7 @@ def apply_in_parts(
         padded_mix = chunk.padded(length + 2 * max_shift)
         shifted_sum: Any = 0.0
         for _ in range(shifts):
-            offset = random.randint(0, max_shift)
+            offset = draws.randint(0, max_shift)
             shifted = TensorChunk(padded_mix, offset, length + max_shift - offset)
             shifted_out = yield from apply_in_parts(
                 model, shifted, 0, split, overlap, transition_power, device, segment
