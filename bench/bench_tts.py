@@ -110,7 +110,7 @@ def baseline(engine: HiggsEngine, args: argparse.Namespace, device: str) -> list
                 0, engine.stream_bos - 1
             )
             spoken.append(codes)
-            st.history.append((chunk, PromptAudio(codes)))
+            st.history.append((chunk, PromptAudio(codes.cpu().numpy())))
         engine.codec.decode(torch.cat(spoken, dim=1).unsqueeze(0))
         sync(device)
         times.append(time.perf_counter() - start)
