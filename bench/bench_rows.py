@@ -10,13 +10,18 @@ AVX-512 (the server then runs the row kernel's wide build), its plain build
 too, and whether the two give the same bits (with either dtype). ``--dtype
 bfloat16``: the weight and rows in bfloat16 (a model run in bfloat16), the
 library's product against the row kernel's. ``--builds --engine MODEL``:
-MODEL's engine steps with its products by either build, in turns.
+MODEL's engine steps with its products by either build, in turns. ``--split``:
+the row kernel's products on one thread and on ``--threads``, the work given
+to the threads it keeps (as it runs) or to threads started for the call (as it
+ran before, from the threshold it had then too), each weight read cold, as a
+step reads it (copies of it cycled through, twice the last-level cache).
 
     .venv/bin/python bench/bench_rows.py
     .venv/bin/python bench/bench_rows.py --threads 2 --rows 1 4
     .venv/bin/python bench/bench_rows.py --builds --rows 1 2 4 8
     .venv/bin/python bench/bench_rows.py --dtype bfloat16 --rows 1 2 4 8
     .venv/bin/python bench/bench_rows.py --builds --engine random-higgs-3b --dtype bfloat16
+    .venv/bin/python bench/bench_rows.py --split --threads 2 --rows 2 4
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -101,7 +106,16 @@ def main() -> None:
         "by the row kernel's wide build and by its plain build, in turns",
     )
     parser.add_argument("--streams", type=int, default=4, help="with --engine")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="the row kernel on one thread and on --threads, by its kept threads or by "
+        "threads started for each call",
+    )
     args = parser.parse_args()
+    if args.split:
+        split(args)
+        return
     if args.engine:
         builds_in_engine(args)
         return
@@ -258,6 +272,75 @@ def halves(args: argparse.Namespace) -> None:
             if plain is not None:
                 ways.append(partial(plain.product, weight, None, x))
             table_row(args, f"{outputs:,} x {inputs:,} | {rows}", ways, exact, plain is not None)
+
+
+# MusicGen-small's products (its query/key/value projection, its out and cross
+# projections, its feed-forward in and out), and the 3B speech model's down
+# projection.
+SPLIT_SHAPES = [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096), (3072, 8192)]
+BEFORE = 1 << 21  # PER_THREAD_PRODUCT before the kept threads
+
+
+def split(args: argparse.Namespace) -> None:
+    """``--split``: the row kernel's products of ``--rows`` rows, each weight
+    read cold, on one thread and on ``--threads`` three ways, in turns."""
+    threads = args.threads
+    kernel = kernel_section(f"the row kernel's products on 1 and {threads} threads", threads)
+    cache = 64 << 20  # (twice a 32 MB last-level cache)
+    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} rounds, the ways in turns")
+    print("- each call reads a weight not read since the cache was filled with others")
+    print(f"- threads split a weight's outputs from {rowkernel.PER_THREAD_PRODUCT:,} elements each")
+    print("- ms a call\n")
+    print(
+        f"| weight | rows | 1 thread | {threads}, started a call, split from {BEFORE:,} (before) "
+        f"| {threads}, started a call | {threads}, kept (now) | now / before |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    generator = torch.Generator().manual_seed(0)
+    for outputs, inputs in SPLIT_SHAPES:
+        copies = max(2, cache // (outputs * inputs * 4))
+        weights = [torch.randn(outputs, inputs, generator=generator) for _ in range(copies)]
+        for rows in args.rows:
+            x = torch.randn(rows, inputs, generator=generator)
+            want = kernel.product(weights[0], None, x)
+
+            now = rowkernel.PER_THREAD_PRODUCT
+            ways = [
+                partial(products, kernel, weights, x, 1, True, now),
+                partial(products, kernel, weights, x, threads, False, BEFORE),
+                partial(products, kernel, weights, x, threads, False, now),
+                partial(products, kernel, weights, x, threads, True, now),
+            ]
+            times = [t / copies for t in in_turns(ways, max(1, args.runs // 2))]
+            assert torch.equal(kernel.product(weights[0], None, x), want)
+            cells = " | ".join(f"{t:.3f}" for t in times)
+            print(
+                f"| {outputs:,} x {inputs:,} | {rows} | {cells} | {times[3] / times[1]:.2f} |",
+                flush=True,
+            )
+
+
+def products(
+    kernel: rowkernel.RowKernel,
+    weights: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    threads: int,
+    pooled: bool,
+    per: int,
+) -> None:
+    """``x`` by each of ``weights`` on ``threads`` threads, kept or started for
+    each call (``pooled``), each thread with ``per`` elements of a weight or more."""
+    was_threads, was_per = torch.get_num_threads(), rowkernel.PER_THREAD_PRODUCT
+    torch.set_num_threads(threads)
+    rowkernel.PER_THREAD_PRODUCT = per
+    was_pooled = kernel.pooling(int(pooled))
+    try:
+        for weight in weights:
+            kernel.product(weight, None, x)
+    finally:
+        kernel.pooling(was_pooled)
+        rowkernel.PER_THREAD_PRODUCT = was_per
+        torch.set_num_threads(was_threads)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,16 @@ scores, torch's 65; rows of 512, 0.53x its time: ``bench/bench_sampling.py
 It is C (AVX2 and FMA), compiled with the machine's C compiler when first asked
 for (about a second), and checked against float64 products before it is used;
 where there is no compiler, no such CPU or the check fails, ``load`` says why
-and the libraries' products stay. The work is split over torch's threads for a
-weight large enough to pay for starting them. The call releases the GIL
+and the libraries' products stay. The work is split over torch's threads
+where it is large enough: a product's weight of a quarter of a million
+elements or more (``PER_THREAD_PRODUCT``), the attention's keys and a codec
+unit's samples of a few million (``PER_THREAD``). The threads are kept for
+the kernels, started once (a pool, in C): a part reaches a kept thread in a
+few microseconds, where starting a thread for it took tens, which a weight of
+a million elements (MusicGen-small's 1,024 x 1,024) did not pay for; two
+threads now multiply two rows by one, read cold as a step reads it, in 0.64x
+the time the call took before, by MusicGen-small's query/key/value weight in
+0.54x (``bench/bench_rows.py --split``). The call releases the GIL
 (``ctypes``).
 """
 
@@ -132,9 +140,14 @@ log = logging.getLogger(__name__)
 
 # Rows a call multiplies at once (the kernel's blocks: one to eight).
 MOST_ROWS = 8
-# Elements of the weight a thread of its own must have to be worth starting
-# (for attention: of the keys it reads).
+# Elements a thread must have of a call's work for the call to use it: of the
+# keys the attention reads, of a codec unit's or convolution's work.
 PER_THREAD = 1 << 21
+# Elements of a product's weight each thread must have (a weight of twice as
+# many is split over two): each thread's part then some tens of microseconds'
+# reading, where a kept thread takes its part in a few (see the pool in
+# SOURCE; ``bench/bench_rows.py --split``).
+PER_THREAD_PRODUCT = 1 << 17
 # Samples a thread of its own must have for an activation (ELU, Snake) to be
 # worth starting it.
 PER_THREAD_ELU = 1 << 16
@@ -147,8 +160,10 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 int rows_usable(void) {
     __builtin_cpu_init();
@@ -287,21 +302,145 @@ static void *run(void *arg) {
     return 0;
 }
 
-/* Run `parts` tasks (`size` bytes apart from `tasks`) by `fn`: the first here,
-   the others on threads of their own (one that cannot start: here, after).
-   Nonzero if any returned nonzero. */
-static int run_parts(void *(*fn)(void *), void *tasks, size_t size, int parts) {
+/* `parts` tasks (`size` bytes apart from `tasks`) by `fn`: the first here,
+   the others on threads of their own, started for the call (one that cannot
+   start: here, after). Nonzero if any returned nonzero. */
+static int run_started(void *(*fn)(void *), char *at, size_t size, int parts) {
     pthread_t ids[16];
     int started[16] = {0}, failed = 0;
-    char *at = tasks;
     for (int i = 1; i < parts; i++) started[i] = pthread_create(&ids[i], 0, fn, at + i * size) == 0;
-    if (parts > 0) failed |= fn(at) != 0;
+    failed |= fn(at) != 0;
     for (int i = 1; i < parts; i++) {
         void *result = 0;
         if (started[i]) pthread_join(ids[i], &result);
         else result = fn(at + i * size);
         failed |= result != 0;
     }
+    return failed;
+}
+
+/* The pool: threads started once (as many as a call has asked for, up to 15),
+   each with a mailbox the caller posts its part into. A worker spins on its
+   mailbox for a while after each part (a step's calls come microseconds apart),
+   then sleeps on its condition until the next post. One caller at a time: a
+   call that finds the pool in use (another thread's) starts threads of its own,
+   as do calls in a child process forked from one with a pool. */
+#define POOL 15
+#define SPINS 4000
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t posted;
+    _Atomic long post;      /* bumped for each part posted */
+    int sleeping;           /* (under lock) */
+    void *(*fn)(void *);
+    void *task;
+} mailbox_t;
+static struct {
+    pthread_mutex_t busy;   /* held by the caller using the pool */
+    pthread_mutex_t lock;   /* with `finished` */
+    pthread_cond_t finished;
+    _Atomic int remaining;  /* parts posted and not yet finished */
+    _Atomic int failed;
+    int workers;            /* started, under `busy` */
+    int pid;                /* the process that started them */
+    mailbox_t boxes[POOL];
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static void *worker(void *arg) {
+    mailbox_t *box = arg;
+    long seen = 0;
+    for (;;) {
+        long post;
+        int spins = 0;
+        while ((post = atomic_load_explicit(&box->post, memory_order_acquire)) == seen) {
+            if (++spins < SPINS) {
+                _mm_pause();
+                continue;
+            }
+            pthread_mutex_lock(&box->lock);
+            box->sleeping = 1;
+            while ((post = atomic_load_explicit(&box->post, memory_order_acquire)) == seen)
+                pthread_cond_wait(&box->posted, &box->lock);
+            box->sleeping = 0;
+            pthread_mutex_unlock(&box->lock);
+            break;
+        }
+        seen = post;
+        if (box->fn(box->task)) atomic_store(&pool.failed, 1);
+        if (atomic_fetch_sub_explicit(&pool.remaining, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.finished);
+            pthread_mutex_unlock(&pool.lock);
+        }
+    }
+    return 0;
+}
+
+/* Workers enough for `parts` parts (under `busy`); whether there are. */
+static int enough_workers(int parts) {
+    if (pool.workers > 0 && pool.pid != getpid()) return 0; /* forked: theirs are gone */
+    pool.pid = getpid();
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    while (pool.workers < parts - 1) {
+        mailbox_t *box = &pool.boxes[pool.workers];
+        pthread_mutex_init(&box->lock, 0);
+        pthread_cond_init(&box->posted, 0);
+        atomic_store(&box->post, 0);
+        box->sleeping = 0;
+        pthread_t id;
+        if (pthread_create(&id, &attr, worker, box) != 0) break;
+        pool.workers++;
+    }
+    pthread_attr_destroy(&attr);
+    return pool.workers >= parts - 1;
+}
+
+static _Atomic int pooling = 1;
+
+/* Whether calls use the pool (1, as they start) or start threads of their own
+   (0: the way before the pool, for measuring); the setting before. */
+int use_pool(int on) { return atomic_exchange(&pooling, on != 0); }
+
+/* Run `parts` tasks (`size` bytes apart from `tasks`) by `fn`: the first here,
+   the others on the pool's threads (or on threads of their own: see the pool).
+   Nonzero if any returned nonzero. */
+static int run_parts(void *(*fn)(void *), void *tasks, size_t size, int parts) {
+    char *at = tasks;
+    if (parts <= 0) return 0;
+    if (parts == 1) return fn(at) != 0;
+    if (parts > POOL + 1 || !atomic_load(&pooling) || pthread_mutex_trylock(&pool.busy) != 0)
+        return run_started(fn, at, size, parts);
+    if (!enough_workers(parts)) {
+        pthread_mutex_unlock(&pool.busy);
+        return run_started(fn, at, size, parts);
+    }
+    atomic_store(&pool.failed, 0);
+    atomic_store_explicit(&pool.remaining, parts - 1, memory_order_release);
+    for (int i = 1; i < parts; i++) {
+        mailbox_t *box = &pool.boxes[i - 1];
+        box->fn = fn;
+        box->task = at + i * size;
+        atomic_fetch_add_explicit(&box->post, 1, memory_order_release);
+        pthread_mutex_lock(&box->lock);
+        if (box->sleeping) pthread_cond_signal(&box->posted);
+        pthread_mutex_unlock(&box->lock);
+    }
+    int failed = fn(at) != 0;
+    int spins = 0;
+    while (atomic_load_explicit(&pool.remaining, memory_order_acquire) > 0) {
+        if (++spins < SPINS) {
+            _mm_pause();
+            continue;
+        }
+        pthread_mutex_lock(&pool.lock);
+        while (atomic_load_explicit(&pool.remaining, memory_order_acquire) > 0)
+            pthread_cond_wait(&pool.finished, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    failed |= atomic_load(&pool.failed);
+    pthread_mutex_unlock(&pool.busy);
     return failed;
 }
 
@@ -1461,6 +1600,7 @@ class RowKernel:
     takes_rules: Callable[..., None]
     sorting: Callable[..., int]
     unit: Callable[..., int]
+    pooling: Callable[[int], int]  # ``use_pool`` (see the pool in SOURCE)
     wide: bool = False  # the wide build (``WIDE_FLAGS``): the products' larger blocks
 
     def product(
@@ -1484,7 +1624,7 @@ class RowKernel:
         if dtype == torch.bfloat16:
             x = x.float()  # (widened once, exactly, not by every block)
         if rows:
-            threads = _threads(weight.numel(), PER_THREAD)
+            threads = _threads(weight.numel(), PER_THREAD_PRODUCT)
             (self.function if dtype == torch.float32 else self.function16)(
                 weight.data_ptr(),
                 x.data_ptr(),
@@ -2087,6 +2227,9 @@ def _kernel_of(library: ctypes.CDLL, wide: bool = False) -> RowKernel | str:
     unit = library.residual_unit
     unit.restype = ctypes.c_int
     unit.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_long] * 9 + [ctypes.c_int] * 2
+    pooling = library.use_pool
+    pooling.restype = ctypes.c_int
+    pooling.argtypes = [ctypes.c_int]
     kernel = RowKernel(
         function,
         attention,
@@ -2101,6 +2244,7 @@ def _kernel_of(library: ctypes.CDLL, wide: bool = False) -> RowKernel | str:
         take_rules,
         sorting,
         unit,
+        pooling,
         wide,
     )
     wrong = _check(kernel)

@@ -3,6 +3,9 @@ the same floats as the operations they stand for."""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -138,6 +141,7 @@ def on_three_threads(
     (however little its work)."""
     threads = torch.get_num_threads()
     monkeypatch.setattr(rowkernel, "PER_THREAD", 1)
+    monkeypatch.setattr(rowkernel, "PER_THREAD_PRODUCT", 1)
     try:
         torch.set_num_threads(3)
         return run()
@@ -176,6 +180,67 @@ def test_the_row_kernel_is_a_linear_product_each_row_alone_bit_for_bit(
     with pytest.raises(TypeError, match="float32"):
         kernel.product(weight, b, x.double())
     assert torch.equal(on_three_threads(monkeypatch, lambda: kernel.product(weight, b, x)), alone)
+
+
+def test_the_kernels_threads_serve_two_callers_at_once_and_sleep_when_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernels' calls split over threads kept for them (started once, not a
+    call). Two threads calling at once (one of them starts threads of its own
+    while the other has the kept ones) get their products right, call after
+    call; once no call comes, the kept threads sleep: the process takes no CPU
+    time while it waits."""
+    kernel = built_kernel()
+    monkeypatch.setattr(rowkernel, "PER_THREAD_PRODUCT", 1)
+    torch.manual_seed(0)
+    weights = [torch.randn(61, 300), torch.randn(16, 1030)]
+    xs = [torch.randn(8, 300), torch.randn(3, 1030)]
+    wants = [kernel.product(w, None, x) for w, x in zip(weights, xs, strict=True)]
+    wrong: list[int] = []
+
+    def calls(which: int) -> None:
+        torch.set_num_threads(4)  # (each thread's own setting)
+        for _ in range(300):
+            if not torch.equal(kernel.product(weights[which], None, xs[which]), wants[which]):
+                wrong.append(which)
+
+    threads = [threading.Thread(target=calls, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
+    time.sleep(0.2)  # (the kept threads spin a little after a call, then sleep)
+    before = time.process_time()
+    time.sleep(0.3)
+    assert time.process_time() - before < 0.1  # (a thread spinning on: 0.3)
+
+
+def test_a_forked_child_multiplies_without_its_parents_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child forked from a process whose calls started kept threads has none
+    of them: its calls start threads of their own, and return."""
+    kernel = built_kernel()
+    torch.manual_seed(0)
+    weight, x = torch.randn(40, 64), torch.randn(4, 64)
+    want = kernel.product(weight, None, x)
+    on_three_threads(monkeypatch, lambda: kernel.product(weight, None, x))  # (threads kept)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 if right (the parent waits with a time limit)
+        try:
+            got = on_three_threads(monkeypatch, lambda: kernel.product(weight, None, x))
+            os._exit(0 if torch.equal(got, want) else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's call did not return")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 @pytest.mark.parametrize(("outputs", "size"), [(37, 203), (64, 512), (6, 3), (23, 1100)])
