@@ -98,11 +98,13 @@ elements or more (``PER_THREAD_PRODUCT``), the attention's keys and a codec
 unit's samples of a few million (``PER_THREAD``). The threads are kept for
 the kernels, started once (a pool, in C): a part reaches a kept thread in a
 few microseconds, where starting a thread for it took tens, which a weight of
-a million elements (MusicGen-small's 1,024 x 1,024) did not pay for; two
-threads now multiply two rows by one, read cold as a step reads it, in
-0.58-0.64x the time the call took before, by MusicGen-small's query/key/value
-weight in 0.54-0.57x (``bench/bench_rows.py --split``). The call releases the
-GIL (``ctypes``).
+a million elements (MusicGen-small's 1,024 x 1,024) did not pay for. Two
+threads now multiply two rows by such a weight, read cold as a step reads it,
+in 0.58-0.64x the time the call took before, and by MusicGen-small's
+query/key/value weight in 0.54-0.57x (``bench/bench_rows.py --split``); a
+step gains it only where torch's OpenMP threads do not spin on the same cores
+after their own work (``bench/RESULTS.md``). The call releases the GIL
+(``ctypes``).
 """
 
 from __future__ import annotations

@@ -215,9 +215,9 @@ def in_pieces(
     after each part of the separation, with the part of it done (see
     ``StemsInPieces.separate``), then one more; returns what ``compute`` returns.
 
-    ``compute`` must start from the same state at each run (it sets Python's
-    state of its draws itself: ``separation.drawing``) and have no other
-    lasting effect.
+    ``compute`` must start from the same state at each run (it sets the state
+    of its draws itself: ``separation.drawing``) and have no other lasting
+    effect.
     """
     if stems is None:
         return compute()
