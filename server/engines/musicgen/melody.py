@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..pieces import measured
-from .separation import apply_in_parts, draw_state, drawing, parts_of, set_draw_state
+from .separation import apply_in_parts, drawing, draws, parts_of
 
 __all__ = ["StemsInPieces", "in_pieces"]
 
@@ -94,10 +94,10 @@ class StemsInPieces:
         made = self._made
         if made is not None and _same(made.wanted, wav, sample_rate):
             self._made = None  # (once)
-            set_draw_state(made.state)
+            draws.setstate(made.state)
             return made.stems
         if self._stop:
-            raise _Wanted(wav, sample_rate, draw_state())
+            raise _Wanted(wav, sample_rate, draws.getstate())
         from demucs.apply import apply_model
         from demucs.audio import convert_audio
 

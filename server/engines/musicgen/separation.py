@@ -52,12 +52,10 @@ from torch.nn import functional as F
 
 __all__ = [
     "apply_in_parts",
-    "draw_state",
     "drawing",
     "draws",
     "forward_in_parts",
     "parts_of",
-    "set_draw_state",
 ]
 
 Parts = Generator[None, None, torch.Tensor]
@@ -99,16 +97,6 @@ def drawing(state: Any) -> Iterator[random.Random]:
         yield generator
     finally:
         _drawing.generator = outer
-
-
-def draw_state() -> Any:
-    """The state of what Demucs draws from on this thread."""
-    return draws.getstate()
-
-
-def set_draw_state(state: Any) -> None:
-    """Set the state of what Demucs draws from on this thread."""
-    draws.setstate(state)
 
 
 def apply_in_parts(
