@@ -468,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wavecast: {args.url} is not a WebSocket server: {exc}", file=sys.stderr)
         return 2
     except ConnectionClosed as exc:  # (before a request was under way)
-        print(f"wavecast: the connection to {args.url} was lost: {exc}", file=sys.stderr)
+        if exc.rcvd is not None and exc.rcvd.code == 1013:  # (at its connection limit)
+            why = exc.rcvd.reason or "too many connections"
+            print(f"wavecast: {args.url} is full ({why}); try again later", file=sys.stderr)
+        else:
+            print(f"wavecast: the connection to {args.url} was lost: {exc}", file=sys.stderr)
         return 2
 
 

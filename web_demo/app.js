@@ -157,14 +157,23 @@ function onMessage(message) {
   }
 }
 
-function onConnState(status) {
+// Why the server closed the connection (its close frame's reason), if it said:
+// at its connection limit (1013) it is full, and the page tries again.
+function closedWhy(event) {
+  if (event && event.code === 1013) return `the server is full: ${event.reason || "too many connections"}`;
+  return (event && event.reason) || "";
+}
+
+function onConnState(status, event) {
   state.connected = status === "open";
   const conn = $("#conn");
   conn.dataset.state = status;
+  const why = status === "disconnected" ? closedWhy(event) : "";
   $("#conn-text").textContent = {
     connecting: "connecting…",
     open: "connected",
-    disconnected: "disconnected — reconnecting…",
+    disconnected: event && event.code === 1013 ? `${why} — trying again…`
+      : why ? `disconnected (${why}) — reconnecting…` : "disconnected — reconnecting…",
     key: auth.key ? "that API key was refused" : "needs an API key",
   }[status];
   $("#key-box").hidden = status !== "key";
@@ -173,7 +182,8 @@ function onConnState(status) {
   if (status === "disconnected") {
     for (const card of state.cards.values()) {
       if (!card.ended) {
-        card.onDone({ status: "error", error: { code: "disconnected", message: "the connection to the server was lost" } });
+        const message = `the connection to the server was lost${why ? ` (${why})` : ""}`;
+        card.onDone({ status: "error", error: { code: "disconnected", message } });
       }
     }
     updateClear();

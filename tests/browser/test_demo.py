@@ -283,7 +283,7 @@ async def test_reconnects_after_the_connection_drops(browser: Any, server: Any) 
         "document.querySelector('#conn').dataset.state === 'disconnected'",
         timeout=timeout(10) * MS,
     )
-    assert "reconnecting" in await page.text_content("#conn-text")
+    assert await page.text_content("#conn-text") == "disconnected (restart) — reconnecting…"
     await page.wait_for_function(
         "document.querySelector('#conn').dataset.state === 'open'", timeout=timeout(20) * MS
     )
@@ -293,6 +293,31 @@ async def test_reconnects_after_the_connection_drops(browser: Any, server: Any) 
         arg=rid,
         timeout=timeout(30) * MS,
     )
+
+
+async def test_a_full_server_is_shown_as_such_and_tried_again(browser: Any) -> None:
+    """At its connection limit the server closes a new connection with 1013: the
+    page says the server is full (not that the connection was lost), and
+    connects once there is room."""
+    from wavecast.clients import connect
+
+    async with running_server(make_config(max_connections_per_ip=1)) as srv:
+        client = await connect(srv.url)
+        ctx = await browser.new_context(bypass_csp=True)
+        page = await ctx.new_page()
+        await page.goto(f"http://127.0.0.1:{srv.port}/")
+        await page.wait_for_function(
+            "document.querySelector('#conn').dataset.state === 'disconnected'",
+            timeout=timeout(20) * MS,
+        )
+        assert await page.text_content("#conn-text") == (
+            "the server is full: too many connections from this address — trying again…"
+        )
+        await client.close()
+        await page.wait_for_function(
+            "document.querySelector('#conn').dataset.state === 'open'", timeout=timeout(20) * MS
+        )
+        await ctx.close()
 
 
 async def test_phone_sized_screen_and_keyboard(browser: Any, server: Any) -> None:

@@ -393,6 +393,22 @@ def test_api_keys_from_flags_file_and_environment(tmp_path: Path, monkeypatch: A
     assert "from-flag" not in repr(config)  # keys stay out of logs
 
 
+async def test_cli_says_when_a_server_is_full() -> None:
+    """A server at its connection limit closes a new connection with 1013 (try
+    again later): the command says so in a line, not as a lost connection."""
+    from helpers import make_config, running_server
+
+    async with running_server(make_config(max_connections_per_ip=1)) as srv:
+        async with connect(srv.url):
+            code, output = await run_cli("models", "--url", srv.url)
+        assert code == 2
+        assert output.strip() == (
+            f"wavecast: {srv.url} is full (too many connections from this address); try again later"
+        ), output
+        code, output = await run_cli("models", "--url", srv.url)  # (the one closed)
+        assert code == 0, output
+
+
 async def test_cli_says_when_a_server_is_shutting_down(tmp_path: Path) -> None:
     from dataclasses import replace
 
