@@ -254,7 +254,9 @@ class WavecastServer:
         from .session import hello_message
 
         assert self.scheduler is not None
-        hello = to_wire(hello_message(self.config, self.scheduler.models))
+        hello = to_wire(
+            hello_message(self.config, self.scheduler.models, self.scheduler.max_active)
+        )
         hello.pop("type")
         hello["uptime_seconds"] = round(time.monotonic() - self._started, 3)
         hello["connections"] = len(self.sessions)

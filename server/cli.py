@@ -91,8 +91,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-active",
         type=int,
-        default=int(_env("MAX_ACTIVE", str(limits.max_active)) or 1),
-        help="requests generated at once per device, interleaved step by step",
+        default=int(_env("MAX_ACTIVE", str(limits.max_active)) or 0),
+        help="requests generated at once per device, one batched step for all of a "
+        "model's (env WAVECAST_MAX_ACTIVE; default 0: as many as the device's memory "
+        "holds, up to 64 on a GPU and 16 on a CPU)",
     )
     parser.add_argument(
         "--admission",

@@ -44,7 +44,9 @@ class LimitsConfig:
     max_frame_bytes: int = 24 << 20
     max_requests_per_connection: int = 8
     max_queue: int = 32
-    max_active: int = 4
+    # Requests decoded at once per device; 0: as many as the device's memory holds
+    # (``kv.AUTO_MOST``: up to 64 on a GPU, 16 on a CPU), found as the models load.
+    max_active: int = 0
     # "realtime": admit a request only while every running stream stays faster
     # than real time (measured); "slots": up to max_active, whatever the speed.
     admission: str = "realtime"

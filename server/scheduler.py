@@ -276,6 +276,11 @@ class Scheduler:
             # copies take what memory is left, or none.
             for engine in self._engines.values():
                 engine.pack_weights()
+            if self.max_active <= 0:  # (as many as fit: what each model found room for)
+                self.max_active = min(
+                    (engine.max_active for engine in self._engines.values()), default=1
+                )
+                log.info("up to %d requests at once", self.max_active)
         except BaseException as exc:  # report any load failure to the loop
             self._loop.call_soon_threadsafe(_set_exception, self._ready, exc)
             return

@@ -89,7 +89,9 @@ class ContextAdapter(logging.LoggerAdapter[logging.Logger]):
         return f"[{tags}] {msg}", kwargs
 
 
-def hello_message(config: Config, models: dict[str, ModelInfo]) -> Hello:
+def hello_message(config: Config, models: dict[str, ModelInfo], max_active: int) -> Hello:
+    """The greeting: the models, and the limits (``max_active``: the scheduler's,
+    found at load where the configuration leaves it to the memory)."""
     limits = config.limits
     return Hello(
         server="wavecast",
@@ -100,7 +102,7 @@ def hello_message(config: Config, models: dict[str, ModelInfo]) -> Hello:
             max_frame_bytes=limits.max_frame_bytes,
             max_requests_per_connection=limits.max_requests_per_connection,
             max_queue=limits.max_queue,
-            max_active=limits.max_active,
+            max_active=max_active,
             max_prompt_chars=limits.max_prompt_chars,
             send_buffer_bytes=limits.send_buffer_bytes,
             max_upload_bytes=limits.max_upload_bytes,
@@ -147,7 +149,7 @@ class Session:
         if self.address is not None and not peer.startswith(f"{self.address}:"):
             peer = f"{self.address} (via {peer})"
         self.log.info("connected from %s", peer)
-        self._send(hello_message(self.config, self.scheduler.models))
+        self._send(hello_message(self.config, self.scheduler.models, self.scheduler.max_active))
         try:
             async with asyncio.TaskGroup() as group:
                 writer = group.create_task(self._writer())

@@ -93,7 +93,8 @@ def load_engines(
     ``voices`` and ``scenes``. ``cuda_graphs``: replay the decode steps as CUDA
     graphs (None: where the device is CUDA). ``pipelined_steps``: each step's
     host side run while the device computes the next (the engines'
-    ``pipelined``).
+    ``pipelined``). ``max_active``: requests decoded at once; 0: as many as the
+    device's memory holds (each model taking its part of it at warm-up).
     """
     # oneDNN (convolutions on a CPU) prepares a primitive for each input shape it
     # meets and keeps 1,024; a codec's ~35 layers in every call shape of up to
@@ -113,8 +114,11 @@ def load_engines(
     torch.set_num_threads(threads or max(1, _cores() - 1))
     engines: dict[str, Engine] = {}
     shared: dict[str, Any] = {}  # the released MBD, loaded once for every model using it
-    for name in names:
+    for index, name in enumerate(names):
         log.info("loading %s on %s", name, resolved)
+        # Warmed up in this order, each sizes its table (max_active 0) in its part
+        # of the memory the ones before it left.
+        memory_share = 1.0 / (len(names) - index)
         if is_higgs_name(name):
             engines[name] = _load_higgs_engine(
                 name,
@@ -134,6 +138,7 @@ def load_engines(
                 cuda_graphs=cuda_graphs,
                 pipelined=pipelined_steps,
                 max_active=max_active,
+                memory_share=memory_share,
             )
             continue
         try:  # (audiocraft is imported here, for MusicGen models only)
@@ -166,6 +171,7 @@ def load_engines(
             cuda_graphs=cuda_graphs,
             pipelined=pipelined_steps,
             max_active=max_active,
+            memory_share=memory_share,
         )
     return engines
 

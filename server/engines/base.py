@@ -196,6 +196,9 @@ class Engine(Protocol):
     # Host seconds spent in the streams' codec calls so far (a step decodes every
     # stream's due chunks together, now and then: the scheduler counts it apart).
     codec_seconds: float
+    # Requests its table is sized for (decoded at once): as asked, or, asked for
+    # none, as many as the device's memory held at warm-up (``kv.room_for``).
+    max_active: int
 
     @property
     def graphs(self) -> StepGraphs | None:

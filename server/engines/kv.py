@@ -9,6 +9,7 @@ table in powers of two; ``T`` grows when a row needs more (both copy, rarely).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -26,13 +27,38 @@ __all__ = [
     "additive_mask",
     "check_room",
     "free_memory",
+    "most_that_fit",
     "reserving",
+    "room_for",
 ]
+
+log = logging.getLogger(__name__)
 
 GiB = float(2**30)
 # Of the memory free, what a table reserved at load may take: the rest is left
 # for the step's activations and the recorded graphs' pools.
 ROOM_SHARE = 0.9
+
+
+# ``--max-active``'s default (auto): at most this many requests on a device of
+# each kind (a GPU's graphs are recorded at start-up for every count up to it;
+# on a CPU the admission keeps fewer running where they would fall behind real
+# time), their table taking at most this part of what is free for the model.
+AUTO_MOST = {"cuda": 64, "cpu": 16}
+AUTO_SHARE = 0.5
+
+
+def most_that_fit(need: Callable[[int], int], free: int | None, most: int) -> int:
+    """``--max-active``'s default for a model: the most requests, a power of two
+    up to ``most``, whose table (``need(n)`` bytes: ``check_room``'s) takes at
+    most ``AUTO_SHARE`` of ``free`` bytes (None: not known, ``most``); one at
+    least (``check_room`` then says whether even that fits)."""
+    if free is None:
+        return most
+    fits = 1
+    while 2 * fits <= most and need(2 * fits) <= AUTO_SHARE * free:
+        fits *= 2
+    return fits
 
 
 def free_memory(device: torch.device | str) -> int | None:
@@ -73,6 +99,37 @@ def check_room(
         f"{name}: --max-active {requests} needs {need(requests) / GiB:.1f} GiB of "
         f"key/value cache and {device} has {free / GiB:.1f} GiB free; {advice}"
     )
+
+
+def room_for(
+    name: str,
+    need: Callable[[int], int],
+    requests: int,
+    device: torch.device | str,
+    share: float = 1.0,
+) -> int:
+    """The requests a model's table is sized for: ``requests`` where given
+    (``check_room``: refused where they do not fit), else (0: ``--max-active``'s
+    default) ``most_that_fit`` in ``share`` of the memory free now (a server's
+    models divide it: each takes its part as it warms up) for the device's kind."""
+    if requests > 0:
+        check_room(name, need, requests, device)
+        return requests
+    device = torch.device(device)
+    free = free_memory(device)
+    most = AUTO_MOST.get(device.type, 1)
+    chosen = most_that_fit(need, None if free is None else int(share * free), most)
+    check_room(name, need, chosen, device)
+    log.info(
+        "%s: up to %d requests at once (--max-active: as many as fit, up to %d on %s; "
+        "their key/value cache %.2f GiB)",
+        name,
+        chosen,
+        most,
+        device.type,
+        need(chosen) / GiB,
+    )
+    return chosen
 
 
 @contextmanager

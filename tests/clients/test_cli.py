@@ -313,6 +313,10 @@ def test_serve_command_starts_and_stops(tmp_path: Path) -> None:
         assert port is not None, log_file.read_text() if log_file.exists() else "no log"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as response:
             assert response.read() == b"ok\n"
+        # --max-active's default: as many requests as the memory holds, up to 16 on
+        # a CPU (the tiny model's tables: that many), one step for all of them.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/info") as response:
+            assert json.loads(response.read())["limits"]["max_active"] == 16
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout(30)) == 0
         lines = log_file.read_text().splitlines()

@@ -669,6 +669,51 @@ def test_a_table_the_memory_cannot_hold_is_refused_at_load(
         staged(8).warm_up()
 
 
+def test_asked_for_none_a_table_is_sized_for_as_many_as_the_memory_holds(
+    windowed: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_active`` 0 (the server's default): at warm-up the engine takes the
+    most requests, a power of two up to ``kv.AUTO_MOST`` for the device, whose
+    table fits in ``kv.AUTO_SHARE`` of its part of the memory free, and reserves
+    (with graphs) and measures for that many; one where not even two fit."""
+    model, _ = windowed
+
+    def auto(share: float = 1.0, requests: int = 0, graphs: bool = True) -> MusicGenEngine:
+        engine = MusicGenEngine(
+            model,
+            name="tiny-2s",
+            test_model=True,
+            max_duration=12.0,
+            cuda_graphs=graphs,
+            max_active=requests,
+            memory_share=share,
+            stream=StreamSettings(codec_batch=4),
+        )
+        engine.warm_up()
+        return engine
+
+    roomy = auto()  # (this machine's memory holds the tiny model's tables)
+    assert roomy.max_active == kv.AUTO_MOST["cpu"] == 16
+    assert len(roomy._slots) >= 16  # (reserved for them, with graphs)
+    one = auto(requests=1, graphs=False)  # (a table of one request's rows)
+    decoder = one.decoder
+    length, conditions = one._table_size()  # (what the table is sized for)
+
+    def need(requests: int) -> int:
+        return decoder.bytes_for(rows=2 * requests, length=length, cross_length=conditions)
+
+    # Room in the part auto sizes in for more than four requests' table and less
+    # than eight's (the table grows in powers of two): four.
+    between = (need(4) + need(8)) // 2
+    monkeypatch.setattr(kv, "free_memory", lambda device: int(between / kv.AUTO_SHARE))
+    four = auto()
+    assert four.max_active == 4 and four.context_cost > 0
+    assert auto(share=0.5).max_active == 2  # half of that memory: two
+    monkeypatch.setattr(kv, "free_memory", lambda device: int(need(1) / kv.ROOM_SHARE) + 1)
+    assert auto().max_active == 1
+    assert kv.most_that_fit(need, None, 16) == 16  # (the memory not known: the most)
+
+
 def test_a_cache_that_cannot_grow_stays_as_it_was() -> None:
     """Growing allocates the new table (keys and values in one tensor) before
     touching the cache: where the memory runs out, the keys, values and lengths

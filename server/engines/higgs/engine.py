@@ -69,7 +69,7 @@ from ..codec_stream import (
     frames_to_codes,
 )
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
-from ..kv import check_room, reserving
+from ..kv import reserving, room_for
 from ..pieces import measured, run_through, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device
 from ..precision import dtype_name
@@ -186,7 +186,10 @@ class HiggsEngine:
             table is then preallocated for ``max_active`` requests, each with
             room for a default request (1024 prompt positions and the default
             ``max_new_tokens``), and every shape is recorded at warm-up.
-        max_active: Requests the scheduler decodes at once.
+        max_active: Requests the scheduler decodes at once; 0: as many as
+            the device's memory holds, found at warm-up (``kv.room_for``).
+        memory_share: The part of the device's free memory (at warm-up) that
+            ``max_active`` 0 sizes the table in (the server's models divide it).
         pipelined: Launch each call's step before reading the last one's
             codes (the rows' rules are on the device: ``RowRules``), then
             take each request's row, decode the audio and return the outputs
@@ -226,11 +229,14 @@ class HiggsEngine:
         clock: Callable[[], float] = time.perf_counter,
         cuda_graphs: bool = False,
         max_active: int = 4,
+        memory_share: float = 1.0,
         pipelined: bool = False,
     ) -> None:
         self.model = loaded.model
         self.pipelined = pipelined
+        self._asked_active = max_active  # (0: as many as fit, at warm-up)
         self.max_active = max(1, max_active)
+        self.memory_share = memory_share
         self.tokenizer = loaded.tokenizer
         self.codec = loaded.codec
         prepared = for_serving(self.codec.acoustic_decoder)  # the same audio, sooner
@@ -1179,14 +1185,16 @@ class HiggsEngine:
 
     def _check_room(self) -> None:
         """Refuse to serve ``max_active`` requests whose table the memory cannot hold
-        (reserved now with graphs, grown on demand without: refused either way)."""
+        (reserved now with graphs, grown on demand without: refused either way);
+        where none were asked for, as many as fit (``room_for``)."""
         length = self._table_length()
         decoder = self.decoder
-        check_room(
+        self.max_active = room_for(
             self.name,
             lambda n: decoder.bytes_for(rows=n, length=length),
-            self.max_active,
+            self._asked_active,
             self.device,
+            self.memory_share,
         )
 
     def _prepare_graphs(self) -> None:

@@ -65,7 +65,7 @@ from ..codec_stream import (
     frames_to_codes,
 )
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
-from ..kv import check_room, reserving
+from ..kv import reserving, room_for
 from ..pieces import measured, scaled, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device, upload
 from ..precision import dtype_name
@@ -175,7 +175,10 @@ class MusicGenEngine:
             waiting for the step in flight). Each step's outputs come a step
             later; the codes are the same.
         max_prompt_tokens: Longest description, in the text encoder's tokens.
-        max_active: Requests the scheduler decodes at once.
+        max_active: Requests the scheduler decodes at once; 0: as many as
+            the device's memory holds, found at warm-up (``kv.room_for``).
+        memory_share: The part of the device's free memory (at warm-up) that
+            ``max_active`` 0 sizes the table in (the server's models divide it).
 
     The model's codec decoder is prepared for serving in place
     (``codec_decoders.for_serving``: the same audio, without per-call waste).
@@ -200,6 +203,7 @@ class MusicGenEngine:
         cuda_graphs: bool = False,
         max_prompt_tokens: int = 512,
         max_active: int = 4,
+        memory_share: float = 1.0,
         pipelined: bool = False,
     ) -> None:
         self.model = model
@@ -254,7 +258,9 @@ class MusicGenEngine:
             )
         autocast = getattr(model.autocast, "autocast", None)
         dtype = autocast.fast_dtype if autocast is not None else next(self.lm.parameters()).dtype
+        self._asked_active = max_active  # (0: as many as fit, at warm-up)
         self.max_active = max(1, max_active)
+        self.memory_share = memory_share
         self.max_prompt_tokens = max_prompt_tokens
         # Positions a window's pattern sequence takes (and a melody's chroma before it).
         self._window_steps = int(self.window * self.frame_rate) + int(self.lm.num_codebooks) + 1
@@ -1138,14 +1144,16 @@ class MusicGenEngine:
 
     def _check_room(self) -> None:
         """Refuse to serve ``max_active`` requests whose table the memory cannot hold
-        (reserved now with graphs, grown on demand without: refused either way)."""
+        (reserved now with graphs, grown on demand without: refused either way);
+        where none were asked for, as many as fit (``room_for``)."""
         length, cross = self._table_size()
         decoder = self.decoder
-        check_room(
+        self.max_active = room_for(
             self.name,
             lambda n: decoder.bytes_for(rows=2 * n, length=length, cross_length=cross),
-            self.max_active,
+            self._asked_active,
             self.device,
+            self.memory_share,
         )
 
     def _prepare_graphs(self) -> None:
