@@ -122,6 +122,7 @@ def start_server(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``wavecast serve`` as ``args`` say (in ``env``: this process's by default),
     its log in ``log``; the process and its stream URL once it listens."""
+    most = max(args.concurrency)  # (--max-active by default: the largest crowd at once)
     command = [
         sys.executable,
         "-m",
@@ -137,12 +138,12 @@ def start_server(
         "--port",
         "0",
         "--max-active",
-        str(max(args.concurrency)),
+        str(asked if (asked := getattr(args, "max_active", None)) is not None else most),
         # Every client of the benchmark comes from this one address.
         "--max-connections-per-ip",
-        str(max(args.concurrency) + 1),
+        str(most + 1),
         "--max-connections",
-        str(max(256, max(args.concurrency) + 1)),
+        str(max(256, most + 1)),
         "--threads",
         str(args.threads),
         "--admission",
@@ -399,6 +400,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The served side's settings (``start_server``) and the clients' arrival."""
     parser.add_argument("--threads", type=int, default=0, help="the server's --threads")
     parser.add_argument("--admission", default="realtime", help="the server's --admission")
+    parser.add_argument(
+        "--max-active",
+        type=int,
+        default=None,
+        help="the server's --max-active (default: the largest crowd; 0: the server's "
+        "own default, as many as fit)",
+    )
     parser.add_argument(
         "--codec-batch", type=int, default=0, help="the server's --codec-batch (0: measured)"
     )
