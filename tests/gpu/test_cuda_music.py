@@ -91,6 +91,28 @@ def test_graphs_recorded_at_warm_up_serve_a_crowd_without_recording_again() -> N
     graphs_at_warm_up_serve_as_eager(eager, graphed, lambda e: _music_jobs(e, prompts))
 
 
+def test_asked_for_none_a_gpu_serves_as_many_as_fit_with_every_shape_recorded() -> None:
+    """``max_active`` 0 (the server's default) on a GPU: the tiny model's tables
+    fit 64 requests (``kv.AUTO_MOST``), and warming up records every shape for
+    them (the rows of 1 to 64 guidance pairs) before the server would report
+    ready; the time it takes is printed (``-s``)."""
+    import time
+
+    from wavecast.server.engines import kv
+
+    model = build_tiny_musicgen(device="cuda")
+    engine = MusicGenEngine(
+        model, name="tiny-musicgen", test_model=True, cuda_graphs=True, max_active=0
+    )
+    began = time.perf_counter()
+    engine.warm_up()
+    took = time.perf_counter() - began
+    assert engine.max_active == kv.AUTO_MOST["cuda"] == 64
+    graphs = engine.graphs
+    assert graphs is not None and graphs.recorded >= 7  # (rows of 1, 2, 4 ... 64 pairs at least)
+    print(f"warm-up for {engine.max_active} requests: {took:.1f} s, {graphs.recorded} graphs")
+
+
 @pytest.mark.parametrize(
     ("cuda_graphs", "pipelined"), [(False, False), (True, False), (True, True)]
 )
