@@ -614,6 +614,21 @@ def test_every_step_shape_is_ready_after_warm_up(windowed: Any) -> None:
     assert torch.equal(codes(staged, through["a"]), codes(engine, direct["a"]))
 
 
+def sized(model: Any, requests: int, graphs: bool = True, share: float = 1.0) -> MusicGenEngine:
+    """The windowed tiny model's engine with its table for ``requests`` (0: as
+    many as fit in ``share`` of the memory), reserved at warm-up with ``graphs``."""
+    return MusicGenEngine(
+        model,
+        name="tiny-2s",
+        test_model=True,
+        max_duration=12.0,
+        cuda_graphs=graphs,
+        max_active=requests,
+        memory_share=share,
+        stream=StreamSettings(codec_batch=4),
+    )
+
+
 def test_a_table_the_memory_cannot_hold_is_refused_at_load(
     windowed: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -625,15 +640,7 @@ def test_a_table_the_memory_cannot_hold_is_refused_at_load(
     model, _ = windowed
 
     def staged(requests: int, graphs: bool = True) -> MusicGenEngine:
-        return MusicGenEngine(
-            model,
-            name="tiny-2s",
-            test_model=True,
-            max_duration=12.0,
-            cuda_graphs=graphs,
-            max_active=requests,
-            stream=StreamSettings(codec_batch=4),
-        )
+        return sized(model, requests, graphs)
 
     eight = staged(8)
     eight.warm_up()
@@ -679,16 +686,7 @@ def test_asked_for_none_a_table_is_sized_for_as_many_as_the_memory_holds(
     model, _ = windowed
 
     def auto(share: float = 1.0, requests: int = 0, graphs: bool = True) -> MusicGenEngine:
-        engine = MusicGenEngine(
-            model,
-            name="tiny-2s",
-            test_model=True,
-            max_duration=12.0,
-            cuda_graphs=graphs,
-            max_active=requests,
-            memory_share=share,
-            stream=StreamSettings(codec_batch=4),
-        )
+        engine = sized(model, requests, graphs, share)
         engine.warm_up()
         return engine
 
