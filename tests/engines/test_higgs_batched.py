@@ -32,7 +32,7 @@ from transformers.models.higgs_audio_v2.generation_higgs_audio_v2 import (
     HiggsAudioV2DelayPatternLogitsProcessor,
 )
 
-from wavecast.server.engines import dense, rowkernel
+from wavecast.server.engines import dense, kv, rowkernel
 from wavecast.server.engines.base import EngineRequest, Job, ModelLoadError
 from wavecast.server.engines.higgs import rules as rules_module
 from wavecast.server.engines.higgs.decoder import HiggsDecoder
@@ -952,6 +952,29 @@ def test_a_table_the_memory_cannot_hold_is_refused_at_load(loaded: HiggsModel) -
     message = str(refused.value)
     assert message.startswith("tiny-higgs: --max-active 1099511627776 needs ")
     assert re.search(r"GiB free; \d+ fit \(--max-active \d+\)$", message), message
+
+
+def test_asked_for_none_the_speech_table_is_sized_for_as_many_as_fit(
+    loaded: HiggsModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_active`` 0 (the server's default): the speech engine sizes its table
+    at warm-up as the music engine does (``kv.room_for``): the tiny model's fit
+    ``kv.AUTO_MOST`` requests in this machine's memory, and fewer in less."""
+    roomy = HiggsEngine(loaded, name="tiny-higgs", max_active=0, codec_batch=4)
+    roomy.warm_up()
+    assert roomy.max_active == kv.AUTO_MOST["cpu"] == 16
+    length = roomy._table_length()
+    one = HiggsEngine(loaded, name="tiny-higgs", max_active=1, codec_batch=4)
+    one.warm_up()
+
+    def need(requests: int) -> int:
+        return one.decoder.bytes_for(rows=requests, length=length)
+
+    between = (need(2) + need(4)) // 2
+    monkeypatch.setattr(kv, "free_memory", lambda device: int(between / kv.AUTO_SHARE))
+    two = HiggsEngine(loaded, name="tiny-higgs", max_active=0, codec_batch=4)
+    two.warm_up()
+    assert two.max_active == 2
 
 
 def test_every_step_shape_is_ready_after_warm_up(loaded: HiggsModel) -> None:
