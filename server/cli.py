@@ -94,7 +94,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(_env("MAX_ACTIVE", str(limits.max_active)) or 0),
         help="requests generated at once per device, one batched step for all of a "
         "model's (env WAVECAST_MAX_ACTIVE; default 0: as many as the device's memory "
-        "holds, up to 64 on a GPU and 16 on a CPU)",
+        "holds, up to 64 on a GPU and 16 on a CPU, 4 for a model slower there than 4x real "
+        "time)",
     )
     parser.add_argument(
         "--admission",

@@ -45,7 +45,8 @@ class LimitsConfig:
     max_requests_per_connection: int = 8
     max_queue: int = 32
     # Requests decoded at once per device; 0: as many as the device's memory holds
-    # (``kv.AUTO_MOST``: up to 64 on a GPU, 16 on a CPU), found as the models load.
+    # (``kv.auto_most``: up to 64 on a GPU, 16 on a CPU, 4 for a model slower there
+    # than 4x real time), found as the models load.
     max_active: int = 0
     # "realtime": admit a request only while every running stream stays faster
     # than real time (measured); "slots": up to max_active, whatever the speed.

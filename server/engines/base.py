@@ -254,16 +254,26 @@ class Engine(Protocol):
         ...
 
 
-def run_once(engine: Engine, prompt: str, params: Mapping[str, ParamValue]) -> None:
+def run_once(engine: Engine, prompt: str, params: Mapping[str, ParamValue]) -> float:
     """Generate one short request to the end and drop it (warming a model up: the
-    first calls allocate, and pick their kernels)."""
+    first calls allocate, and pick their kernels); the median of its steps' times
+    after the first three (of all, where there are no more), in seconds."""
+    import statistics
+    import time
+
     request = EngineRequest("warm-up", prompt, resolve_params(engine.info.params, dict(params)))
     job = next(job for job in engine.prepare_steps(request) if isinstance(job, Job))
+    steps: list[float] = []
     try:
-        while not any(output.done for output in engine.step([job])):
-            pass
+        while True:
+            began = time.perf_counter()
+            done = any(output.done for output in engine.step([job]))
+            steps.append(time.perf_counter() - began)
+            if done:
+                break
     finally:
         engine.finish(job)
+    return statistics.median(steps[3:] or steps)
 
 
 def number(value: ParamValue) -> float:

@@ -25,6 +25,7 @@ __all__ = [
     "LayerMask",
     "StaticKV",
     "additive_mask",
+    "auto_most",
     "check_room",
     "free_memory",
     "most_that_fit",
@@ -46,6 +47,23 @@ ROOM_SHARE = 0.9
 # time), their table taking at most this part of what is free for the model.
 AUTO_MOST = {"cuda": 64, "cpu": 16}
 AUTO_SHARE = 0.5
+# On a CPU, a model whose one stream steps less than this many times faster than
+# real time at warm-up gets at most AUTO_SLOW: warming up for more (the codec's
+# and the context's costs measured over their rows) takes a minute and more
+# there (musicgen-small on two cores: 101 s for 16, 31 s for 4), for crowds it
+# could not keep in real time.
+AUTO_FAST = 4.0
+AUTO_SLOW = 4
+
+
+def auto_most(device: torch.device | str, step_seconds: float, frame_rate: float) -> int:
+    """The most requests ``--max-active``'s default takes on ``device`` for a model
+    whose one stream stepped in ``step_seconds`` at warm-up (``run_once``)."""
+    device = torch.device(device)
+    most = AUTO_MOST.get(device.type, 1)
+    if device.type == "cpu" and step_seconds * frame_rate * AUTO_FAST > 1.0:
+        most = min(most, AUTO_SLOW)
+    return most
 
 
 def most_that_fit(need: Callable[[int], int], free: int | None, most: int) -> int:
@@ -107,17 +125,19 @@ def room_for(
     requests: int,
     device: torch.device | str,
     share: float = 1.0,
+    most: int | None = None,
 ) -> int:
     """The requests a model's table is sized for: ``requests`` where given
     (``check_room``: refused where they do not fit), else (0: ``--max-active``'s
     default) ``most_that_fit`` in ``share`` of the memory free now (a server's
-    models divide it: each takes its part as it warms up) for the device's kind."""
+    models divide it: each takes its part as it warms up), up to ``most``
+    (``auto_most``; None: the device kind's ``AUTO_MOST``)."""
     if requests > 0:
         check_room(name, need, requests, device)
         return requests
     device = torch.device(device)
     free = free_memory(device)
-    most = AUTO_MOST.get(device.type, 1)
+    most = AUTO_MOST.get(device.type, 1) if most is None else most
     chosen = most_that_fit(need, None if free is None else int(share * free), most)
     check_room(name, need, chosen, device)
     log.info(

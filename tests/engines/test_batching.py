@@ -710,6 +710,12 @@ def test_asked_for_none_a_table_is_sized_for_as_many_as_the_memory_holds(
     monkeypatch.setattr(kv, "free_memory", lambda device: int(need(1) / kv.ROOM_SHARE) + 1)
     assert auto().max_active == 1
     assert kv.most_that_fit(need, None, 16) == 16  # (the memory not known: the most)
+    # On a CPU, a model whose one stream steps less than four times faster than
+    # real time (50 steps a second of audio here) is sized for four at most; a
+    # GPU's most is 64 whatever its eager warm-up took.
+    assert kv.auto_most("cpu", 0.002, 50.0) == 16
+    assert kv.auto_most("cpu", 0.0051, 50.0) == kv.AUTO_SLOW == 4
+    assert kv.auto_most("cuda", 0.02, 50.0) == 64
 
 
 def test_a_cache_that_cannot_grow_stays_as_it_was() -> None:

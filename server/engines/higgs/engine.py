@@ -69,7 +69,7 @@ from ..codec_stream import (
     frames_to_codes,
 )
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
-from ..kv import reserving, room_for
+from ..kv import auto_most, reserving, room_for
 from ..pieces import measured, run_through, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device
 from ..precision import dtype_name
@@ -1140,10 +1140,10 @@ class HiggsEngine:
             # Eagerly (the table grows afterwards: graphs recorded now would be dropped).
             graphs, self._graphs = self._graphs, None
             try:
-                run_once(self, "Hello.", {"max_new_tokens": 8, "seed": 0})
+                step = run_once(self, "Hello.", {"max_new_tokens": 8, "seed": 0})
             finally:
                 self._graphs = graphs
-            self._check_room()
+            self._check_room(step)
             with torch.no_grad(), self._codec_place():
                 self.codec_streams.choose_forms(self.codec_batch or self.max_active)
             if self.codec_batch is None:
@@ -1183,10 +1183,11 @@ class HiggsEngine:
             device=self.device,
         )
 
-    def _check_room(self) -> None:
+    def _check_room(self, step: float) -> None:
         """Refuse to serve ``max_active`` requests whose table the memory cannot hold
         (reserved now with graphs, grown on demand without: refused either way);
-        where none were asked for, as many as fit (``room_for``)."""
+        where none were asked for, as many as fit (``room_for``), up to what one
+        stream's ``step`` (its time at warm-up) leaves (``auto_most``)."""
         length = self._table_length()
         decoder = self.decoder
         self.max_active = room_for(
@@ -1195,6 +1196,7 @@ class HiggsEngine:
             self._asked_active,
             self.device,
             self.memory_share,
+            auto_most(self.device, step, self.frame_rate),
         )
 
     def _prepare_graphs(self) -> None:
