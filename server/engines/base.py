@@ -8,6 +8,8 @@ flag between steps. Only the inference thread calls these methods.
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -258,9 +260,6 @@ def run_once(engine: Engine, prompt: str, params: Mapping[str, ParamValue]) -> f
     """Generate one short request to the end and drop it (warming a model up: the
     first calls allocate, and pick their kernels); the median of its steps' times
     after the first three (of all, where there are no more), in seconds."""
-    import statistics
-    import time
-
     request = EngineRequest("warm-up", prompt, resolve_params(engine.info.params, dict(params)))
     job = next(job for job in engine.prepare_steps(request) if isinstance(job, Job))
     steps: list[float] = []
