@@ -124,20 +124,19 @@ def room_for(
     need: Callable[[int], int],
     requests: int,
     device: torch.device | str,
-    share: float = 1.0,
-    most: int | None = None,
+    share: float,
+    most: int,
 ) -> int:
     """The requests a model's table is sized for: ``requests`` where given
     (``check_room``: refused where they do not fit), else (0: ``--max-active``'s
     default) ``most_that_fit`` in ``share`` of the memory free now (a server's
     models divide it: each takes its part as it warms up), up to ``most``
-    (``auto_most``; None: the device kind's ``AUTO_MOST``)."""
+    (``auto_most``)."""
     if requests > 0:
         check_room(name, need, requests, device)
         return requests
     device = torch.device(device)
     free = free_memory(device)
-    most = AUTO_MOST.get(device.type, 1) if most is None else most
     chosen = most_that_fit(need, None if free is None else int(share * free), most)
     check_room(name, need, chosen, device)
     log.info(
