@@ -268,19 +268,28 @@ class Scheduler:
         keep_freed_memory()
         try:
             self._engines = dict(self._factory())
+            # Every model sized before any reserves its table: each in its part
+            # of the same memory, and each then reserved (and its graphs
+            # recorded) for the number the server runs, the least of theirs.
+            took: dict[str, float] = {}
             for name, engine in self._engines.items():
                 start = time.perf_counter()
-                engine.warm_up()
-                log.info("%s warmed up in %.2f s", name, time.perf_counter() - start)
-            # Last, every model loaded and every table reserved: the packed
-            # copies take what memory is left, or none.
-            for engine in self._engines.values():
-                engine.pack_weights()
+                engine.size()
+                took[name] = time.perf_counter() - start
             if self.max_active <= 0:  # (as many as fit: what each model found room for)
                 self.max_active = min(
                     (engine.max_active for engine in self._engines.values()), default=1
                 )
                 log.info("up to %d requests at once", self.max_active)
+            for name, engine in self._engines.items():
+                start = time.perf_counter()
+                engine.warm_up(self.max_active)
+                took[name] += time.perf_counter() - start
+                log.info("%s warmed up in %.2f s", name, took[name])
+            # Last, every model loaded and every table reserved: the packed
+            # copies take what memory is left, or none.
+            for engine in self._engines.values():
+                engine.pack_weights()
         except BaseException as exc:  # report any load failure to the loop
             self._loop.call_soon_threadsafe(_set_exception, self._ready, exc)
             return

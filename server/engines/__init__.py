@@ -114,11 +114,11 @@ def load_engines(
     torch.set_num_threads(threads or max(1, _cores() - 1))
     engines: dict[str, Engine] = {}
     shared: dict[str, Any] = {}  # the released MBD, loaded once for every model using it
-    for index, name in enumerate(names):
+    for name in names:
         log.info("loading %s on %s", name, resolved)
-        # Warmed up in this order, each sizes its table (max_active 0) in its part
-        # of the memory the ones before it left.
-        memory_share = 1.0 / (len(names) - index)
+        # Each sizes its table (max_active 0) in an equal part of the memory free
+        # once all are loaded (the scheduler sizes them all before any reserves).
+        memory_share = 1.0 / len(names)
         if is_higgs_name(name):
             engines[name] = _load_higgs_engine(
                 name,

@@ -245,8 +245,19 @@ class Engine(Protocol):
         """
         ...
 
-    def warm_up(self) -> None:
-        """Run a short request once, so that the first client's is not the slowest."""
+    def size(self) -> int:
+        """Run a short request once (``run_once``: the first calls allocate, and
+        pick their kernels) and size the table (``max_active``): the requests it
+        takes, as asked, or as many as fit (``kv.room_for``). Reserves nothing
+        more than that request's rows; the same number once done."""
+        ...
+
+    def warm_up(self, max_active: int = 0) -> None:
+        """``size`` where not done, then ready the table for ``max_active``
+        requests where fewer than it found room for (the server's number: its
+        models' least), so that the first client's request is not the slowest:
+        the codec's calls measured, the table reserved and its graphs recorded
+        (``--cuda-graphs``), the context's cost measured."""
         ...
 
     def pack_weights(self) -> None:

@@ -130,7 +130,7 @@ def room_for(
     """The requests a model's table is sized for: ``requests`` where given
     (``check_room``: refused where they do not fit), else (0: ``--max-active``'s
     default) ``most_that_fit`` in ``share`` of the memory free now (a server's
-    models divide it: each takes its part as it warms up), up to ``most``
+    models divide it, each sized before any reserves its table), up to ``most``
     (``auto_most``)."""
     if requests > 0:
         check_room(name, need, requests, device)

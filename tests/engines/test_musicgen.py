@@ -279,8 +279,9 @@ def test_the_codec_batch_flag_reaches_both_engines() -> None:
 
 
 def test_the_server_packs_the_step_weights_once_every_engine_is_warm(monkeypatch: Any) -> None:
-    """The scheduler warms every engine up (each reserving its table), then packs
-    each one's step weights: the copies take what memory is left. (The tiny
+    """The scheduler sizes every engine's table, then warms each up (each
+    reserving its table), then packs each one's step weights: the copies take
+    what memory is left. (The tiny
     models' weights are packed here only because ``PACKED_FROM`` is lowered.)"""
     import asyncio
 
@@ -291,11 +292,15 @@ def test_the_server_packs_the_step_weights_once_every_engine_is_warm(monkeypatch
     engines = load_engines(["tiny-musicgen", "tiny-higgs"], "cpu", codec_batch=2)
     order: list[str] = []
     for name, engine in engines.items():
-        for method in ("warm_up", "pack_weights"):
+        for method in ("size", "warm_up", "pack_weights"):
             bound = getattr(engine, method)
-            monkeypatch.setattr(
-                engine, method, lambda b=bound, n=name, m=method: (order.append(f"{m} {n}"), b())
-            )
+
+            def called(*args: Any, b: Any = bound, n: str = name, m: str = method) -> Any:
+                if f"{m} {n}" not in order:  # (warm_up sizes, where not done yet)
+                    order.append(f"{m} {n}")
+                return b(*args)
+
+            monkeypatch.setattr(engine, method, called)
 
     async def serve() -> None:
         scheduler = Scheduler(
@@ -306,6 +311,8 @@ def test_the_server_packs_the_step_weights_once_every_engine_is_warm(monkeypatch
 
     asyncio.run(serve())
     assert order == [
+        "size tiny-musicgen",
+        "size tiny-higgs",
         "warm_up tiny-musicgen",
         "warm_up tiny-higgs",
         "pack_weights tiny-musicgen",
@@ -314,6 +321,45 @@ def test_the_server_packs_the_step_weights_once_every_engine_is_warm(monkeypatch
     for engine in engines.values():
         assert engine.decoder.packing.weights > 0, engine.info.name
         assert engine.decoder.packing.skipped is None
+
+
+def test_a_servers_models_are_readied_for_the_least_of_their_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``max_active`` 0 with two models: each is sized in its part of the memory
+    (half each) before any reserves, and the server runs the least of their
+    numbers; the model with room for more is readied (its table, its codec's
+    calls, its context's cost measured) for that number, not for its own. Here
+    the speech model's part holds two requests' tables, the music model's 16."""
+    import asyncio
+
+    from wavecast.server.engines import kv
+    from wavecast.server.scheduler import Scheduler
+
+    engines = load_engines(["tiny-musicgen", "tiny-higgs"], "cpu", max_active=0)
+    music, speech = engines["tiny-musicgen"], engines["tiny-higgs"]
+    assert music.memory_share == speech.memory_share == 0.5
+    free = 2**40
+    monkeypatch.setattr(kv, "free_memory", lambda device: free)
+    two = speech.decoder.bytes_for(rows=2, length=speech._table_length())
+    speech.memory_share = two / (kv.AUTO_SHARE * free)  # (two fit there; four do not)
+    scheduler = None
+
+    async def serve() -> None:
+        nonlocal scheduler
+        scheduler = Scheduler(
+            asyncio.get_running_loop(), lambda: engines, max_queue=1, max_active=0
+        )
+        await scheduler.start()
+        scheduler.stop(timeout=10)
+
+    asyncio.run(serve())
+    assert scheduler is not None and scheduler.max_active == 2
+    assert music.size() == 16  # (what its own part held)
+    assert music.max_active == speech.max_active == 2
+    assert music.decoder.rows == 2 * 2  # (a request's two rows: with and without its text)
+    assert speech.decoder.rows == 2
+    assert music.codec_batch <= 2 and speech.codec_batch <= 2
 
 
 def test_max_duration_job_streams_whole_clip(engine: Any) -> None:

@@ -258,6 +258,7 @@ class HiggsEngine:
         self.codec_seconds = 0.0  # host seconds in the streams' codec calls, so far
         self.context_seconds: float | None = None  # a row's context grows to its end
         self._warm = False
+        self._sized: int | None = None  # (max_active as ``size`` found it)
         self.prefill_chunk = max(1, prefill_chunk)
         seconds = None if prefill_budget_ms is None else prefill_budget_ms / 1000
         self.prefill = PrefillBudget(prefill_budget, seconds, self.device, clock)
@@ -1135,8 +1136,8 @@ class HiggsEngine:
             with self._codec_place():
                 complete_due(self._decode, ends, self.codec_batch)
 
-    def warm_up(self) -> None:
-        if not self._warm:
+    def size(self) -> int:
+        if self._sized is None:
             # Eagerly (the table grows afterwards: graphs recorded now would be dropped).
             graphs, self._graphs = self._graphs, None
             try:
@@ -1144,6 +1145,16 @@ class HiggsEngine:
             finally:
                 self._graphs = graphs
             self._check_room(step)
+            self._sized = self.max_active
+        return self._sized
+
+    def warm_up(self, max_active: int = 0) -> None:
+        if not self._warm:
+            self.size()
+            if 0 < max_active < self.max_active:  # (the server's: its models' least)
+                self.max_active = max_active
+                log.info("%s: its table for %d requests (the server's)", self.name, max_active)
+            graphs = self._graphs
             with torch.no_grad(), self._codec_place():
                 self.codec_streams.choose_forms(self.codec_batch or self.max_active)
             if self.codec_batch is None:

@@ -223,6 +223,7 @@ class MusicGenEngine:
         self.autocast = fresh_autocast(model)  # a new context at each use: they nest
         self.conditioning = Conditioning(model, max_prompt_tokens, self.autocast)
         self._warm = False
+        self._sized: int | None = None  # (max_active as ``size`` found it)
         self.frame_rate = float(model.frame_rate)
         self.context_cost = 0.0  # seconds a step per stream-second of context (warm-up)
         self.codec_seconds = 0.0  # host seconds in the streams' codec calls, so far
@@ -1095,8 +1096,8 @@ class MusicGenEngine:
             st.conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
         return False
 
-    def warm_up(self) -> None:
-        if not self._warm:
+    def size(self) -> int:
+        if self._sized is None:
             # Eagerly (the table grows afterwards: graphs recorded now would be dropped).
             graphs, self._graphs = self._graphs, None
             try:
@@ -1104,6 +1105,16 @@ class MusicGenEngine:
             finally:
                 self._graphs = graphs
             self._check_room(step)
+            self._sized = self.max_active
+        return self._sized
+
+    def warm_up(self, max_active: int = 0) -> None:
+        if not self._warm:
+            self.size()
+            if 0 < max_active < self.max_active:  # (the server's: its models' least)
+                self.max_active = max_active
+                log.info("%s: its table for %d requests (the server's)", self.name, max_active)
+            graphs = self._graphs
             with torch.no_grad(), self._codec_format():
                 self.codec_streams.choose_forms(self.codec_batch or self.max_active)
             if self.codec_batch is None:
