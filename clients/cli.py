@@ -9,15 +9,28 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import signal
+import struct
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from wavecast.protocol import Audio, Done, ModelInfo, Progress, Queued, Started, to_wire
+from wavecast.protocol import (
+    BYTES_PER_SAMPLE,
+    Audio,
+    Done,
+    ModelInfo,
+    Progress,
+    Queued,
+    Started,
+    to_wire,
+)
 
 from .client import DEFAULT_URL, GenerationResult, connect, server_url
 
@@ -61,6 +74,75 @@ class ProgressBar:
         self.stream.write(text + "\n")
         self.stream.flush()
 
+
+class LiveWav:
+    """Audio written to a pipe as it arrives, as one WAV stream, for a player to
+    play while the rest is generated (``wavecast speak … -o - | ffplay -nodisp
+    -autoexit -``). Its sizes are unknown when the header goes out: 0xFFFFFFFF,
+    as streaming writers leave them (players and libsndfile read to the end).
+
+    A thread of its own writes: a player reads at real time, slower than the
+    audio comes, and the client must go on reading the connection meanwhile
+    (the server ends the request of a client that stops reading). What the
+    player has not read yet waits here: at most the clip the server sends.
+    Where the reader goes away (the player quit), ``on_closed`` is called on
+    that thread, and the rest is dropped.
+    """
+
+    SIZE_UNKNOWN = 0xFFFFFFFF
+
+    def __init__(self, out: BinaryIO, on_closed: Callable[[], None]) -> None:
+        self.out = out
+        self.on_closed = on_closed
+        self.closed = False  # the reader went away, or the rest was abandoned
+        self.bytes = 0  # audio handed over (the header not counted)
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write_all, name="wavecast-out", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def header(sample_rate: int, channels: int, format: str) -> bytes:
+        """A WAV header of unknown length: 16-bit integer or 32-bit float PCM."""
+        tag, bits = (3, 32) if format == "pcm_f32le" else (1, 16)
+        block = channels * bits // 8
+        unknown = struct.pack("<I", LiveWav.SIZE_UNKNOWN)
+        spec = struct.pack(
+            "<IHHIIHH", 16, tag, channels, sample_rate, sample_rate * block, block, bits
+        )
+        return b"RIFF" + unknown + b"WAVE" + b"fmt " + spec + b"data" + unknown
+
+    def start(self, sample_rate: int, channels: int, format: str) -> None:
+        self._queue.put(self.header(sample_rate, channels, format))
+
+    def write(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self._queue.put(data)
+
+    def abandon(self) -> None:
+        """Drop what the reader has not read yet (after the one write under way)."""
+        self.closed = True
+
+    async def finish(self) -> None:
+        """Once the reader has read everything (or gone away)."""
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _write_all(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self.closed:
+                continue
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except OSError:  # (BrokenPipeError: the reader went away)
+                self.closed = True
+                # What is left in the file's buffer must not fail again at exit.
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+                self.on_closed()
+
+
+STDOUT = Path("-")  # ``-o -``: the audio to standard output, as it comes
 
 Params = dict[str, int | float | bool | str | None]
 SPEAK_PARAMS = (
@@ -177,6 +259,16 @@ async def _run(
     *,
     capability: str,
 ) -> int:
+    if args.output == STDOUT:
+        if sys.stdout.isatty():
+            bar.message(
+                "-o - writes the audio to standard output: pipe it into a player "
+                "(… -o - | ffplay -nodisp -autoexit -) or into a file"
+            )
+            return 2
+        if params.get("mbd"):
+            bar.message("--mbd writes two files (the live version and the diffusion one): not -o -")
+            return 2
     async with connect(args.url, api_key=args.api_key) as client:
         models = client.models
         fitting = [name for name, info in models.items() if capability in info.capabilities]
@@ -193,15 +285,21 @@ async def _run(
         cancel_sent = False
         tasks: set[asyncio.Task[None]] = set()
 
-        def on_interrupt() -> None:
+        def on_interrupt(why: str = "") -> None:
             nonlocal cancel_sent
-            if not cancel_sent:
+            if stream.done is not None and live is not None:
+                live.abandon()  # (the player's part not yet read)
+            elif not cancel_sent:
                 cancel_sent = True
-                bar.message("cancelling…")
+                bar.message(f"{why}cancelling…")
                 task = loop.create_task(stream.cancel())
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
+        def on_output_closed() -> None:
+            loop.call_soon_threadsafe(on_interrupt, "the output was closed: ")
+
+        live = LiveWav(sys.stdout.buffer, on_output_closed) if args.output == STDOUT else None
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGINT, on_interrupt)
         pcm = bytearray()
@@ -215,8 +313,13 @@ async def _run(
                     bar.message(f"queued at position {event.position}")
                 elif isinstance(event, Started):
                     sample_rate, channels, seed = event.sample_rate, event.channels, event.seed
+                    if live is not None:
+                        live.start(sample_rate, channels, args.format)
                 elif isinstance(event, Audio):
-                    (pcm if event.rendition is None else mbd_pcm).extend(event.data)
+                    if live is not None and event.rendition is None:
+                        live.write(event.data)
+                    else:
+                        (pcm if event.rendition is None else mbd_pcm).extend(event.data)
                 elif isinstance(event, Progress):
                     if event.stage == "prepare":
                         part = f" {event.fraction:.0%}" if event.fraction > 0 else ""
@@ -225,8 +328,12 @@ async def _run(
                         bar.show(event.fraction, event.seconds, "(Multi-Band Diffusion)")
                     else:
                         bar.show(event.fraction, event.seconds)
+            if live is not None:
+                await live.finish()
         except ConnectionClosed as exc:
             lost = exc
+            if live is not None:
+                await live.finish()
         finally:
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(signal.SIGINT)
@@ -252,6 +359,14 @@ async def _run(
             )
 
         result = clip(pcm)
+        if live is not None:  # (its audio is not in ``pcm``: nothing more to write)
+            frame = BYTES_PER_SAMPLE[args.format] * channels
+            seconds = live.bytes / (frame * sample_rate) if sample_rate else 0.0
+            end = " (closed before its end)" if live.closed else ""
+            bar.message(
+                f"{seconds:.2f} s went to standard output{end} "
+                f"({sample_rate} Hz, {channels} ch, seed {seed})"
+            )
         if lost is not None:
             if result.frames:
                 _write_wav(args.output, result)
@@ -263,7 +378,7 @@ async def _run(
         if done.status == "error" and done.error is not None:
             bar.message(f"error: {done.error.code}: {done.error.message}")
             return 1
-        outputs = [(args.output, result)]
+        outputs = [(args.output, result)] if live is None else []
         if mbd_pcm:
             # -o gets the diffusion version; the live (EnCodec) one goes beside it.
             live_path = args.output.with_suffix(".encodec.wav")
@@ -320,7 +435,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         type=Path,
         default=Path("out.wav"),
-        help="WAV file to write (default %(default)s)",
+        help="WAV file to write (default %(default)s); '-': standard output, as the audio "
+        "comes (for a player: … -o - | ffplay -nodisp -autoexit -)",
     )
 
 

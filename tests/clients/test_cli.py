@@ -72,6 +72,111 @@ async def test_generate_float_wav(server: Any, tmp_path: Path) -> None:
     assert soundfile.info(str(out)).subtype == "FLOAT"
 
 
+async def piped_cli(*args: str) -> tuple[int, bytes, str]:
+    """Run ``wavecast ARGS`` with its standard output a pipe apart from its
+    messages: its exit code, its output's bytes and its messages."""
+    process = await asyncio.create_subprocess_exec(
+        *WAVECAST, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout(60))
+    assert process.returncode is not None
+    return process.returncode, out, err.decode()
+
+
+@pytest.mark.parametrize(("format", "subtype"), [("pcm_s16le", "PCM_16"), ("pcm_f32le", "FLOAT")])
+async def test_dash_o_writes_the_audio_to_standard_output_as_a_wav_stream(
+    server: Any, tmp_path: Path, format: str, subtype: str
+) -> None:
+    """``-o -``: one WAV stream on standard output (its sizes unknown when its
+    header went out: 0xFFFFFFFF), the samples of ``-o FILE`` with the same seed,
+    in the format asked for; the messages on standard error."""
+    import struct
+
+    import numpy as np
+
+    request = ("generate", "--url", server.url, "--duration", "1.5", "--seed", "3")
+    code, out, messages = await piped_cli(*request, "--format", format, "-o", "-", "drums")
+    assert code == 0, messages
+    assert "1.50 s went to standard output (32000 Hz, 1 ch, seed 3)" in messages
+    assert out[:4] == b"RIFF" and out[8:16] == b"WAVE" + b"fmt "
+    assert struct.unpack("<I", out[4:8])[0] == 0xFFFFFFFF
+    assert out[36:40] == b"data" and struct.unpack("<I", out[40:44])[0] == 0xFFFFFFFF
+    tag, channels, rate = struct.unpack("<HHI", out[20:28])
+    assert (tag, channels, rate) == ((3 if subtype == "FLOAT" else 1), 1, 32000)
+    streamed = tmp_path / "streamed.wav"
+    streamed.write_bytes(out)
+    assert soundfile.info(str(streamed)).subtype == subtype  # (libsndfile reads it to its end)
+    written = tmp_path / "written.wav"
+    code, output = await run_cli(*request, "--format", format, "-o", str(written), "drums")
+    assert code == 0, output
+    dtype = "float32" if subtype == "FLOAT" else "int16"
+    a, _ = soundfile.read(str(streamed), dtype=dtype)
+    b, _ = soundfile.read(str(written), dtype=dtype)
+    # (Chunks fall otherwise from run to run: the codec's sums round otherwise,
+    # within its exactness, 1e-4, which is one step of a 16-bit sample.)
+    assert len(a) == len(b) == 75 * 640
+    assert np.abs(a.astype(np.float64) - b).max() <= (1e-4 if subtype == "FLOAT" else 1)
+
+
+async def test_dash_o_streams_while_generating_and_a_closed_output_cancels(
+    server: Any,
+) -> None:
+    """``-o -`` hands the audio on as it comes: its first samples are there to
+    read while the request still runs at the server. A reader that goes away
+    (a player that quits) cancels the request: the command says so, exits 130,
+    and the server counts a cancel; no traceback."""
+    reader, writer = os.pipe()
+    process = await asyncio.create_subprocess_exec(
+        *WAVECAST, "generate", "--url", server.url, "--duration", "300", "-o", "-", "x",
+        stdout=writer, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    os.close(writer)
+
+    def read(size: int) -> bytes:
+        got = b""
+        while len(got) < size and (part := os.read(reader, size - len(got))):
+            got += part
+        return got
+
+    try:
+        head = await asyncio.wait_for(asyncio.to_thread(read, 44 + 6400), timeout(60))
+        assert head[:4] == b"RIFF" and len(head) == 44 + 6400
+        assert server.scheduler.snapshot()["active"] == 1 and process.returncode is None
+    finally:
+        os.close(reader)  # (the player quits)
+    _, err = await asyncio.wait_for(process.communicate(), timeout(60))
+    code, messages = process.returncode, err.decode()
+    assert code == 130, messages
+    assert "the output was closed: cancelling" in messages
+    assert "went to standard output (closed before its end)" in messages
+    assert "Traceback" not in messages and "Exception ignored" not in messages
+    await server.scheduler.wait_idle(timeout(5))
+    assert server.scheduler.snapshot()["cancelled"] == 1
+
+
+async def test_dash_o_refuses_a_terminal_and_mbd(tmp_path: Path) -> None:
+    """``-o -`` on a terminal would print the samples: refused with a line saying
+    how to use it; with ``--mbd`` (two files) too; before connecting."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *WAVECAST, "speak", "--url", "127.0.0.1:9", "-o", "-", "hi",
+            stdout=follower, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), timeout(60))
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert process.returncode == 2
+    assert "pipe it into a player" in err.decode()
+    code, out, messages = await piped_cli(
+        "generate", "--url", "127.0.0.1:9", "--mbd", "-o", "-", "x"
+    )
+    assert code == 2 and out == b"" and "not -o -" in messages
+
+
 async def test_ctrl_c_cancels_the_request(server: Any, tmp_path: Path) -> None:
     code, output = await run_cli(
         "generate",
