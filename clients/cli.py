@@ -369,7 +369,7 @@ async def _run(
             )
         if lost is not None:
             if result.frames:
-                _write_wav(args.output, result)
+                result.save(args.output)
                 bar.message(
                     f"wrote {args.output}: the {result.frames / sample_rate:.2f} s received "
                     "before the connection was lost"
@@ -385,7 +385,7 @@ async def _run(
             outputs = [(args.output, clip(mbd_pcm)), (live_path, result)]
         for path, version in outputs:
             if version.frames:
-                _write_wav(path, version)
+                version.save(path)
                 bar.message(
                     f"wrote {path} ({version.frames / sample_rate:.2f} s, "
                     f"{sample_rate} Hz, {channels} ch, seed {seed})"
@@ -399,13 +399,6 @@ async def _run(
                 f"first audio after {first}"
             )
         return 130 if done.status == "cancelled" else 0
-
-
-def _write_wav(path: Path, result: GenerationResult) -> None:
-    import soundfile
-
-    subtype = "FLOAT" if result.format == "pcm_f32le" else "PCM_16"
-    soundfile.write(path, result.to_numpy(), result.sample_rate, subtype=subtype, format="WAV")
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -146,6 +146,19 @@ class GenerationResult:
         dtype = "<f4" if self.format == "pcm_f32le" else "<i2"
         data = self.pcm if rendition is None else self.renditions[rendition]
         return np.frombuffer(data, dtype=dtype).reshape(-1, max(1, self.channels))
+
+    def save(self, file: str | os.PathLike[str] | BinaryIO, rendition: str | None = None) -> None:
+        """Write the audio as a WAV file (a path, or a binary file open for
+        writing): 16-bit or 32-bit float samples, as they were received.
+
+        Args:
+            rendition: ``None`` for the live stream, or a name in ``renditions``.
+        """
+        import soundfile
+
+        subtype = "FLOAT" if self.format == "pcm_f32le" else "PCM_16"
+        audio = self.to_numpy(rendition)
+        soundfile.write(file, audio, self.sample_rate, subtype=subtype, format="WAV")
 
 
 @dataclass

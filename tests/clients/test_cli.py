@@ -371,7 +371,7 @@ async def test_cli_unreachable_server() -> None:
     assert code == 2 and "cannot reach" in output
 
 
-async def test_sync_client(server: Any) -> None:
+async def test_sync_client(server: Any, tmp_path: Path) -> None:
     def work() -> tuple[list[str], Any]:
         with SyncClient(server.url) as client:
             assert "tiny-musicgen" in [m.name for m in client.hello.models]
@@ -384,6 +384,10 @@ async def test_sync_client(server: Any) -> None:
     assert kinds[:3] == ["Queued", "Progress", "Started"] and kinds[-1] == "Done"
     assert Audio.__name__ in kinds and Started.__name__ in kinds and Done.__name__ in kinds
     assert result.status == "completed" and result.frames == 25 * 640
+    result.save(tmp_path / "x.wav")  # (as received: 16-bit, the samples exactly)
+    samples, rate = soundfile.read(str(tmp_path / "x.wav"), dtype="int16", always_2d=True)
+    assert rate == 32000 and soundfile.info(str(tmp_path / "x.wav")).subtype == "PCM_16"
+    assert (samples == result.to_numpy()).all() and samples.shape == (25 * 640, 1)
 
 
 def test_serve_command_starts_and_stops(tmp_path: Path) -> None:
