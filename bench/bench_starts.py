@@ -1,8 +1,9 @@
 """What a server start measures and chooses: ``wavecast serve`` started
 ``--starts`` times, and from each start's log, each model's codec chunks per
 call (``fastest_rows``: the codec batch measured at warm-up), how many of its
-codec layers the warm-up chose to run as matrix products (``choose_forms``), and
-its warm-up's time.
+codec layers the warm-up chose to run as matrix products (``choose_forms``), the
+requests its table was readied for (``--max-active 0``: its own number, or the
+server's where less) and its warm-up's time.
 
 What a warm-up measures decides how every later stream is decoded, so it must
 come out the same from one start to the next on the same machine. Run it with
@@ -29,10 +30,10 @@ from bench_stream import codec_batches, machine, start_server
 import wavecast.server
 
 
-def one_start(args: argparse.Namespace) -> dict[str, tuple[int, str, float]]:
+def one_start(args: argparse.Namespace) -> dict[str, tuple[int, str, float, str]]:
     """Each model's codec chunks per call, codec layers as products (for one
-    stream's calls / for more, of all; "-" where the log does not say) and
-    warm-up seconds, from one start."""
+    stream's calls / for more, of all; "-" where the log does not say), warm-up
+    seconds and the requests its table was readied for, from one start."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         process: subprocess.Popen[bytes] | None = None
@@ -53,8 +54,18 @@ def one_start(args: argparse.Namespace) -> dict[str, tuple[int, str, float]]:
         )
     }
     warmed = dict(re.findall(r"(\S+) warmed up in ([\d.]+) s", text))
+    # The requests each model's table was readied for: its own number (``kv.room_for``),
+    # or the server's where that is less and the warm-up says so.
+    sized = dict(re.findall(r"(\S+): up to (\d+) requests at once", text))
+    sized.update(re.findall(r"(\S+): its table for (\d+) requests", text))
     return {
-        model: (batches[model], forms.get(model, "-"), float(warmed[model])) for model in args.model
+        model: (
+            batches[model],
+            forms.get(model, "-"),
+            float(warmed[model]),
+            sized.get(model, str(args.max_active)),
+        )
+        for model in args.model
     }
 
 
@@ -63,7 +74,9 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--starts", type=int, default=8)
-    parser.add_argument("--max-active", type=int, default=8, help="the server's --max-active")
+    parser.add_argument(
+        "--max-active", type=int, default=8, help="the server's --max-active (0: as many as fit)"
+    )
     args = parser.parse_args()
     args.model = args.model or ["tiny-musicgen"]
     # What start_server passes to `wavecast serve`: the server's defaults otherwise.
@@ -82,19 +95,20 @@ def main() -> None:
     print(f"- package: `{package}`")
     print(f"- date: {time.strftime('%Y-%m-%d')}\n")
     print(
-        "| model | codec chunks per call: starts | codec layers as products "
-        "(one stream / more): starts | warm-up (median, max) |"
+        "| model | readied for (requests): starts | codec chunks per call: starts "
+        "| codec layers as products (one stream / more): starts | warm-up (median, max) |"
     )
-    print("| --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- |")
     for model in args.model:
         caps = Counter(start[model][0] for start in starts)
         counts = ", ".join(f"{cap}: {n}" for cap, n in sorted(caps.items()))
         chosen = Counter(start[model][1] for start in starts)
         forms = ", ".join(f"{form}: {n}" for form, n in sorted(chosen.items()))
         times = sorted(start[model][2] for start in starts)
-        print(
-            f"| {model} | {counts} | {forms} | {times[len(times) // 2]:.1f} s, {times[-1]:.1f} s |"
-        )
+        readied = Counter(start[model][3] for start in starts)
+        sizes = ", ".join(f"{size}: {n}" for size, n in sorted(readied.items()))
+        middle, slowest = times[len(times) // 2], times[-1]
+        print(f"| {model} | {sizes} | {counts} | {forms} | {middle:.1f} s, {slowest:.1f} s |")
 
 
 if __name__ == "__main__":
