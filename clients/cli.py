@@ -85,13 +85,14 @@ class LiveWav:
     audio comes, and the client must go on reading the connection meanwhile
     (the server ends the request of a client that stops reading). What the
     player has not read yet waits here: at most the clip the server sends.
-    Where the reader goes away (the player quit), ``on_closed`` is called on
-    that thread, and the rest is dropped.
+    Where the reader goes away (the player quit) or a write fails otherwise (a
+    full disk), ``on_closed`` is called on that thread with why, and the rest
+    is dropped.
     """
 
     SIZE_UNKNOWN = 0xFFFFFFFF
 
-    def __init__(self, out: BinaryIO, on_closed: Callable[[], None]) -> None:
+    def __init__(self, out: BinaryIO, on_closed: Callable[[str], None]) -> None:
         self.out = out
         self.on_closed = on_closed
         self.closed = False  # the reader went away, or the rest was abandoned
@@ -134,12 +135,14 @@ class LiveWav:
             try:
                 self.out.write(data)
                 self.out.flush()
-            except OSError:  # (BrokenPipeError: the reader went away)
+            except OSError as exc:
                 self.closed = True
+                gone = isinstance(exc, BrokenPipeError)  # (the reader went away)
+                why = "the output was closed" if gone else f"writing failed ({exc.strerror})"
                 # What is left in the file's buffer must not fail again at exit.
                 with contextlib.suppress(OSError, ValueError):
                     os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
-                self.on_closed()
+                self.on_closed(why)
 
 
 STDOUT = Path("-")  # ``-o -``: the audio to standard output, as it comes
@@ -296,8 +299,8 @@ async def _run(
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
-        def on_output_closed() -> None:
-            loop.call_soon_threadsafe(on_interrupt, "the output was closed: ")
+        def on_output_closed(why: str) -> None:
+            loop.call_soon_threadsafe(on_interrupt, f"{why}: ")
 
         live = LiveWav(sys.stdout.buffer, on_output_closed) if args.output == STDOUT else None
         with contextlib.suppress(NotImplementedError):

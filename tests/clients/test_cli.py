@@ -154,6 +154,27 @@ async def test_dash_o_streams_while_generating_and_a_closed_output_cancels(
     assert server.scheduler.snapshot()["cancelled"] == 1
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full (Linux's full disk)")
+async def test_dash_o_into_a_full_disk_cancels_and_says_why(server: Any) -> None:
+    """A write that fails otherwise than by a reader gone (a full disk) cancels
+    the request too, and the command says why."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *WAVECAST, "generate", "--url", server.url, "--duration", "300", "-o", "-", "x",
+            stdout=full, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(full)
+    _, err = await asyncio.wait_for(process.communicate(), timeout(60))
+    messages = err.decode()
+    assert process.returncode == 130, messages
+    assert "writing failed (No space left on device): cancelling" in messages
+    assert "Traceback" not in messages and "Exception ignored" not in messages
+    await server.scheduler.wait_idle(timeout(5))
+    assert server.scheduler.snapshot()["cancelled"] == 1
+
+
 async def test_dash_o_refuses_a_terminal_and_mbd(tmp_path: Path) -> None:
     """``-o -`` on a terminal would print the samples: refused with a line saying
     how to use it; with ``--mbd`` (two files) too; before connecting."""
