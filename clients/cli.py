@@ -10,6 +10,8 @@ import contextlib
 import json
 import os
 import queue
+import shlex
+import shutil
 import signal
 import struct
 import sys
@@ -92,12 +94,16 @@ class LiveWav:
 
     SIZE_UNKNOWN = 0xFFFFFFFF
 
-    def __init__(self, out: BinaryIO, on_closed: Callable[[str], None]) -> None:
+    def __init__(
+        self, out: BinaryIO, on_closed: Callable[[str], None], *, owned: bool = False
+    ) -> None:
         self.out = out
         self.on_closed = on_closed
+        self.owned = owned  # (closed at the end: a player's input, whose end it reads)
         self.closed = False  # the reader went away, or the rest was abandoned
         self.bytes = 0  # audio handed over (the header not counted)
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._finished = False
         self._thread = threading.Thread(target=self._write_all, name="wavecast-out", daemon=True)
         self._thread.start()
 
@@ -125,8 +131,14 @@ class LiveWav:
 
     async def finish(self) -> None:
         """Once the reader has read everything (or gone away)."""
+        if self._finished:
+            return
+        self._finished = True
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
+        if self.owned:
+            with contextlib.suppress(OSError):
+                self.out.close()
 
     def _write_all(self) -> None:
         while (data := self._queue.get()) is not None:
@@ -146,6 +158,38 @@ class LiveWav:
 
 
 STDOUT = Path("-")  # ``-o -``: the audio to standard output, as it comes
+# ``--play``'s players, the first found (``WAVECAST_PLAYER`` before them): each
+# plays a WAV stream from its standard input as it comes, and exits at its end.
+PLAYERS = (
+    ("ffplay", "-nodisp", "-autoexit", "-loglevel", "error", "-"),
+    ("aplay", "-q", "-"),
+    ("play", "-q", "-t", "wav", "-"),
+)
+
+
+def player_command() -> list[str] | None:
+    """``--play``'s player: ``WAVECAST_PLAYER`` (a command line), else the first
+    of ``PLAYERS`` on the PATH; None where there is none."""
+    given = os.environ.get("WAVECAST_PLAYER", "").strip()
+    if given:
+        return shlex.split(given)
+    return next((list(command) for command in PLAYERS if shutil.which(command[0])), None)
+
+
+async def _start_player(
+    command: list[str], on_closed: Callable[[str], None]
+) -> tuple[LiveWav, asyncio.subprocess.Process]:
+    """The player, reading the WAV stream that the returned ``LiveWav`` writes."""
+    reader, writer = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(*command, stdin=reader)
+    except BaseException:
+        os.close(writer)
+        raise
+    finally:
+        os.close(reader)
+    return LiveWav(os.fdopen(writer, "wb"), on_closed, owned=True), process
+
 
 Params = dict[str, int | float | bool | str | None]
 SPEAK_PARAMS = (
@@ -262,7 +306,22 @@ async def _run(
     *,
     capability: str,
 ) -> int:
-    if args.output == STDOUT:
+    player = player_command() if args.play else None
+    if args.play:
+        if args.output == STDOUT:
+            bar.message("--play and -o -: one or the other (-o - | PLAYER plays it too)")
+            return 2
+        if player is None:
+            bar.message(
+                "--play found no player (ffplay, aplay or sox's play): set WAVECAST_PLAYER "
+                "to one that reads a WAV stream from its standard input"
+            )
+            return 2
+        if shutil.which(player[0]) is None:
+            bar.message(f"--play: no command {player[0]!r} (WAVECAST_PLAYER)")
+            return 2
+    output = args.output or (None if args.play and not params.get("mbd") else Path("out.wav"))
+    if output == STDOUT:
         if sys.stdout.isatty():
             bar.message(
                 "-o - writes the audio to standard output: pipe it into a player "
@@ -302,7 +361,9 @@ async def _run(
         def on_output_closed(why: str) -> None:
             loop.call_soon_threadsafe(on_interrupt, f"{why}: ")
 
-        live = LiveWav(sys.stdout.buffer, on_output_closed) if args.output == STDOUT else None
+        live = LiveWav(sys.stdout.buffer, on_output_closed) if output == STDOUT else None
+        playing: asyncio.subprocess.Process | None = None  # (started with the audio)
+        keep = output is not None and output != STDOUT  # (the live stream, written at the end)
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGINT, on_interrupt)
         pcm = bytearray()
@@ -316,13 +377,21 @@ async def _run(
                     bar.message(f"queued at position {event.position}")
                 elif isinstance(event, Started):
                     sample_rate, channels, seed = event.sample_rate, event.channels, event.seed
+                    if player is not None:
+                        try:
+                            live, playing = await _start_player(player, on_output_closed)
+                        except OSError as exc:
+                            on_interrupt(f"--play: cannot start {player[0]} ({exc.strerror}): ")
                     if live is not None:
                         live.start(sample_rate, channels, args.format)
                 elif isinstance(event, Audio):
-                    if live is not None and event.rendition is None:
+                    if event.rendition is not None:
+                        mbd_pcm.extend(event.data)
+                        continue
+                    if live is not None:
                         live.write(event.data)
-                    else:
-                        (pcm if event.rendition is None else mbd_pcm).extend(event.data)
+                    if keep:
+                        pcm.extend(event.data)
                 elif isinstance(event, Progress):
                     if event.stage == "prepare":
                         part = f" {event.fraction:.0%}" if event.fraction > 0 else ""
@@ -338,6 +407,10 @@ async def _run(
             if live is not None:
                 await live.finish()
         finally:
+            if playing is not None:  # (until it has played it all, or quit)
+                if live is not None:  # (on any other way out: what it has, then its end)
+                    await live.finish()
+                await playing.wait()
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(signal.SIGINT)
         done = stream.done
@@ -366,26 +439,27 @@ async def _run(
             frame = BYTES_PER_SAMPLE[args.format] * channels
             seconds = live.bytes / (frame * sample_rate) if sample_rate else 0.0
             end = " (closed before its end)" if live.closed else ""
+            where = "standard output" if player is None else f"the player ({player[0]})"
             bar.message(
-                f"{seconds:.2f} s went to standard output{end} "
+                f"{seconds:.2f} s went to {where}{end} "
                 f"({sample_rate} Hz, {channels} ch, seed {seed})"
             )
         if lost is not None:
-            if result.frames:
-                result.save(args.output)
+            if result.frames and output is not None:  # (kept: a file's)
+                result.save(output)
                 bar.message(
-                    f"wrote {args.output}: the {result.frames / sample_rate:.2f} s received "
+                    f"wrote {output}: the {result.frames / sample_rate:.2f} s received "
                     "before the connection was lost"
                 )
             return 1
         if done.status == "error" and done.error is not None:
             bar.message(f"error: {done.error.code}: {done.error.message}")
             return 1
-        outputs = [(args.output, result)] if live is None else []
+        outputs = [(output, result)] if keep and output is not None else []
         if mbd_pcm:
             # -o gets the diffusion version; the live (EnCodec) one goes beside it.
-            live_path = args.output.with_suffix(".encodec.wav")
-            outputs = [(args.output, clip(mbd_pcm)), (live_path, result)]
+            assert output is not None and output != STDOUT  # (refused, or out.wav)
+            outputs = [(output, clip(mbd_pcm)), (output.with_suffix(".encodec.wav"), result)]
         for path, version in outputs:
             if version.frames:
                 version.save(path)
@@ -430,9 +504,14 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         type=Path,
-        default=Path("out.wav"),
-        help="WAV file to write (default %(default)s); '-': standard output, as the audio "
-        "comes (for a player: … -o - | ffplay -nodisp -autoexit -)",
+        help="WAV file to write (default out.wav, none with --play); '-': standard output, "
+        "as the audio comes (for a player: … -o - | ffplay -nodisp -autoexit -)",
+    )
+    parser.add_argument(
+        "--play",
+        action="store_true",
+        help="play the audio as it comes: WAVECAST_PLAYER, else ffplay, aplay or sox's "
+        "play (the first found), fed a WAV stream; quitting it cancels the request",
     )
 
 

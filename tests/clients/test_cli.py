@@ -198,6 +198,55 @@ async def test_dash_o_refuses_a_terminal_and_mbd(tmp_path: Path) -> None:
     assert code == 2 and out == b"" and "not -o -" in messages
 
 
+async def test_play_feeds_a_player_as_the_audio_comes_and_waits_for_it(
+    server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--play``: the player (``WAVECAST_PLAYER``; here one that keeps what it
+    is fed) reads the WAV stream from its standard input, the samples of
+    ``-o FILE`` with the same seed; the command waits for it to end, and writes
+    no file where none was asked for."""
+    import sys
+
+    import numpy as np
+
+    played = tmp_path / "played.wav"
+    keep = "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, open(sys.argv[1], 'wb'))"
+    monkeypatch.setenv("WAVECAST_PLAYER", f'{sys.executable} -c "{keep}" {played}')
+    request = ("generate", "--url", server.url, "--duration", "1.5", "--seed", "3")
+    code, output = await run_cli(*request, "--play", "drums")
+    assert code == 0, output
+    assert f"1.50 s went to the player ({sys.executable})" in output and "wrote" not in output
+    written = tmp_path / "written.wav"
+    code, output = await run_cli(*request, "-o", str(written), "drums")
+    assert code == 0, output
+    a, _ = soundfile.read(str(played), dtype="int16")
+    b, _ = soundfile.read(str(written), dtype="int16")
+    assert len(a) == len(b) == 75 * 640
+    assert np.abs(a.astype(np.int32) - b).max() <= 1  # (as -o -'s test says)
+
+
+async def test_a_player_that_quits_cancels_and_no_player_is_a_line(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A player that quits early (its input closed) cancels the request: exit
+    130, the server counts a cancel. A player that is not there: one line, 2."""
+    import sys
+
+    quits = "import sys; sys.stdin.buffer.read(5000)"
+    monkeypatch.setenv("WAVECAST_PLAYER", f'{sys.executable} -c "{quits}"')
+    long = ("generate", "--url", server.url, "--duration", "300")
+    code, output = await run_cli(*long, "--play", "x")
+    assert code == 130, output
+    assert "the output was closed: cancelling" in output and "Traceback" not in output
+    await server.scheduler.wait_idle(timeout(5))
+    assert server.scheduler.snapshot()["cancelled"] == 1
+    monkeypatch.setenv("WAVECAST_PLAYER", "no-such-player --flag")
+    code, output = await run_cli("generate", "--url", server.url, "--play", "x")
+    assert code == 2 and "--play: no command 'no-such-player'" in output
+    code, output = await run_cli("generate", "--url", server.url, "--play", "-o", "-", "x")
+    assert code == 2 and "one or the other" in output
+
+
 async def test_ctrl_c_cancels_the_request(server: Any, tmp_path: Path) -> None:
     code, output = await run_cli(
         "generate",
