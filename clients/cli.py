@@ -176,6 +176,108 @@ def player_command() -> list[str] | None:
     return next((list(command) for command in PLAYERS if shutil.which(command[0])), None)
 
 
+# --play counts on this part of the speed the audio comes at (it varies).
+PLAY_MARGIN = 0.9
+
+
+def play_from(held: float, speed: float | None, total: float | None) -> bool:
+    """Whether a player started now would play to the end without running out:
+    ``held`` seconds of audio in hand, the rest coming at ``speed`` seconds of
+    audio a second (None: not measured yet; ``PLAY_MARGIN`` of it counted on),
+    ``total`` seconds in all (None: not known). Slower than real time, the rest
+    (``total - held``) comes in ``(total - held) / speed`` seconds while the
+    player plays ``held`` and what comes meanwhile: it never runs out where
+    ``held * speed >= (total - held) * (1 - speed)``."""
+    if total is not None and held >= total:
+        return True
+    if speed is None:
+        return False
+    speed *= PLAY_MARGIN
+    if speed >= 1.0:
+        return True
+    if total is None:
+        return False
+    return held * speed >= (total - held) * (1.0 - speed)
+
+
+class Playback:
+    """``--play``: the player, fed the audio as it comes (``LiveWav``).
+
+    It starts as soon as it would not run out (``play_from``): at the second
+    chunk where the audio comes faster than real time (the speed is measured
+    from the first), later where it comes slower (a large model on a small
+    machine: what is held then covers the rest, so the player does not stop
+    and start), at the end at the latest. ``total`` is the audio's length as
+    the progress messages give it (a speech request's, at most).
+    """
+
+    def __init__(
+        self,
+        command: list[str],
+        on_closed: Callable[[str], None],
+        wav: tuple[int, int, str],
+        bar: ProgressBar,
+    ) -> None:
+        self.command = command
+        self.on_closed = on_closed
+        self.wav = wav  # (sample rate, channels, format)
+        self.bar = bar
+        sample_rate, channels, format = wav
+        self.frame_seconds = 1.0 / (BYTES_PER_SAMPLE[format] * channels * sample_rate)
+        self.held = bytearray()  # (until the player starts)
+        self.live: LiveWav | None = None
+        self.process: asyncio.subprocess.Process | None = None
+        self.failed = False
+        self.received = 0.0  # seconds of audio
+        self.total: float | None = None
+        self._first: tuple[float, float] | None = None  # (when, seconds received then)
+
+    async def feed(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self.received += len(data) * self.frame_seconds
+        if self.live is not None:
+            self.live.write(data)
+            return
+        if self.failed:
+            return
+        self.held.extend(data)
+        if self._first is None:
+            self._first = (now, self.received)
+            speed = None
+        else:
+            began, seconds = self._first
+            speed = (self.received - seconds) / (now - began) if now > began else None
+        if play_from(self.received, speed, self.total):
+            await self._start(speed)
+
+    async def finish(self, play_rest: bool) -> None:
+        """Once every chunk has come (``play_rest``: the player started with what is
+        held, where it has not yet) or the request ended otherwise; until the
+        player has played it all, or quit."""
+        if self.live is None and play_rest and self.held and not self.failed:
+            await self._start(None)
+        if self.live is not None:
+            await self.live.finish()
+        if self.process is not None:
+            await self.process.wait()
+
+    async def _start(self, speed: float | None) -> None:
+        try:
+            self.live, self.process = await _start_player(self.command, self.on_closed)
+        except OSError as exc:
+            self.failed = True
+            self.on_closed(f"--play: cannot start {self.command[0]} ({exc.strerror})")
+            return
+        self.live.start(*self.wav)
+        self.live.write(bytes(self.held))
+        self.held.clear()
+        if speed is not None and speed * PLAY_MARGIN < 1.0:
+            self.bar.message(
+                f"the audio comes at {speed:.2f}x real time: playing from "
+                f"{self.received:.1f} s held, so as not to stop"
+            )
+
+
 async def _start_player(
     command: list[str], on_closed: Callable[[str], None]
 ) -> tuple[LiveWav, asyncio.subprocess.Process]:
@@ -349,8 +451,8 @@ async def _run(
 
         def on_interrupt(why: str = "") -> None:
             nonlocal cancel_sent
-            if stream.done is not None and live is not None:
-                live.abandon()  # (the player's part not yet read)
+            if stream.done is not None and (out := writing()) is not None:
+                out.abandon()  # (the part the reader has not read yet)
             elif not cancel_sent:
                 cancel_sent = True
                 bar.message(f"{why}cancelling…")
@@ -362,7 +464,12 @@ async def _run(
             loop.call_soon_threadsafe(on_interrupt, f"{why}: ")
 
         live = LiveWav(sys.stdout.buffer, on_output_closed) if output == STDOUT else None
-        playing: asyncio.subprocess.Process | None = None  # (started with the audio)
+        playback: Playback | None = None  # (--play: made at ``started``)
+
+        def writing() -> LiveWav | None:
+            """The stream being written: to standard output, or to the player."""
+            return live if playback is None else playback.live
+
         keep = output is not None and output != STDOUT  # (the live stream, written at the end)
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGINT, on_interrupt)
@@ -378,10 +485,8 @@ async def _run(
                 elif isinstance(event, Started):
                     sample_rate, channels, seed = event.sample_rate, event.channels, event.seed
                     if player is not None:
-                        try:
-                            live, playing = await _start_player(player, on_output_closed)
-                        except OSError as exc:
-                            on_interrupt(f"--play: cannot start {player[0]} ({exc.strerror}): ")
+                        wav = (sample_rate, channels, args.format)
+                        playback = Playback(player, on_output_closed, wav, bar)
                     if live is not None:
                         live.start(sample_rate, channels, args.format)
                 elif isinstance(event, Audio):
@@ -390,6 +495,8 @@ async def _run(
                         continue
                     if live is not None:
                         live.write(event.data)
+                    if playback is not None:
+                        await playback.feed(event.data)
                     if keep:
                         pcm.extend(event.data)
                 elif isinstance(event, Progress):
@@ -400,6 +507,8 @@ async def _run(
                         bar.show(event.fraction, event.seconds, "(Multi-Band Diffusion)")
                     else:
                         bar.show(event.fraction, event.seconds)
+                        if playback is not None and event.fraction > 0:
+                            playback.total = event.seconds / event.fraction
             if live is not None:
                 await live.finish()
         except ConnectionClosed as exc:
@@ -407,10 +516,8 @@ async def _run(
             if live is not None:
                 await live.finish()
         finally:
-            if playing is not None:  # (until it has played it all, or quit)
-                if live is not None:  # (on any other way out: what it has, then its end)
-                    await live.finish()
-                await playing.wait()
+            if playback is not None:  # (until it has played it all, or quit)
+                await playback.finish(play_rest=stream.done is not None and not cancel_sent)
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(signal.SIGINT)
         done = stream.done
@@ -435,10 +542,11 @@ async def _run(
             )
 
         result = clip(pcm)
-        if live is not None:  # (its audio is not in ``pcm``: nothing more to write)
+        sent = writing()
+        if sent is not None:  # (its audio is not in ``pcm``: nothing more to write)
             frame = BYTES_PER_SAMPLE[args.format] * channels
-            seconds = live.bytes / (frame * sample_rate) if sample_rate else 0.0
-            end = " (closed before its end)" if live.closed else ""
+            seconds = sent.bytes / (frame * sample_rate) if sample_rate else 0.0
+            end = " (closed before its end)" if sent.closed else ""
             where = "standard output" if player is None else f"the player ({player[0]})"
             bar.message(
                 f"{seconds:.2f} s went to {where}{end} "
@@ -511,7 +619,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--play",
         action="store_true",
         help="play the audio as it comes: WAVECAST_PLAYER, else ffplay, aplay or sox's "
-        "play (the first found), fed a WAV stream; quitting it cancels the request",
+        "play (the first found), fed a WAV stream (where the audio comes slower than real "
+        "time, from once what is held covers the rest); quitting it cancels the request",
     )
 
 

@@ -247,6 +247,54 @@ async def test_a_player_that_quits_cancels_and_no_player_is_a_line(
     assert code == 2 and "one or the other" in output
 
 
+def test_play_from_starts_a_player_once_it_would_not_run_out() -> None:
+    """``--play``'s rule: faster than real time (with the margin), at once; slower,
+    once what is held covers the rest at that speed; all of it held, at once; the
+    speed or (slower) the length not known, not yet."""
+    from wavecast.clients.cli import PLAY_MARGIN, play_from
+
+    assert play_from(0.1, 30.0, 10.0) and play_from(0.1, 1.2, None)
+    assert not play_from(0.1, None, 10.0) and not play_from(0.1, 1.05, None)
+    half = 0.5 / PLAY_MARGIN  # (half of real time, counted)
+    assert not play_from(4.9, half, 10.0) and play_from(5.0, half, 10.0)
+    assert not play_from(9.0, half, None) and play_from(10.0, None, 10.0)
+
+
+async def test_playback_holds_audio_that_comes_slower_than_real_time(tmp_path: Path) -> None:
+    """Chunks of 0.05 s every 0.1 s (half of real time), 1 s in all: the player
+    starts only once 0.55 s are held (then the rest comes as fast as it plays:
+    it never runs out), says so, and is fed every chunk."""
+    import io
+    import sys
+
+    from wavecast.clients.cli import Playback, ProgressBar
+
+    played = tmp_path / "played.wav"
+    keep = "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, open(sys.argv[1], 'wb'))"
+    messages = io.StringIO()
+    closed: list[str] = []
+    playback = Playback(
+        [sys.executable, "-c", keep, str(played)],
+        closed.append,
+        (1000, 1, "pcm_s16le"),
+        ProgressBar(messages),
+    )
+    playback.total = 1.0
+    chunk = bytes(range(100))  # (50 samples: 0.05 s at 1000 Hz)
+    started_at = None
+    for i in range(20):
+        await playback.feed(chunk)
+        if playback.live is not None and started_at is None:
+            started_at = (i + 1) * 0.05
+        await asyncio.sleep(0.1)
+    await playback.finish(play_rest=True)
+    assert started_at is not None and started_at >= 0.55 - 1e-9, started_at
+    assert "the audio comes at 0." in messages.getvalue() and "s held, so as not to stop" in (
+        messages.getvalue()
+    )
+    assert closed == [] and played.read_bytes()[44:] == chunk * 20
+
+
 async def test_ctrl_c_cancels_the_request(server: Any, tmp_path: Path) -> None:
     code, output = await run_cli(
         "generate",
