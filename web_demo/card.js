@@ -222,6 +222,7 @@ export class Card {
       this.setStatus("generating", `rendering MBD ${Math.round(message.fraction * 100)}%`);
       return;
     }
+    if (this.player && message.fraction > 0) this.player.total = message.seconds / message.fraction;
     const pct = Math.round(message.fraction * 100);
     const progress = $(".progress", this.el);
     progress.setAttribute("aria-valuenow", String(pct));

@@ -3,6 +3,21 @@
 // Only one player has the speakers at a time: playing one pauses the others.
 
 export const JITTER_SECONDS = 0.15; // audio buffered before playback starts or resumes
+export const PLAY_MARGIN = 0.9; // the part of the measured speed counted on (it varies)
+
+// Seconds of audio a player must hold ahead of its playhead to play on to the
+// end without running out, where the rest (`remaining` seconds; null: not
+// known) comes at `speed` seconds of audio a second (null: not measured):
+// none faster than real time (with the margin), else what the rest's slower
+// arrival takes away: remaining * (1 - speed) / speed. Unknown, none: the
+// jitter buffer alone. (The `wavecast --play` command's rule, play_from.)
+export function leadSeconds(remaining, speed) {
+  if (remaining === null || speed === null || remaining <= 0) return 0;
+  const counted = speed * PLAY_MARGIN;
+  if (counted >= 1) return 0;
+  if (counted <= 0) return remaining;
+  return (remaining * (1 - counted)) / counted;
+}
 
 const contexts = new Map(); // sample rate -> Promise<AudioContext> with the worklet loaded
 
@@ -39,6 +54,9 @@ export class Player {
     this.epoch = 0; // stops and seeks so far: the worklet's older reports are stale
     this.consumed = 0; // frames played in all
     this.length = 0; // frames fed
+    this.total = null; // seconds of audio in all, as the progress messages give it
+    this.first = null; // [when, frames fed then]: the live stream's speed is measured from it
+    this.lead = 0; // frames the worklet holds before it starts or resumes (leadSeconds)
     if (!paused) this.claim();
     this.ready = this.open(capacityFrames);
   }
@@ -100,6 +118,21 @@ export class Player {
   feed(samples) {
     this.length += samples.length / this.channels;
     this.post({ kind: "chunk", samples }, [samples.buffer]);
+    // Where the audio comes slower than real time, the worklet holds enough
+    // before it starts or resumes that it does not stop again.
+    const now = performance.now();
+    if (this.first === null) {
+      this.first = [now, this.length];
+      return;
+    }
+    const [began, fed] = this.first;
+    const speed = now > began ? (this.length - fed) / this.sampleRate / ((now - began) / 1000) : null;
+    const remaining = this.total === null ? null : this.total - this.length / this.sampleRate;
+    const lead = Math.round(leadSeconds(remaining, speed) * this.sampleRate);
+    if (lead !== this.lead) {
+      this.lead = lead;
+      this.post({ kind: "lead", frames: lead });
+    }
   }
 
   end() { this.post({ kind: "end" }); }

@@ -9,8 +9,12 @@
 // stops, seeks and plays the finished clip again; `load` swaps in another
 // rendition of the clip at the same position. The buffer grows by doubling.
 //
-// Messages in: chunk {samples}, end, play, pause, stop {epoch}, seek {frame,
-// epoch}, load {samples}, close. Out: state {state: waiting|playing|buffering|
+// Where the audio comes slower than real time, the page raises the amount held
+// before a start or a resume (`lead {frames}`: what covers the rest at the
+// speed it measures), so that playback does not stop and start again.
+//
+// Messages in: chunk {samples}, end, lead {frames}, play, pause, stop {epoch},
+// seek {frame, epoch}, load {samples}, close. Out: state {state: waiting|playing|buffering|
 // paused|finished}, position {position, consumed, buffered, underruns}, overflow.
 // Every position out carries the epoch of the last stop or seek it follows, so
 // that the page can tell a report sent before its last move from one after.
@@ -23,6 +27,7 @@ class StreamPlayer extends AudioWorkletProcessor {
     this.channels = o.channels;
     this.capacity = o.capacityFrames;
     this.startFrames = o.startFrames;
+    this.leadFrames = 0; // more held before a start or resume (the page's `lead`)
     this.samples = new Float32Array(Math.min(this.capacity, INITIAL_FRAMES) * this.channels);
     this.length = 0; // frames received
     this.readPos = 0; // frames: the playhead
@@ -73,6 +78,9 @@ class StreamPlayer extends AudioWorkletProcessor {
       case "end":
         this.ended = true;
         break;
+      case "lead":
+        this.leadFrames = Math.max(0, msg.frames);
+        break;
       case "load": // another rendition of the whole clip, at the same position
         this.length = 0;
         this.append(msg.samples);
@@ -122,7 +130,8 @@ class StreamPlayer extends AudioWorkletProcessor {
     const frames = out[0].length;
     const buffered = this.length - this.readPos;
     if (!this.paused && this.state !== "playing" && this.state !== "finished") {
-      if (buffered >= this.startFrames || (this.ended && buffered > 0)) this.setState("playing");
+      const needed = Math.max(this.startFrames, this.leadFrames);
+      if (buffered >= needed || (this.ended && buffered > 0)) this.setState("playing");
       else if (this.ended && buffered === 0) {
         // Playback caught up with generation and then the stream ended: nothing
         // is left to wait for.

@@ -275,6 +275,79 @@ async def test_player_waits_when_it_catches_up_and_resumes(browser: Any, server:
     assert result["consumed"] == 16000  # every sample played once, none dropped
 
 
+async def test_player_holds_more_where_the_audio_comes_slower_than_real_time(
+    browser: Any, server: Any
+) -> None:
+    """Slower than real time, the page raises what the worklet holds before it
+    starts (``lead``: what covers the rest at the speed measured, as the
+    ``--play`` command does): 0.3 s fed, past the jitter buffer, and it still
+    waits for the 0.5 s asked; at 0.6 s it plays, every sample once. The page's
+    rule (``leadSeconds``), and a ``Player`` fed 0.05 s every 0.1 s (half of real
+    time) with 1 s in all: after half of it, it holds about what the rest takes
+    away."""
+    page = await open_page(browser, server)
+    result = await page.evaluate(
+        """async () => {
+          const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+          const waitFor = async (test) => {
+            for (let i = 0; i < 200 && !test(); i++) await sleep(50);
+          };
+          const ctx = new AudioContext({ sampleRate: 32000 });
+          await ctx.audioWorklet.addModule('/worklet.js');
+          await ctx.resume();
+          const node = new AudioWorkletNode(ctx, 'wavecast-stream-player', {
+            numberOfInputs: 0, outputChannelCount: [1],
+            processorOptions: { channels: 1, capacityFrames: 32000 * 5, startFrames: 4800 },
+          });
+          node.connect(ctx.destination);
+          const states = [];
+          let consumed = 0;
+          node.port.onmessage = (e) => {
+            if (e.data.kind === 'state') states.push(e.data.state);
+            if (e.data.consumed !== undefined) consumed = e.data.consumed;
+          };
+          const feed = (n) => node.port.postMessage(
+            { kind: 'chunk', samples: new Float32Array(n).fill(0.1) });
+          node.port.postMessage({ kind: 'lead', frames: 16000 });
+          feed(9600);
+          await sleep(400);
+          const held = [...states];
+          feed(9600);
+          await waitFor(() => states.includes('playing'));
+          node.port.postMessage({ kind: 'end' });
+          await waitFor(() => states.includes('finished'));
+          await sleep(200);
+
+          const { leadSeconds, PLAY_MARGIN, Player } = await import('/player.js');
+          const rule = [
+            leadSeconds(null, 0.5), leadSeconds(10, null), leadSeconds(10, 2),
+            leadSeconds(10, 0.5 / PLAY_MARGIN), leadSeconds(0, 0.1),
+          ];
+          const player = new Player(
+            { sampleRate: 32000, channels: 1, capacityFrames: 32000 * 2, paused: true }, {});
+          player.total = 1.0;
+          const fed = [];
+          for (let i = 0; i < 10; i++) {
+            player.feed(new Float32Array(1600));
+            fed.push(performance.now());
+            await sleep(100);
+          }
+          const speed = 0.45 / ((fed[9] - fed[0]) / 1000);  // (as the player measures it)
+          const expected = leadSeconds(0.5, speed);
+          const lead = player.lead / 32000;
+          player.close();
+          return { held, states, consumed, rule, lead, expected, speed };
+        }"""
+    )
+    assert result["held"] == []
+    assert result["states"] == ["playing", "finished"]
+    assert result["consumed"] == 19200
+    assert result["rule"] == [0, 0, 0, pytest.approx(10), 0]
+    # 0.5 s left, coming at 0.5x or less (0.45x counted): 0.61 s or more held.
+    assert result["speed"] <= 0.5 and result["lead"] >= 0.6, result
+    assert result["lead"] == pytest.approx(result["expected"], rel=0.05), result
+
+
 async def test_reconnects_after_the_connection_drops(browser: Any, server: Any) -> None:
     page = await open_page(browser, server)
     for session in list(server.sessions):
