@@ -56,9 +56,12 @@ export class Player {
     this.length = 0; // frames fed
     this.total = null; // seconds of audio in all, as the progress messages give it
     this.first = null; // [when, frames fed then]: the live stream's speed is measured from it
-    this.lead = 0; // frames the worklet holds before it starts or resumes (leadSeconds)
+    // Frames the worklet holds before it starts or resumes (leadSeconds): all of
+    // them until the second chunk, when the speed is first measured (or the end).
+    this.lead = Infinity;
     if (!paused) this.claim();
     this.ready = this.open(capacityFrames);
+    this.post({ kind: "lead", frames: this.lead });
   }
 
   async open(capacityFrames) {

@@ -11,7 +11,8 @@
 //
 // Where the audio comes slower than real time, the page raises the amount held
 // before a start or a resume (`lead {frames}`: what covers the rest at the
-// speed it measures), so that playback does not stop and start again.
+// speed it measures; all of it until it has measured it), so that playback
+// does not stop and start again.
 //
 // Messages in: chunk {samples}, end, lead {frames}, play, pause, stop {epoch},
 // seek {frame, epoch}, load {samples}, close. Out: state {state: waiting|playing|buffering|

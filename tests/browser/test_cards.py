@@ -138,7 +138,10 @@ async def test_a_stream_ending_after_playback_caught_up_finishes(
                 }
                 return test();
             };
-            p.feed(new Float32Array(8000)); // a quarter of a second, then nothing
+            // A quarter of a second in two chunks (at once: faster than real time,
+            // so nothing more is held than the jitter buffer), then nothing.
+            p.feed(new Float32Array(4000));
+            p.feed(new Float32Array(4000));
             const waited = await until(() => p.state === "buffering");
             p.end();
             const finished = await until(() => p.state === "finished");

@@ -325,6 +325,7 @@ async def test_player_holds_more_where_the_audio_comes_slower_than_real_time(
           ];
           const player = new Player(
             { sampleRate: 32000, channels: 1, capacityFrames: 32000 * 2, paused: true }, {});
+          const before = player.lead;  // (all of it, until the speed is measured)
           player.total = 1.0;
           const fed = [];
           for (let i = 0; i < 10; i++) {
@@ -336,13 +337,14 @@ async def test_player_holds_more_where_the_audio_comes_slower_than_real_time(
           const expected = leadSeconds(0.5, speed);
           const lead = player.lead / 32000;
           player.close();
-          return { held, states, consumed, rule, lead, expected, speed };
+          return { held, states, consumed, rule, lead, expected, speed, before };
         }"""
     )
     assert result["held"] == []
     assert result["states"] == ["playing", "finished"]
     assert result["consumed"] == 19200
     assert result["rule"] == [0, 0, 0, pytest.approx(10), 0]
+    assert result["before"] == float("inf")
     # 0.5 s left, coming at 0.5x or less (0.45x counted): 0.61 s or more held.
     assert result["speed"] <= 0.5 and result["lead"] >= 0.6, result
     assert result["lead"] == pytest.approx(result["expected"], rel=0.05), result
