@@ -12,7 +12,7 @@ import statistics
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +37,7 @@ __all__ = [
     "Job",
     "ModelLoadError",
     "StepOutput",
+    "TableSizing",
     "attempt",
     "attempt_together",
     "failed_output",
@@ -284,6 +285,47 @@ def run_once(engine: Engine, prompt: str, params: Mapping[str, ParamValue]) -> f
     finally:
         engine.finish(job)
     return statistics.median(steps[3:] or steps)
+
+
+class TableSizing:
+    """``Engine.size``, and ``warm_up``'s first part, for an engine that sizes a
+    slot table (``kv.room_for``): a short request (``_warm_up_request``) run
+    once, eagerly, then the room checked (``_check_room``, which sets
+    ``max_active``)."""
+
+    name: str
+    max_active: int
+    _graphs: StepGraphs | None
+    _sized: int | None  # (max_active as ``size`` found it; None before)
+
+    def _warm_up_request(self) -> tuple[str, dict[str, ParamValue]]:
+        """The short request that ``size`` runs: its prompt and parameters."""
+        raise NotImplementedError
+
+    def _check_room(self, step: float) -> None:
+        """Set ``max_active``: the requests the memory holds, one stream's step at
+        warm-up taking ``step`` seconds; refuse a number it cannot hold."""
+        raise NotImplementedError
+
+    def size(self) -> int:
+        if self._sized is None:
+            # Eagerly (the table grows afterwards: graphs recorded now would be dropped).
+            graphs, self._graphs = self._graphs, None
+            try:
+                step = run_once(cast("Engine", self), *self._warm_up_request())
+            finally:
+                self._graphs = graphs
+            self._check_room(step)
+            self._sized = self.max_active
+        return self._sized
+
+    def _ready_for(self, max_active: int) -> None:
+        """``size``, then ``max_active`` where fewer than it found room for (the
+        server's number: its models' least)."""
+        self.size()
+        if 0 < max_active < self.max_active:
+            self.max_active = max_active
+            log.info("%s: its table for %d requests (the server's)", self.name, max_active)
 
 
 def number(value: ParamValue) -> float:

@@ -231,11 +231,10 @@ async def test_server_errors_are_shown(browser: Any) -> None:
         )
 
 
-async def test_player_waits_when_it_catches_up_and_resumes(browser: Any, server: Any) -> None:
-    """The AudioWorklet player on its own: jitter buffer, buffering, resume, end."""
-    page = await open_page(browser, server)
-    result = await page.evaluate(
-        """async () => {
+# The AudioWorklet player on its own, in a page's script: ``node`` (a jitter
+# buffer of 0.15 s at 32 kHz, mono), the ``states`` it reports, the frames it has
+# ``consumed``, ``feed(n)`` (n frames), ``sleep(ms)`` and ``waitFor(test)``.
+WORKLET = """
           const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
           const waitFor = async (test) => {  // polls; a loaded machine only makes it slower
             for (let i = 0; i < 200 && !test(); i++) await sleep(50);
@@ -256,6 +255,16 @@ async def test_player_waits_when_it_catches_up_and_resumes(browser: Any, server:
           };
           const feed = (n) => node.port.postMessage(
             { kind: 'chunk', samples: new Float32Array(n).fill(0.1) });
+"""
+
+
+async def test_player_waits_when_it_catches_up_and_resumes(browser: Any, server: Any) -> None:
+    """The AudioWorklet player on its own: jitter buffer, buffering, resume, end."""
+    page = await open_page(browser, server)
+    result = await page.evaluate(
+        "async () => {"
+        + WORKLET
+        + """
           feed(3200);                 // 0.1 s: less than the 0.15 s jitter buffer
           await sleep(400);
           const beforeStart = [...states];
@@ -287,27 +296,9 @@ async def test_player_holds_more_where_the_audio_comes_slower_than_real_time(
     away."""
     page = await open_page(browser, server)
     result = await page.evaluate(
-        """async () => {
-          const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-          const waitFor = async (test) => {
-            for (let i = 0; i < 200 && !test(); i++) await sleep(50);
-          };
-          const ctx = new AudioContext({ sampleRate: 32000 });
-          await ctx.audioWorklet.addModule('/worklet.js');
-          await ctx.resume();
-          const node = new AudioWorkletNode(ctx, 'wavecast-stream-player', {
-            numberOfInputs: 0, outputChannelCount: [1],
-            processorOptions: { channels: 1, capacityFrames: 32000 * 5, startFrames: 4800 },
-          });
-          node.connect(ctx.destination);
-          const states = [];
-          let consumed = 0;
-          node.port.onmessage = (e) => {
-            if (e.data.kind === 'state') states.push(e.data.state);
-            if (e.data.consumed !== undefined) consumed = e.data.consumed;
-          };
-          const feed = (n) => node.port.postMessage(
-            { kind: 'chunk', samples: new Float32Array(n).fill(0.1) });
+        "async () => {"
+        + WORKLET
+        + """
           node.port.postMessage({ kind: 'lead', frames: 16000 });
           feed(9600);
           await sleep(400);

@@ -43,12 +43,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from wavecast.protocol import InvalidField, ModelInfo
+from wavecast.protocol import InvalidField, ModelInfo, ParamValue
 
 from ..base import (
     EngineRequest,
     Job,
     StepOutput,
+    TableSizing,
     Upload,
     attempt,
     attempt_together,
@@ -57,7 +58,6 @@ from ..base import (
     non_finite,
     number,
     request_seed,
-    run_once,
 )
 from ..codec_decoders import for_serving
 from ..codec_stream import (
@@ -152,7 +152,7 @@ class _HiggsJob:
     held: StepOutput | None = None
 
 
-class HiggsEngine:
+class HiggsEngine(TableSizing):
     """A loaded HiggsAudio v2 model served through the step interface.
 
     Args:
@@ -1136,24 +1136,12 @@ class HiggsEngine:
             with self._codec_place():
                 complete_due(self._decode, ends, self.codec_batch)
 
-    def size(self) -> int:
-        if self._sized is None:
-            # Eagerly (the table grows afterwards: graphs recorded now would be dropped).
-            graphs, self._graphs = self._graphs, None
-            try:
-                step = run_once(self, "Hello.", {"max_new_tokens": 8, "seed": 0})
-            finally:
-                self._graphs = graphs
-            self._check_room(step)
-            self._sized = self.max_active
-        return self._sized
+    def _warm_up_request(self) -> tuple[str, dict[str, ParamValue]]:
+        return ("Hello.", {"max_new_tokens": 8, "seed": 0})
 
     def warm_up(self, max_active: int = 0) -> None:
         if not self._warm:
-            self.size()
-            if 0 < max_active < self.max_active:  # (the server's: its models' least)
-                self.max_active = max_active
-                log.info("%s: its table for %d requests (the server's)", self.name, max_active)
+            self._ready_for(max_active)
             graphs = self._graphs
             with torch.no_grad(), self._codec_place():
                 self.codec_streams.choose_forms(self.codec_batch or self.max_active)

@@ -45,6 +45,7 @@ from ..base import (
     FloatAudio,
     Job,
     StepOutput,
+    TableSizing,
     Upload,
     attempt,
     attempt_together,
@@ -53,7 +54,6 @@ from ..base import (
     non_finite,
     number,
     request_seed,
-    run_once,
 )
 from ..codec_decoders import for_serving
 from ..codec_stream import (
@@ -140,7 +140,7 @@ class _MusicGenJob:
     held: StepOutput | None = None
 
 
-class MusicGenEngine:
+class MusicGenEngine(TableSizing):
     """A loaded MusicGen model served through the step interface.
 
     Args:
@@ -1096,24 +1096,12 @@ class MusicGenEngine:
             st.conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
         return False
 
-    def size(self) -> int:
-        if self._sized is None:
-            # Eagerly (the table grows afterwards: graphs recorded now would be dropped).
-            graphs, self._graphs = self._graphs, None
-            try:
-                step = run_once(self, "warm up", {"duration": min(1.0, self.window), "seed": 0})
-            finally:
-                self._graphs = graphs
-            self._check_room(step)
-            self._sized = self.max_active
-        return self._sized
+    def _warm_up_request(self) -> tuple[str, dict[str, ParamValue]]:
+        return ("warm up", {"duration": min(1.0, self.window), "seed": 0})
 
     def warm_up(self, max_active: int = 0) -> None:
         if not self._warm:
-            self.size()
-            if 0 < max_active < self.max_active:  # (the server's: its models' least)
-                self.max_active = max_active
-                log.info("%s: its table for %d requests (the server's)", self.name, max_active)
+            self._ready_for(max_active)
             graphs = self._graphs
             with torch.no_grad(), self._codec_format():
                 self.codec_streams.choose_forms(self.codec_batch or self.max_active)
