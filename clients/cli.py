@@ -153,7 +153,9 @@ class LiveWav:
                 why = "the output was closed" if gone else f"writing failed ({exc.strerror})"
                 # What is left in the file's buffer must not fail again at exit.
                 with contextlib.suppress(OSError, ValueError):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+                    null = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(null, self.out.fileno())
+                    os.close(null)
                 self.on_closed(why)
 
 
@@ -223,7 +225,7 @@ class Playback:
         self.wav = wav  # (sample rate, channels, format)
         self.bar = bar
         sample_rate, channels, format = wav
-        self.frame_seconds = 1.0 / (BYTES_PER_SAMPLE[format] * channels * sample_rate)
+        self.byte_seconds = 1.0 / (BYTES_PER_SAMPLE[format] * channels * sample_rate)
         self.held = bytearray()  # (until the player starts)
         self.live: LiveWav | None = None
         self.process: asyncio.subprocess.Process | None = None
@@ -234,7 +236,7 @@ class Playback:
 
     async def feed(self, data: bytes) -> None:
         now = time.perf_counter()
-        self.received += len(data) * self.frame_seconds
+        self.received += len(data) * self.byte_seconds
         if self.live is not None:
             self.live.write(data)
             return

@@ -15,8 +15,9 @@
 // does not stop and start again.
 //
 // Messages in: chunk {samples}, end, lead {frames}, play, pause, stop {epoch},
-// seek {frame, epoch}, load {samples}, close. Out: state {state: waiting|playing|buffering|
-// paused|finished}, position {position, consumed, buffered, underruns}, overflow.
+// seek {frame, epoch}, load {samples}, close. Out: state {state:
+// waiting|playing|buffering|paused|finished}, position {position, consumed,
+// buffered, underruns}, overflow.
 // Every position out carries the epoch of the last stop or seek it follows, so
 // that the page can tell a report sent before its last move from one after.
 const INITIAL_FRAMES = 32768;
