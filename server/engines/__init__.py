@@ -94,7 +94,7 @@ def load_engines(
     graphs (None: where the device is CUDA). ``pipelined_steps``: each step's
     host side run while the device computes the next (the engines'
     ``pipelined``). ``max_active``: requests decoded at once; 0: as many as the
-    device's memory holds (each model taking its part of it at warm-up).
+    device's memory holds (each model sized in an equal part of it).
     """
     # oneDNN (convolutions on a CPU) prepares a primitive for each input shape it
     # meets and keeps 1,024; a codec's ~35 layers in every call shape of up to

@@ -188,7 +188,7 @@ class HiggsEngine(TableSizing):
             ``max_new_tokens``), and every shape is recorded at warm-up.
         max_active: Requests the scheduler decodes at once; 0: as many as
             the device's memory holds, found at warm-up (``kv.room_for``).
-        memory_share: The part of the device's free memory (at warm-up) that
+        memory_share: The part of the device's free memory (at ``size``) that
             ``max_active`` 0 sizes the table in (the server's models divide it).
         pipelined: Launch each call's step before reading the last one's
             codes (the rows' rules are on the device: ``RowRules``), then

@@ -177,7 +177,7 @@ class MusicGenEngine(TableSizing):
         max_prompt_tokens: Longest description, in the text encoder's tokens.
         max_active: Requests the scheduler decodes at once; 0: as many as
             the device's memory holds, found at warm-up (``kv.room_for``).
-        memory_share: The part of the device's free memory (at warm-up) that
+        memory_share: The part of the device's free memory (at ``size``) that
             ``max_active`` 0 sizes the table in (the server's models divide it).
 
     The model's codec decoder is prepared for serving in place
