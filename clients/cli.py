@@ -445,7 +445,12 @@ async def _run(
         if model in models and models[model].test_model:
             bar.message(f"note: {model} is a random-weight test model; it makes noise")
         stream = await client.generate(
-            model, prompt, params=params, format=args.format, inputs=inputs
+            model,
+            prompt,
+            params=params,
+            format=args.format,
+            sample_rate=args.sample_rate,
+            inputs=inputs,
         )
         loop = asyncio.get_running_loop()
         cancel_sent = False
@@ -609,6 +614,13 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("pcm_s16le", "pcm_f32le"),
         default="pcm_s16le",
         help="sample format on the wire and in the WAV file",
+    )
+    parser.add_argument(
+        "--sample-rate",
+        type=int,
+        metavar="HZ",
+        help="the audio's rate, 8000 to 192000 (default: the model's own); the server "
+        "resamples the stream as it goes (e.g. 16000 for speech recognition, 48000 for video)",
     )
     parser.add_argument(
         "-o",

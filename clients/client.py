@@ -294,6 +294,7 @@ class Client:
         *,
         id: str | None = None,
         format: str = "pcm_s16le",
+        sample_rate: int | None = None,
         params: Mapping[str, ParamValue] | None = None,
         inputs: Mapping[str, bytes] | None = None,
         **kwargs: ParamValue,
@@ -305,6 +306,8 @@ class Client:
             prompt: The text prompt.
             id: Request id (default: a fresh random one).
             format: ``pcm_s16le`` or ``pcm_f32le``.
+            sample_rate: The audio's rate in Hz, 8000 to 192000 (default: the
+                model's own); the server resamples the stream as it goes.
             params: Model parameters; keyword arguments are added to them.
             inputs: Audio files by role, as bytes: ``continuation`` (continue this
                 clip) where the model's capabilities list it.
@@ -325,6 +328,7 @@ class Client:
             params=merged,
             format=format,  # type: ignore[arg-type]
             inputs=dict(inputs) if inputs else None,
+            sample_rate=sample_rate,
         )
         try:
             await self._send(message)
@@ -344,6 +348,7 @@ class Client:
         scene: str | None = None,
         id: str | None = None,
         format: str = "pcm_s16le",
+        sample_rate: int | None = None,
         params: Mapping[str, ParamValue] | None = None,
         **kwargs: ParamValue,
     ) -> RequestStream:
@@ -357,7 +362,7 @@ class Client:
             reference: An audio file whose voice to clone (SPEAKER0).
             reference_text: What ``reference`` says.
             scene: A scene name or a free description of the setting.
-            id, format, params, kwargs: As :meth:`generate`.
+            id, format, sample_rate, params, kwargs: As :meth:`generate`.
         """
         merged: dict[str, ParamValue] = {**(params or {}), **kwargs}
         if voice is not None:
@@ -367,7 +372,15 @@ class Client:
         if scene is not None:
             merged["scene"] = scene
         inputs = {"reference": reference} if reference is not None else None
-        return await self.generate(model, text, id=id, format=format, params=merged, inputs=inputs)
+        return await self.generate(
+            model,
+            text,
+            id=id,
+            format=format,
+            sample_rate=sample_rate,
+            params=merged,
+            inputs=inputs,
+        )
 
     async def close(self) -> None:
         await self.ws.close()

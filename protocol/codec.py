@@ -21,6 +21,8 @@ from .errors import BadFrame, InvalidField, UnknownType
 from .messages import (
     AUDIO_FORMATS,
     DONE_STATUSES,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
     Audio,
     Cancel,
     Done,
@@ -345,6 +347,15 @@ def _inputs(f: _Fields) -> dict[str, bytes] | None:
     return out
 
 
+def _sample_rate(f: _Fields) -> int | None:
+    rate: int | None = f.integer("sample_rate", lo=MIN_SAMPLE_RATE, required=False)
+    if rate is not None and rate > MAX_SAMPLE_RATE:
+        raise InvalidField(
+            f"field 'sample_rate' must be <= {MAX_SAMPLE_RATE}", field="sample_rate", id=f.id
+        )
+    return rate
+
+
 def _generate(f: _Fields) -> Generate:
     return Generate(
         id=f.ident(),
@@ -353,6 +364,7 @@ def _generate(f: _Fields) -> Generate:
         params=_params(f),
         format=f.choice("format", AUDIO_FORMATS, default="pcm_s16le"),
         inputs=_inputs(f),
+        sample_rate=_sample_rate(f),
     )
 
 

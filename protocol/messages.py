@@ -39,6 +39,10 @@ AudioFormat = Literal["pcm_s16le", "pcm_f32le"]
 AUDIO_FORMATS: tuple[AudioFormat, ...] = ("pcm_s16le", "pcm_f32le")
 BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
 
+# The output rates a ``generate`` may ask for (§3.1): telephony's 8 kHz to 192 kHz.
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 192000
+
 DoneStatus = Literal["completed", "cancelled", "error"]
 DONE_STATUSES: tuple[DoneStatus, ...] = ("completed", "cancelled", "error")
 
@@ -171,6 +175,8 @@ class Generate:
         prompt: The text prompt.
         params: Model parameters (see the model's ``params`` in the greeting).
         format: PCM encoding of the ``audio`` messages.
+        sample_rate: The rate of the ``audio`` messages in Hz (``None``: the
+            model's own); the server resamples the stream to it.
         inputs: Uploaded audio files by role (``continuation``, ``melody``), as
             the bytes of a WAV, FLAC, OGG or MP3 file (PROTOCOL.md §3.1).
     """
@@ -182,6 +188,7 @@ class Generate:
     params: dict[str, ParamValue] = field(default_factory=dict)
     format: AudioFormat = "pcm_s16le"
     inputs: dict[str, bytes] | None = None
+    sample_rate: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,18 @@
 """Engine outputs -> protocol messages (PROTOCOL.md §4.4-§4.7).
 
 One ``RequestOutputs`` per request: its audio chunks with their ``seq`` and
-``offset``, progress at most every 1% and every ``PROGRESS_INTERVAL`` (and
-on a stage change, and at the end), an alternative
-rendition in chunks of a second, and the closing ``done`` with its stats. The
-scheduler decides what happens to a request; this module only says it in the
-protocol's words.
+``offset`` (at the rate the request asked for, resampled as they come),
+progress at most every 1% and every ``PROGRESS_INTERVAL`` (and on a stage
+change, and at the end), an alternative rendition in chunks of a second, and
+the closing ``done`` with its stats. The scheduler decides what happens to a
+request; this module only says it in the protocol's words.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from wavecast.protocol import (
     Audio,
@@ -24,7 +26,7 @@ from wavecast.protocol import (
 )
 from wavecast.protocol.messages import AudioFormat, DoneStatus
 
-from .audio import to_pcm
+from .audio import Resampler, resample, to_pcm
 from .engines.base import FloatAudio, StepOutput
 
 __all__ = ["PROGRESS_INTERVAL", "RequestOutputs", "done_message", "progress_due"]
@@ -49,12 +51,20 @@ class RequestOutputs:
     request_id: str
     info: ModelInfo
     format: AudioFormat
+    sample_rate: int = 0  # what the client hears (0: the model's own)
     seq: int = 0
     samples: int = 0  # sample frames of the live stream sent
     last_fraction: float = -1.0
     last_progress_at: float = float("-inf")
     stage: str | None = None
     first_audio_at: float | None = None
+    resampler: Resampler | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.sample_rate in (0, self.info.sample_rate):
+            self.sample_rate = self.info.sample_rate
+        else:
+            self.resampler = Resampler(self.info.sample_rate, self.sample_rate, self.info.channels)
 
     def messages(self, output: StepOutput, now: float) -> list[ServerMessage]:
         """What one step's output says to the client."""
@@ -68,12 +78,19 @@ class RequestOutputs:
         ):
             return []  # (most steps: no audio, and progress went out lately)
         messages: list[ServerMessage] = []
-        if output.audio is not None and output.audio.shape[0] > 0:
+        audio = output.audio
+        if self.resampler is not None and self.stage is None:
+            # The live stream's last chunk also brings out what soxr held back.
+            last = output.done or output.stage is not None
+            if last or (audio is not None and audio.shape[0] > 0):
+                empty = np.zeros((0, self.info.channels), dtype=np.float32)
+                audio = self.resampler.push(empty if audio is None else audio, last=last)
+        if audio is not None and audio.shape[0] > 0:
             if self.first_audio_at is None:
                 self.first_audio_at = now
-            messages.append(self._audio(self.seq, self.samples, output.audio))
+            messages.append(self._audio(self.seq, self.samples, audio))
             self.seq += 1
-            self.samples += int(output.audio.shape[0])
+            self.samples += int(audio.shape[0])
         if output.stage != self.stage:
             self.stage = output.stage
             self.last_fraction = -1.0
@@ -100,7 +117,7 @@ class RequestOutputs:
 
     def stats(self, *, submitted_at: float, started_at: float, now: float) -> Stats:
         wall = now - started_at
-        audio_seconds = self.samples / self.info.sample_rate
+        audio_seconds = self.samples / self.sample_rate
         return Stats(
             audio_seconds=round(audio_seconds, 6),
             wall_seconds=round(wall, 6),
@@ -116,7 +133,9 @@ class RequestOutputs:
 
     def _rendition(self, audio: FloatAudio, name: str) -> list[ServerMessage]:
         """A complete alternative version of the clip, in chunks of at most a second."""
-        step = self.info.sample_rate
+        if self.sample_rate != self.info.sample_rate:
+            audio = resample(audio, self.info.sample_rate, self.sample_rate)
+        step = self.sample_rate
         return [
             self._audio(seq, start, audio[start : start + step], rendition=name)
             for seq, start in enumerate(range(0, audio.shape[0], step))
@@ -129,7 +148,7 @@ class RequestOutputs:
             id=self.request_id,
             seq=seq,
             offset=offset,
-            sample_rate=self.info.sample_rate,
+            sample_rate=self.sample_rate,
             channels=self.info.channels,
             format=self.format,
             data=to_pcm(audio, self.format),

@@ -81,6 +81,7 @@ class Request:
     log: logging.LoggerAdapter[logging.Logger]
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_error: WavecastError | None = None
+    sample_rate: int | None = None  # the audio's rate as asked for (None: the model's)
     submitted_at: float = field(default_factory=time.perf_counter)
     # Inference-thread bookkeeping.
     job: Job | None = None
@@ -532,7 +533,7 @@ class Scheduler:
     def _started(self, request: Request) -> None:
         assert request.job is not None
         info = self._engines[request.model].info
-        request.outputs = RequestOutputs(request.id, info, request.format)
+        request.outputs = RequestOutputs(request.id, info, request.format, request.sample_rate or 0)
         extra = request.job.extra
         seed, seconds, max_seconds = (extra.get(k) for k in ("seed", "seconds", "max_seconds"))
         request.target = float(seconds) if isinstance(seconds, int | float) else None
@@ -541,7 +542,7 @@ class Scheduler:
             Started(
                 id=request.id,
                 model=request.model,
-                sample_rate=info.sample_rate,
+                sample_rate=request.outputs.sample_rate,
                 channels=info.channels,
                 format=request.format,
                 seed=seed if isinstance(seed, int) else None,

@@ -263,6 +263,7 @@ class Session:
                 model=message.model,
                 engine_request=EngineRequest(message.id, message.prompt, params, inputs),
                 format=message.format,
+                sample_rate=message.sample_rate,
                 sink=self._on_event,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
             )

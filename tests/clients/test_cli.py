@@ -72,6 +72,21 @@ async def test_generate_float_wav(server: Any, tmp_path: Path) -> None:
     assert soundfile.info(str(out)).subtype == "FLOAT"
 
 
+async def test_generate_at_another_rate(server: Any, tmp_path: Path) -> None:
+    """``--sample-rate``: the file at the rate asked for, as long; a rate the
+    protocol refuses is the server's one-line error."""
+    out = tmp_path / "clip.wav"
+    request = ("generate", "--url", server.url, "--duration", "0.5")
+    code, output = await run_cli(*request, "--sample-rate", "48000", "-o", str(out), "x")
+    assert code == 0, output
+    assert ", 48000 Hz, 1 ch" in output
+    info = soundfile.info(str(out))
+    assert (info.samplerate, info.frames) == (48000, 24000)
+    code, output = await run_cli(*request, "--sample-rate", "4000", "-o", str(out), "x")
+    assert code == 1 and "invalid_field" in output and "sample_rate" in output, output
+    assert "Traceback" not in output
+
+
 async def piped_cli(*args: str) -> tuple[int, bytes, str]:
     """Run ``wavecast ARGS`` with its standard output a pipe apart from its
     messages: its exit code, its output's bytes and its messages."""

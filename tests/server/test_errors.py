@@ -81,6 +81,19 @@ async def test_malformed_generate_with_an_id_gets_its_done(server: Any) -> None:
     assert message.error is not None and message.error.field == "format"
 
 
+@pytest.mark.parametrize("rate", [7999, 192001, 0, -8000, 16000.0, "16000", True])
+async def test_an_output_rate_out_of_range_or_not_an_integer_is_refused(
+    server: Any, rate: Any
+) -> None:
+    frame = msgpack.packb(
+        {"type": "generate", "id": "r1", "model": "tiny-musicgen", "sample_rate": rate}
+    )
+    message = await raw_exchange(server.url, frame)
+    assert isinstance(message, Done) and message.id == "r1" and message.status == "error"
+    assert message.error is not None
+    assert (message.error.code, message.error.field) == ("invalid_field", "sample_rate")
+
+
 async def test_duplicate_id_leaves_the_first_request_alone(server: Any) -> None:
     async with ws_connect(server.url) as ws:
         await ws.recv()

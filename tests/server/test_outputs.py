@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 
 from wavecast.protocol import Audio, ModelInfo, Progress
+from wavecast.server.audio import resample
 from wavecast.server.engines.base import StepOutput
 from wavecast.server.outputs import PROGRESS_INTERVAL, RequestOutputs
 
@@ -86,3 +88,59 @@ def test_audio_goes_out_at_once_whatever_the_progress() -> None:
     assert [(m.seq, m.offset) for m in outputs.messages(StepOutput(chunk, 0.6, 0.6), 0.1)] == [
         (2, 160)
     ]
+
+
+def test_a_stream_at_another_rate_is_the_whole_resampled_however_cut() -> None:
+    """A request at another rate than its model's: each chunk is resampled as it
+    comes, what soxr holds back comes out with the live stream's last step, and
+    the chunks join into the whole live stream resampled at once, bit for bit;
+    the Multi-Band Diffusion version is resampled whole, to the same length."""
+    rng = np.random.default_rng(5)
+    stereo = replace(INFO, sample_rate=32000, channels=2)
+    for rate in (8000, 44100, 48000):
+        live = (rng.standard_normal((32000, 2)) * 0.3).astype(np.float32)
+        outputs = RequestOutputs("r", stereo, "pcm_f32le", rate)
+        cuts = np.sort(rng.choice(np.arange(1, live.shape[0]), size=20, replace=False))
+        said: list[Audio] = []
+        held = live[:0]
+        for i, chunk in enumerate(np.split(live, cuts)):
+            held = np.concatenate([held, chunk])
+            if i % 3 == 0:  # a step with no audio: its samples come with the next
+                step = StepOutput(None, 0.5, 0.5)
+            else:
+                step, held = StepOutput(held, 0.5, 0.5), live[:0]
+            said += [m for m in outputs.messages(step, float(i)) if isinstance(m, Audio)]
+        # The live stream ends (its last chunk already sent); diffusion renders.
+        last = StepOutput(held if held.size else None, 1.0, 1.0, stage="mbd")
+        said += [m for m in outputs.messages(last, 99.0) if isinstance(m, Audio)]
+        version = (rng.standard_normal(live.shape) * 0.3).astype(np.float32)
+        rendition = outputs.messages(
+            StepOutput(None, 1.0, 1.0, done=True, stage="mbd", rendition=version), 100.0
+        )
+        assert all(m.sample_rate == rate and m.channels == 2 for m in said)
+        assert [m.seq for m in said] == list(range(len(said)))
+        assert [m.offset for m in said] == list(
+            itertools.accumulate([0] + [m.frames for m in said[:-1]])
+        )
+        streamed = np.frombuffer(b"".join(m.data for m in said), "<f4").reshape(-1, 2)
+        whole = resample(live, 32000, rate)
+        assert streamed.shape == whole.shape == (rate, 2)
+        assert np.array_equal(streamed, whole)
+        assert outputs.stats(submitted_at=0, started_at=0, now=2).samples == rate
+        assert outputs.stats(submitted_at=0, started_at=0, now=2).audio_seconds == 1.0
+        other = [m for m in rendition if isinstance(m, Audio) and m.rendition == "mbd"]
+        assert [m.offset for m in other] == [0]  # a second: one chunk
+        assert np.array_equal(
+            np.frombuffer(other[0].data, "<f4").reshape(-1, 2), resample(version, 32000, rate)
+        )
+
+
+def test_a_stream_at_its_models_rate_is_not_resampled() -> None:
+    chunk = np.linspace(-1, 1, 80, dtype=np.float32)[:, None]
+    for rate in (0, INFO.sample_rate):
+        outputs = RequestOutputs("r", INFO, "pcm_f32le", rate)
+        assert outputs.resampler is None and outputs.sample_rate == INFO.sample_rate
+        (audio,) = [
+            m for m in outputs.messages(StepOutput(chunk, 0.5, 0.5), 0.0) if isinstance(m, Audio)
+        ]
+        assert audio.data == chunk.tobytes() and audio.sample_rate == INFO.sample_rate

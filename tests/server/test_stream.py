@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Progress, Queued, Started, decode, encode
 from wavecast.protocol.messages import Cancel, Generate, Hello
+from wavecast.server.audio import resample
 from wavecast.server.config import TimeoutsConfig
 
 HOP = 640  # tiny-musicgen: 32 kHz at 50 frames per second
@@ -156,6 +157,33 @@ async def test_seed_reproduces_and_formats_agree(server: Any) -> None:
     expected = np.rint(np.clip(a, -1, 1) * 32767).astype(np.int16)
     assert c.shape == expected.shape
     assert np.abs(c.astype(np.int32) - expected).max() <= 1
+
+
+async def test_a_stream_at_another_rate_is_the_clip_resampled(server: Any) -> None:
+    """44.1 kHz from a 32 kHz model: every message says the rate asked for, the
+    chunks join without a gap, and they make the model's own clip (the same
+    seed) resampled at once, to float rounding."""
+    async with connect(server.url) as client:
+        own = await (
+            await client.generate("tiny-musicgen", "x", duration=1.0, seed=3, format="pcm_f32le")
+        ).collect()
+        stream = await client.generate(
+            "tiny-musicgen", "x", duration=1.0, seed=3, format="pcm_f32le", sample_rate=44100
+        )
+        events = [event async for event in stream]
+    started = next(e for e in events if isinstance(e, Started))
+    chunks = [e for e in events if isinstance(e, Audio)]
+    done = events[-1]
+    assert isinstance(done, Done) and done.status == "completed" and done.stats is not None
+    assert started.sample_rate == 44100 and {c.sample_rate for c in chunks} == {44100}
+    assert [c.offset for c in chunks] == [
+        sum(c.frames for c in chunks[:i]) for i in range(len(chunks))
+    ]
+    heard = np.frombuffer(b"".join(c.data for c in chunks), "<f4")
+    expected = resample(own.to_numpy().reshape(-1, 1), 32000, 44100)[:, 0]
+    assert heard.shape == expected.shape == (44100,)
+    assert np.abs(heard - expected).max() <= 1e-5
+    assert done.stats.samples == 44100 and done.stats.audio_seconds == pytest.approx(1.0)
 
 
 async def test_cancel_mid_generation(server: Any) -> None:

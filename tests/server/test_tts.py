@@ -27,6 +27,7 @@ from helpers import (
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Progress, Started
+from wavecast.server.audio import resample
 
 HOP = 960  # tiny-higgs: 24 kHz, 25 frames per second
 K = 4  # codebooks: an utterance of max_new_tokens rows holds max_new_tokens - K frames
@@ -229,6 +230,22 @@ async def test_word_chunks_and_chunk_buffer(server: Any) -> None:
         two = 2 * (10 - K) * HOP * 2
         assert same_audio(buffered.pcm[:two], full.pcm[:two])
         assert buffered.pcm != full.pcm
+
+
+async def test_speech_at_telephones_rate(server: Any) -> None:
+    """8 kHz from the 24 kHz codec, a dialogue in two chunks: the stream runs on
+    across the chunks at the rate asked for, and is the model's own resampled."""
+    text = "[SPEAKER0] Hello there.\n[SPEAKER1] Hi!"
+    kwargs: dict[str, Any] = dict(chunk_method="speaker", max_new_tokens=12, seed=4)
+    async with connect(server.url) as client:
+        own = await speak(client, text, **kwargs)
+        low = await speak(client, text, sample_rate=8000, **kwargs)
+    assert (own.sample_rate, low.sample_rate) == (24000, 8000)
+    assert own.frames == 2 * (12 - K) * HOP and low.frames == own.frames // 3
+    expected = resample(own.to_numpy().astype(np.float32) / 32767, 24000, 8000)
+    heard = low.to_numpy().astype(np.float32) / 32767
+    assert heard.shape == expected.shape
+    assert np.abs(heard - expected).max() <= 2.5 / 32767  # a 16-bit step each way, and one
 
 
 async def test_seeds_reproduce(server: Any) -> None:
