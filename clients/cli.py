@@ -24,6 +24,7 @@ from typing import BinaryIO, TextIO
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from wavecast.protocol import (
+    AUDIO_FORMATS,
     BYTES_PER_SAMPLE,
     Audio,
     Done,
@@ -77,6 +78,15 @@ class ProgressBar:
         self.stream.flush()
 
 
+# A WAV file's format tag and bits a sample, by the protocol's format.
+WAV_FORMAT_TAGS = {
+    "pcm_s16le": (1, 16),
+    "pcm_f32le": (3, 32),
+    "pcm_alaw": (6, 8),
+    "pcm_mulaw": (7, 8),
+}
+
+
 class LiveWav:
     """Audio written to a pipe as it arrives, as one WAV stream, for a player to
     play while the rest is generated (``wavecast speak … -o - | ffplay -nodisp
@@ -109,8 +119,9 @@ class LiveWav:
 
     @staticmethod
     def header(sample_rate: int, channels: int, format: str) -> bytes:
-        """A WAV header of unknown length: 16-bit integer or 32-bit float PCM."""
-        tag, bits = (3, 32) if format == "pcm_f32le" else (1, 16)
+        """A WAV header of unknown length: 16-bit integer or 32-bit float PCM,
+        or G.711 mu-law or A-law."""
+        tag, bits = WAV_FORMAT_TAGS[format]
         block = channels * bits // 8
         unknown = struct.pack("<I", LiveWav.SIZE_UNKNOWN)
         spec = struct.pack(
@@ -611,9 +622,10 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     _add_connection_arguments(parser)
     parser.add_argument(
         "--format",
-        choices=("pcm_s16le", "pcm_f32le"),
+        choices=AUDIO_FORMATS,
         default="pcm_s16le",
-        help="sample format on the wire and in the WAV file",
+        help="sample format on the wire and in the WAV file (pcm_mulaw, pcm_alaw: G.711, "
+        "8 bits a sample, as telephone lines carry it, with --sample-rate 8000)",
     )
     parser.add_argument(
         "--sample-rate",

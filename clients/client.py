@@ -97,6 +97,28 @@ def stream_url(url: str) -> str:
     return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
+G711_WAV_SUBTYPES = {"pcm_mulaw": "ULAW", "pcm_alaw": "ALAW"}
+
+
+def g711_table(format: str) -> Any:
+    """The 16-bit sample of each of G.711's 256 codes (``pcm_mulaw``, ``pcm_alaw``),
+    as every decoder has them: ``table[codes]`` decodes."""
+    import numpy as np
+
+    code = np.arange(256)
+    if format == "pcm_mulaw":
+        u = ~code & 0xFF
+        t = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
+        return np.where(u & 0x80, 0x84 - t, t - 0x84).astype(np.int16)
+    if format == "pcm_alaw":
+        a = code ^ 0x55
+        segment = (a & 0x70) >> 4
+        t = ((a & 0x0F) << 4) + np.where(segment == 0, 8, 0x108)
+        t = np.where(segment > 1, t << np.maximum(segment - 1, 0), t)
+        return np.where(a & 0x80, t, -t).astype(np.int16)
+    raise ValueError(f"not a G.711 format: {format!r}")
+
+
 @dataclass
 class GenerationResult:
     """Everything a finished request produced.
@@ -107,7 +129,7 @@ class GenerationResult:
         pcm: The concatenated PCM of every ``audio`` message.
         sample_rate: Hz.
         channels: Interleaved channel count.
-        format: ``pcm_s16le`` or ``pcm_f32le``.
+        format: ``pcm_s16le``, ``pcm_f32le``, ``pcm_mulaw`` or ``pcm_alaw``.
         stats: The server's statistics, if any.
         error: The error, when ``status`` is ``error``.
         seed: The seed the server used.
@@ -136,27 +158,33 @@ class GenerationResult:
         return len(self.pcm) // (BYTES_PER_SAMPLE[self.format] * self.channels)
 
     def to_numpy(self, rendition: str | None = None) -> Any:
-        """The audio as a ``[frames, channels]`` numpy array (float32 or int16).
+        """The audio as a ``[frames, channels]`` numpy array: float32 for
+        ``pcm_f32le``, else int16 (G.711 codes decoded).
 
         Args:
             rendition: ``None`` for the live stream, or a name in ``renditions``.
         """
         import numpy as np
 
-        dtype = "<f4" if self.format == "pcm_f32le" else "<i2"
         data = self.pcm if rendition is None else self.renditions[rendition]
-        return np.frombuffer(data, dtype=dtype).reshape(-1, max(1, self.channels))
+        if self.format in G711_WAV_SUBTYPES:
+            samples = g711_table(self.format)[np.frombuffer(data, dtype=np.uint8)]
+        else:
+            dtype = "<f4" if self.format == "pcm_f32le" else "<i2"
+            samples = np.frombuffer(data, dtype=dtype)
+        return samples.reshape(-1, max(1, self.channels))
 
     def save(self, file: str | os.PathLike[str] | BinaryIO, rendition: str | None = None) -> None:
         """Write the audio as a WAV file (a path, or a binary file open for
-        writing): 16-bit or 32-bit float samples, as they were received.
+        writing): 16-bit, 32-bit float, mu-law or A-law samples, as received.
 
         Args:
             rendition: ``None`` for the live stream, or a name in ``renditions``.
         """
         import soundfile
 
-        subtype = "FLOAT" if self.format == "pcm_f32le" else "PCM_16"
+        subtypes = {"pcm_f32le": "FLOAT", "pcm_s16le": "PCM_16", **G711_WAV_SUBTYPES}
+        subtype = subtypes[self.format]
         audio = self.to_numpy(rendition)
         soundfile.write(file, audio, self.sample_rate, subtype=subtype, format="WAV")
 

@@ -35,9 +35,10 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
-AudioFormat = Literal["pcm_s16le", "pcm_f32le"]
-AUDIO_FORMATS: tuple[AudioFormat, ...] = ("pcm_s16le", "pcm_f32le")
-BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
+# 16-bit and float PCM; G.711's mu-law and A-law (8 bits a sample: telephone lines).
+AudioFormat = Literal["pcm_s16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw"]
+AUDIO_FORMATS: tuple[AudioFormat, ...] = ("pcm_s16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw")
+BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4, "pcm_mulaw": 1, "pcm_alaw": 1}
 
 # The output rates a ``generate`` may ask for (§3.1): telephony's 8 kHz to 192 kHz.
 MIN_SAMPLE_RATE = 8000

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from wavecast.protocol import InvalidField
 
-__all__ = ["Resampler", "decode_upload", "resample", "to_pcm", "to_wav"]
+__all__ = ["Resampler", "alaw", "decode_upload", "mulaw", "resample", "to_pcm", "to_wav"]
 
 # soxr's "high quality" (20-bit precision, a pass band to 91% of the lower rate's
 # Nyquist): past what 16-bit output holds; about 80 us for a 0.3 s chunk.
@@ -60,13 +60,43 @@ def resample(audio: npt.NDArray[np.float32], source: int, target: int) -> npt.ND
 
 
 def to_pcm(audio: npt.NDArray[np.float32], fmt: str) -> bytes:
-    """Interleave ``[frames, channels]`` float audio into little-endian PCM bytes."""
+    """Interleave ``[frames, channels]`` float audio into the bytes of a format:
+    little-endian 16-bit or float PCM, or G.711 (from the 16-bit samples)."""
     if fmt == "pcm_f32le":
         return np.ascontiguousarray(audio, dtype="<f4").tobytes()
+    scaled = np.rint(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int32)
     if fmt == "pcm_s16le":
-        scaled = np.rint(np.clip(audio, -1.0, 1.0) * 32767.0)
         return np.ascontiguousarray(scaled, dtype="<i2").tobytes()
+    if fmt == "pcm_mulaw":
+        return mulaw(scaled).tobytes()
+    if fmt == "pcm_alaw":
+        return alaw(scaled).tobytes()
     raise ValueError(f"unknown PCM format {fmt!r}")
+
+
+# G.711's segment ends, searched as the ITU's reference coder (Sun's g711.c, as
+# Python's audioop ran it) searches them.
+_MULAW_ENDS = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])
+_ALAW_ENDS = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
+
+
+def mulaw(samples: npt.NDArray[np.int32]) -> npt.NDArray[np.uint8]:
+    """16-bit samples (as int32) to G.711 mu-law codes."""
+    x = samples >> 2  # 14 bits
+    magnitude = np.minimum(np.abs(x), 8159) + 0x21  # clipped, biased
+    segment = np.searchsorted(_MULAW_ENDS, magnitude)
+    code = np.where(segment >= 8, 0x7F, (segment << 4) | ((magnitude >> (segment + 1)) & 0xF))
+    return (code ^ np.where(x < 0, 0x7F, 0xFF)).astype(np.uint8)
+
+
+def alaw(samples: npt.NDArray[np.int32]) -> npt.NDArray[np.uint8]:
+    """16-bit samples (as int32) to G.711 A-law codes."""
+    x = samples >> 3  # 13 bits
+    magnitude = np.where(x < 0, -x - 1, x)
+    segment = np.searchsorted(_ALAW_ENDS, magnitude)
+    step = np.where(segment < 2, 1, segment)
+    code = np.where(segment >= 8, 0x7F, (segment << 4) | ((magnitude >> step) & 0xF))
+    return (code ^ np.where(x < 0, 0x55, 0xD5)).astype(np.uint8)
 
 
 def to_wav(audio: npt.NDArray[np.float32], rate: int) -> bytes:

@@ -72,21 +72,6 @@ async def test_generate_float_wav(server: Any, tmp_path: Path) -> None:
     assert soundfile.info(str(out)).subtype == "FLOAT"
 
 
-async def test_generate_at_another_rate(server: Any, tmp_path: Path) -> None:
-    """``--sample-rate``: the file at the rate asked for, as long; a rate the
-    protocol refuses is the server's one-line error."""
-    out = tmp_path / "clip.wav"
-    request = ("generate", "--url", server.url, "--duration", "0.5")
-    code, output = await run_cli(*request, "--sample-rate", "48000", "-o", str(out), "x")
-    assert code == 0, output
-    assert ", 48000 Hz, 1 ch" in output
-    info = soundfile.info(str(out))
-    assert (info.samplerate, info.frames) == (48000, 24000)
-    code, output = await run_cli(*request, "--sample-rate", "4000", "-o", str(out), "x")
-    assert code == 1 and "invalid_field" in output and "sample_rate" in output, output
-    assert "Traceback" not in output
-
-
 async def piped_cli(*args: str) -> tuple[int, bytes, str]:
     """Run ``wavecast ARGS`` with its standard output a pipe apart from its
     messages: its exit code, its output's bytes and its messages."""
@@ -96,6 +81,34 @@ async def piped_cli(*args: str) -> tuple[int, bytes, str]:
     out, err = await asyncio.wait_for(process.communicate(), timeout(60))
     assert process.returncode is not None
     return process.returncode, out, err.decode()
+
+
+async def test_generate_at_another_rate(server: Any, tmp_path: Path) -> None:
+    """``--sample-rate``: the file at the rate asked for, as long; G.711 as a
+    file and as a stream (a telephone's 8 kHz A-law and mu-law); a rate the
+    protocol refuses is the server's one-line error."""
+    out = tmp_path / "clip.wav"
+    request = ("generate", "--url", server.url, "--duration", "0.5")
+    code, output = await run_cli(*request, "--sample-rate", "48000", "-o", str(out), "x")
+    assert code == 0, output
+    assert ", 48000 Hz, 1 ch" in output
+    info = soundfile.info(str(out))
+    assert (info.samplerate, info.frames) == (48000, 24000)
+    code, output = await run_cli(
+        *request, "--sample-rate", "8000", "--format", "pcm_alaw", "-o", str(out), "x"
+    )
+    assert code == 0, output
+    info = soundfile.info(str(out))
+    assert (info.samplerate, info.frames, info.subtype) == (8000, 4000, "ALAW")
+    code, streamed, messages = await piped_cli(
+        *request, "--sample-rate", "8000", "--format", "pcm_mulaw", "-o", "-", "x"
+    )
+    assert code == 0, messages
+    assert streamed[20:24] == bytes([7, 0, 1, 0])  # mu-law, one channel
+    assert len(streamed) == 44 + 4000  # a byte a sample
+    code, output = await run_cli(*request, "--sample-rate", "4000", "-o", str(out), "x")
+    assert code == 1 and "invalid_field" in output and "sample_rate" in output, output
+    assert "Traceback" not in output
 
 
 @pytest.mark.parametrize(("format", "subtype"), [("pcm_s16le", "PCM_16"), ("pcm_f32le", "FLOAT")])

@@ -26,8 +26,9 @@ from helpers import (
 )
 
 from wavecast.clients import connect
+from wavecast.clients.client import g711_table
 from wavecast.protocol import Audio, Done, Progress, Started
-from wavecast.server.audio import resample
+from wavecast.server.audio import mulaw, resample
 
 HOP = 960  # tiny-higgs: 24 kHz, 25 frames per second
 K = 4  # codebooks: an utterance of max_new_tokens rows holds max_new_tokens - K frames
@@ -240,12 +241,20 @@ async def test_speech_at_telephones_rate(server: Any) -> None:
     async with connect(server.url) as client:
         own = await speak(client, text, **kwargs)
         low = await speak(client, text, sample_rate=8000, **kwargs)
+        coded = await speak(client, text, sample_rate=8000, format="pcm_mulaw", **kwargs)
     assert (own.sample_rate, low.sample_rate) == (24000, 8000)
     assert own.frames == 2 * (12 - K) * HOP and low.frames == own.frames // 3
     expected = resample(own.to_numpy().astype(np.float32) / 32767, 24000, 8000)
     heard = low.to_numpy().astype(np.float32) / 32767
     assert heard.shape == expected.shape
     assert np.abs(heard - expected).max() <= 2.5 / 32767  # a 16-bit step each way, and one
+    # mu-law, a byte a sample: those samples coded (a level apart at most, where
+    # they fell a 16-bit step otherwise near a level's edge)
+    assert len(coded.pcm) == coded.frames == low.frames
+    levels = np.unique(g711_table("pcm_mulaw"))
+    as_coded = g711_table("pcm_mulaw")[mulaw(low.to_numpy()[:, 0].astype(np.int32))]
+    apart = np.searchsorted(levels, coded.to_numpy()[:, 0]) - np.searchsorted(levels, as_coded)
+    assert np.abs(apart).max() <= 1 and np.mean(apart == 0) > 0.95
 
 
 async def test_seeds_reproduce(server: Any) -> None:
