@@ -8,27 +8,29 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import soxr  # (at start-up, not on the inference thread at a request: 0.1 s)
 
 from wavecast.protocol import InvalidField
 
 __all__ = ["Resampler", "alaw", "decode_upload", "mulaw", "resample", "to_pcm", "to_wav"]
 
 # soxr's "high quality" (20-bit precision, a pass band to 91% of the lower rate's
-# Nyquist): past what 16-bit output holds; about 80 us for a 0.3 s chunk.
+# Nyquist): past what 16-bit output holds; 0.07 ms for a 0.1 s chunk. It gives its
+# output in blocks, so a small first chunk may give none, its samples coming with
+# the next (bench/RESULTS.md: a polyphase filter of our own gave every sample at
+# once, but cost 5x-10x more).
 RESAMPLE_QUALITY = "HQ"
 
 
 class Resampler:
     """A stream's audio at another rate, chunk by chunk (PROTOCOL.md §3.1).
 
-    soxr holds back the last few milliseconds until more come or the stream
-    ends (``last``). The chunks' concatenation is the whole stream resampled at
+    soxr holds back the last few tens of milliseconds until more come or the
+    stream ends (``last``). The chunks' concatenation is the whole stream resampled at
     once (:func:`resample`), bit for bit, however it was cut.
     """
 
     def __init__(self, source: int, target: int, channels: int) -> None:
-        import soxr
-
         self._stream = soxr.ResampleStream(
             source, target, channels, dtype="float32", quality=RESAMPLE_QUALITY
         )
@@ -49,8 +51,6 @@ class Resampler:
 
 def resample(audio: npt.NDArray[np.float32], source: int, target: int) -> npt.NDArray[np.float32]:
     """A whole ``[frames, channels]`` clip at another rate, as :class:`Resampler` makes it."""
-    import soxr
-
     if audio.shape[0] == 0:
         return np.zeros((0, audio.shape[1]), dtype=np.float32)
     out: npt.NDArray[np.float32] = soxr.resample(
