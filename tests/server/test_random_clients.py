@@ -3,12 +3,14 @@ request ends with one ``done``, a refusal comes before ``queued`` (PROTOCOL.md
 §3.3), nothing fails inside the server, and the server ends idle and healthy.
 
 A fixed seed picks what each client does: a model (music, melody, speech),
-parameters inside and outside their ranges or of the wrong type, uploads of
-random lengths, rates and formats (some not audio, some with no sample at the
-model's rate, some longer than the duration), cancels, dropped connections,
-raw frames. When a cancel or a drop lands varies from run to run; what is
-asserted holds whatever it is. (Such clients found the continuation too long for
-its duration refused only after ``queued``, and a one-sample clip at 44.1 kHz
+parameters inside and outside their ranges or of the wrong type, output rates
+and formats (some refused), uploads of random lengths, rates and formats (some
+not audio, some with no sample at the model's rate, some longer than the
+duration), cancels, dropped connections, raw frames. When a cancel or a drop
+lands varies from run to run; what is asserted holds whatever it is: each
+stream's chunks join without a gap, at the rate and in the format its
+``started`` says. (Such clients found the continuation too long for its
+duration refused only after ``queued``, and a one-sample clip at 44.1 kHz
 failing inside the encoder and Demucs.)
 """
 
@@ -28,12 +30,24 @@ from helpers import higgs_engines, make_config, running_server, timeout, with_st
 from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import connect
-from wavecast.protocol import Done, ErrorMessage, Queued, decode
+from wavecast.protocol import (
+    AUDIO_FORMATS,
+    BYTES_PER_SAMPLE,
+    Audio,
+    Done,
+    ErrorMessage,
+    Queued,
+    Started,
+    decode,
+)
 
 
 class Drop(Exception):
     """Raised inside a client's reading to drop its connection without a close."""
 
+
+# Output rates a request may ask for, past the model's (two more are refused).
+RATES = [8000, 11025, 16000, 22050, 44100, 48000, 96000]
 
 # Codes a frame that opens no request may get (PROTOCOL.md §6).
 FRAME_CODES = {"bad_frame", "unknown_type", "invalid_field", "unknown_id"}
@@ -135,7 +149,15 @@ class Clients:
         async with connect(self.url) as client:
             streams = []
             for (model, prompt, params, inputs), fate in plans:
-                stream = await client.generate(model, prompt, params=params, inputs=inputs or None)
+                rate = rng.choice([None, None, None, *RATES, 7999, 192001])
+                stream = await client.generate(
+                    model,
+                    prompt,
+                    params=params,
+                    inputs=inputs or None,
+                    format=rng.choice(AUDIO_FORMATS),
+                    sample_rate=rate,
+                )
                 streams.append((stream, fate))
 
             async def read(stream: Any, fate: float) -> None:
@@ -162,6 +184,22 @@ class Clients:
         dones = [event for event in events if isinstance(event, Done)]
         assert len(dones) == 1 and events[-1] is dones[0], events
         done = dones[0]
+        started = [event for event in events if isinstance(event, Started)]
+        for version in (None, "mbd"):  # each at the rate and in the format started says
+            chunks = [e for e in events if isinstance(e, Audio) and e.rendition == version]
+            assert not chunks or len(started) == 1, events
+            assert [c.offset for c in chunks] == [
+                sum(c.frames for c in chunks[:i]) for i in range(len(chunks))
+            ]
+            for chunk in chunks:
+                fields = (chunk.sample_rate, chunk.channels, chunk.format)
+                assert fields == (started[0].sample_rate, started[0].channels, started[0].format)
+                assert (
+                    len(chunk.data)
+                    == chunk.frames * BYTES_PER_SAMPLE[chunk.format] * chunk.channels
+                )
+            if version is None and done.stats is not None and done.status == "completed":
+                assert done.stats.samples == sum(c.frames for c in chunks), events
         code = done.error.code if done.error is not None else None
         self.seen[f"{done.status} {code or ''}".strip()] += 1
         assert code != "internal_error", done
