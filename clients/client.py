@@ -333,7 +333,8 @@ class Client:
             model: A model name from the greeting.
             prompt: The text prompt.
             id: Request id (default: a fresh random one).
-            format: ``pcm_s16le`` or ``pcm_f32le``.
+            format: ``pcm_s16le``, ``pcm_f32le``, or G.711's ``pcm_mulaw`` or
+                ``pcm_alaw`` (a byte a sample).
             sample_rate: The audio's rate in Hz, 8000 to 192000 (default: the
                 model's own); the server resamples the stream as it goes.
             params: Model parameters; keyword arguments are added to them.

@@ -15,19 +15,19 @@ from wavecast.protocol import InvalidField
 __all__ = ["Resampler", "alaw", "decode_upload", "mulaw", "resample", "to_pcm", "to_wav"]
 
 # soxr's "high quality" (20-bit precision, a pass band to 91% of the lower rate's
-# Nyquist): past what 16-bit output holds; 0.07 ms for a 0.1 s chunk. It gives its
-# output in blocks, so a small first chunk may give none, its samples coming with
-# the next (bench/RESULTS.md: a polyphase filter of our own gave every sample at
-# once, but cost 5x-10x more).
+# Nyquist): past what 16-bit output holds; 0.1-0.4 ms per second of audio. It gives
+# its output in blocks, so a small first chunk may give none, its samples coming
+# with the next (bench/RESULTS.md: a polyphase filter giving every sample at once
+# cost 10-25x more).
 RESAMPLE_QUALITY = "HQ"
 
 
 class Resampler:
-    """A stream's audio at another rate, chunk by chunk (PROTOCOL.md §3.1).
+    """A stream's audio at another rate, chunk by chunk (PROTOCOL.md §4.5).
 
     soxr holds back the last few tens of milliseconds until more come or the
-    stream ends (``last``). The chunks' concatenation is the whole stream resampled at
-    once (:func:`resample`), bit for bit, however it was cut.
+    stream ends (``last``). The chunks' concatenation is the whole stream
+    resampled at once (:func:`resample`), bit for bit, however it was cut.
     """
 
     def __init__(self, source: int, target: int, channels: int) -> None:
@@ -74,8 +74,8 @@ def to_pcm(audio: npt.NDArray[np.float32], fmt: str) -> bytes:
     raise ValueError(f"unknown PCM format {fmt!r}")
 
 
-# G.711's segment ends, searched as the ITU's reference coder (Sun's g711.c, as
-# Python's audioop ran it) searches them.
+# G.711's segment ends, searched as the reference coder (Sun's g711.c, which
+# Python's audioop ran) searches them: the same code for every 16-bit sample.
 _MULAW_ENDS = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])
 _ALAW_ENDS = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
 
