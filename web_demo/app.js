@@ -8,7 +8,7 @@ import { audioContext, pauseCurrent, playback } from "./player.js";
 import { readSettingsLink } from "./code.js";
 import * as history from "./history.js";
 import {
-  applySettings, clearFieldErrors, currentInputs, currentModel, form, readParams,
+  applySettings, clearFieldErrors, currentInputs, currentModel, currentSampleRate, form, readParams,
   renderModels, renderParams, showFieldError, updateEstimate, wireDialogue, wireSpeakers,
   wireUploads,
 } from "./form.js";
@@ -92,14 +92,17 @@ function submit(event) {
     $("#form-error").textContent = err.message;
     return;
   }
-  // Audio output may only start after a user gesture: this click is one.
-  audioContext(model.sample_rate).then((ctx) => ctx.resume()).catch(() => {});
+  // Audio output may only start after a user gesture: this click is one (the
+  // stream plays at the rate asked for, else the model's).
+  const rate = currentSampleRate();
+  audioContext(rate || model.sample_rate).then((ctx) => ctx.resume()).catch(() => {});
   const id = `w${++counter}-${Math.random().toString(36).slice(2, 8)}`;
   const prompt = $("#prompt").value.trim();
   const inputs = currentInputs();
-  const card = new Card({ id, model, prompt, params, inputs }, hooks);
+  const card = new Card({ id, model, prompt, params, inputs, rate }, hooks);
   state.cards.set(id, card);
   const message = { type: "generate", id, model: model.name, prompt, params, format: "pcm_f32le" };
+  if (rate) message.sample_rate = rate;
   if (Object.keys(inputs).length) message.inputs = inputs;
   connection.send(message);
 }

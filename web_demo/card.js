@@ -46,7 +46,7 @@ const FRIENDLY = {
 export class Card {
   // hooks: send(message), announce(text), removed(card), finished(card),
   // load(settings), reuseSeed(seed), rerun(settings)
-  constructor({ id, model, prompt, params, inputs, scroll = true }, hooks) {
+  constructor({ id, model, prompt, params, inputs, rate = null, scroll = true }, hooks) {
     this.id = id;
     this.model = model;
     this.prompt = prompt;
@@ -55,7 +55,8 @@ export class Card {
     this.speech = (model.capabilities || []).includes("tts");
     this.inputs = Object.keys(inputs || {});
     this.continuation = this.inputs.includes("continuation") && !params.include_prompt;
-    this.sampleRate = model.sample_rate;
+    this.rate = rate; // the output rate asked for (null: the model's)
+    this.sampleRate = rate || model.sample_rate;
     this.channels = model.channels;
     this.maxSeconds = model.max_duration;
     this.duration = this.speech
@@ -345,6 +346,7 @@ export class Card {
       meta: this.meta,
       error: $(".error", this.el).hidden ? null : text(".error"),
       stats: { elapsed: text(".s-elapsed"), rtf: text(".s-rtf"), first: text(".s-first"), wait: text(".s-wait") },
+      rate: this.rate,
       sampleRate: this.sampleRate,
       channels: this.channels,
       clip: this.clip,
@@ -438,7 +440,9 @@ export class Card {
   settings() {
     const params = { ...this.params };
     if (this.seed != null) params.seed = this.seed;
-    return { model: this.model.name, prompt: this.prompt, params, inputs: this.inputs, speech: this.speech };
+    return {
+      model: this.model.name, prompt: this.prompt, params, inputs: this.inputs, speech: this.speech, rate: this.rate,
+    };
   }
 
   code() {

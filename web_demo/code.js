@@ -24,9 +24,10 @@ const sh = (value) => {
   return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", "'\\''")}'`;
 };
 
-export function asPython({ model, prompt, params, inputs }) {
+export function asPython({ model, prompt, params, inputs, rate }) {
   const args = [py(model), py(prompt)];
   for (const [name, value] of Object.entries(params)) args.push(`${name}=${py(value)}`);
+  if (rate) args.push(`sample_rate=${rate}`);
   if (inputs.length) {
     const files = inputs.map((role) => `${py(role)}: open(${py(FILES[role] || `${role}.wav`)}, "rb").read()`);
     args.push(`inputs={${files.join(", ")}}`);
@@ -51,8 +52,9 @@ export function asPython({ model, prompt, params, inputs }) {
   ].join("\n");
 }
 
-export function asCli({ model, prompt, params, inputs, speech }) {
+export function asCli({ model, prompt, params, inputs, speech, rate }) {
   const words = ["wavecast", speech ? "speak" : "generate", sh(prompt), "--url", sh(streamUrl()), "-o", "out.wav", "--model", sh(model)];
+  if (rate) words.push("--sample-rate", String(rate));
   for (const [name, value] of Object.entries(params)) {
     if (name === "voice") {
       for (const voice of String(value).split(",")) words.push("--voice", sh(voice || "''"));
@@ -71,8 +73,9 @@ export function asCli({ model, prompt, params, inputs, speech }) {
   return (auth.key ? `${KEY_NOTE}\n` : "") + words.join(" ");
 }
 
-export function asJson({ model, prompt, params, inputs }) {
+export function asJson({ model, prompt, params, inputs, rate }) {
   const frame = { type: "generate", id: "r1", model, prompt, params, format: "pcm_s16le" };
+  if (rate) frame.sample_rate = rate;
   if (inputs.length) {
     frame.inputs = Object.fromEntries(inputs.map((role) => [role, `<base64 of ${FILES[role] || role}>`]));
   }
@@ -81,8 +84,9 @@ export function asJson({ model, prompt, params, inputs }) {
 }
 
 // The form's settings in a link (uploads stay on this computer).
-export function settingsLink({ model, prompt, params }) {
+export function settingsLink({ model, prompt, params, rate }) {
   const query = new URLSearchParams({ model, prompt });
+  if (rate) query.set("rate", String(rate));
   for (const [name, value] of Object.entries(params)) query.set(`p.${name}`, String(value));
   return `${location.origin}${location.pathname}#${query}`;
 }
@@ -93,5 +97,6 @@ export function readSettingsLink(hash) {
   if (!query.has("model")) return null;
   const params = {};
   for (const [key, value] of query) if (key.startsWith("p.")) params[key.slice(2)] = value;
-  return { model: query.get("model"), prompt: query.get("prompt") || "", params };
+  const rate = Number(query.get("rate")) || null;
+  return { model: query.get("model"), prompt: query.get("prompt") || "", params, rate };
 }

@@ -10,6 +10,35 @@ export const form = {
   uploads: {}, // role -> { bytes, label }
 };
 
+// Output rates offered beside the model's own (PROTOCOL.md §3.1: 8 to 192 kHz).
+const OUTPUT_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000];
+
+const kHz = (rate) => `${rate / 1000} kHz`; // 8 kHz, 22.05 kHz, 44.1 kHz
+
+// The output rate asked for, or null for the model's own.
+export function currentSampleRate() {
+  const value = $("#output-rate").value;
+  return value ? Number(value) : null;
+}
+
+function renderOutputRates(model) {
+  const select = $("#output-rate");
+  const previous = select.value;
+  select.replaceChildren();
+  const own = document.createElement("option");
+  own.value = "";
+  own.textContent = model ? `the model's own (${kHz(model.sample_rate)})` : "the model's own";
+  select.append(own);
+  for (const rate of OUTPUT_RATES) {
+    if (rate === model?.sample_rate) continue;
+    const option = document.createElement("option");
+    option.value = String(rate);
+    option.textContent = kHz(rate);
+    select.append(option);
+  }
+  if ([...select.options].some((o) => o.value === previous)) select.value = previous;
+}
+
 export function currentModel() {
   return form.hello?.models.find((m) => m.name === $("#model").value);
 }
@@ -45,6 +74,10 @@ export function modelFacts(model) {
 
 function fieldInput(field) {
   if (field === "prompt") return $("#prompt");
+  if (field === "sample_rate") {
+    $("#advanced").open = true;
+    return $("#output-rate");
+  }
   if (field.startsWith("params.")) {
     const name = field.slice("params.".length);
     const input = $(`#param-${name}`) || $(`#param-${name}-0`);
@@ -211,7 +244,7 @@ export function renderParams(keepValues = false) {
       : $(PRIMARY.has(spec.name) ? "#params" : "#advanced-params");
     box.append(paramField(model, spec, kept));
   }
-  $("#advanced").hidden = !$("#advanced-params .param");
+  renderOutputRates(model);
   showSources();
   updateEstimate();
 }
@@ -519,10 +552,13 @@ export function wireDialogue() {
 }
 
 // Fill the form with a request's settings (a card's "load settings", a link).
-export function applySettings({ model, prompt, params }) {
+export function applySettings({ model, prompt, params, rate }) {
   const select = $("#model");
   if (model && [...select.options].some((o) => o.value === model)) select.value = model;
   renderParams();
+  const rates = $("#output-rate");
+  rates.value = [...rates.options].some((o) => o.value === String(rate ?? "")) ? String(rate ?? "") : "";
+  if (rates.value) $("#advanced").open = true;
   $("#prompt").value = prompt ?? "";
   $("#prompt").dispatchEvent(new Event("input"));
   for (const [name, value] of Object.entries(params || {})) {

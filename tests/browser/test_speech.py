@@ -230,3 +230,53 @@ async def test_speech_form_fits_a_phone(
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "demo-speech-phone.png"), full_page=True)
     assert page.errors == []
+
+
+async def test_speech_at_a_telephones_rate_plays_and_downloads_at_it(
+    browser: Any,  # noqa: F811
+    speech_server: Any,
+    tmp_path: Path,
+) -> None:
+    """The output rate (Advanced): offered beside the model's own, sent as
+    ``sample_rate``; the card plays and downloads the stream at it, its code
+    and its link carry it, and "load settings" brings it back."""
+    page = await open_page(browser, speech_server)
+    await page.select_option("#model", "tiny-higgs")
+    await page.fill("#prompt", "Hello there.")
+    await page.fill("#param-max_new_tokens", "20")
+    await page.click("#advanced summary")
+    rates = await page.eval_on_selector_all("#output-rate option", "els => els.map(e => e.value)")
+    assert rates[0] == "" and "8000" in rates and "48000" in rates
+    assert "24000" not in rates  # the model's own is the first
+    assert "24 kHz" in await page.text_content("#output-rate option:first-child")
+    assert await page.get_attribute("label[for=output-rate]", "title") == "sample_rate"
+    await page.select_option("#output-rate", "8000")
+    rid, done = await submit_and_wait(page)
+    assert done["status"] == "completed", done["error"]
+    assert done["frames"] == done["serverSamples"] == (20 - K) * HOP // 3
+    await page.wait_for_function(
+        "(id) => { const c = window.wavecast.cards.get(id); return c.consumed >= c.frames; }",
+        arg=rid,
+        timeout=timeout(30) * MS,
+    )  # (played to its end, at 8 kHz)
+    assert "8000 Hz" in await page.text_content(f"article[data-id='{rid}'] .meta")
+    async with page.expect_download() as info:
+        await page.click(f"article[data-id='{rid}'] .download")
+    path = tmp_path / "call.wav"
+    await (await info.value).save_as(path)
+    wav = soundfile.info(str(path))
+    assert (wav.samplerate, wav.frames) == (8000, (20 - K) * HOP // 3)
+    code = await page.evaluate("(id) => window.wavecast.cards.get(id).code()", rid)
+    assert "sample_rate=8000" in code["python"] and "--sample-rate 8000" in code["cli"]
+    assert '"sample_rate":8000' in code["json"]
+    # Its link, and "load settings" after the form went back to the model's rate.
+    link = await page.evaluate(
+        """async (id) => (await import("./code.js"))
+             .settingsLink(window.wavecast.cards.get(id).settings())""",
+        rid,
+    )
+    assert "rate=8000" in link
+    await page.select_option("#output-rate", "")
+    await page.click(f"article[data-id='{rid}'] .load-settings")
+    assert await page.input_value("#output-rate") == "8000"
+    assert page.errors == []

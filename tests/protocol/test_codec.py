@@ -51,6 +51,14 @@ MESSAGES = [
         params={"include_prompt": True},
         inputs={"continuation": b"RIFF\x00\x01"},
     ),
+    Generate(
+        id="r4",
+        model="tiny-higgs",
+        prompt="hello",
+        format="pcm_mulaw",
+        inputs={"reference": b"RIFF"},
+        sample_rate=8000,
+    ),
     Cancel(id="r1"),
     Hello(
         server="wavecast",
