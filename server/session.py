@@ -290,7 +290,13 @@ class Session:
             exc.id = message.id
             self._refuse(exc, frame_type="generate")
             return
-        request.log.info("generate model=%s params=%s", message.model, params)
+        request.log.info(
+            "generate model=%s params=%s format=%s%s",
+            message.model,
+            params,
+            message.format,
+            f" sample_rate={message.sample_rate}" if message.sample_rate else "",
+        )
 
     async def _check_then_submit(
         self, request: Request, check: Callable[[EngineRequest], Any]
