@@ -64,13 +64,13 @@ def to_pcm(audio: npt.NDArray[np.float32], fmt: str) -> bytes:
     little-endian 16-bit or float PCM, or G.711 (from the 16-bit samples)."""
     if fmt == "pcm_f32le":
         return np.ascontiguousarray(audio, dtype="<f4").tobytes()
-    scaled = np.rint(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int32)
+    scaled = np.rint(np.clip(audio, -1.0, 1.0) * 32767.0)
     if fmt == "pcm_s16le":
         return np.ascontiguousarray(scaled, dtype="<i2").tobytes()
     if fmt == "pcm_mulaw":
-        return mulaw(scaled).tobytes()
+        return mulaw(scaled.astype(np.int32)).tobytes()
     if fmt == "pcm_alaw":
-        return alaw(scaled).tobytes()
+        return alaw(scaled.astype(np.int32)).tobytes()
     raise ValueError(f"unknown PCM format {fmt!r}")
 
 
