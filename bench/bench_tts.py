@@ -146,7 +146,13 @@ async def one(url: str, model: str, args: argparse.Namespace, seed: int) -> dict
             chunking = {"chunk_method": "word", "chunk_max_word_num": args.chunk_words}
         voice = VOICE if args.voice_seconds else None
         stream = await client.speak(
-            model, text, voice=voice, max_new_tokens=args.max_new_tokens, seed=seed, **chunking
+            model,
+            text,
+            voice=voice,
+            max_new_tokens=args.max_new_tokens,
+            seed=seed,
+            sample_rate=args.sample_rate,
+            **chunking,
         )
         return await timed(stream, start)
 
@@ -238,6 +244,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--prefix-cache-mb", type=float, default=None, help="the server's (default: its own)"
+    )
+    parser.add_argument(
+        "--sample-rate",
+        type=int,
+        default=None,
+        help="through the server: every stream at this rate (resampled as it streams)",
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
