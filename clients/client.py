@@ -97,7 +97,14 @@ def stream_url(url: str) -> str:
     return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
-G711_WAV_SUBTYPES = {"pcm_mulaw": "ULAW", "pcm_alaw": "ALAW"}
+# A WAV file's sample type (libsndfile's name) for each format of the protocol.
+WAV_SUBTYPES = {
+    "pcm_s16le": "PCM_16",
+    "pcm_f32le": "FLOAT",
+    "pcm_mulaw": "ULAW",
+    "pcm_alaw": "ALAW",
+}
+G711 = ("pcm_mulaw", "pcm_alaw")
 
 
 def g711_table(format: str) -> Any:
@@ -167,7 +174,7 @@ class GenerationResult:
         import numpy as np
 
         data = self.pcm if rendition is None else self.renditions[rendition]
-        if self.format in G711_WAV_SUBTYPES:
+        if self.format in G711:
             samples = g711_table(self.format)[np.frombuffer(data, dtype=np.uint8)]
         else:
             dtype = "<f4" if self.format == "pcm_f32le" else "<i2"
@@ -183,8 +190,7 @@ class GenerationResult:
         """
         import soundfile
 
-        subtypes = {"pcm_f32le": "FLOAT", "pcm_s16le": "PCM_16", **G711_WAV_SUBTYPES}
-        subtype = subtypes[self.format]
+        subtype = WAV_SUBTYPES[self.format]
         audio = self.to_numpy(rendition)
         soundfile.write(file, audio, self.sample_rate, subtype=subtype, format="WAV")
 

@@ -13,7 +13,8 @@ export const form = {
 // Output rates offered beside the model's own (PROTOCOL.md §3.1: 8 to 192 kHz).
 const OUTPUT_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000];
 
-const kHz = (rate) => `${rate / 1000} kHz`; // 8 kHz, 22.05 kHz, 44.1 kHz
+// A rate in words: "32 kHz", "44100 Hz".
+const rateText = (rate) => (rate % 1000 === 0 ? `${rate / 1000} kHz` : `${rate} Hz`);
 
 // The output rate asked for, or null for the model's own.
 export function currentSampleRate() {
@@ -27,13 +28,13 @@ function renderOutputRates(model) {
   select.replaceChildren();
   const own = document.createElement("option");
   own.value = "";
-  own.textContent = model ? `the model's own (${kHz(model.sample_rate)})` : "the model's own";
+  own.textContent = model ? `the model's own (${rateText(model.sample_rate)})` : "the model's own";
   select.append(own);
   for (const rate of OUTPUT_RATES) {
     if (rate === model?.sample_rate) continue;
     const option = document.createElement("option");
     option.value = String(rate);
-    option.textContent = kHz(rate);
+    option.textContent = rateText(rate);
     select.append(option);
   }
   if ([...select.options].some((o) => o.value === previous)) select.value = previous;
@@ -60,7 +61,7 @@ export function renderModels(models) {
 // What the model is and where it runs, in one line: "MusicGen small (…) · 32 kHz
 // mono · up to 30 s · cuda:0, float16" (device and format when the server says them).
 export function modelFacts(model) {
-  const rate = model.sample_rate % 1000 === 0 ? `${model.sample_rate / 1000} kHz` : `${model.sample_rate} Hz`;
+  const rate = rateText(model.sample_rate);
   const parts = [
     model.test_model ? "" : model.description,
     `${rate} ${model.channels === 2 ? "stereo" : model.channels === 1 ? "mono" : `${model.channels} channels`}`,
