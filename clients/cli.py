@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from wavecast.protocol import (
     AUDIO_FORMATS,
     BYTES_PER_SAMPLE,
+    ENCODED_FORMATS,
     Audio,
     Done,
     ModelInfo,
@@ -35,7 +36,7 @@ from wavecast.protocol import (
     to_wire,
 )
 
-from .client import DEFAULT_URL, GenerationResult, connect, server_url
+from .client import DEFAULT_URL, FILE_SUFFIXES, GenerationResult, connect, server_url
 
 __all__ = ["main"]
 
@@ -78,6 +79,8 @@ class ProgressBar:
         self.stream.flush()
 
 
+# The format an -o FILE's name asks for, where --format does not say.
+SUFFIX_FORMATS = {".mp3": "mp3", ".opus": "opus", ".ogg": "opus", ".flac": "flac"}
 # A WAV file's format tag and bits a sample, by the protocol's format.
 WAV_FORMAT_TAGS = {
     "pcm_s16le": (1, 16),
@@ -130,7 +133,8 @@ class LiveWav:
         return b"RIFF" + unknown + b"WAVE" + b"fmt " + spec + b"data" + unknown
 
     def start(self, sample_rate: int, channels: int, format: str) -> None:
-        self._queue.put(self.header(sample_rate, channels, format))
+        if format not in ENCODED_FORMATS:  # (an encoded stream is a file: its own header)
+            self._queue.put(self.header(sample_rate, channels, format))
 
     def write(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -421,7 +425,16 @@ async def _run(
     *,
     capability: str,
 ) -> int:
+    if args.format is None:  # (from the file's name: out.mp3 is an MP3 stream)
+        suffix = args.output.suffix.lower() if args.output not in (None, STDOUT) else ""
+        args.format = SUFFIX_FORMATS.get(suffix, "pcm_s16le")
     player = player_command() if args.play else None
+    if args.play and args.format in ENCODED_FORMATS:
+        bar.message(
+            f"--play plays PCM: not {args.format} (to hear it as it comes: "
+            f"--format {args.format} -o - | ffplay -nodisp -autoexit -)"
+        )
+        return 2
     if args.play:
         if args.output == STDOUT:
             bar.message("--play and -o -: one or the other (-o - | PLAYER plays it too)")
@@ -435,7 +448,8 @@ async def _run(
         if shutil.which(player[0]) is None:
             bar.message(f"--play: no command {player[0]!r} (WAVECAST_PLAYER)")
             return 2
-    output = args.output or (None if args.play and not params.get("mbd") else Path("out.wav"))
+    default = Path("out" + FILE_SUFFIXES.get(args.format, ".wav"))
+    output = args.output or (None if args.play and not params.get("mbd") else default)
     if output == STDOUT:
         if sys.stdout.isatty():
             bar.message(
@@ -562,21 +576,25 @@ async def _run(
         result = clip(pcm)
         sent = writing()
         if sent is not None:  # (its audio is not in ``pcm``: nothing more to write)
-            frame = BYTES_PER_SAMPLE[args.format] * channels
-            seconds = sent.bytes / (frame * sample_rate) if sample_rate else 0.0
             end = " (closed before its end)" if sent.closed else ""
             where = "standard output" if player is None else f"the player ({player[0]})"
+            if args.format in ENCODED_FORMATS:
+                what = f"{sent.bytes} bytes of {args.format}"
+            else:
+                frame = BYTES_PER_SAMPLE[args.format] * channels
+                what = f"{sent.bytes / (frame * sample_rate) if sample_rate else 0.0:.2f} s"
             bar.message(
-                f"{seconds:.2f} s went to {where}{end} "
-                f"({sample_rate} Hz, {channels} ch, seed {seed})"
+                f"{what} went to {where}{end} ({sample_rate} Hz, {channels} ch, seed {seed})"
             )
         if lost is not None:
-            if result.frames and output is not None:  # (kept: a file's)
+            if result.pcm and output is not None:  # (kept: a file's)
                 result.save(output)
-                bar.message(
-                    f"wrote {output}: the {result.frames / sample_rate:.2f} s received "
-                    "before the connection was lost"
+                received = (
+                    f"the {len(result.pcm)} bytes"
+                    if result.encoded
+                    else f"the {result.frames / sample_rate:.2f} s"
                 )
+                bar.message(f"wrote {output}: {received} received before the connection was lost")
             return 1
         if done.status == "error" and done.error is not None:
             bar.message(f"error: {done.error.code}: {done.error.message}")
@@ -585,7 +603,8 @@ async def _run(
         if mbd_pcm:
             # -o gets the diffusion version; the live (EnCodec) one goes beside it.
             assert output is not None and output != STDOUT  # (refused, or out.wav)
-            outputs = [(output, clip(mbd_pcm)), (output.with_suffix(".encodec.wav"), result)]
+            live_path = output.with_suffix(".encodec" + (output.suffix or ".wav"))
+            outputs = [(output, clip(mbd_pcm)), (live_path, result)]
         for path, version in outputs:
             if version.frames:
                 version.save(path)
@@ -623,9 +642,10 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         choices=AUDIO_FORMATS,
-        default="pcm_s16le",
-        help="sample format on the wire and in the WAV file (pcm_mulaw, pcm_alaw: G.711, "
-        "8 bits a sample, as telephone lines carry it, with --sample-rate 8000)",
+        help="format on the wire and in the file: PCM in a WAV file (pcm_s16le, the default; "
+        "pcm_mulaw, pcm_alaw: G.711, 8 bits a sample, as telephone lines carry it, with "
+        "--sample-rate 8000), or an MP3, Ogg Opus or FLAC file (mp3, opus, flac: the default "
+        "for an -o FILE named .mp3, .opus or .ogg, .flac)",
     )
     parser.add_argument(
         "--sample-rate",
@@ -638,8 +658,9 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         type=Path,
-        help="WAV file to write (default out.wav, none with --play); '-': standard output, "
-        "as the audio comes (for a player: … -o - | ffplay -nodisp -autoexit -)",
+        help="file to write (default out.wav, or out.mp3, out.opus, out.flac; none with "
+        "--play); '-': standard output, as the audio comes (a WAV stream, or the file of "
+        "--format mp3, opus or flac; for a player: … -o - | ffplay -nodisp -autoexit -)",
     )
     parser.add_argument(
         "--play",

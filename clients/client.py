@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 
 from wavecast.protocol import (
     BYTES_PER_SAMPLE,
+    ENCODED_FORMATS,
     Audio,
     Cancel,
     Done,
@@ -44,6 +45,7 @@ from wavecast.protocol import (
     decode,
     encode,
     error_class,
+    offset_unit,
 )
 
 __all__ = [
@@ -105,6 +107,44 @@ WAV_SUBTYPES = {
     "pcm_alaw": "ALAW",
 }
 G711 = ("pcm_mulaw", "pcm_alaw")
+# The file suffix of each encoded format (a stream in one of them is one file).
+FILE_SUFFIXES = {"mp3": ".mp3", "opus": ".opus", "flac": ".flac"}
+
+
+def decode_file(data: bytes, format: str) -> Any:
+    """An encoded stream's file as a ``[frames, channels]`` numpy array at its
+    own rate: FLAC's 16-bit samples as int16 (those of ``pcm_s16le``, exactly);
+    MP3 and Opus decoded to float32. MP3 begins with its encoder's delay (some
+    1,100 samples), and pads its last frame; Opus and FLAC give back the frames
+    encoded, no more."""
+    import io
+
+    import numpy as np
+
+    if format == "flac":  # (libsndfile wants a streamed FLAC's length in its header)
+        import av
+
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = container.streams.audio[0]
+            channels = stream.codec_context.channels
+            parts = [frame.to_ndarray().reshape(-1, channels) for frame in container.decode(stream)]
+        if not parts:
+            return np.zeros((0, channels), dtype=np.int16)
+        return np.concatenate(parts).astype(np.int16)
+    import soundfile
+
+    audio, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return audio
+
+
+def flac_with_length(data: bytes, frames: int) -> bytes:
+    """A streamed FLAC file with its length in its header (written as unknown,
+    0, while it streamed; some readers, libsndfile among them, need it)."""
+    if data[:4] != b"fLaC" or len(data) < 26 or data[4] & 0x7F != 0:  # (STREAMINFO first)
+        return data
+    word = int.from_bytes(data[18:26], "big")
+    word = (word & ~((1 << 36) - 1)) | (frames & ((1 << 36) - 1))
+    return data[:18] + word.to_bytes(8, "big") + data[26:]
 
 
 def g711_table(format: str) -> Any:
@@ -133,16 +173,18 @@ class GenerationResult:
     Attributes:
         id: The request id.
         status: ``completed``, ``cancelled`` or ``error``.
-        pcm: The concatenated PCM of every ``audio`` message.
+        pcm: The concatenated ``data`` of every ``audio`` message: PCM, or the
+            bytes of one file for an encoded format (``mp3``, ``opus``, ``flac``).
         sample_rate: Hz.
         channels: Interleaved channel count.
-        format: ``pcm_s16le``, ``pcm_f32le``, ``pcm_mulaw`` or ``pcm_alaw``.
+        format: ``pcm_s16le``, ``pcm_f32le``, ``pcm_mulaw``, ``pcm_alaw``,
+            ``mp3``, ``opus`` or ``flac``.
         stats: The server's statistics, if any.
         error: The error, when ``status`` is ``error``.
         seed: The seed the server used.
         chunks: Number of ``audio`` messages of the live stream.
         renditions: Complete alternative versions by name (``mbd``: the
-            Multi-Band Diffusion version), PCM in the same format.
+            Multi-Band Diffusion version), in the same format.
     """
 
     id: str
@@ -158,15 +200,24 @@ class GenerationResult:
     renditions: dict[str, bytes] = field(default_factory=dict)
 
     @property
+    def encoded(self) -> bool:
+        """Whether the audio is a file of an encoded format (``mp3``, ``opus``, ``flac``)."""
+        return self.format in ENCODED_FORMATS
+
+    @property
     def frames(self) -> int:
-        """Sample frames received (per channel)."""
-        if not self.channels:
+        """Sample frames received (per channel); of an encoded format, those the
+        server encoded (``stats.samples``), else those its file decodes to."""
+        if not self.channels or not self.pcm:
             return 0
+        if self.encoded:
+            return self.stats.samples if self.stats else int(self.to_numpy().shape[0])
         return len(self.pcm) // (BYTES_PER_SAMPLE[self.format] * self.channels)
 
     def to_numpy(self, rendition: str | None = None) -> Any:
         """The audio as a ``[frames, channels]`` numpy array: float32 for
-        ``pcm_f32le``, else int16 (G.711 codes decoded).
+        ``pcm_f32le``, ``mp3`` and ``opus`` (decoded: see :func:`decode_file`),
+        else int16 (G.711 codes decoded; FLAC's samples).
 
         Args:
             rendition: ``None`` for the live stream, or a name in ``renditions``.
@@ -174,6 +225,10 @@ class GenerationResult:
         import numpy as np
 
         data = self.pcm if rendition is None else self.renditions[rendition]
+        if self.encoded:
+            if not data:
+                return np.zeros((0, max(1, self.channels)), dtype=np.float32)
+            return decode_file(data, self.format)
         if self.format in G711:
             samples = g711_table(self.format)[np.frombuffer(data, dtype=np.uint8)]
         else:
@@ -182,12 +237,24 @@ class GenerationResult:
         return samples.reshape(-1, max(1, self.channels))
 
     def save(self, file: str | os.PathLike[str] | BinaryIO, rendition: str | None = None) -> None:
-        """Write the audio as a WAV file (a path, or a binary file open for
-        writing): 16-bit, 32-bit float, mu-law or A-law samples, as received.
+        """Write the audio to a file (a path, or a binary file open for writing):
+        a WAV file of 16-bit, 32-bit float, mu-law or A-law samples, as received;
+        or, for an encoded format, its file as received (FLAC with its length
+        filled in: see :func:`flac_with_length`).
 
         Args:
             rendition: ``None`` for the live stream, or a name in ``renditions``.
         """
+        if self.encoded:
+            data = self.pcm if rendition is None else self.renditions[rendition]
+            if self.format == "flac" and data:
+                data = flac_with_length(data, int(self.to_numpy(rendition).shape[0]))
+            if isinstance(file, str | os.PathLike):
+                with open(file, "wb") as out:
+                    out.write(data)
+            else:
+                file.write(data)
+            return
         import soundfile
 
         subtype = WAV_SUBTYPES[self.format]
@@ -241,8 +308,8 @@ class RequestStream:
             if not isinstance(event, Audio):
                 continue
             first_offset, data = streams.setdefault(event.rendition, (event.offset, bytearray()))
-            size = BYTES_PER_SAMPLE[event.format] * event.channels
-            if (event.offset - first_offset) * size != len(data):
+            unit = offset_unit(event.format, event.channels)  # (encoded: bytes)
+            if (event.offset - first_offset) * unit != len(data):
                 raise RuntimeError(f"audio chunk {event.seq} is not contiguous")
             data += event.data
             chunks += event.rendition is None
@@ -339,8 +406,9 @@ class Client:
             model: A model name from the greeting.
             prompt: The text prompt.
             id: Request id (default: a fresh random one).
-            format: ``pcm_s16le``, ``pcm_f32le``, or G.711's ``pcm_mulaw`` or
-                ``pcm_alaw`` (a byte a sample).
+            format: ``pcm_s16le``, ``pcm_f32le``, G.711's ``pcm_mulaw`` or
+                ``pcm_alaw`` (a byte a sample), or a compressed file: ``mp3``,
+                ``opus`` (Ogg Opus) or ``flac``.
             sample_rate: The audio's rate in Hz, 8000 to 192000 (default: the
                 model's own); the server resamples the stream as it goes.
             params: Model parameters; keyword arguments are added to them.

@@ -26,6 +26,7 @@ from .errors import (
 from .messages import (
     AUDIO_FORMATS,
     BYTES_PER_SAMPLE,
+    ENCODED_FORMATS,
     PROTOCOL_VERSION,
     Audio,
     Cancel,
@@ -45,6 +46,7 @@ from .messages import (
     ServerMessage,
     Started,
     Stats,
+    offset_unit,
 )
 from .params import resolve_params
 
@@ -53,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AUDIO_FORMATS",
     "BYTES_PER_SAMPLE",
+    "ENCODED_FORMATS",
     "PROTOCOL_VERSION",
     "Audio",
     "BadFrame",
@@ -92,6 +95,7 @@ __all__ = [
     "decode_client",
     "encode",
     "error_class",
+    "offset_unit",
     "resolve_params",
     "to_wire",
 ]

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 __all__ = [
     "AUDIO_FORMATS",
     "DONE_STATUSES",
+    "ENCODED_FORMATS",
     "Audio",
     "Cancel",
     "ClientMessage",
@@ -31,14 +32,34 @@ __all__ = [
     "ServerMessage",
     "Started",
     "Stats",
+    "offset_unit",
 ]
 
 PROTOCOL_VERSION = 1
 
-# 16-bit and float PCM; G.711's mu-law and A-law (8 bits a sample: telephone lines).
-AudioFormat = Literal["pcm_s16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw"]
-AUDIO_FORMATS: tuple[AudioFormat, ...] = ("pcm_s16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw")
+# 16-bit and float PCM; G.711's mu-law and A-law (8 bits a sample: telephone lines);
+# and one file of a compressed format, in pieces as it is written (§4.5).
+AudioFormat = Literal["pcm_s16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw", "mp3", "opus", "flac"]
+AUDIO_FORMATS: tuple[AudioFormat, ...] = (
+    "pcm_s16le",
+    "pcm_f32le",
+    "pcm_mulaw",
+    "pcm_alaw",
+    "mp3",
+    "opus",
+    "flac",
+)
 BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4, "pcm_mulaw": 1, "pcm_alaw": 1}
+# MP3, Ogg Opus and FLAC: each stream (and each rendition) is one file, its bytes
+# in the ``data`` of its chunks, ``offset`` counting bytes.
+ENCODED_FORMATS: tuple[AudioFormat, ...] = ("mp3", "opus", "flac")
+
+
+def offset_unit(format: str, channels: int) -> int:
+    """Bytes of ``data`` per unit of ``offset`` (§4.5): a sample frame's bytes
+    for PCM, 1 for an encoded format (its offset counts bytes)."""
+    return BYTES_PER_SAMPLE[format] * channels if format in BYTES_PER_SAMPLE else 1
+
 
 # The output rates a ``generate`` may ask for (§3.1): telephony's 8 kHz to 192 kHz.
 MIN_SAMPLE_RATE = 8000
@@ -269,7 +290,9 @@ class Audio:
 
     ``seq`` counts the request's chunks from 0 without gaps; ``offset`` is the
     index of the chunk's first sample frame in the whole stream; ``data`` holds
-    interleaved PCM in ``format``. ``rendition`` is absent for the live stream;
+    interleaved PCM in ``format``. For an encoded format (``mp3``, ``opus``,
+    ``flac``) ``data`` holds the next bytes of one file and ``offset`` counts
+    bytes. ``rendition`` is absent for the live stream;
     ``"mbd"`` marks a second, complete version of the clip (Multi-Band
     Diffusion) with its own ``seq`` and ``offset`` counting from 0.
     """
@@ -286,7 +309,10 @@ class Audio:
 
     @property
     def frames(self) -> int:
-        """Number of sample frames in ``data``."""
+        """Number of sample frames in ``data`` (0 for an encoded format: a file's
+        bytes, its frames known once decoded)."""
+        if self.format not in BYTES_PER_SAMPLE:
+            return 0
         return len(self.data) // (BYTES_PER_SAMPLE[self.format] * self.channels)
 
 

@@ -52,6 +52,7 @@ from wavecast.protocol import (
 from wavecast.protocol.errors import CLOSE_POLICY_VIOLATION
 
 from .config import Config
+from .encode import ENCODED_FORMATS, EncodedStream, encoded_rate
 from .engines.base import EngineRequest
 from .scheduler import Request, Scheduler
 
@@ -258,13 +259,25 @@ class Session:
                         field=f"inputs.{role}",
                         id=message.id,
                     )
+            sink: Callable[[ServerMessage], None] = self._on_event
+            wire_format, sample_rate = message.format, message.sample_rate
+            if message.format in ENCODED_FORMATS:
+                # Generated as float PCM at the codec's rate; encoded on its way here.
+                sample_rate = encoded_rate(message.format, info.sample_rate, sample_rate)
+                wire_format = "pcm_f32le"
+                sink = EncodedStream(
+                    message.id,
+                    message.format,
+                    self._on_event,
+                    on_error=lambda error: self.scheduler.cancel(request, error),
+                )
             request = Request(
                 id=message.id,
                 model=message.model,
                 engine_request=EngineRequest(message.id, message.prompt, params, inputs),
-                format=message.format,
-                sample_rate=message.sample_rate,
-                sink=self._on_event,
+                format=wire_format,
+                sample_rate=sample_rate,
+                sink=sink,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
             )
             check = self.scheduler.request_check(message.model)
@@ -295,7 +308,7 @@ class Session:
             message.model,
             params,
             message.format,
-            f" sample_rate={message.sample_rate}" if message.sample_rate else "",
+            f" sample_rate={sample_rate}" if sample_rate else "",
         )
 
     async def _check_then_submit(

@@ -12,11 +12,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import soundfile
 from helpers import WAVECAST, run_cli, timeout
 
 from wavecast.clients import SyncClient, connect, server_url, stream_url
+from wavecast.clients.client import decode_file
 from wavecast.protocol import Audio, Done, Started
 from wavecast.server.config import Config
 
@@ -109,6 +111,43 @@ async def test_generate_at_another_rate(server: Any, tmp_path: Path) -> None:
     code, output = await run_cli(*request, "--sample-rate", "4000", "-o", str(out), "x")
     assert code == 1 and "invalid_field" in output and "sample_rate" in output, output
     assert "Traceback" not in output
+
+
+async def test_compressed_files_from_their_names_and_on_standard_output(
+    server: Any, tmp_path: Path
+) -> None:
+    """``-o clip.mp3`` (``.opus``, ``.flac``) asks for that format and writes the
+    file as it came, libsndfile reading it at its length (FLAC's filled in);
+    ``--format`` with ``-o -`` writes the file's bytes with no WAV header around
+    them; with ``--mbd`` the live version goes beside, in the same format;
+    ``--play`` plays PCM only: a line saying how to hear the others."""
+    request = ("generate", "--url", server.url, "--duration", "0.5", "--seed", "5")
+    for name, rate, frames, kind in (
+        ("clip.mp3", 32000, None, "MP3"),
+        ("clip.opus", 48000, 24000, "OGG"),
+        ("clip.ogg", 48000, 24000, "OGG"),
+        ("clip.flac", 32000, 16000, "FLAC"),
+    ):
+        out = tmp_path / name
+        code, output = await run_cli(*request, "-o", str(out), "x")
+        assert code == 0, output
+        assert f"wrote {out} (0.50 s, {rate} Hz, 1 ch" in output
+        info = soundfile.info(str(out))
+        assert (info.format, info.samplerate) == (kind, rate)
+        assert info.frames == frames if frames else info.frames >= 16000 + 1105
+    code, streamed, messages = await piped_cli(*request, "--format", "flac", "-o", "-", "x")
+    assert code == 0, messages
+    assert streamed[:4] == b"fLaC" and "bytes of flac went to standard output" in messages
+    saved, _ = soundfile.read(str(tmp_path / "clip.flac"), dtype="int16", always_2d=True)
+    heard = decode_file(streamed, "flac").astype(np.int32)
+    assert np.abs(heard - saved).max() <= 1  # (the same seed; float rounding where chunks split)
+    out = tmp_path / "both.flac"
+    code, output = await run_cli(*request, "--mbd", "-o", str(out), "x")
+    assert code == 0, output
+    live = tmp_path / "both.encodec.flac"
+    assert soundfile.info(str(out)).frames == soundfile.info(str(live)).frames == 16000
+    code, output = await run_cli(*request, "--play", "-o", str(tmp_path / "x.mp3"), "x")
+    assert code == 2 and "--play plays PCM: not mp3" in output and "ffplay" in output
 
 
 @pytest.mark.parametrize(("format", "subtype"), [("pcm_s16le", "PCM_16"), ("pcm_f32le", "FLOAT")])

@@ -201,7 +201,7 @@ def test_none_fields_are_left_out() -> None:
             "prompt",
         ),
         (
-            msgpack.packb({"type": "generate", "id": "a", "model": "m", "format": "mp3"}),
+            msgpack.packb({"type": "generate", "id": "a", "model": "m", "format": "aac"}),
             InvalidField,
             "format",
         ),

@@ -74,7 +74,7 @@ async def test_bad_generate_ends_in_done_error(
 
 async def test_malformed_generate_with_an_id_gets_its_done(server: Any) -> None:
     frame = msgpack.packb(
-        {"type": "generate", "id": "g1", "model": "tiny-musicgen", "format": "mp3"}
+        {"type": "generate", "id": "g1", "model": "tiny-musicgen", "format": "aac"}
     )
     message = await raw_exchange(server.url, frame)
     assert isinstance(message, Done) and message.id == "g1" and message.status == "error"

@@ -9,7 +9,8 @@ not audio, some with no sample at the model's rate, some longer than the
 duration), cancels, dropped connections, raw frames. When a cancel or a drop
 lands varies from run to run; what is asserted holds whatever it is: each
 stream's chunks join without a gap, at the rate and in the format its
-``started`` says. (Such clients found the continuation too long for its
+``started`` says (an MP3, Ogg Opus or FLAC stream: into one file, which decodes
+to the samples the stats count). (Such clients found the continuation too long for its
 duration refused only after ``queued``, and a one-sample clip at 44.1 kHz
 failing inside the encoder and Demucs.)
 """
@@ -30,15 +31,17 @@ from helpers import higgs_engines, make_config, running_server, timeout, with_st
 from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import connect
+from wavecast.clients.client import decode_file
 from wavecast.protocol import (
     AUDIO_FORMATS,
-    BYTES_PER_SAMPLE,
+    ENCODED_FORMATS,
     Audio,
     Done,
     ErrorMessage,
     Queued,
     Started,
     decode,
+    offset_unit,
 )
 
 
@@ -46,7 +49,8 @@ class Drop(Exception):
     """Raised inside a client's reading to drop its connection without a close."""
 
 
-# Output rates a request may ask for, past the model's (two more are refused).
+# Output rates a request may ask for, past the model's (two more are refused; and
+# those the format's codec does not take: Opus takes 8, 16 and 48 kHz of these).
 RATES = [8000, 11025, 16000, 22050, 44100, 48000, 96000]
 
 # Codes a frame that opens no request may get (PROTOCOL.md §6).
@@ -188,17 +192,21 @@ class Clients:
         for version in (None, "mbd"):  # each at the rate and in the format started says
             chunks = [e for e in events if isinstance(e, Audio) and e.rendition == version]
             assert not chunks or len(started) == 1, events
-            assert [c.offset for c in chunks] == [
-                sum(c.frames for c in chunks[:i]) for i in range(len(chunks))
-            ]
+            units = [len(c.data) // offset_unit(c.format, c.channels) for c in chunks]
+            assert [c.offset for c in chunks] == [sum(units[:i]) for i in range(len(chunks))]
             for chunk in chunks:
                 fields = (chunk.sample_rate, chunk.channels, chunk.format)
                 assert fields == (started[0].sample_rate, started[0].channels, started[0].format)
-                assert (
-                    len(chunk.data)
-                    == chunk.frames * BYTES_PER_SAMPLE[chunk.format] * chunk.channels
-                )
-            if version is None and done.stats is not None and done.status == "completed":
+                assert len(chunk.data) % offset_unit(chunk.format, chunk.channels) == 0
+            if not chunks or done.stats is None:
+                continue
+            if chunks[0].format in ENCODED_FORMATS:  # (one whole file, cancelled or not)
+                frames = decode_file(b"".join(c.data for c in chunks), chunks[0].format).shape[0]
+                if chunks[0].format == "mp3":  # (its encoder's delay and padding besides)
+                    assert frames >= done.stats.samples + 1105, events
+                else:
+                    assert frames == done.stats.samples, events
+            elif version is None and done.status == "completed":
                 assert done.stats.samples == sum(c.frames for c in chunks), events
         code = done.error.code if done.error is not None else None
         self.seen[f"{done.status} {code or ''}".strip()] += 1

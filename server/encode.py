@@ -1,0 +1,374 @@
+"""Streams as compressed files: MP3, Ogg Opus and FLAC (PROTOCOL.md §4.5).
+
+A request that asks for an encoded ``format`` is generated as any other (its
+audio leaves the inference thread as float PCM, at the rate it asked for);
+:class:`EncodedStream` stands between the scheduler and the connection, on the
+event loop, and has each stream's chunks encoded in a small pool of threads
+(FFmpeg's encoders, through ``av``, run without Python's lock), one piece of
+work at a time per request, in order. Each stream (the live one, and a
+rendition) is one file: its chunks' ``data`` joined is that file, ``offset``
+counting its bytes. The messages of a request keep their order: a ``progress``
+or the ``done`` behind audio being encoded waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from wavecast.protocol import (
+    Audio,
+    Busy,
+    Done,
+    ErrorInfo,
+    InternalError,
+    InvalidField,
+    Progress,
+    ServerMessage,
+    Started,
+    WavecastError,
+)
+from wavecast.protocol.messages import ENCODED_FORMATS, AudioFormat
+
+__all__ = ["ENCODED_FORMATS", "EncodedStream", "Encoder", "bit_rate", "encoded_rate"]
+
+log = logging.getLogger(__name__)
+
+# The rates each codec takes (an MP3 file's are MPEG-1's, -2's and -2.5's).
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+FLAC_MAX_RATE = 655350
+# FFmpeg's muxer and encoder for each format.
+_MUXERS = {"mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus"), "flac": ("flac", "flac")}
+# An Ogg page per Opus packet (20 ms): each chunk's audio leaves with it, at some
+# 10 kbit/s of page headers (pages of a second would hold the audio back a second).
+OGG_PAGE_MICROSECONDS = 20000
+# Audio a request's encoding may fall behind its generation, in seconds; past it
+# the request ends (``busy``): the encoders do not keep up with the inference.
+MAX_BACKLOG_SECONDS = 30.0
+# The encoders' threads: FFmpeg's encoders run without Python's lock, so that
+# several streams encode on several cores while the inference thread steps.
+_ENCODERS = ThreadPoolExecutor(
+    max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)), thread_name_prefix="encoders"
+)
+
+
+def encoded_rate(format: str, model_rate: int, asked: int | None) -> int:
+    """The rate a stream of ``format`` goes out at: the rate asked for, else the
+    model's where the codec takes it (Opus: else 48 kHz; MP3: else 48 kHz).
+
+    Raises:
+        InvalidField: The codec does not take the rate asked for (``sample_rate``).
+    """
+    rates = {"opus": OPUS_RATES, "mp3": MP3_RATES}.get(format)
+    if rates is None:  # (FLAC, and PCM: any)
+        if asked is not None and format == "flac" and asked > FLAC_MAX_RATE:
+            raise InvalidField(f"flac takes at most {FLAC_MAX_RATE} Hz", field="sample_rate")
+        return asked or model_rate
+    if asked is None:
+        return model_rate if model_rate in rates else 48000
+    if asked not in rates:
+        raise InvalidField(
+            f"{format} streams at {', '.join(map(str, rates[:-1]))} or {rates[-1]} Hz, not {asked}",
+            field="sample_rate",
+        )
+    return asked
+
+
+def bit_rate(format: str, sample_rate: int, channels: int) -> int:
+    """Bits a second of a lossy stream: Opus 64 kbit/s a channel (32 at 16 kHz
+    and below); MP3 128 kbit/s a channel at 32 kHz and above (MPEG-1), 64 at
+    16-24 kHz (MPEG-2), 32 below (MPEG-2.5), at most 320 kbit/s. 0: lossless."""
+    if format == "opus":
+        return (64000 if sample_rate > 16000 else 32000) * channels
+    if format == "mp3":
+        per_channel = 128000 if sample_rate >= 32000 else 64000 if sample_rate >= 16000 else 32000
+        return min(320000, per_channel * channels)
+    return 0
+
+
+class _Bytes(io.RawIOBase):
+    """Where the muxer writes: kept until taken (a stream cannot seek back)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self._parts.append(chunk)
+        return len(chunk)
+
+    def take(self) -> bytes:
+        out = b"".join(self._parts)
+        self._parts.clear()
+        return out
+
+
+class Encoder:
+    """One stream as one file of an encoded format, its bytes as they are made.
+
+    ``push`` takes ``[frames, channels]`` float audio and gives back what the
+    file has gained (maybe nothing: the codecs work in frames, and look ahead);
+    ``close`` gives the rest. An encoder runs on one thread at a time.
+    """
+
+    def __init__(self, format: str, sample_rate: int, channels: int) -> None:
+        import av  # (FFmpeg: imported on the encoders' threads, at the first such stream)
+
+        if format not in _MUXERS:
+            raise ValueError(f"not an encoded format: {format!r}")
+        if channels not in (1, 2):
+            raise ValueError(f"{format} streams are mono or stereo, not {channels} channels")
+        muxer, codec = _MUXERS[format]
+        # (bitexact: the same bytes for the same audio, however it was cut: no
+        # random Ogg serial number, no library version in the tags)
+        options = {"fflags": "+bitexact"}
+        if format == "opus":
+            options["page_duration"] = str(OGG_PAGE_MICROSECONDS)
+        elif format == "mp3":
+            options["id3v2_version"] = "0"  # (no tag: the file is the audio)
+            options["write_xing"] = "0"  # (its counts would need a seek back)
+        self._out = _Bytes()
+        self._container: Any = cast(
+            Any, av.open(self._out, mode="w", format=muxer, options=options)
+        )
+        self._layout = "mono" if channels == 1 else "stereo"
+        stream: Any = self._container.add_stream(codec, rate=sample_rate, layout=self._layout)
+        if rate := bit_rate(format, sample_rate, channels):
+            stream.bit_rate = rate
+        self._stream = stream
+        self._av = av
+        self._lossless = format == "flac"
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.closed = False
+
+    def push(self, audio: npt.NDArray[np.float32]) -> bytes:
+        if audio.shape[0]:
+            if self._lossless:  # (FLAC: the 16-bit samples of ``pcm_s16le``, exactly)
+                samples: npt.NDArray[Any] = np.rint(np.clip(audio, -1.0, 1.0) * 32767.0)
+                samples, kind = samples.astype("<i2"), "s16"
+            else:
+                samples, kind = np.asarray(audio, dtype=np.float32), "flt"
+            frame = self._av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(samples).reshape(1, -1), format=kind, layout=self._layout
+            )
+            frame.sample_rate = self.sample_rate
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        return self._out.take()
+
+    def close(self) -> bytes:
+        if not self.closed:
+            self.closed = True
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+        return self._out.take()
+
+
+@dataclasses.dataclass(slots=True)
+class _Rendition:
+    """One file being written: its encoder, and its chunks' next ``seq`` and ``offset``."""
+
+    encoder: Encoder | None = None
+    seq: int = 0
+    offset: int = 0
+
+
+class EncodedStream:
+    """A request's messages on their way to the connection, its audio encoded.
+
+    Called on the event loop with each message the scheduler sends for the
+    request (audio as ``pcm_f32le``); hands ``sink`` the same messages in the
+    same order, the audio as ``format``. ``on_error`` is called (on the event
+    loop) when the encoding fails or falls ``MAX_BACKLOG_SECONDS`` behind: it
+    should end the request with that error; what audio is left is dropped.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        format: AudioFormat,
+        sink: Callable[[ServerMessage], None],
+        on_error: Callable[[WavecastError], None],
+    ) -> None:
+        assert format in ENCODED_FORMATS
+        self.request_id = request_id
+        self.format = format
+        self._sink = sink
+        self._on_error = on_error
+        self._pending: deque[ServerMessage] = deque()
+        self._pending_bytes = 0  # float PCM waiting for the encoders, or with them
+        self._working_bytes = 0  # (of which with them)
+        self._busy = False  # a piece of work is with the encoders
+        self._error: WavecastError | None = None  # the encoding failed, or fell behind
+        self._renditions: dict[str | None, _Rendition] = {}
+        self._max_backlog = 0  # bytes of float PCM (set at ``started``)
+
+    def __call__(self, message: ServerMessage) -> None:
+        if isinstance(message, Started):
+            self._max_backlog = int(
+                MAX_BACKLOG_SECONDS * message.sample_rate * message.channels * 4
+            )
+            message = dataclasses.replace(message, format=self.format)
+        elif isinstance(message, Audio):
+            if self._error is not None:
+                return
+            self._pending_bytes += len(message.data)
+            if self._max_backlog and self._pending_bytes > self._max_backlog:
+                self._fail(
+                    Busy(
+                        f"the server's encoders fell {MAX_BACKLOG_SECONDS:g} s of audio "
+                        "behind the generation"
+                    )
+                )
+                return
+        self._pending.append(message)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand on what needs no encoding; send the next run of it to the encoders."""
+        while self._pending and not self._busy:
+            head = self._pending[0]
+            if not self._needs_work(head):
+                self._forward(self._pending.popleft())
+                continue
+            work: list[ServerMessage] = []
+            while self._pending:  # the audio (and what comes between) up to the done
+                message = self._pending.popleft()
+                work.append(message)
+                if isinstance(message, Audio):
+                    self._working_bytes += len(message.data)
+                if isinstance(message, Done):
+                    break
+            self._busy = True
+            future = asyncio.get_running_loop().run_in_executor(_ENCODERS, self._encode, work)
+            future.add_done_callback(self._encoded)
+
+    def _needs_work(self, message: ServerMessage) -> bool:
+        if self._error is not None:
+            return False
+        if isinstance(message, Audio):
+            return True
+        # The live file ends at its last chunk: the done, or the next stage.
+        if isinstance(message, Done | Progress) and (
+            isinstance(message, Done) or message.stage is not None
+        ):
+            return any(
+                r.encoder is not None and not r.encoder.closed for r in self._renditions.values()
+            )
+        return False
+
+    def _encode(self, work: list[ServerMessage]) -> tuple[list[ServerMessage], bool]:
+        """On an encoder's thread: the messages, their audio encoded; and whether
+        the encoding failed (then the messages without their audio)."""
+        out: list[ServerMessage] = []
+        try:
+            for message in work:
+                if isinstance(message, Audio):
+                    self._audio(message, out)
+                    continue
+                if isinstance(message, Done):
+                    for name in list(self._renditions):
+                        self._end(name, out)
+                elif isinstance(message, Progress) and message.stage is not None:
+                    self._end(None, out)
+                out.append(message)
+        except Exception:
+            log.exception("encoding %s failed (request %s)", self.format, self.request_id)
+            return [m for m in work if not isinstance(m, Audio)], True
+        return out, False
+
+    def _audio(self, message: Audio, out: list[ServerMessage]) -> None:
+        if message.rendition is not None:
+            self._end(None, out)  # (a rendition follows the live stream's end)
+        audio = np.frombuffer(message.data, dtype="<f4").reshape(-1, message.channels)
+        rendition = self._renditions.setdefault(message.rendition, _Rendition())
+        if rendition.encoder is None:
+            rendition.encoder = Encoder(self.format, message.sample_rate, message.channels)
+        self._chunk(message, message.rendition, rendition.encoder.push(audio), out)
+
+    def _end(self, name: str | None, out: list[ServerMessage]) -> None:
+        """Close a file: its last bytes as its last chunk."""
+        rendition = self._renditions.get(name)
+        if rendition is None or rendition.encoder is None or rendition.encoder.closed:
+            return
+        encoder = rendition.encoder
+        data = encoder.close()
+        template = Audio(
+            id=self.request_id,
+            seq=0,
+            offset=0,
+            sample_rate=encoder.sample_rate,
+            channels=encoder.channels,
+            format=self.format,
+            data=b"",
+            rendition=name,
+        )
+        self._chunk(template, name, data, out)
+
+    def _chunk(
+        self, message: Audio, name: str | None, data: bytes, out: list[ServerMessage]
+    ) -> None:
+        if not data:
+            return
+        rendition = self._renditions[name]
+        out.append(
+            dataclasses.replace(
+                message,
+                seq=rendition.seq,
+                offset=rendition.offset,
+                format=self.format,
+                data=data,
+            )
+        )
+        rendition.seq += 1
+        rendition.offset += len(data)
+
+    def _encoded(self, future: asyncio.Future[tuple[list[ServerMessage], bool]]) -> None:
+        self._busy = False
+        self._pending_bytes -= self._working_bytes
+        self._working_bytes = 0
+        messages, failed = future.result()
+        if failed:
+            self._fail(InternalError("the audio could not be encoded"))
+        for message in messages:
+            self._forward(message)
+        self._pump()
+
+    def _forward(self, message: ServerMessage) -> None:
+        """Hand a message on; once the encoding failed, no audio, and a done
+        that does not say so says the failure."""
+        if self._error is not None:
+            if isinstance(message, Audio):
+                return
+            if isinstance(message, Done) and message.status != "error":
+                info = ErrorInfo(self._error.code, self._error.message)
+                message = dataclasses.replace(message, status="error", error=info)
+        self._sink(message)
+
+    def _fail(self, error: WavecastError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        # What waits (its audio dropped) goes on in order; the done follows.
+        self._pending = deque(m for m in self._pending if not isinstance(m, Audio))
+        self._pending_bytes = self._working_bytes
+        self._on_error(error)

@@ -1,0 +1,351 @@
+"""Streams as compressed files: MP3, Ogg Opus and FLAC (PROTOCOL.md §4.5)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+from helpers import higgs_engines, make_config, running_server, timeout
+
+from wavecast.clients import connect
+from wavecast.clients.client import decode_file, flac_with_length
+from wavecast.protocol import (
+    Audio,
+    Done,
+    ErrorInfo,
+    InvalidField,
+    Progress,
+    ServerMessage,
+    Started,
+    WavecastError,
+)
+from wavecast.server import encode
+from wavecast.server.encode import EncodedStream, Encoder, encoded_rate
+
+MP3_DELAY = 1105  # LAME's encoder delay, in samples, at every rate
+
+
+def music(rate: int, seconds: float, channels: int, seed: int = 0) -> np.ndarray[Any, Any]:
+    """A tone and a little noise: something a lossy codec keeps recognisably."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(rate * seconds)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 330 * t)[:, None] * np.linspace(1, 0.5, channels)
+    noise = 0.02 * rng.standard_normal((t.size, channels))
+    return (tone + noise).astype(np.float32)
+
+
+def encode_in(format: str, rate: int, audio: np.ndarray[Any, Any], cuts: list[int]) -> bytes:
+    encoder = Encoder(format, rate, audio.shape[1])
+    parts, start = [], 0
+    for end in [*cuts, audio.shape[0]]:
+        parts.append(encoder.push(audio[start:end]))
+        start = end
+    return b"".join(parts) + encoder.close()
+
+
+def band_levels(audio: np.ndarray[Any, Any], rate: int, top: float) -> np.ndarray[Any, Any]:
+    """The power in twelve bands, spaced evenly in pitch from 300 Hz to ``top``, in dB."""
+    mono = audio.astype(np.float64).mean(axis=1)
+    frames = mono[: mono.size // 1024 * 1024].reshape(-1, 1024) * np.hanning(1024)
+    power = (np.abs(np.fft.rfft(frames, axis=1)) ** 2).mean(axis=0)
+    frequency = np.fft.rfftfreq(1024, 1 / rate)
+    edges = np.geomspace(300, top, 13)
+    return np.array(
+        [
+            10 * np.log10(power[(frequency >= lo) & (frequency < hi)].sum() + 1e-12)
+            for lo, hi in itertools.pairwise(edges)
+        ]
+    )
+
+
+def snr(reference: np.ndarray[Any, Any], decoded: np.ndarray[Any, Any]) -> float:
+    error = reference - decoded
+    return float(10 * np.log10((reference**2).sum() / max((error**2).sum(), 1e-20)))
+
+
+@pytest.mark.parametrize(
+    ("format", "rate", "channels"),
+    [
+        ("flac", 32000, 1),
+        ("flac", 44100, 2),
+        ("opus", 48000, 1),
+        ("opus", 24000, 2),
+        ("opus", 8000, 1),
+        ("mp3", 32000, 1),
+        ("mp3", 24000, 2),
+        ("mp3", 8000, 1),
+    ],
+)
+def test_a_stream_is_one_file_whatever_its_chunks(format: str, rate: int, channels: int) -> None:
+    """The bytes of a stream's file do not depend on how its audio was cut (one
+    push, or a few hundred of random sizes and empty ones), and the file decodes
+    to the audio: FLAC to its 16-bit samples exactly, Opus to the same number of
+    samples, MP3 after its encoder's delay; both lossy ones close to it."""
+    audio = music(rate, 2.0, channels)
+    whole = encode_in(format, rate, audio, [])
+    rng = np.random.default_rng(rate + channels)
+    cuts = sorted(int(c) for c in rng.integers(0, audio.shape[0], 200))
+    assert encode_in(format, rate, audio, cuts) == whole
+    decoded = decode_file(whole, format)
+    assert decoded.shape[1] == channels
+    if format == "flac":
+        expected = np.rint(np.clip(audio, -1, 1) * 32767).astype(np.int16)
+        assert decoded.dtype == np.int16 and np.array_equal(decoded, expected)
+        return
+    if format == "opus":
+        assert decoded.shape[0] == audio.shape[0]
+        assert snr(audio, decoded) > 15
+    else:
+        frames = -(-(audio.shape[0] + MP3_DELAY) // 1152)  # (whole frames, at least)
+        assert frames * 1152 <= decoded.shape[0] <= (frames + 2) * 1152
+        assert snr(audio, decoded[MP3_DELAY : MP3_DELAY + audio.shape[0]]) > 15
+
+
+def test_a_streamed_flac_gets_its_length_for_libsndfile() -> None:
+    """A streamed FLAC's header says its length is unknown; libsndfile (soundfile)
+    needs it: ``flac_with_length`` fills it in, and then it reads."""
+    audio = music(32000, 1.0, 2)
+    data = encode_in("flac", 32000, audio, [3000])
+    with pytest.raises(ValueError, match="too big"):  # (its frame count reads as huge)
+        soundfile.read(io.BytesIO(data), dtype="int16")
+    read, rate = soundfile.read(io.BytesIO(flac_with_length(data, 32000)), dtype="int16")
+    assert rate == 32000 and np.array_equal(read, decode_file(data, "flac"))
+    assert flac_with_length(b"not flac", 5) == b"not flac"
+
+
+@pytest.mark.parametrize(
+    ("format", "model", "asked", "rate"),
+    [
+        ("opus", 32000, None, 48000),
+        ("opus", 24000, None, 24000),
+        ("opus", 32000, 16000, 16000),
+        ("mp3", 32000, None, 32000),
+        ("mp3", 96000, None, 48000),
+        ("mp3", 24000, 44100, 44100),
+        ("flac", 32000, None, 32000),
+        ("flac", 32000, 192000, 192000),
+        ("pcm_s16le", 32000, None, 32000),
+    ],
+)
+def test_the_rate_of_an_encoded_stream(format: str, model: int, asked: Any, rate: int) -> None:
+    assert encoded_rate(format, model, asked) == rate
+
+
+@pytest.mark.parametrize(("format", "asked"), [("opus", 44100), ("opus", 32000), ("mp3", 96000)])
+def test_a_rate_the_codec_does_not_take_is_refused(format: str, asked: int) -> None:
+    with pytest.raises(InvalidField) as caught:
+        encoded_rate(format, 32000, asked)
+    assert caught.value.field == "sample_rate" and format in caught.value.message
+
+
+class Received:
+    """A request's messages as ``EncodedStream`` hands them on, and its errors."""
+
+    def __init__(self) -> None:
+        self.messages: list[ServerMessage] = []
+        self.errors: list[WavecastError] = []
+        self.done = asyncio.Event()
+
+    def __call__(self, message: ServerMessage) -> None:
+        self.messages.append(message)
+        if isinstance(message, Done):
+            self.done.set()
+
+
+def pcm_chunks(audio: np.ndarray[Any, Any], rate: int, sizes: list[int], rendition: Any = None):
+    offset = 0
+    for seq, size in enumerate(sizes):
+        chunk = audio[offset : offset + size]
+        yield Audio(
+            id="r",
+            seq=seq,
+            offset=offset,
+            sample_rate=rate,
+            channels=audio.shape[1],
+            format="pcm_f32le",
+            data=chunk.astype("<f4").tobytes(),
+            rendition=rendition,
+        )
+        offset += size
+
+
+async def test_the_encoded_stream_keeps_the_messages_order_and_joins_into_files() -> None:
+    """Started says the format; the audio comes as files (the live one, then the
+    rendition's), their chunks' offsets counting bytes; a progress between
+    chunks, the stage's change and the done keep their places; the live file
+    ends before the next stage's first message."""
+    live, mbd = music(32000, 1.5, 1), music(32000, 1.5, 1, seed=1)
+    received = Received()
+    stream = EncodedStream("r", "flac", received, received.errors.append)
+    stream(Started(id="r", model="m", sample_rate=32000, channels=1, format="pcm_f32le"))
+    sizes = [640, 1280, 0, 7000, 20000, live.shape[0] - 28920]
+    for i, chunk in enumerate(pcm_chunks(live, 32000, sizes)):
+        stream(chunk)
+        if i == 2:
+            stream(Progress(id="r", fraction=0.5, seconds=0.6))
+    stream(Progress(id="r", fraction=1.0, seconds=1.5))
+    stream(Progress(id="r", fraction=0.0, seconds=1.5, stage="mbd"))
+    for chunk in pcm_chunks(mbd, 32000, [32000, mbd.shape[0] - 32000], rendition="mbd"):
+        stream(chunk)
+    stream(Done(id="r", status="completed"))
+    await asyncio.wait_for(received.done.wait(), timeout(10))
+    kinds = [f"audio:{m.rendition}" if isinstance(m, Audio) else m.type for m in received.messages]
+    assert kinds[0] == "started" and kinds[-1] == "done" and not received.errors
+    assert received.messages[0].format == "flac"  # type: ignore[union-attr]
+    stage = next(i for i, m in enumerate(received.messages) if isinstance(m, Progress) and m.stage)
+    assert set(kinds[1:stage]) == {"audio:None", "progress"}
+    assert set(kinds[stage + 1 : -1]) == {"audio:mbd"}
+    for name, source in ((None, live), ("mbd", mbd)):
+        chunks = [m for m in received.messages if isinstance(m, Audio) and m.rendition == name]
+        assert [c.seq for c in chunks] == list(range(len(chunks)))
+        assert [c.offset for c in chunks] == [
+            sum(len(c.data) for c in chunks[:i]) for i in range(len(chunks))
+        ]
+        assert {c.format for c in chunks} == {"flac"}
+        expected = np.rint(np.clip(source, -1, 1) * 32767).astype(np.int16)
+        assert np.array_equal(decode_file(b"".join(c.data for c in chunks), "flac"), expected)
+
+
+async def test_encoding_that_falls_behind_ends_the_request_with_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the backlog bound, no more audio: the request is asked to end
+    (``busy``), and what the scheduler sends then (its done) still comes."""
+    monkeypatch.setattr(encode, "MAX_BACKLOG_SECONDS", 0.5)
+    received = Received()
+    stream = EncodedStream("r", "opus", received, received.errors.append)
+    stream(Started(id="r", model="m", sample_rate=48000, channels=1, format="pcm_f32le"))
+    for chunk in pcm_chunks(music(48000, 2.0, 1), 48000, [4800] * 20):
+        stream(chunk)  # (all at once, on the event loop: the encoders cannot have kept up)
+    assert [e.code for e in received.errors] == ["busy"]
+    stream(Done(id="r", status="error", error=ErrorInfo("busy", "behind")))
+    await asyncio.wait_for(received.done.wait(), timeout(10))
+    audio = [m for m in received.messages if isinstance(m, Audio)]
+    assert sum(len(m.data) for m in audio) < 12000  # (a part: what was already encoding)
+
+
+async def test_a_failed_encoding_ends_the_request_with_an_internal_error() -> None:
+    """Audio the encoder cannot take (three channels: no layout for them) ends the
+    request: asked to end, no audio, and its done says ``internal_error``."""
+    received = Received()
+    stream = EncodedStream("r", "mp3", received, received.errors.append)
+    stream(Started(id="r", model="m", sample_rate=32000, channels=3, format="pcm_f32le"))
+    for chunk in pcm_chunks(music(32000, 0.5, 3), 32000, [8000, 8000]):
+        stream(chunk)
+    stream(Done(id="r", status="completed"))
+    await asyncio.wait_for(received.done.wait(), timeout(10))
+    assert [e.code for e in received.errors] == ["internal_error"]
+    assert not [m for m in received.messages if isinstance(m, Audio)]
+    done = received.messages[-1]
+    assert isinstance(done, Done) and done.status == "error"
+    assert done.error is not None and done.error.code == "internal_error"
+
+
+# -- through the server --------------------------------------------------------------
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Any]:
+    """tiny-musicgen and tiny-higgs."""
+    async with running_server(make_config(), higgs_engines) as srv:
+        yield srv
+
+
+async def test_flac_through_the_server_is_the_16_bit_stream(server: Any) -> None:
+    """tiny-musicgen in FLAC: the chunks join into one file, whose samples are
+    the ``pcm_s16le`` stream's (the same seed; float rounding where the chunks
+    split may move one by a level), and the client saves it with its length."""
+    async with connect(server.url) as client:
+        pcm = await (
+            await client.generate("tiny-musicgen", "x", duration=1.5, seed=4, format="pcm_s16le")
+        ).collect()
+        flac = await (
+            await client.generate("tiny-musicgen", "x", duration=1.5, seed=4, format="flac")
+        ).collect()
+    assert flac.status == "completed" and flac.format == "flac" and flac.encoded
+    assert flac.sample_rate == 32000 and flac.chunks > 1 and flac.pcm[:4] == b"fLaC"
+    assert flac.stats is not None and flac.stats.samples == flac.frames == 48000
+    heard, expected = flac.to_numpy(), pcm.to_numpy()
+    assert heard.dtype == np.int16 and heard.shape == expected.shape == (48000, 1)
+    assert np.abs(heard.astype(np.int32) - expected).max() <= 1
+    saved = io.BytesIO()
+    flac.save(saved)
+    read, rate = soundfile.read(io.BytesIO(saved.getvalue()), dtype="int16", always_2d=True)
+    assert rate == 32000 and np.array_equal(read, heard)
+
+
+async def test_opus_and_mp3_through_the_server(server: Any) -> None:
+    """Music at 32 kHz in Opus goes out at 48 kHz (Opus does not take 32), and
+    decodes to the samples made; speech in MP3 at 16 kHz, resampled and
+    encoded; both near the float stream at that rate (the same seed)."""
+    async with connect(server.url) as client:
+        results = {}
+        for name, kwargs in {
+            "music": dict(model="tiny-musicgen", prompt="x", duration=1.0, seed=2),
+            "speech": dict(model="tiny-higgs", prompt="Hello there.", max_new_tokens=60, seed=2),
+        }.items():
+            format, rate = ("opus", 48000) if name == "music" else ("mp3", 16000)
+            pcm = await (
+                await client.generate(**kwargs, format="pcm_f32le", sample_rate=rate)
+            ).collect()
+            encoded = await (await client.generate(**kwargs, format=format)).collect()
+            if name == "speech":  # (mp3 at the speech model's 24 kHz by default; 16 asked)
+                encoded = await (
+                    await client.generate(**kwargs, format=format, sample_rate=rate)
+                ).collect()
+            results[name] = (pcm, encoded)
+    pcm, opus = results["music"]
+    assert opus.status == "completed" and opus.sample_rate == 48000 and opus.pcm[:4] == b"OggS"
+    heard = opus.to_numpy()
+    assert heard.shape == pcm.to_numpy().shape == (48000, 1) == (opus.frames, 1)
+    # Random weights make noise, which a perceptual codec keeps as noise of the same
+    # spectrum, not as the same waveform: the bands' levels, within 3 dB.
+    levels = band_levels(heard, 48000, 14000) - band_levels(pcm.to_numpy(), 48000, 14000)
+    assert np.abs(levels).max() < 3, levels
+    pcm, mp3 = results["speech"]
+    assert mp3.status == "completed" and mp3.sample_rate == 16000
+    heard = mp3.to_numpy()
+    expected = pcm.to_numpy()
+    assert mp3.frames == expected.shape[0]
+    assert heard.shape[0] >= expected.shape[0] + MP3_DELAY
+    aligned = heard[MP3_DELAY : MP3_DELAY + expected.shape[0]]
+    levels = band_levels(aligned, 16000, 7000) - band_levels(expected, 16000, 7000)
+    assert np.abs(levels).max() < 3, levels
+
+
+async def test_a_cancelled_encoded_stream_is_a_whole_file(server: Any) -> None:
+    """Cancelled mid-stream, the chunks still make a complete file: the Ogg
+    stream ends, and decodes to the samples made before the cancel."""
+    async with connect(server.url) as client:
+        stream = await client.generate("tiny-musicgen", "x", duration=30.0, format="opus")
+        chunks = []
+        async for event in stream:
+            if isinstance(event, Audio):
+                chunks.append(event.data)
+                if len(chunks) == 3:
+                    await stream.cancel()
+    assert stream.done is not None and stream.done.status == "cancelled"
+    assert stream.done.stats is not None
+    decoded = decode_file(b"".join(chunks), "opus")
+    assert decoded.shape[0] == stream.done.stats.samples > 0
+
+
+async def test_bad_rates_for_a_codec_are_refused_before_queued(server: Any) -> None:
+    async with connect(server.url) as client:
+        for format, rate in (("opus", 44100), ("mp3", 96000)):
+            stream = await client.generate(
+                "tiny-musicgen", "x", duration=1.0, format=format, sample_rate=rate
+            )
+            events = [event async for event in stream]
+            assert len(events) == 1 and isinstance(events[0], Done)
+            assert events[0].error is not None
+            assert (events[0].error.code, events[0].error.field) == (
+                "invalid_field",
+                "sample_rate",
+            )
