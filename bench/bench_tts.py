@@ -152,6 +152,7 @@ async def one(url: str, model: str, args: argparse.Namespace, seed: int) -> dict
             max_new_tokens=args.max_new_tokens,
             seed=seed,
             sample_rate=args.sample_rate,
+            format=args.format,
             **chunking,
         )
         return await timed(stream, start)
@@ -204,7 +205,9 @@ async def _bench(args: argparse.Namespace, voices: Any) -> None:
         f"frames ({audio_seconds:g} s), {args.runs} runs (median)"
         + (", texts of different lengths" if args.varied_texts else "")
         + (f", a named voice of {args.voice_seconds:g} s" if args.voice_seconds else "")
-        + ("" if args.prefix_cache_mb is None else f", --prefix-cache-mb {args.prefix_cache_mb:g}"),
+        + ("" if args.prefix_cache_mb is None else f", --prefix-cache-mb {args.prefix_cache_mb:g}")
+        + (f", at {args.sample_rate} Hz" if args.sample_rate else "")
+        + (f", in {args.format}" if args.format != "pcm_s16le" else ""),
         device,
         ("transformers `generate` + decode", "generate"),
         base,
@@ -250,6 +253,12 @@ def main() -> None:
         type=int,
         default=None,
         help="through the server: every stream at this rate (resampled as it streams)",
+    )
+    parser.add_argument(
+        "--format",
+        default="pcm_s16le",
+        help="through the server: every stream in this format (mp3, opus, flac: encoded "
+        "by the server as it streams)",
     )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
