@@ -36,7 +36,14 @@ from wavecast.protocol import (
     to_wire,
 )
 
-from .client import DEFAULT_URL, FILE_SUFFIXES, GenerationResult, connect, server_url
+from .client import (
+    DEFAULT_URL,
+    FILE_SUFFIXES,
+    SAVE_AS,
+    GenerationResult,
+    connect,
+    server_url,
+)
 
 __all__ = ["main"]
 
@@ -79,8 +86,6 @@ class ProgressBar:
         self.stream.flush()
 
 
-# The format an -o FILE's name asks for, where --format does not say.
-SUFFIX_FORMATS = {".mp3": "mp3", ".opus": "opus", ".ogg": "opus", ".flac": "flac"}
 # A WAV file's format tag and bits a sample, by the protocol's format.
 WAV_FORMAT_TAGS = {
     "pcm_s16le": (1, 16),
@@ -427,7 +432,7 @@ async def _run(
 ) -> int:
     if args.format is None:  # (from the file's name: out.mp3 is an MP3 stream)
         suffix = args.output.suffix.lower() if args.output not in (None, STDOUT) else ""
-        args.format = SUFFIX_FORMATS.get(suffix, "pcm_s16le")
+        args.format = SAVE_AS.get(suffix, "pcm_s16le")
     player = player_command() if args.play else None
     if args.play and args.format in ENCODED_FORMATS:
         bar.message(
@@ -587,8 +592,7 @@ async def _run(
                 f"{what} went to {where}{end} ({sample_rate} Hz, {channels} ch, seed {seed})"
             )
         if lost is not None:
-            if result.pcm and output is not None:  # (kept: a file's)
-                result.save(output)
+            if result.pcm and output is not None and _save(bar, result, output):  # (kept)
                 received = (
                     f"the {len(result.pcm)} bytes"
                     if result.encoded
@@ -607,7 +611,8 @@ async def _run(
             outputs = [(output, clip(mbd_pcm)), (live_path, result)]
         for path, version in outputs:
             if version.frames:
-                version.save(path)
+                if not _save(bar, version, path):
+                    return 1
                 bar.message(
                     f"wrote {path} ({version.frames / sample_rate:.2f} s, "
                     f"{sample_rate} Hz, {channels} ch, seed {seed})"
@@ -621,6 +626,17 @@ async def _run(
                 f"first audio after {first}"
             )
         return 130 if done.status == "cancelled" else 0
+
+
+def _save(bar: ProgressBar, result: GenerationResult, path: Path) -> bool:
+    """Write a file (as its name asks: ``GenerationResult.save``); a line where it
+    cannot be written."""
+    try:
+        result.save(path)
+    except (OSError, ValueError, RuntimeError) as exc:  # (libsndfile's errors: RuntimeError)
+        bar.message(f"cannot write {path}: {exc}")
+        return False
+    return True
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:

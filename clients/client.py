@@ -107,8 +107,16 @@ WAV_SUBTYPES = {
     "pcm_alaw": "ALAW",
 }
 G711 = ("pcm_mulaw", "pcm_alaw")
-# The file suffix of each encoded format (a stream in one of them is one file).
+# The file suffix of each encoded format (a stream in one of them is one file),
+# the format a file's name asks for, and libsndfile's container and sample type
+# for each (``GenerationResult.save`` writing what was received in another).
 FILE_SUFFIXES = {"mp3": ".mp3", "opus": ".opus", "flac": ".flac"}
+SAVE_AS = {".mp3": "mp3", ".opus": "opus", ".ogg": "opus", ".flac": "flac"}
+SOUNDFILE_FORMATS = {
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+    "opus": ("OGG", "OPUS"),
+    "flac": ("FLAC", "PCM_16"),
+}
 
 
 def decode_file(data: bytes, format: str) -> Any:
@@ -237,15 +245,30 @@ class GenerationResult:
         return samples.reshape(-1, max(1, self.channels))
 
     def save(self, file: str | os.PathLike[str] | BinaryIO, rendition: str | None = None) -> None:
-        """Write the audio to a file (a path, or a binary file open for writing):
-        a WAV file of 16-bit, 32-bit float, mu-law or A-law samples, as received;
-        or, for an encoded format, its file as received (FLAC with its length
-        filled in: see :func:`flac_with_length`).
+        """Write the audio to a file: a path, or a binary file open for writing.
+
+        A path named ``.flac``, ``.mp3``, ``.opus`` or ``.ogg`` (Ogg Opus) gets a
+        file of that kind, and one named ``.wav`` a WAV file; another path, or a
+        file object, gets the audio as received: a WAV file of 16-bit, float,
+        mu-law or A-law samples, or the encoded format's file. What was received
+        goes as it came where it is what the name asks for (an encoded file
+        byte for byte; FLAC with its length filled in: see
+        :func:`flac_with_length`); else its samples are decoded and written as
+        the name asks (16-bit in WAV and FLAC).
 
         Args:
             rendition: ``None`` for the live stream, or a name in ``renditions``.
+
+        Raises:
+            ValueError: An Opus file at a rate Opus does not take.
         """
-        if self.encoded:
+        import soundfile
+
+        suffix = ""
+        if isinstance(file, str | os.PathLike):
+            suffix = os.path.splitext(os.fspath(file))[1].lower()
+        wanted = SAVE_AS.get(suffix)
+        if self.encoded and (wanted == self.format or (wanted is None and suffix != ".wav")):
             data = self.pcm if rendition is None else self.renditions[rendition]
             if self.format == "flac" and data:
                 data = flac_with_length(data, int(self.to_numpy(rendition).shape[0]))
@@ -255,11 +278,18 @@ class GenerationResult:
             else:
                 file.write(data)
             return
-        import soundfile
-
-        subtype = WAV_SUBTYPES[self.format]
         audio = self.to_numpy(rendition)
-        soundfile.write(file, audio, self.sample_rate, subtype=subtype, format="WAV")
+        if wanted is None:  # (WAV)
+            subtype = "PCM_16" if self.encoded else WAV_SUBTYPES[self.format]
+            soundfile.write(file, audio, self.sample_rate, subtype=subtype, format="WAV")
+            return
+        if wanted == "opus" and self.sample_rate not in (8000, 12000, 16000, 24000, 48000):
+            raise ValueError(
+                f"an Opus file is 8, 12, 16, 24 or 48 kHz, not {self.sample_rate} Hz "
+                "(ask the server for sample_rate=48000, or format='opus')"
+            )
+        container, subtype = SOUNDFILE_FORMATS[wanted]
+        soundfile.write(file, audio, self.sample_rate, subtype=subtype, format=container)
 
 
 @dataclass

@@ -148,6 +148,11 @@ async def test_compressed_files_from_their_names_and_on_standard_output(
     assert soundfile.info(str(out)).frames == soundfile.info(str(live)).frames == 16000
     code, output = await run_cli(*request, "--play", "-o", str(tmp_path / "x.mp3"), "x")
     assert code == 2 and "--play plays PCM: not mp3" in output and "ffplay" in output
+    # PCM asked for, a file named .ogg: Opus, which does not take 32 kHz: a line, exit 1.
+    out = tmp_path / "pcm.ogg"
+    code, output = await run_cli(*request, "--format", "pcm_s16le", "-o", str(out), "x")
+    assert code == 1 and f"cannot write {out}: an Opus file is" in output, output
+    assert "Traceback" not in output
 
 
 @pytest.mark.parametrize(("format", "subtype"), [("pcm_s16le", "PCM_16"), ("pcm_f32le", "FLOAT")])

@@ -14,7 +14,7 @@ import soundfile
 from helpers import higgs_engines, make_config, running_server, timeout
 
 from wavecast.clients import connect
-from wavecast.clients.client import decode_file, flac_with_length
+from wavecast.clients.client import GenerationResult, decode_file, flac_with_length
 from wavecast.protocol import (
     Audio,
     Done,
@@ -117,6 +117,35 @@ def test_a_streamed_flac_gets_its_length_for_libsndfile() -> None:
     read, rate = soundfile.read(io.BytesIO(flac_with_length(data, 32000)), dtype="int16")
     assert rate == 32000 and np.array_equal(read, decode_file(data, "flac"))
     assert flac_with_length(b"not flac", 5) == b"not flac"
+
+
+def test_a_result_saves_as_its_files_name_asks(tmp_path: Any) -> None:
+    """``save`` writes what a path's name asks for: PCM as WAV, FLAC, MP3 (and as
+    Opus only at a rate Opus takes); an MP3 stream as it came where the name
+    says MP3 or nothing known, else decoded into WAV or FLAC."""
+    audio = music(32000, 1.0, 1)
+    pcm = np.rint(audio * 32767).astype("<i2").tobytes()
+    result = GenerationResult("r", "completed", pcm, 32000, 1, "pcm_s16le")
+    for name, kind in (("a.wav", "WAV"), ("a.flac", "FLAC"), ("a.mp3", "MP3"), ("a", "WAV")):
+        result.save(tmp_path / name)
+        info = soundfile.info(str(tmp_path / name))
+        assert (info.format, info.samplerate, info.frames) == (kind, 32000, 32000)
+    read, _ = soundfile.read(str(tmp_path / "a.flac"), dtype="int16", always_2d=True)
+    assert np.array_equal(read, result.to_numpy())
+    with pytest.raises(ValueError, match="Opus"):
+        result.save(tmp_path / "a.opus")
+    mp3 = encode_in("mp3", 32000, audio, [])
+    result = GenerationResult("r", "completed", mp3, 32000, 1, "mp3")
+    for name in ("b.mp3", "b.bin"):
+        result.save(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == mp3
+    decoded = result.to_numpy()
+    for name, kind in (("b.wav", "WAV"), ("b.flac", "FLAC")):
+        result.save(tmp_path / name)
+        read, rate = soundfile.read(str(tmp_path / name), dtype="int16", always_2d=True)
+        assert soundfile.info(str(tmp_path / name)).format == kind and rate == 32000
+        expected = np.rint(np.clip(decoded, -1, 1) * 32767)
+        assert read.shape == decoded.shape and np.abs(read - expected).max() <= 1
 
 
 @pytest.mark.parametrize(
