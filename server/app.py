@@ -25,6 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from wavecast.protocol import ShuttingDown, __version__
 
+from . import encode
 from .audio import to_wav
 from .config import Config
 from .engines import load_engines
@@ -122,6 +123,8 @@ class WavecastServer:
             admission=limits.admission,
         )
         await self.scheduler.start()
+        encoders = encode.configure(models.encoder_threads)
+        log.info("%d encoder thread(s) for streams in mp3, opus or flac", encoders)
         web_root = self.config.network.web_demo or WEB_DEMO
         static = load_static(web_root)
         # Each named voice as a WAV, to hear it before choosing it (read at start).

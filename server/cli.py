@@ -86,6 +86,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "one core fewer than the machine has, leaving one to the network)",
     )
     parser.add_argument(
+        "--encoder-threads",
+        type=int,
+        default=int(_env("ENCODER_THREADS", "0") or 0),
+        help="threads encoding the streams asked for in MP3, Ogg Opus or FLAC, off the "
+        "inference thread and below its priority (env WAVECAST_ENCODER_THREADS; default 0: "
+        "a core each but two, from one to eight)",
+    )
+    parser.add_argument(
         "--max-queue", type=int, default=int(_env("MAX_QUEUE", str(limits.max_queue)) or 0)
     )
     parser.add_argument(
@@ -346,6 +354,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             device=args.device,
             dtype=args.dtype,
             threads=args.threads,
+            encoder_threads=max(0, args.encoder_threads),
             chunk_frames=args.chunk_frames,
             max_chunk_frames=args.max_chunk_frames,
             codec_batch=max(0, args.codec_batch),

@@ -74,6 +74,9 @@ class ModelsConfig:
     device: str = "auto"
     dtype: str = "auto"  # one of DTYPES
     threads: int = 0  # torch's CPU threads; 0: one core fewer than the machine has
+    # Threads encoding streams asked for in MP3, Opus or FLAC (server/encode.py);
+    # 0: a core each but two, from one to eight.
+    encoder_threads: int = 0
     mbd: bool = False  # load the released Multi-Band Diffusion for the 32 kHz models
     # Replay the batched decode step as CUDA graphs; None: where the device is CUDA.
     cuda_graphs: bool | None = None

@@ -75,11 +75,32 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENCODER_NICE)
 
 
-_ENCODERS = ThreadPoolExecutor(
-    max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)),
-    thread_name_prefix="encoders",
-    initializer=_lower_priority,
-)
+_pool: ThreadPoolExecutor | None = None
+_pool_threads = 0
+
+
+def default_threads() -> int:
+    """The encoders' threads where the server is not told: a core each, but two
+    (the inference thread's and the event loop's), from one to eight."""
+    return max(1, min(8, (os.cpu_count() or 2) - 2))
+
+
+def configure(threads: int = 0) -> int:
+    """Encode with ``threads`` threads (0: ``default_threads()``) from the next
+    piece of work on; how many."""
+    global _pool, _pool_threads
+    count = threads if threads > 0 else default_threads()
+    if _pool is None or _pool_threads != count:
+        old, _pool, _pool_threads = (
+            _pool,
+            ThreadPoolExecutor(
+                max_workers=count, thread_name_prefix="encoders", initializer=_lower_priority
+            ),
+            count,
+        )
+        if old is not None:
+            old.shutdown(wait=False)  # (what it holds still runs)
+    return count
 
 
 def encoded_rate(format: str, model_rate: int, asked: int | None) -> int:
@@ -278,7 +299,11 @@ class EncodedStream:
                 if isinstance(message, Done):
                     break
             self._busy = True
-            future = asyncio.get_running_loop().run_in_executor(_ENCODERS, self._encode, work)
+            pool = _pool
+            if pool is None:
+                configure()
+                pool = _pool
+            future = asyncio.get_running_loop().run_in_executor(pool, self._encode, work)
             future.add_done_callback(self._encoded)
 
     def _needs_work(self, message: ServerMessage) -> bool:

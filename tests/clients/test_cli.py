@@ -778,3 +778,13 @@ def test_dtype_from_flag_and_environment(monkeypatch: Any) -> None:
     assert parsed() == "float16" and parsed("--dtype", "float32") == "float32"
     with pytest.raises(SystemExit):
         parsed("--dtype", "float64")
+
+
+def test_encoder_threads_from_flag_and_environment(monkeypatch: Any) -> None:
+    def parsed(*argv: str) -> int:
+        return serve_config(*argv).models.encoder_threads
+
+    monkeypatch.delenv("WAVECAST_ENCODER_THREADS", raising=False)
+    assert parsed() == 0 and parsed("--encoder-threads", "3") == 3
+    monkeypatch.setenv("WAVECAST_ENCODER_THREADS", "2")
+    assert parsed() == 2 and parsed("--encoder-threads", "5") == 5

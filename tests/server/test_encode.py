@@ -6,6 +6,7 @@ import asyncio
 import io
 import itertools
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -363,6 +364,20 @@ async def test_a_cancelled_encoded_stream_is_a_whole_file(server: Any) -> None:
     assert stream.done.stats is not None
     decoded = decode_file(b"".join(chunks), "opus")
     assert decoded.shape[0] == stream.done.stats.samples > 0
+
+
+async def test_the_server_sizes_its_encoders_as_configured() -> None:
+    """``--encoder-threads``: the encoders' pool the server starts with (0: one
+    thread a core but two, from one to eight); streams encode in it."""
+    config = make_config()
+    config = replace(config, models=replace(config.models, encoder_threads=3))
+    async with running_server(config) as srv, connect(srv.url) as client:
+        assert encode._pool_threads == 3
+        result = await (
+            await client.generate("tiny-musicgen", "x", duration=0.5, format="flac")
+        ).collect()
+        assert result.status == "completed" and result.to_numpy().shape == (16000, 1)
+    assert encode.configure(0) == encode.default_threads() >= 1
 
 
 async def test_bad_rates_for_a_codec_are_refused_before_queued(server: Any) -> None:
