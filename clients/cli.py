@@ -480,6 +480,7 @@ async def _run(
             params=params,
             format=args.format,
             sample_rate=args.sample_rate,
+            bitrate=args.bitrate * 1000 if args.bitrate is not None else None,
             inputs=inputs,
         )
         loop = asyncio.get_running_loop()
@@ -669,6 +670,13 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HZ",
         help="the audio's rate, 8000 to 192000 (default: the model's own); the server "
         "resamples the stream as it goes (e.g. 16000 for speech recognition, 48000 for video)",
+    )
+    parser.add_argument(
+        "--bitrate",
+        type=int,
+        metavar="KBPS",
+        help="kilobits a second of an mp3 or opus stream (default: the server's, for the "
+        "rate and channels: Opus 64 a channel, MP3 128 a channel at 32 kHz and above)",
     )
     parser.add_argument(
         "-o",

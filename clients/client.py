@@ -426,6 +426,7 @@ class Client:
         id: str | None = None,
         format: str = "pcm_s16le",
         sample_rate: int | None = None,
+        bitrate: int | None = None,
         params: Mapping[str, ParamValue] | None = None,
         inputs: Mapping[str, bytes] | None = None,
         **kwargs: ParamValue,
@@ -441,6 +442,8 @@ class Client:
                 ``opus`` (Ogg Opus) or ``flac``.
             sample_rate: The audio's rate in Hz, 8000 to 192000 (default: the
                 model's own); the server resamples the stream as it goes.
+            bitrate: Bits a second of an ``mp3`` or ``opus`` stream (default:
+                the server's choice for its rate and channels).
             params: Model parameters; keyword arguments are added to them.
             inputs: Audio files by role, as bytes: ``continuation`` (continue this
                 clip) where the model's capabilities list it.
@@ -462,6 +465,7 @@ class Client:
             format=format,  # type: ignore[arg-type]
             inputs=dict(inputs) if inputs else None,
             sample_rate=sample_rate,
+            bitrate=bitrate,
         )
         try:
             await self._send(message)
@@ -482,6 +486,7 @@ class Client:
         id: str | None = None,
         format: str = "pcm_s16le",
         sample_rate: int | None = None,
+        bitrate: int | None = None,
         params: Mapping[str, ParamValue] | None = None,
         **kwargs: ParamValue,
     ) -> RequestStream:
@@ -495,7 +500,7 @@ class Client:
             reference: An audio file whose voice to clone (SPEAKER0).
             reference_text: What ``reference`` says.
             scene: A scene name or a free description of the setting.
-            id, format, sample_rate, params, kwargs: As :meth:`generate`.
+            id, format, sample_rate, bitrate, params, kwargs: As :meth:`generate`.
         """
         merged: dict[str, ParamValue] = {**(params or {}), **kwargs}
         if voice is not None:
@@ -511,6 +516,7 @@ class Client:
             id=id,
             format=format,
             sample_rate=sample_rate,
+            bitrate=bitrate,
             params=merged,
             inputs=inputs,
         )

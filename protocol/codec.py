@@ -21,7 +21,9 @@ from .errors import BadFrame, InvalidField, UnknownType
 from .messages import (
     AUDIO_FORMATS,
     DONE_STATUSES,
+    MAX_BITRATE,
     MAX_SAMPLE_RATE,
+    MIN_BITRATE,
     MIN_SAMPLE_RATE,
     Audio,
     Cancel,
@@ -356,6 +358,13 @@ def _sample_rate(f: _Fields) -> int | None:
     return rate
 
 
+def _bitrate(f: _Fields) -> int | None:
+    bitrate: int | None = f.integer("bitrate", lo=MIN_BITRATE, required=False)
+    if bitrate is not None and bitrate > MAX_BITRATE:
+        raise InvalidField(f"field 'bitrate' must be <= {MAX_BITRATE}", field="bitrate", id=f.id)
+    return bitrate
+
+
 def _generate(f: _Fields) -> Generate:
     return Generate(
         id=f.ident(),
@@ -365,6 +374,7 @@ def _generate(f: _Fields) -> Generate:
         format=f.choice("format", AUDIO_FORMATS, default="pcm_s16le"),
         inputs=_inputs(f),
         sample_rate=_sample_rate(f),
+        bitrate=_bitrate(f),
     )
 
 

@@ -64,6 +64,10 @@ def offset_unit(format: str, channels: int) -> int:
 # The output rates a ``generate`` may ask for (§3.1): telephony's 8 kHz to 192 kHz.
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
+# The bit rates of a lossy stream a ``generate`` may ask for (§3.1), bits a second:
+# Opus's least to its most for two channels.
+MIN_BITRATE = 6000
+MAX_BITRATE = 512000
 
 DoneStatus = Literal["completed", "cancelled", "error"]
 DONE_STATUSES: tuple[DoneStatus, ...] = ("completed", "cancelled", "error")
@@ -196,9 +200,11 @@ class Generate:
         model: A model name from the greeting.
         prompt: The text prompt.
         params: Model parameters (see the model's ``params`` in the greeting).
-        format: PCM encoding of the ``audio`` messages.
+        format: Encoding of the ``audio`` messages: PCM, or one file.
         sample_rate: The rate of the ``audio`` messages in Hz (``None``: the
             model's own); the server resamples the stream to it.
+        bitrate: Bits a second of an ``mp3`` or ``opus`` stream (``None``: the
+            server's choice for the rate and channels).
         inputs: Uploaded audio files by role (``continuation``, ``melody``), as
             the bytes of a WAV, FLAC, OGG or MP3 file (PROTOCOL.md §3.1).
     """
@@ -211,6 +217,7 @@ class Generate:
     format: AudioFormat = "pcm_s16le"
     inputs: dict[str, bytes] | None = None
     sample_rate: int | None = None
+    bitrate: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

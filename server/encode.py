@@ -43,7 +43,15 @@ from wavecast.protocol import (
 )
 from wavecast.protocol.messages import ENCODED_FORMATS, AudioFormat
 
-__all__ = ["ENCODED_FORMATS", "EncodedStream", "Encoder", "bit_rate", "encoded_rate"]
+__all__ = [
+    "ENCODED_FORMATS",
+    "EncodedStream",
+    "Encoder",
+    "bit_rate",
+    "check_bitrate",
+    "configure",
+    "encoded_rate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,31 @@ def encoded_rate(format: str, model_rate: int, asked: int | None) -> int:
     return asked
 
 
+def check_bitrate(format: str, channels: int, bitrate: int | None) -> None:
+    """Whether a stream of ``format`` can be asked for at ``bitrate`` bits a
+    second (None: the server's choice): MP3 and Opus only; Opus 6 to 256
+    kbit/s a channel. (MP3 takes 8 to 320 kbit/s, LAME the nearest that its
+    rate allows: up to 160 kbit/s at 16-24 kHz, 64 below.)
+
+    Raises:
+        InvalidField: Not a lossy format, or beyond what its codec takes (``bitrate``).
+    """
+    if bitrate is None:
+        return
+    if format not in ("mp3", "opus"):
+        raise InvalidField(
+            f"bitrate is for the mp3 and opus formats, not {format}", field="bitrate"
+        )
+    most = 320000 if format == "mp3" else 256000 * channels
+    least = 8000 if format == "mp3" else 6000
+    if not least <= bitrate <= most:
+        raise InvalidField(
+            f"{format} takes {least} to {most} bits a second"
+            + (f" for {channels} channel(s)" if format == "opus" else ""),
+            field="bitrate",
+        )
+
+
 def bit_rate(format: str, sample_rate: int, channels: int) -> int:
     """Bits a second of a lossy stream: Opus 64 kbit/s a channel (32 at 16 kHz
     and below); MP3 128 kbit/s a channel at 32 kHz and above (MPEG-1), 64 at
@@ -166,9 +199,13 @@ class Encoder:
     ``push`` takes ``[frames, channels]`` float audio and gives back what the
     file has gained (maybe nothing: the codecs work in frames, and look ahead);
     ``close`` gives the rest. An encoder runs on one thread at a time.
+    ``bitrate`` (bits a second, MP3 and Opus) is ``check_bitrate``'s to check;
+    None: ``bit_rate``'s.
     """
 
-    def __init__(self, format: str, sample_rate: int, channels: int) -> None:
+    def __init__(
+        self, format: str, sample_rate: int, channels: int, bitrate: int | None = None
+    ) -> None:
         import av  # (FFmpeg: imported on the encoders' threads, at the first such stream)
 
         if format not in _MUXERS:
@@ -190,7 +227,7 @@ class Encoder:
         )
         self._layout = "mono" if channels == 1 else "stereo"
         stream: Any = self._container.add_stream(codec, rate=sample_rate, layout=self._layout)
-        if rate := bit_rate(format, sample_rate, channels):
+        if rate := bitrate or bit_rate(format, sample_rate, channels):
             stream.bit_rate = rate
         self._stream = stream
         self._av = av
@@ -248,10 +285,13 @@ class EncodedStream:
         format: AudioFormat,
         sink: Callable[[ServerMessage], None],
         on_error: Callable[[WavecastError], None],
+        *,
+        bitrate: int | None = None,
     ) -> None:
         assert format in ENCODED_FORMATS
         self.request_id = request_id
         self.format = format
+        self.bitrate = bitrate
         self._sink = sink
         self._on_error = on_error
         self._pending: deque[ServerMessage] = deque()
@@ -346,7 +386,9 @@ class EncodedStream:
         audio = np.frombuffer(message.data, dtype="<f4").reshape(-1, message.channels)
         rendition = self._renditions.setdefault(message.rendition, _Rendition())
         if rendition.encoder is None:
-            rendition.encoder = Encoder(self.format, message.sample_rate, message.channels)
+            rendition.encoder = Encoder(
+                self.format, message.sample_rate, message.channels, self.bitrate
+            )
         self._chunk(message, message.rendition, rendition.encoder.push(audio), out)
 
     def _end(self, name: str | None, out: list[ServerMessage]) -> None:

@@ -52,7 +52,7 @@ from wavecast.protocol import (
 from wavecast.protocol.errors import CLOSE_POLICY_VIOLATION
 
 from .config import Config
-from .encode import ENCODED_FORMATS, EncodedStream, encoded_rate
+from .encode import ENCODED_FORMATS, EncodedStream, check_bitrate, encoded_rate
 from .engines.base import EngineRequest
 from .scheduler import Request, Scheduler
 
@@ -261,6 +261,7 @@ class Session:
                     )
             sink: Callable[[ServerMessage], None] = self._on_event
             wire_format, sample_rate = message.format, message.sample_rate
+            check_bitrate(message.format, info.channels, message.bitrate)
             if message.format in ENCODED_FORMATS:
                 # Generated as float PCM at the codec's rate; encoded on its way here.
                 sample_rate = encoded_rate(message.format, info.sample_rate, sample_rate)
@@ -270,6 +271,7 @@ class Session:
                     message.format,
                     self._on_event,
                     on_error=lambda error: self.scheduler.cancel(request, error),
+                    bitrate=message.bitrate,
                 )
             request = Request(
                 id=message.id,
@@ -304,11 +306,12 @@ class Session:
             self._refuse(exc, frame_type="generate")
             return
         request.log.info(
-            "generate model=%s params=%s format=%s%s",
+            "generate model=%s params=%s format=%s%s%s",
             message.model,
             params,
             message.format,
             f" sample_rate={sample_rate}" if sample_rate else "",
+            f" bitrate={message.bitrate}" if message.bitrate else "",
         )
 
     async def _check_then_submit(

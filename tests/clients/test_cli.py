@@ -135,6 +135,11 @@ async def test_compressed_files_from_their_names_and_on_standard_output(
         info = soundfile.info(str(out))
         assert (info.format, info.samplerate) == (kind, rate)
         assert info.frames == frames if frames else info.frames >= 16000 + 1105
+    code, small, messages = await piped_cli(
+        *request, "--format", "opus", "--bitrate", "16", "-o", "-", "x"
+    )
+    assert code == 0 and small[:4] == b"OggS", messages
+    assert len(small) < 0.5 * (tmp_path / "clip.opus").stat().st_size  # (64 kbit/s)
     code, streamed, messages = await piped_cli(*request, "--format", "flac", "-o", "-", "x")
     assert code == 0, messages
     assert streamed[:4] == b"fLaC" and "bytes of flac went to standard output" in messages

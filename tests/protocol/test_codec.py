@@ -59,6 +59,14 @@ MESSAGES = [
         inputs={"reference": b"RIFF"},
         sample_rate=8000,
     ),
+    Generate(
+        id="r5",
+        model="tiny-musicgen",
+        prompt="ambient",
+        format="opus",
+        sample_rate=48000,
+        bitrate=32000,
+    ),
     Cancel(id="r1"),
     Hello(
         server="wavecast",
@@ -204,6 +212,21 @@ def test_none_fields_are_left_out() -> None:
             msgpack.packb({"type": "generate", "id": "a", "model": "m", "format": "aac"}),
             InvalidField,
             "format",
+        ),
+        (
+            msgpack.packb({"type": "generate", "id": "a", "model": "m", "bitrate": 5999}),
+            InvalidField,
+            "bitrate",
+        ),
+        (
+            msgpack.packb({"type": "generate", "id": "a", "model": "m", "bitrate": 512001}),
+            InvalidField,
+            "bitrate",
+        ),
+        (
+            msgpack.packb({"type": "generate", "id": "a", "model": "m", "bitrate": "64k"}),
+            InvalidField,
+            "bitrate",
         ),
         (
             msgpack.packb({"type": "generate", "id": "a", "model": "m", "params": [1]}),

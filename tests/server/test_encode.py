@@ -380,6 +380,38 @@ async def test_the_server_sizes_its_encoders_as_configured() -> None:
     assert encode.configure(0) == encode.default_threads() >= 1
 
 
+async def test_a_bitrate_asked_for_is_the_streams(server: Any) -> None:
+    """``bitrate``: an Opus stream at 16 kbit/s weighs about a quarter of one at
+    64 (the default), an MP3 one at 32 about a quarter of one at 128."""
+    async with connect(server.url) as client:
+        sizes = {}
+        for format, bitrate in (("opus", None), ("opus", 16000), ("mp3", None), ("mp3", 32000)):
+            result = await (
+                await client.generate(
+                    "tiny-musicgen", "x", duration=2.0, seed=1, format=format, bitrate=bitrate
+                )
+            ).collect()
+            assert result.status == "completed", result.error
+            sizes[format, bitrate] = len(result.pcm)
+    assert 0.15 < sizes["opus", 16000] / sizes["opus", None] < 0.4, sizes
+    assert 0.15 < sizes["mp3", 32000] / sizes["mp3", None] < 0.35, sizes
+
+
+@pytest.mark.parametrize(
+    ("format", "bitrate"), [("flac", 64000), ("pcm_s16le", 64000), ("opus", 300000)]
+)
+async def test_a_bitrate_the_format_does_not_take_is_refused(
+    server: Any, format: str, bitrate: int
+) -> None:
+    async with connect(server.url) as client:
+        stream = await client.generate(
+            "tiny-musicgen", "x", duration=1.0, format=format, bitrate=bitrate
+        )
+        events = [event async for event in stream]
+    assert len(events) == 1 and isinstance(events[0], Done) and events[0].error is not None
+    assert (events[0].error.code, events[0].error.field) == ("invalid_field", "bitrate")
+
+
 async def test_bad_rates_for_a_codec_are_refused_before_queued(server: Any) -> None:
     async with connect(server.url) as client:
         for format, rate in (("opus", 44100), ("mp3", 96000)):
