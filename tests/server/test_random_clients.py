@@ -4,7 +4,7 @@ request ends with one ``done``, a refusal comes before ``queued`` (PROTOCOL.md
 
 A fixed seed picks what each client does: a model (music, melody, speech),
 parameters inside and outside their ranges or of the wrong type, output rates
-and formats (some refused), uploads of random lengths, rates and formats (some
+formats and bit rates (some refused), uploads of random lengths, rates and formats (some
 not audio, some with no sample at the model's rate, some longer than the
 duration), cancels, dropped connections, raw frames. When a cancel or a drop
 lands varies from run to run; what is asserted holds whatever it is: each
@@ -52,6 +52,10 @@ class Drop(Exception):
 # Output rates a request may ask for, past the model's (two more are refused; and
 # those the format's codec does not take: Opus takes 8, 16 and 48 kHz of these).
 RATES = [8000, 11025, 16000, 22050, 44100, 48000, 96000]
+
+# Bit rates a request may ask for: for MP3 and Opus (the others refuse any), some
+# beyond what the codec takes.
+BITRATES = [6000, 24000, 64000, 128000, 300000]
 
 # Codes a frame that opens no request may get (PROTOCOL.md §6).
 FRAME_CODES = {"bad_frame", "unknown_type", "invalid_field", "unknown_id"}
@@ -154,13 +158,17 @@ class Clients:
             streams = []
             for (model, prompt, params, inputs), fate in plans:
                 rate = rng.choice([None, None, None, *RATES, 7999, 192001])
+                format = rng.choice(AUDIO_FORMATS)
+                lossy = format in ("mp3", "opus")
+                bitrate = rng.choice(BITRATES) if rng.random() < (0.5 if lossy else 0.03) else None
                 stream = await client.generate(
                     model,
                     prompt,
                     params=params,
                     inputs=inputs or None,
-                    format=rng.choice(AUDIO_FORMATS),
+                    format=format,
                     sample_rate=rate,
+                    bitrate=bitrate,
                 )
                 streams.append((stream, fate))
 
