@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import signal
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
-from bench_stream import machine, start_server
+from bench_stream import print_header, tiny_server
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Started
@@ -138,26 +135,17 @@ async def one(url: str, model: str, format: str, seed: int) -> dict[str, float]:
 
 async def through_server(args: argparse.Namespace) -> list[str]:
     models = ["tiny-musicgen", "tiny-higgs"]
-    server_args = argparse.Namespace(
-        model=models, device="cpu", concurrency=[1], threads=0, admission="realtime",
-        codec_batch=0, codec_windows=False,
-    )  # fmt: skip
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        process, url = start_server(server_args, Path(tmp) / "server.log")
-        try:
+    with tiny_server(models) as url:
+        for model in models:
+            for format in FORMATS:
+                await one(url, model, format, 0)  # (warm: the encoders' first streams)
+        for run in range(args.runs):
             for model in models:
-                for format in FORMATS:
-                    await one(url, model, format, 0)  # (warm: the encoders' first streams)
-            for run in range(args.runs):
-                for model in models:
-                    for format in FORMATS:  # taking turns
-                        results.setdefault((model, format), []).append(
-                            await one(url, model, format, run)
-                        )
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+                for format in FORMATS:  # taking turns
+                    results.setdefault((model, format), []).append(
+                        await one(url, model, format, run)
+                    )
     rows = []
     for (model, format), runs in results.items():
         median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
@@ -173,14 +161,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15, help="requests per model and format")
     parser.add_argument("--seconds", type=float, default=10.0, help="audio a case, in process")
     args = parser.parse_args()
-    print("### streams in MP3, Ogg Opus and FLAC")
-    print()
-    print(f"- machine: {machine('cpu')}")
-    print(
-        f"- command: `python bench/bench_formats.py --runs {args.runs} --seconds {args.seconds:g}`"
+    print_header(
+        "streams in MP3, Ogg Opus and FLAC",
+        f"python bench/bench_formats.py --runs {args.runs} --seconds {args.seconds:g}",
     )
-    print(f"- date: {time.strftime('%Y-%m-%d')}")
-    print()
     print(
         f"In process, {args.seconds:g} s of chords and a little noise pushed in 20 ms chunks "
         "(medians of three); the audio pushed before the file decodes to a first sample:"

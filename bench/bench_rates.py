@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import signal
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_stream import machine, start_server
+from bench_stream import print_header, tiny_server
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Started
@@ -136,25 +133,14 @@ async def one(url: str, model: str, rate: int | None, seed: int) -> tuple[float,
 
 async def through_server(args: argparse.Namespace) -> list[str]:
     plan = {"tiny-musicgen": [None, 16000, 44100, 48000], "tiny-higgs": [None, 8000, 16000, 48000]}
-    server_args = argparse.Namespace(
-        model=list(plan), device="cpu", concurrency=[1], threads=0, admission="realtime",
-        codec_batch=0, codec_windows=False,
-    )  # fmt: skip
     results: dict[tuple[str, int | None], list[tuple[float, float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        process, url = start_server(server_args, Path(tmp) / "server.log")
-        try:
-            for model in plan:
-                await one(url, model, None, 0)  # (warm)
-            for run in range(args.runs):
-                for model, rates in plan.items():
-                    for rate in rates:  # taking turns
-                        results.setdefault((model, rate), []).append(
-                            await one(url, model, rate, run)
-                        )
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+    with tiny_server(list(plan)) as url:
+        for model in plan:
+            await one(url, model, None, 0)  # (warm)
+        for run in range(args.runs):
+            for model, rates in plan.items():
+                for rate in rates:  # taking turns
+                    results.setdefault((model, rate), []).append(await one(url, model, rate, run))
     rows = []
     for (model, rate), runs in results.items():
         first = statistics.median(r[0] for r in runs)
@@ -168,12 +154,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15, help="requests per model and rate")
     parser.add_argument("--chunk", type=float, default=0.1, help="seconds a chunk, in process")
     args = parser.parse_args()
-    print("### audio at another rate than the model's")
-    print()
-    print(f"- machine: {machine('cpu')}")
-    print(f"- command: `python bench/bench_rates.py --runs {args.runs} --chunk {args.chunk:g}`")
-    print(f"- date: {time.strftime('%Y-%m-%d')}")
-    print()
+    print_header(
+        "audio at another rate than the model's",
+        f"python bench/bench_rates.py --runs {args.runs} --chunk {args.chunk:g}",
+    )
     print(
         f"In process, 10 s of mono noise in chunks of {args.chunk:g} s; the first chunk "
         "of a stream, and what each resampler gives out of it (soxr / polyphase):"

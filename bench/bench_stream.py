@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import platform
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,33 @@ async def one(url: str, model: str, prompt: str, duration: float) -> dict[str, f
         start = time.perf_counter()
         stream = await client.generate(model, prompt, duration=duration)
         return await timed(stream, start)
+
+
+def print_header(title: str, command: str, device: str = "cpu") -> None:
+    """A RESULTS.md section's heading: its title, the machine, the command, the date."""
+    print(f"### {title}")
+    print()
+    print(f"- machine: {machine(device)}")
+    print(f"- command: `{command}`")
+    print(f"- date: {time.strftime('%Y-%m-%d')}")
+    print()
+
+
+@contextlib.contextmanager
+def tiny_server(models: list[str]) -> Iterator[str]:
+    """``wavecast serve`` of ``models`` (the tiny test models) on the CPU, for one
+    request at a time; its stream URL while the block runs."""
+    args = argparse.Namespace(
+        model=models, device="cpu", concurrency=[1], threads=0, admission="realtime",
+        codec_batch=0, codec_windows=False,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        process, url = start_server(args, Path(tmp) / "server.log")
+        try:
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
 
 
 def start_server(
