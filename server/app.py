@@ -23,7 +23,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from wavecast.protocol import ShuttingDown, __version__
+from wavecast.protocol import AUDIO_FORMATS, ShuttingDown, __version__
 
 from . import encode
 from .audio import to_wav
@@ -65,6 +65,7 @@ class WavecastServer:
         self._started = time.monotonic()
         self.voices: dict[str, Voice] = {}
         self.scenes: dict[str, Scene] = {}
+        self._encoder_threads = 0  # (set at start)
 
     def _default_factory(self) -> Mapping[str, Engine]:
         models = self.config.models
@@ -123,8 +124,8 @@ class WavecastServer:
             admission=limits.admission,
         )
         await self.scheduler.start()
-        encoders = encode.configure(models.encoder_threads)
-        log.info("%d encoder thread(s) for streams in mp3, opus or flac", encoders)
+        self._encoder_threads = encode.configure(models.encoder_threads)
+        log.info("%d encoder thread(s) for streams in mp3, opus or flac", self._encoder_threads)
         web_root = self.config.network.web_demo or WEB_DEMO
         static = load_static(web_root)
         # Each named voice as a WAV, to hear it before choosing it (read at start).
@@ -264,6 +265,8 @@ class WavecastServer:
         hello["uptime_seconds"] = round(time.monotonic() - self._started, 3)
         hello["connections"] = len(self.sessions)
         hello["scheduler"] = self.scheduler.snapshot()
+        hello["formats"] = list(AUDIO_FORMATS)
+        hello["encoder_threads"] = self._encoder_threads
         return hello
 
     async def _handle(self, websocket: ServerConnection) -> None:

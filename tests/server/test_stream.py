@@ -81,6 +81,7 @@ async def test_http_routes(server: Any) -> None:
     assert status == 200 and kind == "application/json"
     assert info["models"][0]["name"] == "tiny-musicgen"
     assert info["scheduler"]["active"] == 0
+    assert info["formats"][-3:] == ["mp3", "opus", "flac"] and info["encoder_threads"] >= 1
     status, kind, body = await http_get(base + "/")
     assert status == 200 and kind.startswith("text/html") and b"wavecast" in body
     status, _, _ = await http_get(base + "/nope")
