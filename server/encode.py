@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,8 @@ from wavecast.protocol import (
     WavecastError,
 )
 from wavecast.protocol.messages import ENCODED_FORMATS, AudioFormat
+
+from .metrics import Metrics
 
 __all__ = [
     "ENCODED_FORMATS",
@@ -287,11 +290,13 @@ class EncodedStream:
         on_error: Callable[[WavecastError], None],
         *,
         bitrate: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         assert format in ENCODED_FORMATS
         self.request_id = request_id
         self.format = format
         self.bitrate = bitrate
+        self._metrics = metrics
         self._sink = sink
         self._on_error = on_error
         self._pending: deque[ServerMessage] = deque()
@@ -364,6 +369,7 @@ class EncodedStream:
         """On an encoder's thread: the messages, their audio encoded; and whether
         the encoding failed (then the messages without their audio)."""
         out: list[ServerMessage] = []
+        began = time.perf_counter()
         try:
             for message in work:
                 if isinstance(message, Audio):
@@ -378,6 +384,11 @@ class EncodedStream:
         except Exception:
             log.exception("encoding %s failed (request %s)", self.format, self.request_id)
             return [m for m in work if not isinstance(m, Audio)], True
+        if self._metrics is not None:
+            seconds = sum(
+                len(m.data) / (4 * m.channels * m.sample_rate) for m in work if isinstance(m, Audio)
+            )
+            self._metrics.encoded(self.format, seconds, time.perf_counter() - began)
         return out, False
 
     def _audio(self, message: Audio, out: list[ServerMessage]) -> None:

@@ -2,9 +2,9 @@
 
 Each server keeps its own registry (several servers may share a process, as in
 the tests). The scheduler records each request as it ends, on the inference
-thread, and sessions record the frames they refuse, on the event loop
-(``prometheus_client``'s metrics are thread-safe); the live gauges are read
-when the page is scraped.
+thread, sessions record the frames they refuse, on the event loop, and the
+encoders each piece of their work, on their threads (``prometheus_client``'s
+metrics are thread-safe); the live gauges are read when the page is scraped.
 """
 
 from __future__ import annotations
@@ -96,6 +96,19 @@ class Metrics:
             buckets=GC_BUCKETS,
             registry=self.registry,
         )
+        self._encoded = Counter(
+            "wavecast_encoded_audio_seconds",
+            "Seconds of audio encoded for streams in mp3, opus or flac, by format.",
+            ["format"],
+            registry=self.registry,
+        )
+        self._encoding = Counter(
+            "wavecast_encoder_busy_seconds",
+            "Seconds the encoders' threads spent encoding, by format: over the wall time "
+            "and --encoder-threads, how busy they are.",
+            ["format"],
+            registry=self.registry,
+        )
         self._gc_started = 0.0
         # The interpreter's own: collections and objects by generation, and the
         # process's memory, CPU time and open files.
@@ -121,6 +134,11 @@ class Metrics:
             self._queued.labels(model).observe(queued_seconds)
         if real_time_factor is not None and status == "completed":
             self._speed.labels(model).observe(real_time_factor)
+
+    def encoded(self, format: str, audio_seconds: float, busy_seconds: float) -> None:
+        """A piece of encoding work done: the audio it took in, the time it took."""
+        self._encoded.labels(format).inc(audio_seconds)
+        self._encoding.labels(format).inc(busy_seconds)
 
     def watch_gc(self) -> None:
         """Time every garbage collection from now on (``unwatch_gc`` stops)."""

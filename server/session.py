@@ -272,6 +272,7 @@ class Session:
                     self._on_event,
                     on_error=lambda error: self.scheduler.cancel(request, error),
                     bitrate=message.bitrate,
+                    metrics=self.scheduler.metrics,
                 )
             request = Request(
                 id=message.id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -410,6 +411,35 @@ async def test_a_bitrate_the_format_does_not_take_is_refused(
         events = [event async for event in stream]
     assert len(events) == 1 and isinstance(events[0], Done) and events[0].error is not None
     assert (events[0].error.code, events[0].error.field) == ("invalid_field", "bitrate")
+
+
+async def test_metrics_count_the_audio_encoded_and_the_encoders_time(server: Any) -> None:
+    """``/metrics``: the seconds of audio each format's encoders took in, and the
+    time their threads spent (what ``--encoder-threads`` must cover)."""
+    async with connect(server.url) as client:
+        for format in ("opus", "flac", "flac"):
+            result = await (
+                await client.generate("tiny-musicgen", "x", duration=1.0, format=format)
+            ).collect()
+            assert result.status == "completed"
+
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("wavecast_enc")
+        }
+
+    samples = await asyncio.to_thread(scrape)
+    encoded = 'wavecast_encoded_audio_seconds_total{format="%s"}'
+    assert samples[encoded % "opus"] == pytest.approx(1.0, abs=1e-6)
+    assert samples[encoded % "flac"] == pytest.approx(2.0, abs=1e-6)
+    for format in ("opus", "flac"):
+        busy = samples[f'wavecast_encoder_busy_seconds_total{{format="{format}"}}']
+        assert 0 < busy < 1.0  # (tens of times faster than real time)
 
 
 async def test_bad_rates_for_a_codec_are_refused_before_queued(server: Any) -> None:
