@@ -47,6 +47,7 @@ from wavecast.protocol import (
     error_class,
     offset_unit,
 )
+from wavecast.protocol.messages import CODEC_RATES
 
 __all__ = [
     "DEFAULT_URL",
@@ -283,7 +284,7 @@ class GenerationResult:
             subtype = "PCM_16" if self.encoded else WAV_SUBTYPES[self.format]
             soundfile.write(file, audio, self.sample_rate, subtype=subtype, format="WAV")
             return
-        if wanted == "opus" and self.sample_rate not in (8000, 12000, 16000, 24000, 48000):
+        if wanted == "opus" and self.sample_rate not in CODEC_RATES["opus"]:
             raise ValueError(
                 f"an Opus file is 8, 12, 16, 24 or 48 kHz, not {self.sample_rate} Hz "
                 "(ask the server for sample_rate=48000, or format='opus')"

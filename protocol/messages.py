@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 __all__ = [
     "AUDIO_FORMATS",
+    "CODEC_RATES",
     "DONE_STATUSES",
     "ENCODED_FORMATS",
     "Audio",
@@ -53,6 +54,12 @@ BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4, "pcm_mulaw":
 # MP3, Ogg Opus and FLAC: each stream (and each rendition) is one file, its bytes
 # in the ``data`` of its chunks, ``offset`` counting bytes.
 ENCODED_FORMATS: tuple[AudioFormat, ...] = ("mp3", "opus", "flac")
+# The rates the lossy formats' codecs take (§3.1): Opus's five; MPEG-1's, -2's
+# and -2.5's three each. (FLAC and PCM: any.)
+CODEC_RATES: dict[str, tuple[int, ...]] = {
+    "opus": (8000, 12000, 16000, 24000, 48000),
+    "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
+}
 
 
 def offset_unit(format: str, channels: int) -> int:

@@ -42,7 +42,7 @@ from wavecast.protocol import (
     Started,
     WavecastError,
 )
-from wavecast.protocol.messages import ENCODED_FORMATS, AudioFormat
+from wavecast.protocol.messages import CODEC_RATES, ENCODED_FORMATS, AudioFormat
 
 from .metrics import Metrics
 
@@ -58,9 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The rates each codec takes (an MP3 file's are MPEG-1's, -2's and -2.5's).
-OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
-MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 FLAC_MAX_RATE = 655350
 # FFmpeg's muxer and encoder for each format.
 _MUXERS = {"mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus"), "flac": ("flac", "flac")}
@@ -121,7 +118,7 @@ def encoded_rate(format: str, model_rate: int, asked: int | None) -> int:
     Raises:
         InvalidField: The codec does not take the rate asked for (``sample_rate``).
     """
-    rates = {"opus": OPUS_RATES, "mp3": MP3_RATES}.get(format)
+    rates = CODEC_RATES.get(format)
     if rates is None:  # (FLAC, and PCM: any)
         if asked is not None and format == "flac" and asked > FLAC_MAX_RATE:
             raise InvalidField(f"flac takes at most {FLAC_MAX_RATE} Hz", field="sample_rate")
