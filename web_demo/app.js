@@ -8,9 +8,9 @@ import { audioContext, pauseCurrent, playback } from "./player.js";
 import { readSettingsLink } from "./code.js";
 import * as history from "./history.js";
 import {
-  applySettings, clearFieldErrors, currentInputs, currentModel, currentSampleRate, form, readParams,
-  renderModels, renderParams, showFieldError, updateEstimate, wireDialogue, wireSpeakers,
-  wireUploads,
+  applySettings, clearFieldErrors, currentBitrate, currentFormat, currentInputs, currentModel,
+  currentSampleRate, form, readParams, renderModels, renderParams, showFieldError, updateEstimate,
+  wireDialogue, wireFormats, wireSpeakers, wireUploads,
 } from "./form.js";
 
 const $ = (sel) => document.querySelector(sel);
@@ -99,10 +99,14 @@ function submit(event) {
   const id = `w${++counter}-${Math.random().toString(36).slice(2, 8)}`;
   const prompt = $("#prompt").value.trim();
   const inputs = currentInputs();
-  const card = new Card({ id, model, prompt, params, inputs, rate }, hooks);
+  // PCM as made, or a file of an encoded format the page decodes as it comes.
+  const format = currentFormat();
+  const bitrate = format ? currentBitrate() : null;
+  const card = new Card({ id, model, prompt, params, inputs, rate, format, bitrate }, hooks);
   state.cards.set(id, card);
-  const message = { type: "generate", id, model: model.name, prompt, params, format: "pcm_f32le" };
+  const message = { type: "generate", id, model: model.name, prompt, params, format: format || "pcm_f32le" };
   if (rate) message.sample_rate = rate;
+  if (bitrate) message.bitrate = bitrate;
   if (Object.keys(inputs).length) message.inputs = inputs;
   connection.send(message);
 }
@@ -151,8 +155,7 @@ function onMessage(message) {
       break;
     case "done":
       if (message.status === "error" && refusedAtField(card, message)) break;
-      card.onDone(message);
-      updateClear();
+      card.onDone(message).then(updateClear);
       break;
     case "error":
       card.showError(message.code, message.message);
@@ -186,7 +189,7 @@ function onConnState(status, event) {
     for (const card of state.cards.values()) {
       if (!card.ended) {
         const message = `the connection to the server was lost${why ? ` (${why})` : ""}`;
-        card.onDone({ status: "error", error: { code: "disconnected", message } });
+        card.onDone({ status: "error", error: { code: "disconnected", message } }).then(updateClear);
       }
     }
     updateClear();
@@ -202,6 +205,7 @@ $("#key-box").addEventListener("submit", (event) => {
 });
 
 wireUploads();
+wireFormats();
 wireDialogue();
 wireSpeakers(pauseCurrent);
 const compose = $("#compose");

@@ -1,8 +1,10 @@
 // A generation's card: its status, stats, waveform with a playhead, and one
 // transport (play/pause/stop, seek) for the live stream and then the finished
 // clip; the Multi-Band Diffusion version behind an A/B switch; downloads,
-// partial ones too; remove.
+// partial ones too; remove. A stream of an encoded format (Opus, MP3, FLAC) is
+// decoded here as it comes (decode.js), and its file is offered as it came.
 import { pcmToFloat32 } from "./protocol.js";
+import { ENCODED, StreamDecoder } from "./decode.js";
 import { encodeWav } from "./wav.js";
 import { Player } from "./player.js";
 import { asCli, asJson, asPython, settingsLink } from "./code.js";
@@ -28,6 +30,33 @@ function join(chunks) {
   return all;
 }
 
+function joinBytes(chunks) {
+  const all = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of chunks) { all.set(c, at); at += c.length; }
+  return all;
+}
+
+// Bytes in words: "812 B", "41.3 kB", "2.61 MB".
+export function bytesText(n) {
+  if (n < 1000) return `${n} B`;
+  if (n < 1e6) return `${(n / 1000).toFixed(1)} kB`;
+  return `${(n / 1e6).toFixed(2)} MB`;
+}
+
+// An encoded file's samples, whole (a second version's, say).
+async function decodeWhole(format, bytes, sampleRate, channels) {
+  const chunks = [];
+  let failed = null;
+  const decoder = new StreamDecoder(format, {
+    sampleRate, channels, onSamples: (samples) => chunks.push(samples.slice()), onError: (err) => { failed = err; },
+  });
+  decoder.push(bytes);
+  await decoder.end();
+  if (failed) throw failed;
+  return chunks;
+}
+
 function slug(text) {
   const words = text.toLowerCase().replace(/\[speaker\d+\]/g, " ").match(/[\p{L}\p{N}]+/gu) || [];
   return words.slice(0, 6).join("-").slice(0, 48) || "clip";
@@ -41,12 +70,13 @@ const FRIENDLY = {
   too_many_requests: "Too many requests at once on this page: wait for one to finish.",
   slow_consumer: "This page could not keep up with the stream.",
   audio: "Live playback is unavailable in this browser.",
+  decode: "This browser could not decode the stream.",
 };
 
 export class Card {
   // hooks: send(message), announce(text), removed(card), finished(card),
   // load(settings), reuseSeed(seed), rerun(settings)
-  constructor({ id, model, prompt, params, inputs, rate = null, scroll = true }, hooks) {
+  constructor({ id, model, prompt, params, inputs, rate = null, format = null, bitrate = null, scroll = true }, hooks) {
     this.id = id;
     this.model = model;
     this.prompt = prompt;
@@ -56,7 +86,13 @@ export class Card {
     this.inputs = Object.keys(inputs || {});
     this.continuation = this.inputs.includes("continuation") && !params.include_prompt;
     this.rate = rate; // the output rate asked for (null: the model's)
-    this.sampleRate = rate || model.sample_rate;
+    this.format = format; // the encoded format asked for (null: PCM)
+    this.bitrate = bitrate; // its bit rate asked for (null: the server's)
+    this.sampleRate = rate || model.sample_rate; // the samples' here (decoded Opus: 48 kHz)
+    this.streamRate = this.sampleRate; // the stream's (its started message says)
+    this.decoder = null;
+    this.file = []; // an encoded stream's bytes, as they came
+    this.bytes = 0; // of audio received, every rendition
     this.channels = model.channels;
     this.maxSeconds = model.max_duration;
     this.duration = this.speech
@@ -88,6 +124,10 @@ export class Card {
       `${this.sampleRate} Hz`,
       this.channels === 2 ? "stereo" : "mono",
     ];
+    if (format) {
+      const spec = ENCODED[format];
+      this.meta.push(bitrate ? `${spec?.label ?? format} ${Math.round(bitrate / 1000)} kbit/s` : spec?.label ?? format);
+    }
     this.renderMeta();
     for (const [cls, label] of [
       ["play", "Play"], ["stop", "Stop"], ["cancel", "Cancel"], ["remove", "Remove"],
@@ -157,8 +197,9 @@ export class Card {
 
   onStarted(message) {
     this.startedAt = performance.now();
-    this.sampleRate = message.sample_rate;
+    this.sampleRate = this.streamRate = message.sample_rate;
     this.channels = message.channels;
+    this.meta[2] = `${message.sample_rate} Hz`; // (Opus: 48 kHz for a rate it does not take)
     this.seed = message.seed;
     if (message.seed !== undefined && message.seed !== null) {
       this.meta.push(`seed ${message.seed}`);
@@ -180,6 +221,24 @@ export class Card {
       $(".s-wait", this.el).textContent = `${((this.startedAt - this.sentAt) / 1000).toFixed(1)} s`;
     }
     this.setStatus("generating");
+    if (this.format) {
+      // The player starts with the first decoded samples, at their rate.
+      this.decoder = new StreamDecoder(this.format, {
+        sampleRate: this.streamRate,
+        channels: this.channels,
+        onSamples: (samples, rate) => this.onSamples(samples, rate),
+        onError: (err) => {
+          console.error("cannot decode the stream", err);
+          this.showError("decode", err.message);
+        },
+      });
+    } else {
+      this.startPlayer();
+    }
+    this.updateTransport();
+  }
+
+  startPlayer() {
     const capacity = Math.ceil(((this.speech ? this.maxSeconds : this.duration) + 1) * this.sampleRate);
     this.player = new Player(
       { sampleRate: this.sampleRate, channels: this.channels, capacityFrames: capacity, paused: this.userPaused },
@@ -192,22 +251,38 @@ export class Card {
         },
       },
     );
-    if (this.ended) this.player.end();
-    this.updateTransport();
   }
 
   onAudio(message) {
+    this.bytes += message.data.length;
+    $(".s-bytes", this.el).textContent = bytesText(this.bytes);
     if (message.rendition) {
       // A complete second version (Multi-Band Diffusion), offered once it is whole.
-      (this.renditions[message.rendition] ??= []).push(pcmToFloat32(message));
+      const part = this.format ? message.data.slice() : pcmToFloat32(message);
+      (this.renditions[message.rendition] ??= []).push(part);
       return;
+    }
+    if (this.format) {
+      this.file.push(message.data.slice());
+      this.decoder?.push(message.data);
+      return;
+    }
+    this.onSamples(pcmToFloat32(message));
+  }
+
+  // Samples to play and draw: a PCM chunk's, or what the decoder gave out.
+  onSamples(samples, rate = this.sampleRate) {
+    if (!this.player) {
+      if (rate !== this.streamRate) this.meta.push(`decoded at ${rate / 1000} kHz`);
+      this.renderMeta();
+      this.sampleRate = rate;
+      this.startPlayer();
     }
     if (this.firstAudioAt === null) {
       this.firstAudioAt = performance.now();
       const from = this.startedAt ?? this.sentAt;
       $(".s-first", this.el).textContent = `${Math.round(this.firstAudioAt - from)} ms`;
     }
-    const samples = pcmToFloat32(message);
     this.chunks.push(samples);
     this.frames += samples.length / this.channels;
     $(".s-generated", this.el).textContent = `${(this.frames / this.sampleRate).toFixed(2)} s`;
@@ -290,11 +365,22 @@ export class Card {
     }
   }
 
-  onDone(message) {
+  async onDone(message) {
+    if (this.finishing) return;
+    this.finishing = true;
     clearInterval(this.timer);
     this.tick();
-    this.ended = true;
     $(".cancel", this.el).hidden = true;
+    if (this.decoder) {
+      // The rest of the file out of the decoder (after a lost connection, what
+      // came whole), then the second version's file, decoded whole.
+      const decoder = this.decoder;
+      await decoder.end(message.error?.code !== "disconnected");
+      this.decoder = null;
+      await this.decodeRenditions();
+      if (this.removed) return;
+    }
+    this.ended = true;
     const stats = message.stats;
     if (stats) {
       $(".s-elapsed", this.el).textContent = `${stats.wall_seconds.toFixed(1)} s`;
@@ -302,6 +388,10 @@ export class Card {
         $(".s-rtf", this.el).textContent = `×${stats.real_time_factor.toFixed(2)} real time`;
       }
       this.serverSamples = stats.samples;
+      if (this.bytes > 0 && stats.samples > 0) {
+        const kbps = (this.bytes * 8) / (stats.samples / this.streamRate) / 1000;
+        $(".s-bytes", this.el).textContent = `${bytesText(this.bytes)} (${Math.round(kbps)} kbit/s)`;
+      }
     }
     this.player?.end();
     if (message.status === "completed") {
@@ -325,6 +415,19 @@ export class Card {
     this.updateTransport();
   }
 
+  async decodeRenditions() {
+    for (const [name, chunks] of Object.entries(this.renditions)) {
+      const bytes = joinBytes(chunks);
+      (this.renditionFiles ??= {})[name] = bytes;
+      try {
+        this.renditions[name] = await decodeWhole(this.format, bytes, this.streamRate, this.channels);
+      } catch (err) {
+        delete this.renditions[name];
+        this.showError("decode", `${name}: ${err.message}`);
+      }
+    }
+  }
+
   // What the history keeps of a finished card.
   entry() {
     const m = this.model;
@@ -345,12 +448,20 @@ export class Card {
       statusText: $(".status", this.el).textContent,
       meta: this.meta,
       error: $(".error", this.el).hidden ? null : text(".error"),
-      stats: { elapsed: text(".s-elapsed"), rtf: text(".s-rtf"), first: text(".s-first"), wait: text(".s-wait") },
+      stats: {
+        elapsed: text(".s-elapsed"), rtf: text(".s-rtf"), first: text(".s-first"), wait: text(".s-wait"), bytes: text(".s-bytes"),
+      },
       rate: this.rate,
       sampleRate: this.sampleRate,
       channels: this.channels,
       clip: this.clip,
       mbd: this.mbd ?? null,
+      streamRate: this.streamRate,
+      bytes: this.bytes,
+      format: this.format,
+      bitrate: this.bitrate,
+      file: this.fileBytes ?? null,
+      mbdFile: this.renditionFiles?.mbd ?? null,
     };
   }
 
@@ -365,13 +476,19 @@ export class Card {
     this.meta = entry.meta;
     this.renderMeta();
     this.sampleRate = entry.sampleRate;
+    this.streamRate = entry.streamRate ?? entry.sampleRate;
     this.channels = entry.channels;
+    this.bytes = entry.bytes ?? 0;
+    this.format = entry.format ?? null;
+    this.bitrate = entry.bitrate ?? null;
+    if (entry.file) this.fileBytes = entry.file;
+    if (entry.mbdFile) this.renditionFiles = { mbd: entry.mbdFile };
     this.chunks = [entry.clip];
     this.frames = entry.clip.length / entry.channels;
     this.serverSamples = this.frames;
     if (entry.mbd) this.renditions.mbd = [entry.mbd];
-    for (const [key, cls] of [["elapsed", ".s-elapsed"], ["rtf", ".s-rtf"], ["first", ".s-first"], ["wait", ".s-wait"]]) {
-      $(cls, this.el).textContent = entry.stats[key];
+    for (const [key, cls] of [["elapsed", ".s-elapsed"], ["rtf", ".s-rtf"], ["first", ".s-first"], ["wait", ".s-wait"], ["bytes", ".s-bytes"]]) {
+      if (entry.stats[key] !== undefined) $(cls, this.el).textContent = entry.stats[key];
     }
     $(".s-generated", this.el).textContent = `${(this.frames / this.sampleRate).toFixed(2)} s`;
     $(".bar", this.el).style.width = entry.status === "completed" ? "100%" : "0%";
@@ -401,6 +518,17 @@ export class Card {
 
   finishClip(partial) {
     this.clip = join(this.chunks);
+    // A codec pads its last frame (and MP3 has no count of its own): the clip
+    // is the samples the server made, no more.
+    if (this.format && this.serverSamples != null) {
+      const made = Math.round((this.serverSamples * this.sampleRate) / this.streamRate) * this.channels;
+      if (this.clip.length > made) {
+        this.clip = this.clip.slice(0, made);
+        this.chunks = [this.clip];
+        this.frames = made / this.channels;
+        this.player?.load(this.clip.slice());
+      }
+    }
     if (this.speech || partial) {
       // Now that the length is known, fit the waveform to it.
       this.duration = this.frames / this.sampleRate;
@@ -422,6 +550,25 @@ export class Card {
       mbdLink.hidden = false;
       $(".renditions", this.el).hidden = false;
     }
+    if (this.format) {
+      const spec = ENCODED[this.format];
+      this.fileBytes ??= joinBytes(this.file);
+      this.file = [];
+      const fileLink = $(".download-file", this.el);
+      fileLink.href = this.url(new Blob([this.fileBytes], { type: spec.mime }));
+      fileLink.download = `${name}${partial ? "-partial" : ""}.${spec.suffix}`;
+      fileLink.textContent = partial ? `Download what was made (${spec.label})` : `Download ${spec.label}`;
+      fileLink.setAttribute("aria-label", `${fileLink.textContent}: ${this.title}`);
+      fileLink.hidden = false;
+      const mbdFile = this.renditionFiles?.mbd;
+      if (mbdFile && this.mbd) {
+        const mbdFileLink = $(".download-mbd-file", this.el);
+        mbdFileLink.href = this.url(new Blob([mbdFile], { type: spec.mime }));
+        mbdFileLink.download = `${name}-mbd.${spec.suffix}`;
+        mbdFileLink.textContent = `Download MBD ${spec.label}`;
+        mbdFileLink.hidden = false;
+      }
+    }
   }
 
   switchTo(rendition) {
@@ -442,6 +589,7 @@ export class Card {
     if (this.seed != null) params.seed = this.seed;
     return {
       model: this.model.name, prompt: this.prompt, params, inputs: this.inputs, speech: this.speech, rate: this.rate,
+      format: this.format, bitrate: this.bitrate,
     };
   }
 
@@ -507,7 +655,9 @@ export class Card {
   }
 
   remove() {
-    if (!this.ended) this.cancel();
+    if (!this.ended && !this.finishing) this.cancel();
+    this.removed = true;
+    this.decoder?.close();
     clearInterval(this.timer);
     this.player?.close();
     this.player = null;

@@ -2,6 +2,7 @@
 // (file or microphone), the dialogue editor, errors next to their field.
 import { CHARS_PER_SECOND } from "./card.js";
 import { auth } from "./connection.js";
+import { ENCODED, decodable, decodableFormats } from "./decode.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 
@@ -40,6 +41,85 @@ function renderOutputRates(model) {
   if ([...select.options].some((o) => o.value === previous)) select.value = previous;
 }
 
+// -- the stream's format (PROTOCOL.md §4.5) ------------------------------------------
+
+// The encoded format asked for, or null for PCM (what the page plays as it comes).
+export function currentFormat() {
+  return $("#stream-format").value || null;
+}
+
+// The bit rate asked for, bits a second, or null for the server's.
+export function currentBitrate() {
+  const box = $("#bitrate");
+  if (box.closest("[hidden]") || box.value === "") return null;
+  return Math.round(Number(box.value) * 1000);
+}
+
+// The server's bit rate for a lossy stream when none is asked for (§3.1).
+export function defaultBitrate(format, rate, channels) {
+  if (format === "opus") return (rate > 16000 ? 64000 : 32000) * channels;
+  const perChannel = rate >= 32000 ? 128000 : rate >= 16000 ? 64000 : 32000;
+  return Math.min(320000, perChannel * channels);
+}
+
+const OPUS_RATES = [8000, 12000, 16000, 24000, 48000];
+
+// The rate a format's stream goes out at, from the model's: Opus takes 8, 12,
+// 16, 24 or 48 kHz (the next one up); the others, the model's.
+export function streamRate(format, rate) {
+  if (format !== "opus") return rate;
+  return OPUS_RATES.find((r) => r >= rate) ?? 48000;
+}
+
+// What a second of the stream weighs, in words.
+export function formatHelp(format, model, rate, bitrate) {
+  if (!decodable()) {
+    return "Opus, MP3 and FLAC are decoded by the browser, which allows it on secure pages only (https, or this computer): here the page streams PCM.";
+  }
+  if (!model) return "";
+  if (format === "opus" && rate && !OPUS_RATES.includes(rate)) {
+    return "Opus takes 8, 12, 16, 24 or 48 kHz: choose one of those output rates, or the model's own.";
+  }
+  const channels = model.channels;
+  const pcmRate = rate || model.sample_rate;
+  const pcm = Math.round((pcmRate * channels * 32) / 1000); // (float samples, as this page asks)
+  if (!format) return `${pcm} kbit/s, exactly as made (float samples)`;
+  if (format === "flac") return `the 16-bit samples (${pcm / 2} kbit/s), losslessly compressed: a quarter to a half less`;
+  const out = rate || streamRate(format, model.sample_rate);
+  const kbps = Math.round((bitrate || defaultBitrate(format, out, channels)) / 1000);
+  return `${kbps} kbit/s${bitrate ? "" : " (the server's choice)"} against PCM's ${pcm}: for a slow connection; the card offers the ${ENCODED[format].label} file`;
+}
+
+export function renderFormat() {
+  const format = currentFormat();
+  $("#bitrate-box").hidden = !(format === "opus" || format === "mp3");
+  $("#stream-format-help").textContent = formatHelp(format, currentModel(), currentSampleRate(), currentBitrate());
+}
+
+export function wireFormats() {
+  const select = $("#stream-format");
+  if (!decodable()) {
+    for (const option of select.options) option.disabled = option.value !== "";
+    select.value = "";
+  } else {
+    // A codec this browser lacks is not offered.
+    decodableFormats().then((taken) => {
+      for (const option of select.options) {
+        if (option.value && !taken.includes(option.value)) {
+          option.disabled = true;
+          option.textContent += " (this browser cannot decode it)";
+          if (select.value === option.value) select.value = "";
+        }
+      }
+      renderFormat();
+    });
+  }
+  select.addEventListener("change", renderFormat);
+  $("#bitrate").addEventListener("input", renderFormat);
+  $("#output-rate").addEventListener("change", renderFormat);
+  renderFormat();
+}
+
 export function currentModel() {
   return form.hello?.models.find((m) => m.name === $("#model").value);
 }
@@ -75,9 +155,10 @@ export function modelFacts(model) {
 
 function fieldInput(field) {
   if (field === "prompt") return $("#prompt");
-  if (field === "sample_rate") {
+  const advanced = { sample_rate: "#output-rate", format: "#stream-format", bitrate: "#bitrate" };
+  if (field in advanced) {
     $("#advanced").open = true;
-    return $("#output-rate");
+    return $(advanced[field]);
   }
   if (field.startsWith("params.")) {
     const name = field.slice("params.".length);
@@ -246,6 +327,7 @@ export function renderParams(keepValues = false) {
     box.append(paramField(model, spec, kept));
   }
   renderOutputRates(model);
+  renderFormat();
   showSources();
   updateEstimate();
 }
@@ -553,13 +635,20 @@ export function wireDialogue() {
 }
 
 // Fill the form with a request's settings (a card's "load settings", a link).
-export function applySettings({ model, prompt, params, rate }) {
+export function applySettings({ model, prompt, params, rate, format = null, bitrate = null }) {
   const select = $("#model");
   if (model && [...select.options].some((o) => o.value === model)) select.value = model;
   renderParams();
   const rates = $("#output-rate");
   rates.value = [...rates.options].some((o) => o.value === String(rate ?? "")) ? String(rate ?? "") : "";
   if (rates.value) $("#advanced").open = true;
+  // A format this page cannot decode here (or does not know) streams as PCM.
+  const formats = $("#stream-format");
+  const offered = [...formats.options].some((o) => o.value === (format ?? "") && !o.disabled);
+  formats.value = offered ? format ?? "" : "";
+  $("#bitrate").value = bitrate ? String(Math.round(bitrate / 1000)) : "";
+  if (formats.value) $("#advanced").open = true;
+  renderFormat();
   $("#prompt").value = prompt ?? "";
   $("#prompt").dispatchEvent(new Event("input"));
   for (const [name, value] of Object.entries(params || {})) {

@@ -33,7 +33,8 @@ async function store(mode) {
 }
 
 function size(entry) {
-  return (entry.clip?.byteLength || 0) + (entry.mbd?.byteLength || 0);
+  const parts = [entry.clip, entry.mbd, entry.file, entry.mbdFile]; // (decoded, and an encoded stream's files)
+  return parts.reduce((n, part) => n + (part?.byteLength || 0), 0);
 }
 
 // Every kept clip, oldest first.
