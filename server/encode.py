@@ -64,8 +64,13 @@ _MUXERS = {"mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus"), "flac": ("f
 # An Ogg page per Opus packet (20 ms): each chunk's audio leaves with it, at some
 # 10 kbit/s of page headers (pages of a second would hold the audio back a second).
 OGG_PAGE_MICROSECONDS = 20000
-# Audio a request's encoding may fall behind its generation, in seconds; past it
-# the request ends (``busy``): the encoders do not keep up with the inference.
+# Live audio a request's encoding may fall behind its generation, in seconds:
+# past HOLD_SECONDS the request is left out of the steps until its encoders catch
+# up (``EncodedStream.behind``; the other streams go on), so it goes at the pace
+# its encoders keep; past MAX_BACKLOG_SECONDS it ends (``busy``), as where it
+# could not be held. (A second version, Multi-Band Diffusion's, comes whole, as
+# long as the stream: not counted.)
+HOLD_SECONDS = 4.0
 MAX_BACKLOG_SECONDS = 30.0
 # The encoders' threads: FFmpeg's encoders run without Python's lock, so that
 # several streams encode on several cores while the inference thread steps; at a
@@ -277,6 +282,7 @@ class EncodedStream:
     same order, the audio as ``format``. ``on_error`` is called (on the event
     loop) when the encoding fails or falls ``MAX_BACKLOG_SECONDS`` behind: it
     should end the request with that error; what audio is left is dropped.
+    ``behind`` says (to the inference thread) when the generation should wait.
     """
 
     def __init__(
@@ -297,24 +303,32 @@ class EncodedStream:
         self._sink = sink
         self._on_error = on_error
         self._pending: deque[ServerMessage] = deque()
-        self._pending_bytes = 0  # float PCM waiting for the encoders, or with them
-        self._working_bytes = 0  # (of which with them)
+        self._live_bytes = 0  # live float PCM waiting for the encoders, or with them
+        self._working_live = 0  # (of which with them)
         self._busy = False  # a piece of work is with the encoders
         self._error: WavecastError | None = None  # the encoding failed, or fell behind
         self._renditions: dict[str | None, _Rendition] = {}
-        self._max_backlog = 0  # bytes of float PCM (set at ``started``)
+        self._max_backlog = 0  # bytes of live float PCM (set at ``started``)
+        self._hold = 0  # (the same)
+
+    def behind(self) -> bool:
+        """Whether the live stream's encoding is more than ``HOLD_SECONDS``
+        behind its generation: the scheduler leaves the request out of its steps
+        meanwhile. (Read on the inference thread; a tick late at worst.)"""
+        return self._error is None and self._hold > 0 and self._live_bytes > self._hold
 
     def __call__(self, message: ServerMessage) -> None:
         if isinstance(message, Started):
-            self._max_backlog = int(
-                MAX_BACKLOG_SECONDS * message.sample_rate * message.channels * 4
-            )
+            second = message.sample_rate * message.channels * 4
+            self._max_backlog = int(MAX_BACKLOG_SECONDS * second)
+            self._hold = int(HOLD_SECONDS * second)
             message = dataclasses.replace(message, format=self.format)
         elif isinstance(message, Audio):
             if self._error is not None:
                 return
-            self._pending_bytes += len(message.data)
-            if self._max_backlog and self._pending_bytes > self._max_backlog:
+            if message.rendition is None:
+                self._live_bytes += len(message.data)
+            if self._max_backlog and self._live_bytes > self._max_backlog:
                 self._fail(
                     Busy(
                         f"the server's encoders fell {MAX_BACKLOG_SECONDS:g} s of audio "
@@ -336,8 +350,8 @@ class EncodedStream:
             while self._pending:  # the audio (and what comes between) up to the done
                 message = self._pending.popleft()
                 work.append(message)
-                if isinstance(message, Audio):
-                    self._working_bytes += len(message.data)
+                if isinstance(message, Audio) and message.rendition is None:
+                    self._working_live += len(message.data)
                 if isinstance(message, Done):
                     break
             self._busy = True
@@ -438,8 +452,8 @@ class EncodedStream:
 
     def _encoded(self, future: asyncio.Future[tuple[list[ServerMessage], bool]]) -> None:
         self._busy = False
-        self._pending_bytes -= self._working_bytes
-        self._working_bytes = 0
+        self._live_bytes -= self._working_live
+        self._working_live = 0
         messages, failed = future.result()
         if failed:
             self._fail(InternalError("the audio could not be encoded"))
@@ -464,5 +478,5 @@ class EncodedStream:
         self._error = error
         # What waits (its audio dropped) goes on in order; the done follows.
         self._pending = deque(m for m in self._pending if not isinstance(m, Audio))
-        self._pending_bytes = self._working_bytes
+        self._live_bytes = self._working_live
         self._on_error(error)

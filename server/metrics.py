@@ -109,6 +109,13 @@ class Metrics:
             ["format"],
             registry=self.registry,
         )
+        self._held = Counter(
+            "wavecast_encoder_held_steps",
+            "Steps that requests sat out waiting for their encoders to catch up (more than "
+            "a few seconds of audio behind), by model: the encoders are the bottleneck.",
+            ["model"],
+            registry=self.registry,
+        )
         self._gc_started = 0.0
         # The interpreter's own: collections and objects by generation, and the
         # process's memory, CPU time and open files.
@@ -134,6 +141,10 @@ class Metrics:
             self._queued.labels(model).observe(queued_seconds)
         if real_time_factor is not None and status == "completed":
             self._speed.labels(model).observe(real_time_factor)
+
+    def held(self, model: str) -> None:
+        """A request left out of a step: its encoders are behind."""
+        self._held.labels(model).inc()
 
     def encoded(self, format: str, audio_seconds: float, busy_seconds: float) -> None:
         """A piece of encoding work done: the audio it took in, the time it took."""

@@ -82,6 +82,10 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_error: WavecastError | None = None
     sample_rate: int | None = None  # the audio's rate as asked for (None: the model's)
+    # True while the request's audio is not taken up as fast as it is made (its
+    # encoders are behind: ``EncodedStream.behind``): it is left out of the steps
+    # meanwhile, the others going on. Called on the inference thread.
+    held: Callable[[], bool] | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     # Inference-thread bookkeeping.
     job: Job | None = None
@@ -129,6 +133,7 @@ class Scheduler:
         self._ticks = TickCosts()
         self._unmeasured = 0  # ticks in a row left out of the measure (young streams)
         self._preparing: list[Request] = []  # admitted, not running yet (FIFO)
+        self._held = 0  # decoding requests left out of the last tick (``Request.held``)
         self._outbox: list[tuple[Sink, ServerMessage]] = []  # this tick's messages
         # Requests past their live stream, rendering a post-stage (Multi-Band
         # Diffusion), FIFO: one step of the oldest per tick. They hold no place of
@@ -339,6 +344,12 @@ class Scheduler:
         start = time.perf_counter()
         codec = self._codec_seconds()
         running, young, context = self._step_active()
+        if not running and self._held and not self._post and not self._preparing:
+            # Every stream waits for its encoders: a moment, not a spin (that
+            # would take the cores they need).
+            with self._cond:
+                if not self._pending and not self._stopping:
+                    self._cond.wait(self.HELD_WAIT)
         if running:
             took = time.perf_counter() - start
             codec = self._codec_seconds() - codec
@@ -351,6 +362,8 @@ class Scheduler:
 
     # A stream is young for its first this many steps.
     YOUNG_STEPS = 2
+    # Seconds the thread waits where every decoding stream is held (``Request.held``).
+    HELD_WAIT = 0.005
     # Where young streams run in tick after tick (requests arriving all the time),
     # one tick in this many is measured anyway.
     MEASURE_ANYWAY = 16
@@ -560,11 +573,17 @@ class Scheduler:
         with self._cond:
             active = list(self._active)
         runnable: dict[str, list[Request]] = {}
+        self._held = 0
         for request in active:
             if request.cancelled.is_set():
                 self._release(request)
                 self._end_cancelled(request)
-            elif request.job is not None and request not in self._post:
+            elif request.job is None or request in self._post:
+                continue
+            elif request.held is not None and request.held():
+                self._held += 1  # (its step waits for its encoders)
+                self.metrics.held(request.model)
+            else:
                 runnable.setdefault(request.model, []).append(request)
         groups = list(runnable.items())
         if self._post:

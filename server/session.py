@@ -260,6 +260,7 @@ class Session:
                         id=message.id,
                     )
             sink: Callable[[ServerMessage], None] = self._on_event
+            held: Callable[[], bool] | None = None
             wire_format, sample_rate = message.format, message.sample_rate
             check_bitrate(message.format, info.channels, message.bitrate)
             if message.format in ENCODED_FORMATS:
@@ -274,6 +275,7 @@ class Session:
                     bitrate=message.bitrate,
                     metrics=self.scheduler.metrics,
                 )
+                held = sink.behind  # (it waits for its encoders, rather than fail)
             request = Request(
                 id=message.id,
                 model=message.model,
@@ -281,6 +283,7 @@ class Session:
                 format=wire_format,
                 sample_rate=sample_rate,
                 sink=sink,
+                held=held,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
             )
             check = self.scheduler.request_check(message.model)

@@ -164,7 +164,7 @@ async def test_opus_speech_cancelled_and_mbd_music_in_flac(
         # Speech at 24 kHz is an Opus rate; Chromium's decoder gives 48 kHz.
         await page.select_option("#model", "tiny-higgs")
         await choose(page, "opus", 24)
-        # (Random weights speak on to the limit, faster than two busy cores encode.)
+        # (Random weights speak on to the limit: a short one.)
         await page.fill("#param-max_new_tokens", "150")
         await page.fill("#prompt", "Hello there, this is a long enough sentence to speak.")
         await page.click("#generate")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -261,6 +262,48 @@ async def test_encoding_that_falls_behind_ends_the_request_with_busy(
     assert sum(len(m.data) for m in audio) < 12000  # (a part: what was already encoding)
 
 
+async def test_a_stream_behind_its_encoders_says_so_until_they_catch_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``behind``: more than ``HOLD_SECONDS`` of live audio not yet encoded (the
+    scheduler then leaves the request out of its steps); not once the encoders
+    have caught up, nor for a second version, which comes whole and is as long
+    as the stream (neither held nor bounded: 2 s of it pass a 0.5 s bound)."""
+    monkeypatch.setattr(encode, "HOLD_SECONDS", 0.5)
+    monkeypatch.setattr(encode, "MAX_BACKLOG_SECONDS", 1.0)
+    received = Received()
+    stream = EncodedStream("r", "opus", received, received.errors.append)
+    assert not stream.behind()
+    stream(Started(id="r", model="m", sample_rate=48000, channels=1, format="pcm_f32le"))
+    live = list(pcm_chunks(music(48000, 0.8, 1), 48000, [4800] * 8))
+    for chunk in live[:4]:
+        stream(chunk)
+    assert not stream.behind()  # (0.4 s)
+    for chunk in live[4:]:
+        stream(chunk)
+    assert stream.behind()  # (0.8 s, given at once: the encoders cannot have kept up)
+    for _ in range(int(timeout(10) / 0.005)):  # (until the encoders have caught up)
+        if not stream.behind():
+            break
+        await asyncio.sleep(0.005)
+    assert not stream.behind()
+    stream(Progress(id="r", fraction=0.0, seconds=0.8, stage="mbd"))
+    for chunk in pcm_chunks(music(48000, 2.0, 1, seed=1), 48000, [9600] * 10, rendition="mbd"):
+        stream(chunk)
+        assert not stream.behind()
+    stream(Done(id="r", status="completed"))
+    await asyncio.wait_for(received.done.wait(), timeout(10))
+    assert not received.errors and not stream.behind()
+    files = {
+        name: b"".join(
+            m.data for m in received.messages if isinstance(m, Audio) and m.rendition == name
+        )
+        for name in (None, "mbd")
+    }
+    assert decode_file(files[None], "opus").shape == (38400, 1)
+    assert decode_file(files["mbd"], "opus").shape == (96000, 1)
+
+
 async def test_a_failed_encoding_ends_the_request_with_an_internal_error() -> None:
     """Audio the encoder cannot take (three channels: no layout for them) ends the
     request: asked to end, no audio, and its done says ``internal_error``."""
@@ -309,6 +352,49 @@ async def test_flac_through_the_server_is_the_16_bit_stream(server: Any) -> None
     flac.save(saved)
     read, rate = soundfile.read(io.BytesIO(saved.getvalue()), dtype="int16", always_2d=True)
     assert rate == 32000 and np.array_equal(read, heard)
+
+
+async def test_a_stream_whose_encoders_lag_waits_for_them_and_loses_nothing(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoders slower than the generation (here each chunk takes 40 ms more to
+    encode, and the hold is at 0.2 s): the request sits out steps until they catch
+    up, rather than fail, and its file is the one it would have been (FLAC: the
+    ``pcm_s16le`` stream of the same seed, within a level); a PCM neighbour
+    runs on meanwhile, and ``/metrics`` counts the steps sat out."""
+    monkeypatch.setattr(encode, "HOLD_SECONDS", 0.2)
+    monkeypatch.setattr(encode, "MAX_BACKLOG_SECONDS", 2.0)  # (passed if not held)
+    push = Encoder.push
+
+    def slow_push(self: Encoder, audio: np.ndarray[Any, Any]) -> bytes:
+        time.sleep(0.04)
+        return push(self, audio)
+
+    monkeypatch.setattr(Encoder, "push", slow_push)
+    async with connect(server.url) as client:
+        pcm = await (
+            await client.generate("tiny-musicgen", "x", duration=8.0, seed=6, format="pcm_s16le")
+        ).collect()
+        flac_stream = await client.generate(
+            "tiny-musicgen", "x", duration=8.0, seed=6, format="flac"
+        )
+        neighbour = await client.generate("tiny-musicgen", "y", duration=8.0, format="pcm_s16le")
+        flac, beside = await asyncio.gather(flac_stream.collect(), neighbour.collect())
+    assert flac.status == beside.status == "completed", (flac.error, beside.error)
+    heard, expected = flac.to_numpy(), pcm.to_numpy()
+    assert heard.shape == expected.shape == (256000, 1)
+    assert np.abs(heard.astype(np.int32) - expected).max() <= 1
+    assert flac.stats is not None and beside.stats is not None
+    assert beside.stats.wall_seconds < flac.stats.wall_seconds  # (it did not wait)
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    text = await asyncio.to_thread(scrape)
+    held = [line for line in text.splitlines() if line.startswith("wavecast_encoder_held")]
+    assert held and float(held[0].rsplit(" ", 1)[1]) > 0, held
 
 
 async def test_opus_and_mp3_through_the_server(server: Any) -> None:
