@@ -5,12 +5,16 @@ The reader decodes each frame (PROTOCOL.md §2), validates it and hands
 ``_on_event`` on the event loop and wait in a send queue bounded by bytes
 (§7 ``send_buffer_bytes``) for the writer task. A client that does not read
 fast enough loses its requests (``slow_consumer``) rather than the server its
-memory. On disconnect every request of the connection is cancelled.
+memory. A second version (Multi-Band Diffusion's), which comes whole, waits
+beside the queue and goes into it as the client reads (half the bound at most),
+so that a long one is neither an overflow nor in the live streams' way. On
+disconnect every request of the connection is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -73,6 +77,7 @@ log = logging.getLogger(__name__)
 # Seconds a slow consumer's connection waits for its requests' done messages to
 # be written before it closes all the same.
 SLOW_CONSUMER_GRACE = 10.0
+SLOW_CONSUMER_MESSAGE = "the client does not read audio as fast as it is made"
 _ids = itertools.count(1)
 # Uploads are decoded and checked here, off the event loop and off the inference
 # thread, before their request is queued: a bad one is refused at once.
@@ -133,6 +138,13 @@ class Session:
         self.requests: dict[str, Request] = {}
         self._queue: asyncio.Queue[bytes | str | None] = asyncio.Queue()
         self._queued_bytes = 0
+        # A second version's frames (and what follows them, by request, in order)
+        # waiting for room in the queue: what the request made, bounded by its length.
+        self._waiting: collections.deque[tuple[bytes | str, ServerMessage]] = collections.deque()
+        self._waiting_bytes = 0
+        self._waiting_ids: collections.Counter[str] = collections.Counter()
+        # Requests whose audio was dropped (slow_consumer): their done says so.
+        self._dropped: set[str] = set()
         self._closing = False
         # The send buffer overflowed: no more audio; each request ends with a
         # slow_consumer done, then the connection closes 1008.
@@ -181,8 +193,9 @@ class Session:
 
     @property
     def buffered_bytes(self) -> int:
-        """Frames queued for this client and not yet written (bounded: §7)."""
-        return self._queued_bytes
+        """Frames queued for this client and not yet written (bounded: §7), and a
+        second version's waiting for room."""
+        return self._queued_bytes + self._waiting_bytes
 
     def _handle(self, frame: bytes | str) -> None:
         self.text = isinstance(frame, str)
@@ -376,12 +389,23 @@ class Session:
         if self._closing:
             return
         if isinstance(message, Audio) and self._slow:
+            self._dropped.add(message.id)
             return  # the client cannot keep up: its requests are ending
+        message = self._honest(message)
         frame = encode(message, text=self.text)
         size = len(frame)
+        rendition = isinstance(message, Audio) and message.rendition is not None
+        rid = str(getattr(message, "id", None) or "")
+        waits = bool(rid) and self._waiting_ids[rid] > 0  # (its order kept)
+        if waits or (rendition and self._queued_bytes + size > self._rendition_room()):
+            self._waiting.append((frame, message))
+            self._waiting_bytes += size
+            self._waiting_ids[rid] += 1
+            return
         if isinstance(message, Audio) and self._queued_bytes + size > (
             self.config.limits.send_buffer_bytes
         ):
+            self._dropped.add(message.id)
             self._slow_consumer()
             return
         # Other messages are small and few (bounded by the requests in flight):
@@ -391,13 +415,56 @@ class Session:
         if self._slow and isinstance(message, Done) and not self.requests:
             self._close_slow()
 
+    def _honest(self, message: ServerMessage) -> ServerMessage:
+        """A done after audio of its request was dropped says so, though the
+        request finished in the scheduler before it was asked to end."""
+        if isinstance(message, Done) and message.id in self._dropped:
+            self._dropped.discard(message.id)
+            if message.status != "error":
+                error = ErrorInfo(SlowConsumer.code, SLOW_CONSUMER_MESSAGE)
+                message = dataclasses.replace(message, status="error", error=error)
+        return message
+
+    def _rendition_room(self) -> int:
+        """What a second version's frames may fill the queue to: half of it (the
+        rest is the live streams')."""
+        return self.config.limits.send_buffer_bytes // 2
+
+    def _let_waiting_in(self) -> None:
+        """Frames that waited, into the queue while there is room (after the slow
+        consumer's end, only what is not audio)."""
+        while self._waiting and not self._closing:
+            frame, message = self._waiting[0]
+            if (
+                isinstance(message, Audio)
+                and not self._slow
+                and self._queued_bytes + len(frame) > self._rendition_room()
+            ):
+                return
+            self._waiting.popleft()
+            self._waiting_bytes -= len(frame)
+            rid = str(getattr(message, "id", None) or "")
+            self._waiting_ids[rid] -= 1
+            if self._waiting_ids[rid] <= 0:
+                del self._waiting_ids[rid]
+            if isinstance(message, Audio) and self._slow:
+                self._dropped.add(message.id)
+                continue
+            if isinstance(message, Done) and message.id in self._dropped:
+                frame = encode(self._honest(message), text=self.text)
+            self._queued_bytes += len(frame)
+            self._queue.put_nowait(frame)
+            if self._slow and isinstance(message, Done) and not self.requests:
+                self._close_slow()
+
     def _slow_consumer(self) -> None:
         """The send buffer is full of audio the client has not read (§6
         ``slow_consumer``): stop queuing audio, end every request with a
         ``slow_consumer`` done, and close 1008 once those are written."""
         self.log.warning("send buffer full (%d bytes): ending its requests", self._queued_bytes)
         self._slow = True
-        self._cancel_all(SlowConsumer("the client does not read audio as fast as it is made"))
+        self._let_waiting_in()  # (their dones; no more audio)
+        self._cancel_all(SlowConsumer(SLOW_CONSUMER_MESSAGE))
         if not self.requests:
             self._close_slow()
         else:  # the scheduler ends them within a step; a bound all the same
@@ -424,6 +491,8 @@ class Session:
                 self._flushed.set()
                 return
             self._queued_bytes -= len(frame)
+            if self._waiting:
+                self._let_waiting_in()
             await self.ws.send(frame)
 
     async def close(self, code: int, reason: str) -> None:

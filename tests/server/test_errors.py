@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgpack
@@ -160,6 +161,49 @@ async def test_slow_consumer_gets_its_done_then_is_disconnected_not_buffered() -
         assert isinstance(received[-1], Done)  # nothing after the last done
         await srv.scheduler.wait_idle(5.0)
         assert srv.scheduler.snapshot()["active"] == 0
+
+
+async def test_a_request_done_before_its_audio_was_dropped_does_not_say_completed() -> None:
+    """Requests so short that their audio and their done come in one step: the
+    ask to end them reaches the scheduler after they finished, but audio of
+    theirs was dropped all the same, and their done says so."""
+    async with running_server(make_config(send_buffer_bytes=1024)) as srv:
+        async with ws_connect(srv.url) as ws:
+            await ws.recv()
+            for rid in ("a", "b", "c"):
+                params = {"duration": 0.1}
+                await ws.send(encode(Generate(id=rid, model="tiny-musicgen", params=params)))
+            received = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    received.append(decode(await ws.recv()))
+        dones = [m for m in received if isinstance(m, Done)]
+        assert sorted(d.id for d in dones) == ["a", "b", "c"]
+        assert {(d.status, d.error.code if d.error else None) for d in dones} == {
+            ("error", "slow_consumer")
+        }
+
+
+async def test_a_second_version_longer_than_the_send_buffer_reaches_a_client_that_reads() -> None:
+    """Multi-Band Diffusion's version comes whole, here three times the send
+    buffer: it waits beside the queue and goes in as the client reads (half the
+    buffer at most), whole; no slow_consumer; a live stream on the same
+    connection meanwhile streams on."""
+    async with (
+        running_server(make_config(send_buffer_bytes=128 << 10)) as srv,
+        connect(srv.url) as client,
+    ):
+        polished = await client.generate("tiny-musicgen", "x", duration=3.0, mbd=True, seed=1)
+        result = await polished.collect()
+        assert result.status == "completed", result.error
+        assert len(result.renditions["mbd"]) == len(result.pcm) == 3 * 32000 * 2
+        # Again, with a live stream beside it on the connection.
+        polished = await client.generate("tiny-musicgen", "x", duration=3.0, mbd=True, seed=1)
+        live = await client.generate("tiny-musicgen", "y", duration=6.0, format="pcm_f32le")
+        again, beside = await asyncio.gather(polished.collect(), live.collect())
+    assert again.status == beside.status == "completed", (again.error, beside.error)
+    assert again.renditions["mbd"] == result.renditions["mbd"]
+    assert beside.frames == 6 * 32000
 
 
 async def test_progress_is_bounded(server: Any) -> None:
