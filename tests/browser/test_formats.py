@@ -69,6 +69,15 @@ async def choose(page: Any, format: str, bitrate: int | None = None) -> None:
         await page.fill("#bitrate", str(bitrate))
 
 
+async def submit(page: Any, prompt: str, **params: str) -> str:
+    """Fill the prompt and these parameters' fields, press Generate: the new card's id."""
+    for name, value in params.items():
+        await page.fill(f"#param-{name}", value)
+    await page.fill("#prompt", prompt)
+    await page.click("#generate")
+    return str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+
+
 async def finished(page: Any, rid: str, seconds: float = 60) -> dict[str, Any]:
     await wait(
         page,
@@ -95,10 +104,7 @@ async def test_an_encoded_stream_plays_as_it_comes_and_downloads_as_its_file(
     await choose(page, format, bitrate)
     help_text = await page.text_content("#stream-format-help")
     assert "kbit/s" in help_text
-    await page.fill("#prompt", f"{format} on the wire")
-    await page.fill("#param-duration", "10")
-    await page.click("#generate")
-    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    rid = await submit(page, f"{format} on the wire", duration="10")
     # Played while the server is still generating: decoded as the file comes.
     await wait(
         page,
@@ -165,10 +171,8 @@ async def test_opus_speech_cancelled_and_mbd_music_in_flac(
         await page.select_option("#model", "tiny-higgs")
         await choose(page, "opus", 24)
         # (Random weights speak on to the limit: a short one.)
-        await page.fill("#param-max_new_tokens", "150")
-        await page.fill("#prompt", "Hello there, this is a long enough sentence to speak.")
-        await page.click("#generate")
-        rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+        text = "Hello there, this is a long enough sentence to speak."
+        rid = await submit(page, text, max_new_tokens="150")
         done = await finished(page, rid)
         assert done["status"] == "completed", done["error"]
         state = await page.evaluate(RATES, rid)
@@ -184,10 +188,7 @@ async def test_opus_speech_cancelled_and_mbd_music_in_flac(
         # Cancelled: the file the server closed, whole; offered as a partial one.
         await page.select_option("#model", "tiny-musicgen")
         await choose(page, "flac")
-        await page.fill("#prompt", "cut short")
-        await page.fill("#param-duration", "30")
-        await page.click("#generate")
-        cut = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+        cut = await submit(page, "cut short", duration="30")
         await wait(page, "(id) => window.wavecast.cards.get(id).frames > 0", cut)
         await page.click(f"#cards article[data-id='{cut}'] .cancel")
         partial = await finished(page, cut)
@@ -208,10 +209,7 @@ async def test_opus_speech_cancelled_and_mbd_music_in_flac(
 
         # Multi-Band Diffusion's version: a second file, decoded whole, both offered.
         await page.check("#param-mbd")
-        await page.fill("#param-duration", "1")
-        await page.fill("#prompt", "polished, losslessly")
-        await page.click("#generate")
-        mbd = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+        mbd = await submit(page, "polished, losslessly", duration="1")
         done = await finished(page, mbd)
         assert done["status"] == "completed", done["error"]
         frames = await page.evaluate("(id) => window.wavecast.cards.get(id).mbdFrames", mbd)
@@ -237,10 +235,7 @@ async def test_the_format_travels_with_the_card(
     context = {"permissions": ["clipboard-read", "clipboard-write"]}
     page = await open_page(browser, server, **context)
     await choose(page, "opus", 48)
-    await page.fill("#prompt", "small on the wire")
-    await page.fill("#param-duration", "0.5")
-    await page.click("#generate")
-    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    rid = await submit(page, "small on the wire", duration="0.5")
     assert (await finished(page, rid))["status"] == "completed"
     article = f"#cards article[data-id='{rid}']"
     await page.click(f"{article} .show-code")
@@ -351,10 +346,7 @@ async def test_a_lost_connection_keeps_what_was_decoded(
 ) -> None:
     page = await open_page(browser, server)
     await choose(page, "flac")
-    await page.fill("#prompt", "the line goes down")
-    await page.fill("#param-duration", "60")
-    await page.click("#generate")
-    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    rid = await submit(page, "the line goes down", duration="60")
     await wait(page, "(id) => window.wavecast.cards.get(id).frames > 32000", rid)
     for session in list(server.sessions):
         await session.ws.close()
