@@ -87,7 +87,7 @@ export function formatHelp(format, model, rate, bitrate) {
   if (format === "flac") return `the 16-bit samples (${pcm / 2} kbit/s), losslessly compressed: a quarter to a half less`;
   const out = rate || streamRate(format, model.sample_rate);
   const kbps = Math.round((bitrate || defaultBitrate(format, out, channels)) / 1000);
-  return `${kbps} kbit/s${bitrate ? "" : " (the server's choice)"} against PCM's ${pcm}: for a slow connection; the card offers the ${ENCODED[format].label} file`;
+  return `${kbps} kbit/s of audio${bitrate ? "" : " (the server's choice)"} against PCM's ${pcm}: for a slow connection; the card offers the ${ENCODED[format].label} file`;
 }
 
 export function renderFormat() {
