@@ -207,6 +207,53 @@ async def test_a_second_version_longer_than_the_send_buffer_reaches_a_client_tha
     assert beside.frames == 6 * 32000
 
 
+async def test_second_versions_waiting_on_one_connection_stay_whole_and_in_order() -> None:
+    """Three requests with Multi-Band Diffusion and a plain one on one
+    connection, each version longer than half the send buffer: every chunk of
+    every version arrives, contiguous (the client checks each offset), each done
+    last; a connection closed while versions wait leaves nothing behind in the
+    server."""
+    async with running_server(make_config(send_buffer_bytes=512 << 10)) as srv:
+        async with connect(srv.url) as client:
+            kwargs: dict[str, Any] = dict(mbd=True, format="pcm_f32le")
+            streams = [
+                await client.generate("tiny-musicgen", f"v{i}", duration=2.0 + i, seed=i, **kwargs)
+                for i in range(3)
+            ]
+            streams.append(await client.generate("tiny-musicgen", "plain", duration=4.0))
+            results = await asyncio.gather(*(stream.collect() for stream in streams))
+        for i, result in enumerate(results[:3]):
+            assert result.status == "completed", result.error
+            assert len(result.pcm) == len(result.renditions["mbd"]) == (2 + i) * 32000 * 4
+        assert results[3].status == "completed" and results[3].frames == 4 * 32000
+        # Left while the versions wait: the server cancels what runs and drops the rest.
+        async with ws_connect(srv.url) as ws:
+            await ws.recv()
+            for rid in ("p", "q"):
+                generate = Generate(
+                    id=rid,
+                    model="tiny-musicgen",
+                    params={"duration": 4.0, "mbd": True},
+                    format="pcm_f32le",
+                )
+                await ws.send(encode(generate))
+            while True:
+                message = decode(await ws.recv())
+                if getattr(message, "rendition", None) == "mbd":
+                    break
+        assert await srv.scheduler.wait_idle(timeout(30))
+        snapshot = srv.scheduler.snapshot()
+        assert snapshot["active"] == 0 and snapshot["failed"] == 0
+        for _ in range(int(timeout(10) / 0.01)):  # (the connection's own end)
+            if not srv.sessions:
+                break
+            await asyncio.sleep(0.01)
+        assert not srv.sessions
+        async with connect(srv.url) as client:  # (and serves on)
+            again = await (await client.generate("tiny-musicgen", "x", duration=0.5)).collect()
+            assert again.status == "completed"
+
+
 async def test_progress_is_bounded(server: Any) -> None:
     """At most about 100 progress messages a stage, and about 20 a second (a
     stream many times faster than real time would send one every few steps)."""
