@@ -83,8 +83,9 @@ class Request:
     cancel_error: WavecastError | None = None
     sample_rate: int | None = None  # the audio's rate as asked for (None: the model's)
     # True while the request's audio is not taken up as fast as it is made (its
-    # encoders are behind: ``EncodedStream.behind``): it is left out of the steps
-    # meanwhile, the others going on. Called on the inference thread.
+    # client reads slower: ``Session.congested``; its encoders are behind:
+    # ``EncodedStream.behind``): it is left out of the steps meanwhile, the
+    # others going on. Called on the inference thread.
     held: Callable[[], bool] | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
     # Inference-thread bookkeeping.

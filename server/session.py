@@ -3,9 +3,13 @@
 The reader decodes each frame (PROTOCOL.md §2), validates it and hands
 ``generate`` to the scheduler; the scheduler's events come back through
 ``_on_event`` on the event loop and wait in a send queue bounded by bytes
-(§7 ``send_buffer_bytes``) for the writer task. A client that does not read
-fast enough loses its requests (``slow_consumer``) rather than the server its
-memory. A second version (Multi-Band Diffusion's), which comes whole, waits
+(§7 ``send_buffer_bytes``) for the writer task. While more than half of it
+waits, the client's requests sit out the model's steps (``Request.held``): a
+client that reads slower than its audio is made, but at least in real time,
+gets it at the pace it reads. One that reads slower than real time (its
+requests fall ``PACE_GRACE`` behind), or whose buffer overflows anyway, loses
+its requests (``slow_consumer``) rather than the server its memory and its
+slots. A second version (Multi-Band Diffusion's), which comes whole, waits
 beside the queue and goes into it as the client reads (half the bound at most),
 so that a long one is neither an overflow nor in the live streams' way. On
 disconnect every request of the connection is cancelled.
@@ -19,6 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -78,6 +83,9 @@ log = logging.getLogger(__name__)
 # be written before it closes all the same.
 SLOW_CONSUMER_GRACE = 10.0
 SLOW_CONSUMER_MESSAGE = "the client does not read audio as fast as it is made"
+# Seconds a request held back by its client may fall behind real time (its audio
+# made, against the time since it started) before the client is a slow consumer.
+PACE_GRACE = 10.0
 _ids = itertools.count(1)
 # Uploads are decoded and checked here, off the event loop and off the inference
 # thread, before their request is queued: a bad one is refused at once.
@@ -145,6 +153,7 @@ class Session:
         self._waiting_ids: collections.Counter[str] = collections.Counter()
         # Requests whose audio was dropped (slow_consumer): their done says so.
         self._dropped: set[str] = set()
+        self._paced_at = 0.0  # when the requests' pace was last checked
         self._closing = False
         # The send buffer overflowed: no more audio; each request ends with a
         # slow_consumer done, then the connection closes 1008.
@@ -288,7 +297,7 @@ class Session:
                     bitrate=message.bitrate,
                     metrics=self.scheduler.metrics,
                 )
-                held = sink.behind  # (it waits for its encoders, rather than fail)
+                held = self._held_for(sink)  # (it waits for its encoders, rather than fail)
             request = Request(
                 id=message.id,
                 model=message.model,
@@ -296,7 +305,7 @@ class Session:
                 format=wire_format,
                 sample_rate=sample_rate,
                 sink=sink,
-                held=held,
+                held=held or self.congested,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
             )
             check = self.scheduler.request_check(message.model)
@@ -412,8 +421,44 @@ class Session:
         # they always go, so that every request's done reaches the client.
         self._queued_bytes += size
         self._queue.put_nowait(frame)
+        if isinstance(message, Audio) and not rendition and self.congested():
+            self._check_pace()
         if self._slow and isinstance(message, Done) and not self.requests:
             self._close_slow()
+
+    def _held_for(self, stream: EncodedStream) -> Callable[[], bool]:
+        """An encoded stream's request sits out steps while its client or its
+        encoders are behind."""
+        behind = stream.behind
+
+        def held() -> bool:
+            return self.congested() or behind()
+
+        return held
+
+    def congested(self) -> bool:
+        """More than half the send buffer waits for the client: its requests sit
+        out the steps until it has read below that (read on the inference thread)."""
+        return self._queued_bytes > self.config.limits.send_buffer_bytes // 2
+
+    def _check_pace(self) -> None:
+        """Held back by the client, a request that falls ``PACE_GRACE`` behind
+        real time means a client slower than real time: it is a slow consumer
+        (else it would keep a slot as long as it likes). At most once a second."""
+        now = time.perf_counter()
+        if now < self._paced_at + 1.0:
+            return
+        self._paced_at = now
+        for request in self.requests.values():
+            outputs = request.outputs
+            if not request.started_at or outputs is None or outputs.stage is not None:
+                continue  # (not started, or its live stream complete)
+            if now - request.started_at - PACE_GRACE > request.seconds:
+                self._slow_consumer(
+                    f"request {request.id}: {request.seconds:.1f} s of audio in "
+                    f"{now - request.started_at:.1f} s, held back by a client slower than real time"
+                )
+                return
 
     def _honest(self, message: ServerMessage) -> ServerMessage:
         """A done after audio of its request was dropped says so, though the
@@ -457,11 +502,13 @@ class Session:
             if self._slow and isinstance(message, Done) and not self.requests:
                 self._close_slow()
 
-    def _slow_consumer(self) -> None:
-        """The send buffer is full of audio the client has not read (§6
-        ``slow_consumer``): stop queuing audio, end every request with a
-        ``slow_consumer`` done, and close 1008 once those are written."""
-        self.log.warning("send buffer full (%d bytes): ending its requests", self._queued_bytes)
+    def _slow_consumer(self, why: str = "") -> None:
+        """The send buffer is full of audio the client has not read, or the
+        client reads slower than real time (§6 ``slow_consumer``): stop queuing
+        audio, end every request with a ``slow_consumer`` done, and close 1008
+        once those are written."""
+        why = why or f"send buffer full ({self._queued_bytes} bytes)"
+        self.log.warning("%s: ending its requests", why)
         self._slow = True
         self._let_waiting_in()  # (their dones; no more audio)
         self._cancel_all(SlowConsumer(SLOW_CONSUMER_MESSAGE))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from helpers import make_config, running_server, timeout
 from test_stream import scrape
@@ -14,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from wavecast.clients import connect
 from wavecast.protocol import Done, ErrorMessage, Generate, Progress, decode, encode
+from wavecast.server import session
 from wavecast.server.outputs import PROGRESS_INTERVAL
 
 
@@ -250,6 +254,88 @@ async def test_second_versions_waiting_on_one_connection_stay_whole_and_in_order
             await asyncio.sleep(0.01)
         assert not srv.sessions
         async with connect(srv.url) as client:  # (and serves on)
+            again = await (await client.generate("tiny-musicgen", "x", duration=0.5)).collect()
+            assert again.status == "completed"
+
+
+async def slow_reader(
+    srv: Any, bytes_per_second: float | None, seconds: float, seed: int, stop: float = 120.0
+) -> tuple[Done | None, bytes]:
+    """A request of float PCM at 192 kHz (768 kB a second of audio: the tiny
+    model makes it some ten times faster), read at ``bytes_per_second`` (None:
+    at once) through a small receive buffer; its done (None: not within
+    ``stop`` seconds) and its audio."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.port))
+    audio = bytearray()
+    params = {"duration": seconds, "seed": seed}
+    generate = Generate(
+        id="a", model="tiny-musicgen", params=params, format="pcm_f32le", sample_rate=192000
+    )
+    connecting = ws_connect(srv.url, sock=sock, max_size=None, max_queue=4, close_timeout=0.5)
+    async with connecting as ws:
+        await ws.recv()
+        await ws.send(encode(generate))
+        deadline = asyncio.get_running_loop().time() + stop
+        while asyncio.get_running_loop().time() < deadline:
+            message = decode(await ws.recv())
+            if isinstance(message, Done):
+                return message, bytes(audio)
+            if message.type == "audio":
+                audio += message.data  # type: ignore[attr-defined]
+                if bytes_per_second:
+                    await asyncio.sleep(len(message.data) / bytes_per_second)  # type: ignore[attr-defined]
+    return None, bytes(audio)
+
+
+async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> None:
+    """A client reading at 2.6x real time, the model making audio at some 15x:
+    once half the send buffer waits for it (the kernel's socket buffers full
+    first), its request sits out steps while it reads, and completes: every
+    sample, as a client reading at once gets them (the same seed). Before, its
+    buffer overflowed (``slow_consumer``)."""
+    async with running_server(make_config(send_buffer_bytes=1 << 20)) as srv:
+        fast, expected = await slow_reader(srv, None, 12.0, seed=3)
+        paced, audio = await slow_reader(srv, 2_000_000, 12.0, seed=3)
+    assert fast is not None and fast.status == "completed"
+    assert paced is not None and paced.status == "completed", paced.error
+    assert len(audio) == len(expected) == 12 * 192000 * 4
+    heard = np.frombuffer(audio, dtype="<f4")
+    made = np.frombuffer(expected, dtype="<f4")
+    assert np.abs(heard - made).max() < 1e-4  # (float rounding where the chunks split)
+
+
+async def test_a_client_slower_than_real_time_is_a_slow_consumer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client reading at a tenth of real time holds its request back until
+    the request falls ``PACE_GRACE`` (here 0) behind real time: then it is a slow
+    consumer (it would keep the request's slot for ten times its length), and
+    the server serves on. (Slower still, the keepalive's ping, behind what the
+    client has not read, goes unanswered first: the connection closes.)"""
+    monkeypatch.setattr(session, "PACE_GRACE", 0.0)
+    async with running_server(make_config(send_buffer_bytes=1 << 20)) as srv:
+        task = asyncio.create_task(slow_reader(srv, 77_000, 60.0, seed=1, stop=timeout(40)))
+        for _ in range(int(timeout(40) / 0.05)):  # (long before its 60 s are made)
+            await asyncio.sleep(0.05)
+            if srv.scheduler.snapshot()["failed"]:
+                break
+        assert await srv.scheduler.wait_idle(timeout(10))
+        snapshot = srv.scheduler.snapshot()
+        assert snapshot["failed"] == 1 and snapshot["completed"] == 0
+        counts, _ = await scrape(srv.port)
+        assert (
+            counts[
+                'wavecast_requests_total{code="slow_consumer",model="tiny-musicgen",status="error"}'
+            ]
+            == 1
+        )
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await task
+        async with connect(srv.url) as client:
             again = await (await client.generate("tiny-musicgen", "x", duration=0.5)).collect()
             assert again.status == "completed"
 
