@@ -154,6 +154,7 @@ class Session:
         # Requests whose audio was dropped (slow_consumer): their done says so.
         self._dropped: set[str] = set()
         self._paced_at = 0.0  # when the requests' pace was last checked
+        self._pace_timer: asyncio.TimerHandle | None = None  # (checked while congested)
         self._closing = False
         # The send buffer overflowed: no more audio; each request ends with a
         # slow_consumer done, then the connection closes 1008.
@@ -187,6 +188,9 @@ class Session:
         finally:
             for task in list(self._checks):
                 task.cancel()
+            if self._pace_timer is not None:
+                self._pace_timer.cancel()
+            self._closing = True
             if self._on_close is not None:
                 self._on_close(self)
             self.log.info("disconnected (%s)", self.ws.close_code)
@@ -423,6 +427,7 @@ class Session:
         self._queue.put_nowait(frame)
         if isinstance(message, Audio) and not rendition and self.congested():
             self._check_pace()
+            self._watch_pace()
         if self._slow and isinstance(message, Done) and not self.requests:
             self._close_slow()
 
@@ -459,6 +464,20 @@ class Session:
                     f"{now - request.started_at:.1f} s, held back by a client slower than real time"
                 )
                 return
+
+    def _watch_pace(self) -> None:
+        """While the client holds its requests back, their pace is checked every
+        second, whether it reads or not (a client that reads nothing sends no
+        chunk through ``_send``; the keepalive may be off)."""
+        if self._pace_timer is None and not self._closing:
+            self._pace_timer = asyncio.get_running_loop().call_later(1.0, self._pace_tick)
+
+    def _pace_tick(self) -> None:
+        self._pace_timer = None
+        if self._closing or self._slow or not self.congested():
+            return
+        self._check_pace()
+        self._watch_pace()
 
     def _honest(self, message: ServerMessage) -> ServerMessage:
         """A done after audio of its request was dropped says so, though the

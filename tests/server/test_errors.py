@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -263,8 +264,8 @@ async def slow_reader(
 ) -> tuple[Done | None, bytes]:
     """A request of float PCM at 192 kHz (768 kB a second of audio: the tiny
     model makes it some ten times faster), read at ``bytes_per_second`` (None:
-    at once) through a small receive buffer; its done (None: not within
-    ``stop`` seconds) and its audio."""
+    at once; 0: not at all) through a small receive buffer; its done (None: not
+    within ``stop`` seconds) and its audio."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     sock.setblocking(False)
@@ -278,6 +279,9 @@ async def slow_reader(
     async with connecting as ws:
         await ws.recv()
         await ws.send(encode(generate))
+        if bytes_per_second == 0:
+            await asyncio.sleep(stop)
+            return None, b""
         deadline = asyncio.get_running_loop().time() + stop
         while asyncio.get_running_loop().time() < deadline:
             message = decode(await ws.recv())
@@ -338,6 +342,30 @@ async def test_a_client_slower_than_real_time_is_a_slow_consumer(
         async with connect(srv.url) as client:
             again = await (await client.generate("tiny-musicgen", "x", duration=0.5)).collect()
             assert again.status == "completed"
+
+
+async def test_a_client_that_reads_nothing_is_a_slow_consumer_without_a_keepalive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the keepalive's pings off, a client that reads nothing at all
+    (its request held back once the socket's buffers and half the send buffer
+    are full) still ends as a slow consumer once the request falls behind real
+    time: its slot is not kept."""
+    monkeypatch.setattr(session, "PACE_GRACE", 0.0)
+    config = make_config(send_buffer_bytes=1 << 20)
+    config = replace(config, timeouts=replace(config.timeouts, ping_interval=None))
+    async with running_server(config) as srv:
+        task = asyncio.create_task(slow_reader(srv, 0, 60.0, seed=1, stop=timeout(40)))
+        for _ in range(int(timeout(40) / 0.05)):
+            await asyncio.sleep(0.05)
+            if srv.scheduler.snapshot()["failed"]:
+                break
+        assert await srv.scheduler.wait_idle(timeout(10))
+        snapshot = srv.scheduler.snapshot()
+        assert snapshot["failed"] == 1 and snapshot["completed"] == 0
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await task
 
 
 async def test_progress_is_bounded(server: Any) -> None:
