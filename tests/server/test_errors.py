@@ -145,18 +145,25 @@ async def test_oversized_frame_closes_with_1009() -> None:
             ).status == "completed"
 
 
+async def until_closed(srv: Any, ids: tuple[str, ...], duration: float) -> list[Any]:
+    """Requests of ``duration`` seconds on one raw connection, read until the
+    server closes it (1008): every message received."""
+    async with ws_connect(srv.url) as ws:
+        await ws.recv()
+        for rid in ids:
+            params = {"duration": duration}
+            await ws.send(encode(Generate(id=rid, model="tiny-musicgen", params=params)))
+        received = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                received.append(decode(await ws.recv()))
+        assert ws.close_code == 1008
+    return received
+
+
 async def test_slow_consumer_gets_its_done_then_is_disconnected_not_buffered() -> None:
     async with running_server(make_config(send_buffer_bytes=4096)) as srv:
-        async with ws_connect(srv.url) as ws:
-            await ws.recv()
-            for rid in ("s", "t"):
-                params = {"duration": 5.0}
-                await ws.send(encode(Generate(id=rid, model="tiny-musicgen", params=params)))
-            received = []
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    received.append(decode(await ws.recv()))
-            assert ws.close_code == 1008
+        received = await until_closed(srv, ("s", "t"), 5.0)
         # Exactly one done per request, with the reason, before the close (§4.6).
         dones = [m for m in received if isinstance(m, Done)]
         assert sorted(d.id for d in dones) == ["s", "t"]
@@ -173,15 +180,7 @@ async def test_a_request_done_before_its_audio_was_dropped_does_not_say_complete
     ask to end them reaches the scheduler after they finished, but audio of
     theirs was dropped all the same, and their done says so."""
     async with running_server(make_config(send_buffer_bytes=1024)) as srv:
-        async with ws_connect(srv.url) as ws:
-            await ws.recv()
-            for rid in ("a", "b", "c"):
-                params = {"duration": 0.1}
-                await ws.send(encode(Generate(id=rid, model="tiny-musicgen", params=params)))
-            received = []
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    received.append(decode(await ws.recv()))
+        received = await until_closed(srv, ("a", "b", "c"), 0.1)
         dones = [m for m in received if isinstance(m, Done)]
         assert sorted(d.id for d in dones) == ["a", "b", "c"]
         assert {(d.status, d.error.code if d.error else None) for d in dones} == {
@@ -294,6 +293,17 @@ async def slow_reader(
     return None, bytes(audio)
 
 
+async def failed_once(srv: Any) -> None:
+    """Wait for the server's one request to fail (within 40 s), then for it to be idle."""
+    for _ in range(int(timeout(40) / 0.05)):
+        await asyncio.sleep(0.05)
+        if srv.scheduler.snapshot()["failed"]:
+            break
+    assert await srv.scheduler.wait_idle(timeout(10))
+    snapshot = srv.scheduler.snapshot()
+    assert snapshot["failed"] == 1 and snapshot["completed"] == 0
+
+
 async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> None:
     """A client reading at 2.6x real time, the model making audio at some 15x:
     once half the send buffer waits for it (the kernel's socket buffers full
@@ -322,13 +332,7 @@ async def test_a_client_slower_than_real_time_is_a_slow_consumer(
     monkeypatch.setattr(session, "PACE_GRACE", 0.0)
     async with running_server(make_config(send_buffer_bytes=1 << 20)) as srv:
         task = asyncio.create_task(slow_reader(srv, 77_000, 60.0, seed=1, stop=timeout(40)))
-        for _ in range(int(timeout(40) / 0.05)):  # (long before its 60 s are made)
-            await asyncio.sleep(0.05)
-            if srv.scheduler.snapshot()["failed"]:
-                break
-        assert await srv.scheduler.wait_idle(timeout(10))
-        snapshot = srv.scheduler.snapshot()
-        assert snapshot["failed"] == 1 and snapshot["completed"] == 0
+        await failed_once(srv)  # (long before its 60 s are made)
         counts, _ = await scrape(srv.port)
         assert (
             counts[
@@ -356,13 +360,7 @@ async def test_a_client_that_reads_nothing_is_a_slow_consumer_without_a_keepaliv
     config = replace(config, timeouts=replace(config.timeouts, ping_interval=None))
     async with running_server(config) as srv:
         task = asyncio.create_task(slow_reader(srv, 0, 60.0, seed=1, stop=timeout(40)))
-        for _ in range(int(timeout(40) / 0.05)):
-            await asyncio.sleep(0.05)
-            if srv.scheduler.snapshot()["failed"]:
-                break
-        assert await srv.scheduler.wait_idle(timeout(10))
-        snapshot = srv.scheduler.snapshot()
-        assert snapshot["failed"] == 1 and snapshot["completed"] == 0
+        await failed_once(srv)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
             await task
