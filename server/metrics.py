@@ -110,9 +110,9 @@ class Metrics:
             registry=self.registry,
         )
         self._held = Counter(
-            "wavecast_encoder_held_steps",
-            "Steps that requests sat out waiting for their encoders to catch up (more than "
-            "a few seconds of audio behind), by model: the encoders are the bottleneck.",
+            "wavecast_held_steps",
+            "Steps that requests sat out, their audio not taken up as fast as it was made "
+            "(their client reading slower, or their encoders behind), by model.",
             ["model"],
             registry=self.registry,
         )
@@ -143,7 +143,7 @@ class Metrics:
             self._speed.labels(model).observe(real_time_factor)
 
     def held(self, model: str) -> None:
-        """A request left out of a step: its encoders are behind."""
+        """A request left out of a step: its client or its encoders are behind."""
         self._held.labels(model).inc()
 
     def encoded(self, format: str, audio_seconds: float, busy_seconds: float) -> None:

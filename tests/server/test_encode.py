@@ -393,7 +393,7 @@ async def test_a_stream_whose_encoders_lag_waits_for_them_and_loses_nothing(
             return str(response.read().decode())
 
     text = await asyncio.to_thread(scrape)
-    held = [line for line in text.splitlines() if line.startswith("wavecast_encoder_held")]
+    held = [line for line in text.splitlines() if line.startswith("wavecast_held_steps")]
     assert held and float(held[0].rsplit(" ", 1)[1]) > 0, held
 
 

@@ -312,7 +312,11 @@ async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> N
     buffer overflowed (``slow_consumer``)."""
     async with running_server(make_config(send_buffer_bytes=1 << 20)) as srv:
         fast, expected = await slow_reader(srv, None, 12.0, seed=3)
+        counts, _ = await scrape(srv.port)
+        assert counts.get('wavecast_held_steps_total{model="tiny-musicgen"}', 0) == 0
         paced, audio = await slow_reader(srv, 2_000_000, 12.0, seed=3)
+        counts, _ = await scrape(srv.port)
+        assert counts['wavecast_held_steps_total{model="tiny-musicgen"}'] > 0  # (it was held)
     assert fast is not None and fast.status == "completed"
     assert paced is not None and paced.status == "completed", paced.error
     assert len(audio) == len(expected) == 12 * 192000 * 4
