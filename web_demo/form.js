@@ -55,14 +55,15 @@ export function currentBitrate() {
   return Math.round(Number(box.value) * 1000);
 }
 
-// The server's bit rate for a lossy stream when none is asked for (§3.1).
+// The server's bit rate for a lossy stream when none is asked for (§3.1; server.encode.bit_rate:
+// a test checks they agree).
 export function defaultBitrate(format, rate, channels) {
   if (format === "opus") return (rate > 16000 ? 64000 : 32000) * channels;
   const perChannel = rate >= 32000 ? 128000 : rate >= 16000 ? 64000 : 32000;
   return Math.min(320000, perChannel * channels);
 }
 
-const OPUS_RATES = [8000, 12000, 16000, 24000, 48000];
+export const OPUS_RATES = [8000, 12000, 16000, 24000, 48000]; // (protocol CODEC_RATES: a test checks)
 
 // The rate a format's stream goes out at, from the model's: Opus takes 8, 12,
 // 16, 24 or 48 kHz (the next one up); the others, the model's.

@@ -20,6 +20,9 @@ from helpers import higgs_engines, running_server
 from test_cards import run, wait
 from test_demo import MS, browser, card, open_page  # noqa: F401 - fixture
 
+from wavecast.protocol.messages import CODEC_RATES
+from wavecast.server.encode import bit_rate
+
 pytestmark = pytest.mark.browser
 
 MP3_DELAY = 1105  # LAME's: a streamed MP3 carries no count to take it off
@@ -300,6 +303,15 @@ async def test_refusals_at_their_fields_and_no_decoder_no_formats(
     await wait(page, "!!document.querySelector('#bitrate-error')")
     assert await page.get_attribute("#bitrate", "aria-invalid") == "true"
     assert await page.evaluate("window.wavecast.cards.size") == 0
+    # The page's copy of the server's defaults and Opus's rates is the server's.
+    rates = (8000, 16000, 24000, 48000)
+    cases = [(f, r, c) for f in ("opus", "mp3") for r in rates for c in (1, 2)]
+    mirrored = await page.evaluate(
+        """async (cases) => { const form = await import("./form.js");
+             return [cases.map(([f, r, c]) => form.defaultBitrate(f, r, c)), form.OPUS_RATES]; }""",
+        cases,
+    )
+    assert mirrored == [[bit_rate(*case) for case in cases], list(CODEC_RATES["opus"])]
     # PCM asks for no bit rate.
     await choose(page, "")
     assert not await page.is_visible("#bitrate")
