@@ -13,6 +13,7 @@ import queue
 import shlex
 import shutil
 import signal
+import ssl
 import struct
 import sys
 import threading
@@ -394,7 +395,7 @@ async def _speak(args: argparse.Namespace) -> int:
 
 
 async def _models(args: argparse.Namespace) -> int:
-    async with connect(args.url, api_key=args.api_key) as client:
+    async with connect(args.url, api_key=args.api_key, ca_file=args.ca_file) as client:
         models = list(client.models.values())
     if args.json:
         print(json.dumps([to_wire(m) for m in models], indent=2, ensure_ascii=False))
@@ -465,7 +466,7 @@ async def _run(
         if params.get("mbd"):
             bar.message("--mbd writes two files (the live version and the diffusion one): not -o -")
             return 2
-    async with connect(args.url, api_key=args.api_key) as client:
+    async with connect(args.url, api_key=args.api_key, ca_file=args.ca_file) as client:
         models = client.models
         fitting = [name for name, info in models.items() if capability in info.capabilities]
         model = args.model or next(iter(fitting), None)
@@ -652,6 +653,13 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("WAVECAST_API_KEY"),
         help="the server's API key, when it needs one (default: WAVECAST_API_KEY)",
     )
+    parser.add_argument(
+        "--ca-file",
+        default=os.environ.get("WAVECAST_CA_FILE"),
+        metavar="FILE",
+        help="for a wss:// (https://) server: trust the certificates in this PEM file (a "
+        "self-signed server's own) instead of the system's (default: WAVECAST_CA_FILE)",
+    )
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -817,8 +825,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command = {"speak": _speak, "generate": _generate, "models": _models}[args.command]
         return asyncio.run(command(args))
+    except ssl.SSLCertVerificationError as exc:
+        print(
+            f"wavecast: {args.url}: its certificate is not trusted ({exc.verify_message}); "
+            "--ca-file FILE (or WAVECAST_CA_FILE) trusts a self-signed one",
+            file=sys.stderr,
+        )
+        return 2
     except OSError as exc:
-        print(f"wavecast: cannot reach {args.url}: {exc}", file=sys.stderr)
+        if args.url.startswith("wss://") and isinstance(exc, ssl.SSLError | ConnectionResetError):
+            # (a server without TLS answers the handshake in the clear, and closes)
+            why = getattr(exc, "reason", None) or "the connection was reset"
+            print(
+                f"wavecast: {args.url}: no TLS connection ({why}); "
+                "a server without --tls-cert is ws:// (http://)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"wavecast: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2
     except InvalidStatus as exc:
         status = exc.response.status_code
@@ -835,8 +859,9 @@ def main(argv: list[str] | None = None) -> int:
             why = f"HTTP {status}: {reason}" if reason else f"HTTP {status}"
             print(f"wavecast: {args.url} refused the connection ({why})", file=sys.stderr)
         return 2
-    except InvalidHandshake as exc:  # (something else listens there)
-        print(f"wavecast: {args.url} is not a WebSocket server: {exc}", file=sys.stderr)
+    except InvalidHandshake as exc:  # (something else listens there, or TLS)
+        tls = " (or one with TLS: wss://, https://)" if args.url.startswith("ws://") else ""
+        print(f"wavecast: {args.url} is not a WebSocket server{tls}: {exc}", file=sys.stderr)
         return 2
     except ConnectionClosed as exc:  # (before a request was under way)
         if exc.rcvd is not None and exc.rcvd.code == 1013:  # (at its connection limit)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl as ssl_module
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -98,6 +99,32 @@ def stream_url(url: str) -> str:
         raise ValueError(f"not a wavecast server's address: {given!r} (ws://HOST:PORT)")
     path = parts.path if parts.path not in ("", "/") else STREAM_PATH
     return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def _tls_context(
+    url: str, ca_file: str | os.PathLike[str] | None, context: ssl_module.SSLContext | None
+) -> ssl_module.SSLContext | None:
+    """The TLS context for a stream URL (:func:`stream_url`'s): ``context`` if
+    given; for ``wss://`` with a CA file (``ca_file``, else ``WAVECAST_CA_FILE``),
+    the system's defaults trusting that file's certificates alone; else None (a
+    ``wss://`` URL: the system's trust).
+
+    Raises:
+        ValueError: TLS asked of a ``ws://`` URL.
+        OSError: The CA file cannot be read.
+    """
+    secure = url.startswith("wss://")
+    if context is not None:
+        if not secure:
+            raise ValueError(f"TLS settings given for {url}: wss:// (or https://) is a TLS one")
+        return context
+    ca_file = ca_file or os.environ.get("WAVECAST_CA_FILE") or None
+    if not secure or ca_file is None:
+        return None
+    try:
+        return ssl_module.create_default_context(cafile=ca_file)
+    except ssl_module.SSLError as exc:
+        raise OSError(f"{os.fspath(ca_file)}: no PEM certificate in it ({exc.reason})") from None
 
 
 # A WAV file's sample type (libsndfile's name) for each format of the protocol.
@@ -551,6 +578,18 @@ class connect:
         open_timeout: Seconds to wait for the connection and the greeting.
         api_key: The server's API key, when it needs one (sent as
             ``Authorization: Bearer KEY``); default: ``WAVECAST_API_KEY``.
+        ca_file: For a ``wss://`` (``https://``) server: a PEM file of the
+            certificates to trust (a self-signed server's own, or a private
+            authority's) instead of the system's; default: ``WAVECAST_CA_FILE``.
+        ssl: For a ``wss://`` server: the whole TLS context (``ca_file`` then
+            does not apply).
+
+    Raises:
+        ValueError: ``url`` names no server (:func:`stream_url`), or TLS is
+            asked of a ``ws://`` one.
+        OSError: ``ca_file`` cannot be read (when connecting: the server cannot
+            be reached, or its certificate is not trusted:
+            :class:`ssl.SSLCertVerificationError`).
     """
 
     def __init__(
@@ -560,11 +599,14 @@ class connect:
         text: bool = False,
         open_timeout: float = 10.0,
         api_key: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.url = server_url(url)
         self.text = text
         self.open_timeout = open_timeout
         self.api_key = api_key if api_key is not None else os.environ.get("WAVECAST_API_KEY")
+        self.ssl = _tls_context(self.url, ca_file, ssl)
         self._client: Client | None = None
 
     async def _connect(self) -> Client:
@@ -572,12 +614,15 @@ class connect:
         if self.text:
             url += ("&" if "?" in url else "?") + "encoding=json"
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        # (websockets refuses ssl=None with wss://: its own default context then)
+        tls: dict[str, Any] = {"ssl": self.ssl} if self.ssl else {}
         ws = await ws_connect(
             url,
             max_size=64 << 20,
             compression=None,
             open_timeout=self.open_timeout,
             additional_headers=headers,
+            **tls,
         )
         try:
             first = await asyncio.wait_for(ws.recv(), self.open_timeout)

@@ -9,6 +9,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl as ssl_module
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from types import TracebackType
@@ -61,6 +63,8 @@ class SyncClient:
         text: bool = False,
         open_timeout: float = 10.0,
         api_key: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -69,7 +73,14 @@ class SyncClient:
         self._thread.start()
         try:
             self._client: Client = self._run(
-                connect(url, text=text, open_timeout=open_timeout, api_key=api_key)._connect()
+                connect(
+                    url,
+                    text=text,
+                    open_timeout=open_timeout,
+                    api_key=api_key,
+                    ca_file=ca_file,
+                    ssl=ssl,
+                )._connect()
             )
         except BaseException:
             self._stop_loop()

@@ -36,6 +36,7 @@ from .metrics import Samples
 from .metrics import render as render_metrics
 from .scheduler import EngineFactory, Scheduler
 from .session import Session
+from .tls import Certificates, TlsError
 
 __all__ = ["WavecastServer"]
 
@@ -66,6 +67,7 @@ class WavecastServer:
         self.voices: dict[str, Voice] = {}
         self.scenes: dict[str, Scene] = {}
         self._encoder_threads = 0  # (set at start)
+        self.certificates: Certificates | None = None  # (read at start: --tls-cert)
 
     def _default_factory(self) -> Mapping[str, Engine]:
         models = self.config.models
@@ -104,15 +106,36 @@ class WavecastServer:
 
     @property
     def url(self) -> str:
+        """The stream endpoint: ``ws://host:port/v1/stream`` (``wss://`` with TLS)."""
+        return f"{'wss' if self.certificates else 'ws'}://{self._netloc}{STREAM_PATH}"
+
+    @property
+    def page_url(self) -> str:
+        """The demo page: ``http://host:port/`` (``https://`` with TLS)."""
+        return f"{'https' if self.certificates else 'http'}://{self._netloc}/"
+
+    @property
+    def _netloc(self) -> str:
         host = self.config.network.host
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}{STREAM_PATH}"
+        return f"{host}:{self.port}"
 
     async def start(self) -> None:
+        """Load the models, warm them up and listen.
+
+        Raises:
+            TlsError: The TLS certificate or key cannot be used (checked first,
+                before the models load).
+        """
         loop = asyncio.get_running_loop()
+        network = self.config.network
         limits = self.config.limits
         models = self.config.models
+        if network.tls_cert is not None:
+            self.certificates = await asyncio.to_thread(
+                Certificates, network.tls_cert, network.tls_key
+            )
         self.voices = await asyncio.to_thread(load_voices, models.voices_dir)
         self.scenes = await asyncio.to_thread(load_scenes, models.scenes_dir or BUILTIN_SCENES)
         self.scheduler = Scheduler(
@@ -126,7 +149,7 @@ class WavecastServer:
         await self.scheduler.start()
         self._encoder_threads = encode.configure(models.encoder_threads)
         log.info("%d encoder thread(s) for streams in mp3, opus or flac", self._encoder_threads)
-        web_root = self.config.network.web_demo or WEB_DEMO
+        web_root = network.web_demo or WEB_DEMO
         static = load_static(web_root)
         # Each named voice as a WAV, to hear it before choosing it (read at start).
         previews = await asyncio.to_thread(voice_previews, self.voices)
@@ -136,15 +159,15 @@ class WavecastServer:
             self._healthy,
             listings={"/v1/voices": self._voice_list, "/v1/scenes": self._scene_list},
             ready=self._ready,
-            allowed_origins=self.config.network.allowed_origins,
+            allowed_origins=network.allowed_origins,
             metrics=self.metrics,
-            api_keys=self.config.network.api_keys,
+            api_keys=network.api_keys,
         )
         timeouts = self.config.timeouts
         self._server = await serve(
             self._handle,
-            self.config.network.host,
-            self.config.network.port,
+            network.host,
+            network.port,
             process_request=routes,
             compression=None,  # PCM does not compress; save the CPU
             max_size=limits.max_frame_bytes,
@@ -154,15 +177,23 @@ class WavecastServer:
             ping_timeout=timeouts.ping_timeout,
             open_timeout=timeouts.open_timeout,
             server_header=f"wavecast/{__version__}",
+            ssl=self.certificates.context if self.certificates else None,
         )
         names = ", ".join(self.scheduler.models)
-        log.info(
-            "serving %s at %s (demo page: http://%s:%d/)",
-            names,
-            self.url,
-            self.config.network.host,
-            self.port,
-        )
+        log.info("serving %s at %s (demo page: %s)", names, self.url, self.page_url)
+
+    async def reload_certificates(self) -> None:
+        """Read the TLS certificate and key again (``SIGHUP``): the handshakes from
+        now on present them; the open connections go on. A file that cannot be used
+        is logged, and the ones loaded before stay. Without TLS, nothing."""
+        if self.certificates is None:
+            return  # (serving without --tls-cert)
+        try:
+            await asyncio.to_thread(self.certificates.reload)
+        except TlsError as exc:
+            log.error("the TLS certificate was not read again (the one before stays): %s", exc)
+        else:
+            log.info("TLS certificate read again from %s", self.certificates.cert)
 
     def _healthy(self) -> bool:
         return self.scheduler is not None and self._server is not None

@@ -273,6 +273,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="keys, one per line (# comments), as --api-key",
     )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env("TLS_CERT", None),
+        metavar="FILE",
+        help="serve https and wss with this certificate (PEM, intermediates after it; "
+        "its key too unless --tls-key); SIGHUP reads it again (env WAVECAST_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        type=Path,
+        default=_env("TLS_KEY", None),
+        metavar="FILE",
+        help="the certificate's private key (PEM, not encrypted; env WAVECAST_TLS_KEY)",
+    )
     env_origins = _env("ALLOW_ORIGINS", "")
     parser.add_argument(
         "--allow-origin",
@@ -322,6 +337,12 @@ def _proxies(given: list[str]) -> tuple[str, ...]:
     return tuple(given)
 
 
+def _tls_key(cert: Path | None, key: Path | None) -> Path | None:
+    if key is not None and cert is None:
+        raise SystemExit("wavecast: --tls-key needs --tls-cert (the certificate it is the key of)")
+    return key
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     env_models = _env("MODEL", None)
     names = tuple(args.models or (env_models.split(",") if env_models else [DEFAULT_MODEL]))
@@ -333,6 +354,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             allowed_origins=tuple(args.allowed_origins),
             forwarded_allow_ips=_proxies(args.forwarded_allow_ips),
             api_keys=_api_keys(args.api_keys, args.api_keys_file),
+            tls_cert=args.tls_cert,
+            tls_key=_tls_key(args.tls_cert, args.tls_key),
         ),
         limits=LimitsConfig(
             max_frame_bytes=args.max_frame_bytes,
@@ -378,10 +401,14 @@ async def _serve(config: Config) -> None:
     from .app import WavecastServer
     from .engines import ModelLoadError
     from .engines.higgs.voices import VoiceLoadError
+    from .tls import TlsError
 
     server = WavecastServer(config)
     try:
         await server.start()
+    except TlsError as exc:
+        log.error("--tls-cert: %s", exc)
+        raise SystemExit(1) from None
     except (ModelLoadError, VoiceLoadError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
@@ -390,6 +417,17 @@ async def _serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload_certificates())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    if server.certificates is not None:
+        # SIGHUP: a renewed certificate (as nginx reads its own); without TLS, the default.
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("shutting down")
     await server.stop()

@@ -37,6 +37,10 @@ class NetworkConfig:
     forwarded_allow_ips: tuple[str, ...] = ()
     # Keys a client must present (Authorization: Bearer KEY, or ?token=KEY); none: open.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # HTTPS and WSS (server/tls.py): the certificate chain (PEM) and its key (PEM; None:
+    # in the certificate's file); no certificate: plain HTTP and WS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

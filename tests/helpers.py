@@ -66,6 +66,18 @@ async def running_server(
 WAVECAST = [sys.executable, "-m", "wavecast.clients.cli"]
 
 
+def self_signed(folder: Path, name: str = "wavecast-test") -> tuple[Path, Path]:
+    """A self-signed certificate (its own authority) for 127.0.0.1, localhost and
+    wavecast.test, by OpenSSL's command: the certificate's and the key's files."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    options = "-x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2"
+    names = "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:wavecast.test"
+    command = ["openssl", "req", *options.split(), "-subj", f"/CN={name}", "-addext", names]
+    command += ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(command, check=True, capture_output=True)
+    return cert, key
+
+
 @contextmanager
 def served(args: list[str], log_file: Path, env: dict[str, str] | None = None) -> Iterator[int]:
     """``wavecast serve`` as a process (``start_serve``) for the block: its port.
@@ -292,7 +304,7 @@ def start_serve(
     )
     for _ in range(int(timeout(120) * 10)):
         if log_file.exists():
-            match = re.search(r"ws://127\.0\.0\.1:(\d+)/v1/stream", log_file.read_text())
+            match = re.search(r"wss?://127\.0\.0\.1:(\d+)/v1/stream", log_file.read_text())
             if match:
                 return process, int(match.group(1))
         if process.poll() is not None:

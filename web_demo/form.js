@@ -203,6 +203,9 @@ export function showFieldError(field, message) {
 
 // -- uploads (melody, continuation, reference voices: PROTOCOL.md §3.3) ---------------
 
+const RECORD_NEEDS =
+  "Recording needs a secure page (https, or this computer): choose a file instead.";
+
 export function wireUploads() {
   for (const box of document.querySelectorAll("fieldset.upload")) {
     const role = box.dataset.role;
@@ -234,6 +237,13 @@ export function wireUploads() {
       fileInput.value = "";
       set(null, "");
     });
+    if (!window.isSecureContext || !navigator.mediaDevices?.getUserMedia) {
+      // Browsers lend the microphone to secure pages only.
+      record.disabled = true;
+      record.title = RECORD_NEEDS;
+      note.dataset.empty = `${note.dataset.empty} ${RECORD_NEEDS}`;
+      note.textContent = note.dataset.empty;
+    }
     let recorder = null;
     record.addEventListener("click", async () => {
       if (recorder) {

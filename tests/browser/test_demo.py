@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +24,38 @@ GOLDEN = Path(__file__).resolve().parents[1] / "protocol" / "golden.json"
 MS = 1000
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    # a fake microphone (a beep) that needs no permission prompt
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+]
+
+
+@asynccontextmanager
+async def chromium(*args: str) -> AsyncIterator[Any]:
+    """Debian's Chromium, headless, with the tests' flags and these."""
     if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 - a stat before the browser starts
         pytest.fail(f"Chromium not found at {CHROMIUM}: scripts/setup-venv --test installs it")
     async with playwright_api.async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--autoplay-policy=no-user-gesture-required",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-quic",
-                # a fake microphone (a beep) that needs no permission prompt
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-            ],
-        )
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *args])
         try:
             yield browser
         finally:
             await browser.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    async with chromium() as browser:
+        yield browser
 
 
 async def open_page(browser: Any, server: Any, csp: bool = False, **context: Any) -> Any:
