@@ -103,7 +103,9 @@ def test_the_images_files_agree_with_the_project() -> None:
     )
     users = re.findall(r"^USER (\S+)$", dockerfile, flags=re.M)
     assert users and users[-1] not in ("root", "0")
-    assert re.search(r"^HEALTHCHECK .*\n.*/readyz", dockerfile, flags=re.M)
+    # (the probe asks /readyz: tests/server/test_tls.py)
+    probe = r'^HEALTHCHECK .*\n.*"-m", "wavecast\.server\.probe"'
+    assert re.search(probe, dockerfile, flags=re.M)
     assert dockerfile.startswith("#") and "FROM nvidia/cuda:" in dockerfile
 
     single = yaml.safe_load((docker / "compose.yml").read_text())

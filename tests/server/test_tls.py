@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +30,7 @@ from websockets.exceptions import InvalidMessage
 
 from wavecast.clients import SyncClient, connect
 from wavecast.server.app import WavecastServer
+from wavecast.server.probe import readyz_url
 from wavecast.server.tls import Certificates, TlsError
 
 
@@ -90,6 +94,30 @@ async def test_streams_and_pages_over_tls(tmp_path: Path) -> None:
             async with connect(server.url) as client:
                 assert "tiny-musicgen" in client.models
         assert await asyncio.to_thread(sync_models, server.url, cert) == ["tiny-musicgen"]
+
+
+def probe(port: int, **environ: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "WAVECAST_PORT": str(port), **environ}
+    env.pop("WAVECAST_HOST", None)
+    command = [sys.executable, "-m", "wavecast.server.probe"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout(30))
+
+
+async def test_the_images_probe_asks_over_https_where_the_server_does(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    async with running_server(tls_config(cert, key)) as server:
+        served = await asyncio.to_thread(probe, server.port, WAVECAST_TLS_CERT=str(cert))
+        assert served.returncode == 0, served.stderr
+        plain = await asyncio.to_thread(probe, server.port)
+        assert plain.returncode == 1
+        assert f"http://127.0.0.1:{server.port}/readyz" in plain.stderr
+        server.draining = True  # (/readyz: 503)
+        draining = await asyncio.to_thread(probe, server.port, WAVECAST_TLS_CERT=str(cert))
+        assert draining.returncode == 1 and "503" in draining.stderr
+        server.draining = False
+    assert readyz_url({"WAVECAST_HOST": "0.0.0.0"}) == "http://127.0.0.1:5555/readyz"
+    assert readyz_url({"WAVECAST_HOST": "::", "WAVECAST_PORT": "80"}) == "http://[::1]:80/readyz"
+    assert readyz_url({"WAVECAST_TLS_CERT": "c.pem"}) == "https://127.0.0.1:5555/readyz"
 
 
 async def test_key_in_the_certificate_file(tmp_path: Path) -> None:
