@@ -120,6 +120,21 @@ async def test_the_images_probe_asks_over_https_where_the_server_does(tmp_path: 
     assert readyz_url({"WAVECAST_TLS_CERT": "c.pem"}) == "https://127.0.0.1:5555/readyz"
 
 
+async def test_a_handshake_that_never_comes_is_closed(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    config = tls_config(cert, key)
+    config = replace(config, timeouts=replace(config.timeouts, open_timeout=1.0))
+    async with running_server(config) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        started = asyncio.get_running_loop().time()
+        # Nothing sent: closed after the opening handshake's time (websockets' open_timeout).
+        assert await asyncio.wait_for(reader.read(), timeout(20)) == b""
+        assert asyncio.get_running_loop().time() - started < 10  # (the loop's own: 60 s)
+        writer.close()
+        async with connect(server.url, ca_file=cert) as client:
+            assert "tiny-musicgen" in client.models
+
+
 async def test_key_in_the_certificate_file(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     both = tmp_path / "both.pem"
