@@ -394,8 +394,19 @@ async def _speak(args: argparse.Namespace) -> int:
     return await _run(args, bar, text, params, inputs, capability="tts")
 
 
+def _connect(args: argparse.Namespace, say: Callable[[str], None]) -> connect:
+    """The connection the command line asks for; ``say`` tells of each wait."""
+    return connect(
+        args.url,
+        api_key=args.api_key,
+        ca_file=args.ca_file,
+        retry_for=args.retry_for,
+        on_retry=lambda why, wait: say(f"{why}: trying again in {wait:.1f} s"),
+    )
+
+
 async def _models(args: argparse.Namespace) -> int:
-    async with connect(args.url, api_key=args.api_key, ca_file=args.ca_file) as client:
+    async with _connect(args, lambda line: print(f"wavecast: {line}", file=sys.stderr)) as client:
         models = list(client.models.values())
     if args.json:
         print(json.dumps([to_wire(m) for m in models], indent=2, ensure_ascii=False))
@@ -466,7 +477,7 @@ async def _run(
         if params.get("mbd"):
             bar.message("--mbd writes two files (the live version and the diffusion one): not -o -")
             return 2
-    async with connect(args.url, api_key=args.api_key, ca_file=args.ca_file) as client:
+    async with _connect(args, bar.message) as client:
         models = client.models
         fitting = [name for name, info in models.items() if capability in info.capabilities]
         model = args.model or next(iter(fitting), None)
@@ -604,6 +615,8 @@ async def _run(
             return 1
         if done.status == "error" and done.error is not None:
             bar.message(f"error: {done.error.code}: {done.error.message}")
+            if done.error.code == "busy" and not args.retry_for:
+                bar.message("(--retry-for SECONDS asks again, while it is busy)")
             return 1
         outputs = [(output, result)] if keep and output is not None else []
         if mbd_pcm:
@@ -652,6 +665,15 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         default=os.environ.get("WAVECAST_API_KEY"),
         help="the server's API key, when it needs one (default: WAVECAST_API_KEY)",
+    )
+    parser.add_argument(
+        "--retry-for",
+        type=float,
+        default=float(os.environ.get("WAVECAST_RETRY_FOR") or 0),
+        metavar="SECONDS",
+        help="keep trying this long where the server says to try again: refused (starting), "
+        "draining, full, or busy before the request starts (default: WAVECAST_RETRY_FOR, else "
+        "0: once)",
     )
     parser.add_argument(
         "--ca-file",

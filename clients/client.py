@@ -17,17 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import ssl as ssl_module
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, BinaryIO
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wavecast.protocol import (
     BYTES_PER_SAMPLE,
@@ -62,6 +63,36 @@ __all__ = [
 ]
 
 _QUEUE_LIMIT = 1024
+
+# Waits between tries of what the server says to try again (``retry_for``): from
+# the first, doubled each time up to the most, each a little longer or shorter at
+# random, so that clients turned away together do not come back together.
+RETRY_FIRST = 0.5
+RETRY_MOST = 8.0
+
+#: ``on_retry(why, seconds)``: told before each wait for another try.
+RetryHook = Callable[[str, float], None]
+
+
+class _Retries:
+    """Tries of one thing until ``deadline`` (the loop's clock)."""
+
+    def __init__(self, seconds: float, hook: RetryHook | None) -> None:
+        self.deadline = asyncio.get_running_loop().time() + seconds
+        self.hook = hook
+        self.delay = RETRY_FIRST
+
+    def wait(self, why: str, at_least: float = 0.0) -> float | None:
+        """The time to wait before the next try (the hook told), or None when
+        there is no time left for one."""
+        wait = max(at_least, self.delay * random.uniform(0.8, 1.2))
+        if asyncio.get_running_loop().time() + wait > self.deadline:
+            return None
+        self.delay = min(self.delay * 2, RETRY_MOST)
+        if self.hook is not None:
+            self.hook(why, wait)
+        return wait
+
 
 # The server's stream endpoint (PROTOCOL.md §1).
 STREAM_PATH = "/v1/stream"
@@ -333,6 +364,11 @@ class RequestStream:
     )
     done: Done | None = None
     started: Started | None = None
+    #: What the server was asked: sent again where it answers ``busy`` (and the
+    #: client has ``retry_for`` left).
+    generate: Generate | None = None
+    _retries: _Retries | None = None
+    _cancel_asked: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
         return self._iterate()
@@ -343,15 +379,38 @@ class RequestStream:
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, Done):
+                if await self._tried_again(item):
+                    continue
                 self.done = item
             elif isinstance(item, Started):
                 self.started = item
             yield item
 
+    async def _tried_again(self, done: Done) -> bool:
+        """Where the server turned the request away as ``busy`` before it started
+        and there is time left: wait, and ask again (True; its ``done`` then ends
+        the stream: ``cancelled`` where cancelled meanwhile)."""
+        if done.error is None or done.error.code != "busy" or self.started is not None:
+            return False
+        if self._retries is None or self.generate is None:
+            return False
+        wait = self._retries.wait(f"the server is busy ({done.error.message})")
+        if wait is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cancel_asked.wait(), wait)
+        if self._cancel_asked.is_set():
+            await self._queue.put(Done(id=self.id, status="cancelled"))
+        else:
+            await self.client._submit(self)
+        return True
+
     async def cancel(self) -> None:
         """Ask the server to stop this request; its ``done`` still follows."""
         if self.done is None:
-            await self.client._send(Cancel(id=self.id))
+            self._cancel_asked.set()
+            if self.id in self.client._streams:  # (not while waiting to ask again)
+                await self.client._send(Cancel(id=self.id))
 
     async def collect(self) -> GenerationResult:
         """Consume the rest of the stream and return the audio it carried.
@@ -397,10 +456,20 @@ class RequestStream:
 class Client:
     """A connection to a wavecast server; use :func:`connect`."""
 
-    def __init__(self, websocket: ClientConnection, hello: Hello, *, text: bool = False) -> None:
+    def __init__(
+        self,
+        websocket: ClientConnection,
+        hello: Hello,
+        *,
+        text: bool = False,
+        retry_for: float = 0.0,
+        on_retry: RetryHook | None = None,
+    ) -> None:
         self.ws = websocket
         self.hello = hello
         self.text = text
+        self.retry_for = retry_for
+        self.on_retry = on_retry
         self._streams: dict[str, RequestStream] = {}
         self._reader: asyncio.Task[None] | None = None
         #: ``error`` messages that belong to no request of this client (newest last).
@@ -446,6 +515,16 @@ class Client:
     async def _send(self, message: Generate | Cancel) -> None:
         await self.ws.send(encode(message, text=self.text))
 
+    async def _submit(self, stream: RequestStream) -> None:
+        """Send a stream's ``generate`` (again, after ``busy``), its events to it."""
+        assert stream.generate is not None
+        self._streams[stream.id] = stream
+        try:
+            await self._send(stream.generate)
+        except BaseException:
+            self._streams.pop(stream.id, None)
+            raise
+
     async def generate(
         self,
         model: str,
@@ -482,8 +561,6 @@ class Client:
         request_id = id or uuid.uuid4().hex[:12]
         if request_id in self._streams:
             raise ValueError(f"request {request_id!r} is already in flight")
-        stream = RequestStream(request_id, self)
-        self._streams[request_id] = stream
         merged = {**(params or {}), **kwargs}
         message = Generate(
             id=request_id,
@@ -495,11 +572,10 @@ class Client:
             sample_rate=sample_rate,
             bitrate=bitrate,
         )
-        try:
-            await self._send(message)
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
+        stream = RequestStream(request_id, self, generate=message)
+        if self.retry_for > 0:
+            stream._retries = _Retries(self.retry_for, self.on_retry)
+        await self._submit(stream)
         return stream
 
     async def speak(
@@ -583,6 +659,13 @@ class connect:
             authority's) instead of the system's; default: ``WAVECAST_CA_FILE``.
         ssl: For a ``wss://`` server: the whole TLS context (``ca_file`` then
             does not apply).
+        retry_for: Seconds to keep trying, where the server says to try again:
+            connecting (refused: a server starting; ``503``: draining, after its
+            ``Retry-After``; closed ``1013``: at its connection limit) and each
+            request it answers ``busy`` before it starts (sent again; the stream
+            shows only the last answer). Waits from half a second, doubling up
+            to 8 s. Default 0: no second try.
+        on_retry: Called as ``on_retry(why, seconds)`` before each wait.
 
     Raises:
         ValueError: ``url`` names no server (:func:`stream_url`), or TLS is
@@ -601,15 +684,30 @@ class connect:
         api_key: str | None = None,
         ca_file: str | os.PathLike[str] | None = None,
         ssl: ssl_module.SSLContext | None = None,
+        retry_for: float = 0.0,
+        on_retry: RetryHook | None = None,
     ) -> None:
         self.url = server_url(url)
         self.text = text
         self.open_timeout = open_timeout
         self.api_key = api_key if api_key is not None else os.environ.get("WAVECAST_API_KEY")
         self.ssl = _tls_context(self.url, ca_file, ssl)
+        self.retry_for = max(0.0, retry_for)
+        self.on_retry = on_retry
         self._client: Client | None = None
 
     async def _connect(self) -> Client:
+        retries = _Retries(self.retry_for, self.on_retry)
+        while True:
+            try:
+                return await self._connect_once()
+            except (OSError, InvalidStatus, ConnectionClosed) as exc:
+                why, at_least = _turned_away(exc)
+                if why is None or (wait := retries.wait(why, at_least)) is None:
+                    raise
+            await asyncio.sleep(wait)
+
+    async def _connect_once(self) -> Client:
         url = self.url
         if self.text:
             url += ("&" if "?" in url else "?") + "encoding=json"
@@ -632,7 +730,7 @@ class connect:
         except BaseException:
             await ws.close()
             raise
-        client = Client(ws, hello, text=self.text)
+        client = Client(ws, hello, text=self.text, retry_for=self.retry_for, on_retry=self.on_retry)
         client._start()
         return client
 
@@ -651,3 +749,16 @@ class connect:
     ) -> None:
         assert self._client is not None
         await self._client.close()
+
+
+def _turned_away(exc: BaseException) -> tuple[str | None, float]:
+    """Why a connection failed where the server says to try again (None where
+    not), and the least wait it asks for."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "the connection was refused", 0.0
+    if isinstance(exc, InvalidStatus) and exc.response.status_code == 503:
+        after = exc.response.headers.get("Retry-After", "")
+        return "the server is shutting down", float(after) if after.isdigit() else 0.0
+    if isinstance(exc, ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == 1013:
+        return f"the server is full ({exc.rcvd.reason or 'too many connections'})", 0.0
+    return None, 0.0

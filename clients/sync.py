@@ -65,6 +65,7 @@ class SyncClient:
         api_key: str | None = None,
         ca_file: str | os.PathLike[str] | None = None,
         ssl: ssl_module.SSLContext | None = None,
+        retry_for: float = 0.0,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -80,6 +81,7 @@ class SyncClient:
                     api_key=api_key,
                     ca_file=ca_file,
                     ssl=ssl,
+                    retry_for=retry_for,
                 )._connect()
             )
         except BaseException:

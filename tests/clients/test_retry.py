@@ -1,0 +1,132 @@
+"""The clients try again where the server says to (``retry_for``, ``--retry-for``):
+a busy queue, a draining server, one at its connection limit, one not up yet."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import make_config, run_cli, running_server, same_audio, timeout
+from websockets.exceptions import InvalidStatus
+
+from wavecast.clients import connect
+from wavecast.protocol import Done, Started
+
+
+def one_at_a_time() -> Any:
+    """A server that runs one request and queues none: the next is ``busy``."""
+    return make_config(max_active=1, max_queue=0, admission="slots")
+
+
+async def test_a_busy_request_is_asked_again_until_it_starts() -> None:
+    async with running_server(one_at_a_time()) as server:
+        waits: list[tuple[str, float]] = []
+        async with (
+            connect(server.url) as first,
+            connect(
+                server.url, retry_for=timeout(60), on_retry=lambda *w: waits.append(w)
+            ) as second,
+        ):
+            long = await first.generate("tiny-musicgen", "first", duration=30)
+            async for event in long:
+                if isinstance(event, Started):
+                    break
+            # Without retry_for: busy, once.
+            async with connect(server.url) as third:
+                once = await (await third.generate("tiny-musicgen", "third", duration=1)).collect()
+            assert once.status == "error" and once.error is not None
+            assert once.error.code == "busy"
+            # With it: asked again (its stream shows none of the refusals) until it runs.
+            stream = await second.generate("tiny-musicgen", "second", duration=1, seed=5)
+            events = [event async for event in stream]
+            assert (await long.collect()).status == "completed"  # (before it: one at a time)
+            assert waits and all(why.startswith("the server is busy (") for why, _ in waits)
+            assert 0.4 <= waits[0][1] <= 0.6  # (the first wait, at random within 20%)
+            assert isinstance(events[-1], Done) and events[-1].status == "completed"
+            assert not any(isinstance(e, Done) for e in events[:-1])
+            # What was sent again is the request as asked: its audio, asked once more now.
+            again = await (
+                await second.generate("tiny-musicgen", "second", duration=1, seed=5)
+            ).collect()
+            heard = b"".join(e.data for e in events if getattr(e, "data", None) is not None)
+            assert same_audio(heard, again.pcm)
+
+
+async def test_a_request_cancelled_while_it_waits_to_be_asked_again_ends_cancelled() -> None:
+    async with running_server(one_at_a_time()) as server, connect(server.url) as first:
+        long = await first.generate("tiny-musicgen", "first", duration=30)
+        async for event in long:
+            if isinstance(event, Started):
+                break
+        waiting = asyncio.Event()
+        async with connect(
+            server.url, retry_for=timeout(60), on_retry=lambda *_: waiting.set()
+        ) as second:
+            stream = await second.generate("tiny-musicgen", "second", duration=1)
+            collected = asyncio.ensure_future(stream.collect())
+            await asyncio.wait_for(waiting.wait(), timeout(10))
+            await stream.cancel()
+            result = await asyncio.wait_for(collected, timeout(5))
+            assert result.status == "cancelled" and result.pcm == b""
+            # The connection goes on.
+            assert "tiny-musicgen" in second.models
+        await long.cancel()
+
+
+async def test_a_draining_server_is_tried_again() -> None:
+    async with running_server() as server:
+        server.draining = True  # (its handshakes: 503, Retry-After: 1)
+        with pytest.raises(InvalidStatus):
+            await connect(server.url)
+        waits: list[tuple[str, float]] = []
+
+        def waited(why: str, seconds: float) -> None:
+            waits.append((why, seconds))
+            server.draining = False  # (a replica back, say)
+
+        async with connect(server.url, retry_for=timeout(30), on_retry=waited) as client:
+            assert "tiny-musicgen" in client.models
+        assert waits == [("the server is shutting down", 1.0)]
+
+
+async def test_the_command_tries_again_for_as_long_as_asked(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = asyncio.get_running_loop().time()
+    code, out = await run_cli("models", "--url", f"127.0.0.1:{port}", "--retry-for", "2")
+    took = asyncio.get_running_loop().time() - started
+    assert code == 2 and "cannot reach" in out, out
+    tries = out.count("the connection was refused: trying again in")
+    assert tries >= 2, out
+    assert took >= 1.0, out
+
+
+async def test_the_command_waits_for_a_busy_server(tmp_path: Path) -> None:
+    async with running_server(one_at_a_time()) as server, connect(server.url) as first:
+        long = await first.generate("tiny-musicgen", "first", duration=300)
+        async for event in long:
+            if isinstance(event, Started):
+                break
+        out_file = tmp_path / "out.wav"
+        cancelling: list[asyncio.Task[None]] = []
+        code, out = await run_cli(
+            "generate", "--url", server.url, "--duration", "1", "--retry-for", "60",
+            "-o", str(out_file), "second",
+            interrupt_after="the server is busy (",
+            then=lambda: cancelling.append(asyncio.ensure_future(long.cancel())),
+        )  # fmt: skip
+        assert code == 0, out
+        assert "trying again in" in out and f"wrote {out_file}" in out, out
+        assert (await long.collect()).status == "cancelled"
+        # Not asked to: busy, once, and the flag named.
+        long = await first.generate("tiny-musicgen", "first", duration=300)
+        async for event in long:
+            if isinstance(event, Started):
+                break
+        code, out = await run_cli("generate", "--url", server.url, "--duration", "1", "x")
+        assert code == 1 and "error: busy" in out and "--retry-for SECONDS" in out, out
+        await long.cancel()
