@@ -38,6 +38,7 @@ function announce(text) {
 const hooks = {
   send: (message) => connection.send(message),
   announce,
+  ended: () => updateClear(),
   removed: (card) => {
     state.cards.delete(card.id);
     updateClear();
@@ -108,6 +109,7 @@ function submit(event) {
   if (rate) message.sample_rate = rate;
   if (bitrate) message.bitrate = bitrate;
   if (Object.keys(inputs).length) message.inputs = inputs;
+  card.request = message;
   connection.send(message);
 }
 
@@ -155,6 +157,7 @@ function onMessage(message) {
       break;
     case "done":
       if (message.status === "error" && refusedAtField(card, message)) break;
+      if (card.waitForRoom(message)) break;
       card.onDone(message).then(updateClear);
       break;
     case "error":

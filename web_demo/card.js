@@ -62,6 +62,14 @@ function slug(text) {
   return words.slice(0, 6).join("-").slice(0, 48) || "clip";
 }
 
+// A request the server had no room for (busy) before it started is asked again:
+// after half a second, then each wait twice the last up to 8 s (a fifth more or
+// less at random, so that pages turned away together do not come back together),
+// while it is under two minutes old.
+const RETRY_FIRST_MS = 500;
+const RETRY_MOST_MS = 8000;
+const RETRY_FOR_MS = 120000;
+
 const FRIENDLY = {
   busy: "The server is busy (no room for another request now). Try again in a moment.",
   shutting_down: "The server is restarting. Try again in a moment.",
@@ -74,7 +82,7 @@ const FRIENDLY = {
 };
 
 export class Card {
-  // hooks: send(message), announce(text), removed(card), finished(card),
+  // hooks: send(message), announce(text), removed(card), finished(card), ended(card),
   // load(settings), reuseSeed(seed), rerun(settings)
   constructor({ id, model, prompt, params, inputs, rate = null, format = null, bitrate = null, scroll = true }, hooks) {
     this.id = id;
@@ -100,6 +108,10 @@ export class Card {
       : params.duration ?? paramDefault(model, "duration") ?? 10;
     this.status = "queued";
     this.statuses = ["queued"];
+    this.request = null; // the generate message (app.js): sent again after "busy"
+    this.retries = 0;
+    this.retryTimer = null; // while waiting to ask again
+    this.stopRetry = null;
     this.frames = 0; // received
     this.consumed = 0; // played by the worklet, in all
     this.chunks = [];
@@ -368,6 +380,7 @@ export class Card {
   async onDone(message) {
     if (this.finishing) return;
     this.finishing = true;
+    this.stopRetry?.(); // (a lost connection, while waiting to ask again)
     clearInterval(this.timer);
     this.tick();
     $(".cancel", this.el).hidden = true;
@@ -648,7 +661,39 @@ export class Card {
     return url;
   }
 
+  // True where the server's "busy" done is not the end: the request is asked
+  // again after a wait (the badge counts it down), which Cancel ends.
+  waitForRoom(message) {
+    if (message.status !== "error" || message.error?.code !== "busy") return false;
+    if (this.startedAt !== null || this.request === null || this.ended || this.finishing) return false;
+    const delay = Math.min(RETRY_MOST_MS, RETRY_FIRST_MS * 2 ** this.retries) * (0.8 + 0.4 * Math.random());
+    if (performance.now() + delay - this.sentAt > RETRY_FOR_MS) return false;
+    this.retries += 1;
+    const until = performance.now() + delay;
+    const show = () => {
+      const left = Math.max(1, Math.ceil((until - performance.now()) / 1000));
+      this.setStatus("queued", `server busy: trying again in ${left} s`);
+    };
+    show();
+    const countdown = setInterval(show, 1000);
+    this.retryTimer = setTimeout(() => {
+      clearInterval(countdown);
+      this.retryTimer = null;
+      if (this.ended || this.finishing) return;
+      this.setStatus("queued", `server busy: asked again (${this.retries})`);
+      this.hooks.send(this.request);
+    }, delay);
+    this.stopRetry = () => { clearInterval(countdown); clearTimeout(this.retryTimer); this.retryTimer = null; };
+    return true;
+  }
+
   cancel() {
+    if (this.retryTimer !== null) {
+      // Waiting to ask again: the server holds nothing of it.
+      this.stopRetry();
+      this.onDone({ id: this.id, status: "cancelled" }).then(() => this.hooks.ended?.(this));
+      return;
+    }
     this.player?.pause();
     this.setStatus("cancelling", "cancelling…");
     this.hooks.send({ type: "cancel", id: this.id });

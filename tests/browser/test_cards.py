@@ -524,3 +524,47 @@ async def test_the_page_asks_for_a_key_when_the_server_needs_one(
         assert not await page.is_visible("#key-box")
         assert errors == []
         await ctx.close()
+
+
+async def test_a_busy_server_is_asked_again_until_there_is_room(browser: Any) -> None:  # noqa: F811
+    config = make_config(max_active=1, max_queue=0, admission="slots")
+    statuses = "(id) => window.wavecast.cards.get(id).statuses"
+    waiting = f"(id) => ({statuses})(id).some((s) => s.startsWith('server busy: trying again in'))"
+    async with running_server(config) as server:
+        page = await open_page(browser, server)
+        # Each generate the server took in, by request id (busy or not).
+        tries: dict[str, int] = {}
+        submit = server.scheduler.submit
+
+        def counted(request: Any) -> None:
+            tries[request.id] = tries.get(request.id, 0) + 1
+            submit(request)
+
+        server.scheduler.submit = counted
+        first = await generate(page, "first", 300)
+        await wait(page, "(id) => window.wavecast.cards.get(id).startedAt !== null", first)
+        # No room: the card counts down to its next try instead of failing.
+        second = await generate(page, "second", 1)
+        await wait(page, waiting, second)
+        assert (await card(page, second))["error"] == ""
+        await page.click(f".card[data-id='{first}'] .cancel")
+        await wait(page, "(id) => window.wavecast.cards.get(id).ended", second, 60)
+        done = await card(page, second)
+        assert done["status"] == "completed", done
+        assert done["frames"] == done["serverSamples"] == 32000
+        said = await page.evaluate(statuses, second)
+        assert any(s.startswith("server busy: asked again (") for s in said), said
+
+        # Cancelled while it waits: ended at once, without asking the server.
+        third = await generate(page, "third", 300)
+        await wait(page, "(id) => window.wavecast.cards.get(id).startedAt !== null", third)
+        fourth = await generate(page, "fourth", 1)
+        await wait(page, waiting, fourth)
+        await page.click(f".card[data-id='{fourth}'] .cancel")
+        await wait(page, "(id) => window.wavecast.cards.get(id).ended", fourth, 5)
+        assert (await card(page, fourth))["status"] == "cancelled"
+        await page.click(f".card[data-id='{third}'] .cancel")
+        await wait(page, "(id) => window.wavecast.cards.get(id).ended", third)
+        await asyncio.sleep(1.0)  # (a try after the cancel would have gone by now)
+        assert tries[fourth] == 1 and tries[second] >= 2, tries
+        assert page.errors == []
