@@ -68,7 +68,7 @@ function slug(text) {
 // while it is under two minutes old.
 const RETRY_FIRST_MS = 500;
 const RETRY_MOST_MS = 8000;
-const RETRY_FOR_MS = 120000;
+export const retry = { forMs: 120000 }; // (a test shortens it)
 
 const FRIENDLY = {
   busy: "The server is busy (no room for another request now). Try again in a moment.",
@@ -667,7 +667,7 @@ export class Card {
     if (message.status !== "error" || message.error?.code !== "busy") return false;
     if (this.startedAt !== null || this.request === null || this.ended || this.finishing) return false;
     const delay = Math.min(RETRY_MOST_MS, RETRY_FIRST_MS * 2 ** this.retries) * (0.8 + 0.4 * Math.random());
-    if (performance.now() + delay - this.sentAt > RETRY_FOR_MS) return false;
+    if (performance.now() + delay - this.sentAt > retry.forMs) return false;
     this.retries += 1;
     const until = performance.now() + delay;
     const show = () => {
