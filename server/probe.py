@@ -21,8 +21,7 @@ __all__ = ["main", "readyz_url"]
 def readyz_url(environ: Mapping[str, str]) -> str:
     """The ``/readyz`` of the server these ``WAVECAST_*`` settings start."""
     host = environ.get("WAVECAST_HOST") or "127.0.0.1"
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     if ":" in host:
         host = f"[{host}]"
     scheme = "https" if environ.get("WAVECAST_TLS_CERT") else "http"

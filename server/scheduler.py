@@ -1,7 +1,8 @@
 """The inference thread: admission, queue positions, the step loop.
 
 One ``Scheduler`` owns one device. Its thread loads the models, then loops:
-admit queued requests while there is room (FIFO), prepare the admitted ones for
+admit queued requests while there is room (in turns among the clients, oldest
+first for each: see ``fair_order``), prepare the admitted ones for
 at most ``prefill_budget`` seconds (their conditioning, uploads and prompts, in
 the engines' bounded units of work; requests arriving meanwhile are admitted and
 prepared too, within the budget, so a crowd arriving over a few milliseconds
@@ -88,6 +89,9 @@ class Request:
     # others going on. Called on the inference thread.
     held: Callable[[], bool] | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
+    # Who asked (the client's address): the queue's places and the slots are
+    # shared among clients in turns (``fair_order``), not by who asked first.
+    client: str = ""
     # Inference-thread bookkeeping.
     job: Job | None = None
     # The engine's units of preparation, and the last part of it done that went out.
@@ -142,6 +146,7 @@ class Scheduler:
         self._post: list[Request] = []
         self._cond = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
+        self._reordered = False  # a request joined the queue out of its end
         self._active: list[Request] = []
         self._stopping = False
         self._engines: Mapping[str, Engine] = {}
@@ -167,14 +172,35 @@ class Scheduler:
         return {name: engine.info for name, engine in self._engines.items()}
 
     def submit(self, request: Request) -> None:
-        """Queue a request. Raises ``Busy`` when the queue is full."""
+        """Queue a request, in its client's turn (``fair_order``).
+
+        A full queue makes room for a client holding fewer of its places than
+        another by two or more: that one's newest queued request ends ``busy``.
+
+        Raises:
+            Busy: The queue is full, and shared as evenly as it can be.
+            ShuttingDown: The server is draining.
+        """
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down", id=request.id)
-            if len(self._pending) + len(self._active) >= self.max_active + self.max_queue:
-                raise Busy("the request queue is full, try again later", id=request.id)
+            waiting = [r for r in self._pending if not r.cancelled.is_set()]
+            if len(waiting) + len(self._active) >= self.max_active + self.max_queue:
+                victim = _place_for(request.client, waiting)
+                if victim is None:
+                    raise Busy("the request queue is full, try again later", id=request.id)
+                # (dropped from the queue, with its done, at the next tick)
+                victim.cancel(
+                    Busy(
+                        "the request queue is full, and its place went to another client "
+                        "with fewer: try again later",
+                        id=victim.id,
+                    )
+                )
             self._pending.append(request)
-            request.position = len(self._pending)
+            self._pending = fair_order(self._pending, self._active)
+            request.position = self._pending.index(request) + 1
+            self._reordered = True  # (the others' positions: sent at the next tick)
             queued = Queued(id=request.id, position=request.position)
             self._loop.call_soon_threadsafe(request.sink, queued)
             self._cond.notify()
@@ -385,6 +411,12 @@ class Scheduler:
             dropped = [r for r in self._pending if r.cancelled.is_set()]
             for request in dropped:
                 self._pending.remove(request)
+            reordered, self._reordered = self._reordered, False
+            if self._pending:
+                # (the clients' turns move as their requests start and end)
+                order = fair_order(self._pending, self._active)
+                reordered = reordered or order != self._pending
+                self._pending = order
             admitted: list[Request] = []
             decoding = len(self._active) - len(self._post)
             limit = self._admission_limit(decoding) if self._pending else self.max_active
@@ -393,7 +425,7 @@ class Scheduler:
                 request = self._pending.popleft()
                 self._active.append(request)
                 admitted.append(request)
-            moved = bool(dropped or admitted)
+            moved = bool(dropped or admitted or reordered)
             pending = list(self._pending)
         for request in dropped:
             self._end_cancelled(request)
@@ -753,3 +785,32 @@ def _set_result(future: asyncio.Future[None]) -> None:
 def _set_exception(future: asyncio.Future[None], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+def fair_order(
+    pending: collections.deque[Request], active: list[Request]
+) -> collections.deque[Request]:
+    """The queue in the order its requests start: in turns among the clients, a
+    client's own in the order they came. A request's turn is the number of its
+    client's requests running or ahead of it in the queue; the lower first, and
+    among equal turns, the first to come. So a client with a request or two is
+    not left behind one that sent thirty: their requests alternate."""
+    counts = collections.Counter(request.client for request in active)
+    turns = []
+    for index, request in enumerate(pending):
+        turns.append((counts[request.client], index, request))
+        counts[request.client] += 1
+    return collections.deque(request for _, _, request in sorted(turns, key=lambda t: t[:2]))
+
+
+def _place_for(client: str, waiting: list[Request]) -> Request | None:
+    """In a full queue: the request that gives ``client`` a place (the newest of
+    the client holding most places, where it holds two or more than ``client``
+    does), or None where the places are shared as evenly as they can be."""
+    held = collections.Counter(request.client for request in waiting)
+    if not held:
+        return None
+    most, count = held.most_common(1)[0]
+    if count < held[client] + 2:
+        return None
+    return next(request for request in reversed(waiting) if request.client == most)

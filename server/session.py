@@ -138,7 +138,7 @@ class Session:
         on_close: Callable[[Session], None] | None = None,
     ) -> None:
         self.ws = websocket
-        self.address = address  # the client's, when a trusted load balancer named it
+        self.address = address  # the client's (a trusted load balancer's X-Forwarded-For)
         self.scheduler = scheduler
         self.config = config
         self.conn_id = f"c{next(_ids)}"
@@ -311,6 +311,7 @@ class Session:
                 sink=sink,
                 held=held or self.congested,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
+                client=self.address or "",
             )
             check = self.scheduler.request_check(message.model)
             # Uploads and long prompts (tokenized) are checked in the pool; the rest
