@@ -110,8 +110,9 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             process.terminate()
             process.wait(60)
-    late_started = statistics.median(r["late"]["started"] for r in rounds)
-    late_first = statistics.median(r["late"]["first"] for r in rounds)
+    late = [r["late"] for r in rounds if "started" in r["late"]]
+    late_started = ms(statistics.median(t["started"] for t in late)) if late else "-"
+    late_first = ms(statistics.median(t["first"] for t in late)) if late else "-"
     flood = [t for r in rounds for t in r["flood"] if "started" in t]
     refused = sum(1 for r in rounds for t in r["flood"] if not t.get("completed"))
     flood_started = sorted(t["started"] for t in flood)
@@ -130,8 +131,8 @@ async def main(args: argparse.Namespace) -> None:
     print("| requests | started (median; last) | first audio (median; last) | not completed |")
     print("| --- | --- | --- | ---: |")
     print(
-        f"| the one | {ms(late_started)} | {ms(late_first)} | "
-        f"{sum(1 for r in rounds if not r['late'].get('completed'))} of {args.rounds} |"
+        f"| the one | {late_started} | {late_first} | "
+        f"{sum(1 for r in rounds if not r['late'].get('completed'))} of {args.rounds} (busy) |"
     )
     print(
         f"| the many | {ms(statistics.median(flood_started))}; {ms(flood_started[-1])} "

@@ -146,7 +146,7 @@ class Scheduler:
         self._post: list[Request] = []
         self._cond = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
-        self._reordered = False  # a request joined the queue out of its end
+        self._reordered = False  # the clients' turns moved since the queue was ordered
         self._active: list[Request] = []
         self._stopping = False
         self._engines: Mapping[str, Engine] = {}
@@ -411,12 +411,11 @@ class Scheduler:
             dropped = [r for r in self._pending if r.cancelled.is_set()]
             for request in dropped:
                 self._pending.remove(request)
-            reordered, self._reordered = self._reordered, False
-            if self._pending:
-                # (the clients' turns move as their requests start and end)
-                order = fair_order(self._pending, self._active)
-                reordered = reordered or order != self._pending
-                self._pending = order
+            # The clients' turns move as requests join, leave the queue and end
+            # (not as they start: a client's next request's turn stays).
+            reordered, self._reordered = self._reordered or bool(dropped), False
+            if reordered and self._pending:
+                self._pending = fair_order(self._pending, self._active)
             admitted: list[Request] = []
             decoding = len(self._active) - len(self._post)
             limit = self._admission_limit(decoding) if self._pending else self.max_active
@@ -670,6 +669,7 @@ class Scheduler:
         with self._cond:
             if request in self._active:
                 self._active.remove(request)
+                self._reordered = True  # (its client's turn moved)
         if request in self._post:
             self._post.remove(request)
         if request.preparing is not None:
@@ -793,8 +793,9 @@ def fair_order(
     """The queue in the order its requests start: in turns among the clients, a
     client's own in the order they came. A request's turn is the number of its
     client's requests running or ahead of it in the queue; the lower first, and
-    among equal turns, the first to come. So a client with a request or two is
-    not left behind one that sent thirty: their requests alternate."""
+    among equal turns, the one ahead already (the first to come, in a queue
+    ordered so since). So a client with a request or two is not left behind one
+    that sent thirty: their requests alternate."""
     counts = collections.Counter(request.client for request in active)
     turns = []
     for index, request in enumerate(pending):
