@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -19,8 +21,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -357,9 +360,14 @@ async def _generate(args: argparse.Namespace) -> int:
         params["include_prompt"] = True
     if args.mbd:
         params["mbd"] = True
+    if (args.prompt is None) == (args.batch is None):
+        bar.message("give a PROMPT, or --batch FILE of them (not both)")
+        return 2
     inputs = _read_inputs(bar, {"continuation": args.continue_from, "melody": args.melody})
     if inputs is None:
         return 2
+    if args.batch is not None:
+        return await _run_batch(args, bar, params, inputs, capability="text")
     return await _run(args, bar, args.prompt, params, inputs, capability="text")
 
 
@@ -374,8 +382,11 @@ async def _speak(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             bar.message(f"cannot read {args.text_file}: {exc}")
             return 2
-    if not text:
-        bar.message("nothing to say: give TEXT or --text-file")
+    if args.batch is not None and (text or args.text_file is not None):
+        bar.message("--batch reads the texts from its file: not TEXT or --text-file too")
+        return 2
+    if not text and args.batch is None:
+        bar.message("nothing to say: give TEXT, --text-file or --batch")
         return 2
     params: Params = {}
     for name in SPEAK_PARAMS:
@@ -391,7 +402,248 @@ async def _speak(args: argparse.Namespace) -> int:
     inputs = _read_inputs(bar, {"reference": args.ref, "reference_1": args.ref1})
     if inputs is None:
         return 2
+    if args.batch is not None:
+        return await _run_batch(args, bar, params, inputs, capability="tts")
     return await _run(args, bar, text, params, inputs, capability="tts")
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """A line of a ``--batch`` file: its prompt (or text), its own parameters and
+    file name (a JSON line's), and where it is."""
+
+    line: int
+    prompt: str
+    params: Params
+    output: str | None
+
+
+def _read_batch(bar: ProgressBar, path: str) -> list[BatchItem] | None:
+    """``--batch FILE``'s items (``-``: standard input): a prompt a line (``\\n``
+    in it: a new line, for a dialogue), or a JSON object with ``prompt`` (or
+    ``text``), an optional ``output`` file name and any parameters; blank lines
+    and ``#`` comments skipped. None (said why) where it cannot be read."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        bar.message(f"cannot read --batch {path}: {exc}")
+        return None
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("{"):
+            items.append(BatchItem(number, line.replace("\\n", "\n"), {}, None))
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bar.message(f"{path}:{number}: not a JSON object: {exc.msg}")
+            return None
+        if not isinstance(fields, dict):
+            fields = {}
+        prompt = fields.pop("prompt", None)
+        prompt = fields.pop("text", None) if prompt is None else prompt
+        output = fields.pop("output", None)
+        if not isinstance(prompt, str) or not isinstance(output, str | None):
+            bar.message(f'{path}:{number}: a JSON line needs a "prompt" (or "text") string')
+            return None
+        if not all(isinstance(v, int | float | bool | str) for v in fields.values()):
+            bar.message(f"{path}:{number}: parameters are numbers, strings or true/false")
+            return None
+        items.append(BatchItem(number, prompt, fields, output))
+    if not items:
+        bar.message(f"--batch {path}: no prompts in it")
+        return None
+    return items
+
+
+def _slug(text: str) -> str:
+    words = re.findall(r"\w+", re.sub(r"\[SPEAKER\d+\]", " ", text).lower())
+    return "-".join(words[:6])[:48] or "clip"
+
+
+async def _run_batch(
+    args: argparse.Namespace,
+    bar: ProgressBar,
+    params: Params,
+    inputs: dict[str, bytes],
+    *,
+    capability: str,
+) -> int:
+    """``--batch``: every item of the file, ``--jobs`` at once (the server steps
+    them together), each written to its file in ``-o FOLDER`` as it completes."""
+    if args.play or args.output == STDOUT:
+        bar.message("--batch writes files into a folder (-o FOLDER): not --play or -o -")
+        return 2
+    items = _read_batch(bar, args.batch)
+    if items is None:
+        return 2
+    args.format = args.format or "pcm_s16le"
+    folder: Path = args.output or Path("out")
+    paths = _batch_files(bar, args, items, folder)
+    if paths is None:
+        return 2
+    batch = Batch(args, bar, params, inputs, list(zip(items, paths, strict=True)))
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGINT, batch.interrupt)
+    try:
+        code = await batch.run(capability)
+    finally:
+        with contextlib.suppress(NotImplementedError):
+            loop.remove_signal_handler(signal.SIGINT)
+    if code is not None:
+        return code
+    speed = batch.audio / batch.wall if batch.wall else 0.0
+    bar.message(
+        f"{batch.written} of {len(items)} written to {folder}, {batch.failed} failed, "
+        f"in {batch.wall:.1f} s ({batch.audio:.1f} s of audio: x{speed:.2f} real time, "
+        f"{batch.jobs} at once)"
+    )
+    if batch.stopping:
+        return 130
+    return 1 if batch.failed else 0
+
+
+class Batch:
+    """A ``--batch`` run: its items' requests, ``--jobs`` at once on as many
+    connections as the server's per-connection limit asks; a Ctrl-C cancels
+    those under way and starts no more."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        bar: ProgressBar,
+        params: Params,
+        inputs: dict[str, bytes],
+        todo: list[tuple[BatchItem, Path]],
+    ) -> None:
+        self.args = args
+        self.bar = bar
+        self.params = params
+        self.inputs = inputs
+        self.total = len(todo)
+        self.todo = collections.deque(enumerate(todo, start=1))
+        self.running: dict[str, Any] = {}  # the requests under way, by id
+        self.stopping = False
+        self.written = self.failed = self.jobs = 0
+        self.audio = self.wall = 0.0
+        self._cancels: set[asyncio.Task[None]] = set()
+
+    def interrupt(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.bar.message(f"cancelling {len(self.running)} request(s)…")
+        for stream in list(self.running.values()):
+            task = asyncio.get_running_loop().create_task(stream.cancel())
+            self._cancels.add(task)
+            task.add_done_callback(self._cancels.discard)
+
+    async def run(self, capability: str) -> int | None:
+        """Every item, or until interrupted; an exit code where it could not start."""
+        async with contextlib.AsyncExitStack() as stack:
+            first = await stack.enter_async_context(_connect(self.args, self.bar.message))
+            models = first.models
+            model = self.args.model or next(
+                (name for name, info in models.items() if capability in info.capabilities), None
+            )
+            if model is None:
+                self.bar.message(f"the server serves no model with the {capability!r} capability")
+                return 1
+            if model in models and models[model].test_model:
+                self.bar.message(f"note: {model} is a random-weight test model; it makes noise")
+            limits = first.hello.limits
+            self.jobs = max(1, min(self.args.jobs or limits.max_active, self.total))
+            per_connection = max(1, limits.max_requests_per_connection)
+            clients = [first]
+            while len(clients) * per_connection < self.jobs:
+                clients.append(
+                    await stack.enter_async_context(_connect(self.args, self.bar.message))
+                )
+            began = time.perf_counter()
+            await asyncio.gather(
+                *(self._worker(clients[i // per_connection], model) for i in range(self.jobs))
+            )
+            self.wall = time.perf_counter() - began
+        return None
+
+    async def _worker(self, client: Any, model: str) -> None:
+        args = self.args
+        while self.todo and not self.stopping:
+            index, (item, path) = self.todo.popleft()
+            stream = await client.generate(
+                model,
+                item.prompt,
+                params={**self.params, **item.params},
+                format=args.format,
+                sample_rate=args.sample_rate,
+                bitrate=args.bitrate * 1000 if args.bitrate is not None else None,
+                inputs=self.inputs,
+            )
+            self.running[stream.id] = stream
+            try:
+                result = await stream.collect()
+            finally:
+                del self.running[stream.id]
+            where = f"[{index}/{self.total}]"
+            if result.status != "completed":
+                self.failed += result.status == "error"
+                why = f"{result.error.code}: {result.error}" if result.error else result.status
+                self.bar.message(f"{where} {args.batch}:{item.line}: {why}")
+                continue
+            mbd = "mbd" in result.renditions
+            live = path.with_suffix(".encodec" + path.suffix) if mbd else path
+            if not _save(self.bar, result, live) or (
+                mbd and not _save_rendition(self.bar, result, path)
+            ):
+                self.failed += 1
+                continue
+            seconds = result.frames / result.sample_rate if result.sample_rate else 0.0
+            self.written += 1
+            self.audio += seconds
+            self.bar.message(f"{where} wrote {path} ({seconds:.2f} s, seed {result.seed})")
+
+
+def _batch_files(
+    bar: ProgressBar, args: argparse.Namespace, items: list[BatchItem], folder: Path
+) -> list[Path] | None:
+    """Each item's file in ``folder`` (made): its JSON line's ``output``, else
+    ``NN-words-of-its-prompt`` with the format's suffix. None (said why) where one
+    would leave the folder, two are the same, or the folder cannot be made."""
+    suffix = FILE_SUFFIXES.get(args.format, ".wav")
+    width = len(str(len(items)))
+    paths = [
+        folder / (item.output or f"{index:0{width}d}-{_slug(item.prompt)}{suffix}")
+        for index, item in enumerate(items, start=1)
+    ]
+    for item, path in zip(items, paths, strict=True):
+        if (
+            not path.resolve().is_relative_to(folder.resolve())
+            or path.resolve() == folder.resolve()
+        ):
+            bar.message(f"{args.batch}:{item.line}: {item.output!r} is not a file in {folder}")
+            return None
+    if len({path.resolve() for path in paths}) < len(paths):
+        bar.message(f"--batch {args.batch}: two items are written to the same file")
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        bar.message(f"cannot make {folder}: {exc.strerror}")
+        return None
+    return paths
+
+
+def _save_rendition(bar: ProgressBar, result: GenerationResult, path: Path) -> bool:
+    try:
+        result.save(path, rendition="mbd")
+    except (OSError, ValueError, RuntimeError) as exc:
+        bar.message(f"cannot write {path}: {exc}")
+        return False
+    return True
 
 
 def _connect(args: argparse.Namespace, say: Callable[[str], None]) -> connect:
@@ -717,6 +969,19 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--format mp3, opus or flac; for a player: … -o - | ffplay -nodisp -autoexit -)",
     )
     parser.add_argument(
+        "--batch",
+        metavar="FILE",
+        help="many at once: a prompt a line ('\\n' in it: a new line), or JSON lines "
+        '({"prompt": ..., "output": "NAME.wav", "seed": 3, ...}); -o is then a folder '
+        "(default out/), the requests --jobs at once, each file written as it completes",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="--batch: requests at once (default: the server's max_active)",
+    )
+    parser.add_argument(
         "--play",
         action="store_true",
         help="play the audio as it comes: WAVECAST_PLAYER, else ffplay, aplay or sox's "
@@ -772,7 +1037,9 @@ def _add_speak_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="text description of the music")
+    parser.add_argument(
+        "prompt", nargs="?", help="text description of the music (none with --batch)"
+    )
     _add_common_arguments(parser)
     parser.add_argument("--model", help="model name (default: the server's first music model)")
     parser.add_argument("--duration", type=float, help="seconds of audio")
