@@ -15,6 +15,7 @@ every connection closes with 1001.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -31,7 +32,14 @@ from .config import Config
 from .engines import load_engines
 from .engines.base import Engine
 from .engines.higgs.voices import BUILTIN_SCENES, Scene, Voice, load_scenes, load_voices
-from .http import STREAM_PATH, HttpRoutes, client_address, load_static, trusted_proxies
+from .http import (
+    STREAM_PATH,
+    HttpRoutes,
+    client_address,
+    load_static,
+    presented_key,
+    trusted_proxies,
+)
 from .metrics import Samples
 from .metrics import render as render_metrics
 from .scheduler import EngineFactory, Scheduler
@@ -312,7 +320,12 @@ class WavecastServer:
             return
         self._per_address[address] = self._per_address.get(address, 0) + 1
         session = Session(
-            websocket, self.scheduler, self.config, address=address, on_close=self.sessions.discard
+            websocket,
+            self.scheduler,
+            self.config,
+            address=address,
+            client=self._client_of(websocket, address),
+            on_close=self.sessions.discard,
         )
         self.sessions.add(session)
         try:
@@ -345,6 +358,16 @@ class WavecastServer:
             await server.wait_closed()
         if scheduler is not None:
             await asyncio.to_thread(scheduler.stop, 10.0)
+
+    def _client_of(self, websocket: ServerConnection, address: str) -> str:
+        """Who a connection's requests are queued for (the queue is shared among
+        clients in turns): the API key it presented (a digest of it), where the
+        server has keys, else its address."""
+        request = websocket.request
+        key = presented_key(request) if self.config.network.api_keys and request else None
+        if key is None:
+            return address
+        return "key " + hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def _client_address(self, websocket: ServerConnection) -> str:
         """The client's IP address: the peer's, or the one a trusted load balancer

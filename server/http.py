@@ -29,6 +29,7 @@ __all__ = [
     "key_accepted",
     "load_static",
     "origin_allowed",
+    "presented_key",
     "trusted_proxies",
 ]
 

@@ -135,10 +135,14 @@ class Session:
         config: Config,
         *,
         address: str | None = None,
+        client: str | None = None,
         on_close: Callable[[Session], None] | None = None,
     ) -> None:
         self.ws = websocket
         self.address = address  # the client's (a trusted load balancer's X-Forwarded-For)
+        # Whom its requests are queued for (Request.client): its API key's digest, else
+        # its address.
+        self.client = client or address or ""
         self.scheduler = scheduler
         self.config = config
         self.conn_id = f"c{next(_ids)}"
@@ -311,7 +315,7 @@ class Session:
                 sink=sink,
                 held=held or self.congested,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
-                client=self.address or "",
+                client=self.client,
             )
             check = self.scheduler.request_check(message.model)
             # Uploads and long prompts (tokenized) are checked in the pool; the rest

@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from helpers import make_config, running_server, timeout
 from websockets.asyncio.client import connect as ws_connect
 
@@ -76,18 +77,32 @@ class Client:
         raise AssertionError(f"{rid}: {self.events.get(rid)}")
 
 
-async def open_client(server: Any, address: str) -> Client:
-    ws = await ws_connect(server.url, additional_headers={"X-Forwarded-For": address})
+async def open_client(server: Any, headers: dict[str, str]) -> Client:
+    ws = await ws_connect(server.url, additional_headers=headers)
     await ws.recv()  # the greeting
     return Client(ws)
 
 
-async def test_a_full_queue_makes_room_for_another_client_and_its_request_goes_first() -> None:
+# Two clients: two addresses (a trusted proxy names them), or, on a server with
+# API keys, two keys (from the same address).
+CLIENTS = {
+    "address": [{"X-Forwarded-For": "10.0.0.1"}, {"X-Forwarded-For": "10.0.0.2"}],
+    "key": [{"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}],
+}
+
+
+@pytest.mark.parametrize("by", ["address", "key"])
+async def test_a_full_queue_makes_room_for_another_client_and_its_request_goes_first(
+    by: str,
+) -> None:
     config = make_config(max_active=1, max_queue=4, admission="slots")
-    config = replace(config, network=replace(config.network, forwarded_allow_ips=("127.0.0.1",)))
+    network = replace(config.network, forwarded_allow_ips=("127.0.0.1",))
+    if by == "key":
+        network = replace(network, api_keys=("key-a", "key-b"))
+    config = replace(config, network=network)
     async with running_server(config) as server:
-        a = await open_client(server, "10.0.0.1")
-        b = await open_client(server, "10.0.0.2")
+        a = await open_client(server, CLIENTS[by][0])
+        b = await open_client(server, CLIENTS[by][1])
         await a.generate("a1", 60)  # runs
         await a.until("a1", lambda e: isinstance(e, Started))
         for rid in ("a2", "a3", "a4"):
