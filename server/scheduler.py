@@ -89,8 +89,9 @@ class Request:
     # others going on. Called on the inference thread.
     held: Callable[[], bool] | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
-    # Who asked (the client's address): the queue's places and the slots are
-    # shared among clients in turns (``fair_order``), not by who asked first.
+    # Who asked (its API key's digest on a server with keys, else its address):
+    # the queue's places and the slots are shared among clients in turns
+    # (``fair_order``), not by who asked first.
     client: str = ""
     # Inference-thread bookkeeping.
     job: Job | None = None

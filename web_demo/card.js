@@ -110,8 +110,7 @@ export class Card {
     this.statuses = ["queued"];
     this.request = null; // the generate message (app.js): sent again after "busy"
     this.retries = 0;
-    this.retryTimer = null; // while waiting to ask again
-    this.stopRetry = null;
+    this.stopRetry = null; // while waiting to ask again: ends the wait
     this.frames = 0; // received
     this.consumed = 0; // played by the worklet, in all
     this.chunks = [];
@@ -676,19 +675,22 @@ export class Card {
     };
     show();
     const countdown = setInterval(show, 1000);
-    this.retryTimer = setTimeout(() => {
-      clearInterval(countdown);
-      this.retryTimer = null;
+    const timer = setTimeout(() => {
+      this.stopRetry();
       if (this.ended || this.finishing) return;
       this.setStatus("queued", `server busy: asked again (${this.retries})`);
       this.hooks.send(this.request);
     }, delay);
-    this.stopRetry = () => { clearInterval(countdown); clearTimeout(this.retryTimer); this.retryTimer = null; };
+    this.stopRetry = () => {
+      clearInterval(countdown);
+      clearTimeout(timer);
+      this.stopRetry = null;
+    };
     return true;
   }
 
   cancel() {
-    if (this.retryTimer !== null) {
+    if (this.stopRetry !== null) {
       // Waiting to ask again: the server holds nothing of it.
       this.stopRetry();
       this.onDone({ id: this.id, status: "cancelled" }).then(() => this.hooks.ended?.(this));
