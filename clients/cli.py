@@ -646,6 +646,21 @@ def _save_rendition(bar: ProgressBar, result: GenerationResult, path: Path) -> b
     return True
 
 
+def _headers(given: list[str]) -> dict[str, str]:
+    """``--header 'NAME: VALUE'`` flags as a map.
+
+    Raises:
+        ValueError: One is not ``NAME: VALUE``.
+    """
+    headers = {}
+    for header in given:
+        name, colon, value = header.partition(":")
+        if not colon or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip()):
+            raise ValueError(f"--header {header!r}: not NAME: VALUE")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
 def _connect(args: argparse.Namespace, say: Callable[[str], None]) -> connect:
     """The connection the command line asks for; ``say`` tells of each wait."""
     return connect(
@@ -654,6 +669,7 @@ def _connect(args: argparse.Namespace, say: Callable[[str], None]) -> connect:
         ca_file=args.ca_file,
         retry_for=args.retry_for,
         on_retry=lambda why, wait: say(f"{why}: trying again in {wait:.1f} s"),
+        headers=args.headers,
     )
 
 
@@ -919,6 +935,14 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         help="the server's API key, when it needs one (default: WAVECAST_API_KEY)",
     )
     parser.add_argument(
+        "--header",
+        action="append",
+        dest="headers",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="an HTTP header for the handshake (a gateway's token, say); repeat for more",
+    )
+    parser.add_argument(
         "--retry-for",
         type=float,
         default=float(os.environ.get("WAVECAST_RETRY_FOR") or 0),
@@ -1108,6 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_serve(args)
     try:
         args.url = server_url(args.url)
+        args.headers = _headers(args.headers)
     except ValueError as exc:
         print(f"wavecast: {exc}", file=sys.stderr)
         return 2

@@ -666,6 +666,8 @@ class connect:
             shows only the last answer). Waits from half a second, doubling up
             to 8 s. Default 0: no second try.
         on_retry: Called as ``on_retry(why, seconds)`` before each wait.
+        headers: More HTTP headers for the handshake (a gateway's own token, say;
+            ``api_key`` sets ``Authorization``).
 
     Raises:
         ValueError: ``url`` names no server (:func:`stream_url`), or TLS is
@@ -686,6 +688,7 @@ class connect:
         ssl: ssl_module.SSLContext | None = None,
         retry_for: float = 0.0,
         on_retry: RetryHook | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url = server_url(url)
         self.text = text
@@ -694,6 +697,7 @@ class connect:
         self.ssl = _tls_context(self.url, ca_file, ssl)
         self.retry_for = max(0.0, retry_for)
         self.on_retry = on_retry
+        self.headers = dict(headers or {})
         self._client: Client | None = None
 
     async def _connect(self) -> Client:
@@ -711,7 +715,9 @@ class connect:
         url = self.url
         if self.text:
             url += ("&" if "?" in url else "?") + "encoding=json"
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        headers = dict(self.headers)
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         # (websockets refuses ssl=None with wss://: its own default context then)
         tls: dict[str, Any] = {"ssl": self.ssl} if self.ssl else {}
         ws = await ws_connect(

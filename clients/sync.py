@@ -12,13 +12,13 @@ import asyncio
 import os
 import ssl as ssl_module
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 from wavecast.protocol import Hello, ParamValue, ServerMessage
 
-from .client import Client, GenerationResult, RequestStream, connect
+from .client import Client, GenerationResult, RequestStream, RetryHook, connect
 
 __all__ = ["SyncClient", "SyncRequest"]
 
@@ -66,6 +66,8 @@ class SyncClient:
         ca_file: str | os.PathLike[str] | None = None,
         ssl: ssl_module.SSLContext | None = None,
         retry_for: float = 0.0,
+        on_retry: RetryHook | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -82,6 +84,8 @@ class SyncClient:
                     ca_file=ca_file,
                     ssl=ssl,
                     retry_for=retry_for,
+                    on_retry=on_retry,
+                    headers=headers,
                 )._connect()
             )
         except BaseException:

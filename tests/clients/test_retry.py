@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,20 @@ async def test_the_command_waits_for_a_busy_server(tmp_path: Path) -> None:
         code, out = await run_cli("generate", "--url", server.url, "--duration", "1", "x")
         assert code == 1 and "error: busy" in out and "--retry-for SECONDS" in out, out
         await long.cancel()
+
+
+async def test_the_clients_send_the_headers_given(caplog: pytest.LogCaptureFixture) -> None:
+    config = make_config()
+    config = replace(config, network=replace(config.network, forwarded_allow_ips=("127.0.0.1",)))
+    caplog.set_level("INFO", logger="wavecast.server.session")
+    async with running_server(config) as server:
+        code, out = await run_cli(
+            "models", "--url", server.url, "--header", "X-Forwarded-For: 10.9.9.9"
+        )
+        assert code == 0, out
+        async with connect(server.url, headers={"X-Forwarded-For": "10.8.8.8"}) as client:
+            assert "tiny-musicgen" in client.models
+        assert "connected from 10.9.9.9 (via 127.0.0.1:" in caplog.text
+        assert "connected from 10.8.8.8 (via 127.0.0.1:" in caplog.text
+        code, out = await run_cli("models", "--url", server.url, "--header", "no colon")
+        assert code == 2 and "--header 'no colon': not NAME: VALUE" in out, out
