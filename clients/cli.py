@@ -597,7 +597,7 @@ class Batch:
             mbd = "mbd" in result.renditions
             live = path.with_suffix(".encodec" + path.suffix) if mbd else path
             if not _save(self.bar, result, live) or (
-                mbd and not _save_rendition(self.bar, result, path)
+                mbd and not _save(self.bar, result, path, "mbd")
             ):
                 self.failed += 1
                 continue
@@ -635,15 +635,6 @@ def _batch_files(
         bar.message(f"cannot make {folder}: {exc.strerror}")
         return None
     return paths
-
-
-def _save_rendition(bar: ProgressBar, result: GenerationResult, path: Path) -> bool:
-    try:
-        result.save(path, rendition="mbd")
-    except (OSError, ValueError, RuntimeError) as exc:
-        bar.message(f"cannot write {path}: {exc}")
-        return False
-    return True
 
 
 def _headers(given: list[str]) -> dict[str, str]:
@@ -911,11 +902,13 @@ async def _run(
         return 130 if done.status == "cancelled" else 0
 
 
-def _save(bar: ProgressBar, result: GenerationResult, path: Path) -> bool:
-    """Write a file (as its name asks: ``GenerationResult.save``); a line where it
-    cannot be written."""
+def _save(
+    bar: ProgressBar, result: GenerationResult, path: Path, rendition: str | None = None
+) -> bool:
+    """Write a file (as its name asks: ``GenerationResult.save``; the live stream,
+    or ``rendition``); a line where it cannot be written."""
     try:
-        result.save(path)
+        result.save(path, rendition)
     except (OSError, ValueError, RuntimeError) as exc:  # (libsndfile's errors: RuntimeError)
         bar.message(f"cannot write {path}: {exc}")
         return False

@@ -54,6 +54,7 @@ async def test_generate_a_batch_at_once_a_file_each(tmp_path: Path) -> None:
         "slow ambient drone",
         '{"prompt": "refused", "top_k": -1}',
         "bright synth pop",
+        '{"prompt": "diffused", "mbd": true, "output": "diffused.wav"}',
     ]
     batch.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
@@ -76,16 +77,18 @@ async def test_generate_a_batch_at_once_a_file_each(tmp_path: Path) -> None:
             "1-warm-lofi-beat.wav",
             "3-slow-ambient-drone.wav",
             "5-bright-synth-pop.wav",
+            "diffused.encodec.wav",  # (the live version; the diffusion one as named)
+            "diffused.wav",
             "seeded.wav",
         ]
         assert f"wrote {out / 'seeded.wav'} (1.00 s, seed 7)" in output
         assert "prompts.txt:5: invalid_field" in output and "top_k" in output
-        assert "4 of 5 written" in output and "1 failed" in output and "3 at once" in output
+        assert "5 of 6 written" in output and "1 failed" in output and "3 at once" in output
         assert max(peak) >= 2  # (stepped together)
         for name in names:
             info = soundfile.info(str(out / name))
             assert info.samplerate == 32000
-            assert info.frames == (32000 if name == "seeded.wav" else 16000)
+            assert info.frames == (32000 if name == "seeded.wav" else 16000), name
         # The seeded one is the request alone.
         alone = tmp_path / "alone.wav"
         code, output = await run_cli(
