@@ -34,8 +34,8 @@ class Certificates:
     def __init__(self, cert: Path, key: Path | None = None) -> None:
         self.cert = cert
         self.key = key
-        self.current = self._load()
-        self.context = self._load()
+        # (read once: the context listened with is the first one handshakes take)
+        self.context = self.current = self._load()
         self.context.sni_callback = self._pick
 
     def reload(self) -> None:
