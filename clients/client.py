@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
 
 from wavecast.protocol import (
     BYTES_PER_SAMPLE,
@@ -93,6 +94,10 @@ class _Retries:
             self.hook(why, wait)
         return wait
 
+
+# Connections closed with these codes (going away, restarting, try again later),
+# or lost without a close frame, end unstarted requests that are worth sending again.
+_CLOSED_TRY_AGAIN = frozenset({1001, 1012, 1013})
 
 # The server's stream endpoint (PROTOCOL.md §1).
 STREAM_PATH = "/v1/stream"
@@ -355,7 +360,9 @@ class GenerationResult:
 class RequestStream:
     """The events of one request, in order, ``done`` last. Where the connection
     is lost before the request's ``done``, iterating raises websockets'
-    ``ConnectionClosed`` (the audio that came before it joins exactly)."""
+    ``ConnectionClosed`` (the audio that came before it joins exactly), unless
+    the request had not started and the client has ``retry_for`` left: it is
+    then sent again on a new connection."""
 
     id: str
     client: Client
@@ -364,10 +371,13 @@ class RequestStream:
     )
     done: Done | None = None
     started: Started | None = None
-    #: What the server was asked: sent again where it answers ``busy`` (and the
+    #: What the server was asked: sent again where it answers ``busy`` or
+    #: ``shutting_down``, or the connection is lost, before it starts (and the
     #: client has ``retry_for`` left).
     generate: Generate | None = None
     _retries: _Retries | None = None
+    #: The connection it was last sent on.
+    _link: _Link | None = None
     _cancel_asked: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
@@ -377,6 +387,8 @@ class RequestStream:
         while self.done is None:
             item = await self._queue.get()
             if isinstance(item, BaseException):
+                if await self._tried_again(item):
+                    continue
                 raise item
             if isinstance(item, Done):
                 if await self._tried_again(item):
@@ -386,31 +398,53 @@ class RequestStream:
                 self.started = item
             yield item
 
-    async def _tried_again(self, done: Done) -> bool:
-        """Where the server turned the request away as ``busy`` before it started
-        and there is time left: wait, and ask again (True; its ``done`` then ends
-        the stream: ``cancelled`` where cancelled meanwhile)."""
-        if done.error is None or done.error.code != "busy" or self.started is not None:
+    async def _tried_again(self, outcome: Done | BaseException) -> bool:
+        """Where the request ended before it started, as one the server says to
+        try again (``busy``; ``shutting_down``, or the connection lost: on a new
+        connection), and there is time left: wait, and ask again (True; its
+        ``done`` then ends the stream: ``cancelled`` where cancelled meanwhile).
+        False where not, or where no server took it again in time."""
+        if self.started is not None or self._retries is None or self.generate is None:
             return False
-        if self._retries is None or self.generate is None:
+        link = self._link
+        if self.client._closed:
             return False
-        wait = self._retries.wait(f"the server is busy ({done.error.message})")
+        if isinstance(outcome, ConnectionClosed):
+            if outcome.rcvd is not None and outcome.rcvd.code not in _CLOSED_TRY_AGAIN:
+                return False  # (closed for a reason of its own: not sent again)
+            why = "the connection was lost"
+        elif not isinstance(outcome, Done) or outcome.error is None:
+            return False
+        elif outcome.error.code == "busy":
+            why = f"the server is busy ({outcome.error.message})"
+        elif outcome.error.code == "shutting_down":
+            why = "the server is shutting down"
+            if link is not None:
+                link.draining = True  # (new requests: on a new connection)
+        else:
+            return False
+        wait = self._retries.wait(why)
         if wait is None:
             return False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._cancel_asked.wait(), wait)
         if self._cancel_asked.is_set():
             await self._queue.put(Done(id=self.id, status="cancelled"))
-        else:
+            return True
+        try:
             await self.client._submit(self)
+        except (OSError, InvalidStatus, ConnectionClosed, TimeoutError):
+            return False  # (no server to take it in time: the first outcome stands)
         return True
 
     async def cancel(self) -> None:
         """Ask the server to stop this request; its ``done`` still follows."""
         if self.done is None:
             self._cancel_asked.set()
-            if self.id in self.client._streams:  # (not while waiting to ask again)
-                await self.client._send(Cancel(id=self.id))
+            link = self._link
+            if link is not None and self.client._streams.get(self.id) is self:
+                # (not while waiting to ask again)
+                await link.ws.send(encode(Cancel(id=self.id), text=self.client.text))
 
     async def collect(self) -> GenerationResult:
         """Consume the rest of the stream and return the audio it carried.
@@ -453,8 +487,28 @@ class RequestStream:
         )
 
 
+class _Link:
+    """One connection of a client: its websocket, the server's greeting on it,
+    and the task reading it."""
+
+    def __init__(self, ws: ClientConnection, hello: Hello) -> None:
+        self.ws = ws
+        self.hello = hello
+        #: The server said it is shutting down: new requests go on a new connection.
+        self.draining = False
+        self.reader: asyncio.Task[None] | None = None
+
+
 class Client:
-    """A connection to a wavecast server; use :func:`connect`."""
+    """A connection to a wavecast server; use :func:`connect`.
+
+    With ``retry_for``, a request the server turned away before it started is
+    sent again: on the same connection after ``busy``, on a new one (the client
+    connects again, for as long as ``retry_for`` allows) after ``shutting_down``
+    or a lost connection. Requests under way on a draining connection finish on
+    it; the new one carries the rest, and the greeting (:attr:`hello`) is the
+    new server's.
+    """
 
     def __init__(
         self,
@@ -464,34 +518,50 @@ class Client:
         text: bool = False,
         retry_for: float = 0.0,
         on_retry: RetryHook | None = None,
+        connector: connect | None = None,
     ) -> None:
-        self.ws = websocket
-        self.hello = hello
+        self._link = _Link(websocket, hello)
         self.text = text
         self.retry_for = retry_for
         self.on_retry = on_retry
+        self._connector = connector
+        self._links: list[_Link] = [self._link]  # (open: the last one is new requests')
+        self._linking = asyncio.Lock()
         self._streams: dict[str, RequestStream] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._closed = False  # (close() called: no new connection)
         #: ``error`` messages that belong to no request of this client (newest last).
         self.errors: list[ErrorMessage] = []
+
+    @property
+    def ws(self) -> ClientConnection:
+        """The connection new requests go on."""
+        return self._link.ws
+
+    @property
+    def hello(self) -> Hello:
+        """The greeting of the server new requests go to."""
+        return self._link.hello
 
     @property
     def models(self) -> dict[str, Any]:
         """Models the server serves, by name."""
         return {model.name: model for model in self.hello.models}
 
-    def _start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+    def _start(self, link: _Link | None = None) -> None:
+        link = link or self._link
+        link.reader = asyncio.get_running_loop().create_task(self._read(link))
 
-    async def _read(self) -> None:
+    async def _read(self, link: _Link) -> None:
         error: BaseException
         try:
-            async for frame in self.ws:
+            async for frame in link.ws:
                 message = decode(frame)
                 if isinstance(message, Generate | Cancel):
                     continue  # a client message coming back: not ours to handle
                 target = getattr(message, "id", None)
                 stream = self._streams.get(target) if isinstance(target, str) else None
+                if stream is not None and stream._link is not link:
+                    stream = None  # (sent again on another connection)
                 if isinstance(message, ErrorMessage) and (
                     stream is None or message.code == "duplicate_id"
                 ):
@@ -501,29 +571,62 @@ class Client:
                     continue
                 if isinstance(message, Done):
                     del self._streams[message.id]
+                    self._close_if_done(link)
                 await stream._queue.put(message)
-            error = self.ws.protocol.close_exc
+            error = link.ws.protocol.close_exc
         except ConnectionClosed as exc:
             error = exc
         except WavecastError as exc:  # the server sent something off-spec
             error = exc
-        for stream in self._streams.values():
+        for stream in [s for s in self._streams.values() if s._link is link]:
+            del self._streams[stream.id]
             with contextlib.suppress(asyncio.QueueFull):
                 stream._queue.put_nowait(error)
-        self._streams.clear()
+        if link is not self._link:
+            self._links.remove(link)
 
-    async def _send(self, message: Generate | Cancel) -> None:
-        await self.ws.send(encode(message, text=self.text))
+    def _close_if_done(self, link: _Link) -> None:
+        """Close a connection left behind once its last request is done."""
+        if link is not self._link and not any(s._link is link for s in self._streams.values()):
+            asyncio.get_running_loop().create_task(link.ws.close())
 
     async def _submit(self, stream: RequestStream) -> None:
-        """Send a stream's ``generate`` (again, after ``busy``), its events to it."""
+        """Send a stream's ``generate`` (again: after ``busy`` on the same
+        connection, on a new one where the last is draining or closed), its
+        events to it.
+
+        Raises:
+            OSError, InvalidStatus, ConnectionClosed, TimeoutError: No server
+                took it (where ``retry_for`` allows, after trying again).
+        """
         assert stream.generate is not None
+        link = self._link
+        if stream._retries is not None and (link.draining or link.ws.state is not State.OPEN):
+            link = await self._relink(link, stream._retries)
+        stream._link = link
         self._streams[stream.id] = stream
         try:
-            await self._send(stream.generate)
+            await link.ws.send(encode(stream.generate, text=self.text))
         except BaseException:
-            self._streams.pop(stream.id, None)
+            if self._streams.get(stream.id) is stream:
+                del self._streams[stream.id]
             raise
+
+    async def _relink(self, old: _Link, retries: _Retries) -> _Link:
+        """A new connection for new requests, in place of ``old`` (one already
+        made in its place meanwhile, where another request got there first)."""
+        async with self._linking:
+            if self._link is not old:
+                return self._link
+            if self._connector is None:
+                return old  # (made by hand: nowhere to connect again)
+            ws, hello = await self._connector._open(retries)
+            link = _Link(ws, hello)
+            self._links.append(link)
+            self._link = link
+            self._start(link)
+            self._close_if_done(old)
+            return link
 
     async def generate(
         self,
@@ -626,9 +729,11 @@ class Client:
         )
 
     async def close(self) -> None:
-        await self.ws.close()
-        if self._reader is not None:
-            await self._reader
+        self._closed = True
+        for link in list(self._links):
+            await link.ws.close()
+            if link.reader is not None:
+                await link.reader
 
     async def __aenter__(self) -> Client:
         return self
@@ -661,10 +766,13 @@ class connect:
             does not apply).
         retry_for: Seconds to keep trying, where the server says to try again:
             connecting (refused: a server starting; ``503``: draining, after its
-            ``Retry-After``; closed ``1013``: at its connection limit) and each
-            request it answers ``busy`` before it starts (sent again; the stream
-            shows only the last answer). Waits from half a second, doubling up
-            to 8 s. Default 0: no second try.
+            ``Retry-After``; closed ``1013``: at its connection limit), and each
+            request that ends before it starts where the server answers ``busy``
+            (sent again), ``shutting_down`` or the connection is lost (sent
+            again on a new connection, to the server that answers there then).
+            The stream shows only the last answer. Each request has this long
+            from when it was asked. Waits from half a second, doubling up to 8 s.
+            Default 0: no second try.
         on_retry: Called as ``on_retry(why, seconds)`` before each wait.
         headers: More HTTP headers for the handshake (a gateway's own token, say;
             ``api_key`` sets ``Authorization``).
@@ -701,17 +809,31 @@ class connect:
         self._client: Client | None = None
 
     async def _connect(self) -> Client:
-        retries = _Retries(self.retry_for, self.on_retry)
+        ws, hello = await self._open(_Retries(self.retry_for, self.on_retry))
+        client = Client(
+            ws,
+            hello,
+            text=self.text,
+            retry_for=self.retry_for,
+            on_retry=self.on_retry,
+            connector=self,
+        )
+        client._start()
+        return client
+
+    async def _open(self, retries: _Retries) -> tuple[ClientConnection, Hello]:
+        """A connection and its greeting, tried again while ``retries`` allows
+        where the server says to."""
         while True:
             try:
-                return await self._connect_once()
+                return await self._open_once()
             except (OSError, InvalidStatus, ConnectionClosed) as exc:
                 why, at_least = _turned_away(exc)
                 if why is None or (wait := retries.wait(why, at_least)) is None:
                     raise
             await asyncio.sleep(wait)
 
-    async def _connect_once(self) -> Client:
+    async def _open_once(self) -> tuple[ClientConnection, Hello]:
         url = self.url
         if self.text:
             url += ("&" if "?" in url else "?") + "encoding=json"
@@ -736,9 +858,7 @@ class connect:
         except BaseException:
             await ws.close()
             raise
-        client = Client(ws, hello, text=self.text, retry_for=self.retry_for, on_retry=self.on_retry)
-        client._start()
-        return client
+        return ws, hello
 
     def __await__(self) -> Any:
         return self._connect().__await__()

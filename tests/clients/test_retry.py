@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_config, run_cli, running_server, same_audio, timeout
-from websockets.exceptions import InvalidStatus
+from helpers import make_config, run_cli, running_server, same_audio, timeout, tiny_engines
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wavecast.clients import connect
-from wavecast.protocol import Done, Started
+from wavecast.protocol import Done, Queued, Started
+from wavecast.server.app import WavecastServer
 
 
 def one_at_a_time() -> Any:
@@ -91,6 +92,97 @@ async def test_a_draining_server_is_tried_again() -> None:
         async with connect(server.url, retry_for=timeout(30), on_retry=waited) as client:
             assert "tiny-musicgen" in client.models
         assert waits == [("the server is shutting down", 1.0)]
+
+
+async def test_requests_not_started_when_a_server_restarts_go_to_the_one_that_comes_back() -> None:
+    config = make_config(max_active=1, max_queue=4, admission="slots")
+    first_server = WavecastServer(config, tiny_engines)
+    await asyncio.wait_for(first_server.start(), timeout(120))
+    waits: list[str] = []
+    try:
+        async with connect(
+            first_server.url, retry_for=timeout(60), on_retry=lambda why, _: waits.append(why)
+        ) as client:
+            first_hello = client.hello
+            running = await client.generate("tiny-musicgen", "running", duration=300)
+            async for event in running:
+                if isinstance(event, Started):
+                    break
+            queued = await client.generate("tiny-musicgen", "queued", duration=1, seed=5)
+            async for event in queued:
+                if isinstance(event, Queued):
+                    break
+            waited = asyncio.ensure_future(queued.collect())
+            port = first_server.port
+            # The restart: a drain (one second's grace), nothing listening for a
+            # moment, then a server on the same port.
+            await asyncio.wait_for(first_server.stop(), timeout(30))
+            await asyncio.sleep(1.5)
+            second = replace(config, network=replace(config.network, port=port))
+            async with running_server(second) as second_server:
+                result = await asyncio.wait_for(waited, timeout(60))
+                # The one under way ended with the first server, with what it had made.
+                cut = await running.collect()
+                assert cut.status == "error" and cut.error is not None
+                assert cut.error.code == "shutting_down" and cut.pcm
+                # The queued one was asked of the second, once it listened.
+                assert result.status == "completed", result.error
+                assert waits[0] == "the server is shutting down"
+                assert "the connection was refused" in waits
+                assert all(
+                    w.startswith(("the server is shutting down", "the connection was"))
+                    for w in waits
+                ), waits
+                assert client.hello is not first_hello
+                # It is the request as asked (the same audio, asked again now), and
+                # the next request goes to the new server too.
+                again = await (
+                    await client.generate("tiny-musicgen", "queued", duration=1, seed=5)
+                ).collect()
+                assert same_audio(result.pcm, again.pcm)
+                assert len(second_server.sessions) == 1
+    finally:
+        await asyncio.wait_for(first_server.stop(), timeout(30))
+
+
+async def test_requests_not_started_on_a_lost_connection_are_sent_on_a_new_one() -> None:
+    async def running_and_queued(client: Any) -> tuple[Any, Any]:
+        running = await client.generate("tiny-musicgen", "running", duration=300)
+        async for event in running:
+            if isinstance(event, Started):
+                break
+        queued = await client.generate("tiny-musicgen", "queued", duration=1, seed=3)
+        async for event in queued:
+            if isinstance(event, Queued):
+                break
+        return running, queued
+
+    async def lose_connections() -> None:
+        for session in list(server.sessions):
+            await session.ws.close(1001)  # (going away)
+
+    async with running_server(make_config(max_active=1, max_queue=4, admission="slots")) as server:
+        async with connect(server.url) as client:  # not asked to: both lost
+            running, queued = await running_and_queued(client)
+            await lose_connections()
+            for stream in running, queued:
+                with pytest.raises(ConnectionClosed):
+                    await stream.collect()
+        tries: list[str] = []
+        async with connect(
+            server.url, retry_for=timeout(30), on_retry=lambda why, _: tries.append(why)
+        ) as client:
+            running, queued = await running_and_queued(client)
+            await lose_connections()
+            with pytest.raises(ConnectionClosed):  # (under way: not asked again)
+                await running.collect()
+            result = await queued.collect()
+            assert result.status == "completed", result.error
+            assert tries == ["the connection was lost"]
+            alone = await (
+                await client.generate("tiny-musicgen", "queued", duration=1, seed=3)
+            ).collect()
+            assert same_audio(result.pcm, alone.pcm)
 
 
 async def test_the_command_tries_again_for_as_long_as_asked(tmp_path: Path) -> None:
