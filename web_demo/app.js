@@ -134,6 +134,8 @@ function onMessage(message) {
     // A link with settings in it fills the form, once.
     const linked = first ? readSettingsLink(location.hash) : null;
     if (linked) applySettings(linked);
+    // Connected again: what waited for it is asked again (card.js).
+    for (const card of state.cards.values()) card.resend();
     return;
   }
   if (message.type === "error" && !(message.id && state.cards.has(message.id))) {
@@ -190,7 +192,10 @@ function onConnState(status, event) {
   $("#generate").disabled = !state.connected;
   if (status === "disconnected") {
     for (const card of state.cards.values()) {
-      if (!card.ended) {
+      if (card.awaiting) continue;
+      if (card.mayAskAgain()) {
+        card.awaitConnection(why ? `connection lost: ${why}` : "connection lost");
+      } else if (!card.ended) {
         const message = `the connection to the server was lost${why ? ` (${why})` : ""}`;
         card.onDone({ status: "error", error: { code: "disconnected", message } }).then(updateClear);
       }

@@ -65,7 +65,9 @@ function slug(text) {
 // A request the server had no room for (busy) before it started is asked again:
 // after half a second, then each wait twice the last up to 8 s (a fifth more or
 // less at random, so that pages turned away together do not come back together),
-// while it is under two minutes old.
+// while it is under two minutes old. One the server could not start as it shut
+// down, or whose connection was lost before it started, is asked again once the
+// page is connected again (to the server that comes back), in the same time.
 const RETRY_FIRST_MS = 500;
 const RETRY_MOST_MS = 8000;
 export const retry = { forMs: 120000 }; // (a test shortens it)
@@ -111,6 +113,7 @@ export class Card {
     this.request = null; // the generate message (app.js): sent again after "busy"
     this.retries = 0;
     this.stopRetry = null; // while waiting to ask again: ends the wait
+    this.awaiting = false; // waiting for the page to connect again (resend())
     this.frames = 0; // received
     this.consumed = 0; // played by the worklet, in all
     this.chunks = [];
@@ -660,13 +663,22 @@ export class Card {
     return url;
   }
 
-  // True where the server's "busy" done is not the end: the request is asked
-  // again after a wait (the badge counts it down), which Cancel ends.
-  waitForRoom(message) {
-    if (message.status !== "error" || message.error?.code !== "busy") return false;
+  // Whether the request may still be asked again: it has not started, and it
+  // is under the retry time old.
+  mayAskAgain(delay = 0) {
     if (this.startedAt !== null || this.request === null || this.ended || this.finishing) return false;
+    return performance.now() + delay - this.sentAt <= retry.forMs;
+  }
+
+  // True where the server's done is not the end: "busy" asks again after a wait
+  // (the badge counts it down), "shutting_down" once the page is connected
+  // again (to the server that comes back); Cancel ends either wait.
+  waitForRoom(message) {
+    const code = message.status === "error" ? message.error?.code : null;
+    if (code === "shutting_down" && this.mayAskAgain()) return this.awaitConnection("server restarting");
+    if (code !== "busy") return false;
     const delay = Math.min(RETRY_MOST_MS, RETRY_FIRST_MS * 2 ** this.retries) * (0.8 + 0.4 * Math.random());
-    if (performance.now() + delay - this.sentAt > retry.forMs) return false;
+    if (!this.mayAskAgain(delay)) return false;
     this.retries += 1;
     const until = performance.now() + delay;
     const show = () => {
@@ -679,7 +691,7 @@ export class Card {
       this.stopRetry();
       if (this.ended || this.finishing) return;
       this.setStatus("queued", `server busy: asked again (${this.retries})`);
-      this.hooks.send(this.request);
+      if (!this.hooks.send(this.request)) this.awaitConnection("connection lost");
     }, delay);
     this.stopRetry = () => {
       clearInterval(countdown);
@@ -687,6 +699,35 @@ export class Card {
       this.stopRetry = null;
     };
     return true;
+  }
+
+  // Wait for the page's next connection (app.js calls resend() on its greeting)
+  // while the request may be asked again; then it ends as disconnected.
+  awaitConnection(why) {
+    this.stopRetry?.();
+    this.setStatus("queued", `${why}: asking again once reconnected`);
+    const timer = setTimeout(() => {
+      this.stopRetry();
+      const message = `the connection to the server was lost (${why})`;
+      this.onDone({ id: this.id, status: "error", error: { code: "disconnected", message } })
+        .then(() => this.hooks.ended?.(this));
+    }, Math.max(0, retry.forMs - (performance.now() - this.sentAt)));
+    this.awaiting = true;
+    this.stopRetry = () => {
+      clearTimeout(timer);
+      this.awaiting = false;
+      this.stopRetry = null;
+    };
+    return true;
+  }
+
+  // The page is connected again: a request waiting for it is sent.
+  resend() {
+    if (!this.awaiting) return;
+    this.stopRetry();
+    this.retries += 1;
+    this.setStatus("queued", `asked again (${this.retries})`);
+    if (!this.hooks.send(this.request)) this.awaitConnection("connection lost");
   }
 
   cancel() {

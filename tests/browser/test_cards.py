@@ -568,3 +568,58 @@ async def test_a_busy_server_is_asked_again_until_there_is_room(browser: Any) ->
         await asyncio.sleep(1.0)  # (a try after the cancel would have gone by now)
         assert tries[fourth] == 1 and tries[second] >= 2, tries
         assert page.errors == []
+
+
+async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_comes_back(
+    browser: Any,  # noqa: F811
+) -> None:
+    from helpers import tiny_engines
+
+    from wavecast.server.app import WavecastServer
+
+    config = make_config(max_active=1, max_queue=4, admission="slots")
+    statuses = "(id) => window.wavecast.cards.get(id).statuses"
+    started = "(id) => window.wavecast.cards.get(id).startedAt !== null"
+    ended = "(id) => window.wavecast.cards.get(id).ended"
+    queued = "(id) => window.wavecast.cards.get(id).statuses.includes('queued #1')"
+    old = WavecastServer(config, tiny_engines)
+    await asyncio.wait_for(old.start(), timeout(120))
+    try:
+        page = await open_page(browser, old)
+        port = old.port
+        first = await generate(page, "first", 300)
+        await wait(page, started, first)
+        second = await generate(page, "second", 1)
+        await wait(page, queued, second)
+        # A drain (one second's grace); nothing listens for a moment; then a
+        # server on the same port.
+        await asyncio.wait_for(old.stop(), timeout(30))
+        await wait(page, "document.querySelector('#conn').dataset.state !== 'open'")
+        await asyncio.sleep(1.0)
+        new = replace(config, network=replace(config.network, port=port))
+        async with running_server(new) as server:
+            await wait(page, ended, second, 60)
+            done = await card(page, second)
+            assert done["status"] == "completed", done
+            assert done["frames"] == done["serverSamples"] == 32000
+            said = await page.evaluate(statuses, second)
+            assert "server restarting: asking again once reconnected" in said, said
+            assert any(s.startswith("asked again (") for s in said), said
+            # The one under way ended with the old server.
+            assert (await card(page, first))["status"] == "error"
+
+            # A connection lost before a request started: the same.
+            third = await generate(page, "third", 300)
+            await wait(page, started, third)
+            fourth = await generate(page, "fourth", 1)
+            await wait(page, queued, fourth)
+            for session in list(server.sessions):
+                await session.ws.close(1012, "restart")
+            await wait(page, ended, fourth, 60)
+            assert (await card(page, fourth))["status"] == "completed"
+            said = await page.evaluate(statuses, fourth)
+            assert "connection lost: restart: asking again once reconnected" in said, said
+            assert (await card(page, third))["status"] == "error"
+            assert page.errors == []
+    finally:
+        await asyncio.wait_for(old.stop(), timeout(30))
