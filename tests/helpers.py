@@ -372,12 +372,15 @@ def higgs_engines(voices_dir: Any = None) -> Mapping[str, Any]:
 
 async def steps_after_disconnect(server: Any, start: Callable[[Any], Any]) -> int:
     """Start a request with ``start(client)``, drop the connection at its first audio,
-    and return the scheduler's step count once it is idle; checks that nothing runs
-    on afterwards and that the request was cancelled."""
+    and return the steps the scheduler took from the start until it is idle; checks
+    that nothing runs on afterwards and that the request was cancelled."""
     from wavecast.clients import connect
     from wavecast.protocol import Audio
 
     scheduler = server.scheduler
+    await asyncio.wait_for(scheduler.wait_idle(timeout(10)), timeout(11))
+    before = int(scheduler.steps_total)
+    cancelled = scheduler.snapshot()["cancelled"]
     async with connect(server.url) as client:
         stream = await start(client)
         async for event in stream:
@@ -388,8 +391,8 @@ async def steps_after_disconnect(server: Any, start: Callable[[Any], Any]) -> in
     steps = int(scheduler.steps_total)
     await asyncio.sleep(0.3)
     assert scheduler.steps_total == steps  # nothing runs on for the closed connection
-    assert scheduler.snapshot()["cancelled"] >= 1
-    return steps
+    assert scheduler.snapshot()["cancelled"] >= cancelled + 1
+    return steps - before
 
 
 def voiced_prompt(engine: Any, codebooks: int, bos: int) -> tuple[Any, Any, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import pytest_asyncio
 import soundfile
 from helpers import higgs_engines, make_config, running_server, timeout
 
@@ -30,6 +31,9 @@ from wavecast.protocol import (
 )
 from wavecast.server import encode
 from wavecast.server.encode import EncodedStream, Encoder, encoded_rate
+
+# The tests with the module's server run on the module's event loop, as it does.
+on_the_servers_loop = pytest.mark.asyncio(loop_scope="module")
 
 MP3_DELAY = 1105  # LAME's encoder delay, in samples, at every rate
 
@@ -324,13 +328,15 @@ async def test_a_failed_encoding_ends_the_request_with_an_internal_error() -> No
 # -- through the server --------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server() -> AsyncIterator[Any]:
-    """tiny-musicgen and tiny-higgs."""
+    """tiny-musicgen and tiny-higgs, one server for the module's tests (its start
+    is most of a short test's time; they share the module's event loop)."""
     async with running_server(make_config(), higgs_engines) as srv:
         yield srv
 
 
+@on_the_servers_loop
 async def test_flac_through_the_server_is_the_16_bit_stream(server: Any) -> None:
     """tiny-musicgen in FLAC: the chunks join into one file, whose samples are
     the ``pcm_s16le`` stream's (the same seed; float rounding where the chunks
@@ -354,6 +360,7 @@ async def test_flac_through_the_server_is_the_16_bit_stream(server: Any) -> None
     assert rate == 32000 and np.array_equal(read, heard)
 
 
+@on_the_servers_loop
 async def test_a_stream_whose_encoders_lag_waits_for_them_and_loses_nothing(
     server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -397,6 +404,7 @@ async def test_a_stream_whose_encoders_lag_waits_for_them_and_loses_nothing(
     assert held and float(held[0].rsplit(" ", 1)[1]) > 0, held
 
 
+@on_the_servers_loop
 async def test_opus_and_mp3_through_the_server(server: Any) -> None:
     """Music at 32 kHz in Opus goes out at 48 kHz (Opus does not take 32), and
     decodes to the samples made; speech in MP3 at 16 kHz, resampled and
@@ -436,6 +444,7 @@ async def test_opus_and_mp3_through_the_server(server: Any) -> None:
     assert np.abs(levels).max() < 3, levels
 
 
+@on_the_servers_loop
 async def test_a_cancelled_encoded_stream_is_a_whole_file(server: Any) -> None:
     """Cancelled mid-stream, the chunks still make a complete file: the Ogg
     stream ends, and decodes to the samples made before the cancel."""
@@ -467,6 +476,7 @@ async def test_the_server_sizes_its_encoders_as_configured() -> None:
     assert encode.configure(0) == encode.default_threads() >= 1
 
 
+@on_the_servers_loop
 async def test_a_bitrate_asked_for_is_the_streams(server: Any) -> None:
     """``bitrate``: an Opus stream at 16 kbit/s weighs about a quarter of one at
     64 (the default), an MP3 one at 32 about a quarter of one at 128."""
@@ -487,6 +497,7 @@ async def test_a_bitrate_asked_for_is_the_streams(server: Any) -> None:
 @pytest.mark.parametrize(
     ("format", "bitrate"), [("flac", 64000), ("pcm_s16le", 64000), ("opus", 300000)]
 )
+@on_the_servers_loop
 async def test_a_bitrate_the_format_does_not_take_is_refused(
     server: Any, format: str, bitrate: int
 ) -> None:
@@ -499,15 +510,10 @@ async def test_a_bitrate_the_format_does_not_take_is_refused(
     assert (events[0].error.code, events[0].error.field) == ("invalid_field", "bitrate")
 
 
+@on_the_servers_loop
 async def test_metrics_count_the_audio_encoded_and_the_encoders_time(server: Any) -> None:
     """``/metrics``: the seconds of audio each format's encoders took in, and the
     time their threads spent (what ``--encoder-threads`` must cover)."""
-    async with connect(server.url) as client:
-        for format in ("opus", "flac", "flac"):
-            result = await (
-                await client.generate("tiny-musicgen", "x", duration=1.0, format=format)
-            ).collect()
-            assert result.status == "completed"
 
     def scrape() -> dict[str, float]:
         url = f"http://127.0.0.1:{server.port}/metrics"
@@ -519,7 +525,15 @@ async def test_metrics_count_the_audio_encoded_and_the_encoders_time(server: Any
             if line.startswith("wavecast_enc")
         }
 
-    samples = await asyncio.to_thread(scrape)
+    before = await asyncio.to_thread(scrape)  # (the module's other tests encode too)
+    async with connect(server.url) as client:
+        for format in ("opus", "flac", "flac"):
+            result = await (
+                await client.generate("tiny-musicgen", "x", duration=1.0, format=format)
+            ).collect()
+            assert result.status == "completed"
+    after = await asyncio.to_thread(scrape)
+    samples = {name: value - before.get(name, 0.0) for name, value in after.items()}
     encoded = 'wavecast_encoded_audio_seconds_total{format="%s"}'
     assert samples[encoded % "opus"] == pytest.approx(1.0, abs=1e-6)
     assert samples[encoded % "flac"] == pytest.approx(2.0, abs=1e-6)
@@ -528,6 +542,7 @@ async def test_metrics_count_the_audio_encoded_and_the_encoders_time(server: Any
         assert 0 < busy < 1.0  # (tens of times faster than real time)
 
 
+@on_the_servers_loop
 async def test_bad_rates_for_a_codec_are_refused_before_queued(server: Any) -> None:
     async with connect(server.url) as client:
         for format, rate in (("opus", 44100), ("mp3", 96000)):

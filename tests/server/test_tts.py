@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import pytest_asyncio
 import soundfile
 from helpers import (
     higgs_engines,
@@ -42,10 +43,14 @@ def tone(seconds: float, rate: int = 24000, freq: float = 220.0, fmt: str = "WAV
     return buffer.getvalue()
 
 
-@pytest.fixture
-def voices_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "voices"
-    folder.mkdir()
+# One server for the module (its start, with the codec's layers timed, is most of
+# a short test's time): the tests and the fixture share the module's event loop.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def voices_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("voices")
     (folder / "belinda.wav").write_bytes(tone(1.5, freq=200))
     (folder / "belinda.txt").write_text("Twas the night before my birthday.\n")
     (folder / "broom_salesman.wav").write_bytes(tone(1.2, rate=16000, freq=120))
@@ -54,7 +59,7 @@ def voices_dir(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(voices_dir: Path) -> AsyncIterator[Any]:
     config = make_config()
     config = replace(config, models=replace(config.models, voices_dir=voices_dir))
