@@ -7,9 +7,11 @@ a shutdown starts, so that a load balancer stops sending new clients.
 Shutdown (SIGTERM, SIGINT) drains: ``/readyz`` turns 503, new requests on
 open connections are refused with ``shutting_down`` and new stream handshakes
 with 503 (the server keeps listening while it drains, so that a load balancer
-retries elsewhere), the ones queued or running get ``shutdown_grace``
-seconds (``--drain-seconds``) to finish, then end with ``shutting_down``, and
-every connection closes with 1001.
+retries elsewhere), the ones running get ``shutdown_grace`` seconds
+(``--drain-seconds``) to finish, then end with ``shutting_down``, and every
+connection closes with 1001. A queued one starts only where it would finish in
+that time at the measured speed; the others end ``shutting_down`` at once (they
+had not started: their clients may ask again, elsewhere or after the restart).
 """
 
 from __future__ import annotations
@@ -345,8 +347,8 @@ class WavecastServer:
         server = self._server
         self.draining = True  # /readyz: 503 from now on
         if scheduler is not None:
-            scheduler.refuse_new()
             grace = self.config.timeouts.shutdown_grace
+            scheduler.refuse_new(grace)
             if not await scheduler.wait_idle(grace):
                 for session in list(self.sessions):
                     for request in list(session.requests.values()):

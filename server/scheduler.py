@@ -150,6 +150,8 @@ class Scheduler:
         self._reordered = False  # the clients' turns moved since the queue was ordered
         self._active: list[Request] = []
         self._stopping = False
+        # While draining: when the drain ends (``perf_counter``; None: no end set).
+        self._drain_until: float | None = None
         self._engines: Mapping[str, Engine] = {}
         self._ready: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -277,9 +279,17 @@ class Scheduler:
         if self.idle:
             self._idle_event.set()
 
-    def refuse_new(self) -> None:
+    def refuse_new(self, drain_seconds: float | None = None) -> None:
+        """Take no new request (``submit`` raises ``ShuttingDown``). With
+        ``drain_seconds``, a queued request starts only where it would finish
+        within that time at the measured speed (``_in_time``); the others end
+        ``shutting_down`` at the next tick, without waiting for the drain to run
+        out: they had not started, and their clients may ask again elsewhere."""
         with self._cond:
             self._stopping = True
+            if drain_seconds is not None:
+                self._drain_until = time.perf_counter() + drain_seconds
+            self._cond.notify()
 
     @property
     def idle(self) -> bool:
@@ -410,6 +420,14 @@ class Scheduler:
         there is room; update the others' positions. How many were admitted."""
         with self._cond:
             dropped = [r for r in self._pending if r.cancelled.is_set()]
+            decoding = len(self._active) - len(self._post)
+            if self._drain_until is not None:  # (draining: what would not end in time)
+                late = [r for r in self._pending if r not in dropped]
+                late = [r for r in late if not self._in_time(r, decoding + 1)]
+                for request in late:
+                    why = "the server is shutting down, and the request would not finish in time"
+                    request.cancel(ShuttingDown(why + ": it had not started", id=request.id))
+                dropped += late
             for request in dropped:
                 self._pending.remove(request)
             # The clients' turns move as requests join, leave the queue and end
@@ -418,7 +436,6 @@ class Scheduler:
             if reordered and self._pending:
                 self._pending = fair_order(self._pending, self._active)
             admitted: list[Request] = []
-            decoding = len(self._active) - len(self._post)
             limit = self._admission_limit(decoding) if self._pending else self.max_active
             while self._pending and decoding + len(admitted) < limit:
                 # Active from now on, so that submit() counts it while it prepares.
@@ -437,6 +454,30 @@ class Scheduler:
         for request in admitted:
             self._admit(request)
         return len(admitted)
+
+    # A draining server starts a queued request only where, at the measured speed,
+    # it would take at most this part of the drain time left.
+    DRAIN_SHARE = 0.5
+
+    def _in_time(self, request: Request, streams: int) -> bool:
+        """Whether ``request``, queued on a draining server, would finish before
+        the drain ends, decoding beside others (``streams`` in all): a MusicGen
+        clip (its ``duration``'s steps, each at the measured tick of that many
+        streams at its whole context) taking at most ``DRAIN_SHARE`` of the time
+        left. A request whose time is not known (speech, whose length its text
+        decides; a Multi-Band Diffusion post-stage; an upload's analysis; no
+        tick measured yet) is not. Call with the lock."""
+        until, fit = self._drain_until, self._ticks.fit()
+        engine = self._engines.get(request.model)
+        params = request.engine_request.params
+        asked = params.get("duration")
+        if until is None or fit is None or engine is None or not isinstance(asked, int | float):
+            return until is None
+        if params.get("mbd") or request.engine_request.inputs:
+            return False
+        context = self._context(engine, float(asked))
+        seconds = float(asked) * engine.frame_rate * fit.cost(streams, streams * context)
+        return seconds <= self.DRAIN_SHARE * (until - time.perf_counter())
 
     def _admission_limit(self, running: int) -> int:
         """How many streams may decode at once now (``running`` do): ``max_active``,

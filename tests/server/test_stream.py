@@ -379,6 +379,32 @@ async def test_a_drain_that_runs_out_ends_queued_and_running_requests_with_shutt
         await client.close()
 
 
+async def test_a_drain_starts_a_queued_request_only_where_it_would_finish_in_time() -> None:
+    config = replace(make_config(max_active=1), timeouts=TimeoutsConfig(shutdown_grace=60.0))
+    async with running_server(config) as srv:
+        client = await connect(srv.url)
+        running = await client.generate("tiny-musicgen", "running", duration=4.0, seed=1)
+        await first_audio(running)  # (its ticks measured)
+        short = await client.generate("tiny-musicgen", "short", duration=1.0, seed=2)
+        long = await client.generate("tiny-musicgen", "long", duration=300.0)
+        for stream in short, long:
+            async for event in stream:
+                assert isinstance(event, Queued)
+                break
+        stop = asyncio.create_task(srv.stop())
+        # The long one would not end in the drain's minute: it ends now, not
+        # started (not at the minute's end).
+        cut = await asyncio.wait_for(long.collect(), timeout(10))
+        assert cut.status == "error" and cut.error is not None
+        assert cut.error.code == "shutting_down" and "had not started" in str(cut.error)
+        # The short one runs after the running one, and both complete.
+        for stream in running, short:
+            result = await stream.collect()
+            assert result.status == "completed", result.error
+        await asyncio.wait_for(stop, timeout(60))
+        await client.close()
+
+
 async def test_connections_per_client_address_are_limited() -> None:
     async with running_server(make_config(max_connections_per_ip=2)) as srv:
         first, second = await connect(srv.url), await connect(srv.url)
