@@ -379,6 +379,7 @@ class RequestStream:
     #: The connection it was last sent on.
     _link: _Link | None = None
     _cancel_asked: asyncio.Event = field(default_factory=asyncio.Event)
+    _resending: bool = False  # (being sent again: a cancel is sent after, if at all)
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
         return self._iterate()
@@ -428,13 +429,30 @@ class RequestStream:
             return False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._cancel_asked.wait(), wait)
-        if self._cancel_asked.is_set():
-            await self._queue.put(Done(id=self.id, status="cancelled"))
-            return True
-        try:
-            await self.client._submit(self)
-        except (OSError, InvalidStatus, ConnectionClosed, TimeoutError):
-            return False  # (no server to take it in time: the first outcome stands)
+        if not self._cancel_asked.is_set():
+            # Sent again (connecting again first, where it must), unless cancelled
+            # meanwhile: a cancel does not wait for a server to come back.
+            submit = asyncio.ensure_future(self.client._submit(self))
+            cancelled = asyncio.ensure_future(self._cancel_asked.wait())
+            self._resending = True
+            try:
+                await asyncio.wait({submit, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._resending = False
+            cancelled.cancel()
+            if not submit.done():
+                submit.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await submit
+            elif submit.exception() is None:
+                if self._cancel_asked.is_set() and self._link is not None:  # (asked meanwhile)
+                    await self._link.ws.send(encode(Cancel(id=self.id), text=self.client.text))
+                return True
+            elif isinstance(submit.exception(), OSError | InvalidStatus | ConnectionClosed):
+                return False  # (no server took it in time: the first outcome stands)
+            else:
+                submit.result()  # (raises what went wrong)
+        await self._queue.put(Done(id=self.id, status="cancelled"))
         return True
 
     async def cancel(self) -> None:
@@ -442,8 +460,9 @@ class RequestStream:
         if self.done is None:
             self._cancel_asked.set()
             link = self._link
-            if link is not None and self.client._streams.get(self.id) is self:
-                # (not while waiting to ask again)
+            sent = link is not None and self.client._streams.get(self.id) is self
+            if link is not None and sent and not self._resending:
+                # (not while waiting to ask again: then, once it is sent, if at all)
                 await link.ws.send(encode(Cancel(id=self.id), text=self.client.text))
 
     async def collect(self) -> GenerationResult:
@@ -621,6 +640,9 @@ class Client:
             if self._connector is None:
                 return old  # (made by hand: nowhere to connect again)
             ws, hello = await self._connector._open(retries)
+            if self._closed:  # (closed meanwhile)
+                await ws.close()
+                raise ConnectionError("the client was closed")
             link = _Link(ws, hello)
             self._links.append(link)
             self._link = link

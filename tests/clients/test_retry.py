@@ -145,6 +145,42 @@ async def test_requests_not_started_when_a_server_restarts_go_to_the_one_that_co
         await asyncio.wait_for(first_server.stop(), timeout(30))
 
 
+async def test_a_request_cancelled_while_no_server_listens_ends_at_once() -> None:
+    config = make_config(max_active=1, max_queue=4, admission="slots")
+    server = WavecastServer(config, tiny_engines)
+    await asyncio.wait_for(server.start(), timeout(120))
+    refused = asyncio.Event()
+
+    def waited(why: str, _: float) -> None:
+        if why == "the connection was refused":
+            refused.set()
+
+    try:
+        async with connect(server.url, retry_for=timeout(120), on_retry=waited) as client:
+            running = await client.generate("tiny-musicgen", "running", duration=300)
+            async for event in running:
+                if isinstance(event, Started):
+                    break
+            queued = await client.generate("tiny-musicgen", "queued", duration=300)
+            async for event in queued:
+                if isinstance(event, Queued):
+                    break
+            waiting = asyncio.ensure_future(queued.collect())
+            port = server.port
+            await asyncio.wait_for(server.stop(), timeout(30))
+            await asyncio.wait_for(refused.wait(), timeout(30))  # (trying to connect again)
+            await queued.cancel()
+            result = await asyncio.wait_for(waiting, timeout(2))
+            assert result.status == "cancelled"
+            # A server back on the port hears nothing of it.
+            again = replace(config, network=replace(config.network, port=port))
+            async with running_server(again) as back:
+                await asyncio.sleep(3.0)  # (past the next try's time: 2 s, give or take 20%)
+                assert back.sessions == set() and back.scheduler.snapshot()["completed"] == 0
+    finally:
+        await asyncio.wait_for(server.stop(), timeout(30))
+
+
 async def test_requests_not_started_on_a_lost_connection_are_sent_on_a_new_one() -> None:
     async def running_and_queued(client: Any) -> tuple[Any, Any]:
         running = await client.generate("tiny-musicgen", "running", duration=300)
