@@ -141,7 +141,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=float(_env("DRAIN_SECONDS", str(TimeoutsConfig().shutdown_grace)) or 5.0),
         help="on SIGTERM: /readyz turns 503, new requests are refused, and the ones "
-        "running get this long to finish before they end with shutting_down",
+        "running get this long to finish before they end with shutting_down; a queued one "
+        "starts only where it would finish in half the time left, else ends at once",
     )
     parser.add_argument(
         "--max-duration",

@@ -9,11 +9,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import pytest_asyncio
 import soundfile
 from helpers import higgs_engines, make_config, running_server, timeout
-from test_demo import ARTIFACTS, MS, browser, card, open_page  # noqa: F401 - fixture
+from test_demo import ARTIFACTS, MS, card, chromium, open_page
 
-pytestmark = pytest.mark.browser
+# One speech server and one browser for the module (a server's start, with the
+# codec's layers timed, was most of each test's time); each test has its own
+# page in its own browser context. They share the module's event loop.
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
 HOP, K = 960, 4
 
@@ -36,10 +40,15 @@ async def submit_and_wait(page: Any) -> tuple[str, dict[str, Any]]:
     return rid, await card(page, rid)
 
 
-@pytest.fixture
-async def speech_server(tmp_path: Path) -> AsyncIterator[Any]:
-    voices = tmp_path / "voices"
-    voices.mkdir()
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with chromium() as browser:
+        yield browser
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def speech_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+    voices = tmp_path_factory.mktemp("voices")
     tone(voices / "belinda.wav", 1.5, 200)
     (voices / "belinda.txt").write_text("Twas the night before my birthday.")
     tone(voices / "chadwick.wav", 1.0, 110)
@@ -50,7 +59,7 @@ async def speech_server(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 async def test_speech_form_dialogue_voices_and_upload(
-    browser: Any,  # noqa: F811
+    browser: Any,
     speech_server: Any,
     tmp_path: Path,
 ) -> None:
@@ -124,7 +133,7 @@ async def test_speech_form_dialogue_voices_and_upload(
 
 
 async def test_speech_errors_and_recorded_reference(
-    browser: Any,  # noqa: F811
+    browser: Any,
     speech_server: Any,
 ) -> None:
     page = await open_page(browser, speech_server)
@@ -165,7 +174,7 @@ async def test_speech_errors_and_recorded_reference(
 
 
 async def test_dialogue_editor_keeps_typed_lines_and_cards_read_well(
-    browser: Any,  # noqa: F811
+    browser: Any,
     speech_server: Any,
 ) -> None:
     page = await open_page(browser, speech_server)
@@ -208,7 +217,7 @@ async def test_dialogue_editor_keeps_typed_lines_and_cards_read_well(
 
 
 async def test_speech_form_fits_a_phone(
-    browser: Any,  # noqa: F811
+    browser: Any,
     speech_server: Any,
 ) -> None:
     page = await open_page(
@@ -233,7 +242,7 @@ async def test_speech_form_fits_a_phone(
 
 
 async def test_speech_at_a_telephones_rate_plays_and_downloads_at_it(
-    browser: Any,  # noqa: F811
+    browser: Any,
     speech_server: Any,
     tmp_path: Path,
 ) -> None:
