@@ -1,7 +1,8 @@
 """Two ``wavecast serve`` replicas behind Debian's nginx with docker/nginx.conf:
 both serve, every stream is exact, and a replica drained with SIGTERM mid-run
 ends its own streams with ``shutting_down`` while new connections go to the
-other one. (``scripts/setup-venv --test`` installs nginx.)"""
+other one, and so do the requests it had queued, sent again by their clients.
+(``scripts/setup-venv --test`` installs nginx.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from wavecast.clients import Client, GenerationResult, connect
-from wavecast.protocol import decode
+from wavecast.protocol import Queued, Started, decode
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "docker" / "nginx.conf"
@@ -93,11 +95,12 @@ class Cluster:
         return f"ws://127.0.0.1:{self.port}/v1/stream"
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+@asynccontextmanager
+async def open_cluster(tmp_path: Path, *more: str) -> AsyncIterator[Cluster]:
+    """Two replicas (``more`` flags for both) behind nginx."""
     nginx = nginx_binary()
     common = ["--model", MODEL, "--threads", "1", "--max-active", "16", "--admission", "slots"]
-    common += ["--forwarded-allow-ips", "127.0.0.1"]
+    common += ["--forwarded-allow-ips", "127.0.0.1", *more]
     # The first replica is the one drained: a few seconds' grace, so that new
     # connections arrive while it still listens (and answers them 503).
     started = await asyncio.gather(
@@ -133,6 +136,12 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                 process.kill()
         for process in [proxy, *(p for p, _ in replicas)]:
             process.wait(timeout(30))
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with open_cluster(tmp_path) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -220,3 +229,76 @@ async def test_two_replicas_behind_nginx_serve_exact_streams_and_drain(
     retried = f"/v1/stream 101 127.0.0.1:{port_a}, 127.0.0.1:{port_b} 503, 101"
     assert retried in access.splitlines(), access
     assert "[emerg]" not in errors
+
+
+def gauge(port: int, name: str) -> float:
+    """One gauge of one replica's /metrics."""
+    status, text = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200, text
+    match = re.search(rf"^{name} (\S+)$", text, flags=re.M)
+    assert match, text
+    return float(match.group(1))
+
+
+async def test_requests_queued_on_a_drained_replica_go_to_the_other(tmp_path: Path) -> None:
+    """Two slots a replica; four clients through nginx, two a replica, each with a
+    long request (running) and a shorter one (queued). The first replica is sent
+    SIGTERM: its queued requests would not finish in its drain, so they end at
+    once, before they start, and their clients (``retry_for``) send them again
+    through nginx, which takes them to the other replica."""
+    async with open_cluster(tmp_path, "--max-active", "2") as cluster:
+        (process_a, port_a), (_, port_b) = cluster.replicas
+        waits: list[str] = []
+        clients = await asyncio.gather(
+            *(
+                connect(cluster.url, retry_for=timeout(60), on_retry=lambda w, _: waits.append(w))
+                for _ in range(4)
+            )
+        )
+        try:
+            await eventually(lambda: (connections(port_a), connections(port_b)) == (2, 2), 10)
+            long = [
+                await c.generate(MODEL, "long", duration=300.0, seed=i)
+                for i, c in enumerate(clients)
+            ]
+            for stream in long:
+                async for event in stream:
+                    if isinstance(event, Started):
+                        break
+            short = [
+                await c.generate(MODEL, "short", duration=30.0, seed=i)
+                for i, c in enumerate(clients)
+            ]
+            for stream in short:
+                async for event in stream:
+                    if isinstance(event, Queued):
+                        break
+            queued = [
+                await asyncio.to_thread(gauge, p, "wavecast_requests_queued")
+                for p in (port_a, port_b)
+            ]
+            assert queued == [2, 2], queued
+            shorts = [asyncio.ensure_future(stream.collect()) for stream in short]
+            process_a.send_signal(signal.SIGTERM)
+            # The second replica queues its own two and the first's two.
+            await eventually(lambda: gauge(port_b, "wavecast_requests_queued") == 4, 20)
+            assert waits and all(w == "the server is shutting down" for w in waits), waits
+            await asyncio.to_thread(process_a.wait, timeout(30))
+            # The long ones: the first replica's cut by its drain, the second's
+            # cancelled here; then every short one runs there, and completes.
+            ends = []
+            for stream in long:
+                collecting = asyncio.ensure_future(stream.collect())
+                await asyncio.wait({collecting}, timeout=0.2)
+                if not collecting.done():
+                    await stream.cancel()
+                result = await asyncio.wait_for(collecting, timeout(30))
+                ends.append(result.error.code if result.error else result.status)
+            assert sorted(ends) == ["cancelled"] * 2 + ["shutting_down"] * 2, ends
+            results = await asyncio.gather(*shorts)
+            assert [r.status for r in results] == ["completed"] * 4, [r.error for r in results]
+        finally:
+            await asyncio.gather(*(client.close() for client in clients))
+    access = (tmp_path / "access.log").read_text()
+    retried = f"/v1/stream 101 127.0.0.1:{port_a}, 127.0.0.1:{port_b} 503, 101"
+    assert retried in access.splitlines(), access
