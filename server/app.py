@@ -10,8 +10,9 @@ with 503 (the server keeps listening while it drains, so that a load balancer
 retries elsewhere), the ones running get ``shutdown_grace`` seconds
 (``--drain-seconds``) to finish, then end with ``shutting_down``, and every
 connection closes with 1001. A queued one starts only where it would finish in
-that time at the measured speed; the others end ``shutting_down`` at once (they
-had not started: their clients may ask again, elsewhere or after the restart).
+half that time at the measured speed, after those ahead of it; the others end
+``shutting_down`` at once (they had not started: their clients may ask again,
+elsewhere or after the restart).
 """
 
 from __future__ import annotations

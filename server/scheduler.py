@@ -36,7 +36,9 @@ import asyncio
 import collections
 import ctypes
 import gc
+import heapq
 import logging
+import math
 import platform
 import threading
 import time
@@ -282,7 +284,7 @@ class Scheduler:
     def refuse_new(self, drain_seconds: float | None = None) -> None:
         """Take no new request (``submit`` raises ``ShuttingDown``). With
         ``drain_seconds``, a queued request starts only where it would finish
-        within that time at the measured speed (``_in_time``); the others end
+        within that time at the measured speed (``_late_in_drain``); the others end
         ``shutting_down`` at the next tick, without waiting for the drain to run
         out: they had not started, and their clients may ask again elsewhere."""
         with self._cond:
@@ -422,8 +424,7 @@ class Scheduler:
             dropped = [r for r in self._pending if r.cancelled.is_set()]
             decoding = len(self._active) - len(self._post)
             if self._drain_until is not None:  # (draining: what would not end in time)
-                late = [r for r in self._pending if r not in dropped]
-                late = [r for r in late if not self._in_time(r, decoding + 1)]
+                late = self._late_in_drain()
                 for request in late:
                     why = "the server is shutting down, and the request would not finish in time"
                     request.cancel(ShuttingDown(why + ": it had not started", id=request.id))
@@ -456,28 +457,53 @@ class Scheduler:
         return len(admitted)
 
     # A draining server starts a queued request only where, at the measured speed,
-    # it would take at most this part of the drain time left.
+    # it would end within this part of the drain time left.
     DRAIN_SHARE = 0.5
 
-    def _in_time(self, request: Request, streams: int) -> bool:
-        """Whether ``request``, queued on a draining server, would finish before
-        the drain ends, decoding beside others (``streams`` in all): a MusicGen
-        clip (its ``duration``'s steps, each at the measured tick of that many
-        streams at its whole context) taking at most ``DRAIN_SHARE`` of the time
-        left. A request whose time is not known (speech, whose length its text
-        decides; a Multi-Band Diffusion post-stage; an upload's analysis; no
-        tick measured yet) is not. Call with the lock."""
-        until, fit = self._drain_until, self._ticks.fit()
-        engine = self._engines.get(request.model)
-        params = request.engine_request.params
-        asked = params.get("duration")
-        if until is None or fit is None or engine is None or not isinstance(asked, int | float):
-            return until is None
-        if params.get("mbd") or request.engine_request.inputs:
-            return False
-        context = self._context(engine, float(asked))
-        seconds = float(asked) * engine.frame_rate * fit.cost(streams, streams * context)
-        return seconds <= self.DRAIN_SHARE * (until - time.perf_counter())
+    def _late_in_drain(self) -> list[Request]:
+        """The queued requests that, on a draining server, would not finish in
+        ``DRAIN_SHARE`` of the time left: each in its turn takes the slot that
+        frees first (the running ones' and the earlier queued ones' ends), and
+        runs for its ``duration``'s steps, each at the measured tick of every
+        slot busy at the longest context. A request whose time is not known
+        (speech, whose length its text decides; a Multi-Band Diffusion
+        post-stage; an upload's analysis; no tick measured yet) is late, and a
+        running one whose end is not known holds its slot to the end. Call with
+        the lock."""
+        assert self._drain_until is not None
+        fit = self._ticks.fit()
+        waiting = [r for r in self._pending if not r.cancelled.is_set()]
+        if fit is None:
+            return waiting
+        left = self.DRAIN_SHARE * (self._drain_until - time.perf_counter())
+        slots = self.max_active
+        tick = fit.cost(slots, slots * self._context_ahead())
+
+        def seconds(request: Request, done: float) -> float:
+            """What is left of a request's steps, in seconds (inf: not known)."""
+            engine = self._engines.get(request.model)
+            params = request.engine_request.params
+            target = request.target if request.target is not None else params.get("duration")
+            if engine is None or not isinstance(target, int | float):
+                return math.inf
+            if params.get("mbd") or (request.job is None and request.engine_request.inputs):
+                return math.inf
+            return max(0.0, float(target) - done) * engine.frame_rate * tick
+
+        decoding = [r for r in self._active if r not in self._post]
+        ends = [seconds(r, r.seconds) for r in decoding][:slots]
+        ends += [0.0] * (slots - len(ends))  # (free slots)
+        heapq.heapify(ends)
+        late = []
+        for request in waiting:
+            start = heapq.heappop(ends)
+            end = start + seconds(request, 0.0)
+            if end <= left:
+                heapq.heappush(ends, end)
+            else:
+                late.append(request)
+                heapq.heappush(ends, start)
+        return late
 
     def _admission_limit(self, running: int) -> int:
         """How many streams may decode at once now (``running`` do): ``max_active``,

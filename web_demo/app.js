@@ -36,7 +36,7 @@ function announce(text) {
 }
 
 const hooks = {
-  send: (message) => connection.send(message),
+  send: (message, socket) => connection.send(message, socket),
   announce,
   ended: () => updateClear(),
   removed: (card) => {
@@ -110,7 +110,7 @@ function submit(event) {
   if (bitrate) message.bitrate = bitrate;
   if (Object.keys(inputs).length) message.inputs = inputs;
   card.request = message;
-  connection.send(message);
+  card.sendRequest();
 }
 
 // A request refused for one of its fields, before it started: the form says
@@ -125,8 +125,9 @@ function refusedAtField(card, message) {
 
 // -- wiring -----------------------------------------------------------------------
 
-function onMessage(message) {
+function onMessage(message, socket) {
   if (message.type === "hello") {
+    if (socket !== connection.ws) return; // (not the connection new requests go on)
     const first = state.hello === null;
     state.hello = form.hello = message;
     renderModels(message.models);
@@ -143,7 +144,7 @@ function onMessage(message) {
     return;
   }
   const card = state.cards.get(message.id);
-  if (!card) return;
+  if (!card || (card.socket !== null && card.socket !== socket)) return; // (sent again elsewhere)
   switch (message.type) {
     case "queued":
       card.setStatus("queued", `queued #${message.position}`);
@@ -159,6 +160,8 @@ function onMessage(message) {
       break;
     case "done":
       if (message.status === "error" && refusedAtField(card, message)) break;
+      // The server is shutting down: new requests on a new connection.
+      if (message.error?.code === "shutting_down") connection.renew(socket);
       if (card.waitForRoom(message)) break;
       card.onDone(message).then(updateClear);
       break;
@@ -175,7 +178,7 @@ function closedWhy(event) {
   return (event && event.reason) || "";
 }
 
-function onConnState(status, event) {
+function onConnState(status, event, socket) {
   state.connected = status === "open";
   const conn = $("#conn");
   conn.dataset.state = status;
@@ -190,21 +193,26 @@ function onConnState(status, event) {
   $("#key-box").hidden = status !== "key";
   if (status === "key") $("#api-key").focus();
   $("#generate").disabled = !state.connected;
-  if (status === "disconnected") {
-    for (const card of state.cards.values()) {
-      if (card.awaiting) continue;
-      if (card.mayAskAgain()) {
-        card.awaitConnection(why ? `connection lost: ${why}` : "connection lost");
-      } else if (!card.ended) {
-        const message = `the connection to the server was lost${why ? ` (${why})` : ""}`;
-        card.onDone({ status: "error", error: { code: "disconnected", message } }).then(updateClear);
-      }
-    }
-    updateClear();
-  }
+  if (status === "disconnected") lost(socket, why);
 }
 
-const connection = new Connection(onMessage, onConnState);
+// A connection closed: its cards not started wait to be asked again (at once,
+// where the page has another connection open), the others end.
+function lost(socket, why) {
+  for (const card of state.cards.values()) {
+    if (card.awaiting || card.ended || card.socket !== socket) continue;
+    if (card.mayAskAgain()) {
+      card.awaitConnection(why ? `connection lost: ${why}` : "connection lost");
+      if (connection.open) card.resend();
+    } else {
+      const message = `the connection to the server was lost${why ? ` (${why})` : ""}`;
+      card.onDone({ status: "error", error: { code: "disconnected", message } }).then(updateClear);
+    }
+  }
+  updateClear();
+}
+
+const connection = new Connection(onMessage, onConnState, (socket, event) => lost(socket, closedWhy(event)));
 $("#key-box").addEventListener("submit", (event) => {
   event.preventDefault();
   auth.set($("#api-key").value.trim());

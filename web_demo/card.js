@@ -114,6 +114,7 @@ export class Card {
     this.retries = 0;
     this.stopRetry = null; // while waiting to ask again: ends the wait
     this.awaiting = false; // waiting for the page to connect again (resend())
+    this.socket = null; // the connection its request went on (app.js)
     this.frames = 0; // received
     this.consumed = 0; // played by the worklet, in all
     this.chunks = [];
@@ -691,7 +692,7 @@ export class Card {
       this.stopRetry();
       if (this.ended || this.finishing) return;
       this.setStatus("queued", `server busy: asked again (${this.retries})`);
-      if (!this.hooks.send(this.request)) this.awaitConnection("connection lost");
+      this.sendRequest();
     }, delay);
     this.stopRetry = () => {
       clearInterval(countdown);
@@ -727,7 +728,15 @@ export class Card {
     this.stopRetry();
     this.retries += 1;
     this.setStatus("queued", `asked again (${this.retries})`);
-    if (!this.hooks.send(this.request)) this.awaitConnection("connection lost");
+    this.sendRequest();
+  }
+
+  // Send the request on the connection new requests go on (it is on that socket
+  // from then on), or wait for one.
+  sendRequest() {
+    const socket = this.hooks.send(this.request);
+    if (socket) this.socket = socket;
+    else this.awaitConnection("not connected");
   }
 
   cancel() {
@@ -739,7 +748,7 @@ export class Card {
     }
     this.player?.pause();
     this.setStatus("cancelling", "cancelling…");
-    this.hooks.send({ type: "cancel", id: this.id });
+    this.hooks.send({ type: "cancel", id: this.id }, this.socket ?? undefined);
   }
 
   remove() {

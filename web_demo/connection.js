@@ -28,11 +28,27 @@ async function keyRefused() {
 }
 
 export class Connection {
-  constructor(onMessage, onState) {
+  // onMessage(message, ws), onState(status, event, ws): the socket new requests
+  // go on; onLeft(ws, event): one left behind by renew() closed.
+  constructor(onMessage, onState, onLeft = () => {}) {
     this.onMessage = onMessage;
     this.onState = onState;
+    this.onLeft = onLeft;
     this.ws = null;
     this.retry = 0;
+    this.connect();
+  }
+
+  get open() {
+    return this.ws !== null && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  // The server said it is shutting down: new requests go on a new connection (to
+  // the server that answers there: another replica, or this one once it is
+  // back), while those under way on this one finish on it.
+  renew(from) {
+    if (from !== this.ws || !this.open) return;
+    this.ws = null; // (from now on, its close is onLeft's)
     this.connect();
   }
 
@@ -56,19 +72,25 @@ export class Connection {
         return;
       }
       // "open" only once the greeting arrived: the models are known then.
-      if (message.type === "hello") this.onState("open");
-      this.onMessage(message);
+      if (message.type === "hello" && ws === this.ws) this.onState("open", null, ws);
+      this.onMessage(message, ws);
     };
     ws.onclose = (event) => {
-      this.onState("disconnected", event);
+      if (ws !== this.ws) {
+        this.onLeft(ws, event); // (one renew() left behind: the new one goes on)
+        return;
+      }
+      this.onState("disconnected", event, ws);
       const delay = Math.min(5000, 500 * 2 ** this.retry++);
       setTimeout(() => this.connect(), delay);
     };
   }
 
-  send(message) {
-    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
-    this.ws.send(encodeMessage(message));
-    return true;
+  // Send on `ws` (default: the connection new requests go on): the socket it
+  // went on, or null where that one is not open.
+  send(message, ws = this.ws) {
+    if (!ws || ws.readyState !== WebSocket.OPEN) return null;
+    ws.send(encodeMessage(message));
+    return ws;
   }
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -623,3 +624,48 @@ async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_co
             assert page.errors == []
     finally:
         await asyncio.wait_for(old.stop(), timeout(30))
+
+
+async def test_behind_a_proxy_a_drained_replicas_queued_card_runs_on_the_other_at_once(
+    browser: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The page through nginx to two replicas of one slot each. The replica the
+    page is on is sent SIGTERM: the queued card would not finish in its drain
+    (behind the running one), so it ends at once; the page opens a new connection for new requests,
+    which nginx takes to the other replica, and asks there, while the running
+    card streams on from the draining one."""
+    from cluster import connections, eventually, open_cluster
+
+    started = "(id) => window.wavecast.cards.get(id).startedAt !== null"
+    queued = "(id) => window.wavecast.cards.get(id).statuses.includes('queued #1')"
+    async with open_cluster(tmp_path, "--max-active", "1", drain_seconds=8) as cluster:
+        ctx = await browser.new_context(bypass_csp=True)
+        page = await ctx.new_page()
+        page.errors = []
+        page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+        await page.goto(f"http://127.0.0.1:{cluster.port}/")
+        await page.wait_for_selector("#conn[data-state=open]", timeout=timeout(20) * MS)
+        (process_a, port_a), (process_b, port_b) = cluster.replicas
+        await eventually(lambda: connections(port_a) + connections(port_b) == 1, 10)
+        drained = process_a if await asyncio.to_thread(connections, port_a) == 1 else process_b
+        first = await generate(page, "first", 300)
+        await wait(page, started, first)
+        # (It would start when the first ends: past half the drain time.)
+        second = await generate(page, "second", 5)
+        await wait(page, queued, second)
+        drained.send_signal(signal.SIGTERM)
+        await wait(page, "(id) => window.wavecast.cards.get(id).ended", second, 60)
+        done = await card(page, second)
+        assert done["status"] == "completed", done
+        said = await page.evaluate("(id) => window.wavecast.cards.get(id).statuses", second)
+        assert "server restarting: asking again once reconnected" in said, said
+        # The first streams on from the draining replica meanwhile, and is cancelled there.
+        assert not await page.evaluate("(id) => window.wavecast.cards.get(id).ended", first)
+        assert drained.poll() is None
+        await page.click(f".card[data-id='{first}'] .cancel")
+        await wait(page, "(id) => window.wavecast.cards.get(id).ended", first)
+        assert (await card(page, first))["status"] == "cancelled"
+        assert await page.text_content("#conn-text") == "connected"
+        assert page.errors == []
+        await ctx.close()

@@ -380,7 +380,7 @@ async def test_a_drain_that_runs_out_ends_queued_and_running_requests_with_shutt
 
 
 async def test_a_drain_starts_a_queued_request_only_where_it_would_finish_in_time() -> None:
-    config = replace(make_config(max_active=1), timeouts=TimeoutsConfig(shutdown_grace=60.0))
+    config = replace(make_config(max_active=1), timeouts=TimeoutsConfig(shutdown_grace=10.0))
     async with running_server(config) as srv:
         client = await connect(srv.url)
         running = await client.generate("tiny-musicgen", "running", duration=4.0, seed=1)
@@ -392,8 +392,8 @@ async def test_a_drain_starts_a_queued_request_only_where_it_would_finish_in_tim
                 assert isinstance(event, Queued)
                 break
         stop = asyncio.create_task(srv.stop())
-        # The long one would not end in the drain's minute: it ends now, not
-        # started (not at the minute's end).
+        # The long one would not end in half the drain's ten seconds (behind the
+        # others, 300 s of audio): it ends now, not started (not at the drain's end).
         cut = await asyncio.wait_for(long.collect(), timeout(10))
         assert cut.status == "error" and cut.error is not None
         assert cut.error.code == "shutting_down" and "had not started" in str(cut.error)
