@@ -464,12 +464,13 @@ class Scheduler:
         """The queued requests that, on a draining server, would not finish in
         ``DRAIN_SHARE`` of the time left: each in its turn takes the slot that
         frees first (the running ones' and the earlier queued ones' ends), and
-        runs for its ``duration``'s steps, each at the measured tick of every
-        slot busy at the longest context. A request whose time is not known
-        (speech, whose length its text decides; a Multi-Band Diffusion
-        post-stage; an upload's analysis; no tick measured yet) is late, and a
-        running one whose end is not known holds its slot to the end. Call with
-        the lock."""
+        runs for the most audio it can make (``Engine.most_seconds``: a music
+        clip's ``duration``, speech's ``max_new_tokens`` a chunk of its text),
+        a step a frame, each at the measured tick of every slot busy at the
+        longest context. A request whose time is not known (a Multi-Band
+        Diffusion post-stage, an upload's analysis; no tick measured yet) is
+        late, and a running one whose end is not known holds its slot to the
+        end. Call with the lock."""
         assert self._drain_until is not None
         fit = self._ticks.fit()
         waiting = [r for r in self._pending if not r.cancelled.is_set()]
@@ -482,13 +483,16 @@ class Scheduler:
         def seconds(request: Request, done: float) -> float:
             """What is left of a request's steps, in seconds (inf: not known)."""
             engine = self._engines.get(request.model)
-            params = request.engine_request.params
-            target = request.target if request.target is not None else params.get("duration")
-            if engine is None or not isinstance(target, int | float):
+            if engine is None:
                 return math.inf
-            if params.get("mbd") or (request.job is None and request.engine_request.inputs):
+            most: Any = request.target  # (MusicGen's, once started)
+            if most is None and request.job is not None:
+                most = request.job.extra.get("max_seconds")  # (speech's, once prepared)
+            if most is None:
+                most = engine.most_seconds(request.engine_request)
+            if not isinstance(most, int | float):
                 return math.inf
-            return max(0.0, float(target) - done) * engine.frame_rate * tick
+            return max(0.0, float(most) - done) * engine.frame_rate * tick
 
         decoding = [r for r in self._active if r not in self._post]
         ends = [seconds(r, r.seconds) for r in decoding][:slots]

@@ -227,6 +227,13 @@ class Engine(Protocol):
         """
         ...
 
+    def most_seconds(self, request: EngineRequest) -> float | None:
+        """The most audio ``request`` can make, in seconds, where that and its
+        preparation are known before it starts (a draining server starts a
+        queued request only where it would finish in time); None where not (a
+        post-stage, an upload's analysis)."""
+        ...
+
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         """Advance every job by one decoding step; one output per job, in order."""
         ...

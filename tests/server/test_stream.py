@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from helpers import (
     first_audio,
+    higgs_engines,
     make_config,
     running_server,
     same_audio,
@@ -402,6 +403,40 @@ async def test_a_drain_starts_a_queued_request_only_where_it_would_finish_in_tim
             result = await stream.collect()
             assert result.status == "completed", result.error
         await asyncio.wait_for(stop, timeout(60))
+        await client.close()
+
+
+async def test_a_drain_weighs_speech_by_its_longest_and_starts_what_fits() -> None:
+    """Speech is as long as its text makes it, at most ``max_new_tokens`` frames a
+    chunk: two slots busy (one for a long time), a queued utterance that fits in
+    the drain starts there, in the slot the shorter running one frees, and one
+    that could run past it ends at once."""
+    config = make_config(max_active=2, admission="slots")
+    config = replace(config, timeouts=TimeoutsConfig(shutdown_grace=10.0))
+    async with running_server(config, lambda: higgs_engines(None)) as srv:
+        client = await connect(srv.url)
+        story = "One more word. " * 60  # (sixty chunks of a sentence)
+        running = [
+            await client.speak("tiny-higgs", story, chunk_method="word", chunk_max_word_num=3),
+            await client.speak("tiny-higgs", "A short one.", max_new_tokens=200),
+        ]
+        for stream in running:
+            await first_audio(stream)
+        short = await client.speak("tiny-higgs", "Fits.", max_new_tokens=16)
+        long = await client.speak("tiny-higgs", story, chunk_method="word", chunk_max_word_num=3)
+        for stream in short, long:
+            async for event in stream:
+                assert isinstance(event, Queued)
+                break
+        stop = asyncio.create_task(srv.stop())
+        cut = await asyncio.wait_for(long.collect(), timeout(5))
+        assert cut.error is not None and "had not started" in str(cut.error)
+        fits = await short.collect()
+        assert fits.status == "completed", fits.error
+        assert (await running[1].collect()).status == "completed"
+        await running[0].cancel()
+        assert (await running[0].collect()).status == "cancelled"
+        await asyncio.wait_for(stop, timeout(30))
         await client.close()
 
 

@@ -465,13 +465,7 @@ class HiggsEngine(TableSizing):
             )
             scene = f"{scene}\n\n{roles}" if scene else roles
 
-        method = str(params["chunk_method"])
-        chunks = chunk_text(
-            text,
-            method,
-            int(number(params["chunk_max_word_num"])),
-            int(number(params["chunk_max_num_turns"])),
-        )
+        chunks = self._chunks(text, params)
         seed = request_seed(params)
         buffer = params.get("generation_chunk_buffer_size")
         state = _HiggsJob(
@@ -489,7 +483,7 @@ class HiggsEngine(TableSizing):
             ras_win_len=int(number(params["ras_win_len"])),
             ras_max_repeat=int(number(params["ras_win_max_num_repeat"])),
             decoder=self.codec_streams.stream(),
-            max_frames=max(1, int(self.max_duration * self.frame_rate)),
+            max_frames=self._max_frames,
         )
         # About 14 characters a second of speech: a rough guide for progress.
         state.expected = max(
@@ -505,6 +499,32 @@ class HiggsEngine(TableSizing):
 
     def _voice_codes_of(self, voice: Voice) -> Ints:
         return self._voice_codes[voice.name]
+
+    def most_seconds(self, request: EngineRequest) -> float | None:
+        """``max_new_tokens`` frames for each chunk of the text, at most the
+        longest request (``Engine.most_seconds``), as the job counts them; None
+        with an uploaded voice (its encoding)."""
+        params = request.params
+        if any(role in request.inputs for role in REFERENCE_ROLES):
+            return None
+        chunks = self._chunks(normalize_text(request.prompt), params)
+        most = min(self._max_frames, int(number(params["max_new_tokens"])) * len(chunks))
+        return most / self.frame_rate
+
+    @property
+    def _max_frames(self) -> int:
+        """The frames of the longest request (``--max-duration``)."""
+        return max(1, int(self.max_duration * self.frame_rate))
+
+    @staticmethod
+    def _chunks(text: str, params: Mapping[str, ParamValue]) -> list[str]:
+        """The (normalized) text in the chunks the request asks for."""
+        return chunk_text(
+            text,
+            str(params["chunk_method"]),
+            int(number(params["chunk_max_word_num"])),
+            int(number(params["chunk_max_num_turns"])),
+        )
 
     def check(self, request: EngineRequest) -> dict[str, Upload]:
         self._check_request(request)

@@ -355,6 +355,15 @@ class MusicGenEngine(TableSizing):
             st.cfg_conditions, st.py_random = yield from shared
         yield job
 
+    def most_seconds(self, request: EngineRequest) -> float | None:
+        """The clip's ``duration`` (``Engine.most_seconds``); None with a
+        Multi-Band Diffusion version (a post-stage) or an upload (a melody's
+        analysis, a continuation's prefill)."""
+        params = request.params
+        if params.get("mbd") or request.inputs:
+            return None
+        return number(params["duration"])
+
     def check(self, request: EngineRequest) -> dict[str, Upload]:
         """The prompt's length in tokens, and the uploads decoded and checked,
         before the request is queued: a clip without one sample at the model's
