@@ -283,10 +283,11 @@ class Scheduler:
 
     def refuse_new(self, drain_seconds: float | None = None) -> None:
         """Take no new request (``submit`` raises ``ShuttingDown``). With
-        ``drain_seconds``, a queued request starts only where it would finish
-        within that time at the measured speed (``_late_in_drain``); the others end
-        ``shutting_down`` at the next tick, without waiting for the drain to run
-        out: they had not started, and their clients may ask again elsewhere."""
+        ``drain_seconds``, a queued request starts only where it would finish in
+        half the time left, after those ahead of it (``_late_in_drain``); the
+        others end ``shutting_down`` at the next tick, without waiting for the
+        drain to run out: they had not started, and their clients may ask again
+        elsewhere."""
         with self._cond:
             self._stopping = True
             if drain_seconds is not None:
