@@ -294,6 +294,17 @@ async def first_audio(stream: Any) -> Any:
     raise AssertionError(f"no audio before done: {stream.done}")
 
 
+async def reach(kind: type, *streams: Any) -> None:
+    """Read each request's events up to its first of ``kind`` (``Started``,
+    ``Queued``, ...)."""
+    for stream in streams:
+        async for event in stream:
+            if isinstance(event, kind):
+                break
+        else:
+            raise AssertionError(f"no {kind.__name__} before done: {stream.done}")
+
+
 def start_serve(
     args: list[str], log_file: Path, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_config, run_cli, running_server, same_audio, timeout, tiny_engines
+from helpers import (
+    make_config,
+    reach,
+    run_cli,
+    running_server,
+    same_audio,
+    timeout,
+    tiny_engines,
+)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wavecast.clients import connect
@@ -21,6 +29,16 @@ from wavecast.server.app import WavecastServer
 def one_at_a_time() -> Any:
     """A server that runs one request and queues none: the next is ``busy``."""
     return make_config(max_active=1, max_queue=0, admission="slots")
+
+
+async def running_and_queued(client: Any, **queued: Any) -> tuple[Any, Any]:
+    """On a one-slot server: a long request running, and one (``queued``'s
+    parameters; 1 s by default) queued behind it."""
+    running = await client.generate("tiny-musicgen", "running", duration=300)
+    await reach(Started, running)
+    waiting = await client.generate("tiny-musicgen", "queued", **{"duration": 1, **queued})
+    await reach(Queued, waiting)
+    return running, waiting
 
 
 async def test_a_busy_request_is_asked_again_until_it_starts() -> None:
@@ -104,14 +122,7 @@ async def test_requests_not_started_when_a_server_restarts_go_to_the_one_that_co
             first_server.url, retry_for=timeout(60), on_retry=lambda why, _: waits.append(why)
         ) as client:
             first_hello = client.hello
-            running = await client.generate("tiny-musicgen", "running", duration=300)
-            async for event in running:
-                if isinstance(event, Started):
-                    break
-            queued = await client.generate("tiny-musicgen", "queued", duration=1, seed=5)
-            async for event in queued:
-                if isinstance(event, Queued):
-                    break
+            running, queued = await running_and_queued(client, seed=5)
             waited = asyncio.ensure_future(queued.collect())
             port = first_server.port
             # The restart: a drain (one second's grace), nothing listening for a
@@ -157,14 +168,7 @@ async def test_a_request_cancelled_while_no_server_listens_ends_at_once() -> Non
 
     try:
         async with connect(server.url, retry_for=timeout(120), on_retry=waited) as client:
-            running = await client.generate("tiny-musicgen", "running", duration=300)
-            async for event in running:
-                if isinstance(event, Started):
-                    break
-            queued = await client.generate("tiny-musicgen", "queued", duration=300)
-            async for event in queued:
-                if isinstance(event, Queued):
-                    break
+            _, queued = await running_and_queued(client, duration=300)
             waiting = asyncio.ensure_future(queued.collect())
             port = server.port
             await asyncio.wait_for(server.stop(), timeout(30))
@@ -182,24 +186,13 @@ async def test_a_request_cancelled_while_no_server_listens_ends_at_once() -> Non
 
 
 async def test_requests_not_started_on_a_lost_connection_are_sent_on_a_new_one() -> None:
-    async def running_and_queued(client: Any) -> tuple[Any, Any]:
-        running = await client.generate("tiny-musicgen", "running", duration=300)
-        async for event in running:
-            if isinstance(event, Started):
-                break
-        queued = await client.generate("tiny-musicgen", "queued", duration=1, seed=3)
-        async for event in queued:
-            if isinstance(event, Queued):
-                break
-        return running, queued
-
     async def lose_connections() -> None:
         for session in list(server.sessions):
             await session.ws.close(1001)  # (going away)
 
     async with running_server(make_config(max_active=1, max_queue=4, admission="slots")) as server:
         async with connect(server.url) as client:  # not asked to: both lost
-            running, queued = await running_and_queued(client)
+            running, queued = await running_and_queued(client, seed=3)
             await lose_connections()
             for stream in running, queued:
                 with pytest.raises(ConnectionClosed):
@@ -208,7 +201,7 @@ async def test_requests_not_started_on_a_lost_connection_are_sent_on_a_new_one()
         async with connect(
             server.url, retry_for=timeout(30), on_retry=lambda why, _: tries.append(why)
         ) as client:
-            running, queued = await running_and_queued(client)
+            running, queued = await running_and_queued(client, seed=3)
             await lose_connections()
             with pytest.raises(ConnectionClosed):  # (under way: not asked again)
                 await running.collect()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cluster import MODEL, Cluster, connections, eventually, gauge, get, open_cluster
-from helpers import first_audio, same_audio, timeout
+from helpers import first_audio, reach, same_audio, timeout
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
@@ -135,18 +135,12 @@ async def test_requests_queued_on_a_drained_replica_go_to_the_other(tmp_path: Pa
                 await c.generate(MODEL, "long", duration=300.0, seed=i)
                 for i, c in enumerate(clients)
             ]
-            for stream in long:
-                async for event in stream:
-                    if isinstance(event, Started):
-                        break
+            await reach(Started, *long)
             short = [
                 await c.generate(MODEL, "short", duration=30.0, seed=i)
                 for i, c in enumerate(clients)
             ]
-            for stream in short:
-                async for event in stream:
-                    if isinstance(event, Queued):
-                        break
+            await reach(Queued, *short)
             queued = [
                 await asyncio.to_thread(gauge, p, "wavecast_requests_queued")
                 for p in (port_a, port_b)

@@ -20,6 +20,7 @@ from helpers import (
     first_audio,
     higgs_engines,
     make_config,
+    reach,
     running_server,
     same_audio,
     steps_after_disconnect,
@@ -388,10 +389,7 @@ async def test_a_drain_starts_a_queued_request_only_where_it_would_finish_in_tim
         await first_audio(running)  # (its ticks measured)
         short = await client.generate("tiny-musicgen", "short", duration=1.0, seed=2)
         long = await client.generate("tiny-musicgen", "long", duration=300.0)
-        for stream in short, long:
-            async for event in stream:
-                assert isinstance(event, Queued)
-                break
+        await reach(Queued, short, long)
         stop = asyncio.create_task(srv.stop())
         # The long one would not end in half the drain's ten seconds (behind the
         # others, 300 s of audio): it ends now, not started (not at the drain's end).
@@ -424,10 +422,7 @@ async def test_a_drain_weighs_speech_by_its_longest_and_starts_what_fits() -> No
             await first_audio(stream)
         short = await client.speak("tiny-higgs", "Fits.", max_new_tokens=16)
         long = await client.speak("tiny-higgs", story, chunk_method="word", chunk_max_word_num=3)
-        for stream in short, long:
-            async for event in stream:
-                assert isinstance(event, Queued)
-                break
+        await reach(Queued, short, long)
         stop = asyncio.create_task(srv.stop())
         cut = await asyncio.wait_for(long.collect(), timeout(5))
         assert cut.error is not None and "had not started" in str(cut.error)
