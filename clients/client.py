@@ -407,7 +407,6 @@ class RequestStream:
         False where not, or where no server took it again in time."""
         if self.started is not None or self._retries is None or self.generate is None:
             return False
-        link = self._link
         if self.client._closed:
             return False
         if isinstance(outcome, ConnectionClosed):
@@ -420,8 +419,8 @@ class RequestStream:
             why = f"the server is busy ({outcome.error.message})"
         elif outcome.error.code == "shutting_down":
             why = "the server is shutting down"
-            if link is not None:
-                link.draining = True  # (new requests: on a new connection)
+            if self._link is not None:
+                self._link.draining = True  # (new requests: on a new connection)
         else:
             return False
         wait = self._retries.wait(why)
@@ -445,8 +444,8 @@ class RequestStream:
                 with contextlib.suppress(asyncio.CancelledError):
                     await submit
             elif submit.exception() is None:
-                if self._cancel_asked.is_set() and self._link is not None:  # (asked meanwhile)
-                    await self._link.ws.send(encode(Cancel(id=self.id), text=self.client.text))
+                if self._cancel_asked.is_set():  # (asked meanwhile)
+                    await self._send_cancel()
                 return True
             elif isinstance(submit.exception(), OSError | InvalidStatus | ConnectionClosed):
                 return False  # (no server took it in time: the first outcome stands)
@@ -459,11 +458,14 @@ class RequestStream:
         """Ask the server to stop this request; its ``done`` still follows."""
         if self.done is None:
             self._cancel_asked.set()
-            link = self._link
-            sent = link is not None and self.client._streams.get(self.id) is self
-            if link is not None and sent and not self._resending:
-                # (not while waiting to ask again: then, once it is sent, if at all)
-                await link.ws.send(encode(Cancel(id=self.id), text=self.client.text))
+            # (not while waiting to ask again: then, once it is sent, if at all)
+            if self.client._streams.get(self.id) is self and not self._resending:
+                await self._send_cancel()
+
+    async def _send_cancel(self) -> None:
+        """``cancel`` on the connection the request was last sent on."""
+        if self._link is not None:
+            await self._link.ws.send(encode(Cancel(id=self.id), text=self.client.text))
 
     async def collect(self) -> GenerationResult:
         """Consume the rest of the stream and return the audio it carried.
