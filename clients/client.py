@@ -22,7 +22,7 @@ import ssl as ssl_module
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, BinaryIO
 
@@ -41,6 +41,8 @@ from wavecast.protocol import (
     Generate,
     Hello,
     ParamValue,
+    Progress,
+    Queued,
     ServerMessage,
     Started,
     Stats,
@@ -356,13 +358,21 @@ class GenerationResult:
         soundfile.write(file, audio, self.sample_rate, subtype=subtype, format=container)
 
 
+# A progress stage's place in a request: the live stream after its preparation,
+# the Multi-Band Diffusion version after both.
+_STAGES = {"prepare": 0, None: 1}
+
+
 @dataclass
 class RequestStream:
     """The events of one request, in order, ``done`` last. Where the connection
     is lost before the request's ``done``, iterating raises websockets'
     ``ConnectionClosed`` (the audio that came before it joins exactly), unless
-    the request had not started and the client has ``retry_for`` left: it is
-    then sent again on a new connection."""
+    the client has ``retry_for`` left: a request that had not started is then
+    sent again on a new connection, and one whose PCM stream was under way is
+    picked up where it was cut (the same seed, and ``generate.resume``). So is
+    one the server ended with ``shutting_down``. The stream shows one try: its
+    ``started``, progress that does not go back, and audio that joins on."""
 
     id: str
     client: Client
@@ -380,6 +390,13 @@ class RequestStream:
     _link: _Link | None = None
     _cancel_asked: asyncio.Event = field(default_factory=asyncio.Event)
     _resending: bool = False  # (being sent again: a cancel is sent after, if at all)
+    #: Sent again after it started: the new try's events the consumer has had
+    #: from the last one are left out.
+    _resumed: bool = False
+    #: Per rendition (None: the live stream), where its next chunk starts and its
+    #: ``seq``, as the consumer saw them.
+    _next: dict[str | None, tuple[int, int]] = field(default_factory=dict)
+    _stage: tuple[int, float] = (0, -1.0)  # the last progress seen: its stage's place, fraction
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
         return self._iterate()
@@ -396,18 +413,54 @@ class RequestStream:
                     continue
                 self.done = item
             elif isinstance(item, Started):
+                if self._retries is not None:  # (its time to try again counts from here)
+                    self._retries = _Retries(self.client.retry_for, self.client.on_retry)
+                if self.started is not None:
+                    continue  # (a try that picks the stream up: the consumer has its start)
                 self.started = item
-            yield item
+            new = self._unseen(item) if self._resumed else item
+            if isinstance(new, Audio):
+                unit = offset_unit(new.format, new.channels)
+                self._next[new.rendition] = (new.offset + len(new.data) // unit, new.seq + 1)
+            elif isinstance(new, Progress):
+                self._stage = (_STAGES.get(new.stage, 2), new.fraction)
+            if new is not None:
+                yield new
+
+    def _unseen(self, item: ServerMessage) -> ServerMessage | None:
+        """What of a message of a try that picks the stream up is new to the
+        consumer: audio past what it has (numbered on from it), progress past
+        what it saw; no ``queued``."""
+        if isinstance(item, Queued):
+            return None
+        if isinstance(item, Progress):
+            return item if (_STAGES.get(item.stage, 2), item.fraction) >= self._stage else None
+        if isinstance(item, Audio):
+            have, seq = self._next.get(item.rendition, (0, 0))
+            unit = offset_unit(item.format, item.channels)
+            if item.offset + len(item.data) // unit <= have:
+                return None
+            data = item.data[max(0, have - item.offset) * unit :]
+            return replace(item, seq=seq, offset=max(have, item.offset), data=data)
+        return item
+
+    def _resumable(self) -> bool:
+        """Whether the stream, cut under way, can be picked up where it was: PCM,
+        whose frames are counted, and the seed that makes it again."""
+        assert self.generate is not None and self.started is not None
+        return self.generate.format in BYTES_PER_SAMPLE and self.started.seed is not None
 
     async def _tried_again(self, outcome: Done | BaseException) -> bool:
-        """Where the request ended before it started, as one the server says to
-        try again (``busy``; ``shutting_down``, or the connection lost: on a new
-        connection), and there is time left: wait, and ask again (True; its
-        ``done`` then ends the stream: ``cancelled`` where cancelled meanwhile).
-        False where not, or where no server took it again in time."""
-        if self.started is not None or self._retries is None or self.generate is None:
+        """Where the request ended as one the server says to try again, and there
+        is time left: wait, and ask again (True; its ``done`` then ends the
+        stream: ``cancelled`` where cancelled meanwhile). Before it started:
+        ``busy``; ``shutting_down``, or the connection lost: on a new connection.
+        Under way (PCM, with its seed): those last two, picking the stream up
+        where it was cut. False where not, or where no server took it again in
+        time."""
+        if self._retries is None or self.generate is None or self.client._closed:
             return False
-        if self.client._closed:
+        if self.started is not None and not self._resumable():
             return False
         if isinstance(outcome, ConnectionClosed):
             if outcome.rcvd is not None and outcome.rcvd.code not in _CLOSED_TRY_AGAIN:
@@ -415,7 +468,7 @@ class RequestStream:
             why = "the connection was lost"
         elif not isinstance(outcome, Done) or outcome.error is None:
             return False
-        elif outcome.error.code == "busy":
+        elif outcome.error.code == "busy" and self.started is None:
             why = f"the server is busy ({outcome.error.message})"
         elif outcome.error.code == "shutting_down":
             why = "the server is shutting down"
@@ -423,6 +476,13 @@ class RequestStream:
                 self._link.draining = True  # (new requests: on a new connection)
         else:
             return False
+        if self.started is not None:
+            assert self.started.seed is not None
+            have = self._next.get(None, (0, 0))[0]
+            why += f" (picking the stream up at {have / self.started.sample_rate:.2f} s)"
+            params = {**self.generate.params, "seed": self.started.seed}
+            self.generate = replace(self.generate, params=params, resume=have)
+            self._resumed = True
         wait = self._retries.wait(why)
         if wait is None:
             return False
@@ -528,7 +588,11 @@ class Client:
     connects again, for as long as ``retry_for`` allows) after ``shutting_down``
     or a lost connection. Requests under way on a draining connection finish on
     it; the new one carries the rest, and the greeting (:attr:`hello`) is the
-    new server's.
+    new server's. A PCM stream cut under way (``shutting_down``, a lost
+    connection) is picked up on the new one where it was cut: the request is
+    sent again with the seed its ``started`` gave and ``resume`` at the frames
+    had, and its stream joins on, sample for sample (the server makes the part
+    had again first).
     """
 
     def __init__(
@@ -663,6 +727,7 @@ class Client:
         bitrate: int | None = None,
         params: Mapping[str, ParamValue] | None = None,
         inputs: Mapping[str, bytes] | None = None,
+        resume: int | None = None,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start a generation.
@@ -681,6 +746,9 @@ class Client:
             params: Model parameters; keyword arguments are added to them.
             inputs: Audio files by role, as bytes: ``continuation`` (continue this
                 clip) where the model's capabilities list it.
+            resume: Pick up a stream cut earlier (PCM, with its ``seed``): the
+                sample frames of it already had. Its ``audio`` starts there.
+                (The client does this itself with ``retry_for``.)
 
         Returns:
             The request's event stream.
@@ -698,6 +766,7 @@ class Client:
             inputs=dict(inputs) if inputs else None,
             sample_rate=sample_rate,
             bitrate=bitrate,
+            resume=resume,
         )
         stream = RequestStream(request_id, self, generate=message)
         if self.retry_for > 0:
@@ -719,6 +788,7 @@ class Client:
         sample_rate: int | None = None,
         bitrate: int | None = None,
         params: Mapping[str, ParamValue] | None = None,
+        resume: int | None = None,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start text to speech on a model with the ``tts`` capability.
@@ -731,7 +801,8 @@ class Client:
             reference: An audio file whose voice to clone (SPEAKER0).
             reference_text: What ``reference`` says.
             scene: A scene name or a free description of the setting.
-            id, format, sample_rate, bitrate, params, kwargs: As :meth:`generate`.
+            id, format, sample_rate, bitrate, params, resume, kwargs: As
+                :meth:`generate`.
         """
         merged: dict[str, ParamValue] = {**(params or {}), **kwargs}
         if voice is not None:
@@ -750,6 +821,7 @@ class Client:
             bitrate=bitrate,
             params=merged,
             inputs=inputs,
+            resume=resume,
         )
 
     async def close(self) -> None:
@@ -793,9 +865,11 @@ class connect:
             ``Retry-After``; closed ``1013``: at its connection limit), and each
             request that ends before it starts where the server answers ``busy``
             (sent again), ``shutting_down`` or the connection is lost (sent
-            again on a new connection, to the server that answers there then).
-            The stream shows only the last answer. Each request has this long
-            from when it was asked. Waits from half a second, doubling up to 8 s.
+            again on a new connection, to the server that answers there then);
+            a PCM stream cut under way by the last two is picked up where it
+            was cut, on the new connection. The stream shows only the last
+            answer. Each request has this long from when it was asked, and again
+            from when it started. Waits from half a second, doubling up to 8 s.
             Default 0: no second try.
         on_retry: Called as ``on_retry(why, seconds)`` before each wait.
         headers: More HTTP headers for the handshake (a gateway's own token, say;

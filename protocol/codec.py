@@ -375,6 +375,7 @@ def _generate(f: _Fields) -> Generate:
         inputs=_inputs(f),
         sample_rate=_sample_rate(f),
         bitrate=_bitrate(f),
+        resume=f.integer("resume", required=False),
     )
 
 

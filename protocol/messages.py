@@ -214,6 +214,10 @@ class Generate:
             server's choice for the rate and channels).
         inputs: Uploaded audio files by role (``continuation``, ``melody``), as
             the bytes of a WAV, FLAC, OGG or MP3 file (PROTOCOL.md §3.1).
+        resume: Sample frames of the live stream the client already has, from
+            a try of the same request that was cut (``params.seed`` as its
+            ``started`` gave it): the server makes the stream again and sends it
+            from there (PROTOCOL.md §3.1; PCM formats only).
     """
 
     type: ClassVar[str] = "generate"
@@ -225,6 +229,7 @@ class Generate:
     inputs: dict[str, bytes] | None = None
     sample_rate: int | None = None
     bitrate: int | None = None
+    resume: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,8 +52,11 @@ class RequestOutputs:
     info: ModelInfo
     format: AudioFormat
     sample_rate: int = 0  # what the client hears (0: the model's own)
+    # The live stream's first sample frames, not sent: the client has them from a
+    # try of the request that was cut (``generate.resume``).
+    skip: int = 0
     seq: int = 0
-    samples: int = 0  # sample frames of the live stream sent
+    samples: int = 0  # sample frames of the live stream made (the skipped ones too)
     last_fraction: float = -1.0
     last_progress_at: float = float("-inf")
     stage: str | None = None
@@ -86,11 +89,16 @@ class RequestOutputs:
                 empty = np.zeros((0, self.info.channels), dtype=np.float32)
                 audio = self.resampler.push(empty if audio is None else audio, last=last)
         if audio is not None and audio.shape[0] > 0:
-            if self.first_audio_at is None:
-                self.first_audio_at = now
-            messages.append(self._audio(self.seq, self.samples, audio))
-            self.seq += 1
+            offset = self.samples
             self.samples += int(audio.shape[0])
+            if offset < self.skip:  # (the client has these)
+                audio = audio[self.skip - offset :]
+                offset = self.skip
+            if audio.shape[0] > 0:
+                if self.first_audio_at is None:
+                    self.first_audio_at = now
+                messages.append(self._audio(self.seq, offset, audio))
+                self.seq += 1
         if output.stage != self.stage:
             self.stage = output.stage
             self.last_fraction = -1.0

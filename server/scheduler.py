@@ -90,6 +90,9 @@ class Request:
     # ``EncodedStream.behind``): it is left out of the steps meanwhile, the
     # others going on. Called on the inference thread.
     held: Callable[[], bool] | None = None
+    # Sample frames of the live stream its client already has (``generate.resume``):
+    # made again, not sent.
+    resume: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
     # Who asked (its API key's digest on a server with keys, else its address):
     # the queue's places and the slots are shared among clients in turns
@@ -651,7 +654,9 @@ class Scheduler:
     def _started(self, request: Request) -> None:
         assert request.job is not None
         info = self._engines[request.model].info
-        request.outputs = RequestOutputs(request.id, info, request.format, request.sample_rate or 0)
+        request.outputs = RequestOutputs(
+            request.id, info, request.format, request.sample_rate or 0, skip=request.resume
+        )
         extra = request.job.extra
         seed, seconds, max_seconds = (extra.get(k) for k in ("seed", "seconds", "max_seconds"))
         request.target = float(seconds) if isinstance(seconds, int | float) else None

@@ -289,6 +289,8 @@ class Session:
                         field=f"inputs.{role}",
                         id=message.id,
                     )
+            if message.resume is not None:
+                _check_resume(message)
             sink: Callable[[ServerMessage], None] = self._on_event
             held: Callable[[], bool] | None = None
             wire_format, sample_rate = message.format, message.sample_rate
@@ -314,6 +316,7 @@ class Session:
                 sample_rate=sample_rate,
                 sink=sink,
                 held=held or self.congested,
+                resume=message.resume or 0,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
                 client=self.client,
             )
@@ -341,12 +344,13 @@ class Session:
             self._refuse(exc, frame_type="generate")
             return
         request.log.info(
-            "generate model=%s params=%s format=%s%s%s",
+            "generate model=%s params=%s format=%s%s%s%s",
             message.model,
             params,
             message.format,
             f" sample_rate={sample_rate}" if sample_rate else "",
             f" bitrate={message.bitrate}" if message.bitrate else "",
+            f" resume={message.resume}" if message.resume is not None else "",
         )
 
     async def _check_then_submit(
@@ -568,6 +572,26 @@ class Session:
 
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code, reason)
+
+
+def _check_resume(message: Generate) -> None:
+    """A ``resume`` picks the stream up where a cut try of it left off (§3.1): the
+    same audio needs the same seed, and a PCM stream, whose frames can be
+    counted (an encoded file's bytes depend on all the audio before them)."""
+    if message.format in ENCODED_FORMATS:
+        raise InvalidField(
+            f"resume needs a PCM format: a {message.format} file cannot be picked up "
+            "where it was cut",
+            field="resume",
+            id=message.id,
+        )
+    if message.params.get("seed") is None:
+        raise InvalidField(
+            "resume needs params.seed: the seed the cut try's started gave, so that "
+            "the stream is made again the same",
+            field="resume",
+            id=message.id,
+        )
 
 
 def _unsupported(message: Generate, info: ModelInfo, field: str) -> Unsupported:

@@ -4,6 +4,7 @@ a busy queue, a draining server, one at its connection limit, one not up yet."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from helpers import (
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wavecast.clients import connect
-from wavecast.protocol import Done, Queued, Started
+from wavecast.protocol import Audio, Done, Progress, Queued, Started
 from wavecast.server.app import WavecastServer
 
 
@@ -33,8 +34,10 @@ def one_at_a_time() -> Any:
 
 async def running_and_queued(client: Any, **queued: Any) -> tuple[Any, Any]:
     """On a one-slot server: a long request running, and one (``queued``'s
-    parameters; 1 s by default) queued behind it."""
-    running = await client.generate("tiny-musicgen", "running", duration=300)
+    parameters; 1 s by default) queued behind it. The running one is an Opus
+    file, which a client cannot pick up where it was cut: it ends with its server
+    or connection."""
+    running = await client.generate("tiny-musicgen", "running", duration=300, format="opus")
     await reach(Started, running)
     waiting = await client.generate("tiny-musicgen", "queued", **{"duration": 1, **queued})
     await reach(Queued, waiting)
@@ -135,7 +138,7 @@ async def test_requests_not_started_when_a_server_restarts_go_to_the_one_that_co
                 # The one under way ended with the first server, with what it had made.
                 cut = await running.collect()
                 assert cut.status == "error" and cut.error is not None
-                assert cut.error.code == "shutting_down" and cut.pcm
+                assert cut.error.code == "shutting_down" and cut.pcm  # (an Opus file)
                 # The queued one was asked of the second, once it listened.
                 assert result.status == "completed", result.error
                 assert waits[0] == "the server is shutting down"
@@ -203,7 +206,7 @@ async def test_requests_not_started_on_a_lost_connection_are_sent_on_a_new_one()
         ) as client:
             running, queued = await running_and_queued(client, seed=3)
             await lose_connections()
-            with pytest.raises(ConnectionClosed):  # (under way: not asked again)
+            with pytest.raises(ConnectionClosed):  # (an Opus file under way: not picked up)
                 await running.collect()
             result = await queued.collect()
             assert result.status == "completed", result.error
@@ -212,6 +215,103 @@ async def test_requests_not_started_on_a_lost_connection_are_sent_on_a_new_one()
                 await client.generate("tiny-musicgen", "queued", duration=1, seed=3)
             ).collect()
             assert same_audio(result.pcm, alone.pcm)
+
+
+def one_try_seen(events: list[Any], frames: int) -> None:
+    """A stream picked up where it was cut shows one try: one ``started``,
+    progress that does not go back, audio numbered and joined on (each
+    rendition's), ``frames`` sample frames in all, ``done`` last."""
+    assert sum(isinstance(e, Started) for e in events) == 1
+    assert not any(isinstance(e, Queued) for e in events[events.index(first(events, Started)) :])
+    stages = {"prepare": 0, None: 1, "mbd": 2}
+    seen = [(stages[e.stage], e.fraction) for e in events if isinstance(e, Progress)]
+    assert seen == sorted(seen)
+    for rendition in {e.rendition for e in events if isinstance(e, Audio)}:
+        audio = [e for e in events if isinstance(e, Audio) and e.rendition == rendition]
+        assert [a.seq for a in audio] == list(range(len(audio)))
+        starts = [0, *itertools.accumulate(a.frames for a in audio[:-1])]
+        assert [a.offset for a in audio] == starts
+    assert sum(e.frames for e in events if isinstance(e, Audio)) == frames
+    assert isinstance(events[-1], Done) and events[-1].status == "completed"
+    assert not any(isinstance(e, Done) for e in events[:-1])
+
+
+def first(events: list[Any], kind: type) -> Any:
+    return next(e for e in events if isinstance(e, kind))
+
+
+async def until_audio(stream: Any, events: list[Any], seconds: float) -> asyncio.Future[None]:
+    """Read ``stream`` into ``events`` (the rest of it in the future returned) until
+    it has brought ``seconds`` of audio."""
+    arrived = asyncio.Event()
+
+    async def read() -> None:
+        heard = 0
+        async for event in stream:
+            events.append(event)
+            heard += event.frames if isinstance(event, Audio) else 0
+            if heard >= seconds * 32000:
+                arrived.set()
+
+    reading = asyncio.ensure_future(read())
+    await asyncio.wait_for(arrived.wait(), timeout(30))
+    return reading
+
+
+async def test_a_stream_cut_by_a_restart_is_picked_up_where_it_was_cut() -> None:
+    config = make_config(max_active=1, max_queue=4, admission="slots")
+    config = replace(config, timeouts=replace(config.timeouts, shutdown_grace=0.2))
+    first_server = WavecastServer(config, tiny_engines)
+    await asyncio.wait_for(first_server.start(), timeout(120))
+    waits: list[str] = []
+    try:
+        async with connect(
+            first_server.url, retry_for=timeout(60), on_retry=lambda why, _: waits.append(why)
+        ) as client:
+            # No seed asked for: the server's, as its started gave it, makes it again.
+            stream = await client.generate("tiny-musicgen", "cut", duration=20)
+            events: list[Any] = []
+            reading = await until_audio(stream, events, 1.0)
+            port = first_server.port
+            # A restart under way (a drain of 0.2 s: 20 s of audio takes over one).
+            await asyncio.wait_for(first_server.stop(), timeout(30))
+            await asyncio.sleep(1.5)
+            second = replace(config, network=replace(config.network, port=port))
+            async with running_server(second) as second_server:
+                await asyncio.wait_for(reading, timeout(60))
+                one_try_seen(events, 20 * 32000)
+                picked = [w for w in waits if "(picking the stream up at " in w]
+                assert picked[0].startswith("the server is shutting down (picking")
+                at = float(picked[0].split(" at ")[1].split(" s)")[0])
+                assert 1.0 <= at < 20.0, picked
+                assert second_server.scheduler.snapshot()["completed"] == 1
+                # The clip heard is the clip asked for, whole: asked again at once.
+                seed = first(events, Started).seed
+                alone = await (
+                    await client.generate("tiny-musicgen", "cut", duration=20, seed=seed)
+                ).collect()
+                heard = b"".join(e.data for e in events if isinstance(e, Audio))
+                assert same_audio(heard, alone.pcm)
+    finally:
+        await asyncio.wait_for(first_server.stop(), timeout(30))
+
+
+async def test_a_stream_under_way_on_a_lost_connection_is_picked_up_on_a_new_one() -> None:
+    asked = {"duration": 20, "seed": 8, "sample_rate": 16000}  # (resampled as it goes)
+    async with (
+        running_server(make_config(max_active=2, admission="slots")) as server,
+        connect(server.url, retry_for=timeout(30)) as client,
+    ):
+        stream = await client.generate("tiny-musicgen", "lost", **asked)
+        events: list[Any] = []
+        reading = await until_audio(stream, events, 0.5)
+        for session in list(server.sessions):
+            await session.ws.close(1001)  # (going away)
+        await asyncio.wait_for(reading, timeout(60))
+        one_try_seen(events, 20 * 16000)
+        assert len(server.sessions) == 1  # (the new connection; the old one closed)
+        alone = await (await client.generate("tiny-musicgen", "lost", **asked)).collect()
+        assert same_audio(b"".join(e.data for e in events if isinstance(e, Audio)), alone.pcm)
 
 
 async def test_the_command_tries_again_for_as_long_as_asked(tmp_path: Path) -> None:

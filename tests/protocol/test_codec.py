@@ -67,6 +67,7 @@ MESSAGES = [
         sample_rate=48000,
         bitrate=32000,
     ),
+    Generate(id="r6", model="tiny-musicgen", params={"seed": 7}, resume=12345),
     Cancel(id="r1"),
     Hello(
         server="wavecast",
@@ -227,6 +228,16 @@ def test_none_fields_are_left_out() -> None:
             msgpack.packb({"type": "generate", "id": "a", "model": "m", "bitrate": "64k"}),
             InvalidField,
             "bitrate",
+        ),
+        (
+            msgpack.packb({"type": "generate", "id": "a", "model": "m", "resume": -1}),
+            InvalidField,
+            "resume",
+        ),
+        (
+            msgpack.packb({"type": "generate", "id": "a", "model": "m", "resume": 1.5}),
+            InvalidField,
+            "resume",
         ),
         (
             msgpack.packb({"type": "generate", "id": "a", "model": "m", "params": [1]}),

@@ -270,6 +270,23 @@ async def test_seeds_reproduce(server: Any) -> None:
         assert a.pcm != c.pcm
 
 
+async def test_an_utterance_resumed_is_the_rest_of_it(server: Any) -> None:
+    """generate.resume (§3.1): the speech made again, text chunk by chunk, and sent
+    from the frame asked for (here in its third chunk, of five)."""
+    text = "one two three four five six seven\n\n今天天气很好"
+    asked = {"chunk_method": "word", "chunk_max_word_num": 3, "max_new_tokens": 10, "seed": 9}
+    async with connect(server.url) as client:
+        whole = await speak(client, text, **asked)
+        resume = 2 * (10 - K) * HOP + 5
+        stream = await client.speak("tiny-higgs", text, **asked, resume=resume)
+        events = [event async for event in stream]
+        audio = [e for e in events if isinstance(e, Audio)]
+        assert audio[0].offset == resume and audio[0].seq == 0
+        assert same_audio(b"".join(a.data for a in audio), whole.pcm[2 * resume :])
+        assert isinstance(events[-1], Done) and events[-1].status == "completed"
+        assert events[-1].stats is not None and events[-1].stats.samples == whole.frames
+
+
 async def test_cancel_stops_within_a_step(server: Any) -> None:
     async with connect(server.url) as client:
         stream = await client.speak("tiny-higgs", "A very long story. " * 20)

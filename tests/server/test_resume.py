@@ -1,0 +1,117 @@
+"""``generate.resume`` (PROTOCOL.md §3.1): a request sent again after its stream
+was cut (a restart, a lost connection) with the seed its ``started`` gave is
+made again, and sent from the frame its client had to."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import pytest_asyncio
+from helpers import make_config, running_server, same_audio
+from websockets.asyncio.client import connect as ws_connect
+
+from wavecast.clients import connect
+from wavecast.protocol import Audio, Done
+
+# One server for the module (started in a third of a second, but a dozen times).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+HOP = 640  # tiny-musicgen: 32 kHz at 50 frames a second
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server() -> AsyncIterator[Any]:
+    async with running_server(make_config(max_active=4, admission="slots")) as srv:
+        yield srv
+
+
+async def events_of(client: Any, **request: Any) -> list[Any]:
+    stream = await client.generate("tiny-musicgen", "a resumed clip", **request)
+    return [event async for event in stream]
+
+
+def live_audio(events: list[Any]) -> list[Audio]:
+    return [e for e in events if isinstance(e, Audio) and e.rendition is None]
+
+
+async def test_a_resumed_stream_is_the_rest_of_the_whole_one(server: Any) -> None:
+    async with connect(server.url) as client:
+        whole = await (
+            await client.generate("tiny-musicgen", "a resumed clip", duration=2.0, seed=11)
+        ).collect()
+        frames = len(whole.pcm) // 2
+        assert frames == 100 * HOP
+        # A chunk's middle, the first and last frames, none: each time the stream
+        # made again from its start, and sent from the frame asked for.
+        for resume in (12_345, 1, frames - 1, 0):
+            events = await events_of(client, duration=2.0, seed=11, resume=resume)
+            audio = live_audio(events)
+            assert [a.seq for a in audio] == list(range(len(audio)))
+            assert audio[0].offset == resume
+            for a, b in itertools.pairwise(audio):
+                assert b.offset == a.offset + a.frames  # (contiguous from there)
+            assert same_audio(b"".join(a.data for a in audio), whole.pcm[2 * resume :])
+            done = events[-1]
+            assert isinstance(done, Done) and done.status == "completed"
+            # Its stats count the whole stream made, the frames not sent too.
+            assert done.stats is not None and done.stats.samples == frames
+            assert done.stats.audio_seconds == whole.stats.audio_seconds  # type: ignore[union-attr]
+
+
+async def test_a_stream_resumed_at_or_past_its_end_sends_no_audio(server: Any) -> None:
+    async with connect(server.url) as client:
+        for resume in (100 * HOP, 10**9):
+            events = await events_of(client, duration=2.0, seed=11, resume=resume)
+            assert live_audio(events) == []
+            assert isinstance(events[-1], Done) and events[-1].status == "completed"
+
+
+async def test_a_resumed_stream_at_another_rate_and_format(server: Any) -> None:
+    async with connect(server.url) as client:
+        asked = {"duration": 1.5, "seed": 4, "sample_rate": 16000, "format": "pcm_f32le"}
+        whole = await (await client.generate("tiny-musicgen", "rate", **asked)).collect()
+        rest = await (
+            await client.generate("tiny-musicgen", "rate", **asked, resume=7777)
+        ).collect()
+        a = np.frombuffer(whole.pcm, np.float32)
+        b = np.frombuffer(rest.pcm, np.float32)
+        assert len(a) == int(1.5 * 16000) and b.shape == a[7777:].shape
+        assert np.abs(a[7777:] - b).max() < 1e-4
+
+
+async def test_a_resumed_request_with_mbd_sends_its_version_whole(server: Any) -> None:
+    async with connect(server.url) as client:
+        asked = {"duration": 2.0, "seed": 1, "mbd": True}
+        whole = await (await client.generate("tiny-musicgen", "mbd", **asked)).collect()
+        rest = await (
+            await client.generate("tiny-musicgen", "mbd", **asked, resume=100 * HOP)
+        ).collect()
+        assert rest.status == "completed" and rest.pcm == b""
+        assert np.allclose(rest.to_numpy("mbd"), whole.to_numpy("mbd"), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("resume", "extra", "says"),
+    [
+        (100, {"format": "opus"}, "resume needs a PCM format"),
+        (100, {}, "resume needs params.seed"),
+        (-1, {"params": {"seed": 1}}, "must be >= 0"),
+        ("10", {"params": {"seed": 1}}, "must be an integer"),
+    ],
+)
+async def test_a_resume_that_cannot_be_kept_is_refused(
+    server: Any, resume: Any, extra: dict[str, Any], says: str
+) -> None:
+    frame = {"type": "generate", "id": "r", "model": "tiny-musicgen", "resume": resume, **extra}
+    async with ws_connect(server.url) as ws:
+        await ws.recv()  # (the greeting)
+        await ws.send(msgpack.packb(frame))
+        done = msgpack.unpackb(await ws.recv())
+    assert done["type"] == "done" and done["status"] == "error"
+    assert done["error"]["code"] == "invalid_field" and done["error"]["field"] == "resume"
+    assert says in done["error"]["message"]
