@@ -67,7 +67,10 @@ function slug(text) {
 // less at random, so that pages turned away together do not come back together),
 // while it is under two minutes old. One the server could not start as it shut
 // down, or whose connection was lost before it started, is asked again once the
-// page is connected again (to the server that comes back), in the same time.
+// page is connected again (to the server that comes back), in the same time. One
+// cut under way the same way is picked up where it was cut (PROTOCOL.md §3.1
+// resume: its seed, and the frames it has), within two minutes of the cut: its
+// player waits meanwhile, and plays on.
 const RETRY_FIRST_MS = 500;
 const RETRY_MOST_MS = 8000;
 export const retry = { forMs: 120000 }; // (a test shortens it)
@@ -119,6 +122,9 @@ export class Card {
     this.consumed = 0; // played by the worklet, in all
     this.chunks = [];
     this.sentAt = performance.now();
+    this.since = this.sentAt; // the retry time counts from here (and from its start)
+    this.resuming = false; // asked again where its stream was cut: its started is not news
+    this.liveFraction = 0; // the live stream's progress shown
     this.preparedFrom = null;
     this.startedAt = null;
     this.firstAudioAt = null;
@@ -211,6 +217,13 @@ export class Card {
   }
 
   onStarted(message) {
+    this.since = performance.now();
+    if (this.resuming) {
+      // The stream picked up where it was cut: it goes on, from the frame it had.
+      this.resuming = false;
+      this.setStatus("generating", `picked up at ${(this.frames / this.sampleRate).toFixed(1)} s`);
+      return;
+    }
     this.startedAt = performance.now();
     this.sampleRate = this.streamRate = message.sample_rate;
     this.channels = message.channels;
@@ -282,7 +295,11 @@ export class Card {
       this.decoder?.push(message.data);
       return;
     }
-    this.onSamples(pcmToFloat32(message));
+    // (A stream picked up where it was cut starts at the frame the card has.)
+    const had = this.frames - message.offset;
+    const samples = pcmToFloat32(message);
+    if (had <= 0) this.onSamples(samples);
+    else if (had * this.channels < samples.length) this.onSamples(samples.subarray(had * this.channels));
   }
 
   // Samples to play and draw: a PCM chunk's, or what the decoder gave out.
@@ -308,11 +325,16 @@ export class Card {
   }
 
   onProgress(message) {
-    if (message.stage === "prepare") return this.onPreparing(message.fraction);
+    if (message.stage === "prepare") {
+      if (this.startedAt === null) this.onPreparing(message.fraction);
+      return;
+    }
     if (message.stage === "mbd") {
       this.setStatus("generating", `rendering MBD ${Math.round(message.fraction * 100)}%`);
       return;
     }
+    if (message.fraction < this.liveFraction) return; // (made again, up to where it was cut)
+    this.liveFraction = message.fraction;
     if (this.player && message.fraction > 0) this.player.total = message.seconds / message.fraction;
     const pct = Math.round(message.fraction * 100);
     const progress = $(".progress", this.el);
@@ -321,7 +343,7 @@ export class Card {
   }
 
   onPlayerState(state) {
-    if (this.status === "generating" && !this.ended) {
+    if (this.status === "generating" && !this.ended && !this.awaiting && !this.resuming) {
       if (state === "buffering") this.setStatus("generating", "buffering…");
       else if (state === "playing") this.setStatus("generating", "playing live");
       else if (state === "paused") this.setStatus("generating", "generating (paused)");
@@ -664,11 +686,13 @@ export class Card {
     return url;
   }
 
-  // Whether the request may still be asked again: it has not started, and it
-  // is under the retry time old.
+  // Whether the request may still be asked again: it has not started, or its
+  // stream can be picked up where it is cut (PCM, its seed known); and it is
+  // under the retry time old (from its start, once started).
   mayAskAgain(delay = 0) {
-    if (this.startedAt !== null || this.request === null || this.ended || this.finishing) return false;
-    return performance.now() + delay - this.sentAt <= retry.forMs;
+    if (this.request === null || this.ended || this.finishing) return false;
+    if (this.startedAt !== null && (this.format || this.seed == null)) return false;
+    return performance.now() + delay - this.since <= retry.forMs;
   }
 
   // True where the server's done is not the end: "busy" asks again after a wait
@@ -677,7 +701,7 @@ export class Card {
   waitForRoom(message) {
     const code = message.status === "error" ? message.error?.code : null;
     if (code === "shutting_down" && this.mayAskAgain()) return this.awaitConnection("server restarting");
-    if (code !== "busy") return false;
+    if (code !== "busy" || this.startedAt !== null) return false;
     const delay = Math.min(RETRY_MOST_MS, RETRY_FIRST_MS * 2 ** this.retries) * (0.8 + 0.4 * Math.random());
     if (!this.mayAskAgain(delay)) return false;
     this.retries += 1;
@@ -706,13 +730,14 @@ export class Card {
   // while the request may be asked again; then it ends as disconnected.
   awaitConnection(why) {
     this.stopRetry?.();
-    this.setStatus("queued", `${why}: asking again once reconnected`);
+    if (this.startedAt === null) this.setStatus("queued", `${why}: asking again once reconnected`);
+    else this.setStatus("generating", `${why}: picking the stream up once reconnected`);
     const timer = setTimeout(() => {
       this.stopRetry();
       const message = `the connection to the server was lost (${why})`;
       this.onDone({ id: this.id, status: "error", error: { code: "disconnected", message } })
         .then(() => this.hooks.ended?.(this));
-    }, Math.max(0, retry.forMs - (performance.now() - this.sentAt)));
+    }, Math.max(0, retry.forMs - (performance.now() - this.since)));
     this.awaiting = true;
     this.stopRetry = () => {
       clearTimeout(timer);
@@ -727,7 +752,17 @@ export class Card {
     if (!this.awaiting) return;
     this.stopRetry();
     this.retries += 1;
-    this.setStatus("queued", `asked again (${this.retries})`);
+    if (this.startedAt === null) {
+      this.setStatus("queued", `asked again (${this.retries})`);
+    } else {
+      // Made again with its seed, and sent from the frame the card has; a
+      // second version (MBD) comes whole again.
+      this.request = { ...this.request, params: { ...this.request.params, seed: this.seed }, resume: this.frames };
+      this.renditions = {};
+      this.resuming = true;
+      const at = (this.frames / this.sampleRate).toFixed(1);
+      this.setStatus("generating", `picking up at ${at} s (${this.retries})`);
+    }
     this.sendRequest();
   }
 

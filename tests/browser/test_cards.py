@@ -583,6 +583,9 @@ async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_co
     started = "(id) => window.wavecast.cards.get(id).startedAt !== null"
     ended = "(id) => window.wavecast.cards.get(id).ended"
     queued = "(id) => window.wavecast.cards.get(id).statuses.includes('queued #1')"
+    picked_up = (
+        "(id) => window.wavecast.cards.get(id).statuses.some((s) => s.startsWith('picked up at'))"
+    )
     old = WavecastServer(config, tiny_engines)
     await asyncio.wait_for(old.start(), timeout(120))
     try:
@@ -599,6 +602,12 @@ async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_co
         await asyncio.sleep(1.0)
         new = replace(config, network=replace(config.network, port=port))
         async with running_server(new) as server:
+            # The one under way is picked up where it was cut (cancelled here, to
+            # leave the one slot).
+            await wait(page, picked_up, first, 60)
+            said = await page.evaluate(statuses, first)
+            assert "server restarting: picking the stream up once reconnected" in said, said
+            await page.click(f".card[data-id='{first}'] .cancel")
             await wait(page, ended, second, 60)
             done = await card(page, second)
             assert done["status"] == "completed", done
@@ -606,8 +615,7 @@ async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_co
             said = await page.evaluate(statuses, second)
             assert "server restarting: asking again once reconnected" in said, said
             assert any(s.startswith("asked again (") for s in said), said
-            # The one under way ended with the old server.
-            assert (await card(page, first))["status"] == "error"
+            assert (await card(page, first))["status"] == "cancelled"
 
             # A connection lost before a request started: the same.
             third = await generate(page, "third", 300)
@@ -616,11 +624,64 @@ async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_co
             await wait(page, queued, fourth)
             for session in list(server.sessions):
                 await session.ws.close(1012, "restart")
+            await wait(page, picked_up, third, 60)
+            await page.click(f".card[data-id='{third}'] .cancel")
             await wait(page, ended, fourth, 60)
             assert (await card(page, fourth))["status"] == "completed"
             said = await page.evaluate(statuses, fourth)
             assert "connection lost: restart: asking again once reconnected" in said, said
-            assert (await card(page, third))["status"] == "error"
+            said = await page.evaluate(statuses, third)
+            assert "connection lost: restart: picking the stream up once reconnected" in said
+            assert page.errors == []
+    finally:
+        await asyncio.wait_for(old.stop(), timeout(30))
+
+
+async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
+    browser: Any,  # noqa: F811
+) -> None:
+    """A card streaming when its server restarts waits with its player, is asked
+    of the server that comes back from the frame it had (its seed, ``resume``),
+    and ends with the clip asked for, whole: the one a client gets for that seed."""
+    from helpers import tiny_engines
+
+    from wavecast.clients import connect
+    from wavecast.server.app import WavecastServer
+
+    config = make_config(max_active=1, admission="slots")
+    config = replace(config, timeouts=replace(config.timeouts, shutdown_grace=0.2))
+    get = "(id) => window.wavecast.cards.get(id)"
+    old = WavecastServer(config, tiny_engines)
+    await asyncio.wait_for(old.start(), timeout(120))
+    try:
+        page = await open_page(browser, old)
+        port = old.port
+        rid = await generate(page, "picked up", 12)
+        await wait(page, f"(id) => ({get})(id).frames >= 32000", rid)
+        await page.evaluate(f"(id) => {{ window.heldPlayer = ({get})(id).player; }}", rid)
+        await asyncio.wait_for(old.stop(), timeout(30))  # (a drain of 0.2 s: it is cut)
+        await asyncio.sleep(1.0)
+        new = replace(config, network=replace(config.network, port=port))
+        async with running_server(new) as server:
+            await wait(page, f"(id) => ({get})(id).ended", rid, 60)
+            done = await card(page, rid)
+            assert done["status"] == "completed", done
+            assert done["frames"] == done["serverSamples"] == 12 * 32000
+            said = await page.evaluate(f"(id) => ({get})(id).statuses", rid)
+            assert "server restarting: picking the stream up once reconnected" in said, said
+            at = [s for s in said if s.startswith("picked up at ")]
+            assert len(at) == 1 and 1.0 <= float(at[0].split()[3]) < 12, said
+            # The same player played on (it was not started again).
+            assert await page.evaluate(f"(id) => ({get})(id).player === window.heldPlayer", rid)
+            seed = await page.evaluate(f"(id) => ({get})(id).seed", rid)
+            clip = np.array(await page.evaluate(f"(id) => [...({get})(id).clip]", rid))
+            async with connect(server.url) as client:
+                alone = await (
+                    await client.generate(
+                        "tiny-musicgen", "picked up", duration=12, seed=seed, format="pcm_f32le"
+                    )
+                ).collect()
+            assert np.abs(alone.to_numpy()[:, 0] - clip).max() < 1e-4
             assert page.errors == []
     finally:
         await asyncio.wait_for(old.stop(), timeout(30))
