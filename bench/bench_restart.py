@@ -7,7 +7,8 @@ asked for.
 ones get that long to finish); ``--down`` seconds after it exits, a new server
 listens on the same port. Each request ends as one of:
 
-- completed (by either server);
+- completed (by either server); of them, picked up: cut under way by the first
+  and picked up where it was cut on the second (``generate.resume``);
 - cut: ``shutting_down`` after it started (what it made so far came through);
 - not run: ``shutting_down`` before it started, or its connection lost;
 - another error.
@@ -55,8 +56,9 @@ clients, duration, retry_for = int(sys.argv[3]), float(sys.argv[4]), float(sys.a
 
 async def one(index):
     began = time.perf_counter()
+    whys = []
     try:
-        client = await connect(url, retry_for=retry_for)
+        client = await connect(url, retry_for=retry_for, on_retry=lambda why, _: whys.append(why))
     except Exception as exc:
         return {"end": "not run", "why": repr(exc)}
     try:
@@ -68,7 +70,8 @@ async def one(index):
         await client.close()
     took = time.perf_counter() - began
     if result.status == "completed":
-        return {"end": "completed", "took": took, "at": time.perf_counter()}
+        picked = any("picking the stream up" in why for why in whys)
+        return {"end": "completed", "took": took, "at": time.perf_counter(), "picked": picked}
     code = result.error.code if result.error else result.status
     if code == "shutting_down":
         return {"end": "cut" if result.chunks else "not run", "why": code}
@@ -155,6 +158,7 @@ def summary(run: tuple[list[dict[str, Any]], float, float]) -> dict[str, Any]:
     took = sorted(o["took"] for o in outcomes if o["end"] == "completed")
     return {
         "completed": ends.count("completed"),
+        "picked": sum(bool(o.get("picked")) for o in outcomes),
         "cut": ends.count("cut"),
         "not run": ends.count("not run"),
         "error": ends.count("error"),
@@ -202,16 +206,18 @@ def main() -> None:
         f"{args.after:g} s (`--drain-seconds {args.drain_seconds:g}`); a new server "
         f"{args.down:g} s after it exits\n"
     )
-    print("| server and clients | round | completed | cut while running | not run | other errors | "
+    print("| server and clients | round | completed | of them picked up where cut "
+          "| cut while running | not run | other errors | "
           "completed: median, longest from asking | SIGTERM to the new server listening | "
           "from then to the last completed |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, _ in ways:
         for index, row in enumerate(results[name]):
             median, longest = row["took"]
             last = "none after it" if row["last"] is None else f"{row['last']:.1f} s"
             print(
-                f"| {name} | {index + 1} | {row['completed']} | {row['cut']} | {row['not run']} "
+                f"| {name} | {index + 1} | {row['completed']} | {row['picked']} | {row['cut']} "
+                f"| {row['not run']} "
                 f"| {row['error']} | {median:.1f} s, {longest:.1f} s | {row['down']:.1f} s "
                 f"| {last} |"
             )
