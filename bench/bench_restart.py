@@ -8,7 +8,8 @@ ones get that long to finish); ``--down`` seconds after it exits, a new server
 listens on the same port. Each request ends as one of:
 
 - completed (by either server); of them, picked up: cut under way by the first
-  and picked up where it was cut on the second (``generate.resume``);
+  and picked up where it was cut on the second (``generate.resume``), with the
+  seconds of audio each had when cut;
 - cut: ``shutting_down`` after it started (what it made so far came through);
 - not run: ``shutting_down`` before it started, or its connection lost;
 - another error.
@@ -70,7 +71,8 @@ async def one(index):
         await client.close()
     took = time.perf_counter() - began
     if result.status == "completed":
-        picked = any("picking the stream up" in why for why in whys)
+        # ("... (picking the stream up at 12.34 s)": the audio it had when cut)
+        picked = [float(w.split(" up at ")[1].split(" s)")[0]) for w in whys if " up at " in w]
         return {"end": "completed", "took": took, "at": time.perf_counter(), "picked": picked}
     code = result.error.code if result.error else result.status
     if code == "shutting_down":
@@ -159,6 +161,7 @@ def summary(run: tuple[list[dict[str, Any]], float, float]) -> dict[str, Any]:
     return {
         "completed": ends.count("completed"),
         "picked": sum(bool(o.get("picked")) for o in outcomes),
+        "picked at": sorted(at for o in outcomes for at in o.get("picked", [])),
         "cut": ends.count("cut"),
         "not run": ends.count("not run"),
         "error": ends.count("error"),
@@ -206,7 +209,7 @@ def main() -> None:
         f"{args.after:g} s (`--drain-seconds {args.drain_seconds:g}`); a new server "
         f"{args.down:g} s after it exits\n"
     )
-    print("| server and clients | round | completed | of them picked up where cut "
+    print("| server and clients | round | completed | of them picked up where cut (at) "
           "| cut while running | not run | other errors | "
           "completed: median, longest from asking | SIGTERM to the new server listening | "
           "from then to the last completed |")  # fmt: skip
@@ -215,8 +218,9 @@ def main() -> None:
         for index, row in enumerate(results[name]):
             median, longest = row["took"]
             last = "none after it" if row["last"] is None else f"{row['last']:.1f} s"
+            at = f" ({', '.join(f'{a:.1f}' for a in row['picked at'])} s)" if row["picked"] else ""
             print(
-                f"| {name} | {index + 1} | {row['completed']} | {row['picked']} | {row['cut']} "
+                f"| {name} | {index + 1} | {row['completed']} | {row['picked']}{at} | {row['cut']} "
                 f"| {row['not run']} "
                 f"| {row['error']} | {median:.1f} s, {longest:.1f} s | {row['down']:.1f} s "
                 f"| {last} |"

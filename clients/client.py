@@ -72,6 +72,10 @@ _QUEUE_LIMIT = 1024
 # random, so that clients turned away together do not come back together.
 RETRY_FIRST = 0.5
 RETRY_MOST = 8.0
+# A connection refused (nothing listens: a server restarting) costs the host next
+# to nothing, and the server that comes back is wanted at once: tried again at
+# least every second.
+RETRY_REFUSED_MOST = 1.0
 
 #: ``on_retry(why, seconds)``: told before each wait for another try.
 RetryHook = Callable[[str, float], None]
@@ -85,10 +89,10 @@ class _Retries:
         self.hook = hook
         self.delay = RETRY_FIRST
 
-    def wait(self, why: str, at_least: float = 0.0) -> float | None:
+    def wait(self, why: str, at_least: float = 0.0, most: float = RETRY_MOST) -> float | None:
         """The time to wait before the next try (the hook told), or None when
         there is no time left for one."""
-        wait = max(at_least, self.delay * random.uniform(0.8, 1.2))
+        wait = max(at_least, min(self.delay, most) * random.uniform(0.8, 1.2))
         if asyncio.get_running_loop().time() + wait > self.deadline:
             return None
         self.delay = min(self.delay * 2, RETRY_MOST)
@@ -869,8 +873,9 @@ class connect:
             a PCM stream cut under way by the last two is picked up where it
             was cut, on the new connection. The stream shows only the last
             answer. Each request has this long from when it was asked, and again
-            from when it started. Waits from half a second, doubling up to 8 s.
-            Default 0: no second try.
+            from when it started. Waits from half a second, doubling up to 8 s
+            (up to a second where the connection is refused: nothing listens,
+            a server restarting). Default 0: no second try.
         on_retry: Called as ``on_retry(why, seconds)`` before each wait.
         headers: More HTTP headers for the handshake (a gateway's own token, say;
             ``api_key`` sets ``Authorization``).
@@ -927,7 +932,8 @@ class connect:
                 return await self._open_once()
             except (OSError, InvalidStatus, ConnectionClosed) as exc:
                 why, at_least = _turned_away(exc)
-                if why is None or (wait := retries.wait(why, at_least)) is None:
+                most = RETRY_REFUSED_MOST if isinstance(exc, ConnectionRefusedError) else RETRY_MOST
+                if why is None or (wait := retries.wait(why, at_least, most)) is None:
                     raise
             await asyncio.sleep(wait)
 

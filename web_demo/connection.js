@@ -81,7 +81,8 @@ export class Connection {
         return;
       }
       this.onState("disconnected", event, ws);
-      const delay = Math.min(5000, 500 * 2 ** this.retry++);
+      // (At most every 2 s: a server restarting is found soon after it listens.)
+      const delay = Math.min(2000, 500 * 2 ** this.retry++);
       setTimeout(() => this.connect(), delay);
     };
   }

@@ -314,6 +314,20 @@ async def test_a_stream_under_way_on_a_lost_connection_is_picked_up_on_a_new_one
         assert same_audio(b"".join(e.data for e in events if isinstance(e, Audio)), alone.pcm)
 
 
+async def test_a_refused_connection_is_tried_again_at_least_every_second() -> None:
+    """Nothing listens (a server restarting): the waits double from half a second
+    to one, not to 8 s, so that the server is found within a second of listening."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    waits: list[tuple[str, float]] = []
+    with pytest.raises(ConnectionRefusedError):
+        await connect(f"127.0.0.1:{port}", retry_for=4.0, on_retry=lambda *w: waits.append(w))
+    assert {why for why, _ in waits} == {"the connection was refused"}
+    assert 0.4 <= waits[0][1] <= 0.6 and all(0.8 <= w <= 1.2 for _, w in waits[1:]), waits
+    assert len(waits) >= 4, waits
+
+
 async def test_the_command_tries_again_for_as_long_as_asked(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
