@@ -17,7 +17,8 @@ listens on the same port. Each request ends as one of:
 Reported for each round: how many ended each way, and how long the
 completed ones took from being asked (median, longest), how long the server
 was away (SIGTERM to the new one listening), and how long after it came back
-the last request completed. ``--before-path FOLDER`` runs another commit's
+the first audio came of a request asked again (its clients found it: they wait
+between tries) and the last request completed. ``--before-path FOLDER`` runs another commit's
 server and clients in turns with this tree's (a folder holding a worktree's
 ``wavecast`` package, put first on their path).
 
@@ -49,7 +50,7 @@ from bench_stream import machine
 CLIENTS = r"""
 import asyncio, json, sys, time
 from wavecast.clients import connect
-from wavecast.protocol import Started
+from wavecast.protocol import Audio
 from websockets.exceptions import ConnectionClosed
 
 url, model = sys.argv[1], sys.argv[2]
@@ -58,25 +59,37 @@ clients, duration, retry_for = int(sys.argv[3]), float(sys.argv[4]), float(sys.a
 async def one(index):
     began = time.perf_counter()
     whys = []
+    retried = [None, None]  # (the last wait to try again, the first audio after it)
+
+    def waiting(why, _):
+        whys.append(why)
+        retried[:] = [time.perf_counter(), None]
+
     try:
-        client = await connect(url, retry_for=retry_for, on_retry=lambda why, _: whys.append(why))
+        client = await connect(url, retry_for=retry_for, on_retry=waiting)
     except Exception as exc:
         return {"end": "not run", "why": repr(exc)}
+    chunks = 0
     try:
         stream = await client.generate(model, f"restart {index}", duration=duration, seed=index)
-        result = await stream.collect()
+        async for event in stream:
+            if isinstance(event, Audio):
+                chunks += 1
+                if retried[0] is not None and retried[1] is None:
+                    retried[1] = time.perf_counter()
     except ConnectionClosed:
         return {"end": "not run" if stream.started is None else "cut", "why": "connection lost"}
     finally:
         await client.close()
     took = time.perf_counter() - began
-    if result.status == "completed":
+    if stream.done.status == "completed":
         # ("... (picking the stream up at 12.34 s)": the audio it had when cut)
         picked = [float(w.split(" up at ")[1].split(" s)")[0]) for w in whys if " up at " in w]
-        return {"end": "completed", "took": took, "at": time.perf_counter(), "picked": picked}
-    code = result.error.code if result.error else result.status
+        return {"end": "completed", "took": took, "at": time.perf_counter(), "picked": picked,
+                "first after": retried[1]}
+    code = stream.done.error.code if stream.done.error else stream.done.status
     if code == "shutting_down":
-        return {"end": "cut" if result.chunks else "not run", "why": code}
+        return {"end": "cut" if chunks else "not run", "why": code}
     return {"end": "error", "why": code}
 
 async def main():
@@ -157,6 +170,7 @@ def summary(run: tuple[list[dict[str, Any]], float, float]) -> dict[str, Any]:
     outcomes, sent, listening = run
     ends = [o["end"] for o in outcomes]
     after = [o["at"] - listening for o in outcomes if o["end"] == "completed"]
+    firsts = [o["first after"] for o in outcomes if o.get("first after") is not None]
     took = sorted(o["took"] for o in outcomes if o["end"] == "completed")
     return {
         "completed": ends.count("completed"),
@@ -168,6 +182,7 @@ def summary(run: tuple[list[dict[str, Any]], float, float]) -> dict[str, Any]:
         "took": (statistics.median(took), took[-1]) if took else (0.0, 0.0),
         "down": listening - sent,
         "last": max(after) if after and max(after) > 0 else None,
+        "first": min(firsts) - listening if firsts else None,
     }
 
 
@@ -212,18 +227,20 @@ def main() -> None:
     print("| server and clients | round | completed | of them picked up where cut (at) "
           "| cut while running | not run | other errors | "
           "completed: median, longest from asking | SIGTERM to the new server listening | "
-          "from then to the last completed |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "from then to the first audio of a request asked again | "
+          "to the last completed |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, _ in ways:
         for index, row in enumerate(results[name]):
             median, longest = row["took"]
             last = "none after it" if row["last"] is None else f"{row['last']:.1f} s"
+            first = "none" if row["first"] is None else f"{row['first']:.1f} s"
             at = f" ({', '.join(f'{a:.1f}' for a in row['picked at'])} s)" if row["picked"] else ""
             print(
                 f"| {name} | {index + 1} | {row['completed']} | {row['picked']}{at} | {row['cut']} "
                 f"| {row['not run']} "
                 f"| {row['error']} | {median:.1f} s, {longest:.1f} s | {row['down']:.1f} s "
-                f"| {last} |"
+                f"| {first} | {last} |"
             )
 
 

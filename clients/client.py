@@ -397,6 +397,7 @@ class RequestStream:
     #: Sent again after it started: the new try's events the consumer has had
     #: from the last one are left out.
     _resumed: bool = False
+    _picking: bool = False  # (cut under way, and asked again: until its started)
     #: Per rendition (None: the live stream), where its next chunk starts and its
     #: ``seq``, as the consumer saw them.
     _next: dict[str | None, tuple[int, int]] = field(default_factory=dict)
@@ -417,8 +418,7 @@ class RequestStream:
                     continue
                 self.done = item
             elif isinstance(item, Started):
-                if self._retries is not None:  # (its time to try again counts from here)
-                    self._retries = _Retries(self.client.retry_for, self.client.on_retry)
+                self._picking = False
                 if self.started is not None:
                     continue  # (a try that picks the stream up: the consumer has its start)
                 self.started = item
@@ -482,7 +482,10 @@ class RequestStream:
             return False
         if self.started is not None:
             assert self.started.seed is not None
-            have = self._next.get(None, (0, 0))[0]
+            if not self._picking:  # (cut now: its time to try again counts from here)
+                self._retries = _Retries(self.client.retry_for, self.client.on_retry)
+                self._picking = True
+            have = self._next.get(None, (self.generate.resume or 0, 0))[0]
             why += f" (picking the stream up at {have / self.started.sample_rate:.2f} s)"
             params = {**self.generate.params, "seed": self.started.seed}
             self.generate = replace(self.generate, params=params, resume=have)
@@ -873,7 +876,7 @@ class connect:
             a PCM stream cut under way by the last two is picked up where it
             was cut, on the new connection. The stream shows only the last
             answer. Each request has this long from when it was asked, and again
-            from when it started. Waits from half a second, doubling up to 8 s
+            from each cut under way. Waits from half a second, doubling up to 8 s
             (up to a second where the connection is refused: nothing listens,
             a server restarting). Default 0: no second try.
         on_retry: Called as ``on_retry(why, seconds)`` before each wait.

@@ -122,7 +122,7 @@ export class Card {
     this.consumed = 0; // played by the worklet, in all
     this.chunks = [];
     this.sentAt = performance.now();
-    this.since = this.sentAt; // the retry time counts from here (and from its start)
+    this.since = this.sentAt; // the retry time counts from here (and from a cut under way)
     this.resuming = false; // asked again where its stream was cut: its started is not news
     this.liveFraction = 0; // the live stream's progress shown
     this.preparedFrom = null;
@@ -217,7 +217,6 @@ export class Card {
   }
 
   onStarted(message) {
-    this.since = performance.now();
     if (this.resuming) {
       // The stream picked up where it was cut: it goes on, from the frame it had.
       this.resuming = false;
@@ -343,7 +342,7 @@ export class Card {
   }
 
   onPlayerState(state) {
-    if (this.status === "generating" && !this.ended && !this.awaiting && !this.resuming) {
+    if (this.status === "generating" && !this.ended && this.streaming()) {
       if (state === "buffering") this.setStatus("generating", "buffering…");
       else if (state === "playing") this.setStatus("generating", "playing live");
       else if (state === "paused") this.setStatus("generating", "generating (paused)");
@@ -688,11 +687,16 @@ export class Card {
 
   // Whether the request may still be asked again: it has not started, or its
   // stream can be picked up where it is cut (PCM, its seed known); and it is
-  // under the retry time old (from its start, once started).
+  // under the retry time old (from when it was asked; once started, from the cut).
   mayAskAgain(delay = 0) {
     if (this.request === null || this.ended || this.finishing) return false;
     if (this.startedAt !== null && (this.format || this.seed == null)) return false;
-    return performance.now() + delay - this.since <= retry.forMs;
+    return performance.now() + delay - (this.streaming() ? performance.now() : this.since) <= retry.forMs;
+  }
+
+  // Started, and not cut (or cut and picked up since).
+  streaming() {
+    return this.startedAt !== null && !this.awaiting && !this.resuming;
   }
 
   // True where the server's done is not the end: "busy" asks again after a wait
@@ -729,6 +733,7 @@ export class Card {
   // Wait for the page's next connection (app.js calls resend() on its greeting)
   // while the request may be asked again; then it ends as disconnected.
   awaitConnection(why) {
+    if (this.streaming()) this.since = performance.now(); // (cut now)
     this.stopRetry?.();
     if (this.startedAt === null) this.setStatus("queued", `${why}: asking again once reconnected`);
     else this.setStatus("generating", `${why}: picking the stream up once reconnected`);

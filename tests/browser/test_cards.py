@@ -682,6 +682,20 @@ async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
                     )
                 ).collect()
             assert np.abs(alone.to_numpy()[:, 0] - clip).max() < 1e-4
+
+            # Its time to ask again counts from the cut: a card cut by a lost
+            # connection after more than that time is picked up.
+            await page.evaluate("async () => { (await import('./card.js')).retry.forMs = 1500; }")
+            rid = await generate(page, "cut later", 120)
+            await wait(page, f"(id) => ({get})(id).frames >= 32000", rid)
+            await asyncio.sleep(1.6)
+            for session in list(server.sessions):
+                await session.ws.close(1012, "restart")
+            picked = f"(id) => ({get})(id).statuses.some((s) => s.startsWith('picked up at'))"
+            await wait(page, picked, rid)
+            await page.click(f".card[data-id='{rid}'] .cancel")
+            await wait(page, f"(id) => ({get})(id).ended", rid)
+            assert (await card(page, rid))["status"] == "cancelled"
             assert page.errors == []
     finally:
         await asyncio.wait_for(old.stop(), timeout(30))

@@ -297,21 +297,43 @@ async def test_a_stream_cut_by_a_restart_is_picked_up_where_it_was_cut() -> None
 
 
 async def test_a_stream_under_way_on_a_lost_connection_is_picked_up_on_a_new_one() -> None:
-    asked = {"duration": 20, "seed": 8, "sample_rate": 16000}  # (resampled as it goes)
+    """Its time to try again counts from the cut: with ``retry_for`` of one second,
+    a stream cut after more than that is picked up."""
+    asked = {"duration": 120, "seed": 8, "sample_rate": 16000}  # (resampled as it goes)
     async with (
         running_server(make_config(max_active=2, admission="slots")) as server,
-        connect(server.url, retry_for=timeout(30)) as client,
+        connect(server.url, retry_for=1.0) as client,
     ):
         stream = await client.generate("tiny-musicgen", "lost", **asked)
         events: list[Any] = []
         reading = await until_audio(stream, events, 0.5)
+        await asyncio.sleep(1.2)  # (past retry_for since it was asked)
         for session in list(server.sessions):
             await session.ws.close(1001)  # (going away)
-        await asyncio.wait_for(reading, timeout(60))
-        one_try_seen(events, 20 * 16000)
+        cut = sum(e.frames for e in events if isinstance(e, Audio))
+        assert cut < 120 * 16000
+        # Picked up: a second of audio past the cut, then cancelled.
+        heard = lambda: sum(e.frames for e in events if isinstance(e, Audio))  # noqa: E731
+        while heard() < cut + 16000:
+            assert not reading.done(), events[-1]
+            await asyncio.sleep(0.05)
+        await stream.cancel()
+        await asyncio.wait_for(reading, timeout(30))
+        assert isinstance(events[-1], Done) and events[-1].status == "cancelled"
+        audio = [e for e in events if isinstance(e, Audio)]
+        assert [a.seq for a in audio] == list(range(len(audio)))
+        assert [a.offset for a in audio] == [0, *itertools.accumulate(a.frames for a in audio[:-1])]
+        assert sum(isinstance(e, Started) for e in events) == 1
         assert len(server.sessions) == 1  # (the new connection; the old one closed)
-        alone = await (await client.generate("tiny-musicgen", "lost", **asked)).collect()
-        assert same_audio(b"".join(e.data for e in events if isinstance(e, Audio)), alone.pcm)
+        # The same audio as the request asked alone, as far as it went.
+        alone = await client.generate("tiny-musicgen", "lost", **asked)
+        pcm = bytearray()
+        async for event in alone:
+            if isinstance(event, Audio):
+                pcm += event.data
+                if len(pcm) >= 2 * heard():
+                    await alone.cancel()
+        assert same_audio(b"".join(a.data for a in audio), bytes(pcm[: 2 * heard()]))
 
 
 async def test_a_refused_connection_is_tried_again_at_least_every_second() -> None:
