@@ -116,6 +116,19 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self._resumed = Counter(
+            "wavecast_resumed_requests",
+            "Requests that picked a cut stream up where its client had it "
+            "(generate.resume), by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self._remade = Counter(
+            "wavecast_resumed_audio_seconds",
+            "Seconds of audio made again for them and not sent (what the client had), by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self._gc_started = 0.0
         # The interpreter's own: collections and objects by generation, and the
         # process's memory, CPU time and open files.
@@ -132,9 +145,15 @@ class Metrics:
         first_audio_seconds: float | None = None,
         queued_seconds: float | None = None,
         real_time_factor: float | None = None,
+        resumed_seconds: float | None = None,
     ) -> None:
+        """A request's end. ``audio_seconds``: streamed to its client;
+        ``resumed_seconds``: made again and not sent (a ``resume``)."""
         self._requests.labels(model, status, error or "").inc()
         self._audio.labels(model).inc(audio_seconds)
+        if resumed_seconds is not None:
+            self._resumed.labels(model).inc()
+            self._remade.labels(model).inc(resumed_seconds)
         if first_audio_seconds is not None:
             self._first_audio.labels(model).observe(first_audio_seconds)
         if queued_seconds is not None:

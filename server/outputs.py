@@ -123,6 +123,16 @@ class RequestOutputs:
             messages.extend(self._rendition(output.rendition, "mbd"))
         return messages
 
+    @property
+    def skipped_seconds(self) -> float:
+        """The live stream's audio made and not sent (the client had it)."""
+        return min(self.skip, self.samples) / self.sample_rate
+
+    @property
+    def sent_seconds(self) -> float:
+        """The live stream's audio sent."""
+        return self.samples / self.sample_rate - self.skipped_seconds
+
     def stats(self, *, submitted_at: float, started_at: float, now: float) -> Stats:
         wall = now - started_at
         audio_seconds = self.samples / self.sample_rate

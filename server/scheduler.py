@@ -777,14 +777,16 @@ class Scheduler:
                 started_at=request.started_at,
                 now=time.perf_counter(),
             )
+        outputs = request.outputs
         self.metrics.finished(
             request.model,
             status,
             error=error.code if error else None,
-            audio_seconds=stats.audio_seconds if stats else 0.0,
+            audio_seconds=outputs.sent_seconds if outputs else 0.0,
             first_audio_seconds=stats.first_audio_seconds if stats else None,
             queued_seconds=stats.queued_seconds if stats else None,
             real_time_factor=stats.real_time_factor if stats else None,
+            resumed_seconds=outputs.skipped_seconds if outputs and outputs.skip else None,
         )
         if status == "completed":
             self.completed += 1

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from helpers import make_config, running_server, same_audio
+from test_stream import scrape
 from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import connect
@@ -93,6 +94,27 @@ async def test_a_resumed_request_with_mbd_sends_its_version_whole(server: Any) -
         ).collect()
         assert rest.status == "completed" and rest.pcm == b""
         assert np.allclose(rest.to_numpy("mbd"), whole.to_numpy("mbd"), atol=1e-4)
+
+
+async def test_metrics_count_the_audio_sent_and_what_was_made_again(server: Any) -> None:
+    model = 'model="tiny-musicgen"'
+    before, _ = await scrape(server.port)
+    async with connect(server.url) as client:
+        rest = await (
+            await client.generate("tiny-musicgen", "metrics", duration=1.0, seed=2, resume=20_000)
+        ).collect()
+    assert rest.status == "completed" and rest.frames == 32_000 - 20_000
+    await server.scheduler.wait_idle(5)
+    after, _ = await scrape(server.port)
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew(f"wavecast_resumed_requests_total{{{model}}}") == 1
+    assert grew(f"wavecast_resumed_audio_seconds_total{{{model}}}") == pytest.approx(
+        20_000 / 32_000
+    )
+    assert grew(f"wavecast_audio_seconds_total{{{model}}}") == pytest.approx(12_000 / 32_000)
 
 
 @pytest.mark.parametrize(
