@@ -17,10 +17,10 @@ listens on the same port. Each request ends as one of:
 Reported for each round: how many ended each way, and how long the
 completed ones took from being asked (median, longest), how long the server
 was away (SIGTERM to the new one listening), and how long after it came back
-the first audio came of a request asked again (its clients found it: they wait
-between tries) and the last request completed. ``--before-path FOLDER`` runs another commit's
-server and clients in turns with this tree's (a folder holding a worktree's
-``wavecast`` package, put first on their path).
+its clients' tries that took came (they wait between tries: the ones asking
+again, median and last) and the last request completed. ``--before-path
+FOLDER`` runs another commit's server and clients in turns with this tree's (a
+folder holding a worktree's ``wavecast`` package, put first on their path).
 
     .venv/bin/python bench/bench_restart.py --rounds 3
     .venv/bin/python bench/bench_restart.py --rounds 3 --before-path /tmp/before-py
@@ -59,11 +59,11 @@ clients, duration, retry_for = int(sys.argv[3]), float(sys.argv[4]), float(sys.a
 async def one(index):
     began = time.perf_counter()
     whys = []
-    retried = [None, None]  # (the last wait to try again, the first audio after it)
+    back = [None]  # when its last wait to try again ended: the try that took
 
-    def waiting(why, _):
+    def waiting(why, seconds):
         whys.append(why)
-        retried[:] = [time.perf_counter(), None]
+        back[0] = time.perf_counter() + seconds
 
     try:
         client = await connect(url, retry_for=retry_for, on_retry=waiting)
@@ -73,10 +73,7 @@ async def one(index):
     try:
         stream = await client.generate(model, f"restart {index}", duration=duration, seed=index)
         async for event in stream:
-            if isinstance(event, Audio):
-                chunks += 1
-                if retried[0] is not None and retried[1] is None:
-                    retried[1] = time.perf_counter()
+            chunks += isinstance(event, Audio)
     except ConnectionClosed:
         return {"end": "not run" if stream.started is None else "cut", "why": "connection lost"}
     finally:
@@ -86,7 +83,7 @@ async def one(index):
         # ("... (picking the stream up at 12.34 s)": the audio it had when cut)
         picked = [float(w.split(" up at ")[1].split(" s)")[0]) for w in whys if " up at " in w]
         return {"end": "completed", "took": took, "at": time.perf_counter(), "picked": picked,
-                "first after": retried[1]}
+                "back": back[0]}
     code = stream.done.error.code if stream.done.error else stream.done.status
     if code == "shutting_down":
         return {"end": "cut" if chunks else "not run", "why": code}
@@ -170,7 +167,7 @@ def summary(run: tuple[list[dict[str, Any]], float, float]) -> dict[str, Any]:
     outcomes, sent, listening = run
     ends = [o["end"] for o in outcomes]
     after = [o["at"] - listening for o in outcomes if o["end"] == "completed"]
-    firsts = [o["first after"] for o in outcomes if o.get("first after") is not None]
+    backs = sorted(o["back"] - listening for o in outcomes if o.get("back") is not None)
     took = sorted(o["took"] for o in outcomes if o["end"] == "completed")
     return {
         "completed": ends.count("completed"),
@@ -182,7 +179,7 @@ def summary(run: tuple[list[dict[str, Any]], float, float]) -> dict[str, Any]:
         "took": (statistics.median(took), took[-1]) if took else (0.0, 0.0),
         "down": listening - sent,
         "last": max(after) if after and max(after) > 0 else None,
-        "first": min(firsts) - listening if firsts else None,
+        "back": (statistics.median(backs), backs[-1]) if backs else None,
     }
 
 
@@ -227,14 +224,14 @@ def main() -> None:
     print("| server and clients | round | completed | of them picked up where cut (at) "
           "| cut while running | not run | other errors | "
           "completed: median, longest from asking | SIGTERM to the new server listening | "
-          "from then to the first audio of a request asked again | "
+          "from then to its clients' try that took: median, last | "
           "to the last completed |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, _ in ways:
         for index, row in enumerate(results[name]):
             median, longest = row["took"]
             last = "none after it" if row["last"] is None else f"{row['last']:.1f} s"
-            first = "none" if row["first"] is None else f"{row['first']:.1f} s"
+            first = "none" if row["back"] is None else "{:.1f} s, {:.1f} s".format(*row["back"])
             at = f" ({', '.join(f'{a:.1f}' for a in row['picked at'])} s)" if row["picked"] else ""
             print(
                 f"| {name} | {index + 1} | {row['completed']} | {row['picked']}{at} | {row['cut']} "
