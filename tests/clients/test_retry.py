@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import soundfile
 from helpers import (
     make_config,
     reach,
@@ -334,6 +335,48 @@ async def test_a_stream_under_way_on_a_lost_connection_is_picked_up_on_a_new_one
                 if len(pcm) >= 2 * heard():
                     await alone.cancel()
         assert same_audio(b"".join(a.data for a in audio), bytes(pcm[: 2 * heard()]))
+
+
+async def test_the_command_picks_a_stream_cut_by_a_restart_up(tmp_path: Path) -> None:
+    """``wavecast generate --retry-for``: a restart a tenth of the way in; the
+    file written is the clip asked for, whole."""
+    config = make_config(max_active=1, admission="slots")
+    config = replace(config, timeouts=replace(config.timeouts, shutdown_grace=0.2))
+    first_server = WavecastServer(config, tiny_engines)
+    await asyncio.wait_for(first_server.start(), timeout(120))
+    second = replace(config, network=replace(config.network, port=first_server.port))
+    servers: list[WavecastServer] = []
+
+    async def restart() -> None:
+        await first_server.stop()
+        await asyncio.sleep(1.0)
+        servers.append(WavecastServer(second, tiny_engines))
+        await servers[0].start()
+
+    restarting: list[asyncio.Task[None]] = []
+    out_file = tmp_path / "out.wav"
+    try:
+        code, out = await run_cli(
+            "generate", "--url", first_server.url, "--duration", "40", "--retry-for", "60",
+            "-o", str(out_file), "cut",
+            interrupt_after="[###.",  # (a tenth of the way)
+            then=lambda: restarting.append(asyncio.ensure_future(restart())),
+        )  # fmt: skip
+        await restarting[0]
+        assert code == 0, out
+        assert "the server is shutting down (picking the stream up at " in out, out
+        seed = int(out.split(", seed ")[1].split(")")[0])
+        heard, rate = soundfile.read(str(out_file), dtype="int16")
+        assert rate == 32000 and len(heard) == 40 * 32000
+        async with connect(servers[0].url) as client:
+            alone = await (
+                await client.generate("tiny-musicgen", "cut", duration=40, seed=seed)
+            ).collect()
+        assert same_audio(heard.tobytes(), alone.pcm)
+    finally:
+        await first_server.stop()
+        for server in servers:
+            await server.stop()
 
 
 async def test_a_refused_connection_is_tried_again_at_least_every_second() -> None:
