@@ -7,7 +7,7 @@ export const PROTOCOL_VERSION = 1;
 export const STREAM_PATH = "/v1/stream";
 
 const FIELD_ORDER = {
-  generate: ["id", "model", "prompt", "params", "format", "inputs", "sample_rate", "bitrate"],
+  generate: ["id", "model", "prompt", "params", "format", "inputs", "sample_rate", "bitrate", "resume"],
   cancel: ["id"],
 };
 

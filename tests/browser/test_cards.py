@@ -9,6 +9,7 @@ import asyncio
 import shlex
 import signal
 import sys
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ pytestmark = pytest.mark.browser
 
 async def wait(page: Any, test: str, arg: Any = None, seconds: float = 30) -> None:
     await page.wait_for_function(test, arg=arg, timeout=timeout(seconds) * MS)
+
+
+def http_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=timeout(10)) as response:
+        return str(response.read().decode())
 
 
 async def player(page: Any, rid: str) -> dict[str, Any]:
@@ -671,8 +677,11 @@ async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
             assert "server restarting: picking the stream up once reconnected" in said, said
             at = [s for s in said if s.startswith("picked up at ")]
             assert len(at) == 1 and 1.0 <= float(at[0].split()[3]) < 12, said
-            # The same player played on (it was not started again).
+            # The same player played on (it was not started again), and the new
+            # server was asked to send the stream from where the card had it.
             assert await page.evaluate(f"(id) => ({get})(id).player === window.heldPlayer", rid)
+            metrics = await asyncio.to_thread(http_text, f"http://127.0.0.1:{port}/metrics")
+            assert 'wavecast_resumed_requests_total{model="tiny-musicgen"} 1.0' in metrics
             seed = await page.evaluate(f"(id) => ({get})(id).seed", rid)
             clip = np.array(await page.evaluate(f"(id) => [...({get})(id).clip]", rid))
             async with connect(server.url) as client:

@@ -10,6 +10,7 @@ import asyncio
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cluster import MODEL, Cluster, connections, eventually, gauge, get, open_cluster
@@ -18,7 +19,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from wavecast.clients import Client, GenerationResult, connect
-from wavecast.protocol import Queued, Started, decode
+from wavecast.protocol import Audio, Queued, Started, decode
 
 
 @pytest.fixture
@@ -119,20 +120,29 @@ async def test_requests_queued_on_a_drained_replica_go_to_the_other(tmp_path: Pa
     long request (running) and a shorter one (queued). The first replica is sent
     SIGTERM: its queued requests would not finish in its drain, so they end at
     once, before they start, and their clients (``retry_for``) send them again
-    through nginx, which takes them to the other replica."""
+    through nginx, which takes them to the other replica. Of its running ones,
+    the Opus file ends with the drain; the PCM stream is picked up on the other
+    replica where the drain cut it, and goes on as the same clip."""
     async with open_cluster(tmp_path, "--max-active", "2") as cluster:
         (process_a, port_a), (_, port_b) = cluster.replicas
         waits: list[str] = []
-        clients = await asyncio.gather(
-            *(
-                connect(cluster.url, retry_for=timeout(60), on_retry=lambda w, _: waits.append(w))
-                for _ in range(4)
+        clients: list[Client] = []
+        on_a: list[bool] = []  # (each client's replica, as its connection counts)
+        for _ in range(4):
+            clients.append(
+                await connect(
+                    cluster.url, retry_for=timeout(60), on_retry=lambda w, _: waits.append(w)
+                )
             )
-        )
+            await eventually(lambda: connections(port_a) + connections(port_b) == len(clients), 10)
+            on_a.append(await asyncio.to_thread(connections, port_a) > sum(on_a))
         try:
-            await eventually(lambda: (connections(port_a), connections(port_b)) == (2, 2), 10)
+            assert sorted(on_a) == [False, False, True, True], on_a
+            # The first replica's first long request is an Opus file, its second PCM.
+            formats = ["opus" if on_a[i] and on_a[:i].count(True) == 0 else "pcm_s16le"
+                       for i in range(4)]  # fmt: skip
             long = [
-                await c.generate(MODEL, "long", duration=300.0, seed=i)
+                await c.generate(MODEL, "long", duration=300.0, seed=i, format=formats[i])
                 for i, c in enumerate(clients)
             ]
             await reach(Started, *long)
@@ -147,26 +157,69 @@ async def test_requests_queued_on_a_drained_replica_go_to_the_other(tmp_path: Pa
             ]
             assert queued == [2, 2], queued
             shorts = [asyncio.ensure_future(stream.collect()) for stream in short]
+            picked_events: list[Any] = []
+            picked = next(i for i in range(4) if on_a[i] and formats[i] == "pcm_s16le")
+            reading = asyncio.ensure_future(read_into(long[picked], picked_events))
             process_a.send_signal(signal.SIGTERM)
             # The second replica queues its own two and the first's two.
-            await eventually(lambda: gauge(port_b, "wavecast_requests_queued") == 4, 20)
-            assert waits and all(w == "the server is shutting down" for w in waits), waits
+            await eventually(lambda: gauge(port_b, "wavecast_requests_queued") >= 4, 20)
             await asyncio.to_thread(process_a.wait, timeout(30))
-            # The long ones: the first replica's cut by its drain, the second's
-            # cancelled here; then every short one runs there, and completes.
-            ends = []
-            for stream in long:
+            # The long ones: the first replica's Opus file cut by its drain, the
+            # second's cancelled here; its PCM stream is picked up on the second.
+            ends = {}
+            for i, stream in enumerate(long):
+                if i == picked:
+                    continue
                 collecting = asyncio.ensure_future(stream.collect())
                 await asyncio.wait({collecting}, timeout=0.2)
                 if not collecting.done():
                     await stream.cancel()
                 result = await asyncio.wait_for(collecting, timeout(30))
-                ends.append(result.error.code if result.error else result.status)
-            assert sorted(ends) == ["cancelled"] * 2 + ["shutting_down"] * 2, ends
+                ends[formats[i], on_a[i]] = result.error.code if result.error else result.status
+            assert ends == {
+                ("opus", True): "shutting_down",
+                ("pcm_s16le", False): "cancelled",
+            }, ends
             results = await asyncio.gather(*shorts)
             assert [r.status for r in results] == ["completed"] * 4, [r.error for r in results]
+            assert waits.count("the server is shutting down") >= 2, waits
+            # The picked-up stream: two seconds past its cut, then cancelled; what it
+            # brought is the seed's clip, as the second replica makes it alone.
+            cut = [w for w in waits if "(picking the stream up at " in w]
+            assert len(cut) == 1 and cut[0].startswith("the server is shutting down"), waits
+            at = int(float(cut[0].split(" up at ")[1].split(" s)")[0]) * 32000)
+            while heard(picked_events) < at + 2 * 32000:
+                assert not reading.done(), picked_events[-1]
+                await asyncio.sleep(0.05)
+            await long[picked].cancel()
+            await asyncio.wait_for(reading, timeout(30))
+            audio = b"".join(e.data for e in picked_events if isinstance(e, Audio))
+            async with connect(f"ws://127.0.0.1:{port_b}/v1/stream") as direct:
+                alone = await direct.generate(MODEL, "long", duration=300.0, seed=picked)
+                pcm = await audio_until(alone, len(audio))
+            assert same_audio(audio, pcm)
         finally:
             await asyncio.gather(*(client.close() for client in clients))
     access = (tmp_path / "access.log").read_text()
     retried = f"/v1/stream 101 127.0.0.1:{port_a}, 127.0.0.1:{port_b} 503, 101"
     assert retried in access.splitlines(), access
+
+
+async def read_into(stream: Any, events: list[Any]) -> None:
+    async for event in stream:
+        events.append(event)
+
+
+async def audio_until(stream: Any, size: int) -> bytes:
+    """A stream's first ``size`` bytes of audio; the rest cancelled."""
+    pcm = bytearray()
+    async for event in stream:
+        if isinstance(event, Audio):
+            if len(pcm) < size <= len(pcm) + len(event.data):
+                await stream.cancel()
+            pcm += event.data
+    return bytes(pcm[:size])
+
+
+def heard(events: list[Any]) -> int:
+    return sum(e.frames for e in events if isinstance(e, Audio))

@@ -1,0 +1,190 @@
+"""Streams over a slow link: when a listener can start playing without a stop.
+
+``wavecast serve`` (tiny-musicgen, on the CPU) with a TCP proxy in front of it
+that carries the server's bytes to the client at ``--links`` kbit/s (the other
+way unlimited; the proxy's socket to the server with a 64 KiB receive buffer, so
+that the server's own buffers and its pacing, not the proxy, hold what the link
+has not carried yet). For each link and ``--formats`` format, one client asks
+through the link for a ``--seconds`` clip while another asks for the same clip
+directly, at once. Reported for the client behind the link:
+
+- its first audio, from asking;
+- when playback may start and never stop: the earliest start from asking such
+  that every chunk arrives before it is due (for an encoded format, a chunk's
+  audio time counted from its bytes, as if the bit rate were constant);
+- the stream's bit rate and how it ended;
+
+and for the direct client, its real-time factor: what the slow one costs the
+others.
+
+    .venv/bin/python bench/bench_link.py
+    .venv/bin/python bench/bench_link.py --links 2000,512 --seconds 10
+
+Prints a Markdown section for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import time
+from typing import Any
+
+from bench_stream import print_header, tiny_server
+
+from wavecast.clients import connect
+from wavecast.protocol import Audio, Done, offset_unit
+
+MODEL = "tiny-musicgen"
+FORMATS = ("pcm_f32le", "pcm_s16le", "flac", "opus", "mp3")
+
+
+class SlowLink:
+    """A TCP proxy to ``port`` whose server-to-client direction carries ``kbits``
+    kbit/s (each piece sent once the link has carried the one before)."""
+
+    def __init__(self, port: int, kbits: float) -> None:
+        self.target = port
+        self.rate = kbits * 1000 / 8  # bytes a second
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.target))
+        up_reader, up_writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+        pumps = [
+            asyncio.ensure_future(self._pump(reader, up_writer, None)),
+            asyncio.ensure_future(self._pump(up_reader, writer, self.rate)),
+        ]
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for pump in pumps:
+            pump.cancel()
+        for w in (writer, up_writer):
+            w.close()
+
+    @staticmethod
+    async def _pump(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        free_at = loop.time()  # when the link has carried what it was given
+        piece = 65536 if rate is None else max(512, int(rate * 0.02))  # (20 ms of link)
+        while data := await reader.read(piece):
+            if rate is not None:
+                now = loop.time()
+                free_at = max(free_at, now) + len(data) / rate
+                await asyncio.sleep(free_at - now)
+            writer.write(data)
+            await writer.drain()
+
+
+async def listen(url: str, format: str, seconds: float, seed: int) -> dict[str, Any]:
+    """One request; when each chunk came and what it held."""
+    async with connect(url) as client:
+        asked = time.perf_counter()
+        stream = await client.generate(MODEL, "a slow link", duration=seconds, seed=seed,
+                                       format=format)  # fmt: skip
+        arrivals: list[tuple[float, int]] = []  # (from asking, bytes)
+        async for event in stream:
+            if isinstance(event, Audio) and event.rendition is None:
+                arrivals.append((time.perf_counter() - asked, len(event.data)))
+            elif isinstance(event, Done):
+                done = event
+    stats = done.stats
+    return {
+        "arrivals": arrivals,
+        "end": done.error.code if done.error else done.status,
+        "seconds": stats.audio_seconds if stats else 0.0,
+        "rtf": stats.real_time_factor if stats else 0.0,
+        "unit": offset_unit(format, 1) * 32000,  # (PCM: bytes a second of audio)
+        "encoded": format not in ("pcm_f32le", "pcm_s16le"),
+    }
+
+
+def playable_from(run: dict[str, Any]) -> float | None:
+    """The earliest start (from asking) from which every chunk comes before it
+    is due."""
+    arrivals, seconds = run["arrivals"], run["seconds"]
+    total = sum(size for _, size in arrivals)
+    if not arrivals or total == 0:
+        return None
+    per_second = total / seconds if run["encoded"] else run["unit"]
+    start = 0.0
+    before = 0
+    for at, size in arrivals:
+        start = max(start, at - before / per_second)  # (its first sample due at start + ...)
+        before += size
+    return start
+
+
+async def case(url: str, link_url: str, format: str, seconds: float, seed: int) -> str:
+    slow, direct = await asyncio.gather(
+        listen(link_url, format, seconds, seed), listen(url, format, seconds, seed)
+    )
+    arrivals = slow["arrivals"]
+    first = f"{arrivals[0][0] * 1000:.0f} ms" if arrivals else "-"
+    start = playable_from(slow)
+    kbits = sum(size for _, size in arrivals) * 8 / 1000 / max(slow["seconds"], 1e-9)
+    return (
+        f"{format} | {kbits:.0f} | {first} | "
+        f"{'-' if start is None else f'{start:.2f} s'} | {slow['end']} | "
+        f"x{direct['rtf']:.2f} |"
+    )
+
+
+async def bench(args: argparse.Namespace) -> None:
+    links = [float(kbits) for kbits in args.links.split(",")]
+    formats = args.formats.split(",")
+    with tiny_server([MODEL]) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        for format in formats:  # (warm: each encoder's first stream)
+            await listen(url, format, 1.0, 0)
+        print("| link (kbit/s) | format | stream's kbit/s | first audio | plays without a stop "
+              "from | how it ended | the direct client's real-time factor |")  # fmt: skip
+        print("| ---: | --- | ---: | ---: | ---: | --- | ---: |")
+        for kbits in links:
+            link = SlowLink(port, kbits)
+            link_port = await link.start()
+            link_url = f"ws://127.0.0.1:{link_port}/v1/stream"
+            try:
+                for seed, format in enumerate(formats):
+                    row = await case(url, link_url, format, args.seconds, seed)
+                    print(f"| {kbits:g} | {row}", flush=True)
+            finally:
+                await link.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--links", default="4000,1000,256", help="link rates, kbit/s")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--seconds", type=float, default=10.0, help="each clip's length")
+    args = parser.parse_args()
+    print_header(
+        "streams over a slow link",
+        f"python bench/bench_link.py --links {args.links} --formats {args.formats} "
+        f"--seconds {args.seconds:g}",
+    )
+    print(
+        f"tiny-musicgen (32 kHz mono), {args.seconds:g} s clips: one client through a link "
+        "of the rate given, one directly, at once."
+    )
+    print()
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()
