@@ -6,7 +6,8 @@ way unlimited; the proxy's socket to the server with a 64 KiB receive buffer, so
 that the server's own buffers and its pacing, not the proxy, hold what the link
 has not carried yet). For each link and ``--formats`` format, one client asks
 through the link for a ``--seconds`` clip while another asks for the same clip
-directly, at once. Reported for the client behind the link:
+directly, at once (both run: ``--admission slots``). Reported for the client
+behind the link:
 
 - its first audio, from asking;
 - when playback may start and never stop: the earliest start from asking such
@@ -27,11 +28,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import signal
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from bench_stream import print_header, tiny_server
+from bench_stream import print_header, start_server
+from websockets.exceptions import ConnectionClosed
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, offset_unit
@@ -91,23 +99,51 @@ class SlowLink:
             await writer.drain()
 
 
+@contextlib.contextmanager
+def serving(path: str | None) -> Iterator[str]:
+    """``wavecast serve`` of tiny-musicgen (``path`` first on its Python path:
+    another commit's), both clients' requests at once (``--admission slots``);
+    its stream URL while the block runs."""
+    args = argparse.Namespace(
+        model=[MODEL], device="cpu", concurrency=[2], threads=0, admission="slots",
+        codec_batch=0, codec_windows=False,
+    )  # fmt: skip
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as tmp:
+        process, url = start_server(args, Path(tmp) / "server.log", env)
+        try:
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+
 async def listen(url: str, format: str, seconds: float, seed: int) -> dict[str, Any]:
     """One request; when each chunk came and what it held."""
-    async with connect(url) as client:
-        asked = time.perf_counter()
-        stream = await client.generate(MODEL, "a slow link", duration=seconds, seed=seed,
-                                       format=format)  # fmt: skip
-        arrivals: list[tuple[float, int]] = []  # (from asking, bytes)
-        async for event in stream:
-            if isinstance(event, Audio) and event.rendition is None:
-                arrivals.append((time.perf_counter() - asked, len(event.data)))
-            elif isinstance(event, Done):
-                done = event
-    stats = done.stats
+    arrivals: list[tuple[float, int]] = []  # (from asking, bytes)
+    done = None
+    try:
+        async with connect(url) as client:
+            asked = time.perf_counter()
+            stream = await client.generate(MODEL, "a slow link", duration=seconds, seed=seed,
+                                           format=format)  # fmt: skip
+            async for event in stream:
+                if isinstance(event, Audio) and event.rendition is None:
+                    arrivals.append((time.perf_counter() - asked, len(event.data)))
+                elif isinstance(event, Done):
+                    done = event
+    except ConnectionClosed as exc:  # (the client's keepalive, say)
+        end = f"connection lost after {time.perf_counter() - asked:.0f} s: {exc}"
+    else:
+        assert done is not None
+        end = done.error.code if done.error else done.status
+    stats = done.stats if done else None
     return {
         "arrivals": arrivals,
-        "end": done.error.code if done.error else done.status,
-        "seconds": stats.audio_seconds if stats else 0.0,
+        "end": end,
+        "seconds": stats.audio_seconds if stats else seconds,
         "rtf": stats.real_time_factor if stats else 0.0,
         "unit": offset_unit(format, 1) * 32000,  # (PCM: bytes a second of audio)
         "encoded": format not in ("pcm_f32le", "pcm_s16le"),
@@ -121,6 +157,8 @@ def playable_from(run: dict[str, Any]) -> float | None:
     total = sum(size for _, size in arrivals)
     if not arrivals or total == 0:
         return None
+    if run["end"] != "completed":
+        return None  # (not the whole clip)
     per_second = total / seconds if run["encoded"] else run["unit"]
     start = 0.0
     before = 0
@@ -148,23 +186,27 @@ async def case(url: str, link_url: str, format: str, seconds: float, seed: int) 
 async def bench(args: argparse.Namespace) -> None:
     links = [float(kbits) for kbits in args.links.split(",")]
     formats = args.formats.split(",")
-    with tiny_server([MODEL]) as url:
-        port = int(url.split(":")[2].split("/")[0])
-        for format in formats:  # (warm: each encoder's first stream)
-            await listen(url, format, 1.0, 0)
-        print("| link (kbit/s) | format | stream's kbit/s | first audio | plays without a stop "
-              "from | how it ended | the direct client's real-time factor |")  # fmt: skip
-        print("| ---: | --- | ---: | ---: | ---: | --- | ---: |")
-        for kbits in links:
-            link = SlowLink(port, kbits)
-            link_port = await link.start()
-            link_url = f"ws://127.0.0.1:{link_port}/v1/stream"
-            try:
-                for seed, format in enumerate(formats):
-                    row = await case(url, link_url, format, args.seconds, seed)
-                    print(f"| {kbits:g} | {row}", flush=True)
-            finally:
-                await link.close()
+    servers = [("this tree", None)]
+    if args.before_path:
+        servers.insert(0, (args.before_name, args.before_path))
+    print("| server | link (kbit/s) | format | stream's kbit/s | first audio | plays without a "
+          "stop from | how it ended | the direct client's real-time factor |")  # fmt: skip
+    print("| --- | ---: | --- | ---: | ---: | ---: | --- | ---: |")
+    for name, path in servers:
+        with serving(path) as url:
+            port = int(url.split(":")[2].split("/")[0])
+            for format in formats:  # (warm: each encoder's first stream)
+                await listen(url, format, 1.0, 0)
+            for kbits in links:
+                link = SlowLink(port, kbits)
+                link_port = await link.start()
+                link_url = f"ws://127.0.0.1:{link_port}/v1/stream"
+                try:
+                    for seed, format in enumerate(formats):
+                        row = await case(url, link_url, format, args.seconds, seed)
+                        print(f"| {name} | {kbits:g} | {row}", flush=True)
+                finally:
+                    await link.close()
 
 
 def main() -> None:
@@ -172,11 +214,18 @@ def main() -> None:
     parser.add_argument("--links", default="4000,1000,256", help="link rates, kbit/s")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--seconds", type=float, default=10.0, help="each clip's length")
+    parser.add_argument("--before-path", help="another commit's package folder: its server too")
+    parser.add_argument("--before-name", default="before", help="what to call that commit")
     args = parser.parse_args()
     print_header(
         "streams over a slow link",
         f"python bench/bench_link.py --links {args.links} --formats {args.formats} "
-        f"--seconds {args.seconds:g}",
+        f"--seconds {args.seconds:g}"
+        + (
+            f" --before-path {args.before_path} --before-name {args.before_name}"
+            if args.before_path
+            else ""
+        ),
     )
     print(
         f"tiny-musicgen (32 kHz mono), {args.seconds:g} s clips: one client through a link "

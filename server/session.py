@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,13 @@ SLOW_CONSUMER_MESSAGE = "the client does not read audio as fast as it is made"
 # Seconds a request held back by its client may fall behind real time (its audio
 # made, against the time since it started) before the client is a slow consumer.
 PACE_GRACE = 10.0
+# Bytes of a connection's stream the kernel holds not yet sent (TCP_NOTSENT_LOWAT,
+# Linux): the rest waits in the send queue, where it is counted. Without it the
+# kernel takes megabytes (its send buffer grows to the link's bandwidth-delay),
+# and on a link slower than the stream a keepalive's answer waited behind them
+# past its timeout (bench/RESULTS.md: a client at 256 kbit/s lost its
+# connection after 41 s of a float PCM stream).
+UNSENT_BYTES = 128 << 10
 _ids = itertools.count(1)
 # Uploads are decoded and checked here, off the event loop and off the inference
 # thread, before their request is queued: a bad one is refused at once.
@@ -172,6 +180,7 @@ class Session:
         self.text = "encoding=json" in query.split("&")
 
     async def run(self) -> None:
+        _hold_unsent(self.ws)
         peer = _peer(self.ws)
         if self.address is not None and not peer.startswith(f"{self.address}:"):
             peer = f"{self.address} (via {peer})"
@@ -572,6 +581,16 @@ class Session:
 
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code, reason)
+
+
+def _hold_unsent(ws: ServerConnection) -> None:
+    """At most ``UNSENT_BYTES`` of the connection's stream unsent in the kernel,
+    where the system has the option (Linux; elsewhere the kernel's own)."""
+    sock = ws.transport.get_extra_info("socket") if ws.transport is not None else None
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if sock is not None and option is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, UNSENT_BYTES)
 
 
 def _check_resume(message: Generate) -> None:

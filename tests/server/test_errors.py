@@ -306,6 +306,18 @@ async def failed_once(srv: Any) -> None:
     assert snapshot["failed"] == 1 and snapshot["completed"] == 0
 
 
+async def test_the_kernel_holds_little_of_a_stream_unsent(server: Any) -> None:
+    """TCP_NOTSENT_LOWAT on each connection: what the link has not carried waits in
+    the send queue, where it is counted, not megabytes of it in the kernel, ahead
+    of a keepalive's answer (bench/RESULTS.md, a slow link)."""
+    async with connect(server.url) as client:
+        assert "tiny-musicgen" in client.models
+        (one,) = server.sessions
+        sock = one.ws.transport.get_extra_info("socket")
+        unsent = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        assert unsent == session.UNSENT_BYTES == 128 << 10
+
+
 async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> None:
     """A client reading at 2x real time, the model making audio at some 10x:
     once half the send buffer waits for it (the kernel's socket buffers full
