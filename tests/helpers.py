@@ -63,6 +63,11 @@ async def running_server(
         await asyncio.wait_for(server.stop(), timeout(30))
 
 
+def in_its_place(config: Config, port: int) -> Config:
+    """``config`` listening on ``port``: a server that comes back where one was."""
+    return replace(config, network=replace(config.network, port=port))
+
+
 WAVECAST = [sys.executable, "-m", "wavecast.clients.cli"]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from helpers import make_config, running_server, timeout, with_stereo
+from helpers import in_its_place, make_config, running_server, timeout, with_stereo
 from test_demo import MS, browser, card, generate, open_page  # noqa: F401 - fixture
 
 from wavecast.protocol import Generate, decode
@@ -580,10 +580,6 @@ async def test_a_busy_server_is_asked_again_until_there_is_room(browser: Any) ->
 async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_comes_back(
     browser: Any,  # noqa: F811
 ) -> None:
-    from helpers import tiny_engines
-
-    from wavecast.server.app import WavecastServer
-
     config = make_config(max_active=1, max_queue=4, admission="slots")
     statuses = "(id) => window.wavecast.cards.get(id).statuses"
     started = "(id) => window.wavecast.cards.get(id).startedAt !== null"
@@ -592,9 +588,7 @@ async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_co
     picked_up = (
         "(id) => window.wavecast.cards.get(id).statuses.some((s) => s.startsWith('picked up at'))"
     )
-    old = WavecastServer(config, tiny_engines)
-    await asyncio.wait_for(old.start(), timeout(120))
-    try:
+    async with running_server(config) as old:
         page = await open_page(browser, old)
         port = old.port
         first = await generate(page, "first", 300)
@@ -606,7 +600,7 @@ async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_co
         await asyncio.wait_for(old.stop(), timeout(30))
         await wait(page, "document.querySelector('#conn').dataset.state !== 'open'")
         await asyncio.sleep(1.0)
-        new = replace(config, network=replace(config.network, port=port))
+        new = in_its_place(config, port)
         async with running_server(new) as server:
             # The one under way is picked up where it was cut (cancelled here, to
             # leave the one slot).
@@ -639,8 +633,6 @@ async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_co
             said = await page.evaluate(statuses, third)
             assert "connection lost: restart: picking the stream up once reconnected" in said
             assert page.errors == []
-    finally:
-        await asyncio.wait_for(old.stop(), timeout(30))
 
 
 async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
@@ -649,17 +641,12 @@ async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
     """A card streaming when its server restarts waits with its player, is asked
     of the server that comes back from the frame it had (its seed, ``resume``),
     and ends with the clip asked for, whole: the one a client gets for that seed."""
-    from helpers import tiny_engines
-
     from wavecast.clients import connect
-    from wavecast.server.app import WavecastServer
 
     config = make_config(max_active=1, admission="slots")
     config = replace(config, timeouts=replace(config.timeouts, shutdown_grace=0.2))
     get = "(id) => window.wavecast.cards.get(id)"
-    old = WavecastServer(config, tiny_engines)
-    await asyncio.wait_for(old.start(), timeout(120))
-    try:
+    async with running_server(config) as old:
         page = await open_page(browser, old)
         port = old.port
         rid = await generate(page, "picked up", 12)
@@ -667,7 +654,7 @@ async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
         await page.evaluate(f"(id) => {{ window.heldPlayer = ({get})(id).player; }}", rid)
         await asyncio.wait_for(old.stop(), timeout(30))  # (a drain of 0.2 s: it is cut)
         await asyncio.sleep(1.0)
-        new = replace(config, network=replace(config.network, port=port))
+        new = in_its_place(config, port)
         async with running_server(new) as server:
             await wait(page, f"(id) => ({get})(id).ended", rid, 60)
             done = await card(page, rid)
@@ -706,8 +693,6 @@ async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
             await wait(page, f"(id) => ({get})(id).ended", rid)
             assert (await card(page, rid))["status"] == "cancelled"
             assert page.errors == []
-    finally:
-        await asyncio.wait_for(old.stop(), timeout(30))
 
 
 async def test_behind_a_proxy_a_drained_replicas_queued_card_runs_on_the_other_at_once(
