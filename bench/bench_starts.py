@@ -3,7 +3,8 @@
 call (``fastest_rows``: the codec batch measured at warm-up), how many of its
 codec layers the warm-up chose to run as matrix products (``choose_forms``), the
 requests its table was readied for (``--max-active 0``: its own number, or the
-server's where less) and its warm-up's time.
+server's where less) and its warm-up's time; and how long each start took until
+the server listened (a restart's time without a server).
 
 What a warm-up measures decides how every later stream is decoded, so it must
 come out the same from one start to the next on the same machine. Run it with
@@ -30,15 +31,18 @@ from bench_stream import codec_batches, machine, start_server
 import wavecast.server
 
 
-def one_start(args: argparse.Namespace) -> dict[str, tuple[int, str, float, str]]:
+def one_start(args: argparse.Namespace) -> tuple[dict[str, tuple[int, str, float, str]], float]:
     """Each model's codec chunks per call, codec layers as products (for one
     stream's calls / for more, of all; "-" where the log does not say), warm-up
-    seconds and the requests its table was readied for, from one start."""
+    seconds and the requests its table was readied for, from one start; and the
+    seconds from the process's start until it listened."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         process: subprocess.Popen[bytes] | None = None
         try:
+            began = time.perf_counter()
             process, _ = start_server(args, log)
+            listened = time.perf_counter() - began
         finally:
             if process is not None:
                 process.send_signal(signal.SIGTERM)
@@ -66,7 +70,7 @@ def one_start(args: argparse.Namespace) -> dict[str, tuple[int, str, float, str]
             sized.get(model, str(args.max_active)),
         )
         for model in args.model
-    }
+    }, listened
 
 
 def main() -> None:
@@ -82,7 +86,9 @@ def main() -> None:
     # What start_server passes to `wavecast serve`: the server's defaults otherwise.
     args.concurrency, args.threads, args.admission = [args.max_active], 0, "realtime"
     args.codec_batch, args.codec_windows = 0, False
-    starts = [one_start(args) for _ in range(args.starts)]
+    runs = [one_start(args) for _ in range(args.starts)]
+    starts = [chosen for chosen, _ in runs]
+    listened = sorted(seconds for _, seconds in runs)
     models = " + ".join(args.model)
     print(f"### what {args.starts} starts of the server chose: {models} on {args.device}\n")
     print(f"- machine: {machine(args.device)}")
@@ -109,6 +115,10 @@ def main() -> None:
         sizes = ", ".join(f"{size}: {n}" for size, n in sorted(readied.items()))
         middle, slowest = times[len(times) // 2], times[-1]
         print(f"| {model} | {sizes} | {counts} | {forms} | {middle:.1f} s, {slowest:.1f} s |")
+    print(
+        f"\nFrom the process's start until the server listened: median "
+        f"{listened[len(listened) // 2]:.1f} s, {listened[0]:.1f}-{listened[-1]:.1f} s."
+    )
 
 
 if __name__ == "__main__":

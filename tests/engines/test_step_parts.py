@@ -4,9 +4,13 @@ the same floats as the operations they stand for."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -291,6 +295,62 @@ def test_bfloat16_layers_take_the_row_kernel_for_a_few_rows() -> None:
         way = kernel.product(weight, b, x[:rows]) if rows <= most else F.linear(x[:rows], weight, b)
         assert torch.equal(dense.rows(x[:rows]), way)
         assert torch.equal(dense(x[:rows]), way)
+
+
+def test_a_build_is_kept_for_the_next_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's library is compiled once a machine, not once a process (a
+    server's start): a build is kept in ``WAVECAST_CACHE_DIR`` under a name from
+    its source, command and compiler, and loaded from there; one that is not a
+    library is built again in its place; an empty ``WAVECAST_CACHE_DIR`` keeps
+    none, and a folder that cannot be made keeps none without failing. (A small
+    source stands for the kernel's: the same path, compiled in milliseconds.)"""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or rowkernel.built() is None:
+        pytest.skip("no C compiler or no x86-64 CPU with AVX2: no row kernel here")
+    compiles: list[list[str]] = []
+    run = subprocess.run
+
+    def counted(command: list[str], **kwargs: Any) -> Any:
+        if "-o" in command:
+            compiles.append(command)
+        return run(command, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", counted)
+    monkeypatch.setattr(rowkernel, "SOURCE", "int answer(void) { return 42; }\n")
+    monkeypatch.setenv("WAVECAST_CACHE_DIR", str(tmp_path / "cache"))
+
+    def answer() -> int:
+        library = rowkernel._build(compiler)
+        assert not isinstance(library, str), library
+        return int(library.answer())
+
+    assert answer() == 42 and len(compiles) == 1
+    [kept] = (tmp_path / "cache").iterdir()  # (no part of a copy left beside it)
+    assert kept.name.startswith("rows-") and kept.suffix == ".so"
+    assert answer() == 42 and len(compiles) == 1  # loaded, not compiled
+    # (A loaded library's file is never written in place: another folder's.)
+    spoiled = tmp_path / "spoiled" / kept.name
+    spoiled.parent.mkdir()
+    spoiled.write_bytes(b"not a library")
+    monkeypatch.setenv("WAVECAST_CACHE_DIR", str(spoiled.parent))
+    assert answer() == 42 and len(compiles) == 2
+    assert [spoiled] == list(spoiled.parent.iterdir())
+    assert spoiled.read_bytes() == kept.read_bytes()
+    # Another source (or command, or compiler): another build.
+    monkeypatch.setattr(rowkernel, "SOURCE", "int answer(void) { return 7; }\n")
+    assert answer() == 7 and len(compiles) == 3
+    assert len(list(spoiled.parent.iterdir())) == 2
+    monkeypatch.setenv("WAVECAST_CACHE_DIR", "")
+    assert rowkernel.cache_folder() is None
+    assert answer() == 7 and len(compiles) == 4
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("WAVECAST_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    assert answer() == 7 and answer() == 7 and len(compiles) == 6
+    monkeypatch.delenv("WAVECAST_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert rowkernel.cache_folder() == tmp_path / "xdg" / "wavecast"
 
 
 def test_the_wide_build_gives_the_plain_builds_bits() -> None:
