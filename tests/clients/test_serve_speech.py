@@ -23,7 +23,21 @@ def get(port: int, path: str) -> object:
         return json.loads(response.read())
 
 
-def test_serve_a_saved_speech_model_with_voices_and_scenes(tmp_path: Path) -> None:
+def without_audiocraft(tmp_path: Path) -> dict[str, str]:
+    """An environment in which any import of audiocraft fails."""
+    shadow = tmp_path / "shadow" / "audiocraft"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("audiocraft is not installed")\n')
+    path = os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def test_serve_a_saved_speech_model_with_voices_and_scenes_without_audiocraft(
+    tmp_path: Path,
+) -> None:
+    """A saved folder, its voices and scenes folders and its flags. A server of
+    speech models alone never imports audiocraft (seconds of startup, and a
+    dependency it does not need): here any import of it fails."""
     folder, _ = save_tiny_higgs(build_tiny_higgs(), tmp_path / "higgs")
     voices = tmp_path / "voices"
     voices.mkdir()
@@ -35,7 +49,7 @@ def test_serve_a_saved_speech_model_with_voices_and_scenes(tmp_path: Path) -> No
     (scenes / "stage.txt").write_text("Recorded on a theatre stage.\n")
     args = ["--model", str(folder), "--voices-dir", str(voices), "--scenes-dir", str(scenes)]
     args += ["--max-new-tokens", "100", "--max-prompt-chars", "60"]
-    with served(args, tmp_path / "server.log") as port:
+    with served(args, tmp_path / "server.log", without_audiocraft(tmp_path)) as port:
         assert get(port, "/v1/voices") == {
             "voices": [
                 {
@@ -69,27 +83,13 @@ def test_serve_a_saved_speech_model_with_voices_and_scenes(tmp_path: Path) -> No
             assert result.status == "completed" and result.frames == 16 * 960
             long = client.speak(info.name, "x" * 61).collect()
             assert long.error is not None and long.error.field == "prompt"
-
-
-def test_a_speech_server_runs_without_audiocraft(tmp_path: Path) -> None:
-    """A server of speech models alone never imports audiocraft (seconds of startup,
-    and a dependency it does not need): here any import of it fails."""
-    shadow = tmp_path / "shadow" / "audiocraft"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text('raise ImportError("audiocraft is not installed")\n')
-    path = os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
-    with (
-        served(["--model", "tiny-higgs"], tmp_path / "server.log", env) as port,
-        SyncClient(f"ws://127.0.0.1:{port}/v1/stream") as client,
-    ):
-        result = client.speak("tiny-higgs", "Hi there.", max_new_tokens=12).collect()
-        assert result.status == "completed" and result.frames > 0
     assert "audiocraft" not in (tmp_path / "server.log").read_text()
-    # A MusicGen model there: one line that says what is missing.
+
+
+def test_a_musicgen_model_without_audiocraft_says_so_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [*WAVECAST, "serve", "--port", "0", "--model", "tiny-musicgen"],
-        env=env,
+        env=without_audiocraft(tmp_path),
         capture_output=True,
         text=True,
         timeout=timeout(120),
@@ -163,9 +163,4 @@ def test_serve_saved_models_in_bfloat16(tmp_path: Path) -> None:
         assert "higgs · 24000 Hz mono" in said_of[0] and "cpu bfloat16" in said_of[0]
         assert "\n  voices: none\n  scenes: cafe, podcast_studio, quiet_indoor" in said_of[0]
         assert "musicgen · 32000 Hz mono" in said_of[1] and "cpu bfloat16" in said_of[1]
-    # And float32 when asked for, whatever the environment says.
-    with (
-        served([*args, "--dtype", "float32"], tmp_path / "again.log", env) as port,
-        SyncClient(f"ws://127.0.0.1:{port}/v1/stream") as client,
-    ):
-        assert {m.dtype for m in client.hello.models} == {"float32"}
+    # (A flag over the environment: test_cli.py's test_dtype_from_flag_and_environment.)
