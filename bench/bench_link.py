@@ -18,8 +18,16 @@ behind the link:
 and for the direct client, its real-time factor: what the slow one costs the
 others.
 
+With ``--cancel``, the client behind the link asks for a ``--seconds`` clip,
+cancels it ``--cancel`` seconds after its first audio, and at once asks for a
+one-second clip on the same connection (a listener who stops one stream and
+starts another). Reported: the cancelled stream's bytes that came after the
+cancel, its done from the cancel, and the new clip's first audio from asking.
+
     .venv/bin/python bench/bench_link.py
     .venv/bin/python bench/bench_link.py --links 2000,512 --seconds 10
+    .venv/bin/python bench/bench_link.py --links 2000,1000 --formats pcm_f32le,opus \
+        --seconds 60 --cancel 2
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -183,15 +191,53 @@ async def case(url: str, link_url: str, format: str, seconds: float, seed: int) 
     )
 
 
+async def cancel_case(link_url: str, format: str, seconds: float, after: float, seed: int) -> str:
+    """A stream cancelled ``after`` seconds past its first audio, and a new one
+    asked at once on the same connection."""
+    async with connect(link_url) as client:
+        stream = await client.generate(MODEL, "a slow link", duration=seconds, seed=seed,
+                                       format=format)  # fmt: skip
+        events = aiter(stream)
+        while not isinstance(await anext(events), Audio):
+            pass
+        await asyncio.sleep(after)
+        cancelled = time.perf_counter()
+        await stream.cancel()
+        again = await client.generate(MODEL, "the next", duration=1.0, seed=seed + 1,
+                                      format=format)  # fmt: skip
+        asked = time.perf_counter()
+        late = 0
+        async for event in events:
+            if isinstance(event, Audio):
+                late += len(event.data)
+            elif isinstance(event, Done):
+                ended = time.perf_counter() - cancelled
+                status = event.error.code if event.error else event.status
+        first = None
+        async for event in again:
+            if isinstance(event, Audio) and first is None:
+                first = time.perf_counter() - asked
+    return (
+        f"{format} | {late / 1e6:.2f} MB | {ended:.2f} s ({status}) | "
+        f"{'-' if first is None else f'{first:.2f} s'} |"
+    )
+
+
 async def bench(args: argparse.Namespace) -> None:
     links = [float(kbits) for kbits in args.links.split(",")]
     formats = args.formats.split(",")
     servers = [("this tree", None)]
     if args.before_path:
         servers.insert(0, (args.before_name, args.before_path))
-    print("| server | link (kbit/s) | format | stream's kbit/s | first audio | plays without a "
-          "stop from | how it ended | the direct client's real-time factor |")  # fmt: skip
-    print("| --- | ---: | --- | ---: | ---: | ---: | --- | ---: |")
+    if args.cancel is not None:
+        print("| server | link (kbit/s) | format | the cancelled stream's bytes after its "
+              "cancel | its done, from the cancel | the next clip's first audio, from asking "
+              "|")  # fmt: skip
+        print("| --- | ---: | --- | ---: | ---: | ---: |")
+    else:
+        print("| server | link (kbit/s) | format | stream's kbit/s | first audio | plays without "
+              "a stop from | how it ended | the direct client's real-time factor |")  # fmt: skip
+        print("| --- | ---: | --- | ---: | ---: | ---: | --- | ---: |")
     for name, path in servers:
         with serving(path) as url:
             port = int(url.split(":")[2].split("/")[0])
@@ -203,7 +249,12 @@ async def bench(args: argparse.Namespace) -> None:
                 link_url = f"ws://127.0.0.1:{link_port}/v1/stream"
                 try:
                     for seed, format in enumerate(formats):
-                        row = await case(url, link_url, format, args.seconds, seed)
+                        if args.cancel is not None:
+                            row = await cancel_case(
+                                link_url, format, args.seconds, args.cancel, 2 * seed
+                            )
+                        else:
+                            row = await case(url, link_url, format, args.seconds, seed)
                         print(f"| {name} | {kbits:g} | {row}", flush=True)
                 finally:
                     await link.close()
@@ -214,6 +265,9 @@ def main() -> None:
     parser.add_argument("--links", default="4000,1000,256", help="link rates, kbit/s")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--seconds", type=float, default=10.0, help="each clip's length")
+    parser.add_argument(
+        "--cancel", type=float, help="cancel each stream this long after its first audio"
+    )
     parser.add_argument("--before-path", help="another commit's package folder: its server too")
     parser.add_argument("--before-name", default="before", help="what to call that commit")
     args = parser.parse_args()
@@ -221,16 +275,24 @@ def main() -> None:
         "streams over a slow link",
         f"python bench/bench_link.py --links {args.links} --formats {args.formats} "
         f"--seconds {args.seconds:g}"
+        + (f" --cancel {args.cancel:g}" if args.cancel is not None else "")
         + (
             f" --before-path {args.before_path} --before-name {args.before_name}"
             if args.before_path
             else ""
         ),
     )
-    print(
-        f"tiny-musicgen (32 kHz mono), {args.seconds:g} s clips: one client through a link "
-        "of the rate given, one directly, at once."
-    )
+    if args.cancel is not None:
+        print(
+            f"tiny-musicgen (32 kHz mono): a {args.seconds:g} s clip through a link of the rate "
+            f"given, cancelled {args.cancel:g} s after its first audio; a 1 s clip asked at once "
+            "on the same connection."
+        )
+    else:
+        print(
+            f"tiny-musicgen (32 kHz mono), {args.seconds:g} s clips: one client through a link "
+            "of the rate given, one directly, at once."
+        )
     print()
     asyncio.run(bench(args))
 

@@ -522,7 +522,9 @@ class RequestStream:
         return True
 
     async def cancel(self) -> None:
-        """Ask the server to stop this request; its ``done`` still follows."""
+        """Ask the server to stop this request; its ``done`` still follows (in a
+        PCM format, after the audio already on its way: the server leaves out
+        what was still waiting to be sent)."""
         if self.done is None:
             self._cancel_asked.set()
             # (not while waiting to ask again: then, once it is sent, if at all)

@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -156,7 +156,7 @@ class Session:
         self.conn_id = f"c{next(_ids)}"
         self.log = ContextAdapter(log, {"conn": self.conn_id})
         self.requests: dict[str, Request] = {}
-        self._queue: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
         self._queued_bytes = 0
         # A second version's frames (and what follows them, by request, in order)
         # waiting for room in the queue: what the request made, bounded by its length.
@@ -165,6 +165,10 @@ class Session:
         self._waiting_ids: collections.Counter[str] = collections.Counter()
         # Requests whose audio was dropped (slow_consumer): their done says so.
         self._dropped: set[str] = set()
+        # Requests the client cancelled, until their done is written: their audio
+        # still queued is not sent (a PCM stream's: an encoded file is sent whole),
+        # by the bytes left out so far.
+        self._cut: dict[str, int] = {}
         self._paced_at = 0.0  # when the requests' pace was last checked
         self._pace_timer: asyncio.TimerHandle | None = None  # (checked while congested)
         self._closing = False
@@ -401,6 +405,8 @@ class Session:
             )
             return
         request.log.info("cancel requested")
+        if not isinstance(request.sink, EncodedStream):
+            self._cut.setdefault(request.id, 0)  # (its audio still queued is not sent)
         self.scheduler.cancel(request)
 
     def _cancel_all(self, error: WavecastError | None = None) -> None:
@@ -422,6 +428,8 @@ class Session:
         if isinstance(message, Audio) and self._slow:
             self._dropped.add(message.id)
             return  # the client cannot keep up: its requests are ending
+        if isinstance(message, Audio) and message.id in self._cut:
+            return  # (made in the step the cancel arrived in)
         message = self._honest(message)
         frame = encode(message, text=self.text)
         size = len(frame)
@@ -442,7 +450,7 @@ class Session:
         # Other messages are small and few (bounded by the requests in flight):
         # they always go, so that every request's done reaches the client.
         self._queued_bytes += size
-        self._queue.put_nowait(frame)
+        self._queue.put_nowait(_queued(frame, message))
         if isinstance(message, Audio) and not rendition and self.congested():
             self._check_pace()
             self._watch_pace()
@@ -514,28 +522,30 @@ class Session:
 
     def _let_waiting_in(self) -> None:
         """Frames that waited, into the queue while there is room (after the slow
-        consumer's end, only what is not audio)."""
+        consumer's end, only what is not audio; of a request the client
+        cancelled, only its done)."""
         while self._waiting and not self._closing:
             frame, message = self._waiting[0]
-            if (
-                isinstance(message, Audio)
-                and not self._slow
-                and self._queued_bytes + len(frame) > self._rendition_room()
-            ):
+            rid = str(getattr(message, "id", None) or "")
+            audio = isinstance(message, Audio)
+            left_out = audio and (self._slow or rid in self._cut)
+            if audio and not left_out and self._queued_bytes + len(frame) > self._rendition_room():
                 return
             self._waiting.popleft()
             self._waiting_bytes -= len(frame)
-            rid = str(getattr(message, "id", None) or "")
             self._waiting_ids[rid] -= 1
             if self._waiting_ids[rid] <= 0:
                 del self._waiting_ids[rid]
-            if isinstance(message, Audio) and self._slow:
-                self._dropped.add(message.id)
+            if left_out and self._slow:
+                self._dropped.add(rid)
+                continue
+            if left_out:
+                self._cut[rid] += len(frame)
                 continue
             if isinstance(message, Done) and message.id in self._dropped:
                 frame = encode(self._honest(message), text=self.text)
             self._queued_bytes += len(frame)
-            self._queue.put_nowait(frame)
+            self._queue.put_nowait(_queued(frame, message))
             if self._slow and isinstance(message, Done) and not self.requests:
                 self._close_slow()
 
@@ -570,17 +580,48 @@ class Session:
 
     async def _writer(self) -> None:
         while True:
-            frame = await self._queue.get()
-            if frame is None:
+            queued = await self._queue.get()
+            if queued is None:
                 self._flushed.set()
                 return
-            self._queued_bytes -= len(frame)
+            self._queued_bytes -= len(queued.frame)
             if self._waiting:
                 self._let_waiting_in()
-            await self.ws.send(frame)
+            if queued.id in self._cut:
+                if queued.kind == "audio":
+                    self._cut[queued.id] += len(queued.frame)
+                    continue
+                if queued.kind == "done":
+                    self._end_cut(queued.id)
+            await self.ws.send(queued.frame)
+
+    def _end_cut(self, request_id: str) -> None:
+        """A cancelled request's done goes out: what was left out of its stream."""
+        left_out = self._cut.pop(request_id)
+        if left_out:
+            ContextAdapter(log, {"conn": self.conn_id, "req": request_id}).info(
+                "%d bytes of its audio waiting to be sent were left out (cancelled)", left_out
+            )
 
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code, reason)
+
+
+class _Queued(NamedTuple):
+    """A frame in the send queue, and what the writer needs to know of it: the
+    request it is about ("" for none) and whether it is audio or a done."""
+
+    frame: bytes | str
+    id: str = ""
+    kind: str = ""  # "audio", "done" or ""
+
+
+def _queued(frame: bytes | str, message: ServerMessage) -> _Queued:
+    if isinstance(message, Audio):
+        return _Queued(frame, message.id, "audio")
+    if isinstance(message, Done):
+        return _Queued(frame, message.id, "done")
+    return _Queued(frame)
 
 
 def _hold_unsent(ws: ServerConnection) -> None:

@@ -17,7 +17,16 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from wavecast.clients import connect
-from wavecast.protocol import Done, ErrorMessage, Generate, Progress, decode, encode
+from wavecast.protocol import (
+    Audio,
+    Cancel,
+    Done,
+    ErrorMessage,
+    Generate,
+    Progress,
+    decode,
+    encode,
+)
 from wavecast.server import session
 from wavecast.server.outputs import PROGRESS_INTERVAL
 
@@ -316,6 +325,63 @@ async def test_the_kernel_holds_little_of_a_stream_unsent(server: Any) -> None:
         sock = one.ws.transport.get_extra_info("socket")
         unsent = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
         assert unsent == session.UNSENT_BYTES == 128 << 10
+
+
+async def test_a_cancel_leaves_out_the_audio_still_waiting_to_be_sent() -> None:
+    """A client that reads nothing for a while has megabytes of its float PCM
+    stream waiting in the server's send queue (a slow link). Its cancel leaves
+    them out: what it reads next is what the kernel and its own library already
+    held, then its done, and what it got is the stream's beginning, in whole
+    chunks. (Before, it read every byte queued, and its next request's audio
+    waited behind them.) An Opus file cancelled beside it comes whole: its last
+    page ends the stream. The id is free again, and its next stream whole."""
+    async with running_server(make_config(send_buffer_bytes=16 << 20)) as srv:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.port))
+        connecting = ws_connect(srv.url, sock=sock, max_size=None, max_queue=1)
+        async with connecting as ws:
+            await ws.recv()
+            model = "tiny-musicgen"
+            opus = Generate(id="o", model=model, params={"duration": 20.0}, format="opus")
+            await ws.send(encode(opus))
+            params = {"duration": 60.0, "seed": 3}
+            pcm = Generate(
+                id="a", model=model, params=params, format="pcm_f32le", sample_rate=96000
+            )
+            await ws.send(encode(pcm))
+            (connection,) = srv.sessions
+            for _ in range(int(timeout(30) / 0.05)):
+                if connection.buffered_bytes >= 6 << 20:
+                    break
+                await asyncio.sleep(0.05)
+            queued = connection.buffered_bytes
+            assert queued >= 6 << 20, queued
+            await ws.send(encode(Cancel(id="a")))
+            await ws.send(encode(Cancel(id="o")))
+            got: dict[str, bytearray] = {"a": bytearray(), "o": bytearray()}
+            ends: dict[str, Done] = {}
+            while len(ends) < 2:
+                message = decode(await asyncio.wait_for(ws.recv(), timeout(30)))
+                if isinstance(message, Audio):
+                    unit = 4 if message.id == "a" else 1
+                    assert message.offset * unit == len(got[message.id])  # (whole chunks)
+                    got[message.id] += message.data
+                elif isinstance(message, Done):
+                    ends[message.id] = message
+            assert ends["a"].status == ends["o"].status == "cancelled"
+            assert 0 < len(got["a"]) < 2 << 20, (len(got["a"]), queued)
+            last_page = got["o"].rindex(b"OggS")
+            assert got["o"][last_page + 5] & 0x04  # (end of stream)
+            assert not connection._cut
+            # The id again: its stream whole.
+            await ws.send(encode(replace(pcm, params={"duration": 0.5, "seed": 3})))
+            again = bytearray()
+            while not isinstance(message := decode(await ws.recv()), Done):
+                if isinstance(message, Audio):
+                    again += message.data
+            assert message.status == "completed" and len(again) == 48000 * 4
 
 
 async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> None:
