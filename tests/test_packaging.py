@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -115,3 +116,13 @@ def test_the_images_files_agree_with_the_project() -> None:
     assert "./nginx.conf:/etc/nginx/conf.d/default.conf:ro" in mounts
     upstreams = re.findall(r"server (wavecast-\d+):5555", (docker / "nginx.conf").read_text())
     assert sorted(upstreams) == sorted(s for s in scaled["services"] if s.startswith("wavecast"))
+
+
+def test_vendored_msgpack_is_the_pinned_version() -> None:
+    root = Path(__file__).resolve().parents[1] / "web_demo"
+    pinned = json.loads((root / "package.json").read_text())["dependencies"]["@msgpack/msgpack"]
+    assert (root / "vendor" / "msgpack" / "VERSION").read_text().strip() == pinned
+    assert (
+        "ISC" in (root / "vendor" / "msgpack" / "LICENSE").read_text()
+        or "Permission" in (root / "vendor" / "msgpack" / "LICENSE").read_text()
+    )

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import soundfile
 from helpers import in_its_place, make_config, running_server, timeout, with_stereo
-from test_demo import MS, browser, card, generate, open_page  # noqa: F401 - fixture
+from test_demo import MS, card, generate, open_page
 
 from wavecast.protocol import Generate, decode
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
 
 async def wait(page: Any, test: str, arg: Any = None, seconds: float = 30) -> None:
@@ -45,7 +45,7 @@ async def player(page: Any, rid: str) -> dict[str, Any]:
 
 
 async def test_one_transport_pause_resume_stop_seek_and_play_again(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
 ) -> None:
     page = await open_page(browser, server)
@@ -122,7 +122,7 @@ async def test_one_transport_pause_resume_stop_seek_and_play_again(
 
 
 async def test_a_stream_ending_after_playback_caught_up_finishes(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
 ) -> None:
     """Generation slower than playback (a big model, a busy machine): the player
@@ -160,7 +160,7 @@ async def test_a_stream_ending_after_playback_caught_up_finishes(
     assert page.errors == []
 
 
-async def test_one_card_plays_at_a_time(browser: Any, server: Any) -> None:  # noqa: F811
+async def test_one_card_plays_at_a_time(browser: Any, server: Any) -> None:
     page = await open_page(browser, server)
     a = await generate(page, "first", 20)
     await wait(page, "(id) => window.wavecast.cards.get(id).consumed > 0", a)
@@ -185,7 +185,7 @@ async def test_one_card_plays_at_a_time(browser: Any, server: Any) -> None:  # n
 
 
 async def test_new_cards_come_into_view_and_downloads_are_named(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
 ) -> None:
     page = await open_page(browser, server, viewport={"width": 1000, "height": 700})
@@ -206,7 +206,7 @@ async def test_new_cards_come_into_view_and_downloads_are_named(
     assert name == "wavecast-dark-ambient-drones-rain-seed77.wav"
 
 
-async def test_cards_are_removed_and_cleared(browser: Any, server: Any) -> None:  # noqa: F811
+async def test_cards_are_removed_and_cleared(browser: Any, server: Any) -> None:
     page = await open_page(browser, server)
     ids = [await generate(page, f"clip {i}", 0.5) for i in range(3)]
     for rid in ids:
@@ -228,7 +228,7 @@ async def test_cards_are_removed_and_cleared(browser: Any, server: Any) -> None:
 
 
 async def test_accessible_names_and_a_quiet_live_region(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
 ) -> None:
     page = await open_page(browser, server)
@@ -244,7 +244,7 @@ async def test_accessible_names_and_a_quiet_live_region(
     )
 
 
-async def test_form_checks_and_keys(browser: Any, server: Any) -> None:  # noqa: F811
+async def test_form_checks_and_keys(browser: Any, server: Any) -> None:
     page = await open_page(browser, server)
     await page.fill("#prompt", "checked by the browser")
     # Ctrl+Enter goes through the browser's own checks: out of range, no request.
@@ -271,7 +271,7 @@ async def test_form_checks_and_keys(browser: Any, server: Any) -> None:  # noqa:
 
 
 async def test_a_continuation_card_is_scaled_to_the_new_part(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
     tmp_path: Path,
 ) -> None:
@@ -298,7 +298,7 @@ async def test_a_continuation_card_is_scaled_to_the_new_part(
 
 
 async def test_a_melody_request_shows_its_analysis_not_the_queue(
-    browser: Any,  # noqa: F811
+    browser: Any,
     tmp_path: Path,
 ) -> None:
     source = tmp_path / "hum.wav"  # (8 s: an analysis of many parts, a few ticks each)
@@ -335,7 +335,7 @@ async def run(*argv: str, cwd: Path) -> tuple[int, str]:
 
 
 async def test_copy_as_code_runs_and_a_link_fills_the_form(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
     tmp_path: Path,
 ) -> None:
@@ -404,7 +404,7 @@ async def test_copy_as_code_runs_and_a_link_fills_the_form(
 
 
 async def test_history_survives_a_reload_bounded(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
     tmp_path: Path,
 ) -> None:
@@ -465,7 +465,7 @@ async def test_history_survives_a_reload_bounded(
 
 
 async def test_examples_styles_and_the_spectrogram(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
 ) -> None:
     page = await open_page(browser, server)
@@ -504,7 +504,7 @@ async def test_examples_styles_and_the_spectrogram(
 
 
 async def test_the_page_asks_for_a_key_when_the_server_needs_one(
-    browser: Any,  # noqa: F811
+    browser: Any,
 ) -> None:
     config = make_config()
     config = replace(config, network=replace(config.network, api_keys=("page-key",)))
@@ -533,7 +533,7 @@ async def test_the_page_asks_for_a_key_when_the_server_needs_one(
         await ctx.close()
 
 
-async def test_a_busy_server_is_asked_again_until_there_is_room(browser: Any) -> None:  # noqa: F811
+async def test_a_busy_server_is_asked_again_until_there_is_room(browser: Any) -> None:
     config = make_config(max_active=1, max_queue=0, admission="slots")
     statuses = "(id) => window.wavecast.cards.get(id).statuses"
     waiting = f"(id) => ({statuses})(id).some((s) => s.startsWith('server busy: trying again in'))"
@@ -578,7 +578,7 @@ async def test_a_busy_server_is_asked_again_until_there_is_room(browser: Any) ->
 
 
 async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_comes_back(
-    browser: Any,  # noqa: F811
+    browser: Any,
 ) -> None:
     config = make_config(max_active=1, max_queue=4, admission="slots")
     statuses = "(id) => window.wavecast.cards.get(id).statuses"
@@ -636,7 +636,7 @@ async def test_requests_not_started_at_a_restart_are_asked_of_the_server_that_co
 
 
 async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
-    browser: Any,  # noqa: F811
+    browser: Any,
 ) -> None:
     """A card streaming when its server restarts waits with its player, is asked
     of the server that comes back from the frame it had (its seed, ``resume``),
@@ -696,7 +696,7 @@ async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
 
 
 async def test_behind_a_proxy_a_drained_replicas_queued_card_runs_on_the_other_at_once(
-    browser: Any,  # noqa: F811
+    browser: Any,
     tmp_path: Path,
 ) -> None:
     """The page through nginx to two replicas of one slot each. The replica the

@@ -18,12 +18,12 @@ import pytest
 import soundfile
 from helpers import higgs_engines, running_server
 from test_cards import run, wait
-from test_demo import MS, browser, card, open_page  # noqa: F401 - fixture
+from test_demo import card, open_page
 
 from wavecast.protocol.messages import CODEC_RATES
 from wavecast.server.encode import bit_rate
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
 MP3_DELAY = 1105  # LAME's: a streamed MP3 carries no count to take it off
 
@@ -96,7 +96,7 @@ async def finished(page: Any, rid: str, seconds: float = 60) -> dict[str, Any]:
     [("opus", None, 48000), ("mp3", 96, 32000), ("flac", None, 32000)],
 )
 async def test_an_encoded_stream_plays_as_it_comes_and_downloads_as_its_file(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
     tmp_path: Path,
     format: str,
@@ -165,7 +165,7 @@ async def test_an_encoded_stream_plays_as_it_comes_and_downloads_as_its_file(
 
 
 async def test_opus_speech_cancelled_and_mbd_music_in_flac(
-    browser: Any,  # noqa: F811
+    browser: Any,
     tmp_path: Path,
 ) -> None:
     async with running_server(factory=higgs_engines) as srv:
@@ -231,7 +231,7 @@ async def test_opus_speech_cancelled_and_mbd_music_in_flac(
 
 
 async def test_the_format_travels_with_the_card(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
     tmp_path: Path,
 ) -> None:
@@ -283,7 +283,7 @@ async def test_the_format_travels_with_the_card(
 
 
 async def test_refusals_at_their_fields_and_no_decoder_no_formats(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
 ) -> None:
     page = await open_page(browser, server)
@@ -353,7 +353,7 @@ async def test_refusals_at_their_fields_and_no_decoder_no_formats(
 
 
 async def test_a_lost_connection_keeps_what_was_decoded(
-    browser: Any,  # noqa: F811
+    browser: Any,
     server: Any,
 ) -> None:
     page = await open_page(browser, server)

@@ -7,10 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import make_config, running_server, self_signed
 from test_cards import wait
 from test_demo import chromium
 from test_formats import choose, finished, submit
+
+# (Each test's server on the module's event loop: conftest.py.)
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 # Chromium resolves this name to this computer: a page from "another" host, so
 # not a secure context by its address (as 127.0.0.1 and localhost are).
