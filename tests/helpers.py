@@ -331,10 +331,13 @@ def start_serve(
 
 
 async def run_cli(
-    *args: str, interrupt_after: str | None = None, then: Callable[[], None] | None = None
+    *args: str,
+    interrupt_after: str | re.Pattern[str] | None = None,
+    then: Callable[[], None] | None = None,
 ) -> tuple[int, str]:
     """Run ``wavecast ARGS``; its exit code and output. At the first line holding
-    ``interrupt_after``: ``then()`` if given, else a Ctrl-C (SIGINT) to it."""
+    ``interrupt_after`` (or that it matches, a pattern): ``then()`` if given,
+    else a Ctrl-C (SIGINT) to it."""
     process = await asyncio.create_subprocess_exec(
         *WAVECAST, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -343,7 +346,11 @@ async def run_cli(
     while line := await asyncio.wait_for(process.stdout.readline(), timeout(60)):
         text = line.decode()
         output.append(text)
-        if interrupt_after is not None and interrupt_after in text:
+        if interrupt_after is not None and (
+            interrupt_after.search(text)
+            if isinstance(interrupt_after, re.Pattern)
+            else interrupt_after in text
+        ):
             if then is not None:
                 then()
             else:
