@@ -267,6 +267,17 @@ async def test_second_versions_waiting_on_one_connection_stay_whole_and_in_order
             assert again.status == "completed"
 
 
+async def small_window(srv: Any) -> Any:
+    """A connection to ``srv`` through a small receive buffer that holds one
+    message unread (max_queue=1: up to a second of audio): what the client has
+    not read waits in the server's socket buffers and its send queue."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.port))
+    return ws_connect(srv.url, sock=sock, max_size=None, max_queue=1, close_timeout=0.5)
+
+
 async def slow_reader(
     srv: Any, bytes_per_second: float | None, seconds: float, seed: int, stop: float = 120.0
 ) -> tuple[Done | None, bytes]:
@@ -274,19 +285,12 @@ async def slow_reader(
     model makes it some ten times faster), read at ``bytes_per_second`` (None:
     at once; 0: not at all) through a small receive buffer; its done (None: not
     within ``stop`` seconds) and its audio."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.port))
     audio = bytearray()
     params = {"duration": seconds, "seed": seed}
     generate = Generate(
         id="a", model="tiny-musicgen", params=params, format="pcm_f32le", sample_rate=192000
     )
-    # (max_queue=1: what the client holds unread is one message, up to a second of
-    # audio; the rest waits in the server's socket buffers and its send queue)
-    connecting = ws_connect(srv.url, sock=sock, max_size=None, max_queue=1, close_timeout=0.5)
-    async with connecting as ws:
+    async with await small_window(srv) as ws:
         await ws.recv()
         await ws.send(encode(generate))
         if bytes_per_second == 0:
@@ -335,53 +339,48 @@ async def test_a_cancel_leaves_out_the_audio_still_waiting_to_be_sent() -> None:
     chunks. (Before, it read every byte queued, and its next request's audio
     waited behind them.) An Opus file cancelled beside it comes whole: its last
     page ends the stream. The id is free again, and its next stream whole."""
-    async with running_server(make_config(send_buffer_bytes=16 << 20)) as srv:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.port))
-        connecting = ws_connect(srv.url, sock=sock, max_size=None, max_queue=1)
-        async with connecting as ws:
-            await ws.recv()
-            model = "tiny-musicgen"
-            opus = Generate(id="o", model=model, params={"duration": 20.0}, format="opus")
-            await ws.send(encode(opus))
-            params = {"duration": 60.0, "seed": 3}
-            pcm = Generate(
-                id="a", model=model, params=params, format="pcm_f32le", sample_rate=96000
-            )
-            await ws.send(encode(pcm))
-            (connection,) = srv.sessions
-            for _ in range(int(timeout(30) / 0.05)):
-                if connection.buffered_bytes >= 6 << 20:
-                    break
-                await asyncio.sleep(0.05)
-            queued = connection.buffered_bytes
-            assert queued >= 6 << 20, queued
-            await ws.send(encode(Cancel(id="a")))
-            await ws.send(encode(Cancel(id="o")))
-            got: dict[str, bytearray] = {"a": bytearray(), "o": bytearray()}
-            ends: dict[str, Done] = {}
-            while len(ends) < 2:
-                message = decode(await asyncio.wait_for(ws.recv(), timeout(30)))
-                if isinstance(message, Audio):
-                    unit = 4 if message.id == "a" else 1
-                    assert message.offset * unit == len(got[message.id])  # (whole chunks)
-                    got[message.id] += message.data
-                elif isinstance(message, Done):
-                    ends[message.id] = message
-            assert ends["a"].status == ends["o"].status == "cancelled"
-            assert 0 < len(got["a"]) < 2 << 20, (len(got["a"]), queued)
-            last_page = got["o"].rindex(b"OggS")
-            assert got["o"][last_page + 5] & 0x04  # (end of stream)
-            assert not connection._cut
-            # The id again: its stream whole.
-            await ws.send(encode(replace(pcm, params={"duration": 0.5, "seed": 3})))
-            again = bytearray()
-            while not isinstance(message := decode(await ws.recv()), Done):
-                if isinstance(message, Audio):
-                    again += message.data
-            assert message.status == "completed" and len(again) == 48000 * 4
+    async with (
+        running_server(make_config(send_buffer_bytes=16 << 20)) as srv,
+        await small_window(srv) as ws,
+    ):
+        await ws.recv()
+        model = "tiny-musicgen"
+        opus = Generate(id="o", model=model, params={"duration": 20.0}, format="opus")
+        await ws.send(encode(opus))
+        params = {"duration": 60.0, "seed": 3}
+        pcm = Generate(id="a", model=model, params=params, format="pcm_f32le", sample_rate=96000)
+        await ws.send(encode(pcm))
+        (connection,) = srv.sessions
+        for _ in range(int(timeout(30) / 0.05)):
+            if connection.buffered_bytes >= 6 << 20:
+                break
+            await asyncio.sleep(0.05)
+        queued = connection.buffered_bytes
+        assert queued >= 6 << 20, queued
+        await ws.send(encode(Cancel(id="a")))
+        await ws.send(encode(Cancel(id="o")))
+        got: dict[str, bytearray] = {"a": bytearray(), "o": bytearray()}
+        ends: dict[str, Done] = {}
+        while len(ends) < 2:
+            message = decode(await asyncio.wait_for(ws.recv(), timeout(30)))
+            if isinstance(message, Audio):
+                unit = 4 if message.id == "a" else 1
+                assert message.offset * unit == len(got[message.id])  # (whole chunks)
+                got[message.id] += message.data
+            elif isinstance(message, Done):
+                ends[message.id] = message
+        assert ends["a"].status == ends["o"].status == "cancelled"
+        assert 0 < len(got["a"]) < 2 << 20, (len(got["a"]), queued)
+        last_page = got["o"].rindex(b"OggS")
+        assert got["o"][last_page + 5] & 0x04  # (end of stream)
+        assert not connection._cut
+        # The id again: its stream whole.
+        await ws.send(encode(replace(pcm, params={"duration": 0.5, "seed": 3})))
+        again = bytearray()
+        while not isinstance(message := decode(await ws.recv()), Done):
+            if isinstance(message, Audio):
+                again += message.data
+        assert message.status == "completed" and len(again) == 48000 * 4
 
 
 async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> None:
