@@ -178,7 +178,7 @@ class Clients:
                     events.append(event)
                     if fate < 0.15 and len(events) == 3:
                         await stream.cancel()
-                    if fate > 0.92 and len(events) == 2:
+                    if fate > 0.88 and len(events) == 2:
                         raise Drop
                 self.check(events)
 
