@@ -24,10 +24,19 @@ one-second clip on the same connection (a listener who stops one stream and
 starts another). Reported: the cancelled stream's bytes that came after the
 cancel, its done from the cancel, and the new clip's first audio from asking.
 
+With ``--beside``, the client behind the link asks for a ``--seconds`` clip and,
+``--beside`` seconds after its first audio, for a second clip (``--second``
+seconds long) on the same connection, while the first goes on (a listener who
+starts another stream beside the one playing). Reported: the second clip's
+first audio from asking, and for each clip when it may start playing and never
+stop (from its asking) and how it ended.
+
     .venv/bin/python bench/bench_link.py
     .venv/bin/python bench/bench_link.py --links 2000,512 --seconds 10
     .venv/bin/python bench/bench_link.py --links 2000,1000 --formats pcm_f32le,opus \
         --seconds 60 --cancel 2
+    .venv/bin/python bench/bench_link.py --links 2000,1000 --formats pcm_s16le,opus \
+        --seconds 60 --beside 5 --second 10
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -223,6 +232,57 @@ async def cancel_case(link_url: str, format: str, seconds: float, after: float, 
     )
 
 
+async def beside_case(
+    link_url: str, format: str, seconds: float, after: float, second: float, seed: int
+) -> str:
+    """A second clip asked ``after`` seconds past the first's first audio, on the
+    same connection, while the first goes on."""
+    unit = offset_unit(format, 1) * 32000
+    encoded = format not in ("pcm_f32le", "pcm_s16le")
+
+    async def arrivals(stream: Any, asked: float, first: asyncio.Event | None) -> dict[str, Any]:
+        got: list[tuple[float, int]] = []
+        end, length = "-", 0.0
+        try:
+            async for event in stream:
+                if isinstance(event, Audio) and event.rendition is None:
+                    got.append((time.perf_counter() - asked, len(event.data)))
+                    if first is not None:
+                        first.set()
+                elif isinstance(event, Done):
+                    end = event.error.code if event.error else event.status
+                    length = event.stats.audio_seconds if event.stats else 0.0
+        except ConnectionClosed as exc:
+            end = f"connection closed: {exc.rcvd.reason if exc.rcvd else exc}"
+        finally:
+            if first is not None:
+                first.set()
+        return {"arrivals": got, "end": end, "seconds": length, "unit": unit, "encoded": encoded}
+
+    async with connect(link_url) as client:
+        asked = time.perf_counter()
+        stream = await client.generate(MODEL, "a slow link", duration=seconds, seed=seed,
+                                       format=format)  # fmt: skip
+        playing = asyncio.Event()
+        first_task = asyncio.ensure_future(arrivals(stream, asked, playing))
+        await playing.wait()
+        await asyncio.sleep(after)
+        asked_again = time.perf_counter()
+        again = await client.generate(MODEL, "beside it", duration=second, seed=seed + 1,
+                                      format=format)  # fmt: skip
+        other = await arrivals(again, asked_again, None)
+        one = await first_task
+    cells = []
+    for run in (other, one):
+        start = playable_from(run)
+        cells.append(f"{'-' if start is None else f'{start:.2f} s'} ({run['end']})")
+    first_audio = other["arrivals"][0][0] if other["arrivals"] else None
+    return (
+        f"{format} | {'-' if first_audio is None else f'{first_audio:.2f} s'} | "
+        f"{cells[0]} | {cells[1]} |"
+    )
+
+
 async def bench(args: argparse.Namespace) -> None:
     links = [float(kbits) for kbits in args.links.split(",")]
     formats = args.formats.split(",")
@@ -233,6 +293,11 @@ async def bench(args: argparse.Namespace) -> None:
         print("| server | link (kbit/s) | format | the cancelled stream's bytes after its "
               "cancel | its done, from the cancel | the next clip's first audio, from asking "
               "|")  # fmt: skip
+        print("| --- | ---: | --- | ---: | ---: | ---: |")
+    elif args.beside is not None:
+        print("| server | link (kbit/s) | format | the second clip's first audio, from asking "
+              "| it plays without a stop from (how it ended) | the first clip plays without a "
+              "stop from (how it ended) |")  # fmt: skip
         print("| --- | ---: | --- | ---: | ---: | ---: |")
     else:
         print("| server | link (kbit/s) | format | stream's kbit/s | first audio | plays without "
@@ -253,6 +318,10 @@ async def bench(args: argparse.Namespace) -> None:
                             row = await cancel_case(
                                 link_url, format, args.seconds, args.cancel, 2 * seed
                             )
+                        elif args.beside is not None:
+                            row = await beside_case(
+                                link_url, format, args.seconds, args.beside, args.second, 2 * seed
+                            )
                         else:
                             row = await case(url, link_url, format, args.seconds, seed)
                         print(f"| {name} | {kbits:g} | {row}", flush=True)
@@ -268,6 +337,10 @@ def main() -> None:
     parser.add_argument(
         "--cancel", type=float, help="cancel each stream this long after its first audio"
     )
+    parser.add_argument(
+        "--beside", type=float, help="ask for a second clip this long after the first's audio"
+    )
+    parser.add_argument("--second", type=float, default=10.0, help="the second clip's length")
     parser.add_argument("--before-path", help="another commit's package folder: its server too")
     parser.add_argument("--before-name", default="before", help="what to call that commit")
     args = parser.parse_args()
@@ -276,6 +349,7 @@ def main() -> None:
         f"python bench/bench_link.py --links {args.links} --formats {args.formats} "
         f"--seconds {args.seconds:g}"
         + (f" --cancel {args.cancel:g}" if args.cancel is not None else "")
+        + (f" --beside {args.beside:g} --second {args.second:g}" if args.beside is not None else "")
         + (
             f" --before-path {args.before_path} --before-name {args.before_name}"
             if args.before_path
@@ -287,6 +361,13 @@ def main() -> None:
             f"tiny-musicgen (32 kHz mono): a {args.seconds:g} s clip through a link of the rate "
             f"given, cancelled {args.cancel:g} s after its first audio; a 1 s clip asked at once "
             "on the same connection."
+        )
+    elif args.beside is not None:
+        print(
+            f"tiny-musicgen (32 kHz mono): a {args.seconds:g} s clip through a link of the rate "
+            f"given; {args.beside:g} s after its first audio, a {args.second:g} s clip asked on "
+            "the same connection while it goes on. When each clip may start playing and never "
+            "stop: from its own asking."
         )
     else:
         print(

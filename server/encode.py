@@ -267,11 +267,15 @@ class Encoder:
 
 @dataclasses.dataclass(slots=True)
 class _Rendition:
-    """One file being written: its encoder, and its chunks' next ``seq`` and ``offset``."""
+    """One file being written: its encoder, its chunks' next ``seq`` and
+    ``offset``, and (in seconds) the end of the audio pushed into it and of the
+    audio its chunks so far hold."""
 
     encoder: Encoder | None = None
     seq: int = 0
     offset: int = 0
+    end: float = 0.0
+    spanned: float = 0.0
 
 
 class EncodedStream:
@@ -310,6 +314,16 @@ class EncodedStream:
         self._renditions: dict[str | None, _Rendition] = {}
         self._max_backlog = 0  # bytes of live float PCM (set at ``started``)
         self._hold = 0  # (the same)
+        # Each chunk made: the audio it holds (``span_of``), by file and seq,
+        # until it is handed on; the chunk being handed on's.
+        self._spans: dict[tuple[str | None, int], tuple[float, float]] = {}
+        self._span = (0.0, 0.0)
+
+    def span_of(self, message: Audio) -> tuple[float, float]:
+        """The audio (from, to: seconds of its stream, as pushed into the
+        encoder) that ``message``, being handed on to ``sink``, holds: the
+        encoders' look-ahead apart, what its bytes play. (Called by the sink.)"""
+        return self._span
 
     def behind(self) -> bool:
         """Whether the live stream's encoding is more than ``HOLD_SECONDS``
@@ -411,6 +425,7 @@ class EncodedStream:
             rendition.encoder = Encoder(
                 self.format, message.sample_rate, message.channels, self.bitrate
             )
+        rendition.end = (message.offset + audio.shape[0]) / message.sample_rate
         self._chunk(message, message.rendition, rendition.encoder.push(audio), out)
 
     def _end(self, name: str | None, out: list[ServerMessage]) -> None:
@@ -438,6 +453,9 @@ class EncodedStream:
         if not data:
             return
         rendition = self._renditions[name]
+        # (what its bytes play: the audio pushed since the last chunk's)
+        self._spans[name, rendition.seq] = (rendition.spanned, rendition.end)
+        rendition.spanned = rendition.end
         out.append(
             dataclasses.replace(
                 message,
@@ -456,6 +474,7 @@ class EncodedStream:
         self._working_live = 0
         messages, failed = future.result()
         if failed:
+            self._spans.clear()  # (of chunks made before the failure, not handed on)
             self._fail(InternalError("the audio could not be encoded"))
         for message in messages:
             self._forward(message)
@@ -464,6 +483,8 @@ class EncodedStream:
     def _forward(self, message: ServerMessage) -> None:
         """Hand a message on; once the encoding failed, no audio, and a done
         that does not say so says the failure."""
+        if isinstance(message, Audio):
+            self._span = self._spans.pop((message.rendition, message.seq), (0.0, 0.0))
         if self._error is not None:
             if isinstance(message, Audio):
                 return

@@ -3,14 +3,19 @@
 The reader decodes each frame (PROTOCOL.md §2), validates it and hands
 ``generate`` to the scheduler; the scheduler's events come back through
 ``_on_event`` on the event loop and wait in a send queue bounded by bytes
-(§7 ``send_buffer_bytes``) for the writer task. While more than half of it
-waits, the client's requests sit out the model's steps (``Request.held``): a
-client that reads slower than its audio is made, but at least in real time,
-gets it at the pace it reads. One that reads slower than real time (its
-requests fall ``PACE_GRACE`` behind), or whose buffer overflows anyway, loses
-its requests (``slow_consumer``) rather than the server its memory and its
-slots. A second version (Multi-Band Diffusion's), which comes whole, waits
-beside the queue and goes into it as the client reads (half the bound at most),
+(§7 ``send_buffer_bytes``) for the writer task, which sends each request's
+messages in order and, between requests, the audio due first: a chunk is due
+when its client plays it, as the writer reckons (from when it wrote the
+stream's first chunk), so that a stream just begun is not behind the seconds
+another has waiting. While more than half of the bound waits, the client's
+requests that are ``LEAD_SECONDS`` ahead of their playback sit out the model's
+steps (``Request.held``), and all of them past three quarters: a client that
+reads slower than its audio is made, but at least in real time, gets it at the
+pace it reads. One that reads slower than real time (its requests fall
+``PACE_GRACE`` behind), or whose buffer overflows anyway, loses its requests
+(``slow_consumer``) rather than the server its memory and its slots. A
+second version (Multi-Band Diffusion's), which comes whole, waits beside the
+queue and goes into it as the client reads (half the bound at most),
 so that a long one is neither an overflow nor in the live streams' way. On
 disconnect every request of the connection is cancelled.
 """
@@ -23,6 +28,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -47,8 +53,11 @@ from wavecast.protocol import (
     InvalidField,
     Limits,
     ModelInfo,
+    Progress,
+    Queued,
     ServerMessage,
     SlowConsumer,
+    Started,
     TooManyRequests,
     UnknownId,
     UnknownModel,
@@ -94,6 +103,11 @@ PACE_GRACE = 10.0
 # past its timeout (bench/RESULTS.md: a client at 256 kbit/s lost its
 # connection after 41 s of a float PCM stream).
 UNSENT_BYTES = 128 << 10
+# Seconds of audio a request may have ahead of its client's playback (as the
+# writer reckons it) before it sits out steps while more than half the send
+# buffer waits: one with less (a stream begun beside a long one) goes on, up to
+# three quarters of the buffer, its chunks sent first (they are due sooner).
+LEAD_SECONDS = 2.0
 _ids = itertools.count(1)
 # Uploads are decoded and checked here, off the event loop and off the inference
 # thread, before their request is queued: a bad one is refused at once.
@@ -156,11 +170,19 @@ class Session:
         self.conn_id = f"c{next(_ids)}"
         self.log = ContextAdapter(log, {"conn": self.conn_id})
         self.requests: dict[str, Request] = {}
-        self._queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
+        # The send queue: a line of frames a request (in order; "": the
+        # connection's own messages), the writer taking the head due first.
+        self._lines: dict[str, collections.deque[_Queued]] = {}
+        self._order = itertools.count()  # (frames due at once go in the order queued)
+        self._ready = asyncio.Event()  # a frame was queued, or the end
+        self._ending = False  # the writer ends once the queue is empty
         self._queued_bytes = 0
+        # Each request's audio on its way: when its client plays it (by id, until
+        # its done is made).
+        self._flows: dict[str, _Flow] = {}
         # A second version's frames (and what follows them, by request, in order)
         # waiting for room in the queue: what the request made, bounded by its length.
-        self._waiting: collections.deque[tuple[bytes | str, ServerMessage]] = collections.deque()
+        self._waiting: collections.deque[tuple[_Queued, ServerMessage]] = collections.deque()
         self._waiting_bytes = 0
         self._waiting_ids: collections.Counter[str] = collections.Counter()
         # Requests whose audio was dropped (slow_consumer): their done says so.
@@ -197,7 +219,7 @@ class Session:
                     await self._reader()
                 finally:
                     self._cancel_all()
-                    self._queue.put_nowait(None)
+                    self._end_queue()
                     if self._closing:
                         writer.cancel()
         except* ConnectionClosed:
@@ -305,7 +327,8 @@ class Session:
             if message.resume is not None:
                 _check_resume(message)
             sink: Callable[[ServerMessage], None] = self._on_event
-            held: Callable[[], bool] | None = None
+            flow = _Flow(_pcm_span)
+            held = self._held(flow)
             wire_format, sample_rate = message.format, message.sample_rate
             check_bitrate(message.format, info.channels, message.bitrate)
             if message.format in ENCODED_FORMATS:
@@ -320,7 +343,8 @@ class Session:
                     bitrate=message.bitrate,
                     metrics=self.scheduler.metrics,
                 )
-                held = self._held_for(sink)  # (it waits for its encoders, rather than fail)
+                flow.span = sink.span_of
+                held = self._held_for(sink, held)  # (it waits for its encoders, rather than fail)
             request = Request(
                 id=message.id,
                 model=message.model,
@@ -328,7 +352,7 @@ class Session:
                 format=wire_format,
                 sample_rate=sample_rate,
                 sink=sink,
-                held=held or self.congested,
+                held=held,
                 resume=message.resume or 0,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
                 client=self.client,
@@ -340,6 +364,7 @@ class Session:
             if check is not None and not pooled:
                 check(request.engine_request)
             self.requests[message.id] = request
+            self._flows[message.id] = flow
             if check is not None and pooled:
                 task = asyncio.get_running_loop().create_task(
                     self._check_then_submit(request, check)
@@ -351,6 +376,7 @@ class Session:
                     self.scheduler.submit(request)
                 except WavecastError:
                     del self.requests[message.id]
+                    del self._flows[message.id]
                     raise
         except WavecastError as exc:
             exc.id = message.id
@@ -376,17 +402,20 @@ class Session:
             )
             if request.cancelled.is_set():  # cancelled, or the client left, meanwhile
                 self.requests.pop(request.id, None)
+                self._flows.pop(request.id, None)
                 self._send(Done(id=request.id, status="cancelled"))
                 return
             request.engine_request = dataclasses.replace(request.engine_request, decoded=decoded)
             self.scheduler.submit(request)
         except WavecastError as exc:
             self.requests.pop(request.id, None)
+            self._flows.pop(request.id, None)
             exc.id = request.id
             self._refuse(exc, frame_type="generate")
         except Exception:
             request.log.exception("checking the uploads failed")
             self.requests.pop(request.id, None)
+            self._flows.pop(request.id, None)
             self._refuse(
                 InternalError("the uploads could not be checked", id=request.id),
                 frame_type="generate",
@@ -418,6 +447,7 @@ class Session:
     def _on_event(self, message: ServerMessage) -> None:
         if isinstance(message, Done):
             self.requests.pop(message.id, None)
+            self._flows.pop(message.id, None)
         elif isinstance(message, Audio) and message.id not in self.requests:
             return
         self._send(message)
@@ -431,13 +461,13 @@ class Session:
         if isinstance(message, Audio) and message.id in self._cut:
             return  # (made in the step the cancel arrived in)
         message = self._honest(message)
-        frame = encode(message, text=self.text)
-        size = len(frame)
-        rendition = isinstance(message, Audio) and message.rendition is not None
-        rid = str(getattr(message, "id", None) or "")
+        queued = self._entry(encode(message, text=self.text), message)
+        size = len(queued.frame)
+        rendition = queued.rendition is not None
+        rid = queued.id
         waits = bool(rid) and self._waiting_ids[rid] > 0  # (its order kept)
         if waits or (rendition and self._queued_bytes + size > self._rendition_room()):
-            self._waiting.append((frame, message))
+            self._waiting.append((queued, message))
             self._waiting_bytes += size
             self._waiting_ids[rid] += 1
             return
@@ -449,27 +479,42 @@ class Session:
             return
         # Other messages are small and few (bounded by the requests in flight):
         # they always go, so that every request's done reaches the client.
-        self._queued_bytes += size
-        self._queue.put_nowait(_queued(frame, message))
+        self._enqueue(queued)
         if isinstance(message, Audio) and not rendition and self.congested():
             self._check_pace()
             self._watch_pace()
         if self._slow and isinstance(message, Done) and not self.requests:
             self._close_slow()
 
-    def _held_for(self, stream: EncodedStream) -> Callable[[], bool]:
+    def _held(self, flow: _Flow) -> Callable[[], bool]:
+        """Whether a request sits out the model's steps for its client (read on
+        the inference thread): while more than half the send buffer waits, if its
+        audio is ``LEAD_SECONDS`` ahead of its client's playback; past three
+        quarters, whatever its lead."""
+        bound = self.config.limits.send_buffer_bytes
+
+        def held() -> bool:
+            queued = self._queued_bytes
+            if queued <= bound // 2:
+                return False
+            return queued > bound * 3 // 4 or flow.lead(time.monotonic()) > LEAD_SECONDS
+
+        return held
+
+    @staticmethod
+    def _held_for(stream: EncodedStream, client: Callable[[], bool]) -> Callable[[], bool]:
         """An encoded stream's request sits out steps while its client or its
         encoders are behind."""
         behind = stream.behind
 
         def held() -> bool:
-            return self.congested() or behind()
+            return client() or behind()
 
         return held
 
     def congested(self) -> bool:
-        """More than half the send buffer waits for the client: its requests sit
-        out the steps until it has read below that (read on the inference thread)."""
+        """More than half the send buffer waits for the client: its requests
+        ahead of their playback sit out the steps (``_held``)."""
         return self._queued_bytes > self.config.limits.send_buffer_bytes // 2
 
     def _check_pace(self) -> None:
@@ -525,14 +570,15 @@ class Session:
         consumer's end, only what is not audio; of a request the client
         cancelled, only its done)."""
         while self._waiting and not self._closing:
-            frame, message = self._waiting[0]
-            rid = str(getattr(message, "id", None) or "")
-            audio = isinstance(message, Audio)
+            queued, message = self._waiting[0]
+            rid = queued.id
+            audio = queued.kind == "audio"
             left_out = audio and (self._slow or rid in self._cut)
-            if audio and not left_out and self._queued_bytes + len(frame) > self._rendition_room():
+            size = len(queued.frame)
+            if audio and not left_out and self._queued_bytes + size > self._rendition_room():
                 return
             self._waiting.popleft()
-            self._waiting_bytes -= len(frame)
+            self._waiting_bytes -= size
             self._waiting_ids[rid] -= 1
             if self._waiting_ids[rid] <= 0:
                 del self._waiting_ids[rid]
@@ -540,12 +586,11 @@ class Session:
                 self._dropped.add(rid)
                 continue
             if left_out:
-                self._cut[rid] += len(frame)
+                self._cut[rid] += size
                 continue
             if isinstance(message, Done) and message.id in self._dropped:
-                frame = encode(self._honest(message), text=self.text)
-            self._queued_bytes += len(frame)
-            self._queue.put_nowait(_queued(frame, message))
+                queued = queued._replace(frame=encode(self._honest(message), text=self.text))
+            self._enqueue(queued)
             if self._slow and isinstance(message, Done) and not self.requests:
                 self._close_slow()
 
@@ -568,7 +613,7 @@ class Session:
         if self._closing:
             return
         self._closing = True
-        self._queue.put_nowait(None)
+        self._end_queue()
         self._close_task = asyncio.get_running_loop().create_task(self._close_when_flushed())
 
     async def _close_when_flushed(self) -> None:
@@ -578,12 +623,66 @@ class Session:
             await asyncio.wait_for(self._flushed.wait(), SLOW_CONSUMER_GRACE)
         await self.ws.close(CLOSE_POLICY_VIOLATION, "slow consumer")
 
+    def _entry(self, frame: bytes | str, message: ServerMessage) -> _Queued:
+        """A frame for the send queue: its request's line, and for audio, the
+        part of its stream it holds (``_Flow.span``)."""
+        order = next(self._order)
+        if isinstance(message, Audio):
+            flow = self._flows.get(message.id)
+            start = 0.0
+            if flow is not None:
+                start, end = flow.span(message)
+                if message.rendition is None:
+                    flow.queued(start, end)
+            return _Queued(frame, message.id, "audio", order, start, message.rendition, flow)
+        if isinstance(message, Done):
+            return _Queued(frame, message.id, "done", order)
+        if isinstance(message, Queued | Started | Progress):
+            return _Queued(frame, message.id, "", order)
+        return _Queued(frame, "", "", order)  # (the connection's own: hello, error)
+
+    def _enqueue(self, queued: _Queued) -> None:
+        self._queued_bytes += len(queued.frame)
+        line = self._lines.get(queued.id)
+        if line is None:
+            line = self._lines[queued.id] = collections.deque()
+        line.append(queued)
+        self._ready.set()
+
+    def _end_queue(self) -> None:
+        """The writer ends once it has written what is queued."""
+        self._ending = True
+        self._ready.set()
+
+    def _next(self) -> _Queued | None:
+        """The frame to write next: of the lines' heads, the one due first
+        (``_Queued.due``), then the one queued first."""
+        now = time.monotonic()
+        best: tuple[float, int] | None = None
+        key = ""
+        for rid, line in self._lines.items():
+            head = line[0]
+            due = (head.due(now), head.order)
+            if best is None or due < best:
+                best, key = due, rid
+        if best is None:
+            return None
+        line = self._lines[key]
+        queued = line.popleft()
+        if not line:
+            del self._lines[key]
+        return queued
+
     async def _writer(self) -> None:
         while True:
-            queued = await self._queue.get()
+            queued = self._next()
             if queued is None:
-                self._flushed.set()
-                return
+                if self._ending:
+                    self._flushed.set()
+                    return
+                self._ready.clear()
+                await self._ready.wait()
+                continue
             self._queued_bytes -= len(queued.frame)
             if self._waiting:
                 self._let_waiting_in()
@@ -593,6 +692,8 @@ class Session:
                     continue
                 if queued.kind == "done":
                     self._end_cut(queued.id)
+            if queued.flow is not None:
+                queued.flow.sent(queued.rendition, queued.start)
             await self.ws.send(queued.frame)
 
     def _end_cut(self, request_id: str) -> None:
@@ -607,21 +708,65 @@ class Session:
         await self.ws.close(code, reason)
 
 
+@dataclasses.dataclass(slots=True)
+class _Flow:
+    """One request's audio on its way to its client, and when the client plays
+    it, as the writer reckons: from when the writer sent a stream's first chunk
+    (the live stream's, or a second version's), at the pace of its audio."""
+
+    # The part of its stream an audio message holds: from, to (seconds).
+    span: Callable[[Audio], tuple[float, float]]
+    # A stream (None: the live one) -> when its client plays its second 0
+    # (time.monotonic), once its first chunk is sent.
+    clocks: dict[str | None, float] = dataclasses.field(default_factory=dict)
+    first: float | None = None  # the live stream's first chunk queued: from
+    end: float | None = None  # its last chunk queued: to
+
+    def queued(self, start: float, end: float) -> None:
+        if self.first is None:
+            self.first = start
+        self.end = end
+
+    def sent(self, rendition: str | None, start: float) -> None:
+        if rendition not in self.clocks:
+            self.clocks[rendition] = time.monotonic() - start
+
+    def lead(self, now: float) -> float:
+        """Seconds of the live stream queued or sent ahead of its playback."""
+        if self.end is None:
+            return 0.0
+        clock = self.clocks.get(None)
+        if clock is None:  # (nothing sent yet: all of it ahead)
+            return self.end - (self.first or 0.0)
+        return clock + self.end - now
+
+
 class _Queued(NamedTuple):
     """A frame in the send queue, and what the writer needs to know of it: the
-    request it is about ("" for none) and whether it is audio or a done."""
+    request it is about ("" for none: the connection's own messages), whether it
+    is audio or a done, its place in the queue's order and, for audio, where it
+    starts in its stream (seconds) and the stream's flow."""
 
     frame: bytes | str
-    id: str = ""
-    kind: str = ""  # "audio", "done" or ""
+    id: str
+    kind: str  # "audio", "done" or ""
+    order: int
+    start: float = 0.0
+    rendition: str | None = None
+    flow: _Flow | None = None
+
+    def due(self, now: float) -> float:
+        """When its client plays it: other messages at once (-inf), a stream's
+        first chunk now."""
+        if self.flow is None:
+            return -math.inf
+        clock = self.flow.clocks.get(self.rendition)
+        return now if clock is None else clock + self.start
 
 
-def _queued(frame: bytes | str, message: ServerMessage) -> _Queued:
-    if isinstance(message, Audio):
-        return _Queued(frame, message.id, "audio")
-    if isinstance(message, Done):
-        return _Queued(frame, message.id, "done")
-    return _Queued(frame)
+def _pcm_span(message: Audio) -> tuple[float, float]:
+    start = message.offset / message.sample_rate
+    return start, start + message.frames / message.sample_rate
 
 
 def _hold_unsent(ws: ServerConnection) -> None:

@@ -218,7 +218,14 @@ async def test_the_encoded_stream_keeps_the_messages_order_and_joins_into_files(
     ends before the next stage's first message."""
     live, mbd = music(32000, 1.5, 1), music(32000, 1.5, 1, seed=1)
     received = Received()
-    stream = EncodedStream("r", "flac", received, received.errors.append)
+    spans: list[tuple[str | None, tuple[float, float]]] = []
+
+    def sink(message: ServerMessage) -> None:
+        if isinstance(message, Audio):  # (what its bytes play, as the session asks)
+            spans.append((message.rendition, stream.span_of(message)))
+        received(message)
+
+    stream = EncodedStream("r", "flac", sink, received.errors.append)
     stream(Started(id="r", model="m", sample_rate=32000, channels=1, format="pcm_f32le"))
     sizes = [640, 1280, 0, 7000, 20000, live.shape[0] - 28920]
     for i, chunk in enumerate(pcm_chunks(live, 32000, sizes)):
@@ -246,6 +253,11 @@ async def test_the_encoded_stream_keeps_the_messages_order_and_joins_into_files(
         assert {c.format for c in chunks} == {"flac"}
         expected = np.rint(np.clip(source, -1, 1) * 32767).astype(np.int16)
         assert np.array_equal(decode_file(b"".join(c.data for c in chunks), "flac"), expected)
+        # Each chunk's audio, in order, from the file's start to its end.
+        parts = [span for rendition, span in spans if rendition == name]
+        assert len(parts) == len(chunks) and parts[-1][1] == 1.5
+        assert all(start <= end for start, end in parts)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
 
 
 async def test_encoding_that_falls_behind_ends_the_request_with_busy(

@@ -383,6 +383,63 @@ async def test_a_cancel_leaves_out_the_audio_still_waiting_to_be_sent() -> None:
         assert message.status == "completed" and len(again) == 48000 * 4
 
 
+async def test_a_stream_begun_beside_one_with_seconds_waiting_is_sent_first() -> None:
+    """A client reading at 600 kB/s (a slow link; its float PCM stream is
+    384 kB/s, made some ten times faster) has megabytes of a long stream waiting
+    in the server's send queue: seconds ahead of its playback. A clip asked
+    beside it on the same connection is due at once: its audio goes out first,
+    not behind those megabytes (before, it came after them, its request sitting
+    out the steps until they were read), made while the long one, far ahead,
+    sits out. Both streams whole, in order."""
+    async with (
+        running_server(make_config(send_buffer_bytes=8 << 20)) as srv,
+        await small_window(srv) as ws,
+    ):
+        await ws.recv()
+        model = "tiny-musicgen"
+        params = {"duration": 60.0, "seed": 3}
+        long = Generate(id="a", model=model, params=params, format="pcm_f32le", sample_rate=96000)
+        got: dict[str, bytearray] = {"a": bytearray(), "b": bytearray()}
+        before_b: list[int] = []  # the long stream's bytes read before the short one's audio
+        ends: dict[str, Done] = {}
+
+        async def read() -> None:
+            while "b" not in ends:
+                message = decode(await ws.recv())
+                if isinstance(message, Audio):
+                    assert message.offset * 4 == len(got[message.id])  # (in order, whole)
+                    if message.id == "b" and not before_b:
+                        before_b.append(len(got["a"]))
+                    got[message.id] += message.data
+                    await asyncio.sleep(len(message.data) / 600e3)
+                elif isinstance(message, Done):
+                    ends[message.id] = message
+
+        await ws.send(encode(long))
+        reading = asyncio.ensure_future(read())
+        (connection,) = srv.sessions
+        for _ in range(int(timeout(30) / 0.05)):
+            if connection.buffered_bytes > 4 << 20 or reading.done():
+                break  # (half the bound)
+            await asyncio.sleep(0.05)
+        queued = connection.buffered_bytes
+        assert queued > 4 << 20, queued
+        short = Generate(
+            id="b", model=model, params={"duration": 1.0, "seed": 4}, format="pcm_f32le",
+            sample_rate=96000,
+        )  # fmt: skip
+        await ws.send(encode(short))
+        asked = len(got["a"])
+        await asyncio.wait_for(reading, timeout(60))
+        assert ends["b"].status == "completed" and len(got["b"]) == 96000 * 4
+        assert before_b and before_b[0] - asked < 2 << 20, (before_b, asked, queued)
+        assert "a" not in ends  # (still going: it was seconds ahead)
+        await ws.send(encode(Cancel(id="a")))
+        while not isinstance(message := decode(await ws.recv()), Done):
+            pass
+        assert message.id == "a" and message.status == "cancelled"
+
+
 async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> None:
     """A client reading at 2x real time, the model making audio at some 10x:
     once half the send buffer waits for it (the kernel's socket buffers full
