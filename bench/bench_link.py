@@ -345,7 +345,8 @@ def main() -> None:
     parser.add_argument("--before-name", default="before", help="what to call that commit")
     args = parser.parse_args()
     print_header(
-        "streams over a slow link",
+        "streams over a slow link"
+        + (": a clip asked beside another" if args.beside is not None else ""),
         f"python bench/bench_link.py --links {args.links} --formats {args.formats} "
         f"--seconds {args.seconds:g}"
         + (f" --cancel {args.cancel:g}" if args.cancel is not None else "")
