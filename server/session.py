@@ -7,9 +7,10 @@ The reader decodes each frame (PROTOCOL.md §2), validates it and hands
 messages in order and, between requests, the audio due first: a chunk is due
 when its client plays it, as the writer reckons (from when it wrote the
 stream's first chunk), so that a stream just begun is not behind the seconds
-another has waiting. While more than half of the bound waits, the client's
-requests that are ``LEAD_SECONDS`` ahead of their playback sit out the model's
-steps (``Request.held``), and all of them past three quarters: a client that
+another has waiting. While more than half of the bound waits, a request sits
+out the model's steps (``Request.held``) if it is ``LEAD_SECONDS`` ahead of its
+playback or half of what waits is its own (a stream begun beside one that
+fills the queue goes on), and every request past seven eighths: a client that
 reads slower than its audio is made, but at least in real time, gets it at the
 pace it reads. One that reads slower than real time (its requests fall
 ``PACE_GRACE`` behind), or whose buffer overflows anyway, loses its requests
@@ -101,12 +102,16 @@ PACE_GRACE = 10.0
 # kernel takes megabytes (its send buffer grows to the link's bandwidth-delay),
 # and on a link slower than the stream a keepalive's answer waited behind them
 # past its timeout (bench/RESULTS.md: a client at 256 kbit/s lost its
-# connection after 41 s of a float PCM stream).
-UNSENT_BYTES = 128 << 10
+# connection after 41 s of a float PCM stream). What it holds is ahead of anything
+# sent next (a stream asked beside another, a cancel's done): 32 KiB is a quarter
+# of a second of a 1 Mbit/s link (128 KiB, a second, made those a second later:
+# bench/RESULTS.md), and some 20 ms of a 12 Mbit/s one, the fastest stream
+# (192 kHz stereo, float), for the event loop to come back to it.
+UNSENT_BYTES = 32 << 10
 # Seconds of audio a request may have ahead of its client's playback (as the
 # writer reckons it) before it sits out steps while more than half the send
-# buffer waits: one with less (a stream begun beside a long one) goes on, up to
-# three quarters of the buffer, its chunks sent first (they are due sooner).
+# buffer waits: one with less, and less than half of what waits (a stream begun
+# beside a long one), goes on, its chunks sent first (they are due sooner).
 LEAD_SECONDS = 2.0
 _ids = itertools.count(1)
 # Uploads are decoded and checked here, off the event loop and off the inference
@@ -489,15 +494,21 @@ class Session:
     def _held(self, flow: _Flow) -> Callable[[], bool]:
         """Whether a request sits out the model's steps for its client (read on
         the inference thread): while more than half the send buffer waits, if its
-        audio is ``LEAD_SECONDS`` ahead of its client's playback; past three
-        quarters, whatever its lead."""
+        audio is ``LEAD_SECONDS`` ahead of its client's playback, or half of what
+        waits is its own (a stream alone, or beside others as far ahead); past
+        seven eighths, whatever its lead. So a stream asked beside one that fills
+        the buffer is made, and is sent first (its chunks are due sooner)."""
         bound = self.config.limits.send_buffer_bytes
 
         def held() -> bool:
             queued = self._queued_bytes
             if queued <= bound // 2:
                 return False
-            return queued > bound * 3 // 4 or flow.lead(time.monotonic()) > LEAD_SECONDS
+            return (
+                queued > bound * 7 // 8
+                or 2 * flow.bytes >= queued
+                or flow.lead(time.monotonic()) > LEAD_SECONDS
+            )
 
         return held
 
@@ -643,6 +654,8 @@ class Session:
 
     def _enqueue(self, queued: _Queued) -> None:
         self._queued_bytes += len(queued.frame)
+        if queued.flow is not None:
+            queued.flow.bytes += len(queued.frame)
         line = self._lines.get(queued.id)
         if line is None:
             line = self._lines[queued.id] = collections.deque()
@@ -671,6 +684,8 @@ class Session:
         queued = line.popleft()
         if not line:
             del self._lines[key]
+        if queued.flow is not None:
+            queued.flow.bytes -= len(queued.frame)
         return queued
 
     async def _writer(self) -> None:
@@ -721,6 +736,7 @@ class _Flow:
     clocks: dict[str | None, float] = dataclasses.field(default_factory=dict)
     first: float | None = None  # the live stream's first chunk queued: from
     end: float | None = None  # its last chunk queued: to
+    bytes: int = 0  # its audio frames in the send queue
 
     def queued(self, start: float, end: float) -> None:
         if self.first is None:

@@ -328,7 +328,7 @@ async def test_the_kernel_holds_little_of_a_stream_unsent(server: Any) -> None:
         (one,) = server.sessions
         sock = one.ws.transport.get_extra_info("socket")
         unsent = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-        assert unsent == session.UNSENT_BYTES == 128 << 10
+        assert unsent == session.UNSENT_BYTES == 32 << 10
 
 
 async def test_a_cancel_leaves_out_the_audio_still_waiting_to_be_sent() -> None:
