@@ -7,17 +7,20 @@ The reader decodes each frame (PROTOCOL.md §2), validates it and hands
 messages in order and, between requests, the audio due first: a chunk is due
 when its client plays it, as the writer reckons (from when it wrote the
 stream's first chunk), so that a stream just begun is not behind the seconds
-another has waiting. While more than half of the bound waits, a request sits
-out the model's steps (``Request.held``) if it is ``LEAD_SECONDS`` ahead of its
-playback or half of what waits is its own (a stream begun beside one that
-fills the queue goes on), and every request past seven eighths: a client that
-reads slower than its audio is made, but at least in real time, gets it at the
-pace it reads. One that reads slower than real time (its requests fall
-``PACE_GRACE`` behind), or whose buffer overflows anyway, loses its requests
-(``slow_consumer``) rather than the server its memory and its slots. A
-second version (Multi-Band Diffusion's), which comes whole, waits beside the
-queue and goes into it as the client reads (half the bound at most),
-so that a long one is neither an overflow nor in the live streams' way. On
+another has waiting; a request's live progress goes ahead of its own audio
+waiting (it says what is generated, as it is made), and a cancel leaves out a
+PCM stream's audio waiting, made to its end or not. While more than half of
+the bound waits, a request sits out the model's steps (``Request.held``) if it
+is ``LEAD_SECONDS`` ahead of its playback or half of what waits is its own (a
+stream begun beside one that fills the queue goes on), and every request past
+seven eighths: a client that reads slower than its audio is made, but at least
+in real time, gets it at the pace it reads. One that reads slower than real
+time (its requests fall ``PACE_GRACE`` behind), or whose buffer overflows
+anyway, loses its requests (``slow_consumer``) rather than the server its
+memory and its slots. A second version (Multi-Band Diffusion's), which comes
+whole, waits beside the queue and goes into it as the client reads (half the
+bound at most), so that a long one is neither an overflow nor in the live
+streams' way. On
 disconnect every request of the connection is cancelled.
 """
 
@@ -185,6 +188,10 @@ class Session:
         # Each request's audio on its way: when its client plays it (by id, until
         # its done is made).
         self._flows: dict[str, _Flow] = {}
+        # By request, its live stream's latest progress below 1.0 not yet sent
+        # (each in place of the one before): it goes ahead of the request's audio
+        # waiting, once its started is sent; its done puts it in its line.
+        self._progress: dict[str, tuple[_Queued, _Flow]] = {}
         # A second version's frames (and what follows them, by request, in order)
         # waiting for room in the queue: what the request made, bounded by its length.
         self._waiting: collections.deque[tuple[_Queued, ServerMessage]] = collections.deque()
@@ -348,7 +355,7 @@ class Session:
                     bitrate=message.bitrate,
                     metrics=self.scheduler.metrics,
                 )
-                flow.span = sink.span_of
+                flow.span, flow.encoded = sink.span_of, True
                 held = self._held_for(sink, held)  # (it waits for its encoders, rather than fail)
             request = Request(
                 id=message.id,
@@ -428,6 +435,8 @@ class Session:
 
     def _cancel(self, message: Cancel) -> None:
         request = self.requests.get(message.id)
+        if request is None and self._cancel_unsent(message.id):
+            return
         if request is None:
             self._send(
                 ErrorMessage(
@@ -443,6 +452,36 @@ class Session:
             self._cut.setdefault(request.id, 0)  # (its audio still queued is not sent)
         self.scheduler.cancel(request)
 
+    def _cancel_unsent(self, rid: str) -> bool:
+        """A cancel of a request made to its end whose done still waits to be
+        sent (a slow link: the model is faster than the client reads): as a
+        cancel under way, its PCM audio waiting is left out, and its done says
+        ``cancelled``. False where none waits."""
+        line = self._lines.get(rid, collections.deque())
+        waiting = [queued for queued, _ in self._waiting if queued.id == rid]
+        done = next((q for q in [*line, *waiting] if q.kind == "done"), None)
+        if done is None or done.done is None:
+            return False
+        ContextAdapter(log, {"conn": self.conn_id, "req": rid}).info(
+            "cancel requested (made to its end; its audio waiting to be sent)"
+        )
+        if done.flow is None or not done.flow.encoded:
+            self._cut.setdefault(rid, 0)
+        if done.done.status == "completed":
+            said = dataclasses.replace(done.done, status="cancelled")
+            new = done._replace(frame=encode(said, text=self.text), done=said)
+            grew = len(new.frame) - len(done.frame)
+            if done in line:
+                line[line.index(done)] = new
+                self._queued_bytes += grew
+                if new.flow is not None:
+                    new.flow.bytes += grew
+            else:
+                at = next(i for i, (q, _) in enumerate(self._waiting) if q is done)
+                self._waiting[at] = (new, said)
+                self._waiting_bytes += grew
+        return True
+
     def _cancel_all(self, error: WavecastError | None = None) -> None:
         for request in self.requests.values():
             self.scheduler.cancel(request, error)
@@ -452,8 +491,10 @@ class Session:
     def _on_event(self, message: ServerMessage) -> None:
         if isinstance(message, Done):
             self.requests.pop(message.id, None)
+            self._send(message)
             self._flows.pop(message.id, None)
-        elif isinstance(message, Audio) and message.id not in self.requests:
+            return
+        if isinstance(message, Audio) and message.id not in self.requests:
             return
         self._send(message)
 
@@ -471,6 +512,12 @@ class Session:
         rendition = queued.rendition is not None
         rid = queued.id
         waits = bool(rid) and self._waiting_ids[rid] > 0  # (its order kept)
+        flow = self._flows.get(rid)
+        if not waits and flow is not None and _overtakes(message):
+            self._progress_ahead(queued, flow)
+            return
+        if rid in self._progress and isinstance(message, Done):
+            self._progress_in_place(rid)
         if waits or (rendition and self._queued_bytes + size > self._rendition_room()):
             self._waiting.append((queued, message))
             self._waiting_bytes += size
@@ -646,11 +693,35 @@ class Session:
                 if message.rendition is None:
                     flow.queued(start, end)
             return _Queued(frame, message.id, "audio", order, start, message.rendition, flow)
-        if isinstance(message, Done):
-            return _Queued(frame, message.id, "done", order)
-        if isinstance(message, Queued | Started | Progress):
+        if isinstance(message, Done):  # (kept: a cancel may yet say it, ``_cancel_unsent``)
+            flow = self._flows.get(message.id)
+            return _Queued(frame, message.id, "done", order, flow=flow, done=message)
+        if isinstance(message, Started):  # (its flow opened once it is sent)
+            return _Queued(frame, message.id, "started", order, flow=self._flows.get(message.id))
+        if isinstance(message, Queued | Progress):
             return _Queued(frame, message.id, "", order)
         return _Queued(frame, "", "", order)  # (the connection's own: hello, error)
+
+    def _progress_ahead(self, queued: _Queued, flow: _Flow) -> None:
+        """A live progress that goes ahead of its request's audio waiting: in
+        place of the one before, where that has not been sent."""
+        before = self._progress.get(queued.id)
+        if before is not None:
+            self._queued_bytes -= len(before[0].frame)
+        self._progress[queued.id] = (queued, flow)
+        self._queued_bytes += len(queued.frame)
+        self._ready.set()
+
+    def _progress_in_place(self, rid: str) -> None:
+        """The request ends: its live progress not yet sent goes in its line,
+        ahead of the audio waiting once its started is sent (else in its place),
+        and before what was queued after it (a stage's 1.0, the done)."""
+        progress, flow = self._progress.pop(rid)
+        line = self._lines.get(rid)
+        if line is None:
+            line = self._lines[rid] = collections.deque()
+        place = next((i for i, q in enumerate(line) if q.order > progress.order), len(line))
+        line.insert(0 if flow.opened else place, progress)
 
     def _enqueue(self, queued: _Queued) -> None:
         self._queued_bytes += len(queued.frame)
@@ -678,6 +749,12 @@ class Session:
             due = (head.due(now), head.order)
             if best is None or due < best:
                 best, key = due, rid
+        ahead = None
+        for rid, (progress, flow) in self._progress.items():
+            if flow.opened and (best is None or (-math.inf, progress.order) < best):
+                best, ahead = (-math.inf, progress.order), rid
+        if ahead is not None:
+            return self._progress.pop(ahead)[0]
         if best is None:
             return None
         line = self._lines[key]
@@ -708,7 +785,10 @@ class Session:
                 if queued.kind == "done":
                     self._end_cut(queued.id)
             if queued.flow is not None:
-                queued.flow.sent(queued.rendition, queued.start)
+                if queued.kind == "started":
+                    queued.flow.opened = True
+                elif queued.kind == "audio":
+                    queued.flow.sent(queued.rendition, queued.start)
             await self.ws.send(queued.frame)
 
     def _end_cut(self, request_id: str) -> None:
@@ -736,7 +816,9 @@ class _Flow:
     clocks: dict[str | None, float] = dataclasses.field(default_factory=dict)
     first: float | None = None  # the live stream's first chunk queued: from
     end: float | None = None  # its last chunk queued: to
-    bytes: int = 0  # its audio frames in the send queue
+    bytes: int = 0  # its frames in the send queue
+    encoded: bool = False  # one file (MP3, Opus, FLAC): sent whole, even cancelled
+    opened: bool = False  # its started sent: its live progress may go ahead
 
     def queued(self, start: float, end: float) -> None:
         if self.first is None:
@@ -765,19 +847,26 @@ class _Queued(NamedTuple):
 
     frame: bytes | str
     id: str
-    kind: str  # "audio", "done" or ""
+    kind: str  # "audio", "done", "started" or ""
     order: int
     start: float = 0.0
     rendition: str | None = None
     flow: _Flow | None = None
+    done: Done | None = None  # (a done's message)
 
     def due(self, now: float) -> float:
         """When its client plays it: other messages at once (-inf), a stream's
         first chunk now."""
-        if self.flow is None:
+        if self.flow is None or self.kind != "audio":
             return -math.inf
         clock = self.flow.clocks.get(self.rendition)
         return now if clock is None else clock + self.start
+
+
+def _overtakes(message: ServerMessage) -> bool:
+    """A progress of the live stream below 1.0: what is generated, sent as it
+    is made, ahead of its request's audio waiting (§4.4)."""
+    return isinstance(message, Progress) and message.stage is None and message.fraction < 1.0
 
 
 def _pcm_span(message: Audio) -> tuple[float, float]:

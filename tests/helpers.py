@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +63,53 @@ async def running_server(
         yield server
     finally:
         await asyncio.wait_for(server.stop(), timeout(30))
+
+
+@asynccontextmanager
+async def slow_link(port: int, kbits: float) -> AsyncIterator[int]:
+    """A TCP proxy to ``port`` on 127.0.0.1 whose server-to-client direction
+    carries ``kbits`` kbit/s (a slow connection; each piece sent once the link
+    has carried the one before, its socket to the server with a small receive
+    buffer, so that the server's own buffers hold what the link has not
+    carried); its port while the block runs."""
+    rate = kbits * 1000 / 8  # bytes a second
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
+        loop = asyncio.get_running_loop()
+        free_at = loop.time()
+        piece = max(512, int(rate * 0.02)) if slow else 65536
+        while data := await reader.read(piece):
+            if slow:
+                now = loop.time()
+                free_at = max(free_at, now) + len(data) / rate
+                await asyncio.sleep(free_at - now)
+            writer.write(data)
+            await writer.drain()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        up_reader, up_writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+        pumps = [
+            asyncio.ensure_future(pump(reader, up_writer, False)),
+            asyncio.ensure_future(pump(up_reader, writer, True)),
+        ]
+        with contextlib.suppress(OSError):
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for end in (writer, up_writer):
+            end.close()
+
+    proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield proxy.sockets[0].getsockname()[1]
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
 
 
 def in_its_place(config: Config, port: int) -> Config:

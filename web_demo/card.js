@@ -71,6 +71,11 @@ function slug(text) {
 // cut under way the same way is picked up where it was cut (PROTOCOL.md §3.1
 // resume: its seed, and the frames it has), within two minutes of the cut: its
 // player waits meanwhile, and plays on.
+// Seconds the server may have generated past the audio this page has before a
+// card waiting for audio says the connection, not the model, is what it waits
+// for (the live progress comes ahead of the audio waiting to be sent: §4.4).
+export const LINK_BEHIND_SECONDS = 2;
+
 const RETRY_FIRST_MS = 500;
 const RETRY_MOST_MS = 8000;
 export const retry = { forMs: 120000 }; // (a test shortens it)
@@ -125,6 +130,7 @@ export class Card {
     this.since = this.sentAt; // the retry time counts from here (and from a cut under way)
     this.resuming = false; // asked again where its stream was cut: its started is not news
     this.liveFraction = 0; // the live stream's progress shown
+    this.generated = 0; // seconds of the live stream the server has generated (its progress)
     this.preparedFrom = null;
     this.startedAt = null;
     this.firstAudioAt = null;
@@ -334,6 +340,10 @@ export class Card {
     }
     if (message.fraction < this.liveFraction) return; // (made again, up to where it was cut)
     this.liveFraction = message.fraction;
+    this.generated = message.seconds;
+    if (this.status === "generating" && this.player && this.player.state !== "playing" && this.linkBehind()) {
+      this.setStatus("generating", this.slowLinkText());
+    }
     if (this.player && message.fraction > 0) this.player.total = message.seconds / message.fraction;
     const pct = Math.round(message.fraction * 100);
     const progress = $(".progress", this.el);
@@ -343,7 +353,7 @@ export class Card {
 
   onPlayerState(state) {
     if (this.status === "generating" && !this.ended && this.streaming()) {
-      if (state === "buffering") this.setStatus("generating", "buffering…");
+      if (state === "buffering") this.setStatus("generating", this.linkBehind() ? this.slowLinkText() : "buffering…");
       else if (state === "playing") this.setStatus("generating", "playing live");
       else if (state === "paused") this.setStatus("generating", "generating (paused)");
     }
@@ -695,6 +705,17 @@ export class Card {
   }
 
   // Started, and not cut (or cut and picked up since).
+  // Whether the stream waits for the connection rather than the model: the
+  // server has generated more than LINK_BEHIND_SECONDS past the audio here.
+  linkBehind() {
+    return this.streaming() && this.generated - this.frames / this.sampleRate > LINK_BEHIND_SECONDS;
+  }
+
+  slowLinkText() {
+    const what = "buffering: the connection is slower than this stream";
+    return this.format ? what : `${what} (Opus needs a tenth of it: Advanced, stream format)`;
+  }
+
   streaming() {
     return this.startedAt !== null && !this.awaiting && !this.resuming;
   }

@@ -11,12 +11,13 @@ import io
 import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import soundfile
-from helpers import higgs_engines, running_server
+from helpers import higgs_engines, running_server, slow_link
 from test_cards import run, wait
 from test_demo import card, open_page
 
@@ -367,3 +368,28 @@ async def test_a_lost_connection_keeps_what_was_decoded(
     assert "connection" in done["error"]
     await asyncio.sleep(0)
     assert page.errors == []
+
+
+async def test_over_a_slow_connection_a_card_says_the_connection_is_what_it_waits_for(
+    browser: Any, server: Any
+) -> None:
+    """Through a 400 kbit/s link, the page's float PCM stream (1,024 kbit/s)
+    comes slower than real time while the server makes it some ten times
+    faster: its live progress, sent ahead of the audio waiting (PROTOCOL.md
+    §4.4), says how far ahead, and the card, waiting for audio, names the
+    connection and what would fit it (Opus), not the model. (On a direct
+    connection it never does: the other tests' cards.) Cancelled, though the
+    model has made it all by then, it ends at once: ``cancelled``."""
+    async with slow_link(server.port, 400) as port:
+        page = await open_page(browser, SimpleNamespace(port=port))
+        rid = await submit(page, "through a slow link", duration="10")
+        said = """(id) => window.wavecast.cards.get(id).statuses.some(
+                    (s) => s.startsWith('buffering: the connection is slower than this stream'))"""
+        await wait(page, said, rid, 60)
+        statuses = await page.evaluate("(id) => window.wavecast.cards.get(id).statuses", rid)
+        assert any("(Opus needs a tenth of it" in s for s in statuses), statuses
+        await page.click(f".card[data-id='{rid}'] .cancel")
+        await wait(page, "(id) => window.wavecast.cards.get(id).ended", rid)
+        assert (await card(page, rid))["status"] == "cancelled"
+        assert page.errors == []
+        await page.context.close()

@@ -440,6 +440,78 @@ async def test_a_stream_begun_beside_one_with_seconds_waiting_is_sent_first() ->
         assert message.id == "a" and message.status == "cancelled"
 
 
+async def test_the_live_progress_goes_ahead_of_the_audio_waiting() -> None:
+    """Over a slow link (a client reading its 48 kHz float PCM stream at 2x
+    real time, the model making it some 10x), the progress says what is
+    generated as it is made: it comes seconds ahead of the audio still waiting
+    to be sent (before, it came in its place among the audio, never more than
+    a chunk ahead of what the client had). Its fractions never go back; the
+    stream comes whole, in order, its 1.0 after the last chunk, the done last.
+    (Its preparation's progress comes before, in order.)"""
+    async with running_server(make_config()) as srv, await small_window(srv) as ws:
+        await ws.recv()
+        params = {"duration": 12.0, "seed": 5}
+        await ws.send(
+            encode(
+                Generate(
+                    id="a", model="tiny-musicgen", params=params, format="pcm_f32le",
+                    sample_rate=48000,
+                )
+            )
+        )  # fmt: skip
+        audio = bytearray()
+        fractions: list[float] = []
+        ahead = 0.0  # the most the progress was ahead of the audio had (seconds)
+        while not isinstance(
+            message := decode(await asyncio.wait_for(ws.recv(), timeout(30))), Done
+        ):
+            if isinstance(message, Audio):
+                assert message.offset * 4 == len(audio) and fractions[-1:] != [1.0]
+                audio += message.data
+                await asyncio.sleep(len(message.data) / 384e3)
+            elif isinstance(message, Progress) and message.stage is None:
+                fractions.append(message.fraction)
+                ahead = max(ahead, message.seconds - len(audio) / (4 * 48000))
+        assert message.status == "completed" and len(audio) == 12 * 48000 * 4
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+        assert ahead > 3.0, ahead
+
+
+async def test_a_cancel_of_a_stream_made_to_its_end_leaves_out_its_audio_waiting() -> None:
+    """Over a slow link the model finishes a stream long before its client has
+    read it. A cancel then still leaves out the audio waiting (before, it was
+    answered ``unknown_id`` and every byte still came), and the done, which
+    said ``completed``, says ``cancelled``: the client did not get it all."""
+    async with (
+        running_server(make_config(send_buffer_bytes=16 << 20)) as srv,
+        await small_window(srv) as ws,
+    ):
+        await ws.recv()
+        params = {"duration": 20.0, "seed": 3}
+        pcm = Generate(
+            id="a", model="tiny-musicgen", params=params, format="pcm_f32le", sample_rate=96000
+        )
+        await ws.send(encode(pcm))
+        (connection,) = srv.sessions
+        for _ in range(int(timeout(60) / 0.05)):
+            if not connection.requests and connection.buffered_bytes > 6 << 20:
+                break  # (made to its end: its done waits)
+            await asyncio.sleep(0.05)
+        queued = connection.buffered_bytes
+        assert not connection.requests and queued > 6 << 20, queued
+        await ws.send(encode(Cancel(id="a")))
+        got = bytearray()
+        while not isinstance(message := decode(await asyncio.wait_for(ws.recv(), 30)), Done):
+            assert not isinstance(message, ErrorMessage), message
+            if isinstance(message, Audio):
+                assert message.offset * 4 == len(got)  # (whole chunks)
+                got += message.data
+        assert message.status == "cancelled" and message.stats is not None
+        assert message.stats.audio_seconds == 20.0  # (what was made)
+        assert 0 < len(got) < 2 << 20, (len(got), queued)
+        assert not connection._cut
+
+
 async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> None:
     """A client reading at 2x real time, the model making audio at some 10x:
     once half the send buffer waits for it (the kernel's socket buffers full
