@@ -20,8 +20,7 @@ anyway, loses its requests (``slow_consumer``) rather than the server its
 memory and its slots. A second version (Multi-Band Diffusion's), which comes
 whole, waits beside the queue and goes into it as the client reads (half the
 bound at most), so that a long one is neither an overflow nor in the live
-streams' way. On
-disconnect every request of the connection is cancelled.
+streams' way. On disconnect every request of the connection is cancelled.
 """
 
 from __future__ import annotations
@@ -387,8 +386,7 @@ class Session:
                 try:
                     self.scheduler.submit(request)
                 except WavecastError:
-                    del self.requests[message.id]
-                    del self._flows[message.id]
+                    self._forget(message.id)
                     raise
         except WavecastError as exc:
             exc.id = message.id
@@ -413,25 +411,27 @@ class Session:
                 _UPLOADS, check, request.engine_request
             )
             if request.cancelled.is_set():  # cancelled, or the client left, meanwhile
-                self.requests.pop(request.id, None)
-                self._flows.pop(request.id, None)
+                self._forget(request.id)
                 self._send(Done(id=request.id, status="cancelled"))
                 return
             request.engine_request = dataclasses.replace(request.engine_request, decoded=decoded)
             self.scheduler.submit(request)
         except WavecastError as exc:
-            self.requests.pop(request.id, None)
-            self._flows.pop(request.id, None)
+            self._forget(request.id)
             exc.id = request.id
             self._refuse(exc, frame_type="generate")
         except Exception:
             request.log.exception("checking the uploads failed")
-            self.requests.pop(request.id, None)
-            self._flows.pop(request.id, None)
+            self._forget(request.id)
             self._refuse(
                 InternalError("the uploads could not be checked", id=request.id),
                 frame_type="generate",
             )
+
+    def _forget(self, request_id: str) -> None:
+        """A request refused or cancelled before the scheduler had it."""
+        self.requests.pop(request_id, None)
+        self._flows.pop(request_id, None)
 
     def _cancel(self, message: Cancel) -> None:
         request = self.requests.get(message.id)
@@ -471,8 +471,9 @@ class Session:
             said = dataclasses.replace(done.done, status="cancelled")
             new = done._replace(frame=encode(said, text=self.text), done=said)
             grew = len(new.frame) - len(done.frame)
-            if done in line:
-                line[line.index(done)] = new
+            at = next((i for i, q in enumerate(line) if q is done), None)
+            if at is not None:
+                line[at] = new
                 self._queued_bytes += grew
                 if new.flow is not None:
                     new.flow.bytes += grew
@@ -571,8 +572,8 @@ class Session:
         return held
 
     def congested(self) -> bool:
-        """More than half the send buffer waits for the client: its requests
-        ahead of their playback sit out the steps (``_held``)."""
+        """More than half the send buffer waits for the client (``_held`` says
+        which of its requests sit out the steps meanwhile)."""
         return self._queued_bytes > self.config.limits.send_buffer_bytes // 2
 
     def _check_pace(self) -> None:
