@@ -204,6 +204,52 @@ def player_command() -> list[str] | None:
 
 # --play counts on this part of the speed the audio comes at (it varies).
 PLAY_MARGIN = 0.9
+# Seconds the server may have generated past the audio received before the bar
+# says the connection, not the model, is what the stream waits for (the live
+# progress comes ahead of the audio waiting to be sent: PROTOCOL.md §4.4).
+LINK_BEHIND_SECONDS = 2.0
+
+
+class Received:
+    """The live stream's audio received against what the server says it has
+    generated: where the first lags, the bar says so, and once, for PCM, that
+    an encoded format would need less of the connection."""
+
+    def __init__(self, bar: ProgressBar, format: str) -> None:
+        self.bar = bar
+        self.format = format
+        self.seconds = 0.0  # received
+        self.progress = (0.0, 0.0)  # the live progress: fraction, seconds generated
+        self.said = False
+        self.unit = 0.0  # seconds a byte (0: an encoded format, not counted)
+
+    def started(self, sample_rate: int, channels: int) -> None:
+        if self.format in BYTES_PER_SAMPLE:
+            self.unit = 1.0 / (BYTES_PER_SAMPLE[self.format] * channels * sample_rate)
+
+    def audio(self, data: bytes) -> None:
+        self.seconds += len(data) * self.unit
+        if self.bar.tty and self.behind():  # (the bar's line, brought up to date)
+            self.show()
+
+    def generated(self, fraction: float, seconds: float) -> None:
+        self.progress = (fraction, seconds)
+        self.show()
+
+    def behind(self) -> bool:
+        return bool(self.unit) and self.progress[1] - self.seconds > LINK_BEHIND_SECONDS
+
+    def show(self) -> None:
+        note = ""
+        if self.behind():
+            note = f"({self.seconds:.2f} s received: the connection is slower than the stream)"
+            if not self.said:
+                self.said = True
+                self.bar.message(
+                    "note: the connection carries this stream slower than it is made: "
+                    "--format opus needs a tenth of it"
+                )
+        self.bar.show(*self.progress, note)
 
 
 def play_from(held: float, speed: float | None, total: float | None) -> bool:
@@ -784,6 +830,7 @@ async def _run(
             loop.add_signal_handler(signal.SIGINT, on_interrupt)
         pcm = bytearray()
         mbd_pcm = bytearray()
+        arriving = Received(bar, args.format)
         sample_rate = channels = 0
         seed = None
         lost: ConnectionClosed | None = None  # the connection, gone before the done
@@ -793,6 +840,7 @@ async def _run(
                     bar.message(f"queued at position {event.position}")
                 elif isinstance(event, Started):
                     sample_rate, channels, seed = event.sample_rate, event.channels, event.seed
+                    arriving.started(sample_rate, channels)
                     if player is not None:
                         wav = (sample_rate, channels, args.format)
                         playback = Playback(player, on_output_closed, wav, bar)
@@ -802,6 +850,7 @@ async def _run(
                     if event.rendition is not None:
                         mbd_pcm.extend(event.data)
                         continue
+                    arriving.audio(event.data)
                     if live is not None:
                         live.write(event.data)
                     if playback is not None:
@@ -815,7 +864,7 @@ async def _run(
                     elif event.stage == "mbd":
                         bar.show(event.fraction, event.seconds, "(Multi-Band Diffusion)")
                     else:
-                        bar.show(event.fraction, event.seconds)
+                        arriving.generated(event.fraction, event.seconds)
                         if playback is not None and event.fraction > 0:
                             playback.total = event.seconds / event.fraction
             if live is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from helpers import WAVECAST, run_cli, timeout
+from helpers import WAVECAST, run_cli, slow_link, timeout
 
 from wavecast.clients import SyncClient, connect, server_url, stream_url
 from wavecast.clients.client import decode_file
@@ -54,6 +54,35 @@ async def test_generate_writes_a_wav(server: Any, tmp_path: Path) -> None:
     info = soundfile.info(str(out))
     assert (info.samplerate, info.channels, info.frames) == (32000, 1, 75 * 640)
     assert info.subtype == "PCM_16"
+
+
+async def test_over_a_slow_connection_the_bar_says_what_came(server: Any, tmp_path: Path) -> None:
+    """Through a 500 kbit/s link, a float PCM clip (1,024 kbit/s) the model
+    makes at some ten times real time: the progress comes ahead of the audio
+    (PROTOCOL.md §4.4), and the command says the connection is what the stream
+    waits for, and that Opus would need less of it; Ctrl-C then cancels, and
+    what came is written (before, its bar stood at the progress of the audio
+    received, or, with the progress ahead and no word of it, at 100% for
+    seconds)."""
+    out = tmp_path / "clip.wav"
+    async with slow_link(server.port, 500) as port:
+        code, output = await run_cli(
+            "generate",
+            "--url",
+            f"ws://127.0.0.1:{port}/v1/stream",
+            "--duration",
+            "8",
+            "--format",
+            "pcm_f32le",
+            "-o",
+            str(out),
+            "through a slow link",
+            interrupt_after="--format opus needs a tenth of it",
+        )
+    assert code == 130, output
+    assert "the connection carries this stream slower than it is made" in output, output
+    assert "cancelling" in output and "cancelled" in output, output
+    assert 0 < soundfile.info(str(out)).frames < 8 * 32000
 
 
 async def test_generate_float_wav(server: Any, tmp_path: Path) -> None:
