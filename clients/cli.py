@@ -222,10 +222,22 @@ class Received:
         self.progress = (0.0, 0.0)  # the live progress: fraction, seconds generated
         self.said = False
         self.unit = 0.0  # seconds a byte (0: an encoded format, not counted)
+        self.rates = (0, 0)  # the stream's sample rate and channels
 
     def started(self, sample_rate: int, channels: int) -> None:
         if self.format in BYTES_PER_SAMPLE:
             self.unit = 1.0 / (BYTES_PER_SAMPLE[self.format] * channels * sample_rate)
+            self.rates = (sample_rate, channels)
+
+    def opus_share(self) -> str:
+        """What part of this PCM stream's bit rate an Opus stream at the
+        server's default takes (PROTOCOL.md §4.5: 64 kbit/s a channel above
+        16 kHz, 32 at and below)."""
+        rate, channels = self.rates
+        pcm = 8 / self.unit
+        opus = (64000 if rate > 16000 else 32000) * channels
+        share = round(pcm / opus)
+        return "about half" if share <= 2 else f"about 1/{share}"
 
     def audio(self, data: bytes) -> None:
         self.seconds += len(data) * self.unit
@@ -247,7 +259,7 @@ class Received:
                 self.said = True
                 self.bar.message(
                     "note: the connection carries this stream slower than it is made: "
-                    "--format opus needs a tenth of it"
+                    f"--format opus needs {self.opus_share()} of it"
                 )
         self.bar.show(*self.progress, note)
 

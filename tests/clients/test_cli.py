@@ -60,7 +60,8 @@ async def test_over_a_slow_connection_the_bar_says_what_came(server: Any, tmp_pa
     """Through a 500 kbit/s link, a float PCM clip (1,024 kbit/s) the model
     makes at some ten times real time: the progress comes ahead of the audio
     (PROTOCOL.md §4.4), and the command says the connection is what the stream
-    waits for, and that Opus would need less of it; Ctrl-C then cancels, and
+    waits for, and what part of it Opus would need (64 kbit/s against 1,024:
+    1/16); Ctrl-C then cancels, and
     what came is written (before, its bar stood at the progress of the audio
     received, or, with the progress ahead and no word of it, at 100% for
     seconds)."""
@@ -77,7 +78,7 @@ async def test_over_a_slow_connection_the_bar_says_what_came(server: Any, tmp_pa
             "-o",
             str(out),
             "through a slow link",
-            interrupt_after="--format opus needs a tenth of it",
+            interrupt_after="--format opus needs about 1/16 of it",
         )
     assert code == 130, output
     assert "the connection carries this stream slower than it is made" in output, output
