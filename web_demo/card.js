@@ -62,6 +62,11 @@ function slug(text) {
   return words.slice(0, 6).join("-").slice(0, 48) || "clip";
 }
 
+// Seconds the server may have generated past the audio this page has before a
+// card waiting for audio says the connection, not the model, is what it waits
+// for (the live progress comes ahead of the audio waiting to be sent: §4.4).
+export const LINK_BEHIND_SECONDS = 2;
+
 // A request the server had no room for (busy) before it started is asked again:
 // after half a second, then each wait twice the last up to 8 s (a fifth more or
 // less at random, so that pages turned away together do not come back together),
@@ -71,11 +76,6 @@ function slug(text) {
 // cut under way the same way is picked up where it was cut (PROTOCOL.md §3.1
 // resume: its seed, and the frames it has), within two minutes of the cut: its
 // player waits meanwhile, and plays on.
-// Seconds the server may have generated past the audio this page has before a
-// card waiting for audio says the connection, not the model, is what it waits
-// for (the live progress comes ahead of the audio waiting to be sent: §4.4).
-export const LINK_BEHIND_SECONDS = 2;
-
 const RETRY_FIRST_MS = 500;
 const RETRY_MOST_MS = 8000;
 export const retry = { forMs: 120000 }; // (a test shortens it)
