@@ -138,24 +138,38 @@ def serving(path: str | None) -> Iterator[str]:
 
 
 async def listen(url: str, format: str, seconds: float, seed: int) -> dict[str, Any]:
-    """One request; when each chunk came and what it held."""
+    """One request on a connection of its own; when each chunk came and what it held."""
+    async with connect(url) as client:
+        asked = time.perf_counter()
+        stream = await client.generate(MODEL, "a slow link", duration=seconds, seed=seed,
+                                       format=format)  # fmt: skip
+        return await follow(stream, format, seconds, asked)
+
+
+async def follow(
+    stream: Any, format: str, seconds: float, asked: float, playing: asyncio.Event | None = None
+) -> dict[str, Any]:
+    """A request's stream read to its end: when each chunk came (from ``asked``)
+    and what it held, how it ended; ``playing`` set at its first chunk (and at
+    its end, where none came)."""
     arrivals: list[tuple[float, int]] = []  # (from asking, bytes)
     done = None
     try:
-        async with connect(url) as client:
-            asked = time.perf_counter()
-            stream = await client.generate(MODEL, "a slow link", duration=seconds, seed=seed,
-                                           format=format)  # fmt: skip
-            async for event in stream:
-                if isinstance(event, Audio) and event.rendition is None:
-                    arrivals.append((time.perf_counter() - asked, len(event.data)))
-                elif isinstance(event, Done):
-                    done = event
+        async for event in stream:
+            if isinstance(event, Audio) and event.rendition is None:
+                arrivals.append((time.perf_counter() - asked, len(event.data)))
+                if playing is not None:
+                    playing.set()
+            elif isinstance(event, Done):
+                done = event
     except ConnectionClosed as exc:  # (the client's keepalive, say)
         end = f"connection lost after {time.perf_counter() - asked:.0f} s: {exc}"
     else:
         assert done is not None
         end = done.error.code if done.error else done.status
+    finally:
+        if playing is not None:
+            playing.set()
     stats = done.stats if done else None
     return {
         "arrivals": arrivals,
@@ -237,40 +251,18 @@ async def beside_case(
 ) -> str:
     """A second clip asked ``after`` seconds past the first's first audio, on the
     same connection, while the first goes on."""
-    unit = offset_unit(format, 1) * 32000
-    encoded = format not in ("pcm_f32le", "pcm_s16le")
-
-    async def arrivals(stream: Any, asked: float, first: asyncio.Event | None) -> dict[str, Any]:
-        got: list[tuple[float, int]] = []
-        end, length = "-", 0.0
-        try:
-            async for event in stream:
-                if isinstance(event, Audio) and event.rendition is None:
-                    got.append((time.perf_counter() - asked, len(event.data)))
-                    if first is not None:
-                        first.set()
-                elif isinstance(event, Done):
-                    end = event.error.code if event.error else event.status
-                    length = event.stats.audio_seconds if event.stats else 0.0
-        except ConnectionClosed as exc:
-            end = f"connection closed: {exc.rcvd.reason if exc.rcvd else exc}"
-        finally:
-            if first is not None:
-                first.set()
-        return {"arrivals": got, "end": end, "seconds": length, "unit": unit, "encoded": encoded}
-
     async with connect(link_url) as client:
         asked = time.perf_counter()
         stream = await client.generate(MODEL, "a slow link", duration=seconds, seed=seed,
                                        format=format)  # fmt: skip
         playing = asyncio.Event()
-        first_task = asyncio.ensure_future(arrivals(stream, asked, playing))
+        first_task = asyncio.ensure_future(follow(stream, format, seconds, asked, playing))
         await playing.wait()
         await asyncio.sleep(after)
         asked_again = time.perf_counter()
         again = await client.generate(MODEL, "beside it", duration=second, seed=seed + 1,
                                       format=format)  # fmt: skip
-        other = await arrivals(again, asked_again, None)
+        other = await follow(again, format, second, asked_again)
         one = await first_task
     cells = []
     for run in (other, one):
