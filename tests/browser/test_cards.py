@@ -215,7 +215,7 @@ async def test_cards_are_removed_and_cleared(browser: Any, server: Any) -> None:
     await page.click(f"#cards article[data-id='{ids[0]}'] .remove")
     assert await page.locator("#cards article").count() == 2
     assert await page.evaluate("window.wavecast.cards.size") == 2
-    running = await generate(page, "still going", 20)
+    running = await generate(page, "still going", 300)  # (20 s was made before its remove once)
     await wait(page, "(id) => window.wavecast.cards.get(id).frames > 0", running)
     await page.click("#clear-cards")
     # The finished ones go; the running one stays.
