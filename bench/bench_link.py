@@ -2,12 +2,13 @@
 
 ``wavecast serve`` (tiny-musicgen, on the CPU) with a TCP proxy in front of it
 that carries the server's bytes to the client at ``--links`` kbit/s (the other
-way unlimited; the proxy's socket to the server with a 64 KiB receive buffer, so
-that the server's own buffers and its pacing, not the proxy, hold what the link
-has not carried yet). For each link and ``--formats`` format, one client asks
-through the link for a ``--seconds`` clip while another asks for the same clip
-directly, at once (both run: ``--admission slots``). Reported for the client
-behind the link:
+way unlimited; the proxy reads the server's bytes as the link carries them,
+from a 16 KiB receive buffer, so that the server's own buffers and its pacing,
+not the proxy, hold what the link has not carried yet: an earlier version, its
+reader's buffer and a 64 KiB receive buffer, held some 260 kB). For each link
+and ``--formats`` format, one client asks through the link for a ``--seconds``
+clip while another asks for the same clip directly, at once (both run:
+``--admission slots``). Reported for the client behind the link:
 
 - its first audio, from asking;
 - when playback may start and never stop: the earliest start from asking such
@@ -22,7 +23,10 @@ With ``--cancel``, the client behind the link asks for a ``--seconds`` clip,
 cancels it ``--cancel`` seconds after its first audio, and at once asks for a
 one-second clip on the same connection (a listener who stops one stream and
 starts another). Reported: the cancelled stream's bytes that came after the
-cancel, its done from the cancel, and the new clip's first audio from asking.
+cancel, its done from the cancel, and the new clip's first audio from asking;
+with ``--runs``, each the median of that many (where in a chunk the cancel
+falls is chance), at ``--rate`` Hz where given (at higher rates a chunk holds
+more bytes).
 
 With ``--beside``, the client behind the link asks for a ``--seconds`` clip and,
 ``--beside`` seconds after its first audio, for a second clip (``--second``
@@ -35,6 +39,8 @@ stop (from its asking) and how it ended.
     .venv/bin/python bench/bench_link.py --links 2000,512 --seconds 10
     .venv/bin/python bench/bench_link.py --links 2000,1000 --formats pcm_f32le,opus \
         --seconds 60 --cancel 2
+    .venv/bin/python bench/bench_link.py --links 1000,500 --formats pcm_f32le \
+        --seconds 10 --cancel 2 --runs 5 --rate 96000
     .venv/bin/python bench/bench_link.py --links 2000,1000 --formats pcm_s16le,opus \
         --seconds 60 --beside 5 --second 10
 
@@ -49,6 +55,7 @@ import contextlib
 import os
 import signal
 import socket
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -63,6 +70,13 @@ from wavecast.protocol import Audio, Done, offset_unit
 
 MODEL = "tiny-musicgen"
 FORMATS = ("pcm_f32le", "pcm_s16le", "flac", "opus", "mp3")
+
+
+# The proxy's receive buffer from the server (the kernel's, set before it
+# connects; Linux doubles it): what the link's far end holds not yet carried, some
+# 0.2 s of a 1 Mbit/s link. The proxy reads it a piece at a time, as the link
+# carries them, holding nothing more itself.
+RECEIVE_BUFFER = 16 << 10
 
 
 class SlowLink:
@@ -85,35 +99,34 @@ class SlowLink:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.target))
-        up_reader, up_writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
-        pumps = [
-            asyncio.ensure_future(self._pump(reader, up_writer, None)),
-            asyncio.ensure_future(self._pump(up_reader, writer, self.rate)),
-        ]
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for pump in pumps:
-            pump.cancel()
-        for w in (writer, up_writer):
-            w.close()
-
-    @staticmethod
-    async def _pump(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None
-    ) -> None:
         loop = asyncio.get_running_loop()
-        free_at = loop.time()  # when the link has carried what it was given
-        piece = 65536 if rate is None else max(512, int(rate * 0.02))  # (20 ms of link)
-        while data := await reader.read(piece):
-            if rate is not None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", self.target))
+
+        async def up() -> None:  # (the client's frames, unlimited)
+            while data := await reader.read(65536):
+                await loop.sock_sendall(sock, data)
+
+        async def down() -> None:  # (the server's bytes, each piece once the link is free)
+            free_at = loop.time()  # when the link has carried what it was given
+            piece = max(512, int(self.rate * 0.02))  # (20 ms of link)
+            while data := await loop.sock_recv(sock, piece):
                 now = loop.time()
-                free_at = max(free_at, now) + len(data) / rate
+                free_at = max(free_at, now) + len(data) / self.rate
                 await asyncio.sleep(free_at - now)
-            writer.write(data)
-            await writer.drain()
+                writer.write(data)
+                await writer.drain()
+
+        pumps = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            writer.close()
+            sock.close()
 
 
 @contextlib.contextmanager
@@ -214,12 +227,16 @@ async def case(url: str, link_url: str, format: str, seconds: float, seed: int) 
     )
 
 
-async def cancel_case(link_url: str, format: str, seconds: float, after: float, seed: int) -> str:
+async def cancel_case(
+    link_url: str, format: str, seconds: float, after: float, seed: int, rate: int | None
+) -> tuple[int, float, str, float | None]:
     """A stream cancelled ``after`` seconds past its first audio, and a new one
-    asked at once on the same connection."""
+    asked at once on the same connection: the cancelled stream's bytes read
+    after the cancel, its done from the cancel and how it ended, the new one's
+    first audio from asking."""
     async with connect(link_url) as client:
         stream = await client.generate(MODEL, "a slow link", duration=seconds, seed=seed,
-                                       format=format)  # fmt: skip
+                                       format=format, sample_rate=rate)  # fmt: skip
         events = aiter(stream)
         while not isinstance(await anext(events), Audio):
             pass
@@ -227,7 +244,7 @@ async def cancel_case(link_url: str, format: str, seconds: float, after: float, 
         cancelled = time.perf_counter()
         await stream.cancel()
         again = await client.generate(MODEL, "the next", duration=1.0, seed=seed + 1,
-                                      format=format)  # fmt: skip
+                                      format=format, sample_rate=rate)  # fmt: skip
         asked = time.perf_counter()
         late = 0
         async for event in events:
@@ -240,9 +257,29 @@ async def cancel_case(link_url: str, format: str, seconds: float, after: float, 
         async for event in again:
             if isinstance(event, Audio) and first is None:
                 first = time.perf_counter() - asked
+    return late, ended, status, first
+
+
+async def cancel_cases(link_url: str, format: str, args: argparse.Namespace, seed: int) -> str:
+    """``--runs`` cancels (each a row's cell: the median, and the least and the
+    most where more than one): where in its chunk the cancel falls is chance."""
+    runs = [
+        await cancel_case(link_url, format, args.seconds, args.cancel, seed + 2 * run, args.rate)
+        for run in range(args.runs)
+    ]
+
+    def cell(values: list[float], unit: str, scale: float = 1.0) -> str:
+        values = sorted(v * scale for v in values)
+        median = statistics.median(values)
+        spread = f" ({values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+        return f"{median:.2f} {unit}{spread}"
+
+    statuses = ", ".join(sorted({status for _, _, status, _ in runs}))
+    firsts = [first for _, _, _, first in runs if first is not None]
     return (
-        f"{format} | {late / 1e6:.2f} MB | {ended:.2f} s ({status}) | "
-        f"{'-' if first is None else f'{first:.2f} s'} |"
+        f"{format} | {cell([late for late, _, _, _ in runs], 'MB', 1e-6)} | "
+        f"{cell([ended for _, ended, _, _ in runs], 's')} ({statuses}) | "
+        f"{cell(firsts, 's') if firsts else '-'} |"
     )
 
 
@@ -307,9 +344,7 @@ async def bench(args: argparse.Namespace) -> None:
                 try:
                     for seed, format in enumerate(formats):
                         if args.cancel is not None:
-                            row = await cancel_case(
-                                link_url, format, args.seconds, args.cancel, 2 * seed
-                            )
+                            row = await cancel_cases(link_url, format, args, 1000 * seed)
                         elif args.beside is not None:
                             row = await beside_case(
                                 link_url, format, args.seconds, args.beside, args.second, 2 * seed
@@ -333,6 +368,8 @@ def main() -> None:
         "--beside", type=float, help="ask for a second clip this long after the first's audio"
     )
     parser.add_argument("--second", type=float, default=10.0, help="the second clip's length")
+    parser.add_argument("--runs", type=int, default=1, help="cancels a cell (--cancel)")
+    parser.add_argument("--rate", type=int, help="the streams' sample rate (--cancel)")
     parser.add_argument("--before-path", help="another commit's package folder: its server too")
     parser.add_argument("--before-name", default="before", help="what to call that commit")
     args = parser.parse_args()
@@ -342,6 +379,8 @@ def main() -> None:
         f"python bench/bench_link.py --links {args.links} --formats {args.formats} "
         f"--seconds {args.seconds:g}"
         + (f" --cancel {args.cancel:g}" if args.cancel is not None else "")
+        + (f" --runs {args.runs}" if args.runs != 1 else "")
+        + (f" --rate {args.rate}" if args.rate else "")
         + (f" --beside {args.beside:g} --second {args.second:g}" if args.beside is not None else "")
         + (
             f" --before-path {args.before_path} --before-name {args.before_name}"
@@ -351,9 +390,15 @@ def main() -> None:
     )
     if args.cancel is not None:
         print(
-            f"tiny-musicgen (32 kHz mono): a {args.seconds:g} s clip through a link of the rate "
-            f"given, cancelled {args.cancel:g} s after its first audio; a 1 s clip asked at once "
-            "on the same connection."
+            f"tiny-musicgen (32 kHz mono, streamed at {args.rate or 32000} Hz): a "
+            f"{args.seconds:g} s clip through a link of the rate given, cancelled "
+            f"{args.cancel:g} s after its first audio; a 1 s clip asked at once on the same "
+            "connection."
+            + (
+                f" Each cell: the median of {args.runs} runs (the least and the most)."
+                if args.runs > 1
+                else ""
+            )
         )
     elif args.beside is not None:
         print(
