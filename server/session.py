@@ -7,7 +7,8 @@ The reader decodes each frame (PROTOCOL.md §2), validates it and hands
 messages in order and, between requests, the audio due first: a chunk is due
 when its client plays it, as the writer reckons (from when it wrote the
 stream's first chunk), so that a stream just begun is not behind the seconds
-another has waiting; a request's live progress goes ahead of its own audio
+another has waiting, nor behind more than a piece of a chunk (a chunk of more
+than ``PIECE_BYTES`` goes in pieces, each its own message); a request's live progress goes ahead of its own audio
 waiting (it says what is generated, as it is made), and a cancel leaves out a
 PCM stream's audio waiting, made to its end or not. While more than half of
 the bound waits, a request sits out the model's steps (``Request.held``) if it
@@ -69,6 +70,7 @@ from wavecast.protocol import (
     __version__,
     decode_client,
     encode,
+    offset_unit,
     resolve_params,
 )
 from wavecast.protocol.errors import CLOSE_POLICY_VIOLATION
@@ -115,6 +117,11 @@ UNSENT_BYTES = 32 << 10
 # buffer waits: one with less, and less than half of what waits (a stream begun
 # beside a long one), goes on, its chunks sent first (they are due sooner).
 LEAD_SECONDS = 2.0
+# Most bytes of audio one ``audio`` message holds: a larger chunk is sent in
+# pieces (§4.5), so that on a slow link a message sent next (a stream asked
+# beside it, a progress, a cancel's done) waits behind at most one piece, not a
+# chunk's second: 128 kB of float PCM at 32 kHz, 1.5 MB at 192 kHz stereo.
+PIECE_BYTES = 32 << 10
 _ids = itertools.count(1)
 # Uploads are decoded and checked here, off the event loop and off the inference
 # thread, before their request is queued: a bad one is refused at once.
@@ -507,8 +514,30 @@ class Session:
             return  # the client cannot keep up: its requests are ending
         if isinstance(message, Audio) and message.id in self._cut:
             return  # (made in the step the cancel arrived in)
-        message = self._honest(message)
-        queued = self._entry(encode(message, text=self.text), message)
+        if not isinstance(message, Audio):
+            self._put(message)
+            return
+        flow = self._flows.get(message.id)
+        pieces = [(message, (0.0, 0.0))] if flow is None else flow.pieces(message)
+        chunk = _Chunk() if len(pieces) > 1 else None
+        frames = [
+            (self._entry(encode(piece, text=self.text), piece, span)._replace(chunk=chunk), piece)
+            for piece, span in pieces
+        ]
+        size = sum(len(queued.frame) for queued, _ in frames)
+        live = message.rendition is None  # (a second version waits for room: no overflow)
+        if live and self._queued_bytes + size > self.config.limits.send_buffer_bytes:
+            self._dropped.add(message.id)
+            self._slow_consumer()
+            return
+        for queued, piece in frames:
+            self._put(piece, queued)
+
+    def _put(self, message: ServerMessage, queued: _Queued | None = None) -> None:
+        """A message into the send queue (an audio piece: with its entry)."""
+        if queued is None:
+            message = self._honest(message)
+            queued = self._entry(encode(message, text=self.text), message)
         size = len(queued.frame)
         rendition = queued.rendition is not None
         rid = queued.id
@@ -523,12 +552,6 @@ class Session:
             self._waiting.append((queued, message))
             self._waiting_bytes += size
             self._waiting_ids[rid] += 1
-            return
-        if isinstance(message, Audio) and self._queued_bytes + size > (
-            self.config.limits.send_buffer_bytes
-        ):
-            self._dropped.add(message.id)
-            self._slow_consumer()
             return
         # Other messages are small and few (bounded by the requests in flight):
         # they always go, so that every request's done reaches the client.
@@ -682,17 +705,17 @@ class Session:
             await asyncio.wait_for(self._flushed.wait(), SLOW_CONSUMER_GRACE)
         await self.ws.close(CLOSE_POLICY_VIOLATION, "slow consumer")
 
-    def _entry(self, frame: bytes | str, message: ServerMessage) -> _Queued:
+    def _entry(
+        self, frame: bytes | str, message: ServerMessage, span: tuple[float, float] = (0.0, 0.0)
+    ) -> _Queued:
         """A frame for the send queue: its request's line, and for audio, the
-        part of its stream it holds (``_Flow.span``)."""
+        part of its stream it holds (``span``: from, to, in seconds)."""
         order = next(self._order)
         if isinstance(message, Audio):
             flow = self._flows.get(message.id)
-            start = 0.0
-            if flow is not None:
-                start, end = flow.span(message)
-                if message.rendition is None:
-                    flow.queued(start, end)
+            start, end = span
+            if flow is not None and message.rendition is None:
+                flow.queued(start, end)
             return _Queued(frame, message.id, "audio", order, start, message.rendition, flow)
         if isinstance(message, Done):  # (kept: a cancel may yet say it, ``_cancel_unsent``)
             flow = self._flows.get(message.id)
@@ -728,6 +751,8 @@ class Session:
         self._queued_bytes += len(queued.frame)
         if queued.flow is not None:
             queued.flow.bytes += len(queued.frame)
+        if queued.chunk is not None:
+            queued.chunk.counted += len(queued.frame)
         line = self._lines.get(queued.id)
         if line is None:
             line = self._lines[queued.id] = collections.deque()
@@ -755,15 +780,21 @@ class Session:
             if flow.opened and (best is None or (-math.inf, progress.order) < best):
                 best, ahead = (-math.inf, progress.order), rid
         if ahead is not None:
-            return self._progress.pop(ahead)[0]
+            progress = self._progress.pop(ahead)[0]
+            self._queued_bytes -= len(progress.frame)
+            return progress
         if best is None:
             return None
         line = self._lines[key]
         queued = line.popleft()
         if not line:
             del self._lines[key]
+        taken = len(queued.frame)
+        if queued.chunk is not None:  # (the rest of its chunk with it: ``_Chunk``)
+            taken, queued.chunk.counted = queued.chunk.counted, 0
         if queued.flow is not None:
-            queued.flow.bytes -= len(queued.frame)
+            queued.flow.bytes -= taken
+        self._queued_bytes -= taken
         return queued
 
     async def _writer(self) -> None:
@@ -776,7 +807,6 @@ class Session:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            self._queued_bytes -= len(queued.frame)
             if self._waiting:
                 self._let_waiting_in()
             if queued.id in self._cut:
@@ -820,6 +850,40 @@ class _Flow:
     bytes: int = 0  # its frames in the send queue
     encoded: bool = False  # one file (MP3, Opus, FLAC): sent whole, even cancelled
     opened: bool = False  # its started sent: its live progress may go ahead
+    # A stream (None: the live one) -> the pieces sent so far beyond one a chunk
+    # (``pieces``): what its chunks' ``seq`` grow by.
+    extra: dict[str | None, int] = dataclasses.field(default_factory=dict)
+
+    def pieces(self, message: Audio) -> list[tuple[Audio, tuple[float, float]]]:
+        """A chunk as it is sent: in pieces of at most ``PIECE_BYTES`` (as
+        even as its frames allow), numbered on, each with the part of its
+        stream it holds (an encoded chunk's, in proportion to its bytes)."""
+        start, end = self.span(message)
+        data = message.data
+        extra = self.extra.get(message.rendition, 0)
+        if len(data) <= PIECE_BYTES:
+            if extra:
+                message = dataclasses.replace(message, seq=message.seq + extra)
+            return [(message, (start, end))]
+        unit = offset_unit(message.format, message.channels)
+        units = len(data) // unit
+        count = -(-len(data) // PIECE_BYTES)
+        step = -(-units // count) * unit
+        count = -(-len(data) // step)
+        self.extra[message.rendition] = extra + count - 1
+        seconds = (end - start) / len(data)  # (a byte's)
+        return [
+            (
+                dataclasses.replace(
+                    message,
+                    seq=message.seq + extra + i,
+                    offset=message.offset + at // unit,
+                    data=data[at : at + step],
+                ),
+                (start + at * seconds, start + min(at + step, len(data)) * seconds),
+            )
+            for i, at in enumerate(range(0, len(data), step))
+        ]
 
     def queued(self, start: float, end: float) -> None:
         if self.first is None:
@@ -840,6 +904,17 @@ class _Flow:
         return clock + self.end - now
 
 
+@dataclasses.dataclass(slots=True)
+class _Chunk:
+    """A chunk sent in pieces (``_Flow.pieces``). Its pieces leave the send
+    queue's count together, as its first is written: as the whole chunk did in
+    one frame (its bytes then with the transport). So the send buffer's bound
+    and the hold count the chunks waiting, as they did, and the pieces still
+    to write only give way to what is due sooner."""
+
+    counted: int = 0  # bytes of its pieces in the queue still counted
+
+
 class _Queued(NamedTuple):
     """A frame in the send queue, and what the writer needs to know of it: the
     request it is about ("" for none: the connection's own messages), whether it
@@ -854,6 +929,7 @@ class _Queued(NamedTuple):
     rendition: str | None = None
     flow: _Flow | None = None
     done: Done | None = None  # (a done's message)
+    chunk: _Chunk | None = None  # (a piece of a chunk sent in pieces)
 
     def due(self, now: float) -> float:
         """When its client plays it: other messages at once (-inf), a stream's

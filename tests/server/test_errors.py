@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from wavecast.clients import connect
+from wavecast.clients.client import decode_file
 from wavecast.protocol import (
     Audio,
     Cancel,
@@ -438,6 +439,73 @@ async def test_a_stream_begun_beside_one_with_seconds_waiting_is_sent_first() ->
         while not isinstance(message := decode(await ws.recv()), Done):
             pass
         assert message.id == "a" and message.status == "cancelled"
+
+
+async def test_a_chunk_goes_in_pieces_and_a_stream_asked_beside_it_waits_for_one_piece() -> None:
+    """At 192 kHz a second of float PCM is 768 kB, a chunk of it up to that: it
+    goes in ``audio`` messages of at most 32 KiB (numbered on without gaps, each
+    where the one before ended), as does a FLAC stream's, so that over a slow
+    link (a client reading at 2x real time, the model making it some 10x) a clip
+    asked beside the stream waits behind what the link holds and a piece, not
+    the rest of a chunk the server began to write. Both streams whole: the
+    float stream's pieces are its chunks, the FLAC file decodes to its frames."""
+    async with (
+        running_server(make_config(send_buffer_bytes=8 << 20)) as srv,
+        await small_window(srv) as ws,
+    ):
+        await ws.recv()
+        model = "tiny-musicgen"
+        params = {"duration": 60.0, "seed": 3}
+        long = Generate(id="a", model=model, params=params, format="pcm_f32le", sample_rate=192000)
+        short = Generate(
+            id="b", model=model, params={"duration": 3.0, "seed": 4}, format="flac",
+            sample_rate=192000,
+        )  # fmt: skip
+        got: dict[str, bytearray] = {"a": bytearray(), "b": bytearray()}
+        seqs: dict[str, list[int]] = {"a": [], "b": []}
+        asked: list[int] = []  # the long stream's bytes read when the short one was asked
+        before_b: list[int] = []  # and when the short one's first audio came
+        ends: dict[str, Done] = {}
+
+        async def read() -> None:
+            while "b" not in ends:
+                message = decode(await ws.recv())
+                if isinstance(message, Audio):
+                    unit = 4 if message.id == "a" else 1
+                    assert len(message.data) <= session.PIECE_BYTES == 32 << 10
+                    assert message.offset * unit == len(got[message.id])
+                    if message.id == "b" and not before_b:
+                        before_b.append(len(got["a"]))
+                    seqs[message.id].append(message.seq)
+                    got[message.id] += message.data
+                    await asyncio.sleep(len(message.data) / 1.5e6)
+                elif isinstance(message, Done):
+                    ends[message.id] = message
+
+        await ws.send(encode(long))
+        reading = asyncio.ensure_future(read())
+        (connection,) = srv.sessions
+        for _ in range(int(timeout(30) / 0.05)):
+            if connection.buffered_bytes > 2 << 20 or reading.done():
+                break  # (seconds ahead: its chunks of a second)
+            await asyncio.sleep(0.05)
+        assert connection.buffered_bytes > 2 << 20
+        asked.append(len(got["a"]))
+        await ws.send(encode(short))
+        await asyncio.wait_for(reading, timeout(60))
+        await ws.send(encode(Cancel(id="a")))
+        while not isinstance(message := decode(await ws.recv()), Done):
+            if isinstance(message, Audio):
+                seqs["a"].append(message.seq)
+                got["a"] += message.data
+        assert message.id == "a" and message.status == "cancelled"
+    assert ends["b"].status == "completed"
+    assert seqs["a"] == list(range(len(seqs["a"]))) and seqs["b"] == list(range(len(seqs["b"])))
+    assert decode_file(bytes(got["b"]), "flac").shape == (3 * 192000, 1)
+    # Behind the short clip's first audio: what the link held and the pieces
+    # being written, the time its first chunk took to make (before: up to the
+    # rest of a 768 kB chunk, and 64 KiB more the transport held).
+    assert before_b[0] - asked[0] < 384 << 10, (before_b, asked)
 
 
 async def test_the_live_progress_goes_ahead_of_the_audio_waiting() -> None:
