@@ -8,9 +8,10 @@ messages in order and, between requests, the audio due first: a chunk is due
 when its client plays it, as the writer reckons (from when it wrote the
 stream's first chunk), so that a stream just begun is not behind the seconds
 another has waiting, nor behind more than a piece of a chunk (a chunk of more
-than ``PIECE_BYTES`` goes in pieces, each its own message); a request's live progress goes ahead of its own audio
-waiting (it says what is generated, as it is made), and a cancel leaves out a
-PCM stream's audio waiting, made to its end or not. While more than half of
+than ``PIECE_BYTES`` goes in pieces, each its own message); a request's live
+progress goes ahead of its own audio waiting (it says what is generated, as it
+is made), and a cancel leaves out a PCM stream's audio waiting, made to its end
+or not. While more than half of
 the bound waits, a request sits out the model's steps (``Request.held``) if it
 is ``LEAD_SECONDS`` ahead of its playback or half of what waits is its own (a
 stream begun beside one that fills the queue goes on), and every request past
@@ -456,7 +457,7 @@ class Session:
             return
         request.log.info("cancel requested")
         if not isinstance(request.sink, EncodedStream):
-            self._cut.setdefault(request.id, 0)  # (its audio still queued is not sent)
+            self._leave_out(request.id)
         self.scheduler.cancel(request)
 
     def _cancel_unsent(self, rid: str) -> bool:
@@ -473,7 +474,7 @@ class Session:
             "cancel requested (made to its end; its audio waiting to be sent)"
         )
         if done.flow is None or not done.flow.encoded:
-            self._cut.setdefault(rid, 0)
+            self._leave_out(rid)
         if done.done.status == "completed":
             said = dataclasses.replace(done.done, status="cancelled")
             new = done._replace(frame=encode(said, text=self.text), done=said)
@@ -489,6 +490,34 @@ class Session:
                 self._waiting[at] = (new, said)
                 self._waiting_bytes += grew
         return True
+
+    def _leave_out(self, rid: str) -> None:
+        """A cancelled PCM stream's audio waiting is not sent: out of the queue at
+        once (else each waited its turn by when it is due, and a stream asked
+        after the cancel, due sooner, went ahead of the cancelled one's done), and
+        what the step the cancel arrived in makes is dropped as it comes."""
+        left_out = self._cut.setdefault(rid, 0)
+        line = self._lines.get(rid)
+        if line is None:
+            return
+        kept: collections.deque[_Queued] = collections.deque()
+        for queued in line:
+            if queued.kind != "audio":
+                kept.append(queued)
+                continue
+            counted = len(queued.frame)
+            if queued.chunk is not None:  # (none of it, where its first piece went)
+                counted = min(counted, queued.chunk.counted)
+                queued.chunk.counted -= counted
+            self._queued_bytes -= counted
+            if queued.flow is not None:
+                queued.flow.bytes -= counted
+            left_out += len(queued.frame)
+        self._cut[rid] = left_out
+        line.clear()  # (in place: ``_cancel_unsent`` holds it)
+        line.extend(kept)
+        if not line:
+            del self._lines[rid]
 
     def _cancel_all(self, error: WavecastError | None = None) -> None:
         for request in self.requests.values():

@@ -549,7 +549,10 @@ async def test_a_cancel_of_a_stream_made_to_its_end_leaves_out_its_audio_waiting
     """Over a slow link the model finishes a stream long before its client has
     read it. A cancel then still leaves out the audio waiting (before, it was
     answered ``unknown_id`` and every byte still came), and the done, which
-    said ``completed``, says ``cancelled``: the client did not get it all."""
+    said ``completed``, says ``cancelled``: the client did not get it all. A
+    stream asked at once after the cancel comes after that done (before, its
+    audio, due at once, went ahead of the cancelled stream's audio due later,
+    which was left out only as its turn came, and of its done)."""
     async with (
         running_server(make_config(send_buffer_bytes=16 << 20)) as srv,
         await small_window(srv) as ws,
@@ -568,16 +571,30 @@ async def test_a_cancel_of_a_stream_made_to_its_end_leaves_out_its_audio_waiting
         queued = connection.buffered_bytes
         assert not connection.requests and queued > 6 << 20, queued
         await ws.send(encode(Cancel(id="a")))
+        await ws.send(encode(replace(pcm, id="b", params={"duration": 1.0, "seed": 4})))
+        for _ in range(int(timeout(30) / 0.05)):
+            await asyncio.sleep(0.05)
+            if not connection.requests:
+                break  # (the next clip made, its audio waiting too)
+        assert not connection.requests
         got = bytearray()
         while not isinstance(message := decode(await asyncio.wait_for(ws.recv(), 30)), Done):
             assert not isinstance(message, ErrorMessage), message
+            assert not isinstance(message, Audio) or message.id == "a", message.id
             if isinstance(message, Audio):
                 assert message.offset * 4 == len(got)  # (whole chunks)
                 got += message.data
+        assert message.id == "a"
         assert message.status == "cancelled" and message.stats is not None
         assert message.stats.audio_seconds == 20.0  # (what was made)
         assert 0 < len(got) < 2 << 20, (len(got), queued)
         assert not connection._cut
+        next_clip = bytearray()
+        while not isinstance(message := decode(await asyncio.wait_for(ws.recv(), 30)), Done):
+            if isinstance(message, Audio):
+                next_clip += message.data
+        assert message.id == "b" and message.status == "completed"
+        assert len(next_clip) == 96000 * 4
 
 
 async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> None:
