@@ -68,41 +68,41 @@ async def running_server(
 @asynccontextmanager
 async def slow_link(port: int, kbits: float) -> AsyncIterator[int]:
     """A TCP proxy to ``port`` on 127.0.0.1 whose server-to-client direction
-    carries ``kbits`` kbit/s (a slow connection; each piece sent once the link
-    has carried the one before, its socket to the server with a small receive
-    buffer, so that the server's own buffers hold what the link has not
-    carried); its port while the block runs."""
+    carries ``kbits`` kbit/s (a slow connection: it reads the server's bytes a
+    piece at a time as the link carries them, from a 16 KiB receive buffer, so
+    that the server's own buffers hold what the link has not carried, as
+    bench_link.py's proxy does); its port while the block runs."""
     rate = kbits * 1000 / 8  # bytes a second
 
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
-        free_at = loop.time()
-        piece = max(512, int(rate * 0.02)) if slow else 65536
-        while data := await reader.read(piece):
-            if slow:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+
+        async def up() -> None:
+            while data := await reader.read(65536):
+                await loop.sock_sendall(sock, data)
+
+        async def down() -> None:
+            free_at = loop.time()  # when the link has carried what it was given
+            piece = max(512, int(rate * 0.02))  # (20 ms of link)
+            while data := await loop.sock_recv(sock, piece):
                 now = loop.time()
                 free_at = max(free_at, now) + len(data) / rate
                 await asyncio.sleep(free_at - now)
-            writer.write(data)
-            await writer.drain()
+                writer.write(data)
+                await writer.drain()
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        up_reader, up_writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
-        pumps = [
-            asyncio.ensure_future(pump(reader, up_writer, False)),
-            asyncio.ensure_future(pump(up_reader, writer, True)),
-        ]
+        pumps = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
         with contextlib.suppress(OSError):
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
-        for end in (writer, up_writer):
-            end.close()
+        writer.close()
+        sock.close()
 
     proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
