@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -384,6 +384,53 @@ async def test_a_cancel_leaves_out_the_audio_still_waiting_to_be_sent() -> None:
         assert message.status == "completed" and len(again) == 48000 * 4
 
 
+@dataclass
+class TwoStreams:
+    """A client's two streams on one connection, ``a`` then ``b`` asked beside
+    it, read at a pace (a slow link): what each brought, in order and whole
+    (each chunk where the one before ended, ``units`` bytes an offset), its
+    ``seq``s, the largest message, and the long stream's bytes read when the
+    short one's first audio came."""
+
+    units: dict[str, int]
+    got: dict[str, bytearray] = field(default_factory=lambda: {"a": bytearray(), "b": bytearray()})
+    seqs: dict[str, list[int]] = field(default_factory=lambda: {"a": [], "b": []})
+    largest: int = 0
+    before_b: int | None = None
+    ends: dict[str, Done] = field(default_factory=dict)
+
+    async def read(self, ws: Any, bytes_per_second: float) -> None:
+        """Until ``b``'s done."""
+        while "b" not in self.ends:
+            message = decode(await ws.recv())
+            if isinstance(message, Audio):
+                got = self.got[message.id]
+                assert message.offset * self.units[message.id] == len(got)  # (in order, whole)
+                if message.id == "b" and self.before_b is None:
+                    self.before_b = len(self.got["a"])
+                self.seqs[message.id].append(message.seq)
+                self.largest = max(self.largest, len(message.data))
+                got += message.data
+                await asyncio.sleep(len(message.data) / bytes_per_second)
+            elif isinstance(message, Done):
+                self.ends[message.id] = message
+
+    async def start(
+        self, ws: Any, srv: Any, long: Generate, bytes_per_second: float, waiting: int
+    ) -> asyncio.Future[None]:
+        """``long`` asked and read, until more than ``waiting`` bytes wait in the
+        server's send queue; the reading."""
+        await ws.send(encode(long))
+        reading = asyncio.ensure_future(self.read(ws, bytes_per_second))
+        (connection,) = srv.sessions
+        for _ in range(int(timeout(30) / 0.05)):
+            if connection.buffered_bytes > waiting or reading.done():
+                break
+            await asyncio.sleep(0.05)
+        assert connection.buffered_bytes > waiting, connection.buffered_bytes
+        return reading
+
+
 async def test_a_stream_begun_beside_one_with_seconds_waiting_is_sent_first() -> None:
     """A client reading at 600 kB/s (a slow link; its float PCM stream is
     384 kB/s, made some ten times faster) has megabytes of a long stream waiting
@@ -400,41 +447,18 @@ async def test_a_stream_begun_beside_one_with_seconds_waiting_is_sent_first() ->
         model = "tiny-musicgen"
         params = {"duration": 60.0, "seed": 3}
         long = Generate(id="a", model=model, params=params, format="pcm_f32le", sample_rate=96000)
-        got: dict[str, bytearray] = {"a": bytearray(), "b": bytearray()}
-        before_b: list[int] = []  # the long stream's bytes read before the short one's audio
-        ends: dict[str, Done] = {}
-
-        async def read() -> None:
-            while "b" not in ends:
-                message = decode(await ws.recv())
-                if isinstance(message, Audio):
-                    assert message.offset * 4 == len(got[message.id])  # (in order, whole)
-                    if message.id == "b" and not before_b:
-                        before_b.append(len(got["a"]))
-                    got[message.id] += message.data
-                    await asyncio.sleep(len(message.data) / 600e3)
-                elif isinstance(message, Done):
-                    ends[message.id] = message
-
-        await ws.send(encode(long))
-        reading = asyncio.ensure_future(read())
-        (connection,) = srv.sessions
-        for _ in range(int(timeout(30) / 0.05)):
-            if connection.buffered_bytes > 4 << 20 or reading.done():
-                break  # (half the bound)
-            await asyncio.sleep(0.05)
-        queued = connection.buffered_bytes
-        assert queued > 4 << 20, queued
+        two = TwoStreams({"a": 4, "b": 4})
+        reading = await two.start(ws, srv, long, 600e3, 4 << 20)  # (half the bound)
         short = Generate(
             id="b", model=model, params={"duration": 1.0, "seed": 4}, format="pcm_f32le",
             sample_rate=96000,
         )  # fmt: skip
         await ws.send(encode(short))
-        asked = len(got["a"])
+        asked = len(two.got["a"])
         await asyncio.wait_for(reading, timeout(60))
-        assert ends["b"].status == "completed" and len(got["b"]) == 96000 * 4
-        assert before_b and before_b[0] - asked < 2 << 20, (before_b, asked, queued)
-        assert "a" not in ends  # (still going: it was seconds ahead)
+        assert two.ends["b"].status == "completed" and len(two.got["b"]) == 96000 * 4
+        assert two.before_b is not None and two.before_b - asked < 2 << 20, (two.before_b, asked)
+        assert "a" not in two.ends  # (still going: it was seconds ahead)
         await ws.send(encode(Cancel(id="a")))
         while not isinstance(message := decode(await ws.recv()), Done):
             pass
@@ -461,50 +485,25 @@ async def test_a_chunk_goes_in_pieces_and_a_stream_asked_beside_it_waits_for_one
             id="b", model=model, params={"duration": 3.0, "seed": 4}, format="flac",
             sample_rate=192000,
         )  # fmt: skip
-        got: dict[str, bytearray] = {"a": bytearray(), "b": bytearray()}
-        seqs: dict[str, list[int]] = {"a": [], "b": []}
-        before_b: list[int] = []  # the long stream's bytes read when the short one's audio came
-        ends: dict[str, Done] = {}
-
-        async def read() -> None:
-            while "b" not in ends:
-                message = decode(await ws.recv())
-                if isinstance(message, Audio):
-                    unit = 4 if message.id == "a" else 1
-                    assert len(message.data) <= session.PIECE_BYTES == 32 << 10
-                    assert message.offset * unit == len(got[message.id])
-                    if message.id == "b" and not before_b:
-                        before_b.append(len(got["a"]))
-                    seqs[message.id].append(message.seq)
-                    got[message.id] += message.data
-                    await asyncio.sleep(len(message.data) / 1.5e6)
-                elif isinstance(message, Done):
-                    ends[message.id] = message
-
-        await ws.send(encode(long))
-        reading = asyncio.ensure_future(read())
-        (connection,) = srv.sessions
-        for _ in range(int(timeout(30) / 0.05)):
-            if connection.buffered_bytes > 2 << 20 or reading.done():
-                break  # (seconds ahead: its chunks of a second)
-            await asyncio.sleep(0.05)
-        assert connection.buffered_bytes > 2 << 20
-        asked = len(got["a"])  # (when the short one was asked)
+        two = TwoStreams({"a": 4, "b": 1})
+        reading = await two.start(ws, srv, long, 1.5e6, 2 << 20)  # (seconds ahead)
+        asked = len(two.got["a"])  # (when the short one was asked)
         await ws.send(encode(short))
         await asyncio.wait_for(reading, timeout(60))
         await ws.send(encode(Cancel(id="a")))
         while not isinstance(message := decode(await ws.recv()), Done):
             if isinstance(message, Audio):
-                seqs["a"].append(message.seq)
-                got["a"] += message.data
+                two.seqs["a"].append(message.seq)
+                two.largest = max(two.largest, len(message.data))
         assert message.id == "a" and message.status == "cancelled"
-    assert ends["b"].status == "completed"
-    assert seqs["a"] == list(range(len(seqs["a"]))) and seqs["b"] == list(range(len(seqs["b"])))
-    assert decode_file(bytes(got["b"]), "flac").shape == (3 * 192000, 1)
+    assert two.ends["b"].status == "completed"
+    assert two.largest <= session.PIECE_BYTES == 32 << 10
+    assert all(seqs == list(range(len(seqs))) for seqs in two.seqs.values()), two.seqs
+    assert decode_file(bytes(two.got["b"]), "flac").shape == (3 * 192000, 1)
     # Behind the short clip's first audio: what the link held and the pieces
     # being written, the time its first chunk took to make (before: up to the
     # rest of a 768 kB chunk, and 64 KiB more the transport held).
-    assert before_b[0] - asked < 384 << 10, (before_b, asked)
+    assert two.before_b is not None and two.before_b - asked < 384 << 10, (two.before_b, asked)
 
 
 async def test_the_live_progress_goes_ahead_of_the_audio_waiting() -> None:
