@@ -416,10 +416,17 @@ class TwoStreams:
                 self.ends[message.id] = message
 
     async def start(
-        self, ws: Any, srv: Any, long: Generate, bytes_per_second: float, waiting: int
+        self, ws: Any, srv: Any, sample_rate: int, bytes_per_second: float, waiting: int
     ) -> asyncio.Future[None]:
-        """``long`` asked and read, until more than ``waiting`` bytes wait in the
-        server's send queue; the reading."""
+        """After the greeting, ``a`` (60 s of float PCM at ``sample_rate``) asked
+        and read, until more than ``waiting`` bytes wait in the server's send
+        queue; the reading."""
+        await ws.recv()
+        params = {"duration": 60.0, "seed": 3}
+        model = "tiny-musicgen"
+        long = Generate(
+            id="a", model=model, params=params, format="pcm_f32le", sample_rate=sample_rate
+        )
         await ws.send(encode(long))
         reading = asyncio.ensure_future(self.read(ws, bytes_per_second))
         (connection,) = srv.sessions
@@ -443,14 +450,10 @@ async def test_a_stream_begun_beside_one_with_seconds_waiting_is_sent_first() ->
         running_server(make_config(send_buffer_bytes=8 << 20)) as srv,
         await small_window(srv) as ws,
     ):
-        await ws.recv()
-        model = "tiny-musicgen"
-        params = {"duration": 60.0, "seed": 3}
-        long = Generate(id="a", model=model, params=params, format="pcm_f32le", sample_rate=96000)
         two = TwoStreams({"a": 4, "b": 4})
-        reading = await two.start(ws, srv, long, 600e3, 4 << 20)  # (half the bound)
+        reading = await two.start(ws, srv, 96000, 600e3, 4 << 20)  # (half the bound)
         short = Generate(
-            id="b", model=model, params={"duration": 1.0, "seed": 4}, format="pcm_f32le",
+            id="b", model="tiny-musicgen", params={"duration": 1.0, "seed": 4}, format="pcm_f32le",
             sample_rate=96000,
         )  # fmt: skip
         await ws.send(encode(short))
@@ -477,16 +480,12 @@ async def test_a_chunk_goes_in_pieces_and_a_stream_asked_beside_it_waits_for_one
         running_server(make_config(send_buffer_bytes=8 << 20)) as srv,
         await small_window(srv) as ws,
     ):
-        await ws.recv()
-        model = "tiny-musicgen"
-        params = {"duration": 60.0, "seed": 3}
-        long = Generate(id="a", model=model, params=params, format="pcm_f32le", sample_rate=192000)
         short = Generate(
-            id="b", model=model, params={"duration": 3.0, "seed": 4}, format="flac",
+            id="b", model="tiny-musicgen", params={"duration": 3.0, "seed": 4}, format="flac",
             sample_rate=192000,
         )  # fmt: skip
         two = TwoStreams({"a": 4, "b": 1})
-        reading = await two.start(ws, srv, long, 1.5e6, 2 << 20)  # (seconds ahead)
+        reading = await two.start(ws, srv, 192000, 1.5e6, 2 << 20)  # (seconds ahead)
         asked = len(two.got["a"])  # (when the short one was asked)
         await ws.send(encode(short))
         await asyncio.wait_for(reading, timeout(60))
