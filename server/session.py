@@ -2,27 +2,27 @@
 
 The reader decodes each frame (PROTOCOL.md §2), validates it and hands
 ``generate`` to the scheduler; the scheduler's events come back through
-``_on_event`` on the event loop and wait in a send queue bounded by bytes
-(§7 ``send_buffer_bytes``) for the writer task, which sends each request's
-messages in order and, between requests, the audio due first: a chunk is due
-when its client plays it, as the writer reckons (from when it wrote the
-stream's first chunk), so that a stream just begun is not behind the seconds
-another has waiting, nor behind more than a piece of a chunk (a chunk of more
-than ``PIECE_BYTES`` goes in pieces, each its own message); a request's live
+``_on_event`` on the event loop and wait in a send queue bounded by bytes (§7
+``send_buffer_bytes``) for the writer task, which sends each request's messages
+in order and, between requests, the audio due first: a chunk is due when its
+client plays it, as the writer reckons (from when it wrote the stream's first
+chunk), so that a stream just begun is not behind the seconds another has
+waiting, nor behind more than a piece of a chunk (a chunk of more than
+``PIECE_BYTES`` goes in pieces, each its own message); a request's live
 progress goes ahead of its own audio waiting (it says what is generated, as it
 is made), and a cancel leaves out a PCM stream's audio waiting, made to its end
-or not. While more than half of
-the bound waits, a request sits out the model's steps (``Request.held``) if it
-is ``LEAD_SECONDS`` ahead of its playback or half of what waits is its own (a
-stream begun beside one that fills the queue goes on), and every request past
-seven eighths: a client that reads slower than its audio is made, but at least
-in real time, gets it at the pace it reads. One that reads slower than real
-time (its requests fall ``PACE_GRACE`` behind), or whose buffer overflows
-anyway, loses its requests (``slow_consumer``) rather than the server its
-memory and its slots. A second version (Multi-Band Diffusion's), which comes
-whole, waits beside the queue and goes into it as the client reads (half the
-bound at most), so that a long one is neither an overflow nor in the live
-streams' way. On disconnect every request of the connection is cancelled.
+or not. While more than half of the bound waits, a request sits out the model's
+steps (``Request.held``) if it is ``LEAD_SECONDS`` ahead of its playback or
+half of what waits is its own (a stream begun beside one that fills the queue
+goes on), and every request past seven eighths: a client that reads slower than
+its audio is made, but at least in real time, gets it at the pace it reads. One
+that reads slower than real time (its requests fall ``PACE_GRACE`` behind), or
+whose buffer overflows anyway, loses its requests (``slow_consumer``) rather
+than the server its memory and its slots. A second version (Multi-Band
+Diffusion's), which comes whole, waits beside the queue and goes into it as the
+client reads (half the bound at most), so that a long one is neither an
+overflow nor in the live streams' way. On disconnect every request of the
+connection is cancelled.
 """
 
 from __future__ import annotations
@@ -505,13 +505,7 @@ class Session:
             if queued.kind != "audio":
                 kept.append(queued)
                 continue
-            counted = len(queued.frame)
-            if queued.chunk is not None:  # (none of it, where its first piece went)
-                counted = min(counted, queued.chunk.counted)
-                queued.chunk.counted -= counted
-            self._queued_bytes -= counted
-            if queued.flow is not None:
-                queued.flow.bytes -= counted
+            self._take(queued)
             left_out += len(queued.frame)
         self._cut[rid] = left_out
         line.clear()  # (in place: ``_cancel_unsent`` holds it)
@@ -760,7 +754,7 @@ class Session:
         place of the one before, where that has not been sent."""
         before = self._progress.get(queued.id)
         if before is not None:
-            self._queued_bytes -= len(before[0].frame)
+            self._take(before[0])
         self._progress[queued.id] = (queued, flow)
         self._queued_bytes += len(queued.frame)
         self._ready.set()
@@ -810,7 +804,7 @@ class Session:
                 best, ahead = (-math.inf, progress.order), rid
         if ahead is not None:
             progress = self._progress.pop(ahead)[0]
-            self._queued_bytes -= len(progress.frame)
+            self._take(progress)
             return progress
         if best is None:
             return None
@@ -818,13 +812,18 @@ class Session:
         queued = line.popleft()
         if not line:
             del self._lines[key]
+        self._take(queued)
+        return queued
+
+    def _take(self, queued: _Queued) -> None:
+        """A frame out of the send queue's count; a piece, with the rest of its
+        chunk (``_Chunk``)."""
         taken = len(queued.frame)
-        if queued.chunk is not None:  # (the rest of its chunk with it: ``_Chunk``)
+        if queued.chunk is not None:
             taken, queued.chunk.counted = queued.chunk.counted, 0
         if queued.flow is not None:
             queued.flow.bytes -= taken
         self._queued_bytes -= taken
-        return queued
 
     async def _writer(self) -> None:
         while True:
@@ -838,12 +837,8 @@ class Session:
                 continue
             if self._waiting:
                 self._let_waiting_in()
-            if queued.id in self._cut:
-                if queued.kind == "audio":
-                    self._cut[queued.id] += len(queued.frame)
-                    continue
-                if queued.kind == "done":
-                    self._end_cut(queued.id)
+            if queued.kind == "done" and queued.id in self._cut:
+                self._end_cut(queued.id)  # (its audio left out: ``_leave_out``)
             if queued.flow is not None:
                 if queued.kind == "started":
                     queued.flow.opened = True
@@ -895,13 +890,10 @@ class _Flow:
                 message = dataclasses.replace(message, seq=message.seq + extra)
             return [(message, (start, end))]
         unit = offset_unit(message.format, message.channels)
-        units = len(data) // unit
         count = -(-len(data) // PIECE_BYTES)
-        step = -(-units // count) * unit
-        count = -(-len(data) // step)
-        self.extra[message.rendition] = extra + count - 1
+        step = -(-len(data) // unit // count) * unit  # (whole frames, as even as they go)
         seconds = (end - start) / len(data)  # (a byte's)
-        return [
+        pieces = [
             (
                 dataclasses.replace(
                     message,
@@ -913,6 +905,8 @@ class _Flow:
             )
             for i, at in enumerate(range(0, len(data), step))
         ]
+        self.extra[message.rendition] = extra + len(pieces) - 1
+        return pieces
 
     def queued(self, start: float, end: float) -> None:
         if self.first is None:
