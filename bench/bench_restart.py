@@ -16,7 +16,8 @@ listens on the same port. Each request ends as one of:
 
 Reported for each round: how many ended each way, and how long the
 completed ones took from being asked (median, longest), how long the server
-was away (SIGTERM to the new one listening), and how long after it came back
+was away (SIGTERM to the new one listening: of it, SIGTERM to the old one's
+exit, and the new one's start from its process to listening), and how long after it came back
 its clients' tries that took came (they wait between tries: the ones asking
 again, median and last) and the last request completed. ``--before-path
 FOLDER`` runs another commit's server and clients in turns with this tree's (a
@@ -127,9 +128,10 @@ def serve(
 
 def round_(
     args: argparse.Namespace, path: str | None, folder: Path
-) -> tuple[list[dict[str, Any]], float, float]:
-    """The requests' outcomes; when SIGTERM was sent and when the new server
-    listened (``perf_counter``, the same clock as the clients' process's)."""
+) -> tuple[list[dict[str, Any]], float, float, float, float]:
+    """The requests' outcomes; when SIGTERM was sent, when the old server exited,
+    when the new one was started and when it listened (``perf_counter``, the same
+    clock as the clients' process's)."""
     port = free_port()
     env = dict(os.environ)
     if path:
@@ -145,7 +147,9 @@ def round_(
         sent = time.perf_counter()
         first.send_signal(signal.SIGTERM)
         first.wait(60)
+        exited = time.perf_counter()
         time.sleep(args.down)
+        started = time.perf_counter()
         second = serve(args, port, folder / "second.log", env)
         listening = time.perf_counter()
         out, _ = clients.communicate(timeout=300)
@@ -160,11 +164,11 @@ def round_(
         second.send_signal(signal.SIGTERM)
         second.wait(60)
     outcomes: list[dict[str, Any]] = json.loads(out)
-    return outcomes, sent, listening
+    return outcomes, sent, exited, started, listening
 
 
-def summary(run: tuple[list[dict[str, Any]], float, float]) -> dict[str, Any]:
-    outcomes, sent, listening = run
+def summary(run: tuple[list[dict[str, Any]], float, float, float, float]) -> dict[str, Any]:
+    outcomes, sent, exited, started, listening = run
     ends = [o["end"] for o in outcomes]
     after = [o["at"] - listening for o in outcomes if o["end"] == "completed"]
     backs = sorted(o["back"] - listening for o in outcomes if o.get("back") is not None)
@@ -178,6 +182,8 @@ def summary(run: tuple[list[dict[str, Any]], float, float]) -> dict[str, Any]:
         "error": ends.count("error"),
         "took": (statistics.median(took), took[-1]) if took else (0.0, 0.0),
         "down": listening - sent,
+        "exit": exited - sent,
+        "start": listening - started,
         "last": max(after) if after and max(after) > 0 else None,
         "back": (statistics.median(backs), backs[-1]) if backs else None,
     }
@@ -223,7 +229,8 @@ def main() -> None:
     )
     print("| server and clients | round | completed | of them picked up where cut (at) "
           "| cut while running | not run | other errors | "
-          "completed: median, longest from asking | SIGTERM to the new server listening | "
+          "completed: median, longest from asking | SIGTERM to the new server listening "
+          "(SIGTERM to exit; start) | "
           "from then to its clients' try that took: median, last | "
           "to the last completed |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -237,6 +244,7 @@ def main() -> None:
                 f"| {name} | {index + 1} | {row['completed']} | {row['picked']}{at} | {row['cut']} "
                 f"| {row['not run']} "
                 f"| {row['error']} | {median:.1f} s, {longest:.1f} s | {row['down']:.1f} s "
+                f"({row['exit']:.1f} s; {row['start']:.1f} s) "
                 f"| {first} | {last} |"
             )
 

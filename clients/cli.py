@@ -1183,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from wavecast.server.cli import run_serve
 
-        return run_serve(args)
+        run_serve(args)  # (it ends the process)
     try:
         args.url = server_url(args.url)
         args.headers = _headers(args.headers)
