@@ -210,6 +210,10 @@ class Session:
         # still queued is not sent (a PCM stream's: an encoded file is sent whole),
         # by the bytes left out so far.
         self._cut: dict[str, int] = {}
+        # Requests the client cancelled while in flight, until their done is put
+        # in the queue: the done says ``cancelled``, though the request finished
+        # in the scheduler before the cancel reached it (its done was on its way).
+        self._cancelled: set[str] = set()
         self._paced_at = 0.0  # when the requests' pace was last checked
         self._pace_timer: asyncio.TimerHandle | None = None  # (checked while congested)
         self._closing = False
@@ -456,6 +460,7 @@ class Session:
             )
             return
         request.log.info("cancel requested")
+        self._cancelled.add(request.id)
         if not isinstance(request.sink, EncodedStream):
             self._leave_out(request.id)
         self.scheduler.cancel(request)
@@ -657,12 +662,20 @@ class Session:
 
     def _honest(self, message: ServerMessage) -> ServerMessage:
         """A done after audio of its request was dropped says so, though the
-        request finished in the scheduler before it was asked to end."""
-        if isinstance(message, Done) and message.id in self._dropped:
+        request finished in the scheduler before it was asked to end; so does
+        a done after the client's cancel (``cancelled``): the request may have
+        finished as the cancel came, and its audio waiting was left out."""
+        if not isinstance(message, Done):
+            return message
+        cancelled = message.id in self._cancelled
+        self._cancelled.discard(message.id)
+        if message.id in self._dropped:
             self._dropped.discard(message.id)
             if message.status != "error":
                 error = ErrorInfo(SlowConsumer.code, SLOW_CONSUMER_MESSAGE)
                 message = dataclasses.replace(message, status="error", error=error)
+        if cancelled and message.status == "completed":
+            message = dataclasses.replace(message, status="cancelled")
         return message
 
     def _rendition_room(self) -> int:

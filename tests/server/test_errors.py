@@ -25,6 +25,7 @@ from wavecast.protocol import (
     ErrorMessage,
     Generate,
     Progress,
+    ServerMessage,
     decode,
     encode,
 )
@@ -592,6 +593,59 @@ async def test_a_cancel_of_a_stream_made_to_its_end_leaves_out_its_audio_waiting
                 next_clip += message.data
         assert message.id == "b" and message.status == "completed"
         assert len(next_clip) == 96000 * 4
+
+
+async def test_a_cancel_as_the_stream_ends_says_cancelled_when_its_audio_was_left_out(
+    monkeypatch: Any,
+) -> None:
+    """The model made the stream to its end, and its done is on its way to the
+    connection, when the client's cancel comes: the cancel leaves out the audio
+    waiting, so the done says ``cancelled``, not ``completed`` over a stream cut
+    short (random clients found it: a completed stream short of the samples its
+    stats count). The done is held on its way here, as a busy loop holds it."""
+    async with (
+        running_server(make_config(send_buffer_bytes=16 << 20)) as srv,
+        await small_window(srv) as ws,
+    ):
+        await ws.recv()
+        (connection,) = srv.sessions
+        held: list[ServerMessage] = []
+        deliver = connection._on_event
+
+        def on_event(message: ServerMessage) -> None:
+            if isinstance(message, Done):
+                held.append(message)
+            else:
+                deliver(message)
+
+        monkeypatch.setattr(connection, "_on_event", on_event)
+        params = {"duration": 5.0, "seed": 3}
+        pcm = Generate(
+            id="a", model="tiny-musicgen", params=params, format="pcm_f32le", sample_rate=96000
+        )
+        await ws.send(encode(pcm))
+        for _ in range(int(timeout(60) / 0.05)):
+            if held:
+                break
+            await asyncio.sleep(0.05)
+        assert held and held[0].status == "completed"
+        queued = connection.buffered_bytes
+        assert queued > 1 << 20, queued
+        await ws.send(encode(Cancel(id="a")))
+        for _ in range(int(timeout(30) / 0.05)):
+            if "a" in connection._cut:
+                break
+            await asyncio.sleep(0.05)
+        assert connection._cut["a"] > 0  # (its audio waiting left out)
+        deliver(held[0])
+        got = bytearray()
+        while not isinstance(message := decode(await asyncio.wait_for(ws.recv(), 30)), Done):
+            if isinstance(message, Audio):
+                assert message.offset * 4 == len(got)  # (whole chunks)
+                got += message.data
+        assert message.status == "cancelled" and message.stats is not None
+        assert 0 < len(got) < message.stats.samples * 4, (len(got), message.stats)
+        assert not connection._cut and not connection._cancelled
 
 
 async def test_a_client_slower_than_the_audio_is_made_gets_it_at_its_pace() -> None:
