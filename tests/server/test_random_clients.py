@@ -4,15 +4,19 @@ request ends with one ``done``, a refusal comes before ``queued`` (PROTOCOL.md
 
 A fixed seed picks what each client does: a model (music, melody, speech),
 parameters inside and outside their ranges or of the wrong type, output rates
-formats and bit rates (some refused), uploads of random lengths, rates and formats (some
-not audio, some with no sample at the model's rate, some longer than the
-duration), cancels, dropped connections, raw frames. When a cancel or a drop
-lands varies from run to run; what is asserted holds whatever it is: each
-stream's chunks join without a gap, at the rate and in the format its
-``started`` says (an MP3, Ogg Opus or FLAC stream: into one file, which decodes
-to the samples the stats count). (Such clients found the continuation too long for its
-duration refused only after ``queued``, and a one-sample clip at 44.1 kHz
-failing inside the encoder and Demucs.)
+formats and bit rates (some refused), uploads of random lengths, rates and
+formats (some not audio, some with no sample at the model's rate, some longer
+than the duration), streams picked up at a frame (``resume``), cancels and
+dropped connections at any message, readers that take their time, raw frames.
+When a cancel or a drop lands varies from run to run; what is asserted holds
+whatever it is: each stream's chunks join without a gap from where it was
+picked up, at the rate and in the format its ``started`` says, in messages of
+at most a piece (a completed PCM stream: the samples the stats count; an MP3,
+Ogg Opus or FLAC stream: one file, which decodes to them). (Such clients found
+the continuation too long for its duration refused only after ``queued``, a
+one-sample clip at 44.1 kHz failing inside the encoder and Demucs, and a
+stream whose cancel came as the model finished it said ``completed`` with its
+audio waiting left out.)
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from wavecast.protocol import (
     decode,
     offset_unit,
 )
+from wavecast.server.session import PIECE_BYTES
 
 
 class Drop(Exception):
@@ -51,7 +56,11 @@ class Drop(Exception):
 
 # Output rates a request may ask for, past the model's (two more are refused; and
 # those the format's codec does not take: Opus takes 8, 16 and 48 kHz of these).
-RATES = [8000, 11025, 16000, 22050, 44100, 48000, 96000]
+# At 192 kHz a chunk of float PCM goes in pieces.
+RATES = [8000, 11025, 16000, 22050, 44100, 48000, 96000, 192000]
+
+# Frames a stream is picked up at (``resume``), some past its end.
+RESUMES = [0, 1, 700, 9000, 24000, 10**7]
 
 # Bit rates a request may ask for: for MP3 and Opus (the others refuse any), some
 # beyond what the codec takes.
@@ -148,12 +157,14 @@ class Clients:
 
     async def one(self) -> None:
         """A connection with one to three requests, each read to its end (or
-        cancelled, or the connection dropped)."""
+        cancelled, or the connection dropped, at some message), by a reader
+        that may take a while over each message."""
         rng = self.rng
         plans = [
             (self.music() if rng.random() < 0.5 else self.speech(), rng.random())
             for _ in range(rng.randint(1, 3))
         ]
+        pause = rng.choice([0.0, 0.0, 0.0, 0.01, 0.05])  # (a reader's time over a message)
         async with connect(self.url) as client:
             streams = []
             for (model, prompt, params, inputs), fate in plans:
@@ -161,6 +172,11 @@ class Clients:
                 format = rng.choice(AUDIO_FORMATS)
                 lossy = format in ("mp3", "opus")
                 bitrate = rng.choice(BITRATES) if rng.random() < (0.5 if lossy else 0.03) else None
+                resume = None
+                if rng.random() < 0.25:  # (PCM with a seed; else refused)
+                    resume = rng.choice(RESUMES)
+                    if rng.random() < 0.9:
+                        params = {**params, "seed": rng.randint(0, 99)}
                 stream = await client.generate(
                     model,
                     prompt,
@@ -169,20 +185,23 @@ class Clients:
                     format=format,
                     sample_rate=rate,
                     bitrate=bitrate,
+                    resume=resume,
                 )
-                streams.append((stream, fate))
+                streams.append((stream, fate, rng.randint(2, 15), resume or 0))
 
-            async def read(stream: Any, fate: float) -> None:
+            async def read(stream: Any, fate: float, at: int, resume: int) -> None:
                 events = []
                 async for event in stream:
                     events.append(event)
-                    if fate < 0.15 and len(events) == 3:
+                    if pause:
+                        await asyncio.sleep(pause)
+                    if fate < 0.15 and len(events) == at:
                         await stream.cancel()
-                    if fate > 0.88 and len(events) == 2:
+                    if fate > 0.88 and len(events) == at:
                         raise Drop
-                self.check(events)
+                self.check(events, resume)
 
-            reads = [asyncio.create_task(read(stream, fate)) for stream, fate in streams]
+            reads = [asyncio.create_task(read(*stream)) for stream in streams]
             try:
                 await asyncio.gather(*reads)
             except Drop:
@@ -192,7 +211,7 @@ class Clients:
                     task.cancel()
                 await asyncio.gather(*reads, return_exceptions=True)
 
-    def check(self, events: list[Any]) -> None:
+    def check(self, events: list[Any], resume: int = 0) -> None:
         dones = [event for event in events if isinstance(event, Done)]
         assert len(dones) == 1 and events[-1] is dones[0], events
         done = dones[0]
@@ -201,11 +220,15 @@ class Clients:
             chunks = [e for e in events if isinstance(e, Audio) and e.rendition == version]
             assert not chunks or len(started) == 1, events
             units = [len(c.data) // offset_unit(c.format, c.channels) for c in chunks]
-            assert [c.offset for c in chunks] == [sum(units[:i]) for i in range(len(chunks))]
+            start = resume if version is None else 0  # (a picked-up stream's first frame)
+            offsets = [start + sum(units[:i]) for i in range(len(chunks))]
+            assert [c.offset for c in chunks] == offsets, events
+            assert [c.seq for c in chunks] == list(range(len(chunks))), events
             for chunk in chunks:
                 fields = (chunk.sample_rate, chunk.channels, chunk.format)
                 assert fields == (started[0].sample_rate, started[0].channels, started[0].format)
                 assert len(chunk.data) % offset_unit(chunk.format, chunk.channels) == 0
+                assert len(chunk.data) <= PIECE_BYTES, len(chunk.data)
             if not chunks or done.stats is None:
                 continue
             if chunks[0].format in ENCODED_FORMATS:  # (one whole file, cancelled or not)
@@ -215,7 +238,9 @@ class Clients:
                 else:
                     assert frames == done.stats.samples, events
             elif version is None and done.status == "completed":
-                assert done.stats.samples == sum(c.frames for c in chunks), events
+                sent = sum(c.frames for c in chunks)
+                assert done.stats.samples == start + sent, (done.stats, sent, start)
+                self.seen["picked up"] += start > 0
         code = done.error.code if done.error is not None else None
         self.seen[f"{done.status} {code or ''}".strip()] += 1
         assert code != "internal_error", done
@@ -269,4 +294,5 @@ async def test_random_clients_leave_every_request_done_and_the_server_whole() ->
     # A run that tried little proves little: each kind of end happened.
     assert seen["completed"] >= 10 and seen["cancelled"] >= 1, seen
     assert seen["error invalid_field"] >= 10 and seen["dropped"] >= 1, seen
+    assert seen["picked up"] >= 1, seen
     assert sum(count for kind, count in seen.items() if kind.startswith("raw ")) >= 3, seen
