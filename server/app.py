@@ -18,8 +18,10 @@ elsewhere or after the restart).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +56,47 @@ __all__ = ["WavecastServer"]
 log = logging.getLogger(__name__)
 
 WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
+
+
+class ListenError(OSError):
+    """The server cannot listen where it was told (the message says why)."""
+
+
+def check_port(host: str, port: int, reuse_port: bool) -> None:
+    """Whether the server could listen at ``host``:``port``: bound for a moment,
+    as it will be (so a port in use is said at once, not after the models load).
+
+    Raises:
+        ListenError: Something listens there (or the address is not this machine's).
+    """
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenError(f"--host {host!r}: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise listen_error(host, port, exc) from None
+
+
+def listen_error(host: str, port: int, exc: OSError) -> ListenError:
+    """One line for the operator: why the server cannot listen at ``host``:``port``."""
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(
+            f"{host}:{port} is in use: another server listens there (--port; a server "
+            "started with --reuse-port lets a new one, started with it too, listen "
+            "beside it for a restart)"
+        )
+    return ListenError(f"cannot listen at {host}:{port}: {exc.strerror or exc}")
 
 
 class WavecastServer:
@@ -138,11 +181,14 @@ class WavecastServer:
         Raises:
             TlsError: The TLS certificate or key cannot be used (checked first,
                 before the models load).
+            ListenError: The server cannot listen at its host and port (checked
+                first, and when it listens).
         """
         loop = asyncio.get_running_loop()
         network = self.config.network
         limits = self.config.limits
         models = self.config.models
+        await asyncio.to_thread(check_port, network.host, network.port, network.reuse_port)
         if network.tls_cert is not None:
             self.certificates = await asyncio.to_thread(
                 Certificates, network.tls_cert, network.tls_key
@@ -174,8 +220,19 @@ class WavecastServer:
             metrics=self.metrics,
             api_keys=network.api_keys,
         )
+        try:
+            self._server = await self._listen(routes)
+        except OSError as exc:  # (something began to listen there since the check)
+            await asyncio.to_thread(self.scheduler.stop, 10.0)
+            raise listen_error(network.host, network.port, exc) from None
+        names = ", ".join(self.scheduler.models)
+        log.info("serving %s at %s (demo page: %s)", names, self.url, self.page_url)
+
+    async def _listen(self, routes: HttpRoutes) -> Server:
+        network = self.config.network
+        limits = self.config.limits
         timeouts = self.config.timeouts
-        self._server = await serve(
+        return await serve(
             self._handle,
             network.host,
             network.port,
@@ -193,9 +250,8 @@ class WavecastServer:
             open_timeout=timeouts.open_timeout,
             server_header=f"wavecast/{__version__}",
             ssl=self.certificates.context if self.certificates else None,
+            reuse_port=network.reuse_port or None,
         )
-        names = ", ".join(self.scheduler.models)
-        log.info("serving %s at %s (demo page: %s)", names, self.url, self.page_url)
 
     async def reload_certificates(self) -> None:
         """Read the TLS certificate and key again (``SIGHUP``): the handshakes from

@@ -55,6 +55,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="port; 0 picks a free one (env WAVECAST_PORT; default %(default)s)",
     )
     parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=_env("REUSE_PORT", "") == "1",
+        help="listen with SO_REUSEPORT, so that a new server (started with it too) may "
+        "listen on the port while this one still runs: start the new one, wait for its "
+        "/readyz, then SIGTERM this one (a restart with no gap; env WAVECAST_REUSE_PORT=1)",
+    )
+    parser.add_argument(
         "--model",
         action="append",
         dest="models",
@@ -352,6 +360,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         network=NetworkConfig(
             host=args.host,
             port=args.port,
+            reuse_port=args.reuse_port,
             web_demo=args.web_demo,
             allowed_origins=tuple(args.allowed_origins),
             forwarded_allow_ips=_proxies(args.forwarded_allow_ips),
@@ -400,7 +409,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 async def _serve(config: Config) -> None:
-    from .app import WavecastServer
+    from .app import ListenError, WavecastServer
     from .engines import ModelLoadError
     from .engines.higgs.voices import VoiceLoadError
     from .tls import TlsError
@@ -411,7 +420,7 @@ async def _serve(config: Config) -> None:
     except TlsError as exc:
         log.error("--tls-cert: %s", exc)
         raise SystemExit(1) from None
-    except (ModelLoadError, VoiceLoadError) as exc:
+    except (ModelLoadError, VoiceLoadError, ListenError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
     stop = asyncio.Event()

@@ -29,6 +29,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class NetworkConfig:
     host: str = "127.0.0.1"
     port: int = 5555
+    # Listen with SO_REUSEPORT: a new server may listen on the port of one still
+    # running (both started with it), so that a restart on one host has no gap.
+    reuse_port: bool = False
     web_demo: Path | None = None  # folder served at /; None: the bundled page
     # Browser origins besides the page's own that may open streams ("*": any).
     allowed_origins: tuple[str, ...] = ()

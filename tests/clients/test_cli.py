@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from helpers import WAVECAST, run_cli, slow_link, timeout
+from helpers import WAVECAST, run_cli, running_server, slow_link, timeout
 
 from wavecast.clients import SyncClient, connect, server_url, stream_url
 from wavecast.clients.client import decode_file
@@ -680,6 +680,19 @@ def test_serve_without_the_model_says_so_in_one_line(tmp_path: Path) -> None:
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1
     assert "facebook/musicgen-small" in errors[0] and "--model tiny-musicgen" in errors[0]
+
+
+async def test_serve_on_a_port_in_use_says_so_in_one_line_before_loading() -> None:
+    """Another server listens there: one line, at once (not a traceback after the
+    models load), naming the port and ``--reuse-port``."""
+    async with running_server() as other:
+        port = other.port
+        code, out = await run_cli("serve", "--port", str(port), "--model", "no/such-model")
+    assert code == 1
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, out
+    assert f"127.0.0.1:{port} is in use" in errors[0] and "--reuse-port" in errors[0]
+    assert "Traceback" not in out and "no/such-model" not in out
 
 
 def test_allowed_origins_from_flags_and_environment(monkeypatch: Any) -> None:

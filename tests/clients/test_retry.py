@@ -27,7 +27,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Progress, Queued, Started
-from wavecast.server.app import WavecastServer
+from wavecast.server.app import ListenError, WavecastServer
+from wavecast.server.engines import load_engines
 
 
 def one_at_a_time() -> Any:
@@ -290,6 +291,57 @@ async def test_a_stream_cut_by_a_restart_is_picked_up_where_it_was_cut() -> None
             ).collect()
             heard = b"".join(e.data for e in events if isinstance(e, Audio))
             assert same_audio(heard, alone.pcm)
+
+
+async def test_a_server_started_beside_one_with_reuse_port_takes_its_place_without_a_gap() -> None:
+    """``--reuse-port``: a new server listens on the port of one still running
+    (both started with it), then the first drains. Its stream under way is
+    picked up on the new one where it was cut, and the port is never closed:
+    every try is answered (by the first, draining, then by the new one), none
+    refused. A server without it is told at once that the port is in use,
+    before its models load."""
+    config = make_config(max_active=1, max_queue=4, admission="slots")
+    config = replace(
+        config,
+        network=replace(config.network, reuse_port=True),
+        timeouts=replace(config.timeouts, shutdown_grace=0.2),
+    )
+    waits: list[str] = []
+    async with (
+        running_server(config) as first_server,
+        connect(
+            first_server.url, retry_for=timeout(60), on_retry=lambda why, _: waits.append(why)
+        ) as client,
+    ):
+        port = first_server.port
+        stranger = WavecastServer(in_its_place(make_config(), port), engine_factory=never)
+        with pytest.raises(ListenError, match=f"127.0.0.1:{port} is in use"):
+            await stranger.start()
+        stream = await client.generate("tiny-musicgen", "cut", duration=20)
+        events: list[Any] = []
+        reading = await until_audio(stream, events, 1.0)
+
+        def own_engines() -> Any:  # (the same weights: the test models' seed)
+            return load_engines(["tiny-musicgen"], "cpu")
+
+        async with running_server(in_its_place(config, port), own_engines) as second_server:
+            await asyncio.wait_for(first_server.stop(), timeout(30))
+            await asyncio.wait_for(reading, timeout(60))
+            one_try_seen(events, 20 * 32000)
+            assert waits and not any("refused" in why for why in waits), waits
+            assert second_server.scheduler.snapshot()["completed"] == 1
+            seed = first(events, Started).seed
+            async with connect(second_server.url) as again:
+                alone = await (
+                    await again.generate("tiny-musicgen", "cut", duration=20, seed=seed)
+                ).collect()
+            heard = b"".join(e.data for e in events if isinstance(e, Audio))
+            assert same_audio(heard, alone.pcm)
+            assert second_server.scheduler.snapshot()["completed"] == 2
+
+
+def never() -> Any:
+    raise AssertionError("the models load only where the server can listen")
 
 
 async def test_a_stream_under_way_on_a_lost_connection_is_picked_up_on_a_new_one() -> None:
