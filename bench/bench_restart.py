@@ -5,7 +5,9 @@ asked for.
 ``--duration`` clip; the server runs ``--max-active`` at once and queues the rest.
 ``--after`` seconds later it is sent SIGTERM (``--drain-seconds``: the running
 ones get that long to finish); ``--down`` seconds after it exits, a new server
-listens on the same port. Each request ends as one of:
+listens on the same port. With ``--reuse-port`` (both servers' flag), the new
+server is started first, beside the old one, and the old one is sent SIGTERM
+once the new one listens: the port is never closed. Each request ends as one of:
 
 - completed (by either server); of them, picked up: cut under way by the first
   and picked up where it was cut on the second (``generate.resume``), with the
@@ -18,7 +20,7 @@ Reported for each round: how many ended each way, and how long the
 completed ones took from being asked (median, longest), how long the server
 was away (SIGTERM to the new one listening: of it, SIGTERM to the old one's
 exit, and the new one's start from its process to listening), and how long after it came back
-its clients' tries that took came (they wait between tries: the ones asking
+(with ``--reuse-port``: after the SIGTERM) its clients' tries that took came (they wait between tries: the ones asking
 again, median and last) and the last request completed. ``--before-path
 FOLDER`` runs another commit's server and clients in turns with this tree's (a
 folder holding a worktree's ``wavecast`` package, put first on their path).
@@ -114,7 +116,7 @@ def serve(
         "--max-connections-per-ip", str(args.clients + 4),
         "--drain-seconds", str(args.drain_seconds), "--threads", str(args.threads),
         "--log-file", str(log),
-    ]  # fmt: skip
+    ] + (["--reuse-port"] if args.reuse_port else [])  # fmt: skip
     process = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -144,14 +146,19 @@ def round_(
     second = None
     try:
         time.sleep(args.after)
+        if args.reuse_port:  # (the new one first: it listens beside the old one)
+            started = time.perf_counter()
+            second = serve(args, port, folder / "second.log", env)
+            listening = time.perf_counter()
         sent = time.perf_counter()
         first.send_signal(signal.SIGTERM)
         first.wait(60)
         exited = time.perf_counter()
-        time.sleep(args.down)
-        started = time.perf_counter()
-        second = serve(args, port, folder / "second.log", env)
-        listening = time.perf_counter()
+        if not args.reuse_port:
+            time.sleep(args.down)
+            started = time.perf_counter()
+            second = serve(args, port, folder / "second.log", env)
+            listening = time.perf_counter()
         out, _ = clients.communicate(timeout=300)
     finally:
         for process in (first, second, clients):
@@ -170,8 +177,9 @@ def round_(
 def summary(run: tuple[list[dict[str, Any]], float, float, float, float]) -> dict[str, Any]:
     outcomes, sent, exited, started, listening = run
     ends = [o["end"] for o in outcomes]
-    after = [o["at"] - listening for o in outcomes if o["end"] == "completed"]
-    backs = sorted(o["back"] - listening for o in outcomes if o.get("back") is not None)
+    since = max(listening, sent)  # (the new server listening; with --reuse-port, SIGTERM)
+    after = [o["at"] - since for o in outcomes if o["end"] == "completed"]
+    backs = sorted(o["back"] - since for o in outcomes if o.get("back") is not None)
     took = sorted(o["took"] for o in outcomes if o["end"] == "completed")
     return {
         "completed": ends.count("completed"),
@@ -199,6 +207,11 @@ def main() -> None:
     parser.add_argument("--drain-seconds", type=float, default=2.0)
     parser.add_argument("--down", type=float, default=1.0, help="nothing listens this long")
     parser.add_argument("--retry-for", type=float, default=60.0)
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="the servers' --reuse-port: the new one listens beside the old one, then SIGTERM",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
@@ -224,14 +237,18 @@ def main() -> None:
     print(
         f"- {args.clients} clients ask for a {args.duration:g} s clip each at once "
         f"(`retry_for={args.retry_for:g}`); {args.max_active} run at once; SIGTERM after "
-        f"{args.after:g} s (`--drain-seconds {args.drain_seconds:g}`); a new server "
-        f"{args.down:g} s after it exits\n"
+        f"{args.after:g} s (`--drain-seconds {args.drain_seconds:g}`); "
+        + (
+            "a new server (`--reuse-port`, both) listening on the port beside it first\n"
+            if args.reuse_port
+            else f"a new server {args.down:g} s after it exits\n"
+        )
     )
     print("| server and clients | round | completed | of them picked up where cut (at) "
           "| cut while running | not run | other errors | "
           "completed: median, longest from asking | SIGTERM to the new server listening "
           "(SIGTERM to exit; start) | "
-          "from then to its clients' try that took: median, last | "
+          "from then (or SIGTERM, the later) to its clients' try that took: median, last | "
           "to the last completed |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, _ in ways:
@@ -240,10 +257,11 @@ def main() -> None:
             last = "none after it" if row["last"] is None else f"{row['last']:.1f} s"
             first = "none" if row["back"] is None else "{:.1f} s, {:.1f} s".format(*row["back"])
             at = f" ({', '.join(f'{a:.1f}' for a in row['picked at'])} s)" if row["picked"] else ""
+            away = "none, it listened first" if row["down"] < 0 else f"{row['down']:.1f} s"
             print(
                 f"| {name} | {index + 1} | {row['completed']} | {row['picked']}{at} | {row['cut']} "
                 f"| {row['not run']} "
-                f"| {row['error']} | {median:.1f} s, {longest:.1f} s | {row['down']:.1f} s "
+                f"| {row['error']} | {median:.1f} s, {longest:.1f} s | {away} "
                 f"({row['exit']:.1f} s; {row['start']:.1f} s) "
                 f"| {first} | {last} |"
             )
