@@ -63,8 +63,9 @@ class ListenError(OSError):
 
 
 def check_port(host: str, port: int, reuse_port: bool) -> None:
-    """Whether the server could listen at ``host``:``port``: bound for a moment,
-    as it will be (so a port in use is said at once, not after the models load).
+    """That the server can listen at ``host``:``port`` (port 0: any free one): a
+    socket bound there for a moment, as the server's will be, so that a port in
+    use is said at once, not after the models load.
 
     Raises:
         ListenError: Something listens there (or the address is not this machine's).

@@ -450,9 +450,8 @@ def run_serve(args: argparse.Namespace) -> NoReturn:
     Once the server has stopped (its requests ended, its inference thread joined,
     its log written), the process ends at once, without the interpreter's
     teardown: that is garbage collections over the models' objects and every
-    module's, seconds on a CPU (3.4 s with tiny-musicgen here), while a
-    restart's clients wait for the next server. A failed start raises as any
-    error does.
+    module's, seconds on a CPU (bench/RESULTS.md, a restart), while a restart's
+    clients wait for the next server. A failed start raises as any error does.
     """
     from .logs import setup_logging
 
