@@ -19,9 +19,10 @@ once the new one listens: the port is never closed. Each request ends as one of:
 Reported for each round: how many ended each way, and how long the
 completed ones took from being asked (median, longest), how long the server
 was away (SIGTERM to the new one listening: of it, SIGTERM to the old one's
-exit, and the new one's start from its process to listening), and how long after it came back
-(with ``--reuse-port``: after the SIGTERM) its clients' tries that took came (they wait between tries: the ones asking
-again, median and last) and the last request completed. ``--before-path
+exit, and the new one's start from its process to listening), and how long
+after it came back (with ``--reuse-port``: after the SIGTERM) its clients'
+tries that took came (they wait between tries: the ones asking again, median
+and last) and the last request completed. ``--before-path
 FOLDER`` runs another commit's server and clients in turns with this tree's (a
 folder holding a worktree's ``wavecast`` package, put first on their path).
 
