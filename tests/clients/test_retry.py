@@ -7,6 +7,8 @@ import asyncio
 import itertools
 import re
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,22 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Progress, Queued, Started
 from wavecast.server.app import ListenError, WavecastServer
+from wavecast.server.config import Config
 from wavecast.server.engines import load_engines
+
+
+@asynccontextmanager
+async def server_and_client(config: Config) -> AsyncIterator[tuple[Any, Any, list[str]]]:
+    """A server of ``config``, and a client of it that tries again for a minute
+    where the server says to (``retry_for``); why it waited each time, in order."""
+    waits: list[str] = []
+    async with (
+        running_server(config) as server,
+        connect(
+            server.url, retry_for=timeout(60), on_retry=lambda why, _: waits.append(why)
+        ) as client,
+    ):
+        yield server, client, waits
 
 
 def one_at_a_time() -> Any:
@@ -121,13 +138,7 @@ async def test_a_draining_server_is_tried_again() -> None:
 
 async def test_requests_not_started_when_a_server_restarts_go_to_the_one_that_comes_back() -> None:
     config = make_config(max_active=1, max_queue=4, admission="slots")
-    waits: list[str] = []
-    async with (
-        running_server(config) as first_server,
-        connect(
-            first_server.url, retry_for=timeout(60), on_retry=lambda why, _: waits.append(why)
-        ) as client,
-    ):
+    async with server_and_client(config) as (first_server, client, waits):
         first_hello = client.hello
         running, queued = await running_and_queued(client, seed=5)
         waited = asyncio.ensure_future(queued.collect())
@@ -260,13 +271,7 @@ async def until_audio(stream: Any, events: list[Any], seconds: float) -> asyncio
 async def test_a_stream_cut_by_a_restart_is_picked_up_where_it_was_cut() -> None:
     config = make_config(max_active=1, max_queue=4, admission="slots")
     config = replace(config, timeouts=replace(config.timeouts, shutdown_grace=0.2))
-    waits: list[str] = []
-    async with (
-        running_server(config) as first_server,
-        connect(
-            first_server.url, retry_for=timeout(60), on_retry=lambda why, _: waits.append(why)
-        ) as client,
-    ):
+    async with server_and_client(config) as (first_server, client, waits):
         # No seed asked for: the server's, as its started gave it, makes it again.
         stream = await client.generate("tiny-musicgen", "cut", duration=20)
         events: list[Any] = []
@@ -306,13 +311,7 @@ async def test_a_server_started_beside_one_with_reuse_port_takes_its_place_witho
         network=replace(config.network, reuse_port=True),
         timeouts=replace(config.timeouts, shutdown_grace=0.2),
     )
-    waits: list[str] = []
-    async with (
-        running_server(config) as first_server,
-        connect(
-            first_server.url, retry_for=timeout(60), on_retry=lambda why, _: waits.append(why)
-        ) as client,
-    ):
+    async with server_and_client(config) as (first_server, client, waits):
         port = first_server.port
         stranger = WavecastServer(in_its_place(make_config(), port), engine_factory=never)
         with pytest.raises(ListenError, match=f"127.0.0.1:{port} is in use"):
