@@ -108,11 +108,16 @@ def encode(message: Message, *, text: bool = False) -> bytes | str:
     if text:
         if isinstance(message, Audio):
             wire["data"] = base64.b64encode(message.data).decode("ascii")
-        elif isinstance(message, Generate) and message.inputs:
-            wire["inputs"] = {
-                key: base64.b64encode(value).decode("ascii")
-                for key, value in message.inputs.items()
-            }
+            if message.codes is not None:
+                wire["codes"] = base64.b64encode(message.codes).decode("ascii")
+        elif isinstance(message, Generate):
+            if message.inputs:
+                wire["inputs"] = {
+                    key: base64.b64encode(value).decode("ascii")
+                    for key, value in message.inputs.items()
+                }
+            if message.resume_codes is not None:
+                wire["resume_codes"] = base64.b64encode(message.resume_codes).decode("ascii")
         return json.dumps(wire, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     packed: bytes = msgpack.packb(wire, use_bin_type=True)
     return packed
@@ -261,8 +266,10 @@ class _Fields:
             raise self._fail(name, "must be finite")
         return float(value)
 
-    def boolean(self, name: str) -> bool:
-        value = self._get(name, True)
+    def boolean(self, name: str, *, required: bool = True) -> Any:
+        value = self._get(name, required)
+        if value is None and not required:
+            return None
         if not isinstance(value, bool):
             raise self._fail(name, "must be a boolean")
         return value
@@ -276,9 +283,11 @@ class _Fields:
             raise self._fail(name, f"must be one of {', '.join(map(repr, choices))}")
         return cast(T, value)
 
-    def binary(self, name: str, *, field: str | None = None) -> bytes:
+    def binary(self, name: str, *, field: str | None = None, required: bool = True) -> Any:
         label = field or name
-        value = self._get(name, True)
+        value = self._get(name, required)
+        if value is None and not required:
+            return None
         if self.text:
             if not isinstance(value, str):
                 raise self._fail(label, "must be a base64 string")
@@ -376,6 +385,8 @@ def _generate(f: _Fields) -> Generate:
         sample_rate=_sample_rate(f),
         bitrate=_bitrate(f),
         resume=f.integer("resume", required=False),
+        codes=f.boolean("codes", required=False),
+        resume_codes=f.binary("resume_codes", required=False),
     )
 
 
@@ -411,6 +422,7 @@ def _model_info(f: _Fields) -> ModelInfo:
         scenes=_names(f, "scenes"),
         device=f.string("device", max_len=64, required=False) or "",
         dtype=f.string("dtype", max_len=32, required=False) or "",
+        codebooks=f.integer("codebooks", lo=1, required=False),
     )
 
 
@@ -479,6 +491,7 @@ def _audio(f: _Fields) -> Audio:
         format=f.choice("format", AUDIO_FORMATS),
         data=f.binary("data"),
         rendition=f.string("rendition", max_len=32, required=False),
+        codes=f.binary("codes", required=False),
     )
 
 

@@ -125,12 +125,15 @@ class ModelInfo:
         params: The parameters ``generate.params`` accepts.
         capabilities: Feature names: ``text``, ``continuation``, ``melody``,
             ``long_form``, ``stereo``, ``mbd``; for speech ``tts``, ``voices``,
-            ``reference``, ``scene``, ``dialogue`` (PROTOCOL.md §4.1).
+            ``reference``, ``scene``, ``dialogue``; ``codes``: its streams'
+            codes can be sent, and a cut stream picked up from them
+            (PROTOCOL.md §4.1).
         voices: Named voices ``params.voice`` accepts (speech models).
         scenes: Named scenes ``params.scene`` accepts (speech models).
         device: Where the model runs (``cpu``, ``cuda:0``); empty when not said.
         dtype: The generator's number format (``float32``, ``bfloat16``,
             ``float16``); empty when not said.
+        codebooks: Codes a timestep of its streams has (``codes``).
     """
 
     name: str
@@ -146,6 +149,7 @@ class ModelInfo:
     scenes: tuple[str, ...] | None = None
     device: str = ""
     dtype: str = ""
+    codebooks: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +222,11 @@ class Generate:
             a try of the same request that was cut (``params.seed`` as its
             ``started`` gave it): the server makes the stream again and sends it
             from there (PROTOCOL.md §3.1; PCM formats only).
+        codes: Send the live stream's codes with its audio (PROTOCOL.md §4.5;
+            models with the ``codes`` capability, PCM formats).
+        resume_codes: With ``resume``, the codes the cut try sent (its
+            ``audio`` messages' ``codes``, joined): the server picks the stream
+            up from them instead of making it again from its start.
     """
 
     type: ClassVar[str] = "generate"
@@ -230,6 +239,8 @@ class Generate:
     sample_rate: int | None = None
     bitrate: int | None = None
     resume: int | None = None
+    codes: bool | None = None
+    resume_codes: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +325,9 @@ class Audio:
     bytes. ``rendition`` is absent for the live stream;
     ``"mbd"`` marks a second, complete version of the clip (Multi-Band
     Diffusion) with its own ``seq`` and ``offset`` counting from 0.
+    ``codes`` (asked for with ``generate.codes``): the live stream's timesteps
+    completed since the last ``codes``, each one's codes as little-endian
+    uint16, one timestep after another.
     """
 
     type: ClassVar[str] = "audio"
@@ -325,6 +339,7 @@ class Audio:
     format: AudioFormat
     data: bytes
     rendition: str | None = None
+    codes: bytes | None = None
 
     @property
     def frames(self) -> int:

@@ -80,6 +80,9 @@ class EngineRequest:
     # The uploads decoded and checked before the request was queued (``Engine.check``):
     # float32 ``[frames, channels]`` and the rate, by role. Missing: decoded in prepare.
     decoded: Mapping[str, Upload] = field(default_factory=dict)
+    # The codes of the live stream a cut try of it sent (``generate.resume_codes``:
+    # little-endian uint16, frame after frame), to pick it up from them.
+    resume_codes: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -95,6 +98,11 @@ class StepOutput:
         rendition: The whole Multi-Band Diffusion version, on its last step.
         error: The job failed on its own inside the step (its neighbours in the
             batch go on); the scheduler ends it with this error.
+        codes: The timesteps of the live stream completed in the step, each
+            one's codes ``[K]`` (engines whose streams are picked up from
+            codes: ``generate.codes``).
+        codes_from: The index of the first of them among the live stream's
+            timesteps (a continuation's prompt not counted).
     """
 
     audio: FloatAudio | None
@@ -104,6 +112,8 @@ class StepOutput:
     stage: str | None = None  # None: generating; "mbd": rendering the diffusion version
     rendition: FloatAudio | None = None  # the complete "mbd" version, when ready
     error: WavecastError | None = None
+    codes: list[list[int]] | None = None
+    codes_from: int = 0
 
 
 def step_error(exc: BaseException, request_id: str | None = None) -> WavecastError:

@@ -266,8 +266,14 @@ class RowSampling:
         self.nucleus[host] = (temps > 0) & (ps > 0)
         self.greedy[host] = temps <= 0
 
-    def set_requests(self, rows: Sequence[int], requests: Sequence[RowParams]) -> None:
-        """``set_rows`` from the parameters of the requests taking ``rows``."""
+    def set_requests(
+        self,
+        rows: Sequence[int],
+        requests: Sequence[RowParams],
+        steps: Sequence[int] | None = None,
+    ) -> None:
+        """``set_rows`` from the parameters of the requests taking ``rows``
+        (``steps``: the draws each one made before, where it picks a stream up)."""
         if len(rows) != len(requests):
             raise ValueError("one row per request")
         self.set_rows(
@@ -276,6 +282,7 @@ class RowSampling:
             top_k=[r.top_k for r in requests],
             top_p=[r.top_p for r in requests],
             seed=[r.seed for r in requests],
+            step=steps,
         )
 
     def grown(self, rows: int) -> RowSampling:

@@ -716,3 +716,144 @@ def test_a_continuation_encoded_in_pieces_is_encodecs_encoding() -> None:
             next(encode_in_pieces(codec, wav))
     finally:
         codec.eval()
+
+
+def run_picked_up(
+    engine: Any,
+    prompt: str,
+    known: np.ndarray,
+    inputs: dict[str, bytes] | None = None,
+    **params: Any,
+) -> tuple[Any, np.ndarray, int, list[Any]]:
+    """``run`` picking the stream up from ``known`` ``[K, n]`` codes
+    (``generate.resume_codes``): its job, audio, steps and outputs' codes."""
+    resolved = resolve_params(engine.info.params, params)
+    data = known.T.astype("<u2").tobytes()
+    request = EngineRequest("t", prompt, resolved, inputs or {}, resume_codes=data)
+    engine.check(request)
+    job = engine.prepare(request)
+    chunks, codes, steps = [], [], 0
+    while True:
+        out = engine.step([job])[0]
+        steps += 1
+        if out.codes:
+            codes.append((out.codes_from, out.codes))
+        if out.audio is not None:
+            chunks.append(out.audio)
+        if out.done:
+            break
+    return job, np.concatenate(chunks), steps, codes
+
+
+@pytest.mark.parametrize(
+    ("duration", "stride", "known"),
+    [(1.5, 1.0, 40), (1.5, 1.0, 74), (5.0, 1.0, 60), (5.0, 1.0, 101), (7.3, 1.5, 300)],
+)
+def test_a_stream_picked_up_from_its_codes_goes_on_as_it_went(
+    windowed: Any, duration: float, stride: float, known: int
+) -> None:
+    """Sampled with a seed, in one window or several (long form, picked up in
+    the middle of a later window or where one begins): the codes after the
+    known ones are those of the whole run, the audio too (all of it, the known
+    codes' made again), in fewer steps."""
+    _, engine = windowed
+    asked = {"duration": duration, "seed": 5, "extend_stride": stride}
+    whole_job, whole, _ = run(engine, "again", **asked)
+    whole_codes = engine.codes_of(whole_job)[0].numpy()
+    steps_whole = whole_job.steps
+    job, audio, steps, sent = run_picked_up(engine, "again", whole_codes[:, :known], **asked)
+    assert np.array_equal(engine.codes_of(job)[0].numpy(), whole_codes)
+    assert audio.shape == whole.shape and np.abs(audio - whole).max() <= 1e-4
+    # The outputs' codes: the timesteps after the known ones, in order.
+    assert sent[0][0] == known
+    joined = [frame for _, frames in sent for frame in frames]
+    assert np.array_equal(np.array(joined).T, whole_codes[:, known:])
+    assert steps < steps_whole - known + 10
+
+
+def test_a_continuation_picked_up_from_its_codes_goes_on_as_it_went(windowed: Any) -> None:
+    _, engine = windowed
+    t = np.arange(44100) / 44100
+    clip = wav_bytes((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[:, None], 44100)
+    for include_prompt in (False, True):
+        asked = {"duration": 4.0, "seed": 8, "extend_stride": 1.0, "include_prompt": include_prompt}
+        whole_job, whole, _ = run(engine, "go on", {"continuation": clip}, **asked)
+        codes = engine.codes_of(whole_job)[0].numpy()
+        first = 50  # (the clip's timesteps: not the stream's codes)
+        known = codes[:, first : first + 70]
+        job, audio, _, sent = run_picked_up(engine, "go on", known, {"continuation": clip}, **asked)
+        assert np.array_equal(engine.codes_of(job)[0].numpy(), codes)
+        assert audio.shape == whole.shape and np.abs(audio - whole).max() <= 1e-4
+        assert sent[0][0] == 70
+
+
+@pytest.mark.parametrize(
+    ("codes", "says"),
+    [
+        (b"\x00" * 7, "whole timesteps"),
+        (np.full((3, 4), 64, "<u2").tobytes(), "below 64"),  # (the tiny model's codebooks)
+        (np.zeros((101, 4), "<u2").tobytes(), "the clip has 100"),
+    ],
+    ids=["a part of a timestep", "a code too high", "more timesteps than the clip"],
+)
+def test_codes_to_pick_up_from_that_cannot_be_are_refused(
+    windowed: Any, codes: bytes, says: str
+) -> None:
+    _, engine = windowed
+    resolved = resolve_params(engine.info.params, {"duration": 2.0, "seed": 1})
+    with pytest.raises(InvalidField) as info:
+        engine.check(EngineRequest("t", "x", resolved, resume_codes=codes))
+    assert info.value.field == "resume_codes" and says in str(info.value)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_stream_picked_up_beside_others_goes_on_as_it_went(pipelined: bool) -> None:
+    """Joining a batch under way, pipelined or not: its codes are those of its
+    whole run alone, and its neighbour's are unchanged."""
+    model = build_tiny_musicgen(window=2.0, seed=3)
+    engine = MusicGenEngine(
+        model, name="tiny-2s", test_model=True, max_duration=12.0, pipelined=pipelined
+    )
+    asked = resolve_params(engine.info.params, {"duration": 3.0, "seed": 9, "extend_stride": 1.0})
+    other = resolve_params(engine.info.params, {"duration": 2.5, "seed": 2})
+    solo = {}
+    for name, params in (("picked", asked), ("other", other)):
+        job = engine.prepare(EngineRequest(name, name, params))
+        while not engine.step([job])[0].done:
+            pass
+        solo[name] = engine.codes_of(job)[0].numpy()
+    neighbour = engine.prepare(EngineRequest("other", "other", other))
+    jobs = [neighbour]
+    for _ in range(17):
+        engine.step(jobs)
+    known = solo["picked"][:, :120].T.astype("<u2").tobytes()
+    jobs.append(engine.prepare(EngineRequest("picked", "picked", asked, resume_codes=known)))
+    running = list(jobs)
+    while running:
+        outs = engine.step(running)
+        running = [job for job, out in zip(running, outs, strict=True) if not out.done]
+    assert np.array_equal(engine.codes_of(jobs[1])[0].numpy(), solo["picked"])
+    assert np.array_equal(engine.codes_of(jobs[0])[0].numpy(), solo["other"])
+
+
+def test_a_melody_stream_is_picked_up_from_its_codes_in_its_first_window_only(
+    melodic: Any,
+) -> None:
+    """A later window's melody analysis draws on the windows before it: there
+    the stream is made from its start (its outputs' codes from the first
+    timestep, which the scheduler leaves out up to those the client has), the
+    same codes either way."""
+    _, engine = melodic
+    rng = np.random.default_rng(6)
+    reference = wav_bytes((0.2 * rng.standard_normal((44100 * 2, 1))).astype(np.float32), 44100)
+    asked = {"duration": 3.0, "extend_stride": 1.0, "seed": 4}
+    whole_job, whole, _ = run(engine, "hum", {"melody": reference}, **asked)
+    codes = engine.codes_of(whole_job)[0].numpy()
+    for known, first in ((60, 60), (120, 0)):
+        job, audio, _, sent = run_picked_up(
+            engine, "hum", codes[:, :known], {"melody": reference}, **asked
+        )
+        assert np.array_equal(engine.codes_of(job)[0].numpy(), codes)
+        assert audio.shape == whole.shape and np.abs(audio - whole).max() <= 1e-4
+        assert sent[0][0] == first
+        assert ("from_codes" in job.extra) == (first > 0)

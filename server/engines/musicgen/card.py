@@ -23,12 +23,14 @@ def model_card(
     mbd: bool,
     device: str = "",
     dtype: str = "",
+    codebooks: int | None = None,
 ) -> ModelInfo:
     """The model's ``ModelInfo`` (the greeting's entry).
 
     Args:
         window: Seconds of one LM run; beyond it (up to ``max_duration``) long form.
         card: Codebook size (``top_k``'s range).
+        codebooks: Codes a timestep has (the ``codes`` sent with the audio).
         melody: A melody model (conditions on a reference's chroma).
         mbd: Multi-Band Diffusion is loaded for it.
         device, dtype: Where it runs, and its language model's format.
@@ -93,7 +95,7 @@ def model_card(
                 "sent when generation ends)",
             )
         )
-    capabilities = ["text", "continuation"]
+    capabilities = ["text", "continuation", "codes"]
     if long_form:
         stride = min(18.0, round(window * 0.6, 3))
         params.append(
@@ -132,4 +134,5 @@ def model_card(
         capabilities=tuple(capabilities),
         device=device,
         dtype=dtype,
+        codebooks=codebooks,
     )

@@ -85,6 +85,10 @@ __all__ = ["MusicGenEngine", "StreamSettings"]
 
 log = logging.getLogger(__name__)
 
+# Timesteps of a picked-up stream's known codes whose audio is made again at a
+# time (``_remake_audio``), between the running streams' steps.
+REMADE_FRAMES = 250
+
 
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
@@ -134,6 +138,10 @@ class _MusicGenJob:
     skip_frames: int = 0  # prompt frames not streamed (continuation without include_prompt)
     pending_audio: FloatAudio | None = None  # the prompt's audio, with include_prompt
     slot: int | None = None  # rows 2 * slot (conditional) and 2 * slot + 1 of the decoder
+    first_draw: int = 0  # draws made before its first (a stream picked up from its codes)
+    # A stream picked up from its codes: those known ``[1, K, n]``, their audio made
+    # again in parts by ``prepare_steps`` (the outputs send what the client lacks).
+    known: Codes | None = None
     kv_length: int = 0  # positions of its rows in the decoder's KV cache
     # What a step in flight brought it while the scheduler left it out of a step
     # (given at its next one).
@@ -304,6 +312,7 @@ class MusicGenEngine(TableSizing):
             mbd=mbd is not None,
             device=str(self.device),
             dtype=dtype_name(dtype),
+            codebooks=int(self.lm.num_codebooks),
         )
 
     @property
@@ -347,6 +356,7 @@ class MusicGenEngine(TableSizing):
             yield None
         with torch.no_grad():
             job = self._prepare(request, prompt)
+        yield from self._remake_audio(job.state)
         if not self.conditioning.together_ok:
             st: _MusicGenJob = job.state
             conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
@@ -377,7 +387,37 @@ class MusicGenEngine(TableSizing):
         if "continuation" in decoded:
             audio, rate = decoded["continuation"]
             self._check_prompt_frames(self.prompt_frames(len(audio), rate), request.params)
+        self._resume_codes(request)
         return decoded
+
+    def _resume_codes(self, request: EngineRequest) -> Codes | None:
+        """``generate.resume_codes`` as codes ``[1, K, n]``: whole timesteps of
+        ``K`` codes, each below the codebooks' size, no more than the clip's
+        timesteps; else ``InvalidField``."""
+        data = request.resume_codes
+        if not data:
+            return None
+        k = int(self.lm.num_codebooks)
+        if len(data) % (2 * k):
+            raise InvalidField(
+                f"resume_codes must hold whole timesteps: {k} codes of 2 bytes each",
+                field="resume_codes",
+            )
+        codes = np.frombuffer(data, dtype="<u2").reshape(-1, k)
+        card = int(self.lm.card)
+        if int(codes.max()) >= card:
+            raise InvalidField(
+                f"resume_codes holds a code of {int(codes.max())}: this model's are below {card}",
+                field="resume_codes",
+            )
+        total = max(1, self.windows.frames(number(request.params["duration"])))
+        if codes.shape[0] > total:
+            raise InvalidField(
+                f"resume_codes holds {codes.shape[0]} timesteps: the clip has {total}",
+                field="resume_codes",
+            )
+        known: Codes = codes.T.astype(np.int64)[None]
+        return known
 
     def prompt_frames(self, samples: int, rate: int) -> int:
         """The codec frames of a continuation clip of ``samples`` at ``rate``,
@@ -497,10 +537,59 @@ class MusicGenEngine(TableSizing):
             else:
                 decoder.prime(prompt)
                 job.skip_frames = first_prompt_len
+        known = self._resume_codes(request)
+        if known is not None:
+            self._pick_up(job, known, prompt)
         # The live stream's length: the new part, or the clip with its prompt.
         streamed = total_len if params.get("include_prompt") else total_len - first_prompt_len
         extra = {"seed": seed, "seconds": round(streamed / self.frame_rate, 6)}
+        if job.known is not None:  # (its audio made again from them, not generated)
+            extra["from_codes"] = round(job.produced / self.frame_rate, 6)
         return Job(request=request, state=job, extra=extra)
+
+    def _pick_up(self, job: _MusicGenJob, known: Codes, prompt: Codes | None) -> None:
+        """Pick a stream up from the codes of its first timesteps (``known``
+        ``[1, K, n]``, after the continuation ``prompt``): the window that
+        generates the next timestep starts prompted with what it holds of them
+        (its prefill, in a step or a few, instead of a step a timestep), and the
+        request's draws count on from the same number, so that its codes are
+        those of the try that was cut (the same seed). The codes' audio is made
+        again (``_remake_audio``). The last timestep is always generated; a
+        melody's window after the first is not picked up (its analysis draws on
+        the windows before it): the stream is made from its start."""
+        first = 0 if prompt is None else int(prompt.shape[-1])
+        known = known[..., : max(0, job.total_len - first - 1)]
+        point = self.windows.resume_point(
+            job.duration, job.stride, first, first + int(known.shape[-1])
+        )
+        if point is None or known.shape[-1] == 0:
+            return
+        gen_offset, draws = point
+        if gen_offset > 0 and job.melody is not None and job.melody_length > 0:
+            return
+        codes = known if prompt is None else np.concatenate([prompt, known], axis=-1)
+        job.gen_offset = gen_offset
+        job.window = self.windows.start(job.duration, gen_offset, codes[..., gen_offset:])
+        job.first_draw = draws
+        job.codes.append(known)
+        job.produced = int(known.shape[-1])
+        job.known = known
+
+    def _remake_audio(self, st: _MusicGenJob) -> Generator[None, None, None]:
+        """The audio of a picked-up stream's known codes, made again in parts
+        of ``REMADE_FRAMES`` (a pause after each), after the prompt's."""
+        known, st.known = st.known, None
+        if known is None:
+            return
+        parts = [] if st.pending_audio is None else [st.pending_audio]
+        for start in range(0, int(known.shape[-1]), REMADE_FRAMES):
+            with torch.no_grad(), self._codec_format():
+                audio = st.decoder.push(known[..., start : start + REMADE_FRAMES])
+            if audio is not None:
+                parts.append(audio)
+            yield None
+        if parts:
+            st.pending_audio = np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _condition_piece(self, st: _MusicGenJob) -> None:
         """One piece of a window's conditioning; its result once complete."""
@@ -677,7 +766,7 @@ class MusicGenEngine(TableSizing):
         """The sampling parameters and guidance scales of requests taking their
         rows this step, in one write."""
         slots = [st.slot for st in states if st.slot is not None]
-        self._sampling.set_requests(slots, states)
+        self._sampling.set_requests(slots, states, [st.first_draw for st in states])
         cfg = torch.tensor([st.cfg_coef for st in states], dtype=self._cfg.dtype)
         index = upload({"slots": slots}, self.device)["slots"]
         self._cfg[index] = to_device(cfg, self.device, later=True).view(-1, 1, 1)
@@ -1038,6 +1127,7 @@ class MusicGenEngine(TableSizing):
 
         audio, st.pending_audio = st.pending_audio, None
         plan = None
+        codes_from = st.produced
         if ready is not None:
             st.produced += len(ready)
             st.codes += ready
@@ -1072,6 +1162,7 @@ class MusicGenEngine(TableSizing):
             output = StepOutput(
                 audio=audio, fraction=fraction, seconds=self._seconds(st), done=done
             )
+        output.codes, output.codes_from = ready, codes_from
         if plan is not None:
             (self._ends if done else self._due).append((output, st.decoder, plan))
         return output

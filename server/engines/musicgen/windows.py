@@ -167,6 +167,34 @@ class Windows:
             ready=prompt_len,
         )
 
+    def resume_point(
+        self, duration: float, stride: int, prompt_len: int, known: int
+    ) -> tuple[int, int] | None:
+        """Where a request of ``duration`` seconds (long form moving on by
+        ``stride`` timesteps, from a continuation prompt of ``prompt_len``) stands
+        once its first ``known`` timesteps are known: the ``gen_offset`` of the
+        window that generates timestep ``known``, and the draws made before that
+        window's step that writes its first code (one a step, from each window's
+        first step on, as ``_generate_tokens`` runs them). None where no window
+        generates it (past the end)."""
+        total_len = max(1, self.frames(duration))
+        gen_offset, plen, draws = 0, prompt_len, 0
+        while gen_offset + plen < total_len:
+            gen_len = self.frames(min(duration - gen_offset / self.frame_rate, self.window))
+            layout = self.layout(gen_len)
+            first = int(layout.positions[:, plen].min())
+            if known < gen_offset + gen_len:
+                if known < gen_offset + plen:
+                    return None  # (a prompt's timestep: never generated)
+                at = int(layout.positions[:, known - gen_offset].min())
+                return gen_offset, draws + at - first
+            draws += len(layout.ready_after) - first
+            if duration <= self.window:
+                return None
+            plen = gen_len - stride
+            gen_offset += stride
+        return None
+
     def _sequence(self, gen_len: int, prompt: Codes | None) -> list[list[int]]:
         """The pattern sequence ``[K][S]`` of a ``gen_len`` window as
         ``LMModel.generate`` builds it: the ``prompt`` codes ``[1, K, n]`` (if
