@@ -66,6 +66,9 @@ __all__ = [
 ]
 
 _QUEUE_LIMIT = 1024
+# Bytes of a stream's codes kept to pick it up from (``generate.resume_codes``):
+# beyond them, a cut stream is picked up by making it again from its start.
+_MAX_KEPT_CODES = 4 << 20
 
 # Waits between tries of what the server says to try again (``retry_for``): from
 # the first, doubled each time up to the most, each a little longer or shorter at
@@ -402,6 +405,9 @@ class RequestStream:
     #: ``seq``, as the consumer saw them.
     _next: dict[str | None, tuple[int, int]] = field(default_factory=dict)
     _stage: tuple[int, float] = (0, -1.0)  # the last progress seen: its stage's place, fraction
+    #: The live stream's codes so far (``generate.codes``), to pick it up from
+    #: (None: more than ``_MAX_KEPT_CODES``).
+    _codes: bytearray | None = field(default_factory=bytearray)
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
         return self._iterate()
@@ -422,6 +428,8 @@ class RequestStream:
                 if self.started is not None:
                     continue  # (a try that picks the stream up: the consumer has its start)
                 self.started = item
+            if isinstance(item, Audio) and item.codes and item.rendition is None:
+                self._keep_codes(item.codes)
             new = self._unseen(item) if self._resumed else item
             if isinstance(new, Audio):
                 unit = offset_unit(new.format, new.channels)
@@ -430,6 +438,12 @@ class RequestStream:
                 self._stage = (_STAGES.get(new.stage, 2), new.fraction)
             if new is not None:
                 yield new
+
+    def _keep_codes(self, codes: bytes) -> None:
+        if self._codes is not None:
+            self._codes += codes
+            if len(self._codes) > _MAX_KEPT_CODES:
+                self._codes = None
 
     def _unseen(self, item: ServerMessage) -> ServerMessage | None:
         """What of a message of a try that picks the stream up is new to the
@@ -488,7 +502,8 @@ class RequestStream:
             have = self._next.get(None, (self.generate.resume or 0, 0))[0]
             why += f" (picking the stream up at {have / self.started.sample_rate:.2f} s)"
             params = {**self.generate.params, "seed": self.started.seed}
-            self.generate = replace(self.generate, params=params, resume=have)
+            codes = bytes(self._codes) if self._codes else None
+            self.generate = replace(self.generate, params=params, resume=have, resume_codes=codes)
             self._resumed = True
         wait = self._retries.wait(why)
         if wait is None:
@@ -737,6 +752,8 @@ class Client:
         params: Mapping[str, ParamValue] | None = None,
         inputs: Mapping[str, bytes] | None = None,
         resume: int | None = None,
+        resume_codes: bytes | None = None,
+        codes: bool | None = None,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start a generation.
@@ -758,6 +775,13 @@ class Client:
             resume: Pick up a stream cut earlier (PCM, with its ``seed``): the
                 sample frames of it already had. Its ``audio`` starts there.
                 (The client does this itself with ``retry_for``.)
+            resume_codes: With ``resume``, the codes the cut stream's audio
+                brought (joined): the server picks it up from them rather than
+                making it again from its start.
+            codes: Have the server send the live stream's codes with its audio
+                (``Audio.codes``). Default: where the client retries
+                (``retry_for``), the stream is PCM and the model has the
+                ``codes`` capability, so that a cut stream is picked up from them.
 
         Returns:
             The request's event stream.
@@ -766,6 +790,14 @@ class Client:
         if request_id in self._streams:
             raise ValueError(f"request {request_id!r} is already in flight")
         merged = {**(params or {}), **kwargs}
+        if codes is None:
+            info = self.models.get(model)
+            codes = (
+                self.retry_for > 0
+                and format in BYTES_PER_SAMPLE
+                and info is not None
+                and "codes" in info.capabilities
+            ) or None
         message = Generate(
             id=request_id,
             model=model,
@@ -776,8 +808,12 @@ class Client:
             sample_rate=sample_rate,
             bitrate=bitrate,
             resume=resume,
+            codes=codes,
+            resume_codes=resume_codes,
         )
         stream = RequestStream(request_id, self, generate=message)
+        if resume_codes:
+            stream._keep_codes(resume_codes)
         if self.retry_for > 0:
             stream._retries = _Retries(self.retry_for, self.on_retry)
         await self._submit(stream)

@@ -129,6 +129,13 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self._from_codes = Counter(
+            "wavecast_resumed_from_codes_seconds",
+            "Of the audio made again, seconds taken from the codes the client sent "
+            "(generate.resume_codes): decoded again, not generated again, by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self._gc_started = 0.0
         # The interpreter's own: collections and objects by generation, and the
         # process's memory, CPU time and open files.
@@ -146,14 +153,17 @@ class Metrics:
         queued_seconds: float | None = None,
         real_time_factor: float | None = None,
         resumed_seconds: float | None = None,
+        from_codes_seconds: float = 0.0,
     ) -> None:
         """A request's end. ``audio_seconds``: streamed to its client;
-        ``resumed_seconds``: made again and not sent (a ``resume``)."""
+        ``resumed_seconds``: made again and not sent (a ``resume``);
+        ``from_codes_seconds``: taken from the codes its client sent."""
         self._requests.labels(model, status, error or "").inc()
         self._audio.labels(model).inc(audio_seconds)
         if resumed_seconds is not None:
             self._resumed.labels(model).inc()
             self._remade.labels(model).inc(resumed_seconds)
+            self._from_codes.labels(model).inc(from_codes_seconds)
         if first_audio_seconds is not None:
             self._first_audio.labels(model).observe(first_audio_seconds)
         if queued_seconds is not None:

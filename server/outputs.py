@@ -10,6 +10,7 @@ request; this module only says it in the protocol's words.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,12 @@ class RequestOutputs:
     # The live stream's first sample frames, not sent: the client has them from a
     # try of the request that was cut (``generate.resume``).
     skip: int = 0
+    # Send the live stream's codes with its audio (``generate.codes``): each
+    # ``audio`` message the timesteps completed since the last one, from
+    # ``codes_from`` on (the client has those before).
+    codes: bool = False
+    codes_from: int = 0
+    _codes: list[list[int]] = field(default_factory=list, repr=False)
     seq: int = 0
     samples: int = 0  # sample frames of the live stream made (the skipped ones too)
     last_fraction: float = -1.0
@@ -71,6 +78,8 @@ class RequestOutputs:
 
     def messages(self, output: StepOutput, now: float) -> list[ServerMessage]:
         """What one step's output says to the client."""
+        if self.codes and output.codes:
+            self._keep_codes(output.codes, output.codes_from)
         if (
             output.audio is None
             and output.stage == self.stage
@@ -97,7 +106,12 @@ class RequestOutputs:
             if audio.shape[0] > 0:
                 if self.first_audio_at is None:
                     self.first_audio_at = now
-                messages.append(self._audio(self.seq, offset, audio))
+                message = self._audio(self.seq, offset, audio)
+                if self._codes:
+                    data = np.asarray(self._codes, dtype="<u2").tobytes()
+                    message = dataclasses.replace(message, codes=data)
+                    self._codes = []
+                messages.append(message)
                 self.seq += 1
         if output.stage != self.stage:
             self.stage = output.stage
@@ -122,6 +136,16 @@ class RequestOutputs:
         if output.rendition is not None:
             messages.extend(self._rendition(output.rendition, "mbd"))
         return messages
+
+    def _keep_codes(self, codes: list[list[int]], first: int) -> None:
+        """Keep a step's timesteps for the next ``audio`` message, from
+        ``codes_from`` on (those before, the client has)."""
+        if first + len(codes) <= self.codes_from:
+            return
+        if first < self.codes_from:
+            codes = codes[self.codes_from - first :]
+        self._codes.extend(codes)
+        self.codes_from = max(first, self.codes_from) + len(codes)
 
     @property
     def skipped_seconds(self) -> float:

@@ -93,6 +93,11 @@ class Request:
     # Sample frames of the live stream its client already has (``generate.resume``):
     # made again, not sent.
     resume: int = 0
+    # Send the live stream's codes with its audio (``generate.codes``), from the
+    # timestep after those the client has (``generate.resume_codes``).
+    codes: bool = False
+    codes_from: int = 0
+    from_codes: float = 0.0  # seconds of the stream the engine took from them
     submitted_at: float = field(default_factory=time.perf_counter)
     # Who asked (its API key's digest on a server with keys, else its address):
     # the queue's places and the slots are shared among clients in turns
@@ -655,11 +660,19 @@ class Scheduler:
         assert request.job is not None
         info = self._engines[request.model].info
         request.outputs = RequestOutputs(
-            request.id, info, request.format, request.sample_rate or 0, skip=request.resume
+            request.id,
+            info,
+            request.format,
+            request.sample_rate or 0,
+            skip=request.resume,
+            codes=request.codes,
+            codes_from=request.codes_from,
         )
         extra = request.job.extra
         seed, seconds, max_seconds = (extra.get(k) for k in ("seed", "seconds", "max_seconds"))
         request.target = float(seconds) if isinstance(seconds, int | float) else None
+        from_codes = extra.get("from_codes")
+        request.from_codes = float(from_codes) if isinstance(from_codes, int | float) else 0.0
         self._emit(
             request,
             Started(
@@ -787,6 +800,7 @@ class Scheduler:
             queued_seconds=stats.queued_seconds if stats else None,
             real_time_factor=stats.real_time_factor if stats else None,
             resumed_seconds=outputs.skipped_seconds if outputs and outputs.skip else None,
+            from_codes_seconds=float(request.from_codes),
         )
         if status == "completed":
             self.completed += 1

@@ -349,6 +349,7 @@ class Session:
                     )
             if message.resume is not None:
                 _check_resume(message)
+            codes_from = _check_codes(message, info)
             sink: Callable[[ServerMessage], None] = self._on_event
             flow = _Flow(_pcm_span)
             held = self._held(flow)
@@ -371,12 +372,16 @@ class Session:
             request = Request(
                 id=message.id,
                 model=message.model,
-                engine_request=EngineRequest(message.id, message.prompt, params, inputs),
+                engine_request=EngineRequest(
+                    message.id, message.prompt, params, inputs, resume_codes=message.resume_codes
+                ),
                 format=wire_format,
                 sample_rate=sample_rate,
                 sink=sink,
                 held=held,
                 resume=message.resume or 0,
+                codes=bool(message.codes),
+                codes_from=codes_from,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
                 client=self.client,
             )
@@ -405,13 +410,14 @@ class Session:
             self._refuse(exc, frame_type="generate")
             return
         request.log.info(
-            "generate model=%s params=%s format=%s%s%s%s",
+            "generate model=%s params=%s format=%s%s%s%s%s",
             message.model,
             params,
             message.format,
             f" sample_rate={sample_rate}" if sample_rate else "",
             f" bitrate={message.bitrate}" if message.bitrate else "",
             f" resume={message.resume}" if message.resume is not None else "",
+            f" resume_codes={codes_from}" if message.resume_codes else "",
         )
 
     async def _check_then_submit(
@@ -913,6 +919,7 @@ class _Flow:
                     seq=message.seq + extra + i,
                     offset=message.offset + at // unit,
                     data=data[at : at + step],
+                    codes=message.codes if i == 0 else None,  # (with its first piece)
                 ),
                 (start + at * seconds, start + min(at + step, len(data)) * seconds),
             )
@@ -1015,6 +1022,37 @@ def _check_resume(message: Generate) -> None:
             field="resume",
             id=message.id,
         )
+
+
+def _check_codes(message: Generate, info: ModelInfo) -> int:
+    """``codes`` and ``resume_codes`` (§3.1): a model whose streams are picked
+    up from codes, a PCM stream, and ``resume_codes`` with a ``resume``, in
+    whole timesteps. The timesteps the client has."""
+    for name in ("codes", "resume_codes"):
+        if getattr(message, name) and "codes" not in info.capabilities:
+            raise _unsupported(message, info, name)
+    if message.codes and message.format in ENCODED_FORMATS:
+        raise InvalidField(
+            f"codes needs a PCM format: a {message.format} file's chunks are not its timesteps",
+            field="codes",
+            id=message.id,
+        )
+    if not message.resume_codes:
+        return 0
+    if message.resume is None:
+        raise InvalidField(
+            "resume_codes picks a cut stream up: it needs resume",
+            field="resume_codes",
+            id=message.id,
+        )
+    width = 2 * (info.codebooks or 1)
+    if len(message.resume_codes) % width:
+        raise InvalidField(
+            f"resume_codes must hold whole timesteps: {width // 2} codes of 2 bytes each",
+            field="resume_codes",
+            id=message.id,
+        )
+    return len(message.resume_codes) // width
 
 
 def _unsupported(message: Generate, info: ModelInfo, field: str) -> Unsupported:

@@ -109,6 +109,9 @@ function submit(event) {
   if (rate) message.sample_rate = rate;
   if (bitrate) message.bitrate = bitrate;
   if (Object.keys(inputs).length) message.inputs = inputs;
+  // PCM streams come with their codes where the model sends them: a stream cut
+  // under way is picked up from them (PROTOCOL.md §3.1 resume_codes).
+  if (!format && (model.capabilities || []).includes("codes")) message.codes = true;
   card.request = message;
   card.sendRequest();
 }

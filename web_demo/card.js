@@ -74,8 +74,11 @@ export const LINK_BEHIND_SECONDS = 2;
 // down, or whose connection was lost before it started, is asked again once the
 // page is connected again (to the server that comes back), in the same time. One
 // cut under way the same way is picked up where it was cut (PROTOCOL.md §3.1
-// resume: its seed, and the frames it has), within two minutes of the cut: its
-// player waits meanwhile, and plays on.
+// resume: its seed, and the frames it has; resume_codes: the codes its audio
+// came with), within two minutes of the cut: its player waits meanwhile, and
+// plays on.
+// Bytes of a stream's codes kept to pick it up from (beyond: from its start).
+const MAX_KEPT_CODES = 4 << 20;
 const RETRY_FIRST_MS = 500;
 const RETRY_MOST_MS = 8000;
 export const retry = { forMs: 120000 }; // (a test shortens it)
@@ -124,6 +127,8 @@ export class Card {
     this.awaiting = false; // waiting for the page to connect again (resend())
     this.socket = null; // the connection its request went on (app.js)
     this.frames = 0; // received
+    this.codes = []; // the live stream's codes (Uint8Array pieces; null: past MAX_KEPT_CODES)
+    this.codeBytes = 0;
     this.consumed = 0; // played by the worklet, in all
     this.chunks = [];
     this.sentAt = performance.now();
@@ -294,6 +299,11 @@ export class Card {
       const part = this.format ? message.data.slice() : pcmToFloat32(message);
       (this.renditions[message.rendition] ??= []).push(part);
       return;
+    }
+    if (message.codes && this.codes) {
+      this.codes.push(message.codes.slice());
+      this.codeBytes += message.codes.length;
+      if (this.codeBytes > MAX_KEPT_CODES) this.codes = null; // (picked up from its start)
     }
     if (this.format) {
       this.file.push(message.data.slice());
@@ -783,13 +793,26 @@ export class Card {
     } else {
       // Made again with its seed, and sent from the frame the card has; a
       // second version (MBD) comes whole again.
-      this.request = { ...this.request, params: { ...this.request.params, seed: this.seed }, resume: this.frames };
+      const params = { ...this.request.params, seed: this.seed };
+      this.request = { ...this.request, params, resume: this.frames, resume_codes: this.joinedCodes() };
       this.renditions = {};
       this.resuming = true;
       const at = (this.frames / this.sampleRate).toFixed(1);
       this.setStatus("generating", `picking up at ${at} s (${this.retries})`);
     }
     this.sendRequest();
+  }
+
+  // The live stream's codes so far, joined (null: none kept).
+  joinedCodes() {
+    if (!this.codes || this.codeBytes === 0) return null;
+    const joined = new Uint8Array(this.codeBytes);
+    let at = 0;
+    for (const piece of this.codes) {
+      joined.set(piece, at);
+      at += piece.length;
+    }
+    return joined;
   }
 
   // Send the request on the connection new requests go on (it is on that socket

@@ -7,7 +7,10 @@ export const PROTOCOL_VERSION = 1;
 export const STREAM_PATH = "/v1/stream";
 
 const FIELD_ORDER = {
-  generate: ["id", "model", "prompt", "params", "format", "inputs", "sample_rate", "bitrate", "resume"],
+  generate: [
+    "id", "model", "prompt", "params", "format", "inputs", "sample_rate", "bitrate", "resume",
+    "codes", "resume_codes",
+  ],
   cancel: ["id"],
 };
 
@@ -30,6 +33,7 @@ export function decodeMessage(frame) {
     wire = JSON.parse(frame);
     if (wire && wire.type === "audio" && typeof wire.data === "string") {
       wire.data = base64ToBytes(wire.data);
+      if (typeof wire.codes === "string") wire.codes = base64ToBytes(wire.codes);
     }
     if (wire && wire.type === "generate" && wire.inputs) {
       for (const key of Object.keys(wire.inputs)) wire.inputs[key] = base64ToBytes(wire.inputs[key]);

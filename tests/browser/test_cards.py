@@ -6,6 +6,7 @@ checks and keys, stages and lengths the server reports."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
 import signal
 import sys
@@ -640,7 +641,8 @@ async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
 ) -> None:
     """A card streaming when its server restarts waits with its player, is asked
     of the server that comes back from the frame it had (its seed, ``resume``),
-    and ends with the clip asked for, whole: the one a client gets for that seed."""
+    and ends with the clip asked for, whole: the one a client gets for that seed.
+    The codes its audio came with go back with it (``resume_codes``)."""
     from wavecast.clients import connect
 
     config = make_config(max_active=1, admission="slots")
@@ -669,6 +671,12 @@ async def test_a_card_cut_under_way_by_a_restart_is_picked_up_and_plays_on(
             assert await page.evaluate(f"(id) => ({get})(id).player === window.heldPlayer", rid)
             metrics = await asyncio.to_thread(http_text, f"http://127.0.0.1:{port}/metrics")
             assert 'wavecast_resumed_requests_total{model="tiny-musicgen"} 1.0' in metrics
+            # From the codes the card's audio came with: the part it had was
+            # decoded again, not generated again.
+            taken = re.search(
+                r'wavecast_resumed_from_codes_seconds_total\{model="tiny-musicgen"\} (\S+)', metrics
+            )
+            assert taken is not None and float(taken[1]) >= float(at[0].split()[3]) - 0.1
             seed = await page.evaluate(f"(id) => ({get})(id).seed", rid)
             clip = np.array(await page.evaluate(f"(id) => [...({get})(id).clip]", rid))
             async with connect(server.url) as client:

@@ -289,6 +289,14 @@ async def test_a_stream_cut_by_a_restart_is_picked_up_where_it_was_cut() -> None
             at = float(picked[0].split(" at ")[1].split(" s)")[0])
             assert 1.0 <= at < 20.0, picked
             assert second_server.scheduler.snapshot()["completed"] == 1
+            # Picked up from the codes the first server sent with the audio (the
+            # client asks for them where it tries again): none of the audio
+            # heard was generated again, only decoded again.
+            registry = second_server.scheduler.metrics.registry
+            taken = registry.get_sample_value(
+                "wavecast_resumed_from_codes_seconds_total", {"model": "tiny-musicgen"}
+            )
+            assert taken is not None and at <= taken < 20.0
             # The clip heard is the clip asked for, whole: asked again at once.
             seed = first(events, Started).seed
             alone = await (

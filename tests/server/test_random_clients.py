@@ -172,11 +172,16 @@ class Clients:
                 format = rng.choice(AUDIO_FORMATS)
                 lossy = format in ("mp3", "opus")
                 bitrate = rng.choice(BITRATES) if rng.random() < (0.5 if lossy else 0.03) else None
-                resume = None
+                resume = resume_codes = None
                 if rng.random() < 0.25:  # (PCM with a seed; else refused)
                     resume = rng.choice(RESUMES)
                     if rng.random() < 0.9:
                         params = {**params, "seed": rng.randint(0, 99)}
+                    if rng.random() < 0.5:  # (some past the clip's end, or of no model's)
+                        steps = rng.choice([1, 30, 120, 5000])
+                        codes = np.random.default_rng(rng.randint(0, 9)).integers(0, 64, (steps, 4))
+                        resume_codes = codes.astype("<u2").tobytes()[: rng.choice([None, -1])]
+                with_codes = rng.random() < 0.3 or None
                 stream = await client.generate(
                     model,
                     prompt,
@@ -186,10 +191,12 @@ class Clients:
                     sample_rate=rate,
                     bitrate=bitrate,
                     resume=resume,
+                    resume_codes=resume_codes,
+                    codes=with_codes,
                 )
-                streams.append((stream, fate, rng.randint(2, 15), resume or 0))
+                streams.append((stream, fate, rng.randint(2, 15), resume or 0, bool(with_codes)))
 
-            async def read(stream: Any, fate: float, at: int, resume: int) -> None:
+            async def read(stream: Any, fate: float, at: int, resume: int, codes: bool) -> None:
                 events = []
                 async for event in stream:
                     events.append(event)
@@ -199,7 +206,7 @@ class Clients:
                         await stream.cancel()
                     if fate > 0.88 and len(events) == at:
                         raise Drop
-                self.check(events, resume)
+                self.check(events, resume, codes)
 
             reads = [asyncio.create_task(read(*stream)) for stream in streams]
             try:
@@ -211,7 +218,7 @@ class Clients:
                     task.cancel()
                 await asyncio.gather(*reads, return_exceptions=True)
 
-    def check(self, events: list[Any], resume: int = 0) -> None:
+    def check(self, events: list[Any], resume: int = 0, codes: bool = False) -> None:
         dones = [event for event in events if isinstance(event, Done)]
         assert len(dones) == 1 and events[-1] is dones[0], events
         done = dones[0]
@@ -225,6 +232,9 @@ class Clients:
             assert [c.offset for c in chunks] == offsets, events
             assert [c.seq for c in chunks] == list(range(len(chunks))), events
             for chunk in chunks:
+                # Codes: asked for, with the live stream's chunks, whole timesteps.
+                assert chunk.codes is None or (codes and version is None), chunk
+                assert len(chunk.codes or b"") % 8 == 0, chunk  # (four codes a timestep)
                 fields = (chunk.sample_rate, chunk.channels, chunk.format)
                 assert fields == (started[0].sample_rate, started[0].channels, started[0].format)
                 assert len(chunk.data) % offset_unit(chunk.format, chunk.channels) == 0

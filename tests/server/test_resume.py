@@ -137,3 +137,82 @@ async def test_a_resume_that_cannot_be_kept_is_refused(
     assert done["type"] == "done" and done["status"] == "error"
     assert done["error"]["code"] == "invalid_field" and done["error"]["field"] == "resume"
     assert says in done["error"]["message"]
+
+
+def joined_codes(audio: list[Audio]) -> bytes:
+    return b"".join(a.codes or b"" for a in audio)
+
+
+async def test_a_stream_sends_its_codes_with_its_audio_when_asked(server: Any) -> None:
+    async with connect(server.url) as client:
+        k = client.models["tiny-musicgen"].codebooks
+        assert k == 4 and "codes" in client.models["tiny-musicgen"].capabilities
+        audio = live_audio(await events_of(client, duration=2.0, seed=11, codes=True))
+        # Every timestep, once, in order; each message with the timesteps its
+        # audio needs at least (a stream cut after it can be picked up from them).
+        assert len(joined_codes(audio)) == 100 * k * 2
+        had = 0
+        for a in audio:
+            had += len(a.codes or b"") // (2 * k)
+            assert had * HOP >= a.offset + a.frames
+        plain = live_audio(await events_of(client, duration=2.0, seed=11))
+        assert all(a.codes is None for a in plain)
+        assert b"".join(a.data for a in plain) == b"".join(a.data for a in audio)
+
+
+async def test_a_stream_picked_up_from_its_codes_is_the_rest_of_the_whole_one(
+    server: Any,
+) -> None:
+    model = 'model="tiny-musicgen"'
+    async with connect(server.url) as client:
+        asked = {"duration": 3.0, "seed": 21, "top_k": 50, "codes": True}
+        whole = live_audio(await events_of(client, **asked))
+        pcm = b"".join(a.data for a in whole)
+        # Cut after the fourth message: what the client has of the audio, and its codes.
+        have = whole[:4]
+        resume = have[-1].offset + have[-1].frames
+        codes = joined_codes(have)
+        before, _ = await scrape(server.port)
+        events = await events_of(client, **asked, resume=resume, resume_codes=codes)
+        rest = live_audio(events)
+        assert rest[0].offset == resume and [a.seq for a in rest] == list(range(len(rest)))
+        assert same_audio(b"".join(a.data for a in rest), pcm[2 * resume :])
+        # Its codes: those after the ones sent, the whole stream's.
+        assert codes + joined_codes(rest) == joined_codes(whole)
+        done = events[-1]
+        assert isinstance(done, Done) and done.status == "completed"
+        assert done.stats is not None and done.stats.samples == 150 * HOP
+        await server.scheduler.wait_idle(5)
+        after, _ = await scrape(server.port)
+    taken = after.get(f"wavecast_resumed_from_codes_seconds_total{{{model}}}", 0.0) - before.get(
+        f"wavecast_resumed_from_codes_seconds_total{{{model}}}", 0.0
+    )
+    assert taken == pytest.approx(len(codes) / 8 / 50)
+
+
+@pytest.mark.parametrize(
+    ("frame", "field", "says"),
+    [
+        ({"resume_codes": b"\0" * 8, "params": {"seed": 1}}, "resume_codes", "needs resume"),
+        ({"resume": 10, "resume_codes": b"\0" * 6, "params": {"seed": 1}}, "resume_codes", "whole"),
+        (
+            {"resume": 10, "resume_codes": b"\xff" * 8, "params": {"seed": 1}},
+            "resume_codes",
+            "below 64",
+        ),
+        ({"codes": True, "format": "mp3"}, "codes", "needs a PCM format"),
+        ({"codes": 1}, "codes", "must be a boolean"),
+    ],
+    ids=["without resume", "a part of a timestep", "a code too high", "a file", "not a boolean"],
+)
+async def test_codes_that_cannot_be_kept_are_refused(
+    server: Any, frame: dict[str, Any], field: str, says: str
+) -> None:
+    frame = {"type": "generate", "id": "c", "model": "tiny-musicgen", **frame}
+    async with ws_connect(server.url) as ws:
+        await ws.recv()  # (the greeting)
+        await ws.send(msgpack.packb(frame))
+        done = msgpack.unpackb(await ws.recv())
+    assert done["type"] == "done" and done["status"] == "error"
+    assert done["error"]["code"] == "invalid_field" and done["error"]["field"] == field
+    assert says in done["error"]["message"]
