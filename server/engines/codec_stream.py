@@ -136,6 +136,7 @@ class StreamDecoder:
         self._base = 0
         self.total = 0  # frames pushed
         self.emitted = 0  # frames whose audio went out
+        self._eager = False  # (``push_now``: every frame's audio due)
 
     def push(self, codes: Codes) -> FloatAudio | None:
         """Add frames ``[1, K, n]``; return new audio ``[frames, C]`` if a chunk is due."""
@@ -145,6 +146,33 @@ class StreamDecoder:
     def complete_alone(self, plan: DecodePlan) -> FloatAudio:
         """Decode a planned window alone and return its chunk."""
         return self.complete(plan, self._decode(plan.window))
+
+    def push_now(self, codes: Codes) -> FloatAudio | None:
+        """``push``, with every frame's audio that can go out now decoded now
+        (alone), whatever the chunks' schedule: the audio of codes known before
+        the stream steps (a stream picked up from its codes)."""
+        self._eager = True
+        parts: list[FloatAudio] = []
+        try:
+            plan = self.plan_push(codes)
+            while plan is not None:
+                parts.append(self.complete_alone(plan))
+                plan = self._plan_due()
+        finally:
+            self._eager = False
+        parts = [part for part in parts if len(part)]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def caught_up(self) -> None:
+        """Its audio so far is its listener's already (a stream picked up): the
+        chunks after it come as a stream's not ahead of its playback do."""
+        if self.frame_rate:
+            self._first_at = self._clock() - self._sent_frames() / self.frame_rate
+
+    def _sent_frames(self) -> float:
+        return float(self.emitted - self._primed)
 
     def plan_push(self, codes: Codes) -> DecodePlan | None:
         """Add frames ``[1, K, n]``; if a chunk is due, the window to decode for it.
@@ -168,7 +196,7 @@ class StreamDecoder:
     def _plan_due(self) -> DecodePlan | None:
         """The window to decode if a chunk is due, now that frames came."""
         ready = self.total - self.holdback - self.emitted
-        if ready >= self._target():
+        if ready >= self._target() or (self._eager and ready > 0):
             return self._plan(self.total - self.holdback)
         return None
 
@@ -418,6 +446,9 @@ class IncrementalStream(StreamDecoder):
         self._ended = False
         self._waited = False  # its first chunk waited a step for others'
 
+    def _sent_frames(self) -> float:
+        return self._sent / self.hop
+
     def frames_short(self) -> int | None:
         """Frames its first chunk still waits for, where it holds some and no
         audio went out yet (None otherwise: it has not begun, or it is past
@@ -465,7 +496,9 @@ class IncrementalStream(StreamDecoder):
             if new < first:
                 return None
             return self._plan(self.emitted + self._priming + first)
-        if self.cadence is None:
+        if self._eager:
+            due = new > 0
+        elif self.cadence is None:
             due = new >= self._later_target(self._sent / self.hop)
         elif not self.cadence.may_be_due(self._group):
             return None

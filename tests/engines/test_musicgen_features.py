@@ -16,7 +16,7 @@ from helpers import in_parts
 
 from wavecast.protocol import InvalidField, resolve_params
 from wavecast.server.engines.base import EngineRequest
-from wavecast.server.engines.musicgen.engine import MusicGenEngine
+from wavecast.server.engines.musicgen.engine import MusicGenEngine, StreamSettings
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 HOP = 640
@@ -732,6 +732,9 @@ def run_picked_up(
     request = EngineRequest("t", prompt, resolved, inputs or {}, resume_codes=data)
     engine.check(request)
     job = engine.prepare(request)
+    # The known codes' audio is out before the first step (no step decodes it).
+    decoder = job.state.decoder
+    assert decoder.total - decoder.emitted == decoder.holdback
     chunks, codes, steps = [], [], 0
     while True:
         out = engine.step([job])[0]
@@ -857,3 +860,26 @@ def test_a_melody_stream_is_picked_up_from_its_codes_in_its_first_window_only(
         assert audio.shape == whole.shape and np.abs(audio - whole).max() <= 1e-4
         assert sent[0][0] == first
         assert ("from_codes" in job.extra) == (first > 0)
+
+
+def test_a_stream_picked_up_from_its_codes_with_the_codec_re_decoding_windows() -> None:
+    """The known codes' audio made again before the stream steps, with the
+    codec re-decoding windows (``--codec-windows``) as incrementally."""
+    model = build_tiny_musicgen(window=2.0, seed=3)
+    engine = MusicGenEngine(
+        model,
+        name="tiny-2s",
+        test_model=True,
+        max_duration=12.0,
+        stream=StreamSettings(codec_windows=True),
+    )
+    asked = {"duration": 3.0, "seed": 6, "extend_stride": 1.0}
+    whole_job, whole, _ = run(engine, "windows", **asked)
+    codes = engine.codes_of(whole_job)[0].numpy()
+    resolved = resolve_params(engine.info.params, asked)
+    known = codes[:, :90].T.astype("<u2").tobytes()
+    job = engine.prepare(EngineRequest("t", "windows", resolved, resume_codes=known))
+    # (All of it out but the windows' hold-back, before the first step.)
+    assert job.state.decoder.emitted == 90 - engine.stream.holdback
+    _, audio, _, _ = run_picked_up(engine, "windows", codes[:, :90], **asked)
+    assert np.abs(audio - whole).max() <= 1e-4

@@ -577,17 +577,21 @@ class MusicGenEngine(TableSizing):
 
     def _remake_audio(self, st: _MusicGenJob) -> Generator[None, None, None]:
         """The audio of a picked-up stream's known codes, made again in parts
-        of ``REMADE_FRAMES`` (a pause after each), after the prompt's."""
+        of ``REMADE_FRAMES`` (a pause after each), after the prompt's, all of it
+        that can go out before the stream steps; the chunks after it come as
+        a stream's not ahead of its listener (who has played what it had,
+        most likely, while it waited)."""
         known, st.known = st.known, None
         if known is None:
             return
         parts = [] if st.pending_audio is None else [st.pending_audio]
         for start in range(0, int(known.shape[-1]), REMADE_FRAMES):
             with torch.no_grad(), self._codec_format():
-                audio = st.decoder.push(known[..., start : start + REMADE_FRAMES])
+                audio = st.decoder.push_now(known[..., start : start + REMADE_FRAMES])
             if audio is not None:
                 parts.append(audio)
             yield None
+        st.decoder.caught_up()
         if parts:
             st.pending_audio = np.concatenate(parts) if len(parts) > 1 else parts[0]
 
