@@ -22,7 +22,9 @@ was away (SIGTERM to the new one listening: of it, SIGTERM to the old one's
 exit, and the new one's start from its process to listening), and how long
 after it came back (with ``--reuse-port``: after the SIGTERM) its clients'
 tries that took came (they wait between tries: the ones asking again, median
-and last) and the last request completed. ``--before-path
+and last) and the last request completed; and for each stream picked up,
+from its try that took to its first audio past the cut (what its listener
+waits for, once the server is back). ``--before-path
 FOLDER`` runs another commit's server and clients in turns with this tree's (a
 folder holding a worktree's ``wavecast`` package, put first on their path).
 
@@ -74,10 +76,14 @@ async def one(index):
     except Exception as exc:
         return {"end": "not run", "why": repr(exc)}
     chunks = 0
+    new = None  # picked up: from its try that took to its first audio past the cut
     try:
         stream = await client.generate(model, f"restart {index}", duration=duration, seed=index)
         async for event in stream:
             chunks += isinstance(event, Audio)
+            cut = any(" up at " in w for w in whys)
+            if isinstance(event, Audio) and new is None and cut and back[0] is not None:
+                new = time.perf_counter() - back[0]
     except ConnectionClosed:
         return {"end": "not run" if stream.started is None else "cut", "why": "connection lost"}
     finally:
@@ -87,7 +93,7 @@ async def one(index):
         # ("... (picking the stream up at 12.34 s)": the audio it had when cut)
         picked = [float(w.split(" up at ")[1].split(" s)")[0]) for w in whys if " up at " in w]
         return {"end": "completed", "took": took, "at": time.perf_counter(), "picked": picked,
-                "back": back[0]}
+                "back": back[0], "new": new}
     code = stream.done.error.code if stream.done.error else stream.done.status
     if code == "shutting_down":
         return {"end": "cut" if chunks else "not run", "why": code}
@@ -186,6 +192,7 @@ def summary(run: tuple[list[dict[str, Any]], float, float, float, float]) -> dic
         "completed": ends.count("completed"),
         "picked": sum(bool(o.get("picked")) for o in outcomes),
         "picked at": sorted(at for o in outcomes for at in o.get("picked", [])),
+        "new audio": sorted(o["new"] for o in outcomes if o.get("new") is not None),
         "cut": ends.count("cut"),
         "not run": ends.count("not run"),
         "error": ends.count("error"),
@@ -250,8 +257,9 @@ def main() -> None:
           "completed: median, longest from asking | SIGTERM to the new server listening "
           "(SIGTERM to exit; start) | "
           "from then (or SIGTERM, the later) to its clients' try that took: median, last | "
-          "to the last completed |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "to the last completed | "
+          "picked up: from the try that took to the first new audio |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, _ in ways:
         for index, row in enumerate(results[name]):
             median, longest = row["took"]
@@ -259,12 +267,14 @@ def main() -> None:
             first = "none" if row["back"] is None else "{:.1f} s, {:.1f} s".format(*row["back"])
             at = f" ({', '.join(f'{a:.1f}' for a in row['picked at'])} s)" if row["picked"] else ""
             away = "none, it listened first" if row["down"] < 0 else f"{row['down']:.1f} s"
+            new = ", ".join(f"{n:.2f}" for n in row.get("new audio", [])) or "none"
+            new += " s" if row.get("new audio") else ""
             print(
                 f"| {name} | {index + 1} | {row['completed']} | {row['picked']}{at} | {row['cut']} "
                 f"| {row['not run']} "
                 f"| {row['error']} | {median:.1f} s, {longest:.1f} s | {away} "
                 f"({row['exit']:.1f} s; {row['start']:.1f} s) "
-                f"| {first} | {last} |"
+                f"| {first} | {last} | {new} |"
             )
 
 
