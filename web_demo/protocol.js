@@ -38,6 +38,9 @@ export function decodeMessage(frame) {
     if (wire && wire.type === "generate" && wire.inputs) {
       for (const key of Object.keys(wire.inputs)) wire.inputs[key] = base64ToBytes(wire.inputs[key]);
     }
+    if (wire && wire.type === "generate" && typeof wire.resume_codes === "string") {
+      wire.resume_codes = base64ToBytes(wire.resume_codes);
+    }
   } else {
     wire = decode(frame instanceof ArrayBuffer ? new Uint8Array(frame) : frame);
   }

@@ -422,7 +422,9 @@ async def test_js_protocol_matches_golden_frames(browser: Any, server: Any) -> N
           const b64 = (bytes) => btoa(String.fromCharCode(...bytes));
           return golden.map((g) => {
             const unbin = (m) => {  // bytes -> base64, as the golden JSON holds them
-              if (m.data instanceof Uint8Array) m.data = b64(m.data);
+              for (const k of ['data', 'codes', 'resume_codes']) {
+                if (m[k] instanceof Uint8Array) m[k] = b64(m[k]);
+              }
               for (const k of Object.keys(m.inputs || {})) m.inputs[k] = b64(m.inputs[k]);
               return m;
             };
