@@ -889,12 +889,20 @@ def fair_order(
     client's requests running or ahead of it in the queue; the lower first, and
     among equal turns, the one ahead already (the first to come, in a queue
     ordered so since). So a client with a request or two is not left behind one
-    that sent thirty: their requests alternate."""
+    that sent thirty: their requests alternate. A client's streams picked up
+    where they were cut (``resume``: its listener is in the middle of it) take
+    its first places, ahead of its requests not started yet, in its turns."""
     counts = collections.Counter(request.client for request in active)
-    turns = []
+    places: dict[str, list[int]] = collections.defaultdict(list)
+    theirs: dict[str, list[Request]] = collections.defaultdict(list)
     for index, request in enumerate(pending):
-        turns.append((counts[request.client], index, request))
-        counts[request.client] += 1
+        places[request.client].append(index)
+        theirs[request.client].append(request)
+    turns = []
+    for client, requests in theirs.items():
+        requests.sort(key=lambda request: request.resume <= 0)  # (stable: in the order they came)
+        for turn, (index, request) in enumerate(zip(places[client], requests, strict=True)):
+            turns.append((counts[client] + turn, index, request))
     return collections.deque(request for _, _, request in sorted(turns, key=lambda t: t[:2]))
 
 

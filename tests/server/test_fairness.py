@@ -43,6 +43,17 @@ def test_requests_start_in_turns_among_clients() -> None:
     assert [r.id for r in fair_order(collections.deque(alone), [])] == [r.id for r in alone]
 
 
+def test_a_clients_streams_picked_up_take_its_first_places_in_its_turns() -> None:
+    """A stream cut under way and asked again (``resume``) goes ahead of its
+    client's requests not started, not ahead of another client's turn."""
+    active = [request("a1", "a")]
+    came = [request(r, r[0]) for r in ("a2", "a3", "b1", "a4", "b2")]
+    came[3] = replace(came[3], resume=32000)  # (a4: picked up where it was cut)
+    came[4] = replace(came[4], resume=1)
+    order = [r.id for r in fair_order(collections.deque(came), active)]
+    assert order == ["b2", "a4", "b1", "a2", "a3"]
+
+
 class Client:
     """A raw connection from ``address`` (a trusted proxy's X-Forwarded-For): each
     request's events, and when its ``started`` came."""
