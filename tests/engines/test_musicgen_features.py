@@ -883,3 +883,16 @@ def test_a_stream_picked_up_from_its_codes_with_the_codec_re_decoding_windows() 
     assert job.state.decoder.emitted == 90 - engine.stream.holdback
     _, audio, _, _ = run_picked_up(engine, "windows", codes[:, :90], **asked)
     assert np.abs(audio - whole).max() <= 1e-4
+
+
+def test_a_stereo_stream_picked_up_from_its_codes_goes_on_as_it_went(stereo: Any) -> None:
+    """Eight codebooks a timestep, two channels: the same."""
+    _, engine = stereo
+    asked = {"duration": 1.0, "seed": 3}
+    whole_job, whole, _ = run(engine, "wide", **asked)
+    codes = engine.codes_of(whole_job)[0].numpy()
+    assert codes.shape == (8, 50)
+    job, audio, _, sent = run_picked_up(engine, "wide", codes[:, :20], **asked)
+    assert np.array_equal(engine.codes_of(job)[0].numpy(), codes)
+    assert audio.shape == whole.shape == (50 * HOP, 2) and np.abs(audio - whole).max() <= 1e-4
+    assert sent[0][0] == 20 and len(sent[0][1][0]) == 8
