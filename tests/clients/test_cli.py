@@ -485,7 +485,7 @@ async def test_models_lists_what_the_server_serves(server: Any) -> None:
     lines = output.splitlines()
     assert lines[0] == "tiny-musicgen  (TEST MODEL: random weights, it makes noise)"
     assert "musicgen · 32000 Hz mono · up to 300 s · cpu float32" in lines[2]
-    assert lines[3].startswith("  capabilities: text, continuation, long_form")
+    assert lines[3] == "  capabilities: text, continuation, long_form, mbd, codes"
     code, output = await run_cli("models", "--url", server.url, "--json")
     assert code == 0, output
     (listed,) = json.loads(output)

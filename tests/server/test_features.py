@@ -30,7 +30,7 @@ async def test_greeting_declares_capabilities() -> None:
     async with running_server(factory=with_stereo) as srv, connect(srv.url) as client:
         mono = client.models["tiny-musicgen"]
         stereo = client.models["tiny-musicgen-stereo"]
-        assert set(mono.capabilities) == {"text", "continuation", "long_form", "mbd"}
+        assert set(mono.capabilities) == {"text", "continuation", "long_form", "mbd", "codes"}
         assert "stereo" in stereo.capabilities and stereo.channels == 2
         assert "mbd" in stereo.capabilities
         assert client.hello.limits.max_upload_bytes == 16 << 20

@@ -342,6 +342,26 @@ async def test_bad_requests_get_typed_errors(
         assert ok.status == "completed"
 
 
+async def test_speech_streams_have_no_codes_to_pick_up_from(server: Any) -> None:
+    """A speech model lacks the ``codes`` capability: asked for them, or to pick
+    a stream up from them, it says ``unsupported``; a retrying client does not
+    ask (a cut speech stream is made again from its start)."""
+    async with connect(server.url, retry_for=5) as client:
+        assert "codes" not in client.models["tiny-higgs"].capabilities
+        asked = {"max_new_tokens": 8, "seed": 3}
+        for extra, field in (
+            ({"codes": True}, "codes"),
+            ({"resume": 10, "resume_codes": b"\0" * 16}, "resume_codes"),
+        ):
+            stream = await client.generate("tiny-higgs", "Hello.", params=asked, **extra)
+            result = await stream.collect()
+            assert result.error is not None
+            assert (result.error.code, result.error.field) == ("unsupported", field)
+        stream = await client.generate("tiny-higgs", "Hello.", params=asked)
+        assert stream.generate is not None and stream.generate.codes is None
+        assert (await stream.collect()).status == "completed"
+
+
 async def test_empty_text_and_reference_on_music_model(server: Any) -> None:
     async with connect(server.url) as client:
         events = [event async for event in await client.speak("tiny-higgs", "   ")]

@@ -95,7 +95,7 @@ def model_card(
                 "sent when generation ends)",
             )
         )
-    capabilities = ["text", "continuation", "codes"]
+    capabilities = ["text", "continuation"]
     if long_form:
         stride = min(18.0, round(window * 0.6, 3))
         params.append(
@@ -115,6 +115,7 @@ def model_card(
         capabilities.append("stereo")
     if mbd:
         capabilities.append("mbd")
+    capabilities.append("codes")  # (its streams are picked up from their codes)
     label = (
         "random-weight test model, makes noise"
         if test_model
