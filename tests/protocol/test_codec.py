@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import math
 import subprocess
@@ -41,6 +42,15 @@ from wavecast.protocol import (
 
 GOLDEN = Path(__file__).parent / "golden.json"
 
+AUDIO = Audio(
+    id="r1",
+    seq=0,
+    offset=0,
+    sample_rate=32000,
+    channels=1,
+    format="pcm_s16le",
+    data=b"\x01\x00\xff\x7f",
+)
 MESSAGES = [
     Generate(id="r1", model="tiny-musicgen", prompt="lofi beat", params={"duration": 2.5}),
     Generate(id="r2", model="m", params={"top_k": 1, "seed": 7}, format="pcm_f32le"),
@@ -139,25 +149,8 @@ MESSAGES = [
     ),
     Progress(id="r1", fraction=0.0, seconds=0.0, stage="prepare"),
     Progress(id="r1", fraction=0.5, seconds=1.25),
-    Audio(
-        id="r1",
-        seq=0,
-        offset=0,
-        sample_rate=32000,
-        channels=1,
-        format="pcm_s16le",
-        data=b"\x01\x00\xff\x7f",
-    ),
-    Audio(
-        id="r7",
-        seq=0,
-        offset=640,
-        sample_rate=32000,
-        channels=1,
-        format="pcm_s16le",
-        data=b"\x01\x00\xff\x7f",
-        codes=b"\x04\x00\x05\x00\x06\x00\x07\x00",
-    ),
+    AUDIO,
+    dataclasses.replace(AUDIO, id="r7", offset=640, codes=b"\x04\x00\x05\x00\x06\x00\x07\x00"),
     Done(id="r1", status="completed", stats=Stats(2.0, 0.5, 0.08, 4.0, 64000, 0.0)),
     Done(id="r2", status="error", error=ErrorInfo("invalid_field", "bad", "params.top_k")),
     ErrorMessage(code="unknown_id", message="no request", field="id", id="zz"),
