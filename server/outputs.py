@@ -10,7 +10,6 @@ request; this module only says it in the protocol's words.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,12 +105,9 @@ class RequestOutputs:
             if audio.shape[0] > 0:
                 if self.first_audio_at is None:
                     self.first_audio_at = now
-                message = self._audio(self.seq, offset, audio)
-                if self._codes:
-                    data = np.asarray(self._codes, dtype="<u2").tobytes()
-                    message = dataclasses.replace(message, codes=data)
-                    self._codes = []
-                messages.append(message)
+                codes = np.asarray(self._codes, dtype="<u2").tobytes() if self._codes else None
+                self._codes = []
+                messages.append(self._audio(self.seq, offset, audio, codes=codes))
                 self.seq += 1
         if output.stage != self.stage:
             self.stage = output.stage
@@ -184,7 +180,12 @@ class RequestOutputs:
         ]
 
     def _audio(
-        self, seq: int, offset: int, audio: FloatAudio, rendition: str | None = None
+        self,
+        seq: int,
+        offset: int,
+        audio: FloatAudio,
+        rendition: str | None = None,
+        codes: bytes | None = None,
     ) -> Audio:
         return Audio(
             id=self.request_id,
@@ -195,6 +196,7 @@ class RequestOutputs:
             format=self.format,
             data=to_pcm(audio, self.format),
             rendition=rendition,
+            codes=codes,
         )
 
 
