@@ -41,11 +41,12 @@ allows one (checked against the one-shot decode at load), windows otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -58,6 +59,7 @@ from .base import FloatAudio, StepOutput, step_error
 from .codec_incremental import CodecState, IncrementalCodec, checked, incremental, steady_decode
 
 __all__ = [
+    "REMADE_FRAMES",
     "Cadence",
     "CodecStreams",
     "DecodePlan",
@@ -69,6 +71,7 @@ __all__ = [
     "decode_batched",
     "fastest_rows",
     "frames_to_codes",
+    "remake",
     "wait_for_firsts",
 ]
 
@@ -728,6 +731,32 @@ def _batch_sizes(most: int) -> list[int]:
         sizes.update((power, power + power // 2))
         power *= 2
     return sorted(size for size in sizes if size <= most)
+
+
+# Frames of a picked-up stream's known codes whose audio is made again at a
+# time (``remake``), between the running streams' steps.
+REMADE_FRAMES = 250
+
+
+def remake(
+    decoder: StreamDecoder,
+    codes: Codes,
+    place: Callable[[], contextlib.AbstractContextManager[object]],
+) -> Generator[None, None, list[FloatAudio]]:
+    """The audio of a picked-up stream's known frames ``[1, K, n]``, made again
+    in parts of ``REMADE_FRAMES`` (within ``place``, a pause after each): all of
+    it that can go out before the stream steps. The chunks after it come as a
+    stream's not ahead of its listener (who has played what it had, most
+    likely, while it waited)."""
+    parts: list[FloatAudio] = []
+    for start in range(0, int(codes.shape[-1]), REMADE_FRAMES):
+        with torch.no_grad(), place():
+            audio = decoder.push_now(codes[..., start : start + REMADE_FRAMES])
+        if audio is not None:
+            parts.append(audio)
+        yield None
+    decoder.caught_up()
+    return parts
 
 
 # A step's due windows: the output each chunk goes to, its stream, its window.

@@ -63,6 +63,7 @@ from ..codec_stream import (
     StreamGeometry,
     complete_due,
     frames_to_codes,
+    remake,
 )
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import auto_most, reserving, room_for
@@ -84,10 +85,6 @@ from .windows import FED_TOKEN, Codes, Window, Windows
 __all__ = ["MusicGenEngine", "StreamSettings"]
 
 log = logging.getLogger(__name__)
-
-# Timesteps of a picked-up stream's known codes whose audio is made again at a
-# time (``_remake_audio``), between the running streams' steps.
-REMADE_FRAMES = 250
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,22 +573,13 @@ class MusicGenEngine(TableSizing):
         job.known = known
 
     def _remake_audio(self, st: _MusicGenJob) -> Generator[None, None, None]:
-        """The audio of a picked-up stream's known codes, made again in parts
-        of ``REMADE_FRAMES`` (a pause after each), after the prompt's, all of it
-        that can go out before the stream steps; the chunks after it come as
-        a stream's not ahead of its listener (who has played what it had,
-        most likely, while it waited)."""
+        """The audio of a picked-up stream's known codes, made again
+        (``remake``: in parts, a pause after each), after the prompt's."""
         known, st.known = st.known, None
         if known is None:
             return
         parts = [] if st.pending_audio is None else [st.pending_audio]
-        for start in range(0, int(known.shape[-1]), REMADE_FRAMES):
-            with torch.no_grad(), self._codec_format():
-                audio = st.decoder.push_now(known[..., start : start + REMADE_FRAMES])
-            if audio is not None:
-                parts.append(audio)
-            yield None
-        st.decoder.caught_up()
+        parts += yield from remake(st.decoder, known, self._codec_format)
         if parts:
             st.pending_audio = np.concatenate(parts) if len(parts) > 1 else parts[0]
 
