@@ -67,6 +67,7 @@ from ..codec_stream import (
     StreamGeometry,
     complete_due,
     frames_to_codes,
+    remake,
 )
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import auto_most, reserving, room_for
@@ -150,6 +151,15 @@ class _HiggsJob:
     # Pipelined steps: what a step read while the scheduler left it out of a
     # step (given at its next one).
     held: StepOutput | None = None
+    # Rows drawn so far, every chunk's (the codes sent with the audio count them).
+    drawn: int = 0
+    # Picked up from its codes (``_pick_up``): the rows of the chunk under way
+    # known before (its utterance opens with them), the draws made before, and
+    # the known frames' audio (made again as it is prepared, sent first).
+    known: list[list[int]] | None = None
+    first_draw: int = 0
+    remade: Ints | None = None
+    pending_audio: npt.NDArray[np.float32] | None = None
 
 
 class HiggsEngine(TableSizing):
@@ -388,7 +398,14 @@ class HiggsEngine(TableSizing):
             share = measured(pieces, total, i / len(roles), 1 / len(roles))
             encoded[role] = yield from without_grad(share)
         with torch.no_grad():
-            yield self._prepare(request, names, encoded)
+            job = self._prepare(request, names, encoded)
+        st: _HiggsJob = job.state
+        if st.remade is not None:
+            codes, st.remade = st.remade, None
+            parts = yield from remake(st.decoder, codes, self._codec_place)
+            if parts:
+                st.pending_audio = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        yield job
 
     def _check_request(self, request: EngineRequest) -> list[str]:
         """What needs no model: the text, the voice names, transcripts and their clips.
@@ -492,6 +509,10 @@ class HiggsEngine(TableSizing):
         state.seed = seed
         job = Job(request=request, state=state)
         job.extra["seed"] = seed
+        known = self._resume_rows(request, len(chunks))
+        if known:
+            self._pick_up(state, known)
+            job.extra["from_codes"] = round(state.produced / self.frame_rate, 6)
         # At most max_new_tokens steps per chunk, a frame each (less the delay).
         most = min(state.max_frames, state.max_new_tokens * len(chunks))
         job.extra["max_seconds"] = round(most / self.frame_rate, 6)
@@ -528,7 +549,79 @@ class HiggsEngine(TableSizing):
 
     def check(self, request: EngineRequest) -> dict[str, Upload]:
         self._check_request(request)
+        chunks = self._chunks(normalize_text(request.prompt), request.params)
+        self._resume_rows(request, len(chunks))
         return self._decode_uploads(request.inputs)
+
+    def _resume_rows(self, request: EngineRequest, chunks: int) -> list[list[int]]:
+        """``generate.resume_codes`` as the rows ``[K]`` the cut try drew: whole
+        rows of ``K`` codes, each one the model draws (the stream markers among
+        them), no more than the request draws at most (``max_new_tokens`` a
+        text chunk); else ``InvalidField``."""
+        data = request.resume_codes
+        if not data:
+            return []
+        k = self.num_codebooks
+        if len(data) % (2 * k):
+            raise InvalidField(
+                f"resume_codes must hold whole timesteps: {k} codes of 2 bytes each",
+                field="resume_codes",
+            )
+        codes = np.frombuffer(data, dtype="<u2").reshape(-1, k)
+        card = self.decoder.card
+        if int(codes.max()) >= card:
+            raise InvalidField(
+                f"resume_codes holds a code of {int(codes.max())}: this model's are below {card}",
+                field="resume_codes",
+            )
+        most = int(number(request.params["max_new_tokens"])) * chunks
+        if codes.shape[0] > most:
+            raise InvalidField(
+                f"resume_codes holds {codes.shape[0]} timesteps: the request draws {most} at most",
+                field="resume_codes",
+            )
+        rows: list[list[int]] = codes.astype(np.int64).tolist()
+        return rows
+
+    def _pick_up(self, st: _HiggsJob, rows: list[list[int]]) -> None:
+        """Pick a stream up from the rows its cut try drew (``generate.resume_codes``).
+
+        They are taken as the steps took them (each chunk's stop rules, its
+        frames, the length caps), so that the chunks they complete join the
+        history; the chunk under way opens with those it has
+        (``Utterance.picked_up``: prefilled, not a step a row), and the
+        request's draws count on from their number, so that its rows are those
+        of the try that was cut (the same seed). Their frames' audio is made
+        again as the job is prepared. The last row is always drawn: of rows
+        that would end the request, the one that ends it is drawn again.
+        """
+        frames: list[list[int]] = []
+        opening = np.array([self.audio_bos_token], dtype=np.int64)
+        empty = np.zeros((0, self.num_codebooks), dtype=np.int64)
+        u = Utterance.start(opening, empty, self.markers)  # (each chunk's prompt ends so)
+        first = 0  # the chunk under way's first row
+        for i, row in enumerate(rows):
+            all_eos = u.take(row, st.max_new_tokens)
+            frame = None if all_eos else u.frame()
+            produced = st.produced + (frame is not None)
+            ends = u.ended or produced >= st.max_frames
+            if ends and (st.index + 1 >= len(st.chunks) or produced >= st.max_frames):
+                rows = rows[:i]
+                break
+            if frame is not None:
+                st.chunk_frames.append(frame)
+                st.produced = produced
+                frames.append(frame)
+            if ends:
+                self._close_chunk(st)
+                st.chunk_frames = []
+                u = Utterance.start(opening, empty, self.markers)
+                first = i + 1
+        st.known = rows[first:]
+        st.first_draw = st.drawn = len(rows)
+        if frames:
+            st.remade = frames_to_codes(frames)
+        advance_fraction(st, False)
 
     def _decode_uploads(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
         from ...audio import decode_upload
@@ -732,11 +825,24 @@ class HiggsEngine(TableSizing):
             self._clear_row(st)
             return failed_output(job, failures[id(st)])
         if id(st) in outputs:
-            return outputs[id(st)]
+            return self._with_pending(st, outputs[id(st)])
         if st.held is not None:
             held, st.held = st.held, None
-            return held
-        return StepOutput(audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate)
+            output = held
+        else:
+            output = StepOutput(
+                audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate
+            )
+        return self._with_pending(st, output)
+
+    @staticmethod
+    def _with_pending(st: _HiggsJob, output: StepOutput) -> StepOutput:
+        """A picked-up request's first output, its known frames' audio first."""
+        if st.pending_audio is not None:
+            pending, st.pending_audio = st.pending_audio, None
+            audio = output.audio
+            output.audio = pending if audio is None else np.concatenate([pending, audio])
+        return output
 
     def _read(
         self,
@@ -783,7 +889,8 @@ class HiggsEngine(TableSizing):
             if st.utterance is None and id(st) not in failures:
                 u = st.utterance = attempt(failures, [st], self._open_utterance, st)
                 st.spoken = None
-                st.chunk_frames = []
+                if u is None or not u.known:
+                    st.chunk_frames = []
                 if u is not None and st.slot is not None:
                     opened.append((st.slot, self._rules.initial(u)))
         self._rules.reset(opened)
@@ -931,8 +1038,9 @@ class HiggsEngine(TableSizing):
 
     def _write_sampling(self, states: list[_HiggsJob]) -> None:
         """The sampling parameters of requests taking their rows this step, in one
-        write."""
-        self._sampling.set_requests([st.slot for st in states if st.slot is not None], states)
+        write (a picked-up request's draws counted from those made before)."""
+        slots = [st.slot for st in states if st.slot is not None]
+        self._sampling.set_requests(slots, states, [st.first_draw for st in states])
 
     def _clear_row(self, st: _HiggsJob) -> None:
         """Zero a failed request's cache row: what it left there (NaN, say) must not
@@ -951,6 +1059,8 @@ class HiggsEngine(TableSizing):
         repeats them) is kept, the rest is prefilled."""
         ids, audio = self.tokens(self.chunk_prompt(st))
         u = Utterance.start(ids, audio, self.markers)
+        if st.known is not None:
+            u, st.known = u.picked_up(st.known), None
         if st.spoken is not None:
             u.fed = u.reusable(st.spoken)
         self.decoder.ensure(length=len(ids) + st.max_new_tokens + 1)
@@ -1123,6 +1233,8 @@ class HiggsEngine(TableSizing):
         output = StepOutput(
             audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
         )
+        output.codes, output.codes_from = [tokens], st.drawn
+        st.drawn += 1
         if plan is not None:
             (self._ends if done else self._due).append((output, st.decoder, plan))
         return output

@@ -96,7 +96,10 @@ class RowRules:
             self.state[: old.shape[0]] = old
 
     def initial(self, u: Utterance) -> Ints:
-        """``[width]``: a row's state as utterance ``u`` opens."""
+        """``[width]``: a row's state as utterance ``u`` opens (picked up from
+        its codes: as it opened, moved on by the rows known, ``moved_on``)."""
+        if u.opening is not None:
+            return self.moved_on(self.initial(u.opening), u.taken[: u.known])
         k, m = self.codebooks, self.markers
         state = np.empty(self.width, dtype=np.int64)
         state[:k] = u.bos
@@ -110,6 +113,29 @@ class RowRules:
             window[-len(prompt) :] = prompt
         counted = counted_window(window, (m.stream_bos, m.stream_eos))
         state[self._last + k :] = counted.reshape(-1)
+        return state
+
+    def moved_on(self, state: Ints, rows: Sequence[Sequence[int]]) -> Ints:
+        """``state`` (``[width]``) once its row has drawn ``rows`` (``[K]`` each),
+        as ``take`` would leave it a row at a time, in one go on the host: the
+        draws counted, each EOS countdown run once a row while a codebook had
+        ended before it, the last row, and the window with the rows in it."""
+        if not rows:
+            return state
+        k, m = self.codebooks, self.markers
+        drawn = np.asarray(rows, dtype=np.int64).reshape(-1, k)
+        state = state.copy()
+        ended = (drawn == m.stream_eos).any(axis=1)
+        delay = int(state[2 * k + 1])
+        # Whether a codebook had ended before each row (the countdown it runs).
+        before = np.maximum.accumulate(np.concatenate([[delay], ended[:-1]]).astype(np.int64))
+        state[k] += len(drawn)
+        state[k + 1 : 2 * k + 1] -= int(before.sum())
+        state[2 * k + 1] = max(delay, int(ended.any()))
+        state[self._last : self._last + k] = drawn[-1]
+        window = state[self._last + k :].reshape(MAX_RAS_WINDOW, k)
+        counted = np.where(drawn >= self._markers_from, -1, drawn)
+        state[self._last + k :] = np.concatenate([window, counted])[-MAX_RAS_WINDOW:].reshape(-1)
         return state
 
     def reset(self, rows: Sequence[tuple[int, Ints]]) -> None:

@@ -11,6 +11,10 @@ fed with, and the rows spoken. A step gives it the row drawn (``take``: the
 stop rules), and reads the frame that row completes (``frame``). The next
 chunk's prompt repeats this one's prompt and answer: ``reusable`` says how much
 of the row's KV cache stays valid.
+
+A stream picked up from its codes (``generate.resume_codes``) opens its chunk
+under way: the rows it had drawn go into the prompt (``picked_up``: prefilled
+with it), and the rules start where those rows left them.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ class Utterance:
     forwarded: int = 0  # generated rows fed back (in the cache)
     steps: int = 0
     ended: bool = False
+    # Picked up: the first ``known`` rows taken are in the prompt, which the
+    # utterance as it opened (``opening``) did not hold.
+    known: int = 0
+    opening: Utterance | None = None
 
     @classmethod
     def start(cls, ids: Ints, audio: Ints, markers: Markers) -> Utterance:
@@ -100,6 +108,38 @@ class Utterance:
         rows = np.array(self.taken[: self.generated], dtype=np.int64)
         return rows.reshape(self.generated, self.markers.codebooks)
 
+    def picked_up(self, rows: list[list[int]]) -> Utterance:
+        """This utterance, as it opens, once ``rows`` (``[K]`` each, none ending
+        it) are taken: a stream picked up from its codes. The rows join the
+        prompt, behind the text token each was fed with, so that its prefill
+        puts them in the row's cache; the next row is drawn from its last
+        position's logits, as an utterance's first is."""
+        u = Utterance(
+            markers=self.markers,
+            ids=self.ids,
+            audio=self.audio,
+            is_audio=self.is_audio,
+            fed=0,
+            bos=self.bos,
+            eos=self.eos,
+            last=self.last,
+            recent=self.recent,
+            taken=[],
+            opening=self,
+        )
+        fed = []
+        for row in rows:
+            if u.take(list(row), len(rows) + 1):
+                raise ValueError("a row known before the pick-up ends the utterance")
+            fed.append(u.last)
+        u.ended = False
+        u.known = len(rows)
+        if rows:
+            u.ids = np.concatenate([self.ids, np.asarray(fed, dtype=np.int64)])
+            u.audio = np.concatenate([self.audio, np.asarray(rows, dtype=np.int64)])
+            u.is_audio = np.concatenate([self.is_audio, np.ones(len(rows), dtype=np.bool_)])
+        return u
+
     def reusable(self, old: Utterance) -> int:
         """Positions of this prompt that the row's cache holds from ``old``: its
         prompt, and the generated rows fed back as far as this prompt repeats
@@ -115,7 +155,8 @@ class Utterance:
             return 0
         same = 0
         if old.forwarded:
-            generated = old.rows[: old.forwarded]
+            # (The rows fed back follow those in the prompt: ``picked_up``.)
+            generated = old.rows[old.known : old.known + old.forwarded]
             upcoming = self.audio[rows : rows + old.forwarded]
             if upcoming.shape == generated.shape:
                 same = int(np.cumprod((upcoming == generated).all(axis=1)).sum())
