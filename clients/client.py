@@ -834,6 +834,8 @@ class Client:
         bitrate: int | None = None,
         params: Mapping[str, ParamValue] | None = None,
         resume: int | None = None,
+        resume_codes: bytes | None = None,
+        codes: bool | None = None,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start text to speech on a model with the ``tts`` capability.
@@ -846,8 +848,8 @@ class Client:
             reference: An audio file whose voice to clone (SPEAKER0).
             reference_text: What ``reference`` says.
             scene: A scene name or a free description of the setting.
-            id, format, sample_rate, bitrate, params, resume, kwargs: As
-                :meth:`generate`.
+            id, format, sample_rate, bitrate, params, resume, resume_codes,
+                codes, kwargs: As :meth:`generate`.
         """
         merged: dict[str, ParamValue] = {**(params or {}), **kwargs}
         if voice is not None:
@@ -867,6 +869,8 @@ class Client:
             params=merged,
             inputs=inputs,
             resume=resume,
+            resume_codes=resume_codes,
+            codes=codes,
         )
 
     async def close(self) -> None:

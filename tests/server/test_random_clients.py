@@ -179,7 +179,9 @@ class Clients:
                         params = {**params, "seed": rng.randint(0, 99)}
                     if rng.random() < 0.5:  # (some past the clip's end, or of no model's)
                         steps = rng.choice([1, 30, 120, 5000])
-                        codes = np.random.default_rng(rng.randint(0, 9)).integers(0, 64, (steps, 4))
+                        top = rng.choice([64, 66])  # (66: speech's stream markers too)
+                        noise = np.random.default_rng(rng.randint(0, 9))
+                        codes = noise.integers(0, top, (steps, 4))
                         resume_codes = codes.astype("<u2").tobytes()[: rng.choice([None, -1])]
                 with_codes = rng.random() < 0.3 or None
                 stream = await client.generate(

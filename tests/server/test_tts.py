@@ -25,6 +25,7 @@ from helpers import (
     steps_after_disconnect,
     timeout,
 )
+from test_stream import scrape
 
 from wavecast.clients import connect
 from wavecast.clients.client import g711_table
@@ -85,7 +86,7 @@ async def test_greeting_voices_and_scenes_endpoints(server: Any) -> None:
         info = client.models["tiny-higgs"]
         assert info.family == "higgs" and info.test_model
         assert "test model" in info.description
-        assert set(info.capabilities) == {"tts", "voices", "reference", "scene", "dialogue"}
+        assert info.capabilities == ("tts", "voices", "reference", "scene", "dialogue", "codes")
         assert info.voices == ("belinda", "broom_salesman", "no_transcript")
         assert info.scenes is not None and "quiet_indoor" in info.scenes
         assert client.models["tiny-musicgen"].voices is None
@@ -342,24 +343,66 @@ async def test_bad_requests_get_typed_errors(
         assert ok.status == "completed"
 
 
-async def test_speech_streams_have_no_codes_to_pick_up_from(server: Any) -> None:
-    """A speech model lacks the ``codes`` capability: asked for them, or to pick
-    a stream up from them, it says ``unsupported``; a retrying client does not
-    ask (a cut speech stream is made again from its start)."""
+async def test_a_speech_stream_picked_up_from_its_codes_is_the_rest_of_the_whole_one(
+    server: Any,
+) -> None:
+    """A dialogue in chunks, cut in its second chunk: the rows its first
+    messages sent (their codes) pick it up, and the rest is the whole stream's,
+    its codes too; the seconds taken from them are counted."""
+    metric = 'wavecast_resumed_from_codes_seconds_total{model="tiny-higgs"}'
     async with connect(server.url, retry_for=5) as client:
-        assert "codes" not in client.models["tiny-higgs"].capabilities
+        info = client.models["tiny-higgs"]
+        assert "codes" in info.capabilities and info.codebooks == K
+        text = "[SPEAKER0] Hello there.\n[SPEAKER1] Who is it?\n[SPEAKER0] Only me."
+        asked = {"max_new_tokens": 20, "seed": 5, "chunk_method": "speaker"}
+        stream = await client.speak("tiny-higgs", text, **asked)
+        assert stream.generate is not None and stream.generate.codes  # (it retries)
+        whole = [e async for e in stream if isinstance(e, Audio)]
+        joined = b"".join(a.codes or b"" for a in whole)
+        assert len(joined) == 3 * 20 * K * 2  # (three chunks of 20 rows)
+        # The codes always cover the audio: a frame needs its row and K - 1 more.
+        rows = 0
+        for a in whole:
+            rows += len(a.codes or b"") // (2 * K)
+            assert (rows - K) * HOP >= a.offset + a.frames
+        pcm = b"".join(a.data for a in whole)
+        # Cut once the client has 27 rows (the second chunk's seventh).
+        have: list[Audio] = []
+        while len(b"".join(a.codes or b"" for a in have)) < 27 * K * 2:
+            have.append(whole[len(have)])
+        resume = have[-1].offset + have[-1].frames
+        codes = b"".join(a.codes or b"" for a in have)
+        before, _ = await scrape(server.port)
+        again = await client.speak("tiny-higgs", text, **asked, resume=resume, resume_codes=codes)
+        events = [event async for event in again]
+        rest = [e for e in events if isinstance(e, Audio)]
+        assert rest[0].offset == resume
+        assert same_audio(b"".join(a.data for a in rest), pcm[2 * resume :])
+        assert codes + b"".join(a.codes or b"" for a in rest) == joined
+        assert isinstance(events[-1], Done) and events[-1].status == "completed"
+        await server.scheduler.wait_idle(5)
+        after, _ = await scrape(server.port)
+    # The known rows' frames: the first chunk's 20 - K, and the second's, a
+    # frame a row from its K-th on.
+    known = len(codes) // (2 * K)
+    assert after.get(metric, 0.0) - before.get(metric, 0.0) == pytest.approx((known - 2 * K) / 25)
+
+
+async def test_speech_codes_that_cannot_be_kept_are_refused(server: Any) -> None:
+    async with connect(server.url) as client:
         asked = {"max_new_tokens": 8, "seed": 3}
-        for extra, field in (
-            ({"codes": True}, "codes"),
-            ({"resume": 10, "resume_codes": b"\0" * 16}, "resume_codes"),
+        for codes, says in (
+            (b"\0" * 6, "whole timesteps"),
+            (np.full((2, K), 66, "<u2").tobytes(), "below 66"),
+            (np.zeros((9, K), "<u2").tobytes(), "draws 8 at most"),
         ):
-            stream = await client.generate("tiny-higgs", "Hello.", params=asked, **extra)
+            stream = await client.generate(
+                "tiny-higgs", "Hello.", params=asked, resume=10, resume_codes=codes
+            )
             result = await stream.collect()
-            assert result.error is not None
-            assert (result.error.code, result.error.field) == ("unsupported", field)
-        stream = await client.generate("tiny-higgs", "Hello.", params=asked)
-        assert stream.generate is not None and stream.generate.codes is None
-        assert (await stream.collect()).status == "completed"
+            assert result.error is not None, says
+            assert (result.error.code, result.error.field) == ("invalid_field", "resume_codes")
+            assert says in result.error.message
 
 
 async def test_empty_text_and_reference_on_music_model(server: Any) -> None:
