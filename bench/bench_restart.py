@@ -2,7 +2,8 @@
 asked for.
 
 ``--clients`` clients (the Python client library, ``retry_for``) each ask for one
-``--duration`` clip; the server runs ``--max-active`` at once and queues the rest.
+``--duration`` clip (of a speech model, ``--model tiny-higgs``: a text in
+chunks of 10 s at most); the server runs ``--max-active`` at once and queues the rest.
 ``--after`` seconds later it is sent SIGTERM (``--drain-seconds``: the running
 ones get that long to finish); ``--down`` seconds after it exits, a new server
 listens on the same port. With ``--reuse-port`` (both servers' flag), the new
@@ -78,7 +79,15 @@ async def one(index):
     chunks = 0
     new = None  # picked up: from its try that took to its first audio past the cut
     try:
-        stream = await client.generate(model, f"restart {index}", duration=duration, seed=index)
+        if client.models[model].family == "higgs":  # (speech: chunks of 10 s or less)
+            chunks = max(1, -(-int(duration) // 10))
+            text = " ".join(f"Sentence {i} of request {index}." for i in range(chunks))
+            rows = round(duration * 25 / chunks) + 4  # (25 frames a second, after 4 rows)
+            stream = await client.speak(model, text, seed=index, max_new_tokens=rows,
+                                        chunk_method="word", chunk_max_word_num=5)
+        else:
+            stream = await client.generate(model, f"restart {index}", duration=duration,
+                                           seed=index)
         async for event in stream:
             chunks += isinstance(event, Audio)
             cut = any(" up at " in w for w in whys)
