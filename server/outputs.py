@@ -62,7 +62,9 @@ class RequestOutputs:
     codes_from: int = 0
     _codes: list[list[int]] = field(default_factory=list, repr=False)
     seq: int = 0
-    samples: int = 0  # sample frames of the live stream made (the skipped ones too)
+    # Sample frames of the live stream made: the skipped ones too, and those a
+    # stream picked up from its codes did not make again (``from_sample``).
+    samples: int = 0
     last_fraction: float = -1.0
     last_progress_at: float = float("-inf")
     stage: str | None = None

@@ -369,11 +369,19 @@ class Session:
                 )
                 flow.span, flow.encoded = sink.span_of, True
                 held = self._held_for(sink, held)  # (it waits for its encoders, rather than fail)
+            # What the engine need not make again: none at another rate (the
+            # resampler runs over the stream from its start).
+            heard = (message.resume or 0) if sample_rate in (None, 0, info.sample_rate) else 0
             request = Request(
                 id=message.id,
                 model=message.model,
                 engine_request=EngineRequest(
-                    message.id, message.prompt, params, inputs, resume_codes=message.resume_codes
+                    message.id,
+                    message.prompt,
+                    params,
+                    inputs,
+                    resume_codes=message.resume_codes,
+                    resume=heard,
                 ),
                 format=wire_format,
                 sample_rate=sample_rate,

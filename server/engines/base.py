@@ -83,6 +83,11 @@ class EngineRequest:
     # The codes of the live stream a cut try of it sent (``generate.resume_codes``:
     # little-endian uint16, frame after frame), to pick it up from them.
     resume_codes: bytes | None = None
+    # Sample frames of the live stream its client has, at the model's rate
+    # (``generate.resume``, where the client hears that rate; else 0): a stream
+    # picked up from its codes makes none of their audio again (``Job.extra``'s
+    # ``from_sample``: where its audio starts).
+    resume: int = 0
 
 
 @dataclass(slots=True)

@@ -57,8 +57,10 @@ import torch
 from . import codec_incremental
 from .base import FloatAudio, StepOutput, step_error
 from .codec_incremental import CodecState, IncrementalCodec, checked, incremental, steady_decode
+from .prefill import line_cost
 
 __all__ = [
+    "FIRST_REMADE",
     "REMADE_FRAMES",
     "Cadence",
     "CodecStreams",
@@ -734,26 +736,51 @@ def _batch_sizes(most: int) -> list[int]:
 
 
 # Frames of a picked-up stream's known codes whose audio is made again at a
-# time (``remake``), between the running streams' steps.
+# time at most (``remake``), between the running streams' steps; with a time
+# budget, the first part's.
 REMADE_FRAMES = 250
+FIRST_REMADE = 16
 
 
 def remake(
     decoder: StreamDecoder,
     codes: Codes,
     place: Callable[[], contextlib.AbstractContextManager[object]],
+    seconds: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Generator[None, None, list[FloatAudio]]:
     """The audio of a picked-up stream's known frames ``[1, K, n]``, made again
-    in parts of ``REMADE_FRAMES`` (within ``place``, a pause after each): all of
-    it that can go out before the stream steps. The chunks after it come as a
-    stream's not ahead of its listener (who has played what it had, most
-    likely, while it waited)."""
+    in parts (within ``place``, a pause after each): all of it that can go out
+    before the stream steps. The chunks after it come as a stream's not ahead
+    of its listener (who has played what it had, most likely, while it waited).
+
+    A part is ``REMADE_FRAMES`` at most; with a time budget (``seconds``, the
+    prefill's per step), from ``FIRST_REMADE`` on (at most twice the last
+    part's), the frames the budget decodes at the speed measured on the parts
+    so far (a call's fixed cost and a frame's: ``line_cost``), so that a long
+    stream's audio holds the running streams about the budget per pause,
+    whatever the codec's speed; where a call's fixed cost alone is over half
+    the budget, parts that cost twice it (half of their time decodes frames,
+    not a sliver).
+    """
     parts: list[FloatAudio] = []
-    for start in range(0, int(codes.shape[-1]), REMADE_FRAMES):
+    size = REMADE_FRAMES if seconds is None else FIRST_REMADE
+    calls: dict[int, float] = {}  # the last part's seconds of each size (a few sizes)
+    start, total = 0, int(codes.shape[-1])
+    while start < total:
+        part = codes[..., start : start + size]
+        began = clock()
         with torch.no_grad(), place():
-            audio = decoder.push_now(codes[..., start : start + REMADE_FRAMES])
+            audio = decoder.push_now(part)
+        took = clock() - began
+        start += int(part.shape[-1])
         if audio is not None:
             parts.append(audio)
+            if seconds is not None:  # (a part that decoded nothing says nothing)
+                calls[int(part.shape[-1])] = took
+                fixed, per_frame = line_cost(list(calls.items()))
+                bought = int((max(seconds, 2 * fixed) - fixed) / max(per_frame, 1e-9))
+                size = max(1, min(REMADE_FRAMES, 2 * size, bought))
         yield None
     decoder.caught_up()
     return parts

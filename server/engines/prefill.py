@@ -43,6 +43,19 @@ def ragged(
     return starts, own
 
 
+def line_cost(calls: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """Seconds a call of ``n`` units costs, ``(fixed, per unit)``, from calls'
+    ``(n, seconds)``: a least-squares line where their sizes differ enough to
+    tell the two apart; else all per unit."""
+    sizes = np.array([n for n, _ in calls], dtype=np.float64)
+    times = np.array([t for _, t in calls], dtype=np.float64)
+    if sizes.max() >= 2 * sizes.min():
+        slope, intercept = np.polyfit(sizes, times, 1)
+        if slope > 0 and intercept >= 0:
+            return float(intercept), float(slope)
+    return 0.0, float(times.sum() / sizes.sum())
+
+
 @dataclass(frozen=True, slots=True)
 class Group:
     """Rows of a packed call that start at the same place with as many positions:
@@ -267,16 +280,9 @@ class PrefillBudget:
         return max(1, min(self.positions, bought))
 
     def cost(self) -> tuple[float, float]:
-        """Seconds a call costs: ``(fixed, per position)``, from the last calls (a
-        least-squares line where their sizes differ enough to tell the two apart;
-        else all per position)."""
-        sizes = np.array([n for n, _ in self._calls], dtype=np.float64)
-        times = np.array([t for _, t in self._calls], dtype=np.float64)
-        if sizes.max() >= 2 * sizes.min():
-            slope, intercept = np.polyfit(sizes, times, 1)
-            if slope > 0 and intercept >= 0:
-                return float(intercept), float(slope)
-        return 0.0, float(times.sum() / sizes.sum())
+        """Seconds a call costs: ``(fixed, per position)``, from the last calls
+        (``line_cost``)."""
+        return line_cost(self._calls)
 
     def start(self) -> Any:
         """A mark before a call (``measure`` takes it)."""

@@ -5,6 +5,7 @@ stream is the one the whole run drew, its audio too."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -14,11 +15,13 @@ from test_higgs_batched import BOS, DIALOGUE, EOS, K, wav
 
 from wavecast.protocol import InvalidField
 from wavecast.server.engines.base import EngineRequest, Job
+from wavecast.server.engines.codec_stream import remake
 from wavecast.server.engines.higgs import rules as rules_module
 from wavecast.server.engines.higgs.engine import HiggsEngine
 from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
 from wavecast.server.engines.higgs.rules import RowRules
 from wavecast.server.engines.higgs.utterance import Utterance
+from wavecast.server.engines.pieces import run_through
 from wavecast.server.engines.testing.higgs import build_tiny_higgs
 
 VOICED = {"reference": wav(0.8, 330)}
@@ -54,10 +57,11 @@ def prepared(
     inputs: dict[str, bytes] | None = None,
     resume: list[list[int]] | None = None,
     rid: str = "t",
+    heard: int = 0,
     **given: Any,
 ) -> Job:
     params, data = asked(engine, resume, **given)
-    request = EngineRequest(rid, text, params, inputs or {}, resume_codes=data)
+    request = EngineRequest(rid, text, params, inputs or {}, resume_codes=data, resume=heard)
     engine.check(request)
     return engine.prepare(request)
 
@@ -67,11 +71,12 @@ def run(
     text: str,
     inputs: dict[str, bytes] | None = None,
     resume: list[list[int]] | None = None,
+    heard: int = 0,
     **given: Any,
 ) -> tuple[Job, list[tuple[int, list[list[int]]]], np.ndarray]:
-    """A request alone to its end: its job, its outputs' codes (where each
-    starts, its rows) and its audio."""
-    job = prepared(engine, text, inputs, resume, **given)
+    """A request alone to its end (its client having ``heard`` sample frames):
+    its job, its outputs' codes (where each starts, its rows) and its audio."""
+    job = prepared(engine, text, inputs, resume, heard=heard, **given)
     sent, chunks = [], []
     while True:
         out = engine.step([job])[0]
@@ -146,6 +151,25 @@ def test_a_stream_picked_up_from_its_codes_goes_on_as_it_went(
     assert sent[0][0] == first
     assert rows_of(sent) == rows[first:]
     assert audio.shape == whole.shape and np.abs(audio - whole).max() <= 1e-4
+
+
+@pytest.mark.parametrize(("known", "heard"), [(30, 1), (30, 10), (30, 22), (45, 40), (59, 20)])
+def test_a_stream_picked_up_makes_none_of_the_audio_its_client_has_again(
+    engine: HiggsEngine, known: int, heard: int
+) -> None:
+    """Its client has ``heard`` frames and a few samples more (the rows go
+    further, or stop before): their audio is not made again, the decoder takes
+    their frames as context; from the frame they end in, the audio is the whole
+    run's."""
+    given = {"chunk_method": "speaker", "max_new_tokens": 20, "seed": 2, "temperature": 1.0}
+    _, whole_sent, whole = run(engine, DIALOGUE, VOICED, **given)
+    rows = rows_of(whole_sent)
+    job, sent, audio = run(engine, DIALOGUE, VOICED, rows[:known], heard * engine.hop + 5, **given)
+    frames = known // 20 * (20 - K) + max(0, known % 20 - K)  # (the known rows')
+    start = min(heard, frames) * engine.hop
+    assert job.extra["from_sample"] == start
+    assert rows_of(sent) == rows[known:]
+    assert audio.shape == whole[start:].shape and np.abs(audio - whole[start:]).max() <= 1e-4
 
 
 def test_streams_picked_up_where_their_chunks_end_on_their_own(ending: HiggsEngine) -> None:
@@ -224,3 +248,46 @@ def test_codes_to_pick_up_from_that_cannot_be_are_refused(
     with pytest.raises(InvalidField) as info:
         engine.check(request)
     assert info.value.field == "resume_codes" and says in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("fixed", "per_frame", "budget"),
+    [(0.002, 0.0005, None), (0.002, 0.0005, 0.020), (0.045, 0.0037, 0.020)],
+    ids=["no budget", "a fast codec", "a codec whose calls cost over half the budget"],
+)
+def test_the_known_audio_is_made_again_in_parts_of_the_time_budget(
+    loaded: HiggsModel, fixed: float, per_frame: float, budget: float | None
+) -> None:
+    """``remake`` (both engines'): with the prefill's time budget, the parts
+    after the first few take about the budget at the codec's speed (here a
+    call's fixed cost and a frame's: 2 ms and 0.5 ms, 35 or 36 frames), or
+    twice a call's fixed cost where that is over half the budget (the real
+    musicgen-small's codec on this project's CPUs: 45 ms and 3.7 ms, 12
+    frames); without one, 250 frames a part. The audio is the same as made in
+    one go, to float rounding."""
+    engine = HiggsEngine(loaded, name="tiny-higgs")
+    codes = np.random.default_rng(1).integers(0, 64, (1, K, 600))
+    expected = engine.codec_streams.stream().push_now(codes)
+    decoder = engine.codec_streams.stream()
+    now, sizes, times = [0.0], [], []
+    push_now = decoder.push_now
+
+    def timed(part: np.ndarray) -> Any:
+        sizes.append(part.shape[-1])
+        times.append(fixed + per_frame * part.shape[-1])
+        now[0] += times[-1]
+        return push_now(part)
+
+    decoder.push_now = timed  # type: ignore[method-assign]
+    made = remake(decoder, codes, contextlib.nullcontext, budget, lambda: now[0])
+    parts = run_through(made)
+    assert np.abs(np.concatenate(parts) - expected).max() <= 1e-5
+    assert sum(sizes) == 600
+    if budget is None:
+        assert sizes == [250, 250, 100]
+    elif fixed < budget / 2:
+        assert sizes[:2] == [16, 32] and set(sizes[2:-1]) <= {35, 36}
+        assert max(times[2:]) <= budget * 1.001
+    else:
+        assert sizes[:4] == [16, 3, 6, 12] and set(sizes[4:-1]) == {12}
+        assert max(times[3:]) <= 2 * fixed

@@ -723,18 +723,21 @@ def run_picked_up(
     prompt: str,
     known: np.ndarray,
     inputs: dict[str, bytes] | None = None,
+    resume: int = 0,
     **params: Any,
 ) -> tuple[Any, np.ndarray, int, list[Any]]:
     """``run`` picking the stream up from ``known`` ``[K, n]`` codes
-    (``generate.resume_codes``): its job, audio, steps and outputs' codes."""
+    (``generate.resume_codes``), its client having ``resume`` sample frames:
+    its job, audio (from ``from_sample`` on), steps and outputs' codes."""
     resolved = resolve_params(engine.info.params, params)
     data = known.T.astype("<u2").tobytes()
-    request = EngineRequest("t", prompt, resolved, inputs or {}, resume_codes=data)
+    request = EngineRequest("t", prompt, resolved, inputs or {}, resume_codes=data, resume=resume)
     engine.check(request)
     job = engine.prepare(request)
     # The known codes' audio is out before the first step (no step decodes it).
     decoder = job.state.decoder
-    assert decoder.total - decoder.emitted == decoder.holdback
+    if job.extra.get("from_sample", 0) == 0:
+        assert decoder.total - decoder.emitted == decoder.holdback
     chunks, codes, steps = [], [], 0
     while True:
         out = engine.step([job])[0]
@@ -774,6 +777,26 @@ def test_a_stream_picked_up_from_its_codes_goes_on_as_it_went(
     assert steps < steps_whole - known + 10
 
 
+@pytest.mark.parametrize("heard", [1, 37, 60, 90])
+def test_a_stream_picked_up_makes_none_of_the_audio_its_client_has_again(
+    windowed: Any, heard: int
+) -> None:
+    """Its client has ``heard`` frames and a few samples more (the codes go
+    further, or stop before): their audio is not made again, the decoder takes
+    their codes as context; from the frame they end in, the audio is the
+    whole run's."""
+    _, engine = windowed
+    asked = {"duration": 5.0, "seed": 5, "extend_stride": 1.0}
+    whole_job, whole, _ = run(engine, "again", **asked)
+    codes = engine.codes_of(whole_job)[0].numpy()
+    resume = heard * HOP + 17
+    job, audio, _, _ = run_picked_up(engine, "again", codes[:, :60], resume=resume, **asked)
+    start = min(heard, 60) * HOP
+    assert job.extra["from_sample"] == start
+    assert np.array_equal(engine.codes_of(job)[0].numpy(), codes)
+    assert audio.shape == whole[start:].shape and np.abs(audio - whole[start:]).max() <= 1e-4
+
+
 def test_a_continuation_picked_up_from_its_codes_goes_on_as_it_went(windowed: Any) -> None:
     _, engine = windowed
     t = np.arange(44100) / 44100
@@ -788,6 +811,15 @@ def test_a_continuation_picked_up_from_its_codes_goes_on_as_it_went(windowed: An
         assert np.array_equal(engine.codes_of(job)[0].numpy(), codes)
         assert audio.shape == whole.shape and np.abs(audio - whole).max() <= 1e-4
         assert sent[0][0] == 70
+        # Its client has some of it (within the clip where it is streamed, past
+        # it, past the known codes): that audio is not made again.
+        for heard in (30, 100, 130):
+            job, audio, _, _ = run_picked_up(
+                engine, "go on", known, {"continuation": clip}, heard * HOP, **asked
+            )
+            start = job.extra["from_sample"]
+            assert start == min(heard, 70 + first * include_prompt) * HOP
+            assert np.abs(audio - whole[start:]).max() <= 1e-4
 
 
 @pytest.mark.parametrize(

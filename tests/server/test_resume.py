@@ -190,6 +190,25 @@ async def test_a_stream_picked_up_from_its_codes_is_the_rest_of_the_whole_one(
     assert taken == pytest.approx(len(codes) / 8 / 50)
 
 
+async def test_a_stream_picked_up_from_its_codes_at_another_rate(server: Any) -> None:
+    """Heard at 16 kHz (resampled from the model's 32 kHz): the rest is the
+    whole stream's too (the server makes the audio the client had again, to
+    resample the stream from its start), and the audio of the codes not sent
+    yet comes with it."""
+    async with connect(server.url) as client:
+        asked = {"duration": 2.0, "seed": 3, "codes": True, "sample_rate": 16000}
+        asked["format"] = "pcm_f32le"
+        whole = live_audio(await events_of(client, **asked))
+        have = whole[:3]
+        resume = have[-1].offset + have[-1].frames - 100  # (the codes go further)
+        codes = joined_codes(have)
+        rest = live_audio(await events_of(client, **asked, resume=resume, resume_codes=codes))
+        a = np.frombuffer(b"".join(x.data for x in whole), np.float32)
+        b = np.frombuffer(b"".join(x.data for x in rest), np.float32)
+        assert rest[0].offset == resume and b.shape == a[resume:].shape
+        assert np.abs(a[resume:] - b).max() < 1e-4
+
+
 @pytest.mark.parametrize(
     ("frame", "field", "says"),
     [

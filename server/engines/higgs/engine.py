@@ -402,7 +402,7 @@ class HiggsEngine(TableSizing):
         st: _HiggsJob = job.state
         if st.remade is not None:
             codes, st.remade = st.remade, None
-            parts = yield from remake(st.decoder, codes, self._codec_place)
+            parts = yield from remake(st.decoder, codes, self._codec_place, self.prefill.seconds)
             if parts:
                 st.pending_audio = np.concatenate(parts) if len(parts) > 1 else parts[0]
         yield job
@@ -511,8 +511,9 @@ class HiggsEngine(TableSizing):
         job.extra["seed"] = seed
         known = self._resume_rows(request, len(chunks))
         if known:
-            self._pick_up(state, known)
+            heard = self._pick_up(state, known, request.resume)
             job.extra["from_codes"] = round(state.produced / self.frame_rate, 6)
+            job.extra["from_sample"] = heard * self.hop
         # At most max_new_tokens steps per chunk, a frame each (less the delay).
         most = min(state.max_frames, state.max_new_tokens * len(chunks))
         job.extra["max_seconds"] = round(most / self.frame_rate, 6)
@@ -583,7 +584,7 @@ class HiggsEngine(TableSizing):
         rows: list[list[int]] = codes.astype(np.int64).tolist()
         return rows
 
-    def _pick_up(self, st: _HiggsJob, rows: list[list[int]]) -> None:
+    def _pick_up(self, st: _HiggsJob, rows: list[list[int]], resume: int) -> int:
         """Pick a stream up from the rows its cut try drew (``generate.resume_codes``).
 
         They are taken as the steps took them (each chunk's stop rules, its
@@ -592,8 +593,10 @@ class HiggsEngine(TableSizing):
         (``Utterance.picked_up``: prefilled, not a step a row), and the
         request's draws count on from their number, so that its rows are those
         of the try that was cut (the same seed). Their frames' audio is made
-        again as the job is prepared. The last row is always drawn: of rows
-        that would end the request, the one that ends it is drawn again.
+        again as the job is prepared, but for the frames whose audio the client
+        has (``resume`` sample frames): those are the decoder's context only.
+        The last row is always drawn: of rows that would end the request, the
+        one that ends it is drawn again. Returns the frames heard.
         """
         frames: list[list[int]] = []
         opening = np.array([self.audio_bos_token], dtype=np.int64)
@@ -619,9 +622,13 @@ class HiggsEngine(TableSizing):
                 first = i + 1
         st.known = rows[first:]
         st.first_draw = st.drawn = len(rows)
-        if frames:
-            st.remade = frames_to_codes(frames)
+        heard = min(resume // self.hop, len(frames))
+        if heard:
+            st.decoder.prime(frames_to_codes(frames[:heard]))
+        if len(frames) > heard:
+            st.remade = frames_to_codes(frames[heard:])
         advance_fraction(st, False)
+        return heard
 
     def _decode_uploads(self, inputs: Mapping[str, bytes]) -> dict[str, Upload]:
         from ...audio import decode_upload

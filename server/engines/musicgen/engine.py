@@ -526,23 +526,51 @@ class MusicGenEngine(TableSizing):
             seed=seed,
             mbd=bool(params.get("mbd")) and self.mbd is not None,
         )
-        if prompt is not None:
-            job.codes.append(prompt)
-            if params.get("include_prompt"):
-                with self._codec_format():
-                    job.pending_audio = decoder.push(prompt)
-            else:
-                decoder.prime(prompt)
-                job.skip_frames = first_prompt_len
         known = self._resume_codes(request)
         if known is not None:
             self._pick_up(job, known, prompt)
+        include = bool(params.get("include_prompt"))
+        heard = 0
+        if prompt is not None:
+            job.codes.append(prompt)
+            if not include:
+                job.skip_frames = first_prompt_len
+        if job.known is not None:
+            heard = self._heard(job, prompt, include, request.resume)
+        elif prompt is not None and include:
+            with self._codec_format():
+                job.pending_audio = decoder.push(prompt)
+        elif prompt is not None:
+            decoder.prime(prompt)
         # The live stream's length: the new part, or the clip with its prompt.
-        streamed = total_len if params.get("include_prompt") else total_len - first_prompt_len
-        extra = {"seed": seed, "seconds": round(streamed / self.frame_rate, 6)}
-        if job.known is not None:  # (its audio made again from them, not generated)
+        streamed = total_len if include else total_len - first_prompt_len
+        extra: dict[str, ParamValue] = {
+            "seed": seed,
+            "seconds": round(streamed / self.frame_rate, 6),
+        }
+        if job.known is not None:  # (taken from them, not generated)
             extra["from_codes"] = round(job.produced / self.frame_rate, 6)
+            extra["from_sample"] = heard * self.hop
         return Job(request=request, state=job, extra=extra)
+
+    def _heard(self, job: _MusicGenJob, prompt: Codes | None, include: bool, resume: int) -> int:
+        """A picked-up stream's decoder set up: the live stream's frames (the
+        continuation ``prompt`` where it is streamed, ``include``, then the
+        known codes) whose audio its client has (``resume`` sample frames) are
+        context only, after a prompt not streamed; the rest is made again
+        (``_remake_audio``). The frames heard."""
+        assert job.known is not None
+        job.codes.append(job.known)
+        streamed = prompt is not None and include
+        live = np.concatenate([prompt, job.known], axis=-1) if streamed else job.known
+        heard = min(resume // self.hop, int(live.shape[-1]))
+        context = live[..., :heard]
+        if prompt is not None and not include:
+            context = np.concatenate([prompt, context], axis=-1)
+        if context.shape[-1]:
+            job.decoder.prime(context)
+        job.known = live[..., heard:]
+        return heard
 
     def _pick_up(self, job: _MusicGenJob, known: Codes, prompt: Codes | None) -> None:
         """Pick a stream up from the codes of its first timesteps (``known``
@@ -568,18 +596,18 @@ class MusicGenEngine(TableSizing):
         job.gen_offset = gen_offset
         job.window = self.windows.start(job.duration, gen_offset, codes[..., gen_offset:])
         job.first_draw = draws
-        job.codes.append(known)
         job.produced = int(known.shape[-1])
         job.known = known
 
     def _remake_audio(self, st: _MusicGenJob) -> Generator[None, None, None]:
         """The audio of a picked-up stream's known codes, made again
-        (``remake``: in parts, a pause after each), after the prompt's."""
+        (``remake``: in parts of about the prefill's time budget, a pause
+        after each), after the prompt's."""
         known, st.known = st.known, None
         if known is None:
             return
         parts = [] if st.pending_audio is None else [st.pending_audio]
-        parts += yield from remake(st.decoder, known, self._codec_format)
+        parts += yield from remake(st.decoder, known, self._codec_format, self.prefill.seconds)
         if parts:
             st.pending_audio = np.concatenate(parts) if len(parts) > 1 else parts[0]
 
