@@ -57,7 +57,7 @@ import torch
 from . import codec_incremental
 from .base import FloatAudio, StepOutput, step_error
 from .codec_incremental import CodecState, IncrementalCodec, checked, incremental, steady_decode
-from .prefill import line_cost
+from .prefill import line_cost, units_for
 
 __all__ = [
     "FIRST_REMADE",
@@ -757,11 +757,10 @@ def remake(
     A part is ``REMADE_FRAMES`` at most; with a time budget (``seconds``, the
     prefill's per step), from ``FIRST_REMADE`` on (at most twice the last
     part's), the frames the budget decodes at the speed measured on the parts
-    so far (a call's fixed cost and a frame's: ``line_cost``), so that a long
-    stream's audio holds the running streams about the budget per pause,
-    whatever the codec's speed; where a call's fixed cost alone is over half
-    the budget, parts that cost twice it (half of their time decodes frames,
-    not a sliver).
+    so far (a call's fixed cost and a frame's: ``line_cost``, ``units_for``),
+    so that a long stream's audio holds the running streams about the budget
+    per pause, whatever the codec's speed (where a call's fixed cost alone is
+    over half the budget, parts that cost twice it).
     """
     parts: list[FloatAudio] = []
     size = REMADE_FRAMES if seconds is None else FIRST_REMADE
@@ -778,8 +777,7 @@ def remake(
             parts.append(audio)
             if seconds is not None:  # (a part that decoded nothing says nothing)
                 calls[int(part.shape[-1])] = took
-                fixed, per_frame = line_cost(list(calls.items()))
-                bought = int((max(seconds, 2 * fixed) - fixed) / max(per_frame, 1e-9))
+                bought = units_for(seconds, *line_cost(list(calls.items())))
                 size = max(1, min(REMADE_FRAMES, 2 * size, bought))
         yield None
     decoder.caught_up()

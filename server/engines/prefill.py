@@ -56,6 +56,15 @@ def line_cost(calls: Sequence[tuple[int, float]]) -> tuple[float, float]:
     return 0.0, float(times.sum() / sizes.sum())
 
 
+def units_for(seconds: float, fixed: float, per_unit: float) -> int:
+    """Units a call of ``(fixed, per_unit)`` seconds (``line_cost``) does in
+    ``seconds``; where the fixed part alone is over half of them (a large model
+    on a CPU reads all of its weights whatever a call's size), the units of a
+    call of twice the fixed part: half of its time goes to units, not one unit
+    a call at a call's whole price."""
+    return int((max(seconds, 2 * fixed) - fixed) / max(per_unit, 1e-9))
+
+
 @dataclass(frozen=True, slots=True)
 class Group:
     """Rows of a packed call that start at the same place with as many positions:
@@ -270,14 +279,12 @@ class PrefillBudget:
 
     def now(self) -> int:
         """Positions this step may prefill: the cap, or what the time budget buys
-        at the measured speed (once there is a measurement)."""
+        at the measured speed (once there is a measurement: ``units_for``)."""
         if self.seconds is not None:
             self._calls.extend(self._timer.done())
         if self.seconds is None or not self._calls:
             return self.positions
-        fixed, per_position = self.cost()
-        bought = int(max(0.0, self.seconds - fixed) / max(per_position, 1e-9))
-        return max(1, min(self.positions, bought))
+        return max(1, min(self.positions, units_for(self.seconds, *self.cost())))
 
     def cost(self) -> tuple[float, float]:
         """Seconds a call costs: ``(fixed, per position)``, from the last calls

@@ -46,6 +46,18 @@ def test_the_cap_and_the_floor_hold() -> None:
     assert untimed.now() == 1000  # positions only
 
 
+def test_a_call_whose_fixed_part_is_over_half_the_budget_costs_twice_it() -> None:
+    """A large model on a CPU (random-musicgen-small's prefill here: 155 ms a
+    call, whatever its size, and 5.6 ms a position): a 20 ms budget would buy
+    no position, and one a step would feed a long prompt at a call's whole
+    price each; a call of 310 ms feeds 27, half of its time."""
+    now = [0.0]
+    budget = PrefillBudget(4096, 0.020, CPU, clock=lambda: now[0])
+    timed(budget, now, 1, 0.155 + 0.0056)
+    timed(budget, now, 64, 0.155 + 64 * 0.0056)
+    assert budget.now() == 27
+
+
 def test_old_calls_leave_the_fit() -> None:
     """The fit looks at the last calls only: the machine got twice as slow."""
     now = [0.0]
