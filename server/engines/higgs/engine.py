@@ -551,17 +551,24 @@ class HiggsEngine(TableSizing):
     def check(self, request: EngineRequest) -> dict[str, Upload]:
         self._check_request(request)
         chunks = self._chunks(normalize_text(request.prompt), request.params)
-        self._resume_rows(request, len(chunks))
+        self._resume_codes(request, len(chunks))
         return self._decode_uploads(request.inputs)
 
     def _resume_rows(self, request: EngineRequest, chunks: int) -> list[list[int]]:
-        """``generate.resume_codes`` as the rows ``[K]`` the cut try drew: whole
-        rows of ``K`` codes, each one the model draws (the stream markers among
-        them), no more than the request draws at most (``max_new_tokens`` a
-        text chunk); else ``InvalidField``."""
+        """``generate.resume_codes`` as the rows ``[K]`` the cut try drew
+        (``_resume_codes``)."""
+        codes = self._resume_codes(request, chunks)
+        rows: list[list[int]] = [] if codes is None else codes.astype(np.int64).tolist()
+        return rows
+
+    def _resume_codes(self, request: EngineRequest, chunks: int) -> npt.NDArray[np.uint16] | None:
+        """``generate.resume_codes`` as ``[n, K]`` codes: whole rows of ``K``
+        codes, each one the model draws (the stream markers among them), no
+        more than the request draws at most (``max_new_tokens`` a text chunk);
+        else ``InvalidField``."""
         data = request.resume_codes
         if not data:
-            return []
+            return None
         k = self.num_codebooks
         if len(data) % (2 * k):
             raise InvalidField(
@@ -581,8 +588,7 @@ class HiggsEngine(TableSizing):
                 f"resume_codes holds {codes.shape[0]} timesteps: the request draws {most} at most",
                 field="resume_codes",
             )
-        rows: list[list[int]] = codes.astype(np.int64).tolist()
-        return rows
+        return codes
 
     def _pick_up(self, st: _HiggsJob, rows: list[list[int]], resume: int) -> int:
         """Pick a stream up from the rows its cut try drew (``generate.resume_codes``).
