@@ -626,7 +626,7 @@ class HiggsEngine(TableSizing):
                 st.chunk_frames = []
                 u = Utterance.start(opening, empty, self.markers)
                 first = i + 1
-        st.known = rows[first:]
+        st.known = rows[first:] or None
         st.first_draw = st.drawn = len(rows)
         heard = min(resume // self.hop, len(frames))
         if heard:
