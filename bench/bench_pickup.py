@@ -8,11 +8,13 @@ what they cost does not depend on what they are), its client having all of
 their audio but the last ``--ahead`` seconds. Reported: the preparation's
 units (how many, the longest: what the running streams wait for at most
 between two steps, and their sum), and from the request to its first new
-audio (preparation, prefill and steps). ``--before-path FOLDER`` runs another
+audio (preparation, prefill and steps); ``--known 0``: a request not picked
+up, to its first audio. ``--before-path FOLDER`` runs another
 commit's package (a folder holding a worktree's ``wavecast``) in turns with
 this tree's, each in its own process.
 
     .venv/bin/python bench/bench_pickup.py --model random-musicgen-small --known 10 30 60
+    .venv/bin/python bench/bench_pickup.py --model random-higgs-3b --known 0 --threads 2
     .venv/bin/python bench/bench_pickup.py --before-path /tmp/before-py --before-name REV
 
 Prints a Markdown section for bench/RESULTS.md.
@@ -40,8 +42,8 @@ from wavecast.protocol import resolve_params
 from wavecast.server.engines import load_engines
 from wavecast.server.engines.base import EngineRequest
 
-name, known, ahead, seconds, budget = sys.argv[1], *map(float, sys.argv[2:6])
-torch.set_num_threads(1)
+name, known, ahead, seconds, budget, threads = sys.argv[1], *map(float, sys.argv[2:7])
+torch.set_num_threads(int(threads))
 engine = load_engines([name], "cpu", max_active=1, prefill_budget_ms=budget)[name]
 info = engine.info
 speech = info.family == "higgs"
@@ -58,7 +60,7 @@ if speech:  # (a chunk's rows open with the stream BOS on codebooks not started 
 else:
     given = {"seed": 1, "duration": seconds}
 params = resolve_params(info.params, given)
-heard = int((known - ahead) * rate)
+heard = max(0, int((known - ahead) * rate))
 def request():
     kwargs = {"resume_codes": codes.tobytes()}
     try:
@@ -96,7 +98,7 @@ def one(args: argparse.Namespace, path: str | None, known: float) -> dict[str, A
     if path:
         env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-c", ONE, args.model, str(known), str(args.ahead)]
-    command += [str(args.seconds or known + 5), str(args.prefill_budget_ms)]
+    command += [str(args.seconds or known + 5), str(args.prefill_budget_ms), str(args.threads)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{path or 'this tree'}, {known:g} s known:\n{done.stderr}")
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="the stream's length (default: known + 5)")
     parser.add_argument("--prefill-budget-ms", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--before-path", help="another commit's package folder")
     parser.add_argument("--before-name", default="before", help="what to call that commit")
     args = parser.parse_args()
@@ -126,7 +129,7 @@ def main() -> None:
                 results.setdefault((name, known), []).append(result)
                 print(name, known, result, file=sys.stderr, flush=True)
     print(f"### a stream picked up from its codes: {args.model} on cpu\n")
-    print(f"- machine: {machine('cpu')}, 1 torch thread")
+    print(f"- machine: {machine('cpu')}, {args.threads} torch thread(s)")
     print(f"- command: `python bench/bench_pickup.py {' '.join(sys.argv[1:])}`")
     print(f"- date: {time.strftime('%Y-%m-%d')}; {args.rounds} round(s) each, in turns; medians")
     print(
