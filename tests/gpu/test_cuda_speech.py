@@ -402,25 +402,23 @@ def test_a_speech_stream_picked_up_from_its_codes_on_cuda_goes_on_as_it_went(
     text = "[SPEAKER0] Hi.\n[SPEAKER1] Hey!\n[SPEAKER0] Bye."
     given = {"seed": 3, "max_new_tokens": 20, "chunk_method": "speaker", "temperature": 1.0}
     params = resolve_params(engine.info.params, given)
+
+    def run(job: Any) -> tuple[list[list[int]], np.ndarray]:
+        """A job alone to its end: the rows its outputs sent, its audio."""
+        rows, audio = [], []
+        while True:
+            out = engine.step([job])[0]
+            rows += out.codes or []
+            audio += [] if out.audio is None else [out.audio]
+            if out.done:
+                return rows, np.concatenate(audio)[:, 0]
+
     whole_job = engine.prepare(EngineRequest("w", text, params))
-    rows, whole = [], []
-    while True:
-        out = engine.step([whole_job])[0]
-        rows += out.codes or []
-        whole += [] if out.audio is None else [out.audio]
-        if out.done:
-            break
+    rows, heard = run(whole_job)
     assert len(rows) == 60
     known = np.asarray(rows[:27], "<u2").tobytes()
     job = engine.prepare(EngineRequest("p", text, params, resume_codes=known))
-    after, audio = [], []
-    while True:
-        out = engine.step([job])[0]
-        after += out.codes or []
-        audio += [] if out.audio is None else [out.audio]
-        if out.done:
-            break
+    after, streamed = run(job)
     assert after == rows[27:]
     assert torch.equal(engine.codes_of(job), engine.codes_of(whole_job))
-    streamed, heard = np.concatenate(audio)[:, 0], np.concatenate(whole)[:, 0]
     assert streamed.shape == heard.shape and np.abs(streamed - heard).max() <= 1e-3
