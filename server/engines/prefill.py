@@ -43,17 +43,32 @@ def ragged(
     return starts, own
 
 
-def line_cost(calls: Sequence[tuple[int, float]]) -> tuple[float, float]:
+def line_cost(calls: Sequence[tuple[int, float]], fixed: float = 0.0) -> tuple[float, float]:
     """Seconds a call of ``n`` units costs, ``(fixed, per unit)``, from calls'
     ``(n, seconds)``: a least-squares line where their sizes differ enough to
-    tell the two apart; else all per unit."""
+    tell the two apart (``line_fit``); else ``fixed`` (what an earlier fit
+    found) and the rest per unit, or all per unit."""
+    found = line_fit(calls)
+    if found is not None:
+        return found
+    sizes = float(sum(n for n, _ in calls))
+    times = float(sum(t for _, t in calls))
+    rest = times - fixed * len(calls)
+    return (fixed, rest / sizes) if rest > 0 else (0.0, times / sizes)
+
+
+def line_fit(calls: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
+    """``(fixed, per unit)``: the least-squares line through calls' ``(n,
+    seconds)``, where their sizes differ enough (twice) to tell the two apart
+    and the line is one a cost can be (neither part below zero); else None."""
     sizes = np.array([n for n, _ in calls], dtype=np.float64)
+    if len(sizes) < 2 or sizes.max() < 2 * sizes.min():
+        return None
     times = np.array([t for _, t in calls], dtype=np.float64)
-    if sizes.max() >= 2 * sizes.min():
-        slope, intercept = np.polyfit(sizes, times, 1)
-        if slope > 0 and intercept >= 0:
-            return float(intercept), float(slope)
-    return 0.0, float(times.sum() / sizes.sum())
+    slope, intercept = np.polyfit(sizes, times, 1)
+    if slope > 0 and intercept >= 0:
+        return float(intercept), float(slope)
+    return None
 
 
 def units_for(seconds: float, fixed: float, per_unit: float) -> int:
@@ -275,6 +290,7 @@ class PrefillBudget:
         self.device = device
         self.clock = clock
         self._calls: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)
+        self._fixed = 0.0  # a call's fixed part, as the last telling calls found it
         self._timer = StepTimer(device, clock)
 
     def now(self) -> int:
@@ -288,8 +304,16 @@ class PrefillBudget:
 
     def cost(self) -> tuple[float, float]:
         """Seconds a call costs: ``(fixed, per position)``, from the last calls
-        (``line_cost``)."""
-        return line_cost(self._calls)
+        (``line_cost``). Where their sizes are too alike to tell the two parts
+        apart (a long prompt fed at the budget's size, call after call), the
+        fixed part the last telling calls found stays: taken all per
+        position, it would make the next call's budget buy a position or
+        two."""
+        found = line_fit(self._calls)
+        if found is not None:
+            self._fixed = found[0]
+            return found
+        return line_cost(self._calls, self._fixed)
 
     def start(self) -> Any:
         """A mark before a call (``measure`` takes it)."""
