@@ -350,6 +350,32 @@ class TableSizing:
             log.info("%s: its table for %d requests (the server's)", self.name, max_active)
 
 
+def resume_timesteps(
+    data: bytes, codebooks: int, card: int, most: int, most_says: str
+) -> npt.NDArray[np.uint16]:
+    """``generate.resume_codes`` as ``[n, codebooks]`` codes: whole timesteps of
+    ``codebooks`` little-endian uint16 codes, each below ``card``, at most
+    ``most`` of them (``most_says`` how many, ``{most}``: "the clip has {most}");
+    else ``InvalidField``."""
+    if len(data) % (2 * codebooks):
+        raise InvalidField(
+            f"resume_codes must hold whole timesteps: {codebooks} codes of 2 bytes each",
+            field="resume_codes",
+        )
+    codes = np.frombuffer(data, dtype="<u2").reshape(-1, codebooks)
+    if int(codes.max()) >= card:
+        raise InvalidField(
+            f"resume_codes holds a code of {int(codes.max())}: this model's are below {card}",
+            field="resume_codes",
+        )
+    if codes.shape[0] > most:
+        raise InvalidField(
+            f"resume_codes holds {codes.shape[0]} timesteps: " + most_says.format(most=most),
+            field="resume_codes",
+        )
+    return codes
+
+
 def number(value: ParamValue) -> float:
     """A numeric parameter that ``resolve_params`` has validated."""
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -48,9 +48,12 @@ def line_cost(calls: Sequence[tuple[int, float]], fixed: float = 0.0) -> tuple[f
     ``(n, seconds)``: a least-squares line where their sizes differ enough to
     tell the two apart (``line_fit``); else ``fixed`` (what an earlier fit
     found) and the rest per unit, or all per unit."""
-    found = line_fit(calls)
-    if found is not None:
-        return found
+    return line_fit(calls) or spread_cost(calls, fixed)
+
+
+def spread_cost(calls: Sequence[tuple[int, float]], fixed: float) -> tuple[float, float]:
+    """``(fixed, per unit)``: calls' time less ``fixed`` a call, per unit (all
+    of it, where that leaves none)."""
     sizes = float(sum(n for n, _ in calls))
     times = float(sum(t for _, t in calls))
     rest = times - fixed * len(calls)
@@ -313,7 +316,7 @@ class PrefillBudget:
         if found is not None:
             self._fixed = found[0]
             return found
-        return line_cost(self._calls, self._fixed)
+        return spread_cost(self._calls, self._fixed)
 
     def start(self) -> Any:
         """A mark before a call (``measure`` takes it)."""

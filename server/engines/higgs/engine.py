@@ -58,6 +58,7 @@ from ..base import (
     non_finite,
     number,
     request_seed,
+    resume_timesteps,
 )
 from ..codec_decoders import for_serving
 from ..codec_stream import (
@@ -569,26 +570,10 @@ class HiggsEngine(TableSizing):
         data = request.resume_codes
         if not data:
             return None
-        k = self.num_codebooks
-        if len(data) % (2 * k):
-            raise InvalidField(
-                f"resume_codes must hold whole timesteps: {k} codes of 2 bytes each",
-                field="resume_codes",
-            )
-        codes = np.frombuffer(data, dtype="<u2").reshape(-1, k)
-        card = self.decoder.card
-        if int(codes.max()) >= card:
-            raise InvalidField(
-                f"resume_codes holds a code of {int(codes.max())}: this model's are below {card}",
-                field="resume_codes",
-            )
         most = int(number(request.params["max_new_tokens"])) * chunks
-        if codes.shape[0] > most:
-            raise InvalidField(
-                f"resume_codes holds {codes.shape[0]} timesteps: the request draws {most} at most",
-                field="resume_codes",
-            )
-        return codes
+        return resume_timesteps(
+            data, self.num_codebooks, self.decoder.card, most, "the request draws {most} at most"
+        )
 
     def _pick_up(self, st: _HiggsJob, rows: list[list[int]], resume: int) -> int:
         """Pick a stream up from the rows its cut try drew (``generate.resume_codes``).

@@ -19,6 +19,7 @@ with it), and the rules start where those rows left them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,19 +115,7 @@ class Utterance:
         prompt, behind the text token each was fed with, so that its prefill
         puts them in the row's cache; the next row is drawn from its last
         position's logits, as an utterance's first is."""
-        u = Utterance(
-            markers=self.markers,
-            ids=self.ids,
-            audio=self.audio,
-            is_audio=self.is_audio,
-            fed=0,
-            bos=self.bos,
-            eos=self.eos,
-            last=self.last,
-            recent=self.recent,
-            taken=[],
-            opening=self,
-        )
+        u = dataclasses.replace(self, taken=[], opening=self)
         fed = []
         for row in rows:
             if u.take(list(row), len(rows) + 1):

@@ -54,6 +54,7 @@ from ..base import (
     non_finite,
     number,
     request_seed,
+    resume_timesteps,
 )
 from ..codec_decoders import for_serving
 from ..codec_stream import (
@@ -394,25 +395,9 @@ class MusicGenEngine(TableSizing):
         data = request.resume_codes
         if not data:
             return None
-        k = int(self.lm.num_codebooks)
-        if len(data) % (2 * k):
-            raise InvalidField(
-                f"resume_codes must hold whole timesteps: {k} codes of 2 bytes each",
-                field="resume_codes",
-            )
-        codes = np.frombuffer(data, dtype="<u2").reshape(-1, k)
-        card = int(self.lm.card)
-        if int(codes.max()) >= card:
-            raise InvalidField(
-                f"resume_codes holds a code of {int(codes.max())}: this model's are below {card}",
-                field="resume_codes",
-            )
         total = max(1, self.windows.frames(number(request.params["duration"])))
-        if codes.shape[0] > total:
-            raise InvalidField(
-                f"resume_codes holds {codes.shape[0]} timesteps: the clip has {total}",
-                field="resume_codes",
-            )
+        k, card = int(self.lm.num_codebooks), int(self.lm.card)
+        codes = resume_timesteps(data, k, card, total, "the clip has {most}")
         known: Codes = codes.T.astype(np.int64)[None]
         return known
 
