@@ -222,7 +222,12 @@ def compare_servers(old_root: Path, args: argparse.Namespace) -> tuple[list[Turn
     speech = is_higgs_name(args.model)
     # bench_tts.py's requests, as it makes them by default.
     spoken = argparse.Namespace(
-        varied_texts=args.varied_texts, chunk_words=0, voice_seconds=0, max_new_tokens=250
+        varied_texts=args.varied_texts,
+        chunk_words=0,
+        voice_seconds=0,
+        max_new_tokens=250,
+        sample_rate=None,
+        format="pcm_s16le",
     )
 
     async def request(url: str, index: int) -> dict[str, float]:

@@ -6,7 +6,9 @@ first for each: see ``fair_order``), prepare the admitted ones for
 at most ``prefill_budget`` seconds (their conditioning, uploads and prompts, in
 the engines' bounded units of work; requests arriving meanwhile are admitted and
 prepared too, within the budget, so a crowd arriving over a few milliseconds
-takes its costly first step together), step every running request once, hand the
+takes its costly first step together: what of that step can be done apart, the
+engine's ``begin`` does as soon as a request is prepared, and the queue is
+looked at again after it), step every running request once, hand the
 results to each request's sink on the event loop, and drop any request whose
 cancel flag is set, all between two decoding steps. A request that is slow to
 prepare (a melody, a long continuation) therefore delays the running streams by
@@ -149,6 +151,7 @@ class Scheduler:
         self._ticks = TickCosts()
         self._unmeasured = 0  # ticks in a row left out of the measure (young streams)
         self._preparing: list[Request] = []  # admitted, not running yet (FIFO)
+        self._prepared: list[Request] = []  # prepared, not begun (``_begin_prepared``)
         self._held = 0  # decoding requests left out of the last tick (``Request.held``)
         self._outbox: list[tuple[Sink, ServerMessage]] = []  # this tick's messages
         # Requests past their live stream, rendering a post-stage (Multi-Band
@@ -380,12 +383,14 @@ class Scheduler:
         deadline = time.perf_counter() + self.prefill_budget
         admitted = self._admit_pending()
         self._prepare_some(deadline)
-        # Requests that came while those were prepared (a crowd arriving over a few
-        # milliseconds) start in the same step: their first step (the descriptions
-        # encoded together, the prefill) is the costly one, and paid once.
+        self._begin_prepared()
+        # Requests that came while those were prepared and begun (a crowd arriving
+        # over a few milliseconds) start in the same step: their first step (the
+        # prefill, in one call) is the costly one, and paid once.
         while admitted and self._pending and time.perf_counter() < deadline:
             admitted = self._admit_pending()
             self._prepare_some(deadline)
+            self._begin_prepared()
         # Preparation is left out of the measure (it passes, the steps recur), and
         # so are the ticks in which a stream is still young: its first step
         # encodes its description and prefills (a burst's first tick can take ten
@@ -641,9 +646,22 @@ class Scheduler:
                 self._preparing.pop(0)
                 request.preparing = None
                 request.job = job
+                self._prepared.append(request)
                 self._started(request)
             if time.perf_counter() >= deadline:
                 return
+
+    def _begin_prepared(self) -> None:
+        """The requests prepared since the last call, handed to their engines'
+        ``begin`` (the first step's work that need not wait for it), a call per
+        model: the crowd arriving meanwhile is then admitted before that step."""
+        prepared, self._prepared = self._prepared, []
+        jobs: dict[str, list[Job]] = {}
+        for request in prepared:
+            if request.job is not None and not request.cancelled.is_set():
+                jobs.setdefault(request.model, []).append(request.job)
+        for model, each in jobs.items():
+            self._engines[model].begin(each)
 
     def _preparation_progress(self, request: Request, fraction: float) -> None:
         """The part of a request's preparation done, as a ``"prepare"`` progress:

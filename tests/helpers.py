@@ -220,17 +220,24 @@ def step_together(
     *,
     cancel_at: int | None = None,
     cancel: int = 2,
+    begin: bool = False,
 ) -> dict[str, list[Any]]:
     """Step an engine's ``jobs`` together to their end, job ``i`` joining at step
     ``joins[i]`` (all at the first by default); after ``cancel_at`` steps, the first
-    ``cancel`` still running are cancelled (finished). Each request's audio chunks."""
+    ``cancel`` still running are cancelled (finished). Each request's audio chunks.
+    ``begin``: the jobs joining at a step begun together before it (``Engine.begin``,
+    as the scheduler does)."""
     audio: dict[str, list[Any]] = {job.request.request_id: [] for job in jobs}
     waiting = sorted(zip(joins or [0] * len(jobs), range(len(jobs)), strict=True))
     running: list[Any] = []
     steps = 0
     while waiting or running:
+        joining = []
         while waiting and waiting[0][0] <= steps:
-            running.append(jobs[waiting.pop(0)[1]])
+            joining.append(jobs[waiting.pop(0)[1]])
+        if begin and joining:
+            engine.begin(joining)
+        running += joining
         if running:
             outs = engine.step(running)
             for job, out in zip(running, outs, strict=True):

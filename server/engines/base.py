@@ -249,6 +249,16 @@ class Engine(Protocol):
         post-stage, an upload's analysis)."""
         ...
 
+    def begin(self, jobs: Sequence[Job]) -> None:
+        """Work of the first step of ``jobs`` (prepared, not stepped yet) that
+        can be done before that step, done now (MusicGen: their descriptions
+        encoded, in one call). The scheduler calls it as the jobs are prepared,
+        and then looks at its queue again: requests that came meanwhile (a
+        crowd arriving over a few milliseconds) still start in the same step.
+        Where this fails, nothing is kept, and the step does the work (each
+        request failing on its own)."""
+        ...
+
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         """Advance every job by one decoding step; one output per job, in order."""
         ...

@@ -319,6 +319,49 @@ def test_a_crowd_whose_first_step_fails_for_one_fails_only_it(
         assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_descriptions_encoded_before_the_first_step_change_nothing(
+    windowed: Any, monkeypatch: Any, fails: bool
+) -> None:
+    """``begin`` (the scheduler's call as requests are prepared) encodes a
+    crowd's descriptions in one call, and its first step encodes none: the runs
+    equal those begun by their first step. Where that call fails (here: on b's
+    description), nothing is kept, and the first step encodes them again, each
+    failing on its own: b ends with an error, a and c run as alone."""
+    _, engine = windowed
+    alone = {rid: drive(engine, {0: [(rid, make(engine, rid))]})[0][rid] for rid in "abc"}
+    together = engine.conditioning.together
+    calls: list[tuple[str, int]] = []  # (where, requests) of each call
+    where = "step"
+
+    def encode(attributes: list[Any]) -> Any:
+        calls.append((where, len(attributes)))
+        if fails and any("ambient" in (a.text.get("description") or "") for a in attributes):
+            raise RuntimeError("the text encoder failed on this description")
+        return together(attributes)
+
+    monkeypatch.setattr(engine.conditioning, "together", encode)
+
+    def begin(step: int, runs: dict[str, Run]) -> None:
+        nonlocal where
+        if step == 0:
+            where = "begin"
+            engine.begin([run.job for run in runs.values()])
+            where = "step"
+
+    runs, _ = drive(engine, {0: [(rid, make(engine, rid)) for rid in "abc"]}, before=begin)
+    if fails:
+        assert calls == [("begin", 3), ("step", 3), ("step", 1), ("step", 1), ("step", 1)]
+        assert isinstance(runs["b"].error, InternalError) and not runs["b"].audio
+    else:
+        assert calls == [("begin", 3)]
+    for rid in "ac" if fails else "abc":
+        assert runs[rid].error is None
+        assert torch.equal(codes(engine, runs[rid]), codes(engine, alone[rid])), rid
+        pairs = zip(runs[rid].logits, alone[rid].logits, strict=True)
+        assert max(float((x - y).abs().max()) for x, y in pairs) <= 1e-5
+
+
 def test_a_bad_codec_window_fails_its_stream_only(windowed: Any) -> None:
     """c's windows hold codes the codec cannot decode: the batched decode falls back
     to each window alone, c ends with an error, a's audio is untouched."""

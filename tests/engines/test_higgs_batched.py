@@ -611,6 +611,62 @@ def test_a_cancelled_neighbour_and_a_reused_slot_change_nothing(batched: HiggsEn
         batched.finish(job)
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_requests_begun_before_their_first_step_run_as_begun_by_it(
+    loaded: HiggsModel, monkeypatch: Any, pipelined: bool
+) -> None:
+    """``begin`` (the scheduler's call as requests are prepared) takes their rows
+    and opens their first chunks' prompts before their first step: the runs
+    equal those the step begins, joining together or apart. A prompt that fails
+    to open there fails its request in that first step (b, with no audio), and
+    the others run as alone."""
+    engine = HiggsEngine(loaded, name="tiny-higgs", pipelined=pipelined)
+    texts = {"a": DIALOGUE, "b": "Mine fails.", "c": "Hello there, how are you?", "d": "Short."}
+    params: dict[str, Any] = {"chunk_method": "speaker", "max_new_tokens": 25}
+
+    def make(rid: str) -> Job:
+        return request(engine, rid, texts[rid], seed=ord(rid), **params)
+
+    def run(rids: str, joins: list[int], begin: bool) -> dict[str, Any]:
+        jobs = [make(rid) for rid in rids]
+        audio = step_together(engine, jobs, joins, begin=begin)
+        return {
+            job.request.request_id: (audio[job.request.request_id], engine.codes_of(job))
+            for job in jobs
+        }
+
+    plain = run("acd", [0, 0, 4], begin=False)
+    begun = run("acd", [0, 0, 4], begin=True)
+    for rid, (audio, codes) in plain.items():
+        got_audio, got_codes = begun[rid]
+        assert torch.equal(got_codes, codes), rid
+        assert np.allclose(np.concatenate(got_audio), np.concatenate(audio), atol=1e-5), rid
+    open_utterance = engine._open_utterance
+    opened: list[str] = []
+
+    def faulty(st: Any) -> Any:
+        opened.append(st.chunks[0])
+        if st.chunks[0] == texts["b"]:
+            raise RuntimeError("this prompt failed to open")
+        return open_utterance(st)
+
+    monkeypatch.setattr(engine, "_open_utterance", faulty)
+    jobs = {rid: make(rid) for rid in "abc"}
+    engine.begin(list(jobs.values()))
+    assert opened.count(texts["b"]) == 1 and jobs["b"].state.failed is not None
+    first = engine.step(list(jobs.values()))
+    assert first[1].error is not None and first[1].error.code == "internal_error"
+    assert first[1].audio is None and first[1].done
+    engine.finish(jobs["b"])
+    rest = step_together(engine, [jobs["a"], jobs["c"]])
+    assert opened.count(texts["b"]) == 1  # (not opened again in the step)
+    for rid, out in zip("ac", (first[0], first[2]), strict=True):
+        assert out.error is None
+        audio = ([] if out.audio is None else [out.audio]) + rest[rid]
+        assert torch.equal(engine.codes_of(jobs[rid]), plain[rid][1]), rid
+        assert np.allclose(np.concatenate(audio), np.concatenate(plain[rid][0]), atol=1e-5), rid
+
+
 def test_a_request_that_fails_alone_ends_alone(batched: HiggsEngine, monkeypatch: Any) -> None:
     """b's row turns NaN, d's bookkeeping raises: each ends with its own error, a
     goes on as if alone, and c, taking b's row after it, equals its solo run."""

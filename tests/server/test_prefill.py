@@ -49,6 +49,10 @@ class Recorder:
             self.events.append(("unit", request.request_id))
             yield item
 
+    def begin(self, jobs: Sequence[Job]) -> None:
+        self.events.append(("begin", [job.request.request_id for job in jobs]))
+        self.engine.begin(jobs)
+
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         self.events.append(("step", [job.request.request_id for job in jobs]))
         outputs: list[StepOutput] = self.engine.step(jobs)
@@ -248,6 +252,59 @@ async def test_a_request_arriving_while_another_prepares_starts_in_its_step(
     else:
         assert steps[0] == [first.id]
         assert steps[1] == [first.id, second.id]
+
+
+class GatedBegin(Recorder):
+    """The recorder, whose ``begin`` of the request with prompt "a" says it has
+    been entered, then waits for ``gate`` (the test opens it once another
+    request is queued): the description's encoding, taking its time."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.encoded: list[bool] = []  # each call: whether its descriptions came out encoded
+
+    def begin(self, jobs: Sequence[Job]) -> None:
+        if any(job.request.prompt == "a" for job in jobs):
+            self.entered.set()
+            assert self.gate.wait(timeout(30))
+        super().begin(jobs)
+        self.encoded.append(all(job.state.cfg_conditions is not None for job in jobs))
+
+
+async def test_a_request_arriving_while_another_is_begun_starts_in_its_step() -> None:
+    """A prepared request's description is encoded (``begin``) before its
+    first step, and the queue is looked at again after it: a request that came
+    meanwhile is prepared and begun in the same tick, and both take their first
+    step together (their prefill in one call), the descriptions each encoded
+    once, before it."""
+    gated = GatedBegin(tiny_engines()["tiny-musicgen"])
+
+    def factory() -> Mapping[str, Any]:
+        return {"tiny-musicgen": gated}
+
+    config = make_config(max_active=4, admission="slots")
+    config = replace(config, models=replace(config.models, prefill_budget_ms=60_000.0))
+    async with running_server(config, factory) as srv, connect(srv.url) as client:
+        first = await client.generate("tiny-musicgen", "a", duration=0.5, seed=1)
+        assert await asyncio.to_thread(gated.entered.wait, timeout(30))
+        second = await client.generate("tiny-musicgen", "b", duration=0.5, seed=2)
+        async for event in second:
+            if isinstance(event, Queued):
+                break
+        gated.gate.set()
+        results = await asyncio.wait_for(
+            asyncio.gather(first.collect(), second.collect()), timeout(60)
+        )
+        assert [r.status for r in results] == ["completed"] * 2
+    calls = [(kind, ids) for kind, ids in gated.events if kind != "unit"]
+    assert calls[:3] == [
+        ("begin", [first.id]),
+        ("begin", [second.id]),
+        ("step", [first.id, second.id]),
+    ]
+    assert gated.encoded[:2] == [True, True]
 
 
 async def test_the_description_is_limited_in_tokens() -> None:

@@ -161,6 +161,8 @@ class _HiggsJob:
     first_draw: int = 0
     remade: Ints | None = None
     pending_audio: npt.NDArray[np.float32] | None = None
+    # What failed as its first step was begun (``begin``): it fails in that step.
+    failed: BaseException | None = None
 
 
 class HiggsEngine(TableSizing):
@@ -729,6 +731,38 @@ class HiggsEngine(TableSizing):
 
     # -- stepping ------------------------------------------------------------------
 
+    def begin(self, jobs: Sequence[Job]) -> None:
+        """What of the requests' first step need not wait for it (``Engine.begin``,
+        ``_open``): their rows taken and their first chunks' prompts opened. The
+        prefill is the step's, for every request starting in it at once. A
+        request that fails here fails in that step."""
+        failures: dict[int, BaseException] = {}
+        with torch.no_grad():
+            self._open([job.state for job in jobs], failures)
+        for job in jobs:
+            job.state.failed = failures.get(id(job.state))
+
+    def _open(self, states: Sequence[_HiggsJob], failures: dict[int, BaseException]) -> None:
+        """Rows taken for the requests that have none (their sampling written in
+        one call), and the next chunk's prompt opened for those between chunks
+        (its rules set); those that fail on their own go into ``failures``."""
+        states = [st for st in states if id(st) not in failures]
+        joining = [st for st in states if st.slot is None]
+        for st in joining:
+            attempt(failures, [st], self._take_slot, st)
+        taken = [st for st in joining if id(st) not in failures]
+        attempt_together(failures, taken, self._write_sampling)
+        opened: list[tuple[int, Ints]] = []  # rows whose utterance opens: their rules
+        for st in states:
+            if st.utterance is None and id(st) not in failures:
+                u = st.utterance = attempt(failures, [st], self._open_utterance, st)
+                st.spoken = None
+                if u is None or not u.known:
+                    st.chunk_frames = []
+                if u is not None and st.slot is not None:
+                    opened.append((st.slot, self._rules.initial(u)))
+        self._rules.reset(opened)
+
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         """One decoder forward for every request (after prefilling what is due), one
         draw per row, one copy each way; then each request's frames and audio."""
@@ -877,21 +911,11 @@ class HiggsEngine(TableSizing):
         one draw per row, one copy each way, launched (None: no request left).
         Requests that fail on their own go into ``failures`` (by ``id`` of their
         state). ``later``: the codes are read back later (``Launched.wait``)."""
-        joining = [job.state for job in jobs if job.state.slot is None]
-        for st in joining:
-            attempt(failures, [st], self._take_slot, st)
-        taken = [st for st in joining if id(st) not in failures]
-        attempt_together(failures, taken, self._write_sampling)
-        opened: list[tuple[int, Ints]] = []  # rows whose utterance opens: their rules
-        for st in (job.state for job in jobs):
-            if st.utterance is None and id(st) not in failures:
-                u = st.utterance = attempt(failures, [st], self._open_utterance, st)
-                st.spoken = None
-                if u is None or not u.known:
-                    st.chunk_frames = []
-                if u is not None and st.slot is not None:
-                    opened.append((st.slot, self._rules.initial(u)))
-        self._rules.reset(opened)
+        for job in jobs:  # (what failed in ``begin``, failed now)
+            st = job.state
+            if st.failed is not None:
+                failures[id(st)], st.failed = st.failed, None
+        self._open([job.state for job in jobs], failures)
         states = [job.state for job in jobs if id(job.state) not in failures]
         prefilled = self._prefill_due(states, failures)
         states = [st for st in states if id(st) not in failures]

@@ -605,6 +605,22 @@ class MusicGenEngine(TableSizing):
             st.cfg_conditions, st.py_random = complete.value
             st.conditioning = None
 
+    def begin(self, jobs: Sequence[Job]) -> None:
+        """The descriptions of requests about to start encoded in one call now,
+        not in their first step (see ``Engine.begin``). (A melody model's
+        conditioning is done in ``prepare_steps``, in pieces.)"""
+        states = [job.state for job in jobs]
+        starting = [st for st in states if st.cfg_conditions is None and st.conditioning is None]
+        if not starting:
+            return
+        try:
+            with torch.no_grad(), self.autocast():
+                self._condition_together(starting)
+        except Exception:  # (left to the first step, where each fails on its own)
+            log.debug("%s: encoding %d descriptions failed", self.name, len(starting))
+            for st in starting:
+                st.cfg_conditions = None
+
     def _condition_together(self, states: list[_MusicGenJob]) -> None:
         """The descriptions of requests starting now, encoded in one call."""
         conditions = self.conditioning.together([st.attributes[0] for st in states])

@@ -268,6 +268,9 @@ class HiggsReference(HiggsEngine):
             after=after,
         )
 
+    def begin(self, jobs: Sequence[Job]) -> None:
+        """Nothing: each request is stepped alone."""
+
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         self.codec_streams.tick()  # (the chunks' cadence, as the batched engine keeps it)
         with torch.no_grad():
