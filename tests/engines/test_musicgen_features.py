@@ -871,27 +871,67 @@ def test_a_stream_picked_up_beside_others_goes_on_as_it_went(pipelined: bool) ->
     assert np.array_equal(engine.codes_of(jobs[0])[0].numpy(), solo["other"])
 
 
-def test_a_melody_stream_is_picked_up_from_its_codes_in_its_first_window_only(
-    melodic: Any,
+@pytest.mark.parametrize("seconds", [2.0, 1.3])
+def test_a_melody_stream_is_picked_up_from_its_codes_in_any_window(
+    melodic: Any, monkeypatch: Any, seconds: float
 ) -> None:
-    """A later window's melody analysis draws on the windows before it: there
-    the stream is made from its start (its outputs' codes from the first
-    timestep, which the scheduler leaves out up to those the client has), the
-    same codes either way."""
+    """A later window's melody analysis draws on the windows' before it (their
+    Demucs' random shifts): theirs are replayed, drawn and not made, so that
+    each analysis starts where it did in the whole run, and the stream goes on
+    from its codes in any window, as it went (its codes, its audio, the
+    outputs' codes from the first one not known); with a reference shorter
+    than the window too (wrapped around)."""
     _, engine = melodic
     rng = np.random.default_rng(6)
-    reference = wav_bytes((0.2 * rng.standard_normal((44100 * 2, 1))).astype(np.float32), 44100)
-    asked = {"duration": 3.0, "extend_stride": 1.0, "seed": 4}
+    samples = int(44100 * seconds)
+    reference = wav_bytes((0.2 * rng.standard_normal((samples, 1))).astype(np.float32), 44100)
+    asked = {"duration": 4.0, "extend_stride": 1.0, "seed": 4}
+    analyses: list[Any] = []  # the state of the draws each window's analysis starts from
+    in_pieces = engine.conditioning.in_pieces
+
+    def recorded(attributes: Any, py_random: Any) -> Any:
+        analyses.append(py_random)
+        return in_pieces(attributes, py_random)
+
+    monkeypatch.setattr(engine.conditioning, "in_pieces", recorded)
     whole_job, whole, _ = run(engine, "hum", {"melody": reference}, **asked)
     codes = engine.codes_of(whole_job)[0].numpy()
-    for known, first in ((60, 60), (120, 0)):
+    states, analyses[:] = list(analyses), []
+    assert len(states) == 3  # (windows at 0, 1 and 2 s)
+    for known in (60, 120, 150, 171):
         job, audio, _, sent = run_picked_up(
             engine, "hum", codes[:, :known], {"melody": reference}, **asked
         )
-        assert np.array_equal(engine.codes_of(job)[0].numpy(), codes)
+        replayed = 0 if known < 100 else (known - 50) // 50
+        assert job.state.replayed == replayed, known
+        assert analyses == states[replayed:], known
+        analyses.clear()
+        assert np.array_equal(engine.codes_of(job)[0].numpy(), codes), known
         assert audio.shape == whole.shape and np.abs(audio - whole).max() <= 1e-4
-        assert sent[0][0] == first
-        assert ("from_codes" in job.extra) == (first > 0)
+        assert sent[0][0] == known and "from_codes" in job.extra
+
+
+def test_a_melodys_analysis_draws_are_replayed_without_it(melodic: Any) -> None:
+    """``draws_after`` leaves a request's draws where the analysis in pieces
+    leaves them (its random shift and each segment's positional embedding,
+    drawn in the same order), without running Demucs; for a reference of
+    several segments, and for one shorter than one."""
+    _, engine = melodic
+    conditioning = engine.conditioning
+    for seconds in (5.3, 0.4):
+        t = np.arange(int(32000 * seconds)) / 32000
+        reference = torch.from_numpy(np.sin(2 * np.pi * 330 * t)[None].astype(np.float32))
+        attributes = conditioning.attributes("hum", reference)
+        state = random.Random(11).getstate()
+        pieces = conditioning.in_pieces(attributes, state)
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as done:
+                _, after = done.value
+                break
+        replayed = conditioning.draws_after(attributes, state)
+        assert replayed == after != state
 
 
 def test_a_stream_picked_up_from_its_codes_with_the_codec_re_decoding_windows() -> None:

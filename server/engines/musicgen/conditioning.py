@@ -24,7 +24,7 @@ from wavecast.protocol import InvalidField
 
 from ..pipelining import upload
 from .melody import StemsInPieces, in_pieces
-from .separation import drawing
+from .separation import drawing, draws_known
 
 __all__ = ["Conditioning"]
 
@@ -124,6 +124,20 @@ class Conditioning:
         """``one``, a melody's Demucs in pieces: a pause after each of its layers,
         with the part of the separation done (``melody.in_pieces``)."""
         return (yield from in_pieces(lambda: self.one(attributes, py_random), self.stems))
+
+    @property
+    def draws_known(self) -> bool:
+        """Whether ``draws_after`` knows what a melody's analysis draws."""
+        return self.stems is None or draws_known(self.stems.conditioner.demucs)
+
+    def draws_after(self, attributes: list[Any], py_random: Any) -> Any | None:
+        """The state of a request's draws after ``in_pieces(attributes,
+        py_random)``, without its separation (``StemsInPieces.draws_after``):
+        a later long-form window's, as the windows before it left them. None
+        where its Demucs' draws are not known."""
+        if self.stems is None:
+            return py_random
+        return self.stems.draws_after(lambda: self.one(attributes, py_random))
 
     def together(self, attributes: list[Any]) -> list[Conditions]:
         """Encode the descriptions of requests starting now in one call.

@@ -130,6 +130,9 @@ class _MusicGenJob:
     # A long-form window's melody conditioning, being computed in pieces (the
     # window waits for it); its result replaces cfg_conditions and py_random.
     conditioning: Generator[float | None, None, tuple[Any, Any]] | None = None
+    # A melody's stream picked up in a later window: the windows before it,
+    # whose analyses' draws are replayed (drawn, not made) before its own.
+    replayed: int = 0
     seed: int = 0
     mbd: bool = False  # render a Multi-Band Diffusion version once the codes are known
     mbd_run: MBDRun | None = None
@@ -357,6 +360,7 @@ class MusicGenEngine(TableSizing):
         yield from self._remake_audio(job.state)
         if not self.conditioning.together_ok:
             st: _MusicGenJob = job.state
+            yield from self._replay_analyses(st)
             conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
             start = clip if "continuation" in request.inputs else 0.0
             shared = scaled(conditioning, start, 1.0 - start)
@@ -564,9 +568,11 @@ class MusicGenEngine(TableSizing):
         (its prefill, in a step or a few, instead of a step a timestep), and the
         request's draws count on from the same number, so that its codes are
         those of the try that was cut (the same seed). The codes' audio is made
-        again (``_remake_audio``). The last timestep is always generated; a
-        melody's window after the first is not picked up (its analysis draws on
-        the windows before it): the stream is made from its start."""
+        again (``_remake_audio``). The last timestep is always generated. A
+        melody's window after the first is conditioned on its analysis, which
+        draws on the windows' before it: theirs are replayed, their draws
+        drawn, not made (``_replay_analyses``); where the melody's Demucs
+        draws otherwise than is known, the stream is made from its start."""
         first = 0 if prompt is None else int(prompt.shape[-1])
         known = known[..., : max(0, job.total_len - first - 1)]
         point = self.windows.resume_point(
@@ -575,14 +581,38 @@ class MusicGenEngine(TableSizing):
         if point is None or known.shape[-1] == 0:
             return
         gen_offset, draws = point
-        if gen_offset > 0 and job.melody is not None and job.melody_length > 0:
+        melody = job.melody is not None and job.melody_length > 0
+        if gen_offset > 0 and melody and not self.conditioning.draws_known:
             return
+        if gen_offset > 0 and melody:
+            job.replayed = gen_offset // job.stride
         codes = known if prompt is None else np.concatenate([prompt, known], axis=-1)
         job.gen_offset = gen_offset
         job.window = self.windows.start(job.duration, gen_offset, codes[..., gen_offset:])
         job.first_draw = draws
         job.produced = int(known.shape[-1])
         job.known = known
+
+    def _replay_analyses(self, st: _MusicGenJob) -> Generator[None, None, None]:
+        """A melody's stream picked up in a later window: the draws of the
+        analyses of the windows before it, replayed (``draws_after``: none is
+        made, a pause after each), then its melody wrapped for its window,
+        which the preparation then analyses from there."""
+        if not st.replayed:
+            return
+        for index in range(st.replayed):
+            self._wrap_melody(st, index * st.stride)
+            state = self.conditioning.draws_after(st.attributes, st.py_random)
+            assert state is not None  # (``_pick_up`` checked ``draws_known``)
+            st.py_random = state
+            yield None
+        self._wrap_melody(st, st.gen_offset)
+
+    def _wrap_melody(self, st: _MusicGenJob, offset: int) -> None:
+        """The melody for the window that starts ``offset`` timesteps in."""
+        self.conditioning.wrap_melody(
+            st.attributes, st.melody, st.melody_length, offset / self.frame_rate, self.window
+        )
 
     def _remake_audio(self, st: _MusicGenJob) -> Generator[None, None, None]:
         """The audio of a picked-up stream's known codes, made again
@@ -1210,10 +1240,7 @@ class MusicGenEngine(TableSizing):
         if st.melody is not None and st.melody_length > 0:
             # The next window's melody: its chroma in pieces, a layer per step
             # (``_launch``); the window waits for it.
-            time_offset = st.gen_offset / self.frame_rate
-            self.conditioning.wrap_melody(
-                st.attributes, st.melody, st.melody_length, time_offset, self.window
-            )
+            self._wrap_melody(st, st.gen_offset)
             st.conditioning = self.conditioning.in_pieces(st.attributes, st.py_random)
         return False
 

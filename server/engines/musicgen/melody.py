@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..pieces import measured
-from .separation import apply_in_parts, drawing, draws, parts_of
+from .separation import apply_in_parts, drawing, draws, draws_known, parts_of, skip_draws
 
 __all__ = ["StemsInPieces", "in_pieces"]
 
@@ -151,6 +151,28 @@ class StemsInPieces:
                 yield
 
         return (yield from measured(in_contexts(), total))
+
+    def draws_after(self, compute: Callable[[], tuple[Any, Any]]) -> Any | None:
+        """The state of the request's draws after ``in_pieces(compute, self)``
+        (``compute`` returns its result and that state), drawn as its separation
+        draws them, not made (``separation.skip_draws``: none of Demucs'
+        layers run); None where its model's draws are not known
+        (``draws_known``)."""
+        demucs = self.conditioner.demucs
+        if not draws_known(demucs):
+            return None
+        wanted = self.until_separation(compute)
+        if not isinstance(wanted, _Wanted):
+            return wanted[1]  # (nothing to separate)
+        from demucs.audio import convert_audio
+
+        with torch.no_grad():  # (the mix's length at Demucs' rate, as ``separate`` makes it)
+            mix = convert_audio(
+                wanted.wav[:1], wanted.sample_rate, demucs.samplerate, demucs.audio_channels
+            )
+        with drawing(wanted.state) as generator:
+            skip_draws(demucs, int(mix.shape[-1]))
+            return generator.getstate()
 
     def _mixed(self, stems: torch.Tensor) -> torch.Tensor:
         from demucs.audio import convert_audio

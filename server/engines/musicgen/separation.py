@@ -54,8 +54,10 @@ __all__ = [
     "apply_in_parts",
     "drawing",
     "draws",
+    "draws_known",
     "forward_in_parts",
     "parts_of",
+    "skip_draws",
 ]
 
 Parts = Generator[None, None, torch.Tensor]
@@ -189,6 +191,49 @@ def apply_in_parts(
     separated = yield from forward_in_parts(model, padded)
     trimmed: torch.Tensor = center_trim(separated, length)
     return trimmed
+
+
+def draws_known(model: Any) -> bool:
+    """Whether ``skip_draws`` knows what a separation by ``model`` draws: its
+    forward is ``forward_in_parts``' (HTDemucs in evaluation), or each of a
+    bag's models' is."""
+    if isinstance(model, BagOfModels):
+        return all(draws_known(sub) for sub in model.models)
+    return type(model) is HTDemucs and not model.training
+
+
+def skip_draws(
+    model: Any,
+    length: int,
+    shifts: int = 1,
+    split: bool = True,
+    overlap: float = 0.25,
+    segment: float | None = None,
+) -> None:
+    """Draw from ``draws`` what ``apply_in_parts`` draws for a mix of ``length``
+    samples, in the same order, without separating it: each model's random
+    shift, then one draw for each segment's positional embedding (the
+    cross-branch transformer's, where it has one and embeds by sines). For a
+    model that ``draws_known``; a test holds it to the separation."""
+    if isinstance(model, BagOfModels):
+        for sub_model in model.models:
+            skip_draws(sub_model, length, shifts, split, overlap, segment)
+        return
+    if shifts:
+        max_shift = int(0.5 * model.samplerate)
+        for _ in range(shifts):
+            offset = draws.randint(0, max_shift)
+            skip_draws(model, length + max_shift - offset, 0, split, overlap, segment)
+        return
+    if split:
+        whole = model.segment if segment is None else segment
+        stride = int((1 - overlap) * int(model.samplerate * whole))
+        for _ in range(0, length, stride):
+            skip_draws(model, length, 0, False, overlap, segment)
+        return
+    cross = model.crosstransformer
+    if cross and cross.emb == "sin":
+        draws.randrange(cross.sin_random_shift + 1)
 
 
 def parts_of(
