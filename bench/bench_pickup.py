@@ -9,12 +9,14 @@ their audio but the last ``--ahead`` seconds. Reported: the preparation's
 units (how many, the longest: what the running streams wait for at most
 between two steps, and their sum), and from the request to its first new
 audio (preparation, prefill and steps); ``--known 0``: a request not picked
-up, to its first audio. ``--before-path FOLDER`` runs another
+up, to its first audio; ``--melody SECONDS``: a melody model's request, with
+a reference of noise that long. ``--before-path FOLDER`` runs another
 commit's package (a folder holding a worktree's ``wavecast``) in turns with
 this tree's, each in its own process.
 
     .venv/bin/python bench/bench_pickup.py --model random-musicgen-small --known 10 30 60
     .venv/bin/python bench/bench_pickup.py --model random-higgs-3b --known 0 --threads 2
+    .venv/bin/python bench/bench_pickup.py --model tiny-musicgen-melody --melody 20 --known 40 100
     .venv/bin/python bench/bench_pickup.py --before-path /tmp/before-py --before-name REV
 
 Prints a Markdown section for bench/RESULTS.md.
@@ -42,7 +44,7 @@ from wavecast.protocol import resolve_params
 from wavecast.server.engines import load_engines
 from wavecast.server.engines.base import EngineRequest
 
-name, known, ahead, seconds, budget, threads = sys.argv[1], *map(float, sys.argv[2:7])
+name, known, ahead, seconds, budget, threads, melody = sys.argv[1], *map(float, sys.argv[2:8])
 torch.set_num_threads(int(threads))
 engine = load_engines([name], "cpu", max_active=1, prefill_budget_ms=budget)[name]
 info = engine.info
@@ -61,12 +63,19 @@ else:
     given = {"seed": 1, "duration": seconds}
 params = resolve_params(info.params, given)
 heard = max(0, int((known - ahead) * rate))
+inputs = {}
+if melody:  # (a reference of noise, at 44.1 kHz)
+    import io, soundfile
+    noise = np.random.default_rng(1).standard_normal(int(melody * 44100)).astype(np.float32)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, 0.2 * noise, 44100, format="WAV")
+    inputs["melody"] = buffer.getvalue()
 def request():
-    kwargs = {"resume_codes": codes.tobytes()}
+    kwargs = {"resume_codes": codes.tobytes()} if known else {}
     try:
-        return EngineRequest("p", "picked up", params, resume=heard, **kwargs)
+        return EngineRequest("p", "picked up", params, inputs, resume=heard, **kwargs)
     except TypeError:  # (a revision whose engines make all of it again)
-        return EngineRequest("p", "picked up", params, **kwargs)
+        return EngineRequest("p", "picked up", params, inputs, **kwargs)
 engine.warm_up(1)
 began = time.perf_counter()
 units, job = [], None
@@ -99,6 +108,7 @@ def one(args: argparse.Namespace, path: str | None, known: float) -> dict[str, A
         env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-c", ONE, args.model, str(known), str(args.ahead)]
     command += [str(args.seconds or known + 5), str(args.prefill_budget_ms), str(args.threads)]
+    command += [str(args.melody)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{path or 'this tree'}, {known:g} s known:\n{done.stderr}")
@@ -115,6 +125,12 @@ def main() -> None:
     parser.add_argument("--prefill-budget-ms", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--melody",
+        type=float,
+        default=0.0,
+        help="a melody model's reference of this many seconds (noise; 0: none)",
+    )
     parser.add_argument("--before-path", help="another commit's package folder")
     parser.add_argument("--before-name", default="before", help="what to call that commit")
     args = parser.parse_args()
@@ -134,7 +150,9 @@ def main() -> None:
     print(f"- date: {time.strftime('%Y-%m-%d')}; {args.rounds} round(s) each, in turns; medians")
     print(
         f"- the client has all of the known codes' audio but the last {args.ahead:g} s; "
-        f"prefill budget {args.prefill_budget_ms:g} ms a step\n"
+        f"prefill budget {args.prefill_budget_ms:g} ms a step"
+        + (f"; a melody reference of {args.melody:g} s (noise)" if args.melody else "")
+        + "\n"
     )
     print(
         "| revision | known | preparation units | longest unit | units' sum "
