@@ -656,12 +656,18 @@ class Scheduler:
         ``begin`` (the first step's work that need not wait for it), a call per
         model: the crowd arriving meanwhile is then admitted before that step."""
         prepared, self._prepared = self._prepared, []
-        jobs: dict[str, list[Job]] = {}
+        by_model: dict[str, list[Request]] = {}
         for request in prepared:
             if request.job is not None and not request.cancelled.is_set():
-                jobs.setdefault(request.model, []).append(request.job)
-        for model, each in jobs.items():
-            self._engines[model].begin(each)
+                by_model.setdefault(request.model, []).append(request)
+        for model, requests in by_model.items():
+            try:
+                self._engines[model].begin([r.job for r in requests if r.job is not None])
+            except Exception:  # (as a step that fails: these requests end)
+                log.exception("beginning requests failed for model %s", model)
+                for request in requests:
+                    self._release(request)
+                    self._finish(request, "error", InternalError("the model failed"))
 
     def _preparation_progress(self, request: Request, fraction: float) -> None:
         """The part of a request's preparation done, as a ``"prepare"`` progress:

@@ -255,8 +255,8 @@ class Engine(Protocol):
         encoded, in one call). The scheduler calls it as the jobs are prepared,
         and then looks at its queue again: requests that came meanwhile (a
         crowd arriving over a few milliseconds) still start in the same step.
-        Where this fails, nothing is kept, and the step does the work (each
-        request failing on its own)."""
+        A request that fails here fails in that step, on its own (MusicGen:
+        nothing is kept, and the step encodes the descriptions again)."""
         ...
 
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:

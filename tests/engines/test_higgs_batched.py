@@ -665,6 +665,18 @@ def test_requests_begun_before_their_first_step_run_as_begun_by_it(
         audio = ([] if out.audio is None else [out.audio]) + rest[rid]
         assert torch.equal(engine.codes_of(jobs[rid]), plain[rid][1]), rid
         assert np.allclose(np.concatenate(audio), np.concatenate(plain[rid][0]), atol=1e-5), rid
+    # A part of ``begin`` for all of them that fails (the rows' rules): each
+    # request fails with it in its first step.
+    monkeypatch.undo()
+    reset = engine._rules.reset
+    monkeypatch.setattr(engine._rules, "reset", lambda opened: 1 / 0 if opened else reset(opened))
+    crowd = [make(rid) for rid in "ac"]
+    engine.begin(crowd)
+    monkeypatch.undo()
+    outs = engine.step(crowd)
+    assert all(out.error is not None and out.done for out in outs)
+    for job in crowd:
+        engine.finish(job)
 
 
 def test_a_request_that_fails_alone_ends_alone(batched: HiggsEngine, monkeypatch: Any) -> None:

@@ -307,6 +307,36 @@ async def test_a_request_arriving_while_another_is_begun_starts_in_its_step() ->
     assert gated.encoded[:2] == [True, True]
 
 
+class FailingBegin(Recorder):
+    """The recorder, whose ``begin`` raises for a crowd holding the request
+    with prompt "boom" (a bug in the engine's code for the first step)."""
+
+    def begin(self, jobs: Sequence[Job]) -> None:
+        if any(job.request.prompt == "boom" for job in jobs):
+            raise RuntimeError("a bug in beginning the first step")
+        super().begin(jobs)
+
+
+async def test_a_begin_that_fails_ends_its_requests_and_spares_the_server() -> None:
+    """An engine's ``begin`` that raises ends the requests it was given
+    (``internal_error``, as a step that fails), and the server goes on: a
+    request asked after them completes."""
+    failing = FailingBegin(tiny_engines()["tiny-musicgen"])
+
+    def factory() -> Mapping[str, Any]:
+        return {"tiny-musicgen": failing}
+
+    async with running_server(make_config(max_active=4), factory) as srv:
+        async with connect(srv.url) as client:
+            bad = await (await client.generate("tiny-musicgen", "boom", duration=0.5)).collect()
+            assert bad.status == "error" and bad.error is not None
+            assert bad.error.code == "internal_error"
+            good = await (await client.generate("tiny-musicgen", "fine", duration=0.5)).collect()
+            assert good.status == "completed"
+        await srv.scheduler.wait_idle(5)
+        assert not srv.scheduler._active
+
+
 async def test_the_description_is_limited_in_tokens() -> None:
     async with running_server() as srv, connect(srv.url) as client:
         stream = await client.generate("tiny-musicgen", "é" * 300, duration=1.0)

@@ -737,10 +737,15 @@ class HiggsEngine(TableSizing):
         prefill is the step's, for every request starting in it at once. A
         request that fails here fails in that step."""
         failures: dict[int, BaseException] = {}
-        with torch.no_grad():
-            self._open([job.state for job in jobs], failures)
-        for job in jobs:
-            job.state.failed = failures.get(id(job.state))
+        states = [job.state for job in jobs]
+        try:
+            with torch.no_grad():
+                self._open(states, failures)
+        except Exception as exc:  # (a part for every request: each fails with it)
+            for st in states:
+                failures.setdefault(id(st), exc)
+        for st in states:
+            st.failed = failures.get(id(st))
 
     def _open(self, states: Sequence[_HiggsJob], failures: dict[int, BaseException]) -> None:
         """Rows taken for the requests that have none (their sampling written in

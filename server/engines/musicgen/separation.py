@@ -227,9 +227,11 @@ def skip_draws(
         return
     if split:
         whole = model.segment if segment is None else segment
-        stride = int((1 - overlap) * int(model.samplerate * whole))
-        for _ in range(0, length, stride):
-            skip_draws(model, length, 0, False, overlap, segment)
+        segment_length = int(model.samplerate * whole)
+        stride = int((1 - overlap) * segment_length)
+        for offset in range(0, length, stride):
+            piece = min(segment_length, length - offset)
+            skip_draws(model, piece, 0, False, overlap, segment)
         return
     cross = model.crosstransformer
     if cross and cross.emb == "sin":
