@@ -227,6 +227,19 @@ async def test_a_request_arriving_while_another_prepares_starts_in_its_step(
     the first, costly step (descriptions encoded together, prefill) is paid once.
     With no budget left, it waits for the next tick."""
     gated = Gated(tiny_engines()["tiny-musicgen"])
+    first, second = await a_second_while_held(gated, budget_ms)
+    steps = [ids for kind, ids in gated.events if kind == "step"]
+    if budget_ms:
+        assert steps[0] == [first, second]
+    else:
+        assert steps[0] == [first]
+        assert steps[1] == [first, second]
+
+
+async def a_second_while_held(gated: Gated | GatedBegin, budget_ms: float) -> tuple[str, str]:
+    """Through a server of ``gated`` (prefill budget ``budget_ms``): a request
+    ("a"), held by the engine (``entered``) until a second ("b") is queued,
+    then let go (``gate``); both run to completion. Their ids."""
 
     def factory() -> Mapping[str, Any]:
         return {"tiny-musicgen": gated}
@@ -235,7 +248,6 @@ async def test_a_request_arriving_while_another_prepares_starts_in_its_step(
     config = replace(config, models=replace(config.models, prefill_budget_ms=budget_ms))
     async with running_server(config, factory) as srv, connect(srv.url) as client:
         first = await client.generate("tiny-musicgen", "a", duration=0.5, seed=1)
-        # Admitted, then held in its preparation until the second is queued.
         assert await asyncio.to_thread(gated.entered.wait, timeout(30))
         second = await client.generate("tiny-musicgen", "b", duration=0.5, seed=2)
         async for event in second:
@@ -246,12 +258,7 @@ async def test_a_request_arriving_while_another_prepares_starts_in_its_step(
             asyncio.gather(first.collect(), second.collect()), timeout(60)
         )
         assert [r.status for r in results] == ["completed"] * 2
-    steps = [ids for kind, ids in gated.events if kind == "step"]
-    if budget_ms:
-        assert steps[0] == [first.id, second.id]
-    else:
-        assert steps[0] == [first.id]
-        assert steps[1] == [first.id, second.id]
+    return first.id, second.id
 
 
 class GatedBegin(Recorder):
@@ -280,30 +287,9 @@ async def test_a_request_arriving_while_another_is_begun_starts_in_its_step() ->
     step together (their prefill in one call), the descriptions each encoded
     once, before it."""
     gated = GatedBegin(tiny_engines()["tiny-musicgen"])
-
-    def factory() -> Mapping[str, Any]:
-        return {"tiny-musicgen": gated}
-
-    config = make_config(max_active=4, admission="slots")
-    config = replace(config, models=replace(config.models, prefill_budget_ms=60_000.0))
-    async with running_server(config, factory) as srv, connect(srv.url) as client:
-        first = await client.generate("tiny-musicgen", "a", duration=0.5, seed=1)
-        assert await asyncio.to_thread(gated.entered.wait, timeout(30))
-        second = await client.generate("tiny-musicgen", "b", duration=0.5, seed=2)
-        async for event in second:
-            if isinstance(event, Queued):
-                break
-        gated.gate.set()
-        results = await asyncio.wait_for(
-            asyncio.gather(first.collect(), second.collect()), timeout(60)
-        )
-        assert [r.status for r in results] == ["completed"] * 2
+    first, second = await a_second_while_held(gated, 60_000.0)
     calls = [(kind, ids) for kind, ids in gated.events if kind != "unit"]
-    assert calls[:3] == [
-        ("begin", [first.id]),
-        ("begin", [second.id]),
-        ("step", [first.id, second.id]),
-    ]
+    assert calls[:3] == [("begin", [first]), ("begin", [second]), ("step", [first, second])]
     assert gated.encoded[:2] == [True, True]
 
 
