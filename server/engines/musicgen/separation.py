@@ -202,40 +202,21 @@ def draws_known(model: Any) -> bool:
     return type(model) is HTDemucs and not model.training
 
 
-def skip_draws(
-    model: Any,
-    length: int,
-    shifts: int = 1,
-    split: bool = True,
-    overlap: float = 0.25,
-    segment: float | None = None,
-) -> None:
-    """Draw from ``draws`` what ``apply_in_parts`` draws for a mix of ``length``
-    samples, in the same order, without separating it: each model's random
+def skip_draws(model: Any, length: int) -> None:
+    """Draw from ``draws`` what ``apply_in_parts(model, mix)`` draws for a mix
+    of ``length`` samples (its defaults: one random shift, segments a quarter
+    overlapping), in the same order, without separating it: each model's
     shift, then one draw for each segment's positional embedding (the
     cross-branch transformer's, where it has one and embeds by sines). For a
     model that ``draws_known``; a test holds it to the separation."""
-    if isinstance(model, BagOfModels):
-        for sub_model in model.models:
-            skip_draws(sub_model, length, shifts, split, overlap, segment)
-        return
-    if shifts:
-        max_shift = int(0.5 * model.samplerate)
-        for _ in range(shifts):
-            offset = draws.randint(0, max_shift)
-            skip_draws(model, length + max_shift - offset, 0, split, overlap, segment)
-        return
-    if split:
-        whole = model.segment if segment is None else segment
-        segment_length = int(model.samplerate * whole)
-        stride = int((1 - overlap) * segment_length)
-        for offset in range(0, length, stride):
-            piece = min(segment_length, length - offset)
-            skip_draws(model, piece, 0, False, overlap, segment)
-        return
-    cross = model.crosstransformer
-    if cross and cross.emb == "sin":
-        draws.randrange(cross.sin_random_shift + 1)
+    for sub_model in model.models if isinstance(model, BagOfModels) else [model]:
+        max_shift = int(0.5 * sub_model.samplerate)
+        shifted = length + max_shift - draws.randint(0, max_shift)
+        stride = int(0.75 * int(sub_model.samplerate * sub_model.segment))
+        cross = sub_model.crosstransformer
+        for _ in range(0, shifted, stride):
+            if cross and cross.emb == "sin":
+                draws.randrange(cross.sin_random_shift + 1)
 
 
 def parts_of(
