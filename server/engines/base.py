@@ -8,6 +8,7 @@ flag between steps. Only the inference thread calls these methods.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -384,6 +385,18 @@ def resume_timesteps(
             field="resume_codes",
         )
     return codes
+
+
+def resampled_length(samples: int, old: int, new: int) -> int:
+    """The length julius' ``resample_frac`` (audiocraft's and Demucs'
+    ``convert_audio``) makes of ``samples`` at rate ``old`` resampled to
+    ``new``: the rates over their greatest common divisor, the length rounded
+    down after a float32 rounding."""
+    if old == new:
+        return samples
+    common = math.gcd(old, new)
+    old, new = old // common, new // common
+    return int(np.floor(np.float32(new * samples / old)))
 
 
 def number(value: ParamValue) -> float:

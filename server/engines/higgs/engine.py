@@ -916,12 +916,12 @@ class HiggsEngine(TableSizing):
         one draw per row, one copy each way, launched (None: no request left).
         Requests that fail on their own go into ``failures`` (by ``id`` of their
         state). ``later``: the codes are read back later (``Launched.wait``)."""
-        for job in jobs:  # (what failed in ``begin``, failed now)
-            st = job.state
+        states = [job.state for job in jobs]
+        for st in states:  # (what failed in ``begin``, failed now)
             if st.failed is not None:
                 failures[id(st)], st.failed = st.failed, None
-        self._open([job.state for job in jobs], failures)
-        states = [job.state for job in jobs if id(job.state) not in failures]
+        self._open(states, failures)
+        states = [st for st in states if id(st) not in failures]
         prefilled = self._prefill_due(states, failures)
         states = [st for st in states if id(st) not in failures]
         decoder = self.decoder

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence, Set
@@ -54,6 +53,7 @@ from ..base import (
     non_finite,
     number,
     request_seed,
+    resampled_length,
     resume_timesteps,
 )
 from ..codec_decoders import for_serving
@@ -413,15 +413,9 @@ class MusicGenEngine(TableSizing):
         return -(-self._at_model_rate(samples, rate) // self.hop)
 
     def _at_model_rate(self, samples: int, rate: int) -> int:
-        """The length ``convert_audio`` resamples ``samples`` at ``rate`` to (as
-        julius' ``resample_frac`` computes it: the rates over their greatest
-        common divisor, the length rounded down after a float32 rounding)."""
-        old, new = int(rate), int(self.model.sample_rate)
-        if old == new:
-            return samples
-        common = math.gcd(old, new)
-        old, new = old // common, new // common
-        return int(np.floor(np.float32(new * samples / old)))
+        """The length ``convert_audio`` resamples ``samples`` at ``rate`` to
+        (``resampled_length``)."""
+        return resampled_length(samples, int(rate), int(self.model.sample_rate))
 
     def _check_prompt_frames(self, frames: int, params: Mapping[str, ParamValue]) -> None:
         """Refuse a continuation prompt of ``frames`` codec frames that is not

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..base import resampled_length
 from ..pieces import measured
 from .separation import apply_in_parts, drawing, draws, draws_known, parts_of, skip_draws
 
@@ -164,14 +165,12 @@ class StemsInPieces:
         wanted = self.until_separation(compute)
         if not isinstance(wanted, _Wanted):
             return wanted[1]  # (nothing to separate)
-        from demucs.audio import convert_audio
-
-        with torch.no_grad():  # (the mix's length at Demucs' rate, as ``separate`` makes it)
-            mix = convert_audio(
-                wanted.wav[:1], wanted.sample_rate, demucs.samplerate, demucs.audio_channels
-            )
+        # The mix's length at Demucs' rate, as ``separate`` resamples it.
+        length = resampled_length(
+            int(wanted.wav.shape[-1]), int(wanted.sample_rate), int(demucs.samplerate)
+        )
         with drawing(wanted.state) as generator:
-            skip_draws(demucs, int(mix.shape[-1]))
+            skip_draws(demucs, length)
             return generator.getstate()
 
     def _mixed(self, stems: torch.Tensor) -> torch.Tensor:
