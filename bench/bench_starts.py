@@ -7,10 +7,15 @@ server's where less) and its warm-up's time; and how long each start took until
 the server listened (a restart's time without a server).
 
 What a warm-up measures decides how every later stream is decoded, so it must
-come out the same from one start to the next on the same machine. Run it with
-an earlier revision's package first on ``PYTHONPATH`` to compare.
+come out the same from one start to the next on the same machine: every start
+here measures (``--remeasure``). Run it with an earlier revision's package first
+on ``PYTHONPATH`` to compare. ``--kept``: the starts take turns, one measuring,
+one taking what the starts before kept (``engines/measures.py``), each set of
+starts its own rows; in a cache folder of their own (the row kernel built once
+before them).
 
     .venv/bin/python bench/bench_starts.py --model tiny-musicgen --model tiny-higgs --starts 8
+    .venv/bin/python bench/bench_starts.py --model random-musicgen-small --starts 3 --kept
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -18,9 +23,11 @@ Prints a Markdown section for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -30,18 +37,22 @@ from bench_stream import codec_batches, machine, start_server
 
 import wavecast.server
 
+Start = tuple[dict[str, tuple[int, str, float, str]], float]
 
-def one_start(args: argparse.Namespace) -> tuple[dict[str, tuple[int, str, float, str]], float]:
+
+def one_start(args: argparse.Namespace, kept: bool = False) -> Start:
     """Each model's codec chunks per call, codec layers as products (for one
     stream's calls / for more, of all; "-" where the log does not say), warm-up
-    seconds and the requests its table was readied for, from one start; and the
+    seconds and the requests its table was readied for, from one start (which
+    measures, or with ``kept`` takes what the starts before kept); and the
     seconds from the process's start until it listened."""
+    args.server_extra = [] if kept else ["--remeasure"]
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         process: subprocess.Popen[bytes] | None = None
         try:
             began = time.perf_counter()
-            process, _ = start_server(args, log)
+            process, _ = start_server(args, log, args.env)
             listened = time.perf_counter() - began
         finally:
             if process is not None:
@@ -81,25 +92,55 @@ def main() -> None:
     parser.add_argument(
         "--max-active", type=int, default=8, help="the server's --max-active (0: as many as fit)"
     )
+    parser.add_argument(
+        "--kept",
+        action="store_true",
+        help="starts taking the measures kept, in turns with starts measuring",
+    )
     args = parser.parse_args()
     args.model = args.model or ["tiny-musicgen"]
     # What start_server passes to `wavecast serve`: the server's defaults otherwise.
     args.concurrency, args.threads, args.admission = [args.max_active], 0, "realtime"
     args.codec_batch, args.codec_windows = 0, False
-    runs = [one_start(args) for _ in range(args.starts)]
-    starts = [chosen for chosen, _ in runs]
-    listened = sorted(seconds for _, seconds in runs)
+    with tempfile.TemporaryDirectory() as cache:
+        args.env = None
+        if args.kept:  # (a folder of their own, the row kernel built in it first)
+            args.env = {**os.environ, "WAVECAST_CACHE_DIR": cache}
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "from wavecast.server.engines import rowkernel; rowkernel.load()",
+                ],
+                env=args.env,
+                check=True,
+            )
+            one_start(args)  # (the measures kept for the turns)
+        ways = [False, True] if args.kept else [False]
+        runs: dict[bool, list[Start]] = {way: [] for way in ways}
+        for _ in range(args.starts):
+            for way in ways:
+                runs[way].append(one_start(args, way))
     models = " + ".join(args.model)
     print(f"### what {args.starts} starts of the server chose: {models} on {args.device}\n")
     print(f"- machine: {machine(args.device)}")
     command = " ".join(f"--model {m}" for m in args.model)
     print(
         f"- command: `python bench/bench_starts.py {command} --starts {args.starts} "
-        f"--max-active {args.max_active}`"
+        f"--max-active {args.max_active}{' --kept' if args.kept else ''}`"
     )
     package = Path(wavecast.server.__file__).resolve().parents[1]
     print(f"- package: `{package}`")
-    print(f"- date: {time.strftime('%Y-%m-%d')}\n")
+    print(f"- date: {time.strftime('%Y-%m-%d')}")
+    for way in ways:
+        said = "taking the measures kept" if way else "measuring (`--remeasure`)"
+        print(f"\n#### {args.starts} starts {said}\n")
+        report(args, runs[way])
+
+
+def report(args: argparse.Namespace, runs: list[Start]) -> None:
+    starts = [chosen for chosen, _ in runs]
+    listened = sorted(seconds for _, seconds in runs)
     print(
         "| model | readied for (requests): starts | codec chunks per call: starts "
         "| codec layers as products (one stream / more): starts | warm-up (median, max) |"

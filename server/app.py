@@ -138,6 +138,7 @@ class WavecastServer:
             max_chunk_frames=models.max_chunk_frames,
             codec_batch=models.codec_batch,
             codec_windows=models.codec_windows,
+            remeasure=models.remeasure,
             max_prompt_tokens=models.max_prompt_tokens,
             max_duration=self.config.limits.max_duration,
             max_upload_seconds=self.config.limits.max_upload_seconds,

@@ -204,6 +204,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "decoder incrementally (the same audio, more work; to compare)",
     )
     parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        default=_env("REMEASURE", "") == "1",
+        help="measure what the warm-up measures (the codec's forms and chunks per call, "
+        "the context's cost) again, and keep that, rather than take what a start before "
+        "kept for the same model, settings and machine in WAVECAST_CACHE_DIR (env "
+        "WAVECAST_REMEASURE=1)",
+    )
+    parser.add_argument(
         "--max-chunk-frames",
         type=int,
         default=ModelsConfig().max_chunk_frames,
@@ -393,6 +402,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_chunk_frames=args.max_chunk_frames,
             codec_batch=max(0, args.codec_batch),
             codec_windows=args.codec_windows,
+            remeasure=args.remeasure,
             prefill_budget_ms=args.prefill_budget_ms,
             max_prompt_tokens=args.max_prompt_tokens,
             mbd=args.mbd,

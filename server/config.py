@@ -105,6 +105,9 @@ class ModelsConfig:
     # Re-decode windows of codes instead of running the codec's decoder
     # incrementally (engines/codec_incremental.py), to compare the two.
     codec_windows: bool = False
+    # Measure the warm-up's measures again rather than take those a start before
+    # kept (engines/measures.py).
+    remeasure: bool = False
     # Preparing new requests (conditioning, uploads, prompts) runs between decode
     # steps for at most this long per step (at least one bounded unit of work).
     prefill_budget_ms: float = 20.0

@@ -69,6 +69,7 @@ def load_engines(
     max_chunk_frames: int = 50,
     codec_batch: int = 0,
     codec_windows: bool = False,
+    remeasure: bool = False,
     max_prompt_tokens: int = 512,
     max_duration: float = 300.0,
     max_upload_seconds: float = 60.0,
@@ -95,6 +96,8 @@ def load_engines(
     host side run while the device computes the next (the engines'
     ``pipelined``). ``max_active``: requests decoded at once; 0: as many as the
     device's memory holds (each model sized in an equal part of it).
+    ``remeasure``: what the warm-ups measure measured again, not taken from a
+    start before (``measures``).
     """
     # oneDNN (convolutions on a CPU) prepares a primitive for each input shape it
     # meets and keeps 1,024; a codec's ~35 layers in every call shape of up to
@@ -103,9 +106,11 @@ def load_engines(
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVES))
     import torch
 
+    from . import measures
     from .precision import model_dtype
 
     torch.set_grad_enabled(False)
+    measures.REMEASURE = remeasure
     resolved = resolve_device(device)
     if cuda_graphs is None:
         cuda_graphs = resolved.startswith("cuda")

@@ -29,7 +29,11 @@ from wavecast.protocol import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
+    from .codec_stream import CodecStreams
     from .graphs import StepGraphs
+    from .measures import Measures
 
 __all__ = [
     "SEED_SPEC",
@@ -328,8 +332,42 @@ class TableSizing:
 
     name: str
     max_active: int
+    device: torch.device
+    pipelined: bool
+    codec_batch: int | None
+    codec_streams: CodecStreams
     _graphs: StepGraphs | None
     _sized: int | None  # (max_active as ``size`` found it; None before)
+
+    @property
+    def info(self) -> ModelInfo:
+        raise NotImplementedError
+
+    def _measured(self) -> list[torch.nn.Module]:
+        """The model's parts whose shapes its warm-up's measures depend on."""
+        raise NotImplementedError
+
+    def _measures(self) -> Measures:
+        """What a start before measured at warm-up for this model, set up as it
+        is now (``measures``): its shapes, device and data type, the requests
+        its table is readied for, its codec's chunking, its graphs and pipelining."""
+        from .measures import Measures, fingerprint
+
+        streams = self.codec_streams
+        return Measures.open(
+            self.name,
+            {
+                "model": fingerprint(self._measured()),
+                "device": str(self.device),
+                "dtype": self.info.dtype,
+                "max_active": self.max_active,
+                "codec_batch": self.codec_batch,
+                "codec": repr(streams.geometry),
+                "incremental": streams.incremental is not None,
+                "graphs": self._graphs is not None,
+                "pipelined": self.pipelined,
+            },
+        )
 
     def _warm_up_request(self) -> tuple[str, dict[str, ParamValue]]:
         """The short request that ``size`` runs: its prompt and parameters."""

@@ -842,6 +842,21 @@ class Forms:
     fused_many: int = 0
 
 
+def _forms(formed: list[_Formed], units: list[_Residual], seconds: float) -> Forms:
+    """What ``formed`` and ``units`` run as, counted (``seconds``: the choice's time)."""
+    return Forms(
+        len(formed),
+        sum(op.one == PRODUCT for op in formed),
+        sum(op.many == PRODUCT for op in formed),
+        seconds,
+        sum(op.one == KERNEL for op in formed),
+        sum(op.many == KERNEL for op in formed),
+        len(units),
+        sum(unit.one for unit in units),
+        sum(unit.many for unit in units),
+    )
+
+
 def _seconds(
     form: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, clock: Callable[[], float]
 ) -> float:
@@ -1021,21 +1036,11 @@ class IncrementalCodec:
         would add 10 s or more to a load)."""
         if like.device.type != "cpu":
             return Forms(sum(isinstance(op, _Formed) for op in self._ops), 0, 0, 0.0)
-        kernel = rowkernel.built() if like.dtype == torch.float32 else None
-        self.direct_forms()  # (until chosen again)
-        for op in self._ops:
-            if isinstance(op, _Formed | _Residual):
-                op.kernel = kernel
-        formed = [op for op in self._ops if isinstance(op, _Formed) and op.prepare()]
-        units = [op for op in self._ops if isinstance(op, _Residual) and op.prepare()]
+        formed, units = self._formable(like)
         if not formed:
             return Forms(0, 0, 0, 0.0)
         began = clock()
         generator = torch.Generator().manual_seed(0)
-        for op in formed:
-            op.many_from = self.rows + 1
-        for unit in units:
-            unit.many_from, unit.one, unit.many = self.rows + 1, False, False
         streams = max(1, min(streams, _MOST_TIMED))
         for n in sorted({1, streams}):
             decode = steady_decode(self, like, n, codebooks)
@@ -1080,17 +1085,77 @@ class IncrementalCodec:
                     unit.many = faster
                 if n == 1:
                     unit.one = faster
-        return Forms(
-            len(formed),
-            sum(op.one == PRODUCT for op in formed),
-            sum(op.many == PRODUCT for op in formed),
-            clock() - began,
-            sum(op.one == KERNEL for op in formed),
-            sum(op.many == KERNEL for op in formed),
-            len(units),
-            sum(unit.one for unit in units),
-            sum(unit.many for unit in units),
+        return _forms(formed, units, clock() - began)
+
+    def _formable(self, like: torch.Tensor) -> tuple[list[_Formed], list[_Residual]]:
+        """The convolutions with forms to choose from and the residual units
+        with a fused form, prepared for decodes like ``like`` (the row kernel's
+        where it is built and the decoder is float32), every one as the library's
+        and layer by layer until chosen, their choice for larger calls holding
+        from ``rows`` + 1 rows."""
+        kernel = rowkernel.built() if like.dtype == torch.float32 else None
+        self.direct_forms()  # (until chosen again)
+        for op in self._ops:
+            if isinstance(op, _Formed | _Residual):
+                op.kernel = kernel
+        formed = [op for op in self._ops if isinstance(op, _Formed) and op.prepare()]
+        units = [op for op in self._ops if isinstance(op, _Residual) and op.prepare()]
+        for op in formed:
+            op.many_from = self.rows + 1
+        for unit in units:
+            unit.many_from, unit.one, unit.many = self.rows + 1, False, False
+        return formed, units
+
+    def kept_forms(self) -> dict[str, list[list[str]] | list[list[bool]]]:
+        """The forms chosen (``choose_forms``), to keep for a later start: each
+        formable convolution's (for one stream's calls, for more) and each
+        residual unit's, in order (``use_forms`` takes them)."""
+        formed = [op for op in self._ops if isinstance(op, _Formed)]
+        units = [op for op in self._ops if isinstance(op, _Residual)]
+        return {
+            "layers": [[op.one, op.many] for op in formed],
+            "units": [[unit.one, unit.many] for unit in units],
+        }
+
+    def use_forms(self, kept: object, like: torch.Tensor) -> Forms | None:
+        """The forms ``kept_forms`` gave (a start before, on this decoder's
+        shapes), taken for decodes like ``like`` without measuring; None (the
+        library's everywhere, as before ``choose_forms``) where they are not
+        this decoder's: another count of layers, a form it has not, a fused unit
+        it cannot fuse."""
+        if like.device.type != "cpu" or not isinstance(kept, dict):
+            return None
+        layers, fused = kept.get("layers"), kept.get("units")
+        formed, units = self._formable(like)
+        every = [op for op in self._ops if isinstance(op, _Formed)]
+        residuals = [op for op in self._ops if isinstance(op, _Residual)]
+        fits = (
+            isinstance(layers, list)
+            and isinstance(fused, list)
+            and len(layers) == len(every)
+            and len(fused) == len(residuals)
+            and all(
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(form == DIRECT or (op in formed and form in op.forms()) for form in pair)
+                for op, pair in zip(every, layers, strict=True)
+            )
+            and all(
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(isinstance(b, bool) and (not b or unit in units) for b in pair)
+                for unit, pair in zip(residuals, fused, strict=True)
+            )
         )
+        if not fits:
+            self.direct_forms()
+            return None
+        assert isinstance(layers, list) and isinstance(fused, list)
+        for op, (one, many) in zip(every, layers, strict=True):
+            op.one, op.many = one, many
+        for unit, (one, many) in zip(residuals, fused, strict=True):
+            unit.one, unit.many = one, many
+        return _forms(formed, units, 0.0)
 
     def direct_forms(self) -> None:
         """Every convolution as the library's, every residual unit layer by layer

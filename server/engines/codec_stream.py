@@ -57,6 +57,7 @@ import torch
 from . import codec_incremental
 from .base import FloatAudio, StepOutput, step_error
 from .codec_incremental import CodecState, IncrementalCodec, checked, incremental, steady_decode
+from .measures import Measures
 from .prefill import line_cost, units_for
 
 __all__ = [
@@ -983,27 +984,58 @@ class CodecStreams:
         first chunks that wait for others' (``wait_for_firsts``)."""
         return wait_for_firsts(due)
 
-    def choose_forms(self, most: int) -> None:
+    def warm_up(self, asked: int | None, most: int, measures: Measures) -> int:
+        """The codec readied for calls of up to ``most`` streams: its layers'
+        forms chosen (``choose_forms``), its chunks per call measured where not
+        ``asked`` (``fastest_rows``), each call shape made once
+        (``prepare_calls``); those measured by a start before taken from
+        ``measures`` (and what is measured kept there). The chunks per call."""
+        self.choose_forms(asked or most, measures)
+        rows = asked
+        if rows is None:
+            kept = measures.get("codec_batch")
+            if isinstance(kept, int) and 1 <= kept <= most:
+                rows = kept
+            else:
+                measures.drop("codec_batch")
+                rows = self.fastest_rows(most)
+                measures.put("codec_batch", rows)
+            log.info("%s: codec chunks per call: %d", self.name, rows)
+        # Streams beyond a call's chunks decode on steps of their own.
+        self.cadence.rows = rows
+        self.prepare_calls(rows)
+        return rows
+
+    def choose_forms(self, most: int, measures: Measures | None = None) -> None:
         """Each of the incremental decoder's convolutions as the library's, as a
         matrix product or by the row kernel's library, and each residual unit
         fused or not, whichever is fastest on this CPU for one stream's calls
         and for calls of ``most`` streams, on the largest chunk
-        (``IncrementalCodec.choose_forms``); checked against
-        the one-shot decode again, and the library's everywhere if it strays."""
+        (``IncrementalCodec.choose_forms``), or as a start before chose them
+        (kept in ``measures``); checked against the one-shot decode again, and
+        the library's everywhere if it strays."""
         inc = self.incremental
         if inc is None or self.like.device.type != "cpu":
             return
         g = self.geometry
-        forms = inc.choose_forms(
-            self.like, most, self.codebooks, self.cadence.size(g.max_chunk_frames)
-        )
+        forms = None
+        if measures is not None and (kept := measures.get("codec_forms")) is not None:
+            forms = inc.use_forms(kept, self.like)
+            if forms is None:
+                measures.drop("codec_forms")
+        if forms is None:
+            forms = inc.choose_forms(
+                self.like, most, self.codebooks, self.cadence.size(g.max_chunk_frames)
+            )
+            if measures is not None:
+                measures.put("codec_forms", inc.kept_forms())
         if self._strays(inc, "codec layers as products", "as written"):
             inc.direct_forms()
             return
         log.info(
             "%s: codec layers as matrix products: %d of %d for one stream's calls, "
             "%d for more; by the row kernel: %d and %d; residual units fused: %d and %d "
-            "of %d (chosen in %.2f s)",
+            "of %d (%s)",
             self.name,
             forms.product_one,
             forms.layers,
@@ -1013,7 +1045,7 @@ class CodecStreams:
             forms.fused_one,
             forms.fused_many,
             forms.units,
-            forms.seconds,
+            f"chosen in {forms.seconds:.2f} s" if forms.seconds else "as kept",
         )
 
     def fastest_rows(self, most: int) -> int:

@@ -72,6 +72,7 @@ from ..codec_stream import (
 )
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import auto_most, reserving, room_for
+from ..measures import Measures
 from ..pieces import measured, run_through, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device
 from ..precision import dtype_name
@@ -1302,20 +1303,16 @@ class HiggsEngine(TableSizing):
         if not self._warm:
             self._ready_for(max_active)
             graphs = self._graphs
+            measures = self._measures()
             with torch.no_grad(), self._codec_place():
-                self.codec_streams.choose_forms(self.codec_batch or self.max_active)
-            if self.codec_batch is None:
-                with torch.no_grad(), self._codec_place():
-                    self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
-                log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
-            # Streams beyond a call's chunks decode on steps of their own.
-            self.codec_streams.cadence.rows = self.codec_batch
-            with torch.no_grad(), self._codec_place():
-                self.codec_streams.prepare_calls(self.codec_batch)
+                self.codec_batch = self.codec_streams.warm_up(
+                    self.codec_batch, self.max_active, measures
+                )
             with reserving(self.name, self.max_active):
                 if graphs is not None:
                     self._prepare_graphs()
-                self._measure_context_cost()
+                self._measure_context_cost(measures)
+            measures.log_taken()
             self._warm = True
 
     def pack_weights(self) -> None:
@@ -1328,8 +1325,12 @@ class HiggsEngine(TableSizing):
         assert isinstance(default, int)
         return 1024 + default + 1
 
-    def _measure_context_cost(self) -> None:
-        """``context_cost`` (``step_cost``), over ``max_active`` requests' rows."""
+    def _measured(self) -> list[torch.nn.Module]:
+        return [self.model, self.codec]
+
+    def _measure_context_cost(self, measures: Measures) -> None:
+        """``context_cost`` (``step_cost``), over ``max_active`` requests' rows
+        (or as kept in ``measures``)."""
         self._grow(self.max_active)
         self.context_cost = measure_context_cost(
             self.decoder,
@@ -1339,6 +1340,7 @@ class HiggsEngine(TableSizing):
             table_length=self._table_length(),
             frame_rate=self.frame_rate,
             device=self.device,
+            measures=measures,
         )
 
     def _check_room(self, step: float) -> None:

@@ -68,6 +68,7 @@ from ..codec_stream import (
 )
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
 from ..kv import auto_most, reserving, room_for
+from ..measures import Measures
 from ..pieces import measured, scaled, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device, upload
 from ..precision import dtype_name
@@ -1245,20 +1246,16 @@ class MusicGenEngine(TableSizing):
         if not self._warm:
             self._ready_for(max_active)
             graphs = self._graphs
+            measures = self._measures()
             with torch.no_grad(), self._codec_format():
-                self.codec_streams.choose_forms(self.codec_batch or self.max_active)
-            if self.codec_batch is None:
-                with torch.no_grad(), self._codec_format():
-                    self.codec_batch = self.codec_streams.fastest_rows(self.max_active)
-                log.info("%s: codec chunks per call: %d", self.name, self.codec_batch)
-            # Streams beyond a call's chunks decode on steps of their own.
-            self.codec_streams.cadence.rows = self.codec_batch
-            with torch.no_grad(), self._codec_format():
-                self.codec_streams.prepare_calls(self.codec_batch)
+                self.codec_batch = self.codec_streams.warm_up(
+                    self.codec_batch, self.max_active, measures
+                )
             with reserving(self.name, self.max_active):
                 if graphs is not None:
                     self._prepare_graphs()
-                self._measure_context_cost()
+                self._measure_context_cost(measures)
+            measures.log_taken()
             self._warm = True
 
     def pack_weights(self) -> None:
@@ -1269,8 +1266,12 @@ class MusicGenEngine(TableSizing):
         conditions (descriptions up to 128 tokens) as the table is reserved for."""
         return self._prepend + self._window_steps, min(self.max_prompt_tokens, 128)
 
-    def _measure_context_cost(self) -> None:
-        """``context_cost`` (``step_cost``), over ``max_active`` requests' rows."""
+    def _measured(self) -> list[torch.nn.Module]:
+        return [self.lm, self.model.compression_model]
+
+    def _measure_context_cost(self, measures: Measures) -> None:
+        """``context_cost`` (``step_cost``), over ``max_active`` requests' rows
+        (or as kept in ``measures``)."""
         self._grow(self.max_active)
         with self.autocast():
             self.context_cost = measure_context_cost(
@@ -1281,6 +1282,7 @@ class MusicGenEngine(TableSizing):
                 table_length=self._table_size()[0],
                 frame_rate=self.frame_rate,
                 device=self.device,
+                measures=measures,
             )
 
     def _check_room(self, step: float) -> None:
