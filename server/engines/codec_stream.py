@@ -994,7 +994,7 @@ class CodecStreams:
         rows = asked
         if rows is None:
             kept = measures.get("codec_batch")
-            if isinstance(kept, int) and 1 <= kept <= most:
+            if isinstance(kept, int) and not isinstance(kept, bool) and 1 <= kept <= most:
                 rows = kept
             else:
                 measures.drop("codec_batch")
@@ -1018,7 +1018,7 @@ class CodecStreams:
         if inc is None or self.like.device.type != "cpu":
             return
         g = self.geometry
-        forms = None
+        forms, said = None, "as kept"
         if measures is not None and (kept := measures.get("codec_forms")) is not None:
             forms = inc.use_forms(kept, self.like)
             if forms is None:
@@ -1027,6 +1027,7 @@ class CodecStreams:
             forms = inc.choose_forms(
                 self.like, most, self.codebooks, self.cadence.size(g.max_chunk_frames)
             )
+            said = f"chosen in {forms.seconds:.2f} s"
             if measures is not None:
                 measures.put("codec_forms", inc.kept_forms())
         if self._strays(inc, "codec layers as products", "as written"):
@@ -1045,7 +1046,7 @@ class CodecStreams:
             forms.fused_one,
             forms.fused_many,
             forms.units,
-            f"chosen in {forms.seconds:.2f} s" if forms.seconds else "as kept",
+            said,
         )
 
     def fastest_rows(self, most: int) -> int:
