@@ -139,6 +139,34 @@ def test_checkpoint_directory_round_trip(tmp_path: Path) -> None:
     assert a.shape == b.shape and np.abs(a - b).max() <= 1e-6
 
 
+def test_a_checkpoint_is_loaded_without_drawing_weights_first(tmp_path: Path) -> None:
+    """Loading a checkpoint does not draw its weights at random before loading
+    them (the global generator is where it was; drawing them took most of a
+    large model's load on a CPU), and every weight and buffer is the saved one
+    (the loads are strict); the initializers are torch's again afterwards."""
+    model = build_tiny_musicgen(seed=4)
+    save_musicgen(model, tmp_path / "ckpt")
+    initializer = torch.nn.init.normal_
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loaded = load_musicgen_dir(tmp_path / "ckpt")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.nn.init.normal_ is initializer
+    for part in ("lm", "compression_model"):
+        saved = getattr(model, part).state_dict()
+        again = getattr(loaded, part).state_dict()
+        assert saved.keys() == again.keys(), part
+        for name, tensor in saved.items():
+            assert torch.equal(tensor, again[name]), (part, name)
+    # A melody checkpoint in this layout holds no Demucs: its test Demucs is
+    # drawn, not left unset.
+    save_musicgen(build_tiny_musicgen(seed=4, melody=True), tmp_path / "melody")
+    melody = load_musicgen_dir(tmp_path / "melody").lm.condition_provider.conditioners
+    demucs = melody["self_wav"].demucs
+    weights = [p for p in demucs.parameters() if p.dim() > 1]
+    assert weights and all(bool(p.isfinite().all()) and float(p.abs().max()) > 0 for p in weights)
+
+
 def test_load_engines_serves_a_checkpoint_directory(tmp_path: Path) -> None:
     save_musicgen(build_tiny_musicgen(seed=1), tmp_path / "mine")
     engines = load_engines([str(tmp_path / "mine")], "cpu")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = [
     "musicgen_model",
     "save_musicgen",
     "use_dtype",
+    "weights_left_unset",
 ]
 
 TEXT_ENCODER_DIR = "text_encoder"
@@ -74,6 +75,55 @@ def load_musicgen(
     return model, test_model
 
 
+# torch.nn.init's initializers, each of which fills its tensor in place; and the
+# helpers they call (a module that imported an initializer by name, as torch's
+# MultiheadAttention does, calls it through them).
+_INITIALIZERS = (
+    "_no_grad_uniform_",
+    "_no_grad_normal_",
+    "_no_grad_trunc_normal_",
+    "_no_grad_fill_",
+    "_no_grad_zero_",
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "dirac_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "sparse_",
+)
+
+
+@contextlib.contextmanager
+def weights_left_unset() -> Iterator[None]:
+    """``torch.nn.init``'s initializers leave their tensors as they are, while a
+    model whose every weight is loaded next is built: audiocraft's builders draw
+    each weight at random first, which on a CPU took 15 s of MusicGen-small's
+    load (its language model's 420 million), and several times that for the
+    larger ones; the loads that follow are strict, so no weight is left unset."""
+    kept = {
+        name: getattr(torch.nn.init, name) for name in _INITIALIZERS if hasattr(torch.nn.init, name)
+    }
+
+    def unset(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in kept:
+            setattr(torch.nn.init, name, unset)
+        yield
+    finally:
+        for name, initializer in kept.items():
+            setattr(torch.nn.init, name, initializer)
+
+
 def _load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     from ..testing import musicgen as testing
 
@@ -86,7 +136,8 @@ def _load_musicgen(name: str, device: str) -> tuple[MusicGen, bool]:
     if path.is_dir():
         model = load_musicgen_dir(path, device=device)
         return model, model.lm.cfg.get("wavecast_test_model", False) is True
-    return MusicGen.get_pretrained(name, device=device), False
+    with weights_left_unset():  # (each loader loads its weights strictly)
+        return MusicGen.get_pretrained(name, device=device), False
 
 
 def use_dtype(model: MusicGen, dtype: torch.dtype) -> None:
@@ -262,17 +313,22 @@ def load_musicgen_dir(directory: Path, device: str = "cpu") -> MusicGen:
     """
     from audiocraft.models import loaders
 
-    compression = loaders.load_compression_model(str(directory), device=device)
+    with weights_left_unset():  # (audiocraft's loaders load their weights strictly)
+        compression = loaders.load_compression_model(str(directory), device=device)
     text_encoder = directory / TEXT_ENCODER_DIR
     if text_encoder.is_dir():
         pkg = loaders.load_lm_model_ckpt(str(directory))
         cfg = OmegaConf.create(pkg["xp.cfg"])
         cfg.device = device
         cfg.dtype = "float32" if device == "cpu" else "float16"
-        lm = lm_from_cfg(cfg, text_encoder)
-        lm.load_state_dict(pkg["best_state"])
+        # (A melody checkpoint in this layout holds no Demucs: made as it is, drawn.)
+        demucs = _offline_demucs() if "self_wav" in cfg.conditioners else None
+        with weights_left_unset():  # (its weights loaded next, strictly; T5's its own)
+            lm = lm_from_cfg(cfg, text_encoder, demucs)
+        lm.load_state_dict(pkg["best_state"], strict=True)
     else:
-        lm = loaders.load_lm_model(str(directory), device=device)
+        with weights_left_unset():
+            lm = loaders.load_lm_model(str(directory), device=device)
     name = directory.name
     window = float(lm.cfg.dataset.segment_duration)
     return musicgen_model(name, compression, lm.eval(), window)
