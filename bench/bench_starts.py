@@ -23,9 +23,11 @@ Prints a Markdown section for bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,11 +35,33 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench_stream import codec_batches, machine, start_server
+from bench_stream import codec_batches, machine, one, speech_text, start_server, timed
 
 import wavecast.server
+from wavecast.clients import connect
+from wavecast.server.engines import is_higgs_name
 
-Start = tuple[dict[str, tuple[int, str, float, str]], float]
+# Each model's codec chunks per call, forms, warm-up and table; the seconds until
+# the server listened; each model's first crowd (median first audio, its wall).
+Start = tuple[dict[str, tuple[int, str, float, str]], float, dict[str, tuple[float, float]]]
+
+
+async def first_crowd(url: str, model: str, streams: int) -> tuple[float, float]:
+    """The first requests after a start: ``streams`` at once (2 s of music, or 50
+    frames of speech); their median first audio and the crowd's wall, in seconds."""
+
+    async def speak(seed: int) -> dict[str, float]:
+        async with connect(url) as client:
+            start = time.perf_counter()
+            stream = await client.speak(model, speech_text(seed), max_new_tokens=50, seed=seed)
+            return await timed(stream, start)
+
+    began = time.perf_counter()
+    if is_higgs_name(model):
+        runs = await asyncio.gather(*(speak(i) for i in range(streams)))
+    else:
+        runs = await asyncio.gather(*(one(url, model, "warm lofi", 2.0) for _ in range(streams)))
+    return statistics.median(run["ttfa"] for run in runs), time.perf_counter() - began
 
 
 def one_start(args: argparse.Namespace, kept: bool = False) -> Start:
@@ -45,15 +69,19 @@ def one_start(args: argparse.Namespace, kept: bool = False) -> Start:
     stream's calls / for more, of all; "-" where the log does not say), warm-up
     seconds and the requests its table was readied for, from one start (which
     measures, or with ``kept`` takes what the starts before kept); and the
-    seconds from the process's start until it listened."""
+    seconds from the process's start until it listened; with ``--crowd``, each
+    model's first crowd (``first_crowd``), the models one after the other."""
     args.server_extra = [] if kept else ["--remeasure"]
+    crowds: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
         process: subprocess.Popen[bytes] | None = None
         try:
             began = time.perf_counter()
-            process, _ = start_server(args, log, args.env)
+            process, url = start_server(args, log, args.env)
             listened = time.perf_counter() - began
+            for model in args.model if args.crowd else []:
+                crowds[model] = asyncio.run(first_crowd(url, model, args.crowd))
         finally:
             if process is not None:
                 process.send_signal(signal.SIGTERM)
@@ -73,15 +101,19 @@ def one_start(args: argparse.Namespace, kept: bool = False) -> Start:
     # or the server's where that is less and the warm-up says so.
     sized = dict(re.findall(r"(\S+): up to (\d+) requests at once", text))
     sized.update(re.findall(r"(\S+): its table for (\d+) requests", text))
-    return {
-        model: (
-            batches[model],
-            forms.get(model, "-"),
-            float(warmed[model]),
-            sized.get(model, str(args.max_active)),
-        )
-        for model in args.model
-    }, listened
+    return (
+        {
+            model: (
+                batches[model],
+                forms.get(model, "-"),
+                float(warmed[model]),
+                sized.get(model, str(args.max_active)),
+            )
+            for model in args.model
+        },
+        listened,
+        crowds,
+    )
 
 
 def main() -> None:
@@ -91,6 +123,9 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=8)
     parser.add_argument(
         "--max-active", type=int, default=8, help="the server's --max-active (0: as many as fit)"
+    )
+    parser.add_argument(
+        "--crowd", type=int, default=0, help="each model's first crowd after a start: this many"
     )
     parser.add_argument(
         "--kept",
@@ -127,7 +162,8 @@ def main() -> None:
     command = " ".join(f"--model {m}" for m in args.model)
     print(
         f"- command: `python bench/bench_starts.py {command} --starts {args.starts} "
-        f"--max-active {args.max_active}{' --kept' if args.kept else ''}`"
+        f"--max-active {args.max_active}{' --kept' if args.kept else ''}"
+        f"{f' --crowd {args.crowd}' if args.crowd else ''}`"
     )
     package = Path(wavecast.server.__file__).resolve().parents[1]
     print(f"- package: `{package}`")
@@ -139,8 +175,8 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, runs: list[Start]) -> None:
-    starts = [chosen for chosen, _ in runs]
-    listened = sorted(seconds for _, seconds in runs)
+    starts = [chosen for chosen, _, _ in runs]
+    listened = sorted(seconds for _, seconds, _ in runs)
     print(
         "| model | readied for (requests): starts | codec chunks per call: starts "
         "| codec layers as products (one stream / more): starts | warm-up (median, max) |"
@@ -160,6 +196,14 @@ def report(args: argparse.Namespace, runs: list[Start]) -> None:
         f"\nFrom the process's start until the server listened: median "
         f"{listened[len(listened) // 2]:.1f} s, {listened[0]:.1f}-{listened[-1]:.1f} s."
     )
+    for model in args.model if args.crowd else []:
+        firsts = sorted(crowds[model][0] * 1000 for _, _, crowds in runs)
+        walls = sorted(crowds[model][1] for _, _, crowds in runs)
+        print(
+            f"{model}'s first crowd of {args.crowd} after each start: median first audio "
+            f"{firsts[len(firsts) // 2]:.0f} ms ({firsts[0]:.0f}-{firsts[-1]:.0f}), "
+            f"the crowd's wall {walls[len(walls) // 2]:.2f} s ({walls[0]:.2f}-{walls[-1]:.2f})."
+        )
 
 
 if __name__ == "__main__":
