@@ -2,10 +2,11 @@
 
 A warm-up times its codec's layers in each form (``choose_forms``), the codec
 batch (``fastest_rows``) and what a second of context costs a step
-(``step_cost``): some seconds on a CPU for the test models, some twenty for
-MusicGen-small's shapes, all of them the same from one start to the next where
-nothing they depend on changed. A start that finds them kept takes them and
-measures nothing; one that does not measures and keeps them.
+(``step_cost``): some seconds on a CPU for the test models, about fifteen for
+MusicGen-small's shapes; where nothing they depend on changed, a start before
+measured the same. A start that finds them kept takes them and measures
+nothing; one that does not measures and keeps them (``bench/bench_starts.py
+--kept``).
 
 They are kept in ``WAVECAST_CACHE_DIR`` (``rowkernel.cache_folder``: by default
 ``~/.cache/wavecast``), under ``measures/``, in a file named for the model and

@@ -105,9 +105,11 @@ _INITIALIZERS = (
 def weights_left_unset() -> Iterator[None]:
     """``torch.nn.init``'s initializers leave their tensors as they are, while a
     model whose every weight is loaded next is built: audiocraft's builders draw
-    each weight at random first, which on a CPU took 15 s of MusicGen-small's
-    load (its language model's 420 million), and several times that for the
-    larger ones; the loads that follow are strict, so no weight is left unset."""
+    each weight at random first, which on a CPU took 10-15 s of MusicGen-small's
+    load (its language model's 420 million; ``bench/bench_load.py``), and
+    several times that for the larger ones; the loads that follow are strict,
+    so no weight is left unset. Process-wide while it lasts: the models are
+    loaded on one thread, and nothing else makes modules meanwhile."""
     kept = {
         name: getattr(torch.nn.init, name) for name in _INITIALIZERS if hasattr(torch.nn.init, name)
     }
