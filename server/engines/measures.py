@@ -22,7 +22,8 @@ serve --remeasure`` measures again and replaces them.
 
 A file that cannot be read, or holds what this engine cannot use (another
 decoder's forms), is measured again and replaced; one that cannot be written
-leaves the start as it was, measured.
+leaves the start as it was, measured. Of one model's files, the eight written
+last are kept.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ SAID = {
 
 # Bumped when what a file holds changes its meaning.
 FORMAT = 1
+
+# Files kept for one model (its last settings, machines and sources).
+KEPT_PER_MODEL = 8
 
 # ``wavecast serve --remeasure``: every engine measures again and replaces what
 # was kept (set by ``load_engines`` before any engine warms up).
@@ -125,7 +129,7 @@ class Measures:
         self._values[what] = value
         if self.path is None:
             return
-        when = self._when or time.strftime("%Y-%m-%d %H:%M:%S")
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
         beside = self.path.with_name(f"{self.path.name}.{os.getpid()}.part")
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -133,6 +137,29 @@ class Measures:
             os.replace(beside, self.path)
         except OSError as exc:
             log.debug("%s: measures not kept in %s: %s", self.name, self.path.parent, exc)
+            return
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the ``KEPT_PER_MODEL`` files of this model written last (others
+        were for its settings, machines or sources before: an upgrade measures
+        anew, and the files it left would pile up)."""
+        assert self.path is not None
+        model = self.path.name.rsplit("-", 1)[0]
+        try:
+            files = sorted(
+                (
+                    path
+                    for path in self.path.parent.glob(f"{model}-*.json")
+                    if path.name.rsplit("-", 1)[0] == model
+                ),
+                key=lambda path: path.stat().st_mtime,
+                reverse=True,
+            )
+            for path in files[KEPT_PER_MODEL:]:
+                path.unlink()
+        except OSError as exc:
+            log.debug("%s: older measures not removed: %s", self.name, exc)
 
     def log_taken(self) -> None:
         """Say what this start took from the file (nothing where it took nothing)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,24 @@ def test_remeasure_measures_again_and_keeps_that(
     again.warm_up()
     assert again.context_cost != 12.5
     assert json.loads(kept.read_text())["values"]["context_cost"] == again.context_cost
+
+
+def test_a_models_files_beyond_the_last_eight_are_removed(cache: Path) -> None:
+    """Files a model's other settings, machines or sources left: the eight
+    written last are kept (the new one among them); another model's stay."""
+    cache.mkdir(parents=True)
+    for i in range(10):
+        old = cache / f"tiny-musicgen-{i:024x}.json"
+        old.write_text("{}")
+        os.utime(old, (1_000_000 + i, 1_000_000 + i))
+    other = cache / f"tiny-musicgen-melody-{0:024x}.json"
+    other.write_text("{}")
+    os.utime(other, (1_000, 1_000))
+    music().warm_up()
+    kept = sorted(path.name for path in cache.glob("tiny-musicgen-*.json") if path != other)
+    assert len(kept) == measures.KEPT_PER_MODEL and other.exists()
+    newest = [f"tiny-musicgen-{i:024x}.json" for i in range(10 - measures.KEPT_PER_MODEL + 1, 10)]
+    assert set(newest) < set(kept)  # (the oldest went)
 
 
 def test_an_empty_cache_folder_keeps_nothing(
