@@ -367,6 +367,7 @@ class TableSizing:
                 "graphs": self._graphs is not None,
                 "pipelined": self.pipelined,
             },
+            cpu=self.device.type == "cpu",
         )
 
     def _warm_up_request(self) -> tuple[str, dict[str, ParamValue]]:

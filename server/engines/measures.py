@@ -77,17 +77,19 @@ class Measures:
         self.taken: list[str] = []  # what this start took from the file
 
     @classmethod
-    def open(cls, name: str, settings: Mapping[str, object]) -> Measures:
+    def open(cls, name: str, settings: Mapping[str, object], cpu: bool = True) -> Measures:
         """The measures kept for model ``name`` under ``settings`` (what they
         depend on besides the machine, torch and the engines' source: a JSON
-        object's values), or none (a folder to keep them in, or not)."""
+        object's values), or none (a folder to keep them in, or not). ``cpu``:
+        the model runs on a CPU, where the row kernel's build is one of them (a
+        GPU's start does not build it for this)."""
         described = {
             **settings,
             "format": FORMAT,
             "device": _machine(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "kernel": _kernel(),
+            "kernel": _kernel() if cpu else None,
             "source": _source(),
         }
         key = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())

@@ -187,6 +187,20 @@ def test_a_models_files_beyond_the_last_eight_are_removed(cache: Path) -> None:
     assert set(newest) < set(kept)  # (the oldest went)
 
 
+def test_a_gpu_models_measures_do_not_build_the_row_kernel(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row kernel's build names a CPU model's measures (its forms depend on
+    it); a GPU model's start does not build it for them."""
+
+    def building() -> None:
+        raise AssertionError("the row kernel built for a GPU model's measures")
+
+    monkeypatch.setattr(measures.rowkernel, "built", building)
+    gpu = measures.Measures.open("m", {"max_active": 2}, cpu=False)
+    assert gpu.path is not None and gpu.get("codec_batch") is None
+
+
 def test_an_empty_cache_folder_keeps_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
