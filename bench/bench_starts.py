@@ -135,7 +135,9 @@ def main() -> None:
     args = parser.parse_args()
     args.model = args.model or ["tiny-musicgen"]
     # What start_server passes to `wavecast serve`: the server's defaults otherwise.
-    args.concurrency, args.threads, args.admission = [args.max_active], 0, "realtime"
+    # (the crowd's connections: the server's limit per address is the largest count + 1)
+    args.concurrency = [max(args.max_active, args.crowd)]
+    args.threads, args.admission = 0, "realtime"
     args.codec_batch, args.codec_windows = 0, False
     with tempfile.TemporaryDirectory() as cache:
         args.env = None
