@@ -1240,7 +1240,7 @@ class MusicGenEngine(TableSizing):
         return False
 
     # Seconds of music the warm-up's first request makes: its first chunk and a
-    # chunk after it (a second took 4.6 s more of MusicGen-small's start on two CPU
+    # chunk after it (a second took 3 s more of MusicGen-small's warm-up on two CPU
     # cores, and the requests after it started no sooner: bench/RESULTS.md).
     WARM_UP_SECONDS = 0.3
 
