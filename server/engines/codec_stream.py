@@ -991,15 +991,16 @@ class CodecStreams:
         (``prepare_calls``); those measured by a start before taken from
         ``measures`` (and what is measured kept there). The chunks per call."""
         self.choose_forms(asked or most, measures)
-        rows = asked
-        if rows is None:
-            kept = measures.get("codec_batch")
-            if isinstance(kept, int) and not isinstance(kept, bool) and 1 <= kept <= most:
-                rows = kept
-            else:
-                measures.drop("codec_batch")
-                rows = self.fastest_rows(most)
-                measures.put("codec_batch", rows)
+        if asked is not None:
+            rows = asked
+        else:
+
+            def usable(kept: object) -> int | None:
+                if isinstance(kept, bool) or not isinstance(kept, int):
+                    return None
+                return kept if 1 <= kept <= most else None
+
+            rows, _ = measures.recall("codec_batch", usable, lambda: self.fastest_rows(most))
             log.info("%s: codec chunks per call: %d", self.name, rows)
         # Streams beyond a call's chunks decode on steps of their own.
         self.cadence.rows = rows
@@ -1017,19 +1018,21 @@ class CodecStreams:
         inc = self.incremental
         if inc is None or self.like.device.type != "cpu":
             return
-        g = self.geometry
-        forms, said = None, "as kept"
-        if measures is not None and (kept := measures.get("codec_forms")) is not None:
-            forms = inc.use_forms(kept, self.like)
-            if forms is None:
-                measures.drop("codec_forms")
-        if forms is None:
-            forms = inc.choose_forms(
-                self.like, most, self.codebooks, self.cadence.size(g.max_chunk_frames)
+        frames = self.cadence.size(self.geometry.max_chunk_frames)
+
+        def choose() -> codec_incremental.Forms:
+            return inc.choose_forms(self.like, most, self.codebooks, frames)
+
+        if measures is None:
+            forms, measured = choose(), True
+        else:
+            forms, measured = measures.recall(
+                "codec_forms",
+                lambda kept: inc.use_forms(kept, self.like),
+                choose,
+                lambda _: inc.kept_forms(),
             )
-            said = f"chosen in {forms.seconds:.2f} s"
-            if measures is not None:
-                measures.put("codec_forms", inc.kept_forms())
+        said = f"chosen in {forms.seconds:.2f} s" if measured else "as kept"
         if self._strays(inc, "codec layers as products", "as written"):
             inc.direct_forms()
             return

@@ -34,10 +34,10 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -46,6 +46,8 @@ from . import rowkernel
 __all__ = ["Measures", "fingerprint"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # What each kept value is, in a log's words.
 SAID = {
@@ -114,16 +116,26 @@ class Measures:
 
     def get(self, what: str) -> Any | None:
         """The value kept as ``what`` (as JSON holds it), or None."""
-        value = self._values.get(what)
-        if value is not None:
-            self.taken.append(what)
-        return value
+        return self._values.get(what)
 
-    def drop(self, what: str) -> None:
-        """Forget ``what``: a kept value this engine could not use (``get`` gave it)."""
-        self._values.pop(what, None)
-        if what in self.taken:
-            self.taken.remove(what)
+    def recall(
+        self,
+        what: str,
+        usable: Callable[[Any], T | None],
+        measure: Callable[[], T],
+        keep: Callable[[T], Any] | None = None,
+    ) -> tuple[T, bool]:
+        """``what`` as a start before kept it, where ``usable`` makes a value of
+        it (not None: this engine can use it); else measured (``measure``) and
+        kept (``keep`` of the value, JSON's types; by default the value). The
+        value, and whether it was measured."""
+        held = self._values.get(what)
+        if held is not None and (value := usable(held)) is not None:
+            self.taken.append(what)
+            return value, False
+        value = measure()
+        self.put(what, value if keep is None else keep(value))
+        return value, True
 
     def put(self, what: str, value: Any) -> None:
         """Keep ``value`` (JSON's types) as ``what``, in the file at once (whole

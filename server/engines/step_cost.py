@@ -52,11 +52,9 @@ def measure_context_cost(
     in ``measures``, where what is measured is kept); logged."""
     long = min(512, table_length)
     decoder.ensure(length=long)
-    kept = None if measures is None else measures.get("context_cost")
-    if isinstance(kept, int | float) and not isinstance(kept, bool) and kept >= 0.0:
-        cost = float(kept)
-    else:
-        cost = context_cost(
+
+    def measure() -> float:
+        return context_cost(
             decoder,
             rows=rows_per_stream * streams,
             rows_per_stream=rows_per_stream,
@@ -65,9 +63,13 @@ def measure_context_cost(
             frame_rate=frame_rate,
             device=device,
         )
-        if measures is not None:
-            measures.drop("context_cost")
-            measures.put("context_cost", float(cost))
+
+    def usable(kept: object) -> float | None:
+        if isinstance(kept, bool) or not isinstance(kept, int | float):
+            return None
+        return float(kept) if kept >= 0.0 else None
+
+    cost = measure() if measures is None else measures.recall("context_cost", usable, measure)[0]
     log.info("%s: a second of context costs a stream %.4f ms a step", name, cost * 1000)
     return cost
 
