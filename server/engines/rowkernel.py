@@ -76,7 +76,13 @@ call 0.58x its time for one stream, 0.78x for eight). A codec's call runs
 some sixty such layers over a few samples each, where the checks around a
 kernel cost as much as the kernel: ``elu_into``, ``snake_into``,
 ``conv_prepared`` and ``residual_unit`` read each layout once and trust what
-the codec made once (its weights).
+the codec made once (its weights). These codec calls are written once over
+vectors of ``LANES`` samples (``_CODEC_LANES``) and built for eight (AVX2) and,
+in the wide build, sixteen (AVX-512), which the calls then take: every lane's
+operations are the same in both, so the two builds decode the same bits, and
+the wide one's residual units take 0.57-0.77x the time for eight streams of
+the test codecs' shapes, a transposed convolution's four phases 0.46-0.49x
+(``bench/RESULTS.md``).
 
 And the sampler's integer hashing, bit for bit: a step's draw keys
 (``RowKernel.draw_keys``, where numpy makes a few dozen calls on a handful of
@@ -160,7 +166,287 @@ MOST_HEAD = 256
 # The longest rows the sort takes (it compares every pair of a row's values).
 MOST_SORTED = 512
 
-SOURCE = r"""
+# The codec's activations and convolutions over vectors of LANES floats,
+# made twice in SOURCE: eight lanes, and sixteen in the wide build.
+_CODEC_LANES = r"""
+/* e^x for each lane, x at most 0 (below -87.3 as -87.3): a polynomial on x
+   less its nearest multiple of ln 2, times that power of two (Cephes' expf,
+   within two units of the last place). */
+static inline VF FN(exp)(VF x) {
+    x = V_MAX(x, V_SET1(-87.3365f));
+    const VF n = V_ROUND(V_MUL(x, V_SET1(1.44269504088896341f)));
+    VF r = V_FNMADD(n, V_SET1(0.693359375f), x);
+    r = V_FNMADD(n, V_SET1(-2.12194440e-4f), r);
+    VF p = V_SET1(1.9875691500e-4f);
+    p = V_FMADD(p, r, V_SET1(1.3981999507e-3f));
+    p = V_FMADD(p, r, V_SET1(8.3334519073e-3f));
+    p = V_FMADD(p, r, V_SET1(4.1665795894e-2f));
+    p = V_FMADD(p, r, V_SET1(1.6666665459e-1f));
+    p = V_FMADD(p, r, V_SET1(5.0000001201e-1f));
+    p = V_FMADD(p, V_MUL(r, r), V_ADD(r, V_SET1(1.0f)));
+    const VI e = VI_ADD(V_ROUND_I(n), VI_SET1(127));
+    return V_MUL(p, VI_AS_F(VI_SHL(e, 23)));
+}
+
+/* ELU: x where x > 0 (or NaN), else alpha (e^x - 1). */
+static inline VF FN(elu)(VF v, VF alpha) {
+    const VF zero = V_ZERO(), one = V_SET1(1.0f);
+    const VF negative = V_MUL(alpha, V_SUB(FN(exp)(V_MIN(v, zero)), one));
+    return V_BLEND(negative, v, V_GT(v, zero));
+}
+
+/* sin^2 of each lane, from Cephes' sinf: the argument less its nearest even
+   multiple of pi/4, in three parts, then its sine r by a polynomial; sin^2 is
+   r^2, or 1 - r^2 where the octant's is the cosine (cos^2 = 1 - sin^2 of the
+   same part: one polynomial, not two); within 2e-7 for |x| up to 8192; a
+   lane beyond (or NaN) by the C library's sinf, squared (each lane's the
+   same whatever the others: a vector of eight lanes or of sixteen). */
+static inline VF FN(sin2)(VF x) {
+    const VF absolute = V_ABS(x);
+    VF ax = absolute;
+    VI j = V_TRUNC_I(V_MUL(ax, V_SET1(1.27323954473516f)));
+    j = VI_AND(VI_ADD(j, VI_SET1(1)), VI_SET1(~1));
+    const VF y = VI_TO_F(j);
+    const VI two = VI_SET1(2);
+    const VC cosine = VI_EQ(VI_AND(j, two), two);
+    ax = V_FMADD(y, V_SET1(-0.78515625f), ax);
+    ax = V_FMADD(y, V_SET1(-2.4187564849853515625e-4f), ax);
+    ax = V_FMADD(y, V_SET1(-3.77489497744594108e-8f), ax);
+    const VF z = V_MUL(ax, ax);
+    VF s = V_SET1(-1.9515295891e-4f);
+    s = V_FMADD(s, z, V_SET1(8.3321608736e-3f));
+    s = V_FMADD(s, z, V_SET1(-1.6666654611e-1f));
+    s = V_FMADD(V_MUL(s, z), ax, ax);
+    const VF s2 = V_MUL(s, s);
+    VF out = V_BLEND(s2, V_SUB(V_SET1(1.0f), s2), cosine);
+    if (V_ANY(V_GT(absolute, V_SET1(8192.0f)))) {
+        float v[LANES], o[LANES];
+        V_STORE(v, x);
+        V_STORE(o, out);
+        for (int i = 0; i < LANES; i++) {
+            if (fabsf(v[i]) <= 8192.0f) continue;
+            const float sine = sinf(v[i]);
+            o[i] = sine * sine;
+        }
+        out = V_LOAD(o);
+    }
+    return out;
+}
+
+/* DAC's Snake: x + sin(a x)^2 inverse. */
+static inline VF FN(snake)(VF v, VF a, VF inverse) {
+    return V_ADD(V_MUL(FN(sin2)(V_MUL(a, v)), inverse), v);
+}
+
+/* An activation over m samples of a row, x to y (either may be the other):
+   DAC's Snake (alpha and inverse), or ELU (alpha; kind 1); LANES at a time,
+   the last few in a masked block. */
+static void FN(act_span)(int kind, const float *x, float *y, long m, float alpha,
+                         float inverse) {
+    const VF a = V_SET1(alpha), inv = V_SET1(inverse);
+    const long whole = m - m % LANES;
+    if (kind == 1) {
+        for (long i = 0; i < whole; i += LANES) V_STORE(y + i, FN(elu)(V_LOAD(x + i), a));
+        if (whole < m) {
+            const VM last = V_BELOW(m - whole);
+            V_STOREM(y + whole, last, FN(elu)(V_LOADM(x + whole, last), a));
+        }
+        return;
+    }
+    for (long i = 0; i < whole; i += LANES) V_STORE(y + i, FN(snake)(V_LOAD(x + i), a, inv));
+    if (whole < m) {
+        const VM last = V_BELOW(m - whole);
+        V_STOREM(y + whole, last, FN(snake)(V_LOADM(x + whole, last), a, inv));
+    }
+}
+
+/* A block's sums are k = o V + v (output o0 + o, samples LANES v to LANES v +
+   LANES - 1 of the block), k < O_ V (at most 9), in registers: every index
+   below is a constant (the macros list them all; those past O_ V, or past
+   the block's vectors or outputs, are left out at compile time, their
+   indices kept in bounds by the remainders), for a loop over them would keep
+   the sums in memory, a store for every multiply-add. */
+#define CONV_X(V, J, LOAD) if ((J) < (V)) xv[(J) % (V)] = LOAD((J) % (V));
+#define CONV_XS(V, LOAD) \
+    CONV_X(V, 0, LOAD) CONV_X(V, 1, LOAD) CONV_X(V, 2, LOAD) CONV_X(V, 3, LOAD) \
+    CONV_X(V, 4, LOAD) CONV_X(V, 5, LOAD) CONV_X(V, 6, LOAD) CONV_X(V, 7, LOAD)
+#define CONV_W(O_, J) if ((J) < (O_)) wv[(J) % (O_)] = V_BCAST(wp + (J) % (O_) * CU);
+#define CONV_FMA(O_, V, K) \
+    if ((K) < (O_) * (V)) \
+        a[(K) % ((O_) * (V))] = \
+            V_FMADD(wv[(K) / (V) % (O_)], xv[(K) % (V)], a[(K) % ((O_) * (V))]);
+#define CONV_EACH(F, O_, V) \
+    F(O_, V, 0) F(O_, V, 1) F(O_, V, 2) F(O_, V, 3) F(O_, V, 4) F(O_, V, 5) F(O_, V, 6) \
+    F(O_, V, 7) F(O_, V, 8)
+#define CONV_LOAD(v) V_LOAD(xp + LANES * (v))
+#define CONV_MASKED(v) V_LOADM(xp + LANES * (v), m[v])
+
+/* The sums of a block over every input channel and tap, each vector of
+   samples read by LOAD (a whole block, or a last one masked). */
+#define CONV_SUMS(O_, V, LOAD) \
+    for (long i = 0; i < C; i++) \
+        for (long u = 0; u < U; u++) { \
+            const float *xp = x + i * xc + u * d, *wp = w + i * U + u; \
+            VF xv[V], wv[O_]; \
+            CONV_XS(V, LOAD) \
+            CONV_W(O_, 0) CONV_W(O_, 1) CONV_W(O_, 2) CONV_W(O_, 3) \
+            CONV_EACH(CONV_FMA, O_, V) \
+        }
+
+#define CONV_INIT(O_, V, K) \
+    if ((K) < (O_) * (V)) \
+        a[(K) % ((O_) * (V))] = V_SET1(c->bias ? c->bias[o0 + (K) / (V)] : 0.0f);
+#define CONV_STORE(O_, V, K) \
+    if ((K) < (O_) * (V)) \
+        V_STORE(y + (o0 + (K) / (V)) * n + LANES * ((K) % (V)), a[(K) % ((O_) * (V))]);
+#define CONV_MASKSTORE(O_, V, K) \
+    if ((K) < (O_) * (V)) \
+        V_STOREM(y + (o0 + (K) / (V)) * n + LANES * ((K) % (V)), m[(K) % (V)], \
+                 a[(K) % ((O_) * (V))]);
+
+/* Outputs o0 to o0 + O_ - 1 of a block of V vectors of samples (``left``
+   samples from the block's first on, masked past the last): into y's rows n
+   floats apart; or, where the task interleaves, each output row o S + r as
+   phase r of row o of y, which points at the block's
+   first sample t of its stream's rows ([O / S, n S]): CONV_PHASES. */
+#define CONV(O_, V) \
+static void FN(conv_##O_##_##V)(const conv_t *c, const float *x, float *y, long n, long o0, \
+                                long left) { \
+    const long C = c->C, U = c->U, d = c->d, xc = c->xc, CU = C * U; \
+    const float *w = c->w + o0 * CU; \
+    VF a[(O_) * (V)]; \
+    VM m[V]; \
+    for (int v = 0; v < V; v++) m[v] = V_BELOW(left - LANES * v); \
+    CONV_EACH(CONV_INIT, O_, V) \
+    if (left >= LANES * V) { \
+        CONV_SUMS(O_, V, CONV_LOAD) \
+    } else { \
+        CONV_SUMS(O_, V, CONV_MASKED) \
+    } \
+    if (c->interleave) { \
+        CONV_PHASES(O_, V) \
+    } else if (left >= LANES * V) { \
+        CONV_EACH(CONV_STORE, O_, V) \
+    } else { \
+        CONV_EACH(CONV_MASKSTORE, O_, V) \
+    } \
+}
+CONV(1, 8)
+CONV(2, 4)
+CONV(3, 3)
+CONV(1, 2)
+CONV(2, 2)
+CONV(3, 2)
+CONV(4, 2)
+
+/* Outputs 0 to O - 1 of the block of samples from x's first on (``left`` of
+   them, the block's LANES vectors masked past the last), into y (rows ldy
+   floats apart). */
+static void FN(conv_block)(const conv_t *c, const float *x, float *y, long ldy, long left) {
+    for (long o = 0; o < c->O;) {
+        const long more = c->O - o;
+        if (c->vectors == 8) { FN(conv_1_8)(c, x, y, ldy, o, left); o += 1; }
+        else if (c->vectors == 4) { FN(conv_2_4)(c, x, y, ldy, o, left); o += 2; }
+        else if (c->vectors == 3) { FN(conv_3_3)(c, x, y, ldy, o, left); o += 3; }
+        else if (more >= 4) { FN(conv_4_2)(c, x, y, ldy, o, left); o += 4; }
+        else if (more == 3) { FN(conv_3_2)(c, x, y, ldy, o, left); o += 3; }
+        else if (more == 2) { FN(conv_2_2)(c, x, y, ldy, o, left); o += 2; }
+        else { FN(conv_1_2)(c, x, y, ldy, o, left); o += 1; }
+    }
+}
+
+/* The blocks of outputs 0 to O - 1 of samples 0 to m - 1 of one stream: x's
+   rows c->xc floats apart, y's ldy; as `conv` makes them (the same sums). */
+static void FN(conv_span)(const conv_t *c, const float *x, float *y, long ldy, long m) {
+    const long span = (long)LANES * c->vectors;
+    for (long t = 0; t < m; t += span) FN(conv_block)(c, x + t, y + t, ldy, m - t);
+}
+
+/* conv's work item: its blocks p0 to p1 (block p: stream p / blocks, its
+   samples from (p % blocks) span on). */
+static void *FN(conv_run)(void *arg) {
+    const conv_t *c = arg;
+    const long span = (long)LANES * c->vectors, S = c->S, n = c->n;
+    if (S == 1) {
+        for (long p = c->p0; p < c->p1; p++) {
+            const long b = p / c->blocks, t = (p % c->blocks) * span;
+            FN(conv_block)(c, c->x + b * c->xb + t, c->y + b * c->O * n + t, n, n - t);
+        }
+        return 0;
+    }
+    if (c->interleave) {  /* each block's phases stored in place from its sums */
+        for (long p = c->p0; p < c->p1; p++) {
+            const long b = p / c->blocks, t = (p % c->blocks) * span;
+            FN(conv_block)(c, c->x + b * c->xb + t, c->y + b * c->O * n + t * S, n, n - t);
+        }
+        return 0;
+    }
+    /* Each block's phases into a buffer, then each phase's samples S apart. */
+    float *z = malloc(sizeof(float) * c->O * span);
+    if (!z) return (void *)1;
+    for (long p = c->p0; p < c->p1; p++) {
+        const long b = p / c->blocks, t = (p % c->blocks) * span;
+        const long count = n - t < span ? n - t : span;
+        FN(conv_block)(c, c->x + b * c->xb + t, z, span, n - t);
+        for (long q = 0; q < c->O; q++) {
+            float *y = c->y + (b * (c->O / S) + q / S) * n * S + t * S + q % S;
+            const float *from = z + q * span;
+            for (long j = 0; j < count; j++) y[j * S] = from[j];
+        }
+    }
+    free(z);
+    return 0;
+}
+
+static void *FN(unit_run)(void *arg) {
+    const unit_t *u = arg;
+    const long C = u->C, H = u->H, S = u->S, T = u->T, lda = T + S, n = u->n, h = u->h;
+    float *scratch = malloc(sizeof(float) * (C * lda + H * T + C * T));
+    if (!scratch) return (void *)1;
+    float *A = scratch, *G = A + C * lda, *Y = G + H * T;
+    const conv_t first = {A, u->w1, u->b1, G, 0, 0, 0, H, C, u->U, u->d, 0, 0, lda, 1,
+                          vectors_for(H), 0};
+    const conv_t second = {G, u->w2, u->b2, Y, 0, 0, 0, C, H, 1, 1, 0, 0, T, 1,
+                           vectors_for(C), 0};
+    for (long p = u->p0; p < u->p1; p++) {
+        const long b = p / u->segments, t0 = (p % u->segments) * u->share;
+        const long t1 = t0 + u->share < n ? t0 + u->share : n;
+        const float *x = u->x + b * u->xb, *buffer = u->buffer + b * C * S;
+        const float *waiting = u->waiting + b * C * h;
+        float *out = u->out + b * C * n;
+        for (long tt = t0; tt < t1; tt += T) {
+            const long m = tt + T < t1 ? T : t1 - tt;
+            /* A[c, j] = padded[tt + j], j < m + S: kept from the last tile, or made. */
+            const long kept = tt > t0 ? S : 0;
+            for (long c = 0; c < C; c++) {
+                float *a = A + c * lda;
+                if (kept) memmove(a, a + T, sizeof(float) * S);
+                long j = kept;
+                for (; j < m + S && tt + j < S; j++) a[j] = buffer[c * S + tt + j];
+                if (j < m + S)
+                    FN(act_span)(u->kind, x + c * u->xc + tt + j - S, a + j, m + S - j,
+                                 u->a1[c], u->i1[c]);
+            }
+            FN(conv_span)(&first, A, G, T, m);
+            for (long c = 0; c < H; c++)
+                FN(act_span)(u->kind, G + c * T, G + c * T, m, u->a2[c], u->i2[c]);
+            FN(conv_span)(&second, G, Y, T, m);
+            for (long c = 0; c < C; c++) {
+                const float *yr = Y + c * T, *xr = x + c * u->xc, *wr = waiting + c * h;
+                float *o = out + c * n + tt;
+                long t = 0;
+                for (; t < m && tt + t < h; t++) o[t] = wr[tt + t] + yr[t];
+                for (; t < m; t++) o[t] = xr[tt + t - h] + yr[t];
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+"""
+
+SOURCE = (
+    r"""
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
@@ -579,25 +865,9 @@ static inline float hmax(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* e^x for each lane, x at most 0 (below -87.3 as -87.3): a polynomial on x
-   less its nearest multiple of ln 2, times that power of two (Cephes' expf,
-   within two units of the last place). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
-}
+/* e^x for each lane, x at most 0 (exp_8: with the codec's activations,
+   below). */
+static inline __m256 exp_8(__m256 x);
 
 typedef struct {
     const float *q, *k, *v, *mask;
@@ -737,7 +1007,7 @@ one_pair(const heads_t *t, long p, float *s, const long D8) {
     for (j = 0; j < S; j += 8) {
         const __m256 sj = _mm256_loadu_ps(s + j);
         const __m256 out = _mm256_cmp_ps(sj, none, _CMP_EQ_OQ);
-        const __m256 e = _mm256_andnot_ps(out, exp8(_mm256_sub_ps(sj, topv)));
+        const __m256 e = _mm256_andnot_ps(out, exp_8(_mm256_sub_ps(sj, topv)));
         _mm256_storeu_ps(s + j, e);
         sum = _mm256_add_ps(sum, e);
     }
@@ -790,370 +1060,6 @@ static inline __m256i lanes_below(long count) {
     const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const int k = count < 0 ? 0 : count > 8 ? 8 : (int)count;
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), index);
-}
-
-/* ELU: y = x where x > 0 (or NaN), else alpha (e^x - 1), for rows r0 to r1
-   of n floats, ldx and ldy floats apart (y may be x), eight at a time; each
-   row's last few in a masked block. */
-typedef struct {
-    const float *x;
-    float *y;
-    long r0, r1, n, ldx, ldy;
-    float alpha;
-} elu_t;
-
-static inline __m256 elu8(__m256 v, __m256 alpha) {
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
-    const __m256 negative = _mm256_mul_ps(alpha, _mm256_sub_ps(exp8(_mm256_min_ps(v, zero)), one));
-    return _mm256_blendv_ps(negative, v, _mm256_cmp_ps(v, zero, _CMP_NLE_UQ));
-}
-
-static void *elu_run(void *arg) {
-    const elu_t *t = arg;
-    const __m256 alpha = _mm256_set1_ps(t->alpha);
-    const long n8 = t->n & ~7L;
-    for (long r = t->r0; r < t->r1; r++) {
-        const float *x = t->x + r * t->ldx;
-        float *y = t->y + r * t->ldy;
-        for (long i = 0; i < n8; i += 8)
-            _mm256_storeu_ps(y + i, elu8(_mm256_loadu_ps(x + i), alpha));
-        if (n8 < t->n) {
-            const __m256i last = lanes_below(t->n - n8);
-            _mm256_maskstore_ps(y + n8, last, elu8(_mm256_maskload_ps(x + n8, last), alpha));
-        }
-    }
-    return 0;
-}
-
-/* sin^2 of each lane, from Cephes' sinf: the argument less its nearest even
-   multiple of pi/4, in three parts, then its sine r by a polynomial; sin^2 is
-   r^2, or 1 - r^2 where the octant's is the cosine (cos^2 = 1 - sin^2 of the
-   same part: one polynomial, not two); within 2e-7 for |x| up to 8192;
-   eight lanes with any beyond (or NaN) by the C library's sinf, squared. */
-static inline __m256 sin2_8(__m256 x) {
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    __m256 ax = _mm256_andnot_ps(sign_bit, x);
-    if (_mm256_movemask_ps(_mm256_cmp_ps(ax, _mm256_set1_ps(8192.0f), _CMP_NLE_UQ))) {
-        float v[8];
-        _mm256_storeu_ps(v, x);
-        for (int i = 0; i < 8; i++) {
-            const float sine = sinf(v[i]);
-            v[i] = sine * sine;
-        }
-        return _mm256_loadu_ps(v);
-    }
-    __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(ax, _mm256_set1_ps(1.27323954473516f)));
-    j = _mm256_and_si256(_mm256_add_epi32(j, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
-    const __m256 y = _mm256_cvtepi32_ps(j);
-    const __m256i two = _mm256_set1_epi32(2);
-    const __m256 cosine = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(j, two), two));
-    ax = _mm256_fmadd_ps(y, _mm256_set1_ps(-0.78515625f), ax);
-    ax = _mm256_fmadd_ps(y, _mm256_set1_ps(-2.4187564849853515625e-4f), ax);
-    ax = _mm256_fmadd_ps(y, _mm256_set1_ps(-3.77489497744594108e-8f), ax);
-    const __m256 z = _mm256_mul_ps(ax, ax);
-    __m256 s = _mm256_set1_ps(-1.9515295891e-4f);
-    s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(8.3321608736e-3f));
-    s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-1.6666654611e-1f));
-    s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), ax, ax);
-    const __m256 s2 = _mm256_mul_ps(s, s);
-    return _mm256_blendv_ps(s2, _mm256_sub_ps(_mm256_set1_ps(1.0f), s2), cosine);
-}
-
-/* DAC's Snake: y = x + sin(a x)^2 inverse, a and inverse per channel, for
-   rows r0 to r1 of T samples (row r in channel r mod C), ldx and ldy floats
-   apart; y may be x. */
-typedef struct {
-    const float *x, *alpha, *inverse;
-    float *y;
-    long r0, r1, T, C, ldx, ldy;
-} snake_t;
-
-static inline __m256 snake8(__m256 v, __m256 a, __m256 inverse) {
-    return _mm256_add_ps(_mm256_mul_ps(sin2_8(_mm256_mul_ps(a, v)), inverse), v);
-}
-
-static void *snake_run(void *arg) {
-    const snake_t *t = arg;
-    const long T8 = t->T & ~7L;
-    for (long r = t->r0; r < t->r1; r++) {
-        const __m256 a = _mm256_set1_ps(t->alpha[r % t->C]);
-        const __m256 inverse = _mm256_set1_ps(t->inverse[r % t->C]);
-        const float *x = t->x + r * t->ldx;
-        float *y = t->y + r * t->ldy;
-        for (long i = 0; i < T8; i += 8)
-            _mm256_storeu_ps(y + i, snake8(_mm256_loadu_ps(x + i), a, inverse));
-        if (T8 < t->T) {
-            const __m256i last = lanes_below(t->T - T8);
-            const __m256 tail = snake8(_mm256_maskload_ps(x + T8, last), a, inverse);
-            _mm256_maskstore_ps(y + T8, last, tail);
-        }
-    }
-    return 0;
-}
-
-/* The rows (ldx and ldy floats apart) in up to `threads` parts. */
-void snake(const float *x, float *y, const float *alpha, const float *inverse, long rows,
-           long T, long C, long ldx, long ldy, int threads) {
-    snake_t tasks[16];
-    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
-    const long share = (rows + threads - 1) / threads;
-    int parts = 0;
-    for (long r = 0; r < rows; r += share, parts++) {
-        const long end = r + share < rows ? r + share : rows;
-        tasks[parts] = (snake_t){x, alpha, inverse, y, r, end, T, C, ldx, ldy};
-    }
-    run_parts(snake_run, tasks, sizeof tasks[0], parts);
-}
-
-/* A convolution over time, stride 1: z[b, o, t] = bias[o] + sum over i < C
-   and u < U of w[o, i, u] x[b, i, t + u d], for t < n; x's rows (b, i) lie
-   xb and xc floats apart, w is [O, C, U]. With S = 1, y is z, contiguous
-   [B, O, n]; with S > 1 (a transposed convolution's phases), y is contiguous
-   [B, O / S, n S] and y[b, o, t S + r] = z[b, o S + r, t]. The samples go in
-   lanes, 8 to a vector, V vectors a block, the outputs O_ at a time: every
-   output is the same sum in the same order wherever its sample and stream
-   lie (a block's missing samples are masked off, not read). */
-typedef struct {
-    const float *x, *w, *bias;
-    float *y;
-    long p0, p1, blocks, O, C, U, d, n, xb, xc, S;
-    int vectors;
-    int interleave;  /* S is 2 or a multiple of 4: phases stored in place (put2, put4) */
-} conv_t;
-
-/* Samples j < count (at most 8) of two phases (a0: r, a1: r + 1) into y[j S +
-   r], S = 2: 2 count floats in a row. */
-static inline void put2(float *y, __m256 a0, __m256 a1, long count) {
-    const __m256 lo = _mm256_unpacklo_ps(a0, a1), hi = _mm256_unpackhi_ps(a0, a1);
-    const __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20);
-    const __m256 second = _mm256_permute2f128_ps(lo, hi, 0x31);
-    if (count >= 8) {
-        _mm256_storeu_ps(y, first);
-        _mm256_storeu_ps(y + 8, second);
-    } else {
-        _mm256_maskstore_ps(y, lanes_below(2 * count), first);
-        _mm256_maskstore_ps(y + 8, lanes_below(2 * count - 8), second);
-    }
-}
-
-/* Samples j < count (at most 8) of four phases (a0 to a3: r to r + 3) into
-   y[j S + r] (S a multiple of 4): each sample's four floats in a row. */
-static inline void put4(float *y, long S, __m256 a0, __m256 a1, __m256 a2, __m256 a3,
-                        long count) {
-    const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
-    const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
-    /* u[k]: samples k (low half) and k + 4 (high half), four phases each. */
-    const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
-                         _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
-    if (S == 4) {
-        const __m256 out[4] = {_mm256_permute2f128_ps(u[0], u[1], 0x20),
-                               _mm256_permute2f128_ps(u[2], u[3], 0x20),
-                               _mm256_permute2f128_ps(u[0], u[1], 0x31),
-                               _mm256_permute2f128_ps(u[2], u[3], 0x31)};
-        for (int k = 0; k < 4; k++) {
-            if (count >= 8) _mm256_storeu_ps(y + 8 * k, out[k]);
-            else _mm256_maskstore_ps(y + 8 * k, lanes_below(4 * count - 8 * k), out[k]);
-        }
-        return;
-    }
-    for (long j = 0; j < count && j < 8; j++) {
-        const __m256 v = u[j & 3];
-        _mm_storeu_ps(y + j * S, j < 4 ? _mm256_castps256_ps128(v) : _mm256_extractf128_ps(v, 1));
-    }
-}
-
-/* A block's sums are k = o V + v (output o0 + o, samples 8 v to 8 v + 7 of
-   the block), k < O_ V (at most 9), in registers: every index below is a
-   constant (the macros list them all; those past O_ V, or past the block's
-   vectors or outputs, are left out at compile time, their indices kept in
-   bounds by the remainders), for a loop over them would keep the sums in
-   memory, a store for every multiply-add. */
-#define CONV_X(V, J, LOAD) if ((J) < (V)) xv[(J) % (V)] = LOAD((J) % (V));
-#define CONV_XS(V, LOAD) \
-    CONV_X(V, 0, LOAD) CONV_X(V, 1, LOAD) CONV_X(V, 2, LOAD) CONV_X(V, 3, LOAD) \
-    CONV_X(V, 4, LOAD) CONV_X(V, 5, LOAD) CONV_X(V, 6, LOAD) CONV_X(V, 7, LOAD)
-#define CONV_W(O_, J) if ((J) < (O_)) wv[(J) % (O_)] = _mm256_broadcast_ss(wp + (J) % (O_) * CU);
-#define CONV_FMA(O_, V, K) \
-    if ((K) < (O_) * (V)) \
-        a[(K) % ((O_) * (V))] = \
-            _mm256_fmadd_ps(wv[(K) / (V) % (O_)], xv[(K) % (V)], a[(K) % ((O_) * (V))]);
-#define CONV_EACH(F, O_, V) \
-    F(O_, V, 0) F(O_, V, 1) F(O_, V, 2) F(O_, V, 3) F(O_, V, 4) F(O_, V, 5) F(O_, V, 6) \
-    F(O_, V, 7) F(O_, V, 8)
-#define CONV_LOAD(v) _mm256_loadu_ps(xp + 8 * (v))
-#define CONV_MASKED(v) _mm256_maskload_ps(xp + 8 * (v), m[v])
-
-/* The sums of a block over every input channel and tap, each vector of
-   samples read by LOAD (a whole block, or a last one masked). */
-#define CONV_SUMS(O_, V, LOAD) \
-    for (long i = 0; i < C; i++) \
-        for (long u = 0; u < U; u++) { \
-            const float *xp = x + i * xc + u * d, *wp = w + i * U + u; \
-            __m256 xv[V], wv[O_]; \
-            CONV_XS(V, LOAD) \
-            CONV_W(O_, 0) CONV_W(O_, 1) CONV_W(O_, 2) CONV_W(O_, 3) \
-            CONV_EACH(CONV_FMA, O_, V) \
-        }
-
-#define CONV_INIT(O_, V, K) \
-    if ((K) < (O_) * (V)) \
-        a[(K) % ((O_) * (V))] = _mm256_set1_ps(c->bias ? c->bias[o0 + (K) / (V)] : 0.0f);
-#define CONV_STORE(O_, V, K) \
-    if ((K) < (O_) * (V)) \
-        _mm256_storeu_ps(y + (o0 + (K) / (V)) * n + 8 * ((K) % (V)), a[(K) % ((O_) * (V))]);
-#define CONV_MASKSTORE(O_, V, K) \
-    if ((K) < (O_) * (V)) \
-        _mm256_maskstore_ps(y + (o0 + (K) / (V)) * n + 8 * ((K) % (V)), m[(K) % (V)], \
-                            a[(K) % ((O_) * (V))]);
-/* Phases stored in place (see CONV): outputs O and O + 1 (O even) of vector
-   VV, S = 2; outputs 0 to 3 of vector VV, S a multiple of 4. */
-#define CONV_PUT2(O_, V, O, VV) \
-    if ((O) + 1 < (O_) && (VV) < (V) && left > 8 * (VV)) \
-        put2(y + ((o0 + (O)) / S) * row + (o0 + (O)) % S + 16 * (VV), \
-             a[((O) * (V) + (VV)) % ((O_) * (V))], a[(((O) + 1) * (V) + (VV)) % ((O_) * (V))], \
-             left - 8 * (VV));
-#define CONV_PUT4(O_, V, VV) \
-    if ((O_) == 4 && (VV) < (V) && left > 8 * (VV)) \
-        put4(y + (o0 / S) * row + o0 % S + 8 * (VV) * S, S, a[(VV) % ((O_) * (V))], \
-             a[((V) + (VV)) % ((O_) * (V))], a[(2 * (V) + (VV)) % ((O_) * (V))], \
-             a[(3 * (V) + (VV)) % ((O_) * (V))], left - 8 * (VV));
-#define CONV_PUTS(O_, V, F, ...) \
-    F(O_, V, __VA_ARGS__ 0) F(O_, V, __VA_ARGS__ 1) F(O_, V, __VA_ARGS__ 2) \
-    F(O_, V, __VA_ARGS__ 3) F(O_, V, __VA_ARGS__ 4) F(O_, V, __VA_ARGS__ 5) \
-    F(O_, V, __VA_ARGS__ 6) F(O_, V, __VA_ARGS__ 7)
-
-/* Outputs o0 to o0 + O_ - 1 of a block of V vectors of samples (``left``
-   samples from the block's first on, masked past the last): into y's rows n
-   floats apart; or, where the task interleaves, each output row o S + r as
-   phase r of row o of y, which points at the block's first sample t of its
-   stream's rows ([O / S, n S]). */
-#define CONV(O_, V) \
-static void conv_##O_##_##V(const conv_t *c, const float *x, float *y, long n, long o0, \
-                            long left) { \
-    const long C = c->C, U = c->U, d = c->d, xc = c->xc, CU = C * U; \
-    const float *w = c->w + o0 * CU; \
-    __m256 a[(O_) * (V)]; \
-    __m256i m[V]; \
-    for (int v = 0; v < V; v++) m[v] = lanes_below(left - 8 * v); \
-    CONV_EACH(CONV_INIT, O_, V) \
-    if (left >= 8 * V) { \
-        CONV_SUMS(O_, V, CONV_LOAD) \
-    } else { \
-        CONV_SUMS(O_, V, CONV_MASKED) \
-    } \
-    if (c->interleave) { \
-        const long S = c->S, row = c->n * S; \
-        if (S == 2) { \
-            CONV_PUTS(O_, V, CONV_PUT2, 0, ) \
-            CONV_PUTS(O_, V, CONV_PUT2, 2, ) \
-        } else { \
-            CONV_PUTS(O_, V, CONV_PUT4, ) \
-        } \
-    } else if (left >= 8 * V) { \
-        CONV_EACH(CONV_STORE, O_, V) \
-    } else { \
-        CONV_EACH(CONV_MASKSTORE, O_, V) \
-    } \
-}
-CONV(1, 8)
-CONV(2, 4)
-CONV(3, 3)
-CONV(1, 2)
-CONV(2, 2)
-CONV(3, 2)
-CONV(4, 2)
-
-/* Block p of the task's into y (rows ldy floats apart). */
-static void conv_block(const conv_t *c, long p, float *y, long ldy) {
-    const long span = 8L * c->vectors, b = p / c->blocks, t = (p % c->blocks) * span;
-    const float *x = c->x + b * c->xb + t;
-    const long left = c->n - t;
-    for (long o = 0; o < c->O;) {
-        const long more = c->O - o;
-        if (c->vectors == 8) { conv_1_8(c, x, y, ldy, o, left); o += 1; }
-        else if (c->vectors == 4) { conv_2_4(c, x, y, ldy, o, left); o += 2; }
-        else if (c->vectors == 3) { conv_3_3(c, x, y, ldy, o, left); o += 3; }
-        else if (more >= 4) { conv_4_2(c, x, y, ldy, o, left); o += 4; }
-        else if (more == 3) { conv_3_2(c, x, y, ldy, o, left); o += 3; }
-        else if (more == 2) { conv_2_2(c, x, y, ldy, o, left); o += 2; }
-        else { conv_1_2(c, x, y, ldy, o, left); o += 1; }
-    }
-}
-
-static void *conv_run(void *arg) {
-    const conv_t *c = arg;
-    const long span = 8L * c->vectors, S = c->S, n = c->n;
-    if (S == 1) {
-        for (long p = c->p0; p < c->p1; p++) {
-            const long b = p / c->blocks, t = (p % c->blocks) * span;
-            conv_block(c, p, c->y + b * c->O * n + t, n);
-        }
-        return 0;
-    }
-    if (c->interleave) {  /* each block's phases stored in place from its sums */
-        for (long p = c->p0; p < c->p1; p++) {
-            const long b = p / c->blocks, t = (p % c->blocks) * span;
-            conv_block(c, p, c->y + b * c->O * n + t * S, n);
-        }
-        return 0;
-    }
-    /* Each block's phases into a buffer, then each phase's samples S apart. */
-    float *z = malloc(sizeof(float) * c->O * span);
-    if (!z) return (void *)1;
-    for (long p = c->p0; p < c->p1; p++) {
-        const long b = p / c->blocks, t = (p % c->blocks) * span;
-        const long count = n - t < span ? n - t : span;
-        conv_block(c, p, z, span);
-        for (long q = 0; q < c->O; q++) {
-            float *y = c->y + (b * (c->O / S) + q / S) * n * S + t * S + q % S;
-            const float *from = z + q * span;
-            for (long j = 0; j < count; j++) y[j * S] = from[j];
-        }
-    }
-    free(z);
-    return 0;
-}
-
-/* Blocks of samples of every stream, split over up to `threads` threads:
-   one output a block of 64 samples, two of 32, three of 24, more four at a
-   time over 16. 0, or 1 where memory for a block's phases ran out. */
-int conv(const float *x, const float *w, const float *bias, float *y, long B, long O, long C,
-         long U, long d, long n, long xb, long xc, long S, int threads) {
-    conv_t tasks[16];
-    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
-    const int vectors = O == 1 ? 8 : O == 2 ? 4 : O == 3 ? 3 : 2;
-    const long blocks = (n + 8L * vectors - 1) / (8L * vectors), items = B * blocks;
-    const long share = (items + threads - 1) / threads;
-    /* In place where a block's outputs O_ at a time hold whole groups of phases
-       of a row: pairs (S = 2: O_ is even for every O = 2 C_out) or fours (S a
-       multiple of 4: O_ is 4, as O is). */
-    const int interleave = S == 2 || (S > 1 && S % 4 == 0);
-    int parts = 0;
-    for (long p = 0; p < items; p += share, parts++)
-        tasks[parts] = (conv_t){x, w, bias, y, p, p + share < items ? p + share : items,
-                                blocks, O, C, U, d, n, xb, xc, S, vectors, interleave};
-    return run_parts(conv_run, tasks, sizeof tasks[0], parts);
-}
-
-/* The rows of n floats in up to `threads` parts: of rows, or of one row's
-   floats (a multiple of 8 each). */
-void elu(const float *x, float *y, long rows, long n, long ldx, long ldy, float alpha,
-         int threads) {
-    elu_t tasks[16];
-    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
-    int parts = 0;
-    if (rows == 1) {
-        const long share = ((n + threads - 1) / threads + 7) & ~7L;
-        for (long i = 0; i < n; i += share, parts++)
-            tasks[parts] = (elu_t){x + i, y + i, 0, 1, i + share < n ? share : n - i, 0, 0, alpha};
-    } else {
-        const long share = (rows + threads - 1) / threads;
-        for (long r = 0; r < rows; r += share, parts++) {
-            const long end = r + share < rows ? r + share : rows;
-            tasks[parts] = (elu_t){x, y, r, end, n, ldx, ldy, alpha};
-        }
-    }
-    run_parts(elu_run, tasks, sizeof tasks[0], parts);
 }
 
 /* The sampler's counter-based noise (sampling._token_uniform, bit for bit):
@@ -1303,42 +1209,60 @@ void join_add(const float *w, const float *s, const float *y, float *out, float 
     }
 }
 
-/* The blocks of outputs 0 to O - 1 of samples 0 to m - 1 of one stream: x's
-   rows c->xc floats apart, y's ldy; as `conv` makes them (the same sums). */
-static void conv_span(const conv_t *c, const float *x, float *y, long ldy, long m) {
-    const long span = 8L * c->vectors;
-    for (long t = 0; t < m; t += span) {
-        for (long o = 0; o < c->O;) {
-            const long more = c->O - o, left = m - t;
-            if (c->vectors == 8) { conv_1_8(c, x + t, y + t, ldy, o, left); o += 1; }
-            else if (c->vectors == 4) { conv_2_4(c, x + t, y + t, ldy, o, left); o += 2; }
-            else if (c->vectors == 3) { conv_3_3(c, x + t, y + t, ldy, o, left); o += 3; }
-            else if (more >= 4) { conv_4_2(c, x + t, y + t, ldy, o, left); o += 4; }
-            else if (more == 3) { conv_3_2(c, x + t, y + t, ldy, o, left); o += 3; }
-            else if (more == 2) { conv_2_2(c, x + t, y + t, ldy, o, left); o += 2; }
-            else { conv_1_2(c, x + t, y + t, ldy, o, left); o += 1; }
-        }
+/* A convolution over time, stride 1: z[b, o, t] = bias[o] + sum over i < C
+   and u < U of w[o, i, u] x[b, i, t + u d], for t < n; x's rows (b, i) lie
+   xb and xc floats apart, w is [O, C, U]. With S = 1, y is z, contiguous
+   [B, O, n]; with S > 1 (a transposed convolution's phases), y is contiguous
+   [B, O / S, n S] and y[b, o, t S + r] = z[b, o S + r, t]. The samples go in
+   lanes, 8 to a vector, V vectors a block, the outputs O_ at a time: every
+   output is the same sum in the same order wherever its sample and stream
+   lie (a block's missing samples are masked off, not read). */
+typedef struct {
+    const float *x, *w, *bias;
+    float *y;
+    long p0, p1, blocks, O, C, U, d, n, xb, xc, S;
+    int vectors;
+    int interleave;  /* S is 2 or a multiple of 4: phases stored in place (put2_*, put4_*) */
+} conv_t;
+
+/* Samples j < count (at most 8) of two phases (a0: r, a1: r + 1) into y[j S +
+   r], S = 2: 2 count floats in a row. */
+static inline void put2_8(float *y, __m256 a0, __m256 a1, long count) {
+    const __m256 lo = _mm256_unpacklo_ps(a0, a1), hi = _mm256_unpackhi_ps(a0, a1);
+    const __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20);
+    const __m256 second = _mm256_permute2f128_ps(lo, hi, 0x31);
+    if (count >= 8) {
+        _mm256_storeu_ps(y, first);
+        _mm256_storeu_ps(y + 8, second);
+    } else {
+        _mm256_maskstore_ps(y, lanes_below(2 * count), first);
+        _mm256_maskstore_ps(y + 8, lanes_below(2 * count - 8), second);
     }
 }
 
-/* A residual unit's activation over m samples of a row, x to y (either may
-   be the other): DAC's Snake (alpha and inverse), or ELU (alpha; kind 1). */
-static void act_span(int kind, const float *x, float *y, long m, float alpha, float inverse) {
-    const __m256 a = _mm256_set1_ps(alpha), inv = _mm256_set1_ps(inverse);
-    const long m8 = m & ~7L;
-    if (kind == 1) {
-        for (long i = 0; i < m8; i += 8) _mm256_storeu_ps(y + i, elu8(_mm256_loadu_ps(x + i), a));
-        if (m8 < m) {
-            const __m256i last = lanes_below(m - m8);
-            _mm256_maskstore_ps(y + m8, last, elu8(_mm256_maskload_ps(x + m8, last), a));
+/* Samples j < count (at most 8) of four phases (a0 to a3: r to r + 3) into
+   y[j S + r] (S a multiple of 4): each sample's four floats in a row. */
+static inline void put4_8(float *y, long S, __m256 a0, __m256 a1, __m256 a2, __m256 a3,
+                        long count) {
+    const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+    const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+    /* u[k]: samples k (low half) and k + 4 (high half), four phases each. */
+    const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                         _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+    if (S == 4) {
+        const __m256 out[4] = {_mm256_permute2f128_ps(u[0], u[1], 0x20),
+                               _mm256_permute2f128_ps(u[2], u[3], 0x20),
+                               _mm256_permute2f128_ps(u[0], u[1], 0x31),
+                               _mm256_permute2f128_ps(u[2], u[3], 0x31)};
+        for (int k = 0; k < 4; k++) {
+            if (count >= 8) _mm256_storeu_ps(y + 8 * k, out[k]);
+            else _mm256_maskstore_ps(y + 8 * k, lanes_below(4 * count - 8 * k), out[k]);
         }
         return;
     }
-    for (long i = 0; i < m8; i += 8)
-        _mm256_storeu_ps(y + i, snake8(_mm256_loadu_ps(x + i), a, inv));
-    if (m8 < m) {
-        const __m256i last = lanes_below(m - m8);
-        _mm256_maskstore_ps(y + m8, last, snake8(_mm256_maskload_ps(x + m8, last), a, inv));
+    for (long j = 0; j < count && j < 8; j++) {
+        const __m256 v = u[j & 3];
+        _mm_storeu_ps(y + j * S, j < 4 ? _mm256_castps256_ps128(v) : _mm256_extractf128_ps(v, 1));
     }
 }
 
@@ -1365,50 +1289,304 @@ static inline int vectors_for(long outputs) {
     return outputs == 1 ? 8 : outputs == 2 ? 4 : outputs == 3 ? 3 : 2;
 }
 
-static void *unit_run(void *arg) {
-    const unit_t *u = arg;
-    const long C = u->C, H = u->H, S = u->S, T = u->T, lda = T + S, n = u->n, h = u->h;
-    float *scratch = malloc(sizeof(float) * (C * lda + H * T + C * T));
-    if (!scratch) return (void *)1;
-    float *A = scratch, *G = A + C * lda, *Y = G + H * T;
-    const conv_t first = {A, u->w1, u->b1, G, 0, 0, 0, H, C, u->U, u->d, 0, 0, lda, 1,
-                          vectors_for(H), 0};
-    const conv_t second = {G, u->w2, u->b2, Y, 0, 0, 0, C, H, 1, 1, 0, 0, T, 1,
-                           vectors_for(C), 0};
-    for (long p = u->p0; p < u->p1; p++) {
-        const long b = p / u->segments, t0 = (p % u->segments) * u->share;
-        const long t1 = t0 + u->share < n ? t0 + u->share : n;
-        const float *x = u->x + b * u->xb, *buffer = u->buffer + b * C * S;
-        const float *waiting = u->waiting + b * C * h;
-        float *out = u->out + b * C * n;
-        for (long tt = t0; tt < t1; tt += T) {
-            const long m = tt + T < t1 ? T : t1 - tt;
-            /* A[c, j] = padded[tt + j], j < m + S: kept from the last tile, or made. */
-            const long kept = tt > t0 ? S : 0;
-            for (long c = 0; c < C; c++) {
-                float *a = A + c * lda;
-                if (kept) memmove(a, a + T, sizeof(float) * S);
-                long j = kept;
-                for (; j < m + S && tt + j < S; j++) a[j] = buffer[c * S + tt + j];
-                if (j < m + S)
-                    act_span(u->kind, x + c * u->xc + tt + j - S, a + j, m + S - j, u->a1[c],
-                             u->i1[c]);
-            }
-            conv_span(&first, A, G, T, m);
-            for (long c = 0; c < H; c++)
-                act_span(u->kind, G + c * T, G + c * T, m, u->a2[c], u->i2[c]);
-            conv_span(&second, G, Y, T, m);
-            for (long c = 0; c < C; c++) {
-                const float *yr = Y + c * T, *xr = x + c * u->xc, *wr = waiting + c * h;
-                float *o = out + c * n + tt;
-                long t = 0;
-                for (; t < m && tt + t < h; t++) o[t] = wr[tt + t] + yr[t];
-                for (; t < m; t++) o[t] = xr[tt + t - h] + yr[t];
-            }
+/* The codec's activations and convolutions, written once over vectors of
+   LANES floats (the macros below): built for eight lanes (AVX2), and in the
+   wide build for sixteen too (AVX-512), which the calls then take. Every
+   lane's operations are the same in both, in the same order, so a sample
+   comes out the same, bit for bit, whatever the vectors' width: a wide
+   build's codec decodes what a plain one's does. */
+#define FN(name) FN_(name, LANES)
+#define FN_(name, lanes) FN__(name, lanes)
+#define FN__(name, lanes) name##_##lanes
+#define LANES 8
+#define VF __m256
+#define VI __m256i
+#define VM __m256i          /* a load's or store's mask */
+#define VC __m256           /* a comparison's lanes, for V_BLEND */
+#define V_SET1(f) _mm256_set1_ps(f)
+#define V_ZERO() _mm256_setzero_ps()
+#define V_LOAD(p) _mm256_loadu_ps(p)
+#define V_LOADM(p, m) _mm256_maskload_ps(p, m)
+#define V_STORE(p, v) _mm256_storeu_ps(p, v)
+#define V_STOREM(p, m, v) _mm256_maskstore_ps(p, m, v)
+#define V_BELOW(count) lanes_below(count)
+#define V_BCAST(p) _mm256_broadcast_ss(p)
+#define V_ADD(a, b) _mm256_add_ps(a, b)
+#define V_SUB(a, b) _mm256_sub_ps(a, b)
+#define V_MUL(a, b) _mm256_mul_ps(a, b)
+#define V_MIN(a, b) _mm256_min_ps(a, b)
+#define V_MAX(a, b) _mm256_max_ps(a, b)
+#define V_FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_FNMADD(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define V_ROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define V_ABS(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)
+#define V_GT(a, b) _mm256_cmp_ps(a, b, _CMP_NLE_UQ)  /* not a <= b: NaN too */
+#define V_ANY(c) _mm256_movemask_ps(c)
+#define V_BLEND(a, b, c) _mm256_blendv_ps(a, b, c)  /* b where c, else a */
+#define V_TRUNC_I(x) _mm256_cvttps_epi32(x)
+#define V_ROUND_I(x) _mm256_cvtps_epi32(x)
+#define VI_TO_F(i) _mm256_cvtepi32_ps(i)
+#define VI_AS_F(i) _mm256_castsi256_ps(i)
+#define VI_SET1(k) _mm256_set1_epi32(k)
+#define VI_ADD(a, b) _mm256_add_epi32(a, b)
+#define VI_AND(a, b) _mm256_and_si256(a, b)
+#define VI_EQ(a, b) _mm256_castsi256_ps(_mm256_cmpeq_epi32(a, b))
+#define VI_SHL(i, k) _mm256_slli_epi32(i, k)
+/* Phases stored in place (see CONV): outputs O and O + 1 (O even) of vector
+   VV, S = 2; outputs 0 to 3 of vector VV, S a multiple of 4 (put2_8, put4_8,
+   and the wide build's put2_16, put4_16: the same floats, in place). */
+#define CONV_PUT2(O_, V, O, VV) \
+    if ((O) + 1 < (O_) && (VV) < (V) && left > LANES * (VV)) \
+        FN(put2)(y + ((o0 + (O)) / S) * row + (o0 + (O)) % S + 2 * LANES * (VV), \
+                 a[((O) * (V) + (VV)) % ((O_) * (V))], \
+                 a[(((O) + 1) * (V) + (VV)) % ((O_) * (V))], left - LANES * (VV));
+#define CONV_PUT4(O_, V, VV) \
+    if ((O_) == 4 && (VV) < (V) && left > LANES * (VV)) \
+        FN(put4)(y + (o0 / S) * row + o0 % S + LANES * (VV) * S, S, a[(VV) % ((O_) * (V))], \
+                 a[((V) + (VV)) % ((O_) * (V))], a[(2 * (V) + (VV)) % ((O_) * (V))], \
+                 a[(3 * (V) + (VV)) % ((O_) * (V))], left - LANES * (VV));
+#define CONV_PUTS(O_, V, F, ...) \
+    F(O_, V, __VA_ARGS__ 0) F(O_, V, __VA_ARGS__ 1) F(O_, V, __VA_ARGS__ 2) \
+    F(O_, V, __VA_ARGS__ 3) F(O_, V, __VA_ARGS__ 4) F(O_, V, __VA_ARGS__ 5) \
+    F(O_, V, __VA_ARGS__ 6) F(O_, V, __VA_ARGS__ 7)
+#define CONV_PHASES(O_, V) \
+    const long S = c->S, row = c->n * S; \
+    if (S == 2) { \
+        CONV_PUTS(O_, V, CONV_PUT2, 0, ) \
+        CONV_PUTS(O_, V, CONV_PUT2, 2, ) \
+    } else { \
+        CONV_PUTS(O_, V, CONV_PUT4, ) \
+    }
+"""
+    + _CODEC_LANES
+    + r"""
+#ifdef WIDE
+/* The same, sixteen lanes a vector (AVX-512F). */
+static inline __mmask16 below16(long count) {
+    return count <= 0 ? 0 : count >= 16 ? 0xFFFF : (__mmask16)((1u << count) - 1);
+}
+
+/* put2_8's, sixteen samples: samples j < count (at most 16) of two phases
+   (a0: r, a1: r + 1) into y[j S + r], S = 2. unpacklo and unpackhi leave
+   each 128-bit lane holding two samples' pairs (lane l: samples 4 l, 4 l + 1,
+   and 4 l + 2, 4 l + 3); the lanes are then put in order. */
+static inline void put2_16(float *y, __m512 a0, __m512 a1, long count) {
+    const __m512 lo = _mm512_unpacklo_ps(a0, a1), hi = _mm512_unpackhi_ps(a0, a1);
+    const __m512 first = _mm512_shuffle_f32x4(_mm512_shuffle_f32x4(lo, hi, 0x44),
+                                              _mm512_shuffle_f32x4(lo, hi, 0x44), 0xD8);
+    const __m512 second = _mm512_shuffle_f32x4(_mm512_shuffle_f32x4(lo, hi, 0xEE),
+                                               _mm512_shuffle_f32x4(lo, hi, 0xEE), 0xD8);
+    if (count >= 16) {
+        _mm512_storeu_ps(y, first);
+        _mm512_storeu_ps(y + 16, second);
+    } else {
+        _mm512_mask_storeu_ps(y, below16(2 * count), first);
+        _mm512_mask_storeu_ps(y + 16, below16(2 * count - 16), second);
+    }
+}
+
+/* put4_8's, sixteen samples: samples j < count (at most 16) of four phases
+   (a0 to a3: r to r + 3) into y[j S + r] (S a multiple of 4). u[k]'s 128-bit
+   lane l holds sample 4 l + k's four phases. */
+static inline void put4_16(float *y, long S, __m512 a0, __m512 a1, __m512 a2, __m512 a3,
+                           long count) {
+    const __m512 t0 = _mm512_unpacklo_ps(a0, a1), t1 = _mm512_unpackhi_ps(a0, a1);
+    const __m512 t2 = _mm512_unpacklo_ps(a2, a3), t3 = _mm512_unpackhi_ps(a2, a3);
+    const __m512 u[4] = {_mm512_shuffle_ps(t0, t2, 0x44), _mm512_shuffle_ps(t0, t2, 0xEE),
+                         _mm512_shuffle_ps(t1, t3, 0x44), _mm512_shuffle_ps(t1, t3, 0xEE)};
+    if (S == 4) {
+        /* out[l]: samples 4 l to 4 l + 3, lane l of each u in turn. */
+        const __m512 v0 = _mm512_shuffle_f32x4(u[0], u[1], 0x44);
+        const __m512 v1 = _mm512_shuffle_f32x4(u[2], u[3], 0x44);
+        const __m512 v2 = _mm512_shuffle_f32x4(u[0], u[1], 0xEE);
+        const __m512 v3 = _mm512_shuffle_f32x4(u[2], u[3], 0xEE);
+        const __m512 out[4] = {_mm512_shuffle_f32x4(v0, v1, 0x88),
+                               _mm512_shuffle_f32x4(v0, v1, 0xDD),
+                               _mm512_shuffle_f32x4(v2, v3, 0x88),
+                               _mm512_shuffle_f32x4(v2, v3, 0xDD)};
+        for (int k = 0; k < 4; k++) {
+            if (count >= 16) _mm512_storeu_ps(y + 16 * k, out[k]);
+            else _mm512_mask_storeu_ps(y + 16 * k, below16(4 * count - 16 * k), out[k]);
+        }
+        return;
+    }
+    float w[4][16];
+    for (int k = 0; k < 4; k++) _mm512_storeu_ps(w[k], u[k]);
+    for (long j = 0; j < count && j < 16; j++) memcpy(y + j * S, &w[j & 3][4 * (j >> 2)], 16);
+}
+#undef LANES
+#undef VF
+#undef VI
+#undef VM
+#undef VC
+#undef V_SET1
+#undef V_ZERO
+#undef V_LOAD
+#undef V_LOADM
+#undef V_STORE
+#undef V_STOREM
+#undef V_BELOW
+#undef V_BCAST
+#undef V_ADD
+#undef V_SUB
+#undef V_MUL
+#undef V_MIN
+#undef V_MAX
+#undef V_FMADD
+#undef V_FNMADD
+#undef V_ROUND
+#undef V_ABS
+#undef V_GT
+#undef V_ANY
+#undef V_BLEND
+#undef V_TRUNC_I
+#undef V_ROUND_I
+#undef VI_TO_F
+#undef VI_AS_F
+#undef VI_SET1
+#undef VI_ADD
+#undef VI_AND
+#undef VI_EQ
+#undef VI_SHL
+#define LANES 16
+#define VF __m512
+#define VI __m512i
+#define VM __mmask16
+#define VC __mmask16
+#define V_SET1(f) _mm512_set1_ps(f)
+#define V_ZERO() _mm512_setzero_ps()
+#define V_LOAD(p) _mm512_loadu_ps(p)
+#define V_LOADM(p, m) _mm512_maskz_loadu_ps(m, p)
+#define V_STORE(p, v) _mm512_storeu_ps(p, v)
+#define V_STOREM(p, m, v) _mm512_mask_storeu_ps(p, m, v)
+#define V_BELOW(count) below16(count)
+#define V_BCAST(p) _mm512_set1_ps(*(p))
+#define V_ADD(a, b) _mm512_add_ps(a, b)
+#define V_SUB(a, b) _mm512_sub_ps(a, b)
+#define V_MUL(a, b) _mm512_mul_ps(a, b)
+#define V_MIN(a, b) _mm512_min_ps(a, b)
+#define V_MAX(a, b) _mm512_max_ps(a, b)
+#define V_FMADD(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_FNMADD(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define V_ROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define V_ABS(x) _mm512_abs_ps(x)
+#define V_GT(a, b) _mm512_cmp_ps_mask(a, b, _CMP_NLE_UQ)
+#define V_ANY(c) (c)
+#define V_BLEND(a, b, c) _mm512_mask_blend_ps(c, a, b)
+#define V_TRUNC_I(x) _mm512_cvttps_epi32(x)
+#define V_ROUND_I(x) _mm512_cvtps_epi32(x)
+#define VI_TO_F(i) _mm512_cvtepi32_ps(i)
+#define VI_AS_F(i) _mm512_castsi512_ps(i)
+#define VI_SET1(k) _mm512_set1_epi32(k)
+#define VI_ADD(a, b) _mm512_add_epi32(a, b)
+#define VI_AND(a, b) _mm512_and_si512(a, b)
+#define VI_EQ(a, b) _mm512_cmpeq_epi32_mask(a, b)
+#define VI_SHL(i, k) _mm512_slli_epi32(i, k)
+"""
+    + _CODEC_LANES
+    + r"""
+
+#endif
+
+/* The codec's calls take the widest build's: WIDEST(act_span) is act_span_16
+   in the wide build, act_span_8 in the plain one. */
+#ifdef WIDE
+#define WIDEST(name) name##_16
+#define WIDEST_LANES 16
+#else
+#define WIDEST(name) name##_8
+#define WIDEST_LANES 8
+#endif
+
+/* ELU: y = x where x > 0 (or NaN), else alpha (e^x - 1), for rows r0 to r1
+   of n floats, ldx and ldy floats apart (y may be x). */
+typedef struct {
+    const float *x;
+    float *y;
+    long r0, r1, n, ldx, ldy;
+    float alpha;
+} elu_t;
+
+static void *elu_run(void *arg) {
+    const elu_t *t = arg;
+    for (long r = t->r0; r < t->r1; r++)
+        WIDEST(act_span)(1, t->x + r * t->ldx, t->y + r * t->ldy, t->n, t->alpha, 0.0f);
+    return 0;
+}
+
+/* DAC's Snake: y = x + sin(a x)^2 inverse, a and inverse per channel, for
+   rows r0 to r1 of T samples (row r in channel r mod C), ldx and ldy floats
+   apart; y may be x. */
+typedef struct {
+    const float *x, *alpha, *inverse;
+    float *y;
+    long r0, r1, T, C, ldx, ldy;
+} snake_t;
+
+static void *snake_run(void *arg) {
+    const snake_t *t = arg;
+    for (long r = t->r0; r < t->r1; r++)
+        WIDEST(act_span)(0, t->x + r * t->ldx, t->y + r * t->ldy, t->T, t->alpha[r % t->C],
+                         t->inverse[r % t->C]);
+    return 0;
+}
+
+/* The rows (ldx and ldy floats apart) in up to `threads` parts. */
+void snake(const float *x, float *y, const float *alpha, const float *inverse, long rows,
+           long T, long C, long ldx, long ldy, int threads) {
+    snake_t tasks[16];
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
+    const long share = (rows + threads - 1) / threads;
+    int parts = 0;
+    for (long r = 0; r < rows; r += share, parts++) {
+        const long end = r + share < rows ? r + share : rows;
+        tasks[parts] = (snake_t){x, alpha, inverse, y, r, end, T, C, ldx, ldy};
+    }
+    run_parts(snake_run, tasks, sizeof tasks[0], parts);
+}
+
+/* Blocks of samples of every stream, split over up to `threads` threads:
+   one output a block of eight vectors, two of four, three of three, more
+   four at a time over two (vectors of the widest build's lanes). 0, or 1
+   where memory for a block's phases ran out. */
+int conv(const float *x, const float *w, const float *bias, float *y, long B, long O, long C,
+         long U, long d, long n, long xb, long xc, long S, int threads) {
+    conv_t tasks[16];
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
+    /* In place where a block's outputs O_ at a time hold whole groups of phases
+       of a row: pairs (S = 2: O_ is even for every O = 2 C_out) or fours (S a
+       multiple of 4: O_ is 4, as O is). */
+    const int interleave = S == 2 || (S > 1 && S % 4 == 0);
+    const int vectors = vectors_for(O);
+    const long span = (long)WIDEST_LANES * vectors;
+    const long blocks = (n + span - 1) / span, items = B * blocks;
+    const long share = (items + threads - 1) / threads;
+    int parts = 0;
+    for (long p = 0; p < items; p += share, parts++)
+        tasks[parts] = (conv_t){x, w, bias, y, p, p + share < items ? p + share : items,
+                                blocks, O, C, U, d, n, xb, xc, S, vectors, interleave};
+    return run_parts(WIDEST(conv_run), tasks, sizeof tasks[0], parts);
+}
+
+/* The rows of n floats in up to `threads` parts: of rows, or of one row's
+   floats (a multiple of 16 each). */
+void elu(const float *x, float *y, long rows, long n, long ldx, long ldy, float alpha,
+         int threads) {
+    elu_t tasks[16];
+    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
+    int parts = 0;
+    if (rows == 1) {
+        const long share = ((n + threads - 1) / threads + 15) & ~15L;
+        for (long i = 0; i < n; i += share, parts++)
+            tasks[parts] = (elu_t){x + i, y + i, 0, 1, i + share < n ? share : n - i, 0, 0, alpha};
+    } else {
+        const long share = (rows + threads - 1) / threads;
+        for (long r = 0; r < rows; r += share, parts++) {
+            const long end = r + share < rows ? r + share : rows;
+            tasks[parts] = (elu_t){x, y, r, end, n, ldx, ldy, alpha};
         }
     }
-    free(scratch);
-    return 0;
+    run_parts(elu_run, tasks, sizeof tasks[0], parts);
 }
 
 /* The unit's output (out: [B, C, n] contiguous) and its new state: the
@@ -1436,7 +1614,7 @@ int residual_unit(const float *x, const float *buffer, const float *waiting, con
         tasks[parts] = (unit_t){x, buffer, waiting, a1, i1, w1, b1, a2, i2, w2, b2, out,
                                 p, p + each < items ? p + each : items, per, share, C, H, U, d,
                                 n, S, h, xb, xc, T, kind};
-    if (run_parts(unit_run, tasks, sizeof tasks[0], parts)) return 1;
+    if (run_parts(WIDEST(unit_run), tasks, sizeof tasks[0], parts)) return 1;
     for (long b = 0; b < B; b++)
         for (long c = 0; c < C; c++) {
             const float *xr = x + b * xb + c * xc, *wr = waiting + (b * C + c) * h;
@@ -1445,7 +1623,7 @@ int residual_unit(const float *x, const float *buffer, const float *waiting, con
             /* The activated input's last S: the buffer's tail, then the activation of x. */
             const long old = S > n ? S - n : 0;
             for (long j = 0; j < old; j++) q[j] = br[n + j];
-            act_span(kind, xr + n - (S - old), q + old, S - old, a1[c], i1[c]);
+            WIDEST(act_span)(kind, xr + n - (S - old), q + old, S - old, a1[c], i1[c]);
             /* The joined samples past n. */
             for (long j = 0; j < h; j++) r[j] = n + j < h ? wr[n + j] : xr[n + j - h];
         }
@@ -1499,6 +1677,7 @@ void rules_take(long *state, long rows, long width, long K, const unsigned char 
     }
 }
 """
+)
 
 
 def row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:

@@ -358,8 +358,13 @@ def test_the_wide_build_gives_the_plain_builds_bits() -> None:
     (``load``), whose products go by larger blocks: every output is summed in
     the same order as by the plain build, so the two give the same bits, for
     every block of one to eight rows and the weight's rows left after the
-    blocks, over float32 and bfloat16 weights; and the rest of the library
-    (attention, convolutions, Snake) is the plain build's too."""
+    blocks, over float32 and bfloat16 weights; the attention is the plain
+    build's; and the codec's calls, which the wide build makes over vectors of
+    sixteen samples where the plain one's hold eight (the convolutions, a
+    transposed one's phases stored in place among them, ELU, Snake, a whole
+    residual unit), give the same bits too: for every length of a last block,
+    and Snake's arguments past the polynomial's range beside others in one
+    vector."""
     kernel = built_kernel()
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         assert not kernel.wide
@@ -394,10 +399,43 @@ def test_the_wide_build_gives_the_plain_builds_bits() -> None:
     x = torch.randn(2, 5, 300)
     weight, b = torch.randn(3, 5, 7), torch.randn(3)
     assert torch.equal(kernel.conv(x, weight, b, 2), plain.conv(x, weight, b, 2))
-    alpha = torch.rand(1, 5, 1) + 0.1
-    assert torch.equal(
-        kernel.snake(x, alpha, alpha.reciprocal()), plain.snake(x, alpha, alpha.reciprocal())
-    )
+    for length in (1, 7, 8, 9, 15, 16, 17, 40, 129, 300):
+        for outputs, phases in [(1, 1), (2, 1), (3, 1), (5, 1), (4, 2), (6, 3), (8, 4), (16, 8)]:
+            weight, b = torch.randn(outputs, 5, 2), torch.randn(outputs)
+            got = kernel.conv(x[..., : length + 1], weight, b, phases=phases)
+            assert torch.equal(got, plain.conv(x[..., : length + 1], weight, b, phases=phases))
+        alpha = torch.rand(1, 5, 1) + 0.1
+        wild = x[..., :length].clone()
+        wild[0, 0, 0] = 1e5  # (the C library's sine, its vector's others the polynomial's)
+        assert torch.equal(
+            kernel.snake(wild, alpha, alpha.reciprocal()),
+            plain.snake(wild, alpha, alpha.reciprocal()),
+        )
+        assert torch.equal(kernel.elu(x[..., :length], 0.7), plain.elu(x[..., :length], 0.7))
+    for channels, hidden, taps, elu in [(1, 1, 7, False), (4, 4, 7, False), (8, 4, 3, True)]:
+        units = []
+        for inputs, outputs, width in ((channels, hidden, taps), (hidden, channels, 1)):
+            alpha = torch.rand(inputs) * 3 + 0.05
+            if elu:
+                alpha = torch.full((inputs,), float(alpha[0]))
+            units.append(
+                rowkernel.Unit(
+                    alpha,
+                    (alpha + 1e-9).reciprocal(),
+                    torch.randn(outputs, inputs, width),
+                    torch.randn(outputs),
+                    3 if width > 1 else 1,
+                    elu,
+                )
+            )
+        span = (taps - 1) * 3
+        for length in (5, 16, 333, 3000):
+            y = torch.randn(3, channels, length) * 3
+            buffer, waiting = torch.randn(3, channels, span), torch.randn(3, channels, 9)
+            ours = kernel.residual_unit(y, buffer, waiting, *units)
+            theirs = plain.residual_unit(y, buffer, waiting, *units)
+            assert ours is not None and theirs is not None
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 @pytest.mark.parametrize(
