@@ -13,6 +13,14 @@ largest difference from a float64 convolution.
 
     .venv/bin/python bench/bench_conv.py
     .venv/bin/python bench/bench_conv.py --streams 1 8 --frames 25
+    .venv/bin/python bench/bench_conv.py --builds
+
+``--builds``: where the CPU has AVX-512 (the server then runs the row kernel's
+wide build, whose codec calls hold sixteen samples a vector where the plain
+build's hold eight), the codec calls of the test models' eight-stream steps
+(``BUILD_CALLS``: the tiny DAC's residual units, the tiny EnCodec's residual
+blocks and transposed convolutions, as the engines call them) by each build,
+taking turns, and whether the two give the same bits.
 
 Prints a Markdown section for bench/RESULTS.md.
 """
@@ -27,6 +35,7 @@ import torch
 from bench_rows import in_turns, kernel_section
 from torch import nn
 
+from wavecast.server.engines import rowkernel
 from wavecast.server.engines.codec_incremental import _Conv, _ConvTranspose, _Formed
 
 # (codec, "conv" or "transposed", outputs, inputs, taps, dilation or stride,
@@ -45,6 +54,88 @@ SHAPES: list[tuple[str, str, int, int, int, int, int]] = [
     ("EnCodec 32 kHz", "conv", 64, 32, 1, 1, 640),
     ("EnCodec 32 kHz", "transposed", 64, 128, 8, 4, 160),
 ]
+
+
+# The calls of the test models' steps with eight streams (their shapes as the
+# engines made them: eight chunks a call): (codec, "unit" or "transposed",
+# streams, channels in, samples, channels out or inside, taps, dilation or
+# phases, ELU).
+BUILD_CALLS: list[tuple[str, str, int, int, int, int, int, int, bool]] = [
+    ("tiny DAC", "unit", 8, 1, 30720, 1, 7, 9, False),
+    ("tiny DAC", "unit", 8, 2, 10240, 2, 7, 3, False),
+    ("tiny DAC", "unit", 8, 4, 5120, 4, 7, 1, False),
+    ("tiny DAC", "unit", 8, 8, 1280, 8, 7, 3, False),
+    ("tiny DAC", "unit", 8, 16, 256, 16, 7, 9, False),
+    ("tiny DAC", "transposed", 8, 2, 10242, 3, 2, 3, False),
+    ("tiny DAC", "transposed", 8, 4, 5122, 4, 2, 2, False),
+    ("tiny DAC", "transposed", 8, 8, 1282, 16, 2, 4, False),
+    ("tiny DAC", "transposed", 8, 16, 258, 40, 2, 5, False),
+    ("tiny EnCodec", "unit", 8, 4, 25600, 2, 3, 1, True),
+    ("tiny EnCodec", "unit", 8, 8, 6400, 4, 3, 1, True),
+    ("tiny EnCodec", "unit", 8, 16, 1600, 8, 3, 1, True),
+    ("tiny EnCodec", "unit", 8, 32, 320, 16, 3, 1, True),
+    ("tiny EnCodec", "transposed", 8, 8, 6402, 16, 2, 4, False),
+    ("tiny EnCodec", "transposed", 8, 16, 1602, 32, 2, 4, False),
+    ("tiny EnCodec", "transposed", 8, 32, 322, 80, 2, 5, False),
+]
+
+
+def builds(runs: int, threads: int) -> None:
+    """The codec calls of ``BUILD_CALLS`` by the row kernel's plain build and
+    by its wide one, in turns; and whether the two give the same bits."""
+    kernel_section("the codec's calls by the row kernel's two builds, on a CPU", threads)
+    plain, wide = rowkernel.build(wide=False), rowkernel.build(wide=True)
+    if isinstance(plain, str) or isinstance(wide, str):
+        raise SystemExit(f"both builds are needed: {plain if isinstance(plain, str) else wide}")
+    print(f"- date: {time.strftime('%Y-%m-%d')}; least of {runs} calls, the builds in turns")
+    print("- ms a call\n")
+    print(
+        "| codec | call | plain build (8 lanes) | wide build (16 lanes) | wide / plain "
+        "| same bits |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    generator = torch.Generator().manual_seed(0)
+    for codec, kind, streams, inputs, n, outputs, taps, step, elu in BUILD_CALLS:
+        x = torch.randn(streams, inputs, n, generator=generator)
+        if kind == "unit":
+            span = (taps - 1) * step
+            units = []
+            for width, into, out in ((taps, inputs, outputs), (1, outputs, inputs)):
+                alpha = torch.rand(into, generator=generator) * 3 + 0.05
+                if elu:
+                    alpha = torch.full((into,), float(alpha[0]))
+                weight = torch.randn(out, into, width, generator=generator)
+                reach = step if width > 1 else 1
+                inverse = (alpha + 1e-9).reciprocal()
+                bias = torch.randn(out, generator=generator)
+                units.append(rowkernel.Unit(alpha, inverse, weight, bias, reach, elu))
+            buffer = torch.randn(streams, inputs, span, generator=generator)
+            waiting = torch.randn(streams, inputs, 3 * step, generator=generator)
+            calls = [partial(k.residual_unit, x, buffer, waiting, *units) for k in (plain, wide)]
+            what = (
+                f"residual unit, {inputs} -> {outputs} -> {inputs}, {taps} taps, "
+                f"dilation {step}, {'ELU' if elu else 'Snake'}, {streams} x {n} samples"
+            )
+        else:
+            weight = torch.randn(outputs, inputs, taps, generator=generator)
+            bias = torch.randn(outputs, generator=generator)
+            calls = [partial(k.conv_prepared, x, weight, bias, 1, step) for k in (plain, wide)]
+            what = (
+                f"transposed, {inputs} -> {outputs // step} in {step} phases, "
+                f"{streams} x {n} samples"
+            )
+        results = [call() for call in calls]
+        flat = [
+            r if isinstance(r, torch.Tensor) else torch.cat([t.flatten() for t in r])
+            for r in results
+        ]
+        same = torch.equal(flat[0], flat[1])
+        times = in_turns(calls, runs)
+        print(
+            f"| {codec} | {what} | {times[0]:.3f} | {times[1]:.3f} | "
+            f"{times[1] / times[0]:.2f} | {'yes' if same else 'NO'} |",
+            flush=True,
+        )
 
 
 def layer(kind: str, outputs: int, inputs: int, taps: int, step: int) -> _Formed:
@@ -67,8 +158,16 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[25])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--builds",
+        action="store_true",
+        help="the test models' codec calls by the row kernel's plain build and its wide one",
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.builds:
+        builds(args.runs, args.threads)
+        return
     kernel = kernel_section("a codec decoder's convolutions, on a CPU", args.threads)
     print(f"- date: {time.strftime('%Y-%m-%d')}; least of {args.runs} calls, the ways in turns")
     print("- ms a call (its largest error against float64, over the largest output)\n")
