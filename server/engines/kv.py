@@ -17,6 +17,7 @@ import torch
 
 from wavecast.protocol import Busy
 
+from . import rowkernel
 from .base import ModelLoadError
 from .pipelining import upload
 
@@ -352,6 +353,10 @@ class StaticKV:
 
             return each
         views = self.pair_views(rows)
+        kernel = rowkernel.on_cpu(positions)
+        written = None if kernel is None else kernel.pair_writer(views, positions)
+        if written is not None:  # (torch's scatter works out every float's place)
+            return written
         where = positions.view(1, rows, 1, 1, 1).expand(2, rows, heads, 1, dim)
 
         def scatter(layer: int, pair: torch.Tensor) -> None:

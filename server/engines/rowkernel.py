@@ -1055,6 +1055,24 @@ int attend(const float *q, const float *k, const float *v, const float *mask, fl
     return run_parts(attend_run, tasks, sizeof tasks[0], parts);
 }
 
+/* A decode step's keys and values into a cache table: for each row r, kind
+   k (0: the key, 1: the value) and head h, the d floats at src + r sr + k sk
+   + h sh to dst + k dk + r dr + h dh + positions[r] dp (each d floats in a
+   row, in both). 0; or 1, nothing written, where a position is not below
+   length. */
+int put_pairs(const float *src, float *dst, const long *positions, long rows, long heads,
+              long d, long sr, long sk, long sh, long dk, long dr, long dh, long dp,
+              long length) {
+    for (long r = 0; r < rows; r++)
+        if (positions[r] < 0 || positions[r] >= length) return 1;
+    for (long r = 0; r < rows; r++)
+        for (long k = 0; k < 2; k++)
+            for (long h = 0; h < heads; h++)
+                memcpy(dst + k * dk + r * dr + h * dh + positions[r] * dp,
+                       src + r * sr + k * sk + h * sh, sizeof(float) * d);
+    return 0;
+}
+
 /* The lanes below `count` (a last block's mask for maskload and maskstore). */
 static inline __m256i lanes_below(long count) {
     const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -1783,6 +1801,7 @@ class RowKernel:
     takes_rules: Callable[..., None]
     sorting: Callable[..., int]
     unit: Callable[..., int]
+    pairs: Callable[..., int]
     pooling: Callable[[int], int]  # ``use_pool`` (see the pool in SOURCE)
     wide: bool = False  # the wide build (``WIDE_FLAGS``): the products' larger blocks
 
@@ -2029,6 +2048,60 @@ class RowKernel:
             ldy,
         )
         return out, rest
+
+    def pair_writer(
+        self, tables: list[torch.Tensor], positions: torch.Tensor
+    ) -> Callable[[int, torch.Tensor], None] | None:
+        """A decode step's write of its rows' keys and values into each layer's
+        cache table, ``tables[layer]`` ``[2, R, H, length, d]`` (the keys, then
+        the values), each row's at its position (``positions`` ``[R]``):
+        ``write(layer, pair)`` for ``pair`` ``[R, 2, H, 1, d]``, float32 on the
+        CPU with its ``d`` floats contiguous (a joint projection's output, as it
+        lies), copied as they are (``scatter_``'s floats, where torch's scatter
+        works out every float's place). None where the tables are not float32
+        views on the CPU of one layout with their ``d`` floats contiguous, or
+        ``positions`` not int64 on the CPU; a position outside the tables
+        raises ``IndexError`` at the write, which then writes nothing."""
+        first = tables[0] if tables else None
+        if first is None or first.dim() != 5 or positions.dim() != 1:
+            return None
+        layout = (first.shape, first.stride())
+        for table in tables:
+            if table.dtype != torch.float32 or not table.is_cpu or table.stride(4) != 1:
+                return None
+            if (table.shape, table.stride()) != layout:
+                return None
+        _, rows, heads, length, size = first.shape
+        if positions.shape[0] != rows or positions.dtype != torch.long or not positions.is_cpu:
+            return None
+        at = positions.contiguous()
+        dk, dr, dh, dp, _ = first.stride()
+        places = [table.data_ptr() for table in tables]
+        shape = (rows, 2, heads, 1, size)
+
+        def write(layer: int, pair: torch.Tensor) -> None:
+            if pair.shape != shape or pair.dtype != torch.float32 or pair.stride(4) != 1:
+                raise ValueError(f"a step's keys and values {tuple(pair.shape)}, not {shape}")
+            sr, sk, sh, _, _ = pair.stride()
+            if self.pairs(
+                pair.data_ptr(),
+                places[layer],
+                at.data_ptr(),
+                rows,
+                heads,
+                size,
+                sr,
+                sk,
+                sh,
+                dk,
+                dr,
+                dh,
+                dp,
+                length,
+            ):
+                raise IndexError(f"a row's position outside the cache's {length}: {at.tolist()}")
+
+        return write
 
     def residual_unit(
         self,
@@ -2466,6 +2539,9 @@ def _kernel_of(library: ctypes.CDLL, wide: bool = False) -> RowKernel | str:
     unit = library.residual_unit
     unit.restype = ctypes.c_int
     unit.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_long] * 9 + [ctypes.c_int] * 2
+    pairs = library.put_pairs
+    pairs.restype = ctypes.c_int
+    pairs.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 11
     pooling = library.use_pool
     pooling.restype = ctypes.c_int
     pooling.argtypes = [ctypes.c_int]
@@ -2483,6 +2559,7 @@ def _kernel_of(library: ctypes.CDLL, wide: bool = False) -> RowKernel | str:
         take_rules,
         sorting,
         unit,
+        pairs,
         pooling,
         wide,
     )

@@ -668,6 +668,53 @@ def test_a_step_writes_a_layers_keys_and_values_side_by_side_as_one_by_one(
         assert int(joint.k[0].count_nonzero()) == 0 and int(joint.v[2].count_nonzero()) == 0
 
 
+def test_a_steps_keys_and_values_by_the_row_kernel_are_torchs_scatter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a CPU a float32 cache's step writes each layer's keys and values by
+    one call of the row kernel (``RowKernel.pair_writer``): the floats torch's
+    scatter puts there, from a joint projection's output as it lies (a view
+    with the queries between rows, as MusicGen's; a row's keys and values
+    alone, as the speech model's), every other row and position untouched; a
+    position outside the table is refused and nothing written."""
+    kernel = built_kernel()
+    asked: list[int] = []
+    writer = rowkernel.RowKernel.pair_writer
+
+    def counted(self: rowkernel.RowKernel, *args: Any) -> Any:
+        asked.append(1)
+        return writer(self, *args)
+
+    monkeypatch.setattr(rowkernel.RowKernel, "pair_writer", counted)
+    gen = torch.Generator().manual_seed(3)
+    for rows, heads, size in ((3, 2, 8), (5, 4, 16), (1, 1, 64)):
+        ours, theirs = (
+            StaticKV(2, heads, size, rows=rows + 1, length=9, device="cpu", dtype=torch.float32)
+            for _ in range(2)
+        )
+        ours._both.copy_(torch.randn(ours._both.shape, generator=gen))
+        theirs._both.copy_(ours._both)
+        positions = torch.randint(0, 9, (rows,), generator=gen)
+        qkv = torch.randn(rows, 3, heads, 1, size, generator=gen)
+        write = ours.step_pair_writer(positions)
+        views = theirs.pair_views(rows)
+        where = positions.view(1, rows, 1, 1, 1).expand(2, rows, heads, 1, size)
+        for layer, pair in ((1, qkv[:, 1:]), (0, qkv[:, :2].contiguous())):
+            write(layer, pair)
+            views[layer].scatter_(3, where, pair.transpose(0, 1))
+            assert torch.equal(ours._both, theirs._both)
+        before = ours._both.clone()
+        wrong = ours.step_pair_writer(torch.full((rows,), 9))
+        with pytest.raises(IndexError):
+            wrong(0, qkv[:, 1:])
+        assert torch.equal(ours._both, before)
+    assert len(asked) == 6
+    assert (
+        kernel.pair_writer([torch.zeros(2, 1, 1, 4, 8, dtype=torch.bfloat16)], positions[:1])
+        is None
+    )
+
+
 def test_musicgen_codebook_embeddings_sum_as_the_model_does() -> None:
     from wavecast.server.engines.musicgen.decoder import MusicGenDecoder
     from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
