@@ -80,9 +80,9 @@ the codec made once (its weights). These codec calls are written once over
 vectors of ``LANES`` samples (``_CODEC_LANES``) and built for eight (AVX2) and,
 in the wide build, sixteen (AVX-512), which the calls then take: every lane's
 operations are the same in both, so the two builds decode the same bits, and
-the wide one's residual units take 0.57-0.77x the time for eight streams of
-the test codecs' shapes, a transposed convolution's four phases 0.46-0.49x
-(``bench/RESULTS.md``).
+the wide one's residual units take 0.58-0.75x the plain one's time for eight
+streams of the test codecs' shapes, a transposed convolution's phases
+0.62-0.97x (``bench/bench_conv.py --builds``).
 
 And the sampler's integer hashing, bit for bit: a step's draw keys
 (``RowKernel.draw_keys``, where numpy makes a few dozen calls on a handful of
