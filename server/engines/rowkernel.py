@@ -49,19 +49,20 @@ row's result does not depend on the others of the call, nor on how far the
 span reaches past its positions.
 
 It also holds the codec decoders' activations, each in one pass over its
-samples, eight at a time (``RowKernel.elu``: EnCodec's ELU, ``e^x - 1`` by the
-attention's polynomial; ``RowKernel.snake``: DAC's Snake, its squared sine
-from Cephes' sine polynomial alone), where torch makes four or five passes
-(``codec_decoders``),
+samples, eight at a time (sixteen in the wide build) (``RowKernel.elu``:
+EnCodec's ELU, ``e^x - 1`` by the attention's polynomial; ``RowKernel.snake``:
+DAC's Snake, its squared sine from Cephes' sine polynomial alone), where torch
+makes four or five passes (``codec_decoders``),
 over rows of a wider tensor too, read or written (``row_layout``: a
 transposed convolution's output without its tail, which fell back to torch's
 passes when the activations took only contiguous tensors; the next
 convolution's padded input, which they write into instead of a tensor then
 joined), and
-their convolutions over few outputs (``RowKernel.conv``: eight samples in the
-lanes of a vector, up to four outputs at a time, every weight broadcast once a
-block, the sums in registers; a transposed convolution's phases, of stride 2
-or a multiple of 4, stored in place from them): oneDNN's kernel takes 2-7x
+their convolutions over few outputs (``RowKernel.conv``: eight samples (sixteen
+in the wide build) in the lanes of a vector, up to four outputs at a time,
+every weight broadcast once a block, the sums in registers; a transposed
+convolution's phases, of stride 2 or a multiple of 4, stored in place from
+them): oneDNN's kernel takes 2-7x
 its time for one to four outputs over long inputs (``bench/bench_conv.py``:
 the released EnCodec's last layer, 64 channels into one, 2.3-4.5x; the tiny
 EnCodec's 2.4-7x), and ``codec_incremental`` takes it where it measures it
@@ -1232,7 +1233,8 @@ void join_add(const float *w, const float *s, const float *y, float *out, float 
    xb and xc floats apart, w is [O, C, U]. With S = 1, y is z, contiguous
    [B, O, n]; with S > 1 (a transposed convolution's phases), y is contiguous
    [B, O / S, n S] and y[b, o, t S + r] = z[b, o S + r, t]. The samples go in
-   lanes, 8 to a vector, V vectors a block, the outputs O_ at a time: every
+   lanes, LANES to a vector (8; 16 in the wide build), V vectors a block, the
+   outputs O_ at a time: every
    output is the same sum in the same order wherever its sample and stream
    lie (a block's missing samples are masked off, not read). */
 typedef struct {
