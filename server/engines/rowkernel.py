@@ -1263,7 +1263,7 @@ static inline void put2_8(float *y, __m256 a0, __m256 a1, long count) {
 /* Samples j < count (at most 8) of four phases (a0 to a3: r to r + 3) into
    y[j S + r] (S a multiple of 4): each sample's four floats in a row. */
 static inline void put4_8(float *y, long S, __m256 a0, __m256 a1, __m256 a2, __m256 a3,
-                        long count) {
+                          long count) {
     const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
     const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
     /* u[k]: samples k (low half) and k + 4 (high half), four phases each. */

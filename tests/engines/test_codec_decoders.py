@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import random_units
 from torch import nn
 from transformers.models.dac.modeling_dac import Snake1d
 
@@ -290,22 +291,7 @@ def test_a_residual_unit_by_the_row_kernel_is_its_layers_bit_for_bit(
     span = (taps - 1) * dilation
     buffer = torch.randn(3, channels, span, generator=gen)
     waiting = torch.randn(3, channels, held, generator=gen)
-    units = []
-    for inputs, outputs, width in ((channels, hidden, taps), (hidden, channels, 1)):
-        alpha = torch.rand(inputs, generator=gen) * 3 + 0.05
-        if elu:
-            alpha = torch.full((inputs,), float(alpha[0]))
-        units.append(
-            rowkernel.Unit(
-                alpha,
-                (alpha + 1e-9).reciprocal(),
-                torch.randn(outputs, inputs, width, generator=gen),
-                torch.randn(outputs, generator=gen),
-                dilation if width > 1 else 1,
-                elu,
-            )
-        )
-    first, second = units
+    first, second = random_units(channels, hidden, taps, dilation, elu, gen)
 
     def act(x: torch.Tensor, unit: rowkernel.Unit) -> torch.Tensor:
         if unit.elu:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import built_kernel
+from helpers import built_kernel, random_units
 from torch.nn import functional as F
 
 from wavecast.server.engines import dense as dense_module
@@ -413,21 +413,7 @@ def test_the_wide_build_gives_the_plain_builds_bits() -> None:
         )
         assert torch.equal(kernel.elu(x[..., :length], 0.7), plain.elu(x[..., :length], 0.7))
     for channels, hidden, taps, elu in [(1, 1, 7, False), (4, 4, 7, False), (8, 4, 3, True)]:
-        units = []
-        for inputs, outputs, width in ((channels, hidden, taps), (hidden, channels, 1)):
-            alpha = torch.rand(inputs) * 3 + 0.05
-            if elu:
-                alpha = torch.full((inputs,), float(alpha[0]))
-            units.append(
-                rowkernel.Unit(
-                    alpha,
-                    (alpha + 1e-9).reciprocal(),
-                    torch.randn(outputs, inputs, width),
-                    torch.randn(outputs),
-                    3 if width > 1 else 1,
-                    elu,
-                )
-            )
+        units = random_units(channels, hidden, taps, 3, elu)
         span = (taps - 1) * 3
         for length in (5, 16, 333, 3000):
             y = torch.randn(3, channels, length) * 3
