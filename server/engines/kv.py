@@ -224,6 +224,7 @@ class StaticKV:
         self.lengths = torch.full((rows,), fill, dtype=torch.int64, device=device)
         self._views: dict[tuple[int, int | None], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._pairs: dict[int, list[torch.Tensor]] = {}
+        self._tables: dict[int, rowkernel.PairTable | None] = {}
 
     @property
     def rows(self) -> int:
@@ -263,6 +264,7 @@ class StaticKV:
         self.k, self.v = both.unbind(0)
         self._views.clear()
         self._pairs.clear()
+        self._tables.clear()
 
     def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.k.new_zeros(shape)
@@ -353,8 +355,8 @@ class StaticKV:
 
             return each
         views = self.pair_views(rows)
-        kernel = rowkernel.on_cpu(positions)
-        written = None if kernel is None else kernel.pair_writer(views, positions)
+        table = self._pair_table(rows, positions)
+        written = None if table is None else table.writer(positions)
         if written is not None:  # (torch's scatter works out every float's place)
             return written
         where = positions.view(1, rows, 1, 1, 1).expand(2, rows, heads, 1, dim)
@@ -374,6 +376,20 @@ class StaticKV:
                 self._pairs.clear()
             self._pairs[rows] = views
         return views
+
+    def _pair_table(self, rows: int, positions: torch.Tensor) -> rowkernel.PairTable | None:
+        """The first ``rows`` rows' tables as the row kernel writes a step's keys
+        and values into them (on a CPU, outside a trace), checked once for each
+        number of rows while the tensors stay; None where it does not."""
+        if rowkernel.on_cpu(positions) is None:
+            return None
+        if rows not in self._tables:
+            if len(self._tables) >= 64:
+                self._tables.clear()
+            kernel = rowkernel.built()
+            views = self.pair_views(rows)
+            self._tables[rows] = None if kernel is None else kernel.pair_table(views)
+        return self._tables[rows]
 
     def clear(self, rows: list[int]) -> None:
         """Zero ``rows``' keys and values (a failed request's, before its row is reused)."""

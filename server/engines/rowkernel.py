@@ -1782,6 +1782,59 @@ class Unit:
 
 
 @dataclass(frozen=True, slots=True)
+class PairTable:
+    """A cache's layers' tables as a decode step writes its keys and values into
+    them (``RowKernel.pair_table``): the kernel's call, each layer's table,
+    the step's ``[R, 2, H, 1, d]``, the positions a table holds and its strides."""
+
+    pairs: Callable[..., int]
+    places: list[int]
+    shape: tuple[int, int, int, int, int]
+    length: int
+    strides: tuple[int, int, int, int]
+
+    def writer(self, positions: torch.Tensor) -> Callable[[int, torch.Tensor], None] | None:
+        """A step's write of its rows' keys and values into each layer's table,
+        each row's at its position (``positions`` ``[R]``): ``write(layer, pair)``
+        for ``pair`` ``[R, 2, H, 1, d]``, float32 on the CPU with its ``d`` floats
+        contiguous (a joint projection's output, as it lies), copied as they
+        are (``scatter_``'s floats, where torch's scatter works out every
+        float's place). None where ``positions`` is not ``[R]`` int64 on the
+        CPU; a position outside the tables raises ``IndexError`` at the write,
+        which then writes nothing."""
+        rows, _, heads, _, size = self.shape
+        if positions.shape != (rows,) or positions.dtype != torch.long or not positions.is_cpu:
+            return None
+        at = positions.contiguous()
+        shape, length, places, put = self.shape, self.length, self.places, self.pairs
+        dk, dr, dh, dp = self.strides
+
+        def write(layer: int, pair: torch.Tensor) -> None:
+            if pair.shape != shape or pair.dtype != torch.float32 or pair.stride(4) != 1:
+                raise ValueError(f"a step's keys and values {tuple(pair.shape)}, not {shape}")
+            sr, sk, sh, _, _ = pair.stride()
+            if put(
+                pair.data_ptr(),
+                places[layer],
+                at.data_ptr(),
+                rows,
+                heads,
+                size,
+                sr,
+                sk,
+                sh,
+                dk,
+                dr,
+                dh,
+                dp,
+                length,
+            ):
+                raise IndexError(f"a row's position outside the cache's {length}: {at.tolist()}")
+
+        return write
+
+
+@dataclass(frozen=True, slots=True)
 class RowKernel:
     """The compiled kernels: ``product`` is ``F.linear``, reading the weight once
     for every ``MOST_ROWS`` rows; ``attend`` is a decode step's attention;
@@ -2051,21 +2104,15 @@ class RowKernel:
         )
         return out, rest
 
-    def pair_writer(
-        self, tables: list[torch.Tensor], positions: torch.Tensor
-    ) -> Callable[[int, torch.Tensor], None] | None:
-        """A decode step's write of its rows' keys and values into each layer's
-        cache table, ``tables[layer]`` ``[2, R, H, length, d]`` (the keys, then
-        the values), each row's at its position (``positions`` ``[R]``):
-        ``write(layer, pair)`` for ``pair`` ``[R, 2, H, 1, d]``, float32 on the
-        CPU with its ``d`` floats contiguous (a joint projection's output, as it
-        lies), copied as they are (``scatter_``'s floats, where torch's scatter
-        works out every float's place). None where the tables are not float32
-        views on the CPU of one layout with their ``d`` floats contiguous, or
-        ``positions`` not int64 on the CPU; a position outside the tables
-        raises ``IndexError`` at the write, which then writes nothing."""
+    def pair_table(self, tables: list[torch.Tensor]) -> PairTable | None:
+        """Each layer's cache table, ``tables[layer]`` ``[2, R, H, length, d]``
+        (the keys, then the values), as a decode step's writes take them
+        (``PairTable.writer``); checked once, where a step makes its writer
+        (a cache keeps it while its tensors stay). None where the tables are
+        not float32 views on the CPU of one layout with their ``d`` floats
+        contiguous."""
         first = tables[0] if tables else None
-        if first is None or first.dim() != 5 or positions.dim() != 1:
+        if first is None or first.dim() != 5:
             return None
         layout = (first.shape, first.stride())
         for table in tables:
@@ -2074,36 +2121,14 @@ class RowKernel:
             if (table.shape, table.stride()) != layout:
                 return None
         _, rows, heads, length, size = first.shape
-        if positions.shape[0] != rows or positions.dtype != torch.long or not positions.is_cpu:
-            return None
-        at = positions.contiguous()
         dk, dr, dh, dp, _ = first.stride()
-        places = [table.data_ptr() for table in tables]
-        shape = (rows, 2, heads, 1, size)
-
-        def write(layer: int, pair: torch.Tensor) -> None:
-            if pair.shape != shape or pair.dtype != torch.float32 or pair.stride(4) != 1:
-                raise ValueError(f"a step's keys and values {tuple(pair.shape)}, not {shape}")
-            sr, sk, sh, _, _ = pair.stride()
-            if self.pairs(
-                pair.data_ptr(),
-                places[layer],
-                at.data_ptr(),
-                rows,
-                heads,
-                size,
-                sr,
-                sk,
-                sh,
-                dk,
-                dr,
-                dh,
-                dp,
-                length,
-            ):
-                raise IndexError(f"a row's position outside the cache's {length}: {at.tolist()}")
-
-        return write
+        return PairTable(
+            self.pairs,
+            [table.data_ptr() for table in tables],
+            (rows, 2, heads, 1, size),
+            length,
+            (dk, dr, dh, dp),
+        )
 
     def residual_unit(
         self,

@@ -658,20 +658,20 @@ def test_a_steps_keys_and_values_by_the_row_kernel_are_torchs_scatter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On a CPU a float32 cache's step writes each layer's keys and values by
-    one call of the row kernel (``RowKernel.pair_writer``): the floats torch's
+    one call of the row kernel (``PairTable.writer``): the floats torch's
     scatter puts there, from a joint projection's output as it lies (a view
     with the queries between rows, as MusicGen's; a row's keys and values
     alone, as the speech model's), every other row and position untouched; a
     position outside the table is refused and nothing written."""
     kernel = built_kernel()
     asked: list[int] = []
-    writer = rowkernel.RowKernel.pair_writer
+    writer = rowkernel.PairTable.writer
 
-    def counted(self: rowkernel.RowKernel, *args: Any) -> Any:
+    def counted(self: rowkernel.PairTable, *args: Any) -> Any:
         asked.append(1)
         return writer(self, *args)
 
-    monkeypatch.setattr(rowkernel.RowKernel, "pair_writer", counted)
+    monkeypatch.setattr(rowkernel.PairTable, "writer", counted)
     gen = torch.Generator().manual_seed(3)
     for rows, heads, size in ((3, 2, 8), (5, 4, 16), (1, 1, 64)):
         ours, theirs = (
@@ -695,10 +695,7 @@ def test_a_steps_keys_and_values_by_the_row_kernel_are_torchs_scatter(
             wrong(0, qkv[:, 1:])
         assert torch.equal(ours._both, before)
     assert len(asked) == 6
-    assert (
-        kernel.pair_writer([torch.zeros(2, 1, 1, 4, 8, dtype=torch.bfloat16)], positions[:1])
-        is None
-    )
+    assert kernel.pair_table([torch.zeros(2, 1, 1, 4, 8, dtype=torch.bfloat16)]) is None
 
 
 def test_musicgen_codebook_embeddings_sum_as_the_model_does() -> None:
