@@ -7,11 +7,13 @@ flag between steps. Only the inference thread calls these methods.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -325,10 +327,13 @@ def run_once(engine: Engine, prompt: str, params: Mapping[str, ParamValue]) -> f
 
 
 class TableSizing:
-    """``Engine.size``, and ``warm_up``'s first part, for an engine that sizes a
-    slot table (``kv.room_for``): a short request (``_warm_up_request``) run
+    """``Engine.size``, ``warm_up`` and ``pack_weights`` for an engine that sizes
+    a slot table (``kv.room_for``): a short request (``_warm_up_request``) run
     once, eagerly, then the room checked (``_check_room``, which sets
-    ``max_active``)."""
+    ``max_active``); at warm-up, the codec's calls measured, the step's graphs
+    recorded (``_prepare_graphs``, where it has them) and the context's cost
+    measured over the table's rows (``step_cost``), what a start before
+    measured taken where it still holds (``Measures``)."""
 
     name: str
     max_active: int
@@ -336,8 +341,14 @@ class TableSizing:
     pipelined: bool
     codec_batch: int | None
     codec_streams: CodecStreams
+    decoder: Any  # (the engine's batched decoder: ``pack_weights``, and ``step_cost``'s)
+    frame_rate: float
+    context_cost: float
+    # Rows of the table a request takes (two for a guidance pair).
+    ROWS_PER_STREAM = 1
     _graphs: StepGraphs | None
     _sized: int | None  # (max_active as ``size`` found it; None before)
+    _warm: bool
 
     @property
     def info(self) -> ModelInfo:
@@ -398,6 +409,67 @@ class TableSizing:
         if 0 < max_active < self.max_active:
             self.max_active = max_active
             log.info("%s: its table for %d requests (the server's)", self.name, max_active)
+
+    def warm_up(self, max_active: int = 0) -> None:
+        if self._warm:
+            return
+        import torch
+
+        from .kv import reserving
+
+        self._ready_for(max_active)
+        measures = self._measures()
+        with torch.no_grad(), self._codec_context():
+            self.codec_batch = self.codec_streams.warm_up(
+                self.codec_batch, self.max_active, measures
+            )
+        with reserving(self.name, self.max_active):
+            if self._graphs is not None:
+                self._prepare_graphs()
+            self._measure_context_cost(measures)
+        measures.log_taken()
+        self._warm = True
+
+    def pack_weights(self) -> None:
+        self.decoder.pack_weights().log(self.name)
+
+    def _codec_context(self) -> AbstractContextManager[Any]:
+        """Where the codec's calls run (its number format, its device stream)."""
+        raise NotImplementedError
+
+    def _step_context(self) -> AbstractContextManager[Any]:
+        """Where the decode steps run (a model's autocast): none by default."""
+        return contextlib.nullcontext()
+
+    def _prepare_graphs(self) -> None:
+        """Record the step's graphs for ``max_active`` requests (``_graphs`` set)."""
+        raise NotImplementedError
+
+    def _grow(self, slots: int) -> int:
+        """Room in the table for ``slots`` requests; how many there is now."""
+        raise NotImplementedError
+
+    def _table_length(self) -> int:
+        """A row's positions as the table is reserved for."""
+        raise NotImplementedError
+
+    def _measure_context_cost(self, measures: Measures) -> None:
+        """``context_cost`` (``step_cost``), over ``max_active`` requests' rows
+        (or as kept in ``measures``)."""
+        from .step_cost import measure_context_cost
+
+        self._grow(self.max_active)
+        with self._step_context():
+            self.context_cost = measure_context_cost(
+                self.decoder,
+                name=self.name,
+                streams=self.max_active,
+                rows_per_stream=self.ROWS_PER_STREAM,
+                table_length=self._table_length(),
+                frame_rate=self.frame_rate,
+                device=self.device,
+                measures=measures,
+            )
 
 
 def resume_timesteps(

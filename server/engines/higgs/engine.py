@@ -34,10 +34,12 @@ chunk go through one decoder, so the stream runs on across chunks with no seam.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -71,8 +73,7 @@ from ..codec_stream import (
     remake,
 )
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
-from ..kv import auto_most, reserving, room_for
-from ..measures import Measures
+from ..kv import auto_most, room_for
 from ..pieces import measured, run_through, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device
 from ..precision import dtype_name
@@ -84,7 +85,6 @@ from ..sampling import (
     sample_repeat_aware,
 )
 from ..slots import SlotTable
-from ..step_cost import measure_context_cost
 from .card import model_card
 from .decoder import HiggsDecoder
 from .encoding import encode_in_pieces, parts_of
@@ -214,6 +214,8 @@ class HiggsEngine(TableSizing):
     The codec's decoder is prepared for serving in place
     (``codec_decoders.for_serving``: the same audio, without per-call waste).
     """
+
+    decoder: HiggsDecoder
 
     family = "higgs"
     # Shared beginnings whose tokens are kept (``_shared_beginning``).
@@ -1299,24 +1301,8 @@ class HiggsEngine(TableSizing):
     def _warm_up_request(self) -> tuple[str, dict[str, ParamValue]]:
         return ("Hello.", {"max_new_tokens": 8, "seed": 0})
 
-    def warm_up(self, max_active: int = 0) -> None:
-        if not self._warm:
-            self._ready_for(max_active)
-            graphs = self._graphs
-            measures = self._measures()
-            with torch.no_grad(), self._codec_place():
-                self.codec_batch = self.codec_streams.warm_up(
-                    self.codec_batch, self.max_active, measures
-                )
-            with reserving(self.name, self.max_active):
-                if graphs is not None:
-                    self._prepare_graphs()
-                self._measure_context_cost(measures)
-            measures.log_taken()
-            self._warm = True
-
-    def pack_weights(self) -> None:
-        self.decoder.pack_weights().log(self.name)
+    def _codec_context(self) -> contextlib.AbstractContextManager[Any]:
+        return self._codec_place()
 
     def _table_length(self) -> int:
         """A row's positions as the table is reserved for: 1024 prompt positions
@@ -1327,21 +1313,6 @@ class HiggsEngine(TableSizing):
 
     def _measured(self) -> list[torch.nn.Module]:
         return [self.model, self.codec]
-
-    def _measure_context_cost(self, measures: Measures) -> None:
-        """``context_cost`` (``step_cost``), over ``max_active`` requests' rows
-        (or as kept in ``measures``)."""
-        self._grow(self.max_active)
-        self.context_cost = measure_context_cost(
-            self.decoder,
-            name=self.name,
-            streams=self.max_active,
-            rows_per_stream=1,
-            table_length=self._table_length(),
-            frame_rate=self.frame_rate,
-            device=self.device,
-            measures=measures,
-        )
 
     def _check_room(self, step: float) -> None:
         """Refuse to serve ``max_active`` requests whose table the memory cannot hold

@@ -67,15 +67,13 @@ from ..codec_stream import (
     remake,
 )
 from ..graphs import Key, PrefilledLogits, StepGraphs, powers_of_two, span_for
-from ..kv import auto_most, reserving, room_for
-from ..measures import Measures
+from ..kv import auto_most, room_for
 from ..pieces import measured, scaled, without_grad
 from ..pipelining import CodecPlace, Launched, read_back, to_device, upload
 from ..precision import dtype_name
 from ..prefill import PrefillBudget, choose, feed
 from ..sampling import DrawPlan, RowSampling, finite_rows, sample
 from ..slots import SlotTable
-from ..step_cost import measure_context_cost
 from .card import model_card
 from .conditioning import Conditioning
 from .decoder import MusicGenDecoder
@@ -193,6 +191,9 @@ class MusicGenEngine(TableSizing):
     The model's codec decoder is prepared for serving in place
     (``codec_decoders.for_serving``: the same audio, without per-call waste).
     """
+
+    ROWS_PER_STREAM = 2  # (the guidance pair)
+    decoder: MusicGenDecoder
 
     family = "musicgen"
 
@@ -1247,24 +1248,14 @@ class MusicGenEngine(TableSizing):
     def _warm_up_request(self) -> tuple[str, dict[str, ParamValue]]:
         return ("warm up", {"duration": min(self.WARM_UP_SECONDS, self.window), "seed": 0})
 
-    def warm_up(self, max_active: int = 0) -> None:
-        if not self._warm:
-            self._ready_for(max_active)
-            graphs = self._graphs
-            measures = self._measures()
-            with torch.no_grad(), self._codec_format():
-                self.codec_batch = self.codec_streams.warm_up(
-                    self.codec_batch, self.max_active, measures
-                )
-            with reserving(self.name, self.max_active):
-                if graphs is not None:
-                    self._prepare_graphs()
-                self._measure_context_cost(measures)
-            measures.log_taken()
-            self._warm = True
+    def _codec_context(self) -> contextlib.ExitStack:
+        return self._codec_format()
 
-    def pack_weights(self) -> None:
-        self.decoder.pack_weights().log(self.name)
+    def _step_context(self) -> contextlib.AbstractContextManager[Any]:
+        return self.autocast()
+
+    def _table_length(self) -> int:
+        return self._table_size()[0]
 
     def _table_size(self) -> tuple[int, int]:
         """A request's positions (a window, a melody's chroma included) and
@@ -1273,22 +1264,6 @@ class MusicGenEngine(TableSizing):
 
     def _measured(self) -> list[torch.nn.Module]:
         return [self.lm, self.model.compression_model]
-
-    def _measure_context_cost(self, measures: Measures) -> None:
-        """``context_cost`` (``step_cost``), over ``max_active`` requests' rows
-        (or as kept in ``measures``)."""
-        self._grow(self.max_active)
-        with self.autocast():
-            self.context_cost = measure_context_cost(
-                self.decoder,
-                name=self.name,
-                streams=self.max_active,
-                rows_per_stream=2,
-                table_length=self._table_size()[0],
-                frame_rate=self.frame_rate,
-                device=self.device,
-                measures=measures,
-            )
 
     def _check_room(self, step: float) -> None:
         """Refuse to serve ``max_active`` requests whose table the memory cannot hold
