@@ -46,6 +46,7 @@ from wavecast.protocol import (
     ServerMessage,
     Started,
     Stats,
+    TextInput,
     WavecastError,
     decode,
     encode,
@@ -408,6 +409,9 @@ class RequestStream:
     #: The live stream's codes so far (``generate.codes``), to pick it up from
     #: (None: more than ``_MAX_KEPT_CODES``).
     _codes: bytearray | None = field(default_factory=bytearray)
+    #: Its text's parts sent so far (``generate.text_stream``): sent again with
+    #: it where it is sent again before it started.
+    _texts: list[TextInput] = field(default_factory=list)
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
         return self._iterate()
@@ -464,9 +468,37 @@ class RequestStream:
 
     def _resumable(self) -> bool:
         """Whether the stream, cut under way, can be picked up where it was: PCM,
-        whose frames are counted, and the seed that makes it again."""
+        whose frames are counted, and the seed that makes it again (and its text
+        given whole: not one that came as it was written)."""
         assert self.generate is not None and self.started is not None
-        return self.generate.format in BYTES_PER_SAMPLE and self.started.seed is not None
+        return (
+            self.generate.format in BYTES_PER_SAMPLE
+            and self.started.seed is not None
+            and not self.generate.text_stream
+        )
+
+    async def send_text(self, text: str, *, flush: bool = False, end: bool = False) -> None:
+        """More text for a request started with ``text_stream=True``
+        (PROTOCOL.md §3.4): what of it completes a sentence is spoken once the
+        text before it is; ``flush``: all of it so far, mid-sentence too;
+        ``end``: the last of it (the stream ends once it is spoken).
+
+        Raises:
+            ValueError: The request was not started with ``text_stream``, or its
+                text has ended.
+        """
+        if self.generate is None or not self.generate.text_stream:
+            raise ValueError("send_text is for a request started with text_stream=True")
+        if self._texts and self._texts[-1].end:
+            raise ValueError("the request's text has ended")
+        part = TextInput(id=self.id, text=text, flush=flush or None, end=end or None)
+        self._texts.append(part)
+        if self._link is not None and not self._resending and self.done is None:
+            await self._link.ws.send(encode(part, text=self.client.text))
+
+    async def end_text(self, text: str = "") -> None:
+        """``send_text(text, end=True)``: the text's last part."""
+        await self.send_text(text, end=True)
 
     async def _tried_again(self, outcome: Done | BaseException) -> bool:
         """Where the request ended as one the server says to try again, and there
@@ -526,6 +558,9 @@ class RequestStream:
                 with contextlib.suppress(asyncio.CancelledError):
                     await submit
             elif submit.exception() is None:
+                if self._link is not None:  # (its text so far, to the new try)
+                    for part in self._texts:
+                        await self._link.ws.send(encode(part, text=self.client.text))
                 if self._cancel_asked.is_set():  # (asked meanwhile)
                     await self._send_cancel()
                 return True
@@ -665,7 +700,7 @@ class Client:
         try:
             async for frame in link.ws:
                 message = decode(frame)
-                if isinstance(message, Generate | Cancel):
+                if isinstance(message, Generate | Cancel | TextInput):
                     continue  # a client message coming back: not ours to handle
                 target = getattr(message, "id", None)
                 stream = self._streams.get(target) if isinstance(target, str) else None
@@ -754,6 +789,7 @@ class Client:
         resume: int | None = None,
         resume_codes: bytes | None = None,
         codes: bool | None = None,
+        text_stream: bool = False,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start a generation.
@@ -782,6 +818,10 @@ class Client:
                 (``Audio.codes``). Default: where the client retries
                 (``retry_for``), the stream is PCM and the model has the
                 ``codes`` capability, so that a cut stream is picked up from them.
+            text_stream: The text comes as it is written (speech models with the
+                ``text_stream`` capability): ``prompt`` is its beginning, and
+                ``RequestStream.send_text`` sends the rest (``end_text``: the
+                last of it). Such a stream is not picked up where it is cut.
 
         Returns:
             The request's event stream.
@@ -794,6 +834,7 @@ class Client:
             info = self.models.get(model)
             codes = (
                 self.retry_for > 0
+                and not text_stream
                 and format in BYTES_PER_SAMPLE
                 and info is not None
                 and "codes" in info.capabilities
@@ -810,6 +851,7 @@ class Client:
             resume=resume,
             codes=codes,
             resume_codes=resume_codes,
+            text_stream=text_stream or None,
         )
         stream = RequestStream(request_id, self, generate=message)
         if resume_codes:
@@ -836,6 +878,7 @@ class Client:
         resume: int | None = None,
         resume_codes: bytes | None = None,
         codes: bool | None = None,
+        text_stream: bool = False,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start text to speech on a model with the ``tts`` capability.
@@ -849,7 +892,8 @@ class Client:
             reference_text: What ``reference`` says.
             scene: A scene name or a free description of the setting.
             id, format, sample_rate, bitrate, params, resume, resume_codes,
-                codes, kwargs: As :meth:`generate`.
+                codes, text_stream, kwargs: As :meth:`generate` (with
+                ``text_stream``, ``text`` is the text's beginning, may be empty).
         """
         merged: dict[str, ParamValue] = {**(params or {}), **kwargs}
         if voice is not None:
@@ -871,6 +915,7 @@ class Client:
             resume=resume,
             resume_codes=resume_codes,
             codes=codes,
+            text_stream=text_stream,
         )
 
     async def close(self) -> None:

@@ -48,6 +48,13 @@ class SyncRequest:
     def cancel(self) -> None:
         self._owner._run(self._stream.cancel())
 
+    def send_text(self, text: str, *, flush: bool = False, end: bool = False) -> None:
+        """``RequestStream.send_text``: more text of a ``text_stream`` request."""
+        self._owner._run(self._stream.send_text(text, flush=flush, end=end))
+
+    def end_text(self, text: str = "") -> None:
+        self._owner._run(self._stream.end_text(text))
+
     def collect(self) -> GenerationResult:
         return self._owner._run(self._stream.collect())
 

@@ -15,6 +15,7 @@ from .errors import (
     ServerError,
     ShuttingDown,
     SlowConsumer,
+    TextTimeout,
     TooManyRequests,
     UnknownId,
     UnknownModel,
@@ -46,6 +47,7 @@ from .messages import (
     ServerMessage,
     Started,
     Stats,
+    TextInput,
     offset_unit,
 )
 from .params import resolve_params
@@ -84,6 +86,8 @@ __all__ = [
     "SlowConsumer",
     "Started",
     "Stats",
+    "TextInput",
+    "TextTimeout",
     "TooManyRequests",
     "UnknownId",
     "UnknownModel",

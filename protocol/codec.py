@@ -41,6 +41,7 @@ from .messages import (
     Queued,
     Started,
     Stats,
+    TextInput,
 )
 
 __all__ = [
@@ -126,14 +127,14 @@ def encode(message: Message, *, text: bool = False) -> bytes | str:
 # -- decoding ----------------------------------------------------------------------
 
 
-def decode_client(frame: bytes | str) -> Generate | Cancel:
+def decode_client(frame: bytes | str) -> Generate | Cancel | TextInput:
     """Decode a frame a client sent; server-only types are ``UnknownType``.
 
     Raises:
         BadFrame, UnknownType, InvalidField: As :func:`decode`.
     """
     message = decode(frame, _only=_CLIENT_TYPES)
-    assert isinstance(message, Generate | Cancel)
+    assert isinstance(message, Generate | Cancel | TextInput)
     return message
 
 
@@ -387,11 +388,21 @@ def _generate(f: _Fields) -> Generate:
         resume=f.integer("resume", required=False),
         codes=f.boolean("codes", required=False),
         resume_codes=f.binary("resume_codes", required=False),
+        text_stream=f.boolean("text_stream", required=False),
     )
 
 
 def _cancel(f: _Fields) -> Cancel:
     return Cancel(id=f.ident())
+
+
+def _text(f: _Fields) -> TextInput:
+    return TextInput(
+        id=f.ident(),
+        text=f.string("text", max_len=MAX_PROMPT_CHARS, required=False) or "",
+        flush=f.boolean("flush", required=False),
+        end=f.boolean("end", required=False),
+    )
 
 
 def _param_spec(f: _Fields) -> ParamSpec:
@@ -534,10 +545,11 @@ def _error(f: _Fields) -> ErrorMessage:
     )
 
 
-_CLIENT_TYPES = frozenset({"generate", "cancel"})
+_CLIENT_TYPES = frozenset({"generate", "cancel", "text"})
 _PARSERS: dict[str, Callable[[_Fields], Message]] = {
     "generate": _generate,
     "cancel": _cancel,
+    "text": _text,
     "hello": _hello,
     "queued": _queued,
     "started": _started,

@@ -38,6 +38,7 @@ __all__ = [
     "ServerError",
     "ShuttingDown",
     "SlowConsumer",
+    "TextTimeout",
     "TooManyRequests",
     "UnknownId",
     "UnknownModel",
@@ -132,6 +133,12 @@ class TooManyRequests(ClientError):
     code = "too_many_requests"
 
 
+class TextTimeout(ClientError):
+    """A request opened with ``text_stream`` waited too long for its next text."""
+
+    code = "text_timeout"
+
+
 class SlowConsumer(ClientError):
     """The client does not read audio as fast as it is produced."""
 
@@ -176,6 +183,7 @@ _BY_CODE: dict[str, type[WavecastError]] = {
         DuplicateId,
         UnknownId,
         TooManyRequests,
+        TextTimeout,
         SlowConsumer,
         Busy,
         ShuttingDown,

@@ -33,6 +33,7 @@ __all__ = [
     "ServerMessage",
     "Started",
     "Stats",
+    "TextInput",
     "offset_unit",
 ]
 
@@ -227,6 +228,9 @@ class Generate:
         resume_codes: With ``resume``, the codes the cut try sent (its
             ``audio`` messages' ``codes``, joined): the server picks the stream
             up from them instead of making it again from its start.
+        text_stream: The text comes as it is written: ``prompt`` is its
+            beginning, and ``text`` frames bring the rest (PROTOCOL.md §3.4;
+            models with the ``text_stream`` capability).
     """
 
     type: ClassVar[str] = "generate"
@@ -241,6 +245,7 @@ class Generate:
     resume: int | None = None
     codes: bool | None = None
     resume_codes: bytes | None = None
+    text_stream: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +254,24 @@ class Cancel:
 
     type: ClassVar[str] = "cancel"
     id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextInput:
+    """More text for a request opened with ``text_stream`` (PROTOCOL.md §3.4).
+
+    Args:
+        id: The request.
+        text: The text's next part (it joins the parts before it as written).
+        flush: Speak what has come so far now, mid-sentence too.
+        end: The text's last part: the stream ends once it is spoken.
+    """
+
+    type: ClassVar[str] = "text"
+    id: str
+    text: str = ""
+    flush: bool | None = None
+    end: bool | None = None
 
 
 # -- server -> client (§4) ---------------------------------------------------------
@@ -376,6 +399,6 @@ class ErrorMessage:
     id: str | None = None
 
 
-ClientMessage = Generate | Cancel
+ClientMessage = Generate | Cancel | TextInput
 ServerMessage = Hello | Queued | Started | Progress | Audio | Done | ErrorMessage
 Message = ClientMessage | ServerMessage

@@ -57,6 +57,7 @@ from wavecast.protocol import (
     ServerMessage,
     ShuttingDown,
     Started,
+    TextTimeout,
     WavecastError,
 )
 from wavecast.protocol.messages import AudioFormat, DoneStatus
@@ -116,6 +117,14 @@ class Request:
     seconds: float = 0.0  # audio generated so far (its context grows with it)
     target: float | None = None  # the audio it asked for, where it says (MusicGen)
     outputs: RequestOutputs | None = None  # once started
+    # Its text comes as it is written (``generate.text_stream``): the parts that
+    # came and are not yet with its engine (text, flush, end), under the
+    # scheduler's lock; since when it has waited for its next part.
+    texts: collections.deque[tuple[str, bool, bool]] = field(default_factory=collections.deque)
+    waiting_since: float | None = None
+    # (the event loop's: characters of its text so far, and whether its end came)
+    text_chars: int = 0
+    text_ended: bool = False
 
     def cancel(self, error: WavecastError | None = None) -> None:
         """Ask for the request to stop; ``error`` makes it end in ``error``."""
@@ -153,6 +162,7 @@ class Scheduler:
         self._preparing: list[Request] = []  # admitted, not running yet (FIFO)
         self._prepared: list[Request] = []  # prepared, not begun (``_begin_prepared``)
         self._held = 0  # decoding requests left out of the last tick (``Request.held``)
+        self._waiting = 0  # and those that waited for their text (``text_stream``)
         self._outbox: list[tuple[Sink, ServerMessage]] = []  # this tick's messages
         # Requests past their live stream, rendering a post-stage (Multi-Band
         # Diffusion), FIFO: one step of the oldest per tick. They hold no place of
@@ -232,6 +242,13 @@ class Scheduler:
     def cancel(self, request: Request, error: WavecastError | None = None) -> None:
         request.cancel(error)
         with self._cond:
+            self._cond.notify()
+
+    def add_text(self, request: Request, text: str, *, flush: bool, end: bool) -> None:
+        """More text for a request opened with ``text_stream``: its engine has it
+        before its next step (``Engine.add_text``)."""
+        with self._cond:
+            request.texts.append((text, flush, end))
             self._cond.notify()
 
     def per_model(self) -> dict[str, dict[str, int]]:
@@ -404,6 +421,12 @@ class Scheduler:
             with self._cond:
                 if not self._pending and not self._stopping:
                     self._cond.wait(self.HELD_WAIT)
+        elif not running and self._waiting and not self._post and not self._preparing:
+            # Every stream waits for its text: until some comes (``add_text``
+            # wakes the thread), or a while, to end those that waited too long.
+            with self._cond:
+                if not self._pending and not self._stopping and not self._texts_came():
+                    self._cond.wait(self.TEXT_POLL)
         if running:
             took = time.perf_counter() - start
             codec = self._codec_seconds() - codec
@@ -418,6 +441,11 @@ class Scheduler:
     YOUNG_STEPS = 2
     # Seconds the thread waits where every decoding stream is held (``Request.held``).
     HELD_WAIT = 0.005
+    # Seconds a request whose text comes as it is written (``text_stream``) may
+    # wait for its next part once it has spoken the rest; how often the thread
+    # looks where every stream waits for text.
+    TEXT_WAIT = 60.0
+    TEXT_POLL = 0.5
     # Where young streams run in tick after tick (requests arriving all the time),
     # one tick in this many is measured anyway.
     MEASURE_ANYWAY = 16
@@ -723,14 +751,15 @@ class Scheduler:
         with self._cond:
             active = list(self._active)
         runnable: dict[str, list[Request]] = {}
-        self._held = 0
+        self._held = self._waiting = 0
         for request in active:
             if request.cancelled.is_set():
                 self._release(request)
                 self._end_cancelled(request)
             elif request.job is None or request in self._post:
                 continue
-            elif request.held is not None and request.held():
+            elif request.engine_request.text_stream and self._waits_for_text(request):
+                self._waiting += 1
                 self._held += 1  # (its step waits for its encoders)
                 self.metrics.held(request.model)
             else:
@@ -765,6 +794,41 @@ class Scheduler:
                 longest = max(longest, request.seconds)
             context += len(requests) * self._context(self._engines[model], longest)
         return sum(len(requests) for requests in runnable.values()), young, context
+
+    def _waits_for_text(self, request: Request) -> bool:
+        """Give a request's engine the text that came for it; whether it has
+        spoken all of its text so far and waits for more (left out of the steps,
+        its row kept). One that waited ``TEXT_WAIT`` seconds ends."""
+        assert request.job is not None
+        engine = self._engines[request.model]
+        with self._cond:
+            texts = list(request.texts)
+            request.texts.clear()
+        try:
+            for text, flush, end in texts:
+                engine.add_text(request.job, text, flush=flush, end=end)
+        except WavecastError as exc:
+            self._release(request)
+            self._finish(request, "error", exc)
+            return True
+        if not engine.waiting(request.job):
+            request.waiting_since = None
+            return False
+        now = time.perf_counter()
+        if request.waiting_since is None:
+            request.waiting_since = now
+        elif now - request.waiting_since > self.TEXT_WAIT:
+            self._release(request)
+            self._finish(
+                request,
+                "error",
+                TextTimeout(f"no text came for {self.TEXT_WAIT:g} s", id=request.id),
+            )
+        return True
+
+    def _texts_came(self) -> bool:
+        """Whether text came for a decoding request (call with the lock)."""
+        return any(request.texts for request in self._active)
 
     def _deliver(self, request: Request, output: StepOutput, now: float) -> None:
         assert request.outputs is not None

@@ -63,6 +63,7 @@ from wavecast.protocol import (
     ServerMessage,
     SlowConsumer,
     Started,
+    TextInput,
     TooManyRequests,
     UnknownId,
     UnknownModel,
@@ -281,6 +282,8 @@ class Session:
             return
         if isinstance(message, Generate):
             self._generate(message)
+        elif isinstance(message, TextInput):
+            self._text(message)
         else:
             self._cancel(message)
 
@@ -349,6 +352,8 @@ class Session:
                     )
             if message.resume is not None:
                 _check_resume(message)
+            if message.text_stream:
+                _check_text_stream(message, info)
             codes_from = _check_codes(message, info)
             sink: Callable[[ServerMessage], None] = self._on_event
             flow = _Flow(_pcm_span)
@@ -382,12 +387,14 @@ class Session:
                     inputs,
                     resume_codes=message.resume_codes,
                     resume=heard,
+                    text_stream=bool(message.text_stream),
                 ),
                 format=wire_format,
                 sample_rate=sample_rate,
                 sink=sink,
                 held=held,
                 resume=message.resume or 0,
+                text_chars=len(message.prompt),
                 codes=bool(message.codes),
                 codes_from=codes_from,
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
@@ -427,6 +434,8 @@ class Session:
             f" resume={message.resume}" if message.resume is not None else "",
             f" resume_codes={codes_from}" if message.resume_codes else "",
         )
+        if message.text_stream:
+            request.log.info("its text comes as it is written (text_stream)")
 
     async def _check_then_submit(
         self, request: Request, check: Callable[[EngineRequest], Any]
@@ -458,6 +467,39 @@ class Session:
         """A request refused or cancelled before the scheduler had it."""
         self.requests.pop(request_id, None)
         self._flows.pop(request_id, None)
+
+    def _text(self, message: TextInput) -> None:
+        """More text for a request opened with ``text_stream`` (§3.4)."""
+        request = self.requests.get(message.id)
+        limits = self.config.limits
+        error: WavecastError | None = None
+        if request is None:
+            error = UnknownId(f"no request {message.id!r} in flight", field="id")
+        elif not request.engine_request.text_stream:
+            error = InvalidField(
+                f"request {message.id!r} was not opened with text_stream: its text came whole",
+                field="text_stream",
+            )
+        elif request.text_ended:
+            error = InvalidField("the request's text has ended (its end came)", field="end")
+        elif request.text_chars + len(message.text) > limits.max_prompt_chars:
+            error = InvalidField(
+                f"the request's text would be longer than {limits.max_prompt_chars} characters",
+                field="text",
+            )
+        if error is not None or request is None:
+            assert error is not None
+            self._send(
+                ErrorMessage(
+                    code=error.code, message=error.message, field=error.field, id=message.id
+                )
+            )
+            return
+        request.text_chars += len(message.text)
+        request.text_ended = bool(message.end)
+        self.scheduler.add_text(
+            request, message.text, flush=bool(message.flush), end=bool(message.end)
+        )
 
     def _cancel(self, message: Cancel) -> None:
         request = self.requests.get(message.id)
@@ -1028,6 +1070,20 @@ def _check_resume(message: Generate) -> None:
             "resume needs params.seed: the seed the cut try's started gave, so that "
             "the stream is made again the same",
             field="resume",
+            id=message.id,
+        )
+
+
+def _check_text_stream(message: Generate, info: ModelInfo) -> None:
+    """``text_stream`` (§3.4): a model whose text may come as it is written,
+    and not a stream picked up (what its text was where it was cut, and where
+    its parts came, is not the server's to know)."""
+    if "text_stream" not in info.capabilities:
+        raise _unsupported(message, info, "text_stream")
+    if message.resume is not None:
+        raise InvalidField(
+            "a stream whose text comes as it is written cannot be picked up (resume)",
+            field="text_stream",
             id=message.id,
         )
 

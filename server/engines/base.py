@@ -95,6 +95,9 @@ class EngineRequest:
     # picked up from its codes makes none of their audio again (``Job.extra``'s
     # ``from_sample``: where its audio starts).
     resume: int = 0
+    # The text comes as it is written (``generate.text_stream``): ``prompt`` is its
+    # beginning, the rest comes by ``Engine.add_text``.
+    text_stream: bool = False
 
 
 @dataclass(slots=True)
@@ -272,6 +275,19 @@ class Engine(Protocol):
 
     def finish(self, job: Job) -> None:
         """Release a job's resources (completed, cancelled or failed)."""
+        ...
+
+    def add_text(self, job: Job, text: str, *, flush: bool, end: bool) -> None:
+        """More text for a job whose request streams its text (``text_stream``;
+        models with the ``text_stream`` capability): what is complete of it
+        (sentences; all of it with ``flush`` or ``end``) is spoken next; after
+        ``end``, no more comes. On the inference thread, between steps."""
+        ...
+
+    def waiting(self, job: Job) -> bool:
+        """Whether a job has spoken all of its text so far and waits for more
+        (``add_text``): the scheduler leaves it out of the steps meanwhile, its
+        row kept."""
         ...
 
     def check(self, request: EngineRequest) -> dict[str, Upload]:

@@ -86,7 +86,15 @@ async def test_greeting_voices_and_scenes_endpoints(server: Any) -> None:
         info = client.models["tiny-higgs"]
         assert info.family == "higgs" and info.test_model
         assert "test model" in info.description
-        assert info.capabilities == ("tts", "voices", "reference", "scene", "dialogue", "codes")
+        assert info.capabilities == (
+            "tts",
+            "voices",
+            "reference",
+            "scene",
+            "dialogue",
+            "codes",
+            "text_stream",
+        )
         assert info.voices == ("belinda", "broom_salesman", "no_transcript")
         assert info.scenes is not None and "quiet_indoor" in info.scenes
         assert client.models["tiny-musicgen"].voices is None

@@ -102,6 +102,7 @@ from .prompt import (
     chunk_text,
     delay_block,
     normalize_text,
+    speakable,
 )
 from .rules import RowRules
 from .utterance import Markers, Utterance
@@ -164,6 +165,13 @@ class _HiggsJob:
     pending_audio: npt.NDArray[np.float32] | None = None
     # What failed as its first step was begun (``begin``): it fails in that step.
     failed: BaseException | None = None
+    # Its text comes as it is written (``text_stream``): more may come until it
+    # ends; what came and is not a whole sentence yet (``add_text``).
+    text_open: bool = False
+    unspoken: str = ""
+    # Its codec stream ended where it waited for text: the next chunk's audio
+    # goes on from it (``_continued``).
+    paused: bool = False
 
 
 class HiggsEngine(TableSizing):
@@ -371,6 +379,8 @@ class HiggsEngine(TableSizing):
             scenes=tuple(self.scenes),
             device=str(self.device),
             dtype=dtype_name(self.decoder.dtype),
+            # (pipelined steps read a row's codes a step late: not yet with waits)
+            text_stream=not self.pipelined,
         )
         self._params = self._info.params
 
@@ -419,9 +429,11 @@ class HiggsEngine(TableSizing):
         Returns the voice names per speaker (empty: none named).
         """
         params = request.params
-        if not normalize_text(request.prompt):
+        if request.text_stream:
+            pass  # (its text may begin empty: it comes as it is written)
+        elif not normalize_text(request.prompt):
             raise InvalidField("prompt: the text to speak is empty", field="prompt")
-        if not normalize_text(SPEAKER_TAG.sub(" ", request.prompt)):
+        elif not normalize_text(SPEAKER_TAG.sub(" ", request.prompt)):
             raise InvalidField(
                 "prompt: the text to speak is empty (speaker tags, nothing to say)", field="prompt"
             )
@@ -488,7 +500,11 @@ class HiggsEngine(TableSizing):
             )
             scene = f"{scene}\n\n{roles}" if scene else roles
 
-        chunks = self._chunks(text, params)
+        unspoken = ""
+        if request.text_stream:
+            spoken, unspoken = speakable(request.prompt, whole=False)
+            text = normalize_text(spoken)
+        chunks = self._chunks(text, params) if text else []
         seed = request_seed(params)
         buffer = params.get("generation_chunk_buffer_size")
         state = _HiggsJob(
@@ -507,6 +523,8 @@ class HiggsEngine(TableSizing):
             ras_max_repeat=int(number(params["ras_win_max_num_repeat"])),
             decoder=self.codec_streams.stream(),
             max_frames=self._max_frames,
+            text_open=request.text_stream,
+            unspoken=unspoken,
         )
         # About 14 characters a second of speech: a rough guide for progress.
         state.expected = max(
@@ -520,8 +538,11 @@ class HiggsEngine(TableSizing):
             heard = self._pick_up(state, known, request.resume)
             job.extra["from_codes"] = round(state.produced / self.frame_rate, 6)
             job.extra["from_sample"] = heard * self.hop
-        # At most max_new_tokens steps per chunk, a frame each (less the delay).
+        # At most max_new_tokens steps per chunk, a frame each (less the delay);
+        # text still to come, the longest request.
         most = min(state.max_frames, state.max_new_tokens * len(chunks))
+        if request.text_stream:
+            most = state.max_frames
         job.extra["max_seconds"] = round(most / self.frame_rate, 6)
         return job
 
@@ -535,6 +556,8 @@ class HiggsEngine(TableSizing):
         params = request.params
         if any(role in request.inputs for role in REFERENCE_ROLES):
             return None
+        if request.text_stream:
+            return self._max_frames / self.frame_rate
         chunks = self._chunks(normalize_text(request.prompt), params)
         most = min(self._max_frames, int(number(params["max_new_tokens"])) * len(chunks))
         return most / self.frame_rate
@@ -762,7 +785,11 @@ class HiggsEngine(TableSizing):
         attempt_together(failures, taken, self._write_sampling)
         opened: list[tuple[int, Ints]] = []  # rows whose utterance opens: their rules
         for st in states:
+            if st.index >= len(st.chunks):
+                continue  # (its text has not come yet)
             if st.utterance is None and id(st) not in failures:
+                if st.paused:
+                    self._continued(st)
                 u = st.utterance = attempt(failures, [st], self._open_utterance, st)
                 st.spoken = None
                 if u is None or not u.known:
@@ -773,9 +800,48 @@ class HiggsEngine(TableSizing):
 
     def step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         """One decoder forward for every request (after prefilling what is due), one
-        draw per row, one copy each way; then each request's frames and audio."""
+        draw per row, one copy each way; then each request's frames and audio. A
+        request whose streamed text ended with all of it spoken ends."""
+        if any(_spent(job.state) for job in jobs):
+            live = [job for job in jobs if not _spent(job.state)]
+            stepped = dict(zip(map(id, live), self.step(live), strict=True))
+            return [stepped.get(id(job)) or self._end_spent(job) for job in jobs]
         with torch.no_grad():
             return self._step(jobs)
+
+    def _end_spent(self, job: Job) -> StepOutput:
+        """A request whose streamed text ended once it had spoken all of it: its
+        audio went out as it paused (``_advance``)."""
+        st: _HiggsJob = job.state
+        self._release_slot(st)
+        advance_fraction(st, True)
+        return StepOutput(
+            audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=True
+        )
+
+    def add_text(self, job: Job, text: str, *, flush: bool, end: bool) -> None:
+        st: _HiggsJob = job.state
+        if not st.text_open:
+            raise InvalidField("the request's text has ended", field="text")
+        st.text_open = not end
+        whole, st.unspoken = speakable(st.unspoken + text, whole=flush or end)
+        said = normalize_text(whole)
+        if said:
+            st.chunks.extend(self._chunks(said, job.request.params))
+
+    def waiting(self, job: Job) -> bool:
+        st: _HiggsJob = job.state
+        return st.text_open and st.index >= len(st.chunks) and st.utterance is None
+
+    def _continued(self, st: _HiggsJob) -> None:
+        """A codec stream for the speech after a pause for text, primed with the
+        frames before it (the codec's context: none of their audio again)."""
+        decoder = self.codec_streams.stream()
+        spoken = [codes for _, codes in st.history[-8:]]
+        if spoken:
+            context = np.concatenate([audio.codes for audio in spoken], axis=1)
+            decoder.prime(context[None])
+        st.decoder, st.paused = decoder, False
 
     def _step(self, jobs: Sequence[Job]) -> list[StepOutput]:
         if self.pipelined:
@@ -1250,6 +1316,7 @@ class HiggsEngine(TableSizing):
             st.produced += 1
             plan = st.decoder.plan_push_frame(frame)
         done = False
+        pause = False
         if u.ended or st.produced >= st.max_frames:
             st.spoken = u
             st.utterance = None
@@ -1259,6 +1326,12 @@ class HiggsEngine(TableSizing):
                 # end together, with the same frames left, in one).
                 plan = st.decoder.plan_flush()
                 self._release_slot(st)
+            elif st.index >= len(st.chunks):
+                # All of its text so far spoken, more to come: its audio goes
+                # out whole, as if it ended here, and the next chunk's goes on
+                # from it (``_continued``); its row waits, kept.
+                pause = st.paused = True
+                plan = st.decoder.plan_flush()
         advance_fraction(st, done)
         output = StepOutput(
             audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
@@ -1266,7 +1339,7 @@ class HiggsEngine(TableSizing):
         output.codes, output.codes_from = [tokens], st.drawn
         st.drawn += 1
         if plan is not None:
-            (self._ends if done else self._due).append((output, st.decoder, plan))
+            (self._ends if done or pause else self._due).append((output, st.decoder, plan))
         return output
 
     def _close_chunk(self, st: _HiggsJob) -> bool:
@@ -1276,7 +1349,7 @@ class HiggsEngine(TableSizing):
         if st.chunk_frames:
             st.history.append((spoken, PromptAudio(self._chunk_codes(st))))
         st.index += 1
-        return st.index >= len(st.chunks) or st.produced >= st.max_frames
+        return (st.index >= len(st.chunks) and not st.text_open) or st.produced >= st.max_frames
 
     def _chunk_codes(self, st: _HiggsJob) -> Ints:
         """``[K, frames]``: the frames of the chunk being spoken, on the host."""
@@ -1392,12 +1465,20 @@ def _shared(st: _HiggsJob) -> int:
     return st.sharing[1]
 
 
+def _spent(st: _HiggsJob) -> bool:
+    """Whether a request's streamed text ended with all of it spoken (its codec
+    stream ended as it waited: ``_advance``)."""
+    return not st.text_open and st.index >= len(st.chunks) and st.utterance is None
+
+
 def advance_fraction(st: _HiggsJob, done: bool) -> None:
     """A request's progress: chunks spoken, and within the chunk the frames made
     against a rough guess of the text's length; never backwards, 1 when done."""
     if done:
         st.fraction = 1.0
         return
+    if st.text_open:
+        return  # (how much is to come is not known)
     base = st.index / len(st.chunks)
     within = min(0.95, st.produced / st.expected)
     st.fraction = max(st.fraction, min(0.999, max(base, within)))

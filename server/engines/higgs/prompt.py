@@ -177,6 +177,30 @@ def chunk_text(text: str, method: str, max_words: int, max_turns: int) -> list[s
     return [text]
 
 
+# Where a sentence ends in a text that comes as it is written (``speakable``): a
+# full stop, question or exclamation mark (or an ellipsis), with what closes a
+# quotation after it, before a space; those of scripts written without spaces
+# as they are; a line's end. A full stop after a title or a lone capital (an
+# initial) is not one.
+_SENTENCE_END = re.compile(
+    r"(?<![A-Z])(?<!\b[A-Z][a-z])(?<!\bMrs)(?<!\bProf)(?<!\b[Ee]\.g)(?<!\b[Ii]\.e)"
+    r"(?:[.!?\u2026]+[\"'\u201d\u2019\u00bb)\]]*(?=\s))"
+    r"|[\u3002\uff01\uff1f]+[\u201d\u2019\u300d\u300f)\]]*"
+    r"|\n"
+)
+
+
+def speakable(text: str, whole: bool) -> tuple[str, str]:
+    """A text that comes as it is written, cut where its last whole sentence
+    ends (all of it where ``whole``): what can be spoken now, and the rest."""
+    if whole:
+        return text, ""
+    end = 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+    return text[:end], text[end:]
+
+
 def normalize_text(text: str) -> str:
     """Collapse runs of spaces and drop blank lines (paragraph breaks are kept for
     word chunking by the caller); every script passes through unchanged."""

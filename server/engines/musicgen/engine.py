@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from audiocraft.models.musicgen import MusicGen
 
-from wavecast.protocol import InvalidField, ModelInfo, ParamValue
+from wavecast.protocol import InvalidField, ModelInfo, ParamValue, Unsupported
 
 from ..base import (
     EngineRequest,
@@ -1313,6 +1313,12 @@ class MusicGenEngine(TableSizing):
             if self._in_flight is not None:  # (its codes in flight go unread)
                 self._in_flight.forget(st)
         job.state = None
+
+    def add_text(self, job: Job, text: str, *, flush: bool, end: bool) -> None:
+        raise Unsupported("a music description does not come in parts", field="text_stream")
+
+    def waiting(self, job: Job) -> bool:
+        return False
 
     # -- for tests and benchmarks ----------------------------------------------------
 

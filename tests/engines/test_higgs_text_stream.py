@@ -1,0 +1,190 @@
+"""Speech whose text comes as it is written (``text_stream``, PROTOCOL.md §3.4):
+the engine speaks each whole sentence once the text before it is spoken, keeps
+the request's row while it waits for more, and ends once the text has."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from wavecast.protocol import InvalidField
+from wavecast.server.engines.base import EngineRequest, Job
+from wavecast.server.engines.higgs.engine import HiggsEngine
+from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
+from wavecast.server.engines.higgs.prompt import speakable
+
+# Three sentences of three words: chunked by words (three a chunk), the whole
+# text is the three sentences, as they come.
+SENTENCES = ["One two three.", "Four five six.", "Seven eight nine."]
+WHOLE = " ".join(SENTENCES)
+CHUNKING = {"chunk_method": "word", "chunk_max_word_num": 3, "max_new_tokens": 60, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def loaded() -> HiggsModel:
+    return load_higgs("tiny-higgs", None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(loaded: HiggsModel) -> HiggsEngine:
+    return HiggsEngine(loaded, name="tiny-higgs")
+
+
+def job_of(engine: HiggsEngine, text: str, text_stream: bool, **given: Any) -> Job:
+    params: dict[str, Any] = {spec.name: spec.default for spec in engine.info.params}
+    params.update(CHUNKING, **given)
+    request = EngineRequest("t", text, params, text_stream=text_stream)
+    engine.check(request)
+    return engine.prepare(request)
+
+
+def step_until(engine: HiggsEngine, job: Job, audio: list[np.ndarray], codes: list[Any]) -> bool:
+    """Step a job until it waits for text or ends (True where it ended)."""
+    while not engine.waiting(job):
+        out = engine.step([job])[0]
+        if out.audio is not None:
+            audio.append(out.audio)
+        codes.extend(out.codes or [])
+        if out.done:
+            return True
+    return False
+
+
+def whole_run(engine: HiggsEngine) -> tuple[np.ndarray, list[Any]]:
+    job = job_of(engine, WHOLE, text_stream=False)
+    audio: list[np.ndarray] = []
+    codes: list[Any] = []
+    assert step_until(engine, job, audio, codes)
+    engine.finish(job)
+    return np.concatenate(audio), codes
+
+
+def test_sentences_are_cut_where_they_end() -> None:
+    assert speakable("Hello there. How are", whole=False) == ("Hello there.", " How are")
+    assert speakable("Mr. Smith went home. Then", whole=False)[0] == "Mr. Smith went home."
+    assert speakable("e.g. this one? and", whole=False)[0] == "e.g. this one?"
+    assert speakable('He said "hi." Then', whole=False)[0] == 'He said "hi."'
+    assert speakable("你好。今天", whole=False) == ("你好。", "今天")
+    assert speakable("a line\nand half", whole=False) == ("a line\n", "and half")
+    assert speakable("no end yet", whole=False) == ("", "no end yet")
+    assert speakable("3.14 is pi", whole=False) == ("", "3.14 is pi")
+    assert speakable("no end yet", whole=True) == ("no end yet", "")
+
+
+def test_text_that_comes_ahead_of_the_speech_is_the_whole_texts_speech(
+    engine: HiggsEngine,
+) -> None:
+    """Each part comes before the speech needs it: the same codes as the whole
+    text sent at once, chunked the same way, and its audio (to float rounding:
+    where the codec's calls split follows the stream's lead over real time)."""
+    audio, codes = whole_run(engine)
+    job = job_of(engine, "One two thr", text_stream=True)
+    assert engine.waiting(job)  # (no whole sentence yet)
+    engine.add_text(job, "ee. Four five", flush=False, end=False)
+    assert not engine.waiting(job)
+    got: list[np.ndarray] = []
+    got_codes: list[Any] = []
+    out = engine.step([job])[0]  # (its first step: the first chunk's prompt)
+    engine.add_text(job, " six. Seven eight nine.", flush=False, end=True)
+    if out.audio is not None:
+        got.append(out.audio)
+    got_codes.extend(out.codes or [])
+    assert step_until(engine, job, got, got_codes)
+    engine.finish(job)
+    assert got_codes == codes
+    joined = np.concatenate(got)
+    assert joined.shape == audio.shape and np.allclose(joined, audio, atol=1e-5)
+
+
+def test_a_stream_that_waits_for_text_goes_on_from_where_it_waited(engine: HiggsEngine) -> None:
+    """Each sentence comes once the one before is spoken: the same codes (its
+    row kept while it waits, its draws counted on); all of the audio so far
+    goes out as it waits, and the same length of audio in all."""
+    audio, codes = whole_run(engine)
+    hop = engine.hop
+    job = job_of(engine, SENTENCES[0] + " ", text_stream=True)
+    got: list[np.ndarray] = []
+    got_codes: list[Any] = []
+    paused_at: list[int] = []
+    for i, sentence in enumerate(SENTENCES[1:]):
+        assert not step_until(engine, job, got, got_codes)
+        assert engine.waiting(job)
+        st = job.state
+        # Every frame made so far is in the audio sent (none held back).
+        assert sum(len(a) for a in got) == st.produced * hop
+        paused_at.append(st.produced * hop)
+        assert st.slot is not None  # (its row kept)
+        engine.add_text(job, sentence, flush=i == 0, end=i == 1)
+    assert step_until(engine, job, got, got_codes)
+    engine.finish(job)
+    assert got_codes == codes
+    joined = np.concatenate(got)
+    assert joined.shape == audio.shape
+    # Up to the codec's look-ahead before the first wait, the whole text's audio
+    # (from there, the end of the audio as it waited, then the speech after it).
+    lookahead = 16 * hop
+    before = slice(0, paused_at[0] - lookahead)
+    assert np.allclose(joined[before], audio[before], atol=1e-5)
+    assert not np.allclose(joined, audio, atol=1e-5)
+    # From it on, the codec goes on from the frames before the wait (its
+    # context): the whole text's audio again, to float rounding.
+    after = slice(paused_at[0], paused_at[1] - lookahead)
+    assert after.start < after.stop
+    assert np.allclose(joined[after], audio[after], atol=1e-5)
+
+
+def test_a_text_that_ends_while_it_waits_ends_the_request(engine: HiggsEngine) -> None:
+    job = job_of(engine, SENTENCES[0] + " ", text_stream=True)
+    got: list[np.ndarray] = []
+    assert not step_until(engine, job, got, [])
+    made = job.state.produced
+    engine.add_text(job, "", flush=False, end=True)
+    assert not engine.waiting(job)
+    out = engine.step([job])[0]
+    assert out.done and out.audio is None and out.fraction == 1.0
+    assert sum(len(a) for a in got) == made * engine.hop
+    assert job.state.slot is None  # (its row given back)
+    engine.finish(job)
+
+
+def test_an_empty_beginning_waits_and_text_after_its_end_is_refused(
+    engine: HiggsEngine,
+) -> None:
+    job = job_of(engine, "", text_stream=True)
+    assert engine.waiting(job)
+    engine.begin([job])  # (its row taken; nothing to say yet)
+    assert engine.waiting(job)
+    engine.add_text(job, "Hi", flush=True, end=True)
+    audio: list[np.ndarray] = []
+    assert step_until(engine, job, audio, [])
+    assert audio
+    with pytest.raises(InvalidField, match="has ended"):
+        engine.add_text(job, "more", flush=False, end=False)
+    engine.finish(job)
+
+
+def test_a_stream_waiting_for_text_leaves_its_neighbours_as_they_were(
+    engine: HiggsEngine,
+) -> None:
+    """A neighbour of a stream that waits (its row out of the steps) makes what
+    it makes alone."""
+    alone = job_of(engine, WHOLE, text_stream=False, seed=9)
+    solo: list[Any] = []
+    assert step_until(engine, alone, [], solo)
+    engine.finish(alone)
+    other = job_of(engine, WHOLE, text_stream=False, seed=9)
+    waiting = job_of(engine, SENTENCES[0] + " ", text_stream=True)
+    beside: list[Any] = []
+    waited = 0
+    done = False
+    while not done:
+        jobs = [other] if engine.waiting(waiting) else [other, waiting]
+        waited += len(jobs) == 1
+        outs = engine.step(jobs)
+        beside.extend(outs[0].codes or [])
+        done = outs[0].done
+    assert waited > 0 and beside == solo
+    engine.finish(other)
+    engine.finish(waiting)

@@ -1,0 +1,261 @@
+"""Speech whose text comes as it is written (``generate.text_stream`` and the
+``text`` frame, PROTOCOL.md §3.4) through the real server and client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import pytest_asyncio
+import soundfile
+from helpers import WAVECAST, higgs_engines, make_config, running_server, timeout
+from websockets.asyncio.client import connect as ws_connect
+
+from wavecast.clients import connect
+from wavecast.protocol import Audio, Done, Started
+from wavecast.server.scheduler import Scheduler
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+HOP = 960  # tiny-higgs: 24 kHz, 25 frames a second
+SENTENCES = ["One two three.", "Four five six.", "Seven eight nine."]
+# Chunked by three words: the whole text's chunks are its sentences.
+CHUNKING = {"chunk_method": "word", "chunk_max_word_num": 3, "max_new_tokens": 40, "seed": 7}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server() -> AsyncIterator[Any]:
+    async with running_server(make_config(max_active=4), higgs_engines) as srv:
+        yield srv
+
+
+def joined(events: list[Any], what: str) -> bytes:
+    return b"".join(getattr(e, what) or b"" for e in events if isinstance(e, Audio))
+
+
+async def test_the_capability_is_in_the_greeting(server: Any) -> None:
+    async with connect(server.url) as client:
+        assert "text_stream" in client.models["tiny-higgs"].capabilities
+        assert "text_stream" not in client.models["tiny-musicgen"].capabilities
+
+
+async def test_text_sent_as_the_speech_goes_makes_the_whole_texts_codes(server: Any) -> None:
+    """Each sentence sent once the audio of the one before has begun to come
+    (the stream waits for it where it has spoken all it had): the same codes
+    as the whole text at once, every frame's audio sent, and the stream ends
+    once its text has."""
+    async with connect(server.url) as client:
+        whole = await client.speak("tiny-higgs", " ".join(SENTENCES), codes=True, **CHUNKING)
+        whole_events = [event async for event in whole]
+        stream = await client.speak(
+            "tiny-higgs", SENTENCES[0] + " Four", text_stream=True, codes=True, **CHUNKING
+        )
+        events: list[Any] = []
+        parts = [(" five six.", False), (" " + SENTENCES[2], True)]
+        async for event in stream:
+            events.append(event)
+            if isinstance(event, Audio) and parts:
+                text, end = parts.pop(0)
+                await stream.send_text(text, end=end)
+        done = events[-1]
+        assert isinstance(done, Done) and done.status == "completed", done
+        assert not parts
+        codes = joined(events, "codes")
+        assert codes == joined(whole_events, "codes")
+        frames = len(codes) // 8 - 3 * 4  # (each chunk's rows: its frames and the delay's)
+        assert len(joined(events, "data")) // 2 == frames * HOP
+        assert done.stats is not None and done.stats.samples == frames * HOP
+
+
+async def test_a_stream_waits_for_its_text_holding_no_one_up(server: Any) -> None:
+    """A stream that has spoken all of its text so far sends all of that audio
+    and waits; a request beside it goes on to its end; more text, and the
+    stream goes on."""
+    async with connect(server.url) as client:
+        stream = await client.speak(
+            "tiny-higgs", "Hello there. ", text_stream=True, codes=True, **CHUNKING
+        )
+        events: list[Any] = []
+        iterator = stream.__aiter__()
+        while not events or not isinstance(events[-1], Audio):
+            events.append(await anext(iterator))
+        other = await client.speak("tiny-higgs", "Meanwhile, another voice.", max_new_tokens=30)
+        other_done = (await other.collect()).status
+        assert other_done == "completed"
+        # (all of the first sentence's audio came meanwhile: nothing more until text)
+        more = asyncio.ensure_future(anext(iterator))
+        await asyncio.sleep(0.3)
+        while more.done():
+            events.append(more.result())
+            more = asyncio.ensure_future(anext(iterator))
+            await asyncio.sleep(0.05)
+        heard = len(joined(events, "data"))
+        # Every frame of its one chunk so far (its rows less the delay's): none
+        # held back for the codec's look-ahead.
+        rows = len(joined(events, "codes")) // 8
+        assert heard > 0 and heard == 2 * HOP * (rows - 4)
+        await stream.end_text("And goodbye.")
+        events.append(await more)
+        events += [event async for event in iterator]
+        assert isinstance(events[-1], Done) and events[-1].status == "completed"
+        assert len(joined(events, "data")) > heard
+
+
+async def test_a_stream_waiting_for_text_is_cancelled_at_once(server: Any) -> None:
+    async with connect(server.url) as client:
+        stream = await client.speak("tiny-higgs", "", text_stream=True)
+        events = [await anext(stream.__aiter__())]
+        await asyncio.sleep(0.2)
+        await stream.cancel()
+        events += [event async for event in stream]
+        assert isinstance(events[-1], Done) and events[-1].status == "cancelled"
+        assert any(isinstance(event, Started) for event in events)
+
+
+async def test_a_stream_that_waits_too_long_for_text_ends(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Scheduler, "TEXT_WAIT", 0.5)
+    monkeypatch.setattr(Scheduler, "TEXT_POLL", 0.1)
+    async with connect(server.url) as client:
+        stream = await client.speak("tiny-higgs", "Only this. ", text_stream=True, **CHUNKING)
+        result = await stream.collect()
+        assert result.status == "error" and result.error is not None
+        assert result.error.code == "text_timeout"
+        assert result.frames > 0  # (what it had, spoken)
+
+
+async def test_the_client_keeps_to_the_text_stream() -> None:
+    async with running_server(make_config(), higgs_engines) as srv, connect(srv.url) as client:
+        plain = await client.speak("tiny-higgs", "Hello.", max_new_tokens=20)
+        with pytest.raises(ValueError, match="text_stream"):
+            await plain.send_text("more")
+        await plain.collect()
+        stream = await client.speak("tiny-higgs", "Hi. ", text_stream=True, max_new_tokens=20)
+        await stream.end_text()
+        with pytest.raises(ValueError, match="has ended"):
+            await stream.send_text("more")
+        assert (await stream.collect()).status == "completed"
+
+
+async def raw(url: str, *frames: dict[str, Any], replies: int = 1) -> list[dict[str, Any]]:
+    async with ws_connect(url) as ws:
+        await ws.recv()  # (the greeting)
+        for frame in frames:
+            await ws.send(msgpack.packb(frame))
+        out = []
+        for _ in range(replies):
+            reply = msgpack.unpackb(await ws.recv())
+            while reply["type"] in ("queued", "started", "progress", "audio"):
+                reply = msgpack.unpackb(await ws.recv())
+            out.append(reply)
+        return out
+
+
+SPEAK = {"type": "generate", "id": "s", "model": "tiny-higgs", "prompt": "Hi. "}
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "field", "says"),
+    [
+        ([{"type": "text", "id": "x", "text": "hi"}], "unknown_id", "id", "no request"),
+        (
+            [{**SPEAK, "params": {"max_new_tokens": 200}}, {"type": "text", "id": "s"}],
+            "invalid_field",
+            "text_stream",
+            "not opened with text_stream",
+        ),
+        (
+            [
+                {**SPEAK, "text_stream": True},
+                {"type": "text", "id": "s", "end": True},
+                {"type": "text", "id": "s", "text": "more"},
+            ],
+            "invalid_field",
+            "end",
+            "has ended",
+        ),
+        (
+            [{**SPEAK, "text_stream": True}, {"type": "text", "id": "s", "text": "x" * 10_000}],
+            "invalid_field",
+            "text",
+            "longer than",
+        ),
+        ([{"type": "text", "id": "s", "text": 3}], "invalid_field", "text", "must be a string"),
+    ],
+    ids=["unknown id", "text came whole", "after its end", "too long", "not a string"],
+)
+async def test_text_that_cannot_be_taken_is_refused(
+    server: Any, frames: list[dict[str, Any]], code: str, field: str, says: str
+) -> None:
+    replies = await raw(server.url, *frames)
+    error = replies[0]
+    assert error["type"] == "error" and error["code"] == code, error
+    assert error["field"] == field and says in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "says"),
+    [
+        ({"model": "tiny-musicgen"}, "unsupported", "text_stream"),
+        ({"resume": 10, "params": {"seed": 1}}, "invalid_field", "cannot be picked up"),
+    ],
+    ids=["a music model", "picked up"],
+)
+async def test_a_text_stream_that_cannot_be_is_refused(
+    server: Any, extra: dict[str, Any], code: str, says: str
+) -> None:
+    (done,) = await raw(server.url, {**SPEAK, "text_stream": True, **extra})
+    assert done["type"] == "done" and done["status"] == "error"
+    assert done["error"]["code"] == code and says in done["error"]["message"]
+
+
+async def test_its_audio_is_the_texts_speech_at_any_rate(server: Any) -> None:
+    """Resampled as it streams (16 kHz): the parts' speech, ended with its text."""
+    async with connect(server.url) as client:
+        stream = await client.speak(
+            "tiny-higgs", "", text_stream=True, sample_rate=16000, format="pcm_f32le", **CHUNKING
+        )
+        await stream.send_text("One two three.", flush=True)
+        await stream.end_text(" Four five six.")
+        result = await stream.collect()
+        assert result.status == "completed" and result.sample_rate == 16000
+        audio = np.frombuffer(result.pcm, np.float32)
+        assert len(audio) > 0 and np.isfinite(audio).all()
+
+
+async def test_the_command_speaks_its_input_as_it_comes(server: Any, tmp_path: Path) -> None:
+    """``wavecast speak --text-stream``: each line of its standard input sent as
+    it comes, the stream ending with the input."""
+    out = tmp_path / "said.wav"
+    process = await asyncio.create_subprocess_exec(
+        *WAVECAST,
+        "speak",
+        "--text-stream",
+        "--url",
+        server.url,
+        "--max-new-tokens",
+        "30",
+        "-o",
+        str(out),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(b"The first line comes\n")
+    await process.stdin.drain()
+    await asyncio.sleep(0.5)  # (spoken meanwhile: the stream then waits)
+    process.stdin.write(b"and then the last.")
+    process.stdin.close()
+    output = (await asyncio.wait_for(process.stdout.read(), timeout(60))).decode()
+    assert await process.wait() == 0, output
+    assert "completed" in output and "test model" in output
+    audio, rate = soundfile.read(out)
+    # Two utterances of at most 30 rows (26 frames) each.
+    assert rate == 24000 and 0 < len(audio) <= 2 * 26 * HOP
