@@ -45,6 +45,7 @@ from .client import (
     FILE_SUFFIXES,
     SAVE_AS,
     GenerationResult,
+    RequestStream,
     connect,
     server_url,
 )
@@ -432,7 +433,13 @@ async def _generate(args: argparse.Namespace) -> int:
 async def _speak(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     text = args.text
-    if text == "-":
+    if args.text_stream and (text not in ("", "-") or args.text_file or args.batch):
+        bar.message(
+            "--text-stream reads the text from standard input, as it comes: not TEXT, "
+            "--text-file or --batch too"
+        )
+        return 2
+    if text == "-" and not args.text_stream:
         text = sys.stdin.read()
     if args.text_file is not None:
         try:
@@ -443,7 +450,9 @@ async def _speak(args: argparse.Namespace) -> int:
     if args.batch is not None and (text or args.text_file is not None):
         bar.message("--batch reads the texts from its file: not TEXT or --text-file too")
         return 2
-    if not text and args.batch is None:
+    if args.text_stream:
+        text = ""
+    elif not text and args.batch is None:
         bar.message("nothing to say: give TEXT, --text-file or --batch")
         return 2
     params: Params = {}
@@ -462,7 +471,9 @@ async def _speak(args: argparse.Namespace) -> int:
         return 2
     if args.batch is not None:
         return await _run_batch(args, bar, params, inputs, capability="tts")
-    return await _run(args, bar, text, params, inputs, capability="tts")
+    return await _run(
+        args, bar, text, params, inputs, capability="text_stream" if args.text_stream else "tts"
+    )
 
 
 @dataclass(frozen=True)
@@ -803,6 +814,7 @@ async def _run(
             return 1
         if model in models and models[model].test_model:
             bar.message(f"note: {model} is a random-weight test model; it makes noise")
+        text_stream = capability == "text_stream"
         stream = await client.generate(
             model,
             prompt,
@@ -811,10 +823,15 @@ async def _run(
             sample_rate=args.sample_rate,
             bitrate=args.bitrate * 1000 if args.bitrate is not None else None,
             inputs=inputs,
+            text_stream=text_stream,
         )
         loop = asyncio.get_running_loop()
         cancel_sent = False
         tasks: set[asyncio.Task[None]] = set()
+        if text_stream:
+            task = loop.create_task(_feed_lines(stream, sys.stdin))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
         def on_interrupt(why: str = "") -> None:
             nonlocal cancel_sent
@@ -963,6 +980,30 @@ async def _run(
         return 130 if done.status == "cancelled" else 0
 
 
+async def _feed_lines(stream: RequestStream, source: TextIO) -> None:
+    """``--text-stream``: each line of ``source`` sent as it comes (a line's end
+    ends a sentence), and the text's end at the end of the input. Read on a
+    thread of its own, which the process does not wait for (a line may never
+    come)."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue(64)
+
+    def read() -> None:
+        for line in iter(source.readline, ""):
+            asyncio.run_coroutine_threadsafe(lines.put(line), loop).result()
+        asyncio.run_coroutine_threadsafe(lines.put(""), loop).result()
+
+    threading.Thread(target=read, name="text-stream", daemon=True).start()
+    while stream.done is None:
+        line = await lines.get()
+        if stream.done is not None:
+            return
+        if not line:
+            await stream.end_text()
+            return
+        await stream.send_text(line)
+
+
 def _save(
     bar: ProgressBar, result: GenerationResult, path: Path, rendition: str | None = None
 ) -> bool:
@@ -1077,6 +1118,13 @@ def _add_speak_arguments(parser: argparse.ArgumentParser) -> None:
         "tags at line starts make a dialogue",
     )
     parser.add_argument("--text-file", type=Path, metavar="FILE", help="read the text from FILE")
+    parser.add_argument(
+        "--text-stream",
+        action="store_true",
+        help="read the text from standard input as it comes (a language model's answer piped "
+        "in): each sentence is spoken once its line or sentence ends, the stream ending with "
+        "the input (… | wavecast speak --text-stream --play)",
+    )
     _add_common_arguments(parser)
     parser.add_argument("--model", help="model name (default: the server's first speech model)")
     parser.add_argument(
