@@ -248,7 +248,7 @@ class Scheduler:
         """More text for a request opened with ``text_stream``: its engine has it
         before its next step (``Engine.add_text``)."""
         with self._cond:
-            request.texts.append((text, flush, end))
+            add_text_part(request.texts, text, flush, end)
             self._cond.notify()
 
     def per_model(self) -> dict[str, dict[str, int]]:
@@ -911,6 +911,21 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20
 # Free memory at the top of the heap past this goes back to the system.
 TRIM_THRESHOLD = 256 << 20
+
+
+def add_text_part(
+    parts: collections.deque[tuple[str, bool, bool]], text: str, flush: bool, end: bool
+) -> None:
+    """A ``text`` frame's part into a request's parts not yet with its engine,
+    as few as say the same: a part joins the one before where that one neither
+    flushes nor ends (the same text, cut at the same places); a part of nothing
+    that neither flushes nor ends, or that flushes after a flush, is dropped.
+    So they are at most one a character of the request's text
+    (``limits.max_prompt_chars``), however many frames came."""
+    if parts and not parts[-1][1] and not parts[-1][2]:
+        parts[-1] = (parts[-1][0] + text, flush, end)
+    elif text or end or (flush and not (parts and parts[-1][1])):
+        parts.append((text, flush, end))
 
 
 def keep_freed_memory() -> bool:

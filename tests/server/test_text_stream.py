@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Started
-from wavecast.server.scheduler import Scheduler
+from wavecast.server.scheduler import Scheduler, add_text_part
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -259,3 +260,22 @@ async def test_the_command_speaks_its_input_as_it_comes(server: Any, tmp_path: P
     audio, rate = soundfile.read(out)
     # Two utterances of at most 30 rows (26 frames) each.
     assert rate == 24000 and 0 < len(audio) <= 2 * 26 * HOP
+
+
+async def test_the_parts_waiting_for_the_engine_are_as_few_as_say_the_same() -> None:
+    parts: collections.deque[tuple[str, bool, bool]] = collections.deque()
+    for _ in range(1000):  # (a client's frames of nothing, and flushes of nothing)
+        add_text_part(parts, "", False, False)
+        add_text_part(parts, "", True, False)
+    assert list(parts) == [("", True, False)]
+    add_text_part(parts, "One ", False, False)
+    add_text_part(parts, "two.", False, False)
+    add_text_part(parts, " Three", True, False)
+    add_text_part(parts, "", True, False)
+    add_text_part(parts, " four", False, False)
+    add_text_part(parts, "", False, True)
+    assert list(parts) == [
+        ("", True, False),
+        ("One two. Three", True, False),
+        (" four", False, True),
+    ]
