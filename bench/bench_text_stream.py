@@ -12,6 +12,11 @@ first audio. The server runs as its own process (``wavecast serve``):
 
     .venv/bin/python bench/bench_text_stream.py --concurrency 1 8 --crowds 3
 
+``--in-process``: the engine alone, in this process, without the network or
+the clients' arrival: N - 1 streams speaking a long text and one that waits
+for its text, then gets its next sentence; the steps and the time to its first
+audio, against a new request's for that sentence beside the same N - 1.
+
 Prints a Markdown section for bench/RESULTS.md.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -122,6 +128,88 @@ async def bench(args: argparse.Namespace) -> None:
     report(args, results)
 
 
+def in_process(args: argparse.Namespace) -> None:
+    """``--in-process``: the engine's own time to a waiting stream's next
+    sentence's first audio, beside N - 1 streams speaking, against a new
+    request's for the same sentence."""
+    import torch
+
+    from wavecast.server.engines import resolve_device
+    from wavecast.server.engines.base import EngineRequest, Job
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
+
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    device = resolve_device(args.device)
+    engine = HiggsEngine(load_higgs(args.model, None, device), name=args.model)
+    engine.warm_up(max(args.concurrency))
+    params = {spec.name: spec.default for spec in engine.info.params}
+    params.update(max_new_tokens=args.max_new_tokens)
+    long = {**params, "max_new_tokens": 10 * args.max_new_tokens}
+
+    def to_first_audio(jobs: list[Job], job: Job) -> tuple[int, float]:
+        began, steps = time.perf_counter(), 0
+        while True:
+            steps += 1
+            if engine.step([*jobs, job])[-1].audio is not None:
+                return steps, time.perf_counter() - began
+
+    rows: dict[int, dict[str, list[float]]] = {}
+    with torch.no_grad():
+        for k in args.concurrency:
+            got: dict[str, list[float]] = {"waited": [], "fresh": [], "steps": []}
+            for round_ in range(args.crowds):
+                others = [
+                    engine.prepare(EngineRequest(f"o{i}", " ".join(SENTENCES), long))
+                    for i in range(k - 1)
+                ]
+                first = SENTENCES[0] + " "
+                job = engine.prepare(
+                    EngineRequest("w", first, {**params, "seed": round_}, text_stream=True)
+                )
+                while not engine.waiting(job):
+                    engine.step([*others, job])
+                for _ in range(3):  # (it waits, the others speak)
+                    engine.step(others)
+                for text in SENTENCES[1:]:
+                    engine.add_text(job, text + " ", flush=False, end=False)
+                    steps, took = to_first_audio(others, job)
+                    got["waited"].append(took)
+                    got["steps"].append(steps)
+                    while not engine.waiting(job):
+                        engine.step([*others, job])
+                    alone = {**params, "seed": round_}
+                    fresh = engine.prepare(EngineRequest("f", text, alone))
+                    steps, took = to_first_audio(others, fresh)
+                    got["fresh"].append(took)
+                    got["steps"].append(steps)
+                    engine.finish(fresh)
+                for done in [*others, job]:
+                    engine.finish(done)
+            rows[k] = got
+    print(f"#### a text as it is written: {args.model}, the engine in process\n")
+    print(f"- machine: {machine(device)}, {torch.get_num_threads()} torch thread(s)")
+    print(
+        f"- command: `python bench/bench_text_stream.py --in-process --model {args.model} "
+        f"--concurrency {' '.join(map(str, args.concurrency))} --crowds {args.crowds} "
+        f"--max-new-tokens {args.max_new_tokens}`"
+    )
+    print(
+        f"- date: {date.today().isoformat()}; {len(SENTENCES) - 1} sentences a round, "
+        f"{args.crowds} rounds; medians\n"
+    )
+    print(
+        "| streams in the step | steps to first audio | a sentence sent to a stream that "
+        "waits: first audio | a new request for it: first audio |"
+    )
+    print("| --- | --- | --- | --- |")
+    for k, got in rows.items():
+        steps = sorted(set(int(n) for n in got["steps"]))
+        waited = 1000 * statistics.median(got["waited"])
+        fresh = 1000 * statistics.median(got["fresh"])
+        print(f"| {k} | {', '.join(map(str, steps))} | {waited:.1f} ms | {fresh:.1f} ms |")
+
+
 def report(args: argparse.Namespace, results: dict[int, dict[str, list[float]]]) -> None:
     def ms(values: list[float]) -> str:
         ordered = sorted(values)
@@ -169,8 +257,14 @@ def main() -> None:
         default=300.0,
         help="a stream without audio this long has spoken all it had: its next sentence goes",
     )
+    parser.add_argument(
+        "--in-process", action="store_true", help="the engine alone, in this process"
+    )
     args = parser.parse_args()
-    asyncio.run(bench(args))
+    if args.in_process:
+        in_process(args)
+    else:
+        asyncio.run(bench(args))
 
 
 if __name__ == "__main__":
