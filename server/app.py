@@ -305,6 +305,11 @@ class WavecastServer:
                 "Requests past their live stream, rendering Multi-Band Diffusion.",
                 float(snapshot["rendering"]),
             ),
+            "wavecast_requests_waiting_for_text": (
+                "Requests whose text comes as it is written, waiting for more (of the "
+                "active, at the last step).",
+                float(snapshot["waiting_for_text"]),
+            ),
         }
         gauges["wavecast_model_requests_queued"] = (
             "Requests waiting for a slot, by model.",

@@ -278,6 +278,7 @@ class Scheduler:
                 "queued": len(self._pending),
                 "active": len(self._active),
                 "rendering": len(self._post),
+                "waiting_for_text": self._waiting,
                 "steps_total": self.steps_total,
                 "completed": self.completed,
                 "cancelled": self.cancelled,

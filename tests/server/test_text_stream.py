@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 import soundfile
 from helpers import WAVECAST, higgs_engines, make_config, running_server, timeout
+from test_stream import scrape
 from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import connect
@@ -100,6 +101,9 @@ async def test_a_stream_waits_for_its_text_holding_no_one_up(server: Any) -> Non
         # held back for the codec's look-ahead.
         rows = len(joined(events, "codes")) // 8
         assert heard > 0 and heard == 2 * HOP * (rows - 4)
+        samples, kinds = await scrape(server.port)
+        assert kinds["wavecast_requests_waiting_for_text"] == "gauge"
+        assert samples["wavecast_requests_waiting_for_text"] == 1
         await stream.end_text("And goodbye.")
         events.append(await more)
         events += [event async for event in iterator]
