@@ -38,8 +38,12 @@ function announce(text) {
 const hooks = {
   send: (message, socket) => connection.send(message, socket),
   announce,
-  ended: () => updateClear(),
+  ended: (card) => {
+    if (typing?.card === card) stopTyping();
+    updateClear();
+  },
   removed: (card) => {
+    if (typing?.card === card) stopTyping();
     state.cards.delete(card.id);
     updateClear();
     state.saving += 1;
@@ -78,8 +82,34 @@ function updateClear() {
   $("#clear-cards").hidden = ![...state.cards.values()].some((card) => card.ended);
 }
 
+// Speech written as it is spoken ("Speak as I type"): the card its text goes to,
+// and the text box's value as far as it was sent.
+let typing = null;
+
+function stopTyping() {
+  typing = null;
+  $("#generate").firstChild.textContent = "Generate ";
+}
+
+// What was added at the end of the text box goes to the card (an edit before
+// it cannot be taken back: the text from there on is what is sent next).
+function sendTyped() {
+  if (!typing) return;
+  const value = $("#prompt").value;
+  const added = value.startsWith(typing.sent) ? value.slice(typing.sent.length) : "";
+  typing.sent = value;
+  if (added) typing.card.sendText(added);
+}
+
 function submit(event) {
   event?.preventDefault();
+  if (typing) {
+    // "End text": the rest of it, and its end.
+    sendTyped();
+    typing.card.sendText("", true);
+    stopTyping();
+    return;
+  }
   const model = currentModel();
   clearFieldErrors();
   if (!model || !state.connected) {
@@ -98,7 +128,8 @@ function submit(event) {
   const rate = currentSampleRate();
   audioContext(rate || model.sample_rate).then((ctx) => ctx.resume()).catch(() => {});
   const id = `w${++counter}-${Math.random().toString(36).slice(2, 8)}`;
-  const prompt = $("#prompt").value.trim();
+  const asTyped = $("#as-typed").checked && (model.capabilities || []).includes("text_stream");
+  const prompt = asTyped ? $("#prompt").value : $("#prompt").value.trim();
   const inputs = currentInputs();
   // PCM as made, or a file of an encoded format the page decodes as it comes.
   const format = currentFormat();
@@ -111,9 +142,14 @@ function submit(event) {
   if (Object.keys(inputs).length) message.inputs = inputs;
   // PCM streams come with their codes where the model sends them: a stream cut
   // under way is picked up from them (PROTOCOL.md §3.1 resume_codes).
-  if (!format && (model.capabilities || []).includes("codes")) message.codes = true;
+  if (!format && (model.capabilities || []).includes("codes") && !asTyped) message.codes = true;
+  if (asTyped) message.text_stream = true;
   card.request = message;
   card.sendRequest();
+  if (asTyped) {
+    typing = { card, sent: $("#prompt").value };
+    $("#generate").firstChild.textContent = "End text ";
+  }
 }
 
 // A request refused for one of its fields, before it started: the form says
@@ -166,6 +202,7 @@ function onMessage(message, socket) {
       // The server is shutting down: new requests on a new connection.
       if (message.error?.code === "shutting_down") connection.renew(socket);
       if (card.waitForRoom(message)) break;
+      if (typing?.card === card) stopTyping();
       card.onDone(message).then(updateClear);
       break;
     case "error":
@@ -209,6 +246,7 @@ function lost(socket, why) {
       if (connection.open) card.resend();
     } else {
       const message = `the connection to the server was lost${why ? ` (${why})` : ""}`;
+      if (typing?.card === card) stopTyping();
       card.onDone({ status: "error", error: { code: "disconnected", message } }).then(updateClear);
     }
   }
@@ -241,6 +279,10 @@ compose.addEventListener("keydown", (event) => {
   }
 });
 $("#model").addEventListener("change", () => { clearFieldErrors(); renderParams(); });
+$("#prompt").addEventListener("input", sendTyped);
+$("#as-typed").addEventListener("change", (event) => {
+  $("#prompt").required = !event.target.checked;
+});
 $("#play-together").addEventListener("change", (event) => {
   playback.together = event.target.checked;
 });

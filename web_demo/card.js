@@ -710,7 +710,7 @@ export class Card {
   // under the retry time old (from when it was asked; once started, from the cut).
   mayAskAgain(delay = 0) {
     if (this.request === null || this.ended || this.finishing) return false;
-    if (this.startedAt !== null && (this.format || this.seed == null)) return false;
+    if (this.startedAt !== null && (this.format || this.seed == null || this.request.text_stream)) return false;
     return performance.now() + delay - (this.streaming() ? performance.now() : this.since) <= retry.forMs;
   }
 
@@ -818,9 +818,29 @@ export class Card {
   // Send the request on the connection new requests go on (it is on that socket
   // from then on), or wait for one.
   sendRequest() {
+    if (this.request.text_stream && this.typed) {
+      // Asked again before it started: with the text written so far.
+      this.request = { ...this.request, prompt: this.request.prompt + this.typed };
+      this.typed = "";
+    }
     const socket = this.hooks.send(this.request);
-    if (socket) this.socket = socket;
-    else this.awaitConnection("not connected");
+    if (socket) {
+      this.socket = socket;
+      if (this.request.text_stream && this.textEnded) this.hooks.send({ type: "text", id: this.id, end: true }, socket);
+    } else {
+      this.awaitConnection("not connected");
+    }
+  }
+
+  // More of a text written as it is spoken (PROTOCOL.md §3.4 text): sent on the
+  // request's connection, and kept for a try asked again before it started.
+  sendText(text, end = false) {
+    if (!this.request?.text_stream || this.textEnded || this.ended || this.finishing) return;
+    this.typed = (this.typed ?? "") + text;
+    this.textEnded = end;
+    const message = { type: "text", id: this.id, text };
+    if (end) message.end = true;
+    if (this.socket && !this.awaiting && this.stopRetry === null) this.hooks.send(message, this.socket);
   }
 
   cancel() {

@@ -314,6 +314,9 @@ export function renderParams(keepValues = false) {
     upload.hidden = !caps.includes(upload.dataset.capability || upload.dataset.role);
   }
   const speech = caps.includes("tts");
+  $("#as-typed-box").hidden = !caps.includes("text_stream");
+  if (!caps.includes("text_stream")) $("#as-typed").checked = false;
+  $("#prompt").required = !$("#as-typed").checked;
   $("#dialogue").hidden = !caps.includes("dialogue");
   $("#speakers").hidden = !(caps.includes("reference") || model.voices?.length);
   $("#prompt-label").textContent = speech ? "Text to speak" : "Describe the music";

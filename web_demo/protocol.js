@@ -9,12 +9,13 @@ export const STREAM_PATH = "/v1/stream";
 const FIELD_ORDER = {
   generate: [
     "id", "model", "prompt", "params", "format", "inputs", "sample_rate", "bitrate", "resume",
-    "codes", "resume_codes",
+    "codes", "resume_codes", "text_stream",
   ],
   cancel: ["id"],
+  text: ["id", "text", "flush", "end"],
 };
 
-/** Encode a client message (`generate` or `cancel`) into msgpack bytes. */
+/** Encode a client message (`generate`, `cancel` or `text`) into msgpack bytes. */
 export function encodeMessage(message) {
   const order = FIELD_ORDER[message.type];
   if (!order) throw new Error(`cannot send a ${message.type} message`);

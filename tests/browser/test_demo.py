@@ -431,7 +431,7 @@ async def test_js_protocol_matches_golden_frames(browser: Any, server: Any) -> N
             const m = unbin(p.decodeMessage(unhex(g.msgpack)));
             const fromJson = unbin(p.decodeMessage(JSON.stringify(g.json)));
             const out = {decoded: m, fromJson};
-            if (g.json.type === 'generate' || g.json.type === 'cancel') {
+            if (['generate', 'cancel', 'text'].includes(g.json.type)) {
               const msg = p.decodeMessage(JSON.stringify(g.json));  // inputs as bytes
               out.encoded = hex(p.encodeMessage(msg));
             }

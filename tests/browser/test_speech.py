@@ -289,3 +289,41 @@ async def test_speech_at_a_telephones_rate_plays_and_downloads_at_it(
     await page.click(f"article[data-id='{rid}'] .load-settings")
     assert await page.input_value("#output-rate") == "8000"
     assert page.errors == []
+
+
+async def test_speech_as_it_is_typed(browser: Any, speech_server: Any) -> None:
+    """ "Speak as I type": Generate opens the stream with what is written; each
+    sentence typed after is spoken once it ends, the rest at "End text"."""
+    page = await open_page(browser, speech_server)
+    await page.select_option("#model", "tiny-higgs")
+    assert await page.is_visible("#as-typed-box")
+    await page.check("#as-typed")
+    await page.fill("#param-max_new_tokens", "20")
+    await page.fill("#prompt", "")  # (nothing yet: the stream waits for its text)
+    await page.click("#generate")
+    assert (await page.text_content("#generate") or "").startswith("End text")
+    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    request = await page.evaluate("(id) => window.wavecast.cards.get(id).request", rid)
+    assert request["text_stream"] is True and "codes" not in request
+    # Typed a character at a time, as a person types: the first sentence is
+    # spoken once it ends, before the rest is written.
+    await page.type("#prompt", "Hello there. ", delay=5)
+    await page.wait_for_function(
+        "(id) => window.wavecast.cards.get(id).frames > 0", arg=rid, timeout=timeout(30) * MS
+    )
+    await page.type("#prompt", "And one more", delay=5)
+    await page.click("#generate")  # "End text": the rest is spoken, and the stream ends
+    await page.wait_for_function(
+        "(id) => ['completed', 'error'].includes(window.wavecast.cards.get(id).status)",
+        arg=rid,
+        timeout=timeout(60) * MS,
+    )
+    done = await card(page, rid)
+    assert done["status"] == "completed", done["error"]
+    # Two utterances of max_new_tokens rows each, every frame's audio.
+    assert done["frames"] == done["serverSamples"] == 2 * (20 - K) * HOP
+    assert (await page.text_content("#generate") or "").startswith("Generate")
+    # A plain speech request again once unchecked: the text box is required.
+    await page.uncheck("#as-typed")
+    assert await page.get_attribute("#prompt", "required") is not None
+    assert page.errors == []

@@ -34,6 +34,7 @@ from wavecast.protocol import (
     Queued,
     Started,
     Stats,
+    TextInput,
     UnknownType,
     decode,
     encode,
@@ -86,7 +87,10 @@ MESSAGES = [
         codes=True,
         resume_codes=b"\x01\x00\x02\x00\x03\x00\x3f\x00",
     ),
+    Generate(id="r8", model="tiny-higgs", prompt="Hello, ", text_stream=True),
     Cancel(id="r1"),
+    TextInput(id="r8", text="world. And"),
+    TextInput(id="r8", text=" then", flush=True, end=True),
     Hello(
         server="wavecast",
         version="0.1.0",
