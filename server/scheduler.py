@@ -425,8 +425,9 @@ class Scheduler:
         elif not running and self._waiting and not self._post and not self._preparing:
             # Every stream waits for its text: until some comes (``add_text``
             # wakes the thread), or a while, to end those that waited too long.
+            # (Requests queued behind them wait too, for a slot they free.)
             with self._cond:
-                if not self._pending and not self._stopping and not self._texts_came():
+                if not self._stopping and not self._texts_came() and not self._room():
                     self._cond.wait(self.TEXT_POLL)
         if running:
             took = time.perf_counter() - start
@@ -760,7 +761,8 @@ class Scheduler:
             elif request.job is None or request in self._post:
                 continue
             elif request.engine_request.text_stream and self._waits_for_text(request):
-                self._waiting += 1
+                self._waiting += 1  # (it has spoken all of its text so far)
+            elif request.held is not None and request.held():
                 self._held += 1  # (its step waits for its encoders)
                 self.metrics.held(request.model)
             else:
@@ -830,6 +832,11 @@ class Scheduler:
     def _texts_came(self) -> bool:
         """Whether text came for a decoding request (call with the lock)."""
         return any(request.texts for request in self._active)
+
+    def _room(self) -> bool:
+        """Whether a queued request could start now (call with the lock)."""
+        decoding = len(self._active) - len(self._post)
+        return bool(self._pending) and decoding < self._admission_limit(decoding)
 
     def _deliver(self, request: Request, output: StepOutput, now: float) -> None:
         assert request.outputs is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -283,3 +284,28 @@ async def test_the_parts_waiting_for_the_engine_are_as_few_as_say_the_same() -> 
         ("One two. Three", True, False),
         (" four", False, True),
     ]
+
+
+def thread_cpu_seconds(native_id: int) -> float:
+    """CPU seconds a thread of this process has used (Linux)."""
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_full_server_of_waiting_streams_sleeps_until_a_slot_frees() -> None:
+    """Every slot held by a stream that waits for its text, and a request queued
+    behind it: the inference thread sleeps (it does not spin) until the stream's
+    text ends, and the queued request then starts."""
+    config = make_config(max_active=1)
+    async with running_server(config, higgs_engines) as srv, connect(srv.url) as client:
+        waiting = await client.speak("tiny-higgs", "Hi. ", text_stream=True, max_new_tokens=20)
+        queued = await client.speak("tiny-higgs", "Next in line.", max_new_tokens=20)
+        await asyncio.sleep(0.5)  # (the first spoken: it waits, the second is queued)
+        native_id = srv.scheduler._thread.native_id
+        before = thread_cpu_seconds(native_id)
+        await asyncio.sleep(1.0)
+        assert thread_cpu_seconds(native_id) - before < 0.2
+        assert queued.started is None
+        await waiting.end_text()
+        assert (await waiting.collect()).status == "completed"
+        assert (await queued.collect()).status == "completed"
