@@ -433,22 +433,24 @@ def with_stereo() -> Mapping[str, Any]:
 _HIGGS: dict[str, Any] = {}
 
 
-def higgs_engines(voices_dir: Any = None) -> Mapping[str, Any]:
-    """tiny-higgs (the model built once per session) with the built-in scenes and the
-    voices in ``voices_dir``, plus tiny-musicgen."""
+def tiny_higgs(**given: Any) -> Any:
+    """A tiny-higgs engine (``HiggsEngine``'s arguments ``given``) over the model
+    built once per session."""
     from wavecast.server.engines.higgs.engine import HiggsEngine
     from wavecast.server.engines.higgs.loading import load_higgs
-    from wavecast.server.engines.higgs.voices import BUILTIN_SCENES, load_scenes, load_voices
 
     if not _HIGGS:
         _HIGGS["model"] = load_higgs("tiny-higgs", None, "cpu")
-    engine = HiggsEngine(
-        _HIGGS["model"],
-        name="tiny-higgs",
-        voices=load_voices(voices_dir),
-        scenes=load_scenes(BUILTIN_SCENES),
-    )
-    return {"tiny-higgs": engine, **tiny_engines()}
+    return HiggsEngine(_HIGGS["model"], name="tiny-higgs", **given)
+
+
+def higgs_engines(voices_dir: Any = None) -> Mapping[str, Any]:
+    """tiny-higgs with the built-in scenes and the voices in ``voices_dir``, plus
+    tiny-musicgen."""
+    from wavecast.server.engines.higgs.voices import BUILTIN_SCENES, load_scenes, load_voices
+
+    voices, scenes = load_voices(voices_dir), load_scenes(BUILTIN_SCENES)
+    return {"tiny-higgs": tiny_higgs(voices=voices, scenes=scenes), **tiny_engines()}
 
 
 async def steps_after_disconnect(server: Any, start: Callable[[Any], Any]) -> int:

@@ -312,14 +312,9 @@ async def test_speech_as_it_is_typed(browser: Any, speech_server: Any) -> None:
         "(id) => window.wavecast.cards.get(id).frames > 0", arg=rid, timeout=timeout(30) * MS
     )
     await page.type("#prompt", "And one more", delay=5)
-    await page.click("#generate")  # "End text": the rest is spoken, and the stream ends
-    await page.wait_for_function(
-        "(id) => ['completed', 'error'].includes(window.wavecast.cards.get(id).status)",
-        arg=rid,
-        timeout=timeout(60) * MS,
-    )
-    done = await card(page, rid)
-    assert done["status"] == "completed", done["error"]
+    # "End text": the rest is spoken, and the stream ends.
+    ended, done = await submit_and_wait(page)
+    assert ended == rid and done["status"] == "completed", done["error"]
     # Two utterances of max_new_tokens rows each, every frame's audio.
     assert done["frames"] == done["serverSamples"] == 2 * (20 - K) * HOP
     assert (await page.text_content("#generate") or "").startswith("Generate")

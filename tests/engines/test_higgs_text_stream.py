@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import tiny_higgs
 
 from wavecast.protocol import InvalidField
 from wavecast.server.engines.base import EngineRequest, Job
 from wavecast.server.engines.higgs.engine import HiggsEngine
-from wavecast.server.engines.higgs.loading import HiggsModel, load_higgs
 from wavecast.server.engines.higgs.prompt import speakable
 
 # Three sentences of three words: chunked by words (three a chunk), the whole
@@ -23,13 +23,9 @@ CHUNKING = {"chunk_method": "word", "chunk_max_word_num": 3, "max_new_tokens": 6
 
 
 @pytest.fixture(scope="module")
-def loaded() -> HiggsModel:
-    return load_higgs("tiny-higgs", None, "cpu")
-
-
-@pytest.fixture(scope="module")
-def engine(loaded: HiggsModel) -> HiggsEngine:
-    return HiggsEngine(loaded, name="tiny-higgs")
+def engine() -> HiggsEngine:
+    engine: HiggsEngine = tiny_higgs()
+    return engine
 
 
 def job_of(engine: HiggsEngine, text: str, text_stream: bool, **given: Any) -> Job:
