@@ -122,9 +122,16 @@ class Request:
     # scheduler's lock; since when it has waited for its next part.
     texts: collections.deque[tuple[str, bool, bool]] = field(default_factory=collections.deque)
     waiting_since: float | None = None
+    text_waited: float = 0.0  # seconds it waited for its text before (``waited``)
     # (the event loop's: characters of its text so far, and whether its end came)
     text_chars: int = 0
     text_ended: bool = False
+
+    def waited(self, now: float) -> float:
+        """Seconds it has waited for its text so far (``text_stream``): its
+        audio is not behind real time for them. (Read on any thread.)"""
+        since = self.waiting_since
+        return self.text_waited + (now - since if since is not None else 0.0)
 
     def cancel(self, error: WavecastError | None = None) -> None:
         """Ask for the request to stop; ``error`` makes it end in ``error``."""
@@ -815,7 +822,10 @@ class Scheduler:
             self._finish(request, "error", exc)
             return True
         if not engine.waiting(request.job):
-            request.waiting_since = None
+            if request.waiting_since is not None:
+                # (the sum first: read meanwhile, the wait counts twice, never not)
+                request.text_waited += time.perf_counter() - request.waiting_since
+                request.waiting_since = None
             return False
         now = time.perf_counter()
         if request.waiting_since is None:

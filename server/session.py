@@ -695,7 +695,8 @@ class Session:
             outputs = request.outputs
             if not request.started_at or outputs is None or outputs.stage is not None:
                 continue  # (not started, or its live stream complete)
-            if now - request.started_at - PACE_GRACE > request.seconds:
+            # (Not the time it waited for its text to come: ``text_stream``.)
+            if now - request.started_at - request.waited(now) - PACE_GRACE > request.seconds:
                 self._slow_consumer(
                     f"request {request.id}: {request.seconds:.1f} s of audio in "
                     f"{now - request.started_at:.1f} s, held back by a client slower than real time"

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import soundfile
-from helpers import WAVECAST, higgs_engines, make_config, running_server, timeout
+from helpers import WAVECAST, higgs_engines, make_config, running_server, slow_link, timeout
 from test_stream import scrape
 from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Started
+from wavecast.server import session as session_module
 from wavecast.server.scheduler import Scheduler, add_text_part
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -309,3 +310,35 @@ async def test_a_full_server_of_waiting_streams_sleeps_until_a_slot_frees() -> N
         await waiting.end_text()
         assert (await waiting.collect()).status == "completed"
         assert (await queued.collect()).status == "completed"
+
+
+async def test_the_time_a_stream_waits_for_its_text_is_not_a_slow_clients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over a link slower than the stream (its audio waiting in the send buffer
+    for seconds), a stream that waits for its text is not behind real time for
+    that wait: its client is not a slow consumer (``PACE_GRACE`` here 0), and
+    the stream ends when its text does."""
+    monkeypatch.setattr(session_module, "PACE_GRACE", 0.0)
+    config = make_config(send_buffer_bytes=256 << 10)
+    async with (
+        running_server(config, higgs_engines) as srv,
+        slow_link(srv.port, 320) as port,
+        connect(f"ws://127.0.0.1:{port}/v1/stream") as client,
+    ):
+        # Its sentence (4.6 s of float PCM, 445 kB) is made at once and goes
+        # out at 40 kB/s: half the send buffer waits for some 6 s, while the
+        # stream waits for its text (before, 5 s in, a slow consumer).
+        stream = await client.speak(
+            "tiny-higgs", "Hi there. ", text_stream=True, format="pcm_f32le", max_new_tokens=120
+        )
+        events: list[Any] = []
+        iterator = stream.__aiter__()
+        while not any(isinstance(e, Audio) for e in events):
+            events.append(await anext(iterator))
+        await asyncio.sleep(7.0)
+        await stream.end_text()
+        events += [event async for event in iterator]
+    done = events[-1]
+    assert isinstance(done, Done) and done.status == "completed", done
+    assert done.stats is not None and done.stats.audio_seconds == pytest.approx(4.64)
