@@ -989,19 +989,21 @@ async def _feed_lines(stream: RequestStream, source: TextIO) -> None:
     lines: asyncio.Queue[str] = asyncio.Queue(64)
 
     def read() -> None:
-        for line in iter(source.readline, ""):
-            asyncio.run_coroutine_threadsafe(lines.put(line), loop).result()
-        asyncio.run_coroutine_threadsafe(lines.put(""), loop).result()
+        with contextlib.suppress(RuntimeError):  # (the command ended: its loop closed)
+            for line in iter(source.readline, ""):
+                asyncio.run_coroutine_threadsafe(lines.put(line), loop).result()
+            asyncio.run_coroutine_threadsafe(lines.put(""), loop).result()
 
     threading.Thread(target=read, name="text-stream", daemon=True).start()
-    while stream.done is None:
-        line = await lines.get()
-        if stream.done is not None:
-            return
-        if not line:
-            await stream.end_text()
-            return
-        await stream.send_text(line)
+    with contextlib.suppress(ConnectionClosed):  # (the stream's end says why)
+        while stream.done is None:
+            line = await lines.get()
+            if stream.done is not None:
+                return
+            if not line:
+                await stream.end_text()
+                return
+            await stream.send_text(line)
 
 
 def _save(
