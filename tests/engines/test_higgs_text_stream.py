@@ -22,9 +22,9 @@ WHOLE = " ".join(SENTENCES)
 CHUNKING = {"chunk_method": "word", "chunk_max_word_num": 3, "max_new_tokens": 60, "seed": 5}
 
 
-@pytest.fixture(scope="module")
-def engine() -> HiggsEngine:
-    engine: HiggsEngine = tiny_higgs()
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "pipelined"])
+def engine(request: pytest.FixtureRequest) -> HiggsEngine:
+    engine: HiggsEngine = tiny_higgs(pipelined=request.param)
     return engine
 
 

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import soundfile
-from helpers import WAVECAST, higgs_engines, make_config, running_server, slow_link, timeout
+from helpers import (
+    WAVECAST,
+    higgs_engines,
+    make_config,
+    running_server,
+    slow_link,
+    timeout,
+    tiny_higgs,
+)
 from test_stream import scrape
 from websockets.asyncio.client import connect as ws_connect
 
@@ -53,7 +61,19 @@ async def test_text_sent_as_the_speech_goes_makes_the_whole_texts_codes(server: 
     (the stream waits for it where it has spoken all it had): the same codes
     as the whole text at once, every frame's audio sent, and the stream ends
     once its text has."""
-    async with connect(server.url) as client:
+    await speak_in_parts(server.url)
+
+
+async def test_text_in_parts_on_a_server_that_pipelines_its_steps() -> None:
+    """The same where each step is launched before the last one's codes are
+    read (``--pipelined-steps``): a row's outputs come a step later."""
+    engines = {"tiny-higgs": tiny_higgs(pipelined=True)}
+    async with running_server(make_config(max_active=4), lambda: engines) as srv:
+        await speak_in_parts(srv.url)
+
+
+async def speak_in_parts(url: str) -> None:
+    async with connect(url) as client:
         whole = await client.speak("tiny-higgs", " ".join(SENTENCES), codes=True, **CHUNKING)
         whole_events = [event async for event in whole]
         stream = await client.speak(

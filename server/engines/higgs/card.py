@@ -27,7 +27,6 @@ def model_card(
     scenes: Sequence[str],
     device: str = "",
     dtype: str = "",
-    text_stream: bool = True,
 ) -> ModelInfo:
     """The model's ``ModelInfo`` (the greeting's entry).
 
@@ -38,8 +37,6 @@ def model_card(
         max_new_tokens: Largest ``max_new_tokens`` a request may ask for.
         voices, scenes: The names configured.
         device, dtype: Where it runs, and its generator's format.
-        text_stream: Whether a request's text may come as it is written
-            (``generate.text_stream``).
     """
     default_scene = "quiet_indoor" if "quiet_indoor" in scenes else ""
     scene_names = ", ".join(scenes) or "none configured"
@@ -128,8 +125,7 @@ def model_card(
         test_model=test_model,
         max_duration=max_duration,
         params=params,
-        capabilities=("tts", "voices", "reference", "scene", "dialogue", "codes")
-        + (("text_stream",) if text_stream else ()),
+        capabilities=("tts", "voices", "reference", "scene", "dialogue", "codes", "text_stream"),
         codebooks=codebooks,
         voices=tuple(voices),
         scenes=tuple(scenes),

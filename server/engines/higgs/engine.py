@@ -379,8 +379,6 @@ class HiggsEngine(TableSizing):
             scenes=tuple(self.scenes),
             device=str(self.device),
             dtype=dtype_name(self.decoder.dtype),
-            # (pipelined steps read a row's codes a step late: not yet with waits)
-            text_stream=not self.pipelined,
         )
         self._params = self._info.params
 
@@ -831,7 +829,8 @@ class HiggsEngine(TableSizing):
 
     def waiting(self, job: Job) -> bool:
         st: _HiggsJob = job.state
-        return st.text_open and st.index >= len(st.chunks) and st.utterance is None
+        # (Not while a pipelined step's output read while it sat out is its to give.)
+        return st.text_open and st.index >= len(st.chunks) and st.utterance is None and not st.held
 
     def _continued(self, st: _HiggsJob) -> None:
         """A codec stream for the speech after a pause for text, primed with the
@@ -990,7 +989,8 @@ class HiggsEngine(TableSizing):
             if st.failed is not None:
                 failures[id(st)], st.failed = st.failed, None
         self._open(states, failures)
-        states = [st for st in states if id(st) not in failures]
+        # (one whose text has not come yet has no utterance: nothing to step)
+        states = [st for st in states if id(st) not in failures and st.utterance is not None]
         prefilled = self._prefill_due(states, failures)
         states = [st for st in states if id(st) not in failures]
         decoder = self.decoder
