@@ -422,3 +422,48 @@ def test_a_speech_stream_picked_up_from_its_codes_on_cuda_goes_on_as_it_went(
     assert after == rows[27:]
     assert torch.equal(engine.codes_of(job), engine.codes_of(whole_job))
     assert streamed.shape == heard.shape and np.abs(streamed - heard).max() <= 1e-3
+
+
+@pytest.mark.parametrize(
+    ("cuda_graphs", "pipelined"), [(False, False), (True, False), (True, True)]
+)
+def test_text_as_it_is_written_on_cuda_makes_the_whole_texts_rows(
+    cuda_graphs: bool, pipelined: bool
+) -> None:
+    """In float32, eagerly and replayed as graphs, plain and pipelined: a text
+    sent a sentence at a time, each once the stream waits for it (its row kept
+    and out of the steps meanwhile), draws the rows of the whole text given at
+    once, and every frame's audio goes out as it waits."""
+    from wavecast.server.engines.higgs.engine import HiggsEngine
+    from wavecast.server.engines.higgs.loading import load_higgs
+
+    loaded = load_higgs("tiny-higgs", None, "cuda", dtype=torch.float32)
+    engine = HiggsEngine(loaded, name="tiny-higgs", cuda_graphs=cuda_graphs, pipelined=pipelined)
+    engine.warm_up(2)
+    sentences = ["One two three.", "Four five six.", "Seven eight nine."]
+    given = {"seed": 5, "max_new_tokens": 30, "chunk_method": "word", "chunk_max_word_num": 3}
+    params = resolve_params(engine.info.params, given)
+
+    def until_waiting_or_done(job: Any, rows: list[Any], audio: list[int]) -> bool:
+        while not engine.waiting(job):
+            out = engine.step([job])[0]
+            rows += out.codes or []
+            audio[0] += 0 if out.audio is None else len(out.audio)
+            if out.done:
+                return True
+        return False
+
+    whole = engine.prepare(EngineRequest("w", " ".join(sentences), params))
+    expected: list[Any] = []
+    assert until_waiting_or_done(whole, expected, [0])
+    engine.finish(whole)
+    job = engine.prepare(EngineRequest("t", sentences[0] + " ", params, text_stream=True))
+    rows: list[Any] = []
+    heard = [0]
+    for i, sentence in enumerate(sentences[1:]):
+        assert not until_waiting_or_done(job, rows, heard)
+        assert heard[0] == job.state.produced * engine.hop  # (none held back)
+        engine.add_text(job, sentence, flush=i == 0, end=i == 1)
+    assert until_waiting_or_done(job, rows, heard)
+    engine.finish(job)
+    assert rows == expected
