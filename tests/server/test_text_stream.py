@@ -27,7 +27,7 @@ from helpers import (
 from test_stream import scrape
 from websockets.asyncio.client import connect as ws_connect
 
-from wavecast.clients import connect
+from wavecast.clients import SyncClient, connect
 from wavecast.protocol import Audio, Done, Started
 from wavecast.server import session as session_module
 from wavecast.server.scheduler import Scheduler, add_text_part
@@ -362,3 +362,18 @@ async def test_the_time_a_stream_waits_for_its_text_is_not_a_slow_clients(
     done = events[-1]
     assert isinstance(done, Done) and done.status == "completed", done
     assert done.stats is not None and done.stats.audio_seconds == pytest.approx(4.64)
+
+
+async def test_the_blocking_client_sends_text_as_it_comes(server: Any) -> None:
+    def work() -> Any:
+        with SyncClient(server.url) as client:
+            request = client.speak("tiny-higgs", "One", text_stream=True, **CHUNKING)
+            request.send_text(" two three.")
+            request.send_text(" Four", flush=True)
+            request.end_text(" five six.")
+            return request.collect()
+
+    result = await asyncio.to_thread(work)
+    # Three utterances ("One two three.", "Four", "five six."), each to its
+    # max_new_tokens: every frame of them.
+    assert result.status == "completed" and result.frames == 3 * (40 - 4) * HOP
