@@ -481,7 +481,9 @@ class RequestStream:
         """More text for a request started with ``text_stream=True``
         (PROTOCOL.md §3.4): what of it completes a sentence is spoken once the
         text before it is; ``flush``: all of it so far, mid-sentence too;
-        ``end``: the last of it (the stream ends once it is spoken).
+        ``end``: the last of it (the stream ends once it is spoken). Where the
+        speech catches up with the text, the stream yields a ``Waiting``, after
+        all of the audio so far (§4.8).
 
         Raises:
             ValueError: The request was not started with ``text_stream``, or its

@@ -48,6 +48,7 @@ from .messages import (
     Started,
     Stats,
     TextInput,
+    Waiting,
     offset_unit,
 )
 from .params import resolve_params
@@ -93,6 +94,7 @@ __all__ = [
     "UnknownModel",
     "UnknownType",
     "Unsupported",
+    "Waiting",
     "WavecastError",
     "__version__",
     "decode",

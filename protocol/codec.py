@@ -42,6 +42,7 @@ from .messages import (
     Started,
     Stats,
     TextInput,
+    Waiting,
 )
 
 __all__ = [
@@ -536,6 +537,10 @@ def _done(f: _Fields) -> Done:
     )
 
 
+def _waiting(f: _Fields) -> Waiting:
+    return Waiting(id=f.ident(), seconds=f.number("seconds"))
+
+
 def _error(f: _Fields) -> ErrorMessage:
     return ErrorMessage(
         code=f.string("code", max_len=64, min_len=1),
@@ -556,5 +561,6 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
     "progress": _progress,
     "audio": _audio,
     "done": _done,
+    "waiting": _waiting,
     "error": _error,
 }

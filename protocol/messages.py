@@ -34,6 +34,7 @@ __all__ = [
     "Started",
     "Stats",
     "TextInput",
+    "Waiting",
     "offset_unit",
 ]
 
@@ -338,6 +339,18 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class Waiting:
+    """A stream whose text comes as it is written has spoken all of it so far
+    (§4.8): every ``audio`` of it came before this, and it waits for more.
+
+    ``seconds`` is the audio generated so far (as ``progress`` counts it)."""
+
+    type: ClassVar[str] = "waiting"
+    id: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Audio:
     """A chunk of audio (§4.5).
 
@@ -400,5 +413,5 @@ class ErrorMessage:
 
 
 ClientMessage = Generate | Cancel | TextInput
-ServerMessage = Hello | Queued | Started | Progress | Audio | Done | ErrorMessage
+ServerMessage = Hello | Queued | Started | Progress | Audio | Waiting | Done | ErrorMessage
 Message = ClientMessage | ServerMessage

@@ -22,6 +22,7 @@ from wavecast.protocol import (
     Progress,
     ServerMessage,
     Stats,
+    Waiting,
     WavecastError,
 )
 from wavecast.protocol.messages import AudioFormat, DoneStatus
@@ -85,6 +86,7 @@ class RequestOutputs:
             output.audio is None
             and output.stage == self.stage
             and not output.done
+            and not output.waiting
             and output.rendition is None
             and now - self.last_progress_at < PROGRESS_INTERVAL
             and output.fraction < 1.0
@@ -93,11 +95,17 @@ class RequestOutputs:
         messages: list[ServerMessage] = []
         audio = output.audio
         if self.resampler is not None and self.stage is None:
-            # The live stream's last chunk also brings out what soxr held back.
-            last = output.done or output.stage is not None
+            # The live stream's last chunk also brings out what soxr held back;
+            # so does the last before a wait for text (the speech after it goes
+            # on through a new resampler, as the codec's through a new stream).
+            last = output.done or output.stage is not None or output.waiting
             if last or (audio is not None and audio.shape[0] > 0):
                 empty = np.zeros((0, self.info.channels), dtype=np.float32)
                 audio = self.resampler.push(empty if audio is None else audio, last=last)
+            if output.waiting and not output.done:
+                self.resampler = Resampler(
+                    self.info.sample_rate, self.sample_rate, self.info.channels
+                )
         if audio is not None and audio.shape[0] > 0:
             offset = self.samples
             self.samples += int(audio.shape[0])
@@ -133,6 +141,8 @@ class RequestOutputs:
             )
         if output.rendition is not None:
             messages.extend(self._rendition(output.rendition, "mbd"))
+        if output.waiting and not output.done:
+            messages.append(Waiting(id=self.request_id, seconds=round(output.seconds, 4)))
         return messages
 
     def _keep_codes(self, codes: list[list[int]], first: int) -> None:

@@ -68,6 +68,7 @@ from wavecast.protocol import (
     UnknownId,
     UnknownModel,
     Unsupported,
+    Waiting,
     WavecastError,
     __version__,
     decode_client,
@@ -815,7 +816,7 @@ class Session:
             return _Queued(frame, message.id, "done", order, flow=flow, done=message)
         if isinstance(message, Started):  # (its flow opened once it is sent)
             return _Queued(frame, message.id, "started", order, flow=self._flows.get(message.id))
-        if isinstance(message, Queued | Progress):
+        if isinstance(message, Queued | Progress | Waiting):  # (in its request's line)
             return _Queued(frame, message.id, "", order)
         return _Queued(frame, "", "", order)  # (the connection's own: hello, error)
 

@@ -197,6 +197,9 @@ function onMessage(message, socket) {
     case "progress":
       card.onProgress(message);
       break;
+    case "waiting":
+      card.onWaiting();
+      break;
     case "done":
       if (message.status === "error" && refusedAtField(card, message)) break;
       // The server is shutting down: new requests on a new connection.

@@ -94,6 +94,9 @@ const FRIENDLY = {
   decode: "This browser could not decode the stream.",
 };
 
+// What a card says where its text, written as it is spoken, is all said so far.
+const WAITING_FOR_TEXT = "all said so far: waiting for more text";
+
 export class Card {
   // hooks: send(message), announce(text), removed(card), finished(card), ended(card),
   // load(settings), reuseSeed(seed), rerun(settings)
@@ -292,6 +295,7 @@ export class Card {
   }
 
   onAudio(message) {
+    if (!message.rendition) this.waitingForText = false;
     this.bytes += message.data.length;
     $(".s-bytes", this.el).textContent = bytesText(this.bytes);
     if (message.rendition) {
@@ -361,9 +365,16 @@ export class Card {
     $(".bar", progress).style.width = `${pct}%`;
   }
 
+  // A text written as it is spoken is all said so far (PROTOCOL.md §4.8 waiting).
+  onWaiting() {
+    this.waitingForText = true;
+    if (!this.ended) this.setStatus("generating", WAITING_FOR_TEXT);
+  }
+
   onPlayerState(state) {
     if (this.status === "generating" && !this.ended && this.streaming()) {
-      if (state === "buffering") this.setStatus("generating", this.linkBehind() ? this.slowLinkText() : "buffering…");
+      if (state === "buffering" && this.waitingForText) this.setStatus("generating", WAITING_FOR_TEXT);
+      else if (state === "buffering") this.setStatus("generating", this.linkBehind() ? this.slowLinkText() : "buffering…");
       else if (state === "playing") this.setStatus("generating", "playing live");
       else if (state === "paused") this.setStatus("generating", "generating (paused)");
     }

@@ -118,6 +118,9 @@ class StepOutput:
             codes: ``generate.codes``).
         codes_from: The index of the first of them among the live stream's
             timesteps (a continuation's prompt not counted).
+        waiting: The job has spoken all of its text so far and waits for more
+            (``Engine.add_text``): its audio up to here is all in this output
+            and those before it.
     """
 
     audio: FloatAudio | None
@@ -129,6 +132,7 @@ class StepOutput:
     error: WavecastError | None = None
     codes: list[list[int]] | None = None
     codes_from: int = 0
+    waiting: bool = False
 
 
 def step_error(exc: BaseException, request_id: str | None = None) -> WavecastError:

@@ -311,6 +311,12 @@ async def test_speech_as_it_is_typed(browser: Any, speech_server: Any) -> None:
     await page.wait_for_function(
         "(id) => window.wavecast.cards.get(id).frames > 0", arg=rid, timeout=timeout(30) * MS
     )
+    # Said, the stream waits for more, and its card says so.
+    await page.wait_for_function(
+        "(id) => window.wavecast.cards.get(id).statuses.some((s) => s.includes('more text'))",
+        arg=rid,
+        timeout=timeout(30) * MS,
+    )
     await page.type("#prompt", "And one more", delay=5)
     # "End text": the rest is spoken, and the stream ends.
     ended, done = await submit_and_wait(page)

@@ -37,14 +37,20 @@ def job_of(engine: HiggsEngine, text: str, text_stream: bool, **given: Any) -> J
 
 
 def step_until(engine: HiggsEngine, job: Job, audio: list[np.ndarray], codes: list[Any]) -> bool:
-    """Step a job until it waits for text or ends (True where it ended)."""
+    """Step a job until it waits for text or ends (True where it ended); the
+    output that says it waits is the last before its wait."""
+    said = False
     while not engine.waiting(job):
+        assert not said  # (an output says it waits only once it does)
         out = engine.step([job])[0]
         if out.audio is not None:
             audio.append(out.audio)
         codes.extend(out.codes or [])
+        said = out.waiting
         if out.done:
+            assert not out.waiting
             return True
+    assert said
     return False
 
 

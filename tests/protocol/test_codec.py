@@ -36,6 +36,7 @@ from wavecast.protocol import (
     Stats,
     TextInput,
     UnknownType,
+    Waiting,
     decode,
     encode,
     to_wire,
@@ -91,6 +92,7 @@ MESSAGES = [
     Cancel(id="r1"),
     TextInput(id="r8", text="world. And"),
     TextInput(id="r8", text=" then", flush=True, end=True),
+    Waiting(id="r8", seconds=2.4),
     Hello(
         server="wavecast",
         version="0.1.0",

@@ -28,7 +28,7 @@ from test_stream import scrape
 from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import SyncClient, connect
-from wavecast.protocol import Audio, Done, Started
+from wavecast.protocol import Audio, Done, Started, Waiting
 from wavecast.server import session as session_module
 from wavecast.server.scheduler import Scheduler, add_text_part
 
@@ -58,9 +58,9 @@ async def test_the_capability_is_in_the_greeting(server: Any) -> None:
 
 async def test_text_sent_as_the_speech_goes_makes_the_whole_texts_codes(server: Any) -> None:
     """Each sentence sent once the audio of the one before has begun to come
-    (the stream waits for it where it has spoken all it had): the same codes
-    as the whole text at once, every frame's audio sent, and the stream ends
-    once its text has."""
+    (the stream waits for it where it has spoken all it had, and says so after
+    that audio): the same codes as the whole text at once, every frame's audio
+    sent, and the stream ends once its text has."""
     await speak_in_parts(server.url)
 
 
@@ -89,6 +89,13 @@ async def speak_in_parts(url: str) -> None:
         done = events[-1]
         assert isinstance(done, Done) and done.status == "completed", done
         assert not parts
+        # Each wait said, after all of the audio before it: the first sentence's,
+        # then the second's (the third is the stream's end).
+        waits = [i for i, e in enumerate(events) if isinstance(e, Waiting)]
+        assert len(waits) <= 2
+        for at in waits:
+            heard = sum(e.frames for e in events[:at] if isinstance(e, Audio))
+            assert heard * 25 == round(events[at].seconds * 25) * HOP
         codes = joined(events, "codes")
         assert codes == joined(whole_events, "codes")
         frames = len(codes) // 8 - 3 * 4  # (each chunk's rows: its frames and the delay's)
@@ -243,17 +250,25 @@ async def test_a_text_stream_that_cannot_be_is_refused(
 
 
 async def test_its_audio_is_the_texts_speech_at_any_rate(server: Any) -> None:
-    """Resampled as it streams (16 kHz): the parts' speech, ended with its text."""
+    """Resampled as it streams (16 kHz): at a wait, all of the audio so far has
+    come (the resampler holds none back), and the stream ends with its text."""
     async with connect(server.url) as client:
         stream = await client.speak(
             "tiny-higgs", "", text_stream=True, sample_rate=16000, format="pcm_f32le", **CHUNKING
         )
         await stream.send_text("One two three.", flush=True)
-        await stream.end_text(" Four five six.")
-        result = await stream.collect()
-        assert result.status == "completed" and result.sample_rate == 16000
-        audio = np.frombuffer(result.pcm, np.float32)
-        assert len(audio) > 0 and np.isfinite(audio).all()
+        events: list[Any] = []
+        async for event in stream:
+            events.append(event)
+            if isinstance(event, Waiting):
+                heard = sum(e.frames for e in events if isinstance(e, Audio))
+                # (36 frames of 960 samples at 24 kHz, at 16 kHz)
+                assert heard == (40 - 4) * HOP * 2 // 3 and event.seconds == 36 / 25
+                await stream.end_text(" Four five six.")
+        assert sum(isinstance(e, Waiting) for e in events) == 1
+        assert isinstance(events[-1], Done) and events[-1].status == "completed"
+        audio = np.frombuffer(joined(events, "data"), np.float32)
+        assert len(audio) == 2 * (40 - 4) * HOP * 2 // 3 and np.isfinite(audio).all()
 
 
 async def test_the_command_speaks_its_input_as_it_comes(server: Any, tmp_path: Path) -> None:

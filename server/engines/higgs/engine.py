@@ -1334,7 +1334,11 @@ class HiggsEngine(TableSizing):
                 plan = st.decoder.plan_flush()
         advance_fraction(st, done)
         output = StepOutput(
-            audio=None, fraction=st.fraction, seconds=st.produced / self.frame_rate, done=done
+            audio=None,
+            fraction=st.fraction,
+            seconds=st.produced / self.frame_rate,
+            done=done,
+            waiting=pause,
         )
         output.codes, output.codes_from = [tokens], st.drawn
         st.drawn += 1
