@@ -368,6 +368,9 @@ async def test_a_drain_that_runs_out_ends_queued_and_running_requests_with_shutt
     async with running_server(config) as srv:
         client = await connect(srv.url)
         running = await client.generate("tiny-musicgen", "long", duration=60.0)
+        # (Started before the drain: else it may still be queued when the drain
+        # begins, and end "not started" with the other.)
+        await reach(Started, running)
         queued = await client.generate("tiny-musicgen", "waits", duration=60.0)
         async for event in queued:
             assert isinstance(event, Queued)
