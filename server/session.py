@@ -490,11 +490,8 @@ class Session:
             )
         if error is not None or request is None:
             assert error is not None
-            self._send(
-                ErrorMessage(
-                    code=error.code, message=error.message, field=error.field, id=message.id
-                )
-            )
+            error.id = message.id
+            self._refuse(error, frame_type="text")
             return
         request.text_chars += len(message.text)
         request.text_ended = bool(message.end)

@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING, Any
 from wavecast.server.config import Config, LimitsConfig, ModelsConfig, NetworkConfig, TimeoutsConfig
 
 if TYPE_CHECKING:
-    import torch
-
-    from wavecast.server.engines.rowkernel import RowKernel, Unit
+    from wavecast.server.engines.rowkernel import RowKernel
 
 # Every timeout in the tests scales with this one variable (slow machines: raise it).
 TIMEOUT_SCALE = float(os.environ.get("WAVECAST_TEST_TIMEOUT_SCALE", "1"))
@@ -540,40 +538,6 @@ def built_kernel() -> RowKernel:
         )
         pytest.skip(f"no row kernel here: {kernel}")
     return kernel
-
-
-def random_units(
-    channels: int,
-    hidden: int,
-    taps: int,
-    dilation: int,
-    elu: bool,
-    generator: torch.Generator | None = None,
-) -> list[Unit]:
-    """A codec's residual unit's two convolutions with their activations, random:
-    ``channels`` to ``hidden`` over ``taps`` taps ``dilation`` apart, then one
-    tap back to ``channels``; DAC's Snake (an alpha per channel) or EnCodec's
-    ELU (one alpha)."""
-    import torch
-
-    from wavecast.server.engines import rowkernel
-
-    units = []
-    for inputs, outputs, width in ((channels, hidden, taps), (hidden, channels, 1)):
-        alpha = torch.rand(inputs, generator=generator) * 3 + 0.05
-        if elu:
-            alpha = torch.full((inputs,), float(alpha[0]))
-        units.append(
-            rowkernel.Unit(
-                alpha,
-                (alpha + 1e-9).reciprocal(),
-                torch.randn(outputs, inputs, width, generator=generator),
-                torch.randn(outputs, generator=generator),
-                dilation if width > 1 else 1,
-                elu,
-            )
-        )
-    return units
 
 
 def left_out_now_and_then(engine: Any, jobs: dict[str, Any], leave: str | None) -> Any:

@@ -1781,6 +1781,36 @@ class Unit:
     elu: bool = False
 
 
+def random_units(
+    channels: int,
+    hidden: int,
+    taps: int,
+    dilation: int,
+    elu: bool,
+    generator: torch.Generator | None = None,
+) -> list[Unit]:
+    """A codec's residual unit's two convolutions with their activations, random:
+    ``channels`` to ``hidden`` over ``taps`` taps ``dilation`` apart, then one
+    tap back to ``channels``; DAC's Snake (an alpha per channel) or EnCodec's
+    ELU (one alpha). (The row kernel's check at load, and the tests.)"""
+    units = []
+    for inputs, outputs, width in ((channels, hidden, taps), (hidden, channels, 1)):
+        alpha = torch.rand(inputs, generator=generator) * 3 + 0.05
+        if elu:
+            alpha = torch.full((inputs,), float(alpha[0]))
+        units.append(
+            Unit(
+                alpha,
+                (alpha + 1e-9).reciprocal(),
+                torch.randn(outputs, inputs, width, generator=generator),
+                torch.randn(outputs, generator=generator),
+                dilation if width > 1 else 1,
+                elu,
+            )
+        )
+    return units
+
+
 @dataclass(frozen=True, slots=True)
 class PairTable:
     """A cache's layers' tables as a decode step writes its keys and values into
@@ -2681,24 +2711,9 @@ def _check(kernel: RowKernel) -> str | None:
         span = (6 if not elu else 2) * dilation
         buffer = torch.randn(2, channels, span, generator=generator)
         waiting = torch.randn(2, channels, held, generator=generator)
-        units = []
-        for i, (inputs, outputs, taps) in enumerate(
-            ((channels, hidden, span // dilation + 1), (hidden, channels, 1))
-        ):
-            alpha = torch.rand(inputs, generator=generator) * 3 + 0.05
-            if elu:
-                alpha = torch.full((inputs,), 0.5 + i)
-            units.append(
-                Unit(
-                    alpha,
-                    (alpha + 1e-9).reciprocal(),
-                    torch.randn(outputs, inputs, taps, generator=generator),
-                    torch.randn(outputs, generator=generator),
-                    dilation if taps > 1 else 1,
-                    elu,
-                )
-            )
-        first, second = units
+        first, second = random_units(
+            channels, hidden, span // dilation + 1, dilation, elu, generator
+        )
 
         def act(x: torch.Tensor, unit: Unit) -> torch.Tensor:
             if unit.elu:

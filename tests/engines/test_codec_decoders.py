@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from helpers import random_units
 from torch import nn
 from transformers.models.dac.modeling_dac import Snake1d
 
@@ -16,6 +15,7 @@ from wavecast.server.engines import rowkernel
 from wavecast.server.engines.codec_decoders import ELU, Snake, for_serving
 from wavecast.server.engines.higgs.loading import load_higgs
 from wavecast.server.engines.musicgen.engine import MusicGenEngine
+from wavecast.server.engines.rowkernel import random_units
 from wavecast.server.engines.testing.musicgen import build_tiny_musicgen
 
 

@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import built_kernel, random_units
+from helpers import built_kernel
 from torch.nn import functional as F
 
 from wavecast.server.engines import dense as dense_module
 from wavecast.server.engines import rowkernel
 from wavecast.server.engines.dense import Dense, pack
 from wavecast.server.engines.kv import LayerMask, StaticKV
+from wavecast.server.engines.rowkernel import random_units
 
 
 @pytest.mark.parametrize("bias", [False, True])

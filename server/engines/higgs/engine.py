@@ -427,11 +427,10 @@ class HiggsEngine(TableSizing):
         Returns the voice names per speaker (empty: none named).
         """
         params = request.params
-        if request.text_stream:
-            pass  # (its text may begin empty: it comes as it is written)
-        elif not normalize_text(request.prompt):
+        # (A text that comes as it is written may begin empty.)
+        if not request.text_stream and not normalize_text(request.prompt):
             raise InvalidField("prompt: the text to speak is empty", field="prompt")
-        elif not normalize_text(SPEAKER_TAG.sub(" ", request.prompt)):
+        if not request.text_stream and not normalize_text(SPEAKER_TAG.sub(" ", request.prompt)):
             raise InvalidField(
                 "prompt: the text to speak is empty (speaker tags, nothing to say)", field="prompt"
             )
@@ -836,10 +835,13 @@ class HiggsEngine(TableSizing):
         """A codec stream for the speech after a pause for text, primed with the
         frames before it (the codec's context: none of their audio again)."""
         decoder = self.codec_streams.stream()
-        spoken = [codes for _, codes in st.history[-8:]]
+        spoken: list[Ints] = []  # (the last chunks', as many frames as it keeps)
+        for _, audio in reversed(st.history):
+            if sum(codes.shape[1] for codes in spoken) >= decoder.left_context:
+                break
+            spoken.insert(0, audio.codes)
         if spoken:
-            context = np.concatenate([audio.codes for audio in spoken], axis=1)
-            decoder.prime(context[None])
+            decoder.prime(np.concatenate(spoken, axis=1)[None])
         st.decoder, st.paused = decoder, False
 
     def _step(self, jobs: Sequence[Job]) -> list[StepOutput]:
