@@ -37,6 +37,7 @@ from wavecast.protocol import (
     Progress,
     Queued,
     Started,
+    Waiting,
     to_wire,
 )
 
@@ -860,7 +861,7 @@ async def _run(
         pcm = bytearray()
         mbd_pcm = bytearray()
         arriving = Received(bar, args.format)
-        sample_rate = channels = 0
+        sample_rate = channels = silence = 0
         seed = None
         lost: ConnectionClosed | None = None  # the connection, gone before the done
         try:
@@ -886,6 +887,8 @@ async def _run(
                         await playback.feed(event.data)
                     if keep:
                         pcm.extend(event.data)
+                elif isinstance(event, Waiting):
+                    silence += event.silence or 0
                 elif isinstance(event, Progress):
                     if event.stage == "prepare":
                         part = f" {event.fraction:.0%}" if event.fraction > 0 else ""
@@ -926,6 +929,7 @@ async def _run(
                 done.stats,
                 None,
                 seed,
+                silence=silence,
             )
 
         result = clip(pcm)

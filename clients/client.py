@@ -47,6 +47,7 @@ from wavecast.protocol import (
     Started,
     Stats,
     TextInput,
+    Waiting,
     WavecastError,
     decode,
     encode,
@@ -267,6 +268,8 @@ class GenerationResult:
         chunks: Number of ``audio`` messages of the live stream.
         renditions: Complete alternative versions by name (``mbd``: the
             Multi-Band Diffusion version), in the same format.
+        silence: Of an encoded format's file, the sample frames of silence it
+            got at waits for text (``Waiting.silence``, PROTOCOL.md §4.8).
     """
 
     id: str
@@ -280,6 +283,7 @@ class GenerationResult:
     seed: int | None = None
     chunks: int = 0
     renditions: dict[str, bytes] = field(default_factory=dict)
+    silence: int = 0
 
     @property
     def encoded(self) -> bool:
@@ -289,11 +293,14 @@ class GenerationResult:
     @property
     def frames(self) -> int:
         """Sample frames received (per channel); of an encoded format, those the
-        server encoded (``stats.samples``), else those its file decodes to."""
+        server encoded (``stats.samples`` and ``silence``), else those its file
+        decodes to."""
         if not self.channels or not self.pcm:
             return 0
         if self.encoded:
-            return self.stats.samples if self.stats else int(self.to_numpy().shape[0])
+            if self.stats:
+                return self.stats.samples + self.silence
+            return int(self.to_numpy().shape[0])
         return len(self.pcm) // (BYTES_PER_SAMPLE[self.format] * self.channels)
 
     def to_numpy(self, rendition: str | None = None) -> Any:
@@ -596,8 +603,10 @@ class RequestStream:
         """
         # rendition (None: the live stream) -> (offset of its first chunk seen, PCM)
         streams: dict[str | None, tuple[int, bytearray]] = {}
-        chunks = 0
+        chunks = silence = 0
         async for event in self:
+            if isinstance(event, Waiting):
+                silence += event.silence or 0
             if not isinstance(event, Audio):
                 continue
             first_offset, data = streams.setdefault(event.rendition, (event.offset, bytearray()))
@@ -626,6 +635,7 @@ class RequestStream:
             seed=started.seed if started else None,
             chunks=chunks,
             renditions={name: bytes(data) for name, data in renditions.items()},
+            silence=silence,
         )
 
 

@@ -538,7 +538,11 @@ def _done(f: _Fields) -> Done:
 
 
 def _waiting(f: _Fields) -> Waiting:
-    return Waiting(id=f.ident(), seconds=f.number("seconds"))
+    return Waiting(
+        id=f.ident(),
+        seconds=f.number("seconds"),
+        silence=f.integer("silence", required=False),
+    )
 
 
 def _error(f: _Fields) -> ErrorMessage:

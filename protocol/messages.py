@@ -343,11 +343,15 @@ class Waiting:
     """A stream whose text comes as it is written has spoken all of it so far
     (§4.8): every ``audio`` of it came before this, and it waits for more.
 
-    ``seconds`` is the audio generated so far (as ``progress`` counts it)."""
+    ``seconds`` is the audio generated so far (as ``progress`` counts it).
+    ``silence``: in an encoded ``format``, the frames of silence its file got
+    here, so that all of that audio plays (the encoder's last frame filled).
+    """
 
     type: ClassVar[str] = "waiting"
     id: str
     seconds: float
+    silence: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fractions
 import io
 import logging
 import os
@@ -40,6 +41,7 @@ from wavecast.protocol import (
     Progress,
     ServerMessage,
     Started,
+    Waiting,
     WavecastError,
 )
 from wavecast.protocol.messages import CODEC_RATES, ENCODED_FORMATS, AudioFormat
@@ -72,6 +74,9 @@ OGG_PAGE_MICROSECONDS = 20000
 # long as the stream: not counted.)
 HOLD_SECONDS = 4.0
 MAX_BACKLOG_SECONDS = 30.0
+# Frames of silence ``Encoder.flush`` gives an encoder at most (LAME holds some
+# 3,000 samples: six of its 576-sample frames at 24 kHz).
+MAX_FLUSH_FRAMES = 16
 # The encoders' threads: FFmpeg's encoders run without Python's lock, so that
 # several streams encode on several cores while the inference thread steps; at a
 # lower priority (bench/RESULTS.md: on two cores, eight speech streams in FLAC made
@@ -203,7 +208,8 @@ class Encoder:
 
     ``push`` takes ``[frames, channels]`` float audio and gives back what the
     file has gained (maybe nothing: the codecs work in frames, and look ahead);
-    ``close`` gives the rest. An encoder runs on one thread at a time.
+    ``flush`` gives the rest with the file left open, ``close`` with it ended.
+    An encoder runs on one thread at a time.
     ``bitrate`` (bits a second, MP3 and Opus) is ``check_bitrate``'s to check;
     None: ``bit_rate``'s.
     """
@@ -237,8 +243,17 @@ class Encoder:
         self._stream = stream
         self._av = av
         self._lossless = format == "flac"
+        self._time_base = fractions.Fraction(1, sample_rate)
+        # The file's muxer holds its last packet back until the next (an Ogg
+        # page is written once the next begins): how many packets it holds.
+        self._held = 1 if muxer == "ogg" else 0
+        # The ends (in frames of audio pushed) of the last packets made: the
+        # codec's packets are stamped in the audio's time, its delay taken off.
+        self._ends: deque[int] = deque([0], maxlen=self._held + 1)
         self.sample_rate = sample_rate
         self.channels = channels
+        self.pushed = 0  # frames of audio pushed (the silence ``flush`` adds too)
+        self.padded = 0  # (of which that silence)
         self.closed = False
 
     def push(self, audio: npt.NDArray[np.float32]) -> bytes:
@@ -252,9 +267,29 @@ class Encoder:
                 np.ascontiguousarray(samples).reshape(1, -1), format=kind, layout=self._layout
             )
             frame.sample_rate = self.sample_rate
+            frame.pts, frame.time_base = self.pushed, self._time_base
+            self.pushed += int(audio.shape[0])
             for packet in self._stream.encode(frame):
+                self._ends.append(int(packet.pts) + int(packet.duration))
                 self._container.mux(packet)
         return self._out.take()
+
+    def flush(self) -> bytes:
+        """All of the audio pushed so far, playable from the file, which goes on:
+        the codec's last frame and its look-ahead filled with silence (and, in
+        Ogg, one more frame's, for the page held back). The silence stays in the
+        file (``padded``): it plays while the stream waits."""
+        out = [self._out.take()]
+        audio_end = self.pushed
+        frame_size = int(self._stream.codec_context.frame_size) or 1024
+        for _ in range(MAX_FLUSH_FRAMES):
+            if self._ends[0] >= audio_end:  # (the end of the last packet written)
+                break
+            # (the codec takes whole frames: the one begun made whole first)
+            size = -self.pushed % frame_size or frame_size
+            out.append(self.push(np.zeros((size, self.channels), dtype=np.float32)))
+            self.padded += size
+        return b"".join(out)
 
     def close(self) -> bytes:
         if not self.closed:
@@ -381,9 +416,10 @@ class EncodedStream:
             return False
         if isinstance(message, Audio):
             return True
-        # The live file ends at its last chunk: the done, or the next stage.
-        if isinstance(message, Done | Progress) and (
-            isinstance(message, Done) or message.stage is not None
+        # The live file ends at its last chunk: the done, or the next stage;
+        # at a wait for text, all of its audio so far goes out.
+        if isinstance(message, Done | Progress | Waiting) and (
+            not isinstance(message, Progress) or message.stage is not None
         ):
             return any(
                 r.encoder is not None and not r.encoder.closed for r in self._renditions.values()
@@ -405,6 +441,8 @@ class EncodedStream:
                         self._end(name, out)
                 elif isinstance(message, Progress) and message.stage is not None:
                     self._end(None, out)
+                elif isinstance(message, Waiting):
+                    message = dataclasses.replace(message, silence=self._end(None, out, flush=True))
                 out.append(message)
         except Exception:
             log.exception("encoding %s failed (request %s)", self.format, self.request_id)
@@ -428,13 +466,16 @@ class EncodedStream:
         rendition.end = (message.offset + audio.shape[0]) / message.sample_rate
         self._chunk(message, message.rendition, rendition.encoder.push(audio), out)
 
-    def _end(self, name: str | None, out: list[ServerMessage]) -> None:
-        """Close a file: its last bytes as its last chunk."""
+    def _end(self, name: str | None, out: list[ServerMessage], *, flush: bool = False) -> int:
+        """Close a file: its last bytes as its last chunk. With ``flush``, the
+        file goes on: all of its audio so far in a chunk (``Encoder.flush``).
+        Returns the frames of silence that took."""
         rendition = self._renditions.get(name)
         if rendition is None or rendition.encoder is None or rendition.encoder.closed:
-            return
+            return 0
         encoder = rendition.encoder
-        data = encoder.close()
+        padded = encoder.padded
+        data = encoder.flush() if flush else encoder.close()
         template = Audio(
             id=self.request_id,
             seq=0,
@@ -446,6 +487,7 @@ class EncodedStream:
             rendition=name,
         )
         self._chunk(template, name, data, out)
+        return encoder.padded - padded
 
     def _chunk(
         self, message: Audio, name: str | None, data: bytes, out: list[ServerMessage]

@@ -198,7 +198,7 @@ function onMessage(message, socket) {
       card.onProgress(message);
       break;
     case "waiting":
-      card.onWaiting();
+      card.onWaiting(message);
       break;
     case "done":
       if (message.status === "error" && refusedAtField(card, message)) break;

@@ -116,6 +116,7 @@ export class Card {
     this.streamRate = this.sampleRate; // the stream's (its started message says)
     this.decoder = null;
     this.file = []; // an encoded stream's bytes, as they came
+    this.silence = 0; // frames of silence its file got at waits for text (§4.8)
     this.bytes = 0; // of audio received, every rendition
     this.channels = model.channels;
     this.maxSeconds = model.max_duration;
@@ -366,8 +367,12 @@ export class Card {
   }
 
   // A text written as it is spoken is all said so far (PROTOCOL.md §4.8 waiting).
-  onWaiting() {
+  // An encoded stream's bytes so far then play all of its audio so far: the
+  // decoder gives out its last frame (a FLAC frame ends where the next begins).
+  onWaiting(message) {
     this.waitingForText = true;
+    this.silence += message.silence ?? 0;
+    this.decoder?.flush();
     if (!this.ended) this.setStatus("generating", WAITING_FOR_TEXT);
   }
 
@@ -587,9 +592,10 @@ export class Card {
   finishClip(partial) {
     this.clip = join(this.chunks);
     // A codec pads its last frame (and MP3 has no count of its own): the clip
-    // is the samples the server made, no more.
+    // is the samples the server made and the silence its waits added, no more.
     if (this.format && this.serverSamples != null) {
-      const made = Math.round((this.serverSamples * this.sampleRate) / this.streamRate) * this.channels;
+      const frames = this.serverSamples + this.silence;
+      const made = Math.round((frames * this.sampleRate) / this.streamRate) * this.channels;
       if (this.clip.length > made) {
         this.clip = this.clip.slice(0, made);
         this.chunks = [this.clip];

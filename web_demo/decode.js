@@ -368,6 +368,12 @@ export class StreamDecoder {
     }
   }
 
+  // The bytes so far end where a frame does (the server's file at a wait for
+  // text, PROTOCOL.md §4.8): a FLAC frame held for the next one's header, out.
+  flush() {
+    if (this.format === "flac") this.push(new Uint8Array(0), true);
+  }
+
   // The file is whole (`whole`; or the stream broke off): the rest out.
   // Resolves to the frames given out.
   async end(whole = true) {

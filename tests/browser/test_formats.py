@@ -165,6 +165,45 @@ async def test_an_encoded_stream_plays_as_it_comes_and_downloads_as_its_file(
     assert page.errors == []
 
 
+@pytest.mark.parametrize("format", ["mp3", "flac"])
+async def test_speech_typed_in_an_encoded_format_plays_all_of_it_at_each_wait(
+    browser: Any, format: str
+) -> None:
+    """ "Speak as I type" in MP3 and FLAC: where the stream waits for more text,
+    the page has decoded all of the speech so far (the server's file ends on a
+    whole frame there, filled with silence; a FLAC frame, told apart by the
+    next one's header, is handed to the decoder at the wait); the clip is the
+    speech and that silence, as FFmpeg decodes the file."""
+    async with running_server(factory=higgs_engines) as srv:
+        page = await open_page(browser, srv)
+        await page.select_option("#model", "tiny-higgs")
+        await choose(page, format)
+        await page.check("#as-typed")
+        # 19 frames of 960 samples a sentence: not a whole number of FLAC blocks
+        await page.fill("#param-max_new_tokens", "23")
+        await page.fill("#prompt", "")
+        await page.click("#generate")
+        rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+        await page.type("#prompt", "Hello there. ", delay=5)
+        await wait(page, "(id) => window.wavecast.cards.get(id).waitingForText", rid)
+        said = 19 * 960
+        await wait(page, f"(id) => window.wavecast.cards.get(id).frames >= {said}", rid, 10)
+        await page.type("#prompt", "And one more", delay=5)
+        await page.click("#generate")  # ("End text")
+        done = await finished(page, rid)
+        assert done["status"] == "completed", done["error"]
+        silence = await page.evaluate("(id) => window.wavecast.cards.get(id).silence", rid)
+        assert done["serverSamples"] == 2 * said and 0 < silence < 0.4 * 24000
+        assert done["frames"] == 2 * said + silence
+        file = await card_bytes(page, rid, "card.fileBytes")
+        clip = np.frombuffer(await card_bytes(page, rid, "card.clip"), dtype=np.float32)
+        heard, _ = ffmpeg_decode(file, 1)
+        heard = heard[MP3_DELAY if format == "mp3" else 0 :][: len(clip), 0]
+        assert len(heard) == len(clip)
+        assert np.abs(heard - clip).max() <= {"flac": 0.0, "mp3": 1e-5}[format]
+        assert page.errors == []
+
+
 async def test_opus_speech_cancelled_and_mbd_music_in_flac(
     browser: Any,
     tmp_path: Path,

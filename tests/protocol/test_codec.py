@@ -93,6 +93,7 @@ MESSAGES = [
     TextInput(id="r8", text="world. And"),
     TextInput(id="r8", text=" then", flush=True, end=True),
     Waiting(id="r8", seconds=2.4),
+    Waiting(id="r8", seconds=2.4, silence=1152),
     Hello(
         server="wavecast",
         version="0.1.0",

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from test_stream import scrape
 from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import SyncClient, connect
+from wavecast.clients.client import GenerationResult, decode_file
 from wavecast.protocol import Audio, Done, Started, Waiting
 from wavecast.server import session as session_module
 from wavecast.server.scheduler import Scheduler, add_text_part
@@ -269,6 +272,73 @@ async def test_its_audio_is_the_texts_speech_at_any_rate(server: Any) -> None:
         assert isinstance(events[-1], Done) and events[-1].status == "completed"
         audio = np.frombuffer(joined(events, "data"), np.float32)
         assert len(audio) == 2 * (40 - 4) * HOP * 2 // 3 and np.isfinite(audio).all()
+
+
+async def speak_waiting_each_time(client: Any, format: str) -> tuple[list[Any], list[bytes]]:
+    """Three sentences, each sent once the stream waits for it: the events, and
+    the stream's bytes so far at each wait."""
+    # (31 frames a sentence: a FLAC block, 2.4 frames, does not end where one does)
+    params = {**CHUNKING, "max_new_tokens": 35}
+    stream = await client.speak("tiny-higgs", "", text_stream=True, format=format, **params)
+    parts = [(s, i == len(SENTENCES) - 1) for i, s in enumerate(SENTENCES)]
+    text, end = parts.pop(0)
+    await stream.send_text(text, flush=True)
+    events: list[Any] = []
+    at_waits: list[bytes] = []
+    async for event in stream:
+        events.append(event)
+        if isinstance(event, Waiting):
+            at_waits.append(joined(events, "data"))
+            text, end = parts.pop(0)
+            await stream.send_text(" " + text, flush=True, end=end)
+    assert isinstance(events[-1], Done) and events[-1].status == "completed"
+    assert len(at_waits) == 2 and not parts
+    return events, at_waits
+
+
+@pytest.mark.parametrize("format", ["flac", "opus", "mp3"])
+async def test_an_encoded_stream_plays_all_of_its_speech_at_a_wait(
+    server: Any, format: str
+) -> None:
+    """At a wait, an encoded stream's file so far plays all of its speech so far
+    (the encoder's last frame and look-ahead filled with silence, which plays
+    while it waits): FLAC its 16-bit samples exactly, each sentence's after the
+    silence that ended the one before; Opus and MP3 as many samples, at least."""
+    async with connect(server.url) as client:
+        pcm_events, _ = await speak_waiting_each_time(client, "pcm_s16le")
+        events, at_waits = await speak_waiting_each_time(client, format)
+    # Each sentence's audio, as the PCM stream sent it (its waits cut it).
+    waits = [i for i, e in enumerate(pcm_events) if isinstance(e, Waiting)]
+    cuts = [0, *waits, len(pcm_events)]
+    sentences = [
+        np.frombuffer(joined(pcm_events[a:b], "data"), "<i2") for a, b in itertools.pairwise(cuts)
+    ]
+    assert all(len(s) > 0 for s in sentences)
+    files = [*at_waits, joined(events, "data")]
+    silences = [e.silence for e in events if isinstance(e, Waiting)]
+    delay = 1105 if format == "mp3" else 0  # (LAME's: the file begins with it)
+    # (less than a FLAC block, 2,304 samples at 24 kHz; 50 ms of Opus; 150 of MP3)
+    assert all(0 < s < {"flac": 2304, "opus": 1200, "mp3": 3600}[format] for s in silences)
+    start = 0
+    for sentence, data, silence in zip(sentences, files, [*silences, 0], strict=True):
+        decoded = decode_file(data, format)[delay:, 0]
+        end = start + len(sentence)
+        assert len(decoded) >= end
+        if format == "flac":
+            assert np.array_equal(decoded[start:end], sentence)
+            assert len(decoded) == end + silence and not decoded[end:].any()
+        else:  # (the speech's last 20 ms is there, as loud, give or take)
+            heard = np.sqrt(np.mean(decoded[end - 480 : end].astype(np.float64) ** 2))
+            said = np.sqrt(np.mean((sentence[-480:] / 32768.0) ** 2))
+            assert 0.3 * said < heard < 3 * said
+        start = end + silence  # (where the next sentence begins in the file)
+    done = events[-1]
+    assert done.stats.samples == sum(len(s) for s in sentences)
+    if format != "mp3":  # (MP3 pads its last frame, and has no count)
+        assert len(decoded) == done.stats.samples + sum(silences)
+        # (what a client's result says it holds: the file's frames)
+        result = GenerationResult("s", "completed", files[-1], 24000, 1, format, done.stats)
+        assert replace(result, silence=sum(silences)).frames == len(decoded)
 
 
 async def test_the_command_speaks_its_input_as_it_comes(server: Any, tmp_path: Path) -> None:
