@@ -32,6 +32,7 @@ from wavecast.protocol import (
     BYTES_PER_SAMPLE,
     ENCODED_FORMATS,
     Audio,
+    Caption,
     Done,
     ModelInfo,
     Progress,
@@ -816,6 +817,12 @@ async def _run(
         if model in models and models[model].test_model:
             bar.message(f"note: {model} is a random-weight test model; it makes noise")
         text_stream = capability == "text_stream"
+        captions_path: Path | None = getattr(args, "captions", None)
+        if captions_path is not None and "captions" not in getattr(
+            models.get(model), "capabilities", ("captions",)
+        ):
+            bar.message(f"{model} does not say which text its audio speaks: no --captions")
+            return 2
         stream = await client.generate(
             model,
             prompt,
@@ -825,6 +832,7 @@ async def _run(
             bitrate=args.bitrate * 1000 if args.bitrate is not None else None,
             inputs=inputs,
             text_stream=text_stream,
+            captions=captions_path is not None,
         )
         loop = asyncio.get_running_loop()
         cancel_sent = False
@@ -862,6 +870,7 @@ async def _run(
         mbd_pcm = bytearray()
         arriving = Received(bar, args.format)
         sample_rate = channels = silence = 0
+        captions: list[Caption] = []
         seed = None
         lost: ConnectionClosed | None = None  # the connection, gone before the done
         try:
@@ -889,6 +898,8 @@ async def _run(
                         pcm.extend(event.data)
                 elif isinstance(event, Waiting):
                     silence += event.silence or 0
+                elif isinstance(event, Caption):
+                    captions.append(event)
                 elif isinstance(event, Progress):
                     if event.stage == "prepare":
                         part = f" {event.fraction:.0%}" if event.fraction > 0 else ""
@@ -930,9 +941,17 @@ async def _run(
                 None,
                 seed,
                 silence=silence,
+                captions=captions,
             )
 
         result = clip(pcm)
+        if captions_path is not None:  # (what came: a cut stream's too)
+            try:
+                await asyncio.to_thread(captions_path.write_text, result.webvtt(), "utf-8")
+            except OSError as exc:
+                bar.message(f"cannot write {captions_path}: {exc.strerror or exc}")
+                return 1
+            bar.message(f"wrote {captions_path} ({len(captions)} captions)")
         sent = writing()
         if sent is not None:  # (its audio is not in ``pcm``: nothing more to write)
             end = " (closed before its end)" if sent.closed else ""
@@ -1130,6 +1149,13 @@ def _add_speak_arguments(parser: argparse.ArgumentParser) -> None:
         help="read the text from standard input as it comes (a language model's answer piped "
         "in): each sentence is spoken once its line or sentence ends, the stream ending with "
         "the input (… | wavecast speak --text-stream --play)",
+    )
+    parser.add_argument(
+        "--captions",
+        type=Path,
+        metavar="FILE",
+        help="write a WebVTT file of which text the audio speaks: a cue a text chunk "
+        "(sentences, speaker turns or word groups, as --chunk-method cuts the text)",
     )
     _add_common_arguments(parser)
     parser.add_argument("--model", help="model name (default: the server's first speech model)")

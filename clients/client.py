@@ -36,6 +36,7 @@ from wavecast.protocol import (
     ENCODED_FORMATS,
     Audio,
     Cancel,
+    Caption,
     Done,
     ErrorMessage,
     Generate,
@@ -220,6 +221,13 @@ def decode_file(data: bytes, format: str) -> Any:
     return audio
 
 
+def _vtt_time(seconds: float) -> str:
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{millis // 1000:02d}.{millis % 1000:03d}"
+
+
 def flac_with_length(data: bytes, frames: int) -> bytes:
     """A streamed FLAC file with its length in its header (written as unknown,
     0, while it streamed; some readers, libsndfile among them, need it)."""
@@ -270,6 +278,8 @@ class GenerationResult:
             Multi-Band Diffusion version), in the same format.
         silence: Of an encoded format's file, the sample frames of silence it
             got at waits for text (``Waiting.silence``, PROTOCOL.md §4.8).
+        captions: Which text the audio speaks, from where (``Caption``: asked
+            for with ``captions=True``).
     """
 
     id: str
@@ -284,6 +294,7 @@ class GenerationResult:
     chunks: int = 0
     renditions: dict[str, bytes] = field(default_factory=dict)
     silence: int = 0
+    captions: list[Caption] = field(default_factory=list)
 
     @property
     def encoded(self) -> bool:
@@ -302,6 +313,19 @@ class GenerationResult:
                 return self.stats.samples + self.silence
             return int(self.to_numpy().shape[0])
         return len(self.pcm) // (BYTES_PER_SAMPLE[self.format] * self.channels)
+
+    def webvtt(self) -> str:
+        """The ``captions`` as a WebVTT file: a cue for each, from its
+        ``offset`` to the next one's (the last: to the audio's end)."""
+        lines = ["WEBVTT", ""]
+        rate = self.sample_rate or 1
+        ends = [c.offset for c in self.captions[1:]] + [max(self.frames, 0)]
+        for n, (caption, end) in enumerate(zip(self.captions, ends, strict=True), 1):
+            start = caption.offset / rate
+            stop = max(end / rate, start)
+            text = " ".join(caption.text.split()).replace("-->", "->")
+            lines += [str(n), f"{_vtt_time(start)} --> {_vtt_time(stop)}", text, ""]
+        return "\n".join(lines)
 
     def to_numpy(self, rendition: str | None = None) -> Any:
         """The audio as a ``[frames, channels]`` numpy array: float32 for
@@ -604,9 +628,12 @@ class RequestStream:
         # rendition (None: the live stream) -> (offset of its first chunk seen, PCM)
         streams: dict[str | None, tuple[int, bytearray]] = {}
         chunks = silence = 0
+        captions: list[Caption] = []
         async for event in self:
             if isinstance(event, Waiting):
                 silence += event.silence or 0
+            elif isinstance(event, Caption):
+                captions.append(event)
             if not isinstance(event, Audio):
                 continue
             first_offset, data = streams.setdefault(event.rendition, (event.offset, bytearray()))
@@ -636,6 +663,7 @@ class RequestStream:
             chunks=chunks,
             renditions={name: bytes(data) for name, data in renditions.items()},
             silence=silence,
+            captions=captions,
         )
 
 
@@ -802,6 +830,7 @@ class Client:
         resume_codes: bytes | None = None,
         codes: bool | None = None,
         text_stream: bool = False,
+        captions: bool = False,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start a generation.
@@ -834,6 +863,9 @@ class Client:
                 ``text_stream`` capability): ``prompt`` is its beginning, and
                 ``RequestStream.send_text`` sends the rest (``end_text``: the
                 last of it). Such a stream is not picked up where it is cut.
+            captions: Have the server say which text the audio speaks: a
+                ``Caption`` ahead of each text chunk's audio (speech models with
+                the ``captions`` capability; ``GenerationResult.captions``).
 
         Returns:
             The request's event stream.
@@ -864,6 +896,7 @@ class Client:
             codes=codes,
             resume_codes=resume_codes,
             text_stream=text_stream or None,
+            captions=captions or None,
         )
         stream = RequestStream(request_id, self, generate=message)
         if resume_codes:
@@ -891,6 +924,7 @@ class Client:
         resume_codes: bytes | None = None,
         codes: bool | None = None,
         text_stream: bool = False,
+        captions: bool = False,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start text to speech on a model with the ``tts`` capability.
@@ -904,7 +938,7 @@ class Client:
             reference_text: What ``reference`` says.
             scene: A scene name or a free description of the setting.
             id, format, sample_rate, bitrate, params, resume, resume_codes,
-                codes, text_stream, kwargs: As :meth:`generate` (with
+                codes, text_stream, captions, kwargs: As :meth:`generate` (with
                 ``text_stream``, ``text`` is the text's beginning, may be empty).
         """
         merged: dict[str, ParamValue] = {**(params or {}), **kwargs}
@@ -928,6 +962,7 @@ class Client:
             resume_codes=resume_codes,
             codes=codes,
             text_stream=text_stream,
+            captions=captions,
         )
 
     async def close(self) -> None:

@@ -27,6 +27,7 @@ from .messages import (
     MIN_SAMPLE_RATE,
     Audio,
     Cancel,
+    Caption,
     Done,
     ErrorInfo,
     ErrorMessage,
@@ -390,6 +391,7 @@ def _generate(f: _Fields) -> Generate:
         codes=f.boolean("codes", required=False),
         resume_codes=f.binary("resume_codes", required=False),
         text_stream=f.boolean("text_stream", required=False),
+        captions=f.boolean("captions", required=False),
     )
 
 
@@ -545,6 +547,14 @@ def _waiting(f: _Fields) -> Waiting:
     )
 
 
+def _caption(f: _Fields) -> Caption:
+    return Caption(
+        id=f.ident(),
+        offset=f.integer("offset"),
+        text=f.string("text", max_len=MAX_PROMPT_CHARS),
+    )
+
+
 def _error(f: _Fields) -> ErrorMessage:
     return ErrorMessage(
         code=f.string("code", max_len=64, min_len=1),
@@ -566,5 +576,6 @@ _PARSERS: dict[str, Callable[[_Fields], Message]] = {
     "audio": _audio,
     "done": _done,
     "waiting": _waiting,
+    "caption": _caption,
     "error": _error,
 }

@@ -17,6 +17,7 @@ __all__ = [
     "ENCODED_FORMATS",
     "Audio",
     "Cancel",
+    "Caption",
     "ClientMessage",
     "Done",
     "ErrorInfo",
@@ -232,6 +233,9 @@ class Generate:
         text_stream: The text comes as it is written: ``prompt`` is its
             beginning, and ``text`` frames bring the rest (PROTOCOL.md §3.4;
             models with the ``text_stream`` capability).
+        captions: Say which text the live stream's audio speaks, a ``caption``
+            message as each text chunk's audio begins (PROTOCOL.md §4.9;
+            models with the ``captions`` capability).
     """
 
     type: ClassVar[str] = "generate"
@@ -247,6 +251,7 @@ class Generate:
     codes: bool | None = None
     resume_codes: bytes | None = None
     text_stream: bool | None = None
+    captions: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +360,18 @@ class Waiting:
 
 
 @dataclass(frozen=True, slots=True)
+class Caption:
+    """The text the live stream speaks from sample frame ``offset`` on (§4.9):
+    one chunk of the request's text, as the server cut it, until the next
+    caption's ``offset`` (or the stream's end). Sent ahead of that audio."""
+
+    type: ClassVar[str] = "caption"
+    id: str
+    offset: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Audio:
     """A chunk of audio (§4.5).
 
@@ -417,5 +434,7 @@ class ErrorMessage:
 
 
 ClientMessage = Generate | Cancel | TextInput
-ServerMessage = Hello | Queued | Started | Progress | Audio | Waiting | Done | ErrorMessage
+ServerMessage = (
+    Hello | Queued | Started | Progress | Audio | Waiting | Caption | Done | ErrorMessage
+)
 Message = ClientMessage | ServerMessage

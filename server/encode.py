@@ -34,6 +34,7 @@ import numpy.typing as npt
 from wavecast.protocol import (
     Audio,
     Busy,
+    Caption,
     Done,
     ErrorInfo,
     InternalError,
@@ -353,6 +354,7 @@ class EncodedStream:
         # until it is handed on; the chunk being handed on's.
         self._spans: dict[tuple[str | None, int], tuple[float, float]] = {}
         self._span = (0.0, 0.0)
+        self._silence = 0  # frames of silence the live file got at waits for text
 
     def span_of(self, message: Audio) -> tuple[float, float]:
         """The audio (from, to: seconds of its stream, as pushed into the
@@ -393,7 +395,7 @@ class EncodedStream:
         while self._pending and not self._busy:
             head = self._pending[0]
             if not self._needs_work(head):
-                self._forward(self._pending.popleft())
+                self._forward(self._placed(self._pending.popleft()))
                 continue
             work: list[ServerMessage] = []
             while self._pending:  # the audio (and what comes between) up to the done
@@ -442,8 +444,10 @@ class EncodedStream:
                 elif isinstance(message, Progress) and message.stage is not None:
                     self._end(None, out)
                 elif isinstance(message, Waiting):
-                    message = dataclasses.replace(message, silence=self._end(None, out, flush=True))
-                out.append(message)
+                    silence = self._end(None, out, flush=True)
+                    self._silence += silence
+                    message = dataclasses.replace(message, silence=silence)
+                out.append(self._placed(message))
         except Exception:
             log.exception("encoding %s failed (request %s)", self.format, self.request_id)
             return [m for m in work if not isinstance(m, Audio)], True
@@ -453,6 +457,12 @@ class EncodedStream:
             )
             self._metrics.encoded(self.format, seconds, time.perf_counter() - began)
         return out, False
+
+    def _placed(self, message: ServerMessage) -> ServerMessage:
+        """A caption's offset in the file: after the silence of the waits before it."""
+        if isinstance(message, Caption) and self._silence:
+            return dataclasses.replace(message, offset=message.offset + self._silence)
+        return message
 
     def _audio(self, message: Audio, out: list[ServerMessage]) -> None:
         if message.rendition is not None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from wavecast.protocol import (
     Audio,
+    Caption,
     Done,
     ErrorInfo,
     ModelInfo,
@@ -61,6 +62,9 @@ class RequestOutputs:
     # ``codes_from`` on (the client has those before).
     codes: bool = False
     codes_from: int = 0
+    # Say which text the audio speaks (``generate.captions``): a ``caption``
+    # ahead of each text chunk's audio.
+    captions: bool = False
     _codes: list[list[int]] = field(default_factory=list, repr=False)
     seq: int = 0
     # Sample frames of the live stream made: the skipped ones too, and those a
@@ -87,12 +91,19 @@ class RequestOutputs:
             and output.stage == self.stage
             and not output.done
             and not output.waiting
+            and output.caption is None
             and output.rendition is None
             and now - self.last_progress_at < PROGRESS_INTERVAL
             and output.fraction < 1.0
         ):
             return []  # (most steps: no audio, and progress went out lately)
         messages: list[ServerMessage] = []
+        if self.captions and output.caption is not None:
+            # (at the stream's rate; a stream picked up: those from where it was cut)
+            at, text = output.caption
+            offset = round(at * self.sample_rate / self.info.sample_rate)
+            if offset >= self.skip:
+                messages.append(Caption(id=self.request_id, offset=offset, text=text))
         audio = output.audio
         if self.resampler is not None and self.stage is None:
             # The live stream's last chunk also brings out what soxr held back;

@@ -100,6 +100,8 @@ class Request:
     # timestep after those the client has (``generate.resume_codes``).
     codes: bool = False
     codes_from: int = 0
+    # Say which text its audio speaks (``generate.captions``, §4.9).
+    captions: bool = False
     from_codes: float = 0.0  # seconds of the stream the engine took from them
     submitted_at: float = field(default_factory=time.perf_counter)
     # Who asked (its API key's digest on a server with keys, else its address):
@@ -728,6 +730,7 @@ class Scheduler:
             skip=request.resume,
             codes=request.codes,
             codes_from=request.codes_from,
+            captions=request.captions,
         )
         extra = request.job.extra
         seed, seconds, max_seconds = (extra.get(k) for k in ("seed", "seconds", "max_seconds"))

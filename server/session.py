@@ -47,6 +47,7 @@ from wavecast.protocol import (
     PROTOCOL_VERSION,
     Audio,
     Cancel,
+    Caption,
     ClientError,
     Done,
     DuplicateId,
@@ -355,6 +356,8 @@ class Session:
                 _check_resume(message)
             if message.text_stream:
                 _check_text_stream(message, info)
+            if message.captions and "captions" not in info.capabilities:
+                raise _unsupported(message, info, "captions")
             codes_from = _check_codes(message, info)
             sink: Callable[[ServerMessage], None] = self._on_event
             flow = _Flow(_pcm_span)
@@ -398,6 +401,7 @@ class Session:
                 text_chars=len(message.prompt),
                 codes=bool(message.codes),
                 codes_from=codes_from,
+                captions=bool(message.captions),
                 log=ContextAdapter(log, {"conn": self.conn_id, "req": message.id}),
                 client=self.client,
             )
@@ -813,7 +817,7 @@ class Session:
             return _Queued(frame, message.id, "done", order, flow=flow, done=message)
         if isinstance(message, Started):  # (its flow opened once it is sent)
             return _Queued(frame, message.id, "started", order, flow=self._flows.get(message.id))
-        if isinstance(message, Queued | Progress | Waiting):  # (in its request's line)
+        if isinstance(message, Queued | Progress | Waiting | Caption):  # (its request's line)
             return _Queued(frame, message.id, "", order)
         return _Queued(frame, "", "", order)  # (the connection's own: hello, error)
 

@@ -144,6 +144,8 @@ function submit(event) {
   // under way is picked up from them (PROTOCOL.md §3.1 resume_codes).
   if (!format && (model.capabilities || []).includes("codes") && !asTyped) message.codes = true;
   if (asTyped) message.text_stream = true;
+  // Speech says which text it speaks: the card shows it as it plays (§4.9).
+  if ((model.capabilities || []).includes("captions")) message.captions = true;
   card.request = message;
   card.sendRequest();
   if (asTyped) {
@@ -199,6 +201,9 @@ function onMessage(message, socket) {
       break;
     case "waiting":
       card.onWaiting(message);
+      break;
+    case "caption":
+      card.onCaption(message);
       break;
     case "done":
       if (message.status === "error" && refusedAtField(card, message)) break;

@@ -96,6 +96,8 @@ const FRIENDLY = {
 
 // What a card says where its text, written as it is spoken, is all said so far.
 const WAITING_FOR_TEXT = "all said so far: waiting for more text";
+// Captions a card keeps (a text chunk each: bounded, as every buffer is).
+const MAX_CAPTIONS = 10000;
 
 export class Card {
   // hooks: send(message), announce(text), removed(card), finished(card), ended(card),
@@ -117,6 +119,7 @@ export class Card {
     this.decoder = null;
     this.file = []; // an encoded stream's bytes, as they came
     this.silence = 0; // frames of silence its file got at waits for text (§4.8)
+    this.captions = []; // which text the audio speaks from where: {offset, text} (§4.9)
     this.bytes = 0; // of audio received, every rendition
     this.channels = model.channels;
     this.maxSeconds = model.max_duration;
@@ -386,9 +389,28 @@ export class Card {
     this.updateTransport();
   }
 
+  // Which text the stream speaks from a sample frame on (PROTOCOL.md §4.9): shown
+  // under the waveform once the playhead reaches it.
+  onCaption(message) {
+    if (this.captions.length < MAX_CAPTIONS) this.captions.push({ offset: message.offset, text: message.text });
+    if (this.player) this.showCaption(this.player.position / this.sampleRate);
+  }
+
+  showCaption(seconds) {
+    let shown = null;
+    for (const c of this.captions) {
+      if (c.offset / this.streamRate > seconds + 1e-6) break;
+      shown = c;
+    }
+    const p = $(".caption", this.el);
+    p.hidden = shown === null;
+    if (shown !== null && p.textContent !== shown.text) p.textContent = shown.text;
+  }
+
   onPosition(player) {
     this.consumed = player.consumed;
     const seconds = player.position / this.sampleRate;
+    if (this.captions.length) this.showCaption(seconds);
     $(".s-played", this.el).textContent = `${seconds.toFixed(2)} s`;
     const pct = Math.min(100, (seconds / this.duration) * 100);
     $(".played", this.el).style.width = `${pct}%`;

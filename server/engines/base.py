@@ -121,6 +121,9 @@ class StepOutput:
         waiting: The job has spoken all of its text so far and waits for more
             (``Engine.add_text``): its audio up to here is all in this output
             and those before it.
+        caption: A text chunk's audio begins in the step: the sample frame
+            of the live stream (at the model's rate) it begins at, and the
+            chunk's text (``generate.captions``).
     """
 
     audio: FloatAudio | None
@@ -133,6 +136,7 @@ class StepOutput:
     codes: list[list[int]] | None = None
     codes_from: int = 0
     waiting: bool = False
+    caption: tuple[int, str] | None = None
 
 
 def step_error(exc: BaseException, request_id: str | None = None) -> WavecastError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -327,4 +328,38 @@ async def test_speech_as_it_is_typed(browser: Any, speech_server: Any) -> None:
     # A plain speech request again once unchecked: the text box is required.
     await page.uncheck("#as-typed")
     assert await page.get_attribute("#prompt", "required") is not None
+    assert page.errors == []
+
+
+async def test_the_card_shows_the_text_it_is_saying(browser: Any, speech_server: Any) -> None:
+    """Speech is asked for with captions (PROTOCOL.md §4.9): under the waveform,
+    the card shows the text chunk the playhead is in, each in its turn."""
+    page = await open_page(browser, speech_server)
+    await page.select_option("#model", "tiny-higgs")
+    await page.fill("#prompt", "One two three. Four five six.")
+    await page.fill("#param-max_new_tokens", "30")
+    await page.click("#advanced summary")
+    await page.select_option("#param-chunk_method", "word")
+    await page.fill("#param-chunk_max_word_num", "3")
+    rid, done = await submit_and_wait(page)
+    assert done["status"] == "completed", done["error"]
+    request = await page.evaluate("(id) => window.wavecast.cards.get(id).request", rid)
+    assert request["captions"] is True
+    captions = await page.evaluate("(id) => window.wavecast.cards.get(id).captions", rid)
+    assert captions == [
+        {"offset": 0, "text": "One two three."},
+        {"offset": (30 - K) * HOP, "text": "Four five six."},
+    ]
+    # Played from its start (in real time: 2.08 s), each chunk's text in its turn.
+    await page.evaluate("(id) => window.wavecast.cards.get(id).seekTo(0)", rid)
+    caption = f"#cards article[data-id='{rid}'] .caption"
+    shown: list[str] = []
+    for _ in range(int(timeout(20) / 0.05)):
+        text = await page.text_content(caption) if await page.is_visible(caption) else None
+        if text and (not shown or shown[-1] != text):
+            shown.append(text)
+        if shown[-1:] == ["Four five six."]:
+            break
+        await asyncio.sleep(0.05)
+    assert shown[-2:] == ["One two three.", "Four five six."]
     assert page.errors == []

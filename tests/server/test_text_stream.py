@@ -31,7 +31,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import SyncClient, connect
 from wavecast.clients.client import GenerationResult, decode_file
-from wavecast.protocol import Audio, Done, Started, Waiting
+from wavecast.protocol import Audio, Caption, Done, Started, Waiting
 from wavecast.server import session as session_module
 from wavecast.server.scheduler import Scheduler, add_text_part
 
@@ -279,7 +279,9 @@ async def speak_waiting_each_time(client: Any, format: str) -> tuple[list[Any], 
     the stream's bytes so far at each wait."""
     # (31 frames a sentence: a FLAC block, 2.4 frames, does not end where one does)
     params = {**CHUNKING, "max_new_tokens": 35}
-    stream = await client.speak("tiny-higgs", "", text_stream=True, format=format, **params)
+    stream = await client.speak(
+        "tiny-higgs", "", text_stream=True, format=format, captions=True, **params
+    )
     parts = [(s, i == len(SENTENCES) - 1) for i, s in enumerate(SENTENCES)]
     text, end = parts.pop(0)
     await stream.send_text(text, flush=True)
@@ -303,7 +305,8 @@ async def test_an_encoded_stream_plays_all_of_its_speech_at_a_wait(
     """At a wait, an encoded stream's file so far plays all of its speech so far
     (the encoder's last frame and look-ahead filled with silence, which plays
     while it waits): FLAC its 16-bit samples exactly, each sentence's after the
-    silence that ended the one before; Opus and MP3 as many samples, at least."""
+    silence that ended the one before; Opus and MP3 as many samples, at least.
+    Each sentence's caption is where it begins in the file, after that silence."""
     async with connect(server.url) as client:
         pcm_events, _ = await speak_waiting_each_time(client, "pcm_s16le")
         events, at_waits = await speak_waiting_each_time(client, format)
@@ -319,8 +322,11 @@ async def test_an_encoded_stream_plays_all_of_its_speech_at_a_wait(
     delay = 1105 if format == "mp3" else 0  # (LAME's: the file begins with it)
     # (less than a FLAC block, 2,304 samples at 24 kHz; 50 ms of Opus; 150 of MP3)
     assert all(0 < s < {"flac": 2304, "opus": 1200, "mp3": 3600}[format] for s in silences)
+    captions = [e for e in events if isinstance(e, Caption)]
+    assert [c.text for c in captions] == SENTENCES
     start = 0
     for sentence, data, silence in zip(sentences, files, [*silences, 0], strict=True):
+        assert captions.pop(0).offset == start
         decoded = decode_file(data, format)[delay:, 0]
         end = start + len(sentence)
         assert len(decoded) >= end

@@ -1313,7 +1313,10 @@ class HiggsEngine(TableSizing):
         all_eos = u.take(tokens, st.max_new_tokens)
         plan = None
         frame = None if all_eos else u.frame()
+        caption = None
         if frame is not None:
+            if not st.chunk_frames:  # (the chunk's first frame: its audio begins here)
+                caption = (st.produced * self.hop, st.chunks[st.index].strip())
             st.chunk_frames.append(frame)
             st.produced += 1
             plan = st.decoder.plan_push_frame(frame)
@@ -1341,6 +1344,7 @@ class HiggsEngine(TableSizing):
             seconds=st.produced / self.frame_rate,
             done=done,
             waiting=pause,
+            caption=caption,
         )
         output.codes, output.codes_from = [tokens], st.drawn
         st.drawn += 1
