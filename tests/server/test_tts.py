@@ -94,6 +94,7 @@ async def test_greeting_voices_and_scenes_endpoints(server: Any) -> None:
             "dialogue",
             "codes",
             "text_stream",
+            "captions",
         )
         assert info.voices == ("belinda", "broom_salesman", "no_transcript")
         assert info.scenes is not None and "quiet_indoor" in info.scenes
