@@ -1183,9 +1183,10 @@ def _add_speak_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ras-win-max-num-repeat", type=int, dest="ras_win_max_num_repeat")
     parser.add_argument(
         "--chunk-method",
-        choices=("none", "speaker", "word"),
+        choices=("none", "speaker", "word", "sentence"),
         dest="chunk_method",
-        help="speak long texts chunk by chunk, by speaker turn or by word count",
+        help="speak long texts chunk by chunk: by speaker turn, by word count or a sentence "
+        "at a time",
     )
     parser.add_argument("--chunk-max-word-num", type=int, dest="chunk_max_word_num")
     parser.add_argument("--chunk-max-num-turns", type=int, dest="chunk_max_num_turns")

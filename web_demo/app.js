@@ -290,6 +290,16 @@ $("#model").addEventListener("change", () => { clearFieldErrors(); renderParams(
 $("#prompt").addEventListener("input", sendTyped);
 $("#as-typed").addEventListener("change", (event) => {
   $("#prompt").required = !event.target.checked;
+  // Typed text is said a sentence a chunk (cut the same however it is typed, a
+  // caption a sentence), unless the user chose how to split it.
+  const select = $("#param-chunk_method");
+  if (!select || select.dataset.touched || ![...select.options].some((o) => o.value === "sentence")) return;
+  if (event.target.checked) {
+    select.dataset.before = select.value;
+    select.value = "sentence";
+  } else if (select.value === "sentence" && select.dataset.before) {
+    select.value = select.dataset.before;
+  }
 });
 $("#play-together").addEventListener("change", (event) => {
   playback.together = event.target.checked;

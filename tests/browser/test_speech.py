@@ -306,6 +306,7 @@ async def test_speech_as_it_is_typed(browser: Any, speech_server: Any) -> None:
     rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
     request = await page.evaluate("(id) => window.wavecast.cards.get(id).request", rid)
     assert request["text_stream"] is True and "codes" not in request
+    assert request["params"]["chunk_method"] == "sentence"  # (a sentence a chunk)
     # Typed a character at a time, as a person types: the first sentence is
     # spoken once it ends, before the rest is written.
     await page.type("#prompt", "Hello there. ", delay=5)
@@ -327,6 +328,7 @@ async def test_speech_as_it_is_typed(browser: Any, speech_server: Any) -> None:
     assert (await page.text_content("#generate") or "").startswith("Generate")
     # A plain speech request again once unchecked: the text box is required.
     await page.uncheck("#as-typed")
+    assert await page.input_value("#param-chunk_method") == "none"
     assert await page.get_attribute("#prompt", "required") is not None
     assert page.errors == []
 

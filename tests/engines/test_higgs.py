@@ -251,6 +251,27 @@ def test_chunking() -> None:
         "去公园\n\n",
     ]
     assert chunk_text(dialogue, "none", 1, 1) == [dialogue]
+    # A sentence a chunk, each with its turn's speaker; a long one cut by words.
+    assert chunk_text(dialogue, "sentence", 200, 1) == [
+        "[SPEAKER0] Hi there.",
+        "[SPEAKER1] Hello!",
+        "[SPEAKER1] How are you?",
+        "[SPEAKER0] Fine.",
+    ]
+    said = "Mr. Smith came home. It rained, and rained! Then 3.14 is pi… 你好。再见"
+    assert chunk_text(said, "sentence", 4, 1) == [
+        "Mr. Smith came home.",
+        "It rained, and rained!",
+        "Then 3.14 is pi…",
+        "你好。",
+        "再见",
+    ]
+    assert chunk_text("one two three four five. six", "sentence", 2, 1) == [
+        "one two",
+        "three four",
+        "five.",
+        "six",
+    ]
 
 
 def test_streamed_audio_equals_one_shot_decode(engine: HiggsEngine) -> None:

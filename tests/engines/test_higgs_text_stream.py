@@ -100,6 +100,36 @@ def test_text_that_comes_ahead_of_the_speech_is_the_whole_texts_speech(
     assert joined.shape == audio.shape and np.allclose(joined, audio, atol=1e-5)
 
 
+def test_by_sentence_the_text_is_cut_the_same_however_it_comes(engine: HiggsEngine) -> None:
+    """``chunk_method: sentence``: each sentence a chunk, so that parts cut
+    mid-sentence, and two sentences that come at once, give the whole text's
+    chunks and codes (by words or whole, the two would be one chunk)."""
+    text = "Yes. Four five six seven. Eight nine! Ten eleven twelve?"
+    by_sentence = {"chunk_method": "sentence", "chunk_max_word_num": 200}
+    whole = job_of(engine, text, text_stream=False, **by_sentence)
+    assert whole.state.chunks == [
+        "Yes.",
+        "Four five six seven.",
+        "Eight nine!",
+        "Ten eleven twelve?",
+    ]
+    codes: list[Any] = []
+    assert step_until(engine, whole, [], codes)
+    engine.finish(whole)
+    job = job_of(engine, "Yes. Four fi", text_stream=True, **by_sentence)
+    got_codes: list[Any] = []
+    out = engine.step([job])[0]
+    got_codes.extend(out.codes or [])
+    engine.add_text(job, "ve six seven. Eight nine! Ten elev", flush=False, end=False)
+    while job.state.index < 2:  # (the two sentences that came together, cut apart)
+        got_codes.extend(engine.step([job])[0].codes or [])
+    assert job.state.chunks[1:3] == ["Four five six seven.", "Eight nine!"]
+    engine.add_text(job, "en twelve?", flush=False, end=True)
+    assert step_until(engine, job, [], got_codes)
+    engine.finish(job)
+    assert got_codes == codes
+
+
 def test_a_stream_that_waits_for_text_goes_on_from_where_it_waited(engine: HiggsEngine) -> None:
     """Each sentence comes once the one before is spoken: the same codes (its
     row kept while it waits, its draws counted on); all of the audio so far

@@ -27,7 +27,7 @@ __all__ = [
     "normalize_text",
 ]
 
-CHUNK_METHODS = ("none", "speaker", "word")
+CHUNK_METHODS = ("none", "speaker", "word", "sentence")
 
 SYSTEM = "Generate audio following instruction."
 MULTISPEAKER_SYSTEM = (
@@ -138,8 +138,28 @@ def chunk_text(text: str, method: str, max_words: int, max_turns: int) -> list[s
     ``speaker``: one chunk per speaker turn (a line starting with ``[SPEAKERn]``),
     ``max_turns`` turns merged per chunk. ``word``: paragraphs (split on blank
     lines) cut every ``max_words`` words; in scripts written without spaces
-    (Chinese, Japanese) each character counts as a word.
+    (Chinese, Japanese) each character counts as a word. ``sentence`` (this
+    server's own): each sentence a chunk, where ``speakable`` ends one (a
+    longer one than ``max_words`` cut as ``word`` cuts it), so that a text
+    that comes as it is written is cut the same however its parts come; in a
+    dialogue, each with the speaker tag of its turn.
     """
+    if method == "sentence":
+        pieces, start = [], 0
+        for match in _SENTENCE_END.finditer(text):
+            pieces.append(text[start : match.end()])
+            start = match.end()
+        pieces.append(text[start:])
+        sentences, tag = [], ""
+        for piece in (p.strip() for p in pieces):
+            if not piece:
+                continue
+            if opening := SPEAKER_TAG.match(piece):
+                tag = opening.group(0)
+            elif tag:
+                piece = f"{tag} {piece}"
+            sentences += [c.strip() for c in chunk_text(piece, "word", max_words, max_turns)]
+        return sentences or [text]
     if method == "speaker":
         turns: list[str] = []
         current = ""
