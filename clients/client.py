@@ -441,8 +441,10 @@ class RequestStream:
     #: (None: more than ``_MAX_KEPT_CODES``).
     _codes: bytearray | None = field(default_factory=bytearray)
     #: Its text's parts sent so far (``generate.text_stream``): sent again with
-    #: it where it is sent again before it started.
+    #: it where it is sent again before it started; in its ``prompt`` where it
+    #: is picked up under way (after its first ``prompt``, ``_begun``).
     _texts: list[TextInput] = field(default_factory=list)
+    _begun: str | None = None
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
         return self._iterate()
@@ -499,13 +501,20 @@ class RequestStream:
 
     def _resumable(self) -> bool:
         """Whether the stream, cut under way, can be picked up where it was: PCM,
-        whose frames are counted, and the seed that makes it again (and its text
-        given whole: not one that came as it was written)."""
+        whose frames are counted, and the seed that makes it again (and a text
+        that came as it was written cut a sentence a chunk, none of its parts
+        flushed: its cuts do not depend on when its parts came)."""
         assert self.generate is not None and self.started is not None
         return (
             self.generate.format in BYTES_PER_SAMPLE
             and self.started.seed is not None
-            and not self.generate.text_stream
+            and (
+                not self.generate.text_stream
+                or (
+                    self.generate.params.get("chunk_method") == "sentence"
+                    and not any(part.flush for part in self._texts)
+                )
+            )
         )
 
     async def send_text(self, text: str, *, flush: bool = False, end: bool = False) -> None:
@@ -527,7 +536,12 @@ class RequestStream:
         part = TextInput(id=self.id, text=text, flush=flush or None, end=end or None)
         self._texts.append(part)
         if self._link is not None and not self._resending and self.done is None:
-            await self._link.ws.send(encode(part, text=self.client.text))
+            try:
+                await self._link.ws.send(encode(part, text=self.client.text))
+            except ConnectionClosed:
+                if self._retries is None:
+                    raise
+                # (kept: the stream, picked up or sent again, takes it with it)
 
     async def end_text(self, text: str = "") -> None:
         """``send_text(text, end=True)``: the text's last part."""
@@ -578,6 +592,7 @@ class RequestStream:
         if not self._cancel_asked.is_set():
             # Sent again (connecting again first, where it must), unless cancelled
             # meanwhile: a cancel does not wait for a server to come back.
+            first = self._text_so_far()
             submit = asyncio.ensure_future(self.client._submit(self))
             cancelled = asyncio.ensure_future(self._cancel_asked.wait())
             self._resending = True
@@ -592,7 +607,10 @@ class RequestStream:
                     await submit
             elif submit.exception() is None:
                 if self._link is not None:  # (its text so far, to the new try)
-                    for part in self._texts:
+                    parts = self._texts[first:]
+                    if first and first == len(self._texts) and self._texts[-1].end:
+                        parts = [TextInput(id=self.id, text="", end=True)]  # (in its prompt)
+                    for part in parts:
                         await self._link.ws.send(encode(part, text=self.client.text))
                 if self._cancel_asked.is_set():  # (asked meanwhile)
                     await self._send_cancel()
@@ -603,6 +621,20 @@ class RequestStream:
                 submit.result()  # (raises what went wrong)
         await self._queue.put(Done(id=self.id, status="cancelled"))
         return True
+
+    def _text_so_far(self) -> int:
+        """A text stream sent again: the first of its text's parts to send after
+        it. Before it started, all of them; under way (picked up), its
+        ``prompt`` becomes all of its text so far, and the parts that come while
+        it is sent follow it (and the text's end, where it came before)."""
+        assert self.generate is not None
+        if not self.generate.text_stream or self.started is None:
+            return 0
+        if self._begun is None:
+            self._begun = self.generate.prompt
+        said = self._begun + "".join(part.text for part in self._texts)
+        self.generate = replace(self.generate, prompt=said)
+        return len(self._texts)
 
     async def cancel(self) -> None:
         """Ask the server to stop this request; its ``done`` still follows (in a
@@ -862,7 +894,10 @@ class Client:
             text_stream: The text comes as it is written (speech models with the
                 ``text_stream`` capability): ``prompt`` is its beginning, and
                 ``RequestStream.send_text`` sends the rest (``end_text``: the
-                last of it). Such a stream is not picked up where it is cut.
+                last of it). Such a stream is picked up where it is cut
+                (``retry_for``) where it is cut a sentence a chunk
+                (``chunk_method="sentence"``) and no part was flushed: its
+                ``prompt`` is then all of its text so far.
             captions: Have the server say which text the audio speaks: a
                 ``Caption`` ahead of each text chunk's audio (speech models with
                 the ``captions`` capability; ``GenerationResult.captions``).
@@ -878,7 +913,7 @@ class Client:
             info = self.models.get(model)
             codes = (
                 self.retry_for > 0
-                and not text_stream
+                and (not text_stream or merged.get("chunk_method") == "sentence")
                 and format in BYTES_PER_SAMPLE
                 and info is not None
                 and "codes" in info.capabilities

@@ -1078,14 +1078,16 @@ def _check_resume(message: Generate) -> None:
 
 
 def _check_text_stream(message: Generate, info: ModelInfo) -> None:
-    """``text_stream`` (§3.4): a model whose text may come as it is written,
-    and not a stream picked up (what its text was where it was cut, and where
-    its parts came, is not the server's to know)."""
+    """``text_stream`` (§3.4): a model whose text may come as it is written; a
+    stream picked up (``resume``) only where it is cut a sentence a chunk
+    (``chunk_method: sentence``), so that its cuts do not depend on when its
+    parts came (its ``prompt`` then holds all of its text so far)."""
     if "text_stream" not in info.capabilities:
         raise _unsupported(message, info, "text_stream")
-    if message.resume is not None:
+    if message.resume is not None and message.params.get("chunk_method") != "sentence":
         raise InvalidField(
-            "a stream whose text comes as it is written cannot be picked up (resume)",
+            "a stream whose text comes as it is written is picked up (resume) only where "
+            "it is cut a sentence a chunk (params.chunk_method: sentence)",
             field="text_stream",
             id=message.id,
         )

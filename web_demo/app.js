@@ -141,8 +141,10 @@ function submit(event) {
   if (bitrate) message.bitrate = bitrate;
   if (Object.keys(inputs).length) message.inputs = inputs;
   // PCM streams come with their codes where the model sends them: a stream cut
-  // under way is picked up from them (PROTOCOL.md §3.1 resume_codes).
-  if (!format && (model.capabilities || []).includes("codes") && !asTyped) message.codes = true;
+  // under way is picked up from them (PROTOCOL.md §3.1 resume_codes; a typed
+  // one where it is cut a sentence a chunk, §3.4).
+  const pickable = !asTyped || params.chunk_method === "sentence";
+  if (!format && (model.capabilities || []).includes("codes") && pickable) message.codes = true;
   if (asTyped) message.text_stream = true;
   // Speech says which text it speaks: the card shows it as it plays (§4.9).
   if ((model.capabilities || []).includes("captions")) message.captions = true;

@@ -745,11 +745,14 @@ export class Card {
   }
 
   // Whether the request may still be asked again: it has not started, or its
-  // stream can be picked up where it is cut (PCM, its seed known); and it is
-  // under the retry time old (from when it was asked; once started, from the cut).
+  // stream can be picked up where it is cut (PCM, its seed known; a text typed
+  // as it is spoken, cut a sentence a chunk: its prompt is then all of it so
+  // far, sendRequest); and it is under the retry time old (from when it was
+  // asked; once started, from the cut).
   mayAskAgain(delay = 0) {
     if (this.request === null || this.ended || this.finishing) return false;
-    if (this.startedAt !== null && (this.format || this.seed == null || this.request.text_stream)) return false;
+    const typedWhole = !this.request.text_stream || this.request.params.chunk_method === "sentence";
+    if (this.startedAt !== null && (this.format || this.seed == null || !typedWhole)) return false;
     return performance.now() + delay - (this.streaming() ? performance.now() : this.since) <= retry.forMs;
   }
 
@@ -858,7 +861,7 @@ export class Card {
   // from then on), or wait for one.
   sendRequest() {
     if (this.request.text_stream && this.typed) {
-      // Asked again before it started: with the text written so far.
+      // Asked again (before it started, or picked up): with the text written so far.
       this.request = { ...this.request, prompt: this.request.prompt + this.typed };
       this.typed = "";
     }

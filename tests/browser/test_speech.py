@@ -305,8 +305,9 @@ async def test_speech_as_it_is_typed(browser: Any, speech_server: Any) -> None:
     assert (await page.text_content("#generate") or "").startswith("End text")
     rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
     request = await page.evaluate("(id) => window.wavecast.cards.get(id).request", rid)
-    assert request["text_stream"] is True and "codes" not in request
-    assert request["params"]["chunk_method"] == "sentence"  # (a sentence a chunk)
+    # A sentence a chunk, with its codes: picked up where it is cut (§3.4).
+    assert request["text_stream"] is True and request["codes"] is True
+    assert request["params"]["chunk_method"] == "sentence"
     # Typed a character at a time, as a person types: the first sentence is
     # spoken once it ends, before the rest is written.
     await page.type("#prompt", "Hello there. ", delay=5)
@@ -364,4 +365,40 @@ async def test_the_card_shows_the_text_it_is_saying(browser: Any, speech_server:
             break
         await asyncio.sleep(0.05)
     assert shown[-2:] == ["One two three.", "Four five six."]
+    assert page.errors == []
+
+
+async def test_speech_typed_and_cut_by_a_lost_connection_is_picked_up(
+    browser: Any, speech_server: Any
+) -> None:
+    """ "Speak as I type" cuts a sentence a chunk: a stream cut by a lost
+    connection is picked up where it was (its prompt all of the text typed so
+    far, from the codes its audio came with), and goes on with what is typed
+    after."""
+    get = "(id) => window.wavecast.cards.get(id)"
+    page = await open_page(browser, speech_server)
+    await page.select_option("#model", "tiny-higgs")
+    await page.check("#as-typed")
+    await page.fill("#param-max_new_tokens", "150")
+    await page.fill("#prompt", "")
+    await page.click("#generate")
+    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    await page.type("#prompt", "Hello there. ", delay=5)
+    await page.wait_for_function(
+        f"(id) => ({get})(id).frames > 0", arg=rid, timeout=timeout(30) * MS
+    )
+    for session in list(speech_server.sessions):
+        await session.ws.close(1012, "restart")
+    await page.wait_for_function(
+        f"(id) => ({get})(id).statuses.some((s) => s.startsWith('picked up at'))",
+        arg=rid,
+        timeout=timeout(30) * MS,
+    )
+    await page.type("#prompt", "And one more", delay=5)
+    ended, done = await submit_and_wait(page)
+    assert ended == rid and done["status"] == "completed", done["error"]
+    # Two utterances of max_new_tokens rows each, every frame's audio, once.
+    assert done["frames"] == done["serverSamples"] == 2 * (150 - K) * HOP
+    request = await page.evaluate(f"(id) => ({get})(id).request", rid)
+    assert request["prompt"] == "Hello there. " and request["resume"] > 0
     assert page.errors == []

@@ -22,6 +22,7 @@ from helpers import (
     higgs_engines,
     make_config,
     running_server,
+    same_audio,
     slow_link,
     timeout,
     tiny_higgs,
@@ -240,9 +241,13 @@ async def test_text_that_cannot_be_taken_is_refused(
     ("extra", "code", "says"),
     [
         ({"model": "tiny-musicgen"}, "unsupported", "text_stream"),
-        ({"resume": 10, "params": {"seed": 1}}, "invalid_field", "cannot be picked up"),
+        (
+            {"resume": 10, "params": {"seed": 1}},
+            "invalid_field",
+            "only where it is cut a sentence a chunk",
+        ),
     ],
-    ids=["a music model", "picked up"],
+    ids=["a music model", "picked up, not cut by sentence"],
 )
 async def test_a_text_stream_that_cannot_be_is_refused(
     server: Any, extra: dict[str, Any], code: str, says: str
@@ -468,3 +473,45 @@ async def test_the_blocking_client_sends_text_as_it_comes(server: Any) -> None:
     # Three utterances ("One two three.", "Four", "five six."), each to its
     # max_new_tokens: every frame of them.
     assert result.status == "completed" and result.frames == 3 * (40 - 4) * HOP
+
+
+async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was() -> None:
+    """Cut a sentence a chunk (``chunk_method: sentence``), a stream whose text
+    comes as it is written is picked up on a new connection (``retry_for``):
+    its text so far in its prompt, from the codes it sent (cut in its second
+    sentence, which came in a part); a part sent while it was cut goes after
+    it. The speech is the one made without the cut."""
+    asked = {"chunk_method": "sentence", "max_new_tokens": 150, "seed": 3}
+    async with (
+        running_server(make_config(max_active=2, admission="slots"), higgs_engines) as server,
+        connect(server.url, retry_for=timeout(30)) as client,
+    ):
+
+        async def spoken(cut: bool) -> list[Any]:
+            stream = await client.speak(
+                "tiny-higgs", "One two three. Four", text_stream=True, **asked
+            )
+            assert stream.generate.codes  # (asked for, to be picked up from)
+            events: list[Any] = []
+            heard, parts = 0, [" five six. Seven", " eight nine."]
+            async for event in stream:
+                events.append(event)
+                heard += event.frames if isinstance(event, Audio) else 0
+                if isinstance(event, Audio) and len(parts) == 2:
+                    await stream.send_text(parts.pop(0))
+                elif heard > (146 + 10) * HOP and len(parts) == 1:  # (into the second)
+                    if cut:
+                        for session in list(server.sessions):
+                            await session.ws.close(1001)  # (going away)
+                    await stream.end_text(parts.pop())
+            return events
+
+        alone = await spoken(cut=False)
+        events = await spoken(cut=True)
+    for got in (alone, events):
+        assert isinstance(got[-1], Done) and got[-1].status == "completed", got[-1]
+    assert sum(isinstance(e, Started) for e in events) == 1  # (one stream, picked up)
+    audio = [e for e in events if isinstance(e, Audio)]
+    assert [a.offset for a in audio] == [0, *itertools.accumulate(a.frames for a in audio[:-1])]
+    assert same_audio(joined(events, "data"), joined(alone, "data"))
+    assert joined(events, "codes") == joined(alone, "codes")

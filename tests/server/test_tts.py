@@ -104,7 +104,7 @@ async def test_greeting_voices_and_scenes_endpoints(server: Any) -> None:
         assert (specs["temperature"].default, specs["top_k"].default) == (0.7, 50)
         assert (specs["top_p"].default, specs["max_new_tokens"].default) == (0.95, 2048)
         assert (specs["ras_win_len"].default, specs["ras_win_max_num_repeat"].default) == (7, 2)
-        assert specs["chunk_method"].choices == ("none", "speaker", "word")
+        assert specs["chunk_method"].choices == ("none", "speaker", "word", "sentence")
         assert (specs["chunk_max_word_num"].default, specs["chunk_max_num_turns"].default) == (
             200,
             1,
@@ -324,7 +324,7 @@ async def test_disconnect_stops_speech(server: Any) -> None:
     ("kwargs", "inputs", "code", "field"),
     [
         ({"voice": "nobody"}, None, "invalid_field", "params.voice"),
-        ({"chunk_method": "sentence"}, None, "invalid_field", "params.chunk_method"),
+        ({"chunk_method": "paragraph"}, None, "invalid_field", "params.chunk_method"),
         ({"temperature": 3.0}, None, "invalid_field", "params.temperature"),
         ({"max_new_tokens": 2049}, None, "invalid_field", "params.max_new_tokens"),
         ({"reference_text": "hi"}, None, "invalid_field", "params.reference_text"),
