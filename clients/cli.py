@@ -452,6 +452,9 @@ async def _speak(args: argparse.Namespace) -> int:
     if args.batch is not None and (text or args.text_file is not None):
         bar.message("--batch reads the texts from its file: not TEXT or --text-file too")
         return 2
+    if args.batch is not None and args.captions is not None:
+        bar.message("--captions writes one request's captions: not with --batch")
+        return 2
     if args.text_stream:
         text = ""
     elif not text and args.batch is None:
@@ -468,6 +471,8 @@ async def _speak(args: argparse.Namespace) -> int:
         params["reference_text"] = args.ref_text
     if args.ref1_text is not None:
         params["reference_1_text"] = args.ref1_text
+    if args.text_stream:  # (cut the same however the lines come: picked up where cut)
+        params.setdefault("chunk_method", "sentence")
     inputs = _read_inputs(bar, {"reference": args.ref, "reference_1": args.ref1})
     if inputs is None:
         return 2
@@ -1147,8 +1152,9 @@ def _add_speak_arguments(parser: argparse.ArgumentParser) -> None:
         "--text-stream",
         action="store_true",
         help="read the text from standard input as it comes (a language model's answer piped "
-        "in): each sentence is spoken once its line or sentence ends, the stream ending with "
-        "the input (… | wavecast speak --text-stream --play)",
+        "in): each sentence is spoken once its line or sentence ends, a sentence a chunk "
+        "(unless --chunk-method says otherwise), the stream ending with the input "
+        "(… | wavecast speak --text-stream --play)",
     )
     parser.add_argument(
         "--captions",

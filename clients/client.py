@@ -445,6 +445,7 @@ class RequestStream:
     #: is picked up under way (after its first ``prompt``, ``_begun``).
     _texts: list[TextInput] = field(default_factory=list)
     _begun: str | None = None
+    _captioned: int = -1  # the offset of the last caption the consumer had
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
         return self._iterate()
@@ -473,6 +474,8 @@ class RequestStream:
                 self._next[new.rendition] = (new.offset + len(new.data) // unit, new.seq + 1)
             elif isinstance(new, Progress):
                 self._stage = (_STAGES.get(new.stage, 2), new.fraction)
+            elif isinstance(new, Caption):
+                self._captioned = new.offset
             if new is not None:
                 yield new
 
@@ -485,9 +488,11 @@ class RequestStream:
     def _unseen(self, item: ServerMessage) -> ServerMessage | None:
         """What of a message of a try that picks the stream up is new to the
         consumer: audio past what it has (numbered on from it), progress past
-        what it saw; no ``queued``."""
+        what it saw, captions past the last it had; no ``queued``."""
         if isinstance(item, Queued):
             return None
+        if isinstance(item, Caption):  # (one sent before the cut, ahead of its audio)
+            return item if item.offset > self._captioned else None
         if isinstance(item, Progress):
             return item if (_STAGES.get(item.stage, 2), item.fraction) >= self._stage else None
         if isinstance(item, Audio):

@@ -392,6 +392,8 @@ export class Card {
   // Which text the stream speaks from a sample frame on (PROTOCOL.md §4.9): shown
   // under the waveform once the playhead reaches it.
   onCaption(message) {
+    // (a stream picked up says again those ahead of the audio the card had)
+    if (this.captions.length && this.captions.at(-1).offset >= message.offset) return;
     if (this.captions.length < MAX_CAPTIONS) this.captions.push({ offset: message.offset, text: message.text });
     if (this.player) this.showCaption(this.player.position / this.sampleRate);
   }

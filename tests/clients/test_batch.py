@@ -156,3 +156,7 @@ async def test_speak_a_batch(tmp_path: Path) -> None:
             "speak", "--url", server.url, "--batch", str(batch), "some text too"
         )
         assert code == 2 and "not TEXT or --text-file too" in output, output
+        code, output = await run_cli(
+            "speak", "--url", server.url, "--batch", str(batch), "--captions", "x.vtt"
+        )
+        assert code == 2 and "not with --batch" in output, output

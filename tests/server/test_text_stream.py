@@ -354,8 +354,9 @@ async def test_an_encoded_stream_plays_all_of_its_speech_at_a_wait(
 
 async def test_the_command_speaks_its_input_as_it_comes(server: Any, tmp_path: Path) -> None:
     """``wavecast speak --text-stream``: each line of its standard input sent as
-    it comes, the stream ending with the input."""
-    out = tmp_path / "said.wav"
+    it comes, a sentence a chunk (two in a line too), the stream ending with
+    the input."""
+    out, vtt = tmp_path / "said.wav", tmp_path / "said.vtt"
     process = await asyncio.create_subprocess_exec(
         *WAVECAST,
         "speak",
@@ -366,12 +367,14 @@ async def test_the_command_speaks_its_input_as_it_comes(server: Any, tmp_path: P
         "30",
         "-o",
         str(out),
+        "--captions",
+        str(vtt),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     assert process.stdin is not None and process.stdout is not None
-    process.stdin.write(b"The first line comes\n")
+    process.stdin.write(b"The first line. It comes\n")
     await process.stdin.drain()
     await asyncio.sleep(0.5)  # (spoken meanwhile: the stream then waits)
     process.stdin.write(b"and then the last.")
@@ -380,8 +383,10 @@ async def test_the_command_speaks_its_input_as_it_comes(server: Any, tmp_path: P
     assert await process.wait() == 0, output
     assert "completed" in output and "test model" in output
     audio, rate = soundfile.read(out)
-    # Two utterances of at most 30 rows (26 frames) each.
-    assert rate == 24000 and 0 < len(audio) <= 2 * 26 * HOP
+    # Three utterances of at most 30 rows (26 frames) each.
+    assert rate == 24000 and 0 < len(audio) <= 3 * 26 * HOP
+    said = [cue.split("\n")[-1] for cue in vtt.read_text().strip().split("\n\n")[1:]]
+    assert said == ["The first line.", "It comes", "and then the last."]
 
 
 async def test_the_parts_waiting_for_the_engine_are_as_few_as_say_the_same() -> None:
@@ -489,7 +494,7 @@ async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was() -> None:
 
         async def spoken(cut: bool) -> list[Any]:
             stream = await client.speak(
-                "tiny-higgs", "One two three. Four", text_stream=True, **asked
+                "tiny-higgs", "One two three. Four", text_stream=True, captions=True, **asked
             )
             assert stream.generate.codes  # (asked for, to be picked up from)
             events: list[Any] = []
@@ -515,3 +520,7 @@ async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was() -> None:
     assert [a.offset for a in audio] == [0, *itertools.accumulate(a.frames for a in audio[:-1])]
     assert same_audio(joined(events, "data"), joined(alone, "data"))
     assert joined(events, "codes") == joined(alone, "codes")
+    # Each sentence's caption once, where it was said without the cut.
+    captions = [(e.offset, e.text) for e in events if isinstance(e, Caption)]
+    assert captions == [(e.offset, e.text) for e in alone if isinstance(e, Caption)]
+    assert [text for _, text in captions] == SENTENCES
