@@ -20,6 +20,7 @@ import soundfile
 from helpers import higgs_engines, running_server, slow_link
 from test_cards import run, wait
 from test_demo import card, open_page
+from test_speech import start_typing
 
 from wavecast.protocol.messages import CODEC_RATES
 from wavecast.server.encode import bit_rate
@@ -178,12 +179,8 @@ async def test_speech_typed_in_an_encoded_format_plays_all_of_it_at_each_wait(
         page = await open_page(browser, srv)
         await page.select_option("#model", "tiny-higgs")
         await choose(page, format)
-        await page.check("#as-typed")
         # 19 frames of 960 samples a sentence: not a whole number of FLAC blocks
-        await page.fill("#param-max_new_tokens", "23")
-        await page.fill("#prompt", "")
-        await page.click("#generate")
-        rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+        rid = await start_typing(page, 23)
         await page.type("#prompt", "Hello there. ", delay=5)
         await wait(page, "(id) => window.wavecast.cards.get(id).waitingForText", rid)
         said = 19 * 960

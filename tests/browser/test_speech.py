@@ -29,6 +29,16 @@ def tone(path: Path, seconds: float, freq: float, rate: int = 24000) -> Path:
     return path
 
 
+async def start_typing(page: Any, max_new_tokens: int) -> str:
+    """ "Speak as I type" on the page's speech model, with nothing written yet
+    (the stream waits for its text): the new card's id."""
+    await page.check("#as-typed")
+    await page.fill("#param-max_new_tokens", str(max_new_tokens))
+    await page.fill("#prompt", "")
+    await page.click("#generate")
+    return str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+
+
 async def submit_and_wait(page: Any) -> tuple[str, dict[str, Any]]:
     """Press Generate; wait for the new card to complete or fail."""
     await page.click("#generate")
@@ -298,12 +308,8 @@ async def test_speech_as_it_is_typed(browser: Any, speech_server: Any) -> None:
     page = await open_page(browser, speech_server)
     await page.select_option("#model", "tiny-higgs")
     assert await page.is_visible("#as-typed-box")
-    await page.check("#as-typed")
-    await page.fill("#param-max_new_tokens", "20")
-    await page.fill("#prompt", "")  # (nothing yet: the stream waits for its text)
-    await page.click("#generate")
+    rid = await start_typing(page, 20)
     assert (await page.text_content("#generate") or "").startswith("End text")
-    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
     request = await page.evaluate("(id) => window.wavecast.cards.get(id).request", rid)
     # A sentence a chunk, with its codes: picked up where it is cut (§3.4).
     assert request["text_stream"] is True and request["codes"] is True
@@ -378,11 +384,7 @@ async def test_speech_typed_and_cut_by_a_lost_connection_is_picked_up(
     get = "(id) => window.wavecast.cards.get(id)"
     page = await open_page(browser, speech_server)
     await page.select_option("#model", "tiny-higgs")
-    await page.check("#as-typed")
-    await page.fill("#param-max_new_tokens", "150")
-    await page.fill("#prompt", "")
-    await page.click("#generate")
-    rid = str(await page.evaluate("[...window.wavecast.cards.keys()].at(-1)"))
+    rid = await start_typing(page, 150)
     await page.type("#prompt", "Hello there. ", delay=5)
     await page.wait_for_function(
         f"(id) => ({get})(id).frames > 0", arg=rid, timeout=timeout(30) * MS
