@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 import soundfile
 from helpers import higgs_engines, make_config, running_server, timeout
+from test_cards import wait
 from test_demo import ARTIFACTS, MS, card, chromium, open_page
 
 # One speech server and one browser for the module (a server's start, with the
@@ -317,14 +318,12 @@ async def test_speech_as_it_is_typed(browser: Any, speech_server: Any) -> None:
     # Typed a character at a time, as a person types: the first sentence is
     # spoken once it ends, before the rest is written.
     await page.type("#prompt", "Hello there. ", delay=5)
-    await page.wait_for_function(
-        "(id) => window.wavecast.cards.get(id).frames > 0", arg=rid, timeout=timeout(30) * MS
-    )
+    await wait(page, "(id) => window.wavecast.cards.get(id).frames > 0", rid)
     # Said, the stream waits for more, and its card says so.
-    await page.wait_for_function(
+    await wait(
+        page,
         "(id) => window.wavecast.cards.get(id).statuses.some((s) => s.includes('more text'))",
-        arg=rid,
-        timeout=timeout(30) * MS,
+        rid,
     )
     await page.type("#prompt", "And one more", delay=5)
     # "End text": the rest is spoken, and the stream ends.
@@ -386,16 +385,10 @@ async def test_speech_typed_and_cut_by_a_lost_connection_is_picked_up(
     await page.select_option("#model", "tiny-higgs")
     rid = await start_typing(page, 150)
     await page.type("#prompt", "Hello there. ", delay=5)
-    await page.wait_for_function(
-        f"(id) => ({get})(id).frames > 0", arg=rid, timeout=timeout(30) * MS
-    )
+    await wait(page, f"(id) => ({get})(id).frames > 0", rid)
     for session in list(speech_server.sessions):
         await session.ws.close(1012, "restart")
-    await page.wait_for_function(
-        f"(id) => ({get})(id).statuses.some((s) => s.startsWith('picked up at'))",
-        arg=rid,
-        timeout=timeout(30) * MS,
-    )
+    await wait(page, f"(id) => ({get})(id).statuses.some((s) => s.startsWith('picked up at'))", rid)
     await page.type("#prompt", "And one more", delay=5)
     ended, done = await submit_and_wait(page)
     assert ended == rid and done["status"] == "completed", done["error"]

@@ -4,14 +4,13 @@ through the real server and client."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from helpers import WAVECAST, higgs_engines, make_config, running_server, timeout
+from helpers import higgs_engines, make_config, run_cli, running_server
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Caption, Done
@@ -111,23 +110,11 @@ async def test_a_model_without_them_refuses_them(server: Any) -> None:
 async def test_the_command_writes_them_beside_the_audio(server: Any, tmp_path: Path) -> None:
     out, vtt = tmp_path / "said.wav", tmp_path / "said.vtt"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in CHUNKING.items()]
-    process = await asyncio.create_subprocess_exec(
-        *WAVECAST,
-        "speak",
-        TEXT,
-        "--url",
-        server.url,
-        *args,
-        "-o",
-        str(out),
-        "--captions",
-        str(vtt),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, output = await run_cli(
+        "speak", TEXT, "--url", server.url, *args, "-o", str(out), "--captions", str(vtt)
     )
-    _, err = await asyncio.wait_for(process.communicate(), timeout(60))
-    assert process.returncode == 0, err.decode()
-    assert "wrote" in err.decode() and "(3 captions)" in err.decode()
+    assert code == 0, output
+    assert "wrote" in output and "(3 captions)" in output
     cues = vtt.read_text(encoding="utf-8").split("\n\n")
     assert cues[0] == "WEBVTT" and len(cues) == 4
     assert cues[3] == "3\n00:00:02.880 --> 00:00:04.320\nSeven eight nine.\n"
