@@ -392,6 +392,7 @@ def _generate(f: _Fields) -> Generate:
         resume_codes=f.binary("resume_codes", required=False),
         text_stream=f.boolean("text_stream", required=False),
         captions=f.boolean("captions", required=False),
+        resume_until=f.integer("resume_until", required=False),
     )
 
 
@@ -506,6 +507,7 @@ def _audio(f: _Fields) -> Audio:
         data=f.binary("data"),
         rendition=f.string("rendition", max_len=32, required=False),
         codes=f.binary("codes", required=False),
+        until=f.integer("until", required=False),
     )
 
 

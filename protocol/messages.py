@@ -224,9 +224,13 @@ class Generate:
         resume: Sample frames of the live stream the client already has, from
             a try of the same request that was cut (``params.seed`` as its
             ``started`` gave it): the server makes the stream again and sends it
-            from there (PROTOCOL.md §3.1; PCM formats only).
+            from there (PROTOCOL.md §3.1). For an encoded format, the bytes of
+            the live file it has, with ``resume_until``.
+        resume_until: With ``resume``, for an encoded format: the ``until``
+            of the last live ``audio`` message the client has (the sample
+            frames its bytes hold): the file goes on from there.
         codes: Send the live stream's codes with its audio (PROTOCOL.md §4.5;
-            models with the ``codes`` capability, PCM formats).
+            models with the ``codes`` capability).
         resume_codes: With ``resume``, the codes the cut try sent (its
             ``audio`` messages' ``codes``, joined): the server picks the stream
             up from them instead of making it again from its start.
@@ -252,6 +256,7 @@ class Generate:
     resume_codes: bytes | None = None
     text_stream: bool | None = None
     captions: bool | None = None
+    resume_until: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +389,10 @@ class Audio:
     Diffusion) with its own ``seq`` and ``offset`` counting from 0.
     ``codes`` (asked for with ``generate.codes``): the live stream's timesteps
     completed since the last ``codes``, each one's codes as little-endian
-    uint16, one timestep after another.
+    uint16, one timestep after another. ``until`` (an encoded format's live
+    stream): the sample frames of the stream that the file up to this
+    message's end holds, in whole packets of its codec (a cut stream is picked
+    up from there: ``generate.resume_until``).
     """
 
     type: ClassVar[str] = "audio"
@@ -397,6 +405,7 @@ class Audio:
     data: bytes
     rendition: str | None = None
     codes: bytes | None = None
+    until: int | None = None
 
     @property
     def frames(self) -> int:

@@ -75,6 +75,10 @@ OGG_PAGE_MICROSECONDS = 20000
 # long as the stream: not counted.)
 HOLD_SECONDS = 4.0
 MAX_BACKLOG_SECONDS = 30.0
+# A live chunk's bytes at most: whole pieces of its file (packets), each chunk
+# one message (no more than the session's pieces, ``session.PIECE_BYTES``), so
+# that a client's bytes end where a packet does, at a chunk's ``until``.
+CHUNK_BYTES = 32 << 10
 # Frames of silence ``Encoder.flush`` gives an encoder at most (LAME holds some
 # 3,000 samples: six of its 576-sample frames at 24 kHz).
 MAX_FLUSH_FRAMES = 16
@@ -181,6 +185,11 @@ def bit_rate(format: str, sample_rate: int, channels: int) -> int:
     return 0
 
 
+# A file's bytes as its muxer wrote them, each piece with the sample frames of
+# audio the file up to its end holds (``Encoder.push_pieces``).
+Pieces = list[tuple[bytes, int]]
+
+
 class _Bytes(io.RawIOBase):
     """Where the muxer writes: kept until taken (a stream cannot seek back)."""
 
@@ -241,6 +250,13 @@ class Encoder:
         stream: Any = self._container.add_stream(codec, rate=sample_rate, layout=self._layout)
         if rate := bitrate or bit_rate(format, sample_rate, channels):
             stream.bit_rate = rate
+        if format == "mp3":
+            # Each frame holds its own bits (no bit reservoir, whose frames spend
+            # bits of the frames before them): a stream picked up goes on with
+            # the frames of a file made again, whose bits before the cut may
+            # differ by a rounding from the client's (bench/RESULTS.md: 0.1-0.7
+            # dB of signal to noise, at the same bytes a second).
+            stream.codec_context.options = {"reservoir": "0"}
         self._stream = stream
         self._av = av
         self._lossless = format == "flac"
@@ -258,6 +274,28 @@ class Encoder:
         self.closed = False
 
     def push(self, audio: npt.NDArray[np.float32]) -> bytes:
+        return b"".join(data for data, _ in self.push_pieces(audio))
+
+    def flush(self) -> bytes:
+        """``flush_pieces``' bytes."""
+        return b"".join(data for data, _ in self.flush_pieces())
+
+    def close(self) -> bytes:
+        return b"".join(data for data, _ in self.close_pieces())
+
+    def _written(self, pieces: Pieces) -> None:
+        """What the muxer wrote of the last packet (maybe nothing: an Ogg page
+        waits for the next), with the frames the file holds at its end."""
+        if data := self._out.take():
+            pieces.append((data, self._ends[0]))
+
+    def push_pieces(self, audio: npt.NDArray[np.float32]) -> Pieces:
+        """``push``, in the pieces the muxer wrote (whole packets: an MP3 or
+        FLAC frame, an Ogg page; the header with the first), each with the
+        sample frames of audio pushed that the file up to its end holds (the
+        codec's delay taken off). Those of the same audio end at the same
+        frames, however it was pushed."""
+        pieces: Pieces = []
         if audio.shape[0]:
             if self._lossless:  # (FLAC: the 16-bit samples of ``pcm_s16le``, exactly)
                 samples: npt.NDArray[Any] = np.rint(np.clip(audio, -1.0, 1.0) * 32767.0)
@@ -273,14 +311,15 @@ class Encoder:
             for packet in self._stream.encode(frame):
                 self._ends.append(int(packet.pts) + int(packet.duration))
                 self._container.mux(packet)
-        return self._out.take()
+                self._written(pieces)
+        return pieces
 
-    def flush(self) -> bytes:
+    def flush_pieces(self) -> Pieces:
         """All of the audio pushed so far, playable from the file, which goes on:
         the codec's last frame and its look-ahead filled with silence (and, in
         Ogg, one more frame's, for the page held back). The silence stays in the
         file (``padded``): it plays while the stream waits."""
-        out = [self._out.take()]
+        pieces: Pieces = []
         audio_end = self.pushed
         frame_size = int(self._stream.codec_context.frame_size) or 1024
         for _ in range(MAX_FLUSH_FRAMES):
@@ -288,17 +327,23 @@ class Encoder:
                 break
             # (the codec takes whole frames: the one begun made whole first)
             size = -self.pushed % frame_size or frame_size
-            out.append(self.push(np.zeros((size, self.channels), dtype=np.float32)))
+            pieces += self.push_pieces(np.zeros((size, self.channels), dtype=np.float32))
             self.padded += size
-        return b"".join(out)
+        return pieces
 
-    def close(self) -> bytes:
+    def close_pieces(self) -> Pieces:
+        """The file's last pieces: the codec's last packets, and the muxer's end."""
+        pieces: Pieces = []
         if not self.closed:
             self.closed = True
             for packet in self._stream.encode(None):
+                self._ends.append(int(packet.pts) + int(packet.duration))
                 self._container.mux(packet)
+                self._written(pieces)
             self._container.close()
-        return self._out.take()
+            if data := self._out.take():
+                pieces.append((data, self._ends[-1]))
+        return pieces
 
 
 @dataclasses.dataclass(slots=True)
@@ -312,6 +357,7 @@ class _Rendition:
     offset: int = 0
     end: float = 0.0
     spanned: float = 0.0
+    codes: bytearray = dataclasses.field(default_factory=bytearray)  # (not yet sent)
 
 
 class EncodedStream:
@@ -323,6 +369,18 @@ class EncodedStream:
     loop) when the encoding fails or falls ``MAX_BACKLOG_SECONDS`` behind: it
     should end the request with that error; what audio is left is dropped.
     ``behind`` says (to the inference thread) when the generation should wait.
+
+    Each live chunk says the sample frames its file holds at its end
+    (``until``: its bytes end where a packet of its codec does). A stream
+    picked up where it was cut (``resume``: the bytes of the live file its
+    client has; ``until``: the frames they hold, the last chunk's ``until``) is
+    encoded again from its start, and its file goes on from the packet after
+    those frames, its bytes numbered on from ``resume``: the packets before
+    are left out (made of the same audio to a rounding, they may differ from
+    the client's by a bit, so the bytes are not counted but the packets). The
+    live audio's codes (``generate.codes``) go with the first chunk after
+    them (a codec's look-ahead makes some pushes give no bytes), so that a
+    client's codes always cover its bytes.
     """
 
     def __init__(
@@ -334,12 +392,18 @@ class EncodedStream:
         *,
         bitrate: int | None = None,
         metrics: Metrics | None = None,
+        resume: int = 0,
+        until: int = 0,
     ) -> None:
         assert format in ENCODED_FORMATS
         self.request_id = request_id
         self.format = format
         self.bitrate = bitrate
         self._metrics = metrics
+        self._resume, self._until = resume, until
+        # A live chunk gone out: until then, a stream picked up is catching up
+        # (its audio made again may come at once, from its codes).
+        self._sent_live = False
         self._sink = sink
         self._on_error = on_error
         self._pending: deque[ServerMessage] = deque()
@@ -379,7 +443,8 @@ class EncodedStream:
                 return
             if message.rendition is None:
                 self._live_bytes += len(message.data)
-            if self._max_backlog and self._live_bytes > self._max_backlog:
+            catching_up = self._resume > 0 and not self._sent_live
+            if self._max_backlog and self._live_bytes > self._max_backlog and not catching_up:
                 self._fail(
                     Busy(
                         f"the server's encoders fell {MAX_BACKLOG_SECONDS:g} s of audio "
@@ -474,7 +539,9 @@ class EncodedStream:
                 self.format, message.sample_rate, message.channels, self.bitrate
             )
         rendition.end = (message.offset + audio.shape[0]) / message.sample_rate
-        self._chunk(message, message.rendition, rendition.encoder.push(audio), out)
+        if message.codes:
+            rendition.codes += message.codes
+        self._chunk(message, message.rendition, rendition.encoder.push_pieces(audio), out)
 
     def _end(self, name: str | None, out: list[ServerMessage], *, flush: bool = False) -> int:
         """Close a file: its last bytes as its last chunk. With ``flush``, the
@@ -485,7 +552,7 @@ class EncodedStream:
             return 0
         encoder = rendition.encoder
         padded = encoder.padded
-        data = encoder.flush() if flush else encoder.close()
+        pieces = encoder.flush_pieces() if flush else encoder.close_pieces()
         template = Audio(
             id=self.request_id,
             seq=0,
@@ -496,29 +563,61 @@ class EncodedStream:
             data=b"",
             rendition=name,
         )
-        self._chunk(template, name, data, out)
+        self._chunk(template, name, pieces, out)
         return encoder.padded - padded
 
     def _chunk(
-        self, message: Audio, name: str | None, data: bytes, out: list[ServerMessage]
+        self, message: Audio, name: str | None, pieces: Pieces, out: list[ServerMessage]
     ) -> None:
-        if not data:
-            return
+        """The file's new pieces as chunks: the live file's of at most
+        ``CHUNK_BYTES`` (a piece longer alone), each with its ``until``; of a
+        stream picked up, from the packet after the client's."""
         rendition = self._renditions[name]
-        # (what its bytes play: the audio pushed since the last chunk's)
-        self._spans[name, rendition.seq] = (rendition.spanned, rendition.end)
-        rendition.spanned = rendition.end
-        out.append(
-            dataclasses.replace(
-                message,
-                seq=rendition.seq,
-                offset=rendition.offset,
-                format=self.format,
-                data=data,
+        live = name is None
+        if live and self._resume and rendition.offset < self._resume:  # (nothing sent yet)
+            kept = [(data, until) for data, until in pieces if until > self._until]
+            # (the audio of the pieces left out: the client's)
+            rendition.spanned = (
+                max(rendition.spanned, self._until / message.sample_rate) if kept else rendition.end
             )
-        )
-        rendition.seq += 1
-        rendition.offset += len(data)
+            if kept:
+                rendition.offset = self._resume
+            pieces = kept
+        if not pieces:
+            return
+        groups: list[Pieces] = [[]]
+        size = 0
+        for piece in pieces:
+            if live and groups[-1] and size + len(piece[0]) > CHUNK_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(piece)
+            size += len(piece[0])
+        total = sum(len(data) for data, _ in pieces)
+        start, seconds, at = rendition.spanned, rendition.end - rendition.spanned, 0
+        for group in groups:
+            data = b"".join(piece for piece, _ in group)
+            # (what its bytes play: the audio pushed since the last chunk's, in
+            # proportion to its bytes where one push made several chunks)
+            at += len(data)
+            end = rendition.end if at == total else start + seconds * at / total
+            self._spans[name, rendition.seq] = (rendition.spanned, end)
+            rendition.spanned = end
+            codes = bytes(rendition.codes) or None
+            rendition.codes.clear()
+            out.append(
+                dataclasses.replace(
+                    message,
+                    seq=rendition.seq,
+                    offset=rendition.offset,
+                    format=self.format,
+                    data=data,
+                    codes=codes,
+                    until=group[-1][1] if live else None,
+                )
+            )
+            rendition.seq += 1
+            rendition.offset += len(data)
 
     def _encoded(self, future: asyncio.Future[tuple[list[ServerMessage], bool]]) -> None:
         self._busy = False
@@ -537,6 +636,7 @@ class EncodedStream:
         that does not say so says the failure."""
         if isinstance(message, Audio):
             self._span = self._spans.pop((message.rendition, message.seq), (0.0, 0.0))
+            self._sent_live |= message.rendition is None
         if self._error is not None:
             if isinstance(message, Audio):
                 return

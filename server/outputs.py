@@ -57,6 +57,10 @@ class RequestOutputs:
     # The live stream's first sample frames, not sent: the client has them from a
     # try of the request that was cut (``generate.resume``).
     skip: int = 0
+    # An encoded file's first sample frames, which its client has (it is picked
+    # up, ``generate.resume_until``): sent to its encoders, which leave their
+    # packets out; not their captions.
+    had: int = 0
     # Send the live stream's codes with its audio (``generate.codes``): each
     # ``audio`` message the timesteps completed since the last one, from
     # ``codes_from`` on (the client has those before).
@@ -102,7 +106,7 @@ class RequestOutputs:
             # (at the stream's rate; a stream picked up: those from where it was cut)
             at, text = output.caption
             offset = round(at * self.sample_rate / self.info.sample_rate)
-            if offset >= self.skip:
+            if offset >= max(self.skip, self.had):
                 messages.append(Caption(id=self.request_id, offset=offset, text=text))
         audio = output.audio
         if self.resampler is not None and self.stage is None:
@@ -169,7 +173,7 @@ class RequestOutputs:
     @property
     def skipped_seconds(self) -> float:
         """The live stream's audio made and not sent (the client had it)."""
-        return min(self.skip, self.samples) / self.sample_rate
+        return min(max(self.skip, self.had), self.samples) / self.sample_rate
 
     @property
     def sent_seconds(self) -> float:

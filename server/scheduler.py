@@ -96,6 +96,10 @@ class Request:
     # Sample frames of the live stream its client already has (``generate.resume``):
     # made again, not sent.
     resume: int = 0
+    # An encoded file picked up (``generate.resume_until``): the sample frames of
+    # it its client has. Made again, and encoded from its start; its packets up
+    # to there not sent (``EncodedStream``).
+    resume_until: int = 0
     # Send the live stream's codes with its audio (``generate.codes``), from the
     # timestep after those the client has (``generate.resume_codes``).
     codes: bool = False
@@ -728,6 +732,7 @@ class Scheduler:
             request.format,
             request.sample_rate or 0,
             skip=request.resume,
+            had=request.resume_until,
             codes=request.codes,
             codes_from=request.codes_from,
             captions=request.captions,
@@ -911,7 +916,9 @@ class Scheduler:
             first_audio_seconds=stats.first_audio_seconds if stats else None,
             queued_seconds=stats.queued_seconds if stats else None,
             real_time_factor=stats.real_time_factor if stats else None,
-            resumed_seconds=outputs.skipped_seconds if outputs and outputs.skip else None,
+            resumed_seconds=(
+                outputs.skipped_seconds if outputs and (outputs.skip or outputs.had) else None
+            ),
             from_codes_seconds=float(request.from_codes),
         )
         if status == "completed":
@@ -1027,7 +1034,8 @@ def fair_order(
         theirs[request.client].append(request)
     turns = []
     for client, requests in theirs.items():
-        requests.sort(key=lambda request: request.resume <= 0)  # (stable: in the order they came)
+        # (stable: in the order they came)
+        requests.sort(key=lambda request: request.resume <= 0 and request.resume_until <= 0)
         for turn, (index, request) in enumerate(zip(places[client], requests, strict=True)):
             turns.append((counts[client] + turn, index, request))
     return collections.deque(request for _, _, request in sorted(turns, key=lambda t: t[:2]))

@@ -354,6 +354,19 @@ class Session:
                     )
             if message.resume is not None:
                 _check_resume(message)
+            elif message.resume_until is not None:
+                raise InvalidField(
+                    "resume_until goes with resume (an encoded file picked up)",
+                    field="resume_until",
+                    id=message.id,
+                )
+            if message.resume_until is not None and message.format not in ENCODED_FORMATS:
+                raise InvalidField(
+                    f"resume_until is for an encoded format (a {message.format} stream's "
+                    "resume counts its frames)",
+                    field="resume_until",
+                    id=message.id,
+                )
             if message.text_stream:
                 _check_text_stream(message, info)
             if message.captions and "captions" not in info.capabilities:
@@ -364,7 +377,8 @@ class Session:
             held = self._held(flow)
             wire_format, sample_rate = message.format, message.sample_rate
             check_bitrate(message.format, info.channels, message.bitrate)
-            if message.format in ENCODED_FORMATS:
+            encoded = message.format in ENCODED_FORMATS
+            if encoded:
                 # Generated as float PCM at the codec's rate; encoded on its way here.
                 sample_rate = encoded_rate(message.format, info.sample_rate, sample_rate)
                 wire_format = "pcm_f32le"
@@ -375,12 +389,16 @@ class Session:
                     on_error=lambda error: self.scheduler.cancel(request, error),
                     bitrate=message.bitrate,
                     metrics=self.scheduler.metrics,
+                    resume=message.resume or 0,
+                    until=message.resume_until or 0,
                 )
                 flow.span, flow.encoded = sink.span_of, True
                 held = self._held_for(sink, held)  # (it waits for its encoders, rather than fail)
             # What the engine need not make again: none at another rate (the
-            # resampler runs over the stream from its start).
-            heard = (message.resume or 0) if sample_rate in (None, 0, info.sample_rate) else 0
+            # resampler runs over the stream from its start), nor of a file (its
+            # encoders do: a file picked up is encoded again from its start).
+            had = 0 if encoded else message.resume or 0
+            heard = had if sample_rate in (None, 0, info.sample_rate) else 0
             request = Request(
                 id=message.id,
                 model=message.model,
@@ -397,7 +415,8 @@ class Session:
                 sample_rate=sample_rate,
                 sink=sink,
                 held=held,
-                resume=message.resume or 0,
+                resume=had,
+                resume_until=message.resume_until or 0,
                 text_chars=len(message.prompt),
                 codes=bool(message.codes),
                 codes_from=codes_from,
@@ -973,6 +992,7 @@ class _Flow:
                     offset=message.offset + at // unit,
                     data=data[at : at + step],
                     codes=message.codes if i == 0 else None,  # (with its first piece)
+                    until=message.until if at + step >= len(data) else None,  # (its last)
                 ),
                 (start + at * seconds, start + min(at + step, len(data)) * seconds),
             )
@@ -1059,15 +1079,25 @@ def _hold_unsent(ws: ServerConnection) -> None:
 
 def _check_resume(message: Generate) -> None:
     """A ``resume`` picks the stream up where a cut try of it left off (§3.1): the
-    same audio needs the same seed, and a PCM stream, whose frames can be
-    counted (an encoded file's bytes depend on all the audio before them)."""
+    same audio needs the same seed; an encoded file, the frames its bytes hold
+    (``resume_until``), and not a text that came as it was written (its file
+    holds silence where the speech waited for the text, when its parts came)."""
     if message.format in ENCODED_FORMATS:
-        raise InvalidField(
-            f"resume needs a PCM format: a {message.format} file cannot be picked up "
-            "where it was cut",
-            field="resume",
-            id=message.id,
-        )
+        if message.text_stream:
+            raise InvalidField(
+                f"a {message.format} file whose text came as it was written is not picked "
+                "up where it was cut (it holds silence where the speech waited for the "
+                "text): resume needs a PCM format there",
+                field="resume",
+                id=message.id,
+            )
+        if message.resume_until is None:
+            raise InvalidField(
+                f"resume of a {message.format} file needs resume_until: the until of "
+                "the last audio message the client has",
+                field="resume_until",
+                id=message.id,
+            )
     if message.params.get("seed") is None:
         raise InvalidField(
             "resume needs params.seed: the seed the cut try's started gave, so that "
@@ -1095,17 +1125,11 @@ def _check_text_stream(message: Generate, info: ModelInfo) -> None:
 
 def _check_codes(message: Generate, info: ModelInfo) -> int:
     """``codes`` and ``resume_codes`` (§3.1): a model whose streams are picked
-    up from codes, a PCM stream, and ``resume_codes`` with a ``resume``. The
-    timesteps the client has."""
+    up from codes, and ``resume_codes`` with a ``resume``. The timesteps the
+    client has."""
     for name in ("codes", "resume_codes"):
         if getattr(message, name) and "codes" not in info.capabilities:
             raise _unsupported(message, info, name)
-    if message.codes and message.format in ENCODED_FORMATS:
-        raise InvalidField(
-            f"codes needs a PCM format: a {message.format} file's chunks are not its timesteps",
-            field="codes",
-            id=message.id,
-        )
     if not message.resume_codes:
         return 0
     if message.resume is None:

@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from helpers import make_config, running_server, same_audio
+from test_encode import MP3_DELAY
 from test_stream import scrape
 from websockets.asyncio.client import connect as ws_connect
 
 from wavecast.clients import connect
+from wavecast.clients.client import decode_file
 from wavecast.protocol import Audio, Done
+from wavecast.server.encode import CHUNK_BYTES
+from wavecast.server.session import PIECE_BYTES
 
 # One server for the module (started in a third of a second, but a dozen times).
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -120,7 +124,6 @@ async def test_metrics_count_the_audio_sent_and_what_was_made_again(server: Any)
 @pytest.mark.parametrize(
     ("resume", "extra", "says"),
     [
-        (100, {"format": "opus"}, "resume needs a PCM format"),
         (100, {}, "resume needs params.seed"),
         (-1, {"params": {"seed": 1}}, "must be >= 0"),
         ("10", {"params": {"seed": 1}}, "must be an integer"),
@@ -219,10 +222,28 @@ async def test_a_stream_picked_up_from_its_codes_at_another_rate(server: Any) ->
             "resume_codes",
             "below 64",
         ),
-        ({"codes": True, "format": "mp3"}, "codes", "needs a PCM format"),
         ({"codes": 1}, "codes", "must be a boolean"),
+        (
+            {"resume": 100, "format": "opus", "params": {"seed": 1}},
+            "resume_until",
+            "needs resume_until",
+        ),
+        ({"resume_until": 100, "format": "opus"}, "resume_until", "goes with resume"),
+        (
+            {"resume": 100, "resume_until": 100, "params": {"seed": 1}},
+            "resume_until",
+            "is for an encoded format",
+        ),
     ],
-    ids=["without resume", "a part of a timestep", "a code too high", "a file", "not a boolean"],
+    ids=[
+        "without resume",
+        "a part of a timestep",
+        "a code too high",
+        "not a boolean",
+        "a file without its until",
+        "an until without resume",
+        "an until of PCM",
+    ],
 )
 async def test_codes_that_cannot_be_kept_are_refused(
     server: Any, frame: dict[str, Any], field: str, says: str
@@ -235,3 +256,86 @@ async def test_codes_that_cannot_be_kept_are_refused(
     assert done["type"] == "done" and done["status"] == "error"
     assert done["error"]["code"] == "invalid_field" and done["error"]["field"] == field
     assert says in done["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("format", "rate"), [("mp3", 32000), ("opus", 48000), ("flac", 32000), ("mp3", 16000)]
+)
+async def test_a_file_picked_up_goes_on_from_the_packet_after_the_clients(
+    server: Any, format: str, rate: int
+) -> None:
+    """An encoded stream cut after any of its messages (each ends where a packet
+    of its codec does, at its ``until``), picked up with and without its codes:
+    its file goes on from the clients bytes, and the file joined decodes to the
+    whole one's audio (FLAC to its 16-bit samples, within a step; the lossy
+    ones, where a packet off would be noise, within the codec's own rounding).
+    Its codes join the whole stream's; each message's cover its bytes."""
+    model = 'model="tiny-musicgen"'
+    async with connect(server.url) as client:
+        k = client.models["tiny-musicgen"].codebooks
+        asked = {"duration": 3.0, "seed": 5, "format": format, "codes": True, "sample_rate": rate}
+        whole = live_audio(await events_of(client, **asked))
+        file = b"".join(a.data for a in whole)
+        codes = joined_codes(whole)
+        assert len(codes) == 150 * k * 2  # (every timestep, once: none lost to a codec's delay)
+        untils = [a.until for a in whole]
+        assert all(until is not None for until in untils) and untils == sorted(untils)  # type: ignore[type-var]
+        assert untils[-1] >= 3 * rate
+        timesteps = 0
+        assert CHUNK_BYTES <= PIECE_BYTES  # (a live chunk is one message: it ends a packet)
+        for a in whole:
+            assert len(a.data) <= CHUNK_BYTES
+            timesteps += len(a.codes or b"") // (2 * k)
+            assert timesteps * HOP / 32000 >= a.until / rate  # type: ignore[operator]
+        expected = decode_file(file, format).astype(np.float64)
+        for cut in sorted({1, 2, len(whole) // 2, len(whole) - 1}):
+            have = whole[:cut]
+            had = b"".join(a.data for a in have)
+            for from_codes in (True, False):
+                before, _ = await scrape(server.port)
+                events = await events_of(
+                    client,
+                    **asked,
+                    resume=len(had),
+                    resume_until=have[-1].until,
+                    resume_codes=joined_codes(have) if from_codes else None,
+                )
+                rest = live_audio(events)
+                assert rest[0].offset == len(had) and [a.seq for a in rest] == list(
+                    range(len(rest))
+                )
+                for a, b in itertools.pairwise(rest):
+                    assert b.offset == a.offset + len(a.data)
+                done = events[-1]
+                assert isinstance(done, Done) and done.status == "completed"
+                joined = decode_file(had + b"".join(a.data for a in rest), format)
+                assert joined.shape == expected.shape
+                apart = np.abs(joined.astype(np.float64) - expected)
+                if format == "flac":
+                    assert apart.max() <= 1
+                else:  # (MP3: from the end of its encoder's delay)
+                    assert apart[MP3_DELAY if format == "mp3" else 0 :].max() < 0.02
+                if from_codes:
+                    assert joined_codes(have) + joined_codes(rest) == codes
+                await server.scheduler.wait_idle(5)
+                after, _ = await scrape(server.port)
+
+                grew = {
+                    name: after.get(f"wavecast_{name}_total{{{model}}}", 0.0)
+                    - before.get(f"wavecast_{name}_total{{{model}}}", 0.0)
+                    for name in ("resumed_requests", "resumed_audio_seconds", "audio_seconds")
+                }
+                heard = have[-1].until / rate  # type: ignore[operator]
+                assert grew["resumed_requests"] == 1
+                assert grew["resumed_audio_seconds"] == pytest.approx(heard)
+                assert grew["audio_seconds"] == pytest.approx(3.0 - heard)
+
+
+async def test_a_file_picked_up_at_its_end_sends_no_audio(server: Any) -> None:
+    async with connect(server.url) as client:
+        asked = {"duration": 1.0, "seed": 5, "format": "opus"}
+        whole = live_audio(await events_of(client, **asked))
+        size = sum(len(a.data) for a in whole)
+        events = await events_of(client, **asked, resume=size, resume_until=whole[-1].until)
+        assert live_audio(events) == []
+        assert isinstance(events[-1], Done) and events[-1].status == "completed"

@@ -246,8 +246,18 @@ async def test_text_that_cannot_be_taken_is_refused(
             "invalid_field",
             "only where it is cut a sentence a chunk",
         ),
+        (
+            {
+                "resume": 10,
+                "resume_until": 2000,
+                "format": "mp3",
+                "params": {"seed": 1, "chunk_method": "sentence"},
+            },
+            "invalid_field",
+            "holds silence where the speech waited",
+        ),
     ],
-    ids=["a music model", "picked up, not cut by sentence"],
+    ids=["a music model", "picked up, not cut by sentence", "picked up, a file"],
 )
 async def test_a_text_stream_that_cannot_be_is_refused(
     server: Any, extra: dict[str, Any], code: str, says: str
