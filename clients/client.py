@@ -408,7 +408,7 @@ class RequestStream:
     is lost before the request's ``done``, iterating raises websockets'
     ``ConnectionClosed`` (the audio that came before it joins exactly), unless
     the client has ``retry_for`` left: a request that had not started is then
-    sent again on a new connection, and one whose PCM stream was under way is
+    sent again on a new connection, and one whose stream was under way is
     picked up where it was cut (the same seed, and ``generate.resume``). So is
     one the server ended with ``shutting_down``. The stream shows one try: its
     ``started``, progress that does not go back, and audio that joins on."""
@@ -446,6 +446,9 @@ class RequestStream:
     _texts: list[TextInput] = field(default_factory=list)
     _begun: str | None = None
     _captioned: int = -1  # the offset of the last caption the consumer had
+    #: An encoded file's: the sample frames its bytes the consumer had hold
+    #: (the last live chunk's ``until``), where it is picked up from.
+    _until: int = 0
 
     def __aiter__(self) -> AsyncIterator[ServerMessage]:
         return self._iterate()
@@ -472,6 +475,8 @@ class RequestStream:
             if isinstance(new, Audio):
                 unit = offset_unit(new.format, new.channels)
                 self._next[new.rendition] = (new.offset + len(new.data) // unit, new.seq + 1)
+                if new.rendition is None and new.until is not None:
+                    self._until = new.until
             elif isinstance(new, Progress):
                 self._stage = (_STAGES.get(new.stage, 2), new.fraction)
             elif isinstance(new, Caption):
@@ -505,20 +510,18 @@ class RequestStream:
         return item
 
     def _resumable(self) -> bool:
-        """Whether the stream, cut under way, can be picked up where it was: PCM,
-        whose frames are counted, and the seed that makes it again (and a text
-        that came as it was written cut a sentence a chunk, none of its parts
-        flushed: its cuts do not depend on when its parts came)."""
+        """Whether the stream, cut under way, can be picked up where it was: the
+        seed that makes it again (and a text that came as it was written, in
+        PCM, cut a sentence a chunk, none of its parts flushed: its cuts do not
+        depend on when its parts came; an encoded file of it holds silence where
+        it waited for them)."""
         assert self.generate is not None and self.started is not None
-        return (
-            self.generate.format in BYTES_PER_SAMPLE
-            and self.started.seed is not None
-            and (
-                not self.generate.text_stream
-                or (
-                    self.generate.params.get("chunk_method") == "sentence"
-                    and not any(part.flush for part in self._texts)
-                )
+        return self.started.seed is not None and (
+            not self.generate.text_stream
+            or (
+                self.generate.format in BYTES_PER_SAMPLE
+                and self.generate.params.get("chunk_method") == "sentence"
+                and not any(part.flush for part in self._texts)
             )
         )
 
@@ -557,7 +560,7 @@ class RequestStream:
         is time left: wait, and ask again (True; its ``done`` then ends the
         stream: ``cancelled`` where cancelled meanwhile). Before it started:
         ``busy``; ``shutting_down``, or the connection lost: on a new connection.
-        Under way (PCM, with its seed): those last two, picking the stream up
+        Under way (with its seed): those last two, picking the stream up
         where it was cut. False where not, or where no server took it again in
         time."""
         if self._retries is None or self.generate is None or self.client._closed:
@@ -584,10 +587,18 @@ class RequestStream:
                 self._retries = _Retries(self.client.retry_for, self.client.on_retry)
                 self._picking = True
             have = self._next.get(None, (self.generate.resume or 0, 0))[0]
-            why += f" (picking the stream up at {have / self.started.sample_rate:.2f} s)"
+            encoded = self.generate.format not in BYTES_PER_SAMPLE
+            at = (self._until if encoded else have) / self.started.sample_rate
+            why += f" (picking the stream up at {at:.2f} s)"
             params = {**self.generate.params, "seed": self.started.seed}
             codes = bytes(self._codes) if self._codes else None
-            self.generate = replace(self.generate, params=params, resume=have, resume_codes=codes)
+            self.generate = replace(
+                self.generate,
+                params=params,
+                resume=have,
+                resume_codes=codes,
+                resume_until=self._until if encoded else None,
+            )
             self._resumed = True
         wait = self._retries.wait(why)
         if wait is None:
@@ -868,6 +879,7 @@ class Client:
         codes: bool | None = None,
         text_stream: bool = False,
         captions: bool = False,
+        resume_until: int | None = None,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start a generation.
@@ -886,23 +898,27 @@ class Client:
             params: Model parameters; keyword arguments are added to them.
             inputs: Audio files by role, as bytes: ``continuation`` (continue this
                 clip) where the model's capabilities list it.
-            resume: Pick up a stream cut earlier (PCM, with its ``seed``): the
-                sample frames of it already had. Its ``audio`` starts there.
+            resume: Pick up a stream cut earlier (with its ``seed``): the
+                sample frames of it already had (an encoded format: the bytes
+                of its file, with ``resume_until``). Its ``audio`` starts there.
                 (The client does this itself with ``retry_for``.)
             resume_codes: With ``resume``, the codes the cut stream's audio
                 brought (joined): the server picks it up from them rather than
                 making it again from its start.
             codes: Have the server send the live stream's codes with its audio
                 (``Audio.codes``). Default: where the client retries
-                (``retry_for``), the stream is PCM and the model has the
-                ``codes`` capability, so that a cut stream is picked up from them.
+                (``retry_for``), the model has the ``codes`` capability and
+                the stream could be picked up, so that a cut stream is picked
+                up from them.
             text_stream: The text comes as it is written (speech models with the
                 ``text_stream`` capability): ``prompt`` is its beginning, and
                 ``RequestStream.send_text`` sends the rest (``end_text``: the
                 last of it). Such a stream is picked up where it is cut
                 (``retry_for``) where it is cut a sentence a chunk
                 (``chunk_method="sentence"``) and no part was flushed: its
-                ``prompt`` is then all of its text so far.
+                ``prompt`` is then all of its text so far (in a PCM format).
+            resume_until: With ``resume``, for an encoded format: the
+                ``until`` of the last live ``Audio`` the cut stream brought.
             captions: Have the server say which text the audio speaks: a
                 ``Caption`` ahead of each text chunk's audio (speech models with
                 the ``captions`` capability; ``GenerationResult.captions``).
@@ -918,8 +934,10 @@ class Client:
             info = self.models.get(model)
             codes = (
                 self.retry_for > 0
-                and (not text_stream or merged.get("chunk_method") == "sentence")
-                and format in BYTES_PER_SAMPLE
+                and (
+                    not text_stream
+                    or (merged.get("chunk_method") == "sentence" and format in BYTES_PER_SAMPLE)
+                )
                 and info is not None
                 and "codes" in info.capabilities
             ) or None
@@ -937,10 +955,12 @@ class Client:
             resume_codes=resume_codes,
             text_stream=text_stream or None,
             captions=captions or None,
+            resume_until=resume_until,
         )
         stream = RequestStream(request_id, self, generate=message)
         if resume_codes:
             stream._keep_codes(resume_codes)
+        stream._until = resume_until or 0
         if self.retry_for > 0:
             stream._retries = _Retries(self.retry_for, self.on_retry)
         await self._submit(stream)
@@ -965,6 +985,7 @@ class Client:
         codes: bool | None = None,
         text_stream: bool = False,
         captions: bool = False,
+        resume_until: int | None = None,
         **kwargs: ParamValue,
     ) -> RequestStream:
         """Start text to speech on a model with the ``tts`` capability.
@@ -978,7 +999,8 @@ class Client:
             reference_text: What ``reference`` says.
             scene: A scene name or a free description of the setting.
             id, format, sample_rate, bitrate, params, resume, resume_codes,
-                codes, text_stream, captions, kwargs: As :meth:`generate` (with
+                codes, text_stream, captions, resume_until, kwargs: As
+                :meth:`generate` (with
                 ``text_stream``, ``text`` is the text's beginning, may be empty).
         """
         merged: dict[str, ParamValue] = {**(params or {}), **kwargs}
@@ -1003,6 +1025,7 @@ class Client:
             codes=codes,
             text_stream=text_stream,
             captions=captions,
+            resume_until=resume_until,
         )
 
     async def close(self) -> None:

@@ -53,16 +53,20 @@ def one_at_a_time() -> Any:
     return make_config(max_active=1, max_queue=0, admission="slots")
 
 
-async def running_and_queued(client: Any, **queued: Any) -> tuple[Any, Any]:
-    """On a one-slot server: a long request running, and one (``queued``'s
-    parameters; 1 s by default) queued behind it. The running one is an Opus
-    file, which a client cannot pick up where it was cut: it ends with its server
-    or connection."""
-    running = await client.generate("tiny-musicgen", "running", duration=300, format="opus")
-    await reach(Started, running)
-    waiting = await client.generate("tiny-musicgen", "queued", **{"duration": 1, **queued})
-    await reach(Queued, waiting)
-    return running, waiting
+@asynccontextmanager
+async def running_and_queued(
+    url: str, client: Any, **queued: Any
+) -> AsyncIterator[tuple[Any, Any]]:
+    """On a one-slot server (at ``url``): a long request running, and one of ``client``'s
+    (``queued``'s parameters; 1 s by default) queued behind it. The running one
+    is a client's of its own that does not try again: it ends with its server
+    or connection (picked up, it would hold the slot for five minutes)."""
+    async with connect(url) as other:
+        running = await other.generate("tiny-musicgen", "running", duration=300, format="opus")
+        await reach(Started, running)
+        waiting = await client.generate("tiny-musicgen", "queued", **{"duration": 1, **queued})
+        await reach(Queued, waiting)
+        yield running, waiting
 
 
 async def test_a_busy_request_is_asked_again_until_it_starts() -> None:
@@ -138,9 +142,11 @@ async def test_a_draining_server_is_tried_again() -> None:
 
 async def test_requests_not_started_when_a_server_restarts_go_to_the_one_that_comes_back() -> None:
     config = make_config(max_active=1, max_queue=4, admission="slots")
-    async with server_and_client(config) as (first_server, client, waits):
+    async with (
+        server_and_client(config) as (first_server, client, waits),
+        running_and_queued(first_server.url, client, seed=5) as (running, queued),
+    ):
         first_hello = client.hello
-        running, queued = await running_and_queued(client, seed=5)
         waited = asyncio.ensure_future(queued.collect())
         port = first_server.port
         # The restart: a drain (one second's grace), nothing listening for a
@@ -182,8 +188,8 @@ async def test_a_request_cancelled_while_no_server_listens_ends_at_once() -> Non
     async with (
         running_server(config) as server,
         connect(server.url, retry_for=timeout(120), on_retry=waited) as client,
+        running_and_queued(server.url, client, duration=300) as (_, queued),
     ):
-        _, queued = await running_and_queued(client, duration=300)
         waiting = asyncio.ensure_future(queued.collect())
         port = server.port
         await asyncio.wait_for(server.stop(), timeout(30))
@@ -204,19 +210,23 @@ async def test_requests_not_started_on_a_lost_connection_are_sent_on_a_new_one()
             await session.ws.close(1001)  # (going away)
 
     async with running_server(make_config(max_active=1, max_queue=4, admission="slots")) as server:
-        async with connect(server.url) as client:  # not asked to: both lost
-            running, queued = await running_and_queued(client, seed=3)
+        async with (
+            connect(server.url) as client,  # not asked to: both lost
+            running_and_queued(server.url, client, seed=3) as (running, queued),
+        ):
             await lose_connections()
             for stream in running, queued:
                 with pytest.raises(ConnectionClosed):
                     await stream.collect()
         tries: list[str] = []
-        async with connect(
-            server.url, retry_for=timeout(30), on_retry=lambda why, _: tries.append(why)
-        ) as client:
-            running, queued = await running_and_queued(client, seed=3)
+        async with (
+            connect(
+                server.url, retry_for=timeout(30), on_retry=lambda why, _: tries.append(why)
+            ) as client,
+            running_and_queued(server.url, client, seed=3) as (running, queued),
+        ):
             await lose_connections()
-            with pytest.raises(ConnectionClosed):  # (an Opus file under way: not picked up)
+            with pytest.raises(ConnectionClosed):  # (its client's: not tried again)
                 await running.collect()
             result = await queued.collect()
             assert result.status == "completed", result.error

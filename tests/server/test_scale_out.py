@@ -120,20 +120,23 @@ async def test_requests_queued_on_a_drained_replica_go_to_the_other(tmp_path: Pa
     long request (running) and a shorter one (queued). The first replica is sent
     SIGTERM: its queued requests would not finish in its drain, so they end at
     once, before they start, and their clients (``retry_for``) send them again
-    through nginx, which takes them to the other replica. Of its running ones,
-    the Opus file ends with the drain; the PCM stream is picked up on the other
-    replica where the drain cut it, and goes on as the same clip."""
+    through nginx, which takes them to the other replica. Its running ones are
+    picked up on the other replica where the drain cut them (the Opus file from
+    the bytes and frames its client had); the PCM stream goes on as the same
+    clip."""
     async with open_cluster(tmp_path, "--max-active", "2") as cluster:
         (process_a, port_a), (_, port_b) = cluster.replicas
         waits: list[str] = []
+        tried: list[tuple[int, str]] = []  # (by client)
         clients: list[Client] = []
         on_a: list[bool] = []  # (each client's replica, as its connection counts)
-        for _ in range(4):
-            clients.append(
-                await connect(
-                    cluster.url, retry_for=timeout(60), on_retry=lambda w, _: waits.append(w)
-                )
-            )
+        for index in range(4):
+
+            def waited(why: str, _: float, index: int = index) -> None:
+                waits.append(why)
+                tried.append((index, why))
+
+            clients.append(await connect(cluster.url, retry_for=timeout(60), on_retry=waited))
             await eventually(lambda: connections(port_a) + connections(port_b) == len(clients), 10)
             on_a.append(await asyncio.to_thread(connections, port_a) > sum(on_a))
         try:
@@ -164,8 +167,9 @@ async def test_requests_queued_on_a_drained_replica_go_to_the_other(tmp_path: Pa
             # The second replica queues its own two and the first's two.
             await eventually(lambda: gauge(port_b, "wavecast_requests_queued") >= 4, 20)
             await asyncio.to_thread(process_a.wait, timeout(30))
-            # The long ones: the first replica's Opus file cut by its drain, the
-            # second's cancelled here; its PCM stream is picked up on the second.
+            # The long ones: the first replica's Opus file picked up on the second,
+            # and cancelled here, as the second's are; its PCM stream is picked up
+            # on the second.
             ends = {}
             for i, stream in enumerate(long):
                 if i == picked:
@@ -176,16 +180,15 @@ async def test_requests_queued_on_a_drained_replica_go_to_the_other(tmp_path: Pa
                     await stream.cancel()
                 result = await asyncio.wait_for(collecting, timeout(30))
                 ends[formats[i], on_a[i]] = result.error.code if result.error else result.status
-            assert ends == {
-                ("opus", True): "shutting_down",
-                ("pcm_s16le", False): "cancelled",
-            }, ends
+            assert ends == {("opus", True): "cancelled", ("pcm_s16le", False): "cancelled"}, ends
+            file = formats.index("opus")
+            assert any(i == file and "(picking the stream up at " in w for i, w in tried), tried
             results = await asyncio.gather(*shorts)
             assert [r.status for r in results] == ["completed"] * 4, [r.error for r in results]
             assert waits.count("the server is shutting down") >= 2, waits
             # The picked-up stream: two seconds past its cut, then cancelled; what it
             # brought is the seed's clip, as the second replica makes it alone.
-            cut = [w for w in waits if "(picking the stream up at " in w]
+            cut = [w for i, w in tried if i == picked and "(picking the stream up at " in w]
             assert len(cut) == 1 and cut[0].startswith("the server is shutting down"), waits
             at = int(float(cut[0].split(" up at ")[1].split(" s)")[0]) * 32000)
             while heard(picked_events) < at + 2 * 32000:
