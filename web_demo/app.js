@@ -140,11 +140,11 @@ function submit(event) {
   if (rate) message.sample_rate = rate;
   if (bitrate) message.bitrate = bitrate;
   if (Object.keys(inputs).length) message.inputs = inputs;
-  // PCM streams come with their codes where the model sends them: a stream cut
+  // Streams come with their codes where the model sends them: a stream cut
   // under way is picked up from them (PROTOCOL.md §3.1 resume_codes; a typed
-  // one where it is cut a sentence a chunk, §3.4).
-  const pickable = !asTyped || params.chunk_method === "sentence";
-  if (!format && (model.capabilities || []).includes("codes") && pickable) message.codes = true;
+  // one where it is cut a sentence a chunk, in PCM, §3.4).
+  const pickable = !asTyped || (!format && params.chunk_method === "sentence");
+  if ((model.capabilities || []).includes("codes") && pickable) message.codes = true;
   if (asTyped) message.text_stream = true;
   // Speech says which text it speaks: the card shows it as it plays (§4.9).
   if ((model.capabilities || []).includes("captions")) message.captions = true;

@@ -118,6 +118,8 @@ export class Card {
     this.streamRate = this.sampleRate; // the stream's (its started message says)
     this.decoder = null;
     this.file = []; // an encoded stream's bytes, as they came
+    this.fileLength = 0; // (their count)
+    this.until = 0; // the sample frames they hold (the last chunk's until: where it is picked up)
     this.silence = 0; // frames of silence its file got at waits for text (§4.8)
     this.captions = []; // which text the audio speaks from where: {offset, text} (§4.9)
     this.bytes = 0; // of audio received, every rendition
@@ -314,8 +316,14 @@ export class Card {
       if (this.codeBytes > MAX_KEPT_CODES) this.codes = null; // (picked up from its start)
     }
     if (this.format) {
-      this.file.push(message.data.slice());
-      this.decoder?.push(message.data);
+      // (A file picked up where it was cut goes on from the byte the card has.)
+      const had = this.fileLength - message.offset;
+      if (had >= message.data.length) return;
+      const data = had > 0 ? message.data.subarray(had) : message.data;
+      this.file.push(data.slice());
+      this.fileLength += data.length;
+      if (message.until != null) this.until = message.until;
+      this.decoder?.push(data);
       return;
     }
     // (A stream picked up where it was cut starts at the frame the card has.)
@@ -747,14 +755,15 @@ export class Card {
   }
 
   // Whether the request may still be asked again: it has not started, or its
-  // stream can be picked up where it is cut (PCM, its seed known; a text typed
-  // as it is spoken, cut a sentence a chunk: its prompt is then all of it so
+  // stream can be picked up where it is cut (its seed known; a text typed as it
+  // is spoken, in PCM, cut a sentence a chunk: its prompt is then all of it so
   // far, sendRequest); and it is under the retry time old (from when it was
   // asked; once started, from the cut).
   mayAskAgain(delay = 0) {
     if (this.request === null || this.ended || this.finishing) return false;
-    const typedWhole = !this.request.text_stream || this.request.params.chunk_method === "sentence";
-    if (this.startedAt !== null && (this.format || this.seed == null || !typedWhole)) return false;
+    const typedWhole =
+      !this.request.text_stream || (!this.format && this.request.params.chunk_method === "sentence");
+    if (this.startedAt !== null && (this.seed == null || !typedWhole)) return false;
     return performance.now() + delay - (this.streaming() ? performance.now() : this.since) <= retry.forMs;
   }
 
@@ -835,13 +844,15 @@ export class Card {
     if (this.startedAt === null) {
       this.setStatus("queued", `asked again (${this.retries})`);
     } else {
-      // Made again with its seed, and sent from the frame the card has; a
-      // second version (MBD) comes whole again.
+      // Made again with its seed, and sent from the frame the card has (a
+      // file: from its bytes, the packet after those it has); a second
+      // version (MBD) comes whole again.
       const params = { ...this.request.params, seed: this.seed };
-      this.request = { ...this.request, params, resume: this.frames, resume_codes: this.joinedCodes() };
+      const resume = this.format ? { resume: this.fileLength, resume_until: this.until } : { resume: this.frames };
+      this.request = { ...this.request, params, ...resume, resume_codes: this.joinedCodes() };
       this.renditions = {};
       this.resuming = true;
-      const at = (this.frames / this.sampleRate).toFixed(1);
+      const at = ((this.format ? this.until / this.streamRate : this.frames / this.sampleRate)).toFixed(1);
       this.setStatus("generating", `picking up at ${at} s (${this.retries})`);
     }
     this.sendRequest();
