@@ -11,7 +11,13 @@ threads apart from the inference thread (``server.encode``). Two parts:
 - through a server (``wavecast serve``, the tiny test models): one stream's
   first chunk and first decodable audio after ``started``, its bytes per
   second of audio and its real-time factor, for each format, the requests
-  taking turns.
+  taking turns;
+- a stream picked up (``generate.resume``, from its codes): a clip of
+  ``--pickup-seconds`` of tiny-musicgen cut half way, asked again from its
+  client's bytes (a file: and their ``until``), to its first new audio, in
+  PCM and each format (a file's audio made again is all encoded again);
+- MP3 as the server writes it (each frame with its own bits) against LAME
+  with its bit reservoir: the signal to noise of the decoded file.
 
     .venv/bin/python bench/bench_formats.py --runs 15
 
@@ -33,7 +39,9 @@ from bench_stream import print_header, tiny_server
 
 from wavecast.clients import connect
 from wavecast.protocol import Audio, Done, Started
-from wavecast.server.encode import Encoder
+from wavecast.server.encode import _MUXERS, Encoder, bit_rate
+
+MP3_DELAY = 1105  # LAME's encoder delay, in samples
 
 CASES = [  # (format, rate, channels): the models' rates, and Opus's 48 kHz for music
     ("opus", 48000, 1),
@@ -156,14 +164,101 @@ async def through_server(args: argparse.Namespace) -> list[str]:
     return rows
 
 
+async def picked_up(url: str, format: str, seconds: float, seed: int) -> tuple[float, float]:
+    """A clip of ``seconds`` made whole, then asked again cut half way (from its
+    codes): ms to the first audio of each."""
+    async with connect(url) as client:
+        asked = {"duration": seconds, "seed": seed, "format": format, "codes": True}
+        began = time.perf_counter()
+        whole, first = [], None
+        async for event in await client.generate("tiny-musicgen", "x", **asked):
+            if isinstance(event, Audio) and event.rendition is None:
+                first = first or time.perf_counter() - began
+                whole.append(event)
+        have: list[Audio] = []
+        for event in whole:  # (half way: by frames, or by what a file's bytes hold)
+            held = event.until if event.until is not None else event.offset + event.frames
+            have.append(event)
+            if held >= seconds * event.sample_rate / 2:
+                break
+        encoded = have[-1].until is not None
+        resume = sum(len(a.data) for a in have) if encoded else held
+        began = time.perf_counter()
+        stream = await client.generate(
+            "tiny-musicgen",
+            "x",
+            **asked,
+            resume=resume,
+            resume_until=held if encoded else None,
+            resume_codes=b"".join(a.codes or b"" for a in have),
+        )
+        again = None
+        async for event in stream:
+            if isinstance(event, Audio) and again is None:
+                again = time.perf_counter() - began
+        assert first is not None and again is not None
+        return first * 1e3, again * 1e3
+
+
+async def pickups(args: argparse.Namespace) -> list[str]:
+    results: dict[str, list[tuple[float, float]]] = {}
+    with tiny_server(["tiny-musicgen"]) as url:
+        for format in FORMATS:
+            await picked_up(url, format, args.pickup_seconds, 0)  # (warm)
+        for run in range(args.runs):
+            for format in FORMATS:  # taking turns
+                results.setdefault(format, []).append(
+                    await picked_up(url, format, args.pickup_seconds, run)
+                )
+    return [
+        f"| {format} | {statistics.median(r[0] for r in runs):.1f} | "
+        f"{statistics.median(r[1] for r in runs):.1f} |"
+        for format, runs in results.items()
+    ]
+
+
+def mp3_snr(audio: np.ndarray[Any, Any], rate: int, reservoir: bool) -> float:
+    """The decoded MP3's signal to noise (dB), LAME with or without its bit
+    reservoir (the server's: without), at the server's bit rate."""
+    if not reservoir:
+        encoder = Encoder("mp3", rate, audio.shape[1])
+        data = encoder.push(audio) + encoder.close()
+    else:
+        out = io.BytesIO()
+        options = {"fflags": "+bitexact", "id3v2_version": "0", "write_xing": "0"}
+        with av.open(out, mode="w", format=_MUXERS["mp3"][0], options=options) as container:
+            layout = "mono" if audio.shape[1] == 1 else "stereo"
+            stream: Any = container.add_stream("libmp3lame", rate=rate, layout=layout)
+            stream.bit_rate = bit_rate("mp3", rate, audio.shape[1])
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(audio).reshape(1, -1), format="flt", layout=layout
+            )
+            frame.sample_rate = rate
+            for packet in [*stream.encode(frame), *stream.encode(None)]:
+                container.mux(packet)
+        data = out.getvalue()
+    with av.open(io.BytesIO(data)) as container:
+        parts = [
+            f.to_ndarray().reshape(-1, audio.shape[1]) if f.format.is_packed else f.to_ndarray().T
+            for f in container.decode(audio=0)
+        ]
+    decoded = np.concatenate(parts)[MP3_DELAY : MP3_DELAY + len(audio)].astype(np.float64)
+    error = decoded - audio[: len(decoded)]
+    return float(10 * np.log10((audio[: len(decoded)] ** 2).sum() / (error**2).sum()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="requests per model and format")
     parser.add_argument("--seconds", type=float, default=10.0, help="audio a case, in process")
+    parser.add_argument(
+        "--pickup-seconds", type=float, default=30.0, help="the clip picked up half way"
+    )
     args = parser.parse_args()
     print_header(
         "streams in MP3, Ogg Opus and FLAC",
-        f"python bench/bench_formats.py --runs {args.runs} --seconds {args.seconds:g}",
+        f"python bench/bench_formats.py --runs {args.runs} --seconds {args.seconds:g} "
+        f"--pickup-seconds {args.pickup_seconds:g}",
     )
     print(
         f"In process, {args.seconds:g} s of chords and a little noise pushed in 20 ms chunks "
@@ -186,6 +281,30 @@ def main() -> None:
     print("| model | format | first chunk (ms) | first audio (ms) | kbit/s | real-time factor |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     print("\n".join(asyncio.run(through_server(args))))
+    print()
+    print(
+        f"A stream picked up: tiny-musicgen, {args.pickup_seconds:g} s clips made whole, then "
+        "asked again cut half way from their codes (medians); to the first audio:"
+    )
+    print()
+    print("| format | a fresh request (ms) | picked up half way (ms) |")
+    print("| --- | ---: | ---: |")
+    print("\n".join(asyncio.run(pickups(args))))
+    print()
+    print(
+        f"MP3 as the server writes it, each frame with its own bits, against LAME with its bit "
+        f"reservoir ({args.seconds:g} s of the chords above, the server's bit rates): the "
+        "decoded file's signal to noise:"
+    )
+    print()
+    print("| rate (Hz) | channels | kbit/s | reservoir (dB) | own bits (dB) |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for rate, channels in [(24000, 1), (32000, 1), (32000, 2), (48000, 1)]:
+        audio = signal_like_music(rate, args.seconds, channels)
+        print(
+            f"| {rate} | {channels} | {bit_rate('mp3', rate, channels) // 1000} | "
+            f"{mp3_snr(audio, rate, True):.2f} | {mp3_snr(audio, rate, False):.2f} |"
+        )
 
 
 if __name__ == "__main__":

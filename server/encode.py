@@ -254,7 +254,7 @@ class Encoder:
             # Each frame holds its own bits (no bit reservoir, whose frames spend
             # bits of the frames before them): a stream picked up goes on with
             # the frames of a file made again, whose bits before the cut may
-            # differ by a rounding from the client's (bench/RESULTS.md: 0.1-0.7
+            # differ by a rounding from the client's (bench/RESULTS.md: 0.0-0.4
             # dB of signal to noise, at the same bytes a second).
             stream.codec_context.options = {"reservoir": "0"}
         self._stream = stream
