@@ -352,21 +352,8 @@ class Session:
                         field=f"inputs.{role}",
                         id=message.id,
                     )
-            if message.resume is not None:
+            if message.resume is not None or message.resume_until is not None:
                 _check_resume(message)
-            elif message.resume_until is not None:
-                raise InvalidField(
-                    "resume_until goes with resume (an encoded file picked up)",
-                    field="resume_until",
-                    id=message.id,
-                )
-            if message.resume_until is not None and message.format not in ENCODED_FORMATS:
-                raise InvalidField(
-                    f"resume_until is for an encoded format (a {message.format} stream's "
-                    "resume counts its frames)",
-                    field="resume_until",
-                    id=message.id,
-                )
             if message.text_stream:
                 _check_text_stream(message, info)
             if message.captions and "captions" not in info.capabilities:
@@ -1080,8 +1067,22 @@ def _hold_unsent(ws: ServerConnection) -> None:
 def _check_resume(message: Generate) -> None:
     """A ``resume`` picks the stream up where a cut try of it left off (§3.1): the
     same audio needs the same seed; an encoded file, the frames its bytes hold
-    (``resume_until``), and not a text that came as it was written (its file
-    holds silence where the speech waited for the text, when its parts came)."""
+    (``resume_until``, for a file only, with ``resume``), and not a text that
+    came as it was written (its file holds silence where the speech waited for
+    the text, when its parts came)."""
+    if message.resume is None:
+        raise InvalidField(
+            "resume_until goes with resume (an encoded file picked up)",
+            field="resume_until",
+            id=message.id,
+        )
+    if message.resume_until is not None and message.format not in ENCODED_FORMATS:
+        raise InvalidField(
+            f"resume_until is for an encoded format (a {message.format} stream's "
+            "resume counts its frames)",
+            field="resume_until",
+            id=message.id,
+        )
     if message.format in ENCODED_FORMATS:
         if message.text_stream:
             raise InvalidField(

@@ -852,7 +852,7 @@ export class Card {
       this.request = { ...this.request, params, ...resume, resume_codes: this.joinedCodes() };
       this.renditions = {};
       this.resuming = true;
-      const at = ((this.format ? this.until / this.streamRate : this.frames / this.sampleRate)).toFixed(1);
+      const at = (this.format ? this.until / this.streamRate : this.frames / this.sampleRate).toFixed(1);
       this.setStatus("generating", `picking up at ${at} s (${this.retries})`);
     }
     this.sendRequest();
