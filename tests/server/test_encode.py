@@ -76,19 +76,20 @@ def snr(reference: np.ndarray[Any, Any], decoded: np.ndarray[Any, Any]) -> float
     return float(10 * np.log10((reference**2).sum() / max((error**2).sum(), 1e-20)))
 
 
-@pytest.mark.parametrize(
-    ("format", "rate", "channels"),
-    [
-        ("flac", 32000, 1),
-        ("flac", 44100, 2),
-        ("opus", 48000, 1),
-        ("opus", 24000, 2),
-        ("opus", 8000, 1),
-        ("mp3", 32000, 1),
-        ("mp3", 24000, 2),
-        ("mp3", 8000, 1),
-    ],
-)
+# Each format at a few of its rates, mono and stereo.
+FILES = [
+    ("flac", 32000, 1),
+    ("flac", 44100, 2),
+    ("opus", 48000, 1),
+    ("opus", 24000, 2),
+    ("opus", 8000, 1),
+    ("mp3", 32000, 1),
+    ("mp3", 24000, 2),
+    ("mp3", 8000, 1),
+]
+
+
+@pytest.mark.parametrize(("format", "rate", "channels"), FILES)
 def test_a_stream_is_one_file_whatever_its_chunks(format: str, rate: int, channels: int) -> None:
     """The bytes of a stream's file do not depend on how its audio was cut (one
     push, or a few hundred of random sizes and empty ones), and the file decodes
@@ -124,16 +125,7 @@ def pieces_in(
     return pieces + encoder.close_pieces()
 
 
-@pytest.mark.parametrize(
-    ("format", "rate", "channels"),
-    [
-        ("flac", 32000, 1),
-        ("opus", 48000, 2),
-        ("opus", 24000, 1),
-        ("mp3", 32000, 1),
-        ("mp3", 24000, 2),
-    ],
-)
+@pytest.mark.parametrize(("format", "rate", "channels"), FILES)
 def test_a_file_made_again_goes_on_from_any_packet(format: str, rate: int, channels: int) -> None:
     """A stream picked up is encoded again from its start, from audio that may
     differ by a rounding (here, noise of 3e-6: thirty times the codec's), and
