@@ -285,9 +285,10 @@ class Encoder:
 
     def _written(self, pieces: Pieces) -> None:
         """What the muxer wrote of the last packet (maybe nothing: an Ogg page
-        waits for the next), with the frames the file holds at its end."""
+        waits for the next), with the frames the file holds at its end (none
+        where the packet ends within the codec's delay: MP3's first at 8-24 kHz)."""
         if data := self._out.take():
-            pieces.append((data, self._ends[0]))
+            pieces.append((data, max(0, self._ends[0])))
 
     def push_pieces(self, audio: npt.NDArray[np.float32]) -> Pieces:
         """``push``, in the pieces the muxer wrote (whole packets: an MP3 or
@@ -342,7 +343,7 @@ class Encoder:
                 self._written(pieces)
             self._container.close()
             if data := self._out.take():
-                pieces.append((data, self._ends[-1]))
+                pieces.append((data, max(0, self._ends[-1])))
         return pieces
 
 
@@ -504,8 +505,14 @@ class EncodedStream:
                     self._audio(message, out)
                     continue
                 if isinstance(message, Done):
+                    # A stream ended as the server shuts down is picked up where
+                    # it was cut (on the server that comes back): its live file
+                    # stays at its last whole packet, not closed (which would add
+                    # a packet of part of a frame that a file made again has not).
+                    cut = message.error is not None and message.error.code == "shutting_down"
                     for name in list(self._renditions):
-                        self._end(name, out)
+                        if not (cut and name is None):
+                            self._end(name, out)
                 elif isinstance(message, Progress) and message.stage is not None:
                     self._end(None, out)
                 elif isinstance(message, Waiting):

@@ -401,9 +401,11 @@ async def test_a_stream_under_way_on_a_lost_connection_is_picked_up_on_a_new_one
         assert same_audio(b"".join(a.data for a in audio), bytes(pcm[: 2 * heard()]))
 
 
-async def test_the_command_picks_a_stream_cut_by_a_restart_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+async def test_the_command_picks_a_stream_cut_by_a_restart_up(tmp_path: Path, suffix: str) -> None:
     """``wavecast generate --retry-for``: a restart 10-90% of the way in; the
-    file written is the clip asked for, whole."""
+    file written is the clip asked for, whole (a FLAC file too: its stream
+    picked up from the bytes it had)."""
     config = make_config(max_active=1, admission="slots")
     config = replace(config, timeouts=replace(config.timeouts, shutdown_grace=0.2))
     first_server = WavecastServer(config, tiny_engines)
@@ -418,7 +420,7 @@ async def test_the_command_picks_a_stream_cut_by_a_restart_up(tmp_path: Path) ->
         await servers[0].start()
 
     restarting: list[asyncio.Task[None]] = []
-    out_file = tmp_path / "out.wav"
+    out_file = tmp_path / f"out{suffix}"
     try:
         code, out = await run_cli(
             "generate", "--url", first_server.url, "--duration", "40", "--retry-for", "60",
