@@ -20,9 +20,11 @@ import fractions
 import io
 import logging
 import os
+import struct
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +81,15 @@ MAX_BACKLOG_SECONDS = 30.0
 # one message (no more than the session's pieces, ``session.PIECE_BYTES``), so
 # that a client's bytes end where a packet does, at a chunk's ``until``.
 CHUNK_BYTES = 32 << 10
+# An MP3 or Opus file picked up is encoded again from this many of its codec's
+# frames before the cut, not from its start (``EncodedStream``): the codecs'
+# look-ahead and overlap reach a frame or two back (and each MP3 frame holds its
+# own bits), so the packets after the cut are as a file made again from its
+# start makes them (to a rounding: ``tests/server/test_encode.py``), at a cost
+# that does not grow with the stream. (Ogg's pages are numbered on from the
+# cut's; FLAC, whose frames carry their numbers in CRC-checked headers, is
+# encoded again from its start, at some 2 ms a second of audio.)
+WARM_FRAMES = 4
 # Frames of silence ``Encoder.flush`` gives an encoder at most (LAME holds some
 # 3,000 samples: six of its 576-sample frames at 24 kHz).
 MAX_FLUSH_FRAMES = 16
@@ -185,6 +196,40 @@ def bit_rate(format: str, sample_rate: int, channels: int) -> int:
     return 0
 
 
+def frame_size(format: str, sample_rate: int) -> int:
+    """Samples a frame of ``format``'s codec holds at ``sample_rate``: MP3 1,152
+    (MPEG-1, 32 kHz and above), else 576; Opus 20 ms; 0 for FLAC (its file is
+    not begun again mid-way)."""
+    if format == "mp3":
+        return 1152 if sample_rate >= 32000 else 576
+    return sample_rate // 50 if format == "opus" else 0
+
+
+# Each byte's bits in reverse order (``ogg_crc``).
+_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
+
+
+def ogg_crc(page: bytes) -> int:
+    """Ogg's CRC-32 of a page (its CRC field zeroed): polynomial 0x04C11DB7, not
+    reflected, no inversions; by zlib's reflected one over the bytes' bits
+    reversed, its result reflected back."""
+    crc = ~zlib.crc32(page.translate(_REVERSED), 0xFFFFFFFF) & 0xFFFFFFFF
+    return int(f"{crc:032b}"[::-1], 2)
+
+
+def _renumbered(data: bytes, by: int) -> bytes:
+    """Whole Ogg pages, their sequence numbers ``by`` on (their CRCs again)."""
+    out, at = bytearray(data), 0
+    while at < len(out):
+        count = out[at + 26]
+        size = 27 + count + sum(out[at + 27 : at + 27 + count])
+        (number,) = struct.unpack_from("<I", out, at + 18)
+        struct.pack_into("<II", out, at + 18, number + by, 0)
+        struct.pack_into("<I", out, at + 22, ogg_crc(bytes(out[at : at + size])))
+        at += size
+    return bytes(out)
+
+
 # A file's bytes as its muxer wrote them, each piece with the sample frames of
 # audio the file up to its end holds (``Encoder.push_pieces``).
 Pieces = list[tuple[bytes, int]]
@@ -221,11 +266,19 @@ class Encoder:
     ``flush`` gives the rest with the file left open, ``close`` with it ended.
     An encoder runs on one thread at a time.
     ``bitrate`` (bits a second, MP3 and Opus) is ``check_bitrate``'s to check;
-    None: ``bit_rate``'s.
+    None: ``bit_rate``'s. ``start``: the sample frame of the stream that the
+    first pushed is (MP3 or Opus, a whole number of the codec's frames: a file
+    begun again a few frames before where it was cut); its packets are stamped
+    in the stream's time, and Ogg's pages numbered as the file's from its start.
     """
 
     def __init__(
-        self, format: str, sample_rate: int, channels: int, bitrate: int | None = None
+        self,
+        format: str,
+        sample_rate: int,
+        channels: int,
+        bitrate: int | None = None,
+        start: int = 0,
     ) -> None:
         import av  # (FFmpeg: imported on the encoders' threads, at the first such stream)
 
@@ -269,7 +322,10 @@ class Encoder:
         self._ends: deque[int] = deque([0], maxlen=self._held + 1)
         self.sample_rate = sample_rate
         self.channels = channels
-        self.pushed = 0  # frames of audio pushed (the silence ``flush`` adds too)
+        # Frames of audio pushed (the silence ``flush`` adds too), from ``start``.
+        self.pushed = start
+        # (Ogg: the pages of the codec's frames before ``start``, one a frame)
+        self._pages_before = start // frame_size(format, sample_rate) if muxer == "ogg" else 0
         self.padded = 0  # (of which that silence)
         self.closed = False
 
@@ -288,6 +344,8 @@ class Encoder:
         waits for the next), with the frames the file holds at its end (none
         where the packet ends within the codec's delay: MP3's first at 8-24 kHz)."""
         if data := self._out.take():
+            if self._pages_before:
+                data = _renumbered(data, self._pages_before)
             pieces.append((data, max(0, self._ends[0])))
 
     def push_pieces(self, audio: npt.NDArray[np.float32]) -> Pieces:
@@ -343,6 +401,8 @@ class Encoder:
                 self._written(pieces)
             self._container.close()
             if data := self._out.take():
+                if self._pages_before:
+                    data = _renumbered(data, self._pages_before)
                 pieces.append((data, max(0, self._ends[-1])))
         return pieces
 
@@ -359,6 +419,7 @@ class _Rendition:
     end: float = 0.0
     spanned: float = 0.0
     codes: bytearray = dataclasses.field(default_factory=bytearray)  # (not yet sent)
+    start: int = 0  # the stream's frame its encoder began at (``Encoder.start``)
 
 
 class EncodedStream:
@@ -375,10 +436,11 @@ class EncodedStream:
     (``until``: its bytes end where a packet of its codec does). A stream
     picked up where it was cut (``resume``: the bytes of the live file its
     client has; ``until``: the frames they hold, the last chunk's ``until``) is
-    encoded again from its start, and its file goes on from the packet after
-    those frames, its bytes numbered on from ``resume``: the packets before
-    are left out (made of the same audio to a rounding, they may differ from
-    the client's by a bit, so the bytes are not counted but the packets). The
+    encoded again (MP3 and Opus from ``WARM_FRAMES`` of their codec's frames
+    before the cut, FLAC from its start), and its file goes on from the packet
+    after those frames, its bytes numbered on from ``resume``: the packets
+    before are left out (made again, they may differ from the client's by a
+    bit, so the bytes are not counted but the packets). The
     live audio's codes (``generate.codes``) go with the first chunk after
     them (a codec's look-ahead makes some pushes give no bytes), so that a
     client's codes always cover its bytes.
@@ -542,12 +604,17 @@ class EncodedStream:
         audio = np.frombuffer(message.data, dtype="<f4").reshape(-1, message.channels)
         rendition = self._renditions.setdefault(message.rendition, _Rendition())
         if rendition.encoder is None:
+            frame = frame_size(self.format, message.sample_rate)
+            if message.rendition is None and self._resume and frame:
+                # (picked up: begun again a few frames before the cut)
+                rendition.start = max(0, self._until // frame - WARM_FRAMES) * frame
             rendition.encoder = Encoder(
-                self.format, message.sample_rate, message.channels, self.bitrate
+                self.format, message.sample_rate, message.channels, self.bitrate, rendition.start
             )
         rendition.end = (message.offset + audio.shape[0]) / message.sample_rate
         if message.codes:
             rendition.codes += message.codes
+        audio = audio[max(0, rendition.start - message.offset) :]
         self._chunk(message, message.rendition, rendition.encoder.push_pieces(audio), out)
 
     def _end(self, name: str | None, out: list[ServerMessage], *, flush: bool = False) -> int:
