@@ -266,7 +266,7 @@ async def test_a_file_picked_up_goes_on_from_the_packet_after_the_clients(
 ) -> None:
     """An encoded stream cut after any of its messages (each ends where a packet
     of its codec does, at its ``until``), picked up with and without its codes:
-    its file goes on from the clients bytes, and the file joined decodes to the
+    its file goes on from the client's bytes, and the file joined decodes to the
     whole one's audio (FLAC to its 16-bit samples, within a step; the lossy
     ones, where a packet off would be noise, within the codec's own rounding).
     Its codes join the whole stream's; each message's cover its bytes."""
