@@ -205,6 +205,13 @@ def frame_size(format: str, sample_rate: int) -> int:
     return sample_rate // 50 if format == "opus" else 0
 
 
+def warm_start(format: str, sample_rate: int, until: int) -> int:
+    """The stream's frame a file picked up at ``until`` is encoded again from:
+    ``WARM_FRAMES`` of its codec's frames before (0: from its start, FLAC's)."""
+    frame = frame_size(format, sample_rate)
+    return max(0, until // frame - WARM_FRAMES) * frame if frame else 0
+
+
 # Each byte's bits in reverse order (``ogg_crc``).
 _REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
@@ -437,7 +444,8 @@ class EncodedStream:
     picked up where it was cut (``resume``: the bytes of the live file its
     client has; ``until``: the frames they hold, the last chunk's ``until``) is
     encoded again (MP3 and Opus from ``WARM_FRAMES`` of their codec's frames
-    before the cut, FLAC from its start), and its file goes on from the packet
+    before the cut, ``warm_start``: at the model's rate, the engine decodes the
+    audio from there only; FLAC from its start), and its file goes on from the packet
     after those frames, its bytes numbered on from ``resume``: the packets
     before are left out (made again, they may differ from the client's by a
     bit, so the bytes are not counted but the packets). The
@@ -604,10 +612,9 @@ class EncodedStream:
         audio = np.frombuffer(message.data, dtype="<f4").reshape(-1, message.channels)
         rendition = self._renditions.setdefault(message.rendition, _Rendition())
         if rendition.encoder is None:
-            frame = frame_size(self.format, message.sample_rate)
-            if message.rendition is None and self._resume and frame:
+            if message.rendition is None and self._resume:
                 # (picked up: begun again a few frames before the cut)
-                rendition.start = max(0, self._until // frame - WARM_FRAMES) * frame
+                rendition.start = warm_start(self.format, message.sample_rate, self._until)
             rendition.encoder = Encoder(
                 self.format, message.sample_rate, message.channels, self.bitrate, rendition.start
             )

@@ -80,7 +80,13 @@ from wavecast.protocol import (
 from wavecast.protocol.errors import CLOSE_POLICY_VIOLATION
 
 from .config import Config
-from .encode import ENCODED_FORMATS, EncodedStream, check_bitrate, encoded_rate
+from .encode import (
+    ENCODED_FORMATS,
+    EncodedStream,
+    check_bitrate,
+    encoded_rate,
+    warm_start,
+)
 from .engines.base import EngineRequest
 from .scheduler import Request, Scheduler
 
@@ -382,10 +388,14 @@ class Session:
                 flow.span, flow.encoded = sink.span_of, True
                 held = self._held_for(sink, held)  # (it waits for its encoders, rather than fail)
             # What the engine need not make again: none at another rate (the
-            # resampler runs over the stream from its start), nor of a file (its
-            # encoders do: a file picked up is encoded again from its start).
-            had = 0 if encoded else message.resume or 0
-            heard = had if sample_rate in (None, 0, info.sample_rate) else 0
+            # resampler runs over the stream from its start); of PCM, the frames
+            # its client has; of a file, those its encoder is not given again (it
+            # begins a few frames before the cut: ``warm_start``).
+            had = heard = 0 if encoded else message.resume or 0
+            if encoded and message.resume:
+                heard = warm_start(message.format, sample_rate or 0, message.resume_until or 0)
+            if sample_rate not in (None, 0, info.sample_rate):
+                heard = 0
             request = Request(
                 id=message.id,
                 model=message.model,

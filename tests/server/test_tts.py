@@ -397,6 +397,48 @@ async def test_a_speech_stream_picked_up_from_its_codes_is_the_rest_of_the_whole
     assert after.get(metric, 0.0) - before.get(metric, 0.0) == pytest.approx((known - 2 * K) / 25)
 
 
+@pytest.mark.parametrize("format", ["mp3", "opus", "flac"])
+async def test_a_speech_file_picked_up_in_its_second_chunk_is_the_whole_one(
+    server: Any, format: str
+) -> None:
+    """A dialogue's file (at the model's 24 kHz) cut in its second chunk and
+    picked up from its codes and bytes: the rows after them are the whole
+    stream's, and the file joined decodes to the whole one's audio (FLAC within
+    a step; MP3 and Opus, begun again a few frames before the cut from audio
+    decoded again from there, within their rounding)."""
+    from wavecast.clients.client import decode_file
+
+    async with connect(server.url) as client:
+        text = "[SPEAKER0] Hello there.\n[SPEAKER1] Who is it?\n[SPEAKER0] Only me."
+        asked = {"max_new_tokens": 20, "seed": 5, "chunk_method": "speaker"}
+        stream = await client.speak("tiny-higgs", text, **asked, format=format, codes=True)
+        whole = [e async for e in stream if isinstance(e, Audio)]
+        file, joined = b"".join(a.data for a in whole), b"".join(a.codes or b"" for a in whole)
+        have: list[Audio] = []  # (cut once the client has 27 rows: the second chunk's seventh)
+        while len(b"".join(a.codes or b"" for a in have)) < 27 * K * 2:
+            have.append(whole[len(have)])
+        had, codes = b"".join(a.data for a in have), b"".join(a.codes or b"" for a in have)
+        again = await client.speak(
+            "tiny-higgs",
+            text,
+            **asked,
+            format=format,
+            codes=True,
+            resume=len(had),
+            resume_until=have[-1].until,
+            resume_codes=codes,
+        )
+        events = [event async for event in again]
+        rest = [e for e in events if isinstance(e, Audio)]
+        assert isinstance(events[-1], Done) and events[-1].status == "completed"
+        assert rest[0].offset == len(had)
+        assert codes + b"".join(a.codes or b"" for a in rest) == joined
+        expected = decode_file(file, format).astype(np.float64)
+        heard = decode_file(had + b"".join(a.data for a in rest), format).astype(np.float64)
+        assert heard.shape == expected.shape
+        assert np.abs(heard - expected).max() <= (1 if format == "flac" else 0.02)
+
+
 async def test_speech_codes_that_cannot_be_kept_are_refused(server: Any) -> None:
     async with connect(server.url) as client:
         asked = {"max_new_tokens": 8, "seed": 3}
