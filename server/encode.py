@@ -443,15 +443,15 @@ class EncodedStream:
     (``until``: its bytes end where a packet of its codec does). A stream
     picked up where it was cut (``resume``: the bytes of the live file its
     client has; ``until``: the frames they hold, the last chunk's ``until``) is
-    encoded again (MP3 and Opus from ``WARM_FRAMES`` of their codec's frames
-    before the cut, ``warm_start``: at the model's rate, the engine decodes the
-    audio from there only; FLAC from its start), and its file goes on from the packet
-    after those frames, its bytes numbered on from ``resume``: the packets
-    before are left out (made again, they may differ from the client's by a
-    bit, so the bytes are not counted but the packets). The
-    live audio's codes (``generate.codes``) go with the first chunk after
-    them (a codec's look-ahead makes some pushes give no bytes), so that a
-    client's codes always cover its bytes.
+    encoded again from the stream's frame ``start`` (``warm_start``: MP3 and
+    Opus from a few of their codec's frames before the cut, FLAC from its
+    start; at the model's rate the engine decodes the audio from there only),
+    and its file goes on from the packet after those frames, its bytes
+    numbered on from ``resume``: the packets before are left out (made again,
+    they may differ from the client's by a bit, so the bytes are not counted
+    but the packets). The live audio's codes (``generate.codes``) go with the
+    first chunk after them (a codec's look-ahead makes some pushes give no
+    bytes), so that a client's codes always cover its bytes.
     """
 
     def __init__(
@@ -465,13 +465,14 @@ class EncodedStream:
         metrics: Metrics | None = None,
         resume: int = 0,
         until: int = 0,
+        start: int = 0,
     ) -> None:
         assert format in ENCODED_FORMATS
         self.request_id = request_id
         self.format = format
         self.bitrate = bitrate
         self._metrics = metrics
-        self._resume, self._until = resume, until
+        self._resume, self._until, self._start = resume, until, start
         # A live chunk gone out: until then, a stream picked up is catching up
         # (its audio made again may come at once, from its codes).
         self._sent_live = False
@@ -612,9 +613,8 @@ class EncodedStream:
         audio = np.frombuffer(message.data, dtype="<f4").reshape(-1, message.channels)
         rendition = self._renditions.setdefault(message.rendition, _Rendition())
         if rendition.encoder is None:
-            if message.rendition is None and self._resume:
-                # (picked up: begun again a few frames before the cut)
-                rendition.start = warm_start(self.format, message.sample_rate, self._until)
+            if message.rendition is None:  # (picked up: a few frames before the cut)
+                rendition.start = self._start
             rendition.encoder = Encoder(
                 self.format, message.sample_rate, message.channels, self.bitrate, rendition.start
             )

@@ -371,9 +371,13 @@ class Session:
             wire_format, sample_rate = message.format, message.sample_rate
             check_bitrate(message.format, info.channels, message.bitrate)
             encoded = message.format in ENCODED_FORMATS
+            had = heard = 0 if encoded else message.resume or 0
             if encoded:
-                # Generated as float PCM at the codec's rate; encoded on its way here.
+                # Generated as float PCM at the codec's rate; encoded on its way here
+                # (a file picked up: from a few frames before the cut, ``warm_start``).
                 sample_rate = encoded_rate(message.format, info.sample_rate, sample_rate)
+                if message.resume:
+                    heard = warm_start(message.format, sample_rate, message.resume_until or 0)
                 wire_format = "pcm_f32le"
                 sink = EncodedStream(
                     message.id,
@@ -384,16 +388,13 @@ class Session:
                     metrics=self.scheduler.metrics,
                     resume=message.resume or 0,
                     until=message.resume_until or 0,
+                    start=heard,
                 )
                 flow.span, flow.encoded = sink.span_of, True
                 held = self._held_for(sink, held)  # (it waits for its encoders, rather than fail)
-            # What the engine need not make again: none at another rate (the
-            # resampler runs over the stream from its start); of PCM, the frames
-            # its client has; of a file, those its encoder is not given again (it
-            # begins a few frames before the cut: ``warm_start``).
-            had = heard = 0 if encoded else message.resume or 0
-            if encoded and message.resume:
-                heard = warm_start(message.format, sample_rate or 0, message.resume_until or 0)
+            # What the engine need not make again: of PCM, the frames its client
+            # has; of a file, those its encoder is not given again; none at another
+            # rate (the resampler runs over the stream from its start).
             if sample_rate not in (None, 0, info.sample_rate):
                 heard = 0
             request = Request(
