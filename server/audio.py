@@ -4,6 +4,7 @@ files (§3.1)."""
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,17 @@ import soxr  # (at start-up, not on the inference thread at a request: 0.1 s)
 
 from wavecast.protocol import InvalidField
 
-__all__ = ["Resampler", "alaw", "decode_upload", "mulaw", "resample", "to_pcm", "to_wav"]
+__all__ = [
+    "Resampler",
+    "alaw",
+    "decode_upload",
+    "mulaw",
+    "resample",
+    "resampled_from",
+    "to_pcm",
+    "to_wav",
+    "warm_resample_start",
+]
 
 # soxr's "high quality" (20-bit precision, a pass band to 91% of the lower rate's
 # Nyquist): past what 16-bit output holds; 0.1-0.4 ms per second of audio. It gives
@@ -20,6 +31,12 @@ __all__ = ["Resampler", "alaw", "decode_upload", "mulaw", "resample", "to_pcm", 
 # with the next (bench/RESULTS.md: a polyphase filter giving every sample at once
 # cost 10-25x more).
 RESAMPLE_QUALITY = "HQ"
+
+# A resampler begun this long before a stream's frame gives the stream's samples
+# from there on as one begun at its start does, to a float's rounding (soxr's
+# filter has settled: within 2e-7 at 8-192 kHz from 24 and 32 kHz after 20 ms;
+# bench/RESULTS.md).
+WARM_RESAMPLE_SECONDS = 0.1
 
 
 class Resampler:
@@ -47,6 +64,32 @@ class Resampler:
             np.ascontiguousarray(audio, dtype=np.float32), last=last
         )
         return out
+
+
+def _steps(source: int, target: int) -> tuple[int, int]:
+    """The frames at ``source`` and at ``target`` that span the same time, fewest."""
+    common = math.gcd(source, target)
+    return source // common, target // common
+
+
+def warm_resample_start(source: int, target: int, frame: int) -> int:
+    """The frame at ``source`` from which a stream, resampled to ``target``,
+    is resampled again to give its samples from ``frame`` (at ``target``) on:
+    ``WARM_RESAMPLE_SECONDS`` before, and a step of the rates' ratio more (the
+    resampler begins where the two rates' frames meet, ``resampled_from``)."""
+    step, _ = _steps(source, target)
+    warm = round(WARM_RESAMPLE_SECONDS * source) + step
+    return max(0, frame * source // target - warm)
+
+
+def resampled_from(source: int, target: int, frame: int) -> tuple[int, int]:
+    """Where a stream's audio at ``source`` from ``frame`` on is resampled from
+    as the whole stream is: the first frame at or after it where a frame at
+    ``source`` and one at ``target`` begin at once, and that frame at
+    ``target``."""
+    step, other = _steps(source, target)
+    first = -(-frame // step)
+    return first * step, first * other
 
 
 def resample(audio: npt.NDArray[np.float32], source: int, target: int) -> npt.NDArray[np.float32]:

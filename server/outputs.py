@@ -28,7 +28,7 @@ from wavecast.protocol import (
 )
 from wavecast.protocol.messages import AudioFormat, DoneStatus
 
-from .audio import Resampler, resample, to_pcm
+from .audio import Resampler, resample, resampled_from, to_pcm
 from .engines.base import FloatAudio, StepOutput
 
 __all__ = ["PROGRESS_INTERVAL", "RequestOutputs", "done_message", "progress_due"]
@@ -79,12 +79,28 @@ class RequestOutputs:
     stage: str | None = None
     first_audio_at: float | None = None
     resampler: Resampler | None = field(default=None, repr=False)
+    # Frames at the model's rate of the live stream's first audio left out of
+    # the resampler (``begin_at``).
+    _unresampled: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.sample_rate in (0, self.info.sample_rate):
             self.sample_rate = self.info.sample_rate
         else:
             self.resampler = Resampler(self.info.sample_rate, self.sample_rate, self.info.channels)
+
+    def begin_at(self, frame: int) -> None:
+        """The live stream's audio begins at ``frame`` (at the model's rate): a
+        stream picked up, the audio before not made again (``Job.extra``'s
+        ``from_sample``). At another rate, it is resampled from the first frame
+        after where the two rates' frames meet (the frames before are left
+        out), as the whole stream is there to a float's rounding when ``frame``
+        is ``warm_resample_start``'s for the first frame its client lacks."""
+        if self.resampler is None:
+            self.samples = frame
+        else:
+            start, self.samples = resampled_from(self.info.sample_rate, self.sample_rate, frame)
+            self._unresampled = start - frame
 
     def messages(self, output: StepOutput, now: float) -> list[ServerMessage]:
         """What one step's output says to the client."""
@@ -109,6 +125,10 @@ class RequestOutputs:
             if offset >= max(self.skip, self.had):
                 messages.append(Caption(id=self.request_id, offset=offset, text=text))
         audio = output.audio
+        if self._unresampled and audio is not None and self.stage is None:
+            left_out = min(self._unresampled, int(audio.shape[0]))
+            self._unresampled -= left_out
+            audio = audio[left_out:]
         if self.resampler is not None and self.stage is None:
             # The live stream's last chunk also brings out what soxr held back;
             # so does the last before a wait for text (the speech after it goes

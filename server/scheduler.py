@@ -744,7 +744,7 @@ class Scheduler:
         request.from_codes = float(from_codes) if isinstance(from_codes, int | float) else 0.0
         from_sample = extra.get("from_sample")
         if isinstance(from_sample, int):  # (the audio before, its client has: not made again)
-            request.outputs.samples = from_sample
+            request.outputs.begin_at(from_sample)
         self._emit(
             request,
             Started(

@@ -79,6 +79,7 @@ from wavecast.protocol import (
 )
 from wavecast.protocol.errors import CLOSE_POLICY_VIOLATION
 
+from .audio import warm_resample_start
 from .config import Config
 from .encode import (
     ENCODED_FORMATS,
@@ -393,10 +394,15 @@ class Session:
                 flow.span, flow.encoded = sink.span_of, True
                 held = self._held_for(sink, held)  # (it waits for its encoders, rather than fail)
             # What the engine need not make again: of PCM, the frames its client
-            # has; of a file, those its encoder is not given again; none at another
-            # rate (the resampler runs over the stream from its start).
-            if sample_rate not in (None, 0, info.sample_rate):
-                heard = 0
+            # has; of a file, those its encoder is not given again. At another
+            # rate, those before where the resampler begins again (a little
+            # before: ``warm_resample_start``); of speech whose text came as it
+            # was written, none (its resampler began again at each wait).
+            if sample_rate and sample_rate != info.sample_rate:
+                if message.text_stream:
+                    heard = 0
+                else:
+                    heard = warm_resample_start(info.sample_rate, sample_rate, heard)
             request = Request(
                 id=message.id,
                 model=message.model,

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from wavecast.protocol import Audio, ModelInfo, Progress
-from wavecast.server.audio import resample
+from wavecast.server.audio import resample, warm_resample_start
 from wavecast.server.engines.base import StepOutput
 from wavecast.server.outputs import PROGRESS_INTERVAL, RequestOutputs
 
@@ -144,3 +144,39 @@ def test_a_stream_at_its_models_rate_is_not_resampled() -> None:
             m for m in outputs.messages(StepOutput(chunk, 0.5, 0.5), 0.0) if isinstance(m, Audio)
         ]
         assert audio.data == chunk.tobytes() and audio.sample_rate == INFO.sample_rate
+
+
+def test_a_stream_picked_up_at_another_rate_is_resampled_from_a_little_before_the_cut() -> None:
+    """A stream picked up at another rate than its model's, its audio made
+    again from ``warm_resample_start``'s frame (floored to a codec frame, as an
+    engine does): from the first frame its client lacks, the chunks are the
+    whole stream resampled, to a float's rounding, at the same offsets, and as
+    long; begun at the stream's start, bit for bit."""
+    rng = np.random.default_rng(7)
+    stereo = replace(INFO, sample_rate=32000, channels=2)
+    live = (rng.standard_normal((3 * 32000, 2)) * 0.3).astype(np.float32)
+    for rate in (8000, 8001, 11025, 12345, 16000, 44100, 48000, 192000):
+        whole = resample(live, 32000, rate)
+        for heard in (0, 1, rate // 2 + 7, 2 * rate + 12_345 % rate, whole.shape[0] - 1):
+            start = warm_resample_start(32000, rate, heard) // 640 * 640
+            assert 0 <= start <= max(0, heard * 32000 // rate - 3200)  # (0.1 s before)
+            outputs = RequestOutputs("r", stereo, "pcm_f32le", rate, skip=heard)
+            outputs.begin_at(start)
+            rest = live[start:]
+            cuts = np.sort(rng.choice(np.arange(1, rest.shape[0]), size=9, replace=False))
+            said: list[Audio] = []
+            chunks = np.split(rest, cuts)
+            for i, chunk in enumerate(chunks):
+                step = StepOutput(chunk, 0.5, 0.5, done=i == len(chunks) - 1)
+                said += [m for m in outputs.messages(step, float(i)) if isinstance(m, Audio)]
+            assert said[0].offset == heard
+            assert [m.offset for m in said] == list(
+                itertools.accumulate([heard] + [m.frames for m in said[:-1]])
+            )
+            streamed = np.frombuffer(b"".join(m.data for m in said), "<f4").reshape(-1, 2)
+            assert streamed.shape == whole[heard:].shape
+            if start == 0:
+                assert np.array_equal(streamed, whole[heard:])
+            else:
+                assert np.abs(streamed - whole[heard:]).max() < 2e-6
+            assert outputs.stats(submitted_at=0, started_at=0, now=2).samples == whole.shape[0]

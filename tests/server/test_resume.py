@@ -20,7 +20,9 @@ from websockets.asyncio.client import connect as ws_connect
 from wavecast.clients import connect
 from wavecast.clients.client import decode_file
 from wavecast.protocol import Audio, Done
+from wavecast.server.audio import warm_resample_start
 from wavecast.server.encode import CHUNK_BYTES
+from wavecast.server.outputs import RequestOutputs
 from wavecast.server.session import PIECE_BYTES
 
 # One server for the module (started in a third of a second, but a dozen times).
@@ -193,13 +195,24 @@ async def test_a_stream_picked_up_from_its_codes_is_the_rest_of_the_whole_one(
     assert taken == pytest.approx(len(codes) / 8 / 50)
 
 
-async def test_a_stream_picked_up_from_its_codes_at_another_rate(server: Any) -> None:
-    """Heard at 16 kHz (resampled from the model's 32 kHz): the rest is the
-    whole stream's too (the server makes the audio the client had again, to
-    resample the stream from its start), and the audio of the codes not sent
-    yet comes with it."""
+@pytest.mark.parametrize("rate", [16000, 44100])
+async def test_a_stream_picked_up_from_its_codes_at_another_rate(
+    server: Any, rate: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heard at another rate than the model's 32 kHz: the rest is the whole
+    stream's too, and the audio of the codes not sent yet comes with it. The
+    server makes the audio again from a little before the cut only, where its
+    resampler begins again (``warm_resample_start``), not from the stream's start."""
+    began: list[int] = []
+    begin_at = RequestOutputs.begin_at
+
+    def recorded(outputs: RequestOutputs, frame: int) -> None:
+        began.append(frame)
+        begin_at(outputs, frame)
+
+    monkeypatch.setattr(RequestOutputs, "begin_at", recorded)
     async with connect(server.url) as client:
-        asked = {"duration": 2.0, "seed": 3, "codes": True, "sample_rate": 16000}
+        asked = {"duration": 2.0, "seed": 3, "codes": True, "sample_rate": rate}
         asked["format"] = "pcm_f32le"
         whole = live_audio(await events_of(client, **asked))
         have = whole[:3]
@@ -210,6 +223,10 @@ async def test_a_stream_picked_up_from_its_codes_at_another_rate(server: Any) ->
         b = np.frombuffer(b"".join(x.data for x in rest), np.float32)
         assert rest[0].offset == resume and b.shape == a[resume:].shape
         assert np.abs(a[resume:] - b).max() < 1e-4
+    cut = resume * 32000 // rate
+    assert began == [warm_resample_start(32000, rate, resume) // HOP * HOP]
+    # (0.1 s before, and up to a codec frame and a step of the two rates' ratio more)
+    assert cut - 3200 - HOP - 320 <= began[0] <= cut - 3200
 
 
 @pytest.mark.parametrize(
