@@ -81,15 +81,19 @@ MAX_BACKLOG_SECONDS = 30.0
 # one message (no more than the session's pieces, ``session.PIECE_BYTES``), so
 # that a client's bytes end where a packet does, at a chunk's ``until``.
 CHUNK_BYTES = 32 << 10
-# An MP3 or Opus file picked up is encoded again from this many of its codec's
-# frames before the cut, not from its start (``EncodedStream``): the codecs'
-# look-ahead and overlap reach a frame or two back (and each MP3 frame holds its
-# own bits), so the packets after the cut are as a file made again from its
-# start makes them (to a rounding: ``tests/server/test_encode.py``), at a cost
-# that does not grow with the stream. (Ogg's pages are numbered on from the
-# cut's; FLAC, whose frames carry their numbers in CRC-checked headers, is
-# encoded again from its start, at some 2 ms a second of audio.)
+# A file picked up is encoded again from this many of its codec's frames before
+# the cut, not from its start (``EncodedStream``): MP3's and Opus' look-ahead and
+# overlap reach a frame or two back (and each MP3 frame holds its own bits), so
+# the packets after the cut are as a file made again from its start makes them
+# (to a rounding: ``tests/server/test_encode.py``), at a cost that does not grow
+# with the stream. (Ogg's pages and FLAC's frames are numbered on from there, their
+# CRCs computed again; FLAC's frames stand alone, the same bytes of the same
+# samples.)
 WARM_FRAMES = 4
+# FLAC's block sizes that its frame headers code in four bits: a FLAC stream's
+# frames hold the largest within ``FLAC_BLOCK_MS`` (FFmpeg's own choice, set).
+FLAC_BLOCKS = (192, 256, 512, 576, 1024, 1152, 2048, 2304, 4096, 4608, 8192, 16384, 32768)
+FLAC_BLOCK_MS = 105
 # Frames of silence ``Encoder.flush`` gives an encoder at most (LAME holds some
 # 3,000 samples: six of its 576-sample frames at 24 kHz).
 MAX_FLUSH_FRAMES = 16
@@ -198,16 +202,18 @@ def bit_rate(format: str, sample_rate: int, channels: int) -> int:
 
 def frame_size(format: str, sample_rate: int) -> int:
     """Samples a frame of ``format``'s codec holds at ``sample_rate``: MP3 1,152
-    (MPEG-1, 32 kHz and above), else 576; Opus 20 ms; 0 for FLAC (its file is
-    not begun again mid-way)."""
+    (MPEG-1, 32 kHz and above), else 576; Opus 20 ms; FLAC the largest of its
+    block sizes within ``FLAC_BLOCK_MS`` (2,304 at 24 and 32 kHz)."""
     if format == "mp3":
         return 1152 if sample_rate >= 32000 else 576
+    if format == "flac":
+        return max(b for b in FLAC_BLOCKS if b <= sample_rate * FLAC_BLOCK_MS // 1000)
     return sample_rate // 50 if format == "opus" else 0
 
 
 def warm_start(format: str, sample_rate: int, until: int) -> int:
     """The stream's frame a file picked up at ``until`` is encoded again from:
-    ``WARM_FRAMES`` of its codec's frames before (0: from its start, FLAC's)."""
+    ``WARM_FRAMES`` of its codec's frames before (0: from its start)."""
     frame = frame_size(format, sample_rate)
     return max(0, until // frame - WARM_FRAMES) * frame if frame else 0
 
@@ -224,7 +230,7 @@ def ogg_crc(page: bytes) -> int:
     return int(f"{crc:032b}"[::-1], 2)
 
 
-def _renumbered(data: bytes, by: int) -> bytes:
+def _ogg_renumbered(data: bytes, by: int) -> bytes:
     """Whole Ogg pages, their sequence numbers ``by`` on (their CRCs again)."""
     out, at = bytearray(data), 0
     while at < len(out):
@@ -235,6 +241,97 @@ def _renumbered(data: bytes, by: int) -> bytes:
         struct.pack_into("<I", out, at + 22, ogg_crc(bytes(out[at : at + size])))
         at += size
     return bytes(out)
+
+
+def _crc8(data: bytes) -> int:
+    """FLAC's CRC-8 (a frame header's): polynomial 0x07, from 0."""
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x07) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+    return crc
+
+
+def _crc16(data: bytes, crc: int = 0) -> int:
+    """FLAC's CRC-16 (a frame's): polynomial 0x8005, from ``crc``, not reflected."""
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8005) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+def _times(a: int, b: int) -> int:
+    """``a`` times ``b``, polynomials over GF(2), modulo CRC-16's (0x18005)."""
+    out = 0
+    while b:
+        if b & 1:
+            out ^= a
+        b >>= 1
+        a <<= 1
+        if a & 0x10000:
+            a ^= 0x18005
+    return out
+
+
+# x to the power of 8 * 2**i, modulo CRC-16's polynomial: a CRC-16 register's
+# move over 2**i zero bytes is a product by it (``_after_zeros``).
+_ZERO_BYTES = [_times(1, 1 << 8)]
+for _ in range(40):
+    _ZERO_BYTES.append(_times(_ZERO_BYTES[-1], _ZERO_BYTES[-1]))
+
+
+def _after_zeros(crc: int, count: int) -> int:
+    """A CRC-16 register after ``count`` more zero bytes."""
+    for power in _ZERO_BYTES:
+        if not count:
+            break
+        if count & 1:
+            crc = _times(crc, power)
+        count >>= 1
+    return crc
+
+
+def _coded_number(number: int) -> bytes:
+    """A FLAC frame's number as its header codes it (as UTF-8 codes a
+    character, to 36 bits)."""
+    if number < 0x80:
+        return bytes([number])
+    size = next(n for n in range(2, 8) if number < 1 << (6 * (n - 1) + 7 - n))
+    tail = [0x80 | (number >> 6 * i) & 0x3F for i in reversed(range(size - 1))]
+    return bytes([(0xFF00 >> size) & 0xFF | number >> 6 * (size - 1), *tail])
+
+
+def _flac_renumbered(data: bytes, by: int) -> bytes:
+    """A FLAC frame (after the file's header, where the first piece has it)
+    numbered ``by`` on: its header's number coded again, the header's CRC-8 and
+    the frame's CRC-16 computed again. The CRC-16 from the old one: a CRC is
+    linear, so only the header's part of it is worked out, not the samples'."""
+    at = 0
+    if data[:4] == b"fLaC":  # (the stream's header: its metadata blocks)
+        at, last = 4, False
+        while not last:
+            last = bool(data[at] & 0x80)
+            at += 4 + int.from_bytes(data[at + 1 : at + 4], "big")
+    if at == len(data):
+        return data
+    if data[at : at + 2] != b"\xff\xf8":  # (fixed block sizes: the frames numbered)
+        raise ValueError("not a FLAC frame of a fixed block size")
+    first = data[at + 4]
+    marks = 0 if first < 0x80 else 8 - (~first & 0xFF).bit_length()  # (its leading ones)
+    number = first & (0x7F >> marks)
+    for byte in data[at + 5 : at + 4 + max(1, marks)]:
+        number = number << 6 | byte & 0x3F
+    end = at + 4 + max(1, marks)
+    block, rate = data[at + 2] >> 4, data[at + 2] & 0x0F
+    end += (block == 6) + 2 * (block == 7) + (rate == 12) + 2 * (rate in (13, 14))
+    old = data[at : end + 1]  # (with its CRC-8)
+    header = data[at : at + 4] + _coded_number(number + by) + data[at + 4 + max(1, marks) : end]
+    new = header + bytes([_crc8(header)])
+    body = len(data) - (end + 1) - 2
+    crc = int.from_bytes(data[-2:], "big") ^ _after_zeros(_crc16(old) ^ _crc16(new), body)
+    return data[:at] + new + data[end + 1 : -2] + crc.to_bytes(2, "big")
 
 
 # A file's bytes as its muxer wrote them, each piece with the sample frames of
@@ -274,9 +371,10 @@ class Encoder:
     An encoder runs on one thread at a time.
     ``bitrate`` (bits a second, MP3 and Opus) is ``check_bitrate``'s to check;
     None: ``bit_rate``'s. ``start``: the sample frame of the stream that the
-    first pushed is (MP3 or Opus, a whole number of the codec's frames: a file
-    begun again a few frames before where it was cut); its packets are stamped
-    in the stream's time, and Ogg's pages numbered as the file's from its start.
+    first pushed is (a whole number of the codec's frames: a file begun again a
+    few frames before where it was cut); its packets are stamped in the
+    stream's time, and Ogg's pages and FLAC's frames numbered as the file's
+    from its start.
     """
 
     def __init__(
@@ -317,9 +415,12 @@ class Encoder:
             # differ by a rounding from the client's (bench/RESULTS.md: 0.0-0.4
             # dB of signal to noise, at the same bytes a second).
             stream.codec_context.options = {"reservoir": "0"}
+        elif format == "flac":  # (FFmpeg's own choice, set: ``warm_start`` counts on it)
+            stream.codec_context.options = {"frame_size": str(frame_size(format, sample_rate))}
         self._stream = stream
         self._av = av
         self._lossless = format == "flac"
+        self.format = format
         self._time_base = fractions.Fraction(1, sample_rate)
         # The file's muxer holds its last packet back until the next (an Ogg
         # page is written once the next begins): how many packets it holds.
@@ -331,8 +432,9 @@ class Encoder:
         self.channels = channels
         # Frames of audio pushed (the silence ``flush`` adds too), from ``start``.
         self.pushed = start
-        # (Ogg: the pages of the codec's frames before ``start``, one a frame)
-        self._pages_before = start // frame_size(format, sample_rate) if muxer == "ogg" else 0
+        # The codec's frames before ``start``: Ogg's pages (one a frame) and FLAC's
+        # frames are numbered on from them (``_renumbered``).
+        self._before = start // frame_size(format, sample_rate) if start else 0
         self.padded = 0  # (of which that silence)
         self.closed = False
 
@@ -351,9 +453,15 @@ class Encoder:
         waits for the next), with the frames the file holds at its end (none
         where the packet ends within the codec's delay: MP3's first at 8-24 kHz)."""
         if data := self._out.take():
-            if self._pages_before:
-                data = _renumbered(data, self._pages_before)
-            pieces.append((data, max(0, self._ends[0])))
+            pieces.append((self._renumbered(data), max(0, self._ends[0])))
+
+    def _renumbered(self, data: bytes) -> bytes:
+        """What the muxer wrote, numbered as the file's from its start."""
+        if not self._before or self.format == "mp3":
+            return data
+        if self.format == "flac":
+            return _flac_renumbered(data, self._before)
+        return _ogg_renumbered(data, self._before)
 
     def push_pieces(self, audio: npt.NDArray[np.float32]) -> Pieces:
         """``push``, in the pieces the muxer wrote (whole packets: an MP3 or
@@ -408,9 +516,7 @@ class Encoder:
                 self._written(pieces)
             self._container.close()
             if data := self._out.take():
-                if self._pages_before:
-                    data = _renumbered(data, self._pages_before)
-                pieces.append((data, max(0, self._ends[-1])))
+                pieces.append((self._renumbered(data), max(0, self._ends[-1])))
         return pieces
 
 
@@ -443,9 +549,9 @@ class EncodedStream:
     (``until``: its bytes end where a packet of its codec does). A stream
     picked up where it was cut (``resume``: the bytes of the live file its
     client has; ``until``: the frames they hold, the last chunk's ``until``) is
-    encoded again from the stream's frame ``start`` (``warm_start``: MP3 and
-    Opus from a few of their codec's frames before the cut, FLAC from its
-    start; at the model's rate the engine decodes the audio from there only),
+    encoded again from the stream's frame ``start`` (``warm_start``: a few of
+    its codec's frames before the cut; the engine decodes the audio from there
+    only, or from a little before, where the resampler begins again),
     and its file goes on from the packet after those frames, its bytes
     numbered on from ``resume``: the packets before are left out (made again,
     they may differ from the client's by a bit, so the bytes are not counted

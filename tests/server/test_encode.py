@@ -34,6 +34,7 @@ from wavecast.server.encode import (
     WARM_FRAMES,
     EncodedStream,
     Encoder,
+    _coded_number,
     encoded_rate,
     frame_size,
 )
@@ -140,10 +141,11 @@ def test_a_file_made_again_goes_on_from_any_packet(format: str, rate: int, chann
     pieces end at the same frames in both files; the file joined decodes as
     close to the first as the second does (FLAC: the first's samples up to the
     cut, the second's after; MP3's frames spend no bits of the frames before
-    them, where a bit reservoir's did, and the join lost a frame to noise). An
-    MP3 or Opus file made again from ``WARM_FRAMES`` of its codec's frames
-    before the cut, not from its start (Ogg's pages numbered on), joins into a
-    file as true to the audio as the whole one, near the join too."""
+    them, where a bit reservoir's did, and the join lost a frame to noise). A
+    file made again from ``WARM_FRAMES`` of its codec's frames before the cut,
+    not from its start (Ogg's pages and FLAC's frames numbered on), joins into
+    a file as true to the audio as the whole one, near the join too; FLAC's
+    frames are the file made again from its start's, byte for byte."""
     audio = music(rate, 3.0, channels, seed=rate)
     noise = np.random.default_rng(1).standard_normal(audio.shape) * 3e-6
     first = pieces_in(format, rate, audio, 1000)
@@ -167,12 +169,17 @@ def test_a_file_made_again_goes_on_from_any_packet(format: str, rate: int, chann
         if format == "flac":
             assert np.array_equal(decoded[:until], whole[:until])
             assert np.array_equal(decoded[until:], remade[until:])
-        if frame := frame_size(format, rate):  # (MP3, Opus)
-            start = max(0, until // frame - WARM_FRAMES) * frame
-            warm = pieces_in(format, rate, noisy, 777, start=start)
-            joined = had + b"".join(data for data, end in warm if end > until)
-            decoded = decode_file(joined, format).astype(np.float64)
-            assert decoded.shape == whole.shape
+        frame = frame_size(format, rate)
+        start = max(0, until // frame - WARM_FRAMES) * frame
+        warm = pieces_in(format, rate, noisy, 777, start=start)
+        joined = had + b"".join(data for data, end in warm if end > until)
+        decoded = decode_file(joined, format).astype(np.float64)
+        assert decoded.shape == whole.shape
+        if format == "flac":
+            assert [p for p in warm if p[1] > until] == [p for p in again if p[1] > until]
+            assert np.array_equal(decoded[:until], whole[:until])
+            assert np.array_equal(decoded[until:], remade[until:])
+        else:
             # As true to the audio as the whole file, at the join too (a fresh
             # encoder's packets, Opus' rate control its own: not the same bits).
             lag = MP3_DELAY if format == "mp3" else 0
@@ -181,6 +188,30 @@ def test_a_file_made_again_goes_on_from_any_packet(format: str, rate: int, chann
             near = slice(max(0, until - 3 * frame), until + 3 * frame)
             error = np.sqrt(((heard[near] - audio[near]) ** 2).mean())
             assert error <= 1.5 * np.sqrt(((kept[near] - audio[near]) ** 2).mean()), cut
+
+
+def test_flac_frames_numbered_on_are_the_whole_files_byte_for_byte() -> None:
+    """A FLAC file begun again at a frame past the first 127 (whose numbers
+    its frame headers code in one byte) and past 2,047 (two): each frame
+    numbered on, its CRC-8 and CRC-16 computed again, is the whole file's,
+    byte for byte; a frame's number coded as UTF-8 codes a character."""
+    for number in (0, 127, 128, 2047, 2048, 65535, 65536, 0x10FFFF):
+        assert _coded_number(number) == chr(number).encode("utf-8", "surrogatepass")
+    assert _coded_number(2**36 - 1) == b"\xfe" + b"\xbf" * 6
+    audio = music(8000, 3000 * 576 / 8000 + 0.01, 1)
+    frame = frame_size("flac", 8000)
+    assert frame == 576
+
+    def pieces(start: int) -> list[tuple[bytes, int]]:
+        encoder = Encoder("flac", 8000, 1, start=start)
+        return encoder.push_pieces(audio[start:]) + encoder.close_pieces()
+
+    whole = dict((until, data) for data, until in pieces(0))
+    assert len(whole) == 3001
+    for first in (1, 127, 128, 2047, 2048, 2990):
+        again = pieces(first * frame)
+        assert again[0][0].startswith(b"fLaC")  # (the header, with the first frame)
+        assert all(whole[until] == data for data, until in again[1:])
 
 
 def test_a_streamed_flac_gets_its_length_for_libsndfile() -> None:
