@@ -164,11 +164,19 @@ async def through_server(args: argparse.Namespace) -> list[str]:
     return rows
 
 
-async def picked_up(url: str, format: str, seconds: float, seed: int) -> tuple[float, float]:
+# A clip picked up: each format at the server's rate for it, and PCM at 48 kHz
+# (resampled from the model's 32 kHz).
+PICKUPS = [(format, None) for format in FORMATS] + [("pcm_s16le", 48000)]
+
+
+async def picked_up(
+    url: str, format: str, rate: int | None, seconds: float, seed: int
+) -> tuple[float, float]:
     """A clip of ``seconds`` made whole, then asked again cut half way (from its
     codes): ms to the first audio of each."""
     async with connect(url) as client:
         asked = {"duration": seconds, "seed": seed, "format": format, "codes": True}
+        asked["sample_rate"] = rate
         began = time.perf_counter()
         whole, first = [], None
         async for event in await client.generate("tiny-musicgen", "x", **asked):
@@ -201,19 +209,19 @@ async def picked_up(url: str, format: str, seconds: float, seed: int) -> tuple[f
 
 
 async def pickups(args: argparse.Namespace) -> list[str]:
-    results: dict[str, list[tuple[float, float]]] = {}
+    results: dict[tuple[str, int | None], list[tuple[float, float]]] = {}
     with tiny_server(["tiny-musicgen"]) as url:
-        for format in FORMATS:
-            await picked_up(url, format, args.pickup_seconds, 0)  # (warm)
+        for format, rate in PICKUPS:
+            await picked_up(url, format, rate, args.pickup_seconds, 0)  # (warm)
         for run in range(args.runs):
-            for format in FORMATS:  # taking turns
-                results.setdefault(format, []).append(
-                    await picked_up(url, format, args.pickup_seconds, run)
+            for format, rate in PICKUPS:  # taking turns
+                results.setdefault((format, rate), []).append(
+                    await picked_up(url, format, rate, args.pickup_seconds, run)
                 )
     return [
-        f"| {format} | {statistics.median(r[0] for r in runs):.1f} | "
+        f"| {format} | {rate or 'its own'} | {statistics.median(r[0] for r in runs):.1f} | "
         f"{statistics.median(r[1] for r in runs):.1f} |"
-        for format, runs in results.items()
+        for (format, rate), runs in results.items()
     ]
 
 
@@ -287,8 +295,8 @@ def main() -> None:
         "asked again cut half way from their codes (medians); to the first audio:"
     )
     print()
-    print("| format | a fresh request (ms) | picked up half way (ms) |")
-    print("| --- | ---: | ---: |")
+    print("| format | rate (Hz) | a fresh request (ms) | picked up half way (ms) |")
+    print("| --- | --- | ---: | ---: |")
     print("\n".join(asyncio.run(pickups(args))))
     print()
     print(
