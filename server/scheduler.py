@@ -97,9 +97,12 @@ class Request:
     # made again, not sent.
     resume: int = 0
     # An encoded file picked up (``generate.resume_until``): the sample frames of
-    # it its client has. Made again, and encoded from its start; its packets up
-    # to there not sent (``EncodedStream``).
+    # it its client has. Made again, and encoded again from a few of its codec's
+    # frames before; its packets up to there not sent (``EncodedStream``).
     resume_until: int = 0
+    # A stream picked up (``generate.resume`` above 0): counted so in the metrics,
+    # a file whose client has its first bytes and no audio of them yet too.
+    picked_up: bool = False
     # Send the live stream's codes with its audio (``generate.codes``), from the
     # timestep after those the client has (``generate.resume_codes``).
     codes: bool = False
@@ -916,9 +919,7 @@ class Scheduler:
             first_audio_seconds=stats.first_audio_seconds if stats else None,
             queued_seconds=stats.queued_seconds if stats else None,
             real_time_factor=stats.real_time_factor if stats else None,
-            resumed_seconds=(
-                outputs.skipped_seconds if outputs and (outputs.skip or outputs.had) else None
-            ),
+            resumed_seconds=outputs.skipped_seconds if outputs and request.picked_up else None,
             from_codes_seconds=float(request.from_codes),
         )
         if status == "completed":

@@ -421,6 +421,7 @@ class Session:
                 held=held,
                 resume=had,
                 resume_until=message.resume_until or 0,
+                picked_up=bool(message.resume),
                 text_chars=len(message.prompt),
                 codes=bool(message.codes),
                 codes_from=codes_from,

@@ -123,6 +123,30 @@ async def test_metrics_count_the_audio_sent_and_what_was_made_again(server: Any)
     assert grew(f"wavecast_audio_seconds_total{{{model}}}") == pytest.approx(12_000 / 32_000)
 
 
+async def test_a_file_picked_up_before_its_first_audio_counts_as_picked_up(server: Any) -> None:
+    """An MP3 file at 16 kHz whose client has its first packet only (its
+    ``until`` 0: the packet ends within LAME's delay) is picked up: so the
+    metrics count it, with no audio had."""
+    model = 'model="tiny-musicgen"'
+    asked = {"duration": 1.0, "seed": 2, "format": "mp3", "sample_rate": 16000}
+    before, _ = await scrape(server.port)
+    async with connect(server.url) as client:
+        events = await events_of(client, **asked, resume=144, resume_until=0)
+    rest = live_audio(events)
+    assert rest[0].offset == 144 and isinstance(events[-1], Done)
+    assert events[-1].status == "completed"
+    await server.scheduler.wait_idle(5)
+    after, _ = await scrape(server.port)
+
+    def grew(name: str) -> float:
+        return after.get(f"wavecast_{name}_total{{{model}}}", 0.0) - before.get(
+            f"wavecast_{name}_total{{{model}}}", 0.0
+        )
+
+    assert grew("resumed_requests") == 1 and grew("resumed_audio_seconds") == 0
+    assert grew("audio_seconds") == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize(
     ("resume", "extra", "says"),
     [
