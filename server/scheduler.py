@@ -100,8 +100,9 @@ class Request:
     # it its client has. Made again, and encoded again from a few of its codec's
     # frames before; its packets up to there not sent (``EncodedStream``).
     resume_until: int = 0
-    # A stream picked up (``generate.resume`` above 0): counted so in the metrics,
-    # a file whose client has its first bytes and no audio of them yet too.
+    # A stream picked up (``generate.resume`` above 0): its client's first places
+    # in the queue (``fair_order``), and counted so in the metrics; a file whose
+    # client has its first bytes and no audio of them yet too.
     picked_up: bool = False
     # Send the live stream's codes with its audio (``generate.codes``), from the
     # timestep after those the client has (``generate.resume_codes``).
@@ -1036,7 +1037,7 @@ def fair_order(
     turns = []
     for client, requests in theirs.items():
         # (stable: in the order they came)
-        requests.sort(key=lambda request: request.resume <= 0 and request.resume_until <= 0)
+        requests.sort(key=lambda request: not request.picked_up)
         for turn, (index, request) in enumerate(zip(places[client], requests, strict=True)):
             turns.append((counts[client] + turn, index, request))
     return collections.deque(request for _, _, request in sorted(turns, key=lambda t: t[:2]))

@@ -48,8 +48,9 @@ def test_a_clients_streams_picked_up_take_its_first_places_in_its_turns() -> Non
     client's requests not started, not ahead of another client's turn."""
     active = [request("a1", "a")]
     came = [request(r, r[0]) for r in ("a2", "a3", "b1", "a4", "b2")]
-    came[3] = replace(came[3], resume=32000)  # (a4: picked up where it was cut)
-    came[4] = replace(came[4], resume=1)
+    came[3] = replace(came[3], resume=32000, picked_up=True)  # (a4: picked up where it was cut)
+    # (b2: a file picked up before its first audio: its client has bytes, no frame)
+    came[4] = replace(came[4], resume_until=0, picked_up=True)
     order = [r.id for r in fair_order(collections.deque(came), active)]
     assert order == ["b2", "a4", "b1", "a2", "a3"]
 
