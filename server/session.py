@@ -396,13 +396,9 @@ class Session:
             # What the engine need not make again: of PCM, the frames its client
             # has; of a file, those its encoder is not given again. At another
             # rate, those before where the resampler begins again (a little
-            # before: ``warm_resample_start``); of speech whose text came as it
-            # was written, none (its resampler began again at each wait).
+            # before: ``warm_resample_start``).
             if sample_rate and sample_rate != info.sample_rate:
-                if message.text_stream:
-                    heard = 0
-                else:
-                    heard = warm_resample_start(info.sample_rate, sample_rate, heard)
+                heard = warm_resample_start(info.sample_rate, sample_rate, heard)
             request = Request(
                 id=message.id,
                 model=message.model,

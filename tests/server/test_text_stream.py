@@ -490,13 +490,15 @@ async def test_the_blocking_client_sends_text_as_it_comes(server: Any) -> None:
     assert result.status == "completed" and result.frames == 3 * (40 - 4) * HOP
 
 
-async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was() -> None:
+@pytest.mark.parametrize("rate", [None, 16000])
+async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was(rate: int | None) -> None:
     """Cut a sentence a chunk (``chunk_method: sentence``), a stream whose text
     comes as it is written is picked up on a new connection (``retry_for``):
     its text so far in its prompt, from the codes it sent (cut in its second
     sentence, which came in a part); a part sent while it was cut goes after
-    it. The speech is the one made without the cut."""
-    asked = {"chunk_method": "sentence", "max_new_tokens": 150, "seed": 3}
+    it. The speech is the one made without the cut, at the model's rate and at
+    another (resampled again from a little before the cut)."""
+    asked = {"chunk_method": "sentence", "max_new_tokens": 150, "seed": 3, "sample_rate": rate}
     async with (
         running_server(make_config(max_active=2, admission="slots"), higgs_engines) as server,
         connect(server.url, retry_for=timeout(30)) as client,
@@ -514,7 +516,7 @@ async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was() -> None:
                 heard += event.frames if isinstance(event, Audio) else 0
                 if isinstance(event, Audio) and len(parts) == 2:
                     await stream.send_text(parts.pop(0))
-                elif heard > (146 + 10) * HOP and len(parts) == 1:  # (into the second)
+                elif heard * 24000 // (rate or 24000) > (146 + 10) * HOP and len(parts) == 1:
                     if cut:
                         for session in list(server.sessions):
                             await session.ws.close(1001)  # (going away)
