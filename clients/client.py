@@ -512,16 +512,15 @@ class RequestStream:
     def _resumable(self) -> bool:
         """Whether the stream, cut under way, can be picked up where it was: the
         seed that makes it again (and a text that came as it was written, in
-        PCM, cut a sentence a chunk, none of its parts flushed: its cuts do not
-        depend on when its parts came; an encoded file of it holds silence where
-        it waited for them)."""
+        PCM, cut a sentence a chunk: its cuts do not depend on when its parts
+        came, but for the parts flushed, which it says; an encoded file of it
+        holds silence where it waited for them)."""
         assert self.generate is not None and self.started is not None
         return self.started.seed is not None and (
             not self.generate.text_stream
             or (
                 self.generate.format in BYTES_PER_SAMPLE
                 and self.generate.params.get("chunk_method") == "sentence"
-                and not any(part.flush for part in self._texts)
             )
         )
 
@@ -642,14 +641,19 @@ class RequestStream:
         """A text stream sent again: the first of its text's parts to send after
         it. Before it started, all of them; under way (picked up), its
         ``prompt`` becomes all of its text so far, and the parts that come while
-        it is sent follow it (and the text's end, where it came before)."""
+        it is sent follow it (and the text's end, where it came before), with
+        where its parts sent with ``flush`` ended (``resume_flushes``)."""
         assert self.generate is not None
         if not self.generate.text_stream or self.started is None:
             return 0
         if self._begun is None:
             self._begun = self.generate.prompt
-        said = self._begun + "".join(part.text for part in self._texts)
-        self.generate = replace(self.generate, prompt=said)
+        said, flushes = self._begun, list[int]()
+        for part in self._texts:
+            said += part.text
+            if part.flush and (not flushes or flushes[-1] < len(said)):
+                flushes.append(len(said))
+        self.generate = replace(self.generate, prompt=said, resume_flushes=tuple(flushes) or None)
         return len(self._texts)
 
     async def cancel(self) -> None:
@@ -915,8 +919,9 @@ class Client:
                 ``RequestStream.send_text`` sends the rest (``end_text``: the
                 last of it). Such a stream is picked up where it is cut
                 (``retry_for``) where it is cut a sentence a chunk
-                (``chunk_method="sentence"``) and no part was flushed: its
-                ``prompt`` is then all of its text so far (in a PCM format).
+                (``chunk_method="sentence"``): its ``prompt`` is then all of
+                its text so far, with where its parts sent with ``flush``
+                ended (``resume_flushes``; in a PCM format).
             resume_until: With ``resume``, for an encoded format: the
                 ``until`` of the last live ``Audio`` the cut stream brought.
             captions: Have the server say which text the audio speaks: a

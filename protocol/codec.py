@@ -377,11 +377,32 @@ def _bitrate(f: _Fields) -> int | None:
     return bitrate
 
 
+def _flushes(f: _Fields, prompt: str) -> tuple[int, ...] | None:
+    """``resume_flushes``: characters of ``prompt``, each above the one before."""
+    if f.wire.get("resume_flushes") is None:
+        return None
+    flushes = f.array("resume_flushes")
+    if len(flushes) > len(prompt) + 1:
+        raise f._fail("resume_flushes", "has more places than the prompt has characters")
+    last = -1
+    for at in flushes:
+        if isinstance(at, bool) or not isinstance(at, int) or not last < at <= len(prompt):
+            raise f._fail(
+                "resume_flushes",
+                f"must be integers, each above the one before, at most the prompt's "
+                f"length ({len(prompt)})",
+            )
+        last = at
+    return tuple(flushes)
+
+
 def _generate(f: _Fields) -> Generate:
+    ident, model = f.ident(), f.string("model", max_len=256, min_len=1)
+    prompt = f.string("prompt", max_len=MAX_PROMPT_CHARS, required=False) or ""
     return Generate(
-        id=f.ident(),
-        model=f.string("model", max_len=256, min_len=1),
-        prompt=f.string("prompt", max_len=MAX_PROMPT_CHARS, required=False) or "",
+        id=ident,
+        model=model,
+        prompt=prompt,
         params=_params(f),
         format=f.choice("format", AUDIO_FORMATS, default="pcm_s16le"),
         inputs=_inputs(f),
@@ -393,6 +414,7 @@ def _generate(f: _Fields) -> Generate:
         text_stream=f.boolean("text_stream", required=False),
         captions=f.boolean("captions", required=False),
         resume_until=f.integer("resume_until", required=False),
+        resume_flushes=_flushes(f, prompt),
     )
 
 

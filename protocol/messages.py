@@ -240,6 +240,9 @@ class Generate:
         captions: Say which text the live stream's audio speaks, a ``caption``
             message as each text chunk's audio begins (PROTOCOL.md §4.9;
             models with the ``captions`` capability).
+        resume_flushes: With ``resume`` and ``text_stream``: where the cut
+            try's ``text`` parts sent with ``flush`` ended, in characters of
+            ``prompt`` (all of its text so far), ascending (PROTOCOL.md §3.4).
     """
 
     type: ClassVar[str] = "generate"
@@ -257,6 +260,7 @@ class Generate:
     text_stream: bool | None = None
     captions: bool | None = None
     resume_until: int | None = None
+    resume_flushes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

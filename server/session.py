@@ -361,7 +361,7 @@ class Session:
                     )
             if message.resume is not None or message.resume_until is not None:
                 _check_resume(message)
-            if message.text_stream:
+            if message.text_stream or message.resume_flushes is not None:
                 _check_text_stream(message, info)
             if message.captions and "captions" not in info.capabilities:
                 raise _unsupported(message, info, "captions")
@@ -410,6 +410,7 @@ class Session:
                     resume_codes=message.resume_codes,
                     resume=heard,
                     text_stream=bool(message.text_stream),
+                    text_flushes=message.resume_flushes or (),
                 ),
                 format=wire_format,
                 sample_rate=sample_rate,
@@ -1126,7 +1127,15 @@ def _check_text_stream(message: Generate, info: ModelInfo) -> None:
     """``text_stream`` (§3.4): a model whose text may come as it is written; a
     stream picked up (``resume``) only where it is cut a sentence a chunk
     (``chunk_method: sentence``), so that its cuts do not depend on when its
-    parts came (its ``prompt`` then holds all of its text so far)."""
+    parts came (its ``prompt`` then holds all of its text so far; where parts
+    were flushed mid-sentence, ``resume_flushes`` says where)."""
+    if message.resume_flushes is not None and (not message.text_stream or message.resume is None):
+        raise InvalidField(
+            "resume_flushes goes with resume and text_stream (a stream whose text came "
+            "as it was written, picked up)",
+            field="resume_flushes",
+            id=message.id,
+        )
     if "text_stream" not in info.capabilities:
         raise _unsupported(message, info, "text_stream")
     if message.resume is not None and message.params.get("chunk_method") != "sentence":

@@ -9,7 +9,7 @@ export const STREAM_PATH = "/v1/stream";
 const FIELD_ORDER = {
   generate: [
     "id", "model", "prompt", "params", "format", "inputs", "sample_rate", "bitrate", "resume",
-    "codes", "resume_codes", "text_stream", "captions", "resume_until",
+    "codes", "resume_codes", "text_stream", "captions", "resume_until", "resume_flushes",
   ],
   cancel: ["id"],
   text: ["id", "text", "flush", "end"],

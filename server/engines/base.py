@@ -98,6 +98,9 @@ class EngineRequest:
     # The text comes as it is written (``generate.text_stream``): ``prompt`` is its
     # beginning, the rest comes by ``Engine.add_text``.
     text_stream: bool = False
+    # A text stream picked up (``generate.resume_flushes``): where, in characters
+    # of ``prompt``, the cut try's parts sent with ``flush`` ended (ascending).
+    text_flushes: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

@@ -99,6 +99,15 @@ MESSAGES = [
         resume=4096,
         resume_until=9600,
     ),
+    Generate(
+        id="r11",
+        model="tiny-higgs",
+        prompt="Hello, world. And then",
+        params={"seed": 7, "chunk_method": "sentence"},
+        resume=24000,
+        text_stream=True,
+        resume_flushes=(7, 22),
+    ),
     Cancel(id="r1"),
     TextInput(id="r8", text="world. And"),
     TextInput(id="r8", text=" then", flush=True, end=True),
@@ -269,6 +278,24 @@ def test_none_fields_are_left_out() -> None:
             msgpack.packb({"type": "generate", "id": "a", "model": "m", "resume": 1.5}),
             InvalidField,
             "resume",
+        ),
+        *(
+            (
+                msgpack.packb(
+                    {"type": "generate", "id": "a", "model": "m", "prompt": "Hi.", **flushes}
+                ),
+                InvalidField,
+                "resume_flushes",
+            )
+            for flushes in (
+                {"resume_flushes": 3},
+                {"resume_flushes": [2, 2]},
+                {"resume_flushes": [3, 1]},
+                {"resume_flushes": [0, 4]},
+                {"resume_flushes": [True]},
+                {"resume_flushes": [-1]},
+                {"resume_flushes": [0, 1, 2, 3, 3]},
+            )
         ),
         (
             msgpack.packb({"type": "generate", "id": "a", "model": "m", "params": [1]}),

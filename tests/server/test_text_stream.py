@@ -256,8 +256,20 @@ async def test_text_that_cannot_be_taken_is_refused(
             "invalid_field",
             "holds silence where the speech waited",
         ),
+        ({"resume_flushes": [1]}, "invalid_field", "resume_flushes goes with resume"),
+        (
+            {"text_stream": None, "resume": 10, "resume_flushes": [1], "params": {"seed": 1}},
+            "invalid_field",
+            "resume_flushes goes with resume and text_stream",
+        ),
     ],
-    ids=["a music model", "picked up, not cut by sentence", "picked up, a file"],
+    ids=[
+        "a music model",
+        "picked up, not cut by sentence",
+        "picked up, a file",
+        "flushes, not picked up",
+        "flushes, not a text stream",
+    ],
 )
 async def test_a_text_stream_that_cannot_be_is_refused(
     server: Any, extra: dict[str, Any], code: str, says: str
@@ -490,14 +502,20 @@ async def test_the_blocking_client_sends_text_as_it_comes(server: Any) -> None:
     assert result.status == "completed" and result.frames == 3 * (40 - 4) * HOP
 
 
-@pytest.mark.parametrize("rate", [None, 16000])
-async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was(rate: int | None) -> None:
+@pytest.mark.parametrize(
+    ("rate", "flush"), [(None, False), (16000, False), (None, True)], ids=["", "16000", "flushed"]
+)
+async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was(
+    rate: int | None, flush: bool
+) -> None:
     """Cut a sentence a chunk (``chunk_method: sentence``), a stream whose text
     comes as it is written is picked up on a new connection (``retry_for``):
     its text so far in its prompt, from the codes it sent (cut in its second
     sentence, which came in a part); a part sent while it was cut goes after
     it. The speech is the one made without the cut, at the model's rate and at
-    another (resampled again from a little before the cut)."""
+    another (resampled again from a little before the cut). A part sent with
+    ``flush`` mid-sentence spoke a chunk there: the stream picked up says where
+    (``resume_flushes``), and speaks the same chunks."""
     asked = {"chunk_method": "sentence", "max_new_tokens": 150, "seed": 3, "sample_rate": rate}
     async with (
         running_server(make_config(max_active=2, admission="slots"), higgs_engines) as server,
@@ -515,7 +533,7 @@ async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was(rate: int |
                 events.append(event)
                 heard += event.frames if isinstance(event, Audio) else 0
                 if isinstance(event, Audio) and len(parts) == 2:
-                    await stream.send_text(parts.pop(0))
+                    await stream.send_text(parts.pop(0), flush=flush)
                 elif heard * 24000 // (rate or 24000) > (146 + 10) * HOP and len(parts) == 1:
                     if cut:
                         for session in list(server.sessions):
@@ -535,4 +553,5 @@ async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was(rate: int |
     # Each sentence's caption once, where it was said without the cut.
     captions = [(e.offset, e.text) for e in events if isinstance(e, Caption)]
     assert captions == [(e.offset, e.text) for e in alone if isinstance(e, Caption)]
-    assert [text for _, text in captions] == SENTENCES
+    said = ["One two three.", "Four five six.", "Seven", "eight nine."] if flush else SENTENCES
+    assert [text for _, text in captions] == said

@@ -497,11 +497,7 @@ class HiggsEngine(TableSizing):
             )
             scene = f"{scene}\n\n{roles}" if scene else roles
 
-        unspoken = ""
-        if request.text_stream:
-            spoken, unspoken = speakable(request.prompt, whole=False)
-            text = normalize_text(spoken)
-        chunks = self._chunks(text, params) if text else []
+        chunks, unspoken, text = self._text_chunks(request)
         seed = request_seed(params)
         buffer = params.get("generation_chunk_buffer_size")
         state = _HiggsJob(
@@ -574,9 +570,30 @@ class HiggsEngine(TableSizing):
             int(number(params["chunk_max_num_turns"])),
         )
 
+    def _text_chunks(self, request: EngineRequest) -> tuple[list[str], str, str]:
+        """The request's text in the chunks it asks for; the text not spoken yet
+        (of a text that comes as it is written); the (normalized) text spoken.
+        A text that comes as it is written is spoken as its parts were
+        (``add_text``): all of it up to each place a part was flushed
+        (``text_flushes``: a stream picked up), then up to its last whole
+        sentence, the rest waiting for more."""
+        if not request.text_stream:
+            text = normalize_text(request.prompt)
+            return (self._chunks(text, request.params) if text else []), "", text
+        chunks: list[str] = []
+        said: list[str] = []
+        at = 0
+        for end in (*request.text_flushes, None):
+            spoken, unspoken = speakable(request.prompt[at:end], whole=end is not None)
+            if text := normalize_text(spoken):
+                chunks += self._chunks(text, request.params)
+                said.append(text)
+            at = end or 0
+        return chunks, unspoken, " ".join(said)
+
     def check(self, request: EngineRequest) -> dict[str, Upload]:
         self._check_request(request)
-        chunks = self._chunks(normalize_text(request.prompt), request.params)
+        chunks, _, _ = self._text_chunks(request)
         self._resume_codes(request, len(chunks))
         return self._decode_uploads(request.inputs)
 
