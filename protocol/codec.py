@@ -389,7 +389,7 @@ def _flushes(f: _Fields, prompt: str) -> tuple[int, ...] | None:
         if isinstance(at, bool) or not isinstance(at, int) or not last < at <= len(prompt):
             raise f._fail(
                 "resume_flushes",
-                f"must be integers, each above the one before, at most the prompt's "
+                "must be integers, each above the one before, at most the prompt's "
                 f"length ({len(prompt)})",
             )
         last = at

@@ -320,14 +320,14 @@ def _flac_renumbered(data: bytes, by: int) -> bytes:
         raise ValueError("not a FLAC frame of a fixed block size")
     first = data[at + 4]
     marks = 0 if first < 0x80 else 8 - (~first & 0xFF).bit_length()  # (its leading ones)
+    coded = at + 4 + max(1, marks)  # (where the coded number ends)
     number = first & (0x7F >> marks)
-    for byte in data[at + 5 : at + 4 + max(1, marks)]:
+    for byte in data[at + 5 : coded]:
         number = number << 6 | byte & 0x3F
-    end = at + 4 + max(1, marks)
     block, rate = data[at + 2] >> 4, data[at + 2] & 0x0F
-    end += (block == 6) + 2 * (block == 7) + (rate == 12) + 2 * (rate in (13, 14))
+    end = coded + (block == 6) + 2 * (block == 7) + (rate == 12) + 2 * (rate in (13, 14))
     old = data[at : end + 1]  # (with its CRC-8)
-    header = data[at : at + 4] + _coded_number(number + by) + data[at + 4 + max(1, marks) : end]
+    header = data[at : at + 4] + _coded_number(number + by) + data[coded:end]
     new = header + bytes([_crc8(header)])
     body = len(data) - (end + 1) - 2
     crc = int.from_bytes(data[-2:], "big") ^ _after_zeros(_crc16(old) ^ _crc16(new), body)
