@@ -220,3 +220,32 @@ def test_a_stream_waiting_for_text_leaves_its_neighbours_as_they_were(
     assert waited > 0 and beside == solo
     engine.finish(other)
     engine.finish(waiting)
+
+
+def test_a_text_picked_up_with_its_flushes_is_cut_as_its_parts_were(engine: HiggsEngine) -> None:
+    """A stream picked up (``text_flushes``: where the cut try's flushed parts
+    ended, in characters of its prompt, all of its text so far) is cut into the
+    chunks its parts were, and leaves the same text unspoken, whatever the text
+    and however it came: random texts of sentences (titles, numbers, quotes,
+    Chinese, lines), in random parts, some flushed."""
+    rng = np.random.default_rng(11)
+    words = ["one", "Mr.", "e.g.", "3.14", '"hi."', "two!", "three?", "你好。", "four.", "five\n"]
+    by_sentence = {"chunk_method": "sentence", "chunk_max_word_num": 200}
+    for _ in range(200):
+        text = " ".join(rng.choice(words, size=int(rng.integers(1, 14))))
+        cuts = sorted({int(c) for c in rng.integers(0, len(text) + 1, size=rng.integers(0, 6))})
+        parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        flushed = [bool(rng.integers(0, 2)) for _ in parts[1:]]
+        job = job_of(engine, parts[0], text_stream=True, **by_sentence)
+        flushes, so_far = [], len(parts[0])
+        for part, flush in zip(parts[1:], flushed, strict=True):
+            engine.add_text(job, part, flush=flush, end=False)
+            so_far += len(part)
+            if flush and (not flushes or flushes[-1] < so_far):
+                flushes.append(so_far)
+        params: dict[str, Any] = {spec.name: spec.default for spec in engine.info.params}
+        params.update(CHUNKING, **by_sentence)
+        request = EngineRequest("p", text, params, text_stream=True, text_flushes=tuple(flushes))
+        chunks, unspoken, _ = engine._text_chunks(request)
+        assert (chunks, unspoken) == (job.state.chunks, job.state.unspoken), (parts, flushed)
+        engine.finish(job)
