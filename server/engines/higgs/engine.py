@@ -583,12 +583,12 @@ class HiggsEngine(TableSizing):
         chunks: list[str] = []
         said: list[str] = []
         at = 0
-        for end in (*request.text_flushes, None):
+        for end in (*request.text_flushes, None):  # (None: the rest, to its last sentence)
             spoken, unspoken = speakable(request.prompt[at:end], whole=end is not None)
             if text := normalize_text(spoken):
                 chunks += self._chunks(text, request.params)
                 said.append(text)
-            at = end or 0
+            at = end if end is not None else at
         return chunks, unspoken, " ".join(said)
 
     def check(self, request: EngineRequest) -> dict[str, Upload]:
