@@ -780,7 +780,9 @@ class Scheduler:
             elif request.job is None or request in self._post:
                 continue
             elif request.engine_request.text_stream and self._waits_for_text(request):
-                self._waiting += 1  # (it has spoken all of its text so far)
+                # It has spoken all of its text so far, or it ended there (its
+                # wait too long, or its text refused): then it waits no more.
+                self._waiting += request.job is not None
             elif request.held is not None and request.held():
                 self._held += 1  # (its step waits for its encoders)
                 self.metrics.held(request.model)
@@ -818,9 +820,10 @@ class Scheduler:
         return sum(len(requests) for requests in runnable.values()), young, context
 
     def _waits_for_text(self, request: Request) -> bool:
-        """Give a request's engine the text that came for it; whether it has
-        spoken all of its text so far and waits for more (left out of the steps,
-        its row kept). One that waited ``TEXT_WAIT`` seconds ends."""
+        """Give a request's engine the text that came for it; whether it is left
+        out of the steps: it has spoken all of its text so far and waits for more
+        (its row kept), or it ended here (released): one whose text the engine
+        refused, or that waited ``TEXT_WAIT`` seconds."""
         assert request.job is not None
         engine = self._engines[request.model]
         with self._cond:

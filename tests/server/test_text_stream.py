@@ -166,6 +166,9 @@ async def test_a_stream_that_waits_too_long_for_text_ends(
         assert result.status == "error" and result.error is not None
         assert result.error.code == "text_timeout"
         assert result.frames > 0  # (what it had, spoken)
+    # It waits no more: the gauge of streams waiting says so, once nothing runs.
+    samples, _ = await scrape(server.port)
+    assert samples["wavecast_requests_waiting_for_text"] == 0
 
 
 async def test_the_client_keeps_to_the_text_stream() -> None:
