@@ -33,17 +33,20 @@ import numpy as np
 import soundfile
 from helpers import higgs_engines, make_config, running_server, timeout, with_stereo
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from wavecast.clients import connect
 from wavecast.clients.client import decode_file
 from wavecast.protocol import (
     AUDIO_FORMATS,
+    BYTES_PER_SAMPLE,
     ENCODED_FORMATS,
     Audio,
     Done,
     ErrorMessage,
     Queued,
     Started,
+    Waiting,
     decode,
     offset_unit,
 )
@@ -66,6 +69,26 @@ RESUMES = [0, 1, 700, 9000, 24000, 10**7]
 # beyond what the codec takes.
 BITRATES = [6000, 24000, 64000, 128000, 300000]
 
+# The ``until`` an encoded stream is picked up at (``resume_until``): sample
+# frames, some past its end.
+UNTILS = [0, 1, 4000, 50000, 10**7]
+
+# Parts of a text that comes as it is written (``text_stream``): sentences' ends
+# inside and between them, titles that end none, lines, other scripts, nothing.
+PARTS = [
+    "Hello",
+    " there.",
+    " How are",
+    " you? ",
+    "Mr. Smith",
+    " said 你好。",
+    "\n",
+    "",
+    " and then…",
+    ' "Quoted." ',
+    "word " * 12,
+]
+
 # Codes a frame that opens no request may get (PROTOCOL.md §6).
 FRAME_CODES = {"bad_frame", "unknown_type", "invalid_field", "unknown_id"}
 
@@ -82,6 +105,7 @@ class Clients:
         self.rng = random.Random(seed)
         self.seen: Counter[str] = Counter()
         self.late: list[str] = []  # errors after ``queued`` (none is expected here)
+        self.unended = 0  # text streams whose text never ends (their waits run out)
 
     def clip(self, seconds: float, channels: int = 1) -> bytes:
         rng = self.rng
@@ -172,9 +196,11 @@ class Clients:
                 format = rng.choice(AUDIO_FORMATS)
                 lossy = format in ("mp3", "opus")
                 bitrate = rng.choice(BITRATES) if rng.random() < (0.5 if lossy else 0.03) else None
-                resume = resume_codes = None
-                if rng.random() < 0.25:  # (PCM with a seed; else refused)
+                resume = resume_codes = until = None
+                if rng.random() < 0.25:  # (with a seed; else refused)
                     resume = rng.choice(RESUMES)
+                    if format in ENCODED_FORMATS and rng.random() < 0.8:
+                        until = rng.choice(UNTILS)  # (without it: refused)
                     if rng.random() < 0.9:
                         params = {**params, "seed": rng.randint(0, 99)}
                     if rng.random() < 0.5:  # (some past the clip's end, or of no model's)
@@ -194,6 +220,7 @@ class Clients:
                     bitrate=bitrate,
                     resume=resume,
                     resume_codes=resume_codes,
+                    resume_until=until,
                     codes=with_codes,
                 )
                 streams.append((stream, fate, rng.randint(2, 15), resume or 0, bool(with_codes)))
@@ -220,6 +247,75 @@ class Clients:
                     task.cancel()
                 await asyncio.gather(*reads, return_exceptions=True)
 
+    async def writer(self) -> None:
+        """A speech stream whose text comes as it is written (``text_stream``), in
+        random parts (some flushed) with pauses between them, ended (or not: its
+        wait for text runs out), cancelled, dropped, or cut and picked up on a new
+        connection (``retry_for``: the client asks for it again with its text so
+        far)."""
+        rng = self.rng
+        retry = rng.random() < 0.5
+        chunking = rng.choice(["sentence", "sentence", "word", "none", "speaker"])
+        params: dict[str, Any] = {
+            "max_new_tokens": rng.randint(5, 40),
+            "seed": rng.randint(0, 99),
+            "chunk_method": chunking,
+        }
+        format = rng.choice(AUDIO_FORMATS)
+        rate = rng.choice([None, None, None, *RATES])
+        parts = [(rng.choice(PARTS), rng.random() < 0.2) for _ in range(rng.randint(0, 6))]
+        pauses = [rng.choice([0.0, 0.0, 0.005, 0.05]) for _ in parts]
+        ending, last = rng.random(), rng.choice(["", " The end."])
+        self.unended += ending >= 0.9
+        fate, at = rng.random(), rng.randint(2, 15)
+        async with connect(self.url, retry_for=timeout(30) if retry else 0.0) as client:
+            stream = await client.speak(
+                "tiny-higgs",
+                rng.choice(["", "Well. ", "So"]),
+                text_stream=True,
+                captions=rng.random() < 0.5,
+                format=format,
+                sample_rate=rate,
+                params=params,
+            )
+
+            async def write() -> None:
+                for (text, flush), pause in zip(parts, pauses, strict=True):
+                    await asyncio.sleep(pause)
+                    await stream.send_text(text, flush=flush)
+                if ending < 0.8:
+                    await stream.end_text(last)
+                elif ending < 0.9:
+                    await stream.cancel()
+                # (else no end: the stream's wait for its text runs out)
+
+            writing = asyncio.create_task(write())
+            events: list[Any] = []
+            try:
+                async for event in stream:
+                    events.append(event)
+                    if fate < 0.2 and len(events) == at:
+                        if not retry:
+                            raise Drop
+                        self.seen["cut"] += 1
+                        client.ws.transport.abort()  # (a lost connection: picked up)
+            except ConnectionClosed:
+                # Cut under way, a stream is picked up where it was cut a
+                # sentence a chunk, in PCM; else the loss is the consumer's.
+                pcm = format in BYTES_PER_SAMPLE and chunking == "sentence"
+                assert stream.started is not None and not pcm, events
+                self.seen["cut, not picked up"] += 1
+            except Drop:
+                self.seen["dropped"] += 1
+                client.ws.transport.abort()
+            else:
+                await writing
+                self.check(events, codes=bool(stream.generate and stream.generate.codes))
+                self.seen["text stream"] += 1
+                return
+            writing.cancel()
+            await asyncio.gather(writing, return_exceptions=True)
+
     def check(self, events: list[Any], resume: int = 0, codes: bool = False) -> None:
         dones = [event for event in events if isinstance(event, Done)]
         assert len(dones) == 1 and events[-1] is dones[0], events
@@ -244,11 +340,18 @@ class Clients:
             if not chunks or done.stats is None:
                 continue
             if chunks[0].format in ENCODED_FORMATS:  # (one whole file, cancelled or not)
+                if start:  # (the rest of a file whose beginning this client never had)
+                    self.seen["picked up"] += done.status == "completed"
+                    continue
                 frames = decode_file(b"".join(c.data for c in chunks), chunks[0].format).shape[0]
+                # (and the silence that played while a text stream waited for its text)
+                samples = done.stats.samples + sum(
+                    e.silence or 0 for e in events if isinstance(e, Waiting)
+                )
                 if chunks[0].format == "mp3":  # (its encoder's delay and padding besides)
-                    assert frames >= done.stats.samples + 1105, events
+                    assert frames >= samples + 1105, events
                 else:
-                    assert frames == done.stats.samples, events
+                    assert frames == samples, events
             elif version is None and done.status == "completed":
                 sent = sum(c.frames for c in chunks)
                 assert done.stats.samples == start + sent, (done.stats, sent, start)
@@ -257,6 +360,8 @@ class Clients:
         self.seen[f"{done.status} {code or ''}".strip()] += 1
         assert code != "internal_error", done
         if done.error is not None and any(isinstance(event, Queued) for event in events):
+            if code == "text_timeout":  # (a text stream never ended: expected)
+                return
             self.late.append(f"{code}: {done.error.message}")
 
     async def raw(self) -> None:
@@ -267,6 +372,7 @@ class Clients:
                 bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 100))),
                 msgpack.packb([1, 2, 3]),
                 msgpack.packb({"type": "cancel", "id": "nobody"}),
+                msgpack.packb({"type": "text", "id": "nobody", "text": "Hi."}),
                 msgpack.packb({"type": "dance"}),
                 '{"type": "generate", "id": "',
             ]
@@ -282,13 +388,21 @@ class Clients:
 async def test_random_clients_leave_every_request_done_and_the_server_whole() -> None:
     config = make_config(max_active=4, max_requests_per_connection=4)
     async with running_server(config, factory=engines) as server:
+        server.scheduler.TEXT_WAIT = 1.0  # (a text stream never ended: its wait runs out)
         clients = Clients(server.url, seed=33)
         running: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
         end = loop.time() + 15.0
         while loop.time() < end:
             while len(running) < 8:
-                work = clients.one() if clients.rng.random() < 0.9 else clients.raw()
+                kind = clients.rng.random()
+                work = (
+                    clients.one()
+                    if kind < 0.75
+                    else clients.writer()
+                    if kind < 0.9
+                    else clients.raw()
+                )
                 running.add(asyncio.create_task(work))
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -297,14 +411,23 @@ async def test_random_clients_leave_every_request_done_and_the_server_whole() ->
             await task
         assert await server.scheduler.wait_idle(timeout(30))
         snapshot = server.scheduler.snapshot()
+        errors = Counter[str]()  # the requests that ended in an error after ``queued``
+        for metric in server.scheduler.metrics.registry.collect():
+            for sample in metric.samples:
+                if sample.name == "wavecast_requests_total" and sample.labels["status"] == "error":
+                    errors[sample.labels["code"]] += int(sample.value)
         async with connect(server.url) as client:  # still serving
             ok = await (await client.generate("tiny-musicgen", "x", duration=0.2)).collect()
     assert clients.late == [], clients.late
-    assert snapshot["failed"] == 0 and snapshot["queued"] == snapshot["active"] == 0, snapshot
+    # None failed inside the server: only text streams never ended waited too long.
+    assert set(+errors) <= {"text_timeout"} and errors["text_timeout"] <= clients.unended, errors
+    assert snapshot["failed"] == errors.total(), snapshot
+    assert snapshot["queued"] == snapshot["active"] == snapshot["waiting_for_text"] == 0, snapshot
     assert ok.status == "completed"
     seen = clients.seen
     # A run that tried little proves little: each kind of end happened.
     assert seen["completed"] >= 10 and seen["cancelled"] >= 1, seen
     assert seen["error invalid_field"] >= 10 and seen["dropped"] >= 1, seen
     assert seen["picked up"] >= 1, seen
+    assert seen["text stream"] >= 3 and seen["error text_timeout"] >= 1, seen
     assert sum(count for kind, count in seen.items() if kind.startswith("raw ")) >= 3, seen
