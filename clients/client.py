@@ -446,6 +446,9 @@ class RequestStream:
     _texts: list[TextInput] = field(default_factory=list)
     _begun: str | None = None
     _captioned: int = -1  # the offset of the last caption the consumer had
+    #: A file whose text comes as it is written: its waits' ``frames`` and
+    #: ``silence`` (where its file got silence), to pick it up from.
+    _waits: dict[int, int] = field(default_factory=dict)
     #: An encoded file's: the sample frames its bytes the consumer had hold
     #: (the last live chunk's ``until``), where it is picked up from.
     _until: int = 0
@@ -481,6 +484,8 @@ class RequestStream:
                 self._stage = (_STAGES.get(new.stage, 2), new.fraction)
             elif isinstance(new, Caption):
                 self._captioned = new.offset
+            elif isinstance(new, Waiting) and new.frames is not None and new.silence is not None:
+                self._waits[new.frames] = new.silence  # (picked up there: the same wait)
             if new is not None:
                 yield new
 
@@ -511,17 +516,13 @@ class RequestStream:
 
     def _resumable(self) -> bool:
         """Whether the stream, cut under way, can be picked up where it was: the
-        seed that makes it again (and a text that came as it was written, in
-        PCM, cut a sentence a chunk: its cuts do not depend on when its parts
-        came, but for the parts flushed, which it says; an encoded file of it
-        holds silence where it waited for them)."""
+        seed that makes it again (and a text that came as it was written, cut a
+        sentence a chunk: its cuts do not depend on when its parts came, but for
+        the parts flushed, which it says, as it says where a file of it got
+        silence as it waited for them)."""
         assert self.generate is not None and self.started is not None
         return self.started.seed is not None and (
-            not self.generate.text_stream
-            or (
-                self.generate.format in BYTES_PER_SAMPLE
-                and self.generate.params.get("chunk_method") == "sentence"
-            )
+            not self.generate.text_stream or self.generate.params.get("chunk_method") == "sentence"
         )
 
     async def send_text(self, text: str, *, flush: bool = False, end: bool = False) -> None:
@@ -597,6 +598,9 @@ class RequestStream:
                 resume=have,
                 resume_codes=codes,
                 resume_until=self._until if encoded else None,
+                resume_waits=(
+                    tuple(self._waits.items()) if encoded and self.generate.text_stream else None
+                ),
             )
             self._resumed = True
         wait = self._retries.wait(why)
@@ -921,7 +925,8 @@ class Client:
                 (``retry_for``) where it is cut a sentence a chunk
                 (``chunk_method="sentence"``): its ``prompt`` is then all of
                 its text so far, with where its parts sent with ``flush``
-                ended (``resume_flushes``; in a PCM format).
+                ended (``resume_flushes``) and, in a file, where it got silence
+                as it waited for its text (``resume_waits``).
             resume_until: With ``resume``, for an encoded format: the
                 ``until`` of the last live ``Audio`` the cut stream brought.
             captions: Have the server say which text the audio speaks: a
@@ -939,10 +944,7 @@ class Client:
             info = self.models.get(model)
             codes = (
                 self.retry_for > 0
-                and (
-                    not text_stream
-                    or (merged.get("chunk_method") == "sentence" and format in BYTES_PER_SAMPLE)
-                )
+                and (not text_stream or merged.get("chunk_method") == "sentence")
                 and info is not None
                 and "codes" in info.capabilities
             ) or None

@@ -396,6 +396,34 @@ def _flushes(f: _Fields, prompt: str) -> tuple[int, ...] | None:
     return tuple(flushes)
 
 
+def _waits(f: _Fields) -> tuple[tuple[int, int], ...] | None:
+    """``resume_waits``: pairs of a stream's frame (each above the one before)
+    and the frames of silence its file got there (at most a second at the top
+    rate); at most one a character of the longest text, and one more."""
+    if f.wire.get("resume_waits") is None:
+        return None
+    waits = f.array("resume_waits")
+    if len(waits) > MAX_PROMPT_CHARS + 1:
+        raise f._fail("resume_waits", f"has more than {MAX_PROMPT_CHARS + 1} waits")
+    out: list[tuple[int, int]] = []
+    for pair in waits:
+        if not (
+            isinstance(pair, list | tuple)
+            and len(pair) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in pair)
+            and (not out or out[-1][0] < pair[0])
+            and 0 <= pair[0] <= _INT_MAX
+            and 0 <= pair[1] <= MAX_SAMPLE_RATE
+        ):
+            raise f._fail(
+                "resume_waits",
+                "must be pairs of integers, [frames, silence]: the frames each above "
+                f"the ones before, the silence from 0 to {MAX_SAMPLE_RATE}",
+            )
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
 def _generate(f: _Fields) -> Generate:
     ident, model = f.ident(), f.string("model", max_len=256, min_len=1)
     prompt = f.string("prompt", max_len=MAX_PROMPT_CHARS, required=False) or ""
@@ -415,6 +443,7 @@ def _generate(f: _Fields) -> Generate:
         captions=f.boolean("captions", required=False),
         resume_until=f.integer("resume_until", required=False),
         resume_flushes=_flushes(f, prompt),
+        resume_waits=_waits(f),
     )
 
 
@@ -568,6 +597,7 @@ def _waiting(f: _Fields) -> Waiting:
         id=f.ident(),
         seconds=f.number("seconds"),
         silence=f.integer("silence", required=False),
+        frames=f.integer("frames", required=False),
     )
 
 

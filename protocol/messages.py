@@ -243,6 +243,10 @@ class Generate:
         resume_flushes: With ``resume`` and ``text_stream``: where the cut
             try's ``text`` parts sent with ``flush`` ended, in characters of
             ``prompt`` (all of its text so far), ascending (PROTOCOL.md §3.4).
+        resume_waits: With ``resume`` and ``text_stream``, for an encoded
+            format: the cut try's ``waiting`` messages' ``frames`` and
+            ``silence``, a pair each, in order: where its file got silence
+            (PROTOCOL.md §3.4).
     """
 
     type: ClassVar[str] = "generate"
@@ -261,6 +265,7 @@ class Generate:
     captions: bool | None = None
     resume_until: int | None = None
     resume_flushes: tuple[int, ...] | None = None
+    resume_waits: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,12 +365,15 @@ class Waiting:
     ``seconds`` is the audio generated so far (as ``progress`` counts it).
     ``silence``: in an encoded ``format``, the frames of silence its file got
     here, so that all of that audio plays (the encoder's last frame filled).
+    ``frames``: the live stream's sample frames so far, at its rate (in a file,
+    the silence of the waits apart): where that silence is.
     """
 
     type: ClassVar[str] = "waiting"
     id: str
     seconds: float
     silence: int | None = None
+    frames: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,6 +218,33 @@ def warm_start(format: str, sample_rate: int, until: int) -> int:
     return max(0, until // frame - WARM_FRAMES) * frame if frame else 0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Silences:
+    """Where a file whose text came as it was written got silence at its waits
+    for the text (PROTOCOL.md §4.8; ``generate.resume_waits``): at each
+    ``waiting``'s ``frames`` of the stream, its ``silence`` frames, in order.
+    The file's frames are the stream's and that silence."""
+
+    waits: tuple[tuple[int, int], ...] = ()
+
+    def before(self, frame: int) -> int:
+        """The frames of silence the file holds before the stream's ``frame``."""
+        return sum(silence for at, silence in self.waits if at <= frame)
+
+    def stream_frame(self, file_frame: int) -> tuple[int, int]:
+        """The stream's frame at the file's ``file_frame``; and, where that is
+        within a wait's silence, the frames of it from there (the stream's frame
+        is then the one it comes before), else 0."""
+        held = 0
+        for at, silence in self.waits:
+            if file_frame < at + held:
+                break
+            if file_frame < at + held + silence:
+                return at, at + held + silence - file_frame
+            held += silence
+        return file_frame - held, 0
+
+
 # Each byte's bits in reverse order (``ogg_crc``).
 _REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
@@ -558,6 +585,11 @@ class EncodedStream:
     but the packets). The live audio's codes (``generate.codes``) go with the
     first chunk after them (a codec's look-ahead makes some pushes give no
     bytes), so that a client's codes always cover its bytes.
+
+    A file whose text came as it was written holds silence where the stream
+    waited for its text (``flush`` at a ``waiting``): picked up, it is told
+    where (``silences``), ``start`` and ``until`` are its file's frames, and its
+    encoders are given that silence again where it was.
     """
 
     def __init__(
@@ -572,6 +604,7 @@ class EncodedStream:
         resume: int = 0,
         until: int = 0,
         start: int = 0,
+        silences: Silences | None = None,
     ) -> None:
         assert format in ENCODED_FORMATS
         self.request_id = request_id
@@ -597,6 +630,13 @@ class EncodedStream:
         self._spans: dict[tuple[str | None, int], tuple[float, float]] = {}
         self._span = (0.0, 0.0)
         self._silence = 0  # frames of silence the live file got at waits for text
+        # A file picked up (its frames from ``start``): the stream's frame its
+        # encoder begins at; the silence to give it first, where that is within
+        # a wait's; the waits after, whose silence it is given again.
+        self._silences = silences or Silences()
+        self._stream_start, self._lead = self._silences.stream_frame(start)
+        self._gaps = deque((at, n) for at, n in self._silences.waits if at > self._stream_start)
+        self._pushed_to = self._stream_start  # where the live file's audio pushed ends
 
     def span_of(self, message: Audio) -> tuple[float, float]:
         """The audio (from, to: seconds of its stream, as pushed into the
@@ -694,7 +734,6 @@ class EncodedStream:
                     self._end(None, out)
                 elif isinstance(message, Waiting):
                     silence = self._end(None, out, flush=True)
-                    self._silence += silence
                     message = dataclasses.replace(message, silence=silence)
                 out.append(self._placed(message))
         except Exception:
@@ -708,9 +747,12 @@ class EncodedStream:
         return out, False
 
     def _placed(self, message: ServerMessage) -> ServerMessage:
-        """A caption's offset in the file: after the silence of the waits before it."""
-        if isinstance(message, Caption) and self._silence:
-            return dataclasses.replace(message, offset=message.offset + self._silence)
+        """A caption's offset in the file: after the silence of the waits before it
+        (of the stream's try that was cut too, where it is picked up)."""
+        if isinstance(message, Caption):
+            silence = self._silence + self._silences.before(message.offset)
+            if silence:
+                return dataclasses.replace(message, offset=message.offset + silence)
         return message
 
     def _audio(self, message: Audio, out: list[ServerMessage]) -> None:
@@ -718,28 +760,64 @@ class EncodedStream:
             self._end(None, out)  # (a rendition follows the live stream's end)
         audio = np.frombuffer(message.data, dtype="<f4").reshape(-1, message.channels)
         rendition = self._renditions.setdefault(message.rendition, _Rendition())
+        live = message.rendition is None
         if rendition.encoder is None:
-            if message.rendition is None:  # (picked up: a few frames before the cut)
-                rendition.start = self._start
+            start = 0
+            if live:  # (picked up: a few frames before the cut)
+                rendition.start, start = self._stream_start, self._start
             rendition.encoder = Encoder(
-                self.format, message.sample_rate, message.channels, self.bitrate, rendition.start
+                self.format, message.sample_rate, message.channels, self.bitrate, start
             )
         rendition.end = (message.offset + audio.shape[0]) / message.sample_rate
         if message.codes:
             rendition.codes += message.codes
         audio = audio[max(0, rendition.start - message.offset) :]
-        self._chunk(message, message.rendition, rendition.encoder.push_pieces(audio), out)
+        encoder = rendition.encoder
+        pieces = self._push_live(encoder, audio) if live else encoder.push_pieces(audio)
+        self._chunk(message, message.rendition, pieces, out)
+
+    def _push_live(self, encoder: Encoder, audio: npt.NDArray[np.float32]) -> Pieces:
+        """The live stream's audio into its file: where it is picked up, with the
+        silence of the cut try's waits where it was (first, what is left of one
+        it begins within)."""
+        if not self._lead and not self._gaps:
+            self._pushed_to += audio.shape[0]
+            return encoder.push_pieces(audio)
+        at = self._pushed_to
+        pieces = self._silence_pieces(encoder, self._lead)
+        self._lead = 0
+        while self._gaps and self._gaps[0][0] < at + audio.shape[0]:
+            frame, silence = self._gaps.popleft()
+            pieces += encoder.push_pieces(audio[: frame - at])
+            audio, at = audio[frame - at :], frame
+            pieces += self._silence_pieces(encoder, silence)
+        pieces += encoder.push_pieces(audio)
+        self._pushed_to = at + audio.shape[0]
+        return pieces
+
+    def _silence_pieces(self, encoder: Encoder, frames: int) -> Pieces:
+        return encoder.push_pieces(np.zeros((frames, encoder.channels), dtype=np.float32))
 
     def _end(self, name: str | None, out: list[ServerMessage], *, flush: bool = False) -> int:
         """Close a file: its last bytes as its last chunk. With ``flush``, the
         file goes on: all of its audio so far in a chunk (``Encoder.flush``).
-        Returns the frames of silence that took."""
+        Returns the frames of silence that took (``_silence`` counts them: the
+        file's offsets after them are the stream's and them)."""
         rendition = self._renditions.get(name)
         if rendition is None or rendition.encoder is None or rendition.encoder.closed:
             return 0
         encoder = rendition.encoder
+        pieces: Pieces = []
+        again = False  # (a wait of the cut try's, where it was cut: the same again)
+        if name is None:  # (the cut try's waits where its audio ends: their silence)
+            while self._gaps and self._gaps[0][0] <= self._pushed_to:
+                _, silence = self._gaps.popleft()
+                if flush:  # (the encoder's flush fills in as it did; counted already)
+                    again = True
+                else:
+                    pieces += self._silence_pieces(encoder, silence)
         padded = encoder.padded
-        pieces = encoder.flush_pieces() if flush else encoder.close_pieces()
+        pieces += encoder.flush_pieces() if flush else encoder.close_pieces()
         template = Audio(
             id=self.request_id,
             seq=0,
@@ -751,6 +829,8 @@ class EncodedStream:
             rendition=name,
         )
         self._chunk(template, name, pieces, out)
+        if flush and not again:
+            self._silence += encoder.padded - padded
         return encoder.padded - padded
 
     def _chunk(

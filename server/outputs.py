@@ -177,7 +177,9 @@ class RequestOutputs:
         if output.rendition is not None:
             messages.extend(self._rendition(output.rendition, "mbd"))
         if output.waiting and not output.done:
-            messages.append(Waiting(id=self.request_id, seconds=round(output.seconds, 4)))
+            messages.append(
+                Waiting(id=self.request_id, seconds=round(output.seconds, 4), frames=self.samples)
+            )
         return messages
 
     def _keep_codes(self, codes: list[list[int]], first: int) -> None:

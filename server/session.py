@@ -84,6 +84,7 @@ from .config import Config
 from .encode import (
     ENCODED_FORMATS,
     EncodedStream,
+    Silences,
     check_bitrate,
     encoded_rate,
     warm_start,
@@ -361,7 +362,11 @@ class Session:
                     )
             if message.resume is not None or message.resume_until is not None:
                 _check_resume(message)
-            if message.text_stream or message.resume_flushes is not None:
+            if (
+                message.text_stream
+                or message.resume_flushes is not None
+                or message.resume_waits is not None
+            ):
                 _check_text_stream(message, info)
             if message.captions and "captions" not in info.capabilities:
                 raise _unsupported(message, info, "captions")
@@ -373,12 +378,15 @@ class Session:
             check_bitrate(message.format, info.channels, message.bitrate)
             encoded = message.format in ENCODED_FORMATS
             had = heard = 0 if encoded else message.resume or 0
+            until = message.resume_until or 0
             if encoded:
                 # Generated as float PCM at the codec's rate; encoded on its way here
-                # (a file picked up: from a few frames before the cut, ``warm_start``).
+                # (a file picked up: from a few frames before the cut, ``warm_start``;
+                # its frames are the stream's and the silence of its waits for text).
                 sample_rate = encoded_rate(message.format, info.sample_rate, sample_rate)
+                silences = Silences(message.resume_waits or ())
                 if message.resume:
-                    heard = warm_start(message.format, sample_rate, message.resume_until or 0)
+                    heard = warm_start(message.format, sample_rate, until)
                 wire_format = "pcm_f32le"
                 sink = EncodedStream(
                     message.id,
@@ -388,9 +396,11 @@ class Session:
                     bitrate=message.bitrate,
                     metrics=self.scheduler.metrics,
                     resume=message.resume or 0,
-                    until=message.resume_until or 0,
+                    until=until,
                     start=heard,
+                    silences=silences,
                 )
+                heard, until = silences.stream_frame(heard)[0], silences.stream_frame(until)[0]
                 flow.span, flow.encoded = sink.span_of, True
                 held = self._held_for(sink, held)  # (it waits for its encoders, rather than fail)
             # What the engine need not make again: of PCM, the frames its client
@@ -417,7 +427,7 @@ class Session:
                 sink=sink,
                 held=held,
                 resume=had,
-                resume_until=message.resume_until or 0,
+                resume_until=until,
                 picked_up=bool(message.resume),
                 text_chars=len(message.prompt),
                 codes=bool(message.codes),
@@ -1082,9 +1092,7 @@ def _hold_unsent(ws: ServerConnection) -> None:
 def _check_resume(message: Generate) -> None:
     """A ``resume`` picks the stream up where a cut try of it left off (§3.1): the
     same audio needs the same seed; an encoded file, the frames its bytes hold
-    (``resume_until``, for a file only, with ``resume``), and not a text that
-    came as it was written (its file holds silence where the speech waited for
-    the text, when its parts came)."""
+    (``resume_until``, for a file only, with ``resume``)."""
     if message.resume is None:
         raise InvalidField(
             "resume_until goes with resume (an encoded file picked up)",
@@ -1098,22 +1106,13 @@ def _check_resume(message: Generate) -> None:
             field="resume_until",
             id=message.id,
         )
-    if message.format in ENCODED_FORMATS:
-        if message.text_stream:
-            raise InvalidField(
-                f"a {message.format} file whose text came as it was written is not picked "
-                "up where it was cut (it holds silence where the speech waited for the "
-                "text): resume needs a PCM format there",
-                field="resume",
-                id=message.id,
-            )
-        if message.resume_until is None:
-            raise InvalidField(
-                f"resume of a {message.format} file needs resume_until: the until of "
-                "the last audio message the client has",
-                field="resume_until",
-                id=message.id,
-            )
+    if message.format in ENCODED_FORMATS and message.resume_until is None:
+        raise InvalidField(
+            f"resume of a {message.format} file needs resume_until: the until of "
+            "the last audio message the client has",
+            field="resume_until",
+            id=message.id,
+        )
     if message.params.get("seed") is None:
         raise InvalidField(
             "resume needs params.seed: the seed the cut try's started gave, so that "
@@ -1128,7 +1127,17 @@ def _check_text_stream(message: Generate, info: ModelInfo) -> None:
     stream picked up (``resume``) only where it is cut a sentence a chunk
     (``chunk_method: sentence``), so that its cuts do not depend on when its
     parts came (its ``prompt`` then holds all of its text so far; where parts
-    were flushed mid-sentence, ``resume_flushes`` says where)."""
+    were flushed mid-sentence, ``resume_flushes`` says where; and, of a file,
+    where it got silence as the stream waited for its text, ``resume_waits``)."""
+    if message.resume_waits is not None and (
+        message.resume is None or not message.text_stream or message.format not in ENCODED_FORMATS
+    ):
+        raise InvalidField(
+            "resume_waits goes with resume and text_stream, in an encoded format (a file "
+            "whose text came as it was written, picked up: where it got silence)",
+            field="resume_waits",
+            id=message.id,
+        )
     if message.resume_flushes is not None and (not message.text_stream or message.resume is None):
         raise InvalidField(
             "resume_flushes goes with resume and text_stream (a stream whose text came "

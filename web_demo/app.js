@@ -142,8 +142,8 @@ function submit(event) {
   if (Object.keys(inputs).length) message.inputs = inputs;
   // Streams come with their codes where the model sends them: a stream cut
   // under way is picked up from them (PROTOCOL.md §3.1 resume_codes; a typed
-  // one where it is cut a sentence a chunk, in PCM, §3.4).
-  const pickable = !asTyped || (!format && params.chunk_method === "sentence");
+  // one where it is cut a sentence a chunk, §3.4).
+  const pickable = !asTyped || params.chunk_method === "sentence";
   if ((model.capabilities || []).includes("codes") && pickable) message.codes = true;
   if (asTyped) message.text_stream = true;
   // Speech says which text it speaks: the card shows it as it plays (§4.9).

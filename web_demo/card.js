@@ -121,6 +121,7 @@ export class Card {
     this.fileLength = 0; // (their count)
     this.until = 0; // the sample frames they hold (the last chunk's until: where it is picked up)
     this.silence = 0; // frames of silence its file got at waits for text (§4.8)
+    this.waits = new Map(); // where: each wait's frames -> its silence (to pick it up from)
     this.captions = []; // which text the audio speaks from where: {offset, text} (§4.9)
     this.bytes = 0; // of audio received, every rendition
     this.channels = model.channels;
@@ -382,7 +383,13 @@ export class Card {
   // decoder gives out its last frame (a FLAC frame ends where the next begins).
   onWaiting(message) {
     this.waitingForText = true;
-    this.silence += message.silence ?? 0;
+    if (message.frames == null) {
+      this.silence += message.silence ?? 0;
+    } else if (message.silence != null) {
+      // (a stream picked up where it waited waits there again: the same silence)
+      this.waits.set(message.frames, message.silence);
+      this.silence = [...this.waits.values()].reduce((sum, frames) => sum + frames, 0);
+    }
     this.decoder?.flush();
     if (!this.ended) this.setStatus("generating", WAITING_FOR_TEXT);
   }
@@ -756,13 +763,12 @@ export class Card {
 
   // Whether the request may still be asked again: it has not started, or its
   // stream can be picked up where it is cut (its seed known; a text typed as it
-  // is spoken, in PCM, cut a sentence a chunk: its prompt is then all of it so
-  // far, sendRequest); and it is under the retry time old (from when it was
-  // asked; once started, from the cut).
+  // is spoken, cut a sentence a chunk: its prompt is then all of it so far,
+  // sendRequest); and it is under the retry time old (from when it was asked;
+  // once started, from the cut).
   mayAskAgain(delay = 0) {
     if (this.request === null || this.ended || this.finishing) return false;
-    const typedWhole =
-      !this.request.text_stream || (!this.format && this.request.params.chunk_method === "sentence");
+    const typedWhole = !this.request.text_stream || this.request.params.chunk_method === "sentence";
     if (this.startedAt !== null && (this.seed == null || !typedWhole)) return false;
     return performance.now() + delay - (this.streaming() ? performance.now() : this.since) <= retry.forMs;
   }
@@ -849,6 +855,8 @@ export class Card {
       // version (MBD) comes whole again.
       const params = { ...this.request.params, seed: this.seed };
       const resume = this.format ? { resume: this.fileLength, resume_until: this.until } : { resume: this.frames };
+      // (a file of a text typed as it is spoken: where its waits put silence)
+      if (this.format && this.request.text_stream) resume.resume_waits = [...this.waits];
       this.request = { ...this.request, params, ...resume, resume_codes: this.joinedCodes() };
       this.renditions = {};
       this.resuming = true;

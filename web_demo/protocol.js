@@ -10,6 +10,7 @@ const FIELD_ORDER = {
   generate: [
     "id", "model", "prompt", "params", "format", "inputs", "sample_rate", "bitrate", "resume",
     "codes", "resume_codes", "text_stream", "captions", "resume_until", "resume_flushes",
+    "resume_waits",
   ],
   cancel: ["id"],
   text: ["id", "text", "flush", "end"],

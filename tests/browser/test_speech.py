@@ -373,19 +373,27 @@ async def test_the_card_shows_the_text_it_is_saying(browser: Any, speech_server:
     assert page.errors == []
 
 
+@pytest.mark.parametrize("format", [None, "opus"], ids=["pcm", "opus"])
 async def test_speech_typed_and_cut_by_a_lost_connection_is_picked_up(
-    browser: Any, speech_server: Any
+    browser: Any, speech_server: Any, format: str | None
 ) -> None:
     """ "Speak as I type" cuts a sentence a chunk: a stream cut by a lost
     connection is picked up where it was (its prompt all of the text typed so
     far, from the codes its audio came with), and goes on with what is typed
-    after."""
+    after. An Opus stream, cut as it waits for more text, is picked up with
+    where its file got silence (``resume_waits``): its clip the samples the
+    server made and that silence once."""
     get = "(id) => window.wavecast.cards.get(id)"
     page = await open_page(browser, speech_server)
     await page.select_option("#model", "tiny-higgs")
+    if format is not None:
+        await page.click("#advanced summary")
+        await page.select_option("#stream-format", format)
     rid = await start_typing(page, 150)
     await page.type("#prompt", "Hello there. ", delay=5)
     await wait(page, f"(id) => ({get})(id).frames > 0", rid)
+    if format is not None:  # (said, it waits for more)
+        await wait(page, f"(id) => ({get})(id).waits.size > 0", rid)
     for session in list(speech_server.sessions):
         await session.ws.close(1012, "restart")
     await wait(page, f"(id) => ({get})(id).statuses.some((s) => s.startsWith('picked up at'))", rid)
@@ -393,7 +401,15 @@ async def test_speech_typed_and_cut_by_a_lost_connection_is_picked_up(
     ended, done = await submit_and_wait(page)
     assert ended == rid and done["status"] == "completed", done["error"]
     # Two utterances of max_new_tokens rows each, every frame's audio, once.
-    assert done["frames"] == done["serverSamples"] == 2 * (150 - K) * HOP
+    assert done["serverSamples"] == 2 * (150 - K) * HOP
     request = await page.evaluate(f"(id) => ({get})(id).request", rid)
     assert request["prompt"] == "Hello there. " and request["resume"] > 0
+    if format is None:
+        assert done["frames"] == done["serverSamples"]
+    else:
+        silence = await page.evaluate(f"(id) => ({get})(id).silence", rid)
+        (wait_at,) = request["resume_waits"]
+        assert wait_at == [(150 - K) * HOP, silence] and 0 < silence < 1200
+        # (decoded at Opus' 48 kHz: the samples at 24 kHz, twice)
+        assert done["frames"] == 2 * (done["serverSamples"] + silence)
     assert page.errors == []

@@ -108,11 +108,23 @@ MESSAGES = [
         text_stream=True,
         resume_flushes=(7, 22),
     ),
+    Generate(
+        id="r12",
+        model="tiny-higgs",
+        prompt="Hello, world. And then",
+        params={"seed": 7, "chunk_method": "sentence"},
+        format="opus",
+        resume=5000,
+        resume_until=48000,
+        text_stream=True,
+        resume_waits=((30720, 960), (45120, 1200)),
+    ),
     Cancel(id="r1"),
     TextInput(id="r8", text="world. And"),
     TextInput(id="r8", text=" then", flush=True, end=True),
     Waiting(id="r8", seconds=2.4),
     Waiting(id="r8", seconds=2.4, silence=1152),
+    Waiting(id="r8", seconds=2.4, silence=1152, frames=57600),
     Caption(id="r9", offset=38400, text="Bye."),
     Hello(
         server="wavecast",
@@ -295,6 +307,27 @@ def test_none_fields_are_left_out() -> None:
                 {"resume_flushes": [True]},
                 {"resume_flushes": [-1]},
                 {"resume_flushes": [0, 1, 2, 3, 3]},
+            )
+        ),
+        *(
+            (
+                msgpack.packb({"type": "generate", "id": "a", "model": "m", **waits}),
+                InvalidField,
+                "resume_waits",
+            )
+            for waits in (
+                {"resume_waits": 3},
+                {"resume_waits": [3]},
+                {"resume_waits": [[3]]},
+                {"resume_waits": [[3, 1, 1]]},
+                {"resume_waits": [[3, 1], [3, 1]]},
+                {"resume_waits": [[4, 1], [3, 1]]},
+                {"resume_waits": [[-1, 1]]},
+                {"resume_waits": [[3, -1]]},
+                {"resume_waits": [[3, 192001]]},
+                {"resume_waits": [[True, 1]]},
+                {"resume_waits": [[3, 1.5]]},
+                {"resume_waits": [[i, 0] for i in range(16_386)]},  # (one more than the most)
             )
         ),
         (

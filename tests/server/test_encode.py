@@ -21,12 +21,14 @@ from wavecast.clients import connect
 from wavecast.clients.client import GenerationResult, decode_file, flac_with_length
 from wavecast.protocol import (
     Audio,
+    Caption,
     Done,
     ErrorInfo,
     InvalidField,
     Progress,
     ServerMessage,
     Started,
+    Waiting,
     WavecastError,
 )
 from wavecast.server import encode
@@ -34,9 +36,11 @@ from wavecast.server.encode import (
     WARM_FRAMES,
     EncodedStream,
     Encoder,
+    Silences,
     _coded_number,
     encoded_rate,
     frame_size,
+    warm_start,
 )
 
 # The tests with the module's server run on the module's event loop, as it does.
@@ -668,3 +672,152 @@ async def test_bad_rates_for_a_codec_are_refused_before_queued(server: Any) -> N
                 "invalid_field",
                 "sample_rate",
             )
+
+
+def test_silences_map_a_files_frames_to_its_streams() -> None:
+    """A file with silence at two waits (300 frames at 1,000, 200 at 1,500):
+    its frames are the stream's and the silence before them."""
+    silences = Silences(((1000, 300), (1500, 200)))
+    assert [silences.before(f) for f in (0, 999, 1000, 1499, 1500, 9000)] == [
+        0,
+        0,
+        300,
+        300,
+        500,
+        500,
+    ]
+    # (file -> stream, and the silence left where the file's frame is within one)
+    assert silences.stream_frame(999) == (999, 0)
+    assert silences.stream_frame(1000) == (1000, 300)
+    assert silences.stream_frame(1299) == (1000, 1)
+    assert silences.stream_frame(1300) == (1000, 0)
+    assert silences.stream_frame(1799) == (1499, 0)
+    assert silences.stream_frame(1800) == (1500, 200)
+    assert silences.stream_frame(2000) == (1500, 0)
+    for frame in range(0, 3000, 7):  # (a stream's frame is where the file has it)
+        assert silences.stream_frame(frame + silences.before(frame)) == (frame, 0)
+
+
+@pytest.mark.parametrize(
+    ("format", "rate"), [("flac", 24000), ("opus", 24000), ("mp3", 24000), ("opus", 48000)]
+)
+async def test_a_file_with_waits_picked_up_anywhere_goes_on_as_it_was(
+    format: str, rate: int
+) -> None:
+    """A file whose text came as it was written got silence at its waits
+    (here two, 0.3 s apart: each within the frames a pick-up encodes again
+    after one of them). Picked up after any of its chunks, told where the
+    waits it had were (``Silences``), it is encoded again from a few frames
+    before the cut with that silence where it was (and the rest of one it
+    begins within) and goes on from the client's bytes: FLAC byte for byte, the
+    lossy ones as true to the audio as the whole file. Its later waits get the
+    same silence, its captions are where they were in the file; cut as it
+    waits, the wait comes again (the text after it had not come) and its
+    silence is given once."""
+    audio = music(rate, 2.0, 1)
+    waits = [int(0.8 * rate) + 37, int(1.1 * rate) + 11]  # (the stream's frames)
+    step = rate // 25  # (a speech frame's audio: the engine's chunks are of them)
+
+    async def encoded(
+        first: int = 0,
+        resume: int = 0,
+        until: int = 0,
+        start: int = 0,
+        told: tuple[tuple[int, int], ...] = (),
+    ) -> list[ServerMessage]:
+        received = Received()
+        stream = EncodedStream(
+            "r",
+            format,
+            received,
+            received.errors.append,
+            resume=resume,
+            until=until,
+            start=start,
+            silences=Silences(told),
+        )
+        stream(Started(id="r", model="m", sample_rate=rate, channels=1, format="pcm_f32le"))
+        seq, at = 0, first
+        for end in sorted({*range(first + step, audio.shape[0], step), *waits, audio.shape[0]}):
+            if end <= first:
+                continue
+            if at in (0, *waits):
+                stream(Caption(id="r", offset=at, text=f"at {at}"))
+            stream(
+                Audio(
+                    id="r",
+                    seq=seq,
+                    offset=at,
+                    sample_rate=rate,
+                    channels=1,
+                    format="pcm_f32le",
+                    data=audio[at:end].astype("<f4").tobytes(),
+                )
+            )
+            seq, at = seq + 1, end
+            if end in waits and end >= Silences(told).stream_frame(until)[0]:
+                stream(Waiting(id="r", seconds=end / rate))  # (cut as it waits: again)
+        stream(Done(id="r", status="completed"))
+        await asyncio.wait_for(received.done.wait(), timeout(10))
+        assert not received.errors
+        return received.messages
+
+    whole = await encoded()
+    chunks = [m for m in whole if isinstance(m, Audio)]
+    silences = [m.silence for m in whole if isinstance(m, Waiting)]
+    assert len(silences) == 2 and all(s > 0 for s in silences)
+    file = b"".join(m.data for m in chunks)
+    timeline = np.concatenate(
+        [
+            audio[: waits[0]],
+            np.zeros((silences[0], 1)),
+            audio[waits[0] : waits[1]],
+            np.zeros((silences[1], 1)),
+            audio[waits[1] :],
+        ]
+    ).astype(np.float64)
+    decoded = decode_file(file, format).astype(np.float64)
+    lag = MP3_DELAY if format == "mp3" else 0
+    kept = decoded[lag:][: len(timeline)]
+    captions = {m.text: m.offset for m in whole if isinstance(m, Caption)}
+    assert captions == {
+        "at 0": 0,
+        f"at {waits[0]}": waits[0] + silences[0],
+        f"at {waits[1]}": waits[1] + sum(silences),
+    }
+    frame = frame_size(format, rate)
+    inside = 0  # (cuts whose encoder begins within a wait's silence)
+    for cut in range(1, len(chunks)):
+        had, until = b"".join(m.data for m in chunks[:cut]), chunks[cut - 1].until
+        assert until is not None
+        index = whole.index(chunks[cut - 1])
+        told = tuple(
+            (w, s)
+            for w, s in zip(waits, silences, strict=True)
+            if any(isinstance(m, Waiting) and m.seconds == w / rate for m in whole[: index + 2])
+        )
+        start = warm_start(format, rate, until)
+        first, lead = Silences(told).stream_frame(start)
+        inside += lead > 0
+        again = await encoded(first // step * step, len(had), until, start, told)
+        rest = [m for m in again if isinstance(m, Audio)]
+        assert rest and rest[0].offset == len(had), cut
+        joined = had + b"".join(m.data for m in rest)
+        at = Silences(told).stream_frame(until)[0]
+        again_silences = [m.silence for m in again if isinstance(m, Waiting)]
+        assert again_silences == [s for w, s in zip(waits, silences, strict=True) if w >= at]
+        placed = {m.text: m.offset for m in again if isinstance(m, Caption)}
+        assert placed.items() <= captions.items(), cut
+        if format == "flac":
+            assert joined == file, cut
+            continue
+        heard = decode_file(joined, format).astype(np.float64)
+        assert heard.shape == decoded.shape, cut
+        heard = heard[lag:][: len(timeline)]
+        assert snr(timeline, heard) >= snr(timeline, kept) - 0.5, cut
+        near = slice(max(0, until - 3 * frame), until + 3 * frame)
+        error = np.sqrt(((heard[near] - timeline[near]) ** 2).mean())
+        assert error <= 1.5 * np.sqrt(((kept[near] - timeline[near]) ** 2).mean()) + 1e-4, cut
+    # The path that begins within a silence was taken (a FLAC file's is less
+    # than a block, and ends where one does: there, a block after it begins).
+    assert inside >= 1 or format == "flac"

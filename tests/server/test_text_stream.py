@@ -252,12 +252,16 @@ async def test_text_that_cannot_be_taken_is_refused(
         (
             {
                 "resume": 10,
-                "resume_until": 2000,
-                "format": "mp3",
+                "resume_waits": [[100, 20]],
                 "params": {"seed": 1, "chunk_method": "sentence"},
             },
             "invalid_field",
-            "holds silence where the speech waited",
+            "resume_waits goes with resume and text_stream, in an encoded format",
+        ),
+        (
+            {"format": "mp3", "resume_waits": [[100, 20]]},
+            "invalid_field",
+            "resume_waits goes with resume",
         ),
         ({"resume_flushes": [1]}, "invalid_field", "resume_flushes goes with resume"),
         (
@@ -269,7 +273,8 @@ async def test_text_that_cannot_be_taken_is_refused(
     ids=[
         "a music model",
         "picked up, not cut by sentence",
-        "picked up, a file",
+        "waits, in PCM",
+        "waits, not picked up",
         "flushes, not picked up",
         "flushes, not a text stream",
     ],
@@ -558,3 +563,87 @@ async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was(
     assert captions == [(e.offset, e.text) for e in alone if isinstance(e, Caption)]
     said = ["One two three.", "Four five six.", "Seven", "eight nine."] if flush else SENTENCES
     assert [text for _, text in captions] == said
+
+
+@pytest.mark.parametrize(
+    ("format", "rate", "cut"),
+    [
+        ("flac", None, (1, 1)),
+        ("flac", None, (2, 3)),
+        ("opus", None, (1, 1)),
+        ("opus", 48000, (2, 2)),
+        ("mp3", None, (1, 2)),
+        ("mp3", 16000, (2, 0)),
+    ],
+)
+async def test_an_encoded_text_stream_cut_under_way_is_picked_up_where_it_was(
+    format: str, rate: int | None, cut: tuple[int, int]
+) -> None:
+    """A file whose text comes as it is written, cut a sentence a chunk, holds
+    silence where the stream waited for its text. Cut (``cut``: after that many
+    waits, and that many audio messages after the last; 0: while it waits, its
+    next part sent while it is cut), it is picked up on a new connection
+    (``retry_for``) from its codes, with where it got that silence
+    (``resume_waits``): its bytes go on from the client's, and the file joined
+    is the one made without the cut (FLAC its 16-bit samples, within a step; the
+    lossy ones within the codec's own rounding), its captions where they were."""
+    asked = {"chunk_method": "sentence", "max_new_tokens": 35, "seed": 7, "sample_rate": rate}
+    async with (
+        running_server(make_config(max_active=2, admission="slots"), higgs_engines) as server,
+        connect(server.url, retry_for=timeout(30)) as client,
+    ):
+
+        async def spoken(cutting: bool) -> tuple[list[Any], Any]:
+            stream = await client.speak(
+                "tiny-higgs", "", text_stream=True, captions=True, format=format, **asked
+            )
+            assert stream.generate.codes  # (asked for, to be picked up from)
+            parts = [f"{s} " for s in SENTENCES]
+            await stream.send_text(parts.pop(0))
+            events: list[Any] = []
+            waits = heard = 0
+            async for event in stream:
+                events.append(event)
+                if isinstance(event, Waiting):
+                    waits, heard = waits + 1, 0
+                    if cutting and cut == (waits, 0):
+                        await close_sessions(server)
+                    await stream.send_text(parts.pop(0), end=not parts)
+                elif isinstance(event, Audio):
+                    heard += 1
+                    if cutting and cut == (waits, heard):
+                        await close_sessions(server)
+            return events, stream.generate
+
+        alone, _ = await spoken(cutting=False)
+        events, asked_again = await spoken(cutting=True)
+    # (picked up from its codes, with the waits before the cut)
+    assert asked_again.resume and asked_again.resume_codes
+    assert asked_again.resume_waits is not None and len(asked_again.resume_waits) == cut[0]
+    for got in (alone, events):
+        assert isinstance(got[-1], Done) and got[-1].status == "completed", got[-1]
+    assert sum(isinstance(e, Started) for e in events) == 1  # (one stream, picked up)
+    audio = [e for e in events if isinstance(e, Audio)]
+    assert [a.offset for a in audio] == [0, *itertools.accumulate(len(a.data) for a in audio[:-1])]
+    silences = [e.silence for e in alone if isinstance(e, Waiting)]
+    assert len(silences) == 2 and [e.silence for e in events if isinstance(e, Waiting)] == silences
+    whole = decode_file(joined(alone, "data"), format).astype(np.float64)
+    file = decode_file(joined(events, "data"), format).astype(np.float64)
+    assert file.shape == whole.shape
+    done = events[-1]
+    assert done.stats is not None and done.stats.samples == alone[-1].stats.samples
+    if format != "mp3":  # (MP3 pads its last frame)
+        assert len(file) == done.stats.samples + sum(silences)
+    apart = np.abs(file - whole)
+    if format == "flac":
+        assert apart.max() <= 1
+    else:
+        assert apart[1105 if format == "mp3" else 0 :].max() < 0.02
+    captions = [(e.offset, e.text) for e in events if isinstance(e, Caption)]
+    assert captions == [(e.offset, e.text) for e in alone if isinstance(e, Caption)]
+    assert [text for _, text in captions] == SENTENCES
+
+
+async def close_sessions(server: Any) -> None:
+    for session in list(server.sessions):
+        await session.ws.close(1001)  # (going away: the client picks its streams up)
