@@ -83,10 +83,12 @@ from .audio import warm_resample_start
 from .config import Config
 from .encode import (
     ENCODED_FORMATS,
+    MAX_FLUSH_FRAMES,
     EncodedStream,
     Silences,
     check_bitrate,
     encoded_rate,
+    frame_size,
     warm_start,
 )
 from .engines.base import EngineRequest
@@ -385,6 +387,12 @@ class Session:
                 # its frames are the stream's and the silence of its waits for text).
                 sample_rate = encoded_rate(message.format, info.sample_rate, sample_rate)
                 silences = Silences(message.resume_waits or ())
+                _check_waits(
+                    message,
+                    silences,
+                    MAX_FLUSH_FRAMES * frame_size(message.format, sample_rate),
+                    until,
+                )
                 if message.resume:
                     heard = warm_start(message.format, sample_rate, until)
                 wire_format = "pcm_f32le"
@@ -1154,6 +1162,25 @@ def _check_text_stream(message: Generate, info: ModelInfo) -> None:
             field="text_stream",
             id=message.id,
         )
+
+
+def _check_waits(message: Generate, silences: Silences, most: int, until: int) -> None:
+    """``resume_waits`` a try of the stream could have had: the audio before each
+    wait within the file the client has (``resume_until``: its ``waiting`` came
+    after that audio's chunks), and no more silence at one than an encoder's
+    flush gives (``most``). (So a file picked up is given at most a few of its
+    frames of silence again: those within the frames it is encoded again from.)"""
+    held = 0
+    for frames, silence in silences.waits:
+        if frames + held > until or silence > most:
+            raise InvalidField(
+                f"resume_waits has a wait at frame {frames} with {silence} frames of silence: "
+                f"past the file's resume_until ({until}, counting the silence before it), or "
+                f"more silence than a wait gives ({most} frames at most)",
+                field="resume_waits",
+                id=message.id,
+            )
+        held += silence
 
 
 def _check_codes(message: Generate, info: ModelInfo) -> int:

@@ -263,6 +263,22 @@ async def test_text_that_cannot_be_taken_is_refused(
             "invalid_field",
             "resume_waits goes with resume",
         ),
+        *(
+            (
+                {
+                    "format": "mp3",
+                    "resume": 10,
+                    "resume_until": 20000,
+                    "resume_waits": waits,
+                    "params": {"seed": 1, "chunk_method": "sentence"},
+                },
+                "invalid_field",
+                "past the file's resume_until",
+            )
+            # (a wait after the client's file; more silence than a flush of
+            # sixteen 576-sample MP3 frames at 24 kHz gives)
+            for waits in ([[20001, 0]], [[10000, 100], [19950, 0]], [[100, 16 * 576 + 1]])
+        ),
         ({"resume_flushes": [1]}, "invalid_field", "resume_flushes goes with resume"),
         (
             {"text_stream": None, "resume": 10, "resume_flushes": [1], "params": {"seed": 1}},
@@ -275,6 +291,9 @@ async def test_text_that_cannot_be_taken_is_refused(
         "picked up, not cut by sentence",
         "waits, in PCM",
         "waits, not picked up",
+        "a wait past the file",
+        "a wait past the file with the silence before it",
+        "more silence than a wait gives",
         "flushes, not picked up",
         "flushes, not a text stream",
     ],
