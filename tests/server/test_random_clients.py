@@ -1,22 +1,27 @@
 """Random clients against a real server, many at once: whatever they send, every
 request ends with one ``done``, a refusal comes before ``queued`` (PROTOCOL.md
-§3.3), nothing fails inside the server, and the server ends idle and healthy.
+§3.3), nothing fails inside the server (but the waits of text streams whose
+text never ends run out), and the server ends idle and healthy.
 
 A fixed seed picks what each client does: a model (music, melody, speech),
 parameters inside and outside their ranges or of the wrong type, output rates
 formats and bit rates (some refused), uploads of random lengths, rates and
 formats (some not audio, some with no sample at the model's rate, some longer
-than the duration), streams picked up at a frame (``resume``), cancels and
-dropped connections at any message, readers that take their time, raw frames.
+than the duration), streams picked up at a frame (``resume``; a file at its
+``until``), speech whose text comes as it is written (in random parts, some
+flushed, some late; its connection cut and the stream picked up on another),
+cancels and dropped connections at any message, readers that take their time,
+raw frames.
 When a cancel or a drop lands varies from run to run; what is asserted holds
 whatever it is: each stream's chunks join without a gap from where it was
 picked up, at the rate and in the format its ``started`` says, in messages of
 at most a piece (a completed PCM stream: the samples the stats count; an MP3,
-Ogg Opus or FLAC stream: one file, which decodes to them). (Such clients found
-the continuation too long for its duration refused only after ``queued``, a
-one-sample clip at 44.1 kHz failing inside the encoder and Demucs, and a
-stream whose cancel came as the model finished it said ``completed`` with its
-audio waiting left out.)
+Ogg Opus or FLAC stream: one file, which decodes to them and the silence of
+its waits for text). (Such clients found the continuation too long for its
+duration refused only after ``queued``, a one-sample clip at 44.1 kHz failing
+inside the encoder and Demucs, a stream whose cancel came as the model
+finished it said ``completed`` with its audio waiting left out, and the gauge
+of streams waiting for their text counting one whose wait had run out.)
 """
 
 from __future__ import annotations
@@ -350,8 +355,8 @@ class Clients:
                     self.seen["picked up"] += done.status == "completed"
                     continue
                 frames = decode_file(b"".join(c.data for c in chunks), chunks[0].format).shape[0]
-                # (and the silence that played while a text stream waited for its text)
-                # (a stream picked up where it waited waits there again: once)
+                # (and the silence that played while a text stream waited for its
+                # text: once where a stream picked up where it waited waits again)
                 waits = {e.frames: e.silence or 0 for e in events if isinstance(e, Waiting)}
                 samples = done.stats.samples + sum(waits.values())
                 if chunks[0].format == "mp3":  # (its encoder's delay and padding besides)
