@@ -631,12 +631,13 @@ class EncodedStream:
         self._span = (0.0, 0.0)
         self._silence = 0  # frames of silence the live file got at waits for text
         # A file picked up (its frames from ``start``): the stream's frame its
-        # encoder begins at; the silence to give it first, where that is within
-        # a wait's; the waits after, whose silence it is given again.
+        # encoder begins at (the audio before, the engine need not make again);
+        # the silence to give it first, where that is within a wait's; the waits
+        # after, whose silence it is given again.
         self._silences = silences or Silences()
-        self._stream_start, self._lead = self._silences.stream_frame(start)
-        self._gaps = deque((at, n) for at, n in self._silences.waits if at > self._stream_start)
-        self._pushed_to = self._stream_start  # where the live file's audio pushed ends
+        self.stream_start, self._lead = self._silences.stream_frame(start)
+        self._gaps = deque((at, n) for at, n in self._silences.waits if at > self.stream_start)
+        self._pushed_to = self.stream_start  # where the live file's audio pushed ends
 
     def span_of(self, message: Audio) -> tuple[float, float]:
         """The audio (from, to: seconds of its stream, as pushed into the
@@ -764,7 +765,7 @@ class EncodedStream:
         if rendition.encoder is None:
             start = 0
             if live:  # (picked up: a few frames before the cut)
-                rendition.start, start = self._stream_start, self._start
+                rendition.start, start = self.stream_start, self._start
             rendition.encoder = Encoder(
                 self.format, message.sample_rate, message.channels, self.bitrate, start
             )

@@ -408,7 +408,7 @@ class Session:
                     start=heard,
                     silences=silences,
                 )
-                heard, until = silences.stream_frame(heard)[0], silences.stream_frame(until)[0]
+                heard, until = sink.stream_start, silences.stream_frame(until)[0]
                 flow.span, flow.encoded = sink.span_of, True
                 held = self._held_for(sink, held)  # (it waits for its encoders, rather than fail)
             # What the engine need not make again: of PCM, the frames its client
