@@ -252,12 +252,13 @@ class Clients:
                     task.cancel()
                 await asyncio.gather(*reads, return_exceptions=True)
 
-    async def writer(self) -> None:
+    async def writer(self, unended: bool = False) -> None:
         """A speech stream whose text comes as it is written (``text_stream``), in
         random parts (some flushed) with pauses between them, ended (or not: its
         wait for text runs out), cancelled, dropped, or cut and picked up on a new
         connection (``retry_for``: the client asks for it again with its text so
-        far)."""
+        far). ``unended``: one whose text never ends, read to its end (in PCM
+        at the model's rate: not refused)."""
         rng = self.rng
         retry = rng.random() < 0.5
         chunking = rng.choice(["sentence", "sentence", "word", "none", "speaker"])
@@ -268,11 +269,13 @@ class Clients:
         }
         format = rng.choice(AUDIO_FORMATS)
         rate = rng.choice([None, None, None, *RATES])
+        if unended:  # (not refused: a format and rate every model takes)
+            format, rate = "pcm_s16le", None
         parts = [(rng.choice(PARTS), rng.random() < 0.2) for _ in range(rng.randint(0, 6))]
         pauses = [rng.choice([0.0, 0.0, 0.005, 0.05]) for _ in parts]
-        ending, last = rng.random(), rng.choice(["", " The end."])
+        ending, last = 1.0 if unended else rng.random(), rng.choice(["", " The end."])
         self.unended += ending >= 0.9
-        fate, at = rng.random(), rng.randint(2, 15)
+        fate, at = 1.0 if unended else rng.random(), rng.randint(2, 15)
         retry_for = timeout(30) if retry else 0.0
         async with connect(self.url, retry_for=retry_for) as client:
             asked = time.monotonic()
@@ -401,7 +404,8 @@ async def test_random_clients_leave_every_request_done_and_the_server_whole() ->
     async with running_server(config, factory=engines) as server:
         server.scheduler.TEXT_WAIT = 1.0  # (a text stream never ended: its wait runs out)
         clients = Clients(server.url, seed=33)
-        running: set[asyncio.Task[None]] = set()
+        # (one whose wait runs out, whatever else the clients choose)
+        running: set[asyncio.Task[None]] = {asyncio.create_task(clients.writer(unended=True))}
         loop = asyncio.get_running_loop()
         end = loop.time() + 15.0
         while loop.time() < end:
