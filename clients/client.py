@@ -446,6 +446,7 @@ class RequestStream:
     _texts: list[TextInput] = field(default_factory=list)
     _begun: str | None = None
     _captioned: int = -1  # the offset of the last caption the consumer had
+    _waited: int = -1  # the frames of the last ``waiting`` the consumer had
     #: A file whose text comes as it is written: its waits' ``frames`` and
     #: ``silence`` (where its file got silence), to pick it up from.
     _waits: dict[int, int] = field(default_factory=dict)
@@ -484,8 +485,10 @@ class RequestStream:
                 self._stage = (_STAGES.get(new.stage, 2), new.fraction)
             elif isinstance(new, Caption):
                 self._captioned = new.offset
-            elif isinstance(new, Waiting) and new.frames is not None and new.silence is not None:
-                self._waits[new.frames] = new.silence  # (picked up there: the same wait)
+            elif isinstance(new, Waiting) and new.frames is not None:
+                self._waited = new.frames
+                if new.silence is not None:  # (a file's: where it got silence)
+                    self._waits[new.frames] = new.silence
             if new is not None:
                 yield new
 
@@ -498,9 +501,12 @@ class RequestStream:
     def _unseen(self, item: ServerMessage) -> ServerMessage | None:
         """What of a message of a try that picks the stream up is new to the
         consumer: audio past what it has (numbered on from it), progress past
-        what it saw, captions past the last it had; no ``queued``."""
+        what it saw, captions past the last it had, a ``waiting`` past the
+        last it had (one cut as it waited waits there again); no ``queued``."""
         if isinstance(item, Queued):
             return None
+        if isinstance(item, Waiting) and item.frames is not None:
+            return item if item.frames > self._waited else None
         if isinstance(item, Caption):  # (one sent before the cut, ahead of its audio)
             return item if item.offset > self._captioned else None
         if isinstance(item, Progress):

@@ -585,29 +585,33 @@ async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was(
 
 
 @pytest.mark.parametrize(
-    ("format", "rate", "cut"),
+    ("format", "rate", "cut", "again"),
     [
-        ("flac", None, (1, 1)),
-        ("flac", None, (2, 0)),
-        ("opus", None, (1, 1)),
-        ("opus", 48000, (2, 1)),
-        ("mp3", None, (1, 1)),
-        ("mp3", 16000, (2, 0)),
+        ("flac", None, (1, 1), False),
+        ("flac", None, (2, 0), False),
+        ("flac", None, (1, 0), True),
+        ("opus", None, (1, 1), False),
+        ("opus", 48000, (2, 1), False),
+        ("opus", None, (2, 0), True),
+        ("mp3", None, (1, 1), False),
+        ("mp3", 16000, (2, 0), False),
     ],
 )
 async def test_an_encoded_text_stream_cut_under_way_is_picked_up_where_it_was(
-    format: str, rate: int | None, cut: tuple[int, int]
+    format: str, rate: int | None, cut: tuple[int, int], again: bool
 ) -> None:
     """A file whose text comes as it is written, cut a sentence a chunk, holds
     silence where the stream waited for its text. Cut (``cut``: after that many
     waits, at the first audio message after the last, so that the file made
-    again begins near that silence; or, 0, as it waits, its next part sent
-    while it is cut: both come, however large the chunks), it is picked up on
-    a new connection
-    (``retry_for``) from its codes, with where it got that silence
-    (``resume_waits``): its bytes go on from the client's, and the file joined
-    is the one made without the cut (FLAC its 16-bit samples, within a step; the
-    lossy ones within the codec's own rounding), its captions where they were."""
+    again begins near that silence; or, 0, as it waits: both come, however
+    large the chunks), it is picked up on a new connection (``retry_for``)
+    from its codes, with where it got that silence (``resume_waits``): its
+    bytes go on from the client's, and the file joined is the one made without
+    the cut (FLAC its 16-bit samples, within a step; the lossy ones within the
+    codec's own rounding), its captions where they were. Cut as it waits, its
+    next part sent while it is cut, or (``again``) only once the stream picked
+    up waits there again: that wait's silence is the same, once, and the
+    client's consumer has its ``waiting`` once."""
     asked = {"chunk_method": "sentence", "max_new_tokens": 35, "seed": 7, "sample_rate": rate}
     async with (
         running_server(make_config(max_active=2, admission="slots"), higgs_engines) as server,
@@ -623,17 +627,26 @@ async def test_an_encoded_text_stream_cut_under_way_is_picked_up_where_it_was(
             await stream.send_text(parts.pop(0))
             events: list[Any] = []
             waits = heard = 0
+            later = None
             async for event in stream:
                 events.append(event)
                 if isinstance(event, Waiting):
                     waits, heard = waits + 1, 0
+                    part = parts.pop(0)
                     if cutting and cut == (waits, 0):
+                        ended = server.scheduler.snapshot()["cancelled"] + 1  # (the cut try)
                         await close_sessions(server)
-                    await stream.send_text(parts.pop(0), end=not parts)
+                        if again:  # (sent once the stream picked up waits there again)
+                            waiting = waits_again(server, ended, part, stream, not parts)
+                            later = asyncio.ensure_future(waiting)
+                            continue
+                    await stream.send_text(part, end=not parts)
                 elif isinstance(event, Audio):
                     heard += 1
                     if cutting and cut == (waits, heard):
                         await close_sessions(server)
+            if later is not None:
+                await later
             return events, stream.generate
 
         alone, _ = await spoken(cutting=False)
@@ -663,6 +676,19 @@ async def test_an_encoded_text_stream_cut_under_way_is_picked_up_where_it_was(
     captions = [(e.offset, e.text) for e in events if isinstance(e, Caption)]
     assert captions == [(e.offset, e.text) for e in alone if isinstance(e, Caption)]
     assert [text for _, text in captions] == SENTENCES
+
+
+async def waits_again(server: Any, ended: int, part: str, stream: Any, end: bool) -> None:
+    """Once ``stream``, cut as it waited, is picked up (the cut try ended: the
+    server's ``ended``-th cancelled request) and waits again (its client reading
+    on meanwhile), its next part."""
+    for _ in range(int(timeout(30) / 0.01)):
+        now = server.scheduler.snapshot()
+        if now["cancelled"] == ended and now["active"] == now["waiting_for_text"] == 1:
+            await stream.send_text(part, end=end)
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the stream picked up did not wait again")
 
 
 async def close_sessions(server: Any) -> None:
