@@ -781,11 +781,7 @@ class EncodedStream:
         """The live stream's audio into its file: where it is picked up, with the
         silence of the cut try's waits where it was (first, what is left of one
         it begins within)."""
-        if not self._lead and not self._gaps:
-            self._pushed_to += audio.shape[0]
-            return encoder.push_pieces(audio)
-        at = self._pushed_to
-        pieces = self._silence_pieces(encoder, self._lead)
+        at, pieces = self._pushed_to, self._silence_pieces(encoder, self._lead)
         self._lead = 0
         while self._gaps and self._gaps[0][0] < at + audio.shape[0]:
             frame, silence = self._gaps.popleft()

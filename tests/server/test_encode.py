@@ -738,6 +738,7 @@ async def test_a_file_with_waits_picked_up_anywhere_goes_on_as_it_was(
         )
         stream(Started(id="r", model="m", sample_rate=rate, channels=1, format="pcm_f32le"))
         seq, at = 0, first
+        cut_at = Silences(told).stream_frame(until)[0]  # (where the client's file ends)
         for end in sorted({*range(first + step, audio.shape[0], step), *waits, audio.shape[0]}):
             if end <= first:
                 continue
@@ -755,7 +756,7 @@ async def test_a_file_with_waits_picked_up_anywhere_goes_on_as_it_was(
                 )
             )
             seq, at = seq + 1, end
-            if end in waits and end >= Silences(told).stream_frame(until)[0]:
+            if end in waits and end >= cut_at:
                 stream(Waiting(id="r", seconds=end / rate))  # (cut as it waits: again)
         stream(Done(id="r", status="completed"))
         await asyncio.wait_for(received.done.wait(), timeout(10))

@@ -563,8 +563,7 @@ async def test_a_text_stream_cut_under_way_is_picked_up_where_it_was(
                     await stream.send_text(parts.pop(0), flush=flush)
                 elif heard * 24000 // (rate or 24000) > (146 + 10) * HOP and len(parts) == 1:
                     if cut:
-                        for session in list(server.sessions):
-                            await session.ws.close(1001)  # (going away)
+                        await close_sessions(server)
                     await stream.end_text(parts.pop())
             return events
 
