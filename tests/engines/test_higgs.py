@@ -367,6 +367,19 @@ def test_max_duration_and_max_new_tokens_limits(loaded: HiggsModel) -> None:
     assert frames == 25 * engine.hop  # one second at 25 frames a second
 
 
+def test_a_dialogues_speakers_are_told_apart_by_their_numbers(engine: HiggsEngine) -> None:
+    # In order of their numbers, one for each number (002 is 2), however many
+    # digits a tag has (more than Python makes an int of: the request failed).
+    many = "9" * 5000
+    prompt = f"[SPEAKER10] A. [SPEAKER2] B. [SPEAKER0] C. [SPEAKER{many}] D. [SPEAKER002] E."
+    job = engine.prepare(EngineRequest("r", prompt, defaults(engine, max_new_tokens=8)))
+    assert job.state.system == MULTISPEAKER_SYSTEM
+    assert job.state.scene == (
+        f"SPEAKER0: feminine\nSPEAKER2: masculine\nSPEAKER10: feminine\nSPEAKER{many}: masculine"
+    )
+    engine.finish(job)
+
+
 def test_tokenizer_that_does_not_match_the_model_is_refused() -> None:
     tiny = build_tiny_higgs()
     tiny.model.config.audio_token_id = 5  # a byte, not <|AUDIO_OUT|>

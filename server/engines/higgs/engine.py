@@ -460,7 +460,10 @@ class HiggsEngine(TableSizing):
         its uploaded voices' codes ``encoded`` (by role)."""
         params = request.params
         text = normalize_text(request.prompt)
-        speakers = sorted({int(n) for n in SPEAKER_TAG.findall(text)})
+        # (As numbers, read from their digits: a tag may have more of them than
+        # Python makes an int of.)
+        numbers = {n.lstrip("0") or "0" for n in SPEAKER_TAG.findall(text)}
+        speakers = sorted(numbers, key=lambda n: (len(n), n))
         voices: dict[int, tuple[str | None, Ints]] = {}
         for index, voice_name in enumerate(names):
             if voice_name:
