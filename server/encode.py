@@ -14,10 +14,12 @@ or the ``done`` behind audio being encoded waits for it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import fractions
 import io
+import itertools
 import logging
 import os
 import struct
@@ -226,10 +228,17 @@ class Silences:
     The file's frames are the stream's and that silence."""
 
     waits: tuple[tuple[int, int], ...] = ()
+    # The silence up to and with each wait's (``before``: a caption's, each in a
+    # look-up, however many waits a client says its file had).
+    _held: tuple[int, ...] = dataclasses.field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_held", tuple(itertools.accumulate(s for _, s in self.waits)))
 
     def before(self, frame: int) -> int:
         """The frames of silence the file holds before the stream's ``frame``."""
-        return sum(silence for at, silence in self.waits if at <= frame)
+        waits = bisect.bisect_right(self.waits, frame, key=lambda wait: wait[0])
+        return self._held[waits - 1] if waits else 0
 
     def stream_frame(self, file_frame: int) -> tuple[int, int]:
         """The stream's frame at the file's ``file_frame``; and, where that is
