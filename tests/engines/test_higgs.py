@@ -517,3 +517,73 @@ def test_an_uploaded_voice_is_encoded_between_steps(engine: HiggsEngine) -> None
         expected = engine.codec.encode(torch.from_numpy(heard).view(1, 1, -1)).audio_codes[0]
     assert np.array_equal(codes, expected.numpy())
     engine.finish(job)
+
+
+@pytest.mark.parametrize(
+    ("text", "given", "inputs", "silent"),
+    [
+        # Word chunks; one too short for a frame (the next is not a turn more).
+        ("One two three four five six seven.", {"chunk_max_word_num": 2}, False, True),
+        # Lines and paragraphs; a scene; a window of one spoken chunk (its
+        # beginning moves: tokenized whole each time).
+        (
+            "Say it\nnow,\n\n then more and more words.",
+            {"scene": "quiet_indoor", "chunk_max_word_num": 3},
+            False,
+            False,
+        ),
+        (
+            "One two three four five six.",
+            {"generation_chunk_buffer_size": 1, "chunk_max_word_num": 2},
+            False,
+            False,
+        ),
+        # A dialogue by turns, its voices uploaded with their transcripts.
+        (
+            "[SPEAKER0] Hi there.\n[SPEAKER1] Hello.\n[SPEAKER0] Bye.",
+            {"chunk_method": "speaker"},
+            True,
+            False,
+        ),
+    ],
+    ids=["words", "lines", "window", "dialogue"],
+)
+def test_each_chunks_prompt_grown_from_the_last_is_the_conversation_tokenized_whole(
+    engine: HiggsEngine, text: str, given: dict[str, Any], inputs: bool, silent: bool
+) -> None:
+    """A chunk's prompt holds the chunks spoken before it: their tokens are kept
+    and grown a chunk at a time, the same as the whole prompt's."""
+    assert engine._grows_prompts  # (the tiny tokenizer splits at special tokens)
+    opened: list[bool] = []
+    grown = engine._chunk_tokens
+
+    def compared(st: Any) -> Any:
+        ids, audio = grown(st)
+        whole_ids, whole_audio = engine.tokens(engine.chunk_prompt(st))
+        opened.append(np.array_equal(ids, whole_ids) and np.array_equal(audio, whole_audio))
+        return ids, audio
+
+    params = defaults(engine, **{"chunk_method": "word", "max_new_tokens": 12, "seed": 2, **given})
+    uploads: dict[str, bytes] = {}
+    if inputs:
+        for role, pitch in (("reference", 300), ("reference_1", 700)):
+            wav = (0.3 * np.sin(np.linspace(0, pitch, 24000))).astype(np.float32)
+            data = io.BytesIO()
+            soundfile.write(data, wav, 24000, format="WAV")
+            uploads[role] = data.getvalue()
+            params[f"{role}_text"] = f"My voice at {pitch}."
+    engine._chunk_tokens = compared  # type: ignore[method-assign]
+    try:
+        job = engine.prepare(EngineRequest("g", text, params, uploads))
+        while not engine.step([job])[0].done:
+            if job.state.index == 1 and silent:
+                job.state.max_new_tokens = K  # (a chunk with no frame, not a turn)
+            elif job.state.index > 1:
+                job.state.max_new_tokens = 12
+        chunks, spoken = len(job.state.chunks), len(job.state.history)
+        references = len(job.state.references)
+        engine.finish(job)
+    finally:
+        del engine._chunk_tokens
+    assert len(opened) == chunks >= 3 and all(opened)
+    assert spoken >= 2 and references == 2 * inputs

@@ -103,6 +103,8 @@ from .prompt import (
     delay_block,
     normalize_text,
     speakable,
+    turn_parts,
+    user_turn,
 )
 from .rules import RowRules
 from .utterance import Markers, Utterance
@@ -172,6 +174,9 @@ class _HiggsJob:
     # Its codec stream ended where it waited for text: the next chunk's audio
     # goes on from it (``_continued``).
     paused: bool = False
+    # Its prompts' beginning up to the chunks spoken so far, tokenized
+    # (``_chunk_tokens``): its ids, its audio rows, and the chunks it holds.
+    head: tuple[Ints, Ints, int] | None = None
 
 
 class HiggsEngine(TableSizing):
@@ -361,6 +366,7 @@ class HiggsEngine(TableSizing):
                     f"{'unknown' if unknown else got}"
                     + ("" if expected is None else f", the model expects id {expected}")
                 )
+        self._grows_prompts = self._splits_at_turns()
         # Named voices are encoded once, here, so that a request naming one pays
         # nothing for it (bounded: the voices folder is read once).
         with torch.no_grad():
@@ -716,6 +722,45 @@ class HiggsEngine(TableSizing):
         return build_prompt(
             st.system, st.scene, st.speakers, st.references + history, st.chunks[st.index]
         )
+
+    def _chunk_tokens(self, st: _HiggsJob) -> tuple[Ints, Ints]:
+        """``tokens(chunk_prompt(st))``, the prompt's beginning up to the chunks
+        spoken so far tokenized once and grown a chunk at a time (where the
+        tokenizer allows: ``_splits_at_turns``, and the request keeps all it
+        spoke, or as much as it has spoken so far): a chunk opens at the cost of
+        its own text and audio, not of the whole conversation before it (a text
+        of 2,000 short sentences, a sentence a chunk, took minutes so, the
+        conversation tokenized again at each, every stream's step held while
+        it was)."""
+        kept = len(st.history)
+        if not self._grows_prompts or (st.buffer_size is not None and kept > st.buffer_size):
+            return self.tokens(self.chunk_prompt(st))
+        if st.head is None:
+            ids, audio = self.tokens(
+                build_preamble(st.system, st.scene, st.speakers, st.references + st.history)
+            )
+            st.head = (ids, audio, kept)
+        elif st.head[2] < kept:
+            ids, audio = self.tokens(turn_parts(st.history[st.head[2] :]))
+            st.head = (np.concatenate([st.head[0], ids]), np.concatenate([st.head[1], audio]), kept)
+        ids, audio = self.tokens([user_turn(st.chunks[st.index])])
+        return np.concatenate([st.head[0], ids]), np.concatenate([st.head[1], audio])
+
+    def _splits_at_turns(self) -> bool:
+        """Whether this tokenizer tokenizes a prompt as its beginning, its turns
+        and its last part apart (each begins and ends at a special token, which
+        a tokenizer splits the text at, unless its own rules join them): tried on
+        one of two turns, each part of its text holding what joins others."""
+        audio = PromptAudio(np.zeros((self.num_codebooks, 2), dtype=np.int64))
+        turns = [("Hello there.", audio), ("And again,\n\n it's me!", audio)]
+        whole = self.tokens(build_prompt(SYSTEM, "a quiet room", [], turns, " Bye. "))
+        pieces = [
+            self.tokens(build_preamble(SYSTEM, "a quiet room", [], turns[:1])),
+            self.tokens(turn_parts(turns[1:])),
+            self.tokens([user_turn(" Bye. ")]),
+        ]
+        grown = (np.concatenate([p[i] for p in pieces]) for i in (0, 1))
+        return all(np.array_equal(a, b) for a, b in zip(whole, grown, strict=True))
 
     def tokenize(self, parts: Sequence[PromptPart]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A prompt's tokens ``[1, L]`` and audio rows ``[1, N, K]`` (None: no
@@ -1175,7 +1220,7 @@ class HiggsEngine(TableSizing):
         """The next chunk's prompt, set up in the request's row: the part its cache
         already holds (the last chunk's prompt and answer, where the new prompt
         repeats them) is kept, the rest is prefilled."""
-        ids, audio = self.tokens(self.chunk_prompt(st))
+        ids, audio = self._chunk_tokens(st)
         u = Utterance.start(ids, audio, self.markers)
         if st.known is not None:
             u, st.known = u.picked_up(st.known), None

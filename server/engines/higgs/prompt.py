@@ -25,6 +25,8 @@ __all__ = [
     "chunk_text",
     "delay_block",
     "normalize_text",
+    "turn_parts",
+    "user_turn",
 ]
 
 CHUNK_METHODS = ("none", "speaker", "word", "sentence")
@@ -81,12 +83,18 @@ def build_prompt(
         Text and audio parts; each audio part stands for its code block.
     """
     parts = build_preamble(system, scene, speakers, turns)
-    parts.append(
+    parts.append(user_turn(text))
+    return parts
+
+
+def user_turn(text: str) -> str:
+    """The prompt's last part (``build_prompt``): the text to say, and the
+    answer opened."""
+    return (
         "<|start_header_id|>user<|end_header_id|>\n\n"
         + text.strip()
         + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"
     )
-    return parts
 
 
 def build_preamble(
@@ -111,6 +119,13 @@ def build_preamble(
                 parts.append("\n")
         parts.append("\n<|scene_desc_end|>")
     parts.append("<|eot_id|>")
+    return parts + turn_parts(turns)
+
+
+def turn_parts(turns: Sequence[tuple[str, PromptAudio]]) -> list[PromptPart]:
+    """Earlier exchanges as ``build_preamble`` lays them out after its
+    beginning: each user text, then the assistant's audio."""
+    parts: list[PromptPart] = []
     for user, audio in turns:
         parts += [
             "<|start_header_id|>user<|end_header_id|>\n\n" + user.strip() + "<|eot_id|>",
