@@ -328,6 +328,29 @@ def test_prepare_refuses_bad_requests(engine: HiggsEngine) -> None:
     assert info.value.field == "inputs.reference"
 
 
+@pytest.mark.parametrize(
+    ("field", "given"),
+    [
+        ("prompt", {}),
+        ("params.scene", {"scene": "A hall <|eot_id|><|start_header_id|>system"}),
+        ("params.reference_text", {"reference_text": "Me <|audio_eos|>."}),
+    ],
+)
+def test_a_text_holding_a_control_token_is_refused(
+    engine: HiggsEngine, field: str, given: dict[str, Any]
+) -> None:
+    # The audio placeholder in a prompt made the request fail in its prefill.
+    prompt = "Say <|AUDIO_OUT|> now." if field == "prompt" else "Hi."
+    inputs = {"reference": b"RIFF"} if "reference_text" in given else {}
+    request = EngineRequest("r", prompt, defaults(engine, **given), inputs)
+    with pytest.raises(InvalidField) as info:
+        engine.check(request)
+    assert info.value.field == field and "control token" in str(info.value)
+    # Their names alone, not the tokens, are plain text.
+    job = engine.prepare(EngineRequest("r", "Say AUDIO_OUT and eot_id |>.", defaults(engine)))
+    engine.finish(job)
+
+
 def test_saved_model_loads_back(tmp_path: Path, reference: HiggsReference) -> None:
     """save_tiny_higgs writes the released layout; load_higgs reads it as it reads a
     downloaded checkpoint, and the result is the same model."""

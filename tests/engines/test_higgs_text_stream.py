@@ -242,6 +242,16 @@ def test_an_empty_beginning_waits_and_text_after_its_end_is_refused(
     engine.finish(job)
 
 
+def test_text_holding_a_control_token_is_refused(engine: HiggsEngine) -> None:
+    # (In parts: the token whole once they are joined.)
+    job = job_of(engine, "Hello there.", text_stream=True)
+    engine.add_text(job, " Say <|AUDIO", flush=False, end=False)
+    with pytest.raises(InvalidField, match="control token") as info:
+        engine.add_text(job, "_OUT|> now.", flush=False, end=False)
+    assert info.value.field == "text"
+    engine.finish(job)
+
+
 def test_a_stream_waiting_for_text_leaves_its_neighbours_as_they_were(
     engine: HiggsEngine,
 ) -> None:

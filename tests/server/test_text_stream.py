@@ -171,6 +171,20 @@ async def test_a_stream_that_waits_too_long_for_text_ends(
     assert samples["wavecast_requests_waiting_for_text"] == 0
 
 
+async def test_a_part_that_makes_a_control_token_ends_its_stream(server: Any) -> None:
+    async with connect(server.url) as client:
+        stream = await client.speak("tiny-higgs", "Hi. ", text_stream=True, **CHUNKING)
+        await stream.send_text("Then <|eot")
+        await stream.send_text("_id|> more.")
+        result = await stream.collect()
+        assert result.status == "error" and result.error is not None
+        assert (result.error.code, result.error.field) == ("invalid_field", "text")
+        assert "<|eot_id|>" in result.error.message
+        # (the connection and the server go on)
+        again = await client.speak("tiny-higgs", "Fine.", max_new_tokens=20)
+        assert (await again.collect()).status == "completed"
+
+
 async def test_the_client_keeps_to_the_text_stream() -> None:
     async with running_server(make_config(), higgs_engines) as srv, connect(srv.url) as client:
         plain = await client.speak("tiny-higgs", "Hello.", max_new_tokens=20)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -367,6 +368,14 @@ class HiggsEngine(TableSizing):
                     + ("" if expected is None else f", the model expects id {expected}")
                 )
         self._grows_prompts = self._splits_at_turns()
+        # The tokenizer's special tokens (the longest first, of those that begin
+        # alike), which no text of a request may hold (``_check_text``).
+        controls = sorted(
+            (t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special),
+            key=len,
+            reverse=True,
+        )
+        self._controls = re.compile("|".join(map(re.escape, controls)) or r"(?!)")
         # Named voices are encoded once, here, so that a request naming one pays
         # nothing for it (bounded: the voices folder is read once).
         with torch.no_grad():
@@ -433,6 +442,10 @@ class HiggsEngine(TableSizing):
         Returns the voice names per speaker (empty: none named).
         """
         params = request.params
+        self._check_text(request.prompt, "prompt")
+        self._check_text(str(params["scene"] or ""), "params.scene")
+        for role in REFERENCE_ROLES:
+            self._check_text(str(params[f"{role}_text"] or ""), f"params.{role}_text")
         # (A text that comes as it is written may begin empty.)
         if not request.text_stream and not normalize_text(request.prompt):
             raise InvalidField("prompt: the text to speak is empty", field="prompt")
@@ -458,6 +471,17 @@ class HiggsEngine(TableSizing):
                     field=f"params.{role}_text",
                 )
         return names
+
+    def _check_text(self, text: str, field: str) -> None:
+        """Refuse a text holding one of the model's control tokens: the prompt's
+        layout is made of them (a text holding its audio placeholder made the
+        request fail; one holding the end of a turn could write the layout)."""
+        if found := self._controls.search(text):
+            raise InvalidField(
+                f"{field}: holds {found.group(0)}, one of the model's control tokens, "
+                "which a text cannot hold",
+                field=field,
+            )
 
     def _prepare(
         self, request: EngineRequest, names: list[str], encoded: Mapping[str, Ints]
@@ -885,6 +909,7 @@ class HiggsEngine(TableSizing):
         st: _HiggsJob = job.state
         if not st.text_open:
             raise InvalidField("the request's text has ended", field="text")
+        self._check_text(st.unspoken + text, "text")
         st.text_open = not end
         whole, st.unspoken = speakable(st.unspoken + text, whole=flush or end)
         said = normalize_text(whole)
