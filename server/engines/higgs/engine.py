@@ -748,14 +748,14 @@ class HiggsEngine(TableSizing):
         )
 
     def _chunk_tokens(self, st: _HiggsJob) -> tuple[Ints, Ints]:
-        """``tokens(chunk_prompt(st))``, the prompt's beginning up to the chunks
-        spoken so far tokenized once and grown a chunk at a time (where the
-        tokenizer allows: ``_splits_at_turns``, and the request keeps all it
-        spoke, or as much as it has spoken so far): a chunk opens at the cost of
-        its own text and audio, not of the whole conversation before it (a text
-        of 2,000 short sentences, a sentence a chunk, took minutes so, the
-        conversation tokenized again at each, every stream's step held while
-        it was)."""
+        """``tokens(chunk_prompt(st))``. The prompt's beginning, up to the chunks
+        spoken so far, is tokenized once and grown a chunk at a time, so that a
+        chunk opens at the cost of its own text and audio, not of the whole
+        conversation before it (2,000 short sentences, a sentence a chunk, took
+        minutes so, every stream's step held at each). Where the tokenizer does
+        not split at turns (``_splits_at_turns``), or the request's window of
+        chunks kept (``generation_chunk_buffer_size``) has begun to move, the
+        prompt is tokenized whole."""
         kept = len(st.history)
         if not self._grows_prompts or (st.buffer_size is not None and kept > st.buffer_size):
             return self.tokens(self.chunk_prompt(st))
@@ -771,10 +771,12 @@ class HiggsEngine(TableSizing):
         return np.concatenate([st.head[0], ids]), np.concatenate([st.head[1], audio])
 
     def _splits_at_turns(self) -> bool:
-        """Whether this tokenizer tokenizes a prompt as its beginning, its turns
-        and its last part apart (each begins and ends at a special token, which
-        a tokenizer splits the text at, unless its own rules join them): tried on
-        one of two turns, each part of its text holding what joins others."""
+        """Whether this tokenizer gives a prompt the tokens of its beginning, its
+        turns and its last part tokenized apart (each begins and ends at a
+        special token, where a tokenizer splits the text, unless its own rules
+        join across them). Tried at load on a prompt of two turns whose texts
+        hold what such rules would join: punctuation, a paragraph's break,
+        spaces at their ends."""
         audio = PromptAudio(np.zeros((self.num_codebooks, 2), dtype=np.int64))
         turns = [("Hello there.", audio), ("And again,\n\n it's me!", audio)]
         whole = self.tokens(build_prompt(SYSTEM, "a quiet room", [], turns, " Bye. "))
