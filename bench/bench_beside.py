@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench_stream import machine, start_server
 
@@ -44,9 +45,9 @@ async def measure(url: str, args: argparse.Namespace) -> tuple[str, float, float
     audio = [0.0]
     stop = asyncio.Event()
 
-    async def neighbour(client: object) -> None:
+    async def neighbour(client: Any) -> None:
         while not stop.is_set():
-            stream = await client.generate(  # type: ignore[attr-defined]
+            stream = await client.generate(
                 args.model, NEIGHBOUR, params={"max_new_tokens": 2000}, seed=1
             )
             last = None
