@@ -92,6 +92,7 @@ PARTS = [
     " and then…",
     ' "Quoted." ',
     "word " * 12,
+    "." * 300,  # (a run of stops: cut at once)
 ]
 
 # Codes a frame that opens no request may get (PROTOCOL.md §6).
@@ -111,6 +112,7 @@ class Clients:
         self.seen: Counter[str] = Counter()
         self.late: list[str] = []  # errors after ``queued`` (none is expected here)
         self.unended = 0  # text streams whose text never ends (their waits run out)
+        self.poisoned = 0  # text streams whose parts make a model's control token
 
     def clip(self, seconds: float, channels: int = 1) -> bytes:
         rng = self.rng
@@ -252,13 +254,15 @@ class Clients:
                     task.cancel()
                 await asyncio.gather(*reads, return_exceptions=True)
 
-    async def writer(self, unended: bool = False) -> None:
+    async def writer(self, unended: bool = False, poisoned: bool | None = None) -> None:
         """A speech stream whose text comes as it is written (``text_stream``), in
         random parts (some flushed) with pauses between them, ended (or not: its
         wait for text runs out), cancelled, dropped, or cut and picked up on a new
         connection (``retry_for``: the client asks for it again with its text so
         far). ``unended``: one whose text never ends, read to its end (in PCM
-        at the model's rate: not refused)."""
+        at the model's rate: not refused). ``poisoned``: whether its parts make
+        one of the model's control tokens (None: now and then); one that does
+        is read to its end, ended with ``invalid_field``."""
         rng = self.rng
         retry = rng.random() < 0.5
         chunking = rng.choice(["sentence", "sentence", "word", "none", "speaker"])
@@ -272,10 +276,18 @@ class Clients:
         if unended:  # (not refused: a format and rate every model takes)
             format, rate = "pcm_s16le", None
         parts = [(rng.choice(PARTS), rng.random() < 0.2) for _ in range(rng.randint(0, 6))]
+        # Now and then a model's control token, in two parts: the stream ends
+        # with ``invalid_field`` once they are joined.
+        poisoned = not unended and rng.random() < 0.06 if poisoned is None else poisoned
+        if poisoned:
+            where = rng.randint(0, len(parts))
+            parts[where:where] = [(" Then <|eo", False), ("t_id|> more. ", False)]
+        self.poisoned += poisoned
         pauses = [rng.choice([0.0, 0.0, 0.005, 0.05]) for _ in parts]
-        ending, last = 1.0 if unended else rng.random(), rng.choice(["", " The end."])
+        ending, last = rng.random(), rng.choice(["", " The end."])
+        ending = 1.0 if unended else 0.0 if poisoned else ending  # (never ended; ended)
         self.unended += ending >= 0.9
-        fate, at = 1.0 if unended else rng.random(), rng.randint(2, 15)
+        fate, at = 1.0 if unended or poisoned else rng.random(), rng.randint(2, 15)
         retry_for = timeout(30) if retry else 0.0
         async with connect(self.url, retry_for=retry_for) as client:
             asked = time.monotonic()
@@ -324,13 +336,19 @@ class Clients:
                 client.ws.transport.abort()
             else:
                 await writing
-                self.check(events, codes=bool(stream.generate and stream.generate.codes))
+                codes = bool(stream.generate and stream.generate.codes)
+                self.check(events, codes=codes, refused=poisoned)
                 self.seen["text stream"] += 1
                 return
             writing.cancel()
             await asyncio.gather(writing, return_exceptions=True)
 
-    def check(self, events: list[Any], resume: int = 0, codes: bool = False) -> None:
+    def check(
+        self, events: list[Any], resume: int = 0, codes: bool = False, refused: bool = False
+    ) -> None:
+        """A request's events, read to its ``done``: whole, in order, its audio as
+        ``started`` says. ``refused``: its text held a control token (it may end
+        ``invalid_field``)."""
         dones = [event for event in events if isinstance(event, Done)]
         assert len(dones) == 1 and events[-1] is dones[0], events
         done = dones[0]
@@ -376,6 +394,9 @@ class Clients:
         if done.error is not None and any(isinstance(event, Queued) for event in events):
             if code == "text_timeout":  # (a text stream never ended: expected)
                 return
+            if refused and code == "invalid_field" and done.error.field in ("text", "prompt"):
+                self.seen["refused a control token"] += 1
+                return
             self.late.append(f"{code}: {done.error.message}")
 
     async def raw(self) -> None:
@@ -404,8 +425,12 @@ async def test_random_clients_leave_every_request_done_and_the_server_whole() ->
     async with running_server(config, factory=engines) as server:
         server.scheduler.TEXT_WAIT = 1.0  # (a text stream never ended: its wait runs out)
         clients = Clients(server.url, seed=33)
-        # (one whose wait runs out, whatever else the clients choose)
-        running: set[asyncio.Task[None]] = {asyncio.create_task(clients.writer(unended=True))}
+        # (one whose wait runs out, and one whose text makes a control token,
+        # whatever else the clients choose)
+        running: set[asyncio.Task[None]] = {
+            asyncio.create_task(clients.writer(unended=True)),
+            asyncio.create_task(clients.writer(poisoned=True)),
+        }
         loop = asyncio.get_running_loop()
         end = loop.time() + 15.0
         while loop.time() < end:
@@ -434,8 +459,11 @@ async def test_random_clients_leave_every_request_done_and_the_server_whole() ->
         async with connect(server.url) as client:  # still serving
             ok = await (await client.generate("tiny-musicgen", "x", duration=0.2)).collect()
     assert clients.late == [], clients.late
-    # None failed inside the server: only text streams never ended waited too long.
-    assert set(+errors) <= {"text_timeout"} and errors["text_timeout"] <= clients.unended, errors
+    # None failed inside the server: only text streams never ended waited too
+    # long, and those whose parts made a control token were refused.
+    assert set(+errors) <= {"text_timeout", "invalid_field"}, errors
+    assert errors["text_timeout"] <= clients.unended, errors
+    assert errors["invalid_field"] <= clients.poisoned, errors
     assert snapshot["failed"] == errors.total(), snapshot
     assert snapshot["queued"] == snapshot["active"] == snapshot["waiting_for_text"] == 0, snapshot
     assert ok.status == "completed"
@@ -445,4 +473,5 @@ async def test_random_clients_leave_every_request_done_and_the_server_whole() ->
     assert seen["error invalid_field"] >= 10 and seen["dropped"] >= 1, seen
     assert seen["picked up"] >= 1, seen
     assert seen["text stream"] >= 3 and seen["error text_timeout"] >= 1, seen
+    assert seen["refused a control token"] >= 1, seen
     assert sum(count for kind, count in seen.items() if kind.startswith("raw ")) >= 3, seen
