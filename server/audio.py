@@ -151,6 +151,20 @@ def to_wav(audio: npt.NDArray[np.float32], rate: int) -> bytes:
     return buffer.getvalue()
 
 
+# Samples a second an upload may decode to (its rate times its channels):
+# 192 kHz in stereo, 48 kHz in 8 channels. With ``max_seconds``, what bounds
+# the memory its decoding takes, whatever a compressed file holds.
+MAX_SAMPLES_PER_SECOND = 384_000
+
+
+class _TooLong(Exception):
+    """An upload decodes to more than its bound: ``what`` says how."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
 def decode_upload(
     data: bytes, *, field: str, max_seconds: float
 ) -> tuple[npt.NDArray[np.float32], int]:
@@ -158,51 +172,83 @@ def decode_upload(
 
     WAV, FLAC, OGG/Vorbis/Opus and MP3 go through libsndfile (soundfile); other
     containers (M4A/AAC, WebM from a browser's recorder) through FFmpeg (av).
+    Decoding stops past ``max_seconds`` (a few compressed bytes may hold hours
+    of silence: a 0.5 MB FLAC decoded whole took 0.66 GB), and a file of more
+    than ``MAX_SAMPLES_PER_SECOND`` samples a second is not decoded.
 
     Raises:
-        InvalidField: The bytes are not audio, hold no samples, or last longer
-            than ``max_seconds``.
+        InvalidField: The bytes are not audio, hold no samples, last longer
+            than ``max_seconds`` or hold too many samples a second.
     """
     try:
-        audio, rate = _decode_soundfile(data)
-    except Exception:
         try:
-            audio, rate = _decode_av(data)
-        except Exception as exc:
-            raise InvalidField(
-                f"{field} could not be decoded as audio (WAV, FLAC, OGG, MP3, M4A or WebM)",
-                field=field,
-            ) from exc
+            audio, rate = _decode_soundfile(data, max_seconds)
+        except _TooLong:
+            raise
+        except Exception:
+            audio, rate = _decode_av(data, max_seconds)
+    except _TooLong as exc:
+        raise InvalidField(f"{field} {exc.what}", field=field) from None
+    except Exception as exc:
+        raise InvalidField(
+            f"{field} could not be decoded as audio (WAV, FLAC, OGG, MP3, M4A or WebM)",
+            field=field,
+        ) from exc
     if audio.shape[0] == 0 or rate <= 0:
         raise InvalidField(f"{field} holds no audio", field=field)
-    seconds = audio.shape[0] / rate
-    if seconds > max_seconds:
-        raise InvalidField(
-            f"{field} lasts {seconds:.1f} s; at most {max_seconds:g} s are accepted", field=field
-        )
     if not np.isfinite(audio).all():
         raise InvalidField(f"{field} holds non-finite samples", field=field)
     return np.ascontiguousarray(audio, dtype=np.float32), int(rate)
 
 
-def _decode_soundfile(data: bytes) -> tuple[npt.NDArray[np.float32], int]:
+def _bounded(rate: int, channels: int, max_seconds: float) -> int:
+    """The frames a file of ``rate`` and ``channels`` may hold (``_TooLong``
+    where a second of it is more samples than are decoded)."""
+    if rate * channels > MAX_SAMPLES_PER_SECOND:
+        raise _TooLong(
+            f"has {channels} channel(s) at {rate} Hz: at most {MAX_SAMPLES_PER_SECOND:,} "
+            "samples a second (rate times channels) are decoded"
+        )
+    return int(max_seconds * rate)
+
+
+def _too_long(seconds: float | None, max_seconds: float) -> _TooLong:
+    lasts = f"lasts {seconds:.1f} s" if seconds is not None else "lasts longer"
+    return _TooLong(f"{lasts}; at most {max_seconds:g} s are accepted")
+
+
+def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[npt.NDArray[np.float32], int]:
     import soundfile
 
-    audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return audio, int(rate)
+    with soundfile.SoundFile(io.BytesIO(data)) as file:
+        rate = int(file.samplerate)
+        most = _bounded(rate, file.channels, max_seconds)
+        # (As its header says; libsndfile says 2**63 - 1 where it does not know,
+        # as a FLAC file written as it was recorded may have it.)
+        if rate > 0 and most < file.frames < 1 << 62:
+            raise _too_long(file.frames / rate, max_seconds)
+        # One frame more than it may hold: a header that says less is not believed.
+        audio = file.read(most + 1, dtype="float32", always_2d=True)
+        if audio.shape[0] > most:
+            raise _too_long(None, max_seconds)
+    return audio, rate
 
 
-def _decode_av(data: bytes) -> tuple[npt.NDArray[np.float32], int]:
+def _decode_av(data: bytes, max_seconds: float) -> tuple[npt.NDArray[np.float32], int]:
     import av
 
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = container.streams.audio[0]
         rate = 0
+        most = 0
+        frames = 0
         chunks: list[npt.NDArray[np.float32]] = []
         for frame in container.decode(stream):
             if not isinstance(frame, av.AudioFrame):
                 continue
-            rate = rate or int(frame.sample_rate)
+            if not rate:
+                rate = int(frame.sample_rate)
+                most = _bounded(rate, len(frame.layout.channels), max_seconds)
             array: npt.NDArray[Any] = frame.to_ndarray()
             if frame.format.is_planar:
                 array = array.T  # [samples, channels]
@@ -212,6 +258,9 @@ def _decode_av(data: bytes) -> tuple[npt.NDArray[np.float32], int]:
                 scale = float(2 ** (8 * array.dtype.itemsize - 1))
                 array = array.astype(np.float32) / scale
             chunks.append(array.astype(np.float32))
+            frames += array.shape[0]
+            if frames > most:
+                raise _too_long(None, max_seconds)
     if not chunks:
         raise ValueError("no audio frames")
     return np.concatenate(chunks), rate
