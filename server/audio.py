@@ -157,8 +157,9 @@ def to_wav(audio: npt.NDArray[np.float32], rate: int) -> bytes:
 MAX_SAMPLES_PER_SECOND = 384_000
 
 
-class _TooLong(Exception):
-    """An upload decodes to more than its bound: ``what`` says how."""
+class _OverLimit(Exception):
+    """An upload lasts longer, or holds more samples a second, than is decoded:
+    ``what`` says which."""
 
     def __init__(self, what: str) -> None:
         super().__init__(what)
@@ -183,11 +184,11 @@ def decode_upload(
     try:
         try:
             audio, rate = _decode_soundfile(data, max_seconds)
-        except _TooLong:
+        except _OverLimit:
             raise
         except Exception:
             audio, rate = _decode_av(data, max_seconds)
-    except _TooLong as exc:
+    except _OverLimit as exc:
         raise InvalidField(f"{field} {exc.what}", field=field) from None
     except Exception as exc:
         raise InvalidField(
@@ -202,19 +203,19 @@ def decode_upload(
 
 
 def _bounded(rate: int, channels: int, max_seconds: float) -> int:
-    """The frames a file of ``rate`` and ``channels`` may hold (``_TooLong``
+    """The frames a file of ``rate`` and ``channels`` may hold (``_OverLimit``
     where a second of it is more samples than are decoded)."""
     if rate * channels > MAX_SAMPLES_PER_SECOND:
-        raise _TooLong(
+        raise _OverLimit(
             f"has {channels} channel(s) at {rate} Hz: at most {MAX_SAMPLES_PER_SECOND:,} "
             "samples a second (rate times channels) are decoded"
         )
     return int(max_seconds * rate)
 
 
-def _too_long(seconds: float | None, max_seconds: float) -> _TooLong:
+def _too_long(seconds: float | None, max_seconds: float) -> _OverLimit:
     lasts = f"lasts {seconds:.1f} s" if seconds is not None else "lasts longer"
-    return _TooLong(f"{lasts}; at most {max_seconds:g} s are accepted")
+    return _OverLimit(f"{lasts}; at most {max_seconds:g} s are accepted")
 
 
 def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[npt.NDArray[np.float32], int]:

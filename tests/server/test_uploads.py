@@ -14,7 +14,7 @@ import pytest
 import soundfile
 
 from wavecast.protocol import InvalidField
-from wavecast.server.audio import _decode_av, _TooLong, decode_upload
+from wavecast.server.audio import _decode_av, _OverLimit, decode_upload
 
 RATE = 48000
 
@@ -43,7 +43,7 @@ def peak_of(call: Callable[[], Any]) -> tuple[BaseException | None, int]:
     try:
         call()
         raised = None
-    except (InvalidField, _TooLong) as exc:
+    except (InvalidField, _OverLimit) as exc:
         raised = exc
     finally:
         _, peak = tracemalloc.get_traced_memory()
@@ -70,7 +70,7 @@ def test_an_hour_of_compressed_silence_is_refused_without_decoding_it(
 def test_the_other_decoder_stops_at_the_limit_too() -> None:
     data = silence(60)
     raised, peak = peak_of(lambda: _decode_av(data, 60))
-    assert isinstance(raised, _TooLong) and "lasts longer" in raised.what
+    assert isinstance(raised, _OverLimit) and "lasts longer" in raised.what
     assert peak < 16 << 20, peak
 
 
