@@ -26,6 +26,7 @@ from wavecast.server.engines.higgs.prompt import (
     chunk_text,
     delay_block,
 )
+from wavecast.server.engines.higgs.voices import Scene, Voice, VoiceLoadError
 from wavecast.server.engines.testing.higgs import _quiet_eos, build_tiny_higgs, save_tiny_higgs
 from wavecast.server.engines.testing.higgs_reference import HiggsReference
 
@@ -349,6 +350,18 @@ def test_a_text_holding_a_control_token_is_refused(
     # Their names alone, not the tokens, are plain text.
     job = engine.prepare(EngineRequest("r", "Say AUDIO_OUT and eot_id |>.", defaults(engine)))
     engine.finish(job)
+
+
+def test_a_voice_or_scene_holding_a_control_token_is_refused_at_start(
+    loaded: HiggsModel,
+) -> None:
+    # (Else every request in that voice or scene failed, or wrote the layout.)
+    voice = Voice("v", Path("v.wav"), "Hi <|eot_id|> there.", np.zeros(4800, np.float32), 24000)
+    with pytest.raises(VoiceLoadError, match=r"v\.txt: holds <\|eot_id\|>"):
+        HiggsEngine(loaded, name="t", voices={"v": voice})
+    scene = Scene("hall", Path("hall.txt"), "A hall. <|AUDIO_OUT|>")
+    with pytest.raises(VoiceLoadError, match=r"hall\.txt: holds <\|AUDIO_OUT\|>"):
+        HiggsEngine(loaded, name="t", scenes={"hall": scene})
 
 
 def test_saved_model_loads_back(tmp_path: Path, reference: HiggsReference) -> None:

@@ -109,7 +109,7 @@ from .prompt import (
 )
 from .rules import RowRules
 from .utterance import Markers, Utterance
-from .voices import Scene, Voice, scene_text
+from .voices import Scene, Voice, VoiceLoadError, scene_text
 
 __all__ = ["HiggsEngine"]
 
@@ -376,6 +376,11 @@ class HiggsEngine(TableSizing):
             reverse=True,
         )
         self._controls = re.compile("|".join(map(re.escape, controls)) or r"(?!)")
+        # The server's own texts too: refused at start, not in every request.
+        texts = [(v.path.with_suffix(".txt"), v.transcript or "") for v in self.voices.values()]
+        for path, text in texts + [(s.path, s.content) for s in self.scenes.values()]:
+            if found := self._controls.search(text):
+                raise VoiceLoadError(f"{path}: holds {found.group(0)}, a control token of {name}")
         # Named voices are encoded once, here, so that a request naming one pays
         # nothing for it (bounded: the voices folder is read once).
         with torch.no_grad():
