@@ -916,9 +916,10 @@ class HiggsEngine(TableSizing):
         st: _HiggsJob = job.state
         if not st.text_open:
             raise InvalidField("the request's text has ended", field="text")
-        self._check_text(st.unspoken + text, "text")
+        unspoken = st.unspoken + text
+        self._check_text(unspoken, "text")
         st.text_open = not end
-        whole, st.unspoken = speakable(st.unspoken + text, whole=flush or end)
+        whole, st.unspoken = speakable(unspoken, whole=flush or end)
         said = normalize_text(whole)
         if said:
             st.chunks.extend(self._chunks(said, job.request.params))
